@@ -1,0 +1,37 @@
+# `make up` and `make test` each create or refresh .venv themselves (Python 3.11 + make is all you need).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: up test unit bench chaos sim clean
+
+$(BIN)/python:
+	@command -v $(PY) >/dev/null 2>&1 || { echo "make: $(PY) not found (set PY=python3.x, 3.11 or newer)"; exit 2; }
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test,map]'
+	@touch $(STAMP)
+
+up: $(STAMP)
+	$(BIN)/cpn up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit
+
+bench: $(STAMP)
+	$(BIN)/cpn bench all
+
+chaos: $(STAMP)
+	$(BIN)/cpn chaos
+
+sim: $(STAMP)
+	$(BIN)/cpn sim --out report/
+
+clean:
+	rm -rf $(VENV) .cpn report .pytest_cache

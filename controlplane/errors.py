@@ -1,0 +1,100 @@
+"""The hub's error types. Three kinds, kept apart (CONVENTIONS, Errors):
+
+- the caller sent something wrong -> :class:`RequestError` subclasses, 4xx naming the field;
+- a peer (agent, NATS) failed or sent garbage -> :class:`PeerError` subclasses, counted, 502/503;
+- we have a bug -> anything else, 500 with a request id, logged with its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CpnError(Exception):
+    """Base of every error cpn raises on purpose."""
+
+
+class RequestError(CpnError):
+    """The caller sent something wrong. ``status`` is the HTTP status, ``field`` the offending path."""
+
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, field: str | None = None, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+
+
+class Unauthorized(RequestError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class Forbidden(RequestError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(RequestError):
+    status = 409
+    code = "conflict"
+
+
+class Unprocessable(RequestError):
+    status = 422
+    code = "unprocessable"
+
+
+class TooLarge(RequestError):
+    status = 413
+    code = "body_too_large"
+
+
+class RateLimited(RequestError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NoCapacity(RequestError):
+    """Nothing can serve the request within its constraints (503 with the reason)."""
+
+    status = 503
+    code = "no_capacity"
+
+
+class PeerError(CpnError):
+    """A site or the bus failed us."""
+
+
+class SiteUnreachable(PeerError):
+    """Timeout or no responders on a site's subject."""
+
+
+class SiteRefused(PeerError):
+    """The site answered with an ErrorReply."""
+
+    def __init__(self, code: str, message: str, retryable: bool = False) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+class BusUnavailable(PeerError):
+    """Not connected to NATS right now."""
+
+
+class StoreError(CpnError):
+    """The database cannot be used as required (pragmas, migrations)."""

@@ -1,0 +1,44 @@
+"""Numbered, append-only schema migrations, applied in order at start-up.
+
+Ranges: 0001-0009 core (tenants, keys, sites), 0010-0019 jobs, 0020-0029 deployments and usage,
+0030-0039 outbox and security. Never edit a migration once committed: add a new one.
+JSON goes in TEXT columns (never pickles); times are epoch seconds (REAL).
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_core",
+        """
+        CREATE TABLE tenants (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            default_origin TEXT,
+            quota_cards INTEGER,
+            rate_per_s REAL,
+            burst INTEGER,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE api_keys (
+            key_hash TEXT PRIMARY KEY,
+            tenant_id TEXT,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'tenant')),
+            label TEXT,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE INDEX api_keys_tenant ON api_keys (tenant_id);
+        CREATE TABLE sites (
+            id TEXT PRIMARY KEY,
+            tier TEXT,
+            city TEXT,
+            provider TEXT,
+            accelerators TEXT NOT NULL DEFAULT '{}',
+            first_seen REAL NOT NULL,
+            last_registered REAL NOT NULL,
+            draining INTEGER NOT NULL DEFAULT 0
+        );
+        """,
+    ),
+]

@@ -1,0 +1,347 @@
+"""The hub <-> agent contract: every message, every subject, every id rule.
+
+Promises (keep them, other tools are written against this file):
+
+- Rule 1: every message is a ``msgspec.Struct`` with an explicit ``tag``; a direction has one
+  tagged union and one typed decoder, so a body decodes to exactly one message type or fails.
+- Rule 2: every field added after the first release has a default; unknown fields are ignored
+  (``forbid_unknown_fields`` is *off* here, unlike config structs), so old hubs and new agents, and
+  the reverse, keep talking.  ``PROTO`` goes up only on an incompatible change.
+- Rule 3: subjects are built only by the functions below, never by ad-hoc f-strings. The only
+  variable token in a subject is the site id; job ids, request ids and timestamps live in bodies.
+- Rule 4: ids are one NATS token: ``^[a-z0-9][a-z0-9_-]{0,62}$``.
+
+This module imports nothing but the standard library and msgspec: a site installs little.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Union
+
+import msgspec
+
+PROTO = 1
+"""Wire protocol version an agent sends in :class:`Register`."""
+
+ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+_ID_RE = re.compile(ID_PATTERN)
+
+SUBJECT_ROOT = "cpn.v1.site"
+EVENTS_STREAM = "CPN_EVENTS"
+"""JetStream stream holding agent events (``cpn.v1.site.*.evt``)."""
+
+Tier = Literal["hub", "regional", "edge"]
+Health = Literal["ok", "degraded"]
+
+
+class WireError(ValueError):
+    """A message or id that does not follow this contract."""
+
+
+# --------------------------------------------------------------------------- ids and subjects
+
+
+def is_valid_id(value: object) -> bool:
+    """True when ``value`` is a string usable as one NATS subject token and cpn id."""
+    return isinstance(value, str) and _ID_RE.match(value) is not None
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is a valid id, else raise :class:`WireError` naming ``what``."""
+    if not is_valid_id(value):
+        raise WireError(f"{what} {value!r} is not a valid id (want {ID_PATTERN})")
+    assert isinstance(value, str)
+    return value
+
+
+def _subject(site: str, leaf: str) -> str:
+    return f"{SUBJECT_ROOT}.{check_id(site, 'site')}.{leaf}"
+
+
+def register_subject(site: str) -> str:
+    """Request/reply, agent -> hub: :class:`Register` -> :class:`RegisterAck` | :class:`ErrorReply`."""
+    return _subject(site, "register")
+
+
+def heartbeat_subject(site: str) -> str:
+    """Publish, agent -> hub, every ``heartbeat_s``: :class:`Heartbeat`."""
+    return _subject(site, "hb")
+
+
+def infer_subject(site: str) -> str:
+    """Request/reply, hub -> agent: :class:`InferRequest` -> chunks/result/error."""
+    return _subject(site, "infer")
+
+
+def cmd_subject(site: str) -> str:
+    """Request/reply, hub -> agent: commands -> :class:`Ack` | :class:`ErrorReply`."""
+    return _subject(site, "cmd")
+
+
+def event_subject(site: str) -> str:
+    """JetStream ``CPN_EVENTS``, agent -> hub: attempt events, message id ``job:attempt:seq``."""
+    return _subject(site, "evt")
+
+
+def inbox_prefix(site: str) -> str:
+    """Inbox prefix a site uses for its own request replies (its permissions allow only this)."""
+    return f"_INBOX.{check_id(site, 'site')}"
+
+
+HUB_INBOX_PREFIX = "_INBOX.hub"
+
+# Wildcards the hub subscribes to.
+REGISTER_WILDCARD = f"{SUBJECT_ROOT}.*.register"
+HEARTBEAT_WILDCARD = f"{SUBJECT_ROOT}.*.hb"
+EVENT_WILDCARD = f"{SUBJECT_ROOT}.*.evt"
+
+
+def site_of(subject: str) -> str | None:
+    """The site id inside a ``cpn.v1.site.<site>.<leaf>`` subject, or None if it is not one."""
+    parts = subject.split(".")
+    if len(parts) != 5 or ".".join(parts[:3]) != SUBJECT_ROOT or not is_valid_id(parts[3]):
+        return None
+    return parts[3]
+
+
+def event_msg_id(job: str, attempt: int, seq: int) -> str:
+    """JetStream de-duplication id of one attempt event."""
+    return f"{job}:{attempt}:{seq}"
+
+
+# --------------------------------------------------------------------------- agent -> hub
+
+
+class ReplicaStatus(msgspec.Struct, kw_only=True):
+    """One model replica loaded at a site."""
+
+    model: str
+    deployment: str = ""
+    state: Literal["loading", "ready", "failed"] = "ready"
+    cards: float = 0.0
+    slots: int = 1
+    busy: int = 0
+
+
+class AttemptRef(msgspec.Struct, kw_only=True):
+    """A training attempt the agent believes is running (lets the hub fence stale ones)."""
+
+    job: str
+    attempt: int
+    progress: float = 0.0
+
+
+class Register(msgspec.Struct, tag="register", kw_only=True):
+    """An agent announces itself (at start and after every reconnect)."""
+
+    site: str
+    tier: Tier = "edge"
+    city: str = ""
+    provider: str = ""
+    accelerators: dict[str, int] = {}
+    """Cards by accelerator type, e.g. ``{"H20": 8}``."""
+    backends: list[str] = []
+    """Inference backends available (``sim``, ``openai-http``)."""
+    executors: list[str] = []
+    """Training executors available (``sim``, ``process``)."""
+    models: list[ReplicaStatus] = []
+    attempts: list[AttemptRef] = []
+    tee: bool = False
+    lat: float | None = None
+    lon: float | None = None
+    agent_version: str = ""
+    proto: int = PROTO
+
+
+class RegisterAck(msgspec.Struct, tag="register_ack", kw_only=True):
+    hub: str
+    heartbeat_s: float = 1.0
+    known: bool = True
+    """False when the site is not in the hub's layout (it is accepted, placed by its city)."""
+
+
+class Heartbeat(msgspec.Struct, tag="hb", kw_only=True):
+    """Soft state, published every ``heartbeat_s``; the hub rebuilds its view from these."""
+
+    site: str
+    seq: int
+    free_cards: dict[str, float] = {}
+    models: list[ReplicaStatus] = []
+    attempts: list[AttemptRef] = []
+    queue_depth: int = 0
+    inflight: int = 0
+    service_ms_p50: float = 0.0
+    service_ms_p99: float = 0.0
+    health: Health = "ok"
+    draining: bool = False
+    failed_cards: dict[str, int] = {}
+
+
+class AttemptStarted(msgspec.Struct, tag="attempt_started", kw_only=True):
+    job: str
+    attempt: int
+    seq: int
+    site: str
+    at: float
+    resumed_from: str = ""
+
+
+class Checkpointed(msgspec.Struct, tag="checkpointed", kw_only=True):
+    job: str
+    attempt: int
+    seq: int
+    site: str
+    at: float
+    progress: float
+    """Fraction of the job's work done at this checkpoint, 0..1."""
+    checkpoint: str
+    """Where the checkpoint is (a path or URI the next attempt gets as ``CPN_RESUME_FROM``)."""
+
+
+ExitReason = Literal["completed", "user_error", "infra_failure", "stopped"]
+
+
+class AttemptExited(msgspec.Struct, tag="attempt_exited", kw_only=True):
+    job: str
+    attempt: int
+    seq: int
+    site: str
+    at: float
+    reason: ExitReason
+    exit_code: int | None = None
+    progress: float = 0.0
+    detail: str = ""
+
+
+AgentMessage = Union[Register, Heartbeat]
+AttemptEvent = Union[AttemptStarted, Checkpointed, AttemptExited]
+
+# --------------------------------------------------------------------------- hub -> agent
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str
+
+
+class InferRequest(msgspec.Struct, tag="infer", kw_only=True):
+    request_id: str
+    model: str
+    prompt: str = ""
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = 16
+    stream: bool = False
+    tenant: str = ""
+    deadline_ms: float = 0.0
+    """Time the agent may spend before giving up (0: its own default)."""
+
+
+class InferChunk(msgspec.Struct, tag="chunk", kw_only=True):
+    """One piece of a streamed answer, published to the request's reply inbox."""
+
+    request_id: str
+    index: int
+    text: str
+
+
+class InferResult(msgspec.Struct, tag="result", kw_only=True):
+    """The final answer (after the chunks, when streaming)."""
+
+    request_id: str
+    site: str
+    model: str
+    output: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    service_ms: float = 0.0
+    finish_reason: str = "stop"
+
+
+class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
+    """Every handler's answer when it cannot do what was asked."""
+
+    code: str
+    """Short machine-readable reason: ``bad_message``, ``unknown_model``, ``busy``, ``backend``,
+    ``timeout``, ``stale_attempt``, ``internal`` ..."""
+    message: str
+    retryable: bool = False
+
+
+class StartAttempt(msgspec.Struct, tag="start_attempt", kw_only=True):
+    job: str
+    attempt: int
+    cards: int
+    accelerator: str
+    executor: str = "sim"
+    command: list[str] = []
+    work_s: float = 3600.0
+    """Work the job needs in total, in seconds of running on its cards."""
+    progress: float = 0.0
+    """Fraction already done (from the checkpoint being resumed)."""
+    resume_from: str = ""
+    checkpoint_interval_s: float = 600.0
+    checkpoint_cost_s: float = 0.0
+    restart_s: float = 0.0
+    failure_rate_per_card_hour: float = 0.0
+    time_scale: float = 1.0
+    """Simulated seconds per wall second for the ``sim`` executor (demos run days in minutes)."""
+    seed: int = 0
+    tenant: str = ""
+
+
+class StopAttempt(msgspec.Struct, tag="stop_attempt", kw_only=True):
+    job: str
+    attempt: int
+    checkpoint: bool = True
+    reason: str = ""
+
+
+class LoadModel(msgspec.Struct, tag="load_model", kw_only=True):
+    model: str
+    deployment: str
+    cards: float = 1.0
+    slots: int = 4
+
+
+class UnloadModel(msgspec.Struct, tag="unload_model", kw_only=True):
+    model: str
+    deployment: str
+
+
+class Drain(msgspec.Struct, tag="drain", kw_only=True):
+    on: bool = True
+
+
+class CancelInfer(msgspec.Struct, tag="cancel_infer", kw_only=True):
+    """The tenant went away mid-stream: stop generating ``request_id``."""
+
+    request_id: str
+
+
+class Ack(msgspec.Struct, tag="ack", kw_only=True):
+    detail: str = ""
+
+
+Command = Union[StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain, CancelInfer]
+InferReply = Union[InferChunk, InferResult, ErrorReply]
+CommandReply = Union[Ack, ErrorReply]
+RegisterReply = Union[RegisterAck, ErrorReply]
+
+# --------------------------------------------------------------------------- codecs
+
+ENCODER = msgspec.json.Encoder()
+encode = ENCODER.encode
+
+agent_message_decoder = msgspec.json.Decoder(AgentMessage)
+event_decoder = msgspec.json.Decoder(AttemptEvent)
+infer_request_decoder = msgspec.json.Decoder(InferRequest)
+infer_reply_decoder = msgspec.json.Decoder(InferReply)
+command_decoder = msgspec.json.Decoder(Command)
+command_reply_decoder = msgspec.json.Decoder(CommandReply)
+register_reply_decoder = msgspec.json.Decoder(RegisterReply)
+
+
+def error_reply(code: str, message: str, *, retryable: bool = False) -> bytes:
+    """Encoded :class:`ErrorReply`, for handlers answering a request they could not serve."""
+    return encode(ErrorReply(code=code, message=message, retryable=retryable))
