@@ -319,11 +319,18 @@ class CancelInfer(msgspec.Struct, tag="cancel_infer", kw_only=True):
     request_id: str
 
 
+class Reregister(msgspec.Struct, tag="reregister", kw_only=True):
+    """The hub heard a heartbeat from a site it holds no registration for (e.g. after the hub
+    restarted): send :class:`Register` again."""
+
+    hub: str = ""
+
+
 class Ack(msgspec.Struct, tag="ack", kw_only=True):
     detail: str = ""
 
 
-Command = Union[StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain, CancelInfer]
+Command = Union[StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain, CancelInfer, Reregister]
 InferReply = Union[InferChunk, InferResult, ErrorReply]
 CommandReply = Union[Ack, ErrorReply]
 RegisterReply = Union[RegisterAck, ErrorReply]
