@@ -7,6 +7,8 @@ refuses to start if SQLite will not give us those; migrations are applied in ord
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
@@ -65,6 +67,27 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
 def _statements(sql: str) -> list[str]:
     # Our migrations hold no semicolons inside literals or triggers, so a split is exact.
     return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+@contextmanager
+def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """One atomic, durable transaction: ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error).
+
+    The connection runs in autocommit mode (``isolation_level=None``), so ``with db.conn:`` alone
+    does *not* group statements; use this for anything that writes more than one row. Nested use
+    joins the outer transaction.
+    """
+    conn = db.conn
+    if conn.in_transaction:
+        yield db
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def pragmas(db: sqlite_utils.Database) -> dict[str, object]:
