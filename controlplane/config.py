@@ -1,0 +1,56 @@
+"""The hub's configuration: one frozen Struct, from TOML (``cpn hub --config``) or flags.
+
+Unknown keys are rejected with the key's name (``forbid_unknown_fields``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from controlplane.errors import RequestError
+
+
+class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    hub_id: str = "hub"
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_user: str | None = None
+    nats_password: str | None = None
+    db_path: str = ".cpn/hub.db"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    layout: str | None = None
+    """Layout file; None means the shipped national layout."""
+    heartbeat_s: float = 1.0
+    miss_limit: int = 3
+    """Heartbeats missed in a row before a site is lost (detection = heartbeat_s x miss_limit)."""
+    sweep_s: float = 0.25
+    default_budget_ms: float = 10.0
+    site_timeout_s: float = 5.0
+    """Longest the gateway waits for one site's first answer before failing over."""
+    max_body_bytes: int = 1 << 20
+    max_connections: int = 1024
+    header_timeout_s: float = 10.0
+    default_rate_per_s: float = 200.0
+    default_burst: int = 400
+    usage_flush_s: float = 1.0
+    scheduler_tick_s: float = 0.5
+    event_stream_replicas: int = 1
+    seed: int | None = None
+    """Seed of the router's random choices (None: from the OS)."""
+    sim_time_scale: float = 1.0
+    """Simulated seconds per wall second for sim training attempts (demos run hours in minutes)."""
+
+
+def load_hub_config(path: Path | str, **overrides: object) -> HubConfig:
+    """Decode a TOML file into :class:`HubConfig`; flags given as ``overrides`` win."""
+    try:
+        cfg = msgspec.toml.decode(Path(path).read_bytes(), type=HubConfig)
+    except FileNotFoundError:
+        raise RequestError(f"config file {path} not found") from None
+    except msgspec.ValidationError as exc:
+        raise RequestError(f"{path}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise RequestError(f"{path}: not valid TOML: {exc}") from None
+    return msgspec.structs.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,110 @@
+"""``POST /v1/infer``: cpn's native inference call (the OpenAI-compatible endpoints live in openai.py)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from controlplane.errors import RequestError
+from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal, read_body
+from controlplane.gateway.schemas import InferBody
+from controlplane.inference import Served
+from edge_agent import wire
+
+ORIGIN_HEADER = "X-CPN-Origin"
+BUDGET_HEADER = "X-CPN-Budget-Ms"
+POLICY_HEADER = "X-CPN-Budget-Policy"
+
+
+def resolve_origin(request: web.Request, explicit: str | None) -> str:
+    """Origin: the body, else X-CPN-Origin, else the tenant's default, else the layout's CIDR map."""
+    hub = request.app[HUB]
+    origin = explicit or request.headers.get(ORIGIN_HEADER)
+    if origin:
+        if origin not in hub.origin_ids:
+            raise RequestError(f"unknown origin {origin!r}: not a city of the layout", field="origin", code="unknown_origin")
+        return origin
+    tenant = principal(request).tenant_id
+    if tenant is not None:
+        default = hub.tenant_default_origin(tenant)
+        if default:
+            return default
+    by_ip = hub.origin_for_ip(request.remote or "")
+    if by_ip:
+        return by_ip
+    raise RequestError(
+        f"no origin: send 'origin' or the {ORIGIN_HEADER} header, or set the tenant's default origin",
+        field="origin", code="origin_required",
+    )
+
+
+def resolve_budget(request: web.Request, explicit: float | None) -> float:
+    if explicit is not None:
+        return explicit
+    raw = request.headers.get(BUDGET_HEADER)
+    if raw is None:
+        return float(request.app[HUB].config.default_budget_ms)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RequestError(f"{BUDGET_HEADER} must be a number of milliseconds, got {raw!r}", field=BUDGET_HEADER) from None
+    if not 0 < value <= 10_000:
+        raise RequestError(f"{BUDGET_HEADER} must be > 0 and <= 10000 ms, got {raw!r}", field=BUDGET_HEADER)
+    return value
+
+
+def resolve_policy(request: web.Request, explicit: str | None) -> str:
+    policy = explicit or request.headers.get(POLICY_HEADER, "strict")
+    if policy not in ("strict", "nearest"):
+        raise RequestError(f"{POLICY_HEADER} must be 'strict' or 'nearest', got {policy!r}", field=POLICY_HEADER)
+    return policy
+
+
+def route_headers(served: Served, request_id: str) -> dict[str, str]:
+    return {
+        "X-CPN-Site": served.site,
+        "X-CPN-RTT-Ms": f"{served.rtt_ms:.3f}",
+        "X-CPN-Route": served.route,
+        "X-Request-Id": request_id,
+    }
+
+
+async def infer(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    body = await read_body(request, InferBody)
+    tenant = principal(request).tenant_id or ""
+    origin = resolve_origin(request, body.origin)
+    budget_ms = resolve_budget(request, body.budget_ms)
+    policy = resolve_policy(request, body.policy)
+    rid = request[REQUEST_ID]
+    req = wire.InferRequest(request_id=rid if wire.is_valid_id(rid) else hub_request_id(), model=body.model,
+                            prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
+    served = await hub.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy)
+    result = served.result
+    assert result is not None
+    out = {
+        "id": req.request_id,
+        "object": "inference",
+        "model": result.model,
+        "output": result.output,
+        "site": served.site,
+        "rtt_ms": round(served.rtt_ms, 3),
+        "route": served.route,
+        "origin": origin,
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        },
+        "service_ms": result.service_ms,
+    }
+    return json_response(out, headers=route_headers(served, rid))
+
+
+def hub_request_id() -> str:
+    from controlplane.inference import new_request_id
+
+    return new_request_id()
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/infer", infer)

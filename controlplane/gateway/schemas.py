@@ -1,0 +1,42 @@
+"""Request bodies the gateway decodes: msgspec Structs (the same ones /openapi.json is built from).
+
+Unknown fields are rejected (``forbid_unknown_fields``): a 422 naming the field, so a tenant who
+sends ``tenant_id`` or ``site`` learns at once that cpn does not take it from them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Id = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+BudgetMs = Annotated[float, msgspec.Meta(gt=0, le=10_000)]
+
+
+class InferBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/infer``: cpn's native inference call."""
+
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    input: Annotated[str, msgspec.Meta(max_length=200_000)]
+    origin: Id | None = None
+    budget_ms: BudgetMs | None = None
+    policy: Literal["strict", "nearest"] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=32_768)] = 16
+
+
+class TenantBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/tenants`` (admin): a tenant and its first API key."""
+
+    id: Id
+    name: str = ""
+    default_origin: Id | None = None
+    quota_cards: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    burst: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class DrainBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/sites/{site}/drain`` (admin)."""
+
+    on: bool = True

@@ -1,0 +1,365 @@
+"""The hub service: wires the store, the bus, the pure core and the gateway, and runs their loops.
+
+What it owns: the SQLite database (the record), the site registry (soft state, rebuilt from agents),
+the RTT index of the layout, the router, and the background loops (loss detection, usage flush,
+services such as training and deployments that plug in through :meth:`Hub.add_service`).
+
+Promises: nothing is declared lost while the hub itself is cut off from NATS (Rule 2 of
+registry.py); a site that speaks after a hub restart is asked to register again; all times passed to
+the pure core are wall-clock epoch seconds read here, never inside the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from controlplane import auth
+from controlplane.bus import HubBus
+from controlplane.config import HubConfig
+from controlplane.inference import InferenceService
+from controlplane.metrics import HubMetrics
+from controlplane.registry import SiteRegistry, StaticSite, Transition
+from controlplane.router import Router
+from controlplane.store import db as store_db
+from controlplane.store import sites as store_sites
+from controlplane.store import tenants as store_tenants
+from edge_agent import wire
+from topology import latency, loader
+from topology import layout as topo_layout
+
+log = logging.getLogger("cpn.hub")
+
+SiteListener = Callable[[Transition], None]
+
+
+class Service(Protocol):
+    """A part of the hub with its own loop (training, deployments, usage, ...)."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class Hub:
+    """One hub process. ``await start()``, then serve; ``await stop()`` drains and closes.
+
+    Args:
+        config: the hub's configuration.
+        layout: a layout already loaded (tests, ``cpn up``); else read from ``config.layout``.
+    """
+
+    def __init__(self, config: HubConfig, *, layout: topo_layout.Layout | None = None) -> None:
+        self.config = config
+        self.layout = layout
+        self.metrics = HubMetrics()
+        self.registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
+        self.keys = auth.KeyRing()
+        self.rng = random.Random(config.seed)
+        self.rtt: latency.RttIndex | None = None
+        self.router: Router = None  # type: ignore[assignment]  # set in start()
+        self.origin_ids: set[str] = set()
+        self.db: Any = None
+        self.bus = HubBus(
+            config.nats_url,
+            name=f"cpn-hub-{config.hub_id}",
+            user=config.nats_user,
+            password=config.nats_password,
+            on_register=self._on_register,
+            on_heartbeat=self._on_heartbeat,
+            on_disconnect=self._on_bus_down,
+            on_reconnect=self._on_bus_up,
+        )
+        self.inference = InferenceService(self)
+        self.site_listeners: list[SiteListener] = []
+        self.services: list[Service] = []
+        self.permission_violations = 0
+        self.started_at = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loss_signals: dict[str, asyncio.Event] = {}
+        self._reregister_asked: dict[str, float] = {}
+        self._models_cache: tuple[int, frozenset[str]] = (-1, frozenset())
+        self._usage: dict[tuple[str, str, str], list[int]] = {}
+        self.gateway: Any = None
+        self._tenants: dict[str, dict[str, Any]] = {}
+        self._cidrs: list[tuple[Any, str]] = []
+        self.route_modules: list[Any] = []
+        """Extra gateway modules (each with ``add_routes(app)``) that services plug in."""
+
+    def __repr__(self) -> str:
+        return f"<Hub {self.config.hub_id} sites={len(self.registry)} {self.registry!r} {self.bus!r}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, *, serve_http: bool = True) -> None:
+        """Open the store, load the layout, connect to NATS, start loops and the gateway."""
+        self.started_at = time.time()
+        self.db = store_db.open_db(self.config.db_path)
+        for principal in store_tenants.load_keys(self.db):
+            self.keys.add(principal)
+        if self.layout is None:
+            self.layout = loader.load(self.config.layout) if self.config.layout else loader.load_default()
+        self.rtt = latency.RttIndex.build(self.layout)
+        self.router = Router(self.rtt)
+        self.origin_ids = {o.id for o in self.layout.origins}
+        nets = [(ipaddress.ip_network(cidr, strict=False), origin) for cidr, origin in self.layout.cidrs.items()]
+        # Longest prefix first, so a /24 inside a /16 wins.
+        self._cidrs = sorted(nets, key=lambda pair: -pair[0].prefixlen)
+        for row in store_tenants.list_tenants(self.db):
+            self._tenants[row["id"]] = row
+        static = [
+            StaticSite(id=s.id, tier=s.tier, city=s.city, provider=s.provider, region=s.region, accelerators=dict(s.accelerators))
+            for s in self.layout.sites
+        ]
+        for row in store_sites.list_sites(self.db):
+            static.append(StaticSite(id=row["id"], tier=row["tier"] or "edge", city=row["city"] or "",
+                                     provider=row["provider"] or "", accelerators=row["accelerators"]))
+        self.registry.remember(static)
+        await self.bus.connect()
+        await self.bus.ensure_event_stream(self.config.event_stream_replicas)
+        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
+        for service in self.services:
+            await service.start()
+        if serve_http:
+            from controlplane.gateway import server
+
+            self.gateway = await server.start(self, self.config.listen_host, self.config.listen_port)
+        log.info("event=hub_started hub=%s nats=%s db=%s", self.config.hub_id, self.config.nats_url, self.config.db_path)
+
+    async def stop(self) -> None:
+        """Stop serving HTTP, stop services and loops, close NATS and the database."""
+        if self.gateway is not None:
+            await self.gateway.stop()
+            self.gateway = None
+        for service in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await service.stop()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.bus.close()
+        if self.db is not None:
+            self.db.conn.close()
+            self.db = None
+
+    @property
+    def http_port(self) -> int:
+        return int(self.gateway.port) if self.gateway is not None else 0
+
+    def add_service(self, service: Service) -> None:
+        """Register a service; it is started after the bus connects and stopped before it closes."""
+        self.services.append(service)
+
+    def spawn(self, coro: Awaitable[None], name: str) -> None:
+        """Run a background coroutine owned by the hub (cancelled at stop)."""
+        self._tasks.append(asyncio.ensure_future(coro))
+
+    # ------------------------------------------------------------------ sites
+
+    def _on_register(self, msg: wire.Register) -> wire.RegisterAck | wire.ErrorReply:
+        now = time.time()
+        if msg.proto > wire.PROTO:
+            log.warning("event=newer_agent site=%s proto=%s", msg.site, msg.proto)
+        view, new = self.registry.register(msg, now)
+        known = True
+        assert self.layout is not None and self.rtt is not None
+        try:
+            static = self.layout.site(msg.site)
+            view.region = static.region
+        except KeyError:
+            known = False
+            self._attach_unknown_site(msg)
+        store_sites.upsert_site(
+            self.db, site=msg.site, tier=msg.tier, city=msg.city, provider=msg.provider,
+            accelerators=dict(msg.accelerators), now=now,
+        )
+        self._loss_signals.pop(msg.site, None)
+        self._reregister_asked.pop(msg.site, None)
+        log.info("event=site_registered site=%s tier=%s city=%s new=%s known=%s", msg.site, msg.tier, msg.city, new, known)
+        return wire.RegisterAck(hub=self.config.hub_id, heartbeat_s=self.config.heartbeat_s, known=known)
+
+    def _attach_unknown_site(self, msg: wire.Register) -> None:
+        """A site not in the layout is placed at its city (or its own coordinates)."""
+        assert self.layout is not None and self.rtt is not None
+        lat, lon = msg.lat, msg.lon
+        region = ""
+        if lat is None or lon is None:
+            try:
+                origin = self.layout.origin(msg.city)
+            except KeyError:
+                log.warning("event=site_unplaced site=%s city=%s reason=unknown city and no coordinates", msg.site, msg.city)
+                return
+            lat, lon, region = origin.lat, origin.lon, origin.region
+        if msg.site in self.rtt.sites:
+            return
+        template = self.layout.sites[0]
+        site = topo_layout.Site(
+            id=msg.site, name=msg.site, city=msg.city or msg.site, region=region, lat=lat, lon=lon, tier=msg.tier,
+            provider=msg.provider or "unknown", accelerators=dict(msg.accelerators), tariff=template.tariff,
+            pue=template.pue, failure_rate_per_card_hour=template.failure_rate_per_card_hour, tee=msg.tee,
+            restart_s=template.restart_s, egress_gbps=template.egress_gbps,
+            sources={"*": "registered at run time; tariff, PUE and failure rate copied from the layout's first site"},
+        )
+        self.rtt.add_site(site)
+        self.router.invalidate()
+
+    def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
+        now = time.time()
+        view, came_back = self.registry.heartbeat(msg, now)
+        if view is None or not view.registered:
+            last = self._reregister_asked.get(msg.site, 0.0)
+            if now - last > 2.0:
+                self._reregister_asked[msg.site] = now
+                self.spawn(self._ask_reregister(msg.site), name=f"reregister-{msg.site}")
+        if came_back:
+            self._loss_signals.pop(msg.site, None)
+            log.info("event=site_back site=%s", msg.site)
+            for listener in self.site_listeners:
+                listener(Transition(msg.site, "lost", "up", now))
+
+    async def _ask_reregister(self, site: str) -> None:
+        try:
+            await self.bus.command(site, wire.Reregister(hub=self.config.hub_id), timeout_s=2.0)
+        except Exception as exc:
+            log.debug("event=reregister_failed site=%s error=%s", site, exc)
+
+    def _on_bus_down(self) -> None:
+        self.registry.bus_down(time.time())
+
+    def _on_bus_up(self) -> None:
+        self.registry.bus_up(time.time())
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.sweep_s)
+            now = time.time()
+            for t in self.registry.sweep(now):
+                self._site_lost(t)
+            self._flush_usage()
+
+    def _site_lost(self, t: Transition) -> None:
+        self.metrics.site_losses.inc()
+        signal = self._loss_signals.pop(t.site, None)
+        if signal is not None:
+            signal.set()
+        log.warning("event=site_lost site=%s silent_for_s=%.2f", t.site, self.registry.detection_s)
+        for listener in self.site_listeners:
+            try:
+                listener(t)
+            except Exception:
+                log.exception("event=site_listener_failed site=%s", t.site)
+
+    def loss_signal(self, site: str) -> asyncio.Event:
+        """An event set when ``site`` is declared lost (in-flight requests give up on it at once)."""
+        ev = self._loss_signals.get(site)
+        if ev is None:
+            ev = asyncio.Event()
+            view = self.registry.get(site)
+            if view is not None and view.state == "lost":
+                ev.set()
+            self._loss_signals[site] = ev
+        return ev
+
+    def known_models(self) -> frozenset[str]:
+        version, models = self._models_cache
+        if version != self.registry.version:
+            models = frozenset(m for v in self.registry for m in v.replicas)
+            self._models_cache = (self.registry.version, models)
+        return models
+
+    # ------------------------------------------------------------------ accounting
+
+    def account(self, req: wire.InferRequest, result: wire.InferResult, site: str) -> None:
+        """Count a served request (flushed to the store in batches, never per request)."""
+        key = (req.tenant, req.model, site)
+        row = self._usage.get(key)
+        if row is None:
+            row = self._usage[key] = [0, 0, 0]
+        row[0] += 1
+        row[1] += result.prompt_tokens
+        row[2] += result.completion_tokens
+
+    def _flush_usage(self) -> None:
+        """Hook for the usage store; overridden once store/usage.py exists."""
+
+    # ------------------------------------------------------------------ tenants and keys
+
+    def create_tenant(self, tenant_id: str, *, name: str = "", default_origin: str | None = None,
+                      quota_cards: int | None = None, rate_per_s: float | None = None,
+                      burst: int | None = None) -> str:
+        """Create a tenant with one API key; returns the key (shown once, stored hashed)."""
+        now = time.time()
+        row = store_tenants.create_tenant(
+            self.db, tenant_id, name=name, now=now, default_origin=default_origin, quota_cards=quota_cards,
+            rate_per_s=rate_per_s, burst=burst,
+        )
+        key = auth.new_key(tenant_id[:12])
+        self.keys.add(store_tenants.add_key(self.db, key, role="tenant", tenant_id=tenant_id, now=now, label="first"))
+        self._tenants[tenant_id] = row
+        return key
+
+    def create_admin_key(self, label: str = "") -> str:
+        key = auth.new_key("admin")
+        self.keys.add(store_tenants.add_key(self.db, key, role="admin", tenant_id=None, now=time.time(), label=label))
+        return key
+
+    def tenant(self, tenant_id: str) -> dict[str, Any] | None:
+        row = self._tenants.get(tenant_id)
+        if row is None and self.db is not None:
+            try:
+                row = store_tenants.get_tenant(self.db, tenant_id)
+            except Exception:
+                return None
+            self._tenants[tenant_id] = row
+        return row
+
+    def tenant_default_origin(self, tenant_id: str) -> str | None:
+        row = self.tenant(tenant_id)
+        return row.get("default_origin") if row else None
+
+    def origin_for_ip(self, ip: str) -> str | None:
+        """The layout's CIDR map: which origin a client address belongs to."""
+        if not ip or not self._cidrs:
+            return None
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return None
+        for net, origin in self._cidrs:
+            if addr.version == net.version and addr in net:
+                return origin
+        return None
+
+    # ------------------------------------------------------------------ views for the gateway
+
+    def sites_snapshot(self) -> list[dict[str, object]]:
+        now = time.time()
+        return [v.as_dict(now) for v in sorted(self.registry, key=lambda v: v.id)]
+
+    def refresh_metrics(self) -> None:
+        counts = self.registry.counts()
+        for state in ("up", "lost", "draining"):
+            self.metrics.sites.labels(state).set(counts.get(state, 0))
+        s = self.bus.stats
+        self.metrics.nats_errors.labels("connection").set(s.errors)
+        self.metrics.nats_errors.labels("timeout").set(s.timeouts)
+        self.metrics.nats_errors.labels("no_responders").set(s.no_responders)
+        self.metrics.nats_errors.labels("disconnect").set(s.disconnects)
+        self.metrics.malformed.set(s.malformed)
+        self.metrics.permission_violations.set(self.permission_violations)
+
+
+def data_path(path: str | Path) -> Path:
+    return Path(path).expanduser()

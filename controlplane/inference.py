@@ -1,0 +1,190 @@
+"""The inference path of the hub: route (pure), send over the bus, fail over, account.
+
+Decide, then do the I/O (CONVENTIONS example 2): the router returns the chosen site and its
+fallbacks; this module sends and, when a site fails (no responders, timeout, a retryable error, or
+the site being declared lost while the request is in flight), tries the next fallback within the
+request's RTT budget. Only when every candidate failed does the caller see an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from controlplane import router
+from controlplane.errors import NoCapacity, PeerError, RequestError, SiteRefused, SiteUnreachable
+from edge_agent import wire
+
+if TYPE_CHECKING:
+    from controlplane.hub import Hub
+
+log = logging.getLogger("cpn.inference")
+
+
+@dataclass(slots=True)
+class Served:
+    """Where and how a request was served (goes into X-CPN-* headers)."""
+
+    site: str
+    rtt_ms: float
+    route: str
+    tried: list[str] = field(default_factory=list)
+    result: wire.InferResult | None = None
+
+
+class AllSitesFailed(PeerError):
+    def __init__(self, tried: list[str], last: str) -> None:
+        super().__init__(f"every candidate site failed ({', '.join(tried)}); last error: {last}")
+        self.tried = tried
+
+
+class InferenceService:
+    """Routes and sends inference requests for the gateway."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.served = 0
+        self.failovers = 0
+
+    def __repr__(self) -> str:
+        return f"<InferenceService served={self.served} failovers={self.failovers}>"
+
+    def decide(self, origin: str, model: str, budget_ms: float, policy: str) -> router.Route:
+        """Route decision or NoCapacity (503) with the router's reason."""
+        hub = self.hub
+        if hub.rtt is None or origin not in hub.origin_ids:
+            raise RequestError(f"unknown origin {origin!r}", field="origin", status=400, code="unknown_origin")
+        if model not in hub.known_models():
+            raise RequestError(f"model {model!r} is not served by any site", field="model", status=404, code="model_not_found")
+        decision = hub.router.route(
+            router.RouteRequest(origin=origin, model=model, budget_ms=budget_ms, policy=policy),
+            hub.registry.views,
+            hub.registry.version,
+            hub.rng,
+        )
+        hub.metrics.route(decision.reason if isinstance(decision, router.Route) else "none")
+        if isinstance(decision, router.NoRoute):
+            raise NoCapacity(decision.reason)
+        return decision
+
+    async def complete(
+        self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str
+    ) -> Served:
+        """Serve a non-streaming request, failing over as needed."""
+        decision = self.decide(origin, req.model, budget_ms, policy)
+        served = Served(decision.site, decision.rtt_ms, decision.reason)
+        last = ""
+        for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
+            served.tried.append(site)
+            try:
+                result = await self._send(site, req)
+            except (SiteUnreachable, SiteRefused) as exc:
+                if isinstance(exc, SiteRefused) and not exc.retryable:
+                    raise
+                last = str(exc)
+                self.failovers += 1
+                log.info("event=failover request_id=%s site=%s error=%s", req.request_id, site, exc)
+                continue
+            if len(served.tried) > 1:
+                served.route = "failover"
+            served.site, served.rtt_ms, served.result = site, rtt_ms, result
+            self.served += 1
+            self.hub.account(req, result, site)
+            return served
+        raise AllSitesFailed(served.tried, last)
+
+    async def _send(self, site: str, req: wire.InferRequest) -> wire.InferResult:
+        hub = self.hub
+        view = hub.registry.get(site)
+        if view is not None:
+            view.sent += 1
+        lost = hub.loss_signal(site)
+        task = asyncio.ensure_future(hub.bus.infer(site, req, hub.config.site_timeout_s))
+        waiter = asyncio.ensure_future(lost.wait())
+        try:
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            task.cancel()
+            raise SiteUnreachable(f"{site} was declared lost while serving the request")
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+            if view is not None and view.sent > 0:
+                view.sent -= 1
+
+    async def stream(
+        self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str
+    ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
+        """Open a streaming request: fail over until a site sends its first message, then commit.
+
+        Returns the serving site and an iterator of the remaining messages (first one included).
+        After the first chunk there is no failover: the tenant already has part of an answer.
+        """
+        decision = self.decide(origin, req.model, budget_ms, policy)
+        served = Served(decision.site, decision.rtt_ms, decision.reason)
+        last = ""
+        for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
+            served.tried.append(site)
+            it = self.hub.bus.infer_stream(site, req, self.hub.config.site_timeout_s).__aiter__()
+            try:
+                first = await it.__anext__()
+            except (SiteUnreachable, SiteRefused) as exc:
+                await _aclose(it)
+                if isinstance(exc, SiteRefused) and not exc.retryable:
+                    raise
+                last = str(exc)
+                self.failovers += 1
+                continue
+            except StopAsyncIteration:
+                last = f"{site} ended the stream without an answer"
+                continue
+            if len(served.tried) > 1:
+                served.route = "failover"
+            served.site, served.rtt_ms = site, rtt_ms
+            self.served += 1
+            return served, self._rest(first, it, req, site)
+        raise AllSitesFailed(served.tried, last)
+
+    async def _rest(
+        self,
+        first: wire.InferChunk | wire.InferResult,
+        it: AsyncIterator[wire.InferChunk | wire.InferResult],
+        req: wire.InferRequest,
+        site: str,
+    ) -> AsyncIterator[wire.InferChunk | wire.InferResult]:
+        finished = False
+        try:
+            msg = first
+            while True:
+                if isinstance(msg, wire.InferResult):
+                    finished = True
+                    self.hub.account(req, msg, site)
+                    yield msg
+                    return
+                yield msg
+                msg = await it.__anext__()
+        finally:
+            await _aclose(it)
+            if not finished:
+                # The tenant went away (or the site failed) mid-stream: tell the site to stop.
+                await self.hub.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
+
+
+async def _aclose(it: AsyncIterator[object]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
+
+
+def new_request_id() -> str:
+    """Request ids are single tokens (wire.ID_PATTERN), random so several gateways never collide."""
+    return f"r{secrets.token_hex(8)}"
