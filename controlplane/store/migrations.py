@@ -41,4 +41,48 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0020_deployments",
+        """
+        CREATE TABLE deployments (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            model TEXT NOT NULL,
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending', 'ready', 'degraded', 'deleted')),
+            report TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            deleted_at REAL
+        );
+        CREATE INDEX deployments_tenant ON deployments (tenant, created_at);
+        CREATE TABLE replicas (
+            deployment TEXT NOT NULL REFERENCES deployments (id),
+            site TEXT NOT NULL,
+            accelerator TEXT NOT NULL,
+            cards REAL NOT NULL CHECK (cards > 0),
+            state TEXT NOT NULL CHECK (state IN ('placed', 'loading', 'ready', 'lost', 'removed')),
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (deployment, site)
+        );
+        CREATE INDEX replicas_site ON replicas (site, state);
+        """,
+    ),
+    (
+        "0021_usage",
+        """
+        CREATE TABLE usage (
+            tenant TEXT NOT NULL,
+            model TEXT NOT NULL,
+            site TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            card_hours REAL NOT NULL DEFAULT 0,
+            energy_cny REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (tenant, model, site)
+        );
+        """,
+    ),
 ]
