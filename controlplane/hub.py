@@ -202,7 +202,7 @@ class Hub:
                 log.warning("event=site_unplaced site=%s city=%s reason=unknown city and no coordinates", msg.site, msg.city)
                 return
             lat, lon, region = origin.lat, origin.lon, origin.region
-        if msg.site in self.rtt.sites:
+        if self.rtt.has_site(msg.site):
             return
         template = self.layout.sites[0]
         site = topo_layout.Site(

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cpn.gateway")
 
 HUB: web.AppKey[Hub] = web.AppKey("hub")
-PRINCIPAL = "cpn.principal"
-REQUEST_ID = "cpn.request_id"
+PRINCIPAL: web.RequestKey[auth.Principal] = web.RequestKey("principal", auth.Principal)
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/"})
 
 T = TypeVar("T")

@@ -1,0 +1,136 @@
+"""The hub against a real nats-server, a real SQLite file and its real HTTP gateway.
+
+The "agent" here is a few lines of nats-py speaking the wire contract: a real peer, so the hub's
+handling of registrations, heartbeats, malformed messages and bad HTTP input is tested without
+the edge_agent package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import nats
+import pytest
+
+from controlplane.natsserver import NatsServer
+from edge_agent import wire
+from tests.support.hubrig import Client, hub_config, running_hub
+
+
+async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[object, asyncio.Task[None]]:
+    nc = await nats.connect(url)
+
+    async def on_infer(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site=site, model=req.model,
+                                                        output=f"{site}:{req.prompt}", completion_tokens=2)))
+
+    await nc.subscribe(wire.infer_subject(site), cb=on_infer)
+    ack = await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city=city, accelerators={"H20": 4})), timeout=2)
+    assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
+
+    async def beat() -> None:
+        seq = 0
+        while True:
+            seq += 1
+            hb = wire.Heartbeat(site=site, seq=seq, models=[wire.ReplicaStatus(model=model, slots=8)])
+            await nc.publish(wire.heartbeat_subject(site), wire.encode(hb))
+            await asyncio.sleep(0.2)
+
+    return nc, asyncio.create_task(beat())
+
+
+async def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, nats_server: NatsServer):  # type: ignore[no-untyped-def]
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        admin = hub.create_admin_key("test")
+        key = hub.create_tenant("acme", default_origin="hangzhou")
+        nc, task = await raw_agent(nats_server.url, "hz-edge", "hangzhou")
+        await wait_for(lambda: "m" in hub.known_models())
+        async with aiohttp.ClientSession() as session:
+            base = f"http://127.0.0.1:{hub.http_port}"
+            yield hub, Client(session, base, key), Client(session, base, admin), Client(session, base, None), nc
+        task.cancel()
+        await nc.close()  # type: ignore[attr-defined]
+
+
+async def test_infer_answers_from_the_site_with_route_headers(rig) -> None:  # type: ignore[no-untyped-def]
+    hub, tenant, _, _, _ = rig
+    status, body, headers = await tenant.call("POST", "/v1/infer", {"model": "m", "input": "hi"})
+    assert status == 200, body
+    assert body["output"] == "hz-edge:hi" and headers["X-CPN-Site"] == "hz-edge"
+    assert float(headers["X-CPN-RTT-Ms"]) > 0 and headers["X-CPN-Route"] == "nearest"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "needle"),
+    [
+        (b"{not json", 400, "malformed JSON"),
+        (b'{"model": 3, "input": "x"}', 400, "model"),
+        (b'{"model": "m"}', 400, "input"),
+        (b'{"model": "m", "input": "x", "tenant_id": "evil"}', 422, "tenant_id"),
+        (b'{"model": "nope", "input": "x"}', 404, "nope"),
+        (b'{"model": "m", "input": "x", "origin": "atlantis"}', 400, "atlantis"),
+        (b'{"model": "m", "input": "x", "budget_ms": -1}', 400, "budget_ms"),
+        (b'{"model": "m", "input": "x", "origin": "nanjing", "budget_ms": 0.1}', 503, "nearest is hz-edge"),
+    ],
+)
+async def test_bad_input_gets_a_clear_error_and_the_hub_keeps_serving(rig, raw: bytes, status: int, needle: str) -> None:  # type: ignore[no-untyped-def]
+    _, tenant, _, _, _ = rig
+    got, body, _ = await tenant.call("POST", "/v1/infer", raw=raw)
+    assert got == status, body
+    assert needle in body["error"]["message"] or needle == body["error"].get("param")
+    ok, _, _ = await tenant.call("POST", "/v1/infer", {"model": "m", "input": "again"})
+    assert ok == 200
+
+
+async def test_auth_and_limits(rig) -> None:  # type: ignore[no-untyped-def]
+    hub, tenant, admin, anon, _ = rig
+    assert (await anon.call("POST", "/v1/infer", {"model": "m", "input": "x"}))[0] == 401
+    bad = Client(tenant.session, tenant.base, "cpn_wrong")
+    assert (await bad.call("POST", "/v1/infer", {"model": "m", "input": "x"}))[0] == 401
+    status, body, _ = await tenant.call("POST", "/v1/infer", raw=b'{"model":"m","input":"' + b"x" * (2 << 20) + b'"}')
+    assert status == 413 and "larger than" in body["error"]["message"]
+    assert (await tenant.call("GET", "/v1/sites"))[0] == 403
+    status, body, _ = await admin.call("GET", "/v1/sites")
+    assert status == 200 and [s["id"] for s in body["data"]] == ["hz-edge"]
+
+
+async def test_health_and_metrics_are_public(rig) -> None:  # type: ignore[no-untyped-def]
+    _, tenant, _, anon, _ = rig
+    await tenant.call("POST", "/v1/infer", {"model": "m", "input": "x"})
+    status, body, _ = await anon.call("GET", "/healthz")
+    assert status == 200 and body["status"] == "ok" and body["sites"]["up"] == 1
+    async with anon.session.get(anon.base + "/metrics") as resp:
+        text = await resp.text()
+    assert 'cpn_sites{state="up"} 1.0' in text and "cpn_http_requests_total" in text and "cpn_nats_errors" in text
+
+
+async def test_malformed_nats_messages_are_counted_and_answered(rig) -> None:  # type: ignore[no-untyped-def]
+    hub, tenant, _, _, nc = rig
+    reply = await nc.request(wire.register_subject("hz-edge"), b"\x00garbage", timeout=2)
+    err = wire.register_reply_decoder.decode(reply.data)
+    assert isinstance(err, wire.ErrorReply) and err.code == "bad_message"
+    await nc.publish(wire.heartbeat_subject("hz-edge"), b'{"type":"hb"}')
+    await nc.flush()
+    await wait_for(lambda: hub.bus.stats.malformed >= 2)
+    assert (await tenant.call("POST", "/v1/infer", {"model": "m", "input": "still"}))[0] == 200
+
+
+async def test_tenants_and_keys_survive_a_hub_restart(tmp_path: Path, nats_server: NatsServer) -> None:
+    config = hub_config(tmp_path, nats_server.url)
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme", default_origin="shanghai")
+    async with running_hub(config) as hub:
+        assert hub.keys.lookup(key) is not None and hub.tenant_default_origin("acme") == "shanghai"
+        assert not (tmp_path / "hub.db").read_bytes().count(key.encode())

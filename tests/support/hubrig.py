@@ -1,0 +1,66 @@
+"""Starting a real hub (SQLite file, gateway on port 0, real NATS) for adapter and e2e tests."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from controlplane.config import HubConfig
+from controlplane.hub import Hub
+from controlplane.services import install_services
+from topology import loader
+
+DEMO3 = Path(loader.default_path()).parent / "demo-3.toml"
+
+
+def hub_config(tmp: Path, nats_url: str, **kw: Any) -> HubConfig:
+    base: dict[str, Any] = dict(
+        nats_url=nats_url, db_path=str(tmp / "hub.db"), listen_port=0, layout=str(DEMO3), seed=1,
+        heartbeat_s=1.0, miss_limit=3, site_timeout_s=3.0,
+    )
+    base.update(kw)
+    return HubConfig(**base)
+
+
+@asynccontextmanager
+async def running_hub(config: HubConfig) -> AsyncIterator[Hub]:
+    hub = Hub(config)
+    install_services(hub)
+    await hub.start()
+    try:
+        yield hub
+    finally:
+        await hub.stop()
+
+
+class Client:
+    """A tenant's or operator's HTTP view of a hub."""
+
+    def __init__(self, session: aiohttp.ClientSession, base: str, key: str | None) -> None:
+        self.session = session
+        self.base = base
+        self.key = key
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        h = {"Authorization": f"Bearer {self.key}"} if self.key else {}
+        h.update(extra or {})
+        return h
+
+    async def call(self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+        data: Any = raw if raw is not None else (msgspec.json.encode(body) if body is not None else None)
+        if isinstance(data, bytes) and len(data) > 1 << 20:
+            data = io.BytesIO(data)  # aiohttp warns about large raw bodies
+        async with self.session.request(method, self.base + path, data=data, headers=self.headers(headers)) as resp:
+            text = await resp.read()
+            try:
+                payload = msgspec.json.decode(text) if text else None
+            except msgspec.DecodeError:
+                payload = text.decode(errors="replace")
+            return resp.status, payload, dict(resp.headers)
