@@ -91,6 +91,7 @@ class Hub:
         self._usage: dict[tuple[str, str, str], list[int]] = {}
         self.gateway: Any = None
         self._tenants: dict[str, dict[str, Any]] = {}
+        self._key_misses: dict[str, float] = {}
         self._cidrs: list[tuple[Any, str]] = []
         self.route_modules: list[Any] = []
         """Extra gateway modules (each with ``add_routes(app)``) that services plug in."""
@@ -310,10 +311,37 @@ class Hub:
         self._tenants[tenant_id] = row
         return key
 
+    def add_tenant_key(self, tenant_id: str, label: str = "") -> str:
+        """Issue one more key for an existing tenant."""
+        key = auth.new_key(tenant_id[:12])
+        self.keys.add(store_tenants.add_key(self.db, key, role="tenant", tenant_id=tenant_id, now=time.time(), label=label))
+        return key
+
     def create_admin_key(self, label: str = "") -> str:
         key = auth.new_key("admin")
         self.keys.add(store_tenants.add_key(self.db, key, role="admin", tenant_id=None, now=time.time(), label=label))
         return key
+
+    def lookup_key_in_store(self, key: str) -> auth.Principal | None:
+        """A key the in-memory ring does not know may have been issued by ``cpn tenant create``.
+
+        Misses are remembered for a few seconds so a flood of bad keys costs one indexed read each
+        per few seconds at most.
+        """
+        if self.db is None or len(key) > 200:
+            return None
+        digest = auth.hash_key(key)
+        now = time.monotonic()
+        if self._key_misses.get(digest, 0.0) > now:
+            return None
+        found = store_tenants.find_key(self.db, digest)
+        if found is None:
+            if len(self._key_misses) > 10_000:
+                self._key_misses.clear()
+            self._key_misses[digest] = now + 5.0
+            return None
+        self.keys.add(found)
+        return found
 
     def tenant(self, tenant_id: str) -> dict[str, Any] | None:
         row = self._tenants.get(tenant_id)

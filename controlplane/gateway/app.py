@@ -133,7 +133,7 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
             header = request.headers.get("Authorization", "")
             if not header.startswith("Bearer ") or len(header) > 512:
                 raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-            found = hub.keys.lookup(header[7:].strip())
+            found = hub.keys.lookup(header[7:].strip()) or hub.lookup_key_in_store(header[7:].strip())
             if found is None:
                 raise Unauthorized("invalid API key")
             request[PRINCIPAL] = found

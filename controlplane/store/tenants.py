@@ -72,3 +72,10 @@ def load_keys(db: sqlite_utils.Database) -> list[auth.Principal]:
 
 def count_admin_keys(db: sqlite_utils.Database) -> int:
     return int(db.execute("SELECT count(*) FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL").fetchone()[0])
+
+
+def find_key(db: sqlite_utils.Database, key_hash: str) -> auth.Principal | None:
+    row = db.execute(
+        "SELECT key_hash, tenant_id, role FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", [key_hash]
+    ).fetchone()
+    return auth.Principal(role=row[2], tenant_id=row[1], key_hash=row[0]) if row else None
