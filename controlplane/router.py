@@ -64,10 +64,12 @@ class Router:
         rtt: anything with ``ranked(origin) -> [(site, rtt_ms), ...]`` in ascending RTT.
         window: how many of the closest candidates power-of-two choices picks from.
         max_fallbacks: how many further candidates to return for failover.
+        slack: how much less loaded (in busy share of slots) a farther site must be to win.
     """
 
-    def __init__(self, rtt: RttSource, *, window: int = 3, max_fallbacks: int = 4) -> None:
+    def __init__(self, rtt: RttSource, *, window: int = 3, max_fallbacks: int = 4, slack: float = 0.25) -> None:
         self.rtt = rtt
+        self.slack = slack
         self.window = window
         self.max_fallbacks = max_fallbacks
         self._cache: dict[tuple[str, str], list[tuple[str, float]]] = {}
@@ -158,9 +160,10 @@ class Router:
             a, b = (i, j) if i < j else (j, i)
             la = sites[cands[a][0]].load(req.model)
             lb = sites[cands[b][0]].load(req.model)
-            chosen = b if lb < la else a
-            # Idle network: the nearest site wins when nobody in the window carries load.
-            if chosen != 0 and sites[cands[0][0]].load(req.model) <= min(la, lb):
+            # The farther of the two wins only when it is clearly less loaded: heartbeat figures are
+            # up to a second old, and an idle nearer site should not lose to noise.
+            chosen = b if lb + self.slack < la else a
+            if chosen != 0 and sites[cands[0][0]].load(req.model) <= min(la, lb) + self.slack:
                 chosen = 0
         site, rtt_ms = cands[chosen]
         fallbacks = [c for k, c in enumerate(cands) if k != chosen]

@@ -1,0 +1,125 @@
+"""OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+
+An unmodified OpenAI client pointed at ``http://HOST:PORT/v1`` with a cpn key works: origin comes
+from ``X-CPN-Origin``, else the tenant's default origin, else the layout's CIDR map; the budget from
+``X-CPN-Budget-Ms`` (default 10); the policy from ``X-CPN-Budget-Policy``. Streaming answers are
+relayed as Server-Sent Events as the site produces them; if the client goes away mid-stream the
+site is told to stop (``CancelInfer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from controlplane import openai_shapes as oa
+from controlplane.errors import RequestError
+from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal
+from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
+from controlplane.inference import AllSitesFailed, new_request_id
+from edge_agent import wire
+
+log = logging.getLogger("cpn.gateway")
+
+
+async def _body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise RequestError(
+            f"request body larger than {request.app[HUB].config.max_body_bytes} bytes", status=413, code="body_too_large"
+        ) from exc
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    req = oa.decode_chat_request(await _body(request))
+    return await _serve(request, req, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    req = oa.decode_completion_request(await _body(request))
+    return await _serve(request, req, "completion")
+
+
+async def _serve(
+    request: web.Request, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: str
+) -> web.StreamResponse:
+    hub = request.app[HUB]
+    tenant = principal(request).tenant_id or ""
+    origin = resolve_origin(request, None)
+    budget_ms = resolve_budget(request, None)
+    policy = resolve_policy(request, None)
+    check = getattr(hub, "check_model_access", None)
+    if check is not None:
+        check(tenant, req.model)
+    rid = request[REQUEST_ID]
+    request_id = rid if wire.is_valid_id(rid) else new_request_id()
+    infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
+    created = time.time()
+    if not infer.stream:
+        served = await hub.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy)
+        assert served.result is not None
+        body = oa.chat_response(served.result, created=created, model=req.model) if kind == "chat" else \
+            oa.completion_response(served.result, created=created, model=req.model)
+        return web.Response(body=oa.encode(body), content_type="application/json", headers=route_headers(served, rid))
+
+    served, messages = await hub.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy)
+    sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
+                       include_usage=oa.include_usage(req))
+    response = web.StreamResponse(headers={
+        **route_headers(served, rid),
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+    try:
+        opening = sse.start()
+        if opening:
+            await response.write(opening)
+        async for msg in messages:
+            if isinstance(msg, wire.InferChunk):
+                await response.write(sse.delta(msg.text))
+            else:
+                await response.write(sse.finish(msg))
+        await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The client went away: closing the iterator (in its finally) tells the site to stop.
+        await _close(messages)
+        log.info("event=stream_abandoned request_id=%s site=%s", request_id, served.site)
+        raise
+    except (AllSitesFailed, Exception) as exc:
+        await _close(messages)
+        log.warning("event=stream_failed request_id=%s site=%s error=%s", request_id, served.site, exc)
+        try:
+            await response.write(sse.error(f"the serving site failed mid-stream: {exc}", "server_error", "upstream_failed"))
+            await response.write_eof()
+        except ConnectionResetError:
+            pass
+    return response
+
+
+async def _close(it: object) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
+
+
+async def models(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    tenant = principal(request).tenant_id
+    lister = getattr(hub, "models_for_tenant", None)
+    ids = lister(tenant) if lister is not None else sorted(hub.known_models())
+    return json_response(oa.models_list(ids, created=hub.started_at))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", models)
