@@ -1,0 +1,248 @@
+"""The agent's only NATS code: one connection per site, translated into the agent's own terms.
+
+Promises:
+
+- Connection settings follow DESIGN §3: ping every ``ping_interval_s`` (1 s) with 2 outstanding, so
+  a hung server is noticed within 3 s; reconnect forever with a jittered wait; replies come back
+  on the site's own inbox prefix (``wire.inbox_prefix(site)``; a site's permissions allow no other);
+  the connection is named ``cpn-agent-<site>``.
+- No ``nats`` type or exception leaves this module: messages arrive as :class:`Incoming`, failures
+  as :class:`~edge_agent.errors.BusError` subclasses.
+- Disconnects, reconnects and errors are logged as structured lines and counted in ``counters``;
+  listeners registered with :meth:`AgentBus.on_reconnected` run after every reconnect.
+- Several buses live in one process without sharing anything (``cpn up`` runs ~60 agents).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+
+from edge_agent import wire
+from edge_agent.config import AgentConfig
+from edge_agent.errors import BusError, NoResponders, NotConnected, RequestTimeout
+from edge_agent.logs import log
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One message delivered to a subscription."""
+
+    subject: str
+    data: bytes
+    reply: str
+    headers: dict[str, str] | None
+
+
+Handler = Callable[[Incoming], None]
+"""Subscription callback. It must not block: spawn a task for real work (nats-py delivers one
+subscription's messages one after another)."""
+
+
+class AgentBus:
+    """One site's NATS connection.
+
+    Args:
+        config: the agent config (servers, credentials, bus tuning, site id).
+        rng: source of reconnect jitter (seeded in tests if they care).
+    """
+
+    def __init__(self, config: AgentConfig, rng: random.Random | None = None) -> None:
+        self.site = config.site
+        self._config = config
+        self._rng = rng or random.Random()
+        self._nc: Client | None = None
+        self._subs: list[Any] = []
+        self._reconnect_listeners: list[Callable[[], Awaitable[None] | None]] = []
+        self._connected = asyncio.Event()
+        self.counters: dict[str, int] = {"disconnects": 0, "reconnects": 0, "errors": 0}
+
+    def __repr__(self) -> str:
+        state = "connected" if self.is_connected else ("closed" if self._nc is None else "disconnected")
+        return (
+            f"<AgentBus site={self.site} {state} disconnects={self.counters['disconnects']} "
+            f"reconnects={self.counters['reconnects']} errors={self.counters['errors']}>"
+        )
+
+    # ------------------------------------------------------------------ connection
+
+    @property
+    def is_connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def wait_connected(self) -> None:
+        """Return once connected (at once if connected now)."""
+        await self._connected.wait()
+
+    def on_reconnected(self, listener: Callable[[], Awaitable[None] | None]) -> None:
+        """Call ``listener`` after every reconnect (not after the first connect)."""
+        self._reconnect_listeners.append(listener)
+
+    async def connect(self) -> None:
+        """Connect, retrying forever (with the configured wait) until a server answers.
+
+        Cancelling the caller abandons the attempt and releases the half-open client.
+        """
+        cfg = self._config.bus
+        nc = Client()
+        self._nc = nc
+        options: dict[str, Any] = {
+            "servers": self._config.servers,
+            "name": f"cpn-agent-{self.site}",
+            "inbox_prefix": wire.inbox_prefix(self.site),
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": cfg.reconnect_wait_s,
+            "connect_timeout": cfg.connect_timeout_s,
+            "ping_interval": cfg.ping_interval_s,
+            "max_outstanding_pings": cfg.max_outstanding_pings,
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+            "closed_cb": self._on_closed,
+            "reconnect_to_server_handler": self._pick_server,
+        }
+        if self._config.user:
+            options["user"] = self._config.user
+            options["password"] = self._config.password
+        try:
+            await nc.connect(**options)
+        except BaseException:
+            self._nc = None
+            try:
+                await nc.close()
+            except Exception:
+                pass
+            raise
+        self._connected.set()
+        log(logging.INFO, "nats_connected", site=self.site, server=self._server_name())
+
+    def _pick_server(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+        # nats-py has no reconnect jitter of its own: this handler adds it. The first retry of a
+        # server after a disconnect goes at once (a blip), later ones wait base + jitter.
+        server = min(servers, key=lambda s: s.reconnects)
+        cfg = self._config.bus
+        delay = 0.0 if server.reconnects == 0 else cfg.reconnect_wait_s
+        return server, delay + self._rng.uniform(0.0, cfg.reconnect_jitter_s)
+
+    def _server_name(self) -> str:
+        nc = self._nc
+        url = getattr(nc, "connected_url", None) if nc is not None else None
+        return getattr(url, "netloc", "") or ""
+
+    async def _on_error(self, exc: Exception) -> None:
+        self.counters["errors"] += 1
+        log(logging.WARNING, "nats_error", site=self.site, error=type(exc).__name__, detail=str(exc) or None)
+
+    async def _on_disconnected(self) -> None:
+        self._connected.clear()
+        self.counters["disconnects"] += 1
+        log(logging.WARNING, "nats_disconnected", site=self.site)
+
+    async def _on_closed(self) -> None:
+        self._connected.clear()
+
+    async def _on_reconnected(self) -> None:
+        self._connected.set()
+        self.counters["reconnects"] += 1
+        log(logging.INFO, "nats_reconnected", site=self.site, server=self._server_name())
+        for listener in list(self._reconnect_listeners):
+            try:
+                result = listener()
+                if result is not None:
+                    await result
+            except Exception as exc:  # a listener's bug must not stop nats-py's reconnect task
+                log(logging.ERROR, "reconnect_listener_failed", site=self.site, error=repr(exc))
+
+    async def close(self) -> None:
+        """Unsubscribe and close the connection (pending publishes are flushed if connected)."""
+        nc, self._nc = self._nc, None
+        self._connected.clear()
+        self._subs.clear()
+        if nc is None:
+            return
+        try:
+            if nc.is_connected:
+                await nc.flush(timeout=1)
+        except Exception:
+            pass
+        try:
+            await nc.close()
+        except Exception as exc:
+            log(logging.WARNING, "nats_close_failed", site=self.site, error=repr(exc))
+
+    # ------------------------------------------------------------------ messaging
+
+    def _client(self) -> Client:
+        if self._nc is None or self._nc.is_closed:
+            raise NotConnected(f"site {self.site}: no NATS connection")
+        return self._nc
+
+    async def subscribe(self, subject: str, handler: Handler) -> None:
+        """Deliver every message on ``subject`` to ``handler`` (re-subscribed after reconnects)."""
+        nc = self._client()
+
+        async def deliver(msg: Any) -> None:
+            handler(Incoming(subject=msg.subject, data=msg.data, reply=msg.reply or "", headers=msg.headers))
+
+        # A site's own infer/cmd subjects see bursts; do not let nats-py drop them early.
+        sub = await nc.subscribe(subject, cb=deliver, pending_msgs_limit=65536)
+        self._subs.append(sub)
+
+    async def flush(self, timeout_s: float = 2.0) -> None:
+        """Wait until the server has processed everything sent so far (e.g. subscriptions)."""
+        try:
+            await self._client().flush(timeout=timeout_s)  # type: ignore[arg-type]
+        except nats.errors.Error as exc:
+            raise NotConnected(f"site {self.site}: flush failed: {exc or type(exc).__name__}") from None
+
+    async def publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """Publish one message.
+
+        Raises:
+            NotConnected: disconnected right now (nothing is queued: callers decide whether to retry).
+        """
+        nc = self._client()
+        if not nc.is_connected:
+            raise NotConnected(f"site {self.site}: disconnected from NATS")
+        try:
+            await nc.publish(subject, data, headers=headers)
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                nats.errors.OutboundBufferLimitError, nats.errors.ConnectionDrainingError) as exc:
+            raise NotConnected(f"site {self.site}: {type(exc).__name__}") from None
+        except nats.errors.Error as exc:
+            raise BusError(f"site {self.site}: publish on {subject} failed: {exc}") from None
+
+    async def request(
+        self, subject: str, data: bytes, *, timeout_s: float, headers: dict[str, str] | None = None
+    ) -> bytes:
+        """Send a request and return the reply body.
+
+        Raises:
+            NotConnected: disconnected right now.
+            NoResponders: nobody listens on ``subject``.
+            RequestTimeout: no answer within ``timeout_s``.
+        """
+        nc = self._client()
+        if not nc.is_connected:
+            raise NotConnected(f"site {self.site}: disconnected from NATS")
+        try:
+            msg = await nc.request(subject, data, timeout=timeout_s, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise NoResponders(f"no responders on {subject}") from None
+        except nats.errors.TimeoutError:
+            raise RequestTimeout(f"no reply on {subject} within {timeout_s:g} s") from None
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
+                nats.errors.OutboundBufferLimitError, nats.errors.ConnectionDrainingError) as exc:
+            raise NotConnected(f"site {self.site}: {type(exc).__name__}") from None
+        except nats.errors.Error as exc:
+            raise BusError(f"request on {subject} failed: {exc}") from None
+        return bytes(msg.data)

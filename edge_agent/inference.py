@@ -1,0 +1,162 @@
+"""Serving ``wire.infer_subject(site)``: one task per request, slots, streaming, cancellation.
+
+Promises:
+
+- Rule 1: every request with a reply subject gets exactly one final answer: an ``InferResult`` or
+  an ``ErrorReply`` (``bad_message``, ``unknown_model``, ``busy``, ``backend``, ``timeout``,
+  ``cancelled``, ``shutting_down``, ``internal``). Streaming requests get ``InferChunk``s (index
+  0, 1, ...) on the same reply subject before the final answer.
+- Rule 2: no queueing: when every slot of the model's ready replicas is taken the answer is
+  ``busy`` (retryable) at once, so the hub fails over within its latency budget.
+- Rule 3: a malformed body is counted (``bad_messages``) and answered, never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import msgspec
+
+from edge_agent import wire
+from edge_agent.backends import Backend
+from edge_agent.bus import AgentBus, Incoming
+from edge_agent.errors import BackendError, BusError
+from edge_agent.inventory import Inventory, ServiceTimes
+from edge_agent.logs import log
+
+
+class InferenceService:
+    """Answers infer requests from the site's replicas through one backend."""
+
+    def __init__(self, site: str, bus: AgentBus, inventory: Inventory, backend: Backend,
+                 counters: dict[str, int], *, request_timeout_s: float) -> None:
+        self.site = site
+        self.bus = bus
+        self.inventory = inventory
+        self.backend = backend
+        self.counters = counters
+        self.request_timeout_s = request_timeout_s
+        self.service_times = ServiceTimes()
+        self._outcomes: deque[bool] = deque(maxlen=20)  # recent backend successes, for health
+        self._running: dict[str, set[asyncio.Task[None]]] = {}
+        self._cancelled: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<InferenceService site={self.site} running={sum(map(len, self._running.values()))}>"
+
+    @property
+    def degraded(self) -> bool:
+        """More than half of the recent backend calls failed."""
+        return len(self._outcomes) >= 4 and sum(self._outcomes) * 2 < len(self._outcomes)
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop generating ``request_id`` (its requester gets ``ErrorReply("cancelled")``)."""
+        tasks = self._running.get(request_id)
+        if not tasks:
+            return False
+        for task in tasks:
+            self._cancelled.add(task)
+            task.cancel()
+        return True
+
+    async def _answer(self, reply: str, body: bytes) -> None:
+        try:
+            await self.bus.publish(reply, body)
+        except BusError as exc:  # the requester will time out and fail over; nothing else to do
+            self.counters["reply_failures"] += 1
+            log(logging.WARNING, "infer_reply_failed", site=self.site, error=str(exc))
+
+    async def handle(self, msg: Incoming) -> None:
+        """Serve one request message (run it in its own task)."""
+        if not msg.reply:
+            self.counters["bad_messages"] += 1
+            log(logging.WARNING, "infer_no_reply_subject", site=self.site)
+            return
+        try:
+            request = wire.infer_request_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self.counters["bad_messages"] += 1
+            log(logging.WARNING, "infer_bad_message", site=self.site, error=str(exc))
+            await self._answer(msg.reply, wire.error_reply("bad_message", f"not an InferRequest: {exc}"))
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.setdefault(request.request_id, set()).add(task)
+        try:
+            await self._serve(request, msg.reply)
+        except asyncio.CancelledError:
+            if task in self._cancelled:
+                self._cancelled.discard(task)
+                self.counters["infer_cancelled"] += 1
+                await self._answer(msg.reply, wire.error_reply("cancelled", f"request {request.request_id} cancelled"))
+                return  # the cancellation was ours to handle, not the agent's shutdown
+            await self._answer(msg.reply, wire.error_reply("shutting_down", f"site {self.site} is stopping",
+                                                           retryable=True))
+            raise
+        except Exception as exc:  # a bug: answer, log with traceback, keep serving
+            self.counters["internal_errors"] += 1
+            logging.getLogger("cpn.agent").exception("infer_internal_error site=%s request_id=%s",
+                                                     self.site, request.request_id)
+            await self._answer(msg.reply, wire.error_reply("internal", f"{type(exc).__name__} at site {self.site}"))
+        finally:
+            tasks = self._running.get(request.request_id)
+            if tasks is not None:
+                tasks.discard(task)
+                if not tasks:
+                    del self._running[request.request_id]
+
+    async def _serve(self, request: wire.InferRequest, reply: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        replica, reason = self.inventory.acquire_slot(request.model)
+        if replica is None:
+            self.counters["busy" if reason == "busy" else "unknown_model"] += 1
+            message = (f"every slot of {request.model} is busy at {self.site}" if reason == "busy"
+                       else f"no ready replica of {request.model} at {self.site}")
+            await self._answer(reply, wire.error_reply(reason, message, retryable=True))
+            return
+        index = 0
+
+        async def on_text(text: str) -> None:
+            nonlocal index
+            # Chunks must reach the hub; if the bus is gone the stream is dead anyway.
+            await self.bus.publish(reply, wire.encode(wire.InferChunk(request_id=request.request_id,
+                                                                      index=index, text=text)))
+            index += 1
+
+        timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
+        try:
+            completion = await asyncio.wait_for(
+                self.backend.generate(request, on_text if request.stream else None), timeout_s)
+        except asyncio.TimeoutError:
+            self._outcomes.append(False)
+            self.counters["infer_errors"] += 1
+            log(logging.WARNING, "infer_timeout", site=self.site, request_id=request.request_id, timeout_s=timeout_s)
+            await self._answer(reply, wire.error_reply("timeout", f"no answer within {timeout_s:g} s at {self.site}",
+                                                       retryable=True))
+            return
+        except BackendError as exc:
+            self._outcomes.append(False)
+            self.counters["infer_errors"] += 1
+            log(logging.WARNING, "infer_backend_error", site=self.site, request_id=request.request_id,
+                code=exc.code, error=exc.message)
+            await self._answer(reply, wire.error_reply(exc.code, exc.message, retryable=exc.retryable))
+            return
+        except BusError as exc:
+            self.counters["reply_failures"] += 1
+            log(logging.WARNING, "infer_stream_broken", site=self.site, request_id=request.request_id, error=str(exc))
+            return
+        finally:
+            self.inventory.release_slot(replica)
+        self._outcomes.append(True)
+        service_ms = (loop.time() - started) * 1000.0
+        self.service_times.add(service_ms)
+        self.counters["infer_ok"] += 1
+        result = wire.InferResult(
+            request_id=request.request_id, site=self.site, model=request.model, output=completion.output,
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+            service_ms=round(service_ms, 3), finish_reason=completion.finish_reason,
+        )
+        await self._answer(reply, wire.encode(result))

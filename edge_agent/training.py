@@ -1,0 +1,142 @@
+"""Training attempts at one site: StartAttempt / StopAttempt, idempotent, one attempt per job.
+
+Promises (the hub may resend any command after a crash, so every answer is safe to repeat):
+
+- Rule 1: StartAttempt for the attempt already running -> ``Ack``; for an attempt that already
+  exited here -> ``Ack`` naming how it ended (it is not run twice); for a *higher* attempt number
+  of a job whose older attempt runs here -> the old one is stopped first; for a *lower* one ->
+  ``ErrorReply("stale_attempt")``. Attempt numbers are fencing tokens.
+- Rule 2: an attempt holds its cards from StartAttempt until its ``AttemptExited`` event;
+  a start that does not fit -> ``ErrorReply("no_capacity")``.
+- Rule 3: StopAttempt of an unknown (or older) attempt -> ``Ack`` with a detail; a real stop is
+  acknowledged at once and finishes in the background (the exit event confirms it).
+- Commands for one job are handled one after another (a per-job lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from edge_agent import wire
+from edge_agent.executors import EventSink, Executor, Publish, RunningAttempt
+from edge_agent.inventory import Inventory
+from edge_agent.logs import log
+
+_FINISHED_KEPT = 4096
+
+
+class Training:
+    """Running attempts by job, and a memory of recently finished ones."""
+
+    def __init__(self, site: str, inventory: Inventory, executors: dict[str, Executor], publish: Publish) -> None:
+        self.site = site
+        self.inventory = inventory
+        self.executors = executors
+        self._publish = publish
+        self.attempts: dict[str, RunningAttempt] = {}
+        self.finished: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def __repr__(self) -> str:
+        return f"<Training site={self.site} running={len(self.attempts)} finished={len(self.finished)}>"
+
+    def refs(self) -> list[wire.AttemptRef]:
+        return [wire.AttemptRef(job=a.job, attempt=a.attempt, progress=round(a.progress, 6))
+                for a in self.attempts.values()]
+
+    def _lock(self, job: str) -> asyncio.Lock:
+        lock = self._locks.get(job)
+        if lock is None:
+            lock = self._locks[job] = asyncio.Lock()
+        return lock
+
+    def _on_exit(self, handle: RunningAttempt) -> None:
+        if self.attempts.get(handle.job) is handle:
+            del self.attempts[handle.job]
+        if handle.job not in self.attempts:
+            self.inventory.release_attempt(handle.job)
+        exited = handle.sink.exited
+        self.finished[(handle.job, handle.attempt)] = exited.reason if exited else "unknown"
+        while len(self.finished) > _FINISHED_KEPT:
+            self.finished.popitem(last=False)
+        log(logging.INFO, "attempt_exited", site=self.site, job=handle.job, attempt=handle.attempt,
+            reason=exited.reason if exited else None, progress=round(handle.progress, 4))
+
+    @staticmethod
+    def _check(cmd: wire.StartAttempt) -> str:
+        if not wire.is_valid_id(cmd.job):
+            return f"job {cmd.job!r} is not a valid id"
+        if cmd.attempt < 0 or cmd.cards < 1:
+            return "attempt must be >= 0 and cards >= 1"
+        if cmd.time_scale <= 0 or cmd.work_s < 0 or not 0 <= cmd.progress <= 1:
+            return "time_scale must be > 0, work_s >= 0 and progress in 0..1"
+        return ""
+
+    async def start(self, cmd: wire.StartAttempt) -> wire.Ack | wire.ErrorReply:
+        """Handle StartAttempt (see the module rules)."""
+        problem = self._check(cmd)
+        if problem:
+            return wire.ErrorReply(code="bad_message", message=f"StartAttempt: {problem}")
+        executor = self.executors.get(cmd.executor)
+        if executor is None:
+            return wire.ErrorReply(code="unsupported",
+                                   message=f"executor {cmd.executor!r} is not enabled at {self.site} "
+                                           f"(enabled: {', '.join(self.executors) or 'none'})")
+        async with self._lock(cmd.job):
+            done = self.finished.get((cmd.job, cmd.attempt))
+            if done is not None:
+                return wire.Ack(detail=f"attempt {cmd.attempt} of {cmd.job} already exited here: {done}")
+            current = self.attempts.get(cmd.job)
+            if current is not None:
+                if current.attempt == cmd.attempt:
+                    return wire.Ack(detail=f"attempt {cmd.attempt} of {cmd.job} already running")
+                if current.attempt > cmd.attempt:
+                    return wire.ErrorReply(code="stale_attempt",
+                                           message=f"attempt {current.attempt} of {cmd.job} runs here; "
+                                                   f"{cmd.attempt} is older")
+                log(logging.INFO, "attempt_superseded", site=self.site, job=cmd.job, old=current.attempt,
+                    new=cmd.attempt)
+                await current.stop(checkpoint=False, detail=f"superseded by attempt {cmd.attempt}")
+            if not self.inventory.reserve_attempt(cmd.job, cmd.accelerator, cmd.cards):
+                free = self.inventory.free_cards().get(cmd.accelerator)
+                have = "none" if free is None else f"{free:g} free"
+                return wire.ErrorReply(code="no_capacity",
+                                       message=f"needs {cmd.cards} {cmd.accelerator} cards, {self.site} has {have}")
+            sink = EventSink(self.site, cmd.job, cmd.attempt, self._publish)
+            handle = await executor.start(cmd, sink, self._on_exit)
+            if not handle.done:
+                self.attempts[cmd.job] = handle
+            elif cmd.job not in self.attempts:
+                self.inventory.release_attempt(cmd.job)
+            if handle.done and sink.exited is not None:
+                return wire.Ack(detail=f"exited at once ({sink.exited.reason}): {sink.exited.detail}")
+            log(logging.INFO, "attempt_started", site=self.site, job=cmd.job, attempt=cmd.attempt,
+                executor=cmd.executor, cards=cmd.cards, accelerator=cmd.accelerator, progress=cmd.progress)
+            return wire.Ack(detail="started")
+
+    def stop(self, cmd: wire.StopAttempt) -> wire.Ack:
+        """Handle StopAttempt: acknowledge now, stop in the background."""
+        current = self.attempts.get(cmd.job)
+        if current is None or current.attempt > cmd.attempt:
+            running = f" (attempt {current.attempt} runs)" if current is not None else ""
+            return wire.Ack(detail=f"attempt {cmd.attempt} of {cmd.job} is not running here{running}")
+
+        async def stop_it() -> None:
+            async with self._lock(cmd.job):
+                if self.attempts.get(cmd.job) is current:
+                    await current.stop(checkpoint=cmd.checkpoint, detail=cmd.reason or "stopped by the hub")
+
+        task = asyncio.create_task(stop_it(), name=f"stop-{cmd.job}-{cmd.attempt}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return wire.Ack(detail="stopping")
+
+    async def abort_all(self, detail: str) -> None:
+        """End every attempt with ``infra_failure`` (the agent is going away) and wait for them."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*(a.abort(detail) for a in list(self.attempts.values())), return_exceptions=True)
