@@ -87,7 +87,9 @@ class NatsServer:
         args = [binary()]
         if self.config:
             args += ["-c", str(self.config)]
-        args += ["-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        # nats-server reads "-p 0" as "the default port" (4222); "-1" asks for a random free one.
+        port = self.port if self.port > 0 else -1
+        args += ["-a", self.host, "-p", str(port), "-js", "-sd", str(self.store_dir)]
         args += self.extra_args
         self.proc = await asyncio.create_subprocess_exec(
             *args,
