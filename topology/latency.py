@@ -15,9 +15,10 @@ Promises:
 
 - ``nearest``/``ranked``/``rtt_ms`` read precomputed arrays; they never touch networkx, so a routing
   decision does not grow with the graph.
-- ``set_link_up``/``set_site_up``/``add_site`` recompute only the origins whose shortest-path tree
-  the change can alter (a link on, or a site feeding, one of their shortest paths); the others are
-  patched in place.
+- ``set_link_up``/``set_site_up``/``add_site`` repair distances incrementally: a loss recomputes only
+  the part of each origin's shortest-path tree that hung below the lost link or site; a gain runs
+  Dijkstra outward from the improved node only. The result equals a full recompute
+  (:meth:`RttIndex.recompute_all`; the tests compare them).
 - Pure: no clock, no I/O.
 """
 
@@ -50,6 +51,7 @@ class RttIndex:
         self.origins: list[str] = [o.id for o in layout.origins]
         self._sidx: dict[str, int] = {}
         self._site_objs: list[Site] = []
+        self._id_order: list[int] = []  # site indices sorted by id (ties in RTT rank by id)
         self._adj: list[dict[int, float]] = []  # links that are up, between sites that are up
         self._down_links: set[tuple[int, int]] = set()
         self._down_sites: set[int] = set()
@@ -61,7 +63,7 @@ class RttIndex:
         self._rank_idx: list[array[int]] = []
         self._rank_rtt: list[array[float]] = []
         self._site_paths: dict[str, tuple[dict[str, float], dict[str, float]]] = {}
-        self.recomputed_origins = 0  # origins re-run by Dijkstra since build (for reports and tests)
+        self.repaired = 0  # (origin, change) pairs whose ranking an update touched (reports, tests)
 
     # ------------------------------------------------------------------ construction
 
@@ -93,6 +95,7 @@ class RttIndex:
         self._sidx[s.id] = i
         self._site_objs.append(s)
         self._adj.append({})
+        bisect.insort(self._id_order, i, key=self.sites.__getitem__)
         self.graph.add_node(s.id, tier=s.tier, city=s.city, lat=s.lat, lon=s.lon, provider=s.provider)
         return i
 
@@ -206,7 +209,7 @@ class RttIndex:
     # ------------------------------------------------------------------ changes
 
     def set_link_up(self, a: str, b: str, up: bool) -> None:
-        """Mark the link between sites ``a`` and ``b`` up or down and recompute what it changes.
+        """Mark the link between sites ``a`` and ``b`` up or down and update what it changes.
 
         Raises:
             KeyError: there is no such link.
@@ -225,11 +228,14 @@ class RttIndex:
             self._site_paths.clear()
             for oi, dist in enumerate(self._dist):
                 da, db = dist[ia], dist[ib]
-                if da == _INF and db == _INF:
-                    continue
-                # Only an origin whose shortest-path tree may use this link can change.
-                if abs(da + w - db) <= _EPS or abs(db + w - da) <= _EPS:
-                    self._recompute(oi)
+                # Only what hangs below the link in this origin's shortest-path tree can change.
+                roots = set()
+                if da != _INF and abs(da + w - db) <= _EPS:
+                    roots.add(ib)
+                if db != _INF and abs(db + w - da) <= _EPS:
+                    roots.add(ia)
+                if roots:
+                    self._repair_increase(oi, roots, {})
             return
         if key not in self._down_links:
             return
@@ -241,8 +247,13 @@ class RttIndex:
         self._site_paths.clear()
         for oi, dist in enumerate(self._dist):
             da, db = dist[ia], dist[ib]
-            if da + w < db - _EPS or db + w < da - _EPS:
-                self._recompute(oi)
+            seeds = []
+            if da + w < db - _EPS:
+                seeds.append((da + w, ib))
+            if db + w < da - _EPS:
+                seeds.append((db + w, ia))
+            if seeds:
+                self._repair_decrease(oi, seeds)
 
     def set_site_up(self, site: str, up: bool) -> None:
         """Mark a site up or down. A down site is neither a destination nor a transit point."""
@@ -257,14 +268,8 @@ class RttIndex:
             self._adj[s].clear()
             self._site_paths.clear()
             for oi, dist in enumerate(self._dist):
-                ds = dist[s]
-                if ds == _INF:
-                    continue
-                if any(abs(ds + w - dist[v]) <= _EPS for v, w in neighbours.items()):
-                    self._recompute(oi)  # the site fed someone's shortest path
-                else:
-                    dist[s] = _INF
-                    self._drop(oi, s)
+                if dist[s] != _INF:
+                    self._repair_increase(oi, {s}, {s: neighbours})
             return
         if s not in self._down_sites:
             return
@@ -307,7 +312,7 @@ class RttIndex:
             self._adj[v][s] = data["ms"]
 
     def _bring_in(self, oi: int, s: int) -> None:
-        """Site ``s`` just became usable: patch origin ``oi`` in place unless it shortens other paths."""
+        """Site ``s`` just became usable for origin ``oi``: give it a distance and let it improve others."""
         dist = self._dist[oi]
         cand = _INF
         for i, w in self._access[oi]:
@@ -315,13 +320,81 @@ class RttIndex:
                 cand = min(cand, w)
         for v, w in self._adj[s].items():
             cand = min(cand, dist[v] + w)
-        if cand == _INF:
-            return
-        if any(cand + w < dist[v] - _EPS for v, w in self._adj[s].items()):
-            self._recompute(oi)
-            return
-        dist[s] = cand
-        self._insert(oi, s)
+        if cand < dist[s] - _EPS:
+            self._repair_decrease(oi, [(cand, s)])
+
+    def _repair_decrease(self, oi: int, seeds: list[tuple[float, int]]) -> None:
+        """Distances can only fall: run Dijkstra from the improved nodes, relaxing improvements only."""
+        dist = self._dist[oi]
+        adj = self._adj
+        changed: dict[int, float] = {}  # node -> its distance before the change
+        heap = []
+        for d, u in seeds:
+            if d < dist[u] - _EPS:
+                changed.setdefault(u, dist[u])
+                dist[u] = d
+                heap.append((d, u))
+        heapq.heapify(heap)
+        while heap:
+            d, u = heapq.heappop(heap)
+            if d > dist[u]:
+                continue
+            for v, w in adj[u].items():
+                nd = d + w
+                if nd < dist[v] - _EPS:
+                    changed.setdefault(v, dist[v])
+                    dist[v] = nd
+                    heapq.heappush(heap, (nd, v))
+        self._update_ranks(oi, changed)
+
+    def _repair_increase(self, oi: int, roots: set[int], removed: dict[int, dict[int, float]]) -> None:
+        """Distances of ``roots`` (and what their shortest paths feed) became invalid; recompute them.
+
+        ``removed`` holds the adjacency a down site had, so what it fed is still found.
+        """
+        dist = self._dist[oi]
+        adj = self._adj
+        # Everything fed through a root along a tight edge may have lost its path (ties included:
+        # over-approximating only costs time).
+        affected = set(roots)
+        stack = list(roots)
+        while stack:
+            u = stack.pop()
+            du = dist[u]
+            for v, w in (removed.get(u) or adj[u]).items():
+                if v not in affected and abs(du + w - dist[v]) <= _EPS:
+                    affected.add(v)
+                    stack.append(v)
+        old = {v: dist[v] for v in affected}
+        for v in affected:
+            dist[v] = _INF
+        # Re-enter the affected region from its unaffected border and from access links.
+        heap = []
+        access = {}
+        for i, w in self._access[oi]:
+            if i in affected and i not in self._down_sites:
+                access[i] = min(w, access.get(i, _INF))
+        for v in affected:
+            if v in self._down_sites:
+                continue
+            best = access.get(v, _INF)
+            for u, w in adj[v].items():
+                if u not in affected and dist[u] + w < best:
+                    best = dist[u] + w
+            if best < _INF:
+                dist[v] = best
+                heap.append((best, v))
+        heapq.heapify(heap)
+        while heap:
+            d, u = heapq.heappop(heap)
+            if d > dist[u]:
+                continue
+            for v, w in adj[u].items():
+                nd = d + w
+                if v in affected and nd < dist[v]:
+                    dist[v] = nd
+                    heapq.heappush(heap, (nd, v))
+        self._update_ranks(oi, old)
 
     def _dijkstra(self, oi: int) -> array[float]:
         n = len(self.sites)
@@ -346,28 +419,43 @@ class RttIndex:
                     push(heap, (nd, v))
         return array("d", dist)
 
-    def _recompute(self, oi: int) -> None:
-        self._dist[oi] = self._dijkstra(oi)
-        self._rerank(oi)
-        self.recomputed_origins += 1
+    def recompute_all(self) -> None:
+        """Run Dijkstra again for every origin (a check on the incremental repairs; benchmarks)."""
+        for oi in range(len(self._dist)):
+            self._dist[oi] = self._dijkstra(oi)
+            self._rerank(oi)
+
+    def _update_ranks(self, oi: int, changed: dict[int, float]) -> None:
+        """Move the ``changed`` sites (node -> old one-way distance) to their new places in the ranking."""
+        if not changed:
+            return
+        self.repaired += 1
+        if len(changed) > 64:
+            self._rerank(oi)
+            return
+        rtts, idx = self._rank_rtt[oi], self._rank_idx[oi]
+        for s, old in changed.items():
+            if old == _INF:
+                continue  # was not ranked
+            # Found by its old RTT in O(log n), then a short walk over ties.
+            k = bisect.bisect_left(rtts, 2.0 * old)
+            while k < len(idx) and idx[k] != s:
+                k += 1
+            if k < len(idx):
+                del idx[k]
+                del rtts[k]
+        for s in changed:
+            if self._dist[oi][s] != _INF:
+                self._insert(oi, s)
 
     def _rerank(self, oi: int) -> None:
         dist = self._dist[oi]
-        ids = self.sites
-        order = sorted((i for i in range(len(dist)) if dist[i] != _INF), key=lambda i: (dist[i], ids[i]))
+        # Sites enumerated in id order, then a stable sort by distance: ties stay in id order.
+        order = sorted((i for i in self._id_order if dist[i] != _INF), key=dist.__getitem__)
         self._rank_idx[oi] = array("l", order)
         self._rank_rtt[oi] = array("d", (2.0 * dist[i] for i in order))
 
-    def _drop(self, oi: int, s: int) -> None:
-        idx = self._rank_idx[oi]
-        for k, i in enumerate(idx):
-            if i == s:
-                del idx[k]
-                del self._rank_rtt[oi][k]
-                return
-
     def _insert(self, oi: int, s: int) -> None:
-        self._drop(oi, s)
         rtt = 2.0 * self._dist[oi][s]
         rtts, idx, ids = self._rank_rtt[oi], self._rank_idx[oi], self.sites
         k = bisect.bisect_left(rtts, rtt)
