@@ -63,6 +63,7 @@ class AgentBus:
         self._subs: list[Any] = []
         self._reconnect_listeners: list[Callable[[], Awaitable[None] | None]] = []
         self._connected = asyncio.Event()
+        self._closing = False
         self.counters: dict[str, int] = {"disconnects": 0, "reconnects": 0, "errors": 0}
 
     def __repr__(self) -> str:
@@ -144,6 +145,8 @@ class AgentBus:
 
     async def _on_disconnected(self) -> None:
         self._connected.clear()
+        if self._closing:
+            return  # our own close(), not news
         self.counters["disconnects"] += 1
         log(logging.WARNING, "nats_disconnected", site=self.site)
 
@@ -165,6 +168,7 @@ class AgentBus:
     async def close(self) -> None:
         """Unsubscribe and close the connection (pending publishes are flushed if connected)."""
         nc, self._nc = self._nc, None
+        self._closing = True
         self._connected.clear()
         self._subs.clear()
         if nc is None:
