@@ -14,6 +14,8 @@ Public API (pure; ``now`` is epoch seconds, passed in):
   next 24 h (on the hour) that the deadline allows.
 - :func:`rank` — every pool for one job: the passing ones scored and sorted, the others with the
   reason they were filtered (for explanations and the API; the scheduler has a faster path).
+- :func:`metered_energy_cny` — what an attempt's card time actually cost (metering).
+- :func:`pool_from_site` — a :class:`Pool` from ``topology.layout.Site`` + live state.
 - :class:`PricedPool` / :func:`priced` — a pool's per-accelerator figures precomputed (hourly price
   table and its running sum, lower bound per card-hour); the scheduler builds one per (pool,
   accelerator) per tick and calls :func:`score_priced` in its hot loop.
@@ -36,12 +38,13 @@ The cost model (docs/training.md has the derivation):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
 
 from controlplane import checkpointing
+from topology import layout
 
 LOCAL_UTC_OFFSET_H = 8
 """Tariff hours are China local time (UTC+8), as ``topology.layout.local_hour``."""
@@ -501,3 +504,41 @@ def rank(
             filtered.append(Verdict(pool=pool.id, accelerator="", reason=f"none of {'/'.join(job.accelerators)}"))
     scored.sort(key=lambda b: (not b.meets_deadline, b.total_cny, b.pool))
     return scored, filtered
+
+
+# --------------------------------------------------------------------------- metering and building
+
+
+def metered_energy_cny(pool: Pool, accelerator: str, cards: int, start_at: float, end_at: float) -> float:
+    """Energy cost of ``cards`` of ``accelerator`` held at ``pool`` over [start_at, end_at]:
+    cards × kW per card × PUE × ∫ tariff, hour by hour (what an attempt is billed)."""
+    if end_at <= start_at:
+        return 0.0
+    pp = priced(pool, accelerator)
+    return cards * pp.kw_pue * pp.price_integral(start_at, end_at)
+
+
+def pool_from_site(
+    site: layout.Site,
+    accelerators: Mapping[str, layout.AcceleratorSpec],
+    *,
+    free: Mapping[str, float] | None = None,
+    healthy: bool = True,
+    draining: bool = False,
+) -> Pool:
+    """Build a :class:`Pool` from a layout site, the layout's accelerator table and live state.
+
+    ``free`` is cards free now by accelerator (the heartbeat's, minus cards the hub has placed but
+    the heartbeat does not show yet); None means all free. Fractional cards round down.
+    """
+    total = {a: int(n) for a, n in site.accelerators.items()}
+    free_cards = {a: max(0, min(total.get(a, 0), int(math.floor(free.get(a, 0.0))))) for a in total} \
+        if free is not None else dict(total)
+    kw = {a: accelerators[a].kw_per_card for a in total if a in accelerators}
+    units = {a: accelerators[a].units for a in total if a in accelerators}
+    return Pool(
+        id=site.id, region=site.region, provider=site.provider, tee=site.tee, healthy=healthy,
+        draining=draining, cards_total=total, cards_free=free_cards, kw_per_card=kw, units=units,
+        tariff=site.tariff, pue=site.pue, failure_rate_per_card_hour=site.failure_rate_per_card_hour,
+        restart_s=site.restart_s, egress_gbps=site.egress_gbps, lat=site.lat, lon=site.lon,
+    )
