@@ -239,18 +239,14 @@ def plan_replicas(
     notes: list[str] = []
 
     # reach[o]: hosting sites with an accepted accelerator type within budget (health aside).
+    hosts = {c.id for c in cands.values() if c.tier in HOSTING_TIERS and _accepted(spec, c)}
     reach: dict[str, list[tuple[str, float]]] = {}
     unknown: set[str] = set()
     for origin in origins:
         try:
-            within = rtt.nearest(origin, budget)
+            reach[origin] = [(s, r) for s, r in rtt.nearest(origin, budget) if s in hosts]
         except KeyError:
             unknown.add(origin)
-            continue
-        reach[origin] = [
-            (s, r) for s, r in within
-            if s in cands and cands[s].tier in HOSTING_TIERS and _accepted(spec, cands[s])
-        ]
     targets = {
         o: min(spec.min_cities, len({cands[s].city for s, _ in reach[o]})) for o in origins if o in reach
     }
@@ -298,13 +294,16 @@ def plan_replicas(
         w = weights.get(origin, 1.0)
         return w if w > 0 else 1.0  # lazy greedy needs positive gains (see Rule 4)
 
+    w_of = {o: weight(o) for o in reach}
+    unmet = {o for o in reach if len(have[o]) < targets[o]}
+
     def key(site: str) -> tuple[float, float, float, str] | None:
         city = cands[site].city
         gain = 0.0
         rtt_sum = 0.0
         for origin, r in sites_of[site]:
-            if len(have[origin]) < targets[origin] and city not in have[origin]:
-                w = weight(origin)
+            if origin in unmet and city not in have[origin]:
+                w = w_of[origin]
                 gain += w
                 rtt_sum += w * r
         if gain <= 0:
@@ -312,6 +311,15 @@ def plan_replicas(
         return (-gain, rtt_sum / gain, -cands[site].free_cards[pool[site]], site)
 
     add: list[Placement] = []
+
+    def place(site: str) -> None:
+        add.append(Placement(site, pool.pop(site), spec.cards_per_replica))
+        live.add(site)
+        for origin, _ in sites_of[site]:
+            have[origin].add(cands[site].city)
+            if len(have[origin]) >= targets[origin]:
+                unmet.discard(origin)
+
     heap = [k for k in (key(s) for s in pool) if k is not None]
     heapq.heapify(heap)
     while heap:
@@ -322,24 +330,17 @@ def plan_replicas(
         if fresh != top and heap and fresh > heap[0]:
             heapq.heappush(heap, fresh)  # stale: its gain fell, let the next best compete
             continue
-        site = top[3]
-        add.append(Placement(site, pool.pop(site), spec.cards_per_replica))
-        live.add(site)
-        for origin, _ in sites_of[site]:
-            have[origin].add(cands[site].city)
+        place(top[3])
 
     # Rule 5: the replica floor.
     if spec.replicas is not None and len(live) < spec.replicas:
         def floor_key(site: str) -> tuple[float, float, float, str]:
             lst = sites_of[site]
-            w = sum(weight(o) for o, _ in lst)
-            return (-w, sum(weight(o) * r for o, r in lst) / w, -cands[site].free_cards[pool[site]], site)
+            w = sum(w_of[o] for o, _ in lst)
+            return (-w, sum(w_of[o] * r for o, r in lst) / w, -cands[site].free_cards[pool[site]], site)
 
         for site in sorted(pool, key=floor_key)[: spec.replicas - len(live)]:
-            add.append(Placement(site, pool.pop(site), spec.cards_per_replica))
-            live.add(site)
-            for origin, _ in sites_of[site]:
-                have[origin].add(cands[site].city)
+            place(site)
         if len(live) < spec.replicas:
             notes.append(
                 f"replica floor {spec.replicas} not reached: {len(live)} placed; no further eligible "
