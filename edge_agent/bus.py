@@ -64,6 +64,8 @@ class AgentBus:
         self._reconnect_listeners: list[Callable[[], Awaitable[None] | None]] = []
         self._connected = asyncio.Event()
         self._closing = False
+        self._last_error = ""
+        self._repeats = 0
         self.counters: dict[str, int] = {"disconnects": 0, "reconnects": 0, "errors": 0}
 
     def __repr__(self) -> str:
@@ -118,12 +120,14 @@ class AgentBus:
             await nc.connect(**options)
         except BaseException:
             self._nc = None
+            self._closing = True
             try:
                 await nc.close()
             except Exception:
                 pass
             raise
         self._connected.set()
+        self._last_error = ""
         log(logging.INFO, "nats_connected", site=self.site, server=self._server_name())
 
     def _pick_server(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
@@ -141,7 +145,15 @@ class AgentBus:
 
     async def _on_error(self, exc: Exception) -> None:
         self.counters["errors"] += 1
-        log(logging.WARNING, "nats_error", site=self.site, error=type(exc).__name__, detail=str(exc) or None)
+        # While a server is down the same error repeats every reconnect wait: say it once, then
+        # once a minute or so, not every second.
+        text = f"{type(exc).__name__}: {exc}"
+        repeated = text == self._last_error
+        self._repeats = self._repeats + 1 if repeated else 0
+        self._last_error = text
+        level = logging.WARNING if not repeated or self._repeats % 60 == 0 else logging.DEBUG
+        log(level, "nats_error", site=self.site, error=type(exc).__name__, detail=str(exc) or None,
+            repeated=self._repeats or None)
 
     async def _on_disconnected(self) -> None:
         self._connected.clear()
@@ -155,6 +167,7 @@ class AgentBus:
 
     async def _on_reconnected(self) -> None:
         self._connected.set()
+        self._last_error = ""
         self.counters["reconnects"] += 1
         log(logging.INFO, "nats_reconnected", site=self.site, server=self._server_name())
         for listener in list(self._reconnect_listeners):
