@@ -85,7 +85,8 @@ class Hub:
         self.permission_violations = 0
         self.started_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
-        self._loss_signals: dict[str, asyncio.Event] = {}
+        self._inflight: dict[str, set[asyncio.Task[Any]]] = {}
+        self._loss_cancelled: set[asyncio.Task[Any]] = set()
         self._reregister_asked: dict[str, float] = {}
         self._models_cache: tuple[int, frozenset[str]] = (-1, frozenset())
         self._usage: dict[tuple[str, str, str], list[int]] = {}
@@ -186,7 +187,6 @@ class Hub:
             self.db, site=msg.site, tier=msg.tier, city=msg.city, provider=msg.provider,
             accelerators=dict(msg.accelerators), now=now,
         )
-        self._loss_signals.pop(msg.site, None)
         self._reregister_asked.pop(msg.site, None)
         log.info("event=site_registered site=%s tier=%s city=%s new=%s known=%s", msg.site, msg.tier, msg.city, new, known)
         return wire.RegisterAck(hub=self.config.hub_id, heartbeat_s=self.config.heartbeat_s, known=known)
@@ -225,7 +225,6 @@ class Hub:
                 self._reregister_asked[msg.site] = now
                 self.spawn(self._ask_reregister(msg.site), name=f"reregister-{msg.site}")
         if came_back:
-            self._loss_signals.pop(msg.site, None)
             log.info("event=site_back site=%s", msg.site)
             for listener in self.site_listeners:
                 listener(Transition(msg.site, "lost", "up", now))
@@ -252,9 +251,9 @@ class Hub:
 
     def _site_lost(self, t: Transition) -> None:
         self.metrics.site_losses.inc()
-        signal = self._loss_signals.pop(t.site, None)
-        if signal is not None:
-            signal.set()
+        for task in list(self._inflight.get(t.site, ())):
+            self._loss_cancelled.add(task)
+            task.cancel()
         log.warning("event=site_lost site=%s silent_for_s=%.2f", t.site, self.registry.detection_s)
         for listener in self.site_listeners:
             try:
@@ -262,16 +261,19 @@ class Hub:
             except Exception:
                 log.exception("event=site_listener_failed site=%s", t.site)
 
-    def loss_signal(self, site: str) -> asyncio.Event:
-        """An event set when ``site`` is declared lost (in-flight requests give up on it at once)."""
-        ev = self._loss_signals.get(site)
-        if ev is None:
-            ev = asyncio.Event()
-            view = self.registry.get(site)
-            if view is not None and view.state == "lost":
-                ev.set()
-            self._loss_signals[site] = ev
-        return ev
+    def inflight_for(self, site: str) -> set[asyncio.Task[Any]]:
+        """Tasks waiting on ``site`` right now (cancelled at once if the site is declared lost)."""
+        tasks = self._inflight.get(site)
+        if tasks is None:
+            tasks = self._inflight[site] = set()
+        return tasks
+
+    def take_loss_cancel(self, task: asyncio.Task[Any]) -> bool:
+        """True (once) if ``task`` was cancelled because its site was declared lost."""
+        if task in self._loss_cancelled:
+            self._loss_cancelled.discard(task)
+            return True
+        return False
 
     def known_models(self) -> frozenset[str]:
         version, models = self._models_cache

@@ -102,19 +102,21 @@ class InferenceService:
         view = hub.registry.get(site)
         if view is not None:
             view.sent += 1
-        lost = hub.loss_signal(site)
-        task = asyncio.ensure_future(hub.bus.infer(site, req, hub.config.site_timeout_s))
-        waiter = asyncio.ensure_future(lost.wait())
+        task = asyncio.current_task()
+        assert task is not None
+        inflight = hub.inflight_for(site)
+        inflight.add(task)
         try:
-            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if task in done:
-                return task.result()
-            task.cancel()
-            raise SiteUnreachable(f"{site} was declared lost while serving the request")
+            return await hub.bus.infer(site, req, hub.config.site_timeout_s)
+        except asyncio.CancelledError:
+            # The hub cancels requests in flight to a site it has just declared lost (no need to
+            # wait out the timeout); any other cancellation (client gone, shutdown) goes on up.
+            if hub.take_loss_cancel(task):
+                task.uncancel()
+                raise SiteUnreachable(f"{site} was declared lost while serving the request") from None
+            raise
         finally:
-            waiter.cancel()
-            if not task.done():
-                task.cancel()
+            inflight.discard(task)
             if view is not None and view.sent > 0:
                 view.sent -= 1
 

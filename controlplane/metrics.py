@@ -26,6 +26,17 @@ class HubMetrics:
         self.permission_violations = Gauge("cpn_nats_permission_violations", "Permission violations reported by the NATS server", registry=r)
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
         self._route_children: dict[str, Counter] = {}
+        self._http_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def observe_http(self, route: str, status: int, elapsed_s: float) -> None:
+        """One HTTP request (label children cached: ``labels()`` is the expensive part)."""
+        key = (route, status)
+        pair = self._http_children.get(key)
+        if pair is None:
+            pair = (self.http_requests.labels(route, str(status)), self.http_latency.labels(route))
+            self._http_children[key] = pair
+        pair[0].inc()
+        pair[1].observe(elapsed_s)
 
     def route(self, reason: str) -> None:
         child = self._route_children.get(reason)

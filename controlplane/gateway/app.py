@@ -172,8 +172,7 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         route = _route_name(request)
         elapsed = time.perf_counter() - started
-        hub.metrics.http_requests.labels(route, str(status)).inc()
-        hub.metrics.http_latency.labels(route).observe(elapsed)
+        hub.metrics.observe_http(route, status, elapsed)
         if status >= 500 or log.isEnabledFor(logging.DEBUG):
             log.log(logging.WARNING if status >= 500 else logging.DEBUG,
                     "event=http request_id=%s method=%s path=%s status=%s ms=%.2f",

@@ -1,0 +1,131 @@
+"""``cpn bench gateway``: the full tenant path against its floor, measured in the same run.
+
+Full path: HTTP in -> auth -> route -> NATS request to a ``sim`` agent with zero service time -> back
+(``cpn hub`` and ``cpn agent`` as real processes, ``POST /v1/infer``). Floor: a bare aiohttp
+handler doing one bare NATS request to a bare responder (bench/floor_server.py). Each server and
+each responder is its own process; the load generator (bench/loadgen.py) is a third process. The
+machine has 2 cores, so load generator, server, responder and nats-server share them: the ratios
+are what this benchmark is for. Targets (DESIGN §10, 32 connections): p50 ≤ 1.25× the floor,
+throughput ≥ 0.8× the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bench import common
+from controlplane.natsserver import NatsServer
+from topology import loader
+
+PY = sys.executable
+
+
+async def _spawn(*args: str, ready: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(
+        PY, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "CPN_LOG": "WARNING", **(env or {})},
+    )
+    assert proc.stdout is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        if not line:
+            raise RuntimeError(f"{args} exited before '{ready}'")
+        if ready in line:
+            return proc, line.strip()
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _load(url: str, conns: int, seconds: float, key: str | None, body: str) -> dict[str, float]:
+    args = ["-m", "bench.loadgen", url, "--conns", str(conns), "--seconds", str(seconds), "--body", body]
+    if key:
+        args += ["--key", key]
+    proc = await asyncio.create_subprocess_exec(PY, *args, stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+async def run(seconds: float = 5.0, conns_list: tuple[int, ...] = (1, 32)) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        async with NatsServer(tmp / "js") as nats:
+            results: dict[str, object] = {}
+            # Floor.
+            responder, _ = await _spawn("-m", "bench.floor_server", nats.url, "--responder", ready="ready")
+            floor, line = await _spawn("-m", "bench.floor_server", nats.url, ready="port=")
+            floor_url = f"http://127.0.0.1:{line.split('=')[1]}/floor"
+            try:
+                for c in conns_list:
+                    results[f"floor_c{c}"] = await _load(floor_url, c, seconds, None, '{"input":"hi"}')
+            finally:
+                await _stop(floor)
+                await _stop(responder)
+            # Full path.
+            db = tmp / "hub.db"
+            layout = Path(loader.default_path()).parent / "demo-3.toml"
+            proc = await asyncio.create_subprocess_exec(
+                PY, "-m", "controlplane.cli", "tenant", "create", "bench", "--default-origin", "shanghai",
+                "--rate", "1000000", "--db", str(db), stdout=asyncio.subprocess.PIPE,
+            )
+            key = (await proc.communicate())[0].decode().strip()
+            agent_toml = tmp / "agent.toml"
+            agent_toml.write_text(
+                f'site = "sh-edge"\nnats = "{nats.url}"\ncity = "shanghai"\naccelerators = {{ H20 = 4 }}\n'
+                '[[models]]\nname = "m"\ncards = 1.0\nslots = 1024\n'
+                "[backend.sim]\nttft_ms = 0\nper_token_ms = 0\nslots = 1024\n"
+            )
+            agent = await asyncio.create_subprocess_exec(
+                PY, "-m", "controlplane.cli", "agent", "--config", str(agent_toml),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                env={**os.environ, "CPN_LOG": "WARNING"},
+            )
+            hub, line = await _spawn("-m", "controlplane.cli", "hub", "--nats", nats.url, "--db", str(db),
+                                     "--listen", "127.0.0.1:0", "--layout", str(layout), ready="listening on")
+            hub_url = line.rsplit(" ", 1)[1] + "/v1/infer"
+            body = '{"model":"m","input":"hi","max_tokens":1}'
+            try:
+                for _ in range(300):  # until the agent's replica is ready at the hub
+                    probe = await _load(hub_url, 1, 0.05, key, body)
+                    if probe["requests"] > 0:
+                        break
+                    await asyncio.sleep(0.1)
+                for c in conns_list:
+                    results[f"hub_c{c}"] = await _load(hub_url, c, seconds, key, body)
+            finally:
+                await _stop(hub)
+                await _stop(agent)
+    for c in conns_list:
+        f, h = results[f"floor_c{c}"], results[f"hub_c{c}"]
+        assert isinstance(f, dict) and isinstance(h, dict)
+        results[f"ratio_c{c}"] = {"p50": round(h["p50_ms"] / f["p50_ms"], 3), "throughput": round(h["rps"] / f["rps"], 3)}
+    results["targets"] = {"p50": 1.25, "throughput": 0.8}
+    results["note"] = "load generator, servers, responders and nats-server share the machine's 2 cores"
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cpn bench gateway")
+    p.add_argument("--seconds", type=float, default=5.0)
+    args = p.parse_args(argv)
+    res = asyncio.run(run(args.seconds))
+    for c in (1, 32):
+        f, h, r = res[f"floor_c{c}"], res[f"hub_c{c}"], res[f"ratio_c{c}"]
+        print(f"gateway c={c}: floor p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms {f['rps']:.0f} req/s | "  # type: ignore[index]
+              f"hub p50 {h['p50_ms']:.2f} ms p99 {h['p99_ms']:.2f} ms {h['rps']:.0f} req/s errors {h['errors']} | "  # type: ignore[index]
+              f"ratio p50 {r['p50']} (≤ 1.25) throughput {r['throughput']} (≥ 0.8)")  # type: ignore[index]
+    print(f"  wrote {common.write('gateway', res)}")
+    return 0

@@ -1,0 +1,61 @@
+"""The README's benchmark table, built from bench/results/*.json."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def rows() -> list[tuple[str, str, str, str]]:
+    out: list[tuple[str, str, str, str]] = []
+    r = _load("route")
+    if r:
+        out.append((f"routing decision, {r['sites']} sites / {r['origins']} origins",
+                    f"p50 {r['decision_p50_us']} µs, p99 {r['decision_p99_us']} µs = {r['ratio_p99_to_nats_p50']}× nats-py req/reply p50 ({r['nats_request_p50_us']} µs); index build {r['index_build_s']} s, link recompute {max(r['link_recompute_s'] or [0]):.3f} s",
+                    "p99 ≤ 50 µs, ≤ 0.1×", f"{r['machine']}, {r['date']}"))
+    g = _load("gateway")
+    if g:
+        for c in (1, 32):
+            f, h, q = g[f"floor_c{c}"], g[f"hub_c{c}"], g[f"ratio_c{c}"]
+            out.append((f"gateway path, {c} connection{'s' if c > 1 else ''}",
+                        f"p50 {h['p50_ms']:.2f} ms ({q['p50']}× floor {f['p50_ms']:.2f}), {h['rps']:.0f} req/s ({q['throughput']}× floor {f['rps']:.0f})",
+                        "p50 ≤ 1.25×, throughput ≥ 0.8× (32 conns)", f"{g['machine']}, {g['date']}"))
+    s = _load("scheduler")
+    if s:
+        mem = s.get("in_memory_decisions_per_s") or s.get("decisions_per_s_memory")
+        sql = s.get("sqlite_decisions_per_s") or s.get("decisions_per_s_sqlite")
+        out.append(("placement, 10,000 queued jobs / 1,000 pools",
+                    f"{mem:,.0f} decisions/s in memory; {sql:,.0f}/s with SQLite" if mem and sql else json.dumps({k: v for k, v in s.items() if 'per_s' in k}),
+                    "≥ 5,000/s; SQLite ≥ 0.5×", f"{s['machine']}, {s['date']}"))
+    h = _load("heartbeat")
+    if h:
+        out.append((f"heartbeats, {h['sites']} sites at 1 Hz", f"{h['hub_cpu_pct']:.1f}% of one core on the hub ({h['received_per_s']:.0f} msgs/s applied)",
+                    "≤ 25% of one core", f"{h['machine']}, {h['date']}"))
+    sim = _load("sim")
+    if sim:
+        out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))
+    return out
+
+
+def render() -> str:
+    lines = ["| what | measured | target | machine, date |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows()]
+    return "\n".join(lines)
+
+
+def update_readme() -> None:
+    text = README.read_text()
+    new = re.sub(r"(<!-- bench-table -->\n).*?(<!-- /bench-table -->)", lambda m: m.group(1) + render() + "\n" + m.group(2),
+                 text, flags=re.S)
+    README.write_text(new)

@@ -1,0 +1,39 @@
+"""``cpn bench route|gateway|scheduler|heartbeat|all``: the DESIGN §10 budgets, measured.
+
+Each benchmark prints its figures and ratios and writes JSON to ``bench/results/``;
+``--readme`` rewrites the table in README.md between the ``bench-table`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES = ["route", "gateway", "scheduler", "heartbeat"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("bench", help="benchmarks of the performance budgets (DESIGN §10)")
+    p.add_argument("name", choices=[*BENCHES, "all", "table"], help="which benchmark ('table' prints the README table)")
+    p.add_argument("--readme", action="store_true", help="update the README table from bench/results/*.json")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench import table
+
+    names = BENCHES if args.name == "all" else ([] if args.name == "table" else [args.name])
+    code = 0
+    for name in names:
+        try:
+            module = importlib.import_module(f"bench.{name}")
+        except ModuleNotFoundError as exc:
+            print(f"bench {name}: not available ({exc.name})")
+            code = 1
+            continue
+        code |= int(module.main(args.rest if args.name != "all" else []) or 0)
+    print(table.render())
+    if args.readme:
+        table.update_readme()
+    return code
