@@ -31,6 +31,8 @@ from controlplane.router import Router
 from controlplane.store import db as store_db
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
+from controlplane.store import usage as store_usage
+from controlplane.usage import UsageBuffer
 from edge_agent import wire
 from topology import latency, loader
 from topology import layout as topo_layout
@@ -89,7 +91,7 @@ class Hub:
         self._loss_cancelled: set[asyncio.Task[Any]] = set()
         self._reregister_asked: dict[str, float] = {}
         self._models_cache: tuple[int, frozenset[str]] = (-1, frozenset())
-        self._usage: dict[tuple[str, str, str], list[int]] = {}
+        self.usage = UsageBuffer()
         self.gateway: Any = None
         self._tenants: dict[str, dict[str, Any]] = {}
         self._key_misses: dict[str, float] = {}
@@ -152,6 +154,7 @@ class Hub:
                 await task
         self._tasks.clear()
         await self.bus.close()
+        self._flush_usage()
         if self.db is not None:
             self.db.conn.close()
             self.db = None
@@ -242,12 +245,15 @@ class Hub:
         self.registry.bus_up(time.time())
 
     async def _sweep_loop(self) -> None:
+        last_flush = time.monotonic()
         while True:
             await asyncio.sleep(self.config.sweep_s)
             now = time.time()
             for t in self.registry.sweep(now):
                 self._site_lost(t)
-            self._flush_usage()
+            if time.monotonic() - last_flush >= self.config.usage_flush_s:
+                last_flush = time.monotonic()
+                self._flush_usage()
 
     def _site_lost(self, t: Transition) -> None:
         self.metrics.site_losses.inc()
@@ -286,16 +292,23 @@ class Hub:
 
     def account(self, req: wire.InferRequest, result: wire.InferResult, site: str) -> None:
         """Count a served request (flushed to the store in batches, never per request)."""
-        key = (req.tenant, req.model, site)
-        row = self._usage.get(key)
-        if row is None:
-            row = self._usage[key] = [0, 0, 0]
-        row[0] += 1
-        row[1] += result.prompt_tokens
-        row[2] += result.completion_tokens
+        self.usage.add(req.tenant, req.model, site, result.prompt_tokens, result.completion_tokens)
+        self.metrics.infer_ok(site)
 
     def _flush_usage(self) -> None:
-        """Hook for the usage store; overridden once store/usage.py exists."""
+        """Write buffered usage in one transaction; on failure keep it for the next flush."""
+        if not len(self.usage) or self.db is None:
+            return
+        rows = self.usage.drain()
+        try:
+            store_usage.add_rows(self.db, rows)
+        except Exception:
+            self.usage.restore(rows)
+            log.exception("event=usage_flush_failed rows=%d", len(rows))
+
+    def usage_for(self, tenant: str) -> dict[str, Any]:
+        """A tenant's usage, flushed rows plus what is still buffered."""
+        return store_usage.for_tenant(self.db, tenant, pending=self.usage.peek(tenant))
 
     # ------------------------------------------------------------------ tenants and keys
 

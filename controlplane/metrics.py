@@ -26,6 +26,7 @@ class HubMetrics:
         self.permission_violations = Gauge("cpn_nats_permission_violations", "Permission violations reported by the NATS server", registry=r)
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
         self._route_children: dict[str, Counter] = {}
+        self._infer_children: dict[str, Counter] = {}
         self._http_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
 
     def observe_http(self, route: str, status: int, elapsed_s: float) -> None:
@@ -37,6 +38,12 @@ class HubMetrics:
             self._http_children[key] = pair
         pair[0].inc()
         pair[1].observe(elapsed_s)
+
+    def infer_ok(self, site: str) -> None:
+        child = self._infer_children.get(site)
+        if child is None:
+            child = self._infer_children[site] = self.infer.labels(site, "ok")
+        child.inc()
 
     def route(self, reason: str) -> None:
         child = self._route_children.get(reason)

@@ -185,7 +185,7 @@ def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | Non
 
 def make_app(hub: Hub) -> web.Application:
     """Build the aiohttp application for ``hub``; each API module adds its routes."""
-    from controlplane.gateway import admin, health, infer, openai
+    from controlplane.gateway import admin, health, infer, openai, usage
 
     app = web.Application(middlewares=[core_middleware], client_max_size=hub.config.max_body_bytes)
     app[HUB] = hub
@@ -193,6 +193,7 @@ def make_app(hub: Hub) -> web.Application:
     admin.add_routes(app)
     infer.add_routes(app)
     openai.add_routes(app)
+    usage.add_routes(app)
     for extra in getattr(hub, "route_modules", []):
         extra.add_routes(app)
     return app

@@ -134,3 +134,16 @@ async def test_tenants_and_keys_survive_a_hub_restart(tmp_path: Path, nats_serve
     async with running_hub(config) as hub:
         assert hub.keys.lookup(key) is not None and hub.tenant_default_origin("acme") == "shanghai"
         assert not (tmp_path / "hub.db").read_bytes().count(key.encode())
+
+
+async def test_usage_is_batched_and_reported_per_model_and_site(rig) -> None:  # type: ignore[no-untyped-def]
+    hub, tenant, admin, _, _ = rig
+    for _ in range(3):
+        assert (await tenant.call("POST", "/v1/infer", {"model": "m", "input": "count me"}))[0] == 200
+    status, body, _ = await tenant.call("GET", "/v1/usage")
+    assert status == 200 and body["totals"]["requests"] == 3
+    assert body["models"]["m"]["by_site"]["hz-edge"]["completion_tokens"] == 6
+    hub._flush_usage()
+    assert hub.db.execute("SELECT requests FROM usage WHERE tenant = 'acme'").fetchone()[0] == 3
+    status, body, _ = await admin.call("GET", "/v1/usage?tenant=acme")
+    assert status == 200 and body["totals"]["requests"] == 3

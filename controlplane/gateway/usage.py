@@ -1,0 +1,31 @@
+"""``GET /v1/usage``: the calling tenant's usage (inference tokens by model and site; training
+card-hours and energy once recorded). Admins name a tenant with ``?tenant=ID``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from controlplane.errors import NotFound, RequestError
+from controlplane.gateway.app import HUB, json_response, principal
+
+
+async def usage(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    p = principal(request)
+    tenant = p.tenant_id
+    if p.is_admin:
+        tenant = request.query.get("tenant")
+        if not tenant:
+            raise RequestError("admins must name a tenant: /v1/usage?tenant=ID", field="tenant")
+        if hub.tenant(tenant) is None:
+            raise NotFound(f"tenant {tenant!r} not found")
+    assert tenant is not None
+    body = hub.usage_for(tenant)
+    extra = getattr(hub, "training_usage", None)
+    if extra is not None:
+        body["training"] = extra(tenant)
+    return json_response(body)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/usage", usage)
