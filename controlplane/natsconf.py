@@ -309,19 +309,20 @@ def single_server_config(
     *,
     host: str = "0.0.0.0",
     port: int = DEFAULT_CLIENT_PORT,
-    store_dir: str = DEFAULT_STORE_DIR,
+    store_dir: str | None = DEFAULT_STORE_DIR,
     leafnode_port: int | None = DEFAULT_LEAFNODE_PORT,
     monitor: str | None = "127.0.0.1:8222",
     server_name: str = "cpn-nats",
 ) -> str:
     """Config of one nats-server with JetStream, the cpn identities and a leaf-node listener.
 
-    Holds bcrypt hashes only, no plain passwords.
+    Holds bcrypt hashes only, no plain passwords. ``store_dir=None`` leaves the JetStream store
+    to the ``-sd`` flag (nats-server refuses a store dir given both ways, even the same one).
     """
     doc: dict[str, Any] = {"server_name": server_name, "listen": f"{host}:{port}"}
     if monitor:
         doc["http"] = monitor
-    doc["jetstream"] = {"store_dir": store_dir}
+    doc["jetstream"] = {"store_dir": store_dir} if store_dir is not None else "enabled"
     if leafnode_port is not None:
         doc["leafnodes"] = {"listen": f"{host}:{leafnode_port}"}
     doc["accounts"] = _accounts(creds)
@@ -429,8 +430,10 @@ def embedded_config(
 ) -> tuple[str, Credentials, dict[str, Credentials]]:
     """Config of the embedded server of ``cpn up`` (same scheme as :func:`single_server_config`).
 
-    Listen address and port are left to the command line (``NatsServer`` passes ``-a``/``-p``);
-    ``jetstream_dir`` must then equal the ``-sd`` flag, which overrides it.
+    Listen address, port and JetStream store are left to the command line: ``NatsServer``
+    passes ``-a``/``-p``/``-js``/``-sd``, and nats-server refuses to start ("Duplicate
+    'store_dir' configuration") when the config names a store dir too, even the same one. So
+    ``jetstream_dir`` is only recorded in a comment.
 
     Args:
         site_ids: the sites of the layout.
@@ -446,11 +449,11 @@ def embedded_config(
         creds = generate_credentials(site_ids, random_bytes)
     else:
         raise ValueError("embedded_config needs secret= or random_bytes=")
-    doc: dict[str, Any] = {"server_name": "cpn-embedded"}
+    doc: dict[str, Any] = {"server_name": "cpn-embedded", "jetstream": "enabled", "accounts": _accounts(creds)}
+    header = _HEADER + "\nEmbedded server of `cpn up` (loopback; address, port and store dir come from flags)."
     if jetstream_dir is not None:
-        doc["jetstream"] = {"store_dir": jetstream_dir}
-    doc["accounts"] = _accounts(creds)
-    return render(doc, _HEADER + "\nEmbedded server of `cpn up` (loopback)."), creds.hub, dict(creds.sites)
+        header += f"\nJetStream store (-sd): {jetstream_dir}"
+    return render(doc, header), creds.hub, dict(creds.sites)
 
 
 class CredentialsFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
