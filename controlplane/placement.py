@@ -424,7 +424,7 @@ def score_priced(
                 days, rem = divmod(s_h + LOCAL_UTC_OFFSET_H + work_h, 24.0)
                 h1 = min(int(rem), 23)
                 integral = (days - d0) * day_sum + cum[h1] + (rem - h1) * prices[h1] - cum[h0]
-                if integral < best_i:
+                if integral < best_i - 1e-9 * (1.0 + best_i):  # earliest of equal windows wins
                     best_i, best_k = integral, k
             if best_k >= 0 and energy - kw * best_i >= model.min_wait_saving * energy:
                 best_s = (first_h + best_k) * 3600.0

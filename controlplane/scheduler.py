@@ -339,16 +339,20 @@ class _Planner:
         scored: list[CostBreakdown] = []
         lost: list[Verdict] = []
         blocked: list[str] = []  # why pools with room were refused (price, reservation)
+        pruned: list[tuple[float, _Entry]] = []  # (lower bound, entry) cut off by the bound
         n = 0
         for acc in job.accelerators:
             lst = (self.avail_long if long else self.avail).get(acc)
             if not lst or self.max_free.get(acc, 0) < cards:
                 continue
             offset = cards * self.slack[acc] if long else 0.0
-            for e in lst:
+            for i, e in enumerate(lst):
                 # Branch and bound: every later entry's lower bound is at least this one's.
                 if best is not None and best.meets_deadline and \
                         (e.avg_rate if long else e.lb_rate) * scale - offset >= best.total_cny:
+                    for nxt in lst[i:i + explain]:  # name a few of the pools cut off, for the explanation
+                        bound = (nxt.avg_rate if long else nxt.lb_rate) * scale - offset
+                        pruned.append((bound, nxt))
                     break
                 if e.free < cards:
                     if len(lost) < explain:
@@ -387,6 +391,12 @@ class _Planner:
                     break
             if n >= cap:
                 break
+        if best is not None and pruned:
+            pruned.sort(key=lambda x: x[0])
+            cut = [Verdict(pool=e.pool.id, accelerator=e.acc, reason=(
+                       f"costs at least {bound - best.total_cny:.2f} CNY more (lower bound)"))
+                   for bound, e in pruned[:explain] if e is not best_e]
+            lost = cut + lost
         return best, best_e, scored, lost, blocked
 
     def place(self, job: JobSpec, bd: CostBreakdown, e: _Entry, scored: list[CostBreakdown], lost: list[Verdict]) -> None:
