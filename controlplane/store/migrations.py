@@ -42,6 +42,78 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # jobs (owner: training core). Ids sort before 0020, so this entry sits here in the list.
+        "0010_jobs",
+        """
+        CREATE TABLE jobs (
+            id TEXT PRIMARY KEY,
+            tenant TEXT NOT NULL,
+            name TEXT NOT NULL DEFAULT '',
+            spec TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'placed', 'starting', 'running', 'restarting',
+                                                 'succeeded', 'failed', 'cancelled')),
+            priority INTEGER NOT NULL DEFAULT 0,
+            cards INTEGER NOT NULL CHECK (cards >= 1),
+            attempt INTEGER NOT NULL DEFAULT 0,
+            pool TEXT NOT NULL DEFAULT '',
+            accelerator TEXT NOT NULL DEFAULT '',
+            progress REAL NOT NULL DEFAULT 0,
+            checkpoint TEXT NOT NULL DEFAULT '',
+            checkpoint_pool TEXT NOT NULL DEFAULT '',
+            user_retries INTEGER NOT NULL DEFAULT 0,
+            infra_restarts INTEGER NOT NULL DEFAULT 0,
+            max_user_retries INTEGER NOT NULL DEFAULT 2,
+            max_infra_restarts INTEGER NOT NULL DEFAULT 50,
+            attempt_since REAL,
+            reason TEXT NOT NULL DEFAULT '',
+            placement TEXT,
+            card_hours REAL NOT NULL DEFAULT 0,
+            energy_cny REAL NOT NULL DEFAULT 0,
+            submitted_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            finished_at REAL
+        );
+        CREATE INDEX jobs_tenant ON jobs (tenant, submitted_at);
+        CREATE INDEX jobs_state ON jobs (state);
+        CREATE TABLE attempts (
+            job_id TEXT NOT NULL REFERENCES jobs (id),
+            attempt INTEGER NOT NULL,
+            pool TEXT NOT NULL,
+            accelerator TEXT NOT NULL,
+            cards INTEGER NOT NULL,
+            placed_at REAL NOT NULL,
+            started_at REAL,
+            ended_at REAL,
+            exit_reason TEXT NOT NULL DEFAULT '',
+            exit_code INTEGER,
+            detail TEXT NOT NULL DEFAULT '',
+            card_hours REAL NOT NULL DEFAULT 0,
+            energy_cny REAL NOT NULL DEFAULT 0,
+            breakdown TEXT,
+            PRIMARY KEY (job_id, attempt)
+        );
+        CREATE TABLE job_events (
+            job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            body TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (job_id, attempt, seq)
+        );
+        CREATE TABLE idempotency (
+            tenant TEXT NOT NULL,
+            key TEXT NOT NULL,
+            body_hash TEXT NOT NULL,
+            job_id TEXT NOT NULL,
+            status INTEGER NOT NULL,
+            response TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant, key)
+        );
+        """,
+    ),
+    (
         "0020_deployments",
         """
         CREATE TABLE deployments (

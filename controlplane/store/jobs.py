@@ -1,0 +1,489 @@
+"""Training jobs in SQLite: tables ``jobs``, ``attempts``, ``job_events``, ``idempotency`` (migration 0010).
+
+Promises:
+
+- Every write is one transaction (``db.transaction``: ``BEGIN IMMEDIATE`` ... ``COMMIT``) and is on
+  disk when the function returns (WAL + ``synchronous=FULL`` from ``db.open_db``), so the gateway
+  may answer 201 after :func:`create_job` returns. Functions nest inside an outer ``transaction``
+  (the scheduler tick batches a whole plan into one commit).
+- Idempotency keys are per tenant: the same key with the same body hash replays the first answer
+  (the job row as it was when created, ``replayed=True``); the same key with another body is an
+  ``Unprocessable`` (422) naming ``Idempotency-Key``. Check and insert happen in one
+  ``BEGIN IMMEDIATE`` transaction, so two gateways racing on one key create one job.
+- Agent events are applied once: :func:`record_event` returns False for a ``job:attempt:seq``
+  already stored (JetStream redelivers; its duplicate window is only 2 minutes).
+- Metering is applied once per attempt: :func:`end_attempt` returns False if the attempt was
+  already ended, and only the first call adds its card-hours and energy to the job's totals.
+- Tenancy: ``get_job(..., tenant=)`` sees only that tenant's jobs (another tenant's job is a 404).
+
+Public API::
+
+    create_job(db, tenant, spec_json, idem_key, body_hash, now, *, job_id=None) -> (JobRow, replayed)
+    get_job(db, job_id, *, tenant=None) -> JobRow | None
+    list_jobs(db, tenant, *, state=None, limit=100) -> [JobRow]        # newest first
+    jobs_in_states(db, states) -> [JobRow]                               # hub start-up / reconcile
+    update_job(db, job_id, now, **fields) -> JobRow                      # NotFound; unknown field: ValueError
+    save_record(db, rec: lifecycle.JobRecord, *, placement=None) -> None # lifecycle fields of the row
+    load_record(db, job_id) -> lifecycle.JobRecord | None
+    add_attempt(db, job_id, attempt, pool, accelerator, cards, now, *, breakdown=None)
+    end_attempt(db, meter: lifecycle.Meter, *, energy_cny, exit_reason, exit_code=None, detail="") -> bool
+    attempts(db, job_id) -> [AttemptRow]
+    record_event(db, job_id, attempt, seq, kind, body_json, now) -> bool
+    events(db, job_id) -> [EventRow]
+    record_placements(db, [(JobRecord, placement_json)], now) -> int     # one plan tick, one commit
+    record_waits(db, [(job_id, reason)], now) -> int
+    usage_by_tenant(db, tenant) -> {"jobs", "attempts", "card_hours", "energy_cny"}
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+import sqlite_utils
+
+from controlplane import lifecycle
+from controlplane.errors import Conflict, NotFound, Unprocessable
+from controlplane.store.db import transaction
+
+
+class JobRow(msgspec.Struct, kw_only=True):
+    """One ``jobs`` row; ``spec`` is the body as posted, ``placement`` the last decision explained."""
+
+    id: str
+    tenant: str
+    name: str
+    spec: dict[str, Any]
+    state: str
+    priority: int
+    cards: int
+    attempt: int
+    pool: str
+    accelerator: str
+    progress: float
+    checkpoint: str
+    checkpoint_pool: str
+    user_retries: int
+    infra_restarts: int
+    max_user_retries: int
+    max_infra_restarts: int
+    attempt_since: float | None
+    reason: str
+    placement: dict[str, Any] | None
+    card_hours: float
+    energy_cny: float
+    submitted_at: float
+    updated_at: float
+    finished_at: float | None
+
+    def record(self) -> lifecycle.JobRecord:
+        """The lifecycle view of this row (for ``lifecycle.apply_event`` and friends)."""
+        return lifecycle.JobRecord(
+            id=self.id, tenant=self.tenant, cards=self.cards, state=lifecycle.JobState(self.state),
+            attempt=self.attempt, pool=self.pool, accelerator=self.accelerator, progress=self.progress,
+            checkpoint=self.checkpoint, checkpoint_pool=self.checkpoint_pool, user_retries=self.user_retries,
+            infra_restarts=self.infra_restarts, max_user_retries=self.max_user_retries,
+            max_infra_restarts=self.max_infra_restarts, attempt_since=self.attempt_since, reason=self.reason,
+            updated_at=self.updated_at,
+        )
+
+
+class AttemptRow(msgspec.Struct, kw_only=True):
+    job_id: str
+    attempt: int
+    pool: str
+    accelerator: str
+    cards: int
+    placed_at: float
+    started_at: float | None
+    ended_at: float | None
+    exit_reason: str
+    exit_code: int | None
+    detail: str
+    card_hours: float
+    energy_cny: float
+    breakdown: dict[str, Any] | None
+
+
+class EventRow(msgspec.Struct, kw_only=True):
+    job_id: str
+    attempt: int
+    seq: int
+    kind: str
+    body: dict[str, Any]
+    at: float
+
+
+_JOB_COLS = (
+    "id, tenant, name, spec, state, priority, cards, attempt, pool, accelerator, progress, checkpoint, "
+    "checkpoint_pool, user_retries, infra_restarts, max_user_retries, max_infra_restarts, attempt_since, "
+    "reason, placement, card_hours, energy_cny, submitted_at, updated_at, finished_at"
+)
+_JSON_COLS = {"spec", "placement"}
+_UPDATABLE = {
+    "name", "state", "priority", "attempt", "pool", "accelerator", "progress", "checkpoint", "checkpoint_pool",
+    "user_retries", "infra_restarts", "attempt_since", "reason", "placement", "finished_at",
+}
+
+
+def _job(row: tuple[Any, ...]) -> JobRow:
+    names = _JOB_COLS.split(", ")
+    values = dict(zip(names, row))
+    values["spec"] = json.loads(values["spec"])
+    values["placement"] = json.loads(values["placement"]) if values["placement"] else None
+    return JobRow(**values)
+
+
+def _job_dict(job: JobRow) -> dict[str, Any]:
+    return msgspec.to_builtins(job)  # type: ignore[no-any-return]
+
+
+def _new_id() -> str:
+    # Ids are one NATS token (wire.ID_PATTERN); 64 random bits do not collide in practice.
+    return "job-" + secrets.token_hex(8)
+
+
+def _spec_fields(spec_json: str | bytes) -> dict[str, Any]:
+    try:
+        spec = json.loads(spec_json)
+    except ValueError as exc:
+        raise Unprocessable(f"job spec is not JSON: {exc}", field="body") from None
+    if not isinstance(spec, dict):
+        raise Unprocessable("job spec must be a JSON object", field="body")
+    cards = spec.get("cards")
+    if not isinstance(cards, int) or isinstance(cards, bool) or cards < 1:
+        raise Unprocessable(f"cards must be an integer >= 1, got {cards!r}", field="cards")
+    priority = spec.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise Unprocessable(f"priority must be an integer, got {priority!r}", field="priority")
+    return spec
+
+
+def create_job(
+    db: sqlite_utils.Database,
+    tenant: str,
+    spec_json: str | bytes,
+    idem_key: str | None,
+    body_hash: str,
+    now: float,
+    *,
+    job_id: str | None = None,
+) -> tuple[JobRow, bool]:
+    """Create a queued job, or replay the answer to an earlier request with the same key.
+
+    Args:
+        spec_json: the body as decoded and validated by the gateway, re-encoded as JSON; the store
+            reads ``name``, ``cards``, ``priority``, ``max_retries`` (optional) from it.
+        idem_key: the ``Idempotency-Key`` header, or None for a request without one.
+        body_hash: hash of the canonical body (the gateway chooses the hash; equal bodies, equal hash).
+
+    Returns:
+        ``(job, replayed)``: ``replayed`` is True when the key was seen with the same body; ``job``
+        is then the row as first created.
+
+    Raises:
+        Unprocessable: the key was used by this tenant with a different body (field
+            ``Idempotency-Key``), or the spec is not a JSON object with integer ``cards`` >= 1.
+        Conflict: ``job_id`` was given and is taken.
+    """
+    spec = _spec_fields(spec_json)
+    with transaction(db):
+        conn = db.conn
+        if idem_key is not None:
+            hit = conn.execute(
+                "SELECT body_hash, response FROM idempotency WHERE tenant = ? AND key = ?", (tenant, idem_key)
+            ).fetchone()
+            if hit is not None:
+                if hit[0] != body_hash:
+                    raise Unprocessable(
+                        "Idempotency-Key was already used with a different body", field="Idempotency-Key")
+                return msgspec.convert(json.loads(hit[1]), JobRow), True
+        jid = job_id or _new_id()
+        if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (jid,)).fetchone():
+            raise Conflict(f"job {jid} already exists", field="id")
+        max_retries = spec.get("max_retries", lifecycle.DEFAULT_MAX_USER_RETRIES)
+        conn.execute(
+            "INSERT INTO jobs (id, tenant, name, spec, state, priority, cards, max_user_retries, "
+            "max_infra_restarts, submitted_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+            (jid, tenant, str(spec.get("name", "")), json.dumps(spec, separators=(",", ":")),
+             int(spec.get("priority", 0)), spec["cards"], int(max_retries),
+             lifecycle.DEFAULT_MAX_INFRA_RESTARTS, now, now),
+        )
+        row = _get(db, jid)
+        assert row is not None
+        if idem_key is not None:
+            conn.execute(
+                "INSERT INTO idempotency (tenant, key, body_hash, job_id, status, response, created_at) "
+                "VALUES (?, ?, ?, ?, 201, ?, ?)",
+                (tenant, idem_key, body_hash, jid, json.dumps(_job_dict(row)), now),
+            )
+    return row, False
+
+
+def _get(db: sqlite_utils.Database, job_id: str) -> JobRow | None:
+    row = db.conn.execute(f"SELECT {_JOB_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    return None if row is None else _job(row)
+
+
+def get_job(db: sqlite_utils.Database, job_id: str, *, tenant: str | None = None) -> JobRow | None:
+    """The job, or None if unknown or (with ``tenant``) another tenant's."""
+    job = _get(db, job_id)
+    if job is None or (tenant is not None and job.tenant != tenant):
+        return None
+    return job
+
+
+def list_jobs(db: sqlite_utils.Database, tenant: str, *, state: str | None = None, limit: int = 100) -> list[JobRow]:
+    """A tenant's jobs, newest first, optionally in one state."""
+    sql = f"SELECT {_JOB_COLS} FROM jobs WHERE tenant = ?"
+    args: list[Any] = [tenant]
+    if state is not None:
+        sql += " AND state = ?"
+        args.append(state)
+    sql += " ORDER BY submitted_at DESC, id DESC LIMIT ?"
+    args.append(int(limit))
+    return [_job(r) for r in db.conn.execute(sql, args)]
+
+
+def jobs_in_states(db: sqlite_utils.Database, states: Iterable[str]) -> list[JobRow]:
+    """Every job in one of ``states``, oldest first (the hub rebuilds its queue from these)."""
+    wanted = list(states)
+    marks = ", ".join("?" for _ in wanted)
+    sql = f"SELECT {_JOB_COLS} FROM jobs WHERE state IN ({marks}) ORDER BY submitted_at, id"
+    return [_job(r) for r in db.conn.execute(sql, wanted)]
+
+
+def update_job(db: sqlite_utils.Database, job_id: str, now: float, **fields: Any) -> JobRow:
+    """Set some columns of a job (and ``updated_at``); returns the new row.
+
+    Raises:
+        ValueError: a field that is not updatable (a caller bug).
+        NotFound: no such job.
+    """
+    bad = set(fields) - _UPDATABLE
+    if bad:
+        raise ValueError(f"not updatable: {sorted(bad)}")
+    sets = ["updated_at = ?"]
+    args: list[Any] = [now]
+    for name, value in fields.items():
+        sets.append(f"{name} = ?")
+        if name in _JSON_COLS and value is not None:
+            value = json.dumps(value)
+        elif isinstance(value, lifecycle.JobState):
+            value = value.value
+        args.append(value)
+    args.append(job_id)
+    with transaction(db):
+        cur = db.conn.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", args)
+        if cur.rowcount == 0:
+            raise NotFound(f"job {job_id} not found", field="job_id")
+        row = _get(db, job_id)
+    assert row is not None
+    return row
+
+
+_RECORD_SQL = (
+    "UPDATE jobs SET state = ?, attempt = ?, pool = ?, accelerator = ?, progress = ?, checkpoint = ?, "
+    "checkpoint_pool = ?, user_retries = ?, infra_restarts = ?, attempt_since = ?, reason = ?, "
+    "updated_at = ?, finished_at = CASE WHEN ? THEN COALESCE(finished_at, ?) ELSE NULL END"
+)
+
+
+def _record_args(rec: lifecycle.JobRecord) -> list[Any]:
+    terminal = rec.state in lifecycle.TERMINAL
+    return [rec.state.value, rec.attempt, rec.pool, rec.accelerator, rec.progress, rec.checkpoint,
+            rec.checkpoint_pool, rec.user_retries, rec.infra_restarts, rec.attempt_since, rec.reason,
+            rec.updated_at, terminal, rec.updated_at]
+
+
+def save_record(db: sqlite_utils.Database, rec: lifecycle.JobRecord, *, placement: dict[str, Any] | None = None) -> None:
+    """Write the lifecycle fields of ``rec`` (and the placement explanation, if given).
+
+    Raises:
+        NotFound: no such job.
+    """
+    sql, args = _RECORD_SQL, _record_args(rec)
+    if placement is not None:
+        sql += ", placement = ?"
+        args.append(json.dumps(placement))
+    with transaction(db):
+        cur = db.conn.execute(sql + " WHERE id = ?", [*args, rec.id])
+        if cur.rowcount == 0:
+            raise NotFound(f"job {rec.id} not found", field="job_id")
+
+
+def load_record(db: sqlite_utils.Database, job_id: str) -> lifecycle.JobRecord | None:
+    job = _get(db, job_id)
+    return None if job is None else job.record()
+
+
+def add_attempt(
+    db: sqlite_utils.Database,
+    job_id: str,
+    attempt: int,
+    pool: str,
+    accelerator: str,
+    cards: int,
+    now: float,
+    *,
+    breakdown: dict[str, Any] | None = None,
+) -> None:
+    """Record a new attempt (placed at ``now``).
+
+    Raises:
+        Conflict: that attempt number exists already for the job.
+    """
+    with transaction(db):
+        cur = db.conn.execute(
+            "INSERT INTO attempts (job_id, attempt, pool, accelerator, cards, placed_at, breakdown) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt) DO NOTHING",
+            (job_id, attempt, pool, accelerator, cards, now, json.dumps(breakdown) if breakdown else None),
+        )
+        if cur.rowcount == 0:
+            raise Conflict(f"job {job_id} attempt {attempt} exists already", field="attempt")
+
+
+def mark_attempt_started(db: sqlite_utils.Database, job_id: str, attempt: int, at: float) -> None:
+    """Note when the agent reported the attempt started (first report wins)."""
+    with transaction(db):
+        db.conn.execute(
+            "UPDATE attempts SET started_at = COALESCE(started_at, ?) WHERE job_id = ? AND attempt = ?",
+            (at, job_id, attempt),
+        )
+
+
+def end_attempt(
+    db: sqlite_utils.Database,
+    meter: lifecycle.Meter,
+    *,
+    energy_cny: float,
+    exit_reason: str,
+    exit_code: int | None = None,
+    detail: str = "",
+) -> bool:
+    """Close an attempt with its metering; add its card-hours and energy to the job's totals.
+
+    ``energy_cny`` comes from the caller (``placement.metered_energy_cny`` over the attempt's window).
+    Returns False (and changes nothing) if the attempt was already ended or does not exist.
+    """
+    hours = meter.card_hours
+    with transaction(db):
+        cur = db.conn.execute(
+            "UPDATE attempts SET ended_at = ?, started_at = COALESCE(started_at, ?), exit_reason = ?, "
+            "exit_code = ?, detail = ?, card_hours = ?, energy_cny = ? "
+            "WHERE job_id = ? AND attempt = ? AND ended_at IS NULL",
+            (meter.end_at, meter.start_at, exit_reason, exit_code, detail, hours, energy_cny,
+             meter.job_id, meter.attempt),
+        )
+        if cur.rowcount == 0:
+            return False
+        db.conn.execute(
+            "UPDATE jobs SET card_hours = card_hours + ?, energy_cny = energy_cny + ? WHERE id = ?",
+            (hours, energy_cny, meter.job_id),
+        )
+    return True
+
+
+def attempts(db: sqlite_utils.Database, job_id: str) -> list[AttemptRow]:
+    rows = db.conn.execute(
+        "SELECT job_id, attempt, pool, accelerator, cards, placed_at, started_at, ended_at, exit_reason, "
+        "exit_code, detail, card_hours, energy_cny, breakdown FROM attempts WHERE job_id = ? ORDER BY attempt",
+        (job_id,),
+    )
+    out = []
+    for r in rows:
+        out.append(AttemptRow(
+            job_id=r[0], attempt=r[1], pool=r[2], accelerator=r[3], cards=r[4], placed_at=r[5], started_at=r[6],
+            ended_at=r[7], exit_reason=r[8], exit_code=r[9], detail=r[10], card_hours=r[11], energy_cny=r[12],
+            breakdown=json.loads(r[13]) if r[13] else None,
+        ))
+    return out
+
+
+def record_event(
+    db: sqlite_utils.Database,
+    job_id: str,
+    attempt: int,
+    seq: int,
+    kind: str,
+    body_json: str | bytes,
+    now: float,
+) -> bool:
+    """Store one agent event; False if ``job:attempt:seq`` was stored before (apply it only on True)."""
+    body = body_json.decode() if isinstance(body_json, bytes) else body_json
+    with transaction(db):
+        cur = db.conn.execute(
+            "INSERT INTO job_events (job_id, attempt, seq, kind, body, at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (job_id, attempt, seq) DO NOTHING",
+            (job_id, attempt, seq, kind, body, now),
+        )
+    return cur.rowcount == 1
+
+
+def events(db: sqlite_utils.Database, job_id: str) -> list[EventRow]:
+    """A job's events in order (attempt, then seq)."""
+    rows = db.conn.execute(
+        "SELECT job_id, attempt, seq, kind, body, at FROM job_events WHERE job_id = ? ORDER BY attempt, seq",
+        (job_id,),
+    )
+    return [EventRow(job_id=r[0], attempt=r[1], seq=r[2], kind=r[3], body=json.loads(r[4]), at=r[5]) for r in rows]
+
+
+def record_placements(
+    db: sqlite_utils.Database,
+    placed: Iterable[tuple[lifecycle.JobRecord, dict[str, Any]]],
+    now: float,
+) -> int:
+    """Persist one scheduler tick's placements in one transaction: each job's new lifecycle record
+    (from ``lifecycle.place``), its placement explanation, and its new attempt row.
+
+    Returns the number of jobs written. Raises NotFound/Conflict (and writes nothing) if a job is
+    missing or its attempt exists already.
+    """
+    n = 0
+    with transaction(db):
+        conn = db.conn
+        for rec, placement in placed:
+            text = json.dumps(placement)
+            cur = conn.execute(_RECORD_SQL + ", placement = ? WHERE id = ?", [*_record_args(rec), text, rec.id])
+            if cur.rowcount == 0:
+                raise NotFound(f"job {rec.id} not found", field="job_id")
+            cur = conn.execute(
+                "INSERT INTO attempts (job_id, attempt, pool, accelerator, cards, placed_at, breakdown) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt) DO NOTHING",
+                (rec.id, rec.attempt, rec.pool, rec.accelerator, rec.cards, now,
+                 json.dumps(placement.get("breakdown")) if placement.get("breakdown") else None),
+            )
+            if cur.rowcount == 0:
+                raise Conflict(f"job {rec.id} attempt {rec.attempt} exists already", field="attempt")
+            n += 1
+    return n
+
+
+def record_waits(db: sqlite_utils.Database, waits: Iterable[tuple[str, str]], now: float) -> int:
+    """Persist why waiting jobs wait (one transaction); rows whose reason is unchanged are not touched.
+
+    Returns the number of rows changed.
+    """
+    with transaction(db):
+        cur = db.conn.executemany(
+            "UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ? AND reason != ?",
+            ((reason, now, job_id, reason) for job_id, reason in waits),
+        )
+    return cur.rowcount
+
+
+def usage_by_tenant(db: sqlite_utils.Database, tenant: str) -> dict[str, Any]:
+    """Training usage of a tenant: jobs, ended attempts, card-hours and energy cost (CNY)."""
+    jobs_n, hours, energy = db.conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(card_hours), 0), COALESCE(SUM(energy_cny), 0) FROM jobs WHERE tenant = ?",
+        (tenant,),
+    ).fetchone()
+    (attempts_n,) = db.conn.execute(
+        "SELECT COUNT(*) FROM attempts a JOIN jobs j ON j.id = a.job_id WHERE j.tenant = ? AND a.ended_at IS NOT NULL",
+        (tenant,),
+    ).fetchone()
+    return {"jobs": jobs_n, "attempts": attempts_n, "card_hours": float(hours), "energy_cny": float(energy)}

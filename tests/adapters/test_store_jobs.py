@@ -1,0 +1,201 @@
+"""store/jobs.py against a real SQLite file: idempotent submission, events applied once,
+metering once, a whole plan tick in one transaction, and everything still there after reopening."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from controlplane import lifecycle as lc
+from controlplane.errors import Conflict, NotFound, Unprocessable
+from controlplane.store import db as dbmod
+from controlplane.store import jobs
+
+T0 = 1_700_000_000.0
+SPEC = {"name": "llama-ft", "cards": 16, "accelerators": ["A800"], "est_hours": 10, "priority": 2}
+
+
+def body(**kw: object) -> str:
+    return json.dumps({**SPEC, **kw}, sort_keys=True)
+
+
+def h(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "cpn.db"
+
+
+@pytest.fixture
+def db(path: Path):  # type: ignore[no-untyped-def]
+    d = dbmod.open_db(path)
+    yield d
+    d.conn.close()
+
+
+def test_schema_is_durable_wal_full(db) -> None:  # type: ignore[no-untyped-def]
+    assert dbmod.pragmas(db) == {"journal_mode": "wal", "synchronous": 2}
+    assert {"jobs", "attempts", "job_events", "idempotency"} <= set(db.table_names())
+
+
+def test_same_key_same_body_replays_the_first_answer(db) -> None:  # type: ignore[no-untyped-def]
+    first, replayed = jobs.create_job(db, "acme", body(), "k1", h(body()), T0)
+    assert not replayed and first.state == "queued" and first.cards == 16 and first.priority == 2
+    assert first.id.startswith("job-") and first.name == "llama-ft"
+    jobs.update_job(db, first.id, T0 + 5, state="placed", pool="p1")  # the job moves on ...
+    again, replayed = jobs.create_job(db, "acme", body(), "k1", h(body()), T0 + 10)
+    assert replayed and again == first  # ... the replay is the first answer, not the current state
+    assert len(jobs.list_jobs(db, "acme")) == 1
+
+
+def test_same_key_other_body_is_a_422_naming_the_header(db) -> None:  # type: ignore[no-untyped-def]
+    jobs.create_job(db, "acme", body(), "k1", h(body()), T0)
+    other = body(cards=32)
+    with pytest.raises(Unprocessable) as info:
+        jobs.create_job(db, "acme", other, "k1", h(other), T0 + 1)
+    assert info.value.status == 422 and info.value.field == "Idempotency-Key"
+    assert len(jobs.list_jobs(db, "acme")) == 1
+
+
+def test_keys_are_per_tenant_and_requests_without_a_key_always_create(db) -> None:  # type: ignore[no-untyped-def]
+    a, _ = jobs.create_job(db, "acme", body(), "k1", h(body()), T0)
+    b, replayed = jobs.create_job(db, "globex", body(), "k1", h(body()), T0)
+    assert not replayed and a.id != b.id
+    jobs.create_job(db, "acme", body(), None, h(body()), T0 + 1)
+    jobs.create_job(db, "acme", body(), None, h(body()), T0 + 2)
+    assert len(jobs.list_jobs(db, "acme")) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [("not json", "body"), ("[1]", "body"), (json.dumps({"cards": 0}), "cards"),
+     (json.dumps({"cards": "8"}), "cards"), (json.dumps({"cards": 8, "priority": 1.5}), "priority")],
+)
+def test_a_bad_spec_is_refused_naming_the_field(db, text: str, field: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(Unprocessable) as info:
+        jobs.create_job(db, "acme", text, "k", h(text), T0)
+    assert info.value.field == field
+    assert db.conn.execute("SELECT COUNT(*) FROM idempotency").fetchone()[0] == 0
+
+
+def test_another_tenants_job_is_invisible_and_ids_are_unique(db) -> None:  # type: ignore[no-untyped-def]
+    job, _ = jobs.create_job(db, "acme", body(), None, "x", T0, job_id="job-1")
+    assert jobs.get_job(db, "job-1", tenant="globex") is None
+    assert jobs.get_job(db, "job-1", tenant="acme") == job
+    with pytest.raises(Conflict):
+        jobs.create_job(db, "acme", body(), None, "x", T0, job_id="job-1")
+
+
+def test_lifecycle_records_round_trip_and_terminal_states_get_finished_at(db) -> None:  # type: ignore[no-untyped-def]
+    job, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
+    rec = jobs.load_record(db, job.id)
+    assert rec is not None and rec.state is lc.JobState.QUEUED and rec.cards == 16
+    rec = lc.place(rec, "p1", "A800", T0 + 1)
+    jobs.save_record(db, rec, placement={"chosen": "p1: 12.00 CNY"})
+    got = jobs.get_job(db, job.id)
+    assert got is not None and got.record() == rec and got.placement == {"chosen": "p1: 12.00 CNY"}
+    assert got.finished_at is None
+    done = lc.cancel(rec, T0 + 2).record
+    jobs.save_record(db, done)
+    assert jobs.get_job(db, job.id).finished_at == T0 + 2  # type: ignore[union-attr]
+    with pytest.raises(NotFound):
+        jobs.save_record(db, lc.JobRecord(id="nope", tenant="acme", cards=1))
+
+
+def test_update_job_refuses_unknown_fields_and_missing_jobs(db) -> None:  # type: ignore[no-untyped-def]
+    job, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
+    with pytest.raises(ValueError, match="tenant"):
+        jobs.update_job(db, job.id, T0, tenant="globex")
+    with pytest.raises(NotFound):
+        jobs.update_job(db, "nope", T0, reason="x")
+
+
+def test_events_are_applied_once_by_job_attempt_seq(db) -> None:  # type: ignore[no-untyped-def]
+    job, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
+    ev = '{"kind": "checkpointed", "progress": 0.5}'
+    assert jobs.record_event(db, job.id, 1, 1, "attempt_started", "{}", T0)
+    assert jobs.record_event(db, job.id, 1, 2, "checkpointed", ev, T0 + 1)
+    assert not jobs.record_event(db, job.id, 1, 2, "checkpointed", ev, T0 + 2)  # redelivery
+    assert jobs.record_event(db, job.id, 2, 1, "attempt_started", b"{}", T0 + 3)  # same seq, new attempt
+    got = [(e.attempt, e.seq, e.kind) for e in jobs.events(db, job.id)]
+    assert got == [(1, 1, "attempt_started"), (1, 2, "checkpointed"), (2, 1, "attempt_started")]
+    assert jobs.events(db, job.id)[1].body == {"kind": "checkpointed", "progress": 0.5}
+
+
+def test_metering_is_added_once_per_attempt_and_summed_per_tenant(db) -> None:  # type: ignore[no-untyped-def]
+    job, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
+    jobs.add_attempt(db, job.id, 1, "p1", "A800", 16, T0, breakdown={"total_cny": 9.5})
+    with pytest.raises(Conflict):
+        jobs.add_attempt(db, job.id, 1, "p1", "A800", 16, T0)
+    jobs.mark_attempt_started(db, job.id, 1, T0 + 30)
+    meter = lc.Meter(job_id=job.id, attempt=1, pool="p1", accelerator="A800", cards=16, start_at=T0 + 30,
+                     end_at=T0 + 30 + 2 * 3600)
+    assert jobs.end_attempt(db, meter, energy_cny=12.5, exit_reason="infra_failure", detail="XID 79")
+    assert not jobs.end_attempt(db, meter, energy_cny=12.5, exit_reason="infra_failure")  # applied once
+    jobs.add_attempt(db, job.id, 2, "p2", "A800", 16, T0 + 8000)
+    meter2 = lc.Meter(job_id=job.id, attempt=2, pool="p2", accelerator="A800", cards=16, start_at=T0 + 8000,
+                      end_at=T0 + 8000 + 3600)
+    assert jobs.end_attempt(db, meter2, energy_cny=5.0, exit_reason="completed", exit_code=0)
+    a1, a2 = jobs.attempts(db, job.id)
+    assert (a1.card_hours, a1.energy_cny, a1.exit_reason, a1.detail) == (32.0, 12.5, "infra_failure", "XID 79")
+    assert a1.breakdown == {"total_cny": 9.5} and a1.started_at == T0 + 30 and a2.exit_code == 0
+    row = jobs.get_job(db, job.id)
+    assert row is not None and (row.card_hours, row.energy_cny) == (48.0, 17.5)
+    other, _ = jobs.create_job(db, "globex", body(), None, "x", T0)
+    assert jobs.usage_by_tenant(db, "acme") == {"jobs": 1, "attempts": 2, "card_hours": 48.0, "energy_cny": 17.5}
+    assert jobs.usage_by_tenant(db, "globex") == {"jobs": 1, "attempts": 0, "card_hours": 0.0, "energy_cny": 0.0}
+
+
+def test_a_plan_tick_is_one_transaction_all_or_nothing(db) -> None:  # type: ignore[no-untyped-def]
+    a, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
+    b, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
+    ra = lc.place(a.record(), "p1", "A800", T0 + 1)
+    ghost = lc.place(lc.JobRecord(id="ghost", tenant="acme", cards=1), "p1", "A800", T0 + 1)
+    with pytest.raises(NotFound):
+        jobs.record_placements(db, [(ra, {"chosen": "p1"}), (ghost, {})], T0 + 1)
+    assert jobs.get_job(db, a.id).state == "queued" and jobs.attempts(db, a.id) == []  # type: ignore[union-attr]
+    rb = lc.place(b.record(), "p2", "A800", T0 + 1)
+    assert jobs.record_placements(db, [(ra, {"chosen": "p1", "breakdown": {"total_cny": 3.0}}),
+                                       (rb, {"chosen": "p2"})], T0 + 1) == 2
+    assert jobs.get_job(db, a.id).state == "placed" and jobs.attempts(db, a.id)[0].pool == "p1"  # type: ignore[union-attr]
+    assert jobs.record_waits(db, [(a.id, "quota"), (b.id, "quota")], T0 + 2) == 2
+    assert jobs.record_waits(db, [(a.id, "quota"), (b.id, "no free cards")], T0 + 3) == 1
+    assert [j.id for j in jobs.jobs_in_states(db, ["placed"])] == sorted([a.id, b.id], key=lambda i: (T0, i))
+
+
+def test_everything_survives_reopening_the_file(path: Path) -> None:
+    first = dbmod.open_db(path)
+    try:
+        job, _ = jobs.create_job(first, "acme", body(), "k1", h(body()), T0)
+        rec = lc.place(job.record(), "p1", "A800", T0 + 1)
+        jobs.record_placements(first, [(rec, {"chosen": "p1"})], T0 + 1)
+        jobs.record_event(first, job.id, 1, 1, "attempt_started", "{}", T0 + 2)
+    finally:
+        first.conn.close()
+    again = dbmod.open_db(path)
+    try:
+        got = jobs.get_job(again, job.id)
+        assert got is not None and got.record() == rec
+        assert not jobs.record_event(again, job.id, 1, 1, "attempt_started", "{}", T0 + 3)
+        replay, replayed = jobs.create_job(again, "acme", body(), "k1", h(body()), T0 + 4)
+        assert replayed and replay.id == job.id
+        assert jobs.attempts(again, job.id)[0].attempt == 1
+    finally:
+        again.conn.close()
+
+
+def test_two_connections_on_one_file_share_idempotency(path: Path) -> None:
+    one, two = dbmod.open_db(path), dbmod.open_db(path)
+    try:
+        a, r1 = jobs.create_job(one, "acme", body(), "k", h(body()), T0)
+        b, r2 = jobs.create_job(two, "acme", body(), "k", h(body()), T0)
+        assert (r1, r2) == (False, True) and a.id == b.id
+    finally:
+        one.conn.close()
+        two.conn.close()
