@@ -36,7 +36,6 @@ from .layout import (
     ID_PATTERN,
     attachments,
     auto_links,
-    great_circle_km,
     site_distance_km,
 )
 
@@ -378,12 +377,15 @@ def link_problems(link: Link, sites: dict[str, Site], route_factor: float) -> li
     if link.fibre_km is not None and not (math.isfinite(link.fibre_km) and link.fibre_km >= gc_km * 0.999):
         out.append(f"fibre_km = {link.fibre_km:g} is shorter than the great-circle distance {gc_km:.1f} km")
     if link.one_way_ms is not None:
-        km = link.fibre_km if link.fibre_km is not None else gc_km
-        floor_ms = max(km, gc_km) * FIBRE_MS_PER_KM
+        if link.fibre_km is not None and link.fibre_km > gc_km:
+            km, what = link.fibre_km, "km of stated fibre"
+        else:
+            km, what = gc_km, "km great-circle"
+        floor_ms = km * FIBRE_MS_PER_KM
         if not (math.isfinite(link.one_way_ms) and link.one_way_ms >= floor_ms * 0.999):
             out.append(
                 f"one_way_ms = {link.one_way_ms:g} is below the speed-of-light floor {floor_ms:.3f} ms "
-                f"for {max(km, gc_km):.1f} km of fibre (4.9 us/km)"
+                f"for {km:.1f} {what} (4.9 us/km in fibre)"
             )
     return out
 
@@ -447,4 +449,4 @@ def _merge_defaults(table: dict[str, Any], defaults: dict[str, dict[str, Any]]) 
     return merged
 
 
-__all__ = ["from_dict", "tariff_problems", "link_problems", "connectivity_problems", "great_circle_km"]
+__all__ = ["from_dict", "tariff_problems", "link_problems", "connectivity_problems"]

@@ -301,14 +301,14 @@ def attach_sites(origin: Origin, sites: list[Site], same_city: list[str], max_ac
     return [best[1]] if best else []
 
 
-def auto_links(sites: list[Site], stated: list[Link] = ()) -> list[Link]:  # type: ignore[assignment]
+def auto_links(sites: list[Site], stated: list[Link] | None = None) -> list[Link]:
     """Links the shape rules add, skipping pairs already in ``stated``.
 
     Hubs are meshed; each regional pool links to its REGIONAL_HUB_LINKS nearest hubs; each edge
     pool links to its nearest regional pool or hub (an edge pool is single-homed on purpose: its
     uplink going down cuts it off, as it would).
     """
-    have = {frozenset((l.a, l.b)) for l in stated}
+    have = {frozenset((l.a, l.b)) for l in stated or []}
     out: list[Link] = []
 
     def add(a: str, b: str, kind: str) -> None:
