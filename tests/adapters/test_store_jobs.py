@@ -199,3 +199,16 @@ def test_two_connections_on_one_file_share_idempotency(path: Path) -> None:
     finally:
         one.conn.close()
         two.conn.close()
+
+
+def test_the_scheduler_bench_persists_every_decision_on_a_small_network(tmp_path: Path) -> None:
+    from bench import scheduler as bench
+
+    out = tmp_path / "scheduler.json"
+    rc = bench.main(["--pools", "30", "--jobs", "300", "--repeat", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert rc in (0, 1) and res["pass"]["memory"] is (res["memory"]["decisions_per_s"] >= 5000)
+    assert res["memory"]["decisions"] == res["sqlite"]["decisions"] == 300
+    assert res["memory"]["starts"] > 0 and res["memory"]["waits"] > 0
+    # every start became an attempt row, plus the one-commit-per-decision comparison slice
+    assert res["sqlite"]["attempt_rows"] == res["memory"]["starts"] * 2

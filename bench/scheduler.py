@@ -1,0 +1,234 @@
+"""``cpn bench scheduler``: training placement decisions per second, in memory and persisted.
+
+Builds a synthetic network (default 1,000 pools, four accelerator types, 31 regional time-of-use
+tariffs) and queue (default 10,000 jobs over 50 tenants, mixed sizes, priorities, deadlines,
+region and TEE constraints), deterministic for a seed. Then:
+
+1. in memory: ``scheduler.plan(snapshot, now)`` over the whole queue, repeated; a *decision* is one
+   queued job answered (start, wait or infeasible), so decisions/s = queued jobs / plan time;
+2. with SQLite: the same plan, then every decision persisted through ``store/jobs.py`` to a temp
+   file (WAL + ``synchronous=FULL``): each start as ``lifecycle.place`` + the job row + its
+   placement explanation + its attempt row, each wait/infeasible as the job's reason. The tick is
+   committed as **one transaction** (one fsync per plan tick, as the hub does); figures for one
+   commit per decision are measured on a slice for comparison.
+
+Targets (DESIGN §10): >= 5,000 decisions/s in memory, and >= 0.5x that with SQLite.
+Prints a table and writes JSON to ``bench/results/scheduler.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from bench import common
+from controlplane import lifecycle, placement, scheduler
+from controlplane.store import db as dbmod
+from controlplane.store import jobs as jobstore
+from topology import layout
+
+NOW = 1_767_232_800.0  # 2026-01-01 10:00 China local time (a peak hour)
+
+# name -> (kW per card, units vs A800): illustrative board powers and relative compute
+ACCELERATORS = {"A800": (0.40, 1.0), "H20": (0.40, 0.9), "910B": (0.35, 0.8), "MLU590": (0.35, 0.6)}
+PEAK_HOURS = [8, 9, 10, 11, 18, 19, 20]
+VALLEY_HOURS = [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def build(n_pools: int, n_jobs: int, seed: int) -> tuple[list[placement.Pool], list[placement.JobSpec], dict[str, scheduler.Tenant]]:
+    """The synthetic network and queue (same seed, same data)."""
+    rng = random.Random(seed)
+    regions = [f"r{i:02d}" for i in range(31)]
+    tariffs = {}
+    for r in regions:
+        flat = round(rng.uniform(0.35, 0.8), 3)
+        tariffs[r] = layout.Tariff(flat_cny_per_kwh=flat, peak_cny_per_kwh=round(flat * 1.6, 3),
+                                   valley_cny_per_kwh=round(flat * 0.4, 3), peak_hours=PEAK_HOURS,
+                                   valley_hours=VALLEY_HOURS, source="synthetic")
+    pools = []
+    for i in range(n_pools):
+        region = rng.choice(regions)
+        accs = rng.sample(sorted(ACCELERATORS), rng.choice([1, 1, 2]))
+        total = {a: rng.choice([64, 128, 256, 512, 1024, 2048]) for a in accs}
+        pools.append(placement.Pool(
+            id=f"p{i:04d}", region=region, provider=rng.choice(["cpn-operator", "tp-a", "tp-b"]),
+            tee=rng.random() < 0.2, healthy=rng.random() > 0.02, draining=rng.random() < 0.02,
+            cards_total=total, cards_free={a: int(n * rng.uniform(0.0, 1.0)) for a, n in total.items()},
+            kw_per_card={a: ACCELERATORS[a][0] for a in accs}, units={a: ACCELERATORS[a][1] for a in accs},
+            tariff=tariffs[region], pue=round(rng.uniform(1.1, 1.5), 2),
+            failure_rate_per_card_hour=rng.uniform(1e-5, 2e-4), restart_s=rng.uniform(60, 900),
+            egress_gbps=rng.choice([10.0, 40.0, 100.0]),
+        ))
+    jobs = []
+    for i in range(n_jobs):
+        est = rng.choice([1.0, 4.0, 12.0, 48.0, 200.0])
+        jobs.append(placement.JobSpec(
+            id=f"j{i:05d}", tenant=f"t{rng.randrange(50):02d}",
+            cards=rng.choice([1, 2, 4, 8, 8, 16, 16, 32, 64, 128, 256]),
+            accelerators=tuple(rng.sample(sorted(ACCELERATORS), rng.choice([1, 2]))), est_hours=est,
+            checkpoint_cost_s=rng.choice([60.0, 300.0, 900.0]), priority=rng.choice([0, 0, 0, 1, 2]),
+            deadline=NOW + est * 3600 * rng.uniform(1.5, 4.0) if rng.random() < 0.3 else None,
+            regions=tuple(rng.sample(regions, 5)) if rng.random() < 0.2 else (),
+            tee=rng.random() < 0.05, submitted_at=NOW - rng.uniform(0, 86400),
+        ))
+    tenants = {f"t{i:02d}": scheduler.Tenant(id=f"t{i:02d}", quota_cards=rng.choice([None, 4096, 8192]),
+                                             share=rng.choice([1.0, 1.0, 2.0])) for i in range(50)}
+    return pools, jobs, tenants
+
+
+def _persist(db: Any, plan: scheduler.Plan, records: dict[str, lifecycle.JobRecord], now: float) -> None:
+    placed = []
+    for s in plan.start:
+        rec = lifecycle.place(records[s.job_id], s.pool, s.accelerator, now)
+        records[s.job_id] = rec
+        placed.append((rec, {"chosen": s.explanation.chosen,
+                             "others": msgspec.to_builtins(s.explanation.others),
+                             "breakdown": msgspec.to_builtins(s.breakdown)}))
+    waits = [(w.job_id, w.reason) for w in plan.wait]
+    waits += [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
+    with dbmod.transaction(db):  # one commit for the whole tick
+        jobstore.record_placements(db, placed, now)
+        jobstore.record_waits(db, waits, now)
+
+
+def run(n_pools: int = 1000, n_jobs: int = 10_000, seed: int = 0, repeat: int = 3,
+        per_commit_slice: int = 500) -> dict[str, Any]:
+    pools, queued, tenants = build(n_pools, n_jobs, seed)
+    snap = scheduler.Snapshot(pools=pools, queued=queued, tenants=tenants)
+
+    mem_s = []
+    plan = scheduler.Plan()
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        plan = scheduler.plan(snap, NOW)
+        mem_s.append(time.perf_counter() - t0)
+    decisions = plan.decisions
+    mem_best = min(mem_s)
+
+    sql: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cpn-bench-") as tmp:
+        db = dbmod.open_db(Path(tmp) / "bench.db")
+        try:
+            # Set-up: the queue as the API would have stored it. One commit per job (the API path)
+            # for a slice, the rest batched (set-up time is not what this bench measures).
+            t0 = time.perf_counter()
+            for j in queued[:per_commit_slice]:
+                jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
+                                    f"k-{j.id}", j.id, NOW, job_id=j.id)
+            submit_s = time.perf_counter() - t0
+            with dbmod.transaction(db):
+                for j in queued[per_commit_slice:]:
+                    jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
+                                        f"k-{j.id}", j.id, NOW, job_id=j.id)
+            records = {j.id: lifecycle.JobRecord(id=j.id, tenant=j.tenant, cards=j.cards) for j in queued}
+
+            t0 = time.perf_counter()
+            tick = scheduler.plan(snap, NOW)
+            t1 = time.perf_counter()
+            _persist(db, tick, records, NOW)
+            t2 = time.perf_counter()
+
+            # For comparison: one commit per decision, on a slice of the starts.
+            again = {j.id: lifecycle.JobRecord(id=j.id, tenant=j.tenant, cards=j.cards, attempt=1,
+                                               state=lifecycle.JobState.QUEUED) for j in queued}
+            sl = tick.start[:per_commit_slice]
+            t3 = time.perf_counter()
+            for s in sl:
+                rec = lifecycle.place(again[s.job_id], s.pool, s.accelerator, NOW)
+                jobstore.record_placements(db, [(rec, {"chosen": s.explanation.chosen,
+                                                       "breakdown": msgspec.to_builtins(s.breakdown)})], NOW)
+            t4 = time.perf_counter()
+            n_rows = db.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0]
+        finally:
+            db.conn.close()
+        sql = {
+            "plan_s": t1 - t0,
+            "persist_s": t2 - t1,
+            "decisions": tick.decisions,
+            "decisions_per_s": tick.decisions / (t2 - t0),
+            "commits": 1,
+            "per_decision_commit_per_s": len(sl) / (t4 - t3) if sl else None,
+            "create_job_one_commit_each_per_s": per_commit_slice / submit_s if per_commit_slice else None,
+            "attempt_rows": n_rows,
+        }
+
+    mem = {
+        "plan_s_runs": mem_s,
+        "plan_s_best": mem_best,
+        "plan_s_median": statistics.median(mem_s),
+        "decisions": decisions,
+        "starts": len(plan.start),
+        "waits": len(plan.wait),
+        "infeasible": len(plan.infeasible),
+        "decisions_per_s": decisions / mem_best,
+        "starts_per_s": len(plan.start) / mem_best,
+    }
+    return {
+        # the two headline figures, at the top level for bench/table.py (README table)
+        "in_memory_decisions_per_s": round(mem["decisions_per_s"]),
+        "sqlite_decisions_per_s": round(sql["decisions_per_s"]),
+        "sqlite_ratio": round(sql["decisions_per_s"] / mem["decisions_per_s"], 2),
+        "params": {"pools": n_pools, "jobs": n_jobs, "seed": seed, "repeat": repeat,
+                   "score_cap": scheduler.DEFAULT_POLICY.score_cap},
+        "memory": mem,
+        "sqlite": sql,
+        "targets": {"memory_decisions_per_s": 5000, "sqlite_ratio": 0.5},
+        "pass": {
+            "memory": mem["decisions_per_s"] >= 5000,
+            "sqlite": sql["decisions_per_s"] >= 0.5 * mem["decisions_per_s"],
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print a table; write JSON. Exit 0 when both targets are met, 1 if not."""
+    ap = argparse.ArgumentParser(prog="cpn bench scheduler", description=__doc__.splitlines()[0])
+    ap.add_argument("--pools", type=int, default=1000)
+    ap.add_argument("--jobs", type=int, default=10_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/scheduler.json)")
+    args = ap.parse_args(argv)
+    if args.pools < 1 or args.jobs < 1 or args.repeat < 1:
+        print("cpn bench scheduler: --pools, --jobs and --repeat must be >= 1", file=sys.stderr)
+        return 2
+    res = run(args.pools, args.jobs, args.seed, args.repeat, per_commit_slice=min(500, args.jobs))
+    mem, sql = res["memory"], res["sqlite"]
+    rows = [
+        ("in memory: plan", f"{mem['plan_s_best'] * 1000:.0f} ms", f"{mem['decisions_per_s']:,.0f} decisions/s",
+         f"{mem['starts']} start, {mem['waits']} wait, {mem['infeasible']} infeasible"),
+        ("SQLite: plan + persist", f"{(sql['plan_s'] + sql['persist_s']) * 1000:.0f} ms",
+         f"{sql['decisions_per_s']:,.0f} decisions/s",
+         f"{sql['decisions_per_s'] / mem['decisions_per_s']:.2f}x memory; one commit per tick"),
+        ("SQLite: one commit per start", "", f"{sql['per_decision_commit_per_s'] or 0:,.0f} decisions/s", "for comparison"),
+        ("create_job, one commit each", "", f"{sql['create_job_one_commit_each_per_s'] or 0:,.0f} jobs/s", "API path"),
+    ]
+    print(f"scheduler: {res['params']['jobs']:,} queued jobs over {res['params']['pools']:,} pools "
+          f"({common.machine()})")
+    for r in rows:
+        print(f"  {r[0]:<30} {r[1]:>8}  {r[2]:>22}  {r[3]}")
+    ok = res["pass"]["memory"] and res["pass"]["sqlite"]
+    print(f"  targets: >= 5,000/s in memory {'met' if res['pass']['memory'] else 'MISSED'}; "
+          f"SQLite >= 0.5x {'met' if res['pass']['sqlite'] else 'MISSED'}")
+    if args.out is None:
+        path = common.write("scheduler", res)
+    else:
+        path = args.out
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"bench": "scheduler", "machine": common.machine(),
+                                    "date": time.strftime("%Y-%m-%d"), **res}, indent=2, sort_keys=True) + "\n")
+    print(f"  wrote {path}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
