@@ -131,6 +131,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Fraction already done (from the last checkpoint) — only the rest is priced."""
     checkpoint_pool: str = ""
     """Pool holding the checkpoint to resume from; restarting elsewhere pays to move it."""
+    restarting: bool = False
+    """Lost its pool to an infrastructure failure: goes ahead of its priority level's queue."""
 
 
 class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):

@@ -14,7 +14,8 @@ Public API:
 
 Policy, in the order applied:
 
-1. Order: priority (higher first); within a priority, fair share — the tenant whose cards in use
+1. Order: priority (higher first); within a priority, jobs restarting after an infrastructure
+   failure first (they lost their pool, not their turn), then fair share — the tenant whose cards in use
    (running + placed in this plan) divided by its share is lowest goes next; within a tenant,
    submit time, then id.
 2. Quota: a job that would push its tenant over ``quota_cards`` waits, saying so.
@@ -263,6 +264,16 @@ class _Planner:
             levels[job.priority][job.tenant].append(job)
         for prio in sorted(levels, reverse=True):
             queues = levels[prio]
+            # Jobs restarting after an infrastructure failure keep their place: they go first
+            # (oldest first), before fair share orders the rest of the level.
+            back = sorted((j for js in queues.values() for j in js if j.restarting),
+                          key=lambda j: (j.submitted_at, j.id))
+            if back:
+                yield from back
+                for tenant in list(queues):
+                    queues[tenant] = [j for j in queues[tenant] if not j.restarting]
+                    if not queues[tenant]:
+                        del queues[tenant]
             heap = []
             for tenant, jobs in queues.items():
                 jobs.sort(key=lambda j: (j.submitted_at, j.id), reverse=True)  # pop() from the end

@@ -331,3 +331,13 @@ def test_backfill_never_delays_the_head_and_preemption_only_stops_lower_priority
         if s.pool == res.pool and s.accelerator == res.accelerator and s.start_at + s.breakdown.run_s > res.at:
             at_res -= s.cards
     assert at_res >= res.cards
+
+
+def test_a_job_restarting_after_a_failure_keeps_its_place_in_its_priority_level() -> None:
+    queued = [job("new", tenant="a", submitted_at=0.0),
+              job("back", tenant="b", submitted_at=50.0, restarting=True, progress=0.4, checkpoint_pool="gone"),
+              job("vip", tenant="c", priority=3, submitted_at=90.0)]
+    busy = [running("rb", pool="elsewhere", tenant="b", cards=64)]  # fair share alone would put b last
+    p = plan([pool(cards=16)], queued, running=busy)
+    assert starts(p) == {"vip": "p1", "back": "p1"}
+    assert "new" in waits(p)
