@@ -24,7 +24,9 @@ from typing import Any, Protocol
 from controlplane import auth
 from controlplane.bus import HubBus
 from controlplane.config import HubConfig
+from controlplane.errors import RateLimited
 from controlplane.inference import InferenceService
+from controlplane.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
 from controlplane.registry import SiteRegistry, StaticSite, Transition
 from controlplane.router import Router
@@ -67,6 +69,7 @@ class Hub:
         self.registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
         self.keys = auth.KeyRing()
         self.rng = random.Random(config.seed)
+        self.rate_limiter = TokenBuckets(config.default_rate_per_s, config.default_burst)
         self.rtt: latency.RttIndex | None = None
         self.router: Router = None  # type: ignore[assignment]  # set in start()
         self.origin_ids: set[str] = set()
@@ -336,6 +339,23 @@ class Hub:
         key = auth.new_key("admin")
         self.keys.add(store_tenants.add_key(self.db, key, role="admin", tenant_id=None, now=time.time(), label=label))
         return key
+
+    def rate_limit(self, principal: auth.Principal, request: object) -> None:
+        """Per-tenant token bucket (the tenant's own plan, else the hub's defaults).
+
+        Raises:
+            RateLimited: with the seconds until the next request would be allowed.
+        """
+        tenant = principal.tenant_id
+        if tenant is None:  # operators are not rate limited
+            return
+        row = self.tenant(tenant) or {}
+        ok, retry_after_s = self.rate_limiter.take(
+            tenant, time.monotonic(), rate_per_s=row.get("rate_per_s") or None, burst=row.get("burst") or None,
+        )
+        if not ok:
+            raise RateLimited(f"tenant {tenant!r} is over its request rate; retry in {retry_after_s:.2f} s",
+                              retry_after_s=retry_after_s)
 
     def lookup_key_in_store(self, key: str) -> auth.Principal | None:
         """A key the in-memory ring does not know may have been issued by ``cpn tenant create``.
