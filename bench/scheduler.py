@@ -28,8 +28,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
 from bench import common
 from controlplane import lifecycle, placement, scheduler
 from controlplane.store import db as dbmod
@@ -90,14 +88,63 @@ def _persist(db: Any, plan: scheduler.Plan, records: dict[str, lifecycle.JobReco
     for s in plan.start:
         rec = lifecycle.place(records[s.job_id], s.pool, s.accelerator, now)
         records[s.job_id] = rec
-        placed.append((rec, {"chosen": s.explanation.chosen,
-                             "others": msgspec.to_builtins(s.explanation.others),
-                             "breakdown": msgspec.to_builtins(s.breakdown)}))
+        placed.append((rec, {"chosen": s.explanation.chosen, "others": s.explanation.others,
+                             "breakdown": s.breakdown}))
     waits = [(w.job_id, w.reason) for w in plan.wait]
     waits += [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
     with dbmod.transaction(db):  # one commit for the whole tick
         jobstore.record_placements(db, placed, now)
         jobstore.record_waits(db, waits, now)
+
+
+def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_commit_slice: int,
+                 *, first: bool) -> dict[str, Any]:
+    """One plan tick persisted to a fresh SQLite file (WAL + FULL); timings in seconds."""
+    with tempfile.TemporaryDirectory(prefix="cpn-bench-") as tmp:
+        db = dbmod.open_db(Path(tmp) / "bench.db")
+        try:
+            # Set-up: the queue as the API would have stored it. One commit per job (the API path)
+            # for a slice, the rest batched (set-up time is not what this bench measures).
+            n_each = per_commit_slice if first else 0
+            t0 = time.perf_counter()
+            for j in queued[:n_each]:
+                jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
+                                    f"k-{j.id}", j.id, NOW, job_id=j.id)
+            submit_s = time.perf_counter() - t0
+            with dbmod.transaction(db):
+                for j in queued[n_each:]:
+                    jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
+                                        f"k-{j.id}", j.id, NOW, job_id=j.id)
+            records = {j.id: lifecycle.JobRecord(id=j.id, tenant=j.tenant, cards=j.cards) for j in queued}
+
+            t0 = time.perf_counter()
+            tick = scheduler.plan(snap, NOW)
+            t1 = time.perf_counter()
+            _persist(db, tick, records, NOW)
+            t2 = time.perf_counter()
+
+            # For comparison (first run only): one commit per decision, on a slice of the starts.
+            sl = tick.start[:per_commit_slice] if first else []
+            t3 = time.perf_counter()
+            for s in sl:
+                rec = lifecycle.dispatched(records[s.job_id], NOW)  # placed by the tick above
+                rec = lifecycle.infra_failure(rec, NOW, "bench").record  # back to restarting ...
+                rec = lifecycle.place(rec, s.pool, s.accelerator, NOW)   # ... and placed again: attempt 2
+                jobstore.record_placements(db, [(rec, {"chosen": s.explanation.chosen, "breakdown": s.breakdown})], NOW)
+            t4 = time.perf_counter()
+            n_rows = db.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0]
+        finally:
+            db.conn.close()
+    return {
+        "plan_s": t1 - t0,
+        "persist_s": t2 - t1,
+        "decisions": tick.decisions,
+        "decisions_per_s": tick.decisions / (t2 - t0),
+        "commits": 1,
+        "per_decision_commit_per_s": len(sl) / (t4 - t3) if sl else None,
+        "create_job_one_commit_each_per_s": n_each / submit_s if n_each else None,
+        "attempt_rows": n_rows,
+    }
 
 
 def run(n_pools: int = 1000, n_jobs: int = 10_000, seed: int = 0, repeat: int = 3,
@@ -114,52 +161,13 @@ def run(n_pools: int = 1000, n_jobs: int = 10_000, seed: int = 0, repeat: int = 
     decisions = plan.decisions
     mem_best = min(mem_s)
 
-    sql: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="cpn-bench-") as tmp:
-        db = dbmod.open_db(Path(tmp) / "bench.db")
-        try:
-            # Set-up: the queue as the API would have stored it. One commit per job (the API path)
-            # for a slice, the rest batched (set-up time is not what this bench measures).
-            t0 = time.perf_counter()
-            for j in queued[:per_commit_slice]:
-                jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
-                                    f"k-{j.id}", j.id, NOW, job_id=j.id)
-            submit_s = time.perf_counter() - t0
-            with dbmod.transaction(db):
-                for j in queued[per_commit_slice:]:
-                    jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
-                                        f"k-{j.id}", j.id, NOW, job_id=j.id)
-            records = {j.id: lifecycle.JobRecord(id=j.id, tenant=j.tenant, cards=j.cards) for j in queued}
-
-            t0 = time.perf_counter()
-            tick = scheduler.plan(snap, NOW)
-            t1 = time.perf_counter()
-            _persist(db, tick, records, NOW)
-            t2 = time.perf_counter()
-
-            # For comparison: one commit per decision, on a slice of the starts.
-            again = {j.id: lifecycle.JobRecord(id=j.id, tenant=j.tenant, cards=j.cards, attempt=1,
-                                               state=lifecycle.JobState.QUEUED) for j in queued}
-            sl = tick.start[:per_commit_slice]
-            t3 = time.perf_counter()
-            for s in sl:
-                rec = lifecycle.place(again[s.job_id], s.pool, s.accelerator, NOW)
-                jobstore.record_placements(db, [(rec, {"chosen": s.explanation.chosen,
-                                                       "breakdown": msgspec.to_builtins(s.breakdown)})], NOW)
-            t4 = time.perf_counter()
-            n_rows = db.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0]
-        finally:
-            db.conn.close()
-        sql = {
-            "plan_s": t1 - t0,
-            "persist_s": t2 - t1,
-            "decisions": tick.decisions,
-            "decisions_per_s": tick.decisions / (t2 - t0),
-            "commits": 1,
-            "per_decision_commit_per_s": len(sl) / (t4 - t3) if sl else None,
-            "create_job_one_commit_each_per_s": per_commit_slice / submit_s if per_commit_slice else None,
-            "attempt_rows": n_rows,
-        }
+    runs = [_sqlite_once(snap, queued, per_commit_slice, first=(i == 0)) for i in range(repeat)]
+    sql = min(runs, key=lambda r: r["plan_s"] + r["persist_s"])  # best of, as in memory
+    sql = {**sql, "runs_s": [r["plan_s"] + r["persist_s"] for r in runs],
+           # measured on the first run only
+           "per_decision_commit_per_s": runs[0]["per_decision_commit_per_s"],
+           "create_job_one_commit_each_per_s": runs[0]["create_job_one_commit_each_per_s"],
+           "attempt_rows": runs[0]["attempt_rows"]}
 
     mem = {
         "plan_s_runs": mem_s,

@@ -30,7 +30,7 @@ Public API::
     attempts(db, job_id) -> [AttemptRow]
     record_event(db, job_id, attempt, seq, kind, body_json, now) -> bool
     events(db, job_id) -> [EventRow]
-    record_placements(db, [(JobRecord, placement_json)], now) -> int     # one plan tick, one commit
+    record_placements(db, [(JobRecord, placement_dict)], now) -> int     # one plan tick, one commit
     record_waits(db, [(job_id, reason)], now) -> int
     usage_by_tenant(db, tenant) -> {"jobs", "attempts", "card_hours", "energy_cny"}
 """
@@ -139,6 +139,14 @@ def _job(row: tuple[Any, ...]) -> JobRow:
 
 def _job_dict(job: JobRow) -> dict[str, Any]:
     return msgspec.to_builtins(job)  # type: ignore[no-any-return]
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def _encode(value: Any) -> str:
+    # msgspec encodes dicts holding Structs (breakdowns, verdicts) directly, and ~5x faster than json
+    return _ENCODER.encode(value).decode()
 
 
 def _new_id() -> str:
@@ -271,7 +279,7 @@ def update_job(db: sqlite_utils.Database, job_id: str, now: float, **fields: Any
     for name, value in fields.items():
         sets.append(f"{name} = ?")
         if name in _JSON_COLS and value is not None:
-            value = json.dumps(value)
+            value = _encode(value)
         elif isinstance(value, lifecycle.JobState):
             value = value.value
         args.append(value)
@@ -299,7 +307,7 @@ def _record_args(rec: lifecycle.JobRecord) -> list[Any]:
             rec.updated_at, terminal, rec.updated_at]
 
 
-def save_record(db: sqlite_utils.Database, rec: lifecycle.JobRecord, *, placement: dict[str, Any] | None = None) -> None:
+def save_record(db: sqlite_utils.Database, rec: lifecycle.JobRecord, *, placement: Any = None) -> None:
     """Write the lifecycle fields of ``rec`` (and the placement explanation, if given).
 
     Raises:
@@ -308,7 +316,7 @@ def save_record(db: sqlite_utils.Database, rec: lifecycle.JobRecord, *, placemen
     sql, args = _RECORD_SQL, _record_args(rec)
     if placement is not None:
         sql += ", placement = ?"
-        args.append(json.dumps(placement))
+        args.append(_encode(placement))
     with transaction(db):
         cur = db.conn.execute(sql + " WHERE id = ?", [*args, rec.id])
         if cur.rowcount == 0:
@@ -340,7 +348,7 @@ def add_attempt(
         cur = db.conn.execute(
             "INSERT INTO attempts (job_id, attempt, pool, accelerator, cards, placed_at, breakdown) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt) DO NOTHING",
-            (job_id, attempt, pool, accelerator, cards, now, json.dumps(breakdown) if breakdown else None),
+            (job_id, attempt, pool, accelerator, cards, now, _encode(breakdown) if breakdown else None),
         )
         if cur.rowcount == 0:
             raise Conflict(f"job {job_id} attempt {attempt} exists already", field="attempt")
@@ -434,33 +442,41 @@ def events(db: sqlite_utils.Database, job_id: str) -> list[EventRow]:
 
 def record_placements(
     db: sqlite_utils.Database,
-    placed: Iterable[tuple[lifecycle.JobRecord, dict[str, Any]]],
+    placed: Iterable[tuple[lifecycle.JobRecord, Any]],
     now: float,
 ) -> int:
     """Persist one scheduler tick's placements in one transaction: each job's new lifecycle record
     (from ``lifecycle.place``), its placement explanation, and its new attempt row.
 
+    The explanation is a dict (msgspec Structs inside are fine, e.g. ``scheduler.Placement``'s
+    ``breakdown`` and ``explanation``); its ``"breakdown"`` entry, if any, is also kept on the attempt.
     Returns the number of jobs written. Raises NotFound/Conflict (and writes nothing) if a job is
     missing or its attempt exists already.
     """
-    n = 0
+    rows = []
+    attempt_rows = []
+    for rec, placement in placed:
+        breakdown = placement.get("breakdown") if isinstance(placement, dict) else None
+        rows.append([*_record_args(rec), _encode(placement), rec.id])
+        attempt_rows.append((rec.id, rec.attempt, rec.pool, rec.accelerator, rec.cards, now,
+                             _encode(breakdown) if breakdown else None))
+    if not rows:
+        return 0
     with transaction(db):
         conn = db.conn
-        for rec, placement in placed:
-            text = json.dumps(placement)
-            cur = conn.execute(_RECORD_SQL + ", placement = ? WHERE id = ?", [*_record_args(rec), text, rec.id])
-            if cur.rowcount == 0:
-                raise NotFound(f"job {rec.id} not found", field="job_id")
-            cur = conn.execute(
-                "INSERT INTO attempts (job_id, attempt, pool, accelerator, cards, placed_at, breakdown) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt) DO NOTHING",
-                (rec.id, rec.attempt, rec.pool, rec.accelerator, rec.cards, now,
-                 json.dumps(placement.get("breakdown")) if placement.get("breakdown") else None),
-            )
-            if cur.rowcount == 0:
-                raise Conflict(f"job {rec.id} attempt {rec.attempt} exists already", field="attempt")
-            n += 1
-    return n
+        # executemany: one statement prepared once; rowcount sums, so a shortfall names the culprit
+        cur = conn.executemany(_RECORD_SQL + ", placement = ? WHERE id = ?", rows)
+        if cur.rowcount != len(rows):
+            missing = [r[-1] for r in rows if not conn.execute("SELECT 1 FROM jobs WHERE id = ?", (r[-1],)).fetchone()]
+            raise NotFound(f"job(s) {missing} not found", field="job_id")
+        cur = conn.executemany(
+            "INSERT INTO attempts (job_id, attempt, pool, accelerator, cards, placed_at, breakdown) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id, attempt) DO NOTHING",
+            attempt_rows,
+        )
+        if cur.rowcount != len(attempt_rows):
+            raise Conflict(f"{len(attempt_rows) - cur.rowcount} attempt(s) exist already", field="attempt")
+    return len(rows)
 
 
 def record_waits(db: sqlite_utils.Database, waits: Iterable[tuple[str, str]], now: float) -> int:
