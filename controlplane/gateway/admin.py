@@ -13,6 +13,7 @@ from controlplane.gateway.schemas import DrainBody, TenantBody
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
 from edge_agent import wire
+from controlplane.gateway.openapi import Op
 
 
 async def list_sites(request: web.Request) -> web.Response:
@@ -67,6 +68,15 @@ async def list_tenants(request: web.Request) -> web.Response:
     require_admin(request)
     hub = request.app[HUB]
     return json_response({"object": "list", "data": store_tenants.list_tenants(hub.db)})
+
+
+OPERATIONS = [
+    Op("GET", "/v1/sites", "Sites and their live state", auth="admin", tags=("operator",)),
+    Op("GET", "/v1/sites/{site}", "One site's live state", auth="admin", tags=("operator",)),
+    Op("POST", "/v1/sites/{site}/drain", "Drain a site (no new work) or undo it", body=DrainBody, auth="admin", tags=("operator",)),
+    Op("POST", "/v1/tenants", "Create a tenant and its first API key", body=TenantBody, status=201, auth="admin", tags=("operator",)),
+    Op("GET", "/v1/tenants", "List tenants", auth="admin", tags=("operator",)),
+]
 
 
 def add_routes(app: web.Application) -> None:

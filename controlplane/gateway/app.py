@@ -185,7 +185,7 @@ def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | Non
 
 def make_app(hub: Hub) -> web.Application:
     """Build the aiohttp application for ``hub``; each API module adds its routes."""
-    from controlplane.gateway import admin, health, infer, openai, usage
+    from controlplane.gateway import admin, health, infer, openai, openapi, usage
 
     app = web.Application(middlewares=[core_middleware], client_max_size=hub.config.max_body_bytes)
     app[HUB] = hub
@@ -194,6 +194,7 @@ def make_app(hub: Hub) -> web.Application:
     infer.add_routes(app)
     openai.add_routes(app)
     usage.add_routes(app)
+    openapi.add_routes(app)
     for extra in getattr(hub, "route_modules", []):
         extra.add_routes(app)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.gateway.app import HUB, json_response
+from controlplane.gateway.openapi import Op
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -24,6 +25,16 @@ async def metrics(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     body = hub.metrics.render(hub.refresh_metrics)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+OPERATIONS = [
+]
+
+
+OPERATIONS = [
+    Op("GET", "/healthz", "Hub health: NATS connection and sites by state", auth="none", tags=("meta",)),
+    Op("GET", "/metrics", "Prometheus metrics", auth="none", tags=("meta",), content_type="text/plain", response={"type": "string"}),
+]
 
 
 def add_routes(app: web.Application) -> None:

@@ -9,6 +9,7 @@ from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal, 
 from controlplane.gateway.schemas import InferBody
 from controlplane.inference import Served
 from edge_agent import wire
+from controlplane.gateway.openapi import Op
 
 ORIGIN_HEADER = "X-CPN-Origin"
 BUDGET_HEADER = "X-CPN-Budget-Ms"
@@ -104,6 +105,11 @@ def hub_request_id() -> str:
     from controlplane.inference import new_request_id
 
     return new_request_id()
+
+
+OPERATIONS = [
+    Op("POST", "/v1/infer", "Native inference: routed to a site within the latency budget", body=InferBody, tags=("inference",)),
+]
 
 
 def add_routes(app: web.Application) -> None:

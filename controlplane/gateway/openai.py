@@ -21,6 +21,7 @@ from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
 from controlplane.inference import AllSitesFailed, new_request_id
 from edge_agent import wire
+from controlplane.gateway.openapi import Op
 
 log = logging.getLogger("cpn.gateway")
 
@@ -117,6 +118,13 @@ async def models(request: web.Request) -> web.Response:
     lister = getattr(hub, "models_for_tenant", None)
     ids = lister(tenant) if lister is not None else sorted(hub.known_models())
     return json_response(oa.models_list(ids, created=hub.started_at))
+
+
+OPERATIONS = [
+    Op("POST", "/v1/chat/completions", "OpenAI-compatible chat completion (stream: SSE)", body=oa.ChatCompletionRequest, tags=("inference",)),
+    Op("POST", "/v1/completions", "OpenAI-compatible completion (stream: SSE)", body=oa.CompletionRequest, tags=("inference",)),
+    Op("GET", "/v1/models", "Models the tenant can call", tags=("inference",)),
+]
 
 
 def add_routes(app: web.Application) -> None:

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from controlplane.errors import NotFound, RequestError
 from controlplane.gateway.app import HUB, json_response, principal
+from controlplane.gateway.openapi import Op
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -25,6 +26,11 @@ async def usage(request: web.Request) -> web.Response:
     if extra is not None:
         body["training"] = extra(tenant)
     return json_response(body)
+
+
+OPERATIONS = [
+    Op("GET", "/v1/usage", "The tenant's usage (admins: ?tenant=ID)", tags=("usage",), params=(("tenant", "query", "tenant id (admin keys only)"),)),
+]
 
 
 def add_routes(app: web.Application) -> None:

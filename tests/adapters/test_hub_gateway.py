@@ -147,3 +147,14 @@ async def test_usage_is_batched_and_reported_per_model_and_site(rig) -> None:  #
     assert hub.db.execute("SELECT requests FROM usage WHERE tenant = 'acme'").fetchone()[0] == 3
     status, body, _ = await admin.call("GET", "/v1/usage?tenant=acme")
     assert status == 200 and body["totals"]["requests"] == 3
+
+
+async def test_openapi_is_generated_from_the_decoded_schemas(rig) -> None:  # type: ignore[no-untyped-def]
+    _, _, _, anon, _ = rig
+    status, doc, _ = await anon.call("GET", "/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    infer = doc["paths"]["/v1/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    ref = infer["$ref"].rsplit("/", 1)[1]
+    schema = doc["components"]["schemas"][ref]
+    assert set(schema["required"]) == {"model", "input"} and schema["additionalProperties"] is False
+    assert "/v1/chat/completions" in doc["paths"] and doc["paths"]["/healthz"]["get"]["security"] == []
