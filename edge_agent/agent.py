@@ -178,8 +178,9 @@ class Agent:
         await self.training.abort_all("agent stopping")
         if drain and self.bus.is_connected:
             try:
-                await asyncio.wait_for(self.events.wait_idle(), grace_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(grace_s):
+                    await self.events.wait_idle()
+            except TimeoutError:
                 log(logging.WARNING, "outbox_not_flushed", site=self.site, pending=len(self.outbox))
         tasks = list(self._tasks)
         for task in tasks:
@@ -216,9 +217,12 @@ class Agent:
         )
 
     async def _pause(self, event: asyncio.Event, delay_s: float) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that races with
+        # the event being set, and a loop that survives stop() hangs the agent's shutdown.
         try:
-            await asyncio.wait_for(event.wait(), delay_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(delay_s):
+                await event.wait()
+        except TimeoutError:
             pass
 
     async def _register_loop(self) -> None:

@@ -216,8 +216,14 @@ class AgentBus:
 
     async def flush(self, timeout_s: float = 2.0) -> None:
         """Wait until the server has processed everything sent so far (e.g. subscriptions)."""
+        nc = self._client()
         try:
-            await self._client().flush(timeout=timeout_s)  # type: ignore[arg-type]
+            # Twice: nats-py writes a flush's PING straight to the socket, ahead of commands still
+            # in its pending buffer (e.g. a SUB made just before), so the first PONG does not prove
+            # the server has seen them. By the time it arrives the flusher has written them, so the
+            # second PING is behind them.
+            await nc.flush(timeout=timeout_s)  # type: ignore[arg-type]
+            await nc.flush(timeout=timeout_s)  # type: ignore[arg-type]
         except nats.errors.Error as exc:
             raise NotConnected(f"site {self.site}: flush failed: {exc or type(exc).__name__}") from None
 

@@ -73,9 +73,10 @@ class EventPublisher:
             await self._idle.wait()
 
     async def _pause(self, delay_s: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), delay_s)
-        except asyncio.TimeoutError:
+        try:  # asyncio.timeout: wait_for on 3.11 can swallow our cancellation
+            async with asyncio.timeout(delay_s):
+                await self._wake.wait()
+        except TimeoutError:
             pass
 
     async def run(self) -> None:

@@ -128,9 +128,9 @@ class InferenceService:
 
         timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
         try:
-            completion = await asyncio.wait_for(
-                self.backend.generate(request, on_text if request.stream else None), timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):
+                completion = await self.backend.generate(request, on_text if request.stream else None)
+        except TimeoutError:
             self._outcomes.append(False)
             self.counters["infer_errors"] += 1
             log(logging.WARNING, "infer_timeout", site=self.site, request_id=request.request_id, timeout_s=timeout_s)

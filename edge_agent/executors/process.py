@@ -210,8 +210,9 @@ class ProcessAttempt(AttemptTask):
             self._ending = (reason, detail)
         await self._kill_group(signal.SIGTERM)
         try:
-            await asyncio.wait_for(asyncio.shield(self._finished.wait()), self._config.grace_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self._config.grace_s):
+                await self._finished.wait()
+        except TimeoutError:
             log(logging.WARNING, "attempt_kill", site=self.sink.site, job=self.job, attempt=self.attempt,
                 grace_s=self._config.grace_s)
             await self._kill_group(signal.SIGKILL)

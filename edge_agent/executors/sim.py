@@ -99,11 +99,12 @@ class SimAttempt(AttemptTask):
             if interrupted:
                 pass
             elif step > 0:
-                await asyncio.wait_for(self._wake.wait(), step / self._scale)
+                async with asyncio.timeout(step / self._scale):
+                    await self._wake.wait()
                 interrupted = True  # woken: a fault or stop was asked for
             else:
                 completed = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             completed = True
         finally:
             # On interruption or cancellation only the time that really passed counts.

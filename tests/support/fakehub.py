@@ -74,6 +74,8 @@ class FakeHub:
         )
         await self.nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register)
         await self.nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat)
+        # Twice: nats-py's flush PING can overtake a SUB still in its pending buffer.
+        await self.nc.flush()
         await self.nc.flush()
 
     async def _quiet(self, exc: Exception) -> None:  # reconnect noise during restarts
