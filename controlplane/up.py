@@ -55,6 +55,7 @@ class Network:
         self.agents: list[Any] = []
         self.credentials: dict[str, str] = {}
         self.layout: topo_layout.Layout | None = None
+        self.site_credentials: dict[str, tuple[str, str]] = {}
 
     async def start(self) -> None:
         opts = self.opts
@@ -63,6 +64,7 @@ class Network:
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
         site_ids = [s.id for s in self.layout.sites]
         auth = _nats_identities(data, site_ids)
+        self.site_credentials = auth.site_credentials
         self.nats = NatsServer(
             data / "jetstream",
             port=opts.nats_port if opts.nats_port and port_free("127.0.0.1", opts.nats_port) else 0,

@@ -1,0 +1,71 @@
+"""Per-site NATS identities in the network `cpn up` runs: a site cannot act as another, and the hub sees it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import nats
+import nats.errors
+import pytest
+
+from controlplane import up
+from edge_agent import wire
+from tests.e2e.test_foundation import until
+from topology import loader
+
+
+async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_counts_it(tmp_path: Path) -> None:
+    net = up.Network(up.UpOptions(data_dir=tmp_path / "cpn", port=0, nats_port=0, layout=str(loader.data_path("demo-3"))))
+    await net.start()
+    try:
+        assert net.hub is not None and net.nats is not None
+        hub = net.hub
+        user, password = net.site_credentials["hz-edge"]
+        errors: list[Exception] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(exc)
+
+        rogue = await nats.connect(net.nats.url, user=user, password=password, inbox_prefix=wire.inbox_prefix("hz-edge"),
+                                   error_cb=on_error, allow_reconnect=False)
+        try:
+            # Listening to everything is refused; nothing reaches this subscription.
+            seen: list[bytes] = []
+
+            async def spy(msg):  # type: ignore[no-untyped-def]
+                seen.append(msg.data)
+
+            await rogue.subscribe("cpn.>", cb=spy)
+            # Publishing a heartbeat as sh-edge is refused; the hub never applies it.
+            fake = wire.Heartbeat(site="sh-edge", seq=10**6, draining=True)
+            await rogue.publish(wire.heartbeat_subject("sh-edge"), wire.encode(fake))
+            await rogue.flush()
+            await until(lambda: hub.permission_violations >= 2, 5, "violations counted by the hub")
+            assert not hub.registry.get("sh-edge").draining  # type: ignore[union-attr]
+            assert seen == []
+            await until(lambda: any("permissions violation" in str(e).lower() for e in errors), 5, f"client told: {errors}")
+            # Its own subjects still work.
+            ok = wire.Heartbeat(site="hz-edge", seq=10**6)
+            await rogue.publish(wire.heartbeat_subject("hz-edge"), wire.encode(ok))
+        finally:
+            await rogue.close()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{hub.http_port}/metrics") as resp:
+                text = await resp.text()
+        value = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("cpn_nats_permission_violations "))
+        assert value >= 2
+    finally:
+        await net.stop()
+
+
+async def test_a_wrong_password_cannot_connect(tmp_path: Path) -> None:
+    net = up.Network(up.UpOptions(data_dir=tmp_path / "cpn", port=0, nats_port=0, layout=str(loader.data_path("demo-3")), agents=False))
+    await net.start()
+    try:
+        assert net.nats is not None
+        with pytest.raises((nats.errors.NoServersError, nats.errors.Error, OSError)):
+            await nats.connect(net.nats.url, user="site-hz-edge", password="guess", allow_reconnect=False, max_reconnect_attempts=0)
+    finally:
+        await net.stop()
