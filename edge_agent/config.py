@@ -152,6 +152,15 @@ class AgentConfig(_Config):
         if wanted > total + 1e-9:
             raise ValueError(f"$.models: preloaded models need {wanted:g} cards, the site has {total}")
 
+    def __repr__(self) -> str:
+        # Configs end up in logs and tracebacks: never show the NATS password or backend key.
+        shown = msgspec.structs.replace(
+            self, password="***" if self.password else "",
+            backend=msgspec.structs.replace(self.backend, openai_http=msgspec.structs.replace(
+                self.backend.openai_http, api_key="***" if self.backend.openai_http.api_key else "")))
+        fields = ", ".join(f"{f}={getattr(shown, f)!r}" for f in self.__struct_fields__)
+        return f"AgentConfig({fields})"
+
     @property
     def servers(self) -> list[str]:
         """NATS server URLs as a list."""

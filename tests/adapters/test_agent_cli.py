@@ -104,7 +104,9 @@ def test_example_config_documents_every_key() -> None:
 
 def test_flags_and_their_errors() -> None:
     cfg = config.from_flags(site="s1", nats=["nats://a:4222", "nats://b:4222"], cards="H20=8, 910B=4",
-                            models=["qwen:0.5:2", "glm"], backend="openai-http", backend_url="http://127.0.0.1:8000")
+                            models=["qwen:0.5:2", "glm"], backend="openai-http", backend_url="http://127.0.0.1:8000",
+                            password="hunter2")
+    assert cfg.password == "hunter2" and "hunter2" not in repr(cfg)
     assert cfg.servers == ["nats://a:4222", "nats://b:4222"] and cfg.accelerators == {"H20": 8, "910B": 4}
     assert [(m.name, m.cards, m.slots) for m in cfg.models] == [("qwen", 0.5, 2), ("glm", 1.0, 0)]
     with pytest.raises(ConfigError, match="--cards"):

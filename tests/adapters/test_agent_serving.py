@@ -160,6 +160,10 @@ async def test_agent_started_before_its_hub_registers_when_the_hub_comes(nats_se
         await wait_for(lambda: agent.counters["register_failures"] >= 2, 5, "failed register attempts")
         assert not agent.registered.is_set()
         async with FakeHub(nats_server.url) as hub:
+            hub.refuse_register = wire.ErrorReply(code="unknown_site", message="not yet", retryable=True)
+            await wait_for(lambda: agent.counters["register_refused"] >= 2, 5, "refused registrations")
+            assert not agent.registered.is_set() and not hub.heartbeats.get("edge-a")
+            hub.refuse_register = None
             await asyncio.wait_for(agent.registered.wait(), 5)
             await hub.wait_heartbeat("edge-a")
 
