@@ -48,8 +48,11 @@ class StreamedEvent:
 class FakeHub:
     """Plays the hub against a real nats-server. Use ``async with FakeHub(url) as hub``."""
 
-    def __init__(self, url: str, *, heartbeat_s: float = 0.2, name: str = "fakehub") -> None:
+    def __init__(self, url: str, *, heartbeat_s: float = 0.2, name: str = "fakehub", user: str = "",
+                 password: str = "") -> None:
         self.url = url
+        self.user = user
+        self.password = password
         self.heartbeat_s = heartbeat_s
         self.name = name
         self.nc: Client | None = None
@@ -71,6 +74,7 @@ class FakeHub:
             self.url, name=self.name, inbox_prefix=wire.HUB_INBOX_PREFIX, max_reconnect_attempts=-1,
             reconnect_time_wait=0.2, ping_interval=1, max_outstanding_pings=2,
             error_cb=self._quiet, disconnected_cb=self._noop, reconnected_cb=self._noop, closed_cb=self._noop,
+            **({"user": self.user, "password": self.password} if self.user else {}),
         )
         await self.nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register)
         await self.nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat)
