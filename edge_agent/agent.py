@@ -21,7 +21,7 @@ import logging
 import random
 import tempfile
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +149,9 @@ class Agent:
             if self._load(model.name, LOCAL_DEPLOYMENT, model.cards, slots) is None:
                 log(logging.ERROR, "preload_no_capacity", site=self.site, model=model.name, cards=model.cards)
         self._loops = [
-            self._spawn(self._register_loop(), "register"),
-            self._spawn(self._heartbeat_loop(), "heartbeat"),
-            self._spawn(self.events.run(), "events"),
+            self._spawn(self._supervised(self._register_loop, "register"), "register"),
+            self._spawn(self._supervised(self._heartbeat_loop, "heartbeat"), "heartbeat"),
+            self._spawn(self._supervised(self.events.run, "events"), "events"),
         ]
         self._register_wanted.set()
         if len(self.outbox):
@@ -191,8 +191,21 @@ class Agent:
         self.registered.clear()
         log(logging.INFO, "agent_stopped", site=self.site, pending_events=len(self.outbox))
 
+    async def _supervised(self, loop: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        # A bug in one loop must not silently end registration, heartbeats or event delivery.
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.counters["loop_restarts"] += 1
+                logging.getLogger("cpn.agent").exception("loop_failed site=%s loop=%s", self.site, name)
+                await asyncio.sleep(1.0)
+
     @staticmethod
-    async def _until(condition: Any, timeout_s: float) -> bool:
+    async def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while not condition():
