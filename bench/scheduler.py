@@ -148,7 +148,7 @@ def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_
 
 
 def run(n_pools: int = 1000, n_jobs: int = 10_000, seed: int = 0, repeat: int = 3,
-        per_commit_slice: int = 500) -> dict[str, Any]:
+        per_commit_slice: int = 500, compare_uncapped: bool = True) -> dict[str, Any]:
     pools, queued, tenants = build(n_pools, n_jobs, seed)
     snap = scheduler.Snapshot(pools=pools, queued=queued, tenants=tenants)
 
@@ -168,6 +168,26 @@ def run(n_pools: int = 1000, n_jobs: int = 10_000, seed: int = 0, repeat: int = 
            "per_decision_commit_per_s": runs[0]["per_decision_commit_per_s"],
            "create_job_one_commit_each_per_s": runs[0]["create_job_one_commit_each_per_s"],
            "attempt_rows": runs[0]["attempt_rows"]}
+
+    quality: dict[str, Any] = {}
+    if compare_uncapped:
+        # How much the score cap costs: the same plan estimating every pool that passes the filters.
+        full_snap = scheduler.Snapshot(pools=pools, queued=queued, tenants=tenants,
+                                       policy=scheduler.Policy(score_cap=10**9))
+        t0 = time.perf_counter()
+        full = scheduler.plan(full_snap, NOW)
+        full_s = time.perf_counter() - t0
+        capped_mean = sum(s.breakdown.total_cny for s in plan.start) / max(1, len(plan.start))
+        full_mean = sum(s.breakdown.total_cny for s in full.start) / max(1, len(full.start))
+        quality = {
+            "uncapped_plan_s": full_s,
+            "uncapped_decisions_per_s": full.decisions / full_s,
+            "capped_mean_cny_per_start": capped_mean,
+            "uncapped_mean_cny_per_start": full_mean,
+            "capped_over_uncapped": capped_mean / full_mean if full_mean else None,
+            "capped_starts": len(plan.start),
+            "uncapped_starts": len(full.start),
+        }
 
     mem = {
         "plan_s_runs": mem_s,
@@ -189,6 +209,7 @@ def run(n_pools: int = 1000, n_jobs: int = 10_000, seed: int = 0, repeat: int = 
                    "score_cap": scheduler.DEFAULT_POLICY.score_cap},
         "memory": mem,
         "sqlite": sql,
+        "quality": quality,
         "targets": {"memory_decisions_per_s": 5000, "sqlite_ratio": 0.5},
         "pass": {
             "memory": mem["decisions_per_s"] >= 5000,
@@ -204,12 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-quality", action="store_true", help="skip the uncapped comparison run")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/scheduler.json)")
     args = ap.parse_args(argv)
     if args.pools < 1 or args.jobs < 1 or args.repeat < 1:
         print("cpn bench scheduler: --pools, --jobs and --repeat must be >= 1", file=sys.stderr)
         return 2
-    res = run(args.pools, args.jobs, args.seed, args.repeat, per_commit_slice=min(500, args.jobs))
+    res = run(args.pools, args.jobs, args.seed, args.repeat, per_commit_slice=min(500, args.jobs),
+              compare_uncapped=not args.no_quality)
     mem, sql = res["memory"], res["sqlite"]
     rows = [
         ("in memory: plan", f"{mem['plan_s_best'] * 1000:.0f} ms", f"{mem['decisions_per_s']:,.0f} decisions/s",
@@ -220,8 +243,13 @@ def main(argv: list[str] | None = None) -> int:
         ("SQLite: one commit per start", "", f"{sql['per_decision_commit_per_s'] or 0:,.0f} decisions/s", "for comparison"),
         ("create_job, one commit each", "", f"{sql['create_job_one_commit_each_per_s'] or 0:,.0f} jobs/s", "API path"),
     ]
-    print(f"scheduler: {res['params']['jobs']:,} queued jobs over {res['params']['pools']:,} pools "
-          f"({common.machine()})")
+    print(f"scheduler: {res['params']['jobs']:,} queued jobs over {res['params']['pools']:,} pools, "
+          f"score cap {res['params']['score_cap']} ({common.machine()})")
+    q = res["quality"]
+    if q:
+        rows.append(("in memory, no score cap", f"{q['uncapped_plan_s'] * 1000:.0f} ms",
+                     f"{q['uncapped_decisions_per_s']:,.0f} decisions/s",
+                     f"mean cost per start: capped {q['capped_over_uncapped']:.3f}x uncapped"))
     for r in rows:
         print(f"  {r[0]:<30} {r[1]:>8}  {r[2]:>22}  {r[3]}")
     ok = res["pass"]["memory"] and res["pass"]["sqlite"]

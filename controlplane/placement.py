@@ -281,7 +281,9 @@ class PricedPool:
             raise ValueError(f"pool {pool.id}: {problem}")
         self.pool = pool
         self.acc = acc
-        self.prices = list(prices)
+        # Kept as given when it is a list: pools with the same tariff share one table (see priced),
+        # and the scheduler's start-time cache is keyed by its identity.
+        self.prices = prices if isinstance(prices, list) else list(prices)
         cum = [0.0]
         for p in self.prices:
             cum.append(cum[-1] + p)
@@ -326,14 +328,19 @@ def tariff_prices(tariff: TariffLike | None) -> list[float]:
     return prices
 
 
-def priced(pool: Pool, acc: str, cache: dict[int, list[float]] | None = None) -> PricedPool:
-    """Precompute ``pool``'s figures for ``acc``; ``cache`` maps id(tariff) -> prices within a tick."""
+def priced(pool: Pool, acc: str, cache: dict[object, list[float]] | None = None) -> PricedPool:
+    """Precompute ``pool``'s figures for ``acc``.
+
+    ``cache`` (one per tick, owned by the caller) maps id(tariff) and the price table's contents to
+    one shared list, so equal tariffs share one table even when they are different objects.
+    """
     if cache is None:
         return PricedPool(pool, acc, tariff_prices(pool.tariff))
     key = id(pool.tariff)
     prices = cache.get(key)
     if prices is None:
-        prices = cache[key] = tariff_prices(pool.tariff)
+        fresh = tariff_prices(pool.tariff)
+        prices = cache[key] = cache.setdefault(tuple(fresh), fresh)
     return PricedPool(pool, acc, prices)
 
 
@@ -372,13 +379,31 @@ def score_priced(
     model: CostModel = DEFAULT_MODEL,
     source: Pool | None = None,
 ) -> CostBreakdown:
-    """:func:`score` on a precomputed :class:`PricedPool` (the scheduler's hot path).
+    """:func:`score` on a precomputed :class:`PricedPool`. The job is assumed valid."""
+    return breakdown(job, pp, now, estimate(job, pp, now, model, source))
 
-    The job is assumed valid (:func:`job_problem` returned None).
+
+Estimate = tuple[float, bool, float, float, float, float, float, float, float, float, float, float, float]
+"""(total_cny, meets_deadline, energy_cny, failure_waste_cny, move_cny, start_at, work_s, run_s,
+interval_s, mtbf_s, waste_fraction, move_s, saved_by_waiting_cny) — a plain tuple, cheap to make."""
+
+
+def estimate(
+    job: JobSpec,
+    pp: PricedPool,
+    now: float,
+    model: CostModel = DEFAULT_MODEL,
+    source: Pool | None = None,
+    tou_cache: dict[tuple[int, float, float], tuple[list[float], list[int]]] | None = None,
+) -> Estimate:
+    """The cost model's numbers without building a :class:`CostBreakdown` (the scheduler's hot
+    loop estimates many pools and builds the breakdown only for the winner). Job assumed valid.
+
+    ``tou_cache`` (owned by the caller, one per tick) remembers the start-time search per
+    (hourly price table, run length, first start hour): pools sharing a tariff share the answer.
     """
     pool = pp.pool
     cards = job.cards
-    notes: list[str] = []
     work_s = job.est_hours * 3600.0 * (1.0 - job.progress) / pp.units
 
     # Failure waste (Young/Daly): M shrinks with the number of cards in the gang.
@@ -402,48 +427,78 @@ def score_priced(
         move_s = size_gb * 8.0 / gbps if gbps > 0 else math.inf
         idle_cny = cards * pp.kw_pue * pp.price_integral(now, now + move_s) if move_s < math.inf else math.inf
         move_cny = idle_cny + size_gb * model.transfer_cny_per_gb
-        notes.append(f"moves {size_gb:.0f} GB checkpoint from {job.checkpoint_pool} in {move_s:.0f} s")
 
     # Energy over the run window (hour by hour, time-of-use), trying later starts on the hour
     # when the deadline allows. F(t) is the running integral of the price (see PricedPool).
     kw = cards * pp.kw_pue
-    prices, cum, day_sum = pp.prices, pp.cum, pp.day_sum
     start_at = now
+    saved = 0.0
     energy = kw * pp.price_integral(now, now + work_s)
     deadline = job.deadline
     if deadline is not None and model.max_wait_h > 0:
         latest = deadline - run_s * (1.0 + model.deadline_margin)
         first_h = math.floor(now / 3600.0) + 1.0  # next hour boundary, in epoch hours
         if first_h * 3600.0 <= latest:
+            n_starts = min(model.max_wait_h, int((latest / 3600.0 - first_h) // 1) + 1)
             work_h = work_s / 3600.0
-            best_i, best_k = energy / kw if kw > 0 else 0.0, -1
-            for k in range(model.max_wait_h):
-                s_h = first_h + k
-                if s_h * 3600.0 > latest:
-                    break
-                # start on an hour boundary: F(start) has no fractional part
-                d0, h0 = divmod(int(s_h) + LOCAL_UTC_OFFSET_H, 24)
-                days, rem = divmod(s_h + LOCAL_UTC_OFFSET_H + work_h, 24.0)
-                h1 = min(int(rem), 23)
-                integral = (days - d0) * day_sum + cum[h1] + (rem - h1) * prices[h1] - cum[h0]
-                if integral < best_i - 1e-9 * (1.0 + best_i):  # earliest of equal windows wins
-                    best_i, best_k = integral, k
-            if best_k >= 0 and energy - kw * best_i >= model.min_wait_saving * energy:
-                best_s = (first_h + best_k) * 3600.0
-                notes.append(f"waits {(best_s - now) / 3600.0:.1f} h for a cheaper tariff window, "
-                             f"saves {energy - kw * best_i:.2f} CNY of energy")
-                energy, start_at = kw * best_i, best_s
+            key = (id(pp.prices), work_h, first_h)
+            table = tou_cache.get(key) if tou_cache is not None else None
+            if table is None:
+                table = _window_table(pp, work_h, first_h, model.max_wait_h)
+                if tou_cache is not None:
+                    tou_cache[key] = table
+            best_k = table[1][n_starts - 1]
+            best_i = table[0][best_k]
+            now_i = energy / kw if kw > 0 else 0.0
+            if best_i < now_i - 1e-9 * (1.0 + now_i) and energy - kw * best_i >= model.min_wait_saving * energy:
+                saved = energy - kw * best_i
+                energy, start_at = kw * best_i, (first_h + best_k) * 3600.0
     failure_cny = waste * energy
     meets = deadline is None or start_at + move_s + run_s <= deadline
+    return (energy + failure_cny + move_cny, meets, energy, failure_cny, move_cny, start_at, work_s, run_s,
+            interval_s, mtbf_s, waste, move_s, saved)
+
+
+def _window_table(pp: PricedPool, work_h: float, first_h: float, n: int) -> tuple[list[float], list[int]]:
+    """Price integrals of a ``work_h`` run starting on each of the ``n`` hours from epoch hour
+    ``first_h``, and for each prefix the index of its cheapest (earliest of equals) start."""
+    prices, cum, day_sum = pp.prices, pp.cum, pp.day_sum
+    integrals: list[float] = []
+    argmin: list[int] = []
+    best_i, best_k = math.inf, 0
+    for k in range(n):
+        s_h = first_h + k
+        # start on an hour boundary: F(start) has no fractional part
+        d0, h0 = divmod(int(s_h) + LOCAL_UTC_OFFSET_H, 24)
+        days, rem = divmod(s_h + LOCAL_UTC_OFFSET_H + work_h, 24.0)
+        h1 = min(int(rem), 23)
+        integral = (days - d0) * day_sum + cum[h1] + (rem - h1) * prices[h1] - cum[h0]
+        integrals.append(integral)
+        if k == 0 or integral < best_i - 1e-9 * (1.0 + best_i):  # earliest of equal windows wins
+            best_i, best_k = integral, k
+        argmin.append(best_k)
+    return integrals, argmin
+
+
+def breakdown(job: JobSpec, pp: PricedPool, now: float, est: Estimate) -> CostBreakdown:
+    """The :class:`CostBreakdown` (with notes in words) of an :func:`estimate`."""
+    (total, meets, energy, failure_cny, move_cny, start_at, work_s, run_s,
+     interval_s, mtbf_s, waste, move_s, saved) = est
+    notes: list[str] = []
+    if move_cny:
+        notes.append(f"moves the checkpoint from {job.checkpoint_pool} in {move_s:.0f} s")
+    if start_at > now:
+        notes.append(f"waits {(start_at - now) / 3600.0:.1f} h for a cheaper tariff window, "
+                     f"saves {saved:.2f} CNY of energy")
     if not meets:
         notes.append("deadline at risk")
     return CostBreakdown(
-        pool=pool.id,
+        pool=pp.pool.id,
         accelerator=pp.acc,
         energy_cny=energy,
         failure_waste_cny=failure_cny,
         move_cny=move_cny,
-        total_cny=energy + failure_cny + move_cny,
+        total_cny=total,
         start_at=start_at,
         work_s=work_s,
         run_s=run_s,
@@ -486,7 +541,7 @@ def rank(
     """
     by_id = {p.id: p for p in pools}
     source = by_id.get(job.checkpoint_pool)
-    cache: dict[int, list[float]] = {}
+    cache: dict[object, list[float]] = {}
     scored: list[CostBreakdown] = []
     filtered: list[Verdict] = []
     for pool in pools:

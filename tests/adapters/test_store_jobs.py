@@ -206,6 +206,8 @@ def test_the_scheduler_bench_persists_every_decision_on_a_small_network(tmp_path
 
     out = tmp_path / "scheduler.json"
     rc = bench.main(["--pools", "30", "--jobs", "300", "--repeat", "1", "--out", str(out)])
+    # 30 pools, cap 32: the capped plan must be the uncapped one
+    assert json.loads(out.read_text())["quality"]["capped_over_uncapped"] == pytest.approx(1.0)
     res = json.loads(out.read_text())
     assert rc in (0, 1) and res["pass"]["memory"] is (res["memory"]["decisions_per_s"] >= 5000)
     assert res["memory"]["decisions"] == res["sqlite"]["decisions"] == 300
