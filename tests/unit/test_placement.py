@@ -215,3 +215,14 @@ def test_a_bad_job_is_refused_naming_the_field(job_kw: dict[str, object], field:
 def test_a_bad_pool_is_refused_naming_the_field(pool_kw: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=f"pool p1: {field}"):
         pl.score(job(), pool(**pool_kw), MIDNIGHT)
+
+
+def test_a_shared_start_time_table_gives_the_same_answer_as_none() -> None:
+    cache: dict = {}  # type: ignore[type-arg]
+    prices: dict = {}  # type: ignore[type-arg]
+    now = MIDNIGHT + 10 * H
+    j = job(deadline=now + 30 * H, est_hours=3.0)
+    for p in (pool(id="a", tariff=TOU), pool(id="b", tariff=TOU, pue=1.4), pool(id="c", tariff=FLAT)):
+        pp = pl.priced(p, "A800", prices)
+        assert pl.estimate(j, pp, now, tou_cache=cache) == pl.estimate(j, pl.priced(p, "A800"), now)
+    assert len(cache) == 2  # a and b share TOU's table; c has its own

@@ -341,3 +341,22 @@ def test_a_job_restarting_after_a_failure_keeps_its_place_in_its_priority_level(
     p = plan([pool(cards=16)], queued, running=busy)
     assert starts(p) == {"vip": "p1", "back": "p1"}
     assert "new" in waits(p)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_the_fast_path_picks_what_the_reference_ranking_picks(scn) -> None:  # type: ignore[no-untyped-def]
+    pools, queued, _, _ = scn
+    one = queued[0]
+    p = sc.plan(sc.Snapshot(pools=pools, queued=[one]), NOW)
+    scored, _ = pl.rank(one, pools, NOW)
+    if not scored:
+        assert p.start == [] and (p.wait or p.infeasible)
+        return
+    best = scored[0]
+    if best.start_at > NOW:
+        (w,) = p.wait
+        assert w.until == best.start_at
+        return
+    (s,) = p.start
+    assert (s.breakdown.meets_deadline, s.breakdown.total_cny) == pytest.approx((best.meets_deadline, best.total_cny))
