@@ -103,6 +103,7 @@ async def serve_streaming(site_nc: Client, site: str, chunks: int = CHUNKS) -> N
 
     await site_nc.subscribe(wire.infer_subject(site), cb=on_infer)
     await site_nc.flush()
+    await site_nc.flush()
 
 
 async def stream_from(hub_nc: Client, site: str, timeout_s: float = 5.0) -> tuple[int, bool]:
@@ -134,16 +135,26 @@ async def answer_registrations(hub_nc: Client) -> None:
 
     await hub_nc.subscribe(wire.REGISTER_WILDCARD, cb=on_register)
     await hub_nc.flush()
+    await hub_nc.flush()
 
 
 async def exercise_allowed_paths(hub_nc: Client, site_nc: Client, site: str) -> None:
     """Everything a well-behaved site does must work under its permissions."""
     # Register: request/reply through the site's own inbox.
-    ack = wire.register_reply_decoder.decode(
-        (await site_nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site)), timeout=3)).data)
+    # Interest crosses a leaf link asynchronously, so (like the agent) retry until the hub answers.
+    for attempt in range(5):
+        try:
+            reply = await site_nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site)), timeout=2)
+            break
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            if attempt == 4:
+                raise
+    ack = wire.register_reply_decoder.decode(reply.data)
     assert isinstance(ack, wire.RegisterAck)
     # Heartbeat reaches the hub.
     hb_sub = await hub_nc.subscribe(wire.heartbeat_subject(site))
+    # nats-py's flush() can send its PING ahead of a SUB still queued; a second flush is a barrier.
+    await hub_nc.flush()
     await hub_nc.flush()
     await site_nc.publish(wire.heartbeat_subject(site), wire.encode(wire.Heartbeat(site=site, seq=1)))
     assert (await hb_sub.next_msg(timeout=3)).subject == wire.heartbeat_subject(site)
@@ -156,6 +167,7 @@ async def exercise_allowed_paths(hub_nc: Client, site_nc: Client, site: str) -> 
         await msg.respond(wire.encode(wire.Ack(detail="ok")))
 
     await site_nc.subscribe(wire.cmd_subject(site), cb=on_cmd)
+    await site_nc.flush()
     await site_nc.flush()
     reply = await hub_nc.request(wire.cmd_subject(site), wire.encode(wire.Drain(on=True)), timeout=3)
     assert isinstance(wire.command_reply_decoder.decode(reply.data), wire.Ack)
