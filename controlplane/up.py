@@ -222,25 +222,20 @@ def agent_config_for(site: topo_layout.Site, nats_url: str, data_dir: Path, cred
         city=site.city, provider=site.provider, region=site.region, lat=site.lat, lon=site.lon, tee=site.tee,
         accelerators=dict(site.accelerators), heartbeat_s=1.0,
         data_dir=str(data_dir / "agents" / site.id),
-        backend=BackendConfig(kind="sim", sim=SimBackendConfig(ttft_ms=20.0, per_token_ms=4.0, slots=8, load_time_s=1.0)),
+        backend=BackendConfig(kind="sim", sim=SimBackendConfig(ttft_ms=20.0, per_token_ms=4.0, slots=8, load_time_s=1.0, answer_words=24)),
     )
 
 
 async def _deploy_demo(hub: Hub, layout: topo_layout.Layout) -> None:
-    """Deploy the demo model across the edge pools (through the deployments service when present)."""
+    """Deploy the demo model for the demo tenant (once; reused across restarts) through the
+    deployments service: every origin of the layout, 0.25 cards per replica, 10 ms, two cities.
+    The plan is committed before this returns; the edge pools load it in the background."""
     deploy = getattr(hub, "deploy_demo", None)
-    if deploy is not None:
-        await deploy(DEMO_TENANT, DEMO_MODEL)
+    if deploy is None:
+        log.warning("event=demo_not_deployed reason=no deployments service in this build")
         return
-    from edge_agent import wire
-
-    async def load(site: str) -> None:
-        try:
-            await hub.bus.command(site, wire.LoadModel(model=DEMO_MODEL, deployment="demo", cards=0.25, slots=8))
-        except Exception as exc:
-            log.warning("event=demo_load_failed site=%s error=%s", site, exc)
-
-    await asyncio.gather(*(load(s.id) for s in layout.sites if s.tier == "edge"))
+    dep_id = await deploy(DEMO_TENANT, DEMO_MODEL)
+    log.info("event=demo_deployed deployment=%s model=%s sites=%d", dep_id, DEMO_MODEL, len(layout.sites))
 
 
 async def run(opts: UpOptions) -> None:

@@ -60,6 +60,9 @@ class SimBackendConfig(_Config):
     """Concurrent requests per replica (a replica's own ``slots`` overrides it)."""
     load_time_s: NonNegative = 0.0
     """Time a LoadModel stays in state ``loading`` before ``ready``."""
+    answer_words: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Natural answer length: stop (finish_reason "stop") after this many words; 0 = always
+    ``max_tokens`` words (finish_reason "length")."""
 
 
 class OpenAIHttpConfig(_Config):

@@ -47,9 +47,13 @@ class SimBackend:
         self.load_time_s = config.load_time_s
         self._ttft_s = config.ttft_ms / 1000.0
         self._per_token_s = config.per_token_ms / 1000.0
+        self._answer_words = config.answer_words
 
     async def generate(self, request: wire.InferRequest, on_text: OnText | None) -> Completion:
         words = sim_words(self.site, request)
+        natural = 0 < self._answer_words < len(words)
+        if natural:
+            words = words[: self._answer_words]
         pieces = [f"{self.site}:"] if not words else [f"{self.site}: {words[0]}"] + [f" {w}" for w in words[1:]]
         for i, piece in enumerate(pieces):
             delay = self._ttft_s if i == 0 else self._per_token_s
@@ -61,7 +65,7 @@ class SimBackend:
             output="".join(pieces),
             prompt_tokens=prompt_words(request),
             completion_tokens=len(words),
-            finish_reason="length" if words else "stop",
+            finish_reason="stop" if natural or not words else "length",
         )
 
     async def close(self) -> None:
