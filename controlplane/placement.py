@@ -56,11 +56,6 @@ class TariffLike(Protocol):
     def price_at_hour(self, hour: int) -> float: ...
 
 
-def local_hour(now: float) -> int:
-    """Hour of day in China (UTC+8) for epoch seconds ``now`` (same as ``topology.layout.local_hour``)."""
-    return int((now / 3600.0 + LOCAL_UTC_OFFSET_H) // 1) % 24
-
-
 class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Assumptions of the cost model. Defaults are illustrative; docs/training.md explains each."""
 
@@ -117,7 +112,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Run time on ``cards`` A800-equivalents (units 1.0) from start to finish, without failures."""
     checkpoint_cost_s: float = 300.0
     checkpoint_interval_s: float | None = None
-    """None: Daly's optimum for the chosen pool."""
+    """None: Daly's optimum for the chosen pool. (The API's ``checkpoint_interval_min`` × 60.)"""
     priority: int = 0
     deadline: float | None = None
     """Epoch seconds by which the job should finish; None: start as soon as possible, never wait."""

@@ -226,3 +226,10 @@ def test_a_shared_start_time_table_gives_the_same_answer_as_none() -> None:
         pp = pl.priced(p, "A800", prices)
         assert pl.estimate(j, pp, now, tou_cache=cache) == pl.estimate(j, pl.priced(p, "A800"), now)
     assert len(cache) == 2  # a and b share TOU's table; c has its own
+
+
+def test_tariff_hours_are_the_topology_local_hours() -> None:
+    pp = pl.priced(pool(tariff=TOU), "A800")
+    for k in range(48):
+        t = MIDNIGHT + k * 1800.0 + 1.0
+        assert pp.price_integral(t, t + 60.0) == pytest.approx(TOU.price_at(t) * 60.0 / H)
