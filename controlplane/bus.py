@@ -74,6 +74,7 @@ class HubBus:
         on_disconnect: Callable[[], None] = lambda: None,
         on_reconnect: Callable[[], None] = lambda: None,
         ping_interval_s: float = 1.0,
+        strict_inboxes: bool = False,
     ) -> None:
         self.url = url
         self.name = name
@@ -84,6 +85,7 @@ class HubBus:
         self.on_disconnect = on_disconnect
         self.on_reconnect = on_reconnect
         self.ping_interval_s = ping_interval_s
+        self.strict_inboxes = strict_inboxes
         self.stats = BusStats()
         self.nc: Any = None
         self._subs: list[Any] = []
@@ -177,6 +179,12 @@ class HubBus:
             if decoded.site != subject_site:
                 raise msgspec.ValidationError(f"site {decoded.site!r} registering on {subject_site!r}'s subject")
             wire.check_id(decoded.site, "site")
+            if self.strict_inboxes and msg.reply and not msg.reply.startswith(wire.inbox_prefix(decoded.site) + "."):
+                # A site may only ask for answers in its own inbox; else it could aim the hub's
+                # replies at another site.
+                self.stats.bad("reply_spoof")
+                log.warning("event=reply_spoof site=%s reply=%s", decoded.site, msg.reply)
+                return
         except (msgspec.DecodeError, msgspec.ValidationError, wire.WireError) as exc:
             self.stats.bad("register")
             log.warning("event=malformed kind=register subject=%s error=%s", msg.subject, exc)

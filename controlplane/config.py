@@ -37,6 +37,9 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     usage_flush_s: float = 1.0
     scheduler_tick_s: float = 0.5
     event_stream_replicas: int = 1
+    strict_inboxes: bool = False
+    """Drop registrations whose reply subject is not in the site's own inbox (on with per-site
+    NATS identities, where agents use ``_INBOX.<site>``)."""
     seed: int | None = None
     """Seed of the router's random choices (None: from the OS)."""
     sim_time_scale: float = 1.0

@@ -83,6 +83,7 @@ class Hub:
             on_heartbeat=self._on_heartbeat,
             on_disconnect=self._on_bus_down,
             on_reconnect=self._on_bus_up,
+            strict_inboxes=config.strict_inboxes,
         )
         self.inference = InferenceService(self)
         self.site_listeners: list[SiteListener] = []

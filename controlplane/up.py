@@ -75,7 +75,7 @@ class Network:
         hub_config = HubConfig(
             nats_url=self.nats.url, nats_user=auth.hub_user, nats_password=auth.hub_password,
             db_path=str(data / "hub.db"), listen_host=opts.host, listen_port=opts.port,
-            layout=opts.layout, sim_time_scale=opts.sim_time_scale,
+            layout=opts.layout, sim_time_scale=opts.sim_time_scale, strict_inboxes=auth.config_path is not None,
         )
         self.hub = Hub(hub_config, layout=self.layout)
         install_services(self.hub)

@@ -44,6 +44,11 @@ async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_cou
             assert not hub.registry.get("sh-edge").draining  # type: ignore[union-attr]
             assert seen == []
             await until(lambda: any("permissions violation" in str(e).lower() for e in errors), 5, f"client told: {errors}")
+            # Aiming the hub's answer at another site's inbox is dropped and counted.
+            await rogue.publish(wire.register_subject("hz-edge"), wire.encode(wire.Register(site="hz-edge")),
+                                reply=wire.inbox_prefix("sh-edge") + ".spoof")
+            await rogue.flush()
+            await until(lambda: hub.bus.stats.by_kind.get("reply_spoof", 0) == 1, 5, "reply spoof dropped")
             # Its own subjects still work.
             ok = wire.Heartbeat(site="hz-edge", seq=10**6)
             await rogue.publish(wire.heartbeat_subject("hz-edge"), wire.encode(ok))
