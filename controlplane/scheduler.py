@@ -326,7 +326,8 @@ class _Planner:
                 e = best[3]
                 bd = breakdown(job, e.pp, self.now, best[4])
                 if bd.start_at > self.now:
-                    plan.wait.append(Wait(job_id=job.id, until=bd.start_at, pool=bd.pool, reason=bd.notes[0]))
+                    why = next(n for n in bd.notes if n.startswith("waits"))
+                    plan.wait.append(Wait(job_id=job.id, until=bd.start_at, pool=bd.pool, reason=why))
                     return
                 self.place(job, bd, e, cands, lost)
                 return

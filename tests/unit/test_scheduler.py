@@ -360,3 +360,9 @@ def test_the_fast_path_picks_what_the_reference_ranking_picks(scn) -> None:  # t
         return
     (s,) = p.start
     assert (s.breakdown.meets_deadline, s.breakdown.total_cny) == pytest.approx((best.meets_deadline, best.total_cny))
+
+
+def test_a_restart_waiting_for_a_window_says_why_it_waits() -> None:
+    tou = pool("tou", tariff=tariff(0.7, peak=1.2, valley=0.3))
+    (w,) = plan([tou], [job("back", deadline=NOW + 40 * H, progress=0.2, checkpoint_pool="gone")]).wait
+    assert w.reason.startswith("waits 14.0 h for a cheaper tariff window") and w.until == NOW + 14 * H
