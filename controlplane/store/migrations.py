@@ -157,4 +157,27 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        # command outbox (owner: training service). Commands to sites are written in the same
+        # transaction as the decision causing them and sent afterwards (controlplane/outbox.py).
+        "0030_outbox",
+        """
+        CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            site TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            job_id TEXT NOT NULL DEFAULT '',
+            attempt INTEGER NOT NULL DEFAULT 0,
+            body TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'dropped')),
+            tries INTEGER NOT NULL DEFAULT 0,
+            next_at REAL NOT NULL,
+            created_at REAL NOT NULL,
+            done_at REAL,
+            detail TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX outbox_pending ON outbox (state, next_at);
+        CREATE INDEX outbox_job ON outbox (job_id, attempt)
+        """,
+    ),
 ]

@@ -1,0 +1,285 @@
+"""The jobs API (tenant key): submit, list, inspect, follow and cancel training jobs.
+
+::
+
+    POST   /v1/jobs               JobBody, header Idempotency-Key (optional) -> 201 job view
+    GET    /v1/jobs               ?state=...&limit=... -> {"object": "list", "data": [summary...]}
+    GET    /v1/jobs/{job}         full view: state, attempts, pool, progress, checkpoint, cost, placement
+    GET    /v1/jobs/{job}/events  the agent events the hub stored for it, in order
+    DELETE /v1/jobs/{job}         cancel -> 200 job view (409 if it already finished)
+
+Promises:
+
+- 201 only after the job is committed to SQLite (``store.jobs.create_job`` returns after COMMIT).
+- Idempotency is per tenant: the same ``Idempotency-Key`` with the same body (compared after
+  decoding, so key order and whitespace do not matter) answers exactly the first answer (status and
+  body, plus ``Idempotent-Replayed: true``); with another body it is a 422 naming ``Idempotency-Key``.
+- Unknown or forbidden fields (``tenant_id``, ``site``, ``attempt`` ...) are a 422 naming the field;
+  a wrong type or a value out of range is a 400 naming it; an accelerator or region the layout does
+  not know, or a deadline in the past, is a 422 naming it.
+- Another tenant's job is a 404, on every endpoint (no hint that it exists).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from aiohttp import web
+
+from controlplane import lifecycle
+from controlplane.errors import NotFound, RequestError, Unprocessable
+from controlplane.gateway.app import HUB, json_response, read_body, require_tenant
+from controlplane.gateway.openapi import Op
+from controlplane.store import jobs as store_jobs
+
+if TYPE_CHECKING:
+    from controlplane.training import TrainingService
+
+Name = Annotated[str, msgspec.Meta(max_length=200)]
+Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Arg = Annotated[str, msgspec.Meta(max_length=4096)]
+
+MAX_PRIORITY = 9
+IDEMPOTENCY_KEY_MAX = 200
+
+
+class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/jobs``: a training job needing ``cards`` cards of one of ``accelerators`` in one pool."""
+
+    name: Name = ""
+    cards: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+    accelerators: Annotated[list[Token], msgspec.Meta(min_length=1, max_length=16)]
+    """Accepted accelerator types, in order of preference (e.g. ``["A800", "910B"]``)."""
+    est_hours: Annotated[float, msgspec.Meta(gt=0, le=100_000)]
+    """Run time on ``cards`` A800-equivalents without failures."""
+    checkpoint_cost_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 300.0
+    checkpoint_interval_min: Annotated[float, msgspec.Meta(gt=0, le=10_080)] | None = None
+    """None: Daly's optimum for the chosen pool (failure rate × cards, checkpoint cost)."""
+    priority: Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIORITY)] = 0
+    deadline: float | str | None = None
+    """Epoch seconds or ISO 8601 (UTC when no offset is given)."""
+    max_price_cny: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    regions: Annotated[list[Token], msgspec.Meta(max_length=64)] = []
+    providers: Annotated[list[Token], msgspec.Meta(max_length=64)] = []
+    tee: bool = False
+    command: Annotated[list[Arg], msgspec.Meta(max_length=256)] = []
+    """A real command (argv, no shell) for the ``process`` executor; empty runs the ``sim`` executor."""
+    max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] | None = None
+    """Retries after user errors (non-zero exit); default 2. Infrastructure failures never count."""
+
+
+def _service(request: web.Request) -> TrainingService:
+    from controlplane.training import service_of
+
+    return service_of(request.app[HUB])
+
+
+def _parse_deadline(value: float | str, now: float) -> float:
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise RequestError(f"deadline {value!r} is neither epoch seconds nor ISO 8601", field="deadline") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=dt.timezone.utc)
+        epoch = parsed.timestamp()
+    else:
+        epoch = float(value)
+    if not epoch > now:
+        raise Unprocessable(f"deadline {value!r} is not in the future", field="deadline")
+    return epoch
+
+
+def normalise(body: JobBody, request: web.Request, now: float) -> dict[str, Any]:
+    """Check the body against the layout and return the spec as stored (None values left out).
+
+    Raises:
+        RequestError / Unprocessable: naming the field.
+    """
+    layout = request.app[HUB].layout
+    assert layout is not None
+    for i, acc in enumerate(body.accelerators):
+        if acc not in layout.accelerators:
+            raise Unprocessable(f"unknown accelerator {acc!r} (known: {', '.join(sorted(layout.accelerators))})",
+                                field=f"accelerators[{i}]")
+        if acc in body.accelerators[:i]:
+            raise Unprocessable(f"accelerator {acc!r} is listed twice", field=f"accelerators[{i}]")
+    regions = {s.region for s in layout.sites} | {o.region for o in layout.origins}
+    for i, region in enumerate(body.regions):
+        if region not in regions:
+            raise Unprocessable(f"unknown region {region!r}", field=f"regions[{i}]")
+    if body.command and not body.command[0]:
+        raise RequestError("command[0] must name a program", field="command[0]")
+    spec = msgspec.to_builtins(body)
+    if body.deadline is not None:
+        spec["deadline"] = _parse_deadline(body.deadline, now)
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def body_hash(spec: dict[str, Any]) -> str:
+    """Hash of the decoded body: equal bodies (whatever their key order or spacing) hash equal."""
+    canonical = msgspec.json.encode(spec, order="sorted")
+    return hashlib.sha256(canonical).hexdigest()
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _attempt_state(row: store_jobs.JobRow, a: store_jobs.AttemptRow) -> str:
+    if a.ended_at is not None:
+        return a.exit_reason or "ended"
+    if a.attempt == row.attempt and row.state in ("placed", "starting", "running"):
+        return row.state
+    return "unknown"
+
+
+def job_view(row: store_jobs.JobRow, attempts: list[store_jobs.AttemptRow] | None = None, *,
+             live_progress: float | None = None, accrued: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+    """The API's picture of a job. Depends only on its arguments, so a replayed submission answers
+    byte for byte what the first one did."""
+    spec = row.spec
+    pl = row.placement or {}
+    explanation = pl.get("explanation") or {}
+    waiting = row.state in ("queued", "restarting")
+    return {
+        "id": row.id,
+        "object": "job",
+        "name": row.name,
+        "state": row.state,
+        "reason": row.reason,
+        "wait_reason": row.reason if waiting else "",
+        "priority": row.priority,
+        "cards": row.cards,
+        "accelerators": spec.get("accelerators", []),
+        "executor": "process" if spec.get("command") else "sim",
+        "attempt": row.attempt,
+        "pool": row.pool,
+        "accelerator": row.accelerator,
+        "progress": row.progress if live_progress is None else max(row.progress, live_progress),
+        "last_checkpoint": {"uri": row.checkpoint, "pool": row.checkpoint_pool, "progress": row.progress}
+        if row.checkpoint else None,
+        "retries": {"user_errors": row.user_retries, "max_user_retries": row.max_user_retries,
+                    "infra_restarts": row.infra_restarts},
+        "card_hours": round(row.card_hours + accrued[0], 6),
+        "energy_cny": round(row.energy_cny + accrued[1], 6),
+        "billed": {"card_hours": round(row.card_hours, 6), "energy_cny": round(row.energy_cny, 6)},
+        "placement": {
+            "attempt": pl.get("attempt"),
+            "pool": pl.get("pool"),
+            "accelerator": pl.get("accelerator"),
+            "decided_at": pl.get("decided_at"),
+            "checkpoint_interval_s": pl.get("checkpoint_interval_s"),
+            "chosen": explanation.get("chosen", ""),
+            "breakdown": pl.get("breakdown"),
+            "others": explanation.get("others", []),
+        } if pl else None,
+        "attempts": [
+            {"number": a.attempt, "pool": a.pool, "accelerator": a.accelerator, "cards": a.cards,
+             "state": _attempt_state(row, a), "placed_at": a.placed_at, "started_at": a.started_at,
+             "ended_at": a.ended_at, "exit_reason": a.exit_reason, "exit_code": a.exit_code, "detail": a.detail,
+             "card_hours": round(a.card_hours, 6), "energy_cny": round(a.energy_cny, 6)}
+            for a in (attempts or [])
+        ],
+        "spec": spec,
+        "submitted_at": row.submitted_at,
+        "updated_at": row.updated_at,
+        "finished_at": row.finished_at,
+    }
+
+
+def _summary(row: store_jobs.JobRow) -> dict[str, Any]:
+    return {"id": row.id, "name": row.name, "state": row.state, "reason": row.reason, "cards": row.cards,
+            "attempt": row.attempt, "pool": row.pool, "progress": row.progress,
+            "card_hours": round(row.card_hours, 6), "energy_cny": round(row.energy_cny, 6),
+            "submitted_at": row.submitted_at, "finished_at": row.finished_at}
+
+
+def full_view(request: web.Request, row: store_jobs.JobRow) -> dict[str, Any]:
+    service = _service(request)
+    db = request.app[HUB].db
+    return job_view(row, store_jobs.attempts(db, row.id), live_progress=service.live_progress(row),
+                    accrued=service.accrued(row, time.time()))
+
+
+def _own_job(request: web.Request) -> store_jobs.JobRow:
+    tenant = require_tenant(request)
+    job_id = request.match_info["job"]
+    row = store_jobs.get_job(request.app[HUB].db, job_id, tenant=tenant)
+    if row is None:
+        raise NotFound(f"job {job_id!r} not found", field="job")
+    return row
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+async def submit(request: web.Request) -> web.Response:
+    tenant = require_tenant(request)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise RequestError(f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} characters", field="Idempotency-Key")
+    body = await read_body(request, JobBody)
+    now = time.time()
+    spec = normalise(body, request, now)
+    row, replayed = _service(request).submit(tenant, spec, key, body_hash(spec), now)
+    headers = {"Location": f"/v1/jobs/{row.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(job_view(row), status=201, headers=headers)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    tenant = require_tenant(request)
+    state = request.query.get("state")
+    if state is not None and state not in {s.value for s in lifecycle.JobState}:
+        raise RequestError(f"unknown state {state!r}", field="state")
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise RequestError("limit must be an integer", field="limit") from None
+    if not 1 <= limit <= 1000:
+        raise RequestError("limit must be within 1..1000", field="limit")
+    rows = store_jobs.list_jobs(request.app[HUB].db, tenant, state=state, limit=limit)
+    return json_response({"object": "list", "data": [_summary(r) for r in rows]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return json_response(full_view(request, _own_job(request)))
+
+
+async def job_events(request: web.Request) -> web.Response:
+    row = _own_job(request)
+    events = store_jobs.events(request.app[HUB].db, row.id)
+    return json_response({"object": "list", "job": row.id, "data": [
+        {"attempt": e.attempt, "seq": e.seq, "kind": e.kind, "received_at": e.at, "body": e.body} for e in events]})
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    tenant = require_tenant(request)
+    row = _own_job(request)
+    new = _service(request).cancel(row.id, tenant, time.time())
+    return json_response(full_view(request, new))
+
+
+OPERATIONS = [
+    Op("POST", "/v1/jobs", "Submit a training job (Idempotency-Key honoured per tenant)", body=JobBody, status=201,
+       tags=("training",), params=(("Idempotency-Key", "header", "replays the first answer for the same body"),)),
+    Op("GET", "/v1/jobs", "The calling tenant's jobs, newest first", tags=("training",),
+       params=(("state", "query", "only jobs in this state"), ("limit", "query", "at most this many (1..1000)"))),
+    Op("GET", "/v1/jobs/{job}", "One job: state, attempts, pool, progress, checkpoint, cost, placement explanation",
+       tags=("training",)),
+    Op("GET", "/v1/jobs/{job}/events", "The agent events stored for a job", tags=("training",)),
+    Op("DELETE", "/v1/jobs/{job}", "Cancel a job (its running attempt is stopped and billed)", tags=("training",)),
+]
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/jobs", submit)
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{job}", get_job)
+    app.router.add_get("/v1/jobs/{job}/events", job_events)
+    app.router.add_delete("/v1/jobs/{job}", cancel_job)

@@ -1,0 +1,166 @@
+"""The jobs API over a real hub (SQLite file, aiohttp on port 0, real nats-server), no agents:
+validation, idempotency, tenancy and cancellation. Jobs stay queued (no site can take them)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from controlplane.hub import Hub
+from controlplane.natsserver import NatsServer
+from controlplane.store import jobs as store_jobs
+from tests.support.hubrig import Client, hub_config, running_hub
+
+JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60,
+       "priority": 3, "regions": ["shanghai"]}
+
+
+@pytest.fixture
+async def api(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[tuple[Hub, Client, Client]]:
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        acme = hub.create_tenant("acme")
+        other = hub.create_tenant("other")
+        async with aiohttp.ClientSession() as session:
+            base = f"http://127.0.0.1:{hub.http_port}"
+            yield hub, Client(session, base, acme), Client(session, base, other)
+
+
+async def eventually(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("field", ["tenant_id", "site", "attempt", "pool"])
+async def test_forbidden_fields_are_a_422_naming_the_field(api, field: str) -> None:  # type: ignore[no-untyped-def]
+    hub, acme, _ = api
+    status, body, _ = await acme.call("POST", "/v1/jobs", {**JOB, field: "x"})
+    assert status == 422, body
+    assert body["error"]["param"] == field and field in body["error"]["message"]
+    assert store_jobs.list_jobs(hub.db, "acme") == []
+
+
+@pytest.mark.parametrize(("patch", "status", "param"), [
+    ({"cards": "four"}, 400, "cards"),
+    ({"cards": 0}, 400, "cards"),
+    ({"est_hours": -1}, 400, "est_hours"),
+    ({"accelerators": []}, 400, "accelerators"),
+    ({"accelerators": ["H100"]}, 422, "accelerators[0]"),
+    ({"accelerators": ["A800", "A800"]}, 422, "accelerators[1]"),
+    ({"priority": 42}, 400, "priority"),
+    ({"regions": ["atlantis"]}, 422, "regions[0]"),
+    ({"deadline": "next tuesday"}, 400, "deadline"),
+    ({"deadline": "2001-01-01T00:00:00Z"}, 422, "deadline"),
+    ({"checkpoint_interval_min": 0}, 400, "checkpoint_interval_min"),
+    ({"command": "python -c pass"}, 400, "command"),
+])
+async def test_bad_values_name_the_field(api, patch: dict, status: int, param: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+    hub, acme, _ = api
+    got, body, _ = await acme.call("POST", "/v1/jobs", {**JOB, **patch})
+    assert (got, body["error"]["param"]) == (status, param), body
+    assert store_jobs.list_jobs(hub.db, "acme") == []
+
+
+async def test_malformed_json_and_missing_fields(api) -> None:  # type: ignore[no-untyped-def]
+    _, acme, _ = api
+    status, body, _ = await acme.call("POST", "/v1/jobs", raw=b'{"cards": 4,')
+    assert status == 400 and body["error"]["code"] == "malformed_json"
+    status, body, _ = await acme.call("POST", "/v1/jobs", {"cards": 4, "accelerators": ["A800"]})
+    assert status == 400 and "est_hours" in body["error"]["message"]
+
+
+async def test_submit_is_committed_and_shown(api) -> None:  # type: ignore[no-untyped-def]
+    hub, acme, _ = api
+    status, body, headers = await acme.call("POST", "/v1/jobs", {**JOB, "deadline": "2099-01-01T08:00:00+08:00"})
+    assert status == 201, body
+    assert headers["Location"] == f"/v1/jobs/{body['id']}"
+    assert body["state"] == "queued" and body["cards"] == 4 and body["attempts"] == []
+    row = store_jobs.get_job(hub.db, body["id"])  # committed before the answer
+    assert row is not None and row.tenant == "acme" and row.priority == 3
+    assert row.spec["deadline"] == 4070908800.0  # ISO 8601 with an offset, stored as epoch seconds
+    # No site is up: the scheduler says why the job waits.
+    await eventually(lambda: store_jobs.get_job(hub.db, body["id"]).reason != "", 5, "wait reason")  # type: ignore[union-attr]
+    status, view, _ = await acme.call("GET", f"/v1/jobs/{body['id']}")
+    assert status == 200 and view["state"] == "queued"
+    assert view["wait_reason"].startswith("infeasible") and "A800" in view["wait_reason"], view["wait_reason"]
+    status, listing, _ = await acme.call("GET", "/v1/jobs")
+    assert [j["id"] for j in listing["data"]] == [body["id"]]
+    status, events, _ = await acme.call("GET", f"/v1/jobs/{body['id']}/events")
+    assert status == 200 and events["data"] == []
+
+
+async def test_idempotent_replay_and_conflict(api) -> None:  # type: ignore[no-untyped-def]
+    hub, acme, other = api
+    key = {"Idempotency-Key": "run-2024-06-01"}
+    s1, first, h1 = await acme.call("POST", "/v1/jobs", JOB, headers=key)
+    assert s1 == 201 and "Idempotent-Replayed" not in h1
+    # Same body, keys in another order and other spacing: the first answer, byte for byte.
+    reordered = b'{ "est_hours": 2.0, "cards": 4, "name": "llm-7b", "accelerators": ["A800", "910B"], ' \
+                b'"regions": ["shanghai"], "priority": 3, "checkpoint_cost_s": 60 }'
+    s2, second, h2 = await acme.call("POST", "/v1/jobs", raw=reordered, headers=key)
+    assert (s2, second) == (s1, first) and h2["Idempotent-Replayed"] == "true"
+    # Same key, another body: 422 naming the header; nothing created.
+    s3, body3, _ = await acme.call("POST", "/v1/jobs", {**JOB, "cards": 8}, headers=key)
+    assert s3 == 422 and body3["error"]["param"] == "Idempotency-Key"
+    assert len(store_jobs.list_jobs(hub.db, "acme")) == 1
+    # Keys are per tenant: the other tenant's use of the same key is a new job.
+    s4, body4, _ = await other.call("POST", "/v1/jobs", JOB, headers=key)
+    assert s4 == 201 and body4["id"] != first["id"]
+    # The replay survives the job moving on (it is the *first* answer).
+    s5, _, _ = await acme.call("DELETE", f"/v1/jobs/{first['id']}")
+    assert s5 == 200
+    s6, again, _ = await acme.call("POST", "/v1/jobs", JOB, headers=key)
+    assert (s6, again["state"], again["id"]) == (201, "queued", first["id"])
+
+
+async def test_other_tenants_job_is_a_404_everywhere(api) -> None:  # type: ignore[no-untyped-def]
+    hub, acme, other = api
+    _, job, _ = await acme.call("POST", "/v1/jobs", JOB)
+    for method, path in [("GET", f"/v1/jobs/{job['id']}"), ("GET", f"/v1/jobs/{job['id']}/events"),
+                         ("DELETE", f"/v1/jobs/{job['id']}")]:
+        status, body, _ = await other.call(method, path)
+        assert status == 404 and body["error"]["code"] == "not_found", (method, path, body)
+    status, listing, _ = await other.call("GET", "/v1/jobs")
+    assert listing["data"] == []
+    assert store_jobs.get_job(hub.db, job["id"]).state == "queued"  # type: ignore[union-attr]
+    status, _, _ = await acme.call("GET", "/v1/jobs/job-does-not-exist")
+    assert status == 404
+
+
+async def test_cancel(api) -> None:  # type: ignore[no-untyped-def]
+    hub, acme, _ = api
+    _, job, _ = await acme.call("POST", "/v1/jobs", JOB)
+    status, view, _ = await acme.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 200 and view["state"] == "cancelled" and view["finished_at"] is not None
+    assert view["reason"] == "cancelled by tenant"
+    status, body, _ = await acme.call("DELETE", f"/v1/jobs/{job['id']}")
+    assert status == 409 and "cancelled" in body["error"]["message"]
+    status, listing, _ = await acme.call("GET", "/v1/jobs?state=cancelled")
+    assert [j["id"] for j in listing["data"]] == [job["id"]]
+    status, body, _ = await acme.call("GET", "/v1/jobs?state=sleeping")
+    assert status == 400 and body["error"]["param"] == "state"
+    # The scheduler never places a cancelled job.
+    service = next(s for s in hub.services if s.name == "training")
+    ticks = service.counters["ticks"]
+    await eventually(lambda: service.counters["ticks"] >= ticks + 2, 5, "two ticks")
+    assert store_jobs.attempts(hub.db, job["id"]) == []
+
+
+async def test_usage_has_a_training_section_and_openapi_lists_jobs(api) -> None:  # type: ignore[no-untyped-def]
+    _, acme, _ = api
+    _, job, _ = await acme.call("POST", "/v1/jobs", JOB)
+    status, usage, _ = await acme.call("GET", "/v1/usage")
+    assert status == 200
+    training = usage["training"]
+    assert training["jobs"] == 1 and training["card_hours"] == 0.0
+    assert [j["id"] for j in training["by_job"]] == [job["id"]]
+    status, doc, _ = await acme.call("GET", "/openapi.json")
+    assert {"post", "get"} <= set(doc["paths"]["/v1/jobs"]) and "delete" in doc["paths"]["/v1/jobs/{job}"]
+    assert "tenant_id" not in doc["components"]["schemas"]["JobBody"]["properties"]
