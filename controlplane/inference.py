@@ -137,7 +137,7 @@ class InferenceService:
             try:
                 first = await it.__anext__()
             except (SiteUnreachable, SiteRefused) as exc:
-                await _aclose(it)
+                await aclose(it)
                 if isinstance(exc, SiteRefused) and not exc.retryable:
                     raise
                 last = str(exc)
@@ -172,13 +172,14 @@ class InferenceService:
                 yield msg
                 msg = await it.__anext__()
         finally:
-            await _aclose(it)
+            await aclose(it)
             if not finished:
                 # The tenant went away (or the site failed) mid-stream: tell the site to stop.
                 await self.hub.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
 
 
-async def _aclose(it: AsyncIterator[object]) -> None:
+async def aclose(it: object) -> None:
+    """Close an async iterator if it can be closed, ignoring errors (cleanup paths)."""
     close = getattr(it, "aclose", None)
     if close is not None:
         try:

@@ -298,8 +298,12 @@ def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
         message, field = validation_error_parts(exc)
-        code = "forbidden_field" if "cpn-internal" in message else "invalid_field"
-        raise Unprocessable(message, field=field, code=code) from None
+        # Same split as the native API: a field we do not take is 422, a bad value is 400.
+        if "cpn-internal" in message:
+            raise Unprocessable(message, field=field, code="forbidden_field") from None
+        if message.endswith("unknown field"):
+            raise Unprocessable(message, field=field, code="unknown_field") from None
+        raise RequestError(message, field=field, status=400, code="invalid_field") from None
     except msgspec.DecodeError as exc:
         raise RequestError(f"body is not valid JSON: {exc}", status=400, code="invalid_json") from None
 
@@ -308,8 +312,9 @@ def decode_chat_request(body: bytes) -> ChatCompletionRequest:
     """Decode and check a chat completions body.
 
     Raises:
-        Unprocessable: (422) unknown, cpn-internal, missing or out-of-range field (``field`` names it).
-        RequestError: (400) malformed JSON, or a field cpn cannot honour (``unsupported_*``).
+        Unprocessable: (422) unknown or cpn-internal field (``field`` names it).
+        RequestError: (400) malformed JSON, a missing or out-of-range field, or a field cpn cannot
+            honour (``unsupported_*``).
     """
     req: ChatCompletionRequest = _decode(_chat_decoder, body)
     check_chat_supported(req)

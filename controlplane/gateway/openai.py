@@ -19,7 +19,7 @@ from controlplane import openai_shapes as oa
 from controlplane.errors import RequestError
 from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
-from controlplane.inference import AllSitesFailed, new_request_id
+from controlplane.inference import AllSitesFailed, aclose, new_request_id
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
 
@@ -87,13 +87,16 @@ async def _serve(
             else:
                 await response.write(sse.finish(msg))
         await response.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError):
-        # The client went away: closing the iterator (in its finally) tells the site to stop.
-        await _close(messages)
-        log.info("event=stream_abandoned request_id=%s site=%s", request_id, served.site)
+    except asyncio.CancelledError:
+        await aclose(messages)  # its finally tells the site to stop
         raise
+    except ConnectionResetError:
+        # The client went away: closing the iterator (in its finally) tells the site to stop.
+        await aclose(messages)
+        log.info("event=stream_abandoned request_id=%s site=%s", request_id, served.site)
+        return response
     except (AllSitesFailed, Exception) as exc:
-        await _close(messages)
+        await aclose(messages)
         log.warning("event=stream_failed request_id=%s site=%s error=%s", request_id, served.site, exc)
         try:
             await response.write(sse.error(f"the serving site failed mid-stream: {exc}", "server_error", "upstream_failed"))
@@ -101,15 +104,6 @@ async def _serve(
         except ConnectionResetError:
             pass
     return response
-
-
-async def _close(it: object) -> None:
-    close = getattr(it, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception:
-            pass
 
 
 async def models(request: web.Request) -> web.Response:

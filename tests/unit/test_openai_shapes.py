@@ -80,24 +80,26 @@ def test_max_tokens_defaults_and_aliases() -> None:
 
 
 @pytest.mark.parametrize(
-    ("extra", "field", "code"),
+    ("extra", "field", "status", "code"),
     [
-        ({"temprature": 0.2}, "temprature", "invalid_field"),
-        ({"tenant": "other"}, "tenant", "forbidden_field"),
-        ({"origin": "hz"}, "origin", "forbidden_field"),
-        ({"messages": [{"role": "user", "content": "x", "tenant": "t"}]}, "messages[0].tenant", "invalid_field"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "invalid_field"),
-        ({"temperature": 2.5}, "temperature", "invalid_field"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_field"),
-        ({"max_tokens": 0}, "max_tokens", "invalid_field"),
-        ({"messages": []}, "messages", "invalid_field"),
-        ({"stream_options": {"include_usage": True, "extra": 1}}, "stream_options.extra", "invalid_field"),
+        ({"temprature": 0.2}, "temprature", 422, "unknown_field"),
+        ({"tenant": "other"}, "tenant", 422, "forbidden_field"),
+        ({"origin": "hz"}, "origin", 422, "forbidden_field"),
+        ({"messages": [{"role": "user", "content": "x", "tenant": "t"}]}, "messages[0].tenant", 422, "unknown_field"),
+        ({"stream_options": {"include_usage": True, "extra": 1}}, "stream_options.extra", 422, "unknown_field"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", 400, "invalid_field"),
+        ({"temperature": 2.5}, "temperature", 400, "invalid_field"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", 400, "invalid_field"),
+        ({"max_tokens": 0}, "max_tokens", 400, "invalid_field"),
+        ({"messages": []}, "messages", 400, "invalid_field"),
     ],
 )
-def test_bad_fields_are_422_naming_the_field(extra: dict[str, object], field: str, code: str) -> None:
-    with pytest.raises(Unprocessable) as info:
+def test_bad_fields_name_the_field_unknown_ones_422_bad_values_400(
+    extra: dict[str, object], field: str, status: int, code: str
+) -> None:
+    with pytest.raises(RequestError) as info:
         oa.decode_chat_request(body(CHAT, **extra))
-    assert (info.value.status, info.value.field, info.value.code) == (422, field, code)
+    assert (info.value.status, info.value.field, info.value.code) == (status, field, code)
     assert info.value.message.startswith(f"{field}: ")
 
 
@@ -108,9 +110,9 @@ def test_internal_field_says_where_it_comes_from() -> None:
 
 
 def test_missing_field_and_bad_json() -> None:
-    with pytest.raises(Unprocessable) as info:
+    with pytest.raises(RequestError) as info:
         oa.decode_completion_request(b'{"model": "m"}')
-    assert (info.value.field, info.value.message) == ("prompt", "prompt: required field missing")
+    assert (info.value.status, info.value.field, info.value.message) == (400, "prompt", "prompt: required field missing")
     with pytest.raises(RequestError) as bad:
         oa.decode_chat_request(b'{"model": ')
     assert (bad.value.status, bad.value.code) == (400, "invalid_json")
