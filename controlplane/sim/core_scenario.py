@@ -1,0 +1,247 @@
+"""The scenario schema of ``cpn sim``: what load, faults and policies a run simulates. Pure.
+
+A scenario is a TOML document (``controlplane/scenarios/*.toml``, documented in docs/sim.md)
+decoded by :func:`decode` into frozen Structs that reject unknown keys. :func:`decode` raises
+:class:`ScenarioError` whose message names the offending field (``inference.models[1].share``),
+so an operator's typo is a clear error, never a silently ignored key.
+
+Promises: a :class:`Scenario` that exists is usable — shares are positive, profiles have 24 hourly
+values, hours are within a day, every model can be served in some time (ttft/per-token ≥ 0).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+Pos = Annotated[float, msgspec.Meta(gt=0)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+Hour = Annotated[float, msgspec.Meta(ge=0, le=24)]
+Profile = Annotated[list[NonNeg], msgspec.Meta(min_length=24, max_length=24)]
+
+# A weekday-like tidal curve (relative demand by China local hour): low before dawn, a morning and an
+# evening peak. Illustrative shape, in the spirit of published diurnal traffic curves of carriers.
+TIDAL_PROFILE = [0.35, 0.25, 0.18, 0.14, 0.12, 0.14, 0.25, 0.5, 0.8, 1.0, 1.05, 1.0,
+                 0.9, 0.9, 0.95, 1.0, 1.0, 0.95, 0.95, 1.05, 1.15, 1.2, 1.0, 0.65]
+FLAT_PROFILE = [1.0] * 24
+
+DEFAULT_START = "2026-11-23T00:00:00+08:00"
+
+
+class _Cfg(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of the scenario sections: frozen, keyword-only, unknown keys rejected."""
+
+
+class Model(_Cfg):
+    """One inference model, deployed as one deployment covering every origin."""
+
+    name: str
+    share: Pos = 1.0
+    """Share of requests (relative)."""
+    cards_per_replica: Pos = 1.0
+    slots_per_replica: Annotated[int, msgspec.Meta(ge=1)] = 4
+    min_cities: Annotated[int, msgspec.Meta(ge=1)] = 2
+    deploy_budget_ms: Pos = 10.0
+    """The deployment's coverage budget (replicas.plan_replicas)."""
+    replicas: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """A floor on the replica count beyond coverage."""
+    accelerators: list[str] | None = None
+    ttft_ms: NonNeg = 30.0
+    """Service model of the ``sim`` backend: time to first token ..."""
+    per_token_ms: NonNeg = 5.0
+    """... plus this per generated token."""
+    mean_tokens: Pos = 200.0
+    """Generated tokens per request: exponential with this mean, at least 1."""
+
+
+class Inference(_Cfg):
+    requests: NonNeg = 1_200_000
+    """Expected requests over ``hours`` (a non-homogeneous Poisson process)."""
+    profile: Profile = msgspec.field(default_factory=lambda: list(TIDAL_PROFILE))
+    budgets_ms: list[Pos] = msgspec.field(default_factory=lambda: [5.0, 10.0])
+    budget_shares: list[Pos] = msgspec.field(default_factory=lambda: [0.3, 0.7])
+    policy: str = "strict"
+    """Router policy: ``strict`` (nothing beyond the budget) or ``nearest`` (best effort)."""
+    window: Annotated[int, msgspec.Meta(ge=1)] = 3
+    models: list[Model] = msgspec.field(default_factory=lambda: [Model(name="qwen2.5-7b")])
+    baselines: bool = True
+    """Run the random and round-robin routers over the same request stream."""
+
+
+class SizeBin(_Cfg):
+    cards: Annotated[list[int], msgspec.Meta(min_length=2, max_length=2)]
+    """[min, max] cards, drawn log-uniformly, rounded to a multiple of 8 above 8."""
+    share: Pos
+
+
+class AccelChoice(_Cfg):
+    accelerators: Annotated[list[str], msgspec.Meta(min_length=1)]
+    share: Pos
+
+
+class Training(_Cfg):
+    jobs: NonNeg = 2200
+    """Expected job arrivals over ``hours``."""
+    profile: Profile = msgspec.field(default_factory=lambda: list(FLAT_PROFILE))
+    sizes: list[SizeBin] = msgspec.field(default_factory=lambda: [
+        SizeBin(cards=[1, 8], share=0.45), SizeBin(cards=[16, 128], share=0.4),
+        SizeBin(cards=[256, 1024], share=0.13), SizeBin(cards=[2048, 4096], share=0.02),
+    ])
+    hours: Annotated[list[Pos], msgspec.Meta(min_length=2, max_length=2)] = msgspec.field(default_factory=lambda: [0.5, 24.0])
+    """[min, max] of est_hours (A800-equivalent run time), log-uniform."""
+    accelerators: list[AccelChoice] = msgspec.field(default_factory=lambda: [
+        AccelChoice(accelerators=["A800", "910B"], share=0.5), AccelChoice(accelerators=["910B"], share=0.3),
+        AccelChoice(accelerators=["A800"], share=0.1), AccelChoice(accelerators=["H800"], share=0.1),
+    ])
+    priorities: list[Annotated[list[float], msgspec.Meta(min_length=2, max_length=2)]] = msgspec.field(
+        default_factory=lambda: [[0, 0.7], [1, 0.25], [2, 0.05]])
+    """[priority, share] pairs."""
+    deadline_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    """Share of jobs with a deadline (they may wait for a cheaper tariff window)."""
+    deadline_slack: Annotated[list[Pos], msgspec.Meta(min_length=2, max_length=2)] = msgspec.field(
+        default_factory=lambda: [1.5, 3.0])
+    """Deadline = submit + est_hours × uniform(slack) (+ 1 h)."""
+    checkpoint_cost_s: NonNeg = 300.0
+    tenants: Annotated[int, msgspec.Meta(ge=1)] = 8
+    tiers: list[str] = msgspec.field(default_factory=lambda: ["hub", "regional"])
+    """Site tiers whose cards take training jobs."""
+    tick_s: Pos = 60.0
+    """Scheduler ticks at most this often (and only when something changed or a wait ends)."""
+    failure_rate_scale: NonNeg = 1.0
+    """Multiplies every pool's failure_rate_per_card_hour (0 turns card failures off)."""
+    baselines: bool = True
+
+
+class Outage(_Cfg):
+    at_hour: NonNeg
+    """Hours after the start of the run."""
+    sites: list[str] = []
+    city: str = ""
+    tiers: list[str] = []
+    """With ``city``: lose that city's sites of these tiers (empty: every tier)."""
+    duration_h: Pos = 1.0
+
+
+class Faults(_Cfg):
+    outages: list[Outage] = []
+    random_outages: NonNeg = 0.0
+    """Expected extra outages of random sites over the run (site chosen uniformly)."""
+    random_outage_h: Pos = 1.0
+    """Mean duration of a random outage (exponential)."""
+    detection_s: NonNeg = 3.0
+    """Silence before the hub declares a site lost (heartbeat_s × miss_limit, DESIGN §10)."""
+
+
+class Lending(_Cfg):
+    """Tidal lending: idle inference cards join the training pools at night and are reclaimed."""
+
+    enabled: bool = False
+    tiers: list[str] = msgspec.field(default_factory=lambda: ["edge"])
+    from_hour: Hour = 0.0
+    """Local hour the lending window opens."""
+    until_hour: Hour = 7.0
+    """Local hour by which lent cards are back (jobs there are checkpointed and stopped)."""
+
+
+class Scenario(_Cfg):
+    name: str
+    description: str = ""
+    hours: Pos = 24.0
+    start: str = DEFAULT_START
+    """ISO 8601 with offset; tariff hours are China local time."""
+    sample_s: Pos = 60.0
+    """Utilisation is sampled this often."""
+    inference: Inference = Inference()
+    training: Training = Training()
+    faults: Faults = Faults()
+    lending: Lending = Lending()
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot be used; the message names the field."""
+
+
+def _check(s: Scenario) -> None:
+    inf = s.inference
+    if len(inf.budgets_ms) != len(inf.budget_shares):
+        raise ScenarioError("inference.budget_shares: need one share per entry of budgets_ms")
+    if inf.policy not in ("strict", "nearest"):
+        raise ScenarioError(f"inference.policy: want 'strict' or 'nearest', got {inf.policy!r}")
+    if inf.requests > 0 and not inf.models:
+        raise ScenarioError("inference.models: at least one model when requests > 0")
+    if inf.requests > 0 and sum(inf.profile) <= 0:
+        raise ScenarioError("inference.profile: all zero")
+    names = [m.name for m in inf.models]
+    if len(set(names)) != len(names):
+        raise ScenarioError("inference.models: model names must be unique")
+    tr = s.training
+    for i, b in enumerate(tr.sizes):
+        if not 1 <= b.cards[0] <= b.cards[1]:
+            raise ScenarioError(f"training.sizes[{i}].cards: want 1 <= min <= max, got {b.cards}")
+    if tr.hours[0] > tr.hours[1]:
+        raise ScenarioError(f"training.hours: want min <= max, got {tr.hours}")
+    if tr.deadline_slack[0] > tr.deadline_slack[1] or tr.deadline_slack[0] < 1.0:
+        raise ScenarioError(f"training.deadline_slack: want 1 <= min <= max, got {tr.deadline_slack}")
+    if tr.jobs > 0 and not (tr.sizes and tr.accelerators and tr.priorities):
+        raise ScenarioError("training: sizes, accelerators and priorities must not be empty when jobs > 0")
+    if tr.jobs > 0 and sum(tr.profile) <= 0:
+        raise ScenarioError("training.profile: all zero")
+    for i, p in enumerate(tr.priorities):
+        if p[1] <= 0:
+            raise ScenarioError(f"training.priorities[{i}]: share must be > 0")
+    for i, o in enumerate(s.faults.outages):
+        if not o.sites and not o.city:
+            raise ScenarioError(f"faults.outages[{i}]: give sites or city")
+    if s.lending.enabled and s.lending.from_hour == s.lending.until_hour:
+        raise ScenarioError("lending.until_hour: must differ from from_hour")
+    start_epoch_s(s.start)
+
+
+def start_epoch_s(start: str) -> float:
+    """Epoch seconds of an ISO 8601 timestamp with an offset (``2026-11-23T00:00:00+08:00``).
+
+    Raises:
+        ScenarioError: not such a timestamp (field ``start``).
+    """
+    import datetime as _dt  # stdlib date parsing only; no clock is read
+
+    try:
+        when = _dt.datetime.fromisoformat(start)
+    except ValueError:
+        raise ScenarioError(f"start: not an ISO 8601 timestamp: {start!r}") from None
+    if when.tzinfo is None:
+        raise ScenarioError(f"start: give a UTC offset (e.g. +08:00): {start!r}")
+    return when.timestamp()
+
+
+def decode(text: str | bytes, source: str = "<scenario>") -> Scenario:
+    """Decode and check a scenario TOML document.
+
+    Raises:
+        ScenarioError: invalid TOML, an unknown key, a wrong type or an unusable value; the
+            message starts with ``source`` and names the field.
+    """
+    try:
+        scenario = msgspec.toml.decode(text, type=Scenario)
+    except msgspec.ValidationError as exc:
+        raise ScenarioError(f"{source}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ScenarioError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        _check(scenario)
+    except ScenarioError as exc:
+        raise ScenarioError(f"{source}: {exc}") from None
+    return scenario
+
+
+def with_hours(s: Scenario, hours: float) -> Scenario:
+    """The scenario over ``hours`` instead, with expected requests and jobs scaled to match."""
+    if hours == s.hours:
+        return s
+    k = hours / s.hours
+    return msgspec.structs.replace(
+        s, hours=hours,
+        inference=msgspec.structs.replace(s.inference, requests=s.inference.requests * k),
+        training=msgspec.structs.replace(s.training, jobs=s.training.jobs * k),
+    )

@@ -1,0 +1,75 @@
+"""The report of ``cpn sim`` as stable JSON and as a one-screen text table.
+
+``to_json(report, timing)`` sorts keys and puts the run time under ``timing`` only, so two runs with
+the same seed give byte-identical JSON once ``timing`` is removed (docs/sim.md, "Determinism").
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def to_json(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
+    """Stable JSON: sorted keys, two-space indent; ``timing`` (wall-clock figures) under its own key."""
+    data = dict(report)
+    if timing is not None:
+        data["timing"] = timing
+    return json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.1f}%"
+
+
+def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
+    """The summary table an operator reads on a terminal."""
+    lines: list[str] = []
+    add = lines.append
+    add(f"cpn sim: scenario {report['scenario']} on layout {report['layout']} ({report['sites']} sites, "
+        f"{report['origins']} origins), {report['hours']:g} h from {report['start']}, seed {report.get('seed', 0)}")
+    inf = report["inference"]
+    if inf["requests"]:
+        add("")
+        add(f"inference: {inf['requests']:,} requests; replicas {', '.join(f'{m} {n}' for m, n in inf['replicas'].items())}")
+        add(f"  {'policy':<12} {'within budget':>13} {'failed':>9} {'RTT/oracle':>10} {'p95 ≤':>6} {'mean RTT':>9} "
+            f"{'rerouted':>8} {'lost':>6}")
+        for name, p in inf["policies"].items():
+            add(f"  {name:<12} {_pct(p['within_budget_share']):>13} {p['failed']:>9,} {p['rtt_ratio_mean']:>10.2f} "
+                f"{p['rtt_ratio_p95_at_most']:>6.1f} {p['mean_rtt_ms']:>7.2f}ms {p['rerouted']:>8,} {p['failed_outage']:>6,}")
+        orc = inf["oracle"]
+        add(f"  {'oracle':<12} {_pct(orc['feasible_share']):>13} {'':>9} {1.0:>10.2f} {'':>6} {orc['mean_rtt_ms']:>7.2f}ms"
+            "   (nearest up replica, load ignored)")
+        worst = sorted(((o, v) for o, v in inf["per_origin"].items() if v["requests"]),
+                       key=lambda kv: (kv[1].get("cpn_within_share", 0.0), kv[0]))[:5]
+        if worst:
+            add("  lowest origins (cpn within budget / feasible): " + ", ".join(
+                f"{o} {_pct(v.get('cpn_within_share', 0.0))}/{_pct(v['feasible_share'])}" for o, v in worst))
+        for o in inf["outages"]:
+            add(f"  outage {o['site']} at {o['at_h']:g} h for {o['duration_h']:g} h: {o.get('in_flight', 0)} in flight, "
+                f"{o['rerouted']} rerouted, {o['failed']} failed (cpn)")
+    u = report["utilisation"]
+    add("")
+    add("utilisation (cards busy, cpn): " + ", ".join(f"{t} {_pct(v)} of {u['cards'][t]:,}" for t, v in u["mean_by_tier"].items())
+        + f"; overall {_pct(u['overall_mean'])}")
+    tr = report["training"]
+    if tr["jobs"]:
+        add("")
+        add(f"training: {tr['jobs']:,} jobs (mean {tr['cards_requested_mean']:g} cards); "
+            f"{tr['completed_by_every_policy']:,} completed under every policy")
+        add(f"  {'policy':<12} {'done':>5} {'energy CNY':>11} {'CNY/A800-h':>10} {'common CNY':>11} {'goodput':>8} "
+            f"{'wait p50/p95 h':>14} {'fail':>5} {'W meas/exp/min':>16} {'recovery p50 s':>14}")
+        for name, p in tr["policies"].items():
+            yd = p["young_daly"]
+            add(f"  {name:<12} {p['completed']:>5,} {p['energy_cny']:>11,.0f} {p['cny_per_a800_card_hour']:>10.3f} "
+                f"{p['completed_in_common_cny']:>11,.0f} {_pct(p['goodput']):>8} "
+                f"{p['queue_delay_h']['p50']:>6.2f}/{p['queue_delay_h']['p95']:<7.2f} "
+                f"{p['failures']['card'] + p['failures']['site_outage']:>5} "
+                f"{yd['measured_waste_per_useful']:.3f}/{yd['expected_waste_for_intervals_used']:.3f}/"
+                f"{yd['minimum_sqrt_2c_over_m_plus_r_over_m']:.3f} {p['recovery_s']['p50']:>14,.0f}")
+        add(f"  {'oracle':<12} {'':>5} {tr['oracle']['all_jobs_cny']:>11,.0f} {'':>10} "
+            f"{tr['oracle']['completed_in_common_cny']:>11,.0f}   (cheapest pool and window, no queueing, no failures)")
+    if timing:
+        add("")
+        add(f"run time {timing['wall_s']:.1f} s ({timing.get('requests_per_s', 0):,} requests/s simulated)")
+    return "\n".join(lines) + "\n"
