@@ -187,6 +187,8 @@ class TrainingService:
         """Training usage of a tenant: totals of ended attempts and a line per job (newest 100)."""
         db = self.hub.db
         out = store_jobs.usage_by_tenant(db, tenant)
+        out["card_hours"] = round(out["card_hours"], 6)
+        out["energy_cny"] = round(out["energy_cny"], 6)
         out["by_job"] = [
             {"id": r.id, "name": r.name, "state": r.state, "attempts": r.attempt,
              "card_hours": round(r.card_hours, 6), "energy_cny": round(r.energy_cny, 6)}
@@ -401,8 +403,11 @@ class TrainingService:
         self._kick()
 
     def _enqueue_stop(self, site: str, job: str, attempt: int, now: float, *, checkpoint: bool, reason: str) -> None:
-        """Queue a StopAttempt (inside the caller's transaction), once per attempt and site at a time."""
+        """Queue a StopAttempt (inside the caller's transaction): not while one for the same attempt
+        and site is pending, nor again within ``STOP_RESEND_S`` (each late event of a zombie asks)."""
         assert self.outbox is not None
+        if now - self._stop_sent.get((site, job, attempt), -math.inf) < STOP_RESEND_S:
+            return
         cmd = wire.StopAttempt(job=job, attempt=attempt, checkpoint=checkpoint, reason=reason)
         if self.outbox.add(site, cmd, now, dedupe=True) is not None:
             self.counters["stops"] += 1
