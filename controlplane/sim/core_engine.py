@@ -198,6 +198,9 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                 dead_now.add(sid)
                 inf.fail(site_idx[sid], t)
             log["in_flight"] = sum(1 for e in inf.heap if e[4] == site_idx[sid] and e[5] != inf.epoch[site_idx[sid]])
+            city = lay.site(sid).city
+            log["_origins"] = [i for i, o in enumerate(lay.origins) if o.id == city]
+            log["_before"] = _origin_counts(inf, log["_origins"])
         elif kind == "detect":
             sid, log, failed_at = payload
             if sid in dead_now and inf.up[site_idx[sid]]:
@@ -206,6 +209,13 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                     sim.site_lost(sid, t, failed_at)
         elif kind == "back":
             sid, log = payload
+            if "_origins" in log:
+                after = _origin_counts(inf, log.pop("_origins"))
+                before = log.pop("_before")
+                req = after[0] - before[0]
+                log["city_requests_during"] = req
+                log["city_within_share_during"] = {
+                    name: _share(a - b, req) for name, a, b in zip(inf.policies, after[1:], before[1:])}
             if sid in dead_now:
                 dead_now.discard(sid)
                 inf.recover(site_idx[sid], t)
@@ -249,6 +259,12 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                                            n_samples, tier_cards),
         "training": _training_report(sims, draws, oracle, s.hours),
     }
+
+
+def _origin_counts(inf: core_inference.InferenceSim, origins: list[int]) -> list[int]:
+    """Requests, then each policy's within-budget count, summed over ``origins`` (so far)."""
+    return [sum(inf.requests_by_origin[i] for i in origins)] + \
+        [sum(st.within_by_origin[i] for i in origins) for st in inf.stats]
 
 
 def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep: core_inference.Deployment,
@@ -365,6 +381,7 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             "recovery_s": {"restarts": len(sim.recovery_s), "mean": r(sum(sim.recovery_s) / len(sim.recovery_s), 1) if sim.recovery_s else 0.0,
                            "p50": r(pct(sim.recovery_s, 50), 1), "max": r(max(sim.recovery_s, default=0.0), 1)},
             "scheduler_ticks": sim.ticks,
+            "lent_card_hours": r(sim.lent_card_s / 3600.0, 1),
         }
     return {
         "jobs": len(draws),

@@ -221,6 +221,7 @@ class TrainingSim:
         self.outage_failures = 0
         self.stops = 0
         self.recovery_s: list[float] = []
+        self.lent_card_s = 0.0
         self.queue_delay_s: list[float] = []
 
     def __repr__(self) -> str:
@@ -414,6 +415,8 @@ class TrainingSim:
         effects.extend(out.effects)
         for eff in effects:
             if isinstance(eff, lifecycle.Meter):
+                if eff.pool in self.lent:
+                    self.lent_card_s += eff.cards * (eff.end_at - eff.start_at)
                 pool = self._pool(eff.pool)
                 job.cost_cny += placement.metered_energy_cny(pool, eff.accelerator, eff.cards, eff.start_at, eff.end_at)
                 job.card_s += eff.cards * (eff.end_at - eff.start_at)
@@ -466,6 +469,8 @@ class TrainingSim:
             if a is None:
                 continue
             job.cost_cny += placement.metered_energy_cny(self._pool(a.pool), a.acc, a.cards, a.start, now)
+            if a.pool in self.lent:
+                self.lent_card_s += a.cards * (now - a.start)
             job.card_s += a.cards * (now - a.start)
             held = now - a.start
             x = max(0.0, held - a.setup_s)

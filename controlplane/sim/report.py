@@ -46,8 +46,10 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             add("  lowest origins (cpn within budget / feasible): " + ", ".join(
                 f"{o} {_pct(v.get('cpn_within_share', 0.0))}/{_pct(v['feasible_share'])}" for o, v in worst))
         for o in inf["outages"]:
+            during = o.get("city_within_share_during", {})
             add(f"  outage {o['site']} at {o['at_h']:g} h for {o['duration_h']:g} h: {o.get('in_flight', 0)} in flight, "
-                f"{o['rerouted']} rerouted, {o['failed']} failed (cpn)")
+                f"{o['rerouted']} rerouted, {o['failed']} failed (cpn); its city's requests within budget meanwhile: "
+                + ", ".join(f"{k} {_pct(v)}" for k, v in during.items()))
     u = report["utilisation"]
     add("")
     add("utilisation (cards busy, cpn): " + ", ".join(f"{t} {_pct(v)} of {u['cards'][t]:,}" for t, v in u["mean_by_tier"].items())
@@ -67,6 +69,9 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
                 f"{p['failures']['card'] + p['failures']['site_outage']:>5} "
                 f"{yd['measured_waste_per_useful']:.3f}/{yd['expected_waste_for_intervals_used']:.3f}/"
                 f"{yd['minimum_sqrt_2c_over_m_plus_r_over_m']:.3f} {p['recovery_s']['p50']:>14,.0f}")
+        if any(p.get("lent_card_hours") for p in tr["policies"].values()):
+            add("  lent inference cards (card-hours used / jobs stopped at reclaim or preempted): " + ", ".join(
+                f"{n} {p['lent_card_hours']:,.0f}/{p['failures']['preempted_or_reclaimed']}" for n, p in tr["policies"].items()))
         add(f"  {'oracle':<12} {'':>5} {tr['oracle']['all_jobs_cny']:>11,.0f} {'':>10} "
             f"{tr['oracle']['completed_in_common_cny']:>11,.0f}   (cheapest pool and window, no queueing, no failures)")
     if timing:
