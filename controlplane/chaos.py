@@ -32,7 +32,7 @@ import aiohttp
 
 from controlplane.faultproxy import FaultProxy
 from controlplane.natsserver import NatsServer
-from controlplane.up import _nats_identities
+from controlplane.up import nats_identities
 from topology import loader
 
 log = logging.getLogger("cpn.chaos")
@@ -110,7 +110,7 @@ class Rig:
 
     async def start(self) -> None:
         site_ids = [s.id for s in self.layout.sites]
-        self.identities = _nats_identities(self.root, site_ids)
+        self.identities = nats_identities(self.root, site_ids)
         self.nats = NatsServer(self.root / "jetstream", config=self.identities.config_path)
         await self.nats.start()
         for sid in site_ids:

@@ -63,7 +63,7 @@ class Network:
         data.mkdir(parents=True, exist_ok=True)
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
         site_ids = [s.id for s in self.layout.sites]
-        auth = _nats_identities(data, site_ids)
+        auth = nats_identities(data, site_ids)
         self.site_credentials = auth.site_credentials
         self.nats = NatsServer(
             data / "jetstream",
@@ -182,7 +182,7 @@ class _Identities:
     violations: Any
 
 
-def _nats_identities(data: Path, site_ids: list[str]) -> _Identities:
+def nats_identities(data: Path, site_ids: list[str]) -> _Identities:
     """Per-site NATS users and permissions for the embedded server (same scheme as deployments)."""
     try:
         from controlplane import natsconf
