@@ -90,6 +90,7 @@ class HubBus:
         self.nc: Any = None
         self._subs: list[Any] = []
         self._event_task: asyncio.Task[None] | None = None
+        self._psub: Any = None
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
@@ -158,6 +159,15 @@ class HubBus:
             except (asyncio.CancelledError, Exception):
                 pass
             self._event_task = None
+        if self._psub is not None:
+            # A fetch reply landing after the consumer task was cancelled stays in the pull
+            # subscription's queue, never marked done, and holds nc.drain() for its 30 s timeout.
+            # Unsubscribing drops only our inbox; the durable consumer keeps its position.
+            try:
+                await self._psub.unsubscribe()
+            except Exception:
+                pass
+            self._psub = None
         if self.nc is not None:
             try:
                 await self.nc.drain()
@@ -375,6 +385,7 @@ class HubBus:
                             max_ack_pending=10_000,
                         ),
                     )
+                    self._psub = psub
                 try:
                     msgs = await psub.fetch(batch, timeout=1.0)
                 except nats.errors.TimeoutError:

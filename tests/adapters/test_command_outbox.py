@@ -1,0 +1,175 @@
+"""The command outbox against a real hub, a real nats-server and a raw NATS peer playing the site.
+
+The peer registers and heartbeats like an agent, and answers commands only when told to, so a test
+can hold commands in the outbox, restart the hub, or make the site refuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+
+from controlplane.natsserver import NatsServer
+from controlplane.store import jobs as store_jobs
+from controlplane.store import outbox as store_outbox
+from edge_agent import wire
+from tests.support.hubrig import Client, hub_config, running_hub
+
+JOB = {"name": "t", "cards": 2, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_interval_min": 10}
+
+
+async def until(cond: Callable[[], Any], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+class RawSite:
+    """hz-edge as a bare NATS client: Register, heartbeats every 0.3 s, commands answered by ``answer``."""
+
+    def __init__(self, url: str, site: str = "hz-edge") -> None:
+        self.url = url
+        self.site = site
+        self.nc: Any = None
+        self.commands: list[Any] = []
+        self.answer: Callable[[Any], Any] = lambda cmd: wire.Ack(detail="ok")
+        self._beat: asyncio.Task[None] | None = None
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(self.url)
+        await self.register()
+        self._beat = asyncio.create_task(self._heartbeats())
+
+    async def register(self) -> None:
+        msg = wire.Register(site=self.site, tier="edge", city="hangzhou", accelerators={"910B": 4}, executors=["sim"])
+        reply = await self.nc.request(wire.register_subject(self.site), wire.encode(msg), timeout=5)
+        assert isinstance(wire.register_reply_decoder.decode(reply.data), wire.RegisterAck)
+
+    async def _heartbeats(self) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            hb = wire.Heartbeat(site=self.site, seq=seq, free_cards={"910B": 4.0})
+            await self.nc.publish(wire.heartbeat_subject(self.site), wire.encode(hb))
+            await asyncio.sleep(0.3)
+
+    async def serve_commands(self) -> None:
+        async def on_cmd(msg: Any) -> None:
+            cmd = wire.command_decoder.decode(msg.data)
+            if isinstance(cmd, wire.Reregister):  # a new hub asks who we are, as it would an agent
+                await msg.respond(wire.encode(wire.Ack(detail="registering")))
+                await self.register()
+                return
+            self.commands.append(cmd)
+            await msg.respond(wire.encode(self.answer(cmd)))
+
+        self._sub = await self.nc.subscribe(wire.cmd_subject(self.site), cb=on_cmd)
+        await self.nc.flush()
+
+    async def close(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
+            await asyncio.gather(self._beat, return_exceptions=True)
+        await self.nc.close()
+
+
+@pytest.fixture
+async def site(nats_server: NatsServer) -> AsyncIterator[RawSite]:
+    peer = RawSite(nats_server.url)
+    try:
+        yield peer
+    finally:
+        await peer.close()
+
+
+async def submit(hub: Any, key: str) -> str:
+    async with aiohttp.ClientSession() as session:
+        status, body, _ = await Client(session, f"http://127.0.0.1:{hub.http_port}", key).call("POST", "/v1/jobs", JOB)
+    assert status == 201, body
+    return str(body["id"])
+
+
+async def test_a_command_committed_but_not_delivered_is_sent_after_a_hub_restart(
+        tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
+    config = hub_config(tmp_path, nats_server.url)
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme")
+        await site.start()  # registers and heartbeats, but nobody answers its cmd subject yet
+        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        jid = await submit(hub, key)
+        await until(lambda: any(r.tries >= 2 for r in store_outbox.pending(hub.db)), 10, "start retried")
+        row = store_jobs.get_job(hub.db, jid)
+        assert row is not None and (row.state, row.attempt, row.pool) == ("placed", 1, "hz-edge")
+    # The hub is gone with the StartAttempt committed and unsent. The site now answers.
+    await site.serve_commands()
+    assert site.commands == []
+    async with running_hub(config) as hub:
+        await until(lambda: site.commands, 10, "StartAttempt re-sent after the restart")
+        cmd = site.commands[0]
+        assert isinstance(cmd, wire.StartAttempt) and (cmd.job, cmd.attempt, cmd.cards) == (jid, 1, 2)
+        assert cmd.executor == "sim" and cmd.checkpoint_interval_s == 600.0 and cmd.work_s == 3600.0
+        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 5, "dispatched")  # type: ignore[union-attr]
+        (entry,) = store_outbox.for_job(hub.db, jid)
+        assert entry.state == "sent" and entry.detail == "ok" and entry.tries >= 3
+    assert len(site.commands) == 1  # sent once it could be, never twice
+
+
+async def test_an_obsolete_start_is_dropped_and_only_the_stop_goes_out(
+        tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        key = hub.create_tenant("acme")
+        await site.start()
+        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        jid = await submit(hub, key)
+        await until(lambda: store_outbox.pending(hub.db), 5, "start pending")
+        async with aiohttp.ClientSession() as session:
+            status, view, _ = await Client(session, f"http://127.0.0.1:{hub.http_port}", key).call(
+                "DELETE", f"/v1/jobs/{jid}")
+        assert status == 200 and view["state"] == "cancelled"
+        await site.serve_commands()
+        await until(lambda: site.commands, 10, "a command delivered")
+        await until(lambda: not store_outbox.pending(hub.db), 10, "outbox drained")
+        assert [type(c).__name__ for c in site.commands] == ["StopAttempt"]
+        assert (site.commands[0].job, site.commands[0].attempt, site.commands[0].checkpoint) == (jid, 1, False)
+        start, stop = store_outbox.for_job(hub.db, jid)
+        assert (start.kind, start.state) == ("start_attempt", "dropped") and "job is cancelled" in start.detail
+        assert (stop.kind, stop.state) == ("stop_attempt", "sent")
+
+
+async def test_a_refused_start_is_an_infrastructure_failure_and_the_job_is_placed_again(
+        tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        key = hub.create_tenant("acme")
+        refusals = 0
+
+        def answer(cmd: Any) -> Any:
+            nonlocal refusals
+            if isinstance(cmd, wire.StartAttempt) and cmd.attempt == 1:
+                refusals += 1
+                return wire.ErrorReply(code="no_capacity", message="needs 2 910B cards, hz-edge has 0 free")
+            return wire.Ack(detail="started")
+
+        site.answer = answer
+        await site.start()
+        await site.serve_commands()
+        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        jid = await submit(hub, key)
+        await until(lambda: (r := store_jobs.get_job(hub.db, jid)) is not None and r.attempt == 2
+                    and r.state == "starting", 10, "attempt 2 dispatched")
+        row = store_jobs.get_job(hub.db, jid)
+        assert row is not None and (row.infra_restarts, row.user_retries) == (1, 0)
+        first = store_jobs.attempts(hub.db, jid)[0]
+        assert first.exit_reason == "dispatch_failed" and "no_capacity" in first.detail
+        assert first.card_hours == 0.0  # it never ran
+        assert refusals == 1 and [(type(c).__name__, c.attempt) for c in site.commands] == [
+            ("StartAttempt", 1), ("StartAttempt", 2)]
