@@ -65,6 +65,8 @@ REFUSED_COOL_S = 1.0
 """After a site refuses a start for lack of cards, place nothing there until a newer heartbeat."""
 REFUSED_OTHER_COOL_S = 30.0
 """After any other refusal (executor not enabled, ...), leave the site alone this long."""
+ORPHAN_GRACE_S = 5.0
+"""After a hub start, a live job's site must be heard from within max(this, 2 × detection)."""
 
 
 class TrainingService:
@@ -248,6 +250,7 @@ class TrainingService:
             self._carry_out(plan, {r.id: r for r in rows}, bad, now)
             self.last_plan = plan
         self._reconcile(live, now)
+        self._orphans(live, now)
         self.counters["ticks"] += 1
         self.last_tick_ms = (time.perf_counter() - started) * 1000.0
         return plan
@@ -402,6 +405,21 @@ class TrainingService:
             log.warning("event=stale_attempt_running site=%s job=%s attempt=%d reason=%s", site, job, attempt, reason)
         self._kick()
 
+    def _orphans(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
+        """Live jobs at a site this hub process has never heard from, a grace period after start.
+
+        The registry declares lost only sites it has a view of; a site that died while the hub was
+        down never heartbeats again, so without this its jobs would stay ``running`` for ever.
+        """
+        hub = self.hub
+        grace_s = max(2.0 * hub.registry.detection_s, ORPHAN_GRACE_S)
+        if now - hub.started_at < grace_s:
+            return
+        silent = {r.pool for r in live.values() if r.pool and hub.registry.get(r.pool) is None}
+        for site in sorted(silent):
+            log.warning("event=site_silent_since_start site=%s grace_s=%.1f", site, grace_s)
+            self._site_lost(site, now, why=f"site {site} not heard from since the hub started")
+
     def _enqueue_stop(self, site: str, job: str, attempt: int, now: float, *, checkpoint: bool, reason: str) -> None:
         """Queue a StopAttempt (inside the caller's transaction): not while one for the same attempt
         and site is pending, nor again within ``STOP_RESEND_S`` (each late event of a zombie asks)."""
@@ -457,6 +475,10 @@ class TrainingService:
                 row = store_jobs.get_job(db, event.job)
                 if row is None:
                     result = "unknown_job"
+                elif event.attempt == row.attempt and row.pool and event.site != row.pool:
+                    # The attempt number is right but the sender is not where the attempt runs: a
+                    # site speaking for another's attempt. Fence it like a stale one.
+                    result = "stale_attempt"
                 else:
                     out = lifecycle.apply_event(row.record(), event)
                     if out.applied:
@@ -496,18 +518,19 @@ class TrainingService:
         except Exception:
             log.exception("event=site_listener_failed site=%s", t.site)
 
-    def _site_lost(self, site: str, now: float) -> None:
+    def _site_lost(self, site: str, now: float, why: str = "") -> None:
         db = self.hub.db
+        why = why or f"site {site} lost"
         failed = []
         with transaction(db):
             for row in store_jobs.jobs_in_states(db, LIVE_STATES):
                 if row.pool != site:
                     continue
-                out = lifecycle.infra_failure(row.record(), now, f"site {site} lost", attempt=row.attempt)
+                out = lifecycle.infra_failure(row.record(), now, why, attempt=row.attempt)
                 if not out.applied:
                     continue
                 store_jobs.save_record(db, out.record)
-                self._effects(row, out.effects, now, exit_reason="site_lost", detail=f"site {site} lost")
+                self._effects(row, out.effects, now, exit_reason="site_lost", detail=why)
                 failed.append(row.id)
         self.counters["site_failures"] += len(failed)
         for job in failed:

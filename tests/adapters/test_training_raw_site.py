@@ -1,7 +1,9 @@
-"""The command outbox against a real hub, a real nats-server and a raw NATS peer playing the site.
+"""The training service against a real hub, a real nats-server and a raw NATS peer playing the site:
+the command outbox (re-send after a hub restart, obsolete commands dropped, refusals), a site that
+dies while the hub is down, and events fenced by site.
 
 The peer registers and heartbeats like an agent, and answers commands only when told to, so a test
-can hold commands in the outbox, restart the hub, or make the site refuse.
+can hold commands in the outbox, restart the hub, make the site refuse, or publish forged events.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ class RawSite:
 
         self._sub = await self.nc.subscribe(wire.cmd_subject(self.site), cb=on_cmd)
         await self.nc.flush()
+
+    async def publish_event(self, event: Any, site: str | None = None) -> None:
+        """Publish an attempt event to JetStream as an agent does (on ``site``'s subject)."""
+        msg_id = wire.event_msg_id(event.job, event.attempt, event.seq)
+        await self.nc.jetstream().publish(wire.event_subject(site or self.site), wire.encode(event),
+                                          headers={"Nats-Msg-Id": msg_id})
 
     async def close(self) -> None:
         if self._beat is not None:
@@ -173,3 +181,50 @@ async def test_a_refused_start_is_an_infrastructure_failure_and_the_job_is_place
         assert first.card_hours == 0.0  # it never ran
         assert refusals == 1 and [(type(c).__name__, c.attempt) for c in site.commands] == [
             ("StartAttempt", 1), ("StartAttempt", 2)]
+
+
+async def test_a_site_that_died_while_the_hub_was_down_fails_its_attempts_after_a_grace_period(
+        tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
+    config = hub_config(tmp_path, nats_server.url)
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme")
+        await site.start()
+        await site.serve_commands()
+        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        jid = await submit(hub, key)
+        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+    await site.close()  # the site dies while the hub is down: nobody will ever heartbeat for it
+    async with running_hub(config) as hub:
+        started = time.monotonic()
+        await until(lambda: store_jobs.get_job(hub.db, jid).state == "restarting", 15, "attempt failed")  # type: ignore[union-attr]
+        waited_s = time.monotonic() - started
+        assert 5.5 <= waited_s <= 8.0, waited_s  # grace = max(2 × 3 s detection, 5 s), then a tick
+        (first,) = store_jobs.attempts(hub.db, jid)
+        assert first.exit_reason == "site_lost" and "not heard from since the hub started" in first.detail
+        row = store_jobs.get_job(hub.db, jid)
+        assert row is not None and (row.infra_restarts, row.user_retries) == (1, 0)
+
+
+async def test_an_event_for_the_current_attempt_from_another_site_is_fenced(
+        tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        key = hub.create_tenant("acme")
+        await site.start()
+        await site.serve_commands()
+        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        jid = await submit(hub, key)
+        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        service = next(s for s in hub.services if s.name == "training")
+        now = time.time()
+        # nj-edge (on its own subject, as its permissions allow) claims hz-edge's attempt 1.
+        await site.publish_event(wire.Checkpointed(job=jid, attempt=1, seq=100, site="nj-edge", at=now,
+                                                   progress=0.9, checkpoint="evil://nj-edge/x"), site="nj-edge")
+        # The real site speaks for its attempt.
+        await site.publish_event(wire.AttemptStarted(job=jid, attempt=1, seq=1, site="hz-edge", at=now))
+        await site.publish_event(wire.Checkpointed(job=jid, attempt=1, seq=2, site="hz-edge", at=now + 1,
+                                                   progress=0.25, checkpoint="sim://hz-edge/ok"))
+        await until(lambda: service.counters["applied"] == 2, 10, "real events applied")
+        row = store_jobs.get_job(hub.db, jid)
+        assert row is not None and (row.state, row.progress, row.checkpoint) == ("running", 0.25, "sim://hz-edge/ok")
+        assert service.counters["stale_attempt"] == 1
+        assert len(store_jobs.events(hub.db, jid)) == 3  # recorded, but the forged one changed nothing
