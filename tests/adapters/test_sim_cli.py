@@ -1,0 +1,56 @@
+"""``cpn sim`` as an operator runs it: a real subprocess writing JSON, text and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCENARIO = """
+name = "cli-small"
+hours = 2
+sample_s = 300
+[inference]
+requests = 4000
+[[inference.models]]
+name = "m"
+[training]
+jobs = 30
+"""
+
+
+def cpn(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "controlplane.cli", "sim", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=100)
+
+
+def test_short_run_writes_json_and_plots(tmp_path: Path) -> None:
+    scen = tmp_path / "small.toml"
+    scen.write_text(SCENARIO)
+    out = tmp_path / "report"
+    proc = cpn("--scenario", str(scen), "--hours", "1", "--seed", "4", "--json", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads(proc.stdout)
+    assert rep["schema"] == "cpn.sim.report/1" and rep["scenario"] == "cli-small" and rep["seed"] == 4
+    assert rep["hours"] == 1.0 and rep["timing"]["wall_s"] > 0
+    assert 1000 < rep["inference"]["requests"] < 3000  # --hours 1 halves the scenario's 2-hour load
+    assert json.loads((out / "report.json").read_text())["inference"] == rep["inference"]
+    assert "cpn" in (out / "report.txt").read_text()
+    for name in ("report.png", "utilisation.png", "inference.png", "training.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "simulating" not in proc.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_bad_scenario_is_exit_2_naming_the_field(tmp_path: Path) -> None:
+    scen = tmp_path / "bad.toml"
+    scen.write_text('name = "x"\n[inference]\nrequets = 5\n')
+    proc = cpn("--scenario", str(scen))
+    assert proc.returncode == 2
+    assert "requets" in proc.stderr and "bad.toml" in proc.stderr
+    proc = cpn("--scenario", "nope")
+    assert proc.returncode == 2 and "national-day" in proc.stderr
+    proc = cpn("--hours", "0")
+    assert proc.returncode == 2 and "--hours" in proc.stderr
