@@ -13,4 +13,6 @@ if TYPE_CHECKING:
 
 def install_services(hub: Hub) -> None:
     """Attach every optional service that exists in this build to ``hub`` (before ``start``)."""
-    return None
+    from controlplane import training
+
+    training.install(hub)
