@@ -342,7 +342,7 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
     for sim in sims:
         done = {jid for jid, j in sim.jobs.items() if j.done_at is not None}
         done_all = done if done_all is None else done_all & done
-    done_all = done_all or set()
+    common_done = sorted(done_all or ())  # sorted: a set's order varies between processes (hash seed)
     for sim in sims:
         jobs = sim.jobs.values()
         w = sim.waste
@@ -361,7 +361,7 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             "card_hours": r(card_s / 3600.0, 1),
             "work_a800_card_hours": r(work, 1),
             "cny_per_a800_card_hour": r(cost / work) if work else 0.0,
-            "completed_in_common_cny": r(sum(sim.jobs[j].cost_cny for j in done_all), 2),
+            "completed_in_common_cny": r(sum(sim.jobs[j].cost_cny for j in common_done), 2),
             "goodput": _share(useful, card_s),
             "waste_card_hours": {
                 "checkpoint": r(w.checkpoint / 3600.0, 1), "lost_to_failures": r(w.lost / 3600.0, 1),
@@ -386,10 +386,10 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
     return {
         "jobs": len(draws),
         "cards_requested_mean": r(sum(d.cards for d in draws) / len(draws), 1) if draws else 0.0,
-        "completed_by_every_policy": len(done_all),
+        "completed_by_every_policy": len(common_done),
         "policies": pols,
         "oracle": {
-            "completed_in_common_cny": r(sum(oracle.get(j, 0.0) for j in done_all), 2),
+            "completed_in_common_cny": r(sum(oracle.get(j, 0.0) for j in common_done), 2),
             "all_jobs_cny": r(sum(oracle.values()), 2),
             "what": "cheapest feasible energy per job: best pool and start window its deadline allows, "
                     "all cards free, no queueing, no failures",

@@ -446,7 +446,7 @@ class TrainingSim:
 
     def lend(self, now: float, open_: bool) -> None:
         """Open the lending window, or close it: lent pools drain and their jobs checkpoint and stop."""
-        for sid in self.lent:
+        for sid in sorted(self.lent):  # sorted: set order varies between processes
             self.draining[sid] = not open_
             if not open_:
                 for job in [j for j in self.running.values() if j.att is not None and j.att.pool == sid]:
