@@ -70,6 +70,8 @@ def outage_sites(s: Scenario, lay: tlayout.Layout, rng: Rng, hours: float) -> li
             ids += [site.id for site in lay.sites if site.city == o.city and (not o.tiers or site.tier in o.tiers)]
             if not ids:
                 raise ValueError(f"faults.outages[{i}]: no site in city {o.city!r} of tiers {o.tiers or 'any'}")
+        if o.at_hour >= hours:
+            continue  # starts after the run ends (e.g. a shortened --hours)
         for x in sorted(set(ids)):
             out.append((o.at_hour * 3600.0, o.duration_h * 3600.0, x))
     if s.faults.random_outages > 0:

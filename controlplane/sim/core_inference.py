@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Callable, Sequence
 
 from controlplane import replicas as rep_mod
 from controlplane.registry import SiteView
@@ -150,7 +149,6 @@ class InferenceSim:
         self.stats = [PolicyStats(hours, len(lay.origins)) for _ in self.policies]
         self.heap: list[tuple[float, int, int, int, int, int, int, int, int, float]] = []
         self.seq = itertools.count()
-        self.outage_log: list[dict[str, object]] = []
         # Route requests are immutable: build each (origin, model, budget) once.
         nb = len(self.budgets)
         self.nb = nb
@@ -204,7 +202,7 @@ class InferenceSim:
     def _pick(self, p: int, key: int, okey: int) -> tuple[int, float]:
         return self._pick_cpn(key) if p == 0 else self._pick_baseline(p, key, okey)
 
-    def _take(self, p: int, s: int, f: int) -> None:
+    def _take(self, p: int, f: int) -> None:
         if p == 0:
             self.reps[f].busy += 1  # type: ignore[union-attr]
         else:
@@ -313,7 +311,7 @@ class InferenceSim:
                 failed += p == 0
                 continue
             f = s2 * nm + m
-            self._take(p, s2, f)
+            self._take(p, f)
             self.stats[p].rerouted += 1
             rerouted += p == 0
             heapq.heappush(self.heap, (t + svc, next(self.seq), p, f, s2, self.epoch[s2], o, m, b, svc))
@@ -339,9 +337,3 @@ class InferenceSim:
             b = reps[f].busy  # type: ignore[union-attr]
             if b:
                 out[f // nm] += b * cps[f]
-
-    def policy_names(self) -> Sequence[str]:
-        return self.policies
-
-
-Picker = Callable[[int, int, int], tuple[int, float]]
