@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 
 def install_services(hub: Hub) -> None:
     """Attach every optional service that exists in this build to ``hub`` (before ``start``)."""
-    from controlplane import training
+    from controlplane import deployments, training
 
+    deployments.install(hub)
     training.install(hub)

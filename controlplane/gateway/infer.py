@@ -76,6 +76,9 @@ async def infer(request: web.Request) -> web.Response:
     origin = resolve_origin(request, body.origin)
     budget_ms = resolve_budget(request, body.budget_ms)
     policy = resolve_policy(request, body.policy)
+    check = getattr(hub, "check_model_access", None)
+    if check is not None:
+        check(tenant, body.model)
     rid = request[REQUEST_ID]
     req = wire.InferRequest(request_id=rid if wire.is_valid_id(rid) else hub_request_id(), model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)

@@ -1,0 +1,74 @@
+"""``/v1/deployments``: a tenant's inference deployments (create, list, get, delete).
+
+Bodies decode with ``replicas.decode_spec`` (unknown fields and out-of-range values are a 422
+naming the field); the service then checks the spec against the layout (unknown origin, region or
+accelerator, more cards than any site has: 422 naming the field). ``POST`` answers 201 only after
+the deployment and its first plan are committed. Another tenant's deployment is a 404, exactly like
+a missing one. Admin keys have no tenant and get a 403 here.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from controlplane import replicas
+from controlplane.deployments import DeploymentService
+from controlplane.errors import RequestError
+from controlplane.gateway.app import HUB, json_response, require_tenant
+from controlplane.gateway.openapi import Op
+
+SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentService)
+
+
+async def create(request: web.Request) -> web.Response:
+    tenant = require_tenant(request)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise RequestError(
+            f"request body larger than {request.app[HUB].config.max_body_bytes} bytes", status=413, code="body_too_large"
+        ) from exc
+    if not body:
+        raise RequestError("request body is empty; expected a JSON object", code="empty_body")
+    spec = replicas.decode_spec(body)
+    view = request.app[SERVICE].create(tenant, spec)
+    return json_response(view, status=201, headers={"Location": f"/v1/deployments/{view['id']}"})
+
+
+async def list_all(request: web.Request) -> web.Response:
+    tenant = require_tenant(request)
+    return json_response({"object": "list", "data": request.app[SERVICE].list_views(tenant)})
+
+
+async def get_one(request: web.Request) -> web.Response:
+    tenant = require_tenant(request)
+    return json_response(request.app[SERVICE].view(tenant, request.match_info["id"]))
+
+
+async def delete_one(request: web.Request) -> web.Response:
+    tenant = require_tenant(request)
+    dep_id = request.match_info["id"]
+    request.app[SERVICE].delete(tenant, dep_id)
+    return json_response({"id": dep_id, "object": "deployment", "deleted": True})
+
+
+OPERATIONS = [
+    Op("POST", "/v1/deployments", "Deploy a model: replicas in at least min_cities cities within budget of each origin",
+       body=replicas.DeploymentSpec, status=201, tags=("deployments",)),
+    Op("GET", "/v1/deployments", "The tenant's deployments", tags=("deployments",)),
+    Op("GET", "/v1/deployments/{id}", "One deployment: state, replicas, coverage, uncovered origins and why",
+       tags=("deployments",)),
+    Op("DELETE", "/v1/deployments/{id}", "Delete a deployment (its replicas are unloaded)", tags=("deployments",)),
+]
+
+
+def add_routes(app: web.Application) -> None:
+    """Add the four endpoints; the hub must have a ``deployments`` service."""
+    service = next((s for s in app[HUB].services if isinstance(s, DeploymentService)), None)
+    if service is None:
+        raise RuntimeError("the deployments routes need the deployments service (controlplane.deployments.install)")
+    app[SERVICE] = service
+    app.router.add_post("/v1/deployments", create)
+    app.router.add_get("/v1/deployments", list_all)
+    app.router.add_get("/v1/deployments/{id}", get_one)
+    app.router.add_delete("/v1/deployments/{id}", delete_one)
