@@ -1,0 +1,268 @@
+"""``/v1/deployments`` on a real hub (SQLite file, NATS, HTTP on port 0) with three real sim agents.
+
+demo-3 layout: edge pools sh-edge (Shanghai, 4 H20), hz-edge (Hangzhou, 4 910B), nj-edge (Nanjing,
+4 L20). Agents load models in 0.2 s and preload nothing unless a test says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane import deployments as service_mod
+from controlplane.hub import Hub
+from controlplane.natsserver import NatsServer
+from controlplane.registry import SiteView
+from controlplane.store import deployments as store
+from edge_agent import wire
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
+from tests.support.hubrig import Client, hub_config, running_hub
+from topology import layout as topo_layout
+from topology import loader
+
+SITES = {"sh-edge": ("shanghai", {"H20": 4}), "hz-edge": ("hangzhou", {"910B": 4}), "nj-edge": ("nanjing", {"L20": 4})}
+
+
+def agent_config(site: str, url: str, tmp: Path, models: list[ModelConfig] | None = None) -> AgentConfig:
+    city, cards = SITES[site]
+    return AgentConfig(
+        site=site, nats=url, city=city, tier="edge", accelerators=cards, heartbeat_s=1.0,
+        data_dir=str(tmp / site), models=models or [],
+        backend=BackendConfig(sim=SimBackendConfig(ttft_ms=0, per_token_ms=0, slots=8, load_time_s=0.2)),
+    )
+
+
+async def until(cond: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+async def until_http(client: Client, path: str, cond: Callable[[Any], bool], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body, _ = await client.call("GET", path)
+        if status == 200 and cond(body):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s; last: {status} {body}")
+        await asyncio.sleep(0.05)
+
+
+class Rig:
+    def __init__(self, hub: Hub, agents: dict[str, Agent], acme: Client, globex: Client, admin: Client) -> None:
+        self.hub, self.agents, self.acme, self.globex, self.admin = hub, agents, acme, globex, admin
+
+
+@pytest.fixture
+async def rig(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Rig]:
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        admin_key = hub.create_admin_key()
+        acme_key = hub.create_tenant("acme", default_origin="hangzhou", rate_per_s=10_000, burst=10_000)
+        globex_key = hub.create_tenant("globex", default_origin="hangzhou", rate_per_s=10_000, burst=10_000)
+        local = {"nj-edge": [ModelConfig(name="site-m", cards=0.5, slots=4)]}
+        agents = {s: Agent(agent_config(s, nats_server.url, tmp_path, local.get(s))) for s in SITES}
+        await asyncio.gather(*(a.start() for a in agents.values()))
+        try:
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.heartbeats > 0 for s in SITES), 10,
+                        "agents heard")
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{hub.http_port}"
+                yield Rig(hub, agents, Client(session, base, acme_key), Client(session, base, globex_key),
+                          Client(session, base, admin_key))
+        finally:
+            await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+
+
+def agent_models(agent: Agent) -> set[tuple[str, str]]:
+    return set(agent.inventory.replicas)
+
+
+async def test_create_get_list_ready_then_delete_unloads(rig: Rig) -> None:
+    status, dep, headers = await rig.acme.call("POST", "/v1/deployments", {
+        "model": "qwen", "origins": ["hangzhou"], "budget_ms": 10, "cards_per_replica": 0.25, "min_cities": 2,
+    })
+    assert status == 201, dep
+    assert headers["Location"] == f"/v1/deployments/{dep['id']}"
+    assert dep["object"] == "deployment" and dep["model"] == "qwen" and dep["state"] == "pending"
+    # Committed before the answer: the store already holds the plan.
+    assert {r.site for r in store.replicas_of(rig.hub.db, dep["id"])} == {"hz-edge", "sh-edge"}
+    assert {(r["site"], r["city"], r["cards"]) for r in dep["replicas"]} == {
+        ("hz-edge", "hangzhou", 0.25), ("sh-edge", "shanghai", 0.25)}
+    assert dep["coverage"] == {"hangzhou": ["hangzhou", "shanghai"]} and dep["uncovered"] == []
+
+    ready = await until_http(rig.acme, f"/v1/deployments/{dep['id']}", lambda b: b["state"] == "ready", 10, "ready")
+    assert {r["state"] for r in ready["replicas"]} == {"ready"}
+    # Fractional cards are accounted per site: the agents and the store agree.
+    assert store.allocated_cards_by_site(rig.hub.db) == {"hz-edge": {"910B": 0.25}, "sh-edge": {"H20": 0.25}}
+    await until(lambda: rig.hub.registry.get("hz-edge").free_cards == {"910B": 3.75}, 5, "free cards")  # type: ignore[union-attr]
+
+    status, listing, _ = await rig.acme.call("GET", "/v1/deployments")
+    assert status == 200 and [d["id"] for d in listing["data"]] == [dep["id"]]
+    status, body, _ = await rig.acme.call("POST", "/v1/chat/completions",
+                                          {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and body["choices"][0]["message"]["content"]
+
+    status, gone, _ = await rig.acme.call("DELETE", f"/v1/deployments/{dep['id']}")
+    assert status == 200 and gone == {"id": dep["id"], "object": "deployment", "deleted": True}
+    assert (await rig.acme.call("GET", f"/v1/deployments/{dep['id']}"))[0] == 404
+    assert (await rig.acme.call("DELETE", f"/v1/deployments/{dep['id']}"))[0] == 404
+    assert (await rig.acme.call("GET", "/v1/deployments"))[1]["data"] == []
+    await until(lambda: not any(m == "qwen" for a in rig.agents.values() for m, _ in agent_models(a)), 5, "unloaded")
+    assert store.allocated_cards_by_site(rig.hub.db) == {}
+    status, body, _ = await rig.acme.call("POST", "/v1/chat/completions",
+                                          {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (b'{"model": "m", "origins": ["hangzhou"], "budget_ms": -1}', 422, "budget_ms"),
+        (b'{"model": "m", "origins": ["hangzhou"], "cards_per_replica": 0}', 422, "cards_per_replica"),
+        (b'{"model": "m", "origins": ["hangzhou"], "cards_per_replica": 5}', 422, "cards_per_replica"),
+        (b'{"model": "m", "origins": ["hangzhou"], "min_cities": 0}', 422, "min_cities"),
+        (b'{"model": "m", "origins": ["hangzhou", "atlantis"]}', 422, "origins[1]"),
+        (b'{"model": "m", "regions": ["mars"]}', 422, "regions[0]"),
+        (b'{"model": "m", "origins": ["hangzhou"], "accelerators": ["Z9"]}', 422, "accelerators[0]"),
+        (b'{"model": "not a model!", "origins": ["hangzhou"]}', 422, "model"),
+        (b'{"model": "m"}', 422, "origins"),
+        (b'{"model": "m", "origins": ["hangzhou"], "tenant": "evil"}', 422, "tenant"),
+        (b'{"model": "m", "origins": ["hangzhou"]', 400, None),
+        (b"", 400, None),
+    ],
+)
+async def test_bad_input_is_a_4xx_naming_the_field(rig: Rig, body: bytes, status: int, field: str | None) -> None:
+    got, err, _ = await rig.acme.call("POST", "/v1/deployments", raw=body,
+                                      headers={"Content-Type": "application/json"})
+    assert got == status, err
+    assert err["error"]["param"] == field
+    if field:
+        assert field in err["error"]["message"]
+    assert store.list_for_tenant(rig.hub.db, "acme") == []
+    # The hub keeps serving.
+    ok, _, _ = await rig.acme.call("POST", "/v1/deployments", {"model": "m", "regions": ["zhejiang"]})
+    assert ok == 201
+
+
+async def test_admin_key_is_not_a_tenant_here(rig: Rig) -> None:
+    status, err, _ = await rig.admin.call("POST", "/v1/deployments", {"model": "m", "origins": ["hangzhou"]})
+    assert status == 403 and err["error"]["code"] == "forbidden"
+
+
+async def test_another_tenants_deployment_and_model_are_a_404(rig: Rig) -> None:
+    status, dep, _ = await rig.acme.call("POST", "/v1/deployments", {"model": "acme-llm", "origins": ["hangzhou"]})
+    assert status == 201
+    await until_http(rig.acme, f"/v1/deployments/{dep['id']}", lambda b: b["state"] == "ready", 10, "ready")
+    for method in ("GET", "DELETE"):
+        status, err, _ = await rig.globex.call(method, f"/v1/deployments/{dep['id']}")
+        assert status == 404 and err["error"]["code"] == "not_found", (method, err)
+    assert (await rig.globex.call("GET", "/v1/deployments"))[1]["data"] == []
+    # The model is the owner's: globex can neither call nor list it; both may call the site's own model.
+    for path, body in [("/v1/chat/completions", {"model": "acme-llm", "messages": [{"role": "user", "content": "x"}]}),
+                       ("/v1/infer", {"model": "acme-llm", "input": "x"})]:
+        status, err, _ = await rig.globex.call("POST", path, body)
+        assert status == 404 and err["error"]["code"] == "model_not_found" and err["error"]["param"] == "model"
+        assert (await rig.acme.call("POST", path, body))[0] == 200
+    _, acme_models, _ = await rig.acme.call("GET", "/v1/models")
+    _, globex_models, _ = await rig.globex.call("GET", "/v1/models")
+    assert [m["id"] for m in acme_models["data"]] == ["acme-llm", "site-m"]
+    assert [m["id"] for m in globex_models["data"]] == ["site-m"]
+    status, _, headers = await rig.globex.call("POST", "/v1/infer", {"model": "site-m", "input": "x"})
+    assert status == 200 and headers["X-CPN-Site"] == "nj-edge"
+    # Still there for its owner.
+    assert (await rig.acme.call("GET", f"/v1/deployments/{dep['id']}"))[0] == 200
+
+
+async def test_one_site_never_hosts_one_model_for_two_deployments(rig: Rig) -> None:
+    status, first, _ = await rig.acme.call("POST", "/v1/deployments", {"model": "shared", "origins": ["hangzhou"]})
+    assert status == 201 and {r["site"] for r in first["replicas"]} == {"hz-edge", "sh-edge"}
+    status, second, _ = await rig.globex.call("POST", "/v1/deployments", {"model": "shared", "origins": ["hangzhou"]})
+    assert status == 201
+    assert [r["site"] for r in second["replicas"]] == ["nj-edge"]
+    assert second["coverage"] == {"hangzhou": ["nanjing"]}
+    [uncovered] = second["uncovered"]
+    assert uncovered["origin"] == "hangzhou" and "1 of 2 cities" in uncovered["reason"]
+    assert any("hz-edge" in n and "another deployment" in n for n in second["notes"])
+    # Nor on a site that offers the model itself (nj-edge preloads site-m as "local").
+    status, third, _ = await rig.acme.call("POST", "/v1/deployments", {"model": "site-m", "origins": ["nanjing"],
+                                                                      "min_cities": 1})
+    assert status == 201 and [r["site"] for r in third["replicas"]] != ["nj-edge"]
+    await until_http(rig.globex, f"/v1/deployments/{second['id']}", lambda b: b["state"] != "pending", 10, "settled")
+
+
+async def test_the_demo_deployment_is_created_once_and_survives_restarts(tmp_path: Path, nats_server: NatsServer) -> None:
+    config = hub_config(tmp_path, nats_server.url)
+    async with running_hub(config) as hub:
+        hub.create_tenant("demo", default_origin="shanghai")
+        first = await hub.deploy_demo("demo", "demo-chat")  # type: ignore[attr-defined]
+        assert first and await hub.deploy_demo("demo", "demo-chat") == first  # type: ignore[attr-defined]
+        assert await hub.deploy_demo("nobody", "demo-chat") == ""  # type: ignore[attr-defined]
+        dep = store.get(hub.db, first)
+        assert dep is not None and dep.tenant == "demo"
+        assert dep.spec["cards_per_replica"] == 0.25 and dep.spec["budget_ms"] == 10
+        assert set(dep.spec["origins"]) == {"shanghai", "hangzhou", "nanjing"}
+    async with running_hub(config) as hub:
+        assert await hub.deploy_demo("demo", "demo-chat") == first  # type: ignore[attr-defined]
+        assert [d.id for d in store.list_for_tenant(hub.db, "demo")] == [first]
+        assert hub.models_for_tenant("demo") == ["demo-chat"]  # type: ignore[attr-defined]
+        assert hub.models_for_tenant("someone") == []  # type: ignore[attr-defined]
+
+
+async def test_a_hub_restart_resumes_without_moving_replicas(tmp_path: Path, nats_server: NatsServer) -> None:
+    config = hub_config(tmp_path, nats_server.url)
+    agents = {s: Agent(agent_config(s, nats_server.url, tmp_path)) for s in SITES}
+    try:
+        async with running_hub(config) as hub:
+            hub.create_tenant("acme")
+            await asyncio.gather(*(a.start() for a in agents.values()))
+            await until(lambda: sum(1 for v in hub.registry if v.heartbeats) == 3, 10, "agents heard")
+            dep_id = await hub.deploy_demo("acme", "qwen")  # type: ignore[attr-defined]
+            await until(lambda: store.get(hub.db, dep_id).state == "ready", 10, "ready")  # type: ignore[union-attr]
+            before = {(r.site, r.state) for r in store.replicas_of(hub.db, dep_id)}
+        loaded = {s: agent_models(a) for s, a in agents.items()}
+        async with running_hub(config) as hub:
+            service = next(s for s in hub.services if isinstance(s, service_mod.DeploymentService))
+            await until(lambda: sum(1 for v in hub.registry if v.registered) == 3, 10, "re-registered")
+            # Past the start-up grace period the plan runs again and keeps every replica.
+            await until(lambda: service.counters["plans"] >= 1, 10, "re-planned")
+            assert {(r.site, r.state) for r in store.replicas_of(hub.db, dep_id)} == before
+            assert store.get(hub.db, dep_id).state == "ready"  # type: ignore[union-attr]
+            assert {s: agent_models(a) for s, a in agents.items()} == loaded
+            assert service.counters["loads_sent"] == 0 and service.counters["unloads_sent"] == 0
+    finally:
+        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+
+
+def _view(site: str, free: dict[str, float], replicas: list[wire.ReplicaStatus], state: str = "up") -> SiteView:
+    return SiteView(id=site, city=SITES[site][0], accelerators=dict(SITES[site][1]), free_cards=free,
+                    replicas={r.model: r for r in replicas}, state=state)
+
+
+def test_free_cards_subtract_only_what_heartbeats_do_not_show_yet() -> None:
+    layout: topo_layout.Layout = loader.load(Path(loader.default_path()).parent / "demo-3.toml")
+    views = {
+        # hz-edge reports one 0.5-card replica of a (already inside its free cards) ...
+        "hz-edge": _view("hz-edge", {"910B": 3.5}, [wire.ReplicaStatus(model="a", deployment="d1", cards=0.5)]),
+        "sh-edge": _view("sh-edge", {"H20": 4.0}, [], state="lost"),
+    }
+    holding = [
+        service_mod.Holding("d1", "a", "hz-edge", "910B", 0.5),    # shown: not subtracted again
+        service_mod.Holding("d2", "b", "hz-edge", "910B", 0.25),   # placed, not shown yet: subtracted
+        service_mod.Holding("d3", "a", "hz-edge", "910B", 0.125),  # same model, other deployment: not shown
+        service_mod.Holding("d2", "b", "nj-edge", "L20", 1.0),     # site never heard: layout total minus it
+    ]
+    cands = {c.id: c for c in service_mod.planning_candidates(layout.sites, views, holding)}
+    assert cands["hz-edge"].free_cards == {"910B": 3.125} and cands["hz-edge"].healthy
+    assert cands["sh-edge"].free_cards == {"H20": 4.0} and not cands["sh-edge"].healthy
+    assert cands["nj-edge"].free_cards == {"L20": 3.0} and not cands["nj-edge"].healthy
+    assert cands["sh-hub"].tier == "hub"
