@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHES = ["route", "gateway", "scheduler", "heartbeat"]
+BENCHES = ["route", "gateway", "scheduler", "heartbeat", "sim"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
