@@ -266,3 +266,18 @@ def test_free_cards_subtract_only_what_heartbeats_do_not_show_yet() -> None:
     assert cands["sh-edge"].free_cards == {"H20": 4.0} and not cands["sh-edge"].healthy
     assert cands["nj-edge"].free_cards == {"L20": 3.0} and not cands["nj-edge"].healthy
     assert cands["sh-hub"].tier == "hub"
+
+
+async def test_a_replica_the_agent_forgot_is_loaded_again(rig: Rig, tmp_path: Path) -> None:
+    status, dep, _ = await rig.acme.call("POST", "/v1/deployments", {"model": "qwen", "origins": ["hangzhou"]})
+    assert status == 201
+    await until_http(rig.acme, f"/v1/deployments/{dep['id']}", lambda b: b["state"] == "ready", 10, "ready")
+    # hz-edge restarts faster than loss detection: the hub never sees it lost, the new agent has no replicas.
+    await rig.agents["hz-edge"].stop()
+    rig.agents["hz-edge"] = Agent(agent_config("hz-edge", rig.hub.config.nats_url, tmp_path / "again"))
+    await rig.agents["hz-edge"].start()
+    await until(lambda: ("qwen", dep["id"]) in agent_models(rig.agents["hz-edge"]), 10, "loaded again")
+    assert rig.hub.registry.get("hz-edge").state == "up"  # type: ignore[union-attr]
+    body = await until_http(rig.acme, f"/v1/deployments/{dep['id']}",
+                            lambda b: {r["state"] for r in b["replicas"]} == {"ready"}, 10, "ready again")
+    assert {r["site"] for r in body["replicas"]} == {"hz-edge", "sh-edge"}
