@@ -25,7 +25,7 @@ from controlplane import auth
 from controlplane.bus import HubBus
 from controlplane.config import HubConfig
 from controlplane.errors import RateLimited
-from controlplane.inference import InferenceService
+from controlplane.inference import InferenceService, RequestIds
 from controlplane.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
 from controlplane.registry import SiteRegistry, StaticSite, Transition
@@ -86,6 +86,7 @@ class Hub:
             strict_inboxes=config.strict_inboxes,
         )
         self.inference = InferenceService(self)
+        self.request_ids = RequestIds()
         self.site_listeners: list[SiteListener] = []
         self.services: list[Service] = []
         self.permission_violations = 0

@@ -188,6 +188,19 @@ async def aclose(it: object) -> None:
             pass
 
 
+class RequestIds:
+    """Request ids: a random per-process prefix and a counter (unique across gateways and restarts,
+    and far cheaper than drawing random bytes for every request)."""
+
+    def __init__(self) -> None:
+        self.prefix = f"r{secrets.token_hex(4)}"
+        self.n = 0
+
+    def next(self) -> str:
+        self.n += 1
+        return f"{self.prefix}{self.n:x}"
+
+
 def new_request_id() -> str:
-    """Request ids are single tokens (wire.ID_PATTERN), random so several gateways never collide."""
+    """A fresh random request id (for callers without a hub's RequestIds)."""
     return f"r{secrets.token_hex(8)}"

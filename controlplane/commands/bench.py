@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run(args: argparse.Namespace) -> int:
     from bench import table
 
+    if "--readme" in args.rest:  # REMAINDER swallows flags given after the name
+        args.rest = [a for a in args.rest if a != "--readme"]
+        args.readme = True
     names = BENCHES if args.name == "all" else ([] if args.name == "table" else [args.name])
     code = 0
     for name in names:

@@ -23,7 +23,6 @@ from aiohttp import web
 
 from controlplane import auth
 from controlplane.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
-from controlplane.inference import new_request_id
 
 if TYPE_CHECKING:
     from controlplane.hub import Hub
@@ -122,9 +121,9 @@ def _route_name(request: web.Request) -> str:
 @web.middleware
 async def core_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     hub = request.app[HUB]
-    rid = request.headers.get("X-Request-Id") or new_request_id()
+    rid = request.headers.get("X-Request-Id") or hub.request_ids.next()
     if len(rid) > 128:
-        rid = new_request_id()
+        rid = hub.request_ids.next()
     request[REQUEST_ID] = rid
     started = time.perf_counter()
     status = 500
