@@ -1,5 +1,5 @@
 # `make up` and `make test` each create or refresh .venv themselves (Python 3.11 + make is all you need).
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: up test unit bench chaos sim clean
 
 $(BIN)/python:
-	@command -v $(PY) >/dev/null 2>&1 || { echo "make: $(PY) not found (set PY=python3.x, 3.11 or newer)"; exit 2; }
+	@test -n "$(PY)" || { echo "make: no python3.11 or python3 on PATH (set PY=/path/to/python3.11)"; exit 2; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: $(PY) is older than Python 3.11"; exit 2; }
 	$(PY) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
