@@ -59,69 +59,85 @@ async def _load(url: str, conns: int, seconds: float, key: str | None, body: str
     return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-async def run(seconds: float = 5.0, conns_list: tuple[int, ...] = (1, 32)) -> dict[str, object]:
+async def run(seconds: float = 4.0, conns_list: tuple[int, ...] = (1, 32), rounds: int = 3) -> dict[str, object]:
+    """Both paths stay up for the whole run; loads alternate floor/hub ``rounds`` times per
+    concurrency and each figure is the median round, so drift in the machine's load (2 cores)
+    hits both sides alike."""
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         async with NatsServer(tmp / "js") as nats:
-            results: dict[str, object] = {}
-            # Floor.
-            responder, _ = await _spawn("-m", "bench.floor_server", nats.url, "--responder", ready="ready")
-            floor, line = await _spawn("-m", "bench.floor_server", nats.url, ready="port=")
-            floor_url = f"http://127.0.0.1:{line.split('=')[1]}/floor"
+            procs: list[asyncio.subprocess.Process] = []
             try:
-                for c in conns_list:
-                    results[f"floor_c{c}"] = await _load(floor_url, c, seconds, None, '{"input":"hi"}')
-            finally:
-                await _stop(floor)
-                await _stop(responder)
-            # Full path.
-            db = tmp / "hub.db"
-            layout = Path(loader.default_path()).parent / "demo-3.toml"
-            proc = await asyncio.create_subprocess_exec(
-                PY, "-m", "controlplane.cli", "tenant", "create", "bench", "--default-origin", "shanghai",
-                "--rate", "1000000", "--db", str(db), stdout=asyncio.subprocess.PIPE,
-            )
-            key = (await proc.communicate())[0].decode().strip()
-            agent_toml = tmp / "agent.toml"
-            agent_toml.write_text(
-                f'site = "sh-edge"\nnats = "{nats.url}"\ncity = "shanghai"\naccelerators = {{ H20 = 4 }}\n'
-                '[[models]]\nname = "m"\ncards = 1.0\nslots = 1024\n'
-                "[backend.sim]\nttft_ms = 0\nper_token_ms = 0\nslots = 1024\n"
-            )
-            agent = await asyncio.create_subprocess_exec(
-                PY, "-m", "controlplane.cli", "agent", "--config", str(agent_toml),
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                env={**os.environ, "CPN_LOG": "WARNING"},
-            )
-            hub, line = await _spawn("-m", "controlplane.cli", "hub", "--nats", nats.url, "--db", str(db),
-                                     "--listen", "127.0.0.1:0", "--layout", str(layout), ready="listening on")
-            hub_url = line.rsplit(" ", 1)[1] + "/v1/infer"
-            body = '{"model":"m","input":"hi","max_tokens":1}'
-            try:
+                responder, _ = await _spawn("-m", "bench.floor_server", nats.url, "--responder", ready="ready")
+                procs.append(responder)
+                floor, line = await _spawn("-m", "bench.floor_server", nats.url, ready="port=")
+                procs.append(floor)
+                floor_url = f"http://127.0.0.1:{line.split('=')[1]}/floor"
+                db = tmp / "hub.db"
+                layout = Path(loader.default_path()).parent / "demo-3.toml"
+                proc = await asyncio.create_subprocess_exec(
+                    PY, "-m", "controlplane.cli", "tenant", "create", "bench", "--default-origin", "shanghai",
+                    "--rate", "1000000", "--db", str(db), stdout=asyncio.subprocess.PIPE,
+                )
+                key = (await proc.communicate())[0].decode().strip()
+                agent_toml = tmp / "agent.toml"
+                agent_toml.write_text(
+                    f'site = "sh-edge"\nnats = "{nats.url}"\ncity = "shanghai"\naccelerators = {{ H20 = 4 }}\n'
+                    '[[models]]\nname = "m"\ncards = 1.0\nslots = 1024\n'
+                    "[backend.sim]\nttft_ms = 0\nper_token_ms = 0\nslots = 1024\n"
+                )
+                agent = await asyncio.create_subprocess_exec(
+                    PY, "-m", "controlplane.cli", "agent", "--config", str(agent_toml),
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+                    env={**os.environ, "CPN_LOG": "WARNING"},
+                )
+                procs.append(agent)
+                hub, line = await _spawn("-m", "controlplane.cli", "hub", "--nats", nats.url, "--db", str(db),
+                                         "--listen", "127.0.0.1:0", "--layout", str(layout), ready="listening on")
+                procs.append(hub)
+                hub_url = line.rsplit(" ", 1)[1] + "/v1/infer"
+                body = '{"model":"m","input":"hi","max_tokens":1}'
                 for _ in range(300):  # until the agent's replica is ready at the hub
                     probe = await _load(hub_url, 1, 0.05, key, body)
                     if probe["requests"] > 0:
                         break
                     await asyncio.sleep(0.1)
-                for c in conns_list:
-                    results[f"hub_c{c}"] = await _load(hub_url, c, seconds, key, body)
+                runs: dict[str, list[dict[str, float]]] = {}
+                for _ in range(rounds):
+                    for c in conns_list:
+                        runs.setdefault(f"floor_c{c}", []).append(await _load(floor_url, c, seconds, None, '{"input":"hi"}'))
+                        runs.setdefault(f"hub_c{c}", []).append(await _load(hub_url, c, seconds, key, body))
             finally:
-                await _stop(hub)
-                await _stop(agent)
+                for p in reversed(procs):
+                    await _stop(p)
+    results: dict[str, object] = {}
+    for name, rs in runs.items():
+        results[name] = {
+            "rps": _median([r["rps"] for r in rs]), "p50_ms": _median([r["p50_ms"] for r in rs]),
+            "p99_ms": _median([r["p99_ms"] for r in rs]), "errors": sum(int(r["errors"]) for r in rs),
+            "rounds_rps": [round(r["rps"]) for r in rs],
+        }
     for c in conns_list:
         f, h = results[f"floor_c{c}"], results[f"hub_c{c}"]
         assert isinstance(f, dict) and isinstance(h, dict)
         results[f"ratio_c{c}"] = {"p50": round(h["p50_ms"] / f["p50_ms"], 3), "throughput": round(h["rps"] / f["rps"], 3)}
     results["targets"] = {"p50": 1.25, "throughput": 0.8}
-    results["note"] = "load generator, servers, responders and nats-server share the machine's 2 cores"
+    results["note"] = (f"median of {rounds} alternating rounds of {seconds:g} s; load generator, servers, responders "
+                       "and nats-server share the machine's 2 cores")
     return results
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    return ys[len(ys) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cpn bench gateway")
-    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
-    res = asyncio.run(run(args.seconds))
+    res = asyncio.run(run(args.seconds, rounds=args.rounds))
     for c in (1, 32):
         f, h, r = res[f"floor_c{c}"], res[f"hub_c{c}"], res[f"ratio_c{c}"]
         print(f"gateway c={c}: floor p50 {f['p50_ms']:.2f} ms p99 {f['p99_ms']:.2f} ms {f['rps']:.0f} req/s | "  # type: ignore[index]
