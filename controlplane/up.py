@@ -94,6 +94,8 @@ class Network:
             await self._start_agents(auth.site_credentials)
             await self._wait_ready(len(site_ids))
         await _deploy_demo(self.hub, self.layout)
+        if opts.agents:
+            await self._wait_demo_served()
 
     async def stop(self) -> None:
         for agent in reversed(self.agents):
@@ -147,6 +149,20 @@ class Network:
                 log.warning("event=not_all_sites_registered up=%d of=%d", up, n_sites)
                 return
             await asyncio.sleep(0.05)
+
+    async def _wait_demo_served(self) -> None:
+        """Until the demo tenant's origin has a ready replica of the demo model (so the printed
+        curl answers at once), at most ``ready_timeout_s``."""
+        assert self.hub is not None and self.layout is not None
+        origin = self.hub.tenant_default_origin(DEMO_TENANT) or _demo_origin(self.layout)
+        deadline = time.monotonic() + self.opts.ready_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                self.hub.inference.decide(origin, DEMO_MODEL, self.hub.config.default_budget_ms, "strict")
+                return
+            except Exception:
+                await asyncio.sleep(0.05)
+        log.warning("event=demo_not_ready origin=%s model=%s", origin, DEMO_MODEL)
 
     def banner(self) -> str:
         assert self.hub is not None

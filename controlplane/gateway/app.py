@@ -173,7 +173,8 @@ async def core_middleware(request: web.Request, handler: Handler) -> web.StreamR
         elapsed = time.perf_counter() - started
         hub.metrics.observe_http(route, status, elapsed)
         if status >= 500 or log.isEnabledFor(logging.DEBUG):
-            log.log(logging.WARNING if status >= 500 else logging.DEBUG,
+            # 503 "nothing fits the budget" is an answer, not a fault: INFO; other 5xx are WARNING.
+            log.log(logging.WARNING if status >= 500 and status != 503 else logging.INFO if status == 503 else logging.DEBUG,
                     "event=http request_id=%s method=%s path=%s status=%s ms=%.2f",
                     rid, request.method, request.path, status, elapsed * 1000)
 
