@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from controlplane import replicas as core
-from controlplane.errors import BusUnavailable, NotFound, PeerError, RequestError, SiteRefused, Unprocessable
+from controlplane.errors import BusUnavailable, NotFound, PeerError, RequestError, SiteRefused
 from controlplane.registry import SiteView, Transition
 from controlplane.store import deployments as store
 from edge_agent import wire
@@ -246,23 +246,23 @@ class DeploymentService:
     # ------------------------------------------------------------------ API for the gateway and cpn up
 
     def validate(self, spec: core.DeploymentSpec) -> None:
-        """Check a spec against the layout; raise ``Unprocessable`` (422) naming the field."""
+        """Check a spec against the layout; raise ``RequestError`` (400) naming the field."""
         hub = self.hub
         assert hub.layout is not None
         for i, origin in enumerate(spec.origins):
             if origin not in hub.origin_ids:
-                raise Unprocessable(f"origins[{i}]: unknown origin {origin!r}: not a city of the layout",
+                raise RequestError(f"origins[{i}]: unknown origin {origin!r}: not a city of the layout",
                                     field=f"origins[{i}]")
         regions = {o.region for o in hub.layout.origins}
         for i, region in enumerate(spec.regions):
             if region not in regions:
-                raise Unprocessable(f"regions[{i}]: unknown region {region!r}: no demand origin of the layout is in it",
+                raise RequestError(f"regions[{i}]: unknown region {region!r}: no demand origin of the layout is in it",
                                     field=f"regions[{i}]")
         types = set(hub.layout.accelerators) | {a for s in hub.layout.sites for a in s.accelerators}
         types |= {a for v in hub.registry for a in v.accelerators}
         for i, acc in enumerate(spec.accelerators or []):
             if acc not in types:
-                raise Unprocessable(f"accelerators[{i}]: unknown accelerator type {acc!r}", field=f"accelerators[{i}]")
+                raise RequestError(f"accelerators[{i}]: unknown accelerator type {acc!r}", field=f"accelerators[{i}]")
         largest = 0.0
         for site in hub.layout.sites:
             if site.tier in core.HOSTING_TIERS:
@@ -275,7 +275,7 @@ class DeploymentService:
                     if spec.accelerators is None or acc in spec.accelerators:
                         largest = max(largest, float(n))
         if spec.cards_per_replica > largest + 1e-9:
-            raise Unprocessable(
+            raise RequestError(
                 f"cards_per_replica: {spec.cards_per_replica:g} cards is more than any edge or regional site has "
                 f"of an accepted accelerator (largest: {largest:g})", field="cards_per_replica")
 
@@ -283,7 +283,7 @@ class DeploymentService:
         """Record, plan and persist a new deployment (all committed when this returns); loads follow.
 
         Raises:
-            Unprocessable: the spec names an unknown origin, region or accelerator, or more cards
+            RequestError: (400) the spec names an unknown origin, region or accelerator, or more cards
                 than any site has.
         """
         self.validate(spec)

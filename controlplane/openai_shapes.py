@@ -34,11 +34,11 @@ Public API::
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from controlplane import bodies
 from controlplane.errors import RequestError, Unprocessable
 from edge_agent import wire
 
@@ -48,15 +48,8 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's documented default for ``/v1/completions``."""
 MAX_TOKENS_LIMIT = 1_000_000
 
-INTERNAL_FIELDS = {
-    "tenant": "it is taken from your API key",
-    "origin": "send the X-CPN-Origin header",
-    "budget_ms": "send the X-CPN-Budget-Ms header",
-    "site": "the router chooses the site",
-    "request_id": "the gateway assigns it",
-    "deadline_ms": "it follows from the latency budget",
-}
-"""Body fields that belong to cpn, not the tenant, and where their value comes from instead."""
+INTERNAL_FIELDS = bodies.INTERNAL_FIELDS
+
 
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 Tokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]
@@ -260,52 +253,12 @@ def check_completion_supported(req: CompletionRequest) -> None:
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 
-_AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
-_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<name>[^`]+)`$")
-_MISSING_RE = re.compile(r"^Object missing required field `(?P<name>[^`]+)`$")
-_PREFIX_RE = re.compile(r"^(?P<name>[a-z_][a-z0-9_.\[\]]*): ")
-
-
-def validation_error_parts(exc: msgspec.ValidationError) -> tuple[str, str | None]:
-    """Turn a msgspec validation error into ``(message, field path)`` for a 4xx body.
-
-    Works for any msgspec-decoded body (also used by ``replicas.decode_spec``).  The path is in
-    OpenAI's ``param`` style (``messages[0].role``); it is None when the error concerns the whole
-    body.  The message starts with the path so a human sees the field without the ``param`` key.
-    """
-    m = _AT_RE.match(str(exc))
-    assert m is not None  # the pattern matches any string
-    msg, path = m.group("msg"), (m.group("path") or "").lstrip(".")
-    field: str | None = path or None
-    if (u := _UNKNOWN_RE.match(msg)) is not None:
-        name = u.group("name")
-        field = f"{path}.{name}" if path else name
-        hint = INTERNAL_FIELDS.get(name) if not path else None
-        if hint is not None:
-            return f"{field}: cpn-internal field, not accepted in the body ({hint})", field
-        return f"{field}: unknown field", field
-    if (r := _MISSING_RE.match(msg)) is not None:
-        name = r.group("name")
-        field = f"{path}.{name}" if path else name
-        return f"{field}: required field missing", field
-    if field is None and (p := _PREFIX_RE.match(msg)) is not None:
-        return msg, p.group("name")  # a __post_init__ check that named its field
-    return (f"{field}: {msg}" if field else msg), field
+validation_error_parts = bodies.error_parts
+"""Kept for callers of this module; the parser lives in :mod:`controlplane.bodies`."""
 
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        message, field = validation_error_parts(exc)
-        # Same split as the native API: a field we do not take is 422, a bad value is 400.
-        if "cpn-internal" in message:
-            raise Unprocessable(message, field=field, code="forbidden_field") from None
-        if message.endswith("unknown field"):
-            raise Unprocessable(message, field=field, code="unknown_field") from None
-        raise RequestError(message, field=field, status=400, code="invalid_field") from None
-    except msgspec.DecodeError as exc:
-        raise RequestError(f"body is not valid JSON: {exc}", status=400, code="invalid_json") from None
+    return bodies.decode(body, decoder)
 
 
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:

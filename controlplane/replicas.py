@@ -98,23 +98,15 @@ _spec_decoder = msgspec.json.Decoder(DeploymentSpec)
 
 
 def decode_spec(body: bytes) -> DeploymentSpec:
-    """Decode a ``POST /v1/deployments`` body.
+    """Decode a ``POST /v1/deployments`` body (the rule of :mod:`controlplane.bodies`).
 
     Raises:
-        Unprocessable: (422) the body is not valid JSON, holds an unknown field, or a value is out
-            of range; ``field`` names the offending path (e.g. ``origins[1]``).
+        RequestError: 400 malformed JSON or a bad value, 422 an unknown field; ``field`` names the
+            offending path (e.g. ``origins[1]``).
     """
-    # Imported here, not at the top: the parser lives with the OpenAI body helpers and this keeps
-    # the two modules' import graphs independent.
-    from controlplane.openai_shapes import validation_error_parts
+    from controlplane import bodies
 
-    try:
-        return _spec_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        message, field = validation_error_parts(exc)
-        raise Unprocessable(message, field=field) from None
-    except msgspec.DecodeError as exc:
-        raise Unprocessable(f"body is not valid JSON: {exc}", status=400, code="invalid_json") from None
+    return bodies.decode(body, _spec_decoder)
 
 
 class Candidate(msgspec.Struct, kw_only=True):

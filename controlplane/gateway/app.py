@@ -13,7 +13,6 @@ Statuses: 400 malformed JSON or a bad value (naming the field), 401 no/invalid k
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controlplane import auth
+from controlplane import auth, bodies
 from controlplane.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
 
 if TYPE_CHECKING:
@@ -37,8 +36,6 @@ PUBLIC_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/"})
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]+)`(?: - at `\$\.?([^`]*)`)?")
-_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`")
 
 
 def error_response(status: int, message: str, *, code: str, param: str | None = None, request_id: str = "",
@@ -60,25 +57,8 @@ def error_response(status: int, message: str, *, code: str, param: str | None = 
 
 
 def decode_body(data: bytes, type_: type[T]) -> T:
-    """Decode a JSON body into ``type_``; raise RequestError naming the field on failure.
-
-    Malformed JSON and wrong values are 400; unknown fields are 422.
-    """
-    if not data:
-        raise RequestError("request body is empty; expected a JSON object", code="empty_body")
-    try:
-        return msgspec.json.decode(data, type=type_)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        m = _UNKNOWN_FIELD.search(text)
-        if m:
-            path = ".".join(p for p in (m.group(2), m.group(1)) if p)
-            raise RequestError(f"unknown field `{path}`: not accepted here", field=path, status=422, code="unknown_field") from None
-        at = _AT_PATH.search(text)
-        field = at.group(1) if at else None
-        raise RequestError(f"invalid request body: {text}", field=field or None, code="invalid_value") from None
-    except msgspec.DecodeError as exc:
-        raise RequestError(f"malformed JSON: {exc}", code="malformed_json") from None
+    """Decode a JSON body into ``type_`` (400 bad JSON or value, 422 unknown field; see bodies.py)."""
+    return bodies.decode(data, type_)
 
 
 async def read_body(request: web.Request, type_: type[T]) -> T:

@@ -31,7 +31,7 @@ import msgspec
 from aiohttp import web
 
 from controlplane import lifecycle
-from controlplane.errors import NotFound, RequestError, Unprocessable
+from controlplane.errors import NotFound, RequestError
 from controlplane.gateway.app import HUB, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
 from controlplane.store import jobs as store_jobs
@@ -90,7 +90,7 @@ def _parse_deadline(value: float | str, now: float) -> float:
     else:
         epoch = float(value)
     if not epoch > now:
-        raise Unprocessable(f"deadline {value!r} is not in the future", field="deadline")
+        raise RequestError(f"deadline {value!r} is not in the future", field="deadline")
     return epoch
 
 
@@ -98,20 +98,20 @@ def normalise(body: JobBody, request: web.Request, now: float) -> dict[str, Any]
     """Check the body against the layout and return the spec as stored (None values left out).
 
     Raises:
-        RequestError / Unprocessable: naming the field.
+        RequestError: (400) naming the field.
     """
     layout = request.app[HUB].layout
     assert layout is not None
     for i, acc in enumerate(body.accelerators):
         if acc not in layout.accelerators:
-            raise Unprocessable(f"unknown accelerator {acc!r} (known: {', '.join(sorted(layout.accelerators))})",
+            raise RequestError(f"unknown accelerator {acc!r} (known: {', '.join(sorted(layout.accelerators))})",
                                 field=f"accelerators[{i}]")
         if acc in body.accelerators[:i]:
-            raise Unprocessable(f"accelerator {acc!r} is listed twice", field=f"accelerators[{i}]")
+            raise RequestError(f"accelerator {acc!r} is listed twice", field=f"accelerators[{i}]")
     regions = {s.region for s in layout.sites} | {o.region for o in layout.origins}
     for i, region in enumerate(body.regions):
         if region not in regions:
-            raise Unprocessable(f"unknown region {region!r}", field=f"regions[{i}]")
+            raise RequestError(f"unknown region {region!r}", field=f"regions[{i}]")
     if body.command and not body.command[0]:
         raise RequestError("command[0] must name a program", field="command[0]")
     spec = msgspec.to_builtins(body)

@@ -115,7 +115,7 @@ def test_missing_field_and_bad_json() -> None:
     assert (info.value.status, info.value.field, info.value.message) == (400, "prompt", "prompt: required field missing")
     with pytest.raises(RequestError) as bad:
         oa.decode_chat_request(b'{"model": ')
-    assert (bad.value.status, bad.value.code) == (400, "invalid_json")
+    assert (bad.value.status, bad.value.code) == (400, "malformed_json")
 
 
 @pytest.mark.parametrize(

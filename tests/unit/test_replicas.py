@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controlplane import replicas
-from controlplane.errors import Unprocessable
+from controlplane.errors import RequestError, Unprocessable
 from controlplane.replicas import Candidate, DeploymentSpec, Placement, plan_replicas
 
 
@@ -290,21 +290,21 @@ def test_state_with_no_coverable_origin_is_degraded() -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "field"),
+    ("body", "field", "status"),
     [
-        (b'{"model": "m", "origins": ["hz"], "gpus": 2}', "gpus"),
-        (b'{"model": "m", "origins": ["hz", "Bad Id"]}', "origins[1]"),
-        (b'{"model": "m", "origins": ["hz"], "cards_per_replica": 0}', "cards_per_replica"),
-        (b'{"model": "m", "origins": ["hz"], "min_cities": 0}', "min_cities"),
-        (b'{"model": "m"}', "origins"),
-        (b'{"origins": ["hz"]}', "model"),
-        (b'{"model": "m", "origins": ["hz"], "accelerators": []}', "accelerators"),
+        (b'{"model": "m", "origins": ["hz"], "gpus": 2}', "gpus", 422),
+        (b'{"model": "m", "origins": ["hz", "Bad Id"]}', "origins[1]", 400),
+        (b'{"model": "m", "origins": ["hz"], "cards_per_replica": 0}', "cards_per_replica", 400),
+        (b'{"model": "m", "origins": ["hz"], "min_cities": 0}', "min_cities", 400),
+        (b'{"model": "m"}', "origins", 400),
+        (b'{"origins": ["hz"]}', "model", 400),
+        (b'{"model": "m", "origins": ["hz"], "accelerators": []}', "accelerators", 400),
     ],
 )
-def test_spec_errors_name_the_field(body: bytes, field: str) -> None:
-    with pytest.raises(Unprocessable) as info:
+def test_spec_errors_name_the_field(body: bytes, field: str, status: int) -> None:
+    with pytest.raises(RequestError) as info:
         replicas.decode_spec(body)
-    assert info.value.field == field
+    assert (info.value.field, info.value.status) == (field, status)
     assert info.value.message.startswith(field)
 
 
