@@ -13,6 +13,7 @@ Malformed messages from agents are counted (``malformed``) and dropped, or answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ class HubBus:
         self.nc: Any = None
         self._subs: list[Any] = []
         self._event_task: asyncio.Task[None] | None = None
+        self._closing = False
         self._psub: Any = None
 
     def __repr__(self) -> str:
@@ -152,12 +154,20 @@ class HubBus:
         await self.nc.flush()
 
     async def close(self) -> None:
-        if self._event_task is not None:
-            self._event_task.cancel()
-            try:
-                await self._event_task
-            except (asyncio.CancelledError, Exception):
-                pass
+        self._closing = True
+        task = self._event_task
+        if task is not None:
+            # nats-py can swallow a cancellation that lands inside its own asyncio.wait_for
+            # (Python 3.11), so cancel until the task is really done, and the loop also checks
+            # _closing, rather than awaiting a single cancel forever.
+            for _ in range(40):
+                if task.done():
+                    break
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.25)
+            if task.done() and not task.cancelled():
+                with contextlib.suppress(BaseException):
+                    task.result()
             self._event_task = None
         if self._psub is not None:
             # A fetch reply landing after the consumer task was cancelled stays in the pull
@@ -170,7 +180,8 @@ class HubBus:
             self._psub = None
         if self.nc is not None:
             try:
-                await self.nc.drain()
+                # Drain lets in-flight handlers answer; bounded, so a stuck reply cannot hold a stop.
+                await asyncio.wait_for(self.nc.drain(), 5.0)
             except Exception:
                 try:
                     await self.nc.close()
@@ -372,7 +383,7 @@ class HubBus:
 
     async def _consume(self, handler: EventHandler, durable: str, batch: int) -> None:
         psub = None
-        while True:
+        while not self._closing:
             try:
                 if psub is None:
                     js = self._require().jetstream()
@@ -397,7 +408,10 @@ class HubBus:
             except Exception as exc:
                 self.stats.errors += 1
                 log.warning("event=event_consumer_error error=%r", exc)
-                psub = None
+                if psub is not None:  # do not leave its inbox subscription (and late replies) behind
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
+                psub = self._psub = None
                 await asyncio.sleep(0.5)
 
     async def _apply_event(self, handler: EventHandler, msg: Msg) -> None:
