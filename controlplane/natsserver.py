@@ -97,6 +97,7 @@ class NatsServer:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C in a terminal goes to cpn, which stops us in order
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         try:
             await asyncio.wait_for(self._await_ready(), timeout_s)
@@ -204,6 +205,16 @@ class NatsServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM us if the parent dies, even by SIGKILL (no orphans)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def port_free(host: str, port: int) -> bool:
