@@ -184,8 +184,12 @@ async def test_site_lost_mid_run_restarts_elsewhere_and_the_returning_stale_atte
             await until(lambda: jid not in agents["sh-hub"].training.attempts, 10, "stale attempt 1 stopped")
             exit1 = await zombie.wait()
             assert exit1.reason == "stopped" and "stale" in exit1.detail
-            stops = [r for r in store_outbox.for_job(hub.db, jid) if r.kind == "stop_attempt" and r.site == "sh-hub"]
-            assert stops and stops[0].state == "sent" and stops[0].attempt == 1
+            def stops() -> list[Any]:
+                return [r for r in store_outbox.for_job(hub.db, jid) if r.kind == "stop_attempt" and r.site == "sh-hub"]
+
+            # The agent acts on the StopAttempt before the hub has recorded its Ack: wait for the record.
+            await until(lambda: bool(stops()) and stops()[0].state == "sent", 5, "stop recorded as sent")
+            assert stops()[0].attempt == 1
             # Its late events (checkpoints behind the partition, the exit) arrive and are only counted.
             late = lambda: [e for e in store_jobs.events(hub.db, jid) if e.attempt == 1 and e.at > lost_at]  # noqa: E731
             await until(lambda: any(e.kind == "attempt_exited" for e in late()), 10, "attempt 1 exit delivered")
