@@ -27,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from controlplane.errors import BusUnavailable, SiteRefused, SiteUnreachable
+from controlplane.runtime import cancel_and_wait
 from edge_agent import wire
 
 log = logging.getLogger("cpn.bus")
@@ -155,19 +156,8 @@ class HubBus:
 
     async def close(self) -> None:
         self._closing = True
-        task = self._event_task
-        if task is not None:
-            # nats-py can swallow a cancellation that lands inside its own asyncio.wait_for
-            # (Python 3.11), so cancel until the task is really done, and the loop also checks
-            # _closing, rather than awaiting a single cancel forever.
-            for _ in range(40):
-                if task.done():
-                    break
-                task.cancel()
-                await asyncio.wait({task}, timeout=0.25)
-            if task.done() and not task.cancelled():
-                with contextlib.suppress(BaseException):
-                    task.result()
+        if self._event_task is not None:
+            await cancel_and_wait([self._event_task])  # the loop also checks _closing
             self._event_task = None
         if self._psub is not None:
             # A fetch reply landing after the consumer task was cancelled stays in the pull

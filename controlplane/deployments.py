@@ -53,6 +53,7 @@ import msgspec
 from controlplane import replicas as core
 from controlplane.errors import BusUnavailable, NotFound, PeerError, RequestError, SiteRefused
 from controlplane.registry import SiteView, Transition
+from controlplane.runtime import cancel_and_wait
 from controlplane.store import deployments as store
 from edge_agent import wire
 
@@ -209,12 +210,7 @@ class DeploymentService:
 
     async def stop(self) -> None:
         """Cancel the loop and every command still in flight."""
-        tasks = [t for t in (self._task, *self._sends.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([t for t in (self._task, *self._sends.values()) if t is not None])
         self._task = None
         self._sends.clear()
 

@@ -30,6 +30,7 @@ from controlplane.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
 from controlplane.registry import SiteRegistry, StaticSite, Transition
 from controlplane.router import Router
+from controlplane.runtime import cancel_and_wait
 from controlplane.store import db as store_db
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
@@ -152,11 +153,7 @@ class Hub:
         for service in reversed(self.services):
             with contextlib.suppress(Exception):
                 await service.stop()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         await self.bus.close()
         self._flush_usage()

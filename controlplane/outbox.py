@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from controlplane.errors import BusUnavailable, SiteRefused, SiteUnreachable
+from controlplane.runtime import cancel_and_wait
 from controlplane.store import outbox as store_outbox
 from controlplane.store.outbox import OutboxRow
 from edge_agent import wire
@@ -267,8 +268,5 @@ class CommandOutbox:
 
     async def close(self) -> None:
         """Cancel the per-site senders (their entries stay pending for the next start)."""
-        tasks = list(self._workers.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._workers.values()))
         self._workers.clear()

@@ -9,8 +9,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, patience_s: float = 10.0) -> None:
+    """Cancel ``tasks`` and wait until they are done.
+
+    A single ``cancel()`` is not always enough: nats-py awaits inside ``asyncio.wait_for``, which on
+    Python 3.11 can swallow a cancellation that lands at the wrong moment, and a task that swallowed
+    it would hold a plain ``await task`` forever. So cancel again until each is done, for at most
+    ``patience_s``; errors and results are consumed (shutdown paths log elsewhere).
+    """
+    pending = {t for t in tasks if not t.done()}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience_s
+    while pending and loop.time() < deadline:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.25)
+    for t in tasks:
+        if t.done() and not t.cancelled():
+            with contextlib.suppress(BaseException):
+                t.result()
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -40,6 +40,7 @@ import msgspec
 
 from controlplane import lifecycle, placement, scheduler
 from controlplane.errors import NotFound
+from controlplane.runtime import cancel_and_wait
 from controlplane.outbox import START, CommandOutbox
 from controlplane.registry import Transition
 from controlplane.store import jobs as store_jobs
@@ -115,9 +116,7 @@ class TrainingService:
         hub.bus.consume_events(self._on_event)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.outbox is not None:
             await self.outbox.close()
