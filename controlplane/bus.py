@@ -111,6 +111,8 @@ class HubBus:
             log.warning("event=nats_error error=%r", exc)
 
         async def disconnected_cb() -> None:
+            if self._closing:  # our own close, not an outage
+                return
             self.stats.disconnects += 1
             log.warning("event=nats_disconnected")
             self.on_disconnect()
