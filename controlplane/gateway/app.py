@@ -61,14 +61,18 @@ def decode_body(data: bytes, type_: type[T]) -> T:
     return bodies.decode(data, type_)
 
 
-async def read_body(request: web.Request, type_: type[T]) -> T:
+async def raw_body(request: web.Request) -> bytes:
+    """The request body, or a 413 naming the limit."""
     try:
-        data = await request.read()
+        return await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise RequestError(
             f"request body larger than {request.app[HUB].config.max_body_bytes} bytes", status=413, code="body_too_large"
         ) from exc
-    return decode_body(data, type_)
+
+
+async def read_body(request: web.Request, type_: type[T]) -> T:
+    return decode_body(await raw_body(request), type_)
 
 
 def principal(request: web.Request) -> auth.Principal:

@@ -13,8 +13,7 @@ from aiohttp import web
 
 from controlplane import replicas
 from controlplane.deployments import DeploymentService
-from controlplane.errors import RequestError
-from controlplane.gateway.app import HUB, json_response, require_tenant
+from controlplane.gateway.app import HUB, json_response, raw_body, require_tenant
 from controlplane.gateway.openapi import Op
 
 SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentService)
@@ -22,15 +21,7 @@ SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentSer
 
 async def create(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise RequestError(
-            f"request body larger than {request.app[HUB].config.max_body_bytes} bytes", status=413, code="body_too_large"
-        ) from exc
-    if not body:
-        raise RequestError("request body is empty; expected a JSON object", code="empty_body")
-    spec = replicas.decode_spec(body)
+    spec = replicas.decode_spec(await raw_body(request))
     view = request.app[SERVICE].create(tenant, spec)
     return json_response(view, status=201, headers={"Location": f"/v1/deployments/{view['id']}"})
 

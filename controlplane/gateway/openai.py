@@ -16,8 +16,7 @@ import time
 from aiohttp import web
 
 from controlplane import openai_shapes as oa
-from controlplane.errors import RequestError
-from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal
+from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal, raw_body
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
 from controlplane.inference import AllSitesFailed, aclose, new_request_id
 from edge_agent import wire
@@ -26,22 +25,13 @@ from controlplane.gateway.openapi import Op
 log = logging.getLogger("cpn.gateway")
 
 
-async def _body(request: web.Request) -> bytes:
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise RequestError(
-            f"request body larger than {request.app[HUB].config.max_body_bytes} bytes", status=413, code="body_too_large"
-        ) from exc
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = oa.decode_chat_request(await _body(request))
+    req = oa.decode_chat_request(await raw_body(request))
     return await _serve(request, req, "chat")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = oa.decode_completion_request(await _body(request))
+    req = oa.decode_completion_request(await raw_body(request))
     return await _serve(request, req, "completion")
 
 
