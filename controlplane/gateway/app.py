@@ -173,10 +173,11 @@ def make_app(hub: Hub) -> web.Application:
 
     app = web.Application(middlewares=[core_middleware], client_max_size=hub.config.max_body_bytes)
     app[HUB] = hub
-    health.add_routes(app)
-    admin.add_routes(app)
+    # The hot endpoints first: aiohttp's dispatcher tries resources in registration order.
     infer.add_routes(app)
     openai.add_routes(app)
+    health.add_routes(app)
+    admin.add_routes(app)
     usage.add_routes(app)
     openapi.add_routes(app)
     for extra in getattr(hub, "route_modules", []):
