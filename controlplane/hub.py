@@ -18,7 +18,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from controlplane import auth
@@ -422,6 +421,3 @@ class Hub:
         self.metrics.malformed.set(s.malformed)
         self.metrics.permission_violations.set(self.permission_violations)
 
-
-def data_path(path: str | Path) -> Path:
-    return Path(path).expanduser()

@@ -200,7 +200,3 @@ class RequestIds:
         self.n += 1
         return f"{self.prefix}{self.n:x}"
 
-
-def new_request_id() -> str:
-    """A fresh random request id (for callers without a hub's RequestIds)."""
-    return f"r{secrets.token_hex(8)}"

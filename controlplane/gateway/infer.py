@@ -80,7 +80,7 @@ async def infer(request: web.Request) -> web.Response:
     if check is not None:
         check(tenant, body.model)
     rid = request[REQUEST_ID]
-    req = wire.InferRequest(request_id=rid if rid.startswith(hub.request_ids.prefix) or wire.is_valid_id(rid) else hub_request_id(), model=body.model,
+    req = wire.InferRequest(request_id=rid if rid.startswith(hub.request_ids.prefix) or wire.is_valid_id(rid) else hub.request_ids.next(), model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
     served = await hub.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy)
     result = served.result
@@ -102,12 +102,6 @@ async def infer(request: web.Request) -> web.Response:
         "service_ms": result.service_ms,
     }
     return json_response(out, headers=route_headers(served, rid))
-
-
-def hub_request_id() -> str:
-    from controlplane.inference import new_request_id
-
-    return new_request_id()
 
 
 OPERATIONS = [

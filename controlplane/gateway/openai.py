@@ -18,7 +18,7 @@ from aiohttp import web
 from controlplane import openai_shapes as oa
 from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal, raw_body
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
-from controlplane.inference import AllSitesFailed, aclose, new_request_id
+from controlplane.inference import AllSitesFailed, aclose
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
 
@@ -47,7 +47,7 @@ async def _serve(
     if check is not None:
         check(tenant, req.model)
     rid = request[REQUEST_ID]
-    request_id = rid if wire.is_valid_id(rid) else new_request_id()
+    request_id = rid if wire.is_valid_id(rid) else hub.request_ids.next()
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
     created = time.time()
     if not infer.stream:
