@@ -391,7 +391,9 @@ class HubBus:
                     self._psub = psub
                 try:
                     msgs = await psub.fetch(batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    # Nothing to fetch. nats-py raises a bare asyncio.TimeoutError when a busy loop
+                    # has already used up the deadline: that is no fault of the subscription either.
                     continue
                 for msg in msgs:
                     await self._apply_event(handler, msg)

@@ -1,17 +1,19 @@
 """Prometheus metrics of one hub (its own registry, so several hubs can live in one test process).
 
-Per-request counters (HTTP requests, routing decisions, inference by site) are plain dict counts
-turned into Prometheus counters only when ``/metrics`` is scraped: a prometheus_client ``inc()``
-takes a lock, and the request path is the hot path. The latency histogram stays a real Histogram.
+Per-request figures (HTTP requests, their latency, routing decisions, inference by site) are plain
+dict counts turned into Prometheus counters and histograms only when ``/metrics`` is scraped: a
+prometheus_client ``inc()`` or ``observe()`` takes a lock, and the request path is the hot path.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 
 class _Counts(Collector):
@@ -29,6 +31,39 @@ class _Counts(Collector):
             family.add_metric(list(values), n)
         yield family
 
+class _Latency(Collector):
+    """A histogram by route kept as plain per-bucket counts and exported at scrape time.
+
+    ``observe`` adds one to the first bucket whose upper bound is >= the value (Prometheus' ``le``),
+    or to the ``+Inf`` slot; the export makes the counts cumulative.
+    """
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+        self.name = name
+        self.doc = doc
+        self.bounds = bounds
+        self.by_route: dict[str, list[float]] = {}
+        """route -> [count per bucket..., count of +Inf, sum of values]"""
+
+    def observe(self, route: str, value: float) -> None:
+        slots = self.by_route.get(route)
+        if slots is None:
+            slots = self.by_route[route] = [0.0] * (len(self.bounds) + 2)
+        slots[bisect_left(self.bounds, value)] += 1
+        slots[-1] += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=["route"])
+        for route, slots in sorted(self.by_route.items()):
+            running = 0.0
+            buckets = []
+            for bound, n in zip([*map(floatToGoString, self.bounds), "+Inf"], slots[:-1]):
+                running += n
+                buckets.append((bound, running))
+            family.add_metric([route], buckets, slots[-1])
+        yield family
+
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -38,9 +73,8 @@ class HubMetrics:
         r = self.registry
         self.http_requests = _Counts("cpn_http_requests", "HTTP requests by route and status", ["route", "status"])
         r.register(self.http_requests)
-        self.http_latency = Histogram(
-            "cpn_http_request_seconds", "HTTP request latency by route", ["route"], buckets=_LATENCY_BUCKETS, registry=r
-        )
+        self.http_latency = _Latency("cpn_http_request_seconds", "HTTP request latency by route", _LATENCY_BUCKETS)
+        r.register(self.http_latency)
         self.routes = _Counts("cpn_route_decisions", "Routing decisions by reason", ["reason"])
         r.register(self.routes)
         self.infer = _Counts("cpn_inference_requests", "Inference requests by serving site and outcome", ["site", "outcome"])
@@ -51,17 +85,13 @@ class HubMetrics:
         self.malformed = Gauge("cpn_malformed_messages", "Malformed messages from agents, dropped", registry=r)
         self.permission_violations = Gauge("cpn_nats_permission_violations", "Permission violations reported by the NATS server", registry=r)
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
-        self._latency_children: dict[str, Histogram] = {}
 
     def observe_http(self, route: str, status: int, elapsed_s: float) -> None:
         """One HTTP request: a count by (route, status) and the latency histogram."""
         key = (route, str(status))
         counts = self.http_requests.counts
         counts[key] = counts.get(key, 0) + 1
-        child = self._latency_children.get(route)
-        if child is None:
-            child = self._latency_children[route] = self.http_latency.labels(route)
-        child.observe(elapsed_s)
+        self.http_latency.observe(route, elapsed_s)
 
     def infer_ok(self, site: str) -> None:
         key = (site, "ok")

@@ -5,8 +5,9 @@ Promises:
 - Rule 1: a key may spend at most ``burst`` tokens at once and ``rate_per_s`` tokens per second
   on average; a refused call spends nothing and says how long until it would be allowed.
 - Rule 2: memory is bounded. A bucket idle long enough to be full again is the same as no
-  bucket, so it is dropped when next seen at the old end of the queue; beyond ``max_keys`` the
-  least recently used bucket is dropped anyway (that key then starts full, a small leniency).
+  bucket, so such buckets at the old end of the queue are dropped whenever a new one is made;
+  beyond ``max_keys`` the least recently used bucket is dropped anyway (that key then starts full,
+  a small leniency).
 - Rule 3: a clock that steps backwards refunds nothing and takes nothing (elapsed time >= 0).
 
 The gateway answers a refusal with 429 and ``Retry-After: retry_after_header(retry_after_s)``.
@@ -89,24 +90,24 @@ class TokenBuckets:
         Raises:
             ValueError: cost <= 0 or greater than the burst (it could never be allowed).
         """
-        rate = self.rate_per_s if rate_per_s is None else float(rate_per_s)
-        size = self.burst if burst is None else float(burst)
-        if rate_per_s is not None or burst is not None:
+        rate = self.rate_per_s if rate_per_s is None else rate_per_s
+        size = self.burst if burst is None else burst
+        bucket = self._buckets.get(key)
+        if bucket is None or bucket.rate_per_s != rate or bucket.burst != size:  # new, or the plan changed
+            rate, size = float(rate), float(size)
             _check_limits(rate, size)
         if not cost > 0:
             raise ValueError(f"cost must be > 0, got {cost}")
         if cost > size:
             raise ValueError(f"cost {cost:g} exceeds the burst {size:g}: it could never be allowed")
-        bucket = self._buckets.get(key)
         if bucket is None:
             bucket = _Bucket(size, now, rate, size)
             self._buckets[key] = bucket
+            self._evict(now, keep=key)  # only a new bucket grows the table
         else:
-            if (bucket.rate_per_s, bucket.burst) != (rate, size):  # the tenant's plan changed
-                bucket.rate_per_s, bucket.burst = rate, size
+            bucket.rate_per_s, bucket.burst = rate, size
             bucket.refill(now)
             self._buckets.move_to_end(key)
-        self._evict(now, keep=key)
         if bucket.tokens >= cost:
             bucket.tokens -= cost
             self.allowed += 1

@@ -24,6 +24,7 @@ from controlplane.config import HubConfig
 from controlplane.hub import Hub
 from controlplane.natsserver import NatsServer, port_free
 from controlplane.services import install_services
+from edge_agent import gc_tuning
 from topology import layout as topo_layout
 from topology import loader
 
@@ -260,6 +261,7 @@ async def run(opts: UpOptions) -> None:
     try:
         await net.start()
         print(net.banner(), flush=True)
+        gc_tuning.settle_after_startup()
         await asyncio.Event().wait()
     finally:
         await net.stop()

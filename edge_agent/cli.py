@@ -18,6 +18,7 @@ import sys
 
 
 from edge_agent import config as agent_config
+from edge_agent import gc_tuning
 from edge_agent.errors import ConfigError
 
 _OVERRIDABLE = ("site", "nats", "tier", "city", "provider", "region", "user", "password", "data_dir")
@@ -94,6 +95,7 @@ async def serve(config: agent_config.AgentConfig) -> None:
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a start-up error surfaces here
+            gc_tuning.settle_after_startup()
             await stopping
     finally:
         for task in (starting, stopping):

@@ -42,6 +42,7 @@ class InferenceService:
         self._outcomes: deque[bool] = deque(maxlen=20)  # recent backend successes, for health
         self._running: dict[str, set[asyncio.Task[None]]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()
+        self._expired: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<InferenceService site={self.site} running={sum(map(len, self._running.values()))}>"
@@ -85,7 +86,7 @@ class InferenceService:
         assert task is not None
         self._running.setdefault(request.request_id, set()).add(task)
         try:
-            await self._serve(request, msg.reply)
+            await self._serve(request, msg.reply, task)
         except asyncio.CancelledError:
             if task in self._cancelled:
                 self._cancelled.discard(task)
@@ -107,7 +108,11 @@ class InferenceService:
                 if not tasks:
                     del self._running[request.request_id]
 
-    async def _serve(self, request: wire.InferRequest, reply: str) -> None:
+    def _expire(self, task: asyncio.Task[None]) -> None:
+        self._expired.add(task)
+        task.cancel()
+
+    async def _serve(self, request: wire.InferRequest, reply: str, task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         replica, reason = self.inventory.acquire_slot(request.model)
@@ -127,9 +132,18 @@ class InferenceService:
             index += 1
 
         timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
+        # A bare timer rather than ``asyncio.timeout``: the same effect for a fraction of the cost
+        # on the hot path. When it fires, the task is cancelled and marked as expired.
+        timer = loop.call_at(started + timeout_s, self._expire, task)
         try:
-            async with asyncio.timeout(timeout_s):
+            try:
                 completion = await self.backend.generate(request, on_text if request.stream else None)
+            except asyncio.CancelledError:
+                if task not in self._expired:
+                    raise
+                self._expired.discard(task)
+                task.uncancel()
+                raise TimeoutError from None
         except TimeoutError:
             self._outcomes.append(False)
             self.counters["infer_errors"] += 1
@@ -149,6 +163,8 @@ class InferenceService:
             log(logging.WARNING, "infer_stream_broken", site=self.site, request_id=request.request_id, error=str(exc))
             return
         finally:
+            timer.cancel()
+            self._expired.discard(task)  # fired as the answer came: the answer wins
             self.inventory.release_slot(replica)
         self._outcomes.append(True)
         service_ms = (loop.time() - started) * 1000.0

@@ -87,10 +87,14 @@ class Inventory:
             ``(replica, "")`` on success, else ``(None, reason)`` with reason ``unknown_model`` (no
             replica, or none ready yet) or ``busy`` (every slot taken).
         """
-        ready = [r for r in self.replicas.values() if r.model == model and r.state == READY]
-        if not ready:
+        best: Replica | None = None
+        for r in self.replicas.values():  # a site holds a handful of replicas: a scan beats an index
+            if r.model != model or r.state != READY:
+                continue
+            if best is None or (r.busy * best.slots, r.busy, r.deployment) < (best.busy * r.slots, best.busy, best.deployment):
+                best = r
+        if best is None:
             return None, "unknown_model"
-        best = min(ready, key=lambda r: (r.busy / r.slots, r.busy, r.deployment))
         if best.busy >= best.slots:
             return None, "busy"
         best.busy += 1

@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         from controlplane.hub import Hub
         from controlplane.services import install_services
+        from edge_agent import gc_tuning
 
         hub = Hub(config)
         install_services(hub)
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             if args.create_admin_key:
                 print(f"admin key: {hub.create_admin_key('cli')}", flush=True)
             print(f"cpn hub {config.hub_id} listening on http://{config.listen_host}:{hub.http_port}", flush=True)
+            gc_tuning.settle_after_startup()
             await yield_forever()
         finally:
             await hub.stop()

@@ -28,11 +28,13 @@ def sim_words(site: str, request: wire.InferRequest) -> list[str]:
         text = "\x1e".join(f"{m.role}\x1f{m.content}" for m in request.messages)
     else:
         text = request.prompt
-    seed = hashlib.blake2b(f"{site}\x00{request.model}\x00{text}".encode(), digest_size=16).digest()
-    words = []
-    for i in range(max(0, request.max_tokens)):
-        h = hashlib.blake2b(i.to_bytes(4, "big"), key=seed, digest_size=4).digest()
-        words.append(_VOCAB[int.from_bytes(h, "big") % len(_VOCAB)])
+    digest = hashlib.blake2b(f"{site}\x00{request.model}\x00{text}".encode(), digest_size=64).digest()
+    words = [_VOCAB[b % len(_VOCAB)] for b in digest[: max(0, request.max_tokens)]]
+    block = 0
+    while len(words) < request.max_tokens:  # beyond 64 words: chain further digests off the first
+        block += 1
+        more = hashlib.blake2b(block.to_bytes(4, "big"), key=digest, digest_size=64).digest()
+        words.extend(_VOCAB[b % len(_VOCAB)] for b in more[: request.max_tokens - len(words)])
     return words
 
 
