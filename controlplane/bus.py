@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +33,14 @@ from controlplane.runtime import cancel_and_wait
 from edge_agent import wire
 
 log = logging.getLogger("cpn.bus")
+
+_NO_RESPONDERS = "503"
+"""The status header nats-server sets on the reply to a request nobody subscribed to."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)  # a request's timeout: no message
 
 RegisterHandler = Callable[[wire.Register], wire.RegisterAck | wire.ErrorReply]
 HeartbeatHandler = Callable[[wire.Heartbeat], None]
@@ -94,6 +104,12 @@ class HubBus:
         self._event_task: asyncio.Task[None] | None = None
         self._closing = False
         self._psub: Any = None
+        # Non-streaming requests share one reply subscription (see _request).
+        self._reply_prefix = f"{wire.HUB_INBOX_PREFIX}.{secrets.token_hex(8)}."
+        self._reply_key = secrets.token_bytes(16)
+        self._reply_n = 0
+        self._waiting: dict[str, asyncio.Future[Msg | None]] = {}
+        self._infer_subjects: dict[str, str] = {}
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "disconnected"
@@ -154,6 +170,7 @@ class HubBus:
         limits = {"pending_msgs_limit": 1_000_000, "pending_bytes_limit": 256 * 1024 * 1024}
         self._subs.append(await self.nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register, **limits))
         self._subs.append(await self.nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat, **limits))
+        self._subs.append(await self.nc.subscribe(self._reply_prefix + "*", cb=self._on_reply, **limits))
         await self.nc.flush()
 
     async def close(self) -> None:
@@ -240,6 +257,46 @@ class HubBus:
             raise BusUnavailable("not connected to NATS")
         return self.nc
 
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._waiting.get(msg.subject[len(self._reply_prefix):])
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def _request(self, subject: str, data: bytes, timeout_s: float, who: str) -> Msg:
+        """Request/reply over the hub's one reply subscription.
+
+        The protocol of nats-py's ``request`` (one wildcard inbox, a token per request), built for the
+        hot path: the token is a keyed hash of a counter rather than fresh random bytes (a site that
+        sees its own requests' reply subjects still cannot guess another's), and a plain timer
+        replaces ``asyncio.wait_for``.
+
+        Raises:
+            SiteUnreachable: no answer within ``timeout_s``, or no responders (``who`` names the site).
+            BusUnavailable: the connection is closed.
+        """
+        nc = self._require()
+        self._reply_n += 1
+        token = hashlib.blake2b(self._reply_n.to_bytes(8, "big"), key=self._reply_key, digest_size=12).hexdigest()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg | None] = loop.create_future()
+        self._waiting[token] = future
+        timer = loop.call_later(timeout_s, _expire, future)
+        try:
+            await nc.publish(subject, data, reply=self._reply_prefix + token)
+            msg = await future
+        except nats.errors.ConnectionClosedError as exc:
+            raise BusUnavailable(str(exc)) from None
+        finally:
+            timer.cancel()
+            del self._waiting[token]
+        if msg is None:
+            self.stats.timeouts += 1
+            raise SiteUnreachable(f"{who}: no answer within {timeout_s * 1000:.0f} ms")
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            self.stats.no_responders += 1
+            raise SiteUnreachable(f"{who}: no responders")
+        return msg
+
     async def infer(self, site: str, req: wire.InferRequest, timeout_s: float) -> wire.InferResult:
         """One non-streaming inference at ``site``.
 
@@ -247,18 +304,11 @@ class HubBus:
             SiteUnreachable: timeout or no responders.
             SiteRefused: the site answered with an ErrorReply.
         """
-        nc = self._require()
         self.stats.requests += 1
-        try:
-            msg = await nc.request(wire.infer_subject(site), wire.encode(req), timeout=timeout_s)
-        except nats.errors.NoRespondersError:
-            self.stats.no_responders += 1
-            raise SiteUnreachable(f"{site}: no responders") from None
-        except nats.errors.TimeoutError:
-            self.stats.timeouts += 1
-            raise SiteUnreachable(f"{site}: no answer within {timeout_s * 1000:.0f} ms") from None
-        except nats.errors.ConnectionClosedError as exc:
-            raise BusUnavailable(str(exc)) from None
+        subject = self._infer_subjects.get(site)
+        if subject is None:
+            subject = self._infer_subjects[site] = wire.infer_subject(site)
+        msg = await self._request(subject, wire.encode(req), timeout_s, site)
         return self._decode_result(site, msg.data)
 
     def _decode_result(self, site: str, data: bytes) -> wire.InferResult:
@@ -272,6 +322,9 @@ class HubBus:
         if isinstance(reply, wire.InferChunk):
             self.stats.bad("infer_reply")
             raise SiteRefused("bad_message", f"{site} streamed to a non-streaming request", True)
+        if reply.site != site:
+            self.stats.bad("infer_reply")
+            raise SiteRefused("bad_message", f"a reply for {site} came from {reply.site}", True)
         return reply
 
     async def infer_stream(

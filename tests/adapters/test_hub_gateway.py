@@ -14,6 +14,7 @@ import aiohttp
 import nats
 import pytest
 
+from controlplane.errors import SiteRefused, SiteUnreachable
 from controlplane.natsserver import NatsServer
 from edge_agent import wire
 from tests.support.hubrig import Client, hub_config, running_hub
@@ -125,6 +126,38 @@ async def test_malformed_nats_messages_are_counted_and_answered(rig) -> None:  #
     await nc.flush()
     await wait_for(lambda: hub.bus.stats.malformed >= 2)
     assert (await tenant.call("POST", "/v1/infer", {"model": "m", "input": "still"}))[0] == 200
+
+
+async def test_site_requests_time_out_name_missing_sites_and_refuse_forged_replies(rig) -> None:  # type: ignore[no-untyped-def]
+    hub, _, _, _, nc = rig
+    req = wire.InferRequest(request_id="q1", model="m", prompt="hi")
+    assert (await hub.bus.infer("hz-edge", req, 2.0)).site == "hz-edge"
+
+    async def silent(msg):  # type: ignore[no-untyped-def]
+        return None
+
+    async def impostor(msg):  # type: ignore[no-untyped-def]
+        await msg.respond(wire.encode(wire.InferResult(request_id="q1", site="other", model="m", output="x")))
+
+    await nc.subscribe(wire.infer_subject("quiet"), cb=silent)  # type: ignore[attr-defined]
+    await nc.subscribe(wire.infer_subject("liar"), cb=impostor)  # type: ignore[attr-defined]
+    await nc.flush()  # type: ignore[attr-defined]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(SiteUnreachable, match="quiet: no answer within 300 ms"):
+        await hub.bus.infer("quiet", req, 0.3)
+    assert 0.29 <= loop.time() - t0 < 1.5
+    with pytest.raises(SiteUnreachable, match="nobody: no responders"):
+        await hub.bus.infer("nobody", req, 2.0)
+    with pytest.raises(SiteRefused, match="a reply for liar came from other"):
+        await hub.bus.infer("liar", req, 2.0)
+    assert hub.bus.stats.timeouts == 1 and hub.bus.stats.no_responders == 1
+    gone = asyncio.create_task(hub.bus.infer("quiet", req, 5.0))  # a client that goes away
+    await wait_for(lambda: len(hub.bus._waiting) == 1)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    assert not hub.bus._waiting  # no request left behind, answered or not
 
 
 async def test_tenants_and_keys_survive_a_hub_restart(tmp_path: Path, nats_server: NatsServer) -> None:
