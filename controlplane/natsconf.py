@@ -11,7 +11,8 @@ What this module promises:
   streamed inference answer publishes many chunks to one reply subject, so ``max`` is large
   (plain ``allow_responses: true`` allows one). nats-server does not track response permissions
   across a leaf connection (measured with 2.15.1: every reply is dropped), so the leaf identity
-  instead may publish on the hub's inbox ``_INBOX.hub.>``; the hub's inboxes carry random tokens.
+  instead may publish on the hub's inbox ``_INBOX.hub.>``; the hub's inboxes carry unguessable tokens
+  (random, or a keyed hash of a counter), and the hub checks that a reply names the site it asked.
 - Rule 3: no secrets in a server config that does not need them: user passwords appear there
   only as bcrypt hashes. Passwords are 256-bit random (or HMAC-derived) tokens, so a low bcrypt
   cost is enough and keeps connection storms cheap for the server.

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from controlplane import auth
 from controlplane.errors import NotFound, SiteUnreachable
-from controlplane.gateway.app import HUB, json_response, read_body, require_admin
+from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_admin
 from controlplane.gateway.schemas import DrainBody, TenantBody
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
@@ -79,12 +79,12 @@ OPERATIONS = [
 ]
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/sites", list_sites)
-    app.router.add_get("/v1/sites/{site}", get_site)
-    app.router.add_post("/v1/sites/{site}/drain", drain_site)
-    app.router.add_post("/v1/tenants", create_tenant)
-    app.router.add_get("/v1/tenants", list_tenants)
+def add_routes(routes: Routes) -> None:
+    routes.add_get("/v1/sites", list_sites)
+    routes.add_get("/v1/sites/{site}", get_site)
+    routes.add_post("/v1/sites/{site}/drain", drain_site)
+    routes.add_post("/v1/tenants", create_tenant)
+    routes.add_get("/v1/tenants", list_tenants)
 
 
 __all__ = ["add_routes", "auth"]

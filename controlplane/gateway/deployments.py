@@ -13,7 +13,7 @@ from aiohttp import web
 
 from controlplane import replicas
 from controlplane.deployments import DeploymentService
-from controlplane.gateway.app import HUB, json_response, raw_body, require_tenant
+from controlplane.gateway.app import HUB, Routes, json_response, raw_body, require_tenant
 from controlplane.gateway.openapi import Op
 
 SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentService)
@@ -53,13 +53,13 @@ OPERATIONS = [
 ]
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(routes: Routes) -> None:
     """Add the four endpoints; the hub must have a ``deployments`` service."""
-    service = next((s for s in app[HUB].services if isinstance(s, DeploymentService)), None)
+    service = next((s for s in routes.hub.services if isinstance(s, DeploymentService)), None)
     if service is None:
         raise RuntimeError("the deployments routes need the deployments service (controlplane.deployments.install)")
-    app[SERVICE] = service
-    app.router.add_post("/v1/deployments", create)
-    app.router.add_get("/v1/deployments", list_all)
-    app.router.add_get("/v1/deployments/{id}", get_one)
-    app.router.add_delete("/v1/deployments/{id}", delete_one)
+    routes.app[SERVICE] = service
+    routes.add_post("/v1/deployments", create)
+    routes.add_get("/v1/deployments", list_all)
+    routes.add_get("/v1/deployments/{id}", get_one)
+    routes.add_delete("/v1/deployments/{id}", delete_one)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane.gateway.app import HUB, json_response
+from controlplane.gateway.app import HUB, Routes, json_response
 from controlplane.gateway.openapi import Op
 
 
@@ -37,6 +37,6 @@ OPERATIONS = [
 ]
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+def add_routes(routes: Routes) -> None:
+    routes.add_get("/healthz", healthz, public=True)
+    routes.add_get("/metrics", metrics, public=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.errors import RequestError
-from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal, read_body
+from controlplane.gateway.app import HUB, REQUEST_ID, Routes, json_response, principal, read_body
 from controlplane.gateway.schemas import InferBody
 from controlplane.inference import Served
 from edge_agent import wire
@@ -109,5 +109,5 @@ OPERATIONS = [
 ]
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/infer", infer)
+def add_routes(routes: Routes) -> None:
+    routes.add_post("/v1/infer", infer)

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from controlplane import lifecycle
 from controlplane.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, json_response, read_body, require_tenant
+from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
 from controlplane.store import jobs as store_jobs
 
@@ -277,9 +277,9 @@ OPERATIONS = [
 ]
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/jobs", submit)
-    app.router.add_get("/v1/jobs", list_jobs)
-    app.router.add_get("/v1/jobs/{job}", get_job)
-    app.router.add_get("/v1/jobs/{job}/events", job_events)
-    app.router.add_delete("/v1/jobs/{job}", cancel_job)
+def add_routes(routes: Routes) -> None:
+    routes.add_post("/v1/jobs", submit)
+    routes.add_get("/v1/jobs", list_jobs)
+    routes.add_get("/v1/jobs/{job}", get_job)
+    routes.add_get("/v1/jobs/{job}/events", job_events)
+    routes.add_delete("/v1/jobs/{job}", cancel_job)

@@ -16,7 +16,7 @@ import time
 from aiohttp import web
 
 from controlplane import openai_shapes as oa
-from controlplane.gateway.app import HUB, REQUEST_ID, json_response, principal, raw_body
+from controlplane.gateway.app import HUB, REQUEST_ID, Routes, json_response, principal, raw_body
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
 from controlplane.inference import AllSitesFailed, aclose
 from edge_agent import wire
@@ -111,7 +111,7 @@ OPERATIONS = [
 ]
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
+def add_routes(routes: Routes) -> None:
+    routes.add_post("/v1/chat/completions", chat_completions)
+    routes.add_post("/v1/completions", completions)
+    routes.add_get("/v1/models", models)

@@ -8,10 +8,13 @@ request body type (the Struct the handler decodes) and the success status; the s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from controlplane.gateway.app import Routes
 
 
 _ERROR = {
@@ -115,5 +118,5 @@ _DOC: web.AppKey[dict[str, Any]] = web.AppKey("openapi_doc")
 OPERATIONS = [Op("GET", "/openapi.json", "This document (OpenAPI 3.1)", auth="none", tags=("meta",))]
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/openapi.json", openapi)
+def add_routes(routes: Routes) -> None:
+    routes.add_get("/openapi.json", openapi, public=True)

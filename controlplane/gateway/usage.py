@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, json_response, principal
+from controlplane.gateway.app import HUB, Routes, json_response, principal
 from controlplane.gateway.openapi import Op
 
 
@@ -33,5 +33,5 @@ OPERATIONS = [
 ]
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/usage", usage)
+def add_routes(routes: Routes) -> None:
+    routes.add_get("/v1/usage", usage)

@@ -117,6 +117,24 @@ async def test_health_and_metrics_are_public(rig) -> None:  # type: ignore[no-un
     assert 'cpn_sites{state="up"} 1.0' in text and "cpn_http_requests_total" in text and "cpn_nats_errors" in text
 
 
+async def test_unknown_endpoints_and_methods_get_the_error_shape(rig) -> None:  # type: ignore[no-untyped-def]
+    hub, tenant, _, anonymous, _ = rig
+    status, body, headers = await tenant.call("GET", "/v1/nothing-here")
+    assert status == 404 and body["error"]["code"] == "not_found" and "GET /v1/nothing-here" in body["error"]["message"]
+    assert {k.lower(): v for k, v in headers.items()}.get("x-request-id"), headers
+    status, body, _ = await tenant.call("GET", "/v1/infer")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed", body
+    status, body, _ = await tenant.call("DELETE", "/v1/models")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed", body
+    # Without a key an unknown path says nothing about what exists; public endpoints need none.
+    assert (await anonymous.call("GET", "/v1/nothing-here"))[0] == 401
+    assert (await anonymous.call("GET", "/healthz"))[0] == 200
+    assert (await anonymous.call("HEAD", "/healthz"))[0] == 200
+    status, text, _ = await anonymous.call("GET", "/metrics")
+    assert status == 200 and 'cpn_http_requests_total{route="unmatched",status="404"} 1.0' in text
+    assert 'cpn_http_requests_total{route="/v1/infer",status="405"} 1.0' not in text  # counted as unmatched
+
+
 async def test_malformed_nats_messages_are_counted_and_answered(rig) -> None:  # type: ignore[no-untyped-def]
     hub, tenant, _, _, nc = rig
     reply = await nc.request(wire.register_subject("hz-edge"), b"\x00garbage", timeout=2)
