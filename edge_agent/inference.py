@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -108,6 +109,17 @@ class InferenceService:
                 if not tasks:
                     del self._running[request.request_id]
 
+    def _chunk_sender(self, request_id: str, reply: str) -> Callable[[str], Awaitable[None]]:
+        index = 0
+
+        async def on_text(text: str) -> None:
+            nonlocal index
+            # Chunks must reach the hub; if the bus is gone the stream is dead anyway.
+            await self.bus.publish(reply, wire.encode(wire.InferChunk(request_id=request_id, index=index, text=text)))
+            index += 1
+
+        return on_text
+
     def _expire(self, task: asyncio.Task[None]) -> None:
         self._expired.add(task)
         task.cancel()
@@ -122,14 +134,7 @@ class InferenceService:
                        else f"no ready replica of {request.model} at {self.site}")
             await self._answer(reply, wire.error_reply(reason, message, retryable=True))
             return
-        index = 0
-
-        async def on_text(text: str) -> None:
-            nonlocal index
-            # Chunks must reach the hub; if the bus is gone the stream is dead anyway.
-            await self.bus.publish(reply, wire.encode(wire.InferChunk(request_id=request.request_id,
-                                                                      index=index, text=text)))
-            index += 1
+        on_text = self._chunk_sender(request.request_id, reply) if request.stream else None
 
         timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
         # A bare timer rather than ``asyncio.timeout``: the same effect for a fraction of the cost
@@ -137,7 +142,7 @@ class InferenceService:
         timer = loop.call_at(started + timeout_s, self._expire, task)
         try:
             try:
-                completion = await self.backend.generate(request, on_text if request.stream else None)
+                completion = await self.backend.generate(request, on_text)
             except asyncio.CancelledError:
                 if task not in self._expired:
                     raise

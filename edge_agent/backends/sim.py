@@ -56,15 +56,17 @@ class SimBackend:
         natural = 0 < self._answer_words < len(words)
         if natural:
             words = words[: self._answer_words]
-        pieces = [f"{self.site}:"] if not words else [f"{self.site}: {words[0]}"] + [f" {w}" for w in words[1:]]
-        for i, piece in enumerate(pieces):
-            delay = self._ttft_s if i == 0 else self._per_token_s
-            if delay > 0:
-                await asyncio.sleep(delay)
-            if on_text is not None:
-                await on_text(piece)
+        output = f"{self.site}: {' '.join(words)}" if words else f"{self.site}:"
+        if on_text is not None or self._ttft_s > 0 or self._per_token_s > 0:  # token by token
+            pieces = [f"{self.site}:"] if not words else [f"{self.site}: {words[0]}"] + [f" {w}" for w in words[1:]]
+            for i, piece in enumerate(pieces):
+                delay = self._ttft_s if i == 0 else self._per_token_s
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if on_text is not None:
+                    await on_text(piece)
         return Completion(
-            output="".join(pieces),
+            output=output,
             prompt_tokens=prompt_words(request),
             completion_tokens=len(words),
             finish_reason="stop" if natural or not words else "length",
