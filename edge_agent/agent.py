@@ -21,7 +21,7 @@ import logging
 import random
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -310,8 +310,12 @@ class Agent:
 
     # ------------------------------------------------------------------ handlers
 
-    def _on_infer(self, msg: Incoming) -> None:
+    def _on_infer(self, msg: Incoming) -> Awaitable[None] | None:
+        answer = self.inference.answer_now(msg)
+        if answer is not None:
+            return self.inference.reply(msg.reply, answer)
         self._spawn(self.inference.handle(msg), "infer")
+        return None
 
     def _on_cmd(self, msg: Incoming) -> None:
         self._spawn(self._handle_cmd(msg), "cmd")

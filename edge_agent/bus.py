@@ -42,9 +42,10 @@ class Incoming:
     headers: dict[str, str] | None
 
 
-Handler = Callable[[Incoming], None]
+Handler = Callable[[Incoming], Awaitable[None] | None]
 """Subscription callback. It must not block: spawn a task for real work (nats-py delivers one
-subscription's messages one after another)."""
+subscription's messages one after another). It may return an awaitable that finishes at once
+(e.g. publishing an answer it already has); the subscription awaits it before the next message."""
 
 
 class AgentBus:
@@ -208,7 +209,9 @@ class AgentBus:
         nc = self._client()
 
         async def deliver(msg: Any) -> None:
-            handler(Incoming(subject=msg.subject, data=msg.data, reply=msg.reply or "", headers=msg.headers))
+            pending = handler(Incoming(subject=msg.subject, data=msg.data, reply=msg.reply or "", headers=msg.headers))
+            if pending is not None:
+                await pending
 
         # A site's own infer/cmd subjects see bursts; do not let nats-py drop them early.
         sub = await nc.subscribe(subject, cb=deliver, pending_msgs_limit=65536)

@@ -1,5 +1,8 @@
 """Serving ``wire.infer_subject(site)``: one task per request, slots, streaming, cancellation.
 
+A request the backend can answer without waiting (:meth:`InferenceService.answer_now`) is answered
+inline, with no task: there is nothing to time out or cancel.
+
 Promises:
 
 - Rule 1: every request with a reply subject gets exactly one final answer: an ``InferResult`` or
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 import msgspec
 
 from edge_agent import wire
-from edge_agent.backends import Backend
+from edge_agent.backends import Backend, Completion
 from edge_agent.bus import AgentBus, Incoming
 from edge_agent.errors import BackendError, BusError
 from edge_agent.inventory import Inventory, ServiceTimes
@@ -69,6 +73,50 @@ class InferenceService:
         except BusError as exc:  # the requester will time out and fail over; nothing else to do
             self.counters["reply_failures"] += 1
             log(logging.WARNING, "infer_reply_failed", site=self.site, error=str(exc))
+
+    def answer_now(self, msg: Incoming) -> bytes | None:
+        """The encoded answer to ``msg`` if the backend gives it without waiting, else None.
+
+        None means: serve it with :meth:`handle` in a task (that also answers malformed messages,
+        busy slots and unknown models). A request answered here needs no task, no timer and no
+        entry among the requests in flight: there is nothing to wait for, time out or cancel.
+        """
+        if not msg.reply:
+            return None
+        try:
+            request = wire.infer_request_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None
+        if request.stream:
+            return None
+        replica, _ = self.inventory.acquire_slot(request.model)
+        if replica is None:
+            return None
+        started = time.perf_counter()
+        try:
+            completion = self.backend.generate_now(request)
+        except BackendError:
+            completion = None  # handle() tries again and answers the error
+        finally:
+            self.inventory.release_slot(replica)
+        if completion is None:
+            return None
+        return self._result(request, completion, (time.perf_counter() - started) * 1000.0)
+
+    def _result(self, request: wire.InferRequest, completion: Completion, service_ms: float) -> bytes:
+        """Count a successful answer and encode it."""
+        self._outcomes.append(True)
+        self.service_times.add(service_ms)
+        self.counters["infer_ok"] += 1
+        return wire.encode(wire.InferResult(
+            request_id=request.request_id, site=self.site, model=request.model, output=completion.output,
+            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+            service_ms=round(service_ms, 3), finish_reason=completion.finish_reason,
+        ))
+
+    async def reply(self, subject: str, body: bytes) -> None:
+        """Publish an answer (a failure is counted and logged: the requester times out and fails over)."""
+        await self._answer(subject, body)
 
     async def handle(self, msg: Incoming) -> None:
         """Serve one request message (run it in its own task)."""
@@ -171,13 +219,4 @@ class InferenceService:
             timer.cancel()
             self._expired.discard(task)  # fired as the answer came: the answer wins
             self.inventory.release_slot(replica)
-        self._outcomes.append(True)
-        service_ms = (loop.time() - started) * 1000.0
-        self.service_times.add(service_ms)
-        self.counters["infer_ok"] += 1
-        result = wire.InferResult(
-            request_id=request.request_id, site=self.site, model=request.model, output=completion.output,
-            prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-            service_ms=round(service_ms, 3), finish_reason=completion.finish_reason,
-        )
-        await self._answer(reply, wire.encode(result))
+        await self._answer(reply, self._result(request, completion, (loop.time() - started) * 1000.0))

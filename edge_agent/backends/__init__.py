@@ -39,6 +39,14 @@ class Backend(Protocol):
         """Produce the answer; call ``on_text`` with each new piece when given."""
         ...
 
+    def generate_now(self, request: wire.InferRequest) -> Completion | None:
+        """The answer to a non-streaming request if it can be given without waiting, else None.
+
+        The agent tries this first: an answer that needs no waiting skips the task, the timer and
+        the bookkeeping of a request in flight. A backend that always waits returns None.
+        """
+        ...
+
     async def close(self) -> None:
         """Release connections (idempotent)."""
         ...

@@ -55,6 +55,9 @@ class OpenAIHttpBackend:
         body["prompt"] = request.prompt
         return "/v1/completions", body
 
+    def generate_now(self, request: wire.InferRequest) -> Completion | None:
+        return None  # every answer is an HTTP round trip
+
     async def generate(self, request: wire.InferRequest, on_text: OnText | None) -> Completion:
         path, body = self._body(request)
         url = self._base + path

@@ -51,12 +51,26 @@ class SimBackend:
         self._per_token_s = config.per_token_ms / 1000.0
         self._answer_words = config.answer_words
 
-    async def generate(self, request: wire.InferRequest, on_text: OnText | None) -> Completion:
+    def _answer(self, request: wire.InferRequest) -> tuple[list[str], Completion]:
         words = sim_words(self.site, request)
         natural = 0 < self._answer_words < len(words)
         if natural:
             words = words[: self._answer_words]
-        output = f"{self.site}: {' '.join(words)}" if words else f"{self.site}:"
+        completion = Completion(
+            output=f"{self.site}: {' '.join(words)}" if words else f"{self.site}:",
+            prompt_tokens=prompt_words(request),
+            completion_tokens=len(words),
+            finish_reason="stop" if natural or not words else "length",
+        )
+        return words, completion
+
+    def generate_now(self, request: wire.InferRequest) -> Completion | None:
+        if self._ttft_s > 0 or self._per_token_s > 0:
+            return None
+        return self._answer(request)[1]
+
+    async def generate(self, request: wire.InferRequest, on_text: OnText | None) -> Completion:
+        words, completion = self._answer(request)
         if on_text is not None or self._ttft_s > 0 or self._per_token_s > 0:  # token by token
             pieces = [f"{self.site}:"] if not words else [f"{self.site}: {words[0]}"] + [f" {w}" for w in words[1:]]
             for i, piece in enumerate(pieces):
@@ -65,12 +79,7 @@ class SimBackend:
                     await asyncio.sleep(delay)
                 if on_text is not None:
                     await on_text(piece)
-        return Completion(
-            output=output,
-            prompt_tokens=prompt_words(request),
-            completion_tokens=len(words),
-            finish_reason="stop" if natural or not words else "length",
-        )
+        return completion
 
     async def close(self) -> None:
         return None

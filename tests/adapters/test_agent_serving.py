@@ -50,6 +50,25 @@ async def test_sim_inference_is_deterministic_and_names_the_site(nats_server: Na
             assert isinstance(chat, wire.InferResult) and chat.output != a1.output
 
 
+async def test_an_answer_that_needs_no_waiting_is_the_same_as_a_waited_one(nats_server: NatsServer) -> None:
+    req = wire.InferRequest(request_id="n1", model="qwen", prompt="same question", max_tokens=6)
+    answers = {}
+    async with FakeHub(nats_server.url) as hub:
+        for ttft_ms in (0.0, 5.0):  # 0: answered inline, no task; 5: served by a task
+            cfg = agent_config(nats_server.url, backend={"sim": {"ttft_ms": ttft_ms, "slots": 32}})
+            async with running(cfg) as agent:
+                got = await asyncio.gather(*(hub.infer("edge-a", req) for _ in range(20)))
+                assert all(isinstance(g, wire.InferResult) for g in got)
+                assert agent.counters["infer_ok"] == 20 and agent.inventory.inflight() == 0
+                assert len(agent.inference.service_times) == 20
+                answers[ttft_ms] = got[0]
+    quick, waited = answers[0.0], answers[5.0]
+    assert isinstance(quick, wire.InferResult) and isinstance(waited, wire.InferResult)
+    assert (quick.output, quick.completion_tokens, quick.finish_reason) == \
+        (waited.output, waited.completion_tokens, waited.finish_reason)
+    assert quick.service_ms < 5 <= waited.service_ms
+
+
 async def test_streaming_chunks_arrive_before_the_result(nats_server: NatsServer) -> None:
     async with FakeHub(nats_server.url) as hub:
         cfg = agent_config(nats_server.url, backend={"sim": {"ttft_ms": 20.0, "per_token_ms": 40.0}})
