@@ -59,10 +59,11 @@ async def _load(url: str, conns: int, seconds: float, key: str | None, body: str
     return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-async def run(seconds: float = 4.0, conns_list: tuple[int, ...] = (1, 32), rounds: int = 3) -> dict[str, object]:
+async def run(seconds: float = 3.0, conns_list: tuple[int, ...] = (1, 32), rounds: int = 5) -> dict[str, object]:
     """Both paths stay up for the whole run; loads alternate floor/hub ``rounds`` times per
-    concurrency and each figure is the median round, so drift in the machine's load (2 cores)
-    hits both sides alike."""
+    concurrency. A ratio is the median of the rounds' ratios (each round pairs a floor load with
+    the hub load right after it, so drift in the machine's speed hits both sides of a pair alike);
+    the absolute figures are the median rounds."""
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         async with NatsServer(tmp / "js") as nats:
@@ -118,12 +119,16 @@ async def run(seconds: float = 4.0, conns_list: tuple[int, ...] = (1, 32), round
             "rounds_rps": [round(r["rps"]) for r in rs],
         }
     for c in conns_list:
-        f, h = results[f"floor_c{c}"], results[f"hub_c{c}"]
-        assert isinstance(f, dict) and isinstance(h, dict)
-        results[f"ratio_c{c}"] = {"p50": round(h["p50_ms"] / f["p50_ms"], 3), "throughput": round(h["rps"] / f["rps"], 3)}
+        pairs = list(zip(runs[f"floor_c{c}"], runs[f"hub_c{c}"]))
+        p50s = [h["p50_ms"] / f["p50_ms"] for f, h in pairs]
+        tputs = [h["rps"] / f["rps"] for f, h in pairs]
+        results[f"ratio_c{c}"] = {
+            "p50": round(_median(p50s), 3), "throughput": round(_median(tputs), 3),
+            "rounds_p50": [round(x, 3) for x in p50s], "rounds_throughput": [round(x, 3) for x in tputs],
+        }
     results["targets"] = {"p50": 1.25, "throughput": 0.8}
-    results["note"] = (f"median of {rounds} alternating rounds of {seconds:g} s; load generator, servers, responders "
-                       "and nats-server share the machine's 2 cores")
+    results["note"] = (f"{rounds} alternating floor/hub rounds of {seconds:g} s; ratios are the median of the rounds' "
+                       "ratios; load generator, servers, responders and nats-server share the machine's 2 cores")
     return results
 
 
@@ -134,8 +139,8 @@ def _median(xs: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cpn bench gateway")
-    p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
     res = asyncio.run(run(args.seconds, rounds=args.rounds))
     for c in (1, 32):

@@ -29,7 +29,8 @@ def rows() -> list[tuple[str, str, str, str]]:
         for c in (1, 32):
             f, h, q = g[f"floor_c{c}"], g[f"hub_c{c}"], g[f"ratio_c{c}"]
             out.append((f"gateway path, {c} connection{'s' if c > 1 else ''}",
-                        f"p50 {h['p50_ms']:.2f} ms ({q['p50']}× floor {f['p50_ms']:.2f}), {h['rps']:.0f} req/s ({q['throughput']}× floor {f['rps']:.0f})",
+                        f"p50 {h['p50_ms']:.2f} ms vs floor {f['p50_ms']:.2f}: {q['p50']}×; {h['rps']:.0f} req/s vs floor {f['rps']:.0f}: "
+                        f"{q['throughput']}× (ratios: median of {len(q.get('rounds_p50', [])) or 'the'} paired rounds)",
                         "p50 ≤ 1.25×, throughput ≥ 0.8× (32 conns)", f"{g['machine']}, {g['date']}"))
     s = _load("scheduler")
     if s:

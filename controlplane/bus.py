@@ -34,6 +34,9 @@ from edge_agent import wire
 
 log = logging.getLogger("cpn.bus")
 
+_LOST = object()
+"""What a request's future holds when its site was declared lost before it answered."""
+
 _NO_RESPONDERS = "503"
 """The status header nats-server sets on the reply to a request nobody subscribed to."""
 
@@ -108,7 +111,8 @@ class HubBus:
         self._reply_prefix = f"{wire.HUB_INBOX_PREFIX}.{secrets.token_hex(8)}."
         self._reply_key = secrets.token_bytes(16)
         self._reply_n = 0
-        self._waiting: dict[str, asyncio.Future[Msg | None]] = {}
+        self._waiting: dict[str, tuple[asyncio.Future[Msg | None], str]] = {}
+        """token -> (the request's future, the site asked)"""
         self._infer_subjects: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -258,9 +262,19 @@ class HubBus:
         return self.nc
 
     async def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.get(msg.subject[len(self._reply_prefix):])
-        if future is not None and not future.done():
-            future.set_result(msg)
+        waiting = self._waiting.get(msg.subject[len(self._reply_prefix):])
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(msg)
+
+    def fail_requests(self, site: str) -> int:
+        """Fail at once every request waiting on ``site`` (declared lost: no need to wait out the
+        timeout, the caller fails over). Returns how many."""
+        failed = 0
+        for future, asked in list(self._waiting.values()):
+            if asked == site and not future.done():
+                future.set_result(_LOST)  # type: ignore[arg-type]
+                failed += 1
+        return failed
 
     async def _request(self, subject: str, data: bytes, timeout_s: float, who: str) -> Msg:
         """Request/reply over the hub's one reply subscription.
@@ -271,7 +285,8 @@ class HubBus:
         replaces ``asyncio.wait_for``.
 
         Raises:
-            SiteUnreachable: no answer within ``timeout_s``, or no responders (``who`` names the site).
+            SiteUnreachable: no answer within ``timeout_s``, no responders, or the site was declared
+                lost meanwhile (:meth:`fail_requests`); ``who`` names the site.
             BusUnavailable: the connection is closed.
         """
         nc = self._require()
@@ -279,7 +294,7 @@ class HubBus:
         token = hashlib.blake2b(self._reply_n.to_bytes(8, "big"), key=self._reply_key, digest_size=12).hexdigest()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg | None] = loop.create_future()
-        self._waiting[token] = future
+        self._waiting[token] = (future, who)
         timer = loop.call_later(timeout_s, _expire, future)
         try:
             await nc.publish(subject, data, reply=self._reply_prefix + token)
@@ -292,6 +307,8 @@ class HubBus:
         if msg is None:
             self.stats.timeouts += 1
             raise SiteUnreachable(f"{who}: no answer within {timeout_s * 1000:.0f} ms")
+        if msg is _LOST:
+            raise SiteUnreachable(f"{who} was declared lost while serving the request")
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             self.stats.no_responders += 1
             raise SiteUnreachable(f"{who}: no responders")

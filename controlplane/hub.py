@@ -92,8 +92,6 @@ class Hub:
         self.permission_violations = 0
         self.started_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
-        self._inflight: dict[str, set[asyncio.Task[Any]]] = {}
-        self._loss_cancelled: set[asyncio.Task[Any]] = set()
         self._reregister_asked: dict[str, float] = {}
         self._models_cache: tuple[int, frozenset[str]] = (-1, frozenset())
         self.usage = UsageBuffer()
@@ -258,29 +256,13 @@ class Hub:
 
     def _site_lost(self, t: Transition) -> None:
         self.metrics.site_losses.inc()
-        for task in list(self._inflight.get(t.site, ())):
-            self._loss_cancelled.add(task)
-            task.cancel()
+        self.bus.fail_requests(t.site)  # requests in flight there fail over now, not at their timeout
         log.warning("event=site_lost site=%s silent_for_s=%.2f", t.site, self.registry.detection_s)
         for listener in self.site_listeners:
             try:
                 listener(t)
             except Exception:
                 log.exception("event=site_listener_failed site=%s", t.site)
-
-    def inflight_for(self, site: str) -> set[asyncio.Task[Any]]:
-        """Tasks waiting on ``site`` right now (cancelled at once if the site is declared lost)."""
-        tasks = self._inflight.get(site)
-        if tasks is None:
-            tasks = self._inflight[site] = set()
-        return tasks
-
-    def take_loss_cancel(self, task: asyncio.Task[Any]) -> bool:
-        """True (once) if ``task`` was cancelled because its site was declared lost."""
-        if task in self._loss_cancelled:
-            self._loss_cancelled.discard(task)
-            return True
-        return False
 
     def known_models(self) -> frozenset[str]:
         version, models = self._models_cache

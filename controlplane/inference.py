@@ -8,7 +8,6 @@ request's RTT budget. Only when every candidate failed does the caller see an er
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -100,24 +99,13 @@ class InferenceService:
     async def _send(self, site: str, req: wire.InferRequest) -> wire.InferResult:
         hub = self.hub
         view = hub.registry.get(site)
-        if view is not None:
-            view.sent += 1
-        task = asyncio.current_task()
-        assert task is not None
-        inflight = hub.inflight_for(site)
-        inflight.add(task)
+        if view is None:
+            return await hub.bus.infer(site, req, hub.config.site_timeout_s)
+        view.sent += 1
         try:
             return await hub.bus.infer(site, req, hub.config.site_timeout_s)
-        except asyncio.CancelledError:
-            # The hub cancels requests in flight to a site it has just declared lost (no need to
-            # wait out the timeout); any other cancellation (client gone, shutdown) goes on up.
-            if hub.take_loss_cancel(task):
-                task.uncancel()
-                raise SiteUnreachable(f"{site} was declared lost while serving the request") from None
-            raise
         finally:
-            inflight.discard(task)
-            if view is not None and view.sent > 0:
+            if view.sent > 0:
                 view.sent -= 1
 
     async def stream(

@@ -178,6 +178,38 @@ async def test_site_requests_time_out_name_missing_sites_and_refuse_forged_repli
     assert not hub.bus._waiting  # no request left behind, answered or not
 
 
+async def test_a_request_in_flight_fails_over_when_its_site_is_declared_lost(tmp_path: Path, nats_server: NatsServer) -> None:
+    cfg = hub_config(tmp_path, nats_server.url, heartbeat_s=0.2, miss_limit=2, sweep_s=0.05, site_timeout_s=20.0)
+    async with running_hub(cfg) as hub:
+        key = hub.create_tenant("acme", default_origin="hangzhou")
+        hung = await nats.connect(nats_server.url)  # hz-edge, the nearest: takes requests, never answers
+        got: list[bytes] = []
+
+        async def swallow(msg):  # type: ignore[no-untyped-def]
+            got.append(msg.data)
+
+        await hung.subscribe(wire.infer_subject("hz-edge"), cb=swallow)
+        await hung.request(wire.register_subject("hz-edge"), wire.encode(
+            wire.Register(site="hz-edge", city="hangzhou", accelerators={"H20": 4})), timeout=2)
+        beat = wire.Heartbeat(site="hz-edge", seq=1, models=[wire.ReplicaStatus(model="m", slots=8)])
+        await hung.publish(wire.heartbeat_subject("hz-edge"), wire.encode(beat))
+        nc, task = await raw_agent(nats_server.url, "sh-edge", "shanghai")
+        await wait_for(lambda: {"hz-edge", "sh-edge"} <= {v.id for v in hub.registry if "m" in v.replicas})
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            status, body, headers = await client.call("POST", "/v1/infer", {"model": "m", "input": "hi"})
+            elapsed = loop.time() - t0
+        assert got, "the request went to the nearest site first"
+        assert status == 200 and body["site"] == "sh-edge" and headers["X-CPN-Route"] == "failover", body
+        assert elapsed < 3.0  # failed over at loss detection (~0.4 s), not at the 20 s timeout
+        assert not hub.bus._waiting
+        task.cancel()
+        await nc.close()  # type: ignore[attr-defined]
+        await hung.close()
+
+
 async def test_tenants_and_keys_survive_a_hub_restart(tmp_path: Path, nats_server: NatsServer) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
