@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from controlplane.registry import SiteView
 
 
@@ -33,8 +35,10 @@ class RttSource(Protocol):
     def ranked(self, origin: str) -> Sequence[tuple[str, float]]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class RouteRequest:
+class RouteRequest(msgspec.Struct, frozen=True):
+    """One request to route (a frozen msgspec Struct: built per request, and ~8x cheaper to build
+    than a frozen dataclass)."""
+
     origin: str
     model: str
     budget_ms: float = 10.0

@@ -86,9 +86,11 @@ class UsageBuffer:
         Raises:
             ValueError: a count is negative or a token/request count is not an int.
         """
-        for name, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens), ("requests", requests)):
-            if type(value) is not int or value < 0:
-                raise ValueError(f"usage {name} must be a non-negative int, got {value!r}")
+        if not (type(prompt_tokens) is int and prompt_tokens >= 0 and type(completion_tokens) is int  # noqa: E721
+                and completion_tokens >= 0 and type(requests) is int and requests >= 0):  # noqa: E721
+            for name, value in (("prompt_tokens", prompt_tokens), ("completion_tokens", completion_tokens), ("requests", requests)):
+                if type(value) is not int or value < 0:  # noqa: E721
+                    raise ValueError(f"usage {name} must be a non-negative int, got {value!r}")
         if card_hours < 0 or energy_cny < 0:
             raise ValueError(f"usage card_hours/energy_cny must be >= 0, got {card_hours!r}/{energy_cny!r}")
         c = self._counts.get((tenant, model, site))

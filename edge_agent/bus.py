@@ -19,9 +19,9 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client
@@ -32,9 +32,8 @@ from edge_agent.errors import BusError, NoResponders, NotConnected, RequestTimeo
 from edge_agent.logs import log
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """One message delivered to a subscription."""
+class Incoming(msgspec.Struct, frozen=True):
+    """One message delivered to a subscription (a frozen msgspec Struct: one is built per message)."""
 
     subject: str
     data: bytes

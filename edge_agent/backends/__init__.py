@@ -13,8 +13,9 @@ failure only as :class:`~edge_agent.errors.BackendError` (code ``backend`` or ``
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from edge_agent import wire
 from edge_agent.config import AgentConfig
@@ -22,8 +23,9 @@ from edge_agent.config import AgentConfig
 OnText = Callable[[str], Awaitable[None]]
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
+class Completion(msgspec.Struct, frozen=True):
+    """A backend's answer (a frozen msgspec Struct: built per request, cheaper than a frozen dataclass)."""
+
     output: str
     prompt_tokens: int
     completion_tokens: int
