@@ -303,12 +303,13 @@ def to_infer_request(
     :data:`CHAT_DEFAULT_MAX_TOKENS`, :data:`COMPLETION_DEFAULT_MAX_TOKENS`).
     """
     stream = bool(req.stream)
+    sampling = sampling_of(req)
     if isinstance(req, ChatCompletionRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens or CHAT_DEFAULT_MAX_TOKENS
         messages = [wire.ChatMessage(role=m.role, content=_text_of(m.content)) for m in req.messages]
         return wire.InferRequest(
             request_id=request_id, model=req.model, messages=messages, max_tokens=max_tokens,
-            stream=stream, tenant=tenant, deadline_ms=deadline_ms,
+            stream=stream, tenant=tenant, deadline_ms=deadline_ms, sampling=sampling,
         )
     prompt = req.prompt[0] if isinstance(req.prompt, list) else (req.prompt or "")
     assert isinstance(prompt, str)  # check_completion_supported rejected token ids
@@ -318,8 +319,22 @@ def to_infer_request(
         max_tokens = default_max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
     return wire.InferRequest(
         request_id=request_id, model=req.model, prompt=prompt, max_tokens=max_tokens,
-        stream=stream, tenant=tenant, deadline_ms=deadline_ms,
+        stream=stream, tenant=tenant, deadline_ms=deadline_ms, sampling=sampling,
     )
+
+
+def sampling_of(req: ChatCompletionRequest | CompletionRequest) -> wire.Sampling | None:
+    """The sampling parameters ``req`` sets, for the wire (None when it sets none)."""
+    stop = [req.stop] if isinstance(req.stop, str) else req.stop
+    sampling = wire.Sampling(
+        temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop or None,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        logit_bias={str(k): float(v) for k, v in req.logit_bias.items()} if req.logit_bias else None,
+    )
+    return None if sampling == _NO_SAMPLING else sampling
+
+
+_NO_SAMPLING = wire.Sampling()
 
 
 def include_usage(req: ChatCompletionRequest | CompletionRequest) -> bool:

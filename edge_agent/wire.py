@@ -225,6 +225,22 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     content: str
 
 
+class Sampling(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How to sample, as the tenant asked (OpenAI's parameters; None: the backend's default).
+
+    A backend that samples (``openai-http``) passes these on; the ``sim`` backend is deterministic
+    and ignores them.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+
 class InferRequest(msgspec.Struct, tag="infer", kw_only=True):
     request_id: str
     model: str
@@ -235,6 +251,8 @@ class InferRequest(msgspec.Struct, tag="infer", kw_only=True):
     tenant: str = ""
     deadline_ms: float = 0.0
     """Time the agent may spend before giving up (0: its own default)."""
+    sampling: Sampling | None = None
+    """None when the tenant set no sampling parameter (agents before this field ignore it)."""
 
 
 class InferChunk(msgspec.Struct, tag="chunk", kw_only=True):

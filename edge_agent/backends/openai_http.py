@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from edge_agent import wire
 from edge_agent.backends import Completion, OnText, prompt_words
@@ -49,6 +50,8 @@ class OpenAIHttpBackend:
         body: dict[str, Any] = {"model": model, "max_tokens": request.max_tokens, "stream": request.stream}
         if request.stream:
             body["stream_options"] = {"include_usage": True}
+        if request.sampling is not None:  # only what the tenant set: the server's defaults otherwise
+            body.update(msgspec.to_builtins(request.sampling))
         if request.messages:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
             return "/v1/chat/completions", body

@@ -87,7 +87,7 @@ async def test_non_streaming_chat_and_completions(local_llm: LocalServer) -> Non
             messages=[wire.ChatMessage(role="user", content="hello there")]), None)
         assert chat.output == "hello! there!" and chat.completion_tokens == 2 and chat.prompt_tokens == 11
         plain = await backend.generate(wire.InferRequest(request_id="c2", model="other", prompt="a b c",
-                                                         max_tokens=2), None)
+                                                         max_tokens=2, sampling=wire.Sampling(temperature=0.0, seed=5, stop=["."])), None)
         assert plain.output == "a! b!"
     finally:
         await backend.close()
@@ -95,6 +95,9 @@ async def test_non_streaming_chat_and_completions(local_llm: LocalServer) -> Non
     assert path1 == "/v1/chat/completions" and body1["model"] == "Qwen/Qwen2-7B-Instruct"
     assert auth1 == "Bearer sk-local"
     assert path2 == "/v1/completions" and body2["model"] == "other" and body2["max_tokens"] == 2
+    # Only what the tenant set is passed on: the server's own defaults stand for the rest.
+    assert (body2["temperature"], body2["seed"], body2["stop"]) == (0.0, 5, ["."]) and "top_p" not in body2
+    assert "temperature" not in body1
 
 
 async def test_streaming_relays_deltas_as_they_arrive(local_llm: LocalServer) -> None:

@@ -65,6 +65,8 @@ def test_a_full_client_body_decodes() -> None:
             wire.ChatMessage(role="user", content="hi"),
             wire.ChatMessage(role="assistant", content="hello"),
         ],
+        sampling=wire.Sampling(temperature=0.2, top_p=0.9, seed=7, stop=["\n", "END"], presence_penalty=-0.5,
+                               frequency_penalty=0.5, logit_bias={"50256": -100.0}),
     )
 
 
@@ -77,6 +79,12 @@ def test_max_tokens_defaults_and_aliases() -> None:
     comp = oa.decode_completion_request(b'{"model": "m", "prompt": ["once upon"]}')
     infer = oa.to_infer_request(comp, request_id="r")
     assert (infer.prompt, infer.messages, infer.max_tokens, infer.stream) == ("once upon", None, 16, False)
+
+
+def test_sampling_goes_on_the_wire_only_when_set() -> None:
+    assert oa.to_infer_request(oa.decode_chat_request(body(CHAT)), request_id="r").sampling is None
+    comp = oa.decode_completion_request(b'{"model": "m", "prompt": "x", "stop": "END", "seed": 3, "temperature": 0}')
+    assert oa.to_infer_request(comp, request_id="r").sampling == wire.Sampling(stop=["END"], seed=3, temperature=0.0)
 
 
 @pytest.mark.parametrize(
