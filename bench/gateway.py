@@ -4,9 +4,10 @@ Full path: HTTP in -> auth -> route -> NATS request to a ``sim`` agent with zero
 (``cpn hub`` and ``cpn agent`` as real processes, ``POST /v1/infer``). Floor: a bare aiohttp
 handler doing one bare NATS request to a bare responder (bench/floor_server.py). Each server and
 each responder is its own process; the load generator (bench/loadgen.py) is a third process. The
-machine has 2 cores, so load generator, server, responder and nats-server share them: the ratios
-are what this benchmark is for. Targets (DESIGN §10, 32 connections): p50 ≤ 1.25× the floor,
-throughput ≥ 0.8× the floor.
+machine has 2 cores, so load generator, server, responder and nats-server share them (the load
+generator does take CPU from the gateway, and from the floor alike): the ratios are what this
+benchmark is for, each the median of paired floor/hub rounds. Targets (DESIGN §10, 32
+connections): p50 ≤ 1.25× the floor, throughput ≥ 0.8× the floor.
 """
 
 from __future__ import annotations
