@@ -34,12 +34,16 @@ move every replica); deployments created since are planned and tracked as usual.
 Rule 6 (model access): a tenant may call the models of its own active deployments and models that
 sites offer themselves (deployment ``local`` or none); an admin key may call any model.  Replicas of
 one model serve every tenant allowed to call it (the router routes by model).
+Rule 7 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
+and creates nothing; with another spec it is a 422. The key is committed with the deployment in one
+transaction; the answer is recorded once rendered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -89,6 +93,12 @@ def shows(view: SiteView | None, model: str, deployment: str) -> wire.ReplicaSta
         return None
     status = view.replicas.get(model)
     return status if status is not None and status.deployment == deployment else None
+
+
+def spec_hash(spec: core.DeploymentSpec) -> str:
+    """Hash of a decoded spec: equal specs (whatever their key order, spacing or defaults left out)
+    hash equal, as the jobs API hashes its bodies for ``Idempotency-Key``."""
+    return hashlib.sha256(msgspec.json.encode(msgspec.to_builtins(spec), order="sorted")).hexdigest()
 
 
 def planning_candidates(
@@ -275,17 +285,32 @@ class DeploymentService:
                 f"cards_per_replica: {spec.cards_per_replica:g} cards is more than any edge or regional site has "
                 f"of an accepted accelerator (largest: {largest:g})", field="cards_per_replica")
 
-    def create(self, tenant: str, spec: core.DeploymentSpec, *, deployment_id: str | None = None) -> dict[str, Any]:
+    def create(self, tenant: str, spec: core.DeploymentSpec, *, deployment_id: str | None = None,
+               idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
         """Record, plan and persist a new deployment (all committed when this returns); loads follow.
+
+        With ``idempotency_key``, a second call of ``tenant`` with the same key and an equal spec
+        creates nothing and answers what the first call answered (its view, replicas as first
+        planned), like ``POST /v1/jobs``; if that answer was never recorded (the hub stopped between
+        the commit and the answer), the deployment's current view.
+
+        Returns:
+            ``(view, replayed)``: ``replayed`` is True when the answer is a replay.
 
         Raises:
             RequestError: (400) the spec names an unknown origin, region or accelerator, or more cards
                 than any site has.
+            Unprocessable: (422) ``tenant`` used ``idempotency_key`` with another spec.
         """
         self.validate(spec)
+        db = self.hub.db
         dep_id = deployment_id or f"dep-{secrets.token_hex(6)}"
-        dep = store.create(self.hub.db, deployment_id=dep_id, tenant=tenant, model=spec.model, spec=spec,
-                           now=time.time())
+        dep, replay = store.create_or_replay(
+            db, deployment_id=dep_id, tenant=tenant, model=spec.model, spec=spec, now=time.time(),
+            idem_key=idempotency_key, body_hash=spec_hash(spec) if idempotency_key is not None else "")
+        if replay is not None:
+            log.info("event=deployment_replayed deployment=%s tenant=%s", dep.id, tenant)
+            return (replay.response if replay.response is not None else self._render(dep)), True
         self._tenant_models.setdefault(tenant, Counter())[spec.model] += 1
         if time.time() < self._grace_until:
             self._fresh.add(dep.id)
@@ -293,7 +318,9 @@ class DeploymentService:
         self._decide(time.time(), only=dep.id)
         self.poke()
         view = self.view(tenant, dep.id)
-        return view
+        if idempotency_key is not None:
+            store.record_answer(db, tenant=tenant, idem_key=idempotency_key, response=view)
+        return view, False
 
     def view(self, tenant: str | None, deployment_id: str) -> dict[str, Any]:
         """The deployment as the API shows it; NotFound if missing, deleted or not ``tenant``'s."""
@@ -340,7 +367,8 @@ class DeploymentService:
             return ""
         spec = core.DeploymentSpec(model=model, origins=[o.id for o in hub.layout.origins], budget_ms=10.0,
                                    cards_per_replica=0.25, min_cities=2, slots_per_replica=8)
-        return str(self.create(tenant, spec)["id"])
+        view, _ = self.create(tenant, spec)
+        return str(view["id"])
 
     def models_for_tenant(self, tenant: str | None) -> list[str]:
         """Model ids ``GET /v1/models`` shows: the tenant's deployed models plus the sites' own."""

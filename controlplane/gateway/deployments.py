@@ -5,6 +5,12 @@ are a 422 naming the field, out-of-range values a 400); the service then checks 
 layout (unknown origin, region or accelerator, more cards than any site has: 400 naming the field). ``POST`` answers 201 only after
 the deployment and its first plan are committed. Another tenant's deployment is a 404, exactly like
 a missing one. Admin keys have no tenant and get a 403 here.
+
+``POST`` honours an optional ``Idempotency-Key`` header exactly as ``POST /v1/jobs`` does: per
+tenant, the same key with the same body (compared after decoding, so key order, spacing and defaults
+left out do not matter) answers the first answer (201, the deployment as it was first returned, plus
+``Idempotent-Replayed: true``) and creates nothing; with another body it is a 422 naming
+``Idempotency-Key``; a key outside 1..200 characters is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from aiohttp import web
 
 from controlplane import replicas
 from controlplane.deployments import DeploymentService
+from controlplane.errors import RequestError
 from controlplane.gateway.app import HUB, Routes, json_response, raw_body, require_tenant
+from controlplane.gateway.jobs import IDEMPOTENCY_KEY_MAX
 from controlplane.gateway.openapi import Op
 
 SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentService)
@@ -21,9 +29,15 @@ SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentSer
 
 async def create(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
+        raise RequestError(f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} characters", field="Idempotency-Key")
     spec = replicas.decode_spec(await raw_body(request))
-    view = request.app[SERVICE].create(tenant, spec)
-    return json_response(view, status=201, headers={"Location": f"/v1/deployments/{view['id']}"})
+    view, replayed = request.app[SERVICE].create(tenant, spec, idempotency_key=key)
+    headers = {"Location": f"/v1/deployments/{view['id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(view, status=201, headers=headers)
 
 
 async def list_all(request: web.Request) -> web.Response:
@@ -44,8 +58,9 @@ async def delete_one(request: web.Request) -> web.Response:
 
 
 OPERATIONS = [
-    Op("POST", "/v1/deployments", "Deploy a model: replicas in at least min_cities cities within budget of each origin",
-       body=replicas.DeploymentSpec, status=201, tags=("deployments",)),
+    Op("POST", "/v1/deployments", "Deploy a model: replicas in at least min_cities cities within budget of each origin "
+       "(Idempotency-Key honoured per tenant)", body=replicas.DeploymentSpec, status=201, tags=("deployments",),
+       params=(("Idempotency-Key", "header", "replays the first answer for the same body"),)),
     Op("GET", "/v1/deployments", "The tenant's deployments", tags=("deployments",)),
     Op("GET", "/v1/deployments/{id}", "One deployment: state, replicas, coverage, uncovered origins and why",
        tags=("deployments",)),

@@ -1,4 +1,5 @@
-"""Deployments and their replicas in SQLite (tables ``deployments``, ``replicas``; migration 0020).
+"""Deployments and their replicas in SQLite (tables ``deployments``, ``replicas``; migration 0020;
+``deployment_idempotency``, migration 0022).
 
 Promises:
 
@@ -8,12 +9,20 @@ Promises:
   replicas keep holding cards until the hub unloads them and marks them ``removed``.
 - Tenancy: ``get``/``delete`` with ``tenant=`` see only that tenant's rows, so another tenant's
   deployment is indistinguishable from a missing one (a 404).
+- Idempotency keys are per tenant (as the jobs' are): the same key with the same body hash finds the
+  deployment created first (``create_or_replay`` returns it with a :class:`Replay`); with another body
+  it is an ``Unprocessable`` (422) naming ``Idempotency-Key``. Check and insert happen in one
+  ``BEGIN IMMEDIATE`` transaction, so a key never exists without its deployment nor a keyed
+  deployment without its key, and two gateways racing on one key create one deployment. The first
+  answer is stored afterwards (``record_answer``), once the service has planned and rendered it.
 - Fractional cards: ``allocated_cards_by_site`` sums ``cards`` (REAL) of replicas that hold cards
   (``placed``, ``loading``, ``ready``) per site and accelerator; ``lost`` and ``removed`` hold none.
 
 Public API::
 
     create(db, deployment_id=, tenant=, model=, spec=, now=) -> Deployment     # Conflict if id taken
+    create_or_replay(db, ..., idem_key=, body_hash=) -> (Deployment, Replay | None)
+    record_answer(db, tenant=, idem_key=, response=) -> bool
     get(db, id, tenant=None, include_deleted=False) -> Deployment | None
     list_for_tenant(db, tenant, include_deleted=False) / list_active(db) -> [Deployment]
     set_state(db, id, state, report=None, now=) -> bool
@@ -36,7 +45,7 @@ import msgspec
 import sqlite_utils
 
 from controlplane import replicas as replicas_core
-from controlplane.errors import Conflict
+from controlplane.errors import Conflict, Unprocessable
 from controlplane.store.db import transaction
 
 DEPLOYMENT_STATES = ("pending", "ready", "degraded", "deleted")
@@ -57,6 +66,15 @@ class Deployment(msgspec.Struct, kw_only=True):
     created_at: float
     updated_at: float
     deleted_at: float | None = None
+
+
+class Replay(msgspec.Struct, kw_only=True):
+    """An earlier request of the tenant with the same ``Idempotency-Key`` and body."""
+
+    deployment_id: str
+    response: dict[str, Any] | None
+    """The first answer as :func:`record_answer` stored it; None if it never was (the process stopped,
+    or planning failed, between the commit and the answer)."""
 
 
 class Replica(msgspec.Struct, kw_only=True):
@@ -94,18 +112,77 @@ def create(
     Raises:
         Conflict: a deployment with this id exists (deleted ones too: ids are never reused).
     """
-    spec_json = msgspec.json.encode(spec)
+    dep, _ = create_or_replay(db, deployment_id=deployment_id, tenant=tenant, model=model, spec=spec, now=now,
+                              idem_key=None, body_hash="")
+    return dep
+
+
+def create_or_replay(
+    db: sqlite_utils.Database,
+    *,
+    deployment_id: str,
+    tenant: str,
+    model: str,
+    spec: object,
+    now: float,
+    idem_key: str | None,
+    body_hash: str,
+) -> tuple[Deployment, Replay | None]:
+    """Record a new deployment (and its idempotency key), or find the one an earlier request made.
+
+    Args:
+        idem_key: the ``Idempotency-Key`` header, or None for a request without one (always creates).
+        body_hash: hash of the decoded body (the caller chooses it; equal bodies, equal hash).
+
+    Returns:
+        ``(deployment, None)`` when created; ``(deployment, replay)`` when ``tenant`` already used
+        ``idem_key`` with this body: the deployment is the one first created (deleted ones too).
+
+    Raises:
+        Unprocessable: ``tenant`` used ``idem_key`` with another body (field ``Idempotency-Key``).
+        Conflict: a deployment with this id exists (deleted ones too: ids are never reused).
+    """
+    spec_json = msgspec.json.encode(spec).decode()
     try:
         with transaction(db):
+            if idem_key is not None:
+                hit = db.execute(
+                    "SELECT body_hash, deployment_id, response FROM deployment_idempotency WHERE tenant = ? AND key = ?",
+                    [tenant, idem_key],
+                ).fetchone()
+                if hit is not None:
+                    if hit[0] != body_hash:
+                        raise Unprocessable(
+                            "Idempotency-Key was already used with a different body", field="Idempotency-Key")
+                    first = get(db, hit[1], include_deleted=True)
+                    assert first is not None, "a key's deployment is never hard-deleted"
+                    answer = None if hit[2] is None else msgspec.json.decode(hit[2])
+                    return first, Replay(deployment_id=hit[1], response=answer)
             db.execute(
                 f"INSERT INTO deployments ({_COLS}) VALUES (?, ?, ?, ?, 'pending', '{{}}', ?, ?, NULL)",
-                [deployment_id, tenant, model, spec_json.decode(), now, now],
+                [deployment_id, tenant, model, spec_json, now, now],
             )
+            if idem_key is not None:
+                db.execute(
+                    "INSERT INTO deployment_idempotency (tenant, key, body_hash, deployment_id, response, created_at) "
+                    "VALUES (?, ?, ?, ?, NULL, ?)",
+                    [tenant, idem_key, body_hash, deployment_id, now],
+                )
     except sqlite3.IntegrityError:
         raise Conflict(f"deployment {deployment_id} already exists", field="id") from None
     dep = get(db, deployment_id)
     assert dep is not None
-    return dep
+    return dep, None
+
+
+def record_answer(db: sqlite_utils.Database, *, tenant: str, idem_key: str, response: object) -> bool:
+    """Store the first answer to ``idem_key`` (a replay answers it verbatim); False if one is stored already."""
+    with transaction(db):
+        cur = db.execute(
+            "UPDATE deployment_idempotency SET response = ? WHERE tenant = ? AND key = ? AND response IS NULL",
+            [msgspec.json.encode(response).decode(), tenant, idem_key],
+        )
+    return cur.rowcount == 1
 
 
 def get(

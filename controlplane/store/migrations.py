@@ -158,6 +158,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # Idempotency-Key of POST /v1/deployments (owner: deployments store). Apart from the jobs'
+        # ``idempotency`` table: a key names one deployment, and the answer is recorded after the
+        # first plan is rendered (NULL until then; see store/deployments.py).
+        "0022_deployment_idempotency",
+        """
+        CREATE TABLE deployment_idempotency (
+            tenant TEXT NOT NULL,
+            key TEXT NOT NULL,
+            body_hash TEXT NOT NULL,
+            deployment_id TEXT NOT NULL REFERENCES deployments (id),
+            response TEXT,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (tenant, key)
+        );
+        """,
+    ),
+    (
         # command outbox (owner: training service). Commands to sites are written in the same
         # transaction as the decision causing them and sent afterwards (controlplane/outbox.py).
         "0030_outbox",

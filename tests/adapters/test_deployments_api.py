@@ -154,6 +154,67 @@ async def test_bad_input_is_a_4xx_naming_the_field(rig: Rig, body: bytes, status
     assert ok == 201
 
 
+QWEN = {"model": "qwen", "origins": ["hangzhou"], "budget_ms": 10, "cards_per_replica": 0.25, "min_cities": 2}
+
+
+async def test_same_idempotency_key_and_body_replays_the_first_answer(rig: Rig) -> None:
+    key = {"Idempotency-Key": "deploy-qwen-1"}
+    s1, first, h1 = await rig.acme.call("POST", "/v1/deployments", QWEN, headers=key)
+    assert s1 == 201 and "Idempotent-Replayed" not in h1, first
+    assert {r["site"] for r in first["replicas"]} == {"hz-edge", "sh-edge"}
+    # Same body, keys in another order, other spacing, a default left out: the first answer.
+    reordered = b'{ "min_cities": 2, "cards_per_replica": 0.25, "origins": ["hangzhou"], "model": "qwen" }'
+    s2, second, h2 = await rig.acme.call("POST", "/v1/deployments", raw=reordered, headers=key)
+    assert (s2, second) == (s1, first) and h2["Idempotent-Replayed"] == "true"
+    assert h2["Location"] == f"/v1/deployments/{first['id']}"
+    _, listing, _ = await rig.acme.call("GET", "/v1/deployments")
+    assert [d["id"] for d in listing["data"]] == [first["id"]]
+    assert store.allocated_cards_by_site(rig.hub.db) == {"hz-edge": {"910B": 0.25}, "sh-edge": {"H20": 0.25}}
+    # Once the replicas are ready the replay is still the *first* answer, and still creates nothing.
+    await until_http(rig.acme, f"/v1/deployments/{first['id']}", lambda b: b["state"] == "ready", 10, "ready")
+    s3, third, h3 = await rig.acme.call("POST", "/v1/deployments", QWEN, headers=key)
+    assert (s3, third, h3["Idempotent-Replayed"]) == (201, first, "true")
+    assert [d.id for d in store.list_for_tenant(rig.hub.db, "acme")] == [first["id"]]
+    assert len(store.replicas_of(rig.hub.db, first["id"], include_removed=True)) == 2
+    loaded = [(s, m) for s, a in rig.agents.items() for m, _ in agent_models(a) if m == "qwen"]
+    assert sorted(loaded) == [("hz-edge", "qwen"), ("sh-edge", "qwen")]
+
+
+async def test_same_idempotency_key_with_another_body_is_a_422(rig: Rig) -> None:
+    key = {"Idempotency-Key": "deploy-qwen-1"}
+    s1, first, _ = await rig.acme.call("POST", "/v1/deployments", QWEN, headers=key)
+    assert s1 == 201, first
+    status, err, headers = await rig.acme.call("POST", "/v1/deployments", {**QWEN, "cards_per_replica": 0.5},
+                                               headers=key)
+    assert status == 422 and err["error"]["param"] == "Idempotency-Key", err
+    assert "Idempotency-Key" in err["error"]["message"] and "Idempotent-Replayed" not in headers
+    assert [d.id for d in store.list_for_tenant(rig.hub.db, "acme")] == [first["id"]]
+    assert store.allocated_cards_by_site(rig.hub.db) == {"hz-edge": {"910B": 0.25}, "sh-edge": {"H20": 0.25}}
+
+
+async def test_idempotency_keys_of_two_tenants_never_collide(rig: Rig) -> None:
+    key = {"Idempotency-Key": "deploy-qwen-1"}
+    s1, mine, _ = await rig.acme.call("POST", "/v1/deployments", QWEN, headers=key)
+    s2, theirs, h2 = await rig.globex.call("POST", "/v1/deployments", QWEN, headers=key)
+    assert (s1, s2) == (201, 201) and "Idempotent-Replayed" not in h2
+    assert mine["id"] != theirs["id"] and (mine["owned_by"], theirs["owned_by"]) == ("acme", "globex")
+    assert [d["id"] for d in (await rig.acme.call("GET", "/v1/deployments"))[1]["data"]] == [mine["id"]]
+    assert [d["id"] for d in (await rig.globex.call("GET", "/v1/deployments"))[1]["data"]] == [theirs["id"]]
+    # Each tenant's key still replays its own deployment.
+    _, again, h3 = await rig.globex.call("POST", "/v1/deployments", QWEN, headers=key)
+    assert again["id"] == theirs["id"] and h3["Idempotent-Replayed"] == "true"
+
+
+@pytest.mark.parametrize("key", ["", "k" * 201])
+async def test_an_idempotency_key_outside_1_to_200_characters_is_a_400_naming_it(rig: Rig, key: str) -> None:
+    status, err, _ = await rig.acme.call("POST", "/v1/deployments", QWEN, headers={"Idempotency-Key": key})
+    assert status == 400 and err["error"]["param"] == "Idempotency-Key", err
+    assert "Idempotency-Key" in err["error"]["message"]
+    assert store.list_for_tenant(rig.hub.db, "acme") == []
+    status, dep, _ = await rig.acme.call("POST", "/v1/deployments", QWEN, headers={"Idempotency-Key": "k" * 200})
+    assert status == 201, dep
+
+
 async def test_admin_key_is_not_a_tenant_here(rig: Rig) -> None:
     status, err, _ = await rig.admin.call("POST", "/v1/deployments", {"model": "m", "origins": ["hangzhou"]})
     assert status == 403 and err["error"]["code"] == "forbidden"

@@ -11,7 +11,7 @@ import pytest
 import sqlite_utils
 
 from controlplane import replicas
-from controlplane.errors import Conflict
+from controlplane.errors import Conflict, Unprocessable
 from controlplane.store import db as store_db
 from controlplane.store import deployments as deps
 from controlplane.store import usage as store_usage
@@ -75,6 +75,47 @@ def test_deployment_lifecycle_survives_reopen(db: sqlite_utils.Database, db_path
         assert soft is not None and (soft.state, soft.deleted_at) == ("deleted", 140.0)
         assert [d.id for d in deps.list_active(db)] == ["dep-1", "dep-3"]
         assert [d.id for d in deps.list_for_tenant(db, "acme", include_deleted=True)] == ["dep-1", "dep-2"]
+    finally:
+        db.conn.close()
+
+
+def test_idempotency_key_commits_with_its_deployment(db: sqlite_utils.Database, db_path: Path) -> None:
+    def post(dep_id: str, key: str, body_hash: str, tenant: str = "acme") -> tuple[deps.Deployment, deps.Replay | None]:
+        return deps.create_or_replay(db, deployment_id=dep_id, tenant=tenant, model="qwen2-7b", spec=SPEC, now=100.0,
+                                     idem_key=key, body_hash=body_hash)
+
+    assert post("dep-1", "k1", "h1")[1] is None
+    # Same key and body: the first deployment, its answer not recorded yet; nothing new is created.
+    again, replay = post("dep-2", "k1", "h1")
+    assert again.id == "dep-1" and replay == deps.Replay(deployment_id="dep-1", response=None)
+    assert deps.record_answer(db, tenant="acme", idem_key="k1", response={"id": "dep-1", "n": 1})
+    assert not deps.record_answer(db, tenant="acme", idem_key="k1", response={"id": "dep-1", "n": 2})
+    with pytest.raises(Unprocessable) as info:
+        post("dep-2", "k1", "h2")
+    assert info.value.status == 422 and info.value.field == "Idempotency-Key"
+    # Another tenant's key space is its own.
+    assert post("dep-3", "k1", "h2", tenant="beta")[1] is None
+    # A crash after the deployment's insert, before its key's: neither is left behind.
+    db.conn.create_function("crash", 0, lambda: 1 // 0)
+    db.conn.execute("CREATE TEMP TRIGGER crash_on_key BEFORE INSERT ON deployment_idempotency BEGIN SELECT crash(); END")
+    with pytest.raises(sqlite3.OperationalError):
+        post("dep-4", "k2", "h3")
+    assert deps.get(db, "dep-4", include_deleted=True) is None
+    db.conn.execute("DROP TRIGGER crash_on_key")
+    # A taken id leaves no key behind either: the key is then free for another body.
+    with pytest.raises(Conflict):
+        post("dep-1", "k2", "h3")
+    assert post("dep-5", "k2", "h4")[1] is None
+    assert deps.delete(db, "dep-1", tenant="acme", now=110.0)
+
+    db = reopen(db, db_path)
+    try:
+        first, replay = deps.create_or_replay(db, deployment_id="dep-6", tenant="acme", model="qwen2-7b", spec=SPEC,
+                                              now=120.0, idem_key="k1", body_hash="h1")
+        # The replay survives a restart, and the deletion of its deployment (it is the first answer).
+        assert (first.id, first.state) == ("dep-1", "deleted") and replay is not None
+        assert replay.response == {"id": "dep-1", "n": 1}
+        assert [d.id for d in deps.list_for_tenant(db, "acme", include_deleted=True)] == ["dep-1", "dep-5"]
     finally:
         db.conn.close()
 
