@@ -74,6 +74,19 @@ async def read_body(request: web.Request, type_: type[T]) -> T:
     return decode_body(await raw_body(request), type_)
 
 
+IDEMPOTENCY_KEY_MAX = 200
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The request's ``Idempotency-Key`` header, or None; a 400 naming it unless it is 1..200
+    printable ASCII characters (anything else could not be stored or compared reliably)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable()):
+        raise RequestError(f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} printable ASCII characters",
+                           field="Idempotency-Key")
+    return key
+
+
 def principal(request: web.Request) -> auth.Principal:
     p = request.get(PRINCIPAL)
     if p is None:

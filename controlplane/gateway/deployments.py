@@ -10,7 +10,7 @@ a missing one. Admin keys have no tenant and get a 403 here.
 tenant, the same key with the same body (compared after decoding, so key order, spacing and defaults
 left out do not matter) answers the first answer (201, the deployment as it was first returned, plus
 ``Idempotent-Replayed: true``) and creates nothing; with another body it is a 422 naming
-``Idempotency-Key``; a key outside 1..200 characters is a 400 naming it.
+``Idempotency-Key``; a key that is not 1..200 printable ASCII characters is a 400 naming it.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from aiohttp import web
 
 from controlplane import replicas
 from controlplane.deployments import DeploymentService
-from controlplane.errors import RequestError
-from controlplane.gateway.app import HUB, Routes, json_response, raw_body, require_tenant
-from controlplane.gateway.jobs import IDEMPOTENCY_KEY_MAX
+from controlplane.gateway.app import HUB, Routes, idempotency_key, json_response, raw_body, require_tenant
 from controlplane.gateway.openapi import Op
 
 SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentService)
@@ -29,9 +27,7 @@ SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentSer
 
 async def create(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
-        raise RequestError(f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} characters", field="Idempotency-Key")
+    key = idempotency_key(request)
     spec = replicas.decode_spec(await raw_body(request))
     view, replayed = request.app[SERVICE].create(tenant, spec, idempotency_key=key)
     headers = {"Location": f"/v1/deployments/{view['id']}"}

@@ -32,7 +32,7 @@ from aiohttp import web
 
 from controlplane import lifecycle
 from controlplane.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_tenant
+from controlplane.gateway.app import HUB, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
 from controlplane.store import jobs as store_jobs
 
@@ -44,8 +44,6 @@ Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Arg = Annotated[str, msgspec.Meta(max_length=4096)]
 
 MAX_PRIORITY = 9
-IDEMPOTENCY_KEY_MAX = 200
-
 
 class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/jobs``: a training job needing ``cards`` cards of one of ``accelerators`` in one pool."""
@@ -219,9 +217,7 @@ def _own_job(request: web.Request) -> store_jobs.JobRow:
 
 async def submit(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
-    key = request.headers.get("Idempotency-Key")
-    if key is not None and not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX:
-        raise RequestError(f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} characters", field="Idempotency-Key")
+    key = idempotency_key(request)
     body = await read_body(request, JobBody)
     now = time.time()
     spec = normalise(body, request, now)

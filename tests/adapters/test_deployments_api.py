@@ -205,8 +205,8 @@ async def test_idempotency_keys_of_two_tenants_never_collide(rig: Rig) -> None:
     assert again["id"] == theirs["id"] and h3["Idempotent-Replayed"] == "true"
 
 
-@pytest.mark.parametrize("key", ["", "k" * 201])
-async def test_an_idempotency_key_outside_1_to_200_characters_is_a_400_naming_it(rig: Rig, key: str) -> None:
+@pytest.mark.parametrize("key", ["", "k" * 201, "cl\u00e9", "tab\tkey"])
+async def test_an_idempotency_key_not_1_to_200_printable_ascii_is_a_400_naming_it(rig: Rig, key: str) -> None:
     status, err, _ = await rig.acme.call("POST", "/v1/deployments", QWEN, headers={"Idempotency-Key": key})
     assert status == 400 and err["error"]["param"] == "Idempotency-Key", err
     assert "Idempotency-Key" in err["error"]["message"]
