@@ -534,9 +534,10 @@ class DeploymentService:
                     log.info("event=deployment_state deployment=%s state=%s was=%s", dep.id, state, dep.state)
             for site in plan.remove:
                 self._send_unload(dep.id, dep.model, site, now)
+            accelerators = {r.site: r.accelerator for r in replicas} | {p.site: p.accelerator for p in plan.add}
             for site, st in existing.items():
                 if st == "placed":
-                    self._send_load(dep.id, spec, site, now)
+                    self._send_load(dep.id, spec, site, accelerators.get(site, ""), now)
             active_work = active_work or in_progress
 
         if only is None:
@@ -608,9 +609,9 @@ class DeploymentService:
 
     # ------------------------------------------------------------------ do
 
-    def _send_load(self, dep_id: str, spec: core.DeploymentSpec, site: str, now: float) -> None:
+    def _send_load(self, dep_id: str, spec: core.DeploymentSpec, site: str, accelerator: str, now: float) -> None:
         cmd = wire.LoadModel(model=spec.model, deployment=dep_id, cards=spec.cards_per_replica,
-                             slots=spec.slots_per_replica)
+                             slots=spec.slots_per_replica, accelerator=accelerator)
         self._send("load", dep_id, site, cmd, now)
 
     def _send_unload(self, dep_id: str, model: str, site: str, now: float) -> None:

@@ -390,14 +390,15 @@ class Agent:
             return wire.Ack(detail=f"already {existing.state}")
         if cmd.cards < 0 or cmd.slots < 1:
             return wire.ErrorReply(code="bad_message", message="LoadModel: cards must be >= 0 and slots >= 1")
-        if self._load(cmd.model, cmd.deployment, cmd.cards, cmd.slots) is None:
+        if self._load(cmd.model, cmd.deployment, cmd.cards, cmd.slots, cmd.accelerator or None) is None:
             free = self.inventory.free_cards()
-            return wire.ErrorReply(code="no_capacity",
-                                   message=f"{cmd.model} needs {cmd.cards:g} cards; free at {self.site}: {free}")
+            what = f"{cmd.cards:g} {cmd.accelerator} cards" if cmd.accelerator else f"{cmd.cards:g} cards"
+            return wire.ErrorReply(code="no_capacity", message=f"{cmd.model} needs {what}; free at {self.site}: {free}")
         return wire.Ack(detail="loading")
 
-    def _load(self, model: str, deployment: str, cards: float, slots: int) -> object | None:
-        replica = self.inventory.add_replica(model, deployment, cards, slots)
+    def _load(self, model: str, deployment: str, cards: float, slots: int,
+              accelerator: str | None = None) -> object | None:
+        replica = self.inventory.add_replica(model, deployment, cards, slots, accelerator)
         if replica is None:
             return None
         log(logging.INFO, "model_loading", site=self.site, model=model, deployment=deployment, cards=cards,

@@ -68,9 +68,14 @@ class Inventory:
 
     # ------------------------------------------------------------------ replicas
 
-    def add_replica(self, model: str, deployment: str, cards: float, slots: int) -> Replica | None:
-        """Reserve cards for a new replica (state ``loading``); None if no accelerator fits."""
-        accelerator = self.pick_accelerator(cards)
+    def add_replica(self, model: str, deployment: str, cards: float, slots: int,
+                    accelerator: str | None = None) -> Replica | None:
+        """Reserve cards for a new replica (state ``loading``) on ``accelerator``, or (None) on the
+        one with the most free cards; None if it does not fit."""
+        if accelerator is None:
+            accelerator = self.pick_accelerator(cards)
+        elif self.free_cards().get(accelerator, -1.0) + 1e-9 < cards:
+            return None
         if accelerator is None:
             return None
         replica = Replica(model=model, deployment=deployment, accelerator=accelerator, cards=cards, slots=slots)

@@ -320,6 +320,9 @@ class LoadModel(msgspec.Struct, tag="load_model", kw_only=True):
     deployment: str
     cards: float = 1.0
     slots: int = 4
+    accelerator: str = ""
+    """The accelerator type the hub planned the replica on ("": the agent picks the one with the
+    most free cards). A site without enough free cards of it answers ``no_capacity``."""
 
 
 class UnloadModel(msgspec.Struct, tag="unload_model", kw_only=True):

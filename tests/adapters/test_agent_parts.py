@@ -33,6 +33,13 @@ def test_inventory_slots_spread_and_refuse() -> None:
     Inventory.release_slot(a)
     assert inv.acquire_slot("m")[0] is a
     assert inv.add_replica("x", "d", 1.5, 1) is None  # 1 card left in all, split over two types
+    # The hub may name the accelerator: only that type's free cards count.
+    assert inv.add_replica("y", "d", 0.5, 1, accelerator="910B") is None  # d2 holds the only 910B
+    fresh = Inventory({"H20": 4, "910B": 1})
+    on = fresh.add_replica("y", "d", 0.5, 1, accelerator="910B")
+    assert on is not None and on.accelerator == "910B"
+    assert fresh.add_replica("z", "d", 1.0, 1, accelerator="910B") is None  # H20's room does not help
+    assert fresh.add_replica("z", "d", 1.0, 1, accelerator="A800") is None  # nor an unknown type
     assert not inv.reserve_attempt("j", "A800", 1)
     assert not inv.reserve_attempt("j", "H20", 2)
 

@@ -261,6 +261,31 @@ async def test_one_site_never_hosts_one_model_for_two_deployments(rig: Rig) -> N
     await until_http(rig.globex, f"/v1/deployments/{second['id']}", lambda b: b["state"] != "pending", 10, "settled")
 
 
+async def test_a_replica_goes_on_the_accelerator_the_hub_planned(tmp_path: Path, nats_server: NatsServer) -> None:
+    # A mixed site (more H20 free than 910B): a deployment that accepts only 910B must get 910B,
+    # not the type the agent would pick by itself.
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        key = hub.create_tenant("acme", default_origin="hangzhou")
+        cfg = agent_config("hz-edge", nats_server.url, tmp_path)
+        cfg = AgentConfig(**{**{f: getattr(cfg, f) for f in cfg.__struct_fields__}, "accelerators": {"H20": 4, "910B": 2}})
+        agent = Agent(cfg)
+        await agent.start()
+        try:
+            await until(lambda: (v := hub.registry.get("hz-edge")) is not None and v.heartbeats > 0, 10, "agent heard")
+            async with aiohttp.ClientSession() as session:
+                acme = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+                status, dep, _ = await acme.call("POST", "/v1/deployments", {
+                    "model": "ascend-llm", "origins": ["hangzhou"], "min_cities": 1, "accelerators": ["910B"],
+                    "cards_per_replica": 1.5})
+                assert status == 201 and [(r["site"], r["accelerator"]) for r in dep["replicas"]] == [("hz-edge", "910B")]
+                await until_http(acme, f"/v1/deployments/{dep['id']}", lambda b: b["state"] == "ready", 10, "ready")
+            [replica] = [r for r in agent.inventory.replicas.values() if r.model == "ascend-llm"]
+            assert (replica.accelerator, replica.cards) == ("910B", 1.5)
+            assert agent.inventory.free_cards() == {"H20": 4.0, "910B": 0.5}
+        finally:
+            await agent.stop()
+
+
 async def test_the_demo_deployment_is_created_once_and_survives_restarts(tmp_path: Path, nats_server: NatsServer) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
