@@ -32,8 +32,9 @@ Rule 5 (start-up grace): for one detection period after the hub starts, deployme
 the start are left alone (sites are still re-registering and would look unhealthy, so a plan would
 move every replica); deployments created since are planned and tracked as usual.
 Rule 6 (model access): a tenant may call the models of its own active deployments and models that
-sites offer themselves (deployment ``local`` or none); an admin key may call any model.  Replicas of
-one model serve every tenant allowed to call it (the router routes by model).
+sites offer themselves (deployment ``local`` or none); an admin key may call any model. A tenant's
+requests are served only by replicas of its own deployments or sites' own ones: two tenants who
+deploy the same model name never use each other's replicas (``serving_scope``).
 Rule 7 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
 and creates nothing; with another spec it is a 422. The key is committed with the deployment in one
 transaction; the answer is recorded once rendered.
@@ -191,6 +192,9 @@ class DeploymentService:
         """(deployment, site) -> the site's heartbeat count when the replica was last known there."""
         self._cooldown: dict[tuple[str, str], float] = {}
         self._tenant_models: dict[str, Counter[str]] = {}
+        self._tenant_deps: dict[tuple[str, str], set[str]] = {}
+        """(tenant, model) -> the ids of the tenant's active deployments of the model"""
+        self._scopes: dict[tuple[str, str], frozenset[str]] = {}
         self._foreign: dict[str, bool] = {}
         """Deployment ids seen in heartbeats -> True if the store knows them (deleted ones)."""
         self._local: tuple[int, frozenset[str]] = (-1, frozenset())
@@ -213,8 +217,10 @@ class DeploymentService:
         """Load the model-access table from the store and start the reconcile loop."""
         hub = self.hub
         self._tenant_models.clear()
+        self._tenant_deps.clear()
+        self._scopes.clear()
         for dep in store.list_active(hub.db):
-            self._tenant_models.setdefault(dep.tenant, Counter())[dep.model] += 1
+            self._own(dep.tenant, dep.model, dep.id, True)
         self._grace_until = time.time() + hub.registry.detection_s
         self._task = asyncio.create_task(self._loop(), name="deployments-reconcile")
 
@@ -311,7 +317,7 @@ class DeploymentService:
         if replay is not None:
             log.info("event=deployment_replayed deployment=%s tenant=%s", dep.id, tenant)
             return (replay.response if replay.response is not None else self._render(dep)), True
-        self._tenant_models.setdefault(tenant, Counter())[spec.model] += 1
+        self._own(tenant, spec.model, dep.id, True)
         if time.time() < self._grace_until:
             self._fresh.add(dep.id)
         log.info("event=deployment_created deployment=%s tenant=%s model=%s", dep.id, tenant, spec.model)
@@ -339,11 +345,7 @@ class DeploymentService:
         dep = store.get(db, deployment_id, tenant=tenant)
         if dep is None or not store.delete(db, deployment_id, tenant=tenant, now=time.time()):
             raise NotFound(f"deployment {deployment_id!r} not found", field="id")
-        counts = self._tenant_models.get(dep.tenant)
-        if counts is not None:
-            counts[dep.model] -= 1
-            if counts[dep.model] <= 0:
-                del counts[dep.model]
+        self._own(dep.tenant, dep.model, dep.id, False)
         now = time.time()
         for rep in store.replicas_of(db, dep.id):
             store.set_replica_state(db, dep.id, rep.site, "removed", now=now)
@@ -377,10 +379,36 @@ class DeploymentService:
         own = set(self._tenant_models.get(tenant, ()))
         return sorted(own | self._local_models())
 
-    def check_model_access(self, tenant: str, model: str) -> None:
-        """Raise a 404 ``model_not_found`` unless ``tenant`` may call ``model`` (Rule 6)."""
+    def _own(self, tenant: str, model: str, dep_id: str, add: bool) -> None:
+        """Record that ``tenant``'s deployment ``dep_id`` of ``model`` became active (or went away)."""
+        counts = self._tenant_models.setdefault(tenant, Counter())
+        deps = self._tenant_deps.setdefault((tenant, model), set())
+        if add:
+            if dep_id not in deps:
+                deps.add(dep_id)
+                counts[model] += 1
+        elif dep_id in deps:
+            deps.discard(dep_id)
+            counts[model] -= 1
+            if counts[model] <= 0:
+                del counts[model]
+        self._scopes.pop((tenant, model), None)
+
+    def serving_scope(self, tenant: str, model: str) -> frozenset[str] | None:
+        """The deployments whose replicas may serve ``tenant``'s requests for ``model`` (Rule 6):
+        its own and the sites' own; None (any replica) for an admin key."""
+        if not tenant:
+            return None
+        scope = self._scopes.get((tenant, model))
+        if scope is None:
+            scope = self._scopes[(tenant, model)] = frozenset(self._tenant_deps.get((tenant, model), ())) | LOCAL_DEPLOYMENTS
+        return scope
+
+    def check_model_access(self, tenant: str, model: str) -> frozenset[str] | None:
+        """Raise a 404 ``model_not_found`` unless ``tenant`` may call ``model``; else return the
+        deployments that may serve it (:meth:`serving_scope`)."""
         if not tenant or model in self._tenant_models.get(tenant, ()) or model in self._local_models():
-            return
+            return self.serving_scope(tenant, model)
         raise RequestError(
             f"model {model!r} not found: it is not deployed for this tenant (POST /v1/deployments)",
             field="model", status=404, code="model_not_found",

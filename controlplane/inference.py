@@ -52,7 +52,8 @@ class InferenceService:
     def __repr__(self) -> str:
         return f"<InferenceService served={self.served} failovers={self.failovers}>"
 
-    def decide(self, origin: str, model: str, budget_ms: float, policy: str) -> router.Route:
+    def decide(self, origin: str, model: str, budget_ms: float, policy: str,
+               deployments: frozenset[str] | None = None) -> router.Route:
         """Route decision or NoCapacity (503) with the router's reason."""
         hub = self.hub
         if hub.rtt is None or origin not in hub.origin_ids:
@@ -60,7 +61,7 @@ class InferenceService:
         if model not in hub.known_models():
             raise RequestError(f"model {model!r} is not served by any site", field="model", status=404, code="model_not_found")
         decision = hub.router.route(
-            router.RouteRequest(origin=origin, model=model, budget_ms=budget_ms, policy=policy),
+            router.RouteRequest(origin=origin, model=model, budget_ms=budget_ms, policy=policy, deployments=deployments),
             hub.registry.views,
             hub.registry.version,
             hub.rng,
@@ -71,10 +72,11 @@ class InferenceService:
         return decision
 
     async def complete(
-        self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str
+        self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
+        deployments: frozenset[str] | None = None,
     ) -> Served:
         """Serve a non-streaming request, failing over as needed."""
-        decision = self.decide(origin, req.model, budget_ms, policy)
+        decision = self.decide(origin, req.model, budget_ms, policy, deployments)
         served = Served(decision.site, decision.rtt_ms, decision.reason)
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
@@ -109,14 +111,15 @@ class InferenceService:
                 view.sent -= 1
 
     async def stream(
-        self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str
+        self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
+        deployments: frozenset[str] | None = None,
     ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
         """Open a streaming request: fail over until a site sends its first message, then commit.
 
         Returns the serving site and an iterator of the remaining messages (first one included).
         After the first chunk there is no failover: the tenant already has part of an answer.
         """
-        decision = self.decide(origin, req.model, budget_ms, policy)
+        decision = self.decide(origin, req.model, budget_ms, policy, deployments)
         served = Served(decision.site, decision.rtt_ms, decision.reason)
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:

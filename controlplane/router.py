@@ -44,6 +44,8 @@ class RouteRequest(msgspec.Struct, frozen=True):
     budget_ms: float = 10.0
     policy: str = "strict"
     """``strict``: nothing beyond the budget; ``nearest``: best effort beyond it, said in the reason."""
+    deployments: frozenset[str] | None = None
+    """Only replicas of these deployments may serve (a tenant's own and the sites' own); None: any."""
 
 
 @dataclass(slots=True)
@@ -76,7 +78,7 @@ class Router:
         self.slack = slack
         self.window = window
         self.max_fallbacks = max_fallbacks
-        self._cache: dict[tuple[str, str], list[tuple[str, float]]] = {}
+        self._cache: dict[tuple[str, str, frozenset[str] | None], list[tuple[str, float]]] = {}
         self._cache_version = -1
         self.decisions = 0
 
@@ -88,18 +90,19 @@ class Router:
         self._cache.clear()
 
     def _holders(
-        self, origin: str, model: str, sites: Mapping[str, SiteView], version: int
+        self, origin: str, model: str, deployments: frozenset[str] | None, sites: Mapping[str, SiteView], version: int
     ) -> list[tuple[str, float]]:
         if version != self._cache_version:
             self._cache.clear()
             self._cache_version = version
-        key = (origin, model)
+        key = (origin, model, deployments)
         lst = self._cache.get(key)
         if lst is None:
             lst = []
             for site, rtt_ms in self.rtt.ranked(origin):
                 view = sites.get(site)
-                if view is not None and model in view.replicas:
+                replica = view.replicas.get(model) if view is not None else None
+                if replica is not None and (deployments is None or replica.deployment in deployments):
                     lst.append((site, rtt_ms))
             self._cache[key] = lst
         return lst
@@ -116,8 +119,10 @@ class Router:
             rng: a seeded random source (``random.Random`` live, a seeded one in the simulator).
         """
         self.decisions += 1
-        holders = self._holders(req.origin, req.model, sites, version)
+        holders = self._holders(req.origin, req.model, req.deployments, sites, version)
         if not holders:
+            if req.deployments is not None:
+                return NoRoute(f"no site serves model {req.model!r} from a deployment this tenant may use")
             return NoRoute(f"no site serves model {req.model!r}")
         want = self.window + self.max_fallbacks
         cands: list[tuple[str, float]] = []

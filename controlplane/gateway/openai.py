@@ -44,20 +44,21 @@ async def _serve(
     budget_ms = resolve_budget(request, None)
     policy = resolve_policy(request, None)
     check = getattr(hub, "check_model_access", None)
-    if check is not None:
-        check(tenant, req.model)
+    scope = check(tenant, req.model) if check is not None else None
     rid = request[REQUEST_ID]
     request_id = rid if wire.is_valid_id(rid) else hub.request_ids.next()
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
     created = time.time()
     if not infer.stream:
-        served = await hub.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy)
+        served = await hub.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
+                                              deployments=scope)
         assert served.result is not None
         body = oa.chat_response(served.result, created=created, model=req.model) if kind == "chat" else \
             oa.completion_response(served.result, created=created, model=req.model)
         return web.Response(body=oa.encode(body), content_type="application/json", headers=route_headers(served, rid))
 
-    served, messages = await hub.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy)
+    served, messages = await hub.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
+                                                  deployments=scope)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
                        include_usage=oa.include_usage(req))
     response = web.StreamResponse(headers={

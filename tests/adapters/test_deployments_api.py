@@ -261,6 +261,28 @@ async def test_one_site_never_hosts_one_model_for_two_deployments(rig: Rig) -> N
     await until_http(rig.globex, f"/v1/deployments/{second['id']}", lambda b: b["state"] != "pending", 10, "settled")
 
 
+async def test_two_tenants_deploying_one_model_never_use_each_others_replicas(rig: Rig) -> None:
+    status, mine, _ = await rig.acme.call("POST", "/v1/deployments", {"model": "shared", "origins": ["hangzhou"]})
+    assert status == 201 and {r["site"] for r in mine["replicas"]} == {"hz-edge", "sh-edge"}
+    status, theirs, _ = await rig.globex.call("POST", "/v1/deployments", {"model": "shared", "origins": ["nanjing"],
+                                                                          "min_cities": 1})
+    assert status == 201 and [r["site"] for r in theirs["replicas"]] == ["nj-edge"]
+    for client, dep in ((rig.acme, mine), (rig.globex, theirs)):
+        await until_http(client, f"/v1/deployments/{dep['id']}", lambda b: b["state"] == "ready", 10, "ready")
+    # From Nanjing the nearest replica is globex's; acme is still served by its own.
+    for _ in range(10):
+        status, body, _ = await rig.acme.call("POST", "/v1/infer", {"model": "shared", "input": "hi"},
+                                              headers={"X-CPN-Origin": "nanjing"})
+        assert status == 200 and body["site"] in {"hz-edge", "sh-edge"}, body
+        status, body, _ = await rig.globex.call("POST", "/v1/infer", {"model": "shared", "input": "hi"},
+                                                headers={"X-CPN-Origin": "hangzhou"})
+        assert status == 200 and body["site"] == "nj-edge", body
+    # Once globex deletes its deployment it cannot call the model at all (acme's replicas are not its).
+    assert (await rig.globex.call("DELETE", f"/v1/deployments/{theirs['id']}"))[0] == 200
+    status, err, _ = await rig.globex.call("POST", "/v1/infer", {"model": "shared", "input": "hi"})
+    assert status == 404 and err["error"]["code"] == "model_not_found", err
+
+
 async def test_a_replica_goes_on_the_accelerator_the_hub_planned(tmp_path: Path, nats_server: NatsServer) -> None:
     # A mixed site (more H20 free than 910B): a deployment that accepts only 910B must get 910B,
     # not the type the agent would pick by itself.

@@ -103,3 +103,25 @@ def test_cache_follows_registry_version(version_changes: bool) -> None:
         assert isinstance(d, Route) and d.site == "mid"
     else:  # stale cache still lists 'near', but a site without a ready replica is never chosen
         assert isinstance(d, Route) and d.site == "mid"
+
+
+def test_only_the_allowed_deployments_serve_and_each_scope_is_cached_apart() -> None:
+    def owned(sid: str, deployment: str) -> SiteView:
+        v = site(sid)
+        v.replicas = {"m": wire.ReplicaStatus(model="m", deployment=deployment, state="ready", slots=4)}
+        return v
+
+    s = sites(near=owned("near", "dep-b"), mid=owned("mid", "dep-a"), far=owned("far", "local"),
+              vfar=owned("vfar", "dep-a"))
+    r = Router(Table(ROWS))
+    rng = random.Random(0)
+    tenant_a = frozenset({"dep-a", "local"})
+    got = r.route(RouteRequest("o", "m", 10, deployments=tenant_a), s, 0, rng)
+    assert isinstance(got, Route) and got.site == "mid" and {f[0] for f in got.fallbacks} <= {"far"}
+    # Tenant B's deployment sits nearest: never used for A, while B (and an admin, None) get it.
+    assert r.route(RouteRequest("o", "m", 10, deployments=frozenset({"dep-b"})), s, 0, rng).site == "near"  # type: ignore[union-attr]
+    assert r.route(RouteRequest("o", "m", 10), s, 0, rng).site == "near"  # type: ignore[union-attr]
+    assert all(r.route(RouteRequest("o", "m", 10, deployments=tenant_a), s, 0, rng).site != "near"  # type: ignore[union-attr]
+               for _ in range(50))
+    nothing = r.route(RouteRequest("o", "m", 10, deployments=frozenset({"dep-c"})), s, 0, rng)
+    assert isinstance(nothing, NoRoute) and "deployment this tenant may use" in nothing.reason
