@@ -35,6 +35,10 @@ Rule 6 (model access): a tenant may call the models of its own active deployment
 sites offer themselves (deployment ``local`` or none); an admin key may call any model. A tenant's
 requests are served only by replicas of its own deployments or sites' own ones: two tenants who
 deploy the same model name never use each other's replicas (``serving_scope``).
+Rule 8 (card quota, DESIGN §8): a tenant's ``quota_cards`` bounds the cards it holds in all: its
+deployments' replicas (placed, loading or ready) plus its training jobs placed or running. A plan
+adds only the replicas that fit; the rest of the deployment waits, and its report says why. The
+training scheduler sees the quota less the cards the tenant's deployments hold.
 Rule 7 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
 and creates nothing; with another spec it is a 422. The key is committed with the deployment in one
 transaction; the answer is recorded once rendered.
@@ -59,7 +63,9 @@ from controlplane import replicas as core
 from controlplane.errors import BusUnavailable, NotFound, PeerError, RequestError, SiteRefused
 from controlplane.registry import SiteView, Transition
 from controlplane.runtime import cancel_and_wait
+from controlplane import lifecycle
 from controlplane.store import deployments as store
+from controlplane.store import jobs as store_jobs
 from edge_agent import wire
 
 if TYPE_CHECKING:
@@ -503,6 +509,12 @@ class DeploymentService:
                     by_model.setdefault(d.model, set()).add((d.id, r.site))
         for k in [k for k, until in self._cooldown.items() if until <= now]:
             del self._cooldown[k]
+        held: dict[str, float] = {}  # cards each tenant's deployments hold (Rule 8)
+        for d in deps:
+            for r in reps[d.id]:
+                if r.state in store.HOLDING_STATES:
+                    held[d.tenant] = held.get(d.tenant, 0.0) + r.cards
+        training: dict[str, int] | None = None
 
         for dep in deps:
             if only is not None and dep.id != only:
@@ -521,8 +533,20 @@ class DeploymentService:
             shared -= mine
             cooling = {s for (d, s) in self._cooldown if d == dep.id} - mine
             blocked = shared | cooling
+            max_new, quota_note = None, ""
+            quota = (hub.tenant(dep.tenant) or {}).get("quota_cards")
+            if quota is not None:
+                if training is None:
+                    training = store_jobs.held_cards_by_tenant(db, (s.value for s in lifecycle.LIVE))
+                mine_cards, theirs = held.get(dep.tenant, 0.0), training.get(dep.tenant, 0)
+                left = float(quota) - mine_cards - theirs
+                max_new = max(0, int((left + 1e-9) // spec.cards_per_replica))
+                quota_note = (f"card quota: tenant {dep.tenant} holds {mine_cards + theirs:g} of {quota} cards "
+                              f"({mine_cards:g} in deployments, {theirs} in training); a replica needs "
+                              f"{spec.cards_per_replica:g}")
             plan = core.plan_replicas(spec, _without_capacity(cands, blocked), hub.rtt, existing, regions,
-                                      origin_weights=weights)
+                                      origin_weights=weights, max_new=max_new, quota_note=quota_note)
+            held[dep.tenant] = held.get(dep.tenant, 0.0) + len(plan.add) * spec.cards_per_replica
             self.counters["plans"] += 1
             if plan.add or plan.remove:
                 store.apply_plan(db, dep.id, plan, now=now)

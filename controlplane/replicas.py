@@ -207,6 +207,8 @@ def plan_replicas(
     origins_for_regions: Mapping[str, Sequence[str]] | None = None,
     *,
     origin_weights: Mapping[str, float] | None = None,
+    max_new: int | None = None,
+    quota_note: str = "",
 ) -> ReplicaPlan:
     """Decide where the replicas of one deployment go.
 
@@ -219,6 +221,8 @@ def plan_replicas(
             ``ready``, ``lost``, ``removed``).
         origins_for_regions: region id -> its origin ids (needed when ``spec.regions`` is used).
         origin_weights: demand weight per origin (default 1); weights scale the set-cover gain.
+        max_new: at most this many new replicas (the tenant's card quota); None: no cap. When the
+            cap stops the plan, ``quota_note`` (why) goes into ``plan.notes``.
 
     Returns:
         The plan. "Cannot cover" is data in ``plan.uncovered``, never an exception.
@@ -303,6 +307,14 @@ def plan_replicas(
         return (-gain, rtt_sum / gain, -cands[site].free_cards[pool[site]], site)
 
     add: list[Placement] = []
+    capped = False
+
+    def room() -> bool:
+        nonlocal capped
+        if max_new is not None and len(add) >= max_new:
+            capped = True
+            return False
+        return True
 
     def place(site: str) -> None:
         add.append(Placement(site, pool.pop(site), spec.cards_per_replica))
@@ -322,6 +334,8 @@ def plan_replicas(
         if fresh != top and heap and fresh > heap[0]:
             heapq.heappush(heap, fresh)  # stale: its gain fell, let the next best compete
             continue
+        if not room():
+            break
         place(top[3])
 
     # Rule 5: the replica floor.
@@ -332,12 +346,17 @@ def plan_replicas(
             return (-w, sum(w_of[o] * r for o, r in lst) / w, -cands[site].free_cards[pool[site]], site)
 
         for site in sorted(pool, key=floor_key)[: spec.replicas - len(live)]:
+            if not room():
+                break
             place(site)
         if len(live) < spec.replicas:
             notes.append(
                 f"replica floor {spec.replicas} not reached: {len(live)} placed; no further eligible "
                 f"site with {spec.cards_per_replica:g} free cards within {budget:g} ms of a served origin"
             )
+
+    if capped:
+        notes.append(quota_note or f"card quota: no more than {max_new} new replicas")
 
     # Rule 3: a draining replica goes once ready replicas elsewhere cover what it served.
     ready_live = {s for s in keep if existing.get(s) == "ready"}
@@ -366,6 +385,9 @@ def plan_replicas(
     for origin in origins:
         if origin in unknown:
             uncovered.append(Uncovered(origin, f"origin {origin}: not in the layout"))
+        elif capped and len(coverage[origin]) < targets[origin]:
+            uncovered.append(Uncovered(origin, f"origin {origin}: {len(coverage[origin])} of {targets[origin]} cities; "
+                                               f"{quota_note or 'card quota reached'}"))
         elif len(coverage[origin]) < spec.min_cities:
             uncovered.append(Uncovered(origin, _why_uncovered(spec, origin, reach[origin], coverage[origin], cands, rtt, blocked)))
 

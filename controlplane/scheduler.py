@@ -69,6 +69,8 @@ class Tenant(msgspec.Struct, frozen=True, kw_only=True):
     """Cards the tenant may hold at once (running + placed); None: no quota."""
     share: float = 1.0
     """Fair-share weight among tenants of equal priority."""
+    quota_note: str = ""
+    """Said after a quota wait (e.g. where part of the quota went)."""
 
 
 class Running(msgspec.Struct, frozen=True, kw_only=True):
@@ -315,8 +317,9 @@ class _Planner:
         if tenant is not None and tenant.quota_cards is not None:
             used = self.usage[job.tenant]
             if used + job.cards > tenant.quota_cards:
+                note = f" ({tenant.quota_note})" if tenant.quota_note else ""
                 plan.wait.append(Wait(job_id=job.id, reason=(
-                    f"quota: tenant {job.tenant} holds {used} of {tenant.quota_cards} cards, job needs {job.cards}")))
+                    f"quota: tenant {job.tenant} holds {used} of {tenant.quota_cards} cards, job needs {job.cards}{note}")))
                 return
         cards = job.cards
         max_free = self.max_free

@@ -43,6 +43,7 @@ from controlplane.errors import NotFound
 from controlplane.runtime import cancel_and_wait
 from controlplane.outbox import START, CommandOutbox
 from controlplane.registry import Transition
+from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store.db import transaction
@@ -298,11 +299,20 @@ class TrainingService:
         )
 
     def _tenants(self, ids: set[str]) -> dict[str, scheduler.Tenant]:
+        """The scheduler's view of tenants: a card quota less what their deployments hold."""
         out = {}
+        inference: dict[str, float] | None = None
         for tid in ids:
             row = self.hub.tenant(tid) or {}
             quota = row.get("quota_cards")
-            out[tid] = scheduler.Tenant(id=tid, quota_cards=int(quota) if quota is not None else None)
+            note = ""
+            if quota is not None:
+                if inference is None:
+                    inference = store_deployments.held_cards_by_tenant(self.hub.db)
+                if inference.get(tid):
+                    note = f"of its {quota}, deployments hold {inference[tid]:g}"
+                quota = max(0, math.floor(int(quota) - inference.get(tid, 0.0) + 1e-9))
+            out[tid] = scheduler.Tenant(id=tid, quota_cards=quota, quota_note=note)
         return out
 
     def _carry_out(self, plan: scheduler.Plan, rows: dict[str, store_jobs.JobRow], bad: list[tuple[str, str]],

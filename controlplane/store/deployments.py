@@ -322,6 +322,17 @@ def mark_site_lost(db: sqlite_utils.Database, site: str, *, now: float) -> list[
     return affected
 
 
+def held_cards_by_tenant(db: sqlite_utils.Database) -> dict[str, float]:
+    """Cards each tenant's active deployments hold (replicas placed, loading or ready)."""
+    marks = ", ".join("?" * len(HOLDING_STATES))
+    rows = db.execute(
+        f"SELECT d.tenant, SUM(r.cards) FROM replicas r JOIN deployments d ON d.id = r.deployment "
+        f"WHERE r.state IN ({marks}) AND d.state != 'deleted' GROUP BY d.tenant",
+        list(HOLDING_STATES),
+    ).fetchall()
+    return {tenant: float(cards) for tenant, cards in rows}
+
+
 def allocated_cards_by_site(db: sqlite_utils.Database) -> dict[str, dict[str, float]]:
     """Cards held by replicas, ``{site: {accelerator: cards}}`` (fractions summed exactly as REAL,
     rounded to 1e-9 so 0.1 + 0.2 reads as 0.3)."""

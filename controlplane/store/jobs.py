@@ -256,6 +256,14 @@ def list_jobs(db: sqlite_utils.Database, tenant: str, *, state: str | None = Non
     return [_job(r) for r in db.conn.execute(sql, args)]
 
 
+def held_cards_by_tenant(db: sqlite_utils.Database, states: Iterable[str]) -> dict[str, int]:
+    """Cards each tenant's jobs in ``states`` (the ones holding cards) need, summed."""
+    wanted = list(states)
+    marks = ", ".join("?" for _ in wanted)
+    sql = f"SELECT tenant, SUM(cards) FROM jobs WHERE state IN ({marks}) GROUP BY tenant"
+    return {tenant: int(cards) for tenant, cards in db.conn.execute(sql, wanted)}
+
+
 def jobs_in_states(db: sqlite_utils.Database, states: Iterable[str]) -> list[JobRow]:
     """Every job in one of ``states``, oldest first (the hub rebuilds its queue from these)."""
     wanted = list(states)

@@ -283,6 +283,43 @@ async def test_two_tenants_deploying_one_model_never_use_each_others_replicas(ri
     assert status == 404 and err["error"]["code"] == "model_not_found", err
 
 
+async def test_a_card_quota_bounds_replicas_and_training_together(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        key = hub.create_tenant("acme", default_origin="hangzhou", quota_cards=2)
+        agents = {s: Agent(agent_config(s, nats_server.url, tmp_path)) for s in SITES}
+        await asyncio.gather(*(a.start() for a in agents.values()))
+        try:
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.heartbeats > 0 for s in SITES), 10,
+                        "agents heard")
+            async with aiohttp.ClientSession() as session:
+                acme = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+                # Two replicas of 0.75 cards fit in 2 cards; the third model's replicas do not.
+                status, first, _ = await acme.call("POST", "/v1/deployments", {
+                    "model": "a", "origins": ["hangzhou"], "cards_per_replica": 0.75})
+                assert status == 201 and len(first["replicas"]) == 2
+                status, second, _ = await acme.call("POST", "/v1/deployments", {
+                    "model": "b", "origins": ["hangzhou"], "cards_per_replica": 0.75})
+                assert status == 201 and second["replicas"] == [] and second["state"] == "pending"
+                assert any("card quota: tenant acme holds 1.5 of 2 cards" in n for n in second["notes"]), second
+                assert all("card quota" in u["reason"] for u in second["uncovered"]), second
+                # Training sees what is left: 2 - 1.5 held by deployments = 0 whole cards.
+                job = {"name": "t", "cards": 1, "accelerators": ["H20", "910B", "L20"], "est_hours": 0.1}
+                status, sub, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 201, sub
+                for _ in range(100):
+                    _, view, _ = await acme.call("GET", f"/v1/jobs/{sub['id']}")
+                    if "quota" in view.get("reason", ""):
+                        break
+                    await asyncio.sleep(0.05)
+                assert view["state"] == "queued" and "deployments hold 1.5" in view["reason"], view
+                # Deleting the first deployment frees its cards: the second gets its replicas.
+                assert (await acme.call("DELETE", f"/v1/deployments/{first['id']}"))[0] == 200
+                await until_http(acme, f"/v1/deployments/{second['id']}", lambda b: len(b["replicas"]) == 2, 10,
+                                 "second deployment placed")
+        finally:
+            await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+
+
 async def test_a_replica_goes_on_the_accelerator_the_hub_planned(tmp_path: Path, nats_server: NatsServer) -> None:
     # A mixed site (more H20 free than 910B): a deployment that accepts only 910B must get 910B,
     # not the type the agent would pick by itself.

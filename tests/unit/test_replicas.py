@@ -393,3 +393,16 @@ def test_plan_properties(case: tuple[DeploymentSpec, list[Candidate], FakeRtt, d
                 continue
             accepted = s.accelerators if s.accelerators is not None else list(c.free_cards)
             assert all(c.free_cards.get(a, 0.0) + 1e-9 < s.cards_per_replica for a in accepted)
+
+
+def test_a_card_quota_caps_new_replicas_and_says_so() -> None:
+    assert len(plan_replicas(spec(), HZ_SITES, FakeRtt(HZ), {}).add) == 2
+    one = plan_replicas(spec(), HZ_SITES, FakeRtt(HZ), {}, max_new=1, quota_note="quota: acme holds 3 of 4 cards")
+    assert sites_added(one) == ["hz-edge"] and "quota: acme holds 3 of 4 cards" in one.notes
+    [why] = one.uncovered
+    assert why.origin == "hz" and "1 of 2 cities" in why.reason and "acme holds 3 of 4" in why.reason
+    none = plan_replicas(spec(), HZ_SITES, FakeRtt(HZ), {}, max_new=0)
+    assert none.add == [] and none.uncovered and any("quota" in n for n in none.notes)
+    # A floor of replicas is capped too.
+    floor = plan_replicas(spec(replicas=4), HZ_SITES, FakeRtt(HZ), {}, max_new=3)
+    assert len(floor.add) == 3
