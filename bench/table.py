@@ -44,17 +44,17 @@ def rows() -> list[tuple[str, str, str, str]]:
     if h:
         out.append((f"heartbeats, {h['sites']} sites at 1 Hz", f"{h['hub_cpu_pct']:.1f}% of one core on the hub ({h['received_per_s']:.0f} msgs/s applied)",
                     "≤ 25% of one core", f"{h['machine']}, {h['date']}"))
-    c = _load("chaos")
-    if c:
-        inv = c["invariants"]
-        det = c.get("site_loss_detection_s") or {}
-        red = c.get("redispatch_s") or {}
-        inf = c["inference"]
-        out.append((f"chaos, {len(c['faults'])} faults in {c['seconds']:.0f} s (`cpn chaos`)",
+    ch = _load("chaos")
+    if ch:
+        inv = ch["invariants"]
+        det = ch.get("site_loss_detection_s") or {}
+        red = ch.get("redispatch_s") or {}
+        inf = ch["inference"]
+        out.append((f"chaos, {len(ch['faults'])} faults in {ch['seconds']:.0f} s (`cpn chaos`)",
                     f"lost {inv['accepted_then_lost']}, duplicated {inv['duplicate_side_effects']}, stale accepted {inv['stale_results_accepted']}; "
                     f"site loss detected in {det.get('median', '?')} s median (max {det.get('max', '?')}); training re-dispatched "
                     f"{red.get('median', '?')} s median after detection; inference errors {inf['in_faults']['error_rate']:.2%} during faults",
-                    "0 / 0 / 0; detection ≤ 3 s after last heartbeat; restart ≤ 1 s", f"{c['machine']}, {c['date']}"))
+                    "0 / 0 / 0; detection ≤ 3 s after last heartbeat; restart ≤ 1 s", f"{ch['machine']}, {ch['date']}"))
     sim = _load("sim")
     if sim:
         out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))

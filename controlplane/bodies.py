@@ -85,7 +85,7 @@ def decode(body: bytes, decoder: msgspec.json.Decoder[T] | type[T]) -> T:
             cached = _DECODERS[decoder] = msgspec.json.Decoder(decoder)
         decoder = cached
     try:
-        return decoder.decode(body)  # type: ignore[no-any-return]
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         message, field = error_parts(exc)
         if "cpn-internal" in message:

@@ -153,10 +153,10 @@ class HubBus:
                 self.nc = await nats.connect(
                     servers=servers,
                     name=self.name,
-                    ping_interval=self.ping_interval_s,  # type: ignore[arg-type]
+                    ping_interval=self.ping_interval_s,
                     max_outstanding_pings=2,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                    reconnect_time_wait=0.5,
                     connect_timeout=2,
                     allow_reconnect=True,
                     inbox_prefix=wire.HUB_INBOX_PREFIX,

@@ -176,7 +176,7 @@ class Rig:
         user, password = self.identities.site_credentials[site_id]
         models = [ModelConfig(name=MODEL, cards=0.5, slots=16)] if site.tier == "edge" else []
         agent = Agent(AgentConfig(
-            site=site.id, nats=self.proxies[site.id].url, user=user, password=password, tier=site.tier,  # type: ignore[arg-type]
+            site=site.id, nats=self.proxies[site.id].url, user=user, password=password, tier=site.tier,
             city=site.city, provider=site.provider, region=site.region, accelerators=dict(site.accelerators),
             data_dir=str(self.root / "agents" / site.id), models=models,
             backend=BackendConfig(sim=SimBackendConfig(ttft_ms=2, per_token_ms=1, slots=16)),

@@ -587,8 +587,8 @@ class DeploymentService:
             for site in plan.remove:
                 self._send_unload(dep.id, dep.model, site, now)
             accelerators = {r.site: r.accelerator for r in replicas} | {p.site: p.accelerator for p in plan.add}
-            for site, st in existing.items():
-                if st == "placed":
+            for site, rstate in existing.items():
+                if rstate == "placed":
                     self._send_load(dep.id, spec, site, accelerators.get(site, ""), now)
             active_work = active_work or in_progress
 
@@ -596,8 +596,8 @@ class DeploymentService:
             self._unload_orphans(deps, reps, now)
             self._active_work = active_work or bool(self._sends)
             cutoff = now - 60.0
-            for k in [k for k, t in self._last_sent.items() if t < cutoff]:
-                del self._last_sent[k]
+            for sent in [k for k, t in self._last_sent.items() if t < cutoff]:
+                del self._last_sent[sent]
             ids = {d.id for d in deps}
             for key in [key for key in self._accepted_hb if key[0] not in ids]:
                 del self._accepted_hb[key]

@@ -211,7 +211,8 @@ class CommandOutbox:
         return False
 
     def _backoff_s(self, tries: int) -> float:
-        return min(self.backoff_max_s, self.backoff_base_s * (2 ** min(tries, 16)))
+        factor: float = 2 ** min(tries, 16)  # typeshed types int ** int as Any (a negative power is a float)
+        return min(self.backoff_max_s, self.backoff_base_s * factor)
 
     async def _send(self, row: OutboxRow) -> bool:
         """Send one entry; False when the site is unreachable (stop sending to it for now)."""

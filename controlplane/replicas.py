@@ -413,8 +413,8 @@ def _why_uncovered(
         # The layout itself is short: say what is in reach and what the next city would cost.
         accel = "" if spec.accelerators is None else f" with {'/'.join(spec.accelerators)}"
         if cities:
-            sites = ", ".join(s for lst in cities.values() for s in lst)
-            head = f"origin {origin}: {_plural(len(cities), 'city')} within {budget:g} ms ({sites})"
+            listed = ", ".join(s for lst in cities.values() for s in lst)
+            head = f"origin {origin}: {_plural(len(cities), 'city')} within {budget:g} ms ({listed})"
         else:
             head = f"origin {origin}: no edge or regional site{accel} within {budget:g} ms"
         try:

@@ -262,10 +262,10 @@ class _Planner:
         self.usage: dict[str, int] = defaultdict(int)
         for r in snap.running:
             self.usage[r.tenant] += r.cards
-            e = self.entries.get((r.pool, r.accelerator))
-            if e is not None:
+            entry = self.entries.get((r.pool, r.accelerator))
+            if entry is not None:
                 end = now if r.stopping else (math.inf if r.expected_end_at is None else r.expected_end_at)
-                e.runs.append(_Run(r.job_id, r.priority, r.cards, end, r.stopping, r.preemptible))
+                entry.runs.append(_Run(r.job_id, r.priority, r.cards, end, r.stopping, r.preemptible))
         self.res: _Res | None = None
         self.tou_cache: dict[tuple[int, float, float], tuple[list[float], list[int]]] = {}
         self.static_cache: dict[tuple[object, ...], tuple[list[_Entry], list[str]]] = {}

@@ -235,7 +235,7 @@ def agent_config_for(site: topo_layout.Site, nats_url: str, data_dir: Path, cred
 
     user, password = creds or ("", "")
     return AgentConfig(
-        site=site.id, nats=nats_url, user=user, password=password, tier=site.tier,  # type: ignore[arg-type]
+        site=site.id, nats=nats_url, user=user, password=password, tier=site.tier,
         city=site.city, provider=site.provider, region=site.region, lat=site.lat, lon=site.lon, tee=site.tee,
         accelerators=dict(site.accelerators), heartbeat_s=1.0,
         data_dir=str(data_dir / "agents" / site.id),

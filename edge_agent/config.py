@@ -33,7 +33,7 @@ class _Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=T
     pass
 
 
-class BusConfig(_Config):
+class BusConfig(_Config, frozen=True):
     """NATS connection tuning. The defaults notice a dead server within ``ping_interval_s *
     (max_outstanding_pings + 1)`` = 3 s and reconnect forever."""
 
@@ -51,7 +51,7 @@ class BusConfig(_Config):
     event_backoff_max_s: Positive = 5.0
 
 
-class SimBackendConfig(_Config):
+class SimBackendConfig(_Config, frozen=True):
     ttft_ms: NonNegative = 30.0
     """Time to first token."""
     per_token_ms: NonNegative = 5.0
@@ -65,7 +65,7 @@ class SimBackendConfig(_Config):
     ``max_tokens`` words (finish_reason "length")."""
 
 
-class OpenAIHttpConfig(_Config):
+class OpenAIHttpConfig(_Config, frozen=True):
     url: str = ""
     """Base URL of the site-local OpenAI-compatible server, e.g. ``http://127.0.0.1:8000``."""
     api_key: str = ""
@@ -76,7 +76,7 @@ class OpenAIHttpConfig(_Config):
     load_time_s: NonNegative = 0.0
 
 
-class BackendConfig(_Config):
+class BackendConfig(_Config, frozen=True):
     kind: Literal["sim", "openai-http"] = "sim"
     request_timeout_s: Positive = 120.0
     """Longest a request may run when the hub gives no ``deadline_ms``."""
@@ -84,7 +84,7 @@ class BackendConfig(_Config):
     openai_http: OpenAIHttpConfig = msgspec.field(name="openai-http", default_factory=OpenAIHttpConfig)
 
 
-class ModelConfig(_Config):
+class ModelConfig(_Config, frozen=True):
     """A model replica to load at start (deployment ``local``)."""
 
     name: str
@@ -93,7 +93,7 @@ class ModelConfig(_Config):
     """0: the backend's default."""
 
 
-class ProcessExecutorConfig(_Config):
+class ProcessExecutorConfig(_Config, frozen=True):
     work_dir: str = ""
     """Working directory of training commands; empty: ``<data_dir>/work``."""
     grace_s: NonNegative = 10.0
@@ -102,12 +102,12 @@ class ProcessExecutorConfig(_Config):
     """Last stderr lines carried in a ``user_error`` event's detail."""
 
 
-class ExecutorsConfig(_Config):
+class ExecutorsConfig(_Config, frozen=True):
     enabled: list[Literal["sim", "process"]] = msgspec.field(default_factory=lambda: ["sim", "process"])
     process: ProcessExecutorConfig = ProcessExecutorConfig()
 
 
-class AgentConfig(_Config):
+class AgentConfig(_Config, frozen=True):
     """One site's agent. See ``deploy/site.example.toml`` for every key with an example."""
 
     site: str

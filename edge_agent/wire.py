@@ -361,13 +361,13 @@ RegisterReply = Union[RegisterAck, ErrorReply]
 ENCODER = msgspec.json.Encoder()
 encode = ENCODER.encode
 
-agent_message_decoder = msgspec.json.Decoder(AgentMessage)
-event_decoder = msgspec.json.Decoder(AttemptEvent)
+agent_message_decoder: msgspec.json.Decoder[AgentMessage] = msgspec.json.Decoder(AgentMessage)
+event_decoder: msgspec.json.Decoder[AttemptEvent] = msgspec.json.Decoder(AttemptEvent)
 infer_request_decoder = msgspec.json.Decoder(InferRequest)
-infer_reply_decoder = msgspec.json.Decoder(InferReply)
-command_decoder = msgspec.json.Decoder(Command)
-command_reply_decoder = msgspec.json.Decoder(CommandReply)
-register_reply_decoder = msgspec.json.Decoder(RegisterReply)
+infer_reply_decoder: msgspec.json.Decoder[InferReply] = msgspec.json.Decoder(InferReply)
+command_decoder: msgspec.json.Decoder[Command] = msgspec.json.Decoder(Command)
+command_reply_decoder: msgspec.json.Decoder[CommandReply] = msgspec.json.Decoder(CommandReply)
+register_reply_decoder: msgspec.json.Decoder[RegisterReply] = msgspec.json.Decoder(RegisterReply)
 
 
 def error_reply(code: str, message: str, *, retryable: bool = False) -> bytes:

@@ -42,10 +42,8 @@ from .layout import (
 # Where entries start in the file: (section, index or key) -> line number (1-based).
 Lines = dict[tuple[str, Any], int]
 
-_STRUCT = dict(frozen=True, kw_only=True, forbid_unknown_fields=True)
 
-
-class _Head(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class _Head(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The top level of a layout file; sections are checked entry by entry afterwards."""
 
     name: str
@@ -66,7 +64,7 @@ class _Head(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     cidrs: dict[str, str] = {}
 
 
-class _SiteEntry(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class _SiteEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A ``[[sites]]`` entry after its tier's ``[defaults.<tier>]`` are merged in."""
 
     id: str
@@ -155,13 +153,13 @@ def from_dict(doc: dict[str, Any], filename: str = "<layout>", lines: Lines | No
     for name, table in head.tariffs.items():
         entry = f"tariffs.{name}"
         try:
-            tariff = msgspec.convert(table, Tariff)
+            named = msgspec.convert(table, Tariff)
         except msgspec.ValidationError as exc:
             err(("tariffs", name), entry, _msgspec_reason(exc))
             continue
-        for reason in tariff_problems(tariff):
+        for reason in tariff_problems(named):
             err(("tariffs", name), entry, reason)
-        tariffs[name] = tariff
+        tariffs[name] = named
 
     # ---- per-tier defaults
     defaults: dict[str, dict[str, Any]] = {}

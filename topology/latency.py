@@ -46,7 +46,7 @@ class RttIndex:
     def __init__(self, layout: Layout) -> None:
         """Use :meth:`build`."""
         self.layout = layout
-        self.graph: nx.Graph = nx.Graph()
+        self.graph: nx.Graph[str] = nx.Graph()
         self.sites: list[str] = []
         self.origins: list[str] = [o.id for o in layout.origins]
         self._sidx: dict[str, int] = {}
@@ -370,7 +370,7 @@ class RttIndex:
             dist[v] = _INF
         # Re-enter the affected region from its unaffected border and from access links.
         heap = []
-        access = {}
+        access: dict[int, float] = {}
         for i, w in self._access[oi]:
             if i in affected and i not in self._down_sites:
                 access[i] = min(w, access.get(i, _INF))

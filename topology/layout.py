@@ -40,8 +40,6 @@ Tier = Literal["hub", "regional", "edge"]
 # Shape rules for the generated backbone (Rule 2).
 REGIONAL_HUB_LINKS = 2
 
-_STRUCT = dict(frozen=True, kw_only=True, forbid_unknown_fields=True)
-
 
 class LayoutError(ValueError):
     """A layout that cannot be used. ``errors`` lists every problem as ``"FILE: ENTRY: REASON"``."""
@@ -77,7 +75,7 @@ def rtt_floor_ms(km: float) -> float:
 # --------------------------------------------------------------------------- schema
 
 
-class Tariff(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Tariff(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A time-of-use power tariff; hours are China local time (UTC+8)."""
 
     flat_cny_per_kwh: float
@@ -104,7 +102,7 @@ class Tariff(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
         return sum(self.price_at_hour(h) for h in range(24)) / 24.0
 
 
-class AcceleratorSpec(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class AcceleratorSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One accelerator type; ``units`` is compute normalised to A800 = 1.0."""
 
     name: str = ""  # filled from the table key when loaded from a file
@@ -115,7 +113,7 @@ class AcceleratorSpec(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     source: str = ""
 
 
-class Site(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Site(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A pool of accelerators: a ten-thousand-card hub, a regional pool or an edge inference pool."""
 
     id: str
@@ -141,7 +139,7 @@ class Site(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
         return sum(self.accelerators.values())
 
 
-class Origin(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Origin(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A demand origin (a city). ``attach`` names access sites explicitly; empty means automatic."""
 
     id: str
@@ -153,7 +151,7 @@ class Origin(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     attach: list[str] = []
 
 
-class Link(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
+class Link(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A backbone link between two sites.
 
     Its fibre length is ``fibre_km`` when measured, else great-circle km x the layout's route factor.
@@ -169,7 +167,7 @@ class Link(msgspec.Struct, **_STRUCT):  # type: ignore[call-arg]
     source: str = ""
 
 
-class Layout(msgspec.Struct, dict=True, **_STRUCT):  # type: ignore[call-arg]
+class Layout(msgspec.Struct, dict=True, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A whole network: sites, demand origins, accelerator types, backbone links, CIDR map."""
 
     name: str

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import pathlib
 
-from .coverage import CoverageReport
+from .coverage import BudgetTotals, CoverageReport
 from .layout import FIBRE_MS_PER_KM, EARTH_RADIUS_KM, Layout
 
 INSTALL_HINT = "matplotlib is needed for maps: pip install 'cpn[map]' (or: .venv/bin/pip install matplotlib)"
@@ -135,7 +135,7 @@ def render(layout: Layout, reports: list[CoverageReport], out: str | pathlib.Pat
     ax.set_xlabel("longitude (deg E)")
     ax.set_ylabel("latitude (deg N)")
 
-    totals = []
+    totals: list[tuple[float, BudgetTotals]] = []
     for report in reports:
         for t in report.totals:
             if t.budget_ms in (5.0, 10.0) and not any(t.budget_ms == x for x, _ in totals):

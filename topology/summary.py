@@ -37,7 +37,7 @@ def summarise(layout: Layout) -> dict[str, Any]:
         p = providers.setdefault(s.provider, {"sites": 0, "cards": 0})
         p["sites"] += 1
         p["cards"] += s.cards
-    sites = [
+    site_list = [
         {
             "id": s.id, "tier": s.tier, "city": s.city, "region": s.region, "provider": s.provider,
             "cards": s.cards, "accelerators": dict(s.accelerators), "pue": s.pue, "tee": s.tee,
@@ -60,7 +60,7 @@ def summarise(layout: Layout) -> dict[str, Any]:
         "tiers": tiers,
         "accelerators": accelerators,
         "providers": dict(sorted(providers.items())),
-        "site_list": sites,
+        "site_list": site_list,
         "illustrative": list(layout.illustrative),
     }
 

@@ -62,7 +62,7 @@ def document(n_sites: int = 3000, n_origins: int = 300, seed: int = 0) -> dict[s
     if n_sites < 1 or n_origins < 1:
         raise ValueError(f"need n_sites >= 1 and n_origins >= 1, got {n_sites} and {n_origins}")
     rng = SplitMix64(seed)
-    origins = []
+    origins: list[dict[str, Any]] = []
     for i in range(n_origins):
         u = rng.random()
         origins.append(

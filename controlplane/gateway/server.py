@@ -86,7 +86,7 @@ class _Guarded(asyncio.Protocol):
 
 
 class GatewayServer:
-    def __init__(self, runner: web.AppRunner, server: asyncio.AbstractServer, guard: _Guard) -> None:
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server, guard: _Guard) -> None:
         self.runner = runner
         self.server = server
         self.guard = guard

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypedDict
 
 from controlplane import placement
 from controlplane.sim import core_inference, core_training, core_workload
@@ -33,11 +33,29 @@ TIERS = ("hub", "regional", "edge")
 class Streams(Protocol):
     """Independent seeded random streams (``random.Random`` instances, made by the runner)."""
 
-    workload: Rng
-    jobs: Rng
-    faults: Rng
-    router: Rng
-    baseline: Rng
+    # Read-only members: the runner's dataclass holds ``random.Random``, which
+    # satisfies ``Rng``; a mutable ``Rng`` attribute would have to match it exactly.
+    @property
+    def workload(self) -> Rng: ...
+    @property
+    def jobs(self) -> Rng: ...
+    @property
+    def faults(self) -> Rng: ...
+    @property
+    def router(self) -> Rng: ...
+    @property
+    def baseline(self) -> Rng: ...
+
+
+class _SimArgs(TypedDict):
+    """The keyword arguments every ``TrainingSim`` of a run shares."""
+
+    start_s: float
+    tick_s: float
+    failure_scale: float
+    reserved_cards: Mapping[str, float]
+    lent: Sequence[str]
+    detection_s: float
 
 
 def r(x: float, nd: int = 4) -> float:
@@ -104,8 +122,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                 if lend.enabled and site.tier in lend.tiers and site.tier not in tr.tiers]
     train_sites = [site for site in lay.sites if site.tier in tr.tiers or site.id in lent_ids]
     reserved = dep.cards_by_site()
-    common = dict(start_s=start_s, tick_s=tr.tick_s, failure_scale=tr.failure_rate_scale, reserved_cards=reserved,
-                  lent=lent_ids, detection_s=det)
+    common = _SimArgs(start_s=start_s, tick_s=tr.tick_s, failure_scale=tr.failure_rate_scale, reserved_cards=reserved,
+                      lent=lent_ids, detection_s=det)
     sims = [core_training.TrainingSim("cpn", core_training.cpn_planner, lay, train_sites, draws, **common)]
     if tr.baselines and draws:
         hubs = {site.id for site in train_sites if site.tier == "hub"}
@@ -145,9 +163,9 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         push(start_s + at + dur, "back", (sid, log))
     if lent_ids:
         day0 = math.floor((start_s + 8 * 3600) / 86400.0) * 86400.0 - 8 * 3600
-        for d in range(int(s.hours // 24) + 2):
+        for day in range(int(s.hours // 24) + 2):
             for hour, open_ in ((lend.from_hour, True), (lend.until_hour, False)):
-                at = day0 + d * 86400.0 + hour * 3600.0
+                at = day0 + day * 86400.0 + hour * 3600.0
                 if start_s <= at <= end_s:
                     push(at, "lend", open_)
         lh = ((start_s + 8 * 3600) % 86400.0) / 3600.0

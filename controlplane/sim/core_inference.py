@@ -157,11 +157,11 @@ class InferenceSim:
         self.holders: list[list[tuple[int, int, float]]] = []  # (o, m): every holder, RTT order
         for o in lay.origins:
             ranked = rtt.ranked(o.id)
-            for mi, m in enumerate(self.models):
+            for mi, model in enumerate(self.models):
                 hold = [(idx[sid], idx[sid] * nm + mi, r) for sid, r in ranked if self.reps[idx[sid] * nm + mi] is not None]
                 self.holders.append(hold)
                 for b in self.budgets:
-                    self.reqs.append(RouteRequest(origin=o.id, model=m, budget_ms=b, policy=self.policy))
+                    self.reqs.append(RouteRequest(origin=o.id, model=model, budget_ms=b, policy=self.policy))
                     self.cands.append([c for c in hold if c[2] <= b])
 
     def __repr__(self) -> str:
@@ -172,7 +172,7 @@ class InferenceSim:
     def _pick_cpn(self, key: int) -> tuple[int, float]:
         d = self.router.route(self.reqs[key], self.views, self.version, self.router_rng)
         if d.__class__ is Route:
-            return self.idx[d.site], d.rtt_ms  # type: ignore[union-attr]
+            return self.idx[d.site], d.rtt_ms
         return -1, 0.0
 
     def _pick_baseline(self, p: int, key: int, okey: int) -> tuple[int, float]:

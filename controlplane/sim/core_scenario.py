@@ -33,7 +33,7 @@ class _Cfg(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     """Base of the scenario sections: frozen, keyword-only, unknown keys rejected."""
 
 
-class Model(_Cfg):
+class Model(_Cfg, frozen=True):
     """One inference model, deployed as one deployment covering every origin."""
 
     name: str
@@ -55,7 +55,7 @@ class Model(_Cfg):
     """Generated tokens per request: exponential with this mean, at least 1."""
 
 
-class Inference(_Cfg):
+class Inference(_Cfg, frozen=True):
     requests: NonNeg = 1_200_000
     """Expected requests over ``hours`` (a non-homogeneous Poisson process)."""
     profile: Profile = msgspec.field(default_factory=lambda: list(TIDAL_PROFILE))
@@ -69,18 +69,18 @@ class Inference(_Cfg):
     """Run the random and round-robin routers over the same request stream."""
 
 
-class SizeBin(_Cfg):
+class SizeBin(_Cfg, frozen=True):
     cards: Annotated[list[int], msgspec.Meta(min_length=2, max_length=2)]
     """[min, max] cards, drawn log-uniformly, rounded to a multiple of 8 above 8."""
     share: Pos
 
 
-class AccelChoice(_Cfg):
+class AccelChoice(_Cfg, frozen=True):
     accelerators: Annotated[list[str], msgspec.Meta(min_length=1)]
     share: Pos
 
 
-class Training(_Cfg):
+class Training(_Cfg, frozen=True):
     jobs: NonNeg = 2200
     """Expected job arrivals over ``hours``."""
     profile: Profile = msgspec.field(default_factory=lambda: list(FLAT_PROFILE))
@@ -113,7 +113,7 @@ class Training(_Cfg):
     baselines: bool = True
 
 
-class Outage(_Cfg):
+class Outage(_Cfg, frozen=True):
     at_hour: NonNeg
     """Hours after the start of the run."""
     sites: list[str] = []
@@ -123,7 +123,7 @@ class Outage(_Cfg):
     duration_h: Pos = 1.0
 
 
-class Faults(_Cfg):
+class Faults(_Cfg, frozen=True):
     outages: list[Outage] = []
     random_outages: NonNeg = 0.0
     """Expected extra outages of random sites over the run (site chosen uniformly)."""
@@ -133,7 +133,7 @@ class Faults(_Cfg):
     """Silence before the hub declares a site lost (heartbeat_s × miss_limit, DESIGN §10)."""
 
 
-class Lending(_Cfg):
+class Lending(_Cfg, frozen=True):
     """Tidal lending: idle inference cards join the training pools at night and are reclaimed."""
 
     enabled: bool = False
@@ -144,7 +144,7 @@ class Lending(_Cfg):
     """Local hour by which lent cards are back (jobs there are checkpointed and stopped)."""
 
 
-class Scenario(_Cfg):
+class Scenario(_Cfg, frozen=True):
     name: str
     description: str = ""
     hours: Pos = 24.0

@@ -133,6 +133,22 @@ def random_planner(rng: Rng) -> Planner:
 class _Attempt:
     __slots__ = ("number", "pool", "acc", "cards", "start", "setup_s", "move_s", "interval_s", "ckpt_s",
                  "work_s", "units", "end", "failing", "expected_w", "min_w", "after_failure")
+    number: int
+    pool: str
+    acc: str
+    cards: int
+    start: float
+    setup_s: float
+    move_s: float
+    interval_s: float
+    ckpt_s: float
+    work_s: float
+    units: float
+    end: float
+    failing: bool
+    expected_w: float
+    min_w: float
+    after_failure: bool
 
     def __init__(self) -> None:
         self.end = 0.0
@@ -498,7 +514,7 @@ def oracle_energy(jobs: Sequence[JobDraw], pools: Sequence[placement.Pool],
                   model: placement.CostModel = placement.DEFAULT_MODEL) -> dict[str, float]:
     """Lower bound per job: the cheapest energy over every pool that could ever hold it (all cards
     free, no queueing, no failures), with the best start window its deadline allows."""
-    cache: dict[int, list[float]] = {}
+    cache: dict[object, list[float]] = {}
     priced = {(p.id, a): placement.priced(p, a, cache) for p in pools for a in p.cards_total}
     out: dict[str, float] = {}
     for d in jobs:

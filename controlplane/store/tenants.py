@@ -11,6 +11,13 @@ from controlplane.errors import Conflict, NotFound
 from controlplane.store.db import transaction
 
 
+def _table(db: sqlite_utils.Database, name: str) -> sqlite_utils.db.Table:
+    # sqlite-utils types ``db[name]`` as ``Table | View``; these names are tables (migrations).
+    t = db[name]
+    assert isinstance(t, sqlite_utils.db.Table), f"{name} is not a table"
+    return t
+
+
 def create_tenant(
     db: sqlite_utils.Database,
     tenant_id: str,
@@ -35,13 +42,13 @@ def create_tenant(
     with transaction(db):
         if db.execute("SELECT 1 FROM tenants WHERE id = ?", [tenant_id]).fetchone():
             raise Conflict(f"tenant {tenant_id!r} already exists", field="id")
-        db["tenants"].insert(row)
+        _table(db, "tenants").insert(row)
     return row
 
 
 def get_tenant(db: sqlite_utils.Database, tenant_id: str) -> dict[str, Any]:
     try:
-        return dict(db["tenants"].get(tenant_id))
+        return dict(_table(db, "tenants").get(tenant_id))
     except sqlite_utils.db.NotFoundError:
         raise NotFound(f"tenant {tenant_id!r} not found") from None
 
@@ -54,7 +61,7 @@ def add_key(db: sqlite_utils.Database, key: str, *, role: str, tenant_id: str | 
     """Store the digest of ``key`` (never the key) for a tenant or an admin."""
     digest = auth.hash_key(key)
     with transaction(db):
-        db["api_keys"].insert(
+        _table(db, "api_keys").insert(
             {"key_hash": digest, "tenant_id": tenant_id, "role": role, "label": label, "created_at": now, "revoked_at": None}
         )
     return auth.Principal(role=role, tenant_id=tenant_id, key_hash=digest)
