@@ -129,11 +129,16 @@ _UPDATABLE = {
 }
 
 
+_JOB_NAMES = _JOB_COLS.split(", ")
+_JSON = msgspec.json.Decoder()
+"""Decodes the JSON columns (what ``json.loads`` gives, about 3x faster: every scheduler tick reads
+every active job)."""
+
+
 def _job(row: tuple[Any, ...]) -> JobRow:
-    names = _JOB_COLS.split(", ")
-    values = dict(zip(names, row))
-    values["spec"] = json.loads(values["spec"])
-    values["placement"] = json.loads(values["placement"]) if values["placement"] else None
+    values = dict(zip(_JOB_NAMES, row))
+    values["spec"] = _JSON.decode(values["spec"])
+    values["placement"] = _JSON.decode(values["placement"]) if values["placement"] else None
     return JobRow(**values)
 
 
