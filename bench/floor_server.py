@@ -12,6 +12,7 @@ import sys
 
 import nats
 from aiohttp import web
+from edge_agent.nats_barrier import barrier
 
 
 async def serve(url: str) -> None:
@@ -40,7 +41,7 @@ async def respond(url: str) -> None:
         await msg.respond(b'{"output":"ok"}')
 
     await nc.subscribe("floor.echo", cb=echo)
-    await nc.flush()
+    await barrier(nc)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

@@ -20,6 +20,7 @@ import msgspec
 from bench import common
 from controlplane.natsserver import NatsServer
 from topology import synth
+from edge_agent.nats_barrier import barrier
 
 PY = sys.executable
 
@@ -61,7 +62,7 @@ async def publisher(url: str, sites: list[str], seconds: float, hub_pid: int) ->
                 hb = wire.Heartbeat(site=s, seq=seq, free_cards={"H20": 7.0}, models=[wire.ReplicaStatus(model="m", slots=8, busy=seq % 3)])
                 await nc.publish(payloads[s], wire.encode(hb))
                 sent += 1
-            await nc.flush()
+            await barrier(nc)
             target = (seq - 1) + (k + 1) / slices
             delay = target - (time.perf_counter() - start)
             if delay > 0:

@@ -10,6 +10,7 @@ from pathlib import Path
 import nats
 
 from controlplane.natsserver import NatsServer
+from edge_agent.nats_barrier import barrier
 
 
 async def request_reply_latencies(url: str, n: int = 2000) -> list[float]:
@@ -21,7 +22,7 @@ async def request_reply_latencies(url: str, n: int = 2000) -> list[float]:
         await msg.respond(msg.data)
 
     await responder.subscribe("bench.echo", cb=echo)
-    await responder.flush()
+    await barrier(responder)
     payload = b"x" * 200
     for _ in range(200):
         await nc.request("bench.echo", payload, timeout=2)

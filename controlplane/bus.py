@@ -31,6 +31,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from controlplane.errors import BusUnavailable, SiteRefused, SiteUnreachable
 from controlplane.runtime import cancel_and_wait
 from edge_agent import wire
+from edge_agent.nats_barrier import barrier
 
 log = logging.getLogger("cpn.bus")
 
@@ -175,7 +176,7 @@ class HubBus:
         self._subs.append(await self.nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register, **limits))
         self._subs.append(await self.nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat, **limits))
         self._subs.append(await self.nc.subscribe(self._reply_prefix + "*", cb=self._on_reply, **limits))
-        await self.nc.flush()
+        await barrier(self.nc)  # subscriptions live before connect() returns (one flush() is not enough)
 
     async def close(self) -> None:
         self._closing = True

@@ -30,6 +30,7 @@ from edge_agent import wire
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BusError, NoResponders, NotConnected, RequestTimeout
 from edge_agent.logs import log
+from edge_agent.nats_barrier import barrier
 
 
 class Incoming(msgspec.Struct, frozen=True):
@@ -220,12 +221,7 @@ class AgentBus:
         """Wait until the server has processed everything sent so far (e.g. subscriptions)."""
         nc = self._client()
         try:
-            # Twice: nats-py writes a flush's PING straight to the socket, ahead of commands still
-            # in its pending buffer (e.g. a SUB made just before), so the first PONG does not prove
-            # the server has seen them. By the time it arrives the flusher has written them, so the
-            # second PING is behind them.
-            await nc.flush(timeout=timeout_s)  # type: ignore[arg-type]
-            await nc.flush(timeout=timeout_s)  # type: ignore[arg-type]
+            await barrier(nc, timeout_s)  # one flush() is not enough: see nats_barrier
         except nats.errors.Error as exc:
             raise NotConnected(f"site {self.site}: flush failed: {exc or type(exc).__name__}") from None
 

@@ -13,6 +13,7 @@ from nats.aio.msg import Msg
 
 from controlplane.natsserver import NatsServer
 from tests.support.faultproxy import FaultProxy
+from edge_agent.nats_barrier import barrier
 
 
 async def until(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -45,7 +46,7 @@ async def echo(server: NatsServer) -> AsyncIterator[Client]:
         await msg.respond(msg.data)
 
     await nc.subscribe("echo", cb=on_echo)
-    await nc.flush()
+    await barrier(nc)
     try:
         yield nc
     finally:

@@ -18,6 +18,7 @@ from controlplane.errors import SiteRefused, SiteUnreachable
 from controlplane.natsserver import NatsServer
 from edge_agent import wire
 from tests.support.hubrig import Client, hub_config, running_hub
+from edge_agent.nats_barrier import barrier
 
 
 async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[object, asyncio.Task[None]]:
@@ -141,7 +142,7 @@ async def test_malformed_nats_messages_are_counted_and_answered(rig) -> None:  #
     err = wire.register_reply_decoder.decode(reply.data)
     assert isinstance(err, wire.ErrorReply) and err.code == "bad_message"
     await nc.publish(wire.heartbeat_subject("hz-edge"), b'{"type":"hb"}')
-    await nc.flush()
+    await barrier(nc)
     await wait_for(lambda: hub.bus.stats.malformed >= 2)
     assert (await tenant.call("POST", "/v1/infer", {"model": "m", "input": "still"}))[0] == 200
 
@@ -159,7 +160,7 @@ async def test_site_requests_time_out_name_missing_sites_and_refuse_forged_repli
 
     await nc.subscribe(wire.infer_subject("quiet"), cb=silent)  # type: ignore[attr-defined]
     await nc.subscribe(wire.infer_subject("liar"), cb=impostor)  # type: ignore[attr-defined]
-    await nc.flush()  # type: ignore[attr-defined]
+    await barrier(nc)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     with pytest.raises(SiteUnreachable, match="quiet: no answer within 300 ms"):

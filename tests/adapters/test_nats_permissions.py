@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from controlplane import natsconf
 from controlplane.natsserver import NatsServer
 from edge_agent import wire
+from edge_agent.nats_barrier import barrier
 
 SITES = ["a", "b"]
 CHUNKS = 200
@@ -102,8 +103,7 @@ async def serve_streaming(site_nc: Client, site: str, chunks: int = CHUNKS) -> N
             request_id=req.request_id, site=site, model=req.model, output="t" * chunks)))
 
     await site_nc.subscribe(wire.infer_subject(site), cb=on_infer)
-    await site_nc.flush()
-    await site_nc.flush()
+    await barrier(site_nc)
 
 
 async def stream_from(hub_nc: Client, site: str, timeout_s: float = 5.0) -> tuple[int, bool]:
@@ -134,8 +134,7 @@ async def answer_registrations(hub_nc: Client) -> None:
         await msg.respond(wire.encode(wire.RegisterAck(hub="test")))
 
     await hub_nc.subscribe(wire.REGISTER_WILDCARD, cb=on_register)
-    await hub_nc.flush()
-    await hub_nc.flush()
+    await barrier(hub_nc)
 
 
 async def exercise_allowed_paths(hub_nc: Client, site_nc: Client, site: str) -> None:
@@ -153,9 +152,7 @@ async def exercise_allowed_paths(hub_nc: Client, site_nc: Client, site: str) -> 
     assert isinstance(ack, wire.RegisterAck)
     # Heartbeat reaches the hub.
     hb_sub = await hub_nc.subscribe(wire.heartbeat_subject(site))
-    # nats-py's flush() can send its PING ahead of a SUB still queued; a second flush is a barrier.
-    await hub_nc.flush()
-    await hub_nc.flush()
+    await barrier(hub_nc)
     await site_nc.publish(wire.heartbeat_subject(site), wire.encode(wire.Heartbeat(site=site, seq=1)))
     assert (await hb_sub.next_msg(timeout=3)).subject == wire.heartbeat_subject(site)
     await hb_sub.unsubscribe()
@@ -167,8 +164,7 @@ async def exercise_allowed_paths(hub_nc: Client, site_nc: Client, site: str) -> 
         await msg.respond(wire.encode(wire.Ack(detail="ok")))
 
     await site_nc.subscribe(wire.cmd_subject(site), cb=on_cmd)
-    await site_nc.flush()
-    await site_nc.flush()
+    await barrier(site_nc)
     reply = await hub_nc.request(wire.cmd_subject(site), wire.encode(wire.Drain(on=True)), timeout=3)
     assert isinstance(wire.command_reply_decoder.decode(reply.data), wire.Ack)
     # An attempt event into JetStream: a plain request with Nats-Msg-Id, PubAck to the site's inbox.
@@ -211,8 +207,8 @@ async def test_site_stays_inside_its_subjects_and_the_hub_counts_violations(
 
             await hub.subscribe("cpn.>", cb=hub_cb)
             await b.subscribe(wire.cmd_subject("b"), cb=b_cb)
-            await hub.flush()
-            await b.flush()
+            await barrier(hub)
+            await barrier(b)
             psub = await create_events_stream(hub)
             await answer_registrations(hub)
 
@@ -221,9 +217,9 @@ async def test_site_stays_inside_its_subjects_and_the_hub_counts_violations(
             await a.subscribe(wire.inbox_prefix("b") + ".>", cb=a_cb)
             await a.publish(wire.heartbeat_subject("b"), b"forged")
             await a.publish(wire.cmd_subject("b"), b"forged command")
-            await a.flush()
+            await barrier(a)
             await hub.publish(wire.cmd_subject("b"), wire.encode(wire.Drain()))
-            await hub.flush()
+            await barrier(hub)
 
             await until(lambda: counter.total >= 4, what="4 violations in the server log")
             await until(lambda: len(a_errors) >= 4, what="4 permission errors at site a")
@@ -281,7 +277,7 @@ async def test_site_behind_a_leaf_node_has_the_same_limits(tmp_path: Path, creds
                 seen_by_hub.append(msg.subject)
 
             await hub.subscribe("cpn.>", cb=hub_cb)
-            await hub.flush()
+            await barrier(hub)
             # The agent talks to its local server, without credentials of its own.
             async with connected(leaf_server.url, inbox_prefix=wire.inbox_prefix("a")) as a:
                 await until(lambda: "Leafnode connection created" in "\n".join(hub_server.tail()), what="leaf link")
@@ -291,14 +287,14 @@ async def test_site_behind_a_leaf_node_has_the_same_limits(tmp_path: Path, creds
                     seen_by_a.append(msg.subject)
 
                 await a.subscribe("cpn.>", cb=a_cb)  # allowed locally, filtered at the link
-                await a.flush()
+                await barrier(a)
                 await exercise_allowed_paths(hub, a, "a")  # includes 200 chunks over the leaf link
                 seen_by_a.clear()
                 await a.publish(wire.heartbeat_subject("b"), b"forged")
                 await a.publish(wire.heartbeat_subject("a"), b"mine")
-                await a.flush()
+                await barrier(a)
                 await hub.publish(wire.cmd_subject("b"), b"for b only")
-                await hub.flush()
+                await barrier(hub)
                 await until(lambda: seen_by_hub.count(wire.heartbeat_subject("a")) >= 2, what="a's own heartbeat")
                 assert wire.heartbeat_subject("b") not in seen_by_hub
                 assert wire.cmd_subject("b") not in seen_by_a

@@ -23,6 +23,7 @@ from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from edge_agent import wire
 from tests.support.hubrig import Client, hub_config, running_hub
+from edge_agent.nats_barrier import barrier
 
 JOB = {"name": "t", "cards": 2, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_interval_min": 10}
 
@@ -76,7 +77,7 @@ class RawSite:
             await msg.respond(wire.encode(self.answer(cmd)))
 
         self._sub = await self.nc.subscribe(wire.cmd_subject(self.site), cb=on_cmd)
-        await self.nc.flush()
+        await barrier(self.nc)
 
     async def publish_event(self, event: Any, site: str | None = None) -> None:
         """Publish an attempt event to JetStream as an agent does (on ``site``'s subject)."""

@@ -12,6 +12,7 @@ from controlplane import up
 from edge_agent import wire
 from tests.e2e.test_foundation import until
 from topology import loader
+from edge_agent.nats_barrier import barrier
 
 
 async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_counts_it(tmp_path: Path) -> None:
@@ -39,7 +40,7 @@ async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_cou
             # Publishing a heartbeat as sh-edge is refused; the hub never applies it.
             fake = wire.Heartbeat(site="sh-edge", seq=10**6, draining=True)
             await rogue.publish(wire.heartbeat_subject("sh-edge"), wire.encode(fake))
-            await rogue.flush()
+            await barrier(rogue)
             await until(lambda: hub.permission_violations >= 2, 5, "violations counted by the hub")
             assert not hub.registry.get("sh-edge").draining  # type: ignore[union-attr]
             assert seen == []
@@ -47,7 +48,7 @@ async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_cou
             # Aiming the hub's answer at another site's inbox is dropped and counted.
             await rogue.publish(wire.register_subject("hz-edge"), wire.encode(wire.Register(site="hz-edge")),
                                 reply=wire.inbox_prefix("sh-edge") + ".spoof")
-            await rogue.flush()
+            await barrier(rogue)
             await until(lambda: hub.bus.stats.by_kind.get("reply_spoof", 0) == 1, 5, "reply spoof dropped")
             # Its own subjects still work.
             ok = wire.Heartbeat(site="hz-edge", seq=10**6)

@@ -217,7 +217,7 @@ async def test_hub_restart_mid_run_loses_no_event_and_applies_each_once(tmp_path
 
     nc = await nats.connect(nats_server.url)
     await nc.subscribe(wire.EVENT_WILDCARD, cb=watch)
-    await nc.flush()
+    await barrier(nc)
     config = hub_config(tmp_path, nats_server.url, sim_time_scale=1200)
     agents = {s: Agent(agent_config(s, nats_server.url, tmp_path)) for s in SITES}
     try:
@@ -254,6 +254,7 @@ async def test_hub_restart_mid_run_loses_no_event_and_applies_each_once(tmp_path
 
 CHECKPOINTING_SCRIPT = """
 import os, pathlib
+from edge_agent.nats_barrier import barrier
 d = pathlib.Path(os.environ["CPN_CHECKPOINT_DIR"])
 assert os.environ["CPN_ATTEMPT"] == "1" and os.environ["CPN_RESUME_FROM"] == ""
 for i in (1, 2, 3):

@@ -20,6 +20,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from edge_agent import wire
+from edge_agent.nats_barrier import barrier
 
 T = TypeVar("T")
 
@@ -78,9 +79,7 @@ class FakeHub:
         )
         await self.nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register)
         await self.nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat)
-        # Twice: nats-py's flush PING can overtake a SUB still in its pending buffer.
-        await self.nc.flush()
-        await self.nc.flush()
+        await barrier(self.nc)
 
     async def _quiet(self, exc: Exception) -> None:  # reconnect noise during restarts
         pass
