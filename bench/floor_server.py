@@ -12,6 +12,7 @@ import sys
 
 import nats
 from aiohttp import web
+
 from edge_agent.nats_barrier import barrier
 
 

@@ -19,8 +19,8 @@ import msgspec
 
 from bench import common
 from controlplane.natsserver import NatsServer
-from topology import synth
 from edge_agent.nats_barrier import barrier
+from topology import synth
 
 PY = sys.executable
 

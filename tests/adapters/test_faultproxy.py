@@ -12,8 +12,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from controlplane.natsserver import NatsServer
-from tests.support.faultproxy import FaultProxy
 from edge_agent.nats_barrier import barrier
+from tests.support.faultproxy import FaultProxy
 
 
 async def until(cond: Callable[[], bool], timeout_s: float, what: str) -> float:

@@ -17,8 +17,8 @@ import pytest
 from controlplane.errors import SiteRefused, SiteUnreachable
 from controlplane.natsserver import NatsServer
 from edge_agent import wire
-from tests.support.hubrig import Client, hub_config, running_hub
 from edge_agent.nats_barrier import barrier
+from tests.support.hubrig import Client, hub_config, running_hub
 
 
 async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[object, asyncio.Task[None]]:

@@ -22,8 +22,8 @@ from controlplane.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from edge_agent import wire
-from tests.support.hubrig import Client, hub_config, running_hub
 from edge_agent.nats_barrier import barrier
+from tests.support.hubrig import Client, hub_config, running_hub
 
 JOB = {"name": "t", "cards": 2, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_interval_min": 10}
 

@@ -10,9 +10,9 @@ import nats
 
 from controlplane import up
 from edge_agent import wire
+from edge_agent.nats_barrier import barrier
 from tests.e2e.test_foundation import until
 from topology import loader
-from edge_agent.nats_barrier import barrier
 
 
 async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_counts_it(tmp_path: Path) -> None:

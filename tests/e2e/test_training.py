@@ -28,6 +28,7 @@ from controlplane.training import TrainingService, service_of
 from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BusConfig, ExecutorsConfig, ProcessExecutorConfig
+from edge_agent.nats_barrier import barrier
 from tests.support.faultproxy import FaultProxy
 from tests.support.hubrig import Client, hub_config, running_hub
 
@@ -254,7 +255,6 @@ async def test_hub_restart_mid_run_loses_no_event_and_applies_each_once(tmp_path
 
 CHECKPOINTING_SCRIPT = """
 import os, pathlib
-from edge_agent.nats_barrier import barrier
 d = pathlib.Path(os.environ["CPN_CHECKPOINT_DIR"])
 assert os.environ["CPN_ATTEMPT"] == "1" and os.environ["CPN_RESUME_FROM"] == ""
 for i in (1, 2, 3):
