@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 
 from controlplane.natsserver import NatsServer
@@ -107,3 +108,55 @@ async def test_unknown_origin_and_negative_budget_headers(served) -> None:  # ty
         assert resp.status == 400 and "atlantis" in (await resp.json())["error"]["message"]
     async with session.post(f"{base}/chat/completions", json=body, headers={**auth, "X-CPN-Budget-Ms": "-3"}) as resp:
         assert resp.status == 400 and (await resp.json())["error"]["param"] == "X-CPN-Budget-Ms"
+
+
+async def test_the_official_openai_client_works_unchanged(served) -> None:  # type: ignore[no-untyped-def]
+    """The `openai` package, as a tenant would use it: no cpn headers, only base_url and the key."""
+    _, _, _, base, auth = served
+    client = openai.AsyncOpenAI(base_url=base, api_key=auth["Authorization"].removeprefix("Bearer "), max_retries=0)
+    try:
+        chat = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+            temperature=0.0, seed=7, stop=["\n"], top_p=0.5, presence_penalty=0.1, frequency_penalty=0.1)
+        assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+        assert chat.choices[0].message.content and chat.choices[0].message.content.startswith("hz-edge:")
+        assert chat.choices[0].finish_reason == "length" and chat.usage is not None
+        assert chat.usage.completion_tokens == 3
+        assert chat.usage.total_tokens == chat.usage.prompt_tokens + 3
+
+        raw = await client.chat.completions.with_raw_response.create(
+            model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        assert raw.headers["X-CPN-Site"] == "hz-edge" and raw.headers["X-CPN-Route"] == "nearest"
+
+        stream = await client.chat.completions.create(
+            model="chat", messages=[{"role": "user", "content": "count"}], max_tokens=4, stream=True,
+            stream_options={"include_usage": True})
+        pieces, usage = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert "".join(pieces).startswith("hz-edge:") and usage is not None and usage.completion_tokens == 4
+
+        comp = await client.completions.create(model="chat", prompt="once upon", max_tokens=2)
+        assert comp.object == "text_completion" and comp.choices[0].text.startswith("hz-edge:")
+        text = ""
+        async for part in await client.completions.create(model="chat", prompt="x", max_tokens=2, stream=True):
+            text += part.choices[0].text if part.choices else ""
+        assert text.startswith("hz-edge:")
+
+        assert "chat" in [m.id async for m in client.models.list()]
+
+        # Errors arrive as the client's own exception types, with cpn's message.
+        with pytest.raises(openai.NotFoundError, match="nope"):
+            await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+        with pytest.raises(openai.BadRequestError) as bad:
+            await client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], n=3)
+        assert bad.value.param == "n" or "n" in str(bad.value)
+        wrong = openai.AsyncOpenAI(base_url=base, api_key="cpn_wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.models.list()
+        await wrong.close()
+    finally:
+        await client.close()
