@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
 import zlib
 from typing import TYPE_CHECKING, Any
@@ -382,6 +383,7 @@ class TrainingService:
             checkpoint_cost_s=float(spec.get("checkpoint_cost_s", DEFAULT_CHECKPOINT_COST_S)),
             restart_s=site.restart_s, failure_rate_per_card_hour=site.failure_rate_per_card_hour,
             time_scale=hub.config.sim_time_scale if executor == "sim" else 1.0, seed=seed, tenant=row.tenant,
+            event_key=secrets.token_urlsafe(16),  # kept with the command in the outbox: resends carry the same
         )
 
     def _reconcile(self, live: dict[str, store_jobs.JobRow], now: float) -> None:

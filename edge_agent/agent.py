@@ -300,8 +300,8 @@ class Agent:
 
     # ------------------------------------------------------------------ events
 
-    def _emit(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited) -> None:
-        entry = self.outbox.add(event)
+    def _emit(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited, msg_id: str = "") -> None:
+        entry = self.outbox.add(event, msg_id)
         self.counters["events"] += 1
         log(logging.INFO, "attempt_event", site=self.site, job=event.job, attempt=event.attempt, seq=event.seq,
             kind=type(event).__name__, msg_id=entry.msg_id)

@@ -1,7 +1,7 @@
 """Delivering attempt events from the outbox to the JetStream stream ``CPN_EVENTS``.
 
 Each event is sent as a plain NATS *request* on ``wire.event_subject(site)`` with the header
-``Nats-Msg-Id: job:attempt:seq``; the stream answers with its PubAck JSON (``{"stream": ...,
+``Nats-Msg-Id`` of :func:`wire.event_msg_id` (``job:attempt:seq:<keyed hash>``); the stream answers with its PubAck JSON (``{"stream": ...,
 "seq": N, "duplicate": true?}``), which is all ``js.publish`` does, without needing JetStream API
 permissions on the site's credentials.
 
@@ -55,7 +55,10 @@ class EventPublisher:
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
-        self.counters = {"published": 0, "duplicates": 0, "retries": 0}
+        self.counters = {"published": 0, "duplicates": 0, "retries": 0, "id_collisions": 0}
+        # Ids sent at least once and not yet acknowledged; recovered entries may have been sent by
+        # an earlier run. A duplicate PubAck for an id sent for the first time is a collision.
+        self._tried: set[str] = {e.msg_id for e in outbox}
         self.last_error = ""
         bus.on_reconnected(self.kick)
 
@@ -93,6 +96,8 @@ class EventPublisher:
             try:
                 if not self.bus.is_connected:
                     raise NotConnected("disconnected")
+                first_try = entry.msg_id not in self._tried
+                self._tried.add(entry.msg_id)
                 raw = await self.bus.request(entry.subject, entry.body, timeout_s=self.timeout_s,
                                              headers={MSG_ID_HEADER: entry.msg_id})
                 ack = _puback_decoder.decode(raw)
@@ -111,9 +116,16 @@ class EventPublisher:
                 backoff_s = min(backoff_s * 2, self.backoff_max_s)
                 continue
             self.outbox.ack(entry.msg_id)
+            self._tried.discard(entry.msg_id)
             self.counters["published"] += 1
             if ack.duplicate:
                 self.counters["duplicates"] += 1
+                if first_try:
+                    # JetStream held this id before we ever sent it: someone else published under it
+                    # (a forged id, or a hub that sent no event_key) and our event was dropped.
+                    self.counters["id_collisions"] += 1
+                    log(logging.ERROR, "event_id_collision", site=self.bus.site, msg_id=entry.msg_id,
+                        detail="JetStream already held this id: the hub may never see this event")
             if self.last_error:
                 log(logging.INFO, "event_publish_resumed", site=self.bus.site, msg_id=entry.msg_id)
             self.last_error = ""

@@ -99,10 +99,11 @@ class Outbox:
         os.replace(tmp, self.path)
         self._lines = len(self._entries)
 
-    def add(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited) -> Entry:
-        """Queue one event (durably, when journalled); returns its entry."""
+    def add(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited, msg_id: str = "") -> Entry:
+        """Queue one event (durably, when journalled) under ``msg_id`` (default: the unkeyed
+        :func:`wire.event_msg_id`); returns its entry."""
         entry = Entry(
-            msg_id=wire.event_msg_id(event.job, event.attempt, event.seq),
+            msg_id=msg_id or wire.event_msg_id(event.job, event.attempt, event.seq),
             subject=wire.event_subject(event.site),
             body=wire.encode(event),
         )

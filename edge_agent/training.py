@@ -105,7 +105,7 @@ class Training:
                 have = "none" if free is None else f"{free:g} free"
                 return wire.ErrorReply(code="no_capacity",
                                        message=f"needs {cmd.cards} {cmd.accelerator} cards, {self.site} has {have}")
-            sink = EventSink(self.site, cmd.job, cmd.attempt, self._publish)
+            sink = EventSink(self.site, cmd.job, cmd.attempt, self._publish, key=cmd.event_key)
             handle = await executor.start(cmd, sink, self._on_exit)
             if not handle.done:
                 self.attempts[cmd.job] = handle

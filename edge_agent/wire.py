@@ -16,6 +16,7 @@ This module imports nothing but the standard library and msgspec: a site install
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Literal, Union
 
@@ -105,9 +106,20 @@ def site_of(subject: str) -> str | None:
     return parts[3]
 
 
-def event_msg_id(job: str, attempt: int, seq: int) -> str:
-    """JetStream de-duplication id of one attempt event."""
-    return f"{job}:{attempt}:{seq}"
+def event_msg_id(job: str, attempt: int, seq: int, key: str = "") -> str:
+    """JetStream de-duplication id (``Nats-Msg-Id``) of one attempt event.
+
+    All sites' events share one stream, whose duplicate window is keyed by this id alone, and a
+    site may set any header it likes. With ids that anyone can work out, a site could publish junk
+    under the id another site's next event will carry, and JetStream would then drop the genuine
+    event as a duplicate. So the id ends in a keyed hash under ``key``, the attempt's secret that
+    the hub sends only to the attempt's site (``StartAttempt.event_key``, on the site's own command
+    subject). ``key=""`` (a hub that predates it) gives the plain ``job:attempt:seq``.
+    """
+    plain = f"{job}:{attempt}:{seq}"
+    if not key:
+        return plain
+    return plain + ":" + hashlib.blake2b(plain.encode(), key=key.encode()[:64], digest_size=12).hexdigest()
 
 
 # --------------------------------------------------------------------------- agent -> hub
@@ -306,6 +318,9 @@ class StartAttempt(msgspec.Struct, tag="start_attempt", kw_only=True):
     """Simulated seconds per wall second for the ``sim`` executor (demos run days in minutes)."""
     seed: int = 0
     tenant: str = ""
+    event_key: str = ""
+    """The attempt's secret for its events' JetStream ids (see :func:`event_msg_id`); the hub
+    picks a fresh one per attempt. Sent only on the site's own command subject."""
 
 
 class StopAttempt(msgspec.Struct, tag="stop_attempt", kw_only=True):

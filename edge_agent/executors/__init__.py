@@ -21,18 +21,21 @@ from typing import Protocol
 
 from edge_agent import wire
 
-Publish = Callable[[wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited], None]
+Event = wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited
+Publish = Callable[[Event, str], None]
+"""Hands one event and its JetStream message id to the outbox."""
 
 
 class EventSink:
     """Numbers and stamps one attempt's events and hands them to ``publish`` (the outbox)."""
 
     def __init__(self, site: str, job: str, attempt: int, publish: Publish,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, key: str = "") -> None:
         self.site = site
         self.job = job
         self.attempt = attempt
-        self._publish = publish
+        self._deliver = publish
+        self._key = key
         self._clock = clock
         self._seq = 0
         self.exited: wire.AttemptExited | None = None
@@ -40,6 +43,9 @@ class EventSink:
     def _next(self) -> int:
         self._seq += 1
         return self._seq
+
+    def _publish(self, event: Event) -> None:
+        self._deliver(event, wire.event_msg_id(event.job, event.attempt, event.seq, self._key))
 
     def started(self, resumed_from: str = "") -> None:
         self._publish(wire.AttemptStarted(job=self.job, attempt=self.attempt, seq=self._next(), site=self.site,

@@ -120,7 +120,7 @@ async def test_sim_attempt_resumes_from_progress_and_pays_restart_and_checkpoint
                             time_scale=1000)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    attempt = await SimExecutor().start(cmd, EventSink("s1", "j", 2, events.append), exited.append)
+    attempt = await SimExecutor().start(cmd, EventSink("s1", "j", 2, lambda event, _msg_id: events.append(event)), exited.append)
     done = await asyncio.wait_for(attempt.wait(), 5)
     wall_s = loop.time() - t0
     # 30 restart + 50 work + 2 checkpoints x 10 = 100 simulated s = 0.1 wall s at 1000x.

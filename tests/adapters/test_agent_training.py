@@ -83,6 +83,41 @@ async def test_duplicate_event_publish_is_deduplicated_by_msg_id(nats_server: Na
         assert [e.msg_id for e in await hub.stream_events()] == ["j:1:1"]
 
 
+async def test_another_publisher_cannot_pre_empt_an_attempts_event_ids(nats_server: NatsServer) -> None:
+    """All sites share one stream and de-duplication looks at Nats-Msg-Id alone, which any publisher
+    may set. Without an event key, junk published first under an attempt's predictable ids makes
+    JetStream drop the genuine events (and the agent raises the alarm); with the key the hub sends,
+    the ids cannot be worked out and every event is stored."""
+    fast = dict(cards=1, accelerator="H20", executor="sim", work_s=100, checkpoint_interval_s=50, time_scale=500)
+    async with FakeHub(nats_server.url) as hub:
+        await hub.create_stream()
+        rogue = await nats.connect(nats_server.url)
+        try:
+            for job in ("plain", "keyed"):
+                for seq in range(1, 6):  # a site publishing on its own subject, under ids it guessed
+                    junk = wire.encode(wire.AttemptStarted(job=job, attempt=1, seq=seq, site="rogue", at=1.0))
+                    await rogue.request(wire.event_subject("rogue"), junk, timeout=2,
+                                        headers={"Nats-Msg-Id": wire.event_msg_id(job, 1, seq)})
+        finally:
+            await rogue.close()
+        async with running(agent_config(nats_server.url)) as agent:
+            await asyncio.wait_for(agent.registered.wait(), 5)
+            assert isinstance(await hub.command("edge-a", wire.StartAttempt(job="plain", attempt=1, **fast)), wire.Ack)
+            await wait_for(lambda: agent.events.counters["id_collisions"] >= 3 and not agent.training.attempts, 10,
+                           "the agent noticing its events were taken")
+            assert not [e for e in await hub.stream_events() if e.subject == wire.event_subject("edge-a")]
+
+            key = "k3y-only-edge-a-knows"
+            start = wire.StartAttempt(job="keyed", attempt=1, event_key=key, **fast)
+            assert isinstance(await hub.command("edge-a", start), wire.Ack)
+            events = await hub.wait_events(lambda ev: _exited(ev, "keyed") is not None, what="the keyed attempt's exit")
+            mine = [e for e in events if e.subject == wire.event_subject("edge-a")]
+            assert _kinds(mine) == ["AttemptStarted", "Checkpointed", "AttemptExited"]
+            assert [e.msg_id for e in mine] == [wire.event_msg_id("keyed", 1, seq, key) for seq in (1, 2, 3)]
+            assert all(e.msg_id.startswith(f"keyed:1:{e.event.seq}:") for e in mine)
+            assert agent.events.counters["id_collisions"] == 3  # none more
+
+
 async def test_fail_now_is_an_infra_failure_and_higher_attempt_supersedes(nats_server: NatsServer) -> None:
     async with FakeHub(nats_server.url) as hub:
         await hub.create_stream()

@@ -182,6 +182,8 @@ async def test_a_refused_start_is_an_infrastructure_failure_and_the_job_is_place
         assert first.card_hours == 0.0  # it never ran
         assert refusals == 1 and [(type(c).__name__, c.attempt) for c in site.commands] == [
             ("StartAttempt", 1), ("StartAttempt", 2)]
+        keys = [c.event_key for c in site.commands]  # each attempt's events get ids no other site can guess
+        assert all(len(k) >= 16 for k in keys) and keys[0] != keys[1]
 
 
 async def test_a_site_that_died_while_the_hub_was_down_fails_its_attempts_after_a_grace_period(
