@@ -124,7 +124,7 @@ async def test_sim_attempt_resumes_from_progress_and_pays_restart_and_checkpoint
     done = await asyncio.wait_for(attempt.wait(), 5)
     wall_s = loop.time() - t0
     # 30 restart + 50 work + 2 checkpoints x 10 = 100 simulated s = 0.1 wall s at 1000x.
-    assert 0.09 <= wall_s < 1.0
+    assert 0.09 <= wall_s < 5.0  # 100 simulated s at 1000x, not 100 s
     assert [type(e).__name__ for e in events] == ["AttemptStarted", "Checkpointed", "Checkpointed", "AttemptExited"]
     assert isinstance(events[0], wire.AttemptStarted) and events[0].resumed_from == "ck-1"
     assert [e.progress for e in events if isinstance(e, wire.Checkpointed)] == [0.7, 0.9]
