@@ -53,8 +53,10 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append((f"chaos, {len(ch['faults'])} faults in {ch['seconds']:.0f} s (`cpn chaos`)",
                     f"lost {inv['accepted_then_lost']}, duplicated {inv['duplicate_side_effects']}, stale accepted {inv['stale_results_accepted']}; "
                     f"site loss detected in {det.get('median', '?')} s median (max {det.get('max', '?')}); training re-dispatched "
-                    f"{red.get('median', '?')} s median after detection; inference errors {inf['in_faults']['error_rate']:.2%} during faults",
-                    "0 / 0 / 0; detection ≤ 3 s after last heartbeat; restart ≤ 1 s", f"{ch['machine']}, {ch['date']}"))
+                    f"{red.get('median', '?')} s median after detection; inference errors {inf['in_faults']['error_rate']:.2%} of "
+                    f"{inf['in_faults']['requests']:,} requests overlapping a fault, {inf['outside']['error_rate']:.2%} of "
+                    f"{inf['outside']['requests']:,} outside",
+                    "0 / 0 / 0; detection ≤ 3 s after last heartbeat; restart ≤ 1 s; 0 errors outside faults", f"{ch['machine']}, {ch['date']}"))
     sim = _load("sim")
     if sim:
         out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))

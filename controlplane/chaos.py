@@ -58,6 +58,11 @@ class Report:
     infer_in_fault: list[int] = field(default_factory=lambda: [0, 0])
     """[requests, errors] while a fault was active."""
     infer_outside: list[int] = field(default_factory=lambda: [0, 0])
+    """[requests, errors] wholly outside faults (begun and ended with none active, none in between)."""
+    infer_outside_errors: dict[str, int] = field(default_factory=dict)
+    infer_by_fault: dict[str, list[int]] = field(default_factory=dict)
+    """Fault kind -> [requests, errors] of requests that began during a fault of that kind."""
+    """What the errors outside faults were: "<status> <error code>" -> count."""
     accepted: int = 0
     lost: int = 0
     duplicates: int = 0
@@ -83,7 +88,10 @@ class Report:
             "site_loss_detection_s": stats(self.detection_s),
             "redispatch_s": stats(self.redispatch_s),
             "inference": {"in_faults": {"requests": self.infer_in_fault[0], "error_rate": rate(self.infer_in_fault)},
-                          "outside": {"requests": self.infer_outside[0], "error_rate": rate(self.infer_outside)}},
+                          "outside": {"requests": self.infer_outside[0], "error_rate": rate(self.infer_outside),
+                                      "errors": dict(sorted(self.infer_outside_errors.items()))},
+                          "by_fault": {k: {"requests": v[0], "error_rate": rate(v)}
+                                       for k, v in sorted(self.infer_by_fault.items())}},
             "stale_events_ignored": self.stale_events_ignored,
             "faults": self.faults,
         }
@@ -107,6 +115,15 @@ class Rig:
         self.tenant_key = ""
         self.identities: Any = None
         self.fault_active = False
+        self.fault_epoch = 0
+        """Bumped when a fault begins and when it ends: a request that saw it change overlapped one."""
+        self.fault_kind = ""
+
+    def set_fault(self, kind: str) -> None:
+        """``kind`` of the fault beginning now; "" when it has ended (and the network settled)."""
+        self.fault_active = bool(kind)
+        self.fault_kind = kind
+        self.fault_epoch += 1
 
     async def start(self) -> None:
         site_ids = [s.id for s in self.layout.sites]
@@ -222,12 +239,23 @@ class Api:
 async def _inference(api: Api, report: Report, stop: asyncio.Event, rng: random.Random) -> None:
     origins = ["shanghai", "hangzhou", "nanjing"]
     while not stop.is_set():
-        status, _ = await api.call("POST", "/v1/infer", api.rig.tenant_key,
-                                   {"model": MODEL, "input": "ping", "origin": rng.choice(origins), "max_tokens": 2}, timeout_s=3.0)
-        bucket = report.infer_in_fault if api.rig.fault_active else report.infer_outside
+        rig = api.rig
+        began_in_fault, epoch, kind = rig.fault_active, rig.fault_epoch, rig.fault_kind
+        status, body = await api.call("POST", "/v1/infer", rig.tenant_key,
+                                      {"model": MODEL, "input": "ping", "origin": rng.choice(origins), "max_tokens": 2},
+                                      timeout_s=3.0)
+        outside = not began_in_fault and not rig.fault_active and rig.fault_epoch == epoch
+        bucket = report.infer_outside if outside else report.infer_in_fault
+        per_kind = report.infer_by_fault.setdefault(kind, [0, 0]) if began_in_fault else [0, 0]
         bucket[0] += 1
+        per_kind[0] += 1
         if status != 200:
             bucket[1] += 1
+            per_kind[1] += 1
+            if outside:
+                code = (body or {}).get("error", {}).get("code", "") if isinstance(body, dict) else ""
+                what = f"{status} {code}".strip() if status else "no answer"
+                report.infer_outside_errors[what] = report.infer_outside_errors.get(what, 0) + 1
             await asyncio.sleep(0.05)
         else:
             await asyncio.sleep(0.01)
@@ -315,7 +343,7 @@ async def _faults(rig: Rig, api: Api, report: Report, accepted: dict[str, str], 
         kind = order.pop(0)
         site = await _target(api, accepted, edges, rng)
         started = time.monotonic()
-        rig.fault_active = True
+        rig.set_fault(kind)
         running = await _jobs_at(api, site, accepted)
         if kind == "nats_kill":
             await rig.nats.kill()
@@ -347,7 +375,7 @@ async def _faults(rig: Rig, api: Api, report: Report, accepted: dict[str, str], 
                               "at_s": round(started - (until - rig.opts.seconds), 2), "lasted_s": round(time.monotonic() - started, 2)})
         # Let the network settle before the next fault (and count inference outside faults).
         await asyncio.sleep(1.0)
-        rig.fault_active = False
+        rig.set_fault("")
         await asyncio.sleep(rng.uniform(2.0, 4.0))
 
 
@@ -429,6 +457,9 @@ async def run(opts: ChaosOptions) -> Report:
 def render(report: Report, wall_s: float) -> str:
     d = report.as_dict()
     inv = d["invariants"]
+    errors = d["inference"]["outside"]["errors"]
+    outside_errors = f" ({', '.join(f'{k}: {v}' for k, v in errors.items())})" if errors else ""
+    by_fault = ", ".join(f"{k} {v['error_rate']:.1%} of {v['requests']}" for k, v in d["inference"]["by_fault"].items())
     lines = [
         f"cpn chaos: {len(report.faults)} faults over the run ({', '.join(f['kind'] for f in report.faults)}), {wall_s:.0f} s wall",
         "",
@@ -441,7 +472,9 @@ def render(report: Report, wall_s: float) -> str:
         f"| site-loss detection (s) | {d['site_loss_detection_s']} | ≤ 3.5 |",
         f"| time to re-dispatch training (s) | {d['redispatch_s']} | ≤ 1 after detection |",
         f"| inference error rate in faults | {d['inference']['in_faults']['error_rate']:.2%} of {d['inference']['in_faults']['requests']} | low |",
-        f"| inference error rate outside faults | {d['inference']['outside']['error_rate']:.2%} of {d['inference']['outside']['requests']} | 0 |",
+        f"| inference error rate outside faults | {d['inference']['outside']['error_rate']:.2%} of {d['inference']['outside']['requests']}"
+        f"{outside_errors} | 0 |",
+        f"| inference error rate by fault | {by_fault} | 0 for partitions and agent kills (failover) |",
         f"| stale events ignored by the hub | {report.stale_events_ignored} | (counted) |",
     ]
     return "\n".join(lines)
