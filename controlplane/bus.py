@@ -28,7 +28,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from controlplane.errors import BusUnavailable, SiteRefused, SiteUnreachable
+from controlplane.errors import BusUnavailable, SiteRefused, SiteSilent, SiteUnreachable
 from controlplane.runtime import cancel_and_wait
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
@@ -46,6 +46,22 @@ def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_result(None)  # a request's timeout: no message
 
+
+class _Waiter:
+    """One request waiting on the shared reply subscription."""
+
+    __slots__ = ("future", "site", "timer", "deadline", "acked")
+
+    def __init__(self, future: asyncio.Future[Msg | None], site: str, timer: asyncio.TimerHandle,
+                 deadline: float, acked: bool) -> None:
+        self.future = future
+        self.site = site
+        self.timer = timer
+        self.deadline = deadline
+        """Loop time the answer is due by, once the site has acknowledged the request."""
+        self.acked = acked
+        """True once an InferAccepted came (or when none was asked for)."""
+
 RegisterHandler = Callable[[wire.Register], wire.RegisterAck | wire.ErrorReply]
 HeartbeatHandler = Callable[[wire.Heartbeat], None]
 EventHandler = Callable[[wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited], Awaitable[None]]
@@ -59,6 +75,8 @@ class BusStats:
     reconnects: int = 0
     requests: int = 0
     timeouts: int = 0
+    ack_timeouts: int = 0
+    """Requests a site did not acknowledge in time (failed over quickly: a partition or dead link)."""
     no_responders: int = 0
     events: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -112,8 +130,8 @@ class HubBus:
         self._reply_prefix = f"{wire.HUB_INBOX_PREFIX}.{secrets.token_hex(8)}."
         self._reply_key = secrets.token_bytes(16)
         self._reply_n = 0
-        self._waiting: dict[str, tuple[asyncio.Future[Msg | None], str]] = {}
-        """token -> (the request's future, the site asked)"""
+        self._waiting: dict[str, _Waiter] = {}
+        """token -> the request waiting for its answer"""
         self._infer_subjects: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -263,21 +281,29 @@ class HubBus:
         return self.nc
 
     async def _on_reply(self, msg: Msg) -> None:
-        waiting = self._waiting.get(msg.subject[len(self._reply_prefix):])
-        if waiting is not None and not waiting[0].done():
-            waiting[0].set_result(msg)
+        waiter = self._waiting.get(msg.subject[len(self._reply_prefix):])
+        if waiter is None or waiter.future.done():
+            return
+        if msg.data.startswith(wire.ACCEPTED_PREFIX):
+            if not waiter.acked:  # the site has it: now wait for the answer until the full timeout
+                waiter.acked = True
+                waiter.timer.cancel()
+                waiter.timer = asyncio.get_running_loop().call_at(waiter.deadline, _expire, waiter.future)
+            return
+        waiter.future.set_result(msg)
 
     def fail_requests(self, site: str) -> int:
         """Fail at once every request waiting on ``site`` (declared lost: no need to wait out the
         timeout, the caller fails over). Returns how many."""
         failed = 0
-        for future, asked in list(self._waiting.values()):
-            if asked == site and not future.done():
-                future.set_result(_LOST)  # type: ignore[arg-type]
+        for waiter in list(self._waiting.values()):
+            if waiter.site == site and not waiter.future.done():
+                waiter.future.set_result(_LOST)  # type: ignore[arg-type]
                 failed += 1
         return failed
 
-    async def _request(self, subject: str, data: bytes, timeout_s: float, who: str) -> Msg:
+    async def _request(self, subject: str, data: bytes, timeout_s: float, who: str,
+                       ack_timeout_s: float | None = None) -> Msg:
         """Request/reply over the hub's one reply subscription.
 
         The protocol of nats-py's ``request`` (one wildcard inbox, a token per request), built for the
@@ -285,9 +311,13 @@ class HubBus:
         sees its own requests' reply subjects still cannot guess another's), and a plain timer
         replaces ``asyncio.wait_for``.
 
+        With ``ack_timeout_s`` (the request asked for :class:`wire.InferAccepted`), the site must
+        answer or acknowledge within that time, then answer within ``timeout_s`` of the start.
+
         Raises:
-            SiteUnreachable: no answer within ``timeout_s``, no responders, or the site was declared
-                lost meanwhile (:meth:`fail_requests`); ``who`` names the site.
+            SiteUnreachable: no answer within ``timeout_s`` (or no acknowledgement within
+                ``ack_timeout_s``), no responders, or the site was declared lost meanwhile
+                (:meth:`fail_requests`); ``who`` names the site.
             BusUnavailable: the connection is closed.
         """
         nc = self._require()
@@ -295,17 +325,23 @@ class HubBus:
         token = hashlib.blake2b(self._reply_n.to_bytes(8, "big"), key=self._reply_key, digest_size=12).hexdigest()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg | None] = loop.create_future()
-        self._waiting[token] = (future, who)
-        timer = loop.call_later(timeout_s, _expire, future)
+        asked_ack = ack_timeout_s is not None and ack_timeout_s < timeout_s
+        first_wait = ack_timeout_s if ack_timeout_s is not None and asked_ack else timeout_s
+        waiter = _Waiter(future, who, loop.call_later(first_wait, _expire, future), loop.time() + timeout_s,
+                         not asked_ack)
+        self._waiting[token] = waiter
         try:
             await nc.publish(subject, data, reply=self._reply_prefix + token)
             msg = await future
         except nats.errors.ConnectionClosedError as exc:
             raise BusUnavailable(str(exc)) from None
         finally:
-            timer.cancel()
+            waiter.timer.cancel()
             del self._waiting[token]
         if msg is None:
+            if not waiter.acked:
+                self.stats.ack_timeouts += 1
+                raise SiteSilent(f"{who}: no acknowledgement within {first_wait * 1000:.0f} ms")
             self.stats.timeouts += 1
             raise SiteUnreachable(f"{who}: no answer within {timeout_s * 1000:.0f} ms")
         if msg is _LOST:
@@ -315,18 +351,20 @@ class HubBus:
             raise SiteUnreachable(f"{who}: no responders")
         return msg
 
-    async def infer(self, site: str, req: wire.InferRequest, timeout_s: float) -> wire.InferResult:
-        """One non-streaming inference at ``site``.
+    async def infer(self, site: str, req: wire.InferRequest, timeout_s: float,
+                    ack_timeout_s: float | None = None) -> wire.InferResult:
+        """One non-streaming inference at ``site``; with ``ack_timeout_s``, see :meth:`_request`
+        (``req.ack`` must be set, and the site must be one that acknowledges).
 
         Raises:
-            SiteUnreachable: timeout or no responders.
+            SiteUnreachable: timeout, no acknowledgement or no responders.
             SiteRefused: the site answered with an ErrorReply.
         """
         self.stats.requests += 1
         subject = self._infer_subjects.get(site)
         if subject is None:
             subject = self._infer_subjects[site] = wire.infer_subject(site)
-        msg = await self._request(subject, wire.encode(req), timeout_s, site)
+        msg = await self._request(subject, wire.encode(req), timeout_s, site, ack_timeout_s)
         return self._decode_result(site, msg.data)
 
     def _decode_result(self, site: str, data: bytes) -> wire.InferResult:
@@ -337,21 +375,23 @@ class HubBus:
             raise SiteRefused("bad_message", f"{site} sent a malformed reply: {exc}", True) from None
         if isinstance(reply, wire.ErrorReply):
             raise SiteRefused(reply.code, reply.message, reply.retryable)
-        if isinstance(reply, wire.InferChunk):
+        if isinstance(reply, (wire.InferChunk, wire.InferAccepted)):
             self.stats.bad("infer_reply")
-            raise SiteRefused("bad_message", f"{site} streamed to a non-streaming request", True)
+            raise SiteRefused("bad_message", f"{site} sent a {type(reply).__name__} as its answer", True)
         if reply.site != site:
             self.stats.bad("infer_reply")
             raise SiteRefused("bad_message", f"a reply for {site} came from {reply.site}", True)
         return reply
 
     async def infer_stream(
-        self, site: str, req: wire.InferRequest, first_timeout_s: float, idle_timeout_s: float = 30.0
+        self, site: str, req: wire.InferRequest, first_timeout_s: float, idle_timeout_s: float = 30.0,
+        ack_timeout_s: float | None = None,
     ) -> AsyncIterator[wire.InferChunk | wire.InferResult]:
         """Streaming inference: yields chunks, then the final result.
 
-        The first message must arrive within ``first_timeout_s`` (so the caller can still fail over);
-        later ones within ``idle_timeout_s`` each.
+        The first chunk must arrive within ``first_timeout_s`` (so the caller can still fail over);
+        later ones within ``idle_timeout_s`` each. With ``ack_timeout_s``, the site must send
+        something (its acknowledgement, or the first chunk) within that time.
         """
         nc = self._require()
         self.stats.requests += 1
@@ -359,19 +399,28 @@ class HubBus:
         sub = await nc.subscribe(inbox)
         try:
             await nc.publish(wire.infer_subject(site), wire.encode(req), reply=inbox)
-            timeout = first_timeout_s
+            loop = asyncio.get_running_loop()
+            first_due = loop.time() + first_timeout_s
+            awaiting_ack = ack_timeout_s is not None and ack_timeout_s < first_timeout_s
+            timeout = ack_timeout_s if awaiting_ack and ack_timeout_s is not None else first_timeout_s
             first = True
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=timeout)
+                    msg = await sub.next_msg(timeout=max(timeout, 0.001))
                 except nats.errors.TimeoutError:
+                    if awaiting_ack:
+                        self.stats.ack_timeouts += 1
+                        raise SiteSilent(f"{site}: no acknowledgement within {timeout * 1000:.0f} ms") from None
                     self.stats.timeouts += 1
-                    raise SiteUnreachable(
-                        f"{site}: no {'answer' if first else 'chunk'} within {timeout * 1000:.0f} ms"
-                    ) from None
+                    raise SiteUnreachable(f"{site}: no answer within {first_timeout_s * 1000:.0f} ms" if first
+                                          else f"{site}: no chunk within {idle_timeout_s * 1000:.0f} ms") from None
                 if first and msg.headers and msg.headers.get("Status") == "503":
                     self.stats.no_responders += 1
                     raise SiteUnreachable(f"{site}: no responders")
+                awaiting_ack = False
+                if first and msg.data.startswith(wire.ACCEPTED_PREFIX):
+                    timeout = first_due - loop.time()  # the site has it: the first chunk is due as before
+                    continue
                 first = False
                 timeout = idle_timeout_s
                 try:
@@ -381,6 +430,8 @@ class HubBus:
                     raise SiteRefused("bad_message", f"{site} sent a malformed chunk: {exc}", False) from None
                 if isinstance(reply, wire.ErrorReply):
                     raise SiteRefused(reply.code, reply.message, reply.retryable)
+                if isinstance(reply, wire.InferAccepted):
+                    continue  # a repeat: nothing to relay
                 yield reply
                 if isinstance(reply, wire.InferResult):
                     return

@@ -29,6 +29,10 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     default_budget_ms: float = 10.0
     site_timeout_s: float = 5.0
     """Longest the gateway waits for one site's first answer before failing over."""
+    site_ack_timeout_s: float = 1.0
+    """Longest the gateway waits for a site that acknowledges requests (``Register.infer_acks``) to
+    answer or acknowledge one before failing over: a partitioned site is left after this, not
+    after ``site_timeout_s``. 0 turns it off."""
     max_body_bytes: int = 1 << 20
     max_connections: int = 1024
     header_timeout_s: float = 10.0

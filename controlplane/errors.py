@@ -82,6 +82,10 @@ class SiteUnreachable(PeerError):
     """Timeout or no responders on a site's subject."""
 
 
+class SiteSilent(SiteUnreachable):
+    """A site that acknowledges requests did not acknowledge one in time: it likely never got it."""
+
+
 class SiteRefused(PeerError):
     """The site answered with an ErrorReply."""
 

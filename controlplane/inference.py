@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from controlplane import router
-from controlplane.errors import NoCapacity, PeerError, RequestError, SiteRefused, SiteUnreachable
+from controlplane.errors import NoCapacity, PeerError, RequestError, SiteRefused, SiteSilent, SiteUnreachable
 from edge_agent import wire
 
 if TYPE_CHECKING:
     from controlplane.hub import Hub
+    from controlplane.registry import SiteView
 
 log = logging.getLogger("cpn.inference")
 
@@ -77,6 +78,7 @@ class InferenceService:
     ) -> Served:
         """Serve a non-streaming request, failing over as needed."""
         decision = self.decide(origin, req.model, budget_ms, policy, deployments)
+        req.ack = True  # sites that acknowledge let a silent one be left early (HubConfig.site_ack_timeout_s)
         served = Served(decision.site, decision.rtt_ms, decision.reason)
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
@@ -87,8 +89,7 @@ class InferenceService:
                 if isinstance(exc, SiteRefused) and not exc.retryable:
                     raise
                 last = str(exc)
-                self.failovers += 1
-                log.info("event=failover request_id=%s site=%s error=%s", req.request_id, site, exc)
+                await self._failed_over(site, req, exc)
                 continue
             if len(served.tried) > 1:
                 served.route = "failover"
@@ -98,6 +99,22 @@ class InferenceService:
             return served
         raise AllSitesFailed(served.tried, last)
 
+    async def _failed_over(self, site: str, req: wire.InferRequest, exc: Exception) -> None:
+        """Count and log a failover from ``site``; a site that stayed silent is passed over by the
+        router until it is heard from again, and told to drop the request in case it was only slow."""
+        self.failovers += 1
+        log.info("event=failover request_id=%s site=%s error=%s", req.request_id, site, exc)
+        if isinstance(exc, SiteSilent):
+            view = self.hub.registry.get(site)
+            if view is not None and not view.silent:
+                view.silent = True
+                log.warning("event=site_silent site=%s detail=%s", site, exc)
+            await self.hub.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
+
+    def _ack_timeout(self, view: SiteView | None) -> float | None:
+        ack_s = self.hub.config.site_ack_timeout_s
+        return ack_s if ack_s > 0 and view is not None and view.infer_acks else None
+
     async def _send(self, site: str, req: wire.InferRequest) -> wire.InferResult:
         hub = self.hub
         view = hub.registry.get(site)
@@ -105,7 +122,7 @@ class InferenceService:
             return await hub.bus.infer(site, req, hub.config.site_timeout_s)
         view.sent += 1
         try:
-            return await hub.bus.infer(site, req, hub.config.site_timeout_s)
+            return await hub.bus.infer(site, req, hub.config.site_timeout_s, self._ack_timeout(view))
         finally:
             if view.sent > 0:
                 view.sent -= 1
@@ -120,11 +137,13 @@ class InferenceService:
         After the first chunk there is no failover: the tenant already has part of an answer.
         """
         decision = self.decide(origin, req.model, budget_ms, policy, deployments)
+        req.ack = True
         served = Served(decision.site, decision.rtt_ms, decision.reason)
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
-            it = self.hub.bus.infer_stream(site, req, self.hub.config.site_timeout_s).__aiter__()
+            it = self.hub.bus.infer_stream(site, req, self.hub.config.site_timeout_s,
+                                           ack_timeout_s=self._ack_timeout(self.hub.registry.get(site))).__aiter__()
             try:
                 first = await it.__anext__()
             except (SiteUnreachable, SiteRefused) as exc:
@@ -132,7 +151,7 @@ class InferenceService:
                 if isinstance(exc, SiteRefused) and not exc.retryable:
                     raise
                 last = str(exc)
-                self.failovers += 1
+                await self._failed_over(site, req, exc)
                 continue
             except StopAsyncIteration:
                 last = f"{site} ended the stream without an answer"

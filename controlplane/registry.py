@@ -40,6 +40,11 @@ class SiteView:
     backends: list[str] = field(default_factory=list)
     executors: list[str] = field(default_factory=list)
     tee: bool = False
+    infer_acks: bool = False
+    """The agent acknowledges inference requests (``Register.infer_acks``)."""
+    silent: bool = False
+    """A request sent here went unacknowledged: passed over by the router until the site is heard
+    from again (its next heartbeat or registration), so one partition costs one slow failover."""
     queue_depth: int = 0
     inflight: int = 0
     """Requests in flight at the site, from its last heartbeat."""
@@ -56,7 +61,7 @@ class SiteView:
 
     @property
     def routable(self) -> bool:
-        return self.state == "up" and not self.draining and self.health == "ok"
+        return self.state == "up" and not self.draining and self.health == "ok" and not self.silent
 
     def slots_free(self, model: str) -> int:
         """Free inference slots for ``model`` as far as the hub can tell."""
@@ -82,6 +87,7 @@ class SiteView:
             "region": self.region,
             "draining": self.draining,
             "health": self.health,
+            "silent": self.silent,
             "accelerators": dict(self.accelerators),
             "free_cards": dict(self.free_cards),
             "models": {
@@ -192,6 +198,8 @@ class SiteRegistry:
         view.backends = list(msg.backends)
         view.executors = list(msg.executors)
         view.tee = msg.tee
+        view.infer_acks = msg.infer_acks
+        view.silent = False
         view.replicas = {r.model: r for r in msg.models}
         view.attempts = list(msg.attempts)
         view.registered = True
@@ -241,6 +249,7 @@ class SiteRegistry:
             changed_models = True
         view.draining = msg.draining
         view.health = msg.health
+        view.silent = False
         view.last_seen = now
         view.heartbeats += 1
         if changed_models or came_back:

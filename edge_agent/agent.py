@@ -226,7 +226,7 @@ class Agent:
             site=self.site, tier=c.tier, city=c.city, provider=c.provider, accelerators=dict(c.accelerators),
             backends=[self.backend.name], executors=list(self.training.executors),
             models=self.inventory.statuses(), attempts=self.training.refs(), tee=c.tee, lat=c.lat, lon=c.lon,
-            agent_version=agent_version(),
+            agent_version=agent_version(), infer_acks=True,
         )
 
     async def _pause(self, event: asyncio.Event, delay_s: float) -> None:

@@ -190,6 +190,8 @@ class InferenceService:
         timer = loop.call_at(started + timeout_s, self._expire, task)
         try:
             try:
+                if request.ack:  # the hub may now wait for the answer, not fail over (wire.InferAccepted)
+                    await self._answer(reply, wire.encode(wire.InferAccepted(request_id=request.request_id)))
                 completion = await self.backend.generate(request, on_text)
             except asyncio.CancelledError:
                 if task not in self._expired:

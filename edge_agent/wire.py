@@ -164,6 +164,9 @@ class Register(msgspec.Struct, tag="register", kw_only=True):
     lon: float | None = None
     agent_version: str = ""
     proto: int = PROTO
+    infer_acks: bool = False
+    """The agent answers ``InferRequest.ack`` with :class:`InferAccepted` (hubs may then fail over
+    from a site that stays silent after ``site_ack_timeout_s`` instead of its full timeout)."""
 
 
 class RegisterAck(msgspec.Struct, tag="register_ack", kw_only=True):
@@ -265,6 +268,9 @@ class InferRequest(msgspec.Struct, tag="infer", kw_only=True):
     """Time the agent may spend before giving up (0: its own default)."""
     sampling: Sampling | None = None
     """None when the tenant set no sampling parameter (agents before this field ignore it)."""
+    ack: bool = False
+    """Send :class:`InferAccepted` once the request holds a slot, unless the answer itself goes out
+    at once. Lets the hub tell a site that never got the request (a partition) from a slow one."""
 
 
 class InferChunk(msgspec.Struct, tag="chunk", kw_only=True):
@@ -273,6 +279,19 @@ class InferChunk(msgspec.Struct, tag="chunk", kw_only=True):
     request_id: str
     index: int
     text: str
+
+
+class InferAccepted(msgspec.Struct, tag="accepted", kw_only=True):
+    """The site has the request and a slot for it; the answer (or the first chunk) follows.
+
+    Encoded with its tag first (msgspec always does), so the hub recognises it by its first bytes:
+    :data:`ACCEPTED_PREFIX`.
+    """
+
+    request_id: str
+
+
+ACCEPTED_PREFIX = b'{"type":"accepted"'
 
 
 class InferResult(msgspec.Struct, tag="result", kw_only=True):
@@ -367,7 +386,7 @@ class Ack(msgspec.Struct, tag="ack", kw_only=True):
 
 
 Command = Union[StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain, CancelInfer, Reregister]
-InferReply = Union[InferChunk, InferResult, ErrorReply]
+InferReply = Union[InferChunk, InferResult, InferAccepted, ErrorReply]
 CommandReply = Union[Ack, ErrorReply]
 RegisterReply = Union[RegisterAck, ErrorReply]
 

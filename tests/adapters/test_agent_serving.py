@@ -16,7 +16,7 @@ async def test_registers_and_heartbeats_free_cards_and_replicas(nats_server: Nat
         async with running(cfg) as agent:
             await asyncio.wait_for(agent.registered.wait(), 5)
             reg = hub.registrations_of("edge-a")[0]
-            assert reg.accelerators == {"H20": 4, "910B": 2}
+            assert reg.accelerators == {"H20": 4, "910B": 2} and reg.infer_acks
             assert reg.backends == ["sim"] and set(reg.executors) == {"sim", "process"}
             assert reg.tee and reg.lat == 30.2 and reg.city == "hangzhou" and reg.proto == wire.PROTO
             assert [(m.model, m.deployment, m.cards, m.slots) for m in reg.models] == [("qwen", "local", 0.5, 3)]
@@ -235,3 +235,24 @@ async def test_heartbeats_stop_while_disconnected(nats_server: NatsServer) -> No
             await nats_server.start()
             await wait_for(lambda: len(hub.registrations_of("edge-a")) > registrations, 10, "re-registration")
             await wait_for(lambda: agent.counters["heartbeats"] > sent, 5, "heartbeats again")
+
+
+async def test_a_request_asking_for_an_ack_gets_one_before_a_slow_answer_and_none_before_an_instant_one(
+        nats_server: NatsServer) -> None:
+    async with FakeHub(nats_server.url) as hub:
+        cfg = agent_config(nats_server.url, backend={"sim": {"ttft_ms": 300.0, "slots": 1}})
+        async with running(cfg) as agent:
+            got = await hub.infer_stream("edge-a", wire.InferRequest(request_id="k1", model="qwen", ack=True))
+            (t_ack, ack), (t_result, result) = got
+            assert isinstance(ack, wire.InferAccepted) and ack.request_id == "k1"
+            assert isinstance(result, wire.InferResult) and t_result - t_ack >= 0.25  # the ack did not wait
+            streamed = await hub.infer_stream("edge-a", wire.InferRequest(request_id="k2", model="qwen", ack=True,
+                                                                          stream=True, max_tokens=2))
+            assert [type(m).__name__ for _, m in streamed] == ["InferAccepted", "InferChunk", "InferChunk", "InferResult"]
+            plain = await hub.infer_stream("edge-a", wire.InferRequest(request_id="k3", model="qwen"))
+            assert [type(m).__name__ for _, m in plain] == ["InferResult"]  # not asked: not sent
+            assert agent.inventory.inflight() == 0
+    async with FakeHub(nats_server.url) as hub:
+        async with running(agent_config(nats_server.url)):  # no delays: answered at once, nothing to acknowledge
+            instant = await hub.infer_stream("edge-a", wire.InferRequest(request_id="k4", model="qwen", ack=True))
+            assert [type(m).__name__ for _, m in instant] == ["InferResult"]

@@ -14,7 +14,7 @@ import aiohttp
 import nats
 import pytest
 
-from controlplane.errors import SiteRefused, SiteUnreachable
+from controlplane.errors import SiteRefused, SiteSilent, SiteUnreachable
 from controlplane.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
@@ -177,6 +177,45 @@ async def test_site_requests_time_out_name_missing_sites_and_refuse_forged_repli
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert not hub.bus._waiting  # no request left behind, answered or not
+
+
+async def test_a_site_that_acknowledges_is_waited_for_and_a_silent_one_is_left_at_the_ack_timeout(rig) -> None:  # type: ignore[no-untyped-def]
+    hub, _, _, _, nc = rig
+
+    async def slow(msg):  # type: ignore[no-untyped-def]  # acknowledges at once, answers 0.6 s later
+        req = wire.infer_request_decoder.decode(msg.data)
+        assert req.ack
+        await msg.respond(wire.encode(wire.InferAccepted(request_id=req.request_id)))
+        await asyncio.sleep(0.6)
+        if req.stream:
+            await nc.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="x")))
+        await nc.publish(msg.reply, wire.encode(wire.InferResult(request_id=req.request_id, site="slow", model="m",
+                                                                  output="x")))
+
+    async def mute(msg):  # type: ignore[no-untyped-def]  # the request is lost on the way (a partition)
+        return None
+
+    await nc.subscribe(wire.infer_subject("slow"), cb=slow)  # type: ignore[attr-defined]
+    await nc.subscribe(wire.infer_subject("mute"), cb=mute)  # type: ignore[attr-defined]
+    await barrier(nc)
+    loop = asyncio.get_running_loop()
+    req = wire.InferRequest(request_id="a1", model="m", prompt="hi", ack=True)
+    t0 = loop.time()
+    assert (await hub.bus.infer("slow", req, 5.0, ack_timeout_s=0.2)).output == "x"
+    assert loop.time() - t0 >= 0.6  # waited past the ack timeout for the answer
+    t0 = loop.time()
+    with pytest.raises(SiteSilent, match="mute: no acknowledgement within 300 ms"):
+        await hub.bus.infer("mute", req, 5.0, ack_timeout_s=0.3)
+    assert loop.time() - t0 < 3.0  # not the 5 s timeout
+    assert hub.bus.stats.ack_timeouts == 1 and hub.bus.stats.timeouts == 0
+
+    stream = wire.InferRequest(request_id="a2", model="m", prompt="hi", ack=True, stream=True)
+    got = [m async for m in hub.bus.infer_stream("slow", stream, 5.0, ack_timeout_s=0.2)]
+    assert [type(m).__name__ for m in got] == ["InferChunk", "InferResult"]  # the acknowledgement is not relayed
+    with pytest.raises(SiteSilent, match="mute: no acknowledgement"):
+        async for _ in hub.bus.infer_stream("mute", stream, 5.0, ack_timeout_s=0.3):
+            pass
+    assert hub.bus.stats.ack_timeouts == 2
 
 
 async def test_a_request_in_flight_fails_over_when_its_site_is_declared_lost(tmp_path: Path, nats_server: NatsServer) -> None:

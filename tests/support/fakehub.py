@@ -158,7 +158,8 @@ class FakeHub:
 
     async def infer_stream(self, site: str, request: wire.InferRequest, timeout_s: float = 5.0,
                            ) -> list[tuple[float, wire.InferChunk | wire.InferResult | wire.ErrorReply]]:
-        """Send a streaming request; return ``(arrival loop time, message)`` up to the final answer."""
+        """Send a request (streaming or not); return ``(arrival loop time, message)`` up to the final
+        answer, acknowledgements and chunks included."""
         nc = self._client()
         inbox = nc.new_inbox()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
@@ -176,7 +177,7 @@ class FakeHub:
                 at, data = await asyncio.wait_for(queue.get(), max(0.01, deadline - loop.time()))
                 message = wire.infer_reply_decoder.decode(data)
                 out.append((at, message))
-                if not isinstance(message, wire.InferChunk):
+                if not isinstance(message, (wire.InferChunk, wire.InferAccepted)):
                     return out
         finally:
             await sub.unsubscribe()
