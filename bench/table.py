@@ -54,13 +54,23 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"lost {inv['accepted_then_lost']}, duplicated {inv['duplicate_side_effects']}, stale accepted {inv['stale_results_accepted']}; "
                     f"site loss detected in {det.get('median', '?')} s median (max {det.get('max', '?')}); training re-dispatched "
                     f"{red.get('median', '?')} s median after detection; inference errors {inf['in_faults']['error_rate']:.2%} of "
-                    f"{inf['in_faults']['requests']:,} requests overlapping a fault, {inf['outside']['error_rate']:.2%} of "
-                    f"{inf['outside']['requests']:,} outside",
+                    f"{inf['in_faults']['requests']:,} requests overlapping a fault{_by_fault(inf)}, "
+                    f"{inf['outside']['error_rate']:.2%} of {inf['outside']['requests']:,} outside",
                     "0 / 0 / 0; detection ≤ 3 s after last heartbeat; restart ≤ 1 s; 0 errors outside faults", f"{ch['machine']}, {ch['date']}"))
     sim = _load("sim")
     if sim:
         out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))
     return out
+
+
+def _by_fault(inf: dict[str, Any]) -> str:
+    """" (hub_kill 37.9%, every other kind 0%)": which kinds of fault the errors came from."""
+    by = inf.get("by_fault") or {}
+    bad = [f"{k} {v['error_rate']:.1%}" for k, v in by.items() if v["error_rate"] > 0]
+    if not by or not bad:
+        return ""
+    rest = ", every other kind 0%" if len(bad) < len(by) else ""
+    return f" ({', '.join(bad)}{rest})"
 
 
 def render() -> str:
