@@ -155,7 +155,7 @@ class Router:
                 )
             return NoRoute(
                 f"all {skipped} sites serving {req.model!r} within {budget:g} ms of {req.origin} "
-                f"are busy, lost or draining (nearest {nearest[0]} at {nearest[1]:.1f} ms)",
+                f"are busy, lost, draining or silent (nearest {nearest[0]} at {nearest[1]:.1f} ms)",
                 nearest,
             )
         n = min(len(cands), self.window)

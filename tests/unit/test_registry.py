@@ -64,3 +64,16 @@ def test_repr_has_counts() -> None:
     r = SiteRegistry()
     r.register(reg("a"), now=0.0)
     assert "up=1" in repr(r) and "lost=0" in repr(r)
+
+
+def test_a_silent_site_is_routable_again_once_heard_from() -> None:
+    r = SiteRegistry(heartbeat_s=1.0, miss_limit=3)
+    view, _ = r.register(reg(infer_acks=True), now=0.0)
+    assert view.infer_acks and view.routable
+    view.silent = True  # the gateway saw it leave a request unacknowledged
+    assert not view.routable and view.state == "up" and view.as_dict(0.5)["silent"] is True
+    r.heartbeat(hb(seq=2), now=1.0)
+    assert view.routable
+    view.silent = True
+    r.register(reg(infer_acks=True), now=2.0)  # e.g. reconnected after the partition
+    assert view.routable

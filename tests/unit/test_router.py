@@ -46,7 +46,7 @@ def test_budget_excludes_far_sites_and_strict_says_why() -> None:
     r = Router(Table(ROWS))
     s = sites(near=site("near", state="loading"), mid=site("mid", state="loading"))
     d = r.route(RouteRequest("o", "m", 5), s, 0, random.Random(0))
-    assert isinstance(d, NoRoute) and "busy, lost or draining" in d.reason
+    assert isinstance(d, NoRoute) and "busy, lost, draining or silent" in d.reason
     d = r.route(RouteRequest("o", "m", 0.5), sites(), 0, random.Random(0))
     assert isinstance(d, NoRoute) and "nearest is near at 1.0 ms" in d.reason
 
@@ -69,6 +69,13 @@ def test_lost_draining_and_full_sites_are_skipped_and_fallbacks_are_in_rtt_order
     assert isinstance(d, Route) and d.site == "far"
     d = r.route(RouteRequest("o", "m", 10), sites(near=site("near", busy=4)), 2, random.Random(0))
     assert isinstance(d, Route) and d.site != "near"
+    silent = site("near")
+    silent.silent = True  # did not acknowledge a request: passed over until heard again, no version bump
+    d = r.route(RouteRequest("o", "m", 10), sites(near=silent), 2, random.Random(0))
+    assert isinstance(d, Route) and d.site == "mid" and "near" not in [s for s, _ in d.fallbacks]
+    silent.silent = False
+    d = r.route(RouteRequest("o", "m", 10), sites(near=silent), 2, random.Random(0))
+    assert isinstance(d, Route) and d.site == "near"
 
 
 def test_load_spreads_when_the_nearest_is_busy_no_herding() -> None:
