@@ -398,6 +398,7 @@ class Hub:
         s = self.bus.stats
         self.metrics.nats_errors.labels("connection").set(s.errors)
         self.metrics.nats_errors.labels("timeout").set(s.timeouts)
+        self.metrics.nats_errors.labels("ack_timeout").set(s.ack_timeouts)
         self.metrics.nats_errors.labels("no_responders").set(s.no_responders)
         self.metrics.nats_errors.labels("disconnect").set(s.disconnects)
         self.metrics.malformed.set(s.malformed)
