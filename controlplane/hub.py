@@ -127,7 +127,9 @@ class Hub:
             StaticSite(id=s.id, tier=s.tier, city=s.city, provider=s.provider, region=s.region, accelerators=dict(s.accelerators))
             for s in self.layout.sites
         ]
+        seen_before = []
         for row in store_sites.list_sites(self.db):
+            seen_before.append(row["id"])
             static.append(StaticSite(id=row["id"], tier=row["tier"] or "edge", city=row["city"] or "",
                                      provider=row["provider"] or "", accelerators=row["accelerators"]))
         self.registry.remember(static)
@@ -136,6 +138,7 @@ class Hub:
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
         for service in self.services:
             await service.start()
+        await self._ask_known_sites_to_register(seen_before)
         if serve_http:
             from controlplane.gateway import server
 
@@ -230,6 +233,20 @@ class Hub:
             log.info("event=site_back site=%s", msg.site)
             for listener in self.site_listeners:
                 listener(Transition(msg.site, "lost", "up", now))
+
+    async def _ask_known_sites_to_register(self, sites: list[str]) -> None:
+        """After a restart: ask every site this hub has seen before to register now.
+
+        Their next heartbeats would restore them too, but up to ``heartbeat_s`` later, and until
+        then the router knows no replica: inference answers 503. A ``Reregister`` on each command
+        subject (no reply wanted) brings their replicas back within a round trip.
+        """
+        now = time.time()
+        for site in sites:
+            self._reregister_asked[site] = now  # their first heartbeats need not ask again
+            await self.bus.publish_command(site, wire.Reregister(hub=self.config.hub_id))
+        if sites:
+            log.info("event=asked_sites_to_register count=%d", len(sites))
 
     async def _ask_reregister(self, site: str) -> None:
         try:

@@ -83,3 +83,27 @@ async def test_a_partitioned_site_is_left_at_the_ack_timeout_then_passed_over_un
     await until(lambda: not view.silent, 15, "hz-edge heard from again")
     status, _, headers = await tenant.call("POST", "/v1/chat/completions", CHAT)
     assert status == 200 and headers["X-CPN-Site"] == "hz-edge"
+
+
+async def test_a_restarted_hub_serves_within_a_round_trip_not_a_heartbeat(tmp_path: Path, nats_server: NatsServer) -> None:
+    """A restarted hub knows no replica until sites speak; it asks the sites it has seen to register
+    at once. Heartbeats here are 5 s apart, so waiting for them would take up to 5 s."""
+    config = hub_config(tmp_path, nats_server.url, heartbeat_s=5.0)
+    hz = agent("hz-edge", "hangzhou", nats_server.url)
+    try:
+        async with running_hub(config) as hub:
+            key = hub.create_tenant("acme", default_origin="hangzhou")
+            await hz.start()
+            await until(lambda: (v := hub.registry.get("hz-edge")) is not None and v.slots_free("qwen") > 0, 10,
+                        "hz-edge ready")
+        started = time.monotonic()
+        async with running_hub(config) as hub, aiohttp.ClientSession() as session:
+            tenant = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            while (status := (await tenant.call("POST", "/v1/chat/completions", CHAT))[0]) != 200:
+                assert status in (404, 503) and time.monotonic() - started < 10, status  # no replica known yet
+                await asyncio.sleep(0.02)
+            served_after_s = time.monotonic() - started
+            assert served_after_s < 2.5, served_after_s  # a heartbeat could be 5 s away
+            assert hub.registry.get("hz-edge").registered  # type: ignore[union-attr]
+    finally:
+        await hz.stop()
