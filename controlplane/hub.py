@@ -238,7 +238,7 @@ class Hub:
         """After a restart: ask every site this hub has seen before to register now.
 
         Their next heartbeats would restore them too, but up to ``heartbeat_s`` later, and until
-        then the router knows no replica: inference answers 503. A ``Reregister`` on each command
+        then the router knows no replica: models look "not found". A ``Reregister`` on each command
         subject (no reply wanted) brings their replicas back within a round trip.
         """
         now = time.time()

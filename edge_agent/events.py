@@ -1,9 +1,9 @@
 """Delivering attempt events from the outbox to the JetStream stream ``CPN_EVENTS``.
 
 Each event is sent as a plain NATS *request* on ``wire.event_subject(site)`` with the header
-``Nats-Msg-Id`` of :func:`wire.event_msg_id` (``job:attempt:seq:<keyed hash>``); the stream answers with its PubAck JSON (``{"stream": ...,
-"seq": N, "duplicate": true?}``), which is all ``js.publish`` does, without needing JetStream API
-permissions on the site's credentials.
+``Nats-Msg-Id`` of :func:`wire.event_msg_id` (``job:attempt:seq:<keyed hash>``); the stream
+answers with its PubAck JSON (``{"stream": ..., "seq": N, "duplicate": true?}``), which is all
+``js.publish`` does, without needing JetStream API permissions on the site's credentials.
 
 Promises: events go out one at a time in outbox order; an event leaves the outbox only when a
 PubAck (including a duplicate one) names it stored; on no-responders (no stream yet), timeouts,
