@@ -65,7 +65,6 @@ def error_parts(exc: msgspec.ValidationError) -> tuple[str, str | None]:
     return (f"{field}: {msg}" if field else msg), field
 
 
-
 _DECODERS: dict[type, msgspec.json.Decoder] = {}  # type: ignore[type-arg]
 """A decoder per body type, built once (cheaper per call than ``msgspec.json.decode(type=...)``)."""
 

@@ -35,13 +35,13 @@ Rule 6 (model access): a tenant may call the models of its own active deployment
 sites offer themselves (deployment ``local`` or none); an admin key may call any model. A tenant's
 requests are served only by replicas of its own deployments or sites' own ones: two tenants who
 deploy the same model name never use each other's replicas (``serving_scope``).
+Rule 7 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
+and creates nothing; with another spec it is a 422. The key is committed with the deployment in one
+transaction; the answer is recorded once rendered.
 Rule 8 (card quota, DESIGN §8): a tenant's ``quota_cards`` bounds the cards it holds in all: its
 deployments' replicas (placed, loading or ready) plus its training jobs placed or running. A plan
 adds only the replicas that fit; the rest of the deployment waits, and its report says why. The
 training scheduler sees the quota less the cards the tenant's deployments hold.
-Rule 7 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
-and creates nothing; with another spec it is a 422. The key is committed with the deployment in one
-transaction; the answer is recorded once rendered.
 """
 
 from __future__ import annotations
@@ -59,11 +59,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from controlplane import lifecycle
 from controlplane import replicas as core
 from controlplane.errors import BusUnavailable, NotFound, PeerError, RequestError, SiteRefused
 from controlplane.registry import SiteView, Transition
 from controlplane.runtime import cancel_and_wait
-from controlplane import lifecycle
 from controlplane.store import deployments as store
 from controlplane.store import jobs as store_jobs
 from edge_agent import wire

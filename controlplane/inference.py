@@ -210,3 +210,8 @@ class RequestIds:
         self.n += 1
         return f"{self.prefix}{self.n:x}"
 
+    def for_wire(self, rid: str) -> str:
+        """``rid`` (the HTTP request id) if it can go on the wire as it is (an id of ours, or a
+        client's that is a valid wire id), else a fresh one."""
+        return rid if rid.startswith(self.prefix) or wire.is_valid_id(rid) else self.next()
+

@@ -31,6 +31,7 @@ class _Counts(Collector):
             family.add_metric(list(values), n)
         yield family
 
+
 class _Latency(Collector):
     """A histogram by route kept as plain per-bucket counts and exported at scrape time.
 

@@ -29,7 +29,6 @@ Public API::
     s.start(); s.delta(text); s.finish(result); s.error(message, type, code)   # each -> bytes
     encode(models_list(model_ids, created))
     error_body(message, type, code, param) / error_for(exc: RequestError) -> (status, body dict)
-    validation_error_parts(exc: msgspec.ValidationError) -> (message, field path | None)
 """
 
 from __future__ import annotations
@@ -47,8 +46,6 @@ CHAT_DEFAULT_MAX_TOKENS = 512
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's documented default for ``/v1/completions``."""
 MAX_TOKENS_LIMIT = 1_000_000
-
-INTERNAL_FIELDS = bodies.INTERNAL_FIELDS
 
 
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
@@ -252,10 +249,6 @@ def check_completion_supported(req: CompletionRequest) -> None:
 
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
-
-validation_error_parts = bodies.error_parts
-"""Kept for callers of this module; the parser lives in :mod:`controlplane.bodies`."""
-
 
 def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
     return bodies.decode(body, decoder)

@@ -41,9 +41,9 @@ import msgspec
 
 from controlplane import lifecycle, placement, scheduler
 from controlplane.errors import NotFound
-from controlplane.runtime import cancel_and_wait
 from controlplane.outbox import START, CommandOutbox
 from controlplane.registry import Transition
+from controlplane.runtime import cancel_and_wait
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
@@ -383,7 +383,7 @@ class TrainingService:
             checkpoint_cost_s=float(spec.get("checkpoint_cost_s", DEFAULT_CHECKPOINT_COST_S)),
             restart_s=site.restart_s, failure_rate_per_card_hour=site.failure_rate_per_card_hour,
             time_scale=hub.config.sim_time_scale if executor == "sim" else 1.0, seed=seed, tenant=row.tenant,
-            event_key=secrets.token_urlsafe(16),  # kept with the command in the outbox: resends carry the same
+            event_key=secrets.token_urlsafe(16),  # stored with the command in the outbox, so resends carry the same key
         )
 
     def _reconcile(self, live: dict[str, store_jobs.JobRow], now: float) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.config import HubConfig
+from controlplane.errors import NoCapacity, RequestError
 from controlplane.hub import Hub
 from controlplane.natsserver import NatsServer, port_free
 from controlplane.services import install_services
@@ -161,7 +162,7 @@ class Network:
             try:
                 self.hub.inference.decide(origin, DEMO_MODEL, self.hub.config.default_budget_ms, "strict")
                 return
-            except Exception:
+            except (NoCapacity, RequestError):  # no ready replica in budget yet, or the model not heard of yet
                 await asyncio.sleep(0.05)
         log.warning("event=demo_not_ready origin=%s model=%s", origin, DEMO_MODEL)
 

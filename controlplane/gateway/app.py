@@ -109,6 +109,13 @@ def require_tenant(request: web.Request) -> str:
     return p.tenant_id
 
 
+def _log_level(status: int) -> int:
+    """503 ("nothing fits the budget") is an answer, not a fault: INFO; other 5xx WARNING; else DEBUG."""
+    if status == 503:
+        return logging.INFO
+    return logging.WARNING if status >= 500 else logging.DEBUG
+
+
 def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
     """``handler`` inside the gateway's request guard.
 
@@ -172,9 +179,7 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
             elapsed = perf_counter() - started
             observe(route, status, elapsed)
             if status >= 500 or log.isEnabledFor(logging.DEBUG):
-                # 503 "nothing fits the budget" is an answer, not a fault: INFO; other 5xx are WARNING.
-                log.log(logging.WARNING if status >= 500 and status != 503 else logging.INFO if status == 503 else logging.DEBUG,
-                        "event=http request_id=%s method=%s path=%s status=%s ms=%.2f",
+                log.log(_log_level(status), "event=http request_id=%s method=%s path=%s status=%s ms=%.2f",
                         rid, request.method, request.path, status, elapsed * 1000)
 
     return guard

@@ -79,7 +79,7 @@ async def infer(request: web.Request) -> web.Response:
     check = getattr(hub, "check_model_access", None)
     scope = check(tenant, body.model) if check is not None else None
     rid = request[REQUEST_ID]
-    req = wire.InferRequest(request_id=rid if rid.startswith(hub.request_ids.prefix) or wire.is_valid_id(rid) else hub.request_ids.next(), model=body.model,
+    req = wire.InferRequest(request_id=hub.request_ids.for_wire(rid), model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
     served = await hub.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope)
     result = served.result

@@ -46,7 +46,7 @@ async def _serve(
     check = getattr(hub, "check_model_access", None)
     scope = check(tenant, req.model) if check is not None else None
     rid = request[REQUEST_ID]
-    request_id = rid if wire.is_valid_id(rid) else hub.request_ids.next()
+    request_id = hub.request_ids.for_wire(rid)
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
     created = time.time()
     if not infer.stream:
