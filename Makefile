@@ -20,7 +20,7 @@ up: $(STAMP)
 	$(BIN)/cpn up
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
