@@ -222,6 +222,7 @@ class SlurmAttempt(AttemptTask):
         self._ending: tuple[wire.ExitReason, str] | None = None  # set by stop()/abort()
         self._wake = asyncio.Event()
         self.started = False
+        self.polls = 0
         self.protocol_errors = 0
 
     @property
@@ -376,6 +377,7 @@ class SlurmAttempt(AttemptTask):
     async def _follow(self) -> None:
         while True:
             state = await self._squeue_state()
+            self.polls += 1
             self._read_stdout()
             if state is not None:
                 self.state = state or self.state

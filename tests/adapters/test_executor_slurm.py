@@ -126,10 +126,10 @@ async def test_command_job_runs_through_sbatch_to_completion(slurm: SlurmCluster
     cmd = start_cmd("sj-ok", [PY, "-c", TRAIN], resume_from="/ck/old", progress=0.1, work_s=600.0)
     handle = await ex.start(cmd, rec.sink, rec.on_exit)
     assert isinstance(handle, SlurmAttempt) and handle.slurm_id.isdigit()
-    await wait_for(lambda: slurm.run("squeue", "-h", "-j", handle.slurm_id, "-o", "%T").stdout.strip() == "PENDING",
-                   10, "the attempt to be pending behind the holder")
-    await asyncio.sleep(0.3)  # three polls of the executor while Slurm keeps it pending
-    assert rec.events == [], "AttemptStarted was sent before Slurm ran the job"
+    await wait_for(lambda: handle.state == "PENDING", 10, "the executor to see the attempt pending")
+    polls = handle.polls
+    await wait_for(lambda: handle.polls >= polls + 3, 10, "three more polls while Slurm keeps it pending")
+    assert handle.state == "PENDING" and rec.events == [], "AttemptStarted was sent before Slurm ran the job"
     slurm.run("scancel", holder)
     exited = await until_exited(handle)
     assert rec.kinds == ["AttemptStarted", "Checkpointed", "Checkpointed", "AttemptExited"]

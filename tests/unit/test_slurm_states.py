@@ -76,3 +76,14 @@ def test_allow_list_is_exact_and_empty_means_none(tmp_path: Path) -> None:
     assert "allow-list" in ex.refusal(other)
     nul = wire.StartAttempt(job="j", attempt=1, cards=1, accelerator="H20", command=["/opt/train", "a\0b"])
     assert "NUL" in ex.refusal(nul)
+
+
+def test_example_config_documents_every_slurm_key() -> None:
+    from edge_agent import config
+
+    example_path = Path(__file__).resolve().parents[2] / "deploy" / "site.example.toml"
+    example = config.load(example_path)
+    assert example.executors.slurm.gres == {"H20": "gpu:h20"}
+    section = example_path.read_text().split("[executors.slurm]", 1)[1]
+    for name in SlurmExecutorConfig.__struct_fields__:
+        assert f"\n{name} = " in section or f"[executors.slurm.{name}]" in section, f"{name} is not documented"
