@@ -137,3 +137,29 @@ class SlurmCluster:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(5)
         self._procs.clear()
+        self._reap_stepds()
+
+    def _ours(self) -> list[int]:
+        """Live processes started under this cluster's config (slurmstepd detaches from slurmd)."""
+        mark = f"SLURM_CONF={self.conf}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if mark in (entry / "environ").read_bytes().split(b"\0") and \
+                        (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(entry.name))
+            except (OSError, IndexError):
+                continue
+        return pids
+
+    def _reap_stepds(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (left := self._ours()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
