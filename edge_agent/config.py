@@ -101,6 +101,7 @@ class ProcessExecutorConfig(_Config, frozen=True):
     stderr_lines: Annotated[int, msgspec.Meta(ge=0)] = 20
     """Last stderr lines carried in a ``user_error`` event's detail."""
 
+
 class SlurmExecutorConfig(_Config, frozen=True):
     """Command jobs submitted to the site's own Slurm (see docs/agent.md, "The slurm executor")."""
 
@@ -145,7 +146,7 @@ class SlurmExecutorConfig(_Config, frozen=True):
     stderr_lines: Annotated[int, msgspec.Meta(ge=0)] = 20
     """Last stderr lines carried in a ``user_error`` event's detail."""
     command_timeout_s: Positive = 30.0
-    """Longest one Slurm command may take before the attempt counts it as failed."""
+    """Longest one Slurm command may take; then it is killed (sbatch: the attempt fails; squeue: asked again)."""
 
 
 class ExecutorsConfig(_Config, frozen=True):
