@@ -67,6 +67,14 @@ def _make_executors(config: AgentConfig) -> dict[str, Executor]:
             # Without a data dir, checkpoints go to a per-site temp dir (fine for demos, said in docs).
             base = config.data_path or Path(tempfile.gettempdir()) / f"cpn-agent-{config.site}"
             executors[name] = ProcessExecutor(config.executors.process, base)
+        elif name == "slurm":
+            from edge_agent.executors.slurm import SlurmExecutor
+
+            slurm = SlurmExecutor(config.executors.slurm,
+                                  config.data_path or Path(tempfile.gettempdir()) / f"cpn-agent-{config.site}")
+            executors[name] = slurm
+            if "process" not in config.executors.enabled:
+                executors["process"] = slurm  # command jobs (executor "process") go to the site's Slurm
     return executors
 
 

@@ -102,9 +102,57 @@ class ProcessExecutorConfig(_Config, frozen=True):
     """Last stderr lines carried in a ``user_error`` event's detail."""
 
 
+class SlurmExecutorConfig(_Config, frozen=True):
+    """Command jobs submitted to the site's own Slurm (see docs/agent.md, "The slurm executor")."""
+
+    commands: list[str] = []
+    """Allowed ``argv[0]`` values, matched exactly; empty: every command job is refused."""
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    gres: dict[str, str] = {}
+    """Accelerator -> Slurm GRES name (``"gpu"``, ``"gpu:h20"``, ``"npu"``); the job asks for
+    ``--gres=<name>:<cards per node>``. An accelerator missing here uses ``"gpu"``; ``""`` asks for no GRES."""
+    cards_per_node: Annotated[int, msgspec.Meta(ge=1)] = 8
+    """A gang of more cards spans ``cards / cards_per_node`` whole nodes (one Slurm job)."""
+    cpus_per_task: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """``--cpus-per-task`` (0: Slurm's default)."""
+    time_limit_factor: NonNegative = 2.0
+    """``--time`` = the attempt's remaining estimated work x this (whole minutes, at least 1); 0: no ``--time``."""
+    extra_args: list[str] = []
+    """More ``sbatch`` options, verbatim (e.g. ``["--mem-per-gpu=80G", "--exclusive"]``)."""
+    export_env: list[str] = msgspec.field(default_factory=lambda: ["PATH"])
+    """Agent environment variables passed into the job besides ``CPN_*`` (``--export`` names)."""
+    work_dir: str = ""
+    """The jobs' working directory, on the shared filesystem; empty: ``<data_dir>/slurm/work``."""
+    checkpoint_dir: str = ""
+    """Per-job checkpoint dirs are made under it (shared filesystem); empty: ``<data_dir>/checkpoints``."""
+    attempts_dir: str = ""
+    """Each attempt's batch script, stdout and stderr (shared filesystem); empty: ``<data_dir>/slurm/attempts``."""
+    slurm_conf: str = ""
+    """``SLURM_CONF`` for the Slurm commands; empty: the commands' own default."""
+    sbatch: str = "sbatch"
+    squeue: str = "squeue"
+    scancel: str = "scancel"
+    scontrol: str = "scontrol"
+    sacct: str = "sacct"
+    """Asked for a job's final state once ``scontrol`` no longer knows it; empty: never."""
+    jobcomp_file: str = ""
+    """A ``jobcomp/filetxt`` log (``JobCompLoc``) read as the last resort for a final state."""
+    poll_s: Positive = 2.0
+    """How often ``squeue`` is asked for each attempt's state and its stdout file is read."""
+    grace_s: NonNegative = 10.0
+    """Time between ``scancel --signal=TERM`` and ``scancel`` when an attempt is stopped."""
+    stderr_lines: Annotated[int, msgspec.Meta(ge=0)] = 20
+    """Last stderr lines carried in a ``user_error`` event's detail."""
+    command_timeout_s: Positive = 30.0
+    """Longest one Slurm command may take; then it is killed (sbatch: the attempt fails; squeue: asked again)."""
+
+
 class ExecutorsConfig(_Config, frozen=True):
-    enabled: list[Literal["sim", "process"]] = msgspec.field(default_factory=lambda: ["sim", "process"])
+    enabled: list[Literal["sim", "process", "slurm"]] = msgspec.field(default_factory=lambda: ["sim", "process"])
     process: ProcessExecutorConfig = ProcessExecutorConfig()
+    slurm: SlurmExecutorConfig = SlurmExecutorConfig()
 
 
 class AgentConfig(_Config, frozen=True):
