@@ -117,9 +117,9 @@ class Network:
         if path.exists():
             try:
                 creds = json.loads(path.read_text())
-                if self.hub.keys.lookup(creds["admin_key"]) and self.hub.keys.lookup(creds["tenant_key"]):
+                if self._key_works(creds["admin_key"]) and self._key_works(creds["tenant_key"]):
                     return {"admin_key": creds["admin_key"], "tenant_key": creds["tenant_key"]}
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RequestError):  # RequestError: revoked or expired
                 pass
         admin = self.hub.create_admin_key("cpn up")
         origin = _demo_origin(self.layout)
@@ -133,6 +133,10 @@ class Network:
         os.chmod(tmp, 0o600)
         tmp.replace(path)
         return creds
+
+    def _key_works(self, key: str) -> bool:
+        assert self.hub is not None
+        return (self.hub.keys.lookup(key) or self.hub.lookup_key_in_store(key)) is not None
 
     async def _start_agents(self, site_creds: dict[str, tuple[str, str]]) -> None:
         from edge_agent.agent import Agent
