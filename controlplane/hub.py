@@ -24,7 +24,7 @@ from controlplane import auth
 from controlplane import keys as keys_lifecycle
 from controlplane.bus import HubBus
 from controlplane.config import HubConfig
-from controlplane.errors import RateLimited
+from controlplane.errors import RateLimited, Unauthorized
 from controlplane.inference import InferenceService, RequestIds
 from controlplane.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
@@ -359,8 +359,12 @@ class Hub:
         """A key the in-memory ring does not answer for: issued elsewhere (``cpn key create``), not
         re-read within the last second, or expired. None if no such key; raises Unauthorized
         ("API key revoked" / "API key expired") for a key that stopped working (controlplane/keys.py)."""
-        return keys_lifecycle.lookup_in_store(self.db, self.keys, key, self._key_misses, now=time.time(),
-                                              monotonic=time.monotonic())
+        try:
+            return keys_lifecycle.lookup_in_store(self.db, self.keys, key, self._key_misses, now=time.time(),
+                                                  monotonic=time.monotonic())
+        except Unauthorized as exc:
+            self.metrics.key_refused(exc.code.removeprefix("api_key_"))
+            raise
 
     def tenant(self, tenant_id: str) -> dict[str, Any] | None:
         row = self._tenants.get(tenant_id)

@@ -13,11 +13,14 @@ second.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from controlplane import auth
 from controlplane.errors import RequestError, Unauthorized
 from controlplane.store import tenants as store_tenants
+
+log = logging.getLogger("cpn.keys")
 
 DEFAULT_GRACE_S = 86_400.0
 """How long a rotated key keeps working unless the caller says otherwise (24 h)."""
@@ -132,6 +135,9 @@ def lookup_in_store(db: Any, ring: auth.KeyRing, key: str, misses: dict[str, tup
         misses.clear()
     misses[digest] = (monotonic + MISS_MEMORY_S, reason)
     if reason:
+        assert found is not None
+        log.info("event=key_refused reason=%s key_id=%s role=%s tenant=%s", _code(reason).removeprefix("api_key_"),
+                 found[0].key_id, found[0].role, found[0].tenant_id)
         raise Unauthorized(reason, code=_code(reason))
     return None
 

@@ -88,21 +88,26 @@ async def test_revoked_key_refused_on_the_next_request(rig) -> None:  # type: ig
                                                         "expires_at", "revoked_at", "state"}
     assert auth.hash_key(acme.key) not in str(body) and acme.key not in str(body)
     assert acme.key.startswith(row["prefix"]) and len(row["prefix"]) == len("cpn_acme_") + 4
+    status, metrics, _ = await as_key(admin, "").call("GET", "/metrics")
+    assert 'cpn_refused_api_keys_total{reason="revoked"} 1.0' in metrics, metrics  # counted, for the operator
     # Revoking again changes nothing.
     status, again, _ = await admin.call("DELETE", f"/v1/tenants/acme/keys/{key_id}")
     assert status == 200 and again["revoked_at"] == body["data"][0]["revoked_at"]
 
 
-async def test_key_revoked_by_cli_refused_by_running_hub_within_a_second(rig) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("how", [("revoke",), ("rotate", "--grace-s", "0")])
+async def test_key_revoked_by_cli_refused_by_running_hub_within_a_second(rig, how: tuple[str, ...]) -> None:  # type: ignore[no-untyped-def]
     hub, admin, acme, _, tmp = rig
     assert (await works(acme))[0] == 200  # the hub now holds the key in memory
     key_id = await key_id_of(admin, "/v1/tenants/acme/keys", acme.key)
-    result = await asyncio.to_thread(cpn, "key", "revoke", key_id, "--tenant", "acme", "--db", str(tmp / "hub.db"))
+    result = await asyncio.to_thread(cpn, "key", how[0], key_id, *how[1:], "--tenant", "acme", "--db", str(tmp / "hub.db"))
     assert result.returncode == 0, result.stderr
     took, refused = await until_refused(acme, deadline_s=3.0)
-    print(f"revoked by another process: refused after {took:.3f} s")
+    print(f"{how[0]} by another process: refused after {took:.3f} s")
     assert took <= auth.RECHECK_S + 0.1, took
     assert refused["error"]["message"] == "API key revoked"
+    if how[0] == "rotate":
+        assert (await works(as_key(acme, result.stdout.strip())))[0] == 200
 
 
 async def test_rotate_keeps_both_keys_during_grace_then_only_the_new(rig) -> None:  # type: ignore[no-untyped-def]
