@@ -117,7 +117,7 @@ def lookup_in_store(db: Any, ring: auth.KeyRing, key: str, misses: dict[str, tup
         if remembered[1]:
             raise Unauthorized(remembered[1], code=_code(remembered[1]))
         return None
-    found = store_tenants.find_key_any(db, digest)
+    found = store_tenants.find_key(db, digest)
     reason = ""
     if found is not None:
         principal, revoked_at = found

@@ -57,7 +57,8 @@ def list_tenants(db: sqlite_utils.Database) -> list[dict[str, Any]]:
     return [dict(r) for r in db["tenants"].rows_where(order_by="id")]
 
 
-KEY_COLUMNS = "id, prefix, role, tenant_id, label, created_at, expires_at, revoked_at"
+KEY_FIELDS = ("id", "prefix", "role", "tenant_id", "label", "created_at", "expires_at", "revoked_at")
+KEY_COLUMNS = ", ".join(KEY_FIELDS)
 
 
 def add_key(db: sqlite_utils.Database, key: str, *, role: str, tenant_id: str | None, now: float, label: str = "",
@@ -88,7 +89,7 @@ def key_state(row: dict[str, Any], now: float) -> str:
 
 
 def _key_view(row: tuple[Any, ...], now: float) -> dict[str, Any]:
-    view = dict(zip(("id", "prefix", "role", "tenant_id", "label", "created_at", "expires_at", "revoked_at"), row))
+    view = dict(zip(KEY_FIELDS, row))
     view["state"] = key_state(view, now)
     return view
 
@@ -109,7 +110,7 @@ def _scoped_key(db: sqlite_utils.Database, key_id: str, *, role: str, tenant_id:
     row = db.execute(f"SELECT key_hash, {KEY_COLUMNS} FROM api_keys WHERE id = ?", [key_id]).fetchone()
     if row is None or row[3] != role or (role == "tenant" and row[4] != tenant_id):
         raise NotFound(f"key {key_id!r} not found", field="key_id")
-    return row[0], dict(zip(("id", "prefix", "role", "tenant_id", "label", "created_at", "expires_at", "revoked_at"), row[1:]))
+    return row[0], dict(zip(KEY_FIELDS, row[1:]))
 
 
 def _working_admin_keys(db: sqlite_utils.Database, now: float) -> int:
@@ -160,11 +161,6 @@ def rotate_key_id(db: sqlite_utils.Database, key_id: str, new_key: str, *, role:
     return digest, principal, view
 
 
-def revoke_key(db: sqlite_utils.Database, key_hash: str, *, now: float) -> None:
-    with transaction(db):
-        db.execute("UPDATE api_keys SET revoked_at = ? WHERE key_hash = ? AND revoked_at IS NULL", [now, key_hash])
-
-
 def load_keys(db: sqlite_utils.Database, *, now: float | None = None) -> list[auth.Principal]:
     """The working keys (not revoked; not expired at ``now`` when given)."""
     rows = db.execute("SELECT key_hash, tenant_id, role, id, expires_at FROM api_keys WHERE revoked_at IS NULL").fetchall()
@@ -172,17 +168,7 @@ def load_keys(db: sqlite_utils.Database, *, now: float | None = None) -> list[au
             for r in rows if now is None or r[4] is None or r[4] > now]
 
 
-def count_admin_keys(db: sqlite_utils.Database) -> int:
-    return int(db.execute("SELECT count(*) FROM api_keys WHERE role = 'admin' AND revoked_at IS NULL").fetchone()[0])
-
-
-def find_key(db: sqlite_utils.Database, key_hash: str) -> auth.Principal | None:
-    """The key with this digest if it is not revoked (it may have expired: see ``expires_at``)."""
-    found = find_key_any(db, key_hash)
-    return found[0] if found is not None and found[1] is None else None
-
-
-def find_key_any(db: sqlite_utils.Database, key_hash: str) -> tuple[auth.Principal, float | None] | None:
+def find_key(db: sqlite_utils.Database, key_hash: str) -> tuple[auth.Principal, float | None] | None:
     """The key with this digest, revoked or not: (principal, revoked_at)."""
     row = db.execute(
         "SELECT key_hash, tenant_id, role, id, expires_at, revoked_at FROM api_keys WHERE key_hash = ?", [key_hash]
