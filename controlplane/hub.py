@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from controlplane import auth
+from controlplane import keys as keys_lifecycle
 from controlplane.bus import HubBus
 from controlplane.config import HubConfig
-from controlplane.errors import RateLimited
+from controlplane.errors import RateLimited, Unauthorized
 from controlplane.inference import InferenceService, RequestIds
 from controlplane.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
@@ -97,7 +98,7 @@ class Hub:
         self.usage = UsageBuffer()
         self.gateway: Any = None
         self._tenants: dict[str, dict[str, Any]] = {}
-        self._key_misses: dict[str, float] = {}
+        self._key_misses: dict[str, tuple[float, str]] = {}
         self._cidrs: list[tuple[Any, str]] = []
         self.route_modules: list[Any] = []
         """Extra gateway modules (each with ``add_routes(app)``) that services plug in."""
@@ -111,7 +112,7 @@ class Hub:
         """Open the store, load the layout, connect to NATS, start loops and the gateway."""
         self.started_at = time.time()
         self.db = store_db.open_db(self.config.db_path)
-        for principal in store_tenants.load_keys(self.db):
+        for principal in store_tenants.load_keys(self.db, now=time.time()):
             self.keys.add(principal)
         if self.layout is None:
             self.layout = loader.load(self.config.layout) if self.config.layout else loader.load_default()
@@ -355,25 +356,15 @@ class Hub:
                               retry_after_s=retry_after_s)
 
     def lookup_key_in_store(self, key: str) -> auth.Principal | None:
-        """A key the in-memory ring does not know may have been issued by ``cpn tenant create``.
-
-        Misses are remembered for a few seconds so a flood of bad keys costs one indexed read each
-        per few seconds at most.
-        """
-        if self.db is None or len(key) > 200:
-            return None
-        digest = auth.hash_key(key)
-        now = time.monotonic()
-        if self._key_misses.get(digest, 0.0) > now:
-            return None
-        found = store_tenants.find_key(self.db, digest)
-        if found is None:
-            if len(self._key_misses) > 10_000:
-                self._key_misses.clear()
-            self._key_misses[digest] = now + 5.0
-            return None
-        self.keys.add(found)
-        return found
+        """A key the in-memory ring does not answer for: issued elsewhere (``cpn key create``), not
+        re-read within the last second, or expired. None if no such key; raises Unauthorized
+        ("API key revoked" / "API key expired") for a key that stopped working (controlplane/keys.py)."""
+        try:
+            return keys_lifecycle.lookup_in_store(self.db, self.keys, key, self._key_misses, now=time.time(),
+                                                  monotonic=time.monotonic())
+        except Unauthorized as exc:
+            self.metrics.key_refused(exc.code.removeprefix("api_key_"))
+            raise
 
     def tenant(self, tenant_id: str) -> dict[str, Any] | None:
         row = self._tenants.get(tenant_id)

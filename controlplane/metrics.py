@@ -86,6 +86,8 @@ class HubMetrics:
         self.malformed = Gauge("cpn_malformed_messages", "Malformed messages from agents, dropped", registry=r)
         self.permission_violations = Gauge("cpn_nats_permission_violations", "Permission violations reported by the NATS server", registry=r)
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
+        self.refused_keys = _Counts("cpn_refused_api_keys", "Requests refused for a revoked or expired API key, by reason", ["reason"])
+        r.register(self.refused_keys)
 
     def observe_http(self, route: str, status: int, elapsed_s: float) -> None:
         """One HTTP request: a count by (route, status) and the latency histogram."""
@@ -97,6 +99,12 @@ class HubMetrics:
     def infer_ok(self, site: str) -> None:
         key = (site, "ok")
         counts = self.infer.counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def key_refused(self, reason: str) -> None:
+        """A request presented a key that exists but was revoked or has expired."""
+        key = (reason,)
+        counts = self.refused_keys.counts
         counts[key] = counts.get(key, 0) + 1
 
     def route(self, reason: str) -> None:

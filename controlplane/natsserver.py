@@ -19,6 +19,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
+from edge_agent import private_files
+
 _LISTEN_RE = re.compile(r"Listening for client connections on ([0-9.:\[\]a-f]+):(\d+)")
 _READY = "Server is ready"
 
@@ -42,7 +44,8 @@ class NatsServer:
     """One nats-server child process.
 
     Args:
-        store_dir: JetStream store directory (created).
+        store_dir: JetStream store directory (created 0700; an existing tree is tightened to 0700/0600,
+            and the server runs with umask 077 so everything it writes there is its owner's only).
         port: client port; 0 picks a free one.
         host: listen address (loopback by default).
         config: optional path of a nats-server config file (``-c``); flags still set host/port.
@@ -83,7 +86,8 @@ class NatsServer:
 
     async def start(self, timeout_s: float = 10.0) -> None:
         """Start the server and wait until it is ready; raise :class:`NatsServerError` if not."""
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        private_files.private_dir(self.store_dir)
+        private_files.tighten_tree(self.store_dir)
         args = [binary()]
         if self.config:
             args += ["-c", str(self.config)]
@@ -97,7 +101,7 @@ class NatsServer:
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # Ctrl-C in a terminal goes to cpn, which stops us in order
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_in_child,
         )
         try:
             await asyncio.wait_for(self._await_ready(), timeout_s)
@@ -205,6 +209,14 @@ class NatsServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _in_child() -> None:
+    """In the child before exec: umask 077 (the JetStream store it writes is dirs 0700, files 0600;
+    uvloop takes no ``umask=``), and on Linux die with the parent."""
+    os.umask(0o077)
+    if sys.platform.startswith("linux"):
+        _die_with_parent()
 
 
 def _die_with_parent() -> None:

@@ -25,7 +25,7 @@ from controlplane.errors import NoCapacity, RequestError
 from controlplane.hub import Hub
 from controlplane.natsserver import NatsServer, port_free
 from controlplane.services import install_services
-from edge_agent import gc_tuning
+from edge_agent import gc_tuning, private_files
 from topology import layout as topo_layout
 from topology import loader
 
@@ -62,7 +62,8 @@ class Network:
     async def start(self) -> None:
         opts = self.opts
         data = opts.data_dir
-        data.mkdir(parents=True, exist_ok=True)
+        private_files.private_dir(data)
+        private_files.tighten_tree(data)  # everything under it is ours: hub.db, jetstream/, agents/, credentials
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
         site_ids = [s.id for s in self.layout.sites]
         auth = nats_identities(data, site_ids)
@@ -117,9 +118,9 @@ class Network:
         if path.exists():
             try:
                 creds = json.loads(path.read_text())
-                if self.hub.keys.lookup(creds["admin_key"]) and self.hub.keys.lookup(creds["tenant_key"]):
+                if self._key_works(creds["admin_key"]) and self._key_works(creds["tenant_key"]):
                     return {"admin_key": creds["admin_key"], "tenant_key": creds["tenant_key"]}
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RequestError):  # RequestError: revoked or expired
                 pass
         admin = self.hub.create_admin_key("cpn up")
         origin = _demo_origin(self.layout)
@@ -128,11 +129,12 @@ class Network:
         else:
             tenant_key = self.hub.add_tenant_key(DEMO_TENANT)
         creds = {"admin_key": admin, "tenant_key": tenant_key}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(creds, indent=2) + "\n")
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
+        private_files.write_private(path, json.dumps(creds, indent=2) + "\n")
         return creds
+
+    def _key_works(self, key: str) -> bool:
+        assert self.hub is not None
+        return (self.hub.keys.lookup(key) or self.hub.lookup_key_in_store(key)) is not None
 
     async def _start_agents(self, site_creds: dict[str, tuple[str, str]]) -> None:
         from edge_agent.agent import Agent
@@ -208,13 +210,11 @@ def nats_identities(data: Path, site_ids: list[str]) -> _Identities:
         return _Identities(None, None, None, {}, None)
     secret_path = data / "nats-secret"
     if not secret_path.exists():
-        secret_path.write_bytes(secrets.token_bytes(32))
-        os.chmod(secret_path, 0o600)
+        private_files.write_private(secret_path, secrets.token_bytes(32))
     secret = secret_path.read_bytes()
     text, hub_creds, site_creds = natsconf.embedded_config(site_ids, secret=secret, jetstream_dir=str(data / "jetstream"))
     conf = data / "nats-server.conf"
-    conf.write_text(text)
-    os.chmod(conf, 0o600)
+    private_files.write_private(conf, text)
     return _Identities(
         conf, hub_creds.user, hub_creds.password,
         {site: (c.user, c.password) for site, c in site_creds.items()},

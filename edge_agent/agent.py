@@ -27,7 +27,7 @@ from typing import Any
 
 import msgspec
 
-from edge_agent import wire
+from edge_agent import private_files, wire
 from edge_agent.backends import Backend, make_backend
 from edge_agent.bus import AgentBus, Incoming
 from edge_agent.config import AgentConfig
@@ -99,6 +99,8 @@ class Agent:
         self.inference = InferenceService(self.site, self.bus, self.inventory, self.backend, self.counters,
                                           request_timeout_s=config.backend.request_timeout_s)
         data = config.data_path
+        if data is not None:
+            private_files.private_dir(data)  # 0700: its journals and checkpoints are the site's only
         self.outbox = Outbox(data / "outbox.jsonl" if data else None)
         self.events = EventPublisher(self.bus, self.outbox, timeout_s=config.bus.event_timeout_s,
                                      backoff_max_s=config.bus.event_backoff_max_s, rng=self._rng)

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent import wire
+from edge_agent import private_files, wire
 
 COMPACT_AFTER_LINES = 10_000
 
@@ -47,7 +47,8 @@ class Outbox:
         self.added = 0
         self.acked = 0
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_files.private_dir(path.parent, tighten_existing=False)
+            private_files.tighten(path)
             self._load()
 
     def __repr__(self) -> str:
@@ -80,7 +81,7 @@ class Outbox:
     def _append(self, record: dict[str, str], *, sync: bool) -> None:
         if self.path is None:
             return
-        with self.path.open("a", encoding="utf-8") as f:
+        with open(self.path, "a", encoding="utf-8", opener=private_files.opener) as f:
             f.write(json.dumps(record, separators=(",", ":")) + "\n")
             if sync:
                 f.flush()
@@ -90,7 +91,7 @@ class Outbox:
     def _rewrite(self) -> None:
         assert self.path is not None
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8", opener=private_files.opener) as f:
             for e in self._entries.values():
                 f.write(json.dumps({"op": "add", "id": e.msg_id, "subject": e.subject, "body": e.body.decode()},
                                    separators=(",", ":")) + "\n")

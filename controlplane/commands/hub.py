@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from controlplane.runtime import run_until_signalled
 
     logs.setup(args.log_level)
+    os.umask(0o077)  # whatever this process writes (the database and its WAL) is the operator's only
     overrides: dict[str, object] = {
         "nats_url": args.nats, "nats_user": args.nats_user, "nats_password": args.nats_password,
         "db_path": args.db, "layout": args.layout, "hub_id": args.hub_id,

@@ -1,4 +1,4 @@
-"""``cpn tenant create|list``: manage tenants directly in the hub's database.
+"""``cpn tenant create|list``: manage tenants directly in the hub's database (keys: ``cpn key``).
 
 A running hub sees a key created here on its first use (keys it does not know are looked up in the
 store before being refused).
@@ -52,9 +52,14 @@ def run_create(args: argparse.Namespace) -> int:
 def run_list(args: argparse.Namespace) -> int:
     import json
 
+    from pathlib import Path
+
+    from controlplane.errors import RequestError
     from controlplane.store import db as store_db
     from controlplane.store import tenants
 
+    if not Path(args.db).is_file():
+        raise RequestError(f"no database at {args.db} (give the hub's with --db)")
     db = store_db.open_db(args.db)
     try:
         for row in tenants.list_tenants(db):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from controlplane.runtime import run_until_signalled
 
     logs.setup(args.log_level or "WARNING")
+    os.umask(0o077)  # whatever this process writes (store, credentials, logs) is the operator's only
     opts = up.UpOptions(
         data_dir=Path(args.data_dir), port=args.port, nats_port=args.nats_port, layout=args.layout,
         agents=not args.no_agents, sim_time_scale=args.time_scale,

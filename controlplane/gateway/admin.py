@@ -1,4 +1,4 @@
-"""Operator endpoints (admin key): sites, draining, tenants."""
+"""Operator endpoints (admin key): sites, draining, tenants, tenant and admin API keys."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import time
 from aiohttp import web
 
 from controlplane import auth
+from controlplane import keys as key_lifecycle
 from controlplane.errors import NotFound, SiteUnreachable
 from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_admin
-from controlplane.gateway.schemas import DrainBody, TenantBody
+from controlplane.gateway.schemas import DrainBody, KeyBody, RotateKeyBody, TenantBody
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
 from edge_agent import wire
@@ -70,12 +71,75 @@ async def list_tenants(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": store_tenants.list_tenants(hub.db)})
 
 
+def _key_scope(request: web.Request) -> tuple[str, str | None]:
+    """(role, tenant) of the keys a path names: ``/v1/tenants/{tenant}/keys...`` or ``/v1/admin/keys...``."""
+    tenant = request.match_info.get("tenant")
+    return ("tenant", tenant) if tenant is not None else ("admin", None)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    """A tenant's keys, or the admin keys: ids, shown prefixes, times and state; never a key."""
+    require_admin(request)
+    role, tenant = _key_scope(request)
+    data = key_lifecycle.listing(request.app[HUB].db, role=role, tenant_id=tenant, now=time.time())
+    return json_response({"object": "list", "data": data})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    hub = request.app[HUB]
+    role, tenant = _key_scope(request)
+    body = await read_body(request, KeyBody) if request.can_read_body else KeyBody()
+    now = time.time()
+    expires_at = key_lifecycle.expiry(now, expires_at=body.expires_at, ttl_s=body.ttl_s)
+    view = key_lifecycle.create(hub.db, hub.keys, role=role, tenant_id=tenant, now=now, label=body.label,
+                                expires_at=expires_at)
+    return json_response(view, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    """Revoke a key now: refused on its next use at this hub, and within a second at any hub
+    reading the same record. 409 for the last working admin key."""
+    require_admin(request)
+    hub = request.app[HUB]
+    role, tenant = _key_scope(request)
+    view = key_lifecycle.revoke(hub.db, hub.keys, request.match_info["key_id"], role=role, tenant_id=tenant,
+                                now=time.time())
+    return json_response(view)
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    require_admin(request)
+    hub = request.app[HUB]
+    role, tenant = _key_scope(request)
+    body = await read_body(request, RotateKeyBody) if request.can_read_body else RotateKeyBody()
+    now = time.time()
+    expires_at = key_lifecycle.expiry(now, expires_at=body.expires_at, ttl_s=body.ttl_s)
+    answer = key_lifecycle.rotate(hub.db, hub.keys, request.match_info["key_id"], role=role, tenant_id=tenant, now=now,
+                                  grace_s=body.grace_s, label=body.label, expires_at=expires_at)
+    return json_response(answer, status=201)
+
+
 OPERATIONS = [
     Op("GET", "/v1/sites", "Sites and their live state", auth="admin", tags=("operator",)),
     Op("GET", "/v1/sites/{site}", "One site's live state", auth="admin", tags=("operator",)),
     Op("POST", "/v1/sites/{site}/drain", "Drain a site (no new work) or undo it", body=DrainBody, auth="admin", tags=("operator",)),
     Op("POST", "/v1/tenants", "Create a tenant and its first API key", body=TenantBody, status=201, auth="admin", tags=("operator",)),
     Op("GET", "/v1/tenants", "List tenants", auth="admin", tags=("operator",)),
+    Op("GET", "/v1/tenants/{tenant}/keys", "A tenant's API keys (ids, prefixes, times; never the key)", auth="admin",
+       tags=("operator",)),
+    Op("POST", "/v1/tenants/{tenant}/keys", "Issue another key for a tenant (optional expiry)", body=KeyBody, status=201,
+       auth="admin", tags=("operator",)),
+    Op("DELETE", "/v1/tenants/{tenant}/keys/{key_id}", "Revoke a tenant's key now", auth="admin", tags=("operator",)),
+    Op("POST", "/v1/tenants/{tenant}/keys/{key_id}/rotate", "Replace a tenant's key; the old one works grace_s longer",
+       body=RotateKeyBody, status=201, auth="admin", tags=("operator",)),
+    Op("GET", "/v1/admin/keys", "The admin keys (ids, prefixes, times; never the key)", auth="admin", tags=("operator",)),
+    Op("POST", "/v1/admin/keys", "Issue another admin key (optional expiry)", body=KeyBody, status=201, auth="admin",
+       tags=("operator",)),
+    Op("DELETE", "/v1/admin/keys/{key_id}", "Revoke an admin key now (not the last working one: 409)", auth="admin",
+       tags=("operator",)),
+    Op("POST", "/v1/admin/keys/{key_id}/rotate", "Replace an admin key; the old one works grace_s longer",
+       body=RotateKeyBody, status=201, auth="admin", tags=("operator",)),
 ]
 
 
@@ -85,6 +149,11 @@ def add_routes(routes: Routes) -> None:
     routes.add_post("/v1/sites/{site}/drain", drain_site)
     routes.add_post("/v1/tenants", create_tenant)
     routes.add_get("/v1/tenants", list_tenants)
+    for base in ("/v1/tenants/{tenant}/keys", "/v1/admin/keys"):
+        routes.add_get(base, list_keys)
+        routes.add_post(base, create_key)
+        routes.add_delete(base + "/{key_id}", revoke_key)
+        routes.add_post(base + "/{key_id}/rotate", rotate_key)
 
 
 __all__ = ["add_routes", "auth"]

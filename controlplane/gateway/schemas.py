@@ -40,3 +40,28 @@ class DrainBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/sites/{site}/drain`` (admin)."""
 
     on: bool = True
+
+
+TEN_YEARS_S = 10 * 365 * 86_400
+KeySeconds = Annotated[float, msgspec.Meta(gt=0, le=TEN_YEARS_S)]
+EpochSeconds = Annotated[float, msgspec.Meta(gt=0, le=4_102_444_800)]  # up to 2100-01-01
+KeyLabel = Annotated[str, msgspec.Meta(max_length=200)]
+
+
+class KeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/tenants/{tenant}/keys`` and ``POST /v1/admin/keys`` (admin): one more key,
+    optionally expiring at ``expires_at`` (epoch seconds) or ``ttl_s`` from now (not both)."""
+
+    label: KeyLabel = ""
+    expires_at: EpochSeconds | None = None
+    ttl_s: KeySeconds | None = None
+
+
+class RotateKeyBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``POST .../keys/{key_id}/rotate`` (admin): a new key; the old one keeps working ``grace_s``
+    more seconds (default 24 h; 0 revokes it now). ``expires_at``/``ttl_s`` are the new key's."""
+
+    grace_s: Annotated[float, msgspec.Meta(ge=0, le=TEN_YEARS_S)] = 86_400.0
+    label: KeyLabel = ""
+    expires_at: EpochSeconds | None = None
+    ttl_s: KeySeconds | None = None

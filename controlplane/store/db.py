@@ -2,6 +2,8 @@
 
 Promises: WAL journal and ``synchronous=FULL`` (every commit is on disk before a 2xx answer);
 refuses to start if SQLite will not give us those; migrations are applied in order, once each.
+The database, its -wal and -shm files are mode 0600 and a directory created for them 0700,
+whatever the umask (SQLite gives the -wal and -shm files the database file's mode).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sqlite_utils
 
 from controlplane.errors import StoreError
 from controlplane.store.migrations import MIGRATIONS
+from edge_agent import private_files
 
 
 def open_db(path: Path | str) -> sqlite_utils.Database:
@@ -25,7 +28,10 @@ def open_db(path: Path | str) -> sqlite_utils.Database:
             migration failed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_files.private_dir(path.parent, tighten_existing=False)  # an existing one may be the user's cwd
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if part == path or part.exists():
+            private_files.private_file(part)
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 5000")
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]

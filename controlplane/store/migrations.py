@@ -197,4 +197,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX outbox_job ON outbox (job_id, attempt)
         """,
     ),
+    (
+        # key lifecycle (owner: keys). Every key gets a public id (listed, revoked by; old keys get
+        # one derived from their digest), the start of the key for humans, and an optional expiry.
+        "0031_keys",
+        """
+        ALTER TABLE api_keys ADD COLUMN id TEXT;
+        ALTER TABLE api_keys ADD COLUMN prefix TEXT NOT NULL DEFAULT '';
+        ALTER TABLE api_keys ADD COLUMN expires_at REAL;
+        UPDATE api_keys SET id = 'key_' || substr(key_hash, 1, 16) WHERE id IS NULL;
+        CREATE UNIQUE INDEX api_keys_id ON api_keys (id)
+        """,
+    ),
 ]
