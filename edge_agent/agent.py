@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 
 from edge_agent import wire
+from edge_agent.attempt_journal import AttemptJournal
 from edge_agent.backends import Backend, make_backend
 from edge_agent.bus import AgentBus, Incoming
 from edge_agent.config import AgentConfig
@@ -91,10 +92,13 @@ class Agent:
         self.inference = InferenceService(self.site, self.bus, self.inventory, self.backend, self.counters,
                                           request_timeout_s=config.backend.request_timeout_s)
         data = config.data_path
+        if data is not None:
+            data.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new data dir is the agent's alone
         self.outbox = Outbox(data / "outbox.jsonl" if data else None)
         self.events = EventPublisher(self.bus, self.outbox, timeout_s=config.bus.event_timeout_s,
                                      backoff_max_s=config.bus.event_backoff_max_s, rng=self._rng)
-        self.training = Training(self.site, self.inventory, _make_executors(config), self._emit)
+        self.journal = AttemptJournal(data / "attempts") if data else None
+        self.training = Training(self.site, self.inventory, _make_executors(config), self._emit, self.journal)
         self.registered = asyncio.Event()
         self.hub = ""
         self.draining = False
@@ -137,6 +141,7 @@ class Agent:
         if self._started:
             return
         self._started = True
+        await self._recover_attempts()  # before any command can arrive
         await self.bus.connect()
         await self.bus.subscribe(wire.infer_subject(self.site), self._on_infer)
         await self.bus.subscribe(wire.cmd_subject(self.site), self._on_cmd)
@@ -159,6 +164,22 @@ class Agent:
             self.events.kick()
         log(logging.INFO, "agent_started", site=self.site, accelerators=self.config.accelerators,
             backend=self.backend.name, executors=",".join(self.training.executors))
+
+    async def _recover_attempts(self) -> None:
+        """Attempts journalled by an earlier run of this agent: re-attach or report them lost."""
+        if self.journal is None or not len(self.journal):
+            return
+        pending_exits = set()
+        for entry in self.outbox:
+            try:
+                event = wire.event_decoder.decode(entry.body)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
+            if isinstance(event, wire.AttemptExited):
+                pending_exits.add((event.job, event.attempt))
+        counts = await self.training.recover(pending_exits)
+        self.counters.update({f"attempts_{k}": v for k, v in counts.items()})
+        log(logging.INFO, "attempts_recovered", site=self.site, **counts)
 
     async def stop(self, drain: bool = False) -> None:
         """Stop everything this agent started.
