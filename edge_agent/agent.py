@@ -10,6 +10,10 @@ Promises:
 - Rule 3: every handler answers (``Ack``/``InferResult``/``ErrorReply``) and none raises: malformed
   messages are counted in ``counters["bad_messages"]``, bugs answer ``ErrorReply("internal")``.
 - Rule 4: ``stop()`` leaves nothing behind: no task, no subprocess, no connection.
+- Rule 5: attempts journalled by an earlier run (a crash, a SIGKILL) are dealt with before the
+  agent connects: re-attached, or reported lost (:meth:`Training.recover`).
+- Rule 6: a backend that can be probed is, every ``probe_s``; while it does not answer, the site's
+  replicas are reported not ready (:mod:`edge_agent.backend_health`).
 - Several agents run in one process (``cpn up``): no module-level state, no signal handlers here.
 """
 
@@ -29,6 +33,7 @@ import msgspec
 
 from edge_agent import wire
 from edge_agent.attempt_journal import AttemptJournal
+from edge_agent.backend_health import BackendHealth
 from edge_agent.backends import Backend, make_backend
 from edge_agent.bus import AgentBus, Incoming
 from edge_agent.config import AgentConfig
@@ -91,6 +96,9 @@ class Agent:
         self.backend = backend or make_backend(config)
         self.inference = InferenceService(self.site, self.bus, self.inventory, self.backend, self.counters,
                                           request_timeout_s=config.backend.request_timeout_s)
+        self.health = BackendHealth(self.site, getattr(self.backend, "probe", None),
+                                    float(getattr(self.backend, "probe_s", 0.0)), self.inventory, self._backend_changed)
+        self.inference.on_unavailable = self.health.mark_down
         data = config.data_path
         if data is not None:
             data.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new data dir is the agent's alone
@@ -158,12 +166,19 @@ class Agent:
             self._spawn(self._supervised(self._heartbeat_loop, "heartbeat"), "heartbeat"),
             self._spawn(self._supervised(self.events.run, "events"), "events"),
         ]
+        if self.health.enabled:
+            self._loops.append(self._spawn(self._supervised(self.health.run, "probe"), "probe"))
         self._register_wanted.set()
         if len(self.outbox):
             log(logging.INFO, "outbox_recovered", site=self.site, pending=len(self.outbox))
             self.events.kick()
         log(logging.INFO, "agent_started", site=self.site, accelerators=self.config.accelerators,
             backend=self.backend.name, executors=",".join(self.training.executors))
+
+    def _backend_changed(self, up: bool) -> None:
+        if up:
+            self.inference.reset_health()
+        self._heartbeat_now.set()  # the hub should route around (or back to) us at once
 
     async def _recover_attempts(self) -> None:
         """Attempts journalled by an earlier run of this agent: re-attach or report them lost."""
