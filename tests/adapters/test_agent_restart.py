@@ -236,3 +236,60 @@ async def test_an_executor_that_can_reattach_keeps_the_attempt_and_numbers_on(na
             await agent.stop()
     # Stopping the agent ended the attempt (infra_failure, reported) and cleared its record.
     assert AttemptJournal(tmp_path / "data" / "attempts").records == {}
+
+
+_TRAINER = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+print("CPN_CHECKPOINT ckpt-1 0.1", flush=True)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its reaper is gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def test_a_process_attempt_orphaned_by_a_sigkill_is_ended_on_restart(nats_server: NatsServer,
+                                                                         tmp_path: Path) -> None:
+    config = _site_config(tmp_path, nats_server.url)
+    config.write_text(config.read_text().replace('enabled = ["sim"]', 'enabled = ["process"]'))
+    pid_file = tmp_path / "trainer.pid"
+    start = wire.StartAttempt(job="job-p", attempt=1, cards=1, accelerator="H20", executor="process",
+                              command=[sys.executable, "-c", _TRAINER, str(pid_file)], event_key=KEY)
+    async with FakeHub(nats_server.url) as hub:
+        await hub.create_stream()
+        proc = await _cpn_agent(config)
+        try:
+            await wait_for(lambda: hub.registrations_of("kill-site"), 20, "the agent to register")
+            assert isinstance(await hub.command("kill-site", start), wire.Ack)
+            await hub.wait_events(lambda ev: any(isinstance(e.event, wire.Checkpointed) for e in _of(ev, "job-p")),
+                                  20, "the trainer's checkpoint")
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        trainer = int(pid_file.read_text())
+        try:
+            assert _alive(trainer), "the trainer died with the agent: nothing to test"
+            proc = await _cpn_agent(config)
+            try:
+                events = await hub.wait_events(
+                    lambda ev: any(isinstance(e.event, wire.AttemptExited) for e in _of(ev, "job-p")), 20,
+                    "the lost attempt's exit")
+                exited = _of(events, "job-p")[-1]
+                assert isinstance(exited.event, wire.AttemptExited) and exited.event.detail == LOST_DETAIL
+                await wait_for(lambda: not _alive(trainer), 5, "the orphaned trainer to be ended")
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                await proc.wait()
+        finally:
+            if _alive(trainer):
+                os.kill(trainer, signal.SIGKILL)
