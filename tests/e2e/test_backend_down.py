@@ -16,9 +16,9 @@ from controlplane.hub import Hub
 from controlplane.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, OpenAIHttpConfig, SimBackendConfig
-from tests.adapters.test_agent_openai import LocalServer, local_llm  # noqa: F401  (the fixture)
 from tests.e2e.test_foundation import until
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.localllm import LocalServer, local_llm  # noqa: F401  (the fixture)
 
 HEADERS = {"X-CPN-Budget-Ms": "50"}
 
