@@ -4,6 +4,10 @@ Decide, then do the I/O (CONVENTIONS example 2): the router returns the chosen s
 fallbacks; this module sends and, when a site fails (no responders, timeout, a retryable error, or
 the site being declared lost while the request is in flight), tries the next fallback within the
 request's RTT budget. Only when every candidate failed does the caller see an error.
+
+A site is not trusted with what tenants read: an ``ErrorReply``'s free text (which could name a
+site's internal URLs or hosts, or say anything at all) is logged here and never passed on. A tenant
+sees the site id and the reply's code, and only a code from :data:`PUBLIC_CODES` (else ``error``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,24 @@ class Served:
     route: str
     tried: list[str] = field(default_factory=list)
     result: wire.InferResult | None = None
+
+
+PUBLIC_CODES = frozenset({
+    "bad_message", "unknown_model", "busy", "backend", "backend_unavailable", "backend_error", "timeout",
+    "cancelled", "shutting_down", "internal", "draining", "no_capacity",
+})
+"""``ErrorReply`` codes a tenant may see as they are; any other code reads ``error``."""
+
+
+def public_refusal(site: str, exc: SiteRefused) -> SiteRefused:
+    """``exc`` with its text replaced by what a tenant may read: the site id and a known code."""
+    code = exc.code if exc.code in PUBLIC_CODES else "error"
+    return SiteRefused(code, f"site {site} could not serve the request", exc.retryable)
+
+
+def _public(site: str, exc: PeerError) -> str:
+    # SiteUnreachable texts are the hub's own (site id, timings); a refusal carries the site's text.
+    return str(public_refusal(site, exc)) if isinstance(exc, SiteRefused) else str(exc)
 
 
 class AllSitesFailed(PeerError):
@@ -87,8 +109,9 @@ class InferenceService:
                 result = await self._send(site, req)
             except (SiteUnreachable, SiteRefused) as exc:
                 if isinstance(exc, SiteRefused) and not exc.retryable:
-                    raise
-                last = str(exc)
+                    log.info("event=site_refused request_id=%s site=%s error=%s", req.request_id, site, exc)
+                    raise public_refusal(site, exc) from None
+                last = _public(site, exc)
                 await self._failed_over(site, req, exc)
                 continue
             if len(served.tried) > 1:
@@ -149,8 +172,9 @@ class InferenceService:
             except (SiteUnreachable, SiteRefused) as exc:
                 await aclose(it)
                 if isinstance(exc, SiteRefused) and not exc.retryable:
-                    raise
-                last = str(exc)
+                    log.info("event=site_refused request_id=%s site=%s error=%s", req.request_id, site, exc)
+                    raise public_refusal(site, exc) from None
+                last = _public(site, exc)
                 await self._failed_over(site, req, exc)
                 continue
             except StopAsyncIteration:
@@ -180,7 +204,11 @@ class InferenceService:
                     yield msg
                     return
                 yield msg
-                msg = await it.__anext__()
+                try:
+                    msg = await it.__anext__()
+                except SiteRefused as exc:
+                    log.info("event=site_refused request_id=%s site=%s error=%s", req.request_id, site, exc)
+                    raise public_refusal(site, exc) from None
         finally:
             await aclose(it)
             if not finished:

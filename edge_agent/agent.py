@@ -10,6 +10,10 @@ Promises:
 - Rule 3: every handler answers (``Ack``/``InferResult``/``ErrorReply``) and none raises: malformed
   messages are counted in ``counters["bad_messages"]``, bugs answer ``ErrorReply("internal")``.
 - Rule 4: ``stop()`` leaves nothing behind: no task, no subprocess, no connection.
+- Rule 5: attempts journalled by an earlier run (a crash, a SIGKILL) are dealt with before the
+  agent connects: re-attached, or reported lost (:meth:`Training.recover`).
+- Rule 6: a backend that can be probed is, every ``probe_s``; while it does not answer, the site's
+  replicas are reported not ready (:mod:`edge_agent.backend_health`).
 - Several agents run in one process (``cpn up``): no module-level state, no signal handlers here.
 """
 
@@ -28,6 +32,8 @@ from typing import Any
 import msgspec
 
 from edge_agent import private_files, wire
+from edge_agent.attempt_journal import AttemptJournal
+from edge_agent.backend_health import BackendHealth
 from edge_agent.backends import Backend, make_backend
 from edge_agent.bus import AgentBus, Incoming
 from edge_agent.config import AgentConfig
@@ -98,13 +104,17 @@ class Agent:
         self.backend = backend or make_backend(config)
         self.inference = InferenceService(self.site, self.bus, self.inventory, self.backend, self.counters,
                                           request_timeout_s=config.backend.request_timeout_s)
+        self.health = BackendHealth(self.site, getattr(self.backend, "probe", None),
+                                    float(getattr(self.backend, "probe_s", 0.0)), self.inventory, self._backend_changed)
+        self.inference.on_unavailable = self.health.mark_down
         data = config.data_path
         if data is not None:
             private_files.private_dir(data)  # 0700: its journals and checkpoints are the site's only
         self.outbox = Outbox(data / "outbox.jsonl" if data else None)
         self.events = EventPublisher(self.bus, self.outbox, timeout_s=config.bus.event_timeout_s,
                                      backoff_max_s=config.bus.event_backoff_max_s, rng=self._rng)
-        self.training = Training(self.site, self.inventory, _make_executors(config), self._emit)
+        self.journal = AttemptJournal(data / "attempts") if data else None
+        self.training = Training(self.site, self.inventory, _make_executors(config), self._emit, self.journal)
         self.registered = asyncio.Event()
         self.hub = ""
         self.draining = False
@@ -147,6 +157,7 @@ class Agent:
         if self._started:
             return
         self._started = True
+        await self._recover_attempts()  # before any command can arrive
         await self.bus.connect()
         await self.bus.subscribe(wire.infer_subject(self.site), self._on_infer)
         await self.bus.subscribe(wire.cmd_subject(self.site), self._on_cmd)
@@ -163,12 +174,35 @@ class Agent:
             self._spawn(self._supervised(self._heartbeat_loop, "heartbeat"), "heartbeat"),
             self._spawn(self._supervised(self.events.run, "events"), "events"),
         ]
+        if self.health.enabled:
+            self._loops.append(self._spawn(self._supervised(self.health.run, "probe"), "probe"))
         self._register_wanted.set()
         if len(self.outbox):
             log(logging.INFO, "outbox_recovered", site=self.site, pending=len(self.outbox))
             self.events.kick()
         log(logging.INFO, "agent_started", site=self.site, accelerators=self.config.accelerators,
             backend=self.backend.name, executors=",".join(self.training.executors))
+
+    def _backend_changed(self, up: bool) -> None:
+        if up:
+            self.inference.reset_health()
+        self._heartbeat_now.set()  # the hub should route around (or back to) us at once
+
+    async def _recover_attempts(self) -> None:
+        """Attempts journalled by an earlier run of this agent: re-attach or report them lost."""
+        if self.journal is None or not len(self.journal):
+            return
+        pending_exits = set()
+        for entry in self.outbox:
+            try:
+                event = wire.event_decoder.decode(entry.body)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue
+            if isinstance(event, wire.AttemptExited):
+                pending_exits.add((event.job, event.attempt))
+        counts = await self.training.recover(pending_exits)
+        self.counters.update({f"attempts_{k}": v for k, v in counts.items()})
+        log(logging.INFO, "attempts_recovered", site=self.site, **counts)
 
     async def stop(self, drain: bool = False) -> None:
         """Stop everything this agent started.

@@ -74,6 +74,13 @@ class OpenAIHttpConfig(_Config, frozen=True):
     """cpn model name -> the name the local server knows it by (identity when missing)."""
     slots: Slots = 16
     load_time_s: NonNegative = 0.0
+    probe_s: NonNegative = 5.0
+    """How often to check that the server answers (``GET probe_path``); while it does not, the
+    site reports its replicas not ready. 0: never check (and never mark it down)."""
+    probe_timeout_s: Positive = 2.0
+    """How long one check may take before it counts as a failure."""
+    probe_path: str = "/v1/models"
+    """Path checked; any 2xx answer means the server is up (vLLM and SGLang also serve ``/health``)."""
 
 
 class BackendConfig(_Config, frozen=True):

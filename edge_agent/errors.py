@@ -34,10 +34,15 @@ class NoResponders(BusError):
 
 
 class BackendError(AgentError):
-    """The inference backend could not serve a request; maps 1:1 onto a ``wire.ErrorReply``."""
+    """The inference backend could not serve a request; maps 1:1 onto a ``wire.ErrorReply``.
 
-    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+    ``code`` and ``message`` go to the hub (and may reach a tenant): never a URL, host name or the
+    local server's own text. ``detail`` holds those, for the site's log only.
+    """
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False, detail: str = "") -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.retryable = retryable
+        self.detail = detail

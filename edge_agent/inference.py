@@ -6,9 +6,11 @@ inline, with no task: there is nothing to time out or cancel.
 Promises:
 
 - Rule 1: every request with a reply subject gets exactly one final answer: an ``InferResult`` or
-  an ``ErrorReply`` (``bad_message``, ``unknown_model``, ``busy``, ``backend``, ``timeout``,
-  ``cancelled``, ``shutting_down``, ``internal``). Streaming requests get ``InferChunk``s (index
-  0, 1, ...) on the same reply subject before the final answer.
+  an ``ErrorReply`` (``bad_message``, ``unknown_model``, ``busy``, ``backend_unavailable``,
+  ``backend_error``, ``timeout``, ``cancelled``, ``shutting_down``, ``internal``). Streaming
+  requests get ``InferChunk``s (index 0, 1, ...) on the same reply subject before the final answer.
+- Rule 4: an error's message names no URL or host of the site (a backend's ``detail`` is logged
+  here, never sent); a request that could not connect to the backend calls ``on_unavailable``.
 - Rule 2: no queueing: when every slot of the model's ready replicas is taken the answer is
   ``busy`` (retryable) at once, so the hub fails over within its latency budget.
 - Rule 3: a malformed body is counted (``bad_messages``) and answered, never raised.
@@ -44,6 +46,8 @@ class InferenceService:
         self.counters = counters
         self.request_timeout_s = request_timeout_s
         self.service_times = ServiceTimes()
+        self.on_unavailable: Callable[[str], None] | None = None
+        """Told (with the local detail) when a request could not connect to the backend."""
         self._outcomes: deque[bool] = deque(maxlen=20)  # recent backend successes, for health
         self._running: dict[str, set[asyncio.Task[None]]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()
@@ -56,6 +60,11 @@ class InferenceService:
     def degraded(self) -> bool:
         """More than half of the recent backend calls failed."""
         return len(self._outcomes) >= 4 and sum(self._outcomes) * 2 < len(self._outcomes)
+
+    def reset_health(self) -> None:
+        """Forget recent failures (the backend answers again): a degraded site gets no requests to
+        prove itself with, so without this it would stay degraded."""
+        self._outcomes.clear()
 
     def cancel(self, request_id: str) -> bool:
         """Stop generating ``request_id`` (its requester gets ``ErrorReply("cancelled")``)."""
@@ -177,9 +186,10 @@ class InferenceService:
         started = loop.time()
         replica, reason = self.inventory.acquire_slot(request.model)
         if replica is None:
-            self.counters["busy" if reason == "busy" else "unknown_model"] += 1
-            message = (f"every slot of {request.model} is busy at {self.site}" if reason == "busy"
-                       else f"no ready replica of {request.model} at {self.site}")
+            self.counters[reason] += 1
+            message = {"busy": f"every slot of {request.model} is busy at {self.site}",
+                       "backend_unavailable": f"the model server at {self.site} is unavailable"}.get(
+                           reason, f"no ready replica of {request.model} at {self.site}")
             await self._answer(reply, wire.error_reply(reason, message, retryable=True))
             return
         on_text = self._chunk_sender(request.request_id, reply) if request.stream else None
@@ -210,7 +220,9 @@ class InferenceService:
             self._outcomes.append(False)
             self.counters["infer_errors"] += 1
             log(logging.WARNING, "infer_backend_error", site=self.site, request_id=request.request_id,
-                code=exc.code, error=exc.message)
+                code=exc.code, error=exc.message, detail=exc.detail or None)
+            if exc.code == "backend_unavailable" and self.on_unavailable is not None:
+                self.on_unavailable(exc.detail or exc.message)
             await self._answer(reply, wire.error_reply(exc.code, exc.message, retryable=exc.retryable))
             return
         except BusError as exc:

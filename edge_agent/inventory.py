@@ -6,6 +6,8 @@ Pure bookkeeping (no asyncio, no clock): the agent asks it questions and tells i
   on an accelerator never exceed its total; a reservation that does not fit returns None.
 - Rule 2: a request gets a slot only on a ``ready`` replica with ``busy < slots``; the least busy
   replica is chosen so load spreads over a model's replicas.
+- Rule 3: while ``serving`` is False (the backend does not answer) no request gets a slot
+  (``backend_unavailable``) and ready replicas are reported ``loading``: not ready.
 - Free cards are rounded to 1e-6 so 0.1 + 0.2 replicas do not show as 0.30000000000000004.
 """
 
@@ -32,9 +34,10 @@ class Replica:
     state: str = LOADING
     busy: int = 0
 
-    def status(self) -> wire.ReplicaStatus:
+    def status(self, serving: bool = True) -> wire.ReplicaStatus:
+        state = self.state if serving or self.state != READY else LOADING
         return wire.ReplicaStatus(
-            model=self.model, deployment=self.deployment, state=self.state,  # type: ignore[arg-type]
+            model=self.model, deployment=self.deployment, state=state,  # type: ignore[arg-type]
             cards=self.cards, slots=self.slots, busy=self.busy,
         )
 
@@ -47,6 +50,8 @@ class Inventory:
         self.replicas: dict[tuple[str, str], Replica] = {}
         self.attempt_cards: dict[str, tuple[str, int]] = {}
         """job -> (accelerator, cards) of its running attempt."""
+        self.serving = True
+        """The inference backend answers (Rule 3; kept by :mod:`edge_agent.backend_health`)."""
 
     def __repr__(self) -> str:
         return f"<Inventory replicas={len(self.replicas)} attempts={len(self.attempt_cards)} free={self.free_cards()}>"
@@ -90,8 +95,10 @@ class Inventory:
 
         Returns:
             ``(replica, "")`` on success, else ``(None, reason)`` with reason ``unknown_model`` (no
-            replica, or none ready yet) or ``busy`` (every slot taken).
+            replica, or none ready yet), ``busy`` (every slot taken) or ``backend_unavailable``.
         """
+        if not self.serving:
+            return None, "backend_unavailable"
         best: Replica | None = None
         for r in self.replicas.values():  # a site holds a handful of replicas: a scan beats an index
             if r.model != model or r.state != READY:
@@ -110,7 +117,7 @@ class Inventory:
         replica.busy = max(0, replica.busy - 1)
 
     def statuses(self) -> list[wire.ReplicaStatus]:
-        return [r.status() for r in self.replicas.values()]
+        return [r.status(self.serving) for r in self.replicas.values()]
 
     def inflight(self) -> int:
         return sum(r.busy for r in self.replicas.values())

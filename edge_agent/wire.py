@@ -312,7 +312,8 @@ class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
 
     code: str
     """Short machine-readable reason: ``bad_message``, ``unknown_model``, ``busy``, ``backend``,
-    ``timeout``, ``stale_attempt``, ``internal`` ..."""
+    ``backend_unavailable``, ``backend_error``, ``timeout``, ``stale_attempt``, ``internal`` ...
+    Hubs show tenants only the code (from a known list) and the site id, never ``message``."""
     message: str
     retryable: bool = False
 

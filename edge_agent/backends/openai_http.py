@@ -4,9 +4,14 @@
 the server's SSE ``data:`` lines and hands each delta on as it arrives. cpn model names map to the
 local server's names through ``models`` (identity when missing).
 
-Errors become :class:`~edge_agent.errors.BackendError`: an HTTP error status is ``backend``
-(retryable for 5xx and 429, since another site may serve it), a timeout is ``timeout``
-(retryable), a refused connection is ``backend`` (retryable), an unreadable answer is ``backend``.
+Errors become :class:`~edge_agent.errors.BackendError` whose code and message name no URL, host or
+text of the local server (those go to ``detail``, for the site's log): a refused or broken
+connection is ``backend_unavailable`` (retryable), an HTTP error status is ``backend_error`` with
+the status only (retryable for 5xx and 429, since another site may serve it), a timeout is
+``timeout`` (retryable), an unreadable answer is ``backend_error``.
+
+:meth:`OpenAIHttpBackend.probe` checks that the server answers (``GET probe_path``); the agent
+calls it every ``probe_s`` (:mod:`edge_agent.backend_health`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class OpenAIHttpBackend:
         self._base = config.url.rstrip("/")
         self.default_slots = config.slots
         self.load_time_s = config.load_time_s
+        self.probe_s = config.probe_s
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -75,9 +81,10 @@ class OpenAIHttpBackend:
                 if resp.status >= 400:
                     text = (await resp.text())[:300].strip()
                     raise BackendError(
-                        "backend",
-                        f"{path} answered HTTP {resp.status}: {text or resp.reason}",
+                        "backend_error",
+                        f"the model server answered HTTP {resp.status}",
                         retryable=resp.status >= 500 or resp.status == 429,
+                        detail=f"{url} answered HTTP {resp.status}: {text or resp.reason}",
                     )
                 if request.stream:
                     return await self._read_stream(resp, request, on_text)
@@ -86,11 +93,27 @@ class OpenAIHttpBackend:
         except BackendError:
             raise
         except asyncio.TimeoutError:
-            raise BackendError("timeout", f"{url} gave no answer within {timeout_s:g} s", retryable=True) from None
+            raise BackendError("timeout", f"the model server gave no answer within {timeout_s:g} s", retryable=True,
+                               detail=f"{url}: no answer within {timeout_s:g} s") from None
         except aiohttp.ClientConnectionError as exc:
-            raise BackendError("backend", f"{url}: {exc}", retryable=True) from None
+            raise BackendError("backend_unavailable", "the model server is unavailable", retryable=True,
+                               detail=f"{url}: {exc}") from None
         except (aiohttp.ClientError, ValueError, KeyError, TypeError, IndexError) as exc:
-            raise BackendError("backend", f"{url}: unreadable answer: {exc}") from None
+            raise BackendError("backend_error", "the model server's answer was unreadable",
+                               detail=f"{url}: unreadable answer: {exc!r}") from None
+
+    async def probe(self) -> str:
+        """Check the server once: ``""`` when ``GET probe_path`` answers 2xx within
+        ``probe_timeout_s``, else what went wrong (for the site's log; it names the URL)."""
+        url = self._base + "/" + self._config.probe_path.lstrip("/")
+        try:
+            async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=self._config.probe_timeout_s)) as resp:
+                await resp.read()
+                return "" if 200 <= resp.status < 300 else f"{url} answered HTTP {resp.status}"
+        except asyncio.TimeoutError:
+            return f"{url}: no answer within {self._config.probe_timeout_s:g} s"
+        except (aiohttp.ClientError, OSError) as exc:
+            return f"{url}: {exc!r}"
 
     @staticmethod
     def _completion(data: dict[str, Any], request: wire.InferRequest) -> Completion:

@@ -10,6 +10,15 @@ Promises every executor keeps:
   going away) ends it with ``infra_failure`` so the hub restarts it elsewhere from its checkpoint.
   Both return only once the attempt's task (and any process) is gone.
 - Rule 3: ``on_exit`` is called once, after the exit event, so the agent frees the cards.
+- Rule 4 (restarts): the agent journals every attempt it starts (:mod:`edge_agent.attempt_journal`).
+  On its next start it offers each journalled attempt to its executor's optional
+  ``recover(record, sink, on_exit)`` (see :class:`Recoverable`): an executor whose attempts outlive
+  the agent (a container, a Slurm job) returns a running attempt re-attached to it, with events
+  numbered on from the record through ``sink``; one that cannot (``sim``, ``process``: their
+  attempts die with the agent) has no ``recover`` or returns None, and the agent reports the attempt
+  ``infra_failure`` ("agent restarted; attempt lost") so the hub restarts it from its checkpoint.
+  A running attempt may expose ``recovery: dict[str, str]`` (facts to find it again); the agent
+  journals it right after ``start`` returns and hands it back as ``record.state``.
 """
 
 from __future__ import annotations
@@ -17,9 +26,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from edge_agent import wire
+
+if TYPE_CHECKING:
+    from edge_agent.attempt_journal import AttemptRecord
 
 Event = wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited
 Publish = Callable[[Event, str], None]
@@ -30,14 +42,15 @@ class EventSink:
     """Numbers and stamps one attempt's events and hands them to ``publish`` (the outbox)."""
 
     def __init__(self, site: str, job: str, attempt: int, publish: Publish,
-                 clock: Callable[[], float] = time.time, *, key: str = "") -> None:
+                 clock: Callable[[], float] = time.time, *, key: str = "", seq: int = 0) -> None:
         self.site = site
         self.job = job
         self.attempt = attempt
         self._deliver = publish
         self._key = key
         self._clock = clock
-        self._seq = 0
+        self._seq = seq
+        """Last seq used: 0 for a new attempt, the journalled mark for one recovered after a restart."""
         self.exited: wire.AttemptExited | None = None
 
     def _next(self) -> int:
@@ -102,6 +115,16 @@ class Executor(Protocol):
     async def start(self, command: wire.StartAttempt, sink: EventSink,
                     on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt:
         """Start an attempt; failures to start are reported as an ``AttemptExited`` event."""
+        ...
+
+
+class Recoverable(Protocol):
+    """The optional restart hook of an :class:`Executor` (Rule 4)."""
+
+    async def recover(self, record: AttemptRecord, sink: EventSink,
+                      on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt | None:
+        """Re-attach to the attempt ``record`` describes if it still runs, else None (the
+        default for an executor without this method). Must not emit ``AttemptStarted`` again."""
         ...
 
 

@@ -17,6 +17,10 @@ It talks back through stdout lines (everything else on stdout is ignored):
 Exit 0 -> ``completed``; any other exit -> ``user_error`` with the exit code and the last stderr
 lines in ``detail``. ``StopAttempt`` sends SIGTERM to the group (a program may checkpoint then),
 waits ``grace_s``, then SIGKILL -> ``stopped``.
+
+After an agent crash the group is not re-attached (its pipes died with the agent): ``recover``
+SIGKILLs what is left of it (:mod:`edge_agent.executors.orphans`) and the agent reports the attempt
+lost, so the hub restarts it from its checkpoint and no orphan writes on meanwhile.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from pathlib import Path
 
 from edge_agent import wire
 from edge_agent.config import ProcessExecutorConfig
+from edge_agent.attempt_journal import AttemptRecord
 from edge_agent.executors import AttemptTask, EventSink, RunningAttempt
+from edge_agent.executors.orphans import kill_orphan_group
 from edge_agent.logs import log
 
 CHECKPOINT_PREFIX = "CPN_CHECKPOINT"
@@ -57,6 +63,15 @@ class ProcessExecutor:
                                  work_dir=self.work_dir, checkpoint_dir=self.checkpoint_dir(command.job))
         await attempt.begin()
         return attempt
+
+    async def recover(self, record: AttemptRecord, sink: EventSink,
+                      on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt | None:
+        """Cannot re-attach: end the orphaned process group, if any, and return None."""
+        pgid = int(record.state.get("pgid", "0") or 0)
+        if kill_orphan_group(pgid, record.job, record.attempt):
+            log(logging.WARNING, "attempt_orphan_killed", site=sink.site, job=record.job, attempt=record.attempt,
+                pgid=pgid)
+        return None
 
 
 def parse_line(line: str) -> tuple[str, str, float] | None:
@@ -107,6 +122,11 @@ class ProcessAttempt(AttemptTask):
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
+
+    @property
+    def recovery(self) -> dict[str, str]:
+        """Journalled by the agent: the process group to end after an agent crash."""
+        return {"pgid": str(self._proc.pid)} if self._proc else {}
 
     async def begin(self) -> None:
         cmd = self.command

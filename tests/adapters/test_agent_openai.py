@@ -4,78 +4,16 @@ both directly and through an agent on a real nats-server."""
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
-from aiohttp import web
 
 from controlplane.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.backends.openai_http import OpenAIHttpBackend
 from edge_agent.config import OpenAIHttpConfig
 from edge_agent.errors import BackendError
-from tests.support.fakehub import FakeHub, agent_config, running
-
-
-@dataclass
-class LocalServer:
-    url: str
-    requests: list[tuple[str, dict[str, Any], str]] = field(default_factory=list)
-    fail_status: int = 0
-    delay_s: float = 0.0
-
-
-@pytest.fixture
-async def local_llm() -> AsyncIterator[LocalServer]:
-    """A vLLM look-alike: echoes the last user message word by word; streams as SSE with 30 ms gaps."""
-    state = LocalServer(url="")
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        state.requests.append((request.path, body, request.headers.get("Authorization", "")))
-        if state.delay_s:
-            await asyncio.sleep(state.delay_s)
-        if state.fail_status:
-            return web.json_response({"error": {"message": "CUDA out of memory"}}, status=state.fail_status)
-        chat = request.path.endswith("/chat/completions")
-        source = body["messages"][-1]["content"] if chat else body["prompt"]
-        words = [f"{w}!" for w in source.split()][: body.get("max_tokens", 16)]
-        if not body.get("stream"):
-            text = " ".join(words)
-            choice = {"index": 0, "finish_reason": "stop",
-                      **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
-            return web.json_response({"id": "x", "model": body["model"], "choices": [choice],
-                                      "usage": {"prompt_tokens": 11, "completion_tokens": len(words)}})
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i, word in enumerate(words):
-            piece = word if i == 0 else " " + word
-            choice = {"index": 0, "finish_reason": None,
-                      **({"delta": {"content": piece}} if chat else {"text": piece})}
-            await resp.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
-            await asyncio.sleep(0.03)
-        await resp.write(b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\n')
-        usage = {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": len(words)}}
-        await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
-        await resp.write_eof()
-        return resp
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handle)
-    app.router.add_post("/v1/completions", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.url = f"http://127.0.0.1:{port}"
-    try:
-        yield state
-    finally:
-        await runner.cleanup()
+from tests.support.fakehub import FakeHub, agent_config, running, wait_for
+from tests.support.localllm import LocalServer, local_llm  # noqa: F401  (the fixture)
 
 
 async def test_non_streaming_chat_and_completions(local_llm: LocalServer) -> None:
@@ -121,32 +59,63 @@ async def test_streaming_relays_deltas_as_they_arrive(local_llm: LocalServer) ->
     assert local_llm.requests[0][1]["stream_options"] == {"include_usage": True}
 
 
+def _no_address(text: str, url: str) -> None:
+    host_port = url.split("://", 1)[1]
+    assert host_port not in text and "127.0.0.1" not in text and "localhost" not in text, text
+
+
 async def test_http_errors_and_timeouts_become_clear_backend_errors(local_llm: LocalServer) -> None:
+    # Code and message go to the hub (and may reach a tenant): the status at most, never the
+    # server's address or its own text; both stay in ``detail`` for the site's log.
     backend = OpenAIHttpBackend(OpenAIHttpConfig(url=local_llm.url, timeout_s=0.2))
     req = wire.InferRequest(request_id="e", model="m", prompt="x")
     try:
         local_llm.fail_status = 500
         with pytest.raises(BackendError) as err:
             await backend.generate(req, None)
-        assert err.value.code == "backend" and err.value.retryable and "HTTP 500" in err.value.message
-        assert "CUDA out of memory" in err.value.message
+        assert err.value.code == "backend_error" and err.value.retryable and "HTTP 500" in err.value.message
+        assert "CUDA out of memory" not in err.value.message and "CUDA out of memory" in err.value.detail
+        assert local_llm.url in err.value.detail
+        _no_address(str(err.value), local_llm.url)
         local_llm.fail_status = 400
         with pytest.raises(BackendError) as err:
             await backend.generate(req, None)
-        assert err.value.code == "backend" and not err.value.retryable
+        assert err.value.code == "backend_error" and not err.value.retryable
         local_llm.fail_status, local_llm.delay_s = 0, 1.0
         with pytest.raises(BackendError) as err:
             await backend.generate(req, None)
         assert err.value.code == "timeout" and err.value.retryable
+        _no_address(str(err.value), local_llm.url)
     finally:
         await backend.close()
     refused = OpenAIHttpBackend(OpenAIHttpConfig(url="http://127.0.0.1:9"))
     try:
         with pytest.raises(BackendError) as err:
             await refused.generate(req, None)
-        assert err.value.code == "backend" and err.value.retryable
+        assert err.value.code == "backend_unavailable" and err.value.retryable
+        _no_address(str(err.value), "http://127.0.0.1:9")
+        assert "127.0.0.1:9" in err.value.detail
     finally:
         await refused.close()
+
+
+async def test_probe_says_whether_the_server_answers(local_llm: LocalServer) -> None:
+    backend = OpenAIHttpBackend(OpenAIHttpConfig(url=local_llm.url, probe_timeout_s=0.5))
+    try:
+        assert await backend.probe() == "" and local_llm.probes == 1
+        await local_llm.stop()
+        down = await backend.probe()
+        assert down and local_llm.url in down  # the detail is for the site's log
+        await local_llm.start()
+        assert await backend.probe() == ""
+        local_llm.fail_status = 0
+        slow = OpenAIHttpBackend(OpenAIHttpConfig(url=local_llm.url, probe_path="/nowhere"))
+        try:
+            assert "HTTP 404" in await slow.probe()
+        finally:
+            await slow.close()
+    finally:
+        await backend.close()
 
 
 async def test_agent_serves_through_openai_http(nats_server: NatsServer, local_llm: LocalServer) -> None:
@@ -161,7 +130,62 @@ async def test_agent_serves_through_openai_http(nats_server: NatsServer, local_l
             assert isinstance(final, wire.InferResult) and final.output == "red! green! blue!" and final.site == "edge-a"
             local_llm.fail_status = 503
             err = await hub.infer("edge-a", wire.InferRequest(request_id="a2", model="qwen", prompt="x"))
-            assert isinstance(err, wire.ErrorReply) and err.code == "backend" and err.retryable
+            assert isinstance(err, wire.ErrorReply) and err.code == "backend_error" and err.retryable
+            assert "CUDA" not in err.message and str(local_llm.port) not in err.message
             assert agent.counters["infer_errors"] == 1
             await asyncio.wait_for(agent.registered.wait(), 5)
             assert hub.registrations_of("edge-a")[-1].backends == ["openai-http"]
+
+
+def _states(hb: wire.Heartbeat) -> list[str]:
+    return [m.state for m in hb.models]
+
+
+async def test_a_dead_local_server_makes_the_replica_not_ready_until_it_answers(
+        nats_server: NatsServer, local_llm: LocalServer) -> None:
+    cfg = agent_config(nats_server.url, backend={"kind": "openai-http", "openai-http": {
+        "url": local_llm.url, "probe_s": 0.2, "probe_timeout_s": 0.5}})
+    async with FakeHub(nats_server.url, heartbeat_s=0.1) as hub:
+        async with running(cfg) as agent:
+            await hub.wait_heartbeat("edge-a", lambda hb: _states(hb) == ["ready"], what="the replica ready")
+            assert local_llm.probes >= 1
+
+            await local_llm.stop()
+            loop = asyncio.get_running_loop()
+            stopped = loop.time()
+            await hub.wait_heartbeat("edge-a", lambda hb: _states(hb) == ["loading"], timeout_s=3,
+                                     what="the replica reported not ready")
+            took = loop.time() - stopped
+            assert took < 0.2 + 0.5 + 0.5, f"noticed after {took:.2f} s"  # a probe interval and its timeout, plus a beat
+            err = await hub.infer("edge-a", wire.InferRequest(request_id="d1", model="qwen", prompt="x"))
+            assert isinstance(err, wire.ErrorReply) and err.code == "backend_unavailable" and err.retryable
+            assert "127.0.0.1" not in err.message and str(local_llm.port) not in err.message
+            assert agent.counters["backend_unavailable"] == 1 and agent.health.downs == 1
+
+            await local_llm.start()  # the same port: the server came back
+            await hub.wait_heartbeat("edge-a", lambda hb: _states(hb) == ["ready"], timeout_s=3,
+                                     what="the replica ready again")
+            ok = await hub.infer("edge-a", wire.InferRequest(request_id="d2", model="qwen", prompt="back again"))
+            assert isinstance(ok, wire.InferResult) and ok.output == "back! again!"
+
+
+async def test_a_request_that_cannot_connect_marks_the_backend_down_at_once(
+        nats_server: NatsServer, local_llm: LocalServer) -> None:
+    # Probes every 60 s: only the failed request can have told the agent.
+    cfg = agent_config(nats_server.url, backend={"kind": "openai-http", "openai-http": {
+        "url": local_llm.url, "probe_s": 60}})
+    async with FakeHub(nats_server.url, heartbeat_s=0.1) as hub:
+        async with running(cfg) as agent:
+            await hub.wait_heartbeat("edge-a", lambda hb: _states(hb) == ["ready"], what="the replica ready")
+            await wait_for(lambda: agent.health.probes == 1, 5, "the first probe")
+            await local_llm.stop()
+            err = await hub.infer("edge-a", wire.InferRequest(request_id="c1", model="qwen", prompt="x"))
+            assert isinstance(err, wire.ErrorReply) and err.code == "backend_unavailable"
+            assert "127.0.0.1" not in err.message and str(local_llm.port) not in err.message
+            await hub.wait_heartbeat("edge-a", lambda hb: _states(hb) == ["loading"], timeout_s=1,
+                                     what="the replica reported not ready")
+            assert agent.health.probes == 1
+            await local_llm.start()
+            assert await agent.health.check()  # the next probe finds it again
+            await hub.wait_heartbeat("edge-a", lambda hb: _states(hb) == ["ready"], timeout_s=1,
+                                     what="the replica ready again")
