@@ -165,7 +165,7 @@ def test_cpn_up_started_with_umask_022_writes_nothing_readable_by_others(tmp_pat
         for must in ("hub.db", "hub.db-wal", "hub.db-shm", "jetstream", "demo-credentials.json", "nats-secret",
                      "nats-server.conf", "agents"):
             assert must in names, (must, sorted(names))
-        assert sum(n.startswith("agents/") for n in names) == 4, sorted(names)  # one data dir per site
+        assert sum(n.startswith("agents/") and n.count("/") == 1 for n in names) == 4, sorted(names)  # one per site
         assert any(n.startswith("jetstream/") and (data / n).is_file() for n in names), "no JetStream files"
         assert loose(data) == []
     finally:
