@@ -56,6 +56,8 @@ def agent_version() -> str:
 
 def _make_executors(config: AgentConfig) -> dict[str, Executor]:
     executors: dict[str, Executor] = {}
+    # Without a data dir, checkpoints go to a per-site temp dir (fine for demos, said in docs).
+    base = config.data_path or Path(tempfile.gettempdir()) / f"cpn-agent-{config.site}"
     for name in config.executors.enabled:
         if name == "sim":
             from edge_agent.executors.sim import SimExecutor
@@ -64,9 +66,18 @@ def _make_executors(config: AgentConfig) -> dict[str, Executor]:
         elif name == "process":
             from edge_agent.executors.process import ProcessExecutor
 
-            # Without a data dir, checkpoints go to a per-site temp dir (fine for demos, said in docs).
-            base = config.data_path or Path(tempfile.gettempdir()) / f"cpn-agent-{config.site}"
-            executors[name] = ProcessExecutor(config.executors.process, base)
+            process = ProcessExecutor(config.executors.process, base)
+            if process.unavailable:
+                log(logging.ERROR, "executor_unavailable", site=config.site, executor=name, reason=process.unavailable)
+            executors[name] = process
+        elif name == "container":
+            from edge_agent.executors.container import ContainerExecutor
+
+            container = ContainerExecutor(config.executors.container, base, config.site, config.accelerators)
+            if container.unavailable:
+                log(logging.ERROR, "executor_unavailable", site=config.site, executor=name,
+                    reason=container.unavailable)
+            executors[name] = container
     return executors
 
 

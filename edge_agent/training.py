@@ -10,6 +10,9 @@ Promises (the hub may resend any command after a crash, so every answer is safe 
   a start that does not fit -> ``ErrorReply("no_capacity")``.
 - Rule 3: StopAttempt of an unknown (or older) attempt -> ``Ack`` with a detail; a real stop is
   acknowledged at once and finishes in the background (the exit event confirms it).
+- Rule 4: the site decides what runs: StartAttempt for an executor it did not enable ->
+  ``ErrorReply("unsupported")``; for a command or image its executor does not allow (or a sandbox
+  it cannot set up) -> ``ErrorReply("not_allowed")``, both naming the reason; nothing is reserved.
 - Commands for one job are handled one after another (a per-job lock).
 """
 
@@ -85,6 +88,11 @@ class Training:
             return wire.ErrorReply(code="unsupported",
                                    message=f"executor {cmd.executor!r} is not enabled at {self.site} "
                                            f"(enabled: {', '.join(self.executors) or 'none'})")
+        refused = executor.refusal(cmd)
+        if refused:
+            log(logging.WARNING, "attempt_refused", site=self.site, job=cmd.job, attempt=cmd.attempt,
+                executor=cmd.executor, reason=refused)
+            return wire.ErrorReply(code="not_allowed", message=f"{self.site}: {refused}")
         async with self._lock(cmd.job):
             done = self.finished.get((cmd.job, cmd.attempt))
             if done is not None:

@@ -10,6 +10,8 @@ Promises every executor keeps:
   going away) ends it with ``infra_failure`` so the hub restarts it elsewhere from its checkpoint.
   Both return only once the attempt's task (and any process) is gone.
 - Rule 3: ``on_exit`` is called once, after the exit event, so the agent frees the cards.
+- Rule 4: an executor runs only what the site's config allows (``refusal``); a sandbox that cannot
+  be set up refuses every attempt with the reason, it never runs one unconfined.
 """
 
 from __future__ import annotations
@@ -98,6 +100,11 @@ class RunningAttempt(Protocol):
 
 class Executor(Protocol):
     name: str
+
+    def refusal(self, command: wire.StartAttempt) -> str:
+        """Why this site will not run ``command`` ("" when it will): checked before any card is
+        reserved; the agent answers ``ErrorReply("not_allowed", <reason>)``."""
+        ...
 
     async def start(self, command: wire.StartAttempt, sink: EventSink,
                     on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt:
