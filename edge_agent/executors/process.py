@@ -61,8 +61,12 @@ def sandbox_argv(argv: list[str], *, bwrap: str, uid: int, gid: int, checkpoint_
     writable, with the directories above it (inside a hidden path) recreated 0755 so the
     unprivileged user can reach it.
     """
-    out = [bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-           "--die-with-parent", "--new-session",
+    # bwrap ignores SIGTERM (a stop's SIGTERM to the group is the program's, which gets the default
+    # disposition back just before it runs); SIGKILL of bwrap ends the whole PID namespace.
+    out = ["env", "--ignore-signal=TERM", bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+           # No --new-session: the agent starts bwrap in a session of its own already (no terminal
+           # to inject into), and the program must stay in that process group so a stop reaches it.
+           "--die-with-parent",
            "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
     for path in sorted(set(hidden), key=lambda p: len(p.parts)):
         out += ["--perms", "0755", "--tmpfs", str(path)]
@@ -77,7 +81,7 @@ def sandbox_argv(argv: list[str], *, bwrap: str, uid: int, gid: int, checkpoint_
     if drop:
         out += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
                 "--bounding-set=-all", "--no-new-privs", "--"]
-    return out + argv
+    return [*out, "env", "--default-signal=TERM", *argv]
 
 
 class ProcessExecutor:
