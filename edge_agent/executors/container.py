@@ -63,8 +63,8 @@ class ContainerExecutor:
         self.data_dir = data_dir
         self.site = site
         self.accelerators = dict(accelerators)
-        self.podman = shutil.which(config.podman) or ""
-        self.unavailable = "" if self.podman else f"podman ({config.podman!r}) is not installed"
+        self.podman_path = shutil.which(config.podman) or ""
+        self.unavailable = "" if self.podman_path else f"podman ({config.podman!r}) is not installed"
         """Why no attempt can run here at all ("" when ready); logged at agent start."""
         self.cards_in_use: dict[str, tuple[str, list[int]]] = {}
         """job -> (accelerator, card indices) of its running attempt."""
@@ -91,7 +91,7 @@ class ContainerExecutor:
 
     def podman_base(self) -> list[str]:
         """``podman`` and its global options (storage dirs, extra args)."""
-        out = [self.podman or self.config.podman]
+        out = [self.podman_path or self.config.podman]
         if self.config.root:
             out += ["--root", self.config.root]
         if self.config.runroot:
