@@ -7,6 +7,7 @@ storage root with a containers.conf of our own (runc, cgroupfs, explicit ulimits
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
@@ -242,6 +243,36 @@ async def test_a_failing_job_and_a_stopped_one(nats_server: NatsServer, tmp_path
 
 
 @real_podman
+async def test_an_agent_stopping_ends_its_containers_as_infra_failure(nats_server: NatsServer, tmp_path: Path,
+                                                                      podman_site: dict[str, Any]) -> None:
+    loop = "trap 'exit 0' TERM; echo CPN_PROGRESS 0.3; while true; do sleep 0.05; done"
+    async with FakeHub(nats_server.url) as hub:
+        await hub.create_stream()
+        async with running(_site(nats_server.url, tmp_path / "a", podman_site)) as agent:
+            assert isinstance(await hub.command("edge-a", _start("left", loop, attempt=4)), wire.Ack)
+            await hub.wait_heartbeat("edge-a", lambda hb: any(a.job == "left" for a in hb.attempts), what="running")
+            executor = agent.training.executors["container"]
+            await agent.stop(drain=True)
+        events = await hub.stream_events()
+    exited = _exited(events, "left")
+    assert exited is not None and exited.reason == "infra_failure" and exited.progress == 0.3, exited
+    code, _ = await executor.podman("container", "exists", "cpn-edge-a-left-4")  # type: ignore[attr-defined]
+    assert code == 1  # removed (--rm): nothing left holding the cards
+
+
+async def test_without_podman_every_attempt_is_refused(nats_server: NatsServer, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR)
+    cfg = _site(nats_server.url, tmp_path / "a", {"images": ["localhost/*"], "podman": "/nonexistent/podman"})
+    async with FakeHub(nats_server.url) as hub:
+        async with running(cfg):
+            assert "executor_unavailable" in caplog.text
+            reply = await hub.command("edge-a", _start("nopod", "id"))
+    assert isinstance(reply, wire.ErrorReply) and reply.code == "not_allowed", reply
+    assert "podman ('/nonexistent/podman') is not installed" in reply.message
+
+
+@real_podman
 async def test_only_the_given_cards_devices_appear(nats_server: NatsServer, tmp_path: Path,
                                                    podman_site: dict[str, Any]) -> None:
     """Loop devices stand in for accelerator nodes (this machine has no GPU)."""
@@ -258,7 +289,7 @@ async def test_only_the_given_cards_devices_appear(nats_server: NatsServer, tmp_
             assert isinstance(await hub.command("edge-a", _start("two", script, cards=2)), wire.Ack)
             for job in ("one", "two"):
                 cards = data / "checkpoints" / job / "cards"
-                await wait_for(lambda f=cards: f.exists() and f.read_text().strip() != "", 20,  # type: ignore[misc]
+                await wait_for(lambda f=cards: f.exists() and f.read_text().strip() != "", 20,
                                what=f"{job} listed its devices")
             await asyncio.gather(*(a.stop() for a in list(agent.training.attempts.values())))
     seen = {job: [d for d in (data / "checkpoints" / job / "dev").read_text().split() if d.startswith("loop")]
