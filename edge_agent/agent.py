@@ -235,7 +235,7 @@ class Agent:
         c = self.config
         return wire.Register(
             site=self.site, tier=c.tier, city=c.city, provider=c.provider, accelerators=dict(c.accelerators),
-            backends=[self.backend.name], executors=list(self.training.executors),
+            backends=[self.backend.name], executors=self.training.offered(),
             models=self.inventory.statuses(), attempts=self.training.refs(), tee=c.tee, lat=c.lat, lon=c.lon,
             agent_version=agent_version(), infer_acks=True,
         )

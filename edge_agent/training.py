@@ -46,6 +46,11 @@ class Training:
     def __repr__(self) -> str:
         return f"<Training site={self.site} running={len(self.attempts)} finished={len(self.finished)}>"
 
+    def offered(self) -> list[str]:
+        """Executors this site can run now (told to the hub): enabled, and not ``unavailable``
+        (e.g. the ``process`` executor without bubblewrap)."""
+        return [name for name, ex in self.executors.items() if not getattr(ex, "unavailable", "")]
+
     def refs(self) -> list[wire.AttemptRef]:
         return [wire.AttemptRef(job=a.job, attempt=a.attempt, progress=round(a.progress, 6))
                 for a in self.attempts.values()]

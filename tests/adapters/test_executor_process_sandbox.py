@@ -20,7 +20,7 @@ from controlplane.natsserver import NatsServer
 from edge_agent import config, wire
 from edge_agent.executors.process import sandbox_argv
 from tests.support.engines import needs
-from tests.support.fakehub import FakeHub, StreamedEvent, agent_config, running
+from tests.support.fakehub import FakeHub, StreamedEvent, agent_config, running, wait_for
 
 PYTHON = "/usr/bin/python3"
 NOBODY = 65534
@@ -68,7 +68,8 @@ async def test_a_default_agent_refuses_a_tenant_command(nats_server: NatsServer,
             assert reply.message == "executor 'process' is not enabled at edge-a (enabled: none)"
             sim = await hub.command("edge-a", wire.StartAttempt(job="s", attempt=1, cards=1, accelerator="H20"))
             assert isinstance(sim, wire.ErrorReply) and sim.code == "unsupported"
-            assert hub.registrations_of("edge-a")[-1].executors == []
+            registered = await wait_for(lambda: hub.registrations_of("edge-a"), 5, "the registration")
+            assert registered[-1].executors == []
             assert agent.inventory.free_cards()["H20"] == 3.5 and not agent.training.attempts
     assert not marker.exists()
 
@@ -178,6 +179,8 @@ async def test_without_bwrap_every_attempt_is_refused_and_the_agent_says_so(
     async with FakeHub(nats_server.url) as hub:
         async with running(cfg):
             assert "executor_unavailable" in caplog.text and "never runs unsandboxed" in caplog.text
+            registered = await wait_for(lambda: hub.registrations_of("edge-a"), 5, "the registration")
+            assert registered[-1].executors == []  # not offered to the hub
             reply = await hub.command("edge-a", _start("nobw", ["sh", "-c", f"touch {marker}"]))
     assert isinstance(reply, wire.ErrorReply) and reply.code == "not_allowed", reply
     assert "bubblewrap ('/nonexistent/bwrap') is not installed" in reply.message
