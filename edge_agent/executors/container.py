@@ -164,8 +164,14 @@ class ContainerExecutor:
             return attempt
         self.cards_in_use[command.job] = (command.accelerator, indices)
         await self.podman("rm", "--force", "--ignore", "--time", "0", attempt.name)  # left by an earlier agent
+        try:
+            shutil.rmtree(attempt.scratch, ignore_errors=True)
+            attempt.scratch.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            attempt.fail_to_start(f"cannot prepare {attempt.scratch}: {exc.strerror or exc}")
+            return attempt
         await attempt.spawn(self.run_argv(command, indices=indices, progress=attempt.progress),
-                            env=self.podman_env())
+                            env=self.podman_env(), cwd=str(attempt.scratch))
         return attempt
 
     async def podman(self, *args: str) -> tuple[int, str]:
@@ -191,6 +197,9 @@ class ContainerAttempt(PipedAttempt):
         self.executor = executor
         self.name = executor.container_name(command.job, command.attempt)
         self.memory_mib = cfg.memory_mib_per_card * command.cards
+        self.scratch = executor.data_dir / "containers" / self.name
+        """podman's working directory: conmon leaves a file ``oom`` here when the kernel's OOM
+        killer ended the container."""
 
     def resolve(self, path: str) -> str:
         if path.startswith("/"):
@@ -198,8 +207,11 @@ class ContainerAttempt(PipedAttempt):
         return f"{self.executor.config.checkpoint_mount.rstrip('/')}/{path}"
 
     def explain(self, code: int) -> str:
+        if code == 137 and (self.scratch / "oom").exists():
+            return f"killed: memory limit {self.memory_mib} MiB exceeded (out of memory, exit code 137)"
         if code == 137:
-            return f"killed: memory limit {self.memory_mib} MiB exceeded (exit code 137, SIGKILL)"
+            return (f"killed by SIGKILL (exit code 137), not by the agent: most likely the memory limit "
+                    f"of {self.memory_mib} MiB")
         if code == 125:
             return "podman could not run the container (exit code 125)"
         return super().explain(code)
@@ -215,3 +227,9 @@ class ContainerAttempt(PipedAttempt):
 
     async def cleanup(self) -> None:
         await self.executor.podman("rm", "--force", "--ignore", "--time", "0", self.name)
+
+    async def _run(self) -> None:
+        try:
+            await super()._run()
+        finally:
+            shutil.rmtree(self.scratch, ignore_errors=True)

@@ -214,7 +214,9 @@ async def test_killed_at_its_memory_limit_with_a_clear_user_error(nats_server: N
         async with running(_site(nats_server.url, tmp_path / "a", podman_site)):
             exited, _ = await _run(hub, _start("hog", hog))
     assert exited.reason == "user_error" and exited.exit_code == 137, exited
-    assert exited.detail.startswith("killed: memory limit 64 MiB exceeded"), exited.detail
+    assert exited.detail.startswith("killed: memory limit 64 MiB exceeded (out of memory, exit code 137)"), exited.detail
+    assert not (tmp_path / "a" / "containers" / "cpn-edge-a-hog-1").exists()
+    assert not Path("oom").exists()  # conmon's marker stays in the attempt's own scratch dir
     assert exited.progress == 0.1
 
 
