@@ -198,3 +198,12 @@ def test_the_sandbox_hides_before_it_binds_the_checkpoint_dir() -> None:
         f"--bind {ck} {ck}")
     assert f"--reuid={NOBODY}" in argv and "--no-new-privs" in argv and "--as=268435456" in argv
     assert argv[-3:] == ["/usr/bin/python3", "-c", "1"]
+
+
+def test_cpn_up_sites_run_simulated_training_only(tmp_path: Path) -> None:
+    from controlplane.up import agent_config_for
+    from topology import loader
+
+    layout = loader.load_default()
+    configs = [agent_config_for(site, "nats://127.0.0.1:4222", tmp_path, None) for site in layout.sites]
+    assert configs and {tuple(c.executors.enabled) for c in configs} == {("sim",)}
