@@ -187,7 +187,7 @@ class Rig:
 
     async def start_agent(self, site_id: str) -> None:
         from edge_agent.agent import Agent
-        from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
+        from edge_agent.config import AgentConfig, BackendConfig, ExecutorsConfig, ModelConfig, SimBackendConfig
 
         site = self.layout.site(site_id)
         user, password = self.identities.site_credentials[site_id]
@@ -197,6 +197,7 @@ class Rig:
             city=site.city, provider=site.provider, region=site.region, accelerators=dict(site.accelerators),
             data_dir=str(self.root / "agents" / site.id), models=models,
             backend=BackendConfig(sim=SimBackendConfig(ttft_ms=2, per_token_ms=1, slots=16)),
+            executors=ExecutorsConfig(enabled=["sim"]),
         ))
         await agent.start()
         self.agents[site.id] = agent

@@ -232,7 +232,7 @@ def _demo_origin(layout: topo_layout.Layout) -> str:
 
 def agent_config_for(site: topo_layout.Site, nats_url: str, data_dir: Path, creds: tuple[str, str] | None) -> Any:
     """The simulated agent of one layout site, as ``cpn up`` runs it."""
-    from edge_agent.config import AgentConfig, BackendConfig, SimBackendConfig
+    from edge_agent.config import AgentConfig, BackendConfig, ExecutorsConfig, SimBackendConfig
 
     user, password = creds or ("", "")
     return AgentConfig(
@@ -241,6 +241,7 @@ def agent_config_for(site: topo_layout.Site, nats_url: str, data_dir: Path, cred
         accelerators=dict(site.accelerators), heartbeat_s=1.0,
         data_dir=str(data_dir / "agents" / site.id),
         backend=BackendConfig(kind="sim", sim=SimBackendConfig(ttft_ms=20.0, per_token_ms=4.0, slots=8, load_time_s=1.0, answer_words=24)),
+        executors=ExecutorsConfig(enabled=["sim"]),  # simulated training only: no tenant code runs
     )
 
 

@@ -62,6 +62,8 @@ def agent_version() -> str:
 
 def _make_executors(config: AgentConfig) -> dict[str, Executor]:
     executors: dict[str, Executor] = {}
+    # Without a data dir, checkpoints go to a per-site temp dir (fine for demos, said in docs).
+    base = config.data_path or Path(tempfile.gettempdir()) / f"cpn-agent-{config.site}"
     for name in config.executors.enabled:
         if name == "sim":
             from edge_agent.executors.sim import SimExecutor
@@ -70,14 +72,22 @@ def _make_executors(config: AgentConfig) -> dict[str, Executor]:
         elif name == "process":
             from edge_agent.executors.process import ProcessExecutor
 
-            # Without a data dir, checkpoints go to a per-site temp dir (fine for demos, said in docs).
-            base = config.data_path or Path(tempfile.gettempdir()) / f"cpn-agent-{config.site}"
-            executors[name] = ProcessExecutor(config.executors.process, base)
+            process = ProcessExecutor(config.executors.process, base)
+            if process.unavailable:
+                log(logging.ERROR, "executor_unavailable", site=config.site, executor=name, reason=process.unavailable)
+            executors[name] = process
+        elif name == "container":
+            from edge_agent.executors.container import ContainerExecutor
+
+            container = ContainerExecutor(config.executors.container, base, config.site, config.accelerators)
+            if container.unavailable:
+                log(logging.ERROR, "executor_unavailable", site=config.site, executor=name,
+                    reason=container.unavailable)
+            executors[name] = container
         elif name == "slurm":
             from edge_agent.executors.slurm import SlurmExecutor
 
-            slurm = SlurmExecutor(config.executors.slurm,
-                                  config.data_path or Path(tempfile.gettempdir()) / f"cpn-agent-{config.site}")
+            slurm = SlurmExecutor(config.executors.slurm, base)
             executors[name] = slurm
             if "process" not in config.executors.enabled:
                 executors["process"] = slurm  # command jobs (executor "process") go to the site's Slurm
@@ -268,7 +278,7 @@ class Agent:
         c = self.config
         return wire.Register(
             site=self.site, tier=c.tier, city=c.city, provider=c.provider, accelerators=dict(c.accelerators),
-            backends=[self.backend.name], executors=list(self.training.executors),
+            backends=[self.backend.name], executors=self.training.offered(),
             models=self.inventory.statuses(), attempts=self.training.refs(), tee=c.tee, lat=c.lat, lon=c.lon,
             agent_version=agent_version(), infer_acks=True,
         )

@@ -26,7 +26,7 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Slots = Annotated[int, msgspec.Meta(ge=1)]
 
 BACKENDS = ("sim", "openai-http")
-EXECUTORS = ("sim", "process")
+EXECUTORS = ("sim", "process", "container")
 
 
 class _Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, frozen=True):
@@ -101,12 +101,83 @@ class ModelConfig(_Config, frozen=True):
 
 
 class ProcessExecutorConfig(_Config, frozen=True):
+    """The ``process`` executor (development): allow-listed commands in a bubblewrap sandbox."""
+
+    commands: list[str] = []
+    """Programs a job may run, as absolute paths; a job's ``argv[0]`` is resolved (``PATH`` and
+    symlinks) and must be one of them (each resolved the same way). Empty: every command is refused."""
+    user: str = "nobody"
+    """Unprivileged user (name or uid) the command runs as; its primary group is used."""
     work_dir: str = ""
-    """Working directory of training commands; empty: ``<data_dir>/work``."""
+    """Directory the command starts in (read-only in the sandbox); empty: its checkpoint dir."""
     grace_s: NonNegative = 10.0
     """Time between SIGTERM and SIGKILL when an attempt is stopped."""
     stderr_lines: Annotated[int, msgspec.Meta(ge=0)] = 20
     """Last stderr lines carried in a ``user_error`` event's detail."""
+    memory_mib: Annotated[int, msgspec.Meta(ge=16)] = 4096
+    """Address-space limit (RLIMIT_AS) of each process of an attempt."""
+    nproc: Annotated[int, msgspec.Meta(ge=1)] = 256
+    """Process limit (RLIMIT_NPROC, counted per user across the host)."""
+    nofile: Annotated[int, msgspec.Meta(ge=16)] = 1024
+    """Open-files limit (RLIMIT_NOFILE)."""
+    hide: list[str] = []
+    """Further host paths to cover with an empty tmpfs (the agent's data dir, ``/root`` and
+    ``/home`` always are)."""
+    bwrap: str = "bwrap"
+    """The bubblewrap binary (name on ``PATH`` or absolute path)."""
+
+
+class DeviceConfig(_Config, frozen=True):
+    """Device nodes of one accelerator type, passed to a container only for the cards it was given."""
+
+    per_card: str
+    """Pattern with ``{index}``, e.g. ``/dev/nvidia{index}`` or ``/dev/davinci{index}``."""
+    shared: list[str] = []
+    """Nodes every attempt on this accelerator needs, e.g. ``/dev/nvidiactl``, ``/dev/nvidia-uvm``."""
+
+
+class ContainerExecutorConfig(_Config, frozen=True):
+    """The ``container`` executor: allow-listed images under podman, one sandbox per attempt."""
+
+    images: list[str] = []
+    """Images a job may name: exact references (``registry.example/team/train:1``) or prefixes
+    ending in ``*`` (``localhost/*``). Empty: every image is refused."""
+    user: str = "65534:65534"
+    """``uid:gid`` the job runs as inside the container (never root)."""
+    memory_mib_per_card: Annotated[int, msgspec.Meta(ge=8)] = 16384
+    """Memory limit (cgroup) per card the attempt holds; exceeding it kills the job."""
+    cpus_per_card: Positive = 4.0
+    """CPU limit per card (capped at the host's CPU count)."""
+    pids_limit: Annotated[int, msgspec.Meta(ge=8)] = 1024
+    """Processes and threads per attempt."""
+    checkpoint_mount: str = "/cpn/checkpoint"
+    """Where the job's checkpoint dir appears inside the container (the only writable mount)."""
+    devices: dict[str, DeviceConfig] = {}
+    """Accelerator type -> its device nodes. A type without an entry gets no device."""
+    pull: Literal["never", "missing", "newer", "always"] = "never"
+    """podman ``--pull`` policy; "never": the site pulls the images it allows ahead of time."""
+    grace_s: NonNegative = 10.0
+    """``podman stop -t``: time between SIGTERM and SIGKILL when an attempt is stopped."""
+    stderr_lines: Annotated[int, msgspec.Meta(ge=0)] = 20
+    podman: str = "podman"
+    containers_conf: str = ""
+    """A containers.conf for podman (``CONTAINERS_CONF``); empty: podman's own default."""
+    root: str = ""
+    """podman ``--root`` (image and container storage); empty: podman's default."""
+    runroot: str = ""
+    """podman ``--runroot``; empty: podman's default."""
+    podman_args: list[str] = []
+    """Extra global podman arguments, e.g. ``["--storage-driver", "overlay"]``."""
+
+    def __post_init__(self) -> None:
+        uid, sep, gid = self.user.partition(":")
+        if not (uid.isdigit() and (not sep or gid.isdigit())) or int(uid) == 0:
+            raise ValueError(f"$.executors.container.user: {self.user!r} is not a non-root uid[:gid]")
+        if not self.checkpoint_mount.startswith("/") or self.checkpoint_mount == "/":
+            raise ValueError("$.executors.container.checkpoint_mount: want an absolute path below /")
+        for name, dev in self.devices.items():
+            if "{index}" not in dev.per_card:
+                raise ValueError(f"$.executors.container.devices.{name}.per_card: needs '{{index}}'")
 
 
 class SlurmExecutorConfig(_Config, frozen=True):
@@ -157,8 +228,11 @@ class SlurmExecutorConfig(_Config, frozen=True):
 
 
 class ExecutorsConfig(_Config, frozen=True):
-    enabled: list[Literal["sim", "process", "slurm"]] = msgspec.field(default_factory=lambda: ["sim", "process"])
+    enabled: list[Literal["sim", "process", "container", "slurm"]] = []
+    """Executors this site runs; empty (the default): no training at all, every StartAttempt is
+    refused with reason ``unsupported``."""
     process: ProcessExecutorConfig = ProcessExecutorConfig()
+    container: ContainerExecutorConfig = ContainerExecutorConfig()
     slurm: SlurmExecutorConfig = SlurmExecutorConfig()
 
 

@@ -10,6 +10,9 @@ Promises (the hub may resend any command after a crash, so every answer is safe 
   a start that does not fit -> ``ErrorReply("no_capacity")``.
 - Rule 3: StopAttempt of an unknown (or older) attempt -> ``Ack`` with a detail; a real stop is
   acknowledged at once and finishes in the background (the exit event confirms it).
+- Rule 4: the site decides what runs: StartAttempt for an executor it did not enable ->
+  ``ErrorReply("unsupported")``; for a command or image its executor does not allow (or a sandbox
+  it cannot set up) -> ``ErrorReply("not_allowed")``, both naming the reason; nothing is reserved.
 - Commands for one job are handled one after another (a per-job lock).
 - Rule 4: with a journal (the agent has a data dir), every attempt is recorded before its first
   event and forgotten once its exit event is in the outbox; :meth:`Training.recover` (at start)
@@ -53,6 +56,11 @@ class Training:
 
     def __repr__(self) -> str:
         return f"<Training site={self.site} running={len(self.attempts)} finished={len(self.finished)}>"
+
+    def offered(self) -> list[str]:
+        """Executors this site can run now (told to the hub): enabled, and not ``unavailable``
+        (e.g. the ``process`` executor without bubblewrap)."""
+        return [name for name, ex in self.executors.items() if not getattr(ex, "unavailable", "")]
 
     def refs(self) -> list[wire.AttemptRef]:
         return [wire.AttemptRef(job=a.job, attempt=a.attempt, progress=round(a.progress, 6))
@@ -117,6 +125,11 @@ class Training:
             return wire.ErrorReply(code="unsupported",
                                    message=f"executor {cmd.executor!r} is not enabled at {self.site} "
                                            f"(enabled: {', '.join(self.executors) or 'none'})")
+        refused = executor.refusal(cmd)
+        if refused:
+            log(logging.WARNING, "attempt_refused", site=self.site, job=cmd.job, attempt=cmd.attempt,
+                executor=cmd.executor, reason=refused)
+            return wire.ErrorReply(code="not_allowed", message=f"{self.site}: {refused}")
         async with self._lock(cmd.job):
             done = self.finished.get((cmd.job, cmd.attempt))
             if done is not None:

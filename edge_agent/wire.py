@@ -325,6 +325,10 @@ class StartAttempt(msgspec.Struct, tag="start_attempt", kw_only=True):
     accelerator: str
     executor: str = "sim"
     command: list[str] = []
+    """argv of the ``process`` executor; for ``container``, arguments after the image (empty: the
+    image's own command)."""
+    image: str = ""
+    """The image the ``container`` executor runs (the site allow-lists images)."""
     work_s: float = 3600.0
     """Work the job needs in total, in seconds of running on its cards."""
     progress: float = 0.0

@@ -5,7 +5,7 @@
     POST   /v1/jobs               JobBody, header Idempotency-Key (optional) -> 201 job view
     GET    /v1/jobs               ?state=...&limit=... -> {"object": "list", "data": [summary...]}
     GET    /v1/jobs/{job}         full view: state, attempts, pool, progress, checkpoint, cost, placement
-    GET    /v1/jobs/{job}/events  the agent events the hub stored for it, in order
+    GET    /v1/jobs/{job}/events  the agent events the hub stored for it, and refused starts, in order
     DELETE /v1/jobs/{job}         cancel -> 200 job view (409 if it already finished)
 
 Promises:
@@ -249,9 +249,16 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def job_events(request: web.Request) -> web.Response:
     row = _own_job(request)
-    events = store_jobs.events(request.app[HUB].db, row.id)
-    return json_response({"object": "list", "job": row.id, "data": [
-        {"attempt": e.attempt, "seq": e.seq, "kind": e.kind, "received_at": e.at, "body": e.body} for e in events]})
+    db = request.app[HUB].db
+    events = store_jobs.events(db, row.id)
+    data = [{"attempt": e.attempt, "seq": e.seq, "kind": e.kind, "received_at": e.at, "body": e.body} for e in events]
+    # A start the site refused (executor not enabled, command or image not allowed, no capacity)
+    # has no agent event: show the hub's record of it, seq 0, so the tenant sees the site's reason.
+    data += [{"attempt": a.attempt, "seq": 0, "kind": "dispatch_failed", "received_at": a.ended_at,
+              "body": {"site": a.pool, "detail": a.detail}}
+             for a in store_jobs.attempts(db, row.id) if a.exit_reason == "dispatch_failed"]
+    data.sort(key=lambda e: (e["attempt"], e["seq"]))
+    return json_response({"object": "list", "job": row.id, "data": data})
 
 
 async def cancel_job(request: web.Request) -> web.Response:

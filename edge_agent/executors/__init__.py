@@ -19,6 +19,8 @@ Promises every executor keeps:
   ``infra_failure`` ("agent restarted; attempt lost") so the hub restarts it from its checkpoint.
   A running attempt may expose ``recovery: dict[str, str]`` (facts to find it again); the agent
   journals it right after ``start`` returns and hands it back as ``record.state``.
+- Rule 5: an executor runs only what the site's config allows (``refusal``); a sandbox that cannot
+  be set up refuses every attempt with the reason, it never runs one unconfined.
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ class RunningAttempt(Protocol):
 
 class Executor(Protocol):
     name: str
+
+    def refusal(self, command: wire.StartAttempt) -> str:
+        """Why this site will not run ``command`` ("" when it will): checked before any card is
+        reserved; the agent answers ``ErrorReply("not_allowed", <reason>)``."""
+        ...
 
     async def start(self, command: wire.StartAttempt, sink: EventSink,
                     on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt:

@@ -1,247 +1,182 @@
-"""The ``process`` executor: a training attempt as a real subprocess.
+"""The ``process`` executor (development): an allow-listed command in a bubblewrap sandbox.
 
-The command (``StartAttempt.command``, an argv list, no shell) runs in its own process group in the
-configured work dir with these extra environment variables:
+The command (``StartAttempt.command``, an argv list, no shell) runs only if its program resolves
+to one the site allow-listed (``executors.process.commands``), and then only inside
+``bwrap`` with, per attempt:
 
-- ``CPN_JOB_ID``, ``CPN_ATTEMPT``: who it is;
-- ``CPN_CHECKPOINT_DIR``: a per-job directory under ``<data_dir>/checkpoints/`` (kept across attempts);
-- ``CPN_RESUME_FROM``: the checkpoint to resume from, or empty for a fresh start;
-- ``CPN_PROGRESS_START``: the fraction already done at that checkpoint.
+- new network, PID, IPC and UTS namespaces: no host network (not even loopback), no host processes;
+- the host filesystem read-only, an empty ``/tmp``, and empty tmpfs over the agent's data dir (its
+  credentials, outbox and every other job's checkpoints) and over the ``hide`` paths; only this
+  job's checkpoint dir is bound writable (at the same path as on the host);
+- ``prlimit`` limits (address space, processes, open files: bwrap has none of its own), then
+  ``setpriv`` drops to the configured unprivileged user with no capabilities and no-new-privs;
+- a minimal environment: ``PATH``, ``HOME`` (the checkpoint dir), ``LANG`` and the ``CPN_*``
+  variables (see :func:`edge_agent.executors.piped.attempt_env`).
 
-It talks back through stdout lines (everything else on stdout is ignored):
-
-- ``CPN_CHECKPOINT <path> <progress>``: a checkpoint is complete (path relative to the work dir
-  or absolute, progress 0..1) -> a ``Checkpointed`` event;
-- ``CPN_PROGRESS <progress>``: progress for heartbeats (no event).
-
-Exit 0 -> ``completed``; any other exit -> ``user_error`` with the exit code and the last stderr
-lines in ``detail``. ``StopAttempt`` sends SIGTERM to the group (a program may checkpoint then),
-waits ``grace_s``, then SIGKILL -> ``stopped``.
-
-After an agent crash the group is not re-attached (its pipes died with the agent): ``recover``
-SIGKILLs what is left of it (:mod:`edge_agent.executors.orphans`) and the agent reports the attempt
-lost, so the hub restarts it from its checkpoint and no orphan writes on meanwhile.
+Without ``bwrap`` (or ``prlimit``/``setpriv``), or when the user cannot be switched to, every
+attempt is refused with that reason: it never runs unsandboxed. The stdout protocol and exit
+mapping are those of :mod:`edge_agent.executors.piped`. Stop: SIGTERM to the group, ``grace_s``,
+SIGKILL -> ``stopped``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-import signal
-from collections import deque
+import pwd
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent import wire
 from edge_agent.config import ProcessExecutorConfig
-from edge_agent.attempt_journal import AttemptRecord
-from edge_agent.executors import AttemptTask, EventSink, RunningAttempt
-from edge_agent.executors.orphans import kill_orphan_group
-from edge_agent.logs import log
+from edge_agent.executors import EventSink, RunningAttempt
+from edge_agent.executors.piped import PipedAttempt, attempt_env, parse_line
 
-CHECKPOINT_PREFIX = "CPN_CHECKPOINT"
-PROGRESS_PREFIX = "CPN_PROGRESS"
+__all__ = ["ProcessExecutor", "parse_line", "sandbox_argv"]
+
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+ALWAYS_HIDDEN = ("/root", "/home", "/run")
+
+
+def resolve_program(program: str) -> str | None:
+    """``argv[0]`` as the real file it runs (``PATH`` lookup, symlinks followed), or None."""
+    found = program if "/" in program else shutil.which(program, path=SANDBOX_PATH)
+    if found is None or not os.path.isabs(found):
+        return None
+    real = os.path.realpath(found)
+    return real if os.path.isfile(real) and os.access(real, os.X_OK) else None
+
+
+def resolve_user(user: str) -> tuple[int, int]:
+    """``"nobody"`` or ``"65534"`` -> (uid, gid of its primary group). Raises KeyError if unknown."""
+    entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid
+
+
+def sandbox_argv(argv: list[str], *, bwrap: str, uid: int, gid: int, checkpoint_dir: Path, cwd: Path,
+                 hidden: list[Path], memory_mib: int, nproc: int, nofile: int, drop: bool = True) -> list[str]:
+    """The full command line running ``argv`` sandboxed (pure: no file is touched).
+
+    ``hidden`` paths get an empty tmpfs (outermost first); the checkpoint dir is then bound back
+    writable, with the directories above it (inside a hidden path) recreated 0755 so the
+    unprivileged user can reach it.
+    """
+    # bwrap ignores SIGTERM (a stop's SIGTERM to the group is the program's, which gets the default
+    # disposition back just before it runs); SIGKILL of bwrap ends the whole PID namespace.
+    out = ["env", "--ignore-signal=TERM", bwrap, "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+           # No --new-session: the agent starts bwrap in a session of its own already (no terminal
+           # to inject into), and the program must stay in that process group so a stop reaches it.
+           "--die-with-parent",
+           "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for path in sorted(set(hidden), key=lambda p: len(p.parts)):
+        out += ["--perms", "0755", "--tmpfs", str(path)]
+    covering = [h for h in hidden if checkpoint_dir.is_relative_to(h)]
+    if covering:
+        top = min(covering, key=lambda p: len(p.parts))
+        for parent in reversed(checkpoint_dir.parents):
+            if parent.is_relative_to(top) and parent != top:
+                out += ["--perms", "0755", "--dir", str(parent)]
+    out += ["--bind", str(checkpoint_dir), str(checkpoint_dir), "--chdir", str(cwd), "--",
+            "prlimit", f"--as={memory_mib * 1024 * 1024}", f"--nproc={nproc}", f"--nofile={nofile}", "--"]
+    if drop:
+        out += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--inh-caps=-all",
+                "--bounding-set=-all", "--no-new-privs", "--"]
+    return [*out, "env", "--default-signal=TERM", *argv]
 
 
 class ProcessExecutor:
-    """Runs attempts as subprocesses under ``data_dir``."""
+    """Runs allow-listed commands sandboxed, checkpoints under ``<data_dir>/checkpoints/<job>``."""
 
     name = "process"
 
     def __init__(self, config: ProcessExecutorConfig, data_dir: Path) -> None:
         self._config = config
         self.data_dir = data_dir
-        self.work_dir = Path(config.work_dir) if config.work_dir else data_dir / "work"
+        self.work_dir = Path(config.work_dir) if config.work_dir else None
+        self.allowed = {real for c in config.commands if (real := resolve_program(c)) is not None}
+        self.bwrap = shutil.which(config.bwrap) or ""
+        self.uid, self.gid = -1, -1
+        self.unavailable = self._setup_problem()
+        """Why no attempt can run here at all ("" when the sandbox is ready); logged at agent start."""
+
+    def __repr__(self) -> str:
+        state = self.unavailable or "ready"
+        return f"<ProcessExecutor allowed={len(self.allowed)} user={self._config.user} {state}>"
+
+    def _setup_problem(self) -> str:
+        if not self.bwrap:
+            return f"bubblewrap ({self._config.bwrap!r}) is not installed: the process executor never runs unsandboxed"
+        for tool in ("prlimit", "setpriv"):
+            if shutil.which(tool) is None:
+                return f"{tool} (util-linux) is not installed: the process executor cannot set limits or drop privileges"
+        try:
+            self.uid, self.gid = resolve_user(self._config.user)
+        except (KeyError, ValueError):
+            return f"user {self._config.user!r} does not exist on this host"
+        if self.uid == 0:
+            return f"user {self._config.user!r} is root: the process executor needs an unprivileged user"
+        if os.geteuid() != 0 and os.geteuid() != self.uid:
+            return (f"the agent runs as uid {os.geteuid()}, not root: it cannot switch to user "
+                    f"{self._config.user!r} (run the agent as root or set user to its own)")
+        return ""
 
     def checkpoint_dir(self, job: str) -> Path:
         return self.data_dir / "checkpoints" / job
 
+    def hidden(self) -> list[Path]:
+        paths = {Path(p) for p in (*ALWAYS_HIDDEN, *self._config.hide)} | {self.data_dir}
+        return [p for p in paths if p.is_absolute() and p != Path("/")]
+
+    def refusal(self, command: wire.StartAttempt) -> str:
+        if self.unavailable:
+            return f"process executor unavailable at this site: {self.unavailable}"
+        if not command.command:
+            return "StartAttempt.command is empty"
+        program = command.command[0]
+        real = resolve_program(program)
+        if real is None or real not in self.allowed:
+            allowed = ", ".join(sorted(self._config.commands)) or "none"
+            return f"command {program!r} is not allowed at this site (allowed programs: {allowed})"
+        return ""
+
+    def argv(self, command: wire.StartAttempt) -> list[str]:
+        checkpoint_dir = self.checkpoint_dir(command.job)
+        cfg = self._config
+        return sandbox_argv(list(command.command), bwrap=self.bwrap, uid=self.uid, gid=self.gid,
+                            checkpoint_dir=checkpoint_dir, cwd=self.work_dir or checkpoint_dir,
+                            hidden=self.hidden(), memory_mib=cfg.memory_mib, nproc=cfg.nproc, nofile=cfg.nofile,
+                            drop=os.geteuid() != self.uid)
+
     async def start(self, command: wire.StartAttempt, sink: EventSink,
                     on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt:
-        attempt = ProcessAttempt(command, sink, on_exit, self._config,
-                                 work_dir=self.work_dir, checkpoint_dir=self.checkpoint_dir(command.job))
-        await attempt.begin()
+        attempt = ProcessAttempt(command, sink, on_exit, grace_s=self._config.grace_s,
+                                 stderr_lines=self._config.stderr_lines)
+        checkpoint_dir = self.checkpoint_dir(command.job)
+        attempt.cwd = self.work_dir or checkpoint_dir
+        why = self.refusal(command)  # the agent asked already; a direct caller may not have
+        if why:
+            attempt.fail_to_start(why)
+            return attempt
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                os.chown(checkpoint_dir, self.uid, self.gid)
+            checkpoint_dir.chmod(0o700)
+        except OSError as exc:
+            attempt.fail_to_start(f"cannot prepare checkpoint dir: {exc.strerror or exc}")
+            return attempt
+        env = {"PATH": SANDBOX_PATH, "HOME": str(checkpoint_dir), "LANG": "C.UTF-8",
+               **attempt_env(command, str(checkpoint_dir), attempt.progress)}
+        await attempt.spawn(self.argv(command), env=env)
         return attempt
 
-    async def recover(self, record: AttemptRecord, sink: EventSink,
-                      on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt | None:
-        """Cannot re-attach: end the orphaned process group, if any, and return None."""
-        pgid = int(record.state.get("pgid", "0") or 0)
-        if kill_orphan_group(pgid, record.job, record.attempt):
-            log(logging.WARNING, "attempt_orphan_killed", site=sink.site, job=record.job, attempt=record.attempt,
-                pgid=pgid)
-        return None
 
+class ProcessAttempt(PipedAttempt):
+    """One sandboxed attempt; checkpoint paths are host paths (the dir is bound at the same path)
+    and a relative one is taken from the directory the command started in."""
 
-def parse_line(line: str) -> tuple[str, str, float] | None:
-    """Parse one stdout line of the checkpoint protocol.
+    cwd: Path = Path("/")
 
-    Returns:
-        ``("checkpoint", path, progress)``, ``("progress", "", progress)``, or None for other lines.
-
-    Raises:
-        ValueError: a ``CPN_`` line that does not follow the protocol.
-    """
-    parts = line.split()
-    if not parts or parts[0] not in (CHECKPOINT_PREFIX, PROGRESS_PREFIX):
-        return None
-    if parts[0] == CHECKPOINT_PREFIX:
-        if len(parts) != 3:
-            raise ValueError(f"want '{CHECKPOINT_PREFIX} <path> <progress>', got {line!r}")
-        kind, path, value = "checkpoint", parts[1], parts[2]
-    else:
-        if len(parts) != 2:
-            raise ValueError(f"want '{PROGRESS_PREFIX} <progress>', got {line!r}")
-        kind, path, value = "progress", "", parts[1]
-    progress = float(value)
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"progress {progress} is outside 0..1 in {line!r}")
-    return kind, path, progress
-
-
-class ProcessAttempt(AttemptTask):
-    """One attempt as a subprocess in its own process group."""
-
-    def __init__(self, command: wire.StartAttempt, sink: EventSink, on_exit: Callable[[RunningAttempt], None],
-                 config: ProcessExecutorConfig, *, work_dir: Path, checkpoint_dir: Path) -> None:
-        super().__init__(command, sink, on_exit)
-        self._config = config
-        self.work_dir = work_dir
-        self.checkpoint_dir = checkpoint_dir
-        self._progress = min(max(command.progress, 0.0), 1.0)
-        self._stderr: deque[str] = deque(maxlen=max(config.stderr_lines, 1))
-        self._proc: asyncio.subprocess.Process | None = None
-        self._ending: tuple[wire.ExitReason, str] | None = None  # set by stop()/abort()
-        self.protocol_errors = 0
-
-    @property
-    def progress(self) -> float:
-        return self._progress
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    @property
-    def recovery(self) -> dict[str, str]:
-        """Journalled by the agent: the process group to end after an agent crash."""
-        return {"pgid": str(self._proc.pid)} if self._proc else {}
-
-    async def begin(self) -> None:
-        cmd = self.command
-        env = dict(os.environ)
-        env.update({
-            "CPN_JOB_ID": cmd.job,
-            "CPN_ATTEMPT": str(cmd.attempt),
-            "CPN_CHECKPOINT_DIR": str(self.checkpoint_dir),
-            "CPN_RESUME_FROM": cmd.resume_from,
-            "CPN_PROGRESS_START": repr(self._progress),
-        })
-        try:
-            if not cmd.command:
-                raise ValueError("StartAttempt.command is empty")
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            self._proc = await asyncio.create_subprocess_exec(
-                *cmd.command, cwd=self.work_dir, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,  # its own group: stop() reaches the children too
-            )
-        except (OSError, ValueError) as exc:
-            self.sink.exit("user_error", progress=self._progress, detail=f"cannot start {cmd.command!r}: {exc}")
-            self._finished.set()
-            self._on_exit(self)
-            return
-        self.sink.started(resumed_from=cmd.resume_from)
-        log(logging.INFO, "attempt_process_started", site=self.sink.site, job=self.job, attempt=self.attempt,
-            pid=self._proc.pid)
-        self._launch(self._run())
-
-    async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
-            line = raw.decode("utf-8", errors="replace").strip()
-            try:
-                parsed = parse_line(line)
-            except ValueError as exc:
-                self.protocol_errors += 1
-                log(logging.WARNING, "attempt_bad_protocol_line", site=self.sink.site, job=self.job,
-                    attempt=self.attempt, error=str(exc))
-                continue
-            if parsed is None:
-                continue
-            kind, path, progress = parsed
-            self._progress = progress
-            if kind == "checkpoint":
-                where = Path(path)
-                if not where.is_absolute():
-                    where = self.work_dir / where
-                self.sink.checkpointed(progress, str(where))
-
-    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
-        async for raw in stream:
-            line = raw.decode("utf-8", errors="replace").rstrip()
-            if line:
-                self._stderr.append(line)
-
-    async def _run(self) -> None:
-        proc = self._proc
-        assert proc is not None and proc.stdout is not None and proc.stderr is not None
-        try:
-            await asyncio.gather(self._read_stdout(proc.stdout), self._read_stderr(proc.stderr))
-            code = await proc.wait()
-        except asyncio.CancelledError:
-            await self._kill_group(signal.SIGKILL)
-            await proc.wait()
-            raise
-        finally:
-            self._close_transport()
-        if self._ending is not None:
-            reason, detail = self._ending
-            self.sink.exit(reason, progress=self._progress, exit_code=code, detail=detail)
-        elif code == 0:
-            self._progress = 1.0
-            self.sink.exit("completed", progress=1.0, exit_code=0)
-        else:
-            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            tail = "\n".join(list(self._stderr)[-self._config.stderr_lines:]) if self._config.stderr_lines else ""
-            detail = f"{how}; stderr:\n{tail}" if tail else how
-            self.sink.exit("user_error", progress=self._progress, exit_code=code, detail=detail)
-
-    def _close_transport(self) -> None:
-        # Close the pipes now rather than at garbage collection (ResourceWarning otherwise).
-        transport = getattr(self._proc, "_transport", None)
-        if transport is not None:
-            transport.close()
-
-    async def _kill_group(self, sig: int) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    async def _terminate(self, reason: wire.ExitReason, detail: str) -> None:
-        if self.done:
-            return
-        if self._ending is None:
-            self._ending = (reason, detail)
-        await self._kill_group(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(self._config.grace_s):
-                await self._finished.wait()
-        except TimeoutError:
-            log(logging.WARNING, "attempt_kill", site=self.sink.site, job=self.job, attempt=self.attempt,
-                grace_s=self._config.grace_s)
-            await self._kill_group(signal.SIGKILL)
-        await self.wait()
-
-    async def stop(self, *, checkpoint: bool = True, detail: str = "") -> None:
-        # SIGTERM is the program's cue to checkpoint (documented in docs/agent.md); ``checkpoint``
-        # cannot be honoured any other way for a foreign program.
-        await self._terminate("stopped", detail)
-
-    async def abort(self, detail: str) -> None:
-        await self._terminate("infra_failure", detail)
+    def resolve(self, path: str) -> str:
+        where = Path(path)
+        return str(where if where.is_absolute() else self.cwd / where)

@@ -26,6 +26,9 @@ from edge_agent.executors import AttemptTask, EventSink, RunningAttempt
 class SimExecutor:
     name = "sim"
 
+    def refusal(self, command: wire.StartAttempt) -> str:
+        return ""  # runs no code of the tenant's
+
     async def start(self, command: wire.StartAttempt, sink: EventSink,
                     on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt:
         attempt = SimAttempt(command, sink, on_exit)

@@ -18,6 +18,7 @@ from controlplane.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.attempt_journal import SEQ_BLOCK, AttemptJournal, AttemptRecord
 from edge_agent.training import LOST_DETAIL
+from tests.support.engines import needs
 from tests.support.fakehub import FakeHub, StreamedEvent, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +37,9 @@ async def _cpn_agent(config: Path) -> asyncio.subprocess.Process:
         cwd=ROOT, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
+
+
+sandboxed = needs("bwrap", package="bubblewrap")
 
 
 def _site_config(tmp: Path, url: str) -> Path:
@@ -239,32 +243,38 @@ async def test_an_executor_that_can_reattach_keeps_the_attempt_and_numbers_on(na
 
 
 _TRAINER = """
-import os, sys, time
-open(sys.argv[1], "w").write(str(os.getpid()))
+import time
 print("CPN_CHECKPOINT ckpt-1 0.1", flush=True)
 while True:
     time.sleep(0.05)
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie waiting for its reaper is gone for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
+def _attempt_pids(job: str) -> list[int]:
+    """Host pids of live processes whose environment names ``job`` (the sandbox has its own pid space)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"CPN_JOB_ID={job}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            if (proc / "stat").read_text().rpartition(")")[2].split()[0] != "Z":
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
 
 
-async def test_a_process_attempt_orphaned_by_a_sigkill_is_ended_on_restart(nats_server: NatsServer,
-                                                                         tmp_path: Path) -> None:
+@sandboxed
+async def test_a_process_attempt_does_not_outlive_a_sigkilled_agent(nats_server: NatsServer, tmp_path: Path) -> None:
+    """The sandbox dies with the agent (bwrap --die-with-parent), so no orphan writes on while the hub
+    restarts the job elsewhere; the restarted agent reports the attempt lost."""
     config = _site_config(tmp_path, nats_server.url)
-    config.write_text(config.read_text().replace('enabled = ["sim"]', 'enabled = ["process"]'))
-    pid_file = tmp_path / "trainer.pid"
+    config.write_text(config.read_text().replace(
+        'enabled = ["sim"]', 'enabled = ["process"]\n[executors.process]\ncommands = ["/usr/bin/python3"]'))
     start = wire.StartAttempt(job="job-p", attempt=1, cards=1, accelerator="H20", executor="process",
-                              command=[sys.executable, "-c", _TRAINER, str(pid_file)], event_key=KEY)
+                              command=["/usr/bin/python3", "-c", _TRAINER], event_key=KEY)
     async with FakeHub(nats_server.url) as hub:
         await hub.create_stream()
         proc = await _cpn_agent(config)
@@ -273,12 +283,12 @@ async def test_a_process_attempt_orphaned_by_a_sigkill_is_ended_on_restart(nats_
             assert isinstance(await hub.command("kill-site", start), wire.Ack)
             await hub.wait_events(lambda ev: any(isinstance(e.event, wire.Checkpointed) for e in _of(ev, "job-p")),
                                   20, "the trainer's checkpoint")
+            assert _attempt_pids("job-p"), "no trainer process found: nothing to test"
         finally:
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
-        trainer = int(pid_file.read_text())
         try:
-            assert _alive(trainer), "the trainer died with the agent: nothing to test"
+            await wait_for(lambda: not _attempt_pids("job-p"), 5, "the sandbox to die with its agent")
             proc = await _cpn_agent(config)
             try:
                 events = await hub.wait_events(
@@ -286,10 +296,9 @@ async def test_a_process_attempt_orphaned_by_a_sigkill_is_ended_on_restart(nats_
                     "the lost attempt's exit")
                 exited = _of(events, "job-p")[-1]
                 assert isinstance(exited.event, wire.AttemptExited) and exited.event.detail == LOST_DETAIL
-                await wait_for(lambda: not _alive(trainer), 5, "the orphaned trainer to be ended")
             finally:
                 proc.send_signal(signal.SIGTERM)
                 await proc.wait()
         finally:
-            if _alive(trainer):
-                os.kill(trainer, signal.SIGKILL)
+            for pid in _attempt_pids("job-p"):
+                os.kill(pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ async def test_registers_and_heartbeats_free_cards_and_replicas(nats_server: Nat
             await asyncio.wait_for(agent.registered.wait(), 5)
             reg = hub.registrations_of("edge-a")[0]
             assert reg.accelerators == {"H20": 4, "910B": 2} and reg.infer_acks
-            assert reg.backends == ["sim"] and set(reg.executors) == {"sim", "process"}
+            assert reg.backends == ["sim"] and reg.executors == ["sim"]  # what the test config enables
             assert reg.tee and reg.lat == 30.2 and reg.city == "hangzhou" and reg.proto == wire.PROTO
             assert [(m.model, m.deployment, m.cards, m.slots) for m in reg.models] == [("qwen", "local", 0.5, 3)]
 

@@ -22,7 +22,7 @@ from controlplane.registry import SiteView
 from controlplane.store import deployments as store
 from edge_agent import wire
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
+from edge_agent.config import AgentConfig, BackendConfig, ExecutorsConfig, ModelConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub
 from topology import layout as topo_layout
 from topology import loader
@@ -36,6 +36,7 @@ def agent_config(site: str, url: str, tmp: Path, models: list[ModelConfig] | Non
         site=site, nats=url, city=city, tier="edge", accelerators=cards, heartbeat_s=1.0,
         data_dir=str(tmp / site), models=models or [],
         backend=BackendConfig(sim=SimBackendConfig(ttft_ms=0, per_token_ms=0, slots=8, load_time_s=0.2)),
+        executors=ExecutorsConfig(enabled=["sim"]),
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,18 +28,25 @@ from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BusConfig, ExecutorsConfig, ProcessExecutorConfig
 from edge_agent.nats_barrier import barrier
+from tests.support.engines import needs
 from tests.support.faultproxy import FaultProxy
 from tests.support.hubrig import Client, hub_config, running_hub
+
+PYTHON = "/usr/bin/python3"
+"""The host's Python: the process sandbox's user can run it."""
 
 SITES = {"sh-hub": ("shanghai", "hub", {"910B": 8}), "hz-edge": ("hangzhou", "edge", {"910B": 4})}
 
 
-def agent_config(site: str, url: str, tmp: Path) -> AgentConfig:
+SANDBOXED = ExecutorsConfig(enabled=["sim", "process"], process=ProcessExecutorConfig(commands=[PYTHON], grace_s=2.0))
+
+
+def agent_config(site: str, url: str, tmp: Path, executors: ExecutorsConfig = SANDBOXED) -> AgentConfig:
     city, tier, cards = SITES[site]
     return AgentConfig(
         site=site, nats=url, city=city, tier=tier, accelerators=cards, heartbeat_s=1.0, data_dir=str(tmp / site),
         bus=BusConfig(reconnect_wait_s=0.2, reconnect_jitter_s=0.1, event_backoff_max_s=1.0),
-        executors=ExecutorsConfig(process=ProcessExecutorConfig(grace_s=2.0)),
+        executors=executors,
     )
 
 
@@ -71,12 +77,13 @@ def stale_metric(hub: Hub) -> float:
 
 @asynccontextmanager
 async def network(tmp: Path, nats_url: str, *, scale: float, sites: tuple[str, ...] = ("sh-hub", "hz-edge"),
-                  via: dict[str, str] | None = None) -> AsyncIterator[tuple[Hub, dict[str, Agent], Client]]:
+                  via: dict[str, str] | None = None,
+                  executors: ExecutorsConfig = SANDBOXED) -> AsyncIterator[tuple[Hub, dict[str, Agent], Client]]:
     """A hub with the training service, agents for ``sites`` (``via`` maps a site to the URL it
     connects through), and a tenant client."""
     async with running_hub(hub_config(tmp, nats_url, sim_time_scale=scale)) as hub:
         key = hub.create_tenant("acme")
-        agents = {s: Agent(agent_config(s, (via or {}).get(s, nats_url), tmp)) for s in sites}
+        agents = {s: Agent(agent_config(s, (via or {}).get(s, nats_url), tmp, executors)) for s in sites}
         try:
             await asyncio.gather(*(a.start() for a in agents.values()))
             await until(lambda: all((v := hub.registry.get(s)) is not None and v.registered for s in sites), 10,
@@ -264,10 +271,11 @@ for i in (1, 2, 3):
 """
 
 
+@needs("bwrap", package="bubblewrap")
 async def test_process_job_runs_a_real_command(tmp_path: Path, nats_server: NatsServer) -> None:
     async with network(tmp_path, nats_server.url, scale=3600, sites=("hz-edge",)) as (hub, agents, tenant):
         body = {"name": "real", "cards": 2, "accelerators": ["910B"], "est_hours": 0.01,
-                "command": [sys.executable, "-c", CHECKPOINTING_SCRIPT]}
+                "command": [PYTHON, "-c", CHECKPOINTING_SCRIPT]}
         _, sub, _ = await tenant.call("POST", "/v1/jobs", body)
         jid = sub["id"]
         await until(lambda: job(hub, jid).state in ("succeeded", "failed"), 20, "job finished")
@@ -281,10 +289,11 @@ async def test_process_job_runs_a_real_command(tmp_path: Path, nats_server: Nats
         assert 0 < view["card_hours"] < 0.01  # real seconds on 2 cards, not scaled
 
 
+@needs("bwrap", package="bubblewrap")
 async def test_process_job_exiting_3_retries_then_fails_with_the_reason(tmp_path: Path, nats_server: NatsServer) -> None:
     async with network(tmp_path, nats_server.url, scale=3600, sites=("hz-edge",)) as (hub, agents, tenant):
         body = {"name": "broken", "cards": 1, "accelerators": ["910B"], "est_hours": 0.01,
-                "command": [sys.executable, "-c", "import sys; print('loss is nan', file=sys.stderr); sys.exit(3)"]}
+                "command": [PYTHON, "-c", "import sys; print('loss is nan', file=sys.stderr); sys.exit(3)"]}
         _, sub, _ = await tenant.call("POST", "/v1/jobs", body)
         jid = sub["id"]
         await until(lambda: job(hub, jid).state == "failed", 20, "job failed")
@@ -312,3 +321,26 @@ async def test_cancel_stops_the_running_attempt_and_bills_it(tmp_path: Path, nat
         await until(lambda: service.counters["terminal"] >= 1, 10, "the exit event arrives and is ignored")
         row = job(hub, jid)
         assert row.state == "cancelled" and round(row.card_hours, 6) == view["card_hours"]  # billed once
+
+
+async def test_a_site_without_the_process_executor_refuses_a_command_and_the_tenant_sees_why(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Attack row: a tenant job ``sh -c 'id > ...'`` ran as the agent's user. A site that did not
+    enable ``process`` (the default) refuses it; the reason reaches the tenant's job view and events."""
+    marker = tmp_path / "ran-as"
+    async with network(tmp_path, nats_server.url, scale=3600, sites=("hz-edge",),
+                       executors=ExecutorsConfig(enabled=["sim"])) as (hub, agents, tenant):
+        body = {"name": "id", "cards": 1, "accelerators": ["910B"], "est_hours": 0.01,
+                "command": ["sh", "-c", f"id > {marker}"]}
+        _, sub, _ = await tenant.call("POST", "/v1/jobs", body)
+        jid = sub["id"]
+        await until(lambda: any(a.exit_reason for a in store_jobs.attempts(hub.db, jid)), 10, "the dispatch refused")
+        _, view, _ = await tenant.call("GET", f"/v1/jobs/{jid}")
+        first = view["attempts"][0]
+        assert first["exit_reason"] == "dispatch_failed", first
+        assert "executor 'process' is not enabled at hz-edge (enabled: sim)" in first["detail"], first
+        _, events, _ = await tenant.call("GET", f"/v1/jobs/{jid}/events")
+        refused = [e for e in events["data"] if e["kind"] == "dispatch_failed"]
+        assert refused and "not enabled at hz-edge" in refused[0]["body"]["detail"], events
+        assert refused[0]["body"]["site"] == "hz-edge"
+        assert not marker.exists() and not agents["hz-edge"].training.attempts

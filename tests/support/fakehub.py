@@ -241,6 +241,7 @@ def agent_config(url: str, site: str = "edge-a", **overrides: Any) -> Any:
                 "register_backoff_max_s": 0.5, "event_timeout_s": 0.5, "event_backoff_max_s": 0.3},
         "backend": {"kind": "sim", "sim": {"ttft_ms": 0.0, "per_token_ms": 0.0, "slots": 2}},
         "models": [{"name": "qwen", "cards": 0.5}],
+        "executors": {"enabled": ["sim"]},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
