@@ -139,6 +139,10 @@ def _median(xs: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and "--peers" in argv:
+        from bench import peers
+
+        return peers.main([a for a in argv if a != "--peers"])
     p = argparse.ArgumentParser(prog="cpn bench gateway")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=5)
