@@ -59,12 +59,12 @@ def aggregate(cells: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         fig: dict[str, Any] = {"rounds": len(rs), "errors": sum(int(r["errors"]) for r in rs)}
         for key in ("rps", "p50_ms", "p99_ms", "ttfc_p50_ms", "ttfc_p99_ms", "generator_cores"):
             if key in rs[0]:
-                fig[key] = round(_median([r[key] for r in rs]), 4)
+                fig[key] = round(_median([r[key] for r in rs]), 6)
         procs = sorted({p for r in rs for p in r["cpu_s"]})
         if procs:
             fig["cpu_per_1000_by_process"] = {
-                p: round(_median([cpu.per_1000(r["cpu_s"].get(p, 0.0), r["requests"]) for r in rs]), 4) for p in procs}
-            fig["cpu_per_1000"] = round(_median([cpu.per_1000(sum(r["cpu_s"].values()), r["requests"]) for r in rs]), 4)
+                p: round(_median([cpu.per_1000(r["cpu_s"].get(p, 0.0), r["requests"]) for r in rs]), 6) for p in procs}
+            fig["cpu_per_1000"] = round(_median([cpu.per_1000(sum(r["cpu_s"].values()), r["requests"]) for r in rs]), 6)
         fig["rounds_rps"] = [round(r["rps"]) for r in rs]
         s[cell] = fig
     return out
@@ -125,8 +125,11 @@ def _starters(names: list[str], m: systems.Mock, tmp: Path, policy: str) -> dict
     }
 
 
+CELLS = ("c32", "c1", "ttfc8")
+
+
 async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "round_robin",
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              cells_run: tuple[str, ...] = CELLS, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Start the mock and every system, run the interleaved cells, return the results dict."""
     wrk.binary()  # fail before starting anything
     cells: list[dict[str, Any]] = []
@@ -152,7 +155,7 @@ async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "r
                 scripts[s.name] = str(path)
             for rnd in range(rounds):
                 order = up[rnd % len(up):] + up[: rnd % len(up)] if up else []
-                for cell in ("c32", "c1", "ttfc8"):
+                for cell in cells_run:
                     for s in order:
                         res = await measure(s, cell, seconds, scripts)
                         cells.append({"system": s.name, "cell": cell, "round": rnd, **res})
@@ -195,11 +198,15 @@ def render(res: dict[str, Any]) -> str:
             parts = c32["cpu_per_1000_by_process"]
             cpu_txt = f"{c32['cpu_per_1000']:.3f}" + (" (" + ", ".join(f"{p} {v:.3f}" for p, v in parts.items()) + ")" if len(parts) > 1 else "")
         err = sum(a[c].get("errors", 0) for c in a)
-        lines.append(f"| {name}{f' ({err} errors)' if err else ''} | {c32.get('rps', float('nan')):,.0f}{share} | "
-                     f"{c32.get('p50_ms', float('nan')):.2f} / {c32.get('p99_ms', float('nan')):.2f} | {cpu_txt} | "
-                     f"{c1.get('p50_ms', float('nan')):.3f} / {c1.get('p99_ms', float('nan')):.3f} | "
-                     f"{t.get('ttfc_p50_ms', float('nan')):.2f} / {t.get('ttfc_p99_ms', float('nan')):.2f} |")
+        lines.append(f"| {name}{f' ({err} errors)' if err else ''} | "
+                     + (f"{c32['rps']:,.0f}{share}" if c32 else "—") + " | "
+                     + _pair(c32, "p50_ms", "p99_ms", 2) + f" | {cpu_txt} | " + _pair(c1, "p50_ms", "p99_ms", 3) + " | "
+                     + _pair(t, "ttfc_p50_ms", "ttfc_p99_ms", 2) + " |")
     return "\n".join(lines)
+
+
+def _pair(fig: dict[str, Any], a: str, b: str, digits: int) -> str:
+    return f"{fig[a]:.{digits}f} / {fig[b]:.{digits}f}" if a in fig and b in fig else "—"
 
 
 def render_verdicts(res: dict[str, Any]) -> str:

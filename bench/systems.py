@@ -65,11 +65,15 @@ def _free_port() -> int:
 
 
 async def _spawn(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> asyncio.subprocess.Process:
-    out = open(log, "ab") if log else asyncio.subprocess.DEVNULL  # noqa: SIM115 - closed with the process
-    return await asyncio.create_subprocess_exec(
-        *args, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, **(env or {})},
-    )
+    out = open(log, "ab") if log else None  # noqa: SIM115 - the child keeps its own copy of the fd
+    try:
+        return await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=out or asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+    finally:
+        if out is not None:
+            out.close()
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:

@@ -3,7 +3,9 @@
 wrk sees whole responses only, so streaming's time to first chunk (TTFC) is measured here: each of
 ``--conns`` keep-alive connections sends the request, notes when the first body bytes holding
 ``data:`` arrive (TTFC) and when the response ends (chunked terminator, or ``Content-Length``),
-then sends the next. It is Python (asyncio ``Protocol`` on uvloop, no HTTP library), so it is used
+then sends the next. It acknowledges every read at once (``TCP_QUICKACK``), so a server that
+leaves Nagle on is not charged the client's delayed-ACK timer (``--no-quickack`` shows what an
+ordinary client would see). It is Python (asyncio ``Protocol`` on uvloop, no HTTP library), so it is used
 at low concurrency only (8 connections), where it is far from its own ceiling; the same client
 measures every system.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import time
 from urllib.parse import urlsplit
@@ -92,9 +95,15 @@ class ResponseReader:
         self._buf = buf
 
 
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
 class _Conn(asyncio.Protocol):
+    quickack = True
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self._sock: socket.socket | None = None
         self.reader = ResponseReader()
         self.sent_at = 0.0
         self.ttfc = 0.0
@@ -102,6 +111,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._sock = transport.get_extra_info("socket")
+        if self._sock is not None:
+            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def send(self, request: bytes) -> asyncio.Future[None]:
         self.reader = ResponseReader()
@@ -113,6 +125,11 @@ class _Conn(asyncio.Protocol):
         return self.finished
 
     def data_received(self, data: bytes) -> None:
+        if self.quickack and QUICKACK is not None and self._sock is not None:
+            # Linux re-enters delayed-ACK mode on its own; re-arm after every read. Without this, a
+            # server that writes headers and first chunk separately with Nagle on (sglang-router
+            # 0.3.2 does) waits ~40 ms for our delayed ACK: a client artefact, not the path's cost.
+            self._sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
         r = self.reader
         r.feed(data)
         if r.first_data and not self.ttfc:
@@ -135,6 +152,7 @@ def build_request(url: str, body: bytes, headers: dict[str, str]) -> bytes:
 
 async def run(url: str, conns: int, seconds: float, body: bytes, headers: dict[str, str]) -> dict[str, float]:
     u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
     request = build_request(url, body, headers)
     loop = asyncio.get_running_loop()
     ttfcs: list[float] = []
@@ -143,7 +161,7 @@ async def run(url: str, conns: int, seconds: float, body: bytes, headers: dict[s
 
     async def worker(stop_at: float | None, count: int) -> None:
         nonlocal errors
-        _, conn = await loop.create_connection(_Conn, u.hostname, u.port)
+        _, conn = await loop.create_connection(_Conn, host, port)
         done = 0
         try:
             while (stop_at is None and done < count) or (stop_at is not None and time.perf_counter() < stop_at):
@@ -153,7 +171,7 @@ async def run(url: str, conns: int, seconds: float, body: bytes, headers: dict[s
                 except (ConnectionError, asyncio.TimeoutError):
                     errors += 1
                     conn.transport.close()  # type: ignore[union-attr]
-                    _, conn = await loop.create_connection(_Conn, u.hostname, u.port)
+                    _, conn = await loop.create_connection(_Conn, host, port)
                     continue
                 if conn.reader.status != 200:
                     errors += 1
@@ -182,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--body", default="{}")
     p.add_argument("--header", action="append", default=[])
+    p.add_argument("--no-quickack", action="store_true", help="let the kernel delay ACKs as an ordinary client would")
     a = p.parse_args(argv)
+    _Conn.quickack = not a.no_quickack
     headers = {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in a.header)}
     try:
         import uvloop
