@@ -4,9 +4,9 @@ Full path: HTTP in -> auth -> route -> NATS request to a ``sim`` agent with zero
 (``cpn hub`` and ``cpn agent`` as real processes, ``POST /v1/infer``). Floor: a bare aiohttp
 handler doing one bare NATS request to a bare responder (bench/floor_server.py). Each server and
 each responder is its own process; the load generator is ``wrk`` (bench/wrk.py; the Debian package
-``wrk``, exit 2 with that reason when it is missing). Until issue #18 it was bench/loadgen.py, an
-aiohttp client that tops out near the floor's own rate, so it capped the floor and the ratio
-flattered the hub. The machine has 2 cores, so wrk, servers, responders and nats-server share them:
+``wrk``, exit 2 with that reason when it is missing). Until issue #18 it was bench/loadgen.py
+(removed), an aiohttp client that tops out near the floor's own rate, so it capped the floor and
+the ratio flattered the hub. The machine has 2 cores, so wrk, servers, responders and nats-server share them:
 the ratios are what this benchmark is for, each the median of paired floor/hub rounds. Targets
 (DESIGN §10, 32 connections): p50 ≤ 1.25× the floor, throughput ≥ 0.8× the floor.
 

@@ -163,7 +163,7 @@ async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "r
     agg = aggregate(cells)
     return {
         "systems": agg, "verdicts": verdicts(agg), "skipped": skipped, "cells": cells,
-        "targets": TARGETS, "baseline": BASELINE, "router_policy": policy,
+        "targets": TARGETS, "baseline": BASELINE, "router_policy": policy, "versions": versions(),
         "method": {"seconds_per_cell": seconds, "rounds": rounds, "generator": "wrk (c=32: 2 threads, c=1: 1)",
                    "ttfc_generator": "bench/ttfc.py (Python raw-socket client, 8 connections)",
                    "mock": "bench/mockopenai.py, 2 replicas (SO_REUSEPORT shared port for direct and cpn)",
@@ -209,15 +209,35 @@ def _pair(fig: dict[str, Any], a: str, b: str, digits: int) -> str:
     return f"{fig[a]:.{digits}f} / {fig[b]:.{digits}f}" if a in fig and b in fig else "—"
 
 
+VERDICT_NAMES = {"rps_c32_ratio": ("c=32 req/s", "×"), "cpu_per_1000_ratio": ("CPU-s per 1,000 requests (c=32)", "×"),
+                 "p50_c1_extra_ms": ("c=1 p50, extra over vllm-router", " ms"), "ttfc_ratio": ("streaming TTFC p50 (c=8)", "×")}
+
+
 def render_verdicts(res: dict[str, Any]) -> str:
+    """The four targets as a Markdown table, in a fixed order."""
     v = res.get("verdicts") or {}
+    baseline = res.get("baseline", BASELINE)
     if not v:
-        return f"cpn vs {res.get('baseline', BASELINE)}: not both measured"
-    names = {"rps_c32_ratio": "c=32 req/s", "cpu_per_1000_ratio": "CPU per 1,000", "p50_c1_extra_ms": "c=1 p50 extra (ms)",
-             "ttfc_ratio": "TTFC p50"}
-    parts = [f"{names[k]} {x['value']}{'×' if k != 'p50_c1_extra_ms' else ''} (target {x['target']}: {'met' if x['ok'] else 'NOT met'})"
-             for k, x in v.items()]
-    return f"cpn vs {res.get('baseline', BASELINE)}, same run: " + "; ".join(parts)
+        return f"cpn vs {baseline}: not both measured in this run, so no verdicts."
+    lines = [f"| cpn vs {baseline}, same run | measured | target | |", "|---|---|---|---|"]
+    for key, (label, unit) in VERDICT_NAMES.items():
+        if key in v:
+            x = v[key]
+            lines.append(f"| {label} | {x['value']:g}{unit} | {x['target']}{'' if unit == ' ms' else '×'} | {'met' if x['ok'] else '**not met**'} |")
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of the peers (``{}`` entries skipped when not installed)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("vllm-router", "sglang-router"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,9 +88,10 @@ def render_peers() -> str:
         return "Not measured yet: `cpn bench gateway --peers --rounds 3 --seconds 10 --readme`."
     m = r["method"]
     skipped = "".join(f" {k} skipped: {v}." for k, v in r.get("skipped", {}).items())
-    return (f"{peers.render(r)}\n\n{peers.render_verdicts(r)}.\n\n"
+    versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
+    return (f"{peers.render(r)}\n\n{peers.render_verdicts(r)}\n\n"
             f"{r['machine']}, {r['date']}; {m['rounds']} interleaved round(s) of {m['seconds_per_cell']:g} s per cell, "
-            f"medians; routers' policy `{r['router_policy']}`.{skipped}")
+            f"medians; {versions or 'no peers installed'}, policy `{r['router_policy']}`.{skipped}")
 
 
 def _replace(text: str, marker: str, body: str) -> str:

@@ -1,8 +1,9 @@
 """``wrk`` as the gateway benchmarks' load generator: the Lua script, running it, reading its answer.
 
 wrk (C, epoll, keep-alive) is the generator because a Python one caps the figure it measures: the
-old ``bench/loadgen.py`` (aiohttp client) reached about 7 k req/s, so a floor that could do more
-looked slower than it was and anything behind it looked close to it. On this machine wrk drives
+former ``bench/loadgen.py`` (an aiohttp client, removed) topped out near 5.4 k req/s against one
+mock replica that wrk drove at 29-38 k in the same minute, so a floor that could do more looked
+slower than it was and anything behind it looked close to it. On this machine wrk drives
 the mock backend (bench/mockopenai.py) at ~45-55 k req/s on 2 cores, several times what any
 router in the peers table reaches, and the bench records wrk's own CPU per cell to show it.
 
