@@ -97,6 +97,12 @@ async def _first_line(proc: asyncio.subprocess.Process, marker: str, timeout_s: 
             return line.strip()
 
 
+async def _drain(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdout is not None
+    while await proc.stdout.read(65536):
+        pass
+
+
 async def wait_ready(url: str, body: bytes, headers: dict[str, str], proc: asyncio.subprocess.Process | None,
                      timeout_s: float = 60, what: str = "") -> None:
     """Poll ``url`` with one POST until it answers 200 (the system routes to the mock)."""
@@ -216,6 +222,7 @@ async def cpn(m: Mock, tmp: Path) -> AsyncIterator[System]:
                 stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **env})
             procs.append(hub)
             base = (await _first_line(hub, "listening on", 30)).rsplit(" ", 1)[1]
+            drain = asyncio.create_task(_drain(hub))  # a full stdout pipe would stall the hub mid-run
             headers = {"Authorization": f"Bearer {key}"}
             await wait_ready(base + CHAT, READY_BODY, headers, hub, 60, "cpn")
             assert nats.proc is not None
@@ -224,3 +231,5 @@ async def cpn(m: Mock, tmp: Path) -> AsyncIterator[System]:
         finally:
             for p in reversed(procs):
                 await _stop(p)
+            if "drain" in locals():
+                await drain
