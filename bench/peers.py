@@ -106,6 +106,8 @@ async def measure(system: systems.System, cell: str, seconds: float, scripts: di
     """One cell against one system: the load, and the CPU its processes used meanwhile."""
     before = cpu.sample(system.pids)
     if cell == "ttfc8":
+        # This cell's CPU also covers the client's start-up and 160 warm-up streams (not counted as
+        # requests): a few per cent high for every system alike. The headline CPU figure is c=32's.
         res: dict[str, Any] = dict(await _ttfc(system.url, 8, seconds, system.headers))
     else:
         conns = 32 if cell == "c32" else 1
@@ -116,7 +118,7 @@ async def measure(system: systems.System, cell: str, seconds: float, scripts: di
     return res
 
 
-def _starters(names: list[str], m: systems.Mock, tmp: Path, policy: str) -> dict[str, Callable[[], Any]]:
+def _starters(m: systems.Mock, tmp: Path, policy: str) -> dict[str, Callable[[], Any]]:
     return {
         "direct": lambda: systems.direct(m),
         "vllm-router": lambda: systems.router("vllm-router", m, tmp, policy),
@@ -139,7 +141,7 @@ async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "r
         (tmp / "cpn").mkdir()
         async with AsyncExitStack() as stack:
             m = await stack.enter_async_context(systems.mock())
-            starters = _starters(names, m, tmp, policy)
+            starters = _starters(m, tmp, policy)
             up: list[systems.System] = []
             for name in names:
                 try:
