@@ -3,11 +3,15 @@
 Full path: HTTP in -> auth -> route -> NATS request to a ``sim`` agent with zero service time -> back
 (``cpn hub`` and ``cpn agent`` as real processes, ``POST /v1/infer``). Floor: a bare aiohttp
 handler doing one bare NATS request to a bare responder (bench/floor_server.py). Each server and
-each responder is its own process; the load generator (bench/loadgen.py) is a third process. The
-machine has 2 cores, so load generator, server, responder and nats-server share them (the load
-generator does take CPU from the gateway, and from the floor alike): the ratios are what this
-benchmark is for, each the median of paired floor/hub rounds. Targets (DESIGN §10, 32
-connections): p50 ≤ 1.25× the floor, throughput ≥ 0.8× the floor.
+each responder is its own process; the load generator is ``wrk`` (bench/wrk.py; the Debian package
+``wrk``, exit 2 with that reason when it is missing). Until issue #18 it was bench/loadgen.py
+(removed), an aiohttp client that tops out near the floor's own rate, so it capped the floor and
+the ratio flattered the hub. The machine has 2 cores, so wrk, servers, responders and nats-server share them:
+the ratios are what this benchmark is for, each the median of paired floor/hub rounds. Targets
+(DESIGN §10, 32 connections): p50 ≤ 1.25× the floor, throughput ≥ 0.8× the floor.
+
+``cpn bench gateway --peers`` is the other half (bench/peers.py): cpn next to vllm-router and
+sglang-router in front of one fast mock OpenAI backend.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import common
+from bench import common, systems, wrk
 from controlplane.natsserver import NatsServer
 from topology import loader
 
@@ -51,13 +55,12 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
             await proc.wait()
 
 
-async def _load(url: str, conns: int, seconds: float, key: str | None, body: str) -> dict[str, float]:
-    args = ["-m", "bench.loadgen", url, "--conns", str(conns), "--seconds", str(seconds), "--body", body]
-    if key:
-        args += ["--key", key]
-    proc = await asyncio.create_subprocess_exec(PY, *args, stdout=asyncio.subprocess.PIPE)
-    out, _ = await proc.communicate()
-    return json.loads(out.decode().strip().splitlines()[-1])  # type: ignore[no-any-return]
+async def _load(url: str, conns: int, seconds: float, key: str | None, body: str, tmp: Path) -> dict[str, float]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    script = tmp / f"load-{abs(hash((url, body)))}.lua"
+    if not script.exists():
+        script.write_text(wrk.lua_script(body, headers))
+    return await wrk.run(url, conns=conns, seconds=seconds, script_path=str(script))
 
 
 async def run(seconds: float = 3.0, conns_list: tuple[int, ...] = (1, 32), rounds: int = 5) -> dict[str, object]:
@@ -99,16 +102,13 @@ async def run(seconds: float = 3.0, conns_list: tuple[int, ...] = (1, 32), round
                 procs.append(hub)
                 hub_url = line.rsplit(" ", 1)[1] + "/v1/infer"
                 body = '{"model":"m","input":"hi","max_tokens":1}'
-                for _ in range(300):  # until the agent's replica is ready at the hub
-                    probe = await _load(hub_url, 1, 0.05, key, body)
-                    if probe["requests"] > 0:
-                        break
-                    await asyncio.sleep(0.1)
+                # until the agent's replica is ready at the hub
+                await systems.wait_ready(hub_url, body.encode(), {"Authorization": f"Bearer {key}"}, hub, 30, "cpn hub")
                 runs: dict[str, list[dict[str, float]]] = {}
                 for _ in range(rounds):
                     for c in conns_list:
-                        runs.setdefault(f"floor_c{c}", []).append(await _load(floor_url, c, seconds, None, '{"input":"hi"}'))
-                        runs.setdefault(f"hub_c{c}", []).append(await _load(hub_url, c, seconds, key, body))
+                        runs.setdefault(f"floor_c{c}", []).append(await _load(floor_url, c, seconds, None, '{"input":"hi"}', tmp))
+                        runs.setdefault(f"hub_c{c}", []).append(await _load(hub_url, c, seconds, key, body, tmp))
             finally:
                 for p in reversed(procs):
                     await _stop(p)
@@ -118,6 +118,7 @@ async def run(seconds: float = 3.0, conns_list: tuple[int, ...] = (1, 32), round
             "rps": _median([r["rps"] for r in rs]), "p50_ms": _median([r["p50_ms"] for r in rs]),
             "p99_ms": _median([r["p99_ms"] for r in rs]), "errors": sum(int(r["errors"]) for r in rs),
             "rounds_rps": [round(r["rps"]) for r in rs],
+            "generator_cores": round(_median([r["generator_cpu_s"] / r["seconds"] for r in rs]), 3),
         }
     for c in conns_list:
         pairs = list(zip(runs[f"floor_c{c}"], runs[f"hub_c{c}"]))
@@ -128,8 +129,9 @@ async def run(seconds: float = 3.0, conns_list: tuple[int, ...] = (1, 32), round
             "rounds_p50": [round(x, 3) for x in p50s], "rounds_throughput": [round(x, 3) for x in tputs],
         }
     results["targets"] = {"p50": 1.25, "throughput": 0.8}
+    results["generator"] = "wrk"
     results["note"] = (f"{rounds} alternating floor/hub rounds of {seconds:g} s; ratios are the median of the rounds' "
-                       "ratios; load generator, servers, responders and nats-server share the machine's 2 cores")
+                       "ratios; wrk is the load generator; it, the servers, responders and nats-server share the machine's 2 cores")
     return results
 
 
@@ -139,10 +141,19 @@ def _median(xs: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and "--peers" in argv:
+        from bench import peers
+
+        return peers.main([a for a in argv if a != "--peers"])
     p = argparse.ArgumentParser(prog="cpn bench gateway")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
+    try:
+        wrk.binary()
+    except wrk.WrkMissing as exc:
+        print(f"cpn bench gateway: {exc}")
+        return 2
     res = asyncio.run(run(args.seconds, rounds=args.rounds))
     for c in (1, 32):
         f, h, r = res[f"floor_c{c}"], res[f"hub_c{c}"], res[f"ratio_c{c}"]

@@ -25,10 +25,10 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"p50 {r['decision_p50_us']} µs, p99 {r['decision_p99_us']} µs = {r['ratio_p99_to_nats_p50']}× nats-py req/reply p50 ({r['nats_request_p50_us']} µs); index build {r['index_build_s']} s, link recompute {max(r['link_recompute_s'] or [0]):.3f} s",
                     "p99 ≤ 50 µs, ≤ 0.1×", f"{r['machine']}, {r['date']}"))
     g = _load("gateway")
-    if g:
+    if g and g.get("generator") == "wrk":  # older results came from bench/loadgen.py, which capped the floor
         for c in (1, 32):
             f, h, q = g[f"floor_c{c}"], g[f"hub_c{c}"], g[f"ratio_c{c}"]
-            out.append((f"gateway path, {c} connection{'s' if c > 1 else ''}",
+            out.append((f"gateway path vs its floor (wrk), {c} connection{'s' if c > 1 else ''}",
                         f"p50 {h['p50_ms']:.2f} ms vs floor {f['p50_ms']:.2f}: {q['p50']}×; {h['rps']:.0f} req/s vs floor {f['rps']:.0f}: "
                         f"{q['throughput']}× (ratios: median of {len(q.get('rounds_p50', [])) or 'the'} paired rounds)",
                         "p50 ≤ 1.25×, throughput ≥ 0.8× (DESIGN §10: 32 conns)" if c > 1 else "same ratios, held at 1 conn too",
@@ -79,8 +79,30 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def update_readme() -> None:
+def render_peers() -> str:
+    """The peers section (``cpn bench gateway --peers``): table, verdicts, method line."""
+    from bench import peers
+
+    r = _load("gateway_peers")
+    if not r:
+        return "Not measured yet: `cpn bench gateway --peers --rounds 3 --seconds 10 --readme`."
+    m = r["method"]
+    skipped = "".join(f" {k} skipped: {v}." for k, v in r.get("skipped", {}).items())
+    versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
+    return (f"{peers.render(r)}\n\n{peers.render_verdicts(r)}\n\n"
+            f"{r['machine']}, {r['date']}; {m['rounds']} interleaved round(s) of {m['seconds_per_cell']:g} s per cell, "
+            f"medians; {versions or 'no peers installed'}, policy `{r['router_policy']}`.{skipped}")
+
+
+def _replace(text: str, marker: str, body: str) -> str:
+    return re.sub(rf"(<!-- {marker} -->\n).*?(<!-- /{marker} -->)", lambda m: m.group(1) + body + "\n" + m.group(2),
+                  text, flags=re.S)
+
+
+def update_readme(*, peers_only: bool = False) -> None:
+    """Rewrite README's ``bench-peers`` section and, unless ``peers_only``, the ``bench-table``
+    (whose rows come from every bench/results/*.json present, so run it after ``cpn bench all``)."""
     text = README.read_text()
-    new = re.sub(r"(<!-- bench-table -->\n).*?(<!-- /bench-table -->)", lambda m: m.group(1) + render() + "\n" + m.group(2),
-                 text, flags=re.S)
-    README.write_text(new)
+    if not peers_only:
+        text = _replace(text, "bench-table", render())
+    README.write_text(_replace(text, "bench-peers", render_peers()))

@@ -2,6 +2,8 @@
 
 Each benchmark prints its figures and ratios and writes JSON to ``bench/results/``;
 ``--readme`` rewrites the table in README.md between the ``bench-table`` markers.
+``cpn bench gateway --peers`` (cpn next to vllm-router and sglang-router, bench/peers.py) writes
+``gateway_peers.json``; with ``--readme`` it rewrites only the ``bench-peers`` section.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if "--readme" in args.rest:  # REMAINDER swallows flags given after the name
         args.rest = [a for a in args.rest if a != "--readme"]
         args.readme = True
+    peers = args.name == "gateway" and "--peers" in args.rest
     names = BENCHES if args.name == "all" else ([] if args.name == "table" else [args.name])
     code = 0
     for name in names:
@@ -36,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
             code = 1
             continue
         code |= int(module.main(args.rest if args.name != "all" else []) or 0)
-    print(table.render())
+    if code == 2 and args.name != "all":  # a one-line reason was printed (e.g. wrk missing)
+        return code
+    if not peers:  # the peers bench prints its own table
+        print(table.render())
     if args.readme:
-        table.update_readme()
+        table.update_readme(peers_only=peers)  # a peers run leaves the other rows as they are
     return code
