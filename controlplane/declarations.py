@@ -101,7 +101,7 @@ def check_register(decl: Declaration | None, msg: wire.Register, *, accept_undec
     ) if claimed and declared and claimed != declared)
     tier = decl.tier if decl.tier in TIERS else "edge"
     believed = msgspec.structs.replace(
-        msg, tier=tier, city=decl.city or msg.city, provider=decl.provider or msg.provider,  # type: ignore[arg-type]
+        msg, tier=tier, city=decl.city or msg.city, provider=decl.provider or msg.provider,
         accelerators={a: n for a, n in msg.accelerators.items() if n > 0},
         lat=decl.lat if decl.lat is not None else msg.lat, lon=decl.lon if decl.lon is not None else msg.lon,
     )

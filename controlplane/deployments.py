@@ -381,11 +381,11 @@ class DeploymentService:
         return str(view["id"])
 
     def models_for_tenant(self, tenant: str | None) -> list[str]:
-        """Model ids ``GET /v1/models`` shows: the tenant's deployed models plus the sites' own."""
+        """Model ids ``GET /v1/models`` shows: the tenant's deployed models plus the sites' own it may use."""
         if tenant is None:
             return sorted(self.hub.known_models())
         own = set(self._tenant_models.get(tenant, ()))
-        return sorted(own | self._local_models())
+        return sorted(own | self._local_models(tenant))
 
     def _own(self, tenant: str, model: str, dep_id: str, add: bool) -> None:
         """Record that ``tenant``'s deployment ``dep_id`` of ``model`` became active (or went away)."""

@@ -340,6 +340,8 @@ class StartAttempt(msgspec.Struct, tag="start_attempt", kw_only=True):
     event_key: str = ""
     """The attempt's secret for its events' JetStream ids (see :func:`event_msg_id`); the hub
     picks a fresh one per attempt. Sent only on the site's own command subject."""
+    image: str = ""
+    """Container image reference for the ``container`` executor ("" for other executors)."""
 
 
 class StopAttempt(msgspec.Struct, tag="stop_attempt", kw_only=True):

@@ -31,6 +31,7 @@ Public API::
     end_attempt(db, meter: lifecycle.Meter, *, energy_cny, exit_reason, exit_code=None, detail="") -> bool
     attempts(db, job_id) -> [AttemptRow]
     record_event(db, job_id, attempt, seq, kind, body_json, now, *, site="") -> bool
+    record_hub_event(db, job_id, attempt, kind, body, now)               # site "(hub)"
     attempt_pools(db, [(job_id, attempt)]) -> {(job_id, attempt): pool}  # where each was placed
     events(db, job_id) -> [EventRow]
     record_placements(db, [(JobRecord, placement_dict)], now) -> int     # one plan tick, one commit
@@ -449,6 +450,24 @@ def record_event(
     return cur.rowcount == 1
 
 
+HUB_EVENT_SITE = "(hub)"
+"""The ``site`` of events the hub writes into a job's history itself (never a valid site id)."""
+
+
+def record_hub_event(db: sqlite_utils.Database, job_id: str, attempt: int, kind: str, body: dict[str, Any],
+                     now: float) -> None:
+    """Add a hub-made event to a job's history (a refused start, a vanished attempt, why it cannot
+    be placed), numbered after the hub's earlier events of that attempt."""
+    with transaction(db):
+        (seq,) = db.conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ? AND attempt = ? AND site = ?",
+            (job_id, attempt, HUB_EVENT_SITE)).fetchone()
+        full = {"type": kind, "job": job_id, "attempt": attempt, "seq": seq, "site": HUB_EVENT_SITE, "at": now, **body}
+        db.conn.execute(
+            "INSERT INTO job_events (job_id, attempt, site, seq, kind, body, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job_id, attempt, HUB_EVENT_SITE, seq, kind, _encode(full), now))
+
+
 def attempt_pools(db: sqlite_utils.Database, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]:
     """Where each of ``keys`` (job, attempt) was placed; attempts the hub never placed are absent."""
     out: dict[tuple[str, int], str] = {}
@@ -466,7 +485,7 @@ def attempt_pools(db: sqlite_utils.Database, keys: Iterable[tuple[str, int]]) ->
 def events(db: sqlite_utils.Database, job_id: str) -> list[EventRow]:
     """A job's events in order (attempt, then seq)."""
     rows = db.conn.execute(
-        "SELECT job_id, attempt, seq, kind, body, at FROM job_events WHERE job_id = ? ORDER BY attempt, seq",
+        "SELECT job_id, attempt, seq, kind, body, at FROM job_events WHERE job_id = ? ORDER BY attempt, at, seq",
         (job_id,),
     )
     return [EventRow(job_id=r[0], attempt=r[1], seq=r[2], kind=r[3], body=json.loads(r[4]), at=r[5]) for r in rows]
