@@ -82,13 +82,13 @@ def check_register(decl: Declaration | None, msg: wire.Register, *, accept_undec
     for acc, n in msg.accelerators.items():
         why = _bad_count(n)
         if why:
-            return RegisterVerdict(refused=why, detail=f"{n!r} {acc} cards is not a card count")
+            return RegisterVerdict(refused=why, detail=f"{n!r} {acc} cards is not a card count (0..{MAX_CARDS})")
     if decl is None:
         if not accept_undeclared:
             return RegisterVerdict(
                 refused="undeclared_site",
                 detail=f"site {msg.site!r} is not in the hub's layout and no operator declared it "
-                       f"(PUT /v1/sites/{msg.site})")
+                       f"(PUT /v1/sites/{msg.site}/declaration)")
         return RegisterVerdict(believed=msg)
     for acc, n in msg.accelerators.items():
         declared = decl.accelerators.get(acc, 0)
