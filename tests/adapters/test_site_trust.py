@@ -369,3 +369,26 @@ async def test_workloads_go_only_to_sites_that_can_run_them_and_refusals_reach_t
             assert ev["body"]["site"] == "hz-edge" and "not allow-listed" in ev["body"]["reason"], ev
             # The refusal cools the site down for this hub (it is not asked again at once).
             assert [type(c).__name__ for c in site.commands] == ["StartAttempt"]
+
+
+async def test_cpn_site_declare_and_show_through_the_admin_api(
+        tmp_path: Path, nats_server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from controlplane import cli
+
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        admin = hub.create_admin_key("ops")
+        common = ["--hub", f"http://127.0.0.1:{hub.http_port}", "--admin-key", admin]
+        code = await asyncio.to_thread(cli.main, ["site", "declare", "nj-edge", "--cards", "L20=2",
+                                                  "--local-model-tenants", "acme, beta", *common])
+        assert code == 0, capsys.readouterr().err
+        assert hub.declarations["nj-edge"].accelerators == {"L20": 2}
+        assert hub.declarations["nj-edge"].local_model_tenants == ("acme", "beta")
+        assert hub.declarations["nj-edge"].city == "nanjing"  # the layout's, not given
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli.main, ["site", "show", "nj-edge", *common]) == 0
+        assert '"L20": 2' in capsys.readouterr().out
+        code = await asyncio.to_thread(cli.main, ["site", "declare", "nj-edge", "--cards", "L20=-1", *common])
+        assert code == 2 and "accelerators" in capsys.readouterr().err
+        code = await asyncio.to_thread(cli.main, ["site", "show", "nj-edge", "--hub", f"http://127.0.0.1:{hub.http_port}",
+                                                  "--admin-key", "wrong"])
+        assert code == 2 and "401" in capsys.readouterr().err
