@@ -4,7 +4,7 @@ Pure: no I/O, no clock. The hub builds :class:`Declaration` objects from its lay
 operator's ``PUT /v1/sites/{site}`` (kept in the record), then asks :func:`check_register` about each
 ``Register`` and :func:`clamp_heartbeat` / :func:`clamp_replicas` about each heartbeat.
 
-Rule 1 (declared facts win): tier, city, provider, region and the cards of a declared site come
+Rule 1 (declared facts win): tier, city, provider, region, TEE and the cards of a declared site come
 from its declaration, never from the agent. A claim that differs is replaced by the declared value
 and counted (``ignored`` reasons).
 Rule 2 (cards): an agent may claim *fewer* cards than declared (it holds some back); that is
@@ -51,6 +51,8 @@ class Declaration(msgspec.Struct, frozen=True, kw_only=True):
     accelerators: dict[str, int] = {}
     lat: float | None = None
     lon: float | None = None
+    tee: bool = False
+    """The site has a trusted execution environment (a site may claim not to, never to have one)."""
     local_model_tenants: tuple[str, ...] = ()
     """Tenants that may call the models the site loads itself (``*``: every tenant)."""
     source: str = "layout"
@@ -104,6 +106,7 @@ def check_register(decl: Declaration | None, msg: wire.Register, *, accept_undec
         msg, tier=tier, city=decl.city or msg.city, provider=decl.provider or msg.provider,
         accelerators={a: n for a, n in msg.accelerators.items() if n > 0},
         lat=decl.lat if decl.lat is not None else msg.lat, lon=decl.lon if decl.lon is not None else msg.lon,
+        tee=msg.tee and decl.tee,
     )
     return RegisterVerdict(believed=believed, ignored=ignored)
 

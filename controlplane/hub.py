@@ -190,7 +190,7 @@ class Hub:
         assert self.layout is not None
         s = self.layout.site(site_id)
         return declarations.Declaration(id=s.id, tier=s.tier, city=s.city, provider=s.provider, region=s.region,
-                                        accelerators=dict(s.accelerators), lat=s.lat, lon=s.lon)
+                                        accelerators=dict(s.accelerators), lat=s.lat, lon=s.lon, tee=s.tee)
 
     def _merge_declaration(self, site_id: str, fields: dict[str, Any]) -> declarations.Declaration:
         """An operator's declaration over the layout's entry for the site (if any): given fields win."""

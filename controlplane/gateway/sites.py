@@ -35,6 +35,8 @@ class SiteDeclarationBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tr
     """Cards by accelerator type: the most the site may claim (it may claim fewer)."""
     lat: Annotated[float, msgspec.Meta(ge=-90, le=90)] | None = None
     lon: Annotated[float, msgspec.Meta(ge=-180, le=180)] | None = None
+    tee: bool | None = None
+    """The site has a trusted execution environment."""
     local_model_tenants: Annotated[list[TenantOrAll], msgspec.Meta(max_length=10_000)] | None = None
     """Tenants that may call the models the site loads itself (``*``: every tenant; default none)."""
 
