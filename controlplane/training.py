@@ -458,12 +458,13 @@ class TrainingService:
         self._kick()
 
     def _vanished(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
-        """Fail, as ``vanished``, every started attempt its up site has left out of
+        """Fail, as ``vanished``, every started attempt (acknowledged by its site: ``starting``,
+        ``running``, or ``placed`` with its start sent) its up site has left out of
         ``vanished_heartbeats`` heartbeats in a row (a site that restarted without it: without this
         the job would stay ``running`` at its last progress for ever, and be billed)."""
         hub = self.hub
         limit = max(1, hub.config.vanished_heartbeats)
-        started = (S.STARTING.value, S.RUNNING.value)
+        started = (S.PLACED.value, S.STARTING.value, S.RUNNING.value)
         gone: list[tuple[store_jobs.JobRow, int]] = []
         current: set[tuple[str, int]] = set()
         for r in live.values():
@@ -476,7 +477,7 @@ class TrainingService:
                 self._missing.pop(key, None)
                 continue
             first = self._missing.setdefault(key, view.heartbeats)
-            if view.heartbeats - first >= limit:
+            if view.heartbeats - first >= limit and (r.state != S.PLACED.value or self._start_delivered(r)):
                 gone.append((r, view.heartbeats - first))
         self._missing = {k: v for k, v in self._missing.items() if k in current}
         if not gone:
@@ -501,6 +502,12 @@ class TrainingService:
         if failed:
             self._kick()
             self.poke()
+
+    def _start_delivered(self, r: store_jobs.JobRow) -> bool:
+        """The attempt's StartAttempt was acknowledged (sent) though the job is still ``placed``: the
+        hub stopped between marking the command sent and recording the acknowledgement."""
+        return any(e.kind == START and e.attempt == r.attempt and e.state == "sent"
+                   for e in store_outbox.for_job(self.hub.db, r.id))
 
     def _orphans(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
         """Live jobs at a site this hub process has never heard from, a grace period after start.

@@ -392,3 +392,29 @@ async def test_cpn_site_declare_and_show_through_the_admin_api(
         code = await asyncio.to_thread(cli.main, ["site", "show", "nj-edge", "--hub", f"http://127.0.0.1:{hub.http_port}",
                                                   "--admin-key", "wrong"])
         assert code == 2 and "401" in capsys.readouterr().err
+
+
+async def test_an_acknowledged_start_left_placed_by_a_hub_crash_is_not_stranded_either(
+        tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
+    config = hub_config(tmp_path, nats_server.url)
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme")
+        await site.start()
+        await site.serve_commands()
+        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        jid = await submit(hub, key)
+        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+    # What a hub killed between marking the StartAttempt sent and recording its Ack leaves behind.
+    from controlplane.store import db as store_db
+    db = store_db.open_db(config.db_path)
+    try:
+        store_jobs.update_job(db, jid, time.time(), state="placed")
+        assert [e.state for e in store_outbox.for_job(db, jid)] == ["sent"]
+    finally:
+        db.conn.close()
+    site.running.clear()  # and the site restarted without the attempt
+    async with running_hub(config) as hub:
+        await until(lambda: len(site.commands) >= 2, 20, "attempt 2 started")
+        first = store_jobs.attempts(hub.db, jid)[0]
+        assert first.exit_reason == "vanished"
+        assert isinstance(site.commands[1], wire.StartAttempt) and site.commands[1].attempt == 2
