@@ -14,7 +14,7 @@ import sys
 
 from controlplane.errors import CpnError
 
-COMMANDS = ["up", "hub", "agent", "tenant", "key", "topology", "sim", "bench", "deploy", "chaos"]
+COMMANDS = ["up", "hub", "agent", "tenant", "key", "site", "topology", "sim", "bench", "deploy", "chaos"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -48,6 +48,15 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Seed of the router's random choices (None: from the OS)."""
     sim_time_scale: float = 1.0
     """Simulated seconds per wall second for sim training attempts (demos run hours in minutes)."""
+    accept_undeclared_sites: bool = False
+    """Believe sites that are neither in the layout nor declared (``PUT /v1/sites/{site}``), within
+    sanity bounds. For development only: by default such a site's ``Register`` is refused."""
+    local_model_tenants: list[str] = []
+    """Tenants allowed to call every site's own models (``*``: all), on top of each site's declared
+    ``local_model_tenants``. Empty by default: a site's own models serve only tenants declared for it."""
+    vanished_heartbeats: int = 5
+    """Heartbeats in a row an up site may omit a started attempt before the hub fails it ``vanished``
+    and restarts it from its checkpoint."""
 
 
 def load_hub_config(path: Path | str, **overrides: object) -> HubConfig:

@@ -32,7 +32,8 @@ Rule 5 (start-up grace): for one detection period after the hub starts, deployme
 the start are left alone (sites are still re-registering and would look unhealthy, so a plan would
 move every replica); deployments created since are planned and tracked as usual.
 Rule 6 (model access): a tenant may call the models of its own active deployments and models that
-sites offer themselves (deployment ``local`` or none); an admin key may call any model. A tenant's
+sites offer themselves (deployment ``local`` or none) to that tenant (the operator allows tenants per
+site: ``declarations`` Rule 5); an admin key may call any model. A tenant's
 requests are served only by replicas of its own deployments or sites' own ones: two tenants who
 deploy the same model name never use each other's replicas (``serving_scope``).
 Rule 7 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
@@ -61,6 +62,7 @@ import msgspec
 
 from controlplane import lifecycle
 from controlplane import replicas as core
+from controlplane.declarations import LOCAL_DEPLOYMENTS, may_use_local
 from controlplane.errors import BusUnavailable, NotFound, PeerError, RequestError, SiteRefused
 from controlplane.registry import SiteView, Transition
 from controlplane.runtime import cancel_and_wait
@@ -74,8 +76,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cpn.deployments")
 
-LOCAL_DEPLOYMENTS = frozenset({"local", ""})
-"""Deployment ids of replicas an agent loads from its own config (callable by every tenant)."""
+# LOCAL_DEPLOYMENTS: deployment ids of replicas an agent loads from its own config (callable by the
+# tenants the operator allowed at that site: declarations Rule 5).
 REFUSAL_CODES = frozenset({"no_capacity", "draining", "bad_message"})
 """LoadModel refusals that will not go away by retrying at once: re-plan elsewhere."""
 
@@ -203,7 +205,7 @@ class DeploymentService:
         self._scopes: dict[tuple[str, str], frozenset[str]] = {}
         self._foreign: dict[str, bool] = {}
         """Deployment ids seen in heartbeats -> True if the store knows them (deleted ones)."""
-        self._local: tuple[int, frozenset[str]] = (-1, frozenset())
+        self._local: dict[str, tuple[int, frozenset[str]]] = {}
         self._epoch = 0
         self._last_sig: tuple[int, int] = (-1, -1)
         self._last_full = 0.0
@@ -379,11 +381,11 @@ class DeploymentService:
         return str(view["id"])
 
     def models_for_tenant(self, tenant: str | None) -> list[str]:
-        """Model ids ``GET /v1/models`` shows: the tenant's deployed models plus the sites' own."""
+        """Model ids ``GET /v1/models`` shows: the tenant's deployed models plus the sites' own it may use."""
         if tenant is None:
             return sorted(self.hub.known_models())
         own = set(self._tenant_models.get(tenant, ()))
-        return sorted(own | self._local_models())
+        return sorted(own | self._local_models(tenant))
 
     def _own(self, tenant: str, model: str, dep_id: str, add: bool) -> None:
         """Record that ``tenant``'s deployment ``dep_id`` of ``model`` became active (or went away)."""
@@ -413,19 +415,23 @@ class DeploymentService:
     def check_model_access(self, tenant: str, model: str) -> frozenset[str] | None:
         """Raise a 404 ``model_not_found`` unless ``tenant`` may call ``model``; else return the
         deployments that may serve it (:meth:`serving_scope`)."""
-        if not tenant or model in self._tenant_models.get(tenant, ()) or model in self._local_models():
+        if not tenant or model in self._tenant_models.get(tenant, ()) or model in self._local_models(tenant):
             return self.serving_scope(tenant, model)
         raise RequestError(
             f"model {model!r} not found: it is not deployed for this tenant (POST /v1/deployments)",
             field="model", status=404, code="model_not_found",
         )
 
-    def _local_models(self) -> frozenset[str]:
+    def _local_models(self, tenant: str) -> frozenset[str]:
+        """Models some site offers itself to ``tenant`` (declarations Rule 5)."""
         registry = self.hub.registry
-        version, models = self._local
+        version, models = self._local.get(tenant, (-1, frozenset()))
         if version != registry.version:
-            models = frozenset(m for v in registry for m, r in v.replicas.items() if r.deployment in LOCAL_DEPLOYMENTS)
-            self._local = (registry.version, models)
+            models = frozenset(m for v in registry if may_use_local(v.local_model_tenants, tenant)
+                               for m, r in v.replicas.items() if r.deployment in LOCAL_DEPLOYMENTS)
+            if len(self._local) > 10_000:
+                self._local.clear()
+            self._local[tenant] = (registry.version, models)
         return models
 
     # ------------------------------------------------------------------ rendering

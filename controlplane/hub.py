@@ -20,7 +20,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from controlplane import auth
+import msgspec
+
+from controlplane import auth, declarations
 from controlplane import keys as keys_lifecycle
 from controlplane.bus import HubBus
 from controlplane.config import HubConfig
@@ -102,6 +104,8 @@ class Hub:
         self._cidrs: list[tuple[Any, str]] = []
         self.route_modules: list[Any] = []
         """Extra gateway modules (each with ``add_routes(app)``) that services plug in."""
+        self.declarations: dict[str, declarations.Declaration] = {}
+        """What the operator declared of each site: the layout's sites, then ``PUT /v1/sites/{site}``."""
 
     def __repr__(self) -> str:
         return f"<Hub {self.config.hub_id} sites={len(self.registry)} {self.registry!r} {self.bus!r}>"
@@ -124,15 +128,20 @@ class Hub:
         self._cidrs = sorted(nets, key=lambda pair: -pair[0].prefixlen)
         for row in store_tenants.list_tenants(self.db):
             self._tenants[row["id"]] = row
-        static = [
-            StaticSite(id=s.id, tier=s.tier, city=s.city, provider=s.provider, region=s.region, accelerators=dict(s.accelerators))
-            for s in self.layout.sites
-        ]
+        self.declarations = {s.id: self._layout_declaration(s.id) for s in self.layout.sites}
+        for site_id, fields in store_sites.declarations(self.db).items():
+            try:
+                self.declarations[site_id] = self._merge_declaration(site_id, fields)
+            except (msgspec.ValidationError, TypeError) as exc:
+                log.error("event=bad_stored_declaration site=%s error=%s", site_id, exc)
+        static = [self._static(d) for d in self.declarations.values()]
         seen_before = []
         for row in store_sites.list_sites(self.db):
             seen_before.append(row["id"])
-            static.append(StaticSite(id=row["id"], tier=row["tier"] or "edge", city=row["city"] or "",
-                                     provider=row["provider"] or "", accelerators=row["accelerators"]))
+            if row["id"] not in self.declarations and self.config.accept_undeclared_sites:
+                static.append(StaticSite(id=row["id"], tier=row["tier"] or "edge", city=row["city"] or "",
+                                         provider=row["provider"] or "", accelerators=row["accelerators"],
+                                         local_model_tenants=frozenset(self.config.local_model_tenants)))
         self.registry.remember(static)
         await self.bus.connect()
         await self.bus.ensure_event_stream(self.config.event_stream_replicas)
@@ -176,11 +185,66 @@ class Hub:
 
     # ------------------------------------------------------------------ sites
 
+    # ------------------------------------------------------------------ declarations
+
+    def _layout_declaration(self, site_id: str) -> declarations.Declaration:
+        assert self.layout is not None
+        s = self.layout.site(site_id)
+        return declarations.Declaration(id=s.id, tier=s.tier, city=s.city, provider=s.provider, region=s.region,
+                                        accelerators=dict(s.accelerators), lat=s.lat, lon=s.lon, tee=s.tee)
+
+    def _merge_declaration(self, site_id: str, fields: dict[str, Any]) -> declarations.Declaration:
+        """An operator's declaration over the layout's entry for the site (if any): given fields win."""
+        try:
+            base = msgspec.to_builtins(self._layout_declaration(site_id))
+        except KeyError:
+            base = {"id": site_id}
+        merged = {**base, **{k: v for k, v in fields.items() if v is not None}, "id": site_id, "source": "operator"}
+        if "region" not in fields and self.layout is not None and merged.get("city"):
+            try:
+                merged["region"] = self.layout.origin(merged["city"]).region
+            except KeyError:
+                pass
+        return msgspec.convert(merged, declarations.Declaration)
+
+    def _local_tenants(self, decl: declarations.Declaration | None) -> frozenset[str]:
+        extra = frozenset(self.config.local_model_tenants)
+        return extra | frozenset(decl.local_model_tenants) if decl is not None else extra
+
+    def _static(self, d: declarations.Declaration) -> StaticSite:
+        return StaticSite(id=d.id, tier=d.tier, city=d.city, provider=d.provider, region=d.region,
+                          accelerators=dict(d.accelerators), local_model_tenants=self._local_tenants(d))
+
+    def declare_site(self, site_id: str, fields: dict[str, Any]) -> declarations.Declaration:
+        """Keep an operator's declaration of a site and apply it at once (a live site is narrowed to
+        it; its next ``Register`` is checked against it).
+
+        Raises:
+            msgspec.ValidationError: the fields do not make a declaration.
+        """
+        decl = self._merge_declaration(site_id, fields)
+        store_sites.declare_site(self.db, site_id, fields, time.time())
+        self.declarations[site_id] = decl
+        self.registry.declare(self._static(decl))
+        log.info("event=site_declared site=%s tier=%s city=%s accelerators=%s local_model_tenants=%s",
+                 site_id, decl.tier, decl.city, decl.accelerators, ",".join(decl.local_model_tenants))
+        return decl
+
     def _on_register(self, msg: wire.Register) -> wire.RegisterAck | wire.ErrorReply:
         now = time.time()
         if msg.proto > wire.PROTO:
             log.warning("event=newer_agent site=%s proto=%s", msg.site, msg.proto)
-        view, new = self.registry.register(msg, now)
+        decl = self.declarations.get(msg.site)
+        verdict = declarations.check_register(decl, msg, accept_undeclared=self.config.accept_undeclared_sites)
+        if verdict.refused or verdict.believed is None:
+            self.metrics.count(self.metrics.site_claims_refused, verdict.refused)
+            log.warning("event=site_refused site=%s reason=%s detail=%s", msg.site, verdict.refused, verdict.detail)
+            return wire.ErrorReply(code="refused", message=f"{verdict.refused}: {verdict.detail}", retryable=False)
+        for claim in verdict.ignored:
+            self.metrics.count(self.metrics.site_claims_refused, f"{claim}_ignored")
+            log.info("event=site_claim_ignored site=%s claim=%s", msg.site, claim)
+        msg = verdict.believed
+        view, new = self.registry.register(msg, now, local_model_tenants=self._local_tenants(decl))
         known = True
         assert self.layout is not None and self.rtt is not None
         try:
@@ -188,6 +252,7 @@ class Hub:
             view.region = static.region
         except KeyError:
             known = False
+            view.region = decl.region if decl is not None else ""
             self._attach_unknown_site(msg)
         store_sites.upsert_site(
             self.db, site=msg.site, tier=msg.tier, city=msg.city, provider=msg.provider,
@@ -411,4 +476,5 @@ class Hub:
         self.metrics.nats_errors.labels("disconnect").set(s.disconnects)
         self.metrics.malformed.set(s.malformed)
         self.metrics.permission_violations.set(self.permission_violations)
+        self.metrics.site_figures_clamped.counts = {(k,): n for k, n in self.registry.clamped.items()}
 

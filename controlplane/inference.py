@@ -76,7 +76,7 @@ class InferenceService:
         return f"<InferenceService served={self.served} failovers={self.failovers}>"
 
     def decide(self, origin: str, model: str, budget_ms: float, policy: str,
-               deployments: frozenset[str] | None = None) -> router.Route:
+               deployments: frozenset[str] | None = None, tenant: str = "") -> router.Route:
         """Route decision or NoCapacity (503) with the router's reason."""
         hub = self.hub
         if hub.rtt is None or origin not in hub.origin_ids:
@@ -84,7 +84,8 @@ class InferenceService:
         if model not in hub.known_models():
             raise RequestError(f"model {model!r} is not served by any site", field="model", status=404, code="model_not_found")
         decision = hub.router.route(
-            router.RouteRequest(origin=origin, model=model, budget_ms=budget_ms, policy=policy, deployments=deployments),
+            router.RouteRequest(origin=origin, model=model, budget_ms=budget_ms, policy=policy, deployments=deployments,
+                                tenant=tenant),
             hub.registry.views,
             hub.registry.version,
             hub.rng,
@@ -99,7 +100,7 @@ class InferenceService:
         deployments: frozenset[str] | None = None,
     ) -> Served:
         """Serve a non-streaming request, failing over as needed."""
-        decision = self.decide(origin, req.model, budget_ms, policy, deployments)
+        decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
         req.ack = True  # sites that acknowledge let a silent one be left early (HubConfig.site_ack_timeout_s)
         served = Served(decision.site, decision.rtt_ms, decision.reason)
         last = ""
@@ -159,7 +160,7 @@ class InferenceService:
         Returns the serving site and an iterator of the remaining messages (first one included).
         After the first chunk there is no failover: the tenant already has part of an answer.
         """
-        decision = self.decide(origin, req.model, budget_ms, policy, deployments)
+        decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
         req.ack = True
         served = Served(decision.site, decision.rtt_ms, decision.reason)
         last = ""

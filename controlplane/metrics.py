@@ -88,6 +88,26 @@ class HubMetrics:
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
         self.refused_keys = _Counts("cpn_refused_api_keys", "Requests refused for a revoked or expired API key, by reason", ["reason"])
         r.register(self.refused_keys)
+        # Sites believed only within what the operator declared (docs/security.md, "Sites").
+        self.site_claims_refused = _Counts(
+            "cpn_site_claims_refused", "Site registrations refused, or claims replaced by declared values, by reason", ["reason"])
+        r.register(self.site_claims_refused)
+        self.site_figures_clamped = _Counts(
+            "cpn_site_figures_clamped", "Heartbeat figures clamped to their physical range, by figure", ["figure"])
+        r.register(self.site_figures_clamped)
+        self.events_dropped = _Counts(
+            "cpn_events_dropped", "Attempt events dropped before being recorded, by reason", ["reason"])
+        r.register(self.events_dropped)
+        self.heartbeat_attempts_ignored = _Counts(
+            "cpn_heartbeat_attempts_ignored", "Attempts listed in heartbeats that the hub never placed there", ["site"])
+        r.register(self.heartbeat_attempts_ignored)
+        self.attempts_vanished = Counter(
+            "cpn_attempts_vanished", "Attempts failed because their up site stopped reporting them", registry=r)
+
+    @staticmethod
+    def count(counter: _Counts, *labels: str, n: int = 1) -> None:
+        """Add ``n`` to a labelled count (no lock: the hub's loop is the only writer)."""
+        counter.counts[labels] = counter.counts.get(labels, 0) + n
 
     def observe_http(self, route: str, status: int, elapsed_s: float) -> None:
         """One HTTP request: a count by (route, status) and the latency histogram."""

@@ -98,6 +98,25 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True):
     egress_gbps: float = 10.0
     lat: float = 0.0
     lon: float = 0.0
+    executors: frozenset[str] | None = None
+    """Training executors the site registered (``sim``, ``process``, ``slurm``, ``container``);
+    None: not known, any workload passes (the simulator, unit tests)."""
+
+
+WORKLOAD_EXECUTORS: dict[str, frozenset[str]] = {
+    "sim": frozenset({"sim"}),
+    "process": frozenset({"process", "slurm"}),
+    "container": frozenset({"container"}),
+}
+"""Which site executors can run each kind of workload."""
+
+
+def workload_of(spec: Mapping[str, Any]) -> str:
+    """The kind of workload a stored job spec names: ``container`` (an image), ``process`` (a
+    command) or ``sim``."""
+    if spec.get("image"):
+        return "container"
+    return "process" if spec.get("command") else "sim"
 
 
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -128,6 +147,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Pool holding the checkpoint to resume from; restarting elsewhere pays to move it."""
     restarting: bool = False
     """Lost its pool to an infrastructure failure: goes ahead of its priority level's queue."""
+    workload: str = "sim"
+    """``sim``, ``process`` or ``container`` (:func:`workload_of`): which executors can run it."""
 
 
 class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):
@@ -189,6 +210,13 @@ def filter_tee(job: JobSpec, pool: Pool, acc: str) -> str | None:
     return "no TEE" if job.tee and not pool.tee else None
 
 
+def filter_executor(job: JobSpec, pool: Pool, acc: str) -> str | None:
+    if pool.executors is None or not pool.executors.isdisjoint(WORKLOAD_EXECUTORS.get(job.workload, ())):
+        return None
+    offered = ", ".join(sorted(pool.executors)) or "none"
+    return f"runs no {job.workload} workloads (executors: {offered})"
+
+
 STATIC_FILTERS: tuple[tuple[str, Filter], ...] = (
     ("accelerator", filter_accelerator),
     ("gang", filter_gang),
@@ -197,6 +225,7 @@ STATIC_FILTERS: tuple[tuple[str, Filter], ...] = (
     ("region", filter_region),
     ("provider", filter_provider),
     ("tee", filter_tee),
+    ("executor", filter_executor),
 )
 """Filters that do not depend on what is free now: failing one makes the pool useless for the job."""
 
@@ -577,6 +606,7 @@ def pool_from_site(
     free: Mapping[str, float] | None = None,
     healthy: bool = True,
     draining: bool = False,
+    executors: frozenset[str] | None = None,
 ) -> Pool:
     """Build a :class:`Pool` from a layout site, the layout's accelerator table and live state.
 
@@ -592,5 +622,5 @@ def pool_from_site(
         id=site.id, region=site.region, provider=site.provider, tee=site.tee, healthy=healthy,
         draining=draining, cards_total=total, cards_free=free_cards, kw_per_card=kw, units=units,
         tariff=site.tariff, pue=site.pue, failure_rate_per_card_hour=site.failure_rate_per_card_hour,
-        restart_s=site.restart_s, egress_gbps=site.egress_gbps, lat=site.lat, lon=site.lon,
+        restart_s=site.restart_s, egress_gbps=site.egress_gbps, lat=site.lat, lon=site.lon, executors=executors,
     )

@@ -12,6 +12,9 @@ down nothing is declared lost, and after it comes back every site gets a full de
 before it can be.
 Rule 3: a heartbeat from a site the registry does not know is reported to the caller (who asks the
 site to register again) and otherwise ignored.
+Rule 4: a site's figures are clamped to their physical range on receipt (``declarations.clamp_*``;
+what was out of range is counted in :attr:`SiteRegistry.clamped`). The caller applies only a
+``Register`` the operator's declaration allows (``declarations.check_register``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from controlplane import declarations
 from edge_agent import wire
 
 
@@ -58,6 +62,8 @@ class SiteView:
     heartbeats: int = 0
     registered: bool = False
     """True once this hub process received a Register from it (False: restored from the store)."""
+    local_model_tenants: frozenset[str] = frozenset()
+    """Tenants the operator allowed to use the replicas this site loads itself (``*``: all)."""
 
     @property
     def routable(self) -> bool:
@@ -121,6 +127,7 @@ class StaticSite:
     provider: str = ""
     region: str = ""
     accelerators: dict[str, int] = field(default_factory=dict)
+    local_model_tenants: frozenset[str] = frozenset()
 
 
 class SiteRegistry:
@@ -140,6 +147,8 @@ class SiteRegistry:
         self.version = 0
         """Bumped whenever the set of routable replicas may have changed (router caches key on it)."""
         self.unknown_heartbeats = 0
+        self.clamped: dict[str, int] = {}
+        """Figures clamped to their physical range, by kind (Rule 4)."""
 
     def __repr__(self) -> str:
         c = self.counts()
@@ -182,8 +191,14 @@ class SiteRegistry:
         for s in sites:
             self._known[s.id] = s
 
-    def register(self, msg: wire.Register, now: float) -> tuple[SiteView, bool]:
-        """Apply a registration. Returns the view and whether the site was new to this registry."""
+    def register(self, msg: wire.Register, now: float, *,
+                 local_model_tenants: frozenset[str] | None = None) -> tuple[SiteView, bool]:
+        """Apply a registration the caller has checked against the site's declaration (its cards,
+        tier, city are the believed ones). Returns the view and whether the site was new here.
+
+        Args:
+            local_model_tenants: who may use the site's own replicas (None: keep what is known).
+        """
         view = self._sites.get(msg.site)
         new = view is None
         if view is None:
@@ -200,8 +215,13 @@ class SiteRegistry:
         view.tee = msg.tee
         view.infer_acks = msg.infer_acks
         view.silent = False
-        view.replicas = {r.model: r for r in msg.models}
-        view.attempts = list(msg.attempts)
+        total = sum(msg.accelerators.values())
+        view.replicas = {r.model: r for r in declarations.clamp_replicas(msg.models, total, self.clamped)}
+        view.attempts = declarations.clamp_attempts(list(msg.attempts), total, self.clamped)
+        if local_model_tenants is None:
+            known = self._known.get(msg.site)
+            local_model_tenants = known.local_model_tenants if known is not None else frozenset()
+        view.local_model_tenants = local_model_tenants
         view.registered = True
         view.registered_at = now
         view.last_seen = now
@@ -210,7 +230,7 @@ class SiteRegistry:
             view.lost_at = None
         self._known[msg.site] = StaticSite(
             id=msg.site, tier=msg.tier, city=msg.city, provider=msg.provider, region=view.region,
-            accelerators=dict(msg.accelerators),
+            accelerators=dict(msg.accelerators), local_model_tenants=local_model_tenants,
         )
         self.version += 1
         return view, new
@@ -231,9 +251,11 @@ class SiteRegistry:
             view = SiteView(
                 id=static.id, tier=static.tier, city=static.city, provider=static.provider,
                 region=static.region, accelerators=dict(static.accelerators),
+                local_model_tenants=static.local_model_tenants,
             )
             self._sites[msg.site] = view
             self.version += 1
+        msg = declarations.clamp_heartbeat(msg, view.accelerators, self.clamped)
         came_back = view.state == "lost"
         if came_back:
             view.state = "up"
@@ -255,6 +277,20 @@ class SiteRegistry:
         if changed_models or came_back:
             self.version += 1
         return view, came_back
+
+    def declare(self, static: StaticSite) -> None:
+        """The operator (re)declared a site: remember it, and narrow a live view to it at once."""
+        self._known[static.id] = static
+        view = self._sites.get(static.id)
+        if view is None:
+            return
+        view.local_model_tenants = static.local_model_tenants
+        view.tier, view.city, view.provider = static.tier, static.city or view.city, static.provider or view.provider
+        view.accelerators = {a: min(n, static.accelerators.get(a, 0)) for a, n in view.accelerators.items()
+                             if static.accelerators.get(a, 0) > 0}
+        view.free_cards = {a: min(v, float(view.accelerators.get(a, 0))) for a, v in view.free_cards.items()
+                           if a in view.accelerators}
+        self.version += 1
 
     def set_draining(self, site: str, draining: bool) -> None:
         view = self._sites.get(site)

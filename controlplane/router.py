@@ -10,6 +10,9 @@ and keeps the less loaded one, ties going to the nearer. Idle networks are serve
 loaded ones spread, so no site is herded while another within budget is idle.
 Rule 4: the answer carries the fallbacks in RTT order; the caller tries them while budget time remains
 (reason ``failover``).
+Rule 5: a replica a site loaded itself (deployment ``local`` or none) is a candidate for a tenant's
+request only if the operator allowed that tenant at that site (``SiteView.local_model_tenants``;
+``declarations.may_use_local``). Requests without a tenant (an operator's) may use any replica.
 
 Cost: the walk is over a per-(origin, model) list of sites holding the model, in RTT order, cached
 until the registry's version changes, and stops after ``window + max_fallbacks`` candidates, so a
@@ -24,6 +27,7 @@ from typing import Protocol
 
 import msgspec
 
+from controlplane.declarations import LOCAL_DEPLOYMENTS, may_use_local
 from controlplane.registry import SiteView
 
 
@@ -46,6 +50,8 @@ class RouteRequest(msgspec.Struct, frozen=True):
     """``strict``: nothing beyond the budget; ``nearest``: best effort beyond it, said in the reason."""
     deployments: frozenset[str] | None = None
     """Only replicas of these deployments may serve (a tenant's own and the sites' own); None: any."""
+    tenant: str = ""
+    """Who asks: a site's own replicas serve only tenants the operator allowed there (Rule 5)."""
 
 
 @dataclass(slots=True)
@@ -78,7 +84,7 @@ class Router:
         self.slack = slack
         self.window = window
         self.max_fallbacks = max_fallbacks
-        self._cache: dict[tuple[str, str, frozenset[str] | None], list[tuple[str, float]]] = {}
+        self._cache: dict[tuple[str, str, frozenset[str] | None, str], list[tuple[str, float]]] = {}
         self._cache_version = -1
         self.decisions = 0
 
@@ -90,20 +96,24 @@ class Router:
         self._cache.clear()
 
     def _holders(
-        self, origin: str, model: str, deployments: frozenset[str] | None, sites: Mapping[str, SiteView], version: int
+        self, origin: str, model: str, deployments: frozenset[str] | None, sites: Mapping[str, SiteView], version: int,
+        tenant: str = "",
     ) -> list[tuple[str, float]]:
         if version != self._cache_version:
             self._cache.clear()
             self._cache_version = version
-        key = (origin, model, deployments)
+        key = (origin, model, deployments, tenant)
         lst = self._cache.get(key)
         if lst is None:
             lst = []
             for site, rtt_ms in self.rtt.ranked(origin):
                 view = sites.get(site)
                 replica = view.replicas.get(model) if view is not None else None
-                if replica is not None and (deployments is None or replica.deployment in deployments):
-                    lst.append((site, rtt_ms))
+                if replica is None or (deployments is not None and replica.deployment not in deployments):
+                    continue
+                if replica.deployment in LOCAL_DEPLOYMENTS and not may_use_local(view.local_model_tenants, tenant):  # type: ignore[union-attr]
+                    continue
+                lst.append((site, rtt_ms))
             self._cache[key] = lst
         return lst
 
@@ -119,9 +129,9 @@ class Router:
             rng: a seeded random source (``random.Random`` live, a seeded one in the simulator).
         """
         self.decisions += 1
-        holders = self._holders(req.origin, req.model, req.deployments, sites, version)
+        holders = self._holders(req.origin, req.model, req.deployments, sites, version, req.tenant)
         if not holders:
-            if req.deployments is not None:
+            if req.deployments is not None or req.tenant:
                 return NoRoute(f"no site serves model {req.model!r} from a deployment this tenant may use")
             return NoRoute(f"no site serves model {req.model!r}")
         want = self.window + self.max_fallbacks

@@ -48,6 +48,7 @@ import msgspec
 from controlplane.placement import (
     DEFAULT_MODEL,
     STATIC_FILTERS,
+    WORKLOAD_EXECUTORS,
     CostBreakdown,
     CostModel,
     Estimate,
@@ -366,6 +367,7 @@ class _Planner:
         res = self.res
         tou = self.tou_cache
         regions, providers, tee = job.regions, job.providers, job.tee
+        runs = WORKLOAD_EXECUTORS.get(job.workload, frozenset())
         best: _Cand | None = None
         cands: list[_Cand] = []
         lost: list[Verdict] = []
@@ -393,7 +395,8 @@ class _Planner:
                 # The static filters, inlined (same predicates as placement.STATIC_FILTERS; the
                 # accelerator and gang filters hold for any entry with enough free cards).
                 if not e.up or (regions and pool.region not in regions) or \
-                        (providers and pool.provider not in providers) or (tee and not pool.tee):
+                        (providers and pool.provider not in providers) or (tee and not pool.tee) or \
+                        (pool.executors is not None and pool.executors.isdisjoint(runs)):
                     if len(lost) < explain:
                         lost.append(Verdict(pool=pool.id, accelerator=acc,
                                             reason=static_reason(job, pool, acc) or "?"))
@@ -474,7 +477,7 @@ class _Planner:
 
     def static_entries(self, job: JobSpec) -> tuple[list[_Entry], list[str]]:
         """Entries passing the static filters (cached per job shape), else the reasons none do."""
-        key = (job.accelerators, job.cards, job.regions, job.providers, job.tee)
+        key = (job.accelerators, job.cards, job.regions, job.providers, job.tee, job.workload)
         hit = self.static_cache.get(key)
         if hit is not None:
             return hit

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 def install_services(hub: Hub) -> None:
     """Attach every optional service that exists in this build to ``hub`` (before ``start``)."""
     from controlplane import deployments, training
+    from controlplane.gateway import sites as sites_api
 
     deployments.install(hub)
     training.install(hub)
+    hub.route_modules.append(sites_api)  # operator declarations of sites

@@ -8,17 +8,27 @@ It carries out what the pure core decides (CONVENTIONS example 2, "decide, then 
   heartbeat's free cards), ``scheduler.plan(snapshot, now)``, then in one transaction persist the
   placements (new attempt, explanation), the waits and the ``StartAttempt`` / ``StopAttempt``
   commands into the outbox; the outbox sends them after the commit.
-- **Events** from JetStream (``bus.consume_events``): each is recorded once by ``job:attempt:seq``,
-  applied with ``lifecycle.apply_event`` (the attempt number is the fencing token: events of any
+- **Events** from JetStream (``bus.consume_events``): fenced by sender first (the bus has checked
+  that the event's ``site`` is the subject it came on; an event whose site is not where the hub
+  placed that attempt is dropped and counted in ``cpn_events_dropped_total``, never recorded), then
+  recorded once by ``job:attempt:site:seq``, applied with ``lifecycle.apply_event`` (the attempt number is the fencing token: events of any
   attempt but the current one are counted in ``metrics.stale_events`` and change nothing), and its
   effects (metering, stop a zombie, replan) are written in the same transaction. The handler
   returns only after the commit, so JetStream acks only what is on disk; a crash before it means a
   redelivery, which the ``job:attempt:seq`` key absorbs.
 - **Sites**: a lost site's live attempts fail as infrastructure failures (restart from the last
   checkpoint on the best pool now, not counted against the user-error budget). On every tick each
-  site's heartbeat list of running attempts is compared with the store: an attempt that is not its
-  job's current attempt at that site gets a ``StopAttempt`` (a site back from a partition, still
-  running an old attempt).
+  site's heartbeat list of running attempts is compared with the store: an attempt the hub placed
+  at that site that is not its job's current attempt there gets a ``StopAttempt`` (a site back from
+  a partition, still running an old attempt); an attempt the hub never placed there is ignored and
+  counted (``cpn_heartbeat_attempts_ignored_total``). A started attempt that its up site leaves out
+  of ``vanished_heartbeats`` heartbeats in a row fails as ``vanished`` (an infrastructure failure:
+  restarted from its checkpoint, not counted against the user-error budget).
+- **Workloads**: a job naming an ``image`` runs on the ``container`` executor, one naming a
+  ``command`` on ``process`` (or the site's ``slurm``), else on ``sim``; placement considers only
+  sites that registered such an executor (``placement.filter_executor``). A site's refusal of a
+  start, a ``vanished`` attempt and a job no site can run are written to the job's events as hub
+  events (site ``(hub)``), so the tenant sees why.
 - **Metering**: each ended attempt is billed cards × hours and energy (``placement.metered_energy_cny``,
   time-of-use tariff × PUE × board power). Sim attempts run ``time_scale`` simulated seconds per
   wall second, so their wall time is scaled by it: the bill is for the simulated run.
@@ -70,6 +80,7 @@ REFUSED_OTHER_COOL_S = 30.0
 """After any other refusal (executor not enabled, ...), leave the site alone this long."""
 ORPHAN_GRACE_S = 5.0
 """After a hub start, a live job's site must be heard from within max(this, 2 × detection)."""
+HUB_SITE = store_jobs.HUB_EVENT_SITE
 
 
 class TrainingService:
@@ -83,7 +94,7 @@ class TrainingService:
         self.counters: dict[str, int] = {
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
-            "cancelled": 0,
+            "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
         }
         self.last_plan: scheduler.Plan | None = None
         self.last_tick_ms = 0.0
@@ -92,6 +103,10 @@ class TrainingService:
         self._preempting: dict[tuple[str, int], float] = {}
         self._stop_sent: dict[tuple[str, str, int], float] = {}
         self._cool_until: dict[str, float] = {}
+        self._missing: dict[tuple[str, int], int] = {}
+        """(job, attempt) -> the site's heartbeat count when the hub first saw it missing there"""
+        self._ignored: set[tuple[str, str, int]] = set()
+        """(site, job, attempt) listed by a site where the hub never placed it (counted once)"""
 
     def __repr__(self) -> str:
         c = self.counters
@@ -248,9 +263,10 @@ class TrainingService:
                 tenants=self._tenants({r.tenant for r in rows}),
             )
             plan = scheduler.plan(snapshot, now)
-            self._carry_out(plan, {r.id: r for r in rows}, bad, now)
+            self._carry_out(plan, {r.id: r for r in rows}, bad, now, len(pools))
             self.last_plan = plan
         self._reconcile(live, now)
+        self._vanished(live, now)
         self._orphans(live, now)
         self.counters["ticks"] += 1
         self.last_tick_ms = (time.perf_counter() - started) * 1000.0
@@ -277,7 +293,8 @@ class TrainingService:
             if self._cool_until.get(view.id, 0.0) > now:
                 free = {a: 0.0 for a in free}
             pools.append(placement.pool_from_site(
-                site, hub.layout.accelerators, free=free, healthy=view.state == "up", draining=view.draining))
+                site, hub.layout.accelerators, free=free, healthy=view.state == "up", draining=view.draining,
+                executors=frozenset(view.executors)))
         return pools
 
     def _static_pool(self, site_id: str) -> placement.Pool | None:
@@ -317,7 +334,9 @@ class TrainingService:
         return out
 
     def _carry_out(self, plan: scheduler.Plan, rows: dict[str, store_jobs.JobRow], bad: list[tuple[str, str]],
-                   now: float) -> None:
+                   now: float, plan_pools: int = 0) -> None:
+        """Persist and send what ``plan`` says; ``plan_pools`` is how many pools it saw (with none,
+        a job's being unplaceable says nothing about the job and is not written to its events)."""
         db = self.hub.db
         assert self.outbox is not None
         placed: list[tuple[lifecycle.JobRecord, dict[str, Any]]] = []
@@ -343,9 +362,13 @@ class TrainingService:
             stops.extend(e for e in lifecycle.preempt(row.record(), pre.reason) if isinstance(e, lifecycle.Stop))
             self._preempting[(row.id, row.attempt)] = now
         waits = [(w.job_id, w.reason) for w in plan.wait]
-        waits += [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
-        waits += bad
+        infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
+        waits += infeasible + bad
         with transaction(db):
+            for job_id, reason in infeasible if plan_pools else ():
+                old = rows.get(job_id)
+                if old is not None and old.reason != reason:  # a new reason: say it in the job's events
+                    store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
             store_jobs.record_placements(db, placed, now)
             for site, cmd in starts:
                 self.outbox.add(site, cmd, now)
@@ -370,7 +393,10 @@ class TrainingService:
         acc = hub.layout.accelerators.get(p.accelerator)
         units = acc.units if acc is not None and acc.units > 0 else 1.0
         command = [str(a) for a in spec.get("command") or []]
-        executor = "process" if command else "sim"
+        executor = placement.workload_of(spec)
+        view = hub.registry.get(p.pool)
+        if executor == "process" and view is not None and "process" not in view.executors and "slurm" in view.executors:
+            executor = "slurm"  # a command on a site whose only way to run one is its own Slurm
         interval_min = spec.get("checkpoint_interval_min")
         interval_s = float(interval_min) * 60.0 if interval_min else p.breakdown.interval_s
         if not math.isfinite(interval_s) or interval_s <= 0:
@@ -384,11 +410,14 @@ class TrainingService:
             restart_s=site.restart_s, failure_rate_per_card_hour=site.failure_rate_per_card_hour,
             time_scale=hub.config.sim_time_scale if executor == "sim" else 1.0, seed=seed, tenant=row.tenant,
             event_key=secrets.token_urlsafe(16),  # stored with the command in the outbox, so resends carry the same key
+            image=str(spec.get("image") or ""),
         )
 
     def _reconcile(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
-        """Stop every attempt a site reports running that is not its job's current attempt there."""
+        """Stop every attempt a site reports running that the hub placed there but that is not its
+        job's current attempt there; ignore (and count) attempts the hub never placed there."""
         wanted: list[tuple[str, str, int, str]] = []
+        suspects: list[tuple[str, wire.AttemptRef]] = []
         for view in self.hub.registry:
             if view.state != "up":
                 continue
@@ -397,14 +426,26 @@ class TrainingService:
                 if row is not None and row.attempt == ref.attempt and row.pool == view.id:
                     continue
                 key = (view.id, ref.job, ref.attempt)
-                if now - self._stop_sent.get(key, -math.inf) < STOP_RESEND_S:
+                if key in self._ignored or now - self._stop_sent.get(key, -math.inf) < STOP_RESEND_S:
                     continue
-                if row is None:
-                    known = store_jobs.get_job(self.hub.db, ref.job)
-                    why = f"job is {known.state}" if known is not None else "job unknown to the hub"
-                else:
-                    why = f"current attempt is {row.attempt} at {row.pool}"
-                wanted.append((view.id, ref.job, ref.attempt, f"attempt {ref.attempt} is stale: {why}"))
+                suspects.append((view.id, ref))
+        placed = store_jobs.attempt_pools(self.hub.db, {(r.job, r.attempt) for _, r in suspects}) if suspects else {}
+        for site, ref in suspects:
+            if placed.get((ref.job, ref.attempt)) != site:
+                # Not ours to stop: a command for it would only let a site multiply the hub's work.
+                if len(self._ignored) > 100_000:
+                    self._ignored.clear()
+                self._ignored.add((site, ref.job, ref.attempt))
+                self.counters["never_placed"] += 1
+                self.hub.metrics.count(self.hub.metrics.heartbeat_attempts_ignored, site)
+                continue
+            row = live.get(ref.job)
+            if row is None:
+                known = store_jobs.get_job(self.hub.db, ref.job)
+                why = f"job is {known.state}" if known is not None else "job unknown to the hub"
+            else:
+                why = f"current attempt is {row.attempt} at {row.pool}"
+            wanted.append((site, ref.job, ref.attempt, f"attempt {ref.attempt} is stale: {why}"))
         if not wanted:
             if len(self._stop_sent) > 1000:
                 self._stop_sent = {k: v for k, v in self._stop_sent.items() if now - v < 60.0}
@@ -415,6 +456,58 @@ class TrainingService:
         for site, job, attempt, reason in wanted:
             log.warning("event=stale_attempt_running site=%s job=%s attempt=%d reason=%s", site, job, attempt, reason)
         self._kick()
+
+    def _vanished(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
+        """Fail, as ``vanished``, every started attempt (acknowledged by its site: ``starting``,
+        ``running``, or ``placed`` with its start sent) its up site has left out of
+        ``vanished_heartbeats`` heartbeats in a row (a site that restarted without it: without this
+        the job would stay ``running`` at its last progress for ever, and be billed)."""
+        hub = self.hub
+        limit = max(1, hub.config.vanished_heartbeats)
+        started = (S.PLACED.value, S.STARTING.value, S.RUNNING.value)
+        gone: list[tuple[store_jobs.JobRow, int]] = []
+        current: set[tuple[str, int]] = set()
+        for r in live.values():
+            view = hub.registry.get(r.pool) if r.pool else None
+            if r.state not in started or view is None or view.state != "up":
+                continue
+            key = (r.id, r.attempt)
+            current.add(key)
+            if any(a.job == r.id and a.attempt == r.attempt for a in view.attempts):
+                self._missing.pop(key, None)
+                continue
+            first = self._missing.setdefault(key, view.heartbeats)
+            if view.heartbeats - first >= limit and (r.state != S.PLACED.value or self._start_delivered(r)):
+                gone.append((r, view.heartbeats - first))
+        self._missing = {k: v for k, v in self._missing.items() if k in current}
+        if not gone:
+            return
+        db = hub.db
+        failed = []
+        with transaction(db):
+            for r, beats in gone:
+                why = f"vanished: {r.pool} left attempt {r.attempt} out of its last {beats} heartbeats"
+                out = lifecycle.infra_failure(r.record(), now, why, attempt=r.attempt)
+                if not out.applied:
+                    continue
+                store_jobs.save_record(db, out.record)
+                self._effects(r, out.effects, now, exit_reason="vanished", detail=why)
+                store_jobs.record_hub_event(db, r.id, r.attempt, "vanished", {"site": r.pool, "reason": why}, now)
+                failed.append(r)
+        for r in failed:
+            self._missing.pop((r.id, r.attempt), None)
+            self.counters["vanished"] += 1
+            hub.metrics.attempts_vanished.inc()
+            log.warning("event=attempt_vanished job=%s attempt=%d site=%s", r.id, r.attempt, r.pool)
+        if failed:
+            self._kick()
+            self.poke()
+
+    def _start_delivered(self, r: store_jobs.JobRow) -> bool:
+        """The attempt's StartAttempt was acknowledged (sent) though the job is still ``placed``: the
+        hub stopped between marking the command sent and recording the acknowledgement."""
+        return any(e.kind == START and e.attempt == r.attempt and e.state == "sent"
+                   for e in store_outbox.for_job(self.hub.db, r.id))
 
     def _orphans(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
         """Live jobs at a site this hub process has never heard from, a grace period after start.
@@ -480,16 +573,21 @@ class TrainingService:
         db = self.hub.db
         kind = str(type(event).__struct_config__.tag)
         with transaction(db):
-            if not store_jobs.record_event(db, event.job, event.attempt, event.seq, kind, wire.encode(event), now):
+            # Fence by sender before anything is recorded: only the site the hub placed this
+            # attempt at may speak for it (event.site is the subject's site: the bus checked).
+            holder = store_jobs.attempt_pools(db, [(event.job, event.attempt)]).get((event.job, event.attempt))
+            row = None
+            if holder is None:
+                result = "unknown_attempt"
+            elif holder != event.site:
+                result = "not_holder"
+            elif not store_jobs.record_event(db, event.job, event.attempt, event.seq, kind, wire.encode(event), now,
+                                             site=event.site):
                 result = "duplicate"
             else:
                 row = store_jobs.get_job(db, event.job)
                 if row is None:
                     result = "unknown_job"
-                elif event.attempt == row.attempt and row.pool and event.site != row.pool:
-                    # The attempt number is right but the sender is not where the attempt runs: a
-                    # site speaking for another's attempt. Fence it like a stale one.
-                    result = "stale_attempt"
                 else:
                     out = lifecycle.apply_event(row.record(), event)
                     if out.applied:
@@ -503,6 +601,11 @@ class TrainingService:
                     else:
                         self._effects(row, out.effects, now, exit_reason="")
         self.counters[result] = self.counters.get(result, 0) + 1
+        if result in ("unknown_attempt", "not_holder"):
+            self.hub.metrics.count(self.hub.metrics.events_dropped, result)
+            log.warning("event=event_dropped reason=%s job=%s attempt=%d seq=%d kind=%s site=%s holder=%s",
+                        result, event.job, event.attempt, event.seq, kind, event.site, holder or "-")
+            return result
         if result == "stale_attempt":
             self.hub.metrics.stale_events.inc()
             log.info("event=stale_event job=%s attempt=%d seq=%d kind=%s site=%s",
@@ -593,6 +696,7 @@ class TrainingService:
                 return
             store_jobs.save_record(db, out.record)
             self._effects(row, out.effects, now, exit_reason="dispatch_failed", detail=why, ran=False)
+            store_jobs.record_hub_event(db, cmd.job, cmd.attempt, "start_refused", {"site": entry.site, "reason": why}, now)
         self.counters["dispatch_failures"] += 1
         log.warning("event=dispatch_failed job=%s attempt=%d site=%s error=%s", cmd.job, cmd.attempt, entry.site, why)
         self.poke()
@@ -622,7 +726,7 @@ def _job_spec(row: store_jobs.JobRow) -> placement.JobSpec:
         max_price_cny=float(max_price) if max_price is not None else None,
         regions=tuple(s.get("regions") or ()), providers=tuple(s.get("providers") or ()), tee=bool(s.get("tee")),
         submitted_at=row.submitted_at, progress=row.progress, checkpoint_pool=row.checkpoint_pool,
-        restarting=row.state == S.RESTARTING.value,
+        restarting=row.state == S.RESTARTING.value, workload=placement.workload_of(s),
     )
 
 

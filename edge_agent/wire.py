@@ -327,8 +327,6 @@ class StartAttempt(msgspec.Struct, tag="start_attempt", kw_only=True):
     command: list[str] = []
     """argv of the ``process`` executor; for ``container``, arguments after the image (empty: the
     image's own command)."""
-    image: str = ""
-    """The image the ``container`` executor runs (the site allow-lists images)."""
     work_s: float = 3600.0
     """Work the job needs in total, in seconds of running on its cards."""
     progress: float = 0.0
@@ -345,6 +343,9 @@ class StartAttempt(msgspec.Struct, tag="start_attempt", kw_only=True):
     event_key: str = ""
     """The attempt's secret for its events' JetStream ids (see :func:`event_msg_id`); the hub
     picks a fresh one per attempt. Sent only on the site's own command subject."""
+    image: str = ""
+    """The image reference the ``container`` executor runs ("" for other executors); the site
+    allow-lists images."""
 
 
 class StopAttempt(msgspec.Struct, tag="stop_attempt", kw_only=True):

@@ -204,6 +204,9 @@ class Routes:
     def add_delete(self, path: str, handler: Handler) -> None:
         self.app.router.add_delete(path, guarded(self.hub, handler, path, public=False))
 
+    def add_put(self, path: str, handler: Handler) -> None:
+        self.app.router.add_put(path, guarded(self.hub, handler, path, public=False))
+
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
     """Every path no endpoint matched: 405 when another method would have, else 404."""

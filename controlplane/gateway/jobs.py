@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from aiohttp import web
 
-from controlplane import lifecycle
+from controlplane import lifecycle, placement
 from controlplane.errors import NotFound, RequestError
 from controlplane.gateway.app import HUB, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
@@ -42,6 +42,10 @@ if TYPE_CHECKING:
 Name = Annotated[str, msgspec.Meta(max_length=200)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Arg = Annotated[str, msgspec.Meta(max_length=4096)]
+IMAGE_PATTERN = (r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]{1,5})?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+                 r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$")
+"""A container image reference: ``[registry[:port]/]path[:tag][@sha256:digest]``, lower-case path."""
+Image = Annotated[str, msgspec.Meta(min_length=1, max_length=255, pattern=IMAGE_PATTERN)]
 
 MAX_PRIORITY = 9
 
@@ -65,7 +69,11 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     providers: Annotated[list[Token], msgspec.Meta(max_length=64)] = []
     tee: bool = False
     command: Annotated[list[Arg], msgspec.Meta(max_length=256)] = []
-    """A real command (argv, no shell) for the ``process`` executor; empty runs the ``sim`` executor."""
+    """A real command (argv, no shell) for the ``process`` executor (or, with ``image``, the
+    container's command); with neither, the job runs on the ``sim`` executor."""
+    image: Image | None = None
+    """A container image (e.g. ``registry.example.com/team/train:1.2``) for the ``container``
+    executor; only sites that enabled containers (and allow the image) run it."""
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] | None = None
     """Retries after user errors (non-zero exit); default 2. Infrastructure failures never count."""
 
@@ -153,7 +161,7 @@ def job_view(row: store_jobs.JobRow, attempts: list[store_jobs.AttemptRow] | Non
         "priority": row.priority,
         "cards": row.cards,
         "accelerators": spec.get("accelerators", []),
-        "executor": "process" if spec.get("command") else "sim",
+        "executor": placement.workload_of(spec),
         "attempt": row.attempt,
         "pool": row.pool,
         "accelerator": row.accelerator,
@@ -252,11 +260,6 @@ async def job_events(request: web.Request) -> web.Response:
     db = request.app[HUB].db
     events = store_jobs.events(db, row.id)
     data = [{"attempt": e.attempt, "seq": e.seq, "kind": e.kind, "received_at": e.at, "body": e.body} for e in events]
-    # A start the site refused (executor not enabled, command or image not allowed, no capacity)
-    # has no agent event: show the hub's record of it, seq 0, so the tenant sees the site's reason.
-    data += [{"attempt": a.attempt, "seq": 0, "kind": "dispatch_failed", "received_at": a.ended_at,
-              "body": {"site": a.pool, "detail": a.detail}}
-             for a in store_jobs.attempts(db, row.id) if a.exit_reason == "dispatch_failed"]
     data.sort(key=lambda e: (e["attempt"], e["seq"]))
     return json_response({"object": "list", "job": row.id, "data": data})
 

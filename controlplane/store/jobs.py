@@ -10,8 +10,10 @@ Promises:
   (the job row as it was when created, ``replayed=True``); the same key with another body is an
   ``Unprocessable`` (422) naming ``Idempotency-Key``. Check and insert happen in one
   ``BEGIN IMMEDIATE`` transaction, so two gateways racing on one key create one job.
-- Agent events are applied once: :func:`record_event` returns False for a ``job:attempt:seq``
-  already stored (JetStream redelivers; its duplicate window is only 2 minutes).
+- Agent events are applied once: :func:`record_event` returns False for a ``job:attempt:site:seq``
+  already stored (JetStream redelivers; its duplicate window is only 2 minutes). The caller records
+  only events from the site holding the attempt (:func:`attempt_pools`), so one site's events can
+  never take the key of another's.
 - Metering is applied once per attempt: :func:`end_attempt` returns False if the attempt was
   already ended, and only the first call adds its card-hours and energy to the job's totals.
 - Tenancy: ``get_job(..., tenant=)`` sees only that tenant's jobs (another tenant's job is a 404).
@@ -28,7 +30,9 @@ Public API::
     add_attempt(db, job_id, attempt, pool, accelerator, cards, now, *, breakdown=None)
     end_attempt(db, meter: lifecycle.Meter, *, energy_cny, exit_reason, exit_code=None, detail="") -> bool
     attempts(db, job_id) -> [AttemptRow]
-    record_event(db, job_id, attempt, seq, kind, body_json, now) -> bool
+    record_event(db, job_id, attempt, seq, kind, body_json, now, *, site="") -> bool
+    record_hub_event(db, job_id, attempt, kind, body, now)               # site "(hub)"
+    attempt_pools(db, [(job_id, attempt)]) -> {(job_id, attempt): pool}  # where each was placed
     events(db, job_id) -> [EventRow]
     record_placements(db, [(JobRecord, placement_dict)], now) -> int     # one plan tick, one commit
     record_waits(db, [(job_id, reason)], now) -> int
@@ -432,22 +436,56 @@ def record_event(
     kind: str,
     body_json: str | bytes,
     now: float,
+    *,
+    site: str = "",
 ) -> bool:
-    """Store one agent event; False if ``job:attempt:seq`` was stored before (apply it only on True)."""
+    """Store one agent event; False if ``job:attempt:site:seq`` was stored before (apply it only on True)."""
     body = body_json.decode() if isinstance(body_json, bytes) else body_json
     with transaction(db):
         cur = db.conn.execute(
-            "INSERT INTO job_events (job_id, attempt, seq, kind, body, at) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (job_id, attempt, seq) DO NOTHING",
-            (job_id, attempt, seq, kind, body, now),
+            "INSERT INTO job_events (job_id, attempt, site, seq, kind, body, at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (job_id, attempt, site, seq) DO NOTHING",
+            (job_id, attempt, site, seq, kind, body, now),
         )
     return cur.rowcount == 1
+
+
+HUB_EVENT_SITE = "(hub)"
+"""The ``site`` of events the hub writes into a job's history itself (never a valid site id)."""
+
+
+def record_hub_event(db: sqlite_utils.Database, job_id: str, attempt: int, kind: str, body: dict[str, Any],
+                     now: float) -> None:
+    """Add a hub-made event to a job's history (a refused start, a vanished attempt, why it cannot
+    be placed), numbered after the hub's earlier events of that attempt."""
+    with transaction(db):
+        (seq,) = db.conn.execute(
+            "SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ? AND attempt = ? AND site = ?",
+            (job_id, attempt, HUB_EVENT_SITE)).fetchone()
+        full = {"type": kind, "job": job_id, "attempt": attempt, "seq": seq, "site": HUB_EVENT_SITE, "at": now, **body}
+        db.conn.execute(
+            "INSERT INTO job_events (job_id, attempt, site, seq, kind, body, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (job_id, attempt, HUB_EVENT_SITE, seq, kind, _encode(full), now))
+
+
+def attempt_pools(db: sqlite_utils.Database, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """Where each of ``keys`` (job, attempt) was placed; attempts the hub never placed are absent."""
+    out: dict[tuple[str, int], str] = {}
+    keys = list(keys)
+    for i in range(0, len(keys), 400):  # SQLite's bound-parameter limit
+        chunk = keys[i:i + 400]
+        where = " OR ".join("(job_id = ? AND attempt = ?)" for _ in chunk)
+        params = [v for k in chunk for v in k]
+        for job_id, attempt, pool in db.conn.execute(
+                f"SELECT job_id, attempt, pool FROM attempts WHERE {where}", params):  # noqa: S608 (placeholders only)
+            out[(job_id, attempt)] = pool
+    return out
 
 
 def events(db: sqlite_utils.Database, job_id: str) -> list[EventRow]:
     """A job's events in order (attempt, then seq)."""
     rows = db.conn.execute(
-        "SELECT job_id, attempt, seq, kind, body, at FROM job_events WHERE job_id = ? ORDER BY attempt, seq",
+        "SELECT job_id, attempt, seq, kind, body, at FROM job_events WHERE job_id = ? ORDER BY attempt, at, seq",
         (job_id,),
     )
     return [EventRow(job_id=r[0], attempt=r[1], seq=r[2], kind=r[3], body=json.loads(r[4]), at=r[5]) for r in rows]

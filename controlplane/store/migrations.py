@@ -42,6 +42,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        # operator site declarations (owner: sitetrust). What the operator declared about a site
+        # (tier, city, cards, tenants of its own models) as JSON; NULL for sites only heard of.
+        "0002_site_declarations",
+        """
+        ALTER TABLE sites ADD COLUMN declared TEXT
+        """,
+    ),
+    (
         # jobs (owner: training core). Ids sort before 0020, so this entry sits here in the list.
         "0010_jobs",
         """
@@ -111,6 +119,28 @@ MIGRATIONS: list[tuple[str, str]] = [
             created_at REAL NOT NULL,
             PRIMARY KEY (tenant, key)
         );
+        """,
+    ),
+    (
+        # agent events keyed by the sending site too (owner: sitetrust): an event is recorded only
+        # from the site holding its attempt, and the key names that site.
+        "0011_job_events_site",
+        """
+        CREATE TABLE job_events_new (
+            job_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            site TEXT NOT NULL DEFAULT '',
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            body TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (job_id, attempt, site, seq)
+        );
+        INSERT INTO job_events_new (job_id, attempt, site, seq, kind, body, at)
+            SELECT e.job_id, e.attempt, COALESCE(a.pool, ''), e.seq, e.kind, e.body, e.at
+            FROM job_events e LEFT JOIN attempts a ON a.job_id = e.job_id AND a.attempt = e.attempt;
+        DROP TABLE job_events;
+        ALTER TABLE job_events_new RENAME TO job_events
         """,
     ),
     (

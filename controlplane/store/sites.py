@@ -24,6 +24,23 @@ def upsert_site(
         )
 
 
+def declare_site(db: sqlite_utils.Database, site: str, declared: dict[str, Any], now: float) -> None:
+    """Keep the operator's declaration of ``site`` (its facts win over the agent's claims)."""
+    with transaction(db):
+        db.execute(
+            """INSERT INTO sites (id, tier, city, provider, accelerators, first_seen, last_registered, declared)
+               VALUES (?, ?, ?, ?, ?, ?, 0, ?)
+               ON CONFLICT(id) DO UPDATE SET declared = excluded.declared""",
+            [site, declared.get("tier", "edge"), declared.get("city", ""), declared.get("provider", ""),
+             json.dumps(declared.get("accelerators", {}), sort_keys=True), now, json.dumps(declared, sort_keys=True)],
+        )
+
+
+def declarations(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
+    """Every operator declaration kept, by site."""
+    return {r[0]: json.loads(r[1]) for r in db.execute("SELECT id, declared FROM sites WHERE declared IS NOT NULL")}
+
+
 def set_draining(db: sqlite_utils.Database, site: str, draining: bool) -> None:
     with transaction(db):
         db.execute("UPDATE sites SET draining = ? WHERE id = ?", [1 if draining else 0, site])
@@ -35,5 +52,6 @@ def list_sites(db: sqlite_utils.Database) -> list[dict[str, Any]]:
         row = dict(r)
         row["accelerators"] = json.loads(row["accelerators"] or "{}")
         row["draining"] = bool(row["draining"])
+        row["declared"] = json.loads(row["declared"]) if row.get("declared") else None
         out.append(row)
     return out

@@ -30,7 +30,7 @@ async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[o
                                                         output=f"{site}:{req.prompt}", completion_tokens=2)))
 
     await nc.subscribe(wire.infer_subject(site), cb=on_infer)
-    ack = await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city=city, accelerators={"H20": 4})), timeout=2)
+    ack = await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city=city)), timeout=2)
     assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
 
     async def beat() -> None:

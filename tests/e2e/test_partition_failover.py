@@ -26,9 +26,13 @@ from tests.support.hubrig import Client, hub_config, running_hub
 CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 
 
+CARDS = {"hz-edge": {"910B": 4}, "sh-edge": {"H20": 4}}
+"""What the layout declares for each site (a site may claim no more)."""
+
+
 def agent(site: str, city: str, url: str) -> Agent:
     return Agent(AgentConfig(
-        site=site, nats=url, city=city, tier="edge", accelerators={"H20": 4}, heartbeat_s=1.0,
+        site=site, nats=url, city=city, tier="edge", accelerators=CARDS[site], heartbeat_s=1.0,
         models=[ModelConfig(name="qwen", cards=1.0, slots=8)],
         backend=BackendConfig(sim=SimBackendConfig(ttft_ms=20, per_token_ms=5, slots=8)),
     ))

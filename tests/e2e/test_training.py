@@ -323,10 +323,10 @@ async def test_cancel_stops_the_running_attempt_and_bills_it(tmp_path: Path, nat
         assert row.state == "cancelled" and round(row.card_hours, 6) == view["card_hours"]  # billed once
 
 
-async def test_a_site_without_the_process_executor_refuses_a_command_and_the_tenant_sees_why(
+async def test_a_command_job_never_reaches_a_site_without_the_process_executor_and_the_tenant_sees_why(
         tmp_path: Path, nats_server: NatsServer) -> None:
     """Attack row: a tenant job ``sh -c 'id > ...'`` ran as the agent's user. A site that did not
-    enable ``process`` (the default) refuses it; the reason reaches the tenant's job view and events."""
+    enable ``process`` (the default) is not offered it: the job waits, and its events say why."""
     marker = tmp_path / "ran-as"
     async with network(tmp_path, nats_server.url, scale=3600, sites=("hz-edge",),
                        executors=ExecutorsConfig(enabled=["sim"])) as (hub, agents, tenant):
@@ -334,13 +334,16 @@ async def test_a_site_without_the_process_executor_refuses_a_command_and_the_ten
                 "command": ["sh", "-c", f"id > {marker}"]}
         _, sub, _ = await tenant.call("POST", "/v1/jobs", body)
         jid = sub["id"]
-        await until(lambda: any(a.exit_reason for a in store_jobs.attempts(hub.db, jid)), 10, "the dispatch refused")
+
+        async def unplaceable() -> list[dict[str, Any]]:
+            _, events, _ = await tenant.call("GET", f"/v1/jobs/{jid}/events")
+            return [e for e in events["data"] if e["kind"] == "unplaceable"]
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while not (why := await unplaceable()):
+            assert asyncio.get_running_loop().time() < deadline, "no unplaceable event"
+            await asyncio.sleep(0.05)
+        assert "executor" in why[0]["body"]["reason"], why
         _, view, _ = await tenant.call("GET", f"/v1/jobs/{jid}")
-        first = view["attempts"][0]
-        assert first["exit_reason"] == "dispatch_failed", first
-        assert "executor 'process' is not enabled at hz-edge (enabled: sim)" in first["detail"], first
-        _, events, _ = await tenant.call("GET", f"/v1/jobs/{jid}/events")
-        refused = [e for e in events["data"] if e["kind"] == "dispatch_failed"]
-        assert refused and "not enabled at hz-edge" in refused[0]["body"]["detail"], events
-        assert refused[0]["body"]["site"] == "hz-edge"
+        assert view["state"] == "queued" and not view["attempts"], view
         assert not marker.exists() and not agents["hz-edge"].training.attempts

@@ -23,6 +23,9 @@ def hub_config(tmp: Path, nats_url: str, **kw: Any) -> HubConfig:
     base: dict[str, Any] = dict(
         nats_url=nats_url, db_path=str(tmp / "hub.db"), listen_port=0, layout=str(DEMO3), seed=1,
         heartbeat_s=1.0, miss_limit=3, site_timeout_s=3.0,
+        # The tests' sites offer their own models to the tests' tenants (what they test is routing,
+        # failover, the API); the trust tests pass local_model_tenants=[] to get the default.
+        local_model_tenants=["*"],
     )
     base.update(kw)
     return HubConfig(**base)
