@@ -31,6 +31,10 @@ log = logging.getLogger("cpn.gateway")
 HUB: web.AppKey[Hub] = web.AppKey("hub")
 PRINCIPAL: web.RequestKey[auth.Principal] = web.RequestKey("principal", auth.Principal)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+"""The hub's id of the request (``RequestIds.next``): the wire id of an inference request, quoted in logs."""
+ECHO_ID: web.RequestKey[str] = web.RequestKey("echo_id", str)
+"""What ``X-Request-Id`` answers carry: the client's own ``X-Request-Id`` if it sent a usable one, else
+the hub's id. Never sent to a site."""
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -109,6 +113,18 @@ def require_tenant(request: web.Request) -> str:
     return p.tenant_id
 
 
+CLIENT_REQUEST_ID_MAX = 128
+
+
+def client_request_id(request: web.Request) -> str | None:
+    """The client's ``X-Request-Id`` if it is 1..128 printable ASCII characters (else None): echoed
+    in the answer and logged next to the hub's id, never put on the wire."""
+    value = request.headers.get("X-Request-Id")
+    if value and len(value) <= CLIENT_REQUEST_ID_MAX and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
 def _log_level(status: int) -> int:
     """503 ("nothing fits the budget") is an answer, not a fault: INFO; other 5xx WARNING; else DEBUG."""
     if status == 503:
@@ -131,10 +147,10 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
     perf_counter = time.perf_counter
 
     async def guard(request: web.Request) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-Id")
-        if not rid or len(rid) > 128:
-            rid = ids.next()
+        rid = ids.next()
         request[REQUEST_ID] = rid
+        echo = client_request_id(request) or rid
+        request[ECHO_ID] = echo
         started = perf_counter()
         status = 500
         try:
@@ -152,35 +168,36 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
             response = await handler(request)
             status = response.status
             if not response.prepared and "X-Request-Id" not in response.headers:
-                response.headers["X-Request-Id"] = rid
+                response.headers["X-Request-Id"] = echo
             return response
         except RateLimited as exc:
             status = exc.status
-            return error_response(status, exc.message, code=exc.code, request_id=rid,
+            return error_response(status, exc.message, code=exc.code, request_id=echo,
                                   headers={"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
         except RequestError as exc:
             status = exc.status
-            return error_response(status, exc.message, code=exc.code, param=exc.field, request_id=rid)
+            return error_response(status, exc.message, code=exc.code, param=exc.field, request_id=echo)
         except PeerError as exc:
             status = 502
-            log.warning("event=peer_error request_id=%s path=%s error=%s", rid, request.path, exc)
-            return error_response(502, str(exc), code="upstream_failed", request_id=rid)
+            log.warning("event=peer_error request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
+                        request.path, exc)
+            return error_response(502, str(exc), code="upstream_failed", request_id=echo)
         except web.HTTPException as exc:
             status = exc.status
             if exc.status == 413:
                 return error_response(413, f"request body larger than {hub.config.max_body_bytes} bytes",
-                                      code="body_too_large", request_id=rid)
+                                      code="body_too_large", request_id=echo)
             raise
         except Exception:
             status = 500
-            log.exception("event=internal_error request_id=%s path=%s", rid, request.path)
-            return error_response(500, f"internal error; quote request id {rid}", code="internal_error", request_id=rid)
+            log.exception("event=internal_error request_id=%s client_request_id=%s path=%s", rid, echo, request.path)
+            return error_response(500, f"internal error; quote request id {rid}", code="internal_error", request_id=echo)
         finally:
             elapsed = perf_counter() - started
             observe(route, status, elapsed)
             if status >= 500 or log.isEnabledFor(logging.DEBUG):
-                log.log(_log_level(status), "event=http request_id=%s method=%s path=%s status=%s ms=%.2f",
-                        rid, request.method, request.path, status, elapsed * 1000)
+                log.log(_log_level(status), "event=http request_id=%s client_request_id=%s method=%s path=%s status=%s "
+                        "ms=%.2f", rid, echo, request.method, request.path, status, elapsed * 1000)
 
     return guard
 
