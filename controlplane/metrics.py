@@ -86,6 +86,9 @@ class HubMetrics:
         self.malformed = Gauge("cpn_malformed_messages", "Malformed messages from agents, dropped", registry=r)
         self.permission_violations = Gauge("cpn_nats_permission_violations", "Permission violations reported by the NATS server", registry=r)
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
+        self.gateway_refused = _Counts("cpn_gateway_connections_refused",
+                                       "Gateway connections refused (503) or cut, by reason", ["reason"])
+        r.register(self.gateway_refused)
 
     def observe_http(self, route: str, status: int, elapsed_s: float) -> None:
         """One HTTP request: a count by (route, status) and the latency histogram."""

@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from controlplane import auth, bodies
+from controlplane.gateway.clientaddr import TrustedProxies
 from controlplane.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("cpn.gateway")
 
 HUB: web.AppKey[Hub] = web.AppKey("hub")
+TRUSTED: web.AppKey[TrustedProxies] = web.AppKey("trusted_proxies", TrustedProxies)
 PRINCIPAL: web.RequestKey[auth.Principal] = web.RequestKey("principal", auth.Principal)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 """The hub's id of the request (``RequestIds.next``): the wire id of an inference request, quoted in logs."""
@@ -123,6 +125,16 @@ def client_request_id(request: web.Request) -> str | None:
     if value and len(value) <= CLIENT_REQUEST_ID_MAX and value.isascii() and value.isprintable():
         return value
     return None
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: the peer's, or from ``X-Forwarded-For`` when the peer is one of the
+    configured trusted proxies (see clientaddr.py); what origin-by-CIDR reads."""
+    peer = request.remote or ""
+    trusted = request.app[TRUSTED]
+    if not trusted.nets:
+        return peer
+    return trusted.client(peer, ",".join(request.headers.getall("X-Forwarded-For", ())))
 
 
 def _log_level(status: int) -> int:
@@ -223,15 +235,15 @@ class Routes:
 
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
-    """Every path no endpoint matched: 405 when another method would have, else 404."""
+    """Every path no endpoint matched: 405 with ``Allow`` when another method would have, else 404."""
     this = request.match_info.route.resource
+    allowed: set[str] = set()
     for resource in request.app.router.resources():
-        if resource is this:
-            continue
-        _, allowed = await resource.resolve(request)
-        if allowed:
-            raise RequestError(f"method {request.method} not allowed on {request.path}", status=405,
-                               code="method_not_allowed")
+        if resource is not this:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        return error_response(405, f"method {request.method} not allowed on {request.path}", code="method_not_allowed",
+                              request_id=request[ECHO_ID], headers={"Allow": ", ".join(sorted(allowed))})
     raise RequestError(f"no such endpoint: {request.method} {request.path}", status=404, code="not_found")
 
 
@@ -248,6 +260,10 @@ def make_app(hub: Hub) -> web.Application:
 
     app = web.Application(client_max_size=hub.config.max_body_bytes)
     app[HUB] = hub
+    try:
+        app[TRUSTED] = TrustedProxies.parse(hub.config.trusted_proxies)
+    except ValueError as exc:
+        raise RequestError(str(exc), field="trusted_proxies") from None
     routes = Routes(app, hub)
     # The hot endpoints first: aiohttp's dispatcher tries resources in registration order.
     infer.add_routes(routes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.errors import RequestError
-from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, Routes, json_response, principal, read_body
+from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, Routes, client_address, json_response, principal, read_body
 from controlplane.gateway.schemas import InferBody
 from controlplane.inference import Served
 from edge_agent import wire
@@ -17,7 +17,8 @@ POLICY_HEADER = "X-CPN-Budget-Policy"
 
 
 def resolve_origin(request: web.Request, explicit: str | None) -> str:
-    """Origin: the body, else X-CPN-Origin, else the tenant's default, else the layout's CIDR map."""
+    """Origin: the body, else X-CPN-Origin, else the tenant's default, else the layout's CIDR map (of
+    the client's address: X-Forwarded-For only from a trusted proxy, see clientaddr.py)."""
     hub = request.app[HUB]
     origin = explicit or request.headers.get(ORIGIN_HEADER)
     if origin:
@@ -29,7 +30,7 @@ def resolve_origin(request: web.Request, explicit: str | None) -> str:
         default = hub.tenant_default_origin(tenant)
         if default:
             return default
-    by_ip = hub.origin_for_ip(request.remote or "")
+    by_ip = hub.origin_for_ip(client_address(request))
     if by_ip:
         return by_ip
     raise RequestError(
