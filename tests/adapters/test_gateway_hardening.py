@@ -205,3 +205,17 @@ async def test_mass_assignment_fields_are_422_naming_the_field(tmp_path: Path, n
                                ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]})]:
                 status, answer, _ = await c.call("POST", path, {**body, field: "x"})
                 assert status == 422 and field in answer["error"]["message"], (path, answer)
+
+
+async def test_405_names_the_allowed_methods(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        key = hub.create_tenant("acme", default_origin="shanghai")
+        async with aiohttp.ClientSession() as session:
+            c = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            for method, path, allow in [("DELETE", "/v1/models", "GET, HEAD"), ("GET", "/v1/chat/completions", "POST"),
+                                        ("PUT", "/v1/jobs", "GET, HEAD, POST"), ("POST", "/healthz", "GET, HEAD")]:
+                status, body, headers = await c.call(method, path)
+                assert status == 405 and headers.get("Allow") == allow, (method, path, status, headers)
+                assert body["error"]["code"] == "method_not_allowed" and "x-request-id" in {h.lower() for h in headers}
+            status, body, headers = await c.call("GET", "/v1/nothing-here")
+            assert status == 404 and "Allow" not in headers
