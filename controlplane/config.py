@@ -61,6 +61,8 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """PEM certificate chain of the gateway: with ``tls_key`` it serves HTTPS only (TLS 1.2 or newer)."""
     tls_key: str | None = None
     """PEM private key of ``tls_cert``."""
+    body_timeout_s: float = 30.0
+    """Longest a request body may take to arrive once its headers have (else 408 ``body_timeout``)."""
 
 
 def load_hub_config(path: Path | str, **overrides: object) -> HubConfig:

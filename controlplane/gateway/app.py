@@ -12,6 +12,7 @@ Statuses: 400 malformed JSON or a bad value (naming the field), 401 no/invalid k
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -67,12 +68,21 @@ def decode_body(data: bytes, type_: type[T]) -> T:
 
 
 async def raw_body(request: web.Request) -> bytes:
-    """The request body, or a 413 naming the limit."""
+    """The request body, or a 413 naming the limit, or a 408 when it has not all arrived within
+    ``body_timeout_s`` (a body sent slowly would otherwise hold its connection and handler forever).
+    A body that came whole with the headers, the usual case, is read without a timer."""
+    config = request.app[HUB].config
     try:
-        return await request.read()
+        if request.content.is_eof():
+            return await request.read()
+        async with asyncio.timeout(config.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestError(f"request body not received within {config.body_timeout_s:g} s", status=408,
+                           code="body_timeout") from None
     except web.HTTPRequestEntityTooLarge as exc:
         raise RequestError(
-            f"request body larger than {request.app[HUB].config.max_body_bytes} bytes", status=413, code="body_too_large"
+            f"request body larger than {config.max_body_bytes} bytes", status=413, code="body_too_large"
         ) from exc
 
 

@@ -219,3 +219,28 @@ async def test_405_names_the_allowed_methods(tmp_path: Path, nats_server: NatsSe
                 assert body["error"]["code"] == "method_not_allowed" and "x-request-id" in {h.lower() for h in headers}
             status, body, headers = await c.call("GET", "/v1/nothing-here")
             assert status == 404 and "Allow" not in headers
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_body_sent_slowly_gets_408_at_the_body_timeout(tmp_path: Path, loop: str) -> None:
+    async def main() -> None:
+        async with hub_here(tmp_path, body_timeout_s=1.0, header_timeout_s=1.0) as hub:
+            key = hub.create_tenant("acme", default_origin="shanghai")
+            reader, writer = await asyncio.open_connection("127.0.0.1", hub.http_port)
+            writer.write(f"POST /v1/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{".encode())
+            started = time.monotonic()
+            answer = b""
+            while time.monotonic() - started < 8 and b"\r\n\r\n" not in answer:
+                writer.write(b" ")  # one byte of the body every 0.2 s
+                await writer.drain()
+                try:
+                    answer += await asyncio.wait_for(reader.read(1000), 0.2)
+                except asyncio.TimeoutError:
+                    pass
+            elapsed = time.monotonic() - started
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer + await reader.read(), answer
+            assert 0.9 <= elapsed < 3.0, elapsed
+
+    run_on(loop, main)
