@@ -13,6 +13,8 @@ headers, nor how many connections may be open, in all or from one address. The g
   beyond either, a new connection gets a one-line 503 and is closed;
 - TLS (1.2 or newer) when ``tls_cert`` and ``tls_key`` are set, the handshake within ``header_timeout_s``.
 
+(A body sent slowly is bounded by ``body_timeout_s`` where it is read, in app.py.)
+
 Refusals and cuts are counted in ``cpn_gateway_connections_refused{reason}`` (``max_connections``,
 ``max_connections_per_client``, ``header_timeout``). The guard uses only what asyncio's and uvloop's
 transports have in common (uvloop's are not asyncio classes).
@@ -122,11 +124,11 @@ class _Guarded(asyncio.Protocol):
         assert t is not None
         self.guard.count(reason)
         t.write(answer)
-        if t.can_write_eof():  # half-close: the client reads the 503 before the socket goes
+        if t.can_write_eof():  # half-close (TCP; TLS cannot): the client sees the end of the 503 at once
             t.write_eof()
-            self.guard.loop.call_later(REFUSED_LINGER_S, t.close)
-        else:
-            t.close()
+        # Closing at once, with the client's request unread, would reset the connection before the
+        # client reads the 503: wait for the client to close (eof_received), at most REFUSED_LINGER_S.
+        self.guard.loop.call_later(REFUSED_LINGER_S, t.close)
 
     def _expire(self) -> None:
         self.timer = None
@@ -220,7 +222,16 @@ class GatewayServer:
         await self.runner.cleanup()
 
 
+_HANDLER_STATE = ("_messages", "_request_in_progress")
+"""aiohttp RequestHandler attributes the header deadline reads (private: checked at start-up)."""
+
+
 async def start(hub: Hub, host: str, port: int) -> GatewayServer:
+    from aiohttp.web_protocol import RequestHandler
+
+    missing = [name for name in _HANDLER_STATE if name not in getattr(RequestHandler, "__slots__", ())]
+    if missing:  # pragma: no cover - an aiohttp that changed its internals
+        raise RuntimeError(f"this aiohttp's RequestHandler lacks {missing}: the gateway's header deadline needs them")
     config = hub.config
     if bool(config.tls_cert) != bool(config.tls_key):
         raise RequestError("TLS needs both tls_cert and tls_key (--tls-cert and --tls-key)",
