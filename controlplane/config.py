@@ -58,6 +58,22 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Heartbeats in a row an up site may omit a started attempt before the hub fails it ``vanished``
     and restarts it from its checkpoint."""
 
+    keepalive_timeout_s: float = 30.0
+    """An idle keep-alive connection (no request under way, no byte of a next one) is closed after
+    this. ``header_timeout_s`` bounds each request's headers, from their first byte to their end."""
+    max_connections_per_client: int = 256
+    """Open gateway connections one client address may hold; beyond it a new one gets a 503.
+    Connections from ``trusted_proxies`` count only toward ``max_connections``."""
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of the reverse proxies in front of the gateway: only from these is ``X-Forwarded-For``
+    believed (the client address origin-by-CIDR reads), and they are exempt from the per-client cap."""
+    tls_cert: str | None = None
+    """PEM certificate chain of the gateway: with ``tls_key`` it serves HTTPS only (TLS 1.2 or newer)."""
+    tls_key: str | None = None
+    """PEM private key of ``tls_cert``."""
+    body_timeout_s: float = 30.0
+    """Longest a request body may take to arrive once its headers have (else 408 ``body_timeout``)."""
+
 
 def load_hub_config(path: Path | str, **overrides: object) -> HubConfig:
     """Decode a TOML file into :class:`HubConfig`; flags given as ``overrides`` win."""

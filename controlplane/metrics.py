@@ -109,6 +109,10 @@ class HubMetrics:
         """Add ``n`` to a labelled count (no lock: the hub's loop is the only writer)."""
         counter.counts[labels] = counter.counts.get(labels, 0) + n
 
+        self.gateway_refused = _Counts("cpn_gateway_connections_refused",
+                                       "Gateway connections refused (503) or cut, by reason", ["reason"])
+        r.register(self.gateway_refused)
+
     def observe_http(self, route: str, status: int, elapsed_s: float) -> None:
         """One HTTP request: a count by (route, status) and the latency histogram."""
         key = (route, str(status))

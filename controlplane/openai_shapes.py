@@ -52,6 +52,9 @@ Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
 Tokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]
 Stop = str | Annotated[list[str], msgspec.Meta(max_length=4)] | None
 LogitBias = dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]]
+Seed = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+"""A 64-bit seed (it goes on the wire, which carries 64-bit integers)."""
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 
 
 
@@ -114,7 +117,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=
     reasoning_effort: str | None = None
     response_format: Any = None
     safety_identifier: str | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     service_tier: str | None = None
     stop: Stop = None
     store: bool | None = None
@@ -134,7 +137,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     """Body of ``POST /v1/completions`` (every field of OpenAI's legacy create params)."""
 
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-    prompt: str | list[str | int | list[int]] | None
+    prompt: str | list[str | TokenId | list[TokenId]] | None
     best_of: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
     echo: bool | None = None
     frequency_penalty: Penalty | None = None
@@ -143,7 +146,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     max_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKENS_LIMIT)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=128)] | None = None
     presence_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None

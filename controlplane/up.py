@@ -45,6 +45,9 @@ class UpOptions:
     agents: bool = True
     sim_time_scale: float = 60.0
     ready_timeout_s: float = 20.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
 
 
 class Network:
@@ -79,6 +82,7 @@ class Network:
             nats_url=self.nats.url, nats_user=auth.hub_user, nats_password=auth.hub_password,
             db_path=str(data / "hub.db"), listen_host=opts.host, listen_port=opts.port,
             layout=opts.layout, sim_time_scale=opts.sim_time_scale, strict_inboxes=auth.config_path is not None,
+            tls_cert=opts.tls_cert, tls_key=opts.tls_key, trusted_proxies=opts.trusted_proxies,
         )
         self.hub = Hub(hub_config, layout=self.layout)
         install_services(self.hub)
@@ -170,7 +174,7 @@ class Network:
 
     def banner(self) -> str:
         assert self.hub is not None
-        url = f"http://{self.opts.host}:{self.hub.http_port}"
+        url = f"{self.hub.gateway.scheme}://{self.opts.host}:{self.hub.http_port}"
         key = self.credentials["tenant_key"]
         up = self.hub.registry.counts()["up"]
         return "\n".join([

@@ -18,7 +18,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--hub-id")
     p.add_argument("--create-admin-key", action="store_true", help="print a new admin key on start")
     p.add_argument("--log-level")
+    add_gateway_flags(p)
     p.set_defaults(run=run)
+
+
+def add_gateway_flags(p: argparse.ArgumentParser) -> None:
+    """``--tls-cert/--tls-key`` and ``--trusted-proxy`` (``cpn hub`` and ``cpn up``)."""
+    p.add_argument("--tls-cert", help="PEM certificate chain: the gateway serves HTTPS (TLS >= 1.2); needs --tls-key")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                   help="a reverse proxy whose X-Forwarded-For is believed (repeatable)")
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -40,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     overrides: dict[str, object] = {
         "nats_url": args.nats, "nats_user": args.nats_user, "nats_password": args.nats_password,
         "db_path": args.db, "layout": args.layout, "hub_id": args.hub_id,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+        "trusted_proxies": tuple(args.trusted_proxy) if args.trusted_proxy else None,
     }
     if args.listen:
         host, port = parse_listen(args.listen)
@@ -60,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.create_admin_key:
                 print(f"admin key: {hub.create_admin_key('cli')}", flush=True)
-            print(f"cpn hub {config.hub_id} listening on http://{config.listen_host}:{hub.http_port}", flush=True)
+            print(f"cpn hub {config.hub_id} listening on {hub.gateway.scheme}://{config.listen_host}:{hub.http_port}",
+                  flush=True)
             gc_tuning.settle_after_startup()
             await yield_forever()
         finally:

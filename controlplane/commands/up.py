@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from controlplane.commands.hub import add_gateway_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("up", help="run the whole network locally: NATS, hub and a simulated agent per site")
@@ -16,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-agents", action="store_true", help="start NATS and the hub only")
     p.add_argument("--time-scale", type=float, default=60.0, help="simulated seconds per second for sim training (default 60)")
     p.add_argument("--log-level", default=None)
+    add_gateway_flags(p)
     p.set_defaults(run=run)
 
 
@@ -29,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
     opts = up.UpOptions(
         data_dir=Path(args.data_dir), port=args.port, nats_port=args.nats_port, layout=args.layout,
         agents=not args.no_agents, sim_time_scale=args.time_scale,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, trusted_proxies=tuple(args.trusted_proxy or ()),
     )
     return run_until_signalled(up.run(opts))

@@ -12,6 +12,7 @@ Statuses: 400 malformed JSON or a bad value (naming the field), 401 no/invalid k
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ import msgspec
 from aiohttp import web
 
 from controlplane import auth, bodies
+from controlplane.gateway.clientaddr import TrustedProxies
 from controlplane.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
 
 if TYPE_CHECKING:
@@ -29,8 +31,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("cpn.gateway")
 
 HUB: web.AppKey[Hub] = web.AppKey("hub")
+TRUSTED: web.AppKey[TrustedProxies] = web.AppKey("trusted_proxies", TrustedProxies)
 PRINCIPAL: web.RequestKey[auth.Principal] = web.RequestKey("principal", auth.Principal)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+"""The hub's id of the request (``RequestIds.next``): the wire id of an inference request, quoted in logs."""
+ECHO_ID: web.RequestKey[str] = web.RequestKey("echo_id", str)
+"""What ``X-Request-Id`` answers carry: the client's own ``X-Request-Id`` if it sent a usable one, else
+the hub's id. Never sent to a site."""
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,12 +68,21 @@ def decode_body(data: bytes, type_: type[T]) -> T:
 
 
 async def raw_body(request: web.Request) -> bytes:
-    """The request body, or a 413 naming the limit."""
+    """The request body, or a 413 naming the limit, or a 408 when it has not all arrived within
+    ``body_timeout_s`` (a body sent slowly would otherwise hold its connection and handler forever).
+    A body that came whole with the headers, the usual case, is read without a timer."""
+    config = request.app[HUB].config
     try:
-        return await request.read()
+        if request.content.is_eof():
+            return await request.read()
+        async with asyncio.timeout(config.body_timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestError(f"request body not received within {config.body_timeout_s:g} s", status=408,
+                           code="body_timeout") from None
     except web.HTTPRequestEntityTooLarge as exc:
         raise RequestError(
-            f"request body larger than {request.app[HUB].config.max_body_bytes} bytes", status=413, code="body_too_large"
+            f"request body larger than {config.max_body_bytes} bytes", status=413, code="body_too_large"
         ) from exc
 
 
@@ -109,6 +125,28 @@ def require_tenant(request: web.Request) -> str:
     return p.tenant_id
 
 
+CLIENT_REQUEST_ID_MAX = 128
+
+
+def client_request_id(request: web.Request) -> str | None:
+    """The client's ``X-Request-Id`` if it is 1..128 printable ASCII characters (else None): echoed
+    in the answer and logged next to the hub's id, never put on the wire."""
+    value = request.headers.get("X-Request-Id")
+    if value and len(value) <= CLIENT_REQUEST_ID_MAX and value.isascii() and value.isprintable():
+        return value
+    return None
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: the peer's, or from ``X-Forwarded-For`` when the peer is one of the
+    configured trusted proxies (see clientaddr.py); what origin-by-CIDR reads."""
+    peer = request.remote or ""
+    trusted = request.app[TRUSTED]
+    if not trusted.nets:
+        return peer
+    return trusted.client(peer, ",".join(request.headers.getall("X-Forwarded-For", ())))
+
+
 def _log_level(status: int) -> int:
     """503 ("nothing fits the budget") is an answer, not a fault: INFO; other 5xx WARNING; else DEBUG."""
     if status == 503:
@@ -131,10 +169,10 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
     perf_counter = time.perf_counter
 
     async def guard(request: web.Request) -> web.StreamResponse:
-        rid = request.headers.get("X-Request-Id")
-        if not rid or len(rid) > 128:
-            rid = ids.next()
+        rid = ids.next()
         request[REQUEST_ID] = rid
+        echo = client_request_id(request) or rid
+        request[ECHO_ID] = echo
         started = perf_counter()
         status = 500
         try:
@@ -152,35 +190,36 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
             response = await handler(request)
             status = response.status
             if not response.prepared and "X-Request-Id" not in response.headers:
-                response.headers["X-Request-Id"] = rid
+                response.headers["X-Request-Id"] = echo
             return response
         except RateLimited as exc:
             status = exc.status
-            return error_response(status, exc.message, code=exc.code, request_id=rid,
+            return error_response(status, exc.message, code=exc.code, request_id=echo,
                                   headers={"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
         except RequestError as exc:
             status = exc.status
-            return error_response(status, exc.message, code=exc.code, param=exc.field, request_id=rid)
+            return error_response(status, exc.message, code=exc.code, param=exc.field, request_id=echo)
         except PeerError as exc:
             status = 502
-            log.warning("event=peer_error request_id=%s path=%s error=%s", rid, request.path, exc)
-            return error_response(502, str(exc), code="upstream_failed", request_id=rid)
+            log.warning("event=peer_error request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
+                        request.path, exc)
+            return error_response(502, str(exc), code="upstream_failed", request_id=echo)
         except web.HTTPException as exc:
             status = exc.status
             if exc.status == 413:
                 return error_response(413, f"request body larger than {hub.config.max_body_bytes} bytes",
-                                      code="body_too_large", request_id=rid)
+                                      code="body_too_large", request_id=echo)
             raise
         except Exception:
             status = 500
-            log.exception("event=internal_error request_id=%s path=%s", rid, request.path)
-            return error_response(500, f"internal error; quote request id {rid}", code="internal_error", request_id=rid)
+            log.exception("event=internal_error request_id=%s client_request_id=%s path=%s", rid, echo, request.path)
+            return error_response(500, f"internal error; quote request id {rid}", code="internal_error", request_id=echo)
         finally:
             elapsed = perf_counter() - started
             observe(route, status, elapsed)
             if status >= 500 or log.isEnabledFor(logging.DEBUG):
-                log.log(_log_level(status), "event=http request_id=%s method=%s path=%s status=%s ms=%.2f",
-                        rid, request.method, request.path, status, elapsed * 1000)
+                log.log(_log_level(status), "event=http request_id=%s client_request_id=%s method=%s path=%s status=%s "
+                        "ms=%.2f", rid, echo, request.method, request.path, status, elapsed * 1000)
 
     return guard
 
@@ -209,15 +248,15 @@ class Routes:
 
 
 async def _unmatched(request: web.Request) -> web.StreamResponse:
-    """Every path no endpoint matched: 405 when another method would have, else 404."""
+    """Every path no endpoint matched: 405 with ``Allow`` when another method would have, else 404."""
     this = request.match_info.route.resource
+    allowed: set[str] = set()
     for resource in request.app.router.resources():
-        if resource is this:
-            continue
-        _, allowed = await resource.resolve(request)
-        if allowed:
-            raise RequestError(f"method {request.method} not allowed on {request.path}", status=405,
-                               code="method_not_allowed")
+        if resource is not this:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        return error_response(405, f"method {request.method} not allowed on {request.path}", code="method_not_allowed",
+                              request_id=request[ECHO_ID], headers={"Allow": ", ".join(sorted(allowed))})
     raise RequestError(f"no such endpoint: {request.method} {request.path}", status=404, code="not_found")
 
 
@@ -234,6 +273,10 @@ def make_app(hub: Hub) -> web.Application:
 
     app = web.Application(client_max_size=hub.config.max_body_bytes)
     app[HUB] = hub
+    try:
+        app[TRUSTED] = TrustedProxies.parse(hub.config.trusted_proxies)
+    except ValueError as exc:
+        raise RequestError(str(exc), field="trusted_proxies") from None
     routes = Routes(app, hub)
     # The hot endpoints first: aiohttp's dispatcher tries resources in registration order.
     infer.add_routes(routes)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.errors import RequestError
-from controlplane.gateway.app import HUB, REQUEST_ID, Routes, json_response, principal, read_body
+from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, Routes, client_address, json_response, principal, read_body
 from controlplane.gateway.schemas import InferBody
 from controlplane.inference import Served
 from edge_agent import wire
@@ -17,7 +17,8 @@ POLICY_HEADER = "X-CPN-Budget-Policy"
 
 
 def resolve_origin(request: web.Request, explicit: str | None) -> str:
-    """Origin: the body, else X-CPN-Origin, else the tenant's default, else the layout's CIDR map."""
+    """Origin: the body, else X-CPN-Origin, else the tenant's default, else the layout's CIDR map (of
+    the client's address: X-Forwarded-For only from a trusted proxy, see clientaddr.py)."""
     hub = request.app[HUB]
     origin = explicit or request.headers.get(ORIGIN_HEADER)
     if origin:
@@ -29,7 +30,7 @@ def resolve_origin(request: web.Request, explicit: str | None) -> str:
         default = hub.tenant_default_origin(tenant)
         if default:
             return default
-    by_ip = hub.origin_for_ip(request.remote or "")
+    by_ip = hub.origin_for_ip(client_address(request))
     if by_ip:
         return by_ip
     raise RequestError(
@@ -60,12 +61,14 @@ def resolve_policy(request: web.Request, explicit: str | None) -> str:
     return policy
 
 
-def route_headers(served: Served, request_id: str) -> dict[str, str]:
+def route_headers(served: Served, echo_id: str) -> dict[str, str]:
+    """The X-CPN-* headers of an answer and ``X-Request-Id`` (``echo_id``: the client's own id if it
+    sent one, else the hub's)."""
     return {
         "X-CPN-Site": served.site,
         "X-CPN-RTT-Ms": f"{served.rtt_ms:.3f}",
         "X-CPN-Route": served.route,
-        "X-Request-Id": request_id,
+        "X-Request-Id": echo_id,
     }
 
 
@@ -78,8 +81,7 @@ async def infer(request: web.Request) -> web.Response:
     policy = resolve_policy(request, body.policy)
     check = getattr(hub, "check_model_access", None)
     scope = check(tenant, body.model) if check is not None else None
-    rid = request[REQUEST_ID]
-    req = wire.InferRequest(request_id=hub.request_ids.for_wire(rid), model=body.model,
+    req = wire.InferRequest(request_id=request[REQUEST_ID], model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
     served = await hub.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope)
     result = served.result
@@ -100,7 +102,7 @@ async def infer(request: web.Request) -> web.Response:
         },
         "service_ms": result.service_ms,
     }
-    return json_response(out, headers=route_headers(served, rid))
+    return json_response(out, headers=route_headers(served, request[ECHO_ID]))
 
 
 OPERATIONS = [

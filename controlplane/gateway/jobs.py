@@ -62,9 +62,9 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     checkpoint_interval_min: Annotated[float, msgspec.Meta(gt=0, le=10_080)] | None = None
     """None: Daly's optimum for the chosen pool (failure rate × cards, checkpoint cost)."""
     priority: Annotated[int, msgspec.Meta(ge=0, le=MAX_PRIORITY)] = 0
-    deadline: float | str | None = None
+    deadline: Annotated[float, msgspec.Meta(ge=0, le=253_402_300_799)] | str | None = None
     """Epoch seconds or ISO 8601 (UTC when no offset is given)."""
-    max_price_cny: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_price_cny: Annotated[float, msgspec.Meta(gt=0, le=1e12)] | None = None
     regions: Annotated[list[Token], msgspec.Meta(max_length=64)] = []
     providers: Annotated[list[Token], msgspec.Meta(max_length=64)] = []
     tee: bool = False

@@ -16,7 +16,7 @@ import time
 from aiohttp import web
 
 from controlplane import openai_shapes as oa
-from controlplane.gateway.app import HUB, REQUEST_ID, Routes, json_response, principal, raw_body
+from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, Routes, json_response, principal, raw_body
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
 from controlplane.inference import AllSitesFailed, aclose
 from edge_agent import wire
@@ -45,8 +45,8 @@ async def _serve(
     policy = resolve_policy(request, None)
     check = getattr(hub, "check_model_access", None)
     scope = check(tenant, req.model) if check is not None else None
-    rid = request[REQUEST_ID]
-    request_id = hub.request_ids.for_wire(rid)
+    request_id = request[REQUEST_ID]  # the hub's, never the client's X-Request-Id: sites cancel by it
+    echo = request[ECHO_ID]
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
     created = time.time()
     if not infer.stream:
@@ -55,14 +55,14 @@ async def _serve(
         assert served.result is not None
         body = oa.chat_response(served.result, created=created, model=req.model) if kind == "chat" else \
             oa.completion_response(served.result, created=created, model=req.model)
-        return web.Response(body=oa.encode(body), content_type="application/json", headers=route_headers(served, rid))
+        return web.Response(body=oa.encode(body), content_type="application/json", headers=route_headers(served, echo))
 
     served, messages = await hub.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                   deployments=scope)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
                        include_usage=oa.include_usage(req))
     response = web.StreamResponse(headers={
-        **route_headers(served, rid),
+        **route_headers(served, echo),
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",

@@ -1,7 +1,9 @@
 """Request bodies the gateway decodes: msgspec Structs (the same ones /openapi.json is built from).
 
 Unknown fields are rejected (``forbid_unknown_fields``): a 422 naming the field, so a tenant who
-sends ``tenant_id`` or ``site`` learns at once that cpn does not take it from them.
+sends ``tenant_id`` or ``site`` learns at once that cpn does not take it from them. Every integer
+and number has a lower and an upper bound (tests/adapters/test_body_bounds.py checks every body the
+OpenAPI document lists).
 """
 
 from __future__ import annotations
@@ -11,6 +13,12 @@ from typing import Annotated, Literal
 import msgspec
 
 Id = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+
+# Every number a body takes is bounded both ways, so none reaches SQLite (64-bit integers), the wire
+# or a pure core out of range: a value outside is a 400 naming the field, never a 500.
+MAX_CARDS = 1_000_000
+MAX_RATE_PER_S = 1_000_000.0
+MAX_BURST = 1_000_000
 BudgetMs = Annotated[float, msgspec.Meta(gt=0, le=10_000)]
 
 
@@ -29,11 +37,11 @@ class TenantBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /v1/tenants`` (admin): a tenant and its first API key."""
 
     id: Id
-    name: str = ""
+    name: Annotated[str, msgspec.Meta(max_length=200)] = ""
     default_origin: Id | None = None
-    quota_cards: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    rate_per_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    burst: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    quota_cards: Annotated[int, msgspec.Meta(ge=0, le=MAX_CARDS)] | None = None
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_RATE_PER_S)] | None = None
+    burst: Annotated[int, msgspec.Meta(ge=1, le=MAX_BURST)] | None = None
 
 
 class DrainBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -1,95 +1,217 @@
 """Running the gateway app on a host and port (port 0 picks a free one), with connection guards.
 
-aiohttp bounds body size and idle keep-alive but not how long a client may take to send its
-headers, nor how many connections may be open. The guard here adds both: a connection that has
-not delivered one complete request within ``header_timeout_s`` is aborted (slowloris), and beyond
-``max_connections`` a new connection gets a one-line 503 and is closed.
+aiohttp bounds body size and idle keep-alive but not how long a client may take to send a request's
+headers, nor how many connections may be open, in all or from one address. The guard adds:
+
+- a header deadline on every request of a connection: a request's headers must be complete within
+  ``header_timeout_s`` of their first byte (of the connection's start, for its first request), else
+  the connection is aborted (slowloris, also on keep-alive connections);
+- the idle keep-alive timeout ``keepalive_timeout_s`` (aiohttp's own): a connection with no request
+  under way and no byte of a next one is closed after it;
+- a cap on open connections (``max_connections``) and on those from one client address
+  (``max_connections_per_client``; connections from ``trusted_proxies`` count only toward the cap):
+  beyond either, a new connection gets a one-line 503 and is closed;
+- TLS (1.2 or newer) when ``tls_cert`` and ``tls_key`` are set, the handshake within ``header_timeout_s``.
+
+(A body sent slowly is bounded by ``body_timeout_s`` where it is read, in app.py.)
+
+Refusals and cuts are counted in ``cpn_gateway_connections_refused{reason}`` (``max_connections``,
+``max_connections_per_client``, ``header_timeout``). The guard uses only what asyncio's and uvloop's
+transports have in common (uvloop's are not asyncio classes).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+import ssl
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
-from controlplane.gateway.app import make_app
+from controlplane.errors import RequestError
+from controlplane.gateway.app import TRUSTED, make_app
+from controlplane.gateway.clientaddr import TrustedProxies
 
 if TYPE_CHECKING:
+    from controlplane.config import HubConfig
     from controlplane.hub import Hub
 
-_BUSY_BODY = b'{"error":{"message":"too many open connections","type":"service_unavailable","code":"too_many_connections","param":null}}'
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-    b"Retry-After: 1\r\nContent-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
-)
+
+def _busy(message: str, code: str) -> bytes:
+    body = ('{"error":{"message":"%s","type":"service_unavailable","code":"%s","param":null}}' % (message, code)).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Retry-After: 1\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+_BUSY = _busy("too many open connections", "too_many_connections")
+_BUSY_CLIENT = _busy("too many open connections from your address", "too_many_connections_from_client")
+REFUSED_LINGER_S = 1.0
+"""How long a refused connection may stay open after its 503 (so the client reads it, not a reset)."""
 
 
 class _Guard:
-    """Protocol factory wrapping aiohttp's, adding the header deadline and the connection cap."""
+    """Protocol factory wrapping aiohttp's: the header deadline and the connection caps."""
 
-    def __init__(self, server: web.Server, header_timeout_s: float, max_connections: int) -> None:
+    def __init__(self, server: web.Server, config: HubConfig, trusted: TrustedProxies,
+                 counts: dict[tuple[str, ...], int] | None = None) -> None:
         self.server = server
-        self.header_timeout_s = header_timeout_s
-        self.max_connections = max_connections
+        self.header_timeout_s = config.header_timeout_s
+        self.max_connections = config.max_connections
+        self.max_per_client = config.max_connections_per_client
+        self.trusted = trusted
+        self.counts: dict[tuple[str, ...], int] = counts if counts is not None else {}
         self.open = 0
-        self.refused = 0
-        self.slow_aborted = 0
+        self.by_client: dict[str, int] = {}
+        self.loop = asyncio.get_running_loop()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Protocol:
-        return _Guarded(self.server(*args, **kwargs), self)
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self)
 
-    def _check(self, handler: Any, transport: asyncio.BaseTransport) -> None:
-        if transport.is_closing():
-            return
-        if getattr(handler, "_request_count", 1) == 0:
-            self.slow_aborted += 1
-            transport.abort()  # type: ignore[attr-defined]
+    def count(self, reason: str) -> None:
+        key = (reason,)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    @property
+    def refused(self) -> int:
+        return self.counts.get(("max_connections",), 0) + self.counts.get(("max_connections_per_client",), 0)
+
+    @property
+    def slow_aborted(self) -> int:
+        return self.counts.get(("header_timeout",), 0)
 
 
 class _Guarded(asyncio.Protocol):
-    """Delegates to aiohttp's RequestHandler (whose methods cannot be patched: it uses __slots__)."""
+    """Delegates to aiohttp's RequestHandler (whose methods cannot be patched: it uses __slots__).
 
-    __slots__ = ("handler", "guard")
+    ``head_since`` is when the first byte of a request head that is not complete yet arrived (the
+    connection's start for its first request), None while a request is being served or the
+    connection is idle between requests. Reading it costs the hot path two attribute loads: a
+    request that arrives whole never arms a timer beyond the connection's first.
+    """
 
-    def __init__(self, handler: Any, guard: _Guard) -> None:
-        self.handler = handler
+    __slots__ = ("guard", "handler", "transport", "client", "head_since", "timer")
+
+    def __init__(self, guard: _Guard) -> None:
         self.guard = guard
+        self.handler: Any = None
+        self.transport: asyncio.Transport | None = None
+        self.client = ""
+        self.head_since: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.handler.connection_made(transport)
         guard = self.guard
+        self.transport = t = cast(asyncio.Transport, transport)
         guard.open += 1
+        peer = t.get_extra_info("peername")
+        host = peer[0] if isinstance(peer, tuple) and peer else ""
+        from_client = 0
+        if host and not guard.trusted.trusts_peer(host):
+            self.client = host
+            from_client = guard.by_client[host] = guard.by_client.get(host, 0) + 1
         if guard.open > guard.max_connections:
-            guard.refused += 1
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(_BUSY)
-            transport.close()
+            self._refuse(_BUSY, "max_connections")
+        elif from_client > guard.max_per_client:
+            self._refuse(_BUSY_CLIENT, "max_connections_per_client")
+        else:
+            self.handler = guard.server()
+            self.handler.connection_made(t)
+            self.head_since = now = guard.loop.time()
+            self.timer = guard.loop.call_at(now + guard.header_timeout_s, self._expire)
+
+    def _refuse(self, answer: bytes, reason: str) -> None:
+        t = self.transport
+        assert t is not None
+        self.guard.count(reason)
+        t.write(answer)
+        if t.can_write_eof():  # half-close (TCP; TLS cannot): the client sees the end of the 503 at once
+            t.write_eof()
+        # Closing at once, with the client's request unread, would reset the connection before the
+        # client reads the 503: wait for the client to close (eof_received), at most REFUSED_LINGER_S.
+        self.guard.loop.call_later(REFUSED_LINGER_S, t.close)
+
+    def _expire(self) -> None:
+        self.timer = None
+        since, t, handler = self.head_since, self.transport, self.handler
+        if since is None or t is None or t.is_closing() or handler is None:
             return
-        asyncio.get_running_loop().call_later(guard.header_timeout_s, guard._check, self.handler, transport)
+        if handler._messages or handler._request_in_progress:
+            self.head_since = None
+            return
+        guard = self.guard
+        due = since + guard.header_timeout_s
+        if guard.loop.time() < due:
+            self.timer = guard.loop.call_at(due, self._expire)
+            return
+        guard.count("header_timeout")
+        t.abort()
 
     def data_received(self, data: bytes) -> None:
-        self.handler.data_received(data)
+        handler = self.handler
+        if handler is None:
+            return  # a refused connection: its 503 is on the way
+        handler.data_received(data)
+        if handler._messages or handler._request_in_progress:
+            self.head_since = None  # a whole request head arrived (or these bytes are a body)
+        elif self.head_since is None:
+            guard = self.guard
+            self.head_since = now = guard.loop.time()
+            if self.timer is None:
+                self.timer = guard.loop.call_at(now + guard.header_timeout_s, self._expire)
 
     def eof_received(self) -> bool | None:
+        if self.handler is None:
+            return None  # close
         return self.handler.eof_received()  # type: ignore[no-any-return]
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.guard.open -= 1
-        self.handler.connection_lost(exc)
+        guard = self.guard
+        guard.open -= 1
+        if self.client:
+            left = guard.by_client[self.client] - 1
+            if left:
+                guard.by_client[self.client] = left
+            else:
+                del guard.by_client[self.client]
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.handler.pause_writing()
+        if self.handler is not None:
+            self.handler.pause_writing()
 
     def resume_writing(self) -> None:
-        self.handler.resume_writing()
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context for the gateway: TLS 1.2 or newer, the certificate chain and key given.
+
+    Raises:
+        RequestError: naming the file that could not be read or does not hold a usable key/chain.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except FileNotFoundError as exc:
+        raise RequestError(f"TLS: {exc.filename or cert} not found", field="tls_cert") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise RequestError(f"TLS: cannot load certificate {cert} with key {key}: {exc}", field="tls_cert") from None
+    return ctx
 
 
 class GatewayServer:
-    def __init__(self, runner: web.AppRunner, server: asyncio.Server, guard: _Guard) -> None:
+    def __init__(self, runner: web.AppRunner, server: asyncio.Server, guard: _Guard, scheme: str) -> None:
         self.runner = runner
         self.server = server
         self.guard = guard
+        self.scheme = scheme
+        """``https`` when the gateway serves TLS, else ``http``."""
 
     @property
     def port(self) -> int:
@@ -100,12 +222,30 @@ class GatewayServer:
         await self.runner.cleanup()
 
 
+_HANDLER_STATE = ("_messages", "_request_in_progress")
+"""aiohttp RequestHandler attributes the header deadline reads (private: checked at start-up)."""
+
+
 async def start(hub: Hub, host: str, port: int) -> GatewayServer:
+    from aiohttp.web_protocol import RequestHandler
+
+    missing = [name for name in _HANDLER_STATE if name not in getattr(RequestHandler, "__slots__", ())]
+    if missing:  # pragma: no cover - an aiohttp that changed its internals
+        raise RuntimeError(f"this aiohttp's RequestHandler lacks {missing}: the gateway's header deadline needs them")
+    config = hub.config
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise RequestError("TLS needs both tls_cert and tls_key (--tls-cert and --tls-key)",
+                           field="tls_key" if config.tls_cert else "tls_cert")
+    ctx = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
     app = make_app(hub)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0, keepalive_timeout=75.0)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
+                           keepalive_timeout=config.keepalive_timeout_s)
     await runner.setup()
     assert runner.server is not None
-    guard = _Guard(runner.server, hub.config.header_timeout_s, hub.config.max_connections)
+    counts = getattr(hub.metrics, "gateway_refused", None)
+    guard = _Guard(runner.server, config, app[TRUSTED],
+                   counts.counts if counts is not None else None)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(guard, host, port, backlog=1024, reuse_address=True)
-    return GatewayServer(runner, server, guard)
+    server = await loop.create_server(guard, host, port, backlog=1024, reuse_address=True, ssl=ctx,
+                                      ssl_handshake_timeout=config.header_timeout_s if ctx else None)
+    return GatewayServer(runner, server, guard, "https" if ctx else "http")
