@@ -9,6 +9,7 @@ can hold commands in the outbox, restart the hub, make the site refuse, or publi
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -82,8 +83,14 @@ class RawSite:
     async def publish_event(self, event: Any, site: str | None = None) -> None:
         """Publish an attempt event to JetStream as an agent does (on ``site``'s subject)."""
         msg_id = wire.event_msg_id(event.job, event.attempt, event.seq)
-        await self.nc.jetstream().publish(wire.event_subject(site or self.site), wire.encode(event),
-                                          headers={"Nats-Msg-Id": msg_id})
+        who = site or self.site
+        # Like an agent: a request whose reply is in the publishing site's own inbox; the hub
+        # stores it and relays JetStream's PubAck.
+        inbox = f"{wire.inbox_prefix(who)}.{secrets.token_hex(8)}"
+        sub = await self.nc.subscribe(inbox, max_msgs=1)
+        await self.nc.publish(wire.event_subject(who), wire.encode(event), reply=inbox, headers={"Nats-Msg-Id": msg_id})
+        ack = await sub.next_msg(timeout=5)
+        assert b'"stream"' in ack.data, ack.data
 
     async def close(self) -> None:
         if self._beat is not None:
