@@ -216,8 +216,11 @@ class HubBus:
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect (retrying until ``timeout_s``) and subscribe to registrations and heartbeats."""
 
+        last_error: list[Exception] = []
+
         async def error_cb(exc: Exception) -> None:
             self.stats.errors += 1
+            last_error[:] = [exc]
             log.warning("event=nats_error error=%r", exc)
 
         async def disconnected_cb() -> None:
@@ -251,7 +254,10 @@ class HubBus:
         async def open_connection(name: str, **callbacks: Any) -> Any:
             while True:
                 try:
-                    return await nats.connect(
+                    # nats-py retries a failing first connect forever when reconnects are on (a TLS
+                    # verification error, say): bound it by our deadline.
+                    remaining = max(deadline - asyncio.get_running_loop().time(), 0.5)
+                    return await asyncio.wait_for(nats.connect(
                         servers=servers,
                         name=name,
                         ping_interval=self.ping_interval_s,
@@ -265,10 +271,11 @@ class HubBus:
                         pending_size=8 * 1024 * 1024,
                         **callbacks,
                         **kwargs,
-                    )
+                    ), remaining)
                 except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
                     if asyncio.get_running_loop().time() > deadline:
-                        raise BusUnavailable(f"cannot connect to NATS at {self.url}: {exc}") from exc
+                        why = exc if str(exc) or not last_error else last_error[0]
+                        raise BusUnavailable(f"cannot connect to NATS at {self.url}: {why}") from exc
                     await asyncio.sleep(0.2)
 
         self.nc = await open_connection(self.name, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb)

@@ -20,6 +20,10 @@ What this module promises:
   ``random_bytes`` (the caller passes ``secrets.token_bytes``) or is derived from a secret.
 - Rule 5: every generated text is accepted by ``nats-server -t -c`` (2.15; checked in
   tests/adapters/test_deploy_cli.py).
+- Rule 6: with :class:`TlsFiles`, every link is TLS: clients (server verified by its CA and host
+  name), routes, gateways and leaf connections (both ends verified: mutual TLS), and leaf remotes
+  dial ``tls://``. Only the embedded server of ``cpn up`` (loopback) stays plain.
+- Rule 7: the ``CPN`` account's JetStream storage is bounded (:func:`account_jetstream`).
 
 :func:`parse_violation` reads the server's log lines about permission violations and
 :class:`ViolationCounter` counts them for the hub (plug it into ``NatsServer(on_line=...)``).
@@ -69,6 +73,7 @@ ACCOUNT_MAX_MEMORY_BYTES = 256 << 20
 DEFAULT_CLIENT_PORT = 4222
 DEFAULT_CLUSTER_PORT = 6222
 DEFAULT_LEAFNODE_PORT = 7422
+DEFAULT_GATEWAY_PORT = 7222
 DEFAULT_STORE_DIR = "/var/lib/cpn/nats"
 
 
@@ -88,6 +93,28 @@ class Credentials(msgspec.Struct, frozen=True, kw_only=True):
     def leaf_user(self) -> str:
         """User name the site's leaf node connects with (same password)."""
         return leaf_user(self.site) if self.site else ""
+
+
+class TlsFiles(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a server (or a leaf node) finds its CA, certificate and key (paths on that host)."""
+
+    ca: str
+    cert: str
+    key: str
+
+    def block(self, *, verify: bool, timeout_s: int = 2) -> dict[str, Any]:
+        """A nats-server ``tls {}`` block; ``verify`` makes the peer present a certificate of the CA."""
+        doc: dict[str, Any] = {"cert_file": self.cert, "key_file": self.key, "ca_file": self.ca}
+        if verify:
+            doc["verify"] = True
+        doc["timeout"] = timeout_s
+        return doc
+
+
+def tls_files(tls_dir: str, name: str) -> TlsFiles:
+    """The file names ``cpn deploy nats-config`` uses under ``tls_dir`` for identity ``name``."""
+    base = tls_dir.rstrip("/")
+    return TlsFiles(ca=f"{base}/ca.pem", cert=f"{base}/{name}.pem", key=f"{base}/{name}-key.pem")
 
 
 class CredentialSet(msgspec.Struct, frozen=True, kw_only=True):
@@ -326,18 +353,25 @@ def single_server_config(
     leafnode_port: int | None = DEFAULT_LEAFNODE_PORT,
     monitor: str | None = "127.0.0.1:8222",
     server_name: str = "cpn-nats",
+    tls: TlsFiles | None = None,
 ) -> str:
     """Config of one nats-server with JetStream, the cpn identities and a leaf-node listener.
 
     Holds bcrypt hashes only, no plain passwords. ``store_dir=None`` leaves the JetStream store
     to the ``-sd`` flag (nats-server refuses a store dir given both ways, even the same one).
+    With ``tls``, clients must speak TLS (the server's certificate proves it to them) and leaf
+    nodes must also present a certificate of the CA.
     """
     doc: dict[str, Any] = {"server_name": server_name, "listen": f"{host}:{port}"}
+    if tls is not None:
+        doc["tls"] = tls.block(verify=False)
     if monitor:
         doc["http"] = monitor
     doc["jetstream"] = {"store_dir": store_dir} if store_dir is not None else "enabled"
     if leafnode_port is not None:
         doc["leafnodes"] = {"listen": f"{host}:{leafnode_port}"}
+        if tls is not None:
+            doc["leafnodes"]["tls"] = tls.block(verify=True)
     doc["accounts"] = _accounts(creds)
     return render(doc, _HEADER + "\nSingle server: clients and leaf nodes of every site, JetStream (R1).")
 
@@ -353,6 +387,9 @@ def cluster_configs(
     store_dir: str = DEFAULT_STORE_DIR,
     cluster_name: str = "cpn",
     monitor: str | None = "127.0.0.1:8222",
+    tls: Mapping[str, TlsFiles] | None = None,
+    gateway_port: int = DEFAULT_GATEWAY_PORT,
+    gateways: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, str]:
     """Configs of an ``n``-node JetStream cluster, by node name (``node-1`` ...).
 
@@ -360,8 +397,13 @@ def cluster_configs(
     appears in plain text in every node's config (keep them mode 0600). JetStream replication is
     per stream: the hub creates ``CPN_EVENTS`` with ``num_replicas=3`` on a cluster.
 
+    With ``tls`` (by node name), clients, routes, leaf nodes and gateways speak TLS; routes,
+    leaf nodes and gateways must present a certificate of the CA. ``gateways`` (other clusters'
+    names and gateway URLs) adds a ``gateway`` block named ``cluster_name``.
+
     Raises:
-        ValueError: fewer than 3 nodes (JetStream needs a quorum), or ``hosts`` of the wrong length.
+        ValueError: fewer than 3 nodes (JetStream needs a quorum), ``hosts`` of the wrong length,
+            or ``tls`` missing a node.
     """
     if n < 3:
         raise ValueError(f"n={n}: a JetStream cluster needs at least 3 nodes")
@@ -369,10 +411,15 @@ def cluster_configs(
     hosts = list(hosts) if hosts is not None else names
     if len(hosts) != n:
         raise ValueError(f"hosts: {len(hosts)} given for {n} nodes")
+    if tls is not None and set(names) - set(tls):
+        raise ValueError(f"tls: no files for {sorted(set(names) - set(tls))}")
     route = creds.route
     out: dict[str, str] = {}
     for name, host in zip(names, hosts):
+        files = tls[name] if tls is not None else None
         doc: dict[str, Any] = {"server_name": name, "listen": f"0.0.0.0:{client_port}"}
+        if files is not None:
+            doc["tls"] = files.block(verify=False)
         if monitor:
             doc["http"] = monitor
         doc["jetstream"] = {"store_dir": store_dir}
@@ -386,23 +433,35 @@ def cluster_configs(
             ],
         }
         doc["leafnodes"] = {"listen": f"0.0.0.0:{leafnode_port}"}
+        if files is not None:
+            doc["cluster"]["tls"] = files.block(verify=True)
+            doc["leafnodes"]["tls"] = files.block(verify=True)
+        if gateways:
+            doc["gateway"] = {
+                "name": cluster_name,
+                "listen": f"0.0.0.0:{gateway_port}",
+                "gateways": [{"name": gw, "urls": list(urls)} for gw, urls in gateways.items()],
+            }
+            if files is not None:
+                doc["gateway"]["tls"] = files.block(verify=True)
         doc["accounts"] = _accounts(creds)
         out[name] = render(doc, _HEADER + f"\nCluster {cluster_name!r}, {name} of {n} (host {host}).")
     return out
 
 
-def _with_userinfo(url: str, user: str, password: str) -> str:
+def _with_userinfo(url: str, user: str, password: str, scheme: str | None = None) -> str:
     parts = urlsplit(url if "://" in url else f"nats-leaf://{url}")
     if not parts.hostname:
         raise ValueError(f"hub url {url!r} has no host")
     host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
     port = parts.port or DEFAULT_LEAFNODE_PORT
-    return urlunsplit((parts.scheme, f"{user}:{password}@{host}:{port}", parts.path, "", ""))
+    return urlunsplit((scheme or parts.scheme, f"{user}:{password}@{host}:{port}", parts.path, "", ""))
 
 
-def leaf_urls(hub_urls: Sequence[str], creds: Credentials) -> list[str]:
-    """Leaf-node remote URLs with the site's leaf identity in them."""
-    return [_with_userinfo(u, leaf_user(creds.site), creds.password) for u in hub_urls]
+def leaf_urls(hub_urls: Sequence[str], creds: Credentials, *, tls: bool = False) -> list[str]:
+    """Leaf-node remote URLs with the site's leaf identity in them (``tls://`` with ``tls``: the
+    password then only travels inside TLS, to a server whose certificate the CA signed)."""
+    return [_with_userinfo(u, leaf_user(creds.site), creds.password, "tls" if tls else None) for u in hub_urls]
 
 
 def leaf_config(
@@ -411,8 +470,12 @@ def leaf_config(
     creds: Credentials,
     *,
     listen: str = f"127.0.0.1:{DEFAULT_CLIENT_PORT}",
+    tls: TlsFiles | None = None,
 ) -> str:
     """Config of the nats-server at one site, a leaf node of the hub's NATS.
+
+    With ``tls`` the leaf dials ``tls://``, verifies the hub's certificate (CA and host name) and
+    presents its own (``leaf-<site>``).
 
     The site's agent connects to ``listen`` (loopback, no auth: the box is the site's own). What
     crosses to the hub is bound by ``leaf-<site>``'s permissions, enforced by the hub's servers.
@@ -426,10 +489,13 @@ def leaf_config(
         raise ValueError(f"credentials are for site {creds.site!r}, not {site!r}")
     if not hub_urls:
         raise ValueError("hub_urls: at least one leaf-node URL of the hub is needed")
+    remote: dict[str, Any] = {"urls": leaf_urls(hub_urls, creds, tls=tls is not None)}
+    if tls is not None:
+        remote["tls"] = tls.block(verify=False)
     doc = {
         "server_name": f"cpn-leaf-{site}",
         "listen": listen,
-        "leafnodes": {"remotes": [{"urls": leaf_urls(hub_urls, creds)}]},
+        "leafnodes": {"remotes": [remote]},
     }
     return render(doc, _HEADER + f"\nLeaf node of site {site!r}: the agent connects here, the hub's permissions apply.")
 
@@ -479,14 +545,19 @@ class CredentialsFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=False)
     inbox_prefix: str = ""
     nats: list[str] = []
     """Server URLs to connect to (a site behind a leaf node uses its local server instead)."""
+    tls_ca: str = ""
+    """CA file to verify the server with (``tls_ca`` of the agent's config, ``nats_tls_ca`` of the hub's)."""
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
-def credentials_file(creds: Credentials, nats_urls: Sequence[str]) -> bytes:
+def credentials_file(creds: Credentials, nats_urls: Sequence[str], *, tls: TlsFiles | None = None) -> bytes:
     """JSON text of one identity's credentials file."""
     prefix = wire.inbox_prefix(creds.site) if creds.site else wire.HUB_INBOX_PREFIX
     doc = CredentialsFile(
         user=creds.user, password=creds.password, site=creds.site, leaf_user=creds.leaf_user,
         inbox_prefix=prefix, nats=list(nats_urls),
+        tls_ca=tls.ca if tls else "", tls_cert=tls.cert if tls else "", tls_key=tls.key if tls else "",
     )
     return msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n"
 
