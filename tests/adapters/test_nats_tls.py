@@ -181,3 +181,77 @@ async def test_a_leaf_without_a_certificate_of_the_ca_is_refused(tmp_path: Path,
         async with server(tmp_path, "leaf-a", leaf_text):
             await until(lambda: "client didn't provide a certificate" in "\n".join(hub_srv.tail()), 10, "refused leaf")
             await until(lambda: "Leafnode connection closed: TLS Handshake Failure" in "\n".join(hub_srv.tail()), 5, "closed")
+
+
+def free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_leaf_reaches_a_tls_cluster_and_crosses_its_routes(tmp_path: Path) -> None:
+    """The 3-node cluster scaled down onto 127.0.0.1-3: routes and the leaf link are TLS, mutual."""
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    out = tmp_path / "nats"
+    argv = ["deploy", "nats-config", "--sites", "a", "--out", str(out)]
+    for host in hosts:
+        argv += ["--cluster-host", host]
+    assert cli.main(argv) == 0
+    route_port = free_port("127.0.0.1")
+    servers: list[NatsServer] = []
+    try:
+        for i, host in enumerate(hosts, 1):
+            text = (out / "cluster" / f"node-{i}.conf").read_text()
+            assert text.count("verify: true") == 2  # routes and leaf connections: mutual TLS
+            text = text.replace('listen: "0.0.0.0:6222"', f'listen: "{host}:{route_port}"')
+            text = re.sub(r"@(127\.0\.0\.\d):6222", rf"@\1:{route_port}", text)
+            text = text.replace('listen: "0.0.0.0:7422"', f'listen: "{host}:-1"')
+            text = for_test(text, tmp_path)
+            conf = tmp_path / f"node-{i}.conf"
+            conf.write_text(text)
+            srv = NatsServer(tmp_path / f"node-{i}-js", host=host, port=-1, config=conf)
+            servers.append(srv)
+        await asyncio.gather(*(srv.start(timeout_s=20) for srv in servers))
+        hub = creds_of(out, "hub")
+        seen: list[wire.Heartbeat] = []
+        bus = HubBus(servers[1].url, user=hub.user, password=hub.password, tls_ca=hub.tls_ca, strict_inboxes=True,
+                     on_register=lambda r: wire.RegisterAck(hub="tls"), on_heartbeat=seen.append)
+        await bus.connect(timeout_s=10)
+        try:
+            # A replicated stream needs the JetStream cluster, i.e. the TLS routes, to be up.
+            for attempt in range(100):
+                try:
+                    await bus.ensure_event_stream(replicas=3)
+                    break
+                except Exception:
+                    if attempt == 99:
+                        raise
+                    await asyncio.sleep(0.2)
+            c = creds_of(out, "a")
+            leaf_text = natsconf.leaf_config(
+                "a", [f"nats-leaf://127.0.0.1:{leaf_port(servers[0])}"],
+                natsconf.Credentials(user=c.user, password=c.password, site="a"), listen="127.0.0.1:-1",
+                tls=natsconf.tls_files(str(out / "tls"), natsconf.leaf_user("a")))
+            async with server(tmp_path, "leaf-a", leaf_text) as leaf_srv:
+                agent = AgentBus(agent_config.from_dict({"site": "a", "nats": leaf_srv.url}))
+                await agent.connect()
+                try:
+                    # Leaf at node 1, hub at node 2: the heartbeat crosses the leaf link and a route.
+                    async def beat() -> bool:
+                        await agent.publish(wire.heartbeat_subject("a"), wire.encode(wire.Heartbeat(site="a", seq=1)))
+                        await agent.flush()
+                        await asyncio.sleep(0.1)
+                        return bool(seen)
+
+                    for _ in range(100):
+                        if await beat():
+                            break
+                    assert seen and seen[0].site == "a"
+                finally:
+                    await agent.close()
+        finally:
+            await bus.close()
+    finally:
+        await asyncio.gather(*(srv.stop() for srv in servers), return_exceptions=True)
