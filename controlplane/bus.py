@@ -219,6 +219,15 @@ class HubBus:
         last_error: list[Exception] = []
 
         async def error_cb(exc: Exception) -> None:
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                # A flood beyond what the hub keeps up with, dropped by nats-py: count it by kind,
+                # cheaply (this runs once per dropped message), and say so once in a while.
+                kind = "heartbeat" if exc.subject.endswith(".hb") else "other"
+                self.stats.drop(kind, "queue_full")
+                if self.stats.dropped[(kind, "queue_full")] % 10_000 == 1:
+                    log.warning("event=nats_slow_consumer kind=%s dropped=%d", kind,
+                                self.stats.dropped[(kind, "queue_full")])
+                return
             self.stats.errors += 1
             last_error[:] = [exc]
             log.warning("event=nats_error error=%r", exc)

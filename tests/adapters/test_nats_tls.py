@@ -163,6 +163,19 @@ async def test_a_leaf_node_dials_the_hub_over_tls_and_traffic_crosses(tmp_path: 
                 await agent.publish(wire.heartbeat_subject("a"), wire.encode(wire.Heartbeat(site="a", seq=1)))
                 await agent.flush()
                 await until(lambda: len(seen) == 1, 5, "heartbeat across the TLS leaf link")
+                # An event through the leaf: the hub stores it and its PubAck comes back the same way.
+                await bus.ensure_event_stream()
+                event = wire.encode(wire.AttemptStarted(job="j1", attempt=1, seq=1, site="a", at=0.0))
+                for attempt in range(50):  # the hub's new queue interest crosses the leaf link asynchronously
+                    try:
+                        ack = await agent.request(wire.event_subject("a"), event, timeout_s=1,
+                                                  headers={"Nats-Msg-Id": "j1:1:1:x"})
+                        break
+                    except Exception:
+                        if attempt == 49:
+                            raise
+                        await asyncio.sleep(0.1)
+                assert b'"stream":"CPN_EVENTS"' in ack
             finally:
                 await agent.close()
                 await bus.close()
