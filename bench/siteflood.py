@@ -32,25 +32,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def heartbeat_body(site: str, seq: int, kb: int) -> bytes:
+def heartbeat_body(site: str, seq: int, kb: int, shape: str = "attempts") -> bytes:
+    """A valid heartbeat of about ``kb`` KB listing attempts or model replicas."""
     from edge_agent import wire
 
-    refs = []
     hb = wire.Heartbeat(site=site, seq=seq)
+    n = 0
     while len(wire.encode(hb)) < kb * 1024:
-        refs.append(wire.AttemptRef(job=f"job-{len(refs):06d}", attempt=1))
-        hb = wire.Heartbeat(site=site, seq=seq, attempts=refs)
+        n += 50
+        if shape == "models":
+            hb = wire.Heartbeat(site=site, seq=seq, models=[
+                wire.ReplicaStatus(model=f"m-{i:05d}", deployment=f"d-{i:05d}", cards=1.0, slots=4) for i in range(n)])
+        else:
+            hb = wire.Heartbeat(site=site, seq=seq, attempts=[wire.AttemptRef(job=f"job-{i:06d}", attempt=1)
+                                                               for i in range(n)])
     return wire.encode(hb)
 
 
-async def flood(url: str, site: str, user: str, password: str, seconds: float, kb: int) -> int:
+async def flood(url: str, site: str, user: str, password: str, seconds: float, kb: int, shape: str) -> int:
     import nats
 
     from edge_agent import wire
 
     nc = await nats.connect(url, user=user, password=password, inbox_prefix=wire.inbox_prefix(site),
                             pending_size=64 * 1024 * 1024)
-    body = heartbeat_body(site, 10**9, kb)
+    body = heartbeat_body(site, 10**9, kb, shape)
     subject = wire.heartbeat_subject(site)
     sent = 0
     stop = time.perf_counter() + seconds
@@ -75,22 +81,25 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--kb", type=int, default=17)
     p.add_argument("--conns", type=int, default=4)
-    p.add_argument("--site", default="hz-edge")
+    p.add_argument("--shape", choices=["attempts", "models"], default="models",
+                   help="what the heartbeats list: model replicas (default) or training attempts")
+    p.add_argument("--site", default="", help="the flooding site (default: the layout's first)")
+    p.add_argument("--layout", default=str(LAYOUT), help="layout for cpn up (default demo-3)")
     p.add_argument("--flood", nargs=5, metavar=("URL", "SITE", "USER", "PASSWORD", "SECONDS"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.flood:
         url, site, user, password, seconds = a.flood
-        print(asyncio.run(flood(url, site, user, password, float(seconds), a.kb)))
+        print(asyncio.run(flood(url, site, user, password, float(seconds), a.kb, a.shape)))
         return
     data = Path(tempfile.mkdtemp(prefix="cpn-flood-"))
     http, nport = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": a.code}
     up = subprocess.Popen([sys.executable, "-m", "controlplane.cli", "up", "--data-dir", str(data), "--port", str(http),
-                           "--nats-port", str(nport), "--layout", str(LAYOUT)], cwd=a.code, env=env,
+                           "--nats-port", str(nport), "--layout", a.layout], cwd=a.code, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         creds_path = data / "demo-credentials.json"
-        deadline = time.time() + 60
+        deadline = time.time() + 180
         while not creds_path.exists():
             if time.time() > deadline or up.poll() is not None:
                 raise SystemExit("cpn up did not start")
@@ -106,7 +115,8 @@ def main() -> None:
         from controlplane import natsconf
         from topology import loader
 
-        sites = [s.id for s in loader.load(LAYOUT).sites]
+        sites = [s.id for s in loader.load(a.layout).sites]
+        a.site = a.site or sites[0]
         creds = natsconf.derive_credentials(sites, (data / "nats-secret").read_bytes()).sites[a.site]
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
 
@@ -117,14 +127,14 @@ def main() -> None:
             return json.loads(out.stdout)  # type: ignore[no-any-return]
 
         quiet = chat()
-        flooder = subprocess.Popen([sys.executable, "-m", "bench.siteflood", "--kb", str(a.kb), "--flood",
+        flooder = subprocess.Popen([sys.executable, "-m", "bench.siteflood", "--kb", str(a.kb), "--shape", a.shape, "--flood",
                                     f"nats://127.0.0.1:{nport}", a.site, creds.user, creds.password,
                                     str(a.seconds + 2)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         time.sleep(1)
         loud = chat()
         sent = int((flooder.communicate(timeout=120)[0] or "0").strip() or 0)
         print(json.dumps({"code": a.code, "model": model, "quiet": quiet, "flood": loud, "heartbeats_sent": sent,
-                          "heartbeat_bytes": len(heartbeat_body(a.site, 10**9, a.kb))}))
+                          "heartbeat_bytes": len(heartbeat_body(a.site, 10**9, a.kb, a.shape)), "shape": a.shape}))
     finally:
         up.terminate()
         try:
