@@ -8,6 +8,17 @@ Connection settings follow DESIGN §3: ping every second with two outstanding (a
 noticed in about 3 s, not minutes), reconnect forever, callbacks that log and count.
 Malformed messages from agents are counted (``malformed``) and dropped, or answered with an
 ``ErrorReply`` when they carry a reply subject.
+
+Site limits (docs/security.md, "Site limits"): before decoding anything a site sent, the bus checks
+its size and the site's token bucket (:class:`~controlplane.sitegate.SiteGate`); refusals are
+counted in ``stats.dropped`` by (kind, reason). Site traffic (registrations, heartbeats, events)
+comes in on a connection of its own, so a flood queues there and not behind inference replies.
+
+Events: a site publishes on its ``evt`` subject as a request; the hub, not JetStream, receives
+it, checks the reply is in the site's own inbox (else drops it, ``reply_spoof``: no answer goes
+anywhere), size and rate, then stores it in ``CPN_EVENTS`` under ``cpn.v1.events.<site>`` and
+relays JetStream's PubAck to the site. Sites cannot publish on the stream's subjects, so JetStream
+never answers a reply subject a site chose.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,11 +38,21 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
+from controlplane.config import SiteLimits
 from controlplane.errors import BusUnavailable, SiteRefused, SiteSilent, SiteUnreachable
 from controlplane.runtime import cancel_and_wait
-from edge_agent import wire
+from controlplane.sitegate import Kind, SiteGate
+from edge_agent import tls, wire
 from edge_agent.nats_barrier import barrier
 
 log = logging.getLogger("cpn.bus")
@@ -40,6 +62,39 @@ _LOST = object()
 
 _NO_RESPONDERS = "503"
 """The status header nats-server sets on the reply to a request nobody subscribed to."""
+
+STORED_EVENTS_ROOT = "cpn.v1.events"
+"""Subjects of ``CPN_EVENTS`` (``cpn.v1.events.<site>``): only the hub publishes there."""
+STORED_EVENTS_WILDCARD = STORED_EVENTS_ROOT + ".*"
+EVENTS_QUEUE = "cpn-hub-events"
+"""Queue group of the hubs' event subscriptions: each event is stored by one hub."""
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+def stored_event_subject(site: str) -> str:
+    """Subject an event of ``site`` is stored under in ``CPN_EVENTS``."""
+    return f"{STORED_EVENTS_ROOT}.{site}"
+
+
+def site_of_stored(subject: str) -> str | None:
+    """The site of a ``CPN_EVENTS`` message (new ``cpn.v1.events.<site>`` or old ``...site.<site>.evt``)."""
+    if subject.startswith(STORED_EVENTS_ROOT + "."):
+        site = subject[len(STORED_EVENTS_ROOT) + 1:]
+        return site if wire.is_valid_id(site) else None
+    return wire.site_of(subject)
+
+
+def _consumer_config(durable: str, start_seq: int | None = None) -> ConsumerConfig:
+    # No filter subject: the whole stream, including events stored by an older hub under the
+    # sites' own subjects.
+    policy = DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE
+    return ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=policy,
+                          opt_start_seq=start_seq, ack_wait=30.0, max_ack_pending=10_000)
+
+
+def _js_error(code: int, description: str) -> bytes:
+    """A PubAck-shaped JetStream error: agents read it as "not stored, retry later"."""
+    return json.dumps({"error": {"code": code, "description": description}}).encode()
 
 
 def _expire(future: asyncio.Future[Any]) -> None:
@@ -80,10 +135,16 @@ class BusStats:
     no_responders: int = 0
     events: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    dropped: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(kind, reason) -> messages from sites refused before decoding (rate, oversize, reply_spoof)."""
 
     def bad(self, kind: str) -> None:
         self.malformed += 1
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+
+    def drop(self, kind: str, reason: str) -> None:
+        key = (kind, reason)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
 
 
 class HubBus:
@@ -109,6 +170,10 @@ class HubBus:
         on_reconnect: Callable[[], None] = lambda: None,
         ping_interval_s: float = 1.0,
         strict_inboxes: bool = False,
+        site_limits: SiteLimits | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.url = url
         self.name = name
@@ -120,12 +185,18 @@ class HubBus:
         self.on_reconnect = on_reconnect
         self.ping_interval_s = ping_interval_s
         self.strict_inboxes = strict_inboxes
+        self.site_limits = site_limits or SiteLimits()
+        self.gate = SiteGate(self.site_limits)
+        self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
         self.stats = BusStats()
         self.nc: Any = None
+        self.sites_nc: Any = None
+        """Second connection for what sites send (registrations, heartbeats, events)."""
         self._subs: list[Any] = []
         self._event_task: asyncio.Task[None] | None = None
         self._closing = False
         self._psub: Any = None
+        self._events_in: Any = None
         # Non-streaming requests share one reply subscription (see _request).
         self._reply_prefix = f"{wire.HUB_INBOX_PREFIX}.{secrets.token_hex(8)}."
         self._reply_key = secrets.token_bytes(16)
@@ -145,8 +216,20 @@ class HubBus:
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect (retrying until ``timeout_s``) and subscribe to registrations and heartbeats."""
 
+        last_error: list[Exception] = []
+
         async def error_cb(exc: Exception) -> None:
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                # A flood beyond what the hub keeps up with, dropped by nats-py: count it by kind,
+                # cheaply (this runs once per dropped message), and say so once in a while.
+                kind = "heartbeat" if exc.subject.endswith(".hb") else "other"
+                self.stats.drop(kind, "queue_full")
+                if self.stats.dropped[(kind, "queue_full")] % 10_000 == 1:
+                    log.warning("event=nats_slow_consumer kind=%s dropped=%d", kind,
+                                self.stats.dropped[(kind, "queue_full")])
+                return
             self.stats.errors += 1
+            last_error[:] = [exc]
             log.warning("event=nats_error error=%r", exc)
 
         async def disconnected_cb() -> None:
@@ -165,35 +248,57 @@ class HubBus:
         if self.user:
             kwargs["user"] = self.user
             kwargs["password"] = self.password or ""
-        servers = [u.strip() for u in self.url.split(",") if u.strip()]
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
+        if self.tls_ca:
             try:
-                self.nc = await nats.connect(
-                    servers=servers,
-                    name=self.name,
-                    ping_interval=self.ping_interval_s,
-                    max_outstanding_pings=2,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    connect_timeout=2,
-                    allow_reconnect=True,
-                    inbox_prefix=wire.HUB_INBOX_PREFIX,
-                    error_cb=error_cb,
-                    disconnected_cb=disconnected_cb,
-                    reconnected_cb=reconnected_cb,
-                    pending_size=8 * 1024 * 1024,
-                    **kwargs,
-                )
-                break
-            except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise BusUnavailable(f"cannot connect to NATS at {self.url}: {exc}") from exc
-                await asyncio.sleep(0.2)
+                kwargs["tls"] = tls.client_context(self.tls_ca, self.tls_cert, self.tls_key)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise BusUnavailable(f"NATS TLS files: {exc}") from None
+        servers = [u.strip() for u in self.url.split(",") if u.strip()]
+        if self.tls_ca:
+            # nats-py upgrades to TLS when the server asks for it or the URL says tls://; say it
+            # always, so a server without TLS is refused rather than spoken to in clear.
+            servers = ["tls://" + u.split("://", 1)[-1] for u in servers]
+        deadline = asyncio.get_running_loop().time() + timeout_s
+
+        async def open_connection(name: str, **callbacks: Any) -> Any:
+            while True:
+                try:
+                    # nats-py retries a failing first connect forever when reconnects are on (a TLS
+                    # verification error, say): bound it by our deadline.
+                    remaining = max(deadline - asyncio.get_running_loop().time(), 0.5)
+                    return await asyncio.wait_for(nats.connect(
+                        servers=servers,
+                        name=name,
+                        ping_interval=self.ping_interval_s,
+                        max_outstanding_pings=2,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,
+                        connect_timeout=2,
+                        allow_reconnect=True,
+                        inbox_prefix=wire.HUB_INBOX_PREFIX,
+                        error_cb=error_cb,
+                        pending_size=8 * 1024 * 1024,
+                        **callbacks,
+                        **kwargs,
+                    ), remaining)
+                except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
+                    if asyncio.get_running_loop().time() > deadline:
+                        why = exc if str(exc) or not last_error else last_error[0]
+                        raise BusUnavailable(f"cannot connect to NATS at {self.url}: {why}") from exc
+                    await asyncio.sleep(0.2)
+
+        self.nc = await open_connection(self.name, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb)
+        # Site traffic on a connection of its own: a site's flood fills that socket and that
+        # connection's queues, not the one inference replies come back on.
+        self.sites_nc = await open_connection(self.name + "-sites")
         limits = {"pending_msgs_limit": 1_000_000, "pending_bytes_limit": 256 * 1024 * 1024}
-        self._subs.append(await self.nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register, **limits))
-        self._subs.append(await self.nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat, **limits))
+        # Heartbeats beyond what the hub keeps up with are dropped by nats-py (slow consumer) rather
+        # than queued without bound: a heartbeat is superseded by the next one anyway.
+        hb_limits = {"pending_msgs_limit": 20_000, "pending_bytes_limit": 64 * 1024 * 1024}
+        self._subs.append(await self.sites_nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register, **limits))
+        self._subs.append(await self.sites_nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat, **hb_limits))
         self._subs.append(await self.nc.subscribe(self._reply_prefix + "*", cb=self._on_reply, **limits))
+        await barrier(self.sites_nc)
         await barrier(self.nc)  # subscriptions live before connect() returns (one flush() is not enough)
 
     async def close(self) -> None:
@@ -210,20 +315,36 @@ class HubBus:
             except Exception:
                 pass
             self._psub = None
-        if self.nc is not None:
+        for nc in (self.sites_nc, self.nc):
+            if nc is None:
+                continue
             try:
                 # Drain lets in-flight handlers answer; bounded, so a stuck reply cannot hold a stop.
-                await asyncio.wait_for(self.nc.drain(), 5.0)
+                await asyncio.wait_for(nc.drain(), 5.0)
             except Exception:
                 try:
-                    await self.nc.close()
+                    await nc.close()
                 except Exception:
                     pass
-            self.nc = None
+        self.nc = self.sites_nc = None
 
     # ------------------------------------------------------------------ inbound
 
+    def _refused(self, kind: Kind, msg: Msg) -> str | None:
+        """Why ``msg`` (of ``kind``, on a site's subject) is dropped before decoding, or None."""
+        site = wire.site_of(msg.subject)
+        if site is None:
+            reason: str | None = "subject"
+        else:
+            reason = self.gate.admit(kind, site, len(msg.data), asyncio.get_running_loop().time())
+        if reason is not None:
+            self.stats.drop(kind, reason)
+            log.debug("event=site_message_dropped kind=%s subject=%s reason=%s", kind, msg.subject, reason)
+        return reason
+
     async def _on_register(self, msg: Msg) -> None:
+        if self._refused("register", msg) is not None:
+            return
         try:
             decoded = wire.agent_message_decoder.decode(msg.data)
             if not isinstance(decoded, wire.Register):
@@ -236,6 +357,7 @@ class HubBus:
                 # A site may only ask for answers in its own inbox; else it could aim the hub's
                 # replies at another site.
                 self.stats.bad("reply_spoof")
+                self.stats.drop("register", "reply_spoof")
                 log.warning("event=reply_spoof site=%s reply=%s", decoded.site, msg.reply)
                 return
         except (msgspec.DecodeError, msgspec.ValidationError, wire.WireError) as exc:
@@ -253,6 +375,8 @@ class HubBus:
             await self._respond(msg, wire.encode(answer))
 
     async def _on_heartbeat(self, msg: Msg) -> None:
+        if self._refused("heartbeat", msg) is not None:
+            return
         try:
             decoded = wire.agent_message_decoder.decode(msg.data)
             if not isinstance(decoded, wire.Heartbeat) or decoded.site != wire.site_of(msg.subject):
@@ -471,21 +595,101 @@ class HubBus:
 
     # ------------------------------------------------------------------ JetStream events
 
-    async def ensure_event_stream(self, replicas: int = 1) -> None:
-        """Create (or update) the ``CPN_EVENTS`` stream: file storage, 2-minute duplicate window."""
-        js = self._require().jetstream()
-        config = StreamConfig(
+    def event_stream_config(self, replicas: int = 1) -> StreamConfig:
+        """``CPN_EVENTS``: what the hub stores for sites, bounded per site and in total.
+
+        Interest retention: an event the hub has acknowledged is gone, so a site's count in the
+        stream is its backlog. ``max_msgs_per_subject`` with ``discard_new_per_subject`` refuses a
+        site's events beyond its own backlog limit (it retries later) and never pushes out another
+        site's; ``max_bytes`` with DiscardNew refuses rather than deletes too.
+        """
+        lim = self.site_limits
+        return StreamConfig(
             name=wire.EVENTS_STREAM,
-            subjects=[wire.EVENT_WILDCARD],
+            subjects=[STORED_EVENTS_WILDCARD],
+            retention=RetentionPolicy.INTEREST,
             storage=StorageType.FILE,
             duplicate_window=120.0,
             num_replicas=replicas,
             max_age=7 * 24 * 3600.0,
+            max_msg_size=lim.max_event_bytes,
+            max_bytes=lim.stream_max_bytes,
+            max_msgs_per_subject=lim.stream_max_msgs_per_site,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
         )
+
+    async def ensure_event_stream(self, replicas: int = 1, *, durable: str = "hub") -> None:
+        """Create ``CPN_EVENTS`` (or update it to the limits above: a stream made by an older hub
+        had none and captured the sites' own ``evt`` subjects), its durable consumer, and start
+        taking events from sites."""
+        nc = self._require()
+        js = nc.jetstream()
+        config = self.event_stream_config(replicas)
+        # The consumer exists before any event is stored: with interest retention a message no
+        # consumer is interested in is dropped. A stream an older hub made (limits retention, the
+        # sites' own subjects, a consumer filtered on them) gets its consumer replaced first,
+        # from where it had got to, while limits retention still keeps every message; then the
+        # stream is updated. Updating the consumer's filter in place is not enough: nats-server
+        # 2.15.1 then still drops events on the new subjects as "no interest" (measured).
         try:
+            await js.stream_info(wire.EVENTS_STREAM)
+        except nats.js.errors.NotFoundError:
             await js.add_stream(config=config)
-        except nats.js.errors.BadRequestError:
+            await self._ensure_consumer(js, durable)
+        else:
+            await self._ensure_consumer(js, durable)
             await js.update_stream(config=config)
+        if self._events_in is None:
+            self._events_in = await self.sites_nc.subscribe(
+                wire.EVENT_WILDCARD, queue=EVENTS_QUEUE, cb=self._on_site_event,
+                pending_msgs_limit=100_000, pending_bytes_limit=64 * 1024 * 1024,
+            )
+            self._subs.append(self._events_in)
+            await barrier(self.sites_nc)
+
+    @staticmethod
+    async def _ensure_consumer(js: Any, durable: str) -> None:
+        """The durable consumer of the whole stream (no filter), keeping an older one's position."""
+        try:
+            info = await js.consumer_info(wire.EVENTS_STREAM, durable)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(wire.EVENTS_STREAM, _consumer_config(durable))
+            return
+        if not info.config.filter_subject and not info.config.filter_subjects:
+            return
+        await js.delete_consumer(wire.EVENTS_STREAM, durable)
+        await js.add_consumer(wire.EVENTS_STREAM, _consumer_config(durable, start_seq=info.ack_floor.stream_seq + 1))
+
+    async def _on_site_event(self, msg: Msg) -> None:
+        """A site's event: checked, stored under the hub's subject, PubAck relayed to the site."""
+        site = wire.site_of(msg.subject)
+        if site is None:
+            self.stats.drop("event", "subject")
+            return
+        if not msg.reply.startswith(wire.inbox_prefix(site) + "."):
+            # The answer would go where the site chose: another site's subject or inbox. Nothing
+            # is stored and nothing is sent.
+            self.stats.drop("event", "reply_spoof")
+            log.warning("event=reply_spoof kind=event site=%s reply=%s", site, msg.reply)
+            return
+        reason = self.gate.admit("event", site, len(msg.data), asyncio.get_running_loop().time())
+        msg_id = msg.headers.get(MSG_ID_HEADER, "") if msg.headers else ""
+        if reason is None and not msg_id:
+            reason = "no_msg_id"
+        if reason is not None:
+            self.stats.drop("event", reason)
+            code = {"oversize": 413, "rate": 429}.get(reason, 400)
+            await self._respond(msg, _js_error(code, f"event refused by the hub: {reason}"))
+            return
+        try:
+            ack = await self._require().request(
+                stored_event_subject(site), msg.data, timeout=2.0, headers={MSG_ID_HEADER: msg_id})
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            self.stats.errors += 1
+            log.warning("event=event_store_failed site=%s error=%r", site, exc)
+            return  # no answer: the agent retries
+        await self._respond(msg, ack.data)
 
     def consume_events(self, handler: EventHandler, *, durable: str = "hub", batch: int = 256) -> None:
         """Start a durable pull consumer feeding ``handler``; a message is acked after it returns.
@@ -501,15 +705,8 @@ class HubBus:
             try:
                 if psub is None:
                     js = self._require().jetstream()
-                    psub = await js.pull_subscribe(
-                        wire.EVENT_WILDCARD,
-                        durable=durable,
-                        stream=wire.EVENTS_STREAM,
-                        config=ConsumerConfig(
-                            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30.0,
-                            max_ack_pending=10_000,
-                        ),
-                    )
+                    await self._ensure_consumer(js, durable)
+                    psub = await js.pull_subscribe_bind(durable=durable, stream=wire.EVENTS_STREAM)
                     self._psub = psub
                 try:
                     msgs = await psub.fetch(batch, timeout=1.0)
@@ -533,7 +730,7 @@ class HubBus:
     async def _apply_event(self, handler: EventHandler, msg: Msg) -> None:
         try:
             event = wire.event_decoder.decode(msg.data)
-            if event.site != wire.site_of(msg.subject):
+            if event.site != site_of_stored(msg.subject):
                 raise msgspec.ValidationError(f"event for site {event.site!r} on {msg.subject}")
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self.stats.bad("event")

@@ -87,6 +87,10 @@ class Hub:
             on_disconnect=self._on_bus_down,
             on_reconnect=self._on_bus_up,
             strict_inboxes=config.strict_inboxes,
+            site_limits=config.site_limits,
+            tls_ca=config.nats_tls_ca,
+            tls_cert=config.nats_tls_cert,
+            tls_key=config.nats_tls_key,
         )
         self.inference = InferenceService(self)
         self.request_ids = RequestIds()
@@ -475,6 +479,8 @@ class Hub:
         self.metrics.nats_errors.labels("no_responders").set(s.no_responders)
         self.metrics.nats_errors.labels("disconnect").set(s.disconnects)
         self.metrics.malformed.set(s.malformed)
+        for (kind, reason), n in s.dropped.items():
+            self.metrics.nats_dropped.labels(kind, reason).set(n)
         self.metrics.permission_violations.set(self.permission_violations)
         self.metrics.site_figures_clamped.counts = {(k,): n for k, n in self.registry.clamped.items()}
 

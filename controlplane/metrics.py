@@ -84,6 +84,7 @@ class HubMetrics:
         self.site_losses = Counter("cpn_site_losses", "Sites declared lost", registry=r)
         self.nats_errors = Gauge("cpn_nats_errors", "NATS errors seen by the hub (connection errors, timeouts, no responders)", ["kind"], registry=r)
         self.malformed = Gauge("cpn_malformed_messages", "Malformed messages from agents, dropped", registry=r)
+        self.nats_dropped = Gauge("cpn_nats_dropped_messages", "Messages from sites dropped before decoding, by kind and reason (rate, oversize, reply_spoof)", ["kind", "reason"], registry=r)
         self.permission_violations = Gauge("cpn_nats_permission_violations", "Permission violations reported by the NATS server", registry=r)
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
         self.refused_keys = _Counts("cpn_refused_api_keys", "Requests refused for a revoked or expired API key, by reason", ["reason"])

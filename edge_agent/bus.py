@@ -11,6 +11,8 @@ Promises:
 - Disconnects, reconnects and errors are logged as structured lines and counted in ``counters``;
   listeners registered with :meth:`AgentBus.on_reconnected` run after every reconnect.
 - Several buses live in one process without sharing anything (``cpn up`` runs ~60 agents).
+- With ``tls_ca`` in the config the connection is TLS, the server verified against that CA and
+  its host name (``edge_agent.tls``); a server without TLS or with another CA is not spoken to.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
-from edge_agent import wire
+from edge_agent import tls, wire
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BusError, NoResponders, NotConnected, RequestTimeout
 from edge_agent.logs import log
@@ -117,6 +119,12 @@ class AgentBus:
         if self._config.user:
             options["user"] = self._config.user
             options["password"] = self._config.password
+        if self._config.tls_ca:
+            # Verified TLS: the CA alone is trusted and the host name checked; tls:// so that a
+            # server offering no TLS is refused rather than spoken to in clear.
+            cfg_ = self._config
+            options["tls"] = tls.client_context(cfg_.tls_ca, cfg_.tls_cert or None, cfg_.tls_key or None)
+            options["servers"] = ["tls://" + u.split("://", 1)[-1] for u in cfg_.servers]
         try:
             await nc.connect(**options)
         except BaseException:

@@ -260,6 +260,12 @@ class AgentConfig(_Config, frozen=True):
     backend: BackendConfig = BackendConfig()
     models: list[ModelConfig] = []
     executors: ExecutorsConfig = ExecutorsConfig()
+    tls_ca: str = ""
+    """CA file that signed the NATS server's certificate: TLS on, the server verified (host name
+    too). Empty: plain (a leaf node on the site's own loopback, or ``cpn up``)."""
+    tls_cert: str = ""
+    """Client certificate, with ``tls_key``, for a server that verifies clients (mutual TLS)."""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         # msgspec wraps these ValueErrors in a ValidationError; name the key ourselves.
@@ -270,6 +276,10 @@ class AgentConfig(_Config, frozen=True):
         for url in self.servers:
             if "://" not in url:
                 raise ValueError(f"$.nats: {url!r} is not a URL (want nats://host:port)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("$.tls_cert: tls_cert and tls_key go together")
+        if self.tls_cert and not self.tls_ca:
+            raise ValueError("$.tls_ca: required with tls_cert (the server must be verified too)")
         if self.lat is not None and not -90 <= self.lat <= 90:
             raise ValueError(f"$.lat: {self.lat} is outside -90..90")
         if self.lon is not None and not -180 <= self.lon <= 180:

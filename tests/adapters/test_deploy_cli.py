@@ -20,6 +20,7 @@ from topology import loader
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "deploy" / "nats"
 EXAMPLE_SITES = "sh-hub,sh-edge,hz-edge"
+EXAMPLE_TLS_DIR = "/etc/cpn/nats/tls"
 
 
 def nats_server_accepts(path: Path) -> None:
@@ -46,7 +47,14 @@ def test_writes_every_file_private_and_valid(tmp_path: Path) -> None:
     assert sorted(creds) == ["a", "b", "c", "hub"]
     assert all(mode(p) == 0o600 for p in (out / "creds").glob("*.json"))
     assert creds["b"].user == "site-b" and creds["b"].inbox_prefix == "_INBOX.b"
-    assert creds["hub"].user == "cpn-hub" and creds["hub"].nats[0] == "nats://node-1:4222"
+    assert creds["hub"].user == "cpn-hub" and creds["hub"].nats[0] == "tls://node-1:4222"
+    assert creds["hub"].tls_ca == str((out / "tls" / "ca.pem").resolve())
+    # TLS everywhere: the CA's key and every key private, certificates readable.
+    assert mode(out / "tls" / "ca-key.pem") == 0o600 and mode(out / "tls" / "ca.pem") == 0o644
+    assert all(mode(p) == 0o600 for p in (out / "tls").glob("*-key.pem"))
+    for conf in ["single/nats-server.conf", "cluster/node-1.conf"]:
+        assert (out / conf).read_text().count("tls: {") >= 2, conf  # clients and leaf nodes at least
+    assert 'urls: [\n        "tls://leaf-a:' in (out / "leaf" / "a.conf").read_text()
     # Plain passwords only where a client needs them; server configs carry hashes.
     single = (out / "single" / "nats-server.conf").read_text()
     assert creds["b"].password not in single and creds["b"].password in (out / "leaf" / "b.conf").read_text()
@@ -96,7 +104,7 @@ def test_subprocess_with_secret_file_is_reproducible(tmp_path: Path) -> None:
     for out in outs:
         result = subprocess.run(
             [sys.executable, "-m", "controlplane.cli", "deploy", "nats-config", "--sites", "x,y",
-             "--secret-file", str(secret), "--out", str(out)],
+             "--secret-file", str(secret), "--out", str(out), "--tls-dir", "/etc/cpn/nats/tls"],
             capture_output=True, text=True, timeout=60, cwd=ROOT,
         )
         assert result.returncode == 0, result.stderr
@@ -108,12 +116,16 @@ def test_committed_examples_are_current_and_valid(tmp_path: Path) -> None:
     # deploy/nats is generated from a public example secret; regenerate and compare.
     out = tmp_path / "ex"
     assert cli.main(["deploy", "nats-config", "--sites", EXAMPLE_SITES, "--out", str(out),
-                     "--secret-file", str(EXAMPLES / "example-secret.txt")]) == 0
+                     "--secret-file", str(EXAMPLES / "example-secret.txt"), "--tls-dir", EXAMPLE_TLS_DIR]) == 0
     for sub in ["single", "cluster", "leaf"]:
         for path in (out / sub).glob("*.conf"):
             committed = EXAMPLES / sub / path.name
             assert committed.read_text() == path.read_text(), f"{committed} is stale: see deploy/nats/README.md"
-            nats_server_accepts(committed)
+            # nats-server -t loads the certificates: check with the ones just made.
+            here = tmp_path / "check" / sub / path.name
+            here.parent.mkdir(parents=True, exist_ok=True)
+            here.write_text(committed.read_text().replace(EXAMPLE_TLS_DIR, str(out / "tls")))
+            nats_server_accepts(here)
 
 
 async def test_embedded_config_runs_with_jetstream_for_the_hub(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ can hold commands in the outbox, restart the hub, make the site refuse, or publi
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -89,11 +90,16 @@ class RawSite:
         await barrier(self.nc)
 
     async def publish_event(self, event: Any, site: str | None = None, key: str = "") -> None:
-        """Publish an attempt event to JetStream as an agent does (on ``site``'s subject; ``key``:
-        the attempt's ``event_key``, which only the site holding the attempt knows)."""
+        """Publish an attempt event as an agent does (on ``site``'s subject; ``key``: the attempt's
+        ``event_key``, which only the site holding the attempt knows): a request whose reply is in
+        the publishing site's own inbox; the hub stores it and relays JetStream's PubAck."""
         msg_id = wire.event_msg_id(event.job, event.attempt, event.seq, key)
-        await self.nc.jetstream().publish(wire.event_subject(site or self.site), wire.encode(event),
-                                          headers={"Nats-Msg-Id": msg_id})
+        who = site or self.site
+        inbox = f"{wire.inbox_prefix(who)}.{secrets.token_hex(8)}"
+        sub = await self.nc.subscribe(inbox, max_msgs=1)
+        await self.nc.publish(wire.event_subject(who), wire.encode(event), reply=inbox, headers={"Nats-Msg-Id": msg_id})
+        ack = await sub.next_msg(timeout=5)
+        assert b'"stream"' in ack.data, ack.data
 
     async def close(self) -> None:
         if self._beat is not None:

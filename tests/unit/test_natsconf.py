@@ -140,7 +140,7 @@ def test_server_configs_hold_hashes_not_passwords(creds: natsconf.CredentialSet)
     for c in [creds.hub, *creds.sites.values()]:
         assert c.password not in single
         assert f'"{c.password_bcrypt}"' in single  # quoted: a bare "$2b$..." is a variable reference
-    assert 'jetstream: "enabled"' in single and "leafnodes" in single
+    assert 'max_file: ' in single and "leafnodes" in single
 
 
 def test_cluster_routes_point_at_the_other_nodes(creds: natsconf.CredentialSet) -> None:
