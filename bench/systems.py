@@ -216,9 +216,11 @@ async def cpn(m: Mock, tmp: Path) -> AsyncIterator[System]:
             agent = await _spawn(PY, "-m", "controlplane.cli", "agent", "--config", str(agent_toml),
                                  env=env, log=tmp / "agent.log")
             procs.append(agent)
+            hub_toml = tmp / "hub.toml"  # the site's own model ("mock") serves the bench tenant
+            hub_toml.write_text('local_model_tenants = ["bench"]\n')
             hub = await asyncio.create_subprocess_exec(
-                PY, "-m", "controlplane.cli", "hub", "--nats", nats.url, "--db", str(db), "--listen", "127.0.0.1:0",
-                "--layout", str(layout), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+                PY, "-m", "controlplane.cli", "hub", "--config", str(hub_toml), "--nats", nats.url, "--db", str(db),
+                "--listen", "127.0.0.1:0", "--layout", str(layout), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
                 stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **env})
             procs.append(hub)
             base = (await _first_line(hub, "listening on", 30)).rsplit(" ", 1)[1]

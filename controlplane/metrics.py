@@ -104,15 +104,14 @@ class HubMetrics:
         r.register(self.heartbeat_attempts_ignored)
         self.attempts_vanished = Counter(
             "cpn_attempts_vanished", "Attempts failed because their up site stopped reporting them", registry=r)
+        self.gateway_refused = _Counts("cpn_gateway_connections_refused",
+                                       "Gateway connections refused (503) or cut, by reason", ["reason"])
+        r.register(self.gateway_refused)
 
     @staticmethod
     def count(counter: _Counts, *labels: str, n: int = 1) -> None:
         """Add ``n`` to a labelled count (no lock: the hub's loop is the only writer)."""
         counter.counts[labels] = counter.counts.get(labels, 0) + n
-
-        self.gateway_refused = _Counts("cpn_gateway_connections_refused",
-                                       "Gateway connections refused (503) or cut, by reason", ["reason"])
-        r.register(self.gateway_refused)
 
     def observe_http(self, route: str, status: int, elapsed_s: float) -> None:
         """One HTTP request: a count by (route, status) and the latency histogram."""

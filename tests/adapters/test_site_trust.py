@@ -231,14 +231,14 @@ async def test_a_second_site_forging_events_cannot_freeze_a_job_running_elsewher
         await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
         (start,) = site.commands
         now = time.time()
-        rogue = await nats.connect(nats_server.url)
+        rogue = await nats.connect(nats_server.url, inbox_prefix=wire.inbox_prefix("nj-edge"))
         try:
-            js = rogue.jetstream()
             for seq in range(2, 301):  # nj-edge, on its own subject, speaks for hz-edge's attempt first
                 ev = wire.Checkpointed(job=jid, attempt=1, seq=seq, site="nj-edge", at=now, progress=0.0,
                                        checkpoint="evil://nj-edge/x")
-                await js.publish(wire.event_subject("nj-edge"), wire.encode(ev),
-                                 headers={"Nats-Msg-Id": wire.event_msg_id(jid, 1, seq)})
+                ack = await rogue.request(wire.event_subject("nj-edge"), wire.encode(ev), timeout=5,
+                                          headers={"Nats-Msg-Id": wire.event_msg_id(jid, 1, seq)})
+                assert b'"stream"' in ack.data, ack.data  # stored: the fence must act at recording
         finally:
             await rogue.close()
         await until(lambda: hub.bus.stats.events >= 299, 15, "forged events consumed")

@@ -153,9 +153,9 @@ async def test_the_hub_passes_on_no_free_text_from_a_site(tmp_path: Path, nats_s
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
         key = hub.create_tenant("acme", default_origin="hangzhou")
         seen: list[str] = []
-        for site, city, code, retryable in (("hz-edge", "hangzhou", "backend", True),
-                                            ("nj-edge", "nanjing", "gpu-node-7.internal", False)):
-            agent = Agent(AgentConfig(site=site, nats=nats_server.url, city=city, accelerators={"910B": 4},
+        for site, city, card, code, retryable in (("hz-edge", "hangzhou", "910B", "backend", True),
+                                                  ("nj-edge", "nanjing", "L20", "gpu-node-7.internal", False)):
+            agent = Agent(AgentConfig(site=site, nats=nats_server.url, city=city, accelerators={card: 4},
                                       models=[ModelConfig(name=f"m-{site}", cards=1.0)]),
                           backend=_LeakyBackend(code, retryable))  # type: ignore[arg-type]
             await agent.start()
