@@ -120,8 +120,10 @@ def test_the_simulator_uses_the_hub_core_and_no_second_implementation() -> None:
     sim = ROOT / "controlplane" / "sim"
     inference = (sim / "core_inference.py").read_text()
     assert "from controlplane.router import Route, Router, RouteRequest" in inference
-    assert "self.router.route(" in inference
+    assert "self.routers[p].route(" in inference
     assert "rep_mod.plan_replicas" in calls(sim / "core_inference.py")
+    # cpn's replica scaling is the hub's pure autoscaler, not the simulator's own.
+    assert "autoscale.decide" in calls(sim / "core_engine.py")
     training = calls(sim / "core_training.py")
     assert {"scheduler.plan", "placement.pool_from_site", "lifecycle.place", "lifecycle.apply_event",
             "lifecycle.infra_failure", "placement.metered_energy_cny"} <= training
@@ -129,4 +131,4 @@ def test_the_simulator_uses_the_hub_core_and_no_second_implementation() -> None:
     for path in sim.glob("*.py"):
         tree = ast.parse(path.read_text())
         names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-        assert not names & {"Router", "plan_replicas", "score_priced"}, path.name
+        assert not names & {"Router", "plan_replicas", "score_priced", "decide"}, path.name
