@@ -220,7 +220,8 @@ def _pour(spec: ScaleSpec, demands: Sequence[Demand], reach: Mapping[tuple[str, 
 
 
 def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequence[Replica],
-           candidates: Sequence[Candidate], rtt: RttLookup, memory: Memory = Memory()) -> ScalePlan:
+           candidates: Sequence[Candidate], rtt: RttLookup, memory: Memory = Memory(),
+           reach_cache: dict[tuple[str, float], list[tuple[str, float]]] | None = None) -> ScalePlan:
     """One scaling decision for one deployment (module docstring, Rules 1-5).
 
     Args:
@@ -232,6 +233,8 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
             which may host).
         rtt: ``nearest(origin, budget_ms) -> [(site, rtt_ms)]`` ascending.
         memory: the previous plan's ``memory``.
+        reach_cache: optional memo of the hosting sites within each (origin, budget) in (tier,
+            RTT) order, owned by the caller (one per spec); clear it when RTTs or tiers change.
     """
     if spec.fixed:
         return ScalePlan(notes=[f"fixed at {spec.max_replicas} replicas: no scaling"], memory=memory)
@@ -241,15 +244,21 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
     cap = {r.site: float(r.slots) for r in replicas}
     # Most constrained first: tighter budgets, then larger loads (stable by origin id).
     order = sorted(demand, key=lambda d: (d.budget_ms, -d.load, d.origin))
-    reach: dict[tuple[str, float], list[tuple[str, float]]] = {}
+    reach: dict[tuple[str, float], list[tuple[str, float]]] = {} if reach_cache is None else reach_cache
+    rank: dict[str, int] | None = None
     for d in order:
+        key = (d.origin, d.budget_ms)
+        if key in reach:
+            continue
+        if rank is None:
+            rank = {site: _tier_rank(spec, tier) for site, tier in tier_of.items()}
         try:
             lst = list(rtt.nearest(d.origin, d.budget_ms))
         except KeyError:
             lst = []
-        lst = [(s, r) for s, r in lst if _tier_rank(spec, tier_of.get(s, "")) < len(spec.tiers)]
-        lst.sort(key=lambda x: (_tier_rank(spec, tier_of.get(x[0], "")), x[1], x[0]))
-        reach[(d.origin, d.budget_ms)] = lst
+        n = len(spec.tiers)
+        # Stable buckets by tier keep the RTT order within each tier.
+        reach[key] = [x for k in range(n) for x in lst if rank.get(x[0], n) == k]
 
     deficit, _ = _pour(spec, order, reach, cap, 1.0)
     adds: list[Add] = []

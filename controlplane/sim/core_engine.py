@@ -500,6 +500,7 @@ class _Scaler:
         self.load_s = [m.load_s for m in s.inference.models]
         self.meters = {mi: autoscale.DemandMeter() for mi in self.models}
         self.memory = {mi: autoscale.Memory() for mi in self.models}
+        self.reach_cache: dict[int, dict[tuple[str, float], list[tuple[str, float]]]] = {mi: {} for mi in self.models}
         self.held: dict[tuple[str, str], float] = {}  # cpn's replica cards by (site, accelerator)
         for f in inf.fixed_flats:
             key = (inf.site_ids[f // inf.nm], inf.rep_acc[f])
@@ -551,7 +552,8 @@ class _Scaler:
             replicas = [autoscale.Replica(site=inf.site_ids[si], tier=inf.tiers[si], state=st.state, slots=st.slots,
                                           added_at=inf.added_at[si * nm + mi], protected=inf.protected[si * nm + mi])
                         for si, st in inf.live_replicas(mi) if inf.up[si]]
-            plan = autoscale.decide(now, self.specs[mi], meter.demand(), replicas, cands, self.reach, self.memory[mi])
+            plan = autoscale.decide(now, self.specs[mi], meter.demand(), replicas, cands, self.reach, self.memory[mi],
+                                    self.reach_cache[mi])
             self.decisions += 1
             self.memory[mi] = plan.memory
             self.short[mi] += bool(plan.short)

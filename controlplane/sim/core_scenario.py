@@ -71,7 +71,7 @@ class Inference(_Cfg, frozen=True):
     policy: str = "strict"
     """Router policy: ``strict`` (nothing beyond the budget) or ``nearest`` (best effort)."""
     window: Annotated[int, msgspec.Meta(ge=1)] = 3
-    autoscale_s: Pos = 30.0
+    autoscale_s: Pos = 60.0
     """How often ``cpn`` takes a scaling decision per autoscaled model."""
     models: list[Model] = msgspec.field(default_factory=lambda: [Model(name="qwen2.5-7b")])
     baselines: bool = True
