@@ -67,6 +67,9 @@ class ScaleSpec(msgspec.Struct, frozen=True, kw_only=True):
     scale_in_after_s: float = 600.0
     max_adds: int = 16
     max_removes: int = 2
+    max_per_site: int = 1
+    """Replicas of the deployment one site may hold (today's wire: one per model per site; a site
+    holding several serves them as one larger replica: ``count`` × slots and cards)."""
     tiers: tuple[str, ...] = TIER_ORDER
 
     @property
@@ -92,9 +95,14 @@ class Replica(msgspec.Struct, frozen=True, kw_only=True):
     state: str = "ready"
     """``loading`` or ``ready`` (both count as capacity)."""
     slots: int = 4
+    """Slots of all ``count`` replicas at the site (loading ones included)."""
+    count: int = 1
+    accelerator: str = ""
     added_at: float = 0.0
+    """When the last of them was added."""
     protected: bool = False
-    """Needed for coverage (two cities per origin) or the replica floor: never scaled in."""
+    """Needed for coverage (two cities per origin) or the replica floor: its first replica is
+    never scaled in."""
 
 
 class Memory(msgspec.Struct, frozen=True):
@@ -263,7 +271,9 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
     deficit, _ = _pour(spec, order, reach, cap, 1.0)
     adds: list[Add] = []
     short: list[str] = []
-    total = len(replicas)
+    total = sum(r.count for r in replicas)
+    count = {r.site: r.count for r in replicas}
+    acc_of = {r.site: r.accelerator for r in replicas}
     free = {c.id: dict(c.free_cards) for c in candidates}
     for d in order:
         key = (d.origin, d.budget_ms)
@@ -283,12 +293,13 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
             edge_full = False
             for site, r in reach[key]:
                 cand = cands.get(site)
-                if site in cap:
-                    edge_full = edge_full or tier_of.get(site) == spec.tiers[0]
-                    continue
                 if cand is None or not cand.healthy or cand.draining:
                     continue
-                fits = [a for a in _accepted(spec, cand) if free[site].get(a, 0.0) + _EPS >= spec.cards_per_replica]
+                if site in cap and count.get(site, 0) >= spec.max_per_site:
+                    edge_full = edge_full or cand.tier == spec.tiers[0]
+                    continue
+                accs = [acc_of[site]] if acc_of.get(site) else _accepted(spec, cand)
+                fits = [a for a in accs if free[site].get(a, 0.0) + _EPS >= spec.cards_per_replica]
                 if not fits:
                     edge_full = edge_full or cand.tier == spec.tiers[0]
                     continue
@@ -306,9 +317,13 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
                    f"within budget have left; +{site} ({tier}, {r:.1f} ms)")
             if tier != spec.tiers[0]:
                 why += f"; spill: {spec.tiers[0]} sites within budget " + ("are full" if edge_full else "none")
+            if site in cap:
+                why += f"; replica {count[site] + 1} of at most {spec.max_per_site} there"
             adds.append(Add(site, acc, spec.cards_per_replica, why))
             free[site][acc] -= spec.cards_per_replica
-            cap[site] = float(spec.slots_per_replica)
+            cap[site] = cap.get(site, 0.0) + spec.slots_per_replica
+            count[site] = count.get(site, 0) + 1
+            acc_of[site] = acc
             total += 1
             need -= spec.slots_per_replica
 
@@ -319,8 +334,10 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
         _, used = _pour(spec, order, reach, cap, 1.0 + spec.scale_in_margin)
         floor = max(spec.min_replicas, sum(1 for r in replicas if r.protected))
         victims: list[tuple[int, float, str]] = []
+        per = max(1, spec.slots_per_replica)
         for r in replicas:
-            if used.get(r.site, 0.0) > _EPS or r.protected:
+            needed = math.ceil(used.get(r.site, 0.0) / per - _EPS)
+            if r.count - max(needed, 1 if r.protected else 0) <= 0:
                 idle_since.pop(r.site, None)
                 continue
             since = idle_since.setdefault(r.site, now)
@@ -328,10 +345,11 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
                 far = max((x for o in order for s, x in reach[(o.origin, o.budget_ms)] if s == r.site), default=0.0)
                 victims.append((-_tier_rank(spec, r.tier), -far, r.site))
         victims.sort()
-        room = len(replicas) - floor
+        room = total - floor
         for _, _, site in victims[: max(0, min(room, spec.max_removes))]:
             idle = now - idle_since.pop(site)
-            removes.append(Remove(site, f"idle {idle / 60:.0f} min even with {spec.scale_in_margin:.0%} more demand"))
+            removes.append(Remove(site, f"a replica idle {idle / 60:.0f} min even with {spec.scale_in_margin:.0%} "
+                                        "more demand"))
     for s in [s for s in idle_since if s not in have]:
         del idle_since[s]
     return ScalePlan(add=adds, remove=removes, short=short, memory=Memory(idle_since=idle_since))

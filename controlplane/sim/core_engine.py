@@ -210,7 +210,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
             if inf_held[i]:
                 held_inf_tier_hour[tier_of[i]][hour] += inf_held[i]
         for mi, m in enumerate(inf.models):
-            replicas_hour[m][hour] = max(replicas_hour[m][hour], len(inf.live_replicas(mi)))
+            replicas_hour[m][hour] = max(replicas_hour[m][hour], sum(n for _, n in inf.live_replicas(mi)))
         for sim in sims:
             idle, waiting = sim.idle_while_waiting()
             sim.idle_waiting_card_s += idle * s.sample_s
@@ -495,7 +495,8 @@ class _Scaler:
         self.models = [mi for mi, m in enumerate(s.inference.models) if m.max_replicas is not None]
         self.specs = {mi: autoscale.ScaleSpec(
             model=m.name, cards_per_replica=m.cards_per_replica, slots_per_replica=m.slots_per_replica,
-            accelerators=m.accelerators, min_replicas=m.min_replicas, max_replicas=m.max_replicas)
+            accelerators=m.accelerators, min_replicas=m.min_replicas, max_replicas=m.max_replicas,
+            max_per_site=m.max_replicas_per_site)
             for mi, m in enumerate(s.inference.models) if m.max_replicas is not None}
         self.load_s = [m.load_s for m in s.inference.models]
         self.meters = {mi: autoscale.DemandMeter() for mi in self.models}
@@ -549,9 +550,11 @@ class _Scaler:
             meter = self.meters[mi]
             meter.observe(now, counts, svc)
             nm = inf.nm
-            replicas = [autoscale.Replica(site=inf.site_ids[si], tier=inf.tiers[si], state=st.state, slots=st.slots,
+            per = inf.slots
+            replicas = [autoscale.Replica(site=inf.site_ids[si], tier=inf.tiers[si], slots=n * per[si * nm + mi],
+                                          count=n, accelerator=inf.rep_acc[si * nm + mi],
                                           added_at=inf.added_at[si * nm + mi], protected=inf.protected[si * nm + mi])
-                        for si, st in inf.live_replicas(mi) if inf.up[si]]
+                        for si, n in inf.live_replicas(mi) if inf.up[si]]
             plan = autoscale.decide(now, self.specs[mi], meter.demand(), replicas, cands, self.reach, self.memory[mi],
                                     self.reach_cache[mi])
             self.decisions += 1

@@ -164,6 +164,8 @@ class InferenceSim:
         self.card_per_slot = [0.0] * (ns * nm)
         self.rep_acc = [""] * (ns * nm)
         self.added_at = [start_s] * (ns * nm)
+        self.units = [0] * (ns * nm)        # cpn's replicas per (site, model), loading ones included
+        self.ready_units = [0] * (ns * nm)  # ... of which ready
         self.protected = [False] * (ns * nm)
         for mi, m in enumerate(inf.models):
             cover = set(dep.coverage.get(m.name, ()))
@@ -178,6 +180,7 @@ class InferenceSim:
                 self.card_per_slot[f] = cards / m.slots_per_replica
                 self.rep_acc[f] = acc
                 self.protected[f] = site in cover
+                self.units[f] = self.ready_units[f] = 1
         self.fixed_flats = [f for f, r in enumerate(self.reps) if r is not None]
         self.replica_flats = list(self.fixed_flats)  # cpn's, grows as it scales out
         self.replica_cards = [0.0] * ns
@@ -422,18 +425,14 @@ class InferenceSim:
         self.svc_n[m] = 0
         return out, svc
 
-    def live_replicas(self, m: int) -> list[tuple[int, wire.ReplicaStatus]]:
-        """cpn's replicas of model ``m`` that hold cards and count as capacity (loading or ready)."""
-        nm = self.nm
-        out = []
-        for s in range(len(self.site_ids)):
-            st = self.reps[s * nm + m]
-            if st is not None and st.state in ("loading", "ready"):
-                out.append((s, st))
-        return out
+    def live_replicas(self, m: int) -> list[tuple[int, int]]:
+        """cpn's (site index, replicas there) of model ``m`` holding cards (loading or ready)."""
+        nm, units = self.nm, self.units
+        return [(s, units[s * nm + m]) for s in range(len(self.site_ids)) if units[s * nm + m] > 0]
 
     def add_replica(self, s: int, m: int, acc: str, cards: float, now: float) -> None:
-        """cpn scales out: a replica of model ``m`` starts loading at site ``s`` (``ready`` later)."""
+        """cpn scales out: one more replica of model ``m`` starts loading at site ``s``; a site's
+        replicas serve as one (its slots grow as each is ready)."""
         nm = self.nm
         f = s * nm + m
         spec = self.model_specs[m]
@@ -445,35 +444,47 @@ class InferenceSim:
             self.replica_flats.append(f)
             self.slots[f] = spec.slots_per_replica
             self.card_per_slot[f] = cards / spec.slots_per_replica
-        else:
+        elif self.units[f] == 0:
             st.state = "loading"
+        self.units[f] += 1
         self.views[self.site_ids[s]].replicas[spec.name] = st
         self.rep_acc[f] = acc
         self.added_at[f] = now
         self.versions[0] += 1
 
     def replica_ready(self, s: int, m: int) -> bool:
-        st = self.reps[s * self.nm + m]
-        if st is None or st.state != "loading":
+        f = s * self.nm + m
+        st = self.reps[f]
+        if st is None or self.ready_units[f] >= self.units[f]:
             return False
+        self.ready_units[f] += 1
+        st.slots = self.ready_units[f] * self.slots[f]
         st.state = "ready"
         self.versions[0] += 1
         return True
 
     def remove_replica(self, s: int, m: int) -> None:
-        """cpn scales in: no new requests go there; those in flight finish."""
-        st = self.reps[s * self.nm + m]
-        if st is not None:
+        """cpn scales in one replica at ``s``: its slots go; requests in flight finish."""
+        f = s * self.nm + m
+        st = self.reps[f]
+        if st is None or self.units[f] == 0:
+            return
+        self.units[f] -= 1
+        self.ready_units[f] = min(self.ready_units[f], self.units[f])
+        if self.units[f] == 0:
             st.state = "removed"
-            self.versions[0] += 1
+        else:
+            st.slots = self.ready_units[f] * self.slots[f]
+            if self.ready_units[f] == 0:
+                st.state = "loading"
+        self.versions[0] += 1
 
     def replica_cards_now(self, out: list[float]) -> None:
         """Add the cards cpn's live replicas hold, per site, to ``out``."""
-        nm, reps, cps, slots = self.nm, self.reps, self.card_per_slot, self.slots
+        nm, cps, slots, units = self.nm, self.card_per_slot, self.slots, self.units
         for f in self.replica_flats:
-            st = reps[f]
-            if st is not None and (st.state != "removed" or st.busy):
-                out[f // nm] += slots[f] * cps[f]
+            if units[f]:
+                out[f // nm] += units[f] * slots[f] * cps[f]
 
     # ------------------------------------------------------------------ sampling
 

@@ -51,6 +51,8 @@ class Model(_Cfg, frozen=True):
     """With ``max_replicas``: ``cpn`` never scales below coverage plus this floor."""
     max_replicas: Annotated[int, msgspec.Meta(ge=1)] | None = None
     """Set: policy ``cpn`` scales this model's replicas (``autoscale.decide``) up to this many."""
+    max_replicas_per_site: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Replicas of the model one site may hold when ``cpn`` scales (served as one larger replica)."""
     load_s: NonNeg = 120.0
     """Time from a scale-out decision to the replica being ready (weights loaded)."""
     accelerators: list[str] | None = None
