@@ -132,3 +132,32 @@ def test_the_simulator_uses_the_hub_core_and_no_second_implementation() -> None:
         tree = ast.parse(path.read_text())
         names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
         assert not names & {"Router", "plan_replicas", "score_priced", "decide"}, path.name
+
+
+SCALED = SMALL.replace('name = "m7b"\nshare = 0.7\n', 'name = "m7b"\nshare = 0.7\nmax_replicas = 120\nmax_replicas_per_site = 4\n'
+                        ).replace('requests = 6000', 'requests = 40000')
+
+
+def test_cpn_scales_replicas_and_the_bound_is_physical(national) -> None:
+    res = runner.simulate(core_scenario.decode(SCALED, "scaled"), layout=national, seed=4)
+    inf = res.report["inference"]
+    pols = inf["policies"]
+    assert set(pols) == {"cpn", "cpn-fixed", "random", "round-robin"}
+    bound = inf["oracle"]["feasible_share"]
+    # Nobody beats the physical bound; it is at least the fixed replicas' reach.
+    assert all(p["within_budget_share"] <= bound for p in pols.values())
+    assert bound >= inf["oracle"]["replica_feasible_share"]
+    # Scaling adds capacity where demand needs it: cpn serves more within budget than today's cpn.
+    scaled = inf["scaling"]["m7b"]
+    assert sum(scaled["scale_outs_by_tier"].values()) > 0 and scaled["first_reasons"]
+    assert pols["cpn"]["within_budget_share"] > pols["cpn-fixed"]["within_budget_share"]
+    assert pols["cpn"]["failed"] < pols["cpn-fixed"]["failed"]
+    # Training figures the issue asks for, per policy.
+    for p in res.report["training"]["policies"].values():
+        assert {"p50", "p95", "p99"} <= set(p["queue_delay_h"])
+        assert 0.0 <= p["idle_while_waiting_share"] <= 1.0
+        assert p["idle_while_waiting_card_hours"] <= p["waiting_card_hours"] + 1e-9
+    again = runner.simulate(core_scenario.decode(SCALED, "scaled"), layout=national, seed=4)
+    assert report.to_json(again.report) == report.to_json(res.report)
+    txt = report.text(res.report)
+    assert "cpn-fixed" in txt and "bound" in txt and "scaling m7b" in txt
