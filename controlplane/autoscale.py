@@ -21,7 +21,7 @@ why (origin, budget, slots needed and held) and, for a spill, that the edges wit
 Rule 4 (scale in, with hysteresis and cool-down): a replica that gets no demand even when every
 origin's need is ``1 + scale_in_margin`` times higher is idle; one idle for ``scale_in_after_s``
 without a break, not protected, and older than ``scale_in_after_s`` is removed, hub first, then
-regional, then edge, farthest first, at most ``max_removes`` per decision. Nothing is removed in a
+regional, then edge, farthest from demand first, at most ``max_removes`` per decision. Nothing is removed in a
 decision that adds. Loading replicas count as capacity (no double scale-out while they load).
 Rule 5: "cannot meet the demand" is data (``short`` with reasons), never an exception.
 
@@ -335,6 +335,7 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
         floor = max(spec.min_replicas, sum(1 for r in replicas if r.protected))
         victims: list[tuple[int, float, str]] = []
         per = max(1, spec.slots_per_replica)
+        near: dict[str, float] | None = None  # each site's RTT to the nearest origin with demand
         for r in replicas:
             needed = math.ceil(used.get(r.site, 0.0) / per - _EPS)
             if r.count - max(needed, 1 if r.protected else 0) <= 0:
@@ -342,8 +343,13 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
                 continue
             since = idle_since.setdefault(r.site, now)
             if now - since >= spec.scale_in_after_s and now - r.added_at >= spec.scale_in_after_s:
-                far = max((x for o in order for s, x in reach[(o.origin, o.budget_ms)] if s == r.site), default=0.0)
-                victims.append((-_tier_rank(spec, r.tier), -far, r.site))
+                if near is None:
+                    near = {}
+                    for d in order:
+                        for site, x in reach[(d.origin, d.budget_ms)]:
+                            if x < near.get(site, math.inf):
+                                near[site] = x
+                victims.append((-_tier_rank(spec, r.tier), -near.get(r.site, math.inf), r.site))
         victims.sort()
         room = total - floor
         for _, _, site in victims[: max(0, min(room, spec.max_removes))]:
