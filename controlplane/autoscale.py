@@ -132,6 +132,33 @@ class ScalePlan(msgspec.Struct, kw_only=True):
     memory: Memory = Memory()
 
 
+class ReachMemo:
+    """Hosting sites within each (origin, budget) in (tier, RTT) order, and where each site appears
+    in those lists; a pure function of the RTTs and tiers, memoised by the caller (one per
+    deployment spec). Drop it when RTTs or tiers change."""
+
+    def __init__(self) -> None:
+        self.lists: dict[tuple[str, float], list[tuple[str, float]]] = {}
+        self.where: dict[str, list[tuple[tuple[str, float], int]]] = {}
+
+    def __repr__(self) -> str:
+        return f"<ReachMemo keys={len(self.lists)} sites={len(self.where)}>"
+
+    def add(self, key: tuple[str, float], lst: list[tuple[str, float]]) -> None:
+        self.lists[key] = lst
+        for pos, (site, _) in enumerate(lst):
+            self.where.setdefault(site, []).append((key, pos))
+
+    def replicas_in_reach(self, cap: Mapping[str, float]) -> dict[tuple[str, float], list[str]]:
+        """For each key, the sites of ``cap`` within it, in list order (cost: the replicas' keys,
+        not every list)."""
+        acc: dict[tuple[str, float], list[tuple[int, str]]] = {}
+        for site in cap:
+            for key, pos in self.where.get(site, ()):
+                acc.setdefault(key, []).append((pos, site))
+        return {k: [site for _, site in sorted(v)] for k, v in acc.items()}
+
+
 def slots_needed(load: float, z: float) -> float:
     """Slots that serve an offered load ``load`` (Erlangs) with Poisson headroom (Rule 2)."""
     return load + z * math.sqrt(load) if load > 0 else 0.0
@@ -203,18 +230,19 @@ def _tier_rank(spec: ScaleSpec, tier: str) -> int:
     return spec.tiers.index(tier) if tier in spec.tiers else len(spec.tiers)
 
 
-def _pour(spec: ScaleSpec, demands: Sequence[Demand], reach: Mapping[tuple[str, float], list[tuple[str, float]]],
+def _pour(spec: ScaleSpec, demands: Sequence[Demand], memo: ReachMemo,
           cap: dict[str, float], factor: float) -> tuple[dict[tuple[str, float], float], dict[str, float]]:
     """Pour each demand's needed slots (× ``factor``) into replicas within its budget; return the
     deficits per demand and the slots used per replica site. ``cap`` is left unchanged."""
     left = dict(cap)
     used: dict[str, float] = {}
     deficit: dict[tuple[str, float], float] = {}
+    within = memo.replicas_in_reach(cap)
     for d in demands:
         need = slots_needed(d.load * factor, spec.headroom_z)
-        for site, _ in reach[(d.origin, d.budget_ms)]:
-            room = left.get(site)
-            if room is None or room <= _EPS:
+        for site in within.get((d.origin, d.budget_ms), ()):
+            room = left[site]
+            if room <= _EPS:
                 continue
             take = min(room, need)
             left[site] = room - take
@@ -229,7 +257,7 @@ def _pour(spec: ScaleSpec, demands: Sequence[Demand], reach: Mapping[tuple[str, 
 
 def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequence[Replica],
            candidates: Sequence[Candidate], rtt: RttLookup, memory: Memory = Memory(),
-           reach_cache: dict[tuple[str, float], list[tuple[str, float]]] | None = None) -> ScalePlan:
+           reach_cache: ReachMemo | None = None) -> ScalePlan:
     """One scaling decision for one deployment (module docstring, Rules 1-5).
 
     Args:
@@ -241,8 +269,8 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
             which may host).
         rtt: ``nearest(origin, budget_ms) -> [(site, rtt_ms)]`` ascending.
         memory: the previous plan's ``memory``.
-        reach_cache: optional memo of the hosting sites within each (origin, budget) in (tier,
-            RTT) order, owned by the caller (one per spec); clear it when RTTs or tiers change.
+        reach_cache: optional :class:`ReachMemo` owned by the caller (one per spec); a fresh one
+            is used when None.
     """
     if spec.fixed:
         return ScalePlan(notes=[f"fixed at {spec.max_replicas} replicas: no scaling"], memory=memory)
@@ -252,7 +280,8 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
     cap = {r.site: float(r.slots) for r in replicas}
     # Most constrained first: tighter budgets, then larger loads (stable by origin id).
     order = sorted(demand, key=lambda d: (d.budget_ms, -d.load, d.origin))
-    reach: dict[tuple[str, float], list[tuple[str, float]]] = {} if reach_cache is None else reach_cache
+    memo = ReachMemo() if reach_cache is None else reach_cache
+    reach = memo.lists
     rank: dict[str, int] | None = None
     for d in order:
         key = (d.origin, d.budget_ms)
@@ -266,9 +295,9 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
             lst = []
         n = len(spec.tiers)
         # Stable buckets by tier keep the RTT order within each tier.
-        reach[key] = [x for k in range(n) for x in lst if rank.get(x[0], n) == k]
+        memo.add(key, [x for k in range(n) for x in lst if rank.get(x[0], n) == k])
 
-    deficit, _ = _pour(spec, order, reach, cap, 1.0)
+    deficit, _ = _pour(spec, order, memo, cap, 1.0)
     adds: list[Add] = []
     short: list[str] = []
     total = sum(r.count for r in replicas)
@@ -331,11 +360,12 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
     idle_since = dict(memory.idle_since)
     removes: list[Remove] = []
     if not adds:
-        _, used = _pour(spec, order, reach, cap, 1.0 + spec.scale_in_margin)
+        _, used = _pour(spec, order, memo, cap, 1.0 + spec.scale_in_margin)
         floor = max(spec.min_replicas, sum(1 for r in replicas if r.protected))
         victims: list[tuple[int, float, str]] = []
         per = max(1, spec.slots_per_replica)
-        near: dict[str, float] | None = None  # each site's RTT to the nearest origin with demand
+        near: dict[str, float] | None = None  # each idle site's RTT to the nearest origin with demand
+        keys: set[tuple[str, float]] = set()
         for r in replicas:
             needed = math.ceil(used.get(r.site, 0.0) / per - _EPS)
             if r.count - max(needed, 1 if r.protected else 0) <= 0:
@@ -345,11 +375,10 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
             if now - since >= spec.scale_in_after_s and now - r.added_at >= spec.scale_in_after_s:
                 if near is None:
                     near = {}
-                    for d in order:
-                        for site, x in reach[(d.origin, d.budget_ms)]:
-                            if x < near.get(site, math.inf):
-                                near[site] = x
-                victims.append((-_tier_rank(spec, r.tier), -near.get(r.site, math.inf), r.site))
+                    keys = {(d.origin, d.budget_ms) for d in order}
+                near[r.site] = min((reach[k][pos][1] for k, pos in memo.where.get(r.site, ()) if k in keys),
+                                   default=math.inf)
+                victims.append((-_tier_rank(spec, r.tier), -near[r.site], r.site))
         victims.sort()
         room = total - floor
         for _, _, site in victims[: max(0, min(room, spec.max_removes))]:

@@ -501,7 +501,7 @@ class _Scaler:
         self.load_s = [m.load_s for m in s.inference.models]
         self.meters = {mi: autoscale.DemandMeter() for mi in self.models}
         self.memory = {mi: autoscale.Memory() for mi in self.models}
-        self.reach_cache: dict[int, dict[tuple[str, float], list[tuple[str, float]]]] = {mi: {} for mi in self.models}
+        self.reach_cache = {mi: autoscale.ReachMemo() for mi in self.models}
         self.held: dict[tuple[str, str], float] = {}  # cpn's replica cards by (site, accelerator)
         for f in inf.fixed_flats:
             key = (inf.site_ids[f // inf.nm], inf.rep_acc[f])

@@ -447,10 +447,14 @@ class InferenceSim:
         elif self.units[f] == 0:
             st.state = "loading"
         self.units[f] += 1
-        self.views[self.site_ids[s]].replicas[spec.name] = st
+        view = self.views[self.site_ids[s]]
+        if view.replicas.get(spec.name) is not st:
+            view.replicas[spec.name] = st
+            # The router caches which sites hold the model; state and slots it reads live, so only
+            # a new holder needs a new registry version (as a heartbeat listing a new model does).
+            self.versions[0] += 1
         self.rep_acc[f] = acc
         self.added_at[f] = now
-        self.versions[0] += 1
 
     def replica_ready(self, s: int, m: int) -> bool:
         f = s * self.nm + m
@@ -460,7 +464,6 @@ class InferenceSim:
         self.ready_units[f] += 1
         st.slots = self.ready_units[f] * self.slots[f]
         st.state = "ready"
-        self.versions[0] += 1
         return True
 
     def remove_replica(self, s: int, m: int) -> None:
@@ -477,7 +480,6 @@ class InferenceSim:
             st.slots = self.ready_units[f] * self.slots[f]
             if self.ready_units[f] == 0:
                 st.state = "loading"
-        self.versions[0] += 1
 
     def replica_cards_now(self, out: list[float]) -> None:
         """Add the cards cpn's live replicas hold, per site, to ``out``."""
