@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN_IN_CORE = {"asyncio", "aiohttp", "nats", "sqlite_utils", "sqlite3", "time", "random"}
-PURE_CONTROLPLANE = ["bodies", "registry", "router", "replicas", "lifecycle", "placement", "scheduler", "checkpointing", "usage", "ratelimit", "natsconf", "openai_shapes", "autoscale", "ttft"]
+PURE_CONTROLPLANE = ["bodies", "registry", "router", "replicas", "lifecycle", "placement", "scheduler", "checkpointing", "usage", "ratelimit", "natsconf", "openai_shapes", "autoscale", "ttft", "lending"]
 
 
 def imports(path: Path) -> set[str]:
