@@ -304,11 +304,21 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
     count = {r.site: r.count for r in replicas}
     acc_of = {r.site: r.accelerator for r in replicas}
     free = {c.id: dict(c.free_cards) for c in candidates}
+    fresh: dict[str, float] = {}  # slots of this decision's adds not yet spoken for
     for d in order:
         key = (d.origin, d.budget_ms)
         need = deficit.get(key, 0.0)
         if need <= _EPS:
             continue
+        if fresh:
+            for site, _ in reach[key]:
+                room = fresh.get(site, 0.0)
+                if room > _EPS:
+                    take = min(room, need)
+                    fresh[site] = room - take
+                    need -= take
+                    if need <= _EPS:
+                        break
         while need > _EPS:
             if spec.max_replicas is not None and total >= spec.max_replicas:
                 short.append(f"origin {d.origin} ({d.budget_ms:g} ms): {need:.1f} slots short; "
@@ -354,6 +364,7 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
             count[site] = count.get(site, 0) + 1
             acc_of[site] = acc
             total += 1
+            fresh[site] = fresh.get(site, 0.0) + max(0.0, spec.slots_per_replica - need)
             need -= spec.slots_per_replica
 
     # Scale in (Rule 4): only when nothing was added, with the margin and the idle clock.

@@ -157,3 +157,15 @@ def test_demand_meter_rises_fast_and_falls_slowly() -> None:
         meter.observe(30.0 * k, {})  # one minute of silence
     down = meter.demand()[0].rate_per_s
     assert 2.0 < down < up  # the slow mean holds the estimate up
+
+
+def test_one_add_serves_several_short_origins_within_its_reach() -> None:
+    # Two origins share the same sites; each is 1 slot short: one new replica (4 slots) covers both.
+    RTT["b"] = list(RTT["a"])
+    try:
+        dep = Deployment(spec(), protected=())
+        d = [autoscale.Demand("a", 10.0, 0.2, 1.0), autoscale.Demand("b", 10.0, 0.2, 1.0)]
+        plan = dep.step(0.0, d)
+        assert [a.site for a in plan.add] == ["a1"]
+    finally:
+        del RTT["b"]
