@@ -330,7 +330,7 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
                 break
             pick: tuple[str, str, float] | None = None
             edge_full = False
-            for site, r in reach[key]:
+            for site, rtt_ms in reach[key]:
                 cand = cands.get(site)
                 if cand is None or not cand.healthy or cand.draining:
                     continue
@@ -343,17 +343,17 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
                     edge_full = edge_full or cand.tier == spec.tiers[0]
                     continue
                 acc = fits[0] if spec.accelerators is not None else max(fits, key=lambda a: (free[site][a], a))
-                pick = (site, acc, r)
+                pick = (site, acc, rtt_ms)
                 break
             if pick is None:
                 short.append(f"origin {d.origin} ({d.budget_ms:g} ms): {need:.1f} slots short; no site within "
                              f"budget has {spec.cards_per_replica:g} free cards of an accepted type")
                 break
-            site, acc, r = pick
+            site, acc, rtt_ms = pick
             tier = cands[site].tier
             why = (f"origin {d.origin} ({d.budget_ms:g} ms): load {d.load:.1f} busy slots needs "
                    f"{slots_needed(d.load, spec.headroom_z):.1f} with headroom, {need:.1f} more than replicas "
-                   f"within budget have left; +{site} ({tier}, {r:.1f} ms)")
+                   f"within budget have left; +{site} ({tier}, {rtt_ms:.1f} ms)")
             if tier != spec.tiers[0]:
                 why += f"; spill: {spec.tiers[0]} sites within budget " + ("are full" if edge_full else "none")
             if site in cap:

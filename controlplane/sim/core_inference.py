@@ -240,7 +240,7 @@ class InferenceSim:
     def _pick_routed(self, p: int, key: int) -> tuple[int, float]:
         d = self.routers[p].route(self.reqs[key], self.pviews[p], self.versions[p], self.rngs[p])
         if d.__class__ is Route:
-            return self.idx[d.site], d.rtt_ms  # type: ignore[union-attr]
+            return self.idx[d.site], d.rtt_ms
         return -1, 0.0
 
     def _pick_baseline(self, p: int, key: int, okey: int) -> tuple[int, float]:
@@ -475,7 +475,10 @@ class InferenceSim:
         self.units[f] -= 1
         self.ready_units[f] = min(self.ready_units[f], self.units[f])
         if self.units[f] == 0:
-            st.state = "removed"
+            # Gone from the site's list, as from its next heartbeat: the router's holder lists
+            # change. Requests in flight still finish on ``st`` (drain holds the reference).
+            self.views[self.site_ids[s]].replicas.pop(st.model, None)
+            self.versions[0] += 1
         else:
             st.slots = self.ready_units[f] * self.slots[f]
             if self.ready_units[f] == 0:
