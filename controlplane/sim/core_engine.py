@@ -19,7 +19,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypedDict
 
-from controlplane import placement
+from controlplane import autoscale, placement
+from controlplane.replicas import Candidate
 from controlplane.sim import core_inference, core_training, core_workload
 from controlplane.sim.core_scenario import Scenario, start_epoch_s
 from controlplane.sim.core_workload import Rng
@@ -45,6 +46,8 @@ class Streams(Protocol):
     def router(self) -> Rng: ...
     @property
     def baseline(self) -> Rng: ...
+    @property
+    def fixed(self) -> Rng: ...
 
 
 class _SimArgs(TypedDict):
@@ -56,6 +59,7 @@ class _SimArgs(TypedDict):
     reserved_cards: Mapping[str, float]
     lent: Sequence[str]
     detection_s: float
+    reserved_by_acc: Mapping[tuple[str, str], float]
 
 
 def r(x: float, nd: int = 4) -> float:
@@ -113,7 +117,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     det = s.faults.detection_s
 
     dep = core_inference.deploy(lay, rtt, s) if s.inference.requests > 0 else core_inference.Deployment()
-    inf = core_inference.InferenceSim(lay, rtt, s, dep, start_s, n_hours, streams.router, streams.baseline)
+    inf = core_inference.InferenceSim(lay, rtt, s, dep, start_s, n_hours, streams.router, streams.baseline,
+                                      streams.fixed)
     draws = core_workload.jobs(s, lay, start_s, end_s, streams.jobs, streams.faults)
 
     tr = s.training
@@ -123,7 +128,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     train_sites = [site for site in lay.sites if site.tier in tr.tiers or site.id in lent_ids]
     reserved = dep.cards_by_site()
     common = _SimArgs(start_s=start_s, tick_s=tr.tick_s, failure_scale=tr.failure_rate_scale, reserved_cards=reserved,
-                      lent=lent_ids, detection_s=det)
+                      lent=lent_ids, detection_s=det, reserved_by_acc=dep.cards_by_site_acc())
     sims = [core_training.TrainingSim("cpn", core_training.cpn_planner, lay, train_sites, draws, **common)]
     if tr.baselines and draws:
         hubs = {site.id for site in train_sites if site.tier == "hub"}
@@ -139,6 +144,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         sims.append(core_training.TrainingSim("random", core_training.random_planner(streams.baseline), lay,
                                               train_sites, draws, **common))
 
+    scaler = _Scaler(lay, rtt, s, inf, sims[0]) if inf.routed > 1 else None
+
     # ---------------------------------------------------------------- slow events
     slow: list[tuple[float, int, str, Any]] = []
     seq = 0
@@ -152,6 +159,11 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     while t <= end_s + 1e-9:
         push(t, "sample", None)
         t += s.sample_s
+    if scaler is not None:
+        t = start_s + s.inference.autoscale_s
+        while t <= end_s + 1e-9:
+            push(t, "scale", None)
+            t += s.inference.autoscale_s
     outages = outage_sites(s, lay, streams.faults, s.hours)
     outage_log: list[dict[str, Any]] = []
     for at, dur, sid in outages:
@@ -180,6 +192,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     tier_cards = {tier: float(sum(site.cards for site in lay.sites if site.tier == tier)) for tier in TIERS}
     busy_tier_hour = {tier: [0.0] * n_hours for tier in TIERS}
     busy_inf_tier_hour = {tier: [0.0] * n_hours for tier in TIERS}
+    held_inf_tier_hour = {tier: [0.0] * n_hours for tier in TIERS}
+    replicas_hour = {m: [0] * n_hours for m in inf.models}
     samples_hour = [0] * n_hours
     busy_site_sum = [0.0] * ns
     n_samples = 0
@@ -190,6 +204,17 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         hour = min(n_hours - 1, int((t - start_s) / 3600.0))
         inf_busy = [0.0] * ns
         inf.busy_cards(inf_busy)
+        inf_held = [0.0] * ns
+        inf.replica_cards_now(inf_held)
+        for i in range(ns):
+            if inf_held[i]:
+                held_inf_tier_hour[tier_of[i]][hour] += inf_held[i]
+        for mi, m in enumerate(inf.models):
+            replicas_hour[m][hour] = max(replicas_hour[m][hour], sum(n for _, n in inf.live_replicas(mi)))
+        for sim in sims:
+            idle, waiting = sim.idle_while_waiting()
+            sim.idle_waiting_card_s += idle * s.sample_s
+            sim.waiting_card_s += waiting * s.sample_s
         held: dict[str, float] = {}
         sims[0].held_cards(held)
         tot = list(inf_busy)
@@ -244,6 +269,12 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         elif kind == "lend":
             for sim in sims:
                 sim.lend(t, bool(payload))
+        elif kind == "scale":
+            assert scaler is not None
+            for at, site, m in scaler.tick(t):
+                push(at, "ready", (site, m))
+        elif kind == "ready":
+            inf.replica_ready(*payload)
 
     # ---------------------------------------------------------------- the loop
     drain, request = inf.drain, inf.request
@@ -274,9 +305,9 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         "origins": len(lay.origins),
         "hours": r(s.hours, 3),
         "start": s.start,
-        "inference": _inference_report(inf, lay, dep, outage_log),
-        "utilisation": _utilisation_report(lay, busy_tier_hour, busy_inf_tier_hour, samples_hour, busy_site_sum,
-                                           n_samples, tier_cards),
+        "inference": _inference_report(inf, lay, dep, outage_log, scaler, replicas_hour),
+        "utilisation": _utilisation_report(lay, busy_tier_hour, busy_inf_tier_hour, held_inf_tier_hour, samples_hour,
+                                           busy_site_sum, n_samples, tier_cards),
         "training": _training_report(sims, draws, oracle, s.hours),
     }
 
@@ -288,7 +319,8 @@ def _origin_counts(inf: core_inference.InferenceSim, origins: list[int]) -> list
 
 
 def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep: core_inference.Deployment,
-                      outage_log: list[dict[str, Any]]) -> dict[str, Any]:
+                      outage_log: list[dict[str, Any]], scaler: _Scaler | None,
+                      replicas_hour: dict[str, list[int]]) -> dict[str, Any]:
     n = sum(inf.requests)
     pols: dict[str, Any] = {}
     for name, st in zip(inf.policies, inf.stats):
@@ -325,11 +357,16 @@ def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep
         "hourly_requests": list(inf.requests),
         "policies": pols,
         "oracle": {
+            "what": "physical bound: some site up at that moment, any tier, within the request's budget, with "
+                    "cards_per_replica cards of an accepted type (load, replicas and training ignored)",
             "feasible_share": _share(sum(inf.feasible), n),
-            "mean_rtt_ms": r(inf.oracle_rtt_sum_ms / inf.oracle_n, 3) if inf.oracle_n else 0.0,
             "hourly_feasible_share": [_share(a, b) for a, b in zip(inf.feasible, inf.requests)],
+            "replica_feasible_share": _share(sum(inf.replica_feasible), n),
+            "hourly_replica_feasible_share": [_share(a, b) for a, b in zip(inf.replica_feasible, inf.requests)],
+            "mean_rtt_ms": r(inf.oracle_rtt_sum_ms / inf.oracle_n, 3) if inf.oracle_n else 0.0,
         },
         "replicas": {m: len(v) for m, v in sorted(dep.placements.items())},
+        "scaling": scaler.report(replicas_hour) if scaler is not None else {},
         "uncovered_origins": dict(sorted(dep.uncovered.items())),
         "per_origin": per_origin,
         "outages": outage_log,
@@ -337,17 +374,21 @@ def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep
 
 
 def _utilisation_report(lay: tlayout.Layout, busy: dict[str, list[float]], busy_inf: dict[str, list[float]],
-                        samples: list[int], site_sum: list[float], n: int, tier_cards: dict[str, float]) -> dict[str, Any]:
+                        held_inf: dict[str, list[float]], samples: list[int], site_sum: list[float], n: int,
+                        tier_cards: dict[str, float]) -> dict[str, Any]:
     hourly = {tier: [r(b / (k * tier_cards[tier])) if k and tier_cards[tier] else 0.0 for b, k in zip(busy[tier], samples)]
               for tier in TIERS}
     hourly_inf = {tier: [r(b / (k * tier_cards[tier])) if k and tier_cards[tier] else 0.0
                          for b, k in zip(busy_inf[tier], samples)] for tier in TIERS}
+    hourly_held = {tier: [r(b / (k * tier_cards[tier])) if k and tier_cards[tier] else 0.0
+                          for b, k in zip(held_inf[tier], samples)] for tier in TIERS}
     total_cards = sum(tier_cards.values())
     mean_tier = {tier: r(sum(busy[tier]) / (n * tier_cards[tier])) if n and tier_cards[tier] else 0.0 for tier in TIERS}
     return {
         "cards": {tier: int(c) for tier, c in tier_cards.items()},
         "hourly_by_tier": hourly,
         "hourly_inference_by_tier": hourly_inf,
+        "hourly_inference_held_by_tier": hourly_held,
         "mean_by_tier": mean_tier,
         "overall_mean": r(sum(site_sum) / (n * total_cards)) if n and total_cards else 0.0,
         "mean_by_pool": {site.id: r(site_sum[i] / (n * site.cards)) if n and site.cards else 0.0
@@ -396,12 +437,16 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             "queue_delay_h": {"mean": r(sum(sim.queue_delay_s) / len(sim.queue_delay_s) / 3600.0, 3) if sim.queue_delay_s else 0.0,
                               "p50": r(pct(sim.queue_delay_s, 50) / 3600.0, 3),
                               "p95": r(pct(sim.queue_delay_s, 95) / 3600.0, 3),
+                              "p99": r(pct(sim.queue_delay_s, 99) / 3600.0, 3),
                               "waiting_at_end_mean": r(sum(waiting) / len(waiting) / 3600.0, 3) if waiting else 0.0},
             "failures": {"card": sim.card_failures, "site_outage": sim.outage_failures, "preempted_or_reclaimed": sim.stops},
             "recovery_s": {"restarts": len(sim.recovery_s), "mean": r(sum(sim.recovery_s) / len(sim.recovery_s), 1) if sim.recovery_s else 0.0,
                            "p50": r(pct(sim.recovery_s, 50), 1), "max": r(max(sim.recovery_s, default=0.0), 1)},
             "scheduler_ticks": sim.ticks,
             "lent_card_hours": r(sim.lent_card_s / 3600.0, 1),
+            "idle_while_waiting_card_hours": r(sim.idle_waiting_card_s / 3600.0, 1),
+            "waiting_card_hours": r(sim.waiting_card_s / 3600.0, 1),
+            "idle_while_waiting_share": _share(sim.idle_waiting_card_s, sim.waiting_card_s),
         }
     return {
         "jobs": len(draws),
@@ -415,3 +460,136 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
                     "all cards free, no queueing, no failures",
         },
     }
+
+
+class _CachedReach:
+    """``nearest(origin, budget)`` memoised: the simulated network's RTTs do not change during a run
+    (a lost site is unhealthy in the candidates, not removed from the graph)."""
+
+    def __init__(self, rtt: latency.RttIndex) -> None:
+        self.rtt = rtt
+        self.cache: dict[tuple[str, float], list[tuple[str, float]]] = {}
+
+    def nearest(self, origin: str, budget_ms: float) -> list[tuple[str, float]]:
+        key = (origin, budget_ms)
+        hit = self.cache.get(key)
+        if hit is None:
+            hit = self.cache[key] = list(self.rtt.nearest(origin, budget_ms))
+        return hit
+
+
+class _Scaler:
+    """Policy ``cpn``'s replica scaling: ``autoscale.decide`` per autoscaled model every ``autoscale_s``.
+
+    Free cards: an edge (or any site outside the training pools) has its cards minus cpn's replicas
+    there; a training pool (regional, hub, lent edge) has what cpn's training simulation has free, so
+    a spill replica takes cards training is not using, and training cannot take a replica's cards.
+    """
+
+    def __init__(self, lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, inf: core_inference.InferenceSim,
+                 train: core_training.TrainingSim) -> None:
+        self.lay = lay
+        self.reach = _CachedReach(rtt)
+        self.inf = inf
+        self.train = train
+        self.models = [mi for mi, m in enumerate(s.inference.models) if m.max_replicas is not None]
+        self.specs = {mi: autoscale.ScaleSpec(
+            model=m.name, cards_per_replica=m.cards_per_replica, slots_per_replica=m.slots_per_replica,
+            accelerators=m.accelerators, min_replicas=m.min_replicas, max_replicas=m.max_replicas,
+            max_per_site=m.max_replicas_per_site)
+            for mi, m in enumerate(s.inference.models) if m.max_replicas is not None}
+        self.load_s = [m.load_s for m in s.inference.models]
+        self.meters = {mi: autoscale.DemandMeter() for mi in self.models}
+        self.memory = {mi: autoscale.Memory() for mi in self.models}
+        self.reach_cache = {mi: autoscale.ReachMemo() for mi in self.models}
+        self.held: dict[tuple[str, str], float] = {}  # cpn's replica cards by (site, accelerator)
+        for f in inf.fixed_flats:
+            key = (inf.site_ids[f // inf.nm], inf.rep_acc[f])
+            self.held[key] = self.held.get(key, 0.0) + inf.slots[f] * inf.card_per_slot[f]
+        self.outs = {mi: {t: 0 for t in TIERS} for mi in self.models}
+        self.ins = {mi: 0 for mi in self.models}
+        self.short = {mi: 0 for mi in self.models}
+        self.reasons: dict[int, list[str]] = {mi: [] for mi in self.models}
+        self.decisions = 0
+
+    def __repr__(self) -> str:
+        return f"<_Scaler models={len(self.models)} decisions={self.decisions}>"
+
+    def _candidates(self) -> list[Candidate]:
+        inf, train = self.inf, self.train
+        out = []
+        for i, site in enumerate(self.lay.sites):
+            free: dict[str, float] = {}
+            for acc, n in site.accelerators.items():
+                h = self.held.get((site.id, acc), 0.0)
+                if (site.id, acc) in train.free:
+                    free[acc] = train.free[(site.id, acc)] + (math.ceil(h - 1e-9) - h)
+                else:
+                    free[acc] = n - h
+            out.append(Candidate(id=site.id, city=site.city, region=site.region, tier=site.tier,
+                                 healthy=inf.up[i], free_cards=free))
+        return out
+
+    def _hold(self, sid: str, acc: str, cards: float) -> None:
+        h = self.held.get((sid, acc), 0.0)
+        self.held[(sid, acc)] = h + cards
+        self.train.hold(sid, acc, math.ceil(h + cards - 1e-9) - math.ceil(h - 1e-9))
+
+    def _release(self, sid: str, acc: str, cards: float) -> None:
+        h = self.held.get((sid, acc), 0.0)
+        self.held[(sid, acc)] = max(0.0, h - cards)
+        self.train.release(sid, acc, math.ceil(h - 1e-9) - math.ceil(max(0.0, h - cards) - 1e-9))
+
+    def tick(self, now: float) -> list[tuple[float, int, int]]:
+        """Decide for every autoscaled model; return ``(ready_at, site index, model index)`` of new replicas."""
+        inf = self.inf
+        ready: list[tuple[float, int, int]] = []
+        cands = self._candidates()
+        for mi in self.models:
+            counts, svc = inf.take_counts(mi)
+            meter = self.meters[mi]
+            meter.observe(now, counts, svc)
+            nm = inf.nm
+            per = inf.slots
+            replicas = [autoscale.Replica(site=inf.site_ids[si], tier=inf.tiers[si], slots=n * per[si * nm + mi],
+                                          count=n, accelerator=inf.rep_acc[si * nm + mi],
+                                          added_at=inf.added_at[si * nm + mi], protected=inf.protected[si * nm + mi])
+                        for si, n in inf.live_replicas(mi) if inf.up[si]]
+            plan = autoscale.decide(now, self.specs[mi], meter.demand(), replicas, cands, self.reach, self.memory[mi],
+                                    self.reach_cache[mi])
+            self.decisions += 1
+            self.memory[mi] = plan.memory
+            self.short[mi] += bool(plan.short)
+            for a in plan.add:
+                si = inf.idx[a.site]
+                inf.add_replica(si, mi, a.accelerator, a.cards, now)
+                self._hold(a.site, a.accelerator, a.cards)
+                ready.append((now + self.load_s[mi], si, mi))
+                self.outs[mi][inf.tiers[si]] += 1
+                if len(self.reasons[mi]) < 6:
+                    self.reasons[mi].append(f"{(now - inf.start_s) / 3600:.2f} h add {a.reason}")
+            for rm in plan.remove:
+                si = inf.idx[rm.site]
+                f = si * nm + mi
+                inf.remove_replica(si, mi)
+                self._release(rm.site, inf.rep_acc[f], inf.slots[f] * inf.card_per_slot[f])
+                self.ins[mi] += 1
+                if len(self.reasons[mi]) < 10:
+                    self.reasons[mi].append(f"{(now - inf.start_s) / 3600:.2f} h remove {rm.site}: {rm.reason}")
+            if plan.add or plan.remove:
+                cands = self._candidates()
+        return ready
+
+    def report(self, replicas_hour: dict[str, list[int]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for mi in self.models:
+            name = self.inf.models[mi]
+            spec = self.specs[mi]
+            out[name] = {
+                "min_replicas": spec.min_replicas, "max_replicas": spec.max_replicas,
+                "scale_outs_by_tier": dict(self.outs[mi]), "scale_ins": self.ins[mi],
+                "short_decisions": self.short[mi],
+                "replicas_hourly_max": list(replicas_hour.get(name, [])),
+                "first_reasons": list(self.reasons[mi]),
+            }
+        return out

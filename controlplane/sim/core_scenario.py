@@ -45,7 +45,16 @@ class Model(_Cfg, frozen=True):
     deploy_budget_ms: Pos = 10.0
     """The deployment's coverage budget (replicas.plan_replicas)."""
     replicas: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    """A floor on the replica count beyond coverage."""
+    """A floor on the replica count beyond coverage: today's fixed deployment (policy ``cpn-fixed``,
+    the baselines, and the replicas ``cpn`` starts the day with)."""
+    min_replicas: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """With ``max_replicas``: ``cpn`` never scales below coverage plus this floor."""
+    max_replicas: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Set: policy ``cpn`` scales this model's replicas (``autoscale.decide``) up to this many."""
+    max_replicas_per_site: Annotated[int, msgspec.Meta(ge=1)] = 1
+    """Replicas of the model one site may hold when ``cpn`` scales (served as one larger replica)."""
+    load_s: NonNeg = 120.0
+    """Time from a scale-out decision to the replica being ready (weights loaded)."""
     accelerators: list[str] | None = None
     ttft_ms: NonNeg = 30.0
     """Service model of the ``sim`` backend: time to first token ..."""
@@ -64,6 +73,8 @@ class Inference(_Cfg, frozen=True):
     policy: str = "strict"
     """Router policy: ``strict`` (nothing beyond the budget) or ``nearest`` (best effort)."""
     window: Annotated[int, msgspec.Meta(ge=1)] = 3
+    autoscale_s: Pos = 60.0
+    """How often ``cpn`` takes a scaling decision per autoscaled model."""
     models: list[Model] = msgspec.field(default_factory=lambda: [Model(name="qwen2.5-7b")])
     baselines: bool = True
     """Run the random and round-robin routers over the same request stream."""
@@ -172,6 +183,9 @@ def _check(s: Scenario) -> None:
         raise ScenarioError("inference.models: at least one model when requests > 0")
     if inf.requests > 0 and sum(inf.profile) <= 0:
         raise ScenarioError("inference.profile: all zero")
+    for i, m in enumerate(inf.models):
+        if m.max_replicas is not None and m.max_replicas < m.min_replicas:
+            raise ScenarioError(f"inference.models[{i}].max_replicas: below min_replicas ({m.min_replicas})")
     names = [m.name for m in inf.models]
     if len(set(names)) != len(names):
         raise ScenarioError("inference.models: model names must be unique")

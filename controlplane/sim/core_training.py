@@ -21,6 +21,7 @@ What it promises:
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -197,7 +198,8 @@ class TrainingSim:
     def __init__(self, name: str, planner: Planner, lay: tlayout.Layout, sites: Sequence[tlayout.Site],
                  jobs: Sequence[JobDraw], *, start_s: float, tick_s: float, failure_scale: float,
                  reserved_cards: Mapping[str, float], lent: Sequence[str] = (), detection_s: float = 3.0,
-                 model: placement.CostModel = placement.DEFAULT_MODEL) -> None:
+                 model: placement.CostModel = placement.DEFAULT_MODEL,
+                 reserved_by_acc: Mapping[tuple[str, str], float] | None = None) -> None:
         self.name = name
         self.planner = planner
         self.accels = lay.accelerators
@@ -213,8 +215,12 @@ class TrainingSim:
         for s in sites:
             reserved = reserved_cards.get(s.id, 0.0)
             for acc, n in sorted(s.accelerators.items()):
-                # Inference replicas hold cards first; take them off the largest types.
-                take = min(n, int(math.ceil(reserved - 1e-9))) if reserved > 0 else 0
+                # Inference replicas hold cards first: of the type they use when known, else off
+                # the types in name order.
+                if reserved_by_acc is not None:
+                    take = min(n, math.ceil(reserved_by_acc.get((s.id, acc), 0.0) - 1e-9))
+                else:
+                    take = min(n, int(math.ceil(reserved - 1e-9))) if reserved > 0 else 0
                 reserved -= take
                 self.total[(s.id, acc)] = n - take
                 self.free[(s.id, acc)] = n - take
@@ -239,6 +245,8 @@ class TrainingSim:
         self.recovery_s: list[float] = []
         self.lent_card_s = 0.0
         self.queue_delay_s: list[float] = []
+        self.idle_waiting_card_s = 0.0
+        self.waiting_card_s = 0.0
 
     def __repr__(self) -> str:
         return f"<TrainingSim {self.name} queued={len(self.queue)} running={len(self.running)} ticks={self.ticks}>"
@@ -280,7 +288,7 @@ class TrainingSim:
         site = self.sites[sid]
         free = {acc: self.free[(sid, acc)] for acc in site.accelerators}
         total = {acc: self.total[(sid, acc)] for acc in site.accelerators}
-        key = (tuple(free.values()), self.healthy[sid], self.draining[sid])
+        key = (tuple(free.values()), tuple(total.values()), self.healthy[sid], self.draining[sid])
         hit = self._pool_cache.get(sid)
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -469,7 +477,57 @@ class TrainingSim:
                     self._end(job, now, "stopped", replan=False)
         self._want_tick(now)
 
+    # ------------------------------------------------------------------ inference holds (cpn scaling)
+
+    def hold(self, sid: str, acc: str, cards: int) -> None:
+        """Inference takes ``cards`` free cards of ``sid`` (a scaled-out replica): training may no longer use them."""
+        if cards <= 0 or (sid, acc) not in self.free:
+            return
+        if self.free[(sid, acc)] < cards:
+            raise AssertionError(f"{self.name}: inference wants {cards} {acc} at {sid}, {self.free[(sid, acc)]} free")
+        self.free[(sid, acc)] -= cards
+        self.total[(sid, acc)] -= cards
+        self._want_tick(self.now)
+
+    def release(self, sid: str, acc: str, cards: int) -> None:
+        """A scaled-in replica gives its cards back to training."""
+        if cards <= 0 or (sid, acc) not in self.free:
+            return
+        self.free[(sid, acc)] += cards
+        self.total[(sid, acc)] += cards
+        self._want_tick(self.now)
+
     # ------------------------------------------------------------------ reading
+
+    def idle_while_waiting(self) -> tuple[int, int]:
+        """(cards of waiting jobs that could start now, cards of all waiting jobs): hidden throughput loss.
+
+        A waiting job (queued or restarting, not infeasible) could start now when some healthy,
+        not draining pool has at least its cards free of a type it accepts, whatever the reason it
+        waits (a tariff window, a reservation, a tick not yet run). Jobs are checked one by one
+        against the largest free block per type (no packing), and the sum is capped by the free
+        cards of the types they accept, so it never exceeds what is really idle.
+        """
+        waiting = [j for j in self.queue.values() if not j.infeasible]
+        if not waiting:
+            return 0, 0
+        best: dict[str, int] = {}
+        free_by_acc: dict[str, int] = {}
+        for (sid, acc), f in self.free.items():
+            if f <= 0 or not self.healthy[sid] or self.draining[sid]:
+                continue
+            free_by_acc[acc] = free_by_acc.get(acc, 0) + f
+            if f > best.get(acc, 0):
+                best[acc] = f
+        could = 0
+        accs: set[str] = set()
+        for j in waiting:
+            d = j.draw
+            if any(best.get(a, 0) >= d.cards for a in d.accelerators):
+                could += d.cards
+                accs.update(d.accelerators)
+        idle = min(could, sum(free_by_acc.get(a, 0) for a in sorted(accs)))
+        return idle, sum(j.draw.cards for j in waiting)
 
     def held_cards(self, out: dict[str, float]) -> None:
         """Add cards held by attempts, per site, to ``out``."""

@@ -38,8 +38,19 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             add(f"  {name:<12} {_pct(p['within_budget_share']):>13} {p['failed']:>9,} {p['rtt_ratio_mean']:>10.2f} "
                 f"{p['rtt_ratio_p95_at_most']:>6.1f} {p['mean_rtt_ms']:>7.2f}ms {p['rerouted']:>8,} {p['failed_outage']:>6,}")
         orc = inf["oracle"]
-        add(f"  {'oracle':<12} {_pct(orc['feasible_share']):>13} {'':>9} {1.0:>10.2f} {'':>6} {orc['mean_rtt_ms']:>7.2f}ms"
-            "   (nearest up replica, load ignored)")
+        add(f"  {'bound':<12} {_pct(orc['feasible_share']):>13}   physical: a site up, any tier, within budget, with the "
+            "cards the model needs (load ignored)")
+        add(f"  {'replica set':<12} {_pct(orc.get('replica_feasible_share', 0.0)):>13}   the fixed replicas' reach "
+            f"(load ignored); RTT/oracle is against the nearest of them ({orc['mean_rtt_ms']:.2f} ms)")
+        cpn = inf["policies"].get("cpn")
+        if cpn:
+            gaps = [100.0 * (b - a) for a, b in zip(cpn["hourly_within_share"], orc["hourly_feasible_share"])]
+            add(f"  cpn vs bound: {100.0 * (orc['feasible_share'] - cpn['within_budget_share']):.2f} pp short over the "
+                f"day, worst hour {max(gaps, default=0.0):.2f} pp")
+        for m, sc in inf.get("scaling", {}).items():
+            add(f"  scaling {m}: out " + ", ".join(f"{t} {n}" for t, n in sc["scale_outs_by_tier"].items())
+                + f"; in {sc['scale_ins']}; replicas by hour {min(sc['replicas_hourly_max'], default=0)}-"
+                f"{max(sc['replicas_hourly_max'], default=0)} (max {sc['max_replicas']})")
         worst = sorted(((o, v) for o, v in inf["per_origin"].items() if v["requests"]),
                        key=lambda kv: (kv[1].get("cpn_within_share", 0.0), kv[0]))[:5]
         if worst:
@@ -54,21 +65,28 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
     add("")
     add("utilisation (cards busy, cpn): " + ", ".join(f"{t} {_pct(v)} of {u['cards'][t]:,}" for t, v in u["mean_by_tier"].items())
         + f"; overall {_pct(u['overall_mean'])}")
+    held = u.get("hourly_inference_held_by_tier")
+    if held:
+        add("  cards held by inference replicas, peak hour: " + ", ".join(
+            f"{t} {_pct(max(v, default=0.0))}" for t, v in held.items()))
     tr = report["training"]
     if tr["jobs"]:
         add("")
         add(f"training: {tr['jobs']:,} jobs (mean {tr['cards_requested_mean']:g} cards); "
             f"{tr['completed_by_every_policy']:,} completed under every policy")
         add(f"  {'policy':<12} {'done':>5} {'energy CNY':>11} {'CNY/A800-h':>10} {'common CNY':>11} {'goodput':>8} "
-            f"{'wait p50/p95 h':>14} {'fail':>5} {'W meas/exp/min':>16} {'recovery p50 s':>14}")
+            f"{'wait p50/p95/p99 h':>19} {'idle-wait':>9} {'fail':>5} {'W meas/exp/min':>16} {'recovery p50 s':>14}")
         for name, p in tr["policies"].items():
             yd = p["young_daly"]
             add(f"  {name:<12} {p['completed']:>5,} {p['energy_cny']:>11,.0f} {p['cny_per_a800_card_hour']:>10.3f} "
                 f"{p['completed_in_common_cny']:>11,.0f} {_pct(p['goodput']):>8} "
-                f"{p['queue_delay_h']['p50']:>6.2f}/{p['queue_delay_h']['p95']:<7.2f} "
+                f"{p['queue_delay_h']['p50']:>6.2f}/{p['queue_delay_h']['p95']:.2f}/{p['queue_delay_h'].get('p99', 0.0):<6.2f} "
+                f"{_pct(p.get('idle_while_waiting_share', 0.0)):>9} "
                 f"{p['failures']['card'] + p['failures']['site_outage']:>5} "
                 f"{yd['measured_waste_per_useful']:.3f}/{yd['expected_waste_for_intervals_used']:.3f}/"
                 f"{yd['minimum_sqrt_2c_over_m_plus_r_over_m']:.3f} {p['recovery_s']['p50']:>14,.0f}")
+        add("  idle-wait = card-hours of waiting jobs that could have started (free cards of a type they accept) "
+            "÷ card-hours waited")
         if any(p.get("lent_card_hours") for p in tr["policies"].values()):
             add("  lent inference cards (card-hours used / jobs stopped at reclaim or preempted): " + ", ".join(
                 f"{n} {p['lent_card_hours']:,.0f}/{p['failures']['preempted_or_reclaimed']}" for n, p in tr["policies"].items()))

@@ -66,9 +66,11 @@ class Streams:
     faults: random.Random = field(init=False)
     router: random.Random = field(init=False)
     baseline: random.Random = field(init=False)
+    fixed: random.Random = field(init=False)
+    """The ``cpn-fixed`` policy's router (its own stream, so adding it changes no other figure)."""
 
     def __post_init__(self) -> None:
-        for name in ("workload", "jobs", "faults", "router", "baseline"):
+        for name in ("workload", "jobs", "faults", "router", "baseline", "fixed"):
             setattr(self, name, random.Random(f"{self.seed}:{name}"))
 
 

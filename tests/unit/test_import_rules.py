@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FORBIDDEN_IN_CORE = {"asyncio", "aiohttp", "nats", "sqlite_utils", "sqlite3", "time", "random"}
-PURE_CONTROLPLANE = ["bodies", "declarations", "registry", "router", "replicas", "lifecycle", "placement", "scheduler", "checkpointing", "usage", "ratelimit", "natsconf", "openai_shapes", "sitegate"]
+PURE_CONTROLPLANE = ["bodies", "declarations", "registry", "router", "replicas", "lifecycle", "placement", "scheduler", "checkpointing", "usage", "ratelimit", "natsconf", "openai_shapes", "sitegate", "autoscale", "ttft", "lending"]
 
 
 def imports(path: Path) -> set[str]:

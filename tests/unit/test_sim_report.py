@@ -120,8 +120,10 @@ def test_the_simulator_uses_the_hub_core_and_no_second_implementation() -> None:
     sim = ROOT / "controlplane" / "sim"
     inference = (sim / "core_inference.py").read_text()
     assert "from controlplane.router import Route, Router, RouteRequest" in inference
-    assert "self.router.route(" in inference
+    assert "self.routers[p].route(" in inference
     assert "rep_mod.plan_replicas" in calls(sim / "core_inference.py")
+    # cpn's replica scaling is the hub's pure autoscaler, not the simulator's own.
+    assert "autoscale.decide" in calls(sim / "core_engine.py")
     training = calls(sim / "core_training.py")
     assert {"scheduler.plan", "placement.pool_from_site", "lifecycle.place", "lifecycle.apply_event",
             "lifecycle.infra_failure", "placement.metered_energy_cny"} <= training
@@ -129,4 +131,33 @@ def test_the_simulator_uses_the_hub_core_and_no_second_implementation() -> None:
     for path in sim.glob("*.py"):
         tree = ast.parse(path.read_text())
         names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
-        assert not names & {"Router", "plan_replicas", "score_priced"}, path.name
+        assert not names & {"Router", "plan_replicas", "score_priced", "decide"}, path.name
+
+
+SCALED = SMALL.replace('name = "m7b"\nshare = 0.7\n', 'name = "m7b"\nshare = 0.7\nmax_replicas = 120\nmax_replicas_per_site = 4\n'
+                        ).replace('requests = 6000', 'requests = 40000')
+
+
+def test_cpn_scales_replicas_and_the_bound_is_physical(national) -> None:
+    res = runner.simulate(core_scenario.decode(SCALED, "scaled"), layout=national, seed=4)
+    inf = res.report["inference"]
+    pols = inf["policies"]
+    assert set(pols) == {"cpn", "cpn-fixed", "random", "round-robin"}
+    bound = inf["oracle"]["feasible_share"]
+    # Nobody beats the physical bound; it is at least the fixed replicas' reach.
+    assert all(p["within_budget_share"] <= bound for p in pols.values())
+    assert bound >= inf["oracle"]["replica_feasible_share"]
+    # Scaling adds capacity where demand needs it: cpn serves more within budget than today's cpn.
+    scaled = inf["scaling"]["m7b"]
+    assert sum(scaled["scale_outs_by_tier"].values()) > 0 and scaled["first_reasons"]
+    assert pols["cpn"]["within_budget_share"] > pols["cpn-fixed"]["within_budget_share"]
+    assert pols["cpn"]["failed"] < pols["cpn-fixed"]["failed"]
+    # Training figures the issue asks for, per policy.
+    for p in res.report["training"]["policies"].values():
+        assert {"p50", "p95", "p99"} <= set(p["queue_delay_h"])
+        assert 0.0 <= p["idle_while_waiting_share"] <= 1.0
+        assert p["idle_while_waiting_card_hours"] <= p["waiting_card_hours"] + 1e-9
+    again = runner.simulate(core_scenario.decode(SCALED, "scaled"), layout=national, seed=4)
+    assert report.to_json(again.report) == report.to_json(res.report)
+    txt = report.text(res.report)
+    assert "cpn-fixed" in txt and "bound" in txt and "scaling m7b" in txt

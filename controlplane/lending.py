@@ -1,0 +1,141 @@
+"""Tidal lending: inference cards idle through the night offered to training, reclaimed before the
+morning ramp. Pure (``now`` is an argument; no clock, no I/O).
+
+What it holds: a site's inference capacity and its forecast need (:class:`Site`), the offers of
+idle cards with a reclaim time (:class:`Offer`, from :func:`offers`) and the stops of lent attempts
+(:class:`Stop`, from :func:`reclaims`).
+
+Rule 1: a site lends only cards inference does not hold now *and* will not need before the offer
+ends: the offer lasts until the first hour whose forecast need exceeds what stays with inference,
+minus ``margin_s`` (the reclaim time).
+Rule 2: an offer shorter than ``min_lend_s`` is not made (a gang would spend it starting up).
+Rule 3: a lent attempt is told to checkpoint and stop at ``reclaim_at − checkpoint_s − margin``,
+so its checkpoint is written and its cards are free before inference needs them; the stop says
+where the job should restart (``restart_hint``: the caller's choice, planned in advance).
+Rule 4: a site whose forecast never falls below its held capacity lends nothing, and says why.
+
+Wired: not yet (``cpn sim``'s tidal-lending scenario opens and closes a fixed window; the live
+scheduler has no lending). docs/training.md and docs/inference.md say what remains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import msgspec
+
+LOCAL_OFFSET_S = 8 * 3600
+"""Forecast hours are China local time (UTC+8), as tariffs."""
+
+
+class Site(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    cards: Mapping[str, int]
+    """All cards by accelerator type."""
+    held: Mapping[str, float] = {}
+    """Cards inference replicas hold now, by type."""
+    lent: Mapping[str, int] = {}
+    """Cards already lent to training, by type."""
+    need_by_hour: Sequence[float] = ()
+    """Forecast cards inference needs in each local hour 0..23 (24 values; empty: lend nothing)."""
+
+
+class Offer(msgspec.Struct, frozen=True):
+    site: str
+    accelerator: str
+    cards: int
+    until: float
+    """Reclaim time (epoch s): lent attempts must be stopped with their checkpoint written by then."""
+    reason: str
+
+
+class Lent(msgspec.Struct, frozen=True, kw_only=True):
+    job_id: str
+    attempt: int
+    site: str
+    cards: int
+    checkpoint_s: float
+    reclaim_at: float
+
+
+class Stop(msgspec.Struct, frozen=True):
+    job_id: str
+    attempt: int
+    """The fencing token: a stop for an older attempt is ignored."""
+    at: float
+    reason: str
+    restart_hint: str = ""
+
+
+def _local_hour(t: float) -> int:
+    return int(((t + LOCAL_OFFSET_S) // 3600) % 24)
+
+
+def ramp_at(now: float, site: Site, keep: float, horizon_h: int = 24) -> float | None:
+    """First hour boundary (epoch s) from ``now`` whose forecast need exceeds ``keep`` cards; the
+    current hour counts from ``now``. None: no such hour within ``horizon_h``."""
+    if len(site.need_by_hour) != 24:
+        return now
+    t = now
+    for _ in range(horizon_h + 1):
+        if site.need_by_hour[_local_hour(t)] > keep + 1e-9:
+            return t
+        t = (math.floor(t / 3600.0) + 1) * 3600.0
+    return None
+
+
+def offers(now: float, sites: Sequence[Site], *, margin_s: float = 900.0, min_lend_s: float = 3600.0,
+           horizon_h: int = 24) -> tuple[list[Offer], list[str]]:
+    """Idle inference cards to offer to queued training gangs now (Rules 1, 2, 4).
+
+    Returns:
+        (offers, notes): notes say why a site lends nothing.
+    """
+    out: list[Offer] = []
+    notes: list[str] = []
+    for site in sites:
+        total = sum(site.cards.values())
+        held = sum(site.held.values())
+        lent = sum(site.lent.values())
+        idle = {a: int(math.floor(n - site.held.get(a, 0.0) - site.lent.get(a, 0) + 1e-9)) for a, n in site.cards.items()}
+        spare = sum(idle.values())
+        if spare <= 0:
+            notes.append(f"{site.id}: no idle cards (held {held:g}, lent {lent} of {total})")
+            continue
+        # Keep back what inference will need: lend only so much that held + lent + offered stays
+        # within the cards until the ramp.
+        keep = total - lent - spare  # cards left for inference if all spare cards are lent
+        ramp = ramp_at(now, site, keep, horizon_h)
+        if ramp is None:
+            until = now + horizon_h * 3600.0
+        else:
+            until = ramp - margin_s
+        if until - now < min_lend_s:
+            when = "now" if ramp is not None and ramp <= now else f"in {(ramp - now) / 60:.0f} min" if ramp else ""
+            notes.append(f"{site.id}: inference needs its cards {when}; an offer would last "
+                         f"{max(0.0, until - now) / 60:.0f} min (< {min_lend_s / 60:.0f})")
+            continue
+        for acc in sorted(idle):
+            if idle[acc] > 0:
+                why = (f"{idle[acc]} idle {acc} at {site.id} until the forecast ramp"
+                       + (f" at local hour {_local_hour(ramp)}" if ramp is not None else " (none within the horizon)")
+                       + f", reclaimed {margin_s / 60:.0f} min before")
+                out.append(Offer(site.id, acc, idle[acc], until, why))
+    return out, notes
+
+
+def reclaims(now: float, lent: Sequence[Lent], *, margin_s: float = 60.0,
+             restart_hint: Mapping[str, str] | None = None) -> tuple[list[Stop], float | None]:
+    """Stops due now for lent attempts (Rule 3), and the next time one falls due (to wake up)."""
+    stops: list[Stop] = []
+    nxt: float | None = None
+    for a in lent:
+        at = a.reclaim_at - a.checkpoint_s - margin_s
+        if at <= now:
+            stops.append(Stop(a.job_id, a.attempt, now, (
+                f"lent cards at {a.site} are reclaimed at {a.reclaim_at:.0f}: checkpoint ({a.checkpoint_s:.0f} s) "
+                f"and stop now"), (restart_hint or {}).get(a.job_id, "")))
+        elif nxt is None or at < nxt:
+            nxt = at
+    return stops, nxt

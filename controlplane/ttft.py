@@ -1,0 +1,111 @@
+"""Time-to-first-token prediction and admission by SLO. Pure.
+
+What it holds: a per-accelerator prefill profile (:class:`Profile`), what the hub knows of one
+candidate site for one request (:class:`Candidate`: path RTT and the site's heartbeat figures),
+the prediction (:class:`Prediction`), and the admission decision (:func:`admit`): the candidate
+with the best prediction, or a refusal with a ``Retry-After`` when none meets the SLO.
+
+Rule 1: predicted TTFT = RTT on the full path + expected queue wait + prefill time.
+Rule 2: queue wait: a free slot (busy < slots, nothing queued) waits 0; otherwise the request is
+``k = queue_depth + busy − slots + 1`` places behind the slots' current work, and ``slots``
+requests leave per measured service time, so it waits ``k / slots × service_ms``.
+Rule 3: prefill = ``base_ms + prompt_tokens / prefill_tokens_per_s``, from the accelerator's
+profile; :func:`calibrate` moves a profile towards what sites report (exponentially weighted).
+Rule 4: refusal is data (:class:`Refuse`, with the best prediction and the seconds after which it
+would have met the SLO), never an exception; the caller answers 429 at once rather than serve late.
+
+Wired into ``cpn sim`` and the live gateway: not yet (docs/inference.md, "Autoscaling and TTFT
+admission").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import msgspec
+
+
+class Profile(msgspec.Struct, frozen=True, kw_only=True):
+    accelerator: str
+    prefill_tokens_per_s: float = 5000.0
+    """Illustrative default (a 7B model on an A800-class card); calibrated from reports."""
+    base_ms: float = 15.0
+
+
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    site: str
+    rtt_ms: float
+    accelerator: str
+    slots: int
+    busy: int = 0
+    queue_depth: int = 0
+    service_ms: float = 0.0
+    """Measured mean service time per request at the site (heartbeat)."""
+
+
+class Prediction(msgspec.Struct, frozen=True):
+    site: str
+    ttft_ms: float
+    rtt_ms: float
+    queue_ms: float
+    prefill_ms: float
+
+
+class Admit(msgspec.Struct, frozen=True):
+    prediction: Prediction
+
+
+class Refuse(msgspec.Struct, frozen=True):
+    reason: str
+    retry_after_s: float
+    best: Prediction | None = None
+
+
+def queue_ms(c: Candidate) -> float:
+    """Expected wait for a slot (Rule 2)."""
+    if c.slots <= 0:
+        return math.inf
+    ahead = c.queue_depth + c.busy - c.slots + 1
+    if ahead <= 0:
+        return 0.0
+    return ahead / c.slots * c.service_ms
+
+
+def predict(c: Candidate, prompt_tokens: int, profile: Profile) -> Prediction:
+    """Rule 1 for one candidate."""
+    prefill = profile.base_ms + 1000.0 * prompt_tokens / profile.prefill_tokens_per_s
+    q = queue_ms(c)
+    return Prediction(c.site, c.rtt_ms + q + prefill, c.rtt_ms, q, prefill)
+
+
+def admit(candidates: Sequence[Candidate], prompt_tokens: int, slo_ms: float,
+          profiles: Mapping[str, Profile]) -> Admit | Refuse:
+    """The candidate with the lowest predicted TTFT if it meets ``slo_ms``, else a refusal.
+
+    Candidates are the router's, already within the request's RTT budget; ties go to the
+    earlier (nearer) candidate.
+    """
+    best: Prediction | None = None
+    for c in candidates:
+        p = predict(c, prompt_tokens, profiles.get(c.accelerator) or Profile(accelerator=c.accelerator))
+        if best is None or p.ttft_ms < best.ttft_ms:
+            best = p
+    if best is None:
+        return Refuse("no candidate site within budget", 1.0)
+    if best.ttft_ms <= slo_ms:
+        return Admit(best)
+    late_ms = best.ttft_ms - slo_ms
+    return Refuse(f"predicted time to first token {best.ttft_ms:.0f} ms at best ({best.site}: rtt "
+                  f"{best.rtt_ms:.1f} + queue {best.queue_ms:.0f} + prefill {best.prefill_ms:.0f}) exceeds the SLO "
+                  f"of {slo_ms:.0f} ms", max(1.0, math.ceil(late_ms / 1000.0)), best)
+
+
+def calibrate(profile: Profile, prompt_tokens: int, prefill_ms: float, weight: float = 0.1) -> Profile:
+    """Move ``profile``'s prefill rate towards one measured prefill (a site's report)."""
+    work_ms = prefill_ms - profile.base_ms
+    if prompt_tokens <= 0 or work_ms <= 0:
+        return profile
+    rate = 1000.0 * prompt_tokens / work_ms
+    return msgspec.structs.replace(profile, prefill_tokens_per_s=profile.prefill_tokens_per_s
+                                   + weight * (rate - profile.prefill_tokens_per_s))
