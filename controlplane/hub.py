@@ -27,6 +27,7 @@ from controlplane.config import HubConfig
 from controlplane.errors import RateLimited, Unauthorized
 from controlplane.inference import InferenceService, RequestIds
 from controlplane.ratelimit import TokenBuckets
+from controlplane.readiness import Readiness
 from controlplane.metrics import HubMetrics
 from controlplane.registry import SiteRegistry, StaticSite, Transition
 from controlplane.router import Router
@@ -102,6 +103,8 @@ class Hub:
         self._cidrs: list[tuple[Any, str]] = []
         self.route_modules: list[Any] = []
         """Extra gateway modules (each with ``add_routes(app)``) that services plug in."""
+        self.readiness = Readiness()
+        """What ``/readyz`` reports; composition roots may hold gates of their own (``cpn up``)."""
 
     def __repr__(self) -> str:
         return f"<Hub {self.config.hub_id} sites={len(self.registry)} {self.registry!r} {self.bus!r}>"
