@@ -7,6 +7,8 @@ shipped dashboard and alert rules use, with the values this traffic must have pr
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from tests.e2e.test_foundation import until
 from tests.support.engines import needs
 from topology import loader
 
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
 
 
@@ -72,6 +75,12 @@ async def test_live_exposition_passes_promtool_and_counts_what_was_served(tmp_pa
         assert total(got, "cpn_jobs") == 1
         assert ("cpn_nats_errors_total", (("kind", "timeout"),)) in got
         assert not any(n == "cpn_route_decisions_total" and dict(ls).get("reason") == "none" for n, ls in got)
+        # Every family the shipped alerts and dashboard query is one this hub exports.
+        exported = {n for n, _ in got}
+        queries = (DEPLOY / "prometheus" / "alerts.yml").read_text() + " ".join(
+            t["expr"] for p in json.loads((DEPLOY / "grafana" / "cpn.json").read_text())["panels"] for t in p.get("targets", []))
+        used = set(re.findall(r"\b((?:cpn|process)_[a-z_]+)", queries))
+        assert len(used) > 15 and not used - exported, sorted(used - exported)
 
         # A site killed (not stopped): its cards and replicas go, and the loss is counted.
         victim = next(a for a in net.agents if a.config.site != "sh-edge")
