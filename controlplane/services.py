@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 def install_services(hub: Hub) -> None:
     """Attach every optional service that exists in this build to ``hub`` (before ``start``)."""
     from controlplane import deployments, training
+    from controlplane.gateway import dashboard
 
     deployments.install(hub)
     training.install(hub)
+    dashboard.install(hub)
