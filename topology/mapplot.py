@@ -19,7 +19,7 @@ from typing import Any
 
 from .coverage import BudgetTotals, CoverageReport
 from .layout import FIBRE_MS_PER_KM, EARTH_RADIUS_KM, Layout
-from . import provinces as province_data
+from . import loader
 
 INSTALL_HINT = "matplotlib is needed for maps: pip install 'cpn[map]' (or: .venv/bin/pip install matplotlib)"
 
@@ -184,7 +184,7 @@ def render(layout: Layout, reports: list[CoverageReport], out: str | pathlib.Pat
     sites = {s.id: s for s in layout.sites}
     lats = [s.lat for s in layout.sites] + [o.lat for o in layout.origins]
     lons = [s.lon for s in layout.sites] + [o.lon for o in layout.origins]
-    outlines = province_data.load()
+    outlines, _ = loader.load_provinces()
     if outlines:  # the whole country in view, not only the part with sites
         lons += [x for p in outlines for ring in p.rings for x, _ in ring]
         lats += [y for p in outlines for ring in p.rings for _, y in ring]

@@ -3,13 +3,15 @@
 The data file ``topology/data/provinces.json`` holds simplified Natural Earth admin-1 outlines
 (public domain; where they come from and how they were simplified is in the file's ``source`` and
 in ``topology/data/make_provinces.py``). Nothing here reaches the network: maps work offline.
+Reading the file is :func:`topology.loader.load_provinces`'s job (the only topology module that
+does I/O); this module parses.
 """
 
 from __future__ import annotations
 
-import json
 import pathlib
 from dataclasses import dataclass
+from typing import Any
 
 DATA = pathlib.Path(__file__).resolve().parent / "data" / "provinces.json"
 
@@ -22,15 +24,9 @@ class Province:
     """Outer rings as (lon, lat) points."""
 
 
-def load(path: pathlib.Path = DATA) -> list[Province]:
-    """Every province, in the file's order (by English name)."""
-    doc = json.loads(path.read_text(encoding="utf-8"))
+def parse(doc: dict[str, Any]) -> list[Province]:
+    """Every province of a ``cpn.provinces/1`` document, in its order (by English name)."""
     return [
         Province(p["name"], p.get("name_local", ""), tuple(tuple((float(x), float(y)) for x, y in ring) for ring in p["rings"]))
         for p in doc["provinces"]
     ]
-
-
-def source(path: pathlib.Path = DATA) -> str:
-    """Where the outlines come from (to print beside a map)."""
-    return str(json.loads(path.read_text(encoding="utf-8"))["source"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from topology import loader, provinces
+from topology import loader
 
 
 def inside(lon: float, lat: float, ring: tuple[tuple[float, float], ...]) -> bool:
@@ -21,16 +21,16 @@ def near_km(lon: float, lat: float, ring: tuple[tuple[float, float], ...]) -> fl
 
 
 def test_outlines_cover_the_country_and_say_where_they_come_from() -> None:
-    ps = provinces.load()
+    ps, source = loader.load_provinces()
     names = {p.name for p in ps}
     assert {"Beijing", "Shanghai", "Guangdong", "Xinjiang", "Xizang", "Inner Mongolia", "Hainan", "Taiwan"} <= names
     assert len(names) >= 32 and all(len(r) >= 4 for p in ps for r in p.rings)
-    assert "Natural Earth" in provinces.source() and "public domain" in provinces.source()
+    assert "Natural Earth" in source and "public domain" in source
 
 
 def test_every_site_and_origin_of_the_national_layout_is_in_a_province() -> None:
     lay = loader.load_default()
-    rings = [r for p in provinces.load() for r in p.rings]
+    rings = [r for p in loader.load_provinces()[0] for r in p.rings]
     points = [(s.id, s.lon, s.lat) for s in lay.sites] + [(o.id, o.lon, o.lat) for o in lay.origins]
     # Simplification moves coasts by up to a few km: a coastal city may sit just off its outline.
     outside = [pid for pid, lon, lat in points
