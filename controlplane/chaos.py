@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -441,12 +442,16 @@ async def run(opts: ChaosOptions) -> Report:
                 accepted: dict[str, str] = {}
                 workers = [asyncio.create_task(_inference(api, report, stop, random.Random(opts.seed + i))) for i in range(3)]
                 trainer = asyncio.create_task(_training(api, report, accepted, opts, rng, until))
-                ticker = asyncio.create_task(_progress(report, until, opts.seconds))
+                from controlplane.progress import Progress
+
+                show = Progress("cpn chaos")
+                ticker = asyncio.create_task(_progress(show, report, until, opts.seconds))
                 try:
                     await _faults(rig, api, report, accepted, rng, until)
+                    await trainer
                 finally:
                     ticker.cancel()
-                await trainer
+                show(1.0, f"{len(report.faults)} faults; checking invariants")
                 stop.set()
                 await asyncio.gather(*workers)
                 await _check(api, report, accepted, settle_s=60)
@@ -459,11 +464,8 @@ async def run(opts: ChaosOptions) -> Report:
     return report
 
 
-async def _progress(report: Report, until: float, seconds: float) -> None:
+async def _progress(show: Callable[[float, str], None], report: Report, until: float, seconds: float) -> None:
     """A line on stderr as the fault phase goes (plain lines when not on a terminal)."""
-    from controlplane.progress import Progress
-
-    show = Progress("cpn chaos")
     while True:
         left = max(0.0, until - time.monotonic())
         kinds = ", ".join(f["kind"] for f in report.faults[-3:])
