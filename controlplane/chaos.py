@@ -26,6 +26,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -441,8 +442,16 @@ async def run(opts: ChaosOptions) -> Report:
                 accepted: dict[str, str] = {}
                 workers = [asyncio.create_task(_inference(api, report, stop, random.Random(opts.seed + i))) for i in range(3)]
                 trainer = asyncio.create_task(_training(api, report, accepted, opts, rng, until))
-                await _faults(rig, api, report, accepted, rng, until)
-                await trainer
+                from controlplane.progress import Progress
+
+                show = Progress("cpn chaos")
+                ticker = asyncio.create_task(_progress(show, report, until, opts.seconds))
+                try:
+                    await _faults(rig, api, report, accepted, rng, until)
+                    await trainer
+                finally:
+                    ticker.cancel()
+                show(1.0, f"{len(report.faults)} faults; checking invariants")
                 stop.set()
                 await asyncio.gather(*workers)
                 await _check(api, report, accepted, settle_s=60)
@@ -453,6 +462,22 @@ async def run(opts: ChaosOptions) -> Report:
         finally:
             await rig.stop()
     return report
+
+
+async def _progress(show: Callable[[float, str], None], report: Report, until: float, seconds: float) -> None:
+    """A line on stderr as the fault phase goes (plain lines when not on a terminal)."""
+    while True:
+        left = max(0.0, until - time.monotonic())
+        kinds = ", ".join(f["kind"] for f in report.faults[-3:])
+        show(1 - left / seconds if seconds > 0 else 1.0, f"{len(report.faults)} faults" + (f", last {kinds}" if kinds else ""))
+        await asyncio.sleep(1.0)
+
+
+def _seconds(stats: dict[str, float] | None) -> str:
+    """``median 2.5, max 3.1 (n=4)`` from a stats dict, ``none measured`` for None."""
+    if not stats:
+        return "none measured"
+    return f"median {stats['median']:g}, max {stats['max']:g} (n={stats['n']:g})"
 
 
 def render(report: Report, wall_s: float) -> str:
@@ -470,8 +495,8 @@ def render(report: Report, wall_s: float) -> str:
         f"| duplicate side effects | {inv['duplicate_side_effects']} | 0 |",
         f"| stale results accepted | {inv['stale_results_accepted']} | 0 |",
         f"| jobs accepted / succeeded / unfinished | {report.accepted} / {report.succeeded} / {report.unfinished} | all succeed |",
-        f"| site-loss detection (s) | {d['site_loss_detection_s']} | ≤ 3.5 |",
-        f"| time to re-dispatch training (s) | {d['redispatch_s']} | ≤ 1 after detection |",
+        f"| site-loss detection (s) | {_seconds(d['site_loss_detection_s'])} | ≤ 3.5 |",
+        f"| time to re-dispatch training (s) | {_seconds(d['redispatch_s'])} | ≤ 1 after detection |",
         f"| inference error rate in faults | {d['inference']['in_faults']['error_rate']:.2%} of {d['inference']['in_faults']['requests']} | low |",
         f"| inference error rate outside faults | {d['inference']['outside']['error_rate']:.2%} of {d['inference']['outside']['requests']}"
         f"{outside_errors} | 0 |",
@@ -485,7 +510,15 @@ def ok(report: Report) -> bool:
     return report.lost == 0 and report.duplicates == 0 and report.stale_accepted == 0
 
 
-def main(opts: ChaosOptions, as_json: bool = False) -> int:
+def main(opts: ChaosOptions, as_json: bool = False, *, results: Path | None = None, readme: bool = False) -> int:
+    """Run, print the table (or JSON), and write results only where asked.
+
+    Args:
+        results: write the results JSON to this file.
+        readme: record the run as the chaos benchmark (bench/results/chaos.json) and rewrite the
+            benchmark table of the project's README.md (the one next to the ``bench`` package,
+            never a README in the current directory).
+    """
     started = time.monotonic()
     report = asyncio.run(run(opts))
     wall = time.monotonic() - started
@@ -494,7 +527,11 @@ def main(opts: ChaosOptions, as_json: bool = False) -> int:
         print(json.dumps(data, indent=2, sort_keys=True))
     else:
         print(render(report, wall))
-    from bench import common
+    if results is not None:
+        results.write_text(json.dumps({**data, "wall_s": round(wall, 1)}, indent=2, sort_keys=True) + "\n")
+    if readme:
+        from bench import common, table
 
-    common.write("chaos", {**data, "wall_s": round(wall, 1)})
+        common.write("chaos", {**data, "wall_s": round(wall, 1)})
+        table.update_readme()
     return 0 if ok(report) else 1

@@ -635,7 +635,9 @@ class DeploymentService:
                         if view.heartbeats - seen >= self.missing_heartbeats:
                             state = "placed"  # the agent forgot it (restarted unnoticed): load again
                             self._accepted_hb.pop(key, None)
-                            log.warning("event=replica_missing deployment=%s site=%s", dep.id, r.site)
+                            # Expected after a site restarts (cpn up restarts them all): healed by loading it
+                            # again, so INFO; a site that cannot load it says so as replica_failed.
+                            log.info("event=replica_missing deployment=%s site=%s", dep.id, r.site)
                 if state != r.state:
                     store.set_replica_state(db, dep.id, r.site, state, now=now)
                     r = msgspec.structs.replace(r, state=state, updated_at=now)

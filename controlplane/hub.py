@@ -29,6 +29,8 @@ from controlplane.config import HubConfig
 from controlplane.errors import RateLimited, Unauthorized
 from controlplane.inference import InferenceService, RequestIds
 from controlplane.ratelimit import TokenBuckets
+from controlplane import scrape
+from controlplane.readiness import Readiness
 from controlplane.metrics import HubMetrics
 from controlplane.registry import SiteRegistry, StaticSite, Transition
 from controlplane.router import Router
@@ -110,6 +112,9 @@ class Hub:
         """Extra gateway modules (each with ``add_routes(app)``) that services plug in."""
         self.declarations: dict[str, declarations.Declaration] = {}
         """What the operator declared of each site: the layout's sites, then ``PUT /v1/sites/{site}``."""
+        self.readiness = Readiness()
+        """What ``/readyz`` reports; composition roots may hold gates of their own (``cpn up``)."""
+        scrape.install(self)  # sites, cards, replicas, jobs, deployments, NATS counters at scrape time
 
     def __repr__(self) -> str:
         return f"<Hub {self.config.hub_id} sites={len(self.registry)} {self.registry!r} {self.bus!r}>"
@@ -342,9 +347,16 @@ class Hub:
                 self._flush_usage()
 
     def _site_lost(self, t: Transition) -> None:
-        self.metrics.site_losses.inc()
         self.bus.fail_requests(t.site)  # requests in flight there fail over now, not at their timeout
-        log.warning("event=site_lost site=%s silent_for_s=%.2f", t.site, self.registry.detection_s)
+        view = self.registry.get(t.site)
+        if view is not None and view.draining:
+            # It announced a drain or a stop (an agent stopping gracefully says so in a last
+            # heartbeat): expected, so INFO and not counted as a loss (no "site lost" alert).
+            self.metrics.site_departures.inc()
+            log.info("event=site_left site=%s silent_for_s=%.2f", t.site, self.registry.detection_s)
+        else:
+            self.metrics.site_losses.inc()
+            log.warning("event=site_lost site=%s silent_for_s=%.2f", t.site, self.registry.detection_s)
         for listener in self.site_listeners:
             try:
                 listener(t)
@@ -363,7 +375,7 @@ class Hub:
     def account(self, req: wire.InferRequest, result: wire.InferResult, site: str) -> None:
         """Count a served request (flushed to the store in batches, never per request)."""
         self.usage.add(req.tenant, req.model, site, result.prompt_tokens, result.completion_tokens)
-        self.metrics.infer_ok(site)
+        self.metrics.served(req.tenant, req.model, site, result.prompt_tokens, result.completion_tokens, result.service_ms)
 
     def _flush_usage(self) -> None:
         """Write buffered usage in one transaction; on failure keep it for the next flush."""
@@ -472,15 +484,6 @@ class Hub:
         counts = self.registry.counts()
         for state in ("up", "lost", "draining"):
             self.metrics.sites.labels(state).set(counts.get(state, 0))
-        s = self.bus.stats
-        self.metrics.nats_errors.labels("connection").set(s.errors)
-        self.metrics.nats_errors.labels("timeout").set(s.timeouts)
-        self.metrics.nats_errors.labels("ack_timeout").set(s.ack_timeouts)
-        self.metrics.nats_errors.labels("no_responders").set(s.no_responders)
-        self.metrics.nats_errors.labels("disconnect").set(s.disconnects)
-        self.metrics.malformed.set(s.malformed)
-        for (kind, reason), n in s.dropped.items():
-            self.metrics.nats_dropped.labels(kind, reason).set(n)
-        self.metrics.permission_violations.set(self.permission_violations)
+        # NATS error and malformed-message counters are read by controlplane/scrape.py.
         self.metrics.site_figures_clamped.counts = {(k,): n for k, n in self.registry.clamped.items()}
 

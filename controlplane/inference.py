@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -90,7 +91,7 @@ class InferenceService:
             hub.registry.version,
             hub.rng,
         )
-        hub.metrics.route(decision.reason if isinstance(decision, router.Route) else "none")
+        hub.metrics.route_decision(decision)
         if isinstance(decision, router.NoRoute):
             raise NoCapacity(decision.reason)
         return decision
@@ -100,6 +101,7 @@ class InferenceService:
         deployments: frozenset[str] | None = None,
     ) -> Served:
         """Serve a non-streaming request, failing over as needed."""
+        started = time.perf_counter()
         decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
         req.ack = True  # sites that acknowledge let a silent one be left early (HubConfig.site_ack_timeout_s)
         served = Served(decision.site, decision.rtt_ms, decision.reason)
@@ -119,6 +121,7 @@ class InferenceService:
                 served.route = "failover"
             served.site, served.rtt_ms, served.result = site, rtt_ms, result
             self.served += 1
+            self.hub.metrics.answered(req.model, site, time.perf_counter() - started)
             self.hub.account(req, result, site)
             return served
         raise AllSitesFailed(served.tried, last)
@@ -160,6 +163,7 @@ class InferenceService:
         Returns the serving site and an iterator of the remaining messages (first one included).
         After the first chunk there is no failover: the tenant already has part of an answer.
         """
+        started = time.perf_counter()
         decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
         req.ack = True
         served = Served(decision.site, decision.rtt_ms, decision.reason)
@@ -185,6 +189,7 @@ class InferenceService:
                 served.route = "failover"
             served.site, served.rtt_ms = site, rtt_ms
             self.served += 1
+            self.hub.metrics.first_token(req.model, site, time.perf_counter() - started)
             return served, self._rest(first, it, req, site)
         raise AllSitesFailed(served.tried, last)
 

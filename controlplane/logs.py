@@ -1,40 +1,27 @@
-"""Process-wide logging set-up for cpn commands: one structured line per event.
+"""Logging set-up for cpn commands: the one structured format of :mod:`edge_agent.logs`.
 
-Lines look like ``2026-11-21T12:00:00.123Z INFO cpn.hub event=site_lost site=sh-edge ...``; the
-messages themselves are ``key=value`` (with ``event=`` first) so they can be grepped by request id
-or job id.
+Lines look like ``2026-11-21T12:00:00.123Z INFO cpn.hub event=site_lost site=sh-edge ...``, or one
+JSON object a line with ``--log-json`` (or ``CPN_LOG_JSON=1``); repeated warnings are
+rate-limited. Hub code writes messages as ``event=name key=value`` (with ``event=`` first) so they
+can be grepped by request id or job id, and the JSON formatter turns them into fields.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-import time
-from collections.abc import Callable
+import argparse
+
+from edge_agent import logs as _logs
 
 
-class _Formatter(logging.Formatter):
-    converter: Callable[[float | None], time.struct_time] = time.gmtime
-
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        line = f"{ts} {record.levelname} {record.name} {record.getMessage()}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-def setup(level: str | None = None) -> None:
+def setup(level: str | None = None, *, json_lines: bool | None = None) -> None:
     """Configure the root logger once (level from the argument, else CPN_LOG, else INFO)."""
-    name = (level or os.environ.get("CPN_LOG") or "INFO").upper()
-    root = logging.getLogger()
-    if any(getattr(h, "_cpn", False) for h in root.handlers):
-        root.setLevel(name)
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
-    handler._cpn = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(name)
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    _logs.setup(level, json_lines=json_lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, default_level: str | None = None) -> None:
+    """``--log-level`` and ``--log-json`` for a command that runs a long-lived process."""
+    if not any("--log-level" in a.option_strings for a in parser._actions):
+        parser.add_argument("--log-level", default=default_level,
+                            help="DEBUG, INFO, WARNING or ERROR (default: CPN_LOG, else INFO)")
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help="one JSON object per log line (default: key=value; or set CPN_LOG_JSON=1)")

@@ -1,16 +1,25 @@
 """Prometheus metrics of one hub (its own registry, so several hubs can live in one test process).
 
-Per-request figures (HTTP requests, their latency, routing decisions, inference by site) are plain
-dict counts turned into Prometheus counters and histograms only when ``/metrics`` is scraped: a
-prometheus_client ``inc()`` or ``observe()`` takes a lock, and the request path is the hot path.
+Per-request figures (HTTP requests, their latency, routing decisions, inference by tenant, model
+and site, tokens, time to first token) are plain dict counts turned into Prometheus counters and
+histograms only when ``/metrics`` is scraped: a prometheus_client ``inc()`` or ``observe()`` takes a
+lock, and the request path is the hot path. The hub's state (sites, cards, replicas, jobs,
+deployments, NATS counters) is read at scrape time by controlplane/scrape.py. The registry also
+carries prometheus_client's process, platform and GC collectors (``process_*``, ``python_*``).
+
+Label cardinality is bounded: a label fed by tenants or models keeps its first
+:data:`MAX_LABEL_VALUES` distinct values and folds the rest into ``other``; site labels are bounded
+by the layout (sites the operator declared), and are folded the same way past the limit.
+docs/operations.md lists every family.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -33,20 +42,22 @@ class _Counts(Collector):
 
 
 class _Latency(Collector):
-    """A histogram by route kept as plain per-bucket counts and exported at scrape time.
+    """A histogram by label values kept as plain per-bucket counts and exported at scrape time.
 
     ``observe`` adds one to the first bucket whose upper bound is >= the value (Prometheus' ``le``),
-    or to the ``+Inf`` slot; the export makes the counts cumulative.
+    or to the ``+Inf`` slot; the export makes the counts cumulative. One label (``route`` unless
+    told) is keyed by its value; several by a tuple of values.
     """
 
-    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...], labels: tuple[str, ...] = ("route",)) -> None:
         self.name = name
         self.doc = doc
         self.bounds = bounds
-        self.by_route: dict[str, list[float]] = {}
-        """route -> [count per bucket..., count of +Inf, sum of values]"""
+        self.labels = labels
+        self.by_route: dict[Any, list[float]] = {}
+        """label value(s) -> [count per bucket..., count of +Inf, sum of values]"""
 
-    def observe(self, route: str, value: float) -> None:
+    def observe(self, route: Any, value: float) -> None:
         slots = self.by_route.get(route)
         if slots is None:
             slots = self.by_route[route] = [0.0] * (len(self.bounds) + 2)
@@ -54,24 +65,68 @@ class _Latency(Collector):
         slots[-1] += value
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        family = HistogramMetricFamily(self.name, self.doc, labels=["route"])
-        for route, slots in sorted(self.by_route.items()):
+        family = HistogramMetricFamily(self.name, self.doc, labels=list(self.labels))
+        for key, slots in sorted(self.by_route.items()):
             running = 0.0
             buckets = []
             for bound, n in zip([*map(floatToGoString, self.bounds), "+Inf"], slots[:-1]):
                 running += n
                 buckets.append((bound, running))
-            family.add_metric([route], buckets, slots[-1])
+            family.add_metric(list(key) if isinstance(key, tuple) else [key], buckets, slots[-1])
         yield family
 
 
+MAX_LABEL_VALUES = 100
+"""Distinct values a tenant-, model- or site-fed label keeps before new ones read ``other``."""
+
+
+class Bounded:
+    """Caps one label's distinct values: the first ``limit`` pass as they are, later ones read ``other``."""
+
+    def __init__(self, limit: int = MAX_LABEL_VALUES) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<Bounded {len(self.seen)}/{self.limit}>"
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        return "other"
+
+
+def no_route_cause(decision: object) -> str:
+    """A bounded label for a routing refusal (the router's reason is free text for people)."""
+    code = getattr(decision, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    text = str(getattr(decision, "reason", ""))
+    if text.startswith("no site serves model"):
+        return "no_replica"
+    if "are busy" in text:
+        return "all_unavailable"
+    if "within" in text:
+        return "none_in_budget"
+    return "no_route"
+
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_INFER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class HubMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The standard collectors (process_*, python_info, python_gc_*) on this registry too: a
+        # Grafana user's "process" panels work unchanged.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.http_requests = _Counts("cpn_http_requests", "HTTP requests by route and status", ["route", "status"])
         r.register(self.http_requests)
         self.http_latency = _Latency("cpn_http_request_seconds", "HTTP request latency by route", _LATENCY_BUCKETS)
@@ -81,11 +136,28 @@ class HubMetrics:
         self.infer = _Counts("cpn_inference_requests", "Inference requests by serving site and outcome", ["site", "outcome"])
         r.register(self.infer)
         self.sites = Gauge("cpn_sites", "Sites by state", ["state"], registry=r)
-        self.site_losses = Counter("cpn_site_losses", "Sites declared lost", registry=r)
-        self.nats_errors = Gauge("cpn_nats_errors", "NATS errors seen by the hub (connection errors, timeouts, no responders)", ["kind"], registry=r)
-        self.malformed = Gauge("cpn_malformed_messages", "Malformed messages from agents, dropped", registry=r)
-        self.nats_dropped = Gauge("cpn_nats_dropped_messages", "Messages from sites dropped before decoding, by kind and reason (rate, oversize, reply_spoof)", ["kind", "reason"], registry=r)
-        self.permission_violations = Gauge("cpn_nats_permission_violations", "Permission violations reported by the NATS server", registry=r)
+        self.site_losses = Counter("cpn_site_losses", "Sites declared lost (silent without having announced a stop)", registry=r)
+        self.site_departures = Counter("cpn_site_departures", "Sites gone silent after announcing a drain or stop", registry=r)
+        # NATS errors, malformed messages and permission violations are counters read from the bus
+        # at scrape time (controlplane/scrape.py): cpn_nats_errors_total, cpn_malformed_messages_total.
+        self.tenants = Bounded()
+        self.models = Bounded()
+        self.site_labels = Bounded(1000)
+        self.tenant_requests = _Counts("cpn_tenant_requests", "Inference requests served, by tenant and model", ["tenant", "model"])
+        r.register(self.tenant_requests)
+        self.tokens = _Counts("cpn_tokens", "Tokens served, by tenant, model and kind (prompt, completion)", ["tenant", "model", "kind"])
+        r.register(self.tokens)
+        self.site_tokens = _Counts("cpn_site_tokens", "Tokens served, by serving site and kind", ["site", "kind"])
+        r.register(self.site_tokens)
+        self.infer_seconds = _Latency("cpn_inference_seconds", "Hub-measured time to a whole non-streamed answer, by model and site",
+                                      _INFER_BUCKETS, ("model", "site"))
+        r.register(self.infer_seconds)
+        self.ttft_seconds = _Latency("cpn_inference_ttft_seconds", "Hub-measured time to the first streamed chunk, by model and site",
+                                     _INFER_BUCKETS, ("model", "site"))
+        r.register(self.ttft_seconds)
+        self.service_seconds = _Latency("cpn_inference_service_seconds", "Service time reported by the serving site, by model and site",
+                                        _INFER_BUCKETS, ("model", "site"))
+        r.register(self.service_seconds)
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
         self.refused_keys = _Counts("cpn_refused_api_keys", "Requests refused for a revoked or expired API key, by reason", ["reason"])
         r.register(self.refused_keys)
@@ -125,6 +197,35 @@ class HubMetrics:
         counts = self.infer.counts
         counts[key] = counts.get(key, 0) + 1
 
+    def served(self, tenant: str, model: str, site: str, prompt_tokens: int, completion_tokens: int,
+               service_ms: float) -> None:
+        """One answered inference request: counts by tenant/model and site, tokens, service time."""
+        self.infer_ok(site)
+        tenant, model, site = self.tenants(tenant), self.models(model), self.site_labels(site)
+        _add(self.tenant_requests.counts, (tenant, model), 1)
+        tokens = self.tokens.counts
+        _add(tokens, (tenant, model, "prompt"), prompt_tokens)
+        _add(tokens, (tenant, model, "completion"), completion_tokens)
+        _add(self.site_tokens.counts, (site, "prompt"), prompt_tokens)
+        _add(self.site_tokens.counts, (site, "completion"), completion_tokens)
+        if service_ms > 0:
+            self.service_seconds.observe((model, site), service_ms / 1000.0)
+
+    def answered(self, model: str, site: str, elapsed_s: float) -> None:
+        """A whole non-streamed answer reached the hub ``elapsed_s`` after routing began."""
+        self.infer_seconds.observe((self.models(model), self.site_labels(site)), elapsed_s)
+
+    def first_token(self, model: str, site: str, elapsed_s: float) -> None:
+        """A stream's first message reached the hub ``elapsed_s`` after routing began."""
+        self.ttft_seconds.observe((self.models(model), self.site_labels(site)), elapsed_s)
+
+    def route_decision(self, decision: object) -> None:
+        """A routing decision: the route's reason, or ``refused:<cause>`` for no route."""
+        reason = getattr(decision, "reason", "")
+        if getattr(decision, "site", None) is None:
+            reason = "refused:" + no_route_cause(decision)
+        self.route(str(reason))
+
     def key_refused(self, reason: str) -> None:
         """A request presented a key that exists but was revoked or has expired."""
         key = (reason,)
@@ -136,7 +237,15 @@ class HubMetrics:
         counts = self.routes.counts
         counts[key] = counts.get(key, 0) + 1
 
+    def add_collector(self, collector: Collector) -> None:
+        """Export another collector's families from this registry (e.g. the hub's state at scrape time)."""
+        self.registry.register(collector)
+
     def render(self, refresh: Callable[[], None] | None = None) -> bytes:
         if refresh is not None:
             refresh()
         return generate_latest(self.registry)
+
+
+def _add(counts: dict[tuple[str, ...], int], key: tuple[str, ...], n: int) -> None:
+    counts[key] = counts.get(key, 0) + n

@@ -14,8 +14,10 @@ if TYPE_CHECKING:
 def install_services(hub: Hub) -> None:
     """Attach every optional service that exists in this build to ``hub`` (before ``start``)."""
     from controlplane import deployments, training
+    from controlplane.gateway import dashboard
     from controlplane.gateway import sites as sites_api
 
     deployments.install(hub)
     training.install(hub)
+    dashboard.install(hub)
     hub.route_modules.append(sites_api)  # operator declarations of sites

@@ -86,6 +86,9 @@ class Network:
         )
         self.hub = Hub(hub_config, layout=self.layout)
         install_services(self.hub)
+        if opts.agents:
+            # Not ready until the printed curl would be answered (DESIGN §1; /readyz says why not).
+            self.hub.readiness.hold("demo_model", f"demo model {DEMO_MODEL!r} not served yet")
         if auth.violations is not None:
             counter = auth.violations
             hub = self.hub
@@ -103,6 +106,9 @@ class Network:
         await _deploy_demo(self.hub, self.layout)
         if opts.agents:
             await self._wait_demo_served()
+            self.hub.readiness.release("demo_model")
+        # Only now: a script that waits for this file (or for /readyz) can use the keys at once.
+        private_files.write_private(self.credentials_path, json.dumps(self.credentials, indent=2) + "\n")
 
     async def stop(self) -> None:
         for agent in reversed(self.agents):
@@ -116,25 +122,33 @@ class Network:
             await self.nats.stop()
             self.nats = None
 
+    @property
+    def credentials_path(self) -> Path:
+        return self.opts.data_dir / "demo-credentials.json"
+
     def _ensure_credentials(self) -> dict[str, str]:
+        """The demo keys: those of the credentials file if they still work, else new ones.
+
+        The file itself is removed here and written again by :meth:`start` once the network is
+        ready, so its appearance means "ready" on a restart too."""
         assert self.hub is not None and self.layout is not None
-        path = self.opts.data_dir / "demo-credentials.json"
+        path = self.credentials_path
         if path.exists():
             try:
                 creds = json.loads(path.read_text())
                 if self._key_works(creds["admin_key"]) and self._key_works(creds["tenant_key"]):
+                    path.unlink()
                     return {"admin_key": creds["admin_key"], "tenant_key": creds["tenant_key"]}
             except (ValueError, KeyError, TypeError, RequestError):  # RequestError: revoked or expired
                 pass
+            path.unlink(missing_ok=True)
         admin = self.hub.create_admin_key("cpn up")
         origin = _demo_origin(self.layout)
         if self.hub.tenant(DEMO_TENANT) is None:
             tenant_key = self.hub.create_tenant(DEMO_TENANT, name="Demo tenant", default_origin=origin)
         else:
             tenant_key = self.hub.add_tenant_key(DEMO_TENANT)
-        creds = {"admin_key": admin, "tenant_key": tenant_key}
-        private_files.write_private(path, json.dumps(creds, indent=2) + "\n")
-        return creds
+        return {"admin_key": admin, "tenant_key": tenant_key}
 
     def _key_works(self, key: str) -> bool:
         assert self.hub is not None
@@ -160,17 +174,22 @@ class Network:
 
     async def _wait_demo_served(self) -> None:
         """Until the demo tenant's origin has a ready replica of the demo model (so the printed
-        curl answers at once), at most ``ready_timeout_s``."""
+        curl answers at once). Past ``ready_timeout_s`` it says so on the log, every
+        ``ready_timeout_s``, and keeps waiting: printing the banner early is what it must not do."""
         assert self.hub is not None and self.layout is not None
         origin = self.hub.tenant_default_origin(DEMO_TENANT) or _demo_origin(self.layout)
-        deadline = time.monotonic() + self.opts.ready_timeout_s
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        next_warning = started + self.opts.ready_timeout_s
+        while True:
             try:
                 self.hub.inference.decide(origin, DEMO_MODEL, self.hub.config.default_budget_ms, "strict")
                 return
-            except (NoCapacity, RequestError):  # no ready replica in budget yet, or the model not heard of yet
+            except (NoCapacity, RequestError) as exc:  # no ready replica in budget yet, or the model not heard of yet
+                if time.monotonic() >= next_warning:
+                    next_warning += self.opts.ready_timeout_s
+                    log.warning("event=demo_not_ready origin=%s model=%s waited_s=%.0f reason=%s",
+                                origin, DEMO_MODEL, time.monotonic() - started, exc)
                 await asyncio.sleep(0.05)
-        log.warning("event=demo_not_ready origin=%s model=%s", origin, DEMO_MODEL)
 
     def banner(self) -> str:
         assert self.hub is not None

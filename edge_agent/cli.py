@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 
 
 from edge_agent import config as agent_config
-from edge_agent import gc_tuning
+from edge_agent import gc_tuning, logs
 from edge_agent.errors import ConfigError
 
 _OVERRIDABLE = ("site", "nats", "tier", "city", "provider", "region", "user", "password", "data_dir")
@@ -43,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="directory for the event outbox and checkpoints")
     parser.add_argument("--heartbeat-s", type=float)
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help="one JSON object per log line (default: key=value; or set CPN_LOG_JSON=1)")
 
 
 def config_from_args(args: argparse.Namespace) -> agent_config.AgentConfig:
@@ -108,8 +109,7 @@ async def serve(config: agent_config.AgentConfig) -> None:
 
 def run_args(args: argparse.Namespace) -> int:
     """Run ``cpn agent`` from parsed arguments; returns the exit code."""
-    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup(args.log_level, json_lines=args.log_json)
     try:
         config = config_from_args(args)
     except ConfigError as exc:

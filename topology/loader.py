@@ -11,7 +11,7 @@ import pathlib
 import re
 import tomllib
 
-from . import fileformat
+from . import fileformat, provinces
 from .layout import Layout, LayoutError
 
 _DATA = pathlib.Path(__file__).resolve().parent / "data"
@@ -73,3 +73,11 @@ def entry_lines(text: str) -> fileformat.Lines:
         if m:
             out[(m.group(1), m.group(2).strip())] = n
     return out
+
+
+def load_provinces(path: pathlib.Path = provinces.DATA) -> tuple[list[provinces.Province], str]:
+    """The shipped province outlines (topology/provinces.py) and the sentence saying where they come from."""
+    import json
+
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return provinces.parse(doc), str(doc["source"])

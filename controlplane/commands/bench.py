@@ -16,13 +16,17 @@ BENCHES = ["route", "gateway", "scheduler", "heartbeat", "sim"]
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bench", help="benchmarks of the performance budgets (DESIGN §10)")
-    p.add_argument("name", choices=[*BENCHES, "all", "table"], help="which benchmark ('table' prints the README table)")
+    p.add_argument("name", nargs="?", choices=[*BENCHES, "all", "table"],
+                   help="which benchmark ('table' prints the README table)")
     p.add_argument("--readme", action="store_true", help="update the README table from bench/results/*.json")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.name is None:  # `cpn bench` alone: say what it can do
+        args.parser.print_help()
+        return 2
     from bench import table
 
     if "--readme" in args.rest:  # REMAINDER swallows flags given after the name

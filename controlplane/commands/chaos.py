@@ -1,4 +1,7 @@
-"""``cpn chaos``: a bounded chaos loop against a real local network, then invariant checks."""
+"""``cpn chaos``: a bounded chaos loop against a real local network, then invariant checks.
+
+Progress goes to stderr; the results go to stdout, and to files only when asked (``--results``,
+``--readme``)."""
 
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--jobs", type=int, default=8, help="training jobs submitted during the run")
     p.add_argument("--data-dir", type=Path, help="keep state here instead of a temporary directory")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--results", type=Path, metavar="FILE", help="also write the results JSON to FILE")
+    p.add_argument("--readme", action="store_true",
+                   help="record this run as the chaos benchmark and rewrite the README's benchmark table")
     p.set_defaults(run=run)
 
 
@@ -21,4 +27,4 @@ def run(args: argparse.Namespace) -> int:
 
     logs.setup("ERROR")
     return chaos.main(chaos.ChaosOptions(seconds=args.seconds, seed=args.seed, jobs=args.jobs, data_dir=args.data_dir),
-                      as_json=args.json)
+                      as_json=args.json, results=args.results, readme=args.readme)

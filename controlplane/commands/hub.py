@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--layout", help="layout file (default: the shipped national layout)")
     p.add_argument("--hub-id")
     p.add_argument("--create-admin-key", action="store_true", help="print a new admin key on start")
-    p.add_argument("--log-level")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: CPN_LOG, else INFO)")
+    p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line (or CPN_LOG_JSON=1)")
     add_gateway_flags(p)
     p.set_defaults(run=run)
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from controlplane.config import HubConfig, load_hub_config
     from controlplane.runtime import run_until_signalled
 
-    logs.setup(args.log_level)
+    logs.setup(args.log_level, json_lines=args.log_json)
     os.umask(0o077)  # whatever this process writes (the database and its WAL) is the operator's only
     overrides: dict[str, object] = {
         "nats_url": args.nats, "nats_user": args.nats_user, "nats_password": args.nats_password,

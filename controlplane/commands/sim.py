@@ -4,8 +4,8 @@
             [--json] [--out DIR]
 
 Prints the summary table (or, with ``--json``, the report JSON) on stdout; with ``--out`` also
-writes ``report.json``, ``report.txt`` and the PNG plots there. A progress bar goes to stderr when
-stderr is a terminal. Exit codes: 0 ok; 2 bad input (unknown scenario, invalid scenario or layout,
+writes ``report.json``, ``report.txt`` and the PNG plots there. Progress goes to stderr: a bar on a
+terminal, else a plain line every 10%. Exit codes: 0 ok; 2 bad input (unknown scenario, invalid scenario or layout,
 missing matplotlib for ``--out``), one line on stderr saying why.
 """
 
@@ -31,23 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(run=run)
 
 
-def _bar() -> Callable[[float], None] | None:
-    if not sys.stderr.isatty():
-        return None
-    last = [-1]
+def _bar() -> Callable[[float], None]:
+    from controlplane.progress import Progress
 
-    def show(frac: float) -> None:
-        pct = int(frac * 100)
-        if pct == last[0]:
-            return
-        last[0] = pct
-        filled = pct * 30 // 100
-        sys.stderr.write(f"\rsimulating [{'#' * filled}{'.' * (30 - filled)}] {pct:3d}%")
-        if pct >= 100:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return show
+    return Progress("simulating")
 
 
 def _fail(msg: str) -> int:

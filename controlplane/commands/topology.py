@@ -17,7 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     tsub = p.add_subparsers(dest="topology_command", metavar="ACTION", required=True)
 
     v = tsub.add_parser("validate", help="check a layout file; exit 1 with every problem if invalid")
-    v.add_argument("file", help="layout TOML file")
+    _layout_arg(v)
+    # Deprecated: `cpn topology validate FILE` (before every topology command took --layout).
+    v.add_argument("file", nargs="?", help=argparse.SUPPRESS)
+    v.add_argument("--json", action="store_true", help="machine-readable result (schema cpn.topology.validate/1)")
     v.set_defaults(run=run_validate)
 
     s = tsub.add_parser("show", help="sites by tier, cards by accelerator, tariffs")
@@ -64,16 +67,30 @@ def _invalid_code(path: str | None) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from topology import latency
+    from topology import latency, loader
 
-    lay = _load(args.file)
+    if args.file is not None:
+        if args.layout is not None and args.layout != args.file:
+            print("cpn topology validate: give the layout once, as --layout FILE", file=sys.stderr)
+            return 2
+        print("cpn topology validate: a positional FILE is deprecated; use --layout FILE", file=sys.stderr)
+    path = args.layout or args.file
+    shown = path or str(loader.default_path())
+    lay = _load(path)
     if lay is None:
-        print(f"cpn topology validate: {args.file}: invalid", file=sys.stderr)
-        return _invalid_code(args.file)
+        print(f"cpn topology validate: {shown}: invalid", file=sys.stderr)
+        return _invalid_code(path)
     idx = latency.RttIndex.build(lay)
     unreachable = sum(1 for o in idx.origins if len(idx.ranked(o)) < len(idx.sites))
+    if args.json:
+        import json
+
+        print(json.dumps({"schema": "cpn.topology.validate/1", "file": shown, "ok": True, "layout": lay.name,
+                          "sites": len(lay.sites), "origins": len(lay.origins), "links": len(lay.links),
+                          "origins_not_reaching_every_site": unreachable}, indent=2, ensure_ascii=False))
+        return 0
     print(
-        f"{args.file}: ok: layout {lay.name!r}, {len(lay.sites)} sites, {len(lay.origins)} origins, "
+        f"{shown}: ok: layout {lay.name!r}, {len(lay.sites)} sites, {len(lay.origins)} origins, "
         f"{len(lay.links)} links" + (f"; {unreachable} origins cannot reach every site" if unreachable else "")
     )
     return 0

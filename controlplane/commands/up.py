@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--layout", help="layout file (default: the shipped national layout)")
     p.add_argument("--no-agents", action="store_true", help="start NATS and the hub only")
     p.add_argument("--time-scale", type=float, default=60.0, help="simulated seconds per second for sim training (default 60)")
-    p.add_argument("--log-level", default=None)
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default WARNING)")
+    p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line (or CPN_LOG_JSON=1)")
     add_gateway_flags(p)
     p.set_defaults(run=run)
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from controlplane import up
     from controlplane.runtime import run_until_signalled
 
-    logs.setup(args.log_level or "WARNING")
+    logs.setup(args.log_level or "WARNING", json_lines=args.log_json)
     os.umask(0o077)  # whatever this process writes (store, credentials, logs) is the operator's only
     opts = up.UpOptions(
         data_dir=Path(args.data_dir), port=args.port, nats_port=args.nats_port, layout=args.layout,

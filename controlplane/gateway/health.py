@@ -1,4 +1,11 @@
-"""``/healthz`` and ``/metrics`` (public, no key)."""
+"""``/healthz`` (liveness), ``/readyz`` (readiness) and ``/metrics`` (public, no key).
+
+``/healthz`` answers 200 while the process can answer at all: a liveness probe restarts a process
+that does not, and restarting a hub because NATS is down would not bring NATS back. Its body still
+says what it sees (NATS connected or not, sites by state). ``/readyz`` answers 200 only when the
+hub can do its job (controlplane/readiness.py) and 503 with the failing checks otherwise: that is
+the probe a load balancer or a script waiting for ``cpn up`` should use.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from aiohttp import web
 
 from controlplane.gateway.app import HUB, Routes, json_response
 from controlplane.gateway.openapi import Op
+from controlplane.readiness import Readiness
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -18,7 +26,14 @@ async def healthz(request: web.Request) -> web.Response:
         "nats": "connected" if ok else "disconnected",
         "sites": counts,
     }
-    return json_response(body, status=200 if ok else 503)
+    return json_response(body, status=200)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    readiness: Readiness = getattr(hub, "readiness", None) or Readiness()
+    body = readiness.report(hub)
+    return json_response(body, status=200 if body["ready"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -28,15 +43,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 OPERATIONS = [
-]
-
-
-OPERATIONS = [
-    Op("GET", "/healthz", "Hub health: NATS connection and sites by state", auth="none", tags=("meta",)),
+    Op("GET", "/healthz", "Liveness: 200 while the process answers; the body says NATS state and sites by state",
+       auth="none", tags=("meta",)),
+    Op("GET", "/readyz", "Readiness: 200 only when the record is open, NATS connected, the layout loaded and every "
+       "gate released (cpn up: the demo model served); else 503 naming the failing checks", auth="none", tags=("meta",)),
     Op("GET", "/metrics", "Prometheus metrics", auth="none", tags=("meta",), content_type="text/plain", response={"type": "string"}),
 ]
 
 
 def add_routes(routes: Routes) -> None:
     routes.add_get("/healthz", healthz, public=True)
+    routes.add_get("/readyz", readyz, public=True)
     routes.add_get("/metrics", metrics, public=True)

@@ -57,7 +57,8 @@ def test_short_run_writes_json_and_plots(tmp_path: Path) -> None:
     assert "cpn" in (out / "report.txt").read_text()
     for name in ("report.png", "utilisation.png", "inference.png", "training.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert "simulating" not in proc.stderr  # no progress bar when stderr is not a terminal
+    # Not a terminal: plain progress lines, no bar redrawn with carriage returns.
+    assert "simulating: 100%" in proc.stderr and "\r" not in proc.stderr
 
 
 def test_bad_scenario_is_exit_2_naming_the_field(tmp_path: Path) -> None:

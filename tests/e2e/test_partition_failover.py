@@ -72,7 +72,7 @@ async def test_a_partitioned_site_is_left_at_the_ack_timeout_then_passed_over_un
     assert view is not None and view.state == "up" and view.silent  # not lost: silent
     assert hub.bus.stats.ack_timeouts == 1
     _, metrics, _ = await tenant.call("GET", "/metrics")
-    assert 'cpn_nats_errors{kind="ack_timeout"} 1.0' in metrics
+    assert 'cpn_nats_errors_total{kind="ack_timeout"} 1.0' in metrics
 
     # Passed over while silent: the next requests go straight to Shanghai, streaming included.
     status, _, headers = await tenant.call("POST", "/v1/chat/completions", CHAT)

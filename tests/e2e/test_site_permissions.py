@@ -58,7 +58,7 @@ async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_cou
         async with aiohttp.ClientSession() as session:
             async with session.get(f"http://127.0.0.1:{hub.http_port}/metrics") as resp:
                 text = await resp.text()
-        value = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("cpn_nats_permission_violations "))
+        value = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("cpn_nats_permission_violations_total "))
         assert value >= 2
     finally:
         await net.stop()

@@ -43,3 +43,33 @@ def test_request_counts_by_route_and_status() -> None:
     got = samples(m)
     assert got[("cpn_http_requests_total", (("route", "/v1/infer"), ("status", "200")))] == 2
     assert got[("cpn_http_requests_total", (("route", "/v1/infer"), ("status", "503")))] == 1
+
+
+def test_tenant_and_model_labels_are_bounded_and_fold_into_other() -> None:
+    m = HubMetrics()
+    m.tenants.limit = 2
+    for tenant in ("a", "b", "c", "d", "a"):
+        m.served(tenant, "llama", "sh-edge", prompt_tokens=3, completion_tokens=5, service_ms=40.0)
+    got = samples(m)
+    by_tenant = {dict(ls)["tenant"]: v for (n, ls), v in got.items() if n == "cpn_tenant_requests_total"}
+    assert by_tenant == {"a": 2, "b": 1, "other": 2}
+    assert got[("cpn_tokens_total", (("kind", "completion"), ("model", "llama"), ("tenant", "other")))] == 10
+    assert got[("cpn_site_tokens_total", (("kind", "prompt"), ("site", "sh-edge")))] == 15
+    assert got[("cpn_inference_service_seconds_count", (("model", "llama"), ("site", "sh-edge")))] == 5
+
+
+def test_a_refused_route_is_counted_with_its_cause_never_none() -> None:
+    from controlplane.router import NoRoute, Route
+
+    m = HubMetrics()
+    m.route_decision(NoRoute("no site serves model 'x'"))
+    m.route_decision(NoRoute("no site serving 'x' within 5 ms of wuhan; nearest is sh-edge at 9.1 ms"))
+    m.route_decision(Route(site="sh-edge", rtt_ms=1.0, reason="nearest"))
+    reasons = {dict(ls)["reason"]: v for (n, ls), v in samples(m).items() if n == "cpn_route_decisions_total"}
+    assert reasons == {"refused:no_replica": 1, "refused:none_in_budget": 1, "nearest": 1}
+
+
+def test_process_and_platform_collectors_are_exported() -> None:
+    got = samples(HubMetrics())
+    assert got[("process_resident_memory_bytes", ())] > 0
+    assert any(n == "python_info" for n, _ in got)

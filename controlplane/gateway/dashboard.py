@@ -1,0 +1,195 @@
+"""The operator dashboard: ``/dashboard`` (a static page) and ``/v1/dashboard`` (its data, admin key).
+
+The page and its assets are public and carry no data: they ask for an admin key (kept in the
+browser's local storage, or given once as ``/dashboard#key=...``; a fragment never reaches a server)
+and poll ``GET /v1/dashboard`` every two seconds. Everything it needs ships with cpn: the script,
+the styles and the province outlines (``/dashboard/provinces.json``, topology/provinces.py); no CDN,
+no map tiles, so it works on an operator network cut off from the internet.
+
+``/v1/dashboard`` returns, in one answer: every site with its coordinates, tier, state, load, free
+cards and replicas; the 5/10 ms reach radius; deployments and their replicas; the job queue with
+each placement's explanation; utilisation (busy share of cards) by tier sampled every
+``SAMPLE_S`` over the last ``HISTORY_S``; and the last site losses and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import pathlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from controlplane.gateway.app import HUB, Routes, json_response, require_admin
+from controlplane.gateway.openapi import Op
+from controlplane.store import stats as store_stats
+
+if TYPE_CHECKING:
+    from controlplane.hub import Hub
+    from controlplane.registry import Transition
+
+STATIC = pathlib.Path(__file__).resolve().parent / "static"
+SAMPLE_S = 30.0
+HISTORY_S = 6 * 3600.0
+FAULTS_KEPT = 50
+_TYPES = {".html": "text/html", ".js": "application/javascript", ".css": "text/css", ".json": "application/json"}
+
+
+class History:
+    """What the dashboard remembers: utilisation samples by tier and recent site transitions.
+
+    A hub service (started and stopped with the hub); ``on_site`` is a site listener.
+    """
+
+    name = "dashboard-history"
+
+    def __init__(self, hub: Hub, *, sample_s: float = SAMPLE_S, history_s: float = HISTORY_S) -> None:
+        self.hub = hub
+        self.sample_s = sample_s
+        self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(1, int(history_s / sample_s)))
+        self.faults: collections.deque[dict[str, Any]] = collections.deque(maxlen=FAULTS_KEPT)
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<History samples={len(self.samples)} faults={len(self.faults)}>"
+
+    def on_site(self, t: Transition) -> None:
+        view = self.hub.registry.get(t.site)
+        kind = "back" if t.new == "up" else ("left" if view is not None and view.draining else "lost")
+        self.faults.appendleft({"site": t.site, "kind": kind, "at": t.at})
+
+    def sample(self, now: float) -> dict[str, Any]:
+        busy: dict[str, float] = {}
+        total: dict[str, float] = {}
+        for view in self.hub.registry:
+            if view.state != "up":
+                continue
+            for acc, cards in view.accelerators.items():
+                free = max(0.0, min(float(cards), float(view.free_cards.get(acc, cards))))
+                total[view.tier] = total.get(view.tier, 0.0) + cards
+                busy[view.tier] = busy.get(view.tier, 0.0) + cards - free
+        point = {"at": now, "busy_share": {t: round(busy[t] / total[t], 4) for t in total if total[t] > 0}}
+        self.samples.append(point)
+        return point
+
+    async def _loop(self) -> None:
+        while True:
+            self.sample(time.time())
+            await asyncio.sleep(self.sample_s)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="dashboard-history")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+HISTORY: web.AppKey[History] = web.AppKey("dashboard_history", History)
+
+
+def install(hub: Hub) -> History:
+    """Plug the dashboard into ``hub``: its routes, its history service, its site listener."""
+    import sys
+
+    history = History(hub)
+    hub.add_service(history)
+    hub.site_listeners.append(history.on_site)
+    hub.route_modules.append(sys.modules[__name__])
+    hub.dashboard_history = history  # type: ignore[attr-defined]
+    return history
+
+
+def state(hub: Hub, history: History | None, now: float) -> dict[str, Any]:
+    """The whole ``/v1/dashboard`` answer."""
+    from topology import mapplot
+
+    layout = hub.layout
+    placed = {s.id: s for s in layout.sites} if layout is not None else {}
+    sites = []
+    for view in sorted(hub.registry, key=lambda v: v.id):
+        d = view.as_dict(now)
+        static = placed.get(view.id)
+        d["lat"] = static.lat if static is not None else None
+        d["lon"] = static.lon if static is not None else None
+        d["name"] = static.name if static is not None else view.id
+        d["cards"] = sum(view.accelerators.values())
+        sites.append(d)
+    for sid, static in placed.items():  # declared but never heard from since this hub started
+        if hub.registry.get(sid) is None:
+            sites.append({"id": sid, "name": static.name, "state": "unknown", "tier": static.tier, "city": static.city,
+                          "lat": static.lat, "lon": static.lon, "cards": sum(static.accelerators.values()),
+                          "accelerators": dict(static.accelerators), "free_cards": {}, "models": {}, "draining": False})
+    body: dict[str, Any] = {
+        "object": "dashboard",
+        "hub": hub.config.hub_id,
+        "now": now,
+        "ready": hub.readiness.ready(hub),
+        "nats": "connected" if hub.bus.connected else "disconnected",
+        "counts": hub.registry.counts(),
+        "sites": sites,
+        "origins": [{"id": o.id, "name": o.name, "lat": o.lat, "lon": o.lon, "weight": o.weight}
+                    for o in (layout.origins if layout is not None else [])],
+        "reach_km": {"5": round(mapplot.reach_km(5, layout), 1), "10": round(mapplot.reach_km(10, layout), 1)}
+        if layout is not None else {},
+        "utilisation": list(history.samples) if history is not None else [],
+        "faults": list(history.faults) if history is not None else [],
+        "deployments": [],
+        "jobs": [],
+    }
+    if hub.db is not None:
+        body["deployments"] = store_stats.active_deployments(hub.db)
+        body["jobs"] = store_stats.recent_jobs(hub.db)
+    return body
+
+
+async def dashboard_state(request: web.Request) -> web.Response:
+    require_admin(request)
+    hub = request.app[HUB]
+    history = getattr(hub, "dashboard_history", None)
+    return json_response(state(hub, history, time.time()))
+
+
+async def page(request: web.Request) -> web.StreamResponse:
+    return _static("dashboard.html")
+
+
+async def asset(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name not in {"dashboard.js", "dashboard.css"}:  # a fixed list: no path ever reaches the disk
+        raise web.HTTPNotFound()
+    return _static(name)
+
+
+async def provinces(request: web.Request) -> web.StreamResponse:
+    from topology import provinces as province_data
+
+    return web.Response(body=province_data.DATA.read_bytes(), content_type="application/json",
+                        headers={"Cache-Control": "public, max-age=86400"})
+
+
+def _static(name: str) -> web.Response:
+    path = STATIC / name
+    return web.Response(body=path.read_bytes(), content_type=_TYPES[path.suffix],
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                                 "Content-Security-Policy": "default-src 'self'; style-src 'self'; img-src 'self' data:"})
+
+
+OPERATIONS = [
+    Op("GET", "/v1/dashboard", "Operator dashboard data: sites with coordinates and state, reach, deployments, job queue "
+       "with placement explanations, utilisation by tier, recent faults", auth="admin", tags=("operator",)),
+    Op("GET", "/dashboard", "The operator dashboard page (static; asks for an admin key)", auth="none", tags=("operator",),
+       content_type="text/html", response={"type": "string"}),
+]
+
+
+def add_routes(routes: Routes) -> None:
+    routes.add_get("/v1/dashboard", dashboard_state)
+    routes.add_get("/dashboard", page, public=True)
+    routes.add_get("/dashboard/static/{name}", asset, public=True)
+    routes.add_get("/dashboard/provinces.json", provinces, public=True)
+

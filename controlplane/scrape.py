@@ -1,0 +1,168 @@
+"""The hub's state as Prometheus families, read when ``/metrics`` is scraped (never on a hot path).
+
+From the site registry (soft state): sites up/draining per site, free and busy cards by site and
+accelerator, queue depth and in-flight requests per site, replicas by model and state. From the
+record (controlplane/store/stats.py): jobs by state, the oldest queued job's wait, card-seconds of training,
+deployments by state, planned replicas by state. From the bus: NATS errors, malformed messages and
+permission violations as counters. And the process itself: ``cpn_hub_info`` (id, role),
+``cpn_leader`` and ``cpn_ready``.
+
+Promise: a failing read (a record that is closed or not SQLite) drops that group of families from
+this scrape and is counted in ``cpn_scrape_errors_total``; it never fails the scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from controlplane.store import stats as store_stats
+
+log = logging.getLogger("cpn.metrics")
+
+NATS_ERROR_KINDS = (
+    ("connection", "errors"), ("timeout", "timeouts"), ("ack_timeout", "ack_timeouts"),
+    ("no_responders", "no_responders"), ("disconnect", "disconnects"),
+)
+"""(label, BusStats attribute) pairs exported as ``cpn_nats_errors_total{kind=...}``."""
+
+
+class HubState(Collector):
+    """Collects one hub's state at scrape time (see the module docstring)."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub = hub
+        self.errors = 0
+
+    def __repr__(self) -> str:
+        return f"<HubState scrape_errors={self.errors}>"
+
+    def collect(self) -> Iterator[Metric]:
+        hub = self.hub
+        yield from self._process(hub)
+        yield from self._bus(hub)
+        yield from self._sites(hub)
+        if getattr(hub, "db", None) is not None:
+            try:
+                families = list(self._record(hub))
+            except Exception as exc:  # a closed or different record: skip this group, keep the scrape
+                self.errors += 1
+                log.debug("event=scrape_record_failed error=%r", exc)
+            else:
+                yield from families
+        errors = CounterMetricFamily("cpn_scrape_errors", "Groups of hub-state metrics that could not be read at a scrape")
+        errors.add_metric([], self.errors)
+        yield errors
+
+    def _process(self, hub: Any) -> Iterator[Metric]:
+        info = GaugeMetricFamily("cpn_hub_info", "This process: hub id and role (hub = gateway and controller)",
+                                 labels=["hub", "role"])
+        info.add_metric([hub.config.hub_id, str(getattr(hub, "role", "hub"))], 1)
+        yield info
+        leader = GaugeMetricFamily("cpn_leader", "1 when this process leads the controllers (a single hub always does)")
+        leader.add_metric([], 1 if getattr(hub, "is_leader", True) else 0)
+        yield leader
+        readiness = getattr(hub, "readiness", None)
+        ready = GaugeMetricFamily("cpn_ready", "1 when /readyz answers 200")
+        ready.add_metric([], 1 if readiness is None or readiness.ready(hub) else 0)
+        yield ready
+
+    def _bus(self, hub: Any) -> Iterator[Metric]:
+        s = hub.bus.stats
+        errors = CounterMetricFamily("cpn_nats_errors", "NATS errors seen by the hub, by kind", labels=["kind"])
+        for label, attr in NATS_ERROR_KINDS:
+            errors.add_metric([label], getattr(s, attr, 0))
+        yield errors
+        malformed = CounterMetricFamily("cpn_malformed_messages", "Malformed messages from agents, dropped, by kind",
+                                        labels=["kind"])
+        for kind, n in sorted(s.by_kind.items()):
+            malformed.add_metric([kind], n)
+        if not s.by_kind:
+            malformed.add_metric(["none"], 0)
+        yield malformed
+        dropped = CounterMetricFamily("cpn_nats_dropped_messages",
+                                      "Messages from sites dropped before decoding, by kind and reason (rate, oversize, reply_spoof)",
+                                      labels=["kind", "reason"])
+        for (kind, reason), n in sorted(getattr(s, "dropped", {}).items()):
+            dropped.add_metric([kind, reason], n)
+        yield dropped
+        violations = CounterMetricFamily("cpn_nats_permission_violations",
+                                         "Permission violations reported by the NATS server (a site publishing where it may not)")
+        violations.add_metric([], getattr(hub, "permission_violations", 0))
+        yield violations
+        connected = GaugeMetricFamily("cpn_nats_connected", "1 while the hub's NATS connection is up")
+        connected.add_metric([], 1 if hub.bus.connected else 0)
+        yield connected
+        inference = getattr(hub, "inference", None)
+        if inference is not None:
+            failovers = CounterMetricFamily("cpn_inference_failovers", "Inference requests moved to another site after one failed")
+            failovers.add_metric([], getattr(inference, "failovers", 0))
+            yield failovers
+
+    def _sites(self, hub: Any) -> Iterator[Metric]:
+        now = time.time()
+        up = GaugeMetricFamily("cpn_site_up", "1 while the site is heard from (0: lost)", labels=["site", "tier"])
+        draining = GaugeMetricFamily("cpn_site_draining", "1 while the site is draining", labels=["site"])
+        silence = GaugeMetricFamily("cpn_site_last_seen_seconds", "Seconds since the site's last heartbeat", labels=["site"])
+        cards = GaugeMetricFamily("cpn_cards", "Accelerator cards by site, accelerator and state (free, busy)",
+                                  labels=["site", "tier", "accelerator", "state"])
+        queue = GaugeMetricFamily("cpn_site_queue_depth", "Requests queued at the site (its last heartbeat)", labels=["site"])
+        inflight = GaugeMetricFamily("cpn_site_inflight", "Requests in flight at the site (its last heartbeat)", labels=["site"])
+        replicas: dict[tuple[str, str], int] = {}
+        for view in hub.registry:
+            up.add_metric([view.id, view.tier], 1 if view.state == "up" else 0)
+            draining.add_metric([view.id], 1 if view.draining else 0)
+            silence.add_metric([view.id], max(0.0, now - view.last_seen) if view.last_seen else 0.0)
+            for acc, total in sorted(view.accelerators.items()):
+                free = max(0.0, min(float(total), float(view.free_cards.get(acc, total)))) if view.state == "up" else 0.0
+                cards.add_metric([view.id, view.tier, acc, "free"], free)
+                cards.add_metric([view.id, view.tier, acc, "busy"], float(total) - free if view.state == "up" else 0.0)
+            queue.add_metric([view.id], view.queue_depth)
+            inflight.add_metric([view.id], view.inflight)
+            if view.state == "up":
+                for model, rep in view.replicas.items():
+                    key = (model, rep.state)
+                    replicas[key] = replicas.get(key, 0) + 1
+        yield from (up, draining, silence, cards, queue, inflight)
+        live = GaugeMetricFamily("cpn_replicas", "Model replicas reported by sites that are up, by model and state",
+                                 labels=["model", "state"])
+        for (model, state), n in sorted(replicas.items()):
+            live.add_metric([model, state], n)
+        yield live
+
+    def _record(self, hub: Any) -> Iterator[Metric]:
+        snap = store_stats.snapshot(hub.db, now=time.time())
+        jobs = GaugeMetricFamily("cpn_jobs", "Training jobs by state", labels=["state"])
+        for state in store_stats.JOB_STATES:
+            jobs.add_metric([state], snap.jobs.get(state, 0))
+        yield jobs
+        wait = GaugeMetricFamily("cpn_job_queue_oldest_seconds", "How long the oldest queued job has waited (0: none queued)")
+        wait.add_metric([], snap.oldest_queued_s)
+        yield wait
+        queued_cards = GaugeMetricFamily("cpn_job_queue_cards", "Cards asked for by queued jobs")
+        queued_cards.add_metric([], snap.queued_cards)
+        yield queued_cards
+        # Prometheus' base unit is the second: card-seconds (divide by 3600 for card-hours).
+        card_seconds = CounterMetricFamily("cpn_training_card_seconds", "Card-seconds of training recorded on jobs")
+        card_seconds.add_metric([], snap.card_hours * 3600.0)
+        yield card_seconds
+        deployments = GaugeMetricFamily("cpn_deployments", "Deployments by state", labels=["state"])
+        for state in store_stats.DEPLOYMENT_STATES:
+            deployments.add_metric([state], snap.deployments.get(state, 0))
+        yield deployments
+        planned = GaugeMetricFamily("cpn_planned_replicas", "Replicas the deployments placed, by state", labels=["state"])
+        for state in store_stats.REPLICA_STATES:
+            planned.add_metric([state], snap.replicas.get(state, 0))
+        yield planned
+
+
+def install(hub: Any) -> HubState:
+    """Add the scrape-time collector of ``hub`` to its metrics registry."""
+    collector = HubState(hub)
+    hub.metrics.add_collector(collector)
+    return collector

@@ -1,0 +1,111 @@
+"""Readiness as a script sees it: ``cpn up`` as a real subprocess, polled from outside.
+
+``/readyz`` is 503 (naming what is missing) until the demo model is served; the credentials file
+appears only then, and on a restart it disappears first and comes back only when ready again. The
+moment it appears, a chat request with its tenant key is answered: no 404 or 503 first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from topology import loader
+
+CPN = [sys.executable, "-m", "controlplane.cli"]
+CHAT = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def call(method: str, url: str, key: str | None = None, body: dict | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def start(data: Path, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*CPN, "up", "--data-dir", str(data), "--port", str(port), "--nats-port", "0", "--layout", str(loader.default_path())],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
+    )
+
+
+def wait_for_credentials(proc: subprocess.Popen[str], creds: Path, url: str) -> list[int]:
+    """Poll /readyz until the credentials file appears; returns the /readyz statuses seen before."""
+    seen: list[int] = []
+    deadline = time.monotonic() + 90
+    while not creds.exists():
+        assert proc.poll() is None, f"cpn up exited: {proc.stderr.read() if proc.stderr else ''}"
+        assert time.monotonic() < deadline, "no credentials file"
+        try:
+            status, body = call("GET", url + "/readyz")
+        except OSError:  # gateway not listening yet
+            time.sleep(0.02)
+            continue
+        seen.append(status)
+        if status == 503:
+            assert body["ready"] is False and any(v != "ok" for v in body["checks"].values()), body
+        else:  # ready is said only once the file is there (the check above and this request may straddle it)
+            assert status == 200 and creds.exists(), (status, body)
+        time.sleep(0.02)
+    return seen
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
+def test_credentials_appear_only_when_a_chat_request_is_served_also_after_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "cpn"
+    creds_path = data / "demo-credentials.json"
+    for round_ in ("first start", "restart"):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = start(data, port)
+        try:
+            if round_ == "restart":
+                # The old file goes before the gateway answers anything, so nobody reads it too early.
+                deadline = time.monotonic() + 30
+                while creds_path.exists():
+                    assert time.monotonic() < deadline, "the previous run's credentials file stayed"
+                    time.sleep(0.01)
+            seen = wait_for_credentials(proc, creds_path, url)
+            creds = json.loads(creds_path.read_text())
+            status, body = call("POST", url + "/v1/chat/completions", creds["tenant_key"], CHAT)
+            assert status == 200, (round_, status, body)
+            assert body["choices"][0]["message"]["content"]
+            assert 503 in seen, (round_, seen)  # not ready was visible (and never a 200 without the file, above)
+            status, body = call("GET", url + "/readyz")
+            assert status == 200 and body == {"ready": True, "checks": {
+                "store": "ok", "nats": "ok", "layout": "ok"}}, body
+            assert call("GET", url + "/healthz")[0] == 200
+        finally:
+            stop(proc)
+        assert proc.returncode == 0, round_
