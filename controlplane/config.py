@@ -16,7 +16,7 @@ class SiteLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """What one site may send the hub, enforced by the hub's bus before decoding (per site id).
 
     NATS has no per-user message-rate limit, so the hub keeps a token bucket per site and kind;
-    refused and oversized messages are dropped and counted (``cpn_nats_dropped_messages``).
+    refused and oversized messages are dropped and counted (``cpn_nats_dropped_messages_total``).
     """
 
     heartbeat_rate_per_s: float = 5.0

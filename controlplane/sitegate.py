@@ -8,7 +8,7 @@ Promises:
   (``rate``). One site's flood spends only its own tokens, never another site's.
 - Rule 3: memory is bounded by :class:`~controlplane.ratelimit.TokenBuckets` (idle buckets go).
 
-The hub's bus counts every refusal by kind and reason (``cpn_nats_dropped_messages``).
+The hub's bus counts every refusal by kind and reason (``cpn_nats_dropped_messages_total``).
 """
 
 from __future__ import annotations
