@@ -160,5 +160,5 @@ def _require_fen(name: str, value: object) -> None:
 
 
 def _require_count(name: str, value: object) -> None:
-    if type(value) is not int or value < 0:  # type: ignore[operator]  # noqa: E721
+    if type(value) is not int or value < 0:  # noqa: E721
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
