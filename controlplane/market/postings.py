@@ -131,6 +131,17 @@ def adjustment(key: str, at: float, account: str, amount_fen: int, counter_accou
     ])
 
 
+SPENDING_KINDS = frozenset({"charge", "token_charge", "adjustment"})
+"""Entry kinds on a tenant's account that count against its budget (an owner share it earns does not)."""
+
+
+def spent_fen(txns: Sequence[ledger.Transaction], tenant: str, start: float, end: float) -> int:
+    """What ``tenant`` spent in ``[start, end)``: its charges less credit adjustments (budgets' ``spent``)."""
+    account = tenant_account(tenant)
+    return -sum(e.amount_fen for t in txns if start <= t.at < end
+                for e in t.entries if e.account == account and e.kind in SPENDING_KINDS)
+
+
 class PartyTotals(msgspec.Struct, frozen=True, kw_only=True):
     """Over a period: what each tenant owes (net charges), each provider earns (net), the network kept."""
 

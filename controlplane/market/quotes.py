@@ -196,6 +196,7 @@ def option_for(job: placement.JobSpec, cand: Candidate, policy: QuotePolicy = DE
         return offers.lease_price(offer, job.cards, start, start + duration_s)
 
     expected_fen = price(expected)
+    p90 = price(hi)
     energy = offers.energy_fen(pool, bd.accelerator, job.cards, start, start + expected)
     notes = list(bd.notes)
     if offer.min_lease_s and base < offer.min_lease_s:
@@ -203,7 +204,7 @@ def option_for(job: placement.JobSpec, cand: Candidate, policy: QuotePolicy = DE
     return QuoteOption(
         pool=pool.id, provider=offer.provider, accelerator=bd.accelerator, offer_id=offer.id, cards=job.cards,
         start_at=start, work_s=bd.work_s, expected_run_s=expected, expected_fen=expected_fen,
-        p10_fen=price(lo), p90_fen=price(hi), max_fen=max(price(cap), expected_fen),
+        p10_fen=price(lo), p90_fen=p90, max_fen=max(price(cap), p90, expected_fen),
         energy_fen=energy, margin_fen=expected_fen - energy, meets_deadline=bd.meets_deadline, notes=notes,
     )
 

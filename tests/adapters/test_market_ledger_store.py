@@ -80,3 +80,13 @@ def test_statement_from_the_record_equals_the_pure_one(tmp_path: Path) -> None:
         assert store.statement(db, account, start, T0 + 86_400) == ledger.statement(txns, account, start, T0 + 86_400)
     st = store.statement(db, "provider:westgrid", start, T0 + 86_400)
     assert (st.opening_fen, st.closing_fen) == (6480, 2 * 6480)
+
+
+def test_spent_in_a_period_matches_the_pure_sum(tmp_path: Path) -> None:
+    db = open_db(tmp_path / "cpn.db")
+    txns = [*job_txns(), postings.usage_transaction("f1", T0, "acme", MODEL, "hz", 10**6, 10**6),
+            postings.adjustment("credit-1", T0 + 60, "tenant:acme", 500, "operator:margin", "goodwill")]
+    store.post_many(db, txns)
+    for start, end in ((T0, T0 + 86_400), (T0 + 4 * 3600.0, T0 + 86_400), (0.0, T0)):
+        assert store.spent_fen(db, "acme", start, end) == postings.spent_fen(txns, "acme", start, end)
+    assert store.spent_fen(db, "acme", T0, T0 + 86_400) == 2 * 7200 + 800 - 500

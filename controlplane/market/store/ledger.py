@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import msgspec
 import sqlite_utils
 
-from controlplane.market import ledger
+from controlplane.market import ledger, postings
 
 MIGRATION_ID = "0040_market_ledger"
 MIGRATION: tuple[str, ...] = (
@@ -169,6 +169,17 @@ def statement(db: sqlite_utils.Database, account: str, start: float, end: float)
         running += line.amount_fen
         lines.append(msgspec.structs.replace(line, balance_fen=running))
     return msgspec.structs.replace(st, opening_fen=opening, lines=lines, closing_fen=running)
+
+
+def spent_fen(db: sqlite_utils.Database, tenant: str, start: float, end: float) -> int:
+    """``postings.spent_fen`` summed in SQL (the budget check's ``spent``)."""
+    kinds = sorted(postings.SPENDING_KINDS)
+    row = db.conn.execute(
+        f"""SELECT COALESCE(SUM(amount_fen), 0) FROM market_entries WHERE account = ? AND at >= ? AND at < ?
+            AND kind IN ({", ".join("?" * len(kinds))})""",
+        (postings.tenant_account(tenant), start, end, *kinds),
+    ).fetchone()
+    return -int(row[0])
 
 
 def balances(db: sqlite_utils.Database) -> dict[str, int]:
