@@ -18,13 +18,13 @@ Promises (the pure rules of ``controlplane.market.ledger``, kept by the record):
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import msgspec
 import sqlite_utils
 
 from controlplane.market import ledger, postings
+from controlplane.market.store.db import apply_migration, transaction
 
 MIGRATION_ID = "0040_market_ledger"
 MIGRATION: tuple[str, ...] = (
@@ -61,33 +61,9 @@ MIGRATION: tuple[str, ...] = (
 _decode = msgspec.json.Decoder(ledger.Transaction).decode
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    # Same contract as controlplane.store.db.transaction (joins an outer one); kept local while
-    # the store package moves.
-    if conn.in_transaction:
-        yield
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def install(db: sqlite_utils.Database) -> bool:
-    """Apply the market's migration if not yet applied; True if it was applied now."""
-    conn = db.conn
-    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (id TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    if conn.execute("SELECT 1 FROM _migrations WHERE id = ?", (MIGRATION_ID,)).fetchone():
-        return False
-    with _transaction(conn):
-        for statement in MIGRATION:
-            conn.execute(statement)
-        conn.execute("INSERT INTO _migrations (id, applied_at) VALUES (?, julianday('now'))", (MIGRATION_ID,))
-    return True
+    """Apply the market ledger's migration if not yet applied; True if it was applied now."""
+    return apply_migration(db, MIGRATION_ID, MIGRATION)
 
 
 def _existing(conn: sqlite3.Connection, key: str) -> ledger.Transaction | None:
@@ -128,7 +104,7 @@ def post_many(db: sqlite_utils.Database, txns: Iterable[ledger.Transaction]) -> 
         ledger.UnbalancedTransaction: one of them does not balance (nothing of the batch is written).
     """
     conn = db.conn
-    with _transaction(conn):
+    with transaction(conn):
         return [_post_one(conn, t) for t in txns]
 
 
