@@ -74,6 +74,8 @@ def transaction(key: str, at: float, kind: str, entries: Iterable[Entry], *, ref
     """
     if not key or len(key) > 512:
         raise UnbalancedTransaction(f"transaction key must be 1..512 characters, got {key!r}")
+    if not (isinstance(at, (int, float)) and at == at and abs(at) != float("inf")):
+        raise UnbalancedTransaction(f"{key}: at must be finite epoch seconds, got {at!r}")
     kept: list[Entry] = []
     for e in entries:
         if type(e.amount_fen) is not int:  # noqa: E721

@@ -34,6 +34,8 @@ def test_transaction_must_balance_and_name_valid_accounts() -> None:
         ledger.transaction("k", T0, "x", [e(account="tenant:a", amount_fen=1, kind="c")])
     with pytest.raises(ledger.UnbalancedTransaction, match="not an int"):
         ledger.transaction("k", T0, "x", [e(account="tenant:a", amount_fen=0.5, kind="c")])  # type: ignore[arg-type]
+    with pytest.raises(ledger.UnbalancedTransaction, match="finite"):
+        ledger.transaction("k", float("nan"), "x", [])
     with pytest.raises(ledger.UnbalancedTransaction, match="is not tenant"):
         ledger.transaction("k", T0, "x", [e(account="bank", amount_fen=0, kind="c")])
 
