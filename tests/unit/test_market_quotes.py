@@ -12,7 +12,7 @@ from controlplane import placement
 from controlplane.market import money, offers, postings, quotes
 from topology import layout
 
-NOW = 1_796_000_400.0   # 2026-11-30 20:20 China time, a fixed instant
+NOW = 1_796_000_400.0   # 2026-11-30 09:00 China time, a fixed instant
 FLAT = layout.Tariff(flat_cny_per_kwh=0.4, peak_cny_per_kwh=0.4, valley_cny_per_kwh=0.4)
 
 
