@@ -1,0 +1,131 @@
+"""Tenant budgets: a spend limit per period, checked before work is accepted. Pure.
+
+What this module promises:
+
+- Rule 1: :func:`check` answers :class:`BudgetDecision` with ``verdict`` ``allow``, ``warn`` or
+  ``refuse`` and the figures (limit, spent, incoming, remaining, percentage): ``refuse`` when
+  ``spent + incoming`` would exceed the limit (a 402 with these figures), ``warn`` when it reaches
+  a threshold it had not reached before (50/80/100 % by default), else ``allow``. Spending up to
+  the limit exactly is allowed (with the 100 % warning).
+- Rule 2: periods are calendar days or months in China local time (UTC+8): :func:`period_bounds`.
+  A tenant without a budget is never refused (there is no :class:`Budget` to check).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from fractions import Fraction
+from typing import Literal
+
+import msgspec
+
+from controlplane.market import money
+
+Period = Literal["day", "month"]
+_CHINA = dt.timezone(dt.timedelta(hours=8))
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A tenant's spend limit."""
+
+    tenant: str
+    limit_fen: int
+    period: Period = "month"
+    thresholds_pct: tuple[int, ...] = (50, 80, 100)
+
+
+class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer of :func:`check`; the figures are what a 402 body or a usage warning shows."""
+
+    verdict: Literal["allow", "warn", "refuse"]
+    tenant: str
+    limit_fen: int
+    spent_fen: int
+    incoming_fen: int
+    remaining_fen: int
+    """limit − spent (before the incoming work); may be negative after an over-cap adjustment."""
+    used_pct: int
+    """(spent + incoming) / limit, whole percent rounded down (what a warning names)."""
+    crossed_pct: tuple[int, ...] = ()
+    """Thresholds this work reaches that spending so far had not."""
+    message: str = ""
+
+
+def budget_problem(budget: Budget) -> str | None:
+    """What is wrong with a budget (naming the field), or None."""
+    if type(budget.limit_fen) is not int or budget.limit_fen < 0:  # noqa: E721
+        return f"limit_fen must be a non-negative int, got {budget.limit_fen!r}"
+    if budget.period not in ("day", "month"):
+        return f"period must be day or month, got {budget.period!r}"
+    if any(type(t) is not int or not 0 < t <= 100 for t in budget.thresholds_pct):  # noqa: E721
+        return f"thresholds_pct must be whole percents 1..100, got {budget.thresholds_pct!r}"
+    return None
+
+
+def _pct(amount: int, limit: int) -> int:
+    if limit == 0:
+        return 100  # a zero budget is at its limit
+    return int(Fraction(amount * 100, limit))  # floor for amount >= 0
+
+
+def check(budget: Budget, spent_fen: int, incoming_fen: int) -> BudgetDecision:
+    """May work estimated at ``incoming_fen`` go ahead when ``spent_fen`` is already spent this period?
+
+    Raises:
+        ValueError: a figure is not an int of fen, or the incoming estimate is negative.
+    """
+    for name, value in (("spent_fen", spent_fen), ("incoming_fen", incoming_fen)):
+        if type(value) is not int:  # noqa: E721
+            raise ValueError(f"{name} must be an int of fen, got {value!r}")
+    if incoming_fen < 0:
+        raise ValueError(f"incoming_fen must be >= 0, got {incoming_fen}")
+    limit = budget.limit_fen
+    after = spent_fen + incoming_fen
+    figures = dict(tenant=budget.tenant, limit_fen=limit, spent_fen=spent_fen, incoming_fen=incoming_fen,
+                   remaining_fen=limit - spent_fen, used_pct=_pct(after, limit))
+    if after > limit:
+        return BudgetDecision(
+            verdict="refuse", **figures,  # type: ignore[arg-type]
+            message=(f"budget exceeded: {money.cny_text(spent_fen)} of {money.cny_text(limit)} CNY spent this "
+                     f"{budget.period}, this needs up to {money.cny_text(incoming_fen)} CNY and "
+                     f"{money.cny_text(max(0, limit - spent_fen))} CNY remain"),
+        )
+    crossed = tuple(sorted(t for t in set(budget.thresholds_pct)
+                           if after * 100 >= t * limit and not spent_fen * 100 >= t * limit))
+    if crossed:
+        return BudgetDecision(
+            verdict="warn", crossed_pct=crossed, **figures,  # type: ignore[arg-type]
+            message=(f"budget {crossed[-1]}% reached: {money.cny_text(after)} of {money.cny_text(limit)} CNY "
+                     f"this {budget.period}"),
+        )
+    return BudgetDecision(verdict="allow", **figures)  # type: ignore[arg-type]
+
+
+def standing(budget: Budget, spent_fen: int) -> BudgetDecision:
+    """The tenant's position, for ``GET /v1/usage``: ``warn`` naming every threshold reached so
+    far (never ``refuse``: nothing is incoming), else ``allow``."""
+    if type(spent_fen) is not int:  # noqa: E721
+        raise ValueError(f"spent_fen must be an int of fen, got {spent_fen!r}")
+    limit = budget.limit_fen
+    reached = tuple(sorted(t for t in set(budget.thresholds_pct) if spent_fen * 100 >= t * limit))
+    pct = _pct(spent_fen, limit)
+    message = (f"budget {reached[-1]}% reached: {money.cny_text(spent_fen)} of {money.cny_text(limit)} CNY "
+               f"this {budget.period}" if reached else "")
+    return BudgetDecision(verdict="warn" if reached else "allow", tenant=budget.tenant, limit_fen=limit,
+                          spent_fen=spent_fen, incoming_fen=0, remaining_fen=limit - spent_fen, used_pct=pct,
+                          crossed_pct=reached, message=message)
+
+
+def period_bounds(period: Period, now: float) -> tuple[float, float]:
+    """[start, end) epoch seconds of the calendar day or month (China local time) holding ``now``."""
+    local = dt.datetime.fromtimestamp(now, _CHINA)
+    if period == "day":
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + dt.timedelta(days=1)
+    elif period == "month":
+        start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        end = (start.replace(year=start.year + 1, month=1) if start.month == 12
+               else start.replace(month=start.month + 1))
+    else:
+        raise ValueError(f"period must be day or month, got {period!r}")
+    return start.timestamp(), end.timestamp()

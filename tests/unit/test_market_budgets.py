@@ -1,0 +1,68 @@
+"""Tenant budgets (controlplane/market/budgets.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controlplane.market import budgets
+
+CN = dt.timezone(dt.timedelta(hours=8))
+B = budgets.Budget(tenant="acme", limit_fen=100_000)   # 1,000 CNY a month
+
+
+@pytest.mark.parametrize(("spent", "incoming", "verdict", "crossed"), [
+    (0, 10_000, "allow", ()),
+    (40_000, 10_000, "warn", (50,)),          # reaches 50 % exactly
+    (40_000, 45_000, "warn", (50, 80)),
+    (50_000, 10_000, "allow", ()),            # 50 % was already reached
+    (90_000, 10_000, "warn", (100,)),         # the limit exactly is still allowed
+    (90_000, 10_001, "refuse", ()),
+    (100_000, 0, "allow", ()),
+    (100_000, 1, "refuse", ()),
+])
+def test_check(spent: int, incoming: int, verdict: str, crossed: tuple[int, ...]) -> None:
+    d = budgets.check(B, spent, incoming)
+    assert (d.verdict, d.crossed_pct) == (verdict, crossed)
+    assert (d.limit_fen, d.spent_fen, d.incoming_fen, d.remaining_fen) == (100_000, spent, incoming, 100_000 - spent)
+
+
+def test_refusal_carries_the_figures_in_words() -> None:
+    d = budgets.check(B, 95_000, 8_000)
+    assert d.verdict == "refuse" and d.used_pct == 103
+    assert d.message == ("budget exceeded: 950.00 of 1000.00 CNY spent this month, this needs up to 80.00 CNY "
+                         "and 50.00 CNY remain")
+
+
+def test_standing_names_the_thresholds_reached() -> None:
+    assert budgets.standing(B, 10_000).verdict == "allow"
+    s = budgets.standing(B, 85_000)
+    assert (s.verdict, s.crossed_pct, s.used_pct) == ("warn", (50, 80), 85)
+    over = budgets.standing(B, 120_000)
+    assert over.crossed_pct == (50, 80, 100) and over.remaining_fen == -20_000
+
+
+def test_bad_figures() -> None:
+    with pytest.raises(ValueError, match="incoming_fen must be >= 0"):
+        budgets.check(B, 0, -1)
+    with pytest.raises(ValueError, match="int of fen"):
+        budgets.check(B, 0.5, 1)  # type: ignore[arg-type]
+    assert "thresholds_pct" in (budgets.budget_problem(budgets.Budget(tenant="a", limit_fen=1,
+                                                                      thresholds_pct=(0,))) or "")
+
+
+def test_periods_are_china_local_calendar_days_and_months() -> None:
+    now = dt.datetime(2026, 12, 31, 23, 30, tzinfo=CN).timestamp()
+    assert budgets.period_bounds("day", now) == (dt.datetime(2026, 12, 31, tzinfo=CN).timestamp(),
+                                                 dt.datetime(2027, 1, 1, tzinfo=CN).timestamp())
+    assert budgets.period_bounds("month", now) == (dt.datetime(2026, 12, 1, tzinfo=CN).timestamp(),
+                                                   dt.datetime(2027, 1, 1, tzinfo=CN).timestamp())
+
+
+@given(limit=st.integers(0, 10**9), spent=st.integers(0, 10**9), incoming=st.integers(0, 10**9))
+def test_refuse_exactly_when_the_limit_would_be_passed(limit: int, spent: int, incoming: int) -> None:
+    d = budgets.check(budgets.Budget(tenant="a", limit_fen=limit), spent, incoming)
+    assert (d.verdict == "refuse") == (spent + incoming > limit)
