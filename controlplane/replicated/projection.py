@@ -1,0 +1,127 @@
+"""A local read model of the record, kept current by watching it.
+
+What it promises:
+
+- Rule 1: ``start()`` returns once the projection holds the record as it was when the watch
+  began (rebuilt from the record, never from a local file), and keeps applying every later write
+  in revision order.
+- Rule 2: ``revision`` is the last revision applied; ``await wait_for(r)`` returns once every write
+  up to ``r`` is applied, so a process that wrote at revision ``r`` then reads its own write.
+- Rule 3: reads (``get``, ``items``) never touch the network: with NATS down they answer from the
+  last state seen (say how stale with ``revision``).
+- Rule 4: ``on_change`` is called for every applied change, initial state included (the next
+  session's SQLite projection plugs in here); an exception in it is counted, never stops the watch.
+
+It holds values as bytes; decoding into entity types is the caller's (``msgspec`` decoders).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+
+from controlplane.replicated.errors import NoQuorum
+from controlplane.replicated.kv import Change, Entry, Record, Watch
+
+_log = logging.getLogger("cpn.replicated")
+
+
+class Projection:
+    """An in-memory projection of ``record`` (keys under ``keys``, ``>`` for all).
+
+    Args:
+        record: the record to watch.
+        on_change: called with each :class:`Change` once applied.
+        keys: a KV key pattern (``job.>``) to project only part of the record.
+    """
+
+    def __init__(self, record: Record, *, on_change: Callable[[Change], None] | None = None,
+                 keys: str = ">") -> None:
+        self._record = record
+        self._on_change = on_change
+        self._keys = keys
+        self._values: dict[str, Entry] = {}
+        self.revision = 0
+        self.callback_errors = 0
+        self.ready = asyncio.Event()
+        self._advanced = asyncio.Condition()
+        self._watch: Watch | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Projection keys={len(self._values)} revision={self.revision} ready={self.ready.is_set()}>"
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Load the current state and follow later writes.
+
+        Raises:
+            NoQuorum: the watch could not be set up, or the initial state did not arrive in time.
+        """
+        self._watch = await self._record.watch(self._keys)
+        self._task = asyncio.create_task(self._run(self._watch), name="projection")
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.ready.wait()
+        except TimeoutError:
+            await self.stop()
+            raise NoQuorum(f"projection: initial state not loaded within {timeout_s:g} s") from None
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._watch = None
+        self._task = None
+
+    async def _run(self, watch: Watch) -> None:
+        async for change in watch:
+            if change is None:
+                self.ready.set()
+                continue
+            self.apply(change)
+            async with self._advanced:
+                self._advanced.notify_all()
+
+    def apply(self, change: Change) -> None:
+        """Apply one change (revision order; an older revision than the last applied is ignored)."""
+        if change.revision <= self.revision:
+            return
+        if change.value is None:
+            self._values.pop(change.key, None)
+        else:
+            self._values[change.key] = Entry(change.key, change.value, change.revision)
+        self.revision = change.revision
+        if self._on_change is not None:
+            try:
+                self._on_change(change)
+            except Exception:
+                self.callback_errors += 1
+                _log.exception("projection_callback_failed key=%s revision=%d", change.key, change.revision)
+
+    async def wait_for(self, revision: int, timeout_s: float = 5.0) -> None:
+        """Return once the projection has applied ``revision``.
+
+        Raises:
+            TimeoutError: not within ``timeout_s``.
+        """
+        if self.revision >= revision:
+            return
+        async with asyncio.timeout(timeout_s):
+            async with self._advanced:
+                await self._advanced.wait_for(lambda: self.revision >= revision)
+
+    def get(self, key: str) -> Entry | None:
+        return self._values.get(key)
+
+    def items(self, prefix: str = "") -> Iterator[Entry]:
+        """Entries whose key starts with ``prefix``, in no particular order."""
+        return (e for k, e in list(self._values.items()) if k.startswith(prefix))
+
+    def __len__(self) -> int:
+        return len(self._values)
