@@ -139,7 +139,10 @@ class Record:
         return record
 
     async def close(self) -> None:
-        await self._nc.close()
+        try:
+            await self._nc.close()
+        except (OSError, nats.errors.Error):
+            pass  # the servers are gone already: nothing left to flush
 
     async def _ensure_bucket(self, replicas: int) -> None:
         try:
