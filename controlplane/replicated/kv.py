@@ -12,16 +12,19 @@ What it promises:
   one stream only: a decision that writes a job, its attempt and a usage row commits them together.
 - Rule 2: a write returns only after the stream's leader has it stored on a quorum of the replicas
   (the JetStream publish acknowledgement of an R3 stream); the servers run with
-  ``sync_interval: always``, so that quorum has it on disk. No acknowledgement within ``timeout_s``
-  raises :class:`~.errors.NoQuorum`, never a silent success.
+  ``sync_interval: always``, so that quorum has it on disk. A write keeps trying through a stream
+  leader election (a node's loss) for up to ``write_deadline_s``; after that it raises
+  :class:`~.errors.NoQuorum`, never a silent success.
 - Rule 3: every update is conditional: ``create`` (the key must not exist), ``update(key, value,
   revision)`` (the key's last revision must be ``revision``), ``commit([...])`` (each write's own
   condition, all or nothing). A lost condition raises :class:`~.errors.Conflict`.
 - Rule 4: a commit may be fenced by a leader epoch (:class:`Fence`): it then also carries a check
   that ``sys.fence.<name>`` is still at revision ``epoch``, so once a newer leader has written the
   fence, nothing the old one commits can land (:class:`~.errors.Fenced`).
-- Rule 5: reads (``get``) go to the stream leader (no direct get from a replica that may lag), so a
-  compare-and-set prepared from them is up to date unless someone wrote since.
+- Rule 5: reads (``get``) are direct gets that any replica answers, so they go on during an
+  election; a replica may lag by a few writes, which a compare-and-set prepared from it then
+  finds out (Conflict). Reads that must include one's own write go through a projection's
+  ``wait_for(revision)``.
 """
 
 from __future__ import annotations
@@ -44,8 +47,19 @@ from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, NotFound,
 
 BUCKET = "CPN_RECORD"
 REPLICAS = 3
+WRITE_DEADLINE_S = 12.0
+"""Default time a write keeps retrying. It must outlast a stream leader election after the loss of
+the node that led it: nats-server's Raft waits 4-9 s (fixed, not configurable) before a follower
+campaigns, so a shorter deadline turns the loss of one node of three into errors."""
 MAX_BATCH = 1000
 """nats-server's default limit of messages in one atomic batch."""
+
+# JetStream headers, as plain strings (nats-py's api.Header is a str Enum).
+_EXPECT_SUBJECT_SEQ = api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
+_EXPECT_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"  # nats-server 2.11+; not in nats-py
+_BATCH_ID = api.Header.BATCH_ID.value
+_BATCH_SEQUENCE = api.Header.BATCH_SEQUENCE.value
+_BATCH_COMMIT = api.Header.BATCH_COMMIT.value
 
 FENCE_PREFIX = "sys.fence."
 FENCE_CHECK_PREFIX = "sys.fenced."
@@ -96,26 +110,34 @@ def key(kind: str, ident: str) -> str:
 class Record:
     """A connection to the record bucket. Make one with :meth:`open`; ``close()`` when done."""
 
-    def __init__(self, nc: Client, bucket: str, timeout_s: float) -> None:
+    def __init__(self, nc: Client, bucket: str, timeout_s: float, write_deadline_s: float) -> None:
         self._nc = nc
         self._js = nc.jetstream(timeout=timeout_s)
         self.bucket = bucket
         self.timeout_s = timeout_s
+        self.write_deadline_s = write_deadline_s
         self._stream = f"KV_{bucket}"
         self._pre = f"$KV.{bucket}."
-        self._kv = KeyValue(name=bucket, stream=self._stream, pre=self._pre, js=self._js, direct=False)
+        self._kv = KeyValue(name=bucket, stream=self._stream, pre=self._pre, js=self._js, direct=True)
         self.writes = 0
+        self.retries = 0
         self.conflicts = 0
         self.no_quorum = 0
 
     def __repr__(self) -> str:
-        return (f"<Record {self.bucket} writes={self.writes} conflicts={self.conflicts} "
+        return (f"<Record {self.bucket} writes={self.writes} conflicts={self.conflicts} retries={self.retries} "
                 f"no_quorum={self.no_quorum} connected={self._nc.is_connected}>")
 
     @classmethod
     async def open(cls, servers: Sequence[str], *, bucket: str = BUCKET, replicas: int = REPLICAS,
-                   timeout_s: float = 2.0, name: str = "cpn-record", create: bool = True) -> Record:
+                   timeout_s: float = 2.0, write_deadline_s: float = WRITE_DEADLINE_S, name: str = "cpn-record",
+                   create: bool = True) -> Record:
         """Connect (to any of ``servers``; reconnecting forever) and make sure the bucket exists.
+
+        Args:
+            timeout_s: how long one request waits for its answer.
+            write_deadline_s: how long a write keeps retrying (no stream leader, no answer) before
+                it raises :class:`~.errors.NoQuorum`.
 
         Raises:
             NoQuorum: the bucket could not be created or found within the deadline.
@@ -129,7 +151,7 @@ class Record:
             reconnect_time_wait=0.1, ping_interval=1, max_outstanding_pings=2,
             error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet,
         )
-        record = cls(nc, bucket, timeout_s)
+        record = cls(nc, bucket, timeout_s, write_deadline_s)
         try:
             if create:
                 await record._ensure_bucket(replicas)
@@ -150,7 +172,7 @@ class Record:
         except nats.js.errors.NotFoundError:
             try:
                 await self._js.create_key_value(api.KeyValueConfig(
-                    bucket=self.bucket, history=1, replicas=replicas, storage=api.StorageType.FILE))
+                    bucket=self.bucket, history=1, replicas=replicas, storage=api.StorageType.FILE, direct=True))
             except nats.js.errors.BadRequestError:
                 pass  # another process created it first
             except _TRANSIENT as exc:
@@ -158,10 +180,11 @@ class Record:
             info = await self._js.stream_info(self._stream)
         except _TRANSIENT as exc:
             raise NoQuorum(f"cannot read bucket {self.bucket}: {exc!r}") from None
-        if not info.config.allow_atomic:
+        if not (info.config.allow_atomic and info.config.allow_direct):
             # nats-py's KeyValueConfig has no switch for atomic batches; the stream has.
             config = info.config
             config.allow_atomic = True
+            config.allow_direct = True
             try:
                 await self._js.update_stream(config)
             except _TRANSIENT as exc:
@@ -206,8 +229,8 @@ class Record:
 
     async def delete(self, key: str, revision: int) -> int:
         """Delete ``key`` if its last revision is ``revision`` (a delete marker, as nats-py writes)."""
-        return await self._publish(self._pre + key, b"", {"KV-Operation": "DEL",
-                                   api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(revision)}, key)
+        messages = [(self._pre + key, b"", {"KV-Operation": "DEL", _EXPECT_SUBJECT_SEQ: str(revision)})]
+        return (await self._send(messages, [], key))[0]
 
     async def commit(self, writes: Sequence[Write], fence: Fence | None = None) -> list[int]:
         """Apply ``writes`` all together or not at all; return their revisions, in order.
@@ -221,14 +244,14 @@ class Record:
         """
         messages: list[tuple[str, bytes, dict[str, str]]] = []
         for w in writes:
-            headers = {}
+            headers: dict[str, str] = {}
             if w.revision is not None:
-                headers[api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(w.revision)
+                headers[_EXPECT_SUBJECT_SEQ] = str(w.revision)
             messages.append((self._pre + w.key, w.value, headers))
         if fence is not None:
             messages.append((self._pre + FENCE_CHECK_PREFIX + fence.name, str(fence.epoch).encode(), {
-                api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(fence.epoch),
-                "Nats-Expected-Last-Subject-Sequence-Subject": self._pre + fence.key,
+                _EXPECT_SUBJECT_SEQ: str(fence.epoch),
+                _EXPECT_SUBJECT_SEQ_SUBJECT: self._pre + fence.key,
             }))
         if not messages:
             return []
@@ -236,17 +259,12 @@ class Record:
             raise ValueError(f"at most {MAX_BATCH} writes in one commit (got {len(messages)})")
         first_key = writes[0].key if writes else FENCE_CHECK_PREFIX
         try:
-            if len(messages) == 1:
-                subject, value, headers = messages[0]
-                last = await self._publish(subject, value, headers, first_key)
-            else:
-                last = await self._batch(messages, first_key)
+            revisions = await self._send(messages, writes, first_key)
         except Conflict:
             if fence is not None and await self._fence_moved(fence):
                 raise Fenced(f"epoch {fence.epoch} of {fence.name!r} is not the current one", fence.key) from None
             raise
-        first = last - len(messages) + 1  # an atomic batch is stored contiguously
-        return [first + i for i in range(len(writes))]
+        return revisions[:len(writes)]
 
     async def _fence_moved(self, fence: Fence) -> bool:
         try:
@@ -256,30 +274,76 @@ class Record:
         except NoQuorum:
             return False
 
-    async def _publish(self, subject: str, value: bytes, headers: dict[str, str], key: str) -> int:
-        try:
-            msg = await self._nc.request(subject, value, timeout=self.timeout_s, headers=headers or None)
-        except _TRANSIENT as exc:
-            self.no_quorum += 1
-            raise NoQuorum(f"write {key}: no acknowledgement within {self.timeout_s:g} s ({type(exc).__name__})") from None
-        return self._ack(msg.data, key)
+    async def _send(self, messages: list[tuple[str, bytes, dict[str, str]]], writes: Sequence[Write],
+                    key: str) -> list[int]:
+        """Send one message or one atomic batch; retry what is safe to retry until the deadline.
 
-    async def _batch(self, messages: list[tuple[str, bytes, dict[str, str]]], key: str) -> int:
+        Returns the revisions of the messages, in order. Retries:
+        - no responders / JetStream unavailable: no stream leader took the message (an election
+          after a node's loss takes nats-server 4-9 s): send again;
+        - no acknowledgement (timeout, connection lost): the outcome is unknown; send again, and
+          if that conflicts, read back: when every key holds what we wrote, the first send landed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.write_deadline_s
+        uncertain = False
+        backoff_s = 0.05
+        last_error = "no attempt"
+        while True:
+            attempt_s = min(self.timeout_s, max(0.05, deadline - loop.time()))
+            try:
+                data = await self._attempt(messages, attempt_s)
+                last = self._ack(data, key)
+                return [last - len(messages) + 1 + i for i in range(len(messages))]  # a batch is contiguous
+            except _NotTaken as exc:
+                last_error = str(exc)
+            except nats.errors.NoRespondersError:
+                last_error = "no stream leader"  # nobody took it: safe to send again
+            except _TRANSIENT as exc:
+                uncertain = True
+                last_error = type(exc).__name__
+            except Conflict:
+                if uncertain:
+                    landed = await self._landed(writes)
+                    if landed is not None:
+                        return landed + [0] * (len(messages) - len(landed))
+                raise
+            if loop.time() + backoff_s >= deadline:
+                self.no_quorum += 1
+                raise NoQuorum(f"write {key}: not acknowledged by a quorum within {self.write_deadline_s:g} s "
+                               f"({last_error}){'; it may have been applied' if uncertain else ''}")
+            self.retries += 1
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 0.5)
+
+    async def _attempt(self, messages: list[tuple[str, bytes, dict[str, str]]], timeout_s: float) -> bytes:
+        if len(messages) == 1:
+            subject, value, headers = messages[0]
+            msg = await self._nc.request(subject, value, timeout=timeout_s, headers=headers or None)
+            return bytes(msg.data)
         batch_id = secrets.token_hex(16)
         n = len(messages)
-        try:
-            for i, (subject, value, headers) in enumerate(messages, 1):
-                headers = {**headers, api.Header.BATCH_ID: batch_id, api.Header.BATCH_SEQUENCE: str(i)}
-                if i < n:
-                    await self._nc.publish(subject, value, headers=headers)
-                else:
-                    headers[api.Header.BATCH_COMMIT] = "1"
-                    msg = await self._nc.request(subject, value, timeout=self.timeout_s, headers=headers)
-        except _TRANSIENT as exc:
-            self.no_quorum += 1
-            raise NoQuorum(f"commit of {n} writes ({key}, ...): no acknowledgement within {self.timeout_s:g} s "
-                           f"({type(exc).__name__})") from None
-        return self._ack(msg.data, key)
+        for i, (subject, value, headers) in enumerate(messages, 1):
+            headers = {**headers, _BATCH_ID: batch_id, _BATCH_SEQUENCE: str(i)}
+            if i < n:
+                await self._nc.publish(subject, value, headers=headers)
+            else:
+                headers[_BATCH_COMMIT] = "1"
+                msg = await self._nc.request(subject, value, timeout=timeout_s, headers=headers)
+        return bytes(msg.data)
+
+    async def _landed(self, writes: Sequence[Write]) -> list[int] | None:
+        """After an unacknowledged send: the revisions of ``writes`` if every key holds our value."""
+        revisions = []
+        for w in writes:
+            try:
+                entry = await self.get(w.key)
+            except RecordError:
+                return None
+            if entry.value != w.value:
+                return None
+            revisions.append(entry.revision)
+        return revisions
 
     def _ack(self, data: bytes, key: str) -> int:
         try:
@@ -294,8 +358,7 @@ class Record:
                 self.conflicts += 1
                 raise Conflict(f"write {key}: {description}", key)
             if code in _UNAVAILABLE or int(error.get("code") or 0) == 503:
-                self.no_quorum += 1
-                raise NoQuorum(f"write {key}: {description}")
+                raise _NotTaken(description)
             raise RecordError(f"write {key}: {description} (err_code {code})")
         self.writes += 1
         return int(ack["seq"])
@@ -333,6 +396,10 @@ class Watch:
             await self._watcher.stop()
         except (nats.errors.Error, asyncio.TimeoutError):
             pass  # connection gone: nothing left to unsubscribe
+
+
+class _NotTaken(Exception):
+    """JetStream answered that it cannot take the write now (no leader, no quorum): not applied."""
 
 
 _TRANSIENT: tuple[type[BaseException], ...] = (

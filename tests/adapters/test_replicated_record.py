@@ -45,7 +45,7 @@ async def test_bucket_is_r3_with_atomic_batches(record: kv.Record, cluster: Nats
     assert jsz["config"]["sync_always"] is True
     info = await record._js.stream_info(f"KV_{kv.BUCKET}")
     assert info.config.num_replicas == 3
-    assert info.config.allow_atomic is True
+    assert info.config.allow_atomic is True and info.config.allow_direct is True
     # a second process opening the record finds the bucket as it is
     again = await kv.Record.open(cluster.urls)
     await again.close()
