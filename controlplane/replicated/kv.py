@@ -63,6 +63,10 @@ _BATCH_COMMIT = api.Header.BATCH_COMMIT.value
 
 FENCE_PREFIX = "sys.fence."
 FENCE_CHECK_PREFIX = "sys.fenced."
+"""A fenced commit's check message goes to ``sys.fenced.<name>``. nats-server refuses a
+subject-sequence check while another check of the same subject is still being replicated (error
+10164, a bare "wrong last sequence"), so one process's fenced commits go one at a time (a lock per
+fence): a leader commits a whole tick's decisions in one batch rather than many small ones."""
 
 _WRONG_LAST_SEQUENCE = {10071, 10164}
 _UNAVAILABLE = {10008, 10023}  # JetStream temporarily unavailable; JetStream not enabled / not ready
@@ -121,6 +125,7 @@ class Record:
         self._kv = KeyValue(name=bucket, stream=self._stream, pre=self._pre, js=self._js, direct=True)
         self.writes = 0
         self.retries = 0
+        self._fence_locks: dict[str, asyncio.Lock] = {}
         self.conflicts = 0
         self.no_quorum = 0
 
@@ -259,12 +264,22 @@ class Record:
             raise ValueError(f"at most {MAX_BATCH} writes in one commit (got {len(messages)})")
         first_key = writes[0].key if writes else FENCE_CHECK_PREFIX
         try:
-            revisions = await self._send(messages, writes, first_key)
+            if fence is None:
+                revisions = await self._send(messages, writes, first_key)
+            else:
+                async with self._fence_lock(fence.name):
+                    revisions = await self._send(messages, writes, first_key)
         except Conflict:
             if fence is not None and await self._fence_moved(fence):
                 raise Fenced(f"epoch {fence.epoch} of {fence.name!r} is not the current one", fence.key) from None
             raise
         return revisions[:len(writes)]
+
+    def _fence_lock(self, name: str) -> asyncio.Lock:
+        lock = self._fence_locks.get(name)
+        if lock is None:
+            lock = self._fence_locks[name] = asyncio.Lock()
+        return lock
 
     async def _fence_moved(self, fence: Fence) -> bool:
         try:

@@ -9,7 +9,9 @@ What it promises:
   up to ``r`` is applied, so a process that wrote at revision ``r`` then reads its own write.
 - Rule 3: reads (``get``, ``items``) never touch the network: with NATS down they answer from the
   last state seen (say how stale with ``revision``).
-- Rule 4: ``on_change`` is called for every applied change, initial state included (the next
+- Rule 4: the record's own fence checks (``sys.fenced.*``, one per fenced commit, expiring) are
+  not held: they only advance ``revision``.
+- Rule 5: ``on_change`` is called for every applied change, initial state included (the next
   session's SQLite projection plugs in here); an exception in it is counted, never stops the watch.
 
 It holds values as bytes; decoding into entity types is the caller's (``msgspec`` decoders).
@@ -22,7 +24,7 @@ import logging
 from collections.abc import Callable, Iterator
 
 from controlplane.replicated.errors import NoQuorum
-from controlplane.replicated.kv import Change, Entry, Record, Watch
+from controlplane.replicated.kv import FENCE_CHECK_PREFIX, Change, Entry, Record, Watch
 
 _log = logging.getLogger("cpn.replicated")
 
@@ -91,6 +93,9 @@ class Projection:
     def apply(self, change: Change) -> None:
         """Apply one change (revision order; an older revision than the last applied is ignored)."""
         if change.revision <= self.revision:
+            return
+        if change.key.startswith(FENCE_CHECK_PREFIX):  # a fenced commit's check: not state
+            self.revision = change.revision
             return
         if change.value is None:
             self._values.pop(change.key, None)
