@@ -348,7 +348,10 @@ class Record:
         return bytes(msg.data)
 
     async def _landed(self, writes: Sequence[Write]) -> list[int] | None:
-        """After an unacknowledged send: the revisions of ``writes`` if every key holds our value."""
+        """After an unacknowledged send: the revisions of ``writes`` if every key holds our value
+        (None when that cannot be shown, e.g. for a delete: the caller sees the Conflict)."""
+        if not writes:
+            return None
         revisions = []
         for w in writes:
             try:
