@@ -46,6 +46,8 @@ class LeaderElector:
         config: lease timings.
         on_started_leading: called with the epoch when this process starts leading.
         on_stopped_leading: called (with a reason) when it stops, before any other may lead.
+            Both run inside the election loop: keep them short (start or cancel tasks), since
+            no renewal is sent while they run.
         clock: monotonic seconds (injected; ``time.monotonic`` live).
     """
 
