@@ -19,11 +19,13 @@ class RecordError(Exception):
 
 
 class Conflict(RecordError):
-    """A compare-and-set lost; ``key`` names the key whose revision did not match (when known)."""
+    """A compare-and-set lost; ``key`` names the key whose revision did not match (when known).
+    ``in_flight``: the server said only that another write to the key was still being replicated."""
 
-    def __init__(self, message: str, key: str = "") -> None:
+    def __init__(self, message: str, key: str = "", *, in_flight: bool = False) -> None:
         super().__init__(message)
         self.key = key
+        self.in_flight = in_flight
 
 
 class Fenced(Conflict):

@@ -317,12 +317,18 @@ class Record:
             except _TRANSIENT as exc:
                 uncertain = True
                 last_error = type(exc).__name__
-            except Conflict:
-                if uncertain:
-                    landed = await self._landed(writes)
-                    if landed is not None:
-                        return landed + [0] * (len(messages) - len(landed))
-                raise
+            except Conflict as conflict:
+                if not uncertain:
+                    raise
+                landed = await self._landed(writes)
+                if landed is not None:
+                    return landed + [0] * (len(messages) - len(landed))
+                if not conflict.in_flight:
+                    raise
+                # "a write to this key is still being replicated": most likely our own unanswered
+                # one (no quorum to commit it). Still unknown: keep trying until the deadline.
+                self.conflicts -= 1
+                last_error = "our earlier send still in flight"
             if loop.time() + backoff_s >= deadline:
                 self.no_quorum += 1
                 raise NoQuorum(f"write {key}: not acknowledged by a quorum within {self.write_deadline_s:g} s "
@@ -374,7 +380,9 @@ class Record:
             description = str(error.get("description") or "")
             if code in _WRONG_LAST_SEQUENCE:
                 self.conflicts += 1
-                raise Conflict(f"write {key}: {description}", key)
+                # 10164: the bare "wrong last sequence" a clustered stream answers while another
+                # write to the key (or check of the fence) is still being replicated
+                raise Conflict(f"write {key}: {description}", key, in_flight=code == 10164)
             if code in _UNAVAILABLE or int(error.get("code") or 0) == 503:
                 raise _NotTaken(description)
             raise RecordError(f"write {key}: {description} (err_code {code})")

@@ -15,6 +15,11 @@ What it promises:
   session's SQLite projection plugs in here); an exception in it is counted, never stops the watch.
 
 It holds values as bytes; decoding into entity types is the caller's (``msgspec`` decoders).
+- Rule 6: a watch can stop delivering without a word (nats-py's ordered consumer does not always
+  come back when the node holding it dies): while the whole record is projected (``keys=">"``),
+  the projection compares its revision with the record's every ``check_s`` and, if the record
+  stays ahead for ``stall_s``, starts a new watch; its snapshot (every key's last value, deletes
+  as markers) brings the projection up to date.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ class Projection:
         record: the record to watch.
         on_change: called with each :class:`Change` once applied.
         keys: a KV key pattern (``job.>``) to project only part of the record.
+        check_s: how often to compare the record's last revision with ours (0: never).
+        stall_s: how long the record may stay ahead of us before the watch is restarted.
     """
 
     def __init__(self, record: Record, *, on_change: Callable[[Change], None] | None = None,
-                 keys: str = ">") -> None:
+                 keys: str = ">", check_s: float = 1.0, stall_s: float = 2.0) -> None:
         self._record = record
         self._on_change = on_change
         self._keys = keys
@@ -50,6 +57,12 @@ class Projection:
         self._advanced = asyncio.Condition()
         self._watch: Watch | None = None
         self._task: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self.check_s = check_s
+        self.stall_s = stall_s
+        self.restarts = 0
+        self._floor = 0
+        self._advanced_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Projection keys={len(self._values)} revision={self.revision} ready={self.ready.is_set()}>"
@@ -68,8 +81,21 @@ class Projection:
         except TimeoutError:
             await self.stop()
             raise NoQuorum(f"projection: initial state not loaded within {timeout_s:g} s") from None
+        self._advanced_at = asyncio.get_running_loop().time()
+        if self._keys == ">" and self.check_s > 0:
+            self._supervisor = asyncio.create_task(self._supervise(), name="projection-supervisor")
 
     async def stop(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._supervisor = None
+        await self._stop_watch()
+
+    async def _stop_watch(self) -> None:
         if self._watch is not None:
             await self._watch.stop()
         if self._task is not None:
@@ -81,12 +107,35 @@ class Projection:
         self._watch = None
         self._task = None
 
+    async def _supervise(self) -> None:
+        """Restart a watch that stopped delivering (Rule 6)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.check_s)
+            try:
+                last = await self._record.last_revision()
+            except NoQuorum:
+                continue  # no stream leader now: nothing new can have been written either
+            if last <= max(self.revision, self._floor) or loop.time() - self._advanced_at < self.stall_s:
+                continue
+            self.restarts += 1
+            _log.warning("projection_watch_restart revision=%d record_revision=%d", self.revision, last)
+            await self._stop_watch()
+            try:
+                self._watch = await self._record.watch(self._keys)
+            except NoQuorum:
+                continue
+            self._floor = last  # the new watch's snapshot covers every write up to here
+            self._advanced_at = loop.time()
+            self._task = asyncio.create_task(self._run(self._watch), name="projection")
+
     async def _run(self, watch: Watch) -> None:
         async for change in watch:
             if change is None:
                 self.ready.set()
                 continue
             self.apply(change)
+            self._advanced_at = asyncio.get_running_loop().time()
             async with self._advanced:
                 self._advanced.notify_all()
 

@@ -159,3 +159,20 @@ async def test_concurrent_fenced_commits_of_one_leader_all_land(record: kv.Recor
     revisions = await asyncio.gather(*(record.commit([kv.Write(f"job.c{i}", b"x", 0), kv.Write(f"attempt.c{i}-1", b"y", 0)],
                                                      fence=fence) for i in range(20)))
     assert len({r[0] for r in revisions}) == 20 and record.conflicts == 0
+
+
+async def test_projection_restarts_a_watch_that_went_silent(record: kv.Record) -> None:
+    # what a watch looks like after the node holding its consumer died and nats-py did not recover
+    projection = Projection(record, check_s=0.2, stall_s=0.4)
+    await projection.start()
+    try:
+        assert projection._watch is not None
+        await projection._watch.stop()
+        rev = await record.create("job.after-silence", b"1")
+        await record.delete("job.after-silence", rev)
+        rev = await record.create("job.seen", b"2")
+        await projection.wait_for(rev, timeout_s=5)
+        assert projection.restarts >= 1
+        assert projection.get("job.seen") is not None and projection.get("job.after-silence") is None
+    finally:
+        await projection.stop()
