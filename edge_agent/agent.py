@@ -40,6 +40,8 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import BusError
 from edge_agent.events import EventPublisher
 from edge_agent.executors import Executor
+from edge_agent.fencing import FILE_NAME as EPOCH_FILE
+from edge_agent.fencing import EpochFence
 from edge_agent.inference import InferenceService
 from edge_agent.inventory import READY, Inventory
 from edge_agent.logs import log
@@ -124,6 +126,7 @@ class Agent:
         self.events = EventPublisher(self.bus, self.outbox, timeout_s=config.bus.event_timeout_s,
                                      backoff_max_s=config.bus.event_backoff_max_s, rng=self._rng)
         self.journal = AttemptJournal(data / "attempts") if data else None
+        self.fence = EpochFence(data / EPOCH_FILE if data else None)
         self.training = Training(self.site, self.inventory, _make_executors(config), self._emit, self.journal)
         self.registered = asyncio.Event()
         self.hub = ""
@@ -407,6 +410,13 @@ class Agent:
                                retryable=True)
 
     async def _dispatch(self, cmd: Any) -> wire.Ack | wire.ErrorReply:
+        epoch = getattr(cmd, "epoch", 0)
+        if not self.fence.admit(epoch):
+            self.counters["stale_epoch"] += 1
+            log(logging.WARNING, "stale_epoch", site=self.site, cmd=type(cmd).__name__, epoch=epoch,
+                highest=self.fence.highest)
+            return wire.ErrorReply(code="stale_epoch", message=f"epoch {epoch} is older than {self.fence.highest}, "
+                                   f"the newest leader's this site has seen")
         match cmd:
             case wire.LoadModel():
                 if self.draining:

