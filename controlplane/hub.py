@@ -88,7 +88,7 @@ class Hub:
             on_heartbeat=self._on_heartbeat,
             on_disconnect=self._on_bus_down,
             on_reconnect=self._on_bus_up,
-            strict_inboxes=config.strict_inboxes,
+            strict_inboxes=config.strict_inboxes if config.strict_inboxes is not None else bool(config.nats_user),
             site_limits=config.site_limits,
             tls_ca=config.nats_tls_ca,
             tls_cert=config.nats_tls_cert,
@@ -153,7 +153,7 @@ class Hub:
                                          local_model_tenants=frozenset(self.config.local_model_tenants)))
         self.registry.remember(static)
         await self.bus.connect()
-        await self.bus.ensure_event_stream(self.config.event_stream_replicas)
+        await self.bus.ensure_event_stream(self.config.event_stream_replicas or (3 if self.bus.clustered else 1))
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
         for service in self.services:
             await service.start()
