@@ -202,13 +202,13 @@ def run_nats_config(args: argparse.Namespace) -> int:
     for site in sites:
         _write(out / "creds" / f"{site}.json", natsconf.credentials_file(
             creds.sites[site], client_urls, tls=natsconf.tls_files(tls_dir, natsconf.site_user(site))))
-    _write(out / "README.md", _readme(sites, hosts, hub_urls, args, monitor), mode=0o644)
+    _write(out / "README.md", _readme(sites, hosts, hub_urls, args, monitor, tls_dir), mode=0o644)
     print(f"wrote nats-server configs and credentials for {len(sites)} sites to {out}", file=sys.stderr)
     return 0
 
 
 def _readme(sites: list[str], hosts: list[str], hub_urls: list[str], args: argparse.Namespace,
-            monitor: str | None) -> str:
+            monitor: str | None, tls_dir: str) -> str:
     example = sites[0]
     watch = f"monitoring on {monitor}" if monitor else "no monitoring port"
     return f"""# NATS configuration for cpn ({len(sites)} sites)
@@ -230,7 +230,7 @@ step) and docs/security.md (the permission matrix and the reasoning) in the cpn 
 
 All files except this README and the certificates (`*.pem` without `-key`) are mode 0600: copy
 them with their mode (e.g. `install -m 0600`). Every config names the certificate files where the
-configs say ({args.tls_dir or 'DIR/tls'}, `--tls-dir`); install them there.
+configs say ({tls_dir}, `--tls-dir`); install them there.
 
 Every link is TLS: clients verify the server's certificate (CA and host name: the server
 certificates carry the cluster hosts, the hosts of `--client-url`/`--hub-url` and every
