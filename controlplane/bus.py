@@ -213,6 +213,13 @@ class HubBus:
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
 
+    @property
+    def clustered(self) -> bool:
+        """Whether the connected server belongs to a cluster (the ``cluster`` field of its INFO;
+        nats-py keeps INFO in a private attribute, read here only)."""
+        info = getattr(self.nc, "_server_info", None) or {}
+        return bool(info.get("cluster"))
+
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect (retrying until ``timeout_s``) and subscribe to registrations and heartbeats."""
 

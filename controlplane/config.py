@@ -63,10 +63,13 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     default_burst: int = 400
     usage_flush_s: float = 1.0
     scheduler_tick_s: float = 0.5
-    event_stream_replicas: int = 1
-    strict_inboxes: bool = False
-    """Drop registrations whose reply subject is not in the site's own inbox (on with per-site
-    NATS identities, where agents use ``_INBOX.<site>``)."""
+    event_stream_replicas: int = 0
+    """Replicas of the ``CPN_EVENTS`` stream. 0 (default): 3 when the NATS server the hub connects
+    to is part of a cluster (its INFO names one), else 1."""
+    strict_inboxes: bool | None = None
+    """Drop registrations whose reply subject is not in the site's own inbox (agents always use
+    ``_INBOX.<site>``). None (default): on when the hub authenticates to NATS (``nats_user``), i.e.
+    with the per-site identities of ``cpn deploy nats-config``; off for an open development server."""
     seed: int | None = None
     """Seed of the router's random choices (None: from the OS)."""
     sim_time_scale: float = 1.0

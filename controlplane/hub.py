@@ -88,7 +88,7 @@ class Hub:
             on_heartbeat=self._on_heartbeat,
             on_disconnect=self._on_bus_down,
             on_reconnect=self._on_bus_up,
-            strict_inboxes=config.strict_inboxes,
+            strict_inboxes=config.strict_inboxes if config.strict_inboxes is not None else bool(config.nats_user),
             site_limits=config.site_limits,
             tls_ca=config.nats_tls_ca,
             tls_cert=config.nats_tls_cert,
@@ -153,7 +153,8 @@ class Hub:
                                          local_model_tenants=frozenset(self.config.local_model_tenants)))
         self.registry.remember(static)
         await self.bus.connect()
-        await self.bus.ensure_event_stream(self.config.event_stream_replicas)
+        replicas = self.config.event_stream_replicas or (3 if self.bus.clustered else 1)
+        await self.bus.ensure_event_stream(replicas)
         self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
         for service in self.services:
             await service.start()
@@ -162,7 +163,8 @@ class Hub:
             from controlplane.gateway import server
 
             self.gateway = await server.start(self, self.config.listen_host, self.config.listen_port)
-        log.info("event=hub_started hub=%s nats=%s db=%s", self.config.hub_id, self.config.nats_url, self.config.db_path)
+        log.info("event=hub_started hub=%s nats=%s db=%s event_replicas=%d strict_inboxes=%s", self.config.hub_id,
+                 self.config.nats_url, self.config.db_path, replicas, self.bus.strict_inboxes)
 
     async def stop(self) -> None:
         """Stop serving HTTP, stop services and loops, close NATS and the database."""

@@ -75,6 +75,8 @@ DEFAULT_CLUSTER_PORT = 6222
 DEFAULT_LEAFNODE_PORT = 7422
 DEFAULT_GATEWAY_PORT = 7222
 DEFAULT_STORE_DIR = "/var/lib/cpn/nats"
+DEFAULT_MONITOR = "127.0.0.1:8222"
+DEFAULT_SITE_LISTEN = f"127.0.0.1:{DEFAULT_CLIENT_PORT}"
 
 
 class Credentials(msgspec.Struct, frozen=True, kw_only=True):
@@ -390,6 +392,7 @@ def cluster_configs(
     tls: Mapping[str, TlsFiles] | None = None,
     gateway_port: int = DEFAULT_GATEWAY_PORT,
     gateways: Mapping[str, Sequence[str]] | None = None,
+    listen_host: str = "0.0.0.0",
 ) -> dict[str, str]:
     """Configs of an ``n``-node JetStream cluster, by node name (``node-1`` ...).
 
@@ -417,7 +420,7 @@ def cluster_configs(
     out: dict[str, str] = {}
     for name, host in zip(names, hosts):
         files = tls[name] if tls is not None else None
-        doc: dict[str, Any] = {"server_name": name, "listen": f"0.0.0.0:{client_port}"}
+        doc: dict[str, Any] = {"server_name": name, "listen": f"{listen_host}:{client_port}"}
         if files is not None:
             doc["tls"] = files.block(verify=False)
         if monitor:
@@ -425,21 +428,21 @@ def cluster_configs(
         doc["jetstream"] = {"store_dir": store_dir}
         doc["cluster"] = {
             "name": cluster_name,
-            "listen": f"0.0.0.0:{cluster_port}",
+            "listen": f"{listen_host}:{cluster_port}",
             "authorization": {"user": route.user, "password": route.password},
             "routes": [
                 f"nats-route://{route.user}:{route.password}@{other}:{cluster_port}"
                 for other in hosts if other != host
             ],
         }
-        doc["leafnodes"] = {"listen": f"0.0.0.0:{leafnode_port}"}
+        doc["leafnodes"] = {"listen": f"{listen_host}:{leafnode_port}"}
         if files is not None:
             doc["cluster"]["tls"] = files.block(verify=True)
             doc["leafnodes"]["tls"] = files.block(verify=True)
         if gateways:
             doc["gateway"] = {
                 "name": cluster_name,
-                "listen": f"0.0.0.0:{gateway_port}",
+                "listen": f"{listen_host}:{gateway_port}",
                 "gateways": [{"name": gw, "urls": list(urls)} for gw, urls in gateways.items()],
             }
             if files is not None:

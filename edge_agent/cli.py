@@ -2,7 +2,9 @@
 
 ``cpn agent --config site.toml`` or flags (``--site``, ``--nats``, ``--cards H20=8,910B=4`` ...);
 with both, the flags given override the file's top-level keys. The NATS password may also come
-from the environment variable ``CPN_NATS_PASSWORD`` (kept out of ``ps``).
+from the environment variable ``CPN_NATS_PASSWORD`` (kept out of ``ps``). ``--creds FILE`` takes
+``creds/<site>.json`` of ``cpn deploy nats-config`` (connecting straight to the hub's NATS): its
+server URLs, user, password and TLS files replace the file's; flags still win.
 
 Exit codes: 0 after a clean stop, 2 on a bad config or flags (one line on stderr naming the key).
 """
@@ -35,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--region")
     parser.add_argument("--user", help="NATS user")
     parser.add_argument("--password", help="NATS password (or set CPN_NATS_PASSWORD)")
+    parser.add_argument("--creds", metavar="FILE",
+                        help="creds/<site>.json from `cpn deploy nats-config`: servers, user, password, TLS files "
+                             "(direct connection to the hub's NATS; not with a leaf node at the site)")
     parser.add_argument("--backend", choices=["sim", "openai-http"])
     parser.add_argument("--backend-url", help="base URL of the local OpenAI-compatible server")
     parser.add_argument("--model", action="append", default=[], metavar="NAME[:cards[:slots]]",
@@ -54,8 +59,14 @@ def config_from_args(args: argparse.Namespace) -> agent_config.AgentConfig:
     """
     password = args.password if args.password is not None else os.environ.get("CPN_NATS_PASSWORD")
     nats = (args.nats[0] if len(args.nats) == 1 else args.nats) if args.nats else None
-    if args.config:
-        base = agent_config.to_dict(agent_config.load(args.config))
+    creds = agent_config.read_creds(args.creds) if getattr(args, "creds", None) else {}
+    if args.config or creds:
+        base = agent_config.to_dict(agent_config.load(args.config)) if args.config else {}
+        if creds:
+            if base.get("site") not in (None, creds["site"]) or args.site not in (None, creds["site"]):
+                raise ConfigError(f"--creds: {args.creds} holds site {creds['site']!r}'s credentials, "
+                                  f"not {args.site or base.get('site')!r}'s")
+            base.update(creds)
         overrides = {"site": args.site, "nats": nats, "tier": args.tier, "city": args.city,
                      "provider": args.provider, "region": args.region, "user": args.user,
                      "password": password, "data_dir": args.data_dir, "heartbeat_s": args.heartbeat_s}
@@ -70,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> agent_config.AgentConfig:
         if args.backend_url:
             backend["openai-http"] = {**backend.get("openai-http", {}), "url": args.backend_url}
         base["backend"] = backend
-        return agent_config.from_dict(base, args.config)
+        return agent_config.from_dict(base, args.config or args.creds)
     if not args.site:
         raise ConfigError("--site: required when no --config is given")
     return agent_config.from_flags(

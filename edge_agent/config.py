@@ -340,6 +340,25 @@ def load(path: str | os.PathLike[str]) -> AgentConfig:
     return loads(data, str(path))
 
 
+def read_creds(path: str | os.PathLike[str]) -> dict[str, object]:
+    """Config keys from a site's credentials file (``creds/<site>.json`` of ``cpn deploy nats-config``):
+    ``site``, ``nats``, ``user``, ``password``, ``tls_ca``, ``tls_cert``, ``tls_key`` (empty ones left out).
+
+    Raises:
+        ConfigError: the file cannot be read, is not JSON, or is not a site's credentials.
+    """
+    try:
+        doc = msgspec.json.decode(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"--creds {path}: cannot read: {exc.strerror or exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"--creds {path}: not JSON: {exc}") from None
+    if not isinstance(doc, dict) or not doc.get("site") or not doc.get("user"):
+        raise ConfigError(f"--creds {path}: not a site's credentials file (want site, user, password, nats)")
+    keys = ("site", "nats", "user", "password", "tls_ca", "tls_cert", "tls_key")
+    return {k: doc[k] for k in keys if doc.get(k)}
+
+
 def parse_cards(text: str) -> dict[str, int]:
     """``"H20=8,910B=4"`` -> ``{"H20": 8, "910B": 4}``; raises ConfigError naming ``--cards``."""
     cards: dict[str, int] = {}

@@ -58,6 +58,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="extra host name or IP address in the servers' certificates, repeatable")
     n.add_argument("--gateway", action="append", default=[], metavar="NAME=URL[,URL]",
                    help="another cluster to link by gateway (TLS, mutual), repeatable")
+    from controlplane import natsconf
+
+    n.add_argument("--client-url", action="append", default=[], metavar="URL",
+                   help="client URL of the hub's NATS written into creds/*.json, repeatable "
+                        "(default: tls://<cluster host>:<client port> for each cluster host)")
+    n.add_argument("--listen-host", default="0.0.0.0", metavar="ADDR",
+                   help="address the hub-side servers listen on (clients, leaf nodes, routes, gateways; default 0.0.0.0)")
+    n.add_argument("--client-port", type=int, default=natsconf.DEFAULT_CLIENT_PORT, metavar="PORT",
+                   help=f"client port of the hub-side servers (default {natsconf.DEFAULT_CLIENT_PORT})")
+    n.add_argument("--leaf-port", type=int, default=natsconf.DEFAULT_LEAFNODE_PORT, metavar="PORT",
+                   help=f"leaf-node port of the hub-side servers (default {natsconf.DEFAULT_LEAFNODE_PORT})")
+    n.add_argument("--cluster-port", type=int, default=natsconf.DEFAULT_CLUSTER_PORT, metavar="PORT",
+                   help=f"route port between cluster nodes (default {natsconf.DEFAULT_CLUSTER_PORT})")
+    n.add_argument("--gateway-port", type=int, default=natsconf.DEFAULT_GATEWAY_PORT, metavar="PORT",
+                   help=f"gateway port of the cluster nodes, with --gateway (default {natsconf.DEFAULT_GATEWAY_PORT})")
+    n.add_argument("--monitor", default=natsconf.DEFAULT_MONITOR, metavar="HOST:PORT",
+                   help=f"HTTP monitoring address of the hub-side servers; 'off' for none (default {natsconf.DEFAULT_MONITOR})")
+    n.add_argument("--store-dir", default=natsconf.DEFAULT_STORE_DIR, metavar="PATH",
+                   help=f"JetStream store directory of the hub-side servers (default {natsconf.DEFAULT_STORE_DIR})")
+    n.add_argument("--site-listen", default=natsconf.DEFAULT_SITE_LISTEN, metavar="HOST:PORT",
+                   help=f"where each site's leaf server listens for its agent (default {natsconf.DEFAULT_SITE_LISTEN})")
     n.set_defaults(run=run_nats_config)
 
 
@@ -152,21 +173,26 @@ def run_nats_config(args: argparse.Namespace) -> int:
         hosts = args.cluster_host or ["node-1", "node-2", "node-3"]
         tls_dir = args.tls_dir or str((out / "tls").resolve())
         node_tls = {f"node-{i}": natsconf.tls_files(tls_dir, f"node-{i}") for i in range(1, len(hosts) + 1)}
-        cluster = natsconf.cluster_configs(creds, hosts=hosts, tls=node_tls, gateways=_gateways(args.gateway))
-        hub_urls = args.hub_url or [f"tls://{h}:{natsconf.DEFAULT_LEAFNODE_PORT}" for h in hosts]
-        leaves = {site: natsconf.leaf_config(site, hub_urls, creds.sites[site],
+        monitor = None if args.monitor in ("", "off", "none") else args.monitor
+        cluster = natsconf.cluster_configs(
+            creds, hosts=hosts, tls=node_tls, gateways=_gateways(args.gateway), listen_host=args.listen_host,
+            client_port=args.client_port, cluster_port=args.cluster_port, leafnode_port=args.leaf_port,
+            gateway_port=args.gateway_port, monitor=monitor, store_dir=args.store_dir)
+        hub_urls = args.hub_url or [f"tls://{h}:{args.leaf_port}" for h in hosts]
+        leaves = {site: natsconf.leaf_config(site, hub_urls, creds.sites[site], listen=args.site_listen,
                                              tls=natsconf.tls_files(tls_dir, natsconf.leaf_user(site)))
                   for site in sites}
     except (ValueError, OSError) as exc:
         raise RequestError(str(exc)) from None
-    client_urls = [f"tls://{h}:{natsconf.DEFAULT_CLIENT_PORT}" for h in hosts]
-    extra_names = [*args.server_name, *(h for h in map(_host_of, hub_urls) if h)]
+    client_urls = args.client_url or [f"tls://{h}:{args.client_port}" for h in hosts]
+    extra_names = [*args.server_name, *(h for h in map(_host_of, [*hub_urls, *client_urls]) if h)]
 
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
     _certificates(out, sites, hosts, [n for n in extra_names if n not in hosts])
-    _write(out / "single" / "nats-server.conf",
-           natsconf.single_server_config(creds, tls=natsconf.tls_files(tls_dir, "single")))
+    _write(out / "single" / "nats-server.conf", natsconf.single_server_config(
+        creds, tls=natsconf.tls_files(tls_dir, "single"), host=args.listen_host, port=args.client_port,
+        leafnode_port=args.leaf_port, monitor=monitor, store_dir=args.store_dir))
     for name, text in cluster.items():
         _write(out / "cluster" / f"{name}.conf", text)
     for site, text in leaves.items():
@@ -176,25 +202,27 @@ def run_nats_config(args: argparse.Namespace) -> int:
     for site in sites:
         _write(out / "creds" / f"{site}.json", natsconf.credentials_file(
             creds.sites[site], client_urls, tls=natsconf.tls_files(tls_dir, natsconf.site_user(site))))
-    _write(out / "README.md", _readme(sites, hosts, hub_urls), mode=0o644)
+    _write(out / "README.md", _readme(sites, hosts, hub_urls, args, monitor, tls_dir), mode=0o644)
     print(f"wrote nats-server configs and credentials for {len(sites)} sites to {out}", file=sys.stderr)
     return 0
 
 
-def _readme(sites: list[str], hosts: list[str], hub_urls: list[str]) -> str:
+def _readme(sites: list[str], hosts: list[str], hub_urls: list[str], args: argparse.Namespace,
+            monitor: str | None, tls_dir: str) -> str:
     example = sites[0]
+    watch = f"monitoring on {monitor}" if monitor else "no monitoring port"
     return f"""# NATS configuration for cpn ({len(sites)} sites)
 
-Generated by `cpn deploy nats-config`. Regenerate rather than edit. See docs/security.md in the
-cpn repository for the permission matrix and the reasoning.
+Generated by `cpn deploy nats-config`. Regenerate rather than edit. See docs/deploy.md (step by
+step) and docs/security.md (the permission matrix and the reasoning) in the cpn repository.
 
 | file | where it goes | secret? |
 |---|---|---|
 | `single/nats-server.conf` | one hub NATS server (JetStream R1) | bcrypt hashes only |
 | `cluster/node-N.conf` | hub cluster nodes on {', '.join(hosts)} | yes: route password |
 | `leaf/<site>.conf` | the nats-server at each site | yes: the site's password |
-| `creds/hub.json` | the hub (`cpn hub`) | yes |
-| `creds/<site>.json` | the site's agent, if it connects directly (no leaf node) | yes |
+| `creds/hub.json` | the hub (`cpn hub --creds`) | yes |
+| `creds/<site>.json` | the site's agent, if it connects directly (`cpn agent --creds`; no leaf node) | yes |
 | `tls/ca.pem` | every server, the hub and every agent (to verify servers) | no |
 | `tls/ca-key.pem` | nowhere: keep it offline, it signs new certificates | yes |
 | `tls/single.pem`, `tls/node-N.pem` (+ `-key.pem`) | the server(s) | the key |
@@ -202,30 +230,34 @@ cpn repository for the permission matrix and the reasoning.
 
 All files except this README and the certificates (`*.pem` without `-key`) are mode 0600: copy
 them with their mode (e.g. `install -m 0600`). Every config names the certificate files where the
-configs say (`--tls-dir`); install them there.
+configs say ({tls_dir}, `--tls-dir`); install them there.
 
 Every link is TLS: clients verify the server's certificate (CA and host name: the server
-certificates carry the cluster hosts and every `--server-name`), routes, gateways and leaf
-connections verify both ends. Leaf nodes dial `tls://`, so the password in their URL only
-travels encrypted.
+certificates carry the cluster hosts, the hosts of `--client-url`/`--hub-url` and every
+`--server-name`), routes, gateways and leaf connections verify both ends. Leaf nodes dial
+`tls://`, so the password in their URL only travels encrypted.
 
 ## Hub side
 
-- Single server: `nats-server -c single/nats-server.conf` (client 4222, leaf nodes 7422,
-  monitoring on 127.0.0.1:8222, JetStream under /var/lib/cpn/nats).
-- Cluster: `nats-server -c cluster/node-N.conf` on each of {', '.join(hosts)}; routes on 6222 must be
-  reachable between the nodes only. The hub creates the `CPN_EVENTS` stream with 3 replicas.
-- Run the hub with the user and password of `creds/hub.json`, `nats_url` = its `nats` URLs
-  (`tls://`), and `nats_tls_ca` = its `tls_ca` (the hub sets inbox prefix `_INBOX.hub` itself).
+- Single server: `nats-server -c single/nats-server.conf` (clients on {args.listen_host}:{args.client_port},
+  leaf nodes on {args.listen_host}:{args.leaf_port}, {watch}, JetStream under {args.store_dir}).
+- Cluster: `nats-server -c cluster/node-N.conf` on each of {', '.join(hosts)}; routes on {args.cluster_port} must be
+  reachable between the nodes only (gateways, if any, on {args.gateway_port}).
+- Run the hub with `cpn hub --config hub.toml --creds creds/hub.json`: the file gives it the NATS
+  URLs, user, password and TLS files (it sets inbox prefix `_INBOX.hub` itself). With these
+  per-site identities the hub drops registrations whose reply is not in the site's own inbox
+  (`strict_inboxes`, on by default whenever the hub authenticates to NATS).
+- The hub creates the `CPN_EVENTS` stream with 1 replica on a single server and 3 on a cluster
+  (it reads whether its server belongs to one; `event_stream_replicas` in hub.toml overrides).
 
 ## Site side (choose one)
 
 - Leaf node (recommended, sites behind NAT dial out): run `nats-server -c leaf/{example}.conf` at
-  the site; it listens on 127.0.0.1:4222 and dials {', '.join(hub_urls)}. The agent connects to
-  `nats://127.0.0.1:4222` without credentials, with inbox prefix `_INBOX.{example}`.
-- Direct: the agent connects to the hub's NATS with `user`/`password` from `creds/{example}.json`,
-  `tls_ca` from it (and `tls_cert`/`tls_key` if the server verifies clients), inbox prefix
-  `_INBOX.{example}` (the agent sets it itself).
+  the site; it listens on {args.site_listen} and dials {', '.join(hub_urls)}. The agent connects to
+  `nats://{args.site_listen}` without credentials (`cpn agent --config site.toml`, no `--creds`);
+  its inbox prefix is `_INBOX.{example}` (the agent sets it itself).
+- Direct: `cpn agent --config site.toml --creds creds/{example}.json`: the servers, user, password
+  and TLS files come from the file (install `tls/ca.pem` and `tls/site-{example}*.pem` where it says).
 
 Either way the hub's servers enforce the site's permissions: publish only on
 `cpn.v1.site.{example}.{{register,hb,evt}}` (and replies), subscribe only to

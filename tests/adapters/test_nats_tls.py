@@ -87,6 +87,7 @@ async def test_hub_and_agent_verify_the_server_and_talk_over_tls(tmp_path: Path,
     async with server(tmp_path, "single", text) as srv:
         bus = hub_bus(srv.url, out)
         await bus.connect()
+        assert not bus.clustered  # a single server: the hub's default is one event replica
         agent = agent_bus(srv.url, out, "a")
         try:
             await agent.connect()
@@ -233,6 +234,7 @@ async def test_a_leaf_reaches_a_tls_cluster_and_crosses_its_routes(tmp_path: Pat
                      on_register=lambda r: wire.RegisterAck(hub="tls"), on_heartbeat=seen.append)
         await bus.connect(timeout_s=10)
         try:
+            assert bus.clustered  # so a hub with event_stream_replicas = 0 (default) asks for 3
             # A replicated stream needs the JetStream cluster, i.e. the TLS routes, to be up.
             for attempt in range(100):
                 try:
