@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from bench import common, systems, wrk
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from topology import loader
 
 PY = sys.executable

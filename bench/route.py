@@ -14,8 +14,8 @@ import time
 import tracemalloc
 
 from bench import common, natsfloor
-from controlplane.registry import SiteView
-from controlplane.router import Route, Router, RouteRequest
+from controlplane.core.registry import SiteView
+from controlplane.core.router import Route, Router, RouteRequest
 from edge_agent import wire
 from topology import latency, synth
 

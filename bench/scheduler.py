@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from controlplane import lifecycle, placement, scheduler
+from controlplane.core import lifecycle, placement, scheduler
 from controlplane.store import db as dbmod
 from controlplane.store import jobs as jobstore
 from topology import layout

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from bench import common
-from controlplane.sim import runner
+from controlplane.tools.sim import runner
 from topology import synth
 
 TARGET_S = 60.0

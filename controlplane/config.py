@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from controlplane.errors import RequestError
+from controlplane.core.errors import RequestError
 
 
 class SiteLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -22,22 +22,22 @@ from typing import Any, Protocol
 
 import msgspec
 
-from controlplane import auth, declarations
-from controlplane import keys as keys_lifecycle
-from controlplane.bus import HubBus
+from controlplane.core import auth, declarations
+from controlplane.services import keys as keys_lifecycle
+from controlplane.nats.bus import HubBus
 from controlplane.config import HubConfig
-from controlplane.errors import RateLimited, Unauthorized
-from controlplane.inference import InferenceService, RequestIds
-from controlplane.ratelimit import TokenBuckets
+from controlplane.core.errors import RateLimited, Unauthorized
+from controlplane.services.inference import InferenceService, RequestIds
+from controlplane.core.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
-from controlplane.registry import SiteRegistry, StaticSite, Transition
-from controlplane.router import Router
+from controlplane.core.registry import SiteRegistry, StaticSite, Transition
+from controlplane.core.router import Router
 from controlplane.runtime import cancel_and_wait
 from controlplane.store import db as store_db
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
 from controlplane.store import usage as store_usage
-from controlplane.usage import UsageBuffer
+from controlplane.core.usage import UsageBuffer
 from edge_agent import wire
 from topology import latency, loader
 from topology import layout as topo_layout

@@ -6,9 +6,9 @@ import time
 
 from aiohttp import web
 
-from controlplane import auth
-from controlplane import keys as key_lifecycle
-from controlplane.errors import NotFound, SiteUnreachable
+from controlplane.core import auth
+from controlplane.services import keys as key_lifecycle
+from controlplane.core.errors import NotFound, SiteUnreachable
 from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_admin
 from controlplane.gateway.schemas import DrainBody, KeyBody, RotateKeyBody, TenantBody
 from controlplane.store import sites as store_sites
@@ -55,7 +55,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     body = await read_body(request, TenantBody)
     if body.default_origin is not None and body.default_origin not in hub.origin_ids:
-        from controlplane.errors import RequestError
+        from controlplane.core.errors import RequestError
 
         raise RequestError(f"unknown origin {body.default_origin!r}", field="default_origin")
     key = hub.create_tenant(

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controlplane import auth, bodies
+from controlplane.core import auth, bodies
 from controlplane.gateway.clientaddr import TrustedProxies
-from controlplane.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
+from controlplane.core.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
 
 if TYPE_CHECKING:
     from controlplane.hub import Hub

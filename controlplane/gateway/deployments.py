@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane import replicas
-from controlplane.deployments import DeploymentService
+from controlplane.core import replicas
+from controlplane.services.deployments import DeploymentService
 from controlplane.gateway.app import HUB, Routes, idempotency_key, json_response, raw_body, require_tenant
 from controlplane.gateway.openapi import Op
 
@@ -68,7 +68,7 @@ def add_routes(routes: Routes) -> None:
     """Add the four endpoints; the hub must have a ``deployments`` service."""
     service = next((s for s in routes.hub.services if isinstance(s, DeploymentService)), None)
     if service is None:
-        raise RuntimeError("the deployments routes need the deployments service (controlplane.deployments.install)")
+        raise RuntimeError("the deployments routes need the deployments service (controlplane.services.deployments.install)")
     routes.app[SERVICE] = service
     routes.add_post("/v1/deployments", create)
     routes.add_get("/v1/deployments", list_all)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane.errors import RequestError
+from controlplane.core.errors import RequestError
 from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, Routes, client_address, json_response, principal, read_body
 from controlplane.gateway.schemas import InferBody
-from controlplane.inference import Served
+from controlplane.services.inference import Served
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
 

@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 from aiohttp import web
 
-from controlplane import lifecycle, placement
-from controlplane.errors import NotFound, RequestError
+from controlplane.core import lifecycle, placement
+from controlplane.core.errors import NotFound, RequestError
 from controlplane.gateway.app import HUB, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
 from controlplane.store import jobs as store_jobs
 
 if TYPE_CHECKING:
-    from controlplane.training import TrainingService
+    from controlplane.services.training import TrainingService
 
 Name = Annotated[str, msgspec.Meta(max_length=200)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -79,7 +79,7 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def _service(request: web.Request) -> TrainingService:
-    from controlplane.training import service_of
+    from controlplane.services.training import service_of
 
     return service_of(request.app[HUB])
 

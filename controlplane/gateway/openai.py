@@ -15,10 +15,10 @@ import time
 
 from aiohttp import web
 
-from controlplane import openai_shapes as oa
+from controlplane.gateway import openai_shapes as oa
 from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, Routes, json_response, principal, raw_body
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
-from controlplane.inference import AllSitesFailed, aclose
+from controlplane.services.inference import AllSitesFailed, aclose
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
-from controlplane.errors import RequestError
+from controlplane.core.errors import RequestError
 from controlplane.gateway.app import TRUSTED, make_app
 from controlplane.gateway.clientaddr import TrustedProxies
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from aiohttp import web
 
-from controlplane.errors import NotFound, RequestError
+from controlplane.core.errors import NotFound, RequestError
 from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_admin
 from controlplane.gateway.openapi import Op
 from edge_agent import wire

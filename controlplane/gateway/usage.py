@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane.errors import NotFound, RequestError
+from controlplane.core.errors import NotFound, RequestError
 from controlplane.gateway.app import HUB, Routes, json_response, principal
 from controlplane.gateway.openapi import Op
 

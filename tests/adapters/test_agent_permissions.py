@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import natsconf
-from controlplane.natsserver import NatsServer
+from controlplane.nats import natsconf
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from tests.support.fakehub import FakeHub, agent_config, running
 

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane import deployments as service_mod
+from controlplane.services import deployments as service_mod
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
-from controlplane.registry import SiteView
+from controlplane.nats.natsserver import NatsServer
+from controlplane.core.registry import SiteView
 from controlplane.store import deployments as store
 from edge_agent import wire
 from edge_agent.agent import Agent

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.runtime import new_event_loop
 from tests.support.hubrig import Client, hub_config, running_hub
 

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from tests.adapters.test_gateway_hardening import LOOPS, hub_here, run_on
 from tests.adapters.test_hub_gateway import raw_agent, wait_for
 from tests.support.hubrig import DEMO3, hub_config, running_hub

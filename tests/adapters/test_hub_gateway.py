@@ -14,8 +14,8 @@ import aiohttp
 import nats
 import pytest
 
-from controlplane.errors import SiteRefused, SiteSilent, SiteUnreachable
-from controlplane.natsserver import NatsServer
+from controlplane.core.errors import SiteRefused, SiteSilent, SiteUnreachable
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.support.hubrig import Client, hub_config, running_hub

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from tests.support.hubrig import Client, hub_config, running_hub
 

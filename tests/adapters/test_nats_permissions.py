@@ -21,8 +21,8 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from controlplane import natsconf
-from controlplane.natsserver import NatsServer
+from controlplane.nats import natsconf
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 

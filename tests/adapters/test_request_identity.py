@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig

@@ -21,8 +21,8 @@ import nats
 import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
-from controlplane import natsconf
-from controlplane.bus import HubBus, stored_event_subject
+from controlplane.nats import natsconf
+from controlplane.nats.bus import HubBus, stored_event_subject
 from controlplane.config import SiteLimits
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier

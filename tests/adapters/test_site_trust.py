@@ -18,7 +18,7 @@ import aiohttp
 import nats
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store import sites as store_sites

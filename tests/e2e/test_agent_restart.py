@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from edge_agent.training import LOST_DETAIL
 from tests.e2e.test_training import SITES, checkpoints, job, sim_job, until

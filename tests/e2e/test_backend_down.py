@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, OpenAIHttpConfig, SimBackendConfig
 from tests.e2e.test_foundation import until

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from tests.e2e.test_foundation import SITES, agent_config, until
 from tests.support.hubrig import Client, hub_config, running_hub

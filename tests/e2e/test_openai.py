@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
 from tests.e2e.test_foundation import until

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
 from tests.e2e.test_foundation import until

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from tests.e2e.test_foundation import agent_config, until
 from tests.support.hubrig import hub_config, running_hub

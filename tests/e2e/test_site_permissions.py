@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import nats
 
-from controlplane import up
+from controlplane.tools import up
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.e2e.test_foundation import until

@@ -20,10 +20,10 @@ import msgspec
 import nats
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.training import TrainingService, service_of
+from controlplane.services.training import TrainingService, service_of
 from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BusConfig, ExecutorsConfig, ProcessExecutorConfig

@@ -13,7 +13,7 @@ import msgspec
 
 from controlplane.config import HubConfig
 from controlplane.hub import Hub
-from controlplane.services import install_services
+from controlplane.compose import install_services
 from topology import loader
 
 DEMO3 = Path(loader.default_path()).parent / "demo-3.toml"

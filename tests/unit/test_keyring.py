@@ -3,7 +3,7 @@ past a key's expiry (an injected clock, no sleeping)."""
 
 from __future__ import annotations
 
-from controlplane import auth
+from controlplane.core import auth
 
 
 class Clock:

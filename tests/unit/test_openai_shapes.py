@@ -7,8 +7,8 @@ import json
 import msgspec
 import pytest
 
-from controlplane import openai_shapes as oa
-from controlplane.errors import RequestError, Unprocessable
+from controlplane.gateway import openai_shapes as oa
+from controlplane.core.errors import RequestError, Unprocessable
 from edge_agent import wire
 
 # Field names of openai-python's chat and legacy completion create params

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controlplane import replicas
-from controlplane.errors import RequestError, Unprocessable
-from controlplane.replicas import Candidate, DeploymentSpec, Placement, plan_replicas
+from controlplane.core import replicas
+from controlplane.core.errors import RequestError, Unprocessable
+from controlplane.core.replicas import Candidate, DeploymentSpec, Placement, plan_replicas
 
 
 class FakeRtt:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.usage import UsageBuffer, UsageRow
+from controlplane.core.usage import UsageBuffer, UsageRow
 
 
 def test_adds_accumulate_per_key_and_drain_empties() -> None:

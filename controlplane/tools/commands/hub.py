@@ -1,0 +1,87 @@
+"""``cpn hub``: the hub alone, against a NATS server or cluster."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("hub", help="run the hub (gateway, routing, scheduling) against NATS")
+    p.add_argument("--config", help="hub TOML config (flags override it)")
+    p.add_argument("--nats", help="NATS URL(s), comma separated (default nats://127.0.0.1:4222)")
+    p.add_argument("--nats-user")
+    p.add_argument("--nats-password")
+    p.add_argument("--db", help="SQLite database path (default .cpn/hub.db)")
+    p.add_argument("--listen", help="HOST:PORT of the HTTP gateway (default 127.0.0.1:8080)")
+    p.add_argument("--layout", help="layout file (default: the shipped national layout)")
+    p.add_argument("--hub-id")
+    p.add_argument("--create-admin-key", action="store_true", help="print a new admin key on start")
+    p.add_argument("--log-level")
+    add_gateway_flags(p)
+    p.set_defaults(run=run)
+
+
+def add_gateway_flags(p: argparse.ArgumentParser) -> None:
+    """``--tls-cert/--tls-key`` and ``--trusted-proxy`` (``cpn hub`` and ``cpn up``)."""
+    p.add_argument("--tls-cert", help="PEM certificate chain: the gateway serves HTTPS (TLS >= 1.2); needs --tls-key")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--trusted-proxy", action="append", metavar="CIDR",
+                   help="a reverse proxy whose X-Forwarded-For is believed (repeatable)")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    from controlplane.core.errors import RequestError
+
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise RequestError(f"--listen wants HOST:PORT, got {value!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def run(args: argparse.Namespace) -> int:
+    from controlplane import logs
+    from controlplane.config import HubConfig, load_hub_config
+    from controlplane.runtime import run_until_signalled
+
+    logs.setup(args.log_level)
+    os.umask(0o077)  # whatever this process writes (the database and its WAL) is the operator's only
+    overrides: dict[str, object] = {
+        "nats_url": args.nats, "nats_user": args.nats_user, "nats_password": args.nats_password,
+        "db_path": args.db, "layout": args.layout, "hub_id": args.hub_id,
+        "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+        "trusted_proxies": tuple(args.trusted_proxy) if args.trusted_proxy else None,
+    }
+    if args.listen:
+        host, port = parse_listen(args.listen)
+        overrides.update(listen_host=host, listen_port=port)
+    if args.config:
+        config = load_hub_config(args.config, **overrides)
+    else:
+        config = HubConfig(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+
+    async def main() -> None:
+        from controlplane.hub import Hub
+        from controlplane.compose import install_services
+        from edge_agent import gc_tuning
+
+        hub = Hub(config)
+        install_services(hub)
+        await hub.start()
+        try:
+            if args.create_admin_key:
+                print(f"admin key: {hub.create_admin_key('cli')}", flush=True)
+            print(f"cpn hub {config.hub_id} listening on {hub.gateway.scheme}://{config.listen_host}:{hub.http_port}",
+                  flush=True)
+            gc_tuning.settle_after_startup()
+            await yield_forever()
+        finally:
+            await hub.stop()
+
+    return run_until_signalled(main())
+
+
+async def yield_forever() -> None:
+    import asyncio
+
+    await asyncio.Event().wait()
