@@ -47,6 +47,11 @@ log = logging.getLogger("cpn.hub")
 SiteListener = Callable[[Transition], None]
 
 
+ServeHttp = Callable[["Hub", str, int], Awaitable[Any]]
+"""Starts the gateway of a hub on (host, port); handed in by the composition root (``compose.py``),
+so the hub never imports the gateway (the gateway is the outer layer)."""
+
+
 class Service(Protocol):
     """A part of the hub with its own loop (training, deployments, usage, ...)."""
 
@@ -65,8 +70,10 @@ class Hub:
         layout: a layout already loaded (tests, ``cpn up``); else read from ``config.layout``.
     """
 
-    def __init__(self, config: HubConfig, *, layout: topo_layout.Layout | None = None) -> None:
+    def __init__(self, config: HubConfig, *, layout: topo_layout.Layout | None = None,
+                 serve_http: ServeHttp | None = None) -> None:
         self.config = config
+        self._serve_http = serve_http
         self.layout = layout
         self.metrics = HubMetrics()
         self.registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
@@ -154,9 +161,9 @@ class Hub:
             await service.start()
         await self._ask_known_sites_to_register(seen_before)
         if serve_http:
-            from controlplane.gateway import server
-
-            self.gateway = await server.start(self, self.config.listen_host, self.config.listen_port)
+            if self._serve_http is None:
+                raise RuntimeError("this hub was built without a gateway (see controlplane.compose.build_hub)")
+            self.gateway = await self._serve_http(self, self.config.listen_host, self.config.listen_port)
         log.info("event=hub_started hub=%s nats=%s db=%s", self.config.hub_id, self.config.nats_url, self.config.db_path)
 
     async def stop(self) -> None:

@@ -247,7 +247,7 @@ class Routes:
         self.app.router.add_put(path, guarded(self.hub, handler, path, public=False))
 
 
-async def _unmatched(request: web.Request) -> web.StreamResponse:
+async def unmatched(request: web.Request) -> web.StreamResponse:
     """Every path no endpoint matched: 405 with ``Allow`` when another method would have, else 404."""
     this = request.match_info.route.resource
     allowed: set[str] = set()
@@ -265,27 +265,3 @@ UNMATCHED = "/{unmatched:.*}"
 
 def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=msgspec.json.encode(body), content_type="application/json", headers=headers)
-
-
-def make_app(hub: Hub) -> web.Application:
-    """Build the aiohttp application for ``hub``; each API module adds its routes."""
-    from controlplane.gateway import admin, health, infer, openai, openapi, usage
-
-    app = web.Application(client_max_size=hub.config.max_body_bytes)
-    app[HUB] = hub
-    try:
-        app[TRUSTED] = TrustedProxies.parse(hub.config.trusted_proxies)
-    except ValueError as exc:
-        raise RequestError(str(exc), field="trusted_proxies") from None
-    routes = Routes(app, hub)
-    # The hot endpoints first: aiohttp's dispatcher tries resources in registration order.
-    infer.add_routes(routes)
-    openai.add_routes(routes)
-    health.add_routes(routes)
-    admin.add_routes(routes)
-    usage.add_routes(routes)
-    openapi.add_routes(routes)
-    for extra in getattr(hub, "route_modules", []):
-        extra.add_routes(routes)
-    app.router.add_route("*", UNMATCHED, guarded(hub, _unmatched, "unmatched", public=False))
-    return app

@@ -68,7 +68,7 @@ def add_routes(routes: Routes) -> None:
     """Add the four endpoints; the hub must have a ``deployments`` service."""
     service = next((s for s in routes.hub.services if isinstance(s, DeploymentService)), None)
     if service is None:
-        raise RuntimeError("the deployments routes need the deployments service (controlplane.services.deployments.install)")
+        raise RuntimeError("the deployments routes need the deployments service (controlplane.compose.install_services)")
     routes.app[SERVICE] = service
     routes.add_post("/v1/deployments", create)
     routes.add_get("/v1/deployments", list_all)

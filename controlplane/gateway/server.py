@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, cast
 from aiohttp import web
 
 from controlplane.core.errors import RequestError
-from controlplane.gateway.app import TRUSTED, make_app
+from controlplane.gateway import admin, health, infer, openai, openapi, usage
+from controlplane.gateway.app import HUB, TRUSTED, UNMATCHED, Routes, guarded, unmatched
 from controlplane.gateway.clientaddr import TrustedProxies
 
 if TYPE_CHECKING:
@@ -224,6 +225,30 @@ class GatewayServer:
 
 _HANDLER_STATE = ("_messages", "_request_in_progress")
 """aiohttp RequestHandler attributes the header deadline reads (private: checked at start-up)."""
+
+
+def make_app(hub: Hub) -> web.Application:
+    """Build the aiohttp application for ``hub``; each API module adds its routes."""
+    app = web.Application(client_max_size=hub.config.max_body_bytes)
+    app[HUB] = hub
+    try:
+        app[TRUSTED] = TrustedProxies.parse(hub.config.trusted_proxies)
+    except ValueError as exc:
+        raise RequestError(str(exc), field="trusted_proxies") from None
+    # GET /openapi.json documents every module that adds routes, in this order.
+    app[openapi.MODULES] = [health, admin, infer, openai, usage, openapi, *hub.route_modules]
+    routes = Routes(app, hub)
+    # The hot endpoints first: aiohttp's dispatcher tries resources in registration order.
+    infer.add_routes(routes)
+    openai.add_routes(routes)
+    health.add_routes(routes)
+    admin.add_routes(routes)
+    usage.add_routes(routes)
+    openapi.add_routes(routes)
+    for extra in hub.route_modules:
+        extra.add_routes(routes)
+    app.router.add_route("*", UNMATCHED, guarded(hub, unmatched, "unmatched", public=False))
+    return app
 
 
 async def start(hub: Hub, host: str, port: int) -> GatewayServer:

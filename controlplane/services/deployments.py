@@ -726,13 +726,13 @@ class DeploymentService:
 
 
 def install(hub: Hub) -> DeploymentService:
-    """Create the service and plug it into ``hub`` (before ``hub.start()``)."""
-    from controlplane.gateway import deployments as gateway_deployments
+    """Create the service and plug it into ``hub`` (before ``hub.start()``).
 
+    Its routes (``gateway/deployments.py``) are added by the composition root (``compose.py``):
+    a service never imports the gateway."""
     service = DeploymentService(hub)
     hub.add_service(service)
     hub.site_listeners.append(service.on_site)
-    hub.route_modules.append(gateway_deployments)
     hub.deploy_demo = service.deploy_demo  # type: ignore[attr-defined]
     hub.models_for_tenant = service.models_for_tenant  # type: ignore[attr-defined]
     hub.check_model_access = service.check_model_access  # type: ignore[attr-defined]

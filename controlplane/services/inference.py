@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import logging
 import secrets
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from controlplane.core import router
 from controlplane.core.errors import NoCapacity, PeerError, RequestError, SiteRefused, SiteSilent, SiteUnreachable
 from edge_agent import wire
 
 if TYPE_CHECKING:
-    from controlplane.hub import Hub
-    from controlplane.core.registry import SiteView
+    from controlplane.config import HubConfig
+    from controlplane.core.registry import SiteRegistry, SiteView
+    from controlplane.core.router import Router
+    from controlplane.metrics import HubMetrics
+    from controlplane.nats.bus import HubBus
+    from topology import latency
 
 log = logging.getLogger("cpn.inference")
 
@@ -64,10 +69,27 @@ class AllSitesFailed(PeerError):
         self.tried = tried
 
 
+class RoutingContext(Protocol):
+    """What inference uses of the process that runs it (the hub), typed; nothing else is reached."""
+
+    config: HubConfig
+    registry: SiteRegistry
+    bus: HubBus
+    metrics: HubMetrics
+    rng: random.Random
+    rtt: latency.RttIndex | None
+    router: Router
+    origin_ids: set[str]
+
+    def known_models(self) -> frozenset[str]: ...
+
+    def account(self, req: wire.InferRequest, result: wire.InferResult, site: str) -> None: ...
+
+
 class InferenceService:
     """Routes and sends inference requests for the gateway."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: RoutingContext) -> None:
         self.hub = hub
         self.served = 0
         self.failovers = 0

@@ -731,12 +731,12 @@ def _job_spec(row: store_jobs.JobRow) -> placement.JobSpec:
 
 
 def install(hub: Hub) -> TrainingService:
-    """Create the service and plug it into ``hub``: service, ``/v1/jobs`` routes, usage, site listener."""
-    from controlplane.gateway import jobs as jobs_api
+    """Create the service and plug it into ``hub``: service, usage, site listener.
 
+    Its ``/v1/jobs`` routes (``gateway/jobs.py``) are added by the composition root (``compose.py``):
+    a service never imports the gateway."""
     service = TrainingService(hub)
     hub.add_service(service)
-    hub.route_modules.append(jobs_api)
     hub.site_listeners.append(service.on_site)
     hub.training_usage = service.usage  # type: ignore[attr-defined]  # read by gateway/usage.py
     return service

@@ -24,7 +24,7 @@ from controlplane.config import HubConfig
 from controlplane.core.errors import NoCapacity, RequestError
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer, port_free
-from controlplane.compose import install_services
+from controlplane.compose import build_hub
 from edge_agent import gc_tuning, private_files
 from topology import layout as topo_layout
 from topology import loader
@@ -84,8 +84,7 @@ class Network:
             layout=opts.layout, sim_time_scale=opts.sim_time_scale, strict_inboxes=auth.config_path is not None,
             tls_cert=opts.tls_cert, tls_key=opts.tls_key, trusted_proxies=opts.trusted_proxies,
         )
-        self.hub = Hub(hub_config, layout=self.layout)
-        install_services(self.hub)
+        self.hub = build_hub(hub_config, layout=self.layout)
         if auth.violations is not None:
             counter = auth.violations
             hub = self.hub

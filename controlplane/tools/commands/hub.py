@@ -61,12 +61,10 @@ def run(args: argparse.Namespace) -> int:
         config = HubConfig(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
     async def main() -> None:
-        from controlplane.hub import Hub
-        from controlplane.compose import install_services
+        from controlplane.compose import build_hub
         from edge_agent import gc_tuning
 
-        hub = Hub(config)
-        install_services(hub)
+        hub = build_hub(config)
         await hub.start()
         try:
             if args.create_admin_key:
