@@ -77,7 +77,7 @@ class Hub:
         self.layout = layout
         self.metrics = HubMetrics()
         self.registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
-        self.keys = auth.KeyRing()
+        self.keys = auth.KeyRing(clock=time.time)
         self.rng = random.Random(config.seed)
         self.rate_limiter = TokenBuckets(config.default_rate_per_s, config.default_burst)
         self.rtt: latency.RttIndex | None = None
@@ -195,6 +195,11 @@ class Hub:
         self._tasks.append(asyncio.ensure_future(coro))
 
     # ------------------------------------------------------------------ sites
+
+    def set_draining(self, site: str, on: bool) -> None:
+        """Drain a site (``on``) or undo it: recorded first (it survives restarts), then routed around."""
+        store_sites.set_draining(self.db, site, on)
+        self.registry.set_draining(site, on)
 
     # ------------------------------------------------------------------ declarations
 
@@ -388,6 +393,10 @@ class Hub:
         return store_usage.for_tenant(self.db, tenant, pending=self.usage.peek(tenant))
 
     # ------------------------------------------------------------------ tenants and keys
+
+    def list_tenants(self) -> list[dict[str, Any]]:
+        """Every tenant as recorded."""
+        return store_tenants.list_tenants(self.db)
 
     def create_tenant(self, tenant_id: str, *, name: str = "", default_origin: str | None = None,
                       quota_cards: int | None = None, rate_per_s: float | None = None,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,10 +71,10 @@ class KeyRing:
 
     Args:
         recheck_s: an entry older than this is not answered (the caller re-reads the store).
-        clock: epoch seconds (expiry times are epoch seconds); injectable for tests.
+        clock: epoch seconds (expiry times are epoch seconds), handed in (the core reads no clock).
     """
 
-    def __init__(self, *, recheck_s: float = RECHECK_S, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, *, recheck_s: float = RECHECK_S, clock: Callable[[], float]) -> None:
         self._by_hash: dict[str, tuple[Principal, float]] = {}
         self.recheck_s = recheck_s
         self.clock = clock

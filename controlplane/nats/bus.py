@@ -48,10 +48,9 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from controlplane.config import SiteLimits
 from controlplane.core.errors import BusUnavailable, SiteRefused, SiteSilent, SiteUnreachable
 from controlplane.runtime import cancel_and_wait
-from controlplane.core.sitegate import Kind, SiteGate
+from controlplane.core.sitegate import Kind, SiteGate, SiteLimits
 from edge_agent import tls, wire
 from edge_agent.nats_barrier import barrier
 

@@ -58,6 +58,8 @@ from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store.db import transaction
+# The rows this service's API answers with (the gateway renders them; it never imports the store).
+from controlplane.store.jobs import AttemptRow as AttemptRow, EventRow as EventRow, JobRow as JobRow
 from controlplane.store.outbox import OutboxRow
 from edge_agent import wire
 
@@ -163,6 +165,22 @@ class TrainingService:
             self.outbox.kick()
 
     # ------------------------------------------------------------------ API side
+
+    def job(self, job_id: str, *, tenant: str | None = None) -> JobRow | None:
+        """A job as recorded (only if it is ``tenant``'s, when given)."""
+        return store_jobs.get_job(self.hub.db, job_id, tenant=tenant)
+
+    def jobs(self, tenant: str, *, state: str | None, limit: int) -> list[JobRow]:
+        """A tenant's jobs, newest first."""
+        return store_jobs.list_jobs(self.hub.db, tenant, state=state, limit=limit)
+
+    def attempts(self, job_id: str) -> list[AttemptRow]:
+        """A job's attempts, oldest first."""
+        return store_jobs.attempts(self.hub.db, job_id)
+
+    def events(self, job_id: str) -> list[EventRow]:
+        """The site events recorded for a job."""
+        return store_jobs.events(self.hub.db, job_id)
 
     def submit(self, tenant: str, spec: dict[str, Any], idem_key: str | None, body_hash: str,
                now: float) -> tuple[store_jobs.JobRow, bool]:

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from controlplane.nats import natscerts
-from controlplane.config import SiteLimits
+from controlplane.core.sitegate import SiteLimits
 from controlplane.core.sitegate import SiteGate
 
 
