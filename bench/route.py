@@ -2,7 +2,7 @@
 
 Reports the RTT index's precompute time and memory, one link-change recompute, and decision
 p50/p99 with the ratio to one nats-py request/reply measured in the same run (target ≤ 0.1×,
-DESIGN §10: p99 ≤ 50 µs).
+architecture §10: p99 ≤ 50 µs).
 """
 
 from __future__ import annotations

@@ -443,7 +443,7 @@ class Hub:
     def lookup_key_in_store(self, key: str) -> auth.Principal | None:
         """A key the in-memory ring does not answer for: issued elsewhere (``cpn key create``), not
         re-read within the last second, or expired. None if no such key; raises Unauthorized
-        ("API key revoked" / "API key expired") for a key that stopped working (controlplane/keys.py)."""
+        ("API key revoked" / "API key expired") for a key that stopped working (controlplane/services/keys.py)."""
         try:
             return keys_lifecycle.lookup_in_store(self.db, self.keys, key, self._key_misses, now=time.time(),
                                                   monotonic=time.monotonic())

@@ -5,7 +5,7 @@ random 256-bit key needs no slow hash: nothing can be guessed offline from its d
 hashes the presented key and finds the digest in a dict (time independent of how much of the key
 matched); the final equality uses ``hmac.compare_digest``.
 
-Keys have a lifecycle (revoked, expiring; see ``controlplane/keys.py``). The ring is a cache of
+Keys have a lifecycle (revoked, expiring; see ``controlplane/services/keys.py``). The ring is a cache of
 the store, never the authority: an entry is trusted for at most ``recheck_s`` (1 s) after it was
 read from the store, and never past its ``expires_at``; after that :meth:`KeyRing.lookup` answers
 None and the caller reads the store again. So a key revoked by anyone who can write the record

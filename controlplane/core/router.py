@@ -1,4 +1,4 @@
-"""Inference routing: which site serves a request (DESIGN §5). Pure: no I/O, no clock, no global RNG.
+"""Inference routing: which site serves a request (architecture §6). Pure: no I/O, no clock, no global RNG.
 
 Rule 1: only sites whose RTT from the request's origin fits the budget are candidates (policy
 ``strict``); policy ``nearest`` falls back to the nearest serving site beyond the budget and says so

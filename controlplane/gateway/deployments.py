@@ -1,6 +1,6 @@
 """``/v1/deployments``: a tenant's inference deployments (create, list, get, delete).
 
-Bodies decode with ``replicas.decode_spec`` (the rule of controlplane/bodies.py: unknown fields
+Bodies decode with ``replicas.decode_spec`` (the rule of controlplane/core/bodies.py: unknown fields
 are a 422 naming the field, out-of-range values a 400); the service then checks the spec against the
 layout (unknown origin, region or accelerator, more cards than any site has: 400 naming the field). ``POST`` answers 201 only after
 the deployment and its first plan are committed. Another tenant's deployment is a 404, exactly like

@@ -1,6 +1,6 @@
 """Operator declarations of sites (admin key): ``PUT`` and ``GET /v1/sites/{site}/declaration``.
 
-A site is believed only within what the operator declared (``controlplane/declarations.py``): its
+A site is believed only within what the operator declared (``controlplane/core/declarations.py``): its
 tier, city, provider, region and cards come from here or from the layout, and the tenants that may
 call the models the site loads itself are listed here. Given fields override the layout's entry;
 omitted ones keep it. The declaration is kept in the record and applies at once.

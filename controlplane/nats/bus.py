@@ -4,7 +4,7 @@ It carries decisions out and brings messages in; it decides nothing. nats-py's e
 translated here (timeouts and no-responders become :class:`SiteUnreachable`, an ``ErrorReply`` becomes
 :class:`SiteRefused`), so nothing above this module sees a nats type.
 
-Connection settings follow DESIGN §3: ping every second with two outstanding (a dead server is
+Connection settings follow architecture §4: ping every second with two outstanding (a dead server is
 noticed in about 3 s, not minutes), reconnect forever, callbacks that log and count.
 Malformed messages from agents are counted (``malformed``) and dropped, or answered with an
 ``ErrorReply`` when they carry a reply subject.

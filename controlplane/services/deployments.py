@@ -39,7 +39,7 @@ deploy the same model name never use each other's replicas (``serving_scope``).
 Rule 7 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
 and creates nothing; with another spec it is a 422. The key is committed with the deployment in one
 transaction; the answer is recorded once rendered.
-Rule 8 (card quota, DESIGN §8): a tenant's ``quota_cards`` bounds the cards it holds in all: its
+Rule 8 (card quota, architecture §9): a tenant's ``quota_cards`` bounds the cards it holds in all: its
 deployments' replicas (placed, loading or ready) plus its training jobs placed or running. A plan
 adds only the replicas that fit; the rest of the deployment waits, and its report says why. The
 training scheduler sees the quota less the cards the tenant's deployments hold.

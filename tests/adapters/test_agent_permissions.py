@@ -1,4 +1,4 @@
-"""The agent under its real per-site NATS identity (controlplane/natsconf.py permissions): everything
+"""The agent under its real per-site NATS identity (controlplane/nats/natsconf.py permissions): everything
 it does (register, heartbeats, streamed answers, JetStream events with PubAcks on its own inbox)
 fits inside what the site is allowed, with no JetStream API permission."""
 

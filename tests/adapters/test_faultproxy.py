@@ -70,7 +70,7 @@ class Events:
 
 
 async def agent_like_client(url: str, ev: Events) -> Client:
-    # DESIGN §3: ping every 1 s, 2 outstanding, reconnect forever.
+    # architecture §4: ping every 1 s, 2 outstanding, reconnect forever.
     return await nats.connect(
         url, ping_interval=1, max_outstanding_pings=2, allow_reconnect=True, max_reconnect_attempts=-1,
         reconnect_time_wait=0.1, connect_timeout=1, disconnected_cb=ev.on_disconnected,

@@ -1,4 +1,4 @@
-"""Tests use the fault proxy that ``cpn chaos`` uses (controlplane/faultproxy.py)."""
+"""Tests use the fault proxy that ``cpn chaos`` uses (controlplane/tools/faultproxy.py)."""
 
 from controlplane.tools.faultproxy import FaultProxy, Mode
 

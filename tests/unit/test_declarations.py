@@ -1,4 +1,4 @@
-"""The pure rules of what a hub believes of a site (controlplane/declarations.py), the executor
+"""The pure rules of what a hub believes of a site (controlplane/core/declarations.py), the executor
 filter of placement, and the router's site-local model rule: tables, no I/O."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""OpenAI-compatible bodies (controlplane/openai_shapes.py): decoding, refusals, responses, SSE frames."""
+"""OpenAI-compatible bodies (controlplane/gateway/openai_shapes.py): decoding, refusals, responses, SSE frames."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Replica placement and deployment state (controlplane/replicas.py): tables, scenarios, properties."""
+"""Replica placement and deployment state (controlplane/core/replicas.py): tables, scenarios, properties."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The in-memory usage accumulator (controlplane/usage.py)."""
+"""The in-memory usage accumulator (controlplane/core/usage.py)."""
 
 from __future__ import annotations
 
