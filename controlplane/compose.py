@@ -1,16 +1,19 @@
 """The composition root: the one place that builds a hub process from its parts.
 
 It builds the hub (store, bus, registry, router: ``hub.py``), installs the services (training,
-deployments; ``services/``), adds their HTTP routes (``gateway/``) and hands the hub the function that
-starts the gateway. Nothing below this module imports it; it alone imports every layer, so no layer
-has to import the one above it (tests/unit/test_import_rules.py).
+deployments; ``services/``), records them in the typed :class:`~controlplane.services.record.Services`,
+adds their HTTP routes (``gateway/``) and hands the hub the function that starts the gateway with
+that record. Nothing below this module imports it; it alone imports every layer, so no layer has to
+import the one above it (tests/unit/test_import_rules.py).
 
-``cpn hub``, ``cpn up`` and the tests all call :func:`build_hub`, so they run the same hub. A
+``cpn hub``, ``cpn up`` and the tests all build through here, so they run the same hub. A
 gateway-only or a controller-only process is another function here that composes a different
 subset of the same parts.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from controlplane.config import HubConfig
 from controlplane.gateway import deployments as deployments_api
@@ -19,20 +22,36 @@ from controlplane.gateway import server
 from controlplane.gateway import sites as sites_api
 from controlplane.hub import Hub
 from controlplane.services import deployments, training
+from controlplane.services.record import Services
 from topology import layout as topo_layout
 
 
+@dataclass(frozen=True, slots=True)
+class HubProcess:
+    """A hub and the record of its services (``await hub.start()`` next)."""
+
+    hub: Hub
+    services: Services
+
+
+def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> HubProcess:
+    """The hub (gateway and controller in one process) with every service and its routes."""
+    services: Services | None = None
+
+    async def serve_http(hub: Hub, host: str, port: int) -> server.GatewayServer:
+        assert services is not None  # built below, before anyone can start the hub
+        return await server.start(hub, services, host, port)
+
+    hub = Hub(config, layout=layout, serve_http=serve_http)
+    services = Services(
+        inference=hub.inference,
+        deployments=deployments.install(hub),
+        training=training.install(hub),
+    )
+    hub.route_modules.extend([deployments_api, jobs_api, sites_api])  # sites_api: operator declarations
+    return HubProcess(hub=hub, services=services)
+
+
 def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub:
-    """A hub with every service and the gateway (``cpn hub``, ``cpn up``, the tests); ``await hub.start()`` next."""
-    hub = Hub(config, layout=layout, serve_http=server.start)
-    install_services(hub)
-    return hub
-
-
-def install_services(hub: Hub) -> None:
-    """Attach the services and their routes to ``hub`` (before ``start``)."""
-    deployments.install(hub)
-    hub.route_modules.append(deployments_api)
-    training.install(hub)
-    hub.route_modules.append(jobs_api)
-    hub.route_modules.append(sites_api)  # operator declarations of sites
+    """:func:`build`'s hub (``cpn hub``, the tests)."""
+    return build(config, layout=layout).hub

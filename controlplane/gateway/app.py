@@ -23,6 +23,7 @@ from aiohttp import web
 
 from controlplane.core import auth, bodies
 from controlplane.gateway.clientaddr import TrustedProxies
+from controlplane.services.record import Services
 from controlplane.core.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cpn.gateway")
 
 HUB: web.AppKey[Hub] = web.AppKey("hub")
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+"""The typed record of the services (``services/record.py``), handed in by the composition root."""
 TRUSTED: web.AppKey[TrustedProxies] = web.AppKey("trusted_proxies", TrustedProxies)
 PRINCIPAL: web.RequestKey[auth.Principal] = web.RequestKey("principal", auth.Principal)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
@@ -165,7 +168,7 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
     keys = hub.keys
     ids = hub.request_ids
     observe = hub.metrics.observe_http
-    limiter = getattr(hub, "rate_limit", None)
+    limiter = hub.rate_limit
     perf_counter = time.perf_counter
 
     async def guard(request: web.Request) -> web.StreamResponse:

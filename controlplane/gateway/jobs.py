@@ -32,9 +32,9 @@ from aiohttp import web
 
 from controlplane.core import lifecycle, placement
 from controlplane.core.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, Routes, idempotency_key, json_response, read_body, require_tenant
+from controlplane.gateway.app import HUB, SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
-from controlplane.services.training import AttemptRow, JobRow, TrainingService, service_of
+from controlplane.services.training import AttemptRow, JobRow, TrainingService
 
 
 Name = Annotated[str, msgspec.Meta(max_length=200)]
@@ -77,7 +77,7 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def _service(request: web.Request) -> TrainingService:
-    return service_of(request.app[HUB])
+    return request.app[SERVICES].training
 
 
 def _parse_deadline(value: float | str, now: float) -> float:

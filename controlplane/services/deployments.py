@@ -4,7 +4,7 @@ What it holds: :class:`DeploymentService` (installed by :func:`install`), the on
 ``deployments``/``replicas`` rows while the hub runs, plus the pure free-cards rule
 (:func:`planning_candidates`).  The gateway (``controlplane/gateway/deployments.py``) calls
 :meth:`DeploymentService.create`, ``view``, ``list_views`` and ``delete``; the OpenAI endpoints call
-``hub.check_model_access`` and ``hub.models_for_tenant``; ``cpn up`` calls ``hub.deploy_demo``.
+``check_model_access`` and ``models_for_tenant`` (through ``services.record.Services``); ``cpn up`` calls ``deploy_demo``.
 
 Decide, then do (CONVENTIONS example 2).  Each reconcile (every ``interval_s``, at once when poked)
 reads the store and the registry, plans every active deployment with ``replicas.plan_replicas``,
@@ -733,7 +733,4 @@ def install(hub: Hub) -> DeploymentService:
     service = DeploymentService(hub)
     hub.add_service(service)
     hub.site_listeners.append(service.on_site)
-    hub.deploy_demo = service.deploy_demo  # type: ignore[attr-defined]
-    hub.models_for_tenant = service.models_for_tenant  # type: ignore[attr-defined]
-    hub.check_model_access = service.check_model_access  # type: ignore[attr-defined]
     return service

@@ -756,7 +756,6 @@ def install(hub: Hub) -> TrainingService:
     service = TrainingService(hub)
     hub.add_service(service)
     hub.site_listeners.append(service.on_site)
-    hub.training_usage = service.usage  # type: ignore[attr-defined]  # read by gateway/usage.py
     return service
 
 

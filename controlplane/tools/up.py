@@ -23,8 +23,10 @@ from typing import Any
 from controlplane.config import HubConfig
 from controlplane.core.errors import NoCapacity, RequestError
 from controlplane.hub import Hub
+from controlplane.services.deployments import DeploymentService
+from controlplane.services.record import Services
 from controlplane.nats.natsserver import NatsServer, port_free
-from controlplane.compose import build_hub
+from controlplane.compose import build
 from edge_agent import gc_tuning, private_files
 from topology import layout as topo_layout
 from topology import loader
@@ -57,6 +59,7 @@ class Network:
         self.opts = opts
         self.nats: NatsServer | None = None
         self.hub: Hub | None = None
+        self.services: Services | None = None
         self.agents: list[Any] = []
         self.credentials: dict[str, str] = {}
         self.layout: topo_layout.Layout | None = None
@@ -84,7 +87,9 @@ class Network:
             layout=opts.layout, sim_time_scale=opts.sim_time_scale, strict_inboxes=auth.config_path is not None,
             tls_cert=opts.tls_cert, tls_key=opts.tls_key, trusted_proxies=opts.trusted_proxies,
         )
-        self.hub = build_hub(hub_config, layout=self.layout)
+        process = build(hub_config, layout=self.layout)
+        self.hub = process.hub
+        self.services = process.services
         if auth.violations is not None:
             counter = auth.violations
             hub = self.hub
@@ -99,7 +104,7 @@ class Network:
         if opts.agents:
             await self._start_agents(auth.site_credentials)
             await self._wait_ready(len(site_ids))
-        await _deploy_demo(self.hub, self.layout)
+        await _deploy_demo(process.services.deployments, self.layout)
         if opts.agents:
             await self._wait_demo_served()
 
@@ -248,15 +253,11 @@ def agent_config_for(site: topo_layout.Site, nats_url: str, data_dir: Path, cred
     )
 
 
-async def _deploy_demo(hub: Hub, layout: topo_layout.Layout) -> None:
+async def _deploy_demo(service: DeploymentService, layout: topo_layout.Layout) -> None:
     """Deploy the demo model for the demo tenant (once; reused across restarts) through the
     deployments service: every origin of the layout, 0.25 cards per replica, 10 ms, two cities.
     The plan is committed before this returns; the edge pools load it in the background."""
-    deploy = getattr(hub, "deploy_demo", None)
-    if deploy is None:
-        log.warning("event=demo_not_deployed reason=no deployments service in this build")
-        return
-    dep_id = await deploy(DEMO_TENANT, DEMO_MODEL)
+    dep_id = await service.deploy_demo(DEMO_TENANT, DEMO_MODEL)
     log.info("event=demo_deployed deployment=%s model=%s sites=%d", dep_id, DEMO_MODEL, len(layout.sites))
 
 

@@ -347,22 +347,26 @@ async def test_a_replica_goes_on_the_accelerator_the_hub_planned(tmp_path: Path,
             await agent.stop()
 
 
+def deployments_of(hub: Hub) -> service_mod.DeploymentService:
+    return next(s for s in hub.services if isinstance(s, service_mod.DeploymentService))
+
+
 async def test_the_demo_deployment_is_created_once_and_survives_restarts(tmp_path: Path, nats_server: NatsServer) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
         hub.create_tenant("demo", default_origin="shanghai")
-        first = await hub.deploy_demo("demo", "demo-chat")  # type: ignore[attr-defined]
-        assert first and await hub.deploy_demo("demo", "demo-chat") == first  # type: ignore[attr-defined]
-        assert await hub.deploy_demo("nobody", "demo-chat") == ""  # type: ignore[attr-defined]
+        first = await deployments_of(hub).deploy_demo("demo", "demo-chat")
+        assert first and await deployments_of(hub).deploy_demo("demo", "demo-chat") == first
+        assert await deployments_of(hub).deploy_demo("nobody", "demo-chat") == ""
         dep = store.get(hub.db, first)
         assert dep is not None and dep.tenant == "demo"
         assert dep.spec["cards_per_replica"] == 0.25 and dep.spec["budget_ms"] == 10
         assert set(dep.spec["origins"]) == {"shanghai", "hangzhou", "nanjing"}
     async with running_hub(config) as hub:
-        assert await hub.deploy_demo("demo", "demo-chat") == first  # type: ignore[attr-defined]
+        assert await deployments_of(hub).deploy_demo("demo", "demo-chat") == first
         assert [d.id for d in store.list_for_tenant(hub.db, "demo")] == [first]
-        assert hub.models_for_tenant("demo") == ["demo-chat"]  # type: ignore[attr-defined]
-        assert hub.models_for_tenant("someone") == []  # type: ignore[attr-defined]
+        assert deployments_of(hub).models_for_tenant("demo") == ["demo-chat"]
+        assert deployments_of(hub).models_for_tenant("someone") == []
 
 
 async def test_a_hub_restart_resumes_without_moving_replicas(tmp_path: Path, nats_server: NatsServer) -> None:
@@ -373,12 +377,12 @@ async def test_a_hub_restart_resumes_without_moving_replicas(tmp_path: Path, nat
             hub.create_tenant("acme")
             await asyncio.gather(*(a.start() for a in agents.values()))
             await until(lambda: sum(1 for v in hub.registry if v.heartbeats) == 3, 10, "agents heard")
-            dep_id = await hub.deploy_demo("acme", "qwen")  # type: ignore[attr-defined]
+            dep_id = await deployments_of(hub).deploy_demo("acme", "qwen")
             await until(lambda: store.get(hub.db, dep_id).state == "ready", 10, "ready")  # type: ignore[union-attr]
             before = {(r.site, r.state) for r in store.replicas_of(hub.db, dep_id)}
         loaded = {s: agent_models(a) for s, a in agents.items()}
         async with running_hub(config) as hub:
-            service = next(s for s in hub.services if isinstance(s, service_mod.DeploymentService))
+            service = deployments_of(hub)
             await until(lambda: sum(1 for v in hub.registry if v.registered) == 3, 10, "re-registered")
             # Past the start-up grace period the plan runs again and keeps every replica.
             await until(lambda: service.counters["plans"] >= 1, 10, "re-planned")
