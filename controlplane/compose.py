@@ -21,6 +21,7 @@ from controlplane.gateway import jobs as jobs_api
 from controlplane.gateway import server
 from controlplane.gateway import sites as sites_api
 from controlplane.hub import Hub
+from controlplane.runtime import WallClock
 from controlplane.services import deployments, training
 from controlplane.services.record import Services
 from topology import layout as topo_layout
@@ -42,11 +43,12 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
         assert services is not None  # built below, before anyone can start the hub
         return await server.start(hub, services, host, port)
 
-    hub = Hub(config, layout=layout, serve_http=serve_http)
+    clock = WallClock()
+    hub = Hub(config, layout=layout, serve_http=serve_http, clock=clock)
     services = Services(
         inference=hub.inference,
-        deployments=deployments.install(hub),
-        training=training.install(hub),
+        deployments=deployments.install(hub, clock),
+        training=training.install(hub, clock),
     )
     hub.route_modules.extend([deployments_api, jobs_api, sites_api])  # sites_api: operator declarations
     return HubProcess(hub=hub, services=services)

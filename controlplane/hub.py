@@ -16,13 +16,13 @@ import contextlib
 import ipaddress
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
 
 from controlplane.core import auth, declarations
+from controlplane.core.clock import Clock
 from controlplane.services import keys as keys_lifecycle
 from controlplane.nats.bus import HubBus
 from controlplane.config import HubConfig
@@ -32,7 +32,7 @@ from controlplane.core.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
 from controlplane.core.registry import SiteRegistry, StaticSite, Transition
 from controlplane.core.router import Router
-from controlplane.runtime import cancel_and_wait
+from controlplane.runtime import WallClock, cancel_and_wait
 from controlplane.store import db as store_db
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
@@ -71,13 +71,14 @@ class Hub:
     """
 
     def __init__(self, config: HubConfig, *, layout: topo_layout.Layout | None = None,
-                 serve_http: ServeHttp | None = None) -> None:
+                 serve_http: ServeHttp | None = None, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock: Clock = clock or WallClock()
         self._serve_http = serve_http
         self.layout = layout
         self.metrics = HubMetrics()
         self.registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
-        self.keys = auth.KeyRing(clock=time.time)
+        self.keys = auth.KeyRing(clock=self.clock.time)
         self.rng = random.Random(config.seed)
         self.rate_limiter = TokenBuckets(config.default_rate_per_s, config.default_burst)
         self.rtt: latency.RttIndex | None = None
@@ -125,9 +126,9 @@ class Hub:
 
     async def start(self, *, serve_http: bool = True) -> None:
         """Open the store, load the layout, connect to NATS, start loops and the gateway."""
-        self.started_at = time.time()
+        self.started_at = self.clock.time()
         self.db = store_db.open_db(self.config.db_path)
-        for principal in store_tenants.load_keys(self.db, now=time.time()):
+        for principal in store_tenants.load_keys(self.db, now=self.clock.time()):
             self.keys.add(principal)
         if self.layout is None:
             self.layout = loader.load(self.config.layout) if self.config.layout else loader.load_default()
@@ -239,7 +240,7 @@ class Hub:
             msgspec.ValidationError: the fields do not make a declaration.
         """
         decl = self._merge_declaration(site_id, fields)
-        store_sites.declare_site(self.db, site_id, fields, time.time())
+        store_sites.declare_site(self.db, site_id, fields, self.clock.time())
         self.declarations[site_id] = decl
         self.registry.declare(self._static(decl))
         log.info("event=site_declared site=%s tier=%s city=%s accelerators=%s local_model_tenants=%s",
@@ -247,7 +248,7 @@ class Hub:
         return decl
 
     def _on_register(self, msg: wire.Register) -> wire.RegisterAck | wire.ErrorReply:
-        now = time.time()
+        now = self.clock.time()
         if msg.proto > wire.PROTO:
             log.warning("event=newer_agent site=%s proto=%s", msg.site, msg.proto)
         decl = self.declarations.get(msg.site)
@@ -304,7 +305,7 @@ class Hub:
         self.router.invalidate()
 
     def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
-        now = time.time()
+        now = self.clock.time()
         view, came_back = self.registry.heartbeat(msg, now)
         if view is None or not view.registered:
             last = self._reregister_asked.get(msg.site, 0.0)
@@ -323,7 +324,7 @@ class Hub:
         then the router knows no replica: models look "not found". A ``Reregister`` on each command
         subject (no reply wanted) brings their replicas back within a round trip.
         """
-        now = time.time()
+        now = self.clock.time()
         for site in sites:
             self._reregister_asked[site] = now  # their first heartbeats need not ask again
             await self.bus.publish_command(site, wire.Reregister(hub=self.config.hub_id))
@@ -337,20 +338,20 @@ class Hub:
             log.debug("event=reregister_failed site=%s error=%s", site, exc)
 
     def _on_bus_down(self) -> None:
-        self.registry.bus_down(time.time())
+        self.registry.bus_down(self.clock.time())
 
     def _on_bus_up(self) -> None:
-        self.registry.bus_up(time.time())
+        self.registry.bus_up(self.clock.time())
 
     async def _sweep_loop(self) -> None:
-        last_flush = time.monotonic()
+        last_flush = self.clock.monotonic()
         while True:
-            await asyncio.sleep(self.config.sweep_s)
-            now = time.time()
+            await self.clock.sleep(self.config.sweep_s)
+            now = self.clock.time()
             for t in self.registry.sweep(now):
                 self._site_lost(t)
-            if time.monotonic() - last_flush >= self.config.usage_flush_s:
-                last_flush = time.monotonic()
+            if self.clock.monotonic() - last_flush >= self.config.usage_flush_s:
+                last_flush = self.clock.monotonic()
                 self._flush_usage()
 
     def _site_lost(self, t: Transition) -> None:
@@ -402,7 +403,7 @@ class Hub:
                       quota_cards: int | None = None, rate_per_s: float | None = None,
                       burst: int | None = None) -> str:
         """Create a tenant with one API key; returns the key (shown once, stored hashed)."""
-        now = time.time()
+        now = self.clock.time()
         row = store_tenants.create_tenant(
             self.db, tenant_id, name=name, now=now, default_origin=default_origin, quota_cards=quota_cards,
             rate_per_s=rate_per_s, burst=burst,
@@ -415,12 +416,12 @@ class Hub:
     def add_tenant_key(self, tenant_id: str, label: str = "") -> str:
         """Issue one more key for an existing tenant."""
         key = auth.new_key(tenant_id[:12])
-        self.keys.add(store_tenants.add_key(self.db, key, role="tenant", tenant_id=tenant_id, now=time.time(), label=label))
+        self.keys.add(store_tenants.add_key(self.db, key, role="tenant", tenant_id=tenant_id, now=self.clock.time(), label=label))
         return key
 
     def create_admin_key(self, label: str = "") -> str:
         key = auth.new_key("admin")
-        self.keys.add(store_tenants.add_key(self.db, key, role="admin", tenant_id=None, now=time.time(), label=label))
+        self.keys.add(store_tenants.add_key(self.db, key, role="admin", tenant_id=None, now=self.clock.time(), label=label))
         return key
 
     def rate_limit(self, principal: auth.Principal, request: object) -> None:
@@ -434,7 +435,7 @@ class Hub:
             return
         row = self.tenant(tenant) or {}
         ok, retry_after_s = self.rate_limiter.take(
-            tenant, time.monotonic(), rate_per_s=row.get("rate_per_s") or None, burst=row.get("burst") or None,
+            tenant, self.clock.monotonic(), rate_per_s=row.get("rate_per_s") or None, burst=row.get("burst") or None,
         )
         if not ok:
             raise RateLimited(f"tenant {tenant!r} is over its request rate; retry in {retry_after_s:.2f} s",
@@ -445,8 +446,8 @@ class Hub:
         re-read within the last second, or expired. None if no such key; raises Unauthorized
         ("API key revoked" / "API key expired") for a key that stopped working (controlplane/services/keys.py)."""
         try:
-            return keys_lifecycle.lookup_in_store(self.db, self.keys, key, self._key_misses, now=time.time(),
-                                                  monotonic=time.monotonic())
+            return keys_lifecycle.lookup_in_store(self.db, self.keys, key, self._key_misses, now=self.clock.time(),
+                                                  monotonic=self.clock.monotonic())
         except Unauthorized as exc:
             self.metrics.key_refused(exc.code.removeprefix("api_key_"))
             raise
@@ -481,7 +482,7 @@ class Hub:
     # ------------------------------------------------------------------ views for the gateway
 
     def sites_snapshot(self) -> list[dict[str, object]]:
-        now = time.time()
+        now = self.clock.time()
         return [v.as_dict(now) for v in sorted(self.registry, key=lambda v: v.id)]
 
     def refresh_metrics(self) -> None:

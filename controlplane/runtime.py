@@ -9,8 +9,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 from collections.abc import Coroutine, Iterable
 from typing import Any
+
+
+class WallClock:
+    """The live :class:`~controlplane.core.clock.Clock`: the system's wall clock and asyncio's sleep."""
+
+    def __repr__(self) -> str:
+        return "<WallClock>"
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, patience_s: float = 10.0) -> None:

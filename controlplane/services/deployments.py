@@ -52,7 +52,6 @@ import contextlib
 import hashlib
 import logging
 import secrets
-import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from controlplane.core import lifecycle
+from controlplane.core.clock import Clock
 from controlplane.core import replicas as core
 from controlplane.core.declarations import LOCAL_DEPLOYMENTS, may_use_local
 from controlplane.core.errors import BusUnavailable, NotFound, PeerError, RequestError, SiteRefused
@@ -182,9 +182,10 @@ class DeploymentService:
 
     name = "deployments"
 
-    def __init__(self, hub: Hub, *, interval_s: float = 0.5, full_replan_s: float = 5.0, retry_s: float = 2.0,
+    def __init__(self, hub: Hub, clock: Clock, *, interval_s: float = 0.5, full_replan_s: float = 5.0, retry_s: float = 2.0,
                  cmd_timeout_s: float = 2.0, refused_cooldown_s: float = 30.0, missing_heartbeats: int = 3) -> None:
         self.hub = hub
+        self.clock = clock
         self.interval_s = interval_s
         self.full_replan_s = full_replan_s
         self.retry_s = retry_s
@@ -229,7 +230,7 @@ class DeploymentService:
         self._scopes.clear()
         for dep in store.list_active(hub.db):
             self._own(dep.tenant, dep.model, dep.id, True)
-        self._grace_until = time.time() + hub.registry.detection_s
+        self._grace_until = self.clock.time() + hub.registry.detection_s
         self._task = asyncio.create_task(self._loop(), name="deployments-reconcile")
 
     async def stop(self) -> None:
@@ -254,7 +255,7 @@ class DeploymentService:
     async def _loop(self) -> None:
         while True:
             try:
-                self.reconcile(time.time())
+                self.reconcile(self.clock.time())
             except Exception:
                 self.counters["errors"] += 1
                 log.exception("event=reconcile_failed")
@@ -320,16 +321,16 @@ class DeploymentService:
         db = self.hub.db
         dep_id = deployment_id or f"dep-{secrets.token_hex(6)}"
         dep, replay = store.create_or_replay(
-            db, deployment_id=dep_id, tenant=tenant, model=spec.model, spec=spec, now=time.time(),
+            db, deployment_id=dep_id, tenant=tenant, model=spec.model, spec=spec, now=self.clock.time(),
             idem_key=idempotency_key, body_hash=spec_hash(spec) if idempotency_key is not None else "")
         if replay is not None:
             log.info("event=deployment_replayed deployment=%s tenant=%s", dep.id, tenant)
             return (replay.response if replay.response is not None else self._render(dep)), True
         self._own(tenant, spec.model, dep.id, True)
-        if time.time() < self._grace_until:
+        if self.clock.time() < self._grace_until:
             self._fresh.add(dep.id)
         log.info("event=deployment_created deployment=%s tenant=%s model=%s", dep.id, tenant, spec.model)
-        self._decide(time.time(), only=dep.id)
+        self._decide(self.clock.time(), only=dep.id)
         self.poke()
         view = self.view(tenant, dep.id)
         if idempotency_key is not None:
@@ -351,10 +352,10 @@ class DeploymentService:
         """Soft-delete a deployment and unload its replicas (sends follow; retried until gone)."""
         db = self.hub.db
         dep = store.get(db, deployment_id, tenant=tenant)
-        if dep is None or not store.delete(db, deployment_id, tenant=tenant, now=time.time()):
+        if dep is None or not store.delete(db, deployment_id, tenant=tenant, now=self.clock.time()):
             raise NotFound(f"deployment {deployment_id!r} not found", field="id")
         self._own(dep.tenant, dep.model, dep.id, False)
-        now = time.time()
+        now = self.clock.time()
         for rep in store.replicas_of(db, dep.id):
             store.set_replica_state(db, dep.id, rep.site, "removed", now=now)
             self._send_unload(dep.id, dep.model, rep.site, now)
@@ -718,19 +719,19 @@ class DeploymentService:
         db = self.hub.db
         if db is None:
             return
-        self._cooldown[(dep_id, site)] = time.time() + self.refused_cooldown_s
+        self._cooldown[(dep_id, site)] = self.clock.time() + self.refused_cooldown_s
         for r in store.replicas_of(db, dep_id):
             if r.site == site and r.state == "placed":
-                store.set_replica_state(db, dep_id, site, "removed", now=time.time())
+                store.set_replica_state(db, dep_id, site, "removed", now=self.clock.time())
         self.poke()
 
 
-def install(hub: Hub) -> DeploymentService:
+def install(hub: Hub, clock: Clock) -> DeploymentService:
     """Create the service and plug it into ``hub`` (before ``hub.start()``).
 
     Its routes (``gateway/deployments.py``) are added by the composition root (``compose.py``):
     a service never imports the gateway."""
-    service = DeploymentService(hub)
+    service = DeploymentService(hub, clock)
     hub.add_service(service)
     hub.site_listeners.append(service.on_site)
     return service

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -74,7 +73,7 @@ class CommandOutbox:
         obsolete: Obsolete = lambda row, cmd, now: None,
         on_ack: OnAck = lambda row, cmd, ack, now: None,
         on_refused: OnRefused = lambda row, cmd, why, now: None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float],
         timeout_s: float = 2.0,
         backoff_base_s: float = 0.25,
         backoff_max_s: float = 5.0,

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from controlplane.core import lifecycle, placement, scheduler
+from controlplane.core.clock import Clock
 from controlplane.core.errors import NotFound
 from controlplane.services.outbox import START, CommandOutbox
 from controlplane.core.registry import Transition
@@ -90,8 +91,9 @@ class TrainingService:
 
     name = "training"
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, clock: Clock) -> None:
         self.hub = hub
+        self.clock = clock
         self.outbox: CommandOutbox | None = None
         self.counters: dict[str, int] = {
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
@@ -123,7 +125,7 @@ class TrainingService:
         hub = self.hub
         self.outbox = CommandOutbox(
             hub.db, hub.bus, is_lost=self._site_is_lost, obsolete=self._obsolete,
-            on_ack=self._on_ack, on_refused=self._on_refused,
+            on_ack=self._on_ack, on_refused=self._on_refused, clock=self.clock.time,
         )
         pending = store_outbox.counts(hub.db)["pending"]
         if pending:
@@ -154,7 +156,7 @@ class TrainingService:
                 pass
             self._poke.clear()
             try:
-                self.tick(time.time())
+                self.tick(self.clock.time())
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -580,7 +582,7 @@ class TrainingService:
     # ------------------------------------------------------------------ events
 
     async def _on_event(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited) -> None:
-        self.apply_event(event, time.time())
+        self.apply_event(event, self.clock.time())
 
     def apply_event(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited, now: float) -> str:
         """Record and apply one agent event in one transaction; returns what happened to it
@@ -748,12 +750,12 @@ def _job_spec(row: store_jobs.JobRow) -> placement.JobSpec:
     )
 
 
-def install(hub: Hub) -> TrainingService:
+def install(hub: Hub, clock: Clock) -> TrainingService:
     """Create the service and plug it into ``hub``: service, usage, site listener.
 
     Its ``/v1/jobs`` routes (``gateway/jobs.py``) are added by the composition root (``compose.py``):
     a service never imports the gateway."""
-    service = TrainingService(hub)
+    service = TrainingService(hub, clock)
     hub.add_service(service)
     hub.site_listeners.append(service.on_site)
     return service
