@@ -26,6 +26,7 @@ from edge_agent.config import AgentConfig, BackendConfig, ExecutorsConfig, Model
 from tests.support.hubrig import Client, hub_config, running_hub
 from topology import layout as topo_layout
 from topology import loader
+from tests.support.waiting import until
 
 SITES = {"sh-edge": ("shanghai", {"H20": 4}), "hz-edge": ("hangzhou", {"910B": 4}), "nj-edge": ("nanjing", {"L20": 4})}
 
@@ -38,14 +39,6 @@ def agent_config(site: str, url: str, tmp: Path, models: list[ModelConfig] | Non
         backend=BackendConfig(sim=SimBackendConfig(ttft_ms=0, per_token_ms=0, slots=8, load_time_s=0.2)),
         executors=ExecutorsConfig(enabled=["sim"]),
     )
-
-
-async def until(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 async def until_http(client: Client, path: str, cond: Callable[[Any], bool], timeout: float, what: str) -> Any:

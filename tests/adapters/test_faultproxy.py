@@ -14,17 +14,7 @@ from nats.aio.msg import Msg
 from controlplane.nats.natsserver import NatsServer
 from edge_agent.nats_barrier import barrier
 from tests.support.faultproxy import FaultProxy
-
-
-async def until(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``cond`` every 10 ms; return the seconds it took, or fail after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not cond():
-        if loop.time() - start > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return loop.time() - start
+from tests.support.waiting import until
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from edge_agent import config as agent_config
 from edge_agent import wire
 from edge_agent.bus import AgentBus
 from edge_agent.nats_barrier import barrier
-from tests.adapters.test_nats_permissions import until
+from tests.support.waiting import until
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,8 @@ from controlplane.nats.bus import HubBus, stored_event_subject
 from controlplane.core.sitegate import SiteLimits
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
-from tests.adapters.test_nats_permissions import connected, server_from, single_text, site_login, until
+from tests.adapters.test_nats_permissions import connected, server_from, single_text, site_login
+from tests.support.waiting import until
 
 SITES = ["a", "b"]
 

@@ -14,7 +14,7 @@ import pytest
 from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
-from tests.e2e.test_foundation import until
+from tests.support.waiting import until
 from tests.support.hubrig import hub_config, running_hub
 
 
