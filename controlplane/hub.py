@@ -11,7 +11,6 @@ the pure core are wall-clock epoch seconds read here, never inside the core.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -32,7 +31,7 @@ from controlplane.core.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
 from controlplane.core.registry import SiteRegistry, StaticSite, Transition
 from controlplane.core.router import Router
-from controlplane.runtime import WallClock, cancel_and_wait
+from controlplane.runtime import BackgroundTasks, WallClock
 from controlplane.store import db as store_db
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
@@ -106,7 +105,8 @@ class Hub:
         self.services: list[Service] = []
         self.permission_violations = 0
         self.started_at = 0.0
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = BackgroundTasks("hub")
+        """The hub's own background work (the sweep, re-registration requests)."""
         self._reregister_asked: dict[str, float] = {}
         self._models_cache: tuple[int, frozenset[str]] = (-1, frozenset())
         self.usage = UsageBuffer()
@@ -157,7 +157,7 @@ class Hub:
         self.registry.remember(static)
         await self.bus.connect()
         await self.bus.ensure_event_stream(self.config.event_stream_replicas)
-        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
+        self.tasks.spawn(self._sweep_loop(), name="sweep")
         for service in self.services:
             await service.start()
         await self._ask_known_sites_to_register(seen_before)
@@ -175,8 +175,7 @@ class Hub:
         for service in reversed(self.services):
             with contextlib.suppress(Exception):
                 await service.stop()
-        await cancel_and_wait(self._tasks)
-        self._tasks.clear()
+        await self.tasks.close()
         await self.bus.close()
         self._flush_usage()
         if self.db is not None:
@@ -192,8 +191,8 @@ class Hub:
         self.services.append(service)
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
-        """Run a background coroutine owned by the hub (cancelled at stop)."""
-        self._tasks.append(asyncio.ensure_future(coro))
+        """Run a background coroutine owned by the hub (dropped when done, cancelled at stop)."""
+        self.tasks.spawn(coro, name)
 
     # ------------------------------------------------------------------ sites
 

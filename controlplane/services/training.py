@@ -54,7 +54,7 @@ from controlplane.core.clock import Clock
 from controlplane.core.errors import NotFound
 from controlplane.services.outbox import START, CommandOutbox
 from controlplane.core.registry import Transition
-from controlplane.runtime import cancel_and_wait
+from controlplane.runtime import BackgroundTasks
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
@@ -103,7 +103,7 @@ class TrainingService:
         self.last_plan: scheduler.Plan | None = None
         self.last_tick_ms = 0.0
         self._poke = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = BackgroundTasks("training")
         self._preempting: dict[tuple[str, int], float] = {}
         self._stop_sent: dict[tuple[str, str, int], float] = {}
         self._cool_until: dict[str, float] = {}
@@ -130,15 +130,12 @@ class TrainingService:
         pending = store_outbox.counts(hub.db)["pending"]
         if pending:
             log.info("event=outbox_resume pending=%d", pending)
-        self._tasks = [
-            asyncio.create_task(self.outbox.run(), name="training-outbox"),
-            asyncio.create_task(self._tick_loop(), name="training-tick"),
-        ]
+        self.tasks.spawn(self.outbox.run(), name="outbox")
+        self.tasks.spawn(self._tick_loop(), name="tick")
         hub.bus.consume_events(self._on_event)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._tasks)
-        self._tasks.clear()
+        await self.tasks.close()
         if self.outbox is not None:
             await self.outbox.close()
 
