@@ -65,7 +65,7 @@ from controlplane.core import replicas as core
 from controlplane.core.declarations import LOCAL_DEPLOYMENTS, may_use_local
 from controlplane.core.errors import BusUnavailable, NotFound, PeerError, RequestError, SiteRefused
 from controlplane.core.registry import SiteView, Transition
-from controlplane.runtime import cancel_and_wait
+from controlplane.runtime import BackgroundTasks
 from controlplane.store import deployments as store
 from controlplane.store import jobs as store_jobs
 from edge_agent import wire
@@ -194,8 +194,9 @@ class DeploymentService:
         self.missing_heartbeats = missing_heartbeats
         self.counters: Counter[str] = Counter()
         self._poked = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._sends: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        self.tasks = BackgroundTasks("deployments")
+        """The reconcile loop and the commands in flight."""
+        self._sends: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
         self._last_sent: dict[tuple[str, str, str], float] = {}
         self._accepted_hb: dict[tuple[str, str], int] = {}
         """(deployment, site) -> the site's heartbeat count when the replica was last known there."""
@@ -231,12 +232,11 @@ class DeploymentService:
         for dep in store.list_active(hub.db):
             self._own(dep.tenant, dep.model, dep.id, True)
         self._grace_until = self.clock.time() + hub.registry.detection_s
-        self._task = asyncio.create_task(self._loop(), name="deployments-reconcile")
+        self.tasks.spawn(self._loop(), name="reconcile")
 
     async def stop(self) -> None:
         """Cancel the loop and every command still in flight."""
-        await cancel_and_wait([t for t in (self._task, *self._sends.values()) if t is not None])
-        self._task = None
+        await self.tasks.close()
         self._sends.clear()
 
     def poke(self) -> None:
@@ -684,7 +684,7 @@ class DeploymentService:
         if kind == "load" and (view is None or view.state != "up"):
             return  # the plan will move it elsewhere; no point waiting on a silent site
         self._last_sent[key] = now
-        self._sends[key] = asyncio.ensure_future(self._command(key, site, cmd))
+        self._sends[key] = self.tasks.spawn(self._command(key, site, cmd), name=f"{kind}-{site}")
 
     async def _command(self, key: tuple[str, str, str], site: str, cmd: Any) -> None:
         kind, dep_id, _ = key
