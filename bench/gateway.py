@@ -8,7 +8,7 @@ each responder is its own process; the load generator is ``wrk`` (bench/wrk.py; 
 (removed), an aiohttp client that tops out near the floor's own rate, so it capped the floor and
 the ratio flattered the hub. The machine has 2 cores, so wrk, servers, responders and nats-server share them:
 the ratios are what this benchmark is for, each the median of paired floor/hub rounds. Targets
-(DESIGN §10, 32 connections): p50 ≤ 1.25× the floor, throughput ≥ 0.8× the floor.
+(architecture §10, 32 connections): p50 ≤ 1.25× the floor, throughput ≥ 0.8× the floor.
 
 ``cpn bench gateway --peers`` is the other half (bench/peers.py): cpn next to vllm-router and
 sglang-router in front of one fast mock OpenAI backend.
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from bench import common, systems, wrk
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from topology import loader
 
 PY = sys.executable

@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 
 from bench import common
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.nats_barrier import barrier
 from topology import synth
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import nats
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.nats_barrier import barrier
 
 

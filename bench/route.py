@@ -2,7 +2,7 @@
 
 Reports the RTT index's precompute time and memory, one link-change recompute, and decision
 p50/p99 with the ratio to one nats-py request/reply measured in the same run (target ≤ 0.1×,
-DESIGN §10: p99 ≤ 50 µs).
+architecture §10: p99 ≤ 50 µs).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 import tracemalloc
 
 from bench import common, natsfloor
-from controlplane.registry import SiteView
-from controlplane.router import Route, Router, RouteRequest
+from controlplane.core.registry import SiteView
+from controlplane.core.router import Route, Router, RouteRequest
 from edge_agent import wire
 from topology import latency, synth
 

@@ -12,7 +12,7 @@ region and TEE constraints), deterministic for a seed. Then:
    committed as **one transaction** (one fsync per plan tick, as the hub does); figures for one
    commit per decision are measured on a slice for comparison.
 
-Targets (DESIGN §10): >= 5,000 decisions/s in memory, and >= 0.5x that with SQLite.
+Targets (architecture §10): >= 5,000 decisions/s in memory, and >= 0.5x that with SQLite.
 Prints a table and writes JSON to ``bench/results/scheduler.json``.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from controlplane import lifecycle, placement, scheduler
+from controlplane.core import lifecycle, placement, scheduler
 from controlplane.store import db as dbmod
 from controlplane.store import jobs as jobstore
 from topology import layout

@@ -1,4 +1,4 @@
-"""``python -m bench.sim``: the ``cpn sim`` speed budget (DESIGN §10).
+"""``python -m bench.sim``: the ``cpn sim`` speed budget (architecture §10).
 
 Runs the ``national-day`` scenario (24 simulated hours, ≥ 1,000,000 inference requests and
 ≥ 2,000 training jobs, every baseline in the same pass) on the shipped national layout, then the
@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from bench import common
-from controlplane.sim import runner
+from controlplane.tools.sim import runner
 from topology import synth
 
 TARGET_S = 60.0

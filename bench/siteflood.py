@@ -112,7 +112,7 @@ def main() -> None:
             time.sleep(0.5)
         model = models[0]["id"]  # type: ignore[index]
         time.sleep(3)
-        from controlplane import natsconf
+        from controlplane.nats import natsconf
         from topology import loader
 
         sites = [s.id for s in loader.load(a.layout).sites]

@@ -193,7 +193,7 @@ async def router(name: str, m: Mock, tmp: Path, policy: str = "round_robin") -> 
 @asynccontextmanager
 async def cpn(m: Mock, tmp: Path) -> AsyncIterator[System]:
     """nats-server, ``cpn hub`` and one ``cpn agent`` (openai-http -> the mock's shared port)."""
-    from controlplane.natsserver import NatsServer
+    from controlplane.nats.natsserver import NatsServer
     from topology import loader
 
     env = {"CPN_LOG": "WARNING"}

@@ -31,7 +31,7 @@ def rows() -> list[tuple[str, str, str, str]]:
             out.append((f"gateway path vs its floor (wrk), {c} connection{'s' if c > 1 else ''}",
                         f"p50 {h['p50_ms']:.2f} ms vs floor {f['p50_ms']:.2f}: {q['p50']}×; {h['rps']:.0f} req/s vs floor {f['rps']:.0f}: "
                         f"{q['throughput']}× (ratios: median of {len(q.get('rounds_p50', [])) or 'the'} paired rounds)",
-                        "p50 ≤ 1.25×, throughput ≥ 0.8× (DESIGN §10: 32 conns)" if c > 1 else "same ratios, held at 1 conn too",
+                        "p50 ≤ 1.25×, throughput ≥ 0.8× (architecture §10: 32 conns)" if c > 1 else "same ratios, held at 1 conn too",
                         f"{g['machine']}, {g['date']}"))
     s = _load("scheduler")
     if s:

@@ -13,7 +13,7 @@ import importlib
 import re
 import sys
 
-from controlplane.errors import CpnError
+from controlplane.core.errors import CpnError
 
 COMMANDS = ["up", "hub", "agent", "tenant", "key", "site", "topology", "sim", "bench", "deploy", "chaos"]
 
@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"controlplane.commands.{name}")
+            module = importlib.import_module(f"controlplane.tools.commands.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name == f"controlplane.commands.{name}":
+            if exc.name == f"controlplane.tools.commands.{name}":
                 continue  # not built yet
             raise
         module.register(sub)

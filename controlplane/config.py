@@ -9,30 +9,8 @@ from pathlib import Path
 
 import msgspec
 
-from controlplane.errors import RequestError
-
-
-class SiteLimits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """What one site may send the hub, enforced by the hub's bus before decoding (per site id).
-
-    NATS has no per-user message-rate limit, so the hub keeps a token bucket per site and kind;
-    refused and oversized messages are dropped and counted (``cpn_nats_dropped_messages_total``).
-    """
-
-    heartbeat_rate_per_s: float = 5.0
-    heartbeat_burst: int = 20
-    max_heartbeat_bytes: int = 256 * 1024
-    register_rate_per_s: float = 1.0
-    register_burst: int = 10
-    max_register_bytes: int = 256 * 1024
-    event_rate_per_s: float = 50.0
-    event_burst: int = 1000
-    max_event_bytes: int = 64 * 1024
-    """Also the ``CPN_EVENTS`` stream's ``max_msg_size``."""
-    stream_max_bytes: int = 1 << 30
-    """``CPN_EVENTS``'s ``max_bytes`` (new events are refused beyond it, none are pushed out)."""
-    stream_max_msgs_per_site: int = 100_000
-    """Unconsumed events one site may have in ``CPN_EVENTS``; more are refused (to that site only)."""
+from controlplane.core.errors import RequestError
+from controlplane.core.sitegate import SiteLimits as SiteLimits  # a part of HubConfig, defined beside its rules
 
 
 class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

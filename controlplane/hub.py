@@ -11,35 +11,34 @@ the pure core are wall-clock epoch seconds read here, never inside the core.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ipaddress
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import msgspec
 
-from controlplane import auth, declarations
-from controlplane import keys as keys_lifecycle
-from controlplane.bus import HubBus
+from controlplane.core import auth, declarations
+from controlplane.core.clock import Clock
+from controlplane.services import keys as keys_lifecycle
+from controlplane.nats.bus import HubBus
 from controlplane.config import HubConfig
-from controlplane.errors import RateLimited, Unauthorized
-from controlplane.inference import InferenceService, RequestIds
-from controlplane.ratelimit import TokenBuckets
+from controlplane.core.errors import RateLimited, Unauthorized
+from controlplane.services.inference import InferenceService, RequestIds
+from controlplane.core.ratelimit import TokenBuckets
 from controlplane import scrape
 from controlplane.readiness import Readiness
 from controlplane.metrics import HubMetrics
-from controlplane.registry import SiteRegistry, StaticSite, Transition
-from controlplane.router import Router
-from controlplane.runtime import cancel_and_wait
+from controlplane.core.registry import SiteRegistry, StaticSite, Transition
+from controlplane.core.router import Router
+from controlplane.runtime import BackgroundTasks, WallClock
 from controlplane.store import db as store_db
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
 from controlplane.store import usage as store_usage
-from controlplane.usage import UsageBuffer
+from controlplane.core.usage import UsageBuffer
 from edge_agent import wire
 from topology import latency, loader
 from topology import layout as topo_layout
@@ -47,6 +46,11 @@ from topology import layout as topo_layout
 log = logging.getLogger("cpn.hub")
 
 SiteListener = Callable[[Transition], None]
+
+
+ServeHttp = Callable[["Hub", str, int], Awaitable[Any]]
+"""Starts the gateway of a hub on (host, port); handed in by the composition root (``compose.py``),
+so the hub never imports the gateway (the gateway is the outer layer)."""
 
 
 class Service(Protocol):
@@ -67,12 +71,15 @@ class Hub:
         layout: a layout already loaded (tests, ``cpn up``); else read from ``config.layout``.
     """
 
-    def __init__(self, config: HubConfig, *, layout: topo_layout.Layout | None = None) -> None:
+    def __init__(self, config: HubConfig, *, layout: topo_layout.Layout | None = None,
+                 serve_http: ServeHttp | None = None, clock: Clock | None = None) -> None:
         self.config = config
+        self.clock: Clock = clock or WallClock()
+        self._serve_http = serve_http
         self.layout = layout
         self.metrics = HubMetrics()
         self.registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
-        self.keys = auth.KeyRing()
+        self.keys = auth.KeyRing(clock=self.clock.time)
         self.rng = random.Random(config.seed)
         self.rate_limiter = TokenBuckets(config.default_rate_per_s, config.default_burst)
         self.rtt: latency.RttIndex | None = None
@@ -100,7 +107,8 @@ class Hub:
         self.services: list[Service] = []
         self.permission_violations = 0
         self.started_at = 0.0
-        self._tasks: list[asyncio.Task[None]] = []
+        self.tasks = BackgroundTasks("hub")
+        """The hub's own background work (the sweep, re-registration requests)."""
         self._reregister_asked: dict[str, float] = {}
         self._models_cache: tuple[int, frozenset[str]] = (-1, frozenset())
         self.usage = UsageBuffer()
@@ -123,9 +131,9 @@ class Hub:
 
     async def start(self, *, serve_http: bool = True) -> None:
         """Open the store, load the layout, connect to NATS, start loops and the gateway."""
-        self.started_at = time.time()
+        self.started_at = self.clock.time()
         self.db = store_db.open_db(self.config.db_path)
-        for principal in store_tenants.load_keys(self.db, now=time.time()):
+        for principal in store_tenants.load_keys(self.db, now=self.clock.time()):
             self.keys.add(principal)
         if self.layout is None:
             self.layout = loader.load(self.config.layout) if self.config.layout else loader.load_default()
@@ -155,14 +163,14 @@ class Hub:
         await self.bus.connect()
         replicas = self.config.event_stream_replicas or (3 if self.bus.clustered else 1)
         await self.bus.ensure_event_stream(replicas)
-        self._tasks.append(asyncio.create_task(self._sweep_loop(), name="hub-sweep"))
+        self.tasks.spawn(self._sweep_loop(), name="sweep")
         for service in self.services:
             await service.start()
         await self._ask_known_sites_to_register(seen_before)
         if serve_http:
-            from controlplane.gateway import server
-
-            self.gateway = await server.start(self, self.config.listen_host, self.config.listen_port)
+            if self._serve_http is None:
+                raise RuntimeError("this hub was built without a gateway (see controlplane.compose.build_hub)")
+            self.gateway = await self._serve_http(self, self.config.listen_host, self.config.listen_port)
         log.info("event=hub_started hub=%s nats=%s db=%s event_replicas=%d strict_inboxes=%s", self.config.hub_id,
                  self.config.nats_url, self.config.db_path, replicas, self.bus.strict_inboxes)
 
@@ -174,8 +182,7 @@ class Hub:
         for service in reversed(self.services):
             with contextlib.suppress(Exception):
                 await service.stop()
-        await cancel_and_wait(self._tasks)
-        self._tasks.clear()
+        await self.tasks.close()
         await self.bus.close()
         self._flush_usage()
         if self.db is not None:
@@ -191,10 +198,15 @@ class Hub:
         self.services.append(service)
 
     def spawn(self, coro: Awaitable[None], name: str) -> None:
-        """Run a background coroutine owned by the hub (cancelled at stop)."""
-        self._tasks.append(asyncio.ensure_future(coro))
+        """Run a background coroutine owned by the hub (dropped when done, cancelled at stop)."""
+        self.tasks.spawn(coro, name)
 
     # ------------------------------------------------------------------ sites
+
+    def set_draining(self, site: str, on: bool) -> None:
+        """Drain a site (``on``) or undo it: recorded first (it survives restarts), then routed around."""
+        store_sites.set_draining(self.db, site, on)
+        self.registry.set_draining(site, on)
 
     # ------------------------------------------------------------------ declarations
 
@@ -234,7 +246,7 @@ class Hub:
             msgspec.ValidationError: the fields do not make a declaration.
         """
         decl = self._merge_declaration(site_id, fields)
-        store_sites.declare_site(self.db, site_id, fields, time.time())
+        store_sites.declare_site(self.db, site_id, fields, self.clock.time())
         self.declarations[site_id] = decl
         self.registry.declare(self._static(decl))
         log.info("event=site_declared site=%s tier=%s city=%s accelerators=%s local_model_tenants=%s",
@@ -242,7 +254,7 @@ class Hub:
         return decl
 
     def _on_register(self, msg: wire.Register) -> wire.RegisterAck | wire.ErrorReply:
-        now = time.time()
+        now = self.clock.time()
         if msg.proto > wire.PROTO:
             log.warning("event=newer_agent site=%s proto=%s", msg.site, msg.proto)
         decl = self.declarations.get(msg.site)
@@ -299,7 +311,7 @@ class Hub:
         self.router.invalidate()
 
     def _on_heartbeat(self, msg: wire.Heartbeat) -> None:
-        now = time.time()
+        now = self.clock.time()
         view, came_back = self.registry.heartbeat(msg, now)
         if view is None or not view.registered:
             last = self._reregister_asked.get(msg.site, 0.0)
@@ -318,7 +330,7 @@ class Hub:
         then the router knows no replica: models look "not found". A ``Reregister`` on each command
         subject (no reply wanted) brings their replicas back within a round trip.
         """
-        now = time.time()
+        now = self.clock.time()
         for site in sites:
             self._reregister_asked[site] = now  # their first heartbeats need not ask again
             await self.bus.publish_command(site, wire.Reregister(hub=self.config.hub_id))
@@ -332,20 +344,20 @@ class Hub:
             log.debug("event=reregister_failed site=%s error=%s", site, exc)
 
     def _on_bus_down(self) -> None:
-        self.registry.bus_down(time.time())
+        self.registry.bus_down(self.clock.time())
 
     def _on_bus_up(self) -> None:
-        self.registry.bus_up(time.time())
+        self.registry.bus_up(self.clock.time())
 
     async def _sweep_loop(self) -> None:
-        last_flush = time.monotonic()
+        last_flush = self.clock.monotonic()
         while True:
-            await asyncio.sleep(self.config.sweep_s)
-            now = time.time()
+            await self.clock.sleep(self.config.sweep_s)
+            now = self.clock.time()
             for t in self.registry.sweep(now):
                 self._site_lost(t)
-            if time.monotonic() - last_flush >= self.config.usage_flush_s:
-                last_flush = time.monotonic()
+            if self.clock.monotonic() - last_flush >= self.config.usage_flush_s:
+                last_flush = self.clock.monotonic()
                 self._flush_usage()
 
     def _site_lost(self, t: Transition) -> None:
@@ -396,11 +408,15 @@ class Hub:
 
     # ------------------------------------------------------------------ tenants and keys
 
+    def list_tenants(self) -> list[dict[str, Any]]:
+        """Every tenant as recorded."""
+        return store_tenants.list_tenants(self.db)
+
     def create_tenant(self, tenant_id: str, *, name: str = "", default_origin: str | None = None,
                       quota_cards: int | None = None, rate_per_s: float | None = None,
                       burst: int | None = None) -> str:
         """Create a tenant with one API key; returns the key (shown once, stored hashed)."""
-        now = time.time()
+        now = self.clock.time()
         row = store_tenants.create_tenant(
             self.db, tenant_id, name=name, now=now, default_origin=default_origin, quota_cards=quota_cards,
             rate_per_s=rate_per_s, burst=burst,
@@ -413,12 +429,12 @@ class Hub:
     def add_tenant_key(self, tenant_id: str, label: str = "") -> str:
         """Issue one more key for an existing tenant."""
         key = auth.new_key(tenant_id[:12])
-        self.keys.add(store_tenants.add_key(self.db, key, role="tenant", tenant_id=tenant_id, now=time.time(), label=label))
+        self.keys.add(store_tenants.add_key(self.db, key, role="tenant", tenant_id=tenant_id, now=self.clock.time(), label=label))
         return key
 
     def create_admin_key(self, label: str = "") -> str:
         key = auth.new_key("admin")
-        self.keys.add(store_tenants.add_key(self.db, key, role="admin", tenant_id=None, now=time.time(), label=label))
+        self.keys.add(store_tenants.add_key(self.db, key, role="admin", tenant_id=None, now=self.clock.time(), label=label))
         return key
 
     def rate_limit(self, principal: auth.Principal, request: object) -> None:
@@ -432,7 +448,7 @@ class Hub:
             return
         row = self.tenant(tenant) or {}
         ok, retry_after_s = self.rate_limiter.take(
-            tenant, time.monotonic(), rate_per_s=row.get("rate_per_s") or None, burst=row.get("burst") or None,
+            tenant, self.clock.monotonic(), rate_per_s=row.get("rate_per_s") or None, burst=row.get("burst") or None,
         )
         if not ok:
             raise RateLimited(f"tenant {tenant!r} is over its request rate; retry in {retry_after_s:.2f} s",
@@ -441,10 +457,10 @@ class Hub:
     def lookup_key_in_store(self, key: str) -> auth.Principal | None:
         """A key the in-memory ring does not answer for: issued elsewhere (``cpn key create``), not
         re-read within the last second, or expired. None if no such key; raises Unauthorized
-        ("API key revoked" / "API key expired") for a key that stopped working (controlplane/keys.py)."""
+        ("API key revoked" / "API key expired") for a key that stopped working (controlplane/services/keys.py)."""
         try:
-            return keys_lifecycle.lookup_in_store(self.db, self.keys, key, self._key_misses, now=time.time(),
-                                                  monotonic=time.monotonic())
+            return keys_lifecycle.lookup_in_store(self.db, self.keys, key, self._key_misses, now=self.clock.time(),
+                                                  monotonic=self.clock.monotonic())
         except Unauthorized as exc:
             self.metrics.key_refused(exc.code.removeprefix("api_key_"))
             raise
@@ -479,7 +495,7 @@ class Hub:
     # ------------------------------------------------------------------ views for the gateway
 
     def sites_snapshot(self) -> list[dict[str, object]]:
-        now = time.time()
+        now = self.clock.time()
         return [v.as_dict(now) for v in sorted(self.registry, key=lambda v: v.id)]
 
     def refresh_metrics(self) -> None:

@@ -8,9 +8,70 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
-from collections.abc import Coroutine, Iterable
+import time
+from collections.abc import Awaitable, Coroutine, Iterable
 from typing import Any
+
+log = logging.getLogger("cpn.runtime")
+
+
+class WallClock:
+    """The live :class:`~controlplane.core.clock.Clock`: the system's wall clock and asyncio's sleep."""
+
+    def __repr__(self) -> str:
+        return "<WallClock>"
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class BackgroundTasks:
+    """The background tasks of one owner (the hub, a service), kept in one place.
+
+    Promises: a finished task is dropped at once (nothing accumulates) and its failure is logged and
+    counted, never lost; :meth:`close` cancels every task still running and waits for them.
+    """
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.failures = 0
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<BackgroundTasks {self.owner} running={len(self._tasks)} failures={self.failures}>"
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Future[Any]:
+        """Run ``coro`` in the background until it ends or :meth:`close` is called."""
+        task = asyncio.ensure_future(coro)
+        if isinstance(task, asyncio.Task):
+            task.set_name(f"{self.owner}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Future[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.failures += 1
+            name = task.get_name() if isinstance(task, asyncio.Task) else self.owner
+            log.error("event=task_failed task=%s error=%r", name, task.exception())
+
+    async def close(self) -> None:
+        """Cancel the tasks still running and wait until they are done."""
+        tasks = list(self._tasks)
+        self._tasks.clear()
+        await cancel_and_wait(tasks)
 
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, patience_s: float = 10.0) -> None:

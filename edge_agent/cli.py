@@ -26,7 +26,7 @@ _OVERRIDABLE = ("site", "nats", "tier", "city", "provider", "region", "user", "p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``cpn agent`` flags (also used by ``controlplane/commands/agent.py``)."""
+    """The ``cpn agent`` flags (also used by ``controlplane/tools/commands/agent.py``)."""
     parser.add_argument("--config", help="site TOML file (see deploy/site.example.toml)")
     parser.add_argument("--site", help="site id")
     parser.add_argument("--nats", action="append", help="NATS server URL (repeatable)")

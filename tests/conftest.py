@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 
 
 @pytest.fixture

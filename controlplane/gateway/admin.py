@@ -6,13 +6,11 @@ import time
 
 from aiohttp import web
 
-from controlplane import auth
-from controlplane import keys as key_lifecycle
-from controlplane.errors import NotFound, SiteUnreachable
+from controlplane.core import auth
+from controlplane.services import keys as key_lifecycle
+from controlplane.core.errors import NotFound, SiteUnreachable
 from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_admin
 from controlplane.gateway.schemas import DrainBody, KeyBody, RotateKeyBody, TenantBody
-from controlplane.store import sites as store_sites
-from controlplane.store import tenants as store_tenants
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
 
@@ -40,8 +38,7 @@ async def drain_site(request: web.Request) -> web.Response:
     if hub.registry.get(site) is None:
         raise NotFound(f"site {site!r} not found")
     body = await read_body(request, DrainBody) if request.can_read_body else DrainBody()
-    store_sites.set_draining(hub.db, site, body.on)
-    hub.registry.set_draining(site, body.on)
+    hub.set_draining(site, body.on)
     delivered = True
     try:
         await hub.bus.command(site, wire.Drain(on=body.on), timeout_s=2.0)
@@ -55,7 +52,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     body = await read_body(request, TenantBody)
     if body.default_origin is not None and body.default_origin not in hub.origin_ids:
-        from controlplane.errors import RequestError
+        from controlplane.core.errors import RequestError
 
         raise RequestError(f"unknown origin {body.default_origin!r}", field="default_origin")
     key = hub.create_tenant(
@@ -68,7 +65,7 @@ async def create_tenant(request: web.Request) -> web.Response:
 async def list_tenants(request: web.Request) -> web.Response:
     require_admin(request)
     hub = request.app[HUB]
-    return json_response({"object": "list", "data": store_tenants.list_tenants(hub.db)})
+    return json_response({"object": "list", "data": hub.list_tenants()})
 
 
 def _key_scope(request: web.Request) -> tuple[str, str | None]:

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from controlplane import auth, bodies
+from controlplane.core import auth, bodies
 from controlplane.gateway.clientaddr import TrustedProxies
-from controlplane.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
+from controlplane.services.record import Services
+from controlplane.core.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
 
 if TYPE_CHECKING:
     from controlplane.hub import Hub
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("cpn.gateway")
 
 HUB: web.AppKey[Hub] = web.AppKey("hub")
+SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
+"""The typed record of the services (``services/record.py``), handed in by the composition root."""
 TRUSTED: web.AppKey[TrustedProxies] = web.AppKey("trusted_proxies", TrustedProxies)
 PRINCIPAL: web.RequestKey[auth.Principal] = web.RequestKey("principal", auth.Principal)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
@@ -165,7 +168,7 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
     keys = hub.keys
     ids = hub.request_ids
     observe = hub.metrics.observe_http
-    limiter = getattr(hub, "rate_limit", None)
+    limiter = hub.rate_limit
     perf_counter = time.perf_counter
 
     async def guard(request: web.Request) -> web.StreamResponse:
@@ -247,7 +250,7 @@ class Routes:
         self.app.router.add_put(path, guarded(self.hub, handler, path, public=False))
 
 
-async def _unmatched(request: web.Request) -> web.StreamResponse:
+async def unmatched(request: web.Request) -> web.StreamResponse:
     """Every path no endpoint matched: 405 with ``Allow`` when another method would have, else 404."""
     this = request.match_info.route.resource
     allowed: set[str] = set()
@@ -265,27 +268,3 @@ UNMATCHED = "/{unmatched:.*}"
 
 def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, body=msgspec.json.encode(body), content_type="application/json", headers=headers)
-
-
-def make_app(hub: Hub) -> web.Application:
-    """Build the aiohttp application for ``hub``; each API module adds its routes."""
-    from controlplane.gateway import admin, health, infer, openai, openapi, usage
-
-    app = web.Application(client_max_size=hub.config.max_body_bytes)
-    app[HUB] = hub
-    try:
-        app[TRUSTED] = TrustedProxies.parse(hub.config.trusted_proxies)
-    except ValueError as exc:
-        raise RequestError(str(exc), field="trusted_proxies") from None
-    routes = Routes(app, hub)
-    # The hot endpoints first: aiohttp's dispatcher tries resources in registration order.
-    infer.add_routes(routes)
-    openai.add_routes(routes)
-    health.add_routes(routes)
-    admin.add_routes(routes)
-    usage.add_routes(routes)
-    openapi.add_routes(routes)
-    for extra in getattr(hub, "route_modules", []):
-        extra.add_routes(routes)
-    app.router.add_route("*", UNMATCHED, guarded(hub, _unmatched, "unmatched", public=False))
-    return app

@@ -14,97 +14,25 @@ each placement's explanation; utilisation (busy share of cards) by tier sampled 
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import pathlib
-import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from controlplane.gateway.app import HUB, Routes, json_response, require_admin
+from controlplane.gateway.app import HUB, SERVICES, Routes, json_response, require_admin
 from controlplane.gateway.openapi import Op
-from controlplane.store import stats as store_stats
 
 if TYPE_CHECKING:
+    from controlplane.services.dashboard_history import DashboardHistory
     from controlplane.hub import Hub
-    from controlplane.registry import Transition
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
-SAMPLE_S = 30.0
-HISTORY_S = 6 * 3600.0
-FAULTS_KEPT = 50
 _TYPES = {".html": "text/html", ".js": "application/javascript", ".css": "text/css", ".json": "application/json"}
 
 
-class History:
-    """What the dashboard remembers: utilisation samples by tier and recent site transitions.
-
-    A hub service (started and stopped with the hub); ``on_site`` is a site listener.
-    """
-
-    name = "dashboard-history"
-
-    def __init__(self, hub: Hub, *, sample_s: float = SAMPLE_S, history_s: float = HISTORY_S) -> None:
-        self.hub = hub
-        self.sample_s = sample_s
-        self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(1, int(history_s / sample_s)))
-        self.faults: collections.deque[dict[str, Any]] = collections.deque(maxlen=FAULTS_KEPT)
-        self._task: asyncio.Task[None] | None = None
-
-    def __repr__(self) -> str:
-        return f"<History samples={len(self.samples)} faults={len(self.faults)}>"
-
-    def on_site(self, t: Transition) -> None:
-        view = self.hub.registry.get(t.site)
-        kind = "back" if t.new == "up" else ("left" if view is not None and view.draining else "lost")
-        self.faults.appendleft({"site": t.site, "kind": kind, "at": t.at})
-
-    def sample(self, now: float) -> dict[str, Any]:
-        busy: dict[str, float] = {}
-        total: dict[str, float] = {}
-        for view in self.hub.registry:
-            if view.state != "up":
-                continue
-            for acc, cards in view.accelerators.items():
-                free = max(0.0, min(float(cards), float(view.free_cards.get(acc, cards))))
-                total[view.tier] = total.get(view.tier, 0.0) + cards
-                busy[view.tier] = busy.get(view.tier, 0.0) + cards - free
-        point = {"at": now, "busy_share": {t: round(busy[t] / total[t], 4) for t in total if total[t] > 0}}
-        self.samples.append(point)
-        return point
-
-    async def _loop(self) -> None:
-        while True:
-            self.sample(time.time())
-            await asyncio.sleep(self.sample_s)
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="dashboard-history")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
 
-HISTORY: web.AppKey[History] = web.AppKey("dashboard_history", History)
-
-
-def install(hub: Hub) -> History:
-    """Plug the dashboard into ``hub``: its routes, its history service, its site listener."""
-    import sys
-
-    history = History(hub)
-    hub.add_service(history)
-    hub.site_listeners.append(history.on_site)
-    hub.route_modules.append(sys.modules[__name__])
-    hub.dashboard_history = history  # type: ignore[attr-defined]
-    return history
-
-
-def state(hub: Hub, history: History | None, now: float) -> dict[str, Any]:
+def state(hub: Hub, history: DashboardHistory | None, now: float) -> dict[str, Any]:
     """The whole ``/v1/dashboard`` answer."""
     from topology import mapplot
 
@@ -141,17 +69,16 @@ def state(hub: Hub, history: History | None, now: float) -> dict[str, Any]:
         "deployments": [],
         "jobs": [],
     }
-    if hub.db is not None:
-        body["deployments"] = store_stats.active_deployments(hub.db)
-        body["jobs"] = store_stats.recent_jobs(hub.db)
+    if history is not None:
+        body["deployments"] = history.deployments()
+        body["jobs"] = history.jobs()
     return body
 
 
 async def dashboard_state(request: web.Request) -> web.Response:
     require_admin(request)
     hub = request.app[HUB]
-    history = getattr(hub, "dashboard_history", None)
-    return json_response(state(hub, history, time.time()))
+    return json_response(state(hub, request.app[SERVICES].dashboard, hub.clock.time()))
 
 
 async def page(request: web.Request) -> web.StreamResponse:

@@ -1,6 +1,6 @@
 """``/v1/deployments``: a tenant's inference deployments (create, list, get, delete).
 
-Bodies decode with ``replicas.decode_spec`` (the rule of controlplane/bodies.py: unknown fields
+Bodies decode with ``replicas.decode_spec`` (the rule of controlplane/core/bodies.py: unknown fields
 are a 422 naming the field, out-of-range values a 400); the service then checks the spec against the
 layout (unknown origin, region or accelerator, more cards than any site has: 400 naming the field). ``POST`` answers 201 only after
 the deployment and its first plan are committed. Another tenant's deployment is a 404, exactly like
@@ -17,19 +17,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane import replicas
-from controlplane.deployments import DeploymentService
-from controlplane.gateway.app import HUB, Routes, idempotency_key, json_response, raw_body, require_tenant
+from controlplane.core import replicas
+from controlplane.gateway.app import SERVICES, Routes, idempotency_key, json_response, raw_body, require_tenant
 from controlplane.gateway.openapi import Op
 
-SERVICE: web.AppKey[DeploymentService] = web.AppKey("deployments", DeploymentService)
 
 
 async def create(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
     key = idempotency_key(request)
     spec = replicas.decode_spec(await raw_body(request))
-    view, replayed = request.app[SERVICE].create(tenant, spec, idempotency_key=key)
+    view, replayed = request.app[SERVICES].deployments.create(tenant, spec, idempotency_key=key)
     headers = {"Location": f"/v1/deployments/{view['id']}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -38,18 +36,18 @@ async def create(request: web.Request) -> web.Response:
 
 async def list_all(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
-    return json_response({"object": "list", "data": request.app[SERVICE].list_views(tenant)})
+    return json_response({"object": "list", "data": request.app[SERVICES].deployments.list_views(tenant)})
 
 
 async def get_one(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
-    return json_response(request.app[SERVICE].view(tenant, request.match_info["id"]))
+    return json_response(request.app[SERVICES].deployments.view(tenant, request.match_info["id"]))
 
 
 async def delete_one(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
     dep_id = request.match_info["id"]
-    request.app[SERVICE].delete(tenant, dep_id)
+    request.app[SERVICES].deployments.delete(tenant, dep_id)
     return json_response({"id": dep_id, "object": "deployment", "deleted": True})
 
 
@@ -65,11 +63,7 @@ OPERATIONS = [
 
 
 def add_routes(routes: Routes) -> None:
-    """Add the four endpoints; the hub must have a ``deployments`` service."""
-    service = next((s for s in routes.hub.services if isinstance(s, DeploymentService)), None)
-    if service is None:
-        raise RuntimeError("the deployments routes need the deployments service (controlplane.deployments.install)")
-    routes.app[SERVICE] = service
+    """Add the four endpoints (served by ``Services.deployments``)."""
     routes.add_post("/v1/deployments", create)
     routes.add_get("/v1/deployments", list_all)
     routes.add_get("/v1/deployments/{id}", get_one)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane.errors import RequestError
-from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, Routes, client_address, json_response, principal, read_body
+from controlplane.core.errors import RequestError
+from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, SERVICES, Routes, client_address, json_response, principal, read_body
 from controlplane.gateway.schemas import InferBody
-from controlplane.inference import Served
+from controlplane.services.inference import Served
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
 
@@ -79,8 +79,7 @@ async def infer(request: web.Request) -> web.Response:
     origin = resolve_origin(request, body.origin)
     budget_ms = resolve_budget(request, body.budget_ms)
     policy = resolve_policy(request, body.policy)
-    check = getattr(hub, "check_model_access", None)
-    scope = check(tenant, body.model) if check is not None else None
+    scope = request.app[SERVICES].deployments.check_model_access(tenant, body.model)
     req = wire.InferRequest(request_id=request[REQUEST_ID], model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
     served = await hub.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope)

@@ -25,19 +25,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import msgspec
 from aiohttp import web
 
-from controlplane import lifecycle, placement
-from controlplane.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, Routes, idempotency_key, json_response, read_body, require_tenant
+from controlplane.core import lifecycle, placement
+from controlplane.core.errors import NotFound, RequestError
+from controlplane.gateway.app import HUB, SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
-from controlplane.store import jobs as store_jobs
+from controlplane.services.training import AttemptRow, JobRow, TrainingService
 
-if TYPE_CHECKING:
-    from controlplane.training import TrainingService
 
 Name = Annotated[str, msgspec.Meta(max_length=200)]
 Token = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -79,9 +77,7 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 def _service(request: web.Request) -> TrainingService:
-    from controlplane.training import service_of
-
-    return service_of(request.app[HUB])
+    return request.app[SERVICES].training
 
 
 def _parse_deadline(value: float | str, now: float) -> float:
@@ -135,7 +131,7 @@ def body_hash(spec: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- views
 
 
-def _attempt_state(row: store_jobs.JobRow, a: store_jobs.AttemptRow) -> str:
+def _attempt_state(row: JobRow, a: AttemptRow) -> str:
     if a.ended_at is not None:
         return a.exit_reason or "ended"
     if a.attempt == row.attempt and row.state in ("placed", "starting", "running"):
@@ -143,7 +139,7 @@ def _attempt_state(row: store_jobs.JobRow, a: store_jobs.AttemptRow) -> str:
     return "unknown"
 
 
-def job_view(row: store_jobs.JobRow, attempts: list[store_jobs.AttemptRow] | None = None, *,
+def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
              live_progress: float | None = None, accrued: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
     """The API's picture of a job. Depends only on its arguments, so a replayed submission answers
     byte for byte what the first one did."""
@@ -197,24 +193,23 @@ def job_view(row: store_jobs.JobRow, attempts: list[store_jobs.AttemptRow] | Non
     }
 
 
-def _summary(row: store_jobs.JobRow) -> dict[str, Any]:
+def _summary(row: JobRow) -> dict[str, Any]:
     return {"id": row.id, "name": row.name, "state": row.state, "reason": row.reason, "cards": row.cards,
             "attempt": row.attempt, "pool": row.pool, "progress": row.progress,
             "card_hours": round(row.card_hours, 6), "energy_cny": round(row.energy_cny, 6),
             "submitted_at": row.submitted_at, "finished_at": row.finished_at}
 
 
-def full_view(request: web.Request, row: store_jobs.JobRow) -> dict[str, Any]:
+def full_view(request: web.Request, row: JobRow) -> dict[str, Any]:
     service = _service(request)
-    db = request.app[HUB].db
-    return job_view(row, store_jobs.attempts(db, row.id), live_progress=service.live_progress(row),
+    return job_view(row, service.attempts(row.id), live_progress=service.live_progress(row),
                     accrued=service.accrued(row, time.time()))
 
 
-def _own_job(request: web.Request) -> store_jobs.JobRow:
+def _own_job(request: web.Request) -> JobRow:
     tenant = require_tenant(request)
     job_id = request.match_info["job"]
-    row = store_jobs.get_job(request.app[HUB].db, job_id, tenant=tenant)
+    row = _service(request).job(job_id, tenant=tenant)
     if row is None:
         raise NotFound(f"job {job_id!r} not found", field="job")
     return row
@@ -247,7 +242,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         raise RequestError("limit must be an integer", field="limit") from None
     if not 1 <= limit <= 1000:
         raise RequestError("limit must be within 1..1000", field="limit")
-    rows = store_jobs.list_jobs(request.app[HUB].db, tenant, state=state, limit=limit)
+    rows = _service(request).jobs(tenant, state=state, limit=limit)
     return json_response({"object": "list", "data": [_summary(r) for r in rows]})
 
 
@@ -257,8 +252,7 @@ async def get_job(request: web.Request) -> web.Response:
 
 async def job_events(request: web.Request) -> web.Response:
     row = _own_job(request)
-    db = request.app[HUB].db
-    events = store_jobs.events(db, row.id)
+    events = _service(request).events(row.id)
     data = [{"attempt": e.attempt, "seq": e.seq, "kind": e.kind, "received_at": e.at, "body": e.body} for e in events]
     data.sort(key=lambda e: (e["attempt"], e["seq"]))
     return json_response({"object": "list", "job": row.id, "data": data})

@@ -15,10 +15,10 @@ import time
 
 from aiohttp import web
 
-from controlplane import openai_shapes as oa
-from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, Routes, json_response, principal, raw_body
+from controlplane.gateway import openai_shapes as oa
+from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, SERVICES, Routes, json_response, principal, raw_body
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
-from controlplane.inference import AllSitesFailed, aclose
+from controlplane.services.inference import AllSitesFailed, aclose
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
 
@@ -43,8 +43,7 @@ async def _serve(
     origin = resolve_origin(request, None)
     budget_ms = resolve_budget(request, None)
     policy = resolve_policy(request, None)
-    check = getattr(hub, "check_model_access", None)
-    scope = check(tenant, req.model) if check is not None else None
+    scope = request.app[SERVICES].deployments.check_model_access(tenant, req.model)
     request_id = request[REQUEST_ID]  # the hub's, never the client's X-Request-Id: sites cancel by it
     echo = request[ECHO_ID]
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
@@ -100,8 +99,7 @@ async def _serve(
 async def models(request: web.Request) -> web.Response:
     hub = request.app[HUB]
     tenant = principal(request).tenant_id
-    lister = getattr(hub, "models_for_tenant", None)
-    ids = lister(tenant) if lister is not None else sorted(hub.known_models())
+    ids = request.app[SERVICES].deployments.models_for_tenant(tenant)
     return json_response(oa.models_list(ids, created=hub.started_at))
 
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
+from controlplane.gateway.app import json_response
+
 if TYPE_CHECKING:
     from controlplane.gateway.app import Routes
 
@@ -52,13 +54,12 @@ class Op:
     content_type: str = "application/json"
 
 
+MODULES: web.AppKey[list[Any]] = web.AppKey("route_modules", list)
+"""The gateway modules of this app, each with ``OPERATIONS`` (set by ``server.make_app``)."""
+
+
 def _modules(app: web.Application) -> list[Any]:
-    from controlplane.gateway.app import HUB
-
-    from controlplane.gateway import admin, health, infer, openai, openapi, usage
-
-    hub = app[HUB]
-    return [health, admin, infer, openai, usage, openapi, *getattr(hub, "route_modules", [])]
+    return app[MODULES]
 
 
 def build(app: web.Application) -> dict[str, Any]:
@@ -108,8 +109,6 @@ async def openapi(request: web.Request) -> web.Response:
     doc = request.app.get(_DOC)
     if doc is None:
         doc = build(request.app)
-    from controlplane.gateway.app import json_response
-
     return json_response(doc)
 
 

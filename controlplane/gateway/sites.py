@@ -1,6 +1,6 @@
 """Operator declarations of sites (admin key): ``PUT`` and ``GET /v1/sites/{site}/declaration``.
 
-A site is believed only within what the operator declared (``controlplane/declarations.py``): its
+A site is believed only within what the operator declared (``controlplane/core/declarations.py``): its
 tier, city, provider, region and cards come from here or from the layout, and the tenants that may
 call the models the site loads itself are listed here. Given fields override the layout's entry;
 omitted ones keep it. The declaration is kept in the record and applies at once.
@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from aiohttp import web
 
-from controlplane.errors import NotFound, RequestError
+from controlplane.core.errors import NotFound, RequestError
 from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_admin
 from controlplane.gateway.openapi import Op
 from edge_agent import wire

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, Routes, json_response, principal
+from controlplane.core.errors import NotFound, RequestError
+from controlplane.gateway.app import HUB, SERVICES, Routes, json_response, principal
 from controlplane.gateway.openapi import Op
 
 
@@ -22,9 +22,7 @@ async def usage(request: web.Request) -> web.Response:
             raise NotFound(f"tenant {tenant!r} not found")
     assert tenant is not None
     body = hub.usage_for(tenant)
-    extra = getattr(hub, "training_usage", None)
-    if extra is not None:
-        body["training"] = extra(tenant)
+    body["training"] = request.app[SERVICES].training.usage(tenant)
     return json_response(body)
 
 

@@ -11,5 +11,5 @@ Pure modules (no I/O, no clock: ``now`` is an argument):
 - ``postings`` — accounts, fees, and the transactions each priced event posts.
 - ``reconcile`` — the ledger against metered usage × prices.
 
-The record: ``controlplane.market.store`` (SQLite; the only market code that touches it).
+The record: ``controlplane.store.market`` (SQLite; the only market code that touches it).
 """

@@ -17,7 +17,7 @@ What this module promises:
   balances; closing − opening is exactly the sum of its lines. :func:`statement_csv` renders one
   as CSV text (no file I/O).
 
-:class:`Ledger` is the in-memory book (tests, ``cpn sim``); ``controlplane.market.store.ledger``
+:class:`Ledger` is the in-memory book (tests, ``cpn sim``); ``controlplane.store.market.ledger``
 keeps the same rules in SQLite.
 """
 

@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import msgspec
 
-from controlplane import placement
+from controlplane.core import placement
 from controlplane.market import money
 
 LOCAL_UTC_OFFSET_S = 8 * 3600

@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 
 import msgspec
 
-from controlplane import placement
+from controlplane.core import placement
 from controlplane.market import money, offers
 
 

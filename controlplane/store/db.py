@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from controlplane.errors import StoreError
+from controlplane.core.errors import StoreError
 from controlplane.store.migrations import MIGRATIONS
 from edge_agent import private_files
 

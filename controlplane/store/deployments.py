@@ -44,8 +44,8 @@ from typing import Any
 import msgspec
 import sqlite_utils
 
-from controlplane import replicas as replicas_core
-from controlplane.errors import Conflict, Unprocessable
+from controlplane.core import replicas as replicas_core
+from controlplane.core.errors import Conflict, Unprocessable
 from controlplane.store.db import transaction
 
 DEPLOYMENT_STATES = ("pending", "ready", "degraded", "deleted")

@@ -49,8 +49,8 @@ from typing import Any
 import msgspec
 import sqlite_utils
 
-from controlplane import lifecycle
-from controlplane.errors import Conflict, NotFound, Unprocessable
+from controlplane.core import lifecycle
+from controlplane.core.errors import Conflict, NotFound, Unprocessable
 from controlplane.store.db import transaction
 
 

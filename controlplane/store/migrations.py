@@ -206,7 +206,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ),
     (
         # command outbox (owner: training service). Commands to sites are written in the same
-        # transaction as the decision causing them and sent afterwards (controlplane/outbox.py).
+        # transaction as the decision causing them and sent afterwards (controlplane/services/outbox.py).
         "0030_outbox",
         """
         CREATE TABLE outbox (

@@ -1,7 +1,7 @@
 """The command outbox in SQLite: table ``outbox`` (migration 0030).
 
 A command to a site (``StartAttempt``, ``StopAttempt``) is written here in the same transaction as
-the decision that causes it, and sent afterwards by ``controlplane.outbox.CommandOutbox``. A hub
+the decision that causes it, and sent afterwards by ``controlplane.services.outbox.CommandOutbox``. A hub
 killed between the commit and the send finds the entry ``pending`` on start and sends it then;
 agents treat the commands idempotently, so a second delivery is harmless.
 

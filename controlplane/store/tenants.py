@@ -6,8 +6,8 @@ from typing import Any
 
 import sqlite_utils
 
-from controlplane import auth
-from controlplane.errors import Conflict, NotFound
+from controlplane.core import auth
+from controlplane.core.errors import Conflict, NotFound
 from controlplane.store.db import transaction
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import sqlite_utils
 
 from controlplane.store.db import transaction
-from controlplane.usage import UsageRow
+from controlplane.core.usage import UsageRow
 
 _COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "card_hours", "energy_cny")
 

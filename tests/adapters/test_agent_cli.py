@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import config, wire
 from edge_agent.errors import ConfigError
 from tests.support.fakehub import FakeHub, wait_for

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.fencing import EpochFence
 from tests.support.fakehub import FakeHub, agent_config, running

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.backends.openai_http import OpenAIHttpBackend
 from edge_agent.config import OpenAIHttpConfig

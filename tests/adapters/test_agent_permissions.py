@@ -1,4 +1,4 @@
-"""The agent under its real per-site NATS identity (controlplane/natsconf.py permissions): everything
+"""The agent under its real per-site NATS identity (controlplane/nats/natsconf.py permissions): everything
 it does (register, heartbeats, streamed answers, JetStream events with PubAcks on its own inbox)
 fits inside what the site is allowed, with no JetStream API permission."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import natsconf
-from controlplane.natsserver import NatsServer
+from controlplane.nats import natsconf
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from tests.support.fakehub import FakeHub, agent_config, running
 

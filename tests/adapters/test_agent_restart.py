@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.attempt_journal import SEQ_BLOCK, AttemptJournal, AttemptRecord
 from edge_agent.training import LOST_DETAIL

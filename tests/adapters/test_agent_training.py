@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import nats
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.events import PubAck
 from edge_agent.executors.sim import SimAttempt

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from tests.support.hubrig import Client, hub_config, running_hub
 
 HUGE = [2**63, 2**64 + 1, -(2**63) - 1, 10**30, 1e308, -1e308]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import chaos, cli
+from controlplane.tools import chaos
+from controlplane import cli
 from controlplane.progress import Progress
 from topology import loader
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import cli, natsconf
-from controlplane.commands import hub as hub_cmd
-from controlplane.errors import RequestError
+from controlplane import cli
+from controlplane.nats import natsconf
+from controlplane.tools.commands import hub as hub_cmd
+from controlplane.core.errors import RequestError
 from edge_agent import cli as agent_cli
 from edge_agent.errors import ConfigError
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import private_files
 from tests.support.hubrig import DEMO3, Client, hub_config, running_hub
 

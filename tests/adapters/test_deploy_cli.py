@@ -12,8 +12,9 @@ from pathlib import Path
 import nats
 import pytest
 
-from controlplane import cli, natsconf
-from controlplane.natsserver import NatsServer, binary
+from controlplane import cli
+from controlplane.nats import natsconf
+from controlplane.nats.natsserver import NatsServer, binary
 from edge_agent import wire
 from topology import loader
 

@@ -15,10 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane import deployments as service_mod
+from controlplane.services import deployments as service_mod
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
-from controlplane.registry import SiteView
+from controlplane.nats.natsserver import NatsServer
+from controlplane.core.registry import SiteView
 from controlplane.store import deployments as store
 from edge_agent import wire
 from edge_agent.agent import Agent
@@ -26,6 +26,7 @@ from edge_agent.config import AgentConfig, BackendConfig, ExecutorsConfig, Model
 from tests.support.hubrig import Client, hub_config, running_hub
 from topology import layout as topo_layout
 from topology import loader
+from tests.support.waiting import until
 
 SITES = {"sh-edge": ("shanghai", {"H20": 4}), "hz-edge": ("hangzhou", {"910B": 4}), "nj-edge": ("nanjing", {"L20": 4})}
 
@@ -38,14 +39,6 @@ def agent_config(site: str, url: str, tmp: Path, models: list[ModelConfig] | Non
         backend=BackendConfig(sim=SimBackendConfig(ttft_ms=0, per_token_ms=0, slots=8, load_time_s=0.2)),
         executors=ExecutorsConfig(enabled=["sim"]),
     )
-
-
-async def until(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 async def until_http(client: Client, path: str, cond: Callable[[Any], bool], timeout: float, what: str) -> Any:
@@ -347,22 +340,26 @@ async def test_a_replica_goes_on_the_accelerator_the_hub_planned(tmp_path: Path,
             await agent.stop()
 
 
+def deployments_of(hub: Hub) -> service_mod.DeploymentService:
+    return next(s for s in hub.services if isinstance(s, service_mod.DeploymentService))
+
+
 async def test_the_demo_deployment_is_created_once_and_survives_restarts(tmp_path: Path, nats_server: NatsServer) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
         hub.create_tenant("demo", default_origin="shanghai")
-        first = await hub.deploy_demo("demo", "demo-chat")  # type: ignore[attr-defined]
-        assert first and await hub.deploy_demo("demo", "demo-chat") == first  # type: ignore[attr-defined]
-        assert await hub.deploy_demo("nobody", "demo-chat") == ""  # type: ignore[attr-defined]
+        first = await deployments_of(hub).deploy_demo("demo", "demo-chat")
+        assert first and await deployments_of(hub).deploy_demo("demo", "demo-chat") == first
+        assert await deployments_of(hub).deploy_demo("nobody", "demo-chat") == ""
         dep = store.get(hub.db, first)
         assert dep is not None and dep.tenant == "demo"
         assert dep.spec["cards_per_replica"] == 0.25 and dep.spec["budget_ms"] == 10
         assert set(dep.spec["origins"]) == {"shanghai", "hangzhou", "nanjing"}
     async with running_hub(config) as hub:
-        assert await hub.deploy_demo("demo", "demo-chat") == first  # type: ignore[attr-defined]
+        assert await deployments_of(hub).deploy_demo("demo", "demo-chat") == first
         assert [d.id for d in store.list_for_tenant(hub.db, "demo")] == [first]
-        assert hub.models_for_tenant("demo") == ["demo-chat"]  # type: ignore[attr-defined]
-        assert hub.models_for_tenant("someone") == []  # type: ignore[attr-defined]
+        assert deployments_of(hub).models_for_tenant("demo") == ["demo-chat"]
+        assert deployments_of(hub).models_for_tenant("someone") == []
 
 
 async def test_a_hub_restart_resumes_without_moving_replicas(tmp_path: Path, nats_server: NatsServer) -> None:
@@ -373,12 +370,12 @@ async def test_a_hub_restart_resumes_without_moving_replicas(tmp_path: Path, nat
             hub.create_tenant("acme")
             await asyncio.gather(*(a.start() for a in agents.values()))
             await until(lambda: sum(1 for v in hub.registry if v.heartbeats) == 3, 10, "agents heard")
-            dep_id = await hub.deploy_demo("acme", "qwen")  # type: ignore[attr-defined]
+            dep_id = await deployments_of(hub).deploy_demo("acme", "qwen")
             await until(lambda: store.get(hub.db, dep_id).state == "ready", 10, "ready")  # type: ignore[union-attr]
             before = {(r.site, r.state) for r in store.replicas_of(hub.db, dep_id)}
         loaded = {s: agent_models(a) for s, a in agents.items()}
         async with running_hub(config) as hub:
-            service = next(s for s in hub.services if isinstance(s, service_mod.DeploymentService))
+            service = deployments_of(hub)
             await until(lambda: sum(1 for v in hub.registry if v.registered) == 3, 10, "re-registered")
             # Past the start-up grace period the plan runs again and keeps every replica.
             await until(lambda: service.counters["plans"] >= 1, 10, "re-planned")

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.config import ContainerExecutorConfig
 from edge_agent.executors.container import ContainerExecutor, image_allowed, pick_cards

@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import config, wire
 from edge_agent.executors.process import sandbox_argv
 from tests.support.engines import needs
@@ -201,7 +201,7 @@ def test_the_sandbox_hides_before_it_binds_the_checkpoint_dir() -> None:
 
 
 def test_cpn_up_sites_run_simulated_training_only(tmp_path: Path) -> None:
-    from controlplane.up import agent_config_for
+    from controlplane.tools.up import agent_config_for
     from topology import loader
 
     layout = loader.load_default()

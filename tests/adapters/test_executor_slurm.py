@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.config import SlurmExecutorConfig
 from edge_agent.executors import EventSink, RunningAttempt

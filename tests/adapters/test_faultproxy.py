@@ -11,20 +11,10 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.nats_barrier import barrier
 from tests.support.faultproxy import FaultProxy
-
-
-async def until(cond: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``cond`` every 10 ms; return the seconds it took, or fail after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not cond():
-        if loop.time() - start > timeout_s:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return loop.time() - start
+from tests.support.waiting import until
 
 
 @pytest.fixture
@@ -70,7 +60,7 @@ class Events:
 
 
 async def agent_like_client(url: str, ev: Events) -> Client:
-    # DESIGN §3: ping every 1 s, 2 outstanding, reconnect forever.
+    # architecture §4: ping every 1 s, 2 outstanding, reconnect forever.
     return await nats.connect(
         url, ping_interval=1, max_outstanding_pings=2, allow_reconnect=True, max_reconnect_attempts=-1,
         reconnect_time_wait=0.1, connect_timeout=1, disconnected_cb=ev.on_disconnected,

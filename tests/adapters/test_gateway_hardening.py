@@ -18,9 +18,10 @@ import aiohttp
 import pytest
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.runtime import new_event_loop
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.waiting import until
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop, "uvloop": new_event_loop}
 
@@ -69,14 +70,6 @@ async def one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     await asyncio.wait_for(reader.readexactly(length), 5)
     return head
-
-
-async def eventually(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -140,7 +133,7 @@ def test_connections_beyond_the_cap_get_503_and_are_closed(tmp_path: Path, loop:
                     assert (await resp.json())["error"]["code"] == "too_many_connections"
                 for _, w in [*held, *extra]:
                     w.close()
-                await eventually(lambda: hub.gateway.guard.open == 0, 5, "every connection closed at the hub")
+                await until(lambda: hub.gateway.guard.open == 0, 5, "every connection closed at the hub")
                 async with session.get(f"http://127.0.0.1:{hub.http_port}/metrics") as resp:
                     assert resp.status == 200
                     text = await resp.text()
@@ -179,7 +172,7 @@ def test_one_address_cannot_hold_the_cap_and_trickling_connections_are_cut(tmp_p
             assert hub.gateway.guard.slow_aborted == 8
             for _, w in attack:
                 w.close()
-            await eventually(lambda: hub.gateway.guard.open == 0 and not hub.gateway.guard.by_client, 5, "all closed")
+            await until(lambda: hub.gateway.guard.open == 0 and not hub.gateway.guard.by_client, 5, "all closed")
 
     run_on(loop, main)
 

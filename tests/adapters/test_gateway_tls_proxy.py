@@ -22,9 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from tests.adapters.test_gateway_hardening import LOOPS, hub_here, run_on
-from tests.adapters.test_hub_gateway import raw_agent, wait_for
+from tests.adapters.test_hub_gateway import raw_agent
+from tests.support.waiting import until
 from tests.support.hubrig import DEMO3, hub_config, running_hub
 
 
@@ -168,7 +169,7 @@ async def test_x_forwarded_for_is_believed_only_from_trusted_proxies(
         key = hub.create_tenant("acme")  # no default origin: the CIDR map decides
         nc, beat = await raw_agent(nats_server.url, "hz-edge", "hangzhou")
         try:
-            await wait_for(lambda: "m" in hub.known_models())
+            await until(lambda: "m" in hub.known_models())
             assert await origin_seen(hub.http_port, source=source, forwarded_for=forwarded_for, key=key) == \
                 (200 if expected == "hangzhou" else 400, expected)
         finally:

@@ -14,11 +14,12 @@ import aiohttp
 import nats
 import pytest
 
-from controlplane.errors import SiteRefused, SiteSilent, SiteUnreachable
-from controlplane.natsserver import NatsServer
+from controlplane.core.errors import SiteRefused, SiteSilent, SiteUnreachable
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.waiting import until
 
 
 async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[object, asyncio.Task[None]]:
@@ -44,21 +45,13 @@ async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[o
     return nc, asyncio.create_task(beat())
 
 
-async def wait_for(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def rig(tmp_path: Path, nats_server: NatsServer):  # type: ignore[no-untyped-def]
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
         admin = hub.create_admin_key("test")
         key = hub.create_tenant("acme", default_origin="hangzhou")
         nc, task = await raw_agent(nats_server.url, "hz-edge", "hangzhou")
-        await wait_for(lambda: "m" in hub.known_models())
+        await until(lambda: "m" in hub.known_models())
         async with aiohttp.ClientSession() as session:
             base = f"http://127.0.0.1:{hub.http_port}"
             yield hub, Client(session, base, key), Client(session, base, admin), Client(session, base, None), nc
@@ -143,7 +136,7 @@ async def test_malformed_nats_messages_are_counted_and_answered(rig) -> None:  #
     assert isinstance(err, wire.ErrorReply) and err.code == "bad_message"
     await nc.publish(wire.heartbeat_subject("hz-edge"), b'{"type":"hb"}')
     await barrier(nc)
-    await wait_for(lambda: hub.bus.stats.malformed >= 2)
+    await until(lambda: hub.bus.stats.malformed >= 2)
     assert (await tenant.call("POST", "/v1/infer", {"model": "m", "input": "still"}))[0] == 200
 
 
@@ -172,7 +165,7 @@ async def test_site_requests_time_out_name_missing_sites_and_refuse_forged_repli
         await hub.bus.infer("liar", req, 2.0)
     assert hub.bus.stats.timeouts == 1 and hub.bus.stats.no_responders == 1
     gone = asyncio.create_task(hub.bus.infer("quiet", req, 5.0))  # a client that goes away
-    await wait_for(lambda: len(hub.bus._waiting) == 1)
+    await until(lambda: len(hub.bus._waiting) == 1)
     gone.cancel()
     with pytest.raises(asyncio.CancelledError):
         await gone
@@ -234,7 +227,7 @@ async def test_a_request_in_flight_fails_over_when_its_site_is_declared_lost(tmp
         beat = wire.Heartbeat(site="hz-edge", seq=1, models=[wire.ReplicaStatus(model="m", slots=8)])
         await hung.publish(wire.heartbeat_subject("hz-edge"), wire.encode(beat))
         nc, task = await raw_agent(nats_server.url, "sh-edge", "shanghai")
-        await wait_for(lambda: {"hz-edge", "sh-edge"} <= {v.id for v in hub.registry if "m" in v.replicas})
+        await until(lambda: {"hz-edge", "sh-edge"} <= {v.id for v in hub.registry if "m" in v.replicas})
         async with aiohttp.ClientSession() as session:
             client = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
             loop = asyncio.get_running_loop()

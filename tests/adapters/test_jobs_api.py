@@ -3,8 +3,6 @@ validation, idempotency, tenancy and cancellation. Jobs stay queued (no site can
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,9 +10,10 @@ import aiohttp
 import pytest
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.waiting import until
 
 JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60,
        "priority": 3, "regions": ["shanghai"]}
@@ -28,14 +27,6 @@ async def api(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[tuple[Hu
         async with aiohttp.ClientSession() as session:
             base = f"http://127.0.0.1:{hub.http_port}"
             yield hub, Client(session, base, acme), Client(session, base, other)
-
-
-async def eventually(cond, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("field", ["tenant_id", "site", "attempt", "pool"])
@@ -86,7 +77,7 @@ async def test_submit_is_committed_and_shown(api) -> None:  # type: ignore[no-un
     assert row is not None and row.tenant == "acme" and row.priority == 3
     assert row.spec["deadline"] == 4070908800.0  # ISO 8601 with an offset, stored as epoch seconds
     # No site is up: the scheduler says why the job waits.
-    await eventually(lambda: store_jobs.get_job(hub.db, body["id"]).reason != "", 5, "wait reason")  # type: ignore[union-attr]
+    await until(lambda: store_jobs.get_job(hub.db, body["id"]).reason != "", 5, "wait reason")  # type: ignore[union-attr]
     status, view, _ = await acme.call("GET", f"/v1/jobs/{body['id']}")
     assert status == 200 and view["state"] == "queued"
     assert view["wait_reason"].startswith("infeasible") and "A800" in view["wait_reason"], view["wait_reason"]
@@ -149,7 +140,7 @@ async def test_cancel(api) -> None:  # type: ignore[no-untyped-def]
     # The scheduler never places a cancelled job.
     service = next(s for s in hub.services if s.name == "training")
     ticks = service.counters["ticks"]
-    await eventually(lambda: service.counters["ticks"] >= ticks + 2, 5, "two ticks")
+    await until(lambda: service.counters["ticks"] >= ticks + 2, 5, "two ticks")
     assert store_jobs.attempts(hub.db, job["id"]) == []
 
 

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane import auth
-from controlplane.natsserver import NatsServer
+from controlplane.core import auth
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import db as store_db
 from controlplane.store.migrations import MIGRATIONS
 from tests.support.hubrig import Client, hub_config, running_hub

@@ -1,4 +1,4 @@
-"""The market ledger in a real SQLite file (controlplane/market/store/ledger.py)."""
+"""The market ledger in a real SQLite file (controlplane/store/market/ledger.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import sqlite_utils
 
 from controlplane.market import catalogue, ledger, offers, postings, quotes
-from controlplane.market.store import ledger as store
+from controlplane.store.market import ledger as store
 
 T0 = 1_796_000_400.0
 MODEL = catalogue.ModelRecord(id="qwen2-7b", owner="modelco", input_fen_per_mtok=200, output_fen_per_mtok=600)

@@ -1,5 +1,5 @@
 """Catalogue revisions, offers, budgets and quotes in a real SQLite file
-(controlplane/market/store/records.py)."""
+(controlplane/store/market/records.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import sqlite_utils
 
 from controlplane.market import budgets, catalogue, offers, quotes
-from controlplane.market.store import records
+from controlplane.store.market import records
 
 
 def open_db(path: Path) -> sqlite_utils.Database:

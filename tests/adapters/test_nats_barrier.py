@@ -8,7 +8,7 @@ import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.nats_barrier import barrier
 
 

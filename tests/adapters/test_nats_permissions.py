@@ -7,7 +7,6 @@ hub counts what it tried from the server's log. The same holds behind a leaf nod
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import secrets
@@ -21,22 +20,14 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from controlplane import natsconf
-from controlplane.natsserver import NatsServer
+from controlplane.nats import natsconf
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
+from tests.support.waiting import until
 
 SITES = ["a", "b"]
 CHUNKS = 200
-
-
-async def until(cond: Callable[[], bool], timeout_s: float = 5.0, what: str = "condition") -> None:
-    """Poll ``cond`` every 20 ms until it holds, or fail after ``timeout_s``."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @asynccontextmanager

@@ -19,15 +19,16 @@ from typing import Any
 import nats
 import pytest
 
-from controlplane import cli, natscerts, natsconf
-from controlplane.bus import HubBus
-from controlplane.errors import BusUnavailable
-from controlplane.natsserver import NatsServer
+from controlplane import cli
+from controlplane.nats import natscerts, natsconf
+from controlplane.nats.bus import HubBus
+from controlplane.core.errors import BusUnavailable
+from controlplane.nats.natsserver import NatsServer
 from edge_agent import config as agent_config
 from edge_agent import wire
 from edge_agent.bus import AgentBus
 from edge_agent.nats_barrier import barrier
-from tests.adapters.test_nats_permissions import until
+from tests.support.waiting import until
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import nats
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 
 
 async def test_server_starts_on_port_zero_and_serves_requests(nats_server: NatsServer) -> None:

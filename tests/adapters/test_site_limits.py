@@ -21,12 +21,13 @@ import nats
 import pytest
 from nats.js.api import RetentionPolicy, StreamConfig
 
-from controlplane import natsconf
-from controlplane.bus import HubBus, stored_event_subject
-from controlplane.config import SiteLimits
+from controlplane.nats import natsconf
+from controlplane.nats.bus import HubBus, stored_event_subject
+from controlplane.core.sitegate import SiteLimits
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
-from tests.adapters.test_nats_permissions import connected, server_from, single_text, site_login, until
+from tests.adapters.test_nats_permissions import connected, server_from, single_text, site_login
+from tests.support.waiting import until
 
 SITES = ["a", "b"]
 

@@ -18,12 +18,13 @@ import aiohttp
 import nats
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store import sites as store_sites
 from edge_agent import wire
-from tests.adapters.test_training_raw_site import JOB, RawSite, submit, until
+from tests.adapters.test_training_raw_site import JOB, RawSite, submit
+from tests.support.waiting import until
 from tests.support.hubrig import Client, hub_config, running_hub
 
 

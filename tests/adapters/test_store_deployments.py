@@ -10,12 +10,12 @@ import msgspec
 import pytest
 import sqlite_utils
 
-from controlplane import replicas
-from controlplane.errors import Conflict, Unprocessable
+from controlplane.core import replicas
+from controlplane.core.errors import Conflict, Unprocessable
 from controlplane.store import db as store_db
 from controlplane.store import deployments as deps
 from controlplane.store import usage as store_usage
-from controlplane.usage import UsageBuffer, UsageRow
+from controlplane.core.usage import UsageBuffer, UsageRow
 
 
 @pytest.fixture

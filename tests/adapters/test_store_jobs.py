@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import lifecycle as lc
-from controlplane.errors import Conflict, NotFound, Unprocessable
+from controlplane.core import lifecycle as lc
+from controlplane.core.errors import Conflict, NotFound, Unprocessable
 from controlplane.store import db as dbmod
 from controlplane.store import jobs
 

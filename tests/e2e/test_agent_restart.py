@@ -12,10 +12,11 @@ from pathlib import Path
 
 import aiohttp
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from edge_agent.training import LOST_DETAIL
-from tests.e2e.test_training import SITES, checkpoints, job, sim_job, until
+from tests.e2e.test_training import SITES, checkpoints, job, sim_job
+from tests.support.waiting import until
 from tests.support.hubrig import Client, hub_config, running_hub
 
 ROOT = Path(__file__).resolve().parents[2]

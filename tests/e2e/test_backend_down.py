@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, OpenAIHttpConfig, SimBackendConfig
-from tests.e2e.test_foundation import until
+from tests.support.waiting import until
 from tests.support.hubrig import Client, hub_config, running_hub
 from tests.support.localllm import LocalServer, local_llm  # noqa: F401  (the fixture)
 

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub

@@ -14,10 +14,11 @@ import aiohttp
 import pytest
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.waiting import until
 
 SITES = {"sh-edge": ("shanghai", {"H20": 4}), "hz-edge": ("hangzhou", {"910B": 4}), "nj-edge": ("nanjing", {"L20": 4})}
 
@@ -29,15 +30,6 @@ def agent_config(site: str, url: str, tmp: Path) -> AgentConfig:
         data_dir=str(tmp / site), models=[ModelConfig(name="m", cards=1.0, slots=8)],
         backend=BackendConfig(sim=SimBackendConfig(ttft_ms=0, per_token_ms=0, slots=8)),
     )
-
-
-async def until(cond, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 @pytest.fixture

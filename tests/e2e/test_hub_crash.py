@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from tests.support.hubrig import DEMO3
 
 N_JOBS = 150

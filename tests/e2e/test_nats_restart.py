@@ -8,9 +8,10 @@ from pathlib import Path
 
 import aiohttp
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
-from tests.e2e.test_foundation import SITES, agent_config, until
+from tests.e2e.test_foundation import SITES, agent_config
+from tests.support.waiting import until
 from tests.support.hubrig import Client, hub_config, running_hub
 
 

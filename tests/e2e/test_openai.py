@@ -11,10 +11,10 @@ import aiohttp
 import openai
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
-from tests.e2e.test_foundation import until
+from tests.support.waiting import until
 from tests.support.hubrig import hub_config, running_hub
 
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from topology import loader
 
 ROOT = Path(__file__).resolve().parents[2]

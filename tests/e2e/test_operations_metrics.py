@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane import up
+from controlplane.tools import up
 from tests.e2e.test_foundation import until
 from tests.support.engines import needs
 from topology import loader

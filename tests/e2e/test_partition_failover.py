@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
-from tests.e2e.test_foundation import until
+from tests.support.waiting import until
 from tests.support.faultproxy import FaultProxy
 from tests.support.hubrig import Client, hub_config, running_hub
 

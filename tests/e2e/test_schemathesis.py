@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
-from tests.e2e.test_foundation import agent_config, until
+from tests.e2e.test_foundation import agent_config
+from tests.support.waiting import until
 from tests.support.hubrig import hub_config, running_hub
 
 SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or shutil.which("schemathesis")

@@ -8,10 +8,10 @@ from pathlib import Path
 import aiohttp
 import nats
 
-from controlplane import up
+from controlplane.tools import up
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
-from tests.e2e.test_foundation import until
+from tests.support.waiting import until
 from topology import loader
 
 

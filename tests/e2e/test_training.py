@@ -20,10 +20,10 @@ import msgspec
 import nats
 
 from controlplane.hub import Hub
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.training import TrainingService, service_of
+from controlplane.services.training import TrainingService, service_of
 from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BusConfig, ExecutorsConfig, ProcessExecutorConfig
@@ -31,6 +31,7 @@ from edge_agent.nats_barrier import barrier
 from tests.support.engines import needs
 from tests.support.faultproxy import FaultProxy
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.waiting import until
 
 PYTHON = "/usr/bin/python3"
 """The host's Python: the process sandbox's user can run it."""
@@ -48,15 +49,6 @@ def agent_config(site: str, url: str, tmp: Path, executors: ExecutorsConfig = SA
         bus=BusConfig(reconnect_wait_s=0.2, reconnect_jitter_s=0.1, event_backoff_max_s=1.0),
         executors=executors,
     )
-
-
-async def until(cond: Callable[[], Any], timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout_s:
-            raise AssertionError(f"{what}: not within {timeout_s} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 def job(hub: Hub, job_id: str) -> store_jobs.JobRow:

@@ -21,22 +21,22 @@ from nats.aio.msg import Msg
 
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
+from tests.support.waiting import until
 
 T = TypeVar("T")
 
 
 async def wait_for(condition: Callable[[], T], timeout_s: float = 5.0, what: str = "condition",
                    interval_s: float = 0.02) -> T:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if loop.time() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        await asyncio.sleep(interval_s)
+    """:func:`tests.support.waiting.until` that returns what ``condition`` returned when it held."""
+    seen: list[T] = []
+
+    def holds() -> T:
+        seen[:] = [condition()]
+        return seen[0]
+
+    await until(holds, timeout_s, what, interval_s=interval_s)
+    return seen[0]
 
 
 @dataclass

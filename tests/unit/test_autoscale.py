@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from controlplane import autoscale
-from controlplane.replicas import Candidate
+from controlplane.core import autoscale
+from controlplane.core.replicas import Candidate
 
 # One origin "a"; edges a1, a2 in its city and the next one; a regional pool and a hub farther away,
 # all within 10 ms; a far edge beyond budget.

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane import checkpointing as ck
+from controlplane.core import checkpointing as ck
 
 MIN, HOUR = 60.0, 3600.0
 

@@ -1,4 +1,4 @@
-"""The pure rules of what a hub believes of a site (controlplane/declarations.py), the executor
+"""The pure rules of what a hub believes of a site (controlplane/core/declarations.py), the executor
 filter of placement, and the router's site-local model rule: tables, no I/O."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from controlplane import declarations as dc
-from controlplane import placement as pl
-from controlplane import scheduler as sc
-from controlplane.registry import SiteView
-from controlplane.router import NoRoute, Route, Router, RouteRequest
+from controlplane.core import declarations as dc
+from controlplane.core import placement as pl
+from controlplane.core import scheduler as sc
+from controlplane.core.registry import SiteView
+from controlplane.core.router import NoRoute, Route, Router, RouteRequest
 from edge_agent import wire
 from tests.unit.test_router import Table
 from tests.unit.test_scheduler import NOW, job, pool

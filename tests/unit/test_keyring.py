@@ -3,7 +3,7 @@ past a key's expiry (an injected clock, no sleeping)."""
 
 from __future__ import annotations
 
-from controlplane import auth
+from controlplane.core import auth
 
 
 class Clock:
@@ -43,7 +43,7 @@ def test_entry_never_answers_past_expiry() -> None:
 
 
 def test_unknown_and_removed_keys() -> None:
-    ring = auth.KeyRing()
+    ring = auth.KeyRing(clock=lambda: 0.0)
     key = auth.new_key("acme")
     assert ring.lookup(key) is None
     ring.add(principal(key))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controlplane import lending
+from controlplane.core import lending
 
 # 2026-11-23 00:00 local (UTC+8) = 2026-11-22 16:00 UTC.
 MIDNIGHT = 1795363200.0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane import lifecycle as lc
-from controlplane.errors import Conflict
-from controlplane.lifecycle import JobEvent as E
-from controlplane.lifecycle import JobState as S
+from controlplane.core import lifecycle as lc
+from controlplane.core.errors import Conflict
+from controlplane.core.lifecycle import JobEvent as E
+from controlplane.core.lifecycle import JobState as S
 from edge_agent import wire
 
 T0 = 1_700_000_000.0

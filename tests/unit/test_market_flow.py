@@ -3,7 +3,7 @@ accept, budget, attempts billed as they end, usage flushes, statements, reconcil
 
 from __future__ import annotations
 
-from controlplane import placement
+from controlplane.core import placement
 from controlplane.market import budgets, catalogue, ledger, offers, postings, quotes, reconcile
 from topology import layout
 

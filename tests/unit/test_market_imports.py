@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MARKET = ROOT / "controlplane" / "market"
 FORBIDDEN = {"asyncio", "aiohttp", "nats", "sqlite_utils", "sqlite3", "time", "random", "uuid", "os", "pathlib"}
-ALLOWED_CONTROLPLANE = {"controlplane.market", "controlplane.placement", "controlplane.checkpointing"}
+ALLOWED_CONTROLPLANE = {"controlplane.market", "controlplane.core.placement", "controlplane.core.checkpointing"}
 
 
 def imports(path: Path) -> set[str]:
@@ -41,4 +41,4 @@ def test_market_core_is_pure(path: Path) -> None:
     assert not {n.split(".")[0] for n in names} & FORBIDDEN
     reaching = {n for n in names if n.startswith("controlplane")}
     assert all(any(n == a or n.startswith(a + ".") for a in ALLOWED_CONTROLPLANE) for n in reaching), reaching
-    assert not any(n.startswith("controlplane.market.store") for n in names)
+    assert not any(n.startswith("controlplane.store.market") for n in names)

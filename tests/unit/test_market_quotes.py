@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane import placement
+from controlplane.core import placement
 from controlplane.market import money, offers, postings, quotes
 from topology import layout
 

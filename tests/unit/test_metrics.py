@@ -59,7 +59,7 @@ def test_tenant_and_model_labels_are_bounded_and_fold_into_other() -> None:
 
 
 def test_a_refused_route_is_counted_with_its_cause_never_none() -> None:
-    from controlplane.router import NoRoute, Route
+    from controlplane.core.router import NoRoute, Route
 
     m = HubMetrics()
     m.route_decision(NoRoute("no site serves model 'x'"))

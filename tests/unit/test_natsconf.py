@@ -11,7 +11,7 @@ import bcrypt
 import msgspec
 import pytest
 
-from controlplane import natsconf
+from controlplane.nats import natsconf
 from edge_agent import wire
 
 SITES = ["bj-hub", "sh-edge", "gz_1"]

@@ -1,4 +1,4 @@
-"""OpenAI-compatible bodies (controlplane/openai_shapes.py): decoding, refusals, responses, SSE frames."""
+"""OpenAI-compatible bodies (controlplane/gateway/openai_shapes.py): decoding, refusals, responses, SSE frames."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import msgspec
 import pytest
 
-from controlplane import openai_shapes as oa
-from controlplane.errors import RequestError, Unprocessable
+from controlplane.gateway import openai_shapes as oa
+from controlplane.core.errors import RequestError, Unprocessable
 from edge_agent import wire
 
 # Field names of openai-python's chat and legacy completion create params

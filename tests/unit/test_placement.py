@@ -6,8 +6,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from controlplane import checkpointing as ck
-from controlplane import placement as pl
+from controlplane.core import checkpointing as ck
+from controlplane.core import placement as pl
 from topology import layout
 
 CST = timezone(timedelta(hours=8))

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.ratelimit import TokenBuckets, retry_after_header
+from controlplane.core.ratelimit import TokenBuckets, retry_after_header
 
 
 def test_burst_then_refused_with_the_wait_until_the_next_token() -> None:

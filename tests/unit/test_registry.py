@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from controlplane.registry import SiteRegistry, StaticSite
+from controlplane.core.registry import SiteRegistry, StaticSite
 from edge_agent import wire
 
 

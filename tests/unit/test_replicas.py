@@ -1,4 +1,4 @@
-"""Replica placement and deployment state (controlplane/replicas.py): tables, scenarios, properties."""
+"""Replica placement and deployment state (controlplane/core/replicas.py): tables, scenarios, properties."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controlplane import replicas
-from controlplane.errors import RequestError, Unprocessable
-from controlplane.replicas import Candidate, DeploymentSpec, Placement, plan_replicas
+from controlplane.core import replicas
+from controlplane.core.errors import RequestError, Unprocessable
+from controlplane.core.replicas import Candidate, DeploymentSpec, Placement, plan_replicas
 
 
 class FakeRtt:

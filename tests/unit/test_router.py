@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from controlplane.registry import SiteView
-from controlplane.router import NoRoute, Route, Router, RouteRequest
+from controlplane.core.registry import SiteView
+from controlplane.core.router import NoRoute, Route, Router, RouteRequest
 from edge_agent import wire
 
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane import placement as pl
-from controlplane import scheduler as sc
+from controlplane.core import placement as pl
+from controlplane.core import scheduler as sc
 from topology import layout
 
 NOW = datetime(2026, 1, 1, 10, tzinfo=timezone(timedelta(hours=8))).timestamp()  # 10:00 local, peak

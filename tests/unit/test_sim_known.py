@@ -8,8 +8,8 @@ import random
 import msgspec
 import pytest
 
-from controlplane import checkpointing, placement
-from controlplane.sim import core_inference, core_scenario, core_training, core_workload
+from controlplane.core import checkpointing, placement
+from controlplane.tools.sim import core_inference, core_scenario, core_training, core_workload
 from topology import latency, loader
 
 ACCELS = """

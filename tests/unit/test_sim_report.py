@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.sim import core_scenario, report, runner
+from controlplane.tools.sim import core_scenario, report, runner
 from topology import loader
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -117,9 +117,9 @@ def calls(path: Path) -> set[str]:
 
 
 def test_the_simulator_uses_the_hub_core_and_no_second_implementation() -> None:
-    sim = ROOT / "controlplane" / "sim"
+    sim = ROOT / "controlplane" / "tools" / "sim"
     inference = (sim / "core_inference.py").read_text()
-    assert "from controlplane.router import Route, Router, RouteRequest" in inference
+    assert "from controlplane.core.router import Route, Router, RouteRequest" in inference
     assert "self.routers[p].route(" in inference
     assert "rep_mod.plan_replicas" in calls(sim / "core_inference.py")
     # cpn's replica scaling is the hub's pure autoscaler, not the simulator's own.

@@ -8,9 +8,9 @@ import ipaddress
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from controlplane import natscerts
-from controlplane.config import SiteLimits
-from controlplane.sitegate import SiteGate
+from controlplane.nats import natscerts
+from controlplane.core.sitegate import SiteLimits
+from controlplane.core.sitegate import SiteGate
 
 
 def test_oversize_is_refused_by_size_alone_and_spends_no_token() -> None:

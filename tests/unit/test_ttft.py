@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane import ttft
+from controlplane.core import ttft
 
 PROFILES = {"A800": ttft.Profile(accelerator="A800", prefill_tokens_per_s=4000.0, base_ms=20.0)}
 

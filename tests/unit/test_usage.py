@@ -1,10 +1,10 @@
-"""The in-memory usage accumulator (controlplane/usage.py)."""
+"""The in-memory usage accumulator (controlplane/core/usage.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from controlplane.usage import UsageBuffer, UsageRow
+from controlplane.core.usage import UsageBuffer, UsageRow
 
 
 def test_adds_accumulate_per_key_and_drain_empties() -> None:

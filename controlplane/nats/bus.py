@@ -1,0 +1,753 @@
+"""The hub's NATS adapter: the only hub code that imports ``nats``.
+
+It carries decisions out and brings messages in; it decides nothing. nats-py's exceptions are
+translated here (timeouts and no-responders become :class:`SiteUnreachable`, an ``ErrorReply`` becomes
+:class:`SiteRefused`), so nothing above this module sees a nats type.
+
+Connection settings follow architecture §4: ping every second with two outstanding (a dead server is
+noticed in about 3 s, not minutes), reconnect forever, callbacks that log and count.
+Malformed messages from agents are counted (``malformed``) and dropped, or answered with an
+``ErrorReply`` when they carry a reply subject.
+
+Site limits (docs/security.md, "Site limits"): before decoding anything a site sent, the bus checks
+its size and the site's token bucket (:class:`~controlplane.core.sitegate.SiteGate`); refusals are
+counted in ``stats.dropped`` by (kind, reason). Site traffic (registrations, heartbeats, events)
+comes in on a connection of its own, so a flood queues there and not behind inference replies.
+
+Events: a site publishes on its ``evt`` subject as a request; the hub, not JetStream, receives
+it, checks the reply is in the site's own inbox (else drops it, ``reply_spoof``: no answer goes
+anywhere), size and rate, then stores it in ``CPN_EVENTS`` under ``cpn.v1.events.<site>`` and
+relays JetStream's PubAck to the site. Sites cannot publish on the stream's subjects, so JetStream
+never answers a reply subject a site chose.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from controlplane.core.errors import BusUnavailable, SiteRefused, SiteSilent, SiteUnreachable
+from controlplane.runtime import cancel_and_wait
+from controlplane.core.sitegate import Kind, SiteGate, SiteLimits
+from edge_agent import tls, wire
+from edge_agent.nats_barrier import barrier
+
+log = logging.getLogger("cpn.bus")
+
+_LOST = object()
+"""What a request's future holds when its site was declared lost before it answered."""
+
+_NO_RESPONDERS = "503"
+"""The status header nats-server sets on the reply to a request nobody subscribed to."""
+
+STORED_EVENTS_ROOT = "cpn.v1.events"
+"""Subjects of ``CPN_EVENTS`` (``cpn.v1.events.<site>``): only the hub publishes there."""
+STORED_EVENTS_WILDCARD = STORED_EVENTS_ROOT + ".*"
+EVENTS_QUEUE = "cpn-hub-events"
+"""Queue group of the hubs' event subscriptions: each event is stored by one hub."""
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+
+def stored_event_subject(site: str) -> str:
+    """Subject an event of ``site`` is stored under in ``CPN_EVENTS``."""
+    return f"{STORED_EVENTS_ROOT}.{site}"
+
+
+def site_of_stored(subject: str) -> str | None:
+    """The site of a ``CPN_EVENTS`` message (new ``cpn.v1.events.<site>`` or old ``...site.<site>.evt``)."""
+    if subject.startswith(STORED_EVENTS_ROOT + "."):
+        site = subject[len(STORED_EVENTS_ROOT) + 1:]
+        return site if wire.is_valid_id(site) else None
+    return wire.site_of(subject)
+
+
+def _consumer_config(durable: str, start_seq: int | None = None) -> ConsumerConfig:
+    # No filter subject: the whole stream, including events stored by an older hub under the
+    # sites' own subjects.
+    policy = DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE
+    return ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=policy,
+                          opt_start_seq=start_seq, ack_wait=30.0, max_ack_pending=10_000)
+
+
+def _js_error(code: int, description: str) -> bytes:
+    """A PubAck-shaped JetStream error: agents read it as "not stored, retry later"."""
+    return json.dumps({"error": {"code": code, "description": description}}).encode()
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_result(None)  # a request's timeout: no message
+
+
+class _Waiter:
+    """One request waiting on the shared reply subscription."""
+
+    __slots__ = ("future", "site", "timer", "deadline", "acked")
+
+    def __init__(self, future: asyncio.Future[Msg | None], site: str, timer: asyncio.TimerHandle,
+                 deadline: float, acked: bool) -> None:
+        self.future = future
+        self.site = site
+        self.timer = timer
+        self.deadline = deadline
+        """Loop time the answer is due by, once the site has acknowledged the request."""
+        self.acked = acked
+        """True once an InferAccepted came (or when none was asked for)."""
+
+RegisterHandler = Callable[[wire.Register], wire.RegisterAck | wire.ErrorReply]
+HeartbeatHandler = Callable[[wire.Heartbeat], None]
+EventHandler = Callable[[wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited], Awaitable[None]]
+
+
+@dataclass
+class BusStats:
+    malformed: int = 0
+    errors: int = 0
+    disconnects: int = 0
+    reconnects: int = 0
+    requests: int = 0
+    timeouts: int = 0
+    ack_timeouts: int = 0
+    """Requests a site did not acknowledge in time (failed over quickly: a partition or dead link)."""
+    no_responders: int = 0
+    events: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+    dropped: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(kind, reason) -> messages from sites refused before decoding (rate, oversize, reply_spoof)."""
+
+    def bad(self, kind: str) -> None:
+        self.malformed += 1
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+
+    def drop(self, kind: str, reason: str) -> None:
+        key = (kind, reason)
+        self.dropped[key] = self.dropped.get(key, 0) + 1
+
+
+class HubBus:
+    """The hub's connection to NATS.
+
+    Args:
+        url: NATS server URL(s), comma separated.
+        user, password: the hub's own identity (optional on an open server).
+        on_register / on_heartbeat: synchronous handlers (pure core behind them).
+        on_disconnect / on_reconnect: told about the hub's own connection state.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "cpn-hub",
+        user: str | None = None,
+        password: str | None = None,
+        on_register: RegisterHandler,
+        on_heartbeat: HeartbeatHandler,
+        on_disconnect: Callable[[], None] = lambda: None,
+        on_reconnect: Callable[[], None] = lambda: None,
+        ping_interval_s: float = 1.0,
+        strict_inboxes: bool = False,
+        site_limits: SiteLimits | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        self.url = url
+        self.name = name
+        self.user = user
+        self.password = password
+        self.on_register = on_register
+        self.on_heartbeat = on_heartbeat
+        self.on_disconnect = on_disconnect
+        self.on_reconnect = on_reconnect
+        self.ping_interval_s = ping_interval_s
+        self.strict_inboxes = strict_inboxes
+        self.site_limits = site_limits or SiteLimits()
+        self.gate = SiteGate(self.site_limits)
+        self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
+        self.stats = BusStats()
+        self.nc: Any = None
+        self.sites_nc: Any = None
+        """Second connection for what sites send (registrations, heartbeats, events)."""
+        self._subs: list[Any] = []
+        self._event_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._psub: Any = None
+        self._events_in: Any = None
+        # Non-streaming requests share one reply subscription (see _request).
+        self._reply_prefix = f"{wire.HUB_INBOX_PREFIX}.{secrets.token_hex(8)}."
+        self._reply_key = secrets.token_bytes(16)
+        self._reply_n = 0
+        self._waiting: dict[str, _Waiter] = {}
+        """token -> the request waiting for its answer"""
+        self._infer_subjects: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<HubBus {state} malformed={self.stats.malformed} requests={self.stats.requests}>"
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def clustered(self) -> bool:
+        """Whether the connected server belongs to a cluster (the ``cluster`` field of its INFO;
+        nats-py keeps INFO in a private attribute, read here only)."""
+        info = getattr(self.nc, "_server_info", None) or {}
+        return bool(info.get("cluster"))
+
+    async def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect (retrying until ``timeout_s``) and subscribe to registrations and heartbeats."""
+
+        last_error: list[Exception] = []
+
+        async def error_cb(exc: Exception) -> None:
+            if isinstance(exc, nats.errors.SlowConsumerError):
+                # A flood beyond what the hub keeps up with, dropped by nats-py: count it by kind,
+                # cheaply (this runs once per dropped message), and say so once in a while.
+                kind = "heartbeat" if exc.subject.endswith(".hb") else "other"
+                self.stats.drop(kind, "queue_full")
+                if self.stats.dropped[(kind, "queue_full")] % 10_000 == 1:
+                    log.warning("event=nats_slow_consumer kind=%s dropped=%d", kind,
+                                self.stats.dropped[(kind, "queue_full")])
+                return
+            self.stats.errors += 1
+            last_error[:] = [exc]
+            log.warning("event=nats_error error=%r", exc)
+
+        async def disconnected_cb() -> None:
+            if self._closing:  # our own close, not an outage
+                return
+            self.stats.disconnects += 1
+            log.warning("event=nats_disconnected")
+            self.on_disconnect()
+
+        async def reconnected_cb() -> None:
+            self.stats.reconnects += 1
+            log.info("event=nats_reconnected url=%s", self.nc.connected_url.netloc if self.nc else "?")
+            self.on_reconnect()
+
+        kwargs: dict[str, Any] = {}
+        if self.user:
+            kwargs["user"] = self.user
+            kwargs["password"] = self.password or ""
+        if self.tls_ca:
+            try:
+                kwargs["tls"] = tls.client_context(self.tls_ca, self.tls_cert, self.tls_key)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise BusUnavailable(f"NATS TLS files: {exc}") from None
+        servers = [u.strip() for u in self.url.split(",") if u.strip()]
+        if self.tls_ca:
+            # nats-py upgrades to TLS when the server asks for it or the URL says tls://; say it
+            # always, so a server without TLS is refused rather than spoken to in clear.
+            servers = ["tls://" + u.split("://", 1)[-1] for u in servers]
+        deadline = asyncio.get_running_loop().time() + timeout_s
+
+        async def open_connection(name: str, **callbacks: Any) -> Any:
+            while True:
+                try:
+                    # nats-py retries a failing first connect forever when reconnects are on (a TLS
+                    # verification error, say): bound it by our deadline.
+                    remaining = max(deadline - asyncio.get_running_loop().time(), 0.5)
+                    return await asyncio.wait_for(nats.connect(
+                        servers=servers,
+                        name=name,
+                        ping_interval=self.ping_interval_s,
+                        max_outstanding_pings=2,
+                        max_reconnect_attempts=-1,
+                        reconnect_time_wait=0.5,
+                        connect_timeout=2,
+                        allow_reconnect=True,
+                        inbox_prefix=wire.HUB_INBOX_PREFIX,
+                        error_cb=error_cb,
+                        pending_size=8 * 1024 * 1024,
+                        **callbacks,
+                        **kwargs,
+                    ), remaining)
+                except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
+                    if asyncio.get_running_loop().time() > deadline:
+                        why = exc if str(exc) or not last_error else last_error[0]
+                        raise BusUnavailable(f"cannot connect to NATS at {self.url}: {why}") from exc
+                    await asyncio.sleep(0.2)
+
+        self.nc = await open_connection(self.name, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb)
+        # Site traffic on a connection of its own: a site's flood fills that socket and that
+        # connection's queues, not the one inference replies come back on.
+        self.sites_nc = await open_connection(self.name + "-sites")
+        limits = {"pending_msgs_limit": 1_000_000, "pending_bytes_limit": 256 * 1024 * 1024}
+        # Heartbeats beyond what the hub keeps up with are dropped by nats-py (slow consumer) rather
+        # than queued without bound: a heartbeat is superseded by the next one anyway.
+        hb_limits = {"pending_msgs_limit": 20_000, "pending_bytes_limit": 64 * 1024 * 1024}
+        self._subs.append(await self.sites_nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register, **limits))
+        self._subs.append(await self.sites_nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat, **hb_limits))
+        self._subs.append(await self.nc.subscribe(self._reply_prefix + "*", cb=self._on_reply, **limits))
+        await barrier(self.sites_nc)
+        await barrier(self.nc)  # subscriptions live before connect() returns (one flush() is not enough)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._event_task is not None:
+            await cancel_and_wait([self._event_task])  # the loop also checks _closing
+            self._event_task = None
+        if self._psub is not None:
+            # A fetch reply landing after the consumer task was cancelled stays in the pull
+            # subscription's queue, never marked done, and holds nc.drain() for its 30 s timeout.
+            # Unsubscribing drops only our inbox; the durable consumer keeps its position.
+            try:
+                await self._psub.unsubscribe()
+            except Exception:
+                pass
+            self._psub = None
+        for nc in (self.sites_nc, self.nc):
+            if nc is None:
+                continue
+            try:
+                # Drain lets in-flight handlers answer; bounded, so a stuck reply cannot hold a stop.
+                await asyncio.wait_for(nc.drain(), 5.0)
+            except Exception:
+                try:
+                    await nc.close()
+                except Exception:
+                    pass
+        self.nc = self.sites_nc = None
+
+    # ------------------------------------------------------------------ inbound
+
+    def _refused(self, kind: Kind, msg: Msg) -> str | None:
+        """Why ``msg`` (of ``kind``, on a site's subject) is dropped before decoding, or None."""
+        site = wire.site_of(msg.subject)
+        if site is None:
+            reason: str | None = "subject"
+        else:
+            reason = self.gate.admit(kind, site, len(msg.data), asyncio.get_running_loop().time())
+        if reason is not None:
+            self.stats.drop(kind, reason)
+            log.debug("event=site_message_dropped kind=%s subject=%s reason=%s", kind, msg.subject, reason)
+        return reason
+
+    async def _on_register(self, msg: Msg) -> None:
+        if self._refused("register", msg) is not None:
+            return
+        try:
+            decoded = wire.agent_message_decoder.decode(msg.data)
+            if not isinstance(decoded, wire.Register):
+                raise msgspec.ValidationError("expected a register message")
+            subject_site = wire.site_of(msg.subject)
+            if decoded.site != subject_site:
+                raise msgspec.ValidationError(f"site {decoded.site!r} registering on {subject_site!r}'s subject")
+            wire.check_id(decoded.site, "site")
+            if self.strict_inboxes and msg.reply and not msg.reply.startswith(wire.inbox_prefix(decoded.site) + "."):
+                # A site may only ask for answers in its own inbox; else it could aim the hub's
+                # replies at another site.
+                self.stats.bad("reply_spoof")
+                self.stats.drop("register", "reply_spoof")
+                log.warning("event=reply_spoof site=%s reply=%s", decoded.site, msg.reply)
+                return
+        except (msgspec.DecodeError, msgspec.ValidationError, wire.WireError) as exc:
+            self.stats.bad("register")
+            log.warning("event=malformed kind=register subject=%s error=%s", msg.subject, exc)
+            if msg.reply:
+                await self._respond(msg, wire.error_reply("bad_message", str(exc)))
+            return
+        try:
+            answer = self.on_register(decoded)
+        except Exception as exc:  # a bug in the core must still answer the agent
+            log.exception("event=register_failed site=%s", decoded.site)
+            answer = wire.ErrorReply(code="internal", message=f"hub failed: {exc}", retryable=True)
+        if msg.reply:
+            await self._respond(msg, wire.encode(answer))
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        if self._refused("heartbeat", msg) is not None:
+            return
+        try:
+            decoded = wire.agent_message_decoder.decode(msg.data)
+            if not isinstance(decoded, wire.Heartbeat) or decoded.site != wire.site_of(msg.subject):
+                raise msgspec.ValidationError("expected a heartbeat for the subject's site")
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.stats.bad("heartbeat")
+            log.debug("event=malformed kind=heartbeat subject=%s error=%s", msg.subject, exc)
+            return
+        try:
+            self.on_heartbeat(decoded)
+        except Exception:
+            log.exception("event=heartbeat_failed site=%s", decoded.site)
+
+    async def _respond(self, msg: Msg, data: bytes) -> None:
+        try:
+            await msg.respond(data)
+        except Exception as exc:
+            self.stats.errors += 1
+            log.warning("event=respond_failed subject=%s error=%r", msg.subject, exc)
+
+    # ------------------------------------------------------------------ outbound
+
+    def _require(self) -> Any:
+        if self.nc is None or self.nc.is_closed:
+            raise BusUnavailable("not connected to NATS")
+        return self.nc
+
+    async def _on_reply(self, msg: Msg) -> None:
+        waiter = self._waiting.get(msg.subject[len(self._reply_prefix):])
+        if waiter is None or waiter.future.done():
+            return
+        if msg.data.startswith(wire.ACCEPTED_PREFIX):
+            if not waiter.acked:  # the site has it: now wait for the answer until the full timeout
+                waiter.acked = True
+                waiter.timer.cancel()
+                waiter.timer = asyncio.get_running_loop().call_at(waiter.deadline, _expire, waiter.future)
+            return
+        waiter.future.set_result(msg)
+
+    def fail_requests(self, site: str) -> int:
+        """Fail at once every request waiting on ``site`` (declared lost: no need to wait out the
+        timeout, the caller fails over). Returns how many."""
+        failed = 0
+        for waiter in list(self._waiting.values()):
+            if waiter.site == site and not waiter.future.done():
+                waiter.future.set_result(_LOST)  # type: ignore[arg-type]
+                failed += 1
+        return failed
+
+    async def _request(self, subject: str, data: bytes, timeout_s: float, who: str,
+                       ack_timeout_s: float | None = None) -> Msg:
+        """Request/reply over the hub's one reply subscription.
+
+        The protocol of nats-py's ``request`` (one wildcard inbox, a token per request), built for the
+        hot path: the token is a keyed hash of a counter rather than fresh random bytes (a site that
+        sees its own requests' reply subjects still cannot guess another's), and a plain timer
+        replaces ``asyncio.wait_for``.
+
+        With ``ack_timeout_s`` (the request asked for :class:`wire.InferAccepted`), the site must
+        answer or acknowledge within that time, then answer within ``timeout_s`` of the start.
+
+        Raises:
+            SiteUnreachable: no answer within ``timeout_s`` (or no acknowledgement within
+                ``ack_timeout_s``), no responders, or the site was declared lost meanwhile
+                (:meth:`fail_requests`); ``who`` names the site.
+            BusUnavailable: the connection is closed.
+        """
+        nc = self._require()
+        self._reply_n += 1
+        token = hashlib.blake2b(self._reply_n.to_bytes(8, "big"), key=self._reply_key, digest_size=12).hexdigest()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg | None] = loop.create_future()
+        asked_ack = ack_timeout_s is not None and ack_timeout_s < timeout_s
+        first_wait = ack_timeout_s if ack_timeout_s is not None and asked_ack else timeout_s
+        waiter = _Waiter(future, who, loop.call_later(first_wait, _expire, future), loop.time() + timeout_s,
+                         not asked_ack)
+        self._waiting[token] = waiter
+        try:
+            await nc.publish(subject, data, reply=self._reply_prefix + token)
+            msg = await future
+        except nats.errors.ConnectionClosedError as exc:
+            raise BusUnavailable(str(exc)) from None
+        finally:
+            waiter.timer.cancel()
+            del self._waiting[token]
+        if msg is None:
+            if not waiter.acked:
+                self.stats.ack_timeouts += 1
+                raise SiteSilent(f"{who}: no acknowledgement within {first_wait * 1000:.0f} ms")
+            self.stats.timeouts += 1
+            raise SiteUnreachable(f"{who}: no answer within {timeout_s * 1000:.0f} ms")
+        if msg is _LOST:
+            raise SiteUnreachable(f"{who} was declared lost while serving the request")
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            self.stats.no_responders += 1
+            raise SiteUnreachable(f"{who}: no responders")
+        return msg
+
+    async def infer(self, site: str, req: wire.InferRequest, timeout_s: float,
+                    ack_timeout_s: float | None = None) -> wire.InferResult:
+        """One non-streaming inference at ``site``; with ``ack_timeout_s``, see :meth:`_request`
+        (``req.ack`` must be set, and the site must be one that acknowledges).
+
+        Raises:
+            SiteUnreachable: timeout, no acknowledgement or no responders.
+            SiteRefused: the site answered with an ErrorReply.
+        """
+        self.stats.requests += 1
+        subject = self._infer_subjects.get(site)
+        if subject is None:
+            subject = self._infer_subjects[site] = wire.infer_subject(site)
+        msg = await self._request(subject, wire.encode(req), timeout_s, site, ack_timeout_s)
+        return self._decode_result(site, msg.data)
+
+    def _decode_result(self, site: str, data: bytes) -> wire.InferResult:
+        try:
+            reply = wire.infer_reply_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.stats.bad("infer_reply")
+            raise SiteRefused("bad_message", f"{site} sent a malformed reply: {exc}", True) from None
+        if isinstance(reply, wire.ErrorReply):
+            raise SiteRefused(reply.code, reply.message, reply.retryable)
+        if isinstance(reply, (wire.InferChunk, wire.InferAccepted)):
+            self.stats.bad("infer_reply")
+            raise SiteRefused("bad_message", f"{site} sent a {type(reply).__name__} as its answer", True)
+        if reply.site != site:
+            self.stats.bad("infer_reply")
+            raise SiteRefused("bad_message", f"a reply for {site} came from {reply.site}", True)
+        return reply
+
+    async def infer_stream(
+        self, site: str, req: wire.InferRequest, first_timeout_s: float, idle_timeout_s: float = 30.0,
+        ack_timeout_s: float | None = None,
+    ) -> AsyncIterator[wire.InferChunk | wire.InferResult]:
+        """Streaming inference: yields chunks, then the final result.
+
+        The first chunk must arrive within ``first_timeout_s`` (so the caller can still fail over);
+        later ones within ``idle_timeout_s`` each. With ``ack_timeout_s``, the site must send
+        something (its acknowledgement, or the first chunk) within that time.
+        """
+        nc = self._require()
+        self.stats.requests += 1
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        try:
+            await nc.publish(wire.infer_subject(site), wire.encode(req), reply=inbox)
+            loop = asyncio.get_running_loop()
+            first_due = loop.time() + first_timeout_s
+            awaiting_ack = ack_timeout_s is not None and ack_timeout_s < first_timeout_s
+            timeout = ack_timeout_s if awaiting_ack and ack_timeout_s is not None else first_timeout_s
+            first = True
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=max(timeout, 0.001))
+                except nats.errors.TimeoutError:
+                    if awaiting_ack:
+                        self.stats.ack_timeouts += 1
+                        raise SiteSilent(f"{site}: no acknowledgement within {timeout * 1000:.0f} ms") from None
+                    self.stats.timeouts += 1
+                    raise SiteUnreachable(f"{site}: no answer within {first_timeout_s * 1000:.0f} ms" if first
+                                          else f"{site}: no chunk within {idle_timeout_s * 1000:.0f} ms") from None
+                if first and msg.headers and msg.headers.get("Status") == "503":
+                    self.stats.no_responders += 1
+                    raise SiteUnreachable(f"{site}: no responders")
+                awaiting_ack = False
+                if first and msg.data.startswith(wire.ACCEPTED_PREFIX):
+                    timeout = first_due - loop.time()  # the site has it: the first chunk is due as before
+                    continue
+                first = False
+                timeout = idle_timeout_s
+                try:
+                    reply = wire.infer_reply_decoder.decode(msg.data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    self.stats.bad("infer_chunk")
+                    raise SiteRefused("bad_message", f"{site} sent a malformed chunk: {exc}", False) from None
+                if isinstance(reply, wire.ErrorReply):
+                    raise SiteRefused(reply.code, reply.message, reply.retryable)
+                if isinstance(reply, wire.InferAccepted):
+                    continue  # a repeat: nothing to relay
+                yield reply
+                if isinstance(reply, wire.InferResult):
+                    return
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+
+    async def command(self, site: str, cmd: Any, timeout_s: float = 2.0) -> wire.Ack:
+        """Send a command (StartAttempt, LoadModel, ...) and wait for its Ack."""
+        nc = self._require()
+        try:
+            msg = await nc.request(wire.cmd_subject(site), wire.encode(cmd), timeout=timeout_s)
+        except nats.errors.NoRespondersError:
+            raise SiteUnreachable(f"{site}: no responders") from None
+        except nats.errors.TimeoutError:
+            raise SiteUnreachable(f"{site}: no answer within {timeout_s * 1000:.0f} ms") from None
+        except nats.errors.ConnectionClosedError as exc:
+            raise BusUnavailable(str(exc)) from None
+        try:
+            reply = wire.command_reply_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.stats.bad("cmd_reply")
+            raise SiteRefused("bad_message", f"{site} sent a malformed reply: {exc}") from None
+        if isinstance(reply, wire.ErrorReply):
+            raise SiteRefused(reply.code, reply.message, reply.retryable)
+        return reply
+
+    async def publish_command(self, site: str, cmd: Any) -> None:
+        """Fire-and-forget command (e.g. CancelInfer); failures are logged, not raised."""
+        try:
+            nc = self._require()
+            await nc.publish(wire.cmd_subject(site), wire.encode(cmd))
+        except Exception as exc:
+            log.debug("event=publish_command_failed site=%s error=%r", site, exc)
+
+    # ------------------------------------------------------------------ JetStream events
+
+    def event_stream_config(self, replicas: int = 1) -> StreamConfig:
+        """``CPN_EVENTS``: what the hub stores for sites, bounded per site and in total.
+
+        Interest retention: an event the hub has acknowledged is gone, so a site's count in the
+        stream is its backlog. ``max_msgs_per_subject`` with ``discard_new_per_subject`` refuses a
+        site's events beyond its own backlog limit (it retries later) and never pushes out another
+        site's; ``max_bytes`` with DiscardNew refuses rather than deletes too.
+        """
+        lim = self.site_limits
+        return StreamConfig(
+            name=wire.EVENTS_STREAM,
+            subjects=[STORED_EVENTS_WILDCARD],
+            retention=RetentionPolicy.INTEREST,
+            storage=StorageType.FILE,
+            duplicate_window=120.0,
+            num_replicas=replicas,
+            max_age=7 * 24 * 3600.0,
+            max_msg_size=lim.max_event_bytes,
+            max_bytes=lim.stream_max_bytes,
+            max_msgs_per_subject=lim.stream_max_msgs_per_site,
+            discard=DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+        )
+
+    async def ensure_event_stream(self, replicas: int = 1, *, durable: str = "hub") -> None:
+        """Create ``CPN_EVENTS`` (or update it to the limits above: a stream made by an older hub
+        had none and captured the sites' own ``evt`` subjects), its durable consumer, and start
+        taking events from sites."""
+        nc = self._require()
+        js = nc.jetstream()
+        config = self.event_stream_config(replicas)
+        # The consumer exists before any event is stored: with interest retention a message no
+        # consumer is interested in is dropped. A stream an older hub made (limits retention, the
+        # sites' own subjects, a consumer filtered on them) gets its consumer replaced first,
+        # from where it had got to, while limits retention still keeps every message; then the
+        # stream is updated. Updating the consumer's filter in place is not enough: nats-server
+        # 2.15.1 then still drops events on the new subjects as "no interest" (measured).
+        try:
+            await js.stream_info(wire.EVENTS_STREAM)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(config=config)
+            await self._ensure_consumer(js, durable)
+        else:
+            await self._ensure_consumer(js, durable)
+            await js.update_stream(config=config)
+        if self._events_in is None:
+            self._events_in = await self.sites_nc.subscribe(
+                wire.EVENT_WILDCARD, queue=EVENTS_QUEUE, cb=self._on_site_event,
+                pending_msgs_limit=100_000, pending_bytes_limit=64 * 1024 * 1024,
+            )
+            self._subs.append(self._events_in)
+            await barrier(self.sites_nc)
+
+    @staticmethod
+    async def _ensure_consumer(js: Any, durable: str) -> None:
+        """The durable consumer of the whole stream (no filter), keeping an older one's position."""
+        try:
+            info = await js.consumer_info(wire.EVENTS_STREAM, durable)
+        except nats.js.errors.NotFoundError:
+            await js.add_consumer(wire.EVENTS_STREAM, _consumer_config(durable))
+            return
+        if not info.config.filter_subject and not info.config.filter_subjects:
+            return
+        await js.delete_consumer(wire.EVENTS_STREAM, durable)
+        await js.add_consumer(wire.EVENTS_STREAM, _consumer_config(durable, start_seq=info.ack_floor.stream_seq + 1))
+
+    async def _on_site_event(self, msg: Msg) -> None:
+        """A site's event: checked, stored under the hub's subject, PubAck relayed to the site."""
+        site = wire.site_of(msg.subject)
+        if site is None:
+            self.stats.drop("event", "subject")
+            return
+        if not msg.reply.startswith(wire.inbox_prefix(site) + "."):
+            # The answer would go where the site chose: another site's subject or inbox. Nothing
+            # is stored and nothing is sent.
+            self.stats.drop("event", "reply_spoof")
+            log.warning("event=reply_spoof kind=event site=%s reply=%s", site, msg.reply)
+            return
+        reason = self.gate.admit("event", site, len(msg.data), asyncio.get_running_loop().time())
+        msg_id = msg.headers.get(MSG_ID_HEADER, "") if msg.headers else ""
+        if reason is None and not msg_id:
+            reason = "no_msg_id"
+        if reason is not None:
+            self.stats.drop("event", reason)
+            code = {"oversize": 413, "rate": 429}.get(reason, 400)
+            await self._respond(msg, _js_error(code, f"event refused by the hub: {reason}"))
+            return
+        try:
+            ack = await self._require().request(
+                stored_event_subject(site), msg.data, timeout=2.0, headers={MSG_ID_HEADER: msg_id})
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
+            self.stats.errors += 1
+            log.warning("event=event_store_failed site=%s error=%r", site, exc)
+            return  # no answer: the agent retries
+        await self._respond(msg, ack.data)
+
+    def consume_events(self, handler: EventHandler, *, durable: str = "hub", batch: int = 256) -> None:
+        """Start a durable pull consumer feeding ``handler``; a message is acked after it returns.
+
+        A handler that raises leaves the message un-acked, so JetStream redelivers it (the hub
+        applies events idempotently by ``job:attempt:seq``).
+        """
+        self._event_task = asyncio.create_task(self._consume(handler, durable, batch), name="event-consumer")
+
+    async def _consume(self, handler: EventHandler, durable: str, batch: int) -> None:
+        psub = None
+        while not self._closing:
+            try:
+                if psub is None:
+                    js = self._require().jetstream()
+                    await self._ensure_consumer(js, durable)
+                    psub = await js.pull_subscribe_bind(durable=durable, stream=wire.EVENTS_STREAM)
+                    self._psub = psub
+                try:
+                    msgs = await psub.fetch(batch, timeout=1.0)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    # Nothing to fetch. nats-py raises a bare asyncio.TimeoutError when a busy loop
+                    # has already used up the deadline: that is no fault of the subscription either.
+                    continue
+                for msg in msgs:
+                    await self._apply_event(handler, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.errors += 1
+                log.warning("event=event_consumer_error error=%r", exc)
+                if psub is not None:  # do not leave its inbox subscription (and late replies) behind
+                    with contextlib.suppress(Exception):
+                        await psub.unsubscribe()
+                psub = self._psub = None
+                await asyncio.sleep(0.5)
+
+    async def _apply_event(self, handler: EventHandler, msg: Msg) -> None:
+        try:
+            event = wire.event_decoder.decode(msg.data)
+            if event.site != site_of_stored(msg.subject):
+                raise msgspec.ValidationError(f"event for site {event.site!r} on {msg.subject}")
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.stats.bad("event")
+            log.warning("event=malformed kind=event subject=%s error=%s", msg.subject, exc)
+            await msg.ack()  # poison: never redeliver
+            return
+        try:
+            await handler(event)
+        except Exception:
+            log.exception("event=event_apply_failed job=%s attempt=%s seq=%s", event.job, event.attempt, event.seq)
+            await msg.nak(delay=1.0)
+            return
+        self.stats.events += 1
+        await msg.ack()

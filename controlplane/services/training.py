@@ -1,0 +1,770 @@
+"""The hub's training service: jobs from the API to attempts at sites and back, metered.
+
+It carries out what the pure core decides (CONVENTIONS example 2, "decide, then do the I/O"):
+
+- **Tick** (every ``config.scheduler_tick_s``, and at once when poked by a submission, an event,
+  a cancellation or a site change): build a ``scheduler.Snapshot`` from the store (queued and
+  restarting jobs, live jobs) and the registry (pools from ``placement.pool_from_site`` with the
+  heartbeat's free cards), ``scheduler.plan(snapshot, now)``, then in one transaction persist the
+  placements (new attempt, explanation), the waits and the ``StartAttempt`` / ``StopAttempt``
+  commands into the outbox; the outbox sends them after the commit.
+- **Events** from JetStream (``bus.consume_events``): fenced by sender first (the bus has checked
+  that the event's ``site`` is the subject it came on; an event whose site is not where the hub
+  placed that attempt is dropped and counted in ``cpn_events_dropped_total``, never recorded), then
+  recorded once by ``job:attempt:site:seq``, applied with ``lifecycle.apply_event`` (the attempt number is the fencing token: events of any
+  attempt but the current one are counted in ``metrics.stale_events`` and change nothing), and its
+  effects (metering, stop a zombie, replan) are written in the same transaction. The handler
+  returns only after the commit, so JetStream acks only what is on disk; a crash before it means a
+  redelivery, which the ``job:attempt:seq`` key absorbs.
+- **Sites**: a lost site's live attempts fail as infrastructure failures (restart from the last
+  checkpoint on the best pool now, not counted against the user-error budget). On every tick each
+  site's heartbeat list of running attempts is compared with the store: an attempt the hub placed
+  at that site that is not its job's current attempt there gets a ``StopAttempt`` (a site back from
+  a partition, still running an old attempt); an attempt the hub never placed there is ignored and
+  counted (``cpn_heartbeat_attempts_ignored_total``). A started attempt that its up site leaves out
+  of ``vanished_heartbeats`` heartbeats in a row fails as ``vanished`` (an infrastructure failure:
+  restarted from its checkpoint, not counted against the user-error budget).
+- **Workloads**: a job naming an ``image`` runs on the ``container`` executor, one naming a
+  ``command`` on ``process`` (or the site's ``slurm``), else on ``sim``; placement considers only
+  sites that registered such an executor (``placement.filter_executor``). A site's refusal of a
+  start, a ``vanished`` attempt and a job no site can run are written to the job's events as hub
+  events (site ``(hub)``), so the tenant sees why.
+- **Metering**: each ended attempt is billed cards × hours and energy (``placement.metered_energy_cny``,
+  time-of-use tariff × PUE × board power). Sim attempts run ``time_scale`` simulated seconds per
+  wall second, so their wall time is scaled by it: the bill is for the simulated run.
+
+Everything that touches SQLite here is synchronous, so no other coroutine interleaves with a
+read-decide-write step of this service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from controlplane.core import lifecycle, placement, scheduler
+from controlplane.core.clock import Clock
+from controlplane.core.errors import NotFound
+from controlplane.services.outbox import START, CommandOutbox
+from controlplane.core.registry import Transition
+from controlplane.runtime import BackgroundTasks
+from controlplane.store import deployments as store_deployments
+from controlplane.store import jobs as store_jobs
+from controlplane.store import outbox as store_outbox
+from controlplane.store.db import transaction
+# The rows this service's API answers with (the gateway renders them; it never imports the store).
+from controlplane.store.jobs import AttemptRow as AttemptRow, EventRow as EventRow, JobRow as JobRow
+from controlplane.store.outbox import OutboxRow
+from edge_agent import wire
+
+if TYPE_CHECKING:
+    from controlplane.hub import Hub
+
+log = logging.getLogger("cpn.training")
+
+S = lifecycle.JobState
+LIVE_STATES = tuple(s.value for s in lifecycle.LIVE)
+WAITING_STATES = tuple(s.value for s in lifecycle.WAITING)
+ACTIVE_STATES = LIVE_STATES + WAITING_STATES
+
+DEFAULT_CHECKPOINT_COST_S = 300.0
+STOP_RESEND_S = 5.0
+"""A stale attempt still listed in heartbeats is told to stop again at most this often."""
+REFUSED_COOL_S = 1.0
+"""After a site refuses a start for lack of cards, place nothing there until a newer heartbeat."""
+REFUSED_OTHER_COOL_S = 30.0
+"""After any other refusal (executor not enabled, ...), leave the site alone this long."""
+ORPHAN_GRACE_S = 5.0
+"""After a hub start, a live job's site must be heard from within max(this, 2 × detection)."""
+HUB_SITE = store_jobs.HUB_EVENT_SITE
+
+
+class TrainingService:
+    """Training jobs for one hub (name ``training``). Build it with :func:`install`."""
+
+    name = "training"
+
+    def __init__(self, hub: Hub, clock: Clock) -> None:
+        self.hub = hub
+        self.clock = clock
+        self.outbox: CommandOutbox | None = None
+        self.counters: dict[str, int] = {
+            "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
+            "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
+            "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
+        }
+        self.last_plan: scheduler.Plan | None = None
+        self.last_tick_ms = 0.0
+        self._poke = asyncio.Event()
+        self.tasks = BackgroundTasks("training")
+        self._preempting: dict[tuple[str, int], float] = {}
+        self._stop_sent: dict[tuple[str, str, int], float] = {}
+        self._cool_until: dict[str, float] = {}
+        self._missing: dict[tuple[str, int], int] = {}
+        """(job, attempt) -> the site's heartbeat count when the hub first saw it missing there"""
+        self._ignored: set[tuple[str, str, int]] = set()
+        """(site, job, attempt) listed by a site where the hub never placed it (counted once)"""
+
+    def __repr__(self) -> str:
+        c = self.counters
+        return (f"<TrainingService ticks={c['ticks']} placed={c['placed']} applied={c['applied']} "
+                f"stale={c['stale_attempt']} duplicate={c['duplicate']} stops={c['stops']}>")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the outbox sender (re-sending what a previous run left pending), the tick loop
+        and the JetStream event consumer."""
+        hub = self.hub
+        self.outbox = CommandOutbox(
+            hub.db, hub.bus, is_lost=self._site_is_lost, obsolete=self._obsolete,
+            on_ack=self._on_ack, on_refused=self._on_refused, clock=self.clock.time,
+        )
+        pending = store_outbox.counts(hub.db)["pending"]
+        if pending:
+            log.info("event=outbox_resume pending=%d", pending)
+        self.tasks.spawn(self.outbox.run(), name="outbox")
+        self.tasks.spawn(self._tick_loop(), name="tick")
+        hub.bus.consume_events(self._on_event)
+
+    async def stop(self) -> None:
+        await self.tasks.close()
+        if self.outbox is not None:
+            await self.outbox.close()
+
+    def poke(self) -> None:
+        """Run a scheduler tick now rather than at the next period."""
+        self._poke.set()
+
+    async def _tick_loop(self) -> None:
+        period_s = self.hub.config.scheduler_tick_s
+        while True:
+            try:
+                async with asyncio.timeout(period_s):
+                    await self._poke.wait()
+            except TimeoutError:
+                pass
+            self._poke.clear()
+            try:
+                self.tick(self.clock.time())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("event=tick_failed")
+
+    def _kick(self) -> None:
+        if self.outbox is not None:
+            self.outbox.kick()
+
+    # ------------------------------------------------------------------ API side
+
+    def job(self, job_id: str, *, tenant: str | None = None) -> JobRow | None:
+        """A job as recorded (only if it is ``tenant``'s, when given)."""
+        return store_jobs.get_job(self.hub.db, job_id, tenant=tenant)
+
+    def jobs(self, tenant: str, *, state: str | None, limit: int) -> list[JobRow]:
+        """A tenant's jobs, newest first."""
+        return store_jobs.list_jobs(self.hub.db, tenant, state=state, limit=limit)
+
+    def attempts(self, job_id: str) -> list[AttemptRow]:
+        """A job's attempts, oldest first."""
+        return store_jobs.attempts(self.hub.db, job_id)
+
+    def events(self, job_id: str) -> list[EventRow]:
+        """The site events recorded for a job."""
+        return store_jobs.events(self.hub.db, job_id)
+
+    def submit(self, tenant: str, spec: dict[str, Any], idem_key: str | None, body_hash: str,
+               now: float) -> tuple[store_jobs.JobRow, bool]:
+        """Create a job (committed before this returns) or replay an earlier answer.
+
+        Raises:
+            Unprocessable: the idempotency key was used with another body.
+        """
+        row, replayed = store_jobs.create_job(
+            self.hub.db, tenant, msgspec.json.encode(spec), idem_key, body_hash, now)
+        if not replayed:
+            log.info("event=job_submitted job=%s tenant=%s cards=%s", row.id, tenant, row.cards)
+            self.poke()
+        return row, replayed
+
+    def cancel(self, job_id: str, tenant: str, now: float) -> store_jobs.JobRow:
+        """Cancel a tenant's job: terminal at once; a live attempt is stopped and billed.
+
+        Raises:
+            NotFound: no such job for this tenant.
+            lifecycle.IllegalTransition: the job already finished (409).
+        """
+        db = self.hub.db
+        with transaction(db):
+            row = store_jobs.get_job(db, job_id, tenant=tenant)
+            if row is None:
+                raise NotFound(f"job {job_id} not found", field="job_id")
+            out = lifecycle.cancel(row.record(), now)
+            store_jobs.save_record(db, out.record)
+            self._effects(row, out.effects, now, exit_reason="cancelled", detail=out.record.reason)
+        self.counters["cancelled"] += 1
+        log.info("event=job_cancelled job=%s tenant=%s was=%s", job_id, tenant, row.state)
+        self._kick()
+        self.poke()
+        new = store_jobs.get_job(db, job_id)
+        assert new is not None
+        return new
+
+    def usage(self, tenant: str) -> dict[str, Any]:
+        """Training usage of a tenant: totals of ended attempts and a line per job (newest 100)."""
+        db = self.hub.db
+        out = store_jobs.usage_by_tenant(db, tenant)
+        out["card_hours"] = round(out["card_hours"], 6)
+        out["energy_cny"] = round(out["energy_cny"], 6)
+        out["by_job"] = [
+            {"id": r.id, "name": r.name, "state": r.state, "attempts": r.attempt,
+             "card_hours": round(r.card_hours, 6), "energy_cny": round(r.energy_cny, 6)}
+            for r in store_jobs.list_jobs(db, tenant, limit=100)
+        ]
+        return out
+
+    def accrued(self, row: store_jobs.JobRow, now: float) -> tuple[float, float]:
+        """Card-hours and energy (CNY) of the current attempt so far, not yet billed."""
+        if row.state not in LIVE_STATES or row.attempt_since is None:
+            return 0.0, 0.0
+        scale = _time_scale(row, row.attempt)
+        end = row.attempt_since + max(0.0, now - row.attempt_since) * scale
+        hours = row.cards * (end - row.attempt_since) / 3600.0
+        pool = self._static_pool(row.pool)
+        energy = 0.0 if pool is None else placement.metered_energy_cny(
+            pool, row.accelerator, row.cards, row.attempt_since, end)
+        return hours, energy
+
+    def live_progress(self, row: store_jobs.JobRow) -> float | None:
+        """The current attempt's progress from its site's last heartbeat, if the site lists it."""
+        view = self.hub.registry.get(row.pool) if row.pool else None
+        if view is None or row.state not in LIVE_STATES:
+            return None
+        for ref in view.attempts:
+            if ref.job == row.id and ref.attempt == row.attempt:
+                return ref.progress
+        return None
+
+    # ------------------------------------------------------------------ the tick
+
+    def tick(self, now: float) -> scheduler.Plan | None:
+        """One scheduling round (synchronous: read, plan, write, in one go). Returns the plan."""
+        started = time.perf_counter()
+        hub = self.hub
+        db = hub.db
+        rows = store_jobs.jobs_in_states(db, ACTIVE_STATES)
+        live = {r.id: r for r in rows if r.state in LIVE_STATES}
+        waiting = [r for r in rows if r.state in WAITING_STATES]
+        self._preempting = {k: v for k, v in self._preempting.items()
+                            if k[0] in live and live[k[0]].attempt == k[1]}
+        plan = None
+        if waiting:
+            pools = self._pools(live.values(), now)
+            specs: list[placement.JobSpec] = []
+            bad: list[tuple[str, str]] = []
+            for r in waiting:
+                try:
+                    specs.append(_job_spec(r))
+                except (KeyError, TypeError, ValueError) as exc:
+                    bad.append((r.id, f"infeasible: stored spec is unusable: {exc!r}"))
+            snapshot = scheduler.Snapshot(
+                pools=pools, queued=specs, running=[self._running(r) for r in live.values()],
+                tenants=self._tenants({r.tenant for r in rows}),
+            )
+            plan = scheduler.plan(snapshot, now)
+            self._carry_out(plan, {r.id: r for r in rows}, bad, now, len(pools))
+            self.last_plan = plan
+        self._reconcile(live, now)
+        self._vanished(live, now)
+        self._orphans(live, now)
+        self.counters["ticks"] += 1
+        self.last_tick_ms = (time.perf_counter() - started) * 1000.0
+        return plan
+
+    def _pools(self, live: Any, now: float) -> list[placement.Pool]:
+        hub = self.hub
+        assert hub.layout is not None
+        held: dict[str, list[store_jobs.JobRow]] = {}
+        for r in live:
+            held.setdefault(r.pool, []).append(r)
+        pools = []
+        for view in hub.registry:
+            try:
+                site = hub.layout.site(view.id)
+            except KeyError:
+                continue  # a site outside the layout has no tariff or PUE we could price it with
+            free = dict(view.free_cards)
+            shown = {(a.job, a.attempt) for a in view.attempts}
+            for r in held.get(view.id, ()):
+                # Placed here, not in the heartbeat yet: its cards are taken all the same.
+                if (r.id, r.attempt) not in shown:
+                    free[r.accelerator] = free.get(r.accelerator, 0.0) - r.cards
+            if self._cool_until.get(view.id, 0.0) > now:
+                free = {a: 0.0 for a in free}
+            pools.append(placement.pool_from_site(
+                site, hub.layout.accelerators, free=free, healthy=view.state == "up", draining=view.draining,
+                executors=frozenset(view.executors)))
+        return pools
+
+    def _static_pool(self, site_id: str) -> placement.Pool | None:
+        layout = self.hub.layout
+        if layout is None or not site_id:
+            return None
+        try:
+            return placement.pool_from_site(layout.site(site_id), layout.accelerators)
+        except KeyError:
+            return None
+
+    def _running(self, r: store_jobs.JobRow) -> scheduler.Running:
+        pl = r.placement or {}
+        run_s = (pl.get("breakdown") or {}).get("run_s")
+        scale = _time_scale(r, r.attempt)
+        end = r.attempt_since + float(run_s) / scale if run_s and r.attempt_since is not None else None
+        return scheduler.Running(
+            job_id=r.id, tenant=r.tenant, pool=r.pool, accelerator=r.accelerator, cards=r.cards,
+            priority=r.priority, expected_end_at=end, stopping=(r.id, r.attempt) in self._preempting,
+        )
+
+    def _tenants(self, ids: set[str]) -> dict[str, scheduler.Tenant]:
+        """The scheduler's view of tenants: a card quota less what their deployments hold."""
+        out = {}
+        inference: dict[str, float] | None = None
+        for tid in ids:
+            row = self.hub.tenant(tid) or {}
+            quota = row.get("quota_cards")
+            note = ""
+            if quota is not None:
+                if inference is None:
+                    inference = store_deployments.held_cards_by_tenant(self.hub.db)
+                if inference.get(tid):
+                    note = f"of its {quota}, deployments hold {inference[tid]:g}"
+                quota = max(0, math.floor(int(quota) - inference.get(tid, 0.0) + 1e-9))
+            out[tid] = scheduler.Tenant(id=tid, quota_cards=quota, quota_note=note)
+        return out
+
+    def _carry_out(self, plan: scheduler.Plan, rows: dict[str, store_jobs.JobRow], bad: list[tuple[str, str]],
+                   now: float, plan_pools: int = 0) -> None:
+        """Persist and send what ``plan`` says; ``plan_pools`` is how many pools it saw (with none,
+        a job's being unplaceable says nothing about the job and is not written to its events)."""
+        db = self.hub.db
+        assert self.outbox is not None
+        placed: list[tuple[lifecycle.JobRecord, dict[str, Any]]] = []
+        starts: list[tuple[str, wire.StartAttempt]] = []
+        for p in plan.start:
+            row = rows.get(p.job_id)
+            if row is None or row.state not in WAITING_STATES:
+                continue
+            rec = lifecycle.place(row.record(), p.pool, p.accelerator, now)
+            cmd = self._start_command(row, rec, p)
+            placed.append((rec, {
+                "attempt": rec.attempt, "pool": p.pool, "accelerator": p.accelerator, "decided_at": now,
+                "start_at": p.start_at, "executor": cmd.executor, "time_scale": cmd.time_scale,
+                "checkpoint_interval_s": cmd.checkpoint_interval_s, "breakdown": p.breakdown,
+                "explanation": p.explanation,
+            }))
+            starts.append((p.pool, cmd))
+        stops: list[lifecycle.Stop] = []
+        for pre in plan.stop:
+            row = rows.get(pre.job_id)
+            if row is None or row.state not in LIVE_STATES or (row.id, row.attempt) in self._preempting:
+                continue
+            stops.extend(e for e in lifecycle.preempt(row.record(), pre.reason) if isinstance(e, lifecycle.Stop))
+            self._preempting[(row.id, row.attempt)] = now
+        waits = [(w.job_id, w.reason) for w in plan.wait]
+        infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
+        waits += infeasible + bad
+        with transaction(db):
+            for job_id, reason in infeasible if plan_pools else ():
+                old = rows.get(job_id)
+                if old is not None and old.reason != reason:  # a new reason: say it in the job's events
+                    store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
+            store_jobs.record_placements(db, placed, now)
+            for site, cmd in starts:
+                self.outbox.add(site, cmd, now)
+            for stop in stops:
+                self._enqueue_stop(stop.pool, stop.job_id, stop.attempt, now, checkpoint=stop.checkpoint,
+                                   reason=stop.reason)
+            store_jobs.record_waits(db, waits, now)
+        for rec, pl in placed:
+            bd = pl["breakdown"]
+            log.info("event=job_placed job=%s attempt=%d pool=%s accelerator=%s expected_cny=%.2f progress=%.3f",
+                     rec.id, rec.attempt, rec.pool, rec.accelerator, bd.total_cny, rec.progress)
+        self.counters["placed"] += len(placed)
+        if starts or stops:
+            self._kick()
+
+    def _start_command(self, row: store_jobs.JobRow, rec: lifecycle.JobRecord,
+                       p: scheduler.Placement) -> wire.StartAttempt:
+        hub = self.hub
+        assert hub.layout is not None
+        spec = row.spec
+        site = hub.layout.site(p.pool)
+        acc = hub.layout.accelerators.get(p.accelerator)
+        units = acc.units if acc is not None and acc.units > 0 else 1.0
+        command = [str(a) for a in spec.get("command") or []]
+        executor = placement.workload_of(spec)
+        view = hub.registry.get(p.pool)
+        if executor == "process" and view is not None and "process" not in view.executors and "slurm" in view.executors:
+            executor = "slurm"  # a command on a site whose only way to run one is its own Slurm
+        interval_min = spec.get("checkpoint_interval_min")
+        interval_s = float(interval_min) * 60.0 if interval_min else p.breakdown.interval_s
+        if not math.isfinite(interval_s) or interval_s <= 0:
+            interval_s = 0.0  # the executor reads <= 0 as "no checkpoint until the end"
+        seed = zlib.crc32(f"{hub.config.seed}:{row.id}:{rec.attempt}".encode())
+        return wire.StartAttempt(
+            job=row.id, attempt=rec.attempt, cards=row.cards, accelerator=p.accelerator, executor=executor,
+            command=command, work_s=float(spec["est_hours"]) * 3600.0 / units, progress=row.progress,
+            resume_from=row.checkpoint, checkpoint_interval_s=interval_s,
+            checkpoint_cost_s=float(spec.get("checkpoint_cost_s", DEFAULT_CHECKPOINT_COST_S)),
+            restart_s=site.restart_s, failure_rate_per_card_hour=site.failure_rate_per_card_hour,
+            time_scale=hub.config.sim_time_scale if executor == "sim" else 1.0, seed=seed, tenant=row.tenant,
+            event_key=secrets.token_urlsafe(16),  # stored with the command in the outbox, so resends carry the same key
+            image=str(spec.get("image") or ""),
+        )
+
+    def _reconcile(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
+        """Stop every attempt a site reports running that the hub placed there but that is not its
+        job's current attempt there; ignore (and count) attempts the hub never placed there."""
+        wanted: list[tuple[str, str, int, str]] = []
+        suspects: list[tuple[str, wire.AttemptRef]] = []
+        for view in self.hub.registry:
+            if view.state != "up":
+                continue
+            for ref in view.attempts:
+                row = live.get(ref.job)
+                if row is not None and row.attempt == ref.attempt and row.pool == view.id:
+                    continue
+                key = (view.id, ref.job, ref.attempt)
+                if key in self._ignored or now - self._stop_sent.get(key, -math.inf) < STOP_RESEND_S:
+                    continue
+                suspects.append((view.id, ref))
+        placed = store_jobs.attempt_pools(self.hub.db, {(r.job, r.attempt) for _, r in suspects}) if suspects else {}
+        for site, ref in suspects:
+            if placed.get((ref.job, ref.attempt)) != site:
+                # Not ours to stop: a command for it would only let a site multiply the hub's work.
+                if len(self._ignored) > 100_000:
+                    self._ignored.clear()
+                self._ignored.add((site, ref.job, ref.attempt))
+                self.counters["never_placed"] += 1
+                self.hub.metrics.count(self.hub.metrics.heartbeat_attempts_ignored, site)
+                continue
+            row = live.get(ref.job)
+            if row is None:
+                known = store_jobs.get_job(self.hub.db, ref.job)
+                why = f"job is {known.state}" if known is not None else "job unknown to the hub"
+            else:
+                why = f"current attempt is {row.attempt} at {row.pool}"
+            wanted.append((site, ref.job, ref.attempt, f"attempt {ref.attempt} is stale: {why}"))
+        if not wanted:
+            if len(self._stop_sent) > 1000:
+                self._stop_sent = {k: v for k, v in self._stop_sent.items() if now - v < 60.0}
+            return
+        with transaction(self.hub.db):
+            for site, job, attempt, reason in wanted:
+                self._enqueue_stop(site, job, attempt, now, checkpoint=False, reason=reason)
+        for site, job, attempt, reason in wanted:
+            log.warning("event=stale_attempt_running site=%s job=%s attempt=%d reason=%s", site, job, attempt, reason)
+        self._kick()
+
+    def _vanished(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
+        """Fail, as ``vanished``, every started attempt (acknowledged by its site: ``starting``,
+        ``running``, or ``placed`` with its start sent) its up site has left out of
+        ``vanished_heartbeats`` heartbeats in a row (a site that restarted without it: without this
+        the job would stay ``running`` at its last progress for ever, and be billed)."""
+        hub = self.hub
+        limit = max(1, hub.config.vanished_heartbeats)
+        started = (S.PLACED.value, S.STARTING.value, S.RUNNING.value)
+        gone: list[tuple[store_jobs.JobRow, int]] = []
+        current: set[tuple[str, int]] = set()
+        for r in live.values():
+            view = hub.registry.get(r.pool) if r.pool else None
+            if r.state not in started or view is None or view.state != "up":
+                continue
+            key = (r.id, r.attempt)
+            current.add(key)
+            if any(a.job == r.id and a.attempt == r.attempt for a in view.attempts):
+                self._missing.pop(key, None)
+                continue
+            first = self._missing.setdefault(key, view.heartbeats)
+            if view.heartbeats - first >= limit and (r.state != S.PLACED.value or self._start_delivered(r)):
+                gone.append((r, view.heartbeats - first))
+        self._missing = {k: v for k, v in self._missing.items() if k in current}
+        if not gone:
+            return
+        db = hub.db
+        failed = []
+        with transaction(db):
+            for r, beats in gone:
+                why = f"vanished: {r.pool} left attempt {r.attempt} out of its last {beats} heartbeats"
+                out = lifecycle.infra_failure(r.record(), now, why, attempt=r.attempt)
+                if not out.applied:
+                    continue
+                store_jobs.save_record(db, out.record)
+                self._effects(r, out.effects, now, exit_reason="vanished", detail=why)
+                store_jobs.record_hub_event(db, r.id, r.attempt, "vanished", {"site": r.pool, "reason": why}, now)
+                failed.append(r)
+        for r in failed:
+            self._missing.pop((r.id, r.attempt), None)
+            self.counters["vanished"] += 1
+            hub.metrics.attempts_vanished.inc()
+            log.warning("event=attempt_vanished job=%s attempt=%d site=%s", r.id, r.attempt, r.pool)
+        if failed:
+            self._kick()
+            self.poke()
+
+    def _start_delivered(self, r: store_jobs.JobRow) -> bool:
+        """The attempt's StartAttempt was acknowledged (sent) though the job is still ``placed``: the
+        hub stopped between marking the command sent and recording the acknowledgement."""
+        return any(e.kind == START and e.attempt == r.attempt and e.state == "sent"
+                   for e in store_outbox.for_job(self.hub.db, r.id))
+
+    def _orphans(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
+        """Live jobs at a site this hub process has never heard from, a grace period after start.
+
+        The registry declares lost only sites it has a view of; a site that died while the hub was
+        down never heartbeats again, so without this its jobs would stay ``running`` for ever.
+        """
+        hub = self.hub
+        grace_s = max(2.0 * hub.registry.detection_s, ORPHAN_GRACE_S)
+        if now - hub.started_at < grace_s:
+            return
+        silent = {r.pool for r in live.values() if r.pool and hub.registry.get(r.pool) is None}
+        for site in sorted(silent):
+            log.warning("event=site_silent_since_start site=%s grace_s=%.1f", site, grace_s)
+            self._site_lost(site, now, why=f"site {site} not heard from since the hub started")
+
+    def _enqueue_stop(self, site: str, job: str, attempt: int, now: float, *, checkpoint: bool, reason: str) -> None:
+        """Queue a StopAttempt (inside the caller's transaction): not while one for the same attempt
+        and site is pending, nor again within ``STOP_RESEND_S`` (each late event of a zombie asks)."""
+        assert self.outbox is not None
+        if now - self._stop_sent.get((site, job, attempt), -math.inf) < STOP_RESEND_S:
+            return
+        cmd = wire.StopAttempt(job=job, attempt=attempt, checkpoint=checkpoint, reason=reason)
+        if self.outbox.add(site, cmd, now, dedupe=True) is not None:
+            self.counters["stops"] += 1
+        self._stop_sent[(site, job, attempt)] = now
+
+    # ------------------------------------------------------------------ effects and metering
+
+    def _effects(self, row: store_jobs.JobRow, effects: list[lifecycle.Effect], now: float, *,
+                 exit_reason: str, exit_code: int | None = None, detail: str = "", ran: bool = True) -> None:
+        """Carry out a lifecycle outcome's effects inside the caller's transaction."""
+        for e in effects:
+            if isinstance(e, lifecycle.Meter):
+                self._bill(row, e, exit_reason=exit_reason, exit_code=exit_code, detail=detail, ran=ran)
+            elif isinstance(e, lifecycle.Stop):
+                self._enqueue_stop(e.pool, e.job_id, e.attempt, now, checkpoint=e.checkpoint, reason=e.reason)
+            elif isinstance(e, lifecycle.Replan):
+                self.poke()
+
+    def _bill(self, row: store_jobs.JobRow, meter: lifecycle.Meter, *, exit_reason: str, exit_code: int | None,
+              detail: str, ran: bool) -> None:
+        # Sim attempts run time_scale simulated seconds per wall second: bill the simulated run.
+        duration_s = max(0.0, meter.end_at - meter.start_at) * _time_scale(row, meter.attempt) if ran else 0.0
+        billed = msgspec.structs.replace(meter, end_at=meter.start_at + duration_s)
+        pool = self._static_pool(meter.pool)
+        energy = 0.0 if pool is None else placement.metered_energy_cny(
+            pool, meter.accelerator, meter.cards, billed.start_at, billed.end_at)
+        store_jobs.end_attempt(self.hub.db, billed, energy_cny=energy, exit_reason=exit_reason,
+                               exit_code=exit_code, detail=detail[:2000])
+
+    # ------------------------------------------------------------------ events
+
+    async def _on_event(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited) -> None:
+        self.apply_event(event, self.clock.time())
+
+    def apply_event(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited, now: float) -> str:
+        """Record and apply one agent event in one transaction; returns what happened to it
+        (``applied``, ``duplicate``, ``stale_attempt``, ``terminal``, ``illegal``, ``unknown_job``).
+
+        Raises whatever the store raises (the bus then naks, and JetStream redelivers).
+        """
+        db = self.hub.db
+        kind = str(type(event).__struct_config__.tag)
+        with transaction(db):
+            # Fence by sender before anything is recorded: only the site the hub placed this
+            # attempt at may speak for it (event.site is the subject's site: the bus checked).
+            holder = store_jobs.attempt_pools(db, [(event.job, event.attempt)]).get((event.job, event.attempt))
+            row = None
+            if holder is None:
+                result = "unknown_attempt"
+            elif holder != event.site:
+                result = "not_holder"
+            elif not store_jobs.record_event(db, event.job, event.attempt, event.seq, kind, wire.encode(event), now,
+                                             site=event.site):
+                result = "duplicate"
+            else:
+                row = store_jobs.get_job(db, event.job)
+                if row is None:
+                    result = "unknown_job"
+                else:
+                    out = lifecycle.apply_event(row.record(), event)
+                    if out.applied:
+                        store_jobs.save_record(db, out.record)
+                        if isinstance(event, wire.AttemptStarted):
+                            store_jobs.mark_attempt_started(db, event.job, event.attempt, event.at)
+                    result = "applied" if out.applied else out.ignored
+                    if isinstance(event, wire.AttemptExited):
+                        self._effects(row, out.effects, now, exit_reason=event.reason, exit_code=event.exit_code,
+                                      detail=event.detail)
+                    else:
+                        self._effects(row, out.effects, now, exit_reason="")
+        self.counters[result] = self.counters.get(result, 0) + 1
+        if result in ("unknown_attempt", "not_holder"):
+            self.hub.metrics.count(self.hub.metrics.events_dropped, result)
+            log.warning("event=event_dropped reason=%s job=%s attempt=%d seq=%d kind=%s site=%s holder=%s",
+                        result, event.job, event.attempt, event.seq, kind, event.site, holder or "-")
+            return result
+        if result == "stale_attempt":
+            self.hub.metrics.stale_events.inc()
+            log.info("event=stale_event job=%s attempt=%d seq=%d kind=%s site=%s",
+                     event.job, event.attempt, event.seq, kind, event.site)
+        elif result in ("illegal", "unknown_job"):
+            log.warning("event=event_ignored reason=%s job=%s attempt=%d seq=%d kind=%s site=%s",
+                        result, event.job, event.attempt, event.seq, kind, event.site)
+        if result != "duplicate":
+            self._kick()
+            if isinstance(event, wire.AttemptExited):
+                self.poke()  # cards were freed
+        return result
+
+    # ------------------------------------------------------------------ sites
+
+    def on_site(self, t: Transition) -> None:
+        """Site listener: a lost site's live attempts fail (infrastructure); a site back gets a
+        tick at once (its stale attempts are stopped by the reconciliation)."""
+        try:
+            if t.new == "lost":
+                self._site_lost(t.site, t.at)
+            self._kick()
+            self.poke()
+        except Exception:
+            log.exception("event=site_listener_failed site=%s", t.site)
+
+    def _site_lost(self, site: str, now: float, why: str = "") -> None:
+        db = self.hub.db
+        why = why or f"site {site} lost"
+        failed = []
+        with transaction(db):
+            for row in store_jobs.jobs_in_states(db, LIVE_STATES):
+                if row.pool != site:
+                    continue
+                out = lifecycle.infra_failure(row.record(), now, why, attempt=row.attempt)
+                if not out.applied:
+                    continue
+                store_jobs.save_record(db, out.record)
+                self._effects(row, out.effects, now, exit_reason="site_lost", detail=why)
+                failed.append(row.id)
+        self.counters["site_failures"] += len(failed)
+        for job in failed:
+            log.warning("event=attempt_lost job=%s site=%s", job, site)
+
+    def _site_is_lost(self, site: str) -> bool:
+        view = self.hub.registry.get(site)
+        return view is not None and view.state == "lost"
+
+    # ------------------------------------------------------------------ outbox callbacks
+
+    def _obsolete(self, entry: OutboxRow, cmd: Any, now: float) -> str | None:
+        if not isinstance(cmd, wire.StartAttempt):
+            return None  # stopping something is never obsolete; stops expire instead
+        row = store_jobs.get_job(self.hub.db, cmd.job)
+        if row is None:
+            return "job unknown"
+        if row.attempt != cmd.attempt:
+            return f"attempt {cmd.attempt} is no longer current ({row.attempt})"
+        if row.state not in LIVE_STATES:
+            return f"job is {row.state}"
+        if row.pool != entry.site:
+            return f"job is placed at {row.pool}"
+        return None
+
+    def _on_ack(self, entry: OutboxRow, cmd: Any, ack: wire.Ack, now: float) -> None:
+        if not isinstance(cmd, wire.StartAttempt):
+            return
+        db = self.hub.db
+        with transaction(db):
+            row = store_jobs.get_job(db, cmd.job)
+            if row is None or row.attempt != cmd.attempt or row.state != S.PLACED.value or row.pool != entry.site:
+                return
+            store_jobs.save_record(db, lifecycle.dispatched(row.record(), now))
+
+    def _on_refused(self, entry: OutboxRow, cmd: Any, why: str, now: float) -> None:
+        if entry.kind != START or not isinstance(cmd, wire.StartAttempt):
+            return
+        cool_s = REFUSED_COOL_S if why.startswith(("no_capacity", "draining")) else REFUSED_OTHER_COOL_S
+        self._cool_until[entry.site] = now + cool_s
+        db = self.hub.db
+        with transaction(db):
+            row = store_jobs.get_job(db, cmd.job)
+            if row is None:
+                return
+            out = lifecycle.infra_failure(row.record(), now, f"dispatch to {entry.site} failed: {why}",
+                                          attempt=cmd.attempt)
+            if not out.applied:
+                return
+            store_jobs.save_record(db, out.record)
+            self._effects(row, out.effects, now, exit_reason="dispatch_failed", detail=why, ran=False)
+            store_jobs.record_hub_event(db, cmd.job, cmd.attempt, "start_refused", {"site": entry.site, "reason": why}, now)
+        self.counters["dispatch_failures"] += 1
+        log.warning("event=dispatch_failed job=%s attempt=%d site=%s error=%s", cmd.job, cmd.attempt, entry.site, why)
+        self.poke()
+
+
+def _time_scale(row: store_jobs.JobRow, attempt: int) -> float:
+    """Simulated seconds per wall second of ``attempt`` (1 unless it was a sim attempt)."""
+    pl = row.placement or {}
+    if pl.get("attempt") != attempt:
+        return 1.0
+    scale = pl.get("time_scale", 1.0)
+    return float(scale) if isinstance(scale, (int, float)) and scale > 0 else 1.0
+
+
+def _job_spec(row: store_jobs.JobRow) -> placement.JobSpec:
+    """The scheduler's view of a waiting job (raises KeyError/TypeError/ValueError on a bad spec)."""
+    s = row.spec
+    interval_min = s.get("checkpoint_interval_min")
+    deadline = s.get("deadline")
+    max_price = s.get("max_price_cny")
+    return placement.JobSpec(
+        id=row.id, tenant=row.tenant, cards=row.cards, accelerators=tuple(str(a) for a in s["accelerators"]),
+        est_hours=float(s["est_hours"]),
+        checkpoint_cost_s=float(s.get("checkpoint_cost_s", DEFAULT_CHECKPOINT_COST_S)),
+        checkpoint_interval_s=float(interval_min) * 60.0 if interval_min else None,
+        priority=row.priority, deadline=float(deadline) if deadline is not None else None,
+        max_price_cny=float(max_price) if max_price is not None else None,
+        regions=tuple(s.get("regions") or ()), providers=tuple(s.get("providers") or ()), tee=bool(s.get("tee")),
+        submitted_at=row.submitted_at, progress=row.progress, checkpoint_pool=row.checkpoint_pool,
+        restarting=row.state == S.RESTARTING.value, workload=placement.workload_of(s),
+    )
+
+
+def install(hub: Hub, clock: Clock) -> TrainingService:
+    """Create the service and plug it into ``hub``: service, usage, site listener.
+
+    Its ``/v1/jobs`` routes (``gateway/jobs.py``) are added by the composition root (``compose.py``):
+    a service never imports the gateway."""
+    service = TrainingService(hub, clock)
+    hub.add_service(service)
+    hub.site_listeners.append(service.on_site)
+    return service
+
+
+def service_of(hub: Hub) -> TrainingService:
+    """The hub's training service (the gateway's way to reach it).
+
+    Raises:
+        LookupError: the hub runs without one.
+    """
+    for s in hub.services:
+        if isinstance(s, TrainingService):
+            return s
+    raise LookupError("this hub runs no training service")

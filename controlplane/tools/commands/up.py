@@ -1,0 +1,38 @@
+"""``cpn up``: the whole network on one machine (embedded NATS, hub, one simulated agent per site)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from controlplane.tools.commands.hub import add_gateway_flags
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("up", help="run the whole network locally: NATS, hub and a simulated agent per site")
+    p.add_argument("--data-dir", default=".cpn", help="state directory (default ./.cpn)")
+    p.add_argument("--port", type=int, default=8080, help="gateway port on 127.0.0.1 (default 8080, 0 = any free)")
+    p.add_argument("--nats-port", type=int, default=4222, help="NATS port if free (default 4222, else any free port)")
+    p.add_argument("--layout", help="layout file (default: the shipped national layout)")
+    p.add_argument("--no-agents", action="store_true", help="start NATS and the hub only")
+    p.add_argument("--time-scale", type=float, default=60.0, help="simulated seconds per second for sim training (default 60)")
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default WARNING)")
+    p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line (or CPN_LOG_JSON=1)")
+    add_gateway_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from controlplane import logs
+    from controlplane.tools import up
+    from controlplane.runtime import run_until_signalled
+
+    logs.setup(args.log_level or "WARNING", json_lines=args.log_json)
+    os.umask(0o077)  # whatever this process writes (store, credentials, logs) is the operator's only
+    opts = up.UpOptions(
+        data_dir=Path(args.data_dir), port=args.port, nats_port=args.nats_port, layout=args.layout,
+        agents=not args.no_agents, sim_time_scale=args.time_scale,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, trusted_proxies=tuple(args.trusted_proxy or ()),
+    )
+    return run_until_signalled(up.run(opts))

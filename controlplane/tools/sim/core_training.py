@@ -1,0 +1,595 @@
+"""Training on a simulated clock: the hub's scheduler and job lifecycle, with baselines. Pure.
+
+What it promises:
+
+- The cpn policy is ``scheduler.plan(Snapshot, now)`` over pools built by
+  ``placement.pool_from_site``; jobs move through ``lifecycle`` (``place``, ``Checkpointed`` /
+  ``AttemptExited`` events via ``apply_event``, ``infra_failure``), and every attempt's card time is
+  billed from the lifecycle's ``Meter`` effects with ``placement.metered_energy_cny`` (time-of-use).
+- Baselines run the same job stream and the same failure draws (``core_workload.FaultClock``):
+  ``nearest-hub`` (each job goes to the hub nearest its origin that can ever hold it, first fit,
+  no tariff awareness) and ``random`` (a random pool among those with room now). Both checkpoint at
+  Daly's interval for their pool, so cost differences come from placement and timing alone.
+- Attempt model: ``restart_s`` of set-up (plus moving the checkpoint when restarting away from
+  it), then cycles of ``T`` compute + ``C`` checkpoint writing; no checkpoint after the last
+  segment. A failure after ``variate × 3600 / (cards × failure rate)`` seconds (an N-card gang fails
+  N times as often) loses the work since the last completed checkpoint. A stop (preemption,
+  lending reclaimed) checkpoints what was computed and requeues the job.
+- Ticks: the planner runs at most every ``tick_s``, and only when something changed (arrival,
+  end, failure, outage, lending window) or a job's tariff wait is over.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from controlplane.core import checkpointing, lifecycle, placement, scheduler
+from controlplane.tools.sim.core_workload import JobDraw, Rng
+from edge_agent import wire
+from topology import layout as tlayout
+
+
+@dataclass(slots=True)
+class Decisions:
+    """What a planner decided in one tick: starts ``(job, pool, accelerator, interval_s)``,
+    stops (job ids to checkpoint and stop), and times at which it wants to be asked again."""
+
+    starts: list[tuple[str, str, str, float]] = field(default_factory=list)
+    stops: list[str] = field(default_factory=list)
+    wake: list[float] = field(default_factory=list)
+    infeasible: list[str] = field(default_factory=list)
+
+
+Planner = Callable[[scheduler.Snapshot, float], Decisions]
+
+
+def cpn_planner(snap: scheduler.Snapshot, now: float) -> Decisions:
+    """The hub's own scheduler, unchanged."""
+    plan = scheduler.plan(snap, now)
+    return Decisions(
+        starts=[(p.job_id, p.pool, p.accelerator, p.breakdown.interval_s) for p in plan.start],
+        stops=[s.job_id for s in plan.stop],
+        wake=[w.until for w in plan.wait if w.until is not None],
+        infeasible=[i.job_id for i in plan.infeasible],
+    )
+
+
+def _daly(job: placement.JobSpec, pool: placement.Pool, acc: str, model: placement.CostModel) -> float:
+    rate = pool.failure_rate_per_card_hour
+    mtbf = 3600.0 / (rate * job.cards) if rate > 0 else math.inf
+    work_s = job.est_hours * 3600.0 * (1.0 - job.progress) / pool.units.get(acc, 1.0)
+    return checkpointing.practical_unchecked(checkpointing.daly_unchecked(job.checkpoint_cost_s, mtbf), work_s,
+                                             model.checkpoint_floor_s)
+
+
+def _order(snap: scheduler.Snapshot) -> list[placement.JobSpec]:
+    return sorted(snap.queued, key=lambda j: (-j.priority, not j.restarting, j.submitted_at, j.id))
+
+
+def _fits(job: placement.JobSpec, pool: placement.Pool, acc: str, free: Mapping[tuple[str, str], int]) -> bool:
+    return placement.static_reason(job, pool, acc) is None and free[(pool.id, acc)] >= job.cards
+
+
+def nearest_hub_planner(home: Mapping[str, Sequence[str]]) -> Planner:
+    """Baseline: each job to the hub nearest its origin that could ever hold it; first fit there.
+
+    ``home[job_id]`` lists hub pool ids by RTT from the job's origin.
+    """
+
+    def plan(snap: scheduler.Snapshot, now: float) -> Decisions:
+        pools = {p.id: p for p in snap.pools}
+        free = {(p.id, a): n for p in snap.pools for a, n in p.cards_free.items()}
+        out = Decisions()
+        for job in _order(snap):
+            target = None
+            for pid in home.get(job.id, ()):
+                pool = pools.get(pid)
+                if pool is None:
+                    continue
+                accs = [a for a in job.accelerators if placement.static_reason(job, pool, a) is None]
+                if accs:
+                    target = (pool, accs)
+                    break
+            if target is None:
+                out.infeasible.append(job.id)
+                continue
+            pool, accs = target
+            for acc in accs:
+                if free[(pool.id, acc)] >= job.cards:
+                    free[(pool.id, acc)] -= job.cards
+                    out.starts.append((job.id, pool.id, acc, _daly(job, pool, acc, snap.model)))
+                    break
+        return out
+
+    return plan
+
+
+def random_planner(rng: Rng) -> Planner:
+    """Baseline: a uniformly random pool among those with room for the job now."""
+
+    def plan(snap: scheduler.Snapshot, now: float) -> Decisions:
+        free = {(p.id, a): n for p in snap.pools for a, n in p.cards_free.items()}
+        out = Decisions()
+        for job in _order(snap):
+            ok = [(p, a) for p in snap.pools for a in job.accelerators if a in p.cards_total and _fits(job, p, a, free)]
+            if not ok:
+                if not any(placement.static_reason(job, p, a) is None for p in snap.pools for a in job.accelerators
+                           if a in p.cards_total):
+                    out.infeasible.append(job.id)
+                continue
+            pool, acc = ok[int(rng.random() * len(ok))]
+            free[(pool.id, acc)] -= job.cards
+            out.starts.append((job.id, pool.id, acc, _daly(job, pool, acc, snap.model)))
+        return out
+
+    return plan
+
+
+class _Attempt:
+    __slots__ = ("number", "pool", "acc", "cards", "start", "setup_s", "move_s", "interval_s", "ckpt_s",
+                 "work_s", "units", "end", "failing", "expected_w", "min_w", "after_failure")
+    number: int
+    pool: str
+    acc: str
+    cards: int
+    start: float
+    setup_s: float
+    move_s: float
+    interval_s: float
+    ckpt_s: float
+    work_s: float
+    units: float
+    end: float
+    failing: bool
+    expected_w: float
+    min_w: float
+    after_failure: bool
+
+    def __init__(self) -> None:
+        self.end = 0.0
+        self.failing = False
+
+
+class _Job:
+    __slots__ = ("draw", "rec", "spec", "att", "first_start", "done_at", "fail_at", "infeasible", "cost_cny",
+                 "card_s", "useful_s", "work_a800_card_h")
+
+    def __init__(self, draw: JobDraw) -> None:
+        self.draw = draw
+        self.rec = lifecycle.JobRecord(id=draw.id, tenant=draw.tenant, cards=draw.cards, updated_at=draw.submitted_at)
+        self.spec = placement.JobSpec(
+            id=draw.id, tenant=draw.tenant, cards=draw.cards, accelerators=draw.accelerators,
+            est_hours=draw.est_hours, checkpoint_cost_s=draw.checkpoint_cost_s, priority=draw.priority,
+            deadline=draw.deadline, submitted_at=draw.submitted_at)
+        self.att: _Attempt | None = None
+        self.first_start: float | None = None
+        self.done_at: float | None = None
+        self.fail_at: float | None = None
+        self.infeasible = False
+        self.cost_cny = 0.0
+        self.card_s = 0.0
+        self.useful_s = 0.0
+        self.work_a800_card_h = 0.0
+
+
+class Waste:
+    """Card-seconds by where they went."""
+
+    def __init__(self) -> None:
+        self.useful = 0.0
+        self.checkpoint = 0.0
+        self.lost = 0.0
+        self.setup_first = 0.0
+        self.setup_restart = 0.0
+        self.move = 0.0
+        self.expected_w_x_useful = 0.0
+        self.min_w_x_useful = 0.0
+
+
+class TrainingSim:
+    """One training policy over the run: its pools, queue, attempts and accounting."""
+
+    def __init__(self, name: str, planner: Planner, lay: tlayout.Layout, sites: Sequence[tlayout.Site],
+                 jobs: Sequence[JobDraw], *, start_s: float, tick_s: float, failure_scale: float,
+                 reserved_cards: Mapping[str, float], lent: Sequence[str] = (), detection_s: float = 3.0,
+                 model: placement.CostModel = placement.DEFAULT_MODEL,
+                 reserved_by_acc: Mapping[tuple[str, str], float] | None = None) -> None:
+        self.name = name
+        self.planner = planner
+        self.accels = lay.accelerators
+        self.sites = {s.id: s for s in sites}
+        self.site_order = [s.id for s in sites]
+        self.tick_s = tick_s
+        self.failure_scale = failure_scale
+        self.detection_s = detection_s
+        self.model = model
+        self.lent = set(lent)
+        self.free: dict[tuple[str, str], int] = {}
+        self.total: dict[tuple[str, str], int] = {}
+        for s in sites:
+            reserved = reserved_cards.get(s.id, 0.0)
+            for acc, n in sorted(s.accelerators.items()):
+                # Inference replicas hold cards first: of the type they use when known, else off
+                # the types in name order.
+                if reserved_by_acc is not None:
+                    take = min(n, math.ceil(reserved_by_acc.get((s.id, acc), 0.0) - 1e-9))
+                else:
+                    take = min(n, int(math.ceil(reserved - 1e-9))) if reserved > 0 else 0
+                reserved -= take
+                self.total[(s.id, acc)] = n - take
+                self.free[(s.id, acc)] = n - take
+        self.healthy = {s.id: True for s in sites}
+        self.draining = {s.id: s.id in self.lent for s in sites}
+        self._pool_cache: dict[str, tuple[tuple[object, ...], placement.Pool]] = {}
+        self.jobs = {d.id: _Job(d) for d in jobs}
+        self.queue: dict[str, _Job] = {}
+        self.running: dict[str, _Job] = {}
+        self.heap: list[tuple[float, int, str, str, int]] = []
+        self.seq = 0
+        for d in jobs:
+            self._push(d.submitted_at, "arrive", d.id, 0)
+        self.now = start_s
+        self.last_tick = -math.inf
+        self.tick_at: float | None = None
+        self.ticks = 0
+        self.waste = Waste()
+        self.card_failures = 0
+        self.outage_failures = 0
+        self.stops = 0
+        self.recovery_s: list[float] = []
+        self.lent_card_s = 0.0
+        self.queue_delay_s: list[float] = []
+        self.idle_waiting_card_s = 0.0
+        self.waiting_card_s = 0.0
+
+    def __repr__(self) -> str:
+        return f"<TrainingSim {self.name} queued={len(self.queue)} running={len(self.running)} ticks={self.ticks}>"
+
+    # ------------------------------------------------------------------ events
+
+    def _push(self, t: float, kind: str, job: str, n: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, job, n))
+
+    def _want_tick(self, t: float) -> None:
+        at = max(t, self.last_tick + self.tick_s)
+        if self.tick_at is None or at < self.tick_at:
+            self.tick_at = at
+            self._push(at, "tick", "", 0)
+
+    def advance(self, until: float) -> None:
+        """Process every event up to ``until`` (inclusive)."""
+        heap = self.heap
+        while heap and heap[0][0] <= until:
+            t, _, kind, jid, n = heapq.heappop(heap)
+            self.now = t
+            if kind == "arrive":
+                self.queue[jid] = self.jobs[jid]
+                self._want_tick(t)
+            elif kind == "end":
+                job = self.jobs[jid]
+                if job.att is not None and job.att.number == n:
+                    self._end(job, t, "failure" if job.att.failing else "completed")
+            elif kind == "tick":
+                if self.tick_at == t:
+                    self.tick_at = None
+                    self._tick(t)
+        self.now = max(self.now, until)
+
+    # ------------------------------------------------------------------ pools
+
+    def _pool(self, sid: str) -> placement.Pool:
+        site = self.sites[sid]
+        free = {acc: self.free[(sid, acc)] for acc in site.accelerators}
+        total = {acc: self.total[(sid, acc)] for acc in site.accelerators}
+        key = (tuple(free.values()), tuple(total.values()), self.healthy[sid], self.draining[sid])
+        hit = self._pool_cache.get(sid)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        pool = placement.pool_from_site(site, self.accels, free={a: float(n) for a, n in free.items()},
+                                        healthy=self.healthy[sid], draining=self.draining[sid])
+        # Cards held by replicas are not the scheduler's to give: the total it may use shrinks too.
+        pool = msgspec.structs.replace(pool, cards_total={a: n for a, n in total.items() if n > 0},
+                                       cards_free={a: n for a, n in pool.cards_free.items() if total[a] > 0})
+        self._pool_cache[sid] = (key, pool)
+        return pool
+
+    def _tick(self, now: float) -> None:
+        self.last_tick = now
+        self.ticks += 1
+        if not self.queue:
+            return
+        running = [
+            scheduler.Running(job_id=j.draw.id, tenant=j.draw.tenant, pool=j.att.pool, accelerator=j.att.acc,
+                              cards=j.draw.cards, priority=j.draw.priority, expected_end_at=j.att.end,
+                              preemptible=j.att.pool in self.lent or j.draw.priority == 0)
+            for j in self.running.values() if j.att is not None
+        ]
+        snap = scheduler.Snapshot(pools=[self._pool(sid) for sid in self.site_order],
+                                  queued=[j.spec for j in self.queue.values() if not j.infeasible],
+                                  running=running, model=self.model)
+        dec = self.planner(snap, now)
+        for jid in dec.infeasible:
+            self.jobs[jid].infeasible = True
+        for jid in dec.stops:
+            job = self.jobs[jid]
+            if job.att is not None:
+                self._end(job, now, "stopped", replan=False)
+        for jid, pool, acc, interval_s in dec.starts:
+            self._start(self.jobs[jid], pool, acc, interval_s, now)
+        for t in dec.wake:
+            if t > now:
+                self._want_tick(t)
+        if dec.stops:
+            self._want_tick(now)
+
+    # ------------------------------------------------------------------ attempts
+
+    def _start(self, job: _Job, pool: str, acc: str, interval_s: float, now: float) -> None:
+        d = job.draw
+        if self.free[(pool, acc)] < d.cards:  # a planner bug would over-commit: refuse loudly
+            raise AssertionError(f"{self.name}: {pool}/{acc} has {self.free[(pool, acc)]} free, {d.id} needs {d.cards}")
+        site = self.sites[pool]
+        after_failure = job.rec.state is lifecycle.JobState.RESTARTING
+        job.rec = lifecycle.place(job.rec, pool, acc, now)
+        self.free[(pool, acc)] -= d.cards
+        self.queue.pop(d.id, None)
+        self.running[d.id] = job
+        if job.first_start is None:
+            job.first_start = now
+            self.queue_delay_s.append(now - d.submitted_at)
+        if job.fail_at is not None:
+            self.recovery_s.append(now - job.fail_at)
+            job.fail_at = None
+        a = _Attempt()
+        a.number = job.rec.attempt
+        a.pool, a.acc, a.cards, a.start = pool, acc, d.cards, now
+        a.units = self.accels[acc].units if acc in self.accels else 1.0
+        a.work_s = d.est_hours * 3600.0 * (1.0 - job.rec.progress) / a.units
+        a.move_s = 0.0
+        src = job.rec.checkpoint_pool
+        if src and src != pool and job.rec.progress > 0:
+            gbps = min(site.egress_gbps, self.sites[src].egress_gbps if src in self.sites else site.egress_gbps)
+            a.move_s = d.cards * self.model.state_gb_per_card * 8.0 / gbps
+        a.setup_s = site.restart_s + a.move_s
+        a.interval_s = max(interval_s, 1.0)
+        a.ckpt_s = d.checkpoint_cost_s
+        a.after_failure = after_failure
+        rate = site.failure_rate_per_card_hour * self.failure_scale * d.cards / 3600.0
+        mtbf = 1.0 / rate if rate > 0 else math.inf
+        a.expected_w = checkpointing.waste_unchecked(a.interval_s, a.ckpt_s, site.restart_s, mtbf)
+        a.min_w = 0.0 if mtbf == math.inf else math.sqrt(2.0 * a.ckpt_s / mtbf) + site.restart_s / mtbf
+        segments = max(1, math.ceil(a.work_s / a.interval_s - 1e-9))
+        done_at = now + a.setup_s + a.work_s + (segments - 1) * a.ckpt_s
+        fail_at = now + d.faults.variate(a.number - 1) / rate if rate > 0 else math.inf
+        a.failing = fail_at < done_at
+        a.end = fail_at if a.failing else done_at
+        job.att = a
+        self._push(a.end, "end", d.id, a.number)
+
+    def _end(self, job: _Job, now: float, how: str, *, replan: bool = True, failed_at: float | None = None) -> None:
+        """Close the current attempt at ``now``: ``completed``, ``failure``, ``outage`` or ``stopped``."""
+        a = job.att
+        assert a is not None
+        d = job.draw
+        held = now - a.start
+        x = max(0.0, held - a.setup_s)  # time past set-up
+        cycle = a.interval_s + a.ckpt_s
+        k = int(x // cycle)
+        rem = x - k * cycle
+        if how == "completed":
+            saved_s, ckpt_s, lost_s = a.work_s, held - a.setup_s - a.work_s, 0.0
+        elif how == "stopped":
+            part = min(rem, a.interval_s)
+            saved_s, ckpt_s, lost_s = min(a.work_s, k * a.interval_s + part), k * a.ckpt_s + (rem - part), 0.0
+        else:
+            saved_s, ckpt_s, lost_s = min(a.work_s, k * a.interval_s), k * a.ckpt_s, rem
+        setup_s = min(held, a.setup_s)
+        w = self.waste
+        cards = a.cards
+        w.useful += saved_s * cards
+        w.checkpoint += max(0.0, ckpt_s) * cards
+        w.lost += lost_s * cards
+        move = min(setup_s, a.move_s)
+        w.move += move * cards
+        if a.after_failure:
+            w.setup_restart += (setup_s - move) * cards
+        else:
+            w.setup_first += (setup_s - move) * cards
+        w.expected_w_x_useful += a.expected_w * saved_s * cards
+        w.min_w_x_useful += a.min_w * saved_s * cards
+        gained = saved_s * a.units / (d.est_hours * 3600.0) if d.est_hours > 0 else 1.0
+        job.work_a800_card_h += saved_s * a.units * cards / 3600.0
+        job.useful_s += saved_s * cards
+        self.free[(a.pool, a.acc)] += cards
+        self.running.pop(d.id, None)
+        job.att = None
+        rec = job.rec
+        seq = rec.attempt * 4
+        if rec.state is lifecycle.JobState.PLACED:
+            rec = lifecycle.dispatched(rec, a.start)
+        effects: list[lifecycle.Effect] = []
+        if gained > 0 and how != "completed":
+            out = lifecycle.apply_event(rec, wire.Checkpointed(
+                job=d.id, attempt=rec.attempt, seq=seq + 1, site=a.pool, at=now,
+                progress=min(1.0, rec.progress + gained), checkpoint=f"sim://{d.id}/{rec.attempt}"))
+            rec = out.record
+        if how == "completed":
+            out = lifecycle.apply_event(rec, wire.AttemptExited(job=d.id, attempt=rec.attempt, seq=seq + 2, site=a.pool,
+                                                                at=now, reason="completed", progress=1.0))
+            job.done_at = now
+        elif how == "stopped":
+            self.stops += 1
+            out = lifecycle.apply_event(rec, wire.AttemptExited(job=d.id, attempt=rec.attempt, seq=seq + 2, site=a.pool,
+                                                                at=now, reason="stopped", detail="preempted"))
+        else:
+            if how == "failure":
+                self.card_failures += 1
+            else:
+                self.outage_failures += 1
+            out = lifecycle.infra_failure(rec, now, "card fault" if how == "failure" else "site lost")
+            job.fail_at = now if failed_at is None else failed_at
+        rec = out.record
+        effects.extend(out.effects)
+        for eff in effects:
+            if isinstance(eff, lifecycle.Meter):
+                if eff.pool in self.lent:
+                    self.lent_card_s += eff.cards * (eff.end_at - eff.start_at)
+                pool = self._pool(eff.pool)
+                job.cost_cny += placement.metered_energy_cny(pool, eff.accelerator, eff.cards, eff.start_at, eff.end_at)
+                job.card_s += eff.cards * (eff.end_at - eff.start_at)
+        job.rec = rec
+        if rec.state in (lifecycle.JobState.QUEUED, lifecycle.JobState.RESTARTING):
+            job.spec = msgspec.structs.replace(job.spec, progress=rec.progress, checkpoint_pool=rec.checkpoint_pool,
+                                               restarting=rec.state is lifecycle.JobState.RESTARTING)
+            self.queue[d.id] = job
+        if replan:
+            self._want_tick(now)
+
+    # ------------------------------------------------------------------ faults and lending
+
+    def site_lost(self, sid: str, now: float, failed_at: float) -> None:
+        """The hub declared ``sid`` lost at ``now`` (it died at ``failed_at``): its attempts restart."""
+        if sid not in self.sites:
+            return
+        self.healthy[sid] = False
+        for job in [j for j in self.running.values() if j.att is not None and j.att.pool == sid]:
+            self._end(job, now, "outage", failed_at=failed_at)
+        self._want_tick(now)
+
+    def site_back(self, sid: str, now: float) -> None:
+        if sid in self.sites:
+            self.healthy[sid] = True
+            self._want_tick(now)
+
+    def lend(self, now: float, open_: bool) -> None:
+        """Open the lending window, or close it: lent pools drain and their jobs checkpoint and stop."""
+        for sid in sorted(self.lent):  # sorted: set order varies between processes
+            self.draining[sid] = not open_
+            if not open_:
+                for job in [j for j in self.running.values() if j.att is not None and j.att.pool == sid]:
+                    self._end(job, now, "stopped", replan=False)
+        self._want_tick(now)
+
+    # ------------------------------------------------------------------ inference holds (cpn scaling)
+
+    def hold(self, sid: str, acc: str, cards: int) -> None:
+        """Inference takes ``cards`` free cards of ``sid`` (a scaled-out replica): training may no longer use them."""
+        if cards <= 0 or (sid, acc) not in self.free:
+            return
+        if self.free[(sid, acc)] < cards:
+            raise AssertionError(f"{self.name}: inference wants {cards} {acc} at {sid}, {self.free[(sid, acc)]} free")
+        self.free[(sid, acc)] -= cards
+        self.total[(sid, acc)] -= cards
+        self._want_tick(self.now)
+
+    def release(self, sid: str, acc: str, cards: int) -> None:
+        """A scaled-in replica gives its cards back to training."""
+        if cards <= 0 or (sid, acc) not in self.free:
+            return
+        self.free[(sid, acc)] += cards
+        self.total[(sid, acc)] += cards
+        self._want_tick(self.now)
+
+    # ------------------------------------------------------------------ reading
+
+    def idle_while_waiting(self) -> tuple[int, int]:
+        """(cards of waiting jobs that could start now, cards of all waiting jobs): hidden throughput loss.
+
+        A waiting job (queued or restarting, not infeasible) could start now when some healthy,
+        not draining pool has at least its cards free of a type it accepts, whatever the reason it
+        waits (a tariff window, a reservation, a tick not yet run). Jobs are checked one by one
+        against the largest free block per type (no packing), and the sum is capped by the free
+        cards of the types they accept, so it never exceeds what is really idle.
+        """
+        waiting = [j for j in self.queue.values() if not j.infeasible]
+        if not waiting:
+            return 0, 0
+        best: dict[str, int] = {}
+        free_by_acc: dict[str, int] = {}
+        for (sid, acc), f in self.free.items():
+            if f <= 0 or not self.healthy[sid] or self.draining[sid]:
+                continue
+            free_by_acc[acc] = free_by_acc.get(acc, 0) + f
+            if f > best.get(acc, 0):
+                best[acc] = f
+        could = 0
+        accs: set[str] = set()
+        for j in waiting:
+            d = j.draw
+            if any(best.get(a, 0) >= d.cards for a in d.accelerators):
+                could += d.cards
+                accs.update(d.accelerators)
+        idle = min(could, sum(free_by_acc.get(a, 0) for a in sorted(accs)))
+        return idle, sum(j.draw.cards for j in waiting)
+
+    def held_cards(self, out: dict[str, float]) -> None:
+        """Add cards held by attempts, per site, to ``out``."""
+        for job in self.running.values():
+            a = job.att
+            if a is not None:
+                out[a.pool] = out.get(a.pool, 0.0) + a.cards
+
+    def close(self, now: float) -> None:
+        """Bill and account attempts still running at the end of the run (they are not ended)."""
+        for job in self.running.values():
+            a = job.att
+            if a is None:
+                continue
+            job.cost_cny += placement.metered_energy_cny(self._pool(a.pool), a.acc, a.cards, a.start, now)
+            if a.pool in self.lent:
+                self.lent_card_s += a.cards * (now - a.start)
+            job.card_s += a.cards * (now - a.start)
+            held = now - a.start
+            x = max(0.0, held - a.setup_s)
+            cycle = a.interval_s + a.ckpt_s
+            k = int(x // cycle)
+            rem = x - k * cycle
+            part = min(rem, a.interval_s)
+            useful = min(a.work_s, k * a.interval_s + part)
+            w = self.waste
+            w.useful += useful * a.cards
+            w.checkpoint += (k * a.ckpt_s + rem - part) * a.cards
+            s = min(held, a.setup_s)
+            w.move += min(s, a.move_s) * a.cards
+            if a.after_failure:
+                w.setup_restart += (s - min(s, a.move_s)) * a.cards
+            else:
+                w.setup_first += (s - min(s, a.move_s)) * a.cards
+            w.expected_w_x_useful += a.expected_w * useful * a.cards
+            w.min_w_x_useful += a.min_w * useful * a.cards
+            job.work_a800_card_h += useful * a.units * a.cards / 3600.0
+            job.useful_s += useful * a.cards
+
+
+def oracle_energy(jobs: Sequence[JobDraw], pools: Sequence[placement.Pool],
+                  model: placement.CostModel = placement.DEFAULT_MODEL) -> dict[str, float]:
+    """Lower bound per job: the cheapest energy over every pool that could ever hold it (all cards
+    free, no queueing, no failures), with the best start window its deadline allows."""
+    cache: dict[object, list[float]] = {}
+    priced = {(p.id, a): placement.priced(p, a, cache) for p in pools for a in p.cards_total}
+    out: dict[str, float] = {}
+    for d in jobs:
+        spec = placement.JobSpec(id=d.id, tenant=d.tenant, cards=d.cards, accelerators=d.accelerators,
+                                 est_hours=d.est_hours, checkpoint_cost_s=d.checkpoint_cost_s,
+                                 priority=d.priority, deadline=d.deadline, submitted_at=d.submitted_at)
+        best = math.inf
+        for p in pools:
+            for a in d.accelerators:
+                pp = priced.get((p.id, a))
+                if pp is None or placement.static_reason(spec, p, a) is not None:
+                    continue
+                # Cheapest hour bound first: skip pools that cannot beat the best so far.
+                if pp.lb_rate * d.cards * d.est_hours >= best:
+                    continue
+                bd = placement.score_priced(spec, pp, d.submitted_at, model)
+                best = min(best, bd.energy_cny)
+        if best < math.inf:
+            out[d.id] = best
+    return out
