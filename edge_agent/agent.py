@@ -48,6 +48,9 @@ from edge_agent.logs import log
 from edge_agent.outbox import Outbox
 from edge_agent.training import Training
 
+STOP_TASKS_S = 5.0
+"""How long a stopping agent waits for its cancelled tasks before it closes the bus under them."""
+
 LOCAL_DEPLOYMENT = "local"
 """Deployment name of the models a site preloads from its config."""
 
@@ -60,6 +63,12 @@ def agent_version() -> str:
         return metadata.version("cpn")
     except metadata.PackageNotFoundError:
         return "dev"
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended (innermost frame), for a log line."""
+    frames = task.get_stack(limit=1)
+    return f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "?"
 
 
 def _make_executors(config: AgentConfig) -> dict[str, Executor]:
@@ -242,9 +251,18 @@ class Agent:
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        stuck: set[asyncio.Task[Any]] = set()
+        if tasks:
+            # A task that does not end soon after its cancel must not hold the agent's stop: name it,
+            # close the bus under it (what it waits on, usually) and give it a last moment.
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_TASKS_S)
+            for task in stuck:
+                log(logging.ERROR, "task_outlived_cancel", site=self.site, task=task.get_name(),
+                    where=_where(task))
         await self.backend.close()
         await self.bus.close()
+        if stuck:
+            await asyncio.wait(stuck, timeout=STOP_TASKS_S)
         self.registered.clear()
         log(logging.INFO, "agent_stopped", site=self.site, pending_events=len(self.outbox))
 

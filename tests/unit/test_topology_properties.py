@@ -158,3 +158,10 @@ def test_synth_is_deterministic_and_sized() -> None:
     assert tiers.count("hub") == 1 and tiers.count("regional") == 6
     with pytest.raises(ValueError):
         synth.generate(0, 5)
+
+
+def test_one_site_in_a_far_corner_still_attaches_every_origin() -> None:
+    """Hypothesis found it: with one site, an origin in the far corner of the box was beyond the
+    synthetic layout's access radius, so the generator made a layout its own loader refused."""
+    lay = synth.generate(n_sites=1, n_origins=8, seed=396)
+    assert all(layout.attachments(lay)[o.id] for o in lay.origins)
