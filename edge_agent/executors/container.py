@@ -179,7 +179,19 @@ class ContainerExecutor:
         proc = await asyncio.create_subprocess_exec(
             *self.podman_base(), *args, env=self.podman_env(),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        _, err = await proc.communicate()
+        try:
+            _, err = await proc.communicate()
+        except asyncio.CancelledError:
+            # Cancelled (the agent is stopping): end the client now and reap it in this loop, or it
+            # outlives the loop and its pipe is closed at garbage collection, unowned.
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+            raise
+        finally:
+            transport = getattr(proc, "_transport", None)
+            if transport is not None and proc.returncode is not None:
+                transport.close()
         code = proc.returncode if proc.returncode is not None else -1
         if code != 0:
             log(logging.WARNING, "podman_failed", site=self.site, args=" ".join(args[:2]), code=code,

@@ -154,7 +154,7 @@ async def test_leader_sigkill_another_process_leads_within_5s(cluster: NatsClust
     config = LeaseConfig()  # the defaults: 3 / 2 / 0.4 s
     candidates = [await spawn(cluster, f"c{i}", config) for i in range(3)]
     try:
-        await wait_for(lambda: all(c.events("ready") for c in candidates), 20, "candidates to connect")
+        await wait_for(lambda: all(c.events("ready") for c in candidates), 40, "candidates to connect")
         await wait_for(lambda: leaders(candidates), 10, "a first leader")
         takeovers = []
         for _ in range(2):

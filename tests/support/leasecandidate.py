@@ -31,7 +31,18 @@ def say(**fields: object) -> None:
 
 
 async def campaign(args: argparse.Namespace) -> None:
-    record = await kv.Record.open(args.servers.split(","), timeout_s=1.0, name=f"candidate-{args.identity}")
+    # Creating the R3 bucket can take longer than one request's timeout on a loaded machine (three
+    # candidates race for it): retry the opening, bounded, rather than die before campaigning.
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            record = await kv.Record.open(args.servers.split(","), timeout_s=1.0, name=f"candidate-{args.identity}")
+            break
+        except NoQuorum as exc:
+            if time.monotonic() > deadline:
+                raise
+            say(event="open_retry", error=str(exc))
+            await asyncio.sleep(0.2)
     config = LeaseConfig(lease_duration_s=args.lease, renew_deadline_s=args.renew, retry_period_s=args.retry)
     ticker: asyncio.Task[None] | None = None
     last_fence: list[kv.Fence] = []
