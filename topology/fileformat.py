@@ -314,10 +314,10 @@ def from_dict(doc: dict[str, Any], filename: str = "<layout>", lines: Lines | No
     if regions:
         listed = {p for r in regions for p in r.provinces}
         for i, table in enumerate(head.sites):
-            sid = table.get("id")
-            if sid in site_by_id and site_by_id[sid].region not in listed:
-                err(("sites", i), f"sites[{i}] {sid!r}",
-                    f"province {site_by_id[sid].region!r} is in no region (add it to one [regions.*] provinces list)")
+            placed = site_by_id.get(str(table.get("id")))
+            if placed is not None and placed.region not in listed:
+                err(("sites", i), f"sites[{i}] {placed.id!r}",
+                    f"province {placed.region!r} is in no region (add it to one [regions.*] provinces list)")
 
     if head.auto_links:
         links = links + auto_links(sites, links)
