@@ -231,6 +231,8 @@ cpn repository for the permission matrix and the reasoning.
 | `single/nats-server.conf` | one hub NATS server (JetStream R1) | bcrypt hashes only |
 | `cluster/node-N.conf` | hub cluster nodes on {', '.join(hosts)} | yes: route password |
 | `leaf/<site>.conf` | the nats-server at each site | yes: the site's password |
+| `supercluster/<region>/<region>-node-N.conf` | with a layout naming regions: each region's 3 cluster nodes, joined by gateways (7222) | yes: route password |
+| `supercluster/leaf/<site>.conf` | the site's nats-server, a leaf of its own region's nodes (instead of `leaf/`) | yes: the site's password |
 | `creds/hub.json` | the hub (`cpn hub`) | yes |
 | `creds/<site>.json` | the site's agent, if it connects directly (no leaf node) | yes |
 | `tls/ca.pem` | every server, the hub and every agent (to verify servers) | no |
