@@ -107,6 +107,8 @@ def test_show_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["tiers"]["hub"]["sites"] == 9 and data["tiers"]["hub"]["cards"] >= 90_000
     assert data["tiers"]["edge"]["cities"] >= 30
     assert {"910B", "A800", "H20"} <= set(data["accelerators"])
+    assert [r["id"] for r in data["regions"]] == ["north", "east", "central", "south", "southwest", "northwest"]
+    assert sum(r["sites"] for r in data["regions"]) == data["sites"]  # every site in exactly one region
 
 
 def test_show_on_invalid_layout_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
