@@ -9,8 +9,9 @@ Promises:
 - Rules: no unknown keys anywhere; ids are one NATS token and unique; coordinates in range; every
   reference (city, accelerator, tariff, attach, link end, CIDR origin) resolves; tariffs are sane
   (hours 0..23, peak and valley disjoint, valley <= flat <= peak); no link is faster than light in
-  fibre for its length (nor shorter than the great circle); every origin has an attachment; the
-  backbone (stated + shape-rule links) is connected.
+  fibre for its length (nor shorter than the great circle); regions (if any) name known cities and
+  split the provinces so that each province, and so each site, is in exactly one region; every
+  origin has an attachment; the backbone (stated + shape-rule links) is connected.
 - Pure: takes a dict, returns data. The file format is documented in docs/topology.md.
 """
 
@@ -30,6 +31,7 @@ from .layout import (
     LayoutError,
     Link,
     Origin,
+    Region,
     Site,
     Tariff,
     _ID_RE,
@@ -62,6 +64,7 @@ class _Head(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     origins: list[dict[str, Any]] = []
     links: list[dict[str, Any]] = []
     cidrs: dict[str, str] = {}
+    regions: dict[str, dict[str, Any]] = {}
 
 
 class _SiteEntry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -306,12 +309,22 @@ def from_dict(doc: dict[str, Any], filename: str = "<layout>", lines: Lines | No
         if origin_id not in origin_by_id:
             err(("cidrs", cidr), entry, f"origin {origin_id!r} is not an origin id")
 
+    # ---- regions: a partition of the provinces, each with a cluster city and gateway cities
+    regions = _regions(head, origin_by_id, sites, err)
+    if regions:
+        listed = {p for r in regions for p in r.provinces}
+        for i, table in enumerate(head.sites):
+            placed = site_by_id.get(str(table.get("id")))
+            if placed is not None and placed.region not in listed:
+                err(("sites", i), f"sites[{i}] {placed.id!r}",
+                    f"province {placed.region!r} is in no region (add it to one [regions.*] provinces list)")
+
     if head.auto_links:
         links = links + auto_links(sites, links)
 
     layout = Layout(
         name=head.name, sites=sites, origins=origins, accelerators=accelerators, links=links,
-        cidrs=dict(head.cidrs), route_factor=head.route_factor, hop_ms=head.hop_ms,
+        cidrs=dict(head.cidrs), regions=regions, route_factor=head.route_factor, hop_ms=head.hop_ms,
         metro_km=head.metro_km, max_access_km=head.max_access_km, description=head.description,
         sources=dict(head.sources), illustrative=list(head.illustrative),
     )
@@ -335,6 +348,54 @@ def from_dict(doc: dict[str, Any], filename: str = "<layout>", lines: Lines | No
     if errors:
         raise LayoutError(errors)
     return layout
+
+
+def _regions(head: _Head, origin_by_id: dict[str, Origin], sites: list[Site], err: Any) -> list[Region]:
+    """The ``[regions.<id>]`` tables, checked: known cities, provinces in exactly one region."""
+    out: list[Region] = []
+    provinces = {o.region for o in origin_by_id.values()} | {s.region for s in sites}
+    owner: dict[str, str] = {}
+    for rid, table in head.regions.items():
+        key, entry = ("regions", rid), f"regions.{rid}"
+        try:
+            r = msgspec.convert({"id": rid, **table}, Region)
+        except msgspec.ValidationError as exc:
+            err(key, entry, _msgspec_reason(exc))
+            continue
+        ok = _check_id(rid, "id", key, entry, err)
+        if r.id != rid:
+            err(key, entry, f"id {r.id!r} differs from its table key")
+            ok = False
+        if not r.provinces:
+            err(key, entry, "provinces is empty (a region serves at least one province)")
+            ok = False
+        for p in r.provinces:
+            if p not in provinces:
+                err(key, entry, f"province {p!r} is the region of no origin or site")
+                ok = False
+            elif p in owner:
+                err(key, entry, f"province {p!r} is already in region {owner[p]!r} (a province has one region)")
+                ok = False
+            else:
+                owner[p] = rid
+        if not r.gateways:
+            err(key, entry, "gateways is empty (a region has at least one gateway city)")
+            ok = False
+        for city in [r.cluster, *r.gateways]:
+            what = "cluster" if city == r.cluster else "gateway"
+            o = origin_by_id.get(city)
+            if o is None:
+                err(key, entry, f"{what} city {city!r} is not an origin id")
+                ok = False
+            elif o.region not in r.provinces:
+                err(key, entry, f"{what} city {city!r} is in province {o.region!r}, not one of this region's")
+                ok = False
+        if not any(s.city == r.cluster and s.tier in ("hub", "regional") for s in sites):
+            err(key, entry, f"cluster city {r.cluster!r} hosts no hub or regional pool (the cluster stands at one)")
+            ok = False
+        if ok:
+            out.append(r)
+    return out
 
 
 def tariff_problems(t: Tariff) -> list[str]:

@@ -167,6 +167,24 @@ class Link(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     source: str = ""
 
 
+class Region(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A region of the network: one NATS cluster, its gateway cities, and the provinces it serves.
+
+    ``provinces`` are values of the ``region`` field of origins and sites (which holds the province,
+    a name kept from the first file format); each province belongs to exactly one region, so every
+    site has exactly one region. ``cluster`` is the city (an origin id) hosting the region's 3-node
+    NATS cluster: a city with a hub or regional pool of the region. ``gateways`` are the cities
+    (origin ids) where tenants' HTTP gateways of the region stand.
+    """
+
+    id: str = ""  # filled from the table key when loaded from a file
+    name: str
+    cluster: str
+    gateways: list[str]
+    provinces: list[str]
+    source: str = ""
+
+
 class Layout(msgspec.Struct, dict=True, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A whole network: sites, demand origins, accelerator types, backbone links, CIDR map."""
 
@@ -176,6 +194,7 @@ class Layout(msgspec.Struct, dict=True, frozen=True, kw_only=True, forbid_unknow
     accelerators: dict[str, AcceleratorSpec]
     links: list[Link]
     cidrs: dict[str, str] = {}
+    regions: list[Region] = []
     route_factor: float = 1.5
     hop_ms: float = 0.1
     metro_km: float = 30.0
@@ -223,6 +242,24 @@ class Layout(msgspec.Struct, dict=True, frozen=True, kw_only=True, forbid_unknow
             if ip.version == net.version and ip in net:
                 return origin  # type: ignore[no-any-return]
         return None
+
+    def region_of_site(self, site_id: str) -> str | None:
+        """The id of the region holding this site's province (None: the layout names no regions)."""
+        return self.region_of_province(self.site(site_id).region)
+
+    def region_of_province(self, province: str) -> str | None:
+        """The id of the region listing ``province`` (None if none does)."""
+        for r in self.regions:
+            if province in r.provinces:
+                return r.id
+        return None
+
+    def gateways(self) -> list[str]:
+        """The gateway cities the layout names, region by region (empty: none named)."""
+        out: list[str] = []
+        for r in self.regions:
+            out.extend(g for g in r.gateways if g not in out)
+        return out
 
     def cards_by_accelerator(self) -> dict[str, int]:
         """Total cards per accelerator type over all sites."""

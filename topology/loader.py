@@ -17,7 +17,7 @@ from .layout import Layout, LayoutError
 _DATA = pathlib.Path(__file__).resolve().parent / "data"
 
 _ARRAY_RE = re.compile(r"^\s*\[\[\s*(sites|origins|links)\s*\]\]\s*(#.*)?$")
-_TABLE_RE = re.compile(r'^\s*\[\s*(accelerators|tariffs|defaults)\s*\.\s*"?([^\]"]+?)"?\s*\]\s*(#.*)?$')
+_TABLE_RE = re.compile(r'^\s*\[\s*(accelerators|tariffs|defaults|regions)\s*\.\s*"?([^\]"]+?)"?\s*\]\s*(#.*)?$')
 
 
 def default_path() -> pathlib.Path:

@@ -62,6 +62,11 @@ def summarise(layout: Layout) -> dict[str, Any]:
         "providers": dict(sorted(providers.items())),
         "site_list": site_list,
         "illustrative": list(layout.illustrative),
+        "regions": [
+            {"id": r.id, "name": r.name, "cluster": r.cluster, "gateways": list(r.gateways),
+             "provinces": list(r.provinces), "sites": sum(1 for x in layout.sites if x.region in r.provinces)}
+            for r in layout.regions
+        ],
     }
 
 
@@ -91,6 +96,11 @@ def format_text(summary: dict[str, Any]) -> str:
             f"{s['id']:<14} {s['city']:<12} {t['flat_cny_per_kwh']:>5.2f} {t['peak_cny_per_kwh']:>5.2f} "
             f"{t['valley_cny_per_kwh']:>6.2f} {t['mean_cny_per_kwh']:>5.2f} {s['pue']:>5.2f}  {'yes' if s['tee'] else 'no'}"
         )
+    if summary.get("regions"):
+        out += ["", f"{'region':<11} {'cluster':<11} {'sites':>5}  gateways; provinces"]
+        for r in summary["regions"]:
+            out.append(f"{r['id']:<11} {r['cluster']:<11} {r['sites']:>5}  {', '.join(r['gateways'])}; "
+                       f"{', '.join(r['provinces'])}")
     edges = [s for s in summary["site_list"] if s["tier"] == "edge"]
     if edges:
         out += ["", f"edge pools ({len(edges)}): " + ", ".join(f"{s['id']} ({s['cards']})" for s in edges)]

@@ -369,7 +369,9 @@ def single_server_config(
         doc["tls"] = tls.block(verify=False)
     if monitor:
         doc["http"] = monitor
-    doc["jetstream"] = {"store_dir": store_dir} if store_dir is not None else "enabled"
+    # sync_interval always: JetStream otherwise acknowledges before fsync (REFERENCE.md). With
+    # store_dir=None the -sd flag gives the store, and nats-server then refuses a jetstream block.
+    doc["jetstream"] = {"store_dir": store_dir, "sync_interval": "always"} if store_dir is not None else "enabled"
     if leafnode_port is not None:
         doc["leafnodes"] = {"listen": f"{host}:{leafnode_port}"}
         if tls is not None:
@@ -425,7 +427,7 @@ def cluster_configs(
             doc["tls"] = files.block(verify=False)
         if monitor:
             doc["http"] = monitor
-        doc["jetstream"] = {"store_dir": store_dir}
+        doc["jetstream"] = {"store_dir": store_dir, "sync_interval": "always"}
         doc["cluster"] = {
             "name": cluster_name,
             "listen": f"{listen_host}:{cluster_port}",
@@ -448,6 +450,9 @@ def cluster_configs(
             if files is not None:
                 doc["gateway"]["tls"] = files.block(verify=True)
         doc["accounts"] = _accounts(creds)
+        if gateways:  # nats-server refuses leaf nodes and gateways together without a system account
+            doc["accounts"]["SYS"] = {}
+            doc["system_account"] = "SYS"
         out[name] = render(doc, _HEADER + f"\nCluster {cluster_name!r}, {name} of {n} (host {host}).")
     return out
 

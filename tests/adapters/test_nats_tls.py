@@ -45,7 +45,7 @@ def creds_of(out: Path, name: str) -> natsconf.CredentialsFile:
 def for_test(text: str, store: Path) -> str:
     """A generated server config made runnable here: loopback, ports from the server, no monitor."""
     text = re.sub(r'listen: "0\.0\.0\.0:(\d+)"', 'listen: "127.0.0.1:-1"', text)
-    text = re.sub(r'jetstream: \{\n  store_dir: "[^"]*"\n\}', "jetstream: enabled", text)
+    text = re.sub(r'jetstream: \{\n  store_dir: "[^"]*"\n  sync_interval: "always"\n\}', "jetstream: enabled", text)
     return text.replace('http: "127.0.0.1:8222"\n', "")
 
 

@@ -69,7 +69,8 @@ def test_coverage_json_is_stable_and_consistent(capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().out == first  # byte-for-byte stable
     data = json.loads(first)
     assert data["schema"] == "cpn.topology.coverage/1"
-    assert list(data) == ["schema", "layout", "budget_ms", "tiers", "origins_total", "weight_total", "totals", "uncovered", "origins"]
+    assert list(data) == ["schema", "layout", "budget_ms", "tiers", "origins_total", "weight_total", "totals", "uncovered",
+                          "origins", "ingress"]  # "ingress" added (a new key, same schema id): the full path
     assert [t["budget_ms"] for t in data["totals"]] == [5.0, 10.0]
     five = data["totals"][0]
     by_id = {o["id"]: o for o in data["origins"]}
@@ -106,6 +107,8 @@ def test_show_text_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert data["tiers"]["hub"]["sites"] == 9 and data["tiers"]["hub"]["cards"] >= 90_000
     assert data["tiers"]["edge"]["cities"] >= 30
     assert {"910B", "A800", "H20"} <= set(data["accelerators"])
+    assert [r["id"] for r in data["regions"]] == ["north", "east", "central", "south", "southwest", "northwest"]
+    assert sum(r["sites"] for r in data["regions"]) == data["sites"]  # every site in exactly one region
 
 
 def test_show_on_invalid_layout_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -142,3 +145,24 @@ def test_map_without_matplotlib_says_how_to_install(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "pip install 'cpn[map]'" in res.stderr
     assert not (tmp_path / "m.png").exists()
+
+
+def test_coverage_full_path_through_given_gateways(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["topology", "coverage", "--budget", "10", "--json"]) == 0
+    regional = json.loads(capsys.readouterr().out)["ingress"]
+    assert regional["schema"] == "cpn.topology.ingress/1"
+    assert regional["gateways"] == ["beijing", "shanghai", "wuhan", "guangzhou", "chengdu", "xian"]  # the layout's
+    assert cli.main(["topology", "coverage", "--budget", "10", "--json", "--gateways", "beijing"]) == 0
+    central = json.loads(capsys.readouterr().out)["ingress"]
+    assert central["gateways"] == ["beijing"]
+    guangzhou = {o["id"]: o for o in central["origins"]}["guangzhou"]
+    assert guangzhou["gateway"] == "beijing" and guangzhou["full_rtt_ms"] > 25 > 1 > guangzhou["direct_rtt_ms"]
+    assert central["totals"][0]["full_1_city"] < regional["totals"][0]["full_1_city"] < regional["totals"][0]["direct_1_city"]
+    assert cli.main(["topology", "coverage", "--gateways", "beijing,lhasa"]) == 0
+    out = capsys.readouterr().out
+    assert "full path origin -> nearest gateway -> site, gateways: beijing, lhasa" in out
+    assert "direct >=1 / >=2 cities    full path >=1 / >=2 cities" in out
+    assert cli.main(["topology", "coverage", "--gateways", "beijing,atlantis"]) == 2
+    assert "'atlantis'" in capsys.readouterr().err
+    assert cli.main(["topology", "coverage", "--gateways", "none", "--json"]) == 0
+    assert "ingress" not in json.loads(capsys.readouterr().out)

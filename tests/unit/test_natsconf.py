@@ -253,3 +253,11 @@ def test_parse_never_raises_on_garbage() -> None:
         natsconf.parse_violation("[1] 2026/11/21 12:00:00.000000 [ERR] a - cid:1 - " + line)
     for parts in itertools.product(["Publish", "Subscription"], ['Subject "x\\"', 'on ""', "Reply"]):
         natsconf.parse_violation(f"[ERR] a - cid:1 - {parts[0]} Violation - {parts[1]}")
+
+
+def test_cluster_with_gateways_has_a_system_account_and_fsyncs(creds: natsconf.CredentialSet) -> None:
+    # nats-server (2.15) passes `-t` without it but refuses to start: leaf nodes + gateways need one.
+    plain = natsconf.cluster_configs(creds)["node-1"]
+    joined = natsconf.cluster_configs(creds, gateways={"other": ["nats://x:7222"]})["node-1"]
+    assert "system_account" not in plain and 'system_account: "SYS"' in joined
+    assert 'sync_interval: "always"' in plain and 'sync_interval: "always"' in joined

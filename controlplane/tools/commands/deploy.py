@@ -5,6 +5,10 @@ Writes, under ``--out DIR``::
     single/nats-server.conf      one server (JetStream R1), clients and leaf nodes of every site
     cluster/node-{1,2,3}.conf    a 3-node JetStream cluster (the hub creates CPN_EVENTS with R3)
     leaf/<site>.conf             the nats-server at each site, a leaf node of the hub's NATS
+    supercluster/<region>/<region>-node-{1,2,3}.conf
+                                 with a --layout that names regions: one 3-node cluster per region
+                                 (JetStream server tag region:<id>), joined by gateways (TLS)
+    supercluster/leaf/<site>.conf  the site's leaf node, dialling its own region's nodes
     creds/hub.json               the hub's identity
     creds/<site>.json            each site's identity
     tls/ca.pem, tls/ca-key.pem   the deployment's CA (keep ca-key.pem off the servers)
@@ -104,6 +108,36 @@ def _site_ids(args: argparse.Namespace) -> list[str]:
         raise RequestError(f"--layout: {exc}", field="layout") from None
 
 
+def _site_regions(args: argparse.Namespace) -> dict[str, str]:
+    """Site id -> region id from the layout's regions (empty without --layout or regions)."""
+    if args.layout is None:
+        return {}
+    from topology import loader
+
+    lay = loader.load(args.layout)  # already validated by _site_ids
+    return {s.id: r for s in lay.sites if (r := lay.region_of_site(s.id)) is not None}
+
+
+def _supercluster(out: Path, creds: object, site_regions: dict[str, str], tls_dir: str) -> list[str]:
+    """Write the super-cluster's configs; return the node names (their certificates are issued by the caller)."""
+    from controlplane.nats import natsconf
+    from controlplane.nats import natsregions
+
+    region_ids = list(dict.fromkeys(site_regions.values()))
+    nodes = natsregions.default_nodes(region_ids)
+    names = [n.name for ns in nodes.values() for n in ns]
+    confs = natsregions.supercluster_configs(
+        creds, nodes, tls={n: natsconf.tls_files(tls_dir, n) for n in names})  # type: ignore[arg-type]
+    for rid, by_node in confs.items():
+        for name, text in by_node.items():
+            _write(out / "supercluster" / rid / f"{name}.conf", text)
+    for site, rid in site_regions.items():
+        _write(out / "supercluster" / "leaf" / f"{site}.conf", natsconf.leaf_config(
+            site, natsregions.leaf_urls(nodes[rid], tls=True), creds.sites[site],  # type: ignore[attr-defined]
+            tls=natsconf.tls_files(tls_dir, natsconf.leaf_user(site))))
+    return names
+
+
 def _write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = data.encode() if isinstance(data, str) else data
@@ -123,7 +157,8 @@ def _host_of(url: str) -> str:
     return urlsplit(url if "://" in url else f"x://{url}").hostname or ""
 
 
-def _certificates(out: Path, sites: list[str], hosts: list[str], extra: list[str]) -> None:
+def _certificates(out: Path, sites: list[str], hosts: list[str], extra: list[str],
+                  region_nodes: tuple[str, ...] | list[str] = ()) -> None:
     """The CA (reused if DIR/tls has one) and every certificate of the deployment."""
     import datetime as dt
 
@@ -146,6 +181,8 @@ def _certificates(out: Path, sites: list[str], hosts: list[str], extra: list[str
     issue("single", [*hosts, *extra], True)
     for i, host in enumerate(hosts, 1):
         issue(f"node-{i}", [host, *extra], True)
+    for name in region_nodes:
+        issue(name, [name, *extra], True)
     issue(natsconf.HUB_USER, [natsconf.HUB_USER], False)
     for site in sites:
         issue(natsconf.site_user(site), [natsconf.site_user(site)], False)
@@ -189,7 +226,9 @@ def run_nats_config(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     os.chmod(out, 0o700)
-    _certificates(out, sites, hosts, [n for n in extra_names if n not in hosts])
+    site_regions = _site_regions(args)
+    region_nodes = _supercluster(out, creds, site_regions, tls_dir) if site_regions else []
+    _certificates(out, sites, hosts, [n for n in extra_names if n not in hosts], region_nodes)
     _write(out / "single" / "nats-server.conf", natsconf.single_server_config(
         creds, tls=natsconf.tls_files(tls_dir, "single"), host=args.listen_host, port=args.client_port,
         leafnode_port=args.leaf_port, monitor=monitor, store_dir=args.store_dir))
@@ -221,6 +260,8 @@ step) and docs/security.md (the permission matrix and the reasoning) in the cpn 
 | `single/nats-server.conf` | one hub NATS server (JetStream R1) | bcrypt hashes only |
 | `cluster/node-N.conf` | hub cluster nodes on {', '.join(hosts)} | yes: route password |
 | `leaf/<site>.conf` | the nats-server at each site | yes: the site's password |
+| `supercluster/<region>/<region>-node-N.conf` | with a layout naming regions: each region's 3 cluster nodes, joined by gateways (7222) | yes: route password |
+| `supercluster/leaf/<site>.conf` | the site's nats-server, a leaf of its own region's nodes (instead of `leaf/`) | yes: the site's password |
 | `creds/hub.json` | the hub (`cpn hub --creds`) | yes |
 | `creds/<site>.json` | the site's agent, if it connects directly (`cpn agent --creds`; no leaf node) | yes |
 | `tls/ca.pem` | every server, the hub and every agent (to verify servers) | no |

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _layout_arg(c)
     c.add_argument("--budget", type=float, default=5.0, metavar="MS", help="RTT budget in ms (default 5)")
     c.add_argument("--tiers", default="hub,regional,edge", help="site tiers that count (default all)")
+    c.add_argument("--gateways", metavar="CITY,CITY,...",
+                   help="gateway cities (origin ids) for the full path origin -> nearest gateway -> site "
+                        "(default: the layout's gateways; 'none' skips the full path)")
     c.add_argument("--json", action="store_true", help="stable JSON (schema cpn.topology.coverage/1, docs/topology.md)")
     c.set_defaults(run=run_coverage)
 
@@ -124,7 +127,7 @@ def _tiers(value: str) -> list[str] | None:
 
 
 def run_coverage(args: argparse.Namespace) -> int:
-    from topology import coverage, latency
+    from topology import coverage, ingress, latency
 
     if not args.budget > 0:
         print(f"cpn topology coverage: --budget must be > 0 ms, got {args.budget:g}", file=sys.stderr)
@@ -135,12 +138,42 @@ def run_coverage(args: argparse.Namespace) -> int:
     lay = _load(args.layout)
     if lay is None:
         return _invalid_code(args.layout)
-    report = coverage.analyse(lay, latency.RttIndex.build(lay), args.budget, tiers)
+    idx = latency.RttIndex.build(lay)
+    report = coverage.analyse(lay, idx, args.budget, tiers)
+    full = _ingress(lay, idx, args, tiers)
+    if full is False:
+        return 2
     if args.json:
-        sys.stdout.write(coverage.to_json(report).decode() + "\n")
+        import json
+
+        doc = json.loads(coverage.to_json(report))
+        if full is not None:
+            doc["ingress"] = json.loads(ingress.to_json(full))
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
     else:
         sys.stdout.write(coverage.format_text(report))
+        if full is not None:
+            sys.stdout.write("\n" + ingress.format_text(full))
     return 0
+
+
+def _ingress(lay: Any, idx: Any, args: argparse.Namespace, tiers: list[str]) -> Any:
+    """The full-path report, None when there are no gateways to use, False after a usage error."""
+    from topology import ingress
+
+    if args.gateways is None:
+        gateways = lay.gateways()
+        if not gateways:
+            return None
+    elif args.gateways.strip().lower() == "none":
+        return None
+    else:
+        gateways = [g.strip() for g in args.gateways.split(",") if g.strip()]
+    try:
+        return ingress.analyse(lay, idx, args.budget, gateways, tiers)
+    except ingress.IngressError as exc:
+        print(f"cpn topology coverage: --gateways: {exc}", file=sys.stderr)
+        return False
 
 
 def run_map(args: argparse.Namespace) -> int:

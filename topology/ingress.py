@@ -1,0 +1,259 @@
+"""Ingress: where requests enter the network, and what the full path origin -> gateway -> site costs.
+
+A tenant's request enters at a gateway (an HTTP front in some city) and only then goes to a site, so
+the latency a user gets is RTT(origin -> gateway) + RTT(gateway -> site), not RTT(origin -> site).
+
+Promises:
+
+- Pure: a layout, its :class:`latency.RttIndex` and a list of gateway cities (origin ids) in, data out.
+- RTT between two cities is the shortest path through the backbone: ``min over sites s of
+  rtt(a, s) + rtt(b, s)`` (every city reaches the backbone through its access links, and a path
+  between two cities crosses at least one site); 0 within one city.
+- Each origin enters at its *nearest* gateway (what the operator's DNS or anycast does), ties by
+  city id. So the full path is never shorter than the direct one (triangle inequality on shortest
+  paths), and equals it when the origin's own city has a gateway.
+- :func:`analyse` reports, per budget (the requested one, then 5 and 10 ms), the demand share with
+  >= 1 and >= 2 site cities within budget on the direct path and on the full path. Its JSON form
+  (schema ``cpn.topology.ingress/1``, docs/topology.md) is stable in the same way as coverage's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import msgspec
+
+from .coverage import STANDARD_BUDGETS_MS
+from .latency import RttIndex
+from .layout import TIERS, Layout
+
+SCHEMA = "cpn.topology.ingress/1"
+
+
+class IngressError(ValueError):
+    """Gateway cities that are not cities of the layout (or none at all)."""
+
+
+def city_rtt_ms(index: RttIndex, a: str, b: str) -> float:
+    """RTT in ms between two cities (origin ids) through the backbone; 0 within a city."""
+    if a == b:
+        return 0.0
+    best = math.inf
+    for site, r in index.ranked(a):
+        if r >= best:
+            break  # ranked ascending: no later site can do better
+        best = min(best, r + index.rtt_ms(b, site))
+    return best
+
+
+def check_gateways(layout: Layout, gateways: Iterable[str]) -> list[str]:
+    """The gateway list, deduplicated in order.
+
+    Raises:
+        IngressError: empty, or naming a city that is not an origin id of the layout.
+    """
+    out: list[str] = []
+    for g in gateways:
+        if g not in out:
+            out.append(g)
+    bad = [g for g in out if not layout.has_origin(g)]
+    if bad:
+        raise IngressError(f"gateway city/cities {', '.join(map(repr, bad))} are not origin ids of layout {layout.name!r}")
+    if not out:
+        raise IngressError("no gateway cities given (and the layout names none)")
+    return out
+
+
+def nearest_gateways(layout: Layout, index: RttIndex, gateways: Iterable[str]) -> dict[str, tuple[str, float]]:
+    """Origin id -> (its nearest gateway city, RTT to it in ms); ties by city id."""
+    gws = sorted(check_gateways(layout, gateways))
+    out: dict[str, tuple[str, float]] = {}
+    for o in layout.origins:
+        best = min(((city_rtt_ms(index, o.id, g), g) for g in gws))
+        out[o.id] = (best[1], best[0])
+    return out
+
+
+def full_ranked(index: RttIndex, gateway: str, ingress_rtt_ms: float) -> list[tuple[str, float]]:
+    """Every site as ``(site, full RTT ms)`` entering at ``gateway``, ascending (ties by site id)."""
+    return sorted(((s, ingress_rtt_ms + r) for s, r in index.ranked(gateway)), key=lambda p: (p[1], p[0]))
+
+
+def province_gateways(layout: Layout) -> list[str]:
+    """A gateway in every province: its heaviest demand city (ties by id)."""
+    best: dict[str, tuple[float, str]] = {}
+    for o in layout.origins:
+        key = (-o.weight, o.id)
+        if o.region not in best or key < best[o.region]:
+            best[o.region] = key
+    return sorted(v[1] for v in best.values())
+
+
+def central_gateway(layout: Layout, index: RttIndex) -> str:
+    """The best single gateway city: the hub city with the least demand-weighted RTT to all origins.
+
+    The "one central gateway" of a comparison; choosing the best one keeps the comparison fair to it.
+    """
+    hub_cities = sorted({s.city for s in layout.sites if s.tier == "hub"} or {s.city for s in layout.sites})
+
+    def cost(city: str) -> tuple[float, str]:
+        return (sum(o.weight * city_rtt_ms(index, o.id, city) for o in layout.origins), city)
+
+    return min(map(cost, hub_cities))[1]
+
+
+class OriginIngress(msgspec.Struct, frozen=True, kw_only=True):
+    """One origin: where it enters, and its nearest sites on the direct and the full path."""
+
+    id: str
+    weight: float
+    share: float
+    gateway: str
+    ingress_rtt_ms: float
+    nearest_site: str | None
+    direct_rtt_ms: float | None     # origin -> nearest site
+    full_site: str | None
+    full_rtt_ms: float | None       # origin -> gateway -> nearest site through that gateway
+    cities_direct: int              # distinct site cities within the requested budget, direct path
+    cities_full: int                # ... on the full path
+
+
+class IngressTotals(msgspec.Struct, frozen=True, kw_only=True):
+    """Demand share served within one budget, on the direct path and on the full path."""
+
+    budget_ms: float
+    direct_1_city: float
+    direct_2_cities: float
+    full_1_city: float
+    full_2_cities: float
+    origins_uncovered_full: int
+
+
+class IngressReport(msgspec.Struct, frozen=True, kw_only=True):
+    """The whole analysis for one set of gateways; :func:`to_json` gives its stable JSON form."""
+
+    schema: str
+    layout: str
+    budget_ms: float
+    tiers: list[str]
+    gateways: list[str]
+    weighted_ingress_rtt_ms: float  # demand-weighted mean RTT origin -> its gateway
+    totals: list[IngressTotals]     # the requested budget first, then 5 and 10 ms
+    origins: list[OriginIngress]    # by id
+
+    def at(self, budget_ms: float) -> IngressTotals:
+        """Totals for one of the budgets in :attr:`totals` (KeyError otherwise)."""
+        for t in self.totals:
+            if t.budget_ms == budget_ms:
+                return t
+        raise KeyError(budget_ms)
+
+
+def analyse(
+    layout: Layout,
+    index: RttIndex,
+    budget_ms: float,
+    gateways: Iterable[str],
+    tiers: Iterable[str] = TIERS,
+) -> IngressReport:
+    """Coverage on the full path origin -> nearest gateway -> site, next to the direct path.
+
+    Raises:
+        ValueError: budget not positive, or an unknown tier.
+        IngressError: bad gateway cities.
+    """
+    tiers = sorted(set(tiers))
+    if not tiers or any(t not in TIERS for t in tiers):
+        raise ValueError(f"tiers must be among {', '.join(TIERS)}; got {', '.join(tiers) or 'none'}")
+    if not budget_ms > 0:
+        raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
+    budget_ms = float(budget_ms)
+    gws = check_gateways(layout, gateways)
+    entry = nearest_gateways(layout, index, gws)
+    site_of = {s.id: s for s in layout.sites}
+    wanted = set(tiers)
+    weight_total = sum(o.weight for o in layout.origins)
+    budgets = [budget_ms] + [b for b in STANDARD_BUDGETS_MS if b != budget_ms]
+    sums = {b: [0.0, 0.0, 0.0, 0.0, 0] for b in budgets}
+
+    def n_cities(ranked: list[tuple[str, float]], b: float) -> int:
+        return len({site_of[s].city for s, r in ranked if r <= b})
+
+    rows: list[OriginIngress] = []
+    for o in sorted(layout.origins, key=lambda o: o.id):
+        gw, in_rtt = entry[o.id]
+        direct = [(s, r) for s, r in index.ranked(o.id) if site_of[s].tier in wanted]
+        full = [(s, r) for s, r in full_ranked(index, gw, in_rtt) if site_of[s].tier in wanted]
+        for b in budgets:
+            nd, nf = n_cities(direct, b), n_cities(full, b)
+            c = sums[b]
+            c[0] += o.weight if nd >= 1 else 0.0
+            c[1] += o.weight if nd >= 2 else 0.0
+            c[2] += o.weight if nf >= 1 else 0.0
+            c[3] += o.weight if nf >= 2 else 0.0
+            c[4] += 1 if nf == 0 else 0
+        rows.append(OriginIngress(
+            id=o.id, weight=o.weight, share=round(o.weight / weight_total, 4), gateway=gw,
+            ingress_rtt_ms=round(in_rtt, 3),
+            nearest_site=direct[0][0] if direct else None,
+            direct_rtt_ms=round(direct[0][1], 3) if direct else None,
+            full_site=full[0][0] if full else None,
+            full_rtt_ms=round(full[0][1], 3) if full else None,
+            cities_direct=n_cities(direct, budget_ms), cities_full=n_cities(full, budget_ms),
+        ))
+    totals = [
+        IngressTotals(
+            budget_ms=b,
+            direct_1_city=round(sums[b][0] / weight_total, 4),
+            direct_2_cities=round(sums[b][1] / weight_total, 4),
+            full_1_city=round(sums[b][2] / weight_total, 4),
+            full_2_cities=round(sums[b][3] / weight_total, 4),
+            origins_uncovered_full=int(sums[b][4]),
+        )
+        for b in budgets
+    ]
+    mean_in = sum(o.weight * entry[o.id][1] for o in layout.origins) / weight_total
+    return IngressReport(
+        schema=SCHEMA, layout=layout.name, budget_ms=budget_ms, tiers=tiers, gateways=gws,
+        weighted_ingress_rtt_ms=round(mean_in, 3), totals=totals, origins=rows,
+    )
+
+
+def to_json(report: IngressReport) -> bytes:
+    """The stable JSON form of a report (see docs/topology.md, "Full-path coverage")."""
+    return msgspec.json.format(msgspec.json.encode(report), indent=2)
+
+
+def format_text(report: IngressReport, max_origins: int | None = 15) -> str:
+    """Direct vs full-path coverage, then the origins the gateways cost most (heaviest loss first)."""
+    lines = [
+        f"full path origin -> nearest gateway -> site, gateways: {', '.join(report.gateways)} "
+        f"(demand-weighted RTT to the gateway {report.weighted_ingress_rtt_ms:.2f} ms)",
+        "",
+        "demand served        direct >=1 / >=2 cities    full path >=1 / >=2 cities",
+    ]
+    for t in report.totals:
+        lines.append(
+            f"  within {t.budget_ms:>5g} ms  {100 * t.direct_1_city:7.1f}% / {100 * t.direct_2_cities:5.1f}%"
+            f"          {100 * t.full_1_city:7.1f}% / {100 * t.full_2_cities:5.1f}%"
+        )
+    hurt = [o for o in report.origins if o.full_rtt_ms is not None and o.direct_rtt_ms is not None
+            and o.full_rtt_ms > o.direct_rtt_ms]
+    hurt.sort(key=lambda o: (-o.weight, o.id))
+    if hurt:
+        lines += ["", f"{'origin':<14} {'share':>6}  {'gateway':<12} {'to gw':>7}  {'direct':>7}  {'full':>7}  (RTT ms to the nearest site)"]
+        for o in hurt[: max_origins if max_origins is not None else len(hurt)]:
+            lines.append(
+                f"{o.id:<14} {100 * o.share:5.2f}%  {o.gateway:<12} {o.ingress_rtt_ms:7.2f}  "
+                f"{o.direct_rtt_ms:7.2f}  {o.full_rtt_ms:7.2f}"
+            )
+        if max_origins is not None and len(hurt) > max_origins:
+            lines.append(f"... and {len(hurt) - max_origins} more origins whose gateway is not in their city")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "SCHEMA", "IngressError", "IngressReport", "IngressTotals", "OriginIngress", "analyse", "central_gateway",
+    "check_gateways", "city_rtt_ms", "format_text", "full_ranked", "nearest_gateways", "province_gateways", "to_json",
+]
