@@ -73,10 +73,30 @@ def _by_fault(inf: dict[str, Any]) -> str:
     return f" ({', '.join(bad)}{rest})"
 
 
-def render() -> str:
-    lines = ["| what | measured | target | machine, date |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows()]
-    return "\n".join(lines)
+def _kind(label: str) -> str:
+    """What a row measures, without its figures: "heartbeats, 5000 sites at 1 Hz" -> "heartbeats, sites at Hz"."""
+    return " ".join(re.sub(r"[\d][\d,.]*", " ", label).split())
+
+
+def _rows_in(table: str) -> list[str]:
+    return [line for line in table.splitlines()[2:] if line.startswith("| ")]
+
+
+def render(existing: str = "") -> str:
+    """The table: a row for each result file present; rows of ``existing`` (the README's current
+    table) whose kind was not re-measured are kept as they are, with their own dates."""
+    fresh = [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows()]
+    fresh_kinds = {_kind(line.split(" | ")[0][2:]) for line in fresh}
+    kept = [line for line in _rows_in(existing) if _kind(line.split(" | ")[0][2:]) not in fresh_kinds]
+    order = [_kind(line.split(" | ")[0][2:]) for line in _rows_in(existing)]
+    merged = kept + fresh
+    merged.sort(key=lambda line: order.index(k) if (k := _kind(line.split(" | ")[0][2:])) in order else len(order))
+    return "\n".join(["| what | measured | target | machine, date |", "|---|---|---|---|", *merged])
+
+
+def _section(text: str, marker: str) -> str:
+    m = re.search(rf"<!-- {marker} -->\n(.*?)<!-- /{marker} -->", text, flags=re.S)
+    return m.group(1) if m else ""
 
 
 def render_peers() -> str:
@@ -101,8 +121,8 @@ def _replace(text: str, marker: str, body: str) -> str:
 
 def update_readme(*, peers_only: bool = False) -> None:
     """Rewrite README's ``bench-peers`` section and, unless ``peers_only``, the ``bench-table``
-    (whose rows come from every bench/results/*.json present, so run it after ``cpn bench all``)."""
+    (a row for each bench/results/*.json present; rows not re-measured keep their figures and dates)."""
     text = README.read_text()
     if not peers_only:
-        text = _replace(text, "bench-table", render())
+        text = _replace(text, "bench-table", render(_section(text, "bench-table")))
     README.write_text(_replace(text, "bench-peers", render_peers()))

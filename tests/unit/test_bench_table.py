@@ -1,0 +1,33 @@
+"""README's benchmark table: a run rewrites only the rows it measured."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import common, table
+
+EXISTING = """| what | measured | target | machine, date |
+|---|---|---|---|
+| routing decision, 3000 sites / 300 origins | p50 5 µs | p99 ≤ 50 µs | old box, 2026-11-21 |
+| heartbeats, 5000 sites at 1 Hz | 5.5% of one core | ≤ 25% of one core | old box, 2026-11-21 |
+"""
+
+
+def test_a_run_replaces_its_own_row_and_keeps_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    (tmp_path / "heartbeat.json").write_text(json.dumps(
+        {"sites": 4000, "hub_cpu_pct": 14.8, "received_per_s": 4000, "machine": "new box", "date": "2026-12-07"}))
+    out = table.render(EXISTING).splitlines()
+    assert out[2].startswith("| routing decision, 3000 sites") and "old box, 2026-11-21" in out[2]
+    assert out[3].startswith("| heartbeats, 4000 sites at 1 Hz") and "14.8% of one core" in out[3]
+    assert len(out) == 4  # the old heartbeat row is replaced, not kept beside the new one
+
+
+def test_kind_ignores_figures() -> None:
+    assert table._kind("heartbeats, 5000 sites at 1 Hz") == table._kind("heartbeats, 4,000 sites at 2 Hz")
+    assert table._kind("gateway path vs its floor (wrk), 1 connection") != table._kind(
+        "gateway path vs its floor (wrk), 32 connections")
