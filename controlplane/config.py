@@ -23,6 +23,12 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     listen_port: int = 8080
     layout: str | None = None
     """Layout file; None means the shipped national layout."""
+    gateway_city: str | None = None
+    """The city (an origin id of the layout) where this process's gateway stands. Set, every request
+    is routed and budgeted on the full path origin -> this city -> site, reported in
+    ``X-CPN-RTT-Ms`` with ``X-CPN-Ingress: <city>``, and an origin nearer to another of the layout's
+    gateway cities gets ``X-CPN-Nearer-Gateway``. None: the gateway's place is not modelled and the
+    RTT counts origin -> site only (a laptop's ``cpn up``)."""
     heartbeat_s: float = 1.0
     miss_limit: int = 3
     """Heartbeats missed in a row before a site is lost (detection = heartbeat_s x miss_limit)."""

@@ -33,6 +33,7 @@ from controlplane.readiness import Readiness
 from controlplane.metrics import HubMetrics
 from controlplane.core.registry import SiteRegistry, StaticSite, Transition
 from controlplane.core.router import Router
+from controlplane.core.router import for_gateway as router_for_gateway
 from controlplane.runtime import BackgroundTasks, WallClock
 from controlplane.store import db as store_db
 from controlplane.store import sites as store_sites
@@ -41,6 +42,7 @@ from controlplane.store import usage as store_usage
 from controlplane.core.usage import UsageBuffer
 from edge_agent import wire
 from topology import latency, loader
+from topology.ingress import IngressRtt
 from topology import layout as topo_layout
 
 log = logging.getLogger("cpn.hub")
@@ -138,7 +140,7 @@ class Hub:
         if self.layout is None:
             self.layout = loader.load(self.config.layout) if self.config.layout else loader.load_default()
         self.rtt = latency.RttIndex.build(self.layout)
-        self.router = Router(self.rtt)
+        self.router = router_for_gateway(self.layout, self.rtt, self.config.gateway_city)
         self.origin_ids = {o.id for o in self.layout.origins}
         nets = [(ipaddress.ip_network(cidr, strict=False), origin) for cidr, origin in self.layout.cidrs.items()]
         # Longest prefix first, so a /24 inside a /16 wins.
@@ -308,6 +310,8 @@ class Hub:
             sources={"*": "registered at run time; tariff, PUE and failure rate copied from the layout's first site"},
         )
         self.rtt.add_site(site)
+        if isinstance(self.router.rtt, IngressRtt):
+            self.router.rtt.forget()  # a new site can shorten the leg origin -> gateway
         self.router.invalidate()
 
     def _on_heartbeat(self, msg: wire.Heartbeat) -> None:

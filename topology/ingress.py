@@ -80,6 +80,41 @@ def full_ranked(index: RttIndex, gateway: str, ingress_rtt_ms: float) -> list[tu
     return sorted(((s, ingress_rtt_ms + r) for s, r in index.ranked(gateway)), key=lambda p: (p[1], p[0]))
 
 
+class IngressRtt:
+    """The RTT source a gateway in ``city`` routes with: every site ranked by the full path
+    origin -> ``city`` -> site, in ascending order (the router's ``ranked(origin)``).
+
+    Entering at one gateway, every path to a site shares the leg origin -> gateway, so the ranking
+    is the gateway's own ranking shifted by that leg: nothing is sorted per origin. The leg is
+    computed once per origin and kept (origins are a fixed set of the layout).
+    """
+
+    __slots__ = ("index", "city", "_leg")
+
+    def __init__(self, index: RttIndex, city: str) -> None:
+        self.index = index
+        self.city = city
+        self._leg: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"<IngressRtt at {self.city} origins={len(self._leg)}>"
+
+    def leg_ms(self, origin: str) -> float:
+        """RTT origin -> this gateway in ms (0 from its own city)."""
+        leg = self._leg.get(origin)
+        if leg is None:
+            leg = self._leg[origin] = city_rtt_ms(self.index, origin, self.city)
+        return leg
+
+    def ranked(self, origin: str) -> Iterable[tuple[str, float]]:
+        leg = self.leg_ms(origin)
+        return ((s, leg + r) for s, r in self.index.ranked(self.city))
+
+    def forget(self) -> None:
+        """Drop the kept legs (call when the index's links are recomputed)."""
+        self._leg.clear()
+
+
 def province_gateways(layout: Layout) -> list[str]:
     """A gateway in every province: its heaviest demand city (ties by id)."""
     best: dict[str, tuple[float, str]] = {}

@@ -21,14 +21,18 @@ decision does not grow with the number of sites in the network.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
 
 from controlplane.core.declarations import LOCAL_DEPLOYMENTS, may_use_local
+from controlplane.core.errors import RequestError
 from controlplane.core.registry import SiteView
+from topology import ingress
+from topology.latency import RttIndex
+from topology.layout import Layout
 
 
 class Rng(Protocol):
@@ -36,7 +40,7 @@ class Rng(Protocol):
 
 
 class RttSource(Protocol):
-    def ranked(self, origin: str) -> Sequence[tuple[str, float]]: ...
+    def ranked(self, origin: str) -> Iterable[tuple[str, float]]: ...
 
 
 class RouteRequest(msgspec.Struct, frozen=True):
@@ -77,10 +81,17 @@ class Router:
         window: how many of the closest candidates power-of-two choices picks from.
         max_fallbacks: how many further candidates to return for failover.
         slack: how much less loaded (in busy share of slots) a farther site must be to win.
+        ingress: the gateway city when ``rtt`` ranks full paths (``topology.ingress.IngressRtt``).
+        nearer_gateway: origins with a nearer gateway city than ``ingress``, and that city.
     """
 
-    def __init__(self, rtt: RttSource, *, window: int = 3, max_fallbacks: int = 4, slack: float = 0.25) -> None:
+    def __init__(self, rtt: RttSource, *, window: int = 3, max_fallbacks: int = 4, slack: float = 0.25,
+                 ingress: str = "", nearer_gateway: Mapping[str, str] | None = None) -> None:
         self.rtt = rtt
+        self.ingress = ingress
+        """The gateway city ``rtt`` measures from (its full path), or "" when the gateway is not placed."""
+        self.nearer_gateway: Mapping[str, str] = nearer_gateway or {}
+        """Origin -> a gateway city nearer to it than :attr:`ingress` (origins entering elsewhere)."""
         self.slack = slack
         self.window = window
         self.max_fallbacks = max_fallbacks
@@ -203,3 +214,27 @@ class Router:
                 if len(out) >= self.max_fallbacks:
                     break
         return out
+
+
+def for_gateway(layout: Layout, index: RttIndex, city: str | None) -> Router:
+    """The router of a gateway standing in ``city``: it ranks and budgets sites on the full path
+    origin -> ``city`` -> site and knows which origins have a nearer gateway among the layout's.
+    ``city`` None: origin -> site, the gateway's place not modelled.
+
+    Raises:
+        RequestError: ``city`` is not an origin id of the layout (field ``gateway_city``).
+    """
+    if city is None:
+        return Router(index)
+    try:
+        ingress.check_gateways(layout, [city])
+    except ingress.IngressError as exc:
+        raise RequestError(f"gateway_city: {exc}", field="gateway_city") from None
+    source = ingress.IngressRtt(index, city)
+    others = [g for g in layout.gateways() if g != city]
+    nearer: dict[str, str] = {}
+    if others:
+        for origin, (gw, leg) in ingress.nearest_gateways(layout, index, [city, *others]).items():
+            if gw != city and leg < source.leg_ms(origin):
+                nearer[origin] = gw
+    return Router(source, ingress=city, nearer_gateway=nearer)

@@ -64,12 +64,17 @@ def resolve_policy(request: web.Request, explicit: str | None) -> str:
 def route_headers(served: Served, echo_id: str) -> dict[str, str]:
     """The X-CPN-* headers of an answer and ``X-Request-Id`` (``echo_id``: the client's own id if it
     sent one, else the hub's)."""
-    return {
+    headers = {
         "X-CPN-Site": served.site,
         "X-CPN-RTT-Ms": f"{served.rtt_ms:.3f}",
         "X-CPN-Route": served.route,
         "X-Request-Id": echo_id,
     }
+    if served.ingress:
+        headers["X-CPN-Ingress"] = served.ingress
+    if served.nearer_gateway:
+        headers["X-CPN-Nearer-Gateway"] = served.nearer_gateway
+    return headers
 
 
 async def infer(request: web.Request) -> web.Response:

@@ -44,6 +44,10 @@ class Served:
     route: str
     tried: list[str] = field(default_factory=list)
     result: wire.InferResult | None = None
+    ingress: str = ""
+    """The gateway city the RTT was measured from ("" when the gateway is not placed)."""
+    nearer_gateway: str = ""
+    """A gateway city nearer to the request's origin than this one ("" when none is)."""
 
 
 PUBLIC_CODES = frozenset({
@@ -126,7 +130,8 @@ class InferenceService:
         started = time.perf_counter()
         decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
         req.ack = True  # sites that acknowledge let a silent one be left early (HubConfig.site_ack_timeout_s)
-        served = Served(decision.site, decision.rtt_ms, decision.reason)
+        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.hub.router.ingress,
+                        nearer_gateway=self.hub.router.nearer_gateway.get(origin, ""))
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
@@ -188,7 +193,8 @@ class InferenceService:
         started = time.perf_counter()
         decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
         req.ack = True
-        served = Served(decision.site, decision.rtt_ms, decision.reason)
+        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.hub.router.ingress,
+                        nearer_gateway=self.hub.router.nearer_gateway.get(origin, ""))
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)

@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--listen", help="HOST:PORT of the HTTP gateway (default 127.0.0.1:8080)")
     p.add_argument("--layout", help="layout file (default: the shipped national layout)")
     p.add_argument("--hub-id")
+    p.add_argument("--gateway-city", metavar="CITY",
+                   help="the layout city (origin id) where this gateway stands: route and report on the full path")
     p.add_argument("--create-admin-key", action="store_true", help="print a new admin key on start")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: CPN_LOG, else INFO)")
     p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line (or CPN_LOG_JSON=1)")
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     overrides |= {k: v for k, v in {
         "nats_tls_ca": args.nats_tls_ca, "nats_tls_cert": args.nats_tls_cert, "nats_tls_key": args.nats_tls_key,
         "nats_url": args.nats, "nats_user": args.nats_user, "nats_password": args.nats_password,
-        "db_path": args.db, "layout": args.layout, "hub_id": args.hub_id,
+        "db_path": args.db, "layout": args.layout, "hub_id": args.hub_id, "gateway_city": args.gateway_city,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key,
         "trusted_proxies": tuple(args.trusted_proxy) if args.trusted_proxy else None,
     }.items() if v is not None}

@@ -1,0 +1,107 @@
+"""Routing on the full path: a gateway placed in a city ranks, budgets and reports
+origin -> gateway -> site, and tells an origin when another gateway is nearer (issue: regions).
+
+Real hubs (SQLite file, HTTP on port 0) against a real nats-server and raw wire agents, on the
+national layout with its five regional gateway cities.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from controlplane.core.errors import RequestError
+from controlplane.nats.natsserver import NatsServer
+from tests.adapters.test_hub_gateway import raw_agent
+from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.waiting import until
+from topology import ingress, latency, loader
+
+NATIONAL = str(loader.default_path())
+
+
+async def _ask(client: Client, origin: str, **extra: object) -> tuple[int, dict, dict[str, str]]:  # type: ignore[type-arg]
+    return await client.call("POST", "/v1/infer", {"model": "m", "input": "hi", "origin": origin, **extra})
+
+
+async def test_a_gateway_in_beijing_reports_and_budgets_the_full_path(tmp_path: Path, nats_server: NatsServer) -> None:
+    layout = loader.load(NATIONAL)
+    index = latency.RttIndex.build(layout)
+    config = hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="beijing")
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme", default_origin="beijing")
+        agents = [await raw_agent(nats_server.url, site, city) for site, city in
+                  (("gz-edge", "guangzhou"), ("bj-edge", "beijing"))]
+        await until(lambda: {"gz-edge", "bj-edge"} <= {s for s, v in hub.registry.views.items() if v.routable})
+        async with aiohttp.ClientSession() as session:
+            tenant = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+
+            # A Guangzhou user entering in Beijing: the request is already in Beijing, so the nearest
+            # pool is the one nearest Beijing; the round trip counts Guangzhou -> Beijing and the
+            # header says so, naming Guangzhou's own gateway as the nearer door.
+            status, body, headers = await _ask(tenant, "guangzhou", policy="nearest")
+            assert status == 200, body
+            leg = ingress.city_rtt_ms(hub.rtt, "guangzhou", "beijing")
+            assert headers["X-CPN-Ingress"] == "beijing"
+            assert headers["X-CPN-Nearer-Gateway"] == "guangzhou"
+            assert float(headers["X-CPN-RTT-Ms"]) == pytest.approx(leg + hub.rtt.rtt_ms("beijing", headers["X-CPN-Site"]), abs=1e-3)
+            assert float(headers["X-CPN-RTT-Ms"]) > 20  # thousands of km of fibre, twice
+            assert ingress.city_rtt_ms(index, "guangzhou", "beijing") == pytest.approx(leg)
+
+            # The budget check uses the full path: under strict 10 ms the far user is refused.
+            status, body, _ = await _ask(tenant, "guangzhou", budget_ms=10, policy="strict")
+            assert status == 503 and "within 10 ms of guangzhou" in body["error"]["message"], body
+
+            # A Beijing user entering in Beijing is served in Beijing within budget, with no hint.
+            status, body, headers = await _ask(tenant, "beijing", budget_ms=10)
+            assert status == 200 and headers["X-CPN-Site"] == "bj-edge", body
+            assert headers["X-CPN-Ingress"] == "beijing" and "X-CPN-Nearer-Gateway" not in headers
+            assert float(headers["X-CPN-RTT-Ms"]) == pytest.approx(hub.rtt.rtt_ms("beijing", "bj-edge"), abs=1e-3)
+        for nc, task in agents:
+            task.cancel()
+            await nc.close()  # type: ignore[attr-defined]
+
+
+async def test_the_far_users_own_gateway_serves_them_within_budget(tmp_path: Path, nats_server: NatsServer) -> None:
+    config = hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="guangzhou")
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme", default_origin="guangzhou")
+        nc, task = await raw_agent(nats_server.url, "gz-edge", "guangzhou")
+        await until(lambda: "m" in hub.known_models())
+        async with aiohttp.ClientSession() as session:
+            tenant = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10)
+            assert status == 200, body
+            assert headers["X-CPN-Ingress"] == "guangzhou" and "X-CPN-Nearer-Gateway" not in headers
+            assert float(headers["X-CPN-RTT-Ms"]) < 10
+        task.cancel()
+        await nc.close()  # type: ignore[attr-defined]
+
+
+async def test_an_unplaced_gateway_keeps_the_direct_path_and_says_nothing(tmp_path: Path, nats_server: NatsServer) -> None:
+    async with running_hub(hub_config(tmp_path, nats_server.url, layout=NATIONAL)) as hub:
+        key = hub.create_tenant("acme", default_origin="guangzhou")
+        nc, task = await raw_agent(nats_server.url, "gz-edge", "guangzhou")
+        await until(lambda: "m" in hub.known_models())
+        async with aiohttp.ClientSession() as session:
+            status, body, headers = await _ask(Client(session, f"http://127.0.0.1:{hub.http_port}", key), "guangzhou")
+            assert status == 200, body
+            assert "X-CPN-Ingress" not in headers and "X-CPN-Nearer-Gateway" not in headers
+            assert float(headers["X-CPN-RTT-Ms"]) == pytest.approx(hub.rtt.rtt_ms("guangzhou", "gz-edge"), abs=1e-3)
+        task.cancel()
+        await nc.close()  # type: ignore[attr-defined]
+
+
+async def test_a_gateway_city_not_in_the_layout_is_refused_at_start(tmp_path: Path, nats_server: NatsServer) -> None:
+    with pytest.raises(RequestError, match="gateway_city.*atlantis"):
+        async with running_hub(hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="atlantis")):
+            pass
+    done = subprocess.run([sys.executable, "-m", "controlplane.cli", "hub", "--nats", nats_server.url,
+                           "--db", str(tmp_path / "cli.db"), "--listen", "127.0.0.1:0", "--gateway-city", "atlantis"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "atlantis" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
