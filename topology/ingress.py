@@ -115,6 +115,38 @@ class IngressRtt:
         self._leg.clear()
 
 
+class NearestIngressRtt:
+    """The RTT source of a network with several gateways: each origin enters at its nearest one
+    (:func:`nearest_gateways`) and every site is ranked on the full path through it. What the
+    simulator routes with to compare gateway sets on the same day."""
+
+    __slots__ = ("gateways", "_by_city", "_entry")
+
+    def __init__(self, layout: Layout, index: RttIndex, gateways: Iterable[str]) -> None:
+        self.gateways = check_gateways(layout, gateways)
+        self._entry = {o: g for o, (g, _) in nearest_gateways(layout, index, self.gateways).items()}
+        self._by_city = {g: IngressRtt(index, g) for g in self.gateways}
+
+    def __repr__(self) -> str:
+        return f"<NearestIngressRtt gateways={len(self.gateways)}>"
+
+    def gateway_of(self, origin: str) -> str:
+        return self._entry[origin]
+
+    def ranked(self, origin: str) -> list[tuple[str, float]]:
+        return list(self._by_city[self._entry[origin]].ranked(origin))
+
+
+def gateway_sets(layout: Layout, index: RttIndex) -> dict[str, list[str]]:
+    """The three gateway sets a comparison uses: one central gateway, the layout's (a gateway per
+    region; omitted when the layout names none) and one per province."""
+    out = {"central": [central_gateway(layout, index)]}
+    if layout.gateways():
+        out["region"] = layout.gateways()
+    out["province"] = province_gateways(layout)
+    return out
+
+
 def province_gateways(layout: Layout) -> list[str]:
     """A gateway in every province: its heaviest demand city (ties by id)."""
     best: dict[str, tuple[float, str]] = {}

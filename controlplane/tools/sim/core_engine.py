@@ -24,7 +24,7 @@ from controlplane.core.replicas import Candidate
 from controlplane.tools.sim import core_inference, core_training, core_workload
 from controlplane.tools.sim.core_scenario import Scenario, start_epoch_s
 from controlplane.tools.sim.core_workload import Rng
-from topology import latency
+from topology import ingress, latency
 from topology import layout as tlayout
 
 SCHEMA = "cpn.sim.report/1"
@@ -48,6 +48,8 @@ class Streams(Protocol):
     def baseline(self) -> Rng: ...
     @property
     def fixed(self) -> Rng: ...
+    @property
+    def ingress(self) -> Rng: ...
 
 
 class _SimArgs(TypedDict):
@@ -118,7 +120,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
 
     dep = core_inference.deploy(lay, rtt, s) if s.inference.requests > 0 else core_inference.Deployment()
     inf = core_inference.InferenceSim(lay, rtt, s, dep, start_s, n_hours, streams.router, streams.baseline,
-                                      streams.fixed)
+                                      streams.fixed, streams.ingress)
     draws = core_workload.jobs(s, lay, start_s, end_s, streams.jobs, streams.faults)
 
     tr = s.training
@@ -144,7 +146,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         sims.append(core_training.TrainingSim("random", core_training.random_planner(streams.baseline), lay,
                                               train_sites, draws, **common))
 
-    scaler = _Scaler(lay, rtt, s, inf, sims[0]) if inf.routed > 1 else None
+    scaler = _Scaler(lay, rtt, s, inf, sims[0]) if inf.autoscaling else None
 
     # ---------------------------------------------------------------- slow events
     slow: list[tuple[float, int, str, Any]] = []
@@ -352,10 +354,16 @@ def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep
             "feasible_share": _share(inf.feasible_by_origin[i], req),
             **{f"{name}_within_share": _share(st.within_by_origin[i], req) for name, st in zip(inf.policies, inf.stats)},
         }
+    gateways = {name[len("cpn@"):]: {"policy": name, "gateways": list(src.gateways)}
+                for name, rt in zip(inf.policies, inf.routers)
+                if name.startswith("cpn@") and isinstance(src := rt.rtt, ingress.NearestIngressRtt)}
     return {
         "requests": n,
         "hourly_requests": list(inf.requests),
         "policies": pols,
+        **({"ingress": {"what": "the fixed replicas routed from each origin's nearest gateway of a set; RTT and "
+                                "budget on the full path origin -> gateway -> site ('cpn' is the direct path)",
+                        "sets": gateways}} if gateways else {}),
         "oracle": {
             "what": "physical bound: some site up at that moment, any tier, within the request's budget, with "
                     "cards_per_replica cards of an accepted type (load, replicas and training ignored)",

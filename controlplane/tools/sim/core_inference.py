@@ -33,11 +33,11 @@ import msgspec
 
 from controlplane.core import replicas as rep_mod
 from controlplane.core.registry import SiteView
-from controlplane.core.router import Route, Router, RouteRequest
+from controlplane.core.router import Route, Router, RouteRequest, RttSource
 from controlplane.tools.sim.core_scenario import Model, Scenario
 from controlplane.tools.sim.core_workload import Rng
 from edge_agent import wire
-from topology import latency
+from topology import ingress, latency
 from topology import layout as tlayout
 
 POLICIES = ("cpn", "cpn-fixed", "random", "round-robin")
@@ -124,7 +124,8 @@ class InferenceSim:
     """Slot state of every policy, the completion heap, and outage handling."""
 
     def __init__(self, lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, dep: Deployment,
-                 start_s: float, hours: int, router_rng: Rng, baseline_rng: Rng, fixed_rng: Rng | None = None) -> None:
+                 start_s: float, hours: int, router_rng: Rng, baseline_rng: Rng, fixed_rng: Rng | None = None,
+                 ingress_rng: Rng | None = None) -> None:
         inf = s.inference
         self.start_s = start_s
         self.models = [m.name for m in inf.models]
@@ -132,12 +133,16 @@ class InferenceSim:
         self.budgets = list(inf.budgets_ms)
         self.policy = inf.policy
         self.autoscaled = [m.max_replicas is not None for m in inf.models]
-        if not inf.baselines:
-            self.policies: tuple[str, ...] = POLICIES[:1]
-        elif any(self.autoscaled):
-            self.policies = POLICIES
-        else:
-            self.policies = ("cpn",) + POLICIES[2:]  # cpn-fixed would be cpn, request for request
+        fixed = any(self.autoscaled) and inf.baselines  # cpn-fixed would be cpn, request for request, otherwise
+        sources: list[RttSource] = [rtt] * (2 if fixed else 1)
+        names = list(POLICIES[:len(sources)])
+        if inf.ingress:
+            for name, cities in ingress.gateway_sets(lay, rtt).items():
+                names.append(f"cpn@{name}")
+                sources.append(ingress.NearestIngressRtt(lay, rtt, cities))
+        self.policies: tuple[str, ...] = tuple(names) + (POLICIES[2:] if inf.baselines else ())
+        self.autoscaling = fixed
+        """Policy 0 scales and policy 1 (cpn-fixed) keeps the day's first replicas."""
         self.site_ids = [site.id for site in lay.sites]
         self.tiers = [site.tier for site in lay.sites]
         idx = {sid: i for i, sid in enumerate(self.site_ids)}
@@ -145,8 +150,9 @@ class InferenceSim:
         nm = len(self.models)
         ns = len(self.site_ids)
         self.nm = nm
-        # Router-decided policies: index 0 (cpn, scaled) and, with autoscaling, 1 (cpn-fixed).
-        self.routed = 2 if self.policies[1:2] == ("cpn-fixed",) else 1
+        # Router-decided policies: index 0 (cpn, scaled), with autoscaling 1 (cpn-fixed), then the
+        # gateway sets (fixed replicas); the baselines after them.
+        self.routed = len(sources)
         self.pviews: list[dict[str, SiteView]] = []
         self.preps: list[list[wire.ReplicaStatus | None]] = []
         for _ in range(self.routed):
@@ -186,10 +192,11 @@ class InferenceSim:
         self.replica_cards = [0.0] * ns
         for f in self.fixed_flats:
             self.replica_cards[f // nm] += self.slots[f] * self.card_per_slot[f]
-        self.routers = [Router(rtt, window=inf.window) for _ in range(self.routed)]
+        self.routers = [Router(src, window=inf.window) for src in sources]
         self.router = self.routers[0]
         self.versions = [1] * self.routed
-        self.rngs: list[Rng] = [router_rng] + ([fixed_rng or router_rng] if self.routed > 1 else [])
+        self.rngs: list[Rng] = [router_rng] + [fixed_rng or router_rng] * fixed + [
+            ingress_rng or router_rng] * (self.routed - 1 - fixed)
         self.router_rng = router_rng
         self.baseline_rng = baseline_rng
         self.busy = [[0] * (ns * nm) for _ in self.policies]  # routed policies keep theirs in preps

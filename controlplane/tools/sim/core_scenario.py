@@ -78,6 +78,11 @@ class Inference(_Cfg, frozen=True):
     models: list[Model] = msgspec.field(default_factory=lambda: [Model(name="qwen2.5-7b")])
     baselines: bool = True
     """Run the random and round-robin routers over the same request stream."""
+    ingress: bool = False
+    """Also route the same requests entering at gateways: policies ``cpn@central``, ``cpn@region``
+    and ``cpn@province`` (the fixed replicas; each origin at its nearest gateway of the set; RTT and
+    budget on the full path origin -> gateway -> site). ``cpn`` itself is the direct path: a
+    gateway in every city."""
 
 
 class SizeBin(_Cfg, frozen=True):

@@ -32,10 +32,10 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
     if inf["requests"]:
         add("")
         add(f"inference: {inf['requests']:,} requests; replicas {', '.join(f'{m} {n}' for m, n in inf['replicas'].items())}")
-        add(f"  {'policy':<12} {'within budget':>13} {'failed':>9} {'RTT/oracle':>10} {'p95 ≤':>6} {'mean RTT':>9} "
+        add(f"  {'policy':<14} {'within budget':>13} {'failed':>9} {'RTT/oracle':>10} {'p95 ≤':>6} {'mean RTT':>9} "
             f"{'rerouted':>8} {'lost':>6}")
         for name, p in inf["policies"].items():
-            add(f"  {name:<12} {_pct(p['within_budget_share']):>13} {p['failed']:>9,} {p['rtt_ratio_mean']:>10.2f} "
+            add(f"  {name:<14} {_pct(p['within_budget_share']):>13} {p['failed']:>9,} {p['rtt_ratio_mean']:>10.2f} "
                 f"{p['rtt_ratio_p95_at_most']:>6.1f} {p['mean_rtt_ms']:>7.2f}ms {p['rerouted']:>8,} {p['failed_outage']:>6,}")
         orc = inf["oracle"]
         add(f"  {'bound':<12} {_pct(orc['feasible_share']):>13}   physical: a site up, any tier, within budget, with the "
@@ -47,6 +47,10 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             gaps = [100.0 * (b - a) for a, b in zip(cpn["hourly_within_share"], orc["hourly_feasible_share"])]
             add(f"  cpn vs bound: {100.0 * (orc['feasible_share'] - cpn['within_budget_share']):.2f} pp short over the "
                 f"day, worst hour {max(gaps, default=0.0):.2f} pp")
+        for name, st in inf.get("ingress", {}).get("sets", {}).items():
+            gws = st["gateways"]
+            add(f"  {st['policy']}: entering at the nearest of {len(gws)} gateway{'s' if len(gws) != 1 else ''} "
+                f"({', '.join(gws[:6])}{', ...' if len(gws) > 6 else ''}); RTT and budget on the full path")
         for m, sc in inf.get("scaling", {}).items():
             add(f"  scaling {m}: out " + ", ".join(f"{t} {n}" for t, n in sc["scale_outs_by_tier"].items())
                 + f"; in {sc['scale_ins']}; replicas by hour {min(sc['replicas_hourly_max'], default=0)}-"

@@ -68,9 +68,11 @@ class Streams:
     baseline: random.Random = field(init=False)
     fixed: random.Random = field(init=False)
     """The ``cpn-fixed`` policy's router (its own stream, so adding it changes no other figure)."""
+    ingress: random.Random = field(init=False)
+    """The gateway-set policies' routers (``Inference.ingress``), likewise their own."""
 
     def __post_init__(self) -> None:
-        for name in ("workload", "jobs", "faults", "router", "baseline", "fixed"):
+        for name in ("workload", "jobs", "faults", "router", "baseline", "fixed", "ingress"):
             setattr(self, name, random.Random(f"{self.seed}:{name}"))
 
 
