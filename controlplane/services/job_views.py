@@ -102,11 +102,16 @@ class JobViews:
     # ------------------------------------------------------------------ admission
 
     def declared_pools(self) -> list[placement.Pool]:
-        """Every site the operator declared (layout or ``PUT /v1/sites``) as a training pool, idle."""
+        """Every layout site as the operator declared it (the layout, narrowed or widened by ``PUT
+        /v1/sites/{site}/declaration``) as an idle training pool. Sites outside the layout are left
+        out: the scheduler cannot price them (no tariff, no PUE), so they never take a job."""
         hub = self.hub
         known = hub.layout.accelerators if hub.layout is not None else {}
+        in_layout = {s.id for s in hub.layout.sites} if hub.layout is not None else set()
         pools = []
         for d in hub.declarations.values():
+            if d.id not in in_layout:
+                continue
             cards = {a: int(n) for a, n in d.accelerators.items() if n > 0}
             pools.append(placement.Pool(
                 id=d.id, region=d.region, provider=d.provider, tee=d.tee, cards_total=cards, cards_free=cards,
