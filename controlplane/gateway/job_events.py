@@ -143,4 +143,17 @@ OPERATION = Op(
             ("limit", "query", "at most this many events (1..1000)"),
             ("wait_s", "query", "long-poll: wait up to this many seconds (0..60) for the first new event"),
             ("Last-Event-ID", "header", "cursor of a reconnecting stream (wins over after)")),
+    response={
+        "type": "object", "required": ["object", "job", "state", "cursor", "done", "data"],
+        "properties": {
+            "object": {"const": "list"}, "job": {"type": "string"}, "state": {"type": "string"},
+            "cursor": {"type": "integer", "description": "the last event's id: ask again with after=cursor"},
+            "done": {"type": "boolean", "description": "the job has finished and every event so far is here"},
+            "data": {"type": "array", "items": {
+                "type": "object", "required": ["id", "kind", "attempt", "seq", "site", "received_at", "body"],
+                "properties": {"id": {"type": "integer"}, "kind": {"type": "string"}, "attempt": {"type": "integer"},
+                               "seq": {"type": "integer"}, "site": {"type": "string"},
+                               "received_at": {"type": "number"}, "body": {"type": "object"}}}},
+        },
+    },
 )
