@@ -150,6 +150,15 @@ def _attempt_state(row: JobRow, a: AttemptRow) -> str:
     return "unknown"
 
 
+def _attempt_cost(row: JobRow, a: AttemptRow, figures: JobFigures | None) -> dict[str, float]:
+    """An attempt's bill; the running one's so far (so the attempts add up to the job's figures)."""
+    hours, energy = a.card_hours, a.energy_cny
+    if figures is not None and figures.accruing and a.ended_at is None and a.attempt == row.attempt:
+        hours += figures.card_hours - figures.billed_card_hours
+        energy += figures.energy_cny - figures.billed_energy_cny
+    return {"card_hours": round(hours, 6), "energy_cny": round(energy, 6)}
+
+
 def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
              figures: JobFigures | None = None) -> dict[str, Any]:
     """The API's picture of a job. Depends only on its arguments, so a replayed submission answers
@@ -197,7 +206,7 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
             {"number": a.attempt, "pool": a.pool, "accelerator": a.accelerator, "cards": a.cards,
              "state": _attempt_state(row, a), "placed_at": a.placed_at, "started_at": a.started_at,
              "ended_at": a.ended_at, "exit_reason": a.exit_reason, "exit_code": a.exit_code, "detail": a.detail,
-             "card_hours": round(a.card_hours, 6), "energy_cny": round(a.energy_cny, 6)}
+             **_attempt_cost(row, a, figures)}
             for a in (attempts or [])
         ],
         "spec": spec,

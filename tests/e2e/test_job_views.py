@@ -69,6 +69,7 @@ async def test_list_detail_and_usage_agree_and_a_running_job_counts(tmp_path: Pa
         _, usage, _ = await tenant.call("GET", "/v1/usage")
         second = await listed()
         assert detail["state"] == "running" and job(hub, jid).progress == 0.0  # no checkpoint yet
+        assert [a["card_hours"] for a in detail["attempts"]] == [detail["card_hours"]]  # the attempts add up
         # Read in this order, each figure is at least the one read before it (they all grow).
         training = usage["training"]
         (by_job,) = [j for j in training["by_job"] if j["id"] == jid]
