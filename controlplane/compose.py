@@ -25,6 +25,8 @@ from controlplane.hub import Hub
 from controlplane.runtime import WallClock
 from controlplane.services import deployments, training
 from controlplane.services.dashboard_history import DashboardHistory
+from controlplane.services.job_feed import JobFeed
+from controlplane.services.job_views import JobViews
 from controlplane.services.record import Services
 from topology import layout as topo_layout
 
@@ -50,11 +52,17 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
     history = DashboardHistory(hub)
     hub.add_service(history)
     hub.site_listeners.append(history.on_site)
+    deployer = deployments.install(hub, clock)  # (installed before training, as ever: start order)
+    trainer = training.install(hub, clock)
+    feed = JobFeed(hub, trainer, clock)
+    trainer.tick_listeners.append(feed.record_progress)
     services = Services(
         inference=hub.inference,
-        deployments=deployments.install(hub, clock),
-        training=training.install(hub, clock),
+        deployments=deployer,
+        training=trainer,
         dashboard=history,
+        job_views=JobViews(hub, trainer, clock),
+        job_feed=feed,
     )
     # sites_api: operator declarations; dashboard_api: the operator page and its data
     hub.route_modules.extend([deployments_api, jobs_api, sites_api, dashboard_api])

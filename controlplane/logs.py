@@ -3,14 +3,34 @@
 Lines look like ``2026-11-21T12:00:00.123Z INFO cpn.hub event=site_lost site=sh-edge ...``, or one
 JSON object a line with ``--log-json`` (or ``CPN_LOG_JSON=1``); repeated warnings are
 rate-limited. Hub code writes messages as ``event=name key=value`` (with ``event=`` first) so they
-can be grepped by request id or job id, and the JSON formatter turns them into fields.
+can be grepped by request id or job id, and the JSON formatter turns them into fields. While the
+gateway handles a request, every line (whichever module writes it) carries ``request_id``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
+from collections.abc import Mapping
 
 from edge_agent import logs as _logs
+
+bound = _logs.bound
+"""``with logs.bound(job="job-1"): ...``: every line logged inside carries ``job=job-1``."""
+
+
+def bind_request(request_id: str, client_request_id: str = "") -> contextvars.Token[Mapping[str, str] | None]:
+    """Bind the hub's ``request_id`` (and the client's own ``X-Request-Id`` when it sent one) to every
+    line logged until :func:`unbind` (the gateway's request guard brackets each request with them)."""
+    fields = {"request_id": request_id}
+    if client_request_id and client_request_id != request_id:
+        fields["client_request_id"] = client_request_id
+    return _logs.CONTEXT.set(fields)
+
+
+def unbind(token: contextvars.Token[Mapping[str, str] | None]) -> None:
+    """Undo :func:`bind_request`."""
+    _logs.CONTEXT.reset(token)
 
 
 def setup(level: str | None = None, *, json_lines: bool | None = None) -> None:

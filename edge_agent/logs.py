@@ -19,23 +19,33 @@ text once digits are masked) is written once per ``window_s`` and the next line 
 different things (another site, another path) are different texts and all pass; lines that name
 a request or a job are never held back.
 
+Fields bound to the running task (:data:`CONTEXT`, a ``contextvars.ContextVar``; :func:`bound`) are
+added to every line written while they are bound, by :class:`ContextFilter` on the handler: the
+gateway binds ``request_id`` for the time of a request, so every line any module writes on behalf of
+that request carries it (a field the line names itself wins). Tasks started meanwhile inherit them.
+
 This module lives in ``edge_agent`` because a site installs only that package; the hub uses it too
 (``controlplane`` may import ``edge_agent``, never the reverse).
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
 import re
 import sys
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 LOGGER = logging.getLogger("cpn.agent")
 
 _ID_FIELDS = ("request_id", "job", "job_id")
+CONTEXT: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("cpn_log_context", default=None)
+"""Fields every line written in this context carries (see :func:`bound`)."""
 _KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)=")
 _DIGITS = re.compile(r"\d+")
 
@@ -109,15 +119,40 @@ def parse(message: str) -> dict[str, Any]:
 
 
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
-    """A record's structured fields (from :func:`log`'s ``extra``, else parsed from its message)."""
+    """A record's structured fields (from :func:`log`'s ``extra``, else parsed from its message),
+    then the context fields :class:`ContextFilter` attached (those the line names itself win)."""
     given = getattr(record, "cpn_fields", None)
     if given is not None:
-        return dict(given)
+        fields = dict(given)
+    else:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad %-format call must not lose the line
+            message = str(record.msg)
+        fields = parse(message)
+    for key, value in (getattr(record, "cpn_context", None) or {}).items():
+        fields.setdefault(key, value)
+    return fields
+
+
+@contextmanager
+def bound(**fields: str) -> Iterator[None]:
+    """Bind ``fields`` (added to the ones already bound) to every line logged inside the block."""
+    token = CONTEXT.set({**(CONTEXT.get() or {}), **fields})
     try:
-        message = record.getMessage()
-    except Exception:  # a bad %-format call must not lose the line
-        message = str(record.msg)
-    return parse(message)
+        yield
+    finally:
+        CONTEXT.reset(token)
+
+
+class ContextFilter(logging.Filter):
+    """Attaches the fields bound in :data:`CONTEXT` to each record (read by :func:`fields_of`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = CONTEXT.get()
+        if ctx and not hasattr(record, "cpn_context"):
+            record.cpn_context = ctx
+        return True
 
 
 def _timestamp(record: logging.LogRecord) -> str:
@@ -222,6 +257,7 @@ def setup(level: str | None = None, *, json_lines: bool | None = None, stream: T
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else KeyValueFormatter())
     handler.addFilter(RepeatFilter(repeat_window_s))
+    handler.addFilter(ContextFilter())  # after the repeat filter: binding a request id must not exempt a line
     handler._cpn = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(name)

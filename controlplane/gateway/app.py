@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from controlplane import logs
 from controlplane.core import auth, bodies
 from controlplane.gateway.clientaddr import TrustedProxies
 from controlplane.services.record import Services
@@ -178,6 +179,7 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
         request[ECHO_ID] = echo
         started = perf_counter()
         status = 500
+        bound = logs.bind_request(rid, echo)  # every log line of this request carries its id
         try:
             if not public:
                 header = request.headers.get("Authorization", "")
@@ -223,6 +225,7 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
             if status >= 500 or log.isEnabledFor(logging.DEBUG):
                 log.log(_log_level(status), "event=http request_id=%s client_request_id=%s method=%s path=%s status=%s "
                         "ms=%.2f", rid, echo, request.method, request.path, status, elapsed * 1000)
+            logs.unbind(bound)
 
     return guard
 

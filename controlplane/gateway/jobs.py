@@ -5,7 +5,7 @@
     POST   /v1/jobs               JobBody, header Idempotency-Key (optional) -> 201 job view
     GET    /v1/jobs               ?state=...&limit=... -> {"object": "list", "data": [summary...]}
     GET    /v1/jobs/{job}         full view: state, attempts, pool, progress, checkpoint, cost, placement
-    GET    /v1/jobs/{job}/events  the agent events the hub stored for it, and refused starts, in order
+    GET    /v1/jobs/{job}/events  its events after a cursor; long-poll (wait_s) or follow (SSE): job_events.py
     DELETE /v1/jobs/{job}         cancel -> 200 job view (409 if it already finished)
 
 Promises:
@@ -16,7 +16,11 @@ Promises:
   body, plus ``Idempotent-Replayed: true``); with another body it is a 422 naming ``Idempotency-Key``.
 - Unknown or forbidden fields (``tenant_id``, ``site``, ``attempt`` ...) are a 422 naming the field;
   a wrong type or a value out of range is a 400 naming it; an accelerator or region the layout does
-  not know, or a deadline in the past, is a 422 naming it.
+  not know, or a deadline in the past, is a 422 naming it; so is a job no declared site could ever
+  run (too many cards for any pool, no pool in its regions with its accelerators, ...), with the reason.
+- ``accelerators`` may be omitted: any accelerator a declared site could run the job on.
+- The list, the job and ``/v1/usage`` show the same progress and cost (``services.job_views``):
+  a running attempt's card time counts as it runs.
 - Another tenant's job is a 404, on every endpoint (no hint that it exists).
 """
 
@@ -32,8 +36,10 @@ from aiohttp import web
 
 from controlplane.core import lifecycle, placement
 from controlplane.core.errors import NotFound, RequestError
+from controlplane.gateway import job_events
 from controlplane.gateway.app import HUB, SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
+from controlplane.services.job_views import JobFigures, JobViews
 from controlplane.services.training import AttemptRow, JobRow, TrainingService
 
 
@@ -52,8 +58,9 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     name: Name = ""
     cards: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
-    accelerators: Annotated[list[Token], msgspec.Meta(min_length=1, max_length=16)]
-    """Accepted accelerator types, in order of preference (e.g. ``["A800", "910B"]``)."""
+    accelerators: Annotated[list[Token], msgspec.Meta(min_length=1, max_length=16)] = []
+    """Accepted accelerator types, in order of preference (e.g. ``["A800", "910B"]``); omitted: any
+    that a declared site could run the job on (the job then shows which)."""
     est_hours: Annotated[float, msgspec.Meta(gt=0, le=100_000)]
     """Run time on ``cards`` A800-equivalents without failures."""
     checkpoint_cost_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 300.0
@@ -78,6 +85,10 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 def _service(request: web.Request) -> TrainingService:
     return request.app[SERVICES].training
+
+
+def _views(request: web.Request) -> JobViews:
+    return request.app[SERVICES].job_views
 
 
 def _parse_deadline(value: float | str, now: float) -> float:
@@ -139,11 +150,23 @@ def _attempt_state(row: JobRow, a: AttemptRow) -> str:
     return "unknown"
 
 
+def _attempt_cost(row: JobRow, a: AttemptRow, figures: JobFigures | None) -> dict[str, float]:
+    """An attempt's bill; the running one's so far (so the attempts add up to the job's figures)."""
+    hours, energy = a.card_hours, a.energy_cny
+    if figures is not None and figures.accruing and a.ended_at is None and a.attempt == row.attempt:
+        hours += figures.card_hours - figures.billed_card_hours
+        energy += figures.energy_cny - figures.billed_energy_cny
+    return {"card_hours": round(hours, 6), "energy_cny": round(energy, 6)}
+
+
 def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
-             live_progress: float | None = None, accrued: tuple[float, float] = (0.0, 0.0)) -> dict[str, Any]:
+             figures: JobFigures | None = None) -> dict[str, Any]:
     """The API's picture of a job. Depends only on its arguments, so a replayed submission answers
-    byte for byte what the first one did."""
+    byte for byte what the first one did; ``figures`` (``JobViews.figures``) are the live ones."""
     spec = row.spec
+    progress = row.progress if figures is None else figures.progress
+    card_hours = round(row.card_hours, 6) if figures is None else figures.card_hours
+    energy_cny = round(row.energy_cny, 6) if figures is None else figures.energy_cny
     pl = row.placement or {}
     explanation = pl.get("explanation") or {}
     waiting = row.state in ("queued", "restarting")
@@ -161,13 +184,13 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
         "attempt": row.attempt,
         "pool": row.pool,
         "accelerator": row.accelerator,
-        "progress": row.progress if live_progress is None else max(row.progress, live_progress),
+        "progress": progress,
         "last_checkpoint": {"uri": row.checkpoint, "pool": row.checkpoint_pool, "progress": row.progress}
         if row.checkpoint else None,
         "retries": {"user_errors": row.user_retries, "max_user_retries": row.max_user_retries,
                     "infra_restarts": row.infra_restarts},
-        "card_hours": round(row.card_hours + accrued[0], 6),
-        "energy_cny": round(row.energy_cny + accrued[1], 6),
+        "card_hours": card_hours,
+        "energy_cny": energy_cny,
         "billed": {"card_hours": round(row.card_hours, 6), "energy_cny": round(row.energy_cny, 6)},
         "placement": {
             "attempt": pl.get("attempt"),
@@ -183,7 +206,7 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
             {"number": a.attempt, "pool": a.pool, "accelerator": a.accelerator, "cards": a.cards,
              "state": _attempt_state(row, a), "placed_at": a.placed_at, "started_at": a.started_at,
              "ended_at": a.ended_at, "exit_reason": a.exit_reason, "exit_code": a.exit_code, "detail": a.detail,
-             "card_hours": round(a.card_hours, 6), "energy_cny": round(a.energy_cny, 6)}
+             **_attempt_cost(row, a, figures)}
             for a in (attempts or [])
         ],
         "spec": spec,
@@ -193,17 +216,17 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
     }
 
 
-def _summary(row: JobRow) -> dict[str, Any]:
+def _summary(row: JobRow, figures: JobFigures) -> dict[str, Any]:
+    """A line of the job list: the same figures the job itself shows."""
     return {"id": row.id, "name": row.name, "state": row.state, "reason": row.reason, "cards": row.cards,
-            "attempt": row.attempt, "pool": row.pool, "progress": row.progress,
-            "card_hours": round(row.card_hours, 6), "energy_cny": round(row.energy_cny, 6),
-            "submitted_at": row.submitted_at, "finished_at": row.finished_at}
+            "attempt": row.attempt, "pool": row.pool, "progress": figures.progress,
+            "card_hours": figures.card_hours, "energy_cny": figures.energy_cny,
+            "submitted_at": row.submitted_at, "updated_at": row.updated_at, "finished_at": row.finished_at}
 
 
 def full_view(request: web.Request, row: JobRow) -> dict[str, Any]:
-    service = _service(request)
-    return job_view(row, service.attempts(row.id), live_progress=service.live_progress(row),
-                    accrued=service.accrued(row, time.time()))
+    views = _views(request)
+    return job_view(row, _service(request).attempts(row.id), figures=views.figures(row, views.now()))
 
 
 def _own_job(request: web.Request) -> JobRow:
@@ -224,7 +247,9 @@ async def submit(request: web.Request) -> web.Response:
     body = await read_body(request, JobBody)
     now = time.time()
     spec = normalise(body, request, now)
-    row, replayed = _service(request).submit(tenant, spec, key, body_hash(spec), now)
+    digest = body_hash(spec)  # of the body as sent: the same body replays whatever admit fills in
+    spec = _views(request).admit(tenant, spec)
+    row, replayed = _service(request).submit(tenant, spec, key, digest, now)
     headers = {"Location": f"/v1/jobs/{row.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -242,20 +267,13 @@ async def list_jobs(request: web.Request) -> web.Response:
         raise RequestError("limit must be an integer", field="limit") from None
     if not 1 <= limit <= 1000:
         raise RequestError("limit must be within 1..1000", field="limit")
-    rows = _service(request).jobs(tenant, state=state, limit=limit)
-    return json_response({"object": "list", "data": [_summary(r) for r in rows]})
+    views = _views(request)
+    rows = views.listing(tenant, state=state, limit=limit, now=views.now())
+    return json_response({"object": "list", "data": [_summary(r, f) for r, f in rows]})
 
 
 async def get_job(request: web.Request) -> web.Response:
     return json_response(full_view(request, _own_job(request)))
-
-
-async def job_events(request: web.Request) -> web.Response:
-    row = _own_job(request)
-    events = _service(request).events(row.id)
-    data = [{"attempt": e.attempt, "seq": e.seq, "kind": e.kind, "received_at": e.at, "body": e.body} for e in events]
-    data.sort(key=lambda e: (e["attempt"], e["seq"]))
-    return json_response({"object": "list", "job": row.id, "data": data})
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -272,7 +290,7 @@ OPERATIONS = [
        params=(("state", "query", "only jobs in this state"), ("limit", "query", "at most this many (1..1000)"))),
     Op("GET", "/v1/jobs/{job}", "One job: state, attempts, pool, progress, checkpoint, cost, placement explanation",
        tags=("training",)),
-    Op("GET", "/v1/jobs/{job}/events", "The agent events stored for a job", tags=("training",)),
+    job_events.OPERATION,
     Op("DELETE", "/v1/jobs/{job}", "Cancel a job (its running attempt is stopped and billed)", tags=("training",)),
 ]
 
@@ -281,5 +299,5 @@ def add_routes(routes: Routes) -> None:
     routes.add_post("/v1/jobs", submit)
     routes.add_get("/v1/jobs", list_jobs)
     routes.add_get("/v1/jobs/{job}", get_job)
-    routes.add_get("/v1/jobs/{job}/events", job_events)
+    routes.add_get("/v1/jobs/{job}/events", job_events.handler(_own_job))
     routes.add_delete("/v1/jobs/{job}", cancel_job)

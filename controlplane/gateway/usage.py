@@ -1,5 +1,6 @@
 """``GET /v1/usage``: the calling tenant's usage (inference tokens by model and site; training
-card-hours and energy once recorded). Admins name a tenant with ``?tenant=ID``."""
+card-hours and energy, running jobs' included as they run, the same figures the jobs API shows).
+``totals`` add both up. Admins name a tenant with ``?tenant=ID``."""
 
 from __future__ import annotations
 
@@ -22,7 +23,12 @@ async def usage(request: web.Request) -> web.Response:
             raise NotFound(f"tenant {tenant!r} not found")
     assert tenant is not None
     body = hub.usage_for(tenant)
-    body["training"] = request.app[SERVICES].training.usage(tenant)
+    views = request.app[SERVICES].job_views
+    training = views.usage(tenant, views.now())
+    body["training"] = training
+    # The totals are the tenant's whole bill: training's card-hours (billed and accruing) included.
+    body["totals"]["card_hours"] = round(body["totals"]["card_hours"] + training["card_hours"], 6)
+    body["totals"]["energy_cny"] = round(body["totals"]["energy_cny"] + training["energy_cny"], 6)
     return json_response(body)
 
 

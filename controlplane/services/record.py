@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.deployments import DeploymentService
 from controlplane.services.inference import InferenceService
+from controlplane.services.job_feed import JobFeed
+from controlplane.services.job_views import JobViews
 from controlplane.services.training import TrainingService
 
 
@@ -22,3 +24,7 @@ class Services:
     training: TrainingService
     deployments: DeploymentService
     dashboard: DashboardHistory
+    job_views: JobViews
+    """Job list, detail and usage figures from one rule; admission of new jobs."""
+    job_feed: JobFeed
+    """A job's events after a cursor, long-polled; progress marks."""

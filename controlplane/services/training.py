@@ -45,6 +45,7 @@ import math
 import secrets
 import time
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -111,6 +112,8 @@ class TrainingService:
         """(job, attempt) -> the site's heartbeat count when the hub first saw it missing there"""
         self._ignored: set[tuple[str, str, int]] = set()
         """(site, job, attempt) listed by a site where the hub never placed it (counted once)"""
+        self.tick_listeners: list[Callable[[dict[str, store_jobs.JobRow], float], object]] = []
+        """Called after every tick with the live jobs (by id) and ``now`` (the job feed's progress marks)."""
 
     def __repr__(self) -> str:
         c = self.counters
@@ -285,6 +288,11 @@ class TrainingService:
         self._reconcile(live, now)
         self._vanished(live, now)
         self._orphans(live, now)
+        for listener in self.tick_listeners:
+            try:
+                listener(live, now)
+            except Exception:
+                log.exception("event=tick_listener_failed")
         self.counters["ticks"] += 1
         self.last_tick_ms = (time.perf_counter() - started) * 1000.0
         return plan

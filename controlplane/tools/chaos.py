@@ -412,7 +412,7 @@ async def _check(api: Api, report: Report, accepted: dict[str, str], settle_s: f
             continue
         done_by = [e.get("attempt") for e in events.get("data", []) if e.get("kind") == "attempt_exited"
                    and (e.get("body") or {}).get("reason") == "completed"]
-        if done_by and done_by[-1] != body.get("attempt"):
+        if done_by and max(done_by) != body.get("attempt"):  # (events come in arrival order)
             report.stale_accepted += 1
 
 
