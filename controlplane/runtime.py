@@ -73,6 +73,44 @@ class BackgroundTasks:
         self._tasks.clear()
         await cancel_and_wait(tasks)
 
+    def scope(self, name: str) -> TaskScope:
+        """A part's view of these tasks: what it spawns is owned (and counted, and cancelled at
+        :meth:`close`) here; the part can still cancel its own at its stop."""
+        return TaskScope(self, name)
+
+
+class TaskScope:
+    """The tasks one part (a service, the bus, an outbox) runs in its process's :class:`BackgroundTasks`.
+
+    The process's owner holds every task (one place to see and cancel them); the scope remembers
+    which are this part's, so the part can stop its own work before the parts it uses go away.
+    Finished tasks are dropped from both at once.
+    """
+
+    def __init__(self, owner: BackgroundTasks, name: str) -> None:
+        self.owner = owner
+        self.name = name
+        self._mine: set[asyncio.Future[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<TaskScope {self.owner.owner}:{self.name} running={len(self._mine)}>"
+
+    def __len__(self) -> int:
+        return len(self._mine)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Future[Any]:
+        """Run ``coro`` in the owner's tasks, named ``<owner>:<scope>:<name>``."""
+        task = self.owner.spawn(coro, f"{self.name}:{name}")
+        self._mine.add(task)
+        task.add_done_callback(self._mine.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel this part's tasks still running and wait until they are done."""
+        tasks = list(self._mine)
+        self._mine.clear()
+        await cancel_and_wait(tasks)
+
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, patience_s: float = 10.0) -> None:
     """Cancel ``tasks`` and wait until they are done.

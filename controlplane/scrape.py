@@ -69,7 +69,7 @@ class HubState(Collector):
         yield leader
         readiness = getattr(hub, "readiness", None)
         ready = GaugeMetricFamily("cpn_ready", "1 when /readyz answers 200")
-        ready.add_metric([], 1 if readiness is None or readiness.ready(hub) else 0)
+        ready.add_metric([], 1 if readiness is None or readiness.ready() else 0)
         yield ready
 
     def _bus(self, hub: Any) -> Iterator[Metric]:
