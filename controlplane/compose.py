@@ -127,7 +127,10 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
               accounting=accounting, inference=inference, serve_http=serve_http)
     for part in (tenancy, sites, accounting, history):
         hub.add_service(part)
-    scrape.install(hub)  # sites, cards, replicas, jobs, deployments, NATS counters at scrape time
+    # sites, cards, replicas, jobs, deployments, NATS counters: read at scrape time
+    metrics.add_collector(scrape.HubState(config=config, bus=bus, registry=registry, store=store, readiness=readiness,
+                                          inference=inference, clock=clock,
+                                          permission_violations=lambda: hub.permission_violations))
     services = Services(
         inference=inference,
         deployments=deployments.install(hub, clock),
