@@ -161,9 +161,9 @@ class Network:
     async def _start_agents(self, site_creds: dict[str, tuple[str, str]]) -> None:
         from edge_agent.agent import Agent
 
-        assert self.layout is not None and self.nats is not None
+        assert self.layout is not None and self.nats is not None and self.hub is not None
         configs = [agent_config_for(site, self.nats.url, self.opts.data_dir, site_creds.get(site.id)) for site in self.layout.sites]
-        self.agents = [Agent(c) for c in configs]
+        self.agents = [Agent(c, clock=self.hub.clock) for c in configs]  # one clock for the whole process
         await asyncio.gather(*(a.start() for a in self.agents))
 
     async def _wait_ready(self, n_sites: int) -> None:
