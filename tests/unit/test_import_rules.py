@@ -268,3 +268,31 @@ def test_controlplane_has_no_import_cycles() -> None:
         if m not in state:
             visit(m)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+CLOCK_READS = {"time.time", "time.monotonic", "time.perf_counter", "time.time_ns", "time.monotonic_ns"}
+
+
+def clock_reads(path: Path) -> list[str]:
+    """Where ``path`` reads the system's clock itself (``time.time()`` and kin, ``loop.time()``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and ast.unparse(node) in CLOCK_READS:
+            out.append(f"{rel(path)}:{node.lineno} {ast.unparse(node)}")
+        elif isinstance(node, ast.Attribute) and node.attr == "time" and ast.unparse(node.value).endswith("loop"):
+            out.append(f"{rel(path)}:{node.lineno} {ast.unparse(node)}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "time":
+            out.append(f"{rel(path)}:{node.lineno} from time import ...")
+    return out
+
+
+def test_services_and_the_agent_read_time_only_from_their_clock() -> None:
+    # One clock, injected (core/clock.py, edge_agent/clock.py): the live one is the only reader of
+    # the system's clock, so the same services and agent run on a simulated one.
+    paths = [p for p in files("controlplane", "services") if p.name not in NOT_YET_TYPED]
+    paths += [CP / "hub.py", CP / "compose.py", CP / "scrape.py", CP / "readiness.py"]
+    paths += [p for p in files("edge_agent") if p.name != "clock.py"]
+    bad = [line for p in paths for line in clock_reads(p)]
+    assert not bad, bad
+    assert clock_reads(ROOT / "edge_agent" / "clock.py")  # the checker does see a reader
