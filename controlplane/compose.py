@@ -32,7 +32,7 @@ from controlplane.hub import Hub
 from controlplane.metrics import HubMetrics
 from controlplane.nats.bus import HubBus
 from controlplane.readiness import Readiness
-from controlplane.runtime import BackgroundTasks, WallClock
+from controlplane.runtime import BackgroundTasks, TaskScope, WallClock
 from controlplane.services import deployments, training
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
@@ -56,7 +56,7 @@ class HubProcess:
     services: Services
 
 
-def _bus(config: HubConfig, sites: list[SiteService]) -> HubBus:
+def _bus(config: HubConfig, sites: list[SiteService], tasks: TaskScope) -> HubBus:
     """The hub's NATS adapter; what sites send goes to the site service (built next, hence the list)."""
 
     def on_register(msg: wire.Register) -> wire.RegisterAck | wire.ErrorReply:
@@ -79,6 +79,7 @@ def _bus(config: HubConfig, sites: list[SiteService]) -> HubBus:
         tls_ca=config.nats_tls_ca,
         tls_cert=config.nats_tls_cert,
         tls_key=config.nats_tls_key,
+        tasks=tasks,
     )
 
 
@@ -94,7 +95,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     metrics = HubMetrics()
     tasks = BackgroundTasks("hub")
     wants_sites: list[SiteService] = []
-    bus = _bus(config, wants_sites)
+    bus = _bus(config, wants_sites, tasks.scope("bus"))
     readiness = Readiness(store=store, bus=bus)
 
     sites = SiteService(config=config, layout=layout, rtt=rtt, router=router, registry=registry, store=store,

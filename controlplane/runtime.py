@@ -51,6 +51,10 @@ class BackgroundTasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def names(self) -> list[str]:
+        """The names of the tasks running now (``<owner>:<scope>:<name>``), sorted."""
+        return sorted(t.get_name() if isinstance(t, asyncio.Task) else self.owner for t in self._tasks)
+
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Future[Any]:
         """Run ``coro`` in the background until it ends or :meth:`close` is called."""
         task = asyncio.ensure_future(coro)
