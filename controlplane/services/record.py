@@ -1,7 +1,7 @@
 """The typed record of a process's services, built by the composition root and handed to the gateway.
 
 The gateway reaches the services only through this record (one ``web.AppKey``, ``gateway.app.SERVICES``),
-never by scanning the hub's services or reading attributes attached to the hub. Besides the
+never by scanning the services of the hub process or reading attributes attached to it. Besides the
 services it holds the few plain parts the gateway reads itself: the config, the metrics, the clock
 and the request ids.
 """
