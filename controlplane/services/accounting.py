@@ -19,6 +19,9 @@ from edge_agent import wire
 
 log = logging.getLogger("cpn.accounting")
 
+MIN_FLUSH_S = 0.1
+"""Shortest pause between flushes (``usage_flush_s = 0`` means "as often as is sensible", not a spin)."""
+
 
 class UsageAccounts:
     """Counts served requests and flushes them to the record (see the module docstring)."""
@@ -30,7 +33,7 @@ class UsageAccounts:
         self.metrics = metrics
         self.clock = clock
         self.tasks = tasks
-        self.flush_s = flush_s
+        self.flush_s = max(flush_s, MIN_FLUSH_S)
         self.buffer = UsageBuffer()
 
     def __repr__(self) -> str:
