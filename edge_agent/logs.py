@@ -41,6 +41,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from edge_agent.clock import WALL
+
 LOGGER = logging.getLogger("cpn.agent")
 
 _ID_FIELDS = ("request_id", "job", "job_id")
@@ -199,7 +201,7 @@ class RepeatFilter(logging.Filter):
     WARNING, and records naming a request or a job, always pass.
     """
 
-    def __init__(self, window_s: float = 60.0, clock: Any = time.monotonic) -> None:
+    def __init__(self, window_s: float = 60.0, clock: Any = WALL.monotonic) -> None:
         super().__init__()
         self.window_s = window_s
         self.clock = clock

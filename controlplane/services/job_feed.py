@@ -28,7 +28,7 @@ from controlplane.store.db import transaction
 from controlplane.store.job_feed import FeedRow as FeedRow
 
 if TYPE_CHECKING:
-    from controlplane.hub import Hub
+    from controlplane.store.handle import Store
 
 PROGRESS_STEP = 0.05
 """A ``progress`` event each time an attempt's reported progress passes another 5 %."""
@@ -57,9 +57,9 @@ class JobFeed:
 
     name = "job_feed"
 
-    def __init__(self, hub: Hub, training: TrainingService, clock: Clock, *, poll_s: float = POLL_S,
+    def __init__(self, *, store: Store, training: TrainingService, clock: Clock, poll_s: float = POLL_S,
                  step: float = PROGRESS_STEP) -> None:
-        self.hub = hub
+        self.store = store
         self.training = training
         self.clock = clock
         self.poll_s = poll_s
@@ -75,7 +75,7 @@ class JobFeed:
 
     def page(self, job_id: str, cursor: int, limit: int) -> list[FeedRow]:
         """Events of ``job_id`` after ``cursor``, oldest first, at most ``limit``."""
-        return store_feed.after(self.hub.db, job_id, cursor, limit)
+        return store_feed.after(self.store.db, job_id, cursor, limit)
 
     def finished(self, job_id: str) -> bool:
         """The job is in a final state (no event will follow once its last ones are read)."""
@@ -103,7 +103,7 @@ class JobFeed:
             progress = self.training.live_progress(row)
             if progress is not None:
                 seen[(row.id, row.attempt)] = progress
-        db = self.hub.db
+        db = self.store.db
         for key in seen.keys() - self._last.keys():
             self._last[key] = store_feed.last_progress_mark(db, *key) or 0.0
         due = progress_marks(self._last, seen, self.step)

@@ -23,7 +23,7 @@ from controlplane.core.errors import Unprocessable
 from controlplane.services.training import LIVE_STATES, JobRow, TrainingService
 
 if TYPE_CHECKING:
-    from controlplane.hub import Hub
+    from controlplane.services.sites import SiteService
 
 
 class JobFigures(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,13 +45,13 @@ class JobViews:
 
     name = "job_views"
 
-    def __init__(self, hub: Hub, training: TrainingService, clock: Clock) -> None:
-        self.hub = hub
+    def __init__(self, *, sites: SiteService, training: TrainingService, clock: Clock) -> None:
+        self.sites = sites
         self.training = training
         self.clock = clock
 
     def __repr__(self) -> str:
-        return f"<JobViews sites={len(self.hub.declarations)}>"
+        return f"<JobViews sites={len(self.sites.declarations)}>"
 
     # ------------------------------------------------------------------ figures
 
@@ -105,11 +105,11 @@ class JobViews:
         """Every layout site as the operator declared it (the layout, narrowed or widened by ``PUT
         /v1/sites/{site}/declaration``) as an idle training pool. Sites outside the layout are left
         out: the scheduler cannot price them (no tariff, no PUE), so they never take a job."""
-        hub = self.hub
-        known = hub.layout.accelerators if hub.layout is not None else {}
-        in_layout = {s.id for s in hub.layout.sites} if hub.layout is not None else set()
+        layout = self.sites.layout
+        known = layout.accelerators
+        in_layout = {s.id for s in layout.sites}
         pools = []
-        for d in hub.declarations.values():
+        for d in self.sites.declarations.values():
             if d.id not in in_layout:
                 continue
             cards = {a: int(n) for a, n in d.accelerators.items() if n > 0}
@@ -128,9 +128,8 @@ class JobViews:
         Raises:
             Unprocessable: (422) naming the field no pool can satisfy, with every pool's reason.
         """
-        hub = self.hub
         any_acc = not spec.get("accelerators")
-        known = list(hub.layout.accelerators) if hub.layout is not None else []
+        known = list(self.sites.layout.accelerators)
         accelerators = tuple(known if any_acc else (str(a) for a in spec["accelerators"]))
         job = placement.JobSpec(
             id="(new)", tenant=tenant, cards=int(spec["cards"]), accelerators=accelerators,
