@@ -429,18 +429,18 @@ def _one(p: _Pass, dep: Deployment, cands: list[core.Candidate], holders: dict[s
     existing: dict[str, str] = {}
     accelerators: dict[str, str] = {}
     for r in snap.replicas.get(dep.id, ()):
-        state: ReplicaState = r.state
+        rstate: ReplicaState = r.state
         event = replica_event(r, views.get(r.site), dep.model, p.seen, snap.settings.missing_heartbeats)
         if event is not None:
             why = {E.MISSING: "the site's heartbeats stopped listing it: load it again",
                    E.REPORTED_FAILED: "the site reports it failed"}.get(event, f"the site reports it {event.value[9:]}")
             new = p.change(r, dep.id, r.site, event, why)
             if new is not None:
-                state = new
+                rstate = new
                 if event is E.REPORTED_FAILED:
                     p.cooldown[(dep.id, r.site)] = now + snap.settings.refused_cooldown_s
                     p.unload(dep.id, dep.model, r.site, "the site reports the replica failed")
-        existing[r.site] = state.value
+        existing[r.site] = rstate.value
         accelerators[r.site] = r.accelerator
 
     mine = {s for s, st in existing.items() if st in core.LIVE_STATES}

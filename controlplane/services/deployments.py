@@ -74,10 +74,6 @@ log = logging.getLogger("cpn.deployments")
 
 _KIND = {LOAD: decide.LOAD, UNLOAD: decide.UNLOAD}
 """Outbox kind (wire tag) -> the core's command kind."""
-REFUSAL_CODES = decide.REFUSAL_CODES
-# Kept importable from here for old callers; the rules live in core.deployments.
-Holding = decide.Holding
-planning_candidates = decide.planning_candidates
 
 
 def spec_hash(spec: core.DeploymentSpec) -> str:

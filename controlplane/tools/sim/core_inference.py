@@ -32,7 +32,7 @@ import itertools
 import msgspec
 
 from controlplane.core import replicas as rep_mod
-from controlplane.core.registry import SiteView
+from controlplane.core.registry import SiteState, SiteView
 from controlplane.core.router import Route, Router, RouteRequest
 from controlplane.tools.sim.core_scenario import Model, Scenario
 from controlplane.tools.sim.core_workload import Rng
@@ -368,7 +368,7 @@ class InferenceSim:
         sid = self.site_ids[s]
         for p in range(self.routed):
             view = self.pviews[p][sid]
-            view.state = "lost"
+            view.state = SiteState.LOST
             view.lost_at = t
             view.sent = 0
             self.versions[p] += 1
@@ -402,7 +402,7 @@ class InferenceSim:
         self.up[s] = True
         for p in range(self.routed):
             view = self.pviews[p][self.site_ids[s]]
-            view.state = "up"
+            view.state = SiteState.UP
             view.lost_at = None
             view.last_seen = t
             self.versions[p] += 1
