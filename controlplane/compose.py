@@ -22,10 +22,12 @@ from controlplane.gateway import jobs as jobs_api
 from controlplane.gateway import server
 from controlplane.gateway import sites as sites_api
 from controlplane.hub import Hub
+from controlplane.core.clock import Clock
 from controlplane.runtime import WallClock
 from controlplane.services import deployments, training
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.record import Services
+from topology import latency
 from topology import layout as topo_layout
 
 
@@ -52,13 +54,34 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
     hub.site_listeners.append(history.on_site)
     services = Services(
         inference=hub.inference,
-        deployments=deployments.install(hub, clock),
+        deployments=install_deployments(hub, clock),
         training=training.install(hub, clock),
         dashboard=history,
     )
     # sites_api: operator declarations; dashboard_api: the operator page and its data
     hub.route_modules.extend([deployments_api, jobs_api, sites_api, dashboard_api])
     return HubProcess(hub=hub, services=services)
+
+
+def install_deployments(hub: Hub, clock: Clock) -> deployments.DeploymentService:
+    """The deployments service, built from exactly what it uses and plugged into ``hub`` (its
+    routes, ``gateway/deployments.py``, are added by :func:`build`). The store, the layout and
+    the RTT index exist once the hub has started, so they are handed in as getters."""
+
+    def layout() -> topo_layout.Layout:
+        assert hub.layout is not None, "the hub has not started"
+        return hub.layout
+
+    def rtt() -> latency.RttIndex:
+        assert hub.rtt is not None, "the hub has not started"
+        return hub.rtt
+
+    service = deployments.DeploymentService(
+        db=lambda: hub.db, registry=hub.registry, bus=hub.bus, layout=layout, rtt=rtt, clock=clock,
+        tenant=hub.tenant, known_models=hub.known_models, metrics=hub.metrics)
+    hub.add_service(service)
+    hub.site_listeners.append(service.on_site)
+    return service
 
 
 def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub:

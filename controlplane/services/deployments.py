@@ -1,6 +1,6 @@
 """The hub's deployments service: carry out what ``core.deployments.reconcile`` decides.
 
-What it holds: :class:`DeploymentService` (built by :func:`install`), the one owner of the
+What it holds: :class:`DeploymentService` (built by the composition root, ``compose.py``), the one owner of the
 ``deployments``/``replicas`` rows while the hub runs. The gateway (``controlplane/gateway/deployments.py``)
 calls :meth:`DeploymentService.create`, ``view``, ``list_views`` and ``delete``; the OpenAI endpoints
 call ``check_model_access`` and ``models_for_tenant`` (through ``services.record.Services``); ``cpn up``
@@ -65,7 +65,6 @@ from controlplane.store.outbox import OutboxRow
 from edge_agent import wire
 
 if TYPE_CHECKING:
-    from controlplane.hub import Hub
     from controlplane.metrics import HubMetrics
     from topology import latency
     from topology import layout as topo_layout
@@ -586,23 +585,3 @@ class DeploymentService:
         self.memory = msgspec.structs.replace(self.memory, cooldown=cooldown)
         self.poke()
 
-
-def install(hub: Hub, clock: Clock) -> DeploymentService:
-    """Build the service from the hub's parts and plug it in (before ``hub.start()``).
-
-    Its routes (``gateway/deployments.py``) are added by the composition root (``compose.py``):
-    a service never imports the gateway."""
-
-    def layout() -> topo_layout.Layout:
-        assert hub.layout is not None
-        return hub.layout
-
-    def rtt() -> latency.RttIndex:
-        assert hub.rtt is not None
-        return hub.rtt
-
-    service = DeploymentService(db=lambda: hub.db, registry=hub.registry, bus=hub.bus, layout=layout, rtt=rtt,
-                                clock=clock, tenant=hub.tenant, known_models=hub.known_models, metrics=hub.metrics)
-    hub.add_service(service)
-    hub.site_listeners.append(service.on_site)
-    return service

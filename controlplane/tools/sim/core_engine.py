@@ -116,7 +116,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     n_hours = max(1, math.ceil(s.hours - 1e-9))
     det = s.faults.detection_s
 
-    dep = core_inference.deploy(lay, rtt, s) if s.inference.requests > 0 else core_inference.Deployment()
+    dep = core_inference.deploy(lay, rtt, s, start_s) if s.inference.requests > 0 else core_inference.Deployment()
     inf = core_inference.InferenceSim(lay, rtt, s, dep, start_s, n_hours, streams.router, streams.baseline,
                                       streams.fixed)
     draws = core_workload.jobs(s, lay, start_s, end_s, streams.jobs, streams.faults)
