@@ -31,6 +31,11 @@ Rule 8 (sending, :func:`may_send`): a command for a (deployment, site) is not is
 one is pending in the outbox, nor within ``retry_s`` of the last; a load only to an up site.
 Rule 9 (refusals, :func:`after_refusal`): a ``LoadModel`` refused for a reason retrying will not
 cure (``REFUSAL_CODES``) removes the placed replica and cools the site for the deployment.
+Rule 10 (scaling, :func:`autoscaler_asks`): what ``autoscale.decide`` asks for is carried out as it
+asks (it already keeps to free cards, bounds, protected replicas and hysteresis): each add a
+``LoadModel`` on its site and accelerator, each remove an ``UnloadModel``, with its reason. In a
+reconcile (``Snapshot.scaling``) an add also respects Rules 2, 3 and 9 (a site holding the model for
+another deployment, or cooling, gets none) and a site already holding the deployment gets no second.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from controlplane.core import quota, replicas as core
+from controlplane.core import autoscale, quota, replicas as core
 from controlplane.core.declarations import LOCAL_DEPLOYMENTS
 from controlplane.core.registry import SiteView
 from controlplane.core.replica_lifecycle import (
@@ -120,6 +125,8 @@ class Snapshot:
     grace_until: float = 0.0
     fresh: frozenset[str] = frozenset()
     """Deployments created since the start (exempt from the grace of Rule 5)."""
+    scaling: Mapping[str, autoscale.ScalePlan] = field(default_factory=dict)
+    """Deployment id -> what the autoscaler asked for it this time (Rule 10)."""
     only: str | None = None
     """Plan this deployment alone (right after it was created); orphans are left for the next pass."""
     settings: Settings = Settings()
@@ -311,6 +318,17 @@ def after_refusal(state: ReplicaState, code: str) -> ReplicaEvent | None:
     return None
 
 
+def autoscaler_asks(dep: Deployment, asks: autoscale.ScalePlan) -> tuple[list[Load], list[Unload]]:
+    """Rule 10: the autoscaler's adds and removes for ``dep`` as the commands that carry them out."""
+    spec = dep.spec
+    loads = [Load(site=a.site, reason=f"scale out: {a.reason}", command=wire.LoadModel(
+        model=dep.model, deployment=dep.id, cards=a.cards, slots=spec.slots_per_replica, accelerator=a.accelerator))
+        for a in asks.add]
+    unloads = [Unload(site=r.site, reason=f"scale in: {r.reason}",
+                      command=wire.UnloadModel(model=dep.model, deployment=dep.id)) for r in asks.remove]
+    return loads, unloads
+
+
 def orphan_unloads(snap: Snapshot, holding: set[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """Rule 7: (deployment, model, site) of replicas sites report that no deployment of ours holds."""
     active = {d.id for d in snap.deployments}
@@ -471,6 +489,11 @@ def _one(p: _Pass, dep: Deployment, cands: list[core.Candidate], holders: dict[s
         if p.change(old, dep.id, site, E.UNPLACE, "removed by the plan (site lost, unhealthy or drained)"):
             existing[site] = ReplicaState.REMOVED.value
     cands = core.apply_debits(cands, rp)
+    asks = snap.scaling.get(dep.id)
+    if asks is not None:
+        room = None if max_new is None else max(0, max_new - len(rp.add))
+        added = _scale(p, dep, asks, existing, accelerators, by_site, blocked, room)
+        held[dep.tenant] = held.get(dep.tenant, 0.0) + added
 
     ready_by_site = {}
     for site, st in existing.items():
@@ -501,6 +524,40 @@ def _one(p: _Pass, dep: Deployment, cands: list[core.Candidate], holders: dict[s
         if st == "placed":
             p.load(dep, site, accelerators.get(site, ""), "placed: load it")
     return cands, in_progress
+
+
+def _scale(p: _Pass, dep: Deployment, asks: autoscale.ScalePlan, existing: dict[str, str],
+           accelerators: dict[str, str], by_site: Mapping[str, Replica], blocked: set[str], room: int | None) -> float:
+    """Rule 10 inside a reconcile: record the autoscaler's adds and removes as replica changes (the
+    loads and unloads follow from the states, as for any placement); adds stop at ``room`` (the
+    card quota, Rule 6). Returns the cards added."""
+    loads, unloads = autoscaler_asks(dep, asks)
+    added = 0.0
+    for load in loads:
+        site = load.site
+        if site in blocked or existing.get(site) in core.LIVE_STATES:
+            continue
+        if room is not None and room <= 0:
+            break  # the card quota (Rule 6) holds for scaling as for coverage
+        old = by_site.get(site)
+        if old is not None and existing.get(site) != old.state.value:
+            old = msgspec.structs.replace(old, state=ReplicaState(existing[site]))
+        if p.change(old, dep.id, site, E.PLACE, load.reason, load.command.accelerator, load.command.cards):
+            existing[site] = ReplicaState.PLACED.value
+            accelerators[site] = load.command.accelerator
+            added += load.command.cards
+            room = None if room is None else room - 1
+    for unload in unloads:
+        site = unload.site
+        if existing.get(site) not in core.LIVE_STATES:
+            continue
+        old = by_site.get(site)
+        if old is not None and existing.get(site) != old.state.value:
+            old = msgspec.structs.replace(old, state=ReplicaState(existing[site]))
+        if p.change(old, dep.id, site, E.UNPLACE, unload.reason):
+            existing[site] = ReplicaState.REMOVED.value
+            p.unload(dep.id, dep.model, site, unload.reason)
+    return added
 
 
 def _city(snap: Snapshot, site: str) -> str:

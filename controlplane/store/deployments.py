@@ -44,14 +44,15 @@ from typing import Any
 import msgspec
 import sqlite_utils
 
+from controlplane.core import replica_lifecycle
 from controlplane.core import replicas as replicas_core
 from controlplane.core.errors import Conflict, Unprocessable
 from controlplane.store.db import transaction
 
 DEPLOYMENT_STATES = ("pending", "ready", "degraded", "deleted")
-REPLICA_STATES = ("placed", "loading", "ready", "lost", "removed")
-HOLDING_STATES = ("placed", "loading", "ready")
-"""Replica states whose cards are allocated at the site."""
+REPLICA_STATES = tuple(s.value for s in replica_lifecycle.ReplicaState)
+HOLDING_STATES = tuple(s.value for s in replica_lifecycle.ReplicaState if s in replica_lifecycle.HOLDING)
+"""Replica states whose cards are allocated at the site (``replica_lifecycle.HOLDING``)."""
 
 
 class Deployment(msgspec.Struct, kw_only=True):

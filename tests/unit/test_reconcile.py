@@ -253,3 +253,36 @@ def test_a_transition_the_table_refuses_is_reported_not_applied() -> None:
     p = d._Pass(snap(), 100.0)
     assert p.change(rep("hz-edge", R.REMOVED), "dep-1", "hz-edge", E.MISSING, "test") is None
     assert p.plan.replicas == [] and p.plan.illegal == ["deployment dep-1 site hz-edge: cannot missing a replica that is removed"]
+
+
+# --------------------------------------------------------------------------- what the autoscaler asks for
+
+
+def asks(add: list[str] = [], remove: list[str] = []) -> Any:  # noqa: B006 (read only)
+    from controlplane.core import autoscale
+    return autoscale.ScalePlan(add=[autoscale.Add(s, "A800", 1.0, f"demand near {s}") for s in add],
+                               remove=[autoscale.Remove(s, "idle") for s in remove])
+
+
+def test_autoscaler_asks_become_the_commands_that_carry_them_out() -> None:
+    loads, unloads = d.autoscaler_asks(dep(), asks(add=["nj-edge"], remove=["sh-edge"]))
+    assert [(x.site, x.command, x.reason) for x in loads] == [("nj-edge", wire.LoadModel(
+        model="qwen", deployment="dep-1", cards=1.0, slots=4, accelerator="A800"), "scale out: demand near nj-edge")]
+    assert [(x.site, x.command) for x in unloads] == [("sh-edge", wire.UnloadModel(model="qwen", deployment="dep-1"))]
+
+
+def test_a_reconcile_carries_out_scaling_within_the_other_rules() -> None:
+    views = [view("hz-edge", reports=[ready()]), view("sh-edge", reports=[ready()]), view("nj-edge")]
+    reps = [rep("hz-edge", R.READY), rep("sh-edge", R.READY)]
+    out = d.reconcile(snap(replicas=reps, views=views, scaling={"dep-1": asks(add=["nj-edge"])}), 100.0)
+    assert summary(out)["replicas"] == [("nj-edge", None, "placed")] and summary(out)["loads"] == ["nj-edge"]
+    assert out.replicas[0].reason == "scale out: demand near nj-edge"
+    # Not on a site holding the model for another deployment (Rule 2), nor past the quota (Rule 6).
+    views[2] = view("nj-edge", reports=[ready(deployment="dep-other")])
+    assert not d.reconcile(snap(replicas=reps, views=views, scaling={"dep-1": asks(add=["nj-edge"])}), 100.0).loads
+    views[2] = view("nj-edge")
+    capped = snap(replicas=reps, views=views, scaling={"dep-1": asks(add=["nj-edge"])}, quota_cards={"acme": 2})
+    assert not d.reconcile(capped, 100.0).loads
+    # A remove unplaces and unloads.
+    out = d.reconcile(snap(replicas=reps, views=views, scaling={"dep-1": asks(remove=["sh-edge"])}), 100.0)
+    assert ("sh-edge", "ready", "removed") in summary(out)["replicas"] and summary(out)["unloads"] == ["sh-edge"]
