@@ -47,6 +47,7 @@ import msgspec
 
 from controlplane.core import autoscale, quota, replicas as core
 from controlplane.core.declarations import LOCAL_DEPLOYMENTS
+from controlplane.core.errors import RequestError
 from controlplane.core.registry import SiteView
 from controlplane.core.replica_lifecycle import (
     HOLDING, IllegalReplicaTransition, ReplicaEvent, ReplicaState, event_for_report, transition,
@@ -181,6 +182,45 @@ class Plan(msgspec.Struct, kw_only=True):
 
 
 # --------------------------------------------------------------------------- the rules
+
+
+def check_spec(spec: core.DeploymentSpec, layout: topo_layout.Layout, views: Mapping[str, SiteView]) -> None:
+    """A spec against the layout and the sites heard: every origin, region and accelerator type
+    known, and ``cards_per_replica`` no more than some edge or regional site has of an accepted type.
+
+    Raises:
+        RequestError: (400) naming the field (``origins[1]``, ``regions[0]``, ``cards_per_replica``).
+    """
+    origin_ids = {o.id for o in layout.origins}
+    for i, origin in enumerate(spec.origins):
+        if origin not in origin_ids:
+            raise RequestError(f"origins[{i}]: unknown origin {origin!r}: not a city of the layout",
+                           field=f"origins[{i}]")
+    regions = {o.region for o in layout.origins}
+    for i, region in enumerate(spec.regions):
+        if region not in regions:
+            raise RequestError(f"regions[{i}]: unknown region {region!r}: no demand origin of the layout is in it",
+                           field=f"regions[{i}]")
+    types = set(layout.accelerators) | {a for s in layout.sites for a in s.accelerators}
+    types |= {a for v in views.values() for a in v.accelerators}
+    for i, acc in enumerate(spec.accelerators or []):
+        if acc not in types:
+            raise RequestError(f"accelerators[{i}]: unknown accelerator type {acc!r}", field=f"accelerators[{i}]")
+    largest = 0.0
+    for site in layout.sites:
+        if site.tier in core.HOSTING_TIERS:
+            for acc, n in site.accelerators.items():
+                if spec.accelerators is None or acc in spec.accelerators:
+                    largest = max(largest, float(n))
+    for view in views.values():
+        if view.tier in core.HOSTING_TIERS:
+            for acc, n in view.accelerators.items():
+                if spec.accelerators is None or acc in spec.accelerators:
+                    largest = max(largest, float(n))
+    if spec.cards_per_replica > largest + 1e-9:
+        raise RequestError(
+            f"cards_per_replica: {spec.cards_per_replica:g} cards is more than any edge or regional site has "
+            f"of an accepted accelerator (largest: {largest:g})", field="cards_per_replica")
 
 
 def shows(view: SiteView | None, model: str, deployment: str) -> wire.ReplicaStatus | None:

@@ -202,38 +202,8 @@ class DeploymentService:
     # ------------------------------------------------------------------ API for the gateway and cpn up
 
     def validate(self, spec: core.DeploymentSpec) -> None:
-        """Check a spec against the layout; raise ``RequestError`` (400) naming the field."""
-        layout = self._layout()
-        origin_ids = {o.id for o in layout.origins}
-        for i, origin in enumerate(spec.origins):
-            if origin not in origin_ids:
-                raise RequestError(f"origins[{i}]: unknown origin {origin!r}: not a city of the layout",
-                                    field=f"origins[{i}]")
-        regions = {o.region for o in layout.origins}
-        for i, region in enumerate(spec.regions):
-            if region not in regions:
-                raise RequestError(f"regions[{i}]: unknown region {region!r}: no demand origin of the layout is in it",
-                                    field=f"regions[{i}]")
-        types = set(layout.accelerators) | {a for s in layout.sites for a in s.accelerators}
-        types |= {a for v in self.registry for a in v.accelerators}
-        for i, acc in enumerate(spec.accelerators or []):
-            if acc not in types:
-                raise RequestError(f"accelerators[{i}]: unknown accelerator type {acc!r}", field=f"accelerators[{i}]")
-        largest = 0.0
-        for site in layout.sites:
-            if site.tier in core.HOSTING_TIERS:
-                for acc, n in site.accelerators.items():
-                    if spec.accelerators is None or acc in spec.accelerators:
-                        largest = max(largest, float(n))
-        for view in self.registry:
-            if view.tier in core.HOSTING_TIERS:
-                for acc, n in view.accelerators.items():
-                    if spec.accelerators is None or acc in spec.accelerators:
-                        largest = max(largest, float(n))
-        if spec.cards_per_replica > largest + 1e-9:
-            raise RequestError(
-                f"cards_per_replica: {spec.cards_per_replica:g} cards is more than any edge or regional site has "
-                f"of an accepted accelerator (largest: {largest:g})", field="cards_per_replica")
+        """Check a spec against the layout and the sites heard (``deployments.check_spec``)."""
+        decide.check_spec(spec, self._layout(), self.registry.views)
 
     def create(self, tenant: str, spec: core.DeploymentSpec, *, deployment_id: str | None = None,
                idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
