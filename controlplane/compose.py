@@ -134,7 +134,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     metrics.add_collector(scrape.HubState(config=config, bus=bus, registry=registry, store=store, readiness=readiness,
                                           inference=inference, clock=clock,
                                           permission_violations=lambda: hub.permission_violations))
-    deployer = deployments.install(hub, clock)  # (installed before training, as ever: start order)
+    deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock)
     trainer = training.install(hub, clock)
     feed = JobFeed(store=store, training=trainer, clock=clock)
     trainer.tick_listeners.append(feed.record_progress)
@@ -155,6 +155,19 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         request_ids=RequestIds(),
     )
     return HubProcess(hub=hub, services=services)
+
+
+def install_deployments(hub: Hub, *, store: Store, layout: topo_layout.Layout, rtt: latency.RttIndex,
+                        sites: SiteService, tenancy: TenancyService, clock: Clock) -> deployments.DeploymentService:
+    """The deployments service, built from exactly what it uses and plugged into ``hub`` (installed
+    before training, as ever: start order). Its routes (``gateway/deployments.py``) are added by
+    :func:`build`."""
+    service = deployments.DeploymentService(
+        db=lambda: store.db, registry=hub.registry, bus=hub.bus, layout=lambda: layout, rtt=lambda: rtt, clock=clock,
+        tenant=tenancy.tenant, known_models=sites.known_models, metrics=hub.metrics)
+    hub.add_service(service)
+    sites.listeners.append(service.on_site)
+    return service
 
 
 def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub:

@@ -179,6 +179,10 @@ class HubMetrics:
         self.gateway_refused = _Counts("cpn_gateway_connections_refused",
                                        "Gateway connections refused (503) or cut, by reason", ["reason"])
         r.register(self.gateway_refused)
+        # Lifecycle tables (replica_lifecycle, registry's SiteState): a refused transition is counted, never applied.
+        self.illegal_transitions = _Counts(
+            "cpn_illegal_transitions", "State changes a lifecycle table refused, by lifecycle", ["lifecycle"])
+        r.register(self.illegal_transitions)
 
     @staticmethod
     def count(counter: _Counts, *labels: str, n: int = 1) -> None:
@@ -225,6 +229,10 @@ class HubMetrics:
         if getattr(decision, "site", None) is None:
             reason = "refused:" + no_route_cause(decision)
         self.route(str(reason))
+
+    def illegal_transition(self, lifecycle: str) -> None:
+        """A lifecycle table refused a transition (``replica``, ``site``)."""
+        self.count(self.illegal_transitions, lifecycle)
 
     def key_refused(self, reason: str) -> None:
         """A request presented a key that exists but was revoked or has expired."""

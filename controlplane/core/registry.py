@@ -15,15 +15,46 @@ site to register again) and otherwise ignored.
 Rule 4: a site's figures are clamped to their physical range on receipt (``declarations.clamp_*``;
 what was out of range is counted in :attr:`SiteRegistry.clamped`). The caller applies only a
 ``Register`` the operator's declaration allows (``declarations.check_register``).
+Rule 5: a site's state (:class:`SiteState`) changes only by :data:`SITE_TRANSITIONS` (as the job
+lifecycle's); an event the table does not hold for the state is refused and counted in
+:attr:`SiteRegistry.illegal_transitions`, never applied.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from controlplane.core import declarations
 from edge_agent import wire
+
+
+class SiteState(enum.StrEnum):
+    UP = "up"
+    LOST = "lost"
+
+
+class SiteEvent(enum.StrEnum):
+    REGISTER = "register"    # a Register the hub accepted
+    HEARD = "heard"          # a heartbeat
+    SILENT = "silent"        # no heartbeat for the detection period (sweep)
+    MARK_LOST = "mark_lost"  # declared lost by someone who knows better (an operator, a test)
+
+
+SITE_TRANSITIONS: dict[SiteState, dict[SiteEvent, SiteState]] = {
+    SiteState.UP: {SiteEvent.REGISTER: SiteState.UP, SiteEvent.HEARD: SiteState.UP,
+                   SiteEvent.SILENT: SiteState.LOST, SiteEvent.MARK_LOST: SiteState.LOST},
+    SiteState.LOST: {SiteEvent.REGISTER: SiteState.UP, SiteEvent.HEARD: SiteState.UP},
+}
+
+
+def site_transition(state: SiteState | str, event: SiteEvent) -> SiteState | None:
+    """The state after ``event`` in ``state``, or None when the table has no such edge (Rule 5)."""
+    try:
+        return SITE_TRANSITIONS[SiteState(state)][event]
+    except (KeyError, ValueError):
+        return None
 
 
 @dataclass(slots=True)
@@ -35,7 +66,7 @@ class SiteView:
     city: str = ""
     provider: str = ""
     region: str = ""
-    state: str = "up"
+    state: SiteState = SiteState.UP
     draining: bool = False
     accelerators: dict[str, int] = field(default_factory=dict)
     free_cards: dict[str, float] = field(default_factory=dict)
@@ -149,6 +180,8 @@ class SiteRegistry:
         self.unknown_heartbeats = 0
         self.clamped: dict[str, int] = {}
         """Figures clamped to their physical range, by kind (Rule 4)."""
+        self.illegal_transitions = 0
+        """Site state changes the table refused (Rule 5)."""
 
     def __repr__(self) -> str:
         c = self.counts()
@@ -185,6 +218,15 @@ class SiteRegistry:
         return out
 
     # ------------------------------------------------------------------ writes
+
+    def _move(self, view: SiteView, event: SiteEvent) -> bool:
+        """Apply ``event`` to ``view.state`` by the table; False (counted) when it refuses."""
+        new = site_transition(view.state, event)
+        if new is None:
+            self.illegal_transitions += 1
+            return False
+        view.state = new
+        return True
 
     def remember(self, sites: Iterable[StaticSite]) -> None:
         """Static knowledge from the store: lets heartbeats of known sites count after a hub restart."""
@@ -225,8 +267,7 @@ class SiteRegistry:
         view.registered = True
         view.registered_at = now
         view.last_seen = now
-        if view.state != "up":
-            view.state = "up"
+        if view.state != SiteState.UP and self._move(view, SiteEvent.REGISTER):
             view.lost_at = None
         self._known[msg.site] = StaticSite(
             id=msg.site, tier=msg.tier, city=msg.city, provider=msg.provider, region=view.region,
@@ -256,9 +297,8 @@ class SiteRegistry:
             self._sites[msg.site] = view
             self.version += 1
         msg = declarations.clamp_heartbeat(msg, view.accelerators, self.clamped)
-        came_back = view.state == "lost"
+        came_back = view.state == SiteState.LOST and self._move(view, SiteEvent.HEARD)
         if came_back:
-            view.state = "up"
             view.lost_at = None
         changed_models = _replica_key(view.replicas) != _replica_key_list(msg.models)
         view.free_cards = dict(msg.free_cards)
@@ -301,9 +341,8 @@ class SiteRegistry:
     def mark_lost(self, site: str, now: float) -> Transition | None:
         """Declare a site lost at once (e.g. an operator or a test knows better than heartbeats)."""
         view = self._sites.get(site)
-        if view is None or view.state == "lost":
+        if view is None or view.state == SiteState.LOST or not self._move(view, SiteEvent.MARK_LOST):
             return None
-        view.state = "lost"
         view.lost_at = now
         view.sent = 0
         self.version += 1
@@ -328,8 +367,7 @@ class SiteRegistry:
         out: list[Transition] = []
         deadline = now - self.detection_s
         for view in self._sites.values():
-            if view.state == "up" and view.last_seen < deadline:
-                view.state = "lost"
+            if view.state == SiteState.UP and view.last_seen < deadline and self._move(view, SiteEvent.SILENT):
                 view.lost_at = now
                 view.sent = 0
                 out.append(Transition(view.id, "up", "lost", now))

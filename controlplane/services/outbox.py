@@ -42,6 +42,12 @@ log = logging.getLogger("cpn.outbox")
 
 START = "start_attempt"
 STOP = "stop_attempt"
+LOAD = "load_model"
+UNLOAD = "unload_model"
+ATTEMPT_KINDS = frozenset({START, STOP})
+"""What the training service's sender delivers (the default: it predates ``kinds``)."""
+MODEL_KINDS = frozenset({LOAD, UNLOAD})
+"""What the deployments service's sender delivers."""
 
 Obsolete = Callable[[OutboxRow, Any, float], "str | None"]
 OnAck = Callable[[OutboxRow, Any, wire.Ack, float], None]
@@ -62,6 +68,9 @@ class CommandOutbox:
         is_lost: True when the registry holds the site lost (its entries wait).
         obsolete: returns why an entry should not be sent any more, or None.
         on_ack / on_refused: told about answers (refused also covers a start given up).
+        kinds: the command kinds (wire tags) this sender delivers. Each owner of commands runs one
+            sender over the shared table for its kinds (training: ``ATTEMPT_KINDS``, deployments:
+            ``MODEL_KINDS``), so an entry is only ever sent by its owner and told to its callbacks.
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class CommandOutbox:
         on_ack: OnAck = lambda row, cmd, ack, now: None,
         on_refused: OnRefused = lambda row, cmd, why, now: None,
         clock: Callable[[], float],
+        kinds: frozenset[str] = ATTEMPT_KINDS,
         timeout_s: float = 2.0,
         backoff_base_s: float = 0.25,
         backoff_max_s: float = 5.0,
@@ -92,6 +102,7 @@ class CommandOutbox:
         self.backoff_max_s = backoff_max_s
         self.start_deadline_s = start_deadline_s
         self.stop_ttl_s = stop_ttl_s
+        self.kinds = kinds
         self.counters = {"sent": 0, "refused": 0, "dropped": 0, "retries": 0}
         self._wake = asyncio.Event()
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -111,7 +122,7 @@ class CommandOutbox:
         (returns None).
         """
         kind = kind_of(cmd)
-        job = str(getattr(cmd, "job", ""))
+        job = str(getattr(cmd, "job", "") or getattr(cmd, "deployment", ""))
         attempt = int(getattr(cmd, "attempt", 0))
         if dedupe and store_outbox.has_pending(self.db, site, kind, job, attempt):
             return None
@@ -148,7 +159,7 @@ class CommandOutbox:
                 log.exception("event=outbox_pass_failed")
             nxt = None
             with contextlib.suppress(Exception):
-                nxt = store_outbox.next_due_at(self.db)
+                nxt = store_outbox.next_due_at(self.db, self.kinds)
             delay = 1.0 if nxt is None else min(1.0, max(0.2, nxt - self.clock()))
             try:
                 async with asyncio.timeout(delay):
@@ -157,7 +168,7 @@ class CommandOutbox:
                 pass
 
     def _schedule(self, now: float) -> None:
-        for row in store_outbox.due(self.db, now):
+        for row in store_outbox.due(self.db, now, kinds=self.kinds):
             if row.site in self._workers:
                 continue
             cmd = self._decode(row, now)
@@ -173,7 +184,7 @@ class CommandOutbox:
     async def _drain(self, site: str) -> None:
         try:
             while True:
-                rows = store_outbox.due(self.db, self.clock(), site=site, limit=50)
+                rows = store_outbox.due(self.db, self.clock(), site=site, limit=50, kinds=self.kinds)
                 if not rows:
                     return
                 for row in rows:

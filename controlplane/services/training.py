@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from controlplane.core import lifecycle, placement, scheduler
+from controlplane.core import quota as tenant_quota
 from controlplane.core.clock import Clock
 from controlplane.core.errors import NotFound
 from controlplane.services.outbox import START, CommandOutbox
@@ -354,7 +355,7 @@ class TrainingService:
                     inference = store_deployments.held_cards_by_tenant(self.hub.db)
                 if inference.get(tid):
                     note = f"of its {quota}, deployments hold {inference[tid]:g}"
-                quota = max(0, math.floor(int(quota) - inference.get(tid, 0.0) + 1e-9))
+                quota = tenant_quota.training_quota(int(quota), inference.get(tid, 0.0))
             out[tid] = scheduler.Tenant(id=tid, quota_cards=quota, quota_note=note)
         return out
 

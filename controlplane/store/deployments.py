@@ -28,7 +28,7 @@ Public API::
     set_state(db, id, state, report=None, now=) -> bool
     delete(db, id, tenant=, now=) -> bool
     upsert_replicas(db, id, [(site, accelerator, cards)], state="placed", now=)
-    set_replica_state(db, id, site, state, now=) -> bool
+    set_replica_state(db, id, site, state, now=, expect=None) -> bool   # expect: compare-and-set
     apply_plan(db, id, plan: replicas.ReplicaPlan, now=)       # adds placed, removes removed
     replicas_of(db, id, include_removed=False) -> [Replica]
     mark_site_lost(db, site, now=) -> [deployment ids]
@@ -44,14 +44,15 @@ from typing import Any
 import msgspec
 import sqlite_utils
 
+from controlplane.core import replica_lifecycle
 from controlplane.core import replicas as replicas_core
 from controlplane.core.errors import Conflict, Unprocessable
 from controlplane.store.db import transaction
 
 DEPLOYMENT_STATES = ("pending", "ready", "degraded", "deleted")
-REPLICA_STATES = ("placed", "loading", "ready", "lost", "removed")
-HOLDING_STATES = ("placed", "loading", "ready")
-"""Replica states whose cards are allocated at the site."""
+REPLICA_STATES = tuple(s.value for s in replica_lifecycle.ReplicaState)
+HOLDING_STATES = tuple(s.value for s in replica_lifecycle.ReplicaState if s in replica_lifecycle.HOLDING)
+"""Replica states whose cards are allocated at the site (``replica_lifecycle.HOLDING``)."""
 
 
 class Deployment(msgspec.Struct, kw_only=True):
@@ -274,14 +275,18 @@ def upsert_replicas(
     return len(rows)
 
 
-def set_replica_state(db: sqlite_utils.Database, deployment_id: str, site: str, state: str, *, now: float) -> bool:
-    """Move one replica to ``state``; False if there is no such replica."""
+def set_replica_state(db: sqlite_utils.Database, deployment_id: str, site: str, state: str, *, now: float,
+                      expect: str | None = None) -> bool:
+    """Move one replica to ``state``; False if there is no such replica (or, with ``expect``, it is
+    no longer in that state: a compare-and-set for changes decided on an older read)."""
     _check(state, REPLICA_STATES, "replica state")
+    sql = "UPDATE replicas SET state = ?, updated_at = ? WHERE deployment = ? AND site = ?"
+    args: list[Any] = [state, now, deployment_id, site]
+    if expect is not None:
+        sql += " AND state = ?"
+        args.append(expect)
     with transaction(db):
-        cur = db.execute(
-            "UPDATE replicas SET state = ?, updated_at = ? WHERE deployment = ? AND site = ?",
-            [state, now, deployment_id, site],
-        )
+        cur = db.execute(sql, args)
     return cur.rowcount == 1
 
 

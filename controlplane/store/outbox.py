@@ -1,6 +1,6 @@
 """The command outbox in SQLite: table ``outbox`` (migration 0030).
 
-A command to a site (``StartAttempt``, ``StopAttempt``) is written here in the same transaction as
+A command to a site (``StartAttempt``, ``StopAttempt``, ``LoadModel``, ``UnloadModel``) is written here in the same transaction as
 the decision that causes it, and sent afterwards by ``controlplane.services.outbox.CommandOutbox``. A hub
 killed between the commit and the send finds the entry ``pending`` on start and sends it then;
 agents treat the commands idempotently, so a second delivery is harmless.
@@ -17,9 +17,10 @@ Public API::
 
     enqueue(db, site, kind, job_id, attempt, body, now) -> int           # entry id
     has_pending(db, site, kind, job_id, attempt) -> bool
-    due(db, now, *, site=None, limit=500) -> [OutboxRow]                 # pending, next_at <= now
+    due(db, now, *, site=None, limit=500, kinds=None) -> [OutboxRow]     # pending, next_at <= now
     pending(db) -> [OutboxRow]                                           # every pending entry
-    next_due_at(db) -> float | None
+    pending_keys(db, kinds) -> {(kind, job_id, site)}                    # what waits, for dedupe
+    next_due_at(db, kinds=None) -> float | None
     mark_sent(db, entry_id, now, detail="") -> bool
     mark_dropped(db, entry_id, now, reason) -> bool
     retry_later(db, entry_id, next_at, error) -> None                    # tries + 1
@@ -29,6 +30,7 @@ Public API::
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -41,8 +43,9 @@ class OutboxRow(msgspec.Struct, kw_only=True):
     id: int
     site: str
     kind: str
-    """The command's wire tag (``start_attempt``, ``stop_attempt``)."""
+    """The command's wire tag (``start_attempt``, ``stop_attempt``, ``load_model``, ``unload_model``)."""
     job_id: str
+    """The job (attempt commands) or the deployment (model commands) the command is about."""
     attempt: int
     body: bytes
     """The command, JSON encoded as it goes on the wire."""
@@ -84,13 +87,22 @@ def has_pending(db: sqlite_utils.Database, site: str, kind: str, job_id: str, at
     return row is not None
 
 
-def due(db: sqlite_utils.Database, now: float, *, site: str | None = None, limit: int = 500) -> list[OutboxRow]:
-    """Pending entries whose ``next_at`` has come, oldest first (optionally for one site)."""
+def _kinds_sql(kinds: Collection[str] | None, args: list[Any]) -> str:
+    if kinds is None:
+        return ""
+    args.extend(sorted(kinds))
+    return f" AND kind IN ({', '.join('?' * len(kinds))})"
+
+
+def due(db: sqlite_utils.Database, now: float, *, site: str | None = None, limit: int = 500,
+        kinds: Collection[str] | None = None) -> list[OutboxRow]:
+    """Pending entries whose ``next_at`` has come, oldest first (optionally for one site, only of ``kinds``)."""
     sql = f"SELECT {_COLS} FROM outbox WHERE state = 'pending' AND next_at <= ?"
     args: list[Any] = [now]
     if site is not None:
         sql += " AND site = ?"
         args.append(site)
+    sql += _kinds_sql(kinds, args)
     sql += " ORDER BY id LIMIT ?"
     args.append(int(limit))
     return [_row(r) for r in db.conn.execute(sql, args)]
@@ -101,9 +113,18 @@ def pending(db: sqlite_utils.Database) -> list[OutboxRow]:
     return [_row(r) for r in db.conn.execute(f"SELECT {_COLS} FROM outbox WHERE state = 'pending' ORDER BY id")]
 
 
-def next_due_at(db: sqlite_utils.Database) -> float | None:
-    """When the earliest pending entry is due, or None if nothing is pending."""
-    (at,) = db.conn.execute("SELECT MIN(next_at) FROM outbox WHERE state = 'pending'").fetchone()
+def pending_keys(db: sqlite_utils.Database, kinds: Collection[str]) -> set[tuple[str, str, str]]:
+    """``(kind, job_id, site)`` of every pending entry of ``kinds`` (a deployment id is its ``job_id``)."""
+    args: list[Any] = []
+    sql = "SELECT kind, job_id, site FROM outbox WHERE state = 'pending'" + _kinds_sql(kinds, args)
+    return {(k, j, s) for k, j, s in db.conn.execute(sql, args)}
+
+
+def next_due_at(db: sqlite_utils.Database, kinds: Collection[str] | None = None) -> float | None:
+    """When the earliest pending entry (of ``kinds``) is due, or None if nothing is pending."""
+    args: list[Any] = []
+    sql = "SELECT MIN(next_at) FROM outbox WHERE state = 'pending'" + _kinds_sql(kinds, args)
+    (at,) = db.conn.execute(sql, args).fetchone()
     return None if at is None else float(at)
 
 

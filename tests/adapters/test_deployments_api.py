@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from controlplane.core import deployments as core_deployments
 from controlplane.services import deployments as service_mod
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
@@ -383,6 +384,7 @@ async def test_a_hub_restart_resumes_without_moving_replicas(tmp_path: Path, nat
             assert store.get(hub.db, dep_id).state == "ready"  # type: ignore[union-attr]
             assert {s: agent_models(a) for s, a in agents.items()} == loaded
             assert service.counters["loads_sent"] == 0 and service.counters["unloads_sent"] == 0
+            assert service.counters["loads_queued"] == 0 and service.counters["unloads_queued"] == 0
     finally:
         await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
 
@@ -400,12 +402,12 @@ def test_free_cards_subtract_only_what_heartbeats_do_not_show_yet() -> None:
         "sh-edge": _view("sh-edge", {"H20": 4.0}, [], state="lost"),
     }
     holding = [
-        service_mod.Holding("d1", "a", "hz-edge", "910B", 0.5),    # shown: not subtracted again
-        service_mod.Holding("d2", "b", "hz-edge", "910B", 0.25),   # placed, not shown yet: subtracted
-        service_mod.Holding("d3", "a", "hz-edge", "910B", 0.125),  # same model, other deployment: not shown
-        service_mod.Holding("d2", "b", "nj-edge", "L20", 1.0),     # site never heard: layout total minus it
+        core_deployments.Holding("d1", "a", "hz-edge", "910B", 0.5),    # shown: not subtracted again
+        core_deployments.Holding("d2", "b", "hz-edge", "910B", 0.25),   # placed, not shown yet: subtracted
+        core_deployments.Holding("d3", "a", "hz-edge", "910B", 0.125),  # same model, other deployment: not shown
+        core_deployments.Holding("d2", "b", "nj-edge", "L20", 1.0),     # site never heard: layout total minus it
     ]
-    cands = {c.id: c for c in service_mod.planning_candidates(layout.sites, views, holding)}
+    cands = {c.id: c for c in core_deployments.planning_candidates(layout.sites, views, holding)}
     assert cands["hz-edge"].free_cards == {"910B": 3.125} and cands["hz-edge"].healthy
     assert cands["sh-edge"].free_cards == {"H20": 4.0} and not cands["sh-edge"].healthy
     assert cands["nj-edge"].free_cards == {"L20": 3.0} and not cands["nj-edge"].healthy
@@ -425,3 +427,79 @@ async def test_a_replica_the_agent_forgot_is_loaded_again(rig: Rig, tmp_path: Pa
     body = await until_http(rig.acme, f"/v1/deployments/{dep['id']}",
                             lambda b: {r["state"] for r in b["replicas"]} == {"ready"}, 10, "ready again")
     assert {r["site"] for r in body["replicas"]} == {"hz-edge", "sh-edge"}
+
+
+async def test_loads_are_committed_with_the_plan_in_the_outbox_and_a_restarted_hub_sends_them(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    from controlplane.core.replicas import DeploymentSpec
+    from controlplane.store import outbox as store_outbox
+
+    config = hub_config(tmp_path, nats_server.url)
+
+    def loads(hub: Hub, dep_id: str) -> list[store_outbox.OutboxRow]:
+        return [r for r in store_outbox.for_job(hub.db, dep_id) if r.kind == "load_model"]
+
+    async with running_hub(config) as hub:
+        hub.create_tenant("acme")
+        now = hub.clock.time()
+        for site, (city, cards) in SITES.items():  # up in the registry, but no agent answers yet
+            hub.registry.register(wire.Register(site=site, tier="edge", city=city, accelerators=cards), now)
+        view, _ = deployments_of(hub).create("acme", DeploymentSpec(model="qwen", origins=["hangzhou"]))
+        dep_id = view["id"]
+        # The plan and its LoadModels are committed together: every placed replica has its pending load.
+        placed = {r.site for r in store.replicas_of(hub.db, dep_id) if r.state == "placed"}
+        assert placed == {"hz-edge", "sh-edge"}
+        assert {(r.site, r.state) for r in loads(hub, dep_id)} == {(s, "pending") for s in placed}
+        cmd = wire.command_decoder.decode(loads(hub, dep_id)[0].body)
+        assert isinstance(cmd, wire.LoadModel) and cmd.deployment == dep_id and cmd.model == "qwen"
+        await until(lambda: all(r.tries >= 1 for r in loads(hub, dep_id)), 5, "undeliverable loads retried")
+        assert {r.state for r in loads(hub, dep_id)} == {"pending"}  # kept for later, not lost
+    agents = {s: Agent(agent_config(s, nats_server.url, tmp_path)) for s in SITES}
+    try:
+        async with running_hub(config) as hub:
+            await asyncio.gather(*(a.start() for a in agents.values()))
+            await until(lambda: store.get(hub.db, dep_id).state == "ready", 15, "ready")  # type: ignore[union-attr]
+            # The loads written before the restart were delivered; none was issued twice.
+            assert sorted((r.site, r.state) for r in loads(hub, dep_id)) == [("hz-edge", "sent"), ("sh-edge", "sent")]
+            assert {m for s in placed for m, _ in agent_models(agents[s])} == {"qwen"}
+    finally:
+        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+
+
+async def test_a_refused_load_removes_the_replica_and_keeps_the_deployment_off_the_site(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    from controlplane.core.replicas import DeploymentSpec
+    from controlplane.store import outbox as store_outbox
+    from tests.adapters.test_training_raw_site import RawSite
+
+    raw = RawSite(nats_server.url)  # hz-edge, refusing every LoadModel for lack of cards
+    raw.answer = lambda cmd: wire.ErrorReply(code="no_capacity", message="no room")
+    agents = {s: Agent(agent_config(s, nats_server.url, tmp_path)) for s in SITES if s != "hz-edge"}
+    try:
+        async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+            hub.create_tenant("acme")
+            await raw.start()
+            await raw.serve_commands()
+            await asyncio.gather(*(a.start() for a in agents.values()))
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.heartbeats > 0 for s in SITES), 10,
+                        "sites heard")
+            service = deployments_of(hub)
+            view, _ = service.create("acme", DeploymentSpec(model="qwen", origins=["hangzhou"]))
+            assert "hz-edge" in {r["site"] for r in view["replicas"]}
+            await until(lambda: service.counters["loads_refused"] == 1, 5, "the load refused")
+            (row,) = [r for r in store_outbox.for_job(hub.db, view["id"]) if r.site == "hz-edge"]
+            assert row.state == "dropped" and row.detail.startswith("refused: no_capacity")
+            await until(lambda: any("hz-edge not used for now" in n
+                                    for n in service.view("acme", view["id"])["notes"]), 5, "re-planned without it")
+            states = {r.site: r.state for r in store.replicas_of(hub.db, view["id"], include_removed=True)}
+            assert states["hz-edge"] == "removed"
+            for _ in range(3):  # three more passes, still within the 30 s cool-down
+                ticks = service.counters["ticks"]
+                service.poke()
+                await until(lambda: service.counters["ticks"] > ticks, 5, "another reconcile")
+            assert [type(c).__name__ for c in raw.commands] == ["LoadModel"]  # not asked again while cooling
+            assert service.counters["illegal_transitions"] == 0
+    finally:
+        await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
+        if raw.nc is not None:
+            await raw.close()

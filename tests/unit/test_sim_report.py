@@ -122,8 +122,11 @@ def test_the_simulator_uses_the_hub_core_and_no_second_implementation() -> None:
     assert "from controlplane.core.router import Route, Router, RouteRequest" in inference
     assert "self.routers[p].route(" in inference
     assert "rep_mod.plan_replicas" in calls(sim / "core_inference.py")
+    # Replicas are what the hub's deployments reconcile decides (its LoadModels), not a copy of its rules.
+    assert "decide.reconcile" in calls(sim / "core_inference.py")
     # cpn's replica scaling is the hub's pure autoscaler, not the simulator's own.
     assert "autoscale.decide" in calls(sim / "core_engine.py")
+    assert "decide.autoscaler_asks" in calls(sim / "core_engine.py")  # carried out by the deployments rule
     training = calls(sim / "core_training.py")
     assert {"scheduler.plan", "placement.pool_from_site", "lifecycle.place", "lifecycle.apply_event",
             "lifecycle.infra_failure", "placement.metered_energy_cny"} <= training

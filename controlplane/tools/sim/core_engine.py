@@ -19,7 +19,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypedDict
 
-from controlplane.core import autoscale, placement
+from controlplane.core import autoscale, placement, replicas
+from controlplane.core import deployments as decide
 from controlplane.core.replicas import Candidate
 from controlplane.tools.sim import core_inference, core_training, core_workload
 from controlplane.tools.sim.core_scenario import Scenario, start_epoch_s
@@ -118,7 +119,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     n_hours = max(1, math.ceil(s.hours - 1e-9))
     det = s.faults.detection_s
 
-    dep = core_inference.deploy(lay, rtt, s) if s.inference.requests > 0 else core_inference.Deployment()
+    dep = core_inference.deploy(lay, rtt, s, start_s) if s.inference.requests > 0 else core_inference.Deployment()
     inf = core_inference.InferenceSim(lay, rtt, s, dep, start_s, n_hours, streams.router, streams.baseline,
                                       streams.fixed, streams.ingress)
     draws = core_workload.jobs(s, lay, start_s, end_s, streams.jobs, streams.faults)
@@ -507,6 +508,13 @@ class _Scaler:
             max_per_site=m.max_replicas_per_site)
             for mi, m in enumerate(s.inference.models) if m.max_replicas is not None}
         self.load_s = [m.load_s for m in s.inference.models]
+        self.deployments = {mi: decide.Deployment(id=f"sim-{m.name}", tenant="sim", model=m.name,
+                                                  spec=replicas.DeploymentSpec(
+                                                      model=m.name, origins=[o.id for o in lay.origins],
+                                                      cards_per_replica=m.cards_per_replica,
+                                                      slots_per_replica=m.slots_per_replica,
+                                                      accelerators=m.accelerators))
+                            for mi, m in enumerate(s.inference.models) if m.max_replicas is not None}
         self.meters = {mi: autoscale.DemandMeter() for mi in self.models}
         self.memory = {mi: autoscale.Memory() for mi in self.models}
         self.reach_cache = {mi: autoscale.ReachMemo() for mi in self.models}
@@ -568,19 +576,21 @@ class _Scaler:
             self.decisions += 1
             self.memory[mi] = plan.memory
             self.short[mi] += bool(plan.short)
-            for a in plan.add:
-                si = inf.idx[a.site]
-                inf.add_replica(si, mi, a.accelerator, a.cards, now)
-                self._hold(a.site, a.accelerator, a.cards)
+            # Carried out as the hub's deployments rule for scaling says (the commands it would send).
+            loads, unloads = decide.autoscaler_asks(self.deployments[mi], plan)
+            for a, load in zip(plan.add, loads):
+                si = inf.idx[load.site]
+                inf.add_replica(si, mi, load.command.accelerator, load.command.cards, now)
+                self._hold(load.site, load.command.accelerator, load.command.cards)
                 ready.append((now + self.load_s[mi], si, mi))
                 self.outs[mi][inf.tiers[si]] += 1
                 if len(self.reasons[mi]) < 6:
                     self.reasons[mi].append(f"{(now - inf.start_s) / 3600:.2f} h add {a.reason}")
-            for rm in plan.remove:
-                si = inf.idx[rm.site]
+            for rm, unload in zip(plan.remove, unloads):
+                si = inf.idx[unload.site]
                 f = si * nm + mi
                 inf.remove_replica(si, mi)
-                self._release(rm.site, inf.rep_acc[f], inf.slots[f] * inf.card_per_slot[f])
+                self._release(unload.site, inf.rep_acc[f], inf.slots[f] * inf.card_per_slot[f])
                 self.ins[mi] += 1
                 if len(self.reasons[mi]) < 10:
                     self.reasons[mi].append(f"{(now - inf.start_s) / 3600:.2f} h remove {rm.site}: {rm.reason}")

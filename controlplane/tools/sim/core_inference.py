@@ -2,8 +2,8 @@
 
 What it promises:
 
-- Replicas come from ``replicas.plan_replicas`` (one deployment per model covering every origin,
-  ``apply_debits`` between models), exactly as the hub plans ``/v1/deployments``.
+- Replicas come from ``deployments.reconcile`` (one deployment per model covering every origin), the
+  hub's own decision for ``/v1/deployments``: its ``LoadModel`` commands are the sim's replicas.
 - Each request of the cpn policy is decided by ``router.Router.route`` over ``registry.SiteView``
   objects; the simulator raises and lowers ``replicas[model].busy`` as requests start and finish,
   which is what the router reads live from heartbeats. No second routing implementation.
@@ -31,8 +31,9 @@ import itertools
 
 import msgspec
 
+from controlplane.core import deployments as decide
 from controlplane.core import replicas as rep_mod
-from controlplane.core.registry import SiteView
+from controlplane.core.registry import SiteState, SiteView
 from controlplane.core.router import Route, Router, RouteRequest, RttSource
 from controlplane.tools.sim.core_scenario import Model, Scenario
 from controlplane.tools.sim.core_workload import Rng
@@ -73,28 +74,39 @@ class Deployment:
         return out
 
 
-def deploy(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario) -> Deployment:
-    """Plan one deployment per model with ``replicas.plan_replicas`` (the hub's own placement)."""
+def deploy(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, now: float = 0.0) -> Deployment:
+    """One deployment per model over every origin, decided by the hub's own ``deployments.reconcile``
+    (every site up with all its cards free, as at the start of the day): its ``LoadModel``s are the
+    replicas. The coverage replicas (never scaled in) are ``replicas.plan_replicas`` with the floor."""
     dep = Deployment()
-    cands = [
-        rep_mod.Candidate(id=site.id, city=site.city, region=site.region, tier=site.tier,
-                          free_cards={a: float(n) for a, n in site.accelerators.items()})
-        for site in lay.sites
-    ]
     origins = [o.id for o in lay.origins]
     weights = {o.id: o.weight for o in lay.origins}
+    regions: dict[str, list[str]] = {}
+    for o in lay.origins:
+        regions.setdefault(o.region, []).append(o.id)
+    views = {site.id: SiteView(id=site.id, tier=site.tier, city=site.city, provider=site.provider, region=site.region,
+                               accelerators=dict(site.accelerators), heartbeats=1, registered=True,
+                               free_cards={a: float(n) for a, n in site.accelerators.items()})
+             for site in lay.sites}
+    specs = {m.name: rep_mod.DeploymentSpec(
+        model=m.name, origins=origins, budget_ms=m.deploy_budget_ms, cards_per_replica=m.cards_per_replica,
+        min_cities=m.min_cities, replicas=m.replicas, slots_per_replica=m.slots_per_replica,
+        accelerators=m.accelerators) for m in s.inference.models}
+    deps = [decide.Deployment(id=f"sim-{m.name}", tenant="sim", model=m.name, spec=specs[m.name])
+            for m in s.inference.models]
+    plan = decide.reconcile(decide.Snapshot(deployments=deps, replicas={}, sites=lay.sites, views=views, rtt=rtt,
+                                            regions=regions, weights=weights), now)
+    planned = dict(plan.planned)
+    cands = decide.planning_candidates(lay.sites, views, ())
     for m in s.inference.models:
-        spec = rep_mod.DeploymentSpec(
-            model=m.name, origins=origins, budget_ms=m.deploy_budget_ms, cards_per_replica=m.cards_per_replica,
-            min_cities=m.min_cities, replicas=m.replicas, slots_per_replica=m.slots_per_replica,
-            accelerators=m.accelerators)
-        plan = rep_mod.plan_replicas(spec, cands, rtt, origin_weights=weights)
-        dep.placements[m.name] = [(p.site, p.accelerator, p.cards) for p in plan.add]
+        dep.placements[m.name] = [(x.site, x.command.accelerator, x.command.cards)
+                                  for x in plan.loads if x.command.model == m.name]
         floor = m.min_replicas if m.max_replicas is not None else m.replicas
-        cover = rep_mod.plan_replicas(msgspec.structs.replace(spec, replicas=floor), cands, rtt, origin_weights=weights)
+        cover = rep_mod.plan_replicas(msgspec.structs.replace(specs[m.name], replicas=floor), cands, rtt,
+                                      origin_weights=weights)
         dep.coverage[m.name] = [p.site for p in cover.add]
-        dep.uncovered[m.name] = len(plan.uncovered)
-        cands = rep_mod.apply_debits(cands, plan)
+        dep.uncovered[m.name] = len(planned[f"sim-{m.name}"].uncovered)
+        cands = rep_mod.apply_debits(cands, planned[f"sim-{m.name}"])
     return dep
 
 
@@ -375,7 +387,7 @@ class InferenceSim:
         sid = self.site_ids[s]
         for p in range(self.routed):
             view = self.pviews[p][sid]
-            view.state = "lost"
+            view.state = SiteState.LOST
             view.lost_at = t
             view.sent = 0
             self.versions[p] += 1
@@ -409,7 +421,7 @@ class InferenceSim:
         self.up[s] = True
         for p in range(self.routed):
             view = self.pviews[p][self.site_ids[s]]
-            view.state = "up"
+            view.state = SiteState.UP
             view.lost_at = None
             view.last_seen = t
             self.versions[p] += 1
