@@ -19,11 +19,12 @@ from controlplane.config import HubConfig
 from controlplane.gateway import dashboard as dashboard_api
 from controlplane.gateway import deployments as deployments_api
 from controlplane.gateway import jobs as jobs_api
+from controlplane.gateway import market as market_api
 from controlplane.gateway import server
 from controlplane.gateway import sites as sites_api
 from controlplane.hub import Hub
 from controlplane.runtime import WallClock
-from controlplane.services import deployments, training
+from controlplane.services import deployments, market, training
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.record import Services
 from topology import layout as topo_layout
@@ -50,14 +51,17 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
     history = DashboardHistory(hub)
     hub.add_service(history)
     hub.site_listeners.append(history.on_site)
+    deploys = deployments.install(hub, clock)
+    trainer = training.install(hub, clock)
     services = Services(
         inference=hub.inference,
-        deployments=deployments.install(hub, clock),
-        training=training.install(hub, clock),
+        deployments=deploys,
+        training=trainer,
         dashboard=history,
+        market=market.install(hub, clock, trainer),
     )
     # sites_api: operator declarations; dashboard_api: the operator page and its data
-    hub.route_modules.extend([deployments_api, jobs_api, sites_api, dashboard_api])
+    hub.route_modules.extend([deployments_api, jobs_api, sites_api, dashboard_api, market_api])
     return HubProcess(hub=hub, services=services)
 
 

@@ -38,7 +38,7 @@ from controlplane.store import db as store_db
 from controlplane.store import sites as store_sites
 from controlplane.store import tenants as store_tenants
 from controlplane.store import usage as store_usage
-from controlplane.core.usage import UsageBuffer
+from controlplane.core.usage import UsageBuffer, UsageRow
 from edge_agent import wire
 from topology import latency, loader
 from topology import layout as topo_layout
@@ -112,6 +112,9 @@ class Hub:
         self._reregister_asked: dict[str, float] = {}
         self._models_cache: tuple[int, frozenset[str]] = (-1, frozenset())
         self.usage = UsageBuffer()
+        self.usage_listeners: list[Callable[[list[UsageRow], float], None]] = []
+        """Called with each usage flush *inside* its transaction (the market prices it): one that
+        raises rolls the flush back, and the rows wait for the next one."""
         self.gateway: Any = None
         self._tenants: dict[str, dict[str, Any]] = {}
         self._key_misses: dict[str, tuple[float, str]] = {}
@@ -397,7 +400,11 @@ class Hub:
             return
         rows = self.usage.drain()
         try:
-            store_usage.add_rows(self.db, rows)
+            with store_db.transaction(self.db):
+                store_usage.add_rows(self.db, rows)
+                now = self.clock.time()
+                for listener in self.usage_listeners:
+                    listener(rows, now)
         except Exception:
             self.usage.restore(rows)
             log.exception("event=usage_flush_failed rows=%d", len(rows))

@@ -149,6 +149,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Lost its pool to an infrastructure failure: goes ahead of its priority level's queue."""
     workload: str = "sim"
     """``sim``, ``process`` or ``container`` (:func:`workload_of`): which executors can run it."""
+    pools: tuple[str, ...] = ()
+    """Allowed pools; empty allows all (a job submitted against a quote is pinned to its pool)."""
 
 
 class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):
@@ -206,6 +208,12 @@ def filter_provider(job: JobSpec, pool: Pool, acc: str) -> str | None:
     return None
 
 
+def filter_pool(job: JobSpec, pool: Pool, acc: str) -> str | None:
+    if job.pools and pool.id not in job.pools:
+        return f"not the quoted pool ({', '.join(job.pools)})"
+    return None
+
+
 def filter_tee(job: JobSpec, pool: Pool, acc: str) -> str | None:
     return "no TEE" if job.tee and not pool.tee else None
 
@@ -224,6 +232,7 @@ STATIC_FILTERS: tuple[tuple[str, Filter], ...] = (
     ("draining", filter_draining),
     ("region", filter_region),
     ("provider", filter_provider),
+    ("pool", filter_pool),
     ("tee", filter_tee),
     ("executor", filter_executor),
 )

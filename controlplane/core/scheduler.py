@@ -367,6 +367,7 @@ class _Planner:
         res = self.res
         tou = self.tou_cache
         regions, providers, tee = job.regions, job.providers, job.tee
+        pinned = job.pools
         runs = WORKLOAD_EXECUTORS.get(job.workload, frozenset())
         best: _Cand | None = None
         cands: list[_Cand] = []
@@ -396,6 +397,7 @@ class _Planner:
                 # accelerator and gang filters hold for any entry with enough free cards).
                 if not e.up or (regions and pool.region not in regions) or \
                         (providers and pool.provider not in providers) or (tee and not pool.tee) or \
+                        (pinned and pool.id not in pinned) or \
                         (pool.executors is not None and pool.executors.isdisjoint(runs)):
                     if len(lost) < explain:
                         lost.append(Verdict(pool=pool.id, accelerator=acc,
@@ -477,7 +479,7 @@ class _Planner:
 
     def static_entries(self, job: JobSpec) -> tuple[list[_Entry], list[str]]:
         """Entries passing the static filters (cached per job shape), else the reasons none do."""
-        key = (job.accelerators, job.cards, job.regions, job.providers, job.tee, job.workload)
+        key = (job.accelerators, job.cards, job.regions, job.providers, job.tee, job.workload, job.pools)
         hit = self.static_cache.get(key)
         if hit is not None:
             return hit

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from controlplane.core.errors import RequestError
@@ -10,6 +12,7 @@ from controlplane.gateway.schemas import InferBody
 from controlplane.services.inference import Served
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
+from controlplane.market.catalogue import FILING_HEADER
 
 ORIGIN_HEADER = "X-CPN-Origin"
 BUDGET_HEADER = "X-CPN-Budget-Ms"
@@ -61,15 +64,19 @@ def resolve_policy(request: web.Request, explicit: str | None) -> str:
     return policy
 
 
-def route_headers(served: Served, echo_id: str) -> dict[str, str]:
+def route_headers(served: Served, echo_id: str, filing: str | None = None) -> dict[str, str]:
     """The X-CPN-* headers of an answer and ``X-Request-Id`` (``echo_id``: the client's own id if it
-    sent one, else the hub's)."""
-    return {
+    sent one, else the hub's); ``filing``: the served model's filing number, displayed in
+    ``X-CPN-Model-Filing`` as the rules require (docs/market.md)."""
+    headers = {
         "X-CPN-Site": served.site,
         "X-CPN-RTT-Ms": f"{served.rtt_ms:.3f}",
         "X-CPN-Route": served.route,
         "X-Request-Id": echo_id,
     }
+    if filing is not None:
+        headers[FILING_HEADER] = filing
+    return headers
 
 
 async def infer(request: web.Request) -> web.Response:
@@ -82,6 +89,7 @@ async def infer(request: web.Request) -> web.Response:
     scope = request.app[SERVICES].deployments.check_model_access(tenant, body.model)
     req = wire.InferRequest(request_id=request[REQUEST_ID], model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
+    filing = request.app[SERVICES].market.admit(req, time.time())  # 403 unfiled for the public, 402 over budget
     served = await hub.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope)
     result = served.result
     assert result is not None
@@ -101,7 +109,7 @@ async def infer(request: web.Request) -> web.Response:
         },
         "service_ms": result.service_ms,
     }
-    return json_response(out, headers=route_headers(served, request[ECHO_ID]))
+    return json_response(out, headers=route_headers(served, request[ECHO_ID], filing))
 
 
 OPERATIONS = [

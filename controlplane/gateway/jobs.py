@@ -34,6 +34,7 @@ from controlplane.core import lifecycle, placement
 from controlplane.core.errors import NotFound, RequestError
 from controlplane.gateway.app import HUB, SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
+from controlplane.services.market import QUOTE_FIELDS
 from controlplane.services.training import AttemptRow, JobRow, TrainingService
 
 
@@ -74,6 +75,11 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     executor; only sites that enabled containers (and allow the image) run it."""
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] | None = None
     """Retries after user errors (non-zero exit); default 2. Infrastructure failures never count."""
+    quote_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    """Submit against this quote (``POST /v1/quotes`` with the same body): the job runs on the quoted
+    pool and costs at most the quoted maximum (``max_fen``)."""
+    quote_pool: Token | None = None
+    """Which of the quote's options, by pool; default the first (the cheapest)."""
 
 
 def _service(request: web.Request) -> TrainingService:
@@ -224,7 +230,11 @@ async def submit(request: web.Request) -> web.Response:
     body = await read_body(request, JobBody)
     now = time.time()
     spec = normalise(body, request, now)
-    row, replayed = _service(request).submit(tenant, spec, key, body_hash(spec), now)
+    # The market pins a job submitted against a quote to the quoted pool, and refuses (402) one
+    # its tenant's budget cannot cover.
+    priced = {k: v for k, v in spec.items() if k not in QUOTE_FIELDS}
+    stored = request.app[SERVICES].market.bind_quote(tenant, spec, body_hash(priced), now)
+    row, replayed = _service(request).submit(tenant, stored, key, body_hash(spec), now)
     headers = {"Location": f"/v1/jobs/{row.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -23,6 +23,9 @@ async def usage(request: web.Request) -> web.Response:
     assert tenant is not None
     body = hub.usage_for(tenant)
     body["training"] = request.app[SERVICES].training.usage(tenant)
+    budget = request.app[SERVICES].market.standing(tenant)
+    if budget is not None:  # the tenant's spend limit: figures and the warning thresholds reached
+        body["budget"] = budget
     return json_response(body)
 
 

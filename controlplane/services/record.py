@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.deployments import DeploymentService
 from controlplane.services.inference import InferenceService
+from controlplane.services.market import MarketService
 from controlplane.services.training import TrainingService
 
 
@@ -22,3 +23,4 @@ class Services:
     training: TrainingService
     deployments: DeploymentService
     dashboard: DashboardHistory
+    market: MarketService

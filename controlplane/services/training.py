@@ -45,6 +45,7 @@ import math
 import secrets
 import time
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -111,6 +112,8 @@ class TrainingService:
         """(job, attempt) -> the site's heartbeat count when the hub first saw it missing there"""
         self._ignored: set[tuple[str, str, int]] = set()
         """(site, job, attempt) listed by a site where the hub never placed it (counted once)"""
+        self.billing: Callable[[store_jobs.JobRow, lifecycle.Meter], None] | None = None
+        """Prices an ended attempt (the market), called inside the transaction that records it."""
 
     def __repr__(self) -> str:
         c = self.counters
@@ -288,6 +291,11 @@ class TrainingService:
         self.counters["ticks"] += 1
         self.last_tick_ms = (time.perf_counter() - started) * 1000.0
         return plan
+
+    def pools_now(self, now: float) -> list[placement.Pool]:
+        """The pools as the next tick would see them (free cards less what live jobs hold)."""
+        live = [r for r in store_jobs.jobs_in_states(self.hub.db, LIVE_STATES)]
+        return self._pools(live, now)
 
     def _pools(self, live: Any, now: float) -> list[placement.Pool]:
         hub = self.hub
@@ -575,6 +583,8 @@ class TrainingService:
             pool, meter.accelerator, meter.cards, billed.start_at, billed.end_at)
         store_jobs.end_attempt(self.hub.db, billed, energy_cny=energy, exit_reason=exit_reason,
                                exit_code=exit_code, detail=detail[:2000])
+        if self.billing is not None and ran:
+            self.billing(row, billed)
 
     # ------------------------------------------------------------------ events
 
@@ -744,6 +754,7 @@ def _job_spec(row: store_jobs.JobRow) -> placement.JobSpec:
         regions=tuple(s.get("regions") or ()), providers=tuple(s.get("providers") or ()), tee=bool(s.get("tee")),
         submitted_at=row.submitted_at, progress=row.progress, checkpoint_pool=row.checkpoint_pool,
         restarting=row.state == S.RESTARTING.value, workload=placement.workload_of(s),
+        pools=tuple(str(p) for p in s.get("pools") or ()),
     )
 
 
