@@ -23,7 +23,7 @@ from controlplane.services.market import MarketService
 from controlplane.store.market import billing
 from controlplane.store.market import ledger as ledger_store
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
+from edge_agent.config import AgentConfig, BackendConfig, BusConfig, ExecutorsConfig, ModelConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub
 from tests.support.waiting import until
 
@@ -333,3 +333,96 @@ async def test_cpn_market_bad_input_exits_2_with_one_line(market, capsys: pytest
 def test_cpn_market_without_a_database_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli("model", "list", "--db", str(tmp_path / "none.db")) == 2
     assert "no hub database at" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _training_agent(site: str, city: str, cards: int, url: str, tmp: Path) -> Agent:
+    return Agent(AgentConfig(
+        site=site, nats=url, city=city, tier="edge", accelerators={"910B": cards}, heartbeat_s=1.0,
+        data_dir=str(tmp / site), bus=BusConfig(reconnect_wait_s=0.2, reconnect_jitter_s=0.1, event_backoff_max_s=1.0),
+        executors=ExecutorsConfig(enabled=["sim"]),
+    ))
+
+
+async def test_a_job_against_a_quote_lands_on_the_quoted_pool_and_is_charged_within_it(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """sh-hub (the operator's, PUE 1.25) is where placement by energy puts a 910B job; hz-edge, a
+    third-party provider's pool, offers the lower price. The quote lists hz-edge first; a job
+    submitted against it runs there, is charged at most the quoted maximum, and the provider's
+    statement is its pool's card-hours × its offer."""
+    async with running_hub(hub_config(tmp_path, nats_server.url, sim_time_scale=3600)) as hub:
+        admin = hub.create_admin_key("test")
+        key = hub.create_tenant("acme")
+        agents = [_training_agent("sh-hub", "shanghai", 8, nats_server.url, tmp_path),
+                  _training_agent("hz-edge", "hangzhou", 4, nats_server.url, tmp_path)]
+        try:
+            for a in agents:
+                await a.start()
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.registered
+                                    for s in ("sh-hub", "hz-edge")), 10, "agents registered")
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{hub.http_port}"
+                op, acme = Client(session, base, admin), Client(session, base, key)
+                for offer in ({"id": "sh-910b", "pool": "sh-hub", "provider": "cpn-operator", "accelerator": "910B",
+                               "fen_per_card_hour": 3000, "valid_from": 0},
+                              {"id": "hz-910b", "pool": "hz-edge", "provider": "xirang-7", "accelerator": "910B",
+                               "fen_per_card_hour": 1000, "valid_from": 0}):
+                    status, body, _ = await op.call("POST", "/v1/market/offers", offer)
+                    assert status == 201, body
+                job = {"name": "sim", "cards": 4, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_cost_s": 30,
+                       "checkpoint_interval_min": 10}
+                status, quote, _ = await acme.call("POST", "/v1/quotes", job)
+                assert status == 201, quote
+                assert [o["pool"] for o in quote["options"]] == ["hz-edge", "sh-hub"], quote["unquoted"]
+                hz = quote["options"][0]
+                assert hz["provider"] == "xirang-7" and hz["p10_fen"] <= hz["expected_fen"] <= hz["p90_fen"] <= hz["max_fen"]
+                assert hz["expected_fen"] < quote["options"][1]["expected_fen"]
+
+                # Not the quoted job: refused. Over the budget: 402 with the figures.
+                status, body, _ = await acme.call("POST", "/v1/jobs", {**job, "est_hours": 2.0, "quote_id": quote["id"]})
+                assert status == 409 and body["error"]["code"] == "quote_spec_mismatch", body
+                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": hz["max_fen"] - 1})
+                status, body, _ = await acme.call("POST", "/v1/jobs", {**job, "quote_id": quote["id"]})
+                assert status == 402 and body["budget"]["incoming_fen"] == hz["max_fen"], body
+                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": hz["max_fen"]})
+
+                status, sub, _ = await acme.call("POST", "/v1/jobs", {**job, "quote_id": quote["id"]})
+                assert status == 201, sub
+                jid = sub["id"]
+                await until(lambda: (r := _job(hub, jid)) is not None and r.state == "succeeded",
+                            30, "job succeeded")
+                status, view, _ = await acme.call("GET", f"/v1/jobs/{jid}")
+                assert [a["pool"] for a in view["attempts"]] == ["hz-edge"], view["attempts"]
+
+                status, charges, _ = await acme.call("GET", f"/v1/jobs/{jid}/charges")
+                assert status == 200 and 0 < charges["charged_fen"] <= hz["max_fen"], charges
+                (line,) = charges["attempts"]
+                card_h = line["cards"] * (line["end_at"] - line["start_at"]) / 3600
+                assert abs(card_h - view["card_hours"]) < 1e-5  # billed what metering measured
+                earning = round(card_h * 1000)
+                status, st, _ = await op.call("GET", "/v1/statements?account=provider:xirang-7")
+                earned = sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "earning")
+                commission = -sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "commission")
+                assert abs(earned - earning) <= 1 and commission == (earned + 5) // 10, st  # 10 %, half up
+                assert st["closing_fen"] == earned - commission
+                status, tst, _ = await acme.call("GET", "/v1/statements")
+                assert tst["closing_fen"] == -charges["charged_fen"]
+                status, rec, _ = await op.call("GET", "/v1/market/reconcile")
+                assert rec["ok"] is True and rec["checked"] == 1, rec
+                status, totals, _ = await op.call("GET", "/v1/market/totals")
+                assert totals["providers_earn_fen"] == {"xirang-7": earned - commission}
+                assert totals["tenants_owe_fen"]["acme"] == charges["charged_fen"] and totals["imbalance_fen"] == 0
+                # The spend counts against the budget: at it now (or within the quote's margin).
+                status, usage, _ = await acme.call("GET", "/v1/usage")
+                assert usage["budget"]["spent_fen"] == charges["charged_fen"]
+        finally:
+            for a in agents:
+                await a.stop()
+
+
+def _job(hub: Hub, job_id: str) -> Any:
+    from controlplane.store import jobs as store_jobs
+
+    return store_jobs.get_job(hub.db, job_id)
