@@ -457,7 +457,8 @@ class _Planner:
 
     def explain(self, bd: CostBreakdown, chosen: _Entry, cands: list[_Cand], lost: list[Verdict]) -> Explanation:
         k = self.policy.explain_others
-        text = (f"{bd.pool}/{bd.accelerator}: {bd.total_cny:.2f} CNY = energy {bd.energy_cny:.2f} "
+        what = "offer price" if bd.accelerator in chosen.pp.pool.card_hour_cny else "energy"
+        text = (f"{bd.pool}/{bd.accelerator}: {bd.total_cny:.2f} CNY = {what} {bd.energy_cny:.2f} "
                 f"+ failure waste {bd.failure_waste_cny:.2f} (MTBF {bd.mtbf_h:.1f} h, checkpoint every "
                 f"{bd.interval_s / 60:.0f} min, waste {bd.waste_fraction:.1%}) + move {bd.move_cny:.2f}")
         if bd.notes:

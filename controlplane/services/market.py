@@ -19,6 +19,9 @@ It asks the pure market (``controlplane/market/``) and writes its record (``stor
 - **Training metering** (:meth:`MarketService.bill_attempt`): called by the training service
   *inside* the transaction that ends an attempt: the attempt is kept and priced at the offer in
   force at its start, the tenant charged at most what its quote still allows.
+- **Placement** (:meth:`MarketService.price_pools`, before each scheduling round): pools with an
+  offer in force are priced at it, so the scheduler minimises what the tenant pays (the offer,
+  which includes the owner's energy); pools without one are still priced by their energy.
 - **Quotes** (:meth:`MarketService.quote`, :meth:`MarketService.bind_quote`) and statements,
   totals and the reconciliation for the operator.
 """
@@ -70,6 +73,7 @@ class MarketService:
         self._models: dict[str, catalogue.ModelRecord] = {}
         self._budgets: dict[str, budgets.Budget] = {}
         self._tenants: dict[str, billing.TenantSettings] = {}
+        self._offers: list[offers.Offer] = []
         self._loaded_at = -1e18
         self._flushes = 0
         self.counters = {"refused_filing": 0, "refused_budget": 0, "usage_lines": 0, "attempts_billed": 0,
@@ -94,6 +98,7 @@ class MarketService:
         self._models = records.models(self.db, now)
         self._budgets = billing.budgets(self.db)
         self._tenants = billing.tenants(self.db)
+        self._offers = records.list_offers(self.db)
         self._loaded_at = self.clock.monotonic()
 
     def _fresh(self) -> None:
@@ -315,6 +320,22 @@ class MarketService:
         return {"job": job_id, "charged_fen": charged, "attempts": [msgspec.to_builtins(x) for x in lines],
                 "transactions": [msgspec.to_builtins(t) for t in txns]}
 
+    def price_pools(self, pools: list[placement.Pool], now: float) -> list[placement.Pool]:
+        """``pools`` with the offers in force now as their card-hour prices (CNY, by local hour):
+        what the scheduler then minimises. Pools without an offer keep pricing by energy."""
+        self._fresh()
+        if not self._offers:
+            return pools
+        out = []
+        for pool in pools:
+            table = {}
+            for acc in pool.cards_total:
+                offer = offers.select(self._offers, pool.id, acc, now)
+                if offer is not None:
+                    table[acc] = tuple(fen / 100.0 for fen in offer.hours())
+            out.append(msgspec.structs.replace(pool, card_hour_cny=table) if table else pool)
+        return out
+
     # ------------------------------------------------------------------ quotes
 
     def quote(self, tenant: str, spec: dict[str, Any], spec_hash: str, now: float) -> quotes.Quote:
@@ -445,6 +466,7 @@ def install(hub: Hub, clock: Clock, training: TrainingService) -> MarketService:
     hub.add_service(service)
     hub.usage_listeners.append(service.post_usage)
     training.billing = service.bill_attempt
+    training.pricing = service.price_pools
     return service
 
 

@@ -114,6 +114,9 @@ class TrainingService:
         """(site, job, attempt) listed by a site where the hub never placed it (counted once)"""
         self.billing: Callable[[store_jobs.JobRow, lifecycle.Meter], None] | None = None
         """Prices an ended attempt (the market), called inside the transaction that records it."""
+        self.pricing: Callable[[list[placement.Pool], float], list[placement.Pool]] | None = None
+        """Puts the offers in force on the pools before each plan (the market), so placement
+        minimises what the tenant pays rather than the energy alone."""
 
     def __repr__(self) -> str:
         c = self.counters
@@ -271,6 +274,8 @@ class TrainingService:
         plan = None
         if waiting:
             pools = self._pools(live.values(), now)
+            if self.pricing is not None:
+                pools = self.pricing(pools, now)
             specs: list[placement.JobSpec] = []
             bad: list[tuple[str, str]] = []
             for r in waiting:

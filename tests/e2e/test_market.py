@@ -346,12 +346,13 @@ def _training_agent(site: str, city: str, cards: int, url: str, tmp: Path) -> Ag
     ))
 
 
-async def test_a_job_against_a_quote_lands_on_the_quoted_pool_and_is_charged_within_it(
+async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_charge(
         tmp_path: Path, nats_server: NatsServer) -> None:
-    """sh-hub (the operator's, PUE 1.25) is where placement by energy puts a 910B job; hz-edge, a
-    third-party provider's pool, offers the lower price. The quote lists hz-edge first; a job
-    submitted against it runs there, is charged at most the quoted maximum, and the provider's
-    statement is its pool's card-hours × its offer."""
+    """sh-hub (the operator's, PUE 1.25) is where placement by energy alone puts a 910B job; hz-edge,
+    a third-party provider's pool, offers the lower price. A job without a quote goes to hz-edge
+    (placement minimises the offer price) and its provider's statement is its card-hours × its
+    offer less the commission; a job submitted against the quote's sh-hub option runs there (the
+    quote pins it) and is charged at most the quoted maximum."""
     async with running_hub(hub_config(tmp_path, nats_server.url, sim_time_scale=3600)) as hub:
         admin = hub.create_admin_key("test")
         key = hub.create_tenant("acme")
@@ -376,47 +377,57 @@ async def test_a_job_against_a_quote_lands_on_the_quoted_pool_and_is_charged_wit
                 status, quote, _ = await acme.call("POST", "/v1/quotes", job)
                 assert status == 201, quote
                 assert [o["pool"] for o in quote["options"]] == ["hz-edge", "sh-hub"], quote["unquoted"]
-                hz = quote["options"][0]
+                hz, sh = quote["options"]
                 assert hz["provider"] == "xirang-7" and hz["p10_fen"] <= hz["expected_fen"] <= hz["p90_fen"] <= hz["max_fen"]
-                assert hz["expected_fen"] < quote["options"][1]["expected_fen"]
+                assert hz["expected_fen"] < sh["expected_fen"] and sh["energy_fen"] < hz["energy_fen"]
+                assert sh["margin_fen"] == sh["expected_fen"] - sh["energy_fen"]
 
                 # Not the quoted job: refused. Over the budget: 402 with the figures.
                 status, body, _ = await acme.call("POST", "/v1/jobs", {**job, "est_hours": 2.0, "quote_id": quote["id"]})
                 assert status == 409 and body["error"]["code"] == "quote_spec_mismatch", body
-                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": hz["max_fen"] - 1})
-                status, body, _ = await acme.call("POST", "/v1/jobs", {**job, "quote_id": quote["id"]})
-                assert status == 402 and body["budget"]["incoming_fen"] == hz["max_fen"], body
-                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": hz["max_fen"]})
+                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": sh["max_fen"] - 1})
+                quoted = {**job, "quote_id": quote["id"], "quote_pool": "sh-hub"}
+                status, body, _ = await acme.call("POST", "/v1/jobs", quoted)
+                assert status == 402 and body["budget"]["incoming_fen"] == sh["max_fen"], body
+                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 10**9})
 
-                status, sub, _ = await acme.call("POST", "/v1/jobs", {**job, "quote_id": quote["id"]})
+                status, sub, _ = await acme.call("POST", "/v1/jobs", quoted)
                 assert status == 201, sub
-                jid = sub["id"]
-                await until(lambda: (r := _job(hub, jid)) is not None and r.state == "succeeded",
-                            30, "job succeeded")
-                status, view, _ = await acme.call("GET", f"/v1/jobs/{jid}")
-                assert [a["pool"] for a in view["attempts"]] == ["hz-edge"], view["attempts"]
+                status, free, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 201, free
+                jq, jf = sub["id"], free["id"]
+                await until(lambda: all((r := _job(hub, j)) is not None and r.state == "succeeded" for j in (jq, jf)),
+                            30, "jobs succeeded")
+                _, vq, _ = await acme.call("GET", f"/v1/jobs/{jq}")
+                _, vf, _ = await acme.call("GET", f"/v1/jobs/{jf}")
+                assert [a["pool"] for a in vq["attempts"]] == ["sh-hub"], vq["attempts"]  # pinned by its quote
+                assert [a["pool"] for a in vf["attempts"]] == ["hz-edge"], vf["attempts"]  # the cheaper offer
+                assert "offer price" in vf["placement"]["chosen"], vf["placement"]
 
-                status, charges, _ = await acme.call("GET", f"/v1/jobs/{jid}/charges")
-                assert status == 200 and 0 < charges["charged_fen"] <= hz["max_fen"], charges
-                (line,) = charges["attempts"]
+                _, cq, _ = await acme.call("GET", f"/v1/jobs/{jq}/charges")
+                assert 0 < cq["charged_fen"] <= sh["max_fen"], (cq, sh)
+                _, cf, _ = await acme.call("GET", f"/v1/jobs/{jf}/charges")
+                (line,) = cf["attempts"]
                 card_h = line["cards"] * (line["end_at"] - line["start_at"]) / 3600
-                assert abs(card_h - view["card_hours"]) < 1e-5  # billed what metering measured
-                earning = round(card_h * 1000)
+                assert abs(card_h - vf["card_hours"]) < 1e-5  # billed what metering measured
+                assert cf["charged_fen"] == round(card_h * 1000)  # no quote: metered at the offer, uncapped
                 status, st, _ = await op.call("GET", "/v1/statements?account=provider:xirang-7")
                 earned = sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "earning")
                 commission = -sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "commission")
-                assert abs(earned - earning) <= 1 and commission == (earned + 5) // 10, st  # 10 %, half up
+                assert earned == cf["charged_fen"] and commission == (earned + 5) // 10, st  # 10 %, half up
                 assert st["closing_fen"] == earned - commission
+                status, pools, _ = await op.call("GET", "/v1/statements?account=operator:pools")
+                assert pools["closing_fen"] == sum(x["amount_fen"] for x in pools["lines"]) >= cq["charged_fen"]
                 status, tst, _ = await acme.call("GET", "/v1/statements")
-                assert tst["closing_fen"] == -charges["charged_fen"]
+                assert tst["closing_fen"] == -(cq["charged_fen"] + cf["charged_fen"])
                 status, rec, _ = await op.call("GET", "/v1/market/reconcile")
-                assert rec["ok"] is True and rec["checked"] == 1, rec
+                assert rec["ok"] is True and rec["checked"] == 2, rec
                 status, totals, _ = await op.call("GET", "/v1/market/totals")
                 assert totals["providers_earn_fen"] == {"xirang-7": earned - commission}
-                assert totals["tenants_owe_fen"]["acme"] == charges["charged_fen"] and totals["imbalance_fen"] == 0
-                # The spend counts against the budget: at it now (or within the quote's margin).
+                assert totals["tenants_owe_fen"]["acme"] == cq["charged_fen"] + cf["charged_fen"]
+                assert totals["imbalance_fen"] == 0
                 status, usage, _ = await acme.call("GET", "/v1/usage")
-                assert usage["budget"]["spent_fen"] == charges["charged_fen"]
+                assert usage["budget"]["spent_fen"] == cq["charged_fen"] + cf["charged_fen"]
         finally:
             for a in agents:
                 await a.stop()
