@@ -230,11 +230,15 @@ async def submit(request: web.Request) -> web.Response:
     body = await read_body(request, JobBody)
     now = time.time()
     spec = normalise(body, request, now)
-    # The market pins a job submitted against a quote to the quoted pool, and refuses (402) one
-    # its tenant's budget cannot cover.
-    priced = {k: v for k, v in spec.items() if k not in QUOTE_FIELDS}
-    stored = request.app[SERVICES].market.bind_quote(tenant, spec, body_hash(priced), now)
-    row, replayed = _service(request).submit(tenant, stored, key, body_hash(spec), now)
+    earlier = _service(request).replayed(tenant, key, body_hash(spec)) if key is not None else None
+    if earlier is not None:  # a retry: the first answer, whatever its quote or budget say now
+        row, replayed = earlier, True
+    else:
+        # The market pins a job submitted against a quote to the quoted pool, and refuses (402)
+        # one its tenant's budget cannot cover.
+        priced = {k: v for k, v in spec.items() if k not in QUOTE_FIELDS}
+        stored = request.app[SERVICES].market.bind_quote(tenant, spec, body_hash(priced), now)
+        row, replayed = _service(request).submit(tenant, stored, key, body_hash(spec), now)
     headers = {"Location": f"/v1/jobs/{row.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -201,6 +201,14 @@ class TrainingService:
             self.poke()
         return row, replayed
 
+    def replayed(self, tenant: str, idem_key: str, body_hash: str) -> store_jobs.JobRow | None:
+        """The job an earlier submission with this ``Idempotency-Key`` created, or None.
+
+        Raises:
+            Unprocessable: the key was used with another body.
+        """
+        return store_jobs.idempotent_answer(self.hub.db, tenant, idem_key, body_hash)
+
     def cancel(self, job_id: str, tenant: str, now: float) -> store_jobs.JobRow:
         """Cancel a tenant's job: terminal at once; a live attempt is stopped and billed.
 

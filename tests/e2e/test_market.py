@@ -391,7 +391,7 @@ async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_c
                 assert status == 402 and body["budget"]["incoming_fen"] == sh["max_fen"], body
                 await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 10**9})
 
-                status, sub, _ = await acme.call("POST", "/v1/jobs", quoted)
+                status, sub, _ = await acme.call("POST", "/v1/jobs", quoted, headers={"Idempotency-Key": "q1"})
                 assert status == 201, sub
                 status, free, _ = await acme.call("POST", "/v1/jobs", job)
                 assert status == 201, free
@@ -428,6 +428,13 @@ async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_c
                 assert totals["imbalance_fen"] == 0
                 status, usage, _ = await acme.call("GET", "/v1/usage")
                 assert usage["budget"]["spent_fen"] == cq["charged_fen"] + cf["charged_fen"]
+                # A retry of the quoted submission answers as first answered, though the budget
+                # is now spent and the job done.
+                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 1})
+                status, again, headers = await acme.call("POST", "/v1/jobs", quoted, headers={"Idempotency-Key": "q1"})
+                assert (status, again["id"], headers.get("Idempotent-Replayed")) == (201, jq, "true"), again
+                status, body, _ = await acme.call("POST", "/v1/jobs", quoted, headers={"Idempotency-Key": "q2"})
+                assert status == 402, body
         finally:
             for a in agents:
                 await a.stop()
