@@ -59,6 +59,7 @@ from controlplane.core.placement import (
     breakdown,
     estimate,
     job_problem,
+    metered_energy_cny,
     priced,
     static_reason,
 )
@@ -453,14 +454,20 @@ class _Planner:
             res.spare -= cards
         self.plan.start.append(Placement(
             job_id=job.id, tenant=job.tenant, pool=e.pool.id, accelerator=acc, cards=cards,
-            start_at=bd.start_at, breakdown=bd, explanation=self.explain(bd, e, cands, lost)))
+            start_at=bd.start_at, breakdown=bd, explanation=self.explain(bd, e, cands, lost, cards)))
 
-    def explain(self, bd: CostBreakdown, chosen: _Entry, cands: list[_Cand], lost: list[Verdict]) -> Explanation:
+    def explain(self, bd: CostBreakdown, chosen: _Entry, cands: list[_Cand], lost: list[Verdict],
+                cards: int = 0) -> Explanation:
         k = self.policy.explain_others
-        what = "offer price" if bd.accelerator in chosen.pp.pool.card_hour_cny else "energy"
-        text = (f"{bd.pool}/{bd.accelerator}: {bd.total_cny:.2f} CNY = {what} {bd.energy_cny:.2f} "
+        offered = bd.accelerator in chosen.pp.pool.card_hour_cny
+        text = (f"{bd.pool}/{bd.accelerator}: {bd.total_cny:.2f} CNY = {'offer price' if offered else 'energy'} "
+                f"{bd.energy_cny:.2f} "
                 f"+ failure waste {bd.failure_waste_cny:.2f} (MTBF {bd.mtbf_h:.1f} h, checkpoint every "
                 f"{bd.interval_s / 60:.0f} min, waste {bd.waste_fraction:.1%}) + move {bd.move_cny:.2f}")
+        if offered and cards:
+            # What the owner's cards draw over the same run, by tariff: its margin over energy.
+            energy = metered_energy_cny(chosen.pp.pool, bd.accelerator, cards, bd.start_at, bd.start_at + bd.work_s)
+            text += f" (the owner's energy {energy:.2f}, margin over it {bd.energy_cny - energy:.2f})"
         if bd.notes:
             text += "; " + "; ".join(bd.notes)
         others: list[Verdict] = []

@@ -27,6 +27,8 @@ def test_an_offer_replaces_the_energy_as_what_placement_minimises() -> None:
     plan = scheduler.plan(scheduler.Snapshot(pools=offered, queued=[job()]), MIDNIGHT)
     (start,) = plan.start
     assert start.pool == "dear-energy" and "offer price 4.00" in start.explanation.chosen
+    # Its energy stays in the explanation: 1 card × 0.5 kW × PUE 2 × 0.5 CNY/kWh × 2 h = 1.00; margin 3.00.
+    assert "the owner's energy 1.00, margin over it 3.00" in start.explanation.chosen
 
 
 def test_metering_bills_energy_by_tariff_whatever_the_offer() -> None:
