@@ -15,7 +15,7 @@ import sys
 
 from controlplane.core.errors import CpnError
 
-COMMANDS = ["up", "hub", "agent", "tenant", "key", "site", "topology", "sim", "bench", "deploy", "chaos"]
+COMMANDS = ["up", "hub", "agent", "tenant", "key", "site", "topology", "sim", "bench", "deploy", "chaos", "market"]
 
 
 class PlainHelp(argparse.RawDescriptionHelpFormatter):

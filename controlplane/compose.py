@@ -26,6 +26,7 @@ from controlplane.core.router import for_gateway as router_for_gateway
 from controlplane.gateway import dashboard as dashboard_api
 from controlplane.gateway import deployments as deployments_api
 from controlplane.gateway import jobs as jobs_api
+from controlplane.gateway import market as market_api
 from controlplane.gateway import server
 from controlplane.gateway import sites as sites_api
 from controlplane.hub import Hub
@@ -33,7 +34,7 @@ from controlplane.metrics import HubMetrics
 from controlplane.nats.bus import HubBus
 from controlplane.readiness import Readiness
 from controlplane.runtime import BackgroundTasks, TaskScope, WallClock
-from controlplane.services import deployments, training
+from controlplane.services import deployments, market, training
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.job_feed import JobFeed
@@ -119,7 +120,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
 
     services: Services | None = None
     # sites_api: operator declarations; dashboard_api: the operator page and its data
-    extra_routes = [deployments_api, jobs_api, sites_api, dashboard_api]
+    extra_routes = [deployments_api, jobs_api, sites_api, dashboard_api, market_api]
 
     async def serve_http(host: str, port: int) -> server.GatewayServer:
         assert services is not None  # built below, before anyone can start the hub
@@ -136,6 +137,11 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
                                           permission_violations=lambda: hub.permission_violations))
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock)
     trainer = training.install(hub, clock)
+    # The market prices the usage flush and training's metering (in their transactions).
+    seller = market.install(market.MarketService(hub_id=config.hub_id, store=store, tenancy=tenancy, sites=sites,
+                                                 accounting=accounting, clock=clock, training=trainer),
+                            accounting, trainer)
+    hub.add_service(seller)
     feed = JobFeed(store=store, training=trainer, clock=clock)
     trainer.tick_listeners.append(feed.record_progress)
     services = Services(
@@ -145,6 +151,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         dashboard=history,
         job_views=JobViews(sites=sites, training=trainer, clock=clock),
         job_feed=feed,
+        market=seller,
         tenancy=tenancy,
         sites=sites,
         accounting=accounting,

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CpnError(Exception):
     """Base of every error cpn raises on purpose."""
@@ -65,6 +67,17 @@ class RateLimited(RequestError):
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class Refused(RequestError):
+    """A refusal with a body already written in the error shape plus figures (the market's 402
+    ``budget_exceeded`` and 403 ``model_not_filed``): the gateway sends ``body`` as it is."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        error = body.get("error") or {}
+        super().__init__(str(error.get("message", "")), field=error.get("param"), status=status,
+                         code=str(error.get("code", "refused")))
+        self.body = body
 
 
 class NoCapacity(RequestError):

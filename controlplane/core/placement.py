@@ -101,6 +101,10 @@ class Pool(msgspec.Struct, frozen=True, kw_only=True):
     executors: frozenset[str] | None = None
     """Training executors the site registered (``sim``, ``process``, ``slurm``, ``container``);
     None: not known, any workload passes (the simulator, unit tests)."""
+    card_hour_cny: dict[str, tuple[float, ...]] = {}
+    """What a tenant pays per card-hour here (the pool owner's offer, which includes its energy),
+    by accelerator, for local hours 0..23. For an accelerator listed, placement minimises this
+    price instead of the energy cost (:func:`priced`); metering still bills energy by tariff."""
 
 
 WORKLOAD_EXECUTORS: dict[str, frozenset[str]] = {
@@ -149,6 +153,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Lost its pool to an infrastructure failure: goes ahead of its priority level's queue."""
     workload: str = "sim"
     """``sim``, ``process`` or ``container`` (:func:`workload_of`): which executors can run it."""
+    pools: tuple[str, ...] = ()
+    """Allowed pools; empty allows all (a job submitted against a quote is pinned to its pool)."""
 
 
 class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):
@@ -206,6 +212,12 @@ def filter_provider(job: JobSpec, pool: Pool, acc: str) -> str | None:
     return None
 
 
+def filter_pool(job: JobSpec, pool: Pool, acc: str) -> str | None:
+    if job.pools and pool.id not in job.pools:
+        return f"not the quoted pool ({', '.join(job.pools)})"
+    return None
+
+
 def filter_tee(job: JobSpec, pool: Pool, acc: str) -> str | None:
     return "no TEE" if job.tee and not pool.tee else None
 
@@ -224,6 +236,7 @@ STATIC_FILTERS: tuple[tuple[str, Filter], ...] = (
     ("draining", filter_draining),
     ("region", filter_region),
     ("provider", filter_provider),
+    ("pool", filter_pool),
     ("tee", filter_tee),
     ("executor", filter_executor),
 )
@@ -269,6 +282,9 @@ def pool_problem(pool: Pool) -> str | None:
     for acc, units in pool.units.items():
         if _bad(units, positive=True):
             return f"units[{acc}] must be > 0, got {units!r}"
+    for acc, table in pool.card_hour_cny.items():
+        if len(table) != 24 or any(_bad(p) for p in table):
+            return f"card_hour_cny[{acc}] must be 24 prices >= 0 (local hours 0..23)"
     return None
 
 
@@ -299,7 +315,7 @@ class PricedPool:
     __slots__ = ("pool", "acc", "prices", "cum", "day_sum", "kw_pue", "units", "lb_rate", "min_price",
                  "avg_rate", "day_slack")
 
-    def __init__(self, pool: Pool, acc: str, prices: Sequence[float]) -> None:
+    def __init__(self, pool: Pool, acc: str, prices: Sequence[float], *, per_card: bool = False) -> None:
         problem = pool_problem(pool)
         if problem is not None:
             raise ValueError(f"pool {pool.id}: {problem}")
@@ -313,7 +329,8 @@ class PricedPool:
             cum.append(cum[-1] + p)
         self.cum = cum
         self.day_sum = cum[24]
-        self.kw_pue = pool.kw_per_card.get(acc, 0.0) * pool.pue
+        # per_card: ``prices`` are CNY per card-hour (an offer), not CNY per kWh (a tariff).
+        self.kw_pue = 1.0 if per_card else pool.kw_per_card.get(acc, 0.0) * pool.pue
         units = pool.units.get(acc, 1.0)
         self.units = units if units > 0 else 1.0
         self.min_price = min(self.prices)
@@ -358,6 +375,10 @@ def priced(pool: Pool, acc: str, cache: dict[object, list[float]] | None = None)
     ``cache`` (one per tick, owned by the caller) maps id(tariff) and the price table's contents to
     one shared list, so equal tariffs share one table even when they are different objects.
     """
+    offer = pool.card_hour_cny.get(acc)
+    if offer is not None:  # one shared list per price table (the start-time cache keys on its identity)
+        table = list(offer) if cache is None else cache.setdefault(tuple(offer), list(offer))
+        return PricedPool(pool, acc, table, per_card=True)
     if cache is None:
         return PricedPool(pool, acc, tariff_prices(pool.tariff))
     key = id(pool.tariff)
@@ -595,7 +616,7 @@ def metered_energy_cny(pool: Pool, accelerator: str, cards: int, start_at: float
     cards × kW per card × PUE × ∫ tariff, hour by hour (what an attempt is billed)."""
     if end_at <= start_at:
         return 0.0
-    pp = priced(pool, accelerator)
+    pp = PricedPool(pool, accelerator, tariff_prices(pool.tariff))  # the tariff, never an offer
     return cards * pp.kw_pue * pp.price_integral(start_at, end_at)
 
 

@@ -59,6 +59,7 @@ from controlplane.core.placement import (
     breakdown,
     estimate,
     job_problem,
+    metered_energy_cny,
     priced,
     static_reason,
 )
@@ -367,6 +368,7 @@ class _Planner:
         res = self.res
         tou = self.tou_cache
         regions, providers, tee = job.regions, job.providers, job.tee
+        pinned = job.pools
         runs = WORKLOAD_EXECUTORS.get(job.workload, frozenset())
         best: _Cand | None = None
         cands: list[_Cand] = []
@@ -396,6 +398,7 @@ class _Planner:
                 # accelerator and gang filters hold for any entry with enough free cards).
                 if not e.up or (regions and pool.region not in regions) or \
                         (providers and pool.provider not in providers) or (tee and not pool.tee) or \
+                        (pinned and pool.id not in pinned) or \
                         (pool.executors is not None and pool.executors.isdisjoint(runs)):
                     if len(lost) < explain:
                         lost.append(Verdict(pool=pool.id, accelerator=acc,
@@ -451,13 +454,20 @@ class _Planner:
             res.spare -= cards
         self.plan.start.append(Placement(
             job_id=job.id, tenant=job.tenant, pool=e.pool.id, accelerator=acc, cards=cards,
-            start_at=bd.start_at, breakdown=bd, explanation=self.explain(bd, e, cands, lost)))
+            start_at=bd.start_at, breakdown=bd, explanation=self.explain(bd, e, cands, lost, cards)))
 
-    def explain(self, bd: CostBreakdown, chosen: _Entry, cands: list[_Cand], lost: list[Verdict]) -> Explanation:
+    def explain(self, bd: CostBreakdown, chosen: _Entry, cands: list[_Cand], lost: list[Verdict],
+                cards: int = 0) -> Explanation:
         k = self.policy.explain_others
-        text = (f"{bd.pool}/{bd.accelerator}: {bd.total_cny:.2f} CNY = energy {bd.energy_cny:.2f} "
+        offered = bd.accelerator in chosen.pp.pool.card_hour_cny
+        text = (f"{bd.pool}/{bd.accelerator}: {bd.total_cny:.2f} CNY = {'offer price' if offered else 'energy'} "
+                f"{bd.energy_cny:.2f} "
                 f"+ failure waste {bd.failure_waste_cny:.2f} (MTBF {bd.mtbf_h:.1f} h, checkpoint every "
                 f"{bd.interval_s / 60:.0f} min, waste {bd.waste_fraction:.1%}) + move {bd.move_cny:.2f}")
+        if offered and cards:
+            # What the owner's cards draw over the same run, by tariff: its margin over energy.
+            energy = metered_energy_cny(chosen.pp.pool, bd.accelerator, cards, bd.start_at, bd.start_at + bd.work_s)
+            text += f" (the owner's energy {energy:.2f}, margin over it {bd.energy_cny - energy:.2f})"
         if bd.notes:
             text += "; " + "; ".join(bd.notes)
         others: list[Verdict] = []
@@ -477,7 +487,7 @@ class _Planner:
 
     def static_entries(self, job: JobSpec) -> tuple[list[_Entry], list[str]]:
         """Entries passing the static filters (cached per job shape), else the reasons none do."""
-        key = (job.accelerators, job.cards, job.regions, job.providers, job.tee, job.workload)
+        key = (job.accelerators, job.cards, job.regions, job.providers, job.tee, job.workload, job.pools)
         hit = self.static_cache.get(key)
         if hit is not None:
             return hit

@@ -25,7 +25,7 @@ from controlplane import logs
 from controlplane.core import auth, bodies
 from controlplane.gateway.clientaddr import TrustedProxies
 from controlplane.services.record import Services
-from controlplane.core.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
+from controlplane.core.errors import NoCapacity, PeerError, RateLimited, Refused, RequestError, Unauthorized, Forbidden
 
 log = logging.getLogger("cpn.gateway")
 
@@ -197,6 +197,9 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool) -
             status = exc.status
             return error_response(status, exc.message, code=exc.code, request_id=echo,
                                   headers={"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
+        except Refused as exc:
+            status = exc.status
+            return json_response(exc.body, status=status, headers={"X-Request-Id": echo})
         except RequestError as exc:
             status = exc.status
             return error_response(status, exc.message, code=exc.code, param=exc.field, request_id=echo)

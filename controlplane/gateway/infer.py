@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 from aiohttp import web
 
 from controlplane.core.errors import RequestError
@@ -10,6 +11,7 @@ from controlplane.gateway.schemas import InferBody
 from controlplane.services.inference import Served
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
+from controlplane.market.catalogue import FILING_HEADER
 
 ORIGIN_HEADER = "X-CPN-Origin"
 BUDGET_HEADER = "X-CPN-Budget-Ms"
@@ -61,9 +63,10 @@ def resolve_policy(request: web.Request, explicit: str | None) -> str:
     return policy
 
 
-def route_headers(served: Served, echo_id: str) -> dict[str, str]:
+def route_headers(served: Served, echo_id: str, filing: str | None = None) -> dict[str, str]:
     """The X-CPN-* headers of an answer and ``X-Request-Id`` (``echo_id``: the client's own id if it
-    sent one, else the hub's)."""
+    sent one, else the hub's); ``filing``: the served model's filing number, displayed in
+    ``X-CPN-Model-Filing`` as the rules require (docs/market.md)."""
     headers = {
         "X-CPN-Site": served.site,
         "X-CPN-RTT-Ms": f"{served.rtt_ms:.3f}",
@@ -74,6 +77,8 @@ def route_headers(served: Served, echo_id: str) -> dict[str, str]:
         headers["X-CPN-Ingress"] = served.ingress
     if served.nearer_gateway:
         headers["X-CPN-Nearer-Gateway"] = served.nearer_gateway
+    if filing is not None:
+        headers[FILING_HEADER] = filing
     return headers
 
 
@@ -87,6 +92,7 @@ async def infer(request: web.Request) -> web.Response:
     scope = services.deployments.check_model_access(tenant, body.model)
     req = wire.InferRequest(request_id=request[REQUEST_ID], model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
+    filing = services.market.admit(req, services.clock.time())  # 403 unfiled for the public, 402 over budget
     served = await services.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope)
     result = served.result
     assert result is not None
@@ -106,7 +112,7 @@ async def infer(request: web.Request) -> web.Response:
         },
         "service_ms": result.service_ms,
     }
-    return json_response(out, headers=route_headers(served, request[ECHO_ID]))
+    return json_response(out, headers=route_headers(served, request[ECHO_ID], filing))
 
 
 OPERATIONS = [

@@ -40,6 +40,7 @@ from controlplane.gateway import job_events
 from controlplane.gateway.app import SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
 from controlplane.services.job_views import JobFigures, JobViews
+from controlplane.services.market import QUOTE_FIELDS
 from controlplane.services.training import AttemptRow, JobRow, TrainingService
 
 
@@ -81,6 +82,11 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     executor; only sites that enabled containers (and allow the image) run it."""
     max_retries: Annotated[int, msgspec.Meta(ge=0, le=10)] | None = None
     """Retries after user errors (non-zero exit); default 2. Infrastructure failures never count."""
+    quote_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    """Submit against this quote (``POST /v1/quotes`` with the same body): the job runs on the quoted
+    pool and costs at most the quoted maximum (``max_fen``)."""
+    quote_pool: Token | None = None
+    """Which of the quote's options, by pool; default the first (the cheapest)."""
 
 
 def _service(request: web.Request) -> TrainingService:
@@ -247,8 +253,17 @@ async def submit(request: web.Request) -> web.Response:
     now = time.time()
     spec = normalise(body, request, now)
     digest = body_hash(spec)  # of the body as sent: the same body replays whatever admit fills in
-    spec = _views(request).admit(tenant, spec)
-    row, replayed = _service(request).submit(tenant, spec, key, digest, now)
+    earlier = _service(request).replayed(tenant, key, digest) if key is not None else None
+    if earlier is not None:  # a retry: the first answer, whatever admission, quote or budget say now
+        row, replayed = earlier, True
+    else:
+        # Admission refuses (422) a job no declared pool could ever run; the market pins a job
+        # submitted against a quote to the quoted pool, and refuses (402) one its tenant's budget
+        # cannot cover. The quote was priced on the body without its quote fields.
+        priced = body_hash({k: v for k, v in spec.items() if k not in QUOTE_FIELDS})
+        admitted = _views(request).admit(tenant, spec)
+        stored = request.app[SERVICES].market.bind_quote(tenant, admitted, priced, now)
+        row, replayed = _service(request).submit(tenant, stored, key, digest, now)
     headers = {"Location": f"/v1/jobs/{row.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

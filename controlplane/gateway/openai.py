@@ -47,20 +47,22 @@ async def _serve(
     echo = request[ECHO_ID]
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
     created = services.clock.time()
+    filing = services.market.admit(infer, created)  # 403 unfiled for the public, 402 over budget
     if not infer.stream:
         served = await services.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                               deployments=scope)
         assert served.result is not None
         body = oa.chat_response(served.result, created=created, model=req.model) if kind == "chat" else \
             oa.completion_response(served.result, created=created, model=req.model)
-        return web.Response(body=oa.encode(body), content_type="application/json", headers=route_headers(served, echo))
+        return web.Response(body=oa.encode(body), content_type="application/json",
+                            headers=route_headers(served, echo, filing))
 
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                   deployments=scope)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
                        include_usage=oa.include_usage(req))
     response = web.StreamResponse(headers={
-        **route_headers(served, echo),
+        **route_headers(served, echo, filing),
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",

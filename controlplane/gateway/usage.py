@@ -29,6 +29,9 @@ async def usage(request: web.Request) -> web.Response:
     # The totals are the tenant's whole bill: training's card-hours (billed and accruing) included.
     body["totals"]["card_hours"] = round(body["totals"]["card_hours"] + training["card_hours"], 6)
     body["totals"]["energy_cny"] = round(body["totals"]["energy_cny"] + training["energy_cny"], 6)
+    budget = services.market.standing(tenant)
+    if budget is not None:  # the tenant's spend limit: figures and the warning thresholds reached
+        body["budget"] = budget
     return json_response(body)
 
 

@@ -7,13 +7,15 @@ every ``flush_s`` (and once more at stop), never per request.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from controlplane.core.clock import Clock
-from controlplane.core.usage import UsageBuffer
+from controlplane.core.usage import UsageBuffer, UsageRow
 from controlplane.metrics import HubMetrics
 from controlplane.runtime import TaskScope
 from controlplane.store import usage as store_usage
+from controlplane.store.db import transaction
 from controlplane.store.handle import Store
 from edge_agent import wire
 
@@ -35,6 +37,9 @@ class UsageAccounts:
         self.tasks = tasks
         self.flush_s = max(flush_s, MIN_FLUSH_S)
         self.buffer = UsageBuffer()
+        self.usage_listeners: list[Callable[[list[UsageRow], float], None]] = []
+        """Called with each flush *inside* its transaction (the market prices it): one that raises
+        rolls the flush back, and the rows wait for the next one."""
 
     def __repr__(self) -> str:
         return f"<UsageAccounts pending={len(self.buffer)}>"
@@ -63,7 +68,11 @@ class UsageAccounts:
             return
         rows = self.buffer.drain()
         try:
-            store_usage.add_rows(self.store.db, rows)
+            with transaction(self.store.db) as db:
+                store_usage.add_rows(db, rows)
+                now = self.clock.time()
+                for listener in self.usage_listeners:
+                    listener(rows, now)
         except Exception:
             self.buffer.restore(rows)
             log.exception("event=usage_flush_failed rows=%d", len(rows))

@@ -22,6 +22,7 @@ from controlplane.services.job_views import JobViews
 from controlplane.services.sites import SiteService
 from controlplane.services.status import ProcessStatus
 from controlplane.services.tenancy import TenancyService
+from controlplane.services.market import MarketService
 from controlplane.services.training import TrainingService
 
 
@@ -45,3 +46,4 @@ class Services:
     metrics: HubMetrics
     clock: Clock
     request_ids: RequestIds
+    market: MarketService

@@ -115,6 +115,11 @@ class TrainingService:
         """(site, job, attempt) listed by a site where the hub never placed it (counted once)"""
         self.tick_listeners: list[Callable[[dict[str, store_jobs.JobRow], float], object]] = []
         """Called after every tick with the live jobs (by id) and ``now`` (the job feed's progress marks)."""
+        self.billing: Callable[[store_jobs.JobRow, lifecycle.Meter], None] | None = None
+        """Prices an ended attempt (the market), called inside the transaction that records it."""
+        self.pricing: Callable[[list[placement.Pool], float], list[placement.Pool]] | None = None
+        """Puts the offers in force on the pools before each plan (the market), so placement
+        minimises what the tenant pays rather than the energy alone."""
 
     def __repr__(self) -> str:
         c = self.counters
@@ -199,6 +204,14 @@ class TrainingService:
             self.poke()
         return row, replayed
 
+    def replayed(self, tenant: str, idem_key: str, body_hash: str) -> store_jobs.JobRow | None:
+        """The job an earlier submission with this ``Idempotency-Key`` created, or None.
+
+        Raises:
+            Unprocessable: the key was used with another body.
+        """
+        return store_jobs.idempotent_answer(self.hub.db, tenant, idem_key, body_hash)
+
     def cancel(self, job_id: str, tenant: str, now: float) -> store_jobs.JobRow:
         """Cancel a tenant's job: terminal at once; a live attempt is stopped and billed.
 
@@ -272,6 +285,8 @@ class TrainingService:
         plan = None
         if waiting:
             pools = self._pools(live.values(), now)
+            if self.pricing is not None:
+                pools = self.pricing(pools, now)
             specs: list[placement.JobSpec] = []
             bad: list[tuple[str, str]] = []
             for r in waiting:
@@ -297,6 +312,11 @@ class TrainingService:
         self.counters["ticks"] += 1
         self.last_tick_ms = (time.perf_counter() - started) * 1000.0
         return plan
+
+    def pools_now(self, now: float) -> list[placement.Pool]:
+        """The pools as the next tick would see them (free cards less what live jobs hold)."""
+        live = [r for r in store_jobs.jobs_in_states(self.hub.db, LIVE_STATES)]
+        return self._pools(live, now)
 
     def _pools(self, live: Any, now: float) -> list[placement.Pool]:
         hub = self.hub
@@ -584,6 +604,8 @@ class TrainingService:
             pool, meter.accelerator, meter.cards, billed.start_at, billed.end_at)
         store_jobs.end_attempt(self.hub.db, billed, energy_cny=energy, exit_reason=exit_reason,
                                exit_code=exit_code, detail=detail[:2000])
+        if self.billing is not None and ran:
+            self.billing(row, billed)
 
     # ------------------------------------------------------------------ events
 
@@ -753,6 +775,7 @@ def _job_spec(row: store_jobs.JobRow) -> placement.JobSpec:
         regions=tuple(s.get("regions") or ()), providers=tuple(s.get("providers") or ()), tee=bool(s.get("tee")),
         submitted_at=row.submitted_at, progress=row.progress, checkpoint_pool=row.checkpoint_pool,
         restarting=row.state == S.RESTARTING.value, workload=placement.workload_of(s),
+        pools=tuple(str(p) for p in s.get("pools") or ()),
     )
 
 

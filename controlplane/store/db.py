@@ -18,6 +18,7 @@ import sqlite_utils
 from controlplane.core.errors import StoreError
 from controlplane.store.migrations import MIGRATIONS
 from edge_agent import private_files
+from controlplane.store.market import billing as market_billing
 
 
 def open_db(path: Path | str) -> sqlite_utils.Database:
@@ -42,6 +43,7 @@ def open_db(path: Path | str) -> sqlite_utils.Database:
         raise StoreError(f"{path}: need journal_mode=wal and synchronous=FULL, got {mode} and {sync}")
     db = sqlite_utils.Database(conn)
     migrate(db)
+    market_billing.install(db)  # the market's tables (migrations 0040-0042: lists of statements, see there)
     return db
 
 

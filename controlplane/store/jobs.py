@@ -179,6 +179,22 @@ def _spec_fields(spec_json: str | bytes) -> dict[str, Any]:
     return spec
 
 
+def idempotent_answer(db: sqlite_utils.Database, tenant: str, idem_key: str, body_hash: str) -> JobRow | None:
+    """The job an earlier request with this key created (None if the key is new), so a retry is
+    answered as first answered before anything else is checked again.
+
+    Raises:
+        Unprocessable: the key was used by this tenant with a different body.
+    """
+    hit = db.conn.execute("SELECT body_hash, response FROM idempotency WHERE tenant = ? AND key = ?",
+                          (tenant, idem_key)).fetchone()
+    if hit is None:
+        return None
+    if hit[0] != body_hash:
+        raise Unprocessable("Idempotency-Key was already used with a different body", field="Idempotency-Key")
+    return msgspec.convert(json.loads(hit[1]), JobRow)
+
+
 def create_job(
     db: sqlite_utils.Database,
     tenant: str,

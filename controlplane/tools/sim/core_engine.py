@@ -22,7 +22,8 @@ from typing import Any, Protocol, TypedDict
 from controlplane.core import autoscale, placement, replicas
 from controlplane.core import deployments as decide
 from controlplane.core.replicas import Candidate
-from controlplane.tools.sim import core_inference, core_training, core_workload
+from controlplane.market import offers
+from controlplane.tools.sim import core_inference, core_market, core_scenario, core_training, core_workload
 from controlplane.tools.sim.core_scenario import Scenario, start_epoch_s
 from controlplane.tools.sim.core_workload import Rng
 from topology import ingress, latency
@@ -311,7 +312,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         "inference": _inference_report(inf, lay, dep, outage_log, scaler, replicas_hour),
         "utilisation": _utilisation_report(lay, busy_tier_hour, busy_inf_tier_hour, held_inf_tier_hour, samples_hour,
                                            busy_site_sum, n_samples, tier_cards),
-        "training": _training_report(sims, draws, oracle, s.hours),
+        "training": _training_report(sims, draws, oracle, s.hours,
+                                     core_market.offers_for(train_sites, lay.accelerators, s.market), s.market),
     }
 
 
@@ -406,7 +408,9 @@ def _utilisation_report(lay: tlayout.Layout, busy: dict[str, list[float]], busy_
 
 
 def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core_workload.JobDraw],
-                     oracle: dict[str, float], hours: float) -> dict[str, Any]:
+                     oracle: dict[str, float], hours: float,
+                     priced: Mapping[tuple[str, str], tuple[offers.Offer, placement.Pool]] | None = None,
+                     market: core_scenario.Market | None = None) -> dict[str, Any]:
     pols: dict[str, Any] = {}
     done_all = None
     for sim in sims:
@@ -457,6 +461,8 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             "waiting_card_hours": r(sim.waiting_card_s / 3600.0, 1),
             "idle_while_waiting_share": _share(sim.idle_waiting_card_s, sim.waiting_card_s),
         }
+        if priced is not None and market is not None:  # the day priced (docs/market.md)
+            pols[sim.name]["market"] = core_market.price_policy(sim.metered, priced, market, sim.lent)
     return {
         "jobs": len(draws),
         "cards_requested_mean": r(sum(d.cards for d in draws) / len(draws), 1) if draws else 0.0,

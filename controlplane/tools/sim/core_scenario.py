@@ -160,6 +160,17 @@ class Lending(_Cfg, frozen=True):
     """Local hour by which lent cards are back (jobs there are checkpointed and stopped)."""
 
 
+class Market(_Cfg, frozen=True):
+    """Prices in the simulation (docs/market.md): each pool's owner (the site's ``provider``) offers
+    its cards at their energy cost per card-hour, hour by hour (tariff × PUE × board power), plus a
+    markup; the operator takes a commission on third-party pools."""
+
+    markup_pct: NonNeg = 30.0
+    commission_bp: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 1000
+    operator_provider: str = "cpn-operator"
+    """The provider id of the operator's own sites (they earn into ``operator:pools``)."""
+
+
 class Scenario(_Cfg, frozen=True):
     name: str
     description: str = ""
@@ -172,6 +183,7 @@ class Scenario(_Cfg, frozen=True):
     training: Training = Training()
     faults: Faults = Faults()
     lending: Lending = Lending()
+    market: Market = Market()
 
 
 class ScenarioError(ValueError):

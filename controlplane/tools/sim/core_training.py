@@ -247,6 +247,8 @@ class TrainingSim:
         self.queue_delay_s: list[float] = []
         self.idle_waiting_card_s = 0.0
         self.waiting_card_s = 0.0
+        self.metered: list[tuple[str, str, int, str, str, int, float, float]] = []
+        """Every attempt's card time as billed: (job, tenant, attempt, pool, accelerator, cards, start, end)."""
 
     def __repr__(self) -> str:
         return f"<TrainingSim {self.name} queued={len(self.queue)} running={len(self.running)} ticks={self.ticks}>"
@@ -439,6 +441,8 @@ class TrainingSim:
         effects.extend(out.effects)
         for eff in effects:
             if isinstance(eff, lifecycle.Meter):
+                self.metered.append((d.id, d.tenant, eff.attempt, eff.pool, eff.accelerator, eff.cards, eff.start_at,
+                                     eff.end_at))
                 if eff.pool in self.lent:
                     self.lent_card_s += eff.cards * (eff.end_at - eff.start_at)
                 pool = self._pool(eff.pool)
@@ -543,6 +547,7 @@ class TrainingSim:
             if a is None:
                 continue
             job.cost_cny += placement.metered_energy_cny(self._pool(a.pool), a.acc, a.cards, a.start, now)
+            self.metered.append((job.draw.id, job.draw.tenant, a.number, a.pool, a.acc, a.cards, a.start, now))
             if a.pool in self.lent:
                 self.lent_card_s += a.cards * (now - a.start)
             job.card_s += a.cards * (now - a.start)

@@ -9,6 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from controlplane.market.money import cny_text
+
+
+def _cny(fen: int) -> str:
+    return cny_text(fen)  # exact, from integer fen
+
 
 def to_json(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
     """Stable JSON: sorted keys, two-space indent; ``timing`` (wall-clock figures) under its own key."""
@@ -94,6 +100,15 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
         if any(p.get("lent_card_hours") for p in tr["policies"].values()):
             add("  lent inference cards (card-hours used / jobs stopped at reclaim or preempted): " + ", ".join(
                 f"{n} {p['lent_card_hours']:,.0f}/{p['failures']['preempted_or_reclaimed']}" for n, p in tr["policies"].items()))
+        if any("market" in p for p in tr["policies"].values()):
+            add("  the day priced (CNY; offers = energy cost + markup): tenant spend / providers earn / network kept "
+                "(of which commission) / margin over energy / tidal lending earned")
+            for name, p in tr["policies"].items():
+                m = p.get("market")
+                if m:
+                    add(f"  {name:<12} {_cny(m['tenant_spend_fen'])} / {_cny(m['provider_earnings_fen'])} / "
+                        f"{_cny(m['operator_kept_fen'])} ({_cny(m['operator_margin_fen'])}) / "
+                        f"{_cny(m['margin_over_energy_fen'])} / {_cny(m['lending_earned_fen'])}")
         add(f"  {'oracle':<12} {'':>5} {tr['oracle']['all_jobs_cny']:>11,.0f} {'':>10} "
             f"{tr['oracle']['completed_in_common_cny']:>11,.0f}   (cheapest pool and window, no queueing, no failures)")
     if timing:

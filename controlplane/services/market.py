@@ -1,0 +1,478 @@
+"""The market service: prices, filings, budgets and the ledger, carried out for the gateway, the
+usage flush and training metering (docs/market.md).
+
+It asks the pure market (``controlplane/market/``) and writes its record (``store/market/``):
+
+- **Admin**: catalogue revisions, offers, budgets and tenants' market settings, each checked by the
+  pure ``*_problem`` functions first (a 400 naming the field) and written in one transaction.
+- **Inference gate** (:meth:`MarketService.admit`, before a request is relayed): a public-facing
+  tenant calling a model without a public-service filing in force is refused (403
+  ``model_not_filed``, naming the missing filing); a tenant whose budget the request could exceed
+  (its prompt plus ``max_tokens`` of output at the model's prices, on top of what it spent this
+  period, including usage not flushed yet) is refused (402 ``budget_exceeded`` with the figures).
+  Otherwise the answer is the filing number to display (``X-CPN-Model-Filing``). Catalogue, budgets
+  and settings are read from memory, re-read from the record at most once a second (so a change
+  made by ``cpn market`` or another hub applies within a second).
+- **Usage flush** (:meth:`MarketService.post_usage`): called by the hub *inside* the transaction
+  that adds the usage counters: each (tenant, model, site) line is kept and, when the model is in
+  the catalogue, priced and posted to the ledger. All of it commits, or none of it.
+- **Training metering** (:meth:`MarketService.bill_attempt`): called by the training service
+  *inside* the transaction that ends an attempt: the attempt is kept and priced at the offer in
+  force at its start, the tenant charged at most what its quote still allows.
+- **Placement** (:meth:`MarketService.price_pools`, before each scheduling round): pools with an
+  offer in force are priced at it, so the scheduler minimises what the tenant pays (the offer,
+  which includes the owner's energy); pools without one are still priced by their energy.
+- **Quotes** (:meth:`MarketService.quote`, :meth:`MarketService.bind_quote`) and statements,
+  totals and the reconciliation for the operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from controlplane.core import placement
+from controlplane.core.clock import Clock
+from controlplane.core.errors import Conflict, NotFound, Refused, RequestError
+from controlplane.core.usage import UsageRow
+from controlplane.market import budgets, catalogue, ledger, offers, postings, quotes, reconcile, views
+from controlplane.store.db import transaction
+from controlplane.store.market import billing
+from controlplane.store.market import ledger as ledger_store
+from controlplane.store.market import records
+from edge_agent import wire
+
+if TYPE_CHECKING:
+    from controlplane.core.lifecycle import Meter
+    from controlplane.services.accounting import UsageAccounts
+    from controlplane.services.sites import SiteService
+    from controlplane.services.tenancy import TenancyService
+    from controlplane.store.handle import Store
+    from controlplane.services.training import JobRow, TrainingService
+
+log = logging.getLogger("cpn.market")
+
+REFRESH_S = 1.0
+"""How stale the in-memory catalogue, budgets and tenant settings may be."""
+QUOTE_FIELDS = ("quote_id", "quote_pool")
+"""Fields of a job body that say which quote it is submitted against (not part of the priced job)."""
+
+
+class MarketService:
+    """The market for one hub (name ``market``). Build it with :func:`install`."""
+
+    name = "market"
+
+    def __init__(self, *, hub_id: str, store: Store, tenancy: TenancyService, sites: SiteService,
+                 accounting: UsageAccounts, clock: Clock, training: TrainingService,
+                 fees: postings.Fees = postings.DEFAULT_FEES, policy: quotes.QuotePolicy = quotes.DEFAULT_POLICY) -> None:
+        self.hub_id = hub_id
+        self.store = store
+        self.tenancy = tenancy
+        self.sites = sites
+        self.accounting = accounting
+        self.clock = clock
+        self.training = training
+        self.fees = fees
+        self.policy = policy
+        self._models: dict[str, catalogue.ModelRecord] = {}
+        self._budgets: dict[str, budgets.Budget] = {}
+        self._tenants: dict[str, billing.TenantSettings] = {}
+        self._offers: list[offers.Offer] = []
+        self._loaded_at = -1e18
+        self._flushes = 0
+        self.counters = {"refused_filing": 0, "refused_budget": 0, "usage_lines": 0, "attempts_billed": 0,
+                         "attempts_unpriced": 0}
+
+    def __repr__(self) -> str:
+        return f"<MarketService models={len(self._models)} budgets={len(self._budgets)} {self.counters}>"
+
+    async def start(self) -> None:
+        self.refresh()
+
+    async def stop(self) -> None:
+        return None
+
+    @property
+    def db(self) -> Any:
+        return self.store.db
+
+    def refresh(self) -> None:
+        """Re-read the catalogue in force, the budgets and the tenants' settings."""
+        now = self.clock.time()
+        self._models = records.models(self.db, now)
+        self._budgets = billing.budgets(self.db)
+        self._tenants = billing.tenants(self.db)
+        self._offers = records.list_offers(self.db)
+        self._loaded_at = self.clock.monotonic()
+
+    def _fresh(self) -> None:
+        if self.clock.monotonic() - self._loaded_at >= REFRESH_S:
+            self.refresh()
+
+    # ------------------------------------------------------------------ admin
+
+    def _known_tenant(self, tenant: str) -> None:
+        if self.tenancy.tenant(tenant) is None:
+            raise NotFound(f"tenant {tenant!r} not found", field="tenant")
+
+    def put_model(self, model: catalogue.ModelRecord) -> dict[str, Any]:
+        """Add a catalogue revision in force from now (400 naming the field if invalid)."""
+        problem = catalogue.record_problem(model)
+        if problem is not None:
+            raise RequestError(f"model {model.id}: {problem}", field=_field_of(problem))
+        self._known_tenant(model.owner)
+        try:
+            revision = records.put_model(self.db, model, self.clock.time())
+        except ValueError as exc:
+            raise Conflict(str(exc), field="model") from None
+        self.refresh()
+        return {**model_view(model), "revision": revision}
+
+    def models(self) -> list[dict[str, Any]]:
+        return [model_view(m) for m in records.models(self.db, self.clock.time()).values()]
+
+    def put_offer(self, offer: offers.Offer) -> tuple[dict[str, Any], bool]:
+        """Publish an offer (400 naming the field; 409 if its id is taken by other terms);
+        True if it is new."""
+        problem = offers.offer_problem(offer)
+        if problem is not None:
+            raise RequestError(f"offer {offer.id}: {problem}", field=_field_of(problem))
+        layout = self.sites.layout
+        if offer.pool not in self.sites.declarations and offer.pool not in {s.id for s in layout.sites}:
+            raise RequestError(f"unknown pool {offer.pool!r}: not a site of the layout or declared", field="pool")
+        try:
+            new = records.put_offer(self.db, offer)
+        except ValueError as exc:
+            raise Conflict(str(exc), field="id") from None
+        return offer_view(offer), new
+
+    def offers(self, *, pool: str | None = None, provider: str | None = None) -> list[dict[str, Any]]:
+        now = self.clock.time()
+        return [{**offer_view(o), "in_force": offers.valid_at(o, now)}
+                for o in records.list_offers(self.db, pool=pool, provider=provider)]
+
+    def withdraw_offer(self, offer_id: str) -> dict[str, Any]:
+        ended = records.withdraw_offer(self.db, offer_id, self.clock.time())
+        if ended is None:
+            raise NotFound(f"offer {offer_id!r} not found", field="offer")
+        return offer_view(ended)
+
+    def put_budget(self, budget: budgets.Budget) -> dict[str, Any]:
+        problem = budgets.budget_problem(budget)
+        if problem is not None:
+            raise RequestError(f"budget of {budget.tenant}: {problem}", field=_field_of(problem))
+        self._known_tenant(budget.tenant)
+        records.put_budget(self.db, budget, self.clock.time())
+        self.refresh()
+        return self.budget(budget.tenant)
+
+    def budget(self, tenant: str) -> dict[str, Any]:
+        """A tenant's budget and where it stands this period (404 without one)."""
+        self._known_tenant(tenant)
+        b = records.budget(self.db, tenant)
+        if b is None:
+            raise NotFound(f"tenant {tenant!r} has no budget", field="tenant")
+        return {"tenant": tenant, "thresholds_pct": list(b.thresholds_pct), **self._standing(b)}
+
+    def standing(self, tenant: str) -> dict[str, Any] | None:
+        """The ``budget`` part of ``GET /v1/usage`` (None: the tenant has no budget)."""
+        b = records.budget(self.db, tenant)
+        return None if b is None else self._standing(b)
+
+    def _standing(self, b: budgets.Budget) -> dict[str, Any]:
+        now = self.clock.time()
+        start, end = budgets.period_bounds(b.period, now)
+        body = views.budget_standing_body(budgets.standing(b, self.spent_fen(b.tenant, b.period, now)), b.period)
+        return {**body, "period_start": start, "period_end": end}
+
+    def put_tenant(self, tenant: str, *, public_facing: bool, filing_number: str = "") -> dict[str, Any]:
+        """Mark a tenant public-facing or internal; ``filing_number`` is the tenant's own service
+        filing, kept and shown (the model's filing is what the gateway checks)."""
+        settings = billing.TenantSettings(tenant=tenant, public_facing=public_facing,
+                                          filing_number=filing_number.strip())
+        self._known_tenant(settings.tenant)
+        billing.put_tenant(self.db, settings, self.clock.time())
+        self.refresh()
+        return msgspec.to_builtins(settings)  # type: ignore[no-any-return]
+
+    def tenant(self, tenant: str) -> dict[str, Any]:
+        self._known_tenant(tenant)
+        s = billing.tenants(self.db).get(tenant) or billing.TenantSettings(tenant=tenant)
+        return msgspec.to_builtins(s)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ inference
+
+    def admit(self, req: wire.InferRequest, now: float) -> str | None:
+        """May ``req.tenant`` send ``req``? The filing number to display, or None.
+
+        Raises:
+            Refused: 403 ``model_not_filed`` or 402 ``budget_exceeded``, with the figures.
+        """
+        if self.clock.monotonic() - self._loaded_at >= REFRESH_S:
+            self.refresh()
+        tenant = req.tenant
+        model = self._models.get(req.model)
+        settings = self._tenants.get(tenant)
+        public = settings is not None and settings.public_facing
+        if model is None:
+            if public:
+                self.counters["refused_filing"] += 1
+                raise Refused(403, views.filing_refused_body(catalogue.Refused(
+                    model=req.model, missing="public-service filing (the model is not in the catalogue)",
+                    message=(f"model {req.model} may not serve a public-facing tenant: it is not in the catalogue, "
+                             "so it has no filing for public service"))))
+            return None
+        verdict = catalogue.may_call(model, public_facing=public, now=now)
+        if isinstance(verdict, catalogue.Refused):
+            self.counters["refused_filing"] += 1
+            raise Refused(403, views.filing_refused_body(verdict))
+        budget = self._budgets.get(tenant)
+        if budget is not None:
+            incoming = catalogue.estimate_request_fen(model, prompt_bound(req), max(0, req.max_tokens))
+            decision = budgets.check(budget, self.spent_fen(tenant, budget.period, now), incoming)
+            if decision.verdict == "refuse":
+                self.counters["refused_budget"] += 1
+                raise Refused(402, views.budget_exceeded_body(decision, budget.period))
+        return verdict.header
+
+    def spent_fen(self, tenant: str, period: budgets.Period, now: float) -> int:
+        """What ``tenant`` spent this period: its ledger entries plus its usage not flushed yet,
+        priced as the flush will price it."""
+        start, end = budgets.period_bounds(period, now)
+        spent = ledger_store.spent_fen(self.db, tenant, start, end)
+        for row in self.accounting.buffer.peek(tenant):
+            model = self._models.get(row.model)
+            if model is not None:
+                spent += catalogue.price_usage(model, row.prompt_tokens, row.completion_tokens)
+        return spent
+
+    def post_usage(self, rows: list[UsageRow], now: float) -> None:
+        """Keep and price one usage flush; runs inside the hub's flush transaction (raises to roll
+        the whole flush back)."""
+        self._flushes += 1
+        flush = f"{self.hub_id}.{int(now * 1e6)}.{self._flushes}"
+        lines: list[billing.UsageLine] = []
+        txns: list[ledger.Transaction] = []
+        for r in rows:
+            if not (r.prompt_tokens or r.completion_tokens):
+                continue
+            model = records.model_at(self.db, r.model, now)
+            lines.append(billing.UsageLine(flush=flush, tenant=r.tenant, model=r.model, site=r.site, at=now,
+                                           prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                                           priced=model is not None))
+            if model is not None:
+                txns.append(postings.usage_transaction(flush, now, r.tenant, model, r.site, r.prompt_tokens,
+                                                       r.completion_tokens))
+        with transaction(self.db):
+            billing.add_usage_lines(self.db, lines)
+            for result in ledger_store.post_many(self.db, txns):
+                if isinstance(result, ledger.Conflict):
+                    raise RuntimeError(f"ledger conflict posting a usage flush: {result}")
+        self.counters["usage_lines"] += len(lines)
+
+    # ------------------------------------------------------------------ training
+
+    def bill_attempt(self, row: JobRow, meter: Meter) -> None:
+        """Price one ended attempt at its pool's offer and post it; runs inside the transaction that
+        ends the attempt. An attempt already billed, or one that did not run, posts nothing."""
+        if not meter.end_at > meter.start_at:
+            return
+        db = self.db
+        spec = row.spec
+        quote_id = str(spec.get("quote_id") or "")
+        offer = offers.select(records.list_offers(db, pool=meter.pool), meter.pool, meter.accelerator, meter.start_at)
+        line = billing.AttemptLine(job=row.id, attempt=meter.attempt, tenant=row.tenant, pool=meter.pool,
+                                   accelerator=meter.accelerator, cards=meter.cards, start_at=meter.start_at,
+                                   end_at=meter.end_at, offer_id=offer.id if offer is not None else "",
+                                   quote_id=quote_id)
+        with transaction(db):
+            if not billing.add_attempt_line(db, line):
+                return
+            if offer is None:
+                self.counters["attempts_unpriced"] += 1
+                log.info("event=attempt_unpriced job=%s attempt=%d pool=%s accelerator=%s", row.id, meter.attempt,
+                         meter.pool, meter.accelerator)
+                return
+            priced = quotes.price_attempts([quotes.AttemptUsage(
+                attempt=meter.attempt, pool=meter.pool, cards=meter.cards, start_at=meter.start_at,
+                end_at=meter.end_at, offer=offer)])[0]
+            cap = None
+            option = self._quoted_option(row) if quote_id else None
+            if option is not None:
+                cap = quotes.cap_fen(option)
+            so_far = billing.charged_fen(db, row.id, postings.tenant_account(row.tenant))
+            share = quotes.attempt_charge(cap, so_far, priced.price_fen)
+            ledger_store.post(db, postings.attempt_transaction(row.tenant, row.id, priced, share, quote_id=quote_id,
+                                                               fees=self.fees))
+        self.counters["attempts_billed"] += 1
+
+    def _quoted_option(self, row: JobRow) -> quotes.QuoteOption | None:
+        spec = row.spec
+        q = records.quote(self.db, str(spec.get("quote_id")), row.tenant)
+        if q is None:
+            return None
+        for o in q.options:
+            if o.pool == spec.get("quote_pool") and o.accelerator == spec.get("quote_accelerator"):
+                return o
+        return None
+
+    def job_charges(self, job_id: str) -> dict[str, Any]:
+        """What a job cost and why: each attempt's ledger transaction."""
+        txns = [t for t in ledger_store.load(self.db) if t.ref == job_id and t.kind == "training"]
+        lines = billing.attempt_lines(self.db, job=job_id)
+        charged = -sum(e.amount_fen for t in txns for e in t.entries if e.kind == "charge")
+        return {"job": job_id, "charged_fen": charged, "attempts": [msgspec.to_builtins(x) for x in lines],
+                "transactions": [msgspec.to_builtins(t) for t in txns]}
+
+    def price_pools(self, pools: list[placement.Pool], now: float) -> list[placement.Pool]:
+        """``pools`` with the offers in force now as their card-hour prices (CNY, by local hour):
+        what the scheduler then minimises. Pools without an offer keep pricing by energy."""
+        self._fresh()
+        if not self._offers:
+            return pools
+        out = []
+        for pool in pools:
+            table = {}
+            for acc in pool.cards_total:
+                offer = offers.select(self._offers, pool.id, acc, now)
+                if offer is not None:
+                    table[acc] = tuple(fen / 100.0 for fen in offer.hours())
+            out.append(msgspec.structs.replace(pool, card_hour_cny=table) if table else pool)
+        return out
+
+    # ------------------------------------------------------------------ quotes
+
+    def quote(self, tenant: str, spec: dict[str, Any], spec_hash: str, now: float) -> quotes.Quote:
+        """Price ``spec`` on every pool now (not kept for a budget check, kept for ``POST /v1/quotes``)."""
+        q = self._price(tenant, spec, now, quote_id="q-" + secrets.token_hex(8))
+        with transaction(self.db):
+            records.put_quote(self.db, q)
+            billing.put_quote_spec(self.db, q.id, spec_hash)
+        return q
+
+    def _price(self, tenant: str, spec: dict[str, Any], now: float, *, quote_id: str) -> quotes.Quote:
+        job = job_spec(tenant, spec, now)
+        pools = self.training.pools_now(now)
+        return quotes.quote_job(job, pools, records.list_offers(self.db), now, quote_id=quote_id, policy=self.policy)
+
+    def bind_quote(self, tenant: str, spec: dict[str, Any], spec_hash: str, now: float) -> dict[str, Any]:
+        """The spec to store for a submission against ``spec["quote_id"]``: pinned to the chosen
+        option's pool and accelerator. A submission without a quote is checked against the tenant's
+        budget at its cheapest option's maximum (if any pool can price it).
+
+        Raises:
+            NotFound: no such quote for this tenant. Conflict: the body is not the quoted job.
+            Refused: the quote expired (410) or has no such option (409); the budget (402).
+        """
+        quote_id = spec.get("quote_id")
+        if quote_id is None:
+            self._check_budget(tenant, now, lambda: self._cheapest_max(tenant, spec, now))
+            return spec
+        q = records.quote(self.db, str(quote_id), tenant)
+        if q is None:
+            raise NotFound(f"quote {quote_id!r} not found", field="quote_id")
+        if billing.quote_spec(self.db, q.id) != spec_hash:
+            raise Conflict(f"quote {q.id} priced another job: submit the same body you asked a quote for",
+                           field="quote_id", code="quote_spec_mismatch")
+        wanted = spec.get("quote_pool")
+        chosen = next((o for o in q.options if wanted is None or o.pool == wanted), None)
+        verdict = quotes.accept(q, chosen.pool if chosen else str(wanted), chosen.accelerator if chosen else "",
+                                tenant, now)
+        if isinstance(verdict, quotes.QuoteRefused):
+            raise Refused(views.quote_refused_status(verdict), views.quote_refused_body(verdict))
+        self._check_budget(tenant, now, lambda: verdict.max_fen)
+        return {**spec, "quote_pool": verdict.pool, "quote_accelerator": verdict.accelerator,
+                "pools": [verdict.pool], "accelerators": [verdict.accelerator]}
+
+    def _cheapest_max(self, tenant: str, spec: dict[str, Any], now: float) -> int | None:
+        q = self._price(tenant, spec, now, quote_id="budget-check")
+        return q.options[0].max_fen if q.options else None
+
+    def _check_budget(self, tenant: str, now: float, incoming: Any) -> None:
+        b = records.budget(self.db, tenant)
+        if b is None:
+            return
+        fen = incoming()
+        if fen is None:
+            return
+        decision = budgets.check(b, self.spent_fen(tenant, b.period, now), fen)
+        if decision.verdict == "refuse":
+            self.counters["refused_budget"] += 1
+            raise Refused(402, views.budget_exceeded_body(decision, b.period))
+
+    # ------------------------------------------------------------------ statements and checks
+
+    def statement(self, account: str, start: float, end: float) -> ledger.Statement:
+        return ledger_store.statement(self.db, account, start, end)
+
+    def totals(self, start: float, end: float) -> dict[str, Any]:
+        """What each tenant owes, each provider earns and the network kept over ``[start, end)``."""
+        t = postings.party_totals(ledger_store.load(self.db, before=end), start, end)
+        body: dict[str, Any] = msgspec.to_builtins(t)
+        return {"object": "market.totals", "start": start, "end": end, **body,
+                "imbalance_fen": ledger_store.imbalance(self.db)}
+
+    def reconcile(self) -> reconcile.Reconciliation:
+        """The ledger against every billed line × the prices in force when it was billed."""
+        return reconcile.reconcile(ledger_store.load(self.db), billing.expected(self.db, self.fees))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def prompt_bound(req: wire.InferRequest) -> int:
+    """An upper bound on the prompt's tokens before it is tokenised: its size in UTF-8 bytes."""
+    n = len(req.prompt.encode())
+    for m in req.messages or ():
+        n += len(m.content.encode())
+    return n
+
+
+def job_spec(tenant: str, spec: dict[str, Any], now: float) -> placement.JobSpec:
+    """The scheduler's view of a job body about to be quoted (as ``training`` builds it when queued)."""
+    interval_min = spec.get("checkpoint_interval_min")
+    deadline = spec.get("deadline")
+    max_price = spec.get("max_price_cny")
+    return placement.JobSpec(
+        id="quote", tenant=tenant, cards=int(spec["cards"]), accelerators=tuple(str(a) for a in spec["accelerators"]),
+        est_hours=float(spec["est_hours"]), checkpoint_cost_s=float(spec.get("checkpoint_cost_s", 300.0)),
+        checkpoint_interval_s=float(interval_min) * 60.0 if interval_min else None,
+        priority=int(spec.get("priority", 0)), deadline=float(deadline) if deadline is not None else None,
+        max_price_cny=float(max_price) if max_price is not None else None,
+        regions=tuple(spec.get("regions") or ()), providers=tuple(spec.get("providers") or ()),
+        tee=bool(spec.get("tee")), submitted_at=now, workload=placement.workload_of(spec),
+    )
+
+
+def model_view(m: catalogue.ModelRecord) -> dict[str, Any]:
+    body: dict[str, Any] = msgspec.to_builtins(m)
+    body["object"] = "market.model"
+    return body
+
+
+def offer_view(o: offers.Offer) -> dict[str, Any]:
+    body: dict[str, Any] = msgspec.to_builtins(o)
+    body["object"] = "market.offer"
+    return body
+
+
+def _field_of(problem: str) -> str:
+    """The field a ``*_problem`` sentence names first (its first word, before any bracket or dot)."""
+    word = problem.split(" ", 1)[0]
+    return word if word and word[0].isalpha() else ""
+
+
+def install(service: MarketService, accounting: UsageAccounts, training: TrainingService) -> MarketService:
+    """Plug ``service`` into the usage flush of ``accounting`` and the metering of ``training`` (the
+    composition root adds it to the process and its routes, ``gateway/market.py``)."""
+    accounting.usage_listeners.append(service.post_usage)
+    training.billing = service.bill_attempt
+    training.pricing = service.price_pools
+    return service
+
+
+__all__ = ["MarketService", "QUOTE_FIELDS", "install"]

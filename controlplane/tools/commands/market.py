@@ -1,0 +1,413 @@
+"""``cpn market ...``: the market in the hub's database (docs/market.md).
+
+::
+
+    cpn market model set ID --owner T --input-fen-per-mtok N --output-fen-per-mtok N
+                            [--version V] [--filing-number X --filing-scope public|internal
+                            --filed-on YYYY-MM-DD [--filing-covers-version V]]
+    cpn market model list
+    cpn market offer add ID --pool P --provider X --accelerator A --fen-per-card-hour N
+                            [--window 23-7:400 ...] [--min-lease-h H]
+    cpn market offer list | offer withdraw ID
+    cpn market budget set TENANT (--limit-cny X | --limit-fen N) [--period month|day]
+    cpn market budget show TENANT
+    cpn market tenant TENANT (--public-facing | --internal) [--filing-number X]
+    cpn market statement ACCOUNT [--period month|day] [--at EPOCH] [--csv]
+    cpn market totals [--period month|day] [--at EPOCH]
+    cpn market reconcile           (exit 1 if the ledger differs from billed lines × prices)
+
+A running hub reading the same database applies a change within a second. Bad input exits 2 with
+one line saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("market", help="prices, offers, budgets, statements (in the hub's SQLite database)",
+                       description=__doc__)
+    msub = p.add_subparsers(dest="market_command", metavar="PART", required=True)
+
+    def db_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--db", default=".cpn/hub.db", help="the hub's database (must exist; default .cpn/hub.db)")
+
+    model = msub.add_parser("model", help="the model catalogue").add_subparsers(dest="action", metavar="ACTION", required=True)
+    m = model.add_parser("set", help="add a revision of a model, in force from now")
+    m.add_argument("id")
+    m.add_argument("--owner", required=True, help="owner tenant")
+    m.add_argument("--version", default="1")
+    m.add_argument("--input-fen-per-mtok", type=int, required=True, metavar="FEN")
+    m.add_argument("--output-fen-per-mtok", type=int, required=True, metavar="FEN")
+    m.add_argument("--accelerators", default="", help="comma-separated accelerator types it serves on")
+    m.add_argument("--memory-gb", type=float, default=0.0)
+    m.add_argument("--owner-share-bp", type=int, default=0, help="owner's share of token revenue, basis points")
+    m.add_argument("--filing-number")
+    m.add_argument("--filing-scope", choices=["public", "internal"])
+    m.add_argument("--filed-on", metavar="YYYY-MM-DD")
+    m.add_argument("--filing-covers-version", default="")
+    db_arg(m)
+    m.set_defaults(run=run_model_set)
+    ml = model.add_parser("list", help="the catalogue in force")
+    ml.add_argument("--json", action="store_true")
+    db_arg(ml)
+    ml.set_defaults(run=run_model_list)
+
+    offer = msub.add_parser("offer", help="pool owners' offers").add_subparsers(dest="action", metavar="ACTION", required=True)
+    o = offer.add_parser("add", help="publish an offer")
+    o.add_argument("id")
+    o.add_argument("--pool", required=True)
+    o.add_argument("--provider", required=True)
+    o.add_argument("--accelerator", required=True)
+    o.add_argument("--fen-per-card-hour", type=int, required=True, metavar="FEN")
+    o.add_argument("--window", action="append", default=[], metavar="START-END:FEN",
+                   help="a time-of-use price, China local hours, e.g. 23-7:400 (repeatable)")
+    o.add_argument("--min-lease-h", type=float, default=0.0)
+    o.add_argument("--layout", metavar="FILE", help="the hub's layout, to check --pool (default: the shipped one)")
+    db_arg(o)
+    o.set_defaults(run=run_offer_add)
+    ol = offer.add_parser("list", help="every offer, past ones included")
+    ol.add_argument("--json", action="store_true")
+    db_arg(ol)
+    ol.set_defaults(run=run_offer_list)
+    ow = offer.add_parser("withdraw", help="end an offer now")
+    ow.add_argument("id")
+    db_arg(ow)
+    ow.set_defaults(run=run_offer_withdraw)
+
+    budget = msub.add_parser("budget", help="tenants' spend limits").add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = budget.add_parser("set", help="set a tenant's spend limit")
+    b.add_argument("tenant")
+    lim = b.add_mutually_exclusive_group(required=True)
+    lim.add_argument("--limit-cny", help="e.g. 1000 or 12.50")
+    lim.add_argument("--limit-fen", type=int)
+    b.add_argument("--period", choices=["month", "day"], default="month")
+    db_arg(b)
+    b.set_defaults(run=run_budget_set)
+    bs = budget.add_parser("show", help="a tenant's budget and spending this period")
+    bs.add_argument("tenant")
+    db_arg(bs)
+    bs.set_defaults(run=run_budget_show)
+
+    t = msub.add_parser("tenant", help="mark a tenant public-facing (filed models only) or internal")
+    t.add_argument("tenant")
+    side = t.add_mutually_exclusive_group(required=True)
+    side.add_argument("--public-facing", action="store_true")
+    side.add_argument("--internal", action="store_true")
+    t.add_argument("--filing-number", default="", help="the tenant's own service filing (kept and shown)")
+    db_arg(t)
+    t.set_defaults(run=run_tenant)
+
+    s = msub.add_parser("statement", help="an account's statement for a period")
+    s.add_argument("account", help="tenant:ID, provider:ID or operator:NAME")
+    s.add_argument("--period", choices=["month", "day"], default="month")
+    s.add_argument("--at", type=float, help="epoch seconds inside the period (default now)")
+    s.add_argument("--csv", action="store_true", help="CSV instead of JSON")
+    db_arg(s)
+    s.set_defaults(run=run_statement)
+    tt = msub.add_parser("totals", help="what each tenant owes, each provider earns, the network kept")
+    tt.add_argument("--period", choices=["month", "day"], default="month")
+    tt.add_argument("--at", type=float)
+    db_arg(tt)
+    tt.set_defaults(run=run_totals)
+    r = msub.add_parser("reconcile", help="check the ledger against billed lines × prices (exit 1 if not equal)")
+    db_arg(r)
+    r.set_defaults(run=run_reconcile)
+
+
+def _open(path: str) -> Any:
+    from pathlib import Path
+
+    from controlplane.core.errors import RequestError
+    from controlplane.store import db as store_db
+
+    if not Path(path).is_file():
+        raise RequestError(f"no hub database at {path} (give the hub's with --db)")
+    return store_db.open_db(path)
+
+
+def _tenant(db: Any, tenant: str) -> None:
+    from controlplane.store import tenants
+
+    tenants.get_tenant(db, tenant)  # NotFound (a CpnError): exit 2 naming it
+
+
+def _print(body: Any) -> None:
+    print(json.dumps(body, ensure_ascii=False, indent=2, sort_keys=True))
+
+
+def run_model_set(args: argparse.Namespace) -> int:
+    import time
+
+    from controlplane.core.errors import RequestError
+    from controlplane.market import catalogue
+    from controlplane.store.market import records
+
+    filing = None
+    given = [args.filing_number, args.filing_scope, args.filed_on]
+    if any(x is not None for x in given):
+        if not all(x is not None for x in given):
+            raise RequestError("a filing needs --filing-number, --filing-scope and --filed-on together")
+        filing = catalogue.Filing(number=args.filing_number, scope=args.filing_scope, filed_on=args.filed_on,
+                                  covers_version=args.filing_covers_version)
+    model = catalogue.ModelRecord(
+        id=args.id, owner=args.owner, version=args.version,
+        accelerators=tuple(a for a in args.accelerators.split(",") if a), memory_gb=args.memory_gb,
+        input_fen_per_mtok=args.input_fen_per_mtok, output_fen_per_mtok=args.output_fen_per_mtok, filing=filing,
+        owner_share_bp=args.owner_share_bp)
+    problem = catalogue.record_problem(model)
+    if problem is not None:
+        raise RequestError(f"model {args.id}: {problem}")
+    db = _open(args.db)
+    try:
+        _tenant(db, args.owner)
+        try:
+            revision = records.put_model(db, model, time.time())
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+    finally:
+        db.conn.close()
+    print(f"model {args.id} revision {revision}")
+    return 0
+
+
+def run_model_list(args: argparse.Namespace) -> int:
+    import time
+
+    import msgspec
+
+    from controlplane.market import money
+    from controlplane.store.market import records
+
+    db = _open(args.db)
+    try:
+        models = records.models(db, time.time())
+    finally:
+        db.conn.close()
+    if args.json:
+        for m in models.values():
+            print(msgspec.json.encode(m).decode())
+        return 0
+    print(f"{'model':24} {'owner':12} {'ver':4} {'in CNY/Mtok':>12} {'out CNY/Mtok':>12}  filing")
+    for m in models.values():
+        filing = f"{m.filing.number} ({m.filing.scope}, {m.filing.filed_on})" if m.filing else "-"
+        print(f"{m.id:24} {m.owner:12} {m.version:4} {money.cny_text(m.input_fen_per_mtok):>12} "
+              f"{money.cny_text(m.output_fen_per_mtok):>12}  {filing}")
+    return 0
+
+
+def _window(text: str) -> Any:
+    from controlplane.core.errors import RequestError
+    from controlplane.market import offers
+
+    try:
+        hours, fen = text.split(":")
+        start, end = hours.split("-")
+        return offers.Window(start_hour=int(start), end_hour=int(end), fen_per_card_hour=int(fen))
+    except ValueError:
+        raise RequestError(f"--window {text!r} is not START-END:FEN (e.g. 23-7:400)") from None
+
+
+def run_offer_add(args: argparse.Namespace) -> int:
+    import time
+
+    from controlplane.core.errors import RequestError
+    from controlplane.market import offers
+    from controlplane.store import sites
+    from controlplane.store.market import records
+    from topology import loader
+
+    if not args.min_lease_h >= 0:
+        raise RequestError(f"--min-lease-h must be >= 0, got {args.min_lease_h:g}")
+    offer = offers.Offer(id=args.id, pool=args.pool, provider=args.provider, accelerator=args.accelerator,
+                         fen_per_card_hour=args.fen_per_card_hour, windows=tuple(_window(w) for w in args.window),
+                         min_lease_s=int(round(args.min_lease_h * 3600)), valid_from=time.time())
+    problem = offers.offer_problem(offer)
+    if problem is not None:
+        raise RequestError(f"offer {args.id}: {problem}")
+    lay = loader.load(args.layout) if args.layout else loader.load_default()
+    db = _open(args.db)
+    try:
+        known = {s.id for s in lay.sites} | {r["id"] for r in sites.list_sites(db)}
+        if args.pool not in known:
+            raise RequestError(f"--pool {args.pool!r} is not a site of layout {lay.name!r} nor one the hub has seen")
+        try:
+            new = records.put_offer(db, offer)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+    finally:
+        db.conn.close()
+    print(f"offer {args.id} {'published' if new else 'already published'}")
+    return 0
+
+
+def run_offer_list(args: argparse.Namespace) -> int:
+    import time
+
+    import msgspec
+
+    from controlplane.market import money, offers
+    from controlplane.store.market import records
+
+    db = _open(args.db)
+    try:
+        found = records.list_offers(db)
+    finally:
+        db.conn.close()
+    now = time.time()
+    if args.json:
+        for o in found:
+            print(msgspec.json.encode(o).decode())
+        return 0
+    print(f"{'offer':20} {'pool':14} {'provider':14} {'acc':6} {'CNY/card-h':>10} {'windows':8} in force")
+    for o in found:
+        print(f"{o.id:20} {o.pool:14} {o.provider:14} {o.accelerator:6} {money.cny_text(o.fen_per_card_hour):>10} "
+              f"{len(o.windows):<8} {'yes' if offers.valid_at(o, now) else 'no'}")
+    return 0
+
+
+def run_offer_withdraw(args: argparse.Namespace) -> int:
+    import time
+
+    from controlplane.core.errors import NotFound
+    from controlplane.store.market import records
+
+    db = _open(args.db)
+    try:
+        ended = records.withdraw_offer(db, args.id, time.time())
+    finally:
+        db.conn.close()
+    if ended is None:
+        raise NotFound(f"offer {args.id!r} not found")
+    print(f"offer {args.id} withdrawn")
+    return 0
+
+
+def run_budget_set(args: argparse.Namespace) -> int:
+    import time
+
+    from controlplane.core.errors import RequestError
+    from controlplane.market import budgets, money
+    from controlplane.store.market import records
+
+    if args.limit_cny is not None:
+        try:
+            limit = money.fen_from_cny(args.limit_cny)
+        except (ValueError, ArithmeticError):
+            raise RequestError(f"--limit-cny must be an amount of CNY, got {args.limit_cny!r}") from None
+    else:
+        limit = args.limit_fen
+    budget = budgets.Budget(tenant=args.tenant, limit_fen=limit, period=args.period)
+    problem = budgets.budget_problem(budget)
+    if problem is not None:
+        raise RequestError(f"budget of {args.tenant}: {problem}")
+    db = _open(args.db)
+    try:
+        _tenant(db, args.tenant)
+        records.put_budget(db, budget, time.time())
+    finally:
+        db.conn.close()
+    print(f"budget of {args.tenant}: {money.cny_text(limit)} CNY per {args.period}")
+    return 0
+
+
+def run_budget_show(args: argparse.Namespace) -> int:
+    import time
+
+    from controlplane.core.errors import NotFound
+    from controlplane.market import budgets, views
+    from controlplane.store.market import ledger as ledger_store
+    from controlplane.store.market import records
+
+    db = _open(args.db)
+    try:
+        _tenant(db, args.tenant)
+        b = records.budget(db, args.tenant)
+        if b is None:
+            raise NotFound(f"tenant {args.tenant!r} has no budget")
+        start, end = budgets.period_bounds(b.period, time.time())
+        spent = ledger_store.spent_fen(db, args.tenant, start, end)
+    finally:
+        db.conn.close()
+    _print(views.budget_standing_body(budgets.standing(b, spent), b.period))
+    return 0
+
+
+def run_tenant(args: argparse.Namespace) -> int:
+    import time
+
+    from controlplane.store.market import billing
+
+    db = _open(args.db)
+    try:
+        _tenant(db, args.tenant)
+        billing.put_tenant(db, billing.TenantSettings(tenant=args.tenant, public_facing=args.public_facing,
+                                                      filing_number=args.filing_number.strip()), time.time())
+    finally:
+        db.conn.close()
+    print(f"tenant {args.tenant}: {'public-facing' if args.public_facing else 'internal'}")
+    return 0
+
+
+def _bounds(args: argparse.Namespace) -> tuple[float, float]:
+    import time
+
+    from controlplane.market import budgets
+
+    return budgets.period_bounds(args.period, args.at if args.at is not None else time.time())
+
+
+def run_statement(args: argparse.Namespace) -> int:
+    from controlplane.core.errors import RequestError
+    from controlplane.market import ledger, views
+    from controlplane.store.market import ledger as ledger_store
+
+    if not ledger.ACCOUNT_RE.match(args.account):
+        raise RequestError(f"account {args.account!r} is not tenant:ID, provider:ID or operator:NAME")
+    start, end = _bounds(args)
+    db = _open(args.db)
+    try:
+        st = ledger_store.statement(db, args.account, start, end)
+    finally:
+        db.conn.close()
+    if args.csv:
+        sys.stdout.write(ledger.statement_csv(st))
+    else:
+        _print(views.statement_body(st))
+    return 0
+
+
+def run_totals(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from controlplane.market import postings
+    from controlplane.store.market import ledger as ledger_store
+
+    start, end = _bounds(args)
+    db = _open(args.db)
+    try:
+        totals = postings.party_totals(ledger_store.load(db, before=end), start, end)
+    finally:
+        db.conn.close()
+    _print({"start": start, "end": end, **msgspec.to_builtins(totals)})
+    return 0
+
+
+def run_reconcile(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from controlplane.market import reconcile
+    from controlplane.store.market import billing
+    from controlplane.store.market import ledger as ledger_store
+
+    db = _open(args.db)
+    try:
+        result = reconcile.reconcile(ledger_store.load(db), billing.expected(db))
+    finally:
+        db.conn.close()
+    _print(msgspec.to_builtins(result))
+    return 0 if result.ok else 1

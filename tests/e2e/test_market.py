@@ -1,0 +1,446 @@
+"""The market end to end: a real hub (SQLite file, aiohttp on port 0), a real nats-server and a real
+agent serving ``chat`` and ``unlisted`` (sim backend) at hz-edge: the
+admin API and ``cpn market`` for the catalogue, offers, budgets and tenant settings; the filing and
+budget gates before a request is relayed; usage flushes posted to the ledger in the flush's own
+transaction; statements (JSON and CSV) and the reconciliation."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane import cli
+from controlplane.hub import Hub
+from controlplane.nats.natsserver import NatsServer
+from controlplane.services.market import MarketService
+from controlplane.store.market import billing
+from controlplane.store.market import ledger as ledger_store
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig, BackendConfig, BusConfig, ExecutorsConfig, ModelConfig, SimBackendConfig
+from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.waiting import until
+
+MODEL = {"owner": "acme", "input_fen_per_mtok": 1_000_000, "output_fen_per_mtok": 2_000_000}
+"""1 fen per input token, 2 per output token: a statement can be checked by hand."""
+FILING = {"number": "Beijing-GenAI-2024-0001", "scope": "public", "filed_on": "2024-05-01"}
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def market_of(hub: Hub) -> MarketService:
+    return next(s for s in hub.services if isinstance(s, MarketService))
+
+
+@pytest.fixture
+async def market(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[tuple[Hub, Client, Client, Client]]:
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
+        admin_key = hub.create_admin_key("test")
+        acme = hub.create_tenant("acme", default_origin="hangzhou")
+        public = hub.create_tenant("pub", default_origin="hangzhou")
+        agent = Agent(AgentConfig(
+            site="hz-edge", nats=nats_server.url, city="hangzhou", accelerators={"910B": 4},
+            data_dir=str(tmp_path / "hz-edge"),
+            models=[ModelConfig(name="chat", cards=1.0, slots=4), ModelConfig(name="unlisted", cards=1.0, slots=4)],
+            backend=BackendConfig(sim=SimBackendConfig(ttft_ms=1, per_token_ms=1, slots=4)),
+        ))
+        await agent.start()
+        try:
+            await until(lambda: (v := hub.registry.get("hz-edge")) is not None and v.slots_free("chat") > 0
+                        and v.slots_free("unlisted") > 0, 10, "agent serving")
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{hub.http_port}"
+                yield hub, Client(session, base, admin_key), Client(session, base, acme), Client(session, base, public)
+        finally:
+            await agent.stop()
+
+
+async def test_catalogue_offers_budgets_and_settings_through_the_admin_api(market) -> None:  # type: ignore[no-untyped-def]
+    hub, admin, acme, _ = market
+    status, body, _ = await admin.call("PUT", "/v1/market/models/chat", {**MODEL, "filing": FILING})
+    assert status == 200 and body["revision"] == 1 and body["filing"]["number"] == FILING["number"], body
+    status, body, _ = await admin.call("PUT", "/v1/market/models/chat", {**MODEL, "version": "2"})
+    assert status == 200 and body["revision"] == 2, body  # a new price or version is a new revision
+    status, body, _ = await acme.call("GET", "/v1/market/models")
+    assert status == 200 and [(m["id"], m["version"]) for m in body["data"]] == [("chat", "2")]
+
+    offer = {"id": "hz-night", "pool": "hz-edge", "provider": "acme-cloud", "accelerator": "910B",
+             "fen_per_card_hour": 1000, "windows": [{"start_hour": 23, "end_hour": 7, "fen_per_card_hour": 400}]}
+    status, body, _ = await admin.call("POST", "/v1/market/offers", offer)
+    assert status == 201 and body["provider"] == "acme-cloud", body
+    status, body, _ = await admin.call("POST", "/v1/market/offers", {**offer, "valid_from": body["valid_from"]})
+    assert status == 200, body  # the same offer again changes nothing
+    status, body, _ = await admin.call("GET", "/v1/market/offers?pool=hz-edge")
+    assert [(o["id"], o["in_force"]) for o in body["data"]] == [("hz-night", True)]
+    status, body, _ = await admin.call("DELETE", "/v1/market/offers/hz-night")
+    assert status == 200 and body["valid_until"] is not None
+    status, body, _ = await admin.call("GET", "/v1/market/offers")
+    assert [o["in_force"] for o in body["data"]] == [False]
+
+    status, body, _ = await admin.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 5000, "period": "day"})
+    assert status == 200 and body["limit_fen"] == 5000 and body["spent_fen"] == 0 and body["limit_cny"] == "50.00"
+    status, body, _ = await admin.call("PUT", "/v1/tenants/pub/market",
+                                       {"public_facing": True, "filing_number": "ICP-2024-7"})
+    assert status == 200 and body == {"tenant": "pub", "public_facing": True, "filing_number": "ICP-2024-7"}
+    status, body, _ = await admin.call("GET", "/v1/tenants/acme/market")
+    assert body["public_facing"] is False
+
+    # Tenants may read the catalogue, never change the market.
+    for method, path, payload in [("PUT", "/v1/market/models/x", MODEL), ("POST", "/v1/market/offers", offer),
+                                  ("PUT", "/v1/tenants/acme/budget", {"limit_fen": 1}),
+                                  ("GET", "/v1/market/totals", None)]:
+        status, body, _ = await acme.call(method, path, payload)
+        assert status == 403, (path, body)
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "param"), [
+    ("/v1/market/models/chat", {**MODEL, "input_fen_per_mtok": -1}, 400, "input_fen_per_mtok"),
+    ("/v1/market/models/chat", {**MODEL, "input_fen_per_mtok": 1.5}, 400, "input_fen_per_mtok"),
+    ("/v1/market/models/chat", {**MODEL, "owner": "nobody"}, 404, "tenant"),
+    ("/v1/market/models/chat", {**MODEL, "price": 3}, 422, "price"),
+    ("/v1/market/models/chat", {**MODEL, "filing": {**FILING, "scope": "world"}}, 400, "filing.scope"),
+    ("/v1/market/models/Bad%20Id", MODEL, 400, "id"),
+    ("/v1/tenants/acme/budget", {"limit_fen": -5}, 400, "limit_fen"),
+    ("/v1/tenants/acme/budget", {"limit_fen": 5, "period": "year"}, 400, "period"),
+    ("/v1/tenants/ghost/budget", {"limit_fen": 5}, 404, "tenant"),
+])
+async def test_bad_admin_input_is_a_4xx_naming_the_field(market, path: str, payload: dict[str, Any], status: int,
+                                                         param: str) -> None:  # type: ignore[no-untyped-def]
+    hub, admin, _, _ = market
+    got, body, _ = await admin.call("PUT", path, payload)
+    assert (got, body["error"]["param"]) == (status, param), body
+    assert ledger_store.balances(hub.db) == {}
+
+
+async def test_an_offer_with_overlapping_windows_or_an_unknown_pool_is_refused(market) -> None:  # type: ignore[no-untyped-def]
+    _, admin, _, _ = market
+    offer = {"id": "o1", "pool": "hz-edge", "provider": "p", "accelerator": "910B", "fen_per_card_hour": 10,
+             "windows": [{"start_hour": 22, "end_hour": 6, "fen_per_card_hour": 4},
+                         {"start_hour": 5, "end_hour": 9, "fen_per_card_hour": 4}]}
+    status, body, _ = await admin.call("POST", "/v1/market/offers", offer)
+    assert status == 400 and body["error"]["param"] == "windows[1]" and "hour 5" in body["error"]["message"], body
+    status, body, _ = await admin.call("POST", "/v1/market/offers", {**offer, "windows": [], "pool": "atlantis"})
+    assert status == 400 and body["error"]["param"] == "pool", body
+    status, body, _ = await admin.call("POST", "/v1/market/offers", {**offer, "windows": []})
+    assert status == 201
+    status, body, _ = await admin.call("POST", "/v1/market/offers", {**offer, "windows": [], "fen_per_card_hour": 11})
+    assert status == 409 and body["error"]["param"] == "id", body  # a new price is a new offer
+
+
+async def test_a_public_facing_tenant_is_refused_a_model_without_a_public_filing(market) -> None:  # type: ignore[no-untyped-def]
+    hub, admin, acme, pub = market
+    await admin.call("PUT", "/v1/tenants/pub/market", {"public_facing": True})
+    for model in ({**MODEL}, {**MODEL, "filing": {**FILING, "scope": "internal"}},
+                  {**MODEL, "version": "2", "filing": {**FILING, "covers_version": "1"}},
+                  {**MODEL, "filing": {**FILING, "filed_on": "2999-01-01"}}):
+        assert (await admin.call("PUT", "/v1/market/models/chat", model))[0] == 200
+        market_of(hub).refresh()  # not wait out the second
+        status, body, headers = await pub.call("POST", "/v1/chat/completions", CHAT)
+        assert status == 403, body
+        assert body["error"]["code"] == "model_not_filed" and body["error"]["param"] == "model"
+        assert body["filing"]["model"] == "chat" and "public-service filing" in body["filing"]["missing"]
+        assert {k.lower() for k in headers} >= {"x-request-id"}, headers
+    # A model not in the catalogue has no filing at all.
+    status, body, _ = await pub.call("POST", "/v1/infer", {"model": "unlisted", "input": "hi"})
+    assert status == 403 and "not in the catalogue" in body["filing"]["missing"], body
+    # An internal tenant may call the unfiled model (and an unlisted one); no filing header to show.
+    status, body, headers = await acme.call("POST", "/v1/chat/completions", CHAT)
+    assert status == 200, body
+    status, body, headers = await acme.call("POST", "/v1/infer", {"model": "unlisted", "input": "hi"})
+    assert status == 200 and "X-CPN-Model-Filing" not in headers, body
+    # Filed for public service, in force, for this version: served, with its number displayed.
+    assert (await admin.call("PUT", "/v1/market/models/chat", {**MODEL, "filing": FILING}))[0] == 200
+    market_of(hub).refresh()
+    status, body, headers = await pub.call("POST", "/v1/chat/completions", CHAT)
+    assert status == 200 and headers["X-CPN-Model-Filing"] == FILING["number"], body
+    status, body, headers = await pub.call("POST", "/v1/infer", {"model": "chat", "input": "hi"})
+    assert status == 200 and headers["X-CPN-Model-Filing"] == FILING["number"], body
+    # Streaming answers carry it too.
+    async with pub.session.post(pub.base + "/v1/chat/completions", json={**CHAT, "stream": True},
+                                headers=pub.headers()) as resp:
+        assert resp.status == 200 and resp.headers["X-CPN-Model-Filing"] == FILING["number"]
+        assert (await resp.read()).rstrip().endswith(b"[DONE]")
+
+
+async def test_usage_is_priced_in_its_flush_and_statements_reconcile(market) -> None:  # type: ignore[no-untyped-def]
+    hub, admin, acme, _ = market
+    await admin.call("PUT", "/v1/market/models/chat", MODEL)
+    hub.accounting.buffer.add("acme", "chat", "hz-edge", 100, 20)
+    hub.accounting.buffer.add("acme", "chat", "sh-hub", 7, 3)
+    hub.accounting.buffer.add("acme", "unpriced", "sh-hub", 50, 50)
+    hub.accounting.flush()
+    # 100 + 2 × 20 = 140 fen and 7 + 2 × 3 = 13 fen; the unpriced model costs nothing.
+    status, st, _ = await acme.call("GET", "/v1/statements")
+    assert status == 200, st
+    assert st["closing_fen"] == -153 and st["opening_fen"] == 0 and st["closing_cny"] == "-1.53"
+    assert sorted(line["amount_fen"] for line in st["lines"]) == [-140, -13]
+    status, usage, _ = await acme.call("GET", "/v1/usage")
+    priced = usage["models"]["chat"]
+    assert priced["prompt_tokens"] * 1 + priced["completion_tokens"] * 2 == 153  # statement = usage × prices
+    lines = billing.usage_lines(hub.db)
+    assert [(x.model, x.priced) for x in lines] == [("chat", True), ("chat", True), ("unpriced", False)]
+    status, rec, _ = await admin.call("GET", "/v1/market/reconcile")
+    assert status == 200 and rec["ok"] is True and rec["checked"] == 2 and rec["ledger_fen"] == -153, rec
+    status, totals, _ = await admin.call("GET", "/v1/market/totals")
+    assert totals["tenants_owe_fen"] == {"acme": 153} and totals["operator_kept_fen"] == 153
+    assert totals["imbalance_fen"] == 0
+    # CSV: opening row, one row per entry, closing row; the same figures.
+    async with acme.session.get(acme.base + "/v1/statements?format=csv", headers=acme.headers()) as resp:
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/csv")
+        rows = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert rows[0]["kind"] == "opening" and rows[-1]["kind"] == "closing" and rows[-1]["balance_fen"] == "-153"
+    # A tenant sees only its own account; an admin names one.
+    status, body, _ = await acme.call("GET", "/v1/statements?account=operator:margin")
+    assert status == 404
+    status, body, _ = await admin.call("GET", "/v1/statements?account=operator:margin")
+    assert status == 200 and body["closing_fen"] == 153
+    status, body, _ = await admin.call("GET", "/v1/statements")
+    assert status == 400 and body["error"]["param"] == "account"
+    status, body, _ = await acme.call("GET", "/v1/statements?period=year")
+    assert status == 400 and body["error"]["param"] == "period"
+
+
+async def test_a_failed_flush_posts_nothing_and_is_retried_whole(market) -> None:  # type: ignore[no-untyped-def]
+    hub, admin, acme, _ = market
+    await admin.call("PUT", "/v1/market/models/chat", MODEL)
+
+    def boom(rows: Any, now: float) -> None:
+        raise RuntimeError("disk full")
+
+    hub.accounting.usage_listeners.append(boom)
+    hub.accounting.buffer.add("acme", "chat", "hz-edge", 10, 0)
+    hub.accounting.flush()
+    assert ledger_store.balances(hub.db) == {} and billing.usage_lines(hub.db) == []
+    assert hub.db.conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 0  # counters rolled back too
+    hub.accounting.usage_listeners.remove(boom)
+    hub.accounting.flush()
+    assert ledger_store.balances(hub.db)["tenant:acme"] == -10
+
+
+async def test_a_tenant_at_its_budget_gets_402_with_the_figures(market) -> None:  # type: ignore[no-untyped-def]
+    hub, admin, acme, _ = market
+    await admin.call("PUT", "/v1/market/models/chat", MODEL)
+    await admin.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 100, "period": "month"})
+    market_of(hub).refresh()
+    hub.accounting.buffer.add("acme", "chat", "hz-edge", 60, 20)  # 100 fen: at the limit, still in the buffer
+    status, body, _ = await acme.call("POST", "/v1/chat/completions", CHAT)
+    assert status == 402, body
+    assert body["error"]["code"] == "budget_exceeded" and body["error"]["type"] == "insufficient_quota"
+    assert body["budget"]["limit_fen"] == 100 and body["budget"]["spent_fen"] == 100
+    assert body["budget"]["remaining_fen"] == 0 and body["budget"]["incoming_fen"] > 0
+    assert "budget exceeded" in body["error"]["message"]
+    hub.accounting.flush()  # the same once flushed to the ledger
+    status, body, _ = await acme.call("POST", "/v1/infer", {"model": "chat", "input": "hi", "max_tokens": 1})
+    assert status == 402 and body["budget"]["spent_fen"] == 100, body
+    status, usage, _ = await acme.call("GET", "/v1/usage")
+    assert usage["budget"]["warnings"] == [50, 80, 100] and usage["budget"]["used_pct"] == 100
+    # Raised: served again, and what it used is charged at the next flush.
+    await admin.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 10_000})
+    market_of(hub).refresh()
+    status, body, _ = await acme.call("POST", "/v1/chat/completions", CHAT)
+    assert status == 200, body
+    hub.accounting.flush()
+    status, st, _ = await acme.call("GET", "/v1/statements")
+    cost = body["usage"]["prompt_tokens"] + 2 * body["usage"]["completion_tokens"]
+    assert st["closing_fen"] == -100 - cost, st
+
+
+async def test_quotes_need_a_tenant_and_a_valid_job_body(market) -> None:  # type: ignore[no-untyped-def]
+    _, admin, acme, _ = market
+    job = {"cards": 4, "accelerators": ["910B"], "est_hours": 1.0}
+    status, body, _ = await acme.call("POST", "/v1/quotes", job)
+    assert status == 201 and body["object"] == "quote" and body["options"] == [], body  # no site is up
+    assert body["valid_until"] > body["created_at"]
+    status, body, _ = await acme.call("POST", "/v1/quotes", {**job, "cards": 0})
+    assert status == 400 and body["error"]["param"] == "cards"
+    status, body, _ = await acme.call("POST", "/v1/quotes", {**job, "quote_id": "q-1"})
+    assert status == 400 and body["error"]["param"] == "quote_id"
+    status, body, _ = await admin.call("POST", "/v1/quotes", job)
+    assert status == 403
+    status, body, _ = await acme.call("POST", "/v1/jobs", {**job, "quote_id": "q-nope"})
+    assert status == 404 and body["error"]["param"] == "quote_id"
+
+
+def _cli(*argv: str) -> int:
+    return cli.main(["market", *argv])
+
+
+async def test_cpn_market_writes_what_the_running_hub_applies(market, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    hub, admin, acme, pub = market
+    db = hub.config.db_path
+    assert _cli("model", "set", "chat", "--owner", "acme", "--input-fen-per-mtok", "1000000",
+                "--output-fen-per-mtok", "2000000", "--db", db) == 0
+    assert _cli("tenant", "pub", "--public-facing", "--db", db) == 0
+    # Within a second the hub refuses the unfiled model to the public-facing tenant.
+    async def refused() -> bool:
+        return (await pub.call("POST", "/v1/chat/completions", CHAT))[0] == 403
+    deadline = time.monotonic() + 5
+    while not await refused():
+        assert time.monotonic() < deadline, "the hub did not apply cpn market tenant"
+    assert _cli("model", "set", "chat", "--owner", "acme", "--input-fen-per-mtok", "1000000",
+                "--output-fen-per-mtok", "2000000", "--filing-number", "N-1", "--filing-scope", "public",
+                "--filed-on", "2024-05-01", "--db", db) == 0
+    assert _cli("budget", "set", "acme", "--limit-cny", "12.34", "--db", db) == 0
+    assert _cli("offer", "add", "hz-1", "--pool", "hz-edge", "--provider", "acme-cloud", "--accelerator", "910B",
+                "--fen-per-card-hour", "900", "--window", "23-7:400", "--db", db) == 0
+    status, body, _ = await admin.call("GET", "/v1/tenants/acme/budget")
+    assert body["limit_fen"] == 1234
+    capsys.readouterr()
+    assert _cli("model", "list", "--db", db) == 0 and "N-1 (public, 2024-05-01)" in capsys.readouterr().out
+    assert _cli("offer", "list", "--db", db) == 0 and "hz-1" in capsys.readouterr().out
+    hub.accounting.buffer.add("acme", "chat", "hz-edge", 5, 5)
+    hub.accounting.flush()
+    assert _cli("statement", "tenant:acme", "--csv", "--db", db) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(",-15")
+    assert _cli("reconcile", "--db", db) == 0 and '"ok": true' in capsys.readouterr().out
+    # A budget set by the CLI binds the running hub within a second: 15 fen spent of 10.
+    assert _cli("budget", "set", "acme", "--limit-fen", "10", "--db", db) == 0
+    deadline = time.monotonic() + 5
+    while (await acme.call("POST", "/v1/chat/completions", CHAT))[0] != 402:
+        assert time.monotonic() < deadline, "the hub did not apply cpn market budget"
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["model", "set", "m", "--owner", "acme", "--input-fen-per-mtok", "-1", "--output-fen-per-mtok", "0"],
+     "input_fen_per_mtok must be a non-negative int"),
+    (["model", "set", "m", "--owner", "ghost", "--input-fen-per-mtok", "1", "--output-fen-per-mtok", "0"],
+     "tenant 'ghost' not found"),
+    (["model", "set", "m", "--owner", "acme", "--input-fen-per-mtok", "1", "--output-fen-per-mtok", "0",
+      "--filing-number", "N"], "a filing needs --filing-number, --filing-scope and --filed-on together"),
+    (["offer", "add", "o", "--pool", "atlantis", "--provider", "p", "--accelerator", "910B", "--fen-per-card-hour", "1"],
+     "--pool 'atlantis' is not a site"),
+    (["offer", "add", "o", "--pool", "hz-edge", "--provider", "p", "--accelerator", "910B", "--fen-per-card-hour", "1",
+      "--window", "night"], "--window 'night' is not START-END:FEN"),
+    (["offer", "withdraw", "nope"], "offer 'nope' not found"),
+    (["budget", "set", "acme", "--limit-cny", "lots"], "--limit-cny must be an amount of CNY"),
+    (["budget", "show", "acme"], "tenant 'acme' has no budget"),
+    (["statement", "bank:x"], "is not tenant:ID, provider:ID or operator:NAME"),
+])
+async def test_cpn_market_bad_input_exits_2_with_one_line(market, capsys: pytest.CaptureFixture[str],
+                                                          argv: list[str], needle: str) -> None:  # type: ignore[no-untyped-def]
+    hub, _, _, _ = market
+    capsys.readouterr()
+    assert _cli(*argv, "--db", hub.config.db_path) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+
+
+def test_cpn_market_without_a_database_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli("model", "list", "--db", str(tmp_path / "none.db")) == 2
+    assert "no hub database at" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _training_agent(site: str, city: str, cards: int, url: str, tmp: Path) -> Agent:
+    return Agent(AgentConfig(
+        site=site, nats=url, city=city, tier="edge", accelerators={"910B": cards}, heartbeat_s=1.0,
+        data_dir=str(tmp / site), bus=BusConfig(reconnect_wait_s=0.2, reconnect_jitter_s=0.1, event_backoff_max_s=1.0),
+        executors=ExecutorsConfig(enabled=["sim"]),
+    ))
+
+
+async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_charge(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """sh-hub (the operator's, PUE 1.25) is where placement by energy alone puts a 910B job; hz-edge,
+    a third-party provider's pool, offers the lower price. A job without a quote goes to hz-edge
+    (placement minimises the offer price) and its provider's statement is its card-hours × its
+    offer less the commission; a job submitted against the quote's sh-hub option runs there (the
+    quote pins it) and is charged at most the quoted maximum."""
+    async with running_hub(hub_config(tmp_path, nats_server.url, sim_time_scale=3600)) as hub:
+        admin = hub.create_admin_key("test")
+        key = hub.create_tenant("acme")
+        agents = [_training_agent("sh-hub", "shanghai", 8, nats_server.url, tmp_path),
+                  _training_agent("hz-edge", "hangzhou", 4, nats_server.url, tmp_path)]
+        try:
+            for a in agents:
+                await a.start()
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.registered
+                                    for s in ("sh-hub", "hz-edge")), 10, "agents registered")
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{hub.http_port}"
+                op, acme = Client(session, base, admin), Client(session, base, key)
+                for offer in ({"id": "sh-910b", "pool": "sh-hub", "provider": "cpn-operator", "accelerator": "910B",
+                               "fen_per_card_hour": 3000, "valid_from": 0},
+                              {"id": "hz-910b", "pool": "hz-edge", "provider": "xirang-7", "accelerator": "910B",
+                               "fen_per_card_hour": 1000, "valid_from": 0}):
+                    status, body, _ = await op.call("POST", "/v1/market/offers", offer)
+                    assert status == 201, body
+                job = {"name": "sim", "cards": 4, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_cost_s": 30,
+                       "checkpoint_interval_min": 10}
+                status, quote, _ = await acme.call("POST", "/v1/quotes", job)
+                assert status == 201, quote
+                assert [o["pool"] for o in quote["options"]] == ["hz-edge", "sh-hub"], quote["unquoted"]
+                hz, sh = quote["options"]
+                assert hz["provider"] == "xirang-7" and hz["p10_fen"] <= hz["expected_fen"] <= hz["p90_fen"] <= hz["max_fen"]
+                assert hz["expected_fen"] < sh["expected_fen"] and sh["energy_fen"] < hz["energy_fen"]
+                assert sh["margin_fen"] == sh["expected_fen"] - sh["energy_fen"]
+
+                # Not the quoted job: refused. Over the budget: 402 with the figures.
+                status, body, _ = await acme.call("POST", "/v1/jobs", {**job, "est_hours": 2.0, "quote_id": quote["id"]})
+                assert status == 409 and body["error"]["code"] == "quote_spec_mismatch", body
+                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": sh["max_fen"] - 1})
+                quoted = {**job, "quote_id": quote["id"], "quote_pool": "sh-hub"}
+                status, body, _ = await acme.call("POST", "/v1/jobs", quoted)
+                assert status == 402 and body["budget"]["incoming_fen"] == sh["max_fen"], body
+                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 10**9})
+
+                status, sub, _ = await acme.call("POST", "/v1/jobs", quoted, headers={"Idempotency-Key": "q1"})
+                assert status == 201, sub
+                status, free, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 201, free
+                jq, jf = sub["id"], free["id"]
+                await until(lambda: all((r := _job(hub, j)) is not None and r.state == "succeeded" for j in (jq, jf)),
+                            30, "jobs succeeded")
+                _, vq, _ = await acme.call("GET", f"/v1/jobs/{jq}")
+                _, vf, _ = await acme.call("GET", f"/v1/jobs/{jf}")
+                assert [a["pool"] for a in vq["attempts"]] == ["sh-hub"], vq["attempts"]  # pinned by its quote
+                assert [a["pool"] for a in vf["attempts"]] == ["hz-edge"], vf["attempts"]  # the cheaper offer
+                assert "offer price" in vf["placement"]["chosen"], vf["placement"]
+
+                _, cq, _ = await acme.call("GET", f"/v1/jobs/{jq}/charges")
+                assert 0 < cq["charged_fen"] <= sh["max_fen"], (cq, sh)
+                _, cf, _ = await acme.call("GET", f"/v1/jobs/{jf}/charges")
+                (line,) = cf["attempts"]
+                card_h = line["cards"] * (line["end_at"] - line["start_at"]) / 3600
+                assert abs(card_h - vf["card_hours"]) < 1e-5  # billed what metering measured
+                assert cf["charged_fen"] == round(card_h * 1000)  # no quote: metered at the offer, uncapped
+                status, st, _ = await op.call("GET", "/v1/statements?account=provider:xirang-7")
+                earned = sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "earning")
+                commission = -sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "commission")
+                assert earned == cf["charged_fen"] and commission == (earned + 5) // 10, st  # 10 %, half up
+                assert st["closing_fen"] == earned - commission
+                status, pools, _ = await op.call("GET", "/v1/statements?account=operator:pools")
+                assert pools["closing_fen"] == sum(x["amount_fen"] for x in pools["lines"]) >= cq["charged_fen"]
+                status, tst, _ = await acme.call("GET", "/v1/statements")
+                assert tst["closing_fen"] == -(cq["charged_fen"] + cf["charged_fen"])
+                status, rec, _ = await op.call("GET", "/v1/market/reconcile")
+                assert rec["ok"] is True and rec["checked"] == 2, rec
+                status, totals, _ = await op.call("GET", "/v1/market/totals")
+                assert totals["providers_earn_fen"] == {"xirang-7": earned - commission}
+                assert totals["tenants_owe_fen"]["acme"] == cq["charged_fen"] + cf["charged_fen"]
+                assert totals["imbalance_fen"] == 0
+                status, usage, _ = await acme.call("GET", "/v1/usage")
+                assert usage["budget"]["spent_fen"] == cq["charged_fen"] + cf["charged_fen"]
+                # A retry of the quoted submission answers as first answered, though the budget
+                # is now spent and the job done.
+                await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 1})
+                status, again, headers = await acme.call("POST", "/v1/jobs", quoted, headers={"Idempotency-Key": "q1"})
+                assert (status, again["id"], headers.get("Idempotent-Replayed")) == (201, jq, "true"), again
+                status, body, _ = await acme.call("POST", "/v1/jobs", quoted, headers={"Idempotency-Key": "q2"})
+                assert status == 402, body
+        finally:
+            for a in agents:
+                await a.stop()
+
+
+def _job(hub: Hub, job_id: str) -> Any:
+    from controlplane.store import jobs as store_jobs
+
+    return store_jobs.get_job(hub.db, job_id)
