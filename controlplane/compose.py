@@ -1,31 +1,50 @@
 """The composition root: the one place that builds a hub process from its parts.
 
-It builds the hub (store, bus, registry, router: ``hub.py``), installs the services (training,
-deployments; ``services/``), records them in the typed :class:`~controlplane.services.record.Services`,
-adds their HTTP routes (``gateway/``) and hands the hub the function that starts the gateway with
-that record. Nothing below this module imports it; it alone imports every layer, so no layer has to
-import the one above it (tests/unit/test_import_rules.py).
+It builds the parts (config, clock, layout and RTT index, router, site registry, record, bus,
+metrics, the process's task owner), then each service with exactly the parts it uses (``services/``),
+records them in the typed :class:`~controlplane.services.record.Services`, and hands the hub
+(``hub.py``) the function that starts the gateway (``gateway/``) with that record. Nothing below this
+module imports it; it alone imports every layer, so no layer has to import the one above it
+(tests/unit/test_import_rules.py).
 
 ``cpn hub``, ``cpn up`` and the tests all build through here, so they run the same hub. A
 gateway-only or a controller-only process is another function here that composes a different
-subset of the same parts.
+subset of the same parts (docs/architecture.md, "Processes are compositions").
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from controlplane.config import HubConfig
+from controlplane.core import auth
+from controlplane.core.clock import Clock
+from controlplane.core.ratelimit import TokenBuckets
+from controlplane.core.registry import SiteRegistry
+from controlplane.core.router import for_gateway as router_for_gateway
 from controlplane.gateway import dashboard as dashboard_api
 from controlplane.gateway import deployments as deployments_api
 from controlplane.gateway import jobs as jobs_api
 from controlplane.gateway import server
 from controlplane.gateway import sites as sites_api
 from controlplane.hub import Hub
-from controlplane.runtime import WallClock
+from controlplane.metrics import HubMetrics
+from controlplane.nats.bus import HubBus
+from controlplane.readiness import Readiness
+from controlplane.runtime import BackgroundTasks, TaskScope, WallClock
 from controlplane.services import deployments, training
+from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
+from controlplane.services.inference import InferenceService, RequestIds
 from controlplane.services.record import Services
+from controlplane.services.sites import SiteService
+from controlplane.services.status import ProcessStatus
+from controlplane.services.tenancy import TenancyService
+from controlplane.store.handle import Store
+from controlplane import scrape
+from edge_agent import wire
+from topology import latency, loader
 from topology import layout as topo_layout
 
 
@@ -37,27 +56,96 @@ class HubProcess:
     services: Services
 
 
-def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> HubProcess:
+def _bus(config: HubConfig, sites: list[SiteService], tasks: TaskScope) -> HubBus:
+    """The hub's NATS adapter; what sites send goes to the site service (built next, hence the list)."""
+
+    def on_register(msg: wire.Register) -> wire.RegisterAck | wire.ErrorReply:
+        return sites[0].on_register(msg)
+
+    def on_heartbeat(msg: wire.Heartbeat) -> None:
+        sites[0].on_heartbeat(msg)
+
+    return HubBus(
+        config.nats_url,
+        name=f"cpn-hub-{config.hub_id}",
+        user=config.nats_user,
+        password=config.nats_password,
+        on_register=on_register,
+        on_heartbeat=on_heartbeat,
+        on_disconnect=lambda: sites[0].on_bus_down(),
+        on_reconnect=lambda: sites[0].on_bus_up(),
+        strict_inboxes=config.strict_inboxes if config.strict_inboxes is not None else bool(config.nats_user),
+        site_limits=config.site_limits,
+        tls_ca=config.nats_tls_ca,
+        tls_cert=config.nats_tls_cert,
+        tls_key=config.nats_tls_key,
+        tasks=tasks,
+    )
+
+
+def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock: Clock | None = None) -> HubProcess:
     """The hub (gateway and controller in one process) with every service and its routes."""
+    clock = clock or WallClock()
+    if layout is None:
+        layout = loader.load(config.layout) if config.layout else loader.load_default()
+    rtt = latency.RttIndex.build(layout)
+    router = router_for_gateway(layout, rtt, config.gateway_city)
+    registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
+    store = Store(config.db_path)
+    metrics = HubMetrics()
+    tasks = BackgroundTasks("hub")
+    wants_sites: list[SiteService] = []
+    bus = _bus(config, wants_sites, tasks.scope("bus"))
+    readiness = Readiness(store=store, bus=bus)
+
+    sites = SiteService(config=config, layout=layout, rtt=rtt, router=router, registry=registry, store=store,
+                        bus=bus, metrics=metrics, clock=clock, tasks=tasks.scope("sites"))
+    wants_sites.append(sites)
+    tenancy = TenancyService(store=store, keys=auth.KeyRing(clock=clock.time),
+                             rate_limiter=TokenBuckets(config.default_rate_per_s, config.default_burst),
+                             clock=clock, metrics=metrics)
+    accounting = UsageAccounts(store=store, metrics=metrics, clock=clock, tasks=tasks.scope("accounting"),
+                               flush_s=config.usage_flush_s)
+    inference = InferenceService(registry=registry, router=router, origin_ids=sites.origin_ids,
+                                 known_models=sites.known_models, bus=bus, accounting=accounting, metrics=metrics,
+                                 clock=clock, rng=random.Random(config.seed), site_timeout_s=config.site_timeout_s,
+                                 site_ack_timeout_s=config.site_ack_timeout_s)
+    status = ProcessStatus(hub_id=config.hub_id, bus=bus, registry=registry, readiness=readiness, metrics=metrics,
+                           refresh_metrics=sites.refresh_metrics, clock=clock)
+    history = DashboardHistory(registry=registry, store=store, clock=clock, tasks=tasks.scope("dashboard"))
+    sites.listeners.append(history.on_site)
+
     services: Services | None = None
+    # sites_api: operator declarations; dashboard_api: the operator page and its data
+    extra_routes = [deployments_api, jobs_api, sites_api, dashboard_api]
 
-    async def serve_http(hub: Hub, host: str, port: int) -> server.GatewayServer:
+    async def serve_http(host: str, port: int) -> server.GatewayServer:
         assert services is not None  # built below, before anyone can start the hub
-        return await server.start(hub, services, host, port)
+        return await server.start(services, host, port, extra_routes=extra_routes)
 
-    clock = WallClock()
-    hub = Hub(config, layout=layout, serve_http=serve_http, clock=clock)
-    history = DashboardHistory(hub)
-    hub.add_service(history)
-    hub.site_listeners.append(history.on_site)
+    hub = Hub(config=config, clock=clock, layout=layout, rtt=rtt, router=router, registry=registry, store=store,
+              bus=bus, metrics=metrics, tasks=tasks, readiness=readiness, status=status, sites=sites, tenancy=tenancy,
+              accounting=accounting, inference=inference, serve_http=serve_http)
+    for part in (tenancy, sites, accounting, history):
+        hub.add_service(part)
+    # sites, cards, replicas, jobs, deployments, NATS counters: read at scrape time
+    metrics.add_collector(scrape.HubState(config=config, bus=bus, registry=registry, store=store, readiness=readiness,
+                                          inference=inference, clock=clock,
+                                          permission_violations=lambda: hub.permission_violations))
     services = Services(
-        inference=hub.inference,
+        inference=inference,
         deployments=deployments.install(hub, clock),
         training=training.install(hub, clock),
         dashboard=history,
+        tenancy=tenancy,
+        sites=sites,
+        accounting=accounting,
+        status=status,
+        config=config,
+        metrics=metrics,
+        clock=clock,
+        request_ids=RequestIds(),
     )
-    # sites_api: operator declarations; dashboard_api: the operator page and its data
-    hub.route_modules.extend([deployments_api, jobs_api, sites_api, dashboard_api])
     return HubProcess(hub=hub, services=services)
 
 

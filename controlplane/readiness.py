@@ -13,7 +13,14 @@ Promise: :meth:`Readiness.report` reads attributes only (no I/O), so a probe cos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
+
+from controlplane.store.handle import Store
+
+
+class Connection(Protocol):
+    @property
+    def connected(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,9 +33,16 @@ class Check:
 
 
 class Readiness:
-    """The built-in checks of a hub plus named gates held by whoever composed the process."""
+    """The built-in checks of a hub plus named gates held by whoever composed the process.
 
-    def __init__(self) -> None:
+    Args:
+        store: the process's record (ready once open).
+        bus: its NATS connection (ready while connected).
+    """
+
+    def __init__(self, *, store: Store, bus: Connection) -> None:
+        self.store = store
+        self.bus = bus
         self._gates: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -41,30 +55,28 @@ class Readiness:
     def release(self, name: str) -> None:
         self._gates.pop(name, None)
 
-    def checks(self, hub: Any) -> list[Check]:
-        """Every check, in a fixed order: store, nats, layout, then the gates by name."""
+    def checks(self) -> list[Check]:
+        """Every check, in a fixed order: store, nats, layout, then the gates by name.
+
+        (The layout is loaded when the process is composed, before it can answer: always ok.)"""
+        opened = self.store.is_open
+        connected = self.bus.connected
         out = [
-            Check("store", getattr(hub, "db", None) is not None, "" if getattr(hub, "db", None) is not None else "record not open"),
-            _nats(hub),
-            Check("layout", getattr(hub, "rtt", None) is not None,
-                  "" if getattr(hub, "rtt", None) is not None else "layout not loaded"),
+            Check("store", opened, "" if opened else "record not open"),
+            Check("nats", connected, "" if connected else "not connected to NATS"),
+            Check("layout", True),
         ]
         out.extend(Check(name, False, why) for name, why in sorted(self._gates.items()))
         return out
 
-    def ready(self, hub: Any) -> bool:
-        return all(c.ok for c in self.checks(hub))
+    def ready(self) -> bool:
+        return all(c.ok for c in self.checks())
 
-    def report(self, hub: Any) -> dict[str, object]:
+    def report(self) -> dict[str, object]:
         """The ``/readyz`` body: ``{"ready": bool, "checks": {name: "ok" | reason}}``."""
-        checks = self.checks(hub)
+        checks = self.checks()
         return {
             "ready": all(c.ok for c in checks),
             "checks": {c.name: "ok" if c.ok else c.detail for c in checks},
         }
 
-
-def _nats(hub: Any) -> Check:
-    bus = getattr(hub, "bus", None)
-    connected = bool(bus is not None and bus.connected)
-    return Check("nats", connected, "" if connected else "not connected to NATS")

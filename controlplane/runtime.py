@@ -51,6 +51,10 @@ class BackgroundTasks:
     def __len__(self) -> int:
         return len(self._tasks)
 
+    def names(self) -> list[str]:
+        """The names of the tasks running now (``<owner>:<scope>:<name>``), sorted."""
+        return sorted(t.get_name() if isinstance(t, asyncio.Task) else self.owner for t in self._tasks)
+
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Future[Any]:
         """Run ``coro`` in the background until it ends or :meth:`close` is called."""
         task = asyncio.ensure_future(coro)
@@ -71,6 +75,44 @@ class BackgroundTasks:
         """Cancel the tasks still running and wait until they are done."""
         tasks = list(self._tasks)
         self._tasks.clear()
+        await cancel_and_wait(tasks)
+
+    def scope(self, name: str) -> TaskScope:
+        """A part's view of these tasks: what it spawns is owned (and counted, and cancelled at
+        :meth:`close`) here; the part can still cancel its own at its stop."""
+        return TaskScope(self, name)
+
+
+class TaskScope:
+    """The tasks one part (a service, the bus, an outbox) runs in its process's :class:`BackgroundTasks`.
+
+    The process's owner holds every task (one place to see and cancel them); the scope remembers
+    which are this part's, so the part can stop its own work before the parts it uses go away.
+    Finished tasks are dropped from both at once.
+    """
+
+    def __init__(self, owner: BackgroundTasks, name: str) -> None:
+        self.owner = owner
+        self.name = name
+        self._mine: set[asyncio.Future[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"<TaskScope {self.owner.owner}:{self.name} running={len(self._mine)}>"
+
+    def __len__(self) -> int:
+        return len(self._mine)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Future[Any]:
+        """Run ``coro`` in the owner's tasks, named ``<owner>:<scope>:<name>``."""
+        task = self.owner.spawn(coro, f"{self.name}:{name}")
+        self._mine.add(task)
+        task.add_done_callback(self._mine.discard)
+        return task
+
+    async def close(self) -> None:
+        """Cancel this part's tasks still running and wait until they are done."""
+        tasks = list(self._mine)
+        self._mine.clear()
         await cancel_and_wait(tasks)
 
 

@@ -14,14 +14,23 @@ this scrape and is counted in ``cpn_scrape_errors_total``; it never fails the sc
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controlplane.store import stats as store_stats
+
+if TYPE_CHECKING:
+    from controlplane.config import HubConfig
+    from controlplane.core.clock import Clock
+    from controlplane.core.registry import SiteRegistry
+    from controlplane.metrics import HubMetrics
+    from controlplane.nats.bus import HubBus
+    from controlplane.readiness import Readiness
+    from controlplane.services.inference import InferenceService
+    from controlplane.store.handle import Store
 
 log = logging.getLogger("cpn.metrics")
 
@@ -33,23 +42,39 @@ NATS_ERROR_KINDS = (
 
 
 class HubState(Collector):
-    """Collects one hub's state at scrape time (see the module docstring)."""
+    """Collects one hub's state at scrape time (see the module docstring), from the parts it is built with.
 
-    def __init__(self, hub: Any) -> None:
-        self.hub = hub
+    Args:
+        permission_violations: the count of NATS permission violations seen so far (``cpn up`` watches
+            the server's log).
+        role / is_leader: what this process is (a single hub: ``hub``, always leading).
+    """
+
+    def __init__(self, *, config: HubConfig, bus: HubBus, registry: SiteRegistry, store: Store, readiness: Readiness,
+                 inference: InferenceService, clock: Clock, permission_violations: Callable[[], int] = lambda: 0,
+                 role: str = "hub", is_leader: Callable[[], bool] = lambda: True) -> None:
+        self.config = config
+        self.bus = bus
+        self.registry = registry
+        self.store = store
+        self.readiness = readiness
+        self.inference = inference
+        self.clock = clock
+        self.permission_violations = permission_violations
+        self.role = role
+        self.is_leader = is_leader
         self.errors = 0
 
     def __repr__(self) -> str:
         return f"<HubState scrape_errors={self.errors}>"
 
     def collect(self) -> Iterator[Metric]:
-        hub = self.hub
-        yield from self._process(hub)
-        yield from self._bus(hub)
-        yield from self._sites(hub)
-        if getattr(hub, "db", None) is not None:
+        yield from self._process()
+        yield from self._bus()
+        yield from self._sites()
+        if self.store.is_open:
             try:
-                families = list(self._record(hub))
+                families = list(self._record())
             except Exception as exc:  # a closed or different record: skip this group, keep the scrape
                 self.errors += 1
                 log.debug("event=scrape_record_failed error=%r", exc)
@@ -59,21 +84,20 @@ class HubState(Collector):
         errors.add_metric([], self.errors)
         yield errors
 
-    def _process(self, hub: Any) -> Iterator[Metric]:
+    def _process(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("cpn_hub_info", "This process: hub id and role (hub = gateway and controller)",
                                  labels=["hub", "role"])
-        info.add_metric([hub.config.hub_id, str(getattr(hub, "role", "hub"))], 1)
+        info.add_metric([self.config.hub_id, self.role], 1)
         yield info
         leader = GaugeMetricFamily("cpn_leader", "1 when this process leads the controllers (a single hub always does)")
-        leader.add_metric([], 1 if getattr(hub, "is_leader", True) else 0)
+        leader.add_metric([], 1 if self.is_leader() else 0)
         yield leader
-        readiness = getattr(hub, "readiness", None)
         ready = GaugeMetricFamily("cpn_ready", "1 when /readyz answers 200")
-        ready.add_metric([], 1 if readiness is None or readiness.ready(hub) else 0)
+        ready.add_metric([], 1 if self.readiness.ready() else 0)
         yield ready
 
-    def _bus(self, hub: Any) -> Iterator[Metric]:
-        s = hub.bus.stats
+    def _bus(self) -> Iterator[Metric]:
+        s = self.bus.stats
         errors = CounterMetricFamily("cpn_nats_errors", "NATS errors seen by the hub, by kind", labels=["kind"])
         for label, attr in NATS_ERROR_KINDS:
             errors.add_metric([label], getattr(s, attr, 0))
@@ -93,19 +117,17 @@ class HubState(Collector):
         yield dropped
         violations = CounterMetricFamily("cpn_nats_permission_violations",
                                          "Permission violations reported by the NATS server (a site publishing where it may not)")
-        violations.add_metric([], getattr(hub, "permission_violations", 0))
+        violations.add_metric([], self.permission_violations())
         yield violations
         connected = GaugeMetricFamily("cpn_nats_connected", "1 while the hub's NATS connection is up")
-        connected.add_metric([], 1 if hub.bus.connected else 0)
+        connected.add_metric([], 1 if self.bus.connected else 0)
         yield connected
-        inference = getattr(hub, "inference", None)
-        if inference is not None:
-            failovers = CounterMetricFamily("cpn_inference_failovers", "Inference requests moved to another site after one failed")
-            failovers.add_metric([], getattr(inference, "failovers", 0))
-            yield failovers
+        failovers = CounterMetricFamily("cpn_inference_failovers", "Inference requests moved to another site after one failed")
+        failovers.add_metric([], self.inference.failovers)
+        yield failovers
 
-    def _sites(self, hub: Any) -> Iterator[Metric]:
-        now = time.time()
+    def _sites(self) -> Iterator[Metric]:
+        now = self.clock.time()
         up = GaugeMetricFamily("cpn_site_up", "1 while the site is heard from (0: lost)", labels=["site", "tier"])
         draining = GaugeMetricFamily("cpn_site_draining", "1 while the site is draining", labels=["site"])
         silence = GaugeMetricFamily("cpn_site_last_seen_seconds", "Seconds since the site's last heartbeat", labels=["site"])
@@ -114,7 +136,7 @@ class HubState(Collector):
         queue = GaugeMetricFamily("cpn_site_queue_depth", "Requests queued at the site (its last heartbeat)", labels=["site"])
         inflight = GaugeMetricFamily("cpn_site_inflight", "Requests in flight at the site (its last heartbeat)", labels=["site"])
         replicas: dict[tuple[str, str], int] = {}
-        for view in hub.registry:
+        for view in self.registry:
             up.add_metric([view.id, view.tier], 1 if view.state == "up" else 0)
             draining.add_metric([view.id], 1 if view.draining else 0)
             silence.add_metric([view.id], max(0.0, now - view.last_seen) if view.last_seen else 0.0)
@@ -135,8 +157,8 @@ class HubState(Collector):
             live.add_metric([model, state], n)
         yield live
 
-    def _record(self, hub: Any) -> Iterator[Metric]:
-        snap = store_stats.snapshot(hub.db, now=time.time())
+    def _record(self) -> Iterator[Metric]:
+        snap = store_stats.snapshot(self.store.db, now=self.clock.time())
         jobs = GaugeMetricFamily("cpn_jobs", "Training jobs by state", labels=["state"])
         for state in store_stats.JOB_STATES:
             jobs.add_metric([state], snap.jobs.get(state, 0))
@@ -160,9 +182,3 @@ class HubState(Collector):
             planned.add_metric([state], snap.replicas.get(state, 0))
         yield planned
 
-
-def install(hub: Any) -> HubState:
-    """Add the scrape-time collector of ``hub`` to its metrics registry."""
-    collector = HubState(hub)
-    hub.metrics.add_collector(collector)
-    return collector

@@ -32,6 +32,7 @@ from typing import Any
 import msgspec
 
 from edge_agent import private_files, wire
+from edge_agent.clock import WALL, Clock, wait_or_sleep
 from edge_agent.attempt_journal import AttemptJournal
 from edge_agent.backend_health import BackendHealth
 from edge_agent.backends import Backend, make_backend
@@ -71,7 +72,7 @@ def _where(task: asyncio.Task[Any]) -> str:
     return f"{frames[-1].f_code.co_filename}:{frames[-1].f_lineno}" if frames else "?"
 
 
-def _make_executors(config: AgentConfig) -> dict[str, Executor]:
+def _make_executors(config: AgentConfig, clock: Clock) -> dict[str, Executor]:
     executors: dict[str, Executor] = {}
     # Without a data dir, checkpoints go to a per-site temp dir (fine for demos, said in docs).
     base = config.data_path or Path(tempfile.gettempdir()) / f"cpn-agent-{config.site}"
@@ -79,7 +80,7 @@ def _make_executors(config: AgentConfig) -> dict[str, Executor]:
         if name == "sim":
             from edge_agent.executors.sim import SimExecutor
 
-            executors[name] = SimExecutor()
+            executors[name] = SimExecutor(clock=clock)
         elif name == "process":
             from edge_agent.executors.process import ProcessExecutor
 
@@ -112,21 +113,25 @@ class Agent:
         config: the site's config.
         backend: an inference backend to use instead of the one the config names (tests, ``cpn up``).
         rng: source of backoff jitter.
+        clock: the agent's time (heartbeats, backoffs, deadlines, event timestamps); the wall clock
+            unless given (tests, a simulation).
     """
 
     def __init__(self, config: AgentConfig, *, backend: Backend | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, clock: Clock | None = None) -> None:
         self.config = config
         self.site = config.site
+        self.clock: Clock = clock or WALL
         self._rng = rng or random.Random()
         self.counters: Counter[str] = Counter()
         self.bus = AgentBus(config, rng=self._rng)
         self.inventory = Inventory(config.accelerators)
-        self.backend = backend or make_backend(config)
+        self.backend = backend or make_backend(config, self.clock)
         self.inference = InferenceService(self.site, self.bus, self.inventory, self.backend, self.counters,
-                                          request_timeout_s=config.backend.request_timeout_s)
+                                          request_timeout_s=config.backend.request_timeout_s, clock=self.clock)
         self.health = BackendHealth(self.site, getattr(self.backend, "probe", None),
-                                    float(getattr(self.backend, "probe_s", 0.0)), self.inventory, self._backend_changed)
+                                    float(getattr(self.backend, "probe_s", 0.0)), self.inventory, self._backend_changed,
+                                    clock=self.clock)
         self.inference.on_unavailable = self.health.mark_down
         data = config.data_path
         if data is not None:
@@ -136,7 +141,8 @@ class Agent:
                                      backoff_max_s=config.bus.event_backoff_max_s, rng=self._rng)
         self.journal = AttemptJournal(data / "attempts") if data else None
         self.fence = EpochFence(data / EPOCH_FILE if data else None)
-        self.training = Training(self.site, self.inventory, _make_executors(config), self._emit, self.journal)
+        self.training = Training(self.site, self.inventory, _make_executors(config, self.clock), self._emit, self.journal,
+                                 clock=self.clock)
         self.registered = asyncio.Event()
         self.hub = ""
         self.draining = False
@@ -277,16 +283,14 @@ class Agent:
             except Exception:
                 self.counters["loop_restarts"] += 1
                 logging.getLogger("cpn.agent").exception("loop_failed site=%s loop=%s", self.site, name)
-                await asyncio.sleep(1.0)
+                await self.clock.sleep(1.0)
 
-    @staticmethod
-    async def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+    async def _until(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+        deadline = self.clock.monotonic() + timeout_s
         while not condition():
-            if loop.time() >= deadline:
+            if self.clock.monotonic() >= deadline:
                 return False
-            await asyncio.sleep(0.02)
+            await self.clock.sleep(0.02)
         return True
 
     # ------------------------------------------------------------------ registration, heartbeats
@@ -305,13 +309,10 @@ class Agent:
         )
 
     async def _pause(self, event: asyncio.Event, delay_s: float) -> None:
-        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that races with
-        # the event being set, and a loop that survives stop() hangs the agent's shutdown.
-        try:
-            async with asyncio.timeout(delay_s):
-                await event.wait()
-        except TimeoutError:
-            pass
+        # Not wait_for: on 3.11 wait_for swallows a cancellation that races with the event being
+        # set, and a loop that survives stop() hangs the agent's shutdown. wait_or_sleep cancels
+        # and awaits both of its waits, whatever happens.
+        await wait_or_sleep(self.clock, event, delay_s)
 
     async def _register_loop(self) -> None:
         cfg = self.config.bus
@@ -343,7 +344,7 @@ class Agent:
                         break
                     self.counters["register_refused"] += 1
                     log(logging.WARNING, "register_refused", site=self.site, code=reply.code, error=reply.message)
-                await asyncio.sleep(backoff_s * (0.5 + self._rng.random()))
+                await self.clock.sleep(backoff_s * (0.5 + self._rng.random()))
                 backoff_s = min(backoff_s * 2, cfg.register_backoff_max_s)
 
     def heartbeat_message(self) -> wire.Heartbeat:
@@ -488,7 +489,7 @@ class Agent:
 
         async def become_ready() -> None:
             if self.backend.load_time_s > 0:
-                await asyncio.sleep(self.backend.load_time_s)
+                await self.clock.sleep(self.backend.load_time_s)
             if self.inventory.replicas.get((model, deployment)) is replica:
                 replica.state = READY
                 self._heartbeat_now.set()

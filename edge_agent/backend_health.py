@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from edge_agent.clock import WALL, Clock
 from edge_agent.inventory import Inventory
 from edge_agent.logs import log
 
@@ -29,8 +30,9 @@ class BackendHealth:
     """Tracks one backend's reachability and mirrors it into ``inventory.serving``."""
 
     def __init__(self, site: str, probe: Probe | None, probe_s: float, inventory: Inventory,
-                 on_change: Callable[[bool], None]) -> None:
+                 on_change: Callable[[bool], None], *, clock: Clock = WALL) -> None:
         self.site = site
+        self.clock = clock
         self._probe = probe
         self.probe_s = probe_s
         self.inventory = inventory
@@ -79,4 +81,4 @@ class BackendHealth:
             return
         while True:
             await self.check()
-            await asyncio.sleep(self.probe_s)
+            await self.clock.sleep(self.probe_s)

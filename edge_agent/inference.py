@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
 import msgspec
 
 from edge_agent import wire
+from edge_agent.clock import WALL, Clock
 from edge_agent.backends import Backend, Completion
 from edge_agent.bus import AgentBus, Incoming
 from edge_agent.errors import BackendError, BusError
@@ -38,8 +38,9 @@ class InferenceService:
     """Answers infer requests from the site's replicas through one backend."""
 
     def __init__(self, site: str, bus: AgentBus, inventory: Inventory, backend: Backend,
-                 counters: dict[str, int], *, request_timeout_s: float) -> None:
+                 counters: dict[str, int], *, request_timeout_s: float, clock: Clock = WALL) -> None:
         self.site = site
+        self.clock = clock
         self.bus = bus
         self.inventory = inventory
         self.backend = backend
@@ -101,7 +102,7 @@ class InferenceService:
         replica, _ = self.inventory.acquire_slot(request.model)
         if replica is None:
             return None
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         try:
             completion = self.backend.generate_now(request)
         except BackendError:
@@ -110,7 +111,7 @@ class InferenceService:
             self.inventory.release_slot(replica)
         if completion is None:
             return None
-        return self._result(request, completion, (time.perf_counter() - started) * 1000.0)
+        return self._result(request, completion, (self.clock.monotonic() - started) * 1000.0)
 
     def _result(self, request: wire.InferRequest, completion: Completion, service_ms: float) -> bytes:
         """Count a successful answer and encode it."""
@@ -183,7 +184,7 @@ class InferenceService:
 
     async def _serve(self, request: wire.InferRequest, reply: str, task: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = self.clock.monotonic()
         replica, reason = self.inventory.acquire_slot(request.model)
         if replica is None:
             self.counters[reason] += 1
@@ -197,7 +198,7 @@ class InferenceService:
         timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
         # A bare timer rather than ``asyncio.timeout``: the same effect for a fraction of the cost
         # on the hot path. When it fires, the task is cancelled and marked as expired.
-        timer = loop.call_at(started + timeout_s, self._expire, task)
+        timer = loop.call_later(timeout_s, self._expire, task)
         try:
             try:
                 if request.ack:  # the hub may now wait for the answer, not fail over (wire.InferAccepted)
@@ -233,4 +234,4 @@ class InferenceService:
             timer.cancel()
             self._expired.discard(task)  # fired as the answer came: the answer wins
             self.inventory.release_slot(replica)
-        await self._answer(reply, self._result(request, completion, (loop.time() - started) * 1000.0))
+        await self._answer(reply, self._result(request, completion, (self.clock.monotonic() - started) * 1000.0))

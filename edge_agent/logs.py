@@ -33,6 +33,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from edge_agent.clock import WALL
+
 LOGGER = logging.getLogger("cpn.agent")
 
 _ID_FIELDS = ("request_id", "job", "job_id")
@@ -164,7 +166,7 @@ class RepeatFilter(logging.Filter):
     WARNING, and records naming a request or a job, always pass.
     """
 
-    def __init__(self, window_s: float = 60.0, clock: Any = time.monotonic) -> None:
+    def __init__(self, window_s: float = 60.0, clock: Any = WALL.monotonic) -> None:
         super().__init__()
         self.window_s = window_s
         self.clock = clock

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 
 from edge_agent import wire
+from edge_agent.clock import WALL, Clock
 from edge_agent.attempt_journal import AttemptJournal, AttemptRecord
 from edge_agent.executors import Event, EventSink, Executor, Publish, RunningAttempt
 from edge_agent.inventory import Inventory
@@ -43,8 +44,9 @@ class Training:
     """Running attempts by job, and a memory of recently finished ones."""
 
     def __init__(self, site: str, inventory: Inventory, executors: dict[str, Executor], publish: Publish,
-                 journal: AttemptJournal | None = None) -> None:
+                 journal: AttemptJournal | None = None, *, clock: Clock = WALL) -> None:
         self.site = site
+        self.clock = clock
         self.inventory = inventory
         self.executors = executors
         self._deliver = publish
@@ -159,7 +161,7 @@ class Training:
                         error=str(exc))
                     return wire.ErrorReply(code="internal", retryable=True,
                                            message=f"{self.site} cannot record the attempt on its disk")
-            sink = EventSink(self.site, cmd.job, cmd.attempt, self._publish, key=cmd.event_key)
+            sink = EventSink(self.site, cmd.job, cmd.attempt, self._publish, self.clock.time, key=cmd.event_key)
             handle = await executor.start(cmd, sink, self._on_exit)
             if not handle.done:
                 self.attempts[cmd.job] = handle
@@ -218,7 +220,8 @@ class Training:
         # Newest attempt of a job first: only it may be re-attached.
         for record in sorted(self.journal.records.values(), key=lambda r: (r.job, -r.attempt)):
             cmd = record.command
-            sink = EventSink(self.site, cmd.job, cmd.attempt, self._publish, key=cmd.event_key, seq=record.seq)
+            sink = EventSink(self.site, cmd.job, cmd.attempt, self._publish, self.clock.time, key=cmd.event_key,
+                             seq=record.seq)
             handle = None
             if (cmd.job, cmd.attempt) not in pending_exits and cmd.job not in self.attempts:
                 handle = await self._reattach(record, sink)

@@ -2,60 +2,47 @@
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 
 from controlplane.core import auth
-from controlplane.services import keys as key_lifecycle
-from controlplane.core.errors import NotFound, SiteUnreachable
-from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_admin
+from controlplane.core.errors import NotFound, RequestError
+from controlplane.gateway.app import SERVICES, Routes, json_response, read_body, require_admin
 from controlplane.gateway.schemas import DrainBody, KeyBody, RotateKeyBody, TenantBody
-from edge_agent import wire
 from controlplane.gateway.openapi import Op
 
 
 async def list_sites(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
-    return json_response({"object": "list", "data": hub.sites_snapshot()})
+    return json_response({"object": "list", "data": request.app[SERVICES].sites.snapshot()})
 
 
 async def get_site(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
-    view = hub.registry.get(request.match_info["site"])
+    view = request.app[SERVICES].sites.view_dict(request.match_info["site"])
     if view is None:
         raise NotFound(f"site {request.match_info['site']!r} not found")
-    return json_response(view.as_dict(time.time()))
+    return json_response(view)
 
 
 async def drain_site(request: web.Request) -> web.Response:
     """Stop sending new work to a site (``{"on": false}`` undoes it). Persisted across hub restarts."""
     require_admin(request)
-    hub = request.app[HUB]
+    sites = request.app[SERVICES].sites
     site = request.match_info["site"]
-    if hub.registry.get(site) is None:
+    if sites.view(site) is None:
         raise NotFound(f"site {site!r} not found")
     body = await read_body(request, DrainBody) if request.can_read_body else DrainBody()
-    hub.set_draining(site, body.on)
-    delivered = True
-    try:
-        await hub.bus.command(site, wire.Drain(on=body.on), timeout_s=2.0)
-    except (SiteUnreachable, Exception):
-        delivered = False
+    delivered = await sites.drain(site, body.on)
     return json_response({"site": site, "draining": body.on, "delivered": delivered})
 
 
 async def create_tenant(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
+    services = request.app[SERVICES]
     body = await read_body(request, TenantBody)
-    if body.default_origin is not None and body.default_origin not in hub.origin_ids:
-        from controlplane.core.errors import RequestError
-
+    if body.default_origin is not None and body.default_origin not in services.sites.origin_ids:
         raise RequestError(f"unknown origin {body.default_origin!r}", field="default_origin")
-    key = hub.create_tenant(
+    key = services.tenancy.create_tenant(
         body.id, name=body.name, default_origin=body.default_origin, quota_cards=body.quota_cards,
         rate_per_s=body.rate_per_s, burst=body.burst,
     )
@@ -64,8 +51,7 @@ async def create_tenant(request: web.Request) -> web.Response:
 
 async def list_tenants(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
-    return json_response({"object": "list", "data": hub.list_tenants()})
+    return json_response({"object": "list", "data": request.app[SERVICES].tenancy.list_tenants()})
 
 
 def _key_scope(request: web.Request) -> tuple[str, str | None]:
@@ -78,19 +64,16 @@ async def list_keys(request: web.Request) -> web.Response:
     """A tenant's keys, or the admin keys: ids, shown prefixes, times and state; never a key."""
     require_admin(request)
     role, tenant = _key_scope(request)
-    data = key_lifecycle.listing(request.app[HUB].db, role=role, tenant_id=tenant, now=time.time())
+    data = request.app[SERVICES].tenancy.list_keys(role=role, tenant_id=tenant)
     return json_response({"object": "list", "data": data})
 
 
 async def create_key(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
     role, tenant = _key_scope(request)
     body = await read_body(request, KeyBody) if request.can_read_body else KeyBody()
-    now = time.time()
-    expires_at = key_lifecycle.expiry(now, expires_at=body.expires_at, ttl_s=body.ttl_s)
-    view = key_lifecycle.create(hub.db, hub.keys, role=role, tenant_id=tenant, now=now, label=body.label,
-                                expires_at=expires_at)
+    view = request.app[SERVICES].tenancy.issue_key(role=role, tenant_id=tenant, label=body.label,
+                                                   expires_at=body.expires_at, ttl_s=body.ttl_s)
     return json_response(view, status=201)
 
 
@@ -98,22 +81,18 @@ async def revoke_key(request: web.Request) -> web.Response:
     """Revoke a key now: refused on its next use at this hub, and within a second at any hub
     reading the same record. 409 for the last working admin key."""
     require_admin(request)
-    hub = request.app[HUB]
     role, tenant = _key_scope(request)
-    view = key_lifecycle.revoke(hub.db, hub.keys, request.match_info["key_id"], role=role, tenant_id=tenant,
-                                now=time.time())
+    view = request.app[SERVICES].tenancy.revoke_key(request.match_info["key_id"], role=role, tenant_id=tenant)
     return json_response(view)
 
 
 async def rotate_key(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
     role, tenant = _key_scope(request)
     body = await read_body(request, RotateKeyBody) if request.can_read_body else RotateKeyBody()
-    now = time.time()
-    expires_at = key_lifecycle.expiry(now, expires_at=body.expires_at, ttl_s=body.ttl_s)
-    answer = key_lifecycle.rotate(hub.db, hub.keys, request.match_info["key_id"], role=role, tenant_id=tenant, now=now,
-                                  grace_s=body.grace_s, label=body.label, expires_at=expires_at)
+    answer = request.app[SERVICES].tenancy.rotate_key(request.match_info["key_id"], role=role, tenant_id=tenant,
+                                                      grace_s=body.grace_s, label=body.label,
+                                                      expires_at=body.expires_at, ttl_s=body.ttl_s)
     return json_response(answer, status=201)
 
 

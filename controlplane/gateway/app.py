@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -26,12 +26,8 @@ from controlplane.gateway.clientaddr import TrustedProxies
 from controlplane.services.record import Services
 from controlplane.core.errors import NoCapacity, PeerError, RateLimited, RequestError, Unauthorized, Forbidden
 
-if TYPE_CHECKING:
-    from controlplane.hub import Hub
-
 log = logging.getLogger("cpn.gateway")
 
-HUB: web.AppKey[Hub] = web.AppKey("hub")
 SERVICES: web.AppKey[Services] = web.AppKey("services", Services)
 """The typed record of the services (``services/record.py``), handed in by the composition root."""
 TRUSTED: web.AppKey[TrustedProxies] = web.AppKey("trusted_proxies", TrustedProxies)
@@ -74,7 +70,7 @@ async def raw_body(request: web.Request) -> bytes:
     """The request body, or a 413 naming the limit, or a 408 when it has not all arrived within
     ``body_timeout_s`` (a body sent slowly would otherwise hold its connection and handler forever).
     A body that came whole with the headers, the usual case, is read without a timer."""
-    config = request.app[HUB].config
+    config = request.app[SERVICES].config
     try:
         if request.content.is_eof():
             return await request.read()
@@ -157,7 +153,7 @@ def _log_level(status: int) -> int:
     return logging.WARNING if status >= 500 else logging.DEBUG
 
 
-def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
+def guarded(services: Services, handler: Handler, route: str, *, public: bool) -> Handler:
     """``handler`` inside the gateway's request guard.
 
     The guard gives every request an id, checks the API key and the tenant's rate limit (unless
@@ -165,11 +161,12 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
     latency under ``route``. Each handler is wrapped once at start-up: per request this costs less
     than an aiohttp middleware, which adds two coroutine layers to every call.
     """
-    keys = hub.keys
-    ids = hub.request_ids
-    observe = hub.metrics.observe_http
-    limiter = hub.rate_limit
-    perf_counter = time.perf_counter
+    authenticate = services.tenancy.authenticate
+    ids = services.request_ids
+    observe = services.metrics.observe_http
+    limit = services.tenancy.rate_limit
+    max_body_bytes = services.config.max_body_bytes
+    perf_counter = time.perf_counter  # request latency for metrics only, never a decision
 
     async def guard(request: web.Request) -> web.StreamResponse:
         rid = ids.next()
@@ -184,12 +181,11 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
                 if not header.startswith("Bearer ") or len(header) > 512:
                     raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
                 key = header[7:].strip()
-                found = keys.lookup(key) or hub.lookup_key_in_store(key)
+                found = authenticate(key)
                 if found is None:
                     raise Unauthorized("invalid API key")
                 request[PRINCIPAL] = found
-                if limiter is not None:
-                    limiter(found, request)
+                limit(found)
             response = await handler(request)
             status = response.status
             if not response.prepared and "X-Request-Id" not in response.headers:
@@ -210,7 +206,7 @@ def guarded(hub: Hub, handler: Handler, route: str, *, public: bool) -> Handler:
         except web.HTTPException as exc:
             status = exc.status
             if exc.status == 413:
-                return error_response(413, f"request body larger than {hub.config.max_body_bytes} bytes",
+                return error_response(413, f"request body larger than {max_body_bytes} bytes",
                                       code="body_too_large", request_id=echo)
             raise
         except Exception:
@@ -233,21 +229,21 @@ class Routes:
     ``public`` endpoints (health, metrics, the OpenAPI document) take no API key.
     """
 
-    def __init__(self, app: web.Application, hub: Hub) -> None:
+    def __init__(self, app: web.Application, services: Services) -> None:
         self.app = app
-        self.hub = hub
+        self.services = services
 
     def add_get(self, path: str, handler: Handler, *, public: bool = False) -> None:
-        self.app.router.add_get(path, guarded(self.hub, handler, path, public=public))
+        self.app.router.add_get(path, guarded(self.services, handler, path, public=public))
 
     def add_post(self, path: str, handler: Handler) -> None:
-        self.app.router.add_post(path, guarded(self.hub, handler, path, public=False))
+        self.app.router.add_post(path, guarded(self.services, handler, path, public=False))
 
     def add_delete(self, path: str, handler: Handler) -> None:
-        self.app.router.add_delete(path, guarded(self.hub, handler, path, public=False))
+        self.app.router.add_delete(path, guarded(self.services, handler, path, public=False))
 
     def add_put(self, path: str, handler: Handler) -> None:
-        self.app.router.add_put(path, guarded(self.hub, handler, path, public=False))
+        self.app.router.add_put(path, guarded(self.services, handler, path, public=False))
 
 
 async def unmatched(request: web.Request) -> web.StreamResponse:

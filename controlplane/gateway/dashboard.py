@@ -19,12 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from controlplane.gateway.app import HUB, SERVICES, Routes, json_response, require_admin
+from controlplane.gateway.app import SERVICES, Routes, json_response, require_admin
 from controlplane.gateway.openapi import Op
 
 if TYPE_CHECKING:
-    from controlplane.services.dashboard_history import DashboardHistory
-    from controlplane.hub import Hub
+    from controlplane.services.record import Services
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 _TYPES = {".html": "text/html", ".js": "application/javascript", ".css": "text/css", ".json": "application/json"}
@@ -32,14 +31,16 @@ _TYPES = {".html": "text/html", ".js": "application/javascript", ".css": "text/c
 
 
 
-def state(hub: Hub, history: DashboardHistory | None, now: float) -> dict[str, Any]:
+def state(services: Services, now: float) -> dict[str, Any]:
     """The whole ``/v1/dashboard`` answer."""
     from topology import mapplot
 
-    layout = hub.layout
-    placed = {s.id: s for s in layout.sites} if layout is not None else {}
+    registry = services.sites.registry
+    history = services.dashboard
+    layout = services.sites.layout
+    placed = {s.id: s for s in layout.sites}
     sites = []
-    for view in sorted(hub.registry, key=lambda v: v.id):
+    for view in sorted(registry, key=lambda v: v.id):
         d = view.as_dict(now)
         static = placed.get(view.id)
         d["lat"] = static.lat if static is not None else None
@@ -48,37 +49,33 @@ def state(hub: Hub, history: DashboardHistory | None, now: float) -> dict[str, A
         d["cards"] = sum(view.accelerators.values())
         sites.append(d)
     for sid, static in placed.items():  # declared but never heard from since this hub started
-        if hub.registry.get(sid) is None:
+        if registry.get(sid) is None:
             sites.append({"id": sid, "name": static.name, "state": "unknown", "tier": static.tier, "city": static.city,
                           "lat": static.lat, "lon": static.lon, "cards": sum(static.accelerators.values()),
                           "accelerators": dict(static.accelerators), "free_cards": {}, "models": {}, "draining": False})
     body: dict[str, Any] = {
         "object": "dashboard",
-        "hub": hub.config.hub_id,
+        "hub": services.config.hub_id,
         "now": now,
-        "ready": hub.readiness.ready(hub),
-        "nats": "connected" if hub.bus.connected else "disconnected",
-        "counts": hub.registry.counts(),
+        "ready": services.status.ready(),
+        "nats": "connected" if services.status.nats_connected else "disconnected",
+        "counts": registry.counts(),
         "sites": sites,
         "origins": [{"id": o.id, "name": o.name, "lat": o.lat, "lon": o.lon, "weight": o.weight}
-                    for o in (layout.origins if layout is not None else [])],
-        "reach_km": {"5": round(mapplot.reach_km(5, layout), 1), "10": round(mapplot.reach_km(10, layout), 1)}
-        if layout is not None else {},
-        "utilisation": list(history.samples) if history is not None else [],
-        "faults": list(history.faults) if history is not None else [],
-        "deployments": [],
-        "jobs": [],
+                    for o in layout.origins],
+        "reach_km": {"5": round(mapplot.reach_km(5, layout), 1), "10": round(mapplot.reach_km(10, layout), 1)},
+        "utilisation": list(history.samples),
+        "faults": list(history.faults),
+        "deployments": history.deployments(),
+        "jobs": history.jobs(),
     }
-    if history is not None:
-        body["deployments"] = history.deployments()
-        body["jobs"] = history.jobs()
     return body
 
 
 async def dashboard_state(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
-    return json_response(state(hub, request.app[SERVICES].dashboard, hub.clock.time()))
+    services = request.app[SERVICES]
+    return json_response(state(services, services.clock.time()))
 
 
 async def page(request: web.Request) -> web.StreamResponse:

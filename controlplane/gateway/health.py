@@ -11,34 +11,21 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from controlplane.gateway.app import HUB, Routes, json_response
+from controlplane.gateway.app import SERVICES, Routes, json_response
 from controlplane.gateway.openapi import Op
-from controlplane.readiness import Readiness
 
 
 async def healthz(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    counts = hub.registry.counts()
-    ok = hub.bus.connected
-    body = {
-        "status": "ok" if ok else "degraded",
-        "hub": hub.config.hub_id,
-        "nats": "connected" if ok else "disconnected",
-        "sites": counts,
-    }
-    return json_response(body, status=200)
+    return json_response(request.app[SERVICES].status.health(), status=200)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    readiness: Readiness = getattr(hub, "readiness", None) or Readiness()
-    body = readiness.report(hub)
+    body = request.app[SERVICES].status.readiness_report()
     return json_response(body, status=200 if body["ready"] else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
-    body = hub.metrics.render(hub.refresh_metrics)
+    body = request.app[SERVICES].status.metrics_text()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

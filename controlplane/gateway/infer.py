@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.core.errors import RequestError
-from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, SERVICES, Routes, client_address, json_response, principal, read_body
+from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, Routes, client_address, json_response, principal, read_body
 from controlplane.gateway.schemas import InferBody
 from controlplane.services.inference import Served
 from edge_agent import wire
@@ -19,18 +19,18 @@ POLICY_HEADER = "X-CPN-Budget-Policy"
 def resolve_origin(request: web.Request, explicit: str | None) -> str:
     """Origin: the body, else X-CPN-Origin, else the tenant's default, else the layout's CIDR map (of
     the client's address: X-Forwarded-For only from a trusted proxy, see clientaddr.py)."""
-    hub = request.app[HUB]
+    services = request.app[SERVICES]
     origin = explicit or request.headers.get(ORIGIN_HEADER)
     if origin:
-        if origin not in hub.origin_ids:
+        if origin not in services.sites.origin_ids:
             raise RequestError(f"unknown origin {origin!r}: not a city of the layout", field="origin", code="unknown_origin")
         return origin
     tenant = principal(request).tenant_id
     if tenant is not None:
-        default = hub.tenant_default_origin(tenant)
+        default = services.tenancy.tenant_default_origin(tenant)
         if default:
             return default
-    by_ip = hub.origin_for_ip(client_address(request))
+    by_ip = services.sites.origin_for_ip(client_address(request))
     if by_ip:
         return by_ip
     raise RequestError(
@@ -44,7 +44,7 @@ def resolve_budget(request: web.Request, explicit: float | None) -> float:
         return explicit
     raw = request.headers.get(BUDGET_HEADER)
     if raw is None:
-        return float(request.app[HUB].config.default_budget_ms)
+        return float(request.app[SERVICES].config.default_budget_ms)
     try:
         value = float(raw)
     except ValueError:
@@ -78,16 +78,16 @@ def route_headers(served: Served, echo_id: str) -> dict[str, str]:
 
 
 async def infer(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
+    services = request.app[SERVICES]
     body = await read_body(request, InferBody)
     tenant = principal(request).tenant_id or ""
     origin = resolve_origin(request, body.origin)
     budget_ms = resolve_budget(request, body.budget_ms)
     policy = resolve_policy(request, body.policy)
-    scope = request.app[SERVICES].deployments.check_model_access(tenant, body.model)
+    scope = services.deployments.check_model_access(tenant, body.model)
     req = wire.InferRequest(request_id=request[REQUEST_ID], model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
-    served = await hub.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope)
+    served = await services.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope)
     result = served.result
     assert result is not None
     out = {

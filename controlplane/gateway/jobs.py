@@ -32,7 +32,7 @@ from aiohttp import web
 
 from controlplane.core import lifecycle, placement
 from controlplane.core.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
+from controlplane.gateway.app import SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
 from controlplane.services.training import AttemptRow, JobRow, TrainingService
 
@@ -102,8 +102,7 @@ def normalise(body: JobBody, request: web.Request, now: float) -> dict[str, Any]
     Raises:
         RequestError: (400) naming the field.
     """
-    layout = request.app[HUB].layout
-    assert layout is not None
+    layout = request.app[SERVICES].sites.layout
     for i, acc in enumerate(body.accelerators):
         if acc not in layout.accelerators:
             raise RequestError(f"unknown accelerator {acc!r} (known: {', '.join(sorted(layout.accelerators))})",

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from aiohttp import web
 
 from controlplane.gateway import openai_shapes as oa
-from controlplane.gateway.app import ECHO_ID, HUB, REQUEST_ID, SERVICES, Routes, json_response, principal, raw_body
+from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, Routes, json_response, principal, raw_body
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
 from controlplane.services.inference import AllSitesFailed, aclose
 from edge_agent import wire
@@ -38,25 +37,25 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def _serve(
     request: web.Request, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: str
 ) -> web.StreamResponse:
-    hub = request.app[HUB]
+    services = request.app[SERVICES]
     tenant = principal(request).tenant_id or ""
     origin = resolve_origin(request, None)
     budget_ms = resolve_budget(request, None)
     policy = resolve_policy(request, None)
-    scope = request.app[SERVICES].deployments.check_model_access(tenant, req.model)
+    scope = services.deployments.check_model_access(tenant, req.model)
     request_id = request[REQUEST_ID]  # the hub's, never the client's X-Request-Id: sites cancel by it
     echo = request[ECHO_ID]
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
-    created = time.time()
+    created = services.clock.time()
     if not infer.stream:
-        served = await hub.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
+        served = await services.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                               deployments=scope)
         assert served.result is not None
         body = oa.chat_response(served.result, created=created, model=req.model) if kind == "chat" else \
             oa.completion_response(served.result, created=created, model=req.model)
         return web.Response(body=oa.encode(body), content_type="application/json", headers=route_headers(served, echo))
 
-    served, messages = await hub.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
+    served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                   deployments=scope)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
                        include_usage=oa.include_usage(req))
@@ -97,10 +96,10 @@ async def _serve(
 
 
 async def models(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
+    services = request.app[SERVICES]
     tenant = principal(request).tenant_id
-    ids = request.app[SERVICES].deployments.models_for_tenant(tenant)
-    return json_response(oa.models_list(ids, created=hub.started_at))
+    ids = services.deployments.models_for_tenant(tenant)
+    return json_response(oa.models_list(ids, created=services.status.started_at))
 
 
 OPERATIONS = [

@@ -24,18 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 
 from controlplane.core.errors import RequestError
 from controlplane.gateway import admin, health, infer, openai, openapi, usage
-from controlplane.gateway.app import HUB, SERVICES, TRUSTED, UNMATCHED, Routes, guarded, unmatched
+from controlplane.gateway.app import SERVICES, TRUSTED, UNMATCHED, Routes, guarded, unmatched
 from controlplane.gateway.clientaddr import TrustedProxies
 
 if TYPE_CHECKING:
     from controlplane.config import HubConfig
-    from controlplane.hub import Hub
     from controlplane.services.record import Services
 
 
@@ -228,18 +229,18 @@ _HANDLER_STATE = ("_messages", "_request_in_progress")
 """aiohttp RequestHandler attributes the header deadline reads (private: checked at start-up)."""
 
 
-def make_app(hub: Hub, services: Services) -> web.Application:
-    """Build the aiohttp application for ``hub`` and its ``services``; each API module adds its routes."""
-    app = web.Application(client_max_size=hub.config.max_body_bytes)
-    app[HUB] = hub
+def make_app(services: Services, extra_routes: Sequence[ModuleType] = ()) -> web.Application:
+    """Build the aiohttp application over ``services``; each API module (the built-in ones, then
+    ``extra_routes``, each with ``add_routes(routes)``) adds its routes."""
+    app = web.Application(client_max_size=services.config.max_body_bytes)
     app[SERVICES] = services
     try:
-        app[TRUSTED] = TrustedProxies.parse(hub.config.trusted_proxies)
+        app[TRUSTED] = TrustedProxies.parse(services.config.trusted_proxies)
     except ValueError as exc:
         raise RequestError(str(exc), field="trusted_proxies") from None
     # GET /openapi.json documents every module that adds routes, in this order.
-    app[openapi.MODULES] = [health, admin, infer, openai, usage, openapi, *hub.route_modules]
-    routes = Routes(app, hub)
+    app[openapi.MODULES] = [health, admin, infer, openai, usage, openapi, *extra_routes]
+    routes = Routes(app, services)
     # The hot endpoints first: aiohttp's dispatcher tries resources in registration order.
     infer.add_routes(routes)
     openai.add_routes(routes)
@@ -247,29 +248,30 @@ def make_app(hub: Hub, services: Services) -> web.Application:
     admin.add_routes(routes)
     usage.add_routes(routes)
     openapi.add_routes(routes)
-    for extra in hub.route_modules:
+    for extra in extra_routes:
         extra.add_routes(routes)
-    app.router.add_route("*", UNMATCHED, guarded(hub, unmatched, "unmatched", public=False))
+    app.router.add_route("*", UNMATCHED, guarded(services, unmatched, "unmatched", public=False))
     return app
 
 
-async def start(hub: Hub, services: Services, host: str, port: int) -> GatewayServer:
+async def start(services: Services, host: str, port: int, *,
+                extra_routes: Sequence[ModuleType] = ()) -> GatewayServer:
     from aiohttp.web_protocol import RequestHandler
 
     missing = [name for name in _HANDLER_STATE if name not in getattr(RequestHandler, "__slots__", ())]
     if missing:  # pragma: no cover - an aiohttp that changed its internals
         raise RuntimeError(f"this aiohttp's RequestHandler lacks {missing}: the gateway's header deadline needs them")
-    config = hub.config
+    config = services.config
     if bool(config.tls_cert) != bool(config.tls_key):
         raise RequestError("TLS needs both tls_cert and tls_key (--tls-cert and --tls-key)",
                            field="tls_key" if config.tls_cert else "tls_cert")
     ctx = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
-    app = make_app(hub, services)
+    app = make_app(services, extra_routes)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
                            keepalive_timeout=config.keepalive_timeout_s)
     await runner.setup()
     assert runner.server is not None
-    guard = _Guard(runner.server, config, app[TRUSTED], hub.metrics.gateway_refused.counts)
+    guard = _Guard(runner.server, config, app[TRUSTED], services.metrics.gateway_refused.counts)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(guard, host, port, backlog=1024, reuse_address=True, ssl=ctx,
                                       ssl_handshake_timeout=config.header_timeout_s if ctx else None)

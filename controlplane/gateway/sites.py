@@ -14,7 +14,7 @@ import msgspec
 from aiohttp import web
 
 from controlplane.core.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, Routes, json_response, read_body, require_admin
+from controlplane.gateway.app import SERVICES, Routes, json_response, read_body, require_admin
 from controlplane.gateway.openapi import Op
 from edge_agent import wire
 
@@ -50,19 +50,17 @@ def _site(request: web.Request) -> str:
 
 async def put_declaration(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
     site = _site(request)
     body = await read_body(request, SiteDeclarationBody)
     fields = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not None}
-    decl = hub.declare_site(site, fields)
+    decl = request.app[SERVICES].sites.declare(site, fields)
     return json_response(msgspec.to_builtins(decl))
 
 
 async def get_declaration(request: web.Request) -> web.Response:
     require_admin(request)
-    hub = request.app[HUB]
     site = _site(request)
-    decl = hub.declarations.get(site)
+    decl = request.app[SERVICES].sites.declaration(site)
     if decl is None:
         raise NotFound(f"site {site!r} is not declared (neither in the layout nor by PUT)", field="site")
     return json_response(msgspec.to_builtins(decl))

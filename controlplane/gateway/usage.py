@@ -6,23 +6,23 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.core.errors import NotFound, RequestError
-from controlplane.gateway.app import HUB, SERVICES, Routes, json_response, principal
+from controlplane.gateway.app import SERVICES, Routes, json_response, principal
 from controlplane.gateway.openapi import Op
 
 
 async def usage(request: web.Request) -> web.Response:
-    hub = request.app[HUB]
+    services = request.app[SERVICES]
     p = principal(request)
     tenant = p.tenant_id
     if p.is_admin:
         tenant = request.query.get("tenant")
         if not tenant:
             raise RequestError("admins must name a tenant: /v1/usage?tenant=ID", field="tenant")
-        if hub.tenant(tenant) is None:
+        if services.tenancy.tenant(tenant) is None:
             raise NotFound(f"tenant {tenant!r} not found")
     assert tenant is not None
-    body = hub.usage_for(tenant)
-    body["training"] = request.app[SERVICES].training.usage(tenant)
+    body = services.accounting.for_tenant(tenant)
+    body["training"] = services.training.usage(tenant)
     return json_response(body)
 
 

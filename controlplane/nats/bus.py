@@ -49,7 +49,7 @@ from nats.js.api import (
 )
 
 from controlplane.core.errors import BusUnavailable, SiteRefused, SiteSilent, SiteUnreachable
-from controlplane.runtime import cancel_and_wait
+from controlplane.runtime import BackgroundTasks, TaskScope, cancel_and_wait
 from controlplane.core.sitegate import Kind, SiteGate, SiteLimits
 from edge_agent import tls, wire
 from edge_agent.nats_barrier import barrier
@@ -173,8 +173,12 @@ class HubBus:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        tasks: TaskScope | None = None,
     ) -> None:
         self.url = url
+        self.tasks = tasks if tasks is not None else BackgroundTasks(name).scope("bus")
+        """Where the bus runs its background work (the event consumer): the process's tasks, handed in
+        by the composition root; a bus used on its own (tests, tools) gets an owner of its own."""
         self.name = name
         self.user = user
         self.password = password
@@ -192,7 +196,7 @@ class HubBus:
         self.sites_nc: Any = None
         """Second connection for what sites send (registrations, heartbeats, events)."""
         self._subs: list[Any] = []
-        self._event_task: asyncio.Task[None] | None = None
+        self._event_task: asyncio.Future[Any] | None = None
         self._closing = False
         self._psub: Any = None
         self._events_in: Any = None
@@ -703,7 +707,7 @@ class HubBus:
         A handler that raises leaves the message un-acked, so JetStream redelivers it (the hub
         applies events idempotently by ``job:attempt:seq``).
         """
-        self._event_task = asyncio.create_task(self._consume(handler, durable, batch), name="event-consumer")
+        self._event_task = self.tasks.spawn(self._consume(handler, durable, batch), "event-consumer")
 
     async def _consume(self, handler: EventHandler, durable: str, batch: int) -> None:
         psub = None

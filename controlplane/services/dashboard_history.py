@@ -6,15 +6,16 @@ composition root and reached by the gateway's dashboard through the typed servic
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from typing import TYPE_CHECKING, Any
 
 from controlplane.store import stats as store_stats
 
 if TYPE_CHECKING:
-    from controlplane.core.registry import Transition
-    from controlplane.hub import Hub
+    from controlplane.core.clock import Clock
+    from controlplane.core.registry import SiteRegistry, Transition
+    from controlplane.runtime import TaskScope
+    from controlplane.store.handle import Store
 
 SAMPLE_S = 30.0
 """Seconds between utilisation samples."""
@@ -32,25 +33,28 @@ class DashboardHistory:
 
     name = "dashboard-history"
 
-    def __init__(self, hub: Hub, *, sample_s: float = SAMPLE_S, history_s: float = HISTORY_S) -> None:
-        self.hub = hub
+    def __init__(self, *, registry: SiteRegistry, store: Store, clock: Clock, tasks: TaskScope,
+                 sample_s: float = SAMPLE_S, history_s: float = HISTORY_S) -> None:
+        self.registry = registry
+        self.store = store
+        self.clock = clock
+        self.tasks = tasks
         self.sample_s = sample_s
         self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(1, int(history_s / sample_s)))
         self.faults: collections.deque[dict[str, Any]] = collections.deque(maxlen=FAULTS_KEPT)
-        self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<History samples={len(self.samples)} faults={len(self.faults)}>"
 
     def on_site(self, t: Transition) -> None:
-        view = self.hub.registry.get(t.site)
+        view = self.registry.get(t.site)
         kind = "back" if t.new == "up" else ("left" if view is not None and view.draining else "lost")
         self.faults.appendleft({"site": t.site, "kind": kind, "at": t.at})
 
     def sample(self, now: float) -> dict[str, Any]:
         busy: dict[str, float] = {}
         total: dict[str, float] = {}
-        for view in self.hub.registry:
+        for view in self.registry:
             if view.state != "up":
                 continue
             for acc, cards in view.accelerators.items():
@@ -63,22 +67,19 @@ class DashboardHistory:
 
     async def _loop(self) -> None:
         while True:
-            self.sample(self.hub.clock.time())
-            await self.hub.clock.sleep(self.sample_s)
+            self.sample(self.clock.time())
+            await self.clock.sleep(self.sample_s)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="dashboard-history")
+        self.tasks.spawn(self._loop(), "sample")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self.tasks.close()
 
     def deployments(self) -> list[dict[str, Any]]:
         """Active deployments and their replicas, from the record."""
-        return store_stats.active_deployments(self.hub.db) if self.hub.db is not None else []
+        return store_stats.active_deployments(self.store.db) if self.store.is_open else []
 
     def jobs(self) -> list[dict[str, Any]]:
         """Recent jobs with each placement's explanation, from the record."""
-        return store_stats.recent_jobs(self.hub.db) if self.hub.db is not None else []
+        return store_stats.recent_jobs(self.store.db) if self.store.is_open else []

@@ -13,24 +13,23 @@ sees the site id and the reply's code, and only a code from :data:`PUBLIC_CODES`
 from __future__ import annotations
 
 import logging
-import secrets
 import random
-import time
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from controlplane.core import router
 from controlplane.core.errors import NoCapacity, PeerError, RequestError, SiteRefused, SiteSilent, SiteUnreachable
 from edge_agent import wire
 
 if TYPE_CHECKING:
-    from controlplane.config import HubConfig
+    from controlplane.core.clock import Clock
     from controlplane.core.registry import SiteRegistry, SiteView
     from controlplane.core.router import Router
     from controlplane.metrics import HubMetrics
     from controlplane.nats.bus import HubBus
-    from topology import latency
+    from controlplane.services.accounting import UsageAccounts
 
 log = logging.getLogger("cpn.inference")
 
@@ -74,28 +73,30 @@ class AllSitesFailed(PeerError):
         self.tried = tried
 
 
-class RoutingContext(Protocol):
-    """What inference uses of the process that runs it (the hub), typed; nothing else is reached."""
-
-    config: HubConfig
-    registry: SiteRegistry
-    bus: HubBus
-    metrics: HubMetrics
-    rng: random.Random
-    rtt: latency.RttIndex | None
-    router: Router
-    origin_ids: set[str]
-
-    def known_models(self) -> frozenset[str]: ...
-
-    def account(self, req: wire.InferRequest, result: wire.InferResult, site: str) -> None: ...
-
-
 class InferenceService:
-    """Routes and sends inference requests for the gateway."""
+    """Routes and sends inference requests for the gateway.
 
-    def __init__(self, hub: RoutingContext) -> None:
-        self.hub = hub
+    Built with exactly what it uses: the site registry (soft state), the router over the layout's
+    RTT index, the origins of the layout, the models some site serves, the bus, the accounting of
+    usage, the metrics, the clock (durations) and the seeded choice of the router; from the config
+    only the per-site timeouts.
+    """
+
+    def __init__(self, *, registry: SiteRegistry, router: Router, origin_ids: frozenset[str],
+                 known_models: Callable[[], frozenset[str]], bus: HubBus, accounting: UsageAccounts,
+                 metrics: HubMetrics, clock: Clock, rng: random.Random, site_timeout_s: float,
+                 site_ack_timeout_s: float) -> None:
+        self.registry = registry
+        self.router = router
+        self.origin_ids = origin_ids
+        self.known_models = known_models
+        self.bus = bus
+        self.accounting = accounting
+        self.metrics = metrics
+        self.clock = clock
+        self.rng = rng
+        self.site_timeout_s = site_timeout_s
+        self.site_ack_timeout_s = site_ack_timeout_s
         self.served = 0
         self.failovers = 0
 
@@ -105,19 +106,18 @@ class InferenceService:
     def decide(self, origin: str, model: str, budget_ms: float, policy: str,
                deployments: frozenset[str] | None = None, tenant: str = "") -> router.Route:
         """Route decision or NoCapacity (503) with the router's reason."""
-        hub = self.hub
-        if hub.rtt is None or origin not in hub.origin_ids:
+        if origin not in self.origin_ids:
             raise RequestError(f"unknown origin {origin!r}", field="origin", status=400, code="unknown_origin")
-        if model not in hub.known_models():
+        if model not in self.known_models():
             raise RequestError(f"model {model!r} is not served by any site", field="model", status=404, code="model_not_found")
-        decision = hub.router.route(
+        decision = self.router.route(
             router.RouteRequest(origin=origin, model=model, budget_ms=budget_ms, policy=policy, deployments=deployments,
                                 tenant=tenant),
-            hub.registry.views,
-            hub.registry.version,
-            hub.rng,
+            self.registry.views,
+            self.registry.version,
+            self.rng,
         )
-        hub.metrics.route_decision(decision)
+        self.metrics.route_decision(decision)
         if isinstance(decision, router.NoRoute):
             raise NoCapacity(decision.reason)
         return decision
@@ -127,11 +127,11 @@ class InferenceService:
         deployments: frozenset[str] | None = None,
     ) -> Served:
         """Serve a non-streaming request, failing over as needed."""
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
         req.ack = True  # sites that acknowledge let a silent one be left early (HubConfig.site_ack_timeout_s)
-        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.hub.router.ingress,
-                        nearer_gateway=self.hub.router.nearer_gateway.get(origin, ""))
+        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
+                        nearer_gateway=self.router.nearer_gateway.get(origin, ""))
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
@@ -148,8 +148,8 @@ class InferenceService:
                 served.route = "failover"
             served.site, served.rtt_ms, served.result = site, rtt_ms, result
             self.served += 1
-            self.hub.metrics.answered(req.model, site, time.perf_counter() - started)
-            self.hub.account(req, result, site)
+            self.metrics.answered(req.model, site, self.clock.monotonic() - started)
+            self.accounting.account(req, result, site)
             return served
         raise AllSitesFailed(served.tried, last)
 
@@ -159,24 +159,23 @@ class InferenceService:
         self.failovers += 1
         log.info("event=failover request_id=%s site=%s error=%s", req.request_id, site, exc)
         if isinstance(exc, SiteSilent):
-            view = self.hub.registry.get(site)
+            view = self.registry.get(site)
             if view is not None and not view.silent:
                 view.silent = True
                 log.warning("event=site_silent site=%s detail=%s", site, exc)
-            await self.hub.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
+            await self.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
 
     def _ack_timeout(self, view: SiteView | None) -> float | None:
-        ack_s = self.hub.config.site_ack_timeout_s
+        ack_s = self.site_ack_timeout_s
         return ack_s if ack_s > 0 and view is not None and view.infer_acks else None
 
     async def _send(self, site: str, req: wire.InferRequest) -> wire.InferResult:
-        hub = self.hub
-        view = hub.registry.get(site)
+        view = self.registry.get(site)
         if view is None:
-            return await hub.bus.infer(site, req, hub.config.site_timeout_s)
+            return await self.bus.infer(site, req, self.site_timeout_s)
         view.sent += 1
         try:
-            return await hub.bus.infer(site, req, hub.config.site_timeout_s, self._ack_timeout(view))
+            return await self.bus.infer(site, req, self.site_timeout_s, self._ack_timeout(view))
         finally:
             if view.sent > 0:
                 view.sent -= 1
@@ -190,16 +189,16 @@ class InferenceService:
         Returns the serving site and an iterator of the remaining messages (first one included).
         After the first chunk there is no failover: the tenant already has part of an answer.
         """
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
         req.ack = True
-        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.hub.router.ingress,
-                        nearer_gateway=self.hub.router.nearer_gateway.get(origin, ""))
+        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
+                        nearer_gateway=self.router.nearer_gateway.get(origin, ""))
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
-            it = self.hub.bus.infer_stream(site, req, self.hub.config.site_timeout_s,
-                                           ack_timeout_s=self._ack_timeout(self.hub.registry.get(site))).__aiter__()
+            it = self.bus.infer_stream(site, req, self.site_timeout_s,
+                                       ack_timeout_s=self._ack_timeout(self.registry.get(site))).__aiter__()
             try:
                 first = await it.__anext__()
             except (SiteUnreachable, SiteRefused) as exc:
@@ -217,7 +216,7 @@ class InferenceService:
                 served.route = "failover"
             served.site, served.rtt_ms = site, rtt_ms
             self.served += 1
-            self.hub.metrics.first_token(req.model, site, time.perf_counter() - started)
+            self.metrics.first_token(req.model, site, self.clock.monotonic() - started)
             return served, self._rest(first, it, req, site)
         raise AllSitesFailed(served.tried, last)
 
@@ -234,7 +233,7 @@ class InferenceService:
             while True:
                 if isinstance(msg, wire.InferResult):
                     finished = True
-                    self.hub.account(req, msg, site)
+                    self.accounting.account(req, msg, site)
                     yield msg
                     return
                 yield msg
@@ -247,7 +246,7 @@ class InferenceService:
             await aclose(it)
             if not finished:
                 # The tenant went away (or the site failed) mid-stream: tell the site to stop.
-                await self.hub.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
+                await self.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
 
 
 async def aclose(it: object) -> None:

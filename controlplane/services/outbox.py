@@ -95,6 +95,7 @@ class CommandOutbox:
         self.counters = {"sent": 0, "refused": 0, "dropped": 0, "retries": 0}
         self._wake = asyncio.Event()
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
 
     def __repr__(self) -> str:
         c = self.counters
@@ -123,7 +124,20 @@ class CommandOutbox:
     # ------------------------------------------------------------------ sending
 
     async def run(self) -> None:
-        """Deliver until cancelled (pending entries from before a restart included)."""
+        """Deliver until cancelled (pending entries from before a restart included).
+
+        The per-site senders are children of this call (a ``TaskGroup``): whoever runs it (the
+        process's task owner) owns them too; cancelling it cancels and awaits them, and a finished
+        sender is dropped at once. The outbox owns no task of its own.
+        """
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            try:
+                await self._deliver()
+            finally:
+                self._group = None
+
+    async def _deliver(self) -> None:
         while True:
             self._wake.clear()
             try:
@@ -152,8 +166,9 @@ class CommandOutbox:
             if self.is_lost(row.site):
                 self._expire(row, cmd, now, "site is lost")
                 continue
-            task = asyncio.create_task(self._drain(row.site), name=f"outbox-{row.site}")
-            self._workers[row.site] = task
+            if self._group is None:  # not running (a pass outside run(), tests): sent by the next run
+                return
+            self._workers[row.site] = self._group.create_task(self._drain(row.site), name=f"outbox-{row.site}")
 
     async def _drain(self, site: str) -> None:
         try:

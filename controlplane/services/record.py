@@ -1,16 +1,25 @@
 """The typed record of a process's services, built by the composition root and handed to the gateway.
 
 The gateway reaches the services only through this record (one ``web.AppKey``, ``gateway.app.SERVICES``),
-never by scanning the hub's services or reading attributes attached to the hub.
+never by scanning the hub's services or reading attributes attached to the hub. Besides the
+services it holds the few plain parts the gateway reads itself: the config, the metrics, the clock
+and the request ids.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from controlplane.config import HubConfig
+from controlplane.core.clock import Clock
+from controlplane.metrics import HubMetrics
+from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.deployments import DeploymentService
-from controlplane.services.inference import InferenceService
+from controlplane.services.inference import InferenceService, RequestIds
+from controlplane.services.sites import SiteService
+from controlplane.services.status import ProcessStatus
+from controlplane.services.tenancy import TenancyService
 from controlplane.services.training import TrainingService
 
 
@@ -22,3 +31,11 @@ class Services:
     training: TrainingService
     deployments: DeploymentService
     dashboard: DashboardHistory
+    tenancy: TenancyService
+    sites: SiteService
+    accounting: UsageAccounts
+    status: ProcessStatus
+    config: HubConfig
+    metrics: HubMetrics
+    clock: Clock
+    request_ids: RequestIds

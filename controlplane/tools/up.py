@@ -151,19 +151,19 @@ class Network:
         if self.hub.tenant(DEMO_TENANT) is None:
             tenant_key = self.hub.create_tenant(DEMO_TENANT, name="Demo tenant", default_origin=origin)
         else:
-            tenant_key = self.hub.add_tenant_key(DEMO_TENANT)
+            tenant_key = self.hub.tenancy.add_tenant_key(DEMO_TENANT)
         return {"admin_key": admin, "tenant_key": tenant_key}
 
     def _key_works(self, key: str) -> bool:
         assert self.hub is not None
-        return (self.hub.keys.lookup(key) or self.hub.lookup_key_in_store(key)) is not None
+        return self.hub.tenancy.authenticate(key) is not None
 
     async def _start_agents(self, site_creds: dict[str, tuple[str, str]]) -> None:
         from edge_agent.agent import Agent
 
-        assert self.layout is not None and self.nats is not None
+        assert self.layout is not None and self.nats is not None and self.hub is not None
         configs = [agent_config_for(site, self.nats.url, self.opts.data_dir, site_creds.get(site.id)) for site in self.layout.sites]
-        self.agents = [Agent(c) for c in configs]
+        self.agents = [Agent(c, clock=self.hub.clock) for c in configs]  # one clock for the whole process
         await asyncio.gather(*(a.start() for a in self.agents))
 
     async def _wait_ready(self, n_sites: int) -> None:
@@ -181,7 +181,7 @@ class Network:
         curl answers at once). Past ``ready_timeout_s`` it says so on the log, every
         ``ready_timeout_s``, and keeps waiting: printing the banner early is what it must not do."""
         assert self.hub is not None and self.layout is not None
-        origin = self.hub.tenant_default_origin(DEMO_TENANT) or _demo_origin(self.layout)
+        origin = self.hub.tenancy.tenant_default_origin(DEMO_TENANT) or _demo_origin(self.layout)
         started = time.monotonic()
         next_warning = started + self.opts.ready_timeout_s
         while True:
@@ -197,7 +197,7 @@ class Network:
 
     def banner(self) -> str:
         assert self.hub is not None
-        url = f"{self.hub.gateway.scheme}://{self.opts.host}:{self.hub.http_port}"
+        url = f"{self.hub.http_scheme}://{self.opts.host}:{self.hub.http_port}"
         key = self.credentials["tenant_key"]
         up = self.hub.registry.counts()["up"]
         return "\n".join([

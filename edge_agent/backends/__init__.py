@@ -18,6 +18,7 @@ from typing import Protocol
 import msgspec
 
 from edge_agent import wire
+from edge_agent.clock import WALL, Clock
 from edge_agent.config import AgentConfig
 
 OnText = Callable[[str], Awaitable[None]]
@@ -54,15 +55,15 @@ class Backend(Protocol):
         ...
 
 
-def make_backend(config: AgentConfig) -> Backend:
-    """The backend ``config.backend.kind`` names."""
+def make_backend(config: AgentConfig, clock: Clock = WALL) -> Backend:
+    """The backend ``config.backend.kind`` names (the ``sim`` one passes time on ``clock``)."""
     if config.backend.kind == "openai-http":
         from edge_agent.backends.openai_http import OpenAIHttpBackend
 
         return OpenAIHttpBackend(config.backend.openai_http)
     from edge_agent.backends.sim import SimBackend
 
-    return SimBackend(config.backend.sim, site=config.site)
+    return SimBackend(config.backend.sim, site=config.site, clock=clock)
 
 
 def prompt_words(request: wire.InferRequest) -> int:

@@ -8,10 +8,10 @@ same site and a test can tell which site answered. Timing: ``ttft_ms`` before th
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 
 from edge_agent import wire
+from edge_agent.clock import WALL, Clock
 from edge_agent.backends import Completion, OnText, prompt_words
 from edge_agent.config import SimBackendConfig
 
@@ -43,8 +43,9 @@ class SimBackend:
 
     name = "sim"
 
-    def __init__(self, config: SimBackendConfig, *, site: str) -> None:
+    def __init__(self, config: SimBackendConfig, *, site: str, clock: Clock = WALL) -> None:
         self.site = site
+        self.clock = clock
         self.default_slots = config.slots
         self.load_time_s = config.load_time_s
         self._ttft_s = config.ttft_ms / 1000.0
@@ -76,7 +77,7 @@ class SimBackend:
             for i, piece in enumerate(pieces):
                 delay = self._ttft_s if i == 0 else self._per_token_s
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    await self.clock.sleep(delay)
                 if on_text is not None:
                     await on_text(piece)
         return completion

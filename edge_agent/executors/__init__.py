@@ -26,11 +26,11 @@ Promises every executor keeps:
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from edge_agent import wire
+from edge_agent.clock import WALL
 
 if TYPE_CHECKING:
     from edge_agent.attempt_journal import AttemptRecord
@@ -44,7 +44,7 @@ class EventSink:
     """Numbers and stamps one attempt's events and hands them to ``publish`` (the outbox)."""
 
     def __init__(self, site: str, job: str, attempt: int, publish: Publish,
-                 clock: Callable[[], float] = time.time, *, key: str = "", seq: int = 0) -> None:
+                 clock: Callable[[], float] = WALL.time, *, key: str = "", seq: int = 0) -> None:
         self.site = site
         self.job = job
         self.attempt = attempt

@@ -20,18 +20,22 @@ import random
 from collections.abc import Callable
 
 from edge_agent import wire
+from edge_agent.clock import WALL, Clock, wait_or_sleep
 from edge_agent.executors import AttemptTask, EventSink, RunningAttempt
 
 
 class SimExecutor:
     name = "sim"
 
+    def __init__(self, *, clock: Clock = WALL) -> None:
+        self.clock = clock
+
     def refusal(self, command: wire.StartAttempt) -> str:
         return ""  # runs no code of the tenant's
 
     async def start(self, command: wire.StartAttempt, sink: EventSink,
                     on_exit: Callable[[RunningAttempt], None]) -> RunningAttempt:
-        attempt = SimAttempt(command, sink, on_exit)
+        attempt = SimAttempt(command, sink, on_exit, clock=self.clock)
         attempt.begin()
         return attempt
 
@@ -40,12 +44,13 @@ class SimAttempt(AttemptTask):
     """One simulated attempt (see the module docstring for the model)."""
 
     def __init__(self, command: wire.StartAttempt, sink: EventSink,
-                 on_exit: Callable[[RunningAttempt], None]) -> None:
+                 on_exit: Callable[[RunningAttempt], None], *, clock: Clock = WALL) -> None:
         super().__init__(command, sink, on_exit)
+        self.clock = clock
         self._scale = command.time_scale if command.time_scale > 0 else 1.0
         self._work_s = max(command.work_s, 0.0)
         self._done_s = min(max(command.progress, 0.0), 1.0) * self._work_s
-        self._computing_since: float | None = None  # loop time when the current work segment began
+        self._computing_since: float | None = None  # clock.monotonic() when the current work segment began
         self._wake = asyncio.Event()
         self._fault: str | None = None
         self._stop: tuple[bool, str] | None = None  # (checkpoint, detail) once a stop is asked for
@@ -64,7 +69,7 @@ class SimAttempt(AttemptTask):
     def progress(self) -> float:
         done = self._done_s
         if self._computing_since is not None:
-            done += (asyncio.get_running_loop().time() - self._computing_since) * self._scale
+            done += (self.clock.monotonic() - self._computing_since) * self._scale
         return self._fraction(done)
 
     def begin(self) -> None:
@@ -90,10 +95,9 @@ class SimAttempt(AttemptTask):
 
     async def _advance(self, sim_s: float, *, computing: bool) -> bool:
         """Let ``sim_s`` simulated seconds pass; False if interrupted (failure, fault, stop)."""
-        loop = asyncio.get_running_loop()
         until_failure = self._fail_at_sim_s - self._sim_elapsed_s
         step = min(sim_s, until_failure)
-        start = loop.time()
+        start = self.clock.monotonic()
         if computing:
             self._computing_since = start
         interrupted = self._wake.is_set()
@@ -102,16 +106,14 @@ class SimAttempt(AttemptTask):
             if interrupted:
                 pass
             elif step > 0:
-                async with asyncio.timeout(step / self._scale):
-                    await self._wake.wait()
-                interrupted = True  # woken: a fault or stop was asked for
+                # woken: a fault or stop was asked for; else the step's time passed
+                interrupted = await wait_or_sleep(self.clock, self._wake, step / self._scale)
+                completed = not interrupted
             else:
                 completed = True
-        except TimeoutError:
-            completed = True
         finally:
             # On interruption or cancellation only the time that really passed counts.
-            passed = max(step, 0.0) if completed else min(max(step, 0.0), (loop.time() - start) * self._scale)
+            passed = max(step, 0.0) if completed else min(max(step, 0.0), (self.clock.monotonic() - start) * self._scale)
             self._computing_since = None
             self._sim_elapsed_s += passed
             if computing:

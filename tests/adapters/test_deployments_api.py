@@ -319,7 +319,7 @@ async def test_a_replica_goes_on_the_accelerator_the_hub_planned(tmp_path: Path,
     # not the type the agent would pick by itself.
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
         key = hub.create_tenant("acme", default_origin="hangzhou")
-        hub.declare_site("hz-edge", {"accelerators": {"H20": 4, "910B": 2}})  # the operator vouches for the mix
+        hub.sites.declare("hz-edge", {"accelerators": {"H20": 4, "910B": 2}})  # the operator vouches for the mix
         cfg = agent_config("hz-edge", nats_server.url, tmp_path)
         cfg = AgentConfig(**{**{f: getattr(cfg, f) for f in cfg.__struct_fields__}, "accelerators": {"H20": 4, "910B": 2}})
         agent = Agent(cfg)

@@ -248,7 +248,7 @@ async def test_tenants_and_keys_survive_a_hub_restart(tmp_path: Path, nats_serve
     async with running_hub(config) as hub:
         key = hub.create_tenant("acme", default_origin="shanghai")
     async with running_hub(config) as hub:
-        assert hub.keys.lookup(key) is not None and hub.tenant_default_origin("acme") == "shanghai"
+        assert hub.tenancy.keys.lookup(key) is not None and hub.tenancy.tenant_default_origin("acme") == "shanghai"
         assert not (tmp_path / "hub.db").read_bytes().count(key.encode())
 
 
@@ -259,7 +259,7 @@ async def test_usage_is_batched_and_reported_per_model_and_site(rig) -> None:  #
     status, body, _ = await tenant.call("GET", "/v1/usage")
     assert status == 200 and body["totals"]["requests"] == 3
     assert body["models"]["m"]["by_site"]["hz-edge"]["completion_tokens"] == 6
-    hub._flush_usage()
+    hub.accounting.flush()
     assert hub.db.execute("SELECT requests FROM usage WHERE tenant = 'acme'").fetchone()[0] == 3
     status, body, _ = await admin.call("GET", "/v1/usage?tenant=acme")
     assert status == 200 and body["totals"]["requests"] == 3

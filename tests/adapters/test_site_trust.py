@@ -107,9 +107,9 @@ async def test_register_claims_beyond_the_declaration_are_refused_and_less_is_ho
 async def test_a_declaration_survives_a_hub_restart(tmp_path: Path, nats_server: NatsServer) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
-        hub.declare_site("xx-edge", {"city": "nanjing", "accelerators": {"L20": 2}, "local_model_tenants": ["acme"]})
+        hub.sites.declare("xx-edge", {"city": "nanjing", "accelerators": {"L20": 2}, "local_model_tenants": ["acme"]})
     async with running_hub(config) as hub:
-        decl = hub.declarations["xx-edge"]
+        decl = hub.sites.declarations["xx-edge"]
         assert (decl.city, decl.accelerators, decl.local_model_tenants) == ("nanjing", {"L20": 2}, ("acme",))
         nc = await nats.connect(nats_server.url)
         try:
@@ -178,7 +178,7 @@ async def test_a_rogue_local_replica_with_negative_load_draws_no_tenant_it_was_n
         admin = hub.create_admin_key("ops")
         keys = {t: hub.create_tenant(t, default_origin="nanjing") for t in ("acme", "bob")}
         # The operator lets acme use hz-edge's own models; nobody nj-edge's.
-        hub.declare_site("hz-edge", {"local_model_tenants": ["acme"]})
+        hub.sites.declare("hz-edge", {"local_model_tenants": ["acme"]})
         hz = await honest_site(nats_server.url, "hz-edge", "hangzhou")
         rogue = await rogue_site(nats_server.url, "nj-edge", "nanjing", {"L20": 4}, served)
         try:
@@ -382,9 +382,9 @@ async def test_cpn_site_declare_and_show_through_the_admin_api(
         code = await asyncio.to_thread(cli.main, ["site", "declare", "nj-edge", "--cards", "L20=2",
                                                   "--local-model-tenants", "acme, beta", *common])
         assert code == 0, capsys.readouterr().err
-        assert hub.declarations["nj-edge"].accelerators == {"L20": 2}
-        assert hub.declarations["nj-edge"].local_model_tenants == ("acme", "beta")
-        assert hub.declarations["nj-edge"].city == "nanjing"  # the layout's, not given
+        assert hub.sites.declarations["nj-edge"].accelerators == {"L20": 2}
+        assert hub.sites.declarations["nj-edge"].local_model_tenants == ("acme", "beta")
+        assert hub.sites.declarations["nj-edge"].city == "nanjing"  # the layout's, not given
         capsys.readouterr()
         assert await asyncio.to_thread(cli.main, ["site", "show", "nj-edge", *common]) == 0
         assert '"L20": 2' in capsys.readouterr().out

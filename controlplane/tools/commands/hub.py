@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.create_admin_key:
                 print(f"admin key: {hub.create_admin_key('cli')}", flush=True)
-            print(f"cpn hub {config.hub_id} listening on {hub.gateway.scheme}://{config.listen_host}:{hub.http_port}",
+            print(f"cpn hub {config.hub_id} listening on {hub.http_scheme}://{config.listen_host}:{hub.http_port}",
                   flush=True)
             gc_tuning.settle_after_startup()
             await yield_forever()

@@ -1,0 +1,70 @@
+"""Usage accounting of inference: served requests counted in memory, written to the record in batches.
+
+Built with the record, the metrics, the clock and the process's task owner; its flush loop runs
+every ``flush_s`` (and once more at stop), never per request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from controlplane.core.clock import Clock
+from controlplane.core.usage import UsageBuffer
+from controlplane.metrics import HubMetrics
+from controlplane.runtime import TaskScope
+from controlplane.store import usage as store_usage
+from controlplane.store.handle import Store
+from edge_agent import wire
+
+log = logging.getLogger("cpn.accounting")
+
+
+class UsageAccounts:
+    """Counts served requests and flushes them to the record (see the module docstring)."""
+
+    name = "accounting"
+
+    def __init__(self, *, store: Store, metrics: HubMetrics, clock: Clock, tasks: TaskScope, flush_s: float) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.tasks = tasks
+        self.flush_s = flush_s
+        self.buffer = UsageBuffer()
+
+    def __repr__(self) -> str:
+        return f"<UsageAccounts pending={len(self.buffer)}>"
+
+    async def start(self) -> None:
+        self.tasks.spawn(self._loop(), "usage-flush")
+
+    async def stop(self) -> None:
+        await self.tasks.close()
+        self.flush()
+
+    async def _loop(self) -> None:
+        while True:
+            await self.clock.sleep(self.flush_s)
+            self.flush()
+
+    def account(self, req: wire.InferRequest, result: wire.InferResult, site: str) -> None:
+        """Count a served request (flushed to the record in batches, never per request)."""
+        self.buffer.add(req.tenant, req.model, site, result.prompt_tokens, result.completion_tokens)
+        self.metrics.served(req.tenant, req.model, site, result.prompt_tokens, result.completion_tokens,
+                            result.service_ms)
+
+    def flush(self) -> None:
+        """Write buffered usage in one transaction; on failure keep it for the next flush."""
+        if not len(self.buffer) or not self.store.is_open:
+            return
+        rows = self.buffer.drain()
+        try:
+            store_usage.add_rows(self.store.db, rows)
+        except Exception:
+            self.buffer.restore(rows)
+            log.exception("event=usage_flush_failed rows=%d", len(rows))
+
+    def for_tenant(self, tenant: str) -> dict[str, Any]:
+        """A tenant's usage: flushed rows plus what is still buffered."""
+        return store_usage.for_tenant(self.store.db, tenant, pending=self.buffer.peek(tenant))

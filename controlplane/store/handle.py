@@ -1,0 +1,52 @@
+"""The record as a part a service is built with: a :class:`Store` opened when its process starts.
+
+Services are built by the composition root before the process starts, and the record is opened at
+start (and closed at stop), so a service holds this handle, typed, and reads :attr:`Store.db` when
+it acts; it never reaches for a database through another object.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlite_utils
+
+from controlplane.core.errors import StoreError
+from controlplane.store import db as store_db
+
+
+class Store:
+    """The process's record (SQLite today), opened by :meth:`open` and closed by :meth:`close`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+        self._db: sqlite_utils.Database | None = None
+
+    def __repr__(self) -> str:
+        return f"<Store {self.path} {'open' if self._db is not None else 'closed'}>"
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The open database.
+
+        Raises:
+            StoreError: the record is not open (the process has not started or has stopped).
+        """
+        if self._db is None:
+            raise StoreError(f"the record {self.path} is not open")
+        return self._db
+
+    def open(self) -> sqlite_utils.Database:
+        """Open the record (migrations applied) unless it is open already."""
+        if self._db is None:
+            self._db = store_db.open_db(self.path)
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.conn.close()
+            self._db = None
