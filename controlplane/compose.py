@@ -14,6 +14,7 @@ subset of the same parts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from controlplane.config import HubConfig
 from controlplane.gateway import dashboard as dashboard_api
@@ -46,7 +47,8 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
         return await server.start(hub, services, host, port)
 
     clock = WallClock()
-    hub = Hub(config, layout=layout, serve_http=serve_http, clock=clock)
+    hub = Hub(config, layout=layout, serve_http=serve_http, clock=clock,
+              open_store=(lambda: open_replicated_store(config, hub)) if config.record == "nats" else None)
     history = DashboardHistory(hub)
     hub.add_service(history)
     hub.site_listeners.append(history.on_site)
@@ -64,3 +66,17 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
 def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub:
     """:func:`build`'s hub (``cpn hub``, the tests)."""
     return build(config, layout=layout).hub
+
+
+async def open_replicated_store(config: HubConfig, hub: Hub) -> Any:
+    """The store of a hub on the replicated record (``record = "nats"``): its SQLite file as a
+    projection of the ``CPN_RECORD`` bucket, rows from other processes dropping the hub's caches."""
+    from controlplane.replicated.bridge import RecordBridge
+    from controlplane.store import replica
+
+    urls = config.record_nats_urls or [u.strip() for u in config.nats_url.split(",") if u.strip()]
+    bridge = RecordBridge(urls, write_deadline_s=config.record_write_deadline_s, name=f"cpn-record-{config.hub_id}")
+    db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
+    assert db.write_hook is not None
+    db.write_hook.listeners.append(hub.record_changed)
+    return db

@@ -72,8 +72,11 @@ class Hub:
     """
 
     def __init__(self, config: HubConfig, *, layout: topo_layout.Layout | None = None,
-                 serve_http: ServeHttp | None = None, clock: Clock | None = None) -> None:
+                 serve_http: ServeHttp | None = None, clock: Clock | None = None,
+                 open_store: Callable[[], Awaitable[Any]] | None = None) -> None:
         self.config = config
+        self._open_store = open_store
+        """Opens the store (compose: the replicated record's projection); None: the SQLite file."""
         self.clock: Clock = clock or WallClock()
         self._serve_http = serve_http
         self.layout = layout
@@ -132,7 +135,7 @@ class Hub:
     async def start(self, *, serve_http: bool = True) -> None:
         """Open the store, load the layout, connect to NATS, start loops and the gateway."""
         self.started_at = self.clock.time()
-        self.db = store_db.open_db(self.config.db_path)
+        self.db = await self._open_store() if self._open_store is not None else store_db.open_db(self.config.db_path)
         for principal in store_tenants.load_keys(self.db, now=self.clock.time()):
             self.keys.add(principal)
         if self.layout is None:
@@ -186,7 +189,7 @@ class Hub:
         await self.bus.close()
         self._flush_usage()
         if self.db is not None:
-            self.db.conn.close()
+            store_db.close(self.db)
             self.db = None
 
     @property
@@ -464,6 +467,14 @@ class Hub:
         except Unauthorized as exc:
             self.metrics.key_refused(exc.code.removeprefix("api_key_"))
             raise
+
+    def record_changed(self, table: str, row: dict[str, Any]) -> None:
+        """A row written by another hub process reached this one's store: drop what is cached of it."""
+        if table == "api_keys" and "key_hash" in row:
+            self.keys.remove(row["key_hash"])
+            self._key_misses.pop(row["key_hash"], None)
+        elif table == "tenants" and "id" in row:
+            self._tenants.pop(row["id"], None)
 
     def tenant(self, tenant_id: str) -> dict[str, Any] | None:
         row = self._tenants.get(tenant_id)
