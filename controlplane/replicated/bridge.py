@@ -16,6 +16,13 @@ in their own thread, with their own NATS connection:
 - Rule 3: :meth:`catch_up` blocks until every write the record held when it was called has been
   queued (a read barrier: a write transaction that starts after it reads at least that state).
 - Rule 4: :meth:`close` stops the watch, closes the connection and joins the thread.
+- Rule 5 (no quorum: refuse at once, probe now and then): once a write ended in
+  :class:`~.errors.NoQuorum`, later writes are refused at once (NoQuorum) except one probe every
+  ``probe_every_s``, which waits at most ``probe_deadline_s``; :meth:`catch_up` does not wait
+  meanwhile, except before a probe (so a retry after the quorum's return finds its own earlier
+  write, which may have landed: NoQuorum means "unknown"). The first write that a quorum acknowledges (or that loses a compare-and-set, which
+  also takes a quorum) ends this. So a process without quorum stalls its loop for at most
+  ``probe_deadline_s`` per ``probe_every_s``, not a whole write deadline per write.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ import asyncio
 import collections
 import concurrent.futures
 import threading
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from controlplane.replicated.errors import NoQuorum
+from controlplane.replicated.errors import Conflict, NoQuorum
 from controlplane.replicated.kv import BUCKET, WRITE_DEADLINE_S, Change, Record, Write
 from controlplane.replicated.projection import Projection
 
@@ -44,7 +52,8 @@ class RecordBridge:
     """
 
     def __init__(self, servers: Sequence[str], *, bucket: str = BUCKET, write_deadline_s: float = WRITE_DEADLINE_S,
-                 catch_up_timeout_s: float = 0.5, name: str = "cpn-record") -> None:
+                 catch_up_timeout_s: float = 0.5, probe_every_s: float = 1.0, probe_deadline_s: float = 0.5,
+                 name: str = "cpn-record") -> None:
         self.servers = list(servers)
         self.bucket = bucket
         self.write_deadline_s = write_deadline_s
@@ -57,6 +66,12 @@ class RecordBridge:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.catch_up_failures = 0
+        self.probe_every_s = probe_every_s
+        self.probe_deadline_s = probe_deadline_s
+        self.degraded_since: float | None = None
+        """Monotonic time of the NoQuorum that started refusing writes (None: writes go through)."""
+        self._next_probe_at = 0.0
+        self.refused = 0
 
     def __repr__(self) -> str:
         return f"<RecordBridge {self.bucket} {self.record!r} {self.projection!r} queued={len(self._changes)}>"
@@ -126,11 +141,33 @@ class RecordBridge:
             NoQuorum: no quorum acknowledged within the write deadline (outcome unknown).
         """
         record = self._need_record()
-        return self._call(record.commit(writes), self.write_deadline_s + 5.0)
+        now = time.monotonic()
+        deadline_s = self.write_deadline_s
+        if self.degraded_since is not None:
+            if now < self._next_probe_at:
+                self.refused += 1
+                raise NoQuorum(f"no quorum for {now - self.degraded_since:.1f} s (the last write was not acknowledged); "
+                               f"next try in {self._next_probe_at - now:.2f} s")
+            deadline_s = self.probe_deadline_s
+        try:
+            revisions = self._call(record.commit(writes, deadline_s=deadline_s), deadline_s + 5.0)
+        except NoQuorum:
+            if self.degraded_since is None:
+                self.degraded_since = now
+            self._next_probe_at = time.monotonic() + self.probe_every_s
+            raise
+        except Conflict:
+            self.degraded_since = None  # a compare-and-set was decided: a quorum answers
+            raise
+        self.degraded_since = None
+        return revisions
 
     def catch_up(self) -> bool:
         """Block until every write the record holds now is queued; False if the record did not
-        answer within ``catch_up_timeout_s`` (the caller then reads what it has)."""
+        answer within ``catch_up_timeout_s``, or writes are being refused (the caller then reads
+        what it has)."""
+        if self.degraded_since is not None and time.monotonic() < self._next_probe_at:
+            return False
         try:
             self._call(self._catch_up(), self.catch_up_timeout_s + 1.0)
         except (NoQuorum, TimeoutError, concurrent.futures.TimeoutError):

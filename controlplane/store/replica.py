@@ -232,8 +232,9 @@ class Replica:
             revisions = self.bridge.commit(writes)
         except Conflict as exc:
             self.conflicts += 1
-            raise RecordConflict(f"the record changed under this write ({exc.key or 'a key'} was written by another "
-                                 "process first); nothing was written, retry") from None
+            _log.info("event=record_conflict rows=%d first_key=%s", len(writes), exc.key)
+            raise RecordConflict("the record changed under this write (another hub process wrote one of its rows "
+                                 "first); nothing was written, retry") from None
         except NoQuorum as exc:
             self.no_quorum += 1
             raise RecordUnavailable(f"the replicated record has no quorum: {exc}") from None
@@ -272,6 +273,8 @@ class Replica:
 
     def _woken(self) -> None:
         self._wake_scheduled = False
+        if self._loop is None:
+            return
         if self.db.conn.in_transaction:  # a transaction spanning an await: come back later
             assert self._loop is not None
             self._loop.call_later(0.005, self._woken)
@@ -373,6 +376,7 @@ class Replica:
     # ------------------------------------------------------------------ start
 
     def close(self) -> None:
+        self._loop = None  # no more wake-ups: the database is closing
         self.bridge.close()
 
     def load(self) -> None:
