@@ -189,6 +189,10 @@ class RecordBridge:
             out.append(self._changes.popleft())
         return out
 
+    def requeue(self, changes: list[Change]) -> None:
+        """Put ``changes`` (taken, not applied) back at the head of the queue, in order."""
+        self._changes.extendleft(reversed(changes))
+
     @property
     def revision(self) -> int:
         """The last revision the projection applied (queued for the caller)."""

@@ -78,6 +78,8 @@ class Bridge(Protocol):
 
     def take_changes(self) -> list[Change]: ...
 
+    def requeue(self, changes: list[Change]) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -293,15 +295,18 @@ class Replica:
             return 0
         conn = self.db.conn
         if conn.in_transaction:
+            self.bridge.requeue(changes)
             raise RuntimeError("apply_changes inside a transaction")
         applied: list[tuple[str, dict[str, Any]]] = []
         revisions: dict[str, int] = {}
         usage_rows: set[tuple[str, str, str]] = set()
         self._applying = True
         conn.execute("PRAGMA foreign_keys = OFF")  # the writer checked them; snapshots come in revision order
+        began = False
         try:
-            conn.execute("BEGIN IMMEDIATE")
             try:
+                conn.execute("BEGIN IMMEDIATE")
+                began = True
                 for change in changes:
                     if change.value is None or change.revision <= max(self.revisions.get(change.key, 0),
                                                                        revisions.get(change.key, 0)):
@@ -332,7 +337,9 @@ class Replica:
                     self._write_usage_sum(ident)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if began:
+                    conn.execute("ROLLBACK")
+                self.bridge.requeue(changes)  # nothing of them applied: again next time
                 raise
         finally:
             self._applying = False

@@ -259,3 +259,28 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
             assert (status, again["id"]) == (201, body["id"])  # exactly one job for the key
     finally:
         await a.stop()
+
+
+async def test_an_existing_sqlite_hub_moves_to_the_replicated_record(tmp_path: Path, cluster: NatsCluster) -> None:
+    """An empty record is seeded from the first process's SQLite file: its tenants, keys, jobs and
+    usage reach a second process that never saw that file."""
+    (tmp_path / "hub-a").mkdir()
+    plain = build_hub(hub_config(tmp_path / "hub-a", cluster.urls[0], hub_id="hub-a"))  # record = "sqlite"
+    await plain.start()
+    try:
+        key = plain.create_tenant("acme")
+        job, _ = store_jobs.create_job(plain.db, "acme", b'{"cards": 2}', "k1", "h", time.time())
+        store_usage.add_rows(plain.db, [UsageRow(tenant="acme", model="m", site="s1", requests=7)])
+    finally:
+        await plain.stop()
+    a = await start(tmp_path, cluster, "hub-a")  # the same file, now on the record
+    b = await start(tmp_path, cluster, "hub-b")
+    try:
+        assert [j.id for j in store_jobs.list_jobs(b.db, "acme")] == [job.id]
+        assert store_usage.for_tenant(b.db, "acme")["totals"]["requests"] == 7
+        async with aiohttp.ClientSession() as session:
+            status, _, _ = await client(session, b, key).call("GET", "/v1/usage")
+            assert status == 200
+    finally:
+        await b.stop()
+        await a.stop()
