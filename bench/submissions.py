@@ -28,7 +28,10 @@ from typing import Any
 import aiohttp
 
 from bench import common
-from tests.support.natscluster import NatsCluster
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `cpn bench` runs from the installed script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.natscluster import NatsCluster  # noqa: E402  (the test cluster: 3 nodes, sync_interval always)
 
 JOB = {"name": "bench", "cards": 1, "accelerators": ["A800", "910B"], "est_hours": 1.0, "checkpoint_cost_s": 60}
 LISTENING = re.compile(r"listening on https?://([^:\s]+):(\d+)")
