@@ -355,7 +355,14 @@ class Hub:
     async def _sweep_loop(self) -> None:
         last_flush = self.clock.monotonic()
         while True:
+            before = self.clock.monotonic()
             await self.clock.sleep(self.config.sweep_s)
+            stalled_s = self.clock.monotonic() - before - self.config.sweep_s
+            if stalled_s > self.config.heartbeat_s:
+                # This process stood still (a write waiting for the replicated record's quorum, a
+                # pause): the heartbeats it missed are queued, not lost. Read them before judging.
+                log.warning("event=loop_stalled seconds=%.2f", stalled_s)
+                continue
             now = self.clock.time()
             for t in self.registry.sweep(now):
                 self._site_lost(t)
