@@ -15,7 +15,9 @@ subset of the same parts (docs/architecture.md, "Processes are compositions").
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from controlplane.config import HubConfig
 from controlplane.core import auth
@@ -91,7 +93,11 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     rtt = latency.RttIndex.build(layout)
     router = router_for_gateway(layout, rtt, config.gateway_city)
     registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
-    store = Store(config.db_path)
+    # With record = "nats" the store is this process's projection of the replicated record; rows
+    # other processes write there drop what tenancy caches of them (tenancy is built below, before
+    # the process starts and opens the store).
+    store = Store(config.db_path, opener=(lambda: open_replicated_store(config, lambda t, r: tenancy.record_changed(t, r)))
+                  if config.record == "nats" else None)
     metrics = HubMetrics()
     tasks = BackgroundTasks("hub")
     wants_sites: list[SiteService] = []
@@ -152,3 +158,17 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
 def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub:
     """:func:`build`'s hub (``cpn hub``, the tests)."""
     return build(config, layout=layout).hub
+
+
+async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dict[str, Any]], None]) -> Any:
+    """The store of a process on the replicated record (``record = "nats"``): its SQLite file as a
+    projection of the ``CPN_RECORD`` bucket; ``on_change`` hears of every row another process wrote."""
+    from controlplane.replicated.bridge import RecordBridge
+    from controlplane.store import replica
+
+    urls = config.record_nats_urls or [u.strip() for u in config.nats_url.split(",") if u.strip()]
+    bridge = RecordBridge(urls, write_deadline_s=config.record_write_deadline_s, name=f"cpn-record-{config.hub_id}")
+    db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
+    assert db.write_hook is not None
+    db.write_hook.listeners.append(on_change)
+    return db

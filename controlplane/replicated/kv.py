@@ -237,10 +237,12 @@ class Record:
         messages = [(self._pre + key, b"", {"KV-Operation": "DEL", _EXPECT_SUBJECT_SEQ: str(revision)})]
         return (await self._send(messages, [], key))[0]
 
-    async def commit(self, writes: Sequence[Write], fence: Fence | None = None) -> list[int]:
+    async def commit(self, writes: Sequence[Write], fence: Fence | None = None, *,
+                     deadline_s: float | None = None) -> list[int]:
         """Apply ``writes`` all together or not at all; return their revisions, in order.
 
-        With ``fence``, the commit also checks that the fence is still at ``fence.epoch``.
+        With ``fence``, the commit also checks that the fence is still at ``fence.epoch``;
+        ``deadline_s`` overrides ``write_deadline_s`` for this commit.
 
         Raises:
             Conflict: one write's condition did not hold (nothing was written).
@@ -265,10 +267,10 @@ class Record:
         first_key = writes[0].key if writes else FENCE_CHECK_PREFIX
         try:
             if fence is None:
-                revisions = await self._send(messages, writes, first_key)
+                revisions = await self._send(messages, writes, first_key, deadline_s)
             else:
                 async with self._fence_lock(fence.name):
-                    revisions = await self._send(messages, writes, first_key)
+                    revisions = await self._send(messages, writes, first_key, deadline_s)
         except Conflict:
             if fence is not None and await self._fence_moved(fence):
                 raise Fenced(f"epoch {fence.epoch} of {fence.name!r} is not the current one", fence.key) from None
@@ -290,7 +292,7 @@ class Record:
             return False
 
     async def _send(self, messages: list[tuple[str, bytes, dict[str, str]]], writes: Sequence[Write],
-                    key: str) -> list[int]:
+                    key: str, deadline_s: float | None = None) -> list[int]:
         """Send one message or one atomic batch; retry what is safe to retry until the deadline.
 
         Returns the revisions of the messages, in order. Retries:
@@ -300,7 +302,8 @@ class Record:
           if that conflicts, read back: when every key holds what we wrote, the first send landed.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.write_deadline_s
+        deadline_s = self.write_deadline_s if deadline_s is None else deadline_s
+        deadline = loop.time() + deadline_s
         uncertain = False
         backoff_s = 0.05
         last_error = "no attempt"
@@ -331,7 +334,7 @@ class Record:
                 last_error = "our earlier send still in flight"
             if loop.time() + backoff_s >= deadline:
                 self.no_quorum += 1
-                raise NoQuorum(f"write {key}: not acknowledged by a quorum within {self.write_deadline_s:g} s "
+                raise NoQuorum(f"write {key}: not acknowledged by a quorum within {deadline_s:g} s "
                                f"({last_error}){'; it may have been applied' if uncertain else ''}")
             self.retries += 1
             await asyncio.sleep(backoff_s)

@@ -25,6 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--gateway-city", metavar="CITY",
                    help="the layout city (origin id) where this gateway stands: route and report on the full path")
     p.add_argument("--create-admin-key", action="store_true", help="print a new admin key on start")
+    p.add_argument("--record", choices=["sqlite", "nats"],
+                   help="where the record lives: sqlite (default: the --db file alone) or nats (the replicated "
+                        "CPN_RECORD bucket shared by every hub process; --db is then this process's projection)")
+    p.add_argument("--record-nats", metavar="URLS",
+                   help="NATS URL(s) of the cluster holding the record, comma separated (default: --nats)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: CPN_LOG, else INFO)")
     p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line (or CPN_LOG_JSON=1)")
     add_gateway_flags(p)
@@ -89,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
         "nats_tls_ca": args.nats_tls_ca, "nats_tls_cert": args.nats_tls_cert, "nats_tls_key": args.nats_tls_key,
         "nats_url": args.nats, "nats_user": args.nats_user, "nats_password": args.nats_password,
         "db_path": args.db, "layout": args.layout, "hub_id": args.hub_id, "gateway_city": args.gateway_city,
+        "record": args.record,
+        "record_nats_urls": [u.strip() for u in args.record_nats.split(",") if u.strip()] if args.record_nats else None,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key,
         "trusted_proxies": tuple(args.trusted_proxy) if args.trusted_proxy else None,
     }.items() if v is not None}
