@@ -25,6 +25,7 @@ from controlplane.core.clock import Clock
 from controlplane.core.ratelimit import TokenBuckets
 from controlplane.core.registry import SiteRegistry
 from controlplane.core.router import for_gateway as router_for_gateway
+from controlplane.gateway import cluster as cluster_api
 from controlplane.gateway import dashboard as dashboard_api
 from controlplane.gateway import deployments as deployments_api
 from controlplane.gateway import jobs as jobs_api
@@ -39,11 +40,14 @@ from controlplane.services import deployments, training
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.inference import InferenceService, RequestIds
+from controlplane.services.leadership import Leadership
 from controlplane.services.record import Services
 from controlplane.services.sites import SiteService
 from controlplane.services.status import ProcessStatus
 from controlplane.services.tenancy import TenancyService
 from controlplane.store.handle import Store
+from controlplane.replicated.bridge import RecordBridge
+from controlplane.replicated.kv import Fence
 from controlplane import scrape
 from edge_agent import wire
 from topology import latency, loader
@@ -96,7 +100,9 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     # With record = "nats" the store is this process's projection of the replicated record; rows
     # other processes write there drop what tenancy caches of them (tenancy is built below, before
     # the process starts and opens the store).
-    store = Store(config.db_path, opener=(lambda: open_replicated_store(config, lambda t, r: tenancy.record_changed(t, r)))
+    bridges: list[RecordBridge] = []  # the store's link to the replicated record, once opened
+    store = Store(config.db_path, opener=(lambda: open_replicated_store(config, lambda t, r: tenancy.record_changed(t, r),
+                                                                        bridges))
                   if config.record == "nats" else None)
     metrics = HubMetrics()
     tasks = BackgroundTasks("hub")
@@ -123,7 +129,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
 
     services: Services | None = None
     # sites_api: operator declarations; dashboard_api: the operator page and its data
-    extra_routes = [deployments_api, jobs_api, sites_api, dashboard_api]
+    extra_routes = [deployments_api, jobs_api, sites_api, dashboard_api, cluster_api]
 
     async def serve_http(host: str, port: int) -> server.GatewayServer:
         assert services is not None  # built below, before anyone can start the hub
@@ -138,10 +144,33 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     metrics.add_collector(scrape.HubState(config=config, bus=bus, registry=registry, store=store, readiness=readiness,
                                           inference=inference, clock=clock,
                                           permission_violations=lambda: hub.permission_violations))
+    # Who decides (services/leadership.py): the deciding services run only while this process leads;
+    # the leader's epoch goes on every command the bus sends, its fence on every commit of the record.
+    def stamp(epoch: int) -> None:
+        bus.epoch = lambda: epoch
+
+    def fence_commits(fence: Fence | None) -> None:
+        for bridge in bridges:
+            bridge.fence = fence
+
+    def listening() -> str:
+        return f"{config.listen_host}:{hub.http_port}" if hub.http_port else ""
+
+    leadership = Leadership(
+        mode=("sole" if config.record == "sqlite" else "never" if config.role == "gateway" else "elected"),
+        hub_id=config.hub_id, role=config.role, clock=clock, tasks=tasks.scope("leadership"),
+        record_urls=record_urls(config) if config.record == "nats" else (), set_epoch=stamp,
+        set_fence=fence_commits, listen=listening)
+    deciding = [deployments.install(hub, clock), training.install(hub, clock)]
+    for service in deciding:
+        hub.services.remove(service)
+        leadership.follow(service)
+    hub.add_service(leadership)
     services = Services(
         inference=inference,
-        deployments=deployments.install(hub, clock),
-        training=training.install(hub, clock),
+        deployments=deciding[0],
+        training=deciding[1],
+        leadership=leadership,
         dashboard=history,
         tenancy=tenancy,
         sites=sites,
@@ -160,14 +189,21 @@ def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) ->
     return build(config, layout=layout).hub
 
 
-async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dict[str, Any]], None]) -> Any:
+def record_urls(config: HubConfig) -> list[str]:
+    """NATS URLs of the cluster holding the replicated record."""
+    return config.record_nats_urls or [u.strip() for u in config.nats_url.split(",") if u.strip()]
+
+
+async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dict[str, Any]], None],
+                                bridges: list[RecordBridge]) -> Any:
     """The store of a process on the replicated record (``record = "nats"``): its SQLite file as a
-    projection of the ``CPN_RECORD`` bucket; ``on_change`` hears of every row another process wrote."""
-    from controlplane.replicated.bridge import RecordBridge
+    projection of the ``CPN_RECORD`` bucket; ``on_change`` hears of every row another process wrote;
+    the link to the record is added to ``bridges`` (the leader's fence goes there)."""
     from controlplane.store import replica
 
-    urls = config.record_nats_urls or [u.strip() for u in config.nats_url.split(",") if u.strip()]
-    bridge = RecordBridge(urls, write_deadline_s=config.record_write_deadline_s, name=f"cpn-record-{config.hub_id}")
+    bridge = RecordBridge(record_urls(config), write_deadline_s=config.record_write_deadline_s,
+                          name=f"cpn-record-{config.hub_id}")
+    bridges.append(bridge)
     db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
     assert db.write_hook is not None
     db.write_hook.listeners.append(on_change)

@@ -101,6 +101,16 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """How long a write to the replicated record keeps trying before it is refused (503
     ``record_unavailable``). It must outlast a stream leader election (4-9 s) to ride out the loss of
     one NATS node; the event loop waits meanwhile."""
+    role: Literal["hub", "gateway", "controller"] = "hub"
+    """What this process does: ``hub`` both (the default), ``gateway`` tenants' HTTP only (never
+    decides), ``controller`` decides (scheduler, deployments, commands to sites) without HTTP. A
+    ``gateway`` or ``controller`` shares the replicated record (``record = "nats"``) with the others;
+    controllers elect one leader among themselves (docs/architecture.md, "Roles and the leader")."""
+
+    def __post_init__(self) -> None:
+        if self.role != "hub" and self.record != "nats":
+            raise ValueError(f"role {self.role!r} needs the replicated record (record = \"nats\"): a {self.role} "
+                             "on a SQLite file of its own would never meet the other role")
 
 
 def load_hub_config(path: Path | str, **overrides: object) -> HubConfig:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from controlplane.replicated.errors import Conflict, NoQuorum
-from controlplane.replicated.kv import BUCKET, WRITE_DEADLINE_S, Change, Record, Write
+from controlplane.replicated.kv import BUCKET, WRITE_DEADLINE_S, Change, Fence, Record, Write
 from controlplane.replicated.projection import Projection
 
 T = TypeVar("T")
@@ -72,6 +72,10 @@ class RecordBridge:
         """Monotonic time of the NoQuorum that started refusing writes (None: writes go through)."""
         self._next_probe_at = 0.0
         self.refused = 0
+
+    fence: Fence | None = None
+    """While this process leads, its leader fence (``services/leadership.py``): every commit then
+    also checks that no newer leader has taken over, so a deposed leader's writes cannot land."""
 
     def __repr__(self) -> str:
         return f"<RecordBridge {self.bucket} {self.record!r} {self.projection!r} queued={len(self._changes)}>"
@@ -150,7 +154,7 @@ class RecordBridge:
                                f"next try in {self._next_probe_at - now:.2f} s")
             deadline_s = self.probe_deadline_s
         try:
-            revisions = self._call(record.commit(writes, deadline_s=deadline_s), deadline_s + 5.0)
+            revisions = self._call(record.commit(writes, self.fence, deadline_s=deadline_s), deadline_s + 5.0)
         except NoQuorum:
             if self.degraded_since is None:
                 self.degraded_since = now

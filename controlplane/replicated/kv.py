@@ -111,6 +111,16 @@ def key(kind: str, ident: str) -> str:
     return f"{kind}.{ident}"
 
 
+class NodeState(msgspec.Struct, frozen=True, kw_only=True):
+    """One NATS server holding a replica of the record."""
+
+    name: str
+    leader: bool
+    current: bool
+    lag: int = 0
+    seen_s_ago: float = 0.0
+
+
 class Record:
     """A connection to the record bucket. Make one with :meth:`open`; ``close()`` when done."""
 
@@ -165,6 +175,23 @@ class Record:
             raise
         return record
 
+    async def nodes(self) -> list[NodeState]:
+        """The NATS servers holding the record's replicas, as the stream's Raft group reports them
+        (the leader first). Empty when no server answers (no quorum: the stream has no leader)."""
+        try:
+            info = await self._js.stream_info(self._stream)
+        except Exception:  # no stream leader, not connected: say nothing rather than something old
+            return []
+        cluster = info.cluster
+        if cluster is None:  # a single server without clustering
+            return [NodeState(name=str(self._nc.connected_url.netloc if self._nc.connected_url else "nats"),
+                              leader=True, current=True)]
+        out = [NodeState(name=str(cluster.leader or ""), leader=True, current=True)] if cluster.leader else []
+        for peer in cluster.replicas or []:
+            out.append(NodeState(name=str(peer.name), leader=False, current=bool(peer.current),
+                                 lag=int(peer.lag or 0), seen_s_ago=round(float(peer.active or 0) / 1e9, 3)))
+        return out
+
     async def close(self) -> None:
         try:
             await self._nc.close()
@@ -211,6 +238,19 @@ class Record:
         except _TRANSIENT as exc:
             raise NoQuorum(f"get {key}: {exc!r}") from None
         return Entry(key=key, value=entry.value or b"", revision=int(entry.revision or 0))
+
+    async def keys(self, pattern: str) -> list[str]:
+        """The keys matching ``pattern`` (NATS wildcards, e.g. ``sys.process.>``); [] if none.
+
+        Raises:
+            NoQuorum: the stream did not answer in time.
+        """
+        try:
+            info = await self._js.stream_info(self._stream, subjects_filter=self._pre + pattern)
+        except _TRANSIENT as exc:
+            raise NoQuorum(f"keys {pattern}: {exc!r}") from None
+        subjects = info.state.subjects or {}
+        return sorted(subject[len(self._pre):] for subject in subjects)
 
     async def last_revision(self) -> int:
         """The bucket's latest revision (its stream's last sequence)."""

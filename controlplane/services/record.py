@@ -17,6 +17,7 @@ from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.deployments import DeploymentService
 from controlplane.services.inference import InferenceService, RequestIds
+from controlplane.services.leadership import Leadership
 from controlplane.services.sites import SiteService
 from controlplane.services.status import ProcessStatus
 from controlplane.services.tenancy import TenancyService
@@ -31,6 +32,7 @@ class Services:
     training: TrainingService
     deployments: DeploymentService
     dashboard: DashboardHistory
+    leadership: Leadership
     tenancy: TenancyService
     sites: SiteService
     accounting: UsageAccounts

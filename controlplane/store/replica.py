@@ -41,7 +41,7 @@ import msgspec
 import sqlite_utils
 
 from controlplane.core.errors import RecordConflict, RecordUnavailable
-from controlplane.replicated.errors import Conflict, NoQuorum, RecordError
+from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, RecordError
 from controlplane.replicated.kv import MAX_BATCH, Change, Write
 from controlplane.store.db import open_db
 
@@ -232,6 +232,11 @@ class Replica:
         started = time.perf_counter()
         try:
             revisions = self.bridge.commit(writes)
+        except Fenced:
+            self.conflicts += 1
+            _log.warning("event=record_fenced rows=%d", len(writes))
+            raise RecordConflict("this process no longer leads (a newer controller's epoch took over); nothing "
+                                 "was written") from None
         except Conflict as exc:
             self.conflicts += 1
             _log.info("event=record_conflict rows=%d first_key=%s", len(writes), exc.key)
