@@ -15,7 +15,9 @@ subset of the same parts (docs/architecture.md, "Processes are compositions").
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from controlplane.config import HubConfig
 from controlplane.core import auth
@@ -23,6 +25,7 @@ from controlplane.core.clock import Clock
 from controlplane.core.ratelimit import TokenBuckets
 from controlplane.core.registry import SiteRegistry
 from controlplane.core.router import for_gateway as router_for_gateway
+from controlplane.gateway import cluster as cluster_api
 from controlplane.gateway import dashboard as dashboard_api
 from controlplane.gateway import deployments as deployments_api
 from controlplane.gateway import jobs as jobs_api
@@ -40,11 +43,14 @@ from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.job_feed import JobFeed
 from controlplane.services.job_views import JobViews
 from controlplane.services.inference import InferenceService, RequestIds
+from controlplane.services.leadership import Leadership
 from controlplane.services.record import Services
 from controlplane.services.sites import SiteService
 from controlplane.services.status import ProcessStatus
 from controlplane.services.tenancy import TenancyService
 from controlplane.store.handle import Store
+from controlplane.replicated.bridge import RecordBridge
+from controlplane.replicated.kv import Fence
 from controlplane import scrape
 from edge_agent import wire
 from topology import latency, loader
@@ -94,7 +100,13 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     rtt = latency.RttIndex.build(layout)
     router = router_for_gateway(layout, rtt, config.gateway_city)
     registry = SiteRegistry(heartbeat_s=config.heartbeat_s, miss_limit=config.miss_limit)
-    store = Store(config.db_path)
+    # With record = "nats" the store is this process's projection of the replicated record; rows
+    # other processes write there drop what tenancy caches of them (tenancy is built below, before
+    # the process starts and opens the store).
+    bridges: list[RecordBridge] = []  # the store's link to the replicated record, once opened
+    store = Store(config.db_path, opener=(lambda: open_replicated_store(config, lambda t, r: tenancy.record_changed(t, r),
+                                                                        bridges))
+                  if config.record == "nats" else None)
     metrics = HubMetrics()
     tasks = BackgroundTasks("hub")
     wants_sites: list[SiteService] = []
@@ -120,7 +132,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
 
     services: Services | None = None
     # sites_api: operator declarations; dashboard_api: the operator page and its data
-    extra_routes = [deployments_api, jobs_api, sites_api, dashboard_api, market_api]
+    extra_routes = [deployments_api, jobs_api, sites_api, dashboard_api, market_api, cluster_api]
 
     async def serve_http(host: str, port: int) -> server.GatewayServer:
         assert services is not None  # built below, before anyone can start the hub
@@ -135,6 +147,23 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     metrics.add_collector(scrape.HubState(config=config, bus=bus, registry=registry, store=store, readiness=readiness,
                                           inference=inference, clock=clock,
                                           permission_violations=lambda: hub.permission_violations))
+    # Who decides (services/leadership.py): the deciding services run only while this process leads;
+    # the leader's epoch goes on every command the bus sends, its fence on every commit of the record.
+    def stamp(epoch: int) -> None:
+        bus.epoch = lambda: epoch
+
+    def fence_commits(fence: Fence | None) -> None:
+        for bridge in bridges:
+            bridge.fence = fence
+
+    def listening() -> str:
+        return f"{config.listen_host}:{hub.http_port}" if hub.http_port else ""
+
+    leadership = Leadership(
+        mode=("sole" if config.record == "sqlite" else "never" if config.role == "gateway" else "elected"),
+        hub_id=config.hub_id, role=config.role, clock=clock, tasks=tasks.scope("leadership"),
+        record_urls=record_urls(config) if config.record == "nats" else (), set_epoch=stamp,
+        set_fence=fence_commits, listen=listening)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock)
     trainer = training.install(hub, clock)
     # The market prices the usage flush and training's metering (in their transactions).
@@ -144,10 +173,15 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     hub.add_service(seller)
     feed = JobFeed(store=store, training=trainer, clock=clock)
     trainer.tick_listeners.append(feed.record_progress)
+    for service in (deployer, trainer):
+        hub.services.remove(service)
+        leadership.follow(service)
+    hub.add_service(leadership)
     services = Services(
         inference=inference,
         deployments=deployer,
         training=trainer,
+        leadership=leadership,
         dashboard=history,
         job_views=JobViews(sites=sites, training=trainer, clock=clock),
         job_feed=feed,
@@ -180,3 +214,24 @@ def install_deployments(hub: Hub, *, store: Store, layout: topo_layout.Layout, r
 def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub:
     """:func:`build`'s hub (``cpn hub``, the tests)."""
     return build(config, layout=layout).hub
+
+
+def record_urls(config: HubConfig) -> list[str]:
+    """NATS URLs of the cluster holding the replicated record."""
+    return config.record_nats_urls or [u.strip() for u in config.nats_url.split(",") if u.strip()]
+
+
+async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dict[str, Any]], None],
+                                bridges: list[RecordBridge]) -> Any:
+    """The store of a process on the replicated record (``record = "nats"``): its SQLite file as a
+    projection of the ``CPN_RECORD`` bucket; ``on_change`` hears of every row another process wrote;
+    the link to the record is added to ``bridges`` (the leader's fence goes there)."""
+    from controlplane.store import replica
+
+    bridge = RecordBridge(record_urls(config), write_deadline_s=config.record_write_deadline_s,
+                          name=f"cpn-record-{config.hub_id}")
+    bridges.append(bridge)
+    db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
+    assert db.write_hook is not None
+    db.write_hook.listeners.append(on_change)
+    return db

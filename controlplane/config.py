@@ -6,6 +6,7 @@ Unknown keys are rejected with the key's name (``forbid_unknown_fields``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -89,6 +90,27 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     nats_tls_cert: str | None = None
     """Client certificate (with ``nats_tls_key``) for servers that verify clients (mutual TLS)."""
     nats_tls_key: str | None = None
+    record: Literal["sqlite", "nats"] = "sqlite"
+    """Where the record (tenants, keys, idempotency keys, jobs, attempts, deployments, replicas,
+    usage) lives. ``sqlite`` (default): the SQLite file at ``db_path`` alone, no extra server.
+    ``nats``: the replicated JetStream KV bucket ``CPN_RECORD`` (3 replicas) on ``record_nats_urls``,
+    shared by every hub process; ``db_path`` is then this process's projection of it (docs/architecture.md §16)."""
+    record_nats_urls: list[str] = []
+    """NATS URLs of the cluster holding the record (default: ``nats_url``)."""
+    record_write_deadline_s: float = 12.0
+    """How long a write to the replicated record keeps trying before it is refused (503
+    ``record_unavailable``). It must outlast a stream leader election (4-9 s) to ride out the loss of
+    one NATS node; the event loop waits meanwhile."""
+    role: Literal["hub", "gateway", "controller"] = "hub"
+    """What this process does: ``hub`` both (the default), ``gateway`` tenants' HTTP only (never
+    decides), ``controller`` decides (scheduler, deployments, commands to sites) without HTTP. A
+    ``gateway`` or ``controller`` shares the replicated record (``record = "nats"``) with the others;
+    controllers elect one leader among themselves (docs/architecture.md, "Roles and the leader")."""
+
+    def __post_init__(self) -> None:
+        if self.role != "hub" and self.record != "nats":
+            raise ValueError(f"role {self.role!r} needs the replicated record (record = \"nats\"): a {self.role} "
+                             "on a SQLite file of its own would never meet the other role")
 
 
 def load_hub_config(path: Path | str, **overrides: object) -> HubConfig:

@@ -111,7 +111,7 @@ class Hub:
     async def start(self, *, serve_http: bool = True) -> None:
         """Open the record, load the sites, connect to NATS, start the services and the gateway."""
         await self.status.start()  # started_at: before any service reads it
-        self.store.open()
+        await self.store.start()
         seen_before = self.sites.load()
         await self.bus.connect()
         replicas = self.config.event_stream_replicas or (3 if self.bus.clustered else 1)

@@ -408,6 +408,8 @@ class Ack(msgspec.Struct, tag="ack", kw_only=True):
 
 
 Command = Union[StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain, CancelInfer, Reregister]
+EPOCH_COMMANDS = (StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain)
+"""The commands that carry the sending controller's leader ``epoch``."""
 InferReply = Union[InferChunk, InferResult, InferAccepted, ErrorReply]
 CommandReply = Union[Ack, ErrorReply]
 RegisterReply = Union[RegisterAck, ErrorReply]

@@ -87,6 +87,21 @@ class NoCapacity(RequestError):
     code = "no_capacity"
 
 
+class RecordConflict(Conflict):
+    """The replicated record changed under a write (another process wrote first): nothing was
+    written; read again and retry (409)."""
+
+    code = "record_conflict"
+
+
+class RecordUnavailable(RequestError):
+    """The replicated record has no quorum (too few NATS nodes up): the write was refused and its
+    outcome is unknown; retry later with the same idempotency key (503 naming the reason)."""
+
+    status = 503
+    code = "record_unavailable"
+
+
 class PeerError(CpnError):
     """A site or the bus failed us."""
 

@@ -192,6 +192,9 @@ class HubBus:
         self.gate = SiteGate(self.site_limits)
         self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
         self.stats = BusStats()
+        self.epoch: Callable[[], int] = lambda: 0
+        """The controller's leader epoch now (``services/leadership.py`` sets it; 0: no election),
+        stamped on every command that carries one, so agents refuse a deposed leader's commands."""
         self.nc: Any = None
         self.sites_nc: Any = None
         """Second connection for what sites send (registrations, heartbeats, events)."""
@@ -576,8 +579,13 @@ class HubBus:
                 pass
 
     async def command(self, site: str, cmd: Any, timeout_s: float = 2.0) -> wire.Ack:
-        """Send a command (StartAttempt, LoadModel, ...) and wait for its Ack."""
+        """Send a command (StartAttempt, LoadModel, ...), stamped with the leader's epoch, and wait
+        for its Ack."""
         nc = self._require()
+        if isinstance(cmd, wire.EPOCH_COMMANDS):
+            epoch = self.epoch()
+            if epoch and cmd.epoch != epoch:
+                cmd = msgspec.structs.replace(cmd, epoch=epoch)
         try:
             msg = await nc.request(wire.cmd_subject(site), wire.encode(cmd), timeout=timeout_s)
         except nats.errors.NoRespondersError:

@@ -111,6 +111,16 @@ def key(kind: str, ident: str) -> str:
     return f"{kind}.{ident}"
 
 
+class NodeState(msgspec.Struct, frozen=True, kw_only=True):
+    """One NATS server holding a replica of the record."""
+
+    name: str
+    leader: bool
+    current: bool
+    lag: int = 0
+    seen_s_ago: float = 0.0
+
+
 class Record:
     """A connection to the record bucket. Make one with :meth:`open`; ``close()`` when done."""
 
@@ -165,6 +175,23 @@ class Record:
             raise
         return record
 
+    async def nodes(self) -> list[NodeState]:
+        """The NATS servers holding the record's replicas, as the stream's Raft group reports them
+        (the leader first). Empty when no server answers (no quorum: the stream has no leader)."""
+        try:
+            info = await self._js.stream_info(self._stream)
+        except Exception:  # no stream leader, not connected: say nothing rather than something old
+            return []
+        cluster = info.cluster
+        if cluster is None:  # a single server without clustering
+            return [NodeState(name=str(self._nc.connected_url.netloc if self._nc.connected_url else "nats"),
+                              leader=True, current=True)]
+        out = [NodeState(name=str(cluster.leader or ""), leader=True, current=True)] if cluster.leader else []
+        for peer in cluster.replicas or []:
+            out.append(NodeState(name=str(peer.name), leader=False, current=bool(peer.current),
+                                 lag=int(peer.lag or 0), seen_s_ago=round(float(peer.active or 0) / 1e9, 3)))
+        return out
+
     async def close(self) -> None:
         try:
             await self._nc.close()
@@ -212,6 +239,19 @@ class Record:
             raise NoQuorum(f"get {key}: {exc!r}") from None
         return Entry(key=key, value=entry.value or b"", revision=int(entry.revision or 0))
 
+    async def keys(self, pattern: str) -> list[str]:
+        """The keys matching ``pattern`` (NATS wildcards, e.g. ``sys.process.>``); [] if none.
+
+        Raises:
+            NoQuorum: the stream did not answer in time.
+        """
+        try:
+            info = await self._js.stream_info(self._stream, subjects_filter=self._pre + pattern)
+        except _TRANSIENT as exc:
+            raise NoQuorum(f"keys {pattern}: {exc!r}") from None
+        subjects = info.state.subjects or {}
+        return sorted(subject[len(self._pre):] for subject in subjects)
+
     async def last_revision(self) -> int:
         """The bucket's latest revision (its stream's last sequence)."""
         try:
@@ -237,10 +277,12 @@ class Record:
         messages = [(self._pre + key, b"", {"KV-Operation": "DEL", _EXPECT_SUBJECT_SEQ: str(revision)})]
         return (await self._send(messages, [], key))[0]
 
-    async def commit(self, writes: Sequence[Write], fence: Fence | None = None) -> list[int]:
+    async def commit(self, writes: Sequence[Write], fence: Fence | None = None, *,
+                     deadline_s: float | None = None) -> list[int]:
         """Apply ``writes`` all together or not at all; return their revisions, in order.
 
-        With ``fence``, the commit also checks that the fence is still at ``fence.epoch``.
+        With ``fence``, the commit also checks that the fence is still at ``fence.epoch``;
+        ``deadline_s`` overrides ``write_deadline_s`` for this commit.
 
         Raises:
             Conflict: one write's condition did not hold (nothing was written).
@@ -265,10 +307,10 @@ class Record:
         first_key = writes[0].key if writes else FENCE_CHECK_PREFIX
         try:
             if fence is None:
-                revisions = await self._send(messages, writes, first_key)
+                revisions = await self._send(messages, writes, first_key, deadline_s)
             else:
                 async with self._fence_lock(fence.name):
-                    revisions = await self._send(messages, writes, first_key)
+                    revisions = await self._send(messages, writes, first_key, deadline_s)
         except Conflict:
             if fence is not None and await self._fence_moved(fence):
                 raise Fenced(f"epoch {fence.epoch} of {fence.name!r} is not the current one", fence.key) from None
@@ -290,7 +332,7 @@ class Record:
             return False
 
     async def _send(self, messages: list[tuple[str, bytes, dict[str, str]]], writes: Sequence[Write],
-                    key: str) -> list[int]:
+                    key: str, deadline_s: float | None = None) -> list[int]:
         """Send one message or one atomic batch; retry what is safe to retry until the deadline.
 
         Returns the revisions of the messages, in order. Retries:
@@ -300,7 +342,8 @@ class Record:
           if that conflicts, read back: when every key holds what we wrote, the first send landed.
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.write_deadline_s
+        deadline_s = self.write_deadline_s if deadline_s is None else deadline_s
+        deadline = loop.time() + deadline_s
         uncertain = False
         backoff_s = 0.05
         last_error = "no attempt"
@@ -331,7 +374,7 @@ class Record:
                 last_error = "our earlier send still in flight"
             if loop.time() + backoff_s >= deadline:
                 self.no_quorum += 1
-                raise NoQuorum(f"write {key}: not acknowledged by a quorum within {self.write_deadline_s:g} s "
+                raise NoQuorum(f"write {key}: not acknowledged by a quorum within {deadline_s:g} s "
                                f"({last_error}){'; it may have been applied' if uncertain else ''}")
             self.retries += 1
             await asyncio.sleep(backoff_s)

@@ -19,6 +19,7 @@ from controlplane.services.deployments import DeploymentService
 from controlplane.services.inference import InferenceService, RequestIds
 from controlplane.services.job_feed import JobFeed
 from controlplane.services.job_views import JobViews
+from controlplane.services.leadership import Leadership
 from controlplane.services.sites import SiteService
 from controlplane.services.status import ProcessStatus
 from controlplane.services.tenancy import TenancyService
@@ -38,6 +39,7 @@ class Services:
     """Job list, detail and usage figures from one rule; admission of new jobs."""
     job_feed: JobFeed
     """A job's events after a cursor, long-polled; progress marks."""
+    leadership: Leadership
     tenancy: TenancyService
     sites: SiteService
     accounting: UsageAccounts

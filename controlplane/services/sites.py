@@ -250,7 +250,14 @@ class SiteService:
 
     async def _sweep_loop(self) -> None:
         while True:
+            before = self.clock.monotonic()
             await self.clock.sleep(self.config.sweep_s)
+            stalled_s = self.clock.monotonic() - before - self.config.sweep_s
+            if stalled_s > self.config.heartbeat_s:
+                # This process stood still (a write waiting for the replicated record's quorum, a
+                # pause): the heartbeats it missed are queued, not lost. Read them before judging.
+                log.warning("event=loop_stalled seconds=%.2f", stalled_s)
+                continue
             self.sweep()
 
     def sweep(self) -> list[Transition]:

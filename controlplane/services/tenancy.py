@@ -98,6 +98,14 @@ class TenancyService:
         """Every tenant as recorded."""
         return store_tenants.list_tenants(self.store.db)
 
+    def record_changed(self, table: str, row: dict[str, Any]) -> None:
+        """A row written by another hub process reached this one's record: drop what is cached of it."""
+        if table == "api_keys" and "key_hash" in row:
+            self.keys.remove(row["key_hash"])
+            self._key_misses.pop(row["key_hash"], None)
+        elif table == "tenants" and "id" in row:
+            self._tenants.pop(row["id"], None)
+
     def tenant(self, tenant_id: str) -> dict[str, Any] | None:
         row = self._tenants.get(tenant_id)
         if row is None and self.store.is_open:

@@ -788,15 +788,3 @@ def install(hub: Hub, clock: Clock) -> TrainingService:
     hub.add_service(service)
     hub.site_listeners.append(service.on_site)
     return service
-
-
-def service_of(hub: Hub) -> TrainingService:
-    """The hub's training service (the gateway's way to reach it).
-
-    Raises:
-        LookupError: the hub runs without one.
-    """
-    for s in hub.services:
-        if isinstance(s, TrainingService):
-            return s
-    raise LookupError("this hub runs no training service")

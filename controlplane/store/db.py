@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Protocol
 
 import sqlite_utils
 
@@ -21,7 +22,20 @@ from edge_agent import private_files
 from controlplane.store.market import billing as market_billing
 
 
-def open_db(path: Path | str) -> sqlite_utils.Database:
+class WriteHook(Protocol):
+    """What a database's ``write_hook`` does around each outermost :func:`transaction` (the
+    replicated record's projection, ``store/replica.py``): raising in ``before_commit`` rolls back."""
+
+    def before_begin(self) -> None: ...
+
+    def before_commit(self) -> None: ...
+
+    def after_commit(self) -> None: ...
+
+    def after_rollback(self) -> None: ...
+
+
+def open_db(path: Path | str, *, factory: Any = sqlite_utils.Database) -> sqlite_utils.Database:
     """Open (creating) the database at ``path`` and bring its schema up to date.
 
     Raises:
@@ -41,7 +55,7 @@ def open_db(path: Path | str) -> sqlite_utils.Database:
     sync = conn.execute("PRAGMA synchronous").fetchone()[0]
     if str(mode).lower() != "wal" or sync != 2:
         raise StoreError(f"{path}: need journal_mode=wal and synchronous=FULL, got {mode} and {sync}")
-    db = sqlite_utils.Database(conn)
+    db: sqlite_utils.Database = factory(conn)
     migrate(db)
     market_billing.install(db)  # the market's tables (migrations 0040-0042: lists of statements, see there)
     return db
@@ -84,18 +98,40 @@ def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     The connection runs in autocommit mode (``isolation_level=None``), so ``with db.conn:`` alone
     does *not* group statements; use this for anything that writes more than one row. Nested use
     joins the outer transaction.
+
+    A database with a ``write_hook`` (the replicated record) runs it around the outermost
+    transaction: its ``before_commit`` publishes the rows to the record and may raise, which rolls
+    the transaction back.
     """
     conn = db.conn
     if conn.in_transaction:
         yield db
         return
+    hook: WriteHook | None = getattr(db, "write_hook", None)
+    if hook is not None:
+        hook.before_begin()
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield db
+        if hook is not None:
+            hook.before_commit()
     except BaseException:
         conn.execute("ROLLBACK")
+        if hook is not None:
+            hook.after_rollback()
         raise
     conn.execute("COMMIT")
+    if hook is not None:
+        hook.after_commit()
+
+
+def close(db: sqlite_utils.Database) -> None:
+    """Close the database and, for a projection of the replicated record, its link to the record."""
+    hook = getattr(db, "write_hook", None)
+    db.conn.close()
+    closer = getattr(hook, "close", None)
+    if closer is not None:
+        closer()
 
 
 def pragmas(db: sqlite_utils.Database) -> dict[str, object]:

@@ -7,6 +7,7 @@ it acts; it never reaches for a database through another object.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import sqlite_utils
@@ -18,9 +19,12 @@ from controlplane.store import db as store_db
 class Store:
     """The process's record (SQLite today), opened by :meth:`open` and closed by :meth:`close`."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *,
+                 opener: Callable[[], Awaitable[sqlite_utils.Database]] | None = None) -> None:
         self.path = path
         self._db: sqlite_utils.Database | None = None
+        self._opener = opener
+        """Opens the record another way (the replicated record's projection, ``record = "nats"``)."""
 
     def __repr__(self) -> str:
         return f"<Store {self.path} {'open' if self._db is not None else 'closed'}>"
@@ -46,7 +50,13 @@ class Store:
             self._db = store_db.open_db(self.path)
         return self._db
 
+    async def start(self) -> sqlite_utils.Database:
+        """Open the record the way this process keeps it (:meth:`open`, or the opener it was given)."""
+        if self._db is None and self._opener is not None:
+            self._db = await self._opener()
+        return self.open()
+
     def close(self) -> None:
         if self._db is not None:
-            self._db.conn.close()
+            store_db.close(self._db)
             self._db = None

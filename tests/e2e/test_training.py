@@ -23,14 +23,14 @@ from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.services.training import TrainingService, service_of
+from controlplane.services.training import TrainingService
 from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BusConfig, ExecutorsConfig, ProcessExecutorConfig
 from edge_agent.nats_barrier import barrier
 from tests.support.engines import needs
 from tests.support.faultproxy import FaultProxy
-from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.waiting import until
 
 PYTHON = "/usr/bin/python3"
@@ -156,7 +156,7 @@ async def test_site_lost_mid_run_restarts_elsewhere_and_the_returning_stale_atte
     async with FaultProxy(nats_server.url) as proxy:
         # 4 h of work at 1,200× = 12 s of wall time per full run; checkpoints every 0.5 s.
         async with network(tmp_path, nats_server.url, scale=1200, via={"sh-hub": proxy.url}) as (hub, agents, tenant):
-            service = service_of(hub)
+            service = services_of(hub).training
             _, sub, _ = await tenant.call("POST", "/v1/jobs", sim_job(est_hours=4.0))
             jid = sub["id"]
             await until(lambda: len(checkpoints(hub, jid, 1)) >= 2, 20, "attempt 1 checkpointed twice")
@@ -231,7 +231,7 @@ async def test_hub_restart_mid_run_loses_no_event_and_applies_each_once(tmp_path
                 _, sub, _ = await tenant.call("POST", "/v1/jobs", sim_job(est_hours=2.0))
             jid = sub["id"]
             await until(lambda: len(checkpoints(hub, jid, 1)) >= 1, 20, "first checkpoint applied")
-            applied_before = service_of(hub).counters["applied"]
+            applied_before = services_of(hub).training.counters["applied"]
         # The hub is down; the attempt runs on and its events wait in the agents' outboxes (fsynced,
         # retried): the hub checks every event before JetStream stores it (docs/security.md).
         mine = lambda: {s for s in seen if s[0] == jid}  # noqa: E731
@@ -240,7 +240,7 @@ async def test_hub_restart_mid_run_loses_no_event_and_applies_each_once(tmp_path
             await until(lambda: job(hub, jid).state == "succeeded", 30, "job succeeded after the restart")
             stored = {(e.job_id, e.attempt, e.seq) for e in store_jobs.events(hub.db, jid)}
             await until(lambda: mine() >= stored, 5, "the watcher saw what the hub stored")
-            service = service_of(hub)
+            service = services_of(hub).training
             assert stored == mine(), (sorted(stored ^ mine()))
             # Every event applied exactly once over the two hub lives; none was stale.
             assert applied_before + service.counters["applied"] == len(stored)
@@ -310,7 +310,7 @@ async def test_cancel_stops_the_running_attempt_and_bills_it(tmp_path: Path, nat
         assert view["attempts"][0]["exit_reason"] == "cancelled" and view["card_hours"] > 0
         exited = await asyncio.wait_for(running.wait(), 10)
         assert exited.reason == "stopped"
-        service: TrainingService = service_of(hub)
+        service: TrainingService = services_of(hub).training
         await until(lambda: service.counters["terminal"] >= 1, 10, "the exit event arrives and is ignored")
         row = job(hub, jid)
         assert row.state == "cancelled" and round(row.card_hours, 6) == view["card_hours"]  # billed once

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,7 +14,8 @@ import msgspec
 
 from controlplane.config import HubConfig
 from controlplane.hub import Hub
-from controlplane.compose import build_hub
+from controlplane.compose import build
+from controlplane.services.record import Services
 from topology import loader
 
 DEMO3 = Path(loader.default_path()).parent / "demo-3.toml"
@@ -31,9 +33,19 @@ def hub_config(tmp: Path, nats_url: str, **kw: Any) -> HubConfig:
     return HubConfig(**base)
 
 
+_SERVICES: weakref.WeakKeyDictionary[Hub, Services] = weakref.WeakKeyDictionary()
+
+
+def services_of(hub: Hub) -> Services:
+    """The typed record of the services of a hub started by :func:`running_hub`."""
+    return _SERVICES[hub]
+
+
 @asynccontextmanager
 async def running_hub(config: HubConfig) -> AsyncIterator[Hub]:
-    hub = build_hub(config)
+    proc = build(config)
+    hub = proc.hub
+    _SERVICES[hub] = proc.services
     await hub.start()
     try:
         yield hub

@@ -1,4 +1,4 @@
-"""``cpn bench route|gateway|scheduler|heartbeat|all``: the architecture §10 budgets, measured.
+"""``cpn bench route|gateway|scheduler|heartbeat|submissions|all``: the architecture §10 budgets, measured.
 
 Each benchmark prints its figures and ratios and writes JSON to ``bench/results/``;
 ``--readme`` rewrites the table in README.md between the ``bench-table`` markers.
@@ -12,11 +12,13 @@ import argparse
 import importlib
 
 BENCHES = ["route", "gateway", "scheduler", "heartbeat", "sim"]
+ON_REQUEST = ["submissions"]
+"""Run only when named (not by ``all``): ``submissions`` starts a NATS cluster and four hub processes."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("bench", help="benchmarks of the performance budgets (architecture §10)")
-    p.add_argument("name", nargs="?", choices=[*BENCHES, "all", "table"],
+    p.add_argument("name", nargs="?", choices=[*BENCHES, *ON_REQUEST, "all", "table"],
                    help="which benchmark ('table' prints the README table)")
     p.add_argument("--readme", action="store_true", help="update the README table from bench/results/*.json")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark")

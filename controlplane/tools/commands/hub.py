@@ -1,4 +1,10 @@
-"""``cpn hub``: the hub alone, against a NATS server or cluster."""
+"""``cpn hub``, ``cpn gateway``, ``cpn controller``: a hub process against a NATS server or cluster.
+
+``cpn hub`` is the gateway and the controller in one process (the default, on its SQLite file or
+on the replicated record). ``cpn gateway`` serves tenants' HTTP only and ``cpn controller`` decides
+without HTTP; both share the replicated record (``--record nats``, their default) with the others,
+and controllers elect one leader among themselves.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,21 @@ import argparse
 import os
 
 
+ROLES = {
+    "hub": "run the hub (gateway, routing, scheduling) against NATS",
+    "gateway": "run a gateway only (tenants' HTTP, routing) on the replicated record",
+    "controller": "run a controller only (scheduling, deployments; one leads) on the replicated record",
+}
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("hub", help="run the hub (gateway, routing, scheduling) against NATS")
+    for role, text in ROLES.items():
+        p = sub.add_parser(role, help=text)
+        _flags(p)
+        p.set_defaults(run=run, role=role)
+
+
+def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="hub TOML config (flags override it)")
     p.add_argument("--nats", help="NATS URL(s), comma separated (default nats://127.0.0.1:4222)")
     p.add_argument("--nats-user")
@@ -25,10 +44,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--gateway-city", metavar="CITY",
                    help="the layout city (origin id) where this gateway stands: route and report on the full path")
     p.add_argument("--create-admin-key", action="store_true", help="print a new admin key on start")
+    p.add_argument("--record", choices=["sqlite", "nats"],
+                   help="where the record lives: sqlite (the --db file alone; cpn hub's default) or nats (the "
+                        "replicated CPN_RECORD bucket shared by every hub process; --db is then this process's "
+                        "projection; cpn gateway's and cpn controller's default)")
+    p.add_argument("--record-nats", metavar="URLS",
+                   help="NATS URL(s) of the cluster holding the record, comma separated (default: --nats)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (default: CPN_LOG, else INFO)")
     p.add_argument("--log-json", action="store_true", default=None, help="one JSON object per log line (or CPN_LOG_JSON=1)")
     add_gateway_flags(p)
-    p.set_defaults(run=run)
 
 
 def add_gateway_flags(p: argparse.ArgumentParser) -> None:
@@ -89,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         "nats_tls_ca": args.nats_tls_ca, "nats_tls_cert": args.nats_tls_cert, "nats_tls_key": args.nats_tls_key,
         "nats_url": args.nats, "nats_user": args.nats_user, "nats_password": args.nats_password,
         "db_path": args.db, "layout": args.layout, "hub_id": args.hub_id, "gateway_city": args.gateway_city,
+        "record": args.record or (None if args.role == "hub" else "nats"), "role": args.role,
+        "record_nats_urls": [u.strip() for u in args.record_nats.split(",") if u.strip()] if args.record_nats else None,
         "tls_cert": args.tls_cert, "tls_key": args.tls_key,
         "trusted_proxies": tuple(args.trusted_proxy) if args.trusted_proxy else None,
     }.items() if v is not None}
@@ -98,19 +124,27 @@ def run(args: argparse.Namespace) -> int:
     if args.config:
         config = load_hub_config(args.config, **overrides)
     else:
-        config = HubConfig(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+        try:
+            config = HubConfig(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
+        except ValueError as exc:
+            from controlplane.core.errors import RequestError
+
+            raise RequestError(str(exc)) from None
 
     async def main() -> None:
-        from controlplane.compose import build_hub
+        from controlplane.compose import build_hub, record_urls
         from edge_agent import gc_tuning
 
         hub = build_hub(config)
-        await hub.start()
+        await hub.start(serve_http=config.role != "controller")
         try:
             if args.create_admin_key:
                 print(f"admin key: {hub.create_admin_key('cli')}", flush=True)
-            print(f"cpn hub {config.hub_id} listening on {hub.http_scheme}://{config.listen_host}:{hub.http_port}",
-                  flush=True)
+            if config.role == "controller":
+                print(f"cpn controller {config.hub_id} running (record on {', '.join(record_urls(config))})", flush=True)
+            else:
+                print(f"cpn {config.role} {config.hub_id} listening on {hub.http_scheme}://{config.listen_host}:"
+                      f"{hub.http_port}", flush=True)
             gc_tuning.settle_after_startup()
             await yield_forever()
         finally:

@@ -1,0 +1,227 @@
+"""The record seen from synchronous code: a thread of its own running the record and its projection.
+
+The store's write transactions are synchronous (SQLite), and a transaction must not commit locally
+before the record has its writes on a quorum. :class:`RecordBridge` gives such code blocking calls
+into a :class:`~.kv.Record` and a :class:`~.projection.Projection` that live on their own event loop
+in their own thread, with their own NATS connection:
+
+- Rule 1: :meth:`commit` blocks the calling thread until the record answers (acknowledged by a
+  quorum, or :class:`~.errors.Conflict` / :class:`~.errors.NoQuorum`). The caller's event loop
+  stands still meanwhile, as it already does for SQLite's fsync: about 1-6 ms on loopback, up to
+  ``write_deadline_s`` while the record's stream elects a new leader.
+- Rule 2: every change the projection applies (other processes' writes and our own echoes, the
+  initial state included) is queued for the caller; :meth:`take_changes` hands them over in
+  revision order and ``wakeup`` (called from the bridge's thread) tells the caller's loop to come
+  and take them.
+- Rule 3: :meth:`catch_up` blocks until every write the record held when it was called has been
+  queued (a read barrier: a write transaction that starts after it reads at least that state).
+- Rule 4: :meth:`close` stops the watch, closes the connection and joins the thread.
+- Rule 5 (no quorum: refuse at once, probe now and then): once a write ended in
+  :class:`~.errors.NoQuorum`, later writes are refused at once (NoQuorum) except one probe every
+  ``probe_every_s``, which waits at most ``probe_deadline_s``; :meth:`catch_up` does not wait
+  meanwhile, except before a probe (so a retry after the quorum's return finds its own earlier
+  write, which may have landed: NoQuorum means "unknown"). The first write that a quorum acknowledges (or that loses a compare-and-set, which
+  also takes a quorum) ends this. So a process without quorum stalls its loop for at most
+  ``probe_deadline_s`` per ``probe_every_s``, not a whole write deadline per write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+from controlplane.replicated.errors import Conflict, NoQuorum
+from controlplane.replicated.kv import BUCKET, WRITE_DEADLINE_S, Change, Fence, Record, Write
+from controlplane.replicated.projection import Projection
+
+T = TypeVar("T")
+
+
+class RecordBridge:
+    """Blocking access to the record for synchronous code (see the module's rules).
+
+    Args:
+        servers: NATS URLs of the cluster holding the record.
+        write_deadline_s: how long a write keeps trying before :class:`~.errors.NoQuorum`.
+        catch_up_timeout_s: how long :meth:`catch_up` waits for the record's answer.
+    """
+
+    def __init__(self, servers: Sequence[str], *, bucket: str = BUCKET, write_deadline_s: float = WRITE_DEADLINE_S,
+                 catch_up_timeout_s: float = 0.5, probe_every_s: float = 1.0, probe_deadline_s: float = 0.5,
+                 name: str = "cpn-record") -> None:
+        self.servers = list(servers)
+        self.bucket = bucket
+        self.write_deadline_s = write_deadline_s
+        self.catch_up_timeout_s = catch_up_timeout_s
+        self.name = name
+        self.wakeup: Callable[[], None] | None = None
+        self.record: Record | None = None
+        self.projection: Projection | None = None
+        self._changes: collections.deque[Change] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.catch_up_failures = 0
+        self.probe_every_s = probe_every_s
+        self.probe_deadline_s = probe_deadline_s
+        self.degraded_since: float | None = None
+        """Monotonic time of the NoQuorum that started refusing writes (None: writes go through)."""
+        self._next_probe_at = 0.0
+        self.refused = 0
+
+    fence: Fence | None = None
+    """While this process leads, its leader fence (``services/leadership.py``): every commit then
+    also checks that no newer leader has taken over, so a deposed leader's writes cannot land."""
+
+    def __repr__(self) -> str:
+        return f"<RecordBridge {self.bucket} {self.record!r} {self.projection!r} queued={len(self._changes)}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the thread, open the record and load its current state into the queue.
+
+        Raises:
+            NoQuorum: the record could not be opened or its state not loaded in time.
+        """
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"{self.name}-bridge", daemon=True)
+        self._thread.start()
+        ready.wait()
+        try:
+            self._call(self._open(timeout_s), timeout_s + 5.0)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _open(self, timeout_s: float) -> None:
+        self.record = await Record.open(self.servers, bucket=self.bucket, write_deadline_s=self.write_deadline_s,
+                                        name=self.name)
+        self.projection = Projection(self.record, on_change=self._queue)
+        await self.projection.start(timeout_s=timeout_s)
+
+    def close(self) -> None:
+        """Stop watching, close the connection, end the thread (idempotent)."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if loop.is_running():
+            try:
+                self._call(self._close(), 10.0)
+            except (NoQuorum, concurrent.futures.TimeoutError, RuntimeError):
+                pass
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(10.0)
+        self._loop = None
+        self._thread = None
+
+    async def _close(self) -> None:
+        if self.projection is not None:
+            await self.projection.stop()
+        if self.record is not None:
+            await self.record.close()
+
+    # ------------------------------------------------------------------ blocking calls
+
+    def commit(self, writes: Sequence[Write]) -> list[int]:
+        """Commit ``writes`` atomically (each with its own condition); their revisions, in order.
+
+        Raises:
+            Conflict: a condition did not hold; nothing was written.
+            NoQuorum: no quorum acknowledged within the write deadline (outcome unknown).
+        """
+        record = self._need_record()
+        now = time.monotonic()
+        deadline_s = self.write_deadline_s
+        if self.degraded_since is not None:
+            if now < self._next_probe_at:
+                self.refused += 1
+                raise NoQuorum(f"no quorum for {now - self.degraded_since:.1f} s (the last write was not acknowledged); "
+                               f"next try in {self._next_probe_at - now:.2f} s")
+            deadline_s = self.probe_deadline_s
+        try:
+            revisions = self._call(record.commit(writes, self.fence, deadline_s=deadline_s), deadline_s + 5.0)
+        except NoQuorum:
+            if self.degraded_since is None:
+                self.degraded_since = now
+            self._next_probe_at = time.monotonic() + self.probe_every_s
+            raise
+        except Conflict:
+            self.degraded_since = None  # a compare-and-set was decided: a quorum answers
+            raise
+        self.degraded_since = None
+        return revisions
+
+    def catch_up(self) -> bool:
+        """Block until every write the record holds now is queued; False if the record did not
+        answer within ``catch_up_timeout_s``, or writes are being refused (the caller then reads
+        what it has)."""
+        if self.degraded_since is not None and time.monotonic() < self._next_probe_at:
+            return False
+        try:
+            self._call(self._catch_up(), self.catch_up_timeout_s + 1.0)
+        except (NoQuorum, TimeoutError, concurrent.futures.TimeoutError):
+            self.catch_up_failures += 1
+            return False
+        return True
+
+    async def _catch_up(self) -> None:
+        record, projection = self._need_record(), self.projection
+        assert projection is not None
+        async with asyncio.timeout(self.catch_up_timeout_s):
+            last = await record.last_revision()
+            await projection.wait_for(last, timeout_s=self.catch_up_timeout_s)
+
+    def take_changes(self) -> list[Change]:
+        """The queued changes, oldest first (and the queue emptied)."""
+        out = []
+        while self._changes:
+            out.append(self._changes.popleft())
+        return out
+
+    def requeue(self, changes: list[Change]) -> None:
+        """Put ``changes`` (taken, not applied) back at the head of the queue, in order."""
+        self._changes.extendleft(reversed(changes))
+
+    @property
+    def revision(self) -> int:
+        """The last revision the projection applied (queued for the caller)."""
+        return self.projection.revision if self.projection is not None else 0
+
+    # ------------------------------------------------------------------ inside the bridge's thread
+
+    def _queue(self, change: Change) -> None:
+        self._changes.append(change)
+        if self.wakeup is not None:
+            self.wakeup()
+
+    def _need_record(self) -> Record:
+        if self.record is None:
+            raise NoQuorum("the record is not open")
+        return self.record
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            coro.close()
+            raise NoQuorum("the record's thread is not running")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise NoQuorum(f"the record did not answer within {timeout_s:g} s") from None

@@ -1,0 +1,469 @@
+"""SQLite as the local projection of the replicated record (``HubConfig.record = "nats"``).
+
+The services keep their store code: every write still runs in :func:`controlplane.store.db.transaction`.
+With a replica attached to the database, that transaction gains the record's guarantees:
+
+- Rule 1 (capture): TEMP triggers on the replicated tables (:data:`TABLES`) hand every row a
+  transaction inserts, updates or deletes to the replica. A write to one of them outside a
+  ``transaction()`` is refused (it could not be published before it commits).
+- Rule 2 (publish before commit): when the transaction's body is done, its rows go to the record as
+  one atomic batch, each row's key conditioned on the revision this process last saw of it (0: must
+  not exist). Only once a quorum has acknowledged does SQLite commit. A lost condition rolls back and
+  raises :class:`~controlplane.core.errors.RecordConflict` (409); no quorum rolls back and raises
+  :class:`~controlplane.core.errors.RecordUnavailable` (503, the outcome unknown: retry with the
+  same idempotency key).
+- Rule 3 (read barrier): before a write transaction begins, the replica waits (briefly) until every
+  write the record held at that moment is applied locally, so read-modify-write transactions read
+  the record's current state and a retry at another process finds the first answer.
+- Rule 4 (projection): other processes' writes are applied to SQLite as they arrive (on the
+  caller's event loop, never inside one of its transactions), keeping each key's revision;
+  listeners hear of each applied row (the hub drops cached keys and tenants).
+- Rule 5 (usage adds up): usage counters are never read-modify-written on one shared key. Each
+  process publishes its own cumulative counters under ``usage.<process>.<tenant>.<model>.<site>``;
+  the local ``usage`` row is the sum over every process's counters.
+- Rule 6 (start): a process with an empty record seeds it from its SQLite file (an existing hub
+  moving to the replicated record); otherwise the replicated tables are emptied and rebuilt from
+  the record (SQLite is a projection, never the source).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import msgspec
+import sqlite_utils
+
+from controlplane.core.errors import RecordConflict, RecordUnavailable
+from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, RecordError
+from controlplane.replicated.kv import MAX_BATCH, Change, Write
+from controlplane.store.db import open_db
+
+_log = logging.getLogger("cpn.store.replica")
+
+TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    # table: (record kind, primary key columns)
+    "tenants": ("tenant", ("id",)),
+    "api_keys": ("key", ("key_hash",)),
+    "idempotency": ("idem", ("tenant", "key")),
+    "jobs": ("job", ("id",)),
+    "attempts": ("attempt", ("job_id", "attempt")),
+    "deployments": ("deployment", ("id",)),
+    "replicas": ("replica", ("deployment", "site")),
+    "deployment_idempotency": ("deployidem", ("tenant", "key")),
+    "usage": ("usage", ("tenant", "model", "site")),
+}
+"""The tables held in the record. The others (sites, outbox, job events, the market's) stay local."""
+
+USAGE_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "card_hours", "energy_cny")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class Bridge(Protocol):
+    """What the replica needs of :class:`controlplane.replicated.bridge.RecordBridge`."""
+
+    wakeup: Callable[[], None] | None
+
+    def commit(self, writes: Sequence[Write]) -> list[int]: ...
+
+    def start(self, timeout_s: float = ...) -> None: ...
+
+    def catch_up(self) -> bool: ...
+
+    def take_changes(self) -> list[Change]: ...
+
+    def requeue(self, changes: list[Change]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+RowListener = Callable[[str, dict[str, Any]], None]
+"""Called with (table, row) for each row applied from the record (a deleted row: its key columns)."""
+
+
+def key_token(value: object) -> str:
+    """One KV key token for a key column's value: itself when it is a plain token, else a digest."""
+    text = str(value)
+    if _TOKEN.fullmatch(text):
+        return text
+    return "=" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def record_key(table: str, pk: Sequence[object], process: str | None = None) -> str:
+    kind = TABLES[table][0]
+    parts = ([key_token(process)] if process is not None else []) + [key_token(v) for v in pk]
+    return ".".join([kind, *parts])
+
+
+class Value(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A record value: one row of ``t`` (``row``), or its tombstone (``deleted``, ``row`` = key columns).
+    Usage values carry the writing process (``proc``) and hold its own cumulative counters."""
+
+    t: str
+    row: dict[str, Any]
+    deleted: bool = False
+    proc: str = ""
+
+
+_ENCODE = msgspec.json.Encoder().encode
+_DECODE = msgspec.json.Decoder(Value).decode
+
+
+class ReplicatedDatabase(sqlite_utils.Database):
+    """A database whose write transactions go through its ``write_hook`` (see :func:`attach`)."""
+
+    write_hook: Replica | None = None
+
+
+class Replica:
+    """The write hook and projection applier of one database (make it with :func:`attach`)."""
+
+    def __init__(self, db: ReplicatedDatabase, bridge: Bridge, process: str, *,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.db = db
+        self.bridge = bridge
+        self.process = process
+        self.listeners: list[RowListener] = []
+        self.revisions: dict[str, int] = {}
+        self.usage: dict[tuple[str, str, str, str], list[float]] = {}
+        """(process, tenant, model, site) -> that process's cumulative counters."""
+        self._columns: dict[str, list[str]] = {}
+        self._pending: dict[str, tuple[str, dict[str, Any], bool]] = {}
+        self._usage_delta: dict[tuple[str, str, str], list[float]] = {}
+        self._committed: list[tuple[str, int]] = []
+        self._committed_usage: dict[tuple[str, str, str], list[float]] = {}
+        self._applying = False
+        self._loop = loop
+        self._wake_scheduled = False
+        self.published = 0
+        self.applied = 0
+        self.apply_errors = 0
+        self.conflicts = 0
+        self.no_quorum = 0
+        self.publish_ms: list[float] = []
+
+    def __repr__(self) -> str:
+        return (f"<Replica {self.process} keys={len(self.revisions)} published={self.published} applied={self.applied} "
+                f"conflicts={self.conflicts} no_quorum={self.no_quorum} bridge={self.bridge!r}>")
+
+    # ------------------------------------------------------------------ setup
+
+    def install(self) -> None:
+        """Register the capture function and the TEMP triggers (this connection only)."""
+        conn = self.db.conn
+        conn.create_function("cpn_row", -1, self._captured)
+        for table, (_, pk) in TABLES.items():
+            cols = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
+            if not cols:
+                continue  # an older schema without this table
+            self._columns[table] = cols
+            new = ", ".join(f"NEW.{c}" for c in cols)
+            old_pk = ", ".join(f"OLD.{c}" for c in pk)
+            update_args = new
+            if table == "usage":
+                update_args += ", " + ", ".join(f"OLD.{c}" for c in USAGE_COUNTERS)
+            for name, event, args in (("ins", "INSERT", f"'I', {new}"), ("upd", "UPDATE", f"'U', {update_args}"),
+                                      ("del", "DELETE", f"'D', {old_pk}")):
+                conn.execute(f"DROP TRIGGER IF EXISTS temp.cpn_rep_{table}_{name}")
+                conn.execute(f"CREATE TEMP TRIGGER cpn_rep_{table}_{name} AFTER {event} ON main.{table} "
+                             f"BEGIN SELECT cpn_row('{table}', {args}); END")
+
+    def _captured(self, table: str, op: str, *values: Any) -> None:
+        if self._applying:
+            return None
+        if not self.db.conn.in_transaction:
+            raise RuntimeError(f"write to replicated table {table} outside store.db.transaction()")
+        pk_cols = TABLES[table][1]
+        cols = self._columns[table]
+        if op == "D":
+            pk = dict(zip(pk_cols, values))
+            if table == "usage":
+                _log.warning("event=usage_row_deleted_locally tenant=%s (not replicated)", pk.get("tenant"))
+                return None
+            self._pending[record_key(table, list(pk.values()))] = (table, pk, True)
+            return None
+        row = dict(zip(cols, values[:len(cols)]))
+        if table == "usage":
+            old = values[len(cols):] if op == "U" else (0,) * len(USAGE_COUNTERS)
+            ident = (row["tenant"], row["model"], row["site"])
+            delta = self._usage_delta.setdefault(ident, [0] * len(USAGE_COUNTERS))
+            for i, c in enumerate(USAGE_COUNTERS):
+                delta[i] += (row[c] or 0) - (old[i] or 0)
+            return None
+        self._pending[record_key(table, [row[c] for c in pk_cols])] = (table, row, False)
+        return None
+
+    # ------------------------------------------------------------------ the write path (store.db.transaction)
+
+    def before_begin(self) -> None:
+        """Rule 3: apply what the record holds now before a write transaction reads anything."""
+        self.bridge.catch_up()
+        self.apply_changes()
+
+    def before_commit(self) -> None:
+        """Rule 2: publish the transaction's rows as one atomic batch; raise to roll back."""
+        pending, deltas = self._pending, self._usage_delta
+        self._pending, self._usage_delta = {}, {}
+        if not pending and not deltas:
+            return
+        writes = [Write(key, _ENCODE(Value(t=table, row=row, deleted=deleted)), self.revisions.get(key, 0))
+                  for key, (table, row, deleted) in pending.items()]
+        usage_after: dict[tuple[str, str, str], list[float]] = {}
+        for ident, delta in deltas.items():
+            if not any(delta):
+                continue
+            mine = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
+            after = [a + b for a, b in zip(mine, delta)]
+            usage_after[ident] = after
+            key = record_key("usage", ident, self.process)
+            row = {"tenant": ident[0], "model": ident[1], "site": ident[2], **dict(zip(USAGE_COUNTERS, after))}
+            writes.append(Write(key, _ENCODE(Value(t="usage", row=row, proc=self.process)), self.revisions.get(key, 0)))
+        if not writes:
+            return
+        if len(writes) > MAX_BATCH:
+            raise RecordUnavailable(f"one transaction writes {len(writes)} rows; the record takes at most {MAX_BATCH}",
+                                    code="record_batch_too_large")
+        started = time.perf_counter()
+        try:
+            revisions = self.bridge.commit(writes)
+        except Fenced:
+            self.conflicts += 1
+            _log.warning("event=record_fenced rows=%d", len(writes))
+            raise RecordConflict("this process no longer leads (a newer controller's epoch took over); nothing "
+                                 "was written") from None
+        except Conflict as exc:
+            self.conflicts += 1
+            _log.info("event=record_conflict rows=%d first_key=%s", len(writes), exc.key)
+            raise RecordConflict("the record changed under this write (another hub process wrote one of its rows "
+                                 "first); nothing was written, retry") from None
+        except NoQuorum as exc:
+            self.no_quorum += 1
+            raise RecordUnavailable(f"the replicated record has no quorum: {exc}") from None
+        except RecordError as exc:
+            raise RecordUnavailable(f"the replicated record refused the write: {exc}") from None
+        self.publish_ms.append((time.perf_counter() - started) * 1000)
+        if len(self.publish_ms) > 10_000:
+            del self.publish_ms[:5_000]
+        self.published += len(writes)
+        self._committed = [(w.key, r) for w, r in zip(writes, revisions)]
+        self._committed_usage = usage_after
+
+    def after_commit(self) -> None:
+        for key, revision in self._committed:
+            self.revisions[key] = max(revision, self.revisions.get(key, 0))
+        for ident, after in self._committed_usage.items():
+            self.usage[(self.process, *ident)] = after
+        self._committed, self._committed_usage = [], {}
+
+    def after_rollback(self) -> None:
+        self._pending, self._usage_delta = {}, {}
+        self._committed, self._committed_usage = [], {}
+
+    # ------------------------------------------------------------------ the projection
+
+    def wake(self) -> None:
+        """Called from the bridge's thread: apply queued changes soon on the database's loop."""
+        loop = self._loop
+        if loop is None or self._wake_scheduled:
+            return
+        self._wake_scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._woken)
+        except RuntimeError:
+            self._wake_scheduled = False  # loop closed
+
+    def _woken(self) -> None:
+        self._wake_scheduled = False
+        if self._loop is None:
+            return
+        if self.db.conn.in_transaction:  # a transaction spanning an await: come back later
+            assert self._loop is not None
+            self._loop.call_later(0.005, self._woken)
+            return
+        try:
+            self.apply_changes()
+        except sqlite3.Error:
+            self.apply_errors += 1
+            _log.exception("event=record_apply_failed")
+
+    def apply_changes(self, changes: list[Change] | None = None) -> int:
+        """Apply the bridge's queued changes (or ``changes``) in one local transaction; how many applied."""
+        if changes is None:
+            changes = self.bridge.take_changes()
+        if not changes:
+            return 0
+        conn = self.db.conn
+        if conn.in_transaction:
+            self.bridge.requeue(changes)
+            raise RuntimeError("apply_changes inside a transaction")
+        applied: list[tuple[str, dict[str, Any]]] = []
+        revisions: dict[str, int] = {}
+        usage_rows: set[tuple[str, str, str]] = set()
+        self._applying = True
+        conn.execute("PRAGMA foreign_keys = OFF")  # the writer checked them; snapshots come in revision order
+        began = False
+        try:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                began = True
+                for change in changes:
+                    if change.value is None or change.revision <= max(self.revisions.get(change.key, 0),
+                                                                       revisions.get(change.key, 0)):
+                        continue
+                    try:
+                        value = _DECODE(change.value)
+                    except msgspec.DecodeError:
+                        if not change.key.startswith("sys."):
+                            self.apply_errors += 1
+                            _log.error("event=record_value_undecodable key=%s revision=%d", change.key, change.revision)
+                        continue
+                    if value.t not in self._columns:
+                        continue
+                    revisions[change.key] = change.revision
+                    try:
+                        if value.t == "usage":
+                            ident = (value.row["tenant"], value.row["model"], value.row["site"])
+                            self.usage[(value.proc, *ident)] = [value.row.get(c, 0) for c in USAGE_COUNTERS]
+                            usage_rows.add(ident)
+                        else:
+                            self._apply_row(value)
+                            applied.append((value.t, value.row))
+                    except (sqlite3.Error, KeyError) as exc:
+                        self.apply_errors += 1
+                        _log.error("event=record_apply_row_failed key=%s revision=%d error=%s", change.key,
+                                   change.revision, exc)
+                for ident in usage_rows:
+                    self._write_usage_sum(ident)
+                conn.execute("COMMIT")
+            except BaseException:
+                if began:
+                    conn.execute("ROLLBACK")
+                self.bridge.requeue(changes)  # nothing of them applied: again next time
+                raise
+        finally:
+            self._applying = False
+            conn.execute("PRAGMA foreign_keys = ON")
+        self.revisions.update(revisions)
+        self.applied += len(revisions)
+        for table, row in applied:
+            for listener in self.listeners:
+                try:
+                    listener(table, row)
+                except Exception:
+                    _log.exception("event=record_listener_failed table=%s", table)
+        return len(revisions)
+
+    def _apply_row(self, value: Value) -> None:
+        table, row = value.t, value.row
+        pk = TABLES[table][1]
+        if value.deleted:
+            self.db.conn.execute(f"DELETE FROM {table} WHERE " + " AND ".join(f"{c} = ?" for c in pk),
+                                 [row[c] for c in pk])
+            return
+        cols = [c for c in self._columns[table] if c in row]
+        updates = [c for c in cols if c not in pk]
+        sql = (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+               f"ON CONFLICT ({', '.join(pk)}) DO ")
+        sql += ("UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in updates)) if updates else "NOTHING"
+        self.db.conn.execute(sql, [row[c] for c in cols])
+
+    def _write_usage_sum(self, ident: tuple[str, str, str]) -> None:
+        total = [0.0] * len(USAGE_COUNTERS)
+        for (_, *rest), counters in self.usage.items():
+            if tuple(rest) == ident:
+                total = [a + b for a, b in zip(total, counters)]
+        cols = ", ".join(USAGE_COUNTERS)
+        self.db.conn.execute(
+            f"INSERT INTO usage (tenant, model, site, {cols}) VALUES (?, ?, ?, {', '.join('?' for _ in total)}) "
+            f"ON CONFLICT (tenant, model, site) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in USAGE_COUNTERS),
+            [*ident, *[int(v) if c not in ("card_hours", "energy_cny") else v for c, v in zip(USAGE_COUNTERS, total)]],
+        )
+
+    # ------------------------------------------------------------------ start
+
+    def close(self) -> None:
+        self._loop = None  # no more wake-ups: the database is closing
+        self.bridge.close()
+
+    def load(self) -> None:
+        """Rule 6: seed an empty record from this file, else rebuild the tables from the record."""
+        changes = self.bridge.take_changes()
+        tables = {kind for kind, _ in TABLES.values()}
+        if not any(c.value is not None and c.key.split(".", 1)[0] in tables for c in changes):
+            self._seed()
+        else:
+            self._applying = True
+            try:
+                self.db.conn.execute("PRAGMA foreign_keys = OFF")
+                self.db.conn.execute("BEGIN IMMEDIATE")
+                for table in self._columns:
+                    self.db.conn.execute(f"DELETE FROM {table}")
+                self.db.conn.execute("COMMIT")
+            finally:
+                self._applying = False
+                self.db.conn.execute("PRAGMA foreign_keys = ON")
+        self.apply_changes(changes)
+
+    def _seed(self) -> None:
+        writes: list[Write] = []
+        for table, cols in self._columns.items():
+            pk = TABLES[table][1]
+            for values in self.db.conn.execute(f"SELECT {', '.join(cols)} FROM {table}"):
+                row = dict(zip(cols, values))
+                if table == "usage":
+                    ident = (row["tenant"], row["model"], row["site"])
+                    self.usage[(self.process, *ident)] = [row[c] for c in USAGE_COUNTERS]
+                    writes.append(Write(record_key("usage", ident, self.process),
+                                        _ENCODE(Value(t="usage", row=row, proc=self.process)), 0))
+                else:
+                    writes.append(Write(record_key(table, [row[c] for c in pk]), _ENCODE(Value(t=table, row=row)), 0))
+        for i in range(0, len(writes), MAX_BATCH - 1):
+            batch = writes[i:i + MAX_BATCH - 1]
+            for w, r in zip(batch, self.bridge.commit(batch)):
+                self.revisions[w.key] = r
+        if writes:
+            _log.info("event=record_seeded rows=%d", len(writes))
+
+
+def attach(db: ReplicatedDatabase, bridge: Bridge, process: str) -> Replica:
+    """Make ``db`` a projection of the record behind ``bridge`` (call on the event loop that will
+    use the database, once the bridge has started)."""
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    replica = Replica(db, bridge, process, loop=loop)
+    replica.install()
+    replica.load()
+    db.write_hook = replica
+    bridge.wakeup = replica.wake
+    return replica
+
+
+async def open_replicated(path: str, bridge: Bridge, process: str) -> ReplicatedDatabase:
+    """Open the SQLite file at ``path``, start ``bridge`` (its first load in a worker thread, so the
+    loop goes on) and attach: the database returned is a projection of the record.
+
+    Raises:
+        RecordUnavailable: the record could not be reached or loaded.
+    """
+    db = open_db(path, factory=ReplicatedDatabase)
+    assert isinstance(db, ReplicatedDatabase)
+    try:
+        await asyncio.to_thread(bridge.start)
+        attach(db, bridge, process)
+    except NoQuorum as exc:
+        db.conn.close()
+        bridge.close()
+        raise RecordUnavailable(f"the replicated record cannot be loaded: {exc}") from None
+    except BaseException:
+        db.conn.close()
+        bridge.close()
+        raise
+    return db

@@ -1,0 +1,136 @@
+"""Roles and the leader: several hub processes on one replicated record, exactly one controller
+deciding, its epoch on every command and its fence on every commit (issue: no single hub).
+
+Real parts: a 3-node nats-server cluster on loopback, hub processes with their own SQLite
+projections and HTTP gateways.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane.compose import HubProcess, build
+from controlplane.core.errors import RecordConflict
+from controlplane.replicated.kv import Fence
+from controlplane.services.leadership import LEASE
+from controlplane.store import tenants as store_tenants
+from controlplane.store.db import transaction
+from tests.support.hubrig import Client, hub_config
+from tests.support.natscluster import NatsCluster
+from tests.support.waiting import until
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    async with NatsCluster(tmp_path / "nats") as c:
+        yield c
+
+
+async def started(tmp: Path, cluster: NatsCluster, name: str, **kw: Any) -> HubProcess:
+    (tmp / name).mkdir(exist_ok=True)
+    proc = build(hub_config(tmp / name, ",".join(cluster.urls), hub_id=name, record="nats", **kw))
+    await proc.hub.start(serve_http=kw.get("role", "hub") != "controller")
+    return proc
+
+
+def leaders(*procs: HubProcess) -> list[HubProcess]:
+    return [p for p in procs if p.services.leadership.leading]
+
+
+async def test_one_of_two_hubs_leads_the_other_takes_over_when_it_stops(tmp_path: Path, cluster: NatsCluster) -> None:
+    a = await started(tmp_path, cluster, "hub-a")
+    b = await started(tmp_path, cluster, "hub-b")
+    try:
+        await until(lambda: len(leaders(a, b)) == 1, 10, "one leader")
+        (leader,) = leaders(a, b)
+        other = b if leader is a else a
+        epoch = leader.services.leadership.epoch
+        assert epoch > 0
+        # The leader stamps its epoch on commands; the other stamps none and runs no scheduler.
+        assert leader.hub.bus.epoch() == epoch and other.hub.bus.epoch() == 0
+        assert leader.services.training.outbox is not None and other.services.training.outbox is None
+
+        # Any gateway tells who leads, with the epoch, the processes and the record's NATS nodes.
+        admin = other.hub.create_admin_key("test")
+        async with aiohttp.ClientSession() as session:
+            view: dict[str, Any] = {}
+
+            async def both_seen() -> bool:
+                status, body, _ = await Client(session, f"http://127.0.0.1:{other.hub.http_port}", admin).call(
+                    "GET", "/v1/cluster")
+                assert status == 200, body
+                view.update(body)
+                up = [p for p in body["processes"] if p["state"] == "up"]
+                return len(up) == 2 and any(p["leading"] for p in up)
+
+            deadline = time.monotonic() + 10
+            while not await both_seen():
+                assert time.monotonic() < deadline, view
+            assert view["leader"]["hub_id"] == leader.hub.config.hub_id and view["leader"]["epoch"] == epoch
+            assert {p["hub_id"] for p in view["processes"]} == {"hub-a", "hub-b"}
+            assert [p["leading"] for p in view["processes"] if p["hub_id"] == leader.hub.config.hub_id] == [True]
+            assert len(view["nats_nodes"]) == 3 and sum(n["leader"] for n in view["nats_nodes"]) == 1
+
+        # The leader stops (steps down and releases the lease): the other leads within 5 s, newer epoch.
+        t0 = time.monotonic()
+        await leader.hub.stop()
+        await until(lambda: other.services.leadership.leading, 5, "takeover")
+        assert time.monotonic() - t0 < 5
+        assert other.services.leadership.epoch > epoch and other.hub.bus.epoch() == other.services.leadership.epoch
+        assert other.services.training.outbox is not None
+    finally:
+        for p in (a, b):
+            await p.hub.stop()
+
+
+async def test_a_deposed_leaders_writes_are_fenced(tmp_path: Path, cluster: NatsCluster) -> None:
+    a = await started(tmp_path, cluster, "hub-a")
+    try:
+        await until(lambda: a.services.leadership.leading, 10, "a leads")
+        old = a.services.leadership.epoch
+        b = await started(tmp_path, cluster, "hub-b")
+        try:
+            await a.services.leadership.stop()  # a steps down (as if its lease ran out) ...
+            await until(lambda: b.services.leadership.leading, 5, "b leads")
+            # ... but, frozen, still believes it leads: its next commit carries its old fence.
+            bridge = a.hub.store.db.write_hook.bridge
+            bridge.fence = Fence(LEASE, old)
+            with pytest.raises(RecordConflict, match="no longer leads"):
+                with transaction(a.hub.store.db) as db:
+                    store_tenants.create_tenant(db, "sneaky", now=time.time())
+            bridge.fence = None
+            assert "sneaky" not in {t["id"] for t in store_tenants.list_tenants(a.hub.store.db)}  # rolled back
+            # Unfenced again (what stepping down does), the same process writes as a gateway would.
+            with transaction(a.hub.store.db) as db:
+                store_tenants.create_tenant(db, "plain", now=time.time())
+            await until(lambda: b.services.tenancy.tenant("plain") is not None, 2, "plain at b")
+        finally:
+            await b.hub.stop()
+    finally:
+        await a.hub.stop()
+
+
+async def test_a_gateway_never_leads_and_a_controller_serves_no_http(tmp_path: Path, cluster: NatsCluster) -> None:
+    gw = await started(tmp_path, cluster, "gw-1", role="gateway")
+    ctl = await started(tmp_path, cluster, "ctl-1", role="controller")
+    try:
+        await until(lambda: ctl.services.leadership.leading, 10, "the controller leads")
+        assert not gw.services.leadership.leading and gw.services.leadership.mode == "never"
+        assert ctl.hub.http_port == 0 and gw.hub.http_port > 0
+        # A tenant made at the gateway is in the record the controller decides from.
+        gw.hub.create_tenant("acme")
+        await until(lambda: ctl.services.tenancy.tenant("acme") is not None, 2, "acme at the controller")
+    finally:
+        await ctl.hub.stop()
+        await gw.hub.stop()
+
+
+def test_a_gateway_or_controller_needs_the_replicated_record(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs the replicated record"):
+        hub_config(tmp_path, "nats://127.0.0.1:1", role="gateway")

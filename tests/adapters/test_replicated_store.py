@@ -1,0 +1,324 @@
+"""The hub's record replicated: two hub instances, each with its own SQLite file, on one real
+3-node nats-server cluster (loopback, sync_interval always), ``record = "nats"``.
+
+What these prove (each failed before this: with ``record = "sqlite"`` two hubs share nothing):
+a tenant and key made at A work at B within 1 s; a key revoked at A is refused at B within 1 s;
+an Idempotency-Key sent to A then B returns the same job; two concurrent writers of one row:
+exactly one wins, the other's transaction is rolled back everywhere; usage from both hubs adds
+up; one NATS node killed during writes: no error; two killed: writes get 503 naming the reason,
+reads go on; a fresh process rebuilds its SQLite projection from the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane.compose import build_hub
+from controlplane.core.errors import RecordConflict
+from controlplane.core.usage import UsageRow
+from controlplane.hub import Hub
+from controlplane.replicated import kv
+from controlplane.store import jobs as store_jobs
+from controlplane.store import usage as store_usage
+from controlplane.store.db import transaction
+from tests.support.hubrig import Client, hub_config
+from tests.support.natscluster import NatsCluster
+from tests.support.waiting import until
+
+JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60}
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    async with NatsCluster(tmp_path / "nats") as c:
+        yield c
+
+
+def config(tmp: Path, cluster: NatsCluster, name: str, **kw: Any) -> Any:
+    (tmp / name).mkdir(exist_ok=True)
+    return hub_config(tmp / name, ",".join(cluster.urls), hub_id=name, record="nats", **kw)
+
+
+async def start(tmp: Path, cluster: NatsCluster, name: str, **kw: Any) -> Hub:
+    hub = build_hub(config(tmp, cluster, name, **kw))
+    await hub.start()
+    return hub
+
+
+@pytest.fixture
+async def two(tmp_path: Path, cluster: NatsCluster) -> AsyncIterator[tuple[Hub, Hub, aiohttp.ClientSession]]:
+    a = await start(tmp_path, cluster, "hub-a")
+    b = await start(tmp_path, cluster, "hub-b")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            yield a, b, session
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+def client(session: aiohttp.ClientSession, hub: Hub, key: str) -> Client:
+    return Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+
+
+async def first_ok(c: Client, method: str, path: str, deadline_s: float) -> float:
+    """Seconds until ``c``'s request answers 200 (polling every 10 ms)."""
+    started = time.monotonic()
+    while True:
+        status, body, _ = await c.call(method, path)
+        if status == 200:
+            return time.monotonic() - started
+        assert status == 401, body
+        assert time.monotonic() - started < deadline_s, f"{path} still {status} after {deadline_s} s: {body}"
+        await asyncio.sleep(0.01)
+
+
+async def test_tenant_and_key_made_at_a_work_at_b_then_revoked_at_a_is_refused_at_b(two) -> None:  # type: ignore[no-untyped-def]
+    a, b, session = two
+    admin_key = a.create_admin_key("test")
+    admin_a = client(session, a, admin_key)
+    status, made, _ = await admin_a.call("POST", "/v1/tenants", {"id": "acme"})
+    assert status == 201, made
+    acme_b = client(session, b, made["api_key"])
+    took = await first_ok(acme_b, "GET", "/v1/usage", deadline_s=1.0)
+    assert took < 1.0
+    took_admin = await first_ok(client(session, b, admin_key), "GET", "/v1/tenants", deadline_s=1.0)
+    assert took_admin < 1.0
+    # B has the key in its in-memory ring now; A revokes it.
+    status, keys, _ = await admin_a.call("GET", "/v1/tenants/acme/keys")
+    [key_id] = [k["id"] for k in keys["data"]]
+    status, revoked, _ = await admin_a.call("DELETE", f"/v1/tenants/acme/keys/{key_id}")
+    assert status == 200 and revoked["state"] == "revoked", revoked
+    started = time.monotonic()
+    while True:
+        status, body, _ = await acme_b.call("GET", "/v1/usage")
+        if status == 401:
+            break
+        assert status == 200, body
+        assert time.monotonic() - started < 1.0, "revoked key still accepted at B after 1 s"
+        await asyncio.sleep(0.01)
+    assert body["error"]["code"] == "api_key_revoked"
+
+
+async def test_idempotency_key_at_a_then_b_returns_the_same_job(two) -> None:  # type: ignore[no-untyped-def]
+    a, b, session = two
+    key = a.create_tenant("acme")
+    header = {"Idempotency-Key": "run-1"}
+    s1, first, _ = await client(session, a, key).call("POST", "/v1/jobs", JOB, headers=header)
+    assert s1 == 201, first
+    s2, second, h2 = await client(session, b, key).call("POST", "/v1/jobs", JOB, headers=header)
+    assert (s2, second["id"]) == (201, first["id"]) and h2["Idempotent-Replayed"] == "true", second
+    assert [j.id for j in store_jobs.list_jobs(b.db, "acme")] == [first["id"]]
+    assert [j.id for j in store_jobs.list_jobs(a.db, "acme")] == [first["id"]]
+
+
+async def test_two_concurrent_writers_of_one_row_exactly_one_wins(two) -> None:  # type: ignore[no-untyped-def]
+    a, b, _ = two
+    job, _ = store_jobs.create_job(a.db, "acme", b'{"cards": 1}', None, "h", time.time())
+    await until(lambda: store_jobs.get_job(b.db, job.id) is not None, 2, "the job at B")
+    both_read = threading.Barrier(2, timeout=10)
+
+    def writer(hub: Hub, name: str) -> str:
+        try:
+            with transaction(hub.db):
+                assert store_jobs.get_job(hub.db, job.id).name == ""  # type: ignore[union-attr]
+                both_read.wait()  # both read the same revision before either commits
+                store_jobs.update_job(hub.db, job.id, time.time(), name=name)
+        except RecordConflict:
+            return "lost"
+        return "won"
+
+    outcomes = await asyncio.gather(asyncio.to_thread(writer, a, "by-a"), asyncio.to_thread(writer, b, "by-b"))
+    assert sorted(outcomes) == ["lost", "won"], outcomes
+    winner = "by-a" if outcomes[0] == "won" else "by-b"
+    for hub in (a, b):  # the loser's local commit was rolled back, and the winner's write reached it
+        await until(lambda: store_jobs.get_job(hub.db, job.id).name == winner, 2, f"{winner} at {hub.config.hub_id}")  # type: ignore[union-attr]
+
+
+async def test_usage_from_both_hubs_adds_up_and_a_fresh_process_rebuilds_everything(two, tmp_path: Path,
+                                                                                  cluster: NatsCluster) -> None:  # type: ignore[no-untyped-def]
+    a, b, _ = two
+    a.create_tenant("acme")
+    job, _ = store_jobs.create_job(b.db, "acme", b'{"cards": 2}', "k1", "h", time.time())
+    for hub, n in ((a, 3), (b, 4), (a, 5)):
+        store_usage.add_rows(hub.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=n, prompt_tokens=10 * n)])
+
+    def total(hub: Hub) -> Any:
+        return store_usage.for_tenant(hub.db, "acme")["totals"]["requests"]
+
+    for hub in (a, b):
+        await until(lambda: total(hub) == 12, 2, f"usage 12 at {hub.config.hub_id}")
+    fresh = await start(tmp_path, cluster, "hub-c")  # an empty SQLite file of its own
+    try:
+        assert total(fresh) == 12
+        assert store_usage.for_tenant(fresh.db, "acme")["totals"]["prompt_tokens"] == 120
+        assert [j.id for j in store_jobs.list_jobs(fresh.db, "acme")] == [job.id]
+        assert fresh.tenant("acme") is not None
+        # and it writes on: its own usage adds to the others'
+        store_usage.add_rows(fresh.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=1)])
+        await until(lambda: total(a) == 13, 2, "usage 13 at A")
+    finally:
+        await fresh.stop()
+    # A restarted process whose file is stale rebuilds from the record too (and keeps its own counts).
+    await b.stop()
+    b2 = await start(tmp_path, cluster, "hub-b")
+    try:
+        assert total(b2) == 13
+        store_usage.add_rows(b2.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=1)])
+        await until(lambda: total(a) == 14, 2, "usage 14 at A")
+    finally:
+        await b2.stop()
+        await b.start()  # the fixture stops it again
+
+
+async def stream_leader(cluster: NatsCluster) -> str:
+    record = await kv.Record.open(cluster.urls, create=False)
+    try:
+        info = await record._js.stream_info(f"KV_{kv.BUCKET}")
+        assert info.cluster is not None and info.cluster.leader
+        return str(info.cluster.leader)
+    finally:
+        await record.close()
+
+
+async def test_one_nats_node_killed_during_writes_no_error(two, cluster: NatsCluster) -> None:  # type: ignore[no-untyped-def]
+    a, b, session = two
+    key = a.create_tenant("acme")
+    clients = [client(session, a, key), client(session, b, key)]
+    answers: list[tuple[int, str]] = []
+    stop = asyncio.Event()
+
+    async def submit(c: Client) -> None:
+        while not stop.is_set():
+            status, body, _ = await c.call("POST", "/v1/jobs", JOB)
+            answers.append((status, str(body)[:200]))
+
+    writers = [asyncio.create_task(submit(c)) for c in clients]
+    await until(lambda: len(answers) >= 20, 10, "20 submissions")
+    await cluster.kill(await stream_leader(cluster))  # the worst node to lose: writes wait for an election
+    before = len(answers)
+    await until(lambda: len(answers) >= before + 40, 30, "40 submissions after the kill")
+    stop.set()
+    await asyncio.gather(*writers)
+    assert {s for s, _ in answers} == {201}, [a for a in answers if a[0] != 201][:3]
+    ids = {j.id for j in store_jobs.list_jobs(a.db, "acme", limit=10_000)}
+    await until(lambda: {j.id for j in store_jobs.list_jobs(b.db, "acme", limit=10_000)} == ids, 5, "B agrees with A")
+    assert len(ids) == len(answers)
+
+
+async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_path: Path, cluster: NatsCluster) -> None:
+    a = await start(tmp_path, cluster, "hub-a", record_write_deadline_s=2.0)
+    try:
+        key = a.create_tenant("acme")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            acme = client(session, a, key)
+            status, job, _ = await acme.call("POST", "/v1/jobs", JOB)
+            assert status == 201
+            leader = await stream_leader(cluster)
+            others = [n.name for n in cluster.nodes if n.name != leader]
+            await cluster.kill(others[0])
+            await cluster.kill(others[1])
+            status, body, _ = await acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "after"})
+            assert status == 503 and body["error"]["code"] == "record_unavailable", body
+            assert "quorum" in body["error"]["message"]
+            # Further writes are refused at once (one probe a second), not after a whole deadline each.
+            started = time.monotonic()
+            for _ in range(5):
+                status, body, _ = await acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "after"})
+                assert status == 503 and body["error"]["code"] == "record_unavailable", body
+            assert time.monotonic() - started < 1.5
+            status, listing, _ = await acme.call("GET", "/v1/jobs")  # reads answer from the projection
+            assert status == 200 and [j["id"] for j in listing["data"]] == [job["id"]], listing
+            status, _, _ = await acme.call("GET", f"/v1/jobs/{job['id']}")
+            assert status == 200
+            assert len(store_jobs.list_jobs(a.db, "acme")) == 1  # the refused write is not in the projection
+            # Quorum back: the retry with the same key is accepted, or finds its own earlier write (a
+            # refused write's outcome is unknown: the survivor may have stored it). While the record
+            # comes back a retry may also meet that write as a conflict (409): retry again.
+            await cluster.restart(others[0])
+            await cluster.restart(others[1])
+            started = time.monotonic()
+            while True:
+                status, body, _ = await acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "after"})
+                if status == 201:
+                    break
+                assert (status, body["error"]["code"]) in {(503, "record_unavailable"), (409, "record_conflict")}, body
+                assert time.monotonic() - started < 30, body
+                await asyncio.sleep(0.2)
+            await until(lambda: len(store_jobs.list_jobs(a.db, "acme")) == 2, 5, "the accepted job in the projection")
+            assert body["id"] in {j.id for j in store_jobs.list_jobs(a.db, "acme")}
+            status, again, _ = await acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "after"})
+            assert (status, again["id"]) == (201, body["id"])  # exactly one job for the key
+    finally:
+        await a.stop()
+
+
+async def test_an_existing_sqlite_hub_moves_to_the_replicated_record(tmp_path: Path, cluster: NatsCluster) -> None:
+    """An empty record is seeded from the first process's SQLite file: its tenants, keys, jobs and
+    usage reach a second process that never saw that file."""
+    (tmp_path / "hub-a").mkdir()
+    plain = build_hub(hub_config(tmp_path / "hub-a", cluster.urls[0], hub_id="hub-a"))  # record = "sqlite"
+    await plain.start()
+    try:
+        key = plain.create_tenant("acme")
+        job, _ = store_jobs.create_job(plain.db, "acme", b'{"cards": 2}', "k1", "h", time.time())
+        store_usage.add_rows(plain.db, [UsageRow(tenant="acme", model="m", site="s1", requests=7)])
+    finally:
+        await plain.stop()
+    a = await start(tmp_path, cluster, "hub-a")  # the same file, now on the record
+    b = await start(tmp_path, cluster, "hub-b")
+    try:
+        assert [j.id for j in store_jobs.list_jobs(b.db, "acme")] == [job.id]
+        assert store_usage.for_tenant(b.db, "acme")["totals"]["requests"] == 7
+        async with aiohttp.ClientSession() as session:
+            status, _, _ = await client(session, b, key).call("GET", "/v1/usage")
+            assert status == 200
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_sites_are_not_lost_while_the_record_elects_a_leader(tmp_path: Path, cluster: NatsCluster) -> None:
+    """The loop waits for the record while its stream elects a new leader (seconds); heartbeats
+    queued meanwhile must not turn into "site lost" when it resumes."""
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
+
+    probe = await start(tmp_path, cluster, "probe")  # creates the bucket, so its stream has a leader
+    await probe.stop()
+    leader = await stream_leader(cluster)
+    survivors = ",".join(n.url for n in cluster.nodes if n.name != leader)
+    (tmp_path / "hub-a").mkdir()
+    a = build_hub(hub_config(tmp_path / "hub-a", survivors, hub_id="hub-a", record="nats",
+                             record_nats_urls=cluster.urls))
+    await a.start()
+    agent = Agent(AgentConfig(site="sh-edge", nats=survivors.split(","), city="shanghai", tier="edge", accelerators={"H20": 4},
+                              heartbeat_s=1.0, data_dir=str(tmp_path / "sh-edge"),
+                              models=[ModelConfig(name="m", cards=1.0, slots=8)],
+                              backend=BackendConfig(sim=SimBackendConfig(ttft_ms=0, per_token_ms=0, slots=8))))
+    await agent.start()
+    try:
+        await until(lambda: (v := a.registry.get("sh-edge")) is not None and v.state == "up", 10, "sh-edge up")
+        key = a.create_tenant("acme")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            acme = client(session, a, key)
+            await cluster.kill(leader)
+            started = time.monotonic()
+            statuses = []
+            while time.monotonic() - started < 8:
+                status, _, _ = await acme.call("POST", "/v1/jobs", JOB)
+                statuses.append(status)
+        assert set(statuses) == {201}, statuses
+        assert a.metrics.site_losses._value.get() == 0  # type: ignore[attr-defined]
+        assert a.registry.get("sh-edge").state == "up"  # type: ignore[union-attr]
+    finally:
+        await agent.stop()
+        await a.stop()
