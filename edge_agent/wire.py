@@ -271,6 +271,11 @@ class InferRequest(msgspec.Struct, tag="infer", kw_only=True):
     ack: bool = False
     """Send :class:`InferAccepted` once the request holds a slot, unless the answer itself goes out
     at once. Lets the hub tell a site that never got the request (a partition) from a slow one."""
+    ack_after_ms: float = 0.0
+    """With ``ack``: send :class:`InferAccepted` only if neither the answer nor a first chunk went
+    out within this many milliseconds of the request taking its slot (0: at once, as agents before
+    this field do). A fast answer then costs two messages, not three; the hub still hears from a
+    slow site well within its acknowledgement timeout."""
 
 
 class InferChunk(msgspec.Struct, tag="chunk", kw_only=True):

@@ -16,6 +16,7 @@ import pytest
 
 from controlplane.core.errors import SiteRefused, SiteSilent, SiteUnreachable
 from controlplane.nats.natsserver import NatsServer
+from controlplane.services.inference import ACK_AFTER_SHARE
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.support.hubrig import Client, hub_config, running_hub
@@ -235,6 +236,8 @@ async def test_a_request_in_flight_fails_over_when_its_site_is_declared_lost(tmp
             status, body, headers = await client.call("POST", "/v1/infer", {"model": "m", "input": "hi"})
             elapsed = loop.time() - t0
         assert got, "the request went to the nearest site first"
+        sent = wire.infer_request_decoder.decode(got[0])  # acknowledged only if slow: 2 messages, not 3
+        assert sent.ack and sent.ack_after_ms == cfg.site_ack_timeout_s * 1000 * ACK_AFTER_SHARE > 0
         assert status == 200 and body["site"] == "sh-edge" and headers["X-CPN-Route"] == "failover", body
         assert elapsed < 3.0  # failed over at loss detection (~0.4 s), not at the 20 s timeout
         assert not hub.bus._waiting
