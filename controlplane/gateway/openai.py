@@ -60,7 +60,7 @@ async def _serve(
                                                   deployments=scope)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
                        include_usage=oa.include_usage(req))
-    response = web.StreamResponse(headers={
+    response = _SseResponse(headers={
         **route_headers(served, echo),
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
@@ -68,15 +68,19 @@ async def _serve(
     })
     await response.prepare(request)
     try:
-        opening = sse.start()
-        if opening:
-            await response.write(opening)
+        # One write a message: the headers and the opening frame go out with the first chunk, the
+        # end of the body with the last frames (each write is a system call).
+        pending = sse.start()
+        ended = False
         async for msg in messages:
             if isinstance(msg, wire.InferChunk):
-                await response.write(sse.delta(msg.text))
+                await response.write(pending + sse.delta(msg.text) if pending else sse.delta(msg.text))
             else:
-                await response.write(sse.finish(msg))
-        await response.write_eof()
+                await response.write_eof(pending + sse.finish(msg))
+                ended = True
+            pending = b""
+        if not ended:
+            await response.write_eof(pending)
     except asyncio.CancelledError:
         await aclose(messages)  # its finally tells the site to stop
         raise
@@ -94,6 +98,13 @@ async def _serve(
         except ConnectionResetError:
             pass
     return response
+
+
+class _SseResponse(web.StreamResponse):
+    """A stream whose headers wait for its first bytes (one write, not two, on aiohttp versions
+    that buffer headers; others send them at ``prepare`` as before)."""
+
+    _send_headers_immediately = False
 
 
 async def models(request: web.Request) -> web.Response:

@@ -176,7 +176,10 @@ async def test_site_requests_time_out_name_missing_sites_and_refuse_forged_repli
 async def test_a_site_that_acknowledges_is_waited_for_and_a_silent_one_is_left_at_the_ack_timeout(rig) -> None:  # type: ignore[no-untyped-def]
     hub, _, _, _, nc = rig
 
+    replies: list[str] = []
+
     async def slow(msg):  # type: ignore[no-untyped-def]  # acknowledges at once, answers 0.6 s later
+        replies.append(msg.reply)
         req = wire.infer_request_decoder.decode(msg.data)
         assert req.ack
         await msg.respond(wire.encode(wire.InferAccepted(request_id=req.request_id)))
@@ -204,12 +207,16 @@ async def test_a_site_that_acknowledges_is_waited_for_and_a_silent_one_is_left_a
     assert hub.bus.stats.ack_timeouts == 1 and hub.bus.stats.timeouts == 0
 
     stream = wire.InferRequest(request_id="a2", model="m", prompt="hi", ack=True, stream=True)
+    subs = len(hub.bus.nc._subs)
     got = [m async for m in hub.bus.infer_stream("slow", stream, 5.0, ack_timeout_s=0.2)]
     assert [type(m).__name__ for m in got] == ["InferChunk", "InferResult"]  # the acknowledgement is not relayed
     with pytest.raises(SiteSilent, match="mute: no acknowledgement"):
         async for _ in hub.bus.infer_stream("mute", stream, 5.0, ack_timeout_s=0.3):
             pass
     assert hub.bus.stats.ack_timeouts == 2
+    # Streams come back on the hub's one reply subscription: none opened per stream, none left behind.
+    assert replies[-1].startswith(hub.bus._reply_prefix)
+    assert len(hub.bus.nc._subs) == subs and not hub.bus._streams
 
 
 async def test_a_request_in_flight_fails_over_when_its_site_is_declared_lost(tmp_path: Path, nats_server: NatsServer) -> None:
