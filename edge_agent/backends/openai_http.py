@@ -1,7 +1,8 @@
 """The ``openai-http`` backend: forwards to a site-local OpenAI-compatible server (vLLM, SGLang).
 
 ``/v1/chat/completions`` when the request has messages, else ``/v1/completions``; streaming reads
-the server's SSE ``data:`` lines and hands each delta on as it arrives. cpn model names map to the
+the server's SSE ``data:`` lines and hands each delta on as it arrives (deltas that arrive together,
+in one read from the socket, are handed on as one: the same text in fewer messages). cpn model names map to the
 local server's names through ``models`` (identity when missing).
 
 Errors become :class:`~edge_agent.errors.BackendError` whose code and message name no URL, host or
@@ -175,6 +176,7 @@ class OpenAIHttpBackend:
         async for piece in pieces:
             lines = (rest + piece).split(b"\n")
             rest = lines.pop()  # an unfinished line waits for the next piece
+            batch: list[str] = []  # deltas that arrived together go on as one (one message, one write)
             for raw in lines:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -196,8 +198,9 @@ class OpenAIHttpBackend:
                     if text:
                         deltas += 1
                         texts.append(text)
-                        if on_text is not None:
-                            await on_text(text)
+                        batch.append(text)
+            if batch and on_text is not None:
+                await on_text(batch[0] if len(batch) == 1 else "".join(batch))
             if done:
                 break
         return Completion(

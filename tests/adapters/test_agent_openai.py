@@ -189,3 +189,61 @@ async def test_a_request_that_cannot_connect_marks_the_backend_down_at_once(
             assert await agent.health.check()  # the next probe finds it again
             await hub.wait_heartbeat("edge-a", lambda hb: _states(hb) == ["ready"], timeout_s=1,
                                      what="the replica ready again")
+
+
+async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept_alive() -> None:
+    # A raw HTTP/1.1 server: the whole stream in one chunked write, then (next request) a stream
+    # split in the middle of a line; plain answers with Content-Length. One connection for all.
+    frames = b"".join(b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % w for w in (b"a", b"b", b"c"))
+    frames += b'data: {"choices":[{"delta":{},"finish_reason":"length"}],"usage":{"completion_tokens":3}}\n\ndata: [DONE]\n\n'
+    plain = b'{"choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        n = 0
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):  # the client closed its connection
+                writer.close()
+                return
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            body = await reader.readexactly(length)
+            n += 1
+            if b'"stream":true' not in body:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain))
+            elif n == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(frames), frames))
+            else:
+                cut = frames.index(b"\n\n") + 12  # after the first frame, inside the second
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (cut, frames[:cut]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(frames) - cut, frames[cut:]))
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = OpenAIHttpBackend(OpenAIHttpConfig(url=f"http://127.0.0.1:{port}"))
+    seen: list[str] = []
+
+    async def on_text(text: str) -> None:
+        seen.append(text)
+
+    req = wire.InferRequest(request_id="t", model="m", stream=True, messages=[wire.ChatMessage(role="user", content="x")])
+    try:
+        done = await backend.generate(req, on_text)
+        assert seen == ["abc"] and done.output == "abc" and done.finish_reason == "length" and done.completion_tokens == 3
+        seen.clear()
+        split = await backend.generate(req, on_text)
+        assert seen == ["a", "bc"] and split.output == "abc"  # the line cut in two is read whole
+        for i in range(3):
+            answer = await backend.generate(wire.InferRequest(request_id=f"p{i}", model="m", messages=req.messages), None)
+            assert answer.output == "hi" and answer.prompt_tokens == 1
+        assert connections == 1  # kept alive and reused
+    finally:
+        await backend.close()
+        server.close()
+        await server.wait_closed()
