@@ -50,6 +50,8 @@ class InferenceService:
         self.counters = counters
         self.request_timeout_s = request_timeout_s
         self.service_times = ServiceTimes()
+        self._answers_now: bool = getattr(backend, "answers_now", True)
+        """False for a backend whose ``generate_now`` is always None (skip decoding twice)."""
         self.on_unavailable: Callable[[str], None] | None = None
         """Told (with the local detail) when a request could not connect to the backend."""
         self._outcomes: deque[bool] = deque(maxlen=20)  # recent backend successes, for health
@@ -95,7 +97,7 @@ class InferenceService:
         busy slots and unknown models). A request answered here needs no task, no timer and no
         entry among the requests in flight: there is nothing to wait for, time out or cancel.
         """
-        if not msg.reply:
+        if not msg.reply or not self._answers_now:
             return None
         try:
             request = wire.infer_request_decoder.decode(msg.data)

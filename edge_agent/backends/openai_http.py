@@ -60,6 +60,8 @@ class OpenAIHttpBackend:
     """Kept-alive connections to one local server (:class:`Http1Pool`), opened on first use."""
 
     name = "openai-http"
+    answers_now = False
+    """:meth:`generate_now` never answers: the agent does not try it (see ``InferenceService.answer_now``)."""
 
     def __init__(self, config: OpenAIHttpConfig) -> None:
         self._config = config
