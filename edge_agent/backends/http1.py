@@ -60,7 +60,8 @@ class _Connection(asyncio.Protocol):
         self.reason = ""
         self.keep_alive = True
         self.pieces: deque[bytes] = deque()
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[bool] | None = None
+        """Set (False) when bytes or the end came; True when the wait timed out."""
         self.error: BaseException | None = None
         self.lost = False
         self.used = False
@@ -109,7 +110,7 @@ class _Connection(asyncio.Protocol):
     def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(False)
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -247,21 +248,18 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter = loop.create_future()
         timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s is not None else None
         try:
-            await waiter
+            timed_out = await waiter
         finally:
             self.waiter = None
             if timer is not None:
                 timer.cancel()
-        if waiter.result() is _TIMED_OUT:  # type: ignore[comparison-overlap]
+        if timed_out:
             raise TimeoutError
 
 
-_TIMED_OUT = object()
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
+def _expire(waiter: asyncio.Future[bool]) -> None:
     if not waiter.done():
-        waiter.set_result(_TIMED_OUT)  # type: ignore[arg-type]
+        waiter.set_result(True)  # timed out
 
 
 class Response:

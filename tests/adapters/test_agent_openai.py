@@ -13,6 +13,7 @@ from edge_agent.backends.openai_http import OpenAIHttpBackend
 from edge_agent.config import OpenAIHttpConfig
 from edge_agent.errors import BackendError
 from tests.support.fakehub import FakeHub, agent_config, running, wait_for
+from tests.support.waiting import until
 from tests.support.localllm import LocalServer, local_llm  # noqa: F401  (the fixture)
 
 
@@ -198,6 +199,7 @@ async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept
     frames += b'data: {"choices":[{"delta":{},"finish_reason":"length"}],"usage":{"completion_tokens":3}}\n\ndata: [DONE]\n\n'
     plain = b'{"choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
     connections = 0
+    finished = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
@@ -208,6 +210,8 @@ async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept
                 head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, ConnectionError):  # the client closed its connection
                 writer.close()
+                await writer.wait_closed()
+                finished.set()
                 return
             length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
             body = await reader.readexactly(length)
@@ -243,6 +247,55 @@ async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept
             answer = await backend.generate(wire.InferRequest(request_id=f"p{i}", model="m", messages=req.messages), None)
             assert answer.output == "hi" and answer.prompt_tokens == 1
         assert connections == 1  # kept alive and reused
+    finally:
+        await backend.close()
+        await asyncio.wait_for(finished.wait(), 5)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_kept_alive_connection_the_server_dropped_is_retried_once_but_a_broken_answer_is_not() -> None:
+    # Connection 1 answers one request, then closes when the next arrives without answering it (a
+    # server's keep-alive timeout racing the request): that request goes again on a new connection.
+    # Connection 2 answers one, then on the next request sends half an answer and closes: that is
+    # the server failing mid-answer, reported as unavailable, not sent twice.
+    plain = b'{"choices":[{"text":"ok"}]}'
+    requests: list[int] = []
+    closed: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = max(requests, default=0) + 1
+        for n in range(2):
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            requests.append(conn)
+            if n == 0:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain))
+                await writer.drain()
+            elif conn == 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"choi")
+                await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        closed.append(conn)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = OpenAIHttpBackend(OpenAIHttpConfig(url=f"http://127.0.0.1:{port}"))
+    req = wire.InferRequest(request_id="r", model="m", prompt="x")
+    try:
+        assert (await backend.generate(req, None)).output == "ok"
+        assert (await backend.generate(req, None)).output == "ok"  # retried on a new connection
+        assert requests == [1, 1, 2]
+        with pytest.raises(BackendError) as err:
+            await backend.generate(req, None)
+        assert err.value.code == "backend_unavailable" and err.value.retryable
+        assert requests == [1, 1, 2, 2]  # not sent again
+        await until(lambda: sorted(closed) == [1, 2])
     finally:
         await backend.close()
         server.close()
