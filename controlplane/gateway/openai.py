@@ -67,18 +67,24 @@ async def _serve(
         "X-Accel-Buffering": "no",
     })
     await response.prepare(request)
+    ready = hub.inference.stream_ready
+    pending = b""
     try:
-        # One write a message: the headers and the opening frame go out with the first chunk, the
-        # end of the body with the last frames (each write is a system call).
+        # Few writes (each is a system call): the headers and the opening frame go out with the
+        # first chunk, and a frame whose next message is already here waits to go out with it (the
+        # last ones with the end of the body). Nothing waits for a message still to come.
         pending = sse.start()
         ended = False
         async for msg in messages:
             if isinstance(msg, wire.InferChunk):
-                await response.write(pending + sse.delta(msg.text) if pending else sse.delta(msg.text))
+                pending += sse.delta(msg.text)
+                if not ready(request_id):
+                    await response.write(pending)
+                    pending = b""
             else:
                 await response.write_eof(pending + sse.finish(msg))
+                pending = b""
                 ended = True
-            pending = b""
         if not ended:
             await response.write_eof(pending)
     except asyncio.CancelledError:
@@ -93,6 +99,8 @@ async def _serve(
         await aclose(messages)
         log.warning("event=stream_failed request_id=%s site=%s error=%s", request_id, served.site, exc)
         try:
+            if pending:  # what the site sent before it failed
+                await response.write(pending)
             await response.write(sse.error(f"the serving site failed mid-stream: {exc}", "server_error", "upstream_failed"))
             await response.write_eof()
         except ConnectionResetError:

@@ -132,6 +132,10 @@ class _Stream:
         if wake is not None and not wake.done():
             wake.set_result(None)
 
+    def ready(self) -> bool:
+        """Whether a message other than an acknowledgement has come and not been taken yet."""
+        return any(not m.data.startswith(wire.ACCEPTED_PREFIX) for m in self.queue)
+
     async def next(self, timeout_s: float) -> Msg | None:
         """The next message, or None when none came within ``timeout_s``."""
         if not self.queue:
@@ -236,6 +240,8 @@ class HubBus:
         """token -> the request waiting for its answer"""
         self._streams: dict[str, _Stream] = {}
         """token -> a streaming request's messages (same reply subscription)"""
+        self._stream_of: dict[str, _Stream] = {}
+        """request id -> its stream, for :meth:`stream_ready`"""
         self._infer_subjects: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -574,7 +580,7 @@ class HubBus:
             subject = self._infer_subjects[site] = wire.infer_subject(site)
         # The shared reply subscription, as for answers (no SUB/UNSUB to the server per stream).
         token = self._token()
-        stream = self._streams[token] = _Stream()
+        stream = self._streams[token] = self._stream_of[req.request_id] = _Stream()
         try:
             try:
                 await nc.publish(subject, wire.encode(req), reply=self._reply_prefix + token)
@@ -617,6 +623,14 @@ class HubBus:
                     return
         finally:
             del self._streams[token]
+            if self._stream_of.get(req.request_id) is stream:
+                del self._stream_of[req.request_id]
+
+    def stream_ready(self, request_id: str) -> bool:
+        """Whether the stream of ``request_id`` has its next message here already (taking it will
+        not wait): a relay may then hold what it writes and send both together."""
+        stream = self._stream_of.get(request_id)
+        return stream is not None and stream.ready()
 
     async def command(self, site: str, cmd: Any, timeout_s: float = 2.0) -> wire.Ack:
         """Send a command (StartAttempt, LoadModel, ...) and wait for its Ack."""

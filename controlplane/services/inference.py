@@ -229,6 +229,11 @@ class InferenceService:
             return served, self._rest(first, it, req, site)
         raise AllSitesFailed(served.tried, last)
 
+    def stream_ready(self, request_id: str) -> bool:
+        """Whether the stream of ``request_id`` (from :meth:`stream`) has its next message here
+        already: the relay can write it together with the one it holds."""
+        return self.hub.bus.stream_ready(request_id)
+
     async def _rest(
         self,
         first: wire.InferChunk | wire.InferResult,

@@ -284,3 +284,29 @@ async def test_openapi_is_generated_from_the_decoded_schemas(rig) -> None:  # ty
     schema = doc["components"]["schemas"][ref]
     assert set(schema["required"]) == {"model", "input"} and schema["additionalProperties"] is False
     assert "/v1/chat/completions" in doc["paths"] and doc["paths"]["/healthz"]["get"]["security"] == []
+
+
+async def test_a_stream_says_when_its_next_message_is_already_here(rig) -> None:  # type: ignore[no-untyped-def]
+    # What lets the gateway write a chunk together with the next one (one system call, not two)
+    # without ever holding a chunk for a message still to come.
+    hub, _, _, _, nc = rig
+
+    async def paced(msg):  # type: ignore[no-untyped-def]  # a chunk, then the result 0.3 s later
+        req = wire.infer_request_decoder.decode(msg.data)
+        await nc.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="x")))
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        await nc.publish(msg.reply, wire.encode(wire.InferResult(request_id=req.request_id, site="paced", model="m",
+                                                                  output="x")))
+
+    await nc.subscribe(wire.infer_subject("paced"), cb=paced)  # type: ignore[attr-defined]
+    await barrier(nc)
+    req = wire.InferRequest(request_id="s1", model="m", prompt="hi", stream=True)
+    it = hub.bus.infer_stream("paced", req, 5.0).__aiter__()
+    assert isinstance(await it.__anext__(), wire.InferChunk)
+    assert not hub.bus.stream_ready("s1")  # the result is 0.3 s away: write the chunk now
+    await until(lambda: hub.bus.stream_ready("s1"))  # it came: taking it will not wait
+    assert isinstance(await it.__anext__(), wire.InferResult)
+    with pytest.raises(StopAsyncIteration):
+        await it.__anext__()
+    assert not hub.bus.stream_ready("s1") and not hub.bus._stream_of
