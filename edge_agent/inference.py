@@ -127,7 +127,7 @@ class InferenceService:
         return wire.encode(wire.InferResult(
             request_id=request.request_id, site=self.site, model=request.model, output=completion.output,
             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-            service_ms=round(service_ms, 3), finish_reason=completion.finish_reason,
+            service_ms=round(service_ms, 3), finish_reason=completion.finish_reason, tail=completion.tail,
         ))
 
     async def reply(self, subject: str, body: bytes) -> None:

@@ -56,6 +56,7 @@ async def _serve(
             oa.completion_response(served.result, created=created, model=req.model)
         return web.Response(body=oa.encode(body), content_type="application/json", headers=route_headers(served, echo))
 
+    infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await hub.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                   deployments=scope)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
@@ -82,6 +83,8 @@ async def _serve(
                     await response.write(pending)
                     pending = b""
             else:
+                if msg.tail:
+                    pending += sse.delta(msg.tail)
                 await response.write_eof(pending + sse.finish(msg))
                 pending = b""
                 ended = True

@@ -281,14 +281,19 @@ class Response:
         return max(self._deadline - asyncio.get_running_loop().time(), 0.0)
 
     async def pieces(self) -> AsyncIterator[bytes]:
-        """The body as it arrives (each wait bounded by the request's timeout). Read to its end, the
-        connection goes back to the pool; left early, :meth:`close` decides."""
+        """The body as it arrives, each piece all that has come since the last (each wait bounded by
+        the request's timeout). Read to its end, the connection goes back to the pool; left early,
+        :meth:`close` decides."""
         conn = self._conn
         if conn is None:
             return
         while True:
-            while conn.pieces:
-                yield conn.pieces.popleft()
+            if conn.pieces:  # what has come so far, as one piece (however the server chunked it)
+                pieces = conn.pieces
+                piece = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+                pieces.clear()
+                yield piece
+                continue
             if conn.error is not None:
                 self.close()
                 raise conn.error

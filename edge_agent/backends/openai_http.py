@@ -175,6 +175,7 @@ class OpenAIHttpBackend:
         deltas = 0
         rest = b""
         done = False
+        tail = ""
         async for piece in pieces:
             lines = (rest + piece).split(b"\n")
             rest = lines.pop()  # an unfinished line waits for the next piece
@@ -201,8 +202,12 @@ class OpenAIHttpBackend:
                         deltas += 1
                         texts.append(text)
                         batch.append(text)
-            if batch and on_text is not None:
-                await on_text(batch[0] if len(batch) == 1 else "".join(batch))
+            if batch:
+                text = batch[0] if len(batch) == 1 else "".join(batch)
+                if done and request.tail_ok:
+                    tail = text  # the end came with it: it rides in the result, one message fewer
+                elif on_text is not None:
+                    await on_text(text)
             if done:
                 break
         return Completion(
@@ -210,6 +215,7 @@ class OpenAIHttpBackend:
             prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else prompt_words(request),
             completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else deltas,
             finish_reason=finish_reason,
+            tail=tail,
         )
 
     async def close(self) -> None:

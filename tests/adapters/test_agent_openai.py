@@ -218,7 +218,7 @@ async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept
             n += 1
             if b'"stream":true' not in body:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain))
-            elif n == 1:
+            elif n % 2 == 1:
                 writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(frames), frames))
             else:
                 cut = frames.index(b"\n\n") + 12  # after the first frame, inside the second
@@ -243,10 +243,18 @@ async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept
         seen.clear()
         split = await backend.generate(req, on_text)
         assert seen == ["a", "bc"] and split.output == "abc"  # the line cut in two is read whole
+        assert done.tail == split.tail == ""  # not asked for: every piece went as a chunk
+        # With tail_ok, the text that came together with the end rides in the result instead.
+        seen.clear()
+        tailed = wire.InferRequest(request_id="t2", model="m", stream=True, tail_ok=True, messages=req.messages)
+        whole = await backend.generate(tailed, on_text)
+        assert seen == [] and whole.tail == "abc" and whole.output == "abc"
+        split = await backend.generate(tailed, on_text)
+        assert seen == ["a"] and split.tail == "bc" and split.output == "abc"
         for i in range(3):
             answer = await backend.generate(wire.InferRequest(request_id=f"p{i}", model="m", messages=req.messages), None)
             assert answer.output == "hi" and answer.prompt_tokens == 1
-        assert connections == 1  # kept alive and reused
+        assert connections == 1  # kept alive and reused (seven requests)
     finally:
         await backend.close()
         await asyncio.wait_for(finished.wait(), 5)
@@ -298,5 +306,48 @@ async def test_a_kept_alive_connection_the_server_dropped_is_retried_once_but_a_
         await until(lambda: sorted(closed) == [1, 2])
     finally:
         await backend.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_agent_sends_a_stream_that_came_whole_as_one_result_with_its_tail(nats_server: NatsServer) -> None:
+    # The local server sends the whole stream in one write: asked for tails, the agent answers with
+    # one message (the result, its text as the tail); not asked, with a chunk and the result.
+    frames = (b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+              b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                if head.startswith(b"GET"):  # the agent's probe
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                                 % (len(frames), frames))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):  # the agent closed its connection
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        cfg = agent_config(nats_server.url, backend={"kind": "openai-http", "openai-http": {"url": url, "probe_s": 0}})
+        async with FakeHub(nats_server.url) as hub:
+            async with running(cfg):
+                msgs = [wire.ChatMessage(role="user", content="x")]
+                whole = await hub.infer_stream("edge-a", wire.InferRequest(request_id="w1", model="qwen", stream=True,
+                                                                           tail_ok=True, messages=msgs))
+                assert [type(m).__name__ for _, m in whole] == ["InferResult"]
+                assert whole[0][1].tail == "hi" and whole[0][1].output == "hi"  # type: ignore[union-attr]
+                plain = await hub.infer_stream("edge-a", wire.InferRequest(request_id="w2", model="qwen", stream=True,
+                                                                           messages=msgs))
+                assert [type(m).__name__ for _, m in plain] == ["InferChunk", "InferResult"]
+                assert plain[-1][1].tail == ""  # type: ignore[union-attr]
+    finally:
         server.close()
         await server.wait_closed()

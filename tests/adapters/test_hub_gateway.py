@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import nats
 import pytest
 
@@ -28,8 +29,10 @@ async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[o
 
     async def on_infer(msg):  # type: ignore[no-untyped-def]
         req = wire.infer_request_decoder.decode(msg.data)
+        output = f"{site}:{req.prompt}"
+        tail = output if req.stream and req.tail_ok else ""  # a stream answered whole: all of it a tail
         await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site=site, model=req.model,
-                                                        output=f"{site}:{req.prompt}", completion_tokens=2)))
+                                                        output=output, completion_tokens=2, tail=tail)))
 
     await nc.subscribe(wire.infer_subject(site), cb=on_infer)
     ack = await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city=city)), timeout=2)
@@ -310,3 +313,18 @@ async def test_a_stream_says_when_its_next_message_is_already_here(rig) -> None:
     with pytest.raises(StopAsyncIteration):
         await it.__anext__()
     assert not hub.bus.stream_ready("s1") and not hub.bus._stream_of
+
+
+async def test_a_streamed_answer_whose_text_rides_in_the_result_is_relayed_whole(rig) -> None:  # type: ignore[no-untyped-def]
+    # The gateway asks for tails (InferRequest.tail_ok): a site whose answer came at once sends one
+    # message, the result, with the text as its tail; the client still gets it as a delta.
+    _, tenant, _, _, _ = rig
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with tenant.session.post(f"{tenant.base}/v1/chat/completions", json=body, headers=tenant.headers()) as resp:
+        assert resp.status == 200
+        raw = (await resp.read()).decode()
+    frames = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    chunks = [msgspec.json.decode(f) for f in frames[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "hz-edge:" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
