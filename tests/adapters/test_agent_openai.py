@@ -311,8 +311,9 @@ async def test_a_kept_alive_connection_the_server_dropped_is_retried_once_but_a_
 
 
 async def test_an_agent_sends_a_stream_that_came_whole_as_one_result_with_its_tail(nats_server: NatsServer) -> None:
-    # The local server sends the whole stream in one write: asked for tails, the agent answers with
-    # one message (the result, its text as the tail); not asked, with a chunk and the result.
+    # The local server sends the whole stream in one write (an HTTP chunk per event): asked for
+    # tails, the agent answers with one message (the result, its text as the tail); not asked, with
+    # a chunk and the result.
     frames = (b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
               b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
 
@@ -325,9 +326,10 @@ async def test_an_agent_sends_a_stream_that_came_whole_as_one_result_with_its_ta
                 await reader.readexactly(length)
                 if head.startswith(b"GET"):  # the agent's probe
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
-                else:
-                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
-                                 % (len(frames), frames))
+                else:  # one HTTP chunk per event, all in one write (as the benchmarks' mock does)
+                    events = [e + b"\n\n" for e in frames.split(b"\n\n") if e]
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):  # the agent closed its connection
             writer.close()
