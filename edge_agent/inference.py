@@ -34,6 +34,10 @@ from edge_agent.inventory import Inventory, ServiceTimes
 from edge_agent.logs import log
 
 
+_Ack = asyncio.TimerHandle
+"""A pending acknowledgement (``InferRequest.ack_after_ms``): cancelled when the answer goes first."""
+
+
 class InferenceService:
     """Answers infer requests from the site's replicas through one backend."""
 
@@ -47,12 +51,15 @@ class InferenceService:
         self.counters = counters
         self.request_timeout_s = request_timeout_s
         self.service_times = ServiceTimes()
+        self._answers_now: bool = getattr(backend, "answers_now", True)
+        """False for a backend whose ``generate_now`` is always None (skip decoding twice)."""
         self.on_unavailable: Callable[[str], None] | None = None
         """Told (with the local detail) when a request could not connect to the backend."""
         self._outcomes: deque[bool] = deque(maxlen=20)  # recent backend successes, for health
         self._running: dict[str, set[asyncio.Task[None]]] = {}
         self._cancelled: set[asyncio.Task[None]] = set()
         self._expired: set[asyncio.Task[None]] = set()
+        self._acks: set[asyncio.Future[None]] = set()
 
     def __repr__(self) -> str:
         return f"<InferenceService site={self.site} running={sum(map(len, self._running.values()))}>"
@@ -91,7 +98,7 @@ class InferenceService:
         busy slots and unknown models). A request answered here needs no task, no timer and no
         entry among the requests in flight: there is nothing to wait for, time out or cancel.
         """
-        if not msg.reply:
+        if not msg.reply or not self._answers_now:
             return None
         try:
             request = wire.infer_request_decoder.decode(msg.data)
@@ -121,7 +128,7 @@ class InferenceService:
         return wire.encode(wire.InferResult(
             request_id=request.request_id, site=self.site, model=request.model, output=completion.output,
             prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-            service_ms=round(service_ms, 3), finish_reason=completion.finish_reason,
+            service_ms=round(service_ms, 3), finish_reason=completion.finish_reason, tail=completion.tail,
         ))
 
     async def reply(self, subject: str, body: bytes) -> None:
@@ -167,16 +174,24 @@ class InferenceService:
                 if not tasks:
                     del self._running[request.request_id]
 
-    def _chunk_sender(self, request_id: str, reply: str) -> Callable[[str], Awaitable[None]]:
+    def _chunk_sender(self, request_id: str, reply: str, ack: _Ack | None) -> Callable[[str], Awaitable[None]]:
         index = 0
 
         async def on_text(text: str) -> None:
             nonlocal index
+            if ack is not None:
+                ack.cancel()  # the first chunk says it all
             # Chunks must reach the hub; if the bus is gone the stream is dead anyway.
             await self.bus.publish(reply, wire.encode(wire.InferChunk(request_id=request_id, index=index, text=text)))
             index += 1
 
         return on_text
+
+    def _send_ack(self, reply: str, request_id: str) -> None:
+        """Publish an ``InferAccepted`` from a timer (the answer is slow in coming)."""
+        task = asyncio.ensure_future(self._answer(reply, wire.encode(wire.InferAccepted(request_id=request_id))))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
 
     def _expire(self, task: asyncio.Task[None]) -> None:
         self._expired.add(task)
@@ -193,7 +208,10 @@ class InferenceService:
                            reason, f"no ready replica of {request.model} at {self.site}")
             await self._answer(reply, wire.error_reply(reason, message, retryable=True))
             return
-        on_text = self._chunk_sender(request.request_id, reply) if request.stream else None
+        ack: _Ack | None = None
+        if request.ack and request.ack_after_ms > 0:  # acknowledged only if the answer is slow in coming
+            ack = loop.call_at(started + request.ack_after_ms / 1000.0, self._send_ack, reply, request.request_id)
+        on_text = self._chunk_sender(request.request_id, reply, ack) if request.stream else None
 
         timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
         # A bare timer rather than ``asyncio.timeout``: the same effect for a fraction of the cost
@@ -201,7 +219,7 @@ class InferenceService:
         timer = loop.call_later(timeout_s, self._expire, task)
         try:
             try:
-                if request.ack:  # the hub may now wait for the answer, not fail over (wire.InferAccepted)
+                if request.ack and ack is None:  # the hub may now wait for the answer, not fail over
                     await self._answer(reply, wire.encode(wire.InferAccepted(request_id=request.request_id)))
                 completion = await self.backend.generate(request, on_text)
             except asyncio.CancelledError:
@@ -232,6 +250,8 @@ class InferenceService:
             return
         finally:
             timer.cancel()
+            if ack is not None:
+                ack.cancel()
             self._expired.discard(task)  # fired as the answer came: the answer wins
             self.inventory.release_slot(replica)
         await self._answer(reply, self._result(request, completion, (self.clock.monotonic() - started) * 1000.0))

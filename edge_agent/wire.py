@@ -271,6 +271,15 @@ class InferRequest(msgspec.Struct, tag="infer", kw_only=True):
     ack: bool = False
     """Send :class:`InferAccepted` once the request holds a slot, unless the answer itself goes out
     at once. Lets the hub tell a site that never got the request (a partition) from a slow one."""
+    ack_after_ms: float = 0.0
+    """With ``ack``: send :class:`InferAccepted` only if neither the answer nor a first chunk went
+    out within this many milliseconds of the request taking its slot (0: at once, as agents before
+    this field do). A fast answer then costs two messages, not three; the hub still hears from a
+    slow site well within its acknowledgement timeout."""
+    tail_ok: bool = False
+    """A streaming answer's last text may ride in :attr:`InferResult.tail` instead of a chunk of
+    its own (one message fewer when the model's last tokens and its end come together). Hubs
+    before this field never set it, so they always get that text as chunks."""
 
 
 class InferChunk(msgspec.Struct, tag="chunk", kw_only=True):
@@ -305,6 +314,9 @@ class InferResult(msgspec.Struct, tag="result", kw_only=True):
     completion_tokens: int = 0
     service_ms: float = 0.0
     finish_reason: str = "stop"
+    tail: str = ""
+    """Streamed text sent in no chunk (only when the request said ``tail_ok``): relayed after the
+    chunks, before the end. ``output`` holds the whole text all the same."""
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):

@@ -57,27 +57,40 @@ async def _serve(
         return web.Response(body=oa.encode(body), content_type="application/json",
                             headers=route_headers(served, echo, filing))
 
+    infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
-                                                  deployments=scope)
+                                                       deployments=scope)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
                        include_usage=oa.include_usage(req))
-    response = web.StreamResponse(headers={
+    response = _SseResponse(headers={
         **route_headers(served, echo, filing),
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
     })
     await response.prepare(request)
+    ready = services.inference.stream_ready
+    pending = b""
     try:
-        opening = sse.start()
-        if opening:
-            await response.write(opening)
+        # Few writes (each is a system call): the headers and the opening frame go out with the
+        # first chunk, and a frame whose next message is already here waits to go out with it (the
+        # last ones with the end of the body). Nothing waits for a message still to come.
+        pending = sse.start()
+        ended = False
         async for msg in messages:
             if isinstance(msg, wire.InferChunk):
-                await response.write(sse.delta(msg.text))
+                pending += sse.delta(msg.text)
+                if not ready(request_id):
+                    await response.write(pending)
+                    pending = b""
             else:
-                await response.write(sse.finish(msg))
-        await response.write_eof()
+                if msg.tail:
+                    pending += sse.delta(msg.tail)
+                await response.write_eof(pending + sse.finish(msg))
+                pending = b""
+                ended = True
+        if not ended:
+            await response.write_eof(pending)
     except asyncio.CancelledError:
         await aclose(messages)  # its finally tells the site to stop
         raise
@@ -90,11 +103,20 @@ async def _serve(
         await aclose(messages)
         log.warning("event=stream_failed request_id=%s site=%s error=%s", request_id, served.site, exc)
         try:
+            if pending:  # what the site sent before it failed
+                await response.write(pending)
             await response.write(sse.error(f"the serving site failed mid-stream: {exc}", "server_error", "upstream_failed"))
             await response.write_eof()
         except ConnectionResetError:
             pass
     return response
+
+
+class _SseResponse(web.StreamResponse):
+    """A stream whose headers wait for its first bytes (one write, not two, on aiohttp versions
+    that buffer headers; others send them at ``prepare`` as before)."""
+
+    _send_headers_immediately = False
 
 
 async def models(request: web.Request) -> web.Response:

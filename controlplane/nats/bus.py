@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,6 +116,41 @@ class _Waiter:
         """Loop time the answer is due by, once the site has acknowledged the request."""
         self.acked = acked
         """True once an InferAccepted came (or when none was asked for)."""
+
+class _Stream:
+    """One streaming request's messages, as they come in on the shared reply subscription."""
+
+    __slots__ = ("queue", "wake")
+
+    def __init__(self) -> None:
+        self.queue: deque[Msg] = deque()
+        self.wake: asyncio.Future[None] | None = None
+
+    def put(self, msg: Msg) -> None:
+        self.queue.append(msg)
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def ready(self) -> bool:
+        """Whether a message other than an acknowledgement has come and not been taken yet."""
+        return any(not m.data.startswith(wire.ACCEPTED_PREFIX) for m in self.queue)
+
+    async def next(self, timeout_s: float) -> Msg | None:
+        """The next message, or None when none came within ``timeout_s``."""
+        if not self.queue:
+            loop = asyncio.get_running_loop()
+            wake = self.wake = loop.create_future()
+            timer = loop.call_later(timeout_s, _expire, wake)
+            try:
+                await wake
+            finally:
+                timer.cancel()
+                self.wake = None
+            if not self.queue:
+                return None
+        return self.queue.popleft()
+
 
 RegisterHandler = Callable[[wire.Register], wire.RegisterAck | wire.ErrorReply]
 HeartbeatHandler = Callable[[wire.Heartbeat], None]
@@ -209,6 +245,10 @@ class HubBus:
         self._reply_n = 0
         self._waiting: dict[str, _Waiter] = {}
         """token -> the request waiting for its answer"""
+        self._streams: dict[str, _Stream] = {}
+        """token -> a streaming request's messages (same reply subscription)"""
+        self._stream_of: dict[str, _Stream] = {}
+        """request id -> its stream, for :meth:`stream_ready`"""
         self._infer_subjects: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -418,8 +458,14 @@ class HubBus:
         return self.nc
 
     async def _on_reply(self, msg: Msg) -> None:
-        waiter = self._waiting.get(msg.subject[len(self._reply_prefix):])
-        if waiter is None or waiter.future.done():
+        token = msg.subject[len(self._reply_prefix):]
+        waiter = self._waiting.get(token)
+        if waiter is None:
+            stream = self._streams.get(token)
+            if stream is not None:
+                stream.put(msg)
+            return
+        if waiter.future.done():
             return
         if msg.data.startswith(wire.ACCEPTED_PREFIX):
             if not waiter.acked:  # the site has it: now wait for the answer until the full timeout
@@ -438,6 +484,11 @@ class HubBus:
                 waiter.future.set_result(_LOST)  # type: ignore[arg-type]
                 failed += 1
         return failed
+
+    def _token(self) -> str:
+        """A reply token: a keyed hash of a counter (unguessable, cheaper than fresh random bytes)."""
+        self._reply_n += 1
+        return hashlib.blake2b(self._reply_n.to_bytes(8, "big"), key=self._reply_key, digest_size=12).hexdigest()
 
     async def _request(self, subject: str, data: bytes, timeout_s: float, who: str,
                        ack_timeout_s: float | None = None) -> Msg:
@@ -458,8 +509,7 @@ class HubBus:
             BusUnavailable: the connection is closed.
         """
         nc = self._require()
-        self._reply_n += 1
-        token = hashlib.blake2b(self._reply_n.to_bytes(8, "big"), key=self._reply_key, digest_size=12).hexdigest()
+        token = self._token()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg | None] = loop.create_future()
         asked_ack = ack_timeout_s is not None and ack_timeout_s < timeout_s
@@ -532,26 +582,32 @@ class HubBus:
         """
         nc = self._require()
         self.stats.requests += 1
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
+        subject = self._infer_subjects.get(site)
+        if subject is None:
+            subject = self._infer_subjects[site] = wire.infer_subject(site)
+        # The shared reply subscription, as for answers (no SUB/UNSUB to the server per stream).
+        token = self._token()
+        stream = self._streams[token] = self._stream_of[req.request_id] = _Stream()
         try:
-            await nc.publish(wire.infer_subject(site), wire.encode(req), reply=inbox)
+            try:
+                await nc.publish(subject, wire.encode(req), reply=self._reply_prefix + token)
+            except nats.errors.ConnectionClosedError as exc:
+                raise BusUnavailable(str(exc)) from None
             loop = asyncio.get_running_loop()
             first_due = loop.time() + first_timeout_s
             awaiting_ack = ack_timeout_s is not None and ack_timeout_s < first_timeout_s
             timeout = ack_timeout_s if awaiting_ack and ack_timeout_s is not None else first_timeout_s
             first = True
             while True:
-                try:
-                    msg = await sub.next_msg(timeout=max(timeout, 0.001))
-                except nats.errors.TimeoutError:
+                msg = await stream.next(max(timeout, 0.001))
+                if msg is None:
                     if awaiting_ack:
                         self.stats.ack_timeouts += 1
-                        raise SiteSilent(f"{site}: no acknowledgement within {timeout * 1000:.0f} ms") from None
+                        raise SiteSilent(f"{site}: no acknowledgement within {timeout * 1000:.0f} ms")
                     self.stats.timeouts += 1
                     raise SiteUnreachable(f"{site}: no answer within {first_timeout_s * 1000:.0f} ms" if first
-                                          else f"{site}: no chunk within {idle_timeout_s * 1000:.0f} ms") from None
-                if first and msg.headers and msg.headers.get("Status") == "503":
+                                          else f"{site}: no chunk within {idle_timeout_s * 1000:.0f} ms")
+                if first and msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
                     self.stats.no_responders += 1
                     raise SiteUnreachable(f"{site}: no responders")
                 awaiting_ack = False
@@ -573,10 +629,15 @@ class HubBus:
                 if isinstance(reply, wire.InferResult):
                     return
         finally:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
+            del self._streams[token]
+            if self._stream_of.get(req.request_id) is stream:
+                del self._stream_of[req.request_id]
+
+    def stream_ready(self, request_id: str) -> bool:
+        """Whether the stream of ``request_id`` has its next message here already (taking it will
+        not wait): a relay may then hold what it writes and send both together."""
+        stream = self._stream_of.get(request_id)
+        return stream is not None and stream.ready()
 
     async def command(self, site: str, cmd: Any, timeout_s: float = 2.0) -> wire.Ack:
         """Send a command (StartAttempt, LoadModel, ...), stamped with the leader's epoch, and wait

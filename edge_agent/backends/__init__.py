@@ -31,6 +31,9 @@ class Completion(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = "stop"
+    tail: str = ""
+    """Streamed text not handed to ``on_text`` (only when the request says ``tail_ok``): the last
+    pieces, which came together with the end of the answer."""
 
 
 class Backend(Protocol):

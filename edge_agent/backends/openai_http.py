@@ -1,7 +1,8 @@
 """The ``openai-http`` backend: forwards to a site-local OpenAI-compatible server (vLLM, SGLang).
 
 ``/v1/chat/completions`` when the request has messages, else ``/v1/completions``; streaming reads
-the server's SSE ``data:`` lines and hands each delta on as it arrives. cpn model names map to the
+the server's SSE ``data:`` lines and hands each delta on as it arrives (deltas that arrive together,
+in one read from the socket, are handed on as one: the same text in fewer messages). cpn model names map to the
 local server's names through ``models`` (identity when missing).
 
 Errors become :class:`~edge_agent.errors.BackendError` whose code and message name no URL, host or
@@ -16,23 +17,51 @@ calls it every ``probe_s`` (:mod:`edge_agent.backend_health`).
 
 from __future__ import annotations
 
-import asyncio
-import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from edge_agent import wire
 from edge_agent.backends import Completion, OnText, prompt_words
+from edge_agent.backends.http1 import BadResponse, Http1Pool
 from edge_agent.config import OpenAIHttpConfig
 from edge_agent.errors import BackendError
 
 
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None
+    delta: _Message | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class _Answer(msgspec.Struct):
+    """What is read of an answer or of one streamed event (unknown fields are skipped)."""
+
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+
+
+_answer = msgspec.json.Decoder(_Answer)
+_encode = msgspec.json.Encoder().encode
+
+
 class OpenAIHttpBackend:
-    """An aiohttp client session to one local server; created lazily inside the running loop."""
+    """Kept-alive connections to one local server (:class:`Http1Pool`), opened on first use."""
 
     name = "openai-http"
+    answers_now = False
+    """:meth:`generate_now` never answers: the agent does not try it (see ``InferenceService.answer_now``)."""
 
     def __init__(self, config: OpenAIHttpConfig) -> None:
         self._config = config
@@ -40,16 +69,17 @@ class OpenAIHttpBackend:
         self.default_slots = config.slots
         self.load_time_s = config.load_time_s
         self.probe_s = config.probe_s
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Http1Pool | None = None
 
     def __repr__(self) -> str:
         return f"<OpenAIHttpBackend {self._base}>"
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+    def _client(self) -> Http1Pool:
+        if self._pool is None:
             headers = {"Authorization": f"Bearer {self._config.api_key}"} if self._config.api_key else {}
-            self._session = aiohttp.ClientSession(headers=headers)
-        return self._session
+            # Idle connections kept: as many as requests may run at once (the site's slots).
+            self._pool = Http1Pool(self._base, headers, max_idle=max(self._config.slots, 8))
+        return self._pool
 
     def _body(self, request: wire.InferRequest) -> tuple[str, dict[str, Any]]:
         model = self._config.models.get(request.model, request.model)
@@ -71,102 +101,124 @@ class OpenAIHttpBackend:
         path, body = self._body(request)
         url = self._base + path
         timeout_s = self._config.timeout_s
-        if request.stream:
-            # A stream may run long; bound the gaps between pieces rather than the whole answer.
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-        else:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
+        response = None
         try:
-            async with self._client().post(url, json=body, timeout=timeout) as resp:
-                if resp.status >= 400:
-                    text = (await resp.text())[:300].strip()
-                    raise BackendError(
-                        "backend_error",
-                        f"the model server answered HTTP {resp.status}",
-                        retryable=resp.status >= 500 or resp.status == 429,
-                        detail=f"{url} answered HTTP {resp.status}: {text or resp.reason}",
-                    )
-                if request.stream:
-                    return await self._read_stream(resp, request, on_text)
-                data = await resp.json(content_type=None)
-                return self._completion(data, request)
+            # A stream may run long: bound the gaps between pieces rather than the whole answer.
+            response = await self._client().request("POST", path, _encode(body), timeout_s=timeout_s,
+                                                    total=not request.stream)
+            if response.status >= 400:
+                text = (await response.read())[:300].decode("utf-8", errors="replace").strip()
+                raise BackendError(
+                    "backend_error",
+                    f"the model server answered HTTP {response.status}",
+                    retryable=response.status >= 500 or response.status == 429,
+                    detail=f"{url} answered HTTP {response.status}: {text or response.reason}",
+                )
+            if request.stream:
+                return await self._read_stream(response.pieces(), request, on_text)
+            return self._completion(_answer.decode(await response.read()), request)
         except BackendError:
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:  # before OSError: it is one
             raise BackendError("timeout", f"the model server gave no answer within {timeout_s:g} s", retryable=True,
                                detail=f"{url}: no answer within {timeout_s:g} s") from None
-        except aiohttp.ClientConnectionError as exc:
+        except OSError as exc:  # refused, reset, closed mid-answer, TLS
             raise BackendError("backend_unavailable", "the model server is unavailable", retryable=True,
-                               detail=f"{url}: {exc}") from None
-        except (aiohttp.ClientError, ValueError, KeyError, TypeError, IndexError) as exc:
+                               detail=f"{url}: {exc!r}") from None
+        except (BadResponse, msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError,
+                IndexError) as exc:
             raise BackendError("backend_error", "the model server's answer was unreadable",
                                detail=f"{url}: unreadable answer: {exc!r}") from None
+        finally:
+            if response is not None:
+                response.close()  # a no-op once read to the end (the connection went back to the pool)
 
     async def probe(self) -> str:
         """Check the server once: ``""`` when ``GET probe_path`` answers 2xx within
         ``probe_timeout_s``, else what went wrong (for the site's log; it names the URL)."""
-        url = self._base + "/" + self._config.probe_path.lstrip("/")
+        path = "/" + self._config.probe_path.lstrip("/")
+        url = self._base + path
         try:
-            async with self._client().get(url, timeout=aiohttp.ClientTimeout(total=self._config.probe_timeout_s)) as resp:
-                await resp.read()
-                return "" if 200 <= resp.status < 300 else f"{url} answered HTTP {resp.status}"
-        except asyncio.TimeoutError:
+            response = await self._client().request("GET", path, timeout_s=self._config.probe_timeout_s)
+            try:
+                await response.read()
+            finally:
+                response.close()
+            return "" if 200 <= response.status < 300 else f"{url} answered HTTP {response.status}"
+        except TimeoutError:
             return f"{url}: no answer within {self._config.probe_timeout_s:g} s"
-        except (aiohttp.ClientError, OSError) as exc:
+        except (OSError, BadResponse) as exc:
             return f"{url}: {exc!r}"
 
     @staticmethod
-    def _completion(data: dict[str, Any], request: wire.InferRequest) -> Completion:
-        choice = data["choices"][0]
+    def _completion(data: _Answer, request: wire.InferRequest) -> Completion:
+        if not data.choices:
+            raise IndexError("no choices")
+        choice = data.choices[0]
         if request.messages:
-            text = (choice.get("message") or {}).get("content") or ""
+            text = (choice.message.content if choice.message is not None else None) or ""
         else:
-            text = choice.get("text") or ""
-        usage = data.get("usage") or {}
+            text = choice.text or ""
+        usage = data.usage or _Usage()
         return Completion(
             output=text,
-            prompt_tokens=int(usage.get("prompt_tokens", prompt_words(request))),
-            completion_tokens=int(usage.get("completion_tokens", len(text.split()))),
-            finish_reason=choice.get("finish_reason") or "stop",
+            prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else prompt_words(request),
+            completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else len(text.split()),
+            finish_reason=choice.finish_reason or "stop",
         )
 
-    async def _read_stream(
-        self, resp: aiohttp.ClientResponse, request: wire.InferRequest, on_text: OnText | None
-    ) -> Completion:
-        pieces: list[str] = []
-        usage: dict[str, Any] = {}
+    @staticmethod
+    async def _read_stream(pieces: AsyncIterator[bytes], request: wire.InferRequest, on_text: OnText | None) -> Completion:
+        texts: list[str] = []
+        usage = _Usage()
         finish_reason = "stop"
         deltas = 0
-        async for raw in resp.content:
-            line = raw.decode("utf-8", errors="replace").strip()
-            if not line.startswith("data:"):
-                continue  # blank separators, comments, "event:" lines
-            payload = line[5:].strip()
-            if payload == "[DONE]":
+        rest = b""
+        done = False
+        tail = ""
+        async for piece in pieces:
+            lines = (rest + piece).split(b"\n")
+            rest = lines.pop()  # an unfinished line waits for the next piece
+            batch: list[str] = []  # deltas that arrived together go on as one (one message, one write)
+            for raw in lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, comments, "event:" lines
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    done = True
+                    break
+                event = _answer.decode(payload)
+                if event.usage is not None:
+                    usage = event.usage
+                for choice in event.choices or ():
+                    if request.messages:
+                        text = (choice.delta.content if choice.delta is not None else None) or ""
+                    else:
+                        text = choice.text or ""
+                    if choice.finish_reason:
+                        finish_reason = choice.finish_reason
+                    if text:
+                        deltas += 1
+                        texts.append(text)
+                        batch.append(text)
+            if batch:
+                text = batch[0] if len(batch) == 1 else "".join(batch)
+                if done and request.tail_ok:
+                    tail = text  # the end came with it: it rides in the result, one message fewer
+                elif on_text is not None:
+                    await on_text(text)
+            if done:
                 break
-            event = json.loads(payload)
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event.get("choices") or []:
-                if request.messages:
-                    text = (choice.get("delta") or {}).get("content") or ""
-                else:
-                    text = choice.get("text") or ""
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-                if text:
-                    deltas += 1
-                    pieces.append(text)
-                    if on_text is not None:
-                        await on_text(text)
         return Completion(
-            output="".join(pieces),
-            prompt_tokens=int(usage.get("prompt_tokens", prompt_words(request))),
-            completion_tokens=int(usage.get("completion_tokens", deltas)),
+            output="".join(texts),
+            prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else prompt_words(request),
+            completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else deltas,
             finish_reason=finish_reason,
+            tail=tail,
         )
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()

@@ -13,6 +13,7 @@ from edge_agent.backends.openai_http import OpenAIHttpBackend
 from edge_agent.config import OpenAIHttpConfig
 from edge_agent.errors import BackendError
 from tests.support.fakehub import FakeHub, agent_config, running, wait_for
+from tests.support.waiting import until
 from tests.support.localllm import LocalServer, local_llm  # noqa: F401  (the fixture)
 
 
@@ -189,3 +190,166 @@ async def test_a_request_that_cannot_connect_marks_the_backend_down_at_once(
             assert await agent.health.check()  # the next probe finds it again
             await hub.wait_heartbeat("edge-a", lambda hb: _states(hb) == ["ready"], timeout_s=1,
                                      what="the replica ready again")
+
+
+async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept_alive() -> None:
+    # A raw HTTP/1.1 server: the whole stream in one chunked write, then (next request) a stream
+    # split in the middle of a line; plain answers with Content-Length. One connection for all.
+    frames = b"".join(b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n' % w for w in (b"a", b"b", b"c"))
+    frames += b'data: {"choices":[{"delta":{},"finish_reason":"length"}],"usage":{"completion_tokens":3}}\n\ndata: [DONE]\n\n'
+    plain = b'{"choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    connections = 0
+    finished = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        n = 0
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):  # the client closed its connection
+                writer.close()
+                await writer.wait_closed()
+                finished.set()
+                return
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            body = await reader.readexactly(length)
+            n += 1
+            if b'"stream":true' not in body:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain))
+            elif n % 2 == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(frames), frames))
+            else:
+                cut = frames.index(b"\n\n") + 12  # after the first frame, inside the second
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (cut, frames[:cut]))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(frames) - cut, frames[cut:]))
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = OpenAIHttpBackend(OpenAIHttpConfig(url=f"http://127.0.0.1:{port}"))
+    seen: list[str] = []
+
+    async def on_text(text: str) -> None:
+        seen.append(text)
+
+    req = wire.InferRequest(request_id="t", model="m", stream=True, messages=[wire.ChatMessage(role="user", content="x")])
+    try:
+        done = await backend.generate(req, on_text)
+        assert seen == ["abc"] and done.output == "abc" and done.finish_reason == "length" and done.completion_tokens == 3
+        seen.clear()
+        split = await backend.generate(req, on_text)
+        assert seen == ["a", "bc"] and split.output == "abc"  # the line cut in two is read whole
+        assert done.tail == split.tail == ""  # not asked for: every piece went as a chunk
+        # With tail_ok, the text that came together with the end rides in the result instead.
+        seen.clear()
+        tailed = wire.InferRequest(request_id="t2", model="m", stream=True, tail_ok=True, messages=req.messages)
+        whole = await backend.generate(tailed, on_text)
+        assert seen == [] and whole.tail == "abc" and whole.output == "abc"
+        split = await backend.generate(tailed, on_text)
+        assert seen == ["a"] and split.tail == "bc" and split.output == "abc"
+        for i in range(3):
+            answer = await backend.generate(wire.InferRequest(request_id=f"p{i}", model="m", messages=req.messages), None)
+            assert answer.output == "hi" and answer.prompt_tokens == 1
+        assert connections == 1  # kept alive and reused (seven requests)
+    finally:
+        await backend.close()
+        await asyncio.wait_for(finished.wait(), 5)
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_kept_alive_connection_the_server_dropped_is_retried_once_but_a_broken_answer_is_not() -> None:
+    # Connection 1 answers one request, then closes when the next arrives without answering it (a
+    # server's keep-alive timeout racing the request): that request goes again on a new connection.
+    # Connection 2 answers one, then on the next request sends half an answer and closes: that is
+    # the server failing mid-answer, reported as unavailable, not sent twice.
+    plain = b'{"choices":[{"text":"ok"}]}'
+    requests: list[int] = []
+    closed: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = max(requests, default=0) + 1
+        for n in range(2):
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+            await reader.readexactly(length)
+            requests.append(conn)
+            if n == 0:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain))
+                await writer.drain()
+            elif conn == 2:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"choi")
+                await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        closed.append(conn)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = OpenAIHttpBackend(OpenAIHttpConfig(url=f"http://127.0.0.1:{port}"))
+    req = wire.InferRequest(request_id="r", model="m", prompt="x")
+    try:
+        assert (await backend.generate(req, None)).output == "ok"
+        assert (await backend.generate(req, None)).output == "ok"  # retried on a new connection
+        assert requests == [1, 1, 2]
+        with pytest.raises(BackendError) as err:
+            await backend.generate(req, None)
+        assert err.value.code == "backend_unavailable" and err.value.retryable
+        assert requests == [1, 1, 2, 2]  # not sent again
+        await until(lambda: sorted(closed) == [1, 2])
+    finally:
+        await backend.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_an_agent_sends_a_stream_that_came_whole_as_one_result_with_its_tail(nats_server: NatsServer) -> None:
+    # The local server sends the whole stream in one write (an HTTP chunk per event): asked for
+    # tails, the agent answers with one message (the result, its text as the tail); not asked, with
+    # a chunk and the result.
+    frames = (b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+              b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                if head.startswith(b"GET"):  # the agent's probe
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                else:  # one HTTP chunk per event, all in one write (as the benchmarks' mock does)
+                    events = [e + b"\n\n" for e in frames.split(b"\n\n") if e]
+                    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                 + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):  # the agent closed its connection
+            writer.close()
+            await writer.wait_closed()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        cfg = agent_config(nats_server.url, backend={"kind": "openai-http", "openai-http": {"url": url, "probe_s": 0}})
+        async with FakeHub(nats_server.url) as hub:
+            async with running(cfg):
+                msgs = [wire.ChatMessage(role="user", content="x")]
+                whole = await hub.infer_stream("edge-a", wire.InferRequest(request_id="w1", model="qwen", stream=True,
+                                                                           tail_ok=True, messages=msgs))
+                assert [type(m).__name__ for _, m in whole] == ["InferResult"]
+                assert whole[0][1].tail == "hi" and whole[0][1].output == "hi"  # type: ignore[union-attr]
+                plain = await hub.infer_stream("edge-a", wire.InferRequest(request_id="w2", model="qwen", stream=True,
+                                                                           messages=msgs))
+                assert [type(m).__name__ for _, m in plain] == ["InferChunk", "InferResult"]
+                assert plain[-1][1].tail == ""  # type: ignore[union-attr]
+    finally:
+        server.close()
+        await server.wait_closed()

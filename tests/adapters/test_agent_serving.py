@@ -256,3 +256,24 @@ async def test_a_request_asking_for_an_ack_gets_one_before_a_slow_answer_and_non
         async with running(agent_config(nats_server.url)):  # no delays: answered at once, nothing to acknowledge
             instant = await hub.infer_stream("edge-a", wire.InferRequest(request_id="k4", model="qwen", ack=True))
             assert [type(m).__name__ for _, m in instant] == ["InferResult"]
+
+
+async def test_an_ack_asked_for_after_a_delay_is_sent_only_when_the_answer_is_slower(nats_server: NatsServer) -> None:
+    # ack_after_ms: a fast answer (or first chunk) stands for the acknowledgement (two messages a
+    # request, not three); a slow one is still acknowledged, that long after the request arrived.
+    async with FakeHub(nats_server.url) as hub:
+        cfg = agent_config(nats_server.url, backend={"sim": {"ttft_ms": 300.0, "per_token_ms": 0.0, "slots": 2}})
+        async with running(cfg):
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            got = await hub.infer_stream("edge-a", wire.InferRequest(request_id="d1", model="qwen", ack=True,
+                                                                     ack_after_ms=100.0))
+            (t_ack, ack), (t_result, result) = got
+            assert isinstance(ack, wire.InferAccepted) and isinstance(result, wire.InferResult)
+            assert t_ack - t0 >= 0.09 and t_result - t_ack >= 0.15  # after the delay, well before the answer
+            fast = await hub.infer_stream("edge-a", wire.InferRequest(request_id="d2", model="qwen", ack=True,
+                                                                      ack_after_ms=2000.0))
+            assert [type(m).__name__ for _, m in fast] == ["InferResult"]
+            streamed = await hub.infer_stream("edge-a", wire.InferRequest(request_id="d3", model="qwen", ack=True,
+                                                                          ack_after_ms=2000.0, stream=True, max_tokens=2))
+            assert [type(m).__name__ for _, m in streamed] == ["InferChunk", "InferChunk", "InferResult"]

@@ -11,11 +11,13 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import nats
 import pytest
 
 from controlplane.core.errors import SiteRefused, SiteSilent, SiteUnreachable
 from controlplane.nats.natsserver import NatsServer
+from controlplane.services.inference import ACK_AFTER_SHARE
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.support.hubrig import Client, hub_config, running_hub
@@ -27,8 +29,10 @@ async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[o
 
     async def on_infer(msg):  # type: ignore[no-untyped-def]
         req = wire.infer_request_decoder.decode(msg.data)
+        output = f"{site}:{req.prompt}"
+        tail = output if req.stream and req.tail_ok else ""  # a stream answered whole: all of it a tail
         await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site=site, model=req.model,
-                                                        output=f"{site}:{req.prompt}", completion_tokens=2)))
+                                                        output=output, completion_tokens=2, tail=tail)))
 
     await nc.subscribe(wire.infer_subject(site), cb=on_infer)
     ack = await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city=city)), timeout=2)
@@ -175,7 +179,10 @@ async def test_site_requests_time_out_name_missing_sites_and_refuse_forged_repli
 async def test_a_site_that_acknowledges_is_waited_for_and_a_silent_one_is_left_at_the_ack_timeout(rig) -> None:  # type: ignore[no-untyped-def]
     hub, _, _, _, nc = rig
 
+    replies: list[str] = []
+
     async def slow(msg):  # type: ignore[no-untyped-def]  # acknowledges at once, answers 0.6 s later
+        replies.append(msg.reply)
         req = wire.infer_request_decoder.decode(msg.data)
         assert req.ack
         await msg.respond(wire.encode(wire.InferAccepted(request_id=req.request_id)))
@@ -203,12 +210,16 @@ async def test_a_site_that_acknowledges_is_waited_for_and_a_silent_one_is_left_a
     assert hub.bus.stats.ack_timeouts == 1 and hub.bus.stats.timeouts == 0
 
     stream = wire.InferRequest(request_id="a2", model="m", prompt="hi", ack=True, stream=True)
+    subs = len(hub.bus.nc._subs)
     got = [m async for m in hub.bus.infer_stream("slow", stream, 5.0, ack_timeout_s=0.2)]
     assert [type(m).__name__ for m in got] == ["InferChunk", "InferResult"]  # the acknowledgement is not relayed
     with pytest.raises(SiteSilent, match="mute: no acknowledgement"):
         async for _ in hub.bus.infer_stream("mute", stream, 5.0, ack_timeout_s=0.3):
             pass
     assert hub.bus.stats.ack_timeouts == 2
+    # Streams come back on the hub's one reply subscription: none opened per stream, none left behind.
+    assert replies[-1].startswith(hub.bus._reply_prefix)
+    assert len(hub.bus.nc._subs) == subs and not hub.bus._streams
 
 
 async def test_a_request_in_flight_fails_over_when_its_site_is_declared_lost(tmp_path: Path, nats_server: NatsServer) -> None:
@@ -235,6 +246,8 @@ async def test_a_request_in_flight_fails_over_when_its_site_is_declared_lost(tmp
             status, body, headers = await client.call("POST", "/v1/infer", {"model": "m", "input": "hi"})
             elapsed = loop.time() - t0
         assert got, "the request went to the nearest site first"
+        sent = wire.infer_request_decoder.decode(got[0])  # acknowledged only if slow: 2 messages, not 3
+        assert sent.ack and sent.ack_after_ms == cfg.site_ack_timeout_s * 1000 * ACK_AFTER_SHARE > 0
         assert status == 200 and body["site"] == "sh-edge" and headers["X-CPN-Route"] == "failover", body
         assert elapsed < 3.0  # failed over at loss detection (~0.4 s), not at the 20 s timeout
         assert not hub.bus._waiting
@@ -274,3 +287,44 @@ async def test_openapi_is_generated_from_the_decoded_schemas(rig) -> None:  # ty
     schema = doc["components"]["schemas"][ref]
     assert set(schema["required"]) == {"model", "input"} and schema["additionalProperties"] is False
     assert "/v1/chat/completions" in doc["paths"] and doc["paths"]["/healthz"]["get"]["security"] == []
+
+
+async def test_a_stream_says_when_its_next_message_is_already_here(rig) -> None:  # type: ignore[no-untyped-def]
+    # What lets the gateway write a chunk together with the next one (one system call, not two)
+    # without ever holding a chunk for a message still to come.
+    hub, _, _, _, nc = rig
+
+    async def paced(msg):  # type: ignore[no-untyped-def]  # a chunk, then the result 0.3 s later
+        req = wire.infer_request_decoder.decode(msg.data)
+        await nc.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="x")))
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        await nc.publish(msg.reply, wire.encode(wire.InferResult(request_id=req.request_id, site="paced", model="m",
+                                                                  output="x")))
+
+    await nc.subscribe(wire.infer_subject("paced"), cb=paced)  # type: ignore[attr-defined]
+    await barrier(nc)
+    req = wire.InferRequest(request_id="s1", model="m", prompt="hi", stream=True)
+    it = hub.bus.infer_stream("paced", req, 5.0).__aiter__()
+    assert isinstance(await it.__anext__(), wire.InferChunk)
+    assert not hub.bus.stream_ready("s1")  # the result is 0.3 s away: write the chunk now
+    await until(lambda: hub.bus.stream_ready("s1"))  # it came: taking it will not wait
+    assert isinstance(await it.__anext__(), wire.InferResult)
+    with pytest.raises(StopAsyncIteration):
+        await it.__anext__()
+    assert not hub.bus.stream_ready("s1") and not hub.bus._stream_of
+
+
+async def test_a_streamed_answer_whose_text_rides_in_the_result_is_relayed_whole(rig) -> None:  # type: ignore[no-untyped-def]
+    # The gateway asks for tails (InferRequest.tail_ok): a site whose answer came at once sends one
+    # message, the result, with the text as its tail; the client still gets it as a delta.
+    _, tenant, _, _, _ = rig
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with tenant.session.post(f"{tenant.base}/v1/chat/completions", json=body, headers=tenant.headers()) as resp:
+        assert resp.status == 200
+        raw = (await resp.read()).decode()
+    frames = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    chunks = [msgspec.json.decode(f) for f in frames[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "hz-edge:" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
