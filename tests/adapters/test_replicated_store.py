@@ -168,15 +168,14 @@ async def test_usage_from_both_hubs_adds_up_and_a_fresh_process_rebuilds_everyth
     finally:
         await fresh.stop()
     # A restarted process whose file is stale rebuilds from the record too (and keeps its own counts).
-    await b.stop()
-    b2 = await start(tmp_path, cluster, "hub-b")
+    store_usage.add_rows(a.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=2)])  # C does not see it
+    again = await start(tmp_path, cluster, "hub-c")
     try:
-        assert total(b2) == 13
-        store_usage.add_rows(b2.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=1)])
-        await until(lambda: total(a) == 14, 2, "usage 14 at A")
+        assert total(again) == 15
+        store_usage.add_rows(again.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=1)])
+        await until(lambda: total(a) == 16 and total(b) == 16, 2, "usage 16 at A and B")
     finally:
-        await b2.stop()
-        await b.start()  # the fixture stops it again
+        await again.stop()
 
 
 async def stream_leader(cluster: NatsCluster) -> str:
