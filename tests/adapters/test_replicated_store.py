@@ -12,6 +12,7 @@ reads go on; a fresh process rebuilds its SQLite projection from the record.
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -321,3 +322,46 @@ async def test_sites_are_not_lost_while_the_record_elects_a_leader(tmp_path: Pat
     finally:
         await agent.stop()
         await a.stop()
+
+
+async def test_hub_processes_share_the_record_and_losing_one_loses_nothing(tmp_path: Path, cluster: NatsCluster) -> None:
+    """``cpn hub --record nats`` processes: what one acknowledged survives its SIGKILL, the others
+    go on writing, and a new process with an empty file answers for all of it."""
+    from bench.submissions import HubProc
+
+    urls = ",".join(cluster.urls)
+
+    def args(name: str, *extra: str) -> list[str]:
+        return ["--listen", "127.0.0.1:0", "--record", "nats", "--nats", urls, "--db", str(tmp_path / name / "hub.db"),
+                "--hub-id", name, *extra]
+
+    first = await HubProc.start(args("p1", "--create-admin-key"))
+    second = await HubProc.start(args("p2"))
+    third: HubProc | None = None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            admin = Client(session, f"http://127.0.0.1:{first.port}", first.admin_key)
+            status, made, _ = await admin.call("POST", "/v1/tenants", {"id": "acme"})
+            assert status == 201, made
+            at = {p: Client(session, f"http://127.0.0.1:{p.port}", made["api_key"]) for p in (first, second)}
+            ids = []
+            for i in range(10):
+                status, job, _ = await at[first].call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": f"k{i}"})
+                assert status == 201, job
+                ids.append(job["id"])
+            first.proc.send_signal(signal.SIGKILL)  # acknowledged writes of a dead process are in the record
+            await first.proc.wait()
+            for i in range(10, 15):
+                status, job, _ = await at[second].call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": f"k{i}"})
+                assert status == 201, job
+                ids.append(job["id"])
+            status, replay, _ = await at[second].call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "k3"})
+            assert (status, replay["id"]) == (201, ids[3])  # sent to the dead process first: the same job
+            third = await HubProc.start(args("p3"))  # an empty file: everything from the record
+            fresh = Client(session, f"http://127.0.0.1:{third.port}", made["api_key"])
+            status, listing, _ = await fresh.call("GET", "/v1/jobs?limit=100")
+            assert status == 200 and sorted(j["id"] for j in listing["data"]) == sorted(ids), listing
+    finally:
+        for p in (first, second, third):
+            if p is not None:
+                await p.stop()
