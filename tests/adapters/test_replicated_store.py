@@ -119,6 +119,12 @@ async def test_idempotency_key_at_a_then_b_returns_the_same_job(two) -> None:  #
     assert (s2, second["id"]) == (201, first["id"]) and h2["Idempotent-Replayed"] == "true", second
     assert [j.id for j in store_jobs.list_jobs(b.db, "acme")] == [first["id"]]
     assert [j.id for j in store_jobs.list_jobs(a.db, "acme")] == [first["id"]]
+    async with session.get(f"http://127.0.0.1:{a.http_port}/metrics") as resp:
+        metrics = await resp.text()
+    assert "cpn_record_quorum 1.0" in metrics and "cpn_record_conflicts_total 0.0" in metrics, metrics
+    [published] = [float(line.split()[1]) for line in metrics.splitlines()
+                   if line.startswith("cpn_record_rows_published_total ")]
+    assert published >= 3  # the tenant, its key, the job and its idempotency key
 
 
 async def test_two_concurrent_writers_of_one_row_exactly_one_wins(two) -> None:  # type: ignore[no-untyped-def]
@@ -235,6 +241,7 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
                 status, body, _ = await acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "after"})
                 assert status == 503 and body["error"]["code"] == "record_unavailable", body
             assert time.monotonic() - started < 1.5
+            assert a.db.write_hook.no_quorum == 6 and a.db.write_hook.bridge.degraded_since is not None
             status, listing, _ = await acme.call("GET", "/v1/jobs")  # reads answer from the projection
             assert status == 200 and [j["id"] for j in listing["data"]] == [job["id"]], listing
             status, _, _ = await acme.call("GET", f"/v1/jobs/{job['id']}")
