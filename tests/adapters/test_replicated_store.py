@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from controlplane.compose import build_hub
@@ -228,6 +229,7 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
             acme = client(session, a, key)
             status, job, _ = await acme.call("POST", "/v1/jobs", JOB)
             assert status == 201
+            store_usage.add_rows(a.db, [UsageRow(tenant="acme", model="m", site="s1", requests=1)])
             leader = await stream_leader(cluster)
             others = [n.name for n in cluster.nodes if n.name != leader]
             await cluster.kill(others[0])
@@ -242,6 +244,10 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
                 assert status == 503 and body["error"]["code"] == "record_unavailable", body
             assert time.monotonic() - started < 1.5
             assert a.db.write_hook.no_quorum == 6 and a.db.write_hook.bridge.degraded_since is not None
+            # Usage metered meanwhile is kept (locally) and published once the quorum is back.
+            store_usage.add_rows(a.db, [UsageRow(tenant="acme", model="m", site="s1", requests=2)])
+            assert store_usage.for_tenant(a.db, "acme")["totals"]["requests"] == 3
+            assert a.db.write_hook.usage_unpublished
             status, listing, _ = await acme.call("GET", "/v1/jobs")  # reads answer from the projection
             assert status == 200 and [j["id"] for j in listing["data"]] == [job["id"]], listing
             status, _, _ = await acme.call("GET", f"/v1/jobs/{job['id']}")
@@ -264,6 +270,13 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
             assert body["id"] in {j.id for j in store_jobs.list_jobs(a.db, "acme")}
             status, again, _ = await acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "after"})
             assert (status, again["id"]) == (201, body["id"])  # exactly one job for the key
+            assert not a.db.write_hook.usage_unpublished  # went with the writes after the quorum's return
+        record = await kv.Record.open(cluster.urls, create=False)
+        try:
+            entry = await record.get("usage.hub-a.acme.m.s1")
+            assert msgspec.json.decode(entry.value)["row"]["requests"] == 3  # each flush counted once
+        finally:
+            await record.close()
     finally:
         await a.stop()
 
