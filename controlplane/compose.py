@@ -48,7 +48,14 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
 
     clock = WallClock()
     hub = Hub(config, layout=layout, serve_http=serve_http, clock=clock,
-              open_store=(lambda: open_replicated_store(config, hub)) if config.record == "nats" else None)
+              open_store=(lambda: open_replicated_store(config, [hub.record_changed, deployment_rows]))
+              if config.record == "nats" else None)
+
+    def deployment_rows(table: str, row: dict[str, Any]) -> None:
+        """A deployment made or deleted by another hub process: its tenant's model access here too."""
+        if table == "deployments" and services is not None and {"tenant", "model", "id", "state"} <= row.keys():
+            services.deployments._own(row["tenant"], row["model"], row["id"], row["state"] != "deleted")
+
     history = DashboardHistory(hub)
     hub.add_service(history)
     hub.site_listeners.append(history.on_site)
@@ -68,9 +75,10 @@ def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) ->
     return build(config, layout=layout).hub
 
 
-async def open_replicated_store(config: HubConfig, hub: Hub) -> Any:
+async def open_replicated_store(config: HubConfig, listeners: list[Any]) -> Any:
     """The store of a hub on the replicated record (``record = "nats"``): its SQLite file as a
-    projection of the ``CPN_RECORD`` bucket, rows from other processes dropping the hub's caches."""
+    projection of the ``CPN_RECORD`` bucket; ``listeners`` hear of each row other processes wrote
+    (the hub drops cached keys and tenants, the deployments service updates its model access)."""
     from controlplane.replicated.bridge import RecordBridge
     from controlplane.store import replica
 
@@ -78,5 +86,5 @@ async def open_replicated_store(config: HubConfig, hub: Hub) -> Any:
     bridge = RecordBridge(urls, write_deadline_s=config.record_write_deadline_s, name=f"cpn-record-{config.hub_id}")
     db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
     assert db.write_hook is not None
-    db.write_hook.listeners.append(hub.record_changed)
+    db.write_hook.listeners.extend(listeners)
     return db

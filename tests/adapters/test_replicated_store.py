@@ -385,3 +385,22 @@ async def test_hub_processes_share_the_record_and_losing_one_loses_nothing(tmp_p
         for p in (first, second, third):
             if p is not None:
                 await p.stop()
+
+
+async def test_a_deployment_made_at_a_gives_its_tenant_the_model_at_b(two) -> None:  # type: ignore[no-untyped-def]
+    a, b, session = two
+    key = a.create_tenant("acme")
+    body = {"model": "qwen", "origins": ["hangzhou"], "budget_ms": 10, "cards_per_replica": 0.25, "min_cities": 2}
+    status, dep, _ = await client(session, a, key).call("POST", "/v1/deployments", body)
+    assert status in (201, 202), dep
+    at_b = client(session, b, key)
+
+    async def models() -> list[str]:
+        status, listing, _ = await at_b.call("GET", "/v1/models")
+        assert status == 200, listing
+        return [m["id"] for m in listing["data"]]
+
+    started = time.monotonic()
+    while "qwen" not in await models():
+        assert time.monotonic() - started < 1.0, "the deployment made at A is not among B's models after 1 s"
+        await asyncio.sleep(0.01)
