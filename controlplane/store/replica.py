@@ -17,7 +17,9 @@ With a replica attached to the database, that transaction gains the record's gua
   the record's current state and a retry at another process finds the first answer.
 - Rule 4 (projection): other processes' writes are applied to SQLite as they arrive (on the
   caller's event loop, never inside one of its transactions), keeping each key's revision;
-  listeners hear of each applied row (the hub drops cached keys and tenants).
+  listeners hear of each applied row (the hub drops cached keys and tenants). These commits are
+  not fsynced (``synchronous=NORMAL``: consistent, not durable): the record holds them and the
+  next start rebuilds them from it.
 - Rule 5 (usage adds up): usage counters are never read-modify-written on one shared key. Each
   process publishes its own cumulative counters under ``usage.<process>.<tenant>.<model>.<site>``;
   the local ``usage`` row is the sum over every process's counters. They are published just after
@@ -331,6 +333,9 @@ class Replica:
         usage_rows: set[tuple[str, str, str]] = set()
         self._applying = True
         conn.execute("PRAGMA foreign_keys = OFF")  # the writer checked them; snapshots come in revision order
+        # What is applied here is durable in the record and rebuilt from it on start: no fsync of
+        # its own (WAL + NORMAL stays consistent; the next FULL commit syncs it anyway).
+        conn.execute("PRAGMA synchronous = NORMAL")
         began = False
         try:
             try:
@@ -380,6 +385,7 @@ class Replica:
         finally:
             self._applying = False
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = FULL")
         self.revisions.update(revisions)
         self.applied += len(revisions)
         for table, row in applied:
