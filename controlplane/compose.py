@@ -104,8 +104,14 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     # other processes write there drop what tenancy caches of them (tenancy is built below, before
     # the process starts and opens the store).
     bridges: list[RecordBridge] = []  # the store's link to the replicated record, once opened
-    store = Store(config.db_path, opener=(lambda: open_replicated_store(config, lambda t, r: tenancy.record_changed(t, r),
-                                                                        bridges))
+    def record_changed(table: str, row: dict[str, Any]) -> None:
+        """A row another process wrote reached this one's record: drop cached keys and tenants, and
+        a deployment made or deleted elsewhere changes its tenant's model access here too."""
+        tenancy.record_changed(table, row)
+        if table == "deployments" and {"tenant", "model", "id", "state"} <= row.keys():
+            deployer.model_access_changed(row["tenant"], row["model"], row["id"], row["state"] != "deleted")
+
+    store = Store(config.db_path, opener=(lambda: open_replicated_store(config, record_changed, bridges))
                   if config.record == "nats" else None)
     metrics = HubMetrics()
     tasks = BackgroundTasks("hub")

@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from controlplane.store import stats as store_stats
+from controlplane.store.replica import ReplicatedDatabase
 
 if TYPE_CHECKING:
     from controlplane.config import HubConfig
@@ -80,6 +81,8 @@ class HubState(Collector):
                 log.debug("event=scrape_record_failed error=%r", exc)
             else:
                 yield from families
+        if self.store.is_open and isinstance(self.store.db, ReplicatedDatabase) and self.store.db.write_hook is not None:
+            yield from self._replicated(self.store.db.write_hook)
         errors = CounterMetricFamily("cpn_scrape_errors", "Groups of hub-state metrics that could not be read at a scrape")
         errors.add_metric([], self.errors)
         yield errors
@@ -156,6 +159,28 @@ class HubState(Collector):
         for (model, state), n in sorted(replicas.items()):
             live.add_metric([model, state], n)
         yield live
+
+    def _replicated(self, replica: Any) -> Iterator[Metric]:
+        """The replicated record under the store (``record = "nats"``, controlplane/store/replica.py)."""
+        bridge = replica.bridge
+        for name, text, value in (
+            ("cpn_record_rows_published", "Rows this process wrote to the replicated record (acknowledged by a quorum)",
+             replica.published),
+            ("cpn_record_rows_applied", "Rows from the replicated record applied to this process's SQLite projection",
+             replica.applied),
+            ("cpn_record_conflicts", "Write transactions refused because another process wrote their rows first (409)",
+             replica.conflicts),
+            ("cpn_record_no_quorum", "Write transactions refused without a quorum of the record (503)", replica.no_quorum),
+        ):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+        quorum = GaugeMetricFamily("cpn_record_quorum", "0 while writes to the replicated record are being refused (no quorum)")
+        quorum.add_metric([], 0 if getattr(bridge, "degraded_since", None) is not None else 1)
+        yield quorum
+        revision = GaugeMetricFamily("cpn_record_revision", "The last revision of the replicated record this process applied")
+        revision.add_metric([], getattr(bridge, "revision", 0))
+        yield revision
 
     def _record(self) -> Iterator[Metric]:
         snap = store_stats.snapshot(self.store.db, now=self.clock.time())

@@ -155,7 +155,7 @@ class Record:
                 it raises :class:`~.errors.NoQuorum`.
 
         Raises:
-            NoQuorum: the bucket could not be created or found within the deadline.
+            NoQuorum: the bucket could not be created or found within ``write_deadline_s``.
         """
 
         async def quiet(*_: Any) -> None:
@@ -167,12 +167,23 @@ class Record:
             error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet,
         )
         record = cls(nc, bucket, timeout_s, write_deadline_s)
-        try:
-            if create:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + write_deadline_s
+        while create:
+            try:
                 await record._ensure_bucket(replicas)
-        except BaseException:
-            await nc.close()
-            raise
+                break
+            except NoQuorum:
+                # a cluster just started (or electing) may not answer its first JetStream requests in
+                # time: keep asking until the write deadline, as a write would
+                if loop.time() + 0.2 < deadline:
+                    await asyncio.sleep(0.2)
+                    continue
+                await nc.close()
+                raise
+            except BaseException:
+                await nc.close()
+                raise
         return record
 
     async def nodes(self) -> list[NodeState]:

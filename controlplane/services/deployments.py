@@ -296,6 +296,11 @@ class DeploymentService:
         own = set(self._tenant_models.get(tenant, ()))
         return sorted(own | self._local_models(tenant))
 
+    def model_access_changed(self, tenant: str, model: str, dep_id: str, active: bool) -> None:
+        """Another hub process made (``active``) or deleted ``tenant``'s deployment ``dep_id`` of
+        ``model`` (the replicated record told this one): who may call the model here changes too."""
+        self._own(tenant, model, dep_id, active)
+
     def _own(self, tenant: str, model: str, dep_id: str, add: bool) -> None:
         """Record that ``tenant``'s deployment ``dep_id`` of ``model`` became active (or went away)."""
         counts = self._tenant_models.setdefault(tenant, Counter())

@@ -17,10 +17,15 @@ With a replica attached to the database, that transaction gains the record's gua
   the record's current state and a retry at another process finds the first answer.
 - Rule 4 (projection): other processes' writes are applied to SQLite as they arrive (on the
   caller's event loop, never inside one of its transactions), keeping each key's revision;
-  listeners hear of each applied row (the hub drops cached keys and tenants).
+  listeners hear of each applied row (the hub drops cached keys and tenants). These commits are
+  not fsynced (``synchronous=NORMAL``: consistent, not durable): the record holds them and the
+  next start rebuilds them from it.
 - Rule 5 (usage adds up): usage counters are never read-modify-written on one shared key. Each
   process publishes its own cumulative counters under ``usage.<process>.<tenant>.<model>.<site>``;
-  the local ``usage`` row is the sum over every process's counters.
+  the local ``usage`` row is the sum over every process's counters. They are published just after
+  the local commit, as absolute values: a send left unanswered (no quorum) is sent again with the
+  next write, and counts nothing twice if the first one landed after all. (Counters not yet
+  published when the process dies are lost, like the usage still in its one-second buffer.)
 - Rule 6 (start): a process with an empty record seeds it from its SQLite file (an existing hub
   moving to the replicated record); otherwise the replicated tables are emptied and rebuilt from
   the record (SQLite is a projection, never the source).
@@ -138,6 +143,9 @@ class Replica:
         self._usage_delta: dict[tuple[str, str, str], list[float]] = {}
         self._committed: list[tuple[str, int]] = []
         self._committed_usage: dict[tuple[str, str, str], list[float]] = {}
+        self.usage_unpublished: set[tuple[str, str, str]] = set()
+        """This process's counters committed locally but not yet acknowledged by the record."""
+        self.usage_publish_failures = 0
         self._applying = False
         self._loop = loop
         self._wake_scheduled = False
@@ -207,25 +215,20 @@ class Replica:
         self.apply_changes()
 
     def before_commit(self) -> None:
-        """Rule 2: publish the transaction's rows as one atomic batch; raise to roll back."""
+        """Rule 2: publish the transaction's rows as one atomic batch; raise to roll back.
+        (Usage counters go after the local commit: Rule 5.)"""
         pending, deltas = self._pending, self._usage_delta
         self._pending, self._usage_delta = {}, {}
-        if not pending and not deltas:
+        usage_after: dict[tuple[str, str, str], list[float]] = {}
+        for ident, delta in deltas.items():
+            if any(delta):
+                mine = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
+                usage_after[ident] = [a + b for a, b in zip(mine, delta)]
+        self._committed_usage = usage_after
+        if not pending:
             return
         writes = [Write(key, _ENCODE(Value(t=table, row=row, deleted=deleted)), self.revisions.get(key, 0))
                   for key, (table, row, deleted) in pending.items()]
-        usage_after: dict[tuple[str, str, str], list[float]] = {}
-        for ident, delta in deltas.items():
-            if not any(delta):
-                continue
-            mine = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
-            after = [a + b for a, b in zip(mine, delta)]
-            usage_after[ident] = after
-            key = record_key("usage", ident, self.process)
-            row = {"tenant": ident[0], "model": ident[1], "site": ident[2], **dict(zip(USAGE_COUNTERS, after))}
-            writes.append(Write(key, _ENCODE(Value(t="usage", row=row, proc=self.process)), self.revisions.get(key, 0)))
-        if not writes:
-            return
         if len(writes) > MAX_BATCH:
             raise RecordUnavailable(f"one transaction writes {len(writes)} rows; the record takes at most {MAX_BATCH}",
                                     code="record_batch_too_large")
@@ -252,18 +255,46 @@ class Replica:
             del self.publish_ms[:5_000]
         self.published += len(writes)
         self._committed = [(w.key, r) for w, r in zip(writes, revisions)]
-        self._committed_usage = usage_after
 
     def after_commit(self) -> None:
         for key, revision in self._committed:
             self.revisions[key] = max(revision, self.revisions.get(key, 0))
         for ident, after in self._committed_usage.items():
             self.usage[(self.process, *ident)] = after
+            self.usage_unpublished.add(ident)
         self._committed, self._committed_usage = [], {}
+        if self.usage_unpublished:
+            self.publish_usage()
 
     def after_rollback(self) -> None:
         self._pending, self._usage_delta = {}, {}
         self._committed, self._committed_usage = [], {}
+
+    def publish_usage(self) -> bool:
+        """Rule 5: publish this process's cumulative counters not yet in the record (absolute values,
+        so sending one again after an unanswered send counts nothing twice). Never raises: what
+        is not acknowledged stays unpublished and goes with the next write. True when all went."""
+        idents = sorted(self.usage_unpublished)[:MAX_BATCH]
+        writes = []
+        for ident in idents:
+            key = record_key("usage", ident, self.process)
+            after = self.usage[(self.process, *ident)]
+            row = {"tenant": ident[0], "model": ident[1], "site": ident[2], **dict(zip(USAGE_COUNTERS, after))}
+            writes.append(Write(key, _ENCODE(Value(t="usage", row=row, proc=self.process)), self.revisions.get(key, 0)))
+        try:
+            revisions = self.bridge.commit(writes)
+        except (RecordError, RuntimeError) as exc:
+            # Conflict: an earlier unanswered send of ours landed (its echo brings the revision),
+            # or another process runs with this process's hub id.
+            self.usage_publish_failures += 1
+            _log.log(logging.WARNING if isinstance(exc, Conflict) else logging.DEBUG,
+                     "event=record_usage_unpublished idents=%d error=%s", len(self.usage_unpublished), exc)
+            return False
+        for w, r in zip(writes, revisions):
+            self.revisions[w.key] = max(r, self.revisions.get(w.key, 0))
+        self.usage_unpublished.difference_update(idents)
+        self.published += len(writes)
+        return not self.usage_unpublished
 
     # ------------------------------------------------------------------ the projection
 
@@ -307,6 +338,9 @@ class Replica:
         usage_rows: set[tuple[str, str, str]] = set()
         self._applying = True
         conn.execute("PRAGMA foreign_keys = OFF")  # the writer checked them; snapshots come in revision order
+        # What is applied here is durable in the record and rebuilt from it on start: no fsync of
+        # its own (WAL + NORMAL stays consistent; the next FULL commit syncs it anyway).
+        conn.execute("PRAGMA synchronous = NORMAL")
         began = False
         try:
             try:
@@ -329,7 +363,14 @@ class Replica:
                     try:
                         if value.t == "usage":
                             ident = (value.row["tenant"], value.row["model"], value.row["site"])
-                            self.usage[(value.proc, *ident)] = [value.row.get(c, 0) for c in USAGE_COUNTERS]
+                            counters = [value.row.get(c, 0) for c in USAGE_COUNTERS]
+                            mine = self.usage.get((value.proc, *ident))
+                            if value.proc == self.process and mine is not None:
+                                # our own counters only grow; the record may hold an older send
+                                if any(m > c for m, c in zip(mine, counters)):
+                                    self.usage_unpublished.add(ident)
+                                counters = [max(m, c) for m, c in zip(mine, counters)]
+                            self.usage[(value.proc, *ident)] = counters
                             usage_rows.add(ident)
                         else:
                             self._apply_row(value)
@@ -349,6 +390,7 @@ class Replica:
         finally:
             self._applying = False
             conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA synchronous = FULL")
         self.revisions.update(revisions)
         self.applied += len(revisions)
         for table, row in applied:

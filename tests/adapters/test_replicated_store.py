@@ -12,6 +12,7 @@ reads go on; a fresh process rebuilds its SQLite projection from the record.
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from controlplane.compose import build_hub
@@ -118,6 +120,12 @@ async def test_idempotency_key_at_a_then_b_returns_the_same_job(two) -> None:  #
     assert (s2, second["id"]) == (201, first["id"]) and h2["Idempotent-Replayed"] == "true", second
     assert [j.id for j in store_jobs.list_jobs(b.db, "acme")] == [first["id"]]
     assert [j.id for j in store_jobs.list_jobs(a.db, "acme")] == [first["id"]]
+    async with session.get(f"http://127.0.0.1:{a.http_port}/metrics") as resp:
+        metrics = await resp.text()
+    assert "cpn_record_quorum 1.0" in metrics and "cpn_record_conflicts_total 0.0" in metrics, metrics
+    [published] = [float(line.split()[1]) for line in metrics.splitlines()
+                   if line.startswith("cpn_record_rows_published_total ")]
+    assert published >= 3  # the tenant, its key, the job and its idempotency key
 
 
 async def test_two_concurrent_writers_of_one_row_exactly_one_wins(two) -> None:  # type: ignore[no-untyped-def]
@@ -168,15 +176,14 @@ async def test_usage_from_both_hubs_adds_up_and_a_fresh_process_rebuilds_everyth
     finally:
         await fresh.stop()
     # A restarted process whose file is stale rebuilds from the record too (and keeps its own counts).
-    await b.stop()
-    b2 = await start(tmp_path, cluster, "hub-b")
+    store_usage.add_rows(a.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=2)])  # C does not see it
+    again = await start(tmp_path, cluster, "hub-c")
     try:
-        assert total(b2) == 13
-        store_usage.add_rows(b2.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=1)])
-        await until(lambda: total(a) == 14, 2, "usage 14 at A")
+        assert total(again) == 15
+        store_usage.add_rows(again.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=1)])
+        await until(lambda: total(a) == 16 and total(b) == 16, 2, "usage 16 at A and B")
     finally:
-        await b2.stop()
-        await b.start()  # the fixture stops it again
+        await again.stop()
 
 
 async def stream_leader(cluster: NatsCluster) -> str:
@@ -222,6 +229,7 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
             acme = client(session, a, key)
             status, job, _ = await acme.call("POST", "/v1/jobs", JOB)
             assert status == 201
+            store_usage.add_rows(a.db, [UsageRow(tenant="acme", model="m", site="s1", requests=1)])
             leader = await stream_leader(cluster)
             others = [n.name for n in cluster.nodes if n.name != leader]
             await cluster.kill(others[0])
@@ -235,6 +243,11 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
                 status, body, _ = await acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "after"})
                 assert status == 503 and body["error"]["code"] == "record_unavailable", body
             assert time.monotonic() - started < 1.5
+            assert a.db.write_hook.no_quorum == 6 and a.db.write_hook.bridge.degraded_since is not None
+            # Usage metered meanwhile is kept (locally) and published once the quorum is back.
+            store_usage.add_rows(a.db, [UsageRow(tenant="acme", model="m", site="s1", requests=2)])
+            assert store_usage.for_tenant(a.db, "acme")["totals"]["requests"] == 3
+            assert a.db.write_hook.usage_unpublished
             status, listing, _ = await acme.call("GET", "/v1/jobs")  # reads answer from the projection
             assert status == 200 and [j["id"] for j in listing["data"]] == [job["id"]], listing
             status, _, _ = await acme.call("GET", f"/v1/jobs/{job['id']}")
@@ -257,6 +270,13 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
             assert body["id"] in {j.id for j in store_jobs.list_jobs(a.db, "acme")}
             status, again, _ = await acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "after"})
             assert (status, again["id"]) == (201, body["id"])  # exactly one job for the key
+            assert not a.db.write_hook.usage_unpublished  # went with the writes after the quorum's return
+        record = await kv.Record.open(cluster.urls, create=False)
+        try:
+            entry = await record.get("usage.hub-a.acme.m.s1")
+            assert msgspec.json.decode(entry.value)["row"]["requests"] == 3  # each flush counted once
+        finally:
+            await record.close()
     finally:
         await a.stop()
 
@@ -322,3 +342,65 @@ async def test_sites_are_not_lost_while_the_record_elects_a_leader(tmp_path: Pat
     finally:
         await agent.stop()
         await a.stop()
+
+
+async def test_hub_processes_share_the_record_and_losing_one_loses_nothing(tmp_path: Path, cluster: NatsCluster) -> None:
+    """``cpn hub --record nats`` processes: what one acknowledged survives its SIGKILL, the others
+    go on writing, and a new process with an empty file answers for all of it."""
+    from bench.submissions import HubProc
+
+    urls = ",".join(cluster.urls)
+
+    def args(name: str, *extra: str) -> list[str]:
+        return ["--listen", "127.0.0.1:0", "--record", "nats", "--nats", urls, "--db", str(tmp_path / name / "hub.db"),
+                "--hub-id", name, *extra]
+
+    first = await HubProc.start(args("p1", "--create-admin-key"))
+    second = await HubProc.start(args("p2"))
+    third: HubProc | None = None
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            admin = Client(session, f"http://127.0.0.1:{first.port}", first.admin_key)
+            status, made, _ = await admin.call("POST", "/v1/tenants", {"id": "acme"})
+            assert status == 201, made
+            at = {p: Client(session, f"http://127.0.0.1:{p.port}", made["api_key"]) for p in (first, second)}
+            ids = []
+            for i in range(10):
+                status, job, _ = await at[first].call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": f"k{i}"})
+                assert status == 201, job
+                ids.append(job["id"])
+            first.proc.send_signal(signal.SIGKILL)  # acknowledged writes of a dead process are in the record
+            await first.proc.wait()
+            for i in range(10, 15):
+                status, job, _ = await at[second].call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": f"k{i}"})
+                assert status == 201, job
+                ids.append(job["id"])
+            status, replay, _ = await at[second].call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "k3"})
+            assert (status, replay["id"]) == (201, ids[3])  # sent to the dead process first: the same job
+            third = await HubProc.start(args("p3"))  # an empty file: everything from the record
+            fresh = Client(session, f"http://127.0.0.1:{third.port}", made["api_key"])
+            status, listing, _ = await fresh.call("GET", "/v1/jobs?limit=100")
+            assert status == 200 and sorted(j["id"] for j in listing["data"]) == sorted(ids), listing
+    finally:
+        for p in (first, second, third):
+            if p is not None:
+                await p.stop()
+
+
+async def test_a_deployment_made_at_a_gives_its_tenant_the_model_at_b(two) -> None:  # type: ignore[no-untyped-def]
+    a, b, session = two
+    key = a.create_tenant("acme")
+    body = {"model": "qwen", "origins": ["hangzhou"], "budget_ms": 10, "cards_per_replica": 0.25, "min_cities": 2}
+    status, dep, _ = await client(session, a, key).call("POST", "/v1/deployments", body)
+    assert status in (201, 202), dep
+    at_b = client(session, b, key)
+
+    async def models() -> list[str]:
+        status, listing, _ = await at_b.call("GET", "/v1/models")
+        assert status == 200, listing
+        return [m["id"] for m in listing["data"]]
+
+    started = time.monotonic()
+    while "qwen" not in await models():
+        assert time.monotonic() - started < 1.0, "the deployment made at A is not among B's models after 1 s"
+        await asyncio.sleep(0.01)
