@@ -86,11 +86,11 @@ class _Connection(asyncio.Protocol):
             return
         self.got_bytes = True
         try:
-            if self.state == _HEAD:
+            self.parser.feed_data(data)
+            if self.state == _HEAD:  # all of it was head (a body, even in the same read, is not counted)
                 self.head_bytes += len(data)
                 if self.head_bytes > _HEAD_LIMIT:
                     raise BadResponse("response head too long")
-            self.parser.feed_data(data)
         except BadResponse as exc:
             self._fail(exc)
             self._unusable()

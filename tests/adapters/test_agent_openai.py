@@ -403,3 +403,34 @@ async def test_the_client_reads_interim_answers_bodies_ended_by_close_and_refuse
         await pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_large_answer_that_comes_with_its_head_in_one_read_is_read_whole() -> None:
+    # Only the head is bounded (64 KiB): a body of 256 KiB written together with it is not refused.
+    from edge_agent.backends.http1 import Http1Pool
+
+    body = b"x" * (256 * 1024)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = Http1Pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        for _ in range(3):
+            response = await pool.request("POST", "/x", b"{}", timeout_s=5)
+            assert response.status == 200 and await response.read() == body
+        assert pool.opened == 1
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
