@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from controlplane.config import HubConfig
+from controlplane.core.clock import Clock
 from controlplane.gateway import dashboard as dashboard_api
 from controlplane.gateway import deployments as deployments_api
 from controlplane.gateway import jobs as jobs_api
@@ -37,15 +38,16 @@ class HubProcess:
     services: Services
 
 
-def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> HubProcess:
-    """The hub (gateway and controller in one process) with every service and its routes."""
+def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock: Clock | None = None) -> HubProcess:
+    """The hub (gateway and controller in one process) with every service and its routes; ``clock``:
+    the wall clock unless given (tests hand a manual one to pass loss detection without waiting)."""
     services: Services | None = None
 
     async def serve_http(hub: Hub, host: str, port: int) -> server.GatewayServer:
         assert services is not None  # built below, before anyone can start the hub
         return await server.start(hub, services, host, port)
 
-    clock = WallClock()
+    clock = clock or WallClock()
     hub = Hub(config, layout=layout, serve_http=serve_http, clock=clock)
     history = DashboardHistory(hub)
     hub.add_service(history)
@@ -61,6 +63,6 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
     return HubProcess(hub=hub, services=services)
 
 
-def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub:
+def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock: Clock | None = None) -> Hub:
     """:func:`build`'s hub (``cpn hub``, the tests)."""
-    return build(config, layout=layout).hub
+    return build(config, layout=layout, clock=clock).hub

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ events_logger = "file"
 """
 
 real_podman = needs("podman", "runc", "busybox", package="podman runc busybox-static")
+# One worker runs the whole module (``make test`` runs the suite on several): one throwaway podman
+# store and image import, not one per worker.
+pytestmark = pytest.mark.xdist_group("podman")
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +57,11 @@ def podman_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     for applet in applets:
         if applet != "busybox":
             (rootfs / "bin" / applet).symlink_to("busybox")
+    # podman refuses a runroot longer than 50 characters, which pytest's temp paths can exceed (a
+    # worker's adds "popen-gwN/"): the runroot gets a short directory of its own.
+    runroot = Path(tempfile.mkdtemp(prefix="cpn-podrun-"))
     table: dict[str, Any] = {"containers_conf": str(conf), "root": str(root / "storage"),
-                             "runroot": str(root / "run"), "podman_args": ["--storage-driver", "overlay"]}
+                             "runroot": str(runroot), "podman_args": ["--storage-driver", "overlay"]}
     base = ["podman", "--root", table["root"], "--runroot", table["runroot"], "--storage-driver", "overlay"]
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
     with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
@@ -66,6 +73,7 @@ def podman_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     subprocess.run([*base, "rm", "--all", "--force"], env=env, capture_output=True)
     subprocess.run([*base, "rmi", "--all", "--force"], env=env, capture_output=True)
     subprocess.run([*base, "system", "reset", "--force"], env=env, capture_output=True)
+    shutil.rmtree(runroot, ignore_errors=True)
 
 
 def _site(url: str, data: Path, table: dict[str, Any], **extra: Any) -> Any:

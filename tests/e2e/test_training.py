@@ -331,10 +331,8 @@ async def test_a_command_job_never_reaches_a_site_without_the_process_executor_a
             _, events, _ = await tenant.call("GET", f"/v1/jobs/{jid}/events")
             return [e for e in events["data"] if e["kind"] == "unplaceable"]
 
-        deadline = asyncio.get_running_loop().time() + 10
-        while not (why := await unplaceable()):
-            assert asyncio.get_running_loop().time() < deadline, "no unplaceable event"
-            await asyncio.sleep(0.05)
+        await until(unplaceable, 10, "an unplaceable event")
+        why = await unplaceable()
         assert "executor" in why[0]["body"]["reason"], why
         _, view, _ = await tenant.call("GET", f"/v1/jobs/{jid}")
         assert view["state"] == "queued" and not view["attempts"], view

@@ -12,6 +12,7 @@ import aiohttp
 import msgspec
 
 from controlplane.config import HubConfig
+from controlplane.core.clock import Clock
 from controlplane.hub import Hub
 from controlplane.compose import build_hub
 from topology import loader
@@ -32,8 +33,10 @@ def hub_config(tmp: Path, nats_url: str, **kw: Any) -> HubConfig:
 
 
 @asynccontextmanager
-async def running_hub(config: HubConfig) -> AsyncIterator[Hub]:
-    hub = build_hub(config)
+async def running_hub(config: HubConfig, *, clock: Clock | None = None) -> AsyncIterator[Hub]:
+    """A started hub (stopped on exit); ``clock``: a ``tests.support.clock.ManualClock`` to move the
+    hub's time by hand, the wall clock if not given."""
+    hub = build_hub(config, clock=clock)
     await hub.start()
     try:
         yield hub

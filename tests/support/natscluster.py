@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.nats.natsserver import NatsServer
+from tests.support.waiting import until
 
 CLUSTER_NAME = "cpn-test"
 
@@ -133,25 +134,30 @@ class NatsCluster:
 
     async def wait_meta_leader(self, timeout_s: float = 20.0, among: list[Node] | None = None) -> str:
         """Name of the JetStream meta leader once the running nodes agree there is one."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         nodes = among or [n for n in self.nodes if n.server.running and not n.paused]
-        last: object = None
-        while True:
+        last: list[object] = [None]
+        leader: list[str] = []
+
+        async def agreed() -> bool:
             try:
                 leaders = set()
                 for node in nodes:
                     jsz = await asyncio.to_thread(node.jsz)
                     leaders.add((jsz.get("meta_cluster") or {}).get("leader") or "")
-                if len(leaders) == 1 and "" not in leaders:
-                    return leaders.pop()
-                last = leaders
+                last[0] = leaders
             except OSError as exc:
-                last = exc
-            if loop.time() >= deadline:
-                tails = {n.name: n.server.tail()[-5:] for n in self.nodes}
-                raise TimeoutError(f"no JetStream meta leader after {timeout_s:g} s (last: {last}); tails: {tails}")
-            await asyncio.sleep(0.1)
+                last[0] = exc
+                return False
+            if len(leaders) == 1 and "" not in leaders:
+                leader[:] = leaders
+            return bool(leader)
+
+        try:
+            await until(agreed, timeout_s, "a JetStream meta leader", interval_s=0.1)
+        except AssertionError:
+            tails = {n.name: n.server.tail()[-5:] for n in self.nodes}
+            raise TimeoutError(f"no JetStream meta leader after {timeout_s:g} s (last: {last[0]}); tails: {tails}") from None
+        return leader[0]
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
