@@ -40,7 +40,7 @@ class HubProcess:
 
 def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock: Clock | None = None) -> HubProcess:
     """The hub (gateway and controller in one process) with every service and its routes; ``clock``:
-    the wall clock unless given (tests hand a manual one to pass loss detection without waiting)."""
+    the wall clock unless given (tests hand a manual one and move time by hand)."""
     services: Services | None = None
 
     async def serve_http(hub: Hub, host: str, port: int) -> server.GatewayServer:

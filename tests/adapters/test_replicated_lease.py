@@ -25,7 +25,7 @@ from controlplane.replicated.errors import Fenced, NotFound
 from controlplane.replicated.lease import LeaderElector
 from controlplane.replicated.lease_rules import LeaseConfig
 from tests.support.fakehub import wait_for
-from tests.support.natscluster import NatsCluster
+from tests.support.natscluster import NatsCluster, open_record
 from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,7 @@ HANDOVER = LeaseConfig(lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_
 
 
 async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
-    records = [await kv.Record.open(cluster.urls) for _ in range(2)]
+    records = [await open_record(cluster.urls) for _ in range(2)]
     events: list[tuple[str, str, object]] = []
 
     def elector(i: int) -> LeaderElector:
@@ -97,7 +97,7 @@ async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
 
 
 async def test_leader_that_cannot_reach_a_quorum_stops_by_its_deadline(cluster: NatsCluster) -> None:
-    record = await kv.Record.open(cluster.urls, timeout_s=0.5)
+    record = await open_record(cluster.urls, timeout_s=0.5)
     stopped: list[float] = []
     a = LeaderElector(record, "controller", "lonely", FAST, on_stopped_leading=lambda r: stopped.append(time.monotonic()))
     try:

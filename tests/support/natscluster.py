@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.nats.natsserver import NatsServer
+from controlplane.replicated import kv
+from controlplane.replicated.errors import NoQuorum
 from tests.support.waiting import until
 
 CLUSTER_NAME = "cpn-test"
@@ -195,3 +197,21 @@ class NatsCluster:
                 await node.server.resume()
                 node.paused = False
         await asyncio.gather(*(n.server.stop() for n in self.nodes), return_exceptions=True)
+
+
+async def open_record(urls: list[str], *, within_s: float = 30.0, **kw: Any) -> kv.Record:
+    """``kv.Record.open`` on a fresh cluster, asked again while it answers ``NoQuorum``: creating the R3
+    bucket (a stream leader elected among three nodes) can take longer than one request's timeout
+    on a loaded machine."""
+    opened: list[kv.Record] = []
+    refused: list[NoQuorum] = []
+
+    async def opens() -> bool:
+        try:
+            opened.append(await kv.Record.open(urls, **kw))
+        except NoQuorum as exc:
+            refused.append(exc)
+        return bool(opened)
+
+    await until(opens, within_s, "the record to open", interval_s=0.2, last=lambda: refused[-1:])
+    return opened[0]
