@@ -248,7 +248,8 @@ async def test_a_failing_job_and_a_stopped_one(nats_server: NatsServer, tmp_path
             stopped = _exited(events, "long")
             assert stopped is not None and stopped.reason == "stopped", stopped
             final = [e.event for e in events if e.event.job == "long" and isinstance(e.event, wire.Checkpointed)]
-            assert [(c.checkpoint, c.progress) for c in final] == [("/cpn/checkpoint/final.ckpt", 0.4)]
+            # (the exit in the message: a trap that never ran, e.g. killed past the grace, shows there)
+            assert [(c.checkpoint, c.progress) for c in final] == [("/cpn/checkpoint/final.ckpt", 0.4)], stopped
             assert not agent.training.attempts
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import urllib.request
 from pathlib import Path
@@ -96,9 +97,16 @@ class NatsCluster:
     def __init__(self, base_dir: Path | str, size: int = 3, host: str = "127.0.0.1") -> None:
         self.base_dir = Path(base_dir)
         self.host = host
+        self.size = size
         self.nodes: list[Node] = []
-        route_ports = [free_port(host) for _ in range(size)]
-        for i in range(size):
+        self._configure()
+
+    def _configure(self) -> None:
+        """Pick ports (nats-server's route and monitoring ports cannot be 0) and write each node's config."""
+        host = self.host
+        self.nodes = []
+        route_ports = [free_port(host) for _ in range(self.size)]
+        for i in range(self.size):
             name = f"n{i + 1}"
             node_dir = self.base_dir / name
             node_dir.mkdir(parents=True, exist_ok=True)
@@ -125,14 +133,25 @@ class NatsCluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self, timeout_s: float = 20.0) -> None:
-        """Start every node and wait for a JetStream meta leader; stop everything if that fails."""
-        try:
-            await asyncio.gather(*(n.server.start(timeout_s) for n in self.nodes))
-            await self.wait_meta_leader(timeout_s)
-        except BaseException:
-            await self.stop()
-            raise
+    async def start(self, timeout_s: float = 20.0, attempts: int = 3) -> None:
+        """Start every node and wait for a JetStream meta leader; stop everything if that fails.
+
+        A port picked free can be taken by another process before the node binds it (other tests
+        run beside this one): then the cluster starts again on new ports, up to ``attempts`` times.
+        """
+        for attempt in range(attempts):
+            try:
+                await asyncio.gather(*(n.server.start(timeout_s) for n in self.nodes))
+                await self.wait_meta_leader(timeout_s)
+                return
+            except BaseException as exc:
+                taken = any("address already in use" in line for n in self.nodes for line in n.server.tail())
+                await self.stop()
+                if not taken or attempt == attempts - 1 or not isinstance(exc, Exception):
+                    raise
+                for node in self.nodes:  # a fresh store: nothing of the failed start is carried over
+                    shutil.rmtree(node.server.store_dir, ignore_errors=True)
+                self._configure()
 
     async def wait_meta_leader(self, timeout_s: float = 20.0, among: list[Node] | None = None) -> str:
         """Name of the JetStream meta leader once the running nodes agree there is one."""
@@ -141,6 +160,9 @@ class NatsCluster:
         leader: list[str] = []
 
         async def agreed() -> bool:
+            gone = [n.name for n in nodes if not n.server.running]
+            if gone:  # a node that exited will not vote: say so now, not after the whole timeout
+                raise TimeoutError(f"{gone} exited; tails: {({n.name: n.server.tail()[-5:] for n in self.nodes})}")
             try:
                 leaders = set()
                 for node in nodes:
