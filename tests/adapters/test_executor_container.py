@@ -46,8 +46,13 @@ pytestmark = pytest.mark.xdist_group("podman")
 def podman_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The ``executors.container`` table of a site whose podman holds ``localhost/tiny:1``."""
     root = tmp_path_factory.mktemp("podman")
+    # podman refuses a runroot longer than 50 characters, which pytest's temp paths can exceed (a
+    # worker's adds "popen-gwN/"): the runroot gets a short directory of its own. Its per-boot state
+    # and locks go there too (by default /run/libpod and /dev/shm, shared with every other podman on
+    # the machine: another test run's `podman system reset` wiped them under this one's containers).
+    runroot = Path(tempfile.mkdtemp(prefix="cpn-podrun-"))
     conf = root / "containers.conf"
-    conf.write_text(CONTAINERS_CONF)
+    conf.write_text(CONTAINERS_CONF + f'tmp_dir = "{runroot / "libpod"}"\nlock_type = "file"\n')
     rootfs = root / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
     busybox = shutil.which("busybox")
@@ -57,11 +62,8 @@ def podman_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     for applet in applets:
         if applet != "busybox":
             (rootfs / "bin" / applet).symlink_to("busybox")
-    # podman refuses a runroot longer than 50 characters, which pytest's temp paths can exceed (a
-    # worker's adds "popen-gwN/"): the runroot gets a short directory of its own.
-    runroot = Path(tempfile.mkdtemp(prefix="cpn-podrun-"))
     table: dict[str, Any] = {"containers_conf": str(conf), "root": str(root / "storage"),
-                             "runroot": str(runroot), "podman_args": ["--storage-driver", "overlay"]}
+                             "runroot": str(runroot / "run"), "podman_args": ["--storage-driver", "overlay"]}
     base = ["podman", "--root", table["root"], "--runroot", table["runroot"], "--storage-driver", "overlay"]
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
     with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
