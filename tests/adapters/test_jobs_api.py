@@ -12,7 +12,7 @@ import pytest
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
-from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.waiting import until
 
 JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60,
@@ -138,7 +138,7 @@ async def test_cancel(api) -> None:  # type: ignore[no-untyped-def]
     status, body, _ = await acme.call("GET", "/v1/jobs?state=sleeping")
     assert status == 400 and body["error"]["param"] == "state"
     # The scheduler never places a cancelled job.
-    service = next(s for s in hub.services if s.name == "training")
+    service = services_of(hub).training
     ticks = service.counters["ticks"]
     await until(lambda: service.counters["ticks"] >= ticks + 2, 5, "two ticks")
     assert store_jobs.attempts(hub.db, job["id"]) == []

@@ -25,7 +25,7 @@ from controlplane.store import sites as store_sites
 from edge_agent import wire
 from tests.adapters.test_training_raw_site import JOB, RawSite, submit
 from tests.support.waiting import until
-from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ async def rogue_site(url: str, site: str, city: str, cards: dict[str, int], serv
                                 free_cards={a: 10.0 ** 9 for a in cards},
                                 models=[wire.ReplicaStatus(model="m", slots=10 ** 9, busy=-10 ** 6, cards=-3.0)])
             await nc.publish(wire.heartbeat_subject(site), wire.encode(hb))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the site's heartbeat period
 
     return nc, asyncio.create_task(beat())
 
@@ -166,7 +166,7 @@ async def honest_site(url: str, site: str, city: str) -> tuple[Any, asyncio.Task
             seq += 1
             hb = wire.Heartbeat(site=site, seq=seq, models=[wire.ReplicaStatus(model="m", slots=8, busy=2)])
             await nc.publish(wire.heartbeat_subject(site), wire.encode(hb))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the site's heartbeat period
 
     return nc, asyncio.create_task(beat())
 
@@ -251,7 +251,7 @@ async def test_a_second_site_forging_events_cannot_freeze_a_job_running_elsewher
         await site.publish_event(wire.AttemptExited(job=jid, attempt=1, seq=3, site="hz-edge", at=now + 2,
                                                     reason="completed", progress=1.0), key=key_)
         await until(lambda: store_jobs.get_job(hub.db, jid).state == "succeeded", 10, "job succeeded")  # type: ignore[union-attr]
-        service = next(s for s in hub.services if s.name == "training")
+        service = services_of(hub).training
         assert service.counters["not_holder"] == 299
         events = store_jobs.events(hub.db, jid)
         assert [(e.kind, e.body["site"]) for e in events] == [
@@ -270,7 +270,7 @@ async def test_heartbeats_listing_attempts_the_hub_never_placed_turn_into_no_com
         fake = [wire.AttemptRef(job=f"job-{i:016x}", attempt=1) for i in range(2000)]
         view = hub.registry.get("hz-edge")
         assert view is not None
-        service = next(s for s in hub.services if s.name == "training")
+        service = services_of(hub).training
         assert site._beat is not None
         site._beat.cancel()  # from now on this test writes hz-edge's heartbeats itself
         for seq in range(5):
