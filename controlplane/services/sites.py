@@ -255,8 +255,10 @@ class SiteService:
             stalled_s = self.clock.monotonic() - before - self.config.sweep_s
             if stalled_s > self.config.heartbeat_s:
                 # This process stood still (a write waiting for the replicated record's quorum, a
-                # pause): the heartbeats it missed are queued, not lost. Read them before judging.
+                # pause): it was not listening, so the silence is its own, not the sites'. Like a
+                # reconnection, every site gets a full detection period from now (registry Rule 2).
                 log.warning("event=loop_stalled seconds=%.2f", stalled_s)
+                self.registry.bus_up(self.clock.time())
                 continue
             self.sweep()
 
