@@ -30,6 +30,7 @@ import math
 import secrets
 import socket
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -165,6 +166,7 @@ class RegionalNetwork:
         self.regions = [RegionRun(p) for p in plans]
         creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
         await self._start_nats(creds)
+        await self._wait_jetstream()
         home = self.regions[0]
         hub_user, hub_password = creds.hub.user, creds.hub.password
 
@@ -251,6 +253,27 @@ class RegionalNetwork:
         # A clustered server is ready only once its routes are up: start them all together.
         await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s)
                                for r in self.regions for s in r.servers))
+
+    async def _wait_jetstream(self) -> None:
+        """Until every node reports the same JetStream meta leader (the super-cluster is formed; a
+        record opened before would wait on it, and time out under load)."""
+
+        def leader(port: int) -> str:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz", timeout=2) as resp:
+                    return str((json.loads(resp.read()).get("meta_cluster") or {}).get("leader") or "")
+            except OSError:
+                return ""
+
+        ports = [p for r in self.regions for p in r.monitor_ports]
+        deadline = time.monotonic() + 3 * self.opts.ready_timeout_s
+        while True:
+            seen = {await asyncio.to_thread(leader, p) for p in ports}
+            if len(seen) == 1 and "" not in seen:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the NATS super-cluster elected no JetStream meta leader: {sorted(seen)}")
+            await asyncio.sleep(0.2)
 
     async def _start_agents(self, region: RegionRun, creds: natsconf.CredentialSet) -> None:
         from edge_agent.agent import Agent
