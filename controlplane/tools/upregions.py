@@ -88,16 +88,28 @@ def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "12
             rid = _nearest_region(layout, kept, site)
         by_region[rid].append(site.id)
     plans = []
-    for i, region in enumerate(kept):
-        count = HOME_NODES if i == 0 else 1
-        nodes = tuple(
-            natsregions.Node(
-                name=f"{region.id}-node-{k}", host=host, listen_host=host, client_port=free_port(host),
-                cluster_port=free_port(host), leafnode_port=free_port(host), gateway_port=free_port(host),
-                monitor=f"{host}:{free_port(host)}", store_dir="")
-            for k in range(1, count + 1))
-        city = region.gateways[0] if region.gateways else region.cluster
-        plans.append(RegionPlan(id=region.id, gateway_city=city, sites=tuple(by_region[region.id]), nodes=nodes))
+    held: list[socket.socket] = []  # every port stays bound until all are picked: no port twice
+
+    def port() -> int:
+        s = socket.socket()
+        s.bind((host, 0))
+        held.append(s)
+        return int(s.getsockname()[1])
+
+    try:
+        for i, region in enumerate(kept):
+            count = HOME_NODES if i == 0 else 1
+            nodes = tuple(
+                natsregions.Node(
+                    name=f"{region.id}-node-{k}", host=host, listen_host=host, client_port=port(),
+                    cluster_port=port(), leafnode_port=port(), gateway_port=port(),
+                    monitor=f"{host}:{port()}", store_dir="")
+                for k in range(1, count + 1))
+            city = region.gateways[0] if region.gateways else region.cluster
+            plans.append(RegionPlan(id=region.id, gateway_city=city, sites=tuple(by_region[region.id]), nodes=nodes))
+    finally:
+        for s in held:
+            s.close()
     return plans
 
 
