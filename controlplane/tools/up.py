@@ -52,7 +52,7 @@ class UpOptions:
     trusted_proxies: tuple[str, ...] = ()
     regions: int = 0
     """0: one NATS server and one hub; N: the layout's first N regions as a super-cluster
-    (``controlplane.tools.upregions``)."""
+    (``controlplane.tools.upregions.run``; ``cpn up --regions N``)."""
 
 
 class Network:
@@ -292,11 +292,6 @@ async def _deploy_demo(service: DeploymentService, layout: topo_layout.Layout) -
 
 async def run(opts: UpOptions) -> None:
     """Start everything, print the banner, wait for cancellation (Ctrl-C), stop everything."""
-    if opts.regions:
-        from controlplane.tools import upregions
-
-        await upregions.run(opts)
-        return
     net = Network(opts)
     try:
         await net.start()

@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
         agents=not args.no_agents, sim_time_scale=args.time_scale, regions=args.regions,
         tls_cert=args.tls_cert, tls_key=args.tls_key, trusted_proxies=tuple(args.trusted_proxy or ()),
     )
+    if opts.regions:
+        from controlplane.tools import upregions
+
+        return run_until_signalled(upregions.run(opts))
     return run_until_signalled(up.run(opts))
 
 
