@@ -70,8 +70,10 @@ class RegionPlan:
     nodes: tuple[natsregions.Node, ...]
 
 
-def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "127.0.0.1") -> list[RegionPlan]:
-    """The first ``n`` regions of ``layout`` with their sites and nodes (ports picked now).
+def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "127.0.0.1", *,
+                 fold: bool = True) -> list[RegionPlan]:
+    """The first ``n`` regions of ``layout`` with their sites and nodes (ports picked now). With
+    ``fold`` the sites of the other regions join the nearest kept region; without, they are left out.
 
     Raises:
         ValueError: ``n`` < 1, or more regions than the layout names.
@@ -85,6 +87,8 @@ def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "12
     for site in layout.sites:
         rid = layout.region_of_site(site.id)
         if rid not in by_region:
+            if not fold:
+                continue
             rid = _nearest_region(layout, kept, site)
         by_region[rid].append(site.id)
     plans = []
@@ -154,8 +158,10 @@ class RegionalNetwork:
     """``cpn up --regions N``: a super-cluster, a controller, a gateway per region, the agents."""
 
     def __init__(self, opts: UpOptions, *, wan: WanLinks | None = None,
-                 hub_overrides: dict[str, Any] | None = None) -> None:
+                 hub_overrides: dict[str, Any] | None = None, fold_sites: bool = True) -> None:
         self.opts = opts
+        self.fold_sites = fold_sites
+        """Sites of regions past N join the nearest kept region (else they are not run: a lighter bench)."""
         self.wan = wan
         self.hub_overrides = dict(hub_overrides or {})
         """More :class:`HubConfig` fields of every hub process (the tests' shorter deadlines)."""
@@ -174,7 +180,7 @@ class RegionalNetwork:
         private_files.private_dir(data)
         private_files.tighten_tree(data)
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
-        plans = plan_regions(self.layout, opts.regions, data, opts.host)
+        plans = plan_regions(self.layout, opts.regions, data, opts.host, fold=self.fold_sites)
         self.regions = [RegionRun(p) for p in plans]
         creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
         await self._start_nats(creds)
@@ -305,7 +311,7 @@ class RegionalNetwork:
 
     async def _wait_registered(self) -> None:
         assert self.layout is not None
-        n = len(self.layout.sites)
+        n = sum(len(r.plan.sites) for r in self.regions)
         deadline = time.monotonic() + self.opts.ready_timeout_s
         while any(sum(1 for v in h.registry if v.state == "up" and v.registered) < n for h in self._hubs()):
             if time.monotonic() > deadline:
@@ -353,7 +359,7 @@ class RegionalNetwork:
 
         assert self.layout is not None
         key = self.credentials["tenant_key"]
-        lines = ["", f"cpn is up: {len(self.layout.sites)} sites in {len(self.regions)} regions "
+        lines = ["", f"cpn is up: {sum(len(r.plan.sites) for r in self.regions)} sites in {len(self.regions)} regions "
                      f"(NATS super-cluster; record and controller in region {self.regions[0].plan.id!r})"]
         for region in self.regions:
             lines.append(f"  region {region.plan.id}: gateway at {self.gateway_url(region)} "
