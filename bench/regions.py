@@ -47,9 +47,14 @@ class Wan:
     async def link(self, dialer: str, target: str, url: str) -> str:
         proxy = FaultProxy(url)
         await proxy.start()
-        proxy.set_delay(self.one_way_ms[(dialer, target)])
+        proxy.delay_for = self.one_way_ms[(dialer, target)]  # type: ignore[attr-defined]
         self.proxies.append(proxy)
         return proxy.url
+
+    def delay(self) -> None:
+        """The WAN delays on (after start-up: what is measured is the requests, not the start)."""
+        for p in self.proxies:
+            p.set_delay(p.delay_for)  # type: ignore[attr-defined]
 
     async def close(self) -> None:
         for p in self.proxies:
@@ -71,6 +76,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float) ->
             t0 = time.monotonic()
             await net.start()
             started_s = time.monotonic() - t0
+            wan.delay()
             key = net.credentials["tenant_key"]
             central = net.regions[0]
             samples: dict[tuple[str, str], list[float]] = {}
