@@ -194,14 +194,20 @@ async def test_a_region_cut_off_keeps_serving_its_own_and_refuses_submissions_un
             for _ in range(rounds):
                 for r in net.regions:
                     status, body, headers, _ = await chat(session, net.gateway_url(r), key, own[r.plan.id])
+                    assert net.layout is not None
+                    if status == 200 and net.layout.region_of_site(headers["X-CPN-Site"]) != r.plan.id:
+                        status = 299  # served, but from another region: not what a region must do
                     out[r.plan.id].append(status)
-                    if status == 200:
-                        assert net.layout is not None
-                        assert net.layout.region_of_site(headers["X-CPN-Site"]) == r.plan.id, headers
             return out
 
-        before = await serve_all(3)
-        assert all(s == [200] * 3 for s in before.values()), before
+        # Warm: every gateway has served its own origin three times in a row (the first requests
+        # after a deployment loads can fail over while the replicas settle on a loaded machine).
+        deadline = time.monotonic() + 60
+        while True:
+            before = await serve_all(3)
+            if all(s == [200] * 3 for s in before.values()):
+                break
+            assert time.monotonic() < deadline, before
 
         for proxy in wan.of("zj"):
             proxy.set_blackhole()
