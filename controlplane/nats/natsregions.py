@@ -66,6 +66,8 @@ def supercluster_configs(
     *,
     tls: Mapping[str, natsconf.TlsFiles] | None = None,
     min_nodes: int = 3,
+    gateway_dial: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    gateway_advertise: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, str]]:
     """Config text of every node, by region then node name.
 
@@ -75,6 +77,11 @@ def supercluster_configs(
         tls: TLS files by node name (every node needs them when given).
         min_nodes: the least nodes a region may have (3 for a JetStream quorum; 1 for a scaled-down
             loopback test).
+        gateway_dial: the URLs region X's nodes dial to reach region Y (``[X][Y]``; default: Y's
+            nodes' gateway ports). A loopback test puts a fault proxy on each link this way.
+        gateway_advertise: the gateway URL a node (by name) tells the other regions to dial (nats-server
+            gossips it; default: its listen address). With ``gateway_dial`` through proxies, a test
+            advertises an address that refuses, so that only the configured links are ever dialled.
 
     Raises:
         ValueError: no region, a region with too few nodes, a node name used twice, missing TLS files.
@@ -102,7 +109,10 @@ def supercluster_configs(
             if node.monitor:
                 doc["http"] = node.monitor
             doc["server_tags"] = [region_tag(rid)]
-            doc["jetstream"] = {"store_dir": node.store_dir, "sync_interval": "always"}
+            # An empty store_dir leaves the store to the command line (``-sd``: ``cpn up --regions``);
+            # nats-server refuses a store dir given both ways, even the same one.
+            doc["jetstream"] = ({"store_dir": node.store_dir, "sync_interval": "always"} if node.store_dir
+                                else {"sync_interval": "always"})
             doc["cluster"] = {
                 "name": rid,
                 "listen": f"{node.listen_host}:{node.cluster_port}",
@@ -116,8 +126,11 @@ def supercluster_configs(
             doc["gateway"] = {
                 "name": rid,
                 "listen": f"{node.listen_host}:{node.gateway_port}",
-                "gateways": [{"name": other, "urls": urls} for other, urls in gateway_urls.items() if other != rid],
+                "gateways": [{"name": other, "urls": list((gateway_dial or {}).get(rid, {}).get(other, urls))}
+                             for other, urls in gateway_urls.items() if other != rid],
             }
+            if gateway_advertise and node.name in gateway_advertise:
+                doc["gateway"]["advertise"] = gateway_advertise[node.name]
             if files is not None:
                 doc["cluster"]["tls"] = files.block(verify=True)
                 doc["leafnodes"]["tls"] = files.block(verify=True)

@@ -43,6 +43,7 @@ from nats.aio.client import Client
 from nats.js import api
 from nats.js.kv import KeyValue
 
+from edge_agent.wire import HUB_INBOX_PREFIX
 from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, NotFound, RecordError
 
 BUCKET = "CPN_RECORD"
@@ -164,6 +165,9 @@ class Record:
         nc = await nats.connect(
             list(servers), name=name, connect_timeout=timeout_s, max_reconnect_attempts=-1,
             reconnect_time_wait=0.1, ping_interval=1, max_outstanding_pings=2,
+            # the hub identity may subscribe only under its own inbox prefix (natsconf.hub_permissions):
+            # on a server with cpn's identities the record's answers arrive there or nowhere
+            inbox_prefix=HUB_INBOX_PREFIX.encode(),
             error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet,
         )
         record = cls(nc, bucket, timeout_s, write_deadline_s)

@@ -120,6 +120,8 @@ class DeploymentService:
         self.cmd_timeout_s = cmd_timeout_s
         self.settings = settings
         self.outbox: CommandOutbox | None = None
+        self.deciding = False
+        """Between :meth:`start` and :meth:`stop` (only while this process leads, under a leader)."""
         self.counters: Counter[str] = Counter()
         self._poked = asyncio.Event()
         self.tasks = BackgroundTasks("deployments")
@@ -166,9 +168,11 @@ class DeploymentService:
             on_ack=self._on_ack, on_refused=self._on_refused, clock=self.clock.time, timeout_s=self.cmd_timeout_s)
         self.tasks.spawn(self.outbox.run(), name="outbox")
         self.tasks.spawn(self._loop(), name="reconcile")
+        self.deciding = True
 
     async def stop(self) -> None:
         """Cancel the loop and the sender (pending commands stay in the outbox for the next start)."""
+        self.deciding = False
         await self.tasks.close()
         if self.outbox is not None:
             await self.outbox.close()
@@ -180,8 +184,10 @@ class DeploymentService:
 
     def on_site(self, t: Transition) -> None:
         """Site listener: a lost site's replicas become ``lost`` at once (Rule 3; ``site_lost`` is
-        legal from every holding state, the only ones the store marks)."""
-        if t.new == "lost" and self.db is not None:
+        legal from every holding state, the only ones the store marks). Only the deciding process
+        writes it: a gateway cut off from the others sees every site beyond the cut "lost", and its
+        write, retried until the link heals, would mark healthy replicas lost."""
+        if t.new == "lost" and self.db is not None and self.deciding:
             affected = store.mark_site_lost(self.db, t.site, now=t.at)
             if affected:
                 log.warning("event=replicas_lost site=%s deployments=%s", t.site, ",".join(affected))

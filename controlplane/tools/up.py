@@ -50,6 +50,9 @@ class UpOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     trusted_proxies: tuple[str, ...] = ()
+    regions: int = 0
+    """0: one NATS server and one hub; N: the layout's first N regions as a super-cluster
+    (``controlplane.tools.upregions.run``; ``cpn up --regions N``)."""
 
 
 class Network:
@@ -131,28 +134,8 @@ class Network:
         return self.opts.data_dir / "demo-credentials.json"
 
     def _ensure_credentials(self) -> dict[str, str]:
-        """The demo keys: those of the credentials file if they still work, else new ones.
-
-        The file itself is removed here and written again by :meth:`start` once the network is
-        ready, so its appearance means "ready" on a restart too."""
         assert self.hub is not None and self.layout is not None
-        path = self.credentials_path
-        if path.exists():
-            try:
-                creds = json.loads(path.read_text())
-                if self._key_works(creds["admin_key"]) and self._key_works(creds["tenant_key"]):
-                    path.unlink()
-                    return {"admin_key": creds["admin_key"], "tenant_key": creds["tenant_key"]}
-            except (ValueError, KeyError, TypeError, RequestError):  # RequestError: revoked or expired
-                pass
-            path.unlink(missing_ok=True)
-        admin = self.hub.create_admin_key("cpn up")
-        origin = _demo_origin(self.layout)
-        if self.hub.tenant(DEMO_TENANT) is None:
-            tenant_key = self.hub.create_tenant(DEMO_TENANT, name="Demo tenant", default_origin=origin)
-        else:
-            tenant_key = self.hub.tenancy.add_tenant_key(DEMO_TENANT)
-        return {"admin_key": admin, "tenant_key": tenant_key}
+        return demo_credentials(self.hub, self.layout, self.credentials_path)
 
     def _key_works(self, key: str) -> bool:
         assert self.hub is not None
@@ -218,6 +201,33 @@ class Network:
             "Ctrl-C drains and stops everything.",
             "",
         ])
+
+
+def demo_credentials(hub: Hub, layout: topo_layout.Layout, path: Path) -> dict[str, str]:
+    """The demo keys: those of the credentials file at ``path`` if they still work, else new ones.
+
+    The file itself is removed here and written again by the caller once the network is ready,
+    so its appearance means "ready" on a restart too."""
+
+    def works(key: str) -> bool:
+        return hub.tenancy.authenticate(key) is not None
+
+    if path.exists():
+        try:
+            creds = json.loads(path.read_text())
+            if works(creds["admin_key"]) and works(creds["tenant_key"]):
+                path.unlink()
+                return {"admin_key": creds["admin_key"], "tenant_key": creds["tenant_key"]}
+        except (ValueError, KeyError, TypeError, RequestError):  # RequestError: revoked or expired
+            pass
+        path.unlink(missing_ok=True)
+    admin = hub.create_admin_key("cpn up")
+    origin = _demo_origin(layout)
+    if hub.tenant(DEMO_TENANT) is None:
+        tenant_key = hub.create_tenant(DEMO_TENANT, name="Demo tenant", default_origin=origin)
+    else:
+        tenant_key = hub.tenancy.add_tenant_key(DEMO_TENANT)
+    return {"admin_key": admin, "tenant_key": tenant_key}
 
 
 @dataclass

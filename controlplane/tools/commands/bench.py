@@ -12,8 +12,9 @@ import argparse
 import importlib
 
 BENCHES = ["route", "gateway", "scheduler", "heartbeat", "sim"]
-ON_REQUEST = ["submissions"]
-"""Run only when named (not by ``all``): ``submissions`` starts a NATS cluster and four hub processes."""
+ON_REQUEST = ["submissions", "regions"]
+"""Run only when named (not by ``all``): ``submissions`` starts a NATS cluster and four hub processes,
+``regions`` a NATS super-cluster, a gateway per region and every site's agent."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

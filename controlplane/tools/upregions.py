@@ -1,0 +1,403 @@
+"""``cpn up --regions N``: the layout's regions on one machine, as a NATS super-cluster.
+
+What runs (all in this process, nats-servers as children):
+
+- one NATS cluster per region (the first N regions of the layout, in file order), joined by gateway
+  connections (configs from :mod:`controlplane.nats.natsregions`, the same generator as
+  ``cpn deploy nats-config``). The **home region** (the first) has 3 nodes: the replicated record
+  (``CPN_RECORD``, 3 replicas) and the site event stream live there, placed by its JetStream tag
+  ``region:<home>``; every other region has one node (a laptop's scale);
+- one controller (``role = "controller"``) on the home region's cluster: it alone decides
+  (scheduling, deployments, commands to sites);
+- one gateway (``role = "gateway"``) per region on its own region's cluster, with ``gateway_city`` the
+  region's first gateway city of the layout (routing counts the full path from there);
+- the layout's agents, each a client of its own region's cluster. Sites of regions past N join the
+  kept region whose cluster city is nearest.
+
+Where the record lives, and what a region cut off from the home region can do: docs/topology.md
+("Regions on one machine"). In short: its gateway keeps serving inference for its own sites from its
+current view (keys, deployments, replicas are in its projection); writes to the record (new keys,
+submissions, deployments) are refused with 503 ``record_unavailable`` until the link heals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import secrets
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from controlplane.compose import HubProcess, build
+from controlplane.config import HubConfig
+from controlplane.core.errors import NoCapacity, RequestError
+from controlplane.nats import natsconf, natsregions
+from controlplane.nats.natsserver import NatsServer
+from edge_agent import private_files
+from topology import layout as topo_layout
+from topology import loader
+
+if TYPE_CHECKING:
+    from controlplane.tools.up import UpOptions
+
+log = logging.getLogger("cpn.up")
+
+HOME_NODES = 3
+"""Nodes of the home region's cluster: the record's 3 replicas need 3 servers of one cluster."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now (the cluster and gateway ports must be written in the configs)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RegionPlan:
+    """One region as ``cpn up --regions`` runs it."""
+
+    id: str
+    gateway_city: str
+    sites: tuple[str, ...]
+    nodes: tuple[natsregions.Node, ...]
+
+
+def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "127.0.0.1", *,
+                 fold: bool = True) -> list[RegionPlan]:
+    """The first ``n`` regions of ``layout`` with their sites and nodes (ports picked now). With
+    ``fold`` the sites of the other regions join the nearest kept region; without, they are left out.
+
+    Raises:
+        ValueError: ``n`` < 1, or more regions than the layout names.
+    """
+    if n < 1:
+        raise ValueError(f"--regions: {n}: at least 1")
+    if n > len(layout.regions):
+        raise ValueError(f"--regions: {n}: the layout names {len(layout.regions)} region(s)")
+    kept = layout.regions[:n]
+    by_region: dict[str, list[str]] = {r.id: [] for r in kept}
+    for site in layout.sites:
+        rid = layout.region_of_site(site.id)
+        if rid not in by_region:
+            if not fold:
+                continue
+            rid = _nearest_region(layout, kept, site)
+        by_region[rid].append(site.id)
+    plans = []
+    held: list[socket.socket] = []  # every port stays bound until all are picked: no port twice
+
+    def port() -> int:
+        s = socket.socket()
+        s.bind((host, 0))
+        held.append(s)
+        return int(s.getsockname()[1])
+
+    try:
+        for i, region in enumerate(kept):
+            count = HOME_NODES if i == 0 else 1
+            nodes = tuple(
+                natsregions.Node(
+                    name=f"{region.id}-node-{k}", host=host, listen_host=host, client_port=port(),
+                    cluster_port=port(), leafnode_port=port(), gateway_port=port(),
+                    monitor=f"{host}:{port()}", store_dir="")
+                for k in range(1, count + 1))
+            city = region.gateways[0] if region.gateways else region.cluster
+            plans.append(RegionPlan(id=region.id, gateway_city=city, sites=tuple(by_region[region.id]), nodes=nodes))
+    finally:
+        for s in held:
+            s.close()
+    return plans
+
+
+def _nearest_region(layout: topo_layout.Layout, kept: list[topo_layout.Region], site: topo_layout.Site) -> str:
+    def km(region: topo_layout.Region) -> float:
+        o = layout.origin(region.cluster)
+        return math.hypot(o.lat - site.lat, (o.lon - site.lon) * math.cos(math.radians(site.lat)))
+
+    return min(kept, key=km).id
+
+
+class WanLinks(Protocol):
+    """What stands on the links between regional clusters (a test's fault proxies; none in ``cpn up``)."""
+
+    refused_address: str
+    """``host:port`` that refuses connections: what every node advertises, so only :meth:`link` URLs are dialled."""
+
+    async def link(self, dialer: str, target: str, url: str) -> str:
+        """The URL region ``dialer`` dials to reach ``url``, a gateway port of region ``target``."""
+        ...
+
+
+@dataclass
+class RegionRun:
+    """The running parts of one region."""
+
+    plan: RegionPlan
+    servers: list[NatsServer] = field(default_factory=list)
+    gateway: HubProcess | None = None
+    agents: list[Any] = field(default_factory=list)
+
+    @property
+    def urls(self) -> list[str]:
+        return [s.url for s in self.servers]
+
+    @property
+    def monitor_ports(self) -> list[int]:
+        return [int(str(n.monitor).rsplit(":", 1)[1]) for n in self.plan.nodes]
+
+
+class RegionalNetwork:
+    """``cpn up --regions N``: a super-cluster, a controller, a gateway per region, the agents."""
+
+    def __init__(self, opts: UpOptions, *, wan: WanLinks | None = None,
+                 hub_overrides: dict[str, Any] | None = None, fold_sites: bool = True) -> None:
+        self.opts = opts
+        self.fold_sites = fold_sites
+        """Sites of regions past N join the nearest kept region (else they are not run: a lighter bench)."""
+        self.wan = wan
+        self.hub_overrides = dict(hub_overrides or {})
+        """More :class:`HubConfig` fields of every hub process (the tests' shorter deadlines)."""
+        self.layout: topo_layout.Layout | None = None
+        self.regions: list[RegionRun] = []
+        self.controller: HubProcess | None = None
+        self.credentials: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        from controlplane.tools import up
+
+        opts = self.opts
+        data = opts.data_dir
+        private_files.private_dir(data)
+        private_files.tighten_tree(data)
+        self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
+        plans = plan_regions(self.layout, opts.regions, data, opts.host, fold=self.fold_sites)
+        self.regions = [RegionRun(p) for p in plans]
+        creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
+        await self._start_nats(creds)
+        await self._wait_jetstream()
+        home = self.regions[0]
+        hub_user, hub_password = creds.hub.user, creds.hub.password
+
+        def config(name: str, region: RegionRun, role: str, port: int, city: str | None) -> HubConfig:
+            (data / name).mkdir(exist_ok=True)
+            return HubConfig(
+                hub_id=name, role=role, record="nats",  # type: ignore[arg-type]
+                nats_url=",".join(region.urls), nats_user=hub_user, nats_password=hub_password,
+                # the record's connection takes its identity from the URLs (the record has no user field)
+                record_nats_urls=[u.replace("nats://", f"nats://{hub_user}:{hub_password}@") for u in region.urls],
+                db_path=str(data / name / "hub.db"), listen_host=opts.host, listen_port=port, gateway_city=city,
+                layout=opts.layout, sim_time_scale=opts.sim_time_scale, strict_inboxes=True,
+                tls_cert=opts.tls_cert, tls_key=opts.tls_key, trusted_proxies=opts.trusted_proxies,
+                **self.hub_overrides)
+
+        # The controller first, on the home region: the record and the event stream are created
+        # from its connection, so they are placed in the home region's cluster.
+        self.controller = build(config("controller", home, "controller", 0, None), layout=self.layout)
+        await self.controller.hub.start(serve_http=False)
+        for i, region in enumerate(self.regions):
+            port = opts.port + i if opts.port else 0
+            region.gateway = build(config(f"gateway-{region.plan.id}", region, "gateway", port,
+                                          region.plan.gateway_city), layout=self.layout)
+            await region.gateway.hub.start()
+        first = self.regions[0].gateway
+        assert first is not None
+        self.credentials = up.demo_credentials(first.hub, self.layout, self.credentials_path)
+        if opts.agents:
+            for region in self.regions:
+                await self._start_agents(region, creds)
+            await self._wait_registered()
+        await self._wait_leading()
+        await up._deploy_demo(self.controller.services.deployments, self.layout)
+        if opts.agents:
+            await self._wait_demo_served()
+        private_files.write_private(self.credentials_path, json.dumps(self.credentials, indent=2) + "\n")
+
+    async def stop(self) -> None:
+        for region in reversed(self.regions):
+            for agent in reversed(region.agents):
+                with contextlib.suppress(Exception):
+                    await agent.stop()
+            region.agents.clear()
+        for region in reversed(self.regions):
+            if region.gateway is not None:
+                with contextlib.suppress(Exception):
+                    await region.gateway.hub.stop()
+                region.gateway = None
+        if self.controller is not None:
+            with contextlib.suppress(Exception):
+                await self.controller.hub.stop()
+            self.controller = None
+        for region in reversed(self.regions):
+            for server in reversed(region.servers):
+                await server.stop()
+            region.servers.clear()
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.opts.data_dir / "demo-credentials.json"
+
+    # ------------------------------------------------------------------ parts
+
+    async def _start_nats(self, creds: natsconf.CredentialSet) -> None:
+        data = self.opts.data_dir
+        dial: dict[str, dict[str, list[str]]] | None = None
+        advertise: dict[str, str] | None = None
+        if self.wan is not None:
+            dial = {x.plan.id: {y.plan.id: [await self.wan.link(x.plan.id, y.plan.id, f"nats://{n.host}:{n.gateway_port}")
+                                            for n in y.plan.nodes]
+                                for y in self.regions if y is not x}
+                    for x in self.regions}
+            advertise = {n.name: self.wan.refused_address for r in self.regions for n in r.plan.nodes}
+        confs = natsregions.supercluster_configs(
+            creds, {r.plan.id: r.plan.nodes for r in self.regions}, min_nodes=1,
+            gateway_dial=dial, gateway_advertise=advertise)
+        for region in self.regions:
+            for node in region.plan.nodes:
+                path = data / "nats" / f"{node.name}.conf"
+                private_files.private_dir(path.parent)
+                private_files.write_private(path, confs[region.plan.id][node.name])
+                region.servers.append(NatsServer(data / "nats" / node.name, port=node.client_port,
+                                                 host=node.listen_host, config=path))
+        # A clustered server is ready only once its routes are up: start them all together.
+        await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s)
+                               for r in self.regions for s in r.servers))
+
+    async def _wait_jetstream(self) -> None:
+        """Until every node reports the same JetStream meta leader (the super-cluster is formed; a
+        record opened before would wait on it, and time out under load)."""
+
+        def leader(port: int) -> str:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz", timeout=2) as resp:
+                    return str((json.loads(resp.read()).get("meta_cluster") or {}).get("leader") or "")
+            except OSError:
+                return ""
+
+        ports = [p for r in self.regions for p in r.monitor_ports]
+        deadline = time.monotonic() + 3 * self.opts.ready_timeout_s
+        while True:
+            seen = {await asyncio.to_thread(leader, p) for p in ports}
+            if len(seen) == 1 and "" not in seen:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the NATS super-cluster elected no JetStream meta leader: {sorted(seen)}")
+            await asyncio.sleep(0.2)
+
+    async def _start_agents(self, region: RegionRun, creds: natsconf.CredentialSet) -> None:
+        from edge_agent.agent import Agent
+        from controlplane.tools.up import agent_config_for
+
+        assert self.layout is not None and self.controller is not None
+        urls = region.urls  # the agent takes one URL: the sites are spread over the region's nodes
+        configs = [agent_config_for(self.layout.site(s), urls[i % len(urls)], self.opts.data_dir,
+                                    (creds.sites[s].user, creds.sites[s].password))
+                   for i, s in enumerate(region.plan.sites)]
+        region.agents = [Agent(c, clock=self.controller.hub.clock) for c in configs]
+        await asyncio.gather(*(a.start() for a in region.agents))
+
+    def _hubs(self) -> list[Any]:
+        hubs = [r.gateway.hub for r in self.regions if r.gateway is not None]
+        return hubs + ([self.controller.hub] if self.controller is not None else [])
+
+    async def _wait_registered(self) -> None:
+        assert self.layout is not None
+        n = sum(len(r.plan.sites) for r in self.regions)
+        deadline = time.monotonic() + self.opts.ready_timeout_s
+        while any(sum(1 for v in h.registry if v.state == "up" and v.registered) < n for h in self._hubs()):
+            if time.monotonic() > deadline:
+                log.warning("event=not_all_sites_registered of=%d", n)
+                return
+            await asyncio.sleep(0.05)
+
+    async def _wait_leading(self) -> None:
+        assert self.controller is not None
+        deadline = time.monotonic() + 3 * self.opts.ready_timeout_s
+        while not self.controller.services.leadership.leading:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the controller did not take the lead")
+            await asyncio.sleep(0.05)
+
+    async def _wait_demo_served(self) -> None:
+        """Until every region's gateway can serve the demo model to its own city (strict budget)."""
+        from controlplane.tools.up import DEMO_MODEL
+
+        started = time.monotonic()
+        next_warning = started + self.opts.ready_timeout_s
+        for region in self.regions:
+            assert region.gateway is not None
+            hub = region.gateway.hub
+            while True:
+                try:
+                    hub.inference.decide(region.plan.gateway_city, DEMO_MODEL, hub.config.default_budget_ms, "strict")
+                    break
+                except (NoCapacity, RequestError) as exc:
+                    if time.monotonic() >= next_warning:
+                        next_warning += self.opts.ready_timeout_s
+                        log.warning("event=demo_not_ready region=%s waited_s=%.0f reason=%s", region.plan.id,
+                                    time.monotonic() - started, exc)
+                    await asyncio.sleep(0.05)
+
+    # ------------------------------------------------------------------ what the user sees
+
+    def gateway_url(self, region: RegionRun) -> str:
+        assert region.gateway is not None
+        hub = region.gateway.hub
+        return f"{hub.http_scheme}://{self.opts.host}:{hub.http_port}"
+
+    def banner(self) -> str:
+        from controlplane.tools.up import DEMO_MODEL, DEMO_TENANT
+
+        assert self.layout is not None
+        key = self.credentials["tenant_key"]
+        lines = ["", f"cpn is up: {sum(len(r.plan.sites) for r in self.regions)} sites in {len(self.regions)} regions "
+                     f"(NATS super-cluster; record and controller in region {self.regions[0].plan.id!r})"]
+        for region in self.regions:
+            lines.append(f"  region {region.plan.id}: gateway at {self.gateway_url(region)} "
+                         f"(city {region.plan.gateway_city}, {len(region.plan.sites)} sites, "
+                         f"NATS {', '.join(region.urls)})")
+        url = self.gateway_url(self.regions[0])
+        lines += [
+            f"  admin key:   {self.credentials['admin_key']}",
+            f"  tenant key:  {key}   (tenant '{DEMO_TENANT}')",
+            f"  credentials: {self.credentials_path}",
+            "",
+            "Try it at your region's gateway (OpenAI-compatible):",
+            "",
+            f"  curl -s {url}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{DEMO_MODEL}\", \"messages\": [{{\"role\": \"user\", \"content\": \"hello\"}}]}}' -D - ",
+            "",
+            "Ctrl-C drains and stops everything.",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def _secret(data: Path) -> bytes:
+    path = data / "nats-secret"
+    if not path.exists():
+        private_files.write_private(path, secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+async def run(opts: UpOptions) -> None:
+    """Start every region, print the banner, wait for cancellation, stop everything."""
+    from edge_agent import gc_tuning
+
+    net = RegionalNetwork(opts)
+    try:
+        await net.start()
+        print(net.banner(), flush=True)
+        gc_tuning.settle_after_startup()
+        await asyncio.Event().wait()
+    finally:
+        await net.stop()

@@ -1,0 +1,123 @@
+"""``cpn up --regions N`` as a user runs it: a real subprocess, a super-cluster of nats-servers, a gateway
+per region printed on the banner, each answering from its own city, SIGTERM stops every part."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_cpn_up import alive, children_of
+from topology import loader
+
+CPN = [sys.executable, "-m", "controlplane.cli"]
+
+
+def monitor_ports(data: Path) -> dict[str, int]:
+    """The monitoring port of every node, from the configs ``cpn up --regions`` wrote."""
+    out = {}
+    for conf in sorted((data / "nats").glob("*.conf")):
+        m = re.search(r'^http: "127\.0\.0\.1:(\d+)"', conf.read_text(), re.M)
+        assert m, conf
+        out[conf.stem] = int(m.group(1))
+    return out
+
+
+def gatewayz(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/gatewayz", timeout=2) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
+
+
+def chat(url: str, key: str, origin: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
+    req = urllib.request.Request(url + "/v1/chat/completions", method="POST", data=json.dumps(body).encode())
+    req.add_header("Authorization", f"Bearer {key}")
+    req.add_header("Content-Type", "application/json")
+    req.add_header("X-CPN-Origin", origin)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return resp.status, json.loads(resp.read()), dict(resp.headers)
+
+
+def test_bad_region_count_is_refused_with_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run([*CPN, "up", "--data-dir", str(tmp_path), "--regions", "9"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--regions 9: the layout names 6 region(s)" in result.stderr
+
+
+@pytest.mark.timeout(240)
+def test_cpn_up_regions_runs_a_supercluster_with_a_gateway_per_region(tmp_path: Path) -> None:
+    data = tmp_path / "cpn"
+    layout = loader.load_default()
+    proc = subprocess.Popen(
+        [*CPN, "up", "--regions", "3", "--data-dir", str(data), "--port", "0", "--nats-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
+    )
+    try:
+        started = time.monotonic()
+        gateways: dict[str, tuple[str, str]] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"region (\w+): gateway at (http://127\.0\.0\.1:\d+) \(city ([\w-]+),", line)
+            if m:
+                gateways[m.group(1)] = (m.group(2), m.group(3))
+            if "Ctrl-C" in line:
+                break
+            assert time.monotonic() - started < 180, "no banner"
+        assert list(gateways) == [r.id for r in layout.regions[:3]], (
+            f"banner: {gateways}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}")
+        for rid, (_, city) in gateways.items():
+            assert city == next(r for r in layout.regions if r.id == rid).gateways[0]
+        print(f"cpn up --regions 3 ready in {time.monotonic() - started:.1f} s")
+        creds = json.loads((data / "demo-credentials.json").read_text())
+
+        # The super-cluster: every node has gateway connections to both other regions.
+        ports = monitor_ports(data)
+        assert len(ports) == 3 + 1 + 1  # the home region (the record's 3 replicas) and one node each
+        for node, port in ports.items():
+            outbound = set(gatewayz(port).get("outbound_gateways") or {})
+            assert outbound == {r for r in gateways if not node.startswith(r + "-")}, (node, outbound)
+
+        # Each region's gateway answers its own city from a site of its own region, within budget.
+        for rid, (url, city) in gateways.items():
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    status, body, headers = chat(url, creds["tenant_key"], city)
+                    break
+                except urllib.error.HTTPError as exc:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{rid}: no answer: {exc.code} {exc.read()!r}") from None
+                    time.sleep(0.2)
+            assert status == 200 and body["choices"][0]["message"]["content"]
+            assert headers["X-CPN-Ingress"] == city
+            assert float(headers["X-CPN-RTT-Ms"]) <= 10, headers
+            assert layout.region_of_site(headers["X-CPN-Site"]) == rid, (rid, headers["X-CPN-Site"])
+
+        kids = children_of(proc.pid)
+        assert len(kids) >= 5, "the five nats-servers should be children"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        for pid in kids:
+            deadline = time.monotonic() + 5
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not alive(pid), f"child {pid} left running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
