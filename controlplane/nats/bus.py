@@ -776,7 +776,20 @@ class HubBus:
         A handler that raises leaves the message un-acked, so JetStream redelivers it (the hub
         applies events idempotently by ``job:attempt:seq``).
         """
+        if self._event_task is not None and not self._event_task.done():
+            return  # one consumer per process (a leader that leads again resumes the same one)
         self._event_task = self.tasks.spawn(self._consume(handler, durable, batch), "event-consumer")
+
+    async def stop_consuming(self) -> None:
+        """Stop taking events (this process stopped leading); un-acked ones go to the next consumer
+        of the same durable after their ack wait, acked ones are never delivered again."""
+        if self._event_task is not None:
+            await cancel_and_wait([self._event_task])
+            self._event_task = None
+        if self._psub is not None:
+            with contextlib.suppress(Exception):
+                await self._psub.unsubscribe()
+            self._psub = None
 
     async def _consume(self, handler: EventHandler, durable: str, batch: int) -> None:
         psub = None
