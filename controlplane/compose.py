@@ -186,6 +186,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     # but its own outbox never held; a process that stops leading stops taking sites' events.
     leadership.on_lead.append(lambda epoch: handover.rebuild_starts(trainer, clock.time()))
     leadership.on_step_down.append(bus.stop_consuming)
+    bus.deciding = leadership.deciding
     hub.add_service(leadership)
     services = Services(
         inference=inference,

@@ -84,6 +84,10 @@ def site_of_stored(subject: str) -> str | None:
     return wire.site_of(subject)
 
 
+DECISIONS = (wire.StartAttempt, wire.StopAttempt, wire.LoadModel, wire.UnloadModel)
+"""The commands only the leading controller sends (``Drain`` is an operator's, through any gateway)."""
+
+
 def _consumer_config(durable: str, start_seq: int | None = None) -> ConsumerConfig:
     # No filter subject: the whole stream, including events stored by an older hub under the
     # sites' own subjects.
@@ -229,6 +233,10 @@ class HubBus:
         self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
         self.stats = BusStats()
         self.epoch: Callable[[], int] = lambda: 0
+        self.deciding: Callable[[], bool] = lambda: True
+        """False while this process may not send the leader's commands (:data:`DECISIONS`): set by
+        the composition root to the leadership's clock-read check, so a leader frozen past its
+        lease sends nothing on waking, before its elector has even noticed."""
         """The controller's leader epoch now (``services/leadership.py`` sets it; 0: no election),
         stamped on every command that carries one, so agents refuse a deposed leader's commands."""
         self.nc: Any = None
@@ -643,6 +651,10 @@ class HubBus:
         """Send a command (StartAttempt, LoadModel, ...), stamped with the leader's epoch, and wait
         for its Ack."""
         nc = self._require()
+        if isinstance(cmd, DECISIONS) and not self.deciding():
+            # A deposed (or frozen and just resumed) leader's sender: nothing leaves; the entry stays
+            # for whoever leads here next. The epoch below is the agents' second line.
+            raise BusUnavailable(f"{site}: this process does not lead (a {type(cmd).__name__} is the leader's)")
         if isinstance(cmd, wire.EPOCH_COMMANDS):
             epoch = self.epoch()
             if epoch and cmd.epoch != epoch:

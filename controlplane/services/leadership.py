@@ -124,6 +124,13 @@ class Leadership:
     def __repr__(self) -> str:
         return f"<Leadership {self.mode} {self.identity} leading={self.leading} epoch={self.epoch}>"
 
+    def deciding(self) -> bool:
+        """May this process send the leader's commands now? Read from the clock on every call
+        (``LeaderElector.is_leading``), so a leader frozen past its lease says no on waking."""
+        if self.mode == "sole":
+            return True
+        return self.leading and self.elector is not None and self.elector.is_leading()
+
     def follow(self, service: Follower) -> None:
         """``service`` runs only while this process leads (started and stopped by this)."""
         self.followers.append(service)

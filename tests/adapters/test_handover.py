@@ -90,3 +90,45 @@ async def test_a_new_leader_sends_the_start_its_predecessor_decided_but_never_se
         if b is not None:
             await b.hub.stop()
         await a.hub.stop()
+
+
+async def test_a_leader_whose_lease_ran_out_sends_nothing_before_its_elector_notices(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A leader frozen past its lease wakes with ``leading`` still set (its elector has not run);
+    its clock already says no, and neither its outbox nor its bus sends a leader's command."""
+    from controlplane.core.errors import BusUnavailable
+    from edge_agent import wire
+
+    a = await started(tmp_path, cluster, "hub-a")
+    try:
+        await until(lambda: a.services.leadership.leading, 10, "a leads")
+        a.hub.create_tenant("acme")
+        job, _ = a.services.training.submit("acme", dict(SPEC), None, "h1", time.time())
+        placed_without_sending(a, job.id)
+        cfg = agent_config(cluster.urls[0], site="sh-edge", data_dir=str(tmp_path / "agent"))
+        async with running(cfg) as agent:
+            await agent.registered.wait()
+            elector = a.services.leadership.elector
+            assert elector is not None and a.services.leadership.deciding()
+            elector.is_leading = lambda: False  # type: ignore[method-assign]  # the clock read on waking
+            assert a.services.leadership.leading and not a.services.leadership.deciding()
+            outbox = a.services.training.outbox
+            assert outbox is not None
+            row = store_jobs.get_job(a.hub.db, job.id)
+            assert row is not None
+            from controlplane.services import handover
+            cmd = handover.start_command(a.services.training, row)
+            assert cmd is not None
+            with pytest.raises(BusUnavailable, match="does not lead"):
+                await a.hub.bus.command("sh-edge", cmd)
+            with transaction(a.hub.db):
+                entry_id = outbox.add("sh-edge", cmd, time.time())
+            (entry,) = [e for e in store_outbox.for_job(a.hub.db, job.id) if e.id == entry_id]
+            assert await outbox._send(entry) is False  # nothing sent, nothing given up
+            (entry,) = [e for e in store_outbox.for_job(a.hub.db, job.id) if e.id == entry_id]
+            assert entry.state == "pending" and entry.tries == 0
+            assert job.id not in agent.training.attempts
+            # A Drain (an operator's, through any gateway) still goes.
+            assert isinstance(await a.hub.bus.command("sh-edge", wire.Drain(on=False)), wire.Ack)
+    finally:
+        await a.hub.stop()
