@@ -37,7 +37,7 @@ from controlplane.metrics import HubMetrics
 from controlplane.nats.bus import HubBus
 from controlplane.readiness import Readiness
 from controlplane.runtime import BackgroundTasks, TaskScope, WallClock
-from controlplane.services import deployments, market, training
+from controlplane.services import deployments, handover, market, training
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.job_feed import JobFeed
@@ -182,6 +182,11 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     for service in (deployer, trainer):
         hub.services.remove(service)
         leadership.follow(service)
+    # Handover (services/handover.py): a new leader sends again what the record says was decided
+    # but its own outbox never held; a process that stops leading stops taking sites' events.
+    leadership.on_lead.append(lambda epoch: handover.rebuild_starts(trainer, clock.time()))
+    leadership.on_step_down.append(bus.stop_consuming)
+    bus.deciding = leadership.deciding
     hub.add_service(leadership)
     services = Services(
         inference=inference,

@@ -84,6 +84,10 @@ def site_of_stored(subject: str) -> str | None:
     return wire.site_of(subject)
 
 
+DECISIONS = (wire.StartAttempt, wire.StopAttempt, wire.LoadModel, wire.UnloadModel)
+"""The commands only the leading controller sends (``Drain`` is an operator's, through any gateway)."""
+
+
 def _consumer_config(durable: str, start_seq: int | None = None) -> ConsumerConfig:
     # No filter subject: the whole stream, including events stored by an older hub under the
     # sites' own subjects.
@@ -229,6 +233,10 @@ class HubBus:
         self.tls_ca, self.tls_cert, self.tls_key = tls_ca, tls_cert, tls_key
         self.stats = BusStats()
         self.epoch: Callable[[], int] = lambda: 0
+        self.deciding: Callable[[], bool] = lambda: True
+        """False while this process may not send the leader's commands (:data:`DECISIONS`): set by
+        the composition root to the leadership's clock-read check, so a leader frozen past its
+        lease sends nothing on waking, before its elector has even noticed."""
         """The controller's leader epoch now (``services/leadership.py`` sets it; 0: no election),
         stamped on every command that carries one, so agents refuse a deposed leader's commands."""
         self.nc: Any = None
@@ -643,6 +651,10 @@ class HubBus:
         """Send a command (StartAttempt, LoadModel, ...), stamped with the leader's epoch, and wait
         for its Ack."""
         nc = self._require()
+        if isinstance(cmd, DECISIONS) and not self.deciding():
+            # A deposed (or frozen and just resumed) leader's sender: nothing leaves; the entry stays
+            # for whoever leads here next. The epoch below is the agents' second line.
+            raise BusUnavailable(f"{site}: this process does not lead (a {type(cmd).__name__} is the leader's)")
         if isinstance(cmd, wire.EPOCH_COMMANDS):
             epoch = self.epoch()
             if epoch and cmd.epoch != epoch:
@@ -776,7 +788,20 @@ class HubBus:
         A handler that raises leaves the message un-acked, so JetStream redelivers it (the hub
         applies events idempotently by ``job:attempt:seq``).
         """
+        if self._event_task is not None and not self._event_task.done():
+            return  # one consumer per process (a leader that leads again resumes the same one)
         self._event_task = self.tasks.spawn(self._consume(handler, durable, batch), "event-consumer")
+
+    async def stop_consuming(self) -> None:
+        """Stop taking events (this process stopped leading); un-acked ones go to the next consumer
+        of the same durable after their ack wait, acked ones are never delivered again."""
+        if self._event_task is not None:
+            await cancel_and_wait([self._event_task])
+            self._event_task = None
+        if self._psub is not None:
+            with contextlib.suppress(Exception):
+                await self._psub.unsubscribe()
+            self._psub = None
 
     async def _consume(self, handler: EventHandler, durable: str, batch: int) -> None:
         psub = None

@@ -14,6 +14,9 @@ reconciler) are *followers* of :class:`Leadership`: they run only while this pro
   neither command a site nor write a decision once another has taken over.
 - Rule 3: when the lease is lost, the followers are stopped before anything else; when it is won,
   they start (the outbox re-sends what is pending, the scheduler ticks).
+- Rule 3a (handover): after the followers have started, the ``on_lead`` callbacks run (each with the
+  epoch): what the previous leader decided but may not have sent is rebuilt from the record there
+  (``services/handover.py``), since the outbox is local to each process.
 - Rule 4 (``never``): a gateway-only process does not campaign; its followers never run, while
   their read and write APIs (submissions, deployments) work on the shared record for the leader
   to act on.
@@ -24,6 +27,7 @@ reconciler) are *followers* of :class:`Leadership`: they run only while this pro
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import secrets
@@ -105,6 +109,11 @@ class Leadership:
         self.lease = lease or LeaseConfig()
         self.identity = f"{hub_id}:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.followers: list[Follower] = []
+        self.on_lead: list[Callable[[int], object]] = []
+        """Called with the epoch once this process leads and its followers have started (Rule 3a)."""
+        self.on_step_down: list[Callable[[], object]] = []
+        """Called (awaited if it returns an awaitable) after the followers have stopped when this process
+        stops leading."""
         self.record: Record | None = None
         self.elector: LeaderElector | None = None
         self.leading = False
@@ -114,6 +123,13 @@ class Leadership:
 
     def __repr__(self) -> str:
         return f"<Leadership {self.mode} {self.identity} leading={self.leading} epoch={self.epoch}>"
+
+    def deciding(self) -> bool:
+        """May this process send the leader's commands now? Read from the clock on every call
+        (``LeaderElector.is_leading``), so a leader frozen past its lease says no on waking."""
+        if self.mode == "sole":
+            return True
+        return self.leading and self.elector is not None and self.elector.is_leading()
 
     def follow(self, service: Follower) -> None:
         """``service`` runs only while this process leads (started and stopped by this)."""
@@ -175,6 +191,13 @@ class Leadership:
             log.info("event=leading hub=%s epoch=%d identity=%s", self.hub_id, epoch, self.identity)
             for service in self.followers:
                 await service.start()
+            for callback in self.on_lead:
+                try:
+                    result = callback(epoch)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("event=on_lead_failed hub=%s epoch=%d", self.hub_id, epoch)
 
     async def _step_down(self, reason: str) -> None:
         async with self._change:
@@ -187,6 +210,13 @@ class Leadership:
                     await service.stop()
                 except Exception:
                     log.exception("event=follower_stop_failed service=%s", service.name)
+            for callback in self.on_step_down:
+                try:
+                    result = callback()
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("event=on_step_down_failed hub=%s", self.hub_id)
             if was:
                 log.info("event=stepped_down hub=%s epoch=%d reason=%s", self.hub_id, self.epoch, reason)
 

@@ -20,6 +20,10 @@ Promises:
   is no longer current) is dropped with a log line and never sent.
 - Rule 5: an answer is reported to the owner (``on_ack`` / ``on_refused``) after the entry is marked
   done, synchronously, so the owner's own writes follow in order.
+- Rule 6: while the bus says this process does not lead (``bus.deciding()``, read from the clock:
+  a leader frozen past its lease knows on waking), nothing is sent and nothing is given up; the
+  entries wait for the next leader of this process (the new leader elsewhere rebuilds what it must
+  send from the record, ``services/handover.py``).
 """
 
 from __future__ import annotations
@@ -241,6 +245,9 @@ class CommandOutbox:
 
     async def _send(self, row: OutboxRow) -> bool:
         """Send one entry; False when the site is unreachable (stop sending to it for now)."""
+        deciding = getattr(self.bus, "deciding", None)
+        if deciding is not None and not deciding():
+            return False  # this process no longer leads (Rule 6): send nothing, give up nothing
         now = self.clock()
         cmd = self._decode(row, now)
         if cmd is None or self._dropped_if_obsolete(row, cmd, now):

@@ -522,8 +522,13 @@ class TrainingService:
             if any(a.job == r.id and a.attempt == r.attempt for a in view.attempts):
                 self._missing.pop(key, None)
                 continue
+            if r.state == S.PLACED.value and not self._start_delivered(r):
+                # Not yet acknowledged: the site cannot list it. Count from the acknowledgement on (a
+                # start sent slowly was failed as vanished the moment its ack came, and placed again).
+                self._missing.pop(key, None)
+                continue
             first = self._missing.setdefault(key, view.heartbeats)
-            if view.heartbeats - first >= limit and (r.state != S.PLACED.value or self._start_delivered(r)):
+            if view.heartbeats - first >= limit:
                 gone.append((r, view.heartbeats - first))
         self._missing = {k: v for k, v in self._missing.items() if k in current}
         if not gone:
