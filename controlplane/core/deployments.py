@@ -369,6 +369,20 @@ def autoscaler_asks(dep: Deployment, asks: autoscale.ScalePlan) -> tuple[list[Lo
     return loads, unloads
 
 
+def scaling_status(dep: Deployment, asks: autoscale.ScalePlan | None) -> dict[str, object]:
+    """Rule 10, for the deployment's status: its bounds and the autoscaler's last reasons (scale
+    out, scale in, demand it could not serve), kept until the autoscaler says something new."""
+    prev = dep.report.get("scaling")
+    last: object = prev.get("last", []) if isinstance(prev, dict) else []
+    if asks is not None:
+        said = [f"scale out: {a.reason}" for a in asks.add]
+        said += [f"scale in: -{r.site}: {r.reason}" for r in asks.remove]
+        said += [f"short: {why}" for why in asks.short]
+        if said:
+            last = said
+    return {"min_replicas": dep.spec.min_replicas or 0, "max_replicas": dep.spec.max_replicas, "last": last}
+
+
 def orphan_unloads(snap: Snapshot, holding: set[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """Rule 7: (deployment, model, site) of replicas sites report that no deployment of ours holds."""
     active = {d.id for d in snap.deployments}
@@ -548,13 +562,16 @@ def _one(p: _Pass, dep: Deployment, cands: list[core.Candidate], holders: dict[s
     notes = list(rp.notes)
     notes += [f"site {s} not used: it already hosts {dep.model} for another deployment" for s in sorted(shared)]
     notes += [f"site {s} not used for now: it refused or failed to load this model" for s in sorted(cooling)]
-    report = msgspec.json.decode(msgspec.json.encode({
+    body: dict[str, object] = {
         "coverage": rp.coverage,
         "uncovered": [{"origin": u.origin, "reason": u.reason} for u in rp.uncovered],
         "targets": rp.targets,
         "details": details,
         "notes": notes,
-    }))
+    }
+    if spec.scales:
+        body["scaling"] = scaling_status(dep, asks)
+    report = msgspec.json.decode(msgspec.json.encode(body))
     if state != dep.state or report != dep.report:
         plan.deployments.append(DeploymentChange(deployment=dep.id, old=dep.state, new=state, report=report,
                                                  reason="; ".join(details[:1])))
