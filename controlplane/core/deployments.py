@@ -370,17 +370,20 @@ def autoscaler_asks(dep: Deployment, asks: autoscale.ScalePlan) -> tuple[list[Lo
 
 
 def scaling_status(dep: Deployment, asks: autoscale.ScalePlan | None) -> dict[str, object]:
-    """Rule 10, for the deployment's status: its bounds and the autoscaler's last reasons (scale
-    out, scale in, demand it could not serve), kept until the autoscaler says something new."""
+    """Rule 10, for the deployment's status: its bounds, why the autoscaler last added and last
+    removed replicas (kept until it does so again) and the demand it cannot serve now (``short``)."""
     prev = dep.report.get("scaling")
-    last: object = prev.get("last", []) if isinstance(prev, dict) else []
+    old: dict[str, object] = prev if isinstance(prev, dict) else {}
+    out: dict[str, object] = {"min_replicas": dep.spec.min_replicas or 0, "max_replicas": dep.spec.max_replicas,
+                              "scale_out": old.get("scale_out", []), "scale_in": old.get("scale_in", []),
+                              "short": old.get("short", [])}
     if asks is not None:
-        said = [f"scale out: {a.reason}" for a in asks.add]
-        said += [f"scale in: -{r.site}: {r.reason}" for r in asks.remove]
-        said += [f"short: {why}" for why in asks.short]
-        if said:
-            last = said
-    return {"min_replicas": dep.spec.min_replicas or 0, "max_replicas": dep.spec.max_replicas, "last": last}
+        if asks.add:
+            out["scale_out"] = [f"+{a.site}: {a.reason}" for a in asks.add]
+        if asks.remove:
+            out["scale_in"] = [f"-{r.site}: {r.reason}" for r in asks.remove]
+        out["short"] = list(asks.short)
+    return out
 
 
 def orphan_unloads(snap: Snapshot, holding: set[tuple[str, str]]) -> list[tuple[str, str, str]]:

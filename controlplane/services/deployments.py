@@ -388,7 +388,7 @@ class DeploymentService:
 
     def _render(self, dep: store.Deployment) -> dict[str, Any]:
         report = dep.report or {}
-        return {
+        view = {
             "id": dep.id,
             "object": "deployment",
             "model": dep.model,
@@ -408,6 +408,9 @@ class DeploymentService:
             "created_at": dep.created_at,
             "updated_at": dep.updated_at,
         }
+        if "scaling" in report:
+            view["scaling"] = report["scaling"]
+        return view
 
     # ------------------------------------------------------------------ decide, then do
 
