@@ -88,7 +88,11 @@ _KIND = {LOAD: decide.LOAD, UNLOAD: decide.UNLOAD}
 def spec_hash(spec: core.DeploymentSpec) -> str:
     """Hash of a decoded spec: equal specs (whatever their key order, spacing or defaults left out)
     hash equal, as the jobs API hashes its bodies for ``Idempotency-Key``."""
-    return hashlib.sha256(msgspec.json.encode(msgspec.to_builtins(spec), order="sorted")).hexdigest()
+    body = msgspec.to_builtins(spec)
+    for added in ("min_replicas", "max_replicas"):  # fields added later: unset, a stored key's hash is unchanged
+        if body.get(added) is None:
+            body.pop(added, None)
+    return hashlib.sha256(msgspec.json.encode(body, order="sorted")).hexdigest()
 
 
 class DeploymentService:

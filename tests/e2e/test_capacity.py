@@ -173,8 +173,15 @@ async def test_an_slo_request_is_refused_with_429_when_every_site_is_saturated(n
     await asyncio.sleep(0.6)  # one heartbeat (0.5 s) so the site's busy count is fresh
     status, body, headers = await tenant.call("POST", "/v1/infer", INFER, headers={"X-CPN-SLO-TTFT-Ms": "300"})
     assert status == 200, body
+    async with tenant.session.post(tenant.base + "/v1/chat/completions", json={
+            "model": "qwen", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True},
+            headers=tenant.headers({"x-slo-ttft-ms": "300"})) as resp:
+        raw = (await resp.read()).decode()
+        assert resp.status == 200 and raw.rstrip().endswith("data: [DONE]"), raw
+        assert resp.headers["X-CPN-Route"] == "slo" and "X-CPN-Predicted-TTFT-Ms" in resp.headers
     status, text, _ = await tenant.call("GET", "/metrics")
     assert status == 200
     text = text if isinstance(text, str) else str(text)
     assert 'cpn_ttft_slo_admission_total{model="qwen",outcome="refused"} 2.0' in text, text[:2000]
-    assert "cpn_ttft_prediction_error_seconds_bucket" in text
+    assert 'cpn_ttft_prediction_error_seconds_bucket{kind="stream",le="+Inf",model="qwen"} 1.0' in text, text[:2000]
+    assert 'cpn_ttft_prediction_error_seconds_bucket{kind="answer",le="+Inf",model="qwen"} 2.0' in text
