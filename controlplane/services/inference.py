@@ -88,6 +88,11 @@ ACK_AFTER_SHARE = 0.25
 answer has not gone out yet: the rest is margin for the network and a busy hub."""
 
 
+CALIBRATE_MIN_TOKENS = 256
+"""Prompts shorter than this do not calibrate a prefill profile: their first token is mostly fixed
+overhead (the backend's own, the hops), which would be read as a slow prefill rate."""
+
+
 class AllSitesFailed(PeerError):
     def __init__(self, tried: list[str], last: str) -> None:
         super().__init__(f"every candidate site failed ({', '.join(tried)}); last error: {last}")
@@ -208,11 +213,12 @@ class InferenceService:
             return
         actual_ms = actual_s * 1000.0
         self.metrics.ttft_predicted(req.model, "stream" if streamed else "answer", best.ttft_ms, actual_ms)
+        tokens = prompt_tokens(req)
         view = self.registry.get(served.site)
-        if streamed and view is not None and view.accelerators:
+        if streamed and tokens >= CALIBRATE_MIN_TOKENS and view is not None and view.accelerators:
             acc = min(view.accelerators)
             profile = self.profiles.get(acc) or ttft.Profile(accelerator=acc)
-            self.profiles[acc] = ttft.calibrate(profile, prompt_tokens(req), actual_ms - best.rtt_ms - best.queue_ms)
+            self.profiles[acc] = ttft.calibrate(profile, tokens, actual_ms - best.rtt_ms - best.queue_ms)
 
     async def complete(
         self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,

@@ -96,3 +96,18 @@ def test_no_slo_no_predictor_and_demand_is_counted() -> None:
     assert svc.drain_demand() == {("acme", "m", "o", 10.0): 4}
     assert svc.drain_demand() == {}
     assert prompt_tokens(req("x" * 400)) == 100
+
+
+def test_only_long_streamed_prompts_calibrate_the_profile() -> None:
+    from controlplane.services.inference import Served
+
+    svc, metrics = service(near={}, far={})
+    route, pred = svc.admit(req("x" * 40), "o", 10.0, 400.0)
+    served = Served(route.site, route.rtt_ms, route.reason, predicted=pred)
+    svc._predicted(served, req("x" * 40), 0.060, True)  # 10 tokens: overhead, not a prefill rate
+    assert svc.profiles == {}
+    long = req("x" * 4000)  # 1000 tokens in 100 ms of prefill work (+15 ms base): 10000 tokens/s
+    svc._predicted(Served(route.site, route.rtt_ms, route.reason, predicted=pred), long,
+                   (pred.rtt_ms + pred.queue_ms + 115.0) / 1000.0, True)
+    assert svc.profiles["A800"].prefill_tokens_per_s == pytest.approx(5000 + 0.1 * (10000 - 5000))
+    assert sum(n for k, v in metrics.ttft_error.by_route.items() for n in v[:-1]) == 2
