@@ -88,6 +88,9 @@ ACK_AFTER_SHARE = 0.25
 answer has not gone out yet: the rest is margin for the network and a busy hub."""
 
 
+DEMAND_KEYS_MAX = 10_000
+"""Distinct (tenant, model, origin, budget) demand counts kept between two drains."""
+
 CALIBRATE_MIN_TOKENS = 256
 """Prompts shorter than this do not calibrate a prefill profile: their first token is mostly fixed
 overhead (the backend's own, the hops), which would be read as a slow prefill rate."""
@@ -129,6 +132,16 @@ class InferenceService:
         """Accelerator -> its prefill profile, calibrated from measured first tokens."""
         self.demand: dict[tuple[str, str, str, float], int] = {}
         """(tenant, model, origin, budget_ms) -> requests routed since the last drain."""
+        self.demand_overflows = 0
+        """Times the demand counts were dropped for holding :data:`DEMAND_KEYS_MAX` keys."""
+
+    def _count_new(self, key: tuple[str, str, str, float]) -> None:
+        """A first request for ``key`` since the last drain; the counts are bounded (a process
+        whose counts nobody drains, a gateway, or budgets varied on purpose, cannot grow them)."""
+        if len(self.demand) >= DEMAND_KEYS_MAX:
+            self.demand.clear()
+            self.demand_overflows += 1
+        self.demand[key] = 1
 
     def drain_demand(self) -> dict[tuple[str, str, str, float], int]:
         """The request counts since the last call (the deployments service feeds its autoscaler)."""
@@ -147,7 +160,11 @@ class InferenceService:
             raise RequestError(f"model {model!r} is not served by any site", field="model", status=404, code="model_not_found")
         key = (tenant, model, origin, budget_ms)
         demand = self.demand
-        demand[key] = demand.get(key, 0) + 1
+        n = demand.get(key)
+        if n is None:
+            self._count_new(key)
+        else:
+            demand[key] = n + 1
         return self._route(origin, model, budget_ms, policy, deployments, tenant)
 
     def _route(self, origin: str, model: str, budget_ms: float, policy: str,
@@ -179,7 +196,11 @@ class InferenceService:
             raise RequestError(f"model {req.model!r} is not served by any site", field="model", status=404,
                                code="model_not_found")
         key = (req.tenant, req.model, origin, budget_ms)
-        self.demand[key] = self.demand.get(key, 0) + 1
+        n = self.demand.get(key)
+        if n is None:
+            self._count_new(key)
+        else:
+            self.demand[key] = n + 1
         views = self.registry.views
         near = self.router.within_budget(
             router.RouteRequest(origin=origin, model=req.model, budget_ms=budget_ms, deployments=deployments,

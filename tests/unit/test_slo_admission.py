@@ -111,3 +111,12 @@ def test_only_long_streamed_prompts_calibrate_the_profile() -> None:
                    (pred.rtt_ms + pred.queue_ms + 115.0) / 1000.0, True)
     assert svc.profiles["A800"].prefill_tokens_per_s == pytest.approx(5000 + 0.1 * (10000 - 5000))
     assert sum(n for k, v in metrics.ttft_error.by_route.items() for n in v[:-1]) == 2
+
+
+def test_undrained_demand_counts_stay_bounded() -> None:
+    from controlplane.services import inference
+
+    svc, _ = service(near={}, far={})
+    for i in range(inference.DEMAND_KEYS_MAX + 5):
+        svc.decide("o", "m", 1.0 + i / 1e6, "strict", tenant="acme")  # budgets varied on purpose
+    assert len(svc.demand) == 5 and svc.demand_overflows == 1
