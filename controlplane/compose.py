@@ -15,11 +15,11 @@ subset of the same parts (docs/architecture.md, "Processes are compositions").
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.config import HubConfig
+from controlplane.config import AutoscaleConfig, HubConfig
 from controlplane.core import auth
 from controlplane.core.clock import Clock
 from controlplane.core.ratelimit import TokenBuckets
@@ -170,7 +170,8 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         hub_id=config.hub_id, role=config.role, clock=clock, tasks=tasks.scope("leadership"),
         record_urls=record_urls(config) if config.record == "nats" else (), set_epoch=stamp,
         set_fence=fence_commits, listen=listening)
-    deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock)
+    deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
+                                   demand=inference.drain_demand, autoscale=config.autoscale)
     trainer = training.install(hub, clock)
     # The market prices the usage flush and training's metering (in their transactions).
     seller = market.install(market.MarketService(hub_id=config.hub_id, store=store, tenancy=tenancy, sites=sites,
@@ -210,13 +211,17 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
 
 
 def install_deployments(hub: Hub, *, store: Store, layout: topo_layout.Layout, rtt: latency.RttIndex,
-                        sites: SiteService, tenancy: TenancyService, clock: Clock) -> deployments.DeploymentService:
+                        sites: SiteService, tenancy: TenancyService, clock: Clock,
+                        demand: Callable[[], Mapping[tuple[str, str, str, float], int]] | None = None,
+                        autoscale: AutoscaleConfig = AutoscaleConfig()) -> deployments.DeploymentService:
     """The deployments service, built from exactly what it uses and plugged into ``hub`` (installed
     before training, as ever: start order). Its routes (``gateway/deployments.py``) are added by
     :func:`build`."""
     service = deployments.DeploymentService(
         db=lambda: store.db, registry=hub.registry, bus=hub.bus, layout=lambda: layout, rtt=lambda: rtt, clock=clock,
-        tenant=tenancy.tenant, known_models=sites.known_models, metrics=hub.metrics)
+        tenant=tenancy.tenant, known_models=sites.known_models, metrics=hub.metrics, demand=demand,
+        autoscale_interval_s=autoscale.interval_s, scale_in_after_s=autoscale.scale_in_after_s,
+        demand_fast_s=autoscale.demand_fast_s, demand_slow_s=autoscale.demand_slow_s)
     hub.add_service(service)
     sites.listeners.append(service.on_site)
     return service

@@ -14,6 +14,25 @@ from controlplane.core.errors import RequestError
 from controlplane.core.sitegate import SiteLimits as SiteLimits  # a part of HubConfig, defined beside its rules
 
 
+class AutoscaleConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Deployments that scale (``min_replicas``/``max_replicas``; docs/inference.md, "Autoscaling")."""
+
+    interval_s: float = 5.0
+    """How often the autoscaler decides."""
+    scale_in_after_s: float = 600.0
+    """How long a replica the autoscaler added sits idle (and at least how old it is) before it is
+    removed: the cool-down."""
+    demand_fast_s: float = 60.0
+    """Time constant of the demand meter's fast mean (how quickly a rise is followed)."""
+    demand_slow_s: float = 900.0
+    """Time constant of its slow mean (how slowly a fall is believed)."""
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "scale_in_after_s", "demand_fast_s", "demand_slow_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"autoscale.{name} must be > 0")
+
+
 class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     hub_id: str = "hub"
     nats_url: str = "nats://127.0.0.1:4222"
@@ -106,6 +125,9 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     decides), ``controller`` decides (scheduler, deployments, commands to sites) without HTTP. A
     ``gateway`` or ``controller`` shares the replicated record (``record = "nats"``) with the others;
     controllers elect one leader among themselves (docs/architecture.md, "Roles and the leader")."""
+
+    autoscale: AutoscaleConfig = AutoscaleConfig()
+    """The deployments autoscaler's period, cool-down and demand meter (``[autoscale]``)."""
 
     def __post_init__(self) -> None:
         if self.role != "hub" and self.record != "nats":

@@ -115,6 +115,7 @@ def no_route_cause(decision: object) -> str:
 
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_ERROR_BUCKETS = (-5, -1, -0.5, -0.25, -0.1, -0.05, -0.025, -0.01, 0, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 _INFER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -183,6 +184,30 @@ class HubMetrics:
         self.illegal_transitions = _Counts(
             "cpn_illegal_transitions", "State changes a lifecycle table refused, by lifecycle", ["lifecycle"])
         r.register(self.illegal_transitions)
+        # Admission by predicted time to first token (X-CPN-SLO-TTFT-Ms): outcomes, and the
+        # predictor's error (actual - predicted; "answer": time to a whole non-streamed answer).
+        self.slo_admission = _Counts("cpn_ttft_slo_admission", "Requests with a TTFT SLO, by model and outcome "
+                                     "(admitted, refused)", ["model", "outcome"])
+        r.register(self.slo_admission)
+        self.ttft_error = _Latency("cpn_ttft_prediction_error_seconds", "Actual minus predicted time to first token "
+                                   "of admitted SLO requests, by model and kind (stream, answer)", _ERROR_BUCKETS,
+                                   ("model", "kind"))
+        r.register(self.ttft_error)
+        self.ttft_predicted_seconds = _Latency("cpn_ttft_predicted_seconds", "Predicted time to first token of "
+                                               "admitted SLO requests, by model", _INFER_BUCKETS, ("model",))
+        r.register(self.ttft_predicted_seconds)
+
+    def slo_admitted(self, model: str) -> None:
+        _add(self.slo_admission.counts, (self.models(model), "admitted"), 1)
+
+    def slo_refused(self, model: str) -> None:
+        _add(self.slo_admission.counts, (self.models(model), "refused"), 1)
+
+    def ttft_predicted(self, model: str, kind: str, predicted_ms: float, actual_ms: float) -> None:
+        """An admitted SLO request's prediction against the time measured at the hub."""
+        model = self.models(model)
+        self.ttft_predicted_seconds.observe((model,), predicted_ms / 1000.0)
+        self.ttft_error.observe((model, kind), (actual_ms - predicted_ms) / 1000.0)
 
     @staticmethod
     def count(counter: _Counts, *labels: str, n: int = 1) -> None:

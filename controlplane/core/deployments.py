@@ -369,6 +369,23 @@ def autoscaler_asks(dep: Deployment, asks: autoscale.ScalePlan) -> tuple[list[Lo
     return loads, unloads
 
 
+def scaling_status(dep: Deployment, asks: autoscale.ScalePlan | None) -> dict[str, object]:
+    """Rule 10, for the deployment's status: its bounds, why the autoscaler last added and last
+    removed replicas (kept until it does so again) and the demand it cannot serve now (``short``)."""
+    prev = dep.report.get("scaling")
+    old: dict[str, object] = prev if isinstance(prev, dict) else {}
+    out: dict[str, object] = {"min_replicas": dep.spec.min_replicas or 0, "max_replicas": dep.spec.max_replicas,
+                              "scale_out": old.get("scale_out", []), "scale_in": old.get("scale_in", []),
+                              "short": old.get("short", [])}
+    if asks is not None:
+        if asks.add:
+            out["scale_out"] = [f"+{a.site}: {a.reason}" for a in asks.add]
+        if asks.remove:
+            out["scale_in"] = [f"-{r.site}: {r.reason}" for r in asks.remove]
+        out["short"] = list(asks.short)
+    return out
+
+
 def orphan_unloads(snap: Snapshot, holding: set[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """Rule 7: (deployment, model, site) of replicas sites report that no deployment of ours holds."""
     active = {d.id for d in snap.deployments}
@@ -548,13 +565,16 @@ def _one(p: _Pass, dep: Deployment, cands: list[core.Candidate], holders: dict[s
     notes = list(rp.notes)
     notes += [f"site {s} not used: it already hosts {dep.model} for another deployment" for s in sorted(shared)]
     notes += [f"site {s} not used for now: it refused or failed to load this model" for s in sorted(cooling)]
-    report = msgspec.json.decode(msgspec.json.encode({
+    body: dict[str, object] = {
         "coverage": rp.coverage,
         "uncovered": [{"origin": u.origin, "reason": u.reason} for u in rp.uncovered],
         "targets": rp.targets,
         "details": details,
         "notes": notes,
-    }))
+    }
+    if spec.scales:
+        body["scaling"] = scaling_status(dep, asks)
+    report = msgspec.json.decode(msgspec.json.encode(body))
     if state != dep.state or report != dep.report:
         plan.deployments.append(DeploymentChange(deployment=dep.id, old=dep.state, new=state, report=report,
                                                  reason="; ".join(details[:1])))

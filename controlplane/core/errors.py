@@ -69,6 +69,12 @@ class RateLimited(RequestError):
         self.retry_after_s = retry_after_s
 
 
+class SloUnmeetable(RateLimited):
+    """No candidate site's predicted time to first token meets the request's SLO (429, at once)."""
+
+    code = "ttft_slo_unmeetable"
+
+
 class Refused(RequestError):
     """A refusal with a body already written in the error shape plus figures (the market's 402
     ``budget_exceeded`` and 403 ``model_not_filed``): the gateway sends ``body`` as it is."""

@@ -81,7 +81,11 @@ class DeploymentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     cards_per_replica: Annotated[float, msgspec.Meta(gt=0, le=1024)] = 1.0
     min_cities: Annotated[int, msgspec.Meta(ge=1, le=16)] = 2
     replicas: Annotated[int, msgspec.Meta(ge=1, le=10000)] | None = None
-    """A floor on the replica count (coverage may need more)."""
+    """A floor on the replica count (coverage may need more); fixed: no autoscaling (min = max)."""
+    min_replicas: Annotated[int, msgspec.Meta(ge=0, le=10000)] | None = None
+    """With ``max_replicas``: the autoscaler's floor (coverage may need more)."""
+    max_replicas: Annotated[int, msgspec.Meta(ge=1, le=10000)] | None = None
+    """The autoscaler's ceiling; giving it (or ``min_replicas``) makes the deployment scale with demand."""
     slots_per_replica: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 4
     accelerators: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] | None = None
     """Accepted accelerator types, in order of preference; None accepts any."""
@@ -92,6 +96,24 @@ class DeploymentSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
             raise ValueError("origins: give at least one origin or region to serve")
         if self.accelerators is not None and not self.accelerators:
             raise ValueError("accelerators: give at least one accelerator type, or leave it out for any")
+        if self.replicas is not None and (self.min_replicas is not None or self.max_replicas is not None):
+            name = "min_replicas" if self.min_replicas is not None else "max_replicas"
+            raise ValueError(f"{name}: give either a fixed 'replicas' or min_replicas/max_replicas, not both")
+        if self.min_replicas is not None and self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(f"max_replicas: {self.max_replicas} is less than min_replicas {self.min_replicas}")
+
+    @property
+    def floor(self) -> int | None:
+        """The replica floor: fixed ``replicas``, else ``min_replicas``."""
+        return self.replicas if self.replicas is not None else self.min_replicas
+
+    @property
+    def scales(self) -> bool:
+        """Whether the autoscaler sizes this deployment (``min_replicas``/``max_replicas`` given and
+        not equal; a fixed ``replicas`` never scales)."""
+        if self.min_replicas is None and self.max_replicas is None:
+            return False
+        return self.max_replicas is None or self.max_replicas > (self.min_replicas or 0)
 
 
 _spec_decoder = msgspec.json.Decoder(DeploymentSpec)
@@ -339,19 +361,20 @@ def plan_replicas(
         place(top[3])
 
     # Rule 5: the replica floor.
-    if spec.replicas is not None and len(live) < spec.replicas:
+    floor = spec.floor
+    if floor is not None and len(live) < floor:
         def floor_key(site: str) -> tuple[float, float, float, str]:
             lst = sites_of[site]
             w = sum(w_of[o] for o, _ in lst)
             return (-w, sum(w_of[o] * r for o, r in lst) / w, -cands[site].free_cards[pool[site]], site)
 
-        for site in sorted(pool, key=floor_key)[: spec.replicas - len(live)]:
+        for site in sorted(pool, key=floor_key)[: floor - len(live)]:
             if not room():
                 break
             place(site)
-        if len(live) < spec.replicas:
+        if len(live) < floor:
             notes.append(
-                f"replica floor {spec.replicas} not reached: {len(live)} placed; no further eligible "
+                f"replica floor {floor} not reached: {len(live)} placed; no further eligible "
                 f"site with {spec.cards_per_replica:g} free cards within {budget:g} ms of a served origin"
             )
 

@@ -199,6 +199,21 @@ class Router:
         fallbacks = [c for k, c in enumerate(cands) if k != chosen]
         return Route(site, rtt_ms, "nearest" if chosen == 0 else "load", fallbacks)
 
+    def within_budget(self, req: RouteRequest, sites: Mapping[str, SiteView], version: int,
+                      limit: int = 8) -> list[tuple[str, float]]:
+        """Routable sites holding ``req.model`` for the caller within ``req.budget_ms``, nearest
+        first, whether or not a slot is free (admission by predicted TTFT weighs their queues);
+        at most ``limit``."""
+        out: list[tuple[str, float]] = []
+        for site, rtt_ms in self._holders(req.origin, req.model, req.deployments, sites, version, req.tenant):
+            if rtt_ms > req.budget_ms:
+                break
+            if sites[site].routable:
+                out.append((site, rtt_ms))
+                if len(out) >= limit:
+                    break
+        return out
+
     def _more(
         self, holders: list[tuple[str, float]], after: str, req: RouteRequest, sites: Mapping[str, SiteView]
     ) -> list[tuple[str, float]]:

@@ -14,8 +14,9 @@ profile; :func:`calibrate` moves a profile towards what sites report (exponentia
 Rule 4: refusal is data (:class:`Refuse`, with the best prediction and the seconds after which it
 would have met the SLO), never an exception; the caller answers 429 at once rather than serve late.
 
-Wired into ``cpn sim`` and the live gateway: not yet (docs/inference.md, "Autoscaling and TTFT
-admission").
+Wired into the live gateway (``X-CPN-SLO-TTFT-Ms``, ``services/inference.py``); not into ``cpn sim``
+(docs/inference.md, "Autoscaling and TTFT admission"). A prediction that is not finite (a full site
+whose service time is not measured yet) never meets an SLO and asks for a retry after 1 s.
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ def admit(candidates: Sequence[Candidate], prompt_tokens: int, slo_ms: float,
     if best.ttft_ms <= slo_ms:
         return Admit(best)
     late_ms = best.ttft_ms - slo_ms
+    retry_s = max(1.0, math.ceil(late_ms / 1000.0)) if math.isfinite(late_ms) else 1.0
     return Refuse(f"predicted time to first token {best.ttft_ms:.0f} ms at best ({best.site}: rtt "
                   f"{best.rtt_ms:.1f} + queue {best.queue_ms:.0f} + prefill {best.prefill_ms:.0f}) exceeds the SLO "
-                  f"of {slo_ms:.0f} ms", max(1.0, math.ceil(late_ms / 1000.0)), best)
+                  f"of {slo_ms:.0f} ms", retry_s, best)
 
 
 def calibrate(profile: Profile, prompt_tokens: int, prefill_ms: float, weight: float = 0.1) -> Profile:

@@ -16,6 +16,9 @@ from controlplane.market.catalogue import FILING_HEADER
 ORIGIN_HEADER = "X-CPN-Origin"
 BUDGET_HEADER = "X-CPN-Budget-Ms"
 POLICY_HEADER = "X-CPN-Budget-Policy"
+SLO_HEADER = "X-CPN-SLO-TTFT-Ms"
+SLO_ALIAS = "x-slo-ttft-ms"
+"""llm-d's name for the same SLO (header names are case-insensitive)."""
 
 
 def resolve_origin(request: web.Request, explicit: str | None) -> str:
@@ -63,6 +66,26 @@ def resolve_policy(request: web.Request, explicit: str | None) -> str:
     return policy
 
 
+def resolve_slo(request: web.Request) -> float | None:
+    """The request's time-to-first-token SLO in ms (``X-CPN-SLO-TTFT-Ms``, alias ``x-slo-ttft-ms``),
+    or None when it sends none (then the request never pays for the predictor)."""
+    headers = request.headers
+    raw = headers.get(SLO_HEADER)
+    name = SLO_HEADER
+    if raw is None:
+        raw = headers.get(SLO_ALIAS)
+        if raw is None:
+            return None
+        name = SLO_ALIAS
+    try:
+        value = float(raw)
+    except ValueError:
+        raise RequestError(f"{name} must be a number of milliseconds, got {raw!r}", field=name) from None
+    if not 0 < value <= 600_000:
+        raise RequestError(f"{name} must be > 0 and <= 600000 ms, got {raw!r}", field=name)
+    return value
+
+
 def route_headers(served: Served, echo_id: str, filing: str | None = None) -> dict[str, str]:
     """The X-CPN-* headers of an answer and ``X-Request-Id`` (``echo_id``: the client's own id if it
     sent one, else the hub's); ``filing``: the served model's filing number, displayed in
@@ -79,6 +102,8 @@ def route_headers(served: Served, echo_id: str, filing: str | None = None) -> di
         headers["X-CPN-Nearer-Gateway"] = served.nearer_gateway
     if filing is not None:
         headers[FILING_HEADER] = filing
+    if served.predicted is not None:
+        headers["X-CPN-Predicted-TTFT-Ms"] = f"{served.predicted.ttft_ms:.1f}"
     return headers
 
 
@@ -89,11 +114,13 @@ async def infer(request: web.Request) -> web.Response:
     origin = resolve_origin(request, body.origin)
     budget_ms = resolve_budget(request, body.budget_ms)
     policy = resolve_policy(request, body.policy)
+    slo = resolve_slo(request)
     scope = services.deployments.check_model_access(tenant, body.model)
     req = wire.InferRequest(request_id=request[REQUEST_ID], model=body.model,
                             prompt=body.input, max_tokens=body.max_tokens, tenant=tenant)
     filing = services.market.admit(req, services.clock.time())  # 403 unfiled for the public, 402 over budget
-    served = await services.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope)
+    served = await services.inference.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=scope,
+                                               slo_ttft_ms=slo)
     result = served.result
     assert result is not None
     out = {
@@ -116,7 +143,8 @@ async def infer(request: web.Request) -> web.Response:
 
 
 OPERATIONS = [
-    Op("POST", "/v1/infer", "Native inference: routed to a site within the latency budget", body=InferBody, tags=("inference",)),
+    Op("POST", "/v1/infer", "Native inference: routed to a site within the latency budget (X-CPN-SLO-TTFT-Ms: "
+       "admitted by predicted time to first token, else 429 with Retry-After)", body=InferBody, tags=("inference",)),
 ]
 
 

@@ -2,7 +2,8 @@
 
 An unmodified OpenAI client pointed at ``http://HOST:PORT/v1`` with a cpn key works: origin comes
 from ``X-CPN-Origin``, else the tenant's default origin, else the layout's CIDR map; the budget from
-``X-CPN-Budget-Ms`` (default 10); the policy from ``X-CPN-Budget-Policy``. Streaming answers are
+``X-CPN-Budget-Ms`` (default 10); the policy from ``X-CPN-Budget-Policy``; an optional
+time-to-first-token SLO from ``X-CPN-SLO-TTFT-Ms`` (alias ``x-slo-ttft-ms``). Streaming answers are
 relayed as Server-Sent Events as the site produces them; if the client goes away mid-stream the
 site is told to stop (``CancelInfer``).
 """
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from controlplane.gateway import openai_shapes as oa
 from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, Routes, json_response, principal, raw_body
-from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, route_headers
+from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, resolve_slo, route_headers
 from controlplane.services.inference import AllSitesFailed, aclose
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
@@ -42,6 +43,7 @@ async def _serve(
     origin = resolve_origin(request, None)
     budget_ms = resolve_budget(request, None)
     policy = resolve_policy(request, None)
+    slo = resolve_slo(request)
     scope = services.deployments.check_model_access(tenant, req.model)
     request_id = request[REQUEST_ID]  # the hub's, never the client's X-Request-Id: sites cancel by it
     echo = request[ECHO_ID]
@@ -50,7 +52,7 @@ async def _serve(
     filing = services.market.admit(infer, created)  # 403 unfiled for the public, 402 over budget
     if not infer.stream:
         served = await services.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
-                                              deployments=scope)
+                                                   deployments=scope, slo_ttft_ms=slo)
         assert served.result is not None
         body = oa.chat_response(served.result, created=created, model=req.model) if kind == "chat" else \
             oa.completion_response(served.result, created=created, model=req.model)
@@ -59,7 +61,7 @@ async def _serve(
 
     infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
-                                                       deployments=scope)
+                                                       deployments=scope, slo_ttft_ms=slo)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
                        include_usage=oa.include_usage(req))
     response = _SseResponse(headers={

@@ -27,6 +27,14 @@ Rule 4 (model access): a tenant may call the models of its own active deployment
 sites offer themselves (deployment ``local`` or none) to that tenant (the operator allows tenants per
 site: ``declarations`` Rule 5); an admin key may call any model. A tenant's requests are served only
 by replicas of its own deployments or sites' own ones (``serving_scope``).
+Rule 6 (autoscaling, ``core/autoscale.py``): every ``autoscale_interval_s`` the demand the inference
+path counted per (tenant, model, origin, budget) since the last time (``demand``, drained) is folded
+into one ``DemandMeter`` per scaling deployment (``min_replicas``/``max_replicas``), with the mean
+service time its sites report; ``autoscale.decide`` sizes it and its plan goes to ``reconcile`` as
+``Snapshot.scaling`` (carried out there like any placement, its reasons in the deployment's
+``scaling`` status). Replicas the autoscaler added are remembered (soft state) as the only ones it
+may scale in; the others (coverage, floor) are protected. After a hub restart every replica is
+protected until the autoscaler adds again (conservative: it never scales in what it cannot tell).
 Rule 5 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
 and creates nothing; with another spec it is a 422. The key is committed with the deployment in one
 transaction; the answer is recorded once rendered.
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -45,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from controlplane.core import autoscale
 from controlplane.core import deployments as decide
 from controlplane.core import lifecycle
 from controlplane.core import replicas as core
@@ -53,7 +63,7 @@ from controlplane.core.declarations import LOCAL_DEPLOYMENTS, may_use_local
 from controlplane.core.errors import NotFound, RequestError
 from controlplane.core.registry import SiteRegistry, Transition
 from controlplane.core.replica_lifecycle import (
-    IllegalReplicaTransition, ReplicaEvent, ReplicaState, transition,
+    HOLDING, IllegalReplicaTransition, ReplicaEvent, ReplicaState, transition,
 )
 from controlplane.runtime import BackgroundTasks
 from controlplane.services.outbox import LOAD, MODEL_KINDS, UNLOAD, CommandOutbox
@@ -78,7 +88,11 @@ _KIND = {LOAD: decide.LOAD, UNLOAD: decide.UNLOAD}
 def spec_hash(spec: core.DeploymentSpec) -> str:
     """Hash of a decoded spec: equal specs (whatever their key order, spacing or defaults left out)
     hash equal, as the jobs API hashes its bodies for ``Idempotency-Key``."""
-    return hashlib.sha256(msgspec.json.encode(msgspec.to_builtins(spec), order="sorted")).hexdigest()
+    body = msgspec.to_builtins(spec)
+    for added in ("min_replicas", "max_replicas"):  # fields added later: unset, a stored key's hash is unchanged
+        if body.get(added) is None:
+            body.pop(added, None)
+    return hashlib.sha256(msgspec.json.encode(body, order="sorted")).hexdigest()
 
 
 class DeploymentService:
@@ -97,6 +111,10 @@ class DeploymentService:
         full_replan_s: re-plan at least this often even if nothing visible changed (free cards).
         cmd_timeout_s: how long a command waits for the agent's Ack.
         settings: the core's knobs (retry_s, refused_cooldown_s, missing_heartbeats).
+        demand: drains the inference path's request counts per (tenant, model, origin, budget_ms)
+            (``InferenceService.drain_demand``); None: no autoscaling.
+        autoscale_interval_s, scale_in_after_s, demand_fast_s, demand_slow_s: the autoscaler's
+            period, idle time before a scale-in (the cool-down) and the meter's time constants.
     """
 
     name = "deployments"
@@ -105,7 +123,10 @@ class DeploymentService:
                  layout: Callable[[], topo_layout.Layout], rtt: Callable[[], latency.RttIndex], clock: Clock,
                  tenant: Callable[[str], Mapping[str, Any] | None], known_models: Callable[[], frozenset[str]],
                  metrics: HubMetrics | None = None, interval_s: float = 0.5, full_replan_s: float = 5.0,
-                 cmd_timeout_s: float = 2.0, settings: decide.Settings = decide.Settings()) -> None:
+                 cmd_timeout_s: float = 2.0, settings: decide.Settings = decide.Settings(),
+                 demand: Callable[[], Mapping[tuple[str, str, str, float], int]] | None = None,
+                 autoscale_interval_s: float = 5.0, scale_in_after_s: float = 600.0, demand_fast_s: float = 60.0,
+                 demand_slow_s: float = 900.0) -> None:
         self._db = db
         self.registry = registry
         self.bus = bus
@@ -142,6 +163,16 @@ class DeploymentService:
         self._fresh: set[str] = set()
         """Deployments created by this process (exempt from the start-up grace)."""
         self._active_work = False
+        self._demand = demand
+        self.autoscale_interval_s = autoscale_interval_s
+        self.scale_in_after_s = scale_in_after_s
+        self.demand_fast_s = demand_fast_s
+        self.demand_slow_s = demand_slow_s
+        self._next_scale = 0.0
+        self._meters: dict[str, autoscale.DemandMeter] = {}
+        self._scale_memory: dict[str, autoscale.Memory] = {}
+        self._scaled: dict[tuple[str, str], float] = {}
+        """(deployment, site) -> when the autoscaler added that replica (the ones it may remove)."""
 
     def __repr__(self) -> str:
         c = self.counters
@@ -367,7 +398,7 @@ class DeploymentService:
 
     def _render(self, dep: store.Deployment) -> dict[str, Any]:
         report = dep.report or {}
-        return {
+        view = {
             "id": dep.id,
             "object": "deployment",
             "model": dep.model,
@@ -387,13 +418,18 @@ class DeploymentService:
             "created_at": dep.created_at,
             "updated_at": dep.updated_at,
         }
+        if "scaling" in report:
+            view["scaling"] = report["scaling"]
+        return view
 
     # ------------------------------------------------------------------ decide, then do
 
     def reconcile(self, now: float) -> None:
         """One decide-then-do pass (the loop calls it; tests may too)."""
         sig = (self.registry.version, self._epoch)
-        if sig == self._last_sig and not self._active_work and now - self._last_full < self.full_replan_s:
+        scale_due = self._demand is not None and now >= self._next_scale
+        if sig == self._last_sig and not self._active_work and now - self._last_full < self.full_replan_s \
+                and not scale_due:
             return
         self._last_sig = sig
         self._last_full = now
@@ -402,6 +438,9 @@ class DeploymentService:
 
     def _decide(self, now: float, only: str | None = None) -> None:
         snap = self._snapshot(now, only)
+        if only is None and self._demand is not None and now >= self._next_scale:
+            self._next_scale = now + self.autoscale_interval_s
+            snap = dataclasses.replace(snap, scaling=self._autoscale(now, snap))
         plan = decide.reconcile(snap, now)
         self._carry_out(plan, now)
         self.memory = plan.memory
@@ -432,6 +471,56 @@ class DeploymentService:
             pending=frozenset((_KIND[k], j, s) for k, j, s in store_outbox.pending_keys(db, MODEL_KINDS)),
             memory=self.memory, grace_until=self._grace_until, fresh=frozenset(self._fresh), only=only,
             settings=self.settings)
+
+    def _autoscale(self, now: float, snap: decide.Snapshot) -> dict[str, autoscale.ScalePlan]:
+        """Rule 6: fold the demand counted since the last call into each scaling deployment's meter
+        and ask ``autoscale.decide`` what to add and remove."""
+        assert self._demand is not None
+        counts: dict[tuple[str, str], dict[tuple[str, float], int]] = {}
+        for (tenant, model, origin, budget_ms), n in self._demand().items():
+            per = counts.setdefault((tenant, model), {})
+            per[(origin, budget_ms)] = per.get((origin, budget_ms), 0) + n
+        scaling = [d for d in snap.deployments if d.spec.scales]
+        for gone in set(self._meters) - {d.id for d in scaling}:
+            self._meters.pop(gone, None)
+            self._scale_memory.pop(gone, None)
+        if not scaling:
+            return {}
+        models = {d.id: d.model for d in snap.deployments}
+        holding = [r for d in snap.deployments for r in snap.replicas.get(d.id, ()) if r.state in HOLDING]
+        cands = decide.planning_candidates(
+            snap.sites, snap.views,
+            (decide.Holding(r.deployment, models[r.deployment], r.site, r.accelerator, r.cards) for r in holding))
+        tier = {c.id: c.tier for c in cands}
+        out: dict[str, autoscale.ScalePlan] = {}
+        for dep in scaling:
+            spec = dep.spec
+            mine = [r for r in snap.replicas.get(dep.id, ()) if r.state in HOLDING]
+            times = [v.service_ms_p50 for r in mine if (v := snap.views.get(r.site)) is not None
+                     and v.service_ms_p50 > 0 and decide.shows(v, dep.model, dep.id) is not None]
+            meter = self._meters.get(dep.id)
+            if meter is None:
+                meter = self._meters[dep.id] = autoscale.DemandMeter(fast_s=self.demand_fast_s, slow_s=self.demand_slow_s)
+            meter.observe(now, counts.get((dep.tenant, dep.model), {}),
+                          sum(times) / len(times) / 1000.0 if times else None)
+            reps = [autoscale.Replica(
+                site=r.site, tier=tier.get(r.site, "edge"), state="ready" if r.state is ReplicaState.READY else "loading",
+                slots=spec.slots_per_replica, accelerator=r.accelerator,
+                added_at=self._scaled.get((dep.id, r.site), 0.0), protected=(dep.id, r.site) not in self._scaled)
+                for r in mine]
+            knobs = autoscale.ScaleSpec(
+                model=dep.model, cards_per_replica=spec.cards_per_replica, slots_per_replica=spec.slots_per_replica,
+                accelerators=spec.accelerators, min_replicas=spec.min_replicas or 0, max_replicas=spec.max_replicas,
+                scale_in_after_s=self.scale_in_after_s)
+            plan = autoscale.decide(now, knobs, meter.demand(), reps, cands, snap.rtt,
+                                    self._scale_memory.get(dep.id, autoscale.Memory()))
+            self._scale_memory[dep.id] = plan.memory
+            out[dep.id] = plan
+            for a in plan.add:
+                log.info("event=scale_out deployment=%s site=%s reason=%r", dep.id, a.site, a.reason)
+            for r in plan.remove:
+                log.info("event=scale_in deployment=%s site=%s reason=%r", dep.id, r.site, r.reason)
+        return out
 
     def _ours(self, active: set[str]) -> frozenset[str]:
         """Deleted deployments of ours that sites still report (the store is asked once per id)."""
@@ -470,6 +559,11 @@ class DeploymentService:
                 self.outbox.add(load.site, load.command, now)
             for unload in plan.unloads:
                 self.outbox.add(unload.site, unload.command, now)
+        for c in plan.replicas:
+            if c.event is ReplicaEvent.PLACE and c.reason.startswith("scale out:"):
+                self._scaled[(c.deployment, c.site)] = now
+            elif c.new not in HOLDING:
+                self._scaled.pop((c.deployment, c.site), None)
         self.counters["plans"] += len(plan.planned)
         self.counters["loads_queued"] += len(plan.loads)
         self.counters["unloads_queued"] += len(plan.unloads)

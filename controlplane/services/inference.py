@@ -5,6 +5,17 @@ fallbacks; this module sends and, when a site fails (no responders, timeout, a r
 the site being declared lost while the request is in flight), tries the next fallback within the
 request's RTT budget. Only when every candidate failed does the caller see an error.
 
+Admission by predicted time to first token (``core/ttft.py``): a request with an SLO
+(``slo_ttft_ms``) is routed to the candidate within budget with the best prediction (RTT on the
+full path + queue wait from the site's heartbeat and the hub's in-flight count + prefill from the
+accelerator's profile), or refused at once (:class:`SloUnmeetable`, a 429 with ``Retry-After``)
+when none meets it. A request without an SLO never touches the predictor. Predicted and actual
+times are recorded (``cpn_ttft_prediction_error_seconds``); a stream's measured first token
+calibrates the accelerator's prefill profile.
+
+Demand: every routed request adds one to a count per (tenant, model, origin, budget) that the
+deployments service drains (:meth:`InferenceService.drain_demand`) for the autoscaler.
+
 A site is not trusted with what tenants read: an ``ErrorReply``'s free text (which could name a
 site's internal URLs or hosts, or say anything at all) is logged here and never passed on. A tenant
 sees the site id and the reply's code, and only a code from :data:`PUBLIC_CODES` (else ``error``).
@@ -13,14 +24,17 @@ sees the site id and the reply's code, and only a code from :data:`PUBLIC_CODES`
 from __future__ import annotations
 
 import logging
+import math
 import random
 import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from controlplane.core import router
-from controlplane.core.errors import NoCapacity, PeerError, RequestError, SiteRefused, SiteSilent, SiteUnreachable
+from controlplane.core import router, ttft
+from controlplane.core.errors import (
+    NoCapacity, PeerError, RequestError, SiteRefused, SiteSilent, SiteUnreachable, SloUnmeetable,
+)
 from edge_agent import wire
 
 if TYPE_CHECKING:
@@ -47,6 +61,8 @@ class Served:
     """The gateway city the RTT was measured from ("" when the gateway is not placed)."""
     nearer_gateway: str = ""
     """A gateway city nearer to the request's origin than this one ("" when none is)."""
+    predicted: ttft.Prediction | None = None
+    """The TTFT prediction the request was admitted on (requests with an SLO only)."""
 
 
 PUBLIC_CODES = frozenset({
@@ -70,6 +86,14 @@ def _public(site: str, exc: PeerError) -> str:
 ACK_AFTER_SHARE = 0.25
 """Share of the hub's acknowledgement timeout a site may wait before acknowledging a request whose
 answer has not gone out yet: the rest is margin for the network and a busy hub."""
+
+
+DEMAND_KEYS_MAX = 10_000
+"""Distinct (tenant, model, origin, budget) demand counts kept between two drains."""
+
+CALIBRATE_MIN_TOKENS = 256
+"""Prompts shorter than this do not calibrate a prefill profile: their first token is mostly fixed
+overhead (the backend's own, the hops), which would be read as a slow prefill rate."""
 
 
 class AllSitesFailed(PeerError):
@@ -104,6 +128,25 @@ class InferenceService:
         self.site_ack_timeout_s = site_ack_timeout_s
         self.served = 0
         self.failovers = 0
+        self.profiles: dict[str, ttft.Profile] = {}
+        """Accelerator -> its prefill profile, calibrated from measured first tokens."""
+        self.demand: dict[tuple[str, str, str, float], int] = {}
+        """(tenant, model, origin, budget_ms) -> requests routed since the last drain."""
+        self.demand_overflows = 0
+        """Times the demand counts were dropped for holding :data:`DEMAND_KEYS_MAX` keys."""
+
+    def _count_new(self, key: tuple[str, str, str, float]) -> None:
+        """A first request for ``key`` since the last drain; the counts are bounded (a process
+        whose counts nobody drains, a gateway, or budgets varied on purpose, cannot grow them)."""
+        if len(self.demand) >= DEMAND_KEYS_MAX:
+            self.demand.clear()
+            self.demand_overflows += 1
+        self.demand[key] = 1
+
+    def drain_demand(self) -> dict[tuple[str, str, str, float], int]:
+        """The request counts since the last call (the deployments service feeds its autoscaler)."""
+        out, self.demand = self.demand, {}
+        return out
 
     def __repr__(self) -> str:
         return f"<InferenceService served={self.served} failovers={self.failovers}>"
@@ -115,6 +158,17 @@ class InferenceService:
             raise RequestError(f"unknown origin {origin!r}", field="origin", status=400, code="unknown_origin")
         if model not in self.known_models():
             raise RequestError(f"model {model!r} is not served by any site", field="model", status=404, code="model_not_found")
+        key = (tenant, model, origin, budget_ms)
+        demand = self.demand
+        n = demand.get(key)
+        if n is None:
+            self._count_new(key)
+        else:
+            demand[key] = n + 1
+        return self._route(origin, model, budget_ms, policy, deployments, tenant)
+
+    def _route(self, origin: str, model: str, budget_ms: float, policy: str,
+               deployments: frozenset[str] | None, tenant: str) -> router.Route:
         decision = self.router.route(
             router.RouteRequest(origin=origin, model=model, budget_ms=budget_ms, policy=policy, deployments=deployments,
                                 tenant=tenant),
@@ -127,16 +181,81 @@ class InferenceService:
             raise NoCapacity(decision.reason)
         return decision
 
+    def admit(self, req: wire.InferRequest, origin: str, budget_ms: float, slo_ms: float,
+              deployments: frozenset[str] | None = None) -> tuple[router.Route, ttft.Prediction]:
+        """Admission by predicted TTFT: the route to the candidate within budget with the best
+        prediction (fallbacks: the others that also meet the SLO, best first).
+
+        Raises:
+            SloUnmeetable: (429, ``Retry-After``) no candidate's prediction meets ``slo_ms``.
+            RequestError, NoCapacity: as :meth:`decide`.
+        """
+        if origin not in self.origin_ids:
+            raise RequestError(f"unknown origin {origin!r}", field="origin", status=400, code="unknown_origin")
+        if req.model not in self.known_models():
+            raise RequestError(f"model {req.model!r} is not served by any site", field="model", status=404,
+                               code="model_not_found")
+        key = (req.tenant, req.model, origin, budget_ms)
+        n = self.demand.get(key)
+        if n is None:
+            self._count_new(key)
+        else:
+            self.demand[key] = n + 1
+        views = self.registry.views
+        near = self.router.within_budget(
+            router.RouteRequest(origin=origin, model=req.model, budget_ms=budget_ms, deployments=deployments,
+                                tenant=req.tenant), views, self.registry.version)
+        cands = [c for site, rtt_ms in near if (c := ttft_candidate(views[site], req.model, rtt_ms)) is not None]
+        if not cands:  # nothing within budget at all: the router's 503 and its reason, as without an SLO
+            self._route(origin, req.model, budget_ms, "strict", deployments, req.tenant)
+        tokens = prompt_tokens(req)
+        verdict = ttft.admit(cands, tokens, slo_ms, self.profiles)
+        if isinstance(verdict, ttft.Refuse):
+            self.metrics.slo_refused(req.model)
+            log.info("event=slo_refused request_id=%s model=%s slo_ms=%g reason=%r", req.request_id, req.model,
+                     slo_ms, verdict.reason)
+            raise SloUnmeetable(verdict.reason, retry_after_s=verdict.retry_after_s)
+        best = verdict.prediction
+        others = []
+        for c in cands:
+            if c.site != best.site:
+                p = ttft.predict(c, tokens, self.profiles.get(c.accelerator) or ttft.Profile(accelerator=c.accelerator))
+                if p.ttft_ms <= slo_ms:
+                    others.append((p.ttft_ms, c.site, c.rtt_ms))
+        others.sort()
+        self.metrics.slo_admitted(req.model)
+        return router.Route(best.site, best.rtt_ms, "slo", [(s, r) for _, s, r in others]), best
+
+    def _predicted(self, served: Served, req: wire.InferRequest, actual_s: float, streamed: bool) -> None:
+        """Record an admitted request's prediction against what happened; a stream's first token
+        (actual TTFT, less the predicted RTT and queue wait) calibrates its accelerator's profile."""
+        best = served.predicted
+        if best is None or served.site != best.site:
+            return
+        actual_ms = actual_s * 1000.0
+        self.metrics.ttft_predicted(req.model, "stream" if streamed else "answer", best.ttft_ms, actual_ms)
+        tokens = prompt_tokens(req)
+        view = self.registry.get(served.site)
+        if streamed and tokens >= CALIBRATE_MIN_TOKENS and view is not None and view.accelerators:
+            acc = min(view.accelerators)
+            profile = self.profiles.get(acc) or ttft.Profile(accelerator=acc)
+            self.profiles[acc] = ttft.calibrate(profile, tokens, actual_ms - best.rtt_ms - best.queue_ms)
+
     async def complete(
         self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
-        deployments: frozenset[str] | None = None,
+        deployments: frozenset[str] | None = None, slo_ttft_ms: float | None = None,
     ) -> Served:
-        """Serve a non-streaming request, failing over as needed."""
+        """Serve a non-streaming request, failing over as needed (``slo_ttft_ms``: admission by
+        predicted TTFT, :meth:`admit`)."""
         started = self.clock.monotonic()
-        decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
+        predicted = None
+        if slo_ttft_ms is None:
+            decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
+        else:
+            decision, predicted = self.admit(req, origin, budget_ms, slo_ttft_ms, deployments)
         self._ask_ack(req)
         served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
-                        nearer_gateway=self.router.nearer_gateway.get(origin, ""))
+                        nearer_gateway=self.router.nearer_gateway.get(origin, ""), predicted=predicted)
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
@@ -153,7 +272,10 @@ class InferenceService:
                 served.route = "failover"
             served.site, served.rtt_ms, served.result = site, rtt_ms, result
             self.served += 1
-            self.metrics.answered(req.model, site, self.clock.monotonic() - started)
+            elapsed = self.clock.monotonic() - started
+            self.metrics.answered(req.model, site, elapsed)
+            if predicted is not None:
+                self._predicted(served, req, elapsed, False)
             self.accounting.account(req, result, site)
             return served
         raise AllSitesFailed(served.tried, last)
@@ -196,7 +318,7 @@ class InferenceService:
 
     async def stream(
         self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
-        deployments: frozenset[str] | None = None,
+        deployments: frozenset[str] | None = None, slo_ttft_ms: float | None = None,
     ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
         """Open a streaming request: fail over until a site sends its first message, then commit.
 
@@ -204,10 +326,14 @@ class InferenceService:
         After the first chunk there is no failover: the tenant already has part of an answer.
         """
         started = self.clock.monotonic()
-        decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
+        predicted = None
+        if slo_ttft_ms is None:
+            decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
+        else:
+            decision, predicted = self.admit(req, origin, budget_ms, slo_ttft_ms, deployments)
         self._ask_ack(req)
         served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
-                        nearer_gateway=self.router.nearer_gateway.get(origin, ""))
+                        nearer_gateway=self.router.nearer_gateway.get(origin, ""), predicted=predicted)
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
@@ -230,7 +356,10 @@ class InferenceService:
                 served.route = "failover"
             served.site, served.rtt_ms = site, rtt_ms
             self.served += 1
-            self.metrics.first_token(req.model, site, self.clock.monotonic() - started)
+            elapsed = self.clock.monotonic() - started
+            self.metrics.first_token(req.model, site, elapsed)
+            if predicted is not None:
+                self._predicted(served, req, elapsed, True)
             return served, self._rest(first, it, req, site)
         raise AllSitesFailed(served.tried, last)
 
@@ -266,6 +395,30 @@ class InferenceService:
             if not finished:
                 # The tenant went away (or the site failed) mid-stream: tell the site to stop.
                 await self.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
+
+
+def prompt_tokens(req: wire.InferRequest) -> int:
+    """The prompt's length in tokens, estimated at 4 characters a token (for the prefill term)."""
+    chars = len(req.prompt)
+    if req.messages:
+        chars += sum(len(m.content) for m in req.messages)
+    return (chars + 3) // 4
+
+
+def ttft_candidate(view: SiteView, model: str, rtt_ms: float) -> ttft.Candidate | None:
+    """What the predictor needs of one site for ``model`` (None: no ready replica there).
+
+    Busy slots are the larger of the heartbeat's and the requests this hub has in flight there
+    (fresher); a full site whose service time is not measured yet has an unknown (infinite) wait."""
+    rep = view.replicas.get(model)
+    if rep is None or rep.state != "ready":
+        return None
+    busy = max(rep.busy, view.sent)
+    service_ms = view.service_ms_p50
+    if service_ms <= 0 and (busy >= rep.slots or view.queue_depth > 0):
+        service_ms = math.inf
+    return ttft.Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=min(view.accelerators, default=""),
+                          slots=rep.slots, busy=busy, queue_depth=view.queue_depth, service_ms=service_ms)
 
 
 async def aclose(it: object) -> None:

@@ -6,6 +6,8 @@ the shape of the scheduler's tests.
 
 from __future__ import annotations
 
+import msgspec
+
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -286,3 +288,20 @@ def test_a_reconcile_carries_out_scaling_within_the_other_rules() -> None:
     # A remove unplaces and unloads.
     out = d.reconcile(snap(replicas=reps, views=views, scaling={"dep-1": asks(remove=["sh-edge"])}), 100.0)
     assert ("sh-edge", "ready", "removed") in summary(out)["replicas"] and summary(out)["unloads"] == ["sh-edge"]
+
+
+def test_a_scaling_deployment_says_why_in_its_status_and_keeps_it() -> None:
+    scaling = d.Deployment(id="dep-1", tenant="acme", model="qwen", spec=DeploymentSpec(
+        model="qwen", origins=["hz"], min_cities=2, min_replicas=2, max_replicas=3))
+    views = [view("hz-edge", reports=[ready()]), view("sh-edge", reports=[ready()]), view("nj-edge")]
+    reps = [rep("hz-edge", R.READY), rep("sh-edge", R.READY)]
+    out = d.reconcile(snap(deps=[scaling], replicas=reps, views=views, scaling={"dep-1": asks(add=["nj-edge"])}), 100.0)
+    status = out.deployments[0].report["scaling"]
+    assert status == {"min_replicas": 2, "max_replicas": 3, "scale_out": ["+nj-edge: demand near nj-edge"],
+                      "scale_in": [], "short": []}
+    # The next decision asks nothing: the last reasons stay.
+    kept = msgspec.structs.replace(scaling, report=out.deployments[0].report)
+    again = d.reconcile(snap(deps=[kept], replicas=reps, views=views, scaling={"dep-1": asks()}), 101.0)
+    assert all(c.report["scaling"] == status for c in again.deployments)
+    # A fixed deployment has no scaling status.
+    assert all("scaling" not in c.report for c in d.reconcile(snap(replicas=reps, views=views), 100.0).deployments)

@@ -1,0 +1,122 @@
+"""Admission by predicted time to first token, as the inference service does it (issue #15 item 2).
+
+A real site registry fed heartbeats, the real router over a hand-made RTT table, the service's
+``admit``: a near site with a long queue loses to a farther idle one when the prediction says so,
+wins when its queue is short, and a request none can serve in time is refused at once (429 with a
+Retry-After). A request without an SLO never touches the predictor; every routed request is counted
+as demand for the autoscaler.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from controlplane.core.errors import SloUnmeetable
+from controlplane.core.registry import SiteRegistry
+from controlplane.core.router import Router
+from controlplane.metrics import HubMetrics
+from controlplane.services.inference import InferenceService, prompt_tokens
+from edge_agent import wire
+from tests.support.manualclock import ManualClock
+
+
+class Table:
+    """A hand-made RTT table (pure data) standing in for topology.latency.RttIndex."""
+
+    def ranked(self, origin: str) -> list[tuple[str, float]]:
+        return [("near", 0.5), ("far", 8.0)]
+
+
+def service(near: dict[str, Any], far: dict[str, Any]) -> tuple[InferenceService, HubMetrics]:
+    reg = SiteRegistry(miss_limit=3, heartbeat_s=1.0)
+    for site, fig in (("near", near), ("far", far)):
+        reg.register(wire.Register(site=site, city=site, accelerators={"A800": 8}), 0.0,
+                     local_model_tenants=frozenset({"*"}))
+        reg.heartbeat(wire.Heartbeat(
+            site=site, seq=1, queue_depth=fig.get("queue", 0), service_ms_p50=fig.get("service_ms", 200.0),
+            models=[wire.ReplicaStatus(model="m", slots=4, busy=fig.get("busy", 0))]), 0.0)
+    metrics = HubMetrics()
+    svc = InferenceService(registry=reg, router=Router(Table()), origin_ids=frozenset({"o"}),
+                           known_models=lambda: frozenset({"m"}), bus=None, accounting=None,  # type: ignore[arg-type]
+                           metrics=metrics, clock=ManualClock(), rng=random.Random(1), site_timeout_s=3.0,
+                           site_ack_timeout_s=1.0)
+    return svc, metrics
+
+
+def req(prompt: str = "hello " * 40) -> wire.InferRequest:
+    return wire.InferRequest(request_id="r1", model="m", prompt=prompt, tenant="acme")
+
+
+def test_a_near_site_with_a_long_queue_loses_to_a_farther_idle_one() -> None:
+    svc, metrics = service(near={"busy": 4, "queue": 12}, far={})
+    route, pred = svc.admit(req(), "o", 10.0, 400.0)
+    assert route.site == "far" and route.reason == "slo"
+    assert pred.site == "far" and pred.queue_ms == 0.0 and pred.rtt_ms == 8.0
+    assert route.fallbacks == []  # near: (12 + 4 - 4 + 1) / 4 x 200 ms = 650 ms of queue, over the SLO
+    assert metrics.slo_admission.counts == {("m", "admitted"): 1}
+    # A free slot but a long queue: still behind 12 requests (ahead = 12 + 3 - 4 + 1 = 12).
+    svc, _ = service(near={"busy": 3, "queue": 12}, far={})
+    route, _ = svc.admit(req(), "o", 10.0, 400.0)
+    assert route.site == "far"
+
+
+def test_a_short_queue_keeps_the_near_site() -> None:
+    svc, _ = service(near={"busy": 3, "queue": 0}, far={})
+    route, pred = svc.admit(req(), "o", 10.0, 400.0)
+    assert route.site == "near" and pred.queue_ms == 0.0
+    assert route.fallbacks == [("far", 8.0)]
+
+
+def test_every_site_saturated_is_refused_at_once_with_retry_after() -> None:
+    svc, metrics = service(near={"busy": 4, "queue": 20, "service_ms": 900.0},
+                           far={"busy": 4, "queue": 20, "service_ms": 900.0})
+    with pytest.raises(SloUnmeetable) as err:
+        svc.admit(req(), "o", 10.0, 300.0)
+    assert err.value.status == 429 and err.value.retry_after_s >= 1
+    assert "exceeds the SLO of 300 ms" in err.value.message
+    assert metrics.slo_admission.counts == {("m", "refused"): 1}
+
+
+def test_a_full_site_whose_service_time_is_unknown_never_meets_an_slo() -> None:
+    svc, _ = service(near={"busy": 4, "service_ms": 0.0}, far={"busy": 4, "service_ms": 0.0})
+    with pytest.raises(SloUnmeetable) as err:
+        svc.admit(req(), "o", 10.0, 5000.0)
+    assert err.value.retry_after_s == 1.0
+
+
+def test_no_slo_no_predictor_and_demand_is_counted() -> None:
+    svc, metrics = service(near={}, far={})
+    for _ in range(3):
+        svc.decide("o", "m", 10.0, "strict", tenant="acme")
+    svc.admit(req(), "o", 10.0, 400.0)
+    assert metrics.slo_admission.counts == {("m", "admitted"): 1}
+    assert svc.drain_demand() == {("acme", "m", "o", 10.0): 4}
+    assert svc.drain_demand() == {}
+    assert prompt_tokens(req("x" * 400)) == 100
+
+
+def test_only_long_streamed_prompts_calibrate_the_profile() -> None:
+    from controlplane.services.inference import Served
+
+    svc, metrics = service(near={}, far={})
+    route, pred = svc.admit(req("x" * 40), "o", 10.0, 400.0)
+    served = Served(route.site, route.rtt_ms, route.reason, predicted=pred)
+    svc._predicted(served, req("x" * 40), 0.060, True)  # 10 tokens: overhead, not a prefill rate
+    assert svc.profiles == {}
+    long = req("x" * 4000)  # 1000 tokens in 100 ms of prefill work (+15 ms base): 10000 tokens/s
+    svc._predicted(Served(route.site, route.rtt_ms, route.reason, predicted=pred), long,
+                   (pred.rtt_ms + pred.queue_ms + 115.0) / 1000.0, True)
+    assert svc.profiles["A800"].prefill_tokens_per_s == pytest.approx(5000 + 0.1 * (10000 - 5000))
+    assert sum(n for k, v in metrics.ttft_error.by_route.items() for n in v[:-1]) == 2
+
+
+def test_undrained_demand_counts_stay_bounded() -> None:
+    from controlplane.services import inference
+
+    svc, _ = service(near={}, far={})
+    for i in range(inference.DEMAND_KEYS_MAX + 5):
+        svc.decide("o", "m", 1.0 + i / 1e6, "strict", tenant="acme")  # budgets varied on purpose
+    assert len(svc.demand) == 5 and svc.demand_overflows == 1
