@@ -129,6 +129,7 @@ class FaultProxy:
         self.accepted = 0
         self._server: asyncio.Server | None = None
         self._links: dict[_Link, asyncio.Task[None]] = {}
+        self._closing = False
         self.port = 0
 
     def __repr__(self) -> str:
@@ -149,7 +150,7 @@ class FaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        if self.mode == "reset":
+        if self.mode == "reset" or self._closing:  # a connection accepted just before close() began
             _abort(writer)
             return
         link = _Link(self, reader, writer)
@@ -195,8 +196,10 @@ class FaultProxy:
 
     async def close(self) -> None:
         """Stop listening, abort every connection, await every task."""
+        self._closing = True
         if self._server is not None:
             self._server.close()
+        await asyncio.sleep(0)  # connection callbacks already scheduled run now, and abort themselves
         for link in list(self._links):
             link.abort()
         # Aborted links end on their own. Cancelling a connection task instead would make

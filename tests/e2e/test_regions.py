@@ -101,7 +101,10 @@ async def regions(tmp_path: Path) -> AsyncIterator[tuple[RegionalNetwork, Wan]]:
     opts = UpOptions(data_dir=tmp_path / "cpn", port=0, layout=str(three_region_layout(tmp_path)), regions=3,
                      ready_timeout_s=60.0)
     net = RegionalNetwork(opts, wan=wan, hub_overrides=dict(
-        heartbeat_s=1.0, miss_limit=3, site_timeout_s=3.0, record_write_deadline_s=3.0, seed=1))
+        # site_ack_timeout_s: the agents share this test's event loop with four hubs; a loop that
+        # stands still a second under a loaded CI machine must not read as a silent site.
+        heartbeat_s=1.0, miss_limit=3, site_timeout_s=3.0, site_ack_timeout_s=2.5, record_write_deadline_s=3.0,
+        seed=1))
     try:
         await net.start()
         yield net, wan
