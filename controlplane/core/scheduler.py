@@ -41,14 +41,16 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 import msgspec
 
 from controlplane.core.placement import (
     DEFAULT_MODEL,
-    STATIC_FILTERS,
-    WORKLOAD_EXECUTORS,
+    Filter,
+    filter_inputs,
+    pool_reason,
+    search_checks,
     CostBreakdown,
     CostModel,
     Estimate,
@@ -187,7 +189,7 @@ class Plan(msgspec.Struct, kw_only=True):
 class _Entry:
     """One (pool, accelerator) during a plan: its priced figures and free cards, mutated as we place."""
 
-    __slots__ = ("pp", "pool", "acc", "free", "lb_rate", "avg_rate", "runs", "in_avail", "up")
+    __slots__ = ("pp", "pool", "acc", "free", "lb_rate", "avg_rate", "runs", "in_avail", "down")
 
     def __init__(self, pp: PricedPool, free: int) -> None:
         self.pp = pp
@@ -198,7 +200,8 @@ class _Entry:
         self.avg_rate = pp.avg_rate
         self.runs: list[_Run] = []
         self.in_avail = free > 0
-        self.up = pp.pool.healthy and not pp.pool.draining
+        self.down = pool_reason(pp.pool, pp.acc)
+        """The pool-only filters' verdict (unhealthy, draining, ...): the same for every job."""
 
 
 class _Run:
@@ -212,6 +215,11 @@ class _Run:
         self.stopping = stopping
         self.preemptible = preemptible
 
+
+_Check = tuple[Filter, "Callable[[Pool], Hashable] | None", dict[Hashable, "str | None"]]
+
+_UNSEEN = "(not yet filtered)"
+"""Marks an entry the verdict memo has not seen (compared by identity; no filter returns it)."""
 
 _Cand = tuple[int, float, int, "_Entry", Estimate]
 """(misses deadline 0/1, total CNY, order scored, entry, estimate): tuples compare fast."""
@@ -270,6 +278,19 @@ class _Planner:
         self.res: _Res | None = None
         self.tou_cache: dict[tuple[int, float, float], tuple[list[float], list[int]]] = {}
         self.static_cache: dict[tuple[object, ...], tuple[list[_Entry], list[str]]] = {}
+        # placement.STATIC_FILTERS' verdict per entry, for every job equal in placement.FILTER_INPUTS
+        # (one list of filters for placement and this search; the memo keeps the search fast).
+        self.verdicts: dict[tuple[object, ...], tuple[dict[_Entry, str | None], list[_Check]]] = {}
+
+    def verdicts_for(self, job: JobSpec) -> tuple[dict[_Entry, str | None], list[_Check]]:
+        """The memo of static-filter verdicts on entries with enough free cards, shared by every
+        job with ``job``'s filter inputs, and the filters to run on an entry it has not seen (each
+        with a memo of its verdicts by pool key, when it has a key)."""
+        key = filter_inputs(job)
+        hit = self.verdicts.get(key)
+        if hit is None:
+            hit = self.verdicts[key] = ({}, [(f.check, f.pool_key, {}) for f in search_checks(job)])
+        return hit
 
     # ----------------------------------------------------------------- order
 
@@ -366,8 +387,7 @@ class _Planner:
         max_price = job.max_price_cny
         res = self.res
         tou = self.tou_cache
-        regions, providers, tee = job.regions, job.providers, job.tee
-        runs = WORKLOAD_EXECUTORS.get(job.workload, frozenset())
+        verdicts, checks = self.verdicts_for(job)
         best: _Cand | None = None
         cands: list[_Cand] = []
         lost: list[Verdict] = []
@@ -392,31 +412,40 @@ class _Planner:
                                             reason=f"{e.free} free {acc} cards, job needs {cards}"))
                     continue
                 pool = e.pool
-                # The static filters, inlined (same predicates as placement.STATIC_FILTERS; the
-                # accelerator and gang filters hold for any entry with enough free cards).
-                if not e.up or (regions and pool.region not in regions) or \
-                        (providers and pool.provider not in providers) or (tee and not pool.tee) or \
-                        (pool.executors is not None and pool.executors.isdisjoint(runs)):
+                reason = e.down or verdicts.get(e, _UNSEEN)
+                if reason is _UNSEEN:
+                    reason = None
+                    for check, pool_key, by_key in checks:
+                        if pool_key is None:
+                            reason = check(job, pool, acc)
+                        else:
+                            k = pool_key(pool)
+                            reason = by_key.get(k, _UNSEEN)
+                            if reason is _UNSEEN:
+                                reason = by_key[k] = check(job, pool, acc)
+                        if reason is not None:
+                            break
+                    verdicts[e] = reason
+                if reason is not None:
                     if len(lost) < explain:
-                        lost.append(Verdict(pool=pool.id, accelerator=acc,
-                                            reason=static_reason(job, pool, acc) or "?"))
+                        lost.append(Verdict(pool=pool.id, accelerator=acc, reason=reason))
                     continue
                 est = estimate(job, e.pp, now, model, source, tou)
-                total = est[0]
+                total = est.total_cny
                 n += 1
                 if max_price is not None and total > max_price:
                     why = f"expected {total:.2f} CNY, over max_price {max_price:.2f}"
                     blocked.append(f"{pool.id}: {why}")
                     if len(lost) < explain:
                         lost.append(Verdict(pool=pool.id, accelerator=acc, reason=why, total_cny=total))
-                elif res is not None and res.entry is e and est[5] <= now and \
-                        now + est[7] > res.at and cards > res.spare:
+                elif res is not None and res.entry is e and est.start_at <= now and \
+                        now + est.run_s > res.at and cards > res.spare:
                     why = f"would delay {res.job_id}, which has it reserved at {res.at:.0f}"
                     blocked.append(f"{pool.id}: {why}")
                     if len(lost) < explain:
                         lost.append(Verdict(pool=pool.id, accelerator=acc, reason=why, total_cny=total))
                 else:
-                    cand = (0 if est[1] else 1, total, n, e, est)
+                    cand = (0 if est.meets_deadline else 1, total, n, e, est)
                     cands.append(cand)
                     if best is None or cand[:2] < best[:2]:
                         best = cand
@@ -489,11 +518,7 @@ class _Planner:
                 counts[f"no pool has {acc} cards"] += 1
                 continue
             for e in lst:
-                reason = None
-                for _, check in STATIC_FILTERS:
-                    reason = check(job, e.pool, acc)
-                    if reason is not None:
-                        break
+                reason = static_reason(job, e.pool, acc)
                 if reason is None:
                     ok.append(e)
                 else:
