@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from controlplane.core import lifecycle, placement, scheduler
+from controlplane.core import jobspec, lifecycle, placement, scheduler
 from controlplane.store import db as dbmod
 from controlplane.store import jobs as jobstore
 from topology import layout
@@ -97,6 +97,13 @@ def _persist(db: Any, plan: scheduler.Plan, records: dict[str, lifecycle.JobReco
         jobstore.record_waits(db, waits, now)
 
 
+def _stored(j: placement.JobSpec) -> jobspec.JobSpec:
+    """The spec the API would have stored for a bench job."""
+    return jobspec.JobSpec(cards=j.cards, accelerators=j.accelerators, est_hours=j.est_hours,
+                           checkpoint_cost_s=j.checkpoint_cost_s, priority=j.priority, deadline=j.deadline,
+                           regions=j.regions, tee=j.tee)
+
+
 def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_commit_slice: int,
                  *, first: bool) -> dict[str, Any]:
     """One plan tick persisted to a fresh SQLite file (WAL + FULL); timings in seconds."""
@@ -108,13 +115,11 @@ def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_
             n_each = per_commit_slice if first else 0
             t0 = time.perf_counter()
             for j in queued[:n_each]:
-                jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
-                                    f"k-{j.id}", j.id, NOW, job_id=j.id)
+                jobstore.create_job(db, j.tenant, _stored(j), f"k-{j.id}", j.id, NOW, job_id=j.id)
             submit_s = time.perf_counter() - t0
             with dbmod.transaction(db):
                 for j in queued[n_each:]:
-                    jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
-                                        f"k-{j.id}", j.id, NOW, job_id=j.id)
+                    jobstore.create_job(db, j.tenant, _stored(j), f"k-{j.id}", j.id, NOW, job_id=j.id)
             records = {j.id: lifecycle.JobRecord(id=j.id, tenant=j.tenant, cards=j.cards) for j in queued}
 
             t0 = time.perf_counter()

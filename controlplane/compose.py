@@ -50,10 +50,15 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub
     history = DashboardHistory(hub)
     hub.add_service(history)
     hub.site_listeners.append(history.on_site)
+    jobs = training.TrainingService(
+        db=lambda: hub.db, bus=hub.bus, registry=hub.registry, layout=lambda: hub.layout, clock=clock,
+        metrics=hub.metrics, config=config, tenant=hub.tenant)
+    hub.add_service(jobs)
+    hub.site_listeners.append(jobs.on_site)
     services = Services(
         inference=hub.inference,
         deployments=deployments.install(hub, clock),
-        training=training.install(hub, clock),
+        training=jobs,
         dashboard=history,
     )
     # sites_api: operator declarations; dashboard_api: the operator page and its data

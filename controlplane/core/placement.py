@@ -112,16 +112,9 @@ WORKLOAD_EXECUTORS: dict[str, frozenset[str]] = {
 """Which site executors can run each kind of workload."""
 
 
-def workload_of(spec: Mapping[str, Any]) -> str:
-    """The kind of workload a stored job spec names: ``container`` (an image), ``process`` (a
-    command) or ``sim``."""
-    if spec.get("image"):
-        return "container"
-    return "process" if spec.get("command") else "sim"
-
-
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """A job waiting for placement (queued, or restarting after a failure)."""
+    """The scheduler's view of a job waiting for placement (queued, or restarting after a failure);
+    the hub builds it from the stored spec (``jobspec.JobSpec.waiting``) at each tick."""
 
     id: str
     tenant: str
@@ -149,7 +142,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     restarting: bool = False
     """Lost its pool to an infrastructure failure: goes ahead of its priority level's queue."""
     workload: str = "sim"
-    """``sim``, ``process`` or ``container`` (:func:`workload_of`): which executors can run it."""
+    """``sim``, ``process`` or ``container`` (``jobspec.JobSpec.workload``): which executors can run it."""
 
 
 class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):
