@@ -83,13 +83,18 @@ def build(n_pools: int, n_jobs: int, seed: int) -> tuple[list[placement.Pool], l
     return pools, jobs, tenants
 
 
+def _placed(rec: lifecycle.JobRecord, s: scheduler.Placement, now: float) -> jobstore.Placed:
+    """The placement explanation the hub stores with a start."""
+    return jobstore.Placed(attempt=rec.attempt, pool=s.pool, accelerator=s.accelerator, decided_at=now,
+                           start_at=s.start_at, breakdown=s.breakdown, explanation=s.explanation)
+
+
 def _persist(db: Any, plan: scheduler.Plan, records: dict[str, lifecycle.JobRecord], now: float) -> None:
     placed = []
     for s in plan.start:
         rec = lifecycle.place(records[s.job_id], s.pool, s.accelerator, now)
         records[s.job_id] = rec
-        placed.append((rec, {"chosen": s.explanation.chosen, "others": s.explanation.others,
-                             "breakdown": s.breakdown}))
+        placed.append((rec, _placed(rec, s, now)))
     waits = [(w.job_id, w.reason) for w in plan.wait]
     waits += [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
     with dbmod.transaction(db):  # one commit for the whole tick
@@ -135,7 +140,7 @@ def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_
                 rec = lifecycle.dispatched(records[s.job_id], NOW)  # placed by the tick above
                 rec = lifecycle.infra_failure(rec, NOW, "bench").record  # back to restarting ...
                 rec = lifecycle.place(rec, s.pool, s.accelerator, NOW)   # ... and placed again: attempt 2
-                jobstore.record_placements(db, [(rec, {"chosen": s.explanation.chosen, "breakdown": s.breakdown})], NOW)
+                jobstore.record_placements(db, [(rec, _placed(rec, s, NOW))], NOW)
             t4 = time.perf_counter()
             n_rows = db.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0]
         finally:

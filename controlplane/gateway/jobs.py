@@ -151,8 +151,8 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
     """The API's picture of a job. Depends only on its arguments, so a replayed submission answers
     byte for byte what the first one did."""
     spec = row.spec
-    pl = row.placement or {}
-    explanation = pl.get("explanation") or {}
+    pl = row.placement
+    explanation = pl.explanation if pl is not None else None
     waiting = row.state in lifecycle.WAITING
     return {
         "id": row.id,
@@ -177,15 +177,15 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
         "energy_cny": round(row.energy_cny + accrued[1], 6),
         "billed": {"card_hours": round(row.card_hours, 6), "energy_cny": round(row.energy_cny, 6)},
         "placement": {
-            "attempt": pl.get("attempt"),
-            "pool": pl.get("pool"),
-            "accelerator": pl.get("accelerator"),
-            "decided_at": pl.get("decided_at"),
-            "checkpoint_interval_s": pl.get("checkpoint_interval_s"),
-            "chosen": explanation.get("chosen", ""),
-            "breakdown": pl.get("breakdown"),
-            "others": explanation.get("others", []),
-        } if pl else None,
+            "attempt": pl.attempt,
+            "pool": pl.pool,
+            "accelerator": pl.accelerator,
+            "decided_at": pl.decided_at,
+            "checkpoint_interval_s": pl.checkpoint_interval_s,
+            "chosen": explanation.chosen if explanation is not None else "",
+            "breakdown": pl.breakdown,
+            "others": explanation.others if explanation is not None else [],
+        } if pl is not None else None,
         "attempts": [
             {"number": a.attempt, "pool": a.pool, "accelerator": a.accelerator, "cards": a.cards,
              "state": _attempt_state(row, a), "placed_at": a.placed_at, "started_at": a.started_at,

@@ -354,10 +354,10 @@ class TrainingService:
             return None
 
     def _running(self, r: store_jobs.JobRow) -> scheduler.Running:
-        pl = r.placement or {}
-        run_s = (pl.get("breakdown") or {}).get("run_s")
+        bd = r.placement.breakdown if r.placement is not None else None
+        run_s = bd.run_s if bd is not None else None
         scale = _time_scale(r, r.attempt)
-        end = r.attempt_since + float(run_s) / scale if run_s and r.attempt_since is not None else None
+        end = r.attempt_since + run_s / scale if run_s and r.attempt_since is not None else None
         return scheduler.Running(
             job_id=r.id, tenant=r.tenant, pool=r.pool, accelerator=r.accelerator, cards=r.cards,
             priority=r.priority, expected_end_at=end, stopping=(r.id, r.attempt) in self._preempting,
@@ -386,7 +386,7 @@ class TrainingService:
         a job's being unplaceable says nothing about the job and is not written to its events)."""
         db = self.db
         assert self.outbox is not None
-        placed: list[tuple[lifecycle.JobRecord, dict[str, Any]]] = []
+        placed: list[tuple[lifecycle.JobRecord, store_jobs.Placed]] = []
         starts: list[tuple[str, wire.StartAttempt]] = []
         for p in plan.start:
             row = rows.get(p.job_id)
@@ -394,12 +394,12 @@ class TrainingService:
                 continue
             rec = lifecycle.place(row.record(), p.pool, p.accelerator, now)
             cmd = self._start_command(row, rec, p)
-            placed.append((rec, {
-                "attempt": rec.attempt, "pool": p.pool, "accelerator": p.accelerator, "decided_at": now,
-                "start_at": p.start_at, "executor": cmd.executor, "time_scale": cmd.time_scale,
-                "checkpoint_interval_s": cmd.checkpoint_interval_s, "breakdown": p.breakdown,
-                "explanation": p.explanation,
-            }))
+            placed.append((rec, store_jobs.Placed(
+                attempt=rec.attempt, pool=p.pool, accelerator=p.accelerator, decided_at=now,
+                start_at=p.start_at, executor=cmd.executor, time_scale=cmd.time_scale,
+                checkpoint_interval_s=cmd.checkpoint_interval_s, breakdown=p.breakdown,
+                explanation=p.explanation,
+            )))
             starts.append((p.pool, cmd))
         stops: list[lifecycle.Stop] = []
         for pre in plan.stop:
@@ -424,9 +424,9 @@ class TrainingService:
                                    reason=stop.reason)
             store_jobs.record_waits(db, waits, now)
         for rec, pl in placed:
-            bd = pl["breakdown"]
             log.info("event=job_placed job=%s attempt=%d pool=%s accelerator=%s expected_cny=%.2f progress=%.3f",
-                     rec.id, rec.attempt, rec.pool, rec.accelerator, bd.total_cny, rec.progress)
+                     rec.id, rec.attempt, rec.pool, rec.accelerator, pl.breakdown.total_cny if pl.breakdown else 0.0,
+                     rec.progress)
         self.counters["placed"] += len(placed)
         if starts or stops:
             self._kick()
@@ -745,11 +745,10 @@ class TrainingService:
 
 def _time_scale(row: store_jobs.JobRow, attempt: int) -> float:
     """Simulated seconds per wall second of ``attempt`` (1 unless it was a sim attempt)."""
-    pl = row.placement or {}
-    if pl.get("attempt") != attempt:
+    pl = row.placement
+    if pl is None or pl.attempt != attempt:
         return 1.0
-    scale = pl.get("time_scale", 1.0)
-    return float(scale) if isinstance(scale, (int, float)) and scale > 0 else 1.0
+    return pl.time_scale if pl.time_scale > 0 else 1.0
 
 
 def service_of(hub: Hub) -> TrainingService:

@@ -25,16 +25,16 @@ Public API::
     list_jobs(db, tenant, *, state=None, limit=100) -> [JobRow]        # newest first
     jobs_in_states(db, states: [JobState]) -> [JobRow]                   # hub start-up / reconcile
     update_job(db, job_id, now, **fields) -> JobRow                      # NotFound; unknown field: ValueError
-    save_record(db, rec: lifecycle.JobRecord, *, placement=None) -> None # lifecycle fields of the row
+    save_record(db, rec: lifecycle.JobRecord, *, placement: Placed | None = None) -> None
     load_record(db, job_id) -> lifecycle.JobRecord | None
-    add_attempt(db, job_id, attempt, pool, accelerator, cards, now, *, breakdown=None)
+    add_attempt(db, job_id, attempt, pool, accelerator, cards, now, *, breakdown: CostBreakdown | None = None)
     end_attempt(db, meter: lifecycle.Meter, *, energy_cny, exit_reason, exit_code=None, detail="") -> bool
     attempts(db, job_id) -> [AttemptRow]
     record_event(db, job_id, attempt, seq, kind, body_json, now, *, site="") -> bool
     record_hub_event(db, job_id, attempt, kind, body, now)               # site "(hub)"
     attempt_pools(db, [(job_id, attempt)]) -> {(job_id, attempt): pool}  # where each was placed
     events(db, job_id) -> [EventRow]
-    record_placements(db, [(JobRecord, placement_dict)], now) -> int     # one plan tick, one commit
+    record_placements(db, [(JobRecord, Placed)], now) -> int            # one plan tick, one commit
     record_waits(db, [(job_id, reason)], now) -> int
     usage_by_tenant(db, tenant) -> {"jobs", "attempts", "card_hours", "energy_cny"}
 """
@@ -53,7 +53,25 @@ from controlplane.core import jobspec, lifecycle
 from controlplane.core.errors import Conflict, NotFound, Unprocessable
 from controlplane.core.jobspec import JobSpec
 from controlplane.core.lifecycle import JobState
+from controlplane.core.placement import CostBreakdown
+from controlplane.core.scheduler import Explanation
 from controlplane.store.db import transaction
+
+
+class Placed(msgspec.Struct, kw_only=True):
+    """A job's last placement decision, explained (the ``jobs.placement`` column)."""
+
+    attempt: int | None = None
+    pool: str = ""
+    accelerator: str = ""
+    decided_at: float | None = None
+    start_at: float | None = None
+    executor: str = ""
+    time_scale: float = 1.0
+    """Simulated seconds per wall second of this attempt (1 but on the ``sim`` executor)."""
+    checkpoint_interval_s: float | None = None
+    breakdown: CostBreakdown | None = None
+    explanation: Explanation | None = None
 
 
 class JobRow(msgspec.Struct, kw_only=True):
@@ -79,7 +97,7 @@ class JobRow(msgspec.Struct, kw_only=True):
     max_infra_restarts: int
     attempt_since: float | None
     reason: str
-    placement: dict[str, Any] | None
+    placement: Placed | None
     card_hours: float
     energy_cny: float
     submitted_at: float
@@ -112,7 +130,7 @@ class AttemptRow(msgspec.Struct, kw_only=True):
     detail: str
     card_hours: float
     energy_cny: float
-    breakdown: dict[str, Any] | None
+    breakdown: CostBreakdown | None
 
 
 class EventRow(msgspec.Struct, kw_only=True):
@@ -137,9 +155,8 @@ _UPDATABLE = {
 
 
 _JOB_NAMES = _JOB_COLS.split(", ")
-_JSON = msgspec.json.Decoder()
-"""Decodes the placement column (what ``json.loads`` gives, about 3x faster: every scheduler tick
-reads every active job)."""
+_PLACED = msgspec.json.Decoder(Placed)
+_BREAKDOWN = msgspec.json.Decoder(CostBreakdown)
 _STATES = {s.value: s for s in JobState}
 _ROW_DECODER = msgspec.json.Decoder(JobRow)
 
@@ -150,7 +167,7 @@ def _job(row: tuple[Any, ...]) -> JobRow:
     # here is a bug or a damaged file, and surfaces as one.
     values["spec"] = jobspec.decode(values["spec"])
     values["state"] = _STATES[values["state"]]
-    values["placement"] = _JSON.decode(values["placement"]) if values["placement"] else None
+    values["placement"] = _PLACED.decode(values["placement"]) if values["placement"] else None
     return JobRow(**values)
 
 
@@ -313,7 +330,7 @@ def _record_args(rec: lifecycle.JobRecord) -> list[Any]:
             rec.updated_at, terminal, rec.updated_at]
 
 
-def save_record(db: sqlite_utils.Database, rec: lifecycle.JobRecord, *, placement: Any = None) -> None:
+def save_record(db: sqlite_utils.Database, rec: lifecycle.JobRecord, *, placement: Placed | None = None) -> None:
     """Write the lifecycle fields of ``rec`` (and the placement explanation, if given).
 
     Raises:
@@ -343,7 +360,7 @@ def add_attempt(
     cards: int,
     now: float,
     *,
-    breakdown: dict[str, Any] | None = None,
+    breakdown: CostBreakdown | None = None,
 ) -> None:
     """Record a new attempt (placed at ``now``).
 
@@ -412,7 +429,7 @@ def attempts(db: sqlite_utils.Database, job_id: str) -> list[AttemptRow]:
         out.append(AttemptRow(
             job_id=r[0], attempt=r[1], pool=r[2], accelerator=r[3], cards=r[4], placed_at=r[5], started_at=r[6],
             ended_at=r[7], exit_reason=r[8], exit_code=r[9], detail=r[10], card_hours=r[11], energy_cny=r[12],
-            breakdown=json.loads(r[13]) if r[13] else None,
+            breakdown=_BREAKDOWN.decode(r[13]) if r[13] else None,
         ))
     return out
 
@@ -482,21 +499,20 @@ def events(db: sqlite_utils.Database, job_id: str) -> list[EventRow]:
 
 def record_placements(
     db: sqlite_utils.Database,
-    placed: Iterable[tuple[lifecycle.JobRecord, Any]],
+    placed: Iterable[tuple[lifecycle.JobRecord, Placed]],
     now: float,
 ) -> int:
     """Persist one scheduler tick's placements in one transaction: each job's new lifecycle record
     (from ``lifecycle.place``), its placement explanation, and its new attempt row.
 
-    The explanation is a dict (msgspec Structs inside are fine, e.g. ``scheduler.Placement``'s
-    ``breakdown`` and ``explanation``); its ``"breakdown"`` entry, if any, is also kept on the attempt.
+    The explanation's ``breakdown``, if any, is also kept on the attempt.
     Returns the number of jobs written. Raises NotFound/Conflict (and writes nothing) if a job is
     missing or its attempt exists already.
     """
     rows = []
     attempt_rows = []
     for rec, placement in placed:
-        breakdown = placement.get("breakdown") if isinstance(placement, dict) else None
+        breakdown = placement.breakdown
         rows.append([*_record_args(rec), _encode(placement), rec.id])
         attempt_rows.append((rec.id, rec.attempt, rec.pool, rec.accelerator, rec.cards, now,
                              _encode(breakdown) if breakdown else None))

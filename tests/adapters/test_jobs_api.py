@@ -75,7 +75,7 @@ async def test_submit_is_committed_and_shown(api) -> None:  # type: ignore[no-un
     assert body["state"] == "queued" and body["cards"] == 4 and body["attempts"] == []
     row = store_jobs.get_job(hub.db, body["id"])  # committed before the answer
     assert row is not None and row.tenant == "acme" and row.priority == 3
-    assert row.spec["deadline"] == 4070908800.0  # ISO 8601 with an offset, stored as epoch seconds
+    assert row.spec.deadline == 4070908800.0  # ISO 8601 with an offset, stored as epoch seconds
     # No site is up: the scheduler says why the job waits.
     await until(lambda: store_jobs.get_job(hub.db, body["id"]).reason != "", 5, "wait reason")  # type: ignore[union-attr]
     status, view, _ = await acme.call("GET", f"/v1/jobs/{body['id']}")

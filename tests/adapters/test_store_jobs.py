@@ -12,12 +12,23 @@ import pytest
 from controlplane.core import jobspec
 from controlplane.core import lifecycle as lc
 from controlplane.core.errors import Conflict, NotFound, Unprocessable
+from controlplane.core.placement import CostBreakdown
+from controlplane.core.scheduler import Explanation
 from controlplane.store import db as dbmod
 from controlplane.store import jobs
 from controlplane.store.migrations import MIGRATIONS
 
 T0 = 1_700_000_000.0
 SPEC = {"name": "llama-ft", "cards": 16, "accelerators": ["A800"], "est_hours": 10, "priority": 2}
+
+
+BD = CostBreakdown(pool="p1", accelerator="A800", energy_cny=9.0, failure_waste_cny=0.5, move_cny=0.0,
+                   total_cny=9.5, start_at=T0, work_s=36_000.0, run_s=37_000.0, interval_s=1800.0, mtbf_h=40.0,
+                   waste_fraction=0.03, notes=["deadline at risk"])
+
+
+def placed(pool: str, **kw: object) -> jobs.Placed:
+    return jobs.Placed(pool=pool, explanation=Explanation(chosen=f"{pool}: 9.50 CNY"), **kw)  # type: ignore[arg-type]
 
 
 def body(**kw: object) -> jobspec.JobSpec:
@@ -149,9 +160,10 @@ def test_lifecycle_records_round_trip_and_terminal_states_get_finished_at(db) ->
     rec = jobs.load_record(db, job.id)
     assert rec is not None and rec.state is lc.JobState.QUEUED and rec.cards == 16
     rec = lc.place(rec, "p1", "A800", T0 + 1)
-    jobs.save_record(db, rec, placement={"chosen": "p1: 12.00 CNY"})
+    chosen = jobs.Placed(attempt=1, pool="p1", explanation=Explanation(chosen="p1: 12.00 CNY"), breakdown=BD)
+    jobs.save_record(db, rec, placement=chosen)
     got = jobs.get_job(db, job.id)
-    assert got is not None and got.record() == rec and got.placement == {"chosen": "p1: 12.00 CNY"}
+    assert got is not None and got.record() == rec and got.placement == chosen
     assert got.finished_at is None
     done = lc.cancel(rec, T0 + 2).record
     jobs.save_record(db, done)
@@ -182,7 +194,7 @@ def test_events_are_applied_once_by_job_attempt_seq(db) -> None:  # type: ignore
 
 def test_metering_is_added_once_per_attempt_and_summed_per_tenant(db) -> None:  # type: ignore[no-untyped-def]
     job, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
-    jobs.add_attempt(db, job.id, 1, "p1", "A800", 16, T0, breakdown={"total_cny": 9.5})
+    jobs.add_attempt(db, job.id, 1, "p1", "A800", 16, T0, breakdown=BD)
     with pytest.raises(Conflict):
         jobs.add_attempt(db, job.id, 1, "p1", "A800", 16, T0)
     jobs.mark_attempt_started(db, job.id, 1, T0 + 30)
@@ -196,7 +208,7 @@ def test_metering_is_added_once_per_attempt_and_summed_per_tenant(db) -> None:  
     assert jobs.end_attempt(db, meter2, energy_cny=5.0, exit_reason="completed", exit_code=0)
     a1, a2 = jobs.attempts(db, job.id)
     assert (a1.card_hours, a1.energy_cny, a1.exit_reason, a1.detail) == (32.0, 12.5, "infra_failure", "XID 79")
-    assert a1.breakdown == {"total_cny": 9.5} and a1.started_at == T0 + 30 and a2.exit_code == 0
+    assert a1.breakdown == BD and a1.started_at == T0 + 30 and a2.exit_code == 0
     row = jobs.get_job(db, job.id)
     assert row is not None and (row.card_hours, row.energy_cny) == (48.0, 17.5)
     other, _ = jobs.create_job(db, "globex", body(), None, "x", T0)
@@ -210,11 +222,11 @@ def test_a_plan_tick_is_one_transaction_all_or_nothing(db) -> None:  # type: ign
     ra = lc.place(a.record(), "p1", "A800", T0 + 1)
     ghost = lc.place(lc.JobRecord(id="ghost", tenant="acme", cards=1), "p1", "A800", T0 + 1)
     with pytest.raises(NotFound):
-        jobs.record_placements(db, [(ra, {"chosen": "p1"}), (ghost, {})], T0 + 1)
+        jobs.record_placements(db, [(ra, placed("p1")), (ghost, jobs.Placed())], T0 + 1)
     assert jobs.get_job(db, a.id).state == "queued" and jobs.attempts(db, a.id) == []  # type: ignore[union-attr]
     rb = lc.place(b.record(), "p2", "A800", T0 + 1)
-    assert jobs.record_placements(db, [(ra, {"chosen": "p1", "breakdown": {"total_cny": 3.0}}),
-                                       (rb, {"chosen": "p2"})], T0 + 1) == 2
+    assert jobs.record_placements(db, [(ra, placed("p1", breakdown=BD)), (rb, placed("p2"))], T0 + 1) == 2
+    assert jobs.attempts(db, a.id)[0].breakdown == BD and jobs.attempts(db, b.id)[0].breakdown is None
     assert jobs.get_job(db, a.id).state == "placed" and jobs.attempts(db, a.id)[0].pool == "p1"  # type: ignore[union-attr]
     assert jobs.record_waits(db, [(a.id, "quota"), (b.id, "quota")], T0 + 2) == 2
     assert jobs.record_waits(db, [(a.id, "quota"), (b.id, "no free cards")], T0 + 3) == 1
@@ -226,14 +238,14 @@ def test_everything_survives_reopening_the_file(path: Path) -> None:
     try:
         job, _ = jobs.create_job(first, "acme", body(), "k1", h(body()), T0)
         rec = lc.place(job.record(), "p1", "A800", T0 + 1)
-        jobs.record_placements(first, [(rec, {"chosen": "p1"})], T0 + 1)
+        jobs.record_placements(first, [(rec, placed("p1", breakdown=BD))], T0 + 1)
         jobs.record_event(first, job.id, 1, 1, "attempt_started", "{}", T0 + 2)
     finally:
         first.conn.close()
     again = dbmod.open_db(path)
     try:
         got = jobs.get_job(again, job.id)
-        assert got is not None and got.record() == rec
+        assert got is not None and got.record() == rec and got.placement == placed("p1", breakdown=BD)
         assert not jobs.record_event(again, job.id, 1, 1, "attempt_started", "{}", T0 + 3)
         replay, replayed = jobs.create_job(again, "acme", body(), "k1", h(body()), T0 + 4)
         assert replayed and replay.id == job.id
