@@ -31,8 +31,8 @@ import msgspec
 from aiohttp import web
 
 from controlplane.core import lifecycle
-from controlplane.core.jobspec import JobSpec
 from controlplane.core.errors import NotFound, RequestError
+from controlplane.core.jobspec import JobSpec
 from controlplane.gateway.app import HUB, SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
 from controlplane.services.training import AttemptRow, JobRow, TrainingService
