@@ -281,6 +281,11 @@ def pool_reason(pool: Pool, acc: str) -> str | None:
     return None
 
 
+def keyed_filters() -> tuple[StaticFilter, ...]:
+    """The static filters with a :attr:`~StaticFilter.pool_key`, in list order."""
+    return tuple(f for f in STATIC_FILTERS if f.pool_key is not None)
+
+
 def search_checks(job: JobSpec) -> tuple[StaticFilter, ...]:
     """The static filters, in order, that can fail for ``job`` on a pool with enough free cards and
     no :func:`pool_reason` (the idle, the pool-only and :data:`PASSED_WITH_FREE_CARDS` left out):
@@ -484,6 +489,13 @@ class Estimate(msgspec.Struct, frozen=True, gc=False):
     """Energy saved by waiting for ``start_at`` rather than starting now (0 when starting now)."""
 
 
+# Bound once: estimate() runs for every pool the scheduler scores.
+_daly = checkpointing.daly_unchecked
+_practical = checkpointing.practical_unchecked
+_waste = checkpointing.waste_unchecked
+_INF = math.inf
+
+
 def estimate(
     job: JobSpec,
     pp: PricedPool,
@@ -504,14 +516,13 @@ def estimate(
 
     # Failure waste (Young/Daly): M shrinks with the number of cards in the gang.
     rate = pool.failure_rate_per_card_hour
-    mtbf_s = 3600.0 / (rate * cards) if rate > 0 else math.inf
+    mtbf_s = 3600.0 / (rate * cards) if rate > 0 else _INF
     cost_s = job.checkpoint_cost_s
     if job.checkpoint_interval_s:
         interval_s = job.checkpoint_interval_s
     else:
-        interval_s = checkpointing.practical_unchecked(
-            checkpointing.daly_unchecked(cost_s, mtbf_s), work_s, model.checkpoint_floor_s)
-    waste = checkpointing.waste_unchecked(interval_s, cost_s, pool.restart_s, mtbf_s)
+        interval_s = _practical(_daly(cost_s, mtbf_s), work_s, model.checkpoint_floor_s)
+    waste = _waste(interval_s, cost_s, pool.restart_s, mtbf_s)
     run_s = work_s * (1.0 + waste)
 
     # Moving the checkpoint: the reserved cards idle while it arrives.
@@ -520,8 +531,8 @@ def estimate(
     if job.checkpoint_pool and job.progress > 0 and job.checkpoint_pool != pool.id:
         size_gb = cards * model.state_gb_per_card
         gbps = pool.egress_gbps if source is None else min(pool.egress_gbps, source.egress_gbps)
-        move_s = size_gb * 8.0 / gbps if gbps > 0 else math.inf
-        idle_cny = cards * pp.kw_pue * pp.price_integral(now, now + move_s) if move_s < math.inf else math.inf
+        move_s = size_gb * 8.0 / gbps if gbps > 0 else _INF
+        idle_cny = cards * pp.kw_pue * pp.price_integral(now, now + move_s) if move_s < _INF else _INF
         move_cny = idle_cny + size_gb * model.transfer_cny_per_gb
 
     # Energy over the run window (hour by hour, time-of-use), trying later starts on the hour

@@ -41,14 +41,16 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Hashable, Iterable
 
 import msgspec
 
 from controlplane.core.placement import (
     DEFAULT_MODEL,
     Filter,
+    StaticFilter,
     filter_inputs,
+    keyed_filters,
     pool_reason,
     search_checks,
     CostBreakdown,
@@ -189,9 +191,9 @@ class Plan(msgspec.Struct, kw_only=True):
 class _Entry:
     """One (pool, accelerator) during a plan: its priced figures and free cards, mutated as we place."""
 
-    __slots__ = ("pp", "pool", "acc", "free", "lb_rate", "avg_rate", "runs", "in_avail", "down")
+    __slots__ = ("pp", "pool", "acc", "free", "lb_rate", "avg_rate", "runs", "in_avail", "down", "keys")
 
-    def __init__(self, pp: PricedPool, free: int) -> None:
+    def __init__(self, pp: PricedPool, free: int, keyed: tuple[StaticFilter, ...]) -> None:
         self.pp = pp
         self.pool = pp.pool
         self.acc = pp.acc
@@ -202,6 +204,8 @@ class _Entry:
         self.in_avail = free > 0
         self.down = pool_reason(pp.pool, pp.acc)
         """The pool-only filters' verdict (unhealthy, draining, ...): the same for every job."""
+        self.keys = tuple(f.pool_key(pp.pool) for f in keyed if f.pool_key is not None)
+        """This pool's key for each keyed filter (``placement.keyed_filters()`` order)."""
 
 
 class _Run:
@@ -216,10 +220,8 @@ class _Run:
         self.preemptible = preemptible
 
 
-_Check = tuple[Filter, "Callable[[Pool], Hashable] | None", dict[Hashable, "str | None"]]
-
-_UNSEEN = "(not yet filtered)"
-"""Marks an entry the verdict memo has not seen (compared by identity; no filter returns it)."""
+_Check = tuple[Filter, int, dict[Hashable, "str | None"]]
+"""(filter, index of its key in ``_Entry.keys`` or -1, its verdict by key for one job shape)"""
 
 _Cand = tuple[int, float, int, "_Entry", Estimate]
 """(misses deadline 0/1, total CNY, order scored, entry, estimate): tuples compare fast."""
@@ -249,6 +251,7 @@ class _Planner:
         self.plan = Plan(start=[], stop=[], wait=[], infeasible=[])
         self.pools_by_id = {p.id: p for p in snap.pools}
         cache: dict[object, list[float]] = {}
+        self.keyed = keyed_filters()
         self.entries: dict[tuple[str, str], _Entry] = {}
         by_acc: dict[str, list[_Entry]] = defaultdict(list)
         for pool in snap.pools:
@@ -256,7 +259,7 @@ class _Planner:
                 if total <= 0:
                     continue
                 free = max(0, min(int(pool.cards_free.get(acc, 0)), total))
-                e = _Entry(priced(pool, acc, cache), free)
+                e = _Entry(priced(pool, acc, cache), free, self.keyed)
                 self.entries[(pool.id, acc)] = e
                 by_acc[acc].append(e)
         for lst in by_acc.values():
@@ -278,19 +281,34 @@ class _Planner:
         self.res: _Res | None = None
         self.tou_cache: dict[tuple[int, float, float], tuple[list[float], list[int]]] = {}
         self.static_cache: dict[tuple[object, ...], tuple[list[_Entry], list[str]]] = {}
-        # placement.STATIC_FILTERS' verdict per entry, for every job equal in placement.FILTER_INPUTS
-        # (one list of filters for placement and this search; the memo keeps the search fast).
-        self.verdicts: dict[tuple[object, ...], tuple[dict[_Entry, str | None], list[_Check]]] = {}
+        # One pool per distinct key of each keyed filter (placement.keyed_filters()) in this plan.
+        self.key_pools: list[dict[Hashable, _Entry]] = [{} for _ in self.keyed]
+        for e in self.entries.values():
+            for i, k in enumerate(e.keys):
+                self.key_pools[i].setdefault(k, e)
+        # placement.STATIC_FILTERS as the search runs them, per job shape (placement.FILTER_INPUTS):
+        # one list of filters for placement and this search; the verdicts by key keep it fast.
+        self.checks: dict[tuple[object, ...], list[_Check]] = {}
 
-    def verdicts_for(self, job: JobSpec) -> tuple[dict[_Entry, str | None], list[_Check]]:
-        """The memo of static-filter verdicts on entries with enough free cards, shared by every
-        job with ``job``'s filter inputs, and the filters to run on an entry it has not seen (each
-        with a memo of its verdicts by pool key, when it has a key)."""
+    def checks_for(self, job: JobSpec) -> list[_Check]:
+        """The static filters the search runs for ``job`` (and every job with its filter inputs):
+        ``placement.search_checks``, each keyed one with its verdict for every key in this plan,
+        and left out when it passes them all (then it passes every pool here)."""
         key = filter_inputs(job)
-        hit = self.verdicts.get(key)
-        if hit is None:
-            hit = self.verdicts[key] = ({}, [(f.check, f.pool_key, {}) for f in search_checks(job)])
-        return hit
+        checks = self.checks.get(key)
+        if checks is None:
+            checks = []
+            index = {f.name: i for i, f in enumerate(self.keyed)}
+            for f in search_checks(job):
+                i = index.get(f.name, -1)
+                if i < 0:
+                    checks.append((f.check, -1, {}))
+                    continue
+                by_key = {k: f.check(job, e.pool, e.acc) for k, e in self.key_pools[i].items()}
+                if any(v is not None for v in by_key.values()):
+                    checks.append((f.check, i, by_key))
+            self.checks[key] = checks
+        return checks
 
     # ----------------------------------------------------------------- order
 
@@ -387,7 +405,7 @@ class _Planner:
         max_price = job.max_price_cny
         res = self.res
         tou = self.tou_cache
-        verdicts, checks = self.verdicts_for(job)
+        checks = self.checks_for(job)
         best: _Cand | None = None
         cands: list[_Cand] = []
         lost: list[Verdict] = []
@@ -412,20 +430,13 @@ class _Planner:
                                             reason=f"{e.free} free {acc} cards, job needs {cards}"))
                     continue
                 pool = e.pool
-                reason = e.down or verdicts.get(e, _UNSEEN)
-                if reason is _UNSEEN:
-                    reason = None
-                    for check, pool_key, by_key in checks:
-                        if pool_key is None:
-                            reason = check(job, pool, acc)
-                        else:
-                            k = pool_key(pool)
-                            reason = by_key.get(k, _UNSEEN)
-                            if reason is _UNSEEN:
-                                reason = by_key[k] = check(job, pool, acc)
+                reason = e.down
+                if reason is None and checks:
+                    keys = e.keys
+                    for check, i, by_key in checks:
+                        reason = check(job, pool, acc) if i < 0 else by_key[keys[i]]
                         if reason is not None:
                             break
-                    verdicts[e] = reason
                 if reason is not None:
                     if len(lost) < explain:
                         lost.append(Verdict(pool=pool.id, accelerator=acc, reason=reason))
