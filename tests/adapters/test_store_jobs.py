@@ -132,9 +132,14 @@ def test_migration_quarantines_stored_specs_that_do_not_decode(tmp_path: Path) -
     for jid, text, state in old:
         conn.execute("INSERT INTO jobs (id, tenant, name, spec, state, priority, cards, submitted_at, updated_at) "
                      "VALUES (?, 'acme', 'n', ?, ?, 1, 4, ?, ?)", (jid, text, state, T0, T0))
+    conn.execute("INSERT INTO idempotency (tenant, key, body_hash, job_id, status, response, created_at) "
+                 "VALUES ('acme', 'k-old', 'h-old', 'bad-queued', 201, ?, ?)",
+                 (json.dumps({"id": "bad-queued", "spec": {"cards": 4}, "state": "queued"}), T0))
     conn.close()
     db = dbmod.open_db(path)
     try:
+        replay, replayed = jobs.create_job(db, "acme", body(cards=4), "k-old", "h-old", T0 + 1)
+        assert replayed and replay.id == "bad-queued"  # the old answer no longer decodes: the job as it is
         got = {j.id: j for j in jobs.list_jobs(db, "acme")}
         assert got["good"].spec == body() and got["good"].state is lc.JobState.QUEUED
         assert got["bad-queued"].state is lc.JobState.FAILED and "unusable" in got["bad-queued"].reason
