@@ -24,7 +24,7 @@ from controlplane.store import deployments as store
 from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, ExecutorsConfig, ModelConfig, SimBackendConfig
-from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from topology import layout as topo_layout
 from topology import loader
 from tests.support.waiting import until
@@ -342,7 +342,7 @@ async def test_a_replica_goes_on_the_accelerator_the_hub_planned(tmp_path: Path,
 
 
 def deployments_of(hub: Hub) -> service_mod.DeploymentService:
-    return next(s for s in hub.services if isinstance(s, service_mod.DeploymentService))
+    return services_of(hub).deployments
 
 
 async def test_the_demo_deployment_is_created_once_and_survives_restarts(tmp_path: Path, nats_server: NatsServer) -> None:

@@ -25,7 +25,7 @@ from controlplane.store import sites as store_sites
 from edge_agent import wire
 from tests.adapters.test_training_raw_site import JOB, RawSite, submit
 from tests.support.waiting import until
-from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 
 
 @pytest.fixture
@@ -251,7 +251,7 @@ async def test_a_second_site_forging_events_cannot_freeze_a_job_running_elsewher
         await site.publish_event(wire.AttemptExited(job=jid, attempt=1, seq=3, site="hz-edge", at=now + 2,
                                                     reason="completed", progress=1.0), key=key_)
         await until(lambda: store_jobs.get_job(hub.db, jid).state == "succeeded", 10, "job succeeded")  # type: ignore[union-attr]
-        service = next(s for s in hub.services if s.name == "training")
+        service = services_of(hub).training
         assert service.counters["not_holder"] == 299
         events = store_jobs.events(hub.db, jid)
         assert [(e.kind, e.body["site"]) for e in events] == [
@@ -270,7 +270,7 @@ async def test_heartbeats_listing_attempts_the_hub_never_placed_turn_into_no_com
         fake = [wire.AttemptRef(job=f"job-{i:016x}", attempt=1) for i in range(2000)]
         view = hub.registry.get("hz-edge")
         assert view is not None
-        service = next(s for s in hub.services if s.name == "training")
+        service = services_of(hub).training
         assert site._beat is not None
         site._beat.cancel()  # from now on this test writes hz-edge's heartbeats itself
         for seq in range(5):

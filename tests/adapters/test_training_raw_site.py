@@ -24,7 +24,7 @@ from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
-from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.waiting import until
 
 JOB = {"name": "t", "cards": 2, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_interval_min": 10}
@@ -226,7 +226,7 @@ async def test_an_event_for_the_current_attempt_from_another_site_is_fenced(
         await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
         jid = await submit(hub, key)
         await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
-        service = next(s for s in hub.services if s.name == "training")
+        service = services_of(hub).training
         now = time.time()
         # nj-edge (on its own subject, as its permissions allow) claims hz-edge's attempt 1.
         await site.publish_event(wire.Checkpointed(job=jid, attempt=1, seq=100, site="nj-edge", at=now,
