@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: up test unit bench chaos sim clean
 
+# `make test` runs the suite on TEST_WORKERS pytest-xdist workers; most tests wait on servers and
+# subprocesses rather than compute, so more workers than cores pays (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 4
+
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "make: no python3.11 or python3 on PATH (set PY=/path/to/python3.11)"; exit 2; }
 	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "make: $(PY) is older than Python 3.11"; exit 2; }
@@ -20,7 +24,7 @@ up: $(STAMP)
 	$(BIN)/cpn up
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit

@@ -229,9 +229,9 @@ def install_training(hub: Hub, *, store: Store, layout: topo_layout.Layout, site
     return service
 
 
-def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None) -> Hub:
+def build_hub(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock: Clock | None = None) -> Hub:
     """:func:`build`'s hub (``cpn hub``, the tests)."""
-    return build(config, layout=layout).hub
+    return build(config, layout=layout, clock=clock).hub
 
 
 def record_urls(config: HubConfig) -> list[str]:

@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from controlplane.store import stats as store_stats
-from controlplane.store.replica import ReplicatedDatabase
+from controlplane.store.replica import Replica, ReplicatedDatabase
 
 if TYPE_CHECKING:
     from controlplane.config import HubConfig
@@ -160,7 +160,7 @@ class HubState(Collector):
             live.add_metric([model, state], n)
         yield live
 
-    def _replicated(self, replica: Any) -> Iterator[Metric]:
+    def _replicated(self, replica: Replica) -> Iterator[Metric]:
         """The replicated record under the store (``record = "nats"``, controlplane/store/replica.py)."""
         bridge = replica.bridge
         for name, text, value in (

@@ -135,14 +135,20 @@ class Leadership:
             self.elector.start()
 
     async def stop(self) -> None:
-        if self.elector is not None:
-            await self.elector.stop(release=True)  # steps down first: followers stop, then others may lead
-            self.elector = None
-        await self._step_down("stopping")
-        await self.tasks.close()
-        if self.record is not None:
-            await self.record.close()
-            self.record = None
+        try:
+            if self.elector is not None:
+                elector, self.elector = self.elector, None
+                await elector.stop(release=True)  # steps down first: followers stop, then others may lead
+        except Exception:  # no quorum to release the lease: it runs out by itself
+            log.exception("event=lease_release_failed hub=%s", self.hub_id)
+        finally:
+            try:
+                await self._step_down("stopping")
+                await self.tasks.close()
+            finally:
+                if self.record is not None:
+                    record, self.record = self.record, None
+                    await record.close()
 
     # ------------------------------------------------------------------ elections
 

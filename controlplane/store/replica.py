@@ -322,6 +322,10 @@ class Replica:
         except sqlite3.Error:
             self.apply_errors += 1
             _log.exception("event=record_apply_failed")
+        if self.usage_unpublished:
+            # Counters a write could not publish (no quorum then, or a fenced moment) go as soon as
+            # the record speaks again, not only with this process's next write.
+            self.publish_usage()
 
     def apply_changes(self, changes: list[Change] | None = None) -> int:
         """Apply the bridge's queued changes (or ``changes``) in one local transaction; how many applied."""

@@ -1,16 +1,18 @@
-"""A lean HTTP/1.1 client for one site-local server: kept-alive connections on asyncio ``Protocol``s.
+"""A lean HTTP/1.1 client for one site-local server: kept-alive connections on asyncio ``Protocol``s,
+answers read by ``httptools`` (llhttp, the parser of Node.js).
 
 The ``openai-http`` backend makes one POST per request to a server on the site's own network. A
 general client (aiohttp) spends more CPU per call than the rest of the agent's path together (issue
 #18 measured the agent at 9.6 k req/s with the ``sim`` backend and 3.8 k with ``openai-http``), so
-this one does only what that call needs:
+this one does only what that call needs, and leaves reading HTTP to a parser made for it:
 
 - ``http://`` and ``https://`` base URLs, one host; connections kept alive and reused (LIFO, at
   most ``max_idle`` idle ones kept); ``TCP_NODELAY`` (asyncio and uvloop set it on TCP sockets).
 - Request: method, path, fixed headers given once, a body of bytes with ``Content-Length``.
-- Response: status line and headers; a body by ``Content-Length``, chunked transfer encoding, or
-  until the server closes; read whole (:meth:`Response.read`) or piece by piece as it arrives
-  (:meth:`Response.pieces`, for server-sent events).
+- Response: status and the end of the body as llhttp reads them (``Content-Length``, chunked
+  transfer encoding, or until the server closes; interim 1xx answers skipped); the body read whole
+  (:meth:`Response.read`) or piece by piece as it arrives (:meth:`Response.pieces`, for
+  server-sent events). A head longer than 64 KiB is refused.
 - A connection the server closed while idle is noticed and dropped; a request whose reused
   connection closes before any byte of the answer came is sent once more on a new connection
   (the server cannot have started answering it), as browsers do.
@@ -27,6 +29,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
+import httptools
+
 
 class Disconnected(ConnectionError):
     """The server closed the connection before the answer was complete."""
@@ -38,27 +42,29 @@ class BadResponse(ValueError):
 
 _HEAD_LIMIT = 64 * 1024
 _CRLF = b"\r\n"
-_HEAD_END = b"\r\n\r\n"
 
-# Parser states
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF, _DONE = range(8)
+# Exchange states: awaiting the head, reading the body, done (or idle)
+_HEAD, _BODY, _DONE = range(3)
 
 
 class _Connection(asyncio.Protocol):
-    """One TCP connection, one exchange at a time."""
+    """One TCP connection, one exchange at a time; ``httptools`` (llhttp) reads the answers."""
 
-    __slots__ = ("pool", "transport", "buf", "state", "left", "status", "reason", "keep_alive",
-                 "pieces", "waiter", "error", "lost", "used", "got_bytes", "timer")
+    __slots__ = ("pool", "transport", "parser", "state", "head_bytes", "status", "reason", "keep_alive",
+                 "framed", "pieces", "waiter", "error", "lost", "used", "got_bytes")
 
     def __init__(self, pool: Http1Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
+        self.parser = httptools.HttpResponseParser(self)
         self.state = _DONE
-        self.left = 0
+        self.head_bytes = 0
+        """Bytes received while the head was awaited (bounded by ``_HEAD_LIMIT``)."""
         self.status = 0
         self.reason = ""
         self.keep_alive = True
+        self.framed = False
+        """Whether the answer's head said how its body ends (a length or chunks), not the close."""
         self.pieces: deque[bytes] = deque()
         self.waiter: asyncio.Future[bool] | None = None
         """Set (False) when bytes or the end came; True when the wait timed out."""
@@ -67,7 +73,6 @@ class _Connection(asyncio.Protocol):
         self.used = False
         """Whether an exchange already ran on this connection (a fresh one is never retried)."""
         self.got_bytes = False
-        self.timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks
 
@@ -77,18 +82,23 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == _DONE:
             # Bytes nobody asked for (a server speaking out of turn): this connection is unusable.
-            self.keep_alive = False
-            if self.transport is not None:
-                self.transport.close()
+            self._unusable()
             return
         self.got_bytes = True
-        self.buf += data
         try:
-            self._parse()
+            self.parser.feed_data(data)
+            if self.state == _HEAD:  # all of it was head (a body, even in the same read, is not counted)
+                self.head_bytes += len(data)
+                if self.head_bytes > _HEAD_LIMIT:
+                    raise BadResponse("response head too long")
         except BadResponse as exc:
             self._fail(exc)
-            if self.transport is not None:
-                self.transport.close()
+            self._unusable()
+            return
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            self._fail(cause if isinstance(cause, BadResponse) else BadResponse(f"not an HTTP/1.x answer: {exc}"))
+            self._unusable()
             return
         self._wake()
 
@@ -98,14 +108,50 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.pool._forget(self)
-        if self.state == _UNTIL_EOF:
+        if self.state == _BODY and not self.framed:  # a body that ends with the connection
             self.state = _DONE
             self.keep_alive = False
             self._wake()
         elif self.state != _DONE:
             self._fail(Disconnected(f"the server closed the connection ({exc or 'end of stream'})"))
 
+    # -- httptools callbacks (called from ``feed_data``)
+
+    def on_message_begin(self) -> None:
+        if self.state == _DONE:  # more than one answer to one request
+            raise BadResponse("data after the end of the response")
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) in (14, 17) and name.lower() in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            return  # an interim answer (100 Continue): the real head follows
+        self.status = status
+        self.state = _BODY
+        if status in (204, 304):
+            self.framed = True
+
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.state == _HEAD:
+            return  # the end of an interim answer
+        self.keep_alive = self.parser.should_keep_alive()
+        self.state = _DONE
+
     # -- the exchange
+
+    def _unusable(self) -> None:
+        self.keep_alive = False
+        if self.transport is not None:
+            self.transport.close()
 
     def _wake(self) -> None:
         waiter = self.waiter
@@ -121,126 +167,15 @@ class _Connection(asyncio.Protocol):
 
     def start(self, data: bytes) -> None:
         self.state = _HEAD
+        self.head_bytes = 0
         self.status = 0
+        self.framed = False
         self.error = None
         self.got_bytes = False
         self.keep_alive = True
         self.pieces.clear()
         assert self.transport is not None
         self.transport.write(data)
-
-    def _parse(self) -> None:
-        buf = self.buf
-        while buf:
-            state = self.state
-            if state == _HEAD:
-                end = buf.find(_HEAD_END)
-                if end < 0:
-                    if len(buf) > _HEAD_LIMIT:
-                        raise BadResponse("response head too long")
-                    return
-                head = bytes(buf[:end])
-                del buf[:end + 4]
-                self._head(head)
-            elif state == _LENGTH:
-                n = min(self.left, len(buf))
-                self.pieces.append(bytes(buf[:n]))
-                del buf[:n]
-                self.left -= n
-                if self.left == 0:
-                    self.state = _DONE
-            elif state == _UNTIL_EOF:
-                self.pieces.append(bytes(buf))
-                buf.clear()
-            elif state == _CHUNK_SIZE:
-                end = buf.find(_CRLF)
-                if end < 0:
-                    if len(buf) > 1024:
-                        raise BadResponse("chunk size line too long")
-                    return
-                line = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[:end + 2]
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    raise BadResponse(f"bad chunk size {line[:20]!r}") from None
-                if size < 0:
-                    raise BadResponse("negative chunk size")
-                if size == 0:
-                    self.state = _TRAILERS
-                else:
-                    self.left, self.state = size, _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                n = min(self.left, len(buf))
-                self.pieces.append(bytes(buf[:n]))
-                del buf[:n]
-                self.left -= n
-                if self.left == 0:
-                    self.state = _CHUNK_END
-            elif state == _CHUNK_END:
-                if len(buf) < 2:
-                    return
-                if buf[:2] != _CRLF:
-                    raise BadResponse("chunk not followed by CRLF")
-                del buf[:2]
-                self.state = _CHUNK_SIZE
-            elif state == _TRAILERS:
-                end = buf.find(_CRLF)
-                if end < 0:
-                    return
-                del buf[:end + 2]
-                if end == 0:
-                    self.state = _DONE
-            else:  # _DONE with bytes left: more than one answer to one request
-                raise BadResponse("data after the end of the response")
-        if self.state == _LENGTH and self.left == 0:
-            self.state = _DONE
-
-    def _head(self, head: bytes) -> None:
-        lines = head.split(_CRLF)
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise BadResponse(f"not an HTTP/1.x status line: {lines[0][:40]!r}")
-        try:
-            status = int(parts[1])
-        except ValueError:
-            raise BadResponse(f"bad status {parts[1][:10]!r}") from None
-        if 100 <= status < 200:
-            return  # an interim answer (100 Continue): the real head follows
-        self.status = status
-        self.reason = parts[2].decode("latin-1") if len(parts) > 2 else ""
-        keep_alive = parts[0] != b"HTTP/1.0"
-        length = -1
-        chunked = False
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            key = name.strip().lower()
-            if key == b"content-length":
-                try:
-                    length = int(value.strip())
-                except ValueError:
-                    raise BadResponse("bad Content-Length") from None
-            elif key == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif key == b"connection":
-                v = value.strip().lower()
-                if v == b"close":
-                    keep_alive = False
-                elif v == b"keep-alive":
-                    keep_alive = True
-        self.keep_alive = keep_alive
-        if status in (204, 304):
-            self.state = _DONE
-        elif chunked:
-            self.state = _CHUNK_SIZE
-        elif length >= 0:
-            self.left = length
-            self.state = _LENGTH if length else _DONE
-        else:
-            self.state = _UNTIL_EOF
-            self.keep_alive = False
 
     async def wait(self, timeout_s: float | None) -> None:
         """Until more of the answer came, it ended, or it failed (raised); ``timeout_s`` bounds it."""

@@ -353,3 +353,84 @@ async def test_an_agent_sends_a_stream_that_came_whole_as_one_result_with_its_ta
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_the_client_reads_interim_answers_bodies_ended_by_close_and_refuses_what_is_not_http() -> None:
+    # Answers the parser (llhttp) must read as the old hand-written one did: a 100 Continue before
+    # the real head, a body with neither length nor chunks that ends when the server closes (the
+    # connection is then not reused), a head that never ends, and bytes that are not HTTP.
+    from edge_agent.backends.http1 import BadResponse, Http1Pool
+
+    answers = [
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        b"HTTP/1.1 200 OK\r\n" + b"X-Long: " + b"a" * (70 * 1024),
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+    ]
+    served: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                n = len(served)
+                served.append(n)
+                writer.write(answers[n])
+                await writer.drain()
+                if n >= 1:
+                    break  # the answer ends with the connection (or is refused by the client)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = Http1Pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        first = await pool.request("POST", "/x", b"{}", timeout_s=5)
+        assert first.status == 200 and await first.read() == b"ok"
+        second = await pool.request("POST", "/x", b"{}", timeout_s=5)
+        assert second.status == 200 and await second.read() == b"until the end"
+        assert pool.opened == 1
+        for _ in range(2):
+            with pytest.raises(BadResponse):
+                response = await pool.request("POST", "/x", b"{}", timeout_s=5)
+                await response.read()
+        assert pool.opened == 3 and served == [0, 1, 2, 3]
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_large_answer_that_comes_with_its_head_in_one_read_is_read_whole() -> None:
+    # Only the head is bounded (64 KiB): a body of 256 KiB written together with it is not refused.
+    from edge_agent.backends.http1 import Http1Pool
+
+    body = b"x" * (256 * 1024)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length")), 0)
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = Http1Pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        for _ in range(3):
+            response = await pool.request("POST", "/x", b"{}", timeout_s=5)
+            assert response.status == 200 and await response.read() == body
+        assert pool.opened == 1
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()

@@ -135,7 +135,7 @@ async def test_journal_records_survive_a_sigkill_mid_write_and_are_private(tmp_p
                                                     stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
         assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == b"ready"
-        await asyncio.sleep(0.05 + 0.03 * round_)  # rewriting the record as fast as it can
+        await asyncio.sleep(0.05 + 0.03 * round_)  # the fault's timing: SIGKILL lands mid-rewrite, at a different point each round
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
         journal = AttemptJournal(directory)  # a torn record would be counted here

@@ -275,7 +275,9 @@ async def test_process_attempts_complete_fail_and_stop(nats_server: NatsServer, 
 
 @sandboxed
 async def test_stop_kills_a_process_that_ignores_sigterm(nats_server: NatsServer, tmp_path: Path) -> None:
-    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('up', flush=True)\ntime.sleep(60)\n"
+    # It says "progress 0.1" once its SIGTERM handler is in place: the test waits for that, not a while.
+    stubborn = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('CPN_PROGRESS 0.1', flush=True)\n"
+                "time.sleep(60)\n")
     async with FakeHub(nats_server.url) as hub:
         await hub.create_stream()
         cfg = agent_config(nats_server.url, data_dir=str(tmp_path / "a"), executors=process_executor(grace_s=0.3))
@@ -284,7 +286,8 @@ async def test_stop_kills_a_process_that_ignores_sigterm(nats_server: NatsServer
                                     command=[PYTHON, "-c", stubborn])
             assert isinstance(await hub.command("edge-a", cmd), wire.Ack)
             pid = getattr(agent.training.attempts["pk"], "pid")
-            await asyncio.sleep(0.2)  # let Python install its SIGTERM handler (nothing to await on)
+            await hub.wait_heartbeat("edge-a", lambda hb: any(a.job == "pk" and a.progress > 0 for a in hb.attempts),
+                                     what="the SIGTERM handler installed (progress 0.1)")
             await hub.command("edge-a", wire.StopAttempt(job="pk", attempt=1))
             events = await hub.wait_events(lambda ev: _exited(ev, "pk") is not None, what="the kill")
             exited = _exited(events, "pk")

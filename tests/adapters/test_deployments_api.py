@@ -7,7 +7,6 @@ demo-3 layout: edge pools sh-edge (Shanghai, 4 H20), hz-edge (Hangzhou, 4 910B),
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -43,14 +42,14 @@ def agent_config(site: str, url: str, tmp: Path, models: list[ModelConfig] | Non
 
 
 async def until_http(client: Client, path: str, cond: Callable[[Any], bool], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body, _ = await client.call("GET", path)
-        if status == 200 and cond(body):
-            return body
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s; last: {status} {body}")
-        await asyncio.sleep(0.05)
+    seen: list[Any] = [None, None]
+
+    async def holds() -> bool:
+        seen[:] = (await client.call("GET", path))[:2]
+        return seen[0] == 200 and cond(seen[1])
+
+    await until(holds, timeout, what, interval_s=0.05, last=lambda: seen)
+    return seen[1]
 
 
 class Rig:
@@ -301,11 +300,8 @@ async def test_a_card_quota_bounds_replicas_and_training_together(tmp_path: Path
                 job = {"name": "t", "cards": 1, "accelerators": ["H20", "910B", "L20"], "est_hours": 0.1}
                 status, sub, _ = await acme.call("POST", "/v1/jobs", job)
                 assert status == 201, sub
-                for _ in range(100):
-                    _, view, _ = await acme.call("GET", f"/v1/jobs/{sub['id']}")
-                    if "quota" in view.get("reason", ""):
-                        break
-                    await asyncio.sleep(0.05)
+                view = await until_http(acme, f"/v1/jobs/{sub['id']}", lambda b: "quota" in b.get("reason", ""), 5,
+                                        "the job held back by the quota")
                 assert view["state"] == "queued" and "deployments hold 1.5" in view["reason"], view
                 # Deleting the first deployment frees its cards: the second gets its replicas.
                 assert (await acme.call("DELETE", f"/v1/deployments/{first['id']}"))[0] == 200

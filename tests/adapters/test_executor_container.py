@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,22 @@ events_logger = "file"
 """
 
 real_podman = needs("podman", "runc", "busybox", package="podman runc busybox-static")
+# One worker runs the whole module (``make test`` runs the suite on several): one throwaway podman
+# store and image import, not one per worker.
+pytestmark = pytest.mark.xdist_group("podman")
 
 
 @pytest.fixture(scope="module")
 def podman_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The ``executors.container`` table of a site whose podman holds ``localhost/tiny:1``."""
     root = tmp_path_factory.mktemp("podman")
+    # podman refuses a runroot longer than 50 characters, which pytest's temp paths can exceed (a
+    # worker's adds "popen-gwN/"): the runroot gets a short directory of its own. Its per-boot state
+    # and locks go there too (by default /run/libpod and /dev/shm, shared with every other podman on
+    # the machine: another test run's `podman system reset` wiped them under this one's containers).
+    runroot = Path(tempfile.mkdtemp(prefix="cpn-podrun-"))
     conf = root / "containers.conf"
-    conf.write_text(CONTAINERS_CONF)
+    conf.write_text(CONTAINERS_CONF + f'tmp_dir = "{runroot / "libpod"}"\nlock_type = "file"\n')
     rootfs = root / "rootfs"
     (rootfs / "bin").mkdir(parents=True)
     busybox = shutil.which("busybox")
@@ -54,7 +63,7 @@ def podman_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         if applet != "busybox":
             (rootfs / "bin" / applet).symlink_to("busybox")
     table: dict[str, Any] = {"containers_conf": str(conf), "root": str(root / "storage"),
-                             "runroot": str(root / "run"), "podman_args": ["--storage-driver", "overlay"]}
+                             "runroot": str(runroot / "run"), "podman_args": ["--storage-driver", "overlay"]}
     base = ["podman", "--root", table["root"], "--runroot", table["runroot"], "--storage-driver", "overlay"]
     env = {**os.environ, "CONTAINERS_CONF": str(conf)}
     with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
@@ -66,6 +75,7 @@ def podman_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     subprocess.run([*base, "rm", "--all", "--force"], env=env, capture_output=True)
     subprocess.run([*base, "rmi", "--all", "--force"], env=env, capture_output=True)
     subprocess.run([*base, "system", "reset", "--force"], env=env, capture_output=True)
+    shutil.rmtree(runroot, ignore_errors=True)
 
 
 def _site(url: str, data: Path, table: dict[str, Any], **extra: Any) -> Any:
@@ -227,7 +237,9 @@ async def test_a_failing_job_and_a_stopped_one(nats_server: NatsServer, tmp_path
             "while true; do sleep 0.05; done")
     async with FakeHub(nats_server.url) as hub:
         await hub.create_stream()
-        async with running(_site(nats_server.url, tmp_path / "a", podman_site)) as agent:
+        # A grace well past what the trap needs: at the module's 2 s, a loaded machine (the suite on
+        # four workers) killed the container before its trap ran (exit -9, no final checkpoint).
+        async with running(_site(nats_server.url, tmp_path / "a", podman_site, grace_s=15.0)) as agent:
             failed, _ = await _run(hub, _start("bad", "echo 'loss is nan' >&2; exit 3"))
             assert failed.reason == "user_error" and failed.exit_code == 3
             assert failed.detail == "exit code 3; stderr:\nloss is nan"
@@ -240,7 +252,7 @@ async def test_a_failing_job_and_a_stopped_one(nats_server: NatsServer, tmp_path
             stopped = _exited(events, "long")
             assert stopped is not None and stopped.reason == "stopped", stopped
             final = [e.event for e in events if e.event.job == "long" and isinstance(e.event, wire.Checkpointed)]
-            assert [(c.checkpoint, c.progress) for c in final] == [("/cpn/checkpoint/final.ckpt", 0.4)]
+            assert [(c.checkpoint, c.progress) for c in final] == [("/cpn/checkpoint/final.ckpt", 0.4)], stopped
             assert not agent.training.attempts
 
 

@@ -26,8 +26,10 @@ from tests.support.engines import needs
 from tests.support.fakehub import FakeHub, agent_config, running, wait_for
 from tests.support.slurm import SlurmCluster
 
-pytestmark = needs("slurmctld", "slurmd", "munged", "sbatch", "squeue", "scancel", "scontrol", "sinfo",
-                   package="slurm-wlm munge")
+pytestmark = [needs("slurmctld", "slurmd", "munged", "sbatch", "squeue", "scancel", "scontrol", "sinfo",
+                    package="slurm-wlm munge"),
+              # one worker runs the whole module (``make test`` uses several): one cluster, not one per worker
+              pytest.mark.xdist_group("slurm")]
 
 PY = sys.executable
 

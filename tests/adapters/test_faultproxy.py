@@ -103,7 +103,7 @@ async def test_blackhole_is_noticed_by_pings_and_healed_by_reconnect(server: Nat
             noticed_s = await until(lambda: ev.disconnected >= 1, 4.0, "the client to notice the partition")
             assert noticed_s <= 3.5
             print(f"blackhole noticed after {noticed_s:.2f} s")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the behaviour: a while of partition in which nothing may get through
             assert ev.reconnected == 0  # reconnect attempts are held too
             proxy.set_pass()
             await until(lambda: ev.reconnected >= 1, 5.0, "the client to reconnect")

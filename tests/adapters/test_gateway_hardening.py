@@ -93,7 +93,7 @@ def test_the_header_deadline_holds_for_every_request_of_a_keepalive_connection(t
             reader, writer = await asyncio.open_connection("127.0.0.1", hub.http_port)
             for _ in range(3):  # keep-alive requests well within the deadline are untouched
                 assert (await one_request(reader, writer)).startswith(b"HTTP/1.1 200")
-                await asyncio.sleep(0.6)
+                await asyncio.sleep(0.6)  # the behaviour: an idle keep-alive gap, well within the 1 s deadline
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             elapsed = await closed_within(reader, writer, 8.0, trickle=b"X-Slow: 1\r\n")
             writer.close()

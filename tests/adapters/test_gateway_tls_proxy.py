@@ -52,10 +52,7 @@ def self_signed(tmp: Path) -> tuple[str, str]:
 
 
 async def hub_closed_all(hub: Any) -> None:
-    deadline = asyncio.get_running_loop().time() + 5
-    while hub.gateway.guard.open and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)
-    assert hub.gateway.guard.open == 0
+    await until(lambda: hub.gateway.guard.open == 0, 5, "every connection closed", last=lambda: hub.gateway.guard.open)
 
 
 def client_context(ca: str | None, *, max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:

@@ -44,7 +44,7 @@ async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[o
             seq += 1
             hb = wire.Heartbeat(site=site, seq=seq, models=[wire.ReplicaStatus(model=model, slots=8)])
             await nc.publish(wire.heartbeat_subject(site), wire.encode(hb))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the site's heartbeat period
 
     return nc, asyncio.create_task(beat())
 
@@ -186,7 +186,7 @@ async def test_a_site_that_acknowledges_is_waited_for_and_a_silent_one_is_left_a
         req = wire.infer_request_decoder.decode(msg.data)
         assert req.ack
         await msg.respond(wire.encode(wire.InferAccepted(request_id=req.request_id)))
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # the behaviour: a slow answer, past the ack timeout
         if req.stream:
             await nc.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="x")))
         await nc.publish(msg.reply, wire.encode(wire.InferResult(request_id=req.request_id, site="slow", model="m",

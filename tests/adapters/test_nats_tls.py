@@ -152,32 +152,29 @@ async def test_a_leaf_node_dials_the_hub_over_tls_and_traffic_crosses(tmp_path: 
             agent = AgentBus(agent_config.from_dict({"site": "a", "nats": leaf_srv.url}))
             try:
                 await agent.connect()
-                for attempt in range(50):  # interest crosses the leaf link asynchronously
+                replies: list[bytes] = []
+                errors: list[Exception] = []
+
+                async def answered(subject: str, data: bytes, **kw: Any) -> bool:
                     try:
-                        reply = await agent.request(wire.register_subject("a"), wire.encode(wire.Register(site="a")),
-                                                    timeout_s=1)
-                        break
-                    except Exception:
-                        if attempt == 49:
-                            raise
-                        await asyncio.sleep(0.1)
-                assert isinstance(wire.register_reply_decoder.decode(reply), wire.RegisterAck)
+                        replies.append(await agent.request(subject, data, timeout_s=1, **kw))
+                    except Exception as exc:  # interest crosses the leaf link asynchronously: ask again
+                        errors.append(exc)
+                    return bool(replies)
+
+                await until(lambda: answered(wire.register_subject("a"), wire.encode(wire.Register(site="a"))), 30,
+                            "registration across the TLS leaf link", interval_s=0.1, last=lambda: errors[-1:])
+                assert isinstance(wire.register_reply_decoder.decode(replies.pop()), wire.RegisterAck)
                 await agent.publish(wire.heartbeat_subject("a"), wire.encode(wire.Heartbeat(site="a", seq=1)))
                 await agent.flush()
                 await until(lambda: len(seen) == 1, 5, "heartbeat across the TLS leaf link")
                 # An event through the leaf: the hub stores it and its PubAck comes back the same way.
                 await bus.ensure_event_stream()
                 event = wire.encode(wire.AttemptStarted(job="j1", attempt=1, seq=1, site="a", at=0.0))
-                for attempt in range(50):  # the hub's new queue interest crosses the leaf link asynchronously
-                    try:
-                        ack = await agent.request(wire.event_subject("a"), event, timeout_s=1,
-                                                  headers={"Nats-Msg-Id": "j1:1:1:x"})
-                        break
-                    except Exception:
-                        if attempt == 49:
-                            raise
-                        await asyncio.sleep(0.1)
-                assert b'"stream":"CPN_EVENTS"' in ack
+                # The hub's new queue interest crosses the leaf link asynchronously too.
+                await until(lambda: answered(wire.event_subject("a"), event, headers={"Nats-Msg-Id": "j1:1:1:x"}), 30,
+                            "an event's PubAck across the TLS leaf link", interval_s=0.1, last=lambda: errors[-1:])
+                assert b'"stream":"CPN_EVENTS"' in replies.pop()
             finally:
                 await agent.close()
                 await bus.close()
@@ -237,14 +234,17 @@ async def test_a_leaf_reaches_a_tls_cluster_and_crosses_its_routes(tmp_path: Pat
         try:
             assert bus.clustered  # so a hub with event_stream_replicas = 0 (default) asks for 3
             # A replicated stream needs the JetStream cluster, i.e. the TLS routes, to be up.
-            for attempt in range(100):
+            errors: list[Exception] = []
+
+            async def stream_made() -> bool:
                 try:
                     await bus.ensure_event_stream(replicas=3)
-                    break
-                except Exception:
-                    if attempt == 99:
-                        raise
-                    await asyncio.sleep(0.2)
+                    return True
+                except Exception as exc:
+                    errors.append(exc)
+                    return False
+
+            await until(stream_made, 30, "the replicated event stream", interval_s=0.2, last=lambda: errors[-1:])
             c = creds_of(out, "a")
             leaf_text = natsconf.leaf_config(
                 "a", [f"nats-leaf://127.0.0.1:{leaf_port(servers[0])}"],
@@ -258,13 +258,10 @@ async def test_a_leaf_reaches_a_tls_cluster_and_crosses_its_routes(tmp_path: Pat
                     async def beat() -> bool:
                         await agent.publish(wire.heartbeat_subject("a"), wire.encode(wire.Heartbeat(site="a", seq=1)))
                         await agent.flush()
-                        await asyncio.sleep(0.1)
                         return bool(seen)
 
-                    for _ in range(100):
-                        if await beat():
-                            break
-                    assert seen and seen[0].site == "a"
+                    await until(beat, 10, "a heartbeat across the leaf link and a route", interval_s=0.1)
+                    assert seen[0].site == "a"
                 finally:
                     await agent.close()
         finally:

@@ -19,7 +19,7 @@ from controlplane.replicated import kv
 from controlplane.replicated.errors import Conflict, NoQuorum, NotFound
 from controlplane.replicated.projection import Projection
 from tests.support.fakehub import wait_for
-from tests.support.natscluster import NatsCluster
+from tests.support.natscluster import NatsCluster, open_record
 
 
 @pytest.fixture
@@ -37,8 +37,8 @@ async def stream_leader(record: kv.Record) -> str:
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("victim", ["stream_leader", "follower"])
 async def test_one_node_lost_during_cas_writes_no_error_nothing_lost(cluster: NatsCluster, victim: str) -> None:
-    record = await kv.Record.open(cluster.urls)
-    watcher = await kv.Record.open(list(reversed(cluster.urls)))
+    record = await open_record(cluster.urls)
+    watcher = await open_record(list(reversed(cluster.urls)))
     projection = Projection(watcher)
     await projection.start()
     acked: dict[str, tuple[bytes, int]] = {}

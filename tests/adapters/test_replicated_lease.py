@@ -25,7 +25,8 @@ from controlplane.replicated.errors import Fenced, NotFound
 from controlplane.replicated.lease import LeaderElector
 from controlplane.replicated.lease_rules import LeaseConfig
 from tests.support.fakehub import wait_for
-from tests.support.natscluster import NatsCluster
+from tests.support.natscluster import NatsCluster, open_record
+from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2)
@@ -37,13 +38,18 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
         yield c
 
 
+# A clean handover must beat a full lease by a margin that holds on a loaded 2-core machine (three
+# JetStream R3 commits take a while there): a longer lease than FAST, the same retry period.
+HANDOVER = LeaseConfig(lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.2)
+
+
 async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
-    records = [await kv.Record.open(cluster.urls) for _ in range(2)]
+    records = [await open_record(cluster.urls) for _ in range(2)]
     events: list[tuple[str, str, object]] = []
 
     def elector(i: int) -> LeaderElector:
         name = f"p{i}"
-        return LeaderElector(records[i], "controller", name, FAST,
+        return LeaderElector(records[i], "controller", name, HANDOVER,
                              on_started_leading=lambda epoch: events.append((name, "leading", epoch)),
                              on_stopped_leading=lambda reason: events.append((name, "stopped", reason)))
 
@@ -52,7 +58,18 @@ async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
         a.start()
         await wait_for(a.is_leading, 5, "p0 to lead")
         b.start()
-        await asyncio.sleep(FAST.lease_duration_s * 2)  # p0 renews, so p1 never gets in
+
+        async def renewals() -> int:
+            return int(json.loads((await records[0].get("sys.lease.controller")).value)["renewals"])
+
+        # p0 renews (at most once per retry period), so p1 never gets in: wait for enough renewals
+        # to span more than a full lease, rather than a fixed while.
+        first = await renewals()
+        span = int(HANDOVER.lease_duration_s / HANDOVER.retry_period_s) + 1
+        async def spanned() -> bool:
+            return await renewals() >= first + span
+
+        await until(spanned, 4 * HANDOVER.lease_duration_s, "p0 renewing past a lease", interval_s=0.1)
         assert a.is_leading() and not b.is_leading() and b.fence is None
         epoch_a = a.epoch
         assert epoch_a == (await records[0].get("sys.fence.controller")).revision
@@ -65,7 +82,7 @@ async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
         t0 = time.monotonic()
         await a.stop(release=True)  # a clean stop hands over without waiting out the lease
         await wait_for(b.is_leading, 5, "p1 to lead")
-        assert time.monotonic() - t0 < FAST.lease_duration_s
+        assert time.monotonic() - t0 < HANDOVER.lease_duration_s
         assert b.epoch > epoch_a
         with pytest.raises(Fenced):
             await records[0].commit([kv.Write("job.by-a-late", b"1", 0)], fence=fence_a)
@@ -80,7 +97,7 @@ async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
 
 
 async def test_leader_that_cannot_reach_a_quorum_stops_by_its_deadline(cluster: NatsCluster) -> None:
-    record = await kv.Record.open(cluster.urls, timeout_s=0.5)
+    record = await open_record(cluster.urls, timeout_s=0.5)
     stopped: list[float] = []
     a = LeaderElector(record, "controller", "lonely", FAST, on_stopped_leading=lambda r: stopped.append(time.monotonic()))
     try:
@@ -159,7 +176,7 @@ async def test_leader_sigkill_another_process_leads_within_5s(cluster: NatsClust
         takeovers = []
         for _ in range(2):
             _, old, old_epoch = leaders(candidates)[-1]
-            await asyncio.sleep(1.0)  # a few renewals
+            await asyncio.sleep(1.0)  # the fault's timing, not a wait: the leader renews a while before its SIGKILL
             killed_at = time.time()
             old.signal(signal.SIGKILL)
             await wait_for(lambda: leaders(candidates)[-1][1] is not old, 10, "another leader")
@@ -185,12 +202,12 @@ async def test_paused_leader_wakes_up_fenced(cluster: NatsCluster) -> None:
         second = await spawn(cluster, "new", config)
         try:
             await wait_for(lambda: second.events("ready"), 20, "the second candidate")
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the fault's timing: both campaign a while before the leader freezes
             first.signal(signal.SIGSTOP)  # frozen while leading: its own timer cannot run
             await wait_for(lambda: second.events("leading"), 10, "the second to take over")
             new_epoch = second.events("leading")[0]["epoch"]
             assert new_epoch > first.events("leading")[0]["epoch"]
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # the fault's timing: the new leader works on a while before the old wakes
             first.signal(signal.SIGCONT)
             stopped = await wait_for(lambda: first.events("stopped"), 5, "the old leader to see it lost")
             assert stopped[0]["stale_write"] == "fenced", stopped

@@ -17,7 +17,7 @@ import pytest
 from controlplane.replicated import kv
 from controlplane.replicated.errors import Conflict, Fenced, NotFound
 from controlplane.replicated.projection import Projection
-from tests.support.natscluster import NatsCluster
+from tests.support.natscluster import NatsCluster, open_record
 
 
 class Job(msgspec.Struct, kw_only=True):
@@ -33,7 +33,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
 
 @pytest.fixture
 async def record(cluster: NatsCluster) -> AsyncIterator[kv.Record]:
-    r = await kv.Record.open(cluster.urls)
+    r = await open_record(cluster.urls)
     try:
         yield r
     finally:

@@ -144,7 +144,7 @@ async def rogue_site(url: str, site: str, city: str, cards: dict[str, int], serv
                                 free_cards={a: 10.0 ** 9 for a in cards},
                                 models=[wire.ReplicaStatus(model="m", slots=10 ** 9, busy=-10 ** 6, cards=-3.0)])
             await nc.publish(wire.heartbeat_subject(site), wire.encode(hb))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the site's heartbeat period
 
     return nc, asyncio.create_task(beat())
 
@@ -166,7 +166,7 @@ async def honest_site(url: str, site: str, city: str) -> tuple[Any, asyncio.Task
             seq += 1
             hb = wire.Heartbeat(site=site, seq=seq, models=[wire.ReplicaStatus(model="m", slots=8, busy=2)])
             await nc.publish(wire.heartbeat_subject(site), wire.encode(hb))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # the site's heartbeat period
 
     return nc, asyncio.create_task(beat())
 

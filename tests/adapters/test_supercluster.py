@@ -23,6 +23,7 @@ from controlplane.nats import natsregions
 from controlplane.nats import natscerts, natsconf
 from controlplane.nats.natsserver import binary
 from tests.support.natscluster import free_port
+from tests.support.waiting import until
 from topology import loader
 
 REGIONS = ("a", "b", "c")
@@ -161,22 +162,20 @@ async def test_three_regions_form_a_supercluster_and_keep_regional_traffic_home(
     try:
         t0 = time.monotonic()
         await asyncio.gather(*(s.start() for s in servers[:3]))
-        deadline = time.monotonic() + 20
-        while True:  # every region sees both others, inbound and outbound
+        views: list[Any] = []
+
+        def formed() -> bool:  # every region sees both others, inbound and outbound
             try:
-                views = [gatewayz(monitor[r]) for r in REGIONS]
-                ok = all(len(v.get("outbound_gateways") or {}) == 2 and len(v.get("inbound_gateways") or {}) == 2
-                         for v in views)
+                views[:] = [gatewayz(monitor[r]) for r in REGIONS]
             except OSError:
-                ok = False
-            if ok:
-                break
-            assert time.monotonic() < deadline, f"super-cluster did not form: {views}"
-            await asyncio.sleep(0.1)
+                return False
+            return all(len(v.get("outbound_gateways") or {}) == 2 and len(v.get("inbound_gateways") or {}) == 2
+                       for v in views)
+
+        await until(formed, 20, "the super-cluster to form", interval_s=0.1, last=lambda: views)
         formed_s = time.monotonic() - t0
-        while len({meta_leader(monitor[r]) for r in REGIONS} - {""}) != 1 or "" in {meta_leader(monitor[r]) for r in REGIONS}:
-            assert time.monotonic() < deadline, "no JetStream meta leader across the super-cluster"
-            await asyncio.sleep(0.1)
+        await until(lambda: len(leaders := {meta_leader(monitor[r]) for r in REGIONS}) == 1 and "" not in leaders,
+                    20, "a JetStream meta leader across the super-cluster", interval_s=0.1)
         print(f"super-cluster of 3 regions: gateways up in {formed_s:.2f} s, "
               f"JetStream meta leader in {time.monotonic() - t0:.2f} s")
         await asyncio.gather(*(s.start() for s in servers[3:]))
@@ -202,16 +201,17 @@ async def test_three_regions_form_a_supercluster_and_keep_regional_traffic_home(
         await site_a.flush()
 
         # Across regions: site sa (leaf of region a) publishes a heartbeat; region b's hub gets it.
-        deadline = time.monotonic() + 10
-        while True:  # interest crosses the gateways asynchronously: retry until it has
+        async def crossed() -> bool:  # interest crosses the gateways asynchronously: send again until it has
             await site_a.publish("cpn.v1.site.sa.hb", b"hb")
             await site_a.flush()
             try:
                 msg = await got_b.next_msg(timeout=0.2)
-                assert (msg.subject, msg.data) == ("cpn.v1.site.sa.hb", b"hb")
-                break
             except nats.errors.TimeoutError:
-                assert time.monotonic() < deadline, "a heartbeat from region a never reached region b"
+                return False
+            assert (msg.subject, msg.data) == ("cpn.v1.site.sa.hb", b"hb")
+            return True
+
+        await until(crossed, 10, "a heartbeat from region a to reach region b", interval_s=0)
 
         # Within a region: region a's hub sends to its own site; nothing leaves region a.
         before = gateway_msgs(monitor["a"])

@@ -24,6 +24,7 @@ from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
+from tests.support.manualclock import ManualClock
 from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.waiting import until
 
@@ -62,7 +63,7 @@ class RawSite:
             hb = wire.Heartbeat(site=self.site, seq=seq, free_cards={"910B": 4.0}, attempts=[
                 wire.AttemptRef(job=j, attempt=a, progress=p) for (j, a), p in self.running.items()])
             await self.nc.publish(wire.heartbeat_subject(self.site), wire.encode(hb))
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # the site's heartbeat period
 
     async def serve_commands(self) -> None:
         async def on_cmd(msg: Any) -> None:
@@ -206,11 +207,16 @@ async def test_a_site_that_died_while_the_hub_was_down_fails_its_attempts_after_
         jid = await submit(hub, key)
         await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
     await site.close()  # the site dies while the hub is down: nobody will ever heartbeat for it
-    async with running_hub(config) as hub:
-        started = time.monotonic()
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "restarting", 15, "attempt failed")  # type: ignore[union-attr]
-        waited_s = time.monotonic() - started
-        assert 5.5 <= waited_s <= 9.5, waited_s  # grace = max(2 × 3 s detection, 5 s), then a tick
+    clock = ManualClock()  # the grace passes on the hub's clock, not in real seconds
+    async with running_hub(config, clock=clock) as hub:
+        service = services_of(hub).training
+        grace_s = max(2 * hub.registry.detection_s, 5.0)  # max(2 × 3 s detection, 5 s)
+        clock.advance(grace_s - 0.5)
+        ticks = service.counters["ticks"]
+        await until(lambda: service.counters["ticks"] >= ticks + 2, 10, "two ticks just before the grace ends")
+        assert store_jobs.get_job(hub.db, jid).state == "starting"  # type: ignore[union-attr]  # not yet
+        clock.advance(1.0)
+        await until(lambda: store_jobs.get_job(hub.db, jid).state == "restarting", 10, "attempt failed")  # type: ignore[union-attr]
         (first,) = store_jobs.attempts(hub.db, jid)
         assert first.exit_reason == "site_lost" and "not heard from since the hub started" in first.detail
         row = store_jobs.get_job(hub.db, jid)

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.support.waiting import until_blocking
 from topology import loader
 
 CPN = [sys.executable, "-m", "controlplane.cli"]
@@ -74,16 +75,19 @@ def test_cpn_up_serves_the_printed_curl_and_stops_cleanly_on_sigterm(tmp_path: P
 
         status, health, _ = http("GET", url + "/healthz")
         assert status == 200 and health["sites"]["up"] >= 40
-        deadline = time.monotonic() + 15
-        while True:  # the demo model loads on the edge pools (sim load time 1 s)
+        answer: list[object] = []
+
+        def answered() -> bool:  # the demo model loads on the edge pools (sim load time 1 s)
             try:
-                status, body, headers = http("POST", url + "/v1/chat/completions", creds["tenant_key"],
-                                             {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]})
-                break
+                answer[:] = http("POST", url + "/v1/chat/completions", creds["tenant_key"],
+                                 {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]})
+                return True
             except urllib.error.HTTPError as exc:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"no answer: {exc.code} {exc.read()!r}") from None
-                time.sleep(0.2)
+                answer[:] = [exc.code, exc.read()]
+                return False
+
+        until_blocking(answered, 15, "an answer", interval_s=0.2, last=lambda: answer)
+        status, body, headers = answer  # type: ignore[misc]
         assert status == 200 and body["choices"][0]["message"]["content"]
         assert headers["X-CPN-Site"] and float(headers["X-CPN-RTT-Ms"]) <= 10
         print(f"cpn up ready in {ready_s:.1f} s")
@@ -93,10 +97,7 @@ def test_cpn_up_serves_the_printed_curl_and_stops_cleanly_on_sigterm(tmp_path: P
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         for pid in kids:
-            deadline = time.monotonic() + 5
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not alive(pid), f"child {pid} left running"
+            until_blocking(lambda: not alive(pid), 5, f"child {pid} to end", interval_s=0.05)  # noqa: B023
     finally:
         if proc.poll() is None:
             proc.kill()

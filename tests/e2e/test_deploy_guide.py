@@ -42,6 +42,7 @@ import pytest
 
 from controlplane.config import HubConfig
 from edge_agent import config as agent_config
+from tests.support.waiting import until_blocking
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "deploy.md"
@@ -81,13 +82,16 @@ def free_port() -> int:
 
 def until(cond: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen[bytes] | None = None,
           log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
+    """:func:`tests.support.waiting.until_blocking` that fails at once if ``proc`` exits, with ``log``'s tail."""
+    def tail() -> str:
+        return "\n" + log.read_text()[-3000:] if log else ""
+
+    def holds() -> bool:
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: exited {proc.returncode}\n{log.read_text()[-3000:] if log else ''}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s} s\n{log.read_text()[-3000:] if log else ''}")
-        time.sleep(0.1)
+            raise AssertionError(f"{what}: exited {proc.returncode}{tail()}")
+        return cond()
+
+    until_blocking(holds, timeout_s, what, interval_s=0.1, last=tail)
 
 
 @dataclass

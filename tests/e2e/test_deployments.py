@@ -23,6 +23,7 @@ from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.waiting import until
 
 SITES = {"sh-edge": ("shanghai", {"H20": 4}), "hz-edge": ("hangzhou", {"910B": 4}), "nj-edge": ("nanjing", {"L20": 4})}
 CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
@@ -39,15 +40,16 @@ def agent_config(site: str, url: str, tmp: Path) -> AgentConfig:
 async def until_state(tenant: Client, dep_id: str, cond: Callable[[dict[str, Any]], bool], timeout: float,
                       what: str) -> tuple[dict[str, Any], float]:
     """Poll the deployment over HTTP until ``cond`` holds; returns it and the seconds waited."""
-    start = time.monotonic()
-    while True:
+    seen: list[dict[str, Any]] = [{}]
+
+    async def holds() -> bool:
         status, body, _ = await tenant.call("GET", f"/v1/deployments/{dep_id}")
         assert status == 200, body
-        if cond(body):
-            return body, time.monotonic() - start
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout} s; last: {body}")
-        await asyncio.sleep(0.05)
+        seen[0] = body
+        return cond(body)
+
+    took_s = await until(holds, timeout, what, interval_s=0.05, last=lambda: seen[0])
+    return seen[0], took_s
 
 
 def replicas(dep: dict[str, Any]) -> dict[str, str]:
@@ -61,10 +63,8 @@ async def network(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[tupl
         agents = {s: Agent(agent_config(s, nats_server.url, tmp_path)) for s in SITES}
         try:
             await asyncio.gather(*(a.start() for a in agents.values()))
-            deadline = time.monotonic() + 10
-            while not all((v := hub.registry.get(s)) is not None and v.heartbeats > 0 for s in SITES):
-                assert time.monotonic() < deadline, "agents not heard within 10 s"
-                await asyncio.sleep(0.02)
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.heartbeats > 0 for s in SITES), 10,
+                        "every agent heard")
             async with aiohttp.ClientSession() as session:
                 yield hub, agents, Client(session, f"http://127.0.0.1:{hub.http_port}", key)
         finally:
@@ -118,8 +118,7 @@ async def test_two_cities_nearer_serves_failover_on_loss_degraded_then_ready_els
 
     loops = [asyncio.create_task(client_loop()) for _ in range(2)]
     try:
-        while len(results) < 20:
-            await asyncio.sleep(0.01)
+        await until(lambda: len(results) >= 20, 10, "20 requests served")
         await agents["hz-edge"].stop()
         killed = time.monotonic()
         n_before_kill = len(results)
@@ -128,7 +127,8 @@ async def test_two_cities_nearer_serves_failover_on_loss_degraded_then_ready_els
         assert "nj-edge" in replicas(degraded) and "hz-edge" not in replicas(degraded), degraded
         back, back_s = await until_state(tenant, dep["id"], lambda d: d["state"] == "ready", 10, "ready again")
         back_after_kill_s = time.monotonic() - killed
-        await asyncio.sleep(0.3)  # a little traffic on the new layout
+        n_back = len(results)
+        await until(lambda: len(results) >= n_back + 10, 10, "a little traffic on the new layout")
     finally:
         stop.set()
         await asyncio.gather(*loops)
@@ -142,10 +142,8 @@ async def test_two_cities_nearer_serves_failover_on_loss_degraded_then_ready_els
     # Detection is 3 heartbeats; the replacement loads in 0.2 s once planned.
     assert back_after_kill_s <= 3.0 + 2.5, back_after_kill_s
     # Once the sites report the traffic gone (next heartbeat), the nearest remaining city serves.
-    deadline = time.monotonic() + 3
-    while any((v := hub.registry.get(s)) is None or v.replicas["qwen"].busy for s in ("sh-edge", "nj-edge")):
-        assert time.monotonic() < deadline, "sites still report busy slots"
-        await asyncio.sleep(0.05)
+    await until(lambda: not any((v := hub.registry.get(s)) is None or v.replicas["qwen"].busy for s in ("sh-edge", "nj-edge")),
+                3, "sites to report no busy slots")
     status, _, headers = await tenant.call("POST", "/v1/chat/completions", CHAT)
     assert status == 200 and headers["X-CPN-Site"] == "sh-edge"  # now the nearest (165 km vs 235 km)
     status, site, text = await stream_text(tenant)

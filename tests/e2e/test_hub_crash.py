@@ -74,11 +74,11 @@ async def test_sigkill_during_a_submission_burst_loses_and_duplicates_nothing(tm
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                 pass
             retried.add(idem)
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the client's retry back-off (part of the burst being tested)
 
     async def killer() -> None:
         for _ in range(KILLS):
-            await asyncio.sleep(rng.uniform(0.05, 0.3))
+            await asyncio.sleep(rng.uniform(0.05, 0.3))  # the fault's timing: a kill at a random moment of the burst
             assert proc is not None
             proc.kill()
             await proc.wait()

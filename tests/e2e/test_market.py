@@ -24,7 +24,7 @@ from controlplane.store.market import billing
 from controlplane.store.market import ledger as ledger_store
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, BusConfig, ExecutorsConfig, ModelConfig, SimBackendConfig
-from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.waiting import until
 
 MODEL = {"owner": "acme", "input_fen_per_mtok": 1_000_000, "output_fen_per_mtok": 2_000_000}
@@ -34,7 +34,7 @@ CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 
 def market_of(hub: Hub) -> MarketService:
-    return next(s for s in hub.services if isinstance(s, MarketService))
+    return services_of(hub).market
 
 
 @pytest.fixture

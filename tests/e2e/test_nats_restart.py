@@ -31,7 +31,7 @@ async def test_nats_restart_under_traffic(tmp_path: Path, nats_server: NatsServe
                     while not stop.is_set():
                         status, _, _ = await tenant.call("POST", "/v1/infer", {"model": "m", "input": "x"})
                         outcomes.append((time.monotonic(), status))
-                        await asyncio.sleep(0.02)
+                        await asyncio.sleep(0.02)  # a steady trickle of traffic, not a wait
 
                 task = asyncio.create_task(traffic())
                 await until(lambda: len(outcomes) >= 5, 5, "traffic flowing")
@@ -41,7 +41,8 @@ async def test_nats_restart_under_traffic(tmp_path: Path, nats_server: NatsServe
                 # Traffic resumes once hub and agents have reconnected.
                 await until(lambda: any(t > restarted and s == 200 for t, s in outcomes), 15, "inference resumed")
                 resumed_after = min(t for t, s in outcomes if t > restarted and s == 200) - restarted
-                # Hold on past a full detection period: nobody may be declared lost.
+                # Hold on past a full detection period: nobody may be declared lost. The behaviour is
+                # this span of wall time (the agents heartbeat on the wall clock): not a wait for an event.
                 await asyncio.sleep(hub.registry.detection_s + 0.5)
                 stop.set()
                 await task

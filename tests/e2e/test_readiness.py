@@ -13,11 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tests.support.waiting import until_blocking
 from topology import loader
 
 CPN = [sys.executable, "-m", "controlplane.cli"]
@@ -52,21 +52,23 @@ def start(data: Path, port: int) -> subprocess.Popen[str]:
 def wait_for_credentials(proc: subprocess.Popen[str], creds: Path, url: str) -> list[int]:
     """Poll /readyz until the credentials file appears; returns the /readyz statuses seen before."""
     seen: list[int] = []
-    deadline = time.monotonic() + 90
-    while not creds.exists():
+
+    def appeared() -> bool:
+        if creds.exists():
+            return True
         assert proc.poll() is None, f"cpn up exited: {proc.stderr.read() if proc.stderr else ''}"
-        assert time.monotonic() < deadline, "no credentials file"
         try:
             status, body = call("GET", url + "/readyz")
         except OSError:  # gateway not listening yet
-            time.sleep(0.02)
-            continue
+            return False
         seen.append(status)
         if status == 503:
             assert body["ready"] is False and any(v != "ok" for v in body["checks"].values()), body
         else:  # ready is said only once the file is there (the check above and this request may straddle it)
             assert status == 200 and creds.exists(), (status, body)
-        time.sleep(0.02)
+        return False
+
+    until_blocking(appeared, 90, "the credentials file")
     return seen
 
 
@@ -92,10 +94,8 @@ def test_credentials_appear_only_when_a_chat_request_is_served_also_after_a_rest
         try:
             if round_ == "restart":
                 # The old file goes before the gateway answers anything, so nobody reads it too early.
-                deadline = time.monotonic() + 30
-                while creds_path.exists():
-                    assert time.monotonic() < deadline, "the previous run's credentials file stayed"
-                    time.sleep(0.01)
+                until_blocking(lambda: not creds_path.exists(), 30, "the previous run's credentials file to go",
+                               interval_s=0.01)
             seen = wait_for_credentials(proc, creds_path, url)
             creds = json.loads(creds_path.read_text())
             status, body = call("POST", url + "/v1/chat/completions", creds["tenant_key"], CHAT)

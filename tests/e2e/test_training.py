@@ -94,7 +94,9 @@ def sim_job(**kw: Any) -> dict[str, Any]:
 
 
 async def test_job_runs_to_succeeded_with_checkpoints_and_metering(tmp_path: Path, nats_server: NatsServer) -> None:
-    async with network(tmp_path, nats_server.url, scale=3600) as (hub, agents, tenant):
+    # 1,800× (2.25 s of wall time): the wall-clock slack of a loaded machine is billed scaled, and at
+    # 3,600× the 0.8 s seen with the suite on four workers passed the 7.0 bound below.
+    async with network(tmp_path, nats_server.url, scale=1800) as (hub, agents, tenant):
         key = {"Idempotency-Key": "first-run"}
         status, sub, _ = await tenant.call("POST", "/v1/jobs", sim_job(), headers=key)
         assert status == 201, sub
@@ -117,8 +119,8 @@ async def test_job_runs_to_succeeded_with_checkpoints_and_metering(tmp_path: Pat
         assert [e["seq"] for e in agent_events] == list(range(1, 8))
         assert view["last_checkpoint"]["uri"].startswith(f"sim://sh-hub/{jid}/1/")
         # Metering: 4 cards for 1 h of work + 5 min restart + 5 × 30 s checkpoints ≈ 4.5 card-hours of
-        # simulated time (a little more: event delivery and timer slack, scaled by 3600). Unscaled
-        # wall time would be ~0.001; billing twice ~9.
+        # simulated time (a little more: event delivery and timer slack, scaled by 1800). Unscaled
+        # wall time would be ~0.003; billing twice ~9.
         assert 4.45 <= view["card_hours"] <= 7.0, view["card_hours"]
         # energy = card-hours × 0.4 kW × PUE 1.25 × tariff (0.35 .. 1.05 CNY/kWh)
         per_card_hour = view["energy_cny"] / view["card_hours"]
@@ -332,10 +334,8 @@ async def test_a_command_job_never_reaches_a_site_without_the_process_executor_a
             _, events, _ = await tenant.call("GET", f"/v1/jobs/{jid}/events")
             return [e for e in events["data"] if e["kind"] == "unplaceable"]
 
-        deadline = asyncio.get_running_loop().time() + 10
-        while not (why := await unplaceable()):
-            assert asyncio.get_running_loop().time() < deadline, "no unplaceable event"
-            await asyncio.sleep(0.05)
+        await until(unplaceable, 10, "an unplaceable event")
+        why = await unplaceable()
         assert "executor" in why[0]["body"]["reason"], why
         _, view, _ = await tenant.call("GET", f"/v1/jobs/{jid}")
         assert view["state"] == "queued" and not view["attempts"], view

@@ -208,20 +208,17 @@ class FakeHub:
 
     async def wait_events(self, predicate: Callable[[list[StreamedEvent]], bool], timeout_s: float = 10.0,
                           what: str = "events") -> list[StreamedEvent]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         events: list[StreamedEvent] = []
-        while True:
+
+        async def holds() -> bool:
             try:
-                events = await self.stream_events()
-            except Exception:
-                events = []
-            if predicate(events):
-                return events
-            if loop.time() >= deadline:
-                raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}; stream has "
-                                     f"{[e.msg_id for e in events]}")
-            await asyncio.sleep(0.05)
+                events[:] = await self.stream_events()
+            except Exception:  # the stream not created yet, JetStream busy: read again
+                events.clear()
+            return predicate(events)
+
+        await until(holds, timeout_s, what, interval_s=0.05, last=lambda: f"stream has {[e.msg_id for e in events]}")
+        return events
 
 
 def agent_config(url: str, site: str = "edge-a", **overrides: Any) -> Any:

@@ -13,6 +13,7 @@ import aiohttp
 import msgspec
 
 from controlplane.config import HubConfig
+from controlplane.core.clock import Clock
 from controlplane.hub import Hub
 from controlplane.compose import build
 from controlplane.services.record import Services
@@ -42,8 +43,10 @@ def services_of(hub: Hub) -> Services:
 
 
 @asynccontextmanager
-async def running_hub(config: HubConfig) -> AsyncIterator[Hub]:
-    proc = build(config)
+async def running_hub(config: HubConfig, *, clock: Clock | None = None) -> AsyncIterator[Hub]:
+    """A started hub (stopped on exit); ``clock``: a ``tests.support.manualclock.ManualClock`` to move the
+    hub's time by hand, the wall clock if not given."""
+    proc = build(config, clock=clock)
     hub = proc.hub
     _SERVICES[hub] = proc.services
     await hub.start()

@@ -42,7 +42,7 @@ async def campaign(args: argparse.Namespace) -> None:
             if time.monotonic() > deadline:
                 raise
             say(event="open_retry", error=str(exc))
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # a program's retry back-off (this runs as a candidate process, not a test)
     config = LeaseConfig(lease_duration_s=args.lease, renew_deadline_s=args.renew, retry_period_s=args.retry)
     ticker: asyncio.Task[None] | None = None
     last_fence: list[kv.Fence] = []
@@ -50,7 +50,7 @@ async def campaign(args: argparse.Namespace) -> None:
     async def tick() -> None:
         n = 0
         while True:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the candidate's work: one fenced commit every 0.1 s
             fence = elector.fence
             if fence is None:
                 return

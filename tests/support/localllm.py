@@ -55,7 +55,7 @@ async def local_llm() -> AsyncIterator[LocalServer]:
         body = await request.json()
         state.requests.append((request.path, body, request.headers.get("Authorization", "")))
         if state.delay_s:
-            await asyncio.sleep(state.delay_s)
+            await asyncio.sleep(state.delay_s)  # the behaviour: a model that takes its time
         if state.fail_status:
             return web.json_response({"error": {"message": "CUDA out of memory"}}, status=state.fail_status)
         chat = request.path.endswith("/chat/completions")
@@ -74,7 +74,7 @@ async def local_llm() -> AsyncIterator[LocalServer]:
             choice = {"index": 0, "finish_reason": None,
                       **({"delta": {"content": piece}} if chat else {"text": piece})}
             await resp.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.03)  # the behaviour: tokens stream out over time
         await resp.write(b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}\n\n')
         usage = {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": len(words)}}
         await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())

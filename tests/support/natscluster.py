@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from controlplane.nats.natsserver import NatsServer
+from controlplane.replicated import kv
+from controlplane.replicated.errors import NoQuorum
+from tests.support.waiting import until
 
 CLUSTER_NAME = "cpn-test"
 
@@ -93,9 +97,16 @@ class NatsCluster:
     def __init__(self, base_dir: Path | str, size: int = 3, host: str = "127.0.0.1") -> None:
         self.base_dir = Path(base_dir)
         self.host = host
+        self.size = size
         self.nodes: list[Node] = []
-        route_ports = [free_port(host) for _ in range(size)]
-        for i in range(size):
+        self._configure()
+
+    def _configure(self) -> None:
+        """Pick ports (nats-server's route and monitoring ports cannot be 0) and write each node's config."""
+        host = self.host
+        self.nodes = []
+        route_ports = [free_port(host) for _ in range(self.size)]
+        for i in range(self.size):
             name = f"n{i + 1}"
             node_dir = self.base_dir / name
             node_dir.mkdir(parents=True, exist_ok=True)
@@ -122,36 +133,55 @@ class NatsCluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self, timeout_s: float = 20.0) -> None:
-        """Start every node and wait for a JetStream meta leader; stop everything if that fails."""
-        try:
-            await asyncio.gather(*(n.server.start(timeout_s) for n in self.nodes))
-            await self.wait_meta_leader(timeout_s)
-        except BaseException:
-            await self.stop()
-            raise
+    async def start(self, timeout_s: float = 20.0, attempts: int = 3) -> None:
+        """Start every node and wait for a JetStream meta leader; stop everything if that fails.
+
+        A port picked free can be taken by another process before the node binds it (other tests
+        run beside this one): then the cluster starts again on new ports, up to ``attempts`` times.
+        """
+        for attempt in range(attempts):
+            try:
+                await asyncio.gather(*(n.server.start(timeout_s) for n in self.nodes))
+                await self.wait_meta_leader(timeout_s)
+                return
+            except BaseException as exc:
+                taken = any("address already in use" in line for n in self.nodes for line in n.server.tail())
+                await self.stop()
+                if not taken or attempt == attempts - 1 or not isinstance(exc, Exception):
+                    raise
+                for node in self.nodes:  # a fresh store: nothing of the failed start is carried over
+                    shutil.rmtree(node.server.store_dir, ignore_errors=True)
+                self._configure()
 
     async def wait_meta_leader(self, timeout_s: float = 20.0, among: list[Node] | None = None) -> str:
         """Name of the JetStream meta leader once the running nodes agree there is one."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
         nodes = among or [n for n in self.nodes if n.server.running and not n.paused]
-        last: object = None
-        while True:
+        last: list[object] = [None]
+        leader: list[str] = []
+
+        async def agreed() -> bool:
+            gone = [n.name for n in nodes if not n.server.running]
+            if gone:  # a node that exited will not vote: say so now, not after the whole timeout
+                raise TimeoutError(f"{gone} exited; tails: {({n.name: n.server.tail()[-5:] for n in self.nodes})}")
             try:
                 leaders = set()
                 for node in nodes:
                     jsz = await asyncio.to_thread(node.jsz)
                     leaders.add((jsz.get("meta_cluster") or {}).get("leader") or "")
-                if len(leaders) == 1 and "" not in leaders:
-                    return leaders.pop()
-                last = leaders
+                last[0] = leaders
             except OSError as exc:
-                last = exc
-            if loop.time() >= deadline:
-                tails = {n.name: n.server.tail()[-5:] for n in self.nodes}
-                raise TimeoutError(f"no JetStream meta leader after {timeout_s:g} s (last: {last}); tails: {tails}")
-            await asyncio.sleep(0.1)
+                last[0] = exc
+                return False
+            if len(leaders) == 1 and "" not in leaders:
+                leader[:] = leaders
+            return bool(leader)
+
+        try:
+            await until(agreed, timeout_s, "a JetStream meta leader", interval_s=0.1)
+        except AssertionError:
+            tails = {n.name: n.server.tail()[-5:] for n in self.nodes}
+            raise TimeoutError(f"no JetStream meta leader after {timeout_s:g} s (last: {last[0]}); tails: {tails}") from None
+        return leader[0]
 
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
@@ -189,3 +219,21 @@ class NatsCluster:
                 await node.server.resume()
                 node.paused = False
         await asyncio.gather(*(n.server.stop() for n in self.nodes), return_exceptions=True)
+
+
+async def open_record(urls: list[str], *, within_s: float = 30.0, **kw: Any) -> kv.Record:
+    """``kv.Record.open`` on a fresh cluster, asked again while it answers ``NoQuorum``: creating the R3
+    bucket (a stream leader elected among three nodes) can take longer than one request's timeout
+    on a loaded machine."""
+    opened: list[kv.Record] = []
+    refused: list[NoQuorum] = []
+
+    async def opens() -> bool:
+        try:
+            opened.append(await kv.Record.open(urls, **kw))
+        except NoQuorum as exc:
+            refused.append(exc)
+        return bool(opened)
+
+    await until(opens, within_s, "the record to open", interval_s=0.2, last=lambda: refused[-1:])
+    return opened[0]

@@ -9,13 +9,16 @@ The daemons need root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
-import time
+from collections.abc import Callable
 from pathlib import Path
+
+from tests.support.waiting import until_blocking
 
 CONF = """\
 ClusterName={cluster}
@@ -111,13 +114,12 @@ class SlurmCluster:
         out = self.run("sinfo", "-h", "-N", "-o", "%T", check=False)
         return out.returncode == 0 and out.stdout.strip() == "idle"
 
-    def _wait(self, ready: object, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not ready():  # type: ignore[operator]
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"timed out after {timeout_s:g} s waiting for {what}; logs in {self.root}")
-            time.sleep(0.1)
+    def _wait(self, ready: Callable[[], object], timeout_s: float, what: str) -> None:
+        try:
+            until_blocking(ready, timeout_s, what, interval_s=0.1)
+        except AssertionError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}; logs in {self.root}") from None
 
     def squeue_ids(self) -> list[str]:
         """Ids of jobs Slurm still has pending or running."""
@@ -155,10 +157,9 @@ class SlurmCluster:
         return pids
 
     def _reap_stepds(self, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while (left := self._ours()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for pid in left:
+        with contextlib.suppress(AssertionError):  # those still there after the wait are killed below
+            until_blocking(lambda: not self._ours(), timeout_s, "slurmstepd to leave", interval_s=0.1)
+        for pid in self._ours():
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
