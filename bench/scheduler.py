@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from controlplane.core import lifecycle, placement, scheduler
+from controlplane.core import jobspec, lifecycle, placement, scheduler
 from controlplane.store import db as dbmod
 from controlplane.store import jobs as jobstore
 from topology import layout
@@ -83,18 +83,30 @@ def build(n_pools: int, n_jobs: int, seed: int) -> tuple[list[placement.Pool], l
     return pools, jobs, tenants
 
 
+def _placed(rec: lifecycle.JobRecord, s: scheduler.Placement, now: float) -> jobstore.Placed:
+    """The placement explanation the hub stores with a start."""
+    return jobstore.Placed(attempt=rec.attempt, pool=s.pool, accelerator=s.accelerator, decided_at=now,
+                           start_at=s.start_at, breakdown=s.breakdown, explanation=s.explanation)
+
+
 def _persist(db: Any, plan: scheduler.Plan, records: dict[str, lifecycle.JobRecord], now: float) -> None:
     placed = []
     for s in plan.start:
         rec = lifecycle.place(records[s.job_id], s.pool, s.accelerator, now)
         records[s.job_id] = rec
-        placed.append((rec, {"chosen": s.explanation.chosen, "others": s.explanation.others,
-                             "breakdown": s.breakdown}))
+        placed.append((rec, _placed(rec, s, now)))
     waits = [(w.job_id, w.reason) for w in plan.wait]
     waits += [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
     with dbmod.transaction(db):  # one commit for the whole tick
         jobstore.record_placements(db, placed, now)
         jobstore.record_waits(db, waits, now)
+
+
+def _stored(j: placement.JobSpec) -> jobspec.JobSpec:
+    """The spec the API would have stored for a bench job."""
+    return jobspec.JobSpec(cards=j.cards, accelerators=j.accelerators, est_hours=j.est_hours,
+                           checkpoint_cost_s=j.checkpoint_cost_s, priority=j.priority, deadline=j.deadline,
+                           regions=j.regions, tee=j.tee)
 
 
 def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_commit_slice: int,
@@ -108,13 +120,11 @@ def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_
             n_each = per_commit_slice if first else 0
             t0 = time.perf_counter()
             for j in queued[:n_each]:
-                jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
-                                    f"k-{j.id}", j.id, NOW, job_id=j.id)
+                jobstore.create_job(db, j.tenant, _stored(j), f"k-{j.id}", j.id, NOW, job_id=j.id)
             submit_s = time.perf_counter() - t0
             with dbmod.transaction(db):
                 for j in queued[n_each:]:
-                    jobstore.create_job(db, j.tenant, json.dumps({"cards": j.cards, "priority": j.priority}),
-                                        f"k-{j.id}", j.id, NOW, job_id=j.id)
+                    jobstore.create_job(db, j.tenant, _stored(j), f"k-{j.id}", j.id, NOW, job_id=j.id)
             records = {j.id: lifecycle.JobRecord(id=j.id, tenant=j.tenant, cards=j.cards) for j in queued}
 
             t0 = time.perf_counter()
@@ -130,7 +140,7 @@ def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_
                 rec = lifecycle.dispatched(records[s.job_id], NOW)  # placed by the tick above
                 rec = lifecycle.infra_failure(rec, NOW, "bench").record  # back to restarting ...
                 rec = lifecycle.place(rec, s.pool, s.accelerator, NOW)   # ... and placed again: attempt 2
-                jobstore.record_placements(db, [(rec, {"chosen": s.explanation.chosen, "breakdown": s.breakdown})], NOW)
+                jobstore.record_placements(db, [(rec, _placed(rec, s, NOW))], NOW)
             t4 = time.perf_counter()
             n_rows = db.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0]
         finally:

@@ -172,7 +172,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         set_fence=fence_commits, listen=listening)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
                                    demand=inference.drain_demand, autoscale=config.autoscale)
-    trainer = training.install(hub, clock)
+    trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
     # The market prices the usage flush and training's metering (in their transactions).
     seller = market.install(market.MarketService(hub_id=config.hub_id, store=store, tenancy=tenancy, sites=sites,
                                                  accounting=accounting, clock=clock, training=trainer),
@@ -222,6 +222,18 @@ def install_deployments(hub: Hub, *, store: Store, layout: topo_layout.Layout, r
         tenant=tenancy.tenant, known_models=sites.known_models, metrics=hub.metrics, demand=demand,
         autoscale_interval_s=autoscale.interval_s, scale_in_after_s=autoscale.scale_in_after_s,
         demand_fast_s=autoscale.demand_fast_s, demand_slow_s=autoscale.demand_slow_s)
+    hub.add_service(service)
+    sites.listeners.append(service.on_site)
+    return service
+
+
+def install_training(hub: Hub, *, store: Store, layout: topo_layout.Layout, sites: SiteService,
+                     tenancy: TenancyService, clock: Clock) -> training.TrainingService:
+    """The training service, built from exactly what it uses and plugged into ``hub`` (after
+    deployments: start order). Its routes (``gateway/jobs.py``) are added by :func:`build`."""
+    service = training.TrainingService(
+        db=lambda: store.db, bus=hub.bus, registry=hub.registry, layout=lambda: layout, clock=clock,
+        metrics=hub.metrics, config=hub.config, tenant=tenancy.tenant)
     hub.add_service(service)
     sites.listeners.append(service.on_site)
     return service

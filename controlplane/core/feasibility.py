@@ -39,7 +39,7 @@ class Never(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def _filters() -> list[tuple[str, placement.Filter]]:
-    return [(name, check) for name, check in placement.STATIC_FILTERS if name in EVER_FILTERS]
+    return [(f.name, f.check) for f in placement.STATIC_FILTERS if f.name in EVER_FILTERS]
 
 
 def fitting_accelerators(job: placement.JobSpec, pools: Sequence[placement.Pool]) -> list[str]:

@@ -41,7 +41,7 @@ from controlplane.core.errors import Conflict
 from edge_agent import wire
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     QUEUED = "queued"
     PLACED = "placed"
     STARTING = "starting"

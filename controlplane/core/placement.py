@@ -38,8 +38,9 @@ The cost model (docs/training.md has the derivation):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+import operator
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -115,16 +116,9 @@ WORKLOAD_EXECUTORS: dict[str, frozenset[str]] = {
 """Which site executors can run each kind of workload."""
 
 
-def workload_of(spec: Mapping[str, Any]) -> str:
-    """The kind of workload a stored job spec names: ``container`` (an image), ``process`` (a
-    command) or ``sim``."""
-    if spec.get("image"):
-        return "container"
-    return "process" if spec.get("command") else "sim"
-
-
 class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """A job waiting for placement (queued, or restarting after a failure)."""
+    """The scheduler's view of a job waiting for placement (queued, or restarting after a failure);
+    the hub builds it from the stored spec (``jobspec.JobSpec.waiting``) at each tick."""
 
     id: str
     tenant: str
@@ -152,7 +146,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     restarting: bool = False
     """Lost its pool to an infrastructure failure: goes ahead of its priority level's queue."""
     workload: str = "sim"
-    """``sim``, ``process`` or ``container`` (:func:`workload_of`): which executors can run it."""
+    """``sim``, ``process`` or ``container`` (``jobspec.JobSpec.workload``): which executors can run it."""
     pools: tuple[str, ...] = ()
     """Allowed pools; empty allows all (a job submitted against a quote is pinned to its pool)."""
 
@@ -179,6 +173,10 @@ class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):
 
 
 # --------------------------------------------------------------------------- filters
+
+_ANY_JOB = JobSpec(id="", tenant="", cards=1, accelerators=(), est_hours=0.0)
+"""Stands in for the job when a pool-only filter runs (it reads nothing of it)."""
+
 
 Filter = Callable[[JobSpec, Pool, str], "str | None"]
 
@@ -229,27 +227,84 @@ def filter_executor(job: JobSpec, pool: Pool, acc: str) -> str | None:
     return f"runs no {job.workload} workloads (executors: {offered})"
 
 
-STATIC_FILTERS: tuple[tuple[str, Filter], ...] = (
-    ("accelerator", filter_accelerator),
-    ("gang", filter_gang),
-    ("healthy", filter_healthy),
-    ("draining", filter_draining),
-    ("region", filter_region),
-    ("provider", filter_provider),
-    ("pool", filter_pool),
-    ("tee", filter_tee),
-    ("executor", filter_executor),
+class StaticFilter(NamedTuple):
+    """One static filter: a pure predicate returning a reason (fails) or None (passes)."""
+
+    name: str
+    check: Filter
+    idle: Callable[[JobSpec], bool] | None = None
+    """True for a job this filter passes on every pool (it constrains nothing the job asked for);
+    the scheduler's search then does not run it. None: never idle."""
+    pool_only: bool = False
+    """Reads nothing of the job: its verdict on a (pool, accelerator) holds for every job (the
+    scheduler evaluates it once per pool and plan)."""
+    pool_key: Callable[[Pool], Hashable] | None = None
+    """What the filter reads of the pool (not of the accelerator): for one job it gives the same
+    verdict on pools with equal keys, so the scheduler asks it once per key. None: no such key."""
+
+
+STATIC_FILTERS: tuple[StaticFilter, ...] = (
+    StaticFilter("accelerator", filter_accelerator, pool_only=True),
+    StaticFilter("gang", filter_gang),
+    StaticFilter("healthy", filter_healthy, pool_only=True),
+    StaticFilter("draining", filter_draining, pool_only=True),
+    StaticFilter("region", filter_region, idle=lambda job: not job.regions, pool_key=operator.attrgetter("region")),
+    StaticFilter("provider", filter_provider, idle=lambda job: not job.providers,
+                 pool_key=operator.attrgetter("provider")),
+    StaticFilter("pool", filter_pool, idle=lambda job: not job.pools),
+    StaticFilter("tee", filter_tee, idle=lambda job: not job.tee, pool_key=operator.attrgetter("tee")),
+    StaticFilter("executor", filter_executor, pool_key=operator.attrgetter("executors")),
 )
-"""Filters that do not depend on what is free now: failing one makes the pool useless for the job."""
+"""Filters that do not depend on what is free now: failing one makes the pool useless for the job.
+
+The one list of filters: :func:`rank` (explanations, the API) and the scheduler's search both
+apply it (through :func:`static_reason` and :func:`search_checks`)."""
+
+PASSED_WITH_FREE_CARDS = frozenset({"accelerator", "gang"})
+"""Filters every (pool, accelerator) with at least ``job.cards`` free cards passes (a pool with
+that many free cards has that many cards): the scheduler's search, which only looks at such
+pools, does not run them."""
+
+FILTER_INPUTS: tuple[str, ...] = ("cards", "regions", "providers", "tee", "workload", "pools")
+"""The :class:`JobSpec` fields the static filters read. Two jobs equal in these get the same verdict
+on every (pool, accelerator), and the scheduler reuses verdicts on that promise: a filter that reads
+another field of the job must add it here (tests/unit/test_placement.py checks the list)."""
+
+filter_inputs: Callable[[JobSpec], tuple[object, ...]] = operator.attrgetter(*FILTER_INPUTS)
+"""The filter inputs of a job, as a tuple (a memo key)."""
 
 
 def static_reason(job: JobSpec, pool: Pool, acc: str) -> str | None:
     """First static filter ``pool`` fails for ``job`` on ``acc``, or None."""
-    for _, check in STATIC_FILTERS:
-        reason = check(job, pool, acc)
+    for f in STATIC_FILTERS:
+        reason = f.check(job, pool, acc)
         if reason is not None:
             return reason
     return None
+
+
+def pool_reason(pool: Pool, acc: str) -> str | None:
+    """First :attr:`~StaticFilter.pool_only` static filter ``pool`` fails on ``acc``, or None
+    (the same for every job)."""
+    for f in STATIC_FILTERS:
+        if f.pool_only:
+            reason = f.check(_ANY_JOB, pool, acc)
+            if reason is not None:
+                return reason
+    return None
+
+
+def keyed_filters() -> tuple[StaticFilter, ...]:
+    """The static filters with a :attr:`~StaticFilter.pool_key`, in list order."""
+    return tuple(f for f in STATIC_FILTERS if f.pool_key is not None)
+
+
+def search_checks(job: JobSpec) -> tuple[StaticFilter, ...]:
+    """The static filters, in order, that can fail for ``job`` on a pool with enough free cards and
+    no :func:`pool_reason` (the idle, the pool-only and :data:`PASSED_WITH_FREE_CARDS` left out):
+    on such a pool, running these gives what :func:`static_reason` gives."""
+    return tuple(f for f in STATIC_FILTERS
+                 if not f.pool_only and f.name not in PASSED_WITH_FREE_CARDS and (f.idle is None or not f.idle(job)))
 
 
 def filter_free(job: JobSpec, acc: str, free_cards: int) -> str | None:
@@ -313,7 +368,7 @@ class PricedPool:
     """A pool's figures for one accelerator, precomputed for fast scoring."""
 
     __slots__ = ("pool", "acc", "prices", "cum", "day_sum", "kw_pue", "units", "lb_rate", "min_price",
-                 "avg_rate", "day_slack")
+                 "avg_rate", "day_slack", "_t0", "_start")
 
     def __init__(self, pool: Pool, acc: str, prices: Sequence[float], *, per_card: bool = False) -> None:
         problem = pool_problem(pool)
@@ -343,6 +398,8 @@ class PricedPool:
         avg = self.day_sum / 24.0
         self.avg_rate = self.kw_pue * avg / self.units
         self.day_slack = 24.0 * self.kw_pue * (avg - self.min_price)
+        self._t0 = math.nan  # the last start asked for (never equal to NaN at first) ...
+        self._start: tuple[float, float, int] = (0.0, 0.0, 0)  # ... as (days, local hour, hour index)
 
     def price_integral(self, t0: float, t1: float) -> float:
         """∫ price dt over [t0, t1] (epoch s), in CNY/kWh × hours (multiply by kW for CNY).
@@ -350,9 +407,13 @@ class PricedPool:
         F(t) = whole days × day_sum + cum[hour] + fraction of the hour × price[hour], local time.
         """
         prices, cum = self.prices, self.cum
-        d0, r0 = divmod(t0 / 3600.0 + LOCAL_UTC_OFFSET_H, 24.0)
+        if t0 == self._t0:  # a plan asks for many windows from the same ``now``
+            d0, r0, h0 = self._start
+        else:
+            d0, r0 = divmod(t0 / 3600.0 + LOCAL_UTC_OFFSET_H, 24.0)
+            h0 = min(int(r0), 23)  # min(): float rounding at the day boundary
+            self._t0, self._start = t0, (d0, r0, h0)
         d1, r1 = divmod(t1 / 3600.0 + LOCAL_UTC_OFFSET_H, 24.0)
-        h0 = min(int(r0), 23)  # min(): float rounding at the day boundary
         h1 = min(int(r1), 23)
         return ((d1 - d0) * self.day_sum + cum[h1] + (r1 - h1) * prices[h1]
                 - cum[h0] - (r0 - h0) * prices[h0])
@@ -428,9 +489,32 @@ def score_priced(
     return breakdown(job, pp, now, estimate(job, pp, now, model, source))
 
 
-Estimate = tuple[float, bool, float, float, float, float, float, float, float, float, float, float, float]
-"""(total_cny, meets_deadline, energy_cny, failure_waste_cny, move_cny, start_at, work_s, run_s,
-interval_s, mtbf_s, waste_fraction, move_s, saved_by_waiting_cny) — a plain tuple, cheap to make."""
+class Estimate(msgspec.Struct, frozen=True, gc=False):
+    """The cost model's numbers for one job on one (pool, accelerator): what :func:`estimate`
+    returns and :func:`breakdown` words. Cheap to make (positional, no GC tracking): the scheduler
+    makes one per pool it scores and builds the :class:`CostBreakdown` only for the winner."""
+
+    total_cny: float
+    meets_deadline: bool
+    energy_cny: float
+    failure_waste_cny: float
+    move_cny: float
+    start_at: float
+    work_s: float
+    run_s: float
+    interval_s: float
+    mtbf_s: float
+    waste_fraction: float
+    move_s: float
+    saved_by_waiting_cny: float
+    """Energy saved by waiting for ``start_at`` rather than starting now (0 when starting now)."""
+
+
+# Bound once: estimate() runs for every pool the scheduler scores.
+_daly = checkpointing.daly_unchecked
+_practical = checkpointing.practical_unchecked
+_waste = checkpointing.waste_unchecked
+_INF = math.inf
 
 
 def estimate(
@@ -453,14 +537,13 @@ def estimate(
 
     # Failure waste (Young/Daly): M shrinks with the number of cards in the gang.
     rate = pool.failure_rate_per_card_hour
-    mtbf_s = 3600.0 / (rate * cards) if rate > 0 else math.inf
+    mtbf_s = 3600.0 / (rate * cards) if rate > 0 else _INF
     cost_s = job.checkpoint_cost_s
     if job.checkpoint_interval_s:
         interval_s = job.checkpoint_interval_s
     else:
-        interval_s = checkpointing.practical_unchecked(
-            checkpointing.daly_unchecked(cost_s, mtbf_s), work_s, model.checkpoint_floor_s)
-    waste = checkpointing.waste_unchecked(interval_s, cost_s, pool.restart_s, mtbf_s)
+        interval_s = _practical(_daly(cost_s, mtbf_s), work_s, model.checkpoint_floor_s)
+    waste = _waste(interval_s, cost_s, pool.restart_s, mtbf_s)
     run_s = work_s * (1.0 + waste)
 
     # Moving the checkpoint: the reserved cards idle while it arrives.
@@ -469,8 +552,8 @@ def estimate(
     if job.checkpoint_pool and job.progress > 0 and job.checkpoint_pool != pool.id:
         size_gb = cards * model.state_gb_per_card
         gbps = pool.egress_gbps if source is None else min(pool.egress_gbps, source.egress_gbps)
-        move_s = size_gb * 8.0 / gbps if gbps > 0 else math.inf
-        idle_cny = cards * pp.kw_pue * pp.price_integral(now, now + move_s) if move_s < math.inf else math.inf
+        move_s = size_gb * 8.0 / gbps if gbps > 0 else _INF
+        idle_cny = cards * pp.kw_pue * pp.price_integral(now, now + move_s) if move_s < _INF else _INF
         move_cny = idle_cny + size_gb * model.transfer_cny_per_gb
 
     # Energy over the run window (hour by hour, time-of-use), trying later starts on the hour
@@ -500,8 +583,8 @@ def estimate(
                 energy, start_at = kw * best_i, (first_h + best_k) * 3600.0
     failure_cny = waste * energy
     meets = deadline is None or start_at + move_s + run_s <= deadline
-    return (energy + failure_cny + move_cny, meets, energy, failure_cny, move_cny, start_at, work_s, run_s,
-            interval_s, mtbf_s, waste, move_s, saved)
+    return Estimate(energy + failure_cny + move_cny, meets, energy, failure_cny, move_cny, start_at, work_s,
+                    run_s, interval_s, mtbf_s, waste, move_s, saved)
 
 
 def _window_table(pp: PricedPool, work_h: float, first_h: float, n: int) -> tuple[list[float], list[int]]:
@@ -527,30 +610,28 @@ def _window_table(pp: PricedPool, work_h: float, first_h: float, n: int) -> tupl
 
 def breakdown(job: JobSpec, pp: PricedPool, now: float, est: Estimate) -> CostBreakdown:
     """The :class:`CostBreakdown` (with notes in words) of an :func:`estimate`."""
-    (total, meets, energy, failure_cny, move_cny, start_at, work_s, run_s,
-     interval_s, mtbf_s, waste, move_s, saved) = est
     notes: list[str] = []
-    if move_cny:
-        notes.append(f"moves the checkpoint from {job.checkpoint_pool} in {move_s:.0f} s")
-    if start_at > now:
-        notes.append(f"waits {(start_at - now) / 3600.0:.1f} h for a cheaper tariff window, "
-                     f"saves {saved:.2f} CNY of energy")
-    if not meets:
+    if est.move_cny:
+        notes.append(f"moves the checkpoint from {job.checkpoint_pool} in {est.move_s:.0f} s")
+    if est.start_at > now:
+        notes.append(f"waits {(est.start_at - now) / 3600.0:.1f} h for a cheaper tariff window, "
+                     f"saves {est.saved_by_waiting_cny:.2f} CNY of energy")
+    if not est.meets_deadline:
         notes.append("deadline at risk")
     return CostBreakdown(
         pool=pp.pool.id,
         accelerator=pp.acc,
-        energy_cny=energy,
-        failure_waste_cny=failure_cny,
-        move_cny=move_cny,
-        total_cny=total,
-        start_at=start_at,
-        work_s=work_s,
-        run_s=run_s,
-        interval_s=interval_s,
-        mtbf_h=mtbf_s / 3600.0,
-        waste_fraction=waste,
-        meets_deadline=meets,
+        energy_cny=est.energy_cny,
+        failure_waste_cny=est.failure_waste_cny,
+        move_cny=est.move_cny,
+        total_cny=est.total_cny,
+        start_at=est.start_at,
+        work_s=est.work_s,
+        run_s=est.run_s,
+        interval_s=est.interval_s,
+        mtbf_h=est.mtbf_s / 3600.0,
+        waste_fraction=est.waste_fraction,
+        meets_deadline=est.meets_deadline,
         notes=notes,
     )
 

@@ -41,14 +41,18 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 import msgspec
 
 from controlplane.core.placement import (
     DEFAULT_MODEL,
-    STATIC_FILTERS,
-    WORKLOAD_EXECUTORS,
+    Filter,
+    StaticFilter,
+    filter_inputs,
+    keyed_filters,
+    pool_reason,
+    search_checks,
     CostBreakdown,
     CostModel,
     Estimate,
@@ -188,9 +192,9 @@ class Plan(msgspec.Struct, kw_only=True):
 class _Entry:
     """One (pool, accelerator) during a plan: its priced figures and free cards, mutated as we place."""
 
-    __slots__ = ("pp", "pool", "acc", "free", "lb_rate", "avg_rate", "runs", "in_avail", "up")
+    __slots__ = ("pp", "pool", "acc", "free", "lb_rate", "avg_rate", "runs", "in_avail", "down", "keys")
 
-    def __init__(self, pp: PricedPool, free: int) -> None:
+    def __init__(self, pp: PricedPool, free: int, keyed: tuple[StaticFilter, ...]) -> None:
         self.pp = pp
         self.pool = pp.pool
         self.acc = pp.acc
@@ -199,7 +203,10 @@ class _Entry:
         self.avg_rate = pp.avg_rate
         self.runs: list[_Run] = []
         self.in_avail = free > 0
-        self.up = pp.pool.healthy and not pp.pool.draining
+        self.down = pool_reason(pp.pool, pp.acc)
+        """The pool-only filters' verdict (unhealthy, draining, ...): the same for every job."""
+        self.keys = tuple(f.pool_key(pp.pool) for f in keyed if f.pool_key is not None)
+        """This pool's key for each keyed filter (``placement.keyed_filters()`` order)."""
 
 
 class _Run:
@@ -213,6 +220,9 @@ class _Run:
         self.stopping = stopping
         self.preemptible = preemptible
 
+
+_Check = tuple[Filter, int, dict[Hashable, "str | None"]]
+"""(filter, index of its key in ``_Entry.keys`` or -1, its verdict by key for one job shape)"""
 
 _Cand = tuple[int, float, int, "_Entry", Estimate]
 """(misses deadline 0/1, total CNY, order scored, entry, estimate): tuples compare fast."""
@@ -242,6 +252,7 @@ class _Planner:
         self.plan = Plan(start=[], stop=[], wait=[], infeasible=[])
         self.pools_by_id = {p.id: p for p in snap.pools}
         cache: dict[object, list[float]] = {}
+        self.keyed = keyed_filters()
         self.entries: dict[tuple[str, str], _Entry] = {}
         by_acc: dict[str, list[_Entry]] = defaultdict(list)
         for pool in snap.pools:
@@ -249,7 +260,7 @@ class _Planner:
                 if total <= 0:
                     continue
                 free = max(0, min(int(pool.cards_free.get(acc, 0)), total))
-                e = _Entry(priced(pool, acc, cache), free)
+                e = _Entry(priced(pool, acc, cache), free, self.keyed)
                 self.entries[(pool.id, acc)] = e
                 by_acc[acc].append(e)
         for lst in by_acc.values():
@@ -271,6 +282,34 @@ class _Planner:
         self.res: _Res | None = None
         self.tou_cache: dict[tuple[int, float, float], tuple[list[float], list[int]]] = {}
         self.static_cache: dict[tuple[object, ...], tuple[list[_Entry], list[str]]] = {}
+        # One pool per distinct key of each keyed filter (placement.keyed_filters()) in this plan.
+        self.key_pools: list[dict[Hashable, _Entry]] = [{} for _ in self.keyed]
+        for e in self.entries.values():
+            for i, k in enumerate(e.keys):
+                self.key_pools[i].setdefault(k, e)
+        # placement.STATIC_FILTERS as the search runs them, per job shape (placement.FILTER_INPUTS):
+        # one list of filters for placement and this search; the verdicts by key keep it fast.
+        self.checks: dict[tuple[object, ...], list[_Check]] = {}
+
+    def checks_for(self, job: JobSpec) -> list[_Check]:
+        """The static filters the search runs for ``job`` (and every job with its filter inputs):
+        ``placement.search_checks``, each keyed one with its verdict for every key in this plan,
+        and left out when it passes them all (then it passes every pool here)."""
+        key = filter_inputs(job)
+        checks = self.checks.get(key)
+        if checks is None:
+            checks = []
+            index = {f.name: i for i, f in enumerate(self.keyed)}
+            for f in search_checks(job):
+                i = index.get(f.name, -1)
+                if i < 0:
+                    checks.append((f.check, -1, {}))
+                    continue
+                by_key = {k: f.check(job, e.pool, e.acc) for k, e in self.key_pools[i].items()}
+                if any(v is not None for v in by_key.values()):
+                    checks.append((f.check, i, by_key))
+            self.checks[key] = checks
+        return checks
 
     # ----------------------------------------------------------------- order
 
@@ -367,9 +406,7 @@ class _Planner:
         max_price = job.max_price_cny
         res = self.res
         tou = self.tou_cache
-        regions, providers, tee = job.regions, job.providers, job.tee
-        pinned = job.pools
-        runs = WORKLOAD_EXECUTORS.get(job.workload, frozenset())
+        checks = self.checks_for(job)
         best: _Cand | None = None
         cands: list[_Cand] = []
         lost: list[Verdict] = []
@@ -394,32 +431,33 @@ class _Planner:
                                             reason=f"{e.free} free {acc} cards, job needs {cards}"))
                     continue
                 pool = e.pool
-                # The static filters, inlined (same predicates as placement.STATIC_FILTERS; the
-                # accelerator and gang filters hold for any entry with enough free cards).
-                if not e.up or (regions and pool.region not in regions) or \
-                        (providers and pool.provider not in providers) or (tee and not pool.tee) or \
-                        (pinned and pool.id not in pinned) or \
-                        (pool.executors is not None and pool.executors.isdisjoint(runs)):
+                reason = e.down
+                if reason is None and checks:
+                    keys = e.keys
+                    for check, i, by_key in checks:
+                        reason = check(job, pool, acc) if i < 0 else by_key[keys[i]]
+                        if reason is not None:
+                            break
+                if reason is not None:
                     if len(lost) < explain:
-                        lost.append(Verdict(pool=pool.id, accelerator=acc,
-                                            reason=static_reason(job, pool, acc) or "?"))
+                        lost.append(Verdict(pool=pool.id, accelerator=acc, reason=reason))
                     continue
                 est = estimate(job, e.pp, now, model, source, tou)
-                total = est[0]
+                total = est.total_cny
                 n += 1
                 if max_price is not None and total > max_price:
                     why = f"expected {total:.2f} CNY, over max_price {max_price:.2f}"
                     blocked.append(f"{pool.id}: {why}")
                     if len(lost) < explain:
                         lost.append(Verdict(pool=pool.id, accelerator=acc, reason=why, total_cny=total))
-                elif res is not None and res.entry is e and est[5] <= now and \
-                        now + est[7] > res.at and cards > res.spare:
+                elif res is not None and res.entry is e and est.start_at <= now and \
+                        now + est.run_s > res.at and cards > res.spare:
                     why = f"would delay {res.job_id}, which has it reserved at {res.at:.0f}"
                     blocked.append(f"{pool.id}: {why}")
                     if len(lost) < explain:
                         lost.append(Verdict(pool=pool.id, accelerator=acc, reason=why, total_cny=total))
                 else:
-                    cand = (0 if est[1] else 1, total, n, e, est)
+                    cand = (0 if est.meets_deadline else 1, total, n, e, est)
                     cands.append(cand)
                     if best is None or cand[:2] < best[:2]:
                         best = cand
@@ -499,11 +537,7 @@ class _Planner:
                 counts[f"no pool has {acc} cards"] += 1
                 continue
             for e in lst:
-                reason = None
-                for _, check in STATIC_FILTERS:
-                    reason = check(job, e.pool, acc)
-                    if reason is not None:
-                        break
+                reason = static_reason(job, e.pool, acc)
                 if reason is None:
                     ok.append(e)
                 else:

@@ -34,8 +34,9 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from controlplane.core import lifecycle, placement
+from controlplane.core import lifecycle
 from controlplane.core.errors import NotFound, RequestError
+from controlplane.core.jobspec import JobSpec
 from controlplane.gateway import job_events
 from controlplane.gateway.app import SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
@@ -113,8 +114,9 @@ def _parse_deadline(value: float | str, now: float) -> float:
     return epoch
 
 
-def normalise(body: JobBody, request: web.Request, now: float) -> dict[str, Any]:
-    """Check the body against the layout and return the spec as stored (None values left out).
+def normalise(body: JobBody, request: web.Request, now: float) -> JobSpec:
+    """Check the body against the layout and return the spec as stored: the one place a job's
+    spec is decoded (``jobspec.JobSpec`` from here to the store and the scheduler).
 
     Raises:
         RequestError: (400) naming the field.
@@ -132,15 +134,21 @@ def normalise(body: JobBody, request: web.Request, now: float) -> dict[str, Any]
             raise RequestError(f"unknown region {region!r}", field=f"regions[{i}]")
     if body.command and not body.command[0]:
         raise RequestError("command[0] must name a program", field="command[0]")
-    spec = msgspec.to_builtins(body)
-    if body.deadline is not None:
-        spec["deadline"] = _parse_deadline(body.deadline, now)
-    return {k: v for k, v in spec.items() if v is not None}
+    return JobSpec(
+        name=body.name, cards=body.cards, accelerators=tuple(body.accelerators), est_hours=body.est_hours,
+        checkpoint_cost_s=body.checkpoint_cost_s, checkpoint_interval_min=body.checkpoint_interval_min,
+        priority=body.priority, deadline=None if body.deadline is None else _parse_deadline(body.deadline, now),
+        max_price_cny=body.max_price_cny, regions=tuple(body.regions), providers=tuple(body.providers),
+        tee=body.tee, command=tuple(body.command), image=body.image, max_retries=body.max_retries,
+        quote_id=body.quote_id, quote_pool=body.quote_pool,
+    )
 
 
-def body_hash(spec: dict[str, Any]) -> str:
-    """Hash of the decoded body: equal bodies (whatever their key order or spacing) hash equal."""
-    canonical = msgspec.json.encode(spec, order="sorted")
+def body_hash(spec: JobSpec) -> str:
+    """Hash of the decoded body: equal bodies (whatever their key order or spacing) hash equal
+    (the hash of its :meth:`~JobSpec.public` form, as before the spec was typed, so keys stored then
+    still match)."""
+    canonical = msgspec.json.encode(spec.public(), order="sorted")
     return hashlib.sha256(canonical).hexdigest()
 
 
@@ -150,7 +158,7 @@ def body_hash(spec: dict[str, Any]) -> str:
 def _attempt_state(row: JobRow, a: AttemptRow) -> str:
     if a.ended_at is not None:
         return a.exit_reason or "ended"
-    if a.attempt == row.attempt and row.state in ("placed", "starting", "running"):
+    if a.attempt == row.attempt and row.state in lifecycle.LIVE:
         return row.state
     return "unknown"
 
@@ -172,9 +180,9 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
     progress = row.progress if figures is None else figures.progress
     card_hours = round(row.card_hours, 6) if figures is None else figures.card_hours
     energy_cny = round(row.energy_cny, 6) if figures is None else figures.energy_cny
-    pl = row.placement or {}
-    explanation = pl.get("explanation") or {}
-    waiting = row.state in ("queued", "restarting")
+    pl = row.placement
+    explanation = pl.explanation if pl is not None else None
+    waiting = row.state in lifecycle.WAITING
     return {
         "id": row.id,
         "object": "job",
@@ -184,8 +192,8 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
         "wait_reason": row.reason if waiting else "",
         "priority": row.priority,
         "cards": row.cards,
-        "accelerators": spec.get("accelerators", []),
-        "executor": placement.workload_of(spec),
+        "accelerators": list(spec.accelerators),
+        "executor": spec.workload,
         "attempt": row.attempt,
         "pool": row.pool,
         "accelerator": row.accelerator,
@@ -198,15 +206,15 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
         "energy_cny": energy_cny,
         "billed": {"card_hours": round(row.card_hours, 6), "energy_cny": round(row.energy_cny, 6)},
         "placement": {
-            "attempt": pl.get("attempt"),
-            "pool": pl.get("pool"),
-            "accelerator": pl.get("accelerator"),
-            "decided_at": pl.get("decided_at"),
-            "checkpoint_interval_s": pl.get("checkpoint_interval_s"),
-            "chosen": explanation.get("chosen", ""),
-            "breakdown": pl.get("breakdown"),
-            "others": explanation.get("others", []),
-        } if pl else None,
+            "attempt": pl.attempt,
+            "pool": pl.pool,
+            "accelerator": pl.accelerator,
+            "decided_at": pl.decided_at,
+            "checkpoint_interval_s": pl.checkpoint_interval_s,
+            "chosen": explanation.chosen if explanation is not None else "",
+            "breakdown": pl.breakdown,
+            "others": explanation.others if explanation is not None else [],
+        } if pl is not None else None,
         "attempts": [
             {"number": a.attempt, "pool": a.pool, "accelerator": a.accelerator, "cards": a.cards,
              "state": _attempt_state(row, a), "placed_at": a.placed_at, "started_at": a.started_at,
@@ -214,7 +222,7 @@ def job_view(row: JobRow, attempts: list[AttemptRow] | None = None, *,
              **_attempt_cost(row, a, figures)}
             for a in (attempts or [])
         ],
-        "spec": spec,
+        "spec": spec.public(),
         "submitted_at": row.submitted_at,
         "updated_at": row.updated_at,
         "finished_at": row.finished_at,
@@ -260,7 +268,7 @@ async def submit(request: web.Request) -> web.Response:
         # Admission refuses (422) a job no declared pool could ever run; the market pins a job
         # submitted against a quote to the quoted pool, and refuses (402) one its tenant's budget
         # cannot cover. The quote was priced on the body without its quote fields.
-        priced = body_hash({k: v for k, v in spec.items() if k not in QUOTE_FIELDS})
+        priced = body_hash(msgspec.structs.replace(spec, **dict.fromkeys(QUOTE_FIELDS)))
         admitted = _views(request).admit(tenant, spec)
         stored = request.app[SERVICES].market.bind_quote(tenant, admitted, priced, now)
         row, replayed = _service(request).submit(tenant, stored, key, digest, now)
@@ -272,9 +280,13 @@ async def submit(request: web.Request) -> web.Response:
 
 async def list_jobs(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
-    state = request.query.get("state")
-    if state is not None and state not in {s.value for s in lifecycle.JobState}:
-        raise RequestError(f"unknown state {state!r}", field="state")
+    state_arg = request.query.get("state")
+    state = None
+    if state_arg is not None:
+        try:
+            state = lifecycle.JobState(state_arg)
+        except ValueError:
+            raise RequestError(f"unknown state {state_arg!r}", field="state") from None
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:

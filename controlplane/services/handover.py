@@ -26,12 +26,10 @@ import logging
 import math
 import secrets
 import zlib
-from typing import Any
 
-from controlplane.core import placement
 from controlplane.core.lifecycle import JobState
 from controlplane.services.outbox import START
-from controlplane.services.training import DEFAULT_CHECKPOINT_COST_S
+from controlplane.services.training import TrainingService
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store.db import transaction
@@ -42,47 +40,46 @@ log = logging.getLogger("cpn.handover")
 
 
 
-def start_command(training: Any, row: store_jobs.JobRow) -> wire.StartAttempt | None:
+def start_command(training: TrainingService, row: store_jobs.JobRow) -> wire.StartAttempt | None:
     """The ``StartAttempt`` of ``row``'s current attempt, from the job row and its placement
     (None when the stored placement does not describe that attempt)."""
-    hub = training.hub
-    pl = row.placement or {}
-    if pl.get("attempt") != row.attempt or not row.pool or hub.layout is None:
+    pl = row.placement
+    if pl is None or pl.attempt != row.attempt or not row.pool:
         return None
     spec = row.spec
+    layout = training.layout
     try:
-        site = hub.layout.site(row.pool)
+        site = layout.site(row.pool)
     except KeyError:
         return None
-    accelerator = str(pl.get("accelerator") or row.accelerator or "")
-    acc = hub.layout.accelerators.get(accelerator)
+    accelerator = pl.accelerator or row.accelerator or ""
+    acc = layout.accelerators.get(accelerator)
     units = acc.units if acc is not None and acc.units > 0 else 1.0
-    interval_s = float(pl.get("checkpoint_interval_s") or 0.0)
+    interval_s = float(pl.checkpoint_interval_s or 0.0)
     if not math.isfinite(interval_s) or interval_s <= 0:
         interval_s = 0.0
     return wire.StartAttempt(
         job=row.id, attempt=row.attempt, cards=row.cards, accelerator=accelerator,
-        executor=str(pl.get("executor") or placement.workload_of(spec)),
-        command=[str(a) for a in spec.get("command") or []], work_s=float(spec["est_hours"]) * 3600.0 / units,
-        progress=row.progress, resume_from=row.checkpoint, checkpoint_interval_s=interval_s,
-        checkpoint_cost_s=float(spec.get("checkpoint_cost_s", DEFAULT_CHECKPOINT_COST_S)),
+        executor=pl.executor or spec.workload, command=list(spec.command),
+        work_s=spec.est_hours * 3600.0 / units, progress=row.progress, resume_from=row.checkpoint,
+        checkpoint_interval_s=interval_s, checkpoint_cost_s=spec.checkpoint_cost_s,
         restart_s=site.restart_s, failure_rate_per_card_hour=site.failure_rate_per_card_hour,
-        time_scale=float(pl.get("time_scale") or 1.0),
-        seed=zlib.crc32(f"{hub.config.seed}:{row.id}:{row.attempt}".encode()), tenant=row.tenant,
-        event_key=secrets.token_urlsafe(16), image=str(spec.get("image") or ""),
+        time_scale=pl.time_scale or 1.0,
+        seed=zlib.crc32(f"{training.config.seed}:{row.id}:{row.attempt}".encode()), tenant=row.tenant,
+        event_key=secrets.token_urlsafe(16), image=spec.image or "",
     )
 
 
-def rebuild_starts(training: Any, now: float) -> int:
+def rebuild_starts(training: TrainingService, now: float) -> int:
     """Rule 1: queue the ``StartAttempt`` of every ``placed`` job this process's outbox knows nothing
     of; returns how many were queued. Call once the training service has started (it owns the outbox)."""
     outbox = training.outbox
     if outbox is None:
         return 0
-    db = training.hub.db
+    db = training.db
     queued: list[tuple[str, int, str]] = []
     with transaction(db):  # the read barrier: the projection has the record's last revision
-        for row in store_jobs.jobs_in_states(db, (JobState.PLACED.value,)):
+        for row in store_jobs.jobs_in_states(db, (JobState.PLACED,)):
             if any(e.kind == START and e.attempt == row.attempt for e in store_outbox.for_job(db, row.id)):
                 continue
             try:

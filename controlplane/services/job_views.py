@@ -20,6 +20,8 @@ import msgspec
 from controlplane.core import feasibility, placement
 from controlplane.core.clock import Clock
 from controlplane.core.errors import Unprocessable
+from controlplane.core.jobspec import JobSpec
+from controlplane.core.lifecycle import JobState
 from controlplane.services.training import LIVE_STATES, JobRow, TrainingService
 
 if TYPE_CHECKING:
@@ -69,7 +71,8 @@ class JobViews:
             accruing=hours > 0.0,
         )
 
-    def listing(self, tenant: str, *, state: str | None, limit: int, now: float) -> list[tuple[JobRow, JobFigures]]:
+    def listing(self, tenant: str, *, state: JobState | None, limit: int,
+                now: float) -> list[tuple[JobRow, JobFigures]]:
         """A tenant's jobs, newest first, each with its figures at ``now``."""
         return [(r, self.figures(r, now)) for r in self.training.jobs(tenant, state=state, limit=limit)]
 
@@ -119,7 +122,7 @@ class JobViews:
         pools.sort(key=lambda p: p.id)
         return pools
 
-    def admit(self, tenant: str, spec: dict[str, Any]) -> dict[str, Any]:
+    def admit(self, tenant: str, spec: JobSpec) -> JobSpec:
         """The spec to store, or a refusal if no declared pool could ever run the job.
 
         Without ``accelerators`` the job may use any: every accelerator of the layout some declared
@@ -128,18 +131,15 @@ class JobViews:
         Raises:
             Unprocessable: (422) naming the field no pool can satisfy, with every pool's reason.
         """
-        any_acc = not spec.get("accelerators")
-        known = list(self.sites.layout.accelerators)
-        accelerators = tuple(known if any_acc else (str(a) for a in spec["accelerators"]))
+        any_acc = not spec.accelerators
+        accelerators = tuple(self.sites.layout.accelerators) if any_acc else spec.accelerators
         job = placement.JobSpec(
-            id="(new)", tenant=tenant, cards=int(spec["cards"]), accelerators=accelerators,
-            est_hours=float(spec.get("est_hours", 0.0)), regions=tuple(spec.get("regions") or ()),
-            providers=tuple(spec.get("providers") or ()), tee=bool(spec.get("tee")),
-            workload=placement.workload_of(spec))
+            id="(new)", tenant=tenant, cards=spec.cards, accelerators=accelerators, est_hours=spec.est_hours,
+            regions=spec.regions, providers=spec.providers, tee=spec.tee, workload=spec.workload)
         pools = self.declared_pools()
         never = feasibility.never_fits(job, pools)
         if never is not None:
             raise Unprocessable(never.reason, field=never.field)
         if not any_acc:
             return spec
-        return {**spec, "accelerators": feasibility.fitting_accelerators(job, pools)}
+        return msgspec.structs.replace(spec, accelerators=tuple(feasibility.fitting_accelerators(job, pools)))

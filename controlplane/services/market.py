@@ -37,6 +37,7 @@ import msgspec
 from controlplane.core import placement
 from controlplane.core.clock import Clock
 from controlplane.core.errors import Conflict, NotFound, Refused, RequestError
+from controlplane.core.jobspec import JobSpec
 from controlplane.core.usage import UsageRow
 from controlplane.market import budgets, catalogue, ledger, offers, postings, quotes, reconcile, views
 from controlplane.store.db import transaction
@@ -282,8 +283,7 @@ class MarketService:
         if not meter.end_at > meter.start_at:
             return
         db = self.db
-        spec = row.spec
-        quote_id = str(spec.get("quote_id") or "")
+        quote_id = row.spec.quote_id or ""
         offer = offers.select(records.list_offers(db, pool=meter.pool), meter.pool, meter.accelerator, meter.start_at)
         line = billing.AttemptLine(job=row.id, attempt=meter.attempt, tenant=row.tenant, pool=meter.pool,
                                    accelerator=meter.accelerator, cards=meter.cards, start_at=meter.start_at,
@@ -312,11 +312,11 @@ class MarketService:
 
     def _quoted_option(self, row: JobRow) -> quotes.QuoteOption | None:
         spec = row.spec
-        q = records.quote(self.db, str(spec.get("quote_id")), row.tenant)
+        q = records.quote(self.db, str(spec.quote_id), row.tenant)
         if q is None:
             return None
         for o in q.options:
-            if o.pool == spec.get("quote_pool") and o.accelerator == spec.get("quote_accelerator"):
+            if o.pool == spec.quote_pool and o.accelerator == spec.quote_accelerator:
                 return o
         return None
 
@@ -346,7 +346,7 @@ class MarketService:
 
     # ------------------------------------------------------------------ quotes
 
-    def quote(self, tenant: str, spec: dict[str, Any], spec_hash: str, now: float) -> quotes.Quote:
+    def quote(self, tenant: str, spec: JobSpec, spec_hash: str, now: float) -> quotes.Quote:
         """Price ``spec`` on every pool now (not kept for a budget check, kept for ``POST /v1/quotes``)."""
         q = self._price(tenant, spec, now, quote_id="q-" + secrets.token_hex(8))
         with transaction(self.db):
@@ -354,13 +354,13 @@ class MarketService:
             billing.put_quote_spec(self.db, q.id, spec_hash)
         return q
 
-    def _price(self, tenant: str, spec: dict[str, Any], now: float, *, quote_id: str) -> quotes.Quote:
+    def _price(self, tenant: str, spec: JobSpec, now: float, *, quote_id: str) -> quotes.Quote:
         job = job_spec(tenant, spec, now)
         pools = self.training.pools_now(now)
         return quotes.quote_job(job, pools, records.list_offers(self.db), now, quote_id=quote_id, policy=self.policy)
 
-    def bind_quote(self, tenant: str, spec: dict[str, Any], spec_hash: str, now: float) -> dict[str, Any]:
-        """The spec to store for a submission against ``spec["quote_id"]``: pinned to the chosen
+    def bind_quote(self, tenant: str, spec: JobSpec, spec_hash: str, now: float) -> JobSpec:
+        """The spec to store for a submission against ``spec.quote_id``: pinned to the chosen
         option's pool and accelerator. A submission without a quote is checked against the tenant's
         budget at its cheapest option's maximum (if any pool can price it).
 
@@ -368,27 +368,27 @@ class MarketService:
             NotFound: no such quote for this tenant. Conflict: the body is not the quoted job.
             Refused: the quote expired (410) or has no such option (409); the budget (402).
         """
-        quote_id = spec.get("quote_id")
+        quote_id = spec.quote_id
         if quote_id is None:
             self._check_budget(tenant, now, lambda: self._cheapest_max(tenant, spec, now))
             return spec
-        q = records.quote(self.db, str(quote_id), tenant)
+        q = records.quote(self.db, quote_id, tenant)
         if q is None:
             raise NotFound(f"quote {quote_id!r} not found", field="quote_id")
         if billing.quote_spec(self.db, q.id) != spec_hash:
             raise Conflict(f"quote {q.id} priced another job: submit the same body you asked a quote for",
                            field="quote_id", code="quote_spec_mismatch")
-        wanted = spec.get("quote_pool")
+        wanted = spec.quote_pool
         chosen = next((o for o in q.options if wanted is None or o.pool == wanted), None)
         verdict = quotes.accept(q, chosen.pool if chosen else str(wanted), chosen.accelerator if chosen else "",
                                 tenant, now)
         if isinstance(verdict, quotes.QuoteRefused):
             raise Refused(views.quote_refused_status(verdict), views.quote_refused_body(verdict))
         self._check_budget(tenant, now, lambda: verdict.max_fen)
-        return {**spec, "quote_pool": verdict.pool, "quote_accelerator": verdict.accelerator,
-                "pools": [verdict.pool], "accelerators": [verdict.accelerator]}
+        return msgspec.structs.replace(spec, quote_pool=verdict.pool, quote_accelerator=verdict.accelerator,
+                                       pools=(verdict.pool,), accelerators=(verdict.accelerator,))
 
-    def _cheapest_max(self, tenant: str, spec: dict[str, Any], now: float) -> int | None:
+    def _cheapest_max(self, tenant: str, spec: JobSpec, now: float) -> int | None:
         q = self._price(tenant, spec, now, quote_id="budget-check")
         return q.options[0].max_fen if q.options else None
 
@@ -432,20 +432,10 @@ def prompt_bound(req: wire.InferRequest) -> int:
     return n
 
 
-def job_spec(tenant: str, spec: dict[str, Any], now: float) -> placement.JobSpec:
+def job_spec(tenant: str, spec: JobSpec, now: float) -> placement.JobSpec:
     """The scheduler's view of a job body about to be quoted (as ``training`` builds it when queued)."""
-    interval_min = spec.get("checkpoint_interval_min")
-    deadline = spec.get("deadline")
-    max_price = spec.get("max_price_cny")
-    return placement.JobSpec(
-        id="quote", tenant=tenant, cards=int(spec["cards"]), accelerators=tuple(str(a) for a in spec["accelerators"]),
-        est_hours=float(spec["est_hours"]), checkpoint_cost_s=float(spec.get("checkpoint_cost_s", 300.0)),
-        checkpoint_interval_s=float(interval_min) * 60.0 if interval_min else None,
-        priority=int(spec.get("priority", 0)), deadline=float(deadline) if deadline is not None else None,
-        max_price_cny=float(max_price) if max_price is not None else None,
-        regions=tuple(spec.get("regions") or ()), providers=tuple(spec.get("providers") or ()),
-        tee=bool(spec.get("tee")), submitted_at=now, workload=placement.workload_of(spec),
-    )
+    return spec.waiting(id="quote", tenant=tenant, priority=spec.priority, submitted_at=now, progress=0.0,
+                        checkpoint_pool="", restarting=False)
 
 
 def model_view(m: catalogue.ModelRecord) -> dict[str, Any]:

@@ -43,7 +43,6 @@ import asyncio
 import logging
 import math
 import secrets
-import time
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -54,29 +53,33 @@ from controlplane.core import lifecycle, placement, scheduler
 from controlplane.core import quota as tenant_quota
 from controlplane.core.clock import Clock
 from controlplane.core.errors import NotFound
+from controlplane.core.jobspec import JobSpec
 from controlplane.services.outbox import START, CommandOutbox
 from controlplane.core.registry import Transition
 from controlplane.runtime import BackgroundTasks
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.store.db import transaction
+from controlplane.store.db import Database, transaction
 # The rows this service's API answers with (the gateway renders them; it never imports the store).
 from controlplane.store.jobs import AttemptRow as AttemptRow, EventRow as EventRow, JobRow as JobRow
 from controlplane.store.outbox import OutboxRow
 from edge_agent import wire
 
 if TYPE_CHECKING:
-    from controlplane.hub import Hub
+    from controlplane.config import HubConfig
+    from controlplane.core.registry import SiteRegistry
+    from controlplane.metrics import HubMetrics
+    from controlplane.nats.bus import HubBus
+    from topology.layout import Layout
 
 log = logging.getLogger("cpn.training")
 
 S = lifecycle.JobState
-LIVE_STATES = tuple(s.value for s in lifecycle.LIVE)
-WAITING_STATES = tuple(s.value for s in lifecycle.WAITING)
-ACTIVE_STATES = LIVE_STATES + WAITING_STATES
+LIVE_STATES = lifecycle.LIVE
+WAITING_STATES = lifecycle.WAITING
+ACTIVE_STATES = LIVE_STATES | WAITING_STATES
 
-DEFAULT_CHECKPOINT_COST_S = 300.0
 STOP_RESEND_S = 5.0
 """A stale attempt still listed in heartbeats is told to stop again at most this often."""
 REFUSED_COOL_S = 1.0
@@ -89,13 +92,34 @@ HUB_SITE = store_jobs.HUB_EVENT_SITE
 
 
 class TrainingService:
-    """Training jobs for one hub (name ``training``). Build it with :func:`install`."""
+    """Training jobs for one hub (name ``training``), built by the composition root with what it
+    uses, typed (no hub object).
+
+    Args:
+        db: the store's connection (a function: the hub opens the database when it starts).
+        bus: the hub's NATS adapter (commands through the outbox; agent events from JetStream).
+        registry: the live sites (heartbeats, free cards, attempts they list).
+        layout: the layout (a function: loaded when the hub starts); prices and sites' figures.
+        clock: wall time for events, ticks and the outbox.
+        metrics: the hub's counters this service adds to.
+        config: ``scheduler_tick_s``, ``vanished_heartbeats``, ``sim_time_scale``, ``seed``.
+        tenant: a tenant's row (for its card quota), or None.
+    """
 
     name = "training"
 
-    def __init__(self, hub: Hub, clock: Clock) -> None:
-        self.hub = hub
+    def __init__(self, *, db: Callable[[], Database], bus: HubBus, registry: SiteRegistry,
+                 layout: Callable[[], Layout | None], clock: Clock, metrics: HubMetrics, config: HubConfig,
+                 tenant: Callable[[str], dict[str, Any] | None]) -> None:
+        self._db = db
+        self.bus = bus
+        self.registry = registry
+        self._layout = layout
         self.clock = clock
+        self.metrics = metrics
+        self.config = config
+        self.tenant = tenant
+        self.started_at = 0.0
         self.outbox: CommandOutbox | None = None
         self.counters: dict[str, int] = {
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
@@ -126,22 +150,32 @@ class TrainingService:
         return (f"<TrainingService ticks={c['ticks']} placed={c['placed']} applied={c['applied']} "
                 f"stale={c['stale_attempt']} duplicate={c['duplicate']} stops={c['stops']}>")
 
+    @property
+    def db(self) -> Database:
+        return self._db()
+
+    @property
+    def layout(self) -> Layout:
+        layout = self._layout()
+        assert layout is not None, "the layout is loaded when the hub starts"
+        return layout
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
         """Start the outbox sender (re-sending what a previous run left pending), the tick loop
         and the JetStream event consumer."""
-        hub = self.hub
+        self.started_at = self.clock.time()
         self.outbox = CommandOutbox(
-            hub.db, hub.bus, is_lost=self._site_is_lost, obsolete=self._obsolete,
+            self.db, self.bus, is_lost=self._site_is_lost, obsolete=self._obsolete,
             on_ack=self._on_ack, on_refused=self._on_refused, clock=self.clock.time,
         )
-        pending = store_outbox.counts(hub.db)["pending"]
+        pending = store_outbox.counts(self.db)["pending"]
         if pending:
             log.info("event=outbox_resume pending=%d", pending)
         self.tasks.spawn(self.outbox.run(), name="outbox")
         self.tasks.spawn(self._tick_loop(), name="tick")
-        hub.bus.consume_events(self._on_event)
+        self.bus.consume_events(self._on_event)
 
     async def stop(self) -> None:
         await self.tasks.close()
@@ -153,7 +187,7 @@ class TrainingService:
         self._poke.set()
 
     async def _tick_loop(self) -> None:
-        period_s = self.hub.config.scheduler_tick_s
+        period_s = self.config.scheduler_tick_s
         while True:
             try:
                 async with asyncio.timeout(period_s):
@@ -176,29 +210,28 @@ class TrainingService:
 
     def job(self, job_id: str, *, tenant: str | None = None) -> JobRow | None:
         """A job as recorded (only if it is ``tenant``'s, when given)."""
-        return store_jobs.get_job(self.hub.db, job_id, tenant=tenant)
+        return store_jobs.get_job(self.db, job_id, tenant=tenant)
 
-    def jobs(self, tenant: str, *, state: str | None, limit: int) -> list[JobRow]:
+    def jobs(self, tenant: str, *, state: lifecycle.JobState | None, limit: int) -> list[JobRow]:
         """A tenant's jobs, newest first."""
-        return store_jobs.list_jobs(self.hub.db, tenant, state=state, limit=limit)
+        return store_jobs.list_jobs(self.db, tenant, state=state, limit=limit)
 
     def attempts(self, job_id: str) -> list[AttemptRow]:
         """A job's attempts, oldest first."""
-        return store_jobs.attempts(self.hub.db, job_id)
+        return store_jobs.attempts(self.db, job_id)
 
     def events(self, job_id: str) -> list[EventRow]:
         """The site events recorded for a job."""
-        return store_jobs.events(self.hub.db, job_id)
+        return store_jobs.events(self.db, job_id)
 
-    def submit(self, tenant: str, spec: dict[str, Any], idem_key: str | None, body_hash: str,
+    def submit(self, tenant: str, spec: JobSpec, idem_key: str | None, body_hash: str,
                now: float) -> tuple[store_jobs.JobRow, bool]:
         """Create a job (committed before this returns) or replay an earlier answer.
 
         Raises:
             Unprocessable: the idempotency key was used with another body.
         """
-        row, replayed = store_jobs.create_job(
-            self.hub.db, tenant, msgspec.json.encode(spec), idem_key, body_hash, now)
+        row, replayed = store_jobs.create_job(self.db, tenant, spec, idem_key, body_hash, now)
         if not replayed:
             log.info("event=job_submitted job=%s tenant=%s cards=%s", row.id, tenant, row.cards)
             self.poke()
@@ -210,7 +243,7 @@ class TrainingService:
         Raises:
             Unprocessable: the key was used with another body.
         """
-        return store_jobs.idempotent_answer(self.hub.db, tenant, idem_key, body_hash)
+        return store_jobs.idempotent_answer(self.db, tenant, idem_key, body_hash)
 
     def cancel(self, job_id: str, tenant: str, now: float) -> store_jobs.JobRow:
         """Cancel a tenant's job: terminal at once; a live attempt is stopped and billed.
@@ -219,7 +252,7 @@ class TrainingService:
             NotFound: no such job for this tenant.
             lifecycle.IllegalTransition: the job already finished (409).
         """
-        db = self.hub.db
+        db = self.db
         with transaction(db):
             row = store_jobs.get_job(db, job_id, tenant=tenant)
             if row is None:
@@ -237,7 +270,7 @@ class TrainingService:
 
     def usage(self, tenant: str) -> dict[str, Any]:
         """Training usage of a tenant: totals of ended attempts and a line per job (newest 100)."""
-        db = self.hub.db
+        db = self.db
         out = store_jobs.usage_by_tenant(db, tenant)
         out["card_hours"] = round(out["card_hours"], 6)
         out["energy_cny"] = round(out["energy_cny"], 6)
@@ -262,7 +295,7 @@ class TrainingService:
 
     def live_progress(self, row: store_jobs.JobRow) -> float | None:
         """The current attempt's progress from its site's last heartbeat, if the site lists it."""
-        view = self.hub.registry.get(row.pool) if row.pool else None
+        view = self.registry.get(row.pool) if row.pool else None
         if view is None or row.state not in LIVE_STATES:
             return None
         for ref in view.attempts:
@@ -274,9 +307,8 @@ class TrainingService:
 
     def tick(self, now: float) -> scheduler.Plan | None:
         """One scheduling round (synchronous: read, plan, write, in one go). Returns the plan."""
-        started = time.perf_counter()
-        hub = self.hub
-        db = hub.db
+        started = self.clock.monotonic()
+        db = self.db
         rows = store_jobs.jobs_in_states(db, ACTIVE_STATES)
         live = {r.id: r for r in rows if r.state in LIVE_STATES}
         waiting = [r for r in rows if r.state in WAITING_STATES]
@@ -287,19 +319,15 @@ class TrainingService:
             pools = self._pools(live.values(), now)
             if self.pricing is not None:
                 pools = self.pricing(pools, now)
-            specs: list[placement.JobSpec] = []
-            bad: list[tuple[str, str]] = []
-            for r in waiting:
-                try:
-                    specs.append(_job_spec(r))
-                except (KeyError, TypeError, ValueError) as exc:
-                    bad.append((r.id, f"infeasible: stored spec is unusable: {exc!r}"))
+            specs = [r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority, submitted_at=r.submitted_at,
+                                    progress=r.progress, checkpoint_pool=r.checkpoint_pool,
+                                    restarting=r.state is S.RESTARTING) for r in waiting]
             snapshot = scheduler.Snapshot(
                 pools=pools, queued=specs, running=[self._running(r) for r in live.values()],
                 tenants=self._tenants({r.tenant for r in rows}),
             )
             plan = scheduler.plan(snapshot, now)
-            self._carry_out(plan, {r.id: r for r in rows}, bad, now, len(pools))
+            self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
             self.last_plan = plan
         self._reconcile(live, now)
         self._vanished(live, now)
@@ -310,24 +338,23 @@ class TrainingService:
             except Exception:
                 log.exception("event=tick_listener_failed")
         self.counters["ticks"] += 1
-        self.last_tick_ms = (time.perf_counter() - started) * 1000.0
+        self.last_tick_ms = (self.clock.monotonic() - started) * 1000.0
         return plan
 
     def pools_now(self, now: float) -> list[placement.Pool]:
         """The pools as the next tick would see them (free cards less what live jobs hold)."""
-        live = [r for r in store_jobs.jobs_in_states(self.hub.db, LIVE_STATES)]
+        live = [r for r in store_jobs.jobs_in_states(self.db, LIVE_STATES)]
         return self._pools(live, now)
 
     def _pools(self, live: Any, now: float) -> list[placement.Pool]:
-        hub = self.hub
-        assert hub.layout is not None
+        layout = self.layout
         held: dict[str, list[store_jobs.JobRow]] = {}
         for r in live:
             held.setdefault(r.pool, []).append(r)
         pools = []
-        for view in hub.registry:
+        for view in self.registry:
             try:
-                site = hub.layout.site(view.id)
+                site = layout.site(view.id)
             except KeyError:
                 continue  # a site outside the layout has no tariff or PUE we could price it with
             free = dict(view.free_cards)
@@ -339,12 +366,12 @@ class TrainingService:
             if self._cool_until.get(view.id, 0.0) > now:
                 free = {a: 0.0 for a in free}
             pools.append(placement.pool_from_site(
-                site, hub.layout.accelerators, free=free, healthy=view.state == "up", draining=view.draining,
+                site, layout.accelerators, free=free, healthy=view.state == "up", draining=view.draining,
                 executors=frozenset(view.executors)))
         return pools
 
     def _static_pool(self, site_id: str) -> placement.Pool | None:
-        layout = self.hub.layout
+        layout = self._layout()
         if layout is None or not site_id:
             return None
         try:
@@ -353,10 +380,10 @@ class TrainingService:
             return None
 
     def _running(self, r: store_jobs.JobRow) -> scheduler.Running:
-        pl = r.placement or {}
-        run_s = (pl.get("breakdown") or {}).get("run_s")
+        bd = r.placement.breakdown if r.placement is not None else None
+        run_s = bd.run_s if bd is not None else None
         scale = _time_scale(r, r.attempt)
-        end = r.attempt_since + float(run_s) / scale if run_s and r.attempt_since is not None else None
+        end = r.attempt_since + run_s / scale if run_s and r.attempt_since is not None else None
         return scheduler.Running(
             job_id=r.id, tenant=r.tenant, pool=r.pool, accelerator=r.accelerator, cards=r.cards,
             priority=r.priority, expected_end_at=end, stopping=(r.id, r.attempt) in self._preempting,
@@ -367,25 +394,25 @@ class TrainingService:
         out = {}
         inference: dict[str, float] | None = None
         for tid in ids:
-            row = self.hub.tenant(tid) or {}
+            row = self.tenant(tid) or {}
             quota = row.get("quota_cards")
             note = ""
             if quota is not None:
                 if inference is None:
-                    inference = store_deployments.held_cards_by_tenant(self.hub.db)
+                    inference = store_deployments.held_cards_by_tenant(self.db)
                 if inference.get(tid):
                     note = f"of its {quota}, deployments hold {inference[tid]:g}"
                 quota = tenant_quota.training_quota(int(quota), inference.get(tid, 0.0))
             out[tid] = scheduler.Tenant(id=tid, quota_cards=quota, quota_note=note)
         return out
 
-    def _carry_out(self, plan: scheduler.Plan, rows: dict[str, store_jobs.JobRow], bad: list[tuple[str, str]],
-                   now: float, plan_pools: int = 0) -> None:
+    def _carry_out(self, plan: scheduler.Plan, rows: dict[str, store_jobs.JobRow], now: float,
+                   plan_pools: int = 0) -> None:
         """Persist and send what ``plan`` says; ``plan_pools`` is how many pools it saw (with none,
         a job's being unplaceable says nothing about the job and is not written to its events)."""
-        db = self.hub.db
+        db = self.db
         assert self.outbox is not None
-        placed: list[tuple[lifecycle.JobRecord, dict[str, Any]]] = []
+        placed: list[tuple[lifecycle.JobRecord, store_jobs.Placed]] = []
         starts: list[tuple[str, wire.StartAttempt]] = []
         for p in plan.start:
             row = rows.get(p.job_id)
@@ -393,12 +420,12 @@ class TrainingService:
                 continue
             rec = lifecycle.place(row.record(), p.pool, p.accelerator, now)
             cmd = self._start_command(row, rec, p)
-            placed.append((rec, {
-                "attempt": rec.attempt, "pool": p.pool, "accelerator": p.accelerator, "decided_at": now,
-                "start_at": p.start_at, "executor": cmd.executor, "time_scale": cmd.time_scale,
-                "checkpoint_interval_s": cmd.checkpoint_interval_s, "breakdown": p.breakdown,
-                "explanation": p.explanation,
-            }))
+            placed.append((rec, store_jobs.Placed(
+                attempt=rec.attempt, pool=p.pool, accelerator=p.accelerator, decided_at=now,
+                start_at=p.start_at, executor=cmd.executor, time_scale=cmd.time_scale,
+                checkpoint_interval_s=cmd.checkpoint_interval_s, breakdown=p.breakdown,
+                explanation=p.explanation,
+            )))
             starts.append((p.pool, cmd))
         stops: list[lifecycle.Stop] = []
         for pre in plan.stop:
@@ -409,7 +436,7 @@ class TrainingService:
             self._preempting[(row.id, row.attempt)] = now
         waits = [(w.job_id, w.reason) for w in plan.wait]
         infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
-        waits += infeasible + bad
+        waits += infeasible
         with transaction(db):
             for job_id, reason in infeasible if plan_pools else ():
                 old = rows.get(job_id)
@@ -423,40 +450,36 @@ class TrainingService:
                                    reason=stop.reason)
             store_jobs.record_waits(db, waits, now)
         for rec, pl in placed:
-            bd = pl["breakdown"]
             log.info("event=job_placed job=%s attempt=%d pool=%s accelerator=%s expected_cny=%.2f progress=%.3f",
-                     rec.id, rec.attempt, rec.pool, rec.accelerator, bd.total_cny, rec.progress)
+                     rec.id, rec.attempt, rec.pool, rec.accelerator, pl.breakdown.total_cny if pl.breakdown else 0.0,
+                     rec.progress)
         self.counters["placed"] += len(placed)
         if starts or stops:
             self._kick()
 
     def _start_command(self, row: store_jobs.JobRow, rec: lifecycle.JobRecord,
                        p: scheduler.Placement) -> wire.StartAttempt:
-        hub = self.hub
-        assert hub.layout is not None
+        layout = self.layout
         spec = row.spec
-        site = hub.layout.site(p.pool)
-        acc = hub.layout.accelerators.get(p.accelerator)
+        site = layout.site(p.pool)
+        acc = layout.accelerators.get(p.accelerator)
         units = acc.units if acc is not None and acc.units > 0 else 1.0
-        command = [str(a) for a in spec.get("command") or []]
-        executor = placement.workload_of(spec)
-        view = hub.registry.get(p.pool)
+        executor = spec.workload
+        view = self.registry.get(p.pool)
         if executor == "process" and view is not None and "process" not in view.executors and "slurm" in view.executors:
             executor = "slurm"  # a command on a site whose only way to run one is its own Slurm
-        interval_min = spec.get("checkpoint_interval_min")
-        interval_s = float(interval_min) * 60.0 if interval_min else p.breakdown.interval_s
+        interval_s = spec.checkpoint_interval_s or p.breakdown.interval_s
         if not math.isfinite(interval_s) or interval_s <= 0:
             interval_s = 0.0  # the executor reads <= 0 as "no checkpoint until the end"
-        seed = zlib.crc32(f"{hub.config.seed}:{row.id}:{rec.attempt}".encode())
+        seed = zlib.crc32(f"{self.config.seed}:{row.id}:{rec.attempt}".encode())
         return wire.StartAttempt(
             job=row.id, attempt=rec.attempt, cards=row.cards, accelerator=p.accelerator, executor=executor,
-            command=command, work_s=float(spec["est_hours"]) * 3600.0 / units, progress=row.progress,
-            resume_from=row.checkpoint, checkpoint_interval_s=interval_s,
-            checkpoint_cost_s=float(spec.get("checkpoint_cost_s", DEFAULT_CHECKPOINT_COST_S)),
+            command=list(spec.command), work_s=spec.est_hours * 3600.0 / units, progress=row.progress,
+            resume_from=row.checkpoint, checkpoint_interval_s=interval_s, checkpoint_cost_s=spec.checkpoint_cost_s,
             restart_s=site.restart_s, failure_rate_per_card_hour=site.failure_rate_per_card_hour,
-            time_scale=hub.config.sim_time_scale if executor == "sim" else 1.0, seed=seed, tenant=row.tenant,
+            time_scale=self.config.sim_time_scale if executor == "sim" else 1.0, seed=seed, tenant=row.tenant,
             event_key=secrets.token_urlsafe(16),  # stored with the command in the outbox, so resends carry the same key
-            image=str(spec.get("image") or ""),
+            image=spec.image or "",
         )
 
     def _reconcile(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
@@ -464,7 +487,7 @@ class TrainingService:
         job's current attempt there; ignore (and count) attempts the hub never placed there."""
         wanted: list[tuple[str, str, int, str]] = []
         suspects: list[tuple[str, wire.AttemptRef]] = []
-        for view in self.hub.registry:
+        for view in self.registry:
             if view.state != "up":
                 continue
             for ref in view.attempts:
@@ -475,7 +498,7 @@ class TrainingService:
                 if key in self._ignored or now - self._stop_sent.get(key, -math.inf) < STOP_RESEND_S:
                     continue
                 suspects.append((view.id, ref))
-        placed = store_jobs.attempt_pools(self.hub.db, {(r.job, r.attempt) for _, r in suspects}) if suspects else {}
+        placed = store_jobs.attempt_pools(self.db, {(r.job, r.attempt) for _, r in suspects}) if suspects else {}
         for site, ref in suspects:
             if placed.get((ref.job, ref.attempt)) != site:
                 # Not ours to stop: a command for it would only let a site multiply the hub's work.
@@ -483,11 +506,11 @@ class TrainingService:
                     self._ignored.clear()
                 self._ignored.add((site, ref.job, ref.attempt))
                 self.counters["never_placed"] += 1
-                self.hub.metrics.count(self.hub.metrics.heartbeat_attempts_ignored, site)
+                self.metrics.count(self.metrics.heartbeat_attempts_ignored, site)
                 continue
             row = live.get(ref.job)
             if row is None:
-                known = store_jobs.get_job(self.hub.db, ref.job)
+                known = store_jobs.get_job(self.db, ref.job)
                 why = f"job is {known.state}" if known is not None else "job unknown to the hub"
             else:
                 why = f"current attempt is {row.attempt} at {row.pool}"
@@ -496,7 +519,7 @@ class TrainingService:
             if len(self._stop_sent) > 1000:
                 self._stop_sent = {k: v for k, v in self._stop_sent.items() if now - v < 60.0}
             return
-        with transaction(self.hub.db):
+        with transaction(self.db):
             for site, job, attempt, reason in wanted:
                 self._enqueue_stop(site, job, attempt, now, checkpoint=False, reason=reason)
         for site, job, attempt, reason in wanted:
@@ -508,13 +531,12 @@ class TrainingService:
         ``running``, or ``placed`` with its start sent) its up site has left out of
         ``vanished_heartbeats`` heartbeats in a row (a site that restarted without it: without this
         the job would stay ``running`` at its last progress for ever, and be billed)."""
-        hub = self.hub
-        limit = max(1, hub.config.vanished_heartbeats)
-        started = (S.PLACED.value, S.STARTING.value, S.RUNNING.value)
+        limit = max(1, self.config.vanished_heartbeats)
+        started = (S.PLACED, S.STARTING, S.RUNNING)
         gone: list[tuple[store_jobs.JobRow, int]] = []
         current: set[tuple[str, int]] = set()
         for r in live.values():
-            view = hub.registry.get(r.pool) if r.pool else None
+            view = self.registry.get(r.pool) if r.pool else None
             if r.state not in started or view is None or view.state != "up":
                 continue
             key = (r.id, r.attempt)
@@ -522,7 +544,7 @@ class TrainingService:
             if any(a.job == r.id and a.attempt == r.attempt for a in view.attempts):
                 self._missing.pop(key, None)
                 continue
-            if r.state == S.PLACED.value and not self._start_delivered(r):
+            if r.state is S.PLACED and not self._start_delivered(r):
                 # Not yet acknowledged: the site cannot list it. Count from the acknowledgement on (a
                 # start sent slowly was failed as vanished the moment its ack came, and placed again).
                 self._missing.pop(key, None)
@@ -533,7 +555,7 @@ class TrainingService:
         self._missing = {k: v for k, v in self._missing.items() if k in current}
         if not gone:
             return
-        db = hub.db
+        db = self.db
         failed = []
         with transaction(db):
             for r, beats in gone:
@@ -548,7 +570,7 @@ class TrainingService:
         for r in failed:
             self._missing.pop((r.id, r.attempt), None)
             self.counters["vanished"] += 1
-            hub.metrics.attempts_vanished.inc()
+            self.metrics.attempts_vanished.inc()
             log.warning("event=attempt_vanished job=%s attempt=%d site=%s", r.id, r.attempt, r.pool)
         if failed:
             self._kick()
@@ -558,7 +580,7 @@ class TrainingService:
         """The attempt's StartAttempt was acknowledged (sent) though the job is still ``placed``: the
         hub stopped between marking the command sent and recording the acknowledgement."""
         return any(e.kind == START and e.attempt == r.attempt and e.state == "sent"
-                   for e in store_outbox.for_job(self.hub.db, r.id))
+                   for e in store_outbox.for_job(self.db, r.id))
 
     def _orphans(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
         """Live jobs at a site this hub process has never heard from, a grace period after start.
@@ -566,11 +588,10 @@ class TrainingService:
         The registry declares lost only sites it has a view of; a site that died while the hub was
         down never heartbeats again, so without this its jobs would stay ``running`` for ever.
         """
-        hub = self.hub
-        grace_s = max(2.0 * hub.registry.detection_s, ORPHAN_GRACE_S)
-        if now - hub.started_at < grace_s:
+        grace_s = max(2.0 * self.registry.detection_s, ORPHAN_GRACE_S)
+        if now - self.started_at < grace_s:
             return
-        silent = {r.pool for r in live.values() if r.pool and hub.registry.get(r.pool) is None}
+        silent = {r.pool for r in live.values() if r.pool and self.registry.get(r.pool) is None}
         for site in sorted(silent):
             log.warning("event=site_silent_since_start site=%s grace_s=%.1f", site, grace_s)
             self._site_lost(site, now, why=f"site {site} not heard from since the hub started")
@@ -607,7 +628,7 @@ class TrainingService:
         pool = self._static_pool(meter.pool)
         energy = 0.0 if pool is None else placement.metered_energy_cny(
             pool, meter.accelerator, meter.cards, billed.start_at, billed.end_at)
-        store_jobs.end_attempt(self.hub.db, billed, energy_cny=energy, exit_reason=exit_reason,
+        store_jobs.end_attempt(self.db, billed, energy_cny=energy, exit_reason=exit_reason,
                                exit_code=exit_code, detail=detail[:2000])
         if self.billing is not None and ran:
             self.billing(row, billed)
@@ -623,7 +644,7 @@ class TrainingService:
 
         Raises whatever the store raises (the bus then naks, and JetStream redelivers).
         """
-        db = self.hub.db
+        db = self.db
         kind = str(type(event).__struct_config__.tag)
         with transaction(db):
             # Fence by sender before anything is recorded: only the site the hub placed this
@@ -655,12 +676,12 @@ class TrainingService:
                         self._effects(row, out.effects, now, exit_reason="")
         self.counters[result] = self.counters.get(result, 0) + 1
         if result in ("unknown_attempt", "not_holder"):
-            self.hub.metrics.count(self.hub.metrics.events_dropped, result)
+            self.metrics.count(self.metrics.events_dropped, result)
             log.warning("event=event_dropped reason=%s job=%s attempt=%d seq=%d kind=%s site=%s holder=%s",
                         result, event.job, event.attempt, event.seq, kind, event.site, holder or "-")
             return result
         if result == "stale_attempt":
-            self.hub.metrics.stale_events.inc()
+            self.metrics.stale_events.inc()
             log.info("event=stale_event job=%s attempt=%d seq=%d kind=%s site=%s",
                      event.job, event.attempt, event.seq, kind, event.site)
         elif result in ("illegal", "unknown_job"):
@@ -686,7 +707,7 @@ class TrainingService:
             log.exception("event=site_listener_failed site=%s", t.site)
 
     def _site_lost(self, site: str, now: float, why: str = "") -> None:
-        db = self.hub.db
+        db = self.db
         why = why or f"site {site} lost"
         failed = []
         with transaction(db):
@@ -704,7 +725,7 @@ class TrainingService:
             log.warning("event=attempt_lost job=%s site=%s", job, site)
 
     def _site_is_lost(self, site: str) -> bool:
-        view = self.hub.registry.get(site)
+        view = self.registry.get(site)
         return view is not None and view.state == "lost"
 
     # ------------------------------------------------------------------ outbox callbacks
@@ -712,7 +733,7 @@ class TrainingService:
     def _obsolete(self, entry: OutboxRow, cmd: Any, now: float) -> str | None:
         if not isinstance(cmd, wire.StartAttempt):
             return None  # stopping something is never obsolete; stops expire instead
-        row = store_jobs.get_job(self.hub.db, cmd.job)
+        row = store_jobs.get_job(self.db, cmd.job)
         if row is None:
             return "job unknown"
         if row.attempt != cmd.attempt:
@@ -726,10 +747,10 @@ class TrainingService:
     def _on_ack(self, entry: OutboxRow, cmd: Any, ack: wire.Ack, now: float) -> None:
         if not isinstance(cmd, wire.StartAttempt):
             return
-        db = self.hub.db
+        db = self.db
         with transaction(db):
             row = store_jobs.get_job(db, cmd.job)
-            if row is None or row.attempt != cmd.attempt or row.state != S.PLACED.value or row.pool != entry.site:
+            if row is None or row.attempt != cmd.attempt or row.state is not S.PLACED or row.pool != entry.site:
                 return
             store_jobs.save_record(db, lifecycle.dispatched(row.record(), now))
 
@@ -738,7 +759,7 @@ class TrainingService:
             return
         cool_s = REFUSED_COOL_S if why.startswith(("no_capacity", "draining")) else REFUSED_OTHER_COOL_S
         self._cool_until[entry.site] = now + cool_s
-        db = self.hub.db
+        db = self.db
         with transaction(db):
             row = store_jobs.get_job(db, cmd.job)
             if row is None:
@@ -757,39 +778,7 @@ class TrainingService:
 
 def _time_scale(row: store_jobs.JobRow, attempt: int) -> float:
     """Simulated seconds per wall second of ``attempt`` (1 unless it was a sim attempt)."""
-    pl = row.placement or {}
-    if pl.get("attempt") != attempt:
+    pl = row.placement
+    if pl is None or pl.attempt != attempt:
         return 1.0
-    scale = pl.get("time_scale", 1.0)
-    return float(scale) if isinstance(scale, (int, float)) and scale > 0 else 1.0
-
-
-def _job_spec(row: store_jobs.JobRow) -> placement.JobSpec:
-    """The scheduler's view of a waiting job (raises KeyError/TypeError/ValueError on a bad spec)."""
-    s = row.spec
-    interval_min = s.get("checkpoint_interval_min")
-    deadline = s.get("deadline")
-    max_price = s.get("max_price_cny")
-    return placement.JobSpec(
-        id=row.id, tenant=row.tenant, cards=row.cards, accelerators=tuple(str(a) for a in s["accelerators"]),
-        est_hours=float(s["est_hours"]),
-        checkpoint_cost_s=float(s.get("checkpoint_cost_s", DEFAULT_CHECKPOINT_COST_S)),
-        checkpoint_interval_s=float(interval_min) * 60.0 if interval_min else None,
-        priority=row.priority, deadline=float(deadline) if deadline is not None else None,
-        max_price_cny=float(max_price) if max_price is not None else None,
-        regions=tuple(s.get("regions") or ()), providers=tuple(s.get("providers") or ()), tee=bool(s.get("tee")),
-        submitted_at=row.submitted_at, progress=row.progress, checkpoint_pool=row.checkpoint_pool,
-        restarting=row.state == S.RESTARTING.value, workload=placement.workload_of(s),
-        pools=tuple(str(p) for p in s.get("pools") or ()),
-    )
-
-
-def install(hub: Hub, clock: Clock) -> TrainingService:
-    """Create the service and plug it into ``hub``: service, usage, site listener.
-
-    Its ``/v1/jobs`` routes (``gateway/jobs.py``) are added by the composition root (``compose.py``):
-    a service never imports the gateway."""
-    service = TrainingService(hub, clock)
-    hub.add_service(service)
-    hub.site_listeners.append(service.on_site)
-    return service
+    return pl.time_scale if pl.time_scale > 0 else 1.0

@@ -17,9 +17,12 @@ from typing import Any, Protocol
 import sqlite_utils
 
 from controlplane.core.errors import StoreError
-from controlplane.store.migrations import MIGRATIONS
+from controlplane.store.migrations import MIGRATIONS, Migration
 from edge_agent import private_files
 from controlplane.store.market import billing as market_billing
+
+Database = sqlite_utils.Database
+"""The record's connection, as the layers above name it (only the store imports SQLite)."""
 
 
 class WriteHook(Protocol):
@@ -75,15 +78,23 @@ def migrate(db: sqlite_utils.Database) -> list[str]:
             continue
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for statement in _statements(sql):
-                conn.execute(statement)
+            run_migration(conn, sql)
             conn.execute("INSERT INTO _migrations (id, applied_at) VALUES (?, julianday('now'))", (mid,))
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # SQL, or a bug in a data migration: nothing of it is kept
             conn.execute("ROLLBACK")
             raise StoreError(f"migration {mid} failed: {exc}") from exc
         applied.append(mid)
     return applied
+
+
+def run_migration(conn: sqlite3.Connection, migration: Migration) -> None:
+    """Run one migration's statements (or its function) on ``conn``, in the caller's transaction."""
+    if callable(migration):
+        migration(conn)
+        return
+    for statement in _statements(migration):
+        conn.execute(statement)
 
 
 def _statements(sql: str) -> list[str]:

@@ -20,21 +20,21 @@ Promises:
 
 Public API::
 
-    create_job(db, tenant, spec_json, idem_key, body_hash, now, *, job_id=None) -> (JobRow, replayed)
+    create_job(db, tenant, spec: JobSpec, idem_key, body_hash, now, *, job_id=None) -> (JobRow, replayed)
     get_job(db, job_id, *, tenant=None) -> JobRow | None
     list_jobs(db, tenant, *, state=None, limit=100) -> [JobRow]        # newest first
-    jobs_in_states(db, states) -> [JobRow]                               # hub start-up / reconcile
+    jobs_in_states(db, states: [JobState]) -> [JobRow]                   # hub start-up / reconcile
     update_job(db, job_id, now, **fields) -> JobRow                      # NotFound; unknown field: ValueError
-    save_record(db, rec: lifecycle.JobRecord, *, placement=None) -> None # lifecycle fields of the row
+    save_record(db, rec: lifecycle.JobRecord, *, placement: Placed | None = None) -> None
     load_record(db, job_id) -> lifecycle.JobRecord | None
-    add_attempt(db, job_id, attempt, pool, accelerator, cards, now, *, breakdown=None)
+    add_attempt(db, job_id, attempt, pool, accelerator, cards, now, *, breakdown: CostBreakdown | None = None)
     end_attempt(db, meter: lifecycle.Meter, *, energy_cny, exit_reason, exit_code=None, detail="") -> bool
     attempts(db, job_id) -> [AttemptRow]
     record_event(db, job_id, attempt, seq, kind, body_json, now, *, site="") -> bool
     record_hub_event(db, job_id, attempt, kind, body, now)               # site "(hub)"
     attempt_pools(db, [(job_id, attempt)]) -> {(job_id, attempt): pool}  # where each was placed
     events(db, job_id) -> [EventRow]
-    record_placements(db, [(JobRecord, placement_dict)], now) -> int     # one plan tick, one commit
+    record_placements(db, [(JobRecord, Placed)], now) -> int            # one plan tick, one commit
     record_waits(db, [(job_id, reason)], now) -> int
     usage_by_tenant(db, tenant) -> {"jobs", "attempts", "card_hours", "energy_cny"}
 """
@@ -49,19 +49,40 @@ from typing import Any
 import msgspec
 import sqlite_utils
 
-from controlplane.core import lifecycle
+from controlplane.core import jobspec, lifecycle
 from controlplane.core.errors import Conflict, NotFound, Unprocessable
+from controlplane.core.jobspec import JobSpec
+from controlplane.core.lifecycle import JobState
+from controlplane.core.placement import CostBreakdown
+from controlplane.core.scheduler import Explanation
 from controlplane.store.db import transaction
 
 
+class Placed(msgspec.Struct, kw_only=True):
+    """A job's last placement decision, explained (the ``jobs.placement`` column)."""
+
+    attempt: int | None = None
+    pool: str = ""
+    accelerator: str = ""
+    decided_at: float | None = None
+    start_at: float | None = None
+    executor: str = ""
+    time_scale: float = 1.0
+    """Simulated seconds per wall second of this attempt (1 but on the ``sim`` executor)."""
+    checkpoint_interval_s: float | None = None
+    breakdown: CostBreakdown | None = None
+    explanation: Explanation | None = None
+
+
 class JobRow(msgspec.Struct, kw_only=True):
-    """One ``jobs`` row; ``spec`` is the body as posted, ``placement`` the last decision explained."""
+    """One ``jobs`` row; ``spec`` is what the tenant asked for (typed: decoded once, at the gateway),
+    ``placement`` the last decision explained."""
 
     id: str
     tenant: str
     name: str
-    spec: dict[str, Any]
-    state: str
+    spec: JobSpec
+    state: JobState
     priority: int
     cards: int
     attempt: int
@@ -76,7 +97,7 @@ class JobRow(msgspec.Struct, kw_only=True):
     max_infra_restarts: int
     attempt_since: float | None
     reason: str
-    placement: dict[str, Any] | None
+    placement: Placed | None
     card_hours: float
     energy_cny: float
     submitted_at: float
@@ -86,7 +107,7 @@ class JobRow(msgspec.Struct, kw_only=True):
     def record(self) -> lifecycle.JobRecord:
         """The lifecycle view of this row (for ``lifecycle.apply_event`` and friends)."""
         return lifecycle.JobRecord(
-            id=self.id, tenant=self.tenant, cards=self.cards, state=lifecycle.JobState(self.state),
+            id=self.id, tenant=self.tenant, cards=self.cards, state=self.state,
             attempt=self.attempt, pool=self.pool, accelerator=self.accelerator, progress=self.progress,
             checkpoint=self.checkpoint, checkpoint_pool=self.checkpoint_pool, user_retries=self.user_retries,
             infra_restarts=self.infra_restarts, max_user_retries=self.max_user_retries,
@@ -109,7 +130,7 @@ class AttemptRow(msgspec.Struct, kw_only=True):
     detail: str
     card_hours: float
     energy_cny: float
-    breakdown: dict[str, Any] | None
+    breakdown: CostBreakdown | None
 
 
 class EventRow(msgspec.Struct, kw_only=True):
@@ -126,7 +147,7 @@ _JOB_COLS = (
     "checkpoint_pool, user_retries, infra_restarts, max_user_retries, max_infra_restarts, attempt_since, "
     "reason, placement, card_hours, energy_cny, submitted_at, updated_at, finished_at"
 )
-_JSON_COLS = {"spec", "placement"}
+_JSON_COLS = {"placement"}
 _UPDATABLE = {
     "name", "state", "priority", "attempt", "pool", "accelerator", "progress", "checkpoint", "checkpoint_pool",
     "user_retries", "infra_restarts", "attempt_since", "reason", "placement", "finished_at",
@@ -134,20 +155,20 @@ _UPDATABLE = {
 
 
 _JOB_NAMES = _JOB_COLS.split(", ")
-_JSON = msgspec.json.Decoder()
-"""Decodes the JSON columns (what ``json.loads`` gives, about 3x faster: every scheduler tick reads
-every active job)."""
+_PLACED = msgspec.json.Decoder(Placed)
+_BREAKDOWN = msgspec.json.Decoder(CostBreakdown)
+_STATES = {s.value: s for s in JobState}
+_ROW_DECODER = msgspec.json.Decoder(JobRow)
 
 
 def _job(row: tuple[Any, ...]) -> JobRow:
     values = dict(zip(_JOB_NAMES, row))
-    values["spec"] = _JSON.decode(values["spec"])
-    values["placement"] = _JSON.decode(values["placement"]) if values["placement"] else None
+    # Every stored spec decodes (migration 0012 quarantined the ones that did not); a failure
+    # here is a bug or a damaged file, and surfaces as one.
+    values["spec"] = jobspec.decode(values["spec"])
+    values["state"] = _STATES[values["state"]]
+    values["placement"] = _PLACED.decode(values["placement"]) if values["placement"] else None
     return JobRow(**values)
-
-
-def _job_dict(job: JobRow) -> dict[str, Any]:
-    return msgspec.to_builtins(job)  # type: ignore[no-any-return]
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -163,22 +184,6 @@ def _new_id() -> str:
     return "job-" + secrets.token_hex(8)
 
 
-def _spec_fields(spec_json: str | bytes) -> dict[str, Any]:
-    try:
-        spec = json.loads(spec_json)
-    except ValueError as exc:
-        raise Unprocessable(f"job spec is not JSON: {exc}", field="body") from None
-    if not isinstance(spec, dict):
-        raise Unprocessable("job spec must be a JSON object", field="body")
-    cards = spec.get("cards")
-    if not isinstance(cards, int) or isinstance(cards, bool) or cards < 1:
-        raise Unprocessable(f"cards must be an integer >= 1, got {cards!r}", field="cards")
-    priority = spec.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise Unprocessable(f"priority must be an integer, got {priority!r}", field="priority")
-    return spec
-
-
 def idempotent_answer(db: sqlite_utils.Database, tenant: str, idem_key: str, body_hash: str) -> JobRow | None:
     """The job an earlier request with this key created (None if the key is new), so a retry is
     answered as first answered before anything else is checked again.
@@ -186,19 +191,30 @@ def idempotent_answer(db: sqlite_utils.Database, tenant: str, idem_key: str, bod
     Raises:
         Unprocessable: the key was used by this tenant with a different body.
     """
-    hit = db.conn.execute("SELECT body_hash, response FROM idempotency WHERE tenant = ? AND key = ?",
+    hit = db.conn.execute("SELECT body_hash, response, job_id FROM idempotency WHERE tenant = ? AND key = ?",
                           (tenant, idem_key)).fetchone()
-    if hit is None:
-        return None
+    return None if hit is None else _replay(db, hit, body_hash)
+
+
+def _replay(db: sqlite_utils.Database, hit: tuple[Any, ...], body_hash: str) -> JobRow:
+    """The answer stored for an idempotency key, ``hit`` = (body_hash, response, job_id)."""
     if hit[0] != body_hash:
         raise Unprocessable("Idempotency-Key was already used with a different body", field="Idempotency-Key")
-    return msgspec.convert(json.loads(hit[1]), JobRow)
+    try:
+        return _ROW_DECODER.decode(hit[1])
+    except msgspec.ValidationError:
+        # An answer stored before specs were typed, for a job whose spec migration 0012
+        # quarantined: the job as it is now is the best answer left.
+        first = _get(db, hit[2])
+        if first is None:
+            raise
+        return first
 
 
 def create_job(
     db: sqlite_utils.Database,
     tenant: str,
-    spec_json: str | bytes,
+    spec: JobSpec,
     idem_key: str | None,
     body_hash: str,
     now: float,
@@ -208,8 +224,8 @@ def create_job(
     """Create a queued job, or replay the answer to an earlier request with the same key.
 
     Args:
-        spec_json: the body as decoded and validated by the gateway, re-encoded as JSON; the store
-            reads ``name``, ``cards``, ``priority``, ``max_retries`` (optional) from it.
+        spec: what the tenant asked for, as checked by the gateway; stored as msgspec JSON (the
+            ``name``, ``cards``, ``priority`` and ``max_retries`` columns come from it).
         idem_key: the ``Idempotency-Key`` header, or None for a request without one.
         body_hash: hash of the canonical body (the gateway chooses the hash; equal bodies, equal hash).
 
@@ -219,31 +235,28 @@ def create_job(
 
     Raises:
         Unprocessable: the key was used by this tenant with a different body (field
-            ``Idempotency-Key``), or the spec is not a JSON object with integer ``cards`` >= 1.
+            ``Idempotency-Key``), or ``cards`` is below 1.
         Conflict: ``job_id`` was given and is taken.
     """
-    spec = _spec_fields(spec_json)
+    if spec.cards < 1:
+        raise Unprocessable(f"cards must be an integer >= 1, got {spec.cards!r}", field="cards")
     with transaction(db):
         conn = db.conn
         if idem_key is not None:
             hit = conn.execute(
-                "SELECT body_hash, response FROM idempotency WHERE tenant = ? AND key = ?", (tenant, idem_key)
+                "SELECT body_hash, response, job_id FROM idempotency WHERE tenant = ? AND key = ?", (tenant, idem_key)
             ).fetchone()
             if hit is not None:
-                if hit[0] != body_hash:
-                    raise Unprocessable(
-                        "Idempotency-Key was already used with a different body", field="Idempotency-Key")
-                return msgspec.convert(json.loads(hit[1]), JobRow), True
+                return _replay(db, hit, body_hash), True
         jid = job_id or _new_id()
         if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (jid,)).fetchone():
             raise Conflict(f"job {jid} already exists", field="id")
-        max_retries = spec.get("max_retries", lifecycle.DEFAULT_MAX_USER_RETRIES)
+        max_retries = lifecycle.DEFAULT_MAX_USER_RETRIES if spec.max_retries is None else spec.max_retries
         conn.execute(
             "INSERT INTO jobs (id, tenant, name, spec, state, priority, cards, max_user_retries, "
-            "max_infra_restarts, submitted_at, updated_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-            (jid, tenant, str(spec.get("name", "")), json.dumps(spec, separators=(",", ":")),
-             int(spec.get("priority", 0)), spec["cards"], int(max_retries),
-             lifecycle.DEFAULT_MAX_INFRA_RESTARTS, now, now),
+            "max_infra_restarts, submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (jid, tenant, spec.name, jobspec.encode(spec).decode(), JobState.QUEUED.value, spec.priority,
+             spec.cards, max_retries, lifecycle.DEFAULT_MAX_INFRA_RESTARTS, now, now),
         )
         row = _get(db, jid)
         assert row is not None
@@ -251,7 +264,7 @@ def create_job(
             conn.execute(
                 "INSERT INTO idempotency (tenant, key, body_hash, job_id, status, response, created_at) "
                 "VALUES (?, ?, ?, ?, 201, ?, ?)",
-                (tenant, idem_key, body_hash, jid, json.dumps(_job_dict(row)), now),
+                (tenant, idem_key, body_hash, jid, _encode(row), now),
             )
     return row, False
 
@@ -269,29 +282,30 @@ def get_job(db: sqlite_utils.Database, job_id: str, *, tenant: str | None = None
     return job
 
 
-def list_jobs(db: sqlite_utils.Database, tenant: str, *, state: str | None = None, limit: int = 100) -> list[JobRow]:
+def list_jobs(db: sqlite_utils.Database, tenant: str, *, state: JobState | None = None,
+              limit: int = 100) -> list[JobRow]:
     """A tenant's jobs, newest first, optionally in one state."""
     sql = f"SELECT {_JOB_COLS} FROM jobs WHERE tenant = ?"
     args: list[Any] = [tenant]
     if state is not None:
         sql += " AND state = ?"
-        args.append(state)
+        args.append(JobState(state).value)
     sql += " ORDER BY submitted_at DESC, id DESC LIMIT ?"
     args.append(int(limit))
     return [_job(r) for r in db.conn.execute(sql, args)]
 
 
-def held_cards_by_tenant(db: sqlite_utils.Database, states: Iterable[str]) -> dict[str, int]:
+def held_cards_by_tenant(db: sqlite_utils.Database, states: Iterable[JobState | str]) -> dict[str, int]:
     """Cards each tenant's jobs in ``states`` (the ones holding cards) need, summed."""
-    wanted = list(states)
+    wanted = [JobState(s).value for s in states]
     marks = ", ".join("?" for _ in wanted)
     sql = f"SELECT tenant, SUM(cards) FROM jobs WHERE state IN ({marks}) GROUP BY tenant"
     return {tenant: int(cards) for tenant, cards in db.conn.execute(sql, wanted)}
 
 
-def jobs_in_states(db: sqlite_utils.Database, states: Iterable[str]) -> list[JobRow]:
+def jobs_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -> list[JobRow]:
     """Every job in one of ``states``, oldest first (the hub rebuilds its queue from these)."""
-    wanted = list(states)
+    wanted = [JobState(s).value for s in states]
     marks = ", ".join("?" for _ in wanted)
     sql = f"SELECT {_JOB_COLS} FROM jobs WHERE state IN ({marks}) ORDER BY submitted_at, id"
     return [_job(r) for r in db.conn.execute(sql, wanted)]
@@ -340,7 +354,7 @@ def _record_args(rec: lifecycle.JobRecord) -> list[Any]:
             rec.updated_at, terminal, rec.updated_at]
 
 
-def save_record(db: sqlite_utils.Database, rec: lifecycle.JobRecord, *, placement: Any = None) -> None:
+def save_record(db: sqlite_utils.Database, rec: lifecycle.JobRecord, *, placement: Placed | None = None) -> None:
     """Write the lifecycle fields of ``rec`` (and the placement explanation, if given).
 
     Raises:
@@ -370,7 +384,7 @@ def add_attempt(
     cards: int,
     now: float,
     *,
-    breakdown: dict[str, Any] | None = None,
+    breakdown: CostBreakdown | None = None,
 ) -> None:
     """Record a new attempt (placed at ``now``).
 
@@ -439,7 +453,7 @@ def attempts(db: sqlite_utils.Database, job_id: str) -> list[AttemptRow]:
         out.append(AttemptRow(
             job_id=r[0], attempt=r[1], pool=r[2], accelerator=r[3], cards=r[4], placed_at=r[5], started_at=r[6],
             ended_at=r[7], exit_reason=r[8], exit_code=r[9], detail=r[10], card_hours=r[11], energy_cny=r[12],
-            breakdown=json.loads(r[13]) if r[13] else None,
+            breakdown=_BREAKDOWN.decode(r[13]) if r[13] else None,
         ))
     return out
 
@@ -509,21 +523,20 @@ def events(db: sqlite_utils.Database, job_id: str) -> list[EventRow]:
 
 def record_placements(
     db: sqlite_utils.Database,
-    placed: Iterable[tuple[lifecycle.JobRecord, Any]],
+    placed: Iterable[tuple[lifecycle.JobRecord, Placed]],
     now: float,
 ) -> int:
     """Persist one scheduler tick's placements in one transaction: each job's new lifecycle record
     (from ``lifecycle.place``), its placement explanation, and its new attempt row.
 
-    The explanation is a dict (msgspec Structs inside are fine, e.g. ``scheduler.Placement``'s
-    ``breakdown`` and ``explanation``); its ``"breakdown"`` entry, if any, is also kept on the attempt.
+    The explanation's ``breakdown``, if any, is also kept on the attempt.
     Returns the number of jobs written. Raises NotFound/Conflict (and writes nothing) if a job is
     missing or its attempt exists already.
     """
     rows = []
     attempt_rows = []
     for rec, placement in placed:
-        breakdown = placement.get("breakdown") if isinstance(placement, dict) else None
+        breakdown = placement.breakdown
         rows.append([*_record_args(rec), _encode(placement), rec.id])
         attempt_rows.append((rec.id, rec.attempt, rec.pool, rec.accelerator, rec.cards, now,
                              _encode(breakdown) if breakdown else None))

@@ -7,7 +7,55 @@ JSON goes in TEXT columns (never pickles); times are epoch seconds (REAL).
 
 from __future__ import annotations
 
-MIGRATIONS: list[tuple[str, str]] = [
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+
+from controlplane.core import jobspec
+from controlplane.core.errors import Unprocessable
+
+log = logging.getLogger("cpn.store")
+
+
+def _typed_job_specs(conn: sqlite3.Connection) -> None:
+    """Every ``jobs.spec`` decodes as a ``jobspec.JobSpec`` from here on (the store reads it typed).
+
+    A spec that does not (a row written before the spec was typed, from outside the gateway) is
+    quarantined: its text is kept in ``job_spec_quarantine`` with the decoder's error, the row gets
+    a stand-in spec built from its own columns (no accelerators: the scheduler can never place
+    it), a job still waiting fails with the reason, and each is logged, then their count.
+    """
+    conn.execute(
+        "CREATE TABLE job_spec_quarantine (job_id TEXT PRIMARY KEY, spec TEXT NOT NULL, error TEXT NOT NULL, "
+        "quarantined_at REAL NOT NULL)")
+    now = time.time()
+    bad = 0
+    rows = conn.execute("SELECT id, spec, name, cards, priority, state FROM jobs").fetchall()
+    for job_id, text, name, cards, priority, state in rows:
+        try:
+            jobspec.decode(text)
+            continue
+        except Unprocessable as exc:
+            error = str(exc)
+        bad += 1
+        stand_in = jobspec.JobSpec(name=name, cards=cards, accelerators=(), est_hours=0.0, priority=priority)
+        conn.execute("INSERT INTO job_spec_quarantine (job_id, spec, error, quarantined_at) VALUES (?, ?, ?, ?)",
+                     (job_id, text, error, now))
+        conn.execute("UPDATE jobs SET spec = ? WHERE id = ?", (jobspec.encode(stand_in).decode(), job_id))
+        if state in ("queued", "restarting"):
+            conn.execute(
+                "UPDATE jobs SET state = 'failed', reason = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+                (f"stored spec is unusable ({error}); kept in job_spec_quarantine", now, now, job_id))
+        log.warning("event=job_spec_quarantined job=%s state=%s error=%s", job_id, state, error)
+    if bad:
+        log.warning("event=job_specs_quarantined count=%d of=%d", bad, len(rows))
+
+
+Migration = str | Callable[[sqlite3.Connection], None]
+"""SQL statements, or a function run on the connection inside the migration's transaction."""
+
+MIGRATIONS: list[tuple[str, Migration]] = [
     (
         "0001_core",
         """
@@ -142,6 +190,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TABLE job_events;
         ALTER TABLE job_events_new RENAME TO job_events
         """,
+    ),
+    (
+        # typed job specs (owner: typedjobs): jobs.spec holds a jobspec.JobSpec as msgspec JSON;
+        # rows whose spec does not decode are quarantined (see _typed_job_specs).
+        "0012_typed_job_specs",
+        _typed_job_specs,
     ),
     (
         "0020_deployments",

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from controlplane.compose import HubProcess, build
-from controlplane.core import lifecycle
+from controlplane.core import jobspec, lifecycle
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store.db import transaction
@@ -24,7 +24,7 @@ from tests.support.hubrig import hub_config
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
 
-SPEC = {"name": "handover", "cards": 1, "accelerators": ["H20"], "est_hours": 1.0, "checkpoint_cost_s": 60}
+SPEC = jobspec.JobSpec(name="handover", cards=1, accelerators=("H20",), est_hours=1.0, checkpoint_cost_s=60)
 
 
 @pytest.fixture
@@ -49,9 +49,9 @@ def placed_without_sending(proc: HubProcess, job_id: str) -> None:
         row = store_jobs.get_job(db, job_id)
         assert row is not None and row.state == "queued"
         rec = lifecycle.place(row.record(), "sh-edge", "H20", now)
-        store_jobs.record_placements(db, [(rec, {
-            "attempt": rec.attempt, "pool": "sh-edge", "accelerator": "H20", "decided_at": now, "start_at": now,
-            "executor": "sim", "time_scale": 1.0, "checkpoint_interval_s": 600.0})], now)
+        store_jobs.record_placements(db, [(rec, store_jobs.Placed(
+            attempt=rec.attempt, pool="sh-edge", accelerator="H20", decided_at=now, start_at=now,
+            executor="sim", time_scale=1.0, checkpoint_interval_s=600.0))], now)
 
 
 async def test_a_new_leader_sends_the_start_its_predecessor_decided_but_never_sent(
@@ -62,7 +62,7 @@ async def test_a_new_leader_sends_the_start_its_predecessor_decided_but_never_se
         await until(lambda: a.services.leadership.leading, 10, "a leads")
         b = await started(tmp_path, cluster, "hub-b")
         a.hub.create_tenant("acme")
-        job, _ = a.services.training.submit("acme", dict(SPEC), None, "h1", time.time())
+        job, _ = a.services.training.submit("acme", SPEC, None, "h1", time.time())
         job_id = job.id
         placed_without_sending(a, job_id)
         assert not store_outbox.for_job(a.hub.db, job_id)
@@ -103,7 +103,7 @@ async def test_a_leader_whose_lease_ran_out_sends_nothing_before_its_elector_not
     try:
         await until(lambda: a.services.leadership.leading, 10, "a leads")
         a.hub.create_tenant("acme")
-        job, _ = a.services.training.submit("acme", dict(SPEC), None, "h1", time.time())
+        job, _ = a.services.training.submit("acme", SPEC, None, "h1", time.time())
         placed_without_sending(a, job.id)
         cfg = agent_config(cluster.urls[0], site="sh-edge", data_dir=str(tmp_path / "agent"))
         async with running(cfg) as agent:

@@ -75,7 +75,7 @@ async def test_submit_is_committed_and_shown(api) -> None:  # type: ignore[no-un
     assert body["state"] == "queued" and body["cards"] == 4 and body["attempts"] == []
     row = store_jobs.get_job(hub.db, body["id"])  # committed before the answer
     assert row is not None and row.tenant == "acme" and row.priority == 3
-    assert row.spec["deadline"] == 4070908800.0  # ISO 8601 with an offset, stored as epoch seconds
+    assert row.spec.deadline == 4070908800.0  # ISO 8601 with an offset, stored as epoch seconds
     # No site is up: the scheduler says why the job waits.
     await until(lambda: store_jobs.get_job(hub.db, body["id"]).reason != "", 5, "wait reason")  # type: ignore[union-attr]
     status, view, _ = await acme.call("GET", f"/v1/jobs/{body['id']}")
@@ -155,3 +155,39 @@ async def test_usage_has_a_training_section_and_openapi_lists_jobs(api) -> None:
     status, doc, _ = await acme.call("GET", "/openapi.json")
     assert {"post", "get"} <= set(doc["paths"]["/v1/jobs"]) and "delete" in doc["paths"]["/v1/jobs/{job}"]
     assert "tenant_id" not in doc["components"]["schemas"]["JobBody"]["properties"]
+
+
+def test_every_body_field_reaches_the_typed_spec_and_hashes_as_the_body_did() -> None:
+    """normalise() lists the body's fields by hand: none may be dropped (quote_id was, once: a
+    submission against a quote then ran unpinned and unbilled), and the spec straight from the body
+    shows exactly the body's fields, so the body hash of a key stored before specs were typed
+    (the sorted JSON of the body, None left out) still matches."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import msgspec
+
+    from controlplane.gateway.app import SERVICES
+    from controlplane.gateway.jobs import JobBody, body_hash, normalise
+    from topology import loader
+
+    layout = loader.load_default()
+    request = SimpleNamespace(app={SERVICES: SimpleNamespace(sites=SimpleNamespace(layout=layout))})
+    acc = sorted(layout.accelerators)[0]
+    region = layout.sites[0].region
+    body = JobBody(name="n", cards=2, accelerators=[acc], est_hours=1.5, checkpoint_cost_s=10.0,
+                   checkpoint_interval_min=5.0, priority=1, deadline=2.0e9, max_price_cny=9.0, regions=[region],
+                   providers=["p"], tee=True, command=["python"], image="img", max_retries=1, quote_id="q-1",
+                   quote_pool="pool-1")
+    spec = normalise(body, request, 1.0e9)  # type: ignore[arg-type]
+    as_sent = {k: v for k, v in msgspec.to_builtins(body).items() if v is not None}
+    assert set(as_sent) == set(JobBody.__struct_fields__)  # every field set (none left at None)
+
+    def shown(d: dict) -> object:  # type: ignore[type-arg]
+        return msgspec.json.decode(msgspec.json.encode(d))  # as the API shows it (JSON)
+
+    assert shown(spec.public()) == shown(as_sent)  # every body field, the same values
+    assert body_hash(spec) == hashlib.sha256(msgspec.json.encode(as_sent, order="sorted")).hexdigest()
+    # What the market adds when it binds a quote shows too, and only then.
+    bound = msgspec.structs.replace(spec, pools=("pool-1",), quote_accelerator=acc)
+    assert shown(bound.public()) == shown({**as_sent, "pools": ["pool-1"], "quote_accelerator": acc})

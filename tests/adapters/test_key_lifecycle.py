@@ -315,8 +315,7 @@ def test_migration_gives_old_keys_an_id_and_keeps_them_working(tmp_path: Path) -
     for mid, sql in MIGRATIONS:
         if mid >= "0031":
             break
-        for statement in store_db._statements(sql):
-            conn.execute(statement)
+        store_db.run_migration(conn, sql)
         conn.execute("INSERT INTO _migrations VALUES (?, 0)", (mid,))
     key = auth.new_key("admin")
     conn.execute("INSERT INTO api_keys (key_hash, tenant_id, role, label, created_at) VALUES (?, NULL, 'admin', '', 1)",

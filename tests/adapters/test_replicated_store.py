@@ -24,6 +24,7 @@ import msgspec
 import pytest
 
 from controlplane.compose import build_hub
+from controlplane.core.jobspec import JobSpec
 from controlplane.core.errors import RecordConflict
 from controlplane.core.usage import UsageRow
 from controlplane.hub import Hub
@@ -34,6 +35,11 @@ from controlplane.store.db import transaction
 from tests.support.hubrig import Client, hub_config
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
+
+
+def spec(cards: int) -> JobSpec:
+    return JobSpec(cards=cards, accelerators=("A800",), est_hours=1.0)
+
 
 JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60}
 
@@ -130,7 +136,7 @@ async def test_idempotency_key_at_a_then_b_returns_the_same_job(two) -> None:  #
 
 async def test_two_concurrent_writers_of_one_row_exactly_one_wins(two) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = two
-    job, _ = store_jobs.create_job(a.db, "acme", b'{"cards": 1}', None, "h", time.time())
+    job, _ = store_jobs.create_job(a.db, "acme", spec(1), None, "h", time.time())
     await until(lambda: store_jobs.get_job(b.db, job.id) is not None, 2, "the job at B")
     both_read = threading.Barrier(2, timeout=10)
 
@@ -155,7 +161,7 @@ async def test_usage_from_both_hubs_adds_up_and_a_fresh_process_rebuilds_everyth
                                                                                   cluster: NatsCluster) -> None:  # type: ignore[no-untyped-def]
     a, b, _ = two
     a.create_tenant("acme")
-    job, _ = store_jobs.create_job(b.db, "acme", b'{"cards": 2}', "k1", "h", time.time())
+    job, _ = store_jobs.create_job(b.db, "acme", spec(2), "k1", "h", time.time())
     for hub, n in ((a, 3), (b, 4), (a, 5)):
         store_usage.add_rows(hub.db, [UsageRow(tenant="acme", model="m/7b", site="s1", requests=n, prompt_tokens=10 * n)])
 
@@ -290,7 +296,7 @@ async def test_an_existing_sqlite_hub_moves_to_the_replicated_record(tmp_path: P
     await plain.start()
     try:
         key = plain.create_tenant("acme")
-        job, _ = store_jobs.create_job(plain.db, "acme", b'{"cards": 2}', "k1", "h", time.time())
+        job, _ = store_jobs.create_job(plain.db, "acme", spec(2), "k1", "h", time.time())
         store_usage.add_rows(plain.db, [UsageRow(tenant="acme", model="m", site="s1", requests=7)])
     finally:
         await plain.stop()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 import random
 
+import msgspec
 import pytest
 
 from controlplane.core import declarations as dc
+from controlplane.core import jobspec
 from controlplane.core import placement as pl
 from controlplane.core import scheduler as sc
 from controlplane.core.registry import SiteView
@@ -127,5 +129,7 @@ def test_a_workload_goes_to_the_site_that_can_run_it_even_when_dearer() -> None:
 
 
 def test_workload_of_a_stored_spec() -> None:
-    assert [pl.workload_of(s) for s in ({}, {"command": ["x"]}, {"image": "busybox"}, {"image": "b", "command": ["x"]})] \
-        == ["sim", "process", "container", "container"]
+    stored = ({}, {"command": ["x"]}, {"image": "busybox"}, {"image": "b", "command": ["x"]})
+    specs = [jobspec.decode(msgspec.json.encode({"cards": 1, "accelerators": ["A800"], "est_hours": 1, **s}))
+             for s in stored]
+    assert [s.workload for s in specs] == ["sim", "process", "container", "container"]

@@ -123,7 +123,7 @@ def test_gateway_never_imports_the_store_nor_the_hub() -> None:
     assert not list(offenders("gateway", ("controlplane.store", "controlplane.hub", "sqlite3", "sqlite_utils", *OUTER)))
 
 
-NOT_YET_TYPED = {"training.py"}
+NOT_YET_TYPED: set[str] = set()
 """Services still built on the hub (being converted this round; delete each name once it lands)."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 import pytest
 
 from controlplane.core import checkpointing as ck
@@ -163,6 +164,61 @@ def test_each_filter_gives_its_reason(job_kw: dict[str, object], pool_kw: dict[s
 
 def test_a_pool_passing_every_filter_has_no_reason() -> None:
     assert pl.filter_reason(job(tee=True, regions=("ningxia",)), pool(tee=True), "A800") is None
+
+
+# Jobs and pools that differ in every way a filter looks at (and in ways it does not).
+FILTER_JOBS = [job(**kw) for kw in (
+    {}, {"cards": 128}, {"accelerators": ("910B",)}, {"regions": ("guizhou",)}, {"regions": ("ningxia", "x")},
+    {"providers": ("thirdparty",)}, {"providers": ("op",)}, {"tee": True}, {"workload": "container"},
+    {"workload": "process"},
+)]
+FILTER_POOLS = [pool(**kw) for kw in (
+    {}, {"healthy": False}, {"draining": True}, {"region": "guizhou"}, {"provider": "thirdparty"},
+    {"tee": True}, {"executors": frozenset({"sim"})}, {"executors": frozenset({"container", "process"})},
+    {"cards_total": {"A800": 256}, "cards_free": {"A800": 256}}, {"cards_total": {"910B": 8, "A800": 64}},
+)]
+# Values of every JobSpec field a filter must NOT read (changing them never changes a verdict).
+OTHER_FIELDS = {"id": "j9", "tenant": "other", "est_hours": 99.0, "checkpoint_cost_s": 1.0,
+                "checkpoint_interval_s": 60.0, "priority": 7, "deadline": MIDNIGHT + 9 * H, "max_price_cny": 1.0,
+                "submitted_at": 5.0, "progress": 0.5, "checkpoint_pool": "p9", "restarting": True}
+
+
+def test_the_filters_read_of_the_job_only_its_filter_inputs() -> None:
+    """The scheduler reuses a verdict for every job equal in FILTER_INPUTS: no filter may read more."""
+    assert set(OTHER_FIELDS) | set(pl.FILTER_INPUTS) | {"accelerators"} == set(pl.JobSpec.__struct_fields__)
+    for j in FILTER_JOBS:
+        other = msgspec.structs.replace(j, **OTHER_FIELDS)
+        for p in FILTER_POOLS:
+            for acc in ("A800", "910B"):
+                assert pl.static_reason(other, p, acc) == pl.static_reason(j, p, acc)
+
+
+def test_the_search_checks_give_the_static_reason_on_pools_with_room() -> None:
+    """What the scheduler runs (pool-only verdict first, then the job's search checks) says what
+    static_reason says, on every pool with enough free cards; a pool key decides its filter alone."""
+    for j in FILTER_JOBS:
+        checks = pl.search_checks(j)
+        for p in FILTER_POOLS:
+            for acc in ("A800", "910B"):
+                if p.cards_free.get(acc, 0) < j.cards:
+                    continue
+                reason = pl.pool_reason(p, acc) or next(
+                    (r for r in (f.check(j, p, acc) for f in checks) if r is not None), None)
+                assert reason == pl.static_reason(j, p, acc)
+        for f in checks:
+            if f.pool_key is None:
+                continue
+            for p in FILTER_POOLS:
+                for q in FILTER_POOLS:
+                    if f.pool_key(p) == f.pool_key(q):
+                        assert f.check(j, p, "A800") == f.check(j, q, "A800"), f.name
+
+
+def test_an_idle_filter_passes_every_pool() -> None:
+    for f in pl.STATIC_FILTERS:
+        for j in FILTER_JOBS:
+            if f.idle is not None and f.idle(j):
+                assert all(f.check(j, p, "A800") is None for p in FILTER_POOLS), f.name
 
 
 def test_rank_puts_the_cheapest_pool_first_and_explains_the_rest() -> None:

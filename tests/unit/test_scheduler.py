@@ -61,6 +61,26 @@ def waits(p: sc.Plan) -> dict[str, str]:
     return {w.job_id: w.reason for w in p.wait}
 
 
+# --------------------------------------------------------------------------- filters
+
+
+def test_the_search_applies_placements_one_list_of_filters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filter added to placement.STATIC_FILTERS binds the scheduler too (there is no second copy)."""
+    pools = [pool("cheap", price=0.3), pool("dear", price=0.9)]
+    assert starts(plan(pools, [job("j1")])) == {"j1": "cheap"}
+    banned = pl.StaticFilter("banned", lambda j, p, acc: "banned here" if p.id == "cheap" else None)
+    monkeypatch.setattr(pl, "STATIC_FILTERS", (*pl.STATIC_FILTERS, banned))
+    p = plan(pools, [job("j1"), job("j2", cards=64)])
+    assert starts(p) == {"j1": "dear"}
+    assert {"cheap": "banned here"} == {v.pool: v.reason for v in p.start[0].explanation.others if v.pool == "cheap"}
+
+
+def test_verdicts_are_shared_between_jobs_only_when_their_filter_inputs_agree() -> None:
+    pools = [pool("north", price=0.3, region="beijing"), pool("west", price=0.6, region="ningxia")]
+    queued = [job("a"), job("b", regions=("ningxia",)), job("c"), job("d", regions=("ningxia",), tenant="t2")]
+    assert starts(plan(pools, queued)) == {"a": "north", "b": "west", "c": "north", "d": "west"}
+
+
 # --------------------------------------------------------------------------- cost
 
 
