@@ -268,6 +268,11 @@ class Agent:
         await self.backend.close()
         await self.bus.close()
         if stuck:
+            # A cancel can be lost: on Python 3.11 ``asyncio.wait_for`` (nats-py's request uses it)
+            # returns the result instead of raising when the answer and the cancel arrive together,
+            # and the loop goes on to wait forever. Cancel once more, with the bus now closed.
+            for task in stuck:
+                task.cancel()
             await asyncio.wait(stuck, timeout=STOP_TASKS_S)
         self.registered.clear()
         log(logging.INFO, "agent_stopped", site=self.site, pending_events=len(self.outbox))

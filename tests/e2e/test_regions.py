@@ -102,8 +102,8 @@ async def regions(tmp_path: Path) -> AsyncIterator[tuple[RegionalNetwork, Wan]]:
                      ready_timeout_s=60.0)
     net = RegionalNetwork(opts, wan=wan, hub_overrides=dict(
         # site_ack_timeout_s: the agents share this test's event loop with four hubs; a loop that
-        # stands still a second under a loaded CI machine must not read as a silent site.
-        heartbeat_s=1.0, miss_limit=3, site_timeout_s=3.0, site_ack_timeout_s=2.5, record_write_deadline_s=3.0,
+        # stands still for seconds on a loaded CI machine must not read as a silent site.
+        heartbeat_s=1.0, miss_limit=3, site_timeout_s=5.0, site_ack_timeout_s=4.0, record_write_deadline_s=3.0,
         seed=1))
     try:
         await net.start()
