@@ -162,6 +162,10 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         for bridge in bridges:
             bridge.fence = fence
 
+    def leading_changed(leading: bool, epoch: int) -> None:
+        metrics.leading.labels(config.role).set(1 if leading else 0)
+        metrics.leader_epoch.set(epoch)
+
     def listening() -> str:
         return f"{config.listen_host}:{hub.http_port}" if hub.http_port else ""
 
@@ -169,7 +173,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         mode=("sole" if config.record == "sqlite" else "never" if config.role == "gateway" else "elected"),
         hub_id=config.hub_id, role=config.role, clock=clock, tasks=tasks.scope("leadership"),
         record_urls=record_urls(config) if config.record == "nats" else (), set_epoch=stamp,
-        set_fence=fence_commits, listen=listening)
+        set_fence=fence_commits, listen=listening, on_change=leading_changed)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
                                    demand=inference.drain_demand, autoscale=config.autoscale)
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)

@@ -137,6 +137,11 @@ class HubMetrics:
         self.infer = _Counts("cpn_inference_requests", "Inference requests by serving site and outcome", ["site", "outcome"])
         r.register(self.infer)
         self.sites = Gauge("cpn_sites", "Sites by state", ["state"], registry=r)
+        self.leading = Gauge("cpn_controller_leading", "1 while this process leads the controllers (it decides: "
+                             "scheduler, deployments, commands to sites), else 0; by the process's role", ["role"],
+                             registry=r)
+        self.leader_epoch = Gauge("cpn_controller_epoch", "The leader epoch this process decides under (0: not "
+                                  "leading, or the only hub on its own SQLite file)", registry=r)
         self.site_losses = Counter("cpn_site_losses", "Sites declared lost (silent without having announced a stop)", registry=r)
         self.site_departures = Counter("cpn_site_departures", "Sites gone silent after announcing a drain or stop", registry=r)
         # NATS errors, malformed messages and permission violations are counters read from the bus

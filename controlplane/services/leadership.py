@@ -93,6 +93,7 @@ class Leadership:
     def __init__(self, *, mode: str, hub_id: str, role: str, clock: Clock, tasks: TaskScope,
                  record_urls: Sequence[str] = (), set_epoch: Callable[[int], None] = lambda e: None,
                  set_fence: Callable[[Fence | None], None] = lambda f: None, listen: Callable[[], str] = lambda: "",
+                 on_change: Callable[[bool, int], None] = lambda leading, epoch: None,
                  lease: LeaseConfig | None = None) -> None:
         if mode not in ("sole", "elected", "never"):
             raise ValueError(f"leadership mode {mode!r}: sole, elected or never")
@@ -105,6 +106,8 @@ class Leadership:
         self.record_urls = list(record_urls)
         self.set_epoch = set_epoch
         self.set_fence = set_fence
+        self.on_change = on_change
+        """Told (leading, epoch) whenever this process starts or stops leading (the metrics)."""
         self.listen = listen
         self.lease = lease or LeaseConfig()
         self.identity = f"{hub_id}:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -178,6 +181,7 @@ class Leadership:
         self.leading = False
         self.set_epoch(0)
         self.set_fence(None)
+        self.on_change(False, 0)
         log.warning("event=leadership_lost hub=%s epoch=%d reason=%s", self.hub_id, self.epoch, reason)
         self.tasks.spawn(self._step_down(reason or "lost"), name="step-down")
 
@@ -188,6 +192,7 @@ class Leadership:
             self.set_epoch(epoch)
             self.set_fence(Fence(LEASE, epoch) if epoch else None)
             self.leading = True
+            self.on_change(True, epoch)
             log.info("event=leading hub=%s epoch=%d identity=%s", self.hub_id, epoch, self.identity)
             for service in self.followers:
                 await service.start()
@@ -205,6 +210,7 @@ class Leadership:
             self.leading = False
             self.set_epoch(0)
             self.set_fence(None)
+            self.on_change(False, 0)
             for service in reversed(self.followers):
                 try:
                     await service.stop()

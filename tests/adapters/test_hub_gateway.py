@@ -328,3 +328,32 @@ async def test_a_streamed_answer_whose_text_rides_in_the_result_is_relayed_whole
     chunks = [msgspec.json.decode(f) for f in frames[:-1]]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == "hz-edge:" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_a_hub_that_stood_still_does_not_blame_its_sites(tmp_path: Path, nats_server: NatsServer) -> None:
+    """A process that stood still (a write waiting for the replicated record's quorum while its
+    stream elects a leader: seconds) was not listening: its silence must not be read as the sites'.
+    On the injected clock: ten seconds pass in one step, far past the 3 s detection period."""
+    from tests.support.manualclock import ManualClock
+
+    clock = ManualClock()
+    async with running_hub(hub_config(tmp_path, nats_server.url), clock=clock) as hub:
+        nc, task = await raw_agent(nats_server.url, "hz-edge", "hangzhou")
+        try:
+            await until(lambda: (v := hub.registry.get("hz-edge")) is not None and v.state == "up", 5, "hz-edge up")
+            clock.advance(10.0)  # the loop wakes once, 10 s late: a stall, not a silent site
+            await until(lambda: clock.sleepers > 0 and clock.mono >= 10.0, 5, "the sweep ran after the stall")
+            for _ in range(3):  # and the sweeps after it, with the site heartbeating again
+                clock.advance(0.25)
+                await asyncio.sleep(0.05)
+            assert hub.registry.get("hz-edge").state == "up"  # type: ignore[union-attr]
+            assert hub.metrics.site_losses._value.get() == 0  # type: ignore[attr-defined]
+            # A site that really stays silent is still lost after the detection period.
+            task.cancel()
+            for _ in range(20):
+                clock.advance(0.25)
+                await asyncio.sleep(0.02)
+            await until(lambda: hub.registry.get("hz-edge").state == "lost", 5, "hz-edge lost")  # type: ignore[union-attr]
+        finally:
+            task.cancel()
+            await nc.close()  # type: ignore[attr-defined]

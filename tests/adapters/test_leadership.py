@@ -55,6 +55,10 @@ async def test_one_of_two_hubs_leads_the_other_takes_over_when_it_stops(tmp_path
         # The leader stamps its epoch on commands; the other stamps none and runs no scheduler.
         assert leader.hub.bus.epoch() == epoch and other.hub.bus.epoch() == 0
         assert leader.services.training.outbox is not None and other.services.training.outbox is None
+        # ... and says so in its metrics (a Grafana panel of who leads, and under which epoch).
+        assert leader.hub.metrics.leading.labels("hub")._value.get() == 1  # type: ignore[attr-defined]
+        assert leader.hub.metrics.leader_epoch._value.get() == epoch  # type: ignore[attr-defined]
+        assert other.hub.metrics.leading.labels("hub")._value.get() == 0  # type: ignore[attr-defined]
 
         # Any gateway tells who leads, with the epoch, the processes and the record's NATS nodes.
         admin = other.hub.create_admin_key("test")
