@@ -24,7 +24,8 @@ up: $(STAMP)
 	$(BIN)/cpn up
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -q -rs -p no:cacheprovider -m serial
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
