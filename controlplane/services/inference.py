@@ -248,14 +248,7 @@ class InferenceService:
         """Serve a non-streaming request, failing over as needed (``slo_ttft_ms``: admission by
         predicted TTFT, :meth:`admit`)."""
         started = self.clock.monotonic()
-        predicted = None
-        if slo_ttft_ms is None:
-            decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
-        else:
-            decision, predicted = self.admit(req, origin, budget_ms, slo_ttft_ms, deployments)
-        self._ask_ack(req)
-        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
-                        nearer_gateway=self.router.nearer_gateway.get(origin, ""), predicted=predicted)
+        served, decision = self._begin(req, origin, budget_ms, policy, deployments, slo_ttft_ms)
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
@@ -274,7 +267,7 @@ class InferenceService:
             self.served += 1
             elapsed = self.clock.monotonic() - started
             self.metrics.answered(req.model, site, elapsed)
-            if predicted is not None:
+            if served.predicted is not None:
                 self._predicted(served, req, elapsed, False)
             self.accounting.account(req, result, site)
             return served
@@ -291,6 +284,19 @@ class InferenceService:
                 view.silent = True
                 log.warning("event=site_silent site=%s detail=%s", site, exc)
             await self.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
+
+    def _begin(self, req: wire.InferRequest, origin: str, budget_ms: float, policy: str,
+               deployments: frozenset[str] | None, slo_ttft_ms: float | None) -> tuple[Served, router.Route]:
+        """The route (or the admission by predicted TTFT) and the ``Served`` record a request starts with."""
+        predicted = None
+        if slo_ttft_ms is None:
+            decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
+        else:
+            decision, predicted = self.admit(req, origin, budget_ms, slo_ttft_ms, deployments)
+        self._ask_ack(req)
+        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
+                        nearer_gateway=self.router.nearer_gateway.get(origin, ""), predicted=predicted)
+        return served, decision
 
     def _ask_ack(self, req: wire.InferRequest) -> None:
         """Ask sites that acknowledge to do so (a silent one is then left after
@@ -326,14 +332,7 @@ class InferenceService:
         After the first chunk there is no failover: the tenant already has part of an answer.
         """
         started = self.clock.monotonic()
-        predicted = None
-        if slo_ttft_ms is None:
-            decision = self.decide(origin, req.model, budget_ms, policy, deployments, req.tenant)
-        else:
-            decision, predicted = self.admit(req, origin, budget_ms, slo_ttft_ms, deployments)
-        self._ask_ack(req)
-        served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
-                        nearer_gateway=self.router.nearer_gateway.get(origin, ""), predicted=predicted)
+        served, decision = self._begin(req, origin, budget_ms, policy, deployments, slo_ttft_ms)
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
@@ -358,7 +357,7 @@ class InferenceService:
             self.served += 1
             elapsed = self.clock.monotonic() - started
             self.metrics.first_token(req.model, site, elapsed)
-            if predicted is not None:
+            if served.predicted is not None:
                 self._predicted(served, req, elapsed, True)
             return served, self._rest(first, it, req, site)
         raise AllSitesFailed(served.tried, last)
