@@ -44,6 +44,10 @@ def spec(cards: int) -> JobSpec:
 JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60}
 
 
+# Several hubs on a fresh 3-node cluster whose stream elections take seconds: run alone, after the
+# parallel pass of `make test`, where three other workers do not stretch them past their deadlines.
+pytestmark = pytest.mark.serial
+
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
     async with NatsCluster(tmp_path / "nats") as c:
