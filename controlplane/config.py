@@ -6,7 +6,7 @@ Unknown keys are rejected with the key's name (``forbid_unknown_fields``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -128,6 +128,10 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     autoscale: AutoscaleConfig = AutoscaleConfig()
     """The deployments autoscaler's period, cool-down and demand meter (``[autoscale]``)."""
+    training_min_wait_saving_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 20.0
+    """A training job waits for a cheaper tariff window only if that saves at least this percentage
+    of its start-now energy cost (and its deadline allows it, or it asked ``prefer: cost``;
+    docs/training.md, "Waiting for a cheaper window")."""
 
     def __post_init__(self) -> None:
         if self.role != "hub" and self.record != "nats":

@@ -59,6 +59,9 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The chosen option's accelerator (the market fills it in when it binds the quote)."""
     pools: tuple[str, ...] = ()
     """Allowed pools; empty allows all (the market pins a job submitted against a quote to its pool)."""
+    prefer: placement.Prefer | None = None
+    """``time`` / ``cost`` / None: whether the job may wait for a cheaper tariff window
+    (``placement.JobSpec.prefer``)."""
 
     @property
     def workload(self) -> str:
@@ -82,6 +85,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
             priority=priority, deadline=self.deadline, max_price_cny=self.max_price_cny, regions=self.regions,
             providers=self.providers, tee=self.tee, submitted_at=submitted_at, progress=progress,
             checkpoint_pool=checkpoint_pool, restarting=restarting, workload=self.workload, pools=self.pools,
+            prefer=self.prefer,
         )
 
     def public(self) -> dict[str, Any]:

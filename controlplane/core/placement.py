@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
 
@@ -57,6 +57,11 @@ class TariffLike(Protocol):
     def price_at_hour(self, hour: int) -> float: ...
 
 
+Prefer = Literal["time", "cost"]
+"""A job's ``prefer``: ``time`` (start when cards are free, never wait for a tariff window) or
+``cost`` (cost-first: wait for a cheaper window when it saves enough, deadline or not)."""
+
+
 class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Assumptions of the cost model. Defaults are illustrative; docs/training.md explains each."""
 
@@ -68,8 +73,9 @@ class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """A job waits for a cheaper window only if start + run × (1 + margin) still meets its deadline."""
     max_wait_h: int = 24
     """Start times tried: now, then each hour boundary within this many hours."""
-    min_wait_saving: float = 0.01
-    """Waiting must save at least this fraction of the start-now cost (no waiting for crumbs)."""
+    min_wait_saving: float = 0.2
+    """Waiting for a cheaper tariff window must save at least this fraction (0..1) of the start-now
+    energy cost (``HubConfig.training_min_wait_saving_pct`` / 100; docs/training.md)."""
     checkpoint_floor_s: float = 60.0
     """Shortest checkpoint interval the default (Daly) rule may choose."""
 
@@ -132,7 +138,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """None: Daly's optimum for the chosen pool. (The API's ``checkpoint_interval_min`` × 60.)"""
     priority: int = 0
     deadline: float | None = None
-    """Epoch seconds by which the job should finish; None: start as soon as possible, never wait."""
+    """Epoch seconds by which the job should finish; None: start as soon as cards are free (unless
+    ``prefer`` is ``cost``)."""
     max_price_cny: float | None = None
     regions: tuple[str, ...] = ()
     """Allowed regions; empty allows all."""
@@ -149,6 +156,10 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """``sim``, ``process`` or ``container`` (``jobspec.JobSpec.workload``): which executors can run it."""
     pools: tuple[str, ...] = ()
     """Allowed pools; empty allows all (a job submitted against a quote is pinned to its pool)."""
+    prefer: Prefer | None = None
+    """What the tenant trades (:data:`Prefer`): None waits for a cheaper tariff window only with a
+    deadline that allows it; ``time`` never waits for one; ``cost`` waits with or without a deadline
+    (within ``CostModel.max_wait_h``). Every wait needs ``CostModel.min_wait_saving``."""
 
 
 class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):
@@ -563,11 +574,14 @@ def estimate(
     saved = 0.0
     energy = kw * pp.price_integral(now, now + work_s)
     deadline = job.deadline
-    if deadline is not None and model.max_wait_h > 0:
-        latest = deadline - run_s * (1.0 + model.deadline_margin)
+    prefer = job.prefer
+    if model.max_wait_h > 0 and prefer != "time" and (deadline is not None or prefer == "cost"):
+        # Wait only as the deadline allows (with the margin); cost-first without one: max_wait_h.
+        latest = math.inf if deadline is None else deadline - run_s * (1.0 + model.deadline_margin)
         first_h = math.floor(now / 3600.0) + 1.0  # next hour boundary, in epoch hours
         if first_h * 3600.0 <= latest:
-            n_starts = min(model.max_wait_h, int((latest / 3600.0 - first_h) // 1) + 1)
+            n_starts = model.max_wait_h if deadline is None else \
+                min(model.max_wait_h, int((latest / 3600.0 - first_h) // 1) + 1)
             work_h = work_s / 3600.0
             key = (id(pp.prices), work_h, first_h)
             table = tou_cache.get(key) if tou_cache is not None else None
@@ -614,8 +628,10 @@ def breakdown(job: JobSpec, pp: PricedPool, now: float, est: Estimate) -> CostBr
     if est.move_cny:
         notes.append(f"moves the checkpoint from {job.checkpoint_pool} in {est.move_s:.0f} s")
     if est.start_at > now:
+        share = est.saved_by_waiting_cny / (est.energy_cny + est.saved_by_waiting_cny)
+        why = "cost-first" if job.prefer == "cost" and job.deadline is None else "its deadline allows it"
         notes.append(f"waits {(est.start_at - now) / 3600.0:.1f} h for a cheaper tariff window, "
-                     f"saves {est.saved_by_waiting_cny:.2f} CNY of energy")
+                     f"saves {est.saved_by_waiting_cny:.2f} CNY of energy ({share:.0%}; {why})")
     if not est.meets_deadline:
         notes.append("deadline at risk")
     return CostBreakdown(

@@ -155,6 +155,32 @@ class Wait(msgspec.Struct, frozen=True, kw_only=True):
     """Set when the job waits for a cheaper tariff window (then ``pool`` is where)."""
     pool: str = ""
 
+    @property
+    def kind(self) -> str:
+        """:func:`wait_kind` of the reason."""
+        return wait_kind(self.reason)
+
+
+WAIT_KINDS: tuple[tuple[str, str], ...] = (
+    ("waits ", "tariff"),
+    ("quota:", "quota"),
+    ("head of queue", "reserved"),
+    ("preempting", "preempting"),
+    ("no pool has", "cards"),
+)
+"""Reason prefix -> the kind of a wait (anything else: ``blocked``, a price cap or a reservation)."""
+
+
+def wait_kind(reason: str) -> str:
+    """What a wait (by its reason, as stored) is for: ``tariff`` (a cheaper window), ``quota``,
+    ``reserved`` (head of the queue), ``preempting``, ``cards`` (none free) or ``blocked`` (pools
+    with room refused it: the price cap, another job's reservation). A job's events gain a
+    ``waiting`` entry when this changes."""
+    for prefix, kind in WAIT_KINDS:
+        if reason.startswith(prefix):
+            return kind
+    return "blocked"
+
 
 class Infeasible(msgspec.Struct, frozen=True, kw_only=True):
     job_id: str
@@ -370,9 +396,16 @@ class _Planner:
                 e = best[3]
                 bd = breakdown(job, e.pp, self.now, best[4])
                 if bd.start_at > self.now:
-                    why = next(n for n in bd.notes if n.startswith("waits"))
-                    plan.wait.append(Wait(job_id=job.id, until=bd.start_at, pool=bd.pool, reason=why))
-                    return
+                    # Wait only if that beats starting now at the best pool that can, by the threshold.
+                    now_best, now_cands, now_lost, _ = self.search(msgspec.structs.replace(job, prefer="time"))
+                    if now_best is None or now_best[0] > best[0] or \
+                            now_best[1] - best[1] >= self.model.min_wait_saving * now_best[1]:
+                        plan.wait.append(Wait(job_id=job.id, until=bd.start_at, pool=bd.pool,
+                                              reason=self.tariff_reason(job, bd, now_best)))
+                        return
+                    e = now_best[3]
+                    bd = breakdown(job, e.pp, self.now, now_best[4])
+                    cands, lost = now_cands, now_lost
                 self.place(job, bd, e, cands, lost)
                 return
             if blocked:
@@ -389,6 +422,17 @@ class _Planner:
         if self.res is not None:
             why += f"; behind {self.res.job_id} (reserved {self.res.entry.pool.id} at {self.res.at:.0f})"
         plan.wait.append(Wait(job_id=job.id, reason=why))
+
+    def tariff_reason(self, job: JobSpec, bd: CostBreakdown, now_best: _Cand | None) -> str:
+        """Why ``job`` waits for a cheaper window: the wait, the saving against starting now, the rule."""
+        why = "cost-first" if job.prefer == "cost" and job.deadline is None else "its deadline allows it"
+        head = f"waits {(bd.start_at - self.now) / 3600.0:.1f} h for a cheaper tariff window at {bd.pool}"
+        rule = f"threshold {self.model.min_wait_saving:.0%}; {why}"
+        if now_best is None:
+            return f"{head}: no pool may start it now (its price cap, another job's reservation; {rule})"
+        saving = now_best[1] - bd.total_cny
+        return (f"{head}: saves {saving:.2f} CNY ({saving / now_best[1]:.0%}) against starting now at "
+                f"{now_best[3].pool.id} ({now_best[1]:.2f} CNY; {rule})")
 
     def search(self, job: JobSpec) -> tuple[_Cand | None, list[_Cand], list[Verdict], list[str]]:
         """Branch and bound over pools with free cards, cheapest lower bound first.

@@ -37,6 +37,7 @@ from aiohttp import web
 from controlplane.core import lifecycle
 from controlplane.core.errors import NotFound, RequestError
 from controlplane.core.jobspec import JobSpec
+from controlplane.core.placement import Prefer
 from controlplane.gateway import job_events
 from controlplane.gateway.app import SERVICES, Routes, idempotency_key, json_response, read_body, require_tenant
 from controlplane.gateway.openapi import Op
@@ -88,6 +89,10 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pool and costs at most the quoted maximum (``max_fen``)."""
     quote_pool: Token | None = None
     """Which of the quote's options, by pool; default the first (the cheapest)."""
+    prefer: Prefer | None = None
+    """``time``: start as soon as cards are free, never wait for a cheaper tariff window; ``cost``:
+    cost-first, wait for one when it saves enough, deadline or not; omitted: wait only when the
+    deadline allows it and the saving is at least the hub's threshold (docs/training.md)."""
 
 
 def _service(request: web.Request) -> TrainingService:
@@ -140,7 +145,7 @@ def normalise(body: JobBody, request: web.Request, now: float) -> JobSpec:
         priority=body.priority, deadline=None if body.deadline is None else _parse_deadline(body.deadline, now),
         max_price_cny=body.max_price_cny, regions=tuple(body.regions), providers=tuple(body.providers),
         tee=body.tee, command=tuple(body.command), image=body.image, max_retries=body.max_retries,
-        quote_id=body.quote_id, quote_pool=body.quote_pool,
+        quote_id=body.quote_id, quote_pool=body.quote_pool, prefer=body.prefer,
     )
 
 

@@ -126,6 +126,9 @@ class TrainingService:
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
             "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
         }
+        self.cost_model = msgspec.structs.replace(
+            placement.DEFAULT_MODEL, min_wait_saving=config.training_min_wait_saving_pct / 100.0)
+        """The cost model the scheduler plans with (the hub's tariff-wait threshold)."""
         self.last_plan: scheduler.Plan | None = None
         self.last_tick_ms = 0.0
         self._poke = asyncio.Event()
@@ -324,7 +327,7 @@ class TrainingService:
                                     restarting=r.state is S.RESTARTING) for r in waiting]
             snapshot = scheduler.Snapshot(
                 pools=pools, queued=specs, running=[self._running(r) for r in live.values()],
-                tenants=self._tenants({r.tenant for r in rows}),
+                tenants=self._tenants({r.tenant for r in rows}), model=self.cost_model,
             )
             plan = scheduler.plan(snapshot, now)
             self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
@@ -442,6 +445,13 @@ class TrainingService:
                 old = rows.get(job_id)
                 if old is not None and old.reason != reason:  # a new reason: say it in the job's events
                     store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
+            for w in plan.wait:
+                old = rows.get(w.job_id)
+                if old is not None and (not old.reason or scheduler.wait_kind(old.reason) != w.kind
+                                        or old.reason.startswith("infeasible")):
+                    # A new kind of wait (a tariff window, quota, cards, ...): say why in the job's events.
+                    store_jobs.record_hub_event(db, w.job_id, old.attempt, "waiting",
+                                                {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
             store_jobs.record_placements(db, placed, now)
             for site, cmd in starts:
                 self.outbox.add(site, cmd, now)

@@ -19,6 +19,8 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypedDict
 
+import msgspec
+
 from controlplane.core import autoscale, placement, replicas
 from controlplane.core import deployments as decide
 from controlplane.core.replicas import Candidate
@@ -133,7 +135,9 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     reserved = dep.cards_by_site()
     common = _SimArgs(start_s=start_s, tick_s=tr.tick_s, failure_scale=tr.failure_rate_scale, reserved_cards=reserved,
                       lent=lent_ids, detection_s=det, reserved_by_acc=dep.cards_by_site_acc())
-    sims = [core_training.TrainingSim("cpn", core_training.cpn_planner, lay, train_sites, draws, **common)]
+    cpn_model = msgspec.structs.replace(placement.DEFAULT_MODEL, min_wait_saving=tr.min_wait_saving_pct / 100.0)
+    sims = [core_training.TrainingSim("cpn", core_training.cpn_planner, lay, train_sites, draws, model=cpn_model,
+                                      **common)]
     if tr.baselines and draws:
         hubs = {site.id for site in train_sites if site.tier == "hub"}
         by_origin: dict[str, list[str]] = {}
@@ -201,6 +205,9 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     samples_hour = [0] * n_hours
     busy_site_sum = [0.0] * ns
     n_samples = 0
+    tier_of_id = {site.id: site.tier for site in lay.sites}
+    train_busy = {sim.name: {tier: [0.0] * n_hours for tier in TIERS} for sim in sims}
+    """Card-samples held by each policy's training attempts, by tier and hour."""
     dead_now: set[str] = set()
 
     def sample(t: float) -> None:
@@ -219,6 +226,11 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
             idle, waiting = sim.idle_while_waiting()
             sim.idle_waiting_card_s += idle * s.sample_s
             sim.waiting_card_s += waiting * s.sample_s
+            mine: dict[str, float] = {}
+            sim.held_cards(mine)
+            by_tier = train_busy[sim.name]
+            for sid, c in mine.items():
+                by_tier[tier_of_id[sid]][hour] += c
         held: dict[str, float] = {}
         sims[0].held_cards(held)
         tot = list(inf_busy)
@@ -301,6 +313,12 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     # ---------------------------------------------------------------- the report
     pools_all = [placement.pool_from_site(site, lay.accelerators) for site in train_sites]
     oracle = core_training.oracle_energy(draws, pools_all) if draws else {}
+    oracle_now = core_training.oracle_energy(draws, pools_all, windows=False) if draws else {}
+    train_cards = {tier: float(sum(site.cards for site in train_sites if site.tier == tier)) for tier in TIERS}
+    train_util = {name: {tier: [r(v / (n * train_cards[tier])) if n and train_cards[tier] else 0.0
+                                for v, n in zip(vals, samples_hour)]
+                         for tier, vals in by_tier.items() if train_cards[tier]}
+                  for name, by_tier in train_busy.items()}
     return {
         "schema": SCHEMA,
         "scenario": s.name,
@@ -313,7 +331,9 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         "utilisation": _utilisation_report(lay, busy_tier_hour, busy_inf_tier_hour, held_inf_tier_hour, samples_hour,
                                            busy_site_sum, n_samples, tier_cards),
         "training": _training_report(sims, draws, oracle, s.hours,
-                                     core_market.offers_for(train_sites, lay.accelerators, s.market), s.market),
+                                     core_market.offers_for(train_sites, lay.accelerators, s.market), s.market,
+                                     oracle_now=oracle_now, train_util=train_util,
+                                     train_cards={t: int(c) for t, c in train_cards.items() if c}),
     }
 
 
@@ -410,7 +430,9 @@ def _utilisation_report(lay: tlayout.Layout, busy: dict[str, list[float]], busy_
 def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core_workload.JobDraw],
                      oracle: dict[str, float], hours: float,
                      priced: Mapping[tuple[str, str], tuple[offers.Offer, placement.Pool]] | None = None,
-                     market: core_scenario.Market | None = None) -> dict[str, Any]:
+                     market: core_scenario.Market | None = None, *, oracle_now: dict[str, float] | None = None,
+                     train_util: dict[str, dict[str, list[float]]] | None = None,
+                     train_cards: dict[str, int] | None = None) -> dict[str, Any]:
     pols: dict[str, Any] = {}
     done_all = None
     for sim in sims:
@@ -461,13 +483,29 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             "waiting_card_hours": r(sim.waiting_card_s / 3600.0, 1),
             "idle_while_waiting_share": _share(sim.idle_waiting_card_s, sim.waiting_card_s),
         }
+        # Waited: not started within one tick of arriving (the planner runs at most every tick_s).
+        waited = [j for j in jobs if not j.infeasible and (
+            j.first_start is None or j.first_start > j.draw.submitted_at + sim.tick_s + 1e-6)]
+        pols[sim.name]["waits"] = {
+            "jobs_waited": len(waited),
+            "jobs_waited_without_reason": sum(1 for j in waited if not j.wait_kinds),
+            "jobs_by_kind": {k: sum(1 for j in waited if k in j.wait_kinds)
+                             for k in sorted({k for j in waited for k in j.wait_kinds})},
+        }
+        if train_util is not None and sim.name in train_util:
+            pols[sim.name]["training_busy_hourly_by_tier"] = train_util[sim.name]
         if priced is not None and market is not None:  # the day priced (docs/market.md)
             pols[sim.name]["market"] = core_market.price_policy(sim.metered, priced, market, sim.lent)
+    common_bound = sum(oracle.get(j, 0.0) for j in common_done)
+    for p in pols.values():
+        p["common_vs_bound"] = r(p["completed_in_common_cny"] / common_bound) if common_bound else 0.0
     return {
         "jobs": len(draws),
         "cards_requested_mean": r(sum(d.cards for d in draws) / len(draws), 1) if draws else 0.0,
         "completed_by_every_policy": len(common_done),
         "policies": pols,
+        "training_cards_by_tier": train_cards or {},
+        "bound": _bound(draws, oracle, oracle_now or {}, pols),
         "oracle": {
             "completed_in_common_cny": r(sum(oracle.get(j, 0.0) for j in common_done), 2),
             "all_jobs_cny": r(sum(oracle.values()), 2),
@@ -475,6 +513,31 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
                     "all cards free, no queueing, no failures",
         },
     }
+
+
+def _bound(draws: Sequence[core_workload.JobDraw], oracle: dict[str, float], oracle_now: dict[str, float],
+           pols: dict[str, Any]) -> dict[str, Any]:
+    """The cheapest-feasible cost per A800-hour (every job on its cheapest pool, all cards free, no
+    failures) with the best window its deadline allows and starting at once, beside the target the
+    issue set (0.75 × nearest-hub) and each policy's ratios to them."""
+    work = sum(d.cards * d.est_hours for d in draws if d.id in oracle)
+    work_now = sum(d.cards * d.est_hours for d in draws if d.id in oracle_now)
+    windowed = sum(oracle.values()) / work if work else 0.0
+    at_once = sum(oracle_now.values()) / work_now if work_now else 0.0
+    nh = pols.get("nearest-hub", {}).get("cny_per_a800_card_hour", 0.0)
+    out: dict[str, Any] = {
+        "cny_per_a800_card_hour_windowed": r(windowed),
+        "cny_per_a800_card_hour_at_once": r(at_once),
+        "target_cny_per_a800_card_hour": r(0.75 * nh) if nh else 0.0,
+        "what": "energy of every job on its cheapest pool (no queueing, no failures): with the best start window "
+                "its deadline allows (windowed) and starting when submitted (at_once, the floor of a policy that "
+                "never waits); the target is 0.75 x nearest-hub",
+    }
+    best_done = max((p["completed"] for n, p in pols.items() if n != "cpn"), default=0)
+    for name, p in pols.items():
+        p["cost_vs_nearest_hub"] = r(p["cny_per_a800_card_hour"] / nh) if nh else 0.0
+        p["completed_vs_best_baseline"] = p["completed"] - best_done if name == "cpn" else 0
+    return out
 
 
 class _CachedReach:

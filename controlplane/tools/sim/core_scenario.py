@@ -127,6 +127,11 @@ class Training(_Cfg, frozen=True):
     failure_rate_scale: NonNeg = 1.0
     """Multiplies every pool's failure_rate_per_card_hour (0 turns card failures off)."""
     baselines: bool = True
+    min_wait_saving_pct: Annotated[float, msgspec.Meta(ge=0, le=100)] = 20.0
+    """cpn's tariff-wait threshold (the hub's ``training_min_wait_saving_pct``): a job waits for a
+    cheaper window only if that saves at least this percentage against starting now."""
+    cost_first_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """Share of jobs that ask ``prefer = "cost"`` (wait for a cheaper window even without a deadline)."""
 
 
 class Outage(_Cfg, frozen=True):

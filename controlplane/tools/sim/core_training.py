@@ -44,6 +44,8 @@ class Decisions:
     stops: list[str] = field(default_factory=list)
     wake: list[float] = field(default_factory=list)
     infeasible: list[str] = field(default_factory=list)
+    waits: list[tuple[str, str]] = field(default_factory=list)
+    """(job, kind of wait: ``scheduler.wait_kind``) for every job told to wait with a reason."""
 
 
 Planner = Callable[[scheduler.Snapshot, float], Decisions]
@@ -57,6 +59,7 @@ def cpn_planner(snap: scheduler.Snapshot, now: float) -> Decisions:
         stops=[s.job_id for s in plan.stop],
         wake=[w.until for w in plan.wait if w.until is not None],
         infeasible=[i.job_id for i in plan.infeasible],
+        waits=[(w.job_id, w.kind) for w in plan.wait],
     )
 
 
@@ -158,7 +161,7 @@ class _Attempt:
 
 class _Job:
     __slots__ = ("draw", "rec", "spec", "att", "first_start", "done_at", "fail_at", "infeasible", "cost_cny",
-                 "card_s", "useful_s", "work_a800_card_h")
+                 "card_s", "useful_s", "work_a800_card_h", "wait_kinds")
 
     def __init__(self, draw: JobDraw) -> None:
         self.draw = draw
@@ -166,7 +169,10 @@ class _Job:
         self.spec = placement.JobSpec(
             id=draw.id, tenant=draw.tenant, cards=draw.cards, accelerators=draw.accelerators,
             est_hours=draw.est_hours, checkpoint_cost_s=draw.checkpoint_cost_s, priority=draw.priority,
-            deadline=draw.deadline, submitted_at=draw.submitted_at)
+            deadline=draw.deadline, submitted_at=draw.submitted_at,
+            prefer="cost" if draw.prefer == "cost" else None)
+        self.wait_kinds: set[str] = set()
+        """Kinds of wait the planner gave this job a reason for (``scheduler.wait_kind``)."""
         self.att: _Attempt | None = None
         self.first_start: float | None = None
         self.done_at: float | None = None
@@ -319,6 +325,8 @@ class TrainingSim:
         dec = self.planner(snap, now)
         for jid in dec.infeasible:
             self.jobs[jid].infeasible = True
+        for jid, kind in dec.waits:
+            self.jobs[jid].wait_kinds.add(kind)
         for jid in dec.stops:
             job = self.jobs[jid]
             if job.att is not None:
@@ -574,16 +582,19 @@ class TrainingSim:
 
 
 def oracle_energy(jobs: Sequence[JobDraw], pools: Sequence[placement.Pool],
-                  model: placement.CostModel = placement.DEFAULT_MODEL) -> dict[str, float]:
+                  model: placement.CostModel = placement.DEFAULT_MODEL, *, windows: bool = True) -> dict[str, float]:
     """Lower bound per job: the cheapest energy over every pool that could ever hold it (all cards
-    free, no queueing, no failures), with the best start window its deadline allows."""
+    free, no queueing, no failures), with the best start window its deadline allows (any saving
+    counts), or (``windows=False``) starting at submission: the bound of a policy that never waits."""
+    model = msgspec.structs.replace(model, min_wait_saving=0.0, max_wait_h=model.max_wait_h if windows else 0)
     cache: dict[object, list[float]] = {}
     priced = {(p.id, a): placement.priced(p, a, cache) for p in pools for a in p.cards_total}
     out: dict[str, float] = {}
     for d in jobs:
         spec = placement.JobSpec(id=d.id, tenant=d.tenant, cards=d.cards, accelerators=d.accelerators,
                                  est_hours=d.est_hours, checkpoint_cost_s=d.checkpoint_cost_s,
-                                 priority=d.priority, deadline=d.deadline, submitted_at=d.submitted_at)
+                                 priority=d.priority, deadline=d.deadline, submitted_at=d.submitted_at,
+                                 prefer="cost" if d.prefer == "cost" else None)
         best = math.inf
         for p in pools:
             for a in d.accelerators:

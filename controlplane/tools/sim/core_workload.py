@@ -107,11 +107,11 @@ class JobDraw:
     """One training job as drawn (the same for every policy)."""
 
     __slots__ = ("id", "tenant", "origin", "cards", "accelerators", "est_hours", "priority", "deadline",
-                 "submitted_at", "checkpoint_cost_s", "faults")
+                 "submitted_at", "checkpoint_cost_s", "faults", "prefer")
 
     def __init__(self, id: str, tenant: str, origin: str, cards: int, accelerators: tuple[str, ...],
                  est_hours: float, priority: int, deadline: float | None, submitted_at: float,
-                 checkpoint_cost_s: float, faults: FaultClock) -> None:
+                 checkpoint_cost_s: float, faults: FaultClock, prefer: str | None = None) -> None:
         self.id = id
         self.tenant = tenant
         self.origin = origin
@@ -123,6 +123,8 @@ class JobDraw:
         self.submitted_at = submitted_at
         self.checkpoint_cost_s = checkpoint_cost_s
         self.faults = faults
+        self.prefer = prefer
+        """``cost`` for a cost-first job, else None (the API's default)."""
 
     def __repr__(self) -> str:
         return f"<JobDraw {self.id} cards={self.cards} est_hours={self.est_hours:.2f} at={self.submitted_at:.0f}>"
@@ -179,6 +181,9 @@ def jobs(s: Scenario, lay: tlayout.Layout, start_s: float, end_s: float, rng: Rn
             deadline = t + est_hours * 3600.0 * (lo_s + rng.random() * (hi_s - lo_s)) + 3600.0
         origin = lay.origins[_pick(o_cum, rng)].id
         tenant = f"t{int(rng.random() * tr.tenants)}"
+        faults = FaultClock(fault_rng.getrandbits(64))
+        # Drawn only when asked for, so scenarios without cost-first jobs keep their job stream.
+        prefer = "cost" if tr.cost_first_share > 0 and rng.random() < tr.cost_first_share else None
         out.append(JobDraw(f"j{len(out):06d}", tenant, origin, cards, accs, est_hours, prio, deadline, t,
-                           tr.checkpoint_cost_s, FaultClock(fault_rng.getrandbits(64))))
+                           tr.checkpoint_cost_s, faults, prefer))
     return out

@@ -111,6 +111,18 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
                         f"{_cny(m['margin_over_energy_fen'])} / {_cny(m['lending_earned_fen'])}")
         add(f"  {'oracle':<12} {'':>5} {tr['oracle']['all_jobs_cny']:>11,.0f} {'':>10} "
             f"{tr['oracle']['completed_in_common_cny']:>11,.0f}   (cheapest pool and window, no queueing, no failures)")
+        b = tr.get("bound")
+        if b:
+            add(f"  bound CNY/A800-h: {b['cny_per_a800_card_hour_windowed']:.3f} with the best window a deadline allows, "
+                f"{b['cny_per_a800_card_hour_at_once']:.3f} starting at once (every job on its cheapest pool, all "
+                f"cards free); target 0.75 x nearest-hub = {b['target_cny_per_a800_card_hour']:.3f}")
+            add("  " + "; ".join(
+                f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub, common jobs "
+                f"{p.get('common_vs_bound', 0.0):.2f}x bound" for n, p in tr["policies"].items()))
+        cw = tr["policies"].get("cpn", {}).get("waits")
+        if cw:
+            add(f"  cpn waits: {cw['jobs_waited']:,} jobs waited ({cw['jobs_waited_without_reason']:,} without a reason): "
+                + ", ".join(f"{k} {n:,}" for k, n in cw["jobs_by_kind"].items()))
     if timing:
         add("")
         add(f"run time {timing['wall_s']:.1f} s ({timing.get('requests_per_s', 0):,} requests/s simulated)")
