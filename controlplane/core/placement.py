@@ -58,8 +58,9 @@ class TariffLike(Protocol):
 
 
 Prefer = Literal["time", "cost"]
-"""A job's ``prefer``: ``time`` (start when cards are free, never wait for a tariff window) or
-``cost`` (cost-first: wait for a cheaper window when it saves enough, deadline or not)."""
+"""A job's ``prefer``: ``time`` (the default: start when cards are free, never wait for a tariff
+window) or ``cost`` (cost-first: wait for a cheaper window when it saves enough and the deadline,
+if any, allows it)."""
 
 
 class CostModel(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -138,8 +139,8 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """None: Daly's optimum for the chosen pool. (The API's ``checkpoint_interval_min`` × 60.)"""
     priority: int = 0
     deadline: float | None = None
-    """Epoch seconds by which the job should finish; None: start as soon as cards are free (unless
-    ``prefer`` is ``cost``)."""
+    """Epoch seconds by which the job should finish (pools that meet it win; a cost-first job waits
+    for a cheaper window only as far as it allows)."""
     max_price_cny: float | None = None
     regions: tuple[str, ...] = ()
     """Allowed regions; empty allows all."""
@@ -157,9 +158,9 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     pools: tuple[str, ...] = ()
     """Allowed pools; empty allows all (a job submitted against a quote is pinned to its pool)."""
     prefer: Prefer | None = None
-    """What the tenant trades (:data:`Prefer`): None waits for a cheaper tariff window only with a
-    deadline that allows it; ``time`` never waits for one; ``cost`` waits with or without a deadline
-    (within ``CostModel.max_wait_h``). Every wait needs ``CostModel.min_wait_saving``."""
+    """What the tenant trades (:data:`Prefer`): ``time`` or None (the default) never waits for a
+    cheaper tariff window; ``cost`` waits for one when the deadline, if any, allows it (else within
+    ``CostModel.max_wait_h``) and it saves at least ``CostModel.min_wait_saving``."""
 
 
 class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):
@@ -575,8 +576,8 @@ def estimate(
     energy = kw * pp.price_integral(now, now + work_s)
     deadline = job.deadline
     prefer = job.prefer
-    if model.max_wait_h > 0 and prefer != "time" and (deadline is not None or prefer == "cost"):
-        # Wait only as the deadline allows (with the margin); cost-first without one: max_wait_h.
+    if model.max_wait_h > 0 and prefer == "cost":
+        # Cost-first: wait only as the deadline allows (with the margin); without one, max_wait_h.
         latest = math.inf if deadline is None else deadline - run_s * (1.0 + model.deadline_margin)
         first_h = math.floor(now / 3600.0) + 1.0  # next hour boundary, in epoch hours
         if first_h * 3600.0 <= latest:
@@ -629,7 +630,7 @@ def breakdown(job: JobSpec, pp: PricedPool, now: float, est: Estimate) -> CostBr
         notes.append(f"moves the checkpoint from {job.checkpoint_pool} in {est.move_s:.0f} s")
     if est.start_at > now:
         share = est.saved_by_waiting_cny / (est.energy_cny + est.saved_by_waiting_cny)
-        why = "cost-first" if job.prefer == "cost" and job.deadline is None else "its deadline allows it"
+        why = "cost-first" if job.deadline is None else "cost-first, its deadline allows it"
         notes.append(f"waits {(est.start_at - now) / 3600.0:.1f} h for a cheaper tariff window, "
                      f"saves {est.saved_by_waiting_cny:.2f} CNY of energy ({share:.0%}; {why})")
     if not est.meets_deadline:

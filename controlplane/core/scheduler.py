@@ -425,7 +425,7 @@ class _Planner:
 
     def tariff_reason(self, job: JobSpec, bd: CostBreakdown, now_best: _Cand | None) -> str:
         """Why ``job`` waits for a cheaper window: the wait, the saving against starting now, the rule."""
-        why = "cost-first" if job.prefer == "cost" and job.deadline is None else "its deadline allows it"
+        why = "cost-first" if job.deadline is None else "cost-first, its deadline allows it"
         head = f"waits {(bd.start_at - self.now) / 3600.0:.1f} h for a cheaper tariff window at {bd.pool}"
         rule = f"threshold {self.model.min_wait_saving:.0%}; {why}"
         if now_best is None:

@@ -74,7 +74,7 @@ def test_metered_energy_matches_the_score_for_the_same_window() -> None:
 
 def test_waits_for_the_valley_when_the_deadline_allows() -> None:
     now = MIDNIGHT + 10 * H  # peak
-    bd = pl.score(job(deadline=now + 30 * H), pool(tariff=TOU), now)
+    bd = pl.score(job(deadline=now + 30 * H, prefer="cost"), pool(tariff=TOU), now)
     assert bd.start_at == MIDNIGHT + 24 * H  # next valley, 00:00 local
     assert bd.energy_cny == pytest.approx(0.5 * 2 * 0.3)
     assert any("waits 14.0 h" in n for n in bd.notes) and bd.meets_deadline
@@ -83,7 +83,7 @@ def test_waits_for_the_valley_when_the_deadline_allows() -> None:
 def test_waits_only_as_long_as_the_deadline_keeps_its_margin() -> None:
     now = MIDNIGHT + 10 * H
     # finish by 16:00: the latest start with a 20% margin is 13:36, so 12:00 (flat) is the best hour
-    bd = pl.score(job(deadline=MIDNIGHT + 16 * H), pool(tariff=TOU), now)
+    bd = pl.score(job(deadline=MIDNIGHT + 16 * H, prefer="cost"), pool(tariff=TOU), now)
     assert bd.start_at == MIDNIGHT + 12 * H
     assert bd.energy_cny == pytest.approx(0.5 * 2 * 0.7)
 
@@ -91,15 +91,18 @@ def test_waits_only_as_long_as_the_deadline_keeps_its_margin() -> None:
 def test_never_waits_without_deadline_or_when_the_deadline_is_tight() -> None:
     now = MIDNIGHT + 10 * H
     assert pl.score(job(), pool(tariff=TOU), now).start_at == now
-    tight = pl.score(job(deadline=now + 2.2 * H), pool(tariff=TOU), now)
+    # Not cost-first (the default, or time-first): a deadline with room to wait does not make it wait.
+    assert pl.score(job(deadline=now + 30 * H), pool(tariff=TOU), now).start_at == now
+    assert pl.score(job(deadline=now + 30 * H, prefer="time"), pool(tariff=TOU), now).start_at == now
+    tight = pl.score(job(deadline=now + 2.2 * H, prefer="cost"), pool(tariff=TOU), now)
     assert tight.start_at == now and tight.meets_deadline
-    late = pl.score(job(deadline=now + 1 * H), pool(tariff=TOU), now)
+    late = pl.score(job(deadline=now + 1 * H, prefer="cost"), pool(tariff=TOU), now)
     assert late.start_at == now and not late.meets_deadline and "deadline at risk" in late.notes
 
 
 def test_a_flat_tariff_never_makes_a_job_wait() -> None:
     now = MIDNIGHT + 10 * H
-    assert pl.score(job(deadline=now + 48 * H), pool(tariff=FLAT), now).start_at == now
+    assert pl.score(job(deadline=now + 48 * H, prefer="cost"), pool(tariff=FLAT), now).start_at == now
 
 
 # --------------------------------------------------------------------------- failures and moves
@@ -180,7 +183,7 @@ FILTER_POOLS = [pool(**kw) for kw in (
 # Values of every JobSpec field a filter must NOT read (changing them never changes a verdict).
 OTHER_FIELDS = {"id": "j9", "tenant": "other", "est_hours": 99.0, "checkpoint_cost_s": 1.0,
                 "checkpoint_interval_s": 60.0, "priority": 7, "deadline": MIDNIGHT + 9 * H, "max_price_cny": 1.0,
-                "submitted_at": 5.0, "progress": 0.5, "checkpoint_pool": "p9", "restarting": True}
+                "submitted_at": 5.0, "progress": 0.5, "checkpoint_pool": "p9", "restarting": True, "prefer": "cost"}
 
 
 def test_the_filters_read_of_the_job_only_its_filter_inputs() -> None:
@@ -277,7 +280,7 @@ def test_a_shared_start_time_table_gives_the_same_answer_as_none() -> None:
     cache: dict = {}  # type: ignore[type-arg]
     prices: dict = {}  # type: ignore[type-arg]
     now = MIDNIGHT + 10 * H
-    j = job(deadline=now + 30 * H, est_hours=3.0)
+    j = job(deadline=now + 30 * H, est_hours=3.0, prefer="cost")
     for p in (pool(id="a", tariff=TOU), pool(id="b", tariff=TOU, pue=1.4), pool(id="c", tariff=FLAT)):
         pp = pl.priced(p, "A800", prices)
         assert pl.estimate(j, pp, now, tou_cache=cache) == pl.estimate(j, pl.priced(p, "A800"), now)

@@ -116,11 +116,13 @@ def test_a_restart_stays_with_its_checkpoint_when_pools_are_otherwise_equal() ->
 
 def test_tariff_waiting_only_when_the_deadline_allows() -> None:
     tou = pool("tou", tariff=tariff(0.7, peak=1.2, valley=0.3))
-    p = plan([tou], [job("patient", deadline=NOW + 40 * H), job("urgent", deadline=NOW + 5 * H), job("plain")])
+    p = plan([tou], [job("patient", deadline=NOW + 40 * H, prefer="cost"),
+                     job("urgent", deadline=NOW + 5 * H, prefer="cost"), job("plain"),
+                     job("default", deadline=NOW + 40 * H)])  # not cost-first: never waits for a tariff
     (w,) = p.wait
     assert w.job_id == "patient" and w.pool == "tou"
     assert w.until == NOW + 14 * H  # midnight local, start of the valley
-    assert set(starts(p)) == {"urgent", "plain"}
+    assert set(starts(p)) == {"urgent", "plain", "default"}
     assert all(s.start_at == NOW for s in p.start)
 
 
@@ -384,5 +386,5 @@ def test_the_fast_path_picks_what_the_reference_ranking_picks(scn) -> None:  # t
 
 def test_a_restart_waiting_for_a_window_says_why_it_waits() -> None:
     tou = pool("tou", tariff=tariff(0.7, peak=1.2, valley=0.3))
-    (w,) = plan([tou], [job("back", deadline=NOW + 40 * H, progress=0.2, checkpoint_pool="gone")]).wait
+    (w,) = plan([tou], [job("back", deadline=NOW + 40 * H, progress=0.2, checkpoint_pool="gone", prefer="cost")]).wait
     assert w.reason.startswith("waits 14.0 h for a cheaper tariff window") and w.until == NOW + 14 * H

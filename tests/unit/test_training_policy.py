@@ -1,7 +1,7 @@
 """The training policy of issue 15 item 4, as pure plans: a job waits for a cheaper tariff window only
-when its deadline allows it (or it asked ``prefer: cost``) AND waiting beats starting now at the best
-pool that can start it by the threshold; every wait has a reason of a known kind; backfill keeps the
-cards busy while the head waits."""
+when it asked to (``prefer: cost``), its deadline (if any) allows it AND waiting beats starting now at
+the best pool that can start it by the threshold; every wait has a reason of a known kind; backfill
+keeps the cards busy while the head waits."""
 
 from __future__ import annotations
 
@@ -29,14 +29,18 @@ def test_a_cost_first_job_without_a_deadline_waits_and_says_why_and_how_much() -
     assert "threshold 20%; cost-first" in w.reason
 
 
-def test_a_deadline_job_with_slack_waits_naming_the_saving_and_the_rule() -> None:
-    (w,) = plan([pool("tou", tariff=TOU)], [job("patient", deadline=NOW + 40 * H)]).wait
+def test_a_cost_first_job_with_deadline_slack_waits_naming_the_saving_and_the_rule() -> None:
+    (w,) = plan([pool("tou", tariff=TOU)], [job("patient", deadline=NOW + 40 * H, prefer="cost")]).wait
     assert w.kind == "tariff" and w.until == NOW + 14 * H
-    assert "against starting now at tou" in w.reason and "its deadline allows it" in w.reason
+    assert "against starting now at tou" in w.reason and "cost-first, its deadline allows it" in w.reason
+    # A deadline too close for the valley: it starts now, whatever it asked.
+    p = plan([pool("tou", tariff=TOU)], [job("tight", deadline=NOW + 6 * H, prefer="cost")])
+    assert starts(p) == {"tight": "tou"} and p.start[0].start_at == NOW
 
 
-def test_a_time_first_job_never_waits_even_with_a_deadline_that_would_allow_it() -> None:
-    p = plan([pool("tou", tariff=TOU)], [job("hurry", deadline=NOW + 40 * H, prefer="time")])
+@pytest.mark.parametrize("prefer", ["time", None])
+def test_a_job_not_cost_first_never_waits_even_with_a_deadline_that_would_allow_it(prefer: str | None) -> None:
+    p = plan([pool("tou", tariff=TOU)], [job("hurry", deadline=NOW + 40 * H, prefer=prefer)])
     assert starts(p) == {"hurry": "tou"} and p.start[0].start_at == NOW
 
 
@@ -44,11 +48,11 @@ def test_waiting_must_beat_the_best_pool_that_can_start_now_by_the_threshold() -
     """The valley at ``tou`` (0.3) is cheaper than ``flat`` now (0.33), but by 9%, under the 20%
     threshold: the job starts now at ``flat``. The old rule compared each pool with itself and waited."""
     pools = [pool("tou", tariff=TOU), pool("flat", price=0.33)]
-    p = plan(pools, [job("patient", deadline=NOW + 40 * H)])
+    p = plan(pools, [job("patient", deadline=NOW + 40 * H, prefer="cost")])
     assert starts(p) == {"patient": "flat"} and p.start[0].start_at == NOW
     # With no threshold the valley wins again: the saving is real, just small.
     free_model = msgspec.structs.replace(pl.DEFAULT_MODEL, min_wait_saving=0.0)
-    (w,) = plan(pools, [job("patient", deadline=NOW + 40 * H)], model=free_model).wait
+    (w,) = plan(pools, [job("patient", deadline=NOW + 40 * H, prefer="cost")], model=free_model).wait
     assert w.pool == "tou" and "against starting now at flat" in w.reason and "(9%)" in w.reason
 
 

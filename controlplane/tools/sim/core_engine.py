@@ -314,6 +314,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     pools_all = [placement.pool_from_site(site, lay.accelerators) for site in train_sites]
     oracle = core_training.oracle_energy(draws, pools_all) if draws else {}
     oracle_now = core_training.oracle_energy(draws, pools_all, windows=False) if draws else {}
+    train_pools = [sims[0]._pool(site.id) for site in train_sites] if sims else []
     train_cards = {tier: float(sum(site.cards for site in train_sites if site.tier == tier)) for tier in TIERS}
     train_util = {name: {tier: [r(v / (n * train_cards[tier])) if n and train_cards[tier] else 0.0
                                 for v, n in zip(vals, samples_hour)]
@@ -333,6 +334,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         "training": _training_report(sims, draws, oracle, s.hours,
                                      core_market.offers_for(train_sites, lay.accelerators, s.market), s.market,
                                      oracle_now=oracle_now, train_util=train_util,
+                                     capacity=lambda work: core_training.capacity_bound(train_pools, start_s, n_hours,
+                                                                                        work),
                                      train_cards={t: int(c) for t, c in train_cards.items() if c}),
     }
 
@@ -432,7 +435,8 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
                      priced: Mapping[tuple[str, str], tuple[offers.Offer, placement.Pool]] | None = None,
                      market: core_scenario.Market | None = None, *, oracle_now: dict[str, float] | None = None,
                      train_util: dict[str, dict[str, list[float]]] | None = None,
-                     train_cards: dict[str, int] | None = None) -> dict[str, Any]:
+                     train_cards: dict[str, int] | None = None,
+                     capacity: Callable[[float], float] | None = None) -> dict[str, Any]:
     pols: dict[str, Any] = {}
     done_all = None
     for sim in sims:
@@ -484,8 +488,8 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             "idle_while_waiting_share": _share(sim.idle_waiting_card_s, sim.waiting_card_s),
         }
         # Waited: not started within one tick of arriving (the planner runs at most every tick_s).
-        waited = [j for j in jobs if not j.infeasible and (
-            j.first_start is None or j.first_start > j.draw.submitted_at + sim.tick_s + 1e-6)]
+        waited = [j for j in jobs if not j.infeasible and
+                  (sim.now if j.first_start is None else j.first_start) > j.draw.submitted_at + sim.tick_s + 1e-6]
         pols[sim.name]["waits"] = {
             "jobs_waited": len(waited),
             "jobs_waited_without_reason": sum(1 for j in waited if not j.wait_kinds),
@@ -505,7 +509,7 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
         "completed_by_every_policy": len(common_done),
         "policies": pols,
         "training_cards_by_tier": train_cards or {},
-        "bound": _bound(draws, oracle, oracle_now or {}, pols),
+        "bound": _bound(draws, oracle, oracle_now or {}, pols, capacity),
         "oracle": {
             "completed_in_common_cny": r(sum(oracle.get(j, 0.0) for j in common_done), 2),
             "all_jobs_cny": r(sum(oracle.values()), 2),
@@ -516,7 +520,7 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
 
 
 def _bound(draws: Sequence[core_workload.JobDraw], oracle: dict[str, float], oracle_now: dict[str, float],
-           pols: dict[str, Any]) -> dict[str, Any]:
+           pols: dict[str, Any], capacity: Callable[[float], float] | None = None) -> dict[str, Any]:
     """The cheapest-feasible cost per A800-hour (every job on its cheapest pool, all cards free, no
     failures) with the best window its deadline allows and starting at once, beside the target the
     issue set (0.75 × nearest-hub) and each policy's ratios to them."""
@@ -533,6 +537,11 @@ def _bound(draws: Sequence[core_workload.JobDraw], oracle: dict[str, float], ora
                 "its deadline allows (windowed) and starting when submitted (at_once, the floor of a policy that "
                 "never waits); the target is 0.75 x nearest-hub",
     }
+    base_work = max((p["work_a800_card_hours"] for n, p in pols.items() if n != "cpn"), default=0.0)
+    if capacity is not None and base_work:
+        # The floor for any policy doing the best baseline's work in the day, within the training cards.
+        out["capacity_cny_per_a800_card_hour_at_best_baseline_work"] = r(capacity(base_work))
+        out["best_baseline_work_a800_card_hours"] = r(base_work, 1)
     best_done = max((p["completed"] for n, p in pols.items() if n != "cpn"), default=0)
     for name, p in pols.items():
         p["cost_vs_nearest_hub"] = r(p["cny_per_a800_card_hour"] / nh) if nh else 0.0

@@ -609,3 +609,29 @@ def oracle_energy(jobs: Sequence[JobDraw], pools: Sequence[placement.Pool],
         if best < math.inf:
             out[d.id] = best
     return out
+
+
+def capacity_bound(pools: Sequence[placement.Pool], start_s: float, hours: int, work_a800_h: float) -> float:
+    """The lowest energy cost per A800-equivalent card-hour of doing ``work_a800_h`` A800-equivalent
+    card-hours within ``pools``' cards over ``hours`` hours from ``start_s``: fill the cheapest
+    card-hours first (each pool's price at each hour, per unit of work), ignoring when jobs arrive,
+    gangs, deadlines, which accelerators a job accepts and failures, so no policy that does that much
+    work in these pools pays less. 0 when the work exceeds the capacity (or is 0)."""
+    slots: list[tuple[float, float]] = []  # (CNY per A800-card-hour, A800-card-hours available)
+    for p in pools:
+        for acc, n in p.cards_total.items():
+            units = p.units.get(acc, 1.0)
+            if n <= 0 or units <= 0:
+                continue
+            for h in range(hours):
+                t = start_s + h * 3600.0
+                slots.append((placement.metered_energy_cny(p, acc, 1, t, t + 3600.0) / units, n * units))
+    slots.sort()
+    left, cost = work_a800_h, 0.0
+    for price, cap in slots:
+        take = min(cap, left)
+        cost += take * price
+        left -= take
+        if left <= 0:
+            break
+    return cost / work_a800_h if left <= 0 < work_a800_h else 0.0

@@ -116,6 +116,10 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             add(f"  bound CNY/A800-h: {b['cny_per_a800_card_hour_windowed']:.3f} with the best window a deadline allows, "
                 f"{b['cny_per_a800_card_hour_at_once']:.3f} starting at once (every job on its cheapest pool, all "
                 f"cards free); target 0.75 x nearest-hub = {b['target_cny_per_a800_card_hour']:.3f}")
+            if "capacity_cny_per_a800_card_hour_at_best_baseline_work" in b:
+                add(f"  capacity floor: {b['capacity_cny_per_a800_card_hour_at_best_baseline_work']:.3f} CNY/A800-h to do "
+                    f"the best baseline's {b['best_baseline_work_a800_card_hours']:,.0f} A800-card-hours in the day's "
+                    "training cards, cheapest card-hours first")
             add("  " + "; ".join(
                 f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub, common jobs "
                 f"{p.get('common_vs_bound', 0.0):.2f}x bound" for n, p in tr["policies"].items()))
