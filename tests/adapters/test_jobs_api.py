@@ -178,7 +178,7 @@ def test_every_body_field_reaches_the_typed_spec_and_hashes_as_the_body_did() ->
     body = JobBody(name="n", cards=2, accelerators=[acc], est_hours=1.5, checkpoint_cost_s=10.0,
                    checkpoint_interval_min=5.0, priority=1, deadline=2.0e9, max_price_cny=9.0, regions=[region],
                    providers=["p"], tee=True, command=["python"], image="img", max_retries=1, quote_id="q-1",
-                   quote_pool="pool-1")
+                   quote_pool="pool-1", prefer="cost")
     spec = normalise(body, request, 1.0e9)  # type: ignore[arg-type]
     as_sent = {k: v for k, v in msgspec.to_builtins(body).items() if v is not None}
     assert set(as_sent) == set(JobBody.__struct_fields__)  # every field set (none left at None)

@@ -336,6 +336,9 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                                      oracle_now=oracle_now, train_util=train_util,
                                      capacity=lambda work: core_training.capacity_bound(train_pools, start_s, n_hours,
                                                                                         work),
+                                     floors=[(sim.name, core_training.hourly_floor(
+                                         train_pools, start_s, n_hours, sim.metered,
+                                         {a: spec.units for a, spec in lay.accelerators.items()})) for sim in sims],
                                      train_cards={t: int(c) for t, c in train_cards.items() if c}),
     }
 
@@ -436,7 +439,8 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
                      market: core_scenario.Market | None = None, *, oracle_now: dict[str, float] | None = None,
                      train_util: dict[str, dict[str, list[float]]] | None = None,
                      train_cards: dict[str, int] | None = None,
-                     capacity: Callable[[float], float] | None = None) -> dict[str, Any]:
+                     capacity: Callable[[float], float] | None = None,
+                     floors: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
     pols: dict[str, Any] = {}
     done_all = None
     for sim in sims:
@@ -509,7 +513,7 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
         "completed_by_every_policy": len(common_done),
         "policies": pols,
         "training_cards_by_tier": train_cards or {},
-        "bound": _bound(draws, oracle, oracle_now or {}, pols, capacity),
+        "bound": _bound(draws, oracle, oracle_now or {}, pols, capacity, floors),
         "oracle": {
             "completed_in_common_cny": r(sum(oracle.get(j, 0.0) for j in common_done), 2),
             "all_jobs_cny": r(sum(oracle.values()), 2),
@@ -520,7 +524,8 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
 
 
 def _bound(draws: Sequence[core_workload.JobDraw], oracle: dict[str, float], oracle_now: dict[str, float],
-           pols: dict[str, Any], capacity: Callable[[float], float] | None = None) -> dict[str, Any]:
+           pols: dict[str, Any], capacity: Callable[[float], float] | None = None,
+           floors: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
     """The cheapest-feasible cost per A800-hour (every job on its cheapest pool, all cards free, no
     failures) with the best window its deadline allows and starting at once, beside the target the
     issue set (0.75 × nearest-hub) and each policy's ratios to them."""
@@ -538,6 +543,10 @@ def _bound(draws: Sequence[core_workload.JobDraw], oracle: dict[str, float], ora
                 "never waits); the target is 0.75 x nearest-hub",
     }
     base_work = max((p["work_a800_card_hours"] for n, p in pols.items() if n != "cpn"), default=0.0)
+    for name, floor_cny in floors:
+        work = pols[name]["work_a800_card_hours"]
+        # The floor of this policy's own hour-by-hour load on the cheapest cards of each hour.
+        pols[name]["hourly_floor_cny_per_a800_card_hour"] = r(floor_cny / work) if work else 0.0
     if capacity is not None and base_work:
         # The floor for any policy doing the best baseline's work in the day, within the training cards.
         out["capacity_cny_per_a800_card_hour_at_best_baseline_work"] = r(capacity(base_work))

@@ -585,7 +585,8 @@ def oracle_energy(jobs: Sequence[JobDraw], pools: Sequence[placement.Pool],
                   model: placement.CostModel = placement.DEFAULT_MODEL, *, windows: bool = True) -> dict[str, float]:
     """Lower bound per job: the cheapest energy over every pool that could ever hold it (all cards
     free, no queueing, no failures), with the best start window its deadline allows (any saving
-    counts), or (``windows=False``) starting at submission: the bound of a policy that never waits."""
+    counts; a job without a deadline waits only if it asked ``prefer = "cost"``), or
+    (``windows=False``) starting at submission: the bound of a policy that never waits."""
     model = msgspec.structs.replace(model, min_wait_saving=0.0, max_wait_h=model.max_wait_h if windows else 0)
     cache: dict[object, list[float]] = {}
     priced = {(p.id, a): placement.priced(p, a, cache) for p in pools for a in p.cards_total}
@@ -594,7 +595,7 @@ def oracle_energy(jobs: Sequence[JobDraw], pools: Sequence[placement.Pool],
         spec = placement.JobSpec(id=d.id, tenant=d.tenant, cards=d.cards, accelerators=d.accelerators,
                                  est_hours=d.est_hours, checkpoint_cost_s=d.checkpoint_cost_s,
                                  priority=d.priority, deadline=d.deadline, submitted_at=d.submitted_at,
-                                 prefer="cost" if d.prefer == "cost" else None)
+                                 prefer="cost" if d.prefer == "cost" or d.deadline is not None else None)
         best = math.inf
         for p in pools:
             for a in d.accelerators:
@@ -635,3 +636,35 @@ def capacity_bound(pools: Sequence[placement.Pool], start_s: float, hours: int, 
         if left <= 0:
             break
     return cost / work_a800_h if left <= 0 < work_a800_h else 0.0
+
+
+def hourly_floor(pools: Sequence[placement.Pool], start_s: float, hours: int,
+                 metered: Sequence[tuple[str, str, int, str, str, int, float, float]],
+                 units: Mapping[str, float]) -> float:
+    """The lowest energy cost (CNY) of a policy's own hour-by-hour load: each hour, the
+    A800-equivalent cards its attempts held (``metered``) sit on the cheapest card-hours of that
+    hour in ``pools`` (any pool, any type, no gangs). A schedule that keeps the same cards busy each
+    hour cannot pay less; only moving work to other hours (waiting) can."""
+    demand = [0.0] * hours
+    for _, _, _, _, acc, cards, a, b in metered:
+        u = units.get(acc, 1.0)
+        h0 = max(0, int((a - start_s) // 3600.0))
+        h1 = min(hours - 1, int((b - start_s) // 3600.0))
+        for h in range(h0, h1 + 1):
+            lo, hi = max(a, start_s + h * 3600.0), min(b, start_s + (h + 1) * 3600.0)
+            if hi > lo:
+                demand[h] += cards * u * (hi - lo) / 3600.0
+    cost = 0.0
+    for h in range(hours):
+        t = start_s + h * 3600.0
+        slots = sorted((placement.metered_energy_cny(p, acc, 1, t, t + 3600.0) / p.units.get(acc, 1.0),
+                        n * p.units.get(acc, 1.0))
+                       for p in pools for acc, n in p.cards_total.items() if n > 0 and p.units.get(acc, 1.0) > 0)
+        left = demand[h]
+        for price, cap in slots:
+            take = min(cap, left)
+            cost += take * price
+            left -= take
+            if left <= 0:
+                break
+    return cost
