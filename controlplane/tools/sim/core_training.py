@@ -161,7 +161,7 @@ class _Attempt:
 
 class _Job:
     __slots__ = ("draw", "rec", "spec", "att", "first_start", "done_at", "fail_at", "infeasible", "cost_cny",
-                 "card_s", "useful_s", "work_a800_card_h", "wait_kinds")
+                 "card_s", "useful_s", "work_a800_card_h", "wait_kinds", "planned")
 
     def __init__(self, draw: JobDraw) -> None:
         self.draw = draw
@@ -171,6 +171,8 @@ class _Job:
             est_hours=draw.est_hours, checkpoint_cost_s=draw.checkpoint_cost_s, priority=draw.priority,
             deadline=draw.deadline, submitted_at=draw.submitted_at,
             prefer="cost" if draw.prefer == "cost" else None)
+        self.planned = False
+        """The planner has seen this job since it last entered the queue (it waits by decision)."""
         self.wait_kinds: set[str] = set()
         """Kinds of wait the planner gave this job a reason for (``scheduler.wait_kind``)."""
         self.att: _Attempt | None = None
@@ -279,6 +281,7 @@ class TrainingSim:
             self.now = t
             if kind == "arrive":
                 self.queue[jid] = self.jobs[jid]
+                self.jobs[jid].planned = False
                 self._want_tick(t)
             elif kind == "end":
                 job = self.jobs[jid]
@@ -323,6 +326,8 @@ class TrainingSim:
                                   queued=[j.spec for j in self.queue.values() if not j.infeasible],
                                   running=running, model=self.model)
         dec = self.planner(snap, now)
+        for j in self.queue.values():
+            j.planned = True
         for jid in dec.infeasible:
             self.jobs[jid].infeasible = True
         for jid, kind in dec.waits:
@@ -461,6 +466,7 @@ class TrainingSim:
             job.spec = msgspec.structs.replace(job.spec, progress=rec.progress, checkpoint_pool=rec.checkpoint_pool,
                                                restarting=rec.state is lifecycle.JobState.RESTARTING)
             self.queue[d.id] = job
+            job.planned = False
         if replan:
             self._want_tick(now)
 
@@ -514,13 +520,15 @@ class TrainingSim:
     def idle_while_waiting(self) -> tuple[int, int]:
         """(cards of waiting jobs that could start now, cards of all waiting jobs): hidden throughput loss.
 
-        A waiting job (queued or restarting, not infeasible) could start now when some healthy,
+        A waiting job (queued or restarting, not infeasible, and seen by the planner since it
+        entered the queue: a job not yet planned waits for the next tick, at most ``tick_s``, not
+        for a decision) could start now when some healthy,
         not draining pool has at least its cards free of a type it accepts, whatever the reason it
         waits (a tariff window, a reservation, a tick not yet run). Jobs are checked one by one
         against the largest free block per type (no packing), and the sum is capped by the free
         cards of the types they accept, so it never exceeds what is really idle.
         """
-        waiting = [j for j in self.queue.values() if not j.infeasible]
+        waiting = [j for j in self.queue.values() if j.planned and not j.infeasible]
         if not waiting:
             return 0, 0
         best: dict[str, int] = {}
