@@ -3,7 +3,8 @@
 ``write(report, out_dir) -> [paths]`` draws ``utilisation.png`` (cards busy by tier, hour by hour),
 ``inference.png`` (share served within budget per hour, each policy and the oracle bound),
 ``training.png`` (energy cost per unit of work and on the jobs every policy completed, vs the
-oracle) and ``report.png``, all three on one page. Raises ``ImportError`` if matplotlib is missing.
+oracle), ``training-busy.png`` (each policy's training cards busy by tier, hour by hour, 0-100%)
+and ``report.png``, all of them on one page. Raises ``ImportError`` if matplotlib is missing.
 """
 
 from __future__ import annotations
@@ -57,12 +58,32 @@ def _training(ax: Any, rep: dict[str, Any]) -> None:
     bars = ax.bar(labels, common, color=[COLOURS.get(n, "#333333") for n in labels])
     for b, n in zip(bars, names):
         p = tr["policies"][n]
-        ax.annotate(f"{p['cny_per_a800_card_hour']:.3f} CNY/A800-h\n{p['completed']:,} jobs done\n"
-                    f"wait p95 {p['queue_delay_h']['p95']:.2f} h", (b.get_x() + b.get_width() / 2,
+        floor = p.get("hourly_floor_cny_per_a800_card_hour")
+        ax.annotate(f"{p['cny_per_a800_card_hour']:.3f} CNY/A800-h" + (f" (floor {floor:.3f})" if floor else "")
+                    + f"\n{p['completed']:,} jobs done\n"
+                    f"wait p50/p95 {p['queue_delay_h']['p50']:.2f}/{p['queue_delay_h']['p95']:.2f} h",
+                    (b.get_x() + b.get_width() / 2,
                     b.get_height()), ha="center", va="bottom", fontsize=7)
     ax.set_ylim(0, max(common, default=1.0) * 1.35)
     ax.set_title(f"training energy on the {tr['completed_by_every_policy']:,} jobs every policy completed")
     ax.set_ylabel("CNY")
+
+
+def _training_busy(ax: Any, rep: dict[str, Any]) -> None:
+    tr = rep["training"]
+    styles = {"hub": "-", "regional": "--", "edge": ":"}
+    for name, p in tr["policies"].items():
+        for tier, vals in p.get("training_busy_hourly_by_tier", {}).items():
+            ax.plot(range(len(vals)), [100 * v for v in vals], styles.get(tier, "-"), color=COLOURS.get(name),
+                    label=f"{name} {tier} ({tr.get('training_cards_by_tier', {}).get(tier, 0):,} cards)")
+    ax.set_title("training cards busy by tier, each policy")
+    ax.set_xlabel("hour of run")
+    ax.set_ylabel("% of the tier's training cards")
+    ax.set_ylim(0, 100)  # a share: the whole axis
+    lines = [f"{n}: idle while jobs wait {100 * p.get('idle_while_waiting_share', 0.0):.1f}% of waiting card-hours"
+             for n, p in tr["policies"].items()]
+    ax.text(0.02, 0.04, "\n".join(lines), transform=ax.transAxes, fontsize=7, va="bottom")
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
 
 
 def write(rep: dict[str, Any], out: Path) -> list[Path]:
@@ -74,9 +95,11 @@ def write(rep: dict[str, Any], out: Path) -> list[Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    panels = [("utilisation", _utilisation), ("inference", _inference), ("training", _training)]
+    panels = [("utilisation", _utilisation), ("inference", _inference), ("training", _training),
+              ("training-busy", _training_busy)]
     active = [(n, f) for n, f in panels
-              if not (n == "inference" and not rep["inference"]["requests"]) and not (n == "training" and not rep["training"]["jobs"])]
+              if not (n == "inference" and not rep["inference"]["requests"])
+              and not (n.startswith("training") and not rep["training"]["jobs"])]
     for name, draw in active:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         draw(ax, rep)
