@@ -121,7 +121,8 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
                     f"the best baseline's {b['best_baseline_work_a800_card_hours']:,.0f} A800-card-hours in the day's "
                     "training cards, cheapest card-hours first")
             add("  " + "; ".join(
-                f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub, common jobs "
+                f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub (floor of its own hourly load "
+                f"{p.get('hourly_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
                 f"{p.get('common_vs_bound', 0.0):.2f}x bound" for n, p in tr["policies"].items()))
         cw = tr["policies"].get("cpn", {}).get("waits")
         if cw:
