@@ -296,6 +296,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[pl.Pool], list[pl.JobSpec], list[sc
             deadline=draw(st.one_of(st.none(), st.floats(NOW + H, NOW + 200 * H))),
             regions=draw(st.sampled_from([(), ("r1",)])), tee=draw(st.booleans()) and draw(st.booleans()),
             submitted_at=float(i), max_price_cny=draw(st.one_of(st.none(), st.floats(1.0, 500.0))),
+            prefer=draw(st.sampled_from([None, "time", "cost"])),
         ))
     tenants = {t: sc.Tenant(id=t, quota_cards=draw(st.one_of(st.none(), st.integers(0, 128))),
                             share=draw(st.sampled_from([0.5, 1.0, 2.0]))) for t in ("a", "b", "c")}
@@ -377,8 +378,13 @@ def test_the_fast_path_picks_what_the_reference_ranking_picks(scn) -> None:  # t
         return
     best = scored[0]
     if best.start_at > NOW:
-        (w,) = p.wait
-        assert w.until == best.start_at
+        if p.wait:
+            (w,) = p.wait
+            assert w.until == best.start_at
+        else:  # a cost-first job: waiting did not beat starting now elsewhere by the threshold
+            (s,) = p.start
+            assert one.prefer == "cost" and s.start_at == NOW and (s.pool, s.accelerator) != (best.pool, best.accelerator)
+            assert s.breakdown.total_cny - best.total_cny < pl.DEFAULT_MODEL.min_wait_saving * s.breakdown.total_cny
         return
     (s,) = p.start
     assert (s.breakdown.meets_deadline, s.breakdown.total_cny) == pytest.approx((best.meets_deadline, best.total_cny))
