@@ -173,13 +173,22 @@ WAIT_KINDS: tuple[tuple[str, str], ...] = (
 
 def wait_kind(reason: str) -> str:
     """What a wait (by its reason, as stored) is for: ``tariff`` (a cheaper window), ``quota``,
-    ``reserved`` (head of the queue), ``preempting``, ``cards`` (none free) or ``blocked`` (pools
-    with room refused it: the price cap, another job's reservation). A job's events gain a
-    ``waiting`` entry when this changes."""
+    ``reserved`` (head of the queue), ``preempting``, ``cards`` (none free), ``price`` (every pool
+    with room is over the job's price cap) or ``blocked`` (pools with room refused it, another
+    job's reservation among the reasons)."""
     for prefix, kind in WAIT_KINDS:
         if reason.startswith(prefix):
             return kind
+    if all("over max_price" in part for part in reason.split("; ")):
+        return "price"
     return "blocked"
+
+
+def wait_topic(kind: str) -> str:
+    """The kinds a job's events tell apart: waiting for cards in any way (``cards``, ``reserved``,
+    ``blocked``: which one changes as other jobs come and go) is one topic, ``capacity``; every
+    other kind is its own. A job's events gain a ``waiting`` entry when its topic changes."""
+    return "capacity" if kind in ("cards", "reserved", "blocked") else kind
 
 
 class Infeasible(msgspec.Struct, frozen=True, kw_only=True):

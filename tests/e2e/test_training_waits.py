@@ -29,7 +29,7 @@ async def test_a_waiting_job_says_why_in_its_events_once_per_kind_of_wait(tmp_pa
 
         await until(waiting, 10, "a waiting event")
         (ev,) = await waiting()
-        assert ev["body"]["kind"] == "blocked" and "over max_price" in ev["body"]["reason"], ev
+        assert ev["body"]["kind"] == "price" and "over max_price" in ev["body"]["reason"], ev
         _, view, _ = await tenant.call("GET", f"/v1/jobs/{jid}")
         assert view["state"] == "queued" and "over max_price" in view["reason"], view
         # Later ticks keep the same kind of wait: no second event.

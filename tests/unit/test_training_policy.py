@@ -76,9 +76,12 @@ def test_every_wait_has_a_reason_of_a_known_kind() -> None:
     )
     kinds = {w.job_id: w.kind for w in p.wait}
     assert kinds == {"head": "reserved", "long": "blocked", "thrifty": "tariff", "over": "quota",
-                     "capped-price": "blocked"}
+                     "capped-price": "price"}
     assert all(w.reason for w in p.wait)
     assert sc.wait_kind("no pool has 8 free A800 cards") == "cards"
+    # The job's events tell waiting for cards (whichever way) from the other kinds.
+    assert {sc.wait_topic(k) for k in ("cards", "reserved", "blocked")} == {"capacity"}
+    assert len({sc.wait_topic(k) for k in ("tariff", "quota", "preempting", "price", "cards")}) == 5
 
 
 # --------------------------------------------------------------------------- backfill
