@@ -97,3 +97,17 @@ def test_same_seed_same_training_report() -> None:
     two = runner.simulate(scenario, seed=2).report
     assert report.to_json(one) == report.to_json(two)
     assert "capacity floor" in report.text(one) and "cpn waits" in report.text(one)
+
+
+def test_cost_first_jobs_wait_for_tariffs_in_the_sim_and_every_wait_says_why() -> None:
+    base = training_day()
+    scenario = msgspec.structs.replace(base, hours=6, training=msgspec.structs.replace(
+        base.training, cost_first_share=0.5, baselines=False))
+    cpn = runner.simulate(scenario, seed=1).report["training"]["policies"]["cpn"]
+    assert cpn["waits"]["jobs_by_kind"].get("tariff", 0) > 0
+    assert cpn["waits"]["jobs_waited_without_reason"] == 0
+    # The threshold binds: nobody waits when no window saves 100%.
+    strict = msgspec.structs.replace(scenario, training=msgspec.structs.replace(
+        scenario.training, min_wait_saving_pct=100.0))
+    none = runner.simulate(strict, seed=1).report["training"]["policies"]["cpn"]
+    assert "tariff" not in none["waits"]["jobs_by_kind"]
