@@ -168,20 +168,24 @@ WAIT_KINDS: tuple[tuple[str, str], ...] = (
     ("preempting", "preempting"),
     ("no pool has", "cards"),
 )
-"""Reason prefix -> the kind of a wait (anything else: ``blocked``, a price cap or a reservation)."""
+"""Reason prefix -> the kind of a wait (then: ``price`` or ``blocked``, see :func:`wait_kind`)."""
 
 
 def wait_kind(reason: str) -> str:
     """What a wait (by its reason, as stored) is for: ``tariff`` (a cheaper window), ``quota``,
     ``reserved`` (head of the queue), ``preempting``, ``cards`` (none free), ``price`` (every pool
     with room is over the job's price cap) or ``blocked`` (pools with room refused it, another
-    job's reservation among the reasons)."""
+    job's reservation among the reasons); ``""`` for a reason no wait gives (the lifecycle's, such
+    as a requeue's "stopped: ...")."""
     for prefix, kind in WAIT_KINDS:
         if reason.startswith(prefix):
             return kind
-    if all("over max_price" in part for part in reason.split("; ")):
+    parts = reason.split("; ")
+    if all("over max_price" in part for part in parts):
         return "price"
-    return "blocked"
+    if any("would delay" in part or "over max_price" in part for part in parts):
+        return "blocked"
+    return ""
 
 
 def wait_topic(kind: str) -> str:

@@ -447,9 +447,8 @@ class TrainingService:
                     store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
             for w in plan.wait:
                 old = rows.get(w.job_id)
-                if old is not None and (not old.reason or old.reason.startswith("infeasible")
-                                        or scheduler.wait_topic(scheduler.wait_kind(old.reason))
-                                        != scheduler.wait_topic(w.kind)):
+                if old is not None and \
+                        scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind):
                     # A new kind of wait (a tariff window, quota, cards, ...): say why in the job's events.
                     store_jobs.record_hub_event(db, w.job_id, old.attempt, "waiting",
                                                 {"kind": w.kind, "reason": w.reason, "until": w.until}, now)

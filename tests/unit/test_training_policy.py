@@ -79,6 +79,11 @@ def test_every_wait_has_a_reason_of_a_known_kind() -> None:
                      "capped-price": "price"}
     assert all(w.reason for w in p.wait)
     assert sc.wait_kind("no pool has 8 free A800 cards") == "cards"
+    assert sc.wait_kind("p1: would delay h, which has it reserved at 9; p2: expected 3.00 CNY, over max_price 1.00") \
+        == "blocked"
+    # Not a wait's reason (the lifecycle's, after a requeue): the next wait is news for the events.
+    assert sc.wait_kind("stopped: preempted") == sc.wait_kind("") == ""
+    assert sc.wait_topic("") != sc.wait_topic("cards")
     # The job's events tell waiting for cards (whichever way) from the other kinds.
     assert {sc.wait_topic(k) for k in ("cards", "reserved", "blocked")} == {"capacity"}
     assert len({sc.wait_topic(k) for k in ("tariff", "quota", "preempting", "price", "cards")}) == 5
