@@ -90,9 +90,9 @@ class JobBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     quote_pool: Token | None = None
     """Which of the quote's options, by pool; default the first (the cheapest)."""
     prefer: Prefer | None = None
-    """``time``: start as soon as cards are free, never wait for a cheaper tariff window; ``cost``:
-    cost-first, wait for one when it saves enough, deadline or not; omitted: wait only when the
-    deadline allows it and the saving is at least the hub's threshold (docs/training.md)."""
+    """``time`` (also when omitted): start as soon as some pool has the cards, never wait for a
+    cheaper tariff window; ``cost`` (cost-first): wait for one when it saves at least the hub's
+    threshold and the deadline, if any, allows it (docs/training.md)."""
 
 
 def _service(request: web.Request) -> TrainingService:
