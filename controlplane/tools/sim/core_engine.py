@@ -505,8 +505,11 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
         if priced is not None and market is not None:  # the day priced (docs/market.md)
             pols[sim.name]["market"] = core_market.price_policy(sim.metered, priced, market, sim.lent)
     common_bound = sum(oracle.get(j, 0.0) for j in common_done)
+    common_now = sum((oracle_now or {}).get(j, 0.0) for j in common_done)
     for p in pols.values():
         p["common_vs_bound"] = r(p["completed_in_common_cny"] / common_bound) if common_bound else 0.0
+        # Against the bound without waiting (what a job that is not cost-first may have).
+        p["common_vs_bound_at_once"] = r(p["completed_in_common_cny"] / common_now) if common_now else 0.0
     return {
         "jobs": len(draws),
         "cards_requested_mean": r(sum(d.cards for d in draws) / len(draws), 1) if draws else 0.0,

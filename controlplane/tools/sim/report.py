@@ -123,7 +123,8 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             add("  " + "; ".join(
                 f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub (floor of its own hourly load "
                 f"{p.get('hourly_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
-                f"{p.get('common_vs_bound', 0.0):.2f}x bound" for n, p in tr["policies"].items()))
+                f"{p.get('common_vs_bound', 0.0):.2f}x bound ({p.get('common_vs_bound_at_once', 0.0):.2f}x starting at once)"
+                for n, p in tr["policies"].items()))
         cw = tr["policies"].get("cpn", {}).get("waits")
         if cw:
             add(f"  cpn waits: {cw['jobs_waited']:,} jobs waited ({cw['jobs_waited_without_reason']:,} without a reason): "
