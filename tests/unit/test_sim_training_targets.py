@@ -85,7 +85,6 @@ def test_the_cost_target_is_below_the_floor_of_the_load_each_hour(reports: dict[
         assert p["cny_per_a800_card_hour"] >= p["hourly_floor_cny_per_a800_card_hour"]
     # Met, or out of reach of any placement of cpn's own load hour by hour.
     assert cpn["cost_vs_nearest_hub"] <= 0.75 or cpn["hourly_floor_cny_per_a800_card_hour"] > target, cpn
-    assert (cpn["cost_vs_nearest_hub"] <= 0.75) == (seed == 3)
     # cpn is within 15% of the floor of its own load; the per-job bounds (all cards free) are far lower.
     assert cpn["cny_per_a800_card_hour"] <= 1.15 * cpn["hourly_floor_cny_per_a800_card_hour"]
     assert b["cny_per_a800_card_hour_windowed"] <= b["cny_per_a800_card_hour_at_once"] < target
