@@ -174,6 +174,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         hub_id=config.hub_id, role=config.role, clock=clock, tasks=tasks.scope("leadership"),
         record_urls=record_urls(config) if config.record == "nats" else (), set_epoch=stamp,
         set_fence=fence_commits, listen=listening, on_change=leading_changed)
+    tenancy.gateways = lambda: leadership.gateways  # each gateway enforces its share of a tenant's rate
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
                                    demand=inference.drain_demand, autoscale=config.autoscale)
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)

@@ -23,6 +23,10 @@ in their own thread, with their own NATS connection:
   write, which may have landed: NoQuorum means "unknown"). The first write that a quorum acknowledges (or that loses a compare-and-set, which
   also takes a quorum) ends this. So a process without quorum stalls its loop for at most
   ``probe_deadline_s`` per ``probe_every_s``, not a whole write deadline per write.
+- Rule 6: :meth:`commit_async` and :meth:`catch_up_async` are the same calls for code on an event
+  loop (``store/replica.py``'s :meth:`~controlplane.store.replica.Replica.write`): they await the
+  answer instead of blocking, so the caller's loop goes on (reads, heartbeats, inference) while a
+  write waits for its quorum, through a stream election too, and several writes are in flight.
 """
 
 from __future__ import annotations
@@ -145,26 +149,52 @@ class RecordBridge:
             NoQuorum: no quorum acknowledged within the write deadline (outcome unknown).
         """
         record = self._need_record()
-        now = time.monotonic()
-        deadline_s = self.write_deadline_s
-        if self.degraded_since is not None:
-            if now < self._next_probe_at:
-                self.refused += 1
-                raise NoQuorum(f"no quorum for {now - self.degraded_since:.1f} s (the last write was not acknowledged); "
-                               f"next try in {self._next_probe_at - now:.2f} s")
-            deadline_s = self.probe_deadline_s
+        now, deadline_s = self._admit()
         try:
             revisions = self._call(record.commit(writes, self.fence, deadline_s=deadline_s), deadline_s + 5.0)
-        except NoQuorum:
-            if self.degraded_since is None:
-                self.degraded_since = now
-            self._next_probe_at = time.monotonic() + self.probe_every_s
+        except (NoQuorum, Conflict) as exc:
+            self._settled(exc, now)
             raise
-        except Conflict:
-            self.degraded_since = None  # a compare-and-set was decided: a quorum answers
-            raise
-        self.degraded_since = None
+        self._settled(None, now)
         return revisions
+
+    async def commit_async(self, writes: Sequence[Write], *, fenced: bool = True) -> list[int]:
+        """:meth:`commit` for a caller on an event loop (Rule 6): it awaits the record's answer, so
+        its loop goes on meanwhile, and several such commits of one process are in flight at once.
+        ``fenced=False``: no leader fence (a write a gateway makes for a tenant, not a decision).
+
+        Raises:
+            Conflict, NoQuorum: as :meth:`commit`.
+        """
+        record = self._need_record()
+        now, deadline_s = self._admit()
+        coro = record.commit(writes, self.fence if fenced else None, deadline_s=deadline_s)
+        try:
+            revisions = await self._await(coro, deadline_s + 5.0)
+        except (NoQuorum, Conflict) as exc:
+            self._settled(exc, now)
+            raise
+        self._settled(None, now)
+        return revisions
+
+    def _admit(self) -> tuple[float, float]:
+        """Rule 5: (now, this write's deadline); raises NoQuorum at once while writes are refused."""
+        now = time.monotonic()
+        if self.degraded_since is None:
+            return now, self.write_deadline_s
+        if now < self._next_probe_at:
+            self.refused += 1
+            raise NoQuorum(f"no quorum for {now - self.degraded_since:.1f} s (the last write was not acknowledged); "
+                           f"next try in {self._next_probe_at - now:.2f} s")
+        return now, self.probe_deadline_s
+
+    def _settled(self, error: BaseException | None, started: float) -> None:
+        if isinstance(error, NoQuorum):
+            if self.degraded_since is None:
+                self.degraded_since = started
+            self._next_probe_at = time.monotonic() + self.probe_every_s
+            return
+        self.degraded_since = None  # acknowledged, or a compare-and-set was decided: a quorum answers
 
     def catch_up(self) -> bool:
         """Block until every write the record holds now is queued; False if the record did not
@@ -174,6 +204,17 @@ class RecordBridge:
             return False
         try:
             self._call(self._catch_up(), self.catch_up_timeout_s + 1.0)
+        except (NoQuorum, TimeoutError, concurrent.futures.TimeoutError):
+            self.catch_up_failures += 1
+            return False
+        return True
+
+    async def catch_up_async(self) -> bool:
+        """:meth:`catch_up` for a caller on an event loop: its loop goes on while it waits."""
+        if self.degraded_since is not None and time.monotonic() < self._next_probe_at:
+            return False
+        try:
+            await self._await(self._catch_up(), self.catch_up_timeout_s + 1.0)
         except (NoQuorum, TimeoutError, concurrent.futures.TimeoutError):
             self.catch_up_failures += 1
             return False
@@ -213,6 +254,19 @@ class RecordBridge:
         if self.record is None:
             raise NoQuorum("the record is not open")
         return self.record
+
+    async def _await(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            coro.close()
+            raise NoQuorum("the record's thread is not running")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            future.cancel()
+            raise NoQuorum(f"the record did not answer within {timeout_s:g} s") from None
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
         loop = self._loop

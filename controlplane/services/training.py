@@ -60,7 +60,7 @@ from controlplane.runtime import BackgroundTasks
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.store.db import Database, transaction
+from controlplane.store.db import Database, barrier, transaction
 # The rows this service's API answers with (the gateway renders them; it never imports the store).
 from controlplane.store.jobs import AttemptRow as AttemptRow, EventRow as EventRow, JobRow as JobRow
 from controlplane.store.outbox import OutboxRow
@@ -196,6 +196,7 @@ class TrainingService:
                 pass
             self._poke.clear()
             try:
+                await barrier(self.db)  # the tick's read barrier, awaited: the loop goes on meanwhile
                 self.tick(self.clock.time())
             except asyncio.CancelledError:
                 raise
@@ -232,6 +233,20 @@ class TrainingService:
             Unprocessable: the idempotency key was used with another body.
         """
         row, replayed = store_jobs.create_job(self.db, tenant, spec, idem_key, body_hash, now)
+        if not replayed:
+            log.info("event=job_submitted job=%s tenant=%s cards=%s", row.id, tenant, row.cards)
+            self.poke()
+        return row, replayed
+
+    async def submit_async(self, tenant: str, spec: JobSpec, idem_key: str | None, body_hash: str,
+                           now: float) -> tuple[store_jobs.JobRow, bool]:
+        """:meth:`submit`, awaited: on the replicated record the loop goes on while the record
+        acknowledges, and concurrent submissions are in flight together (``store.db.write``).
+
+        Raises:
+            Unprocessable: the idempotency key was used with another body.
+        """
+        row, replayed = await store_jobs.create_job_async(self.db, tenant, spec, idem_key, body_hash, now)
         if not replayed:
             log.info("event=job_submitted job=%s tenant=%s cards=%s", row.id, tenant, row.cards)
             self.poke()
