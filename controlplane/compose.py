@@ -267,4 +267,5 @@ async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dic
     db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
     assert db.write_hook is not None
     db.write_hook.listeners.append(on_change)
+    db.write_hook.pipelined = config.record_pipelined_writes
     return db

@@ -146,7 +146,7 @@ async def write(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database],
     """
     hook = getattr(db, "write_hook", None)
     pipelined = getattr(hook, "write", None)
-    if pipelined is not None and not db.conn.in_transaction:
+    if pipelined is not None and getattr(hook, "pipelined", False) and not db.conn.in_transaction:
         result: T = await pipelined(fn, fenced=fenced)
         return result
     with transaction(db):

@@ -162,6 +162,8 @@ class Replica:
         self.publish_ms: list[float] = []
         self._captures = 0
         self._fresh = False
+        self.pipelined = True
+        """False: :meth:`write` is not used (``store.db.write`` commits the blocking way)."""
         self._inflight: dict[str, asyncio.Future[None]] = {}
         """Rule 7: the keys of this process's writes awaiting the record, with their batch's end."""
         self.in_flight = 0
