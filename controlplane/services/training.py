@@ -73,6 +73,10 @@ if TYPE_CHECKING:
     from controlplane.nats.bus import HubBus
     from topology.layout import Layout
 
+TICK_CHUNK = 200
+"""Decisions of a scheduler tick persisted per transaction (a start writes its job and attempt
+rows; stops and unplaceable events go with the first chunk)."""
+
 log = logging.getLogger("cpn.training")
 
 S = lifecycle.JobState
@@ -452,18 +456,24 @@ class TrainingService:
         waits = [(w.job_id, w.reason) for w in plan.wait]
         infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
         waits += infeasible
-        with transaction(db):
-            for job_id, reason in infeasible if plan_pools else ():
-                old = rows.get(job_id)
-                if old is not None and old.reason != reason:  # a new reason: say it in the job's events
-                    store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
-            store_jobs.record_placements(db, placed, now)
-            for site, cmd in starts:
-                self.outbox.add(site, cmd, now)
-            for stop in stops:
-                self._enqueue_stop(stop.pool, stop.job_id, stop.attempt, now, checkpoint=stop.checkpoint,
-                                   reason=stop.reason)
-            store_jobs.record_waits(db, waits, now)
+        # One transaction per TICK_CHUNK decisions (each with what it must send): the replicated
+        # record takes at most 1,000 rows in one atomic batch, and a start writes two.
+        n = max(len(placed), len(waits), 1)
+        for i in range(0, n, TICK_CHUNK):
+            with transaction(db):
+                if i == 0:
+                    for job_id, reason in infeasible if plan_pools else ():
+                        old = rows.get(job_id)
+                        if old is not None and old.reason != reason:  # a new reason: say it in the job's events
+                            store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason},
+                                                        now)
+                    for stop in stops:
+                        self._enqueue_stop(stop.pool, stop.job_id, stop.attempt, now, checkpoint=stop.checkpoint,
+                                           reason=stop.reason)
+                store_jobs.record_placements(db, placed[i:i + TICK_CHUNK], now)
+                for site, cmd in starts[i:i + TICK_CHUNK]:
+                    self.outbox.add(site, cmd, now)
+                store_jobs.record_waits(db, waits[i:i + TICK_CHUNK], now)
         for rec, pl in placed:
             log.info("event=job_placed job=%s attempt=%d pool=%s accelerator=%s expected_cny=%.2f progress=%.3f",
                      rec.id, rec.attempt, rec.pool, rec.accelerator, pl.breakdown.total_cny if pl.breakdown else 0.0,

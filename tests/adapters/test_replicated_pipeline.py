@@ -10,7 +10,9 @@ blocking the event loop until the quorum answered):
   (counted, not timed); two submissions with one Idempotency-Key at one process: the second waits
   for the first's batch and replays its job;
 - a compare-and-set lost by one write (the same Idempotency-Key at two processes at once) fails
-  that write alone (409, or the winner's job): the other writes in flight with it all land, once.
+  that write alone (409, or the winner's job): the other writes in flight with it all land, once;
+- a scheduler tick deciding more jobs than one atomic batch of the record holds commits (in
+  chunks), where before it was refused at every tick.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.compose import build_hub
+from controlplane.compose import build, build_hub
+from controlplane.core.jobspec import JobSpec
 from controlplane.hub import Hub
 from controlplane.replicated import kv
 from controlplane.store import jobs as store_jobs
+from controlplane.store.db import transaction
 from controlplane.store.replica import Replica
 from tests.support.hubrig import Client, hub_config
 from tests.support.natscluster import NatsCluster
@@ -184,3 +188,31 @@ async def test_a_lost_compare_and_set_fails_that_write_alone(tmp_path: Path, clu
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_a_scheduler_tick_of_more_decisions_than_one_batch_holds_commits(tmp_path: Path,
+                                                                               cluster: NatsCluster) -> None:
+    """1,200 queued jobs, one tick: more rows than one atomic batch of the record takes (1,000).
+    Before, the tick's one transaction was refused (record_batch_too_large) at every tick, forever."""
+    (tmp_path / "hub-a").mkdir()
+    proc = build(hub_config(tmp_path / "hub-a", cluster.urls[0], hub_id="hub-a", record="nats"))
+    hub = proc.hub
+    await hub.start()
+    try:
+        hub.create_tenant("acme")
+        spec = JobSpec(cards=4, accelerators=("A800",), est_hours=1.0)
+        for chunk in range(2):  # 600 rows per transaction: within one batch
+            with transaction(hub.db):
+                for i in range(600):
+                    store_jobs.create_job(hub.db, "acme", spec, None, "", time.time(), job_id=f"job-bulk{chunk}x{i}")
+        services = replica(hub)
+        proc.services.training.poke()
+
+        def decided() -> bool:
+            rows = store_jobs.list_jobs(hub.db, "acme", limit=10_000)
+            return len(rows) == 1200 and all(r.reason or r.state != "queued" for r in rows)
+
+        await until(decided, 30, "every job placed or told why it waits")
+        assert services.conflicts == 0
+    finally:
+        await hub.stop()
