@@ -24,8 +24,10 @@ With a replica attached to the database, that transaction gains the record's gua
   process publishes its own cumulative counters under ``usage.<process>.<tenant>.<model>.<site>``;
   the local ``usage`` row is the sum over every process's counters. They are published just after
   the local commit, as absolute values: a send left unanswered (no quorum) is sent again with the
-  next write, and counts nothing twice if the first one landed after all. (Counters not yet
-  published when the process dies are lost, like the usage still in its one-second buffer.)
+  next write, and counts nothing twice if the first one landed after all. They are also kept in
+  the local table ``record_usage_own``, committed (fsynced) with the usage they count: a process
+  that dies before the record acknowledged them publishes them on its next start (Rule 6). (The
+  usage still in the accounting's one-second buffer is lost with the process, as on SQLite.)
 - Rule 6 (start): a process with an empty record seeds it from its SQLite file (an existing hub
   moving to the replicated record); otherwise the replicated tables are emptied and rebuilt from
   the record (SQLite is a projection, never the source).
@@ -162,6 +164,7 @@ class Replica:
         self.publish_ms: list[float] = []
         self._captures = 0
         self._fresh = False
+        self._has_own_usage = False
         self.pipelined = True
         """False: :meth:`write` is not used (``store.db.write`` commits the blocking way)."""
         self._inflight: dict[str, asyncio.Future[None]] = {}
@@ -183,6 +186,7 @@ class Replica:
     def install(self) -> None:
         """Register the capture function and the TEMP triggers (this connection only)."""
         conn = self.db.conn
+        self._has_own_usage = bool(conn.execute("PRAGMA main.table_info(record_usage_own)").fetchall())
         conn.create_function("cpn_row", -1, self._captured)
         for table, (_, pk) in TABLES.items():
             cols = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
@@ -259,6 +263,7 @@ class Replica:
                 mine = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
                 usage_after[ident] = [a + b for a, b in zip(mine, delta)]
         self._committed_usage = usage_after
+        self._keep_own_usage(usage_after)
         if not pending:
             return
         writes = [Write(key, _ENCODE(Value(t=table, row=row, deleted=deleted)), self.revisions.get(key, 0))
@@ -273,6 +278,46 @@ class Replica:
             raise self._refused(exc, len(writes)) from None
         self._published(writes, started)
         self._committed = [(w.key, r) for w, r in zip(writes, revisions)]
+
+    def _keep_own_usage(self, counters: dict[tuple[str, str, str], list[float]]) -> None:
+        """Rule 5: this process's counters go to its local ``record_usage_own`` in the transaction
+        that counts them (durable with its local commit), for :meth:`_restore_own_usage`."""
+        if not counters or not self._has_own_usage:
+            return
+        cols = ", ".join(USAGE_COUNTERS)
+        self.db.conn.executemany(
+            f"INSERT INTO record_usage_own (process, tenant, model, site, {cols}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (process, tenant, model, site) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in USAGE_COUNTERS),
+            [(self.process, *ident, *after) for ident, after in counters.items()])
+
+    def _restore_own_usage(self) -> None:
+        """Rule 5 at start: counters this process committed locally but the record does not hold
+        (it died before they were acknowledged) are taken up again and published."""
+        if not self._has_own_usage:
+            return
+        cols = ", ".join(USAGE_COUNTERS)
+        restored: list[tuple[str, str, str]] = []
+        for tenant, model, site, *kept in self.db.conn.execute(
+                f"SELECT tenant, model, site, {cols} FROM record_usage_own WHERE process = ?", (self.process,)):
+            ident = (tenant, model, site)
+            recorded = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
+            if any(k > r for k, r in zip(kept, recorded)):
+                self.usage[(self.process, *ident)] = [max(k, r) for k, r in zip(kept, recorded)]
+                self.usage_unpublished.add(ident)
+                restored.append(ident)
+        if not restored:
+            return
+        self._applying = True
+        try:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            for ident in restored:
+                self._write_usage_sum(ident)
+            self.db.conn.execute("COMMIT")
+        finally:
+            self._applying = False
+        _log.warning("event=record_usage_restored idents=%d (counted here, not yet in the record)", len(restored))
+        self.publish_usage()
 
     def _refused(self, exc: RecordError, rows: int) -> Exception:
         """The store's error for a write the record did not take (counted)."""
@@ -583,6 +628,7 @@ class Replica:
                 self._applying = False
                 self.db.conn.execute("PRAGMA foreign_keys = ON")
         self.apply_changes(changes)
+        self._restore_own_usage()
 
     def _seed(self) -> None:
         writes: list[Write] = []
