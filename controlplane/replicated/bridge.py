@@ -76,6 +76,10 @@ class RecordBridge:
         """Monotonic time of the NoQuorum that started refusing writes (None: writes go through)."""
         self._next_probe_at = 0.0
         self.refused = 0
+        self._next_barrier: asyncio.Future[bool] | None = None
+        self._barriers_running = False
+        self.barriers = 0
+        """Read barriers :meth:`catch_up_async` asked the record for (shared by the callers of one)."""
 
     fence: Fence | None = None
     """While this process leads, its leader fence (``services/leadership.py``): every commit then
@@ -210,15 +214,33 @@ class RecordBridge:
         return True
 
     async def catch_up_async(self) -> bool:
-        """:meth:`catch_up` for a caller on an event loop: its loop goes on while it waits."""
+        """:meth:`catch_up` for a caller on an event loop: its loop goes on while it waits. Callers
+        that come while a barrier is under way share the next one (it starts after they came, so it
+        covers every write the record held when they called): one request per round trip, not one
+        per caller."""
         if self.degraded_since is not None and time.monotonic() < self._next_probe_at:
             return False
+        if self._next_barrier is None:
+            self._next_barrier = asyncio.get_running_loop().create_future()
+            if not self._barriers_running:
+                self._barriers_running = True
+                asyncio.get_running_loop().create_task(self._run_barriers())
+        return await asyncio.shield(self._next_barrier)
+
+    async def _run_barriers(self) -> None:
         try:
-            await self._await(self._catch_up(), self.catch_up_timeout_s + 1.0)
-        except (NoQuorum, TimeoutError, concurrent.futures.TimeoutError):
-            self.catch_up_failures += 1
-            return False
-        return True
+            while self._next_barrier is not None:
+                waiting, self._next_barrier = self._next_barrier, None
+                try:
+                    await self._await(self._catch_up(), self.catch_up_timeout_s + 1.0)
+                    ok = True
+                except Exception:  # no quorum, no answer in time: the callers read what they have
+                    self.catch_up_failures += 1
+                    ok = False
+                self.barriers += 1
+                waiting.set_result(ok)
+        finally:
+            self._barriers_running = False
 
     async def _catch_up(self) -> None:
         record, projection = self._need_record(), self.projection
