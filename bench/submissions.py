@@ -7,11 +7,12 @@ and their latency, a single hub on SQLite vs hubs on the replicated record, in t
 - ``nats_blocking``: the same with ``record_pipelined_writes = false`` (each process's writes one at
   a time, its loop blocked while the record answers: the write path before pipelining).
 
-Every setup runs at once; for each client count (``--concurrency 1,16``) the ``--jobs`` measured
+Every setup runs at once (each replicated one on a cluster of its own, so each has its own leader
+and scheduler); for each client count (``--concurrency 1,16``) the ``--jobs`` measured
 submissions of each setup go in ``--rounds`` interleaved rounds (sqlite, nats, nats_blocking, again),
 after a warm-up, so a loaded machine's changing load falls on all alike. Every answer must be a
 201. Also counted: CPU milliseconds per submission of the setup's hub processes and of the
-nats-server nodes (from /proc, which load does not distort the way it does latency). Prints and
+nats-server nodes (the SQLite hub's bus shares the first cluster; from /proc, which load does not distort the way it does latency). Prints and
 writes ``bench/results/submissions.json`` (targets, issue #13: the replicated figure >= 0.25x the
 SQLite one, its p99 <= 50 ms on loopback).
 
@@ -179,10 +180,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base = Path(tmp)
         blocking_toml = base / "blocking.toml"
         blocking_toml.write_text("record_pipelined_writes = false\n")
-        async with NatsCluster(base / "nats") as cluster, aiohttp.ClientSession() as session:
-            nats_pids = [n.pid for n in cluster.nodes if n.pid is not None]
+        # Each replicated setup on a cluster of its own: one record, one leader (its scheduler) each.
+        async with NatsCluster(base / "nats") as cluster, NatsCluster(base / "nats2") as cluster2, \
+                aiohttp.ClientSession() as session:
             common_args = ["--listen", "127.0.0.1:0"]
-            urls = ",".join(cluster.urls)
             procs: list[HubProc] = []
             try:
                 single = await HubProc.start([*common_args, "--record", "sqlite", "--nats", cluster.urls[0],
@@ -190,27 +191,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                               "--create-admin-key"])
                 procs.append(single)
                 setups = [Setup("sqlite", [single])]
-                for name, extra in (("nats", []), ("nats_blocking", ["--config", str(blocking_toml)])):
+                nats_pids: dict[str, list[int]] = {"sqlite": [n.pid for n in cluster.nodes if n.pid is not None]}
+                for name, extra, c in (("nats", [], cluster), ("nats_blocking", ["--config", str(blocking_toml)], cluster2)):
                     hubs = []
                     for i in range(args.hubs):
                         hub_id = f"bench-{name}-{i}"
                         hubs.append(await HubProc.start([
-                            *extra, *common_args, "--record", "nats", "--nats", urls, "--db", str(base / hub_id / "hub.db"),
-                            "--hub-id", hub_id, *(["--create-admin-key"] if not procs[1:] and i == 0 else [])]))
+                            *extra, *common_args, "--record", "nats", "--nats", ",".join(c.urls),
+                            "--db", str(base / hub_id / "hub.db"), "--hub-id", hub_id,
+                            *(["--create-admin-key"] if i == 0 else [])]))
                         procs.append(hubs[-1])
                     setups.append(Setup(name, hubs))
-                admin_nats = (setups[1].hubs[0].port, setups[1].hubs[0].admin_key)
-                await setups[0].prepare(session, (single.port, single.admin_key))
-                for setup in setups[1:]:
-                    await setup.prepare(session, admin_nats)
+                    nats_pids[name] = [n.pid for n in c.nodes if n.pid is not None]
+                for setup in setups:
+                    await setup.prepare(session, (setup.hubs[0].port, setup.hubs[0].admin_key))
                 for level in levels:
                     measured = [Setup(s.name, s.hubs) for s in setups]
                     for m, s in zip(measured, setups):
                         m.key = s.key
-                        await m.run(session, max(50, args.jobs // 20), level, nats_pids, measured=False)  # warm-up
+                        await m.run(session, max(50, args.jobs // 20), level, nats_pids[m.name], measured=False)  # warm-up
                     for _ in range(args.rounds):
                         for m in measured:
-                            await m.run(session, max(1, args.jobs // args.rounds), level, nats_pids)
+                            await m.run(session, max(1, args.jobs // args.rounds), level, nats_pids[m.name])
                     result = {m.name: m.summary() for m in measured}
                     sq = result["sqlite"]["per_s"]
                     result["ratio_nats_to_sqlite"] = round(result["nats"]["per_s"] / sq, 3) if sq else None
