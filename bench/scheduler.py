@@ -197,6 +197,7 @@ def record_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec]) -> di
                     records = {j.id: lifecycle.JobRecord(id=j.id, tenant=j.tenant, cards=j.cards) for j in queued}
                     published0 = db.write_hook.published if db.write_hook else 0
                     t0 = time.perf_counter()
+                    await dbmod.barrier(db)  # the tick's read barrier, as the hub's tick loop takes it
                     tick = scheduler.plan(snap, NOW)
                     t1 = time.perf_counter()
                     placed = []
