@@ -120,6 +120,10 @@ async def test_writes_wait_out_a_paused_stream_leader_without_stalling_the_loop(
                     same = [asyncio.create_task(acme.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "k1"}))
                             for _ in range(2)]
                     await until(lambda: rep.in_flight >= n, 10, "the submissions in flight at the record")
+                    async with session.get(f"http://127.0.0.1:{hub.http_port}/metrics") as resp:
+                        metrics = await resp.text()
+                    gauge = [line for line in metrics.splitlines() if line.startswith("cpn_record_writes_in_flight ")]
+                    assert gauge and float(gauge[0].split()[1]) >= n, gauge
                     # Meanwhile reads answer from the projection, quickly, again and again.
                     listings: list[list[str]] = []
                     while not all(p.done() for p in posts):
