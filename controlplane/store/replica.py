@@ -31,6 +31,12 @@ With a replica attached to the database, that transaction gains the record's gua
 - Rule 6 (start): a process with an empty record seeds it from its SQLite file (an existing hub
   moving to the replicated record); otherwise the replicated tables are emptied and rebuilt from
   the record (SQLite is a projection, never the source).
+- Rule 7 (pipelined writes, :meth:`Replica.write` through ``store.db.write``): a write whose rows
+  are all replicated runs, is captured and is rolled back at once; its batch is then *awaited*
+  (the loop goes on, other writes of this process are in flight with it) and applied to SQLite
+  once acknowledged. A write touching a key already in flight waits for that batch and runs
+  again; a lost condition fails that write alone. Nothing unacknowledged is ever in SQLite.
+  Concurrent callers share one read barrier (``RecordBridge.catch_up_async``).
 """
 
 from __future__ import annotations
