@@ -13,6 +13,12 @@ Prints and writes ``bench/results/record.json``:
   lease 3 / 2 / 0.4 s).
 
 Run: ``.venv/bin/python -m bench.record`` (the cluster and the candidates come from tests/support).
+
+Not the same benchmark as ``cpn bench submissions`` (kept apart on purpose): this one measures the
+record's adapter (``controlplane/replicated/kv.py``) alone, in one process, and the takeover;
+``submissions`` measures whole hub processes answering ``POST /v1/jobs`` over HTTP (SQLite, the
+record pipelined, the record one write at a time). The scheduler's decisions persisted through the
+record are ``cpn bench scheduler --record``.
 """
 
 from __future__ import annotations

@@ -3,13 +3,20 @@ and their latency, a single hub on SQLite vs hubs on the replicated record, in t
 
 - ``sqlite``: one ``cpn hub`` process, ``--record sqlite`` (WAL, ``synchronous=FULL``);
 - ``nats``: ``--hubs`` ``cpn hub`` processes, ``--record nats``, on a 3-node loopback nats-server
-  cluster (R3, ``sync_interval: always``); the clients spread their submissions over every hub.
+  cluster (R3, ``sync_interval: always``); the clients spread their submissions over every hub;
+- ``nats_blocking``: the same with ``record_pipelined_writes = false`` (each process's writes one at
+  a time, its loop blocked while the record answers: the write path before pipelining).
 
-Both runs: the same ``--jobs`` submissions from ``--concurrency`` HTTP clients in this process,
-after a warm-up; every answer must be a 201. Prints and writes ``bench/results/submissions.json``
-(targets, issue #13: the replicated figure >= 0.25x the SQLite one, its p99 <= 50 ms on loopback).
+Every setup runs at once (each replicated one on a cluster of its own, so each has its own leader
+and scheduler); for each client count (``--concurrency 1,16``) the ``--jobs`` measured
+submissions of each setup go in ``--rounds`` interleaved rounds (sqlite, nats, nats_blocking, again),
+after a warm-up, so a loaded machine's changing load falls on all alike. Every answer must be a
+201. Also counted: CPU milliseconds per submission of the setup's hub processes and of the
+nats-server nodes (the SQLite hub's bus shares the first cluster; from /proc, which load does not distort the way it does latency). Prints and
+writes ``bench/results/submissions.json`` (targets, issue #13: the replicated figure >= 0.25x the
+SQLite one, its p99 <= 50 ms on loopback).
 
-Run: ``cpn bench submissions [--jobs N] [--concurrency C] [--hubs H]``.
+Run: ``cpn bench submissions [--jobs N] [--concurrency 1,16] [--hubs H] [--rounds R]``.
 """
 
 from __future__ import annotations
@@ -76,9 +83,21 @@ class HubProc:
                 await self.proc.wait()
 
 
-async def submit(session: aiohttp.ClientSession, ports: list[int], key: str, jobs: int, concurrency: int) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors: list[str] = []
+def cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def submit(session: aiohttp.ClientSession, ports: list[int], key: str, jobs: int, concurrency: int,
+                 latencies: list[float], errors: list[str]) -> float:
+    """``jobs`` submissions from ``concurrency`` clients; appends their latencies; the seconds taken."""
     counter = iter(range(jobs))
     headers = {"Authorization": f"Bearer {key}"}
 
@@ -94,77 +113,135 @@ async def submit(session: aiohttp.ClientSession, ports: list[int], key: str, job
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {
-        "submissions": jobs, "errors": len(errors), "first_errors": errors[:3],
-        "per_s": round(jobs / elapsed, 1),
-        "p50_ms": round(common.percentile(latencies, 50) * 1000, 2),
-        "p99_ms": round(common.percentile(latencies, 99) * 1000, 2),
-    }
+    return time.perf_counter() - started
 
 
-async def one_setup(session: aiohttp.ClientSession, hubs: list[HubProc], args: argparse.Namespace,
-                    tenant: str) -> dict[str, Any]:
-    admin = hubs[0].admin_key
-    async with session.post(f"http://127.0.0.1:{hubs[0].port}/v1/tenants", headers={"Authorization": f"Bearer {admin}"},
-                            json={"id": tenant, "rate_per_s": 1e6, "burst": 1_000_000}) as resp:
-        made = await resp.json()
-        assert resp.status == 201, made
-    key = made["api_key"]
-    for hub in hubs:  # every hub knows the tenant (the record replicated it)
-        async with asyncio.timeout(10):
-            while True:
-                async with session.get(f"http://127.0.0.1:{hub.port}/v1/usage",
-                                       headers={"Authorization": f"Bearer {key}"}) as resp:
-                    if resp.status == 200:
-                        break
-                await asyncio.sleep(0.05)
-    ports = [h.port for h in hubs]
-    await submit(session, ports, key, max(50, args.jobs // 20), args.concurrency)  # warm-up
-    return await submit(session, ports, key, args.jobs, args.concurrency)
+class Setup:
+    """One system under test: its hub processes, a tenant's key, and what it measured."""
+
+    def __init__(self, name: str, hubs: list[HubProc]) -> None:
+        self.name = name
+        self.hubs = hubs
+        self.key = ""
+        self.latencies: list[float] = []
+        self.errors: list[str] = []
+        self.seconds = 0.0
+        self.hub_cpu_s = 0.0
+        self.nats_cpu_s = 0.0
+
+    async def prepare(self, session: aiohttp.ClientSession, admin: tuple[int, str]) -> None:
+        async with session.post(f"http://127.0.0.1:{admin[0]}/v1/tenants", headers={"Authorization": f"Bearer {admin[1]}"},
+                                json={"id": self.name, "rate_per_s": 1e6, "burst": 1_000_000}) as resp:
+            made = await resp.json()
+            assert resp.status == 201, made
+        self.key = made["api_key"]
+        for hub in self.hubs:  # every hub knows the tenant (the record replicated it)
+            async with asyncio.timeout(10):
+                while True:
+                    async with session.get(f"http://127.0.0.1:{hub.port}/v1/usage",
+                                           headers={"Authorization": f"Bearer {self.key}"}) as resp:
+                        if resp.status == 200:
+                            break
+                    await asyncio.sleep(0.05)
+
+    async def run(self, session: aiohttp.ClientSession, jobs: int, concurrency: int, nats_pids: list[int],
+                  measured: bool = True) -> None:
+        pids = [h.proc.pid for h in self.hubs]
+        hub0, nats0 = cpu_s(pids), cpu_s(nats_pids)
+        latencies: list[float] = []
+        seconds = await submit(session, [h.port for h in self.hubs], self.key, jobs, concurrency, latencies,
+                               self.errors if measured else [])
+        if measured:
+            self.latencies += latencies
+            self.seconds += seconds
+            self.hub_cpu_s += cpu_s(pids) - hub0
+            self.nats_cpu_s += cpu_s(nats_pids) - nats0
+
+    def summary(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        n = len(lat)
+        return {
+            "submissions": n, "errors": len(self.errors), "first_errors": self.errors[:3],
+            "per_s": round(n / self.seconds, 1) if self.seconds else 0.0,
+            "p50_ms": round(common.percentile(lat, 50) * 1000, 2),
+            "p99_ms": round(common.percentile(lat, 99) * 1000, 2),
+            "hub_cpu_ms_per_submission": round(self.hub_cpu_s * 1000 / n, 3) if n else None,
+            "nats_cpu_ms_per_submission": round(self.nats_cpu_s * 1000 / n, 3) if n else None,
+        }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"jobs": args.jobs, "concurrency": args.concurrency, "hubs": args.hubs}
+    """Every setup runs at once; the measured submissions go in interleaved rounds (each setup in
+    turn), so the machine's changing load falls on all of them alike."""
+    levels = [int(c) for c in str(args.concurrency).split(",")]
+    out: dict[str, Any] = {"jobs": args.jobs, "concurrency": levels, "hubs": args.hubs, "rounds": args.rounds,
+                           "load_before": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        async with NatsCluster(base / "nats") as cluster, aiohttp.ClientSession() as session:
+        blocking_toml = base / "blocking.toml"
+        blocking_toml.write_text("record_pipelined_writes = false\n")
+        # Each replicated setup on a cluster of its own: one record, one leader (its scheduler) each.
+        async with NatsCluster(base / "nats") as cluster, NatsCluster(base / "nats2") as cluster2, \
+                aiohttp.ClientSession() as session:
             common_args = ["--listen", "127.0.0.1:0"]
-            single = await HubProc.start([*common_args, "--record", "sqlite", "--nats", cluster.urls[0],
-                                          "--db", str(base / "sqlite" / "hub.db"), "--hub-id", "bench-sqlite",
-                                          "--create-admin-key"])
+            procs: list[HubProc] = []
             try:
-                out["sqlite"] = await one_setup(session, [single], args, "sqlite")
+                single = await HubProc.start([*common_args, "--record", "sqlite", "--nats", cluster.urls[0],
+                                              "--db", str(base / "sqlite" / "hub.db"), "--hub-id", "bench-sqlite",
+                                              "--create-admin-key"])
+                procs.append(single)
+                setups = [Setup("sqlite", [single])]
+                nats_pids: dict[str, list[int]] = {"sqlite": [n.pid for n in cluster.nodes if n.pid is not None]}
+                for name, extra, c in (("nats", [], cluster), ("nats_blocking", ["--config", str(blocking_toml)], cluster2)):
+                    hubs = []
+                    for i in range(args.hubs):
+                        hub_id = f"bench-{name}-{i}"
+                        hubs.append(await HubProc.start([
+                            *extra, *common_args, "--record", "nats", "--nats", ",".join(c.urls),
+                            "--db", str(base / hub_id / "hub.db"), "--hub-id", hub_id,
+                            *(["--create-admin-key"] if i == 0 else [])]))
+                        procs.append(hubs[-1])
+                    setups.append(Setup(name, hubs))
+                    nats_pids[name] = [n.pid for n in c.nodes if n.pid is not None]
+                for setup in setups:
+                    await setup.prepare(session, (setup.hubs[0].port, setup.hubs[0].admin_key))
+                for level in levels:
+                    measured = [Setup(s.name, s.hubs) for s in setups]
+                    for m, s in zip(measured, setups):
+                        m.key = s.key
+                        await m.run(session, max(50, args.jobs // 20), level, nats_pids[m.name], measured=False)  # warm-up
+                    for _ in range(args.rounds):
+                        for m in measured:
+                            await m.run(session, max(1, args.jobs // args.rounds), level, nats_pids[m.name])
+                    result = {m.name: m.summary() for m in measured}
+                    sq = result["sqlite"]["per_s"]
+                    result["ratio_nats_to_sqlite"] = round(result["nats"]["per_s"] / sq, 3) if sq else None
+                    result["ratio_blocking_to_sqlite"] = round(result["nats_blocking"]["per_s"] / sq, 3) if sq else None
+                    result["ratio_pipelined_to_blocking"] = round(
+                        result["nats"]["per_s"] / result["nats_blocking"]["per_s"], 3) if result["nats_blocking"]["per_s"] else None
+                    out[f"c{level}"] = result
             finally:
-                await single.stop()
-            urls = ",".join(cluster.urls)
-            hubs: list[HubProc] = []
-            try:
-                for i in range(args.hubs):
-                    hubs.append(await HubProc.start([
-                        *common_args, "--record", "nats", "--nats", urls, "--db", str(base / f"hub{i}" / "hub.db"),
-                        "--hub-id", f"bench-{i}", *(["--create-admin-key"] if i == 0 else [])]))
-                out["nats"] = await one_setup(session, hubs, args, "nats")
-            finally:
-                for hub in hubs:
+                for hub in procs:
                     await hub.stop()
-    out["ratio_nats_to_sqlite"] = round(out["nats"]["per_s"] / out["sqlite"]["per_s"], 3)
+    out["load_after"] = round(os.getloadavg()[0], 2)
     out["targets"] = ">= 0.25x the SQLite figure; p99 <= 50 ms"
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cpn bench submissions", description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=2000, help="measured submissions per setup and client count")
+    parser.add_argument("--concurrency", default="1,16", help="client counts, comma-separated (default 1,16)")
     parser.add_argument("--hubs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the submissions are split into")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))
     for name, value in result.items():
         print(f"{name:24s} {value}")
     print(f"wrote {common.write('submissions', result)}")
-    return 0 if not (result["sqlite"]["errors"] or result["nats"]["errors"]) else 1
+    failed = any(r[s]["errors"] for k, r in result.items() if k.startswith("c") and isinstance(r, dict)
+                 for s in ("sqlite", "nats", "nats_blocking"))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -174,6 +174,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         hub_id=config.hub_id, role=config.role, clock=clock, tasks=tasks.scope("leadership"),
         record_urls=record_urls(config) if config.record == "nats" else (), set_epoch=stamp,
         set_fence=fence_commits, listen=listening, on_change=leading_changed)
+    tenancy.gateways = lambda: leadership.gateways  # each gateway enforces its share of a tenant's rate
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
                                    demand=inference.drain_demand, autoscale=config.autoscale)
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
@@ -266,4 +267,5 @@ async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dic
     db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
     assert db.write_hook is not None
     db.write_hook.listeners.append(on_change)
+    db.write_hook.pipelined = config.record_pipelined_writes
     return db

@@ -120,6 +120,10 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """How long a write to the replicated record keeps trying before it is refused (503
     ``record_unavailable``). It must outlast a stream leader election (4-9 s) to ride out the loss of
     one NATS node; the event loop waits meanwhile."""
+    record_pipelined_writes: bool = True
+    """Writes that may (submissions) await the record's quorum without holding the event loop, several
+    in flight at once (docs/architecture.md §16); false: every write blocks the loop until the
+    record answers, one at a time (the earlier behaviour, kept for same-run comparisons)."""
     role: Literal["hub", "gateway", "controller"] = "hub"
     """What this process does: ``hub`` both (the default), ``gateway`` tenants' HTTP only (never
     decides), ``controller`` decides (scheduler, deployments, commands to sites) without HTTP. A

@@ -181,6 +181,14 @@ class HubState(Collector):
         revision = GaugeMetricFamily("cpn_record_revision", "The last revision of the replicated record this process applied")
         revision.add_metric([], getattr(bridge, "revision", 0))
         yield revision
+        in_flight = GaugeMetricFamily("cpn_record_writes_in_flight",
+                                      "Pipelined write transactions of this process awaiting the record's quorum")
+        in_flight.add_metric([], replica.in_flight)
+        yield in_flight
+        waits = CounterMetricFamily("cpn_record_write_waits",
+                                    "Pipelined writes that ran again after a batch in flight with one of their keys")
+        waits.add_metric([], replica.write_waits)
+        yield waits
 
     def _record(self) -> Iterator[Metric]:
         snap = store_stats.snapshot(self.store.db, now=self.clock.time())

@@ -276,7 +276,7 @@ async def submit(request: web.Request) -> web.Response:
         priced = body_hash(msgspec.structs.replace(spec, **dict.fromkeys(QUOTE_FIELDS)))
         admitted = _views(request).admit(tenant, spec)
         stored = request.app[SERVICES].market.bind_quote(tenant, admitted, priced, now)
-        row, replayed = _service(request).submit(tenant, stored, key, digest, now)
+        row, replayed = await _service(request).submit_async(tenant, stored, key, digest, now)
     headers = {"Location": f"/v1/jobs/{row.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -23,6 +23,10 @@ in their own thread, with their own NATS connection:
   write, which may have landed: NoQuorum means "unknown"). The first write that a quorum acknowledges (or that loses a compare-and-set, which
   also takes a quorum) ends this. So a process without quorum stalls its loop for at most
   ``probe_deadline_s`` per ``probe_every_s``, not a whole write deadline per write.
+- Rule 6: :meth:`commit_async` and :meth:`catch_up_async` are the same calls for code on an event
+  loop (``store/replica.py``'s :meth:`~controlplane.store.replica.Replica.write`): they await the
+  answer instead of blocking, so the caller's loop goes on (reads, heartbeats, inference) while a
+  write waits for its quorum, through a stream election too, and several writes are in flight.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ class RecordBridge:
         """Monotonic time of the NoQuorum that started refusing writes (None: writes go through)."""
         self._next_probe_at = 0.0
         self.refused = 0
+        self._next_barrier: asyncio.Future[bool] | None = None
+        self._barriers_running = False
+        self.barriers = 0
+        """Read barriers :meth:`catch_up_async` asked the record for (shared by the callers of one)."""
 
     fence: Fence | None = None
     """While this process leads, its leader fence (``services/leadership.py``): every commit then
@@ -145,26 +153,52 @@ class RecordBridge:
             NoQuorum: no quorum acknowledged within the write deadline (outcome unknown).
         """
         record = self._need_record()
-        now = time.monotonic()
-        deadline_s = self.write_deadline_s
-        if self.degraded_since is not None:
-            if now < self._next_probe_at:
-                self.refused += 1
-                raise NoQuorum(f"no quorum for {now - self.degraded_since:.1f} s (the last write was not acknowledged); "
-                               f"next try in {self._next_probe_at - now:.2f} s")
-            deadline_s = self.probe_deadline_s
+        now, deadline_s = self._admit()
         try:
             revisions = self._call(record.commit(writes, self.fence, deadline_s=deadline_s), deadline_s + 5.0)
-        except NoQuorum:
-            if self.degraded_since is None:
-                self.degraded_since = now
-            self._next_probe_at = time.monotonic() + self.probe_every_s
+        except (NoQuorum, Conflict) as exc:
+            self._settled(exc, now)
             raise
-        except Conflict:
-            self.degraded_since = None  # a compare-and-set was decided: a quorum answers
-            raise
-        self.degraded_since = None
+        self._settled(None, now)
         return revisions
+
+    async def commit_async(self, writes: Sequence[Write], *, fenced: bool = True) -> list[int]:
+        """:meth:`commit` for a caller on an event loop (Rule 6): it awaits the record's answer, so
+        its loop goes on meanwhile, and several such commits of one process are in flight at once.
+        ``fenced=False``: no leader fence (a write a gateway makes for a tenant, not a decision).
+
+        Raises:
+            Conflict, NoQuorum: as :meth:`commit`.
+        """
+        record = self._need_record()
+        now, deadline_s = self._admit()
+        coro = record.commit(writes, self.fence if fenced else None, deadline_s=deadline_s)
+        try:
+            revisions = await self._await(coro, deadline_s + 5.0)
+        except (NoQuorum, Conflict) as exc:
+            self._settled(exc, now)
+            raise
+        self._settled(None, now)
+        return revisions
+
+    def _admit(self) -> tuple[float, float]:
+        """Rule 5: (now, this write's deadline); raises NoQuorum at once while writes are refused."""
+        now = time.monotonic()
+        if self.degraded_since is None:
+            return now, self.write_deadline_s
+        if now < self._next_probe_at:
+            self.refused += 1
+            raise NoQuorum(f"no quorum for {now - self.degraded_since:.1f} s (the last write was not acknowledged); "
+                           f"next try in {self._next_probe_at - now:.2f} s")
+        return now, self.probe_deadline_s
+
+    def _settled(self, error: BaseException | None, started: float) -> None:
+        if isinstance(error, NoQuorum):
+            if self.degraded_since is None:
+                self.degraded_since = started
+            self._next_probe_at = time.monotonic() + self.probe_every_s
+            return
+        self.degraded_since = None  # acknowledged, or a compare-and-set was decided: a quorum answers
 
     def catch_up(self) -> bool:
         """Block until every write the record holds now is queued; False if the record did not
@@ -178,6 +212,35 @@ class RecordBridge:
             self.catch_up_failures += 1
             return False
         return True
+
+    async def catch_up_async(self) -> bool:
+        """:meth:`catch_up` for a caller on an event loop: its loop goes on while it waits. Callers
+        that come while a barrier is under way share the next one (it starts after they came, so it
+        covers every write the record held when they called): one request per round trip, not one
+        per caller."""
+        if self.degraded_since is not None and time.monotonic() < self._next_probe_at:
+            return False
+        if self._next_barrier is None:
+            self._next_barrier = asyncio.get_running_loop().create_future()
+            if not self._barriers_running:
+                self._barriers_running = True
+                asyncio.get_running_loop().create_task(self._run_barriers())
+        return await asyncio.shield(self._next_barrier)
+
+    async def _run_barriers(self) -> None:
+        try:
+            while self._next_barrier is not None:
+                waiting, self._next_barrier = self._next_barrier, None
+                try:
+                    await self._await(self._catch_up(), self.catch_up_timeout_s + 1.0)
+                    ok = True
+                except Exception:  # no quorum, no answer in time: the callers read what they have
+                    self.catch_up_failures += 1
+                    ok = False
+                self.barriers += 1
+                waiting.set_result(ok)
+        finally:
+            self._barriers_running = False
 
     async def _catch_up(self) -> None:
         record, projection = self._need_record(), self.projection
@@ -213,6 +276,19 @@ class RecordBridge:
         if self.record is None:
             raise NoQuorum("the record is not open")
         return self.record
+
+    async def _await(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            coro.close()
+            raise NoQuorum("the record's thread is not running")
+        future = asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            future.cancel()
+            raise NoQuorum(f"the record did not answer within {timeout_s:g} s") from None
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
         loop = self._loop

@@ -123,6 +123,9 @@ class Leadership:
         self.epoch = 0
         self.terms = 0
         self._change = asyncio.Lock()
+        self.gateways = 1
+        """Gateways (role hub or gateway) heard from in the record within ``STALE_S``, this one
+        included; 1 on SQLite. The tenancy service enforces 1/gateways of each tenant's rate."""
 
     def __repr__(self) -> str:
         return f"<Leadership {self.mode} {self.identity} leading={self.leading} epoch={self.epoch}>"
@@ -250,7 +253,24 @@ class Leadership:
             except RecordError as exc:
                 revision = None
                 log.debug("event=presence_failed hub=%s error=%s", self.hub_id, exc)
+            try:
+                self.gateways = await self._count_gateways()
+            except RecordError as exc:  # keep the last count
+                log.debug("event=gateway_count_failed hub=%s error=%s", self.hub_id, exc)
             await self.clock.sleep(PRESENCE_S)
+
+    async def _count_gateways(self) -> int:
+        assert self.record is not None
+        now = self.clock.time()
+        seen = {self.hub_id} if self.role != "controller" else set()
+        for key in await self.record.keys(PROCESS_PREFIX + ">"):
+            try:
+                p = msgspec.json.decode((await self.record.get(key)).value, type=Presence)
+            except (NotFound, msgspec.ValidationError):
+                continue
+            if p.role != "controller" and now - p.at <= STALE_S:
+                seen.add(p.hub_id)
+        return max(1, len(seen))
 
     async def view(self) -> dict[str, Any]:
         """``GET /v1/cluster``: the hub processes, the leader and its epoch, the NATS nodes."""

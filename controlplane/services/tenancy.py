@@ -1,6 +1,11 @@
 """Tenants and their API keys, as the gateway and the tools use them: who a key is, what a tenant may
 do (its rate), creating tenants and issuing, listing, revoking and rotating keys.
 
+Rate limits across gateways: the buckets are per process, so with N gateways on one record each
+enforces 1/N of a tenant's rate and burst (N: the gateways heard from in the record's presence keys,
+``Leadership.gateways``). A tenant spread over the gateways (a load balancer in front) gets its
+plan; one that sends everything to one gateway gets 1/N of it there.
+
 Built by the composition root with exactly what it uses: the record (:class:`~controlplane.store.handle.Store`),
 the in-memory :class:`~controlplane.core.auth.KeyRing`, the rate buckets, the clock and the metrics.
 The key lifecycle rules themselves are in :mod:`controlplane.services.keys`.
@@ -9,6 +14,7 @@ The key lifecycle rules themselves are in :mod:`controlplane.services.keys`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from controlplane.core import auth
@@ -37,6 +43,9 @@ class TenancyService:
         self.metrics = metrics
         self._tenants: dict[str, dict[str, Any]] = {}
         self._key_misses: dict[str, tuple[float, str]] = {}
+        self.gateways: Callable[[], int] = lambda: 1
+        """How many gateways serve tenants now (this one included): each enforces its share of a
+        tenant's rate and burst (set by the composition from ``Leadership.gateways``)."""
 
     def __repr__(self) -> str:
         return f"<TenancyService tenants={len(self._tenants)} keys={self.keys!r}>"
@@ -85,9 +94,12 @@ class TenancyService:
         if tenant is None:  # operators are not rate limited
             return
         row = self.tenant(tenant) or {}
-        ok, retry_after_s = self.rate_limiter.take(
-            tenant, self.clock.monotonic(), rate_per_s=row.get("rate_per_s") or None, burst=row.get("burst") or None,
-        )
+        rate = row.get("rate_per_s") or self.rate_limiter.rate_per_s
+        burst = row.get("burst") or self.rate_limiter.burst
+        share = max(1, self.gateways())
+        if share > 1:  # N gateways: each 1/N of the plan, so the tenant gets its rate, not N times it
+            rate, burst = rate / share, max(1.0, burst / share)
+        ok, retry_after_s = self.rate_limiter.take(tenant, self.clock.monotonic(), rate_per_s=rate, burst=burst)
         if not ok:
             raise RateLimited(f"tenant {tenant!r} is over its request rate; retry in {retry_after_s:.2f} s",
                               retry_after_s=retry_after_s)

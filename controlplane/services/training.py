@@ -60,7 +60,7 @@ from controlplane.runtime import BackgroundTasks
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.store.db import Database, transaction
+from controlplane.store.db import Database, barrier, transaction
 # The rows this service's API answers with (the gateway renders them; it never imports the store).
 from controlplane.store.jobs import AttemptRow as AttemptRow, EventRow as EventRow, JobRow as JobRow
 from controlplane.store.outbox import OutboxRow
@@ -72,6 +72,10 @@ if TYPE_CHECKING:
     from controlplane.metrics import HubMetrics
     from controlplane.nats.bus import HubBus
     from topology.layout import Layout
+
+TICK_CHUNK = 200
+"""Decisions of a scheduler tick persisted per transaction (a start writes its job and attempt
+rows; stops and unplaceable events go with the first chunk)."""
 
 log = logging.getLogger("cpn.training")
 
@@ -199,6 +203,7 @@ class TrainingService:
                 pass
             self._poke.clear()
             try:
+                await barrier(self.db)  # the tick's read barrier, awaited: the loop goes on meanwhile
                 self.tick(self.clock.time())
             except asyncio.CancelledError:
                 raise
@@ -235,6 +240,20 @@ class TrainingService:
             Unprocessable: the idempotency key was used with another body.
         """
         row, replayed = store_jobs.create_job(self.db, tenant, spec, idem_key, body_hash, now)
+        if not replayed:
+            log.info("event=job_submitted job=%s tenant=%s cards=%s", row.id, tenant, row.cards)
+            self.poke()
+        return row, replayed
+
+    async def submit_async(self, tenant: str, spec: JobSpec, idem_key: str | None, body_hash: str,
+                           now: float) -> tuple[store_jobs.JobRow, bool]:
+        """:meth:`submit`, awaited: on the replicated record the loop goes on while the record
+        acknowledges, and concurrent submissions are in flight together (``store.db.write``).
+
+        Raises:
+            Unprocessable: the idempotency key was used with another body.
+        """
+        row, replayed = await store_jobs.create_job_async(self.db, tenant, spec, idem_key, body_hash, now)
         if not replayed:
             log.info("event=job_submitted job=%s tenant=%s cards=%s", row.id, tenant, row.cards)
             self.poke()
@@ -440,25 +459,31 @@ class TrainingService:
         waits = [(w.job_id, w.reason) for w in plan.wait]
         infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
         waits += infeasible
-        with transaction(db):
-            for job_id, reason in infeasible if plan_pools else ():
-                old = rows.get(job_id)
-                if old is not None and old.reason != reason:  # a new reason: say it in the job's events
-                    store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
-            for w in plan.wait:
-                old = rows.get(w.job_id)
-                if old is not None and \
-                        scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind):
-                    # A new kind of wait (a tariff window, quota, cards, ...): say why in the job's events.
-                    store_jobs.record_hub_event(db, w.job_id, old.attempt, "waiting",
-                                                {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
-            store_jobs.record_placements(db, placed, now)
-            for site, cmd in starts:
-                self.outbox.add(site, cmd, now)
-            for stop in stops:
-                self._enqueue_stop(stop.pool, stop.job_id, stop.attempt, now, checkpoint=stop.checkpoint,
-                                   reason=stop.reason)
-            store_jobs.record_waits(db, waits, now)
+        # One transaction per TICK_CHUNK decisions (each with what it must send): the replicated
+        # record takes at most 1,000 rows in one atomic batch, and a start writes two.
+        n = max(len(placed), len(waits), 1)
+        for i in range(0, n, TICK_CHUNK):
+            with transaction(db):
+                if i == 0:
+                    for job_id, reason in infeasible if plan_pools else ():
+                        old = rows.get(job_id)
+                        if old is not None and old.reason != reason:  # a new reason: say it in the job's events
+                            store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason},
+                                                        now)
+                    for w in plan.wait:
+                        old = rows.get(w.job_id)
+                        if old is not None and \
+                                scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind):
+                            # A new kind of wait (a tariff window, quota, cards, ...): say why in the job's events.
+                            store_jobs.record_hub_event(db, w.job_id, old.attempt, "waiting",
+                                                        {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
+                    for stop in stops:
+                        self._enqueue_stop(stop.pool, stop.job_id, stop.attempt, now, checkpoint=stop.checkpoint,
+                                           reason=stop.reason)
+                store_jobs.record_placements(db, placed[i:i + TICK_CHUNK], now)
+                for site, cmd in starts[i:i + TICK_CHUNK]:
+                    self.outbox.add(site, cmd, now)
+                store_jobs.record_waits(db, waits[i:i + TICK_CHUNK], now)
         for rec, pl in placed:
             log.info("event=job_placed job=%s attempt=%d pool=%s accelerator=%s expected_cny=%.2f progress=%.3f",
                      rec.id, rec.attempt, rec.pool, rec.accelerator, pl.breakdown.total_cny if pl.breakdown else 0.0,

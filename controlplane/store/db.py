@@ -9,10 +9,10 @@ whatever the umask (SQLite gives the -wal and -shm files the database file's mod
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import sqlite_utils
 
@@ -20,6 +20,8 @@ from controlplane.core.errors import StoreError
 from controlplane.store.migrations import MIGRATIONS, Migration
 from edge_agent import private_files
 from controlplane.store.market import billing as market_billing
+
+T = TypeVar("T")
 
 Database = sqlite_utils.Database
 """The record's connection, as the layers above name it (only the store imports SQLite)."""
@@ -134,6 +136,30 @@ def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
     conn.execute("COMMIT")
     if hook is not None:
         hook.after_commit()
+
+
+async def write(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database], T], *, fenced: bool = True) -> T:
+    """``fn(db)`` as one :func:`transaction`, awaited: on the replicated record the loop goes on
+    while the record acknowledges, and several such writes of one process are in flight at once
+    (``Replica.write``; ``fenced=False`` for a write made for a tenant rather than a leader's
+    decision). ``fn`` may run more than once and must have no effect outside the database.
+    """
+    hook = getattr(db, "write_hook", None)
+    pipelined = getattr(hook, "write", None)
+    if pipelined is not None and getattr(hook, "pipelined", False) and not db.conn.in_transaction:
+        result: T = await pipelined(fn, fenced=fenced)
+        return result
+    with transaction(db):
+        return fn(db)
+
+
+async def barrier(db: sqlite_utils.Database) -> None:
+    """On the replicated record: the read barrier of the synchronous transactions that follow in
+    this turn of the event loop, awaited rather than blocking (``Replica.barrier``). Else nothing."""
+    hook = getattr(db, "write_hook", None)
+    awaited = getattr(hook, "barrier", None)
+    if awaited is not None and not db.conn.in_transaction:
+        await awaited()
 
 
 def close(db: sqlite_utils.Database) -> None:

@@ -55,7 +55,7 @@ from controlplane.core.jobspec import JobSpec
 from controlplane.core.lifecycle import JobState
 from controlplane.core.placement import CostBreakdown
 from controlplane.core.scheduler import Explanation
-from controlplane.store.db import transaction
+from controlplane.store.db import transaction, write
 
 
 class Placed(msgspec.Struct, kw_only=True):
@@ -241,31 +241,46 @@ def create_job(
     if spec.cards < 1:
         raise Unprocessable(f"cards must be an integer >= 1, got {spec.cards!r}", field="cards")
     with transaction(db):
-        conn = db.conn
-        if idem_key is not None:
-            hit = conn.execute(
-                "SELECT body_hash, response, job_id FROM idempotency WHERE tenant = ? AND key = ?", (tenant, idem_key)
-            ).fetchone()
-            if hit is not None:
-                return _replay(db, hit, body_hash), True
-        jid = job_id or _new_id()
-        if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (jid,)).fetchone():
-            raise Conflict(f"job {jid} already exists", field="id")
-        max_retries = lifecycle.DEFAULT_MAX_USER_RETRIES if spec.max_retries is None else spec.max_retries
+        return _create_job(db, tenant, spec, idem_key, body_hash, now, job_id)
+
+
+async def create_job_async(db: sqlite_utils.Database, tenant: str, spec: JobSpec, idem_key: str | None,
+                           body_hash: str, now: float) -> tuple[JobRow, bool]:
+    """:func:`create_job`, awaited (``store.db.write``): on the replicated record the loop goes on
+    while the record acknowledges, and concurrent submissions of one process are in flight together.
+    Not fenced: a submission is a tenant's write, which any gateway makes, leading or not."""
+    if spec.cards < 1:
+        raise Unprocessable(f"cards must be an integer >= 1, got {spec.cards!r}", field="cards")
+    return await write(db, lambda d: _create_job(d, tenant, spec, idem_key, body_hash, now, None), fenced=False)
+
+
+def _create_job(db: sqlite_utils.Database, tenant: str, spec: JobSpec, idem_key: str | None, body_hash: str,
+                now: float, job_id: str | None) -> tuple[JobRow, bool]:
+    conn = db.conn
+    if idem_key is not None:
+        hit = conn.execute(
+            "SELECT body_hash, response, job_id FROM idempotency WHERE tenant = ? AND key = ?", (tenant, idem_key)
+        ).fetchone()
+        if hit is not None:
+            return _replay(db, hit, body_hash), True
+    jid = job_id or _new_id()
+    if conn.execute("SELECT 1 FROM jobs WHERE id = ?", (jid,)).fetchone():
+        raise Conflict(f"job {jid} already exists", field="id")
+    max_retries = lifecycle.DEFAULT_MAX_USER_RETRIES if spec.max_retries is None else spec.max_retries
+    conn.execute(
+        "INSERT INTO jobs (id, tenant, name, spec, state, priority, cards, max_user_retries, "
+        "max_infra_restarts, submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (jid, tenant, spec.name, jobspec.encode(spec).decode(), JobState.QUEUED.value, spec.priority,
+         spec.cards, max_retries, lifecycle.DEFAULT_MAX_INFRA_RESTARTS, now, now),
+    )
+    row = _get(db, jid)
+    assert row is not None
+    if idem_key is not None:
         conn.execute(
-            "INSERT INTO jobs (id, tenant, name, spec, state, priority, cards, max_user_retries, "
-            "max_infra_restarts, submitted_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (jid, tenant, spec.name, jobspec.encode(spec).decode(), JobState.QUEUED.value, spec.priority,
-             spec.cards, max_retries, lifecycle.DEFAULT_MAX_INFRA_RESTARTS, now, now),
+            "INSERT INTO idempotency (tenant, key, body_hash, job_id, status, response, created_at) "
+            "VALUES (?, ?, ?, ?, 201, ?, ?)",
+            (tenant, idem_key, body_hash, jid, _encode(row), now),
         )
-        row = _get(db, jid)
-        assert row is not None
-        if idem_key is not None:
-            conn.execute(
-                "INSERT INTO idempotency (tenant, key, body_hash, job_id, status, response, created_at) "
-                "VALUES (?, ?, ?, ?, 201, ?, ?)",
-                (tenant, idem_key, body_hash, jid, _encode(row), now),
-            )
     return row, False
 
 

@@ -293,4 +293,24 @@ MIGRATIONS: list[tuple[str, Migration]] = [
         CREATE UNIQUE INDEX api_keys_id ON api_keys (id)
         """,
     ),
+    (
+        # the replicated record's usage (owner: store/replica.py, Rule 5): this process's own
+        # cumulative counters, committed locally with the usage they count, so counters the record
+        # has not acknowledged yet survive the process and are published on its next start. Local only.
+        "0032_record_usage_own",
+        """
+        CREATE TABLE record_usage_own (
+            process TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            model TEXT NOT NULL,
+            site TEXT NOT NULL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            prompt_tokens INTEGER NOT NULL DEFAULT 0,
+            completion_tokens INTEGER NOT NULL DEFAULT 0,
+            card_hours REAL NOT NULL DEFAULT 0,
+            energy_cny REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (process, tenant, model, site)
+        )
+        """,
+    ),
 ]

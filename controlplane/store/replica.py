@@ -24,11 +24,19 @@ With a replica attached to the database, that transaction gains the record's gua
   process publishes its own cumulative counters under ``usage.<process>.<tenant>.<model>.<site>``;
   the local ``usage`` row is the sum over every process's counters. They are published just after
   the local commit, as absolute values: a send left unanswered (no quorum) is sent again with the
-  next write, and counts nothing twice if the first one landed after all. (Counters not yet
-  published when the process dies are lost, like the usage still in its one-second buffer.)
+  next write, and counts nothing twice if the first one landed after all. They are also kept in
+  the local table ``record_usage_own``, committed (fsynced) with the usage they count: a process
+  that dies before the record acknowledged them publishes them on its next start (Rule 6). (The
+  usage still in the accounting's one-second buffer is lost with the process, as on SQLite.)
 - Rule 6 (start): a process with an empty record seeds it from its SQLite file (an existing hub
   moving to the replicated record); otherwise the replicated tables are emptied and rebuilt from
   the record (SQLite is a projection, never the source).
+- Rule 7 (pipelined writes, :meth:`Replica.write` through ``store.db.write``): a write whose rows
+  are all replicated runs, is captured and is rolled back at once; its batch is then *awaited*
+  (the loop goes on, other writes of this process are in flight with it) and applied to SQLite
+  once acknowledged. A write touching a key already in flight waits for that batch and runs
+  again; a lost condition fails that write alone. Nothing unacknowledged is ever in SQLite.
+  Concurrent callers share one read barrier (``RecordBridge.catch_up_async``).
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import sqlite_utils
@@ -51,6 +59,7 @@ from controlplane.replicated.kv import MAX_BATCH, Change, Write
 from controlplane.store.db import open_db
 
 _log = logging.getLogger("cpn.store.replica")
+T = TypeVar("T")
 
 TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     # table: (record kind, primary key columns)
@@ -76,6 +85,10 @@ class Bridge(Protocol):
     wakeup: Callable[[], None] | None
 
     def commit(self, writes: Sequence[Write]) -> list[int]: ...
+
+    async def commit_async(self, writes: Sequence[Write], *, fenced: bool = ...) -> list[int]: ...
+
+    async def catch_up_async(self) -> bool: ...
 
     def start(self, timeout_s: float = ...) -> None: ...
 
@@ -155,6 +168,20 @@ class Replica:
         self.conflicts = 0
         self.no_quorum = 0
         self.publish_ms: list[float] = []
+        self._captures = 0
+        self._fresh = False
+        self._has_own_usage = False
+        self.pipelined = True
+        """False: :meth:`write` is not used (``store.db.write`` commits the blocking way)."""
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        """Rule 7: the keys of this process's writes awaiting the record, with their batch's end."""
+        self.in_flight = 0
+        self.in_flight_peak = 0
+        """The most :meth:`write` batches that were awaiting the record at once."""
+        self.write_waits = 0
+        """:meth:`write` runs that found a key they write already in flight and ran again after it."""
+        self.write_fallbacks = 0
+        """:meth:`write` runs that held local-only rows or usage, committed as a ``transaction()``."""
 
     def __repr__(self) -> str:
         return (f"<Replica {self.process} keys={len(self.revisions)} published={self.published} applied={self.applied} "
@@ -165,6 +192,7 @@ class Replica:
     def install(self) -> None:
         """Register the capture function and the TEMP triggers (this connection only)."""
         conn = self.db.conn
+        self._has_own_usage = bool(conn.execute("PRAGMA main.table_info(record_usage_own)").fetchall())
         conn.create_function("cpn_row", -1, self._captured)
         for table, (_, pk) in TABLES.items():
             cols = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
@@ -185,6 +213,7 @@ class Replica:
     def _captured(self, table: str, op: str, *values: Any) -> None:
         if self._applying:
             return None
+        self._captures += 1
         if not self.db.conn.in_transaction:
             raise RuntimeError(f"write to replicated table {table} outside store.db.transaction()")
         pk_cols = TABLES[table][1]
@@ -210,9 +239,24 @@ class Replica:
     # ------------------------------------------------------------------ the write path (store.db.transaction)
 
     def before_begin(self) -> None:
-        """Rule 3: apply what the record holds now before a write transaction reads anything."""
-        self.bridge.catch_up()
+        """Rule 3: apply what the record holds now before a write transaction reads anything
+        (unless :meth:`barrier` just did, in this same turn of the loop)."""
+        if not self._fresh:
+            self.bridge.catch_up()
         self.apply_changes()
+
+    async def barrier(self) -> None:
+        """Rule 3, awaited: the read barrier for the synchronous transactions that follow in this
+        turn of the loop (a scheduler tick), so they skip their blocking one; the loop goes on while
+        the record answers (or does not, during an election: then they read what is here)."""
+        await self.bridge.catch_up_async()
+        await self._no_transaction()
+        self.apply_changes()
+        self._fresh = True
+        asyncio.get_running_loop().call_soon(self._unfresh)
+
+    def _unfresh(self) -> None:
+        self._fresh = False
 
     def before_commit(self) -> None:
         """Rule 2: publish the transaction's rows as one atomic batch; raise to roll back.
@@ -225,6 +269,7 @@ class Replica:
                 mine = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
                 usage_after[ident] = [a + b for a, b in zip(mine, delta)]
         self._committed_usage = usage_after
+        self._keep_own_usage(usage_after)
         if not pending:
             return
         writes = [Write(key, _ENCODE(Value(t=table, row=row, deleted=deleted)), self.revisions.get(key, 0))
@@ -235,26 +280,160 @@ class Replica:
         started = time.perf_counter()
         try:
             revisions = self.bridge.commit(writes)
-        except Fenced:
-            self.conflicts += 1
-            _log.warning("event=record_fenced rows=%d", len(writes))
-            raise RecordConflict("this process no longer leads (a newer controller's epoch took over); nothing "
-                                 "was written") from None
-        except Conflict as exc:
-            self.conflicts += 1
-            _log.info("event=record_conflict rows=%d first_key=%s", len(writes), exc.key)
-            raise RecordConflict("the record changed under this write (another hub process wrote one of its rows "
-                                 "first); nothing was written, retry") from None
-        except NoQuorum as exc:
-            self.no_quorum += 1
-            raise RecordUnavailable(f"the replicated record has no quorum: {exc}") from None
         except RecordError as exc:
-            raise RecordUnavailable(f"the replicated record refused the write: {exc}") from None
+            raise self._refused(exc, len(writes)) from None
+        self._published(writes, started)
+        self._committed = [(w.key, r) for w, r in zip(writes, revisions)]
+
+    def _keep_own_usage(self, counters: dict[tuple[str, str, str], list[float]]) -> None:
+        """Rule 5: this process's counters go to its local ``record_usage_own`` in the transaction
+        that counts them (durable with its local commit), for :meth:`_restore_own_usage`."""
+        if not counters or not self._has_own_usage:
+            return
+        cols = ", ".join(USAGE_COUNTERS)
+        self.db.conn.executemany(
+            f"INSERT INTO record_usage_own (process, tenant, model, site, {cols}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (process, tenant, model, site) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in USAGE_COUNTERS),
+            [(self.process, *ident, *after) for ident, after in counters.items()])
+
+    def _restore_own_usage(self) -> None:
+        """Rule 5 at start: counters this process committed locally but the record does not hold
+        (it died before they were acknowledged) are taken up again and published."""
+        if not self._has_own_usage:
+            return
+        cols = ", ".join(USAGE_COUNTERS)
+        restored: list[tuple[str, str, str]] = []
+        for tenant, model, site, *kept in self.db.conn.execute(
+                f"SELECT tenant, model, site, {cols} FROM record_usage_own WHERE process = ?", (self.process,)):
+            ident = (tenant, model, site)
+            recorded = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
+            if any(k > r for k, r in zip(kept, recorded)):
+                self.usage[(self.process, *ident)] = [max(k, r) for k, r in zip(kept, recorded)]
+                self.usage_unpublished.add(ident)
+                restored.append(ident)
+        if not restored:
+            return
+        self._applying = True
+        try:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            for ident in restored:
+                self._write_usage_sum(ident)
+            self.db.conn.execute("COMMIT")
+        finally:
+            self._applying = False
+        _log.warning("event=record_usage_restored idents=%d (counted here, not yet in the record)", len(restored))
+        self.publish_usage()
+
+    def _refused(self, exc: RecordError, rows: int) -> Exception:
+        """The store's error for a write the record did not take (counted)."""
+        if isinstance(exc, Fenced):
+            self.conflicts += 1
+            _log.warning("event=record_fenced rows=%d", rows)
+            return RecordConflict("this process no longer leads (a newer controller's epoch took over); nothing "
+                                  "was written")
+        if isinstance(exc, Conflict):
+            self.conflicts += 1
+            _log.info("event=record_conflict rows=%d first_key=%s", rows, exc.key)
+            return RecordConflict("the record changed under this write (another hub process wrote one of its rows "
+                                  "first); nothing was written, retry")
+        if isinstance(exc, NoQuorum):
+            self.no_quorum += 1
+            return RecordUnavailable(f"the replicated record has no quorum: {exc}")
+        return RecordUnavailable(f"the replicated record refused the write: {exc}")
+
+    def _published(self, writes: Sequence[Write], started: float) -> None:
         self.publish_ms.append((time.perf_counter() - started) * 1000)
         if len(self.publish_ms) > 10_000:
             del self.publish_ms[:5_000]
         self.published += len(writes)
-        self._committed = [(w.key, r) for w, r in zip(writes, revisions)]
+
+    async def write(self, fn: Callable[[ReplicatedDatabase], T], *, fenced: bool = True) -> T:
+        """Rule 7: run ``fn`` as one write transaction without holding the loop while the record
+        answers; ``fn``'s result once its rows are on a quorum and in the projection.
+
+        ``fn`` runs in ``BEGIN IMMEDIATE`` (after an awaited read barrier); its rows are captured
+        and the SQLite transaction is rolled back at once, so nothing unacknowledged is ever seen
+        locally. The rows then go to the record as one atomic batch, awaited: other transactions of
+        this process run meanwhile and their batches are in flight together. A run whose rows
+        include a key already in flight waits for that batch and runs ``fn`` again (it must read
+        what that batch wrote); keys apart never wait on each other. Once acknowledged, the rows
+        are applied to SQLite as the record holds them (as another process's would be). A ``fn``
+        that also writes local-only tables or usage counters is committed like a ``transaction()``.
+        ``fn`` may run more than once: it must have no effect outside the database.
+
+        Raises:
+            RecordConflict: a key's revision moved (another process wrote it first); nothing written.
+            RecordUnavailable: no quorum (outcome unknown: retry with the same idempotency key).
+        """
+        conn = self.db.conn
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.bridge.catch_up_async()
+            await self._no_transaction()
+            self.apply_changes()
+            before, self._captures = conn.total_changes, 0
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self.db)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self.after_rollback()
+                raise
+            if conn.total_changes - before != self._captures or any(any(d) for d in self._usage_delta.values()):
+                self.write_fallbacks += 1  # rows that only a local commit keeps: the blocking way
+                try:
+                    self.before_commit()
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    self.after_rollback()
+                    raise
+                conn.execute("COMMIT")
+                self.after_commit()
+                return result
+            pending = self._pending
+            conn.execute("ROLLBACK")
+            self.after_rollback()
+            if not pending:
+                return result
+            busy = {id(f): f for k in pending if (f := self._inflight.get(k)) is not None}
+            if busy:
+                self.write_waits += 1
+                await asyncio.wait(list(busy.values()))
+                continue
+            writes = [Write(key, _ENCODE(Value(t=table, row=row, deleted=deleted)), self.revisions.get(key, 0))
+                      for key, (table, row, deleted) in pending.items()]
+            if len(writes) > MAX_BATCH:
+                raise RecordUnavailable(f"one transaction writes {len(writes)} rows; the record takes at most "
+                                        f"{MAX_BATCH}", code="record_batch_too_large")
+            done: asyncio.Future[None] = loop.create_future()
+            for w in writes:
+                self._inflight[w.key] = done
+            self.in_flight += 1
+            self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
+            started = time.perf_counter()
+            try:
+                try:
+                    revisions = await self.bridge.commit_async(writes, fenced=fenced)
+                except RecordError as exc:
+                    raise self._refused(exc, len(writes)) from None
+                self._published(writes, started)
+                await self._no_transaction()
+                # what the record holds now, ours included, in one local transaction (not fsynced:
+                # the record has it on a quorum's disks and a restart rebuilds it from there)
+                self.apply_changes(self.bridge.take_changes()
+                                   + [Change(w.key, w.value, r) for w, r in zip(writes, revisions)])
+            finally:
+                self.in_flight -= 1
+                for w in writes:
+                    if self._inflight.get(w.key) is done:
+                        del self._inflight[w.key]
+                done.set_result(None)
+            return result
+
+    async def _no_transaction(self) -> None:
+        while self.db.conn.in_transaction:  # a transaction spanning an await elsewhere: after it
+            await asyncio.sleep(0.002)
 
     def after_commit(self) -> None:
         for key, revision in self._committed:
@@ -455,6 +634,7 @@ class Replica:
                 self._applying = False
                 self.db.conn.execute("PRAGMA foreign_keys = ON")
         self.apply_changes(changes)
+        self._restore_own_usage()
 
     def _seed(self) -> None:
         writes: list[Write] = []

@@ -210,6 +210,7 @@ async def test_one_nats_node_killed_during_writes_no_error(two, cluster: NatsClu
     a, b, session = two
     key = a.create_tenant("acme")
     clients = [client(session, a, key), client(session, b, key)]
+    await first_ok(clients[1], "GET", "/v1/usage", 5)  # B has applied the key (else a 401, not this test's point)
     answers: list[tuple[int, str]] = []
     stop = asyncio.Event()
 
