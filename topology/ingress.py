@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from .coverage import STANDARD_BUDGETS_MS
+from .coverage import checked, cities_within, of_tiers
 from .latency import RttIndex
 from .layout import TIERS, Layout
 
@@ -230,30 +230,21 @@ def analyse(
         ValueError: budget not positive, or an unknown tier.
         IngressError: bad gateway cities.
     """
-    tiers = sorted(set(tiers))
-    if not tiers or any(t not in TIERS for t in tiers):
-        raise ValueError(f"tiers must be among {', '.join(TIERS)}; got {', '.join(tiers) or 'none'}")
-    if not budget_ms > 0:
-        raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
-    budget_ms = float(budget_ms)
+    budget_ms, tiers, budgets = checked(budget_ms, tiers)
     gws = check_gateways(layout, gateways)
     entry = nearest_gateways(layout, index, gws)
     site_of = {s.id: s for s in layout.sites}
     wanted = set(tiers)
     weight_total = sum(o.weight for o in layout.origins)
-    budgets = [budget_ms] + [b for b in STANDARD_BUDGETS_MS if b != budget_ms]
     sums = {b: [0.0, 0.0, 0.0, 0.0, 0] for b in budgets}
-
-    def n_cities(ranked: list[tuple[str, float]], b: float) -> int:
-        return len({site_of[s].city for s, r in ranked if r <= b})
 
     rows: list[OriginIngress] = []
     for o in sorted(layout.origins, key=lambda o: o.id):
         gw, in_rtt = entry[o.id]
-        direct = [(s, r) for s, r in index.ranked(o.id) if site_of[s].tier in wanted]
-        full = [(s, r) for s, r in full_ranked(index, gw, in_rtt) if site_of[s].tier in wanted]
+        direct = of_tiers(index.ranked(o.id), site_of, wanted)
+        full = of_tiers(full_ranked(index, gw, in_rtt), site_of, wanted)
         for b in budgets:
-            nd, nf = n_cities(direct, b), n_cities(full, b)
+            nd, nf = cities_within(direct, site_of, b), cities_within(full, site_of, b)
             c = sums[b]
             c[0] += o.weight if nd >= 1 else 0.0
             c[1] += o.weight if nd >= 2 else 0.0
@@ -267,7 +258,7 @@ def analyse(
             direct_rtt_ms=round(direct[0][1], 3) if direct else None,
             full_site=full[0][0] if full else None,
             full_rtt_ms=round(full[0][1], 3) if full else None,
-            cities_direct=n_cities(direct, budget_ms), cities_full=n_cities(full, budget_ms),
+            cities_direct=cities_within(direct, site_of, budget_ms), cities_full=cities_within(full, site_of, budget_ms),
         ))
     totals = [
         IngressTotals(
