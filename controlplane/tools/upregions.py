@@ -71,9 +71,11 @@ class RegionPlan:
 
 
 def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "127.0.0.1", *,
-                 fold: bool = True) -> list[RegionPlan]:
+                 fold: bool = True, max_sites: int | None = None) -> list[RegionPlan]:
     """The first ``n`` regions of ``layout`` with their sites and nodes (ports picked now). With
     ``fold`` the sites of the other regions join the nearest kept region; without, they are left out.
+    With ``max_sites`` each region keeps only that many sites, those nearest its gateway city (a
+    lighter run: the benchmark's).
 
     Raises:
         ValueError: ``n`` < 1, or more regions than the layout names.
@@ -91,6 +93,17 @@ def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "12
                 continue
             rid = _nearest_region(layout, kept, site)
         by_region[rid].append(site.id)
+    if max_sites is not None:
+        if max_sites < 1:
+            raise ValueError(f"max_sites: {max_sites}: at least 1")
+        for region in kept:
+            city = layout.origin(region.gateways[0] if region.gateways else region.cluster)
+
+            def km(site_id: str, city: topo_layout.Origin = city) -> tuple[float, str]:
+                s = layout.site(site_id)
+                return topo_layout.great_circle_km(city.lat, city.lon, s.lat, s.lon), site_id
+
+            by_region[region.id] = sorted(by_region[region.id], key=km)[:max_sites]
     plans = []
     held: list[socket.socket] = []  # every port stays bound until all are picked: no port twice
 
@@ -135,6 +148,11 @@ class WanLinks(Protocol):
         """The URL region ``dialer`` dials to reach ``url``, a gateway port of region ``target``."""
         ...
 
+    async def site(self, site: str, region: str, url: str) -> str:
+        """The URL ``site``'s agent dials to reach ``url``, a client port of its region's cluster
+        (its access link; return ``url`` to leave it as it is)."""
+        ...
+
 
 @dataclass
 class RegionRun:
@@ -158,10 +176,13 @@ class RegionalNetwork:
     """``cpn up --regions N``: a super-cluster, a controller, a gateway per region, the agents."""
 
     def __init__(self, opts: UpOptions, *, wan: WanLinks | None = None,
-                 hub_overrides: dict[str, Any] | None = None, fold_sites: bool = True) -> None:
+                 hub_overrides: dict[str, Any] | None = None, fold_sites: bool = True,
+                 max_sites: int | None = None) -> None:
         self.opts = opts
         self.fold_sites = fold_sites
         """Sites of regions past N join the nearest kept region (else they are not run: a lighter bench)."""
+        self.max_sites = max_sites
+        """At most this many sites per region, nearest its gateway city (None: all)."""
         self.wan = wan
         self.hub_overrides = dict(hub_overrides or {})
         """More :class:`HubConfig` fields of every hub process (the tests' shorter deadlines)."""
@@ -180,7 +201,8 @@ class RegionalNetwork:
         private_files.private_dir(data)
         private_files.tighten_tree(data)
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
-        plans = plan_regions(self.layout, opts.regions, data, opts.host, fold=self.fold_sites)
+        plans = plan_regions(self.layout, opts.regions, data, opts.host, fold=self.fold_sites,
+                             max_sites=self.max_sites)
         self.regions = [RegionRun(p) for p in plans]
         creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
         await self._start_nats(creds)
@@ -299,7 +321,10 @@ class RegionalNetwork:
 
         assert self.layout is not None and self.controller is not None
         urls = region.urls  # the agent takes one URL: the sites are spread over the region's nodes
-        configs = [agent_config_for(self.layout.site(s), urls[i % len(urls)], self.opts.data_dir,
+        dial = [urls[i % len(urls)] for i in range(len(region.plan.sites))]
+        if self.wan is not None:
+            dial = [await self.wan.site(s, region.plan.id, u) for s, u in zip(region.plan.sites, dial)]
+        configs = [agent_config_for(self.layout.site(s), dial[i], self.opts.data_dir,
                                     (creds.sites[s].user, creds.sites[s].password))
                    for i, s in enumerate(region.plan.sites)]
         region.agents = [Agent(c, clock=self.controller.hub.clock) for c in configs]
