@@ -97,11 +97,11 @@ def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "12
         if max_sites < 1:
             raise ValueError(f"max_sites: {max_sites}: at least 1")
         for region in kept:
-            city = layout.origin(region.gateways[0] if region.gateways else region.cluster)
+            at = layout.origin(region.gateways[0] if region.gateways else region.cluster)
 
-            def km(site_id: str, city: topo_layout.Origin = city) -> tuple[float, str]:
+            def km(site_id: str, at: topo_layout.Origin = at) -> tuple[float, str]:
                 s = layout.site(site_id)
-                return topo_layout.great_circle_km(city.lat, city.lon, s.lat, s.lon), site_id
+                return topo_layout.great_circle_km(at.lat, at.lon, s.lat, s.lon), site_id
 
             by_region[region.id] = sorted(by_region[region.id], key=km)[:max_sites]
     plans = []
