@@ -162,6 +162,8 @@ class RegionRun:
     servers: list[NatsServer] = field(default_factory=list)
     gateway: HubProcess | None = None
     agents: list[Any] = field(default_factory=list)
+    leaves: dict[str, NatsServer] = field(default_factory=dict)
+    """Each site's own nats-server, a leaf node of this region's cluster (``leaf_sites``), by site."""
 
     @property
     def urls(self) -> list[str]:
@@ -177,8 +179,11 @@ class RegionalNetwork:
 
     def __init__(self, opts: UpOptions, *, wan: WanLinks | None = None,
                  hub_overrides: dict[str, Any] | None = None, fold_sites: bool = True,
-                 max_sites: int | None = None) -> None:
+                 max_sites: int | None = None, leaf_sites: bool = False) -> None:
         self.opts = opts
+        self.leaf_sites = leaf_sites
+        """Each site's agent talks to a nats-server of its own, a leaf node of its region's cluster
+        (what ``cpn deploy nats-config`` generates for a site), instead of being a client of the cluster."""
         self.fold_sites = fold_sites
         """Sites of regions past N join the nearest kept region (else they are not run: a lighter bench)."""
         self.max_sites = max_sites
@@ -251,6 +256,10 @@ class RegionalNetwork:
                     await agent.stop()
             region.agents.clear()
         for region in reversed(self.regions):
+            for leaf in region.leaves.values():
+                await leaf.stop()
+            region.leaves.clear()
+        for region in reversed(self.regions):
             if region.gateway is not None:
                 with contextlib.suppress(Exception):
                     await region.gateway.hub.stop()
@@ -322,13 +331,33 @@ class RegionalNetwork:
         assert self.layout is not None and self.controller is not None
         urls = region.urls  # the agent takes one URL: the sites are spread over the region's nodes
         dial = [urls[i % len(urls)] for i in range(len(region.plan.sites))]
+        if self.leaf_sites:
+            await self._start_leaves(region, creds)
+            dial = [region.leaves[s].url for s in region.plan.sites]
         if self.wan is not None:
             dial = [await self.wan.site(s, region.plan.id, u) for s, u in zip(region.plan.sites, dial)]
+        # Behind its own leaf server a site's agent needs no identity: the leaf connection carries it.
         configs = [agent_config_for(self.layout.site(s), dial[i], self.opts.data_dir,
-                                    (creds.sites[s].user, creds.sites[s].password))
+                                    None if self.leaf_sites else (creds.sites[s].user, creds.sites[s].password))
                    for i, s in enumerate(region.plan.sites)]
         region.agents = [Agent(c, clock=self.controller.hub.clock) for c in configs]
         await asyncio.gather(*(a.start() for a in region.agents))
+
+    async def _start_leaves(self, region: RegionRun, creds: natsconf.CredentialSet) -> None:
+        """A nats-server per site of ``region`` (no JetStream), a leaf node dialling every node of
+        the region's cluster with the site's leaf identity: the config ``cpn deploy nats-config``
+        writes for the site (``supercluster/leaf/<site>.conf``), plain on loopback."""
+        data = self.opts.data_dir
+        remotes = natsregions.leaf_urls(region.plan.nodes, tls=False)
+        for site in region.plan.sites:
+            port = free_port(self.opts.host)
+            path = data / "nats" / "leaf" / f"{site}.conf"
+            private_files.private_dir(path.parent)
+            private_files.write_private(path, natsconf.leaf_config(site, remotes, creds.sites[site],
+                                                                   listen=f"{self.opts.host}:{port}"))
+            region.leaves[site] = NatsServer(data / "nats" / f"leaf-{site}", port=port, host=self.opts.host,
+                                             config=path, jetstream=False)
+        await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s) for s in region.leaves.values()))
 
     def _hubs(self) -> list[Any]:
         hubs = [r.gateway.hub for r in self.regions if r.gateway is not None]
