@@ -418,7 +418,7 @@ class RegionalNetwork:
         for region in self.regions:
             lines.append(f"  region {region.plan.id}: gateway at {self.gateway_url(region)} "
                          f"(city {region.plan.gateway_city}, {len(region.plan.sites)} sites, "
-                         f"NATS {', '.join(region.urls)})")
+                         f"NATS {', '.join(region.urls)}{'; sites are leaf nodes' if region.leaves else ''})")
         url = self.gateway_url(self.regions[0])
         lines += [
             f"  admin key:   {self.credentials['admin_key']}",
@@ -447,7 +447,7 @@ async def run(opts: UpOptions) -> None:
     """Start every region, print the banner, wait for cancellation, stop everything."""
     from edge_agent import gc_tuning
 
-    net = RegionalNetwork(opts)
+    net = RegionalNetwork(opts, leaf_sites=opts.leaf_sites)
     try:
         await net.start()
         print(net.banner(), flush=True)
