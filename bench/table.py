@@ -84,7 +84,27 @@ def rows() -> list[tuple[str, str, str, str]]:
     sim = _load("sim")
     if sim:
         out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))
+    rg = _load("regions")
+    if rg and rg.get("rows"):
+        out.append((f"regions, {rg['regions']} regions with the layout's WAN delays (`cpn bench regions`)",
+                    _regions(rg), f"in-region p99 ≤ {rg['budget_ms']:g} ms (client latency − service time)",
+                    f"{rg['machine']}, {rg['date']}"))
     return out
+
+
+def _regions(rg: dict[str, Any]) -> str:
+    """"sh: own gateway p50 2.1 / p99 3.0 ms, central 2.2 / 3.1; ..." per region, errors if any."""
+    by = {(r["region"], r["mode"]): r for r in rg["rows"]}
+    parts = []
+    for region in dict.fromkeys(r["region"] for r in rg["rows"]):
+        own, central = by.get((region, "regional")), by.get((region, "central"))
+        text = f"{region}: own gateway " + (f"p50 {own['p50_ms']} / p99 {own['p99_ms']} ms" if own else "-")
+        text += ", central " + (f"{central['p50_ms']} / {central['p99_ms']}" if central else "-")
+        errors = sum(r["errors"] for r in (own, central) if r)
+        parts.append(text + (f" ({errors} errors)" if errors else ""))
+    beyond = [r["beyond_promise_p50_ms"] for r in rg["rows"] if "beyond_promise_p50_ms" in r]
+    extra = f"; beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms" if beyond else ""
+    return "; ".join(parts) + extra
 
 
 def _by_fault(inf: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import msgspec
 
 from .latency import RttIndex
-from .layout import TIERS, Layout
+from .layout import TIERS, Layout, Site
 
 SCHEMA = "cpn.topology.coverage/1"
 STANDARD_BUDGETS_MS = (5.0, 10.0)
@@ -90,6 +90,32 @@ class CoverageReport(msgspec.Struct, frozen=True, kw_only=True):
         raise KeyError(budget_ms)
 
 
+def checked(budget_ms: float, tiers: Iterable[str]) -> tuple[float, list[str], list[float]]:
+    """The budget as a float, the tiers sorted, and the budgets to total at (the requested one, then 5
+    and 10 ms): what :func:`analyse` and :func:`topology.ingress.analyse` both validate.
+
+    Raises:
+        ValueError: budget not positive, or an unknown tier.
+    """
+    tiers = sorted(set(tiers))
+    if not tiers or any(t not in TIERS for t in tiers):
+        raise ValueError(f"tiers must be among {', '.join(TIERS)}; got {', '.join(tiers) or 'none'}")
+    if not budget_ms > 0:
+        raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
+    budget_ms = float(budget_ms)
+    return budget_ms, tiers, [budget_ms] + [b for b in STANDARD_BUDGETS_MS if b != budget_ms]
+
+
+def of_tiers(ranked: Iterable[tuple[str, float]], site_of: dict[str, Site], wanted: set[str]) -> list[tuple[str, float]]:
+    """``(site, rtt)`` pairs of the layout's sites whose tier is ``wanted``, order kept."""
+    return [(s, r) for s, r in ranked if s in site_of and site_of[s].tier in wanted]
+
+
+def cities_within(ranked: Iterable[tuple[str, float]], site_of: dict[str, Site], budget_ms: float) -> int:
+    """Distinct cities of the sites within ``budget_ms``."""
+    return len({site_of[s].city for s, r in ranked if r <= budget_ms})
+
+
 def analyse(
     layout: Layout,
     index: RttIndex,
@@ -101,13 +127,7 @@ def analyse(
     Raises:
         ValueError: budget not positive, or an unknown tier.
     """
-    tiers = sorted(set(tiers))
-    bad = [t for t in tiers if t not in TIERS]
-    if bad or not tiers:
-        raise ValueError(f"tiers must be among {', '.join(TIERS)}; got {', '.join(tiers) or 'none'}")
-    if not budget_ms > 0:
-        raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
-    budget_ms = float(budget_ms)
+    budget_ms, tiers, budgets = checked(budget_ms, tiers)
     site_of = {s.id: s for s in layout.sites}
     weight_total = sum(o.weight for o in layout.origins)
     wanted = set(tiers)
@@ -116,13 +136,12 @@ def analyse(
         s = site_of[site_id]
         return SiteReach(site=site_id, city=s.city, tier=s.tier, rtt_ms=round(rtt, 3))
 
-    budgets = [budget_ms] + [b for b in STANDARD_BUDGETS_MS if b != budget_ms]
     counts = {b: [0.0, 0.0, 0, 0, 0] for b in budgets}
     origins: list[OriginCoverage] = []
     for o in sorted(layout.origins, key=lambda o: o.id):
-        ranked = [(s, r) for s, r in index.ranked(o.id) if s in site_of and site_of[s].tier in wanted]
+        ranked = of_tiers(index.ranked(o.id), site_of, wanted)
         for b in budgets:
-            n = len({site_of[s].city for s, r in ranked if r <= b})
+            n = cities_within(ranked, site_of, b)
             c = counts[b]
             if n >= 1:
                 c[0] += o.weight

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from .coverage import STANDARD_BUDGETS_MS
+from .coverage import checked, cities_within, of_tiers
 from .latency import RttIndex
 from .layout import TIERS, Layout
 
@@ -80,21 +80,67 @@ def full_ranked(index: RttIndex, gateway: str, ingress_rtt_ms: float) -> list[tu
     return sorted(((s, ingress_rtt_ms + r) for s, r in index.ranked(gateway)), key=lambda p: (p[1], p[0]))
 
 
+class ClusterPaths:
+    """Where a layout's regions put the NATS path between a gateway and a site.
+
+    In a super-cluster (docs/topology.md, ``[regions.ID]``) a gateway is a client of its own
+    region's cluster and a site is a leaf node of its own region's cluster, so a message between
+    them goes gateway city -> its region's cluster city -> (the site's region's cluster city, over a
+    gateway connection, when the regions differ) -> the site. :meth:`ranked_from` ranks every site
+    by that path from a city; a city or a site in no region is reached directly (the backbone's
+    shortest path). Within one region whose cluster stands in the gateway's city, the path is the
+    direct one.
+    """
+
+    __slots__ = ("index", "_cluster_of_site", "_cluster_of_city")
+
+    def __init__(self, layout: Layout, index: RttIndex) -> None:
+        self.index = index
+        cluster = {r.id: r.cluster for r in layout.regions}
+        self._cluster_of_site = {s.id: cluster[rid] for s in layout.sites
+                                 if (rid := layout.region_of_province(s.region)) is not None}
+        self._cluster_of_city = {o.id: cluster[rid] for o in layout.origins
+                                 if (rid := layout.region_of_province(o.region)) is not None}
+
+    def ranked_from(self, city: str) -> list[tuple[str, float]]:
+        """Every site as ``(site, RTT ms)`` from ``city`` along the NATS path, ascending (ties by id)."""
+        home = self._cluster_of_city.get(city)
+        direct = self.index.ranked(city)
+        if home is None:
+            return list(direct)
+        to_home = city_rtt_ms(self.index, city, home)
+        between: dict[str, float] = {}
+        out = []
+        for site, rtt in direct:
+            there = self._cluster_of_site.get(site)
+            if there is None:
+                out.append((site, rtt))
+                continue
+            if there not in between:
+                between[there] = city_rtt_ms(self.index, home, there)
+            out.append((site, to_home + between[there] + self.index.rtt_ms(there, site)))
+        return sorted(out, key=lambda p: (p[1], p[0]))
+
+
 class IngressRtt:
     """The RTT source a gateway in ``city`` routes with: every site ranked by the full path
-    origin -> ``city`` -> site, in ascending order (the router's ``ranked(origin)``).
+    origin -> ``city`` -> site, in ascending order (the router's ``ranked(origin)``); with
+    ``paths``, the leg ``city`` -> site is the NATS path through the regions' clusters
+    (:class:`ClusterPaths`), else the backbone's shortest path.
 
     Entering at one gateway, every path to a site shares the leg origin -> gateway, so the ranking
     is the gateway's own ranking shifted by that leg: nothing is sorted per origin. The leg is
     computed once per origin and kept (origins are a fixed set of the layout).
     """
 
-    __slots__ = ("index", "city", "_leg")
+    __slots__ = ("index", "city", "paths", "_leg", "_own")
 
-    def __init__(self, index: RttIndex, city: str) -> None:
+    def __init__(self, index: RttIndex, city: str, paths: ClusterPaths | None = None) -> None:
         self.index = index
         self.city = city
+        self.paths = paths
         self._leg: dict[str, float] = {}
+        self._own: list[tuple[str, float]] | None = None
 
     def __repr__(self) -> str:
         return f"<IngressRtt at {self.city} origins={len(self._leg)}>"
@@ -108,11 +154,16 @@ class IngressRtt:
 
     def ranked(self, origin: str) -> Iterable[tuple[str, float]]:
         leg = self.leg_ms(origin)
-        return ((s, leg + r) for s, r in self.index.ranked(self.city))
+        if self.paths is None:
+            return ((s, leg + r) for s, r in self.index.ranked(self.city))
+        if self._own is None:
+            self._own = self.paths.ranked_from(self.city)
+        return ((s, leg + r) for s, r in self._own)
 
     def forget(self) -> None:
-        """Drop the kept legs (call when the index's links are recomputed)."""
+        """Drop the kept legs and ranking (call when the index's links are recomputed or a site is added)."""
         self._leg.clear()
+        self._own = None
 
 
 class NearestIngressRtt:
@@ -230,30 +281,21 @@ def analyse(
         ValueError: budget not positive, or an unknown tier.
         IngressError: bad gateway cities.
     """
-    tiers = sorted(set(tiers))
-    if not tiers or any(t not in TIERS for t in tiers):
-        raise ValueError(f"tiers must be among {', '.join(TIERS)}; got {', '.join(tiers) or 'none'}")
-    if not budget_ms > 0:
-        raise ValueError(f"budget_ms must be > 0, got {budget_ms}")
-    budget_ms = float(budget_ms)
+    budget_ms, tiers, budgets = checked(budget_ms, tiers)
     gws = check_gateways(layout, gateways)
     entry = nearest_gateways(layout, index, gws)
     site_of = {s.id: s for s in layout.sites}
     wanted = set(tiers)
     weight_total = sum(o.weight for o in layout.origins)
-    budgets = [budget_ms] + [b for b in STANDARD_BUDGETS_MS if b != budget_ms]
     sums = {b: [0.0, 0.0, 0.0, 0.0, 0] for b in budgets}
-
-    def n_cities(ranked: list[tuple[str, float]], b: float) -> int:
-        return len({site_of[s].city for s, r in ranked if r <= b})
 
     rows: list[OriginIngress] = []
     for o in sorted(layout.origins, key=lambda o: o.id):
         gw, in_rtt = entry[o.id]
-        direct = [(s, r) for s, r in index.ranked(o.id) if site_of[s].tier in wanted]
-        full = [(s, r) for s, r in full_ranked(index, gw, in_rtt) if site_of[s].tier in wanted]
+        direct = of_tiers(index.ranked(o.id), site_of, wanted)
+        full = of_tiers(full_ranked(index, gw, in_rtt), site_of, wanted)
         for b in budgets:
-            nd, nf = n_cities(direct, b), n_cities(full, b)
+            nd, nf = cities_within(direct, site_of, b), cities_within(full, site_of, b)
             c = sums[b]
             c[0] += o.weight if nd >= 1 else 0.0
             c[1] += o.weight if nd >= 2 else 0.0
@@ -267,7 +309,7 @@ def analyse(
             direct_rtt_ms=round(direct[0][1], 3) if direct else None,
             full_site=full[0][0] if full else None,
             full_rtt_ms=round(full[0][1], 3) if full else None,
-            cities_direct=n_cities(direct, budget_ms), cities_full=n_cities(full, budget_ms),
+            cities_direct=cities_within(direct, site_of, budget_ms), cities_full=cities_within(full, site_of, budget_ms),
         ))
     totals = [
         IngressTotals(
@@ -321,6 +363,6 @@ def format_text(report: IngressReport, max_origins: int | None = 15) -> str:
 
 
 __all__ = [
-    "SCHEMA", "IngressError", "IngressReport", "IngressTotals", "OriginIngress", "analyse", "central_gateway",
+    "SCHEMA", "ClusterPaths", "IngressError", "IngressReport", "IngressTotals", "OriginIngress", "analyse", "central_gateway",
     "check_gateways", "city_rtt_ms", "format_text", "full_ranked", "nearest_gateways", "province_gateways", "to_json",
 ]

@@ -233,7 +233,8 @@ class Router:
 
 def for_gateway(layout: Layout, index: RttIndex, city: str | None) -> Router:
     """The router of a gateway standing in ``city``: it ranks and budgets sites on the full path
-    origin -> ``city`` -> site and knows which origins have a nearer gateway among the layout's.
+    origin -> ``city`` -> site (``city`` -> site along the NATS path through the regions' clusters
+    when the layout names regions) and knows which origins have a nearer gateway among the layout's.
     ``city`` None: origin -> site, the gateway's place not modelled.
 
     Raises:
@@ -245,7 +246,8 @@ def for_gateway(layout: Layout, index: RttIndex, city: str | None) -> Router:
         ingress.check_gateways(layout, [city])
     except ingress.IngressError as exc:
         raise RequestError(f"gateway_city: {exc}", field="gateway_city") from None
-    source = ingress.IngressRtt(index, city)
+    # With regions, the leg gateway -> site is the NATS path through the regions' clusters.
+    source = ingress.IngressRtt(index, city, ingress.ClusterPaths(layout, index) if layout.regions else None)
     others = [g for g in layout.gateways() if g != city]
     nearer: dict[str, str] = {}
     if others:

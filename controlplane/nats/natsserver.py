@@ -61,8 +61,11 @@ class NatsServer:
         config: Path | str | None = None,
         on_line: Callable[[str], None] | None = None,
         extra_args: list[str] | None = None,
+        jetstream: bool = True,
     ) -> None:
         self.store_dir = Path(store_dir)
+        self.jetstream = jetstream
+        """False: no ``-js``/``-sd`` (a site's leaf server: events go to the cluster's stream)."""
         self.host = host
         self.port = port
         self.config = Path(config) if config else None
@@ -93,7 +96,9 @@ class NatsServer:
             args += ["-c", str(self.config)]
         # nats-server reads "-p 0" as "the default port" (4222); "-1" asks for a random free one.
         port = self.port if self.port > 0 else -1
-        args += ["-a", self.host, "-p", str(port), "-js", "-sd", str(self.store_dir)]
+        args += ["-a", self.host, "-p", str(port)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.store_dir)]
         args += self.extra_args
         self.proc = await asyncio.create_subprocess_exec(
             *args,

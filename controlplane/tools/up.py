@@ -53,6 +53,9 @@ class UpOptions:
     regions: int = 0
     """0: one NATS server and one hub; N: the layout's first N regions as a super-cluster
     (``controlplane.tools.upregions.run``; ``cpn up --regions N``)."""
+    leaf_sites: bool = False
+    """With ``regions``: each site's agent behind a nats-server of its own, a leaf node of its
+    region's cluster (``cpn up --regions N --leaf-sites``), instead of a client of the cluster."""
 
 
 class Network:

@@ -71,9 +71,11 @@ class RegionPlan:
 
 
 def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "127.0.0.1", *,
-                 fold: bool = True) -> list[RegionPlan]:
+                 fold: bool = True, max_sites: int | None = None) -> list[RegionPlan]:
     """The first ``n`` regions of ``layout`` with their sites and nodes (ports picked now). With
     ``fold`` the sites of the other regions join the nearest kept region; without, they are left out.
+    With ``max_sites`` each region keeps only that many sites, those nearest its gateway city (a
+    lighter run: the benchmark's).
 
     Raises:
         ValueError: ``n`` < 1, or more regions than the layout names.
@@ -91,6 +93,17 @@ def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "12
                 continue
             rid = _nearest_region(layout, kept, site)
         by_region[rid].append(site.id)
+    if max_sites is not None:
+        if max_sites < 1:
+            raise ValueError(f"max_sites: {max_sites}: at least 1")
+        for region in kept:
+            at = layout.origin(region.gateways[0] if region.gateways else region.cluster)
+
+            def km(site_id: str, at: topo_layout.Origin = at) -> tuple[float, str]:
+                s = layout.site(site_id)
+                return topo_layout.great_circle_km(at.lat, at.lon, s.lat, s.lon), site_id
+
+            by_region[region.id] = sorted(by_region[region.id], key=km)[:max_sites]
     plans = []
     held: list[socket.socket] = []  # every port stays bound until all are picked: no port twice
 
@@ -135,6 +148,11 @@ class WanLinks(Protocol):
         """The URL region ``dialer`` dials to reach ``url``, a gateway port of region ``target``."""
         ...
 
+    async def site(self, site: str, region: str, url: str) -> str:
+        """The URL ``site``'s agent dials to reach ``url``, a client port of its region's cluster
+        (its access link; return ``url`` to leave it as it is)."""
+        ...
+
 
 @dataclass
 class RegionRun:
@@ -144,6 +162,8 @@ class RegionRun:
     servers: list[NatsServer] = field(default_factory=list)
     gateway: HubProcess | None = None
     agents: list[Any] = field(default_factory=list)
+    leaves: dict[str, NatsServer] = field(default_factory=dict)
+    """Each site's own nats-server, a leaf node of this region's cluster (``leaf_sites``), by site."""
 
     @property
     def urls(self) -> list[str]:
@@ -158,10 +178,16 @@ class RegionalNetwork:
     """``cpn up --regions N``: a super-cluster, a controller, a gateway per region, the agents."""
 
     def __init__(self, opts: UpOptions, *, wan: WanLinks | None = None,
-                 hub_overrides: dict[str, Any] | None = None, fold_sites: bool = True) -> None:
+                 hub_overrides: dict[str, Any] | None = None, fold_sites: bool = True,
+                 max_sites: int | None = None, leaf_sites: bool = False) -> None:
         self.opts = opts
+        self.leaf_sites = leaf_sites
+        """Each site's agent talks to a nats-server of its own, a leaf node of its region's cluster
+        (what ``cpn deploy nats-config`` generates for a site), instead of being a client of the cluster."""
         self.fold_sites = fold_sites
         """Sites of regions past N join the nearest kept region (else they are not run: a lighter bench)."""
+        self.max_sites = max_sites
+        """At most this many sites per region, nearest its gateway city (None: all)."""
         self.wan = wan
         self.hub_overrides = dict(hub_overrides or {})
         """More :class:`HubConfig` fields of every hub process (the tests' shorter deadlines)."""
@@ -180,7 +206,8 @@ class RegionalNetwork:
         private_files.private_dir(data)
         private_files.tighten_tree(data)
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
-        plans = plan_regions(self.layout, opts.regions, data, opts.host, fold=self.fold_sites)
+        plans = plan_regions(self.layout, opts.regions, data, opts.host, fold=self.fold_sites,
+                             max_sites=self.max_sites)
         self.regions = [RegionRun(p) for p in plans]
         creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
         await self._start_nats(creds)
@@ -228,6 +255,10 @@ class RegionalNetwork:
                 with contextlib.suppress(Exception):
                     await agent.stop()
             region.agents.clear()
+        for region in reversed(self.regions):
+            for leaf in region.leaves.values():
+                await leaf.stop()
+            region.leaves.clear()
         for region in reversed(self.regions):
             if region.gateway is not None:
                 with contextlib.suppress(Exception):
@@ -299,11 +330,34 @@ class RegionalNetwork:
 
         assert self.layout is not None and self.controller is not None
         urls = region.urls  # the agent takes one URL: the sites are spread over the region's nodes
-        configs = [agent_config_for(self.layout.site(s), urls[i % len(urls)], self.opts.data_dir,
-                                    (creds.sites[s].user, creds.sites[s].password))
+        dial = [urls[i % len(urls)] for i in range(len(region.plan.sites))]
+        if self.leaf_sites:
+            await self._start_leaves(region, creds)
+            dial = [region.leaves[s].url for s in region.plan.sites]
+        if self.wan is not None:
+            dial = [await self.wan.site(s, region.plan.id, u) for s, u in zip(region.plan.sites, dial)]
+        # Behind its own leaf server a site's agent needs no identity: the leaf connection carries it.
+        configs = [agent_config_for(self.layout.site(s), dial[i], self.opts.data_dir,
+                                    None if self.leaf_sites else (creds.sites[s].user, creds.sites[s].password))
                    for i, s in enumerate(region.plan.sites)]
         region.agents = [Agent(c, clock=self.controller.hub.clock) for c in configs]
         await asyncio.gather(*(a.start() for a in region.agents))
+
+    async def _start_leaves(self, region: RegionRun, creds: natsconf.CredentialSet) -> None:
+        """A nats-server per site of ``region`` (no JetStream), a leaf node dialling every node of
+        the region's cluster with the site's leaf identity: the config ``cpn deploy nats-config``
+        writes for the site (``supercluster/leaf/<site>.conf``), plain on loopback."""
+        data = self.opts.data_dir
+        remotes = natsregions.leaf_urls(region.plan.nodes, tls=False)
+        for site in region.plan.sites:
+            port = free_port(self.opts.host)
+            path = data / "nats" / "leaf" / f"{site}.conf"
+            private_files.private_dir(path.parent)
+            private_files.write_private(path, natsconf.leaf_config(site, remotes, creds.sites[site],
+                                                                   listen=f"{self.opts.host}:{port}"))
+            region.leaves[site] = NatsServer(data / "nats" / f"leaf-{site}", port=port, host=self.opts.host,
+                                             config=path, jetstream=False)
+        await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s) for s in region.leaves.values()))
 
     def _hubs(self) -> list[Any]:
         hubs = [r.gateway.hub for r in self.regions if r.gateway is not None]
@@ -364,7 +418,7 @@ class RegionalNetwork:
         for region in self.regions:
             lines.append(f"  region {region.plan.id}: gateway at {self.gateway_url(region)} "
                          f"(city {region.plan.gateway_city}, {len(region.plan.sites)} sites, "
-                         f"NATS {', '.join(region.urls)})")
+                         f"NATS {', '.join(region.urls)}{'; sites are leaf nodes' if region.leaves else ''})")
         url = self.gateway_url(self.regions[0])
         lines += [
             f"  admin key:   {self.credentials['admin_key']}",
@@ -393,7 +447,7 @@ async def run(opts: UpOptions) -> None:
     """Start every region, print the banner, wait for cancellation, stop everything."""
     from edge_agent import gc_tuning
 
-    net = RegionalNetwork(opts)
+    net = RegionalNetwork(opts, leaf_sites=opts.leaf_sites)
     try:
         await net.start()
         print(net.banner(), flush=True)

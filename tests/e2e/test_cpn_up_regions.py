@@ -121,3 +121,75 @@ def test_cpn_up_regions_runs_a_supercluster_with_a_gateway_per_region(tmp_path: 
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+def test_leaf_sites_without_regions_is_refused_with_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run([*CPN, "up", "--data-dir", str(tmp_path), "--leaf-sites"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "--leaf-sites needs --regions N" in result.stderr
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(240)
+def test_cpn_up_regions_leaf_sites_puts_each_site_behind_a_leaf_node_of_its_own_region(tmp_path: Path) -> None:
+    from tests.e2e.test_regions import three_region_layout
+
+    data = tmp_path / "cpn"
+    path = three_region_layout(tmp_path)
+    layout = loader.load(path)
+    proc = subprocess.Popen(
+        [*CPN, "up", "--regions", "3", "--leaf-sites", "--layout", str(path), "--data-dir", str(data), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
+    )
+    try:
+        started = time.monotonic()
+        gateways: dict[str, tuple[str, str]] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            m = re.search(r"region (\w+): gateway at (http://127\.0\.0\.1:\d+) \(city ([\w-]+),.*leaf nodes", line)
+            if m:
+                gateways[m.group(1)] = (m.group(2), m.group(3))
+            if "Ctrl-C" in line:
+                break
+            assert time.monotonic() - started < 180, "no banner"
+        assert sorted(gateways) == ["js", "sh", "zj"], gateways
+        creds = json.loads((data / "demo-credentials.json").read_text())
+        # Each region's nodes hold one leaf connection per site of that region, and no other.
+        seen: dict[str, list[str]] = {rid: [] for rid in gateways}
+        for node, port in monitor_ports(data).items():
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/leafz", timeout=2) as resp:
+                seen[node.split("-node-")[0]] += [leaf["name"] for leaf in json.loads(resp.read()).get("leafs") or []]
+        for rid, names in seen.items():
+            assert sorted(names) == sorted(f"cpn-leaf-{s.id}" for s in layout.sites
+                                           if layout.region_of_site(s.id) == rid), (rid, names)
+        leaf_confs = sorted(p.stem for p in (data / "nats" / "leaf").glob("*.conf"))
+        assert leaf_confs == sorted(s.id for s in layout.sites)
+        # The agents behind them answer: each region's gateway serves its own city (the demo model
+        # is deployed for 10 ms in two cities: not necessarily in each region of this small layout).
+        for rid, (url, city) in gateways.items():
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    status, _, headers = chat(url, creds["tenant_key"], city)
+                    break
+                except urllib.error.HTTPError as exc:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{rid}: no answer: {exc.code} {exc.read()!r}") from None
+                    time.sleep(0.2)
+            assert status == 200 and headers["X-CPN-Ingress"] == city, (rid, headers)
+        kids = children_of(proc.pid)
+        assert len(kids) >= 5 + len(layout.sites), "five cluster nodes and a leaf server per site"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        for pid in kids:
+            deadline = time.monotonic() + 5
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not alive(pid), f"child {pid} left running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()

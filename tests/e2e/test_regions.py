@@ -10,7 +10,9 @@ gateway goes through one too.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import aiohttp
 import pytest
 
 from controlplane.core.replicas import DeploymentSpec
+from controlplane.store import jobs as store_jobs
 from controlplane.tools.faultproxy import FaultProxy
 from controlplane.tools.up import DEMO_TENANT, UpOptions
 from controlplane.tools.upregions import RegionalNetwork, RegionRun, free_port
@@ -85,6 +88,9 @@ class Wan:
         self.links.setdefault((dialer, target), []).append(proxy)
         return proxy.url
 
+    async def site(self, site: str, region: str, url: str) -> str:
+        return url  # the agents dial their cluster directly
+
     def of(self, region: str) -> list[FaultProxy]:
         return [p for (a, b), ps in self.links.items() if region in (a, b) for p in ps]
 
@@ -99,22 +105,37 @@ class Wan:
                 await p.close()
 
 
+SIM_SCALE = 1200.0
+"""Simulated seconds per wall second of sim training attempts: an hour of training in 3 s."""
+
+
 @pytest.fixture
-async def regions(tmp_path: Path) -> AsyncIterator[tuple[RegionalNetwork, Wan]]:
+async def regions(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[tuple[RegionalNetwork, Wan]]:
+    """The network; a test parametrized indirectly passes more hub settings (``miss_limit``)."""
     wan = Wan()
     opts = UpOptions(data_dir=tmp_path / "cpn", port=0, layout=str(three_region_layout(tmp_path)), regions=3,
-                     ready_timeout_s=60.0)
-    net = RegionalNetwork(opts, wan=wan, hub_overrides=dict(
+                     ready_timeout_s=60.0, sim_time_scale=SIM_SCALE)
+    settings: dict[str, Any] = dict(
         # site_ack_timeout_s: the agents share this test's event loop with four hubs; a loop that
-        # stands still for seconds on a loaded CI machine must not read as a silent site.
-        heartbeat_s=1.0, miss_limit=3, site_timeout_s=5.0, site_ack_timeout_s=4.0, record_write_deadline_s=3.0,
-        seed=1))
+        # stands still for seconds must not read as a silent site. It does stand still during a cut:
+        # a record write waits (blocking) up to record_write_deadline_s for a quorum, and the hubs cut
+        # off from the record write on (7 s stalls measured on a loaded machine).
+        heartbeat_s=1.0, miss_limit=3, site_timeout_s=10.0, site_ack_timeout_s=8.0, record_write_deadline_s=3.0,
+        seed=1)
+    settings.update(getattr(request, "param", None) or {})
+    net = RegionalNetwork(opts, wan=wan, hub_overrides=settings, leaf_sites=True)
     try:
         await net.start()
         yield net, wan
     finally:
         await net.stop()
         await wan.close()
+
+
+def leafz(port: int) -> list[dict[str, Any]]:
+    """The leaf-node connections one node's monitoring endpoint lists."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/leafz", timeout=5) as resp:
+        return list(json.loads(resp.read()).get("leafs") or [])
 
 
 def region(net: RegionalNetwork, rid: str) -> RegionRun:
@@ -155,6 +176,11 @@ async def deploy_everywhere(net: RegionalNetwork) -> None:
 async def test_a_request_stays_in_its_region_and_a_far_gateway_tells_the_full_path(
         regions: tuple[RegionalNetwork, Wan]) -> None:
     net, wan = regions
+    # Every site is a leaf node of its own region's cluster (its own nats-server, the leaf identity
+    # of `cpn deploy nats-config`), and of no other: the regions' monitoring endpoints say so.
+    for r in net.regions:
+        leafs = [leaf for port in r.monitor_ports for leaf in leafz(port)]
+        assert sorted(leaf["name"] for leaf in leafs) == sorted(f"cpn-leaf-{s}" for s in r.plan.sites), (r.plan.id, leafs)
     await deploy_everywhere(net)
     key = net.credentials["tenant_key"]
     wan.delay(WAN_ONE_WAY_MS)
@@ -186,26 +212,50 @@ async def test_a_request_stays_in_its_region_and_a_far_gateway_tells_the_full_pa
               f"(X-CPN-RTT-Ms {far_rtt}); WAN {WAN_ONE_WAY_MS} ms each way")
 
 
+HOME = "sh"
+"""The home region: the record's 3 replicas and the controller live on its cluster."""
+
+
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("cut_id", ["zj", HOME])
 async def test_a_region_cut_off_keeps_serving_its_own_and_refuses_submissions_until_healed(
-        regions: tuple[RegionalNetwork, Wan]) -> None:
+        regions: tuple[RegionalNetwork, Wan], cut_id: str) -> None:
+    """``zj``: a region cut off from the home region. ``sh``: the home region itself cut off from the
+    others: they keep serving their own origins from their gateways' views, their submissions get
+    503 naming the lost quorum while the home region goes on taking its own, and after healing every
+    submission is taken once and every site is back at the controller."""
     net, wan = regions
     await deploy_everywhere(net)
     key = net.credentials["tenant_key"]
-    cut = region(net, "zj")
     own = {"sh": "shanghai", "zj": "hangzhou", "js": "nanjing"}
+    # The regions on the other side of the cut from the record: their writes have no quorum.
+    far_side = {r.plan.id for r in net.regions if (r.plan.id == cut_id) != (HOME == cut_id)}
     job = {"name": "sim", "cards": 1, "est_hours": 0.01, "checkpoint_cost_s": 1, "checkpoint_interval_min": 1}
     async with aiohttp.ClientSession() as session:
-        async def serve_all(rounds: int) -> dict[str, list[int]]:
+        failures: list[tuple[str, int, str | None, Any]] = []
+        slowest: dict[str, float] = {}
+
+        async def serve_all(rounds: int, *, cut: bool = False) -> dict[str, list[int]]:
+            """Each gateway's own origin; 299: served from another region (during a cut: from across it)."""
             out: dict[str, list[int]] = {rid: [] for rid in own}
             for _ in range(rounds):
                 for r in net.regions:
-                    status, body, headers, _ = await chat(session, net.gateway_url(r), key, own[r.plan.id])
+                    status, body, headers, took_ms = await chat(session, net.gateway_url(r), key, own[r.plan.id])
+                    slowest[r.plan.id] = max(slowest.get(r.plan.id, 0.0), took_ms)
                     assert net.layout is not None
-                    if status == 200 and net.layout.region_of_site(headers["X-CPN-Site"]) != r.plan.id:
-                        status = 299  # served, but from another region: not what a region must do
+                    served_by = net.layout.region_of_site(headers["X-CPN-Site"]) if status == 200 else None
+                    if served_by is not None and (
+                            (served_by == cut_id) != (r.plan.id == cut_id) if cut else served_by != r.plan.id):
+                        status = 299
+                    if status != 200:
+                        failures.append((r.plan.id, status, headers.get("X-CPN-Site"), body))
                     out[r.plan.id].append(status)
             return out
+
+        async def submit(r: RegionRun, idem: str) -> tuple[int, dict[str, Any]]:
+            async with session.post(net.gateway_url(r) + "/v1/jobs", json=job, headers={
+                    "Authorization": f"Bearer {key}", "Idempotency-Key": idem}) as resp:
+                return resp.status, await resp.json()
 
         # Warm: every gateway has served its own origin three times in a row (the first requests
         # after a deployment loads can fail over while the replicas settle on a loaded machine).
@@ -216,40 +266,218 @@ async def test_a_region_cut_off_keeps_serving_its_own_and_refuses_submissions_un
                 break
             assert time.monotonic() < deadline, before
 
-        for proxy in wan.of("zj"):
+        slowest.clear()
+        for proxy in wan.of(cut_id):
             proxy.set_blackhole()
-        # The cut region's gateway and the others go on serving their own origins, 0 errors,
-        # for longer than a site takes to be declared lost (3 heartbeats).
+        # Every region's gateway goes on serving its own origin, 0 errors and never from across the
+        # cut, for longer than a site takes to be declared lost (3 heartbeats).
         t0 = time.monotonic()
-        during = await serve_all(1)
+        during = await serve_all(1, cut=True)
         while time.monotonic() - t0 < 6:
-            more = await serve_all(1)
+            more = await serve_all(1, cut=True)
             for rid, statuses in more.items():
                 during[rid] += statuses
             await asyncio.sleep(0.2)
-        assert all(set(s) == {200} for s in during.values()), during
+        assert all(set(s) == {200} for s in during.values()), (during, failures[-3:])
+        print(f"cut {cut_id}: slowest answer per gateway during the cut (ms): "
+              f"{ {k: round(v) for k, v in slowest.items()} }")
 
-        # A submission in the cut region: 503 naming the record's lost quorum (the record lives in sh).
-        async with session.post(net.gateway_url(cut) + "/v1/jobs", json=job, headers={
-                "Authorization": f"Bearer {key}", "Idempotency-Key": "cut-1"}) as resp:
-            body = await resp.json()
-            assert resp.status == 503, body
-            assert body["error"]["code"] == "record_unavailable" and "quorum" in body["error"]["message"], body
+        # A submission on the far side of the cut: 503 naming the record's lost quorum; on the
+        # record's side: taken.
+        taken = {}
+        for r in net.regions:
+            status, body = await submit(r, f"cut-{r.plan.id}")
+            if r.plan.id in far_side:
+                assert status == 503, (r.plan.id, body)
+                assert body["error"]["code"] == "record_unavailable" and "quorum" in body["error"]["message"], body
+                continue
+            deadline = time.monotonic() + 30
+            while status != 201:  # a loaded machine's stalled loop can let one write pass its deadline
+                assert status == 503 and time.monotonic() < deadline, (r.plan.id, body)
+                await asyncio.sleep(0.5)
+                status, body = await submit(r, f"cut-{r.plan.id}")
+            taken[r.plan.id] = body["id"]
 
-        for proxy in wan.of("zj"):
+        for proxy in wan.of(cut_id):
             proxy.set_pass()
-        # Healed: the same submission (same idempotency key) is taken once, and answered again as first.
-        ids = []
-        deadline = time.monotonic() + 60
-        while len(ids) < 2:
-            async with session.post(net.gateway_url(cut) + "/v1/jobs", json=job, headers={
-                    "Authorization": f"Bearer {key}", "Idempotency-Key": "cut-1"}) as resp:
-                body = await resp.json()
-                if resp.status == 201:
+        # Healed: the same submissions (same idempotency keys) are taken once, and answered again
+        # as first; the one taken during the cut is not taken twice.
+        for r in net.regions:
+            ids = []
+            deadline = time.monotonic() + 60
+            while len(ids) < 2:
+                status, body = await submit(r, f"cut-{r.plan.id}")
+                if status == 201:
                     ids.append(body["id"])
                 else:
-                    assert resp.status == 503 and time.monotonic() < deadline, body
+                    assert status == 503 and time.monotonic() < deadline, body
                     await asyncio.sleep(0.5)
-        assert ids[0] == ids[1]
-        after = await serve_all(2)
-        assert all(s == [200] * 2 for s in after.values()), after
+            assert ids[0] == ids[1] == taken.get(r.plan.id, ids[0]), (r.plan.id, ids, taken)
+        # Every site is up again at the controller, and every region serves its own.
+        assert net.controller is not None and net.layout is not None
+        n_sites = len(net.layout.sites)
+        controller = net.controller.hub
+        await until(lambda: sum(1 for v in controller.registry if v.state == "up") == n_sites, 30,
+                    "every site up again at the controller")
+        # The controller restores the replicas it marked lost: every region serves its own again.
+        deadline = time.monotonic() + 60
+        while True:
+            after = await serve_all(2)
+            if all(s == [200] * 2 for s in after.values()):
+                break
+            assert time.monotonic() < deadline, (after, failures[-3:])
+            await asyncio.sleep(0.5)
+
+
+# ---------------------------------------------------------------------- training across a cut
+
+ZJ_SITE = "hz-edge"
+"""The one site of region ``zj``."""
+
+
+def attempts(net: RegionalNetwork, job_id: str) -> list[store_jobs.AttemptRow]:
+    assert net.controller is not None
+    return store_jobs.attempts(net.controller.hub.db, job_id)
+
+
+def job_row(net: RegionalNetwork, job_id: str) -> store_jobs.JobRow:
+    assert net.controller is not None
+    row = store_jobs.get_job(net.controller.hub.db, job_id)
+    assert row is not None
+    return row
+
+
+async def submit_on_zj(net: RegionalNetwork, est_hours: float, **extra: Any) -> str:
+    """A sim job placed on ``hz-edge`` (its region's gateway takes it), running, one checkpoint applied."""
+    body = {"name": "across-a-cut", "cards": 1, "est_hours": est_hours, "checkpoint_cost_s": 30,
+            "checkpoint_interval_min": 10, **extra}
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession() as session:
+        while True:  # a loaded machine's stalled loop can let one record write pass its deadline: retried
+            async with session.post(net.gateway_url(region(net, "zj")) + "/v1/jobs", json=body, headers={
+                    "Authorization": f"Bearer {net.credentials['tenant_key']}", "Idempotency-Key": "across"}) as resp:
+                data = await resp.json()
+            if resp.status == 201:
+                break
+            assert resp.status == 503 and time.monotonic() < deadline, data
+            await asyncio.sleep(0.5)
+    jid = str(data["id"])
+    await until(lambda: bool(attempts(net, jid)) and attempts(net, jid)[0].started_at is not None, 30,
+                "attempt 1 started")
+    assert attempts(net, jid)[0].pool == ZJ_SITE
+    assert net.controller is not None
+    db = net.controller.hub.db
+    await until(lambda: any(e.kind == "checkpointed" for e in store_jobs.events(db, jid)), 20, "a checkpoint applied")
+    return jid
+
+
+def site_events(net: RegionalNetwork, job_id: str, site: str) -> list[tuple[int, int, str]]:
+    """``(attempt, seq, kind)`` of every event the record holds from ``site`` for the job (the hub's
+    own events, numbered on their own, are left out)."""
+    assert net.controller is not None
+    rows = net.controller.hub.db.conn.execute(
+        "SELECT attempt, seq, kind FROM job_events WHERE job_id = ? AND site = ? ORDER BY attempt, seq",
+        (job_id, site))
+    return [(int(a), int(q), str(k)) for a, q, k in rows]
+
+
+def zj_agent(net: RegionalNetwork) -> Any:
+    return next(a for a in region(net, "zj").agents if a.site == ZJ_SITE)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("regions", [{"miss_limit": 30}], indirect=True)
+async def test_an_attempt_runs_on_through_a_cut_and_its_buffered_events_apply_once_after_healing(
+        regions: tuple[RegionalNetwork, Wan]) -> None:
+    """A cut shorter than loss detection (30 heartbeats here): the attempt on the cut-off site runs on,
+    its events wait in the agent's outbox, and after healing every one is applied exactly once:
+    one attempt, no restart, every checkpoint counted once, nothing stale."""
+    net, wan = regions
+    assert net.controller is not None
+    controller, db = net.controller.hub, net.controller.hub.db
+    # 8 h at 1,200x: 24 s of wall time, a checkpoint every 10 simulated minutes (0.5 s).
+    jid = await submit_on_zj(net, 8.0, regions=["zhejiang"])
+    agent = zj_agent(net)
+
+    for proxy in wan.of("zj"):
+        proxy.set_blackhole()
+    await until(lambda: len(agent.outbox) >= 6, 20, "6 events waiting in the cut-off agent's outbox")
+    running = agent.training.attempts.get(jid)
+    assert running is not None and running.attempt == 1 and not running.done  # the agent did not kill it
+    site = controller.registry.get(ZJ_SITE)
+    assert site is not None and site.state != "lost"
+    assert len(attempts(net, jid)) == 1
+    held = len(agent.outbox)
+
+    for proxy in wan.of("zj"):
+        proxy.set_pass()
+    await until(lambda: job_row(net, jid).state == "succeeded", 90, "the job succeeded after healing")
+    await until(lambda: len(agent.outbox) == 0, 10, "the agent's outbox drained")
+    events = site_events(net, jid, ZJ_SITE)
+    assert [seq for _, seq, _ in events] == list(range(1, len(events) + 1))  # none lost, none twice
+    assert {a for a, _, _ in events} == {1}
+    service = net.controller.services.training
+    assert service.counters["stale_attempt"] == 0
+    assert service.counters["applied"] == len(events)  # the only job: every event applied once
+    row = job_row(net, jid)
+    (a1,) = attempts(net, jid)
+    assert (row.attempt, row.infra_restarts, a1.exit_reason) == (1, 0, "completed")
+    assert [k for _, _, k in events].count("checkpointed") == 47  # 8 h, every 10 min, none at the end
+    print(f"{held} events held in the outbox during the cut, {len(events)} applied once each")
+
+
+@pytest.mark.timeout(300)
+async def test_a_cut_outlasting_loss_detection_restarts_from_the_checkpoint_and_the_zombie_is_stopped(
+        regions: tuple[RegionalNetwork, Wan]) -> None:
+    """A cut longer than loss detection (3 heartbeats): the controller declares the site lost and ends
+    attempt 1 (``site_lost``; it cannot tell a cut from a death), to restart the job from its last
+    checkpoint on the best reachable pool. This job may run only in Zhejiang, whose one site is cut
+    off: no second attempt starts anywhere while it is unreachable (one the controller places there
+    cannot be delivered, and ends ``site_lost`` or ``dispatch_failed`` unstarted). The agent does not
+    kill attempt 1; after healing it is stopped, its late events are counted stale and change
+    nothing, the next attempt runs from the controller's last checkpoint, and the job ends once."""
+    net, wan = regions
+    assert net.controller is not None and net.layout is not None
+    controller, db = net.controller.hub, net.controller.hub.db
+    jid = await submit_on_zj(net, 8.0, regions=["zhejiang"])
+    agent = zj_agent(net)
+    others = [a for r in net.regions for a in r.agents if a is not agent]
+
+    for proxy in wan.of("zj"):
+        proxy.set_blackhole()
+    await until(lambda: (v := controller.registry.get(ZJ_SITE)) is not None and v.state == "lost", 20,
+                f"{ZJ_SITE} lost at the controller")
+    lost_at = controller.registry.get(ZJ_SITE).lost_at  # type: ignore[union-attr]
+    await until(lambda: attempts(net, jid)[0].exit_reason == "site_lost", 10, "attempt 1 ended site_lost")
+    checkpoint = job_row(net, jid).checkpoint
+    assert checkpoint.startswith(f"sim://{ZJ_SITE}/{jid}/1/")
+    await asyncio.sleep(3)  # a while longer cut off
+    zombie = agent.training.attempts.get(jid)
+    assert zombie is not None and zombie.attempt == 1 and not zombie.done  # the agent did not kill it
+    assert not [a.site for a in others if jid in a.training.attempts]  # nothing started anywhere else
+    assert {a.pool for a in attempts(net, jid)} == {ZJ_SITE}
+
+    for proxy in wan.of("zj"):
+        proxy.set_pass()
+    await until(lambda: jid not in agent.training.attempts or agent.training.attempts[jid].attempt > 1, 30,
+                "the zombie attempt 1 stopped after healing")
+    exit1 = await zombie.wait()
+    assert exit1.reason == "stopped", exit1
+    await until(lambda: job_row(net, jid).state == "succeeded", 120, "the job succeeded on a later attempt")
+    await until(lambda: len(agent.outbox) == 0, 10, "the zombie's late events delivered")
+    late = db.conn.execute("SELECT COUNT(*) FROM job_events WHERE job_id = ? AND site = ? AND attempt = 1 AND at > ?",
+                           (jid, ZJ_SITE, lost_at)).fetchone()[0]
+    assert late and net.controller.services.training.counters["stale_attempt"] == late
+    row = job_row(net, jid)
+    rows = attempts(net, jid)
+    last = rows[-1]
+    assert row.attempt == last.attempt >= 2 and row.user_retries == 0 and row.infra_restarts == len(rows) - 1
+    assert last.exit_reason == "completed" and last.pool == ZJ_SITE
+    assert rows[0].exit_reason == "site_lost"
+    assert {a.exit_reason for a in rows[1:-1]} <= {"site_lost", "dispatch_failed"}  # placed, never delivered
+    started = [e for e in store_jobs.events(db, jid) if e.attempt == last.attempt and e.kind == "attempt_started"]
+    assert started[0].body["resumed_from"] == checkpoint  # attempt 1's late checkpoints changed nothing
+    assert row.card_hours == sum(a.card_hours for a in rows)  # attempt 1 billed once, at the loss
+    for attempt in {a.attempt for a in rows}:  # none lost, none twice
+        seqs = [q for a, q, _ in site_events(net, jid, ZJ_SITE) if a == attempt]
+        assert seqs == list(range(1, len(seqs) + 1)), (attempt, seqs)

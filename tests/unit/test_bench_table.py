@@ -31,3 +31,20 @@ def test_kind_ignores_figures() -> None:
     assert table._kind("heartbeats, 5000 sites at 1 Hz") == table._kind("heartbeats, 4,000 sites at 2 Hz")
     assert table._kind("gateway path vs its floor (wrk), 1 connection") != table._kind(
         "gateway path vs its floor (wrk), 32 connections")
+
+
+def test_the_regions_row_puts_each_regions_own_gateway_next_to_the_central_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    row = {"n": 20, "errors": 0, "promised_rtt_p50_ms": 1.0}
+    (tmp_path / "regions.json").write_text(json.dumps({
+        "regions": 2, "budget_ms": 10.0, "machine": "box", "date": "2026-12-07", "rows": [
+            {**row, "region": "east", "mode": "central", "p50_ms": 26.5, "p99_ms": 68.6, "beyond_promise_p50_ms": 8.3},
+            {**row, "region": "east", "mode": "regional", "p50_ms": 9.5, "p99_ms": 23.5, "beyond_promise_p50_ms": 7.2,
+             "errors": 2},
+            {**row, "region": "north", "mode": "regional", "p50_ms": 7.0, "p99_ms": 9.9, "beyond_promise_p50_ms": 6.9},
+        ]}))
+    (line,) = [r for r in table.render("").splitlines() if r.startswith("| regions")]
+    assert "east: own gateway p50 9.5 / p99 23.5 ms, central 26.5 / 68.6 (2 errors)" in line
+    assert "north: own gateway p50 7.0 / p99 9.9 ms, central -" in line
+    assert "p50 6.9–8.3 ms" in line and "in-region p99 ≤ 10 ms" in line

@@ -58,3 +58,30 @@ def test_budget_is_checked_on_the_full_path() -> None:
     near = r.route(router.RouteRequest(origin="beijing", model="m", budget_ms=10.0), reg.views, reg.version,
                    random.Random(1))
     assert isinstance(near, router.Route) and near.site == "bj-edge"
+
+
+def test_with_regions_the_gateway_to_site_leg_is_the_nats_path_through_the_clusters() -> None:
+    """A gateway is a client of its region's cluster, a site a leaf of its own: between regions the
+    path goes gateway city -> its cluster city -> the site's cluster city -> the site."""
+    regions = {r.id: r for r in LAYOUT.regions}
+    city = "beijing"
+    home = regions[next(r for r in regions if city in regions[r].gateways)]
+    r = router.for_gateway(LAYOUT, INDEX, city)
+    assert isinstance(r.rtt, ingress.IngressRtt) and r.rtt.paths is not None
+    got = dict(r.rtt.ranked(city))  # from the gateway's own city: the leg origin -> gateway is 0
+    crossed = 0
+    for site in LAYOUT.sites:
+        there = regions[LAYOUT.region_of_site(site.id) or ""]
+        if there.id == home.id:
+            want = ingress.city_rtt_ms(INDEX, city, home.cluster) + INDEX.rtt_ms(home.cluster, site.id)
+        else:
+            want = (ingress.city_rtt_ms(INDEX, city, home.cluster) + ingress.city_rtt_ms(INDEX, home.cluster, there.cluster)
+                    + INDEX.rtt_ms(there.cluster, site.id))
+            crossed += got[site.id] > INDEX.rtt_ms(city, site.id) + 1e-6
+        assert got[site.id] == pytest.approx(want), site.id
+        assert got[site.id] >= INDEX.rtt_ms(city, site.id) - 1e-6  # never shorter than the direct path
+    assert crossed > 0  # some sites of other regions are farther by the NATS path than by the backbone
+    assert list(got.values()) == sorted(got.values())
+    # Without regions (or without the layout) the leg is the backbone's shortest path, as before.
+    plain = ingress.IngressRtt(INDEX, city)
+    assert dict(plain.ranked(city)) == pytest.approx(dict(INDEX.ranked(city)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from controlplane.tools.commands.hub import add_gateway_flags
@@ -18,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--regions", type=int, default=0, metavar="N",
                    help="run the layout's first N regions as a NATS super-cluster: a gateway per region "
                         "(ports --port, --port+1, ...), a controller, each site on its own region's cluster")
+    p.add_argument("--leaf-sites", action="store_true",
+                   help="with --regions: each site behind a nats-server of its own, a leaf node of its region's "
+                        "cluster (one more process per site)")
     p.add_argument("--no-agents", action="store_true", help="start NATS and the hub only")
     p.add_argument("--time-scale", type=float, default=60.0, help="simulated seconds per second for sim training (default 60)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default WARNING)")
@@ -33,11 +37,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.regions and not regions_ok(args):
         return 2
+    if args.leaf_sites and not args.regions:
+        print("cpn up: --leaf-sites needs --regions N (sites are leaf nodes of their region's cluster)",
+              file=sys.stderr)
+        return 2
     logs.setup(args.log_level or "WARNING", json_lines=args.log_json)
     os.umask(0o077)  # whatever this process writes (store, credentials, logs) is the operator's only
     opts = up.UpOptions(
         data_dir=Path(args.data_dir), port=args.port, nats_port=args.nats_port, layout=args.layout,
-        agents=not args.no_agents, sim_time_scale=args.time_scale, regions=args.regions,
+        agents=not args.no_agents, sim_time_scale=args.time_scale, regions=args.regions, leaf_sites=args.leaf_sites,
         tls_cert=args.tls_cert, tls_key=args.tls_key, trusted_proxies=tuple(args.trusted_proxy or ()),
     )
     if opts.regions:

@@ -1,0 +1,138 @@
+"""Fault proxies in a child process of their own, so the delays they add are real.
+
+A :class:`~controlplane.tools.faultproxy.FaultProxy` sharing an event loop with hubs and agents delays
+its bytes by *at least* the asked delay: every stall of that loop (a hub's commit, forty agents'
+heartbeats) is added on top, and the proxies' own timers stall the hubs in turn. :class:`ProxyHost`
+runs the proxies in ``python -m controlplane.tools.proxyhost``, driven by one JSON line per command
+on the child's stdin and one JSON answer per line on its stdout:
+
+- ``{"op": "add", "upstream": "nats://host:port"}`` -> ``{"id": N, "port": P}``
+- ``{"op": "mode", "ids": [N, ...], "mode": "pass"|"delay"|"blackhole"|"reset", "ms": 0.0}`` -> ``{}``
+- ``{"op": "close"}`` -> ``{}`` (every proxy closed; the child exits)
+
+A bad command is answered ``{"error": "..."}`` and the child goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from typing import Any
+
+from controlplane.tools.faultproxy import FaultProxy
+
+PY = sys.executable
+
+
+class ProxyHostError(RuntimeError):
+    """The child refused a command or went away."""
+
+
+class ProxyHost:
+    """The parent's handle on the child process holding the proxies."""
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            PY, "-m", "controlplane.tools.proxyhost", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE)
+
+    async def _call(self, command: dict[str, Any]) -> dict[str, Any]:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.stdout is None:
+            raise ProxyHostError("the proxy host is not running")
+        async with self._lock:
+            proc.stdin.write(json.dumps(command).encode() + b"\n")
+            await proc.stdin.drain()
+            line = await proc.stdout.readline()
+        if not line:
+            raise ProxyHostError(f"the proxy host exited (code {proc.returncode})")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise ProxyHostError(str(answer["error"]))
+        return answer
+
+    async def add(self, upstream_url: str) -> tuple[int, int]:
+        """A new proxy in front of ``upstream_url``: its id and its port on 127.0.0.1."""
+        answer = await self._call({"op": "add", "upstream": upstream_url})
+        return int(answer["id"]), int(answer["port"])
+
+    async def set_mode(self, ids: list[int], mode: str, ms: float = 0.0) -> None:
+        """Switch the proxies ``ids`` to ``mode`` (``delay``: ``ms`` each way)."""
+        await self._call({"op": "mode", "ids": ids, "mode": mode, "ms": ms})
+
+    async def close(self) -> None:
+        """Close every proxy and end the child (killed if it does not exit within 10 s)."""
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProxyHostError, OSError, ValueError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._call({"op": "close"}), 10)
+        self._proc = None
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _serve() -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    proxies: list[FaultProxy] = []
+
+    def answer(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    try:
+        while line := await reader.readline():
+            try:
+                cmd = json.loads(line)
+                op = cmd.get("op")
+                if op == "add":
+                    proxy = FaultProxy(str(cmd["upstream"]))
+                    await proxy.start()
+                    proxies.append(proxy)
+                    answer({"id": len(proxies) - 1, "port": proxy.port})
+                elif op == "mode":
+                    for i in cmd["ids"]:
+                        p = proxies[int(i)]
+                        mode = cmd["mode"]
+                        if mode == "pass":
+                            p.set_pass()
+                        elif mode == "delay":
+                            p.set_delay(float(cmd.get("ms", 0.0)))
+                        elif mode == "blackhole":
+                            p.set_blackhole()
+                        elif mode == "reset":
+                            p.set_reset()
+                        else:
+                            raise ValueError(f"mode {mode!r}: want pass, delay, blackhole or reset")
+                    answer({})
+                elif op == "close":
+                    break
+                else:
+                    raise ValueError(f"op {op!r}: want add, mode or close")
+            except (ValueError, KeyError, IndexError, TypeError) as exc:
+                answer({"error": str(exc)})
+    finally:
+        for p in proxies:
+            await p.close()
+        answer({})
+
+
+def main() -> None:
+    asyncio.run(_serve())
+
+
+if __name__ == "__main__":
+    main()

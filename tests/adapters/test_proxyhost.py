@@ -1,0 +1,74 @@
+"""Fault proxies in a child process (what `cpn bench regions` puts on its WAN links): a real
+nats-server and nats-py through them; the delay is added by the child, whatever this loop does."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from controlplane.nats.natsserver import NatsServer
+from controlplane.tools.proxyhost import ProxyHost, ProxyHostError
+from edge_agent.nats_barrier import barrier
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    srv = NatsServer(tmp_path / "js", port=-1)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+@pytest.fixture
+async def host() -> AsyncIterator[ProxyHost]:
+    h = ProxyHost()
+    await h.start()
+    try:
+        yield h
+    finally:
+        await h.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_child_proxy_forwards_delays_and_blackholes(server: NatsServer, host: ProxyHost) -> None:
+    echo = await nats.connect(server.url)
+
+    async def on_echo(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    await echo.subscribe("echo", cb=on_echo)
+    await barrier(echo)
+    pid, port = await host.add(server.url)
+    nc = await nats.connect(f"nats://127.0.0.1:{port}", max_reconnect_attempts=0)
+    try:
+        assert (await nc.request("echo", b"a", timeout=5)).data == b"a"
+        await host.set_mode([pid], "delay", 100.0)
+        started = time.monotonic()
+        assert (await nc.request("echo", b"b", timeout=5)).data == b"b"
+        assert time.monotonic() - started >= 0.2  # 100 ms each way, added in the child
+        await host.set_mode([pid], "blackhole")
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request("echo", b"c", timeout=0.5)
+    finally:
+        await nc.close()
+        await echo.close()
+
+
+@pytest.mark.timeout(30)
+async def test_bad_commands_are_refused_by_name_and_the_host_goes_on(server: NatsServer, host: ProxyHost) -> None:
+    with pytest.raises(ProxyHostError, match="needs a host and a port"):
+        await host.add("nats://nowhere")
+    with pytest.raises(ProxyHostError, match="mode 'sideways'"):
+        pid, _ = await host.add(server.url)
+        await host.set_mode([pid], "sideways")
+    with pytest.raises(ProxyHostError, match="delay ms must be >= 0"):
+        await host.set_mode([0], "delay", -1.0)
+    _, port = await host.add(server.url)
+    assert port > 0
