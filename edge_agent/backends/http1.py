@@ -243,6 +243,14 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body."""
+        conn = self._conn
+        if conn is not None and conn.state == _DONE and conn.error is None:
+            # The usual case: the whole answer came with its head (no async generator to run).
+            pieces = conn.pieces
+            body = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            self.close()
+            return body
         parts = [piece async for piece in self.pieces()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
