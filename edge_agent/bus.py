@@ -259,6 +259,12 @@ class AgentBus:
         except nats.errors.Error as exc:
             raise BusError(f"site {self.site}: publish on {subject} failed: {exc}") from None
 
+    def publish_nowait(self, subject: str, data: bytes) -> bool:
+        """Queue one message to go out at the end of this pass of the event loop; False, having
+        queued nothing, when the connection is not plainly up (then :meth:`publish` says why)."""
+        nc = self._nc
+        return nc is not None and publish_soon(nc, subject, data)
+
     async def request(
         self, subject: str, data: bytes, *, timeout_s: float, headers: dict[str, str] | None = None
     ) -> bytes:
