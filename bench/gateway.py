@@ -97,8 +97,11 @@ async def run(seconds: float = 3.0, conns_list: tuple[int, ...] = (1, 32), round
                     env={**os.environ, "CPN_LOG": "WARNING"},
                 )
                 procs.append(agent)
-                hub, line = await _spawn("-m", "controlplane.cli", "hub", "--nats", nats.url, "--db", str(db),
-                                         "--listen", "127.0.0.1:0", "--layout", str(layout), ready="listening on")
+                hub_toml = tmp / "hub.toml"  # the site's own model ("m") serves the bench tenant
+                hub_toml.write_text('local_model_tenants = ["bench"]\n')
+                hub, line = await _spawn("-m", "controlplane.cli", "hub", "--config", str(hub_toml), "--nats", nats.url,
+                                         "--db", str(db), "--listen", "127.0.0.1:0", "--layout", str(layout),
+                                         ready="listening on")
                 procs.append(hub)
                 hub_url = line.rsplit(" ", 1)[1] + "/v1/infer"
                 body = '{"model":"m","input":"hi","max_tokens":1}'

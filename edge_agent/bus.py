@@ -33,6 +33,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import BusError, NoResponders, NotConnected, RequestTimeout
 from edge_agent.logs import log
 from edge_agent.nats_barrier import barrier
+from edge_agent.nats_fast import publish_soon, subscribe_now
 
 
 class Incoming(msgspec.Struct, frozen=True):
@@ -45,9 +46,9 @@ class Incoming(msgspec.Struct, frozen=True):
 
 
 Handler = Callable[[Incoming], Awaitable[None] | None]
-"""Subscription callback. It must not block: spawn a task for real work (nats-py delivers one
-subscription's messages one after another). It may return an awaitable that finishes at once
-(e.g. publishing an answer it already has); the subscription awaits it before the next message."""
+"""Subscription callback, called from the connection's reader. It must not block: spawn a task for
+real work. It may return an awaitable that finishes at once (e.g. publishing an answer it already
+has); that runs as a task."""
 
 
 class AgentBus:
@@ -64,6 +65,7 @@ class AgentBus:
         self._rng = rng or random.Random()
         self._nc: Client | None = None
         self._subs: list[Any] = []
+        self._pending_tasks: set[asyncio.Future[None]] = set()
         self._reconnect_listeners: list[Callable[[], Awaitable[None] | None]] = []
         self._connected = asyncio.Event()
         self._closing = False
@@ -213,16 +215,21 @@ class AgentBus:
         return self._nc
 
     async def subscribe(self, subject: str, handler: Handler) -> None:
-        """Deliver every message on ``subject`` to ``handler`` (re-subscribed after reconnects)."""
-        nc = self._client()
+        """Deliver every message on ``subject`` to ``handler`` (re-subscribed after reconnects).
 
-        async def deliver(msg: Any) -> None:
+        Messages are handed over at once from nats-py's reader (:class:`~edge_agent.nats_fast.Dispatch`:
+        no queue, no task per message); an awaitable the handler returns runs as a task of its own."""
+        nc = self._client()
+        pending_tasks = self._pending_tasks
+
+        def deliver(msg: Any) -> None:
             pending = handler(Incoming(subject=msg.subject, data=msg.data, reply=msg.reply or "", headers=msg.headers))
             if pending is not None:
-                await pending
+                task = asyncio.ensure_future(pending)
+                pending_tasks.add(task)
+                task.add_done_callback(pending_tasks.discard)
 
-        # A site's own infer/cmd subjects see bursts; do not let nats-py drop them early.
-        sub = await nc.subscribe(subject, cb=deliver, pending_msgs_limit=65536)
+        sub = await subscribe_now(nc, subject, deliver)
         self._subs.append(sub)
 
     async def flush(self, timeout_s: float = 2.0) -> None:
@@ -242,6 +249,8 @@ class AgentBus:
         nc = self._client()
         if not nc.is_connected:
             raise NotConnected(f"site {self.site}: disconnected from NATS")
+        if headers is None and publish_soon(nc, subject, data):
+            return
         try:
             await nc.publish(subject, data, headers=headers)
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError,
@@ -249,6 +258,12 @@ class AgentBus:
             raise NotConnected(f"site {self.site}: {type(exc).__name__}") from None
         except nats.errors.Error as exc:
             raise BusError(f"site {self.site}: publish on {subject} failed: {exc}") from None
+
+    def publish_nowait(self, subject: str, data: bytes) -> bool:
+        """Queue one message to go out at the end of this pass of the event loop; False, having
+        queued nothing, when the connection is not plainly up (then :meth:`publish` says why)."""
+        nc = self._nc
+        return nc is not None and publish_soon(nc, subject, data)
 
     async def request(
         self, subject: str, data: bytes, *, timeout_s: float, headers: dict[str, str] | None = None

@@ -131,9 +131,12 @@ class InferenceService:
             service_ms=round(service_ms, 3), finish_reason=completion.finish_reason, tail=completion.tail,
         ))
 
-    async def reply(self, subject: str, body: bytes) -> None:
-        """Publish an answer (a failure is counted and logged: the requester times out and fails over)."""
-        await self._answer(subject, body)
+    def reply(self, subject: str, body: bytes) -> Awaitable[None] | None:
+        """Publish an answer: queued at once when the connection is up (None), else the awaitable
+        that publishes it (a failure is counted and logged: the requester times out and fails over)."""
+        if self.bus.publish_nowait(subject, body):
+            return None
+        return self._answer(subject, body)
 
     async def handle(self, msg: Incoming) -> None:
         """Serve one request message (run it in its own task)."""

@@ -36,7 +36,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    request: web.Request, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: str
+    request: web.Request, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind
 ) -> web.StreamResponse:
     services = request.app[SERVICES]
     tenant = principal(request).tenant_id or ""
@@ -54,15 +54,14 @@ async def _serve(
         served = await services.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                    deployments=scope, slo_ttft_ms=slo)
         assert served.result is not None
-        body = oa.chat_response(served.result, created=created, model=req.model) if kind == "chat" else \
-            oa.completion_response(served.result, created=created, model=req.model)
+        body = oa.response(kind, served.result, created=created, model=req.model)
         return web.Response(body=oa.encode(body), content_type="application/json",
                             headers=route_headers(served, echo, filing))
 
     infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                        deployments=scope, slo_ttft_ms=slo)
-    sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,  # type: ignore[arg-type]
+    sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,
                        include_usage=oa.include_usage(req))
     response = _SseResponse(headers={
         **route_headers(served, echo, filing),

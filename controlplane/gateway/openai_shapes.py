@@ -24,7 +24,7 @@ Public API::
 
     req = decode_chat_request(body) / decode_completion_request(body)   # RequestError on bad input
     infer = to_infer_request(req, request_id=..., tenant=..., deadline_ms=...)
-    body = encode(chat_response(result, created=now_s)) / encode(completion_response(...))
+    body = encode(response("chat", result, created=now_s))
     s = SseStream("chat" | "completion", request_id, model, created, include_usage=...)
     s.start(); s.delta(text); s.finish(result); s.error(message, type, code)   # each -> bytes
     encode(models_list(model_ids, created))
@@ -465,28 +465,20 @@ def usage_of(result: wire.InferResult) -> Usage:
     )
 
 
-def chat_response(result: wire.InferResult, *, created: float, model: str | None = None) -> ChatCompletion:
-    """The ``chat.completion`` body for an agent's result (``model`` defaults to the result's)."""
-    return ChatCompletion(
-        id=chat_id(result.request_id),
-        created=int(created),
-        model=model or result.model,
-        choices=[
-            ChatChoice(index=0, message=AssistantMessage(content=result.output), finish_reason=finish_reason(result.finish_reason))
-        ],
-        usage=usage_of(result),
-    )
+Kind = Literal["chat", "completion"]
 
 
-def completion_response(result: wire.InferResult, *, created: float, model: str | None = None) -> Completion:
-    """The ``text_completion`` body for an agent's result."""
-    return Completion(
-        id=completion_id(result.request_id),
-        created=int(created),
-        model=model or result.model,
-        choices=[CompletionChoice(text=result.output, index=0, finish_reason=finish_reason(result.finish_reason))],
-        usage=usage_of(result),
-    )
+def response(kind: Kind, result: wire.InferResult, *, created: float, model: str | None = None) -> ChatCompletion | Completion:
+    """The answer body for an agent's result: ``chat.completion`` (``kind`` "chat") or
+    ``text_completion`` (``model`` defaults to the result's)."""
+    finish = finish_reason(result.finish_reason)
+    if kind == "chat":
+        return ChatCompletion(id=chat_id(result.request_id), created=int(created), model=model or result.model,
+                              choices=[ChatChoice(index=0, message=AssistantMessage(content=result.output),
+                                                  finish_reason=finish)], usage=usage_of(result))
+    return Completion(id=completion_id(result.request_id), created=int(created), model=model or result.model,
+                      choices=[CompletionChoice(text=result.output, index=0, finish_reason=finish)],
+                      usage=usage_of(result))
 
 
 DONE = b"data: [DONE]\n\n"
@@ -509,7 +501,7 @@ class SseStream:
 
     def __init__(
         self,
-        kind: Literal["chat", "completion"],
+        kind: Kind,
         *,
         request_id: str,
         model: str,
@@ -527,22 +519,23 @@ class SseStream:
     def __repr__(self) -> str:
         return f"<SseStream {self.kind} id={self.id} frames={self.frames} finished={self.finished}>"
 
-    def _chunk(self, text: str | None, *, role: bool = False, finish: str | None = None) -> bytes:
-        usage: Usage | None | msgspec.UnsetType = None if self.include_usage else msgspec.UNSET
+    def _frame(self, choices: list[ChunkChoice] | list[CompletionChoice], usage: Usage | None | msgspec.UnsetType) -> bytes:
         chunk: ChatCompletionChunk | CompletionChunk
         if self.kind == "chat":
-            delta = Delta(role="assistant" if role else None, content=text)
-            chunk = ChatCompletionChunk(
-                id=self.id, created=self.created, model=self.model,
-                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish)], usage=usage,
-            )
+            chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                        choices=choices, usage=usage)  # type: ignore[arg-type]
         else:
-            chunk = CompletionChunk(
-                id=self.id, created=self.created, model=self.model,
-                choices=[CompletionChoice(text=text or "", index=0, finish_reason=finish)], usage=usage,
-            )
+            chunk = CompletionChunk(id=self.id, created=self.created, model=self.model,
+                                    choices=choices, usage=usage)  # type: ignore[arg-type]
         self.frames += 1
         return sse(_encoder.encode(chunk))
+
+    def _chunk(self, text: str | None, *, role: bool = False, finish: str | None = None) -> bytes:
+        usage: Usage | None | msgspec.UnsetType = None if self.include_usage else msgspec.UNSET
+        if self.kind == "chat":
+            delta = Delta(role="assistant" if role else None, content=text)
+            return self._frame([ChunkChoice(index=0, delta=delta, finish_reason=finish)], usage)
+        return self._frame([CompletionChoice(text=text or "", index=0, finish_reason=finish)], usage)
 
     def start(self) -> bytes:
         """The opening frame (chat: ``delta {"role": "assistant", "content": ""}``; completions: none)."""
@@ -558,13 +551,7 @@ class SseStream:
         """The closing frames: finish reason, optional usage chunk, ``data: [DONE]``."""
         out = self._chunk(None, finish=finish_reason(result.finish_reason))
         if self.include_usage:
-            chunk: ChatCompletionChunk | CompletionChunk
-            if self.kind == "chat":
-                chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage_of(result))
-            else:
-                chunk = CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage_of(result))
-            out += sse(_encoder.encode(chunk))
-            self.frames += 1
+            out += self._frame([], usage_of(result))
         self.finished = True
         self.frames += 1
         return out + DONE

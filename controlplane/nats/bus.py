@@ -54,6 +54,7 @@ from controlplane.runtime import BackgroundTasks, TaskScope, cancel_and_wait
 from controlplane.core.sitegate import Kind, SiteGate, SiteLimits
 from edge_agent import tls, wire
 from edge_agent.nats_barrier import barrier
+from edge_agent.nats_fast import publish_soon, subscribe_now
 
 log = logging.getLogger("cpn.bus")
 
@@ -358,7 +359,8 @@ class HubBus:
         hb_limits = {"pending_msgs_limit": 20_000, "pending_bytes_limit": 64 * 1024 * 1024}
         self._subs.append(await self.sites_nc.subscribe(wire.REGISTER_WILDCARD, cb=self._on_register, **limits))
         self._subs.append(await self.sites_nc.subscribe(wire.HEARTBEAT_WILDCARD, cb=self._on_heartbeat, **hb_limits))
-        self._subs.append(await self.nc.subscribe(self._reply_prefix + "*", cb=self._on_reply, **limits))
+        # Answers are handed over at once from nats-py's reader (no queue, no task: see nats_fast).
+        self._subs.append(await subscribe_now(self.nc, self._reply_prefix + "*", self._on_reply))
         await barrier(self.sites_nc)
         await barrier(self.nc)  # subscriptions live before connect() returns (one flush() is not enough)
 
@@ -465,7 +467,7 @@ class HubBus:
             raise BusUnavailable("not connected to NATS")
         return self.nc
 
-    async def _on_reply(self, msg: Msg) -> None:
+    def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._reply_prefix):]
         waiter = self._waiting.get(token)
         if waiter is None:
@@ -526,7 +528,8 @@ class HubBus:
                          not asked_ack)
         self._waiting[token] = waiter
         try:
-            await nc.publish(subject, data, reply=self._reply_prefix + token)
+            if not publish_soon(nc, subject, data, self._reply_prefix + token):
+                await nc.publish(subject, data, reply=self._reply_prefix + token)
             msg = await future
         except nats.errors.ConnectionClosedError as exc:
             raise BusUnavailable(str(exc)) from None
@@ -598,7 +601,9 @@ class HubBus:
         stream = self._streams[token] = self._stream_of[req.request_id] = _Stream()
         try:
             try:
-                await nc.publish(subject, wire.encode(req), reply=self._reply_prefix + token)
+                data = wire.encode(req)
+                if not publish_soon(nc, subject, data, self._reply_prefix + token):
+                    await nc.publish(subject, data, reply=self._reply_prefix + token)
             except nats.errors.ConnectionClosedError as exc:
                 raise BusUnavailable(str(exc)) from None
             loop = asyncio.get_running_loop()

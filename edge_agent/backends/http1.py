@@ -210,6 +210,13 @@ class Response:
         self._timeout_s = timeout_s
         self._deadline = deadline
 
+    @property
+    def whole(self) -> bool:
+        """Whether the whole answer is here already (its end came, nothing failed): reading it
+        will not wait."""
+        conn = self._conn
+        return conn is not None and conn.state == _DONE and conn.error is None
+
     def _wait_s(self) -> float | None:
         if self._deadline is None:
             return self._timeout_s
@@ -243,6 +250,14 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body."""
+        conn = self._conn
+        if conn is not None and self.whole:
+            # The usual case: the whole answer came with its head (no async generator to run).
+            pieces = conn.pieces
+            body = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+            pieces.clear()
+            self.close()
+            return body
         parts = [piece async for piece in self.pieces()]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

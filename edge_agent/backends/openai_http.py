@@ -24,7 +24,7 @@ import msgspec
 
 from edge_agent import wire
 from edge_agent.backends import Completion, OnText, prompt_words
-from edge_agent.backends.http1 import BadResponse, Http1Pool
+from edge_agent.backends.http1 import BadResponse, Http1Pool, Response
 from edge_agent.config import OpenAIHttpConfig
 from edge_agent.errors import BackendError
 
@@ -53,6 +53,53 @@ class _Answer(msgspec.Struct):
 
 
 _answer = msgspec.json.Decoder(_Answer)
+
+
+class _SseReader:
+    """What a streamed answer said so far, fed the bytes as they come (pure, no I/O)."""
+
+    __slots__ = ("chat", "texts", "usage", "finish_reason", "deltas", "rest", "done")
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.texts: list[str] = []
+        self.usage = _Usage()
+        self.finish_reason = "stop"
+        self.deltas = 0
+        self.rest = b""
+        self.done = False
+
+    def feed(self, piece: bytes) -> str:
+        """Read the complete ``data:`` lines of ``piece`` (an unfinished line waits for the next);
+        returns their text joined ("" when none carried text)."""
+        lines = (self.rest + piece).split(b"\n")
+        self.rest = lines.pop()
+        batch: list[str] = []
+        for raw in lines:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue  # blank separators, comments, "event:" lines
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                break
+            event = _answer.decode(payload)
+            if event.usage is not None:
+                self.usage = event.usage
+            for choice in event.choices or ():
+                if self.chat:
+                    text = (choice.delta.content if choice.delta is not None else None) or ""
+                else:
+                    text = choice.text or ""
+                if choice.finish_reason:
+                    self.finish_reason = choice.finish_reason
+                if text:
+                    self.deltas += 1
+                    batch.append(text)
+        self.texts += batch
+        return batch[0] if len(batch) == 1 else "".join(batch)
+
+
 _encode = msgspec.json.Encoder().encode
 
 
@@ -115,7 +162,7 @@ class OpenAIHttpBackend:
                     detail=f"{url} answered HTTP {response.status}: {text or response.reason}",
                 )
             if request.stream:
-                return await self._read_stream(response.pieces(), request, on_text)
+                return await self._read_stream(response, request, on_text)
             return self._completion(_answer.decode(await response.read()), request)
         except BackendError:
             raise
@@ -168,53 +215,32 @@ class OpenAIHttpBackend:
         )
 
     @staticmethod
-    async def _read_stream(pieces: AsyncIterator[bytes], request: wire.InferRequest, on_text: OnText | None) -> Completion:
-        texts: list[str] = []
-        usage = _Usage()
-        finish_reason = "stop"
-        deltas = 0
-        rest = b""
-        done = False
+    async def _read_stream(response: Response, request: wire.InferRequest, on_text: OnText | None) -> Completion:
+        sse = _SseReader(bool(request.messages))
         tail = ""
-        async for piece in pieces:
-            lines = (rest + piece).split(b"\n")
-            rest = lines.pop()  # an unfinished line waits for the next piece
-            batch: list[str] = []  # deltas that arrived together go on as one (one message, one write)
-            for raw in lines:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, comments, "event:" lines
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    done = True
-                    break
-                event = _answer.decode(payload)
-                if event.usage is not None:
-                    usage = event.usage
-                for choice in event.choices or ():
-                    if request.messages:
-                        text = (choice.delta.content if choice.delta is not None else None) or ""
-                    else:
-                        text = choice.text or ""
-                    if choice.finish_reason:
-                        finish_reason = choice.finish_reason
-                    if text:
-                        deltas += 1
-                        texts.append(text)
-                        batch.append(text)
-            if batch:
-                text = batch[0] if len(batch) == 1 else "".join(batch)
-                if done and request.tail_ok:
+        if response.whole:  # the whole stream came at once (a short answer): no async generator to run
+            text = sse.feed(await response.read())
+            if text:
+                if sse.done and request.tail_ok:
                     tail = text  # the end came with it: it rides in the result, one message fewer
                 elif on_text is not None:
                     await on_text(text)
-            if done:
-                break
+        else:
+            async for piece in response.pieces():
+                text = sse.feed(piece)  # deltas that arrived together go on as one (one message, one write)
+                if text:
+                    if sse.done and request.tail_ok:
+                        tail = text
+                    elif on_text is not None:
+                        await on_text(text)
+                if sse.done:
+                    break
+        usage = sse.usage
         return Completion(
-            output="".join(texts),
+            output="".join(sse.texts),
             prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else prompt_words(request),
-            completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else deltas,
-            finish_reason=finish_reason,
+            completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else sse.deltas,
+            finish_reason=sse.finish_reason,
             tail=tail,
         )
 

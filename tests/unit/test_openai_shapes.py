@@ -179,7 +179,7 @@ RESULT = wire.InferResult(
 
 
 def test_chat_response_shape() -> None:
-    got = json.loads(oa.encode(oa.chat_response(RESULT, created=1_700_000_000.7)))
+    got = json.loads(oa.encode(oa.response("chat", RESULT, created=1_700_000_000.7)))
     assert got == {
         "id": "chatcmpl-abc123",
         "object": "chat.completion",
@@ -196,7 +196,7 @@ def test_chat_response_shape() -> None:
 
 def test_completion_response_shape() -> None:
     result = msgspec.structs.replace(RESULT, finish_reason="something-new")
-    got = json.loads(oa.encode(oa.completion_response(result, created=5, model="alias")))
+    got = json.loads(oa.encode(oa.response("completion", result, created=5, model="alias")))
     assert got == {
         "id": "cmpl-abc123", "object": "text_completion", "created": 5, "model": "alias",
         "choices": [{"text": "Hello there", "index": 0, "logprobs": None, "finish_reason": "stop"}],
