@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--regions", type=int, default=0, metavar="N",
                    help="run the layout's first N regions as a NATS super-cluster: a gateway per region "
                         "(ports --port, --port+1, ...), a controller, each site on its own region's cluster")
+    p.add_argument("--ha", action="store_true",
+                   help="no single hub: a 3-node NATS cluster and three hub processes on the replicated record "
+                        "(gateways on --port, --port+1, --port+2; one leads), the agents")
     p.add_argument("--no-agents", action="store_true", help="start NATS and the hub only")
     p.add_argument("--time-scale", type=float, default=60.0, help="simulated seconds per second for sim training (default 60)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default WARNING)")
@@ -33,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.regions and not regions_ok(args):
         return 2
+    if args.regions and args.ha:
+        import sys
+
+        print("cpn up: --ha and --regions: choose one", file=sys.stderr)
+        return 2
     logs.setup(args.log_level or "WARNING", json_lines=args.log_json)
     os.umask(0o077)  # whatever this process writes (store, credentials, logs) is the operator's only
     opts = up.UpOptions(
@@ -40,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
         agents=not args.no_agents, sim_time_scale=args.time_scale, regions=args.regions,
         tls_cert=args.tls_cert, tls_key=args.tls_key, trusted_proxies=tuple(args.trusted_proxy or ()),
     )
+    if args.ha:
+        from controlplane.tools import upha
+
+        return run_until_signalled(upha.run(opts))
     if opts.regions:
         from controlplane.tools import upregions
 
