@@ -48,6 +48,11 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"{sub['hubs']} hubs on the replicated record {nr['per_s']:,.0f}/s (p50 {nr['p50_ms']} ms, "
                     f"p99 {nr['p99_ms']} ms) = {sub['ratio_nats_to_sqlite']}×",
                     "≥ 0.25×, p99 ≤ 50 ms", f"{sub['machine']}, {sub['date']}"))
+    tk = _load("takeover")
+    if tk:
+        out.append((f"takeover after the leader's SIGKILL, 3 hub processes (`cpn bench takeover`, {tk['kills']} kills)",
+                    f"p50 {tk['takeover_p50_s']} s, max {tk['takeover_max_s']} s (lease {tk['lease_duration_s']:g} s)",
+                    "≤ 5 s, aim ≤ 3 s", f"{tk['machine']}, {tk['date']}"))
     h = _load("heartbeat")
     if h:
         out.append((f"heartbeats, {h['sites']} sites at 1 Hz", f"{h['hub_cpu_pct']:.1f}% of one core on the hub ({h['received_per_s']:.0f} msgs/s applied)",
