@@ -187,6 +187,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     for service in (deployer, trainer):
         hub.services.remove(service)
         leadership.follow(service)
+    hub.add_service(_ModelAccess(deployer))  # every process's gateway serves the deployed models, leading or not
     # Handover (services/handover.py): a new leader sends again what the record says was decided
     # but its own outbox never held; a process that stops leading stops taking sites' events.
     leadership.on_lead.append(lambda epoch: handover.rebuild_starts(trainer, clock.time()))
@@ -267,3 +268,19 @@ async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dic
     assert db.write_hook is not None
     db.write_hook.listeners.append(on_change)
     return db
+
+
+class _ModelAccess:
+    """Loads the deployments' model-access table when the process starts, whether or not it leads
+    (the deployments service itself runs only on the leader)."""
+
+    name = "model_access"
+
+    def __init__(self, deployer: deployments.DeploymentService) -> None:
+        self.deployer = deployer
+
+    async def start(self) -> None:
+        self.deployer.load_model_access()
+
+    async def stop(self) -> None:
+        return None

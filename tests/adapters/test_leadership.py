@@ -138,3 +138,26 @@ async def test_a_gateway_never_leads_and_a_controller_serves_no_http(tmp_path: P
 def test_a_gateway_or_controller_needs_the_replicated_record(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs the replicated record"):
         hub_config(tmp_path, "nats://127.0.0.1:1", role="gateway")
+
+
+async def test_a_gateway_restarted_on_its_projection_still_serves_the_deployed_models(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """The model-access table is loaded on every process's start, not only by the leader's
+    deployments service: a gateway restarted on an already current projection hears of no
+    deployment change (it answered 404 model_not_found for every deployed model before)."""
+    from controlplane.core.replicas import DeploymentSpec
+
+    ctl = await started(tmp_path, cluster, "ctl-1", role="controller")
+    gw = await started(tmp_path, cluster, "gw-1", role="gateway")
+    try:
+        await until(lambda: ctl.services.leadership.leading, 10, "the controller leads")
+        gw.hub.create_tenant("acme")
+        await until(lambda: ctl.services.tenancy.tenant("acme") is not None, 5, "acme at the controller")
+        ctl.services.deployments.create("acme", DeploymentSpec(model="m-1", origins=["shanghai"], min_cities=1))
+        await until(lambda: "m-1" in gw.services.deployments.models_for_tenant("acme"), 5, "m-1 at the gateway")
+        await gw.hub.stop()
+        gw = await started(tmp_path, cluster, "gw-1", role="gateway")  # same projection file
+        assert "m-1" in gw.services.deployments.models_for_tenant("acme")
+    finally:
+        await gw.hub.stop()
+        await ctl.hub.stop()
