@@ -22,6 +22,7 @@ from typing import Any
 from controlplane.config import AutoscaleConfig, HubConfig
 from controlplane.core import auth
 from controlplane.core.clock import Clock
+from controlplane.core.errors import RequestError
 from controlplane.core.ratelimit import TokenBuckets
 from controlplane.core.registry import SiteRegistry
 from controlplane.core.router import for_gateway as router_for_gateway
@@ -172,7 +173,8 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     leadership = Leadership(
         mode=("sole" if config.record == "sqlite" else "never" if config.role == "gateway" else "elected"),
         hub_id=config.hub_id, role=config.role, clock=clock, tasks=tasks.scope("leadership"),
-        record_urls=record_urls(config) if config.record == "nats" else (), set_epoch=stamp,
+        record_urls=record_connection(config)[0] if config.record == "nats" else (), set_epoch=stamp,
+        record_connect=record_connection(config)[1] if config.record == "nats" else None,
         set_fence=fence_commits, listen=listening, on_change=leading_changed)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
                                    demand=inference.drain_demand, autoscale=config.autoscale)
@@ -254,6 +256,30 @@ def record_urls(config: HubConfig) -> list[str]:
     return config.record_nats_urls or [u.strip() for u in config.nats_url.split(",") if u.strip()]
 
 
+def record_connection(config: HubConfig) -> tuple[list[str], dict[str, Any]]:
+    """URLs and ``nats.connect`` options of this process's connections to the record: its own NATS
+    identity (``nats_user``) and TLS files (``nats_tls_*``), as its bus uses them, so a record on
+    servers with cpn's identities and TLS (``cpn deploy nats-config``) opens. User info in a URL of
+    ``record_nats_urls`` still wins (nats-py prefers it).
+
+    Raises:
+        RequestError: a TLS file is missing or not PEM.
+    """
+    from edge_agent import tls
+
+    urls = record_urls(config)
+    options: dict[str, Any] = {}
+    if config.nats_user:
+        options.update(user=config.nats_user, password=config.nats_password or "")
+    if config.nats_tls_ca:
+        try:
+            options["tls"] = tls.client_context(config.nats_tls_ca, config.nats_tls_cert, config.nats_tls_key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise RequestError(f"NATS TLS files: {exc}") from None
+        urls = ["tls://" + u.split("://", 1)[-1] for u in urls]  # never in clear to a server without TLS
+    return urls, options
+
+
 async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dict[str, Any]], None],
                                 bridges: list[RecordBridge]) -> Any:
     """The store of a process on the replicated record (``record = "nats"``): its SQLite file as a
@@ -261,8 +287,9 @@ async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dic
     the link to the record is added to ``bridges`` (the leader's fence goes there)."""
     from controlplane.store import replica
 
-    bridge = RecordBridge(record_urls(config), write_deadline_s=config.record_write_deadline_s,
-                          name=f"cpn-record-{config.hub_id}")
+    urls, connect = record_connection(config)
+    bridge = RecordBridge(urls, write_deadline_s=config.record_write_deadline_s,
+                          name=f"cpn-record-{config.hub_id}", connect=connect)
     bridges.append(bridge)
     db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
     assert db.write_hook is not None

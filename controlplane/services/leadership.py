@@ -32,7 +32,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -86,6 +86,7 @@ class Leadership:
         hub_id: the process's id (unique per process in a cluster).
         role: ``hub``, ``gateway`` or ``controller`` (for ``/v1/cluster``).
         record_urls: NATS URLs of the record's cluster (``elected`` and ``never`` on the record).
+        record_connect: more ``nats.connect`` options for it (the process's identity, TLS).
         set_epoch: called with the epoch to stamp on commands (0: none).
         set_fence: called with the fence every commit must carry (None: unfenced).
     """
@@ -94,7 +95,7 @@ class Leadership:
                  record_urls: Sequence[str] = (), set_epoch: Callable[[int], None] = lambda e: None,
                  set_fence: Callable[[Fence | None], None] = lambda f: None, listen: Callable[[], str] = lambda: "",
                  on_change: Callable[[bool, int], None] = lambda leading, epoch: None,
-                 lease: LeaseConfig | None = None) -> None:
+                 lease: LeaseConfig | None = None, record_connect: Mapping[str, Any] | None = None) -> None:
         if mode not in ("sole", "elected", "never"):
             raise ValueError(f"leadership mode {mode!r}: sole, elected or never")
         self.name = "leadership"
@@ -104,6 +105,8 @@ class Leadership:
         self.clock = clock
         self.tasks = tasks
         self.record_urls = list(record_urls)
+        self.record_connect = dict(record_connect or {})
+        """More ``nats.connect`` options of the record's connection (identity, TLS)."""
         self.set_epoch = set_epoch
         self.set_fence = set_fence
         self.on_change = on_change
@@ -144,7 +147,8 @@ class Leadership:
         if self.mode == "sole":
             await self._lead(0)
         if self.record_urls and self.mode in ("elected", "never"):
-            self.record = await Record.open(self.record_urls, name=f"cpn-leadership-{self.hub_id}")
+            self.record = await Record.open(self.record_urls, name=f"cpn-leadership-{self.hub_id}",
+                                            connect=self.record_connect)
             self.tasks.spawn(self._presence_loop(), name="presence")
         if self.mode == "elected":
             assert self.record is not None
