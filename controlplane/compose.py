@@ -193,6 +193,16 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     # Handover (services/handover.py): a new leader sends again what the record says was decided
     # but its own outbox never held; a process that stops leading stops taking sites' events.
     leadership.on_lead.append(lambda epoch: handover.rebuild_starts(trainer, clock.time()))
+
+    async def announce_epoch(epoch: int) -> None:
+        """A new leader says its epoch to every site it knows at once (``wire.LeaderEpoch``): a
+        deposed leader's command is then refused there before this one has sent anything."""
+        if epoch:
+            notice = wire.LeaderEpoch(epoch=epoch, hub=config.hub_id)
+            for view in list(registry):
+                await bus.publish_command(view.id, notice)
+
+    leadership.on_lead.insert(0, announce_epoch)
     leadership.on_step_down.append(bus.stop_consuming)
     bus.deciding = leadership.deciding
     hub.add_service(leadership)
