@@ -126,6 +126,9 @@ class Leadership:
         self.epoch = 0
         self.terms = 0
         self._change = asyncio.Lock()
+        self._say_now = asyncio.Event()
+        """Set when this process starts or stops leading: its presence is written at once, so
+        ``GET /v1/cluster`` shows the change without waiting out :data:`PRESENCE_S`."""
 
     def __repr__(self) -> str:
         return f"<Leadership {self.mode} {self.identity} leading={self.leading} epoch={self.epoch}>"
@@ -183,6 +186,7 @@ class Leadership:
         # commands and commits of this process stop carrying the epoch, so they can no longer pass
         # for the leader's; the followers' tasks are then stopped in the background.
         self.leading = False
+        self._say_now.set()
         self.set_epoch(0)
         self.set_fence(None)
         self.on_change(False, 0)
@@ -196,6 +200,7 @@ class Leadership:
             self.set_epoch(epoch)
             self.set_fence(Fence(LEASE, epoch) if epoch else None)
             self.leading = True
+            self._say_now.set()
             self.on_change(True, epoch)
             log.info("event=leading hub=%s epoch=%d identity=%s", self.hub_id, epoch, self.identity)
             for service in self.followers:
@@ -212,6 +217,7 @@ class Leadership:
         async with self._change:
             was = self.leading or self.mode == "sole"
             self.leading = False
+            self._say_now.set()
             self.set_epoch(0)
             self.set_fence(None)
             self.on_change(False, 0)
@@ -254,7 +260,19 @@ class Leadership:
             except RecordError as exc:
                 revision = None
                 log.debug("event=presence_failed hub=%s error=%s", self.hub_id, exc)
-            await self.clock.sleep(PRESENCE_S)
+            await self._presence_pause()
+
+    async def _presence_pause(self) -> None:
+        """:data:`PRESENCE_S` on the clock, or less if the leadership changes meanwhile."""
+        sleep = asyncio.ensure_future(self.clock.sleep(PRESENCE_S))
+        woken = asyncio.ensure_future(self._say_now.wait())
+        try:
+            await asyncio.wait({sleep, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleep, woken):
+                task.cancel()
+            await asyncio.gather(sleep, woken, return_exceptions=True)
+            self._say_now.clear()
 
     async def view(self) -> dict[str, Any]:
         """``GET /v1/cluster``: the hub processes, the leader and its epoch, the NATS nodes."""
