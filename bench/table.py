@@ -70,6 +70,18 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"{inf['in_faults']['requests']:,} requests overlapping a fault{_by_fault(inf)}, "
                     f"{inf['outside']['error_rate']:.2%} of {inf['outside']['requests']:,} outside",
                     "0 / 0 / 0; detection ≤ 3 s after last heartbeat; restart ≤ 1 s; 0 errors outside faults", f"{ch['machine']}, {ch['date']}"))
+    cha = _load("chaos_ha")
+    if cha:
+        inv = cha["invariants"]
+        inf = cha["inference"]
+        takeovers = ", ".join(f"{f['kind']} {f['takeover_s']}" for f in cha["faults"] if f.get("takeover_s") is not None)
+        out.append((f"chaos on three hub processes, {len(cha['faults'])} faults in {cha['seconds']:.0f} s (`cpn chaos --ha`)",
+                    f"lost {inv['accepted_then_lost']}, duplicated {inv['duplicate_side_effects']}, stale accepted "
+                    f"{inv['stale_results_accepted']}, started twice {inv['attempts_started_twice']}; takeover (s) where the "
+                    f"leader changed: {takeovers or 'none'}; inference errors {inf['in_faults']['error_rate']:.2%} of "
+                    f"{inf['in_faults']['requests']:,} requests overlapping a fault, {inf['outside']['error_rate']:.2%} of "
+                    f"{inf['outside']['requests']:,} outside (clients fail over to another gateway)",
+                    "0 / 0 / 0 / 0; takeover ≤ 5 s; errors only where a gateway died", f"{cha['machine']}, {cha['date']}"))
     sim = _load("sim")
     if sim:
         out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))

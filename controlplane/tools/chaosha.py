@@ -136,7 +136,7 @@ async def _inference(api: Clients, report: HaReport, window: Window, stop: async
         status, answer = await api.call("POST", "/v1/chat/completions", api.tenant_key, body, timeout_s=3.0)
         outside = not kind and not window.kind and window.epoch == epoch
         bucket = report.infer_outside if outside else report.infer_in_fault
-        per_kind = report.infer_by_fault.setdefault(kind or window.kind, [0, 0]) if not outside else [0, 0]
+        per_kind = report.infer_by_fault.setdefault(kind or window.kind or "overlapped", [0, 0]) if not outside else [0, 0]
         bucket[0] += 1
         per_kind[0] += 1
         if status != 200:
@@ -145,7 +145,7 @@ async def _inference(api: Clients, report: HaReport, window: Window, stop: async
             code = (answer or {}).get("error", {}).get("code", "") if isinstance(answer, dict) else ""
             what = f"{status} {code}".strip() if status else "no answer"
             errors = report.infer_outside_errors if outside else \
-                report.infer_errors_in_faults.setdefault(kind or window.kind, {})
+                report.infer_errors_in_faults.setdefault(kind or window.kind or "overlapped", {})
             errors[what] = errors.get(what, 0) + 1
             await asyncio.sleep(0.05)
         else:
@@ -339,7 +339,9 @@ def ok(report: HaReport) -> bool:
     return not any(inv.values())
 
 
-def main(opts: HaChaosOptions, as_json: bool = False, *, results: Path | None = None) -> int:
+def main(opts: HaChaosOptions, as_json: bool = False, *, results: Path | None = None, readme: bool = False) -> int:
+    """Run, print the table (or JSON); ``results``: also write the JSON there; ``readme``: record the
+    run as ``bench/results/chaos_ha.json`` and rewrite the README's benchmark table."""
     started = time.monotonic()
     report = asyncio.run(run(opts))
     wall = time.monotonic() - started
@@ -347,4 +349,9 @@ def main(opts: HaChaosOptions, as_json: bool = False, *, results: Path | None = 
     print(json.dumps(data, indent=2, sort_keys=True) if as_json else render(report, wall))
     if results is not None:
         results.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if readme:
+        from bench import common, table
+
+        common.write("chaos_ha", data)
+        table.update_readme()
     return 0 if ok(report) else 1

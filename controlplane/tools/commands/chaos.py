@@ -31,14 +31,10 @@ def run(args: argparse.Namespace) -> int:
 
     logs.setup("ERROR")
     if args.ha:
-        if args.readme:
-            import sys
-
-            print("cpn chaos: --readme records the single-hub run; not with --ha", file=sys.stderr)
-            return 2
         from controlplane.tools import chaosha
 
         return chaosha.main(chaosha.HaChaosOptions(seconds=args.seconds, seed=args.seed, jobs=args.jobs,
-                                                   data_dir=args.data_dir), as_json=args.json, results=args.results)
+                                                   data_dir=args.data_dir), as_json=args.json, results=args.results,
+                            readme=args.readme)
     return chaos.main(chaos.ChaosOptions(seconds=args.seconds, seed=args.seed, jobs=args.jobs, data_dir=args.data_dir),
                       as_json=args.json, results=args.results, readme=args.readme)
