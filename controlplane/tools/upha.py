@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import msgspec
 
 from controlplane.nats import natsconf, natsregions
 from controlplane.nats.natsserver import NatsServer, _in_child
-from controlplane.tools.upregions import _secret, free_port, plan_regions, wait_meta_leader
+from controlplane.tools.upregions import _secret, free_port, wait_meta_leader
 from edge_agent import private_files
 from topology import layout as topo_layout
 from topology import loader
@@ -46,10 +47,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("cpn.up")
 
 HUBS = 3
-REGION = "ha"
+REGION = "cpn"
 """The cluster's name (one region of :func:`natsregions.supercluster_configs`: a plain 3-node cluster)."""
 _LISTENING = re.compile(r"listening on (https?)://([^:\s]+):(\d+)")
 _ADMIN = "admin key: "
+
+
+def plan_nodes(host: str, n: int = 3) -> list[natsregions.Node]:
+    """``node-1`` .. ``node-n`` on ``host``, every port picked free now (each held until all are
+    picked, so none is given twice; routes cannot take port 0: each node names the others')."""
+    held: list[socket.socket] = []
+
+    def port() -> int:
+        s = socket.socket()
+        s.bind((host, 0))
+        held.append(s)
+        return int(s.getsockname()[1])
+
+    try:
+        return [natsregions.Node(name=f"node-{k}", host=host, listen_host=host, client_port=port(),
+                                 cluster_port=port(), leafnode_port=port(), gateway_port=port(),
+                                 monitor=f"{host}:{port()}", store_dir="")
+                for k in range(1, n + 1)]
+    finally:
+        for s in held:
+            s.close()
 
 
 @dataclass
@@ -190,8 +212,7 @@ class HaNetwork:
         private_files.private_dir(data)
         private_files.tighten_tree(data)
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
-        (plan,) = plan_regions(self.layout, 1, data, opts.host)
-        self.nodes = list(plan.nodes)
+        self.nodes = plan_nodes(opts.host)
         creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
         await self._start_nats(creds)
