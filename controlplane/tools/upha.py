@@ -214,7 +214,10 @@ class HaNetwork:
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
         self.nodes = plan_nodes(opts.host)
         creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
+        # With --tls-cert the gateways serve HTTPS, likely with a self-signed certificate: these calls
+        # go to our own children on loopback, so their certificate is not checked here.
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15),
+                                              connector=aiohttp.TCPConnector(ssl=False) if opts.tls_cert else None)
         await self._start_nats(creds)
         await self._wait_jetstream()
         stored = self._stored_credentials()
