@@ -14,6 +14,7 @@ subset of the same parts (docs/architecture.md, "Processes are compositions").
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -195,14 +196,18 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     leadership.on_lead.append(lambda epoch: handover.rebuild_starts(trainer, clock.time()))
 
     async def announce_epoch(epoch: int) -> None:
-        """A new leader says its epoch to every site it knows at once (``wire.LeaderEpoch``): a
-        deposed leader's command is then refused there before this one has sent anything."""
-        if epoch:
-            notice = wire.LeaderEpoch(epoch=epoch, hub=config.hub_id)
-            for view in list(registry):
-                await bus.publish_command(view.id, notice)
+        notice = wire.LeaderEpoch(epoch=epoch, hub=config.hub_id)
+        for view in list(registry):
+            await bus.publish_command(view.id, notice)
 
-    leadership.on_lead.insert(0, announce_epoch)
+    def announce(epoch: int) -> None:
+        """A new leader says its epoch to every site it knows at once (``wire.LeaderEpoch``): a
+        deposed leader's command is then refused there before this one has sent anything. In the
+        background: taking the lead (under the leadership's lock) never waits on NATS for it."""
+        if epoch:
+            tasks.spawn(asyncio.wait_for(announce_epoch(epoch), 10.0), name="announce-epoch")
+
+    leadership.on_lead.insert(0, announce)
     leadership.on_step_down.append(bus.stop_consuming)
     bus.deciding = leadership.deciding
     hub.add_service(leadership)
