@@ -54,6 +54,8 @@ class HaReport(chaos.Report):
     lost_at_gateways: dict[str, int] = field(default_factory=dict)
     retried_elsewhere: int = 0
     """Requests a client moved to another gateway because its own did not answer."""
+    unfinished_jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Job id -> its state, attempt and pool, of the jobs not finished when the run ended."""
     infer_errors_in_faults: dict[str, dict[str, int]] = field(default_factory=dict)
     """Fault kind -> "<status> <error code>" -> count, of the failed requests that overlapped it."""
 
@@ -63,6 +65,7 @@ class HaReport(chaos.Report):
         out["invariants"]["accepted_then_lost"] = self.lost + sum(self.lost_at_gateways.values())
         out["lost_at_gateways"] = self.lost_at_gateways
         out["retried_elsewhere"] = self.retried_elsewhere
+        out["unfinished_jobs"] = self.unfinished_jobs
         out["inference"]["errors_in_faults"] = self.infer_errors_in_faults
         takeovers = [f["takeover_s"] for f in self.faults if f.get("takeover_s") is not None]
         out["takeover_s"] = {"n": len(takeovers), "max": round(max(takeovers), 2) if takeovers else None,
@@ -300,6 +303,12 @@ async def run(opts: HaChaosOptions) -> HaReport:
                     await asyncio.gather(*workers, watcher, return_exceptions=True)
                 await chaos._check(api, report, accepted, settle_s=60)  # type: ignore[arg-type]
                 report.double_started = len(double)
+                for job_id in accepted.values():
+                    status, job = await api.call("GET", f"/v1/jobs/{job_id}", api.tenant_key)
+                    if status == 200 and job and job.get("state") not in ("succeeded", "failed", "cancelled"):
+                        report.unfinished_jobs[job_id] = {k: job.get(k) for k in ("state", "attempt", "pool", "progress")}
+                        report.unfinished_jobs[job_id]["at_sites"] = [
+                            (a.site, h.attempt) for a in net.agents for j, h in a.training.attempts.items() if j == job_id]
                 for hub in net.hubs:  # every acknowledged job is there at every gateway
                     missing = 0
                     for job_id in accepted.values():
