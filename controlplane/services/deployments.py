@@ -188,11 +188,8 @@ class DeploymentService:
     async def start(self) -> None:
         """Load the model-access table, start the outbox sender (re-sending what a previous run
         left pending) and the reconcile loop."""
-        self._tenant_models.clear()
-        self._tenant_deps.clear()
+        self.load_model_access()
         self._scopes.clear()
-        for dep in store.list_active(self.db):
-            self._own(dep.tenant, dep.model, dep.id, True)
         self._grace_until = self.clock.time() + self.registry.detection_s
         self.outbox = CommandOutbox(
             self.db, self.bus, kinds=MODEL_KINDS, is_lost=self._site_is_lost, obsolete=self._obsolete,
@@ -325,6 +322,15 @@ class DeploymentService:
                                    cards_per_replica=0.25, min_cities=2, slots_per_replica=8)
         view, _ = self.create(tenant, spec)
         return str(view["id"])
+
+    def load_model_access(self) -> None:
+        """Who may call which deployed model, from the record as it is now. Every process needs it
+        (its gateway serves the models), leading or not: a process restarted on a projection that
+        is already current hears of no deployment change, so the table cannot wait for one."""
+        self._tenant_models.clear()
+        self._tenant_deps.clear()
+        for dep in store.list_active(self.db):
+            self._own(dep.tenant, dep.model, dep.id, True)
 
     def models_for_tenant(self, tenant: str | None) -> list[str]:
         """Model ids ``GET /v1/models`` shows: the tenant's deployed models plus the sites' own it may use."""
