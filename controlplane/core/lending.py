@@ -85,9 +85,19 @@ def ramp_at(now: float, site: Site, keep: float, horizon_h: int = 24) -> float |
     return None
 
 
+def _lasts(now: float, site: Site, keep: float, margin_s: float, horizon_h: int) -> tuple[float, float | None]:
+    """(until, ramp) of an offer that leaves ``keep`` cards with inference."""
+    ramp = ramp_at(now, site, keep, horizon_h)
+    return (now + horizon_h * 3600.0 if ramp is None else ramp - margin_s), ramp
+
+
 def offers(now: float, sites: Sequence[Site], *, margin_s: float = 900.0, min_lend_s: float = 3600.0,
            horizon_h: int = 24) -> tuple[list[Offer], list[str]]:
     """Idle inference cards to offer to queued training gangs now (Rules 1, 2, 4).
+
+    A site offers the most idle cards it can keep lent for at least ``min_lend_s`` (lending fewer
+    leaves more with inference, so the ramp comes later): all of them at night, at most those the
+    forecast never needs by day.
 
     Returns:
         (offers, notes): notes say why a site lends nothing.
@@ -104,25 +114,49 @@ def offers(now: float, sites: Sequence[Site], *, margin_s: float = 900.0, min_le
             notes.append(f"{site.id}: no idle cards (held {held:g}, lent {lent} of {total})")
             continue
         # Keep back what inference will need: lend only so much that held + lent + offered stays
-        # within the cards until the ramp.
-        keep = total - lent - spare  # cards left for inference if all spare cards are lent
-        ramp = ramp_at(now, site, keep, horizon_h)
-        if ramp is None:
-            until = now + horizon_h * 3600.0
-        else:
-            until = ramp - margin_s
+        # within the cards until the ramp; the fewer lent, the later the ramp.
+        n = spare
+        until, ramp = _lasts(now, site, total - lent - n, margin_s, horizon_h)
+        first = (until, ramp)
+        while until - now < min_lend_s and n > 1:
+            n -= 1
+            until, ramp = _lasts(now, site, total - lent - n, margin_s, horizon_h)
         if until - now < min_lend_s:
+            until, ramp = first
             when = "now" if ramp is not None and ramp <= now else f"in {(ramp - now) / 60:.0f} min" if ramp else ""
             notes.append(f"{site.id}: inference needs its cards {when}; an offer would last "
                          f"{max(0.0, until - now) / 60:.0f} min (< {min_lend_s / 60:.0f})")
             continue
         for acc in sorted(idle):
-            if idle[acc] > 0:
-                why = (f"{idle[acc]} idle {acc} at {site.id} until the forecast ramp"
+            take = min(idle[acc], n)
+            if take > 0:
+                n -= take
+                why = (f"{take} idle {acc} at {site.id} until the forecast ramp"
                        + (f" at local hour {_local_hour(ramp)}" if ramp is not None else " (none within the horizon)")
                        + f", reclaimed {margin_s / 60:.0f} min before")
-                out.append(Offer(site.id, acc, idle[acc], until, why))
+                out.append(Offer(site.id, acc, take, until, why))
     return out, notes
+
+
+def reclaim_at(now: float, site: Site, *, margin_s: float = 900.0, horizon_h: int = 24) -> float | None:
+    """When the cards ``site`` has lent (``site.lent``) must be back with inference: ``margin_s``
+    before the first hour whose forecast need exceeds what inference keeps while they are lent.
+    None: not within ``horizon_h``, or nothing lent."""
+    total = sum(site.cards.values())
+    lent = sum(site.lent.values())
+    if lent <= 0:
+        return None
+    ramp = ramp_at(now, site, total - lent, horizon_h)
+    return None if ramp is None else ramp - margin_s
+
+
+def profile_need(profile: Sequence[float], cards: float, peak_share: float = 1.0) -> list[float]:
+    """A forecast from a declared hour-of-day demand profile (24 relative rates, local hours): the
+    peak hour needs ``peak_share`` of ``cards``, other hours in proportion."""
+    top = max(profile, default=0.0)
+    if len(profile) != 24 or top <= 0:
+        return []
+    return [cards * peak_share * p / top for p in profile]
 
 
 def reclaims(now: float, lent: Sequence[Lent], *, margin_s: float = 60.0,
