@@ -159,6 +159,25 @@ def profile_need(profile: Sequence[float], cards: float, peak_share: float = 1.0
     return [cards * peak_share * p / top for p in profile]
 
 
+def forecast(now: float, profile: Sequence[float], cards: float, held: float, *, peak_share: float = 1.0,
+             headroom: float = 1.5) -> list[float]:
+    """Cards inference needs at a site (or of one accelerator there) by local hour: the larger of
+    :func:`profile_need` and what its replicas hold now grown along the profile (hour ``h`` needs
+    ``held × max(p[h], p[h+1]) / p[now] × headroom``: demand rises through the hour towards the
+    next), never more than ``cards`` and never less than ``held`` in the current hour."""
+    base = profile_need(profile, cards, peak_share)
+    if not base:
+        return []
+    h_now = _local_hour(now)
+    p_now = profile[h_now]
+    out = []
+    for h in range(24):
+        grow = held * max(profile[h], profile[(h + 1) % 24]) / p_now * headroom if p_now > 0 else held
+        need = max(base[h], grow, held if h == h_now else 0.0)
+        out.append(min(cards, need))
+    return out
+
+
 def reclaims(now: float, lent: Sequence[Lent], *, margin_s: float = 60.0,
              restart_hint: Mapping[str, str] | None = None) -> tuple[list[Stop], float | None]:
     """Stops due now for lent attempts (Rule 3), and the next time one falls due (to wake up)."""
