@@ -14,16 +14,19 @@ so its checkpoint is written and its cards are free before inference needs them;
 where the job should restart (``restart_hint``: the caller's choice, planned in advance).
 Rule 4: a site whose forecast never falls below its held capacity lends nothing, and says why.
 
-Wired: not yet (``cpn sim``'s tidal-lending scenario opens and closes a fixed window; the live
-scheduler has no lending). docs/training.md and docs/inference.md say what remains.
+Wired: :func:`decide` is the rule the hub's training service runs before each scheduler plan
+(``[lending]`` in the hub config; lent pools show only the offered cards) and ``cpn sim``'s
+tidal-lending scenario runs for every training policy (``tools/sim/core_lending.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import msgspec
+
+from controlplane.core import placement
 
 LOCAL_OFFSET_S = 8 * 3600
 """Forecast hours are China local time (UTC+8), as tariffs."""
@@ -186,9 +189,126 @@ def reclaims(now: float, lent: Sequence[Lent], *, margin_s: float = 60.0,
     for a in lent:
         at = a.reclaim_at - a.checkpoint_s - margin_s
         if at <= now:
-            stops.append(Stop(a.job_id, a.attempt, now, (
-                f"lent cards at {a.site} are reclaimed at {a.reclaim_at:.0f}: checkpoint ({a.checkpoint_s:.0f} s) "
-                f"and stop now"), (restart_hint or {}).get(a.job_id, "")))
+            why = (f"lent cards at {a.site} are needed by inference now (the forecast rose): checkpoint and stop "
+                   f"at once" if a.reclaim_at < now else
+                   f"lent cards at {a.site} are reclaimed at {a.reclaim_at:.0f}: checkpoint ({a.checkpoint_s:.0f} s) "
+                   f"and stop now")
+            stops.append(Stop(a.job_id, a.attempt, now, why, (restart_hint or {}).get(a.job_id, "")))
         elif nxt is None or at < nxt:
             nxt = at
     return stops, nxt
+
+
+# --------------------------------------------------------------------------- the scheduler rule
+
+
+class Rules(msgspec.Struct, frozen=True, kw_only=True):
+    """How lending decides (the hub's ``[lending]`` config and ``cpn sim``'s ``[lending]``)."""
+
+    tiers: Sequence[str] = ("edge",)
+    profile: Sequence[float] = ()
+    """The declared demand profile by local hour (24 relative rates)."""
+    peak_need_share: float = 1.0
+    headroom: float = 1.5
+    margin_s: float = 900.0
+    min_lend_s: float = 3600.0
+    stop_margin_s: float = 60.0
+
+
+class Holding(msgspec.Struct, frozen=True, kw_only=True):
+    """A site of a lending tier: its cards and what inference replicas hold there now."""
+
+    site: str
+    cards: Mapping[str, int]
+    held: Mapping[str, float] = {}
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """A training attempt running on a site of a lending tier (on lent cards)."""
+
+    job_id: str
+    attempt: int
+    site: str
+    accelerator: str
+    cards: int
+    checkpoint_s: float
+
+
+class LendPlan(msgspec.Struct, frozen=True, kw_only=True):
+    offers: list[Offer]
+    """What new gangs may take at each lending site, by accelerator (none listed: nothing)."""
+    stops: list[Stop]
+    """Lent attempts to checkpoint and stop now."""
+    wake: float | None
+    """When the next stop falls due (decide again by then)."""
+    notes: list[str]
+
+
+def _views(now: float, holdings: Sequence[Holding], lent: Mapping[tuple[str, str], int], rules: Rules) -> list[Site]:
+    """One :class:`Site` per (site, accelerator): replicas are pinned to an accelerator."""
+    out = []
+    for h in holdings:
+        for acc, n in sorted(h.cards.items()):
+            held = h.held.get(acc, 0.0)
+            out.append(Site(id=h.site, cards={acc: n}, held={acc: held}, lent={acc: lent.get((h.site, acc), 0)},
+                            need_by_hour=forecast(now, rules.profile, float(n), held, peak_share=rules.peak_need_share,
+                                                  headroom=rules.headroom)))
+    return out
+
+
+def _lent(running: Sequence[Attempt], gone: set[tuple[str, int]] = set()) -> dict[tuple[str, str], int]:
+    out: dict[tuple[str, str], int] = {}
+    for a in running:
+        if (a.job_id, a.attempt) not in gone:
+            out[(a.site, a.accelerator)] = out.get((a.site, a.accelerator), 0) + a.cards
+    return out
+
+
+def decide(now: float, holdings: Sequence[Holding], running: Sequence[Attempt], rules: Rules) -> LendPlan:
+    """Tidal lending at ``now``: which lent attempts checkpoint and stop (Rule 3; the reclaim time
+    of a site's lent cards is :func:`reclaim_at` under the forecast), then what idle cards are
+    offered (Rules 1, 2, 4) with the stopped attempts' cards counted back with inference.
+
+    The forecast per (site, accelerator) is :func:`forecast` from ``rules.profile``.
+    """
+    views = _views(now, holdings, _lent(running), rules)
+    due = {(v.id, next(iter(v.cards))): reclaim_at(now, v, margin_s=rules.margin_s) for v in views}
+    lent = [Lent(job_id=a.job_id, attempt=a.attempt, site=a.site, cards=a.cards, checkpoint_s=a.checkpoint_s,
+                 reclaim_at=at if (at := due.get((a.site, a.accelerator))) is not None else now + 86400.0)
+            for a in running]
+    stops, wake = reclaims(now, lent, margin_s=rules.stop_margin_s)
+    if stops:
+        views = _views(now, holdings, _lent(running, {(s.job_id, s.attempt) for s in stops}), rules)
+    offered, notes = offers(now, views, margin_s=rules.margin_s, min_lend_s=rules.min_lend_s)
+    return LendPlan(offers=offered, stops=stops, wake=wake, notes=notes)
+
+
+def offered_by_site(plan: LendPlan) -> dict[str, dict[str, int]]:
+    """``plan.offers`` as ``{site: {accelerator: cards}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for o in plan.offers:
+        out.setdefault(o.site, {})[o.accelerator] = o.cards
+    return out
+
+
+def until_by_site(plan: LendPlan) -> dict[str, float]:
+    """The earliest reclaim time of each site's offers."""
+    out: dict[str, float] = {}
+    for o in plan.offers:
+        out[o.site] = min(out.get(o.site, o.until), o.until)
+    return out
+
+
+def lend_pools(pools: Sequence[placement.Pool], plan: LendPlan, lending_sites: Collection[str]) -> list[placement.Pool]:
+    """The scheduler's pools with lending applied: a site of a lending tier shows free only the
+    cards offered now (none without an offer), so a gang is placed on lent cards only while an
+    offer lasts at least ``min_lend_s``; other pools are unchanged."""
+    offered = offered_by_site(plan)
+    out = []
+    for p in pools:
+        if p.id not in lending_sites:
+            out.append(p)
+            continue
+        cap = offered.get(p.id, {})
+        out.append(msgspec.structs.replace(p, cards_free={a: min(n, cap.get(a, 0)) for a, n in p.cards_free.items()}))
+    return out

@@ -39,7 +39,10 @@ class Lender:
         self.sites = list(sites)
         self.sims = list(sims)
         self.held = held
-        self.profile = list(s.inference.profile)
+        c = s.lending
+        self.rules = lending.Rules(tiers=tuple(c.tiers), profile=tuple(s.inference.profile),
+                                   peak_need_share=c.peak_need_share, headroom=c.headroom, margin_s=c.margin_s,
+                                   min_lend_s=c.min_lend_s, stop_margin_s=STOP_MARGIN_S)
         self.offers = {sim.name: 0 for sim in sims}
         self.reclaimed = {sim.name: 0 for sim in sims}
         self.at_once = {sim.name: 0 for sim in sims}
@@ -50,57 +53,31 @@ class Lender:
     def __repr__(self) -> str:
         return f"<Lender sites={len(self.sites)} offers={sum(self.offers.values())} reclaimed={sum(self.reclaimed.values())}>"
 
-    def _views(self, held: Mapping[tuple[str, str], float], lent: Mapping[tuple[str, str], int],
-               now: float) -> list[lending.Site]:
-        """One ``lending.Site`` per (site, accelerator): replicas are pinned to an accelerator."""
-        c = self.cfg
-        out = []
-        for site in self.sites:
-            for acc, n in sorted(site.accelerators.items()):
-                h = held.get((site.id, acc), 0.0)
-                out.append(lending.Site(
-                    id=site.id, cards={acc: n}, held={acc: h}, lent={acc: lent.get((site.id, acc), 0)},
-                    need_by_hour=lending.forecast(now, self.profile, float(n), h, peak_share=c.peak_need_share,
-                                                  headroom=c.headroom)))
-        return out
-
     def tick(self, now: float) -> float | None:
-        """Decide offers and reclaims at ``now``; return when a reclaim next falls due (None: none)."""
+        """Decide offers and reclaims at ``now`` (``lending.decide``); return when a reclaim next falls
+        due (None: none)."""
         held = self.held()
+        holdings = [lending.Holding(site=site.id, cards=dict(site.accelerators),
+                                    held={acc: held.get((site.id, acc), 0.0) for acc in site.accelerators})
+                    for site in self.sites]
         wake: float | None = None
-        c = self.cfg
         for sim in self.sims:
-            running = sim.lent_attempts()
-            lent_by: dict[tuple[str, str], int] = {}
-            for _, _, sid, acc, cards, _ in running:
-                lent_by[(sid, acc)] = lent_by.get((sid, acc), 0) + cards
-            views = self._views(held, lent_by, now)
-            due = {(v.id, next(iter(v.cards))): lending.reclaim_at(now, v, margin_s=c.margin_s) for v in views}
-            lent = []
-            for jid, att, sid, acc, cards, ck in running:
-                at = due.get((sid, acc))
-                lent.append(lending.Lent(job_id=jid, attempt=att, site=sid, cards=cards, checkpoint_s=ck,
-                                         reclaim_at=at if at is not None else now + 86400.0))
-                if at is not None and at < now - 1e-6:
-                    self.at_once[sim.name] += 1
-            stops, nxt = lending.reclaims(now, lent, margin_s=STOP_MARGIN_S)
-            for st in stops:
+            running = [lending.Attempt(job_id=jid, attempt=att, site=sid, accelerator=acc, cards=cards, checkpoint_s=ck)
+                       for jid, att, sid, acc, cards, ck in sim.lent_attempts()]
+            plan = lending.decide(now, holdings, running, self.rules)
+            for st in plan.stops:
+                if st.at > now + 1e-6:
+                    continue
                 if sim.stop(st.job_id, st.attempt, now):
                     self.reclaimed[sim.name] += 1
-            if stops:  # the cards are back: decide offers on what is left
-                lent_by = {}
-                for _, _, sid, acc, cards, _ in sim.lent_attempts():
-                    lent_by[(sid, acc)] = lent_by.get((sid, acc), 0) + cards
-                views = self._views(held, lent_by, now)
-            offers, _ = lending.offers(now, views, margin_s=c.margin_s, min_lend_s=c.min_lend_s)
-            by_site: dict[str, dict[str, int]] = {}
-            for o in offers:
-                by_site.setdefault(o.site, {})[o.accelerator] = o.cards
+                    if "at once" in st.reason:
+                        self.at_once[sim.name] += 1
+            by_site = lending.offered_by_site(plan)
             for site in self.sites:
                 sim.offer(site.id, by_site.get(site.id, {}))
-            self.offers[sim.name] += len(offers)
-            if nxt is not None and (wake is None or nxt < wake):
-                wake = nxt
+            self.offers[sim.name] += len(plan.offers)
+            if plan.wake is not None and (wake is None or plan.wake < wake):
+                wake = plan.wake
         return wake
 
     def report(self, lent_card_hours: Mapping[str, float]) -> dict[str, object]:
