@@ -213,6 +213,9 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     margin_s: float = 900.0
     min_lend_s: float = 3600.0
     stop_margin_s: float = 60.0
+    reclaim_headroom: float = 1.0
+    """Hysteresis: cards already lent are reclaimed when the forecast with this headroom (not
+    ``headroom``) needs them, so a replica added at the site does not stop a gang at once."""
 
 
 class Holding(msgspec.Struct, frozen=True, kw_only=True):
@@ -244,7 +247,8 @@ class LendPlan(msgspec.Struct, frozen=True, kw_only=True):
     notes: list[str]
 
 
-def _views(now: float, holdings: Sequence[Holding], lent: Mapping[tuple[str, str], int], rules: Rules) -> list[Site]:
+def _views(now: float, holdings: Sequence[Holding], lent: Mapping[tuple[str, str], int], rules: Rules,
+           headroom: float | None = None) -> list[Site]:
     """One :class:`Site` per (site, accelerator): replicas are pinned to an accelerator."""
     out = []
     for h in holdings:
@@ -252,7 +256,7 @@ def _views(now: float, holdings: Sequence[Holding], lent: Mapping[tuple[str, str
             held = h.held.get(acc, 0.0)
             out.append(Site(id=h.site, cards={acc: n}, held={acc: held}, lent={acc: lent.get((h.site, acc), 0)},
                             need_by_hour=forecast(now, rules.profile, float(n), held, peak_share=rules.peak_need_share,
-                                                  headroom=rules.headroom)))
+                                                  headroom=rules.headroom if headroom is None else headroom)))
     return out
 
 
@@ -271,14 +275,13 @@ def decide(now: float, holdings: Sequence[Holding], running: Sequence[Attempt], 
 
     The forecast per (site, accelerator) is :func:`forecast` from ``rules.profile``.
     """
-    views = _views(now, holdings, _lent(running), rules)
+    views = _views(now, holdings, _lent(running), rules, max(1.0, min(rules.reclaim_headroom, rules.headroom)))
     due = {(v.id, next(iter(v.cards))): reclaim_at(now, v, margin_s=rules.margin_s) for v in views}
     lent = [Lent(job_id=a.job_id, attempt=a.attempt, site=a.site, cards=a.cards, checkpoint_s=a.checkpoint_s,
                  reclaim_at=at if (at := due.get((a.site, a.accelerator))) is not None else now + 86400.0)
             for a in running]
     stops, wake = reclaims(now, lent, margin_s=rules.stop_margin_s)
-    if stops:
-        views = _views(now, holdings, _lent(running, {(s.job_id, s.attempt) for s in stops}), rules)
+    views = _views(now, holdings, _lent(running, {(s.job_id, s.attempt) for s in stops}), rules)
     offered, notes = offers(now, views, margin_s=rules.margin_s, min_lend_s=rules.min_lend_s)
     return LendPlan(offers=offered, stops=stops, wake=wake, notes=notes)
 
