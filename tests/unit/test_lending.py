@@ -71,3 +71,36 @@ def test_lent_attempts_checkpoint_and_stop_before_the_reclaim() -> None:
     assert (s.job_id, s.attempt, s.restart_hint) == ("j1", 3, "zj-regional")
     # Checkpoint first: the stop leaves the checkpoint time before the cards are reclaimed.
     assert s.at + 300.0 < reclaim
+
+
+RULES = lending.Rules(profile=[1.0] * 7 + [4.0] * 17, margin_s=900.0, min_lend_s=3600.0)
+"""Inference may need a quarter of an edge's cards at night and all of them from 07:00 local."""
+
+
+def test_decide_stops_due_gangs_first_then_offers_what_is_idle() -> None:
+    holding = lending.Holding(site="e1", cards={"H20": 8}, held={"H20": 1.0})
+    gang = lending.Attempt(job_id="j1", attempt=2, site="e1", accelerator="H20", cards=4, checkpoint_s=300.0)
+    night = lending.decide(MIDNIGHT + 1 * H, [holding], [gang], RULES)
+    # 1 held + 4 lent, 3 idle. Offers keep the night's need (2 cards) and the held replica grown with
+    # headroom towards 07:00 (1 x 4 x 1.5 = 6 during 06:00-07:00): 2 cards, until 05:45. The gang
+    # lent before is reclaimed by the forecast without headroom (hysteresis): 07:00 needs more than
+    # the 4 it leaves, so its cards are back by 06:45 and its stop falls due 300 s + 60 s before.
+    assert [(o.cards, o.until) for o in night.offers] == [(2, MIDNIGHT + 5.75 * H)]
+    assert not night.stops and night.wake == MIDNIGHT + 6.75 * H - 360.0
+    due = lending.decide(night.wake, [holding], [gang], RULES)
+    assert [(s.job_id, s.attempt) for s in due.stops] == [("j1", 2)]
+    # its cards count as back: what is left lasts under an hour, so nothing is offered
+    assert not due.offers and "inference needs its cards" in due.notes[0]
+
+
+def test_lent_pools_show_only_the_offered_cards() -> None:
+    from controlplane.core import placement
+
+    pools = [placement.Pool(id="e1", cards_total={"H20": 8}, cards_free={"H20": 7}),
+             placement.Pool(id="h1", cards_total={"A800": 8}, cards_free={"A800": 8})]
+    plan = lending.decide(MIDNIGHT + 1 * H, [lending.Holding(site="e1", cards={"H20": 8}, held={"H20": 1.0})], [], RULES)
+    shown = {p.id: p.cards_free for p in lending.lend_pools(pools, plan, {"e1"})}
+    # 7 free by the heartbeat, 6 offered (2 stay for the night's need until 05:45); the hub is not lent
+    assert shown == {"e1": {"H20": 6}, "h1": {"A800": 8}}
+    day = lending.decide(MIDNIGHT + 12 * H, [lending.Holding(site="e1", cards={"H20": 8}, held={"H20": 1.0})], [], RULES)
+    assert {p.id: p.cards_free for p in lending.lend_pools(pools, day, {"e1"})}["e1"] == {"H20": 0}
