@@ -4,7 +4,7 @@
 docs/sim.md). Time is a float of epoch seconds passed to the core as ``now``; nothing sleeps and no
 clock is read. Two event sources are merged in time order: inference arrivals, generated lazily
 (``core_workload.arrivals``), whose completions live in the inference heap; and the slower events
-(utilisation samples, outages and their detection, lending windows) in a heap of
+(utilisation samples, outages and their detection, lending decisions) in a heap of
 ``(time, seq, kind, payload)``. Training sims keep their own heaps and are advanced to each slow
 event's time, so every component sees events in time order.
 

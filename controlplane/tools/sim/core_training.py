@@ -16,7 +16,7 @@ What it promises:
   N times as often) loses the work since the last completed checkpoint. A stop (preemption,
   lending reclaimed) checkpoints what was computed and requeues the job.
 - Ticks: the planner runs at most every ``tick_s``, and only when something changed (arrival,
-  end, failure, outage, lending window) or a job's tariff wait is over.
+  end, failure, outage, a larger lending offer) or a job's tariff wait is over.
 """
 
 from __future__ import annotations
