@@ -61,8 +61,9 @@ class LendingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError("lending.profile: 24 non-negative rates by local hour, not all zero")
         if not 0 < self.peak_need_share <= 1:
             raise ValueError("lending.peak_need_share must be in (0, 1]")
-        if self.headroom < 1 or self.margin_s < 0 or self.min_lend_s <= 0:
-            raise ValueError("lending: headroom >= 1, margin_s >= 0, min_lend_s > 0")
+        if self.headroom < 1 or self.margin_s < 0 or self.min_lend_s <= 60:
+            raise ValueError("lending: headroom >= 1, margin_s >= 0, min_lend_s > 60 (a gang's stop comes "
+                             "its checkpoint time and 60 s before the reclaim)")
 
 
 class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

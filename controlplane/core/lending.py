@@ -13,6 +13,7 @@ Rule 3: a lent attempt is told to checkpoint and stop at ``reclaim_at − checkp
 so its checkpoint is written and its cards are free before inference needs them; the stop says
 where the job should restart (``restart_hint``: the caller's choice, planned in advance).
 Rule 4: a site whose forecast never falls below its held capacity lends nothing, and says why.
+Rule 5: a site (accelerator) whose lent attempts are being stopped offers nothing meanwhile.
 
 Wired: :func:`decide` is the rule the hub's training service runs before each scheduler plan
 (``[lending]`` in the hub config; lent pools show only the offered cards) and ``cpn sim``'s
@@ -95,12 +96,13 @@ def _lasts(now: float, site: Site, keep: float, margin_s: float, horizon_h: int)
 
 
 def offers(now: float, sites: Sequence[Site], *, margin_s: float = 900.0, min_lend_s: float = 3600.0,
-           horizon_h: int = 24) -> tuple[list[Offer], list[str]]:
+           horizon_h: int = 24, spare_cards: float = 0.0) -> tuple[list[Offer], list[str]]:
     """Idle inference cards to offer to queued training gangs now (Rules 1, 2, 4).
 
     A site offers the most idle cards it can keep lent for at least ``min_lend_s`` (lending fewer
     leaves more with inference, so the ramp comes later): all of them at night, at most those the
-    forecast never needs by day.
+    forecast never needs by day. ``spare_cards`` stay idle beyond the forecast at every site (room
+    for the autoscaler's next replica, so it does not force a reclaim at once).
 
     Returns:
         (offers, notes): notes say why a site lends nothing.
@@ -112,9 +114,10 @@ def offers(now: float, sites: Sequence[Site], *, margin_s: float = 900.0, min_le
         held = sum(site.held.values())
         lent = sum(site.lent.values())
         idle = {a: int(math.floor(n - site.held.get(a, 0.0) - site.lent.get(a, 0) + 1e-9)) for a, n in site.cards.items()}
-        spare = sum(idle.values())
+        spare = sum(idle.values()) - int(math.ceil(spare_cards - 1e-9))
         if spare <= 0:
-            notes.append(f"{site.id}: no idle cards (held {held:g}, lent {lent} of {total})")
+            notes.append(f"{site.id}: no idle cards (held {held:g}, lent {lent} of {total}"
+                         + (f", {spare_cards:g} kept spare)" if spare_cards > 0 else ")"))
             continue
         # Keep back what inference will need: lend only so much that held + lent + offered stays
         # within the cards until the ramp; the fewer lent, the later the ramp.
@@ -213,6 +216,8 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     margin_s: float = 900.0
     min_lend_s: float = 3600.0
     stop_margin_s: float = 60.0
+    spare_cards: float = 0.0
+    """Idle cards never lent at a site (per accelerator): room for the next replica."""
     reclaim_headroom: float = 1.0
     """Hysteresis: cards already lent are reclaimed when the forecast with this headroom (not
     ``headroom``) needs them, so a replica added at the site does not stop a gang at once."""
@@ -271,7 +276,9 @@ def _lent(running: Sequence[Attempt], gone: set[tuple[str, int]] = set()) -> dic
 def decide(now: float, holdings: Sequence[Holding], running: Sequence[Attempt], rules: Rules) -> LendPlan:
     """Tidal lending at ``now``: which lent attempts checkpoint and stop (Rule 3; the reclaim time
     of a site's lent cards is :func:`reclaim_at` under the forecast), then what idle cards are
-    offered (Rules 1, 2, 4) with the stopped attempts' cards counted back with inference.
+    offered (Rules 1, 2, 4); a site stopping lent attempts offers nothing (Rule 5). ``running``
+    lists every attempt on lent cards, those already told to stop included (their cards are not
+    back until they exit); the caller sends each stop once.
 
     The forecast per (site, accelerator) is :func:`forecast` from ``rules.profile``.
     """
@@ -281,8 +288,14 @@ def decide(now: float, holdings: Sequence[Holding], running: Sequence[Attempt], 
                  reclaim_at=at if (at := due.get((a.site, a.accelerator))) is not None else now + 86400.0)
             for a in running]
     stops, wake = reclaims(now, lent, margin_s=rules.stop_margin_s)
-    views = _views(now, holdings, _lent(running, {(s.job_id, s.attempt) for s in stops}), rules)
-    offered, notes = offers(now, views, margin_s=rules.margin_s, min_lend_s=rules.min_lend_s)
+    # Rule 5: a site (accelerator) reclaiming lends nothing this round: its ramp is near, and the
+    # stopping gangs' cards are not free until they exit.
+    reclaiming = {(a.site, a.accelerator) for a in running for st in stops
+                  if (st.job_id, st.attempt) == (a.job_id, a.attempt)}
+    views = [v for v in _views(now, holdings, _lent(running), rules) if (v.id, next(iter(v.cards))) not in reclaiming]
+    offered, notes = offers(now, views, margin_s=rules.margin_s, min_lend_s=rules.min_lend_s,
+                            spare_cards=rules.spare_cards)
+    notes += [f"{site}: reclaiming its lent {acc} cards, lends none" for site, acc in sorted(reclaiming)]
     return LendPlan(offers=offered, stops=stops, wake=wake, notes=notes)
 
 

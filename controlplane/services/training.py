@@ -368,11 +368,12 @@ class TrainingService:
         ids = {h.site for h in holdings}
         running = [lending.Attempt(job_id=r.id, attempt=r.attempt, site=r.pool, accelerator=r.accelerator,
                                    cards=r.cards, checkpoint_s=r.spec.checkpoint_cost_s)
-                   for r in live.values() if r.pool in ids and (r.id, r.attempt) not in self._preempting]
+                   for r in live.values() if r.pool in ids]
         rules = lending.Rules(tiers=tuple(cfg.tiers), profile=tuple(cfg.profile), peak_need_share=cfg.peak_need_share,
                               headroom=cfg.headroom, margin_s=cfg.margin_s, min_lend_s=cfg.min_lend_s)
         plan = lending.decide(now, holdings, running, rules)
-        due = [st for st in plan.stops if st.at <= now and st.job_id in live]
+        due = [st for st in plan.stops if st.at <= now and st.job_id in live
+               and (st.job_id, st.attempt) not in self._preempting]  # each stop is sent once
         if due:
             db = self.db
             assert self.outbox is not None

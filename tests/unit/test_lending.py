@@ -89,8 +89,11 @@ def test_decide_stops_due_gangs_first_then_offers_what_is_idle() -> None:
     assert not night.stops and night.wake == MIDNIGHT + 6.75 * H - 360.0
     due = lending.decide(night.wake, [holding], [gang], RULES)
     assert [(s.job_id, s.attempt) for s in due.stops] == [("j1", 2)]
-    # its cards count as back: what is left lasts under an hour, so nothing is offered
-    assert not due.offers and "inference needs its cards" in due.notes[0]
+    # a site reclaiming lends nothing meanwhile (Rule 5); once the gang has exited, what is left
+    # lasts under an hour, so nothing is offered either
+    assert not due.offers and due.notes == ["e1: reclaiming its lent H20 cards, lends none"]
+    after = lending.decide(night.wake + 300.0, [holding], [], RULES)
+    assert not after.offers and "inference needs its cards" in after.notes[0]
 
 
 def test_lent_pools_show_only_the_offered_cards() -> None:
