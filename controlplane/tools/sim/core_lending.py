@@ -84,7 +84,9 @@ class Lender:
         return {
             "what": "idle inference cards offered to training until a reclaim time before the forecast ramp "
                     "(core/lending.py, every tick_s); the forecast is inference.profile scaled so the peak hour "
-                    "needs peak_need_share of a site's cards",
+                    "needs peak_need_share of a site's cards, and what replicas hold grown along it; offers: "
+                    "(site, accelerator) offers summed over every decision; reclaimed at once: the forecast "
+                    "needed the lent cards before the margin",
             "sites": len(self.sites),
             "policies": {name: {"offers": self.offers[name], "attempts_reclaimed": self.reclaimed[name],
                                 "attempts_reclaimed_at_once": self.at_once[name],
