@@ -96,13 +96,12 @@ def _lasts(now: float, site: Site, keep: float, margin_s: float, horizon_h: int)
 
 
 def offers(now: float, sites: Sequence[Site], *, margin_s: float = 900.0, min_lend_s: float = 3600.0,
-           horizon_h: int = 24, spare_cards: float = 0.0) -> tuple[list[Offer], list[str]]:
+           horizon_h: int = 24) -> tuple[list[Offer], list[str]]:
     """Idle inference cards to offer to queued training gangs now (Rules 1, 2, 4).
 
     A site offers the most idle cards it can keep lent for at least ``min_lend_s`` (lending fewer
     leaves more with inference, so the ramp comes later): all of them at night, at most those the
-    forecast never needs by day. ``spare_cards`` stay idle beyond the forecast at every site (room
-    for the autoscaler's next replica, so it does not force a reclaim at once).
+    forecast never needs by day.
 
     Returns:
         (offers, notes): notes say why a site lends nothing.
@@ -114,10 +113,9 @@ def offers(now: float, sites: Sequence[Site], *, margin_s: float = 900.0, min_le
         held = sum(site.held.values())
         lent = sum(site.lent.values())
         idle = {a: int(math.floor(n - site.held.get(a, 0.0) - site.lent.get(a, 0) + 1e-9)) for a, n in site.cards.items()}
-        spare = sum(idle.values()) - int(math.ceil(spare_cards - 1e-9))
+        spare = sum(idle.values())
         if spare <= 0:
-            notes.append(f"{site.id}: no idle cards (held {held:g}, lent {lent} of {total}"
-                         + (f", {spare_cards:g} kept spare)" if spare_cards > 0 else ")"))
+            notes.append(f"{site.id}: no idle cards (held {held:g}, lent {lent} of {total})")
             continue
         # Keep back what inference will need: lend only so much that held + lent + offered stays
         # within the cards until the ramp; the fewer lent, the later the ramp.
@@ -216,8 +214,6 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     margin_s: float = 900.0
     min_lend_s: float = 3600.0
     stop_margin_s: float = 60.0
-    spare_cards: float = 0.0
-    """Idle cards never lent at a site (per accelerator): room for the next replica."""
     reclaim_headroom: float = 1.0
     """Hysteresis: cards already lent are reclaimed when the forecast with this headroom (not
     ``headroom``) needs them, so a replica added at the site does not stop a gang at once."""
@@ -293,8 +289,7 @@ def decide(now: float, holdings: Sequence[Holding], running: Sequence[Attempt], 
     reclaiming = {(a.site, a.accelerator) for a in running for st in stops
                   if (st.job_id, st.attempt) == (a.job_id, a.attempt)}
     views = [v for v in _views(now, holdings, _lent(running), rules) if (v.id, next(iter(v.cards))) not in reclaiming]
-    offered, notes = offers(now, views, margin_s=rules.margin_s, min_lend_s=rules.min_lend_s,
-                            spare_cards=rules.spare_cards)
+    offered, notes = offers(now, views, margin_s=rules.margin_s, min_lend_s=rules.min_lend_s)
     notes += [f"{site}: reclaiming its lent {acc} cards, lends none" for site, acc in sorted(reclaiming)]
     return LendPlan(offers=offered, stops=stops, wake=wake, notes=notes)
 

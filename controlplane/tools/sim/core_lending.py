@@ -42,7 +42,7 @@ class Lender:
         c = s.lending
         self.rules = lending.Rules(tiers=tuple(c.tiers), profile=tuple(s.inference.profile),
                                    peak_need_share=c.peak_need_share, headroom=c.headroom, margin_s=c.margin_s,
-                                   min_lend_s=c.min_lend_s, stop_margin_s=STOP_MARGIN_S, spare_cards=c.spare_cards)
+                                   min_lend_s=c.min_lend_s, stop_margin_s=STOP_MARGIN_S)
         self.offers = {sim.name: 0 for sim in sims}
         self.reclaimed = {sim.name: 0 for sim in sims}
         self.at_once = {sim.name: 0 for sim in sims}

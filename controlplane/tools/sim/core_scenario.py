@@ -167,8 +167,6 @@ class Lending(_Cfg, frozen=True):
     site's cards, other hours in proportion."""
     headroom: Annotated[float, msgspec.Meta(ge=1)] = 1.5
     """... and never less than what its replicas hold now, grown along the profile, times this."""
-    spare_cards: NonNeg = 0.0
-    """Idle cards never lent at a site (per accelerator): room for the autoscaler's next replica."""
 
 
 class Market(_Cfg, frozen=True):

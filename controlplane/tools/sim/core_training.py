@@ -346,6 +346,9 @@ class TrainingSim:
         after_failure = job.rec.state is lifecycle.JobState.RESTARTING
         job.rec = lifecycle.place(job.rec, pool, acc, now)
         self.free[(pool, acc)] -= d.cards
+        if pool in self.lent:  # a lending offer is used up by the gangs it takes (until offered anew)
+            cap = self.offered.get(pool, {})
+            cap[acc] = max(0, cap.get(acc, 0) - d.cards)
         self.queue.pop(d.id, None)
         self.running[d.id] = job
         if job.first_start is None:
