@@ -85,6 +85,8 @@ class DemandShare:
         self.tasks = BackgroundTasks("demand")
         self._pending: dict[Key, int] = {}
         self._drained_at = clock.monotonic()
+        self.last: Report | None = None
+        """The last well-formed report received (for operators and tests)."""
         self.counters: dict[str, int] = {"published": 0, "received": 0, "malformed": 0, "publish_failed": 0}
 
     def __repr__(self) -> str:
@@ -128,6 +130,7 @@ class DemandShare:
             log.warning("event=demand_malformed error=%r", str(exc)[:200])
             return
         self.counters["received"] += 1
+        self.last = report
         now = self.clock.monotonic()
         if now - self._drained_at > 3 * self.interval_s:
             # Nobody drained for a while (this process does not lead): old demand is not news.
