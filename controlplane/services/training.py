@@ -316,7 +316,7 @@ class TrainingService:
         self._preempting = {k: v for k, v in self._preempting.items()
                             if k[0] in live and live[k[0]].attempt == k[1]}
         plan = None
-        lent = self._lend(live, now) if self.config.lending.enabled else None
+        lent = self._lend(live, now, bool(waiting)) if self.config.lending.enabled else None
         if waiting:
             pools = self._pools(live.values(), now)
             if lent is not None:
@@ -349,13 +349,24 @@ class TrainingService:
 
     # ------------------------------------------------------------------ tidal lending
 
-    def _lend(self, live: dict[str, store_jobs.JobRow], now: float) -> tuple[lending.LendPlan, set[str]]:
+    def _lend(self, live: dict[str, store_jobs.JobRow], now: float,
+              waiting: bool) -> tuple[lending.LendPlan, set[str]] | None:
         """Tidal lending's decision at ``now`` (``lending.decide``, pure): lent attempts due are told to
         checkpoint and stop (persisted with their StopAttempt in one transaction, fenced by attempt);
-        returns the plan (its offers cap the lent pools) and the lending sites."""
+        returns the plan (its offers cap the lent pools) and the lending sites; None when no job
+        waits and none runs on lent cards."""
         cfg = self.config.lending
         layout = self.layout
         tiers = set(cfg.tiers)
+        lending_sites = set()
+        for view in self.registry:
+            try:
+                if layout.site(view.id).tier in tiers:
+                    lending_sites.add(view.id)
+            except KeyError:
+                continue
+        if not waiting and not any(r.pool in lending_sites for r in live.values()):
+            return None  # nothing to offer to, nothing to reclaim
         holdings = []
         held = store_deployments.allocated_cards_by_site(self.db)
         for view in self.registry:
