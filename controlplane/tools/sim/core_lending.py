@@ -35,7 +35,6 @@ class Lender:
 
     def __init__(self, s: Scenario, sites: Sequence[tlayout.Site], sims: Sequence[TrainingSim],
                  held: Callable[[], Mapping[tuple[str, str], float]]) -> None:
-        self.cfg = s.lending
         self.sites = list(sites)
         self.sims = list(sims)
         self.held = held
@@ -48,7 +47,6 @@ class Lender:
         self.at_once = {sim.name: 0 for sim in sims}
         """Lent attempts whose reclaim time the forecast moved into the past (a replica added there
         raised it): stopped at once, without the margin."""
-        self.notes: list[str] = []
 
     def __repr__(self) -> str:
         return f"<Lender sites={len(self.sites)} offers={sum(self.offers.values())} reclaimed={sum(self.reclaimed.values())}>"
