@@ -169,16 +169,19 @@ def forecast(now: float, profile: Sequence[float], cards: float, held: float, *,
     :func:`profile_need` and what its replicas hold now grown along the profile (hour ``h`` needs
     ``held × max(p[h], p[h+1]) / p[now] × headroom``: demand rises through the hour towards the
     next), never more than ``cards`` and never less than ``held`` in the current hour."""
-    base = profile_need(profile, cards, peak_share)
-    if not base:
+    top = max(profile, default=0.0)
+    if len(profile) != 24 or top <= 0:
         return []
+    k = cards * peak_share / top
     h_now = _local_hour(now)
     p_now = profile[h_now]
-    out = []
-    for h in range(24):
-        grow = held * max(profile[h], profile[(h + 1) % 24]) / p_now * headroom if p_now > 0 else held
-        need = max(base[h], grow, held if h == h_now else 0.0)
-        out.append(min(cards, need))
+    if p_now <= 0:  # nothing to grow along: what is held stays needed
+        return [min(cards, max(k * p, held)) for p in profile]
+    g = held * headroom / p_now
+    nxt = list(profile[1:]) + [profile[0]]
+    out = [min(cards, max(k * p, g * (p if p > q else q))) for p, q in zip(profile, nxt)]
+    if out[h_now] < held:
+        out[h_now] = min(cards, held)
     return out
 
 

@@ -178,13 +178,14 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         push(start_s + at + min(det, dur), "detect", (sid, log, start_s + at))
         push(start_s + at + dur, "back", (sid, log))
     lender = None
+    lend_wakes: set[float] = set()
     if lent_ids:
         held_src: Callable[[], Mapping[tuple[str, str], float]] = (
             (lambda: scaler.held) if scaler is not None else (lambda: dep.cards_by_site_acc()))
         lender = core_lending.Lender(s, [site for site in train_sites if site.id in lent_ids], sims, held_src)
         t = start_s
         while t <= end_s + 1e-9:
-            push(t, "lendtick", None)
+            push(t, "lendtick", True)
             t += lend.tick_s
 
     ns = len(lay.sites)
@@ -269,9 +270,11 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                     sim.site_back(sid, t)
         elif kind == "lendtick":
             assert lender is not None
-            wake = lender.tick(t)
-            if wake is not None and wake > t:
-                push(wake, "lendtick", None)
+            lend_wakes.discard(t)
+            wake = lender.tick(t, bool(payload))
+            if wake is not None and wake > t and wake not in lend_wakes:
+                lend_wakes.add(wake)  # one decision per due time, however often it is reported
+                push(wake, "lendtick", False)
         elif kind == "scale":
             assert scaler is not None
             for at, site, m in scaler.tick(t):
@@ -639,12 +642,6 @@ class _Scaler:
         if not busy:
             return
         lent_at = {sid for sid, _ in busy}
-        alt_cands = [Candidate(id=c.id, city=c.city, region=c.region, tier=c.tier, healthy=c.healthy,
-                               draining=c.draining,
-                               free_cards={a: f + busy.get((c.id, a), 0) for a, f in c.free_cards.items()})
-                     if c.id in lent_at else c for c in cands]
-        alt = autoscale.decide(now, self.specs[mi], demand, replicas, alt_cands, self.reach, self.memory[mi],
-                               autoscale.ReachMemo())
 
         def short(plan_short: Sequence[str]) -> set[tuple[str, float]]:
             out = set()
@@ -653,8 +650,16 @@ class _Scaler:
                 out.add((origin, float(rest.split(" ms", 1)[0])))
             return out
 
-        blocked = {o for o, b in short(plan.short) - short(alt.short)
-                   if any(sid in lent_at for sid, _ in self.reach.nearest(o, b))}
+        near_lent = {(o, b) for o, b in short(plan.short) if any(sid in lent_at for sid, _ in self.reach.nearest(o, b))}
+        if not near_lent:
+            return  # no short origin has lent cards within its budget: nothing to ask again
+        alt_cands = [Candidate(id=c.id, city=c.city, region=c.region, tier=c.tier, healthy=c.healthy,
+                               draining=c.draining,
+                               free_cards={a: f + busy.get((c.id, a), 0) for a, f in c.free_cards.items()})
+                     if c.id in lent_at else c for c in cands]
+        alt = autoscale.decide(now, self.specs[mi], demand, replicas, alt_cands, self.reach, self.memory[mi],
+                               autoscale.ReachMemo())
+        blocked = {o for o, b in near_lent - short(alt.short)}
         if blocked:
             self.blocked_decisions += 1
             idx = sorted(self._origin_idx[o] for o in blocked if o in self._origin_idx)

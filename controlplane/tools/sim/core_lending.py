@@ -43,6 +43,8 @@ class Lender:
                                    peak_need_share=c.peak_need_share, headroom=c.headroom, margin_s=c.margin_s,
                                    min_lend_s=c.min_lend_s, stop_margin_s=STOP_MARGIN_S)
         self.offers = {sim.name: 0 for sim in sims}
+        self.wake: dict[str, float | None] = {}
+        """Each policy's next reclaim due (its own decisions are taken again then)."""
         self.reclaimed = {sim.name: 0 for sim in sims}
         self.at_once = {sim.name: 0 for sim in sims}
         """Lent attempts whose reclaim time the forecast moved into the past (a replica added there
@@ -51,15 +53,22 @@ class Lender:
     def __repr__(self) -> str:
         return f"<Lender sites={len(self.sites)} offers={sum(self.offers.values())} reclaimed={sum(self.reclaimed.values())}>"
 
-    def tick(self, now: float) -> float | None:
-        """Decide offers and reclaims at ``now`` (``lending.decide``); return when a reclaim next falls
-        due (None: none)."""
+    def tick(self, now: float, every: bool = True) -> float | None:
+        """Decide offers and reclaims at ``now`` (``lending.decide``) for every policy (``every``), or
+        only for those whose reclaim fell due; return when a reclaim next falls due (None: none)."""
+        if not every and not any(w is not None and w <= now + 1e-6 for w in self.wake.values()):
+            return min((w for w in self.wake.values() if w is not None), default=None)
         held = self.held()
         holdings = [lending.Holding(site=site.id, cards=dict(site.accelerators),
                                     held={acc: held.get((site.id, acc), 0.0) for acc in site.accelerators})
                     for site in self.sites]
         wake: float | None = None
         for sim in self.sims:
+            due = self.wake.get(sim.name)
+            if not every and (due is None or due > now + 1e-6):
+                if due is not None and (wake is None or due < wake):
+                    wake = due
+                continue
             running = [lending.Attempt(job_id=jid, attempt=att, site=sid, accelerator=acc, cards=cards, checkpoint_s=ck)
                        for jid, att, sid, acc, cards, ck in sim.lent_attempts()]
             plan = lending.decide(now, holdings, running, self.rules)
@@ -74,6 +83,7 @@ class Lender:
             for site in self.sites:
                 sim.offer(site.id, by_site.get(site.id, {}))
             self.offers[sim.name] += len(plan.offers)
+            self.wake[sim.name] = plan.wake
             if plan.wake is not None and (wake is None or plan.wake < wake):
                 wake = plan.wake
         return wake
