@@ -111,3 +111,21 @@ def test_by_day_the_edge_keeps_its_cards_for_inference(tmp_path: Path, lending: 
         assert [p.pool for p in plan.start] == ([pool] if pool else [])
     finally:
         db.conn.close()
+
+
+def test_cards_a_deployment_holds_at_the_edge_are_kept_for_inference(tmp_path: Path) -> None:
+    from controlplane.store import deployments as store_deployments
+
+    svc, reg, db = service(tmp_path, lending=True)
+    try:
+        bring_up(reg, "e1", "edge", MIDNIGHT)
+        store_deployments.create(db, deployment_id="dep-1", tenant="acme", model="qwen", spec={}, now=MIDNIGHT)
+        store_deployments.upsert_replicas(db, "dep-1", [("e1", "A800", 4.0)], state="ready", now=MIDNIGHT)
+        row, _ = svc.submit("acme", SPEC, None, "h", MIDNIGHT + 0.5 * H)
+        # 4 held, grown along the profile with 1.5 headroom: 6 needed through the night, 2 to lend.
+        plan = svc.tick(MIDNIGHT + 0.5 * H)
+        assert plan is not None and not plan.start
+        got = svc.job(row.id)
+        assert got is not None and got.state is JobState.QUEUED
+    finally:
+        db.conn.close()
