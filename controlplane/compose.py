@@ -42,6 +42,7 @@ from controlplane.runtime import BackgroundTasks, TaskScope, WallClock
 from controlplane.services import deployments, handover, market, training
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
+from controlplane.services.demand_share import DemandShare
 from controlplane.services.job_feed import JobFeed
 from controlplane.services.job_views import JobViews
 from controlplane.services.inference import InferenceService, RequestIds
@@ -178,8 +179,12 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         record_connect=record_connection(config)[1] if config.record == "nats" else None,
         set_fence=fence_commits, listen=listening, on_change=leading_changed)
     tenancy.gateways = lambda: leadership.gateways  # each gateway enforces its share of a tenant's rate
+    # Demand counts: a gateway publishes its own, a hub or controller adds what gateways publish.
+    share = DemandShare(hub_id=config.hub_id, role=config.role, bus=bus, local=inference.drain_demand, clock=clock,
+                        interval_s=config.autoscale.interval_s)
+    hub.add_service(share)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
-                                   demand=inference.drain_demand, autoscale=config.autoscale)
+                                   demand=share.drain, autoscale=config.autoscale)
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
     # The market prices the usage flush and training's metering (in their transactions).
     seller = market.install(market.MarketService(hub_id=config.hub_id, store=store, tenancy=tenancy, sites=sites,
