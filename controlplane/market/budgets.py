@@ -9,6 +9,10 @@ What this module promises:
   the limit exactly is allowed (with the 100 % warning).
 - Rule 2: periods are calendar days or months in China local time (UTC+8): :func:`period_bounds`.
   A tenant without a budget is never refused (there is no :class:`Budget` to check).
+- Rule 3: work admitted but not yet charged is **held** at the most it can cost: :func:`check`
+  with ``held_fen`` refuses when ``spent + held + incoming`` would exceed the limit, so requests in
+  flight together can never overshoot the budget (each one's hold is released once its actual
+  usage is counted in ``spent``, which is never more than its hold).
 """
 
 from __future__ import annotations
@@ -43,12 +47,14 @@ class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True):
     spent_fen: int
     incoming_fen: int
     remaining_fen: int
-    """limit − spent (before the incoming work); may be negative after an over-cap adjustment."""
+    """limit − spent − held (before the incoming work); may be negative after an over-cap adjustment."""
     used_pct: int
     """(spent + incoming) / limit, whole percent rounded down (what a warning names)."""
     crossed_pct: tuple[int, ...] = ()
     """Thresholds this work reaches that spending so far had not."""
     message: str = ""
+    held_fen: int = 0
+    """Held by work admitted and not yet charged (Rule 3)."""
 
 
 def budget_problem(budget: Budget) -> str | None:
@@ -68,30 +74,35 @@ def _pct(amount: int, limit: int) -> int:
     return int(Fraction(amount * 100, limit))  # floor for amount >= 0
 
 
-def check(budget: Budget, spent_fen: int, incoming_fen: int) -> BudgetDecision:
-    """May work estimated at ``incoming_fen`` go ahead when ``spent_fen`` is already spent this period?
+def check(budget: Budget, spent_fen: int, incoming_fen: int, held_fen: int = 0) -> BudgetDecision:
+    """May work estimated at ``incoming_fen`` go ahead when ``spent_fen`` is already spent this
+    period and ``held_fen`` is held by work admitted and not yet charged (Rule 3)?
 
     Raises:
-        ValueError: a figure is not an int of fen, or the incoming estimate is negative.
+        ValueError: a figure is not an int of fen, or the incoming estimate or the holds are negative.
     """
-    for name, value in (("spent_fen", spent_fen), ("incoming_fen", incoming_fen)):
+    for name, value in (("spent_fen", spent_fen), ("incoming_fen", incoming_fen), ("held_fen", held_fen)):
         if type(value) is not int:  # noqa: E721
             raise ValueError(f"{name} must be an int of fen, got {value!r}")
     if incoming_fen < 0:
         raise ValueError(f"incoming_fen must be >= 0, got {incoming_fen}")
+    if held_fen < 0:
+        raise ValueError(f"held_fen must be >= 0, got {held_fen}")
     limit = budget.limit_fen
-    after = spent_fen + incoming_fen
+    before = spent_fen + held_fen
+    after = before + incoming_fen
     figures = dict(tenant=budget.tenant, limit_fen=limit, spent_fen=spent_fen, incoming_fen=incoming_fen,
-                   remaining_fen=limit - spent_fen, used_pct=_pct(after, limit))
+                   remaining_fen=limit - before, used_pct=_pct(after, limit), held_fen=held_fen)
     if after > limit:
+        held = f", {money.cny_text(held_fen)} CNY held by requests in flight" if held_fen else ""
         return BudgetDecision(
             verdict="refuse", **figures,  # type: ignore[arg-type]
             message=(f"budget exceeded: {money.cny_text(spent_fen)} of {money.cny_text(limit)} CNY spent this "
-                     f"{budget.period}, this needs up to {money.cny_text(incoming_fen)} CNY and "
-                     f"{money.cny_text(max(0, limit - spent_fen))} CNY remain"),
+                     f"{budget.period}{held}, this needs up to {money.cny_text(incoming_fen)} CNY and "
+                     f"{money.cny_text(max(0, limit - before))} CNY remain"),
         )
     crossed = tuple(sorted(t for t in set(budget.thresholds_pct)
-                           if after * 100 >= t * limit and not spent_fen * 100 >= t * limit))
+                           if after * 100 >= t * limit and not before * 100 >= t * limit))
     if crossed:
         return BudgetDecision(
             verdict="warn", crossed_pct=crossed, **figures,  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ import msgspec
 
 from controlplane.core import placement
 from controlplane.core.clock import Clock
-from controlplane.core.errors import Conflict, NotFound, Refused, RequestError
+from controlplane.core.errors import Conflict, Forbidden, NotFound, Refused, RequestError, Unprocessable
 from controlplane.core.jobspec import JobSpec
 from controlplane.core.usage import UsageRow
 from controlplane.market import budgets, catalogue, ledger, offers, postings, quotes, reconcile, views
@@ -83,6 +83,10 @@ class MarketService:
         self._budgets: dict[str, budgets.Budget] = {}
         self._tenants: dict[str, billing.TenantSettings] = {}
         self._offers: list[offers.Offer] = []
+        self._holds: dict[str, tuple[str, int]] = {}
+        """Request id -> (tenant, fen): what admitted requests hold against their tenant's budget."""
+        self._held: dict[str, int] = {}
+        """Tenant -> the sum of its holds."""
         self._loaded_at = -1e18
         self._flushes = 0
         self.counters = {"refused_filing": 0, "refused_budget": 0, "usage_lines": 0, "attempts_billed": 0,
@@ -136,27 +140,62 @@ class MarketService:
     def models(self) -> list[dict[str, Any]]:
         return [model_view(m) for m in records.models(self.db, self.clock.time()).values()]
 
-    def put_offer(self, offer: offers.Offer) -> tuple[dict[str, Any], bool]:
-        """Publish an offer (400 naming the field; 409 if its id is taken by other terms);
-        True if it is new."""
+    def pool_provider(self, pool: str) -> str:
+        """The provider the operator declared for ``pool`` (layout or ``PUT /v1/sites``; "" = none,
+        the operator's own); 400 naming ``pool`` if it is neither in the layout nor declared."""
+        decl = self.sites.declarations.get(pool)
+        if decl is not None:
+            return decl.provider
+        for site in self.sites.layout.sites:
+            if site.id == pool:
+                return site.provider
+        raise RequestError(f"unknown pool {pool!r}: not a site of the layout or declared", field="pool")
+
+    def _own_pool(self, pool: str, provider: str | None) -> None:
+        """403 unless ``provider`` (a provider key's; None: an admin) is ``pool``'s declared provider."""
+        if provider is not None and (self.pool_provider(pool) or self.fees.operator_provider) != provider:
+            raise Forbidden(f"pool {pool} is not provider {provider}'s", field="pool")
+
+    def put_offer(self, offer: offers.Offer, *, by_provider: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Publish an offer (400 naming the field; 409 if its id is taken by other terms; 422
+        ``provider`` if it is not the pool's declared provider; 403 for a provider key on another's
+        pool or naming another provider); True if it is new."""
         problem = offers.offer_problem(offer)
         if problem is not None:
             raise RequestError(f"offer {offer.id}: {problem}", field=_field_of(problem))
-        layout = self.sites.layout
-        if offer.pool not in self.sites.declarations and offer.pool not in {s.id for s in layout.sites}:
-            raise RequestError(f"unknown pool {offer.pool!r}: not a site of the layout or declared", field="pool")
+        declared = self.pool_provider(offer.pool)
+        if by_provider is not None and offer.provider != by_provider:
+            raise Forbidden(f"a provider key publishes offers as itself ({by_provider}), not as {offer.provider}",
+                            field="provider")
+        self._own_pool(offer.pool, by_provider)
+        problem = offers.provider_problem(offer, declared, self.fees.operator_provider)
+        if problem is not None:
+            raise Unprocessable(f"offer {offer.id}: {problem}", field="provider", code="offer_provider_mismatch")
         try:
             new = records.put_offer(self.db, offer)
         except ValueError as exc:
             raise Conflict(str(exc), field="id") from None
         return offer_view(offer), new
 
-    def offers(self, *, pool: str | None = None, provider: str | None = None) -> list[dict[str, Any]]:
+    def offers(self, *, pool: str | None = None, provider: str | None = None,
+               by_provider: str | None = None) -> list[dict[str, Any]]:
+        """Offers, past ones included (a provider key: only its own)."""
+        if by_provider is not None:
+            if provider is not None and provider != by_provider:
+                raise Forbidden(f"a provider key lists only its own offers ({by_provider})", field="provider")
+            provider = by_provider
         now = self.clock.time()
         return [{**offer_view(o), "in_force": offers.valid_at(o, now)}
                 for o in records.list_offers(self.db, pool=pool, provider=provider)]
 
-    def withdraw_offer(self, offer_id: str) -> dict[str, Any]:
+    def withdraw_offer(self, offer_id: str, *, by_provider: str | None = None) -> dict[str, Any]:
+        """End an offer now (404 unknown; 403 for a provider key on another provider's offer)."""
+        if by_provider is not None:
+            found = next((o for o in records.list_offers(self.db) if o.id == offer_id), None)
+            if found is None:
+                raise NotFound(f"offer {offer_id!r} not found", field="offer")
+            if found.provider != by_provider:
+                raise Forbidden(f"offer {offer_id} is not provider {by_provider}'s", field="offer")
         ended = records.withdraw_offer(self.db, offer_id, self.clock.time())
         if ended is None:
             raise NotFound(f"offer {offer_id!r} not found", field="offer")
@@ -234,11 +273,35 @@ class MarketService:
         budget = self._budgets.get(tenant)
         if budget is not None:
             incoming = catalogue.estimate_request_fen(model, prompt_bound(req), max(0, req.max_tokens))
-            decision = budgets.check(budget, self.spent_fen(tenant, budget.period, now), incoming)
+            held = self._held.get(tenant, 0)
+            decision = budgets.check(budget, self.spent_fen(tenant, budget.period, now), incoming, held)
             if decision.verdict == "refuse":
                 self.counters["refused_budget"] += 1
                 raise Refused(402, views.budget_exceeded_body(decision, budget.period))
+            if incoming and req.request_id not in self._holds:
+                self._holds[req.request_id] = (tenant, incoming)
+                self._held[tenant] = held + incoming
         return verdict.header
+
+    def release(self, request_id: str) -> None:
+        """The request ``request_id`` ended (served, failed or abandoned): drop its hold. Called by
+        the gateway once the request's answer is done, when its usage (if any) is already counted
+        in the tenant's spending (the usage buffer), so the two never both miss it."""
+        if not self._holds:
+            return
+        hold = self._holds.pop(request_id, None)
+        if hold is None:
+            return
+        tenant, fen = hold
+        left = self._held.get(tenant, 0) - fen
+        if left > 0:
+            self._held[tenant] = left
+        else:
+            self._held.pop(tenant, None)
+
+    def held_fen(self, tenant: str) -> int:
+        """What ``tenant``'s requests in flight hold against its budget."""
+        return self._held.get(tenant, 0)
 
     def spent_fen(self, tenant: str, period: budgets.Period, now: float) -> int:
         """What ``tenant`` spent this period: its ledger entries plus its usage not flushed yet,
@@ -399,7 +462,7 @@ class MarketService:
         fen = incoming()
         if fen is None:
             return
-        decision = budgets.check(b, self.spent_fen(tenant, b.period, now), fen)
+        decision = budgets.check(b, self.spent_fen(tenant, b.period, now), fen, self.held_fen(tenant))
         if decision.verdict == "refuse":
             self.counters["refused_budget"] += 1
             raise Refused(402, views.budget_exceeded_body(decision, b.period))

@@ -66,3 +66,33 @@ def test_periods_are_china_local_calendar_days_and_months() -> None:
 def test_refuse_exactly_when_the_limit_would_be_passed(limit: int, spent: int, incoming: int) -> None:
     d = budgets.check(budgets.Budget(tenant="a", limit_fen=limit), spent, incoming)
     assert (d.verdict == "refuse") == (spent + incoming > limit)
+
+
+def test_holds_count_against_the_limit_with_what_was_spent() -> None:
+    b = budgets.Budget(tenant="acme", limit_fen=1_000)
+    assert budgets.check(b, 600, 300).verdict != "refuse"
+    refused = budgets.check(b, 600, 300, held_fen=200)  # 600 + 200 + 300 > 1000
+    assert refused.verdict == "refuse" and refused.held_fen == 200 and refused.remaining_fen == 200
+    assert "2.00 CNY held by requests in flight" in refused.message and "2.00 CNY remain" in refused.message
+    assert budgets.check(b, 600, 200, held_fen=200).verdict in ("allow", "warn")  # exactly the limit
+    with pytest.raises(ValueError, match="held_fen must be >= 0"):
+        budgets.check(b, 0, 1, held_fen=-1)
+
+
+@given(st.integers(0, 5_000), st.lists(st.tuples(st.integers(0, 400), st.floats(0, 1)), max_size=40))
+def test_requests_admitted_together_never_overshoot_the_limit(limit: int, requests: list[tuple[int, float]]) -> None:
+    """Rule 3: every request is admitted (or not) while all earlier ones are still in flight, each
+    holding its estimate; each then uses at most its estimate. What was spent never exceeds the
+    limit, however the requests settle."""
+    b = budgets.Budget(tenant="acme", limit_fen=limit)
+    held, holds = 0, []
+    for estimate, used in requests:
+        if budgets.check(b, 0, estimate, held_fen=held).verdict != "refuse":
+            held += estimate
+            holds.append((estimate, int(estimate * used)))
+    spent = 0
+    for estimate, actual in holds:  # settle: the hold is released, the actual use is spent
+        held -= estimate
+        spent += actual
+        assert spent + held <= limit
+    assert spent <= limit
