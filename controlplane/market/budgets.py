@@ -18,7 +18,6 @@ What this module promises:
 from __future__ import annotations
 
 import datetime as dt
-from fractions import Fraction
 from typing import Literal
 
 import msgspec
@@ -71,7 +70,8 @@ def budget_problem(budget: Budget) -> str | None:
 def _pct(amount: int, limit: int) -> int:
     if limit == 0:
         return 100  # a zero budget is at its limit
-    return int(Fraction(amount * 100, limit))  # floor for amount >= 0
+    whole = abs(amount) * 100 // limit  # toward zero, as int(Fraction(amount * 100, limit))
+    return whole if amount >= 0 else -whole
 
 
 def check(budget: Budget, spent_fen: int, incoming_fen: int, held_fen: int = 0) -> BudgetDecision:

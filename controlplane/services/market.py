@@ -87,6 +87,10 @@ class MarketService:
         """Request id -> (tenant, fen): what admitted requests hold against their tenant's budget."""
         self._held: dict[str, int] = {}
         """Tenant -> the sum of its holds."""
+        self._spent: dict[tuple[str, str], tuple[float, float, int]] = {}
+        """(tenant, period) -> (start, end, fen): the ledger part of what the tenant spent in the
+        period [start, end). Every ledger post of this process clears it, as does :meth:`refresh`
+        (at most a second apart): the gate reads SQLite once per tenant per post, not per request."""
         self._loaded_at = -1e18
         self._flushes = 0
         self.counters = {"refused_filing": 0, "refused_budget": 0, "usage_lines": 0, "attempts_billed": 0,
@@ -112,6 +116,7 @@ class MarketService:
         self._budgets = billing.budgets(self.db)
         self._tenants = billing.tenants(self.db)
         self._offers = records.list_offers(self.db)
+        self._spent.clear()
         self._loaded_at = self.clock.monotonic()
 
     def _fresh(self) -> None:
@@ -306,8 +311,13 @@ class MarketService:
     def spent_fen(self, tenant: str, period: budgets.Period, now: float) -> int:
         """What ``tenant`` spent this period: its ledger entries plus its usage not flushed yet,
         priced as the flush will price it."""
-        start, end = budgets.period_bounds(period, now)
-        spent = ledger_store.spent_fen(self.db, tenant, start, end)
+        hit = self._spent.get((tenant, period))
+        if hit is not None and hit[0] <= now < hit[1]:
+            spent = hit[2]
+        else:
+            start, end = budgets.period_bounds(period, now)
+            spent = ledger_store.spent_fen(self.db, tenant, start, end)
+            self._spent[(tenant, period)] = (start, end, spent)
         for row in self.accounting.buffer.peek(tenant):
             model = self._models.get(row.model)
             if model is not None:
@@ -336,6 +346,7 @@ class MarketService:
             for result in ledger_store.post_many(self.db, txns):
                 if isinstance(result, ledger.Conflict):
                     raise RuntimeError(f"ledger conflict posting a usage flush: {result}")
+            self._spent.clear()
         self.counters["usage_lines"] += len(lines)
 
     # ------------------------------------------------------------------ training
@@ -371,6 +382,7 @@ class MarketService:
             share = quotes.attempt_charge(cap, so_far, priced.price_fen)
             ledger_store.post(db, postings.attempt_transaction(row.tenant, row.id, priced, share, quote_id=quote_id,
                                                                fees=self.fees))
+            self._spent.clear()
         self.counters["attempts_billed"] += 1
 
     def _quoted_option(self, row: JobRow) -> quotes.QuoteOption | None:
