@@ -479,11 +479,14 @@ async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_c
                 op, acme = Client(session, base, admin), Client(session, base, key)
                 status, body, _ = await op.call("PUT", "/v1/sites/hz-edge/declaration", {"provider": "xirang-7"})
                 assert status == 200 and body["provider"] == "xirang-7", body
-                for offer in ({"id": "sh-910b", "pool": "sh-hub", "provider": "cpn-operator", "accelerator": "910B",
-                               "fen_per_card_hour": 3000, "valid_from": 0},
-                              {"id": "hz-910b", "pool": "hz-edge", "provider": "xirang-7", "accelerator": "910B",
-                               "fen_per_card_hour": 1000, "valid_from": 0}):
-                    status, body, _ = await op.call("POST", "/v1/market/offers", offer)
+                status, issued, _ = await op.call("POST", "/v1/providers/xirang-7/keys")
+                assert status == 201, issued
+                xirang = Client(session, base, issued["api_key"])  # the provider publishes its own offer
+                for who, offer in ((op, {"id": "sh-910b", "pool": "sh-hub", "provider": "cpn-operator",
+                                         "accelerator": "910B", "fen_per_card_hour": 3000, "valid_from": 0}),
+                                   (xirang, {"id": "hz-910b", "pool": "hz-edge", "provider": "xirang-7",
+                                             "accelerator": "910B", "fen_per_card_hour": 1000, "valid_from": 0})):
+                    status, body, _ = await who.call("POST", "/v1/market/offers", offer)
                     assert status == 201, body
                 job = {"name": "sim", "cards": 4, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_cost_s": 30,
                        "checkpoint_interval_min": 10}
@@ -524,7 +527,10 @@ async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_c
                 card_h = line["cards"] * (line["end_at"] - line["start_at"]) / 3600
                 assert abs(card_h - vf["card_hours"]) < 1e-5  # billed what metering measured
                 assert cf["charged_fen"] == round(card_h * 1000)  # no quote: metered at the offer, uncapped
-                status, st, _ = await op.call("GET", "/v1/statements?account=provider:xirang-7")
+                status, st, _ = await xirang.call("GET", "/v1/statements")  # its own, with its own key
+                assert status == 200 and st["account"] == "provider:xirang-7", st
+                status, via_admin, _ = await op.call("GET", "/v1/statements?account=provider:xirang-7")
+                assert via_admin == st
                 earned = sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "earning")
                 commission = -sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "commission")
                 assert earned == cf["charged_fen"] and commission == (earned + 5) // 10, st  # 10 %, half up
