@@ -91,6 +91,13 @@ def key_state(row: dict[str, Any], now: float) -> str:
 def _key_view(row: tuple[Any, ...], now: float) -> dict[str, Any]:
     view = dict(zip(KEY_FIELDS, row))
     view["state"] = key_state(view, now)
+    return _shown(view)
+
+
+def _shown(view: dict[str, Any]) -> dict[str, Any]:
+    """A key's view as answered: a provider key's owner is ``provider_id`` (its tenant_id column)."""
+    if view.get("role") == "provider":
+        view["provider_id"], view["tenant_id"] = view["tenant_id"], None
     return view
 
 
@@ -134,7 +141,7 @@ def revoke_key_id(db: sqlite_utils.Database, key_id: str, *, role: str, tenant_i
             row["revoked_at"] = now
     view = dict(row)
     view["state"] = key_state(view, now)
-    return digest, view
+    return digest, _shown(view)
 
 
 def rotate_key_id(db: sqlite_utils.Database, key_id: str, new_key: str, *, role: str, tenant_id: str | None, now: float,
@@ -159,7 +166,7 @@ def rotate_key_id(db: sqlite_utils.Database, key_id: str, new_key: str, *, role:
             row["expires_at"] = until
     view = dict(row)
     view["state"] = key_state(view, now)
-    return digest, principal, view
+    return digest, principal, _shown(view)
 
 
 def load_keys(db: sqlite_utils.Database, *, now: float | None = None) -> list[auth.Principal]:

@@ -362,6 +362,7 @@ def test_provider_keys_from_the_cli_and_the_rebuilt_table_keeps_old_keys(tmp_pat
 
     [row] = [json.loads(line) for line in cpn("key", "list", "--provider", "xirang-7", "--db", db).stdout.splitlines()]
     assert row["role"] == "provider" and row["state"] == "active"
+    assert row["provider_id"] == "xirang-7" and row["tenant_id"] is None
     assert cpn("key", "list", "--provider", "westgrid", "--db", db).stdout == ""
     from controlplane.store import tenants
 

@@ -211,7 +211,7 @@ async def test_a_provider_key_manages_only_its_own_pools_offers_and_reads_only_i
 
     # Revoked like any key.
     status, listed, _ = await admin.call("GET", "/v1/providers/xirang-7/keys")
-    assert [k["id"] for k in listed["data"]] == [issued["id"]], listed
+    assert [(k["id"], k["provider_id"], k["tenant_id"]) for k in listed["data"]] == [(issued["id"], "xirang-7", None)]
     status, _, _ = await admin.call("DELETE", f"/v1/providers/xirang-7/keys/{issued['id']}")
     assert status == 200
     status, body, _ = await xirang.call("GET", "/v1/statements")
