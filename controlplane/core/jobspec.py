@@ -59,6 +59,9 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The chosen option's accelerator (the market fills it in when it binds the quote)."""
     pools: tuple[str, ...] = ()
     """Allowed pools; empty allows all (the market pins a job submitted against a quote to its pool)."""
+    budget_hold_fen: int = 0
+    """What the market holds against the tenant's budget while the job lives (its most-it-can-cost,
+    set when the job is accepted; never from the body): ``market/budgets.py`` Rule 4."""
 
     @property
     def workload(self) -> str:

@@ -13,11 +13,19 @@ What this module promises:
   with ``held_fen`` refuses when ``spent + held + incoming`` would exceed the limit, so requests in
   flight together can never overshoot the budget (each one's hold is released once its actual
   usage is counted in ``spent``, which is never more than its hold).
+- Rule 4 (training): a job accepted holds its most-it-can-cost until it ends: :func:`training_hold`
+  is the quote's maximum when submitted against a quote, else the largest maximum among the
+  feasible priced placements (the most expensive offer it could land on), else nothing (no pool
+  could price it). While the job lives, :func:`job_hold_fen` is what it still holds: that maximum
+  less what its attempts have been charged so far (those are in ``spent``), never below 0; once
+  it ended, 0. So spent + held never counts a fen twice, and a job billed past its hold (an
+  unquoted job that ran longer than estimated) holds nothing more.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -54,6 +62,35 @@ class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True):
     message: str = ""
     held_fen: int = 0
     """Held by work admitted and not yet charged (Rule 3)."""
+
+
+HoldBasis = Literal["quote", "most_expensive_offer"]
+
+
+class TrainingHold(msgspec.Struct, frozen=True, kw_only=True):
+    """What a job submission holds against its tenant's budget (Rule 4), and why that much."""
+
+    fen: int
+    basis: HoldBasis
+    """``quote``: the quote's maximum; ``most_expensive_offer``: the largest maximum among the
+    feasible placements priced by an offer in force."""
+
+
+def training_hold(quoted_max_fen: int | None, option_max_fens: Sequence[int]) -> TrainingHold | None:
+    """The hold of a job submission (Rule 4): the quote's maximum if it has one, else the largest of
+    its feasible priced options' maxima, else None (nothing could price it: nothing to hold)."""
+    if quoted_max_fen is not None:
+        return TrainingHold(fen=max(0, int(quoted_max_fen)), basis="quote")
+    if not option_max_fens:
+        return None
+    return TrainingHold(fen=max(0, max(int(f) for f in option_max_fens)), basis="most_expensive_offer")
+
+
+def job_hold_fen(hold_fen: int, charged_fen: int, ended: bool) -> int:
+    """What a job still holds (Rule 4): its hold less what it was charged so far, 0 once ended."""
+    if ended:
+        return 0
+    return max(0, hold_fen - max(0, charged_fen))
 
 
 def budget_problem(budget: Budget) -> str | None:
@@ -94,7 +131,7 @@ def check(budget: Budget, spent_fen: int, incoming_fen: int, held_fen: int = 0) 
     figures = dict(tenant=budget.tenant, limit_fen=limit, spent_fen=spent_fen, incoming_fen=incoming_fen,
                    remaining_fen=limit - before, used_pct=_pct(after, limit), held_fen=held_fen)
     if after > limit:
-        held = f", {money.cny_text(held_fen)} CNY held by requests in flight" if held_fen else ""
+        held = f", {money.cny_text(held_fen)} CNY held by work in flight" if held_fen else ""
         return BudgetDecision(
             verdict="refuse", **figures,  # type: ignore[arg-type]
             message=(f"budget exceeded: {money.cny_text(spent_fen)} of {money.cny_text(limit)} CNY spent this "

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from controlplane.core import placement
+from controlplane.core import lifecycle, placement
 from controlplane.core.clock import Clock
 from controlplane.core.errors import Conflict, Forbidden, NotFound, Refused, RequestError, Unprocessable
 from controlplane.core.jobspec import JobSpec
@@ -91,6 +91,9 @@ class MarketService:
         """(tenant, period) -> (start, end, fen): the ledger part of what the tenant spent in the
         period [start, end). Every ledger post of this process clears it, as does :meth:`refresh`
         (at most a second apart): the gate reads SQLite once per tenant per post, not per request."""
+        self._job_held: dict[str, int] = {}
+        """Tenant -> what its accepted, unfinished jobs hold (``budgets`` Rule 4), cleared with
+        ``_spent`` (every post, every refresh, every submission checked here)."""
         self._loaded_at = -1e18
         self._flushes = 0
         self.counters = {"refused_filing": 0, "refused_budget": 0, "usage_lines": 0, "attempts_billed": 0,
@@ -117,6 +120,7 @@ class MarketService:
         self._tenants = billing.tenants(self.db)
         self._offers = records.list_offers(self.db)
         self._spent.clear()
+        self._job_held.clear()
         self._loaded_at = self.clock.monotonic()
 
     def _fresh(self) -> None:
@@ -232,7 +236,8 @@ class MarketService:
         now = self.clock.time()
         start, end = budgets.period_bounds(b.period, now)
         body = views.budget_standing_body(budgets.standing(b, self.spent_fen(b.tenant, b.period, now)), b.period)
-        return {**body, "period_start": start, "period_end": end}
+        return {**body, "held_fen": self.held_fen(b.tenant), "jobs_held_fen": self.jobs_held_fen(b.tenant),
+                "period_start": start, "period_end": end}
 
     def put_tenant(self, tenant: str, *, public_facing: bool, filing_number: str = "") -> dict[str, Any]:
         """Mark a tenant public-facing or internal; ``filing_number`` is the tenant's own service
@@ -279,7 +284,8 @@ class MarketService:
         if budget is not None:
             incoming = catalogue.estimate_request_fen(model, prompt_bound(req), max(0, req.max_tokens))
             held = self._held.get(tenant, 0)
-            decision = budgets.check(budget, self.spent_fen(tenant, budget.period, now), incoming, held)
+            decision = budgets.check(budget, self.spent_fen(tenant, budget.period, now), incoming,
+                                     held + self.jobs_held_fen(tenant))
             if decision.verdict == "refuse":
                 self.counters["refused_budget"] += 1
                 raise Refused(402, views.budget_exceeded_body(decision, budget.period))
@@ -305,8 +311,22 @@ class MarketService:
             self._held.pop(tenant, None)
 
     def held_fen(self, tenant: str) -> int:
-        """What ``tenant``'s requests in flight hold against its budget."""
-        return self._held.get(tenant, 0)
+        """What ``tenant``'s requests in flight (at this process) and its unfinished jobs hold
+        against its budget."""
+        return self._held.get(tenant, 0) + self.jobs_held_fen(tenant)
+
+    def jobs_held_fen(self, tenant: str) -> int:
+        """What ``tenant``'s accepted, unfinished jobs still hold (``budgets`` Rule 4): each one's
+        hold less what its attempts were charged so far (read from the record, cached until the
+        next post or refresh)."""
+        hit = self._job_held.get(tenant)
+        if hit is not None:
+            return hit
+        ended = {s.value for s in lifecycle.TERMINAL}
+        held = sum(budgets.job_hold_fen(hold, charged, False)
+                   for _, hold, charged in billing.job_holds(self.db, tenant, ended))
+        self._job_held[tenant] = held
+        return held
 
     def spent_fen(self, tenant: str, period: budgets.Period, now: float) -> int:
         """What ``tenant`` spent this period: its ledger entries plus its usage not flushed yet,
@@ -347,6 +367,7 @@ class MarketService:
                 if isinstance(result, ledger.Conflict):
                     raise RuntimeError(f"ledger conflict posting a usage flush: {result}")
             self._spent.clear()
+            self._job_held.clear()
         self.counters["usage_lines"] += len(lines)
 
     # ------------------------------------------------------------------ training
@@ -383,6 +404,7 @@ class MarketService:
             ledger_store.post(db, postings.attempt_transaction(row.tenant, row.id, priced, share, quote_id=quote_id,
                                                                fees=self.fees))
             self._spent.clear()
+            self._job_held.clear()
         self.counters["attempts_billed"] += 1
 
     def _quoted_option(self, row: JobRow) -> quotes.QuoteOption | None:
@@ -444,9 +466,10 @@ class MarketService:
             Refused: the quote expired (410) or has no such option (409); the budget (402).
         """
         quote_id = spec.quote_id
+        spec = msgspec.structs.replace(spec, budget_hold_fen=0)  # set here only, never from a body
         if quote_id is None:
-            self._check_budget(tenant, now, lambda: self._cheapest_max(tenant, spec, now))
-            return spec
+            hold = self._check_budget(tenant, now, lambda: self._unquoted_hold(tenant, spec, now))
+            return msgspec.structs.replace(spec, budget_hold_fen=hold.fen) if hold is not None else spec
         q = records.quote(self.db, quote_id, tenant)
         if q is None:
             raise NotFound(f"quote {quote_id!r} not found", field="quote_id")
@@ -459,25 +482,32 @@ class MarketService:
                                 tenant, now)
         if isinstance(verdict, quotes.QuoteRefused):
             raise Refused(views.quote_refused_status(verdict), views.quote_refused_body(verdict))
-        self._check_budget(tenant, now, lambda: verdict.max_fen)
+        hold = self._check_budget(tenant, now, lambda: budgets.training_hold(verdict.max_fen, ()))
         return msgspec.structs.replace(spec, quote_pool=verdict.pool, quote_accelerator=verdict.accelerator,
-                                       pools=(verdict.pool,), accelerators=(verdict.accelerator,))
+                                       pools=(verdict.pool,), accelerators=(verdict.accelerator,),
+                                       budget_hold_fen=hold.fen if hold is not None else 0)
 
-    def _cheapest_max(self, tenant: str, spec: JobSpec, now: float) -> int | None:
+    def _unquoted_hold(self, tenant: str, spec: JobSpec, now: float) -> budgets.TrainingHold | None:
         q = self._price(tenant, spec, now, quote_id="budget-check")
-        return q.options[0].max_fen if q.options else None
+        return budgets.training_hold(None, [o.max_fen for o in q.options])
 
-    def _check_budget(self, tenant: str, now: float, incoming: Any) -> None:
+    def _check_budget(self, tenant: str, now: float, incoming: Any) -> budgets.TrainingHold | None:
+        """Refuse (402) a submission whose hold does not fit; the hold to keep with the job (None:
+        the tenant has no budget, or nothing could price the job)."""
         b = records.budget(self.db, tenant)
         if b is None:
-            return
-        fen = incoming()
-        if fen is None:
-            return
-        decision = budgets.check(b, self.spent_fen(tenant, b.period, now), fen, self.held_fen(tenant))
+            return None
+        hold: budgets.TrainingHold | None = incoming()
+        if hold is None:
+            return None
+        decision = budgets.check(b, self.spent_fen(tenant, b.period, now), hold.fen, self.held_fen(tenant))
         if decision.verdict == "refuse":
             self.counters["refused_budget"] += 1
-            raise Refused(402, views.budget_exceeded_body(decision, b.period))
+            body = views.budget_exceeded_body(decision, b.period)
+            body["budget"]["incoming_basis"] = hold.basis
+            raise Refused(402, body)
+        self._job_held.pop(tenant, None)  # the job about to be stored holds this from now on
+        return hold
 
     # ------------------------------------------------------------------ statements and checks
 

@@ -18,12 +18,14 @@ import aiohttp
 import pytest
 
 from controlplane import cli
+from controlplane.core.errors import Refused
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
 from controlplane.services.market import MarketService
 from controlplane.market import offers
 from controlplane.store.market import billing, records
 from controlplane.store.market import ledger as ledger_store
+from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, BusConfig, ExecutorsConfig, ModelConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub, services_of
@@ -563,3 +565,81 @@ def _job(hub: Hub, job_id: str) -> Any:
     from controlplane.store import jobs as store_jobs
 
     return store_jobs.get_job(hub.db, job_id)
+
+
+async def test_accepted_jobs_hold_their_maximum_against_the_budget_until_billed_or_ended(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """budgets Rule 4 over HTTP: a job accepted holds its most-it-can-cost (a quoted job: the
+    quote's maximum; an unquoted one: the largest maximum among the feasible priced placements)
+    until it ends, so the next submission that would pass the budget with it is refused 402 with
+    the figures; once the job is cancelled (its attempt billed) only what it was charged counts."""
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:  # real time: jobs run for an hour
+        admin = hub.create_admin_key("test")
+        key = hub.create_tenant("acme", default_origin="hangzhou")
+        agents = [_training_agent("sh-hub", "shanghai", 8, nats_server.url, tmp_path),
+                  _training_agent("hz-edge", "hangzhou", 4, nats_server.url, tmp_path)]
+        try:
+            for a in agents:
+                await a.start()
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.registered
+                                    for s in ("sh-hub", "hz-edge")), 10, "agents registered")
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{hub.http_port}"
+                op, acme = Client(session, base, admin), Client(session, base, key)
+                for pool, fen in (("sh-hub", 3000), ("hz-edge", 1000)):
+                    status, body, _ = await op.call("POST", "/v1/market/offers", {
+                        "id": f"{pool}-910b", "pool": pool, "provider": "cpn-operator", "accelerator": "910B",
+                        "fen_per_card_hour": fen, "valid_from": 0})
+                    assert status == 201, body
+                job = {"name": "sim", "cards": 4, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_cost_s": 30,
+                       "checkpoint_interval_min": 10}
+                status, quote, _ = await acme.call("POST", "/v1/quotes", job)
+                assert status == 201, quote
+                hz, sh = sorted(quote["options"], key=lambda o: o["max_fen"])
+                assert (hz["pool"], sh["pool"]) == ("hz-edge", "sh-hub") and hz["max_fen"] < sh["max_fen"]
+                limit = sh["max_fen"] + hz["max_fen"]
+                assert (await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": limit}))[0] == 200
+
+                # A job against the quote's hz-edge option holds the quote's maximum.
+                status, first, _ = await acme.call("POST", "/v1/jobs", {**job, "quote_id": quote["id"],
+                                                                          "quote_pool": "hz-edge"})
+                assert status == 201, first
+                assert _job(hub, first["id"]).spec.budget_hold_fen == hz["max_fen"]
+                status, budget, _ = await op.call("GET", "/v1/tenants/acme/budget")
+                assert (budget["spent_fen"], budget["jobs_held_fen"]) == (0, hz["max_fen"]), budget
+                # An unquoted job may land on sh-hub, the dearest offer: it needs sh's maximum, which fits
+                # exactly (hz + sh = the limit) ...
+                status, second, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 201, second
+                assert _job(hub, second["id"]).spec.budget_hold_fen == sh["max_fen"]
+                # ... and a third one does not: 402 with the figures, held included.
+                status, body, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 402, body
+                assert body["error"]["code"] == "budget_exceeded" and "held by work in flight" in body["error"]["message"]
+                figures = body["budget"]
+                assert (figures["limit_fen"], figures["spent_fen"], figures["held_fen"], figures["incoming_fen"],
+                        figures["incoming_basis"]) == (limit, 0, limit, sh["max_fen"], "most_expensive_offer"), figures
+                # So is an inference request of the same tenant: nothing is left while both jobs live.
+                assert (await op.call("PUT", "/v1/market/models/chat", MODEL))[0] == 200
+                market_of(hub).refresh()
+                with pytest.raises(Refused) as refused:
+                    market_of(hub).admit(wire.InferRequest(request_id="r1", tenant="acme", model="chat", prompt="hi",
+                                                           max_tokens=1), time.time())
+                assert refused.value.status == 402 and refused.value.body["budget"]["held_fen"] == limit
+
+                # Cancelled: the jobs' attempts are billed (a few seconds of 4 cards at most) and
+                # their holds released; only what they were charged still counts.
+                for j in (first["id"], second["id"]):
+                    status, body, _ = await acme.call("DELETE", f"/v1/jobs/{j}")
+                    assert status == 200, body
+                status, budget, _ = await op.call("GET", "/v1/tenants/acme/budget")
+                charged = 0
+                for j in (first["id"], second["id"]):
+                    charged += (await acme.call("GET", f"/v1/jobs/{j}/charges"))[1]["charged_fen"]
+                assert (budget["jobs_held_fen"], budget["held_fen"], budget["spent_fen"]) == (0, 0, charged), budget
+                assert charged < hz["max_fen"]
+                status, third, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 201, third
+        finally:
+            for a in agents:
+                await a.stop()

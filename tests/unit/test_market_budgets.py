@@ -73,7 +73,7 @@ def test_holds_count_against_the_limit_with_what_was_spent() -> None:
     assert budgets.check(b, 600, 300).verdict != "refuse"
     refused = budgets.check(b, 600, 300, held_fen=200)  # 600 + 200 + 300 > 1000
     assert refused.verdict == "refuse" and refused.held_fen == 200 and refused.remaining_fen == 200
-    assert "2.00 CNY held by requests in flight" in refused.message and "2.00 CNY remain" in refused.message
+    assert "2.00 CNY held by work in flight" in refused.message and "2.00 CNY remain" in refused.message
     assert budgets.check(b, 600, 200, held_fen=200).verdict in ("allow", "warn")  # exactly the limit
     with pytest.raises(ValueError, match="held_fen must be >= 0"):
         budgets.check(b, 0, 1, held_fen=-1)
@@ -96,3 +96,35 @@ def test_requests_admitted_together_never_overshoot_the_limit(limit: int, reques
         spent += actual
         assert spent + held <= limit
     assert spent <= limit
+
+
+def test_a_training_hold_is_the_quotes_maximum_else_the_most_expensive_feasible_offers() -> None:
+    assert budgets.training_hold(700, [100, 900]) == budgets.TrainingHold(fen=700, basis="quote")
+    assert budgets.training_hold(None, [100, 900, 300]) == budgets.TrainingHold(fen=900, basis="most_expensive_offer")
+    assert budgets.training_hold(None, []) is None        # nothing could price it: nothing to hold
+
+
+def test_a_job_holds_its_maximum_less_what_it_was_charged_until_it_ends() -> None:
+    assert budgets.job_hold_fen(900, 0, False) == 900
+    assert budgets.job_hold_fen(900, 400, False) == 500
+    assert budgets.job_hold_fen(900, 1200, False) == 0     # billed past its hold (unquoted, ran longer)
+    assert budgets.job_hold_fen(900, 400, True) == 0       # ended: released
+
+
+@given(limit=st.integers(0, 10_000), maxima=st.lists(st.integers(0, 5_000), max_size=12),
+       charged_pct=st.lists(st.integers(0, 100), min_size=12, max_size=12))
+def test_jobs_accepted_while_their_holds_fit_never_commit_more_than_the_limit(
+        limit: int, maxima: list[int], charged_pct: list[int]) -> None:
+    """Rule 4: each job is accepted only if spent + held + its maximum fits; whatever part of its
+    maximum each accepted job has been charged so far, spent + what they still hold stays within
+    the limit (a charge moves fen from held to spent, it never adds)."""
+    b = budgets.Budget(tenant="t", limit_fen=limit)
+    accepted: list[int] = []
+    for m in maxima:
+        held = sum(budgets.job_hold_fen(x, 0, False) for x in accepted)
+        if budgets.check(b, 0, m, held).verdict != "refuse":
+            accepted.append(m)
+    charged = [x * p // 100 for x, p in zip(accepted, charged_pct)]
+    spent = sum(charged)
+    held = sum(budgets.job_hold_fen(x, c, False) for x, c in zip(accepted, charged))
+    assert spent + held == sum(accepted) <= limit
