@@ -5,11 +5,13 @@ What these prove (each failed when the market's tables were local to each proces
 posted at hub A are in the statement, totals and reconciliation read at hub B, and the other way
 round; a budget set at A is enforced at B against what A charged; an offer published at the
 process that does not lead is priced by the leader's placement, and withdrawn there too; a usage
-flush of more lines than one record batch takes lands whole.
+flush of more lines than one record batch takes lands whole; a job accepted at A holds the
+tenant's budget at B until it ends.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -20,6 +22,7 @@ import pytest
 
 from controlplane.core import placement
 from controlplane.core.errors import Refused
+from controlplane.core.jobspec import JobSpec
 from controlplane.hub import Hub
 from controlplane.store.market import ledger as ledger_store
 from edge_agent import wire
@@ -142,3 +145,28 @@ async def test_an_offer_published_away_from_the_leader_is_priced_by_its_placemen
     await until(lambda: priced() == {"910B": (12.34,) * 24}, 5, "the leader pricing the offer")
     assert (await follower_admin.call("DELETE", "/v1/market/offers/hz-day"))[0] == 200
     await until(lambda: priced() == {}, 5, "the withdrawal at the leader")
+
+
+async def test_a_job_accepted_at_one_hub_holds_the_budget_at_the_other_until_it_ends(two) -> None:  # type: ignore[no-untyped-def]
+    """Jobs' holds are in the record (in the job's stored spec): a job accepted at A holding 700 fen
+    leaves 300 of a 1000 fen budget at B; cancelled at A, it holds nothing at B."""
+    a, b, admin_a, _, _ = two
+    assert (await admin_a.call("PUT", "/v1/market/models/chat", MODEL))[0] == 200
+    assert (await admin_a.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 1000}))[0] == 200
+    spec = JobSpec(cards=1, accelerators=("910B",), est_hours=1.0, budget_hold_fen=700)
+    job, _ = services_of(a).training.submit("acme", spec, None, "h1", time.time())
+    market_b = services_of(b).market
+
+    def held_at_b() -> int:
+        market_b.refresh()
+        return market_b.jobs_held_fen("acme")
+
+    await until(lambda: held_at_b() == 700, 5, "A's job holding at B")
+    needs_400 = wire.InferRequest(request_id="r1", tenant="acme", model="chat", prompt="x" * 396, max_tokens=2)
+    with pytest.raises(Refused) as refused:
+        market_b.admit(needs_400, time.time())
+    assert refused.value.body["budget"]["held_fen"] == 700 and refused.value.body["budget"]["incoming_fen"] == 400
+    services_of(a).training.cancel(job.id, "acme", time.time())
+    await until(lambda: held_at_b() == 0, 5, "the cancelled job's hold released at B")
+    market_b.admit(needs_400, time.time())
+    market_b.release("r1")
