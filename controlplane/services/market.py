@@ -24,6 +24,14 @@ It asks the pure market (``controlplane/market/``) and writes its record (``stor
   which includes the owner's energy); pools without one are still priced by their energy.
 - **Quotes** (:meth:`MarketService.quote`, :meth:`MarketService.bind_quote`) and statements,
   totals and the reconciliation for the operator.
+- **Holds** (``budgets`` Rules 3-4): an admitted request holds its most-it-can-cost in this
+  process's memory until its answer is done; an accepted job holds its own (the quote's maximum,
+  else the most expensive feasible offer's) in its stored spec, less what it was charged, until
+  it ends. Every check counts spent + both holds.
+
+With several hub processes (``record = "nats"``) everything this service writes is in the
+replicated record (``store/replica.py``), so statements, budgets, offers and jobs' holds are the
+same at every process; only requests' holds are per process (docs/market.md, "Budgets").
 """
 
 from __future__ import annotations
