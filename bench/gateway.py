@@ -11,7 +11,8 @@ the ratios are what this benchmark is for, each the median of paired floor/hub r
 (architecture §10, 32 connections): p50 ≤ 1.25× the floor, throughput ≥ 0.8× the floor.
 
 ``cpn bench gateway --peers`` is the other half (bench/peers.py): cpn next to vllm-router and
-sglang-router in front of one fast mock OpenAI backend.
+sglang-router in front of one fast mock OpenAI backend. ``cpn bench gateway --market``
+(bench/gate.py) measures what the market's gate adds to a request on this path.
 """
 
 from __future__ import annotations
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import peers
 
         return peers.main([a for a in argv if a != "--peers"])
+    if argv and "--market" in argv:  # the market gate's cost on this path (bench/gate.py)
+        from bench import gate
+
+        return gate.main([a for a in argv if a != "--market"])
     p = argparse.ArgumentParser(prog="cpn bench gateway")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--rounds", type=int, default=5)

@@ -33,6 +33,15 @@ def rows() -> list[tuple[str, str, str, str]]:
                         f"{q['throughput']}× (ratios: median of {len(q.get('rounds_p50', [])) or 'the'} paired rounds)",
                         "p50 ≤ 1.25×, throughput ≥ 0.8× (architecture §10: 32 conns)" if c > 1 else "same ratios, held at 1 conn too",
                         f"{g['machine']}, {g['date']}"))
+    mg = _load("gate")
+    if mg:
+        ip = mg.get("in_process") or {}
+        out.append(("market gate on the inference path (`cpn bench gateway --market`)",
+                    f"the gate alone (admit + release, in process) {ip.get('on_us', '?')} µs CPU per request on vs "
+                    f"{ip.get('off_us', '?')} off; the whole path through the hub +{mg['gate_cpu_us_per_request']} µs "
+                    f"hub CPU per request ({mg['on']['hub_cpu_us_per_request']} vs {mg['off']['hub_cpu_us_per_request']} µs; "
+                    f"median of {len(mg['rounds_gate_cpu_us'])} paired rounds {mg['rounds_gate_cpu_us']})",
+                    "small next to the request's own CPU", f"{mg['machine']}, {mg['date']}"))
     s = _load("scheduler")
     if s:
         mem = s.get("in_memory_decisions_per_s") or s.get("decisions_per_s_memory")

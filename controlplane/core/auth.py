@@ -33,17 +33,34 @@ SHOWN_SECRET_CHARS = 4
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: an admin (operator) or a tenant, and with which key."""
+    """Who is calling: an admin (operator), a tenant or a third-party provider, and with which key.
+    A provider's key has no tenant (``tenant_id`` None): it manages its own pools' offers and reads
+    its own statement, nothing else (docs/market.md)."""
 
-    role: str  # "admin" | "tenant"
+    role: str  # "admin" | "tenant" | "provider"
     tenant_id: str | None
     key_hash: str
     key_id: str = ""
     expires_at: float | None = None
+    provider_id: str | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def is_provider(self) -> bool:
+        return self.role == "provider"
+
+
+def principal_of(role: str, owner: str | None, key_hash: str, key_id: str = "",
+                 expires_at: float | None = None) -> Principal:
+    """The principal of a stored key whose owner column holds ``owner`` (a tenant's id, a
+    provider's id for a provider key, None for an admin key)."""
+    if role == "provider":
+        return Principal(role=role, tenant_id=None, key_hash=key_hash, key_id=key_id, expires_at=expires_at,
+                         provider_id=owner)
+    return Principal(role=role, tenant_id=owner, key_hash=key_hash, key_id=key_id, expires_at=expires_at)
 
 
 def new_key(prefix: str) -> str:

@@ -13,7 +13,7 @@ Promises:
   values left out) and ignores fields it does not know (a newer hub's rows stay readable); what
   it cannot read is an ``Unprocessable`` naming the field.
 - :meth:`JobSpec.public` is the spec as the API shows it (``GET /v1/jobs/{job}`` ``spec``): the
-  fields with a value (``pools`` only when set).
+  fields with a value (``pools`` and ``budget_hold_fen`` only when set).
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     prefer: placement.Prefer | None = None
     """``time`` / ``cost`` / None: whether the job may wait for a cheaper tariff window
     (``placement.JobSpec.prefer``)."""
+    budget_hold_fen: int = 0
+    """What the market holds against the tenant's budget while the job lives (its most-it-can-cost,
+    set when the job is accepted; never from the body): ``market/budgets.py`` Rule 4."""
 
     @property
     def workload(self) -> str:
@@ -90,12 +93,15 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def public(self) -> dict[str, Any]:
         """The spec as the API shows it: every field with a value (None left out; tuples are JSON lists);
-        ``pools`` only when the market pinned the job (the body as posted has no such field, so a
-        spec straight from the body gives the body's own fields: ``gateway.jobs.body_hash``)."""
+        ``pools`` only when the market pinned the job and ``budget_hold_fen`` only when it holds
+        budget (the body as posted has no such fields, so a spec straight from the body gives the
+        body's own fields: ``gateway.jobs.body_hash``)."""
         return {k: v for k, v in msgspec.to_builtins(self).items()
-                if v is not None and not (k == "pools" and not v)}
+                if v is not None and not (k in _MARKET_FILLED and not v)}
 
 
+_MARKET_FILLED = frozenset({"pools", "budget_hold_fen"})
+"""Fields the market fills in (never from the body): shown only when set."""
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(JobSpec)
 

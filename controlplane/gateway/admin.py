@@ -55,9 +55,13 @@ async def list_tenants(request: web.Request) -> web.Response:
 
 
 def _key_scope(request: web.Request) -> tuple[str, str | None]:
-    """(role, tenant) of the keys a path names: ``/v1/tenants/{tenant}/keys...`` or ``/v1/admin/keys...``."""
+    """(role, owner) of the keys a path names: ``/v1/tenants/{tenant}/keys...``,
+    ``/v1/providers/{provider}/keys...`` (a third-party provider's, docs/market.md) or ``/v1/admin/keys...``."""
     tenant = request.match_info.get("tenant")
-    return ("tenant", tenant) if tenant is not None else ("admin", None)
+    if tenant is not None:
+        return "tenant", tenant
+    provider = request.match_info.get("provider")
+    return ("provider", provider) if provider is not None else ("admin", None)
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -116,6 +120,14 @@ OPERATIONS = [
        tags=("operator",)),
     Op("POST", "/v1/admin/keys/{key_id}/rotate", "Replace an admin key; the old one works grace_s longer",
        body=RotateKeyBody, status=201, auth="admin", tags=("operator",)),
+    Op("GET", "/v1/providers/{provider}/keys", "A third-party provider's API keys (ids, prefixes, times)", auth="admin",
+       tags=("operator", "market")),
+    Op("POST", "/v1/providers/{provider}/keys", "Issue a key for a third-party provider: its pools' offers and "
+       "its statement only", body=KeyBody, status=201, auth="admin", tags=("operator", "market")),
+    Op("DELETE", "/v1/providers/{provider}/keys/{key_id}", "Revoke a provider's key now", auth="admin",
+       tags=("operator", "market")),
+    Op("POST", "/v1/providers/{provider}/keys/{key_id}/rotate", "Replace a provider's key; the old one works grace_s "
+       "longer", body=RotateKeyBody, status=201, auth="admin", tags=("operator", "market")),
 ]
 
 
@@ -125,7 +137,7 @@ def add_routes(routes: Routes) -> None:
     routes.add_post("/v1/sites/{site}/drain", drain_site)
     routes.add_post("/v1/tenants", create_tenant)
     routes.add_get("/v1/tenants", list_tenants)
-    for base in ("/v1/tenants/{tenant}/keys", "/v1/admin/keys"):
+    for base in ("/v1/tenants/{tenant}/keys", "/v1/admin/keys", "/v1/providers/{provider}/keys"):
         routes.add_get(base, list_keys)
         routes.add_post(base, create_key)
         routes.add_delete(base + "/{key_id}", revoke_key)

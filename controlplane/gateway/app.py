@@ -154,19 +154,21 @@ def _log_level(status: int) -> int:
     return logging.WARNING if status >= 500 else logging.DEBUG
 
 
-def guarded(services: Services, handler: Handler, route: str, *, public: bool) -> Handler:
+def guarded(services: Services, handler: Handler, route: str, *, public: bool, providers: bool = False) -> Handler:
     """``handler`` inside the gateway's request guard.
 
     The guard gives every request an id, checks the API key and the tenant's rate limit (unless
     ``public``), turns every error into the one error shape, and counts the request and its
     latency under ``route``. Each handler is wrapped once at start-up: per request this costs less
-    than an aiohttp middleware, which adds two coroutine layers to every call.
+    than an aiohttp middleware, which adds two coroutine layers to every call. A provider's key
+    is refused (403) everywhere but on routes added with ``providers=True``.
     """
     authenticate = services.tenancy.authenticate
     ids = services.request_ids
     observe = services.metrics.observe_http
     limit = services.tenancy.rate_limit
     max_body_bytes = services.config.max_body_bytes
+    release = services.market.release  # a request's budget hold ends with its answer (docs/market.md)
     perf_counter = time.perf_counter  # request latency for metrics only, never a decision
 
     async def guard(request: web.Request) -> web.StreamResponse:
@@ -186,6 +188,8 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool) -
                 found = authenticate(key)
                 if found is None:
                     raise Unauthorized("invalid API key")
+                if found.provider_id is not None and not providers:
+                    raise Forbidden("a provider key may only manage its own pools' offers and read its statement")
                 request[PRINCIPAL] = found
                 limit(found)
             response = await handler(request)
@@ -219,6 +223,7 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool) -
             log.exception("event=internal_error request_id=%s client_request_id=%s path=%s", rid, echo, request.path)
             return error_response(500, f"internal error; quote request id {rid}", code="internal_error", request_id=echo)
         finally:
+            release(rid)
             elapsed = perf_counter() - started
             observe(route, status, elapsed)
             if status >= 500 or log.isEnabledFor(logging.DEBUG):
@@ -239,14 +244,14 @@ class Routes:
         self.app = app
         self.services = services
 
-    def add_get(self, path: str, handler: Handler, *, public: bool = False) -> None:
-        self.app.router.add_get(path, guarded(self.services, handler, path, public=public))
+    def add_get(self, path: str, handler: Handler, *, public: bool = False, providers: bool = False) -> None:
+        self.app.router.add_get(path, guarded(self.services, handler, path, public=public, providers=providers))
 
-    def add_post(self, path: str, handler: Handler) -> None:
-        self.app.router.add_post(path, guarded(self.services, handler, path, public=False))
+    def add_post(self, path: str, handler: Handler, *, providers: bool = False) -> None:
+        self.app.router.add_post(path, guarded(self.services, handler, path, public=False, providers=providers))
 
-    def add_delete(self, path: str, handler: Handler) -> None:
-        self.app.router.add_delete(path, guarded(self.services, handler, path, public=False))
+    def add_delete(self, path: str, handler: Handler, *, providers: bool = False) -> None:
+        self.app.router.add_delete(path, guarded(self.services, handler, path, public=False, providers=providers))
 
     def add_put(self, path: str, handler: Handler) -> None:
         self.app.router.add_put(path, guarded(self.services, handler, path, public=False))

@@ -5,16 +5,19 @@ statements (tenant key; admins name the account). See docs/market.md.
 
     PUT    /v1/market/models/{model}      ModelBody -> 200 the new revision (admin)
     GET    /v1/market/models              the catalogue in force
-    POST   /v1/market/offers              OfferBody -> 201 (200 if the same offer was there) (admin)
-    GET    /v1/market/offers              ?pool=&provider= (admin)
-    DELETE /v1/market/offers/{offer}      withdraw now (admin)
+    POST   /v1/market/offers              OfferBody -> 201 (200 if the same offer was there) (admin, or
+                                          a provider key for its own pools; 422 ``provider`` if the
+                                          pool's declared provider is another)
+    GET    /v1/market/offers              ?pool=&provider= (admin; a provider key: its own)
+    DELETE /v1/market/offers/{offer}      withdraw now (admin; a provider key: its own)
     PUT    /v1/tenants/{tenant}/budget    BudgetBody -> 200 with where it stands (admin)
     GET    /v1/tenants/{tenant}/budget    (admin)
     PUT    /v1/tenants/{tenant}/market    TenantMarketBody: public_facing, filing_number (admin)
     GET    /v1/tenants/{tenant}/market    (admin)
     POST   /v1/quotes                     the /v1/jobs body -> 201 quote (tenant)
     GET    /v1/statements                 ?period=month|day&at=EPOCH | ?start=&end=; ?format=csv;
-                                          admins: ?account=tenant:ID|provider:ID|operator:NAME
+                                          admins: ?account=tenant:ID|provider:ID|operator:NAME;
+                                          a provider key: its own provider:ID
     GET    /v1/market/totals              ?period=&at= | ?start=&end= (admin)
     GET    /v1/market/reconcile           the ledger against billed lines × prices (admin)
     GET    /v1/jobs/{job}/charges         what a job cost and why (tenant)
@@ -28,7 +31,7 @@ from typing import Annotated, Literal
 import msgspec
 from aiohttp import web
 
-from controlplane.core.errors import NotFound, RequestError
+from controlplane.core.errors import Forbidden, NotFound, RequestError
 from controlplane.gateway.app import SERVICES, Routes, json_response, principal, read_body, require_admin, require_tenant
 from controlplane.gateway.jobs import JobBody, body_hash, normalise
 from controlplane.gateway.openapi import Op
@@ -136,8 +139,18 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": _market(request).models()})
 
 
+def _admin_or_provider(request: web.Request) -> str | None:
+    """None for an admin key, the provider's id for a provider key; 403 for anyone else."""
+    p = principal(request)
+    if p.provider_id is not None:
+        return p.provider_id
+    if not p.is_admin:
+        raise Forbidden("this endpoint needs an admin or a provider key")
+    return None
+
+
 async def post_offer(request: web.Request) -> web.Response:
-    require_admin(request)
+    provider = _admin_or_provider(request)
     body = await read_body(request, OfferBody)
     offer = offers.Offer(
         id=body.id, pool=body.pool, provider=body.provider, accelerator=body.accelerator,
@@ -146,19 +159,20 @@ async def post_offer(request: web.Request) -> web.Response:
                       for w in body.windows),
         min_lease_s=body.min_lease_s, valid_from=body.valid_from if body.valid_from is not None else _now(request),
         valid_until=body.valid_until)
-    view, new = _market(request).put_offer(offer)
+    view, new = _market(request).put_offer(offer, by_provider=provider)
     return json_response(view, status=201 if new else 200)
 
 
 async def list_offers(request: web.Request) -> web.Response:
-    require_admin(request)
-    data = _market(request).offers(pool=request.query.get("pool"), provider=request.query.get("provider"))
+    by = _admin_or_provider(request)
+    data = _market(request).offers(pool=request.query.get("pool"), provider=request.query.get("provider"),
+                                   by_provider=by)
     return json_response({"object": "list", "data": data})
 
 
 async def withdraw_offer(request: web.Request) -> web.Response:
-    require_admin(request)
-    return json_response(_market(request).withdraw_offer(request.match_info["offer"]))
+    by = _admin_or_provider(request)
+    return json_response(_market(request).withdraw_offer(request.match_info["offer"], by_provider=by))
 
 
 async def put_budget(request: web.Request) -> web.Response:
@@ -246,7 +260,12 @@ async def statements(request: web.Request) -> web.StreamResponse:
     """A tenant's statement for a period (admins: any account), as JSON or CSV."""
     p = principal(request)
     account = request.query.get("account")
-    if p.is_admin:
+    if p.provider_id is not None:
+        own = f"provider:{p.provider_id}"
+        if account is not None and account != own:
+            raise Forbidden(f"a provider key reads only its own statement ({own})", field="account")
+        account = own
+    elif p.is_admin:
         if not account or not ledger.ACCOUNT_RE.match(account):
             raise RequestError("admins name the account: ?account=tenant:ID, provider:ID or operator:NAME",
                                field="account")
@@ -314,15 +333,15 @@ OPERATIONS = [
 def add_routes(routes: Routes) -> None:
     routes.add_put("/v1/market/models/{model}", put_model)
     routes.add_get("/v1/market/models", list_models)
-    routes.add_post("/v1/market/offers", post_offer)
-    routes.add_get("/v1/market/offers", list_offers)
-    routes.add_delete("/v1/market/offers/{offer}", withdraw_offer)
+    routes.add_post("/v1/market/offers", post_offer, providers=True)
+    routes.add_get("/v1/market/offers", list_offers, providers=True)
+    routes.add_delete("/v1/market/offers/{offer}", withdraw_offer, providers=True)
     routes.add_put("/v1/tenants/{tenant}/budget", put_budget)
     routes.add_get("/v1/tenants/{tenant}/budget", get_budget)
     routes.add_put("/v1/tenants/{tenant}/market", put_tenant_market)
     routes.add_get("/v1/tenants/{tenant}/market", get_tenant_market)
     routes.add_post("/v1/quotes", create_quote)
-    routes.add_get("/v1/statements", statements)
+    routes.add_get("/v1/statements", statements, providers=True)
     routes.add_get("/v1/market/totals", totals)
     routes.add_get("/v1/market/reconcile", reconcile)
     routes.add_get("/v1/jobs/{job}/charges", job_charges)

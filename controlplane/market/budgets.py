@@ -9,12 +9,23 @@ What this module promises:
   the limit exactly is allowed (with the 100 % warning).
 - Rule 2: periods are calendar days or months in China local time (UTC+8): :func:`period_bounds`.
   A tenant without a budget is never refused (there is no :class:`Budget` to check).
+- Rule 3: work admitted but not yet charged is **held** at the most it can cost: :func:`check`
+  with ``held_fen`` refuses when ``spent + held + incoming`` would exceed the limit, so requests in
+  flight together can never overshoot the budget (each one's hold is released once its actual
+  usage is counted in ``spent``, which is never more than its hold).
+- Rule 4 (training): a job accepted holds its most-it-can-cost until it ends: :func:`training_hold`
+  is the quote's maximum when submitted against a quote, else the largest maximum among the
+  feasible priced placements (the most expensive offer it could land on), else nothing (no pool
+  could price it). While the job lives, :func:`job_hold_fen` is what it still holds: that maximum
+  less what its attempts have been charged so far (those are in ``spent``), never below 0; once
+  it ended, 0. So spent + held never counts a fen twice, and a job billed past its hold (an
+  unquoted job that ran longer than estimated) holds nothing more.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from fractions import Fraction
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -43,12 +54,43 @@ class BudgetDecision(msgspec.Struct, frozen=True, kw_only=True):
     spent_fen: int
     incoming_fen: int
     remaining_fen: int
-    """limit − spent (before the incoming work); may be negative after an over-cap adjustment."""
+    """limit − spent − held (before the incoming work); may be negative after an over-cap adjustment."""
     used_pct: int
     """(spent + incoming) / limit, whole percent rounded down (what a warning names)."""
     crossed_pct: tuple[int, ...] = ()
     """Thresholds this work reaches that spending so far had not."""
     message: str = ""
+    held_fen: int = 0
+    """Held by work admitted and not yet charged (Rule 3)."""
+
+
+HoldBasis = Literal["quote", "most_expensive_offer"]
+
+
+class TrainingHold(msgspec.Struct, frozen=True, kw_only=True):
+    """What a job submission holds against its tenant's budget (Rule 4), and why that much."""
+
+    fen: int
+    basis: HoldBasis
+    """``quote``: the quote's maximum; ``most_expensive_offer``: the largest maximum among the
+    feasible placements priced by an offer in force."""
+
+
+def training_hold(quoted_max_fen: int | None, option_max_fens: Sequence[int]) -> TrainingHold | None:
+    """The hold of a job submission (Rule 4): the quote's maximum if it has one, else the largest of
+    its feasible priced options' maxima, else None (nothing could price it: nothing to hold)."""
+    if quoted_max_fen is not None:
+        return TrainingHold(fen=max(0, int(quoted_max_fen)), basis="quote")
+    if not option_max_fens:
+        return None
+    return TrainingHold(fen=max(0, max(int(f) for f in option_max_fens)), basis="most_expensive_offer")
+
+
+def job_hold_fen(hold_fen: int, charged_fen: int, ended: bool) -> int:
+    """What a job still holds (Rule 4): its hold less what it was charged so far, 0 once ended."""
+    if ended:
+        return 0
+    return max(0, hold_fen - max(0, charged_fen))
 
 
 def budget_problem(budget: Budget) -> str | None:
@@ -65,33 +107,39 @@ def budget_problem(budget: Budget) -> str | None:
 def _pct(amount: int, limit: int) -> int:
     if limit == 0:
         return 100  # a zero budget is at its limit
-    return int(Fraction(amount * 100, limit))  # floor for amount >= 0
+    whole = abs(amount) * 100 // limit  # toward zero, as int(Fraction(amount * 100, limit))
+    return whole if amount >= 0 else -whole
 
 
-def check(budget: Budget, spent_fen: int, incoming_fen: int) -> BudgetDecision:
-    """May work estimated at ``incoming_fen`` go ahead when ``spent_fen`` is already spent this period?
+def check(budget: Budget, spent_fen: int, incoming_fen: int, held_fen: int = 0) -> BudgetDecision:
+    """May work estimated at ``incoming_fen`` go ahead when ``spent_fen`` is already spent this
+    period and ``held_fen`` is held by work admitted and not yet charged (Rule 3)?
 
     Raises:
-        ValueError: a figure is not an int of fen, or the incoming estimate is negative.
+        ValueError: a figure is not an int of fen, or the incoming estimate or the holds are negative.
     """
-    for name, value in (("spent_fen", spent_fen), ("incoming_fen", incoming_fen)):
+    for name, value in (("spent_fen", spent_fen), ("incoming_fen", incoming_fen), ("held_fen", held_fen)):
         if type(value) is not int:  # noqa: E721
             raise ValueError(f"{name} must be an int of fen, got {value!r}")
     if incoming_fen < 0:
         raise ValueError(f"incoming_fen must be >= 0, got {incoming_fen}")
+    if held_fen < 0:
+        raise ValueError(f"held_fen must be >= 0, got {held_fen}")
     limit = budget.limit_fen
-    after = spent_fen + incoming_fen
+    before = spent_fen + held_fen
+    after = before + incoming_fen
     figures = dict(tenant=budget.tenant, limit_fen=limit, spent_fen=spent_fen, incoming_fen=incoming_fen,
-                   remaining_fen=limit - spent_fen, used_pct=_pct(after, limit))
+                   remaining_fen=limit - before, used_pct=_pct(after, limit), held_fen=held_fen)
     if after > limit:
+        held = f", {money.cny_text(held_fen)} CNY held by work in flight" if held_fen else ""
         return BudgetDecision(
             verdict="refuse", **figures,  # type: ignore[arg-type]
             message=(f"budget exceeded: {money.cny_text(spent_fen)} of {money.cny_text(limit)} CNY spent this "
-                     f"{budget.period}, this needs up to {money.cny_text(incoming_fen)} CNY and "
-                     f"{money.cny_text(max(0, limit - spent_fen))} CNY remain"),
+                     f"{budget.period}{held}, this needs up to {money.cny_text(incoming_fen)} CNY and "
+                     f"{money.cny_text(max(0, limit - before))} CNY remain"),
         )
     crossed = tuple(sorted(t for t in set(budget.thresholds_pct)
-                           if after * 100 >= t * limit and not spent_fen * 100 >= t * limit))
+                           if after * 100 >= t * limit and not before * 100 >= t * limit))
     if crossed:
         return BudgetDecision(
             verdict="warn", crossed_pct=crossed, **figures,  # type: ignore[arg-type]

@@ -92,9 +92,15 @@ def tokens_exact(tokens: int, fen_per_mtok: int) -> Fraction:
 
 def price_tokens(prompt_tokens: int, completion_tokens: int, input_fen_per_mtok: int,
                  output_fen_per_mtok: int) -> Fen:
-    """Fen for one line of token usage: input and output priced exactly, rounded once (half up)."""
-    return round_half_up(tokens_exact(prompt_tokens, input_fen_per_mtok)
-                         + tokens_exact(completion_tokens, output_fen_per_mtok))
+    """Fen for one line of token usage: input and output priced exactly, rounded once (half up).
+    In integers (the exact sum is a whole number of millionths of a fen): this runs for every
+    request the budget gate admits, and equals rounding the sum of :func:`tokens_exact`."""
+    for name, value in (("tokens", prompt_tokens), ("tokens", completion_tokens),
+                        ("fen_per_mtok", input_fen_per_mtok), ("fen_per_mtok", output_fen_per_mtok)):
+        _require_count(name, value)
+    whole, rest = divmod(prompt_tokens * input_fen_per_mtok + completion_tokens * output_fen_per_mtok,
+                         TOKENS_PER_PRICE_UNIT)
+    return whole + (1 if 2 * rest >= TOKENS_PER_PRICE_UNIT else 0)
 
 
 def card_time_exact(cards: int, seconds: float | int | Fraction, fen_per_card_hour: int) -> Fraction:

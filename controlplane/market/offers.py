@@ -13,6 +13,9 @@ What this module promises:
 - Rule 3: energy is not re-derived here: :func:`margin_over_energy` takes the energy cost from
   ``placement.metered_energy_cny`` (the same figure metering bills), so the provider's margin over
   energy and placement's explanation agree.
+- Rule 4: an offer's ``provider`` is the provider the operator declared for its pool (in the layout
+  or ``PUT /v1/sites/{site}``); a pool declared without one is the operator's own.
+  :func:`provider_problem` names a mismatch (a 422 naming ``provider``).
 """
 
 from __future__ import annotations
@@ -102,6 +105,16 @@ def offer_problem(offer: Offer) -> str | None:
             if h in seen:
                 return f"windows[{i}] overlaps windows[{seen[h]}] at local hour {h}"
             seen[h] = i
+    return None
+
+
+def provider_problem(offer: Offer, declared: str, operator: str = "cpn-operator") -> str | None:
+    """What is wrong with ``offer.provider`` when the operator declared ``declared`` the provider of
+    its pool ("" = nobody, so the operator's own pool), or None."""
+    owner = declared or operator
+    if offer.provider != owner:
+        return (f"provider {offer.provider!r} does not own pool {offer.pool}: the operator declared {owner!r} "
+                "its provider (an offer is published for the pool's declared provider)")
     return None
 
 

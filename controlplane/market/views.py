@@ -43,8 +43,8 @@ def quote_refused_status(r: quotes.QuoteRefused) -> int:
 
 def budget_exceeded_body(d: budgets.BudgetDecision, period: budgets.Period) -> dict[str, Any]:
     """402 body of a refused request or submission, with the figures."""
-    figures = _with_cny({"limit_fen": d.limit_fen, "spent_fen": d.spent_fen, "incoming_fen": d.incoming_fen,
-                         "remaining_fen": d.remaining_fen})
+    figures = _with_cny({"limit_fen": d.limit_fen, "spent_fen": d.spent_fen, "held_fen": d.held_fen,
+                         "incoming_fen": d.incoming_fen, "remaining_fen": d.remaining_fen})
     return {"error": {"message": d.message, "type": "insufficient_quota", "code": "budget_exceeded", "param": None},
             "budget": {**figures, "period": period, "used_pct": d.used_pct}}
 

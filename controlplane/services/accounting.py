@@ -23,6 +23,9 @@ log = logging.getLogger("cpn.accounting")
 
 MIN_FLUSH_S = 0.1
 """Shortest pause between flushes (``usage_flush_s = 0`` means "as often as is sensible", not a spin)."""
+FLUSH_CHUNK_ROWS = 250
+"""Rows per flush transaction: each priced row is two rows of the replicated record (the market's
+billed line and its ledger transaction) and the record takes at most 1000 per transaction."""
 
 
 class UsageAccounts:
@@ -67,15 +70,18 @@ class UsageAccounts:
         if not len(self.buffer) or not self.store.is_open:
             return
         rows = self.buffer.drain()
-        try:
-            with transaction(self.store.db) as db:
-                store_usage.add_rows(db, rows)
-                now = self.clock.time()
-                for listener in self.usage_listeners:
-                    listener(rows, now)
-        except Exception:
-            self.buffer.restore(rows)
-            log.exception("event=usage_flush_failed rows=%d", len(rows))
+        for start in range(0, len(rows), FLUSH_CHUNK_ROWS):
+            chunk = rows[start:start + FLUSH_CHUNK_ROWS]
+            try:
+                with transaction(self.store.db) as db:
+                    store_usage.add_rows(db, chunk)
+                    now = self.clock.time()
+                    for listener in self.usage_listeners:
+                        listener(chunk, now)
+            except Exception:
+                self.buffer.restore(rows[start:])
+                log.exception("event=usage_flush_failed rows=%d", len(rows) - start)
+                return
 
     def for_tenant(self, tenant: str) -> dict[str, Any]:
         """A tenant's usage: flushed rows plus what is still buffered."""

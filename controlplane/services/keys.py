@@ -14,6 +14,7 @@ second.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from controlplane.core import auth
@@ -24,6 +25,11 @@ log = logging.getLogger("cpn.keys")
 
 DEFAULT_GRACE_S = 86_400.0
 """How long a rotated key keeps working unless the caller says otherwise (24 h)."""
+
+PROVIDER_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+"""A provider's id, as the layout's ``provider`` of a site names it."""
+OPERATOR_PROVIDER = "cpn-operator"
+"""The operator's own provider id (``market.postings.Fees.operator_provider``)."""
 
 MISS_MEMORY_S = 5.0
 """How long an unknown, revoked or expired key is answered from memory (no store read)."""
@@ -44,13 +50,16 @@ def expiry(now: float, *, expires_at: float | None, ttl_s: float | None, field_p
 
 
 def _who(role: str, tenant_id: str | None) -> str:
+    if role == "provider":
+        return "prov-" + (tenant_id or "")[:10]
     return "admin" if role == "admin" else (tenant_id or "")[:12]
 
 
 def _new_view(principal: auth.Principal, key: str, *, label: str, now: float) -> dict[str, Any]:
     return {
         "id": principal.key_id, "prefix": auth.shown_prefix(key), "role": principal.role,
-        "tenant_id": principal.tenant_id, "label": label, "created_at": now, "expires_at": principal.expires_at,
+        "tenant_id": principal.tenant_id, **({"provider_id": principal.provider_id} if principal.is_provider else {}),
+        "label": label, "created_at": now, "expires_at": principal.expires_at,
         "revoked_at": None, "state": "active", "api_key": key,
     }
 
@@ -61,11 +70,23 @@ def create(db: Any, ring: auth.KeyRing | None, *, role: str, tenant_id: str | No
     if role == "tenant":
         assert tenant_id is not None
         store_tenants.get_tenant(db, tenant_id)  # 404 for an unknown tenant
+    elif role == "provider":
+        provider_problem(tenant_id)
     key = auth.new_key(_who(role, tenant_id))
     principal = store_tenants.add_key(db, key, role=role, tenant_id=tenant_id, now=now, label=label, expires_at=expires_at)
     if ring is not None:
         ring.add(principal)
     return _new_view(principal, key, label=label, now=now)
+
+
+def provider_problem(provider: str | None) -> None:
+    """400 naming ``provider`` unless it is a provider's id (a third party's: the operator's own
+    pools are managed with admin keys)."""
+    if not provider or not PROVIDER_ID.fullmatch(provider):
+        raise RequestError(f"provider must be 1..64 of a-z 0-9 _ . - starting with a letter or digit, got {provider!r}",
+                           field="provider")
+    if provider == OPERATOR_PROVIDER:
+        raise RequestError(f"{provider} is the operator: its pools are managed with admin keys", field="provider")
 
 
 def listing(db: Any, *, role: str, tenant_id: str | None, now: float) -> list[dict[str, Any]]:

@@ -24,6 +24,14 @@ It asks the pure market (``controlplane/market/``) and writes its record (``stor
   which includes the owner's energy); pools without one are still priced by their energy.
 - **Quotes** (:meth:`MarketService.quote`, :meth:`MarketService.bind_quote`) and statements,
   totals and the reconciliation for the operator.
+- **Holds** (``budgets`` Rules 3-4): an admitted request holds its most-it-can-cost in this
+  process's memory until its answer is done; an accepted job holds its own (the quote's maximum,
+  else the most expensive feasible offer's) in its stored spec, less what it was charged, until
+  it ends. Every check counts spent + both holds.
+
+With several hub processes (``record = "nats"``) everything this service writes is in the
+replicated record (``store/replica.py``), so statements, budgets, offers and jobs' holds are the
+same at every process; only requests' holds are per process (docs/market.md, "Budgets").
 """
 
 from __future__ import annotations
@@ -34,9 +42,9 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from controlplane.core import placement
+from controlplane.core import lifecycle, placement
 from controlplane.core.clock import Clock
-from controlplane.core.errors import Conflict, NotFound, Refused, RequestError
+from controlplane.core.errors import Conflict, Forbidden, NotFound, Refused, RequestError, Unprocessable
 from controlplane.core.jobspec import JobSpec
 from controlplane.core.usage import UsageRow
 from controlplane.market import budgets, catalogue, ledger, offers, postings, quotes, reconcile, views
@@ -83,6 +91,17 @@ class MarketService:
         self._budgets: dict[str, budgets.Budget] = {}
         self._tenants: dict[str, billing.TenantSettings] = {}
         self._offers: list[offers.Offer] = []
+        self._holds: dict[str, tuple[str, int]] = {}
+        """Request id -> (tenant, fen): what admitted requests hold against their tenant's budget."""
+        self._held: dict[str, int] = {}
+        """Tenant -> the sum of its holds."""
+        self._spent: dict[tuple[str, str], tuple[float, float, int]] = {}
+        """(tenant, period) -> (start, end, fen): the ledger part of what the tenant spent in the
+        period [start, end). Every ledger post of this process clears it, as does :meth:`refresh`
+        (at most a second apart): the gate reads SQLite once per tenant per post, not per request."""
+        self._job_held: dict[str, int] = {}
+        """Tenant -> what its accepted, unfinished jobs hold (``budgets`` Rule 4), cleared with
+        ``_spent`` (every post, every refresh, every submission checked here)."""
         self._loaded_at = -1e18
         self._flushes = 0
         self.counters = {"refused_filing": 0, "refused_budget": 0, "usage_lines": 0, "attempts_billed": 0,
@@ -108,6 +127,8 @@ class MarketService:
         self._budgets = billing.budgets(self.db)
         self._tenants = billing.tenants(self.db)
         self._offers = records.list_offers(self.db)
+        self._spent.clear()
+        self._job_held.clear()
         self._loaded_at = self.clock.monotonic()
 
     def _fresh(self) -> None:
@@ -136,27 +157,62 @@ class MarketService:
     def models(self) -> list[dict[str, Any]]:
         return [model_view(m) for m in records.models(self.db, self.clock.time()).values()]
 
-    def put_offer(self, offer: offers.Offer) -> tuple[dict[str, Any], bool]:
-        """Publish an offer (400 naming the field; 409 if its id is taken by other terms);
-        True if it is new."""
+    def pool_provider(self, pool: str) -> str:
+        """The provider the operator declared for ``pool`` (layout or ``PUT /v1/sites``; "" = none,
+        the operator's own); 400 naming ``pool`` if it is neither in the layout nor declared."""
+        decl = self.sites.declarations.get(pool)
+        if decl is not None:
+            return decl.provider
+        for site in self.sites.layout.sites:
+            if site.id == pool:
+                return site.provider
+        raise RequestError(f"unknown pool {pool!r}: not a site of the layout or declared", field="pool")
+
+    def _own_pool(self, pool: str, provider: str | None) -> None:
+        """403 unless ``provider`` (a provider key's; None: an admin) is ``pool``'s declared provider."""
+        if provider is not None and (self.pool_provider(pool) or self.fees.operator_provider) != provider:
+            raise Forbidden(f"pool {pool} is not provider {provider}'s", field="pool")
+
+    def put_offer(self, offer: offers.Offer, *, by_provider: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Publish an offer (400 naming the field; 409 if its id is taken by other terms; 422
+        ``provider`` if it is not the pool's declared provider; 403 for a provider key on another's
+        pool or naming another provider); True if it is new."""
         problem = offers.offer_problem(offer)
         if problem is not None:
             raise RequestError(f"offer {offer.id}: {problem}", field=_field_of(problem))
-        layout = self.sites.layout
-        if offer.pool not in self.sites.declarations and offer.pool not in {s.id for s in layout.sites}:
-            raise RequestError(f"unknown pool {offer.pool!r}: not a site of the layout or declared", field="pool")
+        declared = self.pool_provider(offer.pool)
+        if by_provider is not None and offer.provider != by_provider:
+            raise Forbidden(f"a provider key publishes offers as itself ({by_provider}), not as {offer.provider}",
+                            field="provider")
+        self._own_pool(offer.pool, by_provider)
+        problem = offers.provider_problem(offer, declared, self.fees.operator_provider)
+        if problem is not None:
+            raise Unprocessable(f"offer {offer.id}: {problem}", field="provider", code="offer_provider_mismatch")
         try:
             new = records.put_offer(self.db, offer)
         except ValueError as exc:
             raise Conflict(str(exc), field="id") from None
         return offer_view(offer), new
 
-    def offers(self, *, pool: str | None = None, provider: str | None = None) -> list[dict[str, Any]]:
+    def offers(self, *, pool: str | None = None, provider: str | None = None,
+               by_provider: str | None = None) -> list[dict[str, Any]]:
+        """Offers, past ones included (a provider key: only its own)."""
+        if by_provider is not None:
+            if provider is not None and provider != by_provider:
+                raise Forbidden(f"a provider key lists only its own offers ({by_provider})", field="provider")
+            provider = by_provider
         now = self.clock.time()
         return [{**offer_view(o), "in_force": offers.valid_at(o, now)}
                 for o in records.list_offers(self.db, pool=pool, provider=provider)]
 
-    def withdraw_offer(self, offer_id: str) -> dict[str, Any]:
+    def withdraw_offer(self, offer_id: str, *, by_provider: str | None = None) -> dict[str, Any]:
+        """End an offer now (404 unknown; 403 for a provider key on another provider's offer)."""
+        if by_provider is not None:
+            found = next((o for o in records.list_offers(self.db) if o.id == offer_id), None)
+            if found is None:
+                raise NotFound(f"offer {offer_id!r} not found", field="offer")
+            if found.provider != by_provider:
+                raise Forbidden(f"offer {offer_id} is not provider {by_provider}'s", field="offer")
         ended = records.withdraw_offer(self.db, offer_id, self.clock.time())
         if ended is None:
             raise NotFound(f"offer {offer_id!r} not found", field="offer")
@@ -188,7 +244,8 @@ class MarketService:
         now = self.clock.time()
         start, end = budgets.period_bounds(b.period, now)
         body = views.budget_standing_body(budgets.standing(b, self.spent_fen(b.tenant, b.period, now)), b.period)
-        return {**body, "period_start": start, "period_end": end}
+        return {**body, "held_fen": self.held_fen(b.tenant), "jobs_held_fen": self.jobs_held_fen(b.tenant),
+                "period_start": start, "period_end": end}
 
     def put_tenant(self, tenant: str, *, public_facing: bool, filing_number: str = "") -> dict[str, Any]:
         """Mark a tenant public-facing or internal; ``filing_number`` is the tenant's own service
@@ -234,17 +291,61 @@ class MarketService:
         budget = self._budgets.get(tenant)
         if budget is not None:
             incoming = catalogue.estimate_request_fen(model, prompt_bound(req), max(0, req.max_tokens))
-            decision = budgets.check(budget, self.spent_fen(tenant, budget.period, now), incoming)
+            held = self._held.get(tenant, 0)
+            decision = budgets.check(budget, self.spent_fen(tenant, budget.period, now), incoming,
+                                     held + self.jobs_held_fen(tenant))
             if decision.verdict == "refuse":
                 self.counters["refused_budget"] += 1
                 raise Refused(402, views.budget_exceeded_body(decision, budget.period))
+            if incoming and req.request_id not in self._holds:
+                self._holds[req.request_id] = (tenant, incoming)
+                self._held[tenant] = held + incoming
         return verdict.header
+
+    def release(self, request_id: str) -> None:
+        """The request ``request_id`` ended (served, failed or abandoned): drop its hold. Called by
+        the gateway once the request's answer is done, when its usage (if any) is already counted
+        in the tenant's spending (the usage buffer), so the two never both miss it."""
+        if not self._holds:
+            return
+        hold = self._holds.pop(request_id, None)
+        if hold is None:
+            return
+        tenant, fen = hold
+        left = self._held.get(tenant, 0) - fen
+        if left > 0:
+            self._held[tenant] = left
+        else:
+            self._held.pop(tenant, None)
+
+    def held_fen(self, tenant: str) -> int:
+        """What ``tenant``'s requests in flight (at this process) and its unfinished jobs hold
+        against its budget."""
+        return self._held.get(tenant, 0) + self.jobs_held_fen(tenant)
+
+    def jobs_held_fen(self, tenant: str) -> int:
+        """What ``tenant``'s accepted, unfinished jobs still hold (``budgets`` Rule 4): each one's
+        hold less what its attempts were charged so far (read from the record, cached until the
+        next post or refresh)."""
+        hit = self._job_held.get(tenant)
+        if hit is not None:
+            return hit
+        ended = {s.value for s in lifecycle.TERMINAL}
+        held = sum(budgets.job_hold_fen(hold, charged, False)
+                   for _, hold, charged in billing.job_holds(self.db, tenant, ended))
+        self._job_held[tenant] = held
+        return held
 
     def spent_fen(self, tenant: str, period: budgets.Period, now: float) -> int:
         """What ``tenant`` spent this period: its ledger entries plus its usage not flushed yet,
         priced as the flush will price it."""
-        start, end = budgets.period_bounds(period, now)
-        spent = ledger_store.spent_fen(self.db, tenant, start, end)
+        hit = self._spent.get((tenant, period))
+        if hit is not None and hit[0] <= now < hit[1]:
+            spent = hit[2]
+        else:
+            start, end = budgets.period_bounds(period, now)
+            spent = ledger_store.spent_fen(self.db, tenant, start, end)
+            self._spent[(tenant, period)] = (start, end, spent)
         for row in self.accounting.buffer.peek(tenant):
             model = self._models.get(row.model)
             if model is not None:
@@ -273,6 +374,8 @@ class MarketService:
             for result in ledger_store.post_many(self.db, txns):
                 if isinstance(result, ledger.Conflict):
                     raise RuntimeError(f"ledger conflict posting a usage flush: {result}")
+            self._spent.clear()
+            self._job_held.clear()
         self.counters["usage_lines"] += len(lines)
 
     # ------------------------------------------------------------------ training
@@ -308,6 +411,8 @@ class MarketService:
             share = quotes.attempt_charge(cap, so_far, priced.price_fen)
             ledger_store.post(db, postings.attempt_transaction(row.tenant, row.id, priced, share, quote_id=quote_id,
                                                                fees=self.fees))
+            self._spent.clear()
+            self._job_held.clear()
         self.counters["attempts_billed"] += 1
 
     def _quoted_option(self, row: JobRow) -> quotes.QuoteOption | None:
@@ -369,9 +474,10 @@ class MarketService:
             Refused: the quote expired (410) or has no such option (409); the budget (402).
         """
         quote_id = spec.quote_id
+        spec = msgspec.structs.replace(spec, budget_hold_fen=0)  # set here only, never from a body
         if quote_id is None:
-            self._check_budget(tenant, now, lambda: self._cheapest_max(tenant, spec, now))
-            return spec
+            hold = self._check_budget(tenant, now, lambda: self._unquoted_hold(tenant, spec, now))
+            return msgspec.structs.replace(spec, budget_hold_fen=hold.fen) if hold is not None else spec
         q = records.quote(self.db, quote_id, tenant)
         if q is None:
             raise NotFound(f"quote {quote_id!r} not found", field="quote_id")
@@ -384,25 +490,32 @@ class MarketService:
                                 tenant, now)
         if isinstance(verdict, quotes.QuoteRefused):
             raise Refused(views.quote_refused_status(verdict), views.quote_refused_body(verdict))
-        self._check_budget(tenant, now, lambda: verdict.max_fen)
+        hold = self._check_budget(tenant, now, lambda: budgets.training_hold(verdict.max_fen, ()))
         return msgspec.structs.replace(spec, quote_pool=verdict.pool, quote_accelerator=verdict.accelerator,
-                                       pools=(verdict.pool,), accelerators=(verdict.accelerator,))
+                                       pools=(verdict.pool,), accelerators=(verdict.accelerator,),
+                                       budget_hold_fen=hold.fen if hold is not None else 0)
 
-    def _cheapest_max(self, tenant: str, spec: JobSpec, now: float) -> int | None:
+    def _unquoted_hold(self, tenant: str, spec: JobSpec, now: float) -> budgets.TrainingHold | None:
         q = self._price(tenant, spec, now, quote_id="budget-check")
-        return q.options[0].max_fen if q.options else None
+        return budgets.training_hold(None, [o.max_fen for o in q.options])
 
-    def _check_budget(self, tenant: str, now: float, incoming: Any) -> None:
+    def _check_budget(self, tenant: str, now: float, incoming: Any) -> budgets.TrainingHold | None:
+        """Refuse (402) a submission whose hold does not fit; the hold to keep with the job (None:
+        the tenant has no budget, or nothing could price the job)."""
         b = records.budget(self.db, tenant)
         if b is None:
-            return
-        fen = incoming()
-        if fen is None:
-            return
-        decision = budgets.check(b, self.spent_fen(tenant, b.period, now), fen)
+            return None
+        hold: budgets.TrainingHold | None = incoming()
+        if hold is None:
+            return None
+        decision = budgets.check(b, self.spent_fen(tenant, b.period, now), hold.fen, self.held_fen(tenant))
         if decision.verdict == "refuse":
             self.counters["refused_budget"] += 1
-            raise Refused(402, views.budget_exceeded_body(decision, b.period))
+            body = views.budget_exceeded_body(decision, b.period)
+            body["budget"]["incoming_basis"] = hold.basis
+            raise Refused(402, body)
+        self._job_held.pop(tenant, None)  # the job about to be stored holds this from now on
+        return hold
 
     # ------------------------------------------------------------------ statements and checks
 

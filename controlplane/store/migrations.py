@@ -322,4 +322,29 @@ MIGRATIONS: list[tuple[str, Migration]] = [
         ALTER TABLE replicas ADD COLUMN scaled_at REAL
         """,
     ),
+    (
+        # provider keys (owner: market). A third-party provider's key: role 'provider', its
+        # provider's id in tenant_id (the column names a key's owner). SQLite cannot widen a CHECK,
+        # so the table is rebuilt with the same columns and indexes.
+        "0034_provider_keys",
+        """
+        CREATE TABLE api_keys_new (
+            key_hash TEXT PRIMARY KEY,
+            tenant_id TEXT,
+            role TEXT NOT NULL CHECK (role IN ('admin', 'tenant', 'provider')),
+            label TEXT,
+            created_at REAL NOT NULL,
+            revoked_at REAL,
+            id TEXT,
+            prefix TEXT NOT NULL DEFAULT '',
+            expires_at REAL
+        );
+        INSERT INTO api_keys_new (key_hash, tenant_id, role, label, created_at, revoked_at, id, prefix, expires_at)
+            SELECT key_hash, tenant_id, role, label, created_at, revoked_at, id, prefix, expires_at FROM api_keys;
+        DROP TABLE api_keys;
+        ALTER TABLE api_keys_new RENAME TO api_keys;
+        CREATE INDEX api_keys_tenant ON api_keys (tenant_id);
+        CREATE UNIQUE INDEX api_keys_id ON api_keys (id)
+        """,
+    ),
 ]

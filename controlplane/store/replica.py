@@ -72,8 +72,20 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "replicas": ("replica", ("deployment", "site")),
     "deployment_idempotency": ("deployidem", ("tenant", "key")),
     "usage": ("usage", ("tenant", "model", "site")),
+    # the market (docs/market.md): its durable state, written by admin calls, quotes, the usage
+    # flush (once a second per process, one batch) and attempt billing, never once per request
+    "market_models": ("mmodel", ("id", "revision")),
+    "market_offers": ("moffer", ("id",)),
+    "market_budgets": ("mbudget", ("tenant",)),
+    "market_tenants": ("mtenant", ("tenant",)),
+    "market_quotes": ("mquote", ("id",)),
+    "market_quote_specs": ("mquotespec", ("quote_id",)),
+    "market_transactions": ("mtxn", ("key",)),  # its entries (market_entries) follow from its body
+    "market_usage_lines": ("musage", ("flush", "tenant", "model", "site")),
+    "market_attempt_lines": ("mattempt", ("job", "attempt")),
 }
-"""The tables held in the record. The others (sites, outbox, job events, the market's) stay local."""
+"""The tables held in the record. The others (sites, outbox, job events, the market's entries,
+derived from their transactions) stay local."""
 
 USAGE_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "card_hours", "energy_cny")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")

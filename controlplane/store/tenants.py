@@ -76,7 +76,7 @@ def _insert_key(db: sqlite_utils.Database, key: str, *, role: str, tenant_id: st
         "key_hash": digest, "id": key_id, "prefix": auth.shown_prefix(key), "tenant_id": tenant_id, "role": role,
         "label": label, "created_at": now, "expires_at": expires_at, "revoked_at": None,
     })
-    return auth.Principal(role=role, tenant_id=tenant_id, key_hash=digest, key_id=key_id, expires_at=expires_at)
+    return auth.principal_of(role, tenant_id, digest, key_id, expires_at)
 
 
 def key_state(row: dict[str, Any], now: float) -> str:
@@ -91,16 +91,24 @@ def key_state(row: dict[str, Any], now: float) -> str:
 def _key_view(row: tuple[Any, ...], now: float) -> dict[str, Any]:
     view = dict(zip(KEY_FIELDS, row))
     view["state"] = key_state(view, now)
+    return _shown(view)
+
+
+def _shown(view: dict[str, Any]) -> dict[str, Any]:
+    """A key's view as answered: a provider key's owner is ``provider_id`` (its tenant_id column)."""
+    if view.get("role") == "provider":
+        view["provider_id"], view["tenant_id"] = view["tenant_id"], None
     return view
 
 
 def list_keys(db: sqlite_utils.Database, *, role: str, tenant_id: str | None, now: float) -> list[dict[str, Any]]:
-    """A tenant's keys (``role="tenant"``) or the admin keys: ids, prefixes and times, never digests."""
+    """A tenant's keys (``role="tenant"``), a provider's (``role="provider"``, its id as ``tenant_id``)
+    or the admin keys: ids, prefixes and times, never digests."""
     if role == "admin":
         rows = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE role = 'admin' ORDER BY created_at, id").fetchall()
     else:
-        rows = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE role = 'tenant' AND tenant_id = ? "
-                          "ORDER BY created_at, id", [tenant_id]).fetchall()
+        rows = db.execute(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE role = ? AND tenant_id = ? "
+                          "ORDER BY created_at, id", [role, tenant_id]).fetchall()
     return [_key_view(r, now) for r in rows]
 
 
@@ -108,7 +116,7 @@ def _scoped_key(db: sqlite_utils.Database, key_id: str, *, role: str, tenant_id:
     """(digest, row) of ``key_id`` if it belongs to that scope; else NotFound (another tenant's key
     is as unknown as a made-up id)."""
     row = db.execute(f"SELECT key_hash, {KEY_COLUMNS} FROM api_keys WHERE id = ?", [key_id]).fetchone()
-    if row is None or row[3] != role or (role == "tenant" and row[4] != tenant_id):
+    if row is None or row[3] != role or (role != "admin" and row[4] != tenant_id):
         raise NotFound(f"key {key_id!r} not found", field="key_id")
     return row[0], dict(zip(KEY_FIELDS, row[1:]))
 
@@ -133,7 +141,7 @@ def revoke_key_id(db: sqlite_utils.Database, key_id: str, *, role: str, tenant_i
             row["revoked_at"] = now
     view = dict(row)
     view["state"] = key_state(view, now)
-    return digest, view
+    return digest, _shown(view)
 
 
 def rotate_key_id(db: sqlite_utils.Database, key_id: str, new_key: str, *, role: str, tenant_id: str | None, now: float,
@@ -158,13 +166,13 @@ def rotate_key_id(db: sqlite_utils.Database, key_id: str, new_key: str, *, role:
             row["expires_at"] = until
     view = dict(row)
     view["state"] = key_state(view, now)
-    return digest, principal, view
+    return digest, principal, _shown(view)
 
 
 def load_keys(db: sqlite_utils.Database, *, now: float | None = None) -> list[auth.Principal]:
     """The working keys (not revoked; not expired at ``now`` when given)."""
     rows = db.execute("SELECT key_hash, tenant_id, role, id, expires_at FROM api_keys WHERE revoked_at IS NULL").fetchall()
-    return [auth.Principal(role=r[2], tenant_id=r[1], key_hash=r[0], key_id=r[3] or "", expires_at=r[4])
+    return [auth.principal_of(r[2], r[1], r[0], r[3] or "", r[4])
             for r in rows if now is None or r[4] is None or r[4] > now]
 
 
@@ -175,4 +183,4 @@ def find_key(db: sqlite_utils.Database, key_hash: str) -> tuple[auth.Principal, 
     ).fetchone()
     if row is None:
         return None
-    return auth.Principal(role=row[2], tenant_id=row[1], key_hash=row[0], key_id=row[3] or "", expires_at=row[4]), row[5]
+    return auth.principal_of(row[2], row[1], row[0], row[3] or "", row[4]), row[5]

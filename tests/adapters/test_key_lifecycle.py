@@ -328,3 +328,47 @@ def test_migration_gives_old_keys_an_id_and_keeps_them_working(tmp_path: Path) -
     assert p.key_id == "key_" + auth.hash_key(key)[:16] and p.expires_at is None
     [row] = tenants.list_keys(db, role="admin", tenant_id=None, now=time.time())
     assert row["state"] == "active" and row["prefix"] == ""
+
+
+def test_provider_keys_from_the_cli_and_the_rebuilt_table_keeps_old_keys(tmp_path: Path) -> None:
+    """0034_provider_keys rebuilds api_keys to admit role 'provider': keys made before it keep
+    their ids, expiry and revocation; ``cpn key --provider`` then manages a provider's keys."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE _migrations (id TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    for mid, sql in MIGRATIONS:
+        if mid >= "0034":
+            break
+        store_db.run_migration(conn, sql)
+        conn.execute("INSERT INTO _migrations VALUES (?, 0)", (mid,))
+    with pytest.raises(sqlite3.IntegrityError):  # the old CHECK refuses a provider key
+        conn.execute("INSERT INTO api_keys (key_hash, role, created_at, id) VALUES ('h', 'provider', 1, 'key_p')")
+    old = auth.new_key("acme")
+    conn.execute("INSERT INTO api_keys (key_hash, tenant_id, role, label, created_at, id, prefix, expires_at, revoked_at) "
+                 "VALUES (?, 'acme', 'tenant', 'old', 1, 'key_old', 'cpn_acme_x', 9e9, 5)", (auth.hash_key(old),))
+    conn.close()
+    store_db.open_db(path).conn.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT id, tenant_id, role, label, expires_at, revoked_at FROM api_keys").fetchall() == [
+        ("key_old", "acme", "tenant", "old", 9e9, 5)]
+    assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'api_keys'")
+            } >= {"api_keys_tenant", "api_keys_id"}
+    conn.close()
+
+    db = str(path)
+    made = cpn("key", "create", "--provider", "xirang-7", "--label", "ops", "--db", db)
+    assert made.returncode == 0 and made.stdout.startswith("cpn_prov-xirang-7_"), made.stderr
+    import json
+
+    [row] = [json.loads(line) for line in cpn("key", "list", "--provider", "xirang-7", "--db", db).stdout.splitlines()]
+    assert row["role"] == "provider" and row["state"] == "active"
+    assert row["provider_id"] == "xirang-7" and row["tenant_id"] is None
+    assert cpn("key", "list", "--provider", "westgrid", "--db", db).stdout == ""
+    from controlplane.store import tenants
+
+    found = tenants.find_key(store_db.open_db(path), auth.hash_key(made.stdout.strip()))
+    assert found is not None and found[0].provider_id == "xirang-7" and found[0].tenant_id is None
+    bad = cpn("key", "create", "--provider", "cpn-operator", "--db", db)
+    assert bad.returncode == 2 and "managed with admin keys" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    revoked = cpn("key", "revoke", row["id"], "--provider", "xirang-7", "--db", db)
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["state"] == "revoked"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import msgspec
 import pytest
 import sqlite_utils
 
@@ -61,14 +62,66 @@ def test_an_unbalanced_transaction_in_a_batch_writes_nothing(tmp_path: Path) -> 
     assert store.load(db) == [] and store.balances(db) == {}
 
 
+EDITS = ("UPDATE market_entries SET amount_fen = 0", "DELETE FROM market_entries",
+         "UPDATE market_transactions SET at = 0", "DELETE FROM market_transactions")
+
+
 def test_entries_cannot_be_edited_or_deleted(tmp_path: Path) -> None:
     db = open_db(tmp_path / "cpn.db")
+    db.conn.execute("PRAGMA foreign_keys = ON")        # as every hub connection (store/db.open_db)
     store.post_many(db, job_txns())
-    for sql in ("UPDATE market_entries SET amount_fen = 0", "DELETE FROM market_entries",
-                "UPDATE market_transactions SET at = 0", "DELETE FROM market_transactions"):
+    for sql in EDITS:
         with pytest.raises(sqlite3.IntegrityError, match="immutable"):
             db.conn.execute(sql)
     assert store.imbalance(db) == 0
+    # another connection (a shell, a script) cannot edit it either, foreign keys on or off
+    for fk in ("ON", "OFF"):
+        other = sqlite3.connect(str(tmp_path / "cpn.db"), isolation_level=None)
+        other.execute(f"PRAGMA foreign_keys = {fk}")
+        for sql in EDITS:
+            with pytest.raises(sqlite3.OperationalError, match="cpn_ledger_sealed"):
+                other.execute(sql)
+        other.close()
+    assert len(store.load(db)) == 2 and store.imbalance(db) == 0
+
+
+def test_the_replicas_rebuild_may_empty_it_and_entries_follow_their_transactions(tmp_path: Path) -> None:
+    """The replicated record's projection rebuilds the tables with foreign keys off (store/replica.py
+    Rule 6): only then may rows go, and a transaction's entries go with it and come back with it."""
+    db = open_db(tmp_path / "cpn.db")
+    db.conn.execute("PRAGMA foreign_keys = ON")
+    txns = job_txns()
+    store.post_many(db, txns)
+    rows = db.conn.execute("SELECT key, at, kind, ref, body FROM market_transactions").fetchall()
+    entries = db.conn.execute("SELECT * FROM market_entries ORDER BY key, line").fetchall()
+    assert len(entries) == sum(len(t.entries) for t in txns)
+    db.conn.execute("PRAGMA foreign_keys = OFF")
+    db.conn.execute("DELETE FROM market_transactions")
+    assert db.conn.execute("SELECT COUNT(*) FROM market_entries").fetchone()[0] == 0
+    db.conn.executemany("INSERT INTO market_transactions (key, at, kind, ref, body) VALUES (?, ?, ?, ?, ?)", rows)
+    db.conn.execute("PRAGMA foreign_keys = ON")
+    assert db.conn.execute("SELECT * FROM market_entries ORDER BY key, line").fetchall() == entries
+    assert store.load(db) == sorted(txns, key=lambda t: (t.at, t.key))
+
+
+def test_a_ledger_from_before_0043_keeps_its_entries(tmp_path: Path) -> None:
+    """Migration 0043 drops the process-local ``seq`` and derives entries from the bodies: the
+    entries a 0040 ledger held are exactly those derived."""
+    conn = sqlite3.connect(str(tmp_path / "cpn.db"), isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    from controlplane.store.market.db import apply_migration
+    apply_migration(db, store.MIGRATION_ID, store.MIGRATION)
+    txns = job_txns()
+    for seq, t in enumerate(txns, 1):
+        conn.execute("INSERT INTO market_transactions (key, seq, at, kind, ref, body) VALUES (?, ?, ?, ?, ?, ?)",
+                     (t.key, seq, t.at, t.kind, t.ref, msgspec.json.encode(t).decode()))
+        conn.executemany("INSERT INTO market_entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         [(t.key, i, t.at, e.account, e.amount_fen, e.kind, e.memo) for i, e in enumerate(t.entries)])
+    before = conn.execute("SELECT * FROM market_entries ORDER BY key, line").fetchall()
+    store.install(db)
+    assert conn.execute("SELECT * FROM market_entries ORDER BY key, line").fetchall() == before
+    assert "seq" not in [r[1] for r in conn.execute("PRAGMA table_info(market_transactions)")]
+    assert store.imbalance(db) == 0 and store.load(db) == sorted(txns, key=lambda t: (t.at, t.key))
 
 
 def test_statement_from_the_record_equals_the_pure_one(tmp_path: Path) -> None:

@@ -120,6 +120,20 @@ async def test_tenant_and_key_made_at_a_work_at_b_then_revoked_at_a_is_refused_a
     assert body["error"]["code"] == "api_key_revoked"
 
 
+async def test_a_provider_key_made_at_a_works_at_b_for_its_statement_only(two) -> None:  # type: ignore[no-untyped-def]
+    """A provider's key (role 'provider', migration 0034) is a record row like any key."""
+    a, b, session = two
+    admin_a = client(session, a, a.create_admin_key("test"))
+    status, made, _ = await admin_a.call("POST", "/v1/providers/xirang-7/keys")
+    assert status == 201 and made["provider_id"] == "xirang-7", made
+    xirang_b = client(session, b, made["api_key"])
+    await first_ok(xirang_b, "GET", "/v1/statements", deadline_s=1.0)
+    status, body, _ = await xirang_b.call("GET", "/v1/statements")
+    assert body["account"] == "provider:xirang-7", body
+    status, body, _ = await xirang_b.call("GET", "/v1/usage")
+    assert status == 403, body
+
+
 async def test_idempotency_key_at_a_then_b_returns_the_same_job(two) -> None:  # type: ignore[no-untyped-def]
     a, b, session = two
     key = a.create_tenant("acme")

@@ -6,6 +6,7 @@ transaction; statements (JSON and CSV) and the reconciliation."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import time
@@ -17,11 +18,14 @@ import aiohttp
 import pytest
 
 from controlplane import cli
+from controlplane.core.errors import Refused
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
 from controlplane.services.market import MarketService
-from controlplane.store.market import billing
+from controlplane.market import offers
+from controlplane.store.market import billing, records
 from controlplane.store.market import ledger as ledger_store
+from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, BusConfig, ExecutorsConfig, ModelConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub, services_of
@@ -37,8 +41,16 @@ def market_of(hub: Hub) -> MarketService:
     return services_of(hub).market
 
 
+def records_of(hub: Hub) -> list[offers.Offer]:
+    return records.list_offers(hub.db)
+
+
 @pytest.fixture
-async def market(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[tuple[Hub, Client, Client, Client]]:
+async def market(tmp_path: Path, nats_server: NatsServer,
+                 request: pytest.FixtureRequest) -> AsyncIterator[tuple[Hub, Client, Client, Client]]:
+    """A hub, its admin, tenants acme and pub, and an agent at hz-edge; parametrize ``market``
+    indirectly with the sim's milliseconds per token to make requests last (default 1)."""
+    per_token_ms = getattr(request, "param", 1)
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
         admin_key = hub.create_admin_key("test")
         acme = hub.create_tenant("acme", default_origin="hangzhou")
@@ -46,8 +58,8 @@ async def market(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[tuple
         agent = Agent(AgentConfig(
             site="hz-edge", nats=nats_server.url, city="hangzhou", accelerators={"910B": 4},
             data_dir=str(tmp_path / "hz-edge"),
-            models=[ModelConfig(name="chat", cards=1.0, slots=4), ModelConfig(name="unlisted", cards=1.0, slots=4)],
-            backend=BackendConfig(sim=SimBackendConfig(ttft_ms=1, per_token_ms=1, slots=4)),
+            models=[ModelConfig(name="chat", cards=1.0, slots=16), ModelConfig(name="unlisted", cards=1.0, slots=4)],
+            backend=BackendConfig(sim=SimBackendConfig(ttft_ms=1, per_token_ms=per_token_ms, slots=16)),
         ))
         await agent.start()
         try:
@@ -69,10 +81,10 @@ async def test_catalogue_offers_budgets_and_settings_through_the_admin_api(marke
     status, body, _ = await acme.call("GET", "/v1/market/models")
     assert status == 200 and [(m["id"], m["version"]) for m in body["data"]] == [("chat", "2")]
 
-    offer = {"id": "hz-night", "pool": "hz-edge", "provider": "acme-cloud", "accelerator": "910B",
+    offer = {"id": "hz-night", "pool": "hz-edge", "provider": "cpn-operator", "accelerator": "910B",
              "fen_per_card_hour": 1000, "windows": [{"start_hour": 23, "end_hour": 7, "fen_per_card_hour": 400}]}
     status, body, _ = await admin.call("POST", "/v1/market/offers", offer)
-    assert status == 201 and body["provider"] == "acme-cloud", body
+    assert status == 201 and body["provider"] == "cpn-operator", body
     status, body, _ = await admin.call("POST", "/v1/market/offers", {**offer, "valid_from": body["valid_from"]})
     assert status == 200, body  # the same offer again changes nothing
     status, body, _ = await admin.call("GET", "/v1/market/offers?pool=hz-edge")
@@ -119,7 +131,7 @@ async def test_bad_admin_input_is_a_4xx_naming_the_field(market, path: str, payl
 
 async def test_an_offer_with_overlapping_windows_or_an_unknown_pool_is_refused(market) -> None:  # type: ignore[no-untyped-def]
     _, admin, _, _ = market
-    offer = {"id": "o1", "pool": "hz-edge", "provider": "p", "accelerator": "910B", "fen_per_card_hour": 10,
+    offer = {"id": "o1", "pool": "hz-edge", "provider": "cpn-operator", "accelerator": "910B", "fen_per_card_hour": 10,
              "windows": [{"start_hour": 22, "end_hour": 6, "fen_per_card_hour": 4},
                          {"start_hour": 5, "end_hour": 9, "fen_per_card_hour": 4}]}
     status, body, _ = await admin.call("POST", "/v1/market/offers", offer)
@@ -130,6 +142,82 @@ async def test_an_offer_with_overlapping_windows_or_an_unknown_pool_is_refused(m
     assert status == 201
     status, body, _ = await admin.call("POST", "/v1/market/offers", {**offer, "windows": [], "fen_per_card_hour": 11})
     assert status == 409 and body["error"]["param"] == "id", body  # a new price is a new offer
+
+
+async def test_an_offer_naming_another_provider_than_the_pools_declared_one_is_a_422(market) -> None:  # type: ignore[no-untyped-def]
+    """The operator's declaration (layout, then PUT /v1/sites/{site}/declaration) says whose pool
+    it is; an offer naming anyone else, even published by an admin, is refused naming provider."""
+    hub, admin, _, _ = market
+    offer = {"id": "o1", "pool": "hz-edge", "provider": "xirang-7", "accelerator": "910B", "fen_per_card_hour": 10}
+    status, body, _ = await admin.call("POST", "/v1/market/offers", offer)  # the layout: the operator's
+    assert (status, body["error"]["param"], body["error"]["code"]) == (422, "provider", "offer_provider_mismatch"), body
+    assert "'cpn-operator'" in body["error"]["message"], body
+    status, _, _ = await admin.call("PUT", "/v1/sites/hz-edge/declaration", {"provider": "xirang-7"})
+    assert status == 200
+    status, body, _ = await admin.call("POST", "/v1/market/offers", {**offer, "provider": "cpn-operator"})
+    assert (status, body["error"]["param"]) == (422, "provider"), body  # now not the operator's either
+    status, body, _ = await admin.call("POST", "/v1/market/offers", offer)
+    assert status == 201, body
+    assert [o.provider for o in records_of(hub)] == ["xirang-7"]
+
+
+async def test_a_provider_key_manages_only_its_own_pools_offers_and_reads_only_its_own_statement(market) -> None:  # type: ignore[no-untyped-def]
+    hub, admin, acme, _ = market
+    for site, provider in (("hz-edge", "xirang-7"), ("sh-hub", "westgrid")):
+        status, _, _ = await admin.call("PUT", f"/v1/sites/{site}/declaration", {"provider": provider})
+        assert status == 200
+    status, issued, _ = await admin.call("POST", "/v1/providers/xirang-7/keys", {"label": "ops"})
+    assert status == 201 and issued["role"] == "provider" and issued["provider_id"] == "xirang-7", issued
+    assert issued["tenant_id"] is None
+    status, body, _ = await admin.call("POST", "/v1/providers/cpn-operator/keys")
+    assert (status, body["error"]["param"]) == (400, "provider"), body  # the operator's pools: admin keys
+    xirang = Client(admin.session, admin.base, issued["api_key"])
+
+    # Its own pool, as itself: published, listed, withdrawn.
+    offer = {"id": "x-910b", "pool": "hz-edge", "provider": "xirang-7", "accelerator": "910B", "fen_per_card_hour": 900}
+    status, body, _ = await xirang.call("POST", "/v1/market/offers", offer)
+    assert status == 201 and body["provider"] == "xirang-7", body
+    status, body, _ = await admin.call("POST", "/v1/market/offers", {
+        "id": "w-910b", "pool": "sh-hub", "provider": "westgrid", "accelerator": "910B", "fen_per_card_hour": 800})
+    assert status == 201, body
+    status, body, _ = await xirang.call("GET", "/v1/market/offers")
+    assert status == 200 and [o["id"] for o in body["data"]] == ["x-910b"], body  # not westgrid's
+    # Another provider's pool, another provider's name, another provider's offer: 403.
+    for method, path, payload, param in [
+            ("POST", "/v1/market/offers", {**offer, "id": "x2", "pool": "sh-hub"}, "pool"),
+            ("POST", "/v1/market/offers", {**offer, "id": "x3", "provider": "westgrid"}, "provider"),
+            ("POST", "/v1/market/offers", {**offer, "id": "x4", "pool": "sh-hub", "provider": "westgrid"}, "provider"),
+            ("DELETE", "/v1/market/offers/w-910b", None, "offer"),
+            ("GET", "/v1/market/offers?provider=westgrid", None, "provider"),
+            ("GET", "/v1/statements?account=provider:westgrid", None, "account"),
+            ("GET", "/v1/statements?account=tenant:acme", None, "account")]:
+        status, body, _ = await xirang.call(method, path, payload)
+        assert (status, body["error"]["param"]) == (403, param), (path, payload, body)
+    # Nothing else: tenant APIs, admin APIs, the catalogue.
+    for method, path, payload in [("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/usage", None),
+                                  ("POST", "/v1/quotes", {"cards": 1, "est_hours": 1}), ("GET", "/v1/jobs", None),
+                                  ("GET", "/v1/market/models", None), ("GET", "/v1/market/totals", None),
+                                  ("PUT", "/v1/tenants/acme/budget", {"limit_fen": 1}), ("GET", "/v1/sites", None),
+                                  ("POST", "/v1/providers/xirang-7/keys", None)]:
+        status, body, _ = await xirang.call(method, path, payload)
+        assert status == 403, (path, body)
+    assert [o.id for o in records_of(hub)] == ["w-910b", "x-910b"]
+
+    # Its statement: its own account, JSON and CSV.
+    status, body, _ = await xirang.call("GET", "/v1/statements")
+    assert status == 200 and body["account"] == "provider:xirang-7", body
+    status, _, headers = await xirang.call("GET", "/v1/statements?account=provider:xirang-7&format=csv")
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    status, body, _ = await xirang.call("DELETE", "/v1/market/offers/x-910b")
+    assert status == 200 and body["valid_until"] is not None, body
+
+    # Revoked like any key.
+    status, listed, _ = await admin.call("GET", "/v1/providers/xirang-7/keys")
+    assert [(k["id"], k["provider_id"], k["tenant_id"]) for k in listed["data"]] == [(issued["id"], "xirang-7", None)]
+    status, _, _ = await admin.call("DELETE", f"/v1/providers/xirang-7/keys/{issued['id']}")
+    assert status == 200
+    status, body, _ = await xirang.call("GET", "/v1/statements")
+    assert status == 401, body
 
 
 async def test_a_public_facing_tenant_is_refused_a_model_without_a_public_filing(market) -> None:  # type: ignore[no-untyped-def]
@@ -250,6 +338,29 @@ async def test_a_tenant_at_its_budget_gets_402_with_the_figures(market) -> None:
     assert st["closing_fen"] == -100 - cost, st
 
 
+@pytest.mark.parametrize("market", [150], indirect=True)
+async def test_requests_in_flight_together_cannot_overshoot_the_budget(market) -> None:  # type: ignore[no-untyped-def]
+    """Each request holds the most it can cost (10 fen: 2 prompt bytes at 1 fen, 4 tokens at 2)
+    from admission until its answer is done. 10 requests sent together (each lasting ~0.6 s)
+    against 35 fen: 3 are served, 7 refused with 402, and the tenant spends at most 35 fen. Without
+    the holds all 10 pass the check before any usage is counted."""
+    hub, admin, acme, _ = market
+    await admin.call("PUT", "/v1/market/models/chat", MODEL)
+    status, _, _ = await admin.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": 35, "period": "month"})
+    assert status == 200
+    answers = await asyncio.gather(*(acme.call("POST", "/v1/chat/completions", CHAT) for _ in range(10)))
+    statuses = sorted(status for status, _, _ in answers)
+    assert statuses == [200] * 3 + [402] * 7, [(s, b) for s, b, _ in answers]
+    refused = [body for status, body, _ in answers if status == 402]
+    assert all(b["budget"]["held_fen"] >= 30 and b["budget"]["incoming_fen"] == 10 for b in refused), refused
+    assert market_of(hub).counters["refused_budget"] == 7
+    assert market_of(hub).held_fen("acme") == 0  # every hold released with its answer
+    hub.accounting.flush()
+    spent = -ledger_store.balances(hub.db)["tenant:acme"]
+    served = [body["usage"] for status, body, _ in answers if status == 200]
+    assert spent == sum(u["prompt_tokens"] + 2 * u["completion_tokens"] for u in served) <= 35
+
+
 async def test_quotes_need_a_tenant_and_a_valid_job_body(market) -> None:  # type: ignore[no-untyped-def]
     _, admin, acme, _ = market
     job = {"cards": 4, "accelerators": ["910B"], "est_hours": 1.0}
@@ -286,7 +397,7 @@ async def test_cpn_market_writes_what_the_running_hub_applies(market, capsys: py
                 "--output-fen-per-mtok", "2000000", "--filing-number", "N-1", "--filing-scope", "public",
                 "--filed-on", "2024-05-01", "--db", db) == 0
     assert _cli("budget", "set", "acme", "--limit-cny", "12.34", "--db", db) == 0
-    assert _cli("offer", "add", "hz-1", "--pool", "hz-edge", "--provider", "acme-cloud", "--accelerator", "910B",
+    assert _cli("offer", "add", "hz-1", "--pool", "hz-edge", "--provider", "cpn-operator", "--accelerator", "910B",
                 "--fen-per-card-hour", "900", "--window", "23-7:400", "--db", db) == 0
     status, body, _ = await admin.call("GET", "/v1/tenants/acme/budget")
     assert body["limit_fen"] == 1234
@@ -316,6 +427,8 @@ async def test_cpn_market_writes_what_the_running_hub_applies(market, capsys: py
      "--pool 'atlantis' is not a site"),
     (["offer", "add", "o", "--pool", "hz-edge", "--provider", "p", "--accelerator", "910B", "--fen-per-card-hour", "1",
       "--window", "night"], "--window 'night' is not START-END:FEN"),
+    (["offer", "add", "o", "--pool", "hz-edge", "--provider", "p", "--accelerator", "910B", "--fen-per-card-hour", "1"],
+     "--provider 'p' does not own pool hz-edge: the operator declared 'cpn-operator' its provider"),
     (["offer", "withdraw", "nope"], "offer 'nope' not found"),
     (["budget", "set", "acme", "--limit-cny", "lots"], "--limit-cny must be an amount of CNY"),
     (["budget", "show", "acme"], "tenant 'acme' has no budget"),
@@ -366,11 +479,16 @@ async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_c
             async with aiohttp.ClientSession() as session:
                 base = f"http://127.0.0.1:{hub.http_port}"
                 op, acme = Client(session, base, admin), Client(session, base, key)
-                for offer in ({"id": "sh-910b", "pool": "sh-hub", "provider": "cpn-operator", "accelerator": "910B",
-                               "fen_per_card_hour": 3000, "valid_from": 0},
-                              {"id": "hz-910b", "pool": "hz-edge", "provider": "xirang-7", "accelerator": "910B",
-                               "fen_per_card_hour": 1000, "valid_from": 0}):
-                    status, body, _ = await op.call("POST", "/v1/market/offers", offer)
+                status, body, _ = await op.call("PUT", "/v1/sites/hz-edge/declaration", {"provider": "xirang-7"})
+                assert status == 200 and body["provider"] == "xirang-7", body
+                status, issued, _ = await op.call("POST", "/v1/providers/xirang-7/keys")
+                assert status == 201, issued
+                xirang = Client(session, base, issued["api_key"])  # the provider publishes its own offer
+                for who, offer in ((op, {"id": "sh-910b", "pool": "sh-hub", "provider": "cpn-operator",
+                                         "accelerator": "910B", "fen_per_card_hour": 3000, "valid_from": 0}),
+                                   (xirang, {"id": "hz-910b", "pool": "hz-edge", "provider": "xirang-7",
+                                             "accelerator": "910B", "fen_per_card_hour": 1000, "valid_from": 0})):
+                    status, body, _ = await who.call("POST", "/v1/market/offers", offer)
                     assert status == 201, body
                 job = {"name": "sim", "cards": 4, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_cost_s": 30,
                        "checkpoint_interval_min": 10}
@@ -411,7 +529,10 @@ async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_c
                 card_h = line["cards"] * (line["end_at"] - line["start_at"]) / 3600
                 assert abs(card_h - vf["card_hours"]) < 1e-5  # billed what metering measured
                 assert cf["charged_fen"] == round(card_h * 1000)  # no quote: metered at the offer, uncapped
-                status, st, _ = await op.call("GET", "/v1/statements?account=provider:xirang-7")
+                status, st, _ = await xirang.call("GET", "/v1/statements")  # its own, with its own key
+                assert status == 200 and st["account"] == "provider:xirang-7", st
+                status, via_admin, _ = await op.call("GET", "/v1/statements?account=provider:xirang-7")
+                assert via_admin == st
                 earned = sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "earning")
                 commission = -sum(x["amount_fen"] for x in st["lines"] if x["entry_kind"] == "commission")
                 assert earned == cf["charged_fen"] and commission == (earned + 5) // 10, st  # 10 %, half up
@@ -444,3 +565,81 @@ def _job(hub: Hub, job_id: str) -> Any:
     from controlplane.store import jobs as store_jobs
 
     return store_jobs.get_job(hub.db, job_id)
+
+
+async def test_accepted_jobs_hold_their_maximum_against_the_budget_until_billed_or_ended(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """budgets Rule 4 over HTTP: a job accepted holds its most-it-can-cost (a quoted job: the
+    quote's maximum; an unquoted one: the largest maximum among the feasible priced placements)
+    until it ends, so the next submission that would pass the budget with it is refused 402 with
+    the figures; once the job is cancelled (its attempt billed) only what it was charged counts."""
+    async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:  # real time: jobs run for an hour
+        admin = hub.create_admin_key("test")
+        key = hub.create_tenant("acme", default_origin="hangzhou")
+        agents = [_training_agent("sh-hub", "shanghai", 8, nats_server.url, tmp_path),
+                  _training_agent("hz-edge", "hangzhou", 4, nats_server.url, tmp_path)]
+        try:
+            for a in agents:
+                await a.start()
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.registered
+                                    for s in ("sh-hub", "hz-edge")), 10, "agents registered")
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{hub.http_port}"
+                op, acme = Client(session, base, admin), Client(session, base, key)
+                for pool, fen in (("sh-hub", 3000), ("hz-edge", 1000)):
+                    status, body, _ = await op.call("POST", "/v1/market/offers", {
+                        "id": f"{pool}-910b", "pool": pool, "provider": "cpn-operator", "accelerator": "910B",
+                        "fen_per_card_hour": fen, "valid_from": 0})
+                    assert status == 201, body
+                job = {"name": "sim", "cards": 4, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_cost_s": 30,
+                       "checkpoint_interval_min": 10}
+                status, quote, _ = await acme.call("POST", "/v1/quotes", job)
+                assert status == 201, quote
+                hz, sh = sorted(quote["options"], key=lambda o: o["max_fen"])
+                assert (hz["pool"], sh["pool"]) == ("hz-edge", "sh-hub") and hz["max_fen"] < sh["max_fen"]
+                limit = sh["max_fen"] + hz["max_fen"]
+                assert (await op.call("PUT", "/v1/tenants/acme/budget", {"limit_fen": limit}))[0] == 200
+
+                # A job against the quote's hz-edge option holds the quote's maximum.
+                status, first, _ = await acme.call("POST", "/v1/jobs", {**job, "quote_id": quote["id"],
+                                                                          "quote_pool": "hz-edge"})
+                assert status == 201, first
+                assert _job(hub, first["id"]).spec.budget_hold_fen == hz["max_fen"]
+                status, budget, _ = await op.call("GET", "/v1/tenants/acme/budget")
+                assert (budget["spent_fen"], budget["jobs_held_fen"]) == (0, hz["max_fen"]), budget
+                # An unquoted job may land on sh-hub, the dearest offer: it needs sh's maximum, which fits
+                # exactly (hz + sh = the limit) ...
+                status, second, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 201, second
+                assert _job(hub, second["id"]).spec.budget_hold_fen == sh["max_fen"]
+                # ... and a third one does not: 402 with the figures, held included.
+                status, body, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 402, body
+                assert body["error"]["code"] == "budget_exceeded" and "held by work in flight" in body["error"]["message"]
+                figures = body["budget"]
+                assert (figures["limit_fen"], figures["spent_fen"], figures["held_fen"], figures["incoming_fen"],
+                        figures["incoming_basis"]) == (limit, 0, limit, sh["max_fen"], "most_expensive_offer"), figures
+                # So is an inference request of the same tenant: nothing is left while both jobs live.
+                assert (await op.call("PUT", "/v1/market/models/chat", MODEL))[0] == 200
+                market_of(hub).refresh()
+                with pytest.raises(Refused) as refused:
+                    market_of(hub).admit(wire.InferRequest(request_id="r1", tenant="acme", model="chat", prompt="hi",
+                                                           max_tokens=1), time.time())
+                assert refused.value.status == 402 and refused.value.body["budget"]["held_fen"] == limit
+
+                # Cancelled: the jobs' attempts are billed (a few seconds of 4 cards at most) and
+                # their holds released; only what they were charged still counts.
+                for j in (first["id"], second["id"]):
+                    status, body, _ = await acme.call("DELETE", f"/v1/jobs/{j}")
+                    assert status == 200, body
+                status, budget, _ = await op.call("GET", "/v1/tenants/acme/budget")
+                charged = 0
+                for j in (first["id"], second["id"]):
+                    charged += (await acme.call("GET", f"/v1/jobs/{j}/charges"))[1]["charged_fen"]
+                assert (budget["jobs_held_fen"], budget["held_fen"], budget["spent_fen"]) == (0, 0, charged), budget
+                assert charged < hz["max_fen"]
+                status, third, _ = await acme.call("POST", "/v1/jobs", job)
+                assert status == 201, third
+        finally:
+            for a in agents:
+                await a.stop()

@@ -66,3 +66,65 @@ def test_periods_are_china_local_calendar_days_and_months() -> None:
 def test_refuse_exactly_when_the_limit_would_be_passed(limit: int, spent: int, incoming: int) -> None:
     d = budgets.check(budgets.Budget(tenant="a", limit_fen=limit), spent, incoming)
     assert (d.verdict == "refuse") == (spent + incoming > limit)
+
+
+def test_holds_count_against_the_limit_with_what_was_spent() -> None:
+    b = budgets.Budget(tenant="acme", limit_fen=1_000)
+    assert budgets.check(b, 600, 300).verdict != "refuse"
+    refused = budgets.check(b, 600, 300, held_fen=200)  # 600 + 200 + 300 > 1000
+    assert refused.verdict == "refuse" and refused.held_fen == 200 and refused.remaining_fen == 200
+    assert "2.00 CNY held by work in flight" in refused.message and "2.00 CNY remain" in refused.message
+    assert budgets.check(b, 600, 200, held_fen=200).verdict in ("allow", "warn")  # exactly the limit
+    with pytest.raises(ValueError, match="held_fen must be >= 0"):
+        budgets.check(b, 0, 1, held_fen=-1)
+
+
+@given(st.integers(0, 5_000), st.lists(st.tuples(st.integers(0, 400), st.floats(0, 1)), max_size=40))
+def test_requests_admitted_together_never_overshoot_the_limit(limit: int, requests: list[tuple[int, float]]) -> None:
+    """Rule 3: every request is admitted (or not) while all earlier ones are still in flight, each
+    holding its estimate; each then uses at most its estimate. What was spent never exceeds the
+    limit, however the requests settle."""
+    b = budgets.Budget(tenant="acme", limit_fen=limit)
+    held, holds = 0, []
+    for estimate, used in requests:
+        if budgets.check(b, 0, estimate, held_fen=held).verdict != "refuse":
+            held += estimate
+            holds.append((estimate, int(estimate * used)))
+    spent = 0
+    for estimate, actual in holds:  # settle: the hold is released, the actual use is spent
+        held -= estimate
+        spent += actual
+        assert spent + held <= limit
+    assert spent <= limit
+
+
+def test_a_training_hold_is_the_quotes_maximum_else_the_most_expensive_feasible_offers() -> None:
+    assert budgets.training_hold(700, [100, 900]) == budgets.TrainingHold(fen=700, basis="quote")
+    assert budgets.training_hold(None, [100, 900, 300]) == budgets.TrainingHold(fen=900, basis="most_expensive_offer")
+    assert budgets.training_hold(None, []) is None        # nothing could price it: nothing to hold
+
+
+def test_a_job_holds_its_maximum_less_what_it_was_charged_until_it_ends() -> None:
+    assert budgets.job_hold_fen(900, 0, False) == 900
+    assert budgets.job_hold_fen(900, 400, False) == 500
+    assert budgets.job_hold_fen(900, 1200, False) == 0     # billed past its hold (unquoted, ran longer)
+    assert budgets.job_hold_fen(900, 400, True) == 0       # ended: released
+
+
+@given(limit=st.integers(0, 10_000), maxima=st.lists(st.integers(0, 5_000), max_size=12),
+       charged_pct=st.lists(st.integers(0, 100), min_size=12, max_size=12))
+def test_jobs_accepted_while_their_holds_fit_never_commit_more_than_the_limit(
+        limit: int, maxima: list[int], charged_pct: list[int]) -> None:
+    """Rule 4: each job is accepted only if spent + held + its maximum fits; whatever part of its
+    maximum each accepted job has been charged so far, spent + what they still hold stays within
+    the limit (a charge moves fen from held to spent, it never adds)."""
+    b = budgets.Budget(tenant="t", limit_fen=limit)
+    accepted: list[int] = []
+    for m in maxima:
+        held = sum(budgets.job_hold_fen(x, 0, False) for x in accepted)
+        if budgets.check(b, 0, m, held).verdict != "refuse":
+            accepted.append(m)
+    charged = [x * p // 100 for x, p in zip(accepted, charged_pct)]
+    spent = sum(charged)
+    held = sum(budgets.job_hold_fen(x, c, False) for x, c in zip(accepted, charged))
+    assert spent + held == sum(accepted) <= limit

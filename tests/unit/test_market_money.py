@@ -68,3 +68,10 @@ def test_allocation_never_loses_or_creates_a_fen(total: int, weights: list[int])
 def test_commission_and_remainder_add_back_up(total: int, bp: int) -> None:
     share = money.basis_points(total, bp)
     assert 0 <= share <= total and share + (total - share) == total
+
+
+@given(st.integers(0, 10**9), st.integers(0, 10**9), st.integers(0, 10**7), st.integers(0, 10**7))
+def test_token_prices_in_integers_equal_the_exact_sum_rounded_once(prompt: int, completion: int, fin: int,
+                                                                   fout: int) -> None:
+    assert money.price_tokens(prompt, completion, fin, fout) == money.round_half_up(
+        money.tokens_exact(prompt, fin) + money.tokens_exact(completion, fout))

@@ -94,3 +94,13 @@ def test_adjacent_leases_add_up_exactly_before_rounding(a: float, d1: float, d2:
     b, c = a + d1, a + d1 + d2
     assert offers.lease_exact(o, cards, a, b) + offers.lease_exact(o, cards, b, c) == offers.lease_exact(o, cards, a, c)
     assert offers.lease_exact(o, cards, a, c) >= 0
+
+
+def test_an_offer_is_published_only_for_its_pools_declared_provider() -> None:
+    assert offers.provider_problem(offer(), "westgrid") is None
+    problem = offers.provider_problem(offer(), "deltacompute")
+    assert problem is not None and problem.startswith("provider 'westgrid' does not own pool nx-zw")
+    assert "'deltacompute'" in problem
+    # A pool declared without a provider is the operator's own.
+    assert offers.provider_problem(offer(provider="cpn-operator"), "") is None
+    assert offers.provider_problem(offer(), "") is not None

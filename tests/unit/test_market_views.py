@@ -12,7 +12,7 @@ def test_402_body_carries_the_figures() -> None:
     body = views.budget_exceeded_body(d, "month")
     assert body["error"]["code"] == "budget_exceeded" and "budget exceeded" in body["error"]["message"]
     assert body["budget"] == {"limit_fen": 10_000, "limit_cny": "100.00", "spent_fen": 9_000, "spent_cny": "90.00",
-                              "incoming_fen": 2_500, "incoming_cny": "25.00", "remaining_fen": 1_000,
+                              "held_fen": 0, "held_cny": "0.00", "incoming_fen": 2_500, "incoming_cny": "25.00", "remaining_fen": 1_000,
                               "remaining_cny": "10.00", "period": "month", "used_pct": 115}
     msgspec.json.encode(body)
 

@@ -109,7 +109,7 @@ def install(db: sqlite_utils.Database) -> bool:
 
 
 def put_tenant(db: sqlite_utils.Database, settings: TenantSettings, now: float) -> None:
-    with transaction(db.conn):
+    with transaction(db):
         db.conn.execute(
             """INSERT INTO market_tenants (tenant, public_facing, filing_number, updated_at) VALUES (?, ?, ?, ?)
                ON CONFLICT (tenant) DO UPDATE SET public_facing = excluded.public_facing,
@@ -139,7 +139,7 @@ def budgets(db: sqlite_utils.Database) -> dict[str, budget_rules.Budget]:
 
 def add_usage_lines(db: sqlite_utils.Database, lines: Iterable[UsageLine]) -> None:
     """Keep flushed usage lines (inside the caller's transaction, or one of its own)."""
-    with transaction(db.conn):
+    with transaction(db):
         db.conn.executemany(
             """INSERT INTO market_usage_lines (flush, tenant, model, site, at, prompt_tokens, completion_tokens, priced)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
@@ -158,7 +158,7 @@ def usage_lines(db: sqlite_utils.Database) -> list[UsageLine]:
 
 def add_attempt_line(db: sqlite_utils.Database, line: AttemptLine) -> bool:
     """Keep a metered attempt; False (nothing written) if that attempt was already kept."""
-    with transaction(db.conn):
+    with transaction(db):
         cur = db.conn.execute(
             """INSERT INTO market_attempt_lines (job, attempt, tenant, pool, accelerator, cards, start_at, end_at,
                offer_id, quote_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, attempt) DO NOTHING""",
@@ -191,11 +191,24 @@ def charged_fen(db: sqlite_utils.Database, job: str, tenant_account: str) -> int
     return -int(row[0])
 
 
+def job_holds(db: sqlite_utils.Database, tenant: str, ended_states: Iterable[str]) -> list[tuple[str, int, int]]:
+    """(job, hold_fen, charged_fen) of ``tenant``'s jobs holding budget (``spec.budget_hold_fen``
+    > 0) and not in one of ``ended_states`` (the store reads, ``budgets.job_hold_fen`` decides)."""
+    ended = sorted(ended_states)
+    rows = db.conn.execute(
+        f"""SELECT id, CAST(json_extract(spec, '$.budget_hold_fen') AS INTEGER) AS hold FROM jobs
+            WHERE tenant = ? AND state NOT IN ({", ".join("?" * len(ended))}) AND hold > 0 ORDER BY id""",
+        (tenant, *ended),
+    ).fetchall()
+    account = postings.tenant_account(tenant)
+    return [(str(job), int(hold), charged_fen(db, job, account)) for job, hold in rows]
+
+
 # --------------------------------------------------------------------------- quotes
 
 
 def put_quote_spec(db: sqlite_utils.Database, quote_id: str, spec_hash: str) -> None:
-    with transaction(db.conn):
+    with transaction(db):
         db.conn.execute("INSERT OR IGNORE INTO market_quote_specs (quote_id, spec_hash) VALUES (?, ?)",
                         (quote_id, spec_hash))
 

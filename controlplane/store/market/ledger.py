@@ -10,9 +10,19 @@ Promises (the pure rules of ``controlplane.market.ledger``, kept by the record):
   nothing; another transaction under a taken key is a ``Conflict`` and writes nothing.
 - Rule 3: triggers refuse any UPDATE or DELETE of ``market_transactions`` and ``market_entries``:
   corrections are new transactions.
-- The schema is migration ``0040_market_ledger``, recorded in the same ``_migrations`` table as the
-  hub's own; :func:`install` applies it once. (Its triggers hold semicolons, so it is a list of
-  statements, not one script: keep it so when it joins ``store/migrations.py``.)
+- Rule 4 (replicated): with the replicated record (``record = "nats"``) the ledger is part of it.
+  One ledger transaction is one row of ``market_transactions`` (one record key, its entries in
+  its ``body``); ``market_entries`` is derived from that body by a trigger, in every process (when
+  this process posts and when it applies another process's posting), so a posting is never
+  published without its entries nor split across keys. Keys are unique across processes (usage
+  flushes carry the hub id, attempts the job), so two processes never post under one key; should
+  they race on one, the record's compare-and-set lets one win and the other rolls back (409).
+- The schema is migrations ``0040_market_ledger`` and ``0043_market_replicated`` (no process-local
+  sequence number, entries derived from the body; immutable except while the replica applies or
+  rebuilds from the record, which it does with foreign keys off), recorded in the same
+  ``_migrations`` table as the hub's own; :func:`install` applies them once. (Their triggers hold
+  semicolons, so they are lists of statements, not scripts: keep them so when they join
+  ``store/migrations.py``.)
 """
 
 from __future__ import annotations
@@ -58,12 +68,72 @@ MIGRATION: tuple[str, ...] = (
        BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable'); END""",
 )
 
+_GUARD = "WHEN cpn_ledger_sealed((SELECT foreign_keys FROM pragma_foreign_keys))"
+"""Immutability holds on a hub's connection while foreign keys are on: always, except while the
+replicated record's projection applies or rebuilds rows (``store/replica.py`` runs those with
+foreign keys off). Any other connection (the sqlite3 shell, a script) lacks ``cpn_ledger_sealed``
+and every UPDATE or DELETE of a ledger row fails there."""
+_DERIVE_ENTRIES = """INSERT INTO market_entries (key, line, at, account, amount_fen, kind, memo)
+       SELECT NEW.key, CAST(j.key AS INTEGER), NEW.at, json_extract(j.value, '$.account'),
+              json_extract(j.value, '$.amount_fen'), json_extract(j.value, '$.kind'),
+              COALESCE(json_extract(j.value, '$.memo'), '')
+       FROM json_each(NEW.body, '$.entries') AS j"""
+
+REPLICATED_ID = "0043_market_replicated"
+REPLICATED: tuple[str, ...] = (
+    """CREATE TABLE market_transactions_new (
+        key TEXT PRIMARY KEY,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        body TEXT NOT NULL
+    )""",
+    "INSERT INTO market_transactions_new (key, at, kind, ref, body) SELECT key, at, kind, ref, body FROM market_transactions",
+    "DROP TABLE market_entries",
+    "DROP TABLE market_transactions",
+    "ALTER TABLE market_transactions_new RENAME TO market_transactions",
+    """CREATE TABLE market_entries (
+        key TEXT NOT NULL REFERENCES market_transactions (key),
+        line INTEGER NOT NULL,
+        at REAL NOT NULL,
+        account TEXT NOT NULL,
+        amount_fen INTEGER NOT NULL CHECK (typeof(amount_fen) = 'integer'),
+        kind TEXT NOT NULL,
+        memo TEXT NOT NULL,
+        PRIMARY KEY (key, line)
+    )""",
+    "CREATE INDEX market_entries_by_account ON market_entries (account, at)",
+    "CREATE INDEX market_transactions_by_at ON market_transactions (at)",
+    f"""CREATE TRIGGER market_transactions_entries AFTER INSERT ON market_transactions
+       BEGIN {_DERIVE_ENTRIES}; END""",
+    f"""CREATE TRIGGER market_transactions_no_update BEFORE UPDATE ON market_transactions {_GUARD}
+       BEGIN SELECT RAISE(ABORT, 'ledger transactions are immutable'); END""",
+    f"""CREATE TRIGGER market_transactions_no_delete BEFORE DELETE ON market_transactions {_GUARD}
+       BEGIN SELECT RAISE(ABORT, 'ledger transactions are immutable'); END""",
+    """CREATE TRIGGER market_transactions_deleted AFTER DELETE ON market_transactions
+       BEGIN DELETE FROM market_entries WHERE key = OLD.key; END""",
+    f"""CREATE TRIGGER market_entries_no_update BEFORE UPDATE ON market_entries {_GUARD}
+       BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable'); END""",
+    f"""CREATE TRIGGER market_entries_no_delete BEFORE DELETE ON market_entries {_GUARD}
+       BEGIN SELECT RAISE(ABORT, 'ledger entries are immutable'); END""",
+    "INSERT INTO market_entries (key, line, at, account, amount_fen, kind, memo) "
+    "SELECT t.key, CAST(j.key AS INTEGER), t.at, json_extract(j.value, '$.account'), "
+    "json_extract(j.value, '$.amount_fen'), json_extract(j.value, '$.kind'), "
+    "COALESCE(json_extract(j.value, '$.memo'), '') FROM market_transactions AS t, json_each(t.body, '$.entries') AS j",
+)
+"""The ledger made fit for the replicated record (Rule 4): the process-local ``seq`` goes (two
+processes would number their postings alike), entries are derived from each transaction's body."""
+
 _decode = msgspec.json.Decoder(ledger.Transaction).decode
 
 
 def install(db: sqlite_utils.Database) -> bool:
-    """Apply the market ledger's migration if not yet applied; True if it was applied now."""
-    return apply_migration(db, MIGRATION_ID, MIGRATION)
+    """Apply the market ledger's migrations if not yet applied; True if the first was applied now.
+    Registers the immutability guard's function on this connection (``_GUARD``)."""
+    db.conn.create_function("cpn_ledger_sealed", 1, lambda foreign_keys: foreign_keys, deterministic=True)
+    first = apply_migration(db, MIGRATION_ID, MIGRATION)
+    apply_migration(db, REPLICATED_ID, REPLICATED)
+    return first
 
 
 def _existing(conn: sqlite3.Connection, key: str) -> ledger.Transaction | None:
@@ -78,13 +148,9 @@ def _post_one(conn: sqlite3.Connection, txn: ledger.Transaction) -> ledger.PostR
         return ledger.Replayed(checked)
     if isinstance(decision, ledger.Conflict):
         return decision
-    seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM market_transactions").fetchone()[0]
-    conn.execute("INSERT INTO market_transactions (key, seq, at, kind, ref, body) VALUES (?, ?, ?, ?, ?, ?)",
-                 (checked.key, seq, checked.at, checked.kind, checked.ref, msgspec.json.encode(checked).decode()))
-    conn.executemany(
-        "INSERT INTO market_entries (key, line, at, account, amount_fen, kind, memo) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(checked.key, i, checked.at, e.account, e.amount_fen, e.kind, e.memo) for i, e in enumerate(checked.entries)],
-    )
+    # its entries follow from the body (trigger ``market_transactions_entries``, Rule 4)
+    conn.execute("INSERT INTO market_transactions (key, at, kind, ref, body) VALUES (?, ?, ?, ?, ?)",
+                 (checked.key, checked.at, checked.kind, checked.ref, msgspec.json.encode(checked).decode()))
     return ledger.Posted(checked)
 
 
@@ -104,7 +170,7 @@ def post_many(db: sqlite_utils.Database, txns: Iterable[ledger.Transaction]) -> 
         ledger.UnbalancedTransaction: one of them does not balance (nothing of the batch is written).
     """
     conn = db.conn
-    with transaction(conn):
+    with transaction(db):
         return [_post_one(conn, t) for t in txns]
 
 

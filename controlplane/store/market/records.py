@@ -83,7 +83,7 @@ def put_model(db: sqlite_utils.Database, model: catalogue.ModelRecord, now: floa
     if problem is not None:
         raise ValueError(f"model {model.id}: {problem}")
     conn = db.conn
-    with transaction(conn):
+    with transaction(db):
         row = conn.execute("SELECT MAX(revision), MAX(valid_from) FROM market_models WHERE id = ?",
                            (model.id,)).fetchone()
         if row[1] is not None and now < row[1]:
@@ -127,7 +127,7 @@ def put_offer(db: sqlite_utils.Database, offer: offers.Offer) -> bool:
     if problem is not None:
         raise ValueError(f"offer {offer.id}: {problem}")
     conn = db.conn
-    with transaction(conn):
+    with transaction(db):
         row = conn.execute("SELECT body FROM market_offers WHERE id = ?", (offer.id,)).fetchone()
         if row is not None:
             if _offer(row[0]) == offer:
@@ -145,7 +145,7 @@ def put_offer(db: sqlite_utils.Database, offer: offers.Offer) -> bool:
 def withdraw_offer(db: sqlite_utils.Database, offer_id: str, now: float) -> offers.Offer | None:
     """End an offer at ``now`` (no effect if it already ended earlier); None if unknown."""
     conn = db.conn
-    with transaction(conn):
+    with transaction(db):
         row = conn.execute("SELECT body FROM market_offers WHERE id = ?", (offer_id,)).fetchone()
         if row is None:
             return None
@@ -182,7 +182,7 @@ def put_budget(db: sqlite_utils.Database, budget: budgets.Budget, now: float) ->
     problem = budgets.budget_problem(budget)
     if problem is not None:
         raise ValueError(f"budget of {budget.tenant}: {problem}")
-    with transaction(db.conn):
+    with transaction(db):
         db.conn.execute(
             """INSERT INTO market_budgets (tenant, body, updated_at) VALUES (?, ?, ?)
                ON CONFLICT (tenant) DO UPDATE SET body = excluded.body, updated_at = excluded.updated_at""",
@@ -201,7 +201,7 @@ def put_quote(db: sqlite_utils.Database, q: quotes.Quote) -> None:
     Raises:
         ValueError: the id is taken by another quote.
     """
-    with transaction(db.conn):
+    with transaction(db):
         row = db.conn.execute("SELECT body FROM market_quotes WHERE id = ?", (q.id,)).fetchone()
         if row is not None:
             if _quote(row[0]) == q:

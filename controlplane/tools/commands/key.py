@@ -1,4 +1,4 @@
-"""``cpn key list|create|revoke|rotate``: tenant and admin API keys, directly in the hub's database.
+"""``cpn key list|create|revoke|rotate``: tenant, provider and admin API keys, directly in the hub's database.
 
 The database must exist (this never creates one). A running hub on the same database refuses a
 key revoked here within a second (it re-reads a key from the store at least once a second), and
@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         who = a.add_mutually_exclusive_group(required=True)
         who.add_argument("--tenant", help="the tenant whose keys these are")
         who.add_argument("--admin", action="store_true", help="the admin (operator) keys")
+        who.add_argument("--provider", help="a third-party provider's keys (its pools' offers, its statement)")
         a.add_argument("--db", default=".cpn/hub.db", help="the hub's database (must exist)")
 
     def expiry(a: argparse.ArgumentParser) -> None:
@@ -57,6 +58,8 @@ def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _scope(args: argparse.Namespace) -> tuple[str, str | None]:
+    if args.provider is not None:
+        return "provider", args.provider
     return ("admin", None) if args.admin else ("tenant", args.tenant)
 
 

@@ -33,16 +33,31 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description=__doc__)
     msub = p.add_subparsers(dest="market_command", metavar="PART", required=True)
 
-    def db_arg(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--db", default=".cpn/hub.db", help="the hub's database (must exist; default .cpn/hub.db)")
+    def part(name: str, help: str) -> argparse._SubParsersAction:  # type: ignore[type-arg]
+        parts: argparse._SubParsersAction = msub.add_parser(name, help=help).add_subparsers(  # type: ignore[type-arg]
+            dest="action", metavar="ACTION", required=True)
+        return parts
 
-    model = msub.add_parser("model", help="the model catalogue").add_subparsers(dest="action", metavar="ACTION", required=True)
-    m = model.add_parser("set", help="add a revision of a model, in force from now")
+    def leaf(parent: argparse._SubParsersAction, name: str, help: str, run: Any, *,  # type: ignore[type-arg]
+             listing: bool = False, period: bool = False) -> argparse.ArgumentParser:
+        """A command: ``--db`` always; ``--json`` for a listing; ``--period``/``--at`` for a period."""
+        q: argparse.ArgumentParser = parent.add_parser(name, help=help)
+        q.add_argument("--db", default=".cpn/hub.db", help="the hub's database (must exist; default .cpn/hub.db)")
+        if listing:
+            q.add_argument("--json", action="store_true", help="one JSON object a line")
+        if period:
+            q.add_argument("--period", choices=["month", "day"], default="month")
+            q.add_argument("--at", type=float, help="epoch seconds inside the period (default now)")
+        q.set_defaults(run=run)
+        return q
+
+    model = part("model", "the model catalogue")
+    m = leaf(model, "set", "add a revision of a model, in force from now", run_model_set)
     m.add_argument("id")
     m.add_argument("--owner", required=True, help="owner tenant")
     m.add_argument("--version", default="1")
-    m.add_argument("--input-fen-per-mtok", type=int, required=True, metavar="FEN")
-    m.add_argument("--output-fen-per-mtok", type=int, required=True, metavar="FEN")
+    for price in ("--input-fen-per-mtok", "--output-fen-per-mtok"):
+        m.add_argument(price, type=int, required=True, metavar="FEN")
     m.add_argument("--accelerators", default="", help="comma-separated accelerator types it serves on")
     m.add_argument("--memory-gb", type=float, default=0.0)
     m.add_argument("--owner-share-bp", type=int, default=0, help="owner's share of token revenue, basis points")
@@ -50,73 +65,42 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     m.add_argument("--filing-scope", choices=["public", "internal"])
     m.add_argument("--filed-on", metavar="YYYY-MM-DD")
     m.add_argument("--filing-covers-version", default="")
-    db_arg(m)
-    m.set_defaults(run=run_model_set)
-    ml = model.add_parser("list", help="the catalogue in force")
-    ml.add_argument("--json", action="store_true")
-    db_arg(ml)
-    ml.set_defaults(run=run_model_list)
+    leaf(model, "list", "the catalogue in force", run_model_list, listing=True)
 
-    offer = msub.add_parser("offer", help="pool owners' offers").add_subparsers(dest="action", metavar="ACTION", required=True)
-    o = offer.add_parser("add", help="publish an offer")
+    offer = part("offer", "pool owners' offers")
+    o = leaf(offer, "add", "publish an offer (for the pool's declared provider)", run_offer_add)
     o.add_argument("id")
-    o.add_argument("--pool", required=True)
-    o.add_argument("--provider", required=True)
-    o.add_argument("--accelerator", required=True)
+    for name in ("--pool", "--provider", "--accelerator"):
+        o.add_argument(name, required=True)
     o.add_argument("--fen-per-card-hour", type=int, required=True, metavar="FEN")
     o.add_argument("--window", action="append", default=[], metavar="START-END:FEN",
                    help="a time-of-use price, China local hours, e.g. 23-7:400 (repeatable)")
     o.add_argument("--min-lease-h", type=float, default=0.0)
     o.add_argument("--layout", metavar="FILE", help="the hub's layout, to check --pool (default: the shipped one)")
-    db_arg(o)
-    o.set_defaults(run=run_offer_add)
-    ol = offer.add_parser("list", help="every offer, past ones included")
-    ol.add_argument("--json", action="store_true")
-    db_arg(ol)
-    ol.set_defaults(run=run_offer_list)
-    ow = offer.add_parser("withdraw", help="end an offer now")
-    ow.add_argument("id")
-    db_arg(ow)
-    ow.set_defaults(run=run_offer_withdraw)
+    leaf(offer, "list", "every offer, past ones included", run_offer_list, listing=True)
+    leaf(offer, "withdraw", "end an offer now", run_offer_withdraw).add_argument("id")
 
-    budget = msub.add_parser("budget", help="tenants' spend limits").add_subparsers(dest="action", metavar="ACTION", required=True)
-    b = budget.add_parser("set", help="set a tenant's spend limit")
+    budget = part("budget", "tenants' spend limits")
+    b = leaf(budget, "set", "set a tenant's spend limit", run_budget_set)
     b.add_argument("tenant")
     lim = b.add_mutually_exclusive_group(required=True)
     lim.add_argument("--limit-cny", help="e.g. 1000 or 12.50")
     lim.add_argument("--limit-fen", type=int)
     b.add_argument("--period", choices=["month", "day"], default="month")
-    db_arg(b)
-    b.set_defaults(run=run_budget_set)
-    bs = budget.add_parser("show", help="a tenant's budget and spending this period")
-    bs.add_argument("tenant")
-    db_arg(bs)
-    bs.set_defaults(run=run_budget_show)
+    leaf(budget, "show", "a tenant's budget and spending this period", run_budget_show).add_argument("tenant")
 
-    t = msub.add_parser("tenant", help="mark a tenant public-facing (filed models only) or internal")
+    t = leaf(msub, "tenant", "mark a tenant public-facing (filed models only) or internal", run_tenant)
     t.add_argument("tenant")
     side = t.add_mutually_exclusive_group(required=True)
     side.add_argument("--public-facing", action="store_true")
     side.add_argument("--internal", action="store_true")
     t.add_argument("--filing-number", default="", help="the tenant's own service filing (kept and shown)")
-    db_arg(t)
-    t.set_defaults(run=run_tenant)
 
-    s = msub.add_parser("statement", help="an account's statement for a period")
+    s = leaf(msub, "statement", "an account's statement for a period", run_statement, period=True)
     s.add_argument("account", help="tenant:ID, provider:ID or operator:NAME")
-    s.add_argument("--period", choices=["month", "day"], default="month")
-    s.add_argument("--at", type=float, help="epoch seconds inside the period (default now)")
     s.add_argument("--csv", action="store_true", help="CSV instead of JSON")
-    db_arg(s)
-    s.set_defaults(run=run_statement)
-    tt = msub.add_parser("totals", help="what each tenant owes, each provider earns, the network kept")
-    tt.add_argument("--period", choices=["month", "day"], default="month")
-    tt.add_argument("--at", type=float)
-    db_arg(tt)
-    tt.set_defaults(run=run_totals)
-    r = msub.add_parser("reconcile", help="check the ledger against billed lines × prices (exit 1 if not equal)")
-    db_arg(r)
-    r.set_defaults(run=run_reconcile)
+    leaf(msub, "totals", "what each tenant owes, each provider earns, the network kept", run_totals, period=True)
+    leaf(msub, "reconcile", "check the ledger against billed lines × prices (exit 1 if not equal)", run_reconcile)
 
 
 def _open(path: str) -> Any:
@@ -235,6 +219,11 @@ def run_offer_add(args: argparse.Namespace) -> int:
         known = {s.id for s in lay.sites} | {r["id"] for r in sites.list_sites(db)}
         if args.pool not in known:
             raise RequestError(f"--pool {args.pool!r} is not a site of layout {lay.name!r} nor one the hub has seen")
+        declared = (sites.declarations(db).get(args.pool) or {}).get("provider") or next(
+            (s.provider for s in lay.sites if s.id == args.pool), "")
+        problem = offers.provider_problem(offer, declared)
+        if problem is not None:
+            raise RequestError(f"--{problem}")
         try:
             new = records.put_offer(db, offer)
         except ValueError as exc:
