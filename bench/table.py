@@ -64,6 +64,11 @@ def rows() -> list[tuple[str, str, str, str]]:
                         f"{sq['hub_cpu_ms_per_submission']} / {nr['hub_cpu_ms_per_submission']} / "
                         f"{bl['hub_cpu_ms_per_submission']} ms",
                         "≥ 0.25×, p99 ≤ 50 ms", f"{sub['machine']}, {sub['date']}"))
+    tk = _load("takeover")
+    if tk:
+        out.append((f"takeover after the leader's SIGKILL, 3 hub processes (`cpn bench takeover`, {tk['kills']} kills)",
+                    f"p50 {tk['takeover_p50_s']} s, max {tk['takeover_max_s']} s (lease {tk['lease_duration_s']:g} s)",
+                    "≤ 5 s, aim ≤ 3 s", f"{tk['machine']}, {tk['date']}"))
     h = _load("heartbeat")
     if h:
         out.append((f"heartbeats, {h['sites']} sites at 1 Hz", f"{h['hub_cpu_pct']:.1f}% of one core on the hub ({h['received_per_s']:.0f} msgs/s applied)",
@@ -81,6 +86,18 @@ def rows() -> list[tuple[str, str, str, str]]:
                     f"{inf['in_faults']['requests']:,} requests overlapping a fault{_by_fault(inf)}, "
                     f"{inf['outside']['error_rate']:.2%} of {inf['outside']['requests']:,} outside",
                     "0 / 0 / 0; detection ≤ 3 s after last heartbeat; restart ≤ 1 s; 0 errors outside faults", f"{ch['machine']}, {ch['date']}"))
+    cha = _load("chaos_ha")
+    if cha:
+        inv = cha["invariants"]
+        inf = cha["inference"]
+        takeovers = ", ".join(f"{f['kind']} {f['takeover_s']}" for f in cha["faults"] if f.get("takeover_s") is not None)
+        out.append((f"chaos on three hub processes, {len(cha['faults'])} faults in {cha['seconds']:.0f} s (`cpn chaos --ha`)",
+                    f"lost {inv['accepted_then_lost']}, duplicated {inv['duplicate_side_effects']}, stale accepted "
+                    f"{inv['stale_results_accepted']}, started twice {inv['attempts_started_twice']}; takeover (s) where the "
+                    f"leader changed: {takeovers or 'none'}; inference errors {inf['in_faults']['error_rate']:.2%} of "
+                    f"{inf['in_faults']['requests']:,} requests overlapping a fault, {inf['outside']['error_rate']:.2%} of "
+                    f"{inf['outside']['requests']:,} outside (clients fail over to another gateway)",
+                    "0 / 0 / 0 / 0; takeover ≤ 5 s; errors only where a gateway died", f"{cha['machine']}, {cha['date']}"))
     sim = _load("sim")
     if sim:
         out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))

@@ -14,6 +14,7 @@ subset of the same parts (docs/architecture.md, "Processes are compositions").
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 from controlplane.config import AutoscaleConfig, HubConfig
 from controlplane.core import auth
 from controlplane.core.clock import Clock
+from controlplane.core.errors import RequestError
 from controlplane.core.ratelimit import TokenBuckets
 from controlplane.core.registry import SiteRegistry
 from controlplane.core.router import for_gateway as router_for_gateway
@@ -40,6 +42,7 @@ from controlplane.runtime import BackgroundTasks, TaskScope, WallClock
 from controlplane.services import deployments, handover, market, training
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
+from controlplane.services.demand_share import DemandShare
 from controlplane.services.job_feed import JobFeed
 from controlplane.services.job_views import JobViews
 from controlplane.services.inference import InferenceService, RequestIds
@@ -172,11 +175,16 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     leadership = Leadership(
         mode=("sole" if config.record == "sqlite" else "never" if config.role == "gateway" else "elected"),
         hub_id=config.hub_id, role=config.role, clock=clock, tasks=tasks.scope("leadership"),
-        record_urls=record_urls(config) if config.record == "nats" else (), set_epoch=stamp,
+        record_urls=record_connection(config)[0] if config.record == "nats" else (), set_epoch=stamp,
+        record_connect=record_connection(config)[1] if config.record == "nats" else None,
         set_fence=fence_commits, listen=listening, on_change=leading_changed)
     tenancy.gateways = lambda: leadership.gateways  # each gateway enforces its share of a tenant's rate
+    # Demand counts: a gateway publishes its own, a hub or controller adds what gateways publish.
+    share = DemandShare(hub_id=config.hub_id, role=config.role, bus=bus, local=inference.drain_demand, clock=clock,
+                        interval_s=config.autoscale.interval_s)
+    hub.add_service(share)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
-                                   demand=inference.drain_demand, autoscale=config.autoscale)
+                                   demand=share.drain, autoscale=config.autoscale)
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
     # The market prices the usage flush and training's metering (in their transactions).
     seller = market.install(market.MarketService(hub_id=config.hub_id, store=store, tenancy=tenancy, sites=sites,
@@ -188,9 +196,24 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     for service in (deployer, trainer):
         hub.services.remove(service)
         leadership.follow(service)
+    hub.add_service(_ModelAccess(deployer))  # every process's gateway serves the deployed models, leading or not
     # Handover (services/handover.py): a new leader sends again what the record says was decided
     # but its own outbox never held; a process that stops leading stops taking sites' events.
     leadership.on_lead.append(lambda epoch: handover.rebuild_starts(trainer, clock.time()))
+
+    async def announce_epoch(epoch: int) -> None:
+        notice = wire.LeaderEpoch(epoch=epoch, hub=config.hub_id)
+        for view in list(registry):
+            await bus.publish_command(view.id, notice)
+
+    def announce(epoch: int) -> None:
+        """A new leader says its epoch to every site it knows at once (``wire.LeaderEpoch``): a
+        deposed leader's command is then refused there before this one has sent anything. In the
+        background: taking the lead (under the leadership's lock) never waits on NATS for it."""
+        if epoch:
+            tasks.spawn(asyncio.wait_for(announce_epoch(epoch), 10.0), name="announce-epoch")
+
+    leadership.on_lead.insert(0, announce)
     leadership.on_step_down.append(bus.stop_consuming)
     bus.deciding = leadership.deciding
     hub.add_service(leadership)
@@ -254,6 +277,30 @@ def record_urls(config: HubConfig) -> list[str]:
     return config.record_nats_urls or [u.strip() for u in config.nats_url.split(",") if u.strip()]
 
 
+def record_connection(config: HubConfig) -> tuple[list[str], dict[str, Any]]:
+    """URLs and ``nats.connect`` options of this process's connections to the record: its own NATS
+    identity (``nats_user``) and TLS files (``nats_tls_*``), as its bus uses them, so a record on
+    servers with cpn's identities and TLS (``cpn deploy nats-config``) opens. User info in a URL of
+    ``record_nats_urls`` still wins (nats-py prefers it).
+
+    Raises:
+        RequestError: a TLS file is missing or not PEM.
+    """
+    from edge_agent import tls
+
+    urls = record_urls(config)
+    options: dict[str, Any] = {}
+    if config.nats_user:
+        options.update(user=config.nats_user, password=config.nats_password or "")
+    if config.nats_tls_ca:
+        try:
+            options["tls"] = tls.client_context(config.nats_tls_ca, config.nats_tls_cert, config.nats_tls_key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise RequestError(f"NATS TLS files: {exc}") from None
+        urls = ["tls://" + u.split("://", 1)[-1] for u in urls]  # never in clear to a server without TLS
+    return urls, options
+
+
 async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dict[str, Any]], None],
                                 bridges: list[RecordBridge]) -> Any:
     """The store of a process on the replicated record (``record = "nats"``): its SQLite file as a
@@ -261,11 +308,28 @@ async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dic
     the link to the record is added to ``bridges`` (the leader's fence goes there)."""
     from controlplane.store import replica
 
-    bridge = RecordBridge(record_urls(config), write_deadline_s=config.record_write_deadline_s,
-                          name=f"cpn-record-{config.hub_id}")
+    urls, connect = record_connection(config)
+    bridge = RecordBridge(urls, write_deadline_s=config.record_write_deadline_s,
+                          name=f"cpn-record-{config.hub_id}", connect=connect)
     bridges.append(bridge)
     db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
     assert db.write_hook is not None
     db.write_hook.listeners.append(on_change)
     db.write_hook.pipelined = config.record_pipelined_writes
     return db
+
+
+class _ModelAccess:
+    """Loads the deployments' model-access table when the process starts, whether or not it leads
+    (the deployments service itself runs only on the leader)."""
+
+    name = "model_access"
+
+    def __init__(self, deployer: deployments.DeploymentService) -> None:
+        self.deployer = deployer
+
+    async def start(self) -> None:
+        self.deployer.load_model_access()
+
+    async def stop(self) -> None:
+        return None

@@ -33,6 +33,39 @@ class AutoscaleConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
                 raise ValueError(f"autoscale.{name} must be > 0")
 
 
+TIDAL_PROFILE_24H = (0.35, 0.25, 0.18, 0.14, 0.12, 0.14, 0.25, 0.5, 0.8, 1.0, 1.05, 1.0,
+                     0.9, 0.9, 0.95, 1.0, 1.0, 0.95, 0.95, 1.05, 1.15, 1.2, 1.0, 0.65)
+"""A weekday-like inference demand curve by China local hour (illustrative, as ``cpn sim``'s)."""
+
+
+class LendingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Tidal lending (``[lending]``; docs/training.md, "Tidal lending"): idle inference cards of
+    sites of ``tiers`` offered to training until before the forecast ramp, reclaimed checkpoint-first."""
+
+    enabled: bool = False
+    """Off: training may use any free card of any site (the scheduler's pools as heartbeats say)."""
+    tiers: tuple[str, ...] = ("edge",)
+    profile: tuple[float, ...] = TIDAL_PROFILE_24H
+    """The declared demand profile: 24 relative rates by China local hour (the forecast's shape)."""
+    peak_need_share: float = 1.0
+    """At the profile's peak hour inference may need this share of a site's cards."""
+    headroom: float = 1.5
+    """What replicas hold now, grown along the profile, times this, is needed too."""
+    margin_s: float = 900.0
+    """Lent cards are back this long before the hour that needs them."""
+    min_lend_s: float = 3600.0
+    """No offer shorter than this."""
+
+    def __post_init__(self) -> None:
+        if len(self.profile) != 24 or min(self.profile) < 0 or max(self.profile) <= 0:
+            raise ValueError("lending.profile: 24 non-negative rates by local hour, not all zero")
+        if not 0 < self.peak_need_share <= 1:
+            raise ValueError("lending.peak_need_share must be in (0, 1]")
+        if self.headroom < 1 or self.margin_s < 0 or self.min_lend_s <= 60:
+            raise ValueError("lending: headroom >= 1, margin_s >= 0, min_lend_s > 60 (a gang's stop comes "
+                             "its checkpoint time and 60 s before the reclaim)")
+
+
 class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     hub_id: str = "hub"
     nats_url: str = "nats://127.0.0.1:4222"
@@ -136,6 +169,8 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """A training job waits for a cheaper tariff window only if that saves at least this percentage
     of its start-now energy cost (and its deadline allows it, or it asked ``prefer: cost``;
     docs/training.md, "Waiting for a cheaper window")."""
+    lending: LendingConfig = LendingConfig()
+    """Tidal lending of idle inference cards to training (``[lending]``)."""
 
     def __post_init__(self) -> None:
         if self.role != "hub" and self.record != "nats":

@@ -460,6 +460,9 @@ class Agent:
             case wire.CancelInfer(request_id=request_id):
                 found = self.inference.cancel(request_id)
                 return wire.Ack(detail="cancelled" if found else f"request {request_id} is not running here")
+            case wire.LeaderEpoch(epoch=epoch, hub=hub):
+                log(logging.INFO, "leader_epoch", site=self.site, epoch=epoch, hub=hub)
+                return wire.Ack(detail=f"epoch {epoch}")
             case wire.Reregister():
                 self.registered.clear()
                 self._register_wanted.set()

@@ -415,12 +415,22 @@ class Reregister(msgspec.Struct, tag="reregister", kw_only=True):
     hub: str = ""
 
 
+class LeaderEpoch(msgspec.Struct, tag="leader_epoch", kw_only=True):
+    """A controller that has just taken the lead says its epoch to every site at once, published
+    (no reply) on each site's command subject: the agent raises the highest epoch it has seen, so
+    a deposed leader's command is refused even before the new leader sent the site anything. An
+    older agent counts it as a bad message and goes on."""
+
+    epoch: int
+    hub: str = ""
+
+
 class Ack(msgspec.Struct, tag="ack", kw_only=True):
     detail: str = ""
 
 
-Command = Union[StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain, CancelInfer, Reregister]
-EPOCH_COMMANDS = (StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain)
+Command = Union[StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain, CancelInfer, Reregister, LeaderEpoch]
+EPOCH_COMMANDS = (StartAttempt, StopAttempt, LoadModel, UnloadModel, Drain, LeaderEpoch)
 """The commands that carry the sending controller's leader ``epoch``."""
 InferReply = Union[InferChunk, InferResult, InferAccepted, ErrorReply]
 CommandReply = Union[Ack, ErrorReply]

@@ -178,7 +178,9 @@ class CostBreakdown(msgspec.Struct, frozen=True, kw_only=True):
     run_s: float
     """Expected run time including checkpoint overhead and failures: work_s × (1 + waste)."""
     interval_s: float
-    mtbf_h: float
+    mtbf_h: float | None
+    """Mean time between failures of the job's gang on this pool; None when the pool declares no
+    failures (an infinite MTBF, which JSON cannot carry: the breakdown is stored with the attempt)."""
     waste_fraction: float
     meets_deadline: bool = True
     notes: list[str] = []
@@ -646,7 +648,7 @@ def breakdown(job: JobSpec, pp: PricedPool, now: float, est: Estimate) -> CostBr
         work_s=est.work_s,
         run_s=est.run_s,
         interval_s=est.interval_s,
-        mtbf_h=est.mtbf_s / 3600.0,
+        mtbf_h=est.mtbf_s / 3600.0 if math.isfinite(est.mtbf_s) else None,
         waste_fraction=est.waste_fraction,
         meets_deadline=est.meets_deadline,
         notes=notes,

@@ -557,7 +557,7 @@ class _Planner:
         offered = bd.accelerator in chosen.pp.pool.card_hour_cny
         text = (f"{bd.pool}/{bd.accelerator}: {bd.total_cny:.2f} CNY = {'offer price' if offered else 'energy'} "
                 f"{bd.energy_cny:.2f} "
-                f"+ failure waste {bd.failure_waste_cny:.2f} (MTBF {bd.mtbf_h:.1f} h, checkpoint every "
+                f"+ failure waste {bd.failure_waste_cny:.2f} (MTBF {_hours(bd.mtbf_h)}, checkpoint every "
                 f"{bd.interval_s / 60:.0f} min, waste {bd.waste_fraction:.1%}) + move {bd.move_cny:.2f}")
         if offered and cards:
             # What the owner's cards draw over the same run, by tariff: its margin over energy.
@@ -684,3 +684,7 @@ def plan(snapshot: Snapshot, now: float) -> Plan:
     for job in planner.order(snapshot.queued):
         planner.decide(job)
     return planner.plan
+
+
+def _hours(h: float | None) -> str:
+    return "no failures declared" if h is None else f"{h:.1f} h"

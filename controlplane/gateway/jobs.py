@@ -263,7 +263,7 @@ async def submit(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
     key = idempotency_key(request)
     body = await read_body(request, JobBody)
-    now = time.time()
+    now = _service(request).clock.time()
     spec = normalise(body, request, now)
     digest = body_hash(spec)  # of the body as sent: the same body replays whatever admit fills in
     earlier = _service(request).replayed(tenant, key, digest) if key is not None else None
@@ -310,7 +310,7 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
     row = _own_job(request)
-    new = _service(request).cancel(row.id, tenant, time.time())
+    new = _service(request).cancel(row.id, tenant, _service(request).clock.time())
     return json_response(full_view(request, new))
 
 

@@ -23,7 +23,6 @@ statements (tenant key; admins name the account). See docs/market.md.
 from __future__ import annotations
 
 import math
-import time
 from typing import Annotated, Literal
 
 import msgspec
@@ -110,8 +109,9 @@ def _market(request: web.Request) -> MarketService:
     return request.app[SERVICES].market
 
 
-def _now() -> float:
-    return time.time()
+def _now(request: web.Request) -> float:
+    """The hub's clock (injected in tests and `cpn up --time-scale` runs), never the wall's."""
+    return _market(request).clock.time()
 
 
 # --------------------------------------------------------------------------- admin
@@ -144,7 +144,7 @@ async def post_offer(request: web.Request) -> web.Response:
         fen_per_card_hour=body.fen_per_card_hour,
         windows=tuple(offers.Window(start_hour=w.start_hour, end_hour=w.end_hour, fen_per_card_hour=w.fen_per_card_hour)
                       for w in body.windows),
-        min_lease_s=body.min_lease_s, valid_from=body.valid_from if body.valid_from is not None else _now(),
+        min_lease_s=body.min_lease_s, valid_from=body.valid_from if body.valid_from is not None else _now(request),
         valid_until=body.valid_until)
     view, new = _market(request).put_offer(offer)
     return json_response(view, status=201 if new else 200)
@@ -195,7 +195,7 @@ async def create_quote(request: web.Request) -> web.Response:
     body = await read_body(request, JobBody)
     if body.quote_id is not None or body.quote_pool is not None:
         raise RequestError("a quote is asked for the job body alone", field="quote_id" if body.quote_id else "quote_pool")
-    now = _now()
+    now = _now(request)
     spec = normalise(body, request, now)
     q = _market(request).quote(tenant, spec, body_hash(spec), now)
     return json_response(views.quote_body(q), status=201, headers={"Location": f"/v1/quotes/{q.id}"})
@@ -239,7 +239,7 @@ def _period(request: web.Request) -> tuple[float, float]:
     if period not in ("day", "month"):
         raise RequestError(f"period must be day or month, got {period!r}", field="period")
     at = _float(request, "at")
-    return budgets.period_bounds(period, at if at is not None else _now())  # type: ignore[arg-type]
+    return budgets.period_bounds(period, at if at is not None else _now(request))  # type: ignore[arg-type]
 
 
 async def statements(request: web.Request) -> web.StreamResponse:

@@ -174,7 +174,7 @@ def durations_s(bd: placement.CostBreakdown, checkpoint_cost_s: float, restart_s
     work = bd.work_s
     interval = bd.interval_s if bd.interval_s > 0 else math.inf
     base = work * (1.0 + (checkpoint_cost_s / interval if math.isfinite(interval) else 0.0))
-    mtbf_s = bd.mtbf_h * 3600.0
+    mtbf_s = bd.mtbf_h * 3600.0 if bd.mtbf_h is not None else math.inf
     if not math.isfinite(mtbf_s) or mtbf_s <= 0 or work <= 0:
         return base, base, [base for _ in quantiles]
     lam = work / mtbf_s

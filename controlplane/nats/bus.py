@@ -854,3 +854,29 @@ class HubBus:
             return
         self.stats.events += 1
         await msg.ack()
+
+    # ------------------------------------------------------------------ hub to hub (soft state)
+
+    async def publish_hub(self, subject: str, data: bytes) -> None:
+        """Publish soft state to the other hub processes (e.g. a gateway's demand counts); raises
+        :class:`BusUnavailable` when not connected."""
+        await self._require().publish(subject, data)
+
+    async def subscribe_hub(self, subject: str, handler: Callable[[bytes], None]) -> None:
+        """Hand every message on ``subject`` to ``handler`` (synchronous; it counts and drops what it
+        cannot use). Live when this returns."""
+        nc = self._require()
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                handler(msg.data)
+            except Exception:
+                self.stats.bad("hub")
+                log.exception("event=hub_message_failed subject=%s", msg.subject)
+
+        self._subs.append(await nc.subscribe(subject, cb=on_msg))
+        await barrier(nc)
+
+    def malformed(self, kind: str) -> None:
+        """Count a malformed message a handler of :meth:`subscribe_hub` dropped."""
+        self.stats.bad(kind)

@@ -36,7 +36,7 @@ import collections
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 from controlplane.replicated.errors import Conflict, NoQuorum
@@ -57,8 +57,10 @@ class RecordBridge:
 
     def __init__(self, servers: Sequence[str], *, bucket: str = BUCKET, write_deadline_s: float = WRITE_DEADLINE_S,
                  catch_up_timeout_s: float = 0.5, probe_every_s: float = 1.0, probe_deadline_s: float = 0.5,
-                 name: str = "cpn-record") -> None:
+                 name: str = "cpn-record", connect: Mapping[str, Any] | None = None) -> None:
         self.servers = list(servers)
+        self.connect = dict(connect or {})
+        """More ``nats.connect`` options (the process's NATS identity and TLS context)."""
         self.bucket = bucket
         self.write_deadline_s = write_deadline_s
         self.catch_up_timeout_s = catch_up_timeout_s
@@ -118,7 +120,7 @@ class RecordBridge:
 
     async def _open(self, timeout_s: float) -> None:
         self.record = await Record.open(self.servers, bucket=self.bucket, write_deadline_s=self.write_deadline_s,
-                                        name=self.name)
+                                        name=self.name, connect=self.connect)
         self.projection = Projection(self.record, on_change=self._queue)
         await self.projection.start(timeout_s=timeout_s)
 

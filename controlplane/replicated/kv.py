@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -147,13 +147,15 @@ class Record:
     @classmethod
     async def open(cls, servers: Sequence[str], *, bucket: str = BUCKET, replicas: int = REPLICAS,
                    timeout_s: float = 2.0, write_deadline_s: float = WRITE_DEADLINE_S, name: str = "cpn-record",
-                   create: bool = True) -> Record:
+                   create: bool = True, connect: Mapping[str, Any] | None = None) -> Record:
         """Connect (to any of ``servers``; reconnecting forever) and make sure the bucket exists.
 
         Args:
             timeout_s: how long one request waits for its answer.
             write_deadline_s: how long a write keeps retrying (no stream leader, no answer) before
                 it raises :class:`~.errors.NoQuorum`.
+            connect: more ``nats.connect`` options: the process's NATS identity (``user``,
+                ``password``) and ``tls`` context (:func:`controlplane.compose.record_connection`).
 
         Raises:
             NoQuorum: the bucket could not be created or found within ``write_deadline_s``.
@@ -168,7 +170,7 @@ class Record:
             # the hub identity may subscribe only under its own inbox prefix (natsconf.hub_permissions):
             # on a server with cpn's identities the record's answers arrive there or nowhere
             inbox_prefix=HUB_INBOX_PREFIX.encode(),
-            error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet,
+            error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet, **(connect or {}),
         )
         record = cls(nc, bucket, timeout_s, write_deadline_s)
         loop = asyncio.get_running_loop()

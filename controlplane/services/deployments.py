@@ -32,9 +32,10 @@ path counted per (tenant, model, origin, budget) since the last time (``demand``
 into one ``DemandMeter`` per scaling deployment (``min_replicas``/``max_replicas``), with the mean
 service time its sites report; ``autoscale.decide`` sizes it and its plan goes to ``reconcile`` as
 ``Snapshot.scaling`` (carried out there like any placement, its reasons in the deployment's
-``scaling`` status). Replicas the autoscaler added are remembered (soft state) as the only ones it
-may scale in; the others (coverage, floor) are protected. After a hub restart every replica is
-protected until the autoscaler adds again (conservative: it never scales in what it cannot tell).
+``scaling`` status). Replicas the autoscaler added are recorded as such (``replicas.scaled_at``,
+in the same transaction as the placement) and are the only ones it may scale in; the others
+(coverage, floor) are protected. The mark is in the record, so a restarted hub or a newly elected
+controller scales in what any leader's autoscaler added.
 Rule 5 (Idempotency-Key, as for jobs): per tenant, a key with an equal spec replays the first answer
 and creates nothing; with another spec it is a 422. The key is committed with the deployment in one
 transaction; the answer is recorded once rendered.
@@ -171,8 +172,6 @@ class DeploymentService:
         self._next_scale = 0.0
         self._meters: dict[str, autoscale.DemandMeter] = {}
         self._scale_memory: dict[str, autoscale.Memory] = {}
-        self._scaled: dict[tuple[str, str], float] = {}
-        """(deployment, site) -> when the autoscaler added that replica (the ones it may remove)."""
 
     def __repr__(self) -> str:
         c = self.counters
@@ -188,11 +187,8 @@ class DeploymentService:
     async def start(self) -> None:
         """Load the model-access table, start the outbox sender (re-sending what a previous run
         left pending) and the reconcile loop."""
-        self._tenant_models.clear()
-        self._tenant_deps.clear()
+        self.load_model_access()
         self._scopes.clear()
-        for dep in store.list_active(self.db):
-            self._own(dep.tenant, dep.model, dep.id, True)
         self._grace_until = self.clock.time() + self.registry.detection_s
         self.outbox = CommandOutbox(
             self.db, self.bus, kinds=MODEL_KINDS, is_lost=self._site_is_lost, obsolete=self._obsolete,
@@ -325,6 +321,15 @@ class DeploymentService:
                                    cards_per_replica=0.25, min_cities=2, slots_per_replica=8)
         view, _ = self.create(tenant, spec)
         return str(view["id"])
+
+    def load_model_access(self) -> None:
+        """Who may call which deployed model, from the record as it is now. Every process needs it
+        (its gateway serves the models), leading or not: a process restarted on a projection that
+        is already current hears of no deployment change, so the table cannot wait for one."""
+        self._tenant_models.clear()
+        self._tenant_deps.clear()
+        for dep in store.list_active(self.db):
+            self._own(dep.tenant, dep.model, dep.id, True)
 
     def models_for_tenant(self, tenant: str | None) -> list[str]:
         """Model ids ``GET /v1/models`` shows: the tenant's deployed models plus the sites' own it may use."""
@@ -492,6 +497,7 @@ class DeploymentService:
             snap.sites, snap.views,
             (decide.Holding(r.deployment, models[r.deployment], r.site, r.accelerator, r.cards) for r in holding))
         tier = {c.id: c.tier for c in cands}
+        scaled = store.scaled_replicas(self.db)  # what the autoscaler added, by whichever leader
         out: dict[str, autoscale.ScalePlan] = {}
         for dep in scaling:
             spec = dep.spec
@@ -506,7 +512,7 @@ class DeploymentService:
             reps = [autoscale.Replica(
                 site=r.site, tier=tier.get(r.site, "edge"), state="ready" if r.state is ReplicaState.READY else "loading",
                 slots=spec.slots_per_replica, accelerator=r.accelerator,
-                added_at=self._scaled.get((dep.id, r.site), 0.0), protected=(dep.id, r.site) not in self._scaled)
+                added_at=scaled.get((dep.id, r.site), 0.0), protected=(dep.id, r.site) not in scaled)
                 for r in mine]
             knobs = autoscale.ScaleSpec(
                 model=dep.model, cards_per_replica=spec.cards_per_replica, slots_per_replica=spec.slots_per_replica,
@@ -548,7 +554,8 @@ class DeploymentService:
         with transaction(db):
             for c in plan.replicas:
                 if c.event is ReplicaEvent.PLACE:
-                    store.upsert_replicas(db, c.deployment, [(c.site, c.accelerator, c.cards)], now=now)
+                    store.upsert_replicas(db, c.deployment, [(c.site, c.accelerator, c.cards)], now=now,
+                                          scaled_at=now if c.reason.startswith("scale out:") else None)
                     written += 1
                 elif store.set_replica_state(db, c.deployment, c.site, c.new.value, now=now,
                                              expect=None if c.old is None else c.old.value):
@@ -559,11 +566,6 @@ class DeploymentService:
                 self.outbox.add(load.site, load.command, now)
             for unload in plan.unloads:
                 self.outbox.add(unload.site, unload.command, now)
-        for c in plan.replicas:
-            if c.event is ReplicaEvent.PLACE and c.reason.startswith("scale out:"):
-                self._scaled[(c.deployment, c.site)] = now
-            elif c.new not in HOLDING:
-                self._scaled.pop((c.deployment, c.site), None)
         self.counters["plans"] += len(plan.planned)
         self.counters["loads_queued"] += len(plan.loads)
         self.counters["unloads_queued"] += len(plan.unloads)

@@ -32,7 +32,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import msgspec
@@ -86,6 +86,7 @@ class Leadership:
         hub_id: the process's id (unique per process in a cluster).
         role: ``hub``, ``gateway`` or ``controller`` (for ``/v1/cluster``).
         record_urls: NATS URLs of the record's cluster (``elected`` and ``never`` on the record).
+        record_connect: more ``nats.connect`` options for it (the process's identity, TLS).
         set_epoch: called with the epoch to stamp on commands (0: none).
         set_fence: called with the fence every commit must carry (None: unfenced).
     """
@@ -94,7 +95,7 @@ class Leadership:
                  record_urls: Sequence[str] = (), set_epoch: Callable[[int], None] = lambda e: None,
                  set_fence: Callable[[Fence | None], None] = lambda f: None, listen: Callable[[], str] = lambda: "",
                  on_change: Callable[[bool, int], None] = lambda leading, epoch: None,
-                 lease: LeaseConfig | None = None) -> None:
+                 lease: LeaseConfig | None = None, record_connect: Mapping[str, Any] | None = None) -> None:
         if mode not in ("sole", "elected", "never"):
             raise ValueError(f"leadership mode {mode!r}: sole, elected or never")
         self.name = "leadership"
@@ -104,6 +105,8 @@ class Leadership:
         self.clock = clock
         self.tasks = tasks
         self.record_urls = list(record_urls)
+        self.record_connect = dict(record_connect or {})
+        """More ``nats.connect`` options of the record's connection (identity, TLS)."""
         self.set_epoch = set_epoch
         self.set_fence = set_fence
         self.on_change = on_change
@@ -126,6 +129,9 @@ class Leadership:
         self.gateways = 1
         """Gateways (role hub or gateway) heard from in the record within ``STALE_S``, this one
         included; 1 on SQLite. The tenancy service enforces 1/gateways of each tenant's rate."""
+        self._say_now = asyncio.Event()
+        """Set when this process starts or stops leading: its presence is written at once, so
+        ``GET /v1/cluster`` shows the change without waiting out :data:`PRESENCE_S`."""
 
     def __repr__(self) -> str:
         return f"<Leadership {self.mode} {self.identity} leading={self.leading} epoch={self.epoch}>"
@@ -147,7 +153,8 @@ class Leadership:
         if self.mode == "sole":
             await self._lead(0)
         if self.record_urls and self.mode in ("elected", "never"):
-            self.record = await Record.open(self.record_urls, name=f"cpn-leadership-{self.hub_id}")
+            self.record = await Record.open(self.record_urls, name=f"cpn-leadership-{self.hub_id}",
+                                            connect=self.record_connect)
             self.tasks.spawn(self._presence_loop(), name="presence")
         if self.mode == "elected":
             assert self.record is not None
@@ -182,6 +189,7 @@ class Leadership:
         # commands and commits of this process stop carrying the epoch, so they can no longer pass
         # for the leader's; the followers' tasks are then stopped in the background.
         self.leading = False
+        self._say_now.set()
         self.set_epoch(0)
         self.set_fence(None)
         self.on_change(False, 0)
@@ -195,6 +203,7 @@ class Leadership:
             self.set_epoch(epoch)
             self.set_fence(Fence(LEASE, epoch) if epoch else None)
             self.leading = True
+            self._say_now.set()
             self.on_change(True, epoch)
             log.info("event=leading hub=%s epoch=%d identity=%s", self.hub_id, epoch, self.identity)
             for service in self.followers:
@@ -211,6 +220,7 @@ class Leadership:
         async with self._change:
             was = self.leading or self.mode == "sole"
             self.leading = False
+            self._say_now.set()
             self.set_epoch(0)
             self.set_fence(None)
             self.on_change(False, 0)
@@ -257,7 +267,19 @@ class Leadership:
                 self.gateways = await self._count_gateways()
             except RecordError as exc:  # keep the last count
                 log.debug("event=gateway_count_failed hub=%s error=%s", self.hub_id, exc)
-            await self.clock.sleep(PRESENCE_S)
+            await self._presence_pause()
+
+    async def _presence_pause(self) -> None:
+        """:data:`PRESENCE_S` on the clock, or less if the leadership changes meanwhile."""
+        sleep = asyncio.ensure_future(self.clock.sleep(PRESENCE_S))
+        woken = asyncio.ensure_future(self._say_now.wait())
+        try:
+            await asyncio.wait({sleep, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleep, woken):
+                task.cancel()
+            await asyncio.gather(sleep, woken, return_exceptions=True)
+            self._say_now.clear()
 
     async def _count_gateways(self) -> int:
         assert self.record is not None

@@ -40,6 +40,7 @@ read-decide-write step of this service.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import math
 import secrets
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from controlplane.core import lifecycle, placement, scheduler
+from controlplane.core import lending, lifecycle, placement, scheduler
 from controlplane.core import quota as tenant_quota
 from controlplane.core.clock import Clock
 from controlplane.core.errors import NotFound
@@ -337,8 +338,11 @@ class TrainingService:
         self._preempting = {k: v for k, v in self._preempting.items()
                             if k[0] in live and live[k[0]].attempt == k[1]}
         plan = None
+        lent = self._lend(live, now, bool(waiting)) if self.config.lending.enabled else None
         if waiting:
             pools = self._pools(live.values(), now)
+            if lent is not None:
+                pools = lending.lend_pools(pools, lent[0], lent[1])
             if self.pricing is not None:
                 pools = self.pricing(pools, now)
             specs = [r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority, submitted_at=r.submitted_at,
@@ -351,6 +355,8 @@ class TrainingService:
             plan = scheduler.plan(snapshot, now)
             self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
             self.last_plan = plan
+            if lent is not None:
+                self._say_lent(plan, lent[0], lent[1], now)
         self._reconcile(live, now)
         self._vanished(live, now)
         self._orphans(live, now)
@@ -362,6 +368,80 @@ class TrainingService:
         self.counters["ticks"] += 1
         self.last_tick_ms = (self.clock.monotonic() - started) * 1000.0
         return plan
+
+    # ------------------------------------------------------------------ tidal lending
+
+    def _lend(self, live: dict[str, store_jobs.JobRow], now: float,
+              waiting: bool) -> tuple[lending.LendPlan, set[str]] | None:
+        """Tidal lending's decision at ``now`` (``lending.decide``, pure): lent attempts due are told to
+        checkpoint and stop (persisted with their StopAttempt in one transaction, fenced by attempt);
+        returns the plan (its offers cap the lent pools) and the lending sites; None when no job
+        waits and none runs on lent cards."""
+        cfg = self.config.lending
+        layout = self.layout
+        tiers = set(cfg.tiers)
+        lending_sites = set()
+        for view in self.registry:
+            try:
+                if layout.site(view.id).tier in tiers:
+                    lending_sites.add(view.id)
+            except KeyError:
+                continue
+        if not waiting and not any(r.pool in lending_sites for r in live.values()):
+            return None  # nothing to offer to, nothing to reclaim
+        holdings = []
+        held = store_deployments.allocated_cards_by_site(self.db)
+        for view in self.registry:
+            try:
+                site = layout.site(view.id)
+            except KeyError:
+                continue
+            if site.tier in tiers:
+                holdings.append(lending.Holding(site=site.id, cards=dict(site.accelerators), held=held.get(site.id, {})))
+        ids = {h.site for h in holdings}
+        running = [lending.Attempt(job_id=r.id, attempt=r.attempt, site=r.pool, accelerator=r.accelerator,
+                                   cards=r.cards, checkpoint_s=r.spec.checkpoint_cost_s)
+                   for r in live.values() if r.pool in ids]
+        rules = lending.Rules(tiers=tuple(cfg.tiers), profile=tuple(cfg.profile), peak_need_share=cfg.peak_need_share,
+                              headroom=cfg.headroom, margin_s=cfg.margin_s, min_lend_s=cfg.min_lend_s)
+        plan = lending.decide(now, holdings, running, rules)
+        due = [st for st in plan.stops if st.at <= now and st.job_id in live
+               and (st.job_id, st.attempt) not in self._preempting]  # each stop is sent once
+        if due:
+            db = self.db
+            assert self.outbox is not None
+            with transaction(db):
+                for st in due:
+                    row = live[st.job_id]
+                    if row.attempt != st.attempt:
+                        continue
+                    why = f"reclaimed for inference: {st.reason}"
+                    for e in lifecycle.preempt(row.record(), why):
+                        if isinstance(e, lifecycle.Stop):
+                            self._enqueue_stop(e.pool, e.job_id, e.attempt, now, checkpoint=True, reason=why)
+                    store_jobs.record_hub_event(db, row.id, row.attempt, "reclaimed",
+                                                {"site": row.pool, "reason": why}, now)
+                    self._preempting[(row.id, row.attempt)] = now
+                    self.counters["reclaimed"] = self.counters.get("reclaimed", 0) + 1
+            for st in due:
+                log.info("event=lent_attempt_reclaimed job=%s attempt=%d reason=%r", st.job_id, st.attempt, st.reason)
+            self._kick()
+        return plan, ids
+
+    def _say_lent(self, plan: scheduler.Plan, lent: lending.LendPlan, ids: set[str], now: float) -> None:
+        """A start on lent cards says so in the job's events: where, and until when."""
+        until = lending.until_by_site(lent)
+        for p in plan.start:
+            if p.pool not in ids or p.pool not in until:
+                continue
+            row = self.job(p.job_id)
+            if row is None:
+                continue
+            at = until[p.pool]
+            store_jobs.record_hub_event(self.db, row.id, row.attempt, "lent", {
+                "site": p.pool, "until": at,
+                "reason": f"lent until {_iso(at)}: idle inference cards at {p.pool}, reclaimed before the forecast ramp"},
+                now)
 
     def pools_now(self, now: float) -> list[placement.Pool]:
         """The pools as the next tick would see them (free cards less what live jobs hold)."""
@@ -809,6 +889,10 @@ class TrainingService:
         self.counters["dispatch_failures"] += 1
         log.warning("event=dispatch_failed job=%s attempt=%d site=%s error=%s", cmd.job, cmd.attempt, entry.site, why)
         self.poke()
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _time_scale(row: store_jobs.JobRow, attempt: int) -> float:

@@ -253,8 +253,10 @@ def upsert_replicas(
     *,
     state: str = "placed",
     now: float,
+    scaled_at: float | None = None,
 ) -> int:
-    """Insert or replace replicas ``(site, accelerator, cards)`` of a deployment, all in ``state``.
+    """Insert or replace replicas ``(site, accelerator, cards)`` of a deployment, all in ``state``;
+    ``scaled_at``: when the autoscaler added them (None: placed by coverage or the floor).
 
     Returns the number of rows written. Raises ValueError on an unknown state or cards <= 0.
     """
@@ -263,13 +265,14 @@ def upsert_replicas(
     for site, accelerator, cards in placements:
         if not cards > 0:
             raise ValueError(f"replica at {site}: cards must be > 0, got {cards!r}")
-        rows.append((deployment_id, site, accelerator, float(cards), state, now))
+        rows.append((deployment_id, site, accelerator, float(cards), state, now, scaled_at))
     with transaction(db):
         db.conn.executemany(
-            """INSERT INTO replicas (deployment, site, accelerator, cards, state, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?)
+            """INSERT INTO replicas (deployment, site, accelerator, cards, state, updated_at, scaled_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (deployment, site) DO UPDATE SET accelerator = excluded.accelerator,
-                 cards = excluded.cards, state = excluded.state, updated_at = excluded.updated_at""",
+                 cards = excluded.cards, state = excluded.state, updated_at = excluded.updated_at,
+                 scaled_at = excluded.scaled_at""",
             rows,
         )
     return len(rows)
@@ -325,6 +328,16 @@ def mark_site_lost(db: sqlite_utils.Database, site: str, *, now: float) -> list[
             [now, site, *HOLDING_STATES],
         )
     return affected
+
+
+def scaled_replicas(db: sqlite_utils.Database) -> dict[tuple[str, str], float]:
+    """``(deployment, site) -> scaled_at`` of the card-holding replicas the autoscaler added."""
+    marks = ", ".join("?" * len(HOLDING_STATES))
+    rows = db.execute(
+        f"SELECT deployment, site, scaled_at FROM replicas WHERE scaled_at IS NOT NULL AND state IN ({marks})",
+        list(HOLDING_STATES),
+    ).fetchall()
+    return {(dep, site): float(at) for dep, site, at in rows}
 
 
 def held_cards_by_tenant(db: sqlite_utils.Database) -> dict[str, float]:

@@ -313,4 +313,13 @@ MIGRATIONS: list[tuple[str, Migration]] = [
         )
         """,
     ),
+    (
+        # autoscaled replicas (owner: lending, issue 15 item 1): when the autoscaler added a replica
+        # (NULL: coverage or the floor placed it), so a restarted or newly elected controller may
+        # still scale in what the autoscaler added, and only that.
+        "0033_replica_scaled",
+        """
+        ALTER TABLE replicas ADD COLUMN scaled_at REAL
+        """,
+    ),
 ]

@@ -304,25 +304,7 @@ class RegionalNetwork:
                                for r in self.regions for s in r.servers))
 
     async def _wait_jetstream(self) -> None:
-        """Until every node reports the same JetStream meta leader (the super-cluster is formed; a
-        record opened before would wait on it, and time out under load)."""
-
-        def leader(port: int) -> str:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz", timeout=2) as resp:
-                    return str((json.loads(resp.read()).get("meta_cluster") or {}).get("leader") or "")
-            except OSError:
-                return ""
-
-        ports = [p for r in self.regions for p in r.monitor_ports]
-        deadline = time.monotonic() + 3 * self.opts.ready_timeout_s
-        while True:
-            seen = {await asyncio.to_thread(leader, p) for p in ports}
-            if len(seen) == 1 and "" not in seen:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the NATS super-cluster elected no JetStream meta leader: {sorted(seen)}")
-            await asyncio.sleep(0.2)
+        await wait_meta_leader([p for r in self.regions for p in r.monitor_ports], 3 * self.opts.ready_timeout_s)
 
     async def _start_agents(self, region: RegionRun, creds: natsconf.CredentialSet) -> None:
         from edge_agent.agent import Agent
@@ -434,6 +416,27 @@ class RegionalNetwork:
             "",
         ]
         return "\n".join(lines)
+
+
+async def wait_meta_leader(monitor_ports: list[int], timeout_s: float) -> None:
+    """Until every node (by monitoring port) reports the same JetStream meta leader (the cluster is
+    formed; a record opened before would wait on it, and time out under load)."""
+
+    def leader(port: int) -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz", timeout=2) as resp:
+                return str((json.loads(resp.read()).get("meta_cluster") or {}).get("leader") or "")
+        except OSError:
+            return ""
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        seen = {await asyncio.to_thread(leader, p) for p in monitor_ports}
+        if len(seen) == 1 and "" not in seen:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the NATS cluster elected no JetStream meta leader: {sorted(seen)}")
+        await asyncio.sleep(0.2)
 
 
 def _secret(data: Path) -> bytes:

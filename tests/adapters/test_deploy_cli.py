@@ -160,3 +160,43 @@ async def test_embedded_config_runs_with_jetstream_for_the_hub(tmp_path: Path) -
             await writer.wait_closed()
     finally:
         await server.stop()
+
+
+def test_three_hub_hosts_example_runs_hubs_on_the_durable_cluster(tmp_path: Path) -> None:
+    """``ha/``: a hub config per host on the replicated record, a systemd unit and a compose project
+    per host whose every mounted file exists; the cluster configs they stand on fsync every write
+    and pass ``nats-server -t``; a hub config with ``creds/hub.json`` reaches the record over TLS as
+    the hub identity."""
+    import re
+
+    from controlplane.compose import record_connection
+    from controlplane.config import load_hub_config
+    from controlplane.tools.commands.hub import creds_overrides
+
+    yaml = pytest.importorskip("yaml")
+    out = tmp_path / "out"
+    assert cli.main(["deploy", "nats-config", "--sites", "a,b", "--out", str(out),
+                     "--cluster-host", "h1", "--cluster-host", "h2", "--cluster-host", "h3"]) == 0
+    for n in (1, 2, 3):
+        node = out / "cluster" / f"node-{n}.conf"
+        assert 'sync_interval: "always"' in node.read_text()
+        nats_server_accepts(node)
+        config = load_hub_config(out / "ha" / f"hub-{n}.toml", **creds_overrides(str(out / "creds" / "hub.json")))
+        assert (config.hub_id, config.role, config.record) == (f"hub-{n}", "hub", "nats")
+        assert config.nats_url == "tls://h1:4222,tls://h2:4222,tls://h3:4222" and config.nats_user == "cpn-hub"
+        urls, connect = record_connection(config)
+        assert urls == ["tls://h1:4222", "tls://h2:4222", "tls://h3:4222"]
+        assert connect["user"] == "cpn-hub" and connect["tls"] is not None
+    unit = (out / "ha" / "cpn-hub.service").read_text()
+    assert "ExecStart=/opt/cpn/.venv/bin/cpn hub --config /etc/cpn/hub.toml --creds /etc/cpn/nats/creds/hub.json" in unit
+    assert "After=network-online.target cpn-nats.service" in unit
+    project = yaml.safe_load((out / "ha" / "compose.yaml").read_text())
+    assert set(project["services"]) == {"nats", "hub"}
+    assert project["services"]["nats"]["entrypoint"][0] == "nats-server"
+    for n in (1, 2, 3):
+        for service in project["services"].values():
+            for volume in service["volumes"]:
+                source = re.sub(r"\$\{CPN_NODE:\?[^}]*\}", str(n), volume).split(":", 1)[0]
+                if source.startswith("."):
+                    assert (out / "ha" / source).exists(), (n, volume)
+    assert "## Three hub hosts" in (out / "README.md").read_text()

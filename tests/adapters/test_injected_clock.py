@@ -81,3 +81,24 @@ async def test_the_hubs_services_read_the_injected_clock(tmp_path: Path, nats_se
         assert services.dashboard.samples[-1]["at"] == clock.time()
     finally:
         await hub.stop()
+
+
+async def test_a_job_is_submitted_and_cancelled_at_the_hubs_clock(tmp_path: Path, nats_server: NatsServer) -> None:
+    """The gateway stamps a submission and a cancel with the services' clock, not the system's: a hub
+    on a clock set a day back records its jobs a day back (it read the wall before)."""
+    import aiohttp
+
+    from tests.support.hubrig import Client, running_hub
+
+    clock = ManualClock(start=1_700_000_000.0)
+    async with running_hub(hub_config(tmp_path, nats_server.url), clock=clock) as hub:
+        key = hub.create_tenant("acme")
+        async with aiohttp.ClientSession() as session:
+            c = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            status, job, _ = await c.call("POST", "/v1/jobs", {"name": "ft", "cards": 1, "est_hours": 1.0})
+            assert status in (200, 201, 202), job
+            assert job["submitted_at"] == clock.time()
+            clock.advance(5.0)
+            status, cancelled, _ = await c.call("DELETE", f"/v1/jobs/{job['id']}")
+            assert status == 200, cancelled
+            assert cancelled["updated_at"] == clock.time()

@@ -138,3 +138,70 @@ async def test_a_gateway_never_leads_and_a_controller_serves_no_http(tmp_path: P
 def test_a_gateway_or_controller_needs_the_replicated_record(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs the replicated record"):
         hub_config(tmp_path, "nats://127.0.0.1:1", role="gateway")
+
+
+async def test_a_gateway_restarted_on_its_projection_still_serves_the_deployed_models(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """The model-access table is loaded on every process's start, not only by the leader's
+    deployments service: a gateway restarted on an already current projection hears of no
+    deployment change (it answered 404 model_not_found for every deployed model before)."""
+    from controlplane.core.replicas import DeploymentSpec
+
+    ctl = await started(tmp_path, cluster, "ctl-1", role="controller")
+    gw = await started(tmp_path, cluster, "gw-1", role="gateway")
+    try:
+        await until(lambda: ctl.services.leadership.leading, 10, "the controller leads")
+        gw.hub.create_tenant("acme")
+        await until(lambda: ctl.services.tenancy.tenant("acme") is not None, 5, "acme at the controller")
+        ctl.services.deployments.create("acme", DeploymentSpec(model="m-1", origins=["shanghai"], min_cities=1))
+        await until(lambda: "m-1" in gw.services.deployments.models_for_tenant("acme"), 5, "m-1 at the gateway")
+        await gw.hub.stop()
+        gw = await started(tmp_path, cluster, "gw-1", role="gateway")  # same projection file
+        assert "m-1" in gw.services.deployments.models_for_tenant("acme")
+    finally:
+        await gw.hub.stop()
+        await ctl.hub.stop()
+
+
+async def test_a_new_leader_announces_its_epoch_and_sites_refuse_the_old_one_at_once(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """Right after a takeover, before the new leader has commanded the site anything, a command
+    carrying the old leader's epoch is refused (``stale_epoch``): the new leader broadcast its epoch
+    (``wire.LeaderEpoch``) on taking the lead. Before, a site learned it only with the first command."""
+    import nats as nats_client
+
+    from edge_agent import wire
+    from tests.support.fakehub import agent_config, running
+
+    a = await started(tmp_path, cluster, "hub-a")
+    a_running = True
+    async with running(agent_config(cluster.urls[0], site="sh-edge", data_dir=str(tmp_path / "agent"),
+                                    accelerators={"H20": 4}, heartbeat_s=0.5)) as agent:
+        b: HubProcess | None = None
+        try:
+            await until(lambda: a.services.leadership.leading, 10, "hub-a leads")
+            old = a.services.leadership.epoch
+            assert agent.fence.highest in (0, old)  # hub-a led before the site came: it may have said nothing
+            b = await started(tmp_path, cluster, "hub-b")
+            await until(lambda: any(v.id == "sh-edge" and v.state == "up" for v in b.hub.registry), 10, "hub-b sees the site")
+            await a.hub.stop()  # steps down and releases: hub-b takes over
+            a_running = False
+            await until(lambda: b.services.leadership.leading, 10, "hub-b leads")
+            new = b.services.leadership.epoch
+            assert new > old
+            await until(lambda: agent.fence.highest == new, 5, "the site hears hub-b's epoch")
+            assert agent.counters.get("cmd_StartAttempt", 0) == 0 and agent.counters.get("cmd_LoadModel", 0) == 0
+            nc = await nats_client.connect(cluster.urls[1])
+            try:
+                stale = wire.StopAttempt(job="j-1", attempt=1, epoch=old)
+                msg = await nc.request(wire.cmd_subject("sh-edge"), wire.encode(stale), timeout=5)
+            finally:
+                await nc.close()
+            reply = wire.command_reply_decoder.decode(msg.data)
+            assert isinstance(reply, wire.ErrorReply) and reply.code == "stale_epoch", reply
+            assert agent.counters["stale_epoch"] == 1
+        finally:
+            if b is not None:
+                await b.hub.stop()
+            if a_running:
+                await a.hub.stop()

@@ -268,3 +268,26 @@ async def test_a_leaf_reaches_a_tls_cluster_and_crosses_its_routes(tmp_path: Pat
             await bus.close()
     finally:
         await asyncio.gather(*(srv.stop() for srv in servers), return_exceptions=True)
+
+
+async def test_the_record_opens_with_the_hubs_nats_identity_and_tls(tmp_path: Path, out: Path) -> None:
+    """A hub on the replicated record connects to it as it connects its bus: with its NATS user and
+    TLS files (the record's and the leadership's connections had neither, so a hub on the servers
+    of ``cpn deploy nats-config`` could not open its record); never in clear."""
+    from controlplane.compose import record_connection
+    from controlplane.config import HubConfig
+    from controlplane.replicated.kv import Record
+
+    text = for_test((out / "single" / "nats-server.conf").read_text(), tmp_path)
+    hub = creds_of(out, "hub")
+    async with server(tmp_path, "single", text) as srv:
+        config = HubConfig(record="nats", nats_url=f"nats://127.0.0.1:{srv.port}", nats_user=hub.user,
+                           nats_password=hub.password, nats_tls_ca=hub.tls_ca)
+        urls, connect = record_connection(config)
+        assert urls == [f"tls://127.0.0.1:{srv.port}"] and connect["user"] == hub.user
+        record = await Record.open(urls, replicas=1, connect=connect, write_deadline_s=10)
+        try:
+            revision = await record.create("t.one", b"x")
+            assert (await record.get("t.one")).revision == revision
+        finally:
+            await record.close()

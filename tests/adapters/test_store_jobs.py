@@ -333,3 +333,22 @@ def test_the_scheduler_bench_persists_every_decision_on_a_small_network(tmp_path
     assert res["memory"]["starts"] > 0 and res["memory"]["waits"] > 0
     # every start became an attempt row, plus the one-commit-per-decision comparison slice
     assert res["sqlite"]["attempt_rows"] == res["memory"]["starts"] * 2
+
+
+def test_a_placement_on_a_pool_that_declares_no_failures_reads_back(db) -> None:  # type: ignore[no-untyped-def]
+    """A pool with ``failure_rate_per_card_hour = 0`` has an infinite MTBF: stored as JSON it came back
+    as ``null`` and the job could no longer be read (a ValidationError on every GET)."""
+    from controlplane.core import placement
+
+    pool = placement.Pool(id="p0", cards_total={"A800": 16}, cards_free={"A800": 16},
+                          failure_rate_per_card_hour=0.0)
+    spec = body()
+    est = placement.rank(spec.waiting(id="j", tenant="acme", priority=2, submitted_at=T0, progress=0.0,
+                                      checkpoint_pool=None, restarting=False),
+                         [pool], T0)[0][0]
+    assert est.mtbf_h is None
+    job, _ = jobs.create_job(db, "acme", spec, "k0", h(spec), T0)
+    rec = lc.place(job.record(), "p0", "A800", T0 + 1)
+    jobs.record_placements(db, [(rec, placed("p0", breakdown=est))], T0 + 1)
+    got = jobs.get_job(db, job.id)
+    assert got is not None and got.placement is not None and got.placement.breakdown == est

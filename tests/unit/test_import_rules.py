@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import pyast
+
 ROOT = Path(__file__).resolve().parents[2]
 CP = ROOT / "controlplane"
 FORBIDDEN_IN_CORE = {"asyncio", "aiohttp", "nats", "sqlite_utils", "sqlite3", "time", "random"}
@@ -37,7 +39,7 @@ def module_name(path: Path) -> str:
 
 def imports(path: Path) -> set[str]:
     """Every module ``path`` imports, absolute, with ``from m import n`` also giving ``m.n``."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = pyast.parse(path)
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
@@ -143,7 +145,7 @@ def test_gateway_reaches_parts_only_through_the_services_record() -> None:
     # app[<anything else>] or asks getattr.
     bad: list[str] = []
     for p in files("controlplane", "gateway"):
-        tree = ast.parse(p.read_text(), filename=str(p))
+        tree = pyast.parse(p)
         for node in ast.walk(tree):
             where = f"{rel(p)}:{getattr(node, 'lineno', 0)}"
             if isinstance(node, ast.Assign | ast.AnnAssign):
@@ -275,7 +277,7 @@ CLOCK_READS = {"time.time", "time.monotonic", "time.perf_counter", "time.time_ns
 
 def clock_reads(path: Path) -> list[str]:
     """Where ``path`` reads the system's clock itself (``time.time()`` and kin, ``loop.time()``)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    tree = pyast.parse(path)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and ast.unparse(node) in CLOCK_READS:

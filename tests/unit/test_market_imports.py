@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import pyast
+
 ROOT = Path(__file__).resolve().parents[2]
 MARKET = ROOT / "controlplane" / "market"
 FORBIDDEN = {"asyncio", "aiohttp", "nats", "sqlite_utils", "sqlite3", "time", "random", "uuid", "os", "pathlib"}
@@ -19,7 +21,7 @@ ALLOWED_CONTROLPLANE = {"controlplane.market", "controlplane.core.placement", "c
 
 def imports(path: Path) -> set[str]:
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(pyast.parse(path)):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import pyast
+
 from controlplane.tools.sim import core_scenario, report, runner
 from topology import loader
 
@@ -108,7 +110,7 @@ def test_unknown_scenario_lists_the_shipped_ones() -> None:
 
 
 def calls(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = pyast.parse(path)
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
@@ -132,7 +134,7 @@ def test_the_simulator_uses_the_hub_core_and_no_second_implementation() -> None:
             "lifecycle.infra_failure", "placement.metered_energy_cny"} <= training
     # No module of the simulator defines its own router or scheduler.
     for path in sim.glob("*.py"):
-        tree = ast.parse(path.read_text())
+        tree = pyast.parse(path)
         names = {n.name for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
         assert not names & {"Router", "plan_replicas", "score_priced", "decide"}, path.name
 

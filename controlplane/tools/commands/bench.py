@@ -12,9 +12,10 @@ import argparse
 import importlib
 
 BENCHES = ["route", "gateway", "scheduler", "heartbeat", "sim"]
-ON_REQUEST = ["submissions", "regions"]
+ON_REQUEST = ["submissions", "regions", "takeover"]
 """Run only when named (not by ``all``): ``submissions`` starts a NATS cluster and four hub processes,
-``regions`` a NATS super-cluster, a gateway per region and every site's agent."""
+``regions`` a NATS super-cluster, a gateway per region and every site's agent, ``takeover`` the
+rig of ``cpn up --ha`` and SIGKILLs its leader."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--seconds", type=float, default=60.0, help="length of the fault phase (default 60)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--jobs", type=int, default=8, help="training jobs submitted during the run")
+    p.add_argument("--ha", action="store_true",
+                   help="on the cpn up --ha rig (3 hub processes, 3 NATS nodes): leader kill, gateway kill, "
+                        "NATS node kill and pause, with the takeover time per fault")
     p.add_argument("--data-dir", type=Path, help="keep state here instead of a temporary directory")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--results", type=Path, metavar="FILE", help="also write the results JSON to FILE")
@@ -27,5 +30,11 @@ def run(args: argparse.Namespace) -> int:
     from controlplane import logs
 
     logs.setup("ERROR")
+    if args.ha:
+        from controlplane.tools import chaosha
+
+        return chaosha.main(chaosha.HaChaosOptions(seconds=args.seconds, seed=args.seed, jobs=args.jobs,
+                                                   data_dir=args.data_dir), as_json=args.json, results=args.results,
+                            readme=args.readme)
     return chaos.main(chaos.ChaosOptions(seconds=args.seconds, seed=args.seed, jobs=args.jobs, data_dir=args.data_dir),
                       as_json=args.json, results=args.results, readme=args.readme)

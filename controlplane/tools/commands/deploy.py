@@ -10,6 +10,9 @@ Writes, under ``--out DIR``::
                                  (JetStream server tag region:<id>), joined by gateways (TLS)
     supercluster/leaf/<site>.conf  the site's leaf node, dialling its own region's nodes
     creds/hub.json               the hub's identity
+    ha/hub-{1,2,3}.toml, ha/cpn-hub.service, ha/compose.yaml
+                                 three hub hosts: a cpn hub on the replicated record next to each
+                                 cluster node (systemd unit, or a compose project per host)
     creds/<site>.json            each site's identity
     tls/ca.pem, tls/ca-key.pem   the deployment's CA (keep ca-key.pem off the servers)
     tls/<name>.pem, -key.pem     certificates: single, node-N (servers), hub, site-<s>, leaf-<s>
@@ -241,7 +244,14 @@ def run_nats_config(args: argparse.Namespace) -> int:
     for site in sites:
         _write(out / "creds" / f"{site}.json", natsconf.credentials_file(
             creds.sites[site], client_urls, tls=natsconf.tls_files(tls_dir, natsconf.site_user(site))))
-    _write(out / "README.md", _readme(sites, hosts, hub_urls, args, monitor, tls_dir), mode=0o644)
+    from controlplane.tools import hafiles
+
+    for i in range(1, len(hosts) + 1):
+        _write(out / "ha" / f"hub-{i}.toml", hafiles.hub_toml(i))
+    _write(out / "ha" / "cpn-hub.service", hafiles.systemd_unit(), mode=0o644)
+    _write(out / "ha" / "compose.yaml", hafiles.compose(tls_dir, args.store_dir), mode=0o644)
+    _write(out / "README.md", _readme(sites, hosts, hub_urls, args, monitor, tls_dir) + hafiles.readme_section(hosts),
+           mode=0o644)
     print(f"wrote nats-server configs and credentials for {len(sites)} sites to {out}", file=sys.stderr)
     return 0
 

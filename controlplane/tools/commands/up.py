@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--leaf-sites", action="store_true",
                    help="with --regions: each site behind a nats-server of its own, a leaf node of its region's "
                         "cluster (one more process per site)")
+    p.add_argument("--ha", action="store_true",
+                   help="no single hub: a 3-node NATS cluster and three hub processes on the replicated record "
+                        "(gateways on --port, --port+1, --port+2; one leads), the agents")
     p.add_argument("--no-agents", action="store_true", help="start NATS and the hub only")
     p.add_argument("--time-scale", type=float, default=60.0, help="simulated seconds per second for sim training (default 60)")
     p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default WARNING)")
@@ -41,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
         print("cpn up: --leaf-sites needs --regions N (sites are leaf nodes of their region's cluster)",
               file=sys.stderr)
         return 2
+    if args.regions and args.ha:
+        print("cpn up: --ha and --regions: choose one", file=sys.stderr)
+        return 2
     logs.setup(args.log_level or "WARNING", json_lines=args.log_json)
     os.umask(0o077)  # whatever this process writes (store, credentials, logs) is the operator's only
     opts = up.UpOptions(
@@ -48,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         agents=not args.no_agents, sim_time_scale=args.time_scale, regions=args.regions, leaf_sites=args.leaf_sites,
         tls_cert=args.tls_cert, tls_key=args.tls_key, trusted_proxies=tuple(args.trusted_proxy or ()),
     )
+    if args.ha:
+        from controlplane.tools import upha
+
+        return run_until_signalled(upha.run(opts))
     if opts.regions:
         from controlplane.tools import upregions
 

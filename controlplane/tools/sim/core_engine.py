@@ -4,7 +4,7 @@
 docs/sim.md). Time is a float of epoch seconds passed to the core as ``now``; nothing sleeps and no
 clock is read. Two event sources are merged in time order: inference arrivals, generated lazily
 (``core_workload.arrivals``), whose completions live in the inference heap; and the slower events
-(utilisation samples, outages and their detection, lending windows) in a heap of
+(utilisation samples, outages and their detection, lending decisions) in a heap of
 ``(time, seq, kind, payload)``. Training sims keep their own heaps and are advanced to each slow
 event's time, so every component sees events in time order.
 
@@ -25,7 +25,7 @@ from controlplane.core import autoscale, placement, replicas
 from controlplane.core import deployments as decide
 from controlplane.core.replicas import Candidate
 from controlplane.market import offers
-from controlplane.tools.sim import core_inference, core_market, core_scenario, core_training, core_workload
+from controlplane.tools.sim import core_inference, core_lending, core_market, core_scenario, core_training, core_workload
 from controlplane.tools.sim.core_scenario import Scenario, start_epoch_s
 from controlplane.tools.sim.core_workload import Rng
 from topology import ingress, latency
@@ -181,18 +181,16 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
         push(start_s + at, "fail", (sid, log))
         push(start_s + at + min(det, dur), "detect", (sid, log, start_s + at))
         push(start_s + at + dur, "back", (sid, log))
+    lender = None
+    lend_wakes: set[float] = set()
     if lent_ids:
-        day0 = math.floor((start_s + 8 * 3600) / 86400.0) * 86400.0 - 8 * 3600
-        for day in range(int(s.hours // 24) + 2):
-            for hour, open_ in ((lend.from_hour, True), (lend.until_hour, False)):
-                at = day0 + day * 86400.0 + hour * 3600.0
-                if start_s <= at <= end_s:
-                    push(at, "lend", open_)
-        lh = ((start_s + 8 * 3600) % 86400.0) / 3600.0
-        inside = (lend.from_hour <= lh < lend.until_hour) if lend.from_hour < lend.until_hour else \
-            (lh >= lend.from_hour or lh < lend.until_hour)
-        if inside:
-            push(start_s, "lend", True)
+        held_src: Callable[[], Mapping[tuple[str, str], float]] = (
+            (lambda: scaler.held) if scaler is not None else (lambda: dep.cards_by_site_acc()))
+        lender = core_lending.Lender(s, [site for site in train_sites if site.id in lent_ids], sims, held_src)
+        t = start_s
+        while t <= end_s + 1e-9:
+            push(t, "lendtick", True)
+            t += lend.tick_s
 
     ns = len(lay.sites)
     site_idx = inf.idx
@@ -282,9 +280,13 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                 inf.recover(site_idx[sid], t)
                 for sim in sims:
                     sim.site_back(sid, t)
-        elif kind == "lend":
-            for sim in sims:
-                sim.lend(t, bool(payload))
+        elif kind == "lendtick":
+            assert lender is not None
+            lend_wakes.discard(t)
+            wake = lender.tick(t, bool(payload))
+            if wake is not None and wake > t and wake not in lend_wakes:
+                lend_wakes.add(wake)  # one decision per due time, however often it is reported
+                push(wake, "lendtick", False)
         elif kind == "scale":
             assert scaler is not None
             for at, site, m in scaler.tick(t):
@@ -340,6 +342,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                                          train_pools, start_s, n_hours, sim.metered,
                                          {a: spec.units for a, spec in lay.accelerators.items()})) for sim in sims],
                                      train_cards={t: int(c) for t, c in train_cards.items() if c}),
+        **({"lending": _lending_report(lender, sims, scaler, inf)} if lender is not None else {}),
     }
 
 
@@ -408,6 +411,14 @@ def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep
         "per_origin": per_origin,
         "outages": outage_log,
     }
+
+
+def _lending_report(lender: core_lending.Lender, sims: list[core_training.TrainingSim], scaler: _Scaler | None,
+                    inf: core_inference.InferenceSim) -> dict[str, Any]:
+    out = lender.report({sim.name: r(sim.lent_card_s / 3600.0, 1) for sim in sims})
+    out["cpn_scale_decisions_short_for_lack_of_a_lent_card"] = scaler.blocked_decisions if scaler is not None else 0
+    out["inference_failed_for_lack_of_a_reclaimed_card"] = scaler.blocked_failed if scaler is not None else 0
+    return out
 
 
 def _utilisation_report(lay: tlayout.Layout, busy: dict[str, list[float]], busy_inf: dict[str, list[float]],
@@ -617,6 +628,13 @@ class _Scaler:
         self.short = {mi: 0 for mi in self.models}
         self.reasons: dict[int, list[str]] = {mi: [] for mi in self.models}
         self.decisions = 0
+        # Tidal lending's promise, checked: a decision short of cards that would not have been short
+        # with the lent cards back ("blocked"), and cpn's requests not served within budget at those
+        # origins until the next decision (an upper bound on what lending cost inference).
+        self.blocked_decisions = 0
+        self.blocked_failed = 0
+        self._blocked: dict[int, tuple[list[int], int]] = {}
+        self._origin_idx = {o.id: i for i, o in enumerate(lay.origins)}
 
     def __repr__(self) -> str:
         return f"<_Scaler models={len(self.models)} decisions={self.decisions}>"
@@ -652,6 +670,9 @@ class _Scaler:
         ready: list[tuple[float, int, int]] = []
         cands = self._candidates()
         for mi in self.models:
+            was = self._blocked.pop(mi, None)
+            if was is not None:
+                self.blocked_failed += self._not_within(was[0]) - was[1]
             counts, svc = inf.take_counts(mi)
             meter = self.meters[mi]
             meter.observe(now, counts, svc)
@@ -661,8 +682,11 @@ class _Scaler:
                                           count=n, accelerator=inf.rep_acc[si * nm + mi],
                                           added_at=inf.added_at[si * nm + mi], protected=inf.protected[si * nm + mi])
                         for si, n in inf.live_replicas(mi) if inf.up[si]]
-            plan = autoscale.decide(now, self.specs[mi], meter.demand(), replicas, cands, self.reach, self.memory[mi],
+            demand = meter.demand()
+            plan = autoscale.decide(now, self.specs[mi], demand, replicas, cands, self.reach, self.memory[mi],
                                     self.reach_cache[mi])
+            if plan.short and self.train.lent:
+                self._check_lending(now, mi, plan, demand, replicas, cands)
             self.decisions += 1
             self.memory[mi] = plan.memory
             self.short[mi] += bool(plan.short)
@@ -687,6 +711,43 @@ class _Scaler:
             if plan.add or plan.remove:
                 cands = self._candidates()
         return ready
+
+    def _not_within(self, origins: list[int]) -> int:
+        st = self.inf.stats[0]
+        return sum(self.inf.requests_by_origin[o] - st.within_by_origin[o] for o in origins)
+
+    def _check_lending(self, now: float, mi: int, plan: autoscale.ScalePlan, demand: Sequence[autoscale.Demand],
+                       replicas: Sequence[autoscale.Replica], cands: list[Candidate]) -> None:
+        """Was ``plan`` short for lack of cards lent to training? The same decision with the lent
+        cards free: an origin short now but not then, with a lent site within its budget, was."""
+        busy: dict[tuple[str, str], int] = {}
+        for _, _, sid, acc, cards, _ in self.train.lent_attempts():
+            busy[(sid, acc)] = busy.get((sid, acc), 0) + cards
+        if not busy:
+            return
+        lent_at = {sid for sid, _ in busy}
+
+        def short(plan_short: Sequence[str]) -> set[tuple[str, float]]:
+            out = set()
+            for x in plan_short:
+                origin, _, rest = x.split(":", 1)[0].removeprefix("origin ").partition(" (")
+                out.add((origin, float(rest.split(" ms", 1)[0])))
+            return out
+
+        near_lent = {(o, b) for o, b in short(plan.short) if any(sid in lent_at for sid, _ in self.reach.nearest(o, b))}
+        if not near_lent:
+            return  # no short origin has lent cards within its budget: nothing to ask again
+        alt_cands = [Candidate(id=c.id, city=c.city, region=c.region, tier=c.tier, healthy=c.healthy,
+                               draining=c.draining,
+                               free_cards={a: f + busy.get((c.id, a), 0) for a, f in c.free_cards.items()})
+                     if c.id in lent_at else c for c in cands]
+        alt = autoscale.decide(now, self.specs[mi], demand, replicas, alt_cands, self.reach, self.memory[mi],
+                               autoscale.ReachMemo())
+        blocked = {o for o, b in near_lent - short(alt.short)}
+        if blocked:
+            self.blocked_decisions += 1
+            idx = sorted(self._origin_idx[o] for o in blocked if o in self._origin_idx)
+            self._blocked[mi] = (idx, self._not_within(idx))
 
     def report(self, replicas_hour: dict[str, list[int]]) -> dict[str, Any]:
         out: dict[str, Any] = {}

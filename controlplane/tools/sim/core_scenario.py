@@ -155,14 +155,23 @@ class Faults(_Cfg, frozen=True):
 
 
 class Lending(_Cfg, frozen=True):
-    """Tidal lending: idle inference cards join the training pools at night and are reclaimed."""
+    """Tidal lending as cpn's scheduler rule (``core/lending.py``): idle inference cards of
+    ``tiers`` are offered to training until a reclaim time before the forecast ramp, and lent
+    attempts checkpoint and stop before it."""
 
     enabled: bool = False
     tiers: list[str] = msgspec.field(default_factory=lambda: ["edge"])
-    from_hour: Hour = 0.0
-    """Local hour the lending window opens."""
-    until_hour: Hour = 7.0
-    """Local hour by which lent cards are back (jobs there are checkpointed and stopped)."""
+    tick_s: Pos = 300.0
+    """How often offers and reclaims are decided (and at each reclaim falling due)."""
+    margin_s: NonNeg = 900.0
+    """Reclaim this long before the hour whose forecast need exceeds what inference keeps."""
+    min_lend_s: Pos = 3600.0
+    """No offer shorter than this."""
+    peak_need_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    """The forecast: at the peak hour of ``inference.profile`` inference may need this share of a
+    site's cards, other hours in proportion."""
+    headroom: Annotated[float, msgspec.Meta(ge=1)] = 1.5
+    """... and never less than what its replicas hold now, grown along the profile, times this."""
 
 
 class Market(_Cfg, frozen=True):
@@ -229,8 +238,6 @@ def _check(s: Scenario) -> None:
     for i, o in enumerate(s.faults.outages):
         if not o.sites and not o.city:
             raise ScenarioError(f"faults.outages[{i}]: give sites or city")
-    if s.lending.enabled and s.lending.from_hour == s.lending.until_hour:
-        raise ScenarioError("lending.until_hour: must differ from from_hour")
     start_epoch_s(s.start)
 
 

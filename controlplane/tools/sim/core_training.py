@@ -16,7 +16,7 @@ What it promises:
   N times as often) loses the work since the last completed checkpoint. A stop (preemption,
   lending reclaimed) checkpoints what was computed and requeues the job.
 - Ticks: the planner runs at most every ``tick_s``, and only when something changed (arrival,
-  end, failure, outage, lending window) or a job's tariff wait is over.
+  end, failure, outage, a larger lending offer) or a job's tariff wait is over.
 """
 
 from __future__ import annotations
@@ -234,6 +234,8 @@ class TrainingSim:
                 self.free[(s.id, acc)] = n - take
         self.healthy = {s.id: True for s in sites}
         self.draining = {s.id: s.id in self.lent for s in sites}
+        self.offered: dict[str, dict[str, int]] = {}
+        """Lent sites: the cards new gangs may take there now (``offer``)."""
         self._pool_cache: dict[str, tuple[tuple[object, ...], placement.Pool]] = {}
         self.jobs = {d.id: _Job(d) for d in jobs}
         self.queue: dict[str, _Job] = {}
@@ -299,6 +301,9 @@ class TrainingSim:
         site = self.sites[sid]
         free = {acc: self.free[(sid, acc)] for acc in site.accelerators}
         total = {acc: self.total[(sid, acc)] for acc in site.accelerators}
+        if sid in self.lent:  # lent cards: only what is offered now
+            cap = self.offered.get(sid, {})
+            free = {acc: min(n, cap.get(acc, 0)) for acc, n in free.items()}
         key = (tuple(free.values()), tuple(total.values()), self.healthy[sid], self.draining[sid])
         hit = self._pool_cache.get(sid)
         if hit is not None and hit[0] == key:
@@ -354,6 +359,9 @@ class TrainingSim:
         after_failure = job.rec.state is lifecycle.JobState.RESTARTING
         job.rec = lifecycle.place(job.rec, pool, acc, now)
         self.free[(pool, acc)] -= d.cards
+        if pool in self.lent:  # a lending offer is used up by the gangs it takes (until offered anew)
+            cap = self.offered.get(pool, {})
+            cap[acc] = max(0, cap.get(acc, 0) - d.cards)
         self.queue.pop(d.id, None)
         self.running[d.id] = job
         if job.first_start is None:
@@ -486,14 +494,30 @@ class TrainingSim:
             self.healthy[sid] = True
             self._want_tick(now)
 
-    def lend(self, now: float, open_: bool) -> None:
-        """Open the lending window, or close it: lent pools drain and their jobs checkpoint and stop."""
-        for sid in sorted(self.lent):  # sorted: set order varies between processes
-            self.draining[sid] = not open_
-            if not open_:
-                for job in [j for j in self.running.values() if j.att is not None and j.att.pool == sid]:
-                    self._end(job, now, "stopped", replan=False)
-        self._want_tick(now)
+    def offer(self, sid: str, cards: Mapping[str, int]) -> None:
+        """Tidal lending (``core_lending``): new gangs may take at most ``cards`` (by accelerator) of
+        lent site ``sid``; none: the site takes no new gangs (its running ones stay until reclaimed)."""
+        new = {acc: n for acc, n in sorted(cards.items()) if n > 0}
+        if new != self.offered.get(sid, {}):
+            grew = any(n > self.offered.get(sid, {}).get(acc, 0) for acc, n in new.items())
+            self.offered[sid] = new
+            self.draining[sid] = not new
+            if grew:
+                self._want_tick(self.now)
+
+    def lent_attempts(self) -> list[tuple[str, int, str, str, int, float]]:
+        """Running attempts on lent sites: (job, attempt, site, accelerator, cards, checkpoint cost s)."""
+        return [(j.draw.id, j.att.number, j.att.pool, j.att.acc, j.att.cards, j.draw.checkpoint_cost_s)
+                for j in self.running.values() if j.att is not None and j.att.pool in self.lent]
+
+    def stop(self, job_id: str, attempt: int, now: float) -> bool:
+        """Checkpoint and stop ``job_id``'s attempt ``attempt`` (a lending reclaim); it requeues. False:
+        that attempt is no longer running (the fencing token)."""
+        job = self.jobs[job_id]
+        if job.att is None or job.att.number != attempt:
+            return False
+        self._end(job, now, "stopped")
+        return True
 
     # ------------------------------------------------------------------ inference holds (cpn scaling)
 

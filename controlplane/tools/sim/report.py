@@ -100,6 +100,14 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
         if any(p.get("lent_card_hours") for p in tr["policies"].values()):
             add("  lent inference cards (card-hours used / jobs stopped at reclaim or preempted): " + ", ".join(
                 f"{n} {p['lent_card_hours']:,.0f}/{p['failures']['preempted_or_reclaimed']}" for n, p in tr["policies"].items()))
+        ld = report.get("lending")
+        if ld:
+            add(f"  tidal lending (rule core/lending.py at {ld['sites']} sites): lent card-hours / attempts reclaimed "
+                "(of which at once) / offers: " + ", ".join(
+                    f"{n} {p['lent_card_hours']:,.0f}/{p['attempts_reclaimed']}({p['attempts_reclaimed_at_once']})/"
+                    f"{p['offers']:,}" for n, p in ld["policies"].items()))
+            add(f"  inference requests failed for lack of a reclaimed card: {ld['inference_failed_for_lack_of_a_reclaimed_card']:,} "
+                f"(cpn scale decisions short of a lent card: {ld['cpn_scale_decisions_short_for_lack_of_a_lent_card']:,})")
         if any("market" in p for p in tr["policies"].values()):
             add("  the day priced (CNY; offers = energy cost + markup): tenant spend / providers earn / network kept "
                 "(of which commission) / margin over energy / tidal lending earned")

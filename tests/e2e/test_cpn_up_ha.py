@@ -1,0 +1,105 @@
+"""``cpn up --ha`` as a user runs it: a real subprocess starting a 3-node nats-server cluster and three
+``cpn hub --record nats`` processes; every gateway on the banner lists the three processes, one
+leader with its epoch and the three NATS nodes, and answers the demo model; SIGINT stops every part."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.test_cpn_up import alive, children_of
+from tests.support.hubrig import DEMO3
+
+CPN = [sys.executable, "-m", "controlplane.cli"]
+
+
+def call(method: str, url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
+    req.add_header("Authorization", f"Bearer {key}")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_ha_and_regions_together_are_refused_with_exit_2(tmp_path: Path) -> None:
+    result = subprocess.run([*CPN, "up", "--data-dir", str(tmp_path), "--ha", "--regions", "2"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--ha and --regions" in result.stderr
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(240)
+def test_cpn_up_ha_runs_three_hub_processes_one_leading_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    data = tmp_path / "cpn"
+    proc = subprocess.Popen(
+        [*CPN, "up", "--ha", "--data-dir", str(data), "--port", "0", "--layout", str(DEMO3)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
+    )
+    try:
+        started = time.monotonic()
+        gateways: dict[str, tuple[str, int]] = {}
+        leader_line = ""
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if m := re.search(r"hub (hub-\d): gateway at (http://127\.0\.0\.1:\d+) pid (\d+)", line):
+                gateways[m.group(1)] = (m.group(2), int(m.group(3)))
+            if m := re.search(r"leader: +(hub-\d) epoch (\d+)", line):
+                leader_line = m.group(0)
+                banner_leader, banner_epoch = m.group(1), int(m.group(2))
+            if "Ctrl-C" in line:
+                break
+            assert time.monotonic() - started < 180, "no banner"
+        assert sorted(gateways) == ["hub-1", "hub-2", "hub-3"] and leader_line, (
+            f"banner: {gateways} {leader_line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}")
+        print(f"cpn up --ha ready in {time.monotonic() - started:.1f} s; {leader_line}")
+        creds = json.loads((data / "demo-credentials.json").read_text())
+
+        kids = children_of(proc.pid)
+        hub_pids = {pid for _, pid in gateways.values()}
+        assert hub_pids <= kids, "the hub processes are children of cpn up"
+        assert len(kids - hub_pids) >= 3, "and so are the three nats-servers"
+
+        for hub_id, (url, pid) in gateways.items():
+            status, view = call("GET", url + "/v1/cluster", creds["admin_key"])
+            assert status == 200, (hub_id, view)
+            assert sorted(p["hub_id"] for p in view["processes"]) == ["hub-1", "hub-2", "hub-3"], view
+            assert {p["pid"] for p in view["processes"]} == hub_pids, view
+            assert all(p["state"] == "up" for p in view["processes"]), view
+            leading = [p["hub_id"] for p in view["processes"] if p["leading"]]
+            assert leading == [banner_leader] == [view["leader"]["hub_id"]], view
+            assert view["leader"]["epoch"] >= banner_epoch >= 1, view
+            assert len(view["nats_nodes"]) == 3, view
+
+            body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
+            status, answer = call("POST", url + "/v1/chat/completions", creds["tenant_key"], body)
+            assert status == 200 and answer["choices"][0]["message"]["content"], (hub_id, status, answer)
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0
+        for pid in kids:
+            deadline = time.monotonic() + 5
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not alive(pid), f"child {pid} left running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()

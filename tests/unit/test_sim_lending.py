@@ -1,0 +1,80 @@
+"""cpn sim's tidal lending runs core/lending.py's rule: a gang on lent cards at night, stopped with its
+checkpoint before the forecast ramp, then no lending by day (known answers on a two-pool network)."""
+
+from __future__ import annotations
+
+import heapq
+
+import pytest
+
+from controlplane.core import lifecycle
+from controlplane.tools.sim import core_lending, core_scenario, core_training, core_workload
+from topology import loader
+
+from tests.unit.test_sim_known import ACCELS, origin, site
+
+H = 3600.0
+
+
+def network():
+    text = 'name = "lend"\n' + ACCELS + site("pa-hub", "pa", 30.0, 110.0, "hub", 4) \
+        + site("pa-edge", "pa", 30.0, 110.1, "edge", 8) + origin("pa", 30.0, 110.0)
+    return loader.loads(text)
+
+
+def job(jid: str, at: float) -> core_workload.JobDraw:
+    return core_workload.JobDraw(jid, "t0", "pa", 4, ("A800",), 10.0, 0, None, at, 300.0, core_workload.FaultClock(3))
+
+
+def run(hours: float, held: dict[tuple[str, str], float]):
+    lay = network()
+    s = core_scenario.decode('name = "l"\n[lending]\nenabled = true\n', "l")
+    start = core_scenario.start_epoch_s(s.start)  # 00:00 local
+    sim = core_training.TrainingSim("cpn", core_training.cpn_planner, lay, lay.sites, [job("j1", start), job("j2", start)],
+                                    start_s=start, tick_s=60.0, failure_scale=0.0, reserved_cards={}, lent=["pa-edge"])
+    lender = core_lending.Lender(s, [lay.site("pa-edge")], [sim], lambda: held)
+    wakes = [start + k * s.lending.tick_s for k in range(int(hours * H / s.lending.tick_s) + 1)]
+    heapq.heapify(wakes)
+    starts: dict[str, list[tuple[str, float]]] = {"j1": [], "j2": []}
+    while wakes:
+        t = heapq.heappop(wakes)
+        sim.advance(t)
+        nxt = lender.tick(t)
+        if nxt is not None and nxt > t:
+            heapq.heappush(wakes, nxt)
+        sim.advance(t)
+        for jid, j in sim.jobs.items():
+            if j.att is not None and (not starts[jid] or starts[jid][-1][1] != j.att.start):
+                starts[jid].append((j.att.pool, j.att.start))
+    return sim, lender, start, starts
+
+
+def test_a_gang_runs_on_lent_cards_at_night_and_is_stopped_with_its_checkpoint_before_the_ramp() -> None:
+    sim, lender, start, starts = run(12.0, {})
+    # The profile's peak needs all 8 edge cards; at 00:00 (0.35 of 1.2) 2.3, so 5 can be lent: one 4-card gang.
+    on_edge = [jid for jid, st in starts.items() if st and st[0][0] == "pa-edge"]
+    assert len(on_edge) == 1 and starts[on_edge[0]][0][1] == pytest.approx(start, abs=60.0)
+    job = sim.jobs[on_edge[0]]
+    # Lent 4 of 8: inference keeps 4, needed from 08:00 (0.8 of 1.2 x 8 = 5.3 cards): reclaimed at 07:45;
+    # the stop leaves the checkpoint (300 s) and a minute before that.
+    assert lender.reclaimed["cpn"] == 1 and sim.stops == 1
+    stopped_at = start + 7.75 * H - 300.0 - 60.0
+    lent_s = sim.lent_card_s / 4
+    assert lent_s == pytest.approx(stopped_at - starts[on_edge[0]][0][1], abs=1.0)
+    assert job.rec.progress > 0.6  # what it computed is checkpointed, not lost
+    # By day the forecast needs most edge cards; the job resumes from its
+    # checkpoint on the hub once the other job is done there (10 h + 300 s set-up).
+    assert [pool for pool, _ in starts[on_edge[0]]] == ["pa-edge", "pa-hub"]
+    assert starts[on_edge[0]][1][1] == pytest.approx(start + 10 * H + 300.0, abs=120.0)
+    assert job.rec.attempt == 2 and job.rec.state is not lifecycle.JobState.FAILED
+    # At 12:00 (0.9 of 1.2: 6 cards) only 2 cards last the hour, until 19:00 needs 7: too few for the gang.
+    assert sim.offered.get("pa-edge", {}) == {"A800": 2}
+
+
+def test_cards_replicas_hold_are_never_lent_and_their_growth_is_forecast() -> None:
+    # A replica holds 3 edge cards at midnight: grown along the profile (x1.5 headroom) it may need
+    # 4.5 within the hour, so inference keeps 5 and only 3 are offered: too few for the 4-card gang.
+    sim, lender, _, starts = run(3.0, {("pa-edge", "A800"): 3.0})
+    assert sim.offered["pa-edge"] == {"A800": 3}
+    assert all(pool != "pa-edge" for st in starts.values() for pool, _ in st)
+    assert sim.lent_card_s == 0.0
