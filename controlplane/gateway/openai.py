@@ -54,9 +54,10 @@ async def _serve(
         served = await services.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                    deployments=scope, slo_ttft_ms=slo)
         assert served.result is not None
-        body = oa.response(kind, served.result, created=created, model=req.model)
-        return web.Response(body=oa.encode(body), content_type="application/json",
-                            headers=route_headers(served, echo, filing))
+        headers = route_headers(served, echo, filing)
+        headers["Content-Type"] = "application/json"  # in the prepared dict: no content_type parsing
+        return web.Response(body=oa.encode(oa.response(kind, served.result, created=created, model=req.model)),
+                            headers=headers)
 
     infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,

