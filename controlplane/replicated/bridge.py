@@ -18,7 +18,10 @@ in their own thread, with their own NATS connection:
 - Rule 4: :meth:`close` stops the watch, closes the connection and joins the thread.
 - Rule 5 (no quorum: refuse at once, probe now and then): once a write ended in
   :class:`~.errors.NoQuorum`, later writes are refused at once (NoQuorum) except one probe every
-  ``probe_every_s``, which waits at most ``probe_deadline_s``; :meth:`catch_up` does not wait
+  ``probe_every_s``, which waits at most ``probe_deadline_s``, doubled after every probe that
+  failed, up to the write deadline (a path that works but is slower than the first probe's deadline,
+  such as a super-cluster link just healed on a loaded host, is found again instead of refused for
+  ever); :meth:`catch_up` does not wait
   meanwhile, except before a probe (so a retry after the quorum's return finds its own earlier
   write, which may have landed: NoQuorum means "unknown"). The first write that a quorum acknowledges (or that loses a compare-and-set, which
   also takes a quorum) ends this. So a process without quorum stalls its loop for at most
@@ -74,6 +77,8 @@ class RecordBridge:
         self.catch_up_failures = 0
         self.probe_every_s = probe_every_s
         self.probe_deadline_s = probe_deadline_s
+        self._probe_s = probe_deadline_s
+        """The next probe's deadline: ``probe_deadline_s``, doubled per failed probe up to the write deadline."""
         self.degraded_since: float | None = None
         """Monotonic time of the NoQuorum that started refusing writes (None: writes go through)."""
         self._next_probe_at = 0.0
@@ -192,15 +197,18 @@ class RecordBridge:
             self.refused += 1
             raise NoQuorum(f"no quorum for {now - self.degraded_since:.1f} s (the last write was not acknowledged); "
                            f"next try in {self._next_probe_at - now:.2f} s")
-        return now, self.probe_deadline_s
+        return now, self._probe_s
 
     def _settled(self, error: BaseException | None, started: float) -> None:
         if isinstance(error, NoQuorum):
             if self.degraded_since is None:
                 self.degraded_since = started
+            else:  # a probe failed: the next one waits longer
+                self._probe_s = min(self._probe_s * 2.0, max(self.write_deadline_s, self.probe_deadline_s))
             self._next_probe_at = time.monotonic() + self.probe_every_s
             return
         self.degraded_since = None  # acknowledged, or a compare-and-set was decided: a quorum answers
+        self._probe_s = self.probe_deadline_s
 
     def catch_up(self) -> bool:
         """Block until every write the record holds now is queued; False if the record did not
