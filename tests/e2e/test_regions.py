@@ -464,6 +464,17 @@ def site_events(net: RegionalNetwork, job_id: str, site: str) -> list[tuple[int,
     return [(int(a), int(q), str(k)) for a, q, k in rows]
 
 
+def stream_messages(port: int, stream: str) -> int:
+    """Messages a JetStream stream holds, by a node's monitoring endpoint (-1: not on that node)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz?accounts=true&streams=true", timeout=5) as resp:
+        data = json.loads(resp.read())
+    for account in data.get("account_details") or []:
+        for detail in account.get("stream_detail") or []:
+            if detail.get("name") == stream:
+                return int(detail["state"]["messages"])
+    return -1
+
+
 def zj_agent(net: RegionalNetwork) -> Any:
     return next(a for a in region(net, "zj").agents if a.site == ZJ_SITE)
 
@@ -473,40 +484,48 @@ def zj_agent(net: RegionalNetwork) -> Any:
 async def test_an_attempt_runs_on_through_a_cut_and_its_buffered_events_apply_once_after_healing(
         regions: tuple[RegionalNetwork, Wan]) -> None:
     """A cut shorter than loss detection (30 heartbeats here): the attempt on the cut-off site runs on,
-    its events wait in the agent's outbox, and after healing every one is applied exactly once:
-    one attempt, no restart, every checkpoint counted once, nothing stale."""
+    its events are stored durably in its own region (the region's event stream, placed there, fed by
+    the region's gateway: the agent's outbox drains), and after healing the controller takes every
+    one from there and applies it exactly once: one attempt, no restart, every checkpoint counted
+    once, nothing stale."""
     net, wan = regions
     assert net.controller is not None
     controller, db = net.controller.hub, net.controller.hub.db
     # 8 h at 1,200x: 24 s of wall time, a checkpoint every 10 simulated minutes (0.5 s).
     jid = await submit_on_zj(net, 8.0, regions=["zhejiang"])
     agent = zj_agent(net)
+    zj_port = region(net, "zj").monitor_ports[0]
 
     for proxy in wan.of("zj"):
         proxy.set_blackhole()
-    await until(lambda: len(agent.outbox) >= 6, 20, "6 events waiting in the cut-off agent's outbox")
+    # Stored in the region and not yet applied: the stream keeps (interest retention) only what the
+    # controller's consumer has not acknowledged, and it acknowledges after applying.
+    await until(lambda: stream_messages(zj_port, "CPN_EVENTS_zj") >= 6, 20,
+                "6 events stored in region zj's own stream during the cut")
+    assert len(agent.outbox) < stream_messages(zj_port, "CPN_EVENTS_zj")  # the agent's outbox drained there
     running = agent.training.attempts.get(jid)
     assert running is not None and running.attempt == 1 and not running.done  # the agent did not kill it
     site = controller.registry.get(ZJ_SITE)
     assert site is not None and site.state != "lost"
     assert len(attempts(net, jid)) == 1
-    held = len(agent.outbox)
+    held = stream_messages(zj_port, "CPN_EVENTS_zj")
 
     for proxy in wan.of("zj"):
         proxy.set_pass()
     await until(lambda: job_row(net, jid).state == "succeeded", 90, "the job succeeded after healing")
     await until(lambda: len(agent.outbox) == 0, 10, "the agent's outbox drained")
+    await until(lambda: stream_messages(zj_port, "CPN_EVENTS_zj") == 0, 10, "region zj's stream drained")
     events = site_events(net, jid, ZJ_SITE)
     assert [seq for _, seq, _ in events] == list(range(1, len(events) + 1))  # none lost, none twice
     assert {a for a, _, _ in events} == {1}
     service = net.controller.services.training
     assert service.counters["stale_attempt"] == 0
-    assert service.counters["applied"] == len(events)  # the only job: every event applied once
+    assert service.counters["applied"] == len(events), repr(dict(service.counters))  # the only job: every event applied once
     row = job_row(net, jid)
     (a1,) = attempts(net, jid)
     assert (row.attempt, row.infra_restarts, a1.exit_reason) == (1, 0, "completed")
     assert [k for _, _, k in events].count("checkpointed") == 47  # 8 h, every 10 min, none at the end
-    print(f"{held} events held in the outbox during the cut, {len(events)} applied once each")
+    print(f"{held} events held in region zj's stream during the cut, {len(events)} applied once each")
 
 
 @pytest.mark.timeout(300)
