@@ -68,8 +68,13 @@ class HubProcess:
     services: Services
 
 
-def _bus(config: HubConfig, sites: list[SiteService], tasks: TaskScope) -> HubBus:
+def _bus(config: HubConfig, sites: list[SiteService], tasks: TaskScope,
+         layout: topo_layout.Layout | None = None) -> HubBus:
     """The hub's NATS adapter; what sites send goes to the site service (built next, hence the list)."""
+
+    def event_region_of(site: str) -> str | None:
+        region = layout.region_of_site(site) if layout is not None and layout.has_site(site) else None
+        return region if region in config.event_regions else None
 
     def on_register(msg: wire.Register) -> wire.RegisterAck | wire.ErrorReply:
         return sites[0].on_register(msg)
@@ -92,6 +97,7 @@ def _bus(config: HubConfig, sites: list[SiteService], tasks: TaskScope) -> HubBu
         tls_cert=config.nats_tls_cert,
         tls_key=config.nats_tls_key,
         tasks=tasks,
+        event_region_of=event_region_of,
     )
 
 
@@ -119,7 +125,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     metrics = HubMetrics()
     tasks = BackgroundTasks("hub")
     wants_sites: list[SiteService] = []
-    bus = _bus(config, wants_sites, tasks.scope("bus"))
+    bus = _bus(config, wants_sites, tasks.scope("bus"), layout)
     readiness = Readiness(store=store, bus=bus)
 
     sites = SiteService(config=config, layout=layout, rtt=rtt, router=router, registry=registry, store=store,

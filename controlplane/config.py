@@ -103,6 +103,12 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     event_stream_replicas: int = 0
     """Replicas of the ``CPN_EVENTS`` stream. 0 (default): 3 when the NATS server the hub connects
     to is part of a cluster (its INFO names one), else 1."""
+    event_regions: dict[Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")],
+                        Annotated[int, msgspec.Meta(ge=1, le=5)]] = {}
+    """Regional event streams of a super-cluster: region id (of the layout) -> replicas of its stream
+    ``CPN_EVENTS_<region>``, placed in that region (JetStream tag ``region:<id>``). The events of the
+    layout's sites in those regions are stored there, so a region cut off from the controller keeps
+    them durably in-region. Empty (default): every site's events go to ``CPN_EVENTS``."""
     strict_inboxes: bool | None = None
     """Drop registrations whose reply subject is not in the site's own inbox (agents always use
     ``_INBOX.<site>``). None (default): on when the hub authenticates to NATS (``nats_user``), i.e.

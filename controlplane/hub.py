@@ -115,7 +115,7 @@ class Hub:
         seen_before = self.sites.load()
         await self.bus.connect()
         replicas = self.config.event_stream_replicas or (3 if self.bus.clustered else 1)
-        await self.bus.ensure_event_stream(replicas)
+        await self.bus.ensure_event_stream(replicas, regions=self.config.event_regions)
         for service in self.services:
             await service.start()
         await self.sites.ask_known_sites_to_register(seen_before)

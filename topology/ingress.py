@@ -10,8 +10,13 @@ Promises:
   rtt(a, s) + rtt(b, s)`` (every city reaches the backbone through its access links, and a path
   between two cities crosses at least one site); 0 within one city.
 - Each origin enters at its *nearest* gateway (what the operator's DNS or anycast does), ties by
-  city id. So the full path is never shorter than the direct one (triangle inequality on shortest
-  paths), and equals it when the origin's own city has a gateway.
+  city id. The leg gateway -> site is the one the hub routes with (:func:`gateway_paths`): the NATS
+  path through the regions' clusters when the layout names regions, else the backbone's shortest
+  path. So the full path is never shorter than the direct one, and equals it when the origin's own
+  city has a gateway and (with regions) that city is its region's cluster city.
+- One RTT model everywhere: a live gateway (``core/router.for_gateway``), ``cpn sim`` and
+  :func:`analyse` (``cpn topology coverage --gateways``) all rank with :class:`IngressRtt` over
+  :func:`gateway_paths`, so the header, the simulation and the coverage report give one figure.
 - :func:`analyse` reports, per budget (the requested one, then 5 and 10 ms), the demand share with
   >= 1 and >= 2 site cities within budget on the direct path and on the full path. Its JSON form
   (schema ``cpn.topology.ingress/1``, docs/topology.md) is stable in the same way as coverage's.
@@ -75,11 +80,6 @@ def nearest_gateways(layout: Layout, index: RttIndex, gateways: Iterable[str]) -
     return out
 
 
-def full_ranked(index: RttIndex, gateway: str, ingress_rtt_ms: float) -> list[tuple[str, float]]:
-    """Every site as ``(site, full RTT ms)`` entering at ``gateway``, ascending (ties by site id)."""
-    return sorted(((s, ingress_rtt_ms + r) for s, r in index.ranked(gateway)), key=lambda p: (p[1], p[0]))
-
-
 class ClusterPaths:
     """Where a layout's regions put the NATS path between a gateway and a site.
 
@@ -120,6 +120,12 @@ class ClusterPaths:
                 between[there] = city_rtt_ms(self.index, home, there)
             out.append((site, to_home + between[there] + self.index.rtt_ms(there, site)))
         return sorted(out, key=lambda p: (p[1], p[0]))
+
+
+def gateway_paths(layout: Layout, index: RttIndex) -> ClusterPaths | None:
+    """The leg gateway -> site of every full-path figure for ``layout``: the NATS path through the
+    regions' clusters when the layout names regions, else None (the backbone's shortest path)."""
+    return ClusterPaths(layout, index) if layout.regions else None
 
 
 class IngressRtt:
@@ -168,24 +174,30 @@ class IngressRtt:
 
 class NearestIngressRtt:
     """The RTT source of a network with several gateways: each origin enters at its nearest one
-    (:func:`nearest_gateways`) and every site is ranked on the full path through it. What the
-    simulator routes with to compare gateway sets on the same day."""
+    (:func:`nearest_gateways`) and every site is ranked on the full path through it, the leg
+    gateway -> site as a live gateway counts it (:func:`gateway_paths`). What the simulator routes
+    with to compare gateway sets on the same day, and what :func:`analyse` reports."""
 
     __slots__ = ("gateways", "_by_city", "_entry")
 
     def __init__(self, layout: Layout, index: RttIndex, gateways: Iterable[str]) -> None:
         self.gateways = check_gateways(layout, gateways)
-        self._entry = {o: g for o, (g, _) in nearest_gateways(layout, index, self.gateways).items()}
-        self._by_city = {g: IngressRtt(index, g) for g in self.gateways}
+        self._entry = nearest_gateways(layout, index, self.gateways)
+        paths = gateway_paths(layout, index)
+        self._by_city = {g: IngressRtt(index, g, paths) for g in self.gateways}
 
     def __repr__(self) -> str:
         return f"<NearestIngressRtt gateways={len(self.gateways)}>"
 
     def gateway_of(self, origin: str) -> str:
+        return self._entry[origin][0]
+
+    def entry(self, origin: str) -> tuple[str, float]:
+        """(the origin's gateway city, RTT origin -> that gateway in ms)."""
         return self._entry[origin]
 
     def ranked(self, origin: str) -> list[tuple[str, float]]:
-        return list(self._by_city[self._entry[origin]].ranked(origin))
+        return list(self._by_city[self._entry[origin][0]].ranked(origin))
 
 
 def gateway_sets(layout: Layout, index: RttIndex) -> dict[str, list[str]]:
@@ -275,15 +287,16 @@ def analyse(
     gateways: Iterable[str],
     tiers: Iterable[str] = TIERS,
 ) -> IngressReport:
-    """Coverage on the full path origin -> nearest gateway -> site, next to the direct path.
+    """Coverage on the full path origin -> nearest gateway -> site, next to the direct path; the
+    full path is what :class:`NearestIngressRtt` ranks (a live gateway's figure).
 
     Raises:
         ValueError: budget not positive, or an unknown tier.
         IngressError: bad gateway cities.
     """
     budget_ms, tiers, budgets = checked(budget_ms, tiers)
-    gws = check_gateways(layout, gateways)
-    entry = nearest_gateways(layout, index, gws)
+    source = NearestIngressRtt(layout, index, gateways)
+    gws = source.gateways
     site_of = {s.id: s for s in layout.sites}
     wanted = set(tiers)
     weight_total = sum(o.weight for o in layout.origins)
@@ -291,9 +304,9 @@ def analyse(
 
     rows: list[OriginIngress] = []
     for o in sorted(layout.origins, key=lambda o: o.id):
-        gw, in_rtt = entry[o.id]
+        gw, in_rtt = source.entry(o.id)
         direct = of_tiers(index.ranked(o.id), site_of, wanted)
-        full = of_tiers(full_ranked(index, gw, in_rtt), site_of, wanted)
+        full = of_tiers(source.ranked(o.id), site_of, wanted)
         for b in budgets:
             nd, nf = cities_within(direct, site_of, b), cities_within(full, site_of, b)
             c = sums[b]
@@ -322,7 +335,7 @@ def analyse(
         )
         for b in budgets
     ]
-    mean_in = sum(o.weight * entry[o.id][1] for o in layout.origins) / weight_total
+    mean_in = sum(o.weight * source.entry(o.id)[1] for o in layout.origins) / weight_total
     return IngressReport(
         schema=SCHEMA, layout=layout.name, budget_ms=budget_ms, tiers=tiers, gateways=gws,
         weighted_ingress_rtt_ms=round(mean_in, 3), totals=totals, origins=rows,
@@ -364,5 +377,5 @@ def format_text(report: IngressReport, max_origins: int | None = 15) -> str:
 
 __all__ = [
     "SCHEMA", "ClusterPaths", "IngressError", "IngressReport", "IngressTotals", "OriginIngress", "analyse", "central_gateway",
-    "check_gateways", "city_rtt_ms", "format_text", "full_ranked", "nearest_gateways", "province_gateways", "to_json",
+    "check_gateways", "city_rtt_ms", "format_text", "gateway_paths", "nearest_gateways", "province_gateways", "to_json",
 ]

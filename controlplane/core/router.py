@@ -247,7 +247,7 @@ def for_gateway(layout: Layout, index: RttIndex, city: str | None) -> Router:
     except ingress.IngressError as exc:
         raise RequestError(f"gateway_city: {exc}", field="gateway_city") from None
     # With regions, the leg gateway -> site is the NATS path through the regions' clusters.
-    source = ingress.IngressRtt(index, city, ingress.ClusterPaths(layout, index) if layout.regions else None)
+    source = ingress.IngressRtt(index, city, ingress.gateway_paths(layout, index))
     others = [g for g in layout.gateways() if g != city]
     nearer: dict[str, str] = {}
     if others:

@@ -19,6 +19,13 @@ it, checks the reply is in the site's own inbox (else drops it, ``reply_spoof``:
 anywhere), size and rate, then stores it in ``CPN_EVENTS`` under ``cpn.v1.events.<site>`` and
 relays JetStream's PubAck to the site. Sites cannot publish on the stream's subjects, so JetStream
 never answers a reply subject a site chose.
+
+Regional event streams (a super-cluster, ``event_regions``): a site of such a region has its events
+stored in ``CPN_EVENTS_<region>`` under ``cpn.v1.events.<region>.<site>``, a stream placed in that
+region (placement tag ``region:<id>``), so a region cut off from the controller still stores its
+sites' events durably in-region (its gateway relays them) and the controller consumes them after
+healing. Each site's events go to one stream, so they stay in order; the controller runs one
+durable consumer per stream.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import json
 import logging
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +48,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import (
     AckPolicy,
+    Placement,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
@@ -72,15 +80,25 @@ EVENTS_QUEUE = "cpn-hub-events"
 MSG_ID_HEADER = "Nats-Msg-Id"
 
 
-def stored_event_subject(site: str) -> str:
-    """Subject an event of ``site`` is stored under in ``CPN_EVENTS``."""
-    return f"{STORED_EVENTS_ROOT}.{site}"
+def stored_event_subject(site: str, region: str | None = None) -> str:
+    """Subject an event of ``site`` is stored under: in ``CPN_EVENTS``, or with ``region`` in that
+    region's stream (:func:`regional_events_stream`)."""
+    return f"{STORED_EVENTS_ROOT}.{site}" if region is None else f"{STORED_EVENTS_ROOT}.{region}.{site}"
+
+
+def regional_events_stream(region: str) -> str:
+    """The name of ``region``'s event stream (subjects ``cpn.v1.events.<region>.*``)."""
+    return f"{wire.EVENTS_STREAM}_{region}"
 
 
 def site_of_stored(subject: str) -> str | None:
-    """The site of a ``CPN_EVENTS`` message (new ``cpn.v1.events.<site>`` or old ``...site.<site>.evt``)."""
+    """The site of a stored event (``cpn.v1.events.<site>``, regional ``cpn.v1.events.<region>.<site>``
+    or old ``...site.<site>.evt``)."""
     if subject.startswith(STORED_EVENTS_ROOT + "."):
-        site = subject[len(STORED_EVENTS_ROOT) + 1:]
+        tokens = subject[len(STORED_EVENTS_ROOT) + 1:].split(".")
+        if len(tokens) == 2 and not wire.is_valid_id(tokens[0]):
+            return None
+        site = tokens[-1] if len(tokens) <= 2 else ""
         return site if wire.is_valid_id(site) else None
     return wire.site_of(subject)
 
@@ -89,12 +107,30 @@ DECISIONS = (wire.StartAttempt, wire.StopAttempt, wire.LoadModel, wire.UnloadMod
 """The commands only the leading controller sends (``Drain`` is an operator's, through any gateway)."""
 
 
-def _consumer_config(durable: str, start_seq: int | None = None) -> ConsumerConfig:
+def _consumer_config(durable: str, start_seq: int | None = None, stream: str = wire.EVENTS_STREAM) -> ConsumerConfig:
     # No filter subject: the whole stream, including events stored by an older hub under the
     # sites' own subjects.
     policy = DeliverPolicy.ALL if start_seq is None else DeliverPolicy.BY_START_SEQUENCE
+    regional = stream != wire.EVENTS_STREAM
     return ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, deliver_policy=policy,
-                          opt_start_seq=start_seq, ack_wait=30.0, max_ack_pending=10_000)
+                          opt_start_seq=start_seq, ack_wait=REGIONAL_ACK_WAIT_S if regional else 30.0,
+                          max_ack_pending=_max_ack_pending(stream))
+
+
+REGIONAL_ACK_WAIT_S = 2.0
+"""A regional stream's delivery not acknowledged within this is sent again: short, because a
+delivery lost on the link to the controller (a cut) holds every later event of the region (one in
+flight), and the site's heartbeats, no longer naming a finished attempt, do not wait for them (an
+attempt left out of ``vanished_heartbeats`` heartbeats is failed). A handler slower than this gets
+the same event again afterwards, which the record absorbs (``duplicate``)."""
+
+
+def _max_ack_pending(stream: str) -> int:
+    """One event in flight on a regional stream: its consumer is in another cluster than the
+    controller, and a delivery lost on the link between them (a cut) would otherwise be redelivered
+    after ``ack_wait``, behind later events of the same site (an older checkpoint applied after a
+    newer one). One at a time, a lost delivery holds the rest until it is redelivered: in order."""
+    return 10_000 if stream == wire.EVENTS_STREAM else 1
 
 
 def _js_error(code: int, description: str) -> bytes:
@@ -215,8 +251,13 @@ class HubBus:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tasks: TaskScope | None = None,
+        event_region_of: Callable[[str], str | None] = lambda site: None,
     ) -> None:
         self.url = url
+        self.event_region_of = event_region_of
+        """The region whose event stream holds a site's events (None: ``CPN_EVENTS``)."""
+        self._event_streams: list[str] = [wire.EVENTS_STREAM]
+        """The event streams this hub made sure of (``CPN_EVENTS`` and the regional ones): one consumer each."""
         self.tasks = tasks if tasks is not None else BackgroundTasks(name).scope("bus")
         """Where the bus runs its background work (the event consumer): the process's tasks, handed in
         by the composition root; a bus used on its own (tests, tools) gets an owner of its own."""
@@ -244,9 +285,9 @@ class HubBus:
         self.sites_nc: Any = None
         """Second connection for what sites send (registrations, heartbeats, events)."""
         self._subs: list[Any] = []
-        self._event_task: asyncio.Future[Any] | None = None
+        self._event_tasks: list[asyncio.Future[Any]] = []
         self._closing = False
-        self._psub: Any = None
+        self._psubs: dict[str, Any] = {}
         self._events_in: Any = None
         # Non-streaming requests share one reply subscription (see _request).
         self._reply_prefix = f"{wire.HUB_INBOX_PREFIX}.{secrets.token_hex(8)}."
@@ -366,18 +407,18 @@ class HubBus:
 
     async def close(self) -> None:
         self._closing = True
-        if self._event_task is not None:
-            await cancel_and_wait([self._event_task])  # the loop also checks _closing
-            self._event_task = None
-        if self._psub is not None:
+        if self._event_tasks:
+            await cancel_and_wait(self._event_tasks)  # the loops also check _closing
+            self._event_tasks = []
+        for stream, psub in list(self._psubs.items()):
             # A fetch reply landing after the consumer task was cancelled stays in the pull
             # subscription's queue, never marked done, and holds nc.drain() for its 30 s timeout.
             # Unsubscribing drops only our inbox; the durable consumer keeps its position.
             try:
-                await self._psub.unsubscribe()
+                await psub.unsubscribe()
             except Exception:
                 pass
-            self._psub = None
+            self._psubs.pop(stream, None)
         for nc in (self.sites_nc, self.nc):
             if nc is None:
                 continue
@@ -691,8 +732,11 @@ class HubBus:
 
     # ------------------------------------------------------------------ JetStream events
 
-    def event_stream_config(self, replicas: int = 1) -> StreamConfig:
-        """``CPN_EVENTS``: what the hub stores for sites, bounded per site and in total.
+    def event_stream_config(self, replicas: int = 1, region: str | None = None, shares: int = 1) -> StreamConfig:
+        """``CPN_EVENTS`` (with ``region``: that region's ``CPN_EVENTS_<region>``, placed in the
+        region by its JetStream server tag): what the hub stores for sites, bounded per site and in
+        total. With regional streams the total (``stream_max_bytes``) is split evenly over the
+        ``shares`` streams, so the account's JetStream storage holds them all.
 
         Interest retention: an event the hub has acknowledged is gone, so a site's count in the
         stream is its backlog. ``max_msgs_per_subject`` with ``discard_new_per_subject`` refuses a
@@ -701,41 +745,36 @@ class HubBus:
         """
         lim = self.site_limits
         return StreamConfig(
-            name=wire.EVENTS_STREAM,
-            subjects=[STORED_EVENTS_WILDCARD],
+            name=wire.EVENTS_STREAM if region is None else regional_events_stream(region),
+            subjects=[STORED_EVENTS_WILDCARD if region is None else f"{STORED_EVENTS_ROOT}.{region}.*"],
+            placement=None if region is None else Placement(tags=[f"region:{region}"]),
             retention=RetentionPolicy.INTEREST,
             storage=StorageType.FILE,
             duplicate_window=120.0,
             num_replicas=replicas,
             max_age=7 * 24 * 3600.0,
             max_msg_size=lim.max_event_bytes,
-            max_bytes=lim.stream_max_bytes,
+            max_bytes=lim.stream_max_bytes // max(1, shares),
             max_msgs_per_subject=lim.stream_max_msgs_per_site,
             discard=DiscardPolicy.NEW,
             discard_new_per_subject=True,
         )
 
-    async def ensure_event_stream(self, replicas: int = 1, *, durable: str = "hub") -> None:
+    async def ensure_event_stream(self, replicas: int = 1, *, durable: str = "hub",
+                                  regions: Mapping[str, int] | None = None) -> None:
         """Create ``CPN_EVENTS`` (or update it to the limits above: a stream made by an older hub
         had none and captured the sites' own ``evt`` subjects), its durable consumer, and start
-        taking events from sites."""
+        taking events from sites. ``regions`` (region id -> replicas): also each region's stream,
+        placed in that region, and its consumer."""
         nc = self._require()
         js = nc.jetstream()
-        config = self.event_stream_config(replicas)
-        # The consumer exists before any event is stored: with interest retention a message no
-        # consumer is interested in is dropped. A stream an older hub made (limits retention, the
-        # sites' own subjects, a consumer filtered on them) gets its consumer replaced first,
-        # from where it had got to, while limits retention still keeps every message; then the
-        # stream is updated. Updating the consumer's filter in place is not enough: nats-server
-        # 2.15.1 then still drops events on the new subjects as "no interest" (measured).
-        try:
-            await js.stream_info(wire.EVENTS_STREAM)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(config=config)
-            await self._ensure_consumer(js, durable)
-        else:
-            await self._ensure_consumer(js, durable)
-            await js.update_stream(config=config)
+        shares = 1 + len(regions or {})
+        await self._ensure_stream(js, self.event_stream_config(replicas, shares=shares), durable)
+        for region, n in sorted((regions or {}).items()):
+            config = self.event_stream_config(n, region, shares)
+            await self._ensure_stream(js, config, durable)
+            if config.name not in self._event_streams:
+                self._event_streams.append(str(config.name))
         if self._events_in is None:
             self._events_in = await self.sites_nc.subscribe(
                 wire.EVENT_WILDCARD, queue=EVENTS_QUEUE, cb=self._on_site_event,
@@ -744,18 +783,35 @@ class HubBus:
             self._subs.append(self._events_in)
             await barrier(self.sites_nc)
 
+    async def _ensure_stream(self, js: Any, config: StreamConfig, durable: str) -> None:
+        stream = str(config.name)
+        # The consumer exists before any event is stored: with interest retention a message no
+        # consumer is interested in is dropped. A stream an older hub made (limits retention, the
+        # sites' own subjects, a consumer filtered on them) gets its consumer replaced first,
+        # from where it had got to, while limits retention still keeps every message; then the
+        # stream is updated. Updating the consumer's filter in place is not enough: nats-server
+        # 2.15.1 then still drops events on the new subjects as "no interest" (measured).
+        try:
+            await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(config=config)
+            await self._ensure_consumer(js, durable, stream)
+        else:
+            await self._ensure_consumer(js, durable, stream)
+            await js.update_stream(config=config)
+
     @staticmethod
-    async def _ensure_consumer(js: Any, durable: str) -> None:
+    async def _ensure_consumer(js: Any, durable: str, stream: str = wire.EVENTS_STREAM) -> None:
         """The durable consumer of the whole stream (no filter), keeping an older one's position."""
         try:
-            info = await js.consumer_info(wire.EVENTS_STREAM, durable)
+            info = await js.consumer_info(stream, durable)
         except nats.js.errors.NotFoundError:
-            await js.add_consumer(wire.EVENTS_STREAM, _consumer_config(durable))
+            await js.add_consumer(stream, _consumer_config(durable, stream=stream))
             return
         if not info.config.filter_subject and not info.config.filter_subjects:
             return
-        await js.delete_consumer(wire.EVENTS_STREAM, durable)
-        await js.add_consumer(wire.EVENTS_STREAM, _consumer_config(durable, start_seq=info.ack_floor.stream_seq + 1))
+        await js.delete_consumer(stream, durable)
+        await js.add_consumer(stream, _consumer_config(durable, start_seq=info.ack_floor.stream_seq + 1, stream=stream))
 
     async def _on_site_event(self, msg: Msg) -> None:
         """A site's event: checked, stored under the hub's subject, PubAck relayed to the site."""
@@ -780,7 +836,8 @@ class HubBus:
             return
         try:
             ack = await self._require().request(
-                stored_event_subject(site), msg.data, timeout=2.0, headers={MSG_ID_HEADER: msg_id})
+                stored_event_subject(site, self.event_region_of(site)), msg.data, timeout=2.0,
+                headers={MSG_ID_HEADER: msg_id})
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionClosedError) as exc:
             self.stats.errors += 1
             log.warning("event=event_store_failed site=%s error=%r", site, exc)
@@ -793,32 +850,35 @@ class HubBus:
         A handler that raises leaves the message un-acked, so JetStream redelivers it (the hub
         applies events idempotently by ``job:attempt:seq``).
         """
-        if self._event_task is not None and not self._event_task.done():
-            return  # one consumer per process (a leader that leads again resumes the same one)
-        self._event_task = self.tasks.spawn(self._consume(handler, durable, batch), "event-consumer")
+        if any(not t.done() for t in self._event_tasks):
+            return  # one consumer per stream and process (a leader that leads again resumes the same ones)
+        self._event_tasks = [self.tasks.spawn(self._consume(handler, durable, batch, stream), f"event-consumer-{stream}")
+                             for stream in self._event_streams]
 
     async def stop_consuming(self) -> None:
         """Stop taking events (this process stopped leading); un-acked ones go to the next consumer
         of the same durable after their ack wait, acked ones are never delivered again."""
-        if self._event_task is not None:
-            await cancel_and_wait([self._event_task])
-            self._event_task = None
-        if self._psub is not None:
+        if self._event_tasks:
+            await cancel_and_wait(self._event_tasks)
+            self._event_tasks = []
+        for stream, psub in list(self._psubs.items()):
             with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
-            self._psub = None
+                await psub.unsubscribe()
+            self._psubs.pop(stream, None)
 
-    async def _consume(self, handler: EventHandler, durable: str, batch: int) -> None:
+    async def _consume(self, handler: EventHandler, durable: str, batch: int, stream: str = wire.EVENTS_STREAM) -> None:
         psub = None
         while not self._closing:
             try:
                 if psub is None:
                     js = self._require().jetstream()
-                    await self._ensure_consumer(js, durable)
-                    psub = await js.pull_subscribe_bind(durable=durable, stream=wire.EVENTS_STREAM)
-                    self._psub = psub
+                    await self._ensure_consumer(js, durable, stream)
+                    psub = await js.pull_subscribe_bind(durable=durable, stream=stream)
+                    self._psubs[stream] = psub
                 try:
-                    msgs = await psub.fetch(batch, timeout=1.0)
+                    # One at a time where one is in flight (a regional stream): a larger batch would
+                    # wait out the timeout for messages the server will not send.
+                    msgs = await psub.fetch(min(batch, _max_ack_pending(stream)), timeout=1.0)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     # Nothing to fetch. nats-py raises a bare asyncio.TimeoutError when a busy loop
                     # has already used up the deadline: that is no fault of the subscription either.
@@ -829,11 +889,12 @@ class HubBus:
                 raise
             except Exception as exc:
                 self.stats.errors += 1
-                log.warning("event=event_consumer_error error=%r", exc)
+                log.warning("event=event_consumer_error stream=%s error=%r", stream, exc)
                 if psub is not None:  # do not leave its inbox subscription (and late replies) behind
                     with contextlib.suppress(Exception):
                         await psub.unsubscribe()
-                psub = self._psub = None
+                psub = None
+                self._psubs.pop(stream, None)
                 await asyncio.sleep(0.5)
 
     async def _apply_event(self, handler: EventHandler, msg: Msg) -> None:

@@ -5,8 +5,9 @@ What runs (all in this process, nats-servers as children):
 - one NATS cluster per region (the first N regions of the layout, in file order), joined by gateway
   connections (configs from :mod:`controlplane.nats.natsregions`, the same generator as
   ``cpn deploy nats-config``). The **home region** (the first) has 3 nodes: the replicated record
-  (``CPN_RECORD``, 3 replicas) and the site event stream live there, placed by its JetStream tag
-  ``region:<home>``; every other region has one node (a laptop's scale);
+  (``CPN_RECORD``, 3 replicas) and ``CPN_EVENTS`` live there, placed by its JetStream tag
+  ``region:<home>``; every other region has one node (a laptop's scale); each region's sites' events
+  are stored in a stream of that region (``CPN_EVENTS_<region>``, HubConfig ``event_regions``);
 - one controller (``role = "controller"``) on the home region's cluster: it alone decides
   (scheduling, deployments, commands to sites);
 - one gateway (``role = "gateway"``) per region on its own region's cluster, with ``gateway_city`` the
@@ -214,6 +215,8 @@ class RegionalNetwork:
         await self._wait_jetstream()
         home = self.regions[0]
         hub_user, hub_password = creds.hub.user, creds.hub.password
+        # Each region's sites' events in a stream of its own, placed in the region.
+        event_regions = {r.plan.id: min(3, len(r.plan.nodes)) for r in self.regions}
 
         def config(name: str, region: RegionRun, role: str, port: int, city: str | None) -> HubConfig:
             (data / name).mkdir(exist_ok=True)
@@ -225,7 +228,7 @@ class RegionalNetwork:
                 db_path=str(data / name / "hub.db"), listen_host=opts.host, listen_port=port, gateway_city=city,
                 layout=opts.layout, sim_time_scale=opts.sim_time_scale, strict_inboxes=True,
                 tls_cert=opts.tls_cert, tls_key=opts.tls_key, trusted_proxies=opts.trusted_proxies,
-                **self.hub_overrides)
+                event_regions=event_regions, **self.hub_overrides)
 
         # The controller first, on the home region: the record and the event stream are created
         # from its connection, so they are placed in the home region's cluster.

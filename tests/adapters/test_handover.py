@@ -75,7 +75,7 @@ async def test_a_new_leader_sends_the_start_its_predecessor_decided_but_never_se
             await a.services.leadership.stop()
             await until(lambda: b.services.leadership.leading, 8, "b leads")
             # The deposed process takes no more site events (the shared durable goes on at b).
-            assert a.hub.bus._event_task is None and b.hub.bus._event_task is not None
+            assert not a.hub.bus._event_tasks and b.hub.bus._event_tasks
             await until(lambda: job_id in agent.training.attempts, 10, "the attempt runs at the site")
             assert agent.training.attempts[job_id].attempt == 1  # the decided attempt, not a new one
             await until(lambda: (store_jobs.get_job(b.hub.db, job_id) or job).state in ("starting", "running"), 10,

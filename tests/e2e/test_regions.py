@@ -172,6 +172,88 @@ async def deploy_everywhere(net: RegionalNetwork) -> None:
         await until(in_region, 60, f"{MODEL} served in region {rid}")
 
 
+def gateway_traffic(net: RegionalNetwork) -> tuple[int, int]:
+    """(messages, bytes) the super-cluster's servers have sent to other clusters so far: the sum, over
+    every node's gateway connections (``/gatewayz``, outbound and inbound), of what each sent."""
+    msgs = nbytes = 0
+    for r in net.regions:
+        for port in r.monitor_ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/gatewayz", timeout=5) as resp:
+                gz = json.loads(resp.read())
+            conns = [gw["connection"] for gw in (gz.get("outbound_gateways") or {}).values()]
+            conns += [gw["connection"] for gws in (gz.get("inbound_gateways") or {}).values() for gw in gws]
+            for c in conns:
+                msgs += int(c.get("out_msgs", 0))
+                nbytes += int(c.get("out_bytes", 0))
+    return msgs, nbytes
+
+
+PROMPT_BYTES = 128 * 1024
+"""A burst's requests carry this much prompt each, so one crossing of a gateway link shows in the
+servers' byte counters far above their background."""
+
+BURST = 20
+
+
+async def never_crosses_by_the_servers_counters(net: RegionalNetwork, key: str) -> None:
+    """The in-region request never crosses to another cluster, by the servers' own counters: a burst
+    of in-region requests leaves the gateway connections' traffic near its background, while the
+    same burst through a far gateway (a model whose one replica is in another region) grows it by
+    every request.
+
+    Bytes, not messages: the gateway connections carry a background of tens of messages a second
+    whatever the tenants do (heartbeats to every region's gateway and the controller, the record
+    read by every gateway, demand reports; ~50 msgs and 6-16 KB a second measured here), more
+    messages than a burst's requests; the requests' 128 KiB prompts dwarf it in bytes. Thresholds are
+    in counts (a quarter of the burst's prompts), so a slow machine only adds background: 25 s of
+    it per burst before a false failure."""
+    assert net.controller is not None and net.layout is not None
+    spec = DeploymentSpec(model="far-only", origins=["nanjing"], budget_ms=10.0, cards_per_replica=0.25,
+                          min_cities=1, replicas=1, slots_per_replica=8)
+    net.controller.services.deployments.create(DEMO_TENANT, spec)
+
+    def placed(r: RegionRun) -> str | None:
+        """The site ``r``'s gateway serves far-only from, if it knows one."""
+        assert r.gateway is not None
+        try:
+            return r.gateway.hub.inference.decide(r.plan.gateway_city, "far-only", 1000.0, "nearest").site
+        except Exception:
+            return None
+
+    await until(lambda: placed(region(net, "sh")) is not None, 60, "far-only served")
+    site = placed(region(net, "sh"))
+    assert site is not None
+    there = net.layout.region_of_site(site)
+    near, far = region(net, "zj"), next(r for r in net.regions if r.plan.id != there)
+    await until(lambda: placed(far) == site, 60, f"far-only served through {far.plan.id}'s gateway")
+    prompt = "x" * PROMPT_BYTES
+
+    async def burst(session: aiohttp.ClientSession, r: RegionRun, model: str, origin: str) -> list[str]:
+        served = []
+        for _ in range(BURST):
+            body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 4}
+            async with session.post(net.gateway_url(r) + "/v1/chat/completions", json=body, headers={
+                    "Authorization": f"Bearer {key}", "X-CPN-Origin": origin, "X-CPN-Budget-Policy": "nearest"}) as resp:
+                assert resp.status == 200, await resp.text()
+                served.append(resp.headers["X-CPN-Site"])
+        return served
+
+    async with aiohttp.ClientSession() as session:
+        await burst(session, near, MODEL, "hangzhou")  # warm: subjects' interest settled
+        await burst(session, far, "far-only", far.plan.gateway_city)
+        m0, b0 = gateway_traffic(net)
+        served_near = await burst(session, near, MODEL, "hangzhou")
+        m1, b1 = gateway_traffic(net)
+        served_far = await burst(session, far, "far-only", far.plan.gateway_city)
+        m2, b2 = gateway_traffic(net)
+    assert set(served_near) == {"hz-edge"} and set(served_far) == {site}, (served_near, served_far)
+    sent = BURST * PROMPT_BYTES
+    assert b2 - b1 >= sent, f"through a far gateway: +{b2 - b1} B on the gateway links, want >= {sent} (every request once)"
+    assert b1 - b0 < sent / 4, f"in-region: +{b1 - b0} B on the gateway links, want < {sent / 4:.0f} (no request crossed)"
+    print(f"gateway links: in-region burst of {BURST}: +{m1 - m0} msgs +{b1 - b0} B; through a far "
+          f"gateway ({far.plan.id} -> {site}): +{m2 - m1} msgs +{b2 - b1} B")
+
+
 @pytest.mark.timeout(240)
 async def test_a_request_stays_in_its_region_and_a_far_gateway_tells_the_full_path(
         regions: tuple[RegionalNetwork, Wan]) -> None:
@@ -183,8 +265,9 @@ async def test_a_request_stays_in_its_region_and_a_far_gateway_tells_the_full_pa
         assert sorted(leaf["name"] for leaf in leafs) == sorted(f"cpn-leaf-{s}" for s in r.plan.sites), (r.plan.id, leafs)
     await deploy_everywhere(net)
     key = net.credentials["tenant_key"]
-    wan.delay(WAN_ONE_WAY_MS)
     home, far = region(net, "zj"), region(net, "sh")
+    await never_crosses_by_the_servers_counters(net, key)
+    wan.delay(WAN_ONE_WAY_MS)
     async with aiohttp.ClientSession() as session:
         # In-region: Hangzhou's tenant at Hangzhou's gateway, served by the Hangzhou pool.
         status, _, headers, near_ms = await chat(session, net.gateway_url(home), key, "hangzhou")
@@ -381,6 +464,17 @@ def site_events(net: RegionalNetwork, job_id: str, site: str) -> list[tuple[int,
     return [(int(a), int(q), str(k)) for a, q, k in rows]
 
 
+def stream_messages(port: int, stream: str) -> int:
+    """Messages a JetStream stream holds, by a node's monitoring endpoint (-1: not on that node)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/jsz?accounts=true&streams=true", timeout=5) as resp:
+        data = json.loads(resp.read())
+    for account in data.get("account_details") or []:
+        for detail in account.get("stream_detail") or []:
+            if detail.get("name") == stream:
+                return int(detail["state"]["messages"])
+    return -1
+
+
 def zj_agent(net: RegionalNetwork) -> Any:
     return next(a for a in region(net, "zj").agents if a.site == ZJ_SITE)
 
@@ -390,40 +484,48 @@ def zj_agent(net: RegionalNetwork) -> Any:
 async def test_an_attempt_runs_on_through_a_cut_and_its_buffered_events_apply_once_after_healing(
         regions: tuple[RegionalNetwork, Wan]) -> None:
     """A cut shorter than loss detection (30 heartbeats here): the attempt on the cut-off site runs on,
-    its events wait in the agent's outbox, and after healing every one is applied exactly once:
-    one attempt, no restart, every checkpoint counted once, nothing stale."""
+    its events are stored durably in its own region (the region's event stream, placed there, fed by
+    the region's gateway: the agent's outbox drains), and after healing the controller takes every
+    one from there and applies it exactly once: one attempt, no restart, every checkpoint counted
+    once, nothing stale."""
     net, wan = regions
     assert net.controller is not None
     controller, db = net.controller.hub, net.controller.hub.db
     # 8 h at 1,200x: 24 s of wall time, a checkpoint every 10 simulated minutes (0.5 s).
     jid = await submit_on_zj(net, 8.0, regions=["zhejiang"])
     agent = zj_agent(net)
+    zj_port = region(net, "zj").monitor_ports[0]
 
     for proxy in wan.of("zj"):
         proxy.set_blackhole()
-    await until(lambda: len(agent.outbox) >= 6, 20, "6 events waiting in the cut-off agent's outbox")
+    # Stored in the region and not yet applied: the stream keeps (interest retention) only what the
+    # controller's consumer has not acknowledged, and it acknowledges after applying.
+    await until(lambda: stream_messages(zj_port, "CPN_EVENTS_zj") >= 6, 20,
+                "6 events stored in region zj's own stream during the cut")
+    assert len(agent.outbox) < stream_messages(zj_port, "CPN_EVENTS_zj")  # the agent's outbox drained there
     running = agent.training.attempts.get(jid)
     assert running is not None and running.attempt == 1 and not running.done  # the agent did not kill it
     site = controller.registry.get(ZJ_SITE)
     assert site is not None and site.state != "lost"
     assert len(attempts(net, jid)) == 1
-    held = len(agent.outbox)
+    held = stream_messages(zj_port, "CPN_EVENTS_zj")
 
     for proxy in wan.of("zj"):
         proxy.set_pass()
     await until(lambda: job_row(net, jid).state == "succeeded", 90, "the job succeeded after healing")
     await until(lambda: len(agent.outbox) == 0, 10, "the agent's outbox drained")
+    await until(lambda: stream_messages(zj_port, "CPN_EVENTS_zj") == 0, 10, "region zj's stream drained")
     events = site_events(net, jid, ZJ_SITE)
     assert [seq for _, seq, _ in events] == list(range(1, len(events) + 1))  # none lost, none twice
     assert {a for a, _, _ in events} == {1}
     service = net.controller.services.training
     assert service.counters["stale_attempt"] == 0
-    assert service.counters["applied"] == len(events)  # the only job: every event applied once
+    assert service.counters["applied"] == len(events), repr(dict(service.counters))  # the only job: every event applied once
     row = job_row(net, jid)
     (a1,) = attempts(net, jid)
     assert (row.attempt, row.infra_restarts, a1.exit_reason) == (1, 0, "completed")
     assert [k for _, _, k in events].count("checkpointed") == 47  # 8 h, every 10 min, none at the end
-    print(f"{held} events held in the outbox during the cut, {len(events)} applied once each")
+    print(f"{held} events held in region zj's stream during the cut, {len(events)} applied once each")
 
 
 @pytest.mark.timeout(300)

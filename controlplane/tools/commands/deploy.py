@@ -300,6 +300,8 @@ certificates carry the cluster hosts, the hosts of `--client-url`/`--hub-url` an
   (`strict_inboxes`, on by default whenever the hub authenticates to NATS).
 - The hub creates the `CPN_EVENTS` stream with 1 replica on a single server and 3 on a cluster
   (it reads whether its server belongs to one; `event_stream_replicas` in hub.toml overrides).
+  With the super-cluster, `event_regions = {{<region> = 3, ...}}` in every hub's hub.toml keeps each
+  region's site events in a stream of that region (`CPN_EVENTS_<region>`), durable while it is cut off.
 
 ## Site side (choose one)
 
