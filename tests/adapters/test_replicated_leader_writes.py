@@ -1,0 +1,143 @@
+"""The leader's own writes without a stall: a controller on a real 3-node nats-server cluster
+(loopback, sync_interval always), ``record = "nats"``, a real agent.
+
+What this proves (it failed before: the scheduler tick committed its decisions with a blocking
+``transaction()``, so a tick that met a stream election held the controller's event loop for the
+whole election, 4-9 s, and with it the lease's renewals and every heartbeat):
+
+- while the record's stream leader node is paused (SIGSTOP) and the tick's decisions wait for the
+  election, the controller's loop keeps running (no gap over 0.5 s), the site's heartbeats are
+  handled, and the tick's start is neither in the outbox nor sent: the outbox entry is written with
+  the acknowledged batch (decide, then do), and the agent runs the attempt once the record has it;
+- the lease (given a renew deadline longer than the election, so that what is tested here is the
+  loop and not the lease's own stream) is renewed again after the election by the same leader,
+  same epoch: a controller whose loop goes on keeps leading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from controlplane.compose import build
+from controlplane.core import jobspec
+from controlplane.replicated import kv
+from controlplane.replicated.lease_rules import LeaseConfig
+from controlplane.store import db as store_db
+from controlplane.store import jobs as store_jobs
+from controlplane.store import outbox as store_outbox
+from controlplane.store.replica import Replica
+from tests.support.fakehub import agent_config, running
+from tests.support.hubrig import hub_config
+from tests.support.natscluster import NatsCluster
+from tests.support.waiting import until
+
+SPEC = jobspec.JobSpec(name="tick", cards=1, accelerators=("H20",), est_hours=1.0, checkpoint_cost_s=60)
+
+pytestmark = pytest.mark.serial  # a fresh 3-node cluster whose stream elects for seconds
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    async with NatsCluster(tmp_path / "nats") as c:
+        yield c
+
+
+async def stream_leader(cluster: NatsCluster) -> str:
+    record = await kv.Record.open(cluster.urls)  # makes the bucket if no hub has yet
+    try:
+        info = await record._js.stream_info(f"KV_{kv.BUCKET}")
+        assert info.cluster is not None and info.cluster.leader
+        return str(info.cluster.leader)
+    finally:
+        await record.close()
+
+
+class LoopWatch:
+    """The longest gap between two 10 ms ticks of this event loop (a blocked loop shows here)."""
+
+    def __init__(self) -> None:
+        self.worst_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.worst_s = max(self.worst_s, now - last)
+            last = now
+
+    def __enter__(self) -> LoopWatch:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stalling_its_loop(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    leader_node = await stream_leader(cluster)
+    url = next(n.url for n in cluster.nodes if n.name != leader_node)  # the controller's node stays up
+    (tmp_path / "ctl").mkdir()
+    proc = build(hub_config(tmp_path / "ctl", url, hub_id="ctl", record="nats", record_nats_urls=[url]))
+    leadership = proc.services.leadership
+    leadership.lease = LeaseConfig(lease_duration_s=30.0, renew_deadline_s=20.0, retry_period_s=0.4)
+    await proc.hub.start()
+    try:
+        await until(lambda: leadership.leading, 10, "the controller leads")
+        epoch = leadership.epoch
+        db = proc.hub.db
+        rep = db.write_hook
+        assert isinstance(rep, Replica)
+        proc.hub.create_tenant("acme")
+        job, _ = await proc.services.training.submit_async("acme", SPEC, None, "h1", time.time())
+        await until(lambda: (store_jobs.get_job(db, job.id) or job).reason != "", 10, "the job told why it waits")
+        assert store_jobs.get_job(db, job.id).state == "queued"  # type: ignore[union-attr]  # no site yet
+        elector = leadership.elector
+        assert elector is not None and elector._held is not None
+        await cluster.pause(leader_node)
+        try:
+            await store_db.barrier(db)  # the first barrier of the election times out (awaited: no stall)
+            with LoopWatch() as watch:
+                cfg = agent_config(url, site="sh-edge", data_dir=str(tmp_path / "agent"))
+                async with running(cfg) as agent:
+                    await agent.registered.wait()
+                    registry = proc.services.training.registry
+                    await until(lambda: registry.get("sh-edge") is not None, 5, "the site registered")
+                    proc.services.training.poke()
+                    await until(lambda: rep.in_flight >= 1, 10, "the tick's decisions in flight at the record")
+                    beats = registry.get("sh-edge").heartbeats  # type: ignore[union-attr]
+                    renewals = elector._held.renewals if elector._held else -1
+                    waited, since = 0, time.monotonic()
+                    while rep.in_flight >= 1 and waited < 600:  # the election: the tick's batch waits
+                        # decided, not acknowledged: nothing in the outbox, nothing sent
+                        assert not store_outbox.for_job(db, job.id)
+                        assert job.id not in agent.training.attempts
+                        await asyncio.sleep(0.05)
+                        waited += 1
+                    assert time.monotonic() - since >= 0.5, "the stream's election was too short to show anything"
+                    # the loop went on: the site's heartbeats were handled while the tick waited
+                    assert registry.get("sh-edge").heartbeats - beats >= 2  # type: ignore[union-attr]
+                    await until(lambda: job.id in agent.training.attempts, 20, "the attempt runs at the site")
+                    assert agent.training.attempts[job.id].attempt == 1
+                    sent = [(e.kind, e.attempt, e.state) for e in store_outbox.for_job(db, job.id)]
+                    assert sent == [("start_attempt", 1, "sent")], sent
+                    assert rep.local_replayed >= 1, rep
+                    # the same leader renews its lease again once the stream has a leader
+                    await until(lambda: elector._held is not None and elector._held.renewals > renewals, 20,
+                                "a renewal after the election")
+                    assert leadership.leading and leadership.epoch == epoch
+        finally:
+            if cluster.node(leader_node).paused:
+                await cluster.resume(leader_node)
+        assert watch.worst_s < 0.5, f"the controller's event loop stood still for {watch.worst_s:.2f} s"
+        assert rep.write_fallbacks == 0, rep  # the tick's commits went the awaited way
+    finally:
+        await proc.hub.stop()
