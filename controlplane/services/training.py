@@ -140,6 +140,8 @@ class TrainingService:
         self._poke = asyncio.Event()
         self.tasks = BackgroundTasks("training")
         self._preempting: dict[tuple[str, int], float] = {}
+        self._stops_deferred: list[tuple[str, str, int]] | None = None
+        """While an awaited commit runs (it may run again): the stops it queued, for ``_stop_sent``."""
         self._placing: tuple[list[tuple[lifecycle.JobRecord, store_jobs.Placed]], bool] = ([], False)
         """What the round being committed placed, and whether it has commands to send."""
         self._stop_sent: dict[tuple[str, str, int], float] = {}
@@ -783,7 +785,10 @@ class TrainingService:
         cmd = wire.StopAttempt(job=job, attempt=attempt, checkpoint=checkpoint, reason=reason)
         if self.outbox.add(site, cmd, now, dedupe=True) is not None:
             self.counters["stops"] += 1
-        self._stop_sent[(site, job, attempt)] = now
+        if self._stops_deferred is not None:  # a commit that may run again: remembered once it is written
+            self._stops_deferred.append((site, job, attempt))
+        else:
+            self._stop_sent[(site, job, attempt)] = now
 
     # ------------------------------------------------------------------ effects and metering
 
@@ -814,7 +819,18 @@ class TrainingService:
     # ------------------------------------------------------------------ events
 
     async def _on_event(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited) -> None:
-        self.apply_event(event, self.clock.time())
+        """An agent event from the consumer, committed awaited (``store.db.write``): the loop goes
+        on while the record acknowledges, through a stream election too."""
+        now = self.clock.time()
+        self._stops_deferred = []
+        try:
+            result, holder = await write(self.db, lambda db: self._event_commit(db, event, now))
+            stops = self._stops_deferred
+        finally:
+            self._stops_deferred = None
+        for key in stops:
+            self._stop_sent[key] = now
+        self._event_applied(event, result, holder)
 
     def apply_event(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited, now: float) -> str:
         """Record and apply one agent event in one transaction; returns what happened to it
@@ -822,36 +838,48 @@ class TrainingService:
 
         Raises whatever the store raises (the bus then naks, and JetStream redelivers).
         """
-        db = self.db
+        with transaction(self.db):
+            result, holder = self._event_commit(self.db, event, now)
+        return self._event_applied(event, result, holder)
+
+    def _event_commit(self, db: Database, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited,
+                      now: float) -> tuple[str, str | None]:
+        """The transaction of :meth:`apply_event` (it may run more than once: ``store.db.write``)."""
         kind = str(type(event).__struct_config__.tag)
-        with transaction(db):
-            # Fence by sender before anything is recorded: only the site the hub placed this
-            # attempt at may speak for it (event.site is the subject's site: the bus checked).
-            holder = store_jobs.attempt_pools(db, [(event.job, event.attempt)]).get((event.job, event.attempt))
-            row = None
-            if holder is None:
-                result = "unknown_attempt"
-            elif holder != event.site:
-                result = "not_holder"
-            elif not store_jobs.record_event(db, event.job, event.attempt, event.seq, kind, wire.encode(event), now,
-                                             site=event.site):
-                result = "duplicate"
+        if self._stops_deferred is not None:
+            self._stops_deferred.clear()
+        # Fence by sender before anything is recorded: only the site the hub placed this
+        # attempt at may speak for it (event.site is the subject's site: the bus checked).
+        holder = store_jobs.attempt_pools(db, [(event.job, event.attempt)]).get((event.job, event.attempt))
+        row = None
+        if holder is None:
+            result = "unknown_attempt"
+        elif holder != event.site:
+            result = "not_holder"
+        elif not store_jobs.record_event(db, event.job, event.attempt, event.seq, kind, wire.encode(event), now,
+                                         site=event.site):
+            result = "duplicate"
+        else:
+            row = store_jobs.get_job(db, event.job)
+            if row is None:
+                result = "unknown_job"
             else:
-                row = store_jobs.get_job(db, event.job)
-                if row is None:
-                    result = "unknown_job"
+                out = lifecycle.apply_event(row.record(), event)
+                if out.applied:
+                    store_jobs.save_record(db, out.record)
+                    if isinstance(event, wire.AttemptStarted):
+                        store_jobs.mark_attempt_started(db, event.job, event.attempt, event.at)
+                result = "applied" if out.applied else out.ignored
+                if isinstance(event, wire.AttemptExited):
+                    self._effects(row, out.effects, now, exit_reason=event.reason, exit_code=event.exit_code,
+                                  detail=event.detail)
                 else:
-                    out = lifecycle.apply_event(row.record(), event)
-                    if out.applied:
-                        store_jobs.save_record(db, out.record)
-                        if isinstance(event, wire.AttemptStarted):
-                            store_jobs.mark_attempt_started(db, event.job, event.attempt, event.at)
-                    result = "applied" if out.applied else out.ignored
-                    if isinstance(event, wire.AttemptExited):
-                        self._effects(row, out.effects, now, exit_reason=event.reason, exit_code=event.exit_code,
-                                      detail=event.detail)
-                    else:
-                        self._effects(row, out.effects, now, exit_reason="")
+                    self._effects(row, out.effects, now, exit_reason="")
+        return result, holder
+
+    def _event_applied(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited, result: str,
+                       holder: str | None) -> str:
+        kind = str(type(event).__struct_config__.tag)
         self.counters[result] = self.counters.get(result, 0) + 1
         if result in ("unknown_attempt", "not_holder"):
             self.metrics.count(self.metrics.events_dropped, result)
@@ -922,15 +950,18 @@ class TrainingService:
             return f"job is placed at {row.pool}"
         return None
 
-    def _on_ack(self, entry: OutboxRow, cmd: Any, ack: wire.Ack, now: float) -> None:
+    async def _on_ack(self, entry: OutboxRow, cmd: Any, ack: wire.Ack, now: float) -> None:
+        """A start acknowledged: the job is dispatched (committed awaited: the loop goes on)."""
         if not isinstance(cmd, wire.StartAttempt):
             return
-        db = self.db
-        with transaction(db):
+
+        def commit(db: Database) -> None:
             row = store_jobs.get_job(db, cmd.job)
             if row is None or row.attempt != cmd.attempt or row.state is not S.PLACED or row.pool != entry.site:
                 return
             store_jobs.save_record(db, lifecycle.dispatched(row.record(), now))
+
+        await write(self.db, commit)
 
     def _on_refused(self, entry: OutboxRow, cmd: Any, why: str, now: float) -> None:
         if entry.kind != START or not isinstance(cmd, wire.StartAttempt):

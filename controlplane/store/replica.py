@@ -57,6 +57,7 @@ from controlplane.core.errors import RecordConflict, RecordUnavailable
 from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, RecordError
 from controlplane.replicated.kv import MAX_BATCH, Change, Write
 from controlplane.store.db import open_db
+from controlplane.store.jobs import HUB_EVENT_SITE
 
 _log = logging.getLogger("cpn.store.replica")
 T = TypeVar("T")
@@ -686,7 +687,8 @@ class Replica:
 
     def _insert_local(self, table: str, row: dict[str, Any]) -> None:
         """Rule 7: one captured local-only row, inserted after its batch's ack (a fresh outbox id; a
-        hub event numbered after any event that came meanwhile)."""
+        hub event numbered after any hub event that came meanwhile; a site's event already here is
+        not inserted twice)."""
         cols = [c for c in self._local_columns[table] if c not in LOCAL_INSERTS[table]]
         sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
         try:
@@ -694,6 +696,8 @@ class Replica:
         except sqlite3.IntegrityError:
             if table != "job_events":
                 raise
+            if row["site"] != HUB_EVENT_SITE:  # a site's event, numbered by the site: already here (a duplicate)
+                return
             (seq,) = self.db.conn.execute(
                 "SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ? AND attempt = ? AND site = ?",
                 (row["job_id"], row["attempt"], row["site"])).fetchone()
