@@ -372,7 +372,7 @@ class Replica:
         finally:
             self._applying = False
         _log.warning("event=record_usage_restored idents=%d (counted here, not yet in the record)", len(restored))
-        self.publish_usage()
+        self.publish_usage(blocking=True)  # at start: in the record before this process serves
 
     def _refused(self, exc: RecordError, rows: int) -> Exception:
         """The store's error for a write the record did not take (counted)."""
@@ -507,7 +507,7 @@ class Replica:
         self._pending, self._usage_delta = {}, {}
         self._committed, self._committed_usage = [], {}
 
-    def publish_usage(self) -> bool:
+    def publish_usage(self, *, blocking: bool = False) -> bool:
         """Rule 5: publish this process's cumulative counters not yet in the record (absolute values,
         so sending one again after an unanswered send counts nothing twice). Never raises: what
         is not acknowledged stays unpublished and goes with the next write. True when all went.
@@ -521,7 +521,7 @@ class Replica:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        if running is not None and running is self._loop:
+        if running is not None and running is self._loop and not blocking:
             if self._usage_task is None or self._usage_task.done():
                 self._usage_task = running.create_task(self._publish_usage_async(), name="record-usage")
             return False
