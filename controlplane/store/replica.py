@@ -96,6 +96,9 @@ LOCAL_INSERTS: dict[str, tuple[str, ...]] = {
 """Local-only tables whose *inserts* a pipelined write (Rule 7) carries: captured with the batch,
 applied locally after its quorum ack, in the transaction that applies the batch. An update or
 delete of a local row still commits the blocking way."""
+DERIVED = ("market_entries",)
+"""Local tables whose rows triggers derive from a replicated row (``market_transactions``): the
+batch's apply derives them again, so a pipelined write needs to carry nothing for them."""
 LOCAL_KEY = "\x00local"
 """Rule 7's in-flight mark for writes carrying local rows: they go one at a time (as fenced
 commits do anyway), so each one's local rows are in SQLite before the next one reads them."""
@@ -242,6 +245,12 @@ class Replica:
                 conn.execute(f"CREATE TEMP TRIGGER cpn_rep_{table}_{name} AFTER {event} ON main.{table} "
                              f"BEGIN SELECT cpn_row('{table}', {args}); END")
         conn.create_function("cpn_local", -1, self._captured_local)
+        conn.create_function("cpn_derived", 0, self._captured_derived)
+        for table in DERIVED:
+            if conn.execute(f"PRAGMA main.table_info({table})").fetchall():
+                conn.execute(f"DROP TRIGGER IF EXISTS temp.cpn_derived_{table}_ins")
+                conn.execute(f"CREATE TEMP TRIGGER cpn_derived_{table}_ins AFTER INSERT ON main.{table} "
+                             f"BEGIN SELECT cpn_derived(); END")
         for table in LOCAL_INSERTS:
             cols = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
             if not cols:
@@ -250,6 +259,12 @@ class Replica:
             conn.execute(f"DROP TRIGGER IF EXISTS temp.cpn_local_{table}_ins")
             conn.execute(f"CREATE TEMP TRIGGER cpn_local_{table}_ins AFTER INSERT ON main.{table} "
                          f"BEGIN SELECT cpn_local('{table}', {', '.join(f'NEW.{c}' for c in cols)}); END")
+
+    def _captured_derived(self) -> None:
+        """Rule 7: a row a trigger derives from a replicated one (inserted again when the batch is applied)."""
+        if not self._applying and self._local is not None:
+            self._captures += 1
+        return None
 
     def _captured_local(self, table: str, *values: Any) -> None:
         """Rule 7: an insert into a local-only table, kept for replay if this is a pipelined write."""
@@ -432,7 +447,8 @@ class Replica:
                 self.after_rollback()
                 raise
             local, self._local = self._local, None
-            if conn.total_changes - before != self._captures or any(any(d) for d in self._usage_delta.values()):
+            usage = {ident: list(d) for ident, d in self._usage_delta.items() if any(d)}
+            if conn.total_changes - before != self._captures:
                 self.write_fallbacks += 1  # rows that only a local commit keeps: the blocking way
                 try:
                     self.before_commit()
@@ -446,16 +462,17 @@ class Replica:
             pending = self._pending
             conn.execute("ROLLBACK")
             self.after_rollback()
-            if not pending and not local:
+            if not pending and not local and not usage:
                 return result
-            keys = list(pending) + ([LOCAL_KEY] if local else [])
+            keys = list(pending) + ([LOCAL_KEY] if local or usage else [])
             busy = {id(f): f for k in keys if (f := self._inflight.get(k)) is not None}
             if busy:
                 self.write_waits += 1
                 await asyncio.wait(list(busy.values()))
                 continue
             if not pending:  # local rows alone: nothing to ask the record
-                self.apply_changes(self.bridge.take_changes(), local=local)
+                self.apply_changes(self.bridge.take_changes(), local=local, usage=usage)
+                self._usage_counted(usage)
                 return result
             writes = [Write(key, _ENCODE(Value(t=table, row=row, deleted=deleted)), self.revisions.get(key, 0))
                       for key, (table, row, deleted) in pending.items()]
@@ -480,14 +497,22 @@ class Replica:
                 # restart rebuilds it from there), with this write's local rows (outbox entries:
                 # decided, acknowledged, and only now visible to the sender)
                 self.apply_changes(self.bridge.take_changes()
-                                   + [Change(w.key, w.value, r) for w, r in zip(writes, revisions)], local=local)
+                                   + [Change(w.key, w.value, r) for w, r in zip(writes, revisions)],
+                                   local=local, usage=usage)
             finally:
                 self.in_flight -= 1
                 for k in keys:
                     if self._inflight.get(k) is done:
                         del self._inflight[k]
                 done.set_result(None)
+            self._usage_counted(usage)
             return result
+
+    def _usage_counted(self, usage: dict[tuple[str, str, str], list[float]]) -> None:
+        """Rule 5 after a pipelined write's local apply: its usage goes to the record (a task)."""
+        if usage:
+            self.usage_unpublished.update(usage)
+            self.publish_usage()
 
     async def _no_transaction(self) -> None:
         while self.db.conn.in_transaction:  # a transaction spanning an await elsewhere: after it
@@ -602,13 +627,15 @@ class Replica:
             self.publish_usage()
 
     def apply_changes(self, changes: list[Change] | None = None, *,
-                      local: list[tuple[str, dict[str, Any]]] | None = None) -> int:
+                      local: list[tuple[str, dict[str, Any]]] | None = None,
+                      usage: dict[tuple[str, str, str], list[float]] | None = None) -> int:
         """Apply the bridge's queued changes (or ``changes``) in one local transaction; how many applied.
         ``local``: a pipelined write's local-only rows (Rule 7), inserted in the same transaction,
-        which is then fsynced (they exist nowhere else)."""
+        which is then fsynced (they exist nowhere else); ``usage``: its usage counters' deltas (Rule 5:
+        this process's counters, their local sums and ``record_usage_own``, in the same transaction)."""
         if changes is None:
             changes = self.bridge.take_changes()
-        if not changes and not local:
+        if not changes and not local and not usage:
             return 0
         conn = self.db.conn
         if conn.in_transaction:
@@ -621,7 +648,7 @@ class Replica:
         conn.execute("PRAGMA foreign_keys = OFF")  # the writer checked them; snapshots come in revision order
         # What is applied here is durable in the record and rebuilt from it on start: no fsync of
         # its own (WAL + NORMAL stays consistent; the next FULL commit syncs it anyway).
-        if not local:
+        if not local and not usage:
             conn.execute("PRAGMA synchronous = NORMAL")
         began = False
         try:
@@ -661,8 +688,25 @@ class Replica:
                         self.apply_errors += 1
                         _log.error("event=record_apply_row_failed key=%s revision=%d error=%s", change.key,
                                    change.revision, exc)
-                for ident in usage_rows:
-                    self._write_usage_sum(ident)
+                counted: dict[tuple[str, str, str], list[float]] = {}
+                for ident, delta in (usage or {}).items():
+                    mine = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
+                    counted[ident] = [a + b for a, b in zip(mine, delta)]
+                    usage_rows.add(ident)
+                self._keep_own_usage(counted)
+                before_usage = {i: self.usage.get((self.process, *i)) for i in counted}
+                for ident, after in counted.items():
+                    self.usage[(self.process, *ident)] = after
+                try:
+                    for ident in usage_rows:
+                        self._write_usage_sum(ident)
+                except BaseException:
+                    for ident, old in before_usage.items():
+                        if old is None:
+                            self.usage.pop((self.process, *ident), None)
+                        else:
+                            self.usage[(self.process, *ident)] = old
+                    raise
                 for table, row in local or ():
                     self._insert_local(table, row)
                 conn.execute("COMMIT")
