@@ -11,7 +11,9 @@ whole election, 4-9 s, and with it the lease's renewals and every heartbeat):
   the acknowledged batch (decide, then do), and the agent runs the attempt once the record has it;
 - the lease (given a renew deadline longer than the election, so that what is tested here is the
   loop and not the lease's own stream) is renewed again after the election by the same leader,
-  same epoch: a controller whose loop goes on keeps leading.
+  same epoch: a controller whose loop goes on keeps leading;
+- a gateway's usage flush waits out the election the same way (it held every hub's loop 5-6 s
+  before, all at once), and its usage is counted only once the record has it.
 """
 
 from __future__ import annotations
@@ -139,5 +141,46 @@ async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stallin
                 await cluster.resume(leader_node)
         assert watch.worst_s < 0.5, f"the controller's event loop stood still for {watch.worst_s:.2f} s"
         assert rep.write_fallbacks == 0, rep  # the tick's commits went the awaited way
+    finally:
+        await proc.hub.stop()
+
+
+async def test_the_usage_flush_waits_out_a_paused_stream_leader_without_stalling_the_loop(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """Every gateway flushes the usage it served once a second. Blocking, one flush that met a
+    stream election held each gateway's loop for the election (5-6 s, seen on the HA rig at every
+    hub at once, the leader's lease lost with it). Awaited, the loop goes on and the usage lands
+    once a quorum has it: its local sums and this process's kept counters with it, not before."""
+    leader_node = await stream_leader(cluster)
+    url = next(n.url for n in cluster.nodes if n.name != leader_node)
+    (tmp_path / "gw").mkdir()
+    proc = build(hub_config(tmp_path / "gw", url, hub_id="gw", role="gateway", record="nats", record_nats_urls=[url]))
+    await proc.hub.start()
+    try:
+        db = proc.hub.db
+        rep = db.write_hook
+        assert isinstance(rep, Replica)
+        proc.hub.create_tenant("acme")
+        accounts = proc.services.accounting
+        await cluster.pause(leader_node)
+        try:
+            await store_db.barrier(db)  # the election's first barrier times out (awaited: no stall)
+            with LoopWatch() as watch:
+                accounts.buffer.add("acme", "m", "s1", 10, 5)
+                flush = asyncio.create_task(accounts.flush_async())
+                await until(lambda: rep.in_flight >= 1 or flush.done(), 10, "the flush in flight at the record")
+                assert not flush.done()
+                while not flush.done():  # counted nowhere yet: neither summed nor kept as this process's
+                    assert db.conn.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 0
+                    assert db.conn.execute("SELECT COUNT(*) FROM record_usage_own").fetchone()[0] == 0
+                    await asyncio.sleep(0.05)
+                await flush
+        finally:
+            await cluster.resume(leader_node)
+        assert watch.worst_s < 0.5, f"the gateway's event loop stood still for {watch.worst_s:.2f} s"
+        assert db.conn.execute("SELECT requests, prompt_tokens FROM usage").fetchall() == [(1, 10)]
+        assert db.conn.execute("SELECT requests FROM record_usage_own").fetchall() == [(1,)]
+        assert rep.write_fallbacks == 0, rep
+        await until(lambda: not rep.usage_unpublished, 10, "this process's counters in the record")
     finally:
         await proc.hub.stop()
