@@ -5,8 +5,8 @@ What this proves (it failed before: the scheduler tick committed its decisions w
 ``transaction()``, so a tick that met a stream election held the controller's event loop for the
 whole election, 4-9 s, and with it the lease's renewals and every heartbeat):
 
-- while the record's stream leader node is paused (SIGSTOP) and the tick's decisions wait for the
-  election, the controller's loop keeps running (no gap over 0.5 s), the site's heartbeats are
+- while the record's stream leader node and another are paused (SIGSTOP) and the tick's decisions
+  wait for a quorum, the controller's loop keeps running (no gap over 1 s; the whole wait before), the site's heartbeats are
   handled, and the tick's start is neither in the outbox nor sent: the outbox entry is written with
   the acknowledged batch (decide, then do), and the agent runs the attempt once the record has it;
 - the lease (given a renew deadline longer than the election, so that what is tested here is the
@@ -104,9 +104,13 @@ async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stallin
         assert store_jobs.get_job(db, job.id).state == "queued"  # type: ignore[union-attr]  # no site yet
         elector = leadership.elector
         assert elector is not None and elector._held is not None
+        # The stream's leader node and the other follower paused: no quorum until one comes back,
+        # so the tick's batch waits as long as this test says (an election's length varies).
+        other = next(n.name for n in cluster.nodes if n.name != leader_node and n.url != url)
         await cluster.pause(leader_node)
+        await cluster.pause(other)
         try:
-            await store_db.barrier(db)  # the first barrier of the election times out (awaited: no stall)
+            await store_db.barrier(db)  # the first barrier without quorum times out (awaited: no stall)
             with LoopWatch() as watch:
                 cfg = agent_config(url, site="sh-edge", data_dir=str(tmp_path / "agent"))
                 async with running(cfg) as agent:
@@ -117,17 +121,17 @@ async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stallin
                     await until(lambda: rep.in_flight >= 1, 10, "the tick's decisions in flight at the record")
                     beats = registry.get("sh-edge").heartbeats  # type: ignore[union-attr]
                     renewals = elector._held.renewals if elector._held else -1
-                    waited, since = 0, time.monotonic()
-                    while rep.in_flight >= 1 and waited < 600:  # the election: the tick's batch waits
+                    since = time.monotonic()
+                    while time.monotonic() - since < 2.0:  # the tick's batch waits for a quorum
                         # decided, not acknowledged: nothing in the outbox, nothing sent
+                        assert rep.in_flight >= 1
                         assert not store_outbox.for_job(db, job.id)
                         assert job.id not in agent.training.attempts
                         await asyncio.sleep(0.05)
-                        waited += 1
-                    assert time.monotonic() - since >= 0.5, "the stream's election was too short to show anything"
                     # the loop went on: the site's heartbeats were handled while the tick waited
                     assert registry.get("sh-edge").heartbeats - beats >= 2  # type: ignore[union-attr]
-                    await until(lambda: job.id in agent.training.attempts, 20, "the attempt runs at the site")
+                    await cluster.resume(other)  # a quorum again (a stream leader once elected)
+                    await until(lambda: job.id in agent.training.attempts, 30, "the attempt runs at the site")
                     assert agent.training.attempts[job.id].attempt == 1
                     sent = [(e.kind, e.attempt, e.state) for e in store_outbox.for_job(db, job.id)]
                     assert sent == [("start_attempt", 1, "sent")], sent
@@ -137,9 +141,12 @@ async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stallin
                                 "a renewal after the election")
                     assert leadership.leading and leadership.epoch == epoch
         finally:
-            if cluster.node(leader_node).paused:
-                await cluster.resume(leader_node)
-        assert watch.worst_s < 0.5, f"the controller's event loop stood still for {watch.worst_s:.2f} s"
+            for name in (leader_node, other):
+                if cluster.node(name).paused:
+                    await cluster.resume(name)
+        # Held for 2 s and more before (the whole wait); what is left is at most one blocking read
+        # barrier's timeout (0.5 s) when the quorum comes back and the projection still lags.
+        assert watch.worst_s < 1.0, f"the controller's event loop stood still for {watch.worst_s:.2f} s"
         assert rep.write_fallbacks == 0, rep  # the tick's commits went the awaited way
     finally:
         await proc.hub.stop()
