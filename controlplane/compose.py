@@ -205,7 +205,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     hub.add_service(_ModelAccess(deployer))  # every process's gateway serves the deployed models, leading or not
     # Handover (services/handover.py): a new leader sends again what the record says was decided
     # but its own outbox never held; a process that stops leading stops taking sites' events.
-    leadership.on_lead.append(lambda epoch: handover.rebuild_starts(trainer, clock.time()))
+    leadership.on_lead.append(lambda epoch: handover.rebuild_starts_awaited(trainer, clock.time()))
 
     async def announce_epoch(epoch: int) -> None:
         notice = wire.LeaderEpoch(epoch=epoch, hub=config.hub_id)

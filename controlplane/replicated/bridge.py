@@ -26,6 +26,11 @@ in their own thread, with their own NATS connection:
   write, which may have landed: NoQuorum means "unknown"). The first write that a quorum acknowledges (or that loses a compare-and-set, which
   also takes a quorum) ends this. So a process without quorum stalls its loop for at most
   ``probe_deadline_s`` per ``probe_every_s``, not a whole write deadline per write.
+- Rule 7: once a read barrier got no answer in time (the stream's leader gone, an election under
+  way), blocking :meth:`catch_up` calls return False at once (the caller reads what it has; a stale
+  read is caught by the compare-and-set of what it writes) until a barrier probed in the bridge's
+  own thread is answered: the local-only transactions of a process (its outbox, sites, job
+  events) then stall its loop at most once per election, not ``catch_up_timeout_s`` each.
 - Rule 6: :meth:`commit_async` and :meth:`catch_up_async` are the same calls for code on an event
   loop (``store/replica.py``'s :meth:`~controlplane.store.replica.Replica.write`): they await the
   answer instead of blocking, so the caller's loop goes on (reads, heartbeats, inference) while a
@@ -86,6 +91,10 @@ class RecordBridge:
         self._next_barrier: asyncio.Future[bool] | None = None
         self._barriers_running = False
         self.barriers = 0
+        self._barrier_failing = False
+        self._probe: concurrent.futures.Future[None] | None = None
+        self.catch_ups_skipped = 0
+        """Blocking read barriers skipped while a failed one's probe waits for an answer (Rule 7)."""
         """Read barriers :meth:`catch_up_async` asked the record for (shared by the callers of one)."""
 
     fence: Fence | None = None
@@ -145,6 +154,8 @@ class RecordBridge:
         self._thread = None
 
     async def _close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
         if self.projection is not None:
             await self.projection.stop()
         if self.record is not None:
@@ -216,12 +227,39 @@ class RecordBridge:
         what it has)."""
         if self.degraded_since is not None and time.monotonic() < self._next_probe_at:
             return False
+        if self._barrier_failing:
+            self.catch_ups_skipped += 1  # Rule 7: the probe in the background says when to wait again
+            return False
         try:
             self._call(self._catch_up(), self.catch_up_timeout_s + 1.0)
         except (NoQuorum, TimeoutError, concurrent.futures.TimeoutError):
             self.catch_up_failures += 1
+            self._barrier_failed()
             return False
         return True
+
+    def _barrier_failed(self) -> None:
+        """Rule 7: blocking barriers are skipped from now on until one, probed in the bridge's own
+        thread, gets its answer."""
+        if self._barrier_failing:
+            return
+        self._barrier_failing = True
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            self._barrier_failing = False
+            return
+        self._probe = asyncio.run_coroutine_threadsafe(self._probe_barrier(), loop)
+
+    async def _probe_barrier(self) -> None:
+        try:
+            while True:
+                try:
+                    await self._catch_up()
+                    return
+                except Exception:  # still no answer: again in a while
+                    await asyncio.sleep(self.probe_every_s / 4)
+        finally:
+            self._barrier_failing = False
 
     async def catch_up_async(self) -> bool:
         """:meth:`catch_up` for a caller on an event loop: its loop goes on while it waits. Callers
@@ -246,6 +284,7 @@ class RecordBridge:
                     ok = True
                 except Exception:  # no quorum, no answer in time: the callers read what they have
                     self.catch_up_failures += 1
+                    self._barrier_failed()
                     ok = False
                 self.barriers += 1
                 waiting.set_result(ok)

@@ -192,6 +192,11 @@ class Record:
                 raise
         return record
 
+    async def reconnect(self) -> None:
+        """Move this record's connection to another server of the pool (its server may hang: a
+        paused node keeps its sockets open, and pings notice that only after seconds)."""
+        await self._nc.force_reconnect()
+
     async def nodes(self) -> list[NodeState]:
         """The NATS servers holding the record's replicas, as the stream's Raft group reports them
         (the leader first). Empty when no server answers (no quorum: the stream has no leader)."""

@@ -15,7 +15,7 @@ from controlplane.core.usage import UsageBuffer, UsageRow
 from controlplane.metrics import HubMetrics
 from controlplane.runtime import TaskScope
 from controlplane.store import usage as store_usage
-from controlplane.store.db import transaction
+from controlplane.store.db import transaction, write
 from controlplane.store.handle import Store
 from edge_agent import wire
 
@@ -57,7 +57,30 @@ class UsageAccounts:
     async def _loop(self) -> None:
         while True:
             await self.clock.sleep(self.flush_s)
-            self.flush()
+            await self.flush_async()
+
+    async def flush_async(self) -> None:
+        """:meth:`flush`, each chunk committed awaited (``store.db.write``, unfenced: any gateway
+        counts usage): on the replicated record the loop goes on while the record answers, through
+        a stream election too (a blocking flush held every gateway's loop for the election)."""
+        if not len(self.buffer) or not self.store.is_open:
+            return
+        rows = self.buffer.drain()
+        for start in range(0, len(rows), FLUSH_CHUNK_ROWS):
+            chunk = rows[start:start + FLUSH_CHUNK_ROWS]
+
+            def commit(db: Any, chunk: list[UsageRow] = chunk) -> None:
+                store_usage.add_rows(db, chunk)
+                now = self.clock.time()
+                for listener in self.usage_listeners:
+                    listener(chunk, now)
+
+            try:
+                await write(self.store.db, commit, fenced=False)
+            except Exception:
+                self.buffer.restore(rows[start:])
+                log.exception("event=usage_flush_failed rows=%d", len(rows) - start)
+                return
 
     def account(self, req: wire.InferRequest, result: wire.InferResult, site: str) -> None:
         """Count a served request (flushed to the record in batches, never per request)."""

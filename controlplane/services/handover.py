@@ -32,7 +32,7 @@ from controlplane.services.outbox import START
 from controlplane.services.training import TrainingService
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.store.db import transaction
+from controlplane.store.db import barrier, transaction
 from edge_agent import wire
 
 log = logging.getLogger("cpn.handover")
@@ -68,6 +68,13 @@ def start_command(training: TrainingService, row: store_jobs.JobRow) -> wire.Sta
         seed=zlib.crc32(f"{training.config.seed}:{row.id}:{row.attempt}".encode()), tenant=row.tenant,
         event_key=secrets.token_urlsafe(16), image=spec.image or "",
     )
+
+
+async def rebuild_starts_awaited(training: TrainingService, now: float) -> int:
+    """:func:`rebuild_starts` after an awaited read barrier (the loop goes on while the record
+    answers; a blocking barrier skipped after a failed one would read a stale view here)."""
+    await barrier(training.db)
+    return rebuild_starts(training, now)
 
 
 def rebuild_starts(training: TrainingService, now: float) -> int:

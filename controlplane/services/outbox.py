@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -54,7 +55,8 @@ MODEL_KINDS = frozenset({LOAD, UNLOAD})
 """What the deployments service's sender delivers."""
 
 Obsolete = Callable[[OutboxRow, Any, float], "str | None"]
-OnAck = Callable[[OutboxRow, Any, wire.Ack, float], None]
+OnAck = Callable[[OutboxRow, Any, wire.Ack, float], object]
+"""May return an awaitable: the entry's sender awaits it (Rule 5)."""
 OnRefused = Callable[[OutboxRow, Any, str, float], None]
 
 
@@ -278,7 +280,7 @@ class CommandOutbox:
             self.counters["sent"] += 1
             log.info("event=outbox_sent id=%d site=%s kind=%s job=%s attempt=%d detail=%s",
                      row.id, row.site, row.kind, row.job_id, row.attempt, ack.detail)
-            self._report(self.on_ack, row, cmd, ack, now)
+            await self._report_awaited(self.on_ack, row, cmd, ack, now)
         return True
 
     def _unreachable(self, row: OutboxRow, cmd: Any, error: str) -> bool:
@@ -291,6 +293,19 @@ class CommandOutbox:
             log.info("event=outbox_retry id=%d site=%s kind=%s job=%s attempt=%d tries=%d error=%s",
                      row.id, row.site, row.kind, row.job_id, row.attempt, row.tries + 1, error)
         return False
+
+    @staticmethod
+    async def _report_awaited(callback: Callable[..., object], *args: Any) -> None:
+        """:meth:`_report` for a callback that may return an awaitable (an owner committing to the
+        replicated record awaits its quorum; this entry's sender waits, the loop does not)."""
+        try:
+            result = callback(*args)
+            if inspect.isawaitable(result):
+                await result
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("event=outbox_callback_failed")
 
     @staticmethod
     def _report(callback: Callable[..., None], *args: Any) -> None:

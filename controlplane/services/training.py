@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import logging
 import math
 import secrets
@@ -61,7 +62,7 @@ from controlplane.runtime import BackgroundTasks
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.store.db import Database, barrier, transaction
+from controlplane.store.db import Database, barrier, transaction, write
 # The rows this service's API answers with (the gateway renders them; it never imports the store).
 from controlplane.store.jobs import AttemptRow as AttemptRow, EventRow as EventRow, JobRow as JobRow
 from controlplane.store.outbox import OutboxRow
@@ -139,6 +140,10 @@ class TrainingService:
         self._poke = asyncio.Event()
         self.tasks = BackgroundTasks("training")
         self._preempting: dict[tuple[str, int], float] = {}
+        self._stops_deferred: list[tuple[str, str, int]] | None = None
+        """While an awaited commit runs (it may run again): the stops it queued, for ``_stop_sent``."""
+        self._placing: tuple[list[tuple[lifecycle.JobRecord, store_jobs.Placed]], bool] = ([], False)
+        """What the round being committed placed, and whether it has commands to send."""
         self._stop_sent: dict[tuple[str, str, int], float] = {}
         self._cool_until: dict[str, float] = {}
         self._missing: dict[tuple[str, int], int] = {}
@@ -205,7 +210,7 @@ class TrainingService:
             self._poke.clear()
             try:
                 await barrier(self.db)  # the tick's read barrier, awaited: the loop goes on meanwhile
-                self.tick(self.clock.time())
+                await self.tick_async(self.clock.time())
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -331,6 +336,37 @@ class TrainingService:
     def tick(self, now: float) -> scheduler.Plan | None:
         """One scheduling round (synchronous: read, plan, write, in one go). Returns the plan."""
         started = self.clock.monotonic()
+        rows, plan, commits = self._tick_plan(now)
+        for commit in commits:
+            with transaction(self.db):
+                commit(self.db)
+        if commits:
+            self._carried_out(plan, rows)
+        self._tick_end(rows, now, started)
+        return plan
+
+    async def tick_async(self, now: float) -> scheduler.Plan | None:
+        """:meth:`tick` whose decisions are committed awaited (``store.db.write``): on the
+        replicated record the loop goes on (heartbeats, the lease's renewals, requests) while each
+        chunk of decisions waits for its quorum, through a stream election too. Each chunk's
+        outbox entries are written with its acknowledged rows, so nothing is sent before its batch
+        is on a quorum; each chunk carries the leader's fence. What changed meanwhile (a job
+        cancelled) is checked before each chunk is written, and the rest of the round (stale
+        attempts, vanished ones, orphans) reads the jobs again after the writes."""
+        started = self.clock.monotonic()
+        rows, plan, commits = self._tick_plan(now)
+        for commit in commits:
+            await write(self.db, commit)
+            self._kick()
+        if commits:
+            self._carried_out(plan, rows)
+            rows = store_jobs.jobs_in_states(self.db, ACTIVE_STATES)
+        self._tick_end(rows, now, started)
+        return plan
+
+    def _tick_plan(self, now: float) -> tuple[list[store_jobs.JobRow], scheduler.Plan | None,
+                                              list[Callable[[Database], None]]]:
+        """Read and plan a round: the jobs read, the plan, and the commits that carry it out."""
         db = self.db
         rows = store_jobs.jobs_in_states(db, ACTIVE_STATES)
         live = {r.id: r for r in rows if r.state in LIVE_STATES}
@@ -338,6 +374,7 @@ class TrainingService:
         self._preempting = {k: v for k, v in self._preempting.items()
                             if k[0] in live and live[k[0]].attempt == k[1]}
         plan = None
+        commits: list[Callable[[Database], None]] = []
         lent = self._lend(live, now, bool(waiting)) if self.config.lending.enabled else None
         if waiting:
             pools = self._pools(live.values(), now)
@@ -353,10 +390,15 @@ class TrainingService:
                 tenants=self._tenants({r.tenant for r in rows}), model=self.cost_model,
             )
             plan = scheduler.plan(snapshot, now)
-            self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
+            commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
             self.last_plan = plan
             if lent is not None:
-                self._say_lent(plan, lent[0], lent[1], now)
+                lent_plan, ids = lent
+                commits.append(lambda db: self._say_lent(plan, lent_plan, ids, now))
+        return rows, plan, commits
+
+    def _tick_end(self, rows: list[store_jobs.JobRow], now: float, started: float) -> None:
+        live = {r.id: r for r in rows if r.state in LIVE_STATES}
         self._reconcile(live, now)
         self._vanished(live, now)
         self._orphans(live, now)
@@ -367,7 +409,6 @@ class TrainingService:
                 log.exception("event=tick_listener_failed")
         self.counters["ticks"] += 1
         self.last_tick_ms = (self.clock.monotonic() - started) * 1000.0
-        return plan
 
     # ------------------------------------------------------------------ tidal lending
 
@@ -509,11 +550,13 @@ class TrainingService:
         return out
 
     def _carry_out(self, plan: scheduler.Plan, rows: dict[str, store_jobs.JobRow], now: float,
-                   plan_pools: int = 0) -> None:
-        """Persist and send what ``plan`` says; ``plan_pools`` is how many pools it saw (with none,
-        a job's being unplaceable says nothing about the job and is not written to its events)."""
-        db = self.db
+                   plan_pools: int = 0) -> list[Callable[[Database], None]]:
+        """The commits that persist ``plan`` with what it must send, one per ``TICK_CHUNK``
+        decisions; ``plan_pools`` is how many pools it saw (with none, a job's being unplaceable
+        says nothing about the job and is not written to its events). Each commit may run more
+        than once (``store.db.write``) and writes only the decisions whose job is still as read."""
         assert self.outbox is not None
+        outbox = self.outbox
         placed: list[tuple[lifecycle.JobRecord, store_jobs.Placed]] = []
         starts: list[tuple[str, wire.StartAttempt]] = []
         for p in plan.start:
@@ -536,40 +579,62 @@ class TrainingService:
                 continue
             stops.extend(e for e in lifecycle.preempt(row.record(), pre.reason) if isinstance(e, lifecycle.Stop))
             self._preempting[(row.id, row.attempt)] = now
+        stops = [st for st in stops if now - self._stop_sent.get((st.pool, st.job_id, st.attempt), -math.inf)
+                 >= STOP_RESEND_S]
+        for st in stops:
+            self._stop_sent[(st.pool, st.job_id, st.attempt)] = now
+        self.counters["stops"] += len(stops)
         waits = [(w.job_id, w.reason) for w in plan.wait]
         infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
         waits += infeasible
+
+        def as_read(db: Database, ids: list[str]) -> set[str]:
+            """The jobs among ``ids`` still as this round read them (nothing wrote them since)."""
+            now_ = store_jobs.states_of(db, ids)
+            return {i for i in ids if (r := rows.get(i)) is not None
+                    and now_.get(i) == (r.state.value, r.attempt, r.updated_at)}
+
+        def commit(db: Database, i: int) -> None:
+            if i == 0:
+                for job_id, reason in infeasible if plan_pools else ():
+                    old = rows.get(job_id)
+                    if old is not None and old.reason != reason:  # a new reason: say it in the job's events
+                        store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
+                for w in plan.wait:
+                    old = rows.get(w.job_id)
+                    if old is not None and \
+                            scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind):
+                        # A new kind of wait (a tariff window, quota, cards, ...): say why in the job's events.
+                        store_jobs.record_hub_event(db, w.job_id, old.attempt, "waiting",
+                                                    {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
+                for stop in stops:  # (asked for at plan time: _stop_sent; the commit may run twice)
+                    outbox.add(stop.pool, wire.StopAttempt(job=stop.job_id, attempt=stop.attempt,
+                                                           checkpoint=stop.checkpoint, reason=stop.reason),
+                               now, dedupe=True)
+            chunk = placed[i:i + TICK_CHUNK]
+            chunk_waits = waits[i:i + TICK_CHUNK]
+            fresh = as_read(db, [rec.id for rec, _ in chunk] + [job_id for job_id, _ in chunk_waits])
+            store_jobs.record_placements(db, [(rec, pl) for rec, pl in chunk if rec.id in fresh], now)
+            for site, cmd in starts[i:i + TICK_CHUNK]:
+                if cmd.job in fresh:
+                    outbox.add(site, cmd, now)
+            store_jobs.record_waits(db, [(job_id, why) for job_id, why in chunk_waits if job_id in fresh], now)
+
         # One transaction per TICK_CHUNK decisions (each with what it must send): the replicated
         # record takes at most 1,000 rows in one atomic batch, and a start writes two.
         n = max(len(placed), len(waits), 1)
-        for i in range(0, n, TICK_CHUNK):
-            with transaction(db):
-                if i == 0:
-                    for job_id, reason in infeasible if plan_pools else ():
-                        old = rows.get(job_id)
-                        if old is not None and old.reason != reason:  # a new reason: say it in the job's events
-                            store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason},
-                                                        now)
-                    for w in plan.wait:
-                        old = rows.get(w.job_id)
-                        if old is not None and \
-                                scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind):
-                            # A new kind of wait (a tariff window, quota, cards, ...): say why in the job's events.
-                            store_jobs.record_hub_event(db, w.job_id, old.attempt, "waiting",
-                                                        {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
-                    for stop in stops:
-                        self._enqueue_stop(stop.pool, stop.job_id, stop.attempt, now, checkpoint=stop.checkpoint,
-                                           reason=stop.reason)
-                store_jobs.record_placements(db, placed[i:i + TICK_CHUNK], now)
-                for site, cmd in starts[i:i + TICK_CHUNK]:
-                    self.outbox.add(site, cmd, now)
-                store_jobs.record_waits(db, waits[i:i + TICK_CHUNK], now)
+        self._placing = (placed, bool(starts or stops))
+        return [functools.partial(commit, i=i) for i in range(0, n, TICK_CHUNK)]
+
+    def _carried_out(self, plan: scheduler.Plan | None, rows: list[store_jobs.JobRow]) -> None:
+        placed, send = self._placing
+        self._placing = ([], False)
         for rec, pl in placed:
             log.info("event=job_placed job=%s attempt=%d pool=%s accelerator=%s expected_cny=%.2f progress=%.3f",
                      rec.id, rec.attempt, rec.pool, rec.accelerator, pl.breakdown.total_cny if pl.breakdown else 0.0,
                      rec.progress)
         self.counters["placed"] += len(placed)
-        if starts or stops:
+        if send:
             self._kick()
 
     def _start_command(self, row: store_jobs.JobRow, rec: lifecycle.JobRecord,
@@ -720,7 +785,10 @@ class TrainingService:
         cmd = wire.StopAttempt(job=job, attempt=attempt, checkpoint=checkpoint, reason=reason)
         if self.outbox.add(site, cmd, now, dedupe=True) is not None:
             self.counters["stops"] += 1
-        self._stop_sent[(site, job, attempt)] = now
+        if self._stops_deferred is not None:  # a commit that may run again: remembered once it is written
+            self._stops_deferred.append((site, job, attempt))
+        else:
+            self._stop_sent[(site, job, attempt)] = now
 
     # ------------------------------------------------------------------ effects and metering
 
@@ -751,7 +819,18 @@ class TrainingService:
     # ------------------------------------------------------------------ events
 
     async def _on_event(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited) -> None:
-        self.apply_event(event, self.clock.time())
+        """An agent event from the consumer, committed awaited (``store.db.write``): the loop goes
+        on while the record acknowledges, through a stream election too."""
+        now = self.clock.time()
+        self._stops_deferred = []
+        try:
+            result, holder = await write(self.db, lambda db: self._event_commit(db, event, now))
+            stops = self._stops_deferred
+        finally:
+            self._stops_deferred = None
+        for key in stops:
+            self._stop_sent[key] = now
+        self._event_applied(event, result, holder)
 
     def apply_event(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited, now: float) -> str:
         """Record and apply one agent event in one transaction; returns what happened to it
@@ -759,36 +838,48 @@ class TrainingService:
 
         Raises whatever the store raises (the bus then naks, and JetStream redelivers).
         """
-        db = self.db
+        with transaction(self.db):
+            result, holder = self._event_commit(self.db, event, now)
+        return self._event_applied(event, result, holder)
+
+    def _event_commit(self, db: Database, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited,
+                      now: float) -> tuple[str, str | None]:
+        """The transaction of :meth:`apply_event` (it may run more than once: ``store.db.write``)."""
         kind = str(type(event).__struct_config__.tag)
-        with transaction(db):
-            # Fence by sender before anything is recorded: only the site the hub placed this
-            # attempt at may speak for it (event.site is the subject's site: the bus checked).
-            holder = store_jobs.attempt_pools(db, [(event.job, event.attempt)]).get((event.job, event.attempt))
-            row = None
-            if holder is None:
-                result = "unknown_attempt"
-            elif holder != event.site:
-                result = "not_holder"
-            elif not store_jobs.record_event(db, event.job, event.attempt, event.seq, kind, wire.encode(event), now,
-                                             site=event.site):
-                result = "duplicate"
+        if self._stops_deferred is not None:
+            self._stops_deferred.clear()
+        # Fence by sender before anything is recorded: only the site the hub placed this
+        # attempt at may speak for it (event.site is the subject's site: the bus checked).
+        holder = store_jobs.attempt_pools(db, [(event.job, event.attempt)]).get((event.job, event.attempt))
+        row = None
+        if holder is None:
+            result = "unknown_attempt"
+        elif holder != event.site:
+            result = "not_holder"
+        elif not store_jobs.record_event(db, event.job, event.attempt, event.seq, kind, wire.encode(event), now,
+                                         site=event.site):
+            result = "duplicate"
+        else:
+            row = store_jobs.get_job(db, event.job)
+            if row is None:
+                result = "unknown_job"
             else:
-                row = store_jobs.get_job(db, event.job)
-                if row is None:
-                    result = "unknown_job"
+                out = lifecycle.apply_event(row.record(), event)
+                if out.applied:
+                    store_jobs.save_record(db, out.record)
+                    if isinstance(event, wire.AttemptStarted):
+                        store_jobs.mark_attempt_started(db, event.job, event.attempt, event.at)
+                result = "applied" if out.applied else out.ignored
+                if isinstance(event, wire.AttemptExited):
+                    self._effects(row, out.effects, now, exit_reason=event.reason, exit_code=event.exit_code,
+                                  detail=event.detail)
                 else:
-                    out = lifecycle.apply_event(row.record(), event)
-                    if out.applied:
-                        store_jobs.save_record(db, out.record)
-                        if isinstance(event, wire.AttemptStarted):
-                            store_jobs.mark_attempt_started(db, event.job, event.attempt, event.at)
-                    result = "applied" if out.applied else out.ignored
-                    if isinstance(event, wire.AttemptExited):
-                        self._effects(row, out.effects, now, exit_reason=event.reason, exit_code=event.exit_code,
-                                      detail=event.detail)
-                    else:
-                        self._effects(row, out.effects, now, exit_reason="")
+                    self._effects(row, out.effects, now, exit_reason="")
+        return result, holder
+
+    def _event_applied(self, event: wire.AttemptStarted | wire.Checkpointed | wire.AttemptExited, result: str,
+                       holder: str | None) -> str:
+        kind = str(type(event).__struct_config__.tag)
         self.counters[result] = self.counters.get(result, 0) + 1
         if result in ("unknown_attempt", "not_holder"):
             self.metrics.count(self.metrics.events_dropped, result)
@@ -859,15 +950,18 @@ class TrainingService:
             return f"job is placed at {row.pool}"
         return None
 
-    def _on_ack(self, entry: OutboxRow, cmd: Any, ack: wire.Ack, now: float) -> None:
+    async def _on_ack(self, entry: OutboxRow, cmd: Any, ack: wire.Ack, now: float) -> None:
+        """A start acknowledged: the job is dispatched (committed awaited: the loop goes on)."""
         if not isinstance(cmd, wire.StartAttempt):
             return
-        db = self.db
-        with transaction(db):
+
+        def commit(db: Database) -> None:
             row = store_jobs.get_job(db, cmd.job)
             if row is None or row.attempt != cmd.attempt or row.state is not S.PLACED or row.pool != entry.site:
                 return
             store_jobs.save_record(db, lifecycle.dispatched(row.record(), now))
+
+        await write(self.db, commit)
 
     def _on_refused(self, entry: OutboxRow, cmd: Any, why: str, now: float) -> None:
         if entry.kind != START or not isinstance(cmd, wire.StartAttempt):

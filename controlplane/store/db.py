@@ -105,7 +105,7 @@ def _statements(sql: str) -> list[str]:
 
 
 @contextmanager
-def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+def transaction(db: sqlite_utils.Database, *, local: bool = False) -> Iterator[sqlite_utils.Database]:
     """One atomic, durable transaction: ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error).
 
     The connection runs in autocommit mode (``isolation_level=None``), so ``with db.conn:`` alone
@@ -114,14 +114,16 @@ def transaction(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
 
     A database with a ``write_hook`` (the replicated record) runs it around the outermost
     transaction: its ``before_commit`` publishes the rows to the record and may raise, which rolls
-    the transaction back.
+    the transaction back. ``local``: the transaction reads and writes local-only tables (the
+    outbox, sites): it skips the record's read barrier, which could hold the loop while the record
+    elects a leader.
     """
     conn = db.conn
     if conn.in_transaction:
         yield db
         return
     hook: WriteHook | None = getattr(db, "write_hook", None)
-    if hook is not None:
+    if hook is not None and not local:
         hook.before_begin()
     conn.execute("BEGIN IMMEDIATE")
     try:

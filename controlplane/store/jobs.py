@@ -326,6 +326,19 @@ def jobs_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -> lis
     return [_job(r) for r in db.conn.execute(sql, wanted)]
 
 
+def states_of(db: sqlite_utils.Database, ids: Iterable[str]) -> dict[str, tuple[str, int, float]]:
+    """``id -> (state, attempt, updated_at)`` of the jobs among ``ids`` that exist (a decision
+    made from an older read checks against these before it is written)."""
+    out: dict[str, tuple[str, int, float]] = {}
+    ids = list(ids)
+    for i in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+        chunk = ids[i:i + 500]
+        sql = f"SELECT id, state, attempt, updated_at FROM jobs WHERE id IN ({', '.join('?' for _ in chunk)})"
+        for job_id, state, attempt, updated in db.conn.execute(sql, chunk):
+            out[job_id] = (str(state), int(attempt), float(updated))
+    return out
+
+
 def update_job(db: sqlite_utils.Database, job_id: str, now: float, **fields: Any) -> JobRow:
     """Set some columns of a job (and ``updated_at``); returns the new row.
 

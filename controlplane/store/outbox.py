@@ -70,7 +70,7 @@ def enqueue(db: sqlite_utils.Database, site: str, kind: str, job_id: str, attemp
             now: float) -> int:
     """Add a pending command for ``site`` (inside the caller's transaction, if any); returns its id."""
     text = body.decode() if isinstance(body, bytes) else body
-    with transaction(db):
+    with transaction(db, local=True):
         cur = db.conn.execute(
             "INSERT INTO outbox (site, kind, job_id, attempt, body, next_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (site, kind, job_id, attempt, text, now, now),
@@ -129,7 +129,7 @@ def next_due_at(db: sqlite_utils.Database, kinds: Collection[str] | None = None)
 
 
 def _finish(db: sqlite_utils.Database, entry_id: int, state: str, now: float, detail: str) -> bool:
-    with transaction(db):
+    with transaction(db, local=True):
         cur = db.conn.execute(
             "UPDATE outbox SET state = ?, done_at = ?, detail = ?, tries = tries + 1 WHERE id = ? AND state = 'pending'",
             (state, now, detail[:1000], entry_id),
@@ -149,7 +149,7 @@ def mark_dropped(db: sqlite_utils.Database, entry_id: int, now: float, reason: s
 
 def retry_later(db: sqlite_utils.Database, entry_id: int, next_at: float, error: str) -> None:
     """The send failed for a reason that may pass (site unreachable): try again at ``next_at``."""
-    with transaction(db):
+    with transaction(db, local=True):
         db.conn.execute(
             "UPDATE outbox SET tries = tries + 1, next_at = ?, detail = ? WHERE id = ? AND state = 'pending'",
             (next_at, error[:1000], entry_id),

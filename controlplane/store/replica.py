@@ -57,6 +57,7 @@ from controlplane.core.errors import RecordConflict, RecordUnavailable
 from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, RecordError
 from controlplane.replicated.kv import MAX_BATCH, Change, Write
 from controlplane.store.db import open_db
+from controlplane.store.jobs import HUB_EVENT_SITE
 
 _log = logging.getLogger("cpn.store.replica")
 T = TypeVar("T")
@@ -86,6 +87,21 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 """The tables held in the record. The others (sites, outbox, job events, the market's entries,
 derived from their transactions) stay local."""
+
+LOCAL_INSERTS: dict[str, tuple[str, ...]] = {
+    # table: the columns a replayed insert leaves to SQLite (a fresh autoincrement id)
+    "outbox": ("id",),
+    "job_events": (),
+}
+"""Local-only tables whose *inserts* a pipelined write (Rule 7) carries: captured with the batch,
+applied locally after its quorum ack, in the transaction that applies the batch. An update or
+delete of a local row still commits the blocking way."""
+DERIVED = ("market_entries",)
+"""Local tables whose rows triggers derive from a replicated row (``market_transactions``): the
+batch's apply derives them again, so a pipelined write needs to carry nothing for them."""
+LOCAL_KEY = "\x00local"
+"""Rule 7's in-flight mark for writes carrying local rows: they go one at a time (as fenced
+commits do anyway), so each one's local rows are in SQLite before the next one reads them."""
 
 USAGE_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "card_hours", "energy_cny")
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -164,6 +180,9 @@ class Replica:
         self.usage: dict[tuple[str, str, str, str], list[float]] = {}
         """(process, tenant, model, site) -> that process's cumulative counters."""
         self._columns: dict[str, list[str]] = {}
+        self._local_columns: dict[str, list[str]] = {}
+        self._local: list[tuple[str, dict[str, Any]]] | None = None
+        """While :meth:`write` runs its ``fn``: the local-only rows it inserted (Rule 7)."""
         self._pending: dict[str, tuple[str, dict[str, Any], bool]] = {}
         self._usage_delta: dict[tuple[str, str, str], list[float]] = {}
         self._committed: list[tuple[str, int]] = []
@@ -171,6 +190,7 @@ class Replica:
         self.usage_unpublished: set[tuple[str, str, str]] = set()
         """This process's counters committed locally but not yet acknowledged by the record."""
         self.usage_publish_failures = 0
+        self._usage_task: asyncio.Task[None] | None = None
         self._applying = False
         self._loop = loop
         self._wake_scheduled = False
@@ -193,7 +213,10 @@ class Replica:
         self.write_waits = 0
         """:meth:`write` runs that found a key they write already in flight and ran again after it."""
         self.write_fallbacks = 0
-        """:meth:`write` runs that held local-only rows or usage, committed as a ``transaction()``."""
+        """:meth:`write` runs that changed local-only rows other than inserts (or usage), committed as a
+        ``transaction()``."""
+        self.local_replayed = 0
+        """Local-only rows (outbox entries, job events) applied after their batch's quorum ack."""
 
     def __repr__(self) -> str:
         return (f"<Replica {self.process} keys={len(self.revisions)} published={self.published} applied={self.applied} "
@@ -221,6 +244,35 @@ class Replica:
                 conn.execute(f"DROP TRIGGER IF EXISTS temp.cpn_rep_{table}_{name}")
                 conn.execute(f"CREATE TEMP TRIGGER cpn_rep_{table}_{name} AFTER {event} ON main.{table} "
                              f"BEGIN SELECT cpn_row('{table}', {args}); END")
+        conn.create_function("cpn_local", -1, self._captured_local)
+        conn.create_function("cpn_derived", 0, self._captured_derived)
+        for table in DERIVED:
+            if conn.execute(f"PRAGMA main.table_info({table})").fetchall():
+                conn.execute(f"DROP TRIGGER IF EXISTS temp.cpn_derived_{table}_ins")
+                conn.execute(f"CREATE TEMP TRIGGER cpn_derived_{table}_ins AFTER INSERT ON main.{table} "
+                             f"BEGIN SELECT cpn_derived(); END")
+        for table in LOCAL_INSERTS:
+            cols = [r[1] for r in conn.execute(f"PRAGMA main.table_info({table})")]
+            if not cols:
+                continue
+            self._local_columns[table] = cols
+            conn.execute(f"DROP TRIGGER IF EXISTS temp.cpn_local_{table}_ins")
+            conn.execute(f"CREATE TEMP TRIGGER cpn_local_{table}_ins AFTER INSERT ON main.{table} "
+                         f"BEGIN SELECT cpn_local('{table}', {', '.join(f'NEW.{c}' for c in cols)}); END")
+
+    def _captured_derived(self) -> None:
+        """Rule 7: a row a trigger derives from a replicated one (inserted again when the batch is applied)."""
+        if not self._applying and self._local is not None:
+            self._captures += 1
+        return None
+
+    def _captured_local(self, table: str, *values: Any) -> None:
+        """Rule 7: an insert into a local-only table, kept for replay if this is a pipelined write."""
+        if self._applying or self._local is None:
+            return None
+        self._captures += 1
+        self._local.append((table, dict(zip(self._local_columns[table], values))))
+        return None
 
     def _captured(self, table: str, op: str, *values: Any) -> None:
         if self._applying:
@@ -335,7 +387,7 @@ class Replica:
         finally:
             self._applying = False
         _log.warning("event=record_usage_restored idents=%d (counted here, not yet in the record)", len(restored))
-        self.publish_usage()
+        self.publish_usage(blocking=True)  # at start: in the record before this process serves
 
     def _refused(self, exc: RecordError, rows: int) -> Exception:
         """The store's error for a write the record did not take (counted)."""
@@ -386,13 +438,17 @@ class Replica:
             self.apply_changes()
             before, self._captures = conn.total_changes, 0
             conn.execute("BEGIN IMMEDIATE")
+            self._local = []
             try:
                 result = fn(self.db)
             except BaseException:
+                self._local = None
                 conn.execute("ROLLBACK")
                 self.after_rollback()
                 raise
-            if conn.total_changes - before != self._captures or any(any(d) for d in self._usage_delta.values()):
+            local, self._local = self._local, None
+            usage = {ident: list(d) for ident, d in self._usage_delta.items() if any(d)}
+            if conn.total_changes - before != self._captures:
                 self.write_fallbacks += 1  # rows that only a local commit keeps: the blocking way
                 try:
                     self.before_commit()
@@ -406,21 +462,26 @@ class Replica:
             pending = self._pending
             conn.execute("ROLLBACK")
             self.after_rollback()
-            if not pending:
+            if not pending and not local and not usage:
                 return result
-            busy = {id(f): f for k in pending if (f := self._inflight.get(k)) is not None}
+            keys = list(pending) + ([LOCAL_KEY] if local or usage else [])
+            busy = {id(f): f for k in keys if (f := self._inflight.get(k)) is not None}
             if busy:
                 self.write_waits += 1
                 await asyncio.wait(list(busy.values()))
                 continue
+            if not pending:  # local rows alone: nothing to ask the record
+                self.apply_changes(self.bridge.take_changes(), local=local, usage=usage)
+                self._usage_counted(usage)
+                return result
             writes = [Write(key, _ENCODE(Value(t=table, row=row, deleted=deleted)), self.revisions.get(key, 0))
                       for key, (table, row, deleted) in pending.items()]
             if len(writes) > MAX_BATCH:
                 raise RecordUnavailable(f"one transaction writes {len(writes)} rows; the record takes at most "
                                         f"{MAX_BATCH}", code="record_batch_too_large")
             done: asyncio.Future[None] = loop.create_future()
-            for w in writes:
-                self._inflight[w.key] = done
+            for k in keys:
+                self._inflight[k] = done
             self.in_flight += 1
             self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
             started = time.perf_counter()
@@ -431,17 +492,27 @@ class Replica:
                     raise self._refused(exc, len(writes)) from None
                 self._published(writes, started)
                 await self._no_transaction()
-                # what the record holds now, ours included, in one local transaction (not fsynced:
-                # the record has it on a quorum's disks and a restart rebuilds it from there)
+                # what the record holds now, ours included, in one local transaction (not fsynced
+                # unless it holds local rows: the record has the rest on a quorum's disks and a
+                # restart rebuilds it from there), with this write's local rows (outbox entries:
+                # decided, acknowledged, and only now visible to the sender)
                 self.apply_changes(self.bridge.take_changes()
-                                   + [Change(w.key, w.value, r) for w, r in zip(writes, revisions)])
+                                   + [Change(w.key, w.value, r) for w, r in zip(writes, revisions)],
+                                   local=local, usage=usage)
             finally:
                 self.in_flight -= 1
-                for w in writes:
-                    if self._inflight.get(w.key) is done:
-                        del self._inflight[w.key]
+                for k in keys:
+                    if self._inflight.get(k) is done:
+                        del self._inflight[k]
                 done.set_result(None)
+            self._usage_counted(usage)
             return result
+
+    def _usage_counted(self, usage: dict[tuple[str, str, str], list[float]]) -> None:
+        """Rule 5 after a pipelined write's local apply: its usage goes to the record (a task)."""
+        if usage:
+            self.usage_unpublished.update(usage)
+            self.publish_usage()
 
     async def _no_transaction(self) -> None:
         while self.db.conn.in_transaction:  # a transaction spanning an await elsewhere: after it
@@ -461,10 +532,43 @@ class Replica:
         self._pending, self._usage_delta = {}, {}
         self._committed, self._committed_usage = [], {}
 
-    def publish_usage(self) -> bool:
+    def publish_usage(self, *, blocking: bool = False) -> bool:
         """Rule 5: publish this process's cumulative counters not yet in the record (absolute values,
         so sending one again after an unanswered send counts nothing twice). Never raises: what
-        is not acknowledged stays unpublished and goes with the next write. True when all went."""
+        is not acknowledged stays unpublished and goes with the next write. True when all went.
+
+        On the database's event loop the send is awaited in a task of its own (one at a time), so
+        the loop goes on while the record answers (a stream election takes seconds); the call then
+        returns False at once. Elsewhere (start, a thread) it blocks until the record answers."""
+        if not self.usage_unpublished:
+            return True
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and running is self._loop and not blocking:
+            if self._usage_task is None or self._usage_task.done():
+                self._usage_task = running.create_task(self._publish_usage_async(), name="record-usage")
+            return False
+        idents, writes = self._usage_writes()
+        try:
+            revisions = self.bridge.commit(writes)
+        except (RecordError, RuntimeError) as exc:
+            self._usage_unpublished(exc)
+            return False
+        self._usage_published(idents, writes, revisions)
+        return not self.usage_unpublished
+
+    async def _publish_usage_async(self) -> None:
+        idents, writes = self._usage_writes()
+        try:
+            revisions = await self.bridge.commit_async(writes, fenced=False)
+        except (RecordError, RuntimeError) as exc:
+            self._usage_unpublished(exc)
+            return
+        self._usage_published(idents, writes, revisions)
+
+    def _usage_writes(self) -> tuple[list[tuple[str, str, str]], list[Write]]:
         idents = sorted(self.usage_unpublished)[:MAX_BATCH]
         writes = []
         for ident in idents:
@@ -472,20 +576,24 @@ class Replica:
             after = self.usage[(self.process, *ident)]
             row = {"tenant": ident[0], "model": ident[1], "site": ident[2], **dict(zip(USAGE_COUNTERS, after))}
             writes.append(Write(key, _ENCODE(Value(t="usage", row=row, proc=self.process)), self.revisions.get(key, 0)))
-        try:
-            revisions = self.bridge.commit(writes)
-        except (RecordError, RuntimeError) as exc:
-            # Conflict: an earlier unanswered send of ours landed (its echo brings the revision),
-            # or another process runs with this process's hub id.
-            self.usage_publish_failures += 1
-            _log.log(logging.WARNING if isinstance(exc, Conflict) else logging.DEBUG,
-                     "event=record_usage_unpublished idents=%d error=%s", len(self.usage_unpublished), exc)
-            return False
+        return idents, writes
+
+    def _usage_unpublished(self, exc: BaseException) -> None:
+        # Conflict: an earlier unanswered send of ours landed (its echo brings the revision),
+        # or another process runs with this process's hub id.
+        self.usage_publish_failures += 1
+        _log.log(logging.WARNING if isinstance(exc, Conflict) else logging.DEBUG,
+                 "event=record_usage_unpublished idents=%d error=%s", len(self.usage_unpublished), exc)
+
+    def _usage_published(self, idents: list[tuple[str, str, str]], writes: list[Write], revisions: list[int]) -> None:
         for w, r in zip(writes, revisions):
             self.revisions[w.key] = max(r, self.revisions.get(w.key, 0))
-        self.usage_unpublished.difference_update(idents)
+        # what was sent is in the record; counters that grew meanwhile go with the next send
+        for ident, w in zip(idents, writes):
+            row = _DECODE(w.value).row
+            if [row[c] for c in USAGE_COUNTERS] == list(self.usage[(self.process, *ident)]):
+                self.usage_unpublished.discard(ident)
         self.published += len(writes)
-        return not self.usage_unpublished
 
     # ------------------------------------------------------------------ the projection
 
@@ -518,11 +626,16 @@ class Replica:
             # the record speaks again, not only with this process's next write.
             self.publish_usage()
 
-    def apply_changes(self, changes: list[Change] | None = None) -> int:
-        """Apply the bridge's queued changes (or ``changes``) in one local transaction; how many applied."""
+    def apply_changes(self, changes: list[Change] | None = None, *,
+                      local: list[tuple[str, dict[str, Any]]] | None = None,
+                      usage: dict[tuple[str, str, str], list[float]] | None = None) -> int:
+        """Apply the bridge's queued changes (or ``changes``) in one local transaction; how many applied.
+        ``local``: a pipelined write's local-only rows (Rule 7), inserted in the same transaction,
+        which is then fsynced (they exist nowhere else); ``usage``: its usage counters' deltas (Rule 5:
+        this process's counters, their local sums and ``record_usage_own``, in the same transaction)."""
         if changes is None:
             changes = self.bridge.take_changes()
-        if not changes:
+        if not changes and not local and not usage:
             return 0
         conn = self.db.conn
         if conn.in_transaction:
@@ -535,7 +648,8 @@ class Replica:
         conn.execute("PRAGMA foreign_keys = OFF")  # the writer checked them; snapshots come in revision order
         # What is applied here is durable in the record and rebuilt from it on start: no fsync of
         # its own (WAL + NORMAL stays consistent; the next FULL commit syncs it anyway).
-        conn.execute("PRAGMA synchronous = NORMAL")
+        if not local and not usage:
+            conn.execute("PRAGMA synchronous = NORMAL")
         began = False
         try:
             try:
@@ -574,8 +688,27 @@ class Replica:
                         self.apply_errors += 1
                         _log.error("event=record_apply_row_failed key=%s revision=%d error=%s", change.key,
                                    change.revision, exc)
-                for ident in usage_rows:
-                    self._write_usage_sum(ident)
+                counted: dict[tuple[str, str, str], list[float]] = {}
+                for ident, delta in (usage or {}).items():
+                    mine = self.usage.get((self.process, *ident), [0] * len(USAGE_COUNTERS))
+                    counted[ident] = [a + b for a, b in zip(mine, delta)]
+                    usage_rows.add(ident)
+                self._keep_own_usage(counted)
+                before_usage = {i: self.usage.get((self.process, *i)) for i in counted}
+                for ident, after in counted.items():
+                    self.usage[(self.process, *ident)] = after
+                try:
+                    for ident in usage_rows:
+                        self._write_usage_sum(ident)
+                except BaseException:
+                    for ident, old in before_usage.items():
+                        if old is None:
+                            self.usage.pop((self.process, *ident), None)
+                        else:
+                            self.usage[(self.process, *ident)] = old
+                    raise
+                for table, row in local or ():
+                    self._insert_local(table, row)
                 conn.execute("COMMIT")
             except BaseException:
                 if began:
@@ -595,6 +728,25 @@ class Replica:
                 except Exception:
                     _log.exception("event=record_listener_failed table=%s", table)
         return len(revisions)
+
+    def _insert_local(self, table: str, row: dict[str, Any]) -> None:
+        """Rule 7: one captured local-only row, inserted after its batch's ack (a fresh outbox id; a
+        hub event numbered after any hub event that came meanwhile; a site's event already here is
+        not inserted twice)."""
+        cols = [c for c in self._local_columns[table] if c not in LOCAL_INSERTS[table]]
+        sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})"
+        try:
+            self.db.conn.execute(sql, [row[c] for c in cols])
+        except sqlite3.IntegrityError:
+            if table != "job_events":
+                raise
+            if row["site"] != HUB_EVENT_SITE:  # a site's event, numbered by the site: already here (a duplicate)
+                return
+            (seq,) = self.db.conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = ? AND attempt = ? AND site = ?",
+                (row["job_id"], row["attempt"], row["site"])).fetchone()
+            self.db.conn.execute(sql, [seq if c == "seq" else row[c] for c in cols])
+        self.local_replayed += 1
 
     def _apply_row(self, value: Value) -> None:
         table, row = value.t, value.row

@@ -13,7 +13,7 @@ from controlplane.store.db import transaction
 def upsert_site(
     db: sqlite_utils.Database, *, site: str, tier: str, city: str, provider: str, accelerators: dict[str, int], now: float
 ) -> None:
-    with transaction(db):
+    with transaction(db, local=True):
         db.execute(
             """INSERT INTO sites (id, tier, city, provider, accelerators, first_seen, last_registered)
                VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -26,7 +26,7 @@ def upsert_site(
 
 def declare_site(db: sqlite_utils.Database, site: str, declared: dict[str, Any], now: float) -> None:
     """Keep the operator's declaration of ``site`` (its facts win over the agent's claims)."""
-    with transaction(db):
+    with transaction(db, local=True):
         db.execute(
             """INSERT INTO sites (id, tier, city, provider, accelerators, first_seen, last_registered, declared)
                VALUES (?, ?, ?, ?, ?, ?, 0, ?)
@@ -42,7 +42,7 @@ def declarations(db: sqlite_utils.Database) -> dict[str, dict[str, Any]]:
 
 
 def set_draining(db: sqlite_utils.Database, site: str, draining: bool) -> None:
-    with transaction(db):
+    with transaction(db, local=True):
         db.execute("UPDATE sites SET draining = ? WHERE id = ?", [1 if draining else 0, site])
 
 
