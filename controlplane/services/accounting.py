@@ -57,7 +57,11 @@ class UsageAccounts:
     async def _loop(self) -> None:
         while True:
             await self.clock.sleep(self.flush_s)
-            self.flush()
+            # a flush whose record does not answer would hold the loop (its transaction blocks for
+            # its quorum) and, failing, be tried again a second later, for ever: the rows wait in
+            # the buffer until the record answers again (then the next write finds the quorum)
+            if len(self.buffer) and await self.store.record_answers():
+                self.flush()
 
     def account(self, req: wire.InferRequest, result: wire.InferResult, site: str) -> None:
         """Count a served request (flushed to the record in batches, never per request)."""

@@ -267,6 +267,19 @@ class Replica:
         self._fresh = True
         asyncio.get_running_loop().call_soon(self._unfresh)
 
+    async def answers(self) -> bool:
+        """The read barrier of :meth:`barrier`, and whether the record answered it: False when it did
+        not (no quorum, no route to the stream) or while writes are refused (the bridge's Rule 5).
+        A periodic writer asks this first and skips its turn on False: its synchronous transaction
+        would otherwise hold the loop for a whole write deadline on a record that cannot answer."""
+        ok = await self.bridge.catch_up_async()
+        await self._no_transaction()
+        self.apply_changes()
+        if ok:
+            self._fresh = True
+            asyncio.get_running_loop().call_soon(self._unfresh)
+        return ok
+
     def _unfresh(self) -> None:
         self._fresh = False
 
