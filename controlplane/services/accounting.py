@@ -57,7 +57,11 @@ class UsageAccounts:
     async def _loop(self) -> None:
         while True:
             await self.clock.sleep(self.flush_s)
-            await self.flush_async()
+            # a flush whose record does not answer would wait out its quorum and, failing, be tried
+            # again a second later, for ever: the rows wait in the buffer until the record answers
+            # again (then the next write finds the quorum)
+            if len(self.buffer) and await self.store.record_answers():
+                await self.flush_async()
 
     async def flush_async(self) -> None:
         """:meth:`flush`, each chunk committed awaited (``store.db.write``, unfenced: any gateway

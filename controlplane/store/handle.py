@@ -56,6 +56,14 @@ class Store:
             self._db = await self._opener()
         return self.open()
 
+    async def record_answers(self) -> bool:
+        """Whether the record answers now (always True for a file of its own; for the replicated
+        record: :meth:`controlplane.store.replica.Replica.answers`)."""
+        hook = getattr(self._db, "write_hook", None) if self._db is not None else None
+        if hook is None:
+            return self._db is not None
+        return bool(await hook.answers())
+
     def close(self) -> None:
         if self._db is not None:
             store_db.close(self._db)

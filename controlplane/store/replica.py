@@ -104,6 +104,8 @@ LOCAL_KEY = "\x00local"
 commits do anyway), so each one's local rows are in SQLite before the next one reads them."""
 
 USAGE_COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "card_hours", "energy_cny")
+PROBE_PREFIX = "sys.probe."
+"""A process's probe of a record without quorum (:meth:`Replica.answers`): its value means nothing."""
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -318,6 +320,30 @@ class Replica:
         self.apply_changes()
         self._fresh = True
         asyncio.get_running_loop().call_soon(self._unfresh)
+
+    async def answers(self) -> bool:
+        """The read barrier of :meth:`barrier`, and whether the record answered it: False when it did
+        not (no quorum, no route to the stream) or while writes are refused (the bridge's Rule 5).
+        A periodic writer asks this first and skips its turn on False: its synchronous transaction
+        would otherwise hold the loop for a whole write deadline on a record that cannot answer.
+
+        While the bridge refuses writes (it saw no quorum), a read is not enough (the survivor of
+        a lost quorum may still answer reads): the probe is then an awaited write of this process's
+        ``sys.probe.<process>`` key (the bridge admits one per ``probe_every_s``), so the loop goes
+        on while it waits, and the writer's own transaction runs only once a quorum acknowledged."""
+        if getattr(self.bridge, "degraded_since", None) is not None:
+            try:
+                await self.bridge.commit_async([Write(PROBE_PREFIX + key_token(self.process), b"", None)],
+                                               fenced=False)
+            except RecordError:
+                return False
+        ok = await self.bridge.catch_up_async()
+        await self._no_transaction()
+        self.apply_changes()
+        if ok:
+            self._fresh = True
+            asyncio.get_running_loop().call_soon(self._unfresh)
+        return ok
 
     def _unfresh(self) -> None:
         self._fresh = False

@@ -11,6 +11,7 @@ tenant's budget at B until it ends.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -170,3 +171,57 @@ async def test_a_job_accepted_at_one_hub_holds_the_budget_at_the_other_until_it_
     await until(lambda: held_at_b() == 0, 5, "the cancelled job's hold released at B")
     market_b.admit(needs_400, time.time())
     market_b.release("r1")
+
+
+async def test_a_usage_flush_without_quorum_never_holds_the_loop_and_lands_once_it_is_back(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """The regression of the home-region cut (tests/e2e/test_regions.py): a priced flush writes the
+    market's rows to the record in its transaction, which blocks its loop while the record answers.
+    Without quorum that flush failed, was kept and tried again a second later, for ever: each try
+    held the loop for up to a write deadline (the regions test's fault proxies share that loop, so
+    the healed gateway links never came back). Now a flush waits for the record to answer (an
+    awaited read barrier) and only then writes: no flush holds the loop without quorum, and once
+    two nodes of three are back the line lands, once."""
+    deadline_s = 3.0
+    cfg = dict(record_write_deadline_s=deadline_s, usage_flush_s=0.2)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    async with AsyncExitStack() as stack:
+        a = await stack.enter_async_context(running_hub(
+            hub_config(tmp_path / "a", ",".join(cluster.urls), hub_id="hub-a", record="nats", **cfg)))
+        b = await stack.enter_async_context(running_hub(
+            hub_config(tmp_path / "b", ",".join(cluster.urls), hub_id="hub-b", record="nats", **cfg)))
+        session = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)))
+        a.create_tenant("acme")
+        admin_a = Client(session, f"http://127.0.0.1:{a.http_port}", a.create_admin_key("test"))
+        assert (await admin_a.call("PUT", "/v1/market/models/chat", MODEL))[0] == 200
+        await until(lambda: "chat" in {m["id"] for m in services_of(a).market.models()}, 5, "the model at A")
+
+        for node in cluster.nodes[1:]:
+            await cluster.kill(node.name)
+        # time every flush of A's loop (a flush is synchronous: its time is the loop's)
+        held: list[float] = []
+        flush = a.accounting.flush
+
+        def timed() -> None:
+            t0 = time.monotonic()
+            try:
+                flush()
+            finally:
+                held.append(time.monotonic() - t0)
+
+        # the first flush finds the quorum lost (it may wait once, up to its deadline); from then
+        # on the record refuses writes but for a probe now and then, and no flush waits for one
+        a.accounting.buffer.add("acme", "chat", "hz-edge", 1, 1)
+        bridge = a.db.write_hook.bridge
+        await until(lambda: bridge.degraded_since is not None, 30, "A's record refusing writes")
+        a.accounting.flush = timed  # type: ignore[method-assign]
+        await asyncio.sleep(3 * deadline_s)
+        assert sum(held) < deadline_s / 2, f"flushes held the loop {sum(held):.2f} s without quorum: {held}"
+        assert len(a.accounting.buffer) == 1  # kept for when the record answers
+
+        for node in cluster.nodes[1:]:
+            await cluster.restart(node.name)
+        await until(lambda: len(a.accounting.buffer) == 0, 60, "the flush at A once the quorum is back")
+        await until(lambda: len(ledger_store.load(b.db)) == 1, 10, "the line at B")
+        assert ledger_store.balances(b.db)["tenant:acme"] == -3
