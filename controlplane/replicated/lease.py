@@ -100,12 +100,19 @@ class LeaderElector:
     async def stop(self, release: bool = True) -> None:
         """Stop campaigning; if leading, step down (``release``: tell others they may take over now)."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
+            task, self._task = self._task, None
+            # Cancelled again until it ends: a cancel that lands as an inner ``wait_for`` times out
+            # is swallowed on Python 3.11, and a campaign mid-request would then run on (a stop
+            # that awaited it once hung for good). Abandoned, logged, after ten tries.
+            for _ in range(10):
+                task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=1.0)
+                if done:
+                    if not task.cancelled():
+                        task.exception()  # retrieved: a failure was logged where it happened
+                    break
+            else:
+                _log.warning("lease_task_abandoned name=%s (it ignored ten cancels)", self.name)
         if self._held is not None:
             if release:
                 await self.release()
