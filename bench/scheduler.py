@@ -175,6 +175,8 @@ def record_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec]) -> di
     from controlplane.replicated.bridge import RecordBridge
     from controlplane.services.training import TICK_CHUNK
     from controlplane.store import replica
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `cpn bench` runs from the installed script
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.support.natscluster import NatsCluster
 
     async def go() -> dict[str, Any]:
