@@ -8,7 +8,13 @@ on the child's stdin and one JSON answer per line on its stdout:
 
 - ``{"op": "add", "upstream": "nats://host:port"}`` -> ``{"id": N, "port": P}``
 - ``{"op": "mode", "ids": [N, ...], "mode": "pass"|"delay"|"blackhole"|"reset", "ms": 0.0}`` -> ``{}``
+- ``{"op": "stats"}`` -> ``{"delayed": N, "late_ms_p50": x, "late_ms_p99": y, "late_ms_max": z}``: how
+  late the delayed chunks of every proxy left, past their due time (the proxies' own error)
 - ``{"op": "close"}`` -> ``{}`` (every proxy closed; the child exits)
+
+The child's event loop waits with ``select``, not asyncio's default epoll: epoll's timeout is whole
+milliseconds (rounded up), so on it a 0.25 ms delay became about a millisecond, on every hop;
+``select`` takes microseconds. ``select`` watches descriptors below 1024 only: a few hundred proxies.
 
 A bad command is answered ``{"error": "..."}`` and the child goes on.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import selectors
 import sys
 from typing import Any
 
@@ -66,6 +73,10 @@ class ProxyHost:
         """Switch the proxies ``ids`` to ``mode`` (``delay``: ``ms`` each way)."""
         await self._call({"op": "mode", "ids": ids, "mode": mode, "ms": ms})
 
+    async def stats(self) -> dict[str, float]:
+        """How late the proxies' delayed chunks left (``delayed`` chunks, ``late_ms_p50/p99/max``)."""
+        return {k: float(v) for k, v in (await self._call({"op": "stats"})).items()}
+
     async def close(self) -> None:
         """Close every proxy and end the child (killed if it does not exit within 10 s)."""
         proc = self._proc
@@ -81,6 +92,12 @@ class ProxyHost:
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
+
+
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
 
 
 async def _serve() -> None:
@@ -118,6 +135,10 @@ async def _serve() -> None:
                         else:
                             raise ValueError(f"mode {mode!r}: want pass, delay, blackhole or reset")
                     answer({})
+                elif op == "stats":
+                    late = sorted(x for p in proxies for x in p.lateness_ms)
+                    answer({"delayed": len(late), "late_ms_p50": _pct(late, 50), "late_ms_p99": _pct(late, 99),
+                            "late_ms_max": late[-1] if late else 0.0})
                 elif op == "close":
                     break
                 else:
@@ -131,7 +152,8 @@ async def _serve() -> None:
 
 
 def main() -> None:
-    asyncio.run(_serve())
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())) as runner:
+        runner.run(_serve())
 
 
 if __name__ == "__main__":

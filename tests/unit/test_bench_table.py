@@ -48,3 +48,20 @@ def test_the_regions_row_puts_each_regions_own_gateway_next_to_the_central_one(
     assert "east: own gateway p50 9.5 / p99 23.5 ms, central 26.5 / 68.6 (2 errors)" in line
     assert "north: own gateway p50 7.0 / p99 9.9 ms, central -" in line
     assert "p50 6.9–8.3 ms" in line and "in-region p99 ≤ 10 ms" in line
+
+
+def test_the_regions_row_keeps_origins_without_an_in_region_site_apart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    row = {"n": 20, "errors": 0, "promised_rtt_p50_ms": 1.0, "beyond_promise_p50_ms": 1.4}
+    (tmp_path / "regions.json").write_text(json.dumps({
+        "regions": 1, "budget_ms": 10.0, "machine": "box", "date": "2026-12-07",
+        "subtracted": {"proxy_ms_per_crossing": 0.31}, "outside_origins": {"central": {"zhengzhou": 31.28}},
+        "rows": [
+            {**row, "origins": "in_budget", "region": "central", "mode": "regional", "p50_ms": 3.1, "p99_ms": 6.5},
+            {**row, "origins": "outside", "region": "central", "mode": "regional", "p50_ms": 34.0, "p99_ms": 42.0},
+        ]}))
+    (line,) = [r for r in table.render("").splitlines() if r.startswith("| regions")]
+    assert "central: own gateway p50 3.1 / p99 6.5 ms, central -" in line  # the far origin is not mixed in
+    assert "no in-region site within budget (zhengzhou), own gateway p99 42.0–42.0 ms" in line
+    assert "the proxies' own 0.31 ms per crossing" in line
