@@ -373,6 +373,9 @@ async def test_a_region_cut_off_keeps_serving_its_own_and_refuses_submissions_un
             if r.plan.id in far_side:
                 assert status == 503, (r.plan.id, body)
                 assert body["error"]["code"] == "record_unavailable" and "quorum" in body["error"]["message"], body
+                # naming the side of the partition it reached: this region's gateway, cut off
+                assert f"at {r.plan.gateway_city} cannot reach a quorum" in body["error"]["message"], body
+                assert "cut off from the record's region" in body["error"]["message"], body
                 continue
             deadline = time.monotonic() + 30
             while status != 201:  # a loaded machine's stalled loop can let one write pass its deadline
