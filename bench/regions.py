@@ -22,7 +22,8 @@ Method:
 - Figure: client-measured latency minus what the bench itself adds: the site's ``service_ms``, and
   the proxies' own cost per crossing (their forwarding and timer error: a WAN has no Python proxy),
   calibrated in the same run by round trips to an echo server through a delaying proxy and directly,
-  interleaved; 2 crossings for a site in the gateway's region (tenant leg, site access link), 3 across
+  interleaved (a leg without delay, e.g. a tenant in its gateway's city, costs less: no timer, and
+  is calibrated apart); 2 crossings for a site in the gateway's region (tenant leg, site access link), 3 across
   two clusters. The raw p99 (only ``service_ms`` subtracted) is shown next to it. What is left is
   the network's delays and cpn's own processing (hub, NATS, agent: ~1.3 ms at c=1 on a loaded
   2-core machine, measured with ``--wan none``), against the budget (10 ms); next to it the RTT the
@@ -121,11 +122,12 @@ def choose_origins(layout: topo_layout.Layout, index: latency.RttIndex, gateway_
     return [o for o in origins if o.in_budget][:n], [o for o in origins if not o.in_budget][:n]
 
 
-async def calibrate(host: ProxyHost, rounds: int, delay_ms: float = 1.0) -> list[float]:
+async def calibrate(host: ProxyHost, rounds: int, delay_ms: float) -> list[float]:
     """What one proxy crossing (a request through it and its answer back) costs beyond the delay it
     was asked for: round trips of a 1 KiB message to an echo server in this process, directly and
     through a proxy of the child delaying ``delay_ms`` each way, interleaved; each pair's difference
-    minus 2 x ``delay_ms``. It is the bench's own cost (a WAN has no Python proxy on it)."""
+    minus 2 x ``delay_ms``. It is the bench's own cost (a WAN has no Python proxy on it). A proxy
+    without delay costs less (no timer): it is calibrated apart, with ``delay_ms`` 0."""
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
@@ -178,7 +180,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
     wan.scale = 0.0 if wan_mode == "zero" else 1.0
     measured: dict[str, list[Origin]] = {}
     outside: dict[str, list[Origin]] = {}
-    proxy_cost: list[float] = []
+    proxy_cost: dict[str, list[float]] = {"delayed": [], "undelayed": []}
     lateness: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="cpn-bench-regions-") as tmp:
         net = RegionalNetwork(UpOptions(data_dir=Path(tmp), port=0, regions=n_regions, ready_timeout_s=60.0),
@@ -193,8 +195,9 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             await wan.delay()
             key = net.credentials["tenant_key"]
             central = net.regions[0]
-            samples: dict[tuple[str, str, str], list[tuple[float, float, float]]] = {}
-            """(origin kind, region, mode) -> (client ms - service ms, crossings, promised rtt) per answer"""
+            samples: dict[tuple[str, str, str], list[tuple[float, int, int, float]]] = {}
+            """(origin kind, region, mode) -> (client ms - service ms, crossings through a delaying proxy,
+            crossings through one without delay, promised rtt) per answer"""
             by_origin: dict[tuple[str, str, str], list[float]] = {}
             promised_of: dict[tuple[str, str, str], float] = {}
             in_region: dict[tuple[str, str, str], int] = {}
@@ -207,13 +210,14 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                     for origin in measured[rid] + outside[rid]:
                         kind = "in_budget" if origin.in_budget else "outside"
                         legs = {}
+                        leg_ms = {}
                         for mode, gw in (("regional", region), ("central", central)):
                             if wan.off:
                                 legs[mode] = net.gateway_url(gw)
                                 continue
                             pid, port = await host.add(net.gateway_url(gw).replace("http://", "nats://"))
-                            await host.set_mode([pid], "delay", wan.scale * city_rtt_ms(
-                                index, origin.id, gw.plan.gateway_city) / 2)
+                            leg_ms[mode] = wan.scale * city_rtt_ms(index, origin.id, gw.plan.gateway_city) / 2
+                            await host.set_mode([pid], "delay", leg_ms[mode])
                             legs[mode] = f"http://127.0.0.1:{port}"
                         for i in range(warmup + requests):
                             for mode in (("regional", "central") if i % 2 == 0 else ("central", "regional")):
@@ -234,26 +238,30 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                                 gw_region = rid if mode == "regional" else central.plan.id
                                 # proxies crossed there and back: the tenant's leg, the site's access
                                 # link, and a link between two clusters when the site is in another region
-                                crossings = 0 if wan.off else 2 + (served_in != gw_region)
+                                delays = [] if wan.off else [leg_ms[mode], wan.scale * site_one_way[data["site"]]]
+                                if not wan.off and served_in != gw_region:
+                                    delays.append(wan.scale * floor_ms)
                                 samples.setdefault(k, []).append(
-                                    (took_ms - float(data["service_ms"]), crossings, float(data["rtt_ms"])))
+                                    (took_ms - float(data["service_ms"]), sum(d > 0 for d in delays),
+                                     sum(d <= 0 for d in delays), float(data["rtt_ms"])))
                                 by_origin.setdefault((rid, origin.id, mode), []).append(took_ms - float(data["service_ms"]))
                                 promised_of[(rid, origin.id, mode)] = float(data["rtt_ms"])
                                 if served_in == rid:
                                     in_region[k] = in_region.get(k, 0) + 1
                         if not wan.off:
-                            proxy_cost += await calibrate(host, 20)
+                            proxy_cost["delayed"] += await calibrate(host, 10, 1.0)
+                            proxy_cost["undelayed"] += await calibrate(host, 10, 0.0)
             if not wan.off:
                 lateness = await host.stats()
         finally:
             await net.stop()
             await host.close()
-    cost = common.percentile(sorted(proxy_cost), 50) if proxy_cost else 0.0
+    cost = {k: common.percentile(sorted(v), 50) if v else 0.0 for k, v in proxy_cost.items()}
     rows = []
     for (kind, rid, mode), got in sorted(samples.items(), key=lambda kv: (kv[0][0] != "in_budget", kv[0][1:])):
-        raw = sorted(v for v, _, _ in got)
-        net_ms = sorted(v - c * cost for v, c, _ in got)
-        beyond = sorted(v - c * cost - p for v, c, p in got)
+        raw = sorted(v for v, _, _, _ in got)
+        net_ms = sorted(v - d * cost["delayed"] - u * cost["undelayed"] for v, d, u, _ in got)
+        beyond = sorted(v - d * cost["delayed"] - u * cost["undelayed"] - p for v, d, u, p in got)
         rows.append({"origins": kind, "region": rid, "mode": mode, "n": len(got),
                      "errors": errors.get((kind, rid, mode), 0),
                      "served_in_region": in_region.get((kind, rid, mode), 0),
@@ -261,7 +269,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                      "p99_ms": round(common.percentile(net_ms, 99), 2),
                      "raw_p50_ms": round(common.percentile(raw, 50), 2),
                      "raw_p99_ms": round(common.percentile(raw, 99), 2),
-                     "promised_rtt_p50_ms": round(common.percentile(sorted(p for _, _, p in got), 50), 2),
+                     "promised_rtt_p50_ms": round(common.percentile(sorted(p for _, _, _, p in got), 50), 2),
                      "beyond_promise_p50_ms": round(common.percentile(beyond, 50), 2),
                      "within_budget_p99": common.percentile(net_ms, 99) <= BUDGET_MS})
     origin_rows = [{"region": rid, "origin": oid, "mode": mode, "n": len(v),
@@ -275,8 +283,9 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "requests_per_origin_and_mode": requests, "warmup_per_origin_and_mode": warmup,
             "budget_ms": BUDGET_MS, "proxies": "child process", "wan": wan_mode,
             "subtracted": {"service_ms": "the site's own service time (its answer's service_ms)",
-                           "proxy_ms_per_crossing": round(cost, 3),
-                           "proxy_cost_samples": len(proxy_cost)},
+                           "proxy_ms_per_crossing": round(cost["delayed"], 3),
+                           "proxy_ms_per_crossing_undelayed": round(cost["undelayed"], 3),
+                           "proxy_cost_samples": len(proxy_cost["delayed"]) + len(proxy_cost["undelayed"])},
             "proxy_lateness_ms": {k: round(v, 3) for k, v in lateness.items()},
             "measured_origins": {rid: [o.id for o in os] for rid, os in measured.items()},
             "outside_origins": {rid: {o.id: round(o.path_ms, 2) for o in os} for rid, os in outside.items()},
@@ -308,9 +317,10 @@ def main(argv: list[str]) -> int:
     late = result["proxy_lateness_ms"]
     print(f"cpn bench regions: client latency minus what the bench adds, ms (budget {BUDGET_MS:g} ms); "
           f"started in {result['started_s']} s; WAN: {result['wan']}")
-    print(f"  subtracted from each answer: the site's service_ms, and {sub['proxy_ms_per_crossing']} ms per proxy "
-          f"crossed there and back (the proxies' own cost, calibrated in this run: {sub['proxy_cost_samples']} "
-          f"interleaved round trips through a proxy vs direct; 2 crossings in-region, 3 across two clusters)")
+    print(f"  subtracted from each answer: the site's service_ms, and per proxy crossed there and back "
+          f"{sub['proxy_ms_per_crossing']} ms ({sub['proxy_ms_per_crossing_undelayed']} ms for a leg without delay): "
+          f"the proxies' own cost, calibrated in this run ({sub['proxy_cost_samples']} interleaved round trips "
+          f"through a proxy vs direct; 2 crossings in-region, 3 across two clusters)")
     if late:
         print(f"  proxies' timer lateness per delayed chunk, whole run: p50 {late['late_ms_p50']} / "
               f"p99 {late['late_ms_p99']} ms over {late['delayed']:.0f} chunks")
