@@ -28,6 +28,9 @@ Method:
   the network's delays and cpn's own processing (hub, NATS, agent: ~1.3 ms at c=1 on a loaded
   2-core machine, measured with ``--wan none``), against the budget (10 ms); next to it the RTT the
   hub promised (``rtt_ms``, the ``X-CPN-RTT-Ms`` figure) and how far beyond it the figure is.
+- The client runs in a process of its own (:mod:`bench.regions_client`): in this one it shared
+  the event loop with four hubs and the agents, and read each answer only after whatever else that
+  loop had queued, a delay no tenant has.
 - ``--wan zero`` (proxies, no delay) and ``--wan none`` (no proxies) show where the time goes.
   The proxies' child waits on ``select``, not epoll: epoll rounds every timer up to a whole
   millisecond, which had put ~4 ms per request of the proxies' own error into the figure.
@@ -44,9 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from bench import common
+from bench import regions_client
 from controlplane.tools.proxyhost import ProxyHost
 from controlplane.tools.up import DEMO_MODEL, UpOptions
 from controlplane.tools.upregions import RegionalNetwork, free_port
@@ -163,7 +165,7 @@ async def calibrate(host: ProxyHost, rounds: int, delay_ms: float) -> list[float
 
 
 async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, sites: int,
-              wan_mode: str = "layout", warmup: int = 3) -> dict[str, Any]:
+              wan_mode: str = "layout", warmup: int = 3, client_mode: str = "process") -> dict[str, Any]:
     layout = loader.load_default()
     index = latency.RttIndex.build(layout)
     kept = layout.regions[:n_regions]
@@ -202,7 +204,10 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             promised_of: dict[tuple[str, str, str], float] = {}
             in_region: dict[tuple[str, str, str], int] = {}
             errors: dict[tuple[str, str, str], int] = {}
-            async with aiohttp.ClientSession() as session:
+            client: regions_client.Client | regions_client.InlineClient = (
+                regions_client.Client() if client_mode == "process" else regions_client.InlineClient())
+            await client.start()
+            try:
                 for region in net.regions:
                     rid = region.plan.id
                     measured[rid], outside[rid] = choose_origins(layout, index, region.plan.gateway_city, rid,
@@ -219,38 +224,36 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                             leg_ms[mode] = wan.scale * city_rtt_ms(index, origin.id, gw.plan.gateway_city) / 2
                             await host.set_mode([pid], "delay", leg_ms[mode])
                             legs[mode] = f"http://127.0.0.1:{port}"
-                        for i in range(warmup + requests):
-                            for mode in (("regional", "central") if i % 2 == 0 else ("central", "regional")):
-                                body = {"model": DEMO_MODEL, "input": "hi", "origin": origin.id, "policy": "nearest",
-                                        "max_tokens": 1}
-                                started = time.monotonic()
-                                async with session.post(legs[mode] + "/v1/infer", json=body,
-                                                        headers={"Authorization": f"Bearer {key}"}) as resp:
-                                    data = await resp.json()
-                                    took_ms = (time.monotonic() - started) * 1000
-                                if i < warmup:
-                                    continue
-                                k = (kind, rid, mode)
-                                if resp.status != 200:
-                                    errors[k] = errors.get(k, 0) + 1
-                                    continue
-                                served_in = layout.region_of_site(data["site"])
-                                gw_region = rid if mode == "regional" else central.plan.id
-                                # proxies crossed there and back: the tenant's leg, the site's access
-                                # link, and a link between two clusters when the site is in another region
-                                delays = [] if wan.off else [leg_ms[mode], wan.scale * site_one_way[data["site"]]]
-                                if not wan.off and served_in != gw_region:
-                                    delays.append(wan.scale * floor_ms)
-                                samples.setdefault(k, []).append(
-                                    (took_ms - float(data["service_ms"]), sum(d > 0 for d in delays),
-                                     sum(d <= 0 for d in delays), float(data["rtt_ms"])))
-                                by_origin.setdefault((rid, origin.id, mode), []).append(took_ms - float(data["service_ms"]))
-                                promised_of[(rid, origin.id, mode)] = float(data["rtt_ms"])
-                                if served_in == rid:
-                                    in_region[k] = in_region.get(k, 0) + 1
+                        body = {"model": DEMO_MODEL, "input": "hi", "origin": origin.id, "policy": "nearest",
+                                "max_tokens": 1}
+                        answers = await client.origin({"key": key, "legs": legs, "warmup": warmup,
+                                                   "requests": requests, "body": body})
+                        for mode, i, status, took_ms, service_ms, site, rtt_ms in answers:
+                            if i < warmup:
+                                continue
+                            k = (kind, rid, mode)
+                            if status != 200:
+                                errors[k] = errors.get(k, 0) + 1
+                                continue
+                            served_in = layout.region_of_site(site)
+                            gw_region = rid if mode == "regional" else central.plan.id
+                            # proxies crossed there and back: the tenant's leg, the site's access
+                            # link, and a link between two clusters when the site is in another region
+                            delays = [] if wan.off else [leg_ms[mode], wan.scale * site_one_way[site]]
+                            if not wan.off and served_in != gw_region:
+                                delays.append(wan.scale * floor_ms)
+                            samples.setdefault(k, []).append(
+                                (took_ms - service_ms, sum(d > 0 for d in delays),
+                                 sum(d <= 0 for d in delays), rtt_ms))
+                            by_origin.setdefault((rid, origin.id, mode), []).append(took_ms - service_ms)
+                            promised_of[(rid, origin.id, mode)] = rtt_ms
+                            if served_in == rid:
+                                in_region[k] = in_region.get(k, 0) + 1
                         if not wan.off:
                             proxy_cost["delayed"] += await calibrate(host, 10, 1.0)
                             proxy_cost["undelayed"] += await calibrate(host, 10, 0.0)
+            finally:
+                await client.close()
             if not wan.off:
                 lateness = await host.stats()
         finally:
@@ -281,7 +284,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
     return {"bench": "regions", "machine": common.machine(), "date": time.strftime("%Y-%m-%d"),
             "regions": n_regions, "sites_per_region": sites, "origins_per_region": n_origins,
             "requests_per_origin_and_mode": requests, "warmup_per_origin_and_mode": warmup,
-            "budget_ms": BUDGET_MS, "proxies": "child process", "wan": wan_mode,
+            "budget_ms": BUDGET_MS, "proxies": "child process", "wan": wan_mode, "client": client_mode,
             "subtracted": {"service_ms": "the site's own service time (its answer's service_ms)",
                            "proxy_ms_per_crossing": round(cost["delayed"], 3),
                            "proxy_ms_per_crossing_undelayed": round(cost["undelayed"], 3),
@@ -305,6 +308,8 @@ def main(argv: list[str]) -> int:
                    help="layout: the layout's delays; zero: the proxies without delay; none: no proxies "
                         "(where the time goes)")
     p.add_argument("--warmup", type=int, default=3, help="requests per origin and gateway not counted")
+    p.add_argument("--client", choices=("process", "inline"), default="process",
+                   help="process: the tenant in a process of its own; inline: in the bench's event loop")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error(f"--warmup: {args.warmup}: at least 0")
@@ -312,11 +317,11 @@ def main(argv: list[str]) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name}: {getattr(args, name)}: at least 1")
     result = asyncio.run(run(args.regions, args.origins, args.requests, args.floor_ms, args.sites, args.wan,
-                             args.warmup))
+                             args.warmup, args.client))
     sub = result["subtracted"]
     late = result["proxy_lateness_ms"]
     print(f"cpn bench regions: client latency minus what the bench adds, ms (budget {BUDGET_MS:g} ms); "
-          f"started in {result['started_s']} s; WAN: {result['wan']}")
+          f"started in {result['started_s']} s; WAN: {result['wan']}; client: {result['client']}")
     print(f"  subtracted from each answer: the site's service_ms, and per proxy crossed there and back "
           f"{sub['proxy_ms_per_crossing']} ms ({sub['proxy_ms_per_crossing_undelayed']} ms for a leg without delay): "
           f"the proxies' own cost, calibrated in this run ({sub['proxy_cost_samples']} interleaved round trips "
