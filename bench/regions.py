@@ -159,6 +159,7 @@ async def calibrate(host: ProxyHost, rounds: int, delay_ms: float) -> list[float
     finally:
         for _, writer in conns:
             writer.close()
+        await host.remove([pid])
         server.close()
         await server.wait_closed()
     return out
@@ -216,11 +217,13 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                         kind = "in_budget" if origin.in_budget else "outside"
                         legs = {}
                         leg_ms = {}
+                        leg_ids = []
                         for mode, gw in (("regional", region), ("central", central)):
                             if wan.off:
                                 legs[mode] = net.gateway_url(gw)
                                 continue
                             pid, port = await host.add(net.gateway_url(gw).replace("http://", "nats://"))
+                            leg_ids.append(pid)
                             leg_ms[mode] = wan.scale * city_rtt_ms(index, origin.id, gw.plan.gateway_city) / 2
                             await host.set_mode([pid], "delay", leg_ms[mode])
                             legs[mode] = f"http://127.0.0.1:{port}"
@@ -249,6 +252,8 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                             promised_of[(rid, origin.id, mode)] = rtt_ms
                             if served_in == rid:
                                 in_region[k] = in_region.get(k, 0) + 1
+                        if leg_ids:  # done with this origin: its legs' descriptors back
+                            await host.remove(leg_ids)
                         if not wan.off:
                             proxy_cost["delayed"] += await calibrate(host, 10, 1.0)
                             proxy_cost["undelayed"] += await calibrate(host, 10, 0.0)

@@ -71,8 +71,14 @@ async def test_bad_commands_are_refused_by_name_and_the_host_goes_on(server: Nat
         await host.set_mode([pid], "sideways")
     with pytest.raises(ProxyHostError, match="delay ms must be >= 0"):
         await host.set_mode([0], "delay", -1.0)
-    _, port = await host.add(server.url)
+    pid, port = await host.add(server.url)
     assert port > 0
+    await host.remove([pid])  # closed: its port refuses, its id is not reused
+    with pytest.raises(ConnectionRefusedError):
+        await asyncio.open_connection("127.0.0.1", port)
+    with pytest.raises(ProxyHostError, match=f"proxy {pid} was removed"):
+        await host.set_mode([pid], "pass")
+    assert (await host.add(server.url))[0] == pid + 1
 
 
 @pytest.mark.timeout(60)
