@@ -201,9 +201,12 @@ def _replace(text: str, marker: str, body: str) -> str:
 
 
 def update_readme(*, peers_only: bool = False) -> None:
-    """Rewrite README's ``bench-peers`` section and, unless ``peers_only``, the ``bench-table``
-    (a row for each bench/results/*.json present; rows not re-measured keep their figures and dates)."""
+    """Rewrite README's ``bench-peers`` section (if its results are present) and, unless
+    ``peers_only``, the ``bench-table`` (a row for each bench/results/*.json present; rows not
+    re-measured keep their figures and dates)."""
     text = README.read_text()
     if not peers_only:
         text = _replace(text, "bench-table", render(_section(text, "bench-table")))
-    README.write_text(_replace(text, "bench-peers", render_peers()))
+    if _load("gateway_peers"):  # else the section keeps what was measured (another bench's --readme)
+        text = _replace(text, "bench-peers", render_peers())
+    README.write_text(text)

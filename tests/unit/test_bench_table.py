@@ -65,3 +65,13 @@ def test_the_regions_row_keeps_origins_without_an_in_region_site_apart(
     assert "central: own gateway p50 3.1 / p99 6.5 ms, central -" in line  # the far origin is not mixed in
     assert "no in-region site within budget (zhengzhou), own gateway p99 42.0–42.0 ms" in line
     assert "the proxies' own 0.31 ms per crossing" in line
+
+
+def test_another_benchs_readme_run_keeps_the_peers_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table, "RESULTS", tmp_path / "results")
+    readme = tmp_path / "README.md"
+    peers = "<!-- bench-peers -->\n| system | c=32 req/s |\n| cpn | 6,929 |\n<!-- /bench-peers -->\n"
+    readme.write_text("<!-- bench-table -->\n" + EXISTING + "<!-- /bench-table -->\n\n" + peers)
+    monkeypatch.setattr(table, "README", readme)
+    table.update_readme()  # e.g. `cpn bench regions --readme` in a tree without the peers' results
+    assert peers in readme.read_text()  # before: "Not measured yet" in its place
