@@ -64,14 +64,16 @@ class Wan:
     """The links between regional clusters, each through a proxy of the child, delayed by the layout's RTT."""
 
     def __init__(self, host: ProxyHost, one_way_ms: dict[tuple[str, str], float],
-                 site_one_way_ms: dict[str, float]) -> None:
+                 site_one_way_ms: dict[str, float], mode: str = "layout") -> None:
         self.host = host
         self.one_way_ms = one_way_ms
         self.site_one_way_ms = site_one_way_ms
         self.proxies: list[tuple[int, float]] = []
         self.refused_address = f"127.0.0.1:{free_port()}"
-        self.off = False
-        self.scale = 1.0
+        self.off = mode == "none"
+        """No proxies at all (``--wan none``): the agents and the tenant dial the servers themselves."""
+        self.scale = 0.0 if mode == "zero" else 1.0
+        """What the layout's delays are multiplied by (``--wan zero``: proxies that delay nothing)."""
 
     async def site(self, site: str, region: str, url: str) -> str:
         """The site's access link, delayed by half the RTT between its region's gateway city and it."""
@@ -178,9 +180,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                     for r in kept for s in layout.sites if layout.region_of_site(s.id) == r.id}
     host = ProxyHost()
     await host.start()
-    wan = Wan(host, one_way, site_one_way)
-    wan.off = wan_mode == "none"
-    wan.scale = 0.0 if wan_mode == "zero" else 1.0
+    wan = Wan(host, one_way, site_one_way, wan_mode)
     measured: dict[str, list[Origin]] = {}
     outside: dict[str, list[Origin]] = {}
     proxy_cost: dict[str, list[float]] = {"delayed": [], "undelayed": []}
