@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
     # (no floor: the promise counts the layout's figure, and so does the proxy).
     site_one_way = {s.id: _site_rtt_ms(index, r.gateways[0] if r.gateways else r.cluster, s.id) / 2
                     for r in kept for s in layout.sites if layout.region_of_site(s.id) == r.id}
+    load_before = round(os.getloadavg()[0], 2)
     host = ProxyHost()
     await host.start()
     wan = Wan(host, one_way, site_one_way, wan_mode)
@@ -299,7 +301,8 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "outside_origins": {rid: {o.id: round(o.path_ms, 2) for o in os} for rid, os in outside.items()},
             "wan_one_way_ms": {f"{a}->{b}": round(v, 2) for (a, b), v in one_way.items()},
             "site_one_way_ms": {k: round(v, 2) for k, v in sorted(site_one_way.items())},
-            "started_s": round(started_s, 1), "rows": rows, "origins": origin_rows}
+            "started_s": round(started_s, 1), "rows": rows, "origins": origin_rows,
+            "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
 
 
 def main(argv: list[str]) -> int:
@@ -326,7 +329,8 @@ def main(argv: list[str]) -> int:
     sub = result["subtracted"]
     late = result["proxy_lateness_ms"]
     print(f"cpn bench regions: client latency minus what the bench adds, ms (budget {BUDGET_MS:g} ms); "
-          f"started in {result['started_s']} s; WAN: {result['wan']}; client: {result['client']}")
+          f"started in {result['started_s']} s; WAN: {result['wan']}; client: {result['client']}; "
+          f"load average {result['load_before']} before, {result['load_after']} after")
     print(f"  subtracted from each answer: the site's service_ms, and per proxy crossed there and back "
           f"{sub['proxy_ms_per_crossing']} ms ({sub['proxy_ms_per_crossing_undelayed']} ms for a leg without delay): "
           f"the proxies' own cost, calibrated in this run ({sub['proxy_cost_samples']} interleaved round trips "

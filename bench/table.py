@@ -112,7 +112,8 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))
     rg = _load("regions")
     if rg and rg.get("rows"):
-        out.append((f"regions, {rg['regions']} regions with the layout's WAN delays (`cpn bench regions`)",
+        load = f", load {rg['load_before']}–{rg['load_after']}" if "load_before" in rg else ""
+        out.append((f"regions, {rg['regions']} regions with the layout's WAN delays (`cpn bench regions`{load})",
                     _regions(rg), f"in-region p99 ≤ {rg['budget_ms']:g} ms (client latency − service time − the proxies' own cost)",
                     f"{rg['machine']}, {rg['date']}"))
     return out
@@ -155,7 +156,9 @@ def _by_fault(inf: dict[str, Any]) -> str:
 
 
 def _kind(label: str) -> str:
-    """What a row measures, without its figures: "heartbeats, 5000 sites at 1 Hz" -> "heartbeats, sites at Hz"."""
+    """What a row measures, without its figures: "heartbeats, 5000 sites at 1 Hz" -> "heartbeats, sites at Hz"
+    (nor the load it was measured under: ", load 1.2–1.7" is a figure of the run, not of the kind)."""
+    label = re.sub(r", load [^)|]*", "", label)
     return " ".join(re.sub(r"[\d][\d,.]*", " ", label).split())
 
 

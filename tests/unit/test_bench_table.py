@@ -29,6 +29,7 @@ def test_a_run_replaces_its_own_row_and_keeps_the_others(tmp_path: Path, monkeyp
 
 def test_kind_ignores_figures() -> None:
     assert table._kind("heartbeats, 5000 sites at 1 Hz") == table._kind("heartbeats, 4,000 sites at 2 Hz")
+    assert table._kind("regions (`cpn bench regions`)") == table._kind("regions (`cpn bench regions`, load 1.2–1.7)")
     assert table._kind("gateway path vs its floor (wrk), 1 connection") != table._kind(
         "gateway path vs its floor (wrk), 32 connections")
 
