@@ -681,7 +681,9 @@ def hourly_floor(pools: Sequence[placement.Pool], start_s: float, hours: int,
     ``groups`` (accelerator -> group, :func:`accelerator_groups`): the floor that respects the
     accelerators jobs accept: each hour, each group's load sits on the cheapest cards of that
     group's types only (cards of a type no job accepts, or of another group, do not count)."""
-    group_of = (lambda acc: groups.get(acc, acc)) if groups is not None else (lambda acc: "")
+    def group_of(acc: str) -> str:
+        return "" if groups is None else groups.get(acc, acc)
+
     demand: dict[str, list[float]] = {}
     for _, _, _, _, acc, cards, a, b in metered:
         u = units.get(acc, 1.0)
