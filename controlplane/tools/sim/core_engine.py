@@ -341,6 +341,10 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                                      floors=[(sim.name, core_training.hourly_floor(
                                          train_pools, start_s, n_hours, sim.metered,
                                          {a: spec.units for a, spec in lay.accelerators.items()})) for sim in sims],
+                                     type_floor=lambda rows: core_training.hourly_floor(
+                                         train_pools, start_s, n_hours, rows,
+                                         {a: spec.units for a, spec in lay.accelerators.items()},
+                                         core_training.accelerator_groups(draws)),
                                      train_cards={t: int(c) for t, c in train_cards.items() if c}),
         **({"lending": _lending_report(lender, sims, scaler, inf)} if lender is not None else {}),
     }
@@ -451,7 +455,9 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
                      train_util: dict[str, dict[str, list[float]]] | None = None,
                      train_cards: dict[str, int] | None = None,
                      capacity: Callable[[float], float] | None = None,
-                     floors: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
+                     floors: Sequence[tuple[str, float]] = (),
+                     type_floor: Callable[[Sequence[tuple[str, str, int, str, str, int, float, float]]], float] | None = None,
+                     ) -> dict[str, Any]:
     pols: dict[str, Any] = {}
     done_all = None
     for sim in sims:
@@ -515,6 +521,20 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             pols[sim.name]["training_busy_hourly_by_tier"] = train_util[sim.name]
         if priced is not None and market is not None:  # the day priced (docs/market.md)
             pols[sim.name]["market"] = core_market.price_policy(sim.metered, priced, market, sim.lent)
+    if type_floor is not None:
+        common_set = set(common_done)
+        for sim in sims:
+            p = pols[sim.name]
+            work = p["work_a800_card_hours"]
+            # The hourly floor again, each hour's load only on cards of the types its jobs accept
+            # (H800 jobs on H800 cards, A800/910B jobs on A800 and 910B cards; no load on a type no
+            # job accepts): what no placement of this load at these hours can go below.
+            p["accelerator_floor_cny_per_a800_card_hour"] = r(type_floor(sim.metered) / work) if work else 0.0
+            # The capacity-aware bound of the jobs all completed: their own card-hours as this policy
+            # ran them (attempts, failures and all), each hour on the cheapest cards of their types
+            # that hour, at most the cards there are (the bound gives every job all cards free).
+            floor = type_floor([m for m in sim.metered if m[0] in common_set])
+            p["common_vs_capacity_bound"] = r(p["completed_in_common_cny"] / floor) if floor else 0.0
     common_bound = sum(oracle.get(j, 0.0) for j in common_done)
     common_now = sum((oracle_now or {}).get(j, 0.0) for j in common_done)
     for p in pols.values():

@@ -130,8 +130,10 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
                     "training cards, cheapest card-hours first")
             add("  " + "; ".join(
                 f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub (floor of its own hourly load "
-                f"{p.get('hourly_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
-                f"{p.get('common_vs_bound', 0.0):.2f}x bound ({p.get('common_vs_bound_at_once', 0.0):.2f}x starting at once)"
+                f"{p.get('hourly_floor_cny_per_a800_card_hour', 0.0):.3f}, on its jobs' accelerators "
+                f"{p.get('accelerator_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
+                f"{p.get('common_vs_bound', 0.0):.2f}x bound ({p.get('common_vs_bound_at_once', 0.0):.2f}x starting at once, "
+                f"{p.get('common_vs_capacity_bound', 0.0):.2f}x capacity-aware)"
                 for n, p in tr["policies"].items()))
         cw = tr["policies"].get("cpn", {}).get("waits")
         if cw:
