@@ -22,7 +22,7 @@ from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store import sites as store_sites
 from edge_agent import wire
-from tests.support.rawsite import JOB, RawSite, site, submit  # noqa: F401  (site: the fixture)
+from tests.support.rawsite import JOB, RawSite, dispatched, site, submit  # noqa: F401  (site: the fixture)
 from tests.support.waiting import until
 from tests.support.hubrig import Client, hub_config, running_hub, services_of
 
@@ -214,10 +214,7 @@ async def test_a_rogue_local_replica_with_negative_load_draws_no_tenant_it_was_n
 async def test_a_second_site_forging_events_cannot_freeze_a_job_running_elsewhere(
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
-        key = hub.create_tenant("acme")
-        await site.join(hub)
-        jid = await submit(hub, key)
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        jid = await dispatched(hub, site)
         (start,) = site.commands
         now = time.time()
         rogue = await nats.connect(nats_server.url, inbox_prefix=wire.inbox_prefix("nj-edge"))
@@ -381,10 +378,7 @@ async def test_an_acknowledged_start_left_placed_by_a_hub_crash_is_not_stranded_
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
-        key = hub.create_tenant("acme")
-        await site.join(hub)
-        jid = await submit(hub, key)
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        jid = await dispatched(hub, site)
     # What a hub killed between marking the StartAttempt sent and recording its Ack leaves behind.
     from controlplane.store import db as store_db
     db = store_db.open_db(config.db_path)

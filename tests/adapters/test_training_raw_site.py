@@ -20,7 +20,7 @@ from controlplane.store import outbox as store_outbox
 from edge_agent import wire
 from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.manualclock import ManualClock
-from tests.support.rawsite import RawSite, site, submit  # noqa: F401  (site: the fixture)
+from tests.support.rawsite import RawSite, dispatched, site, submit  # noqa: F401  (site: the fixture)
 from tests.support.waiting import until
 
 
@@ -104,10 +104,7 @@ async def test_a_site_that_died_while_the_hub_was_down_fails_its_attempts_after_
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
-        key = hub.create_tenant("acme")
-        await site.join(hub)
-        jid = await submit(hub, key)
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        jid = await dispatched(hub, site)
     await site.close()  # the site dies while the hub is down: nobody will ever heartbeat for it
     clock = ManualClock()  # the grace passes on the hub's clock, not in real seconds
     async with running_hub(config, clock=clock) as hub:
@@ -128,10 +125,7 @@ async def test_a_site_that_died_while_the_hub_was_down_fails_its_attempts_after_
 async def test_an_event_for_the_current_attempt_from_another_site_is_fenced(
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
-        key = hub.create_tenant("acme")
-        await site.join(hub)
-        jid = await submit(hub, key)
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        jid = await dispatched(hub, site)
         service = services_of(hub).training
         now = time.time()
         # nj-edge (on its own subject, as its permissions allow) claims hz-edge's attempt 1.

@@ -1,7 +1,8 @@
 """A site played by a bare NATS client (``RawSite``), for tests that need to hold, refuse or forge
 what an agent would say: it registers and heartbeats like one, and answers commands only once told
 to (``serve_commands``), with what ``answer`` returns. The ``site`` fixture gives each test one
-(import it into the test module); ``submit`` sends ``JOB``, a small sim training job.
+(import it into the test module); ``submit`` sends ``JOB``, a small sim training job, and ``dispatched``
+sends it to the site and waits until the hub did.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import nats
 import pytest
 
 from controlplane.nats.natsserver import NatsServer
+from controlplane.store import jobs as store_jobs
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.support.hubrig import Client
@@ -115,3 +117,13 @@ async def submit(hub: Any, key: str) -> str:
         status, body, _ = await Client(session, f"http://127.0.0.1:{hub.http_port}", key).call("POST", "/v1/jobs", JOB)
     assert status == 201, body
     return str(body["id"])
+
+
+async def dispatched(hub: Any, site: RawSite) -> str:
+    """Tenant acme's ``JOB`` sent to ``site``: create the tenant, ``site.join(hub)``, submit and wait
+    until the hub has sent its StartAttempt (state ``starting``); the job's id."""
+    key = hub.create_tenant("acme")
+    await site.join(hub)
+    jid = await submit(hub, key)
+    await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+    return jid
