@@ -466,7 +466,7 @@ async def test_a_refused_load_removes_the_replica_and_keeps_the_deployment_off_t
         tmp_path: Path, nats_server: NatsServer) -> None:
     from controlplane.core.replicas import DeploymentSpec
     from controlplane.store import outbox as store_outbox
-    from tests.adapters.test_training_raw_site import RawSite
+    from tests.support.rawsite import RawSite
 
     raw = RawSite(nats_server.url)  # hz-edge, refusing every LoadModel for lack of cards
     raw.answer = lambda cmd: wire.ErrorReply(code="no_capacity", message="no room")
