@@ -145,7 +145,9 @@ class InferenceSim:
         self.budgets = list(inf.budgets_ms)
         self.policy = inf.policy
         self.autoscaled = [m.max_replicas is not None for m in inf.models]
-        fixed = any(self.autoscaled) and inf.baselines  # cpn-fixed would be cpn, request for request, otherwise
+        # cpn scales whenever a model has max_replicas; cpn-fixed (today's fixed replicas) is a
+        # baseline, run only with the baselines (it would be cpn, request for request, without scaling).
+        fixed = any(self.autoscaled) and inf.baselines
         sources: list[RttSource] = [rtt] * (2 if fixed else 1)
         names = list(POLICIES[:len(sources)])
         if inf.ingress:
@@ -153,8 +155,8 @@ class InferenceSim:
                 names.append(f"cpn@{name}")
                 sources.append(ingress.NearestIngressRtt(lay, rtt, cities))
         self.policies: tuple[str, ...] = tuple(names) + (POLICIES[2:] if inf.baselines else ())
-        self.autoscaling = fixed
-        """Policy 0 scales and policy 1 (cpn-fixed) keeps the day's first replicas."""
+        self.autoscaling = any(self.autoscaled)
+        """Policy 0 scales; policy 1 (cpn-fixed, when the baselines run) keeps the day's first replicas."""
         self.site_ids = [site.id for site in lay.sites]
         self.tiers = [site.tier for site in lay.sites]
         idx = {sid: i for i, sid in enumerate(self.site_ids)}
