@@ -14,9 +14,15 @@ profile; :func:`calibrate` moves a profile towards what sites report (exponentia
 Rule 4: refusal is data (:class:`Refuse`, with the best prediction and the seconds after which it
 would have met the SLO), never an exception; the caller answers 429 at once rather than serve late.
 
-Wired into the live gateway (``X-CPN-SLO-TTFT-Ms``, ``services/inference.py``); not into ``cpn sim``
-(docs/inference.md, "Autoscaling and TTFT admission"). A prediction that is not finite (a full site
-whose service time is not measured yet) never meets an SLO and asks for a retry after 1 s.
+Rule 5: what the predictor knows of a site is :func:`candidate` of the hub's ``SiteView`` (the
+heartbeat's replica, queue depth and service-time p50; the busy slots are the larger of the
+heartbeat's and the requests the hub has in flight there).
+
+Wired into the live gateway (``X-CPN-SLO-TTFT-Ms``, ``services/inference.py``) and into ``cpn sim``
+(``tools/sim/core_inference.py``: the same :func:`candidate` and :func:`admit` over the simulated
+sites' views; docs/sim.md, "Admission by predicted time to first token"). A prediction that is not
+finite (a full site whose service time is not measured yet) never meets an SLO and asks for a retry
+after 1 s.
 """
 
 from __future__ import annotations
@@ -25,6 +31,13 @@ import math
 from collections.abc import Mapping, Sequence
 
 import msgspec
+
+from controlplane.core.registry import SiteView
+
+CALIBRATE_MIN_TOKENS = 256
+"""A measured prefill calibrates a profile only for prompts this long: shorter ones are mostly
+fixed overhead, which would read as a slow prefill rate."""
+REFUSAL_KINDS = ("queue", "prefill", "unmeasured", "no_candidate")
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +114,38 @@ def admit(candidates: Sequence[Candidate], prompt_tokens: int, slo_ms: float,
     return Refuse(f"predicted time to first token {best.ttft_ms:.0f} ms at best ({best.site}: rtt "
                   f"{best.rtt_ms:.1f} + queue {best.queue_ms:.0f} + prefill {best.prefill_ms:.0f}) exceeds the SLO "
                   f"of {slo_ms:.0f} ms", retry_s, best)
+
+
+def candidate(view: SiteView, model: str, rtt_ms: float) -> Candidate | None:
+    """What the predictor needs of one site for ``model`` (None: no ready replica there).
+
+    Busy slots are the larger of the heartbeat's and the requests this hub has in flight there
+    (fresher); a full site whose service time is not measured yet has an unknown (infinite) wait.
+    The accelerator is the site's first by name (heartbeats do not say which card a replica uses)."""
+    rep = view.replicas.get(model)
+    if rep is None or rep.state != "ready":
+        return None
+    busy = max(rep.busy, view.sent)
+    service_ms = view.service_ms_p50
+    if service_ms <= 0 and (busy >= rep.slots or view.queue_depth > 0):
+        service_ms = math.inf
+    return Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=min(view.accelerators, default=""),
+                     slots=rep.slots, busy=busy, queue_depth=view.queue_depth, service_ms=service_ms)
+
+
+def refusal_kind(refusal: Refuse, slo_ms: float) -> str:
+    """Why a request was refused, one of :data:`REFUSAL_KINDS`: ``no_candidate`` (no site within
+    budget), ``unmeasured`` (the best site is full and its service time unknown), ``prefill`` (the
+    best site would be late even with a free slot: RTT + prefill exceed the SLO), ``queue`` (its
+    expected queue wait makes it late)."""
+    best = refusal.best
+    if best is None:
+        return "no_candidate"
+    if not math.isfinite(best.ttft_ms):
+        return "unmeasured"
+    if best.rtt_ms + best.prefill_ms > slo_ms:
+        return "prefill"
+    return "queue"
 
 
 def calibrate(profile: Profile, prompt_tokens: int, prefill_ms: float, weight: float = 0.1) -> Profile:

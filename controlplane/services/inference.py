@@ -95,7 +95,7 @@ answer has not gone out yet: the rest is margin for the network and a busy hub."
 DEMAND_KEYS_MAX = 10_000
 """Distinct (tenant, model, origin, budget) demand counts kept between two drains."""
 
-CALIBRATE_MIN_TOKENS = 256
+CALIBRATE_MIN_TOKENS = ttft.CALIBRATE_MIN_TOKENS
 """Prompts shorter than this do not calibrate a prefill profile: their first token is mostly fixed
 overhead (the backend's own, the hops), which would be read as a slow prefill rate."""
 
@@ -409,19 +409,8 @@ def prompt_tokens(req: wire.InferRequest) -> int:
 
 
 def ttft_candidate(view: SiteView, model: str, rtt_ms: float) -> ttft.Candidate | None:
-    """What the predictor needs of one site for ``model`` (None: no ready replica there).
-
-    Busy slots are the larger of the heartbeat's and the requests this hub has in flight there
-    (fresher); a full site whose service time is not measured yet has an unknown (infinite) wait."""
-    rep = view.replicas.get(model)
-    if rep is None or rep.state != "ready":
-        return None
-    busy = max(rep.busy, view.sent)
-    service_ms = view.service_ms_p50
-    if service_ms <= 0 and (busy >= rep.slots or view.queue_depth > 0):
-        service_ms = math.inf
-    return ttft.Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=min(view.accelerators, default=""),
-                          slots=rep.slots, busy=busy, queue_depth=view.queue_depth, service_ms=service_ms)
+    """What the predictor needs of one site for ``model`` (``ttft.candidate``, shared with ``cpn sim``)."""
+    return ttft.candidate(view, model, rtt_ms)
 
 
 async def aclose(it: object) -> None:

@@ -54,6 +54,8 @@ class Streams(Protocol):
     def fixed(self) -> Rng: ...
     @property
     def ingress(self) -> Rng: ...
+    @property
+    def slo(self) -> Rng: ...
 
 
 class _SimArgs(TypedDict):
@@ -124,7 +126,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
 
     dep = core_inference.deploy(lay, rtt, s, start_s) if s.inference.requests > 0 else core_inference.Deployment()
     inf = core_inference.InferenceSim(lay, rtt, s, dep, start_s, n_hours, streams.router, streams.baseline,
-                                      streams.fixed, streams.ingress)
+                                      streams.fixed, streams.ingress, streams.slo)
     draws = core_workload.jobs(s, lay, start_s, end_s, streams.jobs, streams.faults)
 
     tr = s.training
@@ -292,7 +294,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
             for at, site, m in scaler.tick(t):
                 push(at, "ready", (site, m))
         elif kind == "ready":
-            inf.replica_ready(*payload)
+            site_i, model_i = payload
+            inf.replica_ready(site_i, model_i, now=t)
 
     # ---------------------------------------------------------------- the loop
     drain, request = inf.drain, inf.request
@@ -407,9 +410,50 @@ def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep
         },
         "replicas": {m: len(v) for m, v in sorted(dep.placements.items())},
         "scaling": scaler.report(replicas_hour) if scaler is not None else {},
+        **({"slo": _slo_report(inf)} if inf.slo is not None else {}),
         "uncovered_origins": dict(sorted(dep.uncovered.items())),
         "per_origin": per_origin,
         "outages": outage_log,
+    }
+
+
+def _slo_report(inf: core_inference.InferenceSim) -> dict[str, Any]:
+    """Policy cpn's requests with a TTFT SLO (docs/sim.md, "Admission by predicted time to first token")."""
+    slo = inf.slo
+    assert slo is not None
+    started = slo.met + slo.missed
+    errs = slo.errors_ms
+    absolute = [abs(x) for x in errs]
+    queued = slo.queued_errors_ms
+    return {
+        "what": "policy cpn: a share of requests carries a TTFT SLO; ttft.admit over the sites within budget "
+                "admits (a free slot or a replica's queue) or refuses (429); actual TTFT = RTT + the queue wait "
+                "it saw + prefill for its prompt on the replica's accelerator",
+        "slo_ttft_ms": r(inf.slo_ms, 1),
+        "share": r(inf.slo_share),
+        "requests": slo.requests,
+        "admitted": slo.admitted,
+        "admitted_to_a_queue": slo.queued,
+        "admitted_to_a_queue_met": slo.queued_met,
+        "first_token": started - slo.lost,
+        "met": slo.met,
+        "missed": slo.missed,
+        "met_share": _share(slo.met, started),
+        "lost_in_outage": slo.lost,
+        "waiting_at_end": slo.admitted - started,
+        "refused": sum(slo.refused.values()),
+        "refused_by_reason": dict(slo.refused),
+        "refusal_examples": list(slo.examples),
+        "no_replica_within_budget": slo.no_candidate,
+        "predictor_error_ms": {
+            "what": "actual - predicted TTFT of admitted requests that got their first token",
+            "p5": r(pct(errs, 5), 2), "p50": r(pct(errs, 50), 2), "p95": r(pct(errs, 95), 2),
+            "abs_p50": r(pct(absolute, 50), 2), "abs_p95": r(pct(absolute, 95), 2),
+            "queued_p50": r(pct(queued, 50), 2), "queued_p95": r(pct(queued, 95), 2),
+        },
+        "ttft_ms": {"p50": r(pct(slo.ttft_ms, 50), 2), "p95": r(pct(slo.ttft_ms, 95), 2),
+                    "p99": r(pct(slo.ttft_ms, 99), 2)},
+        "profiles_prefill_tokens_per_s": {a: r(p.prefill_tokens_per_s, 1) for a, p in sorted(inf.profiles.items())},
     }
 
 

@@ -62,6 +62,10 @@ class Model(_Cfg, frozen=True):
     """... plus this per generated token."""
     mean_tokens: Pos = 200.0
     """Generated tokens per request: exponential with this mean, at least 1."""
+    prompt_tokens_mean: Pos = 512.0
+    """Requests with a TTFT SLO: prompt tokens, exponential with this mean, at least 1. Their
+    backend prefill (first token after the queue) is ``ttft_ms × prompt ÷ prompt_tokens_mean ÷
+    units`` of the replica's accelerator (``ttft_ms`` for a mean prompt on an A800-equivalent card)."""
 
 
 class Inference(_Cfg, frozen=True):
@@ -83,6 +87,12 @@ class Inference(_Cfg, frozen=True):
     and ``cpn@province`` (the fixed replicas; each origin at its nearest gateway of the set; RTT and
     budget on the full path origin -> gateway -> site). ``cpn`` itself is the direct path: a
     gateway in every city."""
+    slo_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """Share of requests carrying a time-to-first-token SLO (``X-CPN-SLO-TTFT-Ms``): cpn admits them
+    by ``ttft.admit`` (or refuses them, a 429) and they may wait in a site's queue. 0: none (the
+    request stream and every figure are then as without this field)."""
+    slo_ttft_ms: Pos = 1000.0
+    """The SLO those requests carry."""
 
 
 class SizeBin(_Cfg, frozen=True):

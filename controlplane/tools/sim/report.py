@@ -61,6 +61,15 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             add(f"  scaling {m}: out " + ", ".join(f"{t} {n}" for t, n in sc["scale_outs_by_tier"].items())
                 + f"; in {sc['scale_ins']}; replicas by hour {min(sc['replicas_hourly_max'], default=0)}-"
                 f"{max(sc['replicas_hourly_max'], default=0)} (max {sc['max_replicas']})")
+        slo = inf.get("slo")
+        if slo:
+            err = slo["predictor_error_ms"]
+            add(f"  TTFT SLO {slo['slo_ttft_ms']:g} ms on {_pct(slo['share'])} of requests (cpn): "
+                f"{slo['admitted']:,} admitted ({slo['admitted_to_a_queue']:,} to a queue), "
+                f"{_pct(slo['met_share'])} met; refused {slo['refused']:,} ("
+                + ", ".join(f"{k} {n:,}" for k, n in slo["refused_by_reason"].items())
+                + f"), {slo['no_replica_within_budget']:,} no replica within budget; predictor error "
+                f"p50 {err['p50']:+.1f} ms, p95 {err['p95']:+.1f} ms")
         worst = sorted(((o, v) for o, v in inf["per_origin"].items() if v["requests"]),
                        key=lambda kv: (kv[1].get("cpn_within_share", 0.0), kv[0]))[:5]
         if worst:
