@@ -188,7 +188,20 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     if lent_ids:
         held_src: Callable[[], Mapping[tuple[str, str], float]] = (
             (lambda: scaler.held) if scaler is not None else (lambda: dep.cards_by_site_acc()))
-        lender = core_lending.Lender(s, [site for site in train_sites if site.id in lent_ids], sims, held_src)
+        origin_region = [o.region for o in lay.origins]
+        seen = [0] * len(lay.origins)
+
+        def region_demand() -> dict[str, float]:
+            """Requests per region since the last call (what the live demand counts give)."""
+            out: dict[str, float] = {}
+            for i, n in enumerate(inf.requests_by_origin):
+                if n != seen[i]:
+                    out[origin_region[i]] = out.get(origin_region[i], 0.0) + n - seen[i]
+                    seen[i] = n
+            return out
+
+        lender = core_lending.Lender(s, [site for site in train_sites if site.id in lent_ids], sims, held_src,
+                                     region_demand)
         t = start_s
         while t <= end_s + 1e-9:
             push(t, "lendtick", True)

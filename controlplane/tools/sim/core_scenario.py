@@ -182,6 +182,10 @@ class Lending(_Cfg, frozen=True):
     site's cards, other hours in proportion."""
     headroom: Annotated[float, msgspec.Meta(ge=1)] = 1.5
     """... and never less than what its replicas hold now, grown along the profile, times this."""
+    forecast: str = "learnt"
+    """``learnt``: each site's forecast profile is its region's requests by local hour as observed
+    so far (``demand_hours``, exponentially weighted over days), ``inference.profile`` the prior for
+    hours not observed yet; ``declared``: ``inference.profile`` alone."""
 
 
 class Market(_Cfg, frozen=True):
@@ -245,6 +249,8 @@ def _check(s: Scenario) -> None:
     for i, p in enumerate(tr.priorities):
         if p[1] <= 0:
             raise ScenarioError(f"training.priorities[{i}]: share must be > 0")
+    if s.lending.forecast not in ("learnt", "declared"):
+        raise ScenarioError(f"lending.forecast: want 'learnt' or 'declared', got {s.lending.forecast!r}")
     for i, o in enumerate(s.faults.outages):
         if not o.sites and not o.city:
             raise ScenarioError(f"faults.outages[{i}]: give sites or city")
