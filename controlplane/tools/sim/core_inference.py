@@ -36,6 +36,7 @@ What it promises:
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import math
@@ -281,6 +282,7 @@ class InferenceSim:
         self.slo_rng = slo_rng
         self.queues: dict[int, deque[tuple[float, int, int, int, float, float, float, float, int, float, str]]] = {}
         self.ring: list[list[float]] = [[] for _ in range(ns)]
+        self.ring_sorted: list[list[float]] = [[] for _ in range(ns)]
         self.ring_at = [0] * ns
         self.hb_at = [-math.inf] * ns
         self.profiles: dict[str, ttft.Profile] = {}
@@ -373,13 +375,15 @@ class InferenceSim:
         """A cpn request ends (TTFT admission on): its service time joins the site's ring, and its
         slot goes to the replica's queue first."""
         s, f = e[4], e[3]
-        ring = self.ring[s]
+        ring, ordered, ms = self.ring[s], self.ring_sorted[s], e[9] * 1000.0
         if len(ring) < SERVICE_RING:
-            ring.append(e[9] * 1000.0)
+            ring.append(ms)
         else:
             k = self.ring_at[s]
-            ring[k] = e[9] * 1000.0
+            del ordered[bisect.bisect_left(ordered, ring[k])]
+            ring[k] = ms
             self.ring_at[s] = k + 1 if k + 1 < SERVICE_RING else 0
+        bisect.insort(ordered, ms)
         q = self.queues.get(f)
         if q:
             self._start(q.popleft(), f, s, e[0])
@@ -421,9 +425,8 @@ class InferenceSim:
         if t - self.hb_at[s] < HEARTBEAT_S:
             return
         self.hb_at[s] = t
-        ring = self.ring[s]
-        if ring:
-            ordered = sorted(ring)
+        ordered = self.ring_sorted[s]  # the ring, kept sorted as it changes
+        if ordered:
             self.views[self.site_ids[s]].service_ms_p50 = ordered[max(0, math.ceil(0.5 * len(ordered)) - 1)]
 
     def _admit(self, t: float, key: int, o: int, m: int, b: int, svc: float) -> tuple[int, float]:
