@@ -475,6 +475,9 @@ def _lending_report(lender: core_lending.Lender, sims: list[core_training.Traini
     out = lender.report({sim.name: r(sim.lent_card_s / 3600.0, 1) for sim in sims})
     out["cpn_scale_decisions_short_for_lack_of_a_lent_card"] = scaler.blocked_decisions if scaler is not None else 0
     out["inference_failed_for_lack_of_a_reclaimed_card"] = scaler.blocked_failed if scaler is not None else 0
+    days = max(1, math.ceil((len(inf.requests) - 1e-9) / 24))
+    out["inference_failed_for_lack_of_a_reclaimed_card_by_day"] = [
+        scaler.blocked_by_day.get(d, 0) if scaler is not None else 0 for d in range(days)]
     return out
 
 
@@ -690,6 +693,7 @@ class _Scaler:
         # origins until the next decision (an upper bound on what lending cost inference).
         self.blocked_decisions = 0
         self.blocked_failed = 0
+        self.blocked_by_day: dict[int, int] = {}
         self._blocked: dict[int, tuple[list[int], int]] = {}
         self._origin_idx = {o.id: i for i, o in enumerate(lay.origins)}
 
@@ -729,7 +733,10 @@ class _Scaler:
         for mi in self.models:
             was = self._blocked.pop(mi, None)
             if was is not None:
-                self.blocked_failed += self._not_within(was[0]) - was[1]
+                n = self._not_within(was[0]) - was[1]
+                self.blocked_failed += n
+                day = int((now - inf.start_s) // 86400.0)
+                self.blocked_by_day[day] = self.blocked_by_day.get(day, 0) + n
             counts, svc = inf.take_counts(mi)
             meter = self.meters[mi]
             meter.observe(now, counts, svc)

@@ -45,11 +45,12 @@ class Lender:
         self.sites = list(sites)
         self.demand = demand if s.lending.forecast == "learnt" else None
         self.hours: dict[str, demand_hours.DemandHours] = {}
-        self.prior = list(s.inference.profile)
+        c = s.lending
+        declared = c.profile if c.profile is not None else s.inference.profile
+        self.prior = list(declared)
         self.sims = list(sims)
         self.held = held
-        c = s.lending
-        self.rules = lending.Rules(tiers=tuple(c.tiers), profile=tuple(s.inference.profile),
+        self.rules = lending.Rules(tiers=tuple(c.tiers), profile=tuple(declared),
                                    peak_need_share=c.peak_need_share, headroom=c.headroom, margin_s=c.margin_s,
                                    min_lend_s=c.min_lend_s, stop_margin_s=STOP_MARGIN_S)
         self.offers = {sim.name: 0 for sim in sims}

@@ -182,6 +182,10 @@ class Lending(_Cfg, frozen=True):
     site's cards, other hours in proportion."""
     headroom: Annotated[float, msgspec.Meta(ge=1)] = 1.5
     """... and never less than what its replicas hold now, grown along the profile, times this."""
+    profile: Profile | None = None
+    """The declared profile the forecast starts from (the hub's ``[lending] profile``); default
+    ``inference.profile``, the demand the run really has. Set it apart to see a wrong declaration
+    corrected by learning over a multi-day run."""
     forecast: str = "learnt"
     """``learnt``: each site's forecast profile is its region's requests by local hour as observed
     so far (``demand_hours``, exponentially weighted over days), ``inference.profile`` the prior for
