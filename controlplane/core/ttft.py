@@ -16,7 +16,10 @@ would have met the SLO), never an exception; the caller answers 429 at once rath
 
 Rule 5: what the predictor knows of a site is :func:`candidate` of the hub's ``SiteView`` (the
 heartbeat's replica, queue depth and service-time p50; the busy slots are the larger of the
-heartbeat's and the requests the hub has in flight there).
+heartbeat's and the requests the hub has in flight there). The queue's service time is the model's
+own mean at that site when the hub has measured it from the site's answers (:func:`service_update`):
+the heartbeat's p50 is over every model the site serves, and a p50 is below the mean of the
+long-tailed service times of generation, so it predicts queues too short.
 
 Wired into the live gateway (``X-CPN-SLO-TTFT-Ms``, ``services/inference.py``) and into ``cpn sim``
 (``tools/sim/core_inference.py``: the same :func:`candidate` and :func:`admit` over the simulated
@@ -38,6 +41,8 @@ CALIBRATE_MIN_TOKENS = 256
 """A measured prefill calibrates a profile only for prompts this long: shorter ones are mostly
 fixed overhead, which would read as a slow prefill rate."""
 REFUSAL_KINDS = ("queue", "prefill", "unmeasured", "no_candidate")
+SERVICE_WEIGHT = 0.05
+"""Weight of the newest answer in a (site, model) mean service time (:func:`service_update`)."""
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,9 +121,11 @@ def admit(candidates: Sequence[Candidate], prompt_tokens: int, slo_ms: float,
                   f"of {slo_ms:.0f} ms", retry_s, best)
 
 
-def candidate(view: SiteView, model: str, rtt_ms: float) -> Candidate | None:
+def candidate(view: SiteView, model: str, rtt_ms: float, service_ms: float = 0.0) -> Candidate | None:
     """What the predictor needs of one site for ``model`` (None: no ready replica there).
 
+    ``service_ms``: the model's mean service time at the site as measured from its answers
+    (:func:`service_update`); 0 (not measured): the heartbeat's p50 over all its models stands in.
     Busy slots are the larger of the heartbeat's and the requests this hub has in flight there
     (fresher); a full site whose service time is not measured yet has an unknown (infinite) wait.
     The accelerator is the site's first by name (heartbeats do not say which card a replica uses)."""
@@ -126,11 +133,21 @@ def candidate(view: SiteView, model: str, rtt_ms: float) -> Candidate | None:
     if rep is None or rep.state != "ready":
         return None
     busy = max(rep.busy, view.sent)
-    service_ms = view.service_ms_p50
+    if service_ms <= 0:
+        service_ms = view.service_ms_p50
     if service_ms <= 0 and (busy >= rep.slots or view.queue_depth > 0):
         service_ms = math.inf
     return Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=min(view.accelerators, default=""),
                      slots=rep.slots, busy=busy, queue_depth=view.queue_depth, service_ms=service_ms)
+
+
+def service_update(mean_ms: float, sample_ms: float, weight: float = SERVICE_WEIGHT) -> float:
+    """A (site, model) mean service time moved by one answer's ``sample_ms`` (exponentially
+    weighted; ``mean_ms`` 0: the first answer). A sample that is not a finite non-negative time
+    (a site's report) changes nothing."""
+    if not (sample_ms >= 0 and math.isfinite(sample_ms)):
+        return mean_ms
+    return sample_ms if mean_ms <= 0 else mean_ms + weight * (sample_ms - mean_ms)
 
 
 def refusal_kind(refusal: Refuse, slo_ms: float) -> str:

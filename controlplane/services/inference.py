@@ -133,6 +133,9 @@ class InferenceService:
         self.served = 0
         self.failovers = 0
         self.profiles: dict[str, ttft.Profile] = {}
+        self.service_ms: dict[tuple[str, str], float] = {}
+        """Mean service time per (site, model) from the answers (``ttft.service_update``): the queue
+        term of an SLO request's prediction."""
         """Accelerator -> its prefill profile, calibrated from measured first tokens."""
         self.demand: dict[tuple[str, str, str, float], int] = {}
         """(tenant, model, origin, budget_ms) -> requests routed since the last drain."""
@@ -209,7 +212,10 @@ class InferenceService:
         near = self.router.within_budget(
             router.RouteRequest(origin=origin, model=req.model, budget_ms=budget_ms, deployments=deployments,
                                 tenant=req.tenant), views, self.registry.version)
-        cands = [c for site, rtt_ms in near if (c := ttft_candidate(views[site], req.model, rtt_ms)) is not None]
+        service = self.service_ms
+        cands = [c for site, rtt_ms in near
+                 if (c := ttft_candidate(views[site], req.model, rtt_ms, service.get((site, req.model), 0.0)))
+                 is not None]
         if not cands:  # nothing within budget at all: the router's 503 and its reason, as without an SLO
             self._route(origin, req.model, budget_ms, "strict", deployments, req.tenant)
         tokens = prompt_tokens(req)
@@ -229,6 +235,14 @@ class InferenceService:
         others.sort()
         self.metrics.slo_admitted(req.model)
         return router.Route(best.site, best.rtt_ms, "slo", [(s, r) for _, s, r in others]), best
+
+    def _service_time(self, site: str, model: str, service_ms: float) -> None:
+        """Fold one answer's service time into its (site, model) mean (bounded: sites x models)."""
+        key = (site, model)
+        mean = self.service_ms.get(key)
+        if mean is None and len(self.service_ms) >= DEMAND_KEYS_MAX:
+            return
+        self.service_ms[key] = ttft.service_update(mean or 0.0, service_ms)
 
     def _predicted(self, served: Served, req: wire.InferRequest, actual_s: float, streamed: bool) -> None:
         """Record an admitted request's prediction against what happened; a stream's first token
@@ -274,6 +288,7 @@ class InferenceService:
             if served.predicted is not None:
                 self._predicted(served, req, elapsed, False)
             self.accounting.account(req, result, site)
+            self._service_time(site, req.model, result.service_ms)
             return served
         raise AllSitesFailed(served.tried, last)
 
@@ -385,6 +400,7 @@ class InferenceService:
                 if isinstance(msg, wire.InferResult):
                     finished = True
                     self.accounting.account(req, msg, site)
+                    self._service_time(site, req.model, msg.service_ms)
                     yield msg
                     return
                 yield msg
@@ -408,9 +424,9 @@ def prompt_tokens(req: wire.InferRequest) -> int:
     return (chars + 3) // 4
 
 
-def ttft_candidate(view: SiteView, model: str, rtt_ms: float) -> ttft.Candidate | None:
+def ttft_candidate(view: SiteView, model: str, rtt_ms: float, service_ms: float = 0.0) -> ttft.Candidate | None:
     """What the predictor needs of one site for ``model`` (``ttft.candidate``, shared with ``cpn sim``)."""
-    return ttft.candidate(view, model, rtt_ms)
+    return ttft.candidate(view, model, rtt_ms, service_ms)
 
 
 async def aclose(it: object) -> None:

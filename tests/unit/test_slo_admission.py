@@ -120,3 +120,18 @@ def test_undrained_demand_counts_stay_bounded() -> None:
     for i in range(inference.DEMAND_KEYS_MAX + 5):
         svc.decide("o", "m", 1.0 + i / 1e6, "strict", tenant="acme")  # budgets varied on purpose
     assert len(svc.demand) == 5 and svc.demand_overflows == 1
+
+
+def test_the_models_own_service_time_from_answers_sizes_the_queue_not_the_sites_mixed_p50() -> None:
+    # Both full, one place behind 4 slots. The heartbeats' p50 over all models says 200 ms a request
+    # (a quarter: 50 ms of queue at either); the near site's answers for this model took 4 s each.
+    svc, _ = service(near={"busy": 4}, far={"busy": 4})
+    route, pred = svc.admit(req(), "o", 10.0, 400.0)
+    assert route.site == "near" and pred.queue_ms == pytest.approx(50.0)
+    for _ in range(3):
+        svc._service_time("near", "m", 4000.0)
+    svc._service_time("near", "other-model", 10.0)  # another model's answers change nothing for m
+    route, pred = svc.admit(req(), "o", 10.0, 400.0)
+    assert route.site == "far" and pred.queue_ms == pytest.approx(50.0)  # near: 1/4 x 4,000 = 1,000 ms
+    svc._service_time("near", "m", float("nan"))  # a lying report changes nothing
+    assert svc.service_ms[("near", "m")] == pytest.approx(4000.0)

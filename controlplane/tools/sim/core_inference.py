@@ -283,6 +283,7 @@ class InferenceSim:
         self.queues: dict[int, deque[tuple[float, int, int, int, float, float, float, float, int, float, str]]] = {}
         self.ring: list[list[float]] = [[] for _ in range(ns)]
         self.ring_sorted: list[list[float]] = [[] for _ in range(ns)]
+        self.svc_mean = [0.0] * (ns * nm)
         self.ring_at = [0] * ns
         self.hb_at = [-math.inf] * ns
         self.profiles: dict[str, ttft.Profile] = {}
@@ -384,6 +385,7 @@ class InferenceSim:
             ring[k] = ms
             self.ring_at[s] = k + 1 if k + 1 < SERVICE_RING else 0
         bisect.insort(ordered, ms)
+        self.svc_mean[f] = ttft.service_update(self.svc_mean[f], ms)  # what the hub learns from answers
         q = self.queues.get(f)
         if q:
             self._start(q.popleft(), f, s, e[0])
@@ -442,7 +444,7 @@ class InferenceSim:
         cands = []
         for sid, rtt_ms in self.routers[0].within_budget(self.reqs[key], views, self.versions[0]):
             self._heartbeat(idx[sid], t)
-            c = ttft.candidate(views[sid], model, rtt_ms)
+            c = ttft.candidate(views[sid], model, rtt_ms, self.svc_mean[idx[sid] * self.nm + m])
             if c is not None:
                 cands.append(c)
         if not cands:
