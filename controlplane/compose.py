@@ -190,8 +190,9 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
                         interval_s=config.autoscale.interval_s)
     hub.add_service(share)
     # Tidal lending's forecast is learnt from the same counts, per region, by local hour.
-    learnt = LearntDemand(region_of_origin=lambda o: _region_of_origin(layout, o),
-                          region_of_site=lambda s: _region_of_site(layout, s), clock=clock)
+    origin_region = {o.id: o.region for o in layout.origins}
+    learnt = LearntDemand(region_of_origin=origin_region.get, region_of_site=lambda s: _region_of_site(layout, s),
+                          clock=clock)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
                                    demand=learnt.tap(share.drain), autoscale=config.autoscale)
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
@@ -263,10 +264,6 @@ def install_deployments(hub: Hub, *, store: Store, layout: topo_layout.Layout, r
     hub.add_service(service)
     sites.listeners.append(service.on_site)
     return service
-
-
-def _region_of_origin(layout: topo_layout.Layout, origin: str) -> str | None:
-    return next((o.region for o in layout.origins if o.id == origin), None)
 
 
 def _region_of_site(layout: topo_layout.Layout, site: str) -> str | None:

@@ -22,8 +22,9 @@ What it promises:
 - Admission by predicted time to first token (``Inference.slo_share`` > 0): a share of the
   requests carries an SLO. Policy ``cpn`` decides them as the live inference service does: the
   router's sites within budget (``Router.within_budget``), each seen by ``ttft.candidate`` of its
-  ``SiteView`` (busy slots, the site's queue depth, the p50 of its last 256 service times, refreshed
-  once a simulated second as heartbeats are), and ``ttft.admit``; a refusal is a 429 (counted by
+  ``SiteView`` (busy slots, the site's queue depth, the model's mean service time there learnt from
+  cpn's completions as the hub learns it from answers, else the p50 of the site's last 256 service
+  times refreshed once a simulated second as heartbeats are), and ``ttft.admit``; a refusal is a 429 (counted by
   ``ttft.refusal_kind``). An admitted request takes a free slot or waits in that replica's queue
   (FIFO; a finishing request hands its slot to the queue first). Its actual TTFT = RTT + the wait it
   saw + its prefill (``Model.prompt_tokens_mean``); the prediction and the actual are both kept,
