@@ -111,7 +111,8 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
                 f"{n} {p['lent_card_hours']:,.0f}/{p['failures']['preempted_or_reclaimed']}" for n, p in tr["policies"].items()))
         ld = report.get("lending")
         if ld:
-            add(f"  tidal lending (rule core/lending.py at {ld['sites']} sites): lent card-hours / attempts reclaimed "
+            add(f"  tidal lending (rule core/lending.py at {ld['sites']} sites, forecast {ld.get('forecast', 'declared')}): "
+                "lent card-hours / attempts reclaimed "
                 "(of which at once) / offers: " + ", ".join(
                     f"{n} {p['lent_card_hours']:,.0f}/{p['attempts_reclaimed']}({p['attempts_reclaimed_at_once']})/"
                     f"{p['offers']:,}" for n, p in ld["policies"].items()))
