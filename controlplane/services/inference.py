@@ -132,7 +132,8 @@ class InferenceService:
         self.site_ack_timeout_s = site_ack_timeout_s
         self.served = 0
         self.failovers = 0
-        self.profiles: dict[str, ttft.Profile] = {}
+        self.profiles: dict[str, dict[str, ttft.Profile]] = {}
+        """Prefill profiles per model and accelerator (models prefill at different rates on one card)."""
         self.service_ms: dict[tuple[str, str], float] = {}
         """Mean service time per (site, model) from the answers (``ttft.service_update``): the queue
         term of an SLO request's prediction."""
@@ -219,7 +220,8 @@ class InferenceService:
         if not cands:  # nothing within budget at all: the router's 503 and its reason, as without an SLO
             self._route(origin, req.model, budget_ms, "strict", deployments, req.tenant)
         tokens = prompt_tokens(req)
-        verdict = ttft.admit(cands, tokens, slo_ms, self.profiles)
+        profiles = self.profiles.get(req.model, {})
+        verdict = ttft.admit(cands, tokens, slo_ms, profiles)
         if isinstance(verdict, ttft.Refuse):
             self.metrics.slo_refused(req.model)
             log.info("event=slo_refused request_id=%s model=%s slo_ms=%g reason=%r", req.request_id, req.model,
@@ -229,7 +231,7 @@ class InferenceService:
         others = []
         for c in cands:
             if c.site != best.site:
-                p = ttft.predict(c, tokens, self.profiles.get(c.accelerator) or ttft.Profile(accelerator=c.accelerator))
+                p = ttft.predict(c, tokens, profiles.get(c.accelerator) or ttft.Profile(accelerator=c.accelerator))
                 if p.ttft_ms <= slo_ms:
                     others.append((p.ttft_ms, c.site, c.rtt_ms))
         others.sort()
@@ -256,8 +258,9 @@ class InferenceService:
         view = self.registry.get(served.site)
         if streamed and tokens >= CALIBRATE_MIN_TOKENS and view is not None and view.accelerators:
             acc = min(view.accelerators)
-            profile = self.profiles.get(acc) or ttft.Profile(accelerator=acc)
-            self.profiles[acc] = ttft.calibrate(profile, tokens, actual_ms - best.rtt_ms - best.queue_ms)
+            per = self.profiles.setdefault(req.model, {})  # models the tenant may call: bounded
+            per[acc] = ttft.calibrate(per.get(acc) or ttft.Profile(accelerator=acc), tokens,
+                                      actual_ms - best.rtt_ms - best.queue_ms)
 
     async def complete(
         self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,

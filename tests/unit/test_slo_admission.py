@@ -109,7 +109,8 @@ def test_only_long_streamed_prompts_calibrate_the_profile() -> None:
     long = req("x" * 4000)  # 1000 tokens in 100 ms of prefill work (+15 ms base): 10000 tokens/s
     svc._predicted(Served(route.site, route.rtt_ms, route.reason, predicted=pred), long,
                    (pred.rtt_ms + pred.queue_ms + 115.0) / 1000.0, True)
-    assert svc.profiles["A800"].prefill_tokens_per_s == pytest.approx(5000 + 0.1 * (10000 - 5000))
+    assert svc.profiles["m"]["A800"].prefill_tokens_per_s == pytest.approx(5000 + 0.1 * (10000 - 5000))
+    assert set(svc.profiles) == {"m"}  # per model: another model's prefill on the card is its own
     assert sum(n for k, v in metrics.ttft_error.by_route.items() for n in v[:-1]) == 2
 
 

@@ -466,7 +466,8 @@ def _slo_report(inf: core_inference.InferenceSim) -> dict[str, Any]:
         },
         "ttft_ms": {"p50": r(pct(slo.ttft_ms, 50), 2), "p95": r(pct(slo.ttft_ms, 95), 2),
                     "p99": r(pct(slo.ttft_ms, 99), 2)},
-        "profiles_prefill_tokens_per_s": {a: r(p.prefill_tokens_per_s, 1) for a, p in sorted(inf.profiles.items())},
+        "profiles_prefill_tokens_per_s": {m: {a: r(p.prefill_tokens_per_s, 1) for a, p in sorted(per.items())}
+                                          for m, per in sorted(inf.profiles.items())},
     }
 
 

@@ -287,7 +287,8 @@ class InferenceSim:
         self.svc_mean = [0.0] * (ns * nm)
         self.ring_at = [0] * ns
         self.hb_at = [-math.inf] * ns
-        self.profiles: dict[str, ttft.Profile] = {}
+        self.profiles: dict[str, dict[str, ttft.Profile]] = {m.name: {} for m in inf.models}
+        """Prefill profiles per model and accelerator, calibrated from first tokens (as live)."""
         self.acc_units = {a: spec.units for a, spec in lay.accelerators.items()}
         self.prefill_base = [m.ttft_ms / m.prompt_tokens_mean for m in inf.models]
         self.prompt_mean = [m.prompt_tokens_mean for m in inf.models]
@@ -420,7 +421,8 @@ class InferenceSim:
             slo.missed += 1
         if w[8] >= ttft.CALIBRATE_MIN_TOKENS:
             acc = w[10]
-            self.profiles[acc] = ttft.calibrate(self.profiles.get(acc) or ttft.Profile(accelerator=acc), w[8],
+            per = self.profiles[self.models[w[2]]]
+            per[acc] = ttft.calibrate(per.get(acc) or ttft.Profile(accelerator=acc), w[8],
                                                 actual - w[6] - w[9])
 
     def _heartbeat(self, s: int, t: float) -> None:
@@ -451,7 +453,7 @@ class InferenceSim:
         if not cands:
             slo.no_candidate += 1
             return -1, 0.0
-        verdict = ttft.admit(cands, tokens, self.slo_ms, self.profiles)
+        verdict = ttft.admit(cands, tokens, self.slo_ms, self.profiles[model])
         if isinstance(verdict, ttft.Refuse):
             slo.refused[ttft.refusal_kind(verdict, self.slo_ms)] += 1
             if len(slo.examples) < 4:
