@@ -128,7 +128,7 @@ def candidate(view: SiteView, model: str, rtt_ms: float, service_ms: float = 0.0
     (:func:`service_update`); 0 (not measured): the heartbeat's p50 over all its models stands in.
     Busy slots are the larger of the heartbeat's and the requests this hub has in flight there
     (fresher); a full site whose service time is not measured yet has an unknown (infinite) wait.
-    The accelerator is the site's first by name (heartbeats do not say which card a replica uses)."""
+    The accelerator is the replica's (:func:`accelerator_of`)."""
     rep = view.replicas.get(model)
     if rep is None or rep.state != "ready":
         return None
@@ -137,8 +137,15 @@ def candidate(view: SiteView, model: str, rtt_ms: float, service_ms: float = 0.0
         service_ms = view.service_ms_p50
     if service_ms <= 0 and (busy >= rep.slots or view.queue_depth > 0):
         service_ms = math.inf
-    return Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=min(view.accelerators, default=""),
+    return Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=rep.accelerator or min(view.accelerators, default=""),
                      slots=rep.slots, busy=busy, queue_depth=view.queue_depth, service_ms=service_ms)
+
+
+def accelerator_of(view: SiteView, model: str) -> str:
+    """The card type ``model``'s replica at the site runs on, as its heartbeat says; from agents
+    that do not say (``ReplicaStatus.accelerator`` empty), the site's first type by name."""
+    rep = view.replicas.get(model)
+    return (rep.accelerator if rep is not None else "") or min(view.accelerators, default="")
 
 
 def service_update(mean_ms: float, sample_ms: float, weight: float = SERVICE_WEIGHT) -> float:

@@ -257,7 +257,7 @@ class InferenceService:
         tokens = prompt_tokens(req)
         view = self.registry.get(served.site)
         if streamed and tokens >= CALIBRATE_MIN_TOKENS and view is not None and view.accelerators:
-            acc = min(view.accelerators)
+            acc = ttft.accelerator_of(view, req.model)
             per = self.profiles.setdefault(req.model, {})  # models the tenant may call: bounded
             per[acc] = ttft.calibrate(per.get(acc) or ttft.Profile(accelerator=acc), tokens,
                                       actual_ms - best.rtt_ms - best.queue_ms)

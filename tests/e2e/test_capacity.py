@@ -144,6 +144,8 @@ async def test_an_slo_request_is_refused_with_429_when_every_site_is_saturated(n
     assert status == 200, body
     await until(lambda: hub.registry.get("hz-edge").service_ms_p50 > 300, timeout_s=10,  # type: ignore[union-attr]
                 what="the site's measured service time in its heartbeat")
+    # The agent's heartbeat says which card the replica runs on (the prefill profile's key).
+    assert hub.registry.get("hz-edge").replicas["qwen"].accelerator == "910B"  # type: ignore[union-attr]
     # The hub learnt the model's own service time at the site from the answer (the queue term).
     assert services_of(hub).inference.service_ms[("hz-edge", "qwen")] > 300
 

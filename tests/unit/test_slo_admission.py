@@ -136,3 +136,28 @@ def test_the_models_own_service_time_from_answers_sizes_the_queue_not_the_sites_
     assert route.site == "far" and pred.queue_ms == pytest.approx(50.0)  # near: 1/4 x 4,000 = 1,000 ms
     svc._service_time("near", "m", float("nan"))  # a lying report changes nothing
     assert svc.service_ms[("near", "m")] == pytest.approx(4000.0)
+
+
+def test_the_replicas_own_card_picks_the_prefill_profile_and_old_agents_fall_back() -> None:
+    from controlplane.core import ttft
+
+    reg = SiteRegistry(miss_limit=3, heartbeat_s=1.0)
+    reg.register(wire.Register(site="s", city="s", accelerators={"A800": 4, "L20": 4}), 0.0,
+                 local_model_tenants=frozenset({"*"}))
+    # An agent that says its replica runs on the L20 cards: the L20 profile (and calibration) applies.
+    reg.heartbeat(wire.Heartbeat(site="s", seq=1, models=[wire.ReplicaStatus(model="m", slots=4, accelerator="L20")]),
+                  0.0)
+    view = reg.get("s")
+    assert view is not None and ttft.accelerator_of(view, "m") == "L20"
+    cand = ttft.candidate(view, "m", 1.0)
+    assert cand is not None and cand.accelerator == "L20"
+    slow = {"L20": ttft.Profile(accelerator="L20", prefill_tokens_per_s=1000.0)}
+    assert ttft.predict(cand, 1000, slow["L20"]).prefill_ms == pytest.approx(15.0 + 1000.0)
+    # An agent from before the field sends no accelerator: the old heartbeat decodes, the site's first type stands in.
+    old = b'{"type":"hb","site":"s","seq":2,"models":[{"model":"m","slots":4}]}'
+    hb = wire.agent_message_decoder.decode(old)
+    assert isinstance(hb, wire.Heartbeat)
+    reg.heartbeat(hb, 1.0)
+    assert ttft.accelerator_of(reg.get("s"), "m") == "A800"  # type: ignore[arg-type]
+    # ... and a hub from before the field ignores it (ReplicaStatus does not forbid unknown fields).
+    assert wire.ReplicaStatus.__struct_config__.forbid_unknown_fields is False

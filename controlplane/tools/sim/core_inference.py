@@ -235,7 +235,7 @@ class InferenceSim:
                 f = idx[site] * nm + mi
                 for p in range(self.routed):
                     st = wire.ReplicaStatus(model=m.name, deployment=f"sim-{m.name}", state="ready", cards=cards,
-                                            slots=m.slots_per_replica, busy=0)
+                                            slots=m.slots_per_replica, busy=0, accelerator=acc)
                     self.pviews[p][site].replicas[m.name] = st
                     self.preps[p][f] = st
                 self.slots[f] = m.slots_per_replica
@@ -465,7 +465,7 @@ class InferenceSim:
         f = s * self.nm + m
         acc = self.rep_acc[f]
         prefill = self.prefill_base[m] * tokens / self.acc_units.get(acc, 1.0)
-        pred_acc = min(views[best.site].accelerators, default="")
+        pred_acc = ttft.accelerator_of(views[best.site], model)
         w = (t, o, m, b, svc, best.ttft_ms, best.rtt_ms, prefill, tokens, best.queue_ms, pred_acc)
         rep = self.reps[f]
         assert rep is not None
@@ -652,7 +652,7 @@ class InferenceSim:
         st = self.reps[f]
         if st is None:
             st = wire.ReplicaStatus(model=spec.name, deployment=f"sim-{spec.name}", state="loading", cards=cards,
-                                    slots=spec.slots_per_replica, busy=0)
+                                    slots=spec.slots_per_replica, busy=0, accelerator=acc)
             self.reps[f] = st
             self.replica_flats.append(f)
             self.slots[f] = spec.slots_per_replica
@@ -667,6 +667,7 @@ class InferenceSim:
             # a new holder needs a new registry version (as a heartbeat listing a new model does).
             self.versions[0] += 1
         self.rep_acc[f] = acc
+        st.accelerator = acc
         self.added_at[f] = now
 
     def replica_ready(self, s: int, m: int, now: float | None = None) -> bool:
