@@ -451,7 +451,7 @@ def _slo_report(inf: core_inference.InferenceSim) -> dict[str, Any]:
         "first_token": started - slo.lost,
         "met": slo.met,
         "missed": slo.missed,
-        "met_share": _share(slo.met, started),
+        "met_share": r(slo.met / started, 6) if started else 0.0,
         "lost_in_outage": slo.lost,
         "waiting_at_end": slo.admitted - started,
         "refused": sum(slo.refused.values()),

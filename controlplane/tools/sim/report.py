@@ -66,7 +66,7 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             err = slo["predictor_error_ms"]
             add(f"  TTFT SLO {slo['slo_ttft_ms']:g} ms on {_pct(slo['share'])} of requests (cpn): "
                 f"{slo['admitted']:,} admitted ({slo['admitted_to_a_queue']:,} to a queue), "
-                f"{_pct(slo['met_share'])} met; refused {slo['refused']:,} ("
+                f"{100.0 * slo['met_share']:.2f}% met; refused {slo['refused']:,} ("
                 + ", ".join(f"{k} {n:,}" for k, n in slo["refused_by_reason"].items())
                 + f"), {slo['no_replica_within_budget']:,} no replica within budget; predictor error "
                 f"p50 {err['p50']:+.1f} ms, p95 {err['p95']:+.1f} ms")
