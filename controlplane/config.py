@@ -55,10 +55,16 @@ class LendingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Lent cards are back this long before the hour that needs them."""
     min_lend_s: float = 3600.0
     """No offer shorter than this."""
+    forecast: str = "learnt"
+    """``learnt``: each lending site's forecast shape is its region's requests by local hour as this
+    process observed them (the autoscaler's demand counts; ``profile`` the prior for hours not
+    observed yet); ``declared``: ``profile`` alone."""
 
     def __post_init__(self) -> None:
         if len(self.profile) != 24 or min(self.profile) < 0 or max(self.profile) <= 0:
             raise ValueError("lending.profile: 24 non-negative rates by local hour, not all zero")
+        if self.forecast not in ("learnt", "declared"):
+            raise ValueError(f"lending.forecast: want 'learnt' or 'declared', got {self.forecast!r}")
         if not 0 < self.peak_need_share <= 1:
             raise ValueError("lending.peak_need_share must be in (0, 1]")
         if self.headroom < 1 or self.margin_s < 0 or self.min_lend_s <= 60:

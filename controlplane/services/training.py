@@ -46,7 +46,7 @@ import logging
 import math
 import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -127,6 +127,8 @@ class TrainingService:
         self.tenant = tenant
         self.started_at = 0.0
         self.outbox: CommandOutbox | None = None
+        self.lending_profiles: Callable[[Iterable[str], Sequence[float]], Mapping[str, Sequence[float]]] | None = None
+        """Learnt lending forecasts per site (``LearntDemand.site_profiles``; set by the composition root)."""
         self.counters: dict[str, int] = {
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
@@ -443,8 +445,11 @@ class TrainingService:
         running = [lending.Attempt(job_id=r.id, attempt=r.attempt, site=r.pool, accelerator=r.accelerator,
                                    cards=r.cards, checkpoint_s=r.spec.checkpoint_cost_s)
                    for r in live.values() if r.pool in ids]
+        learnt = (self.lending_profiles(ids, cfg.profile)
+                  if self.lending_profiles is not None and cfg.forecast == "learnt" else {})
         rules = lending.Rules(tiers=tuple(cfg.tiers), profile=tuple(cfg.profile), peak_need_share=cfg.peak_need_share,
-                              headroom=cfg.headroom, margin_s=cfg.margin_s, min_lend_s=cfg.min_lend_s)
+                              headroom=cfg.headroom, margin_s=cfg.margin_s, min_lend_s=cfg.min_lend_s,
+                              site_profiles=learnt)
         plan = lending.decide(now, holdings, running, rules)
         due = [st for st in plan.stops if st.at <= now and st.job_id in live
                and (st.job_id, st.attempt) not in self._preempting]  # each stop is sent once

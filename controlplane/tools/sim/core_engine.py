@@ -54,6 +54,8 @@ class Streams(Protocol):
     def fixed(self) -> Rng: ...
     @property
     def ingress(self) -> Rng: ...
+    @property
+    def slo(self) -> Rng: ...
 
 
 class _SimArgs(TypedDict):
@@ -124,7 +126,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
 
     dep = core_inference.deploy(lay, rtt, s, start_s) if s.inference.requests > 0 else core_inference.Deployment()
     inf = core_inference.InferenceSim(lay, rtt, s, dep, start_s, n_hours, streams.router, streams.baseline,
-                                      streams.fixed, streams.ingress)
+                                      streams.fixed, streams.ingress, streams.slo)
     draws = core_workload.jobs(s, lay, start_s, end_s, streams.jobs, streams.faults)
 
     tr = s.training
@@ -186,7 +188,20 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     if lent_ids:
         held_src: Callable[[], Mapping[tuple[str, str], float]] = (
             (lambda: scaler.held) if scaler is not None else (lambda: dep.cards_by_site_acc()))
-        lender = core_lending.Lender(s, [site for site in train_sites if site.id in lent_ids], sims, held_src)
+        origin_region = [o.region for o in lay.origins]
+        seen = [0] * len(lay.origins)
+
+        def region_demand() -> dict[str, float]:
+            """Requests per region since the last call (what the live demand counts give)."""
+            out: dict[str, float] = {}
+            for i, n in enumerate(inf.requests_by_origin):
+                if n != seen[i]:
+                    out[origin_region[i]] = out.get(origin_region[i], 0.0) + n - seen[i]
+                    seen[i] = n
+            return out
+
+        lender = core_lending.Lender(s, [site for site in train_sites if site.id in lent_ids], sims, held_src,
+                                     region_demand)
         t = start_s
         while t <= end_s + 1e-9:
             push(t, "lendtick", True)
@@ -292,7 +307,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
             for at, site, m in scaler.tick(t):
                 push(at, "ready", (site, m))
         elif kind == "ready":
-            inf.replica_ready(*payload)
+            site_i, model_i = payload
+            inf.replica_ready(site_i, model_i, now=t)
 
     # ---------------------------------------------------------------- the loop
     drain, request = inf.drain, inf.request
@@ -411,9 +427,51 @@ def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep
         },
         "replicas": {m: len(v) for m, v in sorted(dep.placements.items())},
         "scaling": scaler.report(replicas_hour) if scaler is not None else {},
+        **({"slo": _slo_report(inf)} if inf.slo is not None else {}),
         "uncovered_origins": dict(sorted(dep.uncovered.items())),
         "per_origin": per_origin,
         "outages": outage_log,
+    }
+
+
+def _slo_report(inf: core_inference.InferenceSim) -> dict[str, Any]:
+    """Policy cpn's requests with a TTFT SLO (docs/sim.md, "Admission by predicted time to first token")."""
+    slo = inf.slo
+    assert slo is not None
+    started = slo.met + slo.missed
+    errs = slo.errors_ms
+    absolute = [abs(x) for x in errs]
+    queued = slo.queued_errors_ms
+    return {
+        "what": "policy cpn: a share of requests carries a TTFT SLO; ttft.admit over the sites within budget "
+                "admits (a free slot or a replica's queue) or refuses (429); actual TTFT = RTT + the queue wait "
+                "it saw + prefill for its prompt on the replica's accelerator",
+        "slo_ttft_ms": r(inf.slo_ms, 1),
+        "share": r(inf.slo_share),
+        "requests": slo.requests,
+        "admitted": slo.admitted,
+        "admitted_to_a_queue": slo.queued,
+        "admitted_to_a_queue_met": slo.queued_met,
+        "first_token": started - slo.lost,
+        "met": slo.met,
+        "missed": slo.missed,
+        "met_share": r(slo.met / started, 6) if started else 0.0,
+        "lost_in_outage": slo.lost,
+        "waiting_at_end": slo.admitted - started,
+        "refused": sum(slo.refused.values()),
+        "refused_by_reason": dict(slo.refused),
+        "refusal_examples": list(slo.examples),
+        "no_replica_within_budget": slo.no_candidate,
+        "predictor_error_ms": {
+            "what": "actual - predicted TTFT of admitted requests that got their first token",
+            "p5": r(pct(errs, 5), 2), "p50": r(pct(errs, 50), 2), "p95": r(pct(errs, 95), 2),
+            "abs_p50": r(pct(absolute, 50), 2), "abs_p95": r(pct(absolute, 95), 2),
+            "queued_p50": r(pct(queued, 50), 2), "queued_p95": r(pct(queued, 95), 2),
+        },
+        "ttft_ms": {"p50": r(pct(slo.ttft_ms, 50), 2), "p95": r(pct(slo.ttft_ms, 95), 2),
+                    "p99": r(pct(slo.ttft_ms, 99), 2)},
+        "profiles_prefill_tokens_per_s": {m: {a: r(p.prefill_tokens_per_s, 1) for a, p in sorted(per.items())}
+                                          for m, per in sorted(inf.profiles.items())},
     }
 
 
@@ -422,6 +480,9 @@ def _lending_report(lender: core_lending.Lender, sims: list[core_training.Traini
     out = lender.report({sim.name: r(sim.lent_card_s / 3600.0, 1) for sim in sims})
     out["cpn_scale_decisions_short_for_lack_of_a_lent_card"] = scaler.blocked_decisions if scaler is not None else 0
     out["inference_failed_for_lack_of_a_reclaimed_card"] = scaler.blocked_failed if scaler is not None else 0
+    days = max(1, math.ceil((len(inf.requests) - 1e-9) / 24))
+    out["inference_failed_for_lack_of_a_reclaimed_card_by_day"] = [
+        scaler.blocked_by_day.get(d, 0) if scaler is not None else 0 for d in range(days)]
     return out
 
 
@@ -653,6 +714,7 @@ class _Scaler:
         # origins until the next decision (an upper bound on what lending cost inference).
         self.blocked_decisions = 0
         self.blocked_failed = 0
+        self.blocked_by_day: dict[int, int] = {}
         self._blocked: dict[int, tuple[list[int], int]] = {}
         self._origin_idx = {o.id: i for i, o in enumerate(lay.origins)}
 
@@ -692,7 +754,10 @@ class _Scaler:
         for mi in self.models:
             was = self._blocked.pop(mi, None)
             if was is not None:
-                self.blocked_failed += self._not_within(was[0]) - was[1]
+                n = self._not_within(was[0]) - was[1]
+                self.blocked_failed += n
+                day = int((now - inf.start_s) // 86400.0)
+                self.blocked_by_day[day] = self.blocked_by_day.get(day, 0) + n
             counts, svc = inf.take_counts(mi)
             meter = self.meters[mi]
             meter.observe(now, counts, svc)
