@@ -95,6 +95,9 @@ REFUSED_OTHER_COOL_S = 30.0
 ORPHAN_GRACE_S = 5.0
 """After a hub start, a live job's site must be heard from within max(this, 2 × detection)."""
 HUB_SITE = store_jobs.HUB_EVENT_SITE
+POKE_SPACING = 4.0
+"""A poked tick waits at least this many times as long as the last tick held the loop (see
+``HubConfig.scheduler_poke_gap_s``)."""
 
 
 class TrainingService:
@@ -131,12 +134,16 @@ class TrainingService:
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
             "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
+            "pokes_coalesced": 0,
         }
         self.cost_model = msgspec.structs.replace(
             placement.DEFAULT_MODEL, min_wait_saving=config.training_min_wait_saving_pct / 100.0)
         """The cost model the scheduler plans with (the hub's tariff-wait threshold)."""
         self.last_plan: scheduler.Plan | None = None
         self.last_tick_ms = 0.0
+        self.last_tick_busy_s = 0.0
+        """How long the last tick held the event loop (its reads, plan and bookkeeping; not the
+        record's acknowledgements it awaited): it spaces poked ticks."""
         self._poke = asyncio.Event()
         self.tasks = BackgroundTasks("training")
         self._preempting: dict[tuple[str, int], float] = {}
@@ -200,11 +207,22 @@ class TrainingService:
         self._poke.set()
 
     async def _tick_loop(self) -> None:
+        """A tick every ``scheduler_tick_s``, and sooner when poked, but never sooner than the poke
+        gap after the last one: ``scheduler_poke_gap_s``, or :data:`POKE_SPACING` times as long as
+        that tick held the loop if longer (at most the period). The pokes of a burst of
+        submissions (each one's tick re-plans the whole queue) share one tick, and ticks over a
+        long queue take at most ~1/(1 + POKE_SPACING) of the loop, whatever the submission rate."""
         period_s = self.config.scheduler_tick_s
+        not_before, gap_s = -math.inf, 0.0
         while True:
             try:
                 async with asyncio.timeout(period_s):
                     await self._poke.wait()
+                    if (rest := not_before - self.clock.monotonic()) > 0:
+                        self.counters["pokes_coalesced"] += 1
+                        # pokes meanwhile join this tick (a sleep of the loop's, not the clock's: a
+                        # simulated clock that stands still must not hold the scheduler)
+                        await asyncio.sleep(min(rest, gap_s))
             except TimeoutError:
                 pass
             self._poke.clear()
@@ -215,6 +233,8 @@ class TrainingService:
                 raise
             except Exception:
                 log.exception("event=tick_failed")
+            gap_s = min(period_s, max(self.config.scheduler_poke_gap_s, POKE_SPACING * self.last_tick_busy_s))
+            not_before = self.clock.monotonic() + gap_s
 
     def _kick(self) -> None:
         if self.outbox is not None:
@@ -355,13 +375,16 @@ class TrainingService:
         attempts, vanished ones, orphans) reads the jobs again after the writes."""
         started = self.clock.monotonic()
         rows, plan, commits = self._tick_plan(now)
+        busy_s = self.clock.monotonic() - started
         for commit in commits:
             await write(self.db, commit)
             self._kick()
+        resumed = self.clock.monotonic()
         if commits:
             self._carried_out(plan, rows)
-            rows = store_jobs.jobs_in_states(self.db, ACTIVE_STATES)
+            rows = store_jobs.jobs_in_states(self.db, LIVE_STATES)  # what the rest of the round reads
         self._tick_end(rows, now, started)
+        self.last_tick_busy_s = busy_s + self.clock.monotonic() - resumed
         return plan
 
     def _tick_plan(self, now: float) -> tuple[list[store_jobs.JobRow], scheduler.Plan | None,
@@ -584,9 +607,16 @@ class TrainingService:
         for st in stops:
             self._stop_sent[(st.pool, st.job_id, st.attempt)] = now
         self.counters["stops"] += len(stops)
-        waits = [(w.job_id, w.reason) for w in plan.wait]
         infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
-        waits += infeasible
+        # Only the waits whose reason changed are written (and checked against the store): a job
+        # still waiting for the reason it was read with has nothing to record, so a tick over a
+        # long, unchanged queue writes nothing (record_waits would skip those rows anyway).
+        waits = [(job_id, reason) for job_id, reason in [(w.job_id, w.reason) for w in plan.wait] + infeasible
+                 if (old := rows.get(job_id)) is not None and old.reason != reason]
+        unplaceable = [(job_id, reason) for job_id, reason in (infeasible if plan_pools else ())
+                       if (old := rows.get(job_id)) is not None and old.reason != reason]
+        now_waiting = [w for w in plan.wait if (old := rows.get(w.job_id)) is not None and
+                       scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind)]
 
         def as_read(db: Database, ids: list[str]) -> set[str]:
             """The jobs among ``ids`` still as this round read them (nothing wrote them since)."""
@@ -596,17 +626,11 @@ class TrainingService:
 
         def commit(db: Database, i: int) -> None:
             if i == 0:
-                for job_id, reason in infeasible if plan_pools else ():
-                    old = rows.get(job_id)
-                    if old is not None and old.reason != reason:  # a new reason: say it in the job's events
-                        store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
-                for w in plan.wait:
-                    old = rows.get(w.job_id)
-                    if old is not None and \
-                            scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind):
-                        # A new kind of wait (a tariff window, quota, cards, ...): say why in the job's events.
-                        store_jobs.record_hub_event(db, w.job_id, old.attempt, "waiting",
-                                                    {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
+                for job_id, reason in unplaceable:  # a new reason: say it in the job's events
+                    store_jobs.record_hub_event(db, job_id, rows[job_id].attempt, "unplaceable", {"reason": reason}, now)
+                for w in now_waiting:  # a new kind of wait (a tariff window, quota, cards, ...): say why
+                    store_jobs.record_hub_event(db, w.job_id, rows[w.job_id].attempt, "waiting",
+                                                {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
                 for stop in stops:  # (asked for at plan time: _stop_sent; the commit may run twice)
                     outbox.add(stop.pool, wire.StopAttempt(job=stop.job_id, attempt=stop.attempt,
                                                            checkpoint=stop.checkpoint, reason=stop.reason),
@@ -621,9 +645,12 @@ class TrainingService:
             store_jobs.record_waits(db, [(job_id, why) for job_id, why in chunk_waits if job_id in fresh], now)
 
         # One transaction per TICK_CHUNK decisions (each with what it must send): the replicated
-        # record takes at most 1,000 rows in one atomic batch, and a start writes two.
-        n = max(len(placed), len(waits), 1)
+        # record takes at most 1,000 rows in one atomic batch, and a start writes two. A plan that
+        # changes nothing (every job waits as it did) commits nothing.
         self._placing = (placed, bool(starts or stops))
+        if not (placed or waits or stops or unplaceable or now_waiting):
+            return []
+        n = max(len(placed), len(waits), 1)
         return [functools.partial(commit, i=i) for i in range(0, n, TICK_CHUNK)]
 
     def _carried_out(self, plan: scheduler.Plan | None, rows: list[store_jobs.JobRow]) -> None:

@@ -44,3 +44,33 @@ def test_the_service_runs_on_its_typed_parts_and_plans_the_stored_spec(tmp_path:
         assert got.reason == "quota: tenant acme holds 0 of 8 cards, job needs 16" and asked == ["acme"]
     finally:
         db.conn.close()
+
+
+def test_a_tick_over_an_unchanged_queue_opens_no_write_transaction(tmp_path: Path) -> None:
+    """The second of two ticks over 450 queued jobs that wait as they did writes nothing: no
+    transaction at all (before, one per 200 waits: on the replicated record each is a read barrier
+    and a batch), and the plan is the same."""
+    db = store_db.open_db(tmp_path / "cpn.db")
+    layout = loader.load_default()
+    clock = WallClock()
+    service = training.TrainingService(
+        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
+        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
+    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    begins: list[str] = []
+    try:
+        spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
+        with store_db.transaction(db):
+            ids = [service.submit("acme", spec, None, "h", T0)[0].id for _ in range(450)]
+        first = service.tick(T0 + 1)
+        assert first is not None and sorted(w.job_id for w in first.wait) == sorted(ids)
+        assert {r.reason for r in service.jobs("acme", state=JobState.QUEUED, limit=1000)} == {
+            "quota: tenant acme holds 0 of 8 cards, job needs 16"}
+        db.conn.set_trace_callback(lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
+        second = service.tick(T0 + 2)
+        db.conn.set_trace_callback(None)
+        assert second is not None and [(w.job_id, w.reason) for w in second.wait] == \
+            [(w.job_id, w.reason) for w in first.wait]
+        assert begins == []
+    finally:
+        db.conn.close()
