@@ -46,7 +46,7 @@ import logging
 import math
 import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -75,6 +75,9 @@ if TYPE_CHECKING:
     from controlplane.nats.bus import HubBus
     from topology.layout import Layout
 
+TICK_STEP = 250
+"""A tick over a long queue pauses (lets the event loop run) after decoding, and after planning,
+every this many queued jobs (``tick_async``)."""
 TICK_CHUNK = 200
 """Decisions of a scheduler tick persisted per transaction (a start writes its job and attempt
 rows; stops and unplaceable events go with the first chunk)."""
@@ -95,6 +98,8 @@ REFUSED_OTHER_COOL_S = 30.0
 ORPHAN_GRACE_S = 5.0
 """After a hub start, a live job's site must be heard from within max(this, 2 × detection)."""
 HUB_SITE = store_jobs.HUB_EVENT_SITE
+_Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]]]
+"""A tick's read and plan: the jobs read, the plan, and the commits that carry it out."""
 POKE_SPACING = 4.0
 """A poked tick waits at least this many times as long as the last tick held the loop (see
 ``HubConfig.scheduler_poke_gap_s``)."""
@@ -374,8 +379,18 @@ class TrainingService:
         cancelled) is checked before each chunk is written, and the rest of the round (stale
         attempts, vanished ones, orphans) reads the jobs again after the writes."""
         started = self.clock.monotonic()
-        rows, plan, commits = self._tick_plan(now)
-        busy_s = self.clock.monotonic() - started
+        steps, busy_s = self._tick_steps(now), 0.0
+        while True:  # the round's reads and plan, in steps: the loop serves requests between them
+            resumed = self.clock.monotonic()
+            try:
+                next(steps)
+            except StopIteration as done:
+                read: _Round = done.value
+                busy_s += self.clock.monotonic() - resumed
+                break
+            busy_s += self.clock.monotonic() - resumed
+            await asyncio.sleep(0)
+        rows, plan, commits = read
         for commit in commits:
             await write(self.db, commit)
             self._kick()
@@ -387,32 +402,55 @@ class TrainingService:
         self.last_tick_busy_s = busy_s + self.clock.monotonic() - resumed
         return plan
 
-    def _tick_plan(self, now: float) -> tuple[list[store_jobs.JobRow], scheduler.Plan | None,
-                                              list[Callable[[Database], None]]]:
+    def _tick_plan(self, now: float) -> _Round:
         """Read and plan a round: the jobs read, the plan, and the commits that carry it out."""
+        steps = self._tick_steps(now)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: _Round = done.value
+                return result
+
+    def _tick_steps(self, now: float) -> Generator[None, None, _Round]:
+        """:meth:`_tick_plan` in steps of ``TICK_STEP`` queued jobs (decoded, then planned), so the
+        tick of a long queue lets the loop serve requests between them. The jobs are read at once
+        (one consistent read) and lending is decided before the first pause; the snapshot the plan
+        works on is its own, and what changes meanwhile (a job cancelled) is checked before each
+        decision is written (``_carry_out``)."""
         db = self.db
-        rows = store_jobs.jobs_in_states(db, ACTIVE_STATES)
-        live = {r.id: r for r in rows if r.state in LIVE_STATES}
-        waiting = [r for r in rows if r.state in WAITING_STATES]
+        live_rows = store_jobs.jobs_in_states(db, LIVE_STATES)
+        queue = store_jobs.read_jobs_in_states(db, WAITING_STATES)
+        live = {r.id: r for r in live_rows}
         self._preempting = {k: v for k, v in self._preempting.items()
                             if k[0] in live and live[k[0]].attempt == k[1]}
         plan = None
         commits: list[Callable[[Database], None]] = []
-        lent = self._lend(live, now, bool(waiting)) if self.config.lending.enabled else None
+        lent = self._lend(live, now, bool(len(queue))) if self.config.lending.enabled else None
+        waiting: list[store_jobs.JobRow] = []
+        for n, r in enumerate(queue, 1):
+            waiting.append(r)
+            if n % TICK_STEP == 0:
+                yield None
+        rows = live_rows + waiting
         if waiting:
             pools = self._pools(live.values(), now)
             if lent is not None:
                 pools = lending.lend_pools(pools, lent[0], lent[1])
             if self.pricing is not None:
                 pools = self.pricing(pools, now)
-            specs = [r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority, submitted_at=r.submitted_at,
-                                    progress=r.progress, checkpoint_pool=r.checkpoint_pool,
-                                    restarting=r.state is S.RESTARTING) for r in waiting]
+            specs = []
+            for n, r in enumerate(waiting, 1):
+                specs.append(r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority,
+                                            submitted_at=r.submitted_at, progress=r.progress,
+                                            checkpoint_pool=r.checkpoint_pool, restarting=r.state is S.RESTARTING))
+                if n % TICK_STEP == 0:
+                    yield None
             snapshot = scheduler.Snapshot(
                 pools=pools, queued=specs, running=[self._running(r) for r in live.values()],
                 tenants=self._tenants({r.tenant for r in rows}), model=self.cost_model,
             )
-            plan = scheduler.plan(snapshot, now)
+            plan = yield from scheduler.plan_steps(snapshot, now, every=TICK_STEP)
             commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
             self.last_plan = plan
             if lent is not None:

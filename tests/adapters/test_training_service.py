@@ -3,7 +3,10 @@ a typed spec goes in, is stored, read back typed and planned."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import msgspec
 
 from controlplane.config import HubConfig
 from controlplane.core import jobspec
@@ -72,5 +75,45 @@ def test_a_tick_over_an_unchanged_queue_opens_no_write_transaction(tmp_path: Pat
         assert second is not None and [(w.job_id, w.reason) for w in second.wait] == \
             [(w.job_id, w.reason) for w in first.wait]
         assert begins == []
+    finally:
+        db.conn.close()
+
+
+async def test_a_tick_over_a_long_queue_lets_the_loop_run_between_its_steps(tmp_path: Path) -> None:
+    """The awaited tick reads and plans 1,000 queued jobs in steps of ``TICK_STEP``: other work on
+    the loop (a gateway's requests) runs between them (before, not once until the plan was made),
+    and the plan is the one the synchronous tick makes."""
+    db = store_db.open_db(tmp_path / "cpn.db")
+    layout = loader.load_default()
+    clock = WallClock()
+    service = training.TrainingService(
+        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
+        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
+    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    try:
+        spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
+        with store_db.transaction(db):
+            for _ in range(1000):
+                service.submit("acme", spec, None, "h", T0)
+        turns = 0
+        planning = True
+
+        async def other_work() -> None:
+            nonlocal turns
+            while planning:
+                turns += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other_work())
+        await asyncio.sleep(0)
+        turns = 0
+        stepped = await service.tick_async(T0 + 1)
+        planning = False
+        await task
+        assert turns >= 3 * (1000 // training.TICK_STEP), turns  # decode, specs, plan: each in steps
+        whole = service.tick(T0 + 1)
+        assert stepped is not None and whole is not None
+        assert msgspec.json.encode(stepped) == msgspec.json.encode(whole)
+        assert 0 < service.last_tick_busy_s
     finally:
         db.conn.close()
