@@ -307,17 +307,44 @@ class TrainingService:
         """
         db = self.db
         with transaction(db):
-            row = store_jobs.get_job(db, job_id, tenant=tenant)
-            if row is None:
-                raise NotFound(f"job {job_id} not found", field="job_id")
-            out = lifecycle.cancel(row.record(), now)
-            store_jobs.save_record(db, out.record)
-            self._effects(row, out.effects, now, exit_reason="cancelled", detail=out.record.reason)
+            row = self._cancel_commit(db, job_id, tenant, now)
+        return self._cancelled(row, tenant, now)
+
+    async def cancel_async(self, job_id: str, tenant: str, now: float) -> store_jobs.JobRow:
+        """:meth:`cancel`, awaited (``store.db.write``; not fenced: a tenant's write, which any
+        gateway makes): on the replicated record the loop goes on while the record acknowledges.
+        The stop of a live attempt is in the outbox once the cancellation is on a quorum.
+
+        Raises:
+            NotFound, lifecycle.IllegalTransition: as :meth:`cancel`.
+        """
+        def commit(db: Database) -> tuple[store_jobs.JobRow, list[tuple[str, str, int]]]:
+            outer, self._stops_deferred = self._stops_deferred, []
+            try:
+                return self._cancel_commit(db, job_id, tenant, now), self._stops_deferred
+            finally:
+                self._stops_deferred = outer
+
+        row, stops = await write(self.db, commit, fenced=False)
+        for key in stops:
+            self._stop_sent[key] = now
+        return self._cancelled(row, tenant, now)
+
+    def _cancel_commit(self, db: Database, job_id: str, tenant: str, now: float) -> store_jobs.JobRow:
+        row = store_jobs.get_job(db, job_id, tenant=tenant)
+        if row is None:
+            raise NotFound(f"job {job_id} not found", field="job_id")
+        out = lifecycle.cancel(row.record(), now)
+        store_jobs.save_record(db, out.record)
+        self._effects(row, out.effects, now, exit_reason="cancelled", detail=out.record.reason)
+        return row
+
+    def _cancelled(self, row: store_jobs.JobRow, tenant: str, now: float) -> store_jobs.JobRow:
         self.counters["cancelled"] += 1
-        log.info("event=job_cancelled job=%s tenant=%s was=%s", job_id, tenant, row.state)
+        log.info("event=job_cancelled job=%s tenant=%s was=%s", row.id, tenant, row.state)
         self._kick()
         self.poke()
-        new = store_jobs.get_job(db, job_id)
+        new = store_jobs.get_job(self.db, row.id)
         assert new is not None
         return new
 
@@ -764,7 +791,7 @@ class TrainingService:
             if len(self._stop_sent) > 1000:
                 self._stop_sent = {k: v for k, v in self._stop_sent.items() if now - v < 60.0}
             return
-        with transaction(self.db):
+        with transaction(self.db, local=True):  # the outbox alone: no read barrier of the record
             for site, job, attempt, reason in wanted:
                 self._enqueue_stop(site, job, attempt, now, checkpoint=False, reason=reason)
         for site, job, attempt, reason in wanted:
