@@ -2,8 +2,8 @@
 
 It carries out what the pure core decides (CONVENTIONS example 2, "decide, then do the I/O"):
 
-- **Tick** (every ``config.scheduler_tick_s``, and at once when poked by a submission, an event,
-  a cancellation or a site change): build a ``scheduler.Snapshot`` from the store (queued and
+- **Tick** (every ``config.scheduler_tick_s``, and soon when poked by a submission, an event,
+  a cancellation or a site change: pokes share a tick, ``config.scheduler_poke_gap_s``): build a ``scheduler.Snapshot`` from the store (queued and
   restarting jobs, live jobs) and the registry (pools from ``placement.pool_from_site`` with the
   heartbeat's free cards), ``scheduler.plan(snapshot, now)``, then in one transaction persist the
   placements (new attempt, explanation), the waits and the ``StartAttempt`` / ``StopAttempt``
@@ -33,8 +33,9 @@ It carries out what the pure core decides (CONVENTIONS example 2, "decide, then 
   time-of-use tariff × PUE × board power). Sim attempts run ``time_scale`` simulated seconds per
   wall second, so their wall time is scaled by it: the bill is for the simulated run.
 
-Everything that touches SQLite here is synchronous, so no other coroutine interleaves with a
-read-decide-write step of this service.
+Each read-decide-write step that touches SQLite is synchronous, except the awaited ones (the tick,
+which reads and plans a long queue in steps and awaits its commits; events; acknowledgements;
+cancels): those write only what is still as they read it, or run again on what changed.
 """
 
 from __future__ import annotations
