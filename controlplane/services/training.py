@@ -3,9 +3,10 @@
 It carries out what the pure core decides (CONVENTIONS example 2, "decide, then do the I/O"):
 
 - **Tick** (every ``config.scheduler_tick_s``, and soon when poked by a submission, an event,
-  a cancellation or a site change: pokes share a tick, ``config.scheduler_poke_gap_s``): build a ``scheduler.Snapshot`` from the store (queued and
-  restarting jobs, live jobs) and the registry (pools from ``placement.pool_from_site`` with the
-  heartbeat's free cards), ``scheduler.plan(snapshot, now)``, then in one transaction persist the
+  a cancellation or a site change: pokes share a tick, ``config.scheduler_poke_gap_s``): build a
+  ``scheduler.Snapshot`` from the store (queued and restarting jobs, live jobs) and the registry
+  (pools from ``placement.pool_from_site`` with the heartbeat's free cards),
+  ``scheduler.plan(snapshot, now)``, then in one transaction persist the
   placements (new attempt, explanation), the waits and the ``StartAttempt`` / ``StopAttempt``
   commands into the outbox; the outbox sends them after the commit.
 - **Events** from JetStream (``bus.consume_events``): fenced by sender first (the bus has checked
