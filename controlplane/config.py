@@ -106,6 +106,11 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     default_burst: int = 400
     usage_flush_s: float = 1.0
     scheduler_tick_s: float = 0.5
+    scheduler_poke_gap_s: float = 0.05
+    """A tick asked for at once (a submission, an exit, a cancellation) starts at least this long
+    after the last tick ended, and at least 4x as long as that tick held the event loop (never
+    more than ``scheduler_tick_s``): pokes that come meanwhile share one tick, so a burst of
+    submissions over a long queue does not re-plan the whole queue once per submission."""
     event_stream_replicas: int = 0
     """Replicas of the ``CPN_EVENTS`` stream. 0 (default): 3 when the NATS server the hub connects
     to is part of a cluster (its INFO names one), else 1."""
