@@ -138,10 +138,12 @@ class Leadership:
 
     def deciding(self) -> bool:
         """May this process send the leader's commands now? Read from the clock on every call
-        (``LeaderElector.is_leading``), so a leader frozen past its lease says no on waking."""
+        (``LeaderElector.may_decide``), so a leader frozen past ``holder_silent_s`` says no on
+        waking, and one whose renewals wait for the record stream's election holds back its
+        commands (keeping the lease, its epoch and its followers) until a renewal lands."""
         if self.mode == "sole":
             return True
-        return self.leading and self.elector is not None and self.elector.is_leading()
+        return self.leading and self.elector is not None and self.elector.may_decide()
 
     def follow(self, service: Follower) -> None:
         """``service`` runs only while this process leads (started and stopped by this)."""

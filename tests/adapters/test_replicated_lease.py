@@ -29,7 +29,7 @@ from tests.support.natscluster import NatsCluster, open_record
 from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2)
+FAST = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2, holder_silent_s=0)
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
 
 # A clean handover must beat a full lease by a margin that holds on a loaded 2-core machine (three
 # JetStream R3 commits take a while there): a longer lease than FAST, the same retry period.
-HANDOVER = LeaseConfig(lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.2)
+HANDOVER = LeaseConfig(lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.2, holder_silent_s=1.0)
 
 
 async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
@@ -157,7 +157,7 @@ async def spawn(cluster: NatsCluster, identity: str, config: LeaseConfig) -> Can
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.leasecandidate", "--servers", ",".join(cluster.urls),
         "--identity", identity, "--lease", str(config.lease_duration_s), "--renew", str(config.renew_deadline_s),
-        "--retry", str(config.retry_period_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        "--retry", str(config.retry_period_s), "--silent", str(config.holder_silent_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return Candidate(identity, proc)
 
@@ -168,7 +168,7 @@ def leaders(candidates: list[Candidate]) -> list[tuple[float, Candidate, int]]:
 
 @pytest.mark.timeout(90)
 async def test_leader_sigkill_another_process_leads_within_5s(cluster: NatsCluster) -> None:
-    config = LeaseConfig()  # the defaults: 3 / 2 / 0.4 s
+    config = LeaseConfig()  # the defaults: 15 / 12 / 0.4 s, a silent holder taken over after 2 s
     candidates = [await spawn(cluster, f"c{i}", config) for i in range(3)]
     try:
         await wait_for(lambda: all(c.events("ready") for c in candidates), 40, "candidates to connect")
@@ -195,7 +195,10 @@ async def test_leader_sigkill_another_process_leads_within_5s(cluster: NatsClust
 
 @pytest.mark.timeout(90)
 async def test_paused_leader_wakes_up_fenced(cluster: NatsCluster) -> None:
-    config = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2)
+    """The defaults: the frozen leader is taken over early (it answers no probe), long before its
+    own 12 s renew deadline, so it wakes believing it holds the lease: its renewal and its commits
+    find out (Conflict, Fenced) and nothing it writes lands."""
+    config = LeaseConfig()
     first = await spawn(cluster, "old", config)
     try:
         await wait_for(lambda: first.events("leading"), 20, "the first leader")
@@ -204,7 +207,9 @@ async def test_paused_leader_wakes_up_fenced(cluster: NatsCluster) -> None:
             await wait_for(lambda: second.events("ready"), 20, "the second candidate")
             await asyncio.sleep(0.5)  # the fault's timing: both campaign a while before the leader freezes
             first.signal(signal.SIGSTOP)  # frozen while leading: its own timer cannot run
+            frozen_at = time.time()
             await wait_for(lambda: second.events("leading"), 10, "the second to take over")
+            assert second.events("leading")[0]["t"] - frozen_at <= 5.0
             new_epoch = second.events("leading")[0]["epoch"]
             assert new_epoch > first.events("leading")[0]["epoch"]
             await asyncio.sleep(0.5)  # the fault's timing: the new leader works on a while before the old wakes
