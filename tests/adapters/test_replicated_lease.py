@@ -233,3 +233,66 @@ async def test_paused_leader_wakes_up_fenced(cluster: NatsCluster) -> None:
             await second.end()
     finally:
         await first.end()
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+async def test_the_leader_rides_out_a_fault_of_the_node_leading_the_record_stream(cluster: NatsCluster,
+                                                                                  fault: str) -> None:
+    """The defaults, and the worst case: the leader's own connection is on the node that leads the
+    record's stream, which is killed (or frozen) while a candidate campaigns from another node.
+    Nothing can be written until the stream elects a new leader (nats-server: 4-9 s), so the
+    leader's renewals wait; it keeps the lease (it answers the candidate's probes once reconnected)
+    and decides again as soon as a renewal lands: same epoch, one term, nobody else acquired.
+    Before: the leader stepped down at its 2 s renew deadline and a candidate took over."""
+    probe = await open_record(cluster.urls)
+    try:
+        (stream_leader,) = [n.name for n in await probe.nodes() if n.leader]
+        others = [n for n in cluster.nodes if n.name != stream_leader]
+        record_a = await kv.Record.open([cluster.node(stream_leader).url] + [n.url for n in others],
+                                        connect={"dont_randomize": True})
+        record_b = await kv.Record.open([n.url for n in others], connect={"dont_randomize": True})
+        watch = await kv.Record.open([others[-1].url, others[0].url], connect={"dont_randomize": True})
+    finally:
+        await probe.close()
+    a = LeaderElector(record_a, "controller", "a", LeaseConfig())
+    b = LeaderElector(record_b, "controller", "b", LeaseConfig())
+    try:
+        a.start()
+        await wait_for(a.may_decide, 10, "a to lead")
+        epoch = a.epoch
+        b.start()
+        await wait_for(lambda: b.probes >= 3 and b.probes_unanswered == 0, 10, "b to probe a (answered)")
+        t0 = time.monotonic()
+        if fault == "kill":
+            await cluster.kill(stream_leader)
+        else:
+            await cluster.pause(stream_leader)
+        undecided: list[float] = []
+
+        async def decides_again() -> bool:
+            if not a.may_decide():
+                undecided.append(time.monotonic())
+            assert a.is_leading() and not b.is_leading(), (a, b)  # sampled all along the fault
+            return bool(undecided) and a.may_decide()
+
+        await until(decides_again, 30, "a to decide again (a renewal landed)", interval_s=0.05)
+        recovered_s = time.monotonic() - t0
+        new_leaders = [n.name for n in await watch.nodes() if n.leader]
+        if fault == "kill":
+            await cluster.restart(stream_leader)
+        else:
+            await cluster.resume(stream_leader)
+        await asyncio.sleep(1.0)  # the fault's aftermath: the node rejoins while a leads on
+        print(f"{fault} of the stream's leader node: a held back its decisions {undecided[-1] - undecided[0]:.2f} s, "
+              f"decided again {recovered_s:.2f} s after the fault (stream leader now {new_leaders}); {b!r}")
+        assert a.may_decide() and a.epoch == epoch and a.terms == 1
+        assert b.terms == 0 and b.early_takeovers == 0 and not b.is_leading()
+        assert (await watch.get("sys.fence.controller")).revision == epoch  # nobody acquired
+        assert new_leaders and new_leaders != [stream_leader]  # the fault did move the stream
+    finally:
+        await a.stop(release=False)
+        await b.stop(release=False)
+        for r in (record_a, record_b, watch):
+            await r.close()
