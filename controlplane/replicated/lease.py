@@ -273,6 +273,10 @@ class LeaderElector:
             except (RecordError, TimeoutError) as exc:
                 _log.info("lease_renew_failed name=%s epoch=%d error=%s", self.name, held.epoch, exc or "timeout")
                 continue
+            acked_at = self.clock()
+            if not rules.may_decide(held, acked_at, config):  # a stream election, a stall: ridden out
+                _log.warning("lease_rode_out name=%s epoch=%d without_renewal_s=%.2f (its commands were held back)",
+                             self.name, held.epoch, acked_at - held.renewed_at)
             self._held = rules.renewed(held, revision, sent_at)
 
     async def _renew(self, value: bytes, revision: int, budget_s: float) -> int:
