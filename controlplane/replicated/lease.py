@@ -240,8 +240,9 @@ class LeaderElector:
         self.terms += 1
         self.last_epoch = epoch
         self.early_takeovers += early
-        _log.info("lease_acquired name=%s identity=%s epoch=%d early=%s previous=%s", self.name, self.identity, epoch,
-                  early, observed.holder or "-")
+        silent = f" silent_s={sent_at - observed.silent_since:.2f}" if early and observed.silent_since is not None else ""
+        _log.info("lease_acquired name=%s identity=%s epoch=%d early=%s previous=%s%s", self.name, self.identity, epoch,
+                  early, observed.holder or "-", silent)
         await self._call(self.on_started_leading, epoch)
         return True
 
