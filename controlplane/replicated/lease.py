@@ -241,8 +241,10 @@ class LeaderElector:
         self.last_epoch = epoch
         self.early_takeovers += early
         silent = f" silent_s={sent_at - observed.silent_since:.2f}" if early and observed.silent_since is not None else ""
-        _log.info("lease_acquired name=%s identity=%s epoch=%d early=%s previous=%s%s", self.name, self.identity, epoch,
-                  early, observed.holder or "-", silent)
+        # an early takeover means a holder process went silent (died, froze, or lost NATS): worth a warning
+        _log.log(logging.WARNING if early else logging.INFO,
+                 "lease_acquired name=%s identity=%s epoch=%d early=%s previous=%s%s probes_unanswered=%d", self.name,
+                 self.identity, epoch, early, observed.holder or "-", silent, self.probes_unanswered)
         await self._call(self.on_started_leading, epoch)
         return True
 
