@@ -59,7 +59,7 @@ class LeaseConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     lease_duration_s: float = 15.0
     renew_deadline_s: float = 12.0
     retry_period_s: float = 0.4
-    holder_silent_s: float = 2.0
+    holder_silent_s: float = 2.5
     """How long a holder that neither renews nor answers probes may be silent before a candidate
     acquires (Rule 5), and how long after its last acknowledged renewal the leader decides (Rule 6).
     0: no probes (the leader decides until its renew deadline; others wait a full lease)."""

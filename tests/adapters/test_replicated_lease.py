@@ -40,7 +40,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
 
 # A clean handover must beat a full lease by a margin that holds on a loaded 2-core machine (three
 # JetStream R3 commits take a while there): a longer lease than FAST, the same retry period.
-HANDOVER = LeaseConfig(lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.2, holder_silent_s=1.0)
+HANDOVER = LeaseConfig(lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.2, holder_silent_s=1.5)
 
 
 async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
