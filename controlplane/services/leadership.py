@@ -315,9 +315,12 @@ class Leadership:
             lease = await self.record.get(LEASE_PREFIX + LEASE)
             held = msgspec.json.decode(lease.value, type=LeaseRecord)
             if not held.released:
-                # The epoch is the fence's revision (the lease's own copy is filled in at its first renewal).
+                # The epoch is the fence's revision, and the fence's value the identity its acquisition
+                # wrote: one read gives both (two reads may come from replicas at different revisions,
+                # pairing an old holder with a new epoch).
                 fence = await self.record.get(FENCE_PREFIX + LEASE)
-                leader = {"identity": held.holder, "hub_id": held.holder.split(":", 1)[0], "epoch": fence.revision}
+                holder = fence.value.decode(errors="replace") or held.holder
+                leader = {"identity": holder, "hub_id": holder.split(":", 1)[0], "epoch": fence.revision}
         except RecordError as exc:
             log.info("event=cluster_view_partial error=%s", exc)
         nodes: list[NodeState] = await self.record.nodes()
