@@ -61,6 +61,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "takeover_p50_s": round(common.percentile(takeovers, 50), 3),
         "takeover_max_s": round(takeovers[-1], 3) if takeovers else None,
         "lease_duration_s": lease.lease_duration_s, "retry_period_s": lease.retry_period_s,
+        "holder_silent_s": lease.holder_silent_s,
         "each": kills, "targets": "<= 5 s, aim <= 3 s",
     }
 

@@ -42,7 +42,7 @@ from controlplane.runtime import BackgroundTasks, TaskScope, WallClock
 from controlplane.services import deployments, handover, market, training
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
-from controlplane.services.demand_share import DemandShare
+from controlplane.services.demand_share import DemandShare, LearntDemand
 from controlplane.services.job_feed import JobFeed
 from controlplane.services.job_views import JobViews
 from controlplane.services.inference import InferenceService, RequestIds
@@ -189,9 +189,14 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     share = DemandShare(hub_id=config.hub_id, role=config.role, bus=bus, local=inference.drain_demand, clock=clock,
                         interval_s=config.autoscale.interval_s)
     hub.add_service(share)
+    # Tidal lending's forecast is learnt from the same counts, per region, by local hour.
+    origin_region = {o.id: o.region for o in layout.origins}
+    learnt = LearntDemand(region_of_origin=origin_region.get, region_of_site=lambda s: _region_of_site(layout, s),
+                          clock=clock)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
-                                   demand=share.drain, autoscale=config.autoscale)
+                                   demand=learnt.tap(share.drain), autoscale=config.autoscale)
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
+    trainer.lending_profiles = learnt.site_profiles
     # The market prices the usage flush and training's metering (in their transactions).
     seller = market.install(market.MarketService(hub_id=config.hub_id, store=store, tenancy=tenancy, sites=sites,
                                                  accounting=accounting, clock=clock, training=trainer),
@@ -259,6 +264,10 @@ def install_deployments(hub: Hub, *, store: Store, layout: topo_layout.Layout, r
     hub.add_service(service)
     sites.listeners.append(service.on_site)
     return service
+
+
+def _region_of_site(layout: topo_layout.Layout, site: str) -> str | None:
+    return layout.site(site).region if layout.has_site(site) else None
 
 
 def install_training(hub: Hub, *, store: Store, layout: topo_layout.Layout, sites: SiteService,

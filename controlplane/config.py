@@ -55,10 +55,16 @@ class LendingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Lent cards are back this long before the hour that needs them."""
     min_lend_s: float = 3600.0
     """No offer shorter than this."""
+    forecast: str = "learnt"
+    """``learnt``: each lending site's forecast shape is its region's requests by local hour as this
+    process observed them (the autoscaler's demand counts; ``profile`` the prior for hours not
+    observed yet); ``declared``: ``profile`` alone."""
 
     def __post_init__(self) -> None:
         if len(self.profile) != 24 or min(self.profile) < 0 or max(self.profile) <= 0:
             raise ValueError("lending.profile: 24 non-negative rates by local hour, not all zero")
+        if self.forecast not in ("learnt", "declared"):
+            raise ValueError(f"lending.forecast: want 'learnt' or 'declared', got {self.forecast!r}")
         if not 0 < self.peak_need_share <= 1:
             raise ValueError("lending.peak_need_share must be in (0, 1]")
         if self.headroom < 1 or self.margin_s < 0 or self.min_lend_s <= 60:
@@ -100,6 +106,11 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     default_burst: int = 400
     usage_flush_s: float = 1.0
     scheduler_tick_s: float = 0.5
+    scheduler_poke_gap_s: float = 0.05
+    """A tick asked for at once (a submission, an exit, a cancellation) starts at least this long
+    after the last tick ended, and at least 4x as long as that tick held the event loop (never
+    more than ``scheduler_tick_s``): pokes that come meanwhile share one tick, so a burst of
+    submissions over a long queue does not re-plan the whole queue once per submission."""
     event_stream_replicas: int = 0
     """Replicas of the ``CPN_EVENTS`` stream. 0 (default): 3 when the NATS server the hub connects
     to is part of a cluster (its INFO names one), else 1."""

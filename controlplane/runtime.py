@@ -10,27 +10,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import Awaitable, Coroutine, Iterable
 from typing import Any
 
+# The live clock is the agent's (the same shape as core/clock.py's Clock): one class serves both.
+from edge_agent.clock import WallClock as WallClock
+
 log = logging.getLogger("cpn.runtime")
-
-
-class WallClock:
-    """The live :class:`~controlplane.core.clock.Clock`: the system's wall clock and asyncio's sleep."""
-
-    def __repr__(self) -> str:
-        return "<WallClock>"
-
-    def time(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
 
 
 class BackgroundTasks:

@@ -38,7 +38,7 @@ class Replica:
         state = self.state if serving or self.state != READY else LOADING
         return wire.ReplicaStatus(
             model=self.model, deployment=self.deployment, state=state,  # type: ignore[arg-type]
-            cards=self.cards, slots=self.slots, busy=self.busy,
+            cards=self.cards, slots=self.slots, busy=self.busy, accelerator=self.accelerator,
         )
 
 

@@ -134,6 +134,9 @@ class ReplicaStatus(msgspec.Struct, kw_only=True):
     cards: float = 0.0
     slots: int = 1
     busy: int = 0
+    accelerator: str = ""
+    """The card type the replica runs on ("": an agent from before the field; the hub then assumes
+    the site's first type by name)."""
 
 
 class AttemptRef(msgspec.Struct, kw_only=True):

@@ -188,11 +188,7 @@ def from_dict(doc: dict[str, Any], filename: str = "<layout>", lines: Lines | No
         except msgspec.ValidationError as exc:
             err(key, entry, _msgspec_reason(exc))
             continue
-        ok = _check_id(o.id, "id", key, entry, err)
-        if o.id in origin_ids:
-            err(key, entry, f"duplicate origin id {o.id!r} (first at origins[{origin_ids[o.id]}])")
-            ok = False
-        ok = _check_coords(o.lat, o.lon, key, entry, err) and ok
+        ok = _check_place("origin", o.id, o.lat, o.lon, origin_ids, key, entry, err)
         if not (math.isfinite(o.weight) and o.weight > 0):
             err(key, entry, f"weight = {o.weight} must be > 0")
             ok = False
@@ -213,11 +209,7 @@ def from_dict(doc: dict[str, Any], filename: str = "<layout>", lines: Lines | No
         except msgspec.ValidationError as exc:
             err(key, entry, _msgspec_reason(exc))
             continue
-        ok = _check_id(e.id, "id", key, entry, err)
-        if e.id in site_ids:
-            err(key, entry, f"duplicate site id {e.id!r} (first at sites[{site_ids[e.id]}])")
-            ok = False
-        ok = _check_coords(e.lat, e.lon, key, entry, err) and ok
+        ok = _check_place("site", e.id, e.lat, e.lon, site_ids, key, entry, err)
         if e.tier not in TIERS:
             err(key, entry, f"tier {e.tier!r} must be one of {', '.join(TIERS)}")
             ok = False
@@ -496,6 +488,16 @@ def _check_coords(lat: float, lon: float, key: tuple[str, Any], entry: str, err:
         err(key, entry, f"lon = {lon} is out of range -180..180")
         ok = False
     return ok
+
+
+def _check_place(what: str, pid: str, lat: float, lon: float, seen: dict[str, int], key: tuple[str, Any],
+                 entry: str, err: Any) -> bool:
+    """An origin's or a site's id (one token, not in ``seen``: id -> index of its first entry) and coordinates."""
+    ok = _check_id(pid, "id", key, entry, err)
+    if pid in seen:
+        err(key, entry, f"duplicate {what} id {pid!r} (first at {what}s[{seen[pid]}])")
+        ok = False
+    return _check_coords(lat, lon, key, entry, err) and ok
 
 
 def _merge_defaults(table: dict[str, Any], defaults: dict[str, dict[str, Any]]) -> dict[str, Any]:

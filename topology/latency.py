@@ -326,7 +326,6 @@ class RttIndex:
     def _repair_decrease(self, oi: int, seeds: list[tuple[float, int]]) -> None:
         """Distances can only fall: run Dijkstra from the improved nodes, relaxing improvements only."""
         dist = self._dist[oi]
-        adj = self._adj
         changed: dict[int, float] = {}  # node -> its distance before the change
         heap = []
         for d, u in seeds:
@@ -334,17 +333,7 @@ class RttIndex:
                 changed.setdefault(u, dist[u])
                 dist[u] = d
                 heap.append((d, u))
-        heapq.heapify(heap)
-        while heap:
-            d, u = heapq.heappop(heap)
-            if d > dist[u]:
-                continue
-            for v, w in adj[u].items():
-                nd = d + w
-                if nd < dist[v] - _EPS:
-                    changed.setdefault(v, dist[v])
-                    dist[v] = nd
-                    heapq.heappush(heap, (nd, v))
+        self._settle(dist, heap, changed, eps=_EPS)
         self._update_ranks(oi, changed)
 
     def _repair_increase(self, oi: int, roots: set[int], removed: dict[int, dict[int, float]]) -> None:
@@ -384,6 +373,15 @@ class RttIndex:
             if best < _INF:
                 dist[v] = best
                 heap.append((best, v))
+        self._settle(dist, heap, old, within=affected)  # ``old`` holds every node it may lower
+        self._update_ranks(oi, old)
+
+    def _settle(self, dist: array[float], heap: list[tuple[float, int]], changed: dict[int, float], *,
+                eps: float = 0.0, within: set[int] | None = None) -> None:
+        """Dijkstra from the seeded ``heap``: lower ``dist`` along edges where that gains more than
+        ``eps`` (only at nodes ``within``, if given), keeping each lowered node's distance before
+        its first change in ``changed``."""
+        adj = self._adj
         heapq.heapify(heap)
         while heap:
             d, u = heapq.heappop(heap)
@@ -391,10 +389,10 @@ class RttIndex:
                 continue
             for v, w in adj[u].items():
                 nd = d + w
-                if v in affected and nd < dist[v]:
+                if nd < dist[v] - eps and (within is None or v in within):
+                    changed.setdefault(v, dist[v])
                     dist[v] = nd
                     heapq.heappush(heap, (nd, v))
-        self._update_ranks(oi, old)
 
     def _dijkstra(self, oi: int) -> array[float]:
         n = len(self.sites)

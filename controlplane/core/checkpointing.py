@@ -28,6 +28,8 @@ __all__ = [
     "practical_interval_s",
     "daly_unchecked",
     "waste_unchecked",
+    "goodput_waste",
+    "goodput_waste_unchecked",
     "practical_unchecked",
 ]
 
@@ -99,6 +101,36 @@ def waste_unchecked(t: float, c: float, r: float, m: float) -> float:
     if m == math.inf:
         return overhead
     return overhead + (t / 2.0 + r) / m
+
+
+def goodput_waste(interval_s: float, checkpoint_cost_s: float, restart_s: float, mtbf_s: float) -> float:
+    """Expected run time lost per second of useful work, exactly, for exponential failures:
+    W(T) = M·e^(R/M)·(e^((T+C)/M) − 1)/T − 1 (Daly 2006, the complete model: each segment of T
+    compute + C checkpoint is retried until it runs through, each failure costs a restart R that
+    may itself fail). The job's goodput on the pool is 1/(1 + W).
+
+    For a gang whose MTBF is short against its interval (thousands of cards), the first-order
+    :func:`expected_waste` under-counts; this is what placement prices. It is never below
+    :func:`expected_waste` minus rounding, and equals C/T without failures.
+    """
+    return goodput_waste_unchecked(
+        _check("interval_s", interval_s, positive=True),
+        _check("checkpoint_cost_s", checkpoint_cost_s),
+        _check("restart_s", restart_s),
+        _check("mtbf_s", mtbf_s, positive=True),
+    )
+
+
+def goodput_waste_unchecked(t: float, c: float, r: float, m: float) -> float:
+    """:func:`goodput_waste` without argument checks, for hot loops."""
+    if m == math.inf:
+        return 0.0 if t == math.inf else c / t
+    if t == math.inf:
+        return math.inf
+    x = (t + c) / m
+    if x > 700.0:  # e^x overflows: the segment practically never runs through
+        return math.inf
+    return m * math.exp(r / m) * math.expm1(x) / t - 1.0
 
 
 def min_waste(checkpoint_cost_s: float, restart_s: float, mtbf_s: float) -> float:

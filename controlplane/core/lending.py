@@ -212,6 +212,9 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     tiers: Sequence[str] = ("edge",)
     profile: Sequence[float] = ()
     """The declared demand profile by local hour (24 relative rates)."""
+    site_profiles: Mapping[str, Sequence[float]] = {}
+    """Per site, a profile to use instead of ``profile``: learnt from observed demand
+    (``demand_hours.profile``, with ``profile`` as its cold-start prior)."""
     peak_need_share: float = 1.0
     headroom: float = 1.5
     margin_s: float = 900.0
@@ -259,7 +262,8 @@ def _views(now: float, holdings: Sequence[Holding], lent: Mapping[tuple[str, str
         for acc, n in sorted(h.cards.items()):
             held = h.held.get(acc, 0.0)
             out.append(Site(id=h.site, cards={acc: n}, held={acc: held}, lent={acc: lent.get((h.site, acc), 0)},
-                            need_by_hour=forecast(now, rules.profile, float(n), held, peak_share=rules.peak_need_share,
+                            need_by_hour=forecast(now, rules.site_profiles.get(h.site, rules.profile), float(n), held,
+                                                  peak_share=rules.peak_need_share,
                                                   headroom=rules.headroom if headroom is None else headroom)))
     return out
 
@@ -279,7 +283,8 @@ def decide(now: float, holdings: Sequence[Holding], running: Sequence[Attempt], 
     lists every attempt on lent cards, those already told to stop included (their cards are not
     back until they exit); the caller sends each stop once.
 
-    The forecast per (site, accelerator) is :func:`forecast` from ``rules.profile``.
+    The forecast per (site, accelerator) is :func:`forecast` from the site's learnt profile
+    (``rules.site_profiles``) or else the declared ``rules.profile``.
     """
     views = _views(now, holdings, _lent(running), rules, max(1.0, min(rules.reclaim_headroom, rules.headroom)))
     due = {(v.id, next(iter(v.cards))): reclaim_at(now, v, margin_s=rules.margin_s) for v in views}

@@ -26,9 +26,11 @@ The cost model (docs/training.md has the derivation):
   (units = 1.0); a pool of ``units`` 0.8 takes 1/0.8 as long.
 - energy_cny = cards × kw_per_card × PUE × ∫ tariff(t) dt over [start, start + work_s], hour by
   hour following the time-of-use schedule (China local time, UTC+8).
-- M = 1 / (failure_rate_per_card_hour × cards) (checkpointing.job_mtbf_s); T = the job's interval
-  or Daly's optimum; W = C/T + (T/2 + R)/M; failure_waste_cny = W × energy_cny (lost time is
-  priced at the run window's average tariff); expected run time = work_s × (1 + W).
+- The goodput rule: M = 1 / (failure_rate_per_card_hour × cards) (checkpointing.job_mtbf_s); T =
+  the job's interval or Daly's optimum; W = M·e^(R/M)·(e^((T+C)/M) − 1)/T − 1, the expected time
+  lost per second of work to checkpoints, failures and restarts (``checkpointing.goodput_waste``,
+  Daly's complete model; ≈ C/T + (T/2 + R)/M when M is long); failure_waste_cny = W × energy_cny
+  (lost time is priced at the run window's average tariff); expected run time = work_s × (1 + W).
 - move_cny (only when restarting away from the pool holding the checkpoint): size = cards ×
   ``state_gb_per_card`` GB (weights + optimiser state, 16 GB per card assumed); transfer time =
   size × 8 / min(egress of source, egress of target) Gbit/s; the reserved cards idle that long at
@@ -527,7 +529,7 @@ class Estimate(msgspec.Struct, frozen=True, gc=False):
 # Bound once: estimate() runs for every pool the scheduler scores.
 _daly = checkpointing.daly_unchecked
 _practical = checkpointing.practical_unchecked
-_waste = checkpointing.waste_unchecked
+_waste = checkpointing.goodput_waste_unchecked
 _INF = math.inf
 
 
@@ -549,7 +551,9 @@ def estimate(
     cards = job.cards
     work_s = job.est_hours * 3600.0 * (1.0 - job.progress) / pp.units
 
-    # Failure waste (Young/Daly): M shrinks with the number of cards in the gang.
+    # The goodput rule: the time a gang is expected to lose to failures and restarts on this pool
+    # (Daly's complete model; M shrinks with the number of cards in the gang) is paid for in the
+    # cost, so large gangs go where their expected goodput is best at the price.
     rate = pool.failure_rate_per_card_hour
     mtbf_s = 3600.0 / (rate * cards) if rate > 0 else _INF
     cost_s = job.checkpoint_cost_s

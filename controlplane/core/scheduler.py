@@ -41,7 +41,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Hashable, Iterable
+from collections.abc import Generator, Hashable, Iterable
 
 import msgspec
 
@@ -680,9 +680,25 @@ def plan(snapshot: Snapshot, now: float) -> Plan:
 
     Pure and deterministic for a given snapshot and ``now``.
     """
+    steps = plan_steps(snapshot, now)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            result: Plan = done.value
+            return result
+
+
+def plan_steps(snapshot: Snapshot, now: float, *, every: int = 0) -> Generator[None, None, Plan]:
+    """:func:`plan` in steps: a generator that pauses (yields None) after every ``every`` decisions
+    (never, for 0) and returns the plan, the same one :func:`plan` makes (it is :func:`plan`'s only
+    loop). A caller on an event loop lets other work run between the steps of a long queue; the
+    snapshot is its own (plain data), so nothing it holds changes meanwhile."""
     planner = _Planner(snapshot, now)
-    for job in planner.order(snapshot.queued):
+    for n, job in enumerate(planner.order(snapshot.queued), 1):
         planner.decide(job)
+        if every and n % every == 0:
+            yield None
     return planner.plan
 
 

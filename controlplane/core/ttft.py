@@ -14,9 +14,18 @@ profile; :func:`calibrate` moves a profile towards what sites report (exponentia
 Rule 4: refusal is data (:class:`Refuse`, with the best prediction and the seconds after which it
 would have met the SLO), never an exception; the caller answers 429 at once rather than serve late.
 
-Wired into the live gateway (``X-CPN-SLO-TTFT-Ms``, ``services/inference.py``); not into ``cpn sim``
-(docs/inference.md, "Autoscaling and TTFT admission"). A prediction that is not finite (a full site
-whose service time is not measured yet) never meets an SLO and asks for a retry after 1 s.
+Rule 5: what the predictor knows of a site is :func:`candidate` of the hub's ``SiteView`` (the
+heartbeat's replica, queue depth and service-time p50; the busy slots are the larger of the
+heartbeat's and the requests the hub has in flight there). The queue's service time is the model's
+own mean at that site when the hub has measured it from the site's answers (:func:`service_update`):
+the heartbeat's p50 is over every model the site serves, and a p50 is below the mean of the
+long-tailed service times of generation, so it predicts queues too short.
+
+Wired into the live gateway (``X-CPN-SLO-TTFT-Ms``, ``services/inference.py``) and into ``cpn sim``
+(``tools/sim/core_inference.py``: the same :func:`candidate` and :func:`admit` over the simulated
+sites' views; docs/sim.md, "Admission by predicted time to first token"). A prediction that is not
+finite (a full site whose service time is not measured yet) never meets an SLO and asks for a retry
+after 1 s.
 """
 
 from __future__ import annotations
@@ -25,6 +34,15 @@ import math
 from collections.abc import Mapping, Sequence
 
 import msgspec
+
+from controlplane.core.registry import SiteView
+
+CALIBRATE_MIN_TOKENS = 256
+"""A measured prefill calibrates a profile only for prompts this long: shorter ones are mostly
+fixed overhead, which would read as a slow prefill rate."""
+REFUSAL_KINDS = ("queue", "prefill", "unmeasured", "no_candidate")
+SERVICE_WEIGHT = 0.05
+"""Weight of the newest answer in a (site, model) mean service time (:func:`service_update`)."""
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +119,57 @@ def admit(candidates: Sequence[Candidate], prompt_tokens: int, slo_ms: float,
     return Refuse(f"predicted time to first token {best.ttft_ms:.0f} ms at best ({best.site}: rtt "
                   f"{best.rtt_ms:.1f} + queue {best.queue_ms:.0f} + prefill {best.prefill_ms:.0f}) exceeds the SLO "
                   f"of {slo_ms:.0f} ms", retry_s, best)
+
+
+def candidate(view: SiteView, model: str, rtt_ms: float, service_ms: float = 0.0) -> Candidate | None:
+    """What the predictor needs of one site for ``model`` (None: no ready replica there).
+
+    ``service_ms``: the model's mean service time at the site as measured from its answers
+    (:func:`service_update`); 0 (not measured): the heartbeat's p50 over all its models stands in.
+    Busy slots are the larger of the heartbeat's and the requests this hub has in flight there
+    (fresher); a full site whose service time is not measured yet has an unknown (infinite) wait.
+    The accelerator is the replica's (:func:`accelerator_of`)."""
+    rep = view.replicas.get(model)
+    if rep is None or rep.state != "ready":
+        return None
+    busy = max(rep.busy, view.sent)
+    if service_ms <= 0:
+        service_ms = view.service_ms_p50
+    if service_ms <= 0 and (busy >= rep.slots or view.queue_depth > 0):
+        service_ms = math.inf
+    return Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=rep.accelerator or min(view.accelerators, default=""),
+                     slots=rep.slots, busy=busy, queue_depth=view.queue_depth, service_ms=service_ms)
+
+
+def accelerator_of(view: SiteView, model: str) -> str:
+    """The card type ``model``'s replica at the site runs on, as its heartbeat says; from agents
+    that do not say (``ReplicaStatus.accelerator`` empty), the site's first type by name."""
+    rep = view.replicas.get(model)
+    return (rep.accelerator if rep is not None else "") or min(view.accelerators, default="")
+
+
+def service_update(mean_ms: float, sample_ms: float, weight: float = SERVICE_WEIGHT) -> float:
+    """A (site, model) mean service time moved by one answer's ``sample_ms`` (exponentially
+    weighted; ``mean_ms`` 0: the first answer). A sample that is not a finite non-negative time
+    (a site's report) changes nothing."""
+    if not (sample_ms >= 0 and math.isfinite(sample_ms)):
+        return mean_ms
+    return sample_ms if mean_ms <= 0 else mean_ms + weight * (sample_ms - mean_ms)
+
+
+def refusal_kind(refusal: Refuse, slo_ms: float) -> str:
+    """Why a request was refused, one of :data:`REFUSAL_KINDS`: ``no_candidate`` (no site within
+    budget), ``unmeasured`` (the best site is full and its service time unknown), ``prefill`` (the
+    best site would be late even with a free slot: RTT + prefill exceed the SLO), ``queue`` (its
+    expected queue wait makes it late)."""
+    best = refusal.best
+    if best is None:
+        return "no_candidate"
+    if not math.isfinite(best.ttft_ms):
+        return "unmeasured"
+    if best.rtt_ms + best.prefill_ms > slo_ms:
+        return "prefill"
+    return "queue"
 
 
 def calibrate(profile: Profile, prompt_tokens: int, prefill_ms: float, weight: float = 0.1) -> Profile:

@@ -310,7 +310,7 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
     row = _own_job(request)
-    new = _service(request).cancel(row.id, tenant, _service(request).clock.time())
+    new = await _service(request).cancel_async(row.id, tenant, _service(request).clock.time())
     return json_response(full_view(request, new))
 
 

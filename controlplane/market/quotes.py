@@ -8,10 +8,11 @@ What this module promises:
   tenant pays: meeting the deadline first, then expected price, then pool id. Pools placement
   filtered out, or without an offer, are listed in ``unquoted`` with the reason.
 - Rule 2 (the spread): the failure-free duration on the pool is ``base = work × (1 + C/T)``
-  (checkpoint overhead). Failures arrive as a Poisson process with mean ``λ = work / M``
-  (Young/Daly's first order, as placement); each costs ``T/2 + R`` seconds on average. A duration
-  at quantile q is ``base + n_q × (T/2 + R)`` with ``n_q`` the Poisson quantile, so the expected
-  duration (``n = λ``) is placement's ``run_s`` exactly. Each duration is priced over its actual
+  (checkpoint overhead). Failures arrive as a Poisson process with mean ``λ = work / M``; each
+  costs ``loss = (run_s − base) / λ`` seconds on average, placement's expected loss spread over
+  them (≈ ``T/2 + R``; placement's goodput rule uses Daly's complete model, which also counts
+  failures during restarts). A duration at quantile q is ``base + n_q × loss`` with ``n_q`` the
+  Poisson quantile, so the expected duration (``n = λ``) is placement's ``run_s`` exactly. Each duration is priced over its actual
   time-of-use window at the offer (``offers.lease_price``).
 - Rule 3 (the cap): :func:`charge_for` charges the metered price of the job's attempts, but at most
   the quoted ``max_fen``; the cap grows only with the job's *own* behaviour (``own_work_s``, the
@@ -178,7 +179,9 @@ def durations_s(bd: placement.CostBreakdown, checkpoint_cost_s: float, restart_s
     if not math.isfinite(mtbf_s) or mtbf_s <= 0 or work <= 0:
         return base, base, [base for _ in quantiles]
     lam = work / mtbf_s
-    loss = (interval / 2.0 if math.isfinite(interval) else work / 2.0) + restart_s
+    loss = (interval / 2.0 if math.isfinite(interval) else work / 2.0) + restart_s  # first order
+    if bd.run_s > base:  # placement's own expected loss (its goodput rule), spread over the failures
+        loss = (bd.run_s - base) / lam
     return base, base + lam * loss, [base + poisson_quantile(lam, q) * loss for q in quantiles]
 
 

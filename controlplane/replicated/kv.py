@@ -25,11 +25,17 @@ What it promises:
   election; a replica may lag by a few writes, which a compare-and-set prepared from it then
   finds out (Conflict). Reads that must include one's own write go through a projection's
   ``wait_for(revision)``.
+- Rule 6: liveness without the stream. A lease holder answers on ``cpn.v1.sys.alive.<digest of its
+  identity>`` through this connection (:meth:`Record.answer_alive`) and a candidate asks there
+  (:meth:`Record.probe_alive`): core NATS only, so the answer goes on while the record's stream
+  elects a new leader. Only the hub identity may publish or subscribe under ``cpn.`` beyond a
+  site's own subjects (``natsconf.hub_permissions``), so no site can answer for a leader.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 from collections.abc import Mapping, Sequence
@@ -68,6 +74,9 @@ FENCE_CHECK_PREFIX = "sys.fenced."
 subject-sequence check while another check of the same subject is still being replicated (error
 10164, a bare "wrong last sequence"), so one process's fenced commits go one at a time (a lock per
 fence): a leader commits a whole tick's decisions in one batch rather than many small ones."""
+
+ALIVE_PREFIX = "cpn.v1.sys.alive."
+"""A lease holder's liveness subject (Rule 6): ``ALIVE_PREFIX`` + :func:`alive_token` of its identity."""
 
 _WRONG_LAST_SEQUENCE = {10071, 10164}
 _UNAVAILABLE = {10008, 10023}  # JetStream temporarily unavailable; JetStream not enabled / not ready
@@ -110,6 +119,25 @@ class Fence(msgspec.Struct, frozen=True):
 def key(kind: str, ident: str) -> str:
     """The record key of one entity (ids are cpn ids: one NATS token)."""
     return f"{kind}.{ident}"
+
+
+def alive_token(identity: str) -> str:
+    """One NATS subject token for a process identity (which may hold dots: a host name)."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+class Responder:
+    """A liveness responder (:meth:`Record.answer_alive`); :meth:`stop` ends it."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+        self.answered = 0
+
+    async def stop(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except (nats.errors.Error, asyncio.TimeoutError):
+            pass  # connection gone: nothing left to unsubscribe
 
 
 class NodeState(msgspec.Struct, frozen=True, kw_only=True):
@@ -196,6 +224,47 @@ class Record:
         """Move this record's connection to another server of the pool (its server may hang: a
         paused node keeps its sockets open, and pings notice that only after seconds)."""
         await self._nc.force_reconnect()
+
+    async def server_answers(self, timeout_s: float) -> bool:
+        """Does the server this connection uses answer a ping within ``timeout_s``? (A paused
+        node keeps its sockets open; an election of the stream leaves the server answering.)"""
+        try:
+            # nats-py annotates the timeout as int; it waits with asyncio.wait_for, which takes a float
+            await self._nc.flush(timeout=max(0.01, timeout_s))  # type: ignore[arg-type]
+            return True
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return False
+
+    # ------------------------------------------------------------------ liveness (Rule 6)
+
+    async def answer_alive(self, identity: str, holding: Any) -> Responder:
+        """Answer liveness probes for ``identity`` while ``holding()`` is true (else stay silent),
+        through this connection. nats-py subscribes again after a reconnect."""
+
+        async def answer(msg: Any) -> None:
+            if msg.reply and holding():
+                try:
+                    await msg.respond(identity.encode())
+                    responder.answered += 1
+                except nats.errors.Error:
+                    pass  # the asker will ask again
+
+        try:
+            sub = await self._nc.subscribe(ALIVE_PREFIX + alive_token(identity), cb=answer)
+        except _TRANSIENT as exc:
+            raise NoQuorum(f"liveness responder: {exc!r}") from None
+        responder = Responder(sub)
+        return responder
+
+    async def probe_alive(self, identity: str, timeout_s: float) -> bool:
+        """Did the process ``identity`` answer a liveness probe within ``timeout_s``? False on no
+        answer, no responders, or an answer naming another identity; a dead connection of our own
+        is also False (the caller proves its own link with a read in the same round)."""
+        try:
+            msg = await self._nc.request(ALIVE_PREFIX + alive_token(identity), b"", timeout=max(0.01, timeout_s))
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return False
+        return bytes(msg.data) == identity.encode()
 
     async def nodes(self) -> list[NodeState]:
         """The NATS servers holding the record's replicas, as the stream's Raft group reports them

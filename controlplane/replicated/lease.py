@@ -11,6 +11,12 @@ It carries out :mod:`.lease_rules` against :class:`~.kv.Record` (it does not imp
 - :meth:`is_leading` reads the clock each time, so a process that was frozen past its deadline
   knows it lost before its loop has run again; :attr:`fence` is what its commits carry, so what it
   writes after a newer leader took over fails with ``Fenced``;
+- while it holds the lease it answers liveness probes over core NATS (``kv.Record.answer_alive``),
+  so it rides out the record stream's re-election (no renewal can land for 4-9 s) without being
+  taken over; a candidate probes the holder every retry period and, when the holder has neither
+  answered nor renewed for the holder's ``holder_silent_s``, acquires early (rules 5 and 6 of
+  :mod:`.lease_rules`); :meth:`may_decide` is true only while no such early takeover can have
+  happened (``holder_silent_s`` after the last acknowledged renewal);
 - :meth:`release` steps down on purpose (clean stop): the lease is marked released and another
   candidate takes over at once instead of after a full lease.
 """
@@ -69,17 +75,33 @@ class LeaderElector:
         self.terms = 0
         self.last_epoch = 0
         self.reconnects = 0
-        """Renewals sent again through another server after one went unanswered for a retry period."""
+        """Renewals sent again through another server after one went unanswered for a retry period
+        and the server did not answer a ping either."""
+        self.probes = 0
+        self.probes_unanswered = 0
+        self.early_takeovers = 0
+        """Acquisitions of a lease whose holder was silent (Rule 5), before a full lease ran out."""
 
     def __repr__(self) -> str:
-        state = f"leading epoch={self._held.epoch}" if self.is_leading() and self._held else "candidate"
-        return f"<LeaderElector {self.name} {self.identity} {state} terms={self.terms}>"
+        state = "candidate"
+        if self.is_leading() and self._held:
+            state = f"leading epoch={self._held.epoch}" + ("" if self.may_decide() else " waiting")
+        return (f"<LeaderElector {self.name} {self.identity} {state} terms={self.terms} probes={self.probes} "
+                f"unanswered={self.probes_unanswered} early={self.early_takeovers}>")
 
     # ------------------------------------------------------------------ what the rest of the process asks
 
     def is_leading(self) -> bool:
+        """Does this process hold the lease (until its renew deadline)?"""
         held = self._held
         return held is not None and rules.still_leading(held, self.clock(), self.config)
+
+    def may_decide(self) -> bool:
+        """May it send the leader's commands now? False from ``holder_silent_s`` after its last
+        acknowledged renewal (a stream election, a freeze) until a renewal lands again: no other
+        process can have taken the lease over early while this is true (Rule 6)."""
+        held = self._held
+        return held is not None and rules.may_decide(held, self.clock(), self.config)
 
     @property
     def epoch(self) -> int:
@@ -124,18 +146,34 @@ class LeaderElector:
         if held is None:
             return
         await self._stopped("released")  # stop deciding first, then tell the others
-        value = rules.LeaseRecord(holder=self.identity, epoch=held.epoch, lease_duration_s=self.config.lease_duration_s,
-                                  renewals=held.renewals, released=True)
+        value = self._value(epoch=held.epoch, renewals=held.renewals, released=True)
         try:
-            await self.record.update(self.lease_key, msgspec.json.encode(value), held.revision)
+            await self.record.update(self.lease_key, value, held.revision)
         except RecordError as exc:
             _log.info("lease_release_failed name=%s error=%s", self.name, exc)
 
     async def run(self) -> None:
         """Campaign, lead, and campaign again after losing; forever (cancel to end)."""
-        while True:
-            await self._campaign()
-            await self._lead()
+        responder = None
+        try:
+            while True:
+                if responder is None and self.config.holder_silent_s > 0:
+                    try:  # before the first acquisition, so a holder always answers
+                        responder = await self.record.answer_alive(self.identity, self.is_leading)
+                    except RecordError as exc:
+                        _log.info("lease_responder_retry name=%s error=%s", self.name, exc)
+                        await asyncio.sleep(self.config.retry_period_s)
+                        continue
+                await self._campaign()
+                await self._lead()
+        finally:
+            if responder is not None:
+                await responder.stop()
+
+    def _value(self, *, epoch: int = 0, renewals: int = 0, released: bool = False) -> bytes:
+        return msgspec.json.encode(rules.LeaseRecord(
+            holder=self.identity, epoch=epoch, lease_duration_s=self.config.lease_duration_s, renewals=renewals,
+            released=released, holder_silent_s=self.config.holder_silent_s))
 
     # ------------------------------------------------------------------ candidate
 
@@ -146,8 +184,13 @@ class LeaderElector:
                 if await self._try_acquire():
                     return
             except RecordError as exc:  # no quorum: keep trying; a Conflict: someone else won
+                self._observed = rules.unsure(self._observed)  # our own link may be what failed
                 _log.debug("lease_acquire_retry name=%s error=%s", self.name, exc)
             await asyncio.sleep(self._campaign_sleep_s())
+
+    def _probe_timeout_s(self) -> float:
+        # an answer comes in a millisecond or two; a probe must not hold the round past a retry period
+        return max(0.05, self.config.retry_period_s * 0.75)
 
     def _campaign_sleep_s(self) -> float:
         retry = self.config.retry_period_s
@@ -169,18 +212,26 @@ class LeaderElector:
     async def _try_acquire(self) -> bool:
         revision, lease = await self._read_lease()
         self._observed = rules.observe(self._observed, revision, lease, self.clock())
-        if not rules.may_acquire(self._observed, self.clock()):
+        if not rules.may_acquire(self._observed, self.clock()) and rules.wants_probe(self._observed, self.identity):
+            sent_at = self.clock()
+            answered = await self.record.probe_alive(self._observed.holder, self._probe_timeout_s())
+            self.probes += 1
+            self.probes_unanswered += not answered
+            self._observed = rules.probed(self._observed, answered, sent_at)
+        observed = self._observed
+        if not rules.may_acquire(observed, self.clock()):
             return False
+        early = observed.revision != 0 and not observed.released and \
+            self.clock() < observed.seen_at + observed.lease_duration_s
         try:
             fence_revision = (await self.record.get(self.fence_key)).revision
         except NotFound:
             fence_revision = 0
-        value = rules.LeaseRecord(holder=self.identity, lease_duration_s=self.config.lease_duration_s)
         sent_at = self.clock()
         try:
             epoch, lease_revision = await self.record.commit([
                 Write(self.fence_key, self.identity.encode(), fence_revision),
-                Write(self.lease_key, msgspec.json.encode(value), revision),
+                Write(self.lease_key, self._value(), revision),
             ])
         except Conflict:
             self._observed = None  # someone moved it: time the new revision afresh
@@ -188,7 +239,12 @@ class LeaderElector:
         self._held = rules.Held(epoch=epoch, revision=lease_revision, renewed_at=sent_at)
         self.terms += 1
         self.last_epoch = epoch
-        _log.info("lease_acquired name=%s identity=%s epoch=%d", self.name, self.identity, epoch)
+        self.early_takeovers += early
+        silent = f" silent_s={sent_at - observed.silent_since:.2f}" if early and observed.silent_since is not None else ""
+        # an early takeover means a holder process went silent (died, froze, or lost NATS): worth a warning
+        _log.log(logging.WARNING if early else logging.INFO,
+                 "lease_acquired name=%s identity=%s epoch=%d early=%s previous=%s%s probes_unanswered=%d", self.name,
+                 self.identity, epoch, early, observed.holder or "-", silent, self.probes_unanswered)
         await self._call(self.on_started_leading, epoch)
         return True
 
@@ -209,8 +265,7 @@ class LeaderElector:
             budget_s = rules.renewal_budget_s(held, sent_at, config)
             if budget_s <= 0:
                 continue
-            value = rules.LeaseRecord(holder=self.identity, epoch=held.epoch, lease_duration_s=config.lease_duration_s,
-                                      renewals=held.renewals + 1)
+            value = self._value(epoch=held.epoch, renewals=held.renewals + 1)
             try:
                 revision = await self._renew(value, held.revision, budget_s)
             except Conflict:
@@ -221,12 +276,18 @@ class LeaderElector:
             except (RecordError, TimeoutError) as exc:
                 _log.info("lease_renew_failed name=%s epoch=%d error=%s", self.name, held.epoch, exc or "timeout")
                 continue
+            acked_at = self.clock()
+            if not rules.may_decide(held, acked_at, config):  # a stream election, a stall: ridden out
+                _log.warning("lease_rode_out name=%s epoch=%d without_renewal_s=%.2f (its commands were held back)",
+                             self.name, held.epoch, acked_at - held.renewed_at)
             self._held = rules.renewed(held, revision, sent_at)
 
-    async def _renew(self, value: rules.LeaseRecord, revision: int, budget_s: float) -> int:
+    async def _renew(self, value: bytes, revision: int, budget_s: float) -> int:
         """One renewal within ``budget_s``: a send unanswered after a retry period is sent again
-        through another server (the one this connection uses may be paused, which its pings
-        notice only after seconds), so the renewal reaches the stream's leader if any node can."""
+        through another server if the one this connection uses does not answer a ping either (it
+        may be paused, which the connection's own pings notice only after seconds; a server that
+        answers is fine, and the stream is electing a leader: moving would only silence this
+        process's liveness answers while it reconnects)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget_s
         first_s = max(self.config.retry_period_s, 0.25)
@@ -234,14 +295,15 @@ class LeaderElector:
             if budget_s > 2 * first_s:
                 try:
                     async with asyncio.timeout(first_s):
-                        return await self.record.update(self.lease_key, msgspec.json.encode(value), revision)
+                        return await self.record.update(self.lease_key, value, revision)
                 except TimeoutError:
                     if loop.time() + 0.05 >= deadline:
                         raise
-                    self.reconnects += 1
-                    _log.info("lease_renew_slow name=%s after_s=%.2f: through another server", self.name, first_s)
-                    await self.record.reconnect()
-            return await self.record.update(self.lease_key, msgspec.json.encode(value), revision)
+                    if not await self.record.server_answers(min(first_s, 0.25)):
+                        self.reconnects += 1
+                        _log.info("lease_renew_slow name=%s after_s=%.2f: through another server", self.name, first_s)
+                        await self.record.reconnect()
+            return await self.record.update(self.lease_key, value, revision)
 
     async def _still_ours(self, held: rules.Held) -> bool:
         """After a lost renewal CAS: was it our own earlier renewal that landed unacknowledged?"""

@@ -20,11 +20,12 @@ allow ``cpn.v1.hub.>``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Protocol
 
 import msgspec
 
+from controlplane.core import demand_hours
 from controlplane.core.clock import Clock
 from controlplane.runtime import BackgroundTasks
 
@@ -149,3 +150,48 @@ class DemandShare:
         self._drained_at = self.clock.monotonic()
         return out
 
+
+
+class LearntDemand:
+    """Tidal lending's forecast, learnt live: every drain of the demand counts (the autoscaler's,
+    :meth:`tap`) is summed per region of its origin and folded into ``core/demand_hours`` by local
+    hour; :meth:`site_profiles` gives each lending site its region's learnt profile, the declared
+    one as the prior for hours not observed yet. Soft state, like the counts: a new leader learns
+    afresh (until then the forecast is the declared profile)."""
+
+    def __init__(self, *, region_of_origin: Callable[[str], str | None], region_of_site: Callable[[str], str | None],
+                 clock: Clock) -> None:
+        self.region_of_origin = region_of_origin
+        self.region_of_site = region_of_site
+        self.clock = clock
+        self.hours: dict[str, demand_hours.DemandHours] = {}
+
+    def __repr__(self) -> str:
+        return f"<LearntDemand regions={len(self.hours)}>"
+
+    def observe(self, counts: Mapping[Key, int]) -> None:
+        now = self.clock.time()
+        by_region: dict[str, float] = {}
+        for (_, _, origin, _), n in counts.items():
+            region = self.region_of_origin(origin)
+            if region is not None and n > 0:
+                by_region[region] = by_region.get(region, 0.0) + n
+        for region, total in by_region.items():
+            self.hours[region] = demand_hours.observe(self.hours.get(region, demand_hours.DemandHours()), now, total)
+
+    def tap(self, drain: Callable[[], Mapping[Key, int]]) -> Callable[[], Mapping[Key, int]]:
+        """``drain``, observed on the way (what the deployments service calls every interval)."""
+        def drained() -> Mapping[Key, int]:
+            counts = drain()
+            self.observe(counts)
+            return counts
+        return drained
+
+    def site_profiles(self, sites: Iterable[str], prior: Sequence[float]) -> dict[str, list[float]]:
+        learnt = {region: demand_hours.profile(d, prior) for region, d in self.hours.items()}
+        out = {}
+        for site in sites:
+            region = self.region_of_site(site)
+            if region is not None and region in learnt:
+                out[site] = learnt[region]
+        return out

@@ -95,7 +95,7 @@ answer has not gone out yet: the rest is margin for the network and a busy hub."
 DEMAND_KEYS_MAX = 10_000
 """Distinct (tenant, model, origin, budget) demand counts kept between two drains."""
 
-CALIBRATE_MIN_TOKENS = 256
+CALIBRATE_MIN_TOKENS = ttft.CALIBRATE_MIN_TOKENS
 """Prompts shorter than this do not calibrate a prefill profile: their first token is mostly fixed
 overhead (the backend's own, the hops), which would be read as a slow prefill rate."""
 
@@ -132,7 +132,11 @@ class InferenceService:
         self.site_ack_timeout_s = site_ack_timeout_s
         self.served = 0
         self.failovers = 0
-        self.profiles: dict[str, ttft.Profile] = {}
+        self.profiles: dict[str, dict[str, ttft.Profile]] = {}
+        """Prefill profiles per model and accelerator (models prefill at different rates on one card)."""
+        self.service_ms: dict[tuple[str, str], float] = {}
+        """Mean service time per (site, model) from the answers (``ttft.service_update``): the queue
+        term of an SLO request's prediction."""
         """Accelerator -> its prefill profile, calibrated from measured first tokens."""
         self.demand: dict[tuple[str, str, str, float], int] = {}
         """(tenant, model, origin, budget_ms) -> requests routed since the last drain."""
@@ -209,11 +213,15 @@ class InferenceService:
         near = self.router.within_budget(
             router.RouteRequest(origin=origin, model=req.model, budget_ms=budget_ms, deployments=deployments,
                                 tenant=req.tenant), views, self.registry.version)
-        cands = [c for site, rtt_ms in near if (c := ttft_candidate(views[site], req.model, rtt_ms)) is not None]
+        service = self.service_ms
+        cands = [c for site, rtt_ms in near
+                 if (c := ttft_candidate(views[site], req.model, rtt_ms, service.get((site, req.model), 0.0)))
+                 is not None]
         if not cands:  # nothing within budget at all: the router's 503 and its reason, as without an SLO
             self._route(origin, req.model, budget_ms, "strict", deployments, req.tenant)
         tokens = prompt_tokens(req)
-        verdict = ttft.admit(cands, tokens, slo_ms, self.profiles)
+        profiles = self.profiles.get(req.model, {})
+        verdict = ttft.admit(cands, tokens, slo_ms, profiles)
         if isinstance(verdict, ttft.Refuse):
             self.metrics.slo_refused(req.model)
             log.info("event=slo_refused request_id=%s model=%s slo_ms=%g reason=%r", req.request_id, req.model,
@@ -223,12 +231,20 @@ class InferenceService:
         others = []
         for c in cands:
             if c.site != best.site:
-                p = ttft.predict(c, tokens, self.profiles.get(c.accelerator) or ttft.Profile(accelerator=c.accelerator))
+                p = ttft.predict(c, tokens, profiles.get(c.accelerator) or ttft.Profile(accelerator=c.accelerator))
                 if p.ttft_ms <= slo_ms:
                     others.append((p.ttft_ms, c.site, c.rtt_ms))
         others.sort()
         self.metrics.slo_admitted(req.model)
         return router.Route(best.site, best.rtt_ms, "slo", [(s, r) for _, s, r in others]), best
+
+    def _service_time(self, site: str, model: str, service_ms: float) -> None:
+        """Fold one answer's service time into its (site, model) mean (bounded: sites x models)."""
+        key = (site, model)
+        mean = self.service_ms.get(key)
+        if mean is None and len(self.service_ms) >= DEMAND_KEYS_MAX:
+            return
+        self.service_ms[key] = ttft.service_update(mean or 0.0, service_ms)
 
     def _predicted(self, served: Served, req: wire.InferRequest, actual_s: float, streamed: bool) -> None:
         """Record an admitted request's prediction against what happened; a stream's first token
@@ -241,9 +257,10 @@ class InferenceService:
         tokens = prompt_tokens(req)
         view = self.registry.get(served.site)
         if streamed and tokens >= CALIBRATE_MIN_TOKENS and view is not None and view.accelerators:
-            acc = min(view.accelerators)
-            profile = self.profiles.get(acc) or ttft.Profile(accelerator=acc)
-            self.profiles[acc] = ttft.calibrate(profile, tokens, actual_ms - best.rtt_ms - best.queue_ms)
+            acc = ttft.accelerator_of(view, req.model)
+            per = self.profiles.setdefault(req.model, {})  # models the tenant may call: bounded
+            per[acc] = ttft.calibrate(per.get(acc) or ttft.Profile(accelerator=acc), tokens,
+                                      actual_ms - best.rtt_ms - best.queue_ms)
 
     async def complete(
         self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
@@ -274,6 +291,7 @@ class InferenceService:
             if served.predicted is not None:
                 self._predicted(served, req, elapsed, False)
             self.accounting.account(req, result, site)
+            self._service_time(site, req.model, result.service_ms)
             return served
         raise AllSitesFailed(served.tried, last)
 
@@ -385,6 +403,7 @@ class InferenceService:
                 if isinstance(msg, wire.InferResult):
                     finished = True
                     self.accounting.account(req, msg, site)
+                    self._service_time(site, req.model, msg.service_ms)
                     yield msg
                     return
                 yield msg
@@ -408,20 +427,9 @@ def prompt_tokens(req: wire.InferRequest) -> int:
     return (chars + 3) // 4
 
 
-def ttft_candidate(view: SiteView, model: str, rtt_ms: float) -> ttft.Candidate | None:
-    """What the predictor needs of one site for ``model`` (None: no ready replica there).
-
-    Busy slots are the larger of the heartbeat's and the requests this hub has in flight there
-    (fresher); a full site whose service time is not measured yet has an unknown (infinite) wait."""
-    rep = view.replicas.get(model)
-    if rep is None or rep.state != "ready":
-        return None
-    busy = max(rep.busy, view.sent)
-    service_ms = view.service_ms_p50
-    if service_ms <= 0 and (busy >= rep.slots or view.queue_depth > 0):
-        service_ms = math.inf
-    return ttft.Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=min(view.accelerators, default=""),
-                          slots=rep.slots, busy=busy, queue_depth=view.queue_depth, service_ms=service_ms)
+def ttft_candidate(view: SiteView, model: str, rtt_ms: float, service_ms: float = 0.0) -> ttft.Candidate | None:
+    """What the predictor needs of one site for ``model`` (``ttft.candidate``, shared with ``cpn sim``)."""
+    return ttft.candidate(view, model, rtt_ms, service_ms)
 
 
 async def aclose(it: object) -> None:

@@ -108,7 +108,7 @@ class JobFeed:
             self._last[key] = store_feed.last_progress_mark(db, *key) or 0.0
         due = progress_marks(self._last, seen, self.step)
         if due:
-            with transaction(db):
+            with transaction(db, local=True):  # job events are local: no read barrier of the record
                 for (job, attempt), mark in sorted(due.items()):
                     store_jobs.record_hub_event(db, job, attempt, "progress",
                                                 {"site": live[job].pool, "progress": mark}, now)

@@ -51,6 +51,8 @@ class JobViews:
         self.sites = sites
         self.training = training
         self.clock = clock
+        self._declared: tuple[tuple[object, ...], tuple[placement.Pool, ...]] = ((), ())
+        """The layout and declarations :meth:`declared_pools` last saw, and the pools it made of them."""
 
     def __repr__(self) -> str:
         return f"<JobViews sites={len(self.sites.declarations)}>"
@@ -109,6 +111,9 @@ class JobViews:
         /v1/sites/{site}/declaration``) as an idle training pool. Sites outside the layout are left
         out: the scheduler cannot price them (no tariff, no PUE), so they never take a job."""
         layout = self.sites.layout
+        declared = (layout, *self.sites.declarations.values())
+        if len(declared) == len(self._declared[0]) and all(a is b for a, b in zip(declared, self._declared[0])):
+            return list(self._declared[1])  # the same (frozen) declarations: the same pools
         known = layout.accelerators
         in_layout = {s.id for s in layout.sites}
         pools = []
@@ -120,6 +125,7 @@ class JobViews:
                 id=d.id, region=d.region, provider=d.provider, tee=d.tee, cards_total=cards, cards_free=cards,
                 units={a: known[a].units for a in cards if a in known}))
         pools.sort(key=lambda p: p.id)
+        self._declared = (declared, tuple(pools))
         return pools
 
     def admit(self, tenant: str, spec: JobSpec) -> JobSpec:

@@ -138,10 +138,12 @@ class Leadership:
 
     def deciding(self) -> bool:
         """May this process send the leader's commands now? Read from the clock on every call
-        (``LeaderElector.is_leading``), so a leader frozen past its lease says no on waking."""
+        (``LeaderElector.may_decide``), so a leader frozen past ``holder_silent_s`` says no on
+        waking, and one whose renewals wait for the record stream's election holds back its
+        commands (keeping the lease, its epoch and its followers) until a renewal lands."""
         if self.mode == "sole":
             return True
-        return self.leading and self.elector is not None and self.elector.is_leading()
+        return self.leading and self.elector is not None and self.elector.may_decide()
 
     def follow(self, service: Follower) -> None:
         """``service`` runs only while this process leads (started and stopped by this)."""
@@ -313,9 +315,12 @@ class Leadership:
             lease = await self.record.get(LEASE_PREFIX + LEASE)
             held = msgspec.json.decode(lease.value, type=LeaseRecord)
             if not held.released:
-                # The epoch is the fence's revision (the lease's own copy is filled in at its first renewal).
+                # The epoch is the fence's revision, and the fence's value the identity its acquisition
+                # wrote: one read gives both (two reads may come from replicas at different revisions,
+                # pairing an old holder with a new epoch).
                 fence = await self.record.get(FENCE_PREFIX + LEASE)
-                leader = {"identity": held.holder, "hub_id": held.holder.split(":", 1)[0], "epoch": fence.revision}
+                holder = fence.value.decode(errors="replace") or held.holder
+                leader = {"identity": holder, "hub_id": holder.split(":", 1)[0], "epoch": fence.revision}
         except RecordError as exc:
             log.info("event=cluster_view_partial error=%s", exc)
         nodes: list[NodeState] = await self.record.nodes()

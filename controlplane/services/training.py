@@ -2,10 +2,11 @@
 
 It carries out what the pure core decides (CONVENTIONS example 2, "decide, then do the I/O"):
 
-- **Tick** (every ``config.scheduler_tick_s``, and at once when poked by a submission, an event,
-  a cancellation or a site change): build a ``scheduler.Snapshot`` from the store (queued and
-  restarting jobs, live jobs) and the registry (pools from ``placement.pool_from_site`` with the
-  heartbeat's free cards), ``scheduler.plan(snapshot, now)``, then in one transaction persist the
+- **Tick** (every ``config.scheduler_tick_s``, and soon when poked by a submission, an event,
+  a cancellation or a site change: pokes share a tick, ``config.scheduler_poke_gap_s``): build a
+  ``scheduler.Snapshot`` from the store (queued and restarting jobs, live jobs) and the registry
+  (pools from ``placement.pool_from_site`` with the heartbeat's free cards),
+  ``scheduler.plan(snapshot, now)``, then in one transaction persist the
   placements (new attempt, explanation), the waits and the ``StartAttempt`` / ``StopAttempt``
   commands into the outbox; the outbox sends them after the commit.
 - **Events** from JetStream (``bus.consume_events``): fenced by sender first (the bus has checked
@@ -34,8 +35,9 @@ It carries out what the pure core decides (CONVENTIONS example 2, "decide, then 
   time-of-use tariff × PUE × board power). Sim attempts run ``time_scale`` simulated seconds per
   wall second, so their wall time is scaled by it: the bill is for the simulated run.
 
-Everything that touches SQLite here is synchronous, so no other coroutine interleaves with a
-read-decide-write step of this service.
+Each read-decide-write step that touches SQLite is synchronous, except the awaited ones (the tick,
+which reads and plans a long queue in steps and awaits its commits; events; acknowledgements;
+cancels): those write only what is still as they read it, or run again on what changed.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import logging
 import math
 import secrets
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -76,6 +78,9 @@ if TYPE_CHECKING:
     from controlplane.nats.bus import HubBus
     from topology.layout import Layout
 
+TICK_STEP = 250
+"""A tick over a long queue pauses (lets the event loop run) after decoding, and after planning,
+every this many queued jobs (``tick_async``)."""
 TICK_CHUNK = 200
 """Decisions of a scheduler tick persisted per transaction (a start writes its job and attempt
 rows; stops and unplaceable events go with the first chunk)."""
@@ -96,6 +101,11 @@ REFUSED_OTHER_COOL_S = 30.0
 ORPHAN_GRACE_S = 5.0
 """After a hub start, a live job's site must be heard from within max(this, 2 × detection)."""
 HUB_SITE = store_jobs.HUB_EVENT_SITE
+_Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]]]
+"""A tick's read and plan: the jobs read, the plan, and the commits that carry it out."""
+POKE_SPACING = 4.0
+"""A poked tick waits at least this many times as long as the last tick held the loop (see
+``HubConfig.scheduler_poke_gap_s``)."""
 
 
 class TrainingService:
@@ -128,16 +138,22 @@ class TrainingService:
         self.tenant = tenant
         self.started_at = 0.0
         self.outbox: CommandOutbox | None = None
+        self.lending_profiles: Callable[[Iterable[str], Sequence[float]], Mapping[str, Sequence[float]]] | None = None
+        """Learnt lending forecasts per site (``LearntDemand.site_profiles``; set by the composition root)."""
         self.counters: dict[str, int] = {
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
             "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
+            "pokes_coalesced": 0,
         }
         self.cost_model = msgspec.structs.replace(
             placement.DEFAULT_MODEL, min_wait_saving=config.training_min_wait_saving_pct / 100.0)
         """The cost model the scheduler plans with (the hub's tariff-wait threshold)."""
         self.last_plan: scheduler.Plan | None = None
         self.last_tick_ms = 0.0
+        self.last_tick_busy_s = 0.0
+        """How long the last tick held the event loop (its reads, plan and bookkeeping; not the
+        record's acknowledgements it awaited): it spaces poked ticks."""
         self._poke = asyncio.Event()
         self.tasks = BackgroundTasks("training")
         self._preempting: dict[tuple[str, int], float] = {}
@@ -201,11 +217,22 @@ class TrainingService:
         self._poke.set()
 
     async def _tick_loop(self) -> None:
+        """A tick every ``scheduler_tick_s``, and sooner when poked, but never sooner than the poke
+        gap after the last one: ``scheduler_poke_gap_s``, or :data:`POKE_SPACING` times as long as
+        that tick held the loop if longer (at most the period). The pokes of a burst of
+        submissions (each one's tick re-plans the whole queue) share one tick, and ticks over a
+        long queue take at most ~1/(1 + POKE_SPACING) of the loop, whatever the submission rate."""
         period_s = self.config.scheduler_tick_s
+        not_before, gap_s = -math.inf, 0.0
         while True:
             try:
                 async with asyncio.timeout(period_s):
                     await self._poke.wait()
+                    if (rest := not_before - self.clock.monotonic()) > 0:
+                        self.counters["pokes_coalesced"] += 1
+                        # pokes meanwhile join this tick (a sleep of the loop's, not the clock's: a
+                        # simulated clock that stands still must not hold the scheduler)
+                        await asyncio.sleep(min(rest, gap_s))
             except TimeoutError:
                 pass
             self._poke.clear()
@@ -216,6 +243,8 @@ class TrainingService:
                 raise
             except Exception:
                 log.exception("event=tick_failed")
+            gap_s = min(period_s, max(self.config.scheduler_poke_gap_s, POKE_SPACING * self.last_tick_busy_s))
+            not_before = self.clock.monotonic() + gap_s
 
     def _kick(self) -> None:
         if self.outbox is not None:
@@ -283,17 +312,44 @@ class TrainingService:
         """
         db = self.db
         with transaction(db):
-            row = store_jobs.get_job(db, job_id, tenant=tenant)
-            if row is None:
-                raise NotFound(f"job {job_id} not found", field="job_id")
-            out = lifecycle.cancel(row.record(), now)
-            store_jobs.save_record(db, out.record)
-            self._effects(row, out.effects, now, exit_reason="cancelled", detail=out.record.reason)
+            row = self._cancel_commit(db, job_id, tenant, now)
+        return self._cancelled(row, tenant, now)
+
+    async def cancel_async(self, job_id: str, tenant: str, now: float) -> store_jobs.JobRow:
+        """:meth:`cancel`, awaited (``store.db.write``; not fenced: a tenant's write, which any
+        gateway makes): on the replicated record the loop goes on while the record acknowledges.
+        The stop of a live attempt is in the outbox once the cancellation is on a quorum.
+
+        Raises:
+            NotFound, lifecycle.IllegalTransition: as :meth:`cancel`.
+        """
+        def commit(db: Database) -> tuple[store_jobs.JobRow, list[tuple[str, str, int]]]:
+            outer, self._stops_deferred = self._stops_deferred, []
+            try:
+                return self._cancel_commit(db, job_id, tenant, now), self._stops_deferred
+            finally:
+                self._stops_deferred = outer
+
+        row, stops = await write(self.db, commit, fenced=False)
+        for key in stops:
+            self._stop_sent[key] = now
+        return self._cancelled(row, tenant, now)
+
+    def _cancel_commit(self, db: Database, job_id: str, tenant: str, now: float) -> store_jobs.JobRow:
+        row = store_jobs.get_job(db, job_id, tenant=tenant)
+        if row is None:
+            raise NotFound(f"job {job_id} not found", field="job_id")
+        out = lifecycle.cancel(row.record(), now)
+        store_jobs.save_record(db, out.record)
+        self._effects(row, out.effects, now, exit_reason="cancelled", detail=out.record.reason)
+        return row
+
+    def _cancelled(self, row: store_jobs.JobRow, tenant: str, now: float) -> store_jobs.JobRow:
         self.counters["cancelled"] += 1
-        log.info("event=job_cancelled job=%s tenant=%s was=%s", job_id, tenant, row.state)
+        log.info("event=job_cancelled job=%s tenant=%s was=%s", row.id, tenant, row.state)
         self._kick()
         self.poke()
-        new = store_jobs.get_job(db, job_id)
+        new = store_jobs.get_job(self.db, row.id)
         assert new is not None
         return new
 
@@ -355,42 +411,78 @@ class TrainingService:
         cancelled) is checked before each chunk is written, and the rest of the round (stale
         attempts, vanished ones, orphans) reads the jobs again after the writes."""
         started = self.clock.monotonic()
-        rows, plan, commits = self._tick_plan(now)
+        steps, busy_s = self._tick_steps(now), 0.0
+        while True:  # the round's reads and plan, in steps: the loop serves requests between them
+            resumed = self.clock.monotonic()
+            try:
+                next(steps)
+            except StopIteration as done:
+                read: _Round = done.value
+                busy_s += self.clock.monotonic() - resumed
+                break
+            busy_s += self.clock.monotonic() - resumed
+            await asyncio.sleep(0)
+        rows, plan, commits = read
         for commit in commits:
             await write(self.db, commit)
             self._kick()
+        resumed = self.clock.monotonic()
         if commits:
             self._carried_out(plan, rows)
-            rows = store_jobs.jobs_in_states(self.db, ACTIVE_STATES)
+            rows = store_jobs.jobs_in_states(self.db, LIVE_STATES)  # what the rest of the round reads
         self._tick_end(rows, now, started)
+        self.last_tick_busy_s = busy_s + self.clock.monotonic() - resumed
         return plan
 
-    def _tick_plan(self, now: float) -> tuple[list[store_jobs.JobRow], scheduler.Plan | None,
-                                              list[Callable[[Database], None]]]:
+    def _tick_plan(self, now: float) -> _Round:
         """Read and plan a round: the jobs read, the plan, and the commits that carry it out."""
+        steps = self._tick_steps(now)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: _Round = done.value
+                return result
+
+    def _tick_steps(self, now: float) -> Generator[None, None, _Round]:
+        """:meth:`_tick_plan` in steps of ``TICK_STEP`` queued jobs (decoded, then planned), so the
+        tick of a long queue lets the loop serve requests between them. The jobs are read at once
+        (one consistent read) and lending is decided before the first pause; the snapshot the plan
+        works on is its own, and what changes meanwhile (a job cancelled) is checked before each
+        decision is written (``_carry_out``)."""
         db = self.db
-        rows = store_jobs.jobs_in_states(db, ACTIVE_STATES)
-        live = {r.id: r for r in rows if r.state in LIVE_STATES}
-        waiting = [r for r in rows if r.state in WAITING_STATES]
+        live_rows = store_jobs.jobs_in_states(db, LIVE_STATES)
+        queue = store_jobs.read_jobs_in_states(db, WAITING_STATES)
+        live = {r.id: r for r in live_rows}
         self._preempting = {k: v for k, v in self._preempting.items()
                             if k[0] in live and live[k[0]].attempt == k[1]}
         plan = None
         commits: list[Callable[[Database], None]] = []
-        lent = self._lend(live, now, bool(waiting)) if self.config.lending.enabled else None
+        lent = self._lend(live, now, bool(len(queue))) if self.config.lending.enabled else None
+        waiting: list[store_jobs.JobRow] = []
+        for n, r in enumerate(queue, 1):
+            waiting.append(r)
+            if n % TICK_STEP == 0:
+                yield None
+        rows = live_rows + waiting
         if waiting:
             pools = self._pools(live.values(), now)
             if lent is not None:
                 pools = lending.lend_pools(pools, lent[0], lent[1])
             if self.pricing is not None:
                 pools = self.pricing(pools, now)
-            specs = [r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority, submitted_at=r.submitted_at,
-                                    progress=r.progress, checkpoint_pool=r.checkpoint_pool,
-                                    restarting=r.state is S.RESTARTING) for r in waiting]
+            specs = []
+            for n, r in enumerate(waiting, 1):
+                specs.append(r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority,
+                                            submitted_at=r.submitted_at, progress=r.progress,
+                                            checkpoint_pool=r.checkpoint_pool, restarting=r.state is S.RESTARTING))
+                if n % TICK_STEP == 0:
+                    yield None
             snapshot = scheduler.Snapshot(
                 pools=pools, queued=specs, running=[self._running(r) for r in live.values()],
                 tenants=self._tenants({r.tenant for r in rows}), model=self.cost_model,
             )
-            plan = scheduler.plan(snapshot, now)
+            plan = yield from scheduler.plan_steps(snapshot, now, every=TICK_STEP)
             commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
             self.last_plan = plan
             if lent is not None:
@@ -444,8 +536,11 @@ class TrainingService:
         running = [lending.Attempt(job_id=r.id, attempt=r.attempt, site=r.pool, accelerator=r.accelerator,
                                    cards=r.cards, checkpoint_s=r.spec.checkpoint_cost_s)
                    for r in live.values() if r.pool in ids]
+        learnt = (self.lending_profiles(ids, cfg.profile)
+                  if self.lending_profiles is not None and cfg.forecast == "learnt" else {})
         rules = lending.Rules(tiers=tuple(cfg.tiers), profile=tuple(cfg.profile), peak_need_share=cfg.peak_need_share,
-                              headroom=cfg.headroom, margin_s=cfg.margin_s, min_lend_s=cfg.min_lend_s)
+                              headroom=cfg.headroom, margin_s=cfg.margin_s, min_lend_s=cfg.min_lend_s,
+                              site_profiles=learnt)
         plan = lending.decide(now, holdings, running, rules)
         due = [st for st in plan.stops if st.at <= now and st.job_id in live
                and (st.job_id, st.attempt) not in self._preempting]  # each stop is sent once
@@ -585,9 +680,16 @@ class TrainingService:
         for st in stops:
             self._stop_sent[(st.pool, st.job_id, st.attempt)] = now
         self.counters["stops"] += len(stops)
-        waits = [(w.job_id, w.reason) for w in plan.wait]
         infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
-        waits += infeasible
+        # Only the waits whose reason changed are written (and checked against the store): a job
+        # still waiting for the reason it was read with has nothing to record, so a tick over a
+        # long, unchanged queue writes nothing (record_waits would skip those rows anyway).
+        waits = [(job_id, reason) for job_id, reason in [(w.job_id, w.reason) for w in plan.wait] + infeasible
+                 if (old := rows.get(job_id)) is not None and old.reason != reason]
+        unplaceable = [(job_id, reason) for job_id, reason in (infeasible if plan_pools else ())
+                       if (old := rows.get(job_id)) is not None and old.reason != reason]
+        now_waiting = [w for w in plan.wait if (old := rows.get(w.job_id)) is not None and
+                       scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind)]
 
         def as_read(db: Database, ids: list[str]) -> set[str]:
             """The jobs among ``ids`` still as this round read them (nothing wrote them since)."""
@@ -597,17 +699,11 @@ class TrainingService:
 
         def commit(db: Database, i: int) -> None:
             if i == 0:
-                for job_id, reason in infeasible if plan_pools else ():
-                    old = rows.get(job_id)
-                    if old is not None and old.reason != reason:  # a new reason: say it in the job's events
-                        store_jobs.record_hub_event(db, job_id, old.attempt, "unplaceable", {"reason": reason}, now)
-                for w in plan.wait:
-                    old = rows.get(w.job_id)
-                    if old is not None and \
-                            scheduler.wait_topic(scheduler.wait_kind(old.reason)) != scheduler.wait_topic(w.kind):
-                        # A new kind of wait (a tariff window, quota, cards, ...): say why in the job's events.
-                        store_jobs.record_hub_event(db, w.job_id, old.attempt, "waiting",
-                                                    {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
+                for job_id, reason in unplaceable:  # a new reason: say it in the job's events
+                    store_jobs.record_hub_event(db, job_id, rows[job_id].attempt, "unplaceable", {"reason": reason}, now)
+                for w in now_waiting:  # a new kind of wait (a tariff window, quota, cards, ...): say why
+                    store_jobs.record_hub_event(db, w.job_id, rows[w.job_id].attempt, "waiting",
+                                                {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
                 for stop in stops:  # (asked for at plan time: _stop_sent; the commit may run twice)
                     outbox.add(stop.pool, wire.StopAttempt(job=stop.job_id, attempt=stop.attempt,
                                                            checkpoint=stop.checkpoint, reason=stop.reason),
@@ -622,9 +718,12 @@ class TrainingService:
             store_jobs.record_waits(db, [(job_id, why) for job_id, why in chunk_waits if job_id in fresh], now)
 
         # One transaction per TICK_CHUNK decisions (each with what it must send): the replicated
-        # record takes at most 1,000 rows in one atomic batch, and a start writes two.
-        n = max(len(placed), len(waits), 1)
+        # record takes at most 1,000 rows in one atomic batch, and a start writes two. A plan that
+        # changes nothing (every job waits as it did) commits nothing.
         self._placing = (placed, bool(starts or stops))
+        if not (placed or waits or stops or unplaceable or now_waiting):
+            return []
+        n = max(len(placed), len(waits), 1)
         return [functools.partial(commit, i=i) for i in range(0, n, TICK_CHUNK)]
 
     def _carried_out(self, plan: scheduler.Plan | None, rows: list[store_jobs.JobRow]) -> None:
@@ -700,7 +799,7 @@ class TrainingService:
             if len(self._stop_sent) > 1000:
                 self._stop_sent = {k: v for k, v in self._stop_sent.items() if now - v < 60.0}
             return
-        with transaction(self.db):
+        with transaction(self.db, local=True):  # the outbox alone: no read barrier of the record
             for site, job, attempt, reason in wanted:
                 self._enqueue_stop(site, job, attempt, now, checkpoint=False, reason=reason)
         for site, job, attempt, reason in wanted:

@@ -24,6 +24,7 @@ Public API::
     get_job(db, job_id, *, tenant=None) -> JobRow | None
     list_jobs(db, tenant, *, state=None, limit=100) -> [JobRow]        # newest first
     jobs_in_states(db, states: [JobState]) -> [JobRow]                   # hub start-up / reconcile
+    read_jobs_in_states(db, states) -> ReadJobs                          # the same, decoded as iterated
     update_job(db, job_id, now, **fields) -> JobRow                      # NotFound; unknown field: ValueError
     save_record(db, rec: lifecycle.JobRecord, *, placement: Placed | None = None) -> None
     load_record(db, job_id) -> lifecycle.JobRecord | None
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -320,10 +321,29 @@ def held_cards_by_tenant(db: sqlite_utils.Database, states: Iterable[JobState | 
 
 def jobs_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -> list[JobRow]:
     """Every job in one of ``states``, oldest first (the hub rebuilds its queue from these)."""
+    return list(read_jobs_in_states(db, states))
+
+
+class ReadJobs:
+    """Job rows read in one query, decoded one by one as they are iterated (:func:`read_jobs_in_states`)."""
+
+    def __init__(self, raws: list[tuple[Any, ...]]) -> None:
+        self._raws = raws
+
+    def __len__(self) -> int:
+        return len(self._raws)
+
+    def __iter__(self) -> Iterator[JobRow]:
+        return map(_job, self._raws)
+
+
+def read_jobs_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -> ReadJobs:
+    """:func:`jobs_in_states` read at once (one consistent read) and decoded as iterated, so a
+    caller on an event loop may let other work run between the rows of a long queue."""
     wanted = [JobState(s).value for s in states]
     marks = ", ".join("?" for _ in wanted)
     sql = f"SELECT {_JOB_COLS} FROM jobs WHERE state IN ({marks}) ORDER BY submitted_at, id"
-    return [_job(r) for r in db.conn.execute(sql, wanted)]
+    return ReadJobs(db.conn.execute(sql, wanted).fetchall())
 
 
 def states_of(db: sqlite_utils.Database, ids: Iterable[str]) -> dict[str, tuple[str, int, float]]:

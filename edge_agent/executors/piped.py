@@ -66,7 +66,39 @@ def attempt_env(command: wire.StartAttempt, checkpoint_dir: str, progress: float
     }
 
 
-class PipedAttempt(AttemptTask):
+class ProtocolLines:
+    """Acting on the child's stdout lines (the protocol above), for an attempt whose output is read
+    by the agent: ``piped`` attempts and Slurm jobs. A checkpoint line becomes a ``Checkpointed``
+    event (its path through :meth:`resolve`), every protocol line sets ``_progress``, a bad one is
+    counted in ``protocol_errors`` and logged; any other line is ignored."""
+
+    sink: EventSink
+    job: str
+    attempt: int
+    _progress: float
+    protocol_errors: int
+
+    def resolve(self, path: str) -> str:
+        """The checkpoint URI to report for a path the child printed."""
+        return path
+
+    def protocol_line(self, line: str) -> None:
+        try:
+            parsed = parse_line(line)
+        except ValueError as exc:
+            self.protocol_errors += 1
+            log(logging.WARNING, "attempt_bad_protocol_line", site=self.sink.site, job=self.job,
+                attempt=self.attempt, error=str(exc))
+            return
+        if parsed is None:
+            return
+        kind, path, progress = parsed
+        self._progress = progress
+        if kind == "checkpoint":
+            self.sink.checkpointed(progress, self.resolve(path))
+
+
+class PipedAttempt(ProtocolLines, AttemptTask):
     """One attempt as a child process; subclasses say how to resolve paths, explain exits and halt."""
 
     def __init__(self, command: wire.StartAttempt, sink: EventSink, on_exit: Callable[[RunningAttempt], None],
@@ -89,10 +121,6 @@ class PipedAttempt(AttemptTask):
         return self._proc.pid if self._proc else None
 
     # ------------------------------------------------------------------ hooks
-
-    def resolve(self, path: str) -> str:
-        """The checkpoint URI to report for a path the child printed."""
-        return path
 
     def explain(self, code: int) -> str:
         """What a non-zero exit code means (the stderr tail is added after it)."""
@@ -138,20 +166,7 @@ class PipedAttempt(AttemptTask):
 
     async def _read_stdout(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:
-            line = raw.decode("utf-8", errors="replace").strip()
-            try:
-                parsed = parse_line(line)
-            except ValueError as exc:
-                self.protocol_errors += 1
-                log(logging.WARNING, "attempt_bad_protocol_line", site=self.sink.site, job=self.job,
-                    attempt=self.attempt, error=str(exc))
-                continue
-            if parsed is None:
-                continue
-            kind, path, progress = parsed
-            self._progress = progress
-            if kind == "checkpoint":
-                self.sink.checkpointed(progress, self.resolve(path))
+            self.protocol_line(raw.decode("utf-8", errors="replace").strip())
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:

@@ -36,7 +36,7 @@ from pathlib import Path
 from edge_agent import wire
 from edge_agent.config import SlurmExecutorConfig
 from edge_agent.executors import AttemptTask, EventSink, RunningAttempt
-from edge_agent.executors.process import parse_line
+from edge_agent.executors.piped import ProtocolLines, attempt_env
 from edge_agent.logs import log
 
 BATCH_SCRIPT = """#!/bin/sh
@@ -201,7 +201,7 @@ class SlurmExecutor:
         return args, minutes
 
 
-class SlurmAttempt(AttemptTask):
+class SlurmAttempt(ProtocolLines, AttemptTask):
     """One attempt as one Slurm batch job."""
 
     def __init__(self, command: wire.StartAttempt, sink: EventSink, on_exit: Callable[[RunningAttempt], None],
@@ -258,13 +258,7 @@ class SlurmAttempt(AttemptTask):
         except OSError as exc:
             self._fail_to_start("infra_failure", f"cannot prepare the attempt's files: {exc}")
             return
-        cpn_env = {
-            "CPN_JOB_ID": cmd.job,
-            "CPN_ATTEMPT": str(cmd.attempt),
-            "CPN_CHECKPOINT_DIR": str(self.checkpoint_dir),
-            "CPN_RESUME_FROM": cmd.resume_from,
-            "CPN_PROGRESS_START": repr(self._progress),
-        }
+        cpn_env = attempt_env(cmd, str(self.checkpoint_dir), self._progress)
         exported = [*cpn_env, *(n for n in self.config.export_env if n in ex.env and n not in cpn_env)]
         args = [
             self.config.sbatch, "--parsable", f"--job-name=cpn-{cmd.job}-{cmd.attempt}", "--no-requeue",
@@ -296,25 +290,11 @@ class SlurmAttempt(AttemptTask):
         if len(self._partial) > _MAX_PARTIAL:  # no protocol line is this long: drop it
             self._partial = b""
         for raw in lines:
-            self._line(raw.decode("utf-8", errors="replace").strip())
+            self.protocol_line(raw.decode("utf-8", errors="replace").strip())
 
-    def _line(self, line: str) -> None:
-        try:
-            parsed = parse_line(line)
-        except ValueError as exc:
-            self.protocol_errors += 1
-            log(logging.WARNING, "attempt_bad_protocol_line", site=self.sink.site, job=self.job,
-                attempt=self.attempt, error=str(exc))
-            return
-        if parsed is None:
-            return
-        kind, path, progress = parsed
-        self._progress = progress
-        if kind == "checkpoint":
-            where = Path(path)
-            if not where.is_absolute():
-                where = self.executor.work_dir / where
-            self.sink.checkpointed(progress, str(where))
+    def resolve(self, path: str) -> str:
+        where = Path(path)
+        return str(where if where.is_absolute() else self.executor.work_dir / where)
 
     def _stderr_tail(self) -> str:
         lines = self.config.stderr_lines
@@ -395,7 +375,7 @@ class SlurmAttempt(AttemptTask):
         self.state = final or self.state
         self._read_stdout()
         if self._partial:
-            self._line(self._partial.decode("utf-8", errors="replace").strip())
+            self.protocol_line(self._partial.decode("utf-8", errors="replace").strip())
             self._partial = b""
         if not self.started and (final in RAN_STATES or self.stdout_path.exists()):
             self._mark_started()  # it ran between two polls

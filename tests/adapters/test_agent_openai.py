@@ -192,6 +192,14 @@ async def test_a_request_that_cannot_connect_marks_the_backend_down_at_once(
                                      what="the replica ready again")
 
 
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One HTTP/1.1 request as the raw servers below read it: its head and its body (by Content-Length)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length")), 0)
+    return head, await reader.readexactly(length)
+
+
 async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept_alive() -> None:
     # A raw HTTP/1.1 server: the whole stream in one chunked write, then (next request) a stream
     # split in the middle of a line; plain answers with Content-Length. One connection for all.
@@ -207,14 +215,12 @@ async def test_deltas_that_arrive_together_go_on_as_one_and_connections_are_kept
         n = 0
         while True:
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
+                _, body = await read_request(reader)
             except (asyncio.IncompleteReadError, ConnectionError):  # the client closed its connection
                 writer.close()
                 await writer.wait_closed()
                 finished.set()
                 return
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-            body = await reader.readexactly(length)
             n += 1
             if b'"stream":true' not in body:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain))
@@ -275,11 +281,9 @@ async def test_a_kept_alive_connection_the_server_dropped_is_retried_once_but_a_
         conn = max(requests, default=0) + 1
         for n in range(2):
             try:
-                head = await reader.readuntil(b"\r\n\r\n")
+                await read_request(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 break
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-            await reader.readexactly(length)
             requests.append(conn)
             if n == 0:
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain))
@@ -320,10 +324,7 @@ async def test_an_agent_sends_a_stream_that_came_whole_as_one_result_with_its_ta
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length")), 0)
-                await reader.readexactly(length)
+                head, _ = await read_request(reader)
                 if head.startswith(b"GET"):  # the agent's probe
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
                 else:  # one HTTP chunk per event, all in one write (as the benchmarks' mock does)
@@ -372,10 +373,7 @@ async def test_the_client_reads_interim_answers_bodies_ended_by_close_and_refuse
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length")), 0)
-                await reader.readexactly(length)
+                await read_request(reader)
                 n = len(served)
                 served.append(n)
                 writer.write(answers[n])
@@ -414,10 +412,7 @@ async def test_a_large_answer_that_comes_with_its_head_in_one_read_is_read_whole
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length")), 0)
-                await reader.readexactly(length)
+                await read_request(reader)
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -14,7 +14,7 @@ from edge_agent import wire
 from edge_agent.events import PubAck
 from edge_agent.executors.sim import SimAttempt
 from tests.support.engines import needs
-from tests.support.fakehub import FakeHub, StreamedEvent, agent_config, running, wait_for
+from tests.support.fakehub import FakeHub, StreamedEvent, agent_config, exit_event, running, wait_for
 
 PYTHON = "/usr/bin/python3"
 """The host's Python: the sandbox's user can run it (a Python under /root or /home is hidden)."""
@@ -32,13 +32,6 @@ def _kinds(events: list[StreamedEvent], job: str | None = None) -> list[str]:
     return [type(e.event).__name__ for e in events if job is None or e.event.job == job]
 
 
-def _exited(events: list[StreamedEvent], job: str) -> wire.AttemptExited | None:
-    for e in events:
-        if isinstance(e.event, wire.AttemptExited) and e.event.job == job:
-            return e.event
-    return None
-
-
 async def test_sim_attempt_runs_to_completion_with_checkpoints(nats_server: NatsServer, tmp_path: Path) -> None:
     async with FakeHub(nats_server.url) as hub:
         await hub.create_stream()
@@ -53,14 +46,14 @@ async def test_sim_attempt_runs_to_completion_with_checkpoints(nats_server: Nats
             hb = await hub.wait_heartbeat("edge-a", lambda hb: bool(hb.attempts), what="the attempt in heartbeats")
             assert hb.free_cards["H20"] == 4 - 0.5 - 2 and hb.attempts[0].job == "job-1"
 
-            events = await hub.wait_events(lambda ev: _exited(ev, "job-1") is not None, what="the exit")
+            events = await hub.wait_events(lambda ev: exit_event(ev, "job-1") is not None, what="the exit")
             assert _kinds(events) == ["AttemptStarted", "Checkpointed", "Checkpointed", "Checkpointed", "AttemptExited"]
             assert [e.msg_id for e in events] == [f"job-1:1:{seq}" for seq in range(1, 6)]
             assert [e.event.seq for e in events] == [1, 2, 3, 4, 5]
             assert all(e.subject == wire.event_subject("edge-a") for e in events)
             progress = [e.event.progress for e in events if isinstance(e.event, wire.Checkpointed)]
             assert progress == [0.3, 0.6, 0.9]
-            exited = _exited(events, "job-1")
+            exited = exit_event(events, "job-1")
             assert exited is not None and exited.reason == "completed" and exited.progress == 1.0
             ats = [e.event.at for e in events]
             assert ats == sorted(ats)
@@ -122,7 +115,7 @@ async def test_another_publisher_cannot_pre_empt_an_attempts_event_ids(nats_serv
             key = "k3y-only-edge-a-knows"
             start = wire.StartAttempt(job="keyed", attempt=1, event_key=key, **fast)
             assert isinstance(await hub.command("edge-a", start), wire.Ack)
-            events = await hub.wait_events(lambda ev: _exited(ev, "keyed") is not None, what="the keyed attempt's exit")
+            events = await hub.wait_events(lambda ev: exit_event(ev, "keyed") is not None, what="the keyed attempt's exit")
             mine = [e for e in events if e.subject == wire.event_subject("edge-a")]
             assert _kinds(mine) == ["AttemptStarted", "Checkpointed", "AttemptExited"]
             assert [e.msg_id for e in mine] == [wire.event_msg_id("keyed", 1, seq, key) for seq in (1, 2, 3)]
@@ -140,8 +133,8 @@ async def test_fail_now_is_an_infra_failure_and_higher_attempt_supersedes(nats_s
             attempt = agent.training.attempts["jf"]
             assert isinstance(attempt, SimAttempt)
             attempt.fail_now("card 3 ECC error")
-            events = await hub.wait_events(lambda ev: _exited(ev, "jf") is not None, what="the failure")
-            exited = _exited(events, "jf")
+            events = await hub.wait_events(lambda ev: exit_event(ev, "jf") is not None, what="the failure")
+            exited = exit_event(events, "jf")
             assert exited is not None and exited.reason == "infra_failure" and "ECC" in exited.detail
 
             assert isinstance(await hub.command("edge-a", wire.StartAttempt(job="js", attempt=1, **slow)), wire.Ack)
@@ -233,7 +226,7 @@ async def test_process_attempts_complete_fail_and_stop(nats_server: NatsServer, 
             fail = wire.StartAttempt(job="pf", attempt=1, cards=1, accelerator="H20", executor="process",
                                      command=[PYTHON, "-c", TRAIN_FAIL])
             assert isinstance(await hub.command("edge-a", fail), wire.Ack)
-            events = await hub.wait_events(lambda ev: _exited(ev, "pj") is not None and _exited(ev, "pf") is not None,
+            events = await hub.wait_events(lambda ev: exit_event(ev, "pj") is not None and exit_event(ev, "pf") is not None,
                                            what="both processes to exit")
             pj = [e.event for e in events if e.event.job == "pj"]
             assert [type(e).__name__ for e in pj] == ["AttemptStarted", "Checkpointed", "Checkpointed", "AttemptExited"]
@@ -244,7 +237,7 @@ async def test_process_attempts_complete_fail_and_stop(nats_server: NatsServer, 
             exit_ok = pj[-1]
             assert isinstance(exit_ok, wire.AttemptExited) and exit_ok.reason == "completed" and exit_ok.exit_code == 0
 
-            pf = _exited(events, "pf")
+            pf = exit_event(events, "pf")
             assert pf is not None and pf.reason == "user_error" and pf.exit_code == 3
             assert "exit code 3" in pf.detail and "ValueError: bad learning rate" in pf.detail
             pf_ck = [e.event for e in events if e.event.job == "pf" and isinstance(e.event, wire.Checkpointed)]
@@ -258,10 +251,10 @@ async def test_process_attempts_complete_fail_and_stop(nats_server: NatsServer, 
             await hub.wait_heartbeat("edge-a", lambda hb: any(a.job == "ph" and a.progress == 0.1 for a in hb.attempts),
                                      what="progress 0.1 of ph")
             assert isinstance(await hub.command("edge-a", wire.StopAttempt(job="ph", attempt=1)), wire.Ack)
-            events = await hub.wait_events(lambda ev: _exited(ev, "ph") is not None, what="the stop")
+            events = await hub.wait_events(lambda ev: exit_event(ev, "ph") is not None, what="the stop")
             ph = [e.event for e in events if e.event.job == "ph"]
             assert isinstance(ph[1], wire.Checkpointed) and ph[1].progress == 0.4  # it checkpointed on SIGTERM
-            stopped = _exited(events, "ph")
+            stopped = exit_event(events, "ph")
             assert stopped is not None and stopped.reason == "stopped"
             assert handle.done and getattr(handle, "protocol_errors") == 0
             assert agent.training.attempts == {}
@@ -289,8 +282,8 @@ async def test_stop_kills_a_process_that_ignores_sigterm(nats_server: NatsServer
             await hub.wait_heartbeat("edge-a", lambda hb: any(a.job == "pk" and a.progress > 0 for a in hb.attempts),
                                      what="the SIGTERM handler installed (progress 0.1)")
             await hub.command("edge-a", wire.StopAttempt(job="pk", attempt=1))
-            events = await hub.wait_events(lambda ev: _exited(ev, "pk") is not None, what="the kill")
-            exited = _exited(events, "pk")
+            events = await hub.wait_events(lambda ev: exit_event(ev, "pk") is not None, what="the kill")
+            exited = exit_event(events, "pk")
             assert exited is not None and exited.reason == "stopped" and exited.exit_code == -9
             assert not Path(f"/proc/{pid}").exists()
 
@@ -354,5 +347,5 @@ async def test_agent_stop_ends_attempts_as_infra_failure(nats_server: NatsServer
             await agent.stop(drain=True)
         assert not Path(f"/proc/{pid}").exists()
         events = await hub.stream_events()
-        exited = _exited(events, "jq")
+        exited = exit_event(events, "jq")
         assert exited is not None and exited.reason == "infra_failure" and "agent stopping" in exited.detail

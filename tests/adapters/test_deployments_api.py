@@ -466,7 +466,7 @@ async def test_a_refused_load_removes_the_replica_and_keeps_the_deployment_off_t
         tmp_path: Path, nats_server: NatsServer) -> None:
     from controlplane.core.replicas import DeploymentSpec
     from controlplane.store import outbox as store_outbox
-    from tests.adapters.test_training_raw_site import RawSite
+    from tests.support.rawsite import RawSite
 
     raw = RawSite(nats_server.url)  # hz-edge, refusing every LoadModel for lack of cards
     raw.answer = lambda cmd: wire.ErrorReply(code="no_capacity", message="no room")
@@ -499,3 +499,25 @@ async def test_a_refused_load_removes_the_replica_and_keeps_the_deployment_off_t
         await asyncio.gather(*(a.stop() for a in agents.values()), return_exceptions=True)
         if raw.nc is not None:
             await raw.close()
+
+
+async def test_a_reconcile_pass_that_changes_nothing_opens_no_transaction(rig: Rig) -> None:
+    """Once a deployment is ready, the passes that each heartbeat starts (the registry's version
+    moves) decide nothing new and open no transaction: on the replicated record each one was a
+    read barrier that held the controller's loop."""
+    status, dep, _ = await rig.acme.call("POST", "/v1/deployments", {"model": "qwen", "origins": ["hangzhou"]})
+    assert status == 201, dep
+    await until_http(rig.acme, f"/v1/deployments/{dep['id']}", lambda b: b["state"] == "ready", 10, "ready")
+    service = deployments_of(rig.hub)
+    db = rig.hub.db
+    begins: list[str] = []
+    passes = service.counters["ticks"]
+    db.conn.set_trace_callback(lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
+    try:
+        for _ in range(3):  # what the loop does for each heartbeat: a pass over everything, synchronously
+            service._decide(service.clock.time())
+    finally:
+        db.conn.set_trace_callback(None)
+    assert begins == [] and service.counters["ticks"] == passes
+    view = service.view("acme", dep["id"])
+    assert view["state"] == "ready"

@@ -24,7 +24,8 @@ from edge_agent import wire
 from edge_agent.config import ContainerExecutorConfig
 from edge_agent.executors.container import ContainerExecutor, image_allowed, pick_cards
 from tests.support.engines import needs
-from tests.support.fakehub import FakeHub, StreamedEvent, agent_config, running, wait_for
+from tests.support.fakehub import FakeHub, agent_config, exit_event, running, wait_for
+from tests.support.sandboxbait import planted
 
 IMAGE = "localhost/tiny:1"
 CONTAINERS_CONF = """\
@@ -85,20 +86,6 @@ def _site(url: str, data: Path, table: dict[str, Any], **extra: Any) -> Any:
 def _start(job: str, script: str = "", *, image: str = IMAGE, cards: int = 1, attempt: int = 1) -> wire.StartAttempt:
     return wire.StartAttempt(job=job, attempt=attempt, cards=cards, accelerator="H20", executor="container",
                              image=image, command=["sh", "-c", script] if script else [])
-
-
-def _exited(events: list[StreamedEvent], job: str) -> wire.AttemptExited | None:
-    return next((e.event for e in events if isinstance(e.event, wire.AttemptExited) and e.event.job == job), None)
-
-
-async def _run(hub: FakeHub, cmd: wire.StartAttempt, timeout_s: float = 20) -> tuple[wire.AttemptExited, list[Any]]:
-    reply = await hub.command("edge-a", cmd)
-    assert isinstance(reply, wire.Ack), reply
-    events = await hub.wait_events(lambda ev: _exited(ev, cmd.job) is not None, timeout_s=timeout_s,
-                                   what=f"{cmd.job} to exit")
-    exited = _exited(events, cmd.job)
-    assert exited is not None
-    return exited, [e.event for e in events if e.event.job == cmd.job]
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -169,13 +156,13 @@ async def test_runs_as_non_root_on_a_read_only_image_writing_only_its_checkpoint
             cmd = wire.StartAttempt(job="who", attempt=2, cards=1, accelerator="H20", executor="container",
                                     image=IMAGE, command=["sh", "-c", script], resume_from="/cpn/checkpoint/old",
                                     progress=0.25)
-            exited, events = await _run(hub, cmd)
+            exited, events = await hub.run_attempt("edge-a", cmd, timeout_s=20)
     assert exited.reason == "completed" and exited.exit_code == 0, exited
     ck = data / "checkpoints" / "who"
     assert (ck / "uid").read_text().strip() == "65534" and (ck / "uid").stat().st_uid == 65534
     assert (ck / "rootfs").read_text().strip() == "ro"
     assert (ck / "env").read_text().split() == ["who", "2", "/cpn/checkpoint/old", "0.25"]
-    checkpoints = [(e.checkpoint, e.progress) for e in events if isinstance(e, wire.Checkpointed)]
+    checkpoints = [(e.event.checkpoint, e.event.progress) for e in events if isinstance(e.event, wire.Checkpointed)]
     assert checkpoints == [("/cpn/checkpoint/uid", 0.5)]  # as the job sees it: what a resume gets
 
 
@@ -183,32 +170,16 @@ async def test_runs_as_non_root_on_a_read_only_image_writing_only_its_checkpoint
 async def test_no_host_network_and_none_of_the_agents_files(nats_server: NatsServer, tmp_path: Path,
                                                             podman_site: dict[str, Any]) -> None:
     data = tmp_path / "agent"
-    creds = data / "site.creds"
-    other = data / "checkpoints" / "other-job"
-    other.mkdir(parents=True)
-    creds.write_text("password=hunter2")
-    (other / "step-9.ckpt").write_text("someone else's weights")
-    for path in (data, data / "checkpoints", other, creds, other / "step-9.ckpt"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    connections = 0
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        writer.close()
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    script = (f'cd "$CPN_CHECKPOINT_DIR"; (echo hi | nc -w 2 127.0.0.1 {port} && echo reached || echo refused) > net; '
-              'ls /sys/class/net > ifaces; '
-              f'(cat {creds} 2>&1 || true) > creds; (ls {other} 2>&1 || true) > other; ls -a /cpn > mounts')
-    async with server, FakeHub(nats_server.url) as hub:
+    async with planted(data) as bait, FakeHub(nats_server.url) as hub:
+        script = (f'cd "$CPN_CHECKPOINT_DIR"; (echo hi | nc -w 2 127.0.0.1 {bait.port} && echo reached || echo refused) > net; '
+                  'ls /sys/class/net > ifaces; '
+                  f'(cat {bait.creds} 2>&1 || true) > creds; (ls {bait.other} 2>&1 || true) > other; ls -a /cpn > mounts')
         await hub.create_stream()
         async with running(_site(nats_server.url, data, podman_site)):
-            exited, _ = await _run(hub, _start("nosy", script))
+            exited, _ = await hub.run_attempt("edge-a", _start("nosy", script), timeout_s=20)
     assert exited.reason == "completed", exited
     ck = data / "checkpoints" / "nosy"
-    assert (ck / "net").read_text().strip() == "refused" and connections == 0
+    assert (ck / "net").read_text().strip() == "refused" and bait.connections == 0
     assert (ck / "ifaces").read_text().split() == ["lo"]
     assert "No such file or directory" in (ck / "creds").read_text()
     assert "No such file or directory" in (ck / "other").read_text()
@@ -222,7 +193,7 @@ async def test_killed_at_its_memory_limit_with_a_clear_user_error(nats_server: N
     async with FakeHub(nats_server.url) as hub:
         await hub.create_stream()
         async with running(_site(nats_server.url, tmp_path / "a", podman_site)):
-            exited, _ = await _run(hub, _start("hog", hog))
+            exited, _ = await hub.run_attempt("edge-a", _start("hog", hog), timeout_s=20)
     assert exited.reason == "user_error" and exited.exit_code == 137, exited
     assert exited.detail.startswith("killed: memory limit 64 MiB exceeded (out of memory, exit code 137)"), exited.detail
     assert not (tmp_path / "a" / "containers" / "cpn-edge-a-hog-1").exists()
@@ -240,7 +211,7 @@ async def test_a_failing_job_and_a_stopped_one(nats_server: NatsServer, tmp_path
         # A grace well past what the trap needs: at the module's 2 s, a loaded machine (the suite on
         # four workers) killed the container before its trap ran (exit -9, no final checkpoint).
         async with running(_site(nats_server.url, tmp_path / "a", podman_site, grace_s=15.0)) as agent:
-            failed, _ = await _run(hub, _start("bad", "echo 'loss is nan' >&2; exit 3"))
+            failed, _ = await hub.run_attempt("edge-a", _start("bad", "echo 'loss is nan' >&2; exit 3"), timeout_s=20)
             assert failed.reason == "user_error" and failed.exit_code == 3
             assert failed.detail == "exit code 3; stderr:\nloss is nan"
 
@@ -248,8 +219,8 @@ async def test_a_failing_job_and_a_stopped_one(nats_server: NatsServer, tmp_path
             await hub.wait_heartbeat("edge-a", lambda hb: any(a.job == "long" and a.progress == 0.1 for a in hb.attempts),
                                      what="the trap in place")
             assert isinstance(await hub.command("edge-a", wire.StopAttempt(job="long", attempt=1)), wire.Ack)
-            events = await hub.wait_events(lambda ev: _exited(ev, "long") is not None, what="the stop")
-            stopped = _exited(events, "long")
+            events = await hub.wait_events(lambda ev: exit_event(ev, "long") is not None, what="the stop")
+            stopped = exit_event(events, "long")
             assert stopped is not None and stopped.reason == "stopped", stopped
             final = [e.event for e in events if e.event.job == "long" and isinstance(e.event, wire.Checkpointed)]
             assert [(c.checkpoint, c.progress) for c in final] == [("/cpn/checkpoint/final.ckpt", 0.4)], stopped
@@ -268,7 +239,7 @@ async def test_an_agent_stopping_ends_its_containers_as_infra_failure(nats_serve
             executor = agent.training.executors["container"]
             await agent.stop(drain=True)
         events = await hub.stream_events()
-    exited = _exited(events, "left")
+    exited = exit_event(events, "left")
     assert exited is not None and exited.reason == "infra_failure" and exited.progress == 0.3, exited
     code, _ = await executor.podman("container", "exists", "cpn-edge-a-left-4")  # type: ignore[attr-defined]
     assert code == 1  # removed (--rm): nothing left holding the cards

@@ -7,7 +7,6 @@ programs it allow-listed, as an unprivileged user, without network, without the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -20,16 +19,13 @@ from controlplane.nats.natsserver import NatsServer
 from edge_agent import config, wire
 from edge_agent.executors.process import sandbox_argv
 from tests.support.engines import needs
-from tests.support.fakehub import FakeHub, StreamedEvent, agent_config, running, wait_for
+from tests.support.fakehub import FakeHub, agent_config, exit_event, running, wait_for
+from tests.support.sandboxbait import planted
 
 PYTHON = "/usr/bin/python3"
 NOBODY = 65534
 
 sandboxed = needs("bwrap", package="bubblewrap")
-
-
-def _exited(events: list[StreamedEvent], job: str) -> wire.AttemptExited | None:
-    return next((e.event for e in events if isinstance(e.event, wire.AttemptExited) and e.event.job == job), None)
 
 
 def _start(job: str, argv: list[str]) -> wire.StartAttempt:
@@ -39,15 +35,6 @@ def _start(job: str, argv: list[str]) -> wire.StartAttempt:
 def _process_site(url: str, data: Path, **process: object) -> config.AgentConfig:
     return agent_config(url, data_dir=str(data), executors={
         "enabled": ["process"], "process": {"commands": [PYTHON, "/bin/sh"], "grace_s": 1.0, **process}})
-
-
-async def _run(hub: FakeHub, cmd: wire.StartAttempt) -> tuple[wire.AttemptExited, list[StreamedEvent]]:
-    reply = await hub.command("edge-a", cmd)
-    assert isinstance(reply, wire.Ack), reply
-    events = await hub.wait_events(lambda ev: _exited(ev, cmd.job) is not None, what=f"{cmd.job} to exit")
-    exited = _exited(events, cmd.job)
-    assert exited is not None
-    return exited, [e for e in events if e.event.job == cmd.job]
 
 
 def test_an_agent_config_without_executors_enables_none() -> None:
@@ -85,7 +72,7 @@ async def test_an_enabled_site_runs_it_as_the_unprivileged_user_inside_bwrap(
     async with FakeHub(nats_server.url) as hub:
         await hub.create_stream()
         async with running(_process_site(nats_server.url, data)):
-            exited, events = await _run(hub, _start("idjob", ["sh", "-c", script]))
+            exited, events = await hub.run_attempt("edge-a", _start("idjob", ["sh", "-c", script]))
     assert exited.reason == "completed", exited
     ck = data / "checkpoints" / "idjob"
     assert (ck / "uid").read_text().split() == [str(NOBODY), str(NOBODY)]
@@ -117,32 +104,15 @@ open(os.path.join(os.environ["CPN_CHECKPOINT_DIR"], "seen.json"), "w").write(jso
 @sandboxed
 async def test_no_network_and_none_of_the_agents_files(nats_server: NatsServer, tmp_path: Path) -> None:
     data = tmp_path / "agent"
-    creds = data / "site.creds"
-    other = data / "checkpoints" / "other-job"
-    other.mkdir(parents=True)
-    # World-readable on purpose: the sandbox must hide them, not merely lack the permission.
-    creds.write_text("password=hunter2")
-    (other / "step-9.ckpt").write_text("someone else's weights")
-    for path in (data, data / "checkpoints", other, creds, other / "step-9.ckpt"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    connections = 0
-
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        writer.close()
-
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server, FakeHub(nats_server.url) as hub:
+    async with planted(data) as bait, FakeHub(nats_server.url) as hub:
         await hub.create_stream()
         async with running(_process_site(nats_server.url, data)):
-            argv = [PYTHON, "-c", NETWORK_AND_FILES, str(port), str(creds), str(other), str(data), "/root"]
-            exited, _ = await _run(hub, _start("nosy", argv))
+            argv = [PYTHON, "-c", NETWORK_AND_FILES, str(bait.port), str(bait.creds), str(bait.other), str(data), "/root"]
+            exited, _ = await hub.run_attempt("edge-a", _start("nosy", argv))
     assert exited.reason == "completed", exited
     seen = json.loads((data / "checkpoints" / "nosy" / "seen.json").read_text())
     assert seen["loopback"] in ("ConnectionRefusedError", "OSError"), seen  # not the host's loopback
-    assert connections == 0
+    assert bait.connections == 0
     assert seen["creds"] == "FileNotFoundError" and seen["other"] == "FileNotFoundError", seen
     assert seen["data"] == ["checkpoints"] and seen["root"] == [], seen  # empty tmpfs; only its own dir bound
 
@@ -166,7 +136,7 @@ async def test_memory_limit_ends_the_attempt_as_a_user_error(nats_server: NatsSe
     async with FakeHub(nats_server.url) as hub:
         await hub.create_stream()
         async with running(_process_site(nats_server.url, tmp_path / "a", memory_mib=256)):
-            exited, _ = await _run(hub, _start("hog", [PYTHON, "-c", hog]))
+            exited, _ = await hub.run_attempt("edge-a", _start("hog", [PYTHON, "-c", hog]))
     assert exited.reason == "user_error" and exited.exit_code == 1, exited
     assert "MemoryError" in exited.detail
 

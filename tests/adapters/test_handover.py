@@ -110,7 +110,8 @@ async def test_a_leader_whose_lease_ran_out_sends_nothing_before_its_elector_not
             await agent.registered.wait()
             elector = a.services.leadership.elector
             assert elector is not None and a.services.leadership.deciding()
-            elector.is_leading = lambda: False  # type: ignore[method-assign]  # the clock read on waking
+            # the clock read on waking: past holder_silent_s since its last renewal, another may lead
+            elector.may_decide = lambda: False  # type: ignore[method-assign]
             assert a.services.leadership.leading and not a.services.leadership.deciding()
             outbox = a.services.training.outbox
             assert outbox is not None

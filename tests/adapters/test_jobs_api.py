@@ -3,12 +3,14 @@ validation, idempotency, tenancy and cancellation. Jobs stay queued (no site can
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from controlplane.core.lifecycle import JobState
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
@@ -191,3 +193,28 @@ def test_every_body_field_reaches_the_typed_spec_and_hashes_as_the_body_did() ->
     # What the market adds when it binds a quote shows too, and only then.
     bound = msgspec.structs.replace(spec, pools=("pool-1",), quote_accelerator=acc)
     assert shown(bound.public()) == shown({**as_sent, "pools": ["pool-1"], "quote_accelerator": acc})
+
+
+async def test_a_burst_of_submissions_shares_ticks_and_each_job_is_still_planned(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Each submission pokes the scheduler, but a poked tick comes at least ``scheduler_poke_gap_s``
+    after the last one: 20 submissions back to back cost a few plan runs, not 20 (each re-plans the
+    whole queue), and every job is still planned at once, long before the 30 s period."""
+    gap_s = 0.25
+    config = hub_config(tmp_path, nats_server.url, scheduler_tick_s=30.0, scheduler_poke_gap_s=gap_s)
+    async with running_hub(config) as hub, aiohttp.ClientSession() as session:
+        acme = Client(session, f"http://127.0.0.1:{hub.http_port}", hub.create_tenant("acme"))
+        service = services_of(hub).training
+        loop = asyncio.get_running_loop()
+        ticks, started = service.counters["ticks"], loop.time()
+        ids = []
+        for _ in range(20):
+            status, job, _ = await acme.call("POST", "/v1/jobs", JOB)
+            assert status == 201, job
+            ids.append(job["id"])
+        await until(lambda: all(r.reason for r in store_jobs.jobs_in_states(hub.db, [JobState.QUEUED])
+                                if r.id in ids), 5, "every job planned")
+        elapsed_s = loop.time() - started
+        ran = service.counters["ticks"] - ticks
+        assert 1 <= ran <= 2 + elapsed_s / gap_s, (ran, elapsed_s)
+        assert service.counters["pokes_coalesced"] >= 1

@@ -21,8 +21,8 @@ import pytest
 from controlplane.core import auth
 from controlplane.nats.natsserver import NatsServer
 from controlplane.store import db as store_db
-from controlplane.store.migrations import MIGRATIONS
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.olddb import migrated_before
 from tests.support.waiting import until
 
 CHECK = ("GET", "/v1/usage")  # any tenant endpoint that needs no site
@@ -310,13 +310,7 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
 def test_migration_gives_old_keys_an_id_and_keeps_them_working(tmp_path: Path) -> None:
     """A database made before 0031_keys: its keys get ids, no expiry, and still authenticate."""
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("CREATE TABLE _migrations (id TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    for mid, sql in MIGRATIONS:
-        if mid >= "0031":
-            break
-        store_db.run_migration(conn, sql)
-        conn.execute("INSERT INTO _migrations VALUES (?, 0)", (mid,))
+    conn = migrated_before(path, "0031")
     key = auth.new_key("admin")
     conn.execute("INSERT INTO api_keys (key_hash, tenant_id, role, label, created_at) VALUES (?, NULL, 'admin', '', 1)",
                  (auth.hash_key(key),))
@@ -334,13 +328,7 @@ def test_provider_keys_from_the_cli_and_the_rebuilt_table_keeps_old_keys(tmp_pat
     """0034_provider_keys rebuilds api_keys to admit role 'provider': keys made before it keep
     their ids, expiry and revocation; ``cpn key --provider`` then manages a provider's keys."""
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("CREATE TABLE _migrations (id TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    for mid, sql in MIGRATIONS:
-        if mid >= "0034":
-            break
-        store_db.run_migration(conn, sql)
-        conn.execute("INSERT INTO _migrations VALUES (?, 0)", (mid,))
+    conn = migrated_before(path, "0034")
     with pytest.raises(sqlite3.IntegrityError):  # the old CHECK refuses a provider key
         conn.execute("INSERT INTO api_keys (key_hash, role, created_at, id) VALUES ('h', 'provider', 1, 'key_p')")
     old = auth.new_key("acme")

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 
 from controlplane.nats import natsconf
 from controlplane.nats.natsserver import NatsServer
+from controlplane.replicated import kv
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.support.waiting import until
@@ -232,6 +233,45 @@ async def test_site_stays_inside_its_subjects_and_the_hub_counts_violations(
             assert events[0].subject == wire.event_subject("a")
             await events[0].ack()
             assert counter.total == 4  # and none of that counted as a violation
+
+
+async def test_only_the_hub_identity_answers_for_a_lease_holder(tmp_path: Path, creds: natsconf.CredentialSet) -> None:
+    """A candidate takes a lease over early when its holder does not answer liveness probes
+    (``kv.Record.probe_alive``): a site must neither hear those probes nor answer them for a leader
+    (which would keep a dead leader's lease alive), nor send them."""
+    counter = natsconf.ViolationCounter()
+    async with server_from(tmp_path, "single", single_text(creds, tmp_path), counter.feed) as server:
+        async with connected(server.url, **hub_login(creds)) as leader_nc, \
+                connected(server.url, **hub_login(creds)) as candidate_nc, \
+                connected(server.url, **site_login(creds, "a"), errors=[]) as a:
+            leader = kv.Record(leader_nc, kv.BUCKET, 1.0, 1.0)
+            candidate = kv.Record(candidate_nc, kv.BUCKET, 1.0, 1.0)
+            subject = kv.ALIVE_PREFIX + kv.alive_token("leader-x")
+            heard: list[str] = []
+
+            async def answer_for_the_leader(msg: Msg) -> None:
+                heard.append(msg.subject)
+                if msg.reply:
+                    await a.publish(msg.reply, b"leader-x")
+
+            await a.subscribe(subject, cb=answer_for_the_leader)
+            await a.subscribe(kv.ALIVE_PREFIX + ">", cb=answer_for_the_leader)
+            await a.publish(subject, b"")  # a probe of its own
+            await barrier(a)
+            await until(lambda: counter.total >= 3, what="3 violations in the server log")
+            assert not await candidate.probe_alive("leader-x", 0.5)  # the site could not answer
+            holding = [True]
+            responder = await leader.answer_alive("leader-x", lambda: holding[0])
+            await barrier(leader_nc)
+            assert await candidate.probe_alive("leader-x", 2.0)
+            assert not await candidate.probe_alive("leader-y", 0.5)  # one holder's answer is not another's
+            holding[0] = False
+            assert not await candidate.probe_alive("leader-x", 0.5)  # silent once it no longer holds
+            await responder.stop()
+            assert heard == [] and responder.answered == 1
+            assert counter.by_user == {"site-a": 3}
+            assert {(v.kind, v.subject) for v in counter.recent} == {
+                ("subscribe", subject), ("subscribe", kv.ALIVE_PREFIX + ">"), ("publish", subject)}
 
 
 async def test_plain_allow_responses_would_cut_a_stream_to_one_message(

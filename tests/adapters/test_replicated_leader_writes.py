@@ -133,8 +133,10 @@ async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stallin
                     await cluster.resume(other)  # a quorum again (a stream leader once elected)
                     await until(lambda: job.id in agent.training.attempts, 30, "the attempt runs at the site")
                     assert agent.training.attempts[job.id].attempt == 1
-                    sent = [(e.kind, e.attempt, e.state) for e in store_outbox.for_job(db, job.id)]
-                    assert sent == [("start_attempt", 1, "sent")], sent
+                    # the site holds the attempt before its acknowledgement reaches the hub: wait for that
+                    await until(lambda: [(e.kind, e.attempt, e.state) for e in store_outbox.for_job(db, job.id)]
+                                == [("start_attempt", 1, "sent")], 10, "the start acknowledged",
+                                last=lambda: store_outbox.for_job(db, job.id))
                     assert rep.local_replayed >= 1, rep
                     # the same leader renews its lease again once the stream has a leader
                     await until(lambda: elector._held is not None and elector._held.renewals > renewals, 20,

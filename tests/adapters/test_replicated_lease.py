@@ -29,7 +29,7 @@ from tests.support.natscluster import NatsCluster, open_record
 from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2)
+FAST = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2, holder_silent_s=0)
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
 
 # A clean handover must beat a full lease by a margin that holds on a loaded 2-core machine (three
 # JetStream R3 commits take a while there): a longer lease than FAST, the same retry period.
-HANDOVER = LeaseConfig(lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.2)
+HANDOVER = LeaseConfig(lease_duration_s=3.0, renew_deadline_s=2.0, retry_period_s=0.2, holder_silent_s=1.5)
 
 
 async def test_one_leader_then_a_clean_handover(cluster: NatsCluster) -> None:
@@ -157,7 +157,7 @@ async def spawn(cluster: NatsCluster, identity: str, config: LeaseConfig) -> Can
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.leasecandidate", "--servers", ",".join(cluster.urls),
         "--identity", identity, "--lease", str(config.lease_duration_s), "--renew", str(config.renew_deadline_s),
-        "--retry", str(config.retry_period_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+        "--retry", str(config.retry_period_s), "--silent", str(config.holder_silent_s), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
         stdin=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return Candidate(identity, proc)
 
@@ -168,7 +168,7 @@ def leaders(candidates: list[Candidate]) -> list[tuple[float, Candidate, int]]:
 
 @pytest.mark.timeout(90)
 async def test_leader_sigkill_another_process_leads_within_5s(cluster: NatsCluster) -> None:
-    config = LeaseConfig()  # the defaults: 3 / 2 / 0.4 s
+    config = LeaseConfig()  # the defaults: 15 / 12 / 0.4 s, a silent holder taken over after 2 s
     candidates = [await spawn(cluster, f"c{i}", config) for i in range(3)]
     try:
         await wait_for(lambda: all(c.events("ready") for c in candidates), 40, "candidates to connect")
@@ -195,7 +195,10 @@ async def test_leader_sigkill_another_process_leads_within_5s(cluster: NatsClust
 
 @pytest.mark.timeout(90)
 async def test_paused_leader_wakes_up_fenced(cluster: NatsCluster) -> None:
-    config = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2)
+    """The defaults: the frozen leader is taken over early (it answers no probe), long before its
+    own 12 s renew deadline, so it wakes believing it holds the lease: its renewal and its commits
+    find out (Conflict, Fenced) and nothing it writes lands."""
+    config = LeaseConfig()
     first = await spawn(cluster, "old", config)
     try:
         await wait_for(lambda: first.events("leading"), 20, "the first leader")
@@ -204,7 +207,9 @@ async def test_paused_leader_wakes_up_fenced(cluster: NatsCluster) -> None:
             await wait_for(lambda: second.events("ready"), 20, "the second candidate")
             await asyncio.sleep(0.5)  # the fault's timing: both campaign a while before the leader freezes
             first.signal(signal.SIGSTOP)  # frozen while leading: its own timer cannot run
+            frozen_at = time.time()
             await wait_for(lambda: second.events("leading"), 10, "the second to take over")
+            assert second.events("leading")[0]["t"] - frozen_at <= 5.0
             new_epoch = second.events("leading")[0]["epoch"]
             assert new_epoch > first.events("leading")[0]["epoch"]
             await asyncio.sleep(0.5)  # the fault's timing: the new leader works on a while before the old wakes
@@ -228,3 +233,66 @@ async def test_paused_leader_wakes_up_fenced(cluster: NatsCluster) -> None:
             await second.end()
     finally:
         await first.end()
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+async def test_the_leader_rides_out_a_fault_of_the_node_leading_the_record_stream(cluster: NatsCluster,
+                                                                                  fault: str) -> None:
+    """The defaults, and the worst case: the leader's own connection is on the node that leads the
+    record's stream, which is killed (or frozen) while a candidate campaigns from another node.
+    Nothing can be written until the stream elects a new leader (nats-server: 4-9 s), so the
+    leader's renewals wait; it keeps the lease (it answers the candidate's probes once reconnected)
+    and decides again as soon as a renewal lands: same epoch, one term, nobody else acquired.
+    Before: the leader stepped down at its 2 s renew deadline and a candidate took over."""
+    probe = await open_record(cluster.urls)
+    try:
+        (stream_leader,) = [n.name for n in await probe.nodes() if n.leader]
+        others = [n for n in cluster.nodes if n.name != stream_leader]
+        record_a = await kv.Record.open([cluster.node(stream_leader).url] + [n.url for n in others],
+                                        connect={"dont_randomize": True})
+        record_b = await kv.Record.open([n.url for n in others], connect={"dont_randomize": True})
+        watch = await kv.Record.open([others[-1].url, others[0].url], connect={"dont_randomize": True})
+    finally:
+        await probe.close()
+    a = LeaderElector(record_a, "controller", "a", LeaseConfig())
+    b = LeaderElector(record_b, "controller", "b", LeaseConfig())
+    try:
+        a.start()
+        await wait_for(a.may_decide, 10, "a to lead")
+        epoch = a.epoch
+        b.start()
+        await wait_for(lambda: b.probes >= 3 and b.probes_unanswered == 0, 10, "b to probe a (answered)")
+        t0 = time.monotonic()
+        if fault == "kill":
+            await cluster.kill(stream_leader)
+        else:
+            await cluster.pause(stream_leader)
+        undecided: list[float] = []
+
+        async def decides_again() -> bool:
+            if not a.may_decide():
+                undecided.append(time.monotonic())
+            assert a.is_leading() and not b.is_leading(), (a, b)  # sampled all along the fault
+            return bool(undecided) and a.may_decide()
+
+        await until(decides_again, 30, "a to decide again (a renewal landed)", interval_s=0.05)
+        recovered_s = time.monotonic() - t0
+        new_leaders = [n.name for n in await watch.nodes() if n.leader]
+        if fault == "kill":
+            await cluster.restart(stream_leader)
+        else:
+            await cluster.resume(stream_leader)
+        await asyncio.sleep(1.0)  # the fault's aftermath: the node rejoins while a leads on
+        print(f"{fault} of the stream's leader node: a held back its decisions {undecided[-1] - undecided[0]:.2f} s, "
+              f"decided again {recovered_s:.2f} s after the fault (stream leader now {new_leaders}); {b!r}")
+        assert a.may_decide() and a.epoch == epoch and a.terms == 1
+        assert b.terms == 0 and b.early_takeovers == 0 and not b.is_leading()
+        assert (await watch.get("sys.fence.controller")).revision == epoch  # nobody acquired
+        assert new_leaders and new_leaders != [stream_leader]  # the fault did move the stream
+    finally:
+        await a.stop(release=False)
+        await b.stop(release=False)
+        for r in (record_a, record_b, watch):
+            await r.close()

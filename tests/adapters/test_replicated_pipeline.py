@@ -222,3 +222,39 @@ async def test_a_scheduler_tick_of_more_decisions_than_one_batch_holds_commits(t
         assert services.conflicts == 0
     finally:
         await hub.stop()
+
+
+async def test_cancels_wait_out_a_paused_stream_leader_without_stalling_the_loop(tmp_path: Path,
+                                                                                  cluster: NatsCluster) -> None:
+    """A tenant's cancel is awaited like a submission (before: a blocking transaction that held
+    the loop until the record answered): with the stream's leader node paused, three cancels are in
+    flight at the record together while reads answer, and each lands once a new leader is elected."""
+    leader = await stream_leader(cluster)
+    follower = next(n for n in cluster.nodes if n.name != leader)
+    hub = await start(tmp_path, follower.url, "gw-c", role="gateway")
+    try:
+        key = hub.create_tenant("acme")
+        rep = replica(hub)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            acme = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            ids = []
+            for _ in range(3):
+                status, job, _ = await acme.call("POST", "/v1/jobs", JOB)
+                assert status == 201, job
+                ids.append(job["id"])
+            await cluster.pause(leader)
+            try:
+                with LoopWatch() as watch:
+                    cancels = [asyncio.create_task(acme.call("DELETE", f"/v1/jobs/{i}")) for i in ids]
+                    await until(lambda: rep.in_flight >= 3, 10, "the cancels in flight at the record")
+                    status, listing, _ = await acme.call("GET", "/v1/jobs")
+                    assert status == 200 and {j["state"] for j in listing["data"]} == {"queued"}  # none seen early
+                    answers = await asyncio.gather(*cancels)
+            finally:
+                await cluster.resume(leader)
+            assert [s for s, _, _ in answers] == [200] * 3, answers
+            assert {b["state"] for _, b, _ in answers} == {"cancelled"}
+            assert watch.worst_s < 0.5, f"the event loop stood still for {watch.worst_s:.2f} s"
+            assert {j.state for j in store_jobs.list_jobs(hub.db, "acme")} == {"cancelled"}
+    finally:
+        await hub.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +22,9 @@ from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store import sites as store_sites
 from edge_agent import wire
-from tests.adapters.test_training_raw_site import JOB, RawSite, submit
+from tests.support.rawsite import JOB, RawSite, dispatched, site, submit  # noqa: F401  (site: the fixture)
 from tests.support.waiting import until
 from tests.support.hubrig import Client, hub_config, running_hub, services_of
-
-
-@pytest.fixture
-async def site(nats_server: NatsServer) -> AsyncIterator[RawSite]:
-    peer = RawSite(nats_server.url)
-    try:
-        yield peer
-    finally:
-        await peer.close()
 
 
 async def register(nc: Any, msg: wire.Register) -> Any:
@@ -224,12 +214,7 @@ async def test_a_rogue_local_replica_with_negative_load_draws_no_tenant_it_was_n
 async def test_a_second_site_forging_events_cannot_freeze_a_job_running_elsewhere(
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
-        key = hub.create_tenant("acme")
-        await site.start()
-        await site.serve_commands()
-        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
-        jid = await submit(hub, key)
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        jid = await dispatched(hub, site)
         (start,) = site.commands
         now = time.time()
         rogue = await nats.connect(nats_server.url, inbox_prefix=wire.inbox_prefix("nj-edge"))
@@ -263,9 +248,7 @@ async def test_a_second_site_forging_events_cannot_freeze_a_job_running_elsewher
 async def test_heartbeats_listing_attempts_the_hub_never_placed_turn_into_no_commands(
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     async with running_hub(hub_config(tmp_path, nats_server.url, scheduler_tick_s=0.1)) as hub:
-        await site.start()
-        await site.serve_commands()
-        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        await site.join(hub)
         # A heartbeat listing 2,000 attempts the hub never placed, 5 times.
         fake = [wire.AttemptRef(job=f"job-{i:016x}", attempt=1) for i in range(2000)]
         view = hub.registry.get("hz-edge")
@@ -294,9 +277,7 @@ async def test_a_site_restarted_without_its_attempt_gets_it_failed_vanished_and_
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:  # vanished_heartbeats = 5
         key = hub.create_tenant("acme")
-        await site.start()
-        await site.serve_commands()
-        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        await site.join(hub)
         jid = await submit(hub, key)
         await until(lambda: site.running, 10, "attempt started at the site")
         (start,) = site.commands
@@ -334,9 +315,7 @@ async def test_workloads_go_only_to_sites_that_can_run_them_and_refusals_reach_t
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
         key = hub.create_tenant("acme")
-        await site.start()  # hz-edge registers executors ["sim"]
-        await site.serve_commands()
-        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        await site.join(hub)  # hz-edge registers executors ["sim"]
         async with aiohttp.ClientSession() as session:
             acme = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
             for bad in ("UPPER/case", "a" * 300, "busybox;rm -rf /", "", "../x"):
@@ -399,12 +378,7 @@ async def test_an_acknowledged_start_left_placed_by_a_hub_crash_is_not_stranded_
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
-        key = hub.create_tenant("acme")
-        await site.start()
-        await site.serve_commands()
-        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
-        jid = await submit(hub, key)
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        jid = await dispatched(hub, site)
     # What a hub killed between marking the StartAttempt sent and recording its Ack leaves behind.
     from controlplane.store import db as store_db
     db = store_db.open_db(config.db_path)

@@ -4,7 +4,6 @@ metering once, a whole plan tick in one transaction, and everything still there 
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from controlplane.core.placement import CostBreakdown
 from controlplane.core.scheduler import Explanation
 from controlplane.store import db as dbmod
 from controlplane.store import jobs
-from controlplane.store.migrations import MIGRATIONS
+from tests.support.olddb import migrated_before
 
 T0 = 1_700_000_000.0
 SPEC = {"name": "llama-ft", "cards": 16, "accelerators": ["A800"], "est_hours": 10, "priority": 2}
@@ -120,13 +119,7 @@ def test_migration_quarantines_stored_specs_that_do_not_decode(tmp_path: Path) -
     """A database from before 0012: a spec the typed decoder cannot read is kept aside, counted in
     the quarantine table, and its job (if still waiting) fails with the reason; good rows are untouched."""
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("CREATE TABLE _migrations (id TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    for mid, sql in MIGRATIONS:
-        if mid >= "0012":
-            break
-        dbmod.run_migration(conn, sql)
-        conn.execute("INSERT INTO _migrations VALUES (?, 0)", (mid,))
+    conn = migrated_before(path, "0012")
     old = [("good", json.dumps(SPEC), "queued"), ("bad-queued", json.dumps({"cards": 4}), "queued"),
            ("bad-done", '{"cards": 4, "accelerators": "A800"}', "succeeded")]
     for jid, text, state in old:
@@ -158,13 +151,7 @@ def test_a_quoted_job_stored_as_a_dict_keeps_its_market_fields_through_0012(tmp_
     (the scheduler keeps it on its pool, billing finds its quote), and its stored idempotent answer
     replays typed through ``idempotent_answer`` (the gateway's first check)."""
     path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("CREATE TABLE _migrations (id TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
-    for mid, sql in MIGRATIONS:
-        if mid >= "0012":
-            break
-        dbmod.run_migration(conn, sql)
-        conn.execute("INSERT INTO _migrations VALUES (?, 0)", (mid,))
+    conn = migrated_before(path, "0012")
     quoted = {**SPEC, "quote_id": "q-1", "quote_pool": "hz-edge", "quote_accelerator": "910B", "pools": ["hz-edge"],
               "accelerators": ["910B"]}
     conn.execute("INSERT INTO jobs (id, tenant, name, spec, state, priority, cards, submitted_at, updated_at) "

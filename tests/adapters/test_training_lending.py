@@ -129,3 +129,37 @@ def test_cards_a_deployment_holds_at_the_edge_are_kept_for_inference(tmp_path: P
         assert got is not None and got.state is JobState.QUEUED
     finally:
         db.conn.close()
+
+
+def test_a_ramp_an_hour_earlier_than_declared_is_learnt_from_demand_and_reclaims_an_hour_earlier(tmp_path: Path) -> None:
+    from controlplane.services.demand_share import LearntDemand
+    from tests.support.manualclock import ManualClock
+
+    svc, reg, db = service(tmp_path, lending=True)
+    declared = list(svc.config.lending.profile)
+    actual = declared[1:] + declared[:1]  # every hour's demand comes an hour early
+    clock = ManualClock()
+    learnt = LearntDemand(region_of_origin={"pa": "r"}.get, region_of_site={"e1": "r", "h1": "r"}.get, clock=clock)
+    counts: dict[tuple[str, str, str, float], int] = {}
+    drain = learnt.tap(lambda: dict(counts))
+    for k in range(2 * 24 * 12):  # the two days before, drained every 5 min as the autoscaler does
+        clock.now = MIDNIGHT - 2 * 24 * H + k * 300.0
+        counts[("acme", "qwen", "pa", 10.0)] = round(1000 * actual[(k // 12) % 24] / 12)
+        drain()
+    svc.lending_profiles = learnt.site_profiles
+    try:
+        bring_up(reg, "e1", "edge", MIDNIGHT)
+        row, _ = svc.submit("acme", SPEC, None, "h", MIDNIGHT + 0.5 * H)
+        plan = svc.tick(MIDNIGHT + 0.5 * H)
+        assert plan is not None and [(p.job_id, p.pool) for p in plan.start] == [(row.id, "e1")]
+        lent = [e.body for e in svc.events(row.id) if e.body.get("type") == "lent"]
+        # Learnt: 06:00 needs 3.3 of 8 cards (an hour before the declared 07:00): 6 idle cards last until 05:45.
+        assert lent and lent[0]["until"] == MIDNIGHT + 5.75 * H
+        # The 4 lent are back by 06:45 (07:00 needs 5.3), not 07:45: the stop an hour earlier.
+        stop_at = MIDNIGHT + 6.75 * H - 300.0 - 60.0
+        svc.tick(stop_at - 5.0)
+        assert not [e for e in store_outbox.pending(db) if e.kind == "stop_attempt"]
+        svc.tick(stop_at)
+        assert [(e.site, e.job_id) for e in store_outbox.pending(db) if e.kind == "stop_attempt"] == [("e1", row.id)]
+    finally:
+        db.conn.close()

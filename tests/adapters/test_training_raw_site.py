@@ -8,114 +8,20 @@ can hold commands in the outbox, restart the hub, make the site refuse, or publi
 
 from __future__ import annotations
 
-import asyncio
-import secrets
 import time
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nats
-import pytest
 
 from controlplane.nats.natsserver import NatsServer
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from edge_agent import wire
-from edge_agent.nats_barrier import barrier
-from tests.support.manualclock import ManualClock
 from tests.support.hubrig import Client, hub_config, running_hub, services_of
+from tests.support.manualclock import ManualClock
+from tests.support.rawsite import RawSite, dispatched, site, submit  # noqa: F401  (site: the fixture)
 from tests.support.waiting import until
-
-JOB = {"name": "t", "cards": 2, "accelerators": ["910B"], "est_hours": 1.0, "checkpoint_interval_min": 10}
-
-
-class RawSite:
-    """hz-edge as a bare NATS client: Register, heartbeats every 0.3 s (listing the attempts it
-    acknowledged and was not told to stop, as an agent does), commands answered by ``answer``."""
-
-    def __init__(self, url: str, site: str = "hz-edge") -> None:
-        self.url = url
-        self.site = site
-        self.nc: Any = None
-        self.commands: list[Any] = []
-        self.running: dict[tuple[str, int], float] = {}
-        """(job, attempt) -> progress: what the heartbeats list"""
-        self.answer: Callable[[Any], Any] = lambda cmd: wire.Ack(detail="ok")
-        self._beat: asyncio.Task[None] | None = None
-        self._sub: Any = None
-
-    async def start(self) -> None:
-        self.nc = await nats.connect(self.url)
-        await self.register()
-        self._beat = asyncio.create_task(self._heartbeats())
-
-    async def register(self) -> None:
-        msg = wire.Register(site=self.site, tier="edge", city="hangzhou", accelerators={"910B": 4}, executors=["sim"])
-        reply = await self.nc.request(wire.register_subject(self.site), wire.encode(msg), timeout=5)
-        assert isinstance(wire.register_reply_decoder.decode(reply.data), wire.RegisterAck)
-
-    async def _heartbeats(self) -> None:
-        seq = 0
-        while True:
-            seq += 1
-            hb = wire.Heartbeat(site=self.site, seq=seq, free_cards={"910B": 4.0}, attempts=[
-                wire.AttemptRef(job=j, attempt=a, progress=p) for (j, a), p in self.running.items()])
-            await self.nc.publish(wire.heartbeat_subject(self.site), wire.encode(hb))
-            await asyncio.sleep(0.3)  # the site's heartbeat period
-
-    async def serve_commands(self) -> None:
-        async def on_cmd(msg: Any) -> None:
-            cmd = wire.command_decoder.decode(msg.data)
-            if isinstance(cmd, wire.Reregister):  # a new hub asks who we are, as it would an agent
-                await msg.respond(wire.encode(wire.Ack(detail="registering")))
-                await self.register()
-                return
-            self.commands.append(cmd)
-            answer = self.answer(cmd)
-            if isinstance(cmd, wire.StartAttempt) and isinstance(answer, wire.Ack):
-                self.running[(cmd.job, cmd.attempt)] = cmd.progress
-            elif isinstance(cmd, wire.StopAttempt):
-                self.running.pop((cmd.job, cmd.attempt), None)
-            await msg.respond(wire.encode(answer))
-
-        self._sub = await self.nc.subscribe(wire.cmd_subject(self.site), cb=on_cmd)
-        await barrier(self.nc)
-
-    async def publish_event(self, event: Any, site: str | None = None, key: str = "") -> None:
-        """Publish an attempt event as an agent does (on ``site``'s subject; ``key``: the attempt's
-        ``event_key``, which only the site holding the attempt knows): a request whose reply is in
-        the publishing site's own inbox; the hub stores it and relays JetStream's PubAck."""
-        msg_id = wire.event_msg_id(event.job, event.attempt, event.seq, key)
-        who = site or self.site
-        inbox = f"{wire.inbox_prefix(who)}.{secrets.token_hex(8)}"
-        sub = await self.nc.subscribe(inbox, max_msgs=1)
-        await self.nc.publish(wire.event_subject(who), wire.encode(event), reply=inbox, headers={"Nats-Msg-Id": msg_id})
-        ack = await sub.next_msg(timeout=5)
-        assert b'"stream"' in ack.data, ack.data
-
-    async def close(self) -> None:
-        if self._beat is not None:
-            self._beat.cancel()
-            await asyncio.gather(self._beat, return_exceptions=True)
-        await self.nc.close()
-
-
-@pytest.fixture
-async def site(nats_server: NatsServer) -> AsyncIterator[RawSite]:
-    peer = RawSite(nats_server.url)
-    try:
-        yield peer
-    finally:
-        await peer.close()
-
-
-async def submit(hub: Any, key: str) -> str:
-    async with aiohttp.ClientSession() as session:
-        status, body, _ = await Client(session, f"http://127.0.0.1:{hub.http_port}", key).call("POST", "/v1/jobs", JOB)
-    assert status == 201, body
-    return str(body["id"])
 
 
 async def test_a_command_committed_but_not_delivered_is_sent_after_a_hub_restart(
@@ -179,9 +85,7 @@ async def test_a_refused_start_is_an_infrastructure_failure_and_the_job_is_place
             return wire.Ack(detail="started")
 
         site.answer = answer
-        await site.start()
-        await site.serve_commands()
-        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
+        await site.join(hub)
         jid = await submit(hub, key)
         await until(lambda: (r := store_jobs.get_job(hub.db, jid)) is not None and r.attempt == 2
                     and r.state == "starting", 10, "attempt 2 dispatched")
@@ -200,12 +104,7 @@ async def test_a_site_that_died_while_the_hub_was_down_fails_its_attempts_after_
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     config = hub_config(tmp_path, nats_server.url)
     async with running_hub(config) as hub:
-        key = hub.create_tenant("acme")
-        await site.start()
-        await site.serve_commands()
-        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
-        jid = await submit(hub, key)
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        jid = await dispatched(hub, site)
     await site.close()  # the site dies while the hub is down: nobody will ever heartbeat for it
     clock = ManualClock()  # the grace passes on the hub's clock, not in real seconds
     async with running_hub(config, clock=clock) as hub:
@@ -226,12 +125,7 @@ async def test_a_site_that_died_while_the_hub_was_down_fails_its_attempts_after_
 async def test_an_event_for_the_current_attempt_from_another_site_is_fenced(
         tmp_path: Path, nats_server: NatsServer, site: RawSite) -> None:
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
-        key = hub.create_tenant("acme")
-        await site.start()
-        await site.serve_commands()
-        await until(lambda: hub.registry.get("hz-edge") is not None, 5, "site registered")
-        jid = await submit(hub, key)
-        await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
+        jid = await dispatched(hub, site)
         service = services_of(hub).training
         now = time.time()
         # nj-edge (on its own subject, as its permissions allow) claims hz-edge's attempt 1.

@@ -3,7 +3,10 @@ a typed spec goes in, is stored, read back typed and planned."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import msgspec
 
 from controlplane.config import HubConfig
 from controlplane.core import jobspec
@@ -42,5 +45,75 @@ def test_the_service_runs_on_its_typed_parts_and_plans_the_stored_spec(tmp_path:
         got = service.job(row.id, tenant="acme")
         assert got is not None and got.spec == spec and got.state is JobState.QUEUED
         assert got.reason == "quota: tenant acme holds 0 of 8 cards, job needs 16" and asked == ["acme"]
+    finally:
+        db.conn.close()
+
+
+def test_a_tick_over_an_unchanged_queue_opens_no_write_transaction(tmp_path: Path) -> None:
+    """The second of two ticks over 450 queued jobs that wait as they did writes nothing: no
+    transaction at all (before, one per 200 waits: on the replicated record each is a read barrier
+    and a batch), and the plan is the same."""
+    db = store_db.open_db(tmp_path / "cpn.db")
+    layout = loader.load_default()
+    clock = WallClock()
+    service = training.TrainingService(
+        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
+        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
+    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    begins: list[str] = []
+    try:
+        spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
+        with store_db.transaction(db):
+            ids = [service.submit("acme", spec, None, "h", T0)[0].id for _ in range(450)]
+        first = service.tick(T0 + 1)
+        assert first is not None and sorted(w.job_id for w in first.wait) == sorted(ids)
+        assert {r.reason for r in service.jobs("acme", state=JobState.QUEUED, limit=1000)} == {
+            "quota: tenant acme holds 0 of 8 cards, job needs 16"}
+        db.conn.set_trace_callback(lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
+        second = service.tick(T0 + 2)
+        db.conn.set_trace_callback(None)
+        assert second is not None and [(w.job_id, w.reason) for w in second.wait] == \
+            [(w.job_id, w.reason) for w in first.wait]
+        assert begins == []
+    finally:
+        db.conn.close()
+
+
+async def test_a_tick_over_a_long_queue_lets_the_loop_run_between_its_steps(tmp_path: Path) -> None:
+    """The awaited tick reads and plans 1,000 queued jobs in steps of ``TICK_STEP``: other work on
+    the loop (a gateway's requests) runs between them (before, not once until the plan was made),
+    and the plan is the one the synchronous tick makes."""
+    db = store_db.open_db(tmp_path / "cpn.db")
+    layout = loader.load_default()
+    clock = WallClock()
+    service = training.TrainingService(
+        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
+        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
+    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    try:
+        spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
+        with store_db.transaction(db):
+            for _ in range(1000):
+                service.submit("acme", spec, None, "h", T0)
+        turns = 0
+        planning = True
+
+        async def other_work() -> None:
+            nonlocal turns
+            while planning:
+                turns += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(other_work())
+        await asyncio.sleep(0)
+        turns = 0
+        stepped = await service.tick_async(T0 + 1)
+        planning = False
+        await task
+        assert turns >= 3 * (1000 // training.TICK_STEP), turns  # decode, specs, plan: each in steps
+        whole = service.tick(T0 + 1)
+        assert stepped is not None and whole is not None
+        assert msgspec.json.encode(stepped) == msgspec.json.encode(whole)
+        assert 0 < service.last_tick_busy_s
     finally:
         db.conn.close()

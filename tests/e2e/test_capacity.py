@@ -28,7 +28,7 @@ from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, SimBackendConfig
 from tests.e2e.test_deployments import until_state
-from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.waiting import until
 
 SITES = {"sh-edge": ("shanghai", {"H20": 4}), "hz-edge": ("hangzhou", {"910B": 4}), "nj-edge": ("nanjing", {"L20": 4})}
@@ -144,6 +144,10 @@ async def test_an_slo_request_is_refused_with_429_when_every_site_is_saturated(n
     assert status == 200, body
     await until(lambda: hub.registry.get("hz-edge").service_ms_p50 > 300, timeout_s=10,  # type: ignore[union-attr]
                 what="the site's measured service time in its heartbeat")
+    # The agent's heartbeat says which card the replica runs on (the prefill profile's key).
+    assert hub.registry.get("hz-edge").replicas["qwen"].accelerator == "910B"  # type: ignore[union-attr]
+    # The hub learnt the model's own service time at the site from the answer (the queue term).
+    assert services_of(hub).inference.service_ms[("hz-edge", "qwen")] > 300
 
     # Idle: admitted, with its prediction (RTT + no queue + prefill).
     status, body, headers = await tenant.call("POST", "/v1/infer", INFER, headers={"X-CPN-SLO-TTFT-Ms": "300"})

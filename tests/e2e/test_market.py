@@ -7,6 +7,7 @@ transaction; statements (JSON and CSV) and the reconciliation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import time
@@ -459,6 +460,23 @@ def _training_agent(site: str, city: str, cards: int, url: str, tmp: Path) -> Ag
     ))
 
 
+@contextlib.asynccontextmanager
+async def _training_sites(hub: Hub, url: str, tmp: Path) -> AsyncIterator[None]:
+    """sh-hub (8 910B, Shanghai) and hz-edge (4 910B, Hangzhou): agents running sim training,
+    registered with ``hub`` for the block."""
+    agents = [_training_agent(site, city, cards, url, tmp)
+              for site, city, cards in (("sh-hub", "shanghai", 8), ("hz-edge", "hangzhou", 4))]
+    try:
+        for a in agents:
+            await a.start()
+        await until(lambda: all((v := hub.registry.get(a.site)) is not None and v.registered for a in agents),
+                    10, "agents registered")
+        yield
+    finally:
+        for a in agents:
+            await a.stop()
+
+
 async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_charge(
         tmp_path: Path, nats_server: NatsServer) -> None:
     """sh-hub (the operator's, PUE 1.25) is where placement by energy alone puts a 910B job; hz-edge,
@@ -469,13 +487,7 @@ async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_c
     async with running_hub(hub_config(tmp_path, nats_server.url, sim_time_scale=3600)) as hub:
         admin = hub.create_admin_key("test")
         key = hub.create_tenant("acme")
-        agents = [_training_agent("sh-hub", "shanghai", 8, nats_server.url, tmp_path),
-                  _training_agent("hz-edge", "hangzhou", 4, nats_server.url, tmp_path)]
-        try:
-            for a in agents:
-                await a.start()
-            await until(lambda: all((v := hub.registry.get(s)) is not None and v.registered
-                                    for s in ("sh-hub", "hz-edge")), 10, "agents registered")
+        async with _training_sites(hub, nats_server.url, tmp_path):
             async with aiohttp.ClientSession() as session:
                 base = f"http://127.0.0.1:{hub.http_port}"
                 op, acme = Client(session, base, admin), Client(session, base, key)
@@ -556,9 +568,6 @@ async def test_placement_by_offer_price_and_a_quote_pins_its_pool_and_caps_the_c
                 assert (status, again["id"], headers.get("Idempotent-Replayed")) == (201, jq, "true"), again
                 status, body, _ = await acme.call("POST", "/v1/jobs", quoted, headers={"Idempotency-Key": "q2"})
                 assert status == 402, body
-        finally:
-            for a in agents:
-                await a.stop()
 
 
 def _job(hub: Hub, job_id: str) -> Any:
@@ -576,13 +585,7 @@ async def test_accepted_jobs_hold_their_maximum_against_the_budget_until_billed_
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:  # real time: jobs run for an hour
         admin = hub.create_admin_key("test")
         key = hub.create_tenant("acme", default_origin="hangzhou")
-        agents = [_training_agent("sh-hub", "shanghai", 8, nats_server.url, tmp_path),
-                  _training_agent("hz-edge", "hangzhou", 4, nats_server.url, tmp_path)]
-        try:
-            for a in agents:
-                await a.start()
-            await until(lambda: all((v := hub.registry.get(s)) is not None and v.registered
-                                    for s in ("sh-hub", "hz-edge")), 10, "agents registered")
+        async with _training_sites(hub, nats_server.url, tmp_path):
             async with aiohttp.ClientSession() as session:
                 base = f"http://127.0.0.1:{hub.http_port}"
                 op, acme = Client(session, base, admin), Client(session, base, key)
@@ -640,6 +643,3 @@ async def test_accepted_jobs_hold_their_maximum_against_the_budget_until_billed_
                 assert charged < hz["max_fen"]
                 status, third, _ = await acme.call("POST", "/v1/jobs", job)
                 assert status == 201, third
-        finally:
-            for a in agents:
-                await a.stop()

@@ -220,6 +220,26 @@ class FakeHub:
         await until(holds, timeout_s, what, interval_s=0.05, last=lambda: f"stream has {[e.msg_id for e in events]}")
         return events
 
+    async def run_attempt(self, site: str, cmd: wire.StartAttempt, timeout_s: float = 10.0,
+                          ) -> tuple[wire.AttemptExited, list[StreamedEvent]]:
+        """Send ``cmd`` (which ``site`` must acknowledge) and wait until the attempt exits.
+
+        Returns:
+            Its ``AttemptExited`` and every event of its job in the stream.
+        """
+        reply = await self.command(site, cmd)
+        assert isinstance(reply, wire.Ack), reply
+        events = await self.wait_events(lambda ev: exit_event(ev, cmd.job) is not None, timeout_s=timeout_s,
+                                        what=f"{cmd.job} to exit")
+        exited = exit_event(events, cmd.job)
+        assert exited is not None
+        return exited, [e for e in events if e.event.job == cmd.job]
+
+
+def exit_event(events: list[StreamedEvent], job: str) -> wire.AttemptExited | None:
+    """``job``'s ``AttemptExited`` among ``events``; None until it came."""
+    return next((e.event for e in events if isinstance(e.event, wire.AttemptExited) and e.event.job == job), None)
+
 
 def agent_config(url: str, site: str = "edge-a", **overrides: Any) -> Any:
     """An ``AgentConfig`` with test timings (fast heartbeats, retries and reconnects).

@@ -43,7 +43,8 @@ async def campaign(args: argparse.Namespace) -> None:
                 raise
             say(event="open_retry", error=str(exc))
             await asyncio.sleep(0.2)  # a program's retry back-off (this runs as a candidate process, not a test)
-    config = LeaseConfig(lease_duration_s=args.lease, renew_deadline_s=args.renew, retry_period_s=args.retry)
+    config = LeaseConfig(lease_duration_s=args.lease, renew_deadline_s=args.renew, retry_period_s=args.retry,
+                         holder_silent_s=args.silent)
     ticker: asyncio.Task[None] | None = None
     last_fence: list[kv.Fence] = []
 
@@ -94,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--servers", required=True)
     parser.add_argument("--identity", required=True)
-    parser.add_argument("--lease", type=float, default=3.0)
-    parser.add_argument("--renew", type=float, default=2.0)
-    parser.add_argument("--retry", type=float, default=0.4)
+    defaults = LeaseConfig()
+    parser.add_argument("--lease", type=float, default=defaults.lease_duration_s)
+    parser.add_argument("--renew", type=float, default=defaults.renew_deadline_s)
+    parser.add_argument("--retry", type=float, default=defaults.retry_period_s)
+    parser.add_argument("--silent", type=float, default=defaults.holder_silent_s)
     args = parser.parse_args(argv)
     try:
         asyncio.run(campaign(args))

@@ -76,3 +76,22 @@ def test_practical_interval_is_clamped_to_floor_and_job_length() -> None:
     assert ck.practical_interval_s(300.0, math.inf, 2 * HOUR) == 2 * HOUR  # no failures: at the end
     t = ck.daly_interval_s(300.0, 24 * HOUR)
     assert ck.practical_interval_s(300.0, 24 * HOUR, 100 * HOUR) == pytest.approx(t)
+
+
+def test_goodput_waste_is_dalys_complete_model() -> None:
+    # No failures: only the checkpoints' share; infinite interval and MTBF: nothing.
+    assert ck.goodput_waste(600.0, 300.0, 120.0, math.inf) == pytest.approx(0.5)
+    assert ck.goodput_waste_unchecked(math.inf, 300.0, 120.0, math.inf) == 0.0
+    # Known answer: T = 3,600 s, C = 300 s, R = 600 s, M = 10 h.
+    m = 36_000.0
+    expected = m * math.exp(600.0 / m) * (math.exp(3900.0 / m) - 1.0) / 3600.0 - 1.0
+    assert ck.goodput_waste(3600.0, 300.0, 600.0, m) == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(0.1634, abs=1e-4)
+    # Above the first-order waste, and close to it when M is long against T.
+    assert ck.goodput_waste(3600.0, 300.0, 600.0, m) > ck.expected_waste(3600.0, 300.0, 600.0, m)
+    assert ck.goodput_waste(3600.0, 300.0, 600.0, 1e9) == pytest.approx(
+        ck.expected_waste(3600.0, 300.0, 600.0, 1e9), rel=1e-4)
+    # A segment that practically never runs through: infinite waste, not an overflow.
+    assert ck.goodput_waste(3600.0, 300.0, 600.0, 1.0) == math.inf
+    with pytest.raises(ValueError, match="mtbf_s"):
+        ck.goodput_waste(3600.0, 300.0, 600.0, -1.0)

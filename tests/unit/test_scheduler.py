@@ -394,3 +394,21 @@ def test_a_restart_waiting_for_a_window_says_why_it_waits() -> None:
     tou = pool("tou", tariff=tariff(0.7, peak=1.2, valley=0.3))
     (w,) = plan([tou], [job("back", deadline=NOW + 40 * H, progress=0.2, checkpoint_pool="gone", prefer="cost")]).wait
     assert w.reason.startswith("waits 14.0 h for a cheaper tariff window") and w.until == NOW + 14 * H
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenarios(), st.integers(1, 7))
+def test_a_plan_made_in_steps_is_the_plan_and_pauses_every_k_decisions(scn, every: int) -> None:  # type: ignore[no-untyped-def]
+    pools, queued, run, tenants = scn
+    whole = sc.plan(sc.Snapshot(pools=pools, queued=queued, running=run, tenants=tenants), NOW)
+    steps = sc.plan_steps(sc.Snapshot(pools=pools, queued=queued, running=run, tenants=tenants), NOW, every=every)
+    pauses = 0
+    while True:
+        try:
+            next(steps)
+            pauses += 1
+        except StopIteration as done:
+            stepped = done.value
+            break
+    assert msgspec.json.encode(stepped) == msgspec.json.encode(whole)
+    assert pauses == len(queued) // every

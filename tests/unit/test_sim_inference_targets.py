@@ -16,7 +16,6 @@ from controlplane.tools.sim import core_scenario, runner
 
 def inference_only(name: str) -> core_scenario.Scenario:
     s = runner.load_scenario(name)
-    # (baselines stay on: with inference.baselines = false the simulator also turns cpn's scaling off)
     return msgspec.structs.replace(s, training=msgspec.structs.replace(s.training, jobs=0))
 
 

@@ -78,3 +78,44 @@ def test_cards_replicas_hold_are_never_lent_and_their_growth_is_forecast() -> No
     assert sim.offered["pa-edge"] == {"A800": 3}
     assert all(pool != "pa-edge" for st in starts.values() for pool, _ in st)
     assert sim.lent_card_s == 0.0
+
+
+@pytest.mark.parametrize("forecast, ramp_h", [("declared", 8.0), ("learnt", 7.0)])
+def test_the_forecast_is_learnt_from_the_demand_seen_on_past_days(forecast: str, ramp_h: float) -> None:
+    """Demand comes an hour earlier than the declared profile says. Learnt from two days of it, the
+    gang lent at midnight on day 3 is stopped before the ramp that happens, an hour earlier than the
+    declared profile would stop it."""
+    lay = network()
+    s = core_scenario.decode(f'name = "l"\n[lending]\nenabled = true\nforecast = "{forecast}"\n', "l")
+    start = core_scenario.start_epoch_s(s.start)  # 00:00 local
+    actual = s.inference.profile[1:] + s.inference.profile[:1]  # every hour's demand an hour early
+    day3 = start + 48 * H
+    sim = core_training.TrainingSim("cpn", core_training.cpn_planner, lay, lay.sites, [job("j1", day3), job("j2", day3)],
+                                    start_s=start, tick_s=60.0, failure_scale=0.0, reserved_cards={}, lent=["pa-edge"])
+    now = [start]
+    last = [start]
+
+    def demand() -> dict[str, float]:  # requests of region r since the last call, 1,000 an hour at the peak
+        t0, last[0] = last[0], now[0]
+        return {"r": 1000.0 * actual[int(((t0 + 8 * H) // H) % 24)] * (now[0] - t0) / H} if now[0] > t0 else {}
+
+    lender = core_lending.Lender(s, [lay.site("pa-edge")], [sim], lambda: {}, demand)
+    wakes = [start + k * s.lending.tick_s for k in range(int(60 * H / s.lending.tick_s) + 1)]
+    heapq.heapify(wakes)
+    edge_starts = []
+    while wakes:
+        t = heapq.heappop(wakes)
+        now[0] = t
+        sim.advance(t)
+        nxt = lender.tick(t)
+        if nxt is not None and nxt > t:
+            heapq.heappush(wakes, nxt)
+        sim.advance(t)
+        for j in sim.jobs.values():
+            if j.att is not None and j.att.pool == "pa-edge" and j.att.start not in edge_starts:
+                edge_starts.append(j.att.start)
+    assert edge_starts and edge_starts[0] == pytest.approx(day3, abs=60.0)
+    # Lent 4 of 8, inference keeps 4: the ramp is the first hour needing more than half the peak's cards.
+    assert sim.lent_card_s / 4 == pytest.approx(ramp_h * H - 900.0 - 300.0 - 60.0, abs=61.0)
+    assert lender.reclaimed["cpn"] >= 1
+    assert lender.report({})["forecast"] == forecast

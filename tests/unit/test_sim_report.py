@@ -166,3 +166,15 @@ def test_cpn_scales_replicas_and_the_bound_is_physical(national) -> None:
     assert report.to_json(again.report) == report.to_json(res.report)
     txt = report.text(res.report)
     assert "cpn-fixed" in txt and "bound" in txt and "scaling m7b" in txt
+
+
+def test_turning_the_baselines_off_keeps_cpns_scaling(national) -> None:
+    """``[inference] baselines = false`` skips the baseline runs only: cpn still scales, and its
+    figures are those of the run with baselines (each policy has its own random stream)."""
+    text = SCALED.replace("[inference]\n", "[inference]\nbaselines = false\n", 1)
+    alone = runner.simulate(core_scenario.decode(text, "alone"), layout=national, seed=4).report["inference"]
+    both = runner.simulate(core_scenario.decode(SCALED, "scaled"), layout=national, seed=4).report["inference"]
+    assert set(alone["policies"]) == {"cpn"}
+    assert sum(alone["scaling"]["m7b"]["scale_outs_by_tier"].values()) > 0
+    assert alone["scaling"] == both["scaling"]
+    assert alone["policies"]["cpn"] == both["policies"]["cpn"]

@@ -15,7 +15,12 @@ reasons for the ones it does not (docs/sim.md, "Training targets"):
   costs more than that target, so no placement of the same work at the same hours reaches it;
   only moving work to valley hours could, and that is waiting, which the other targets forbid.
 - not met: the jobs all policies completed cost 1.3-1.7x the cheapest-feasible bound (the bound
-  gives every job its cheapest pool with all cards free; cheap pools are full).
+  gives every job its cheapest pool with all cards free; cheap pools are full). Against the
+  capacity-aware bound (their own card-hours each hour on the cheapest cards of their types, at
+  most the cards there are) cpn is at 1.12-1.33x, below both baselines on every seed.
+- where cpn's cost goes: within 6% of the floor of its own load on its jobs' accelerators
+  (``accelerator_floor``: H800 jobs on H800 cards, A800/910B jobs on A800 and 910B cards); the rest
+  of the gap to the plain floor is cards of types its jobs do not accept.
 """
 
 
@@ -85,9 +90,30 @@ def test_the_cost_target_is_below_the_floor_of_the_load_each_hour(reports: dict[
         assert p["cny_per_a800_card_hour"] >= p["hourly_floor_cny_per_a800_card_hour"]
     # Met, or out of reach of any placement of cpn's own load hour by hour.
     assert cpn["cost_vs_nearest_hub"] <= 0.75 or cpn["hourly_floor_cny_per_a800_card_hour"] > target, cpn
-    # cpn is within 15% of the floor of its own load; the per-job bounds (all cards free) are far lower.
-    assert cpn["cny_per_a800_card_hour"] <= 1.15 * cpn["hourly_floor_cny_per_a800_card_hour"]
+    # cpn is within 12% of the floor of its own load (1.09x at most measured) and within 7% of that
+    # floor on its jobs' accelerators (1.03-1.06x measured); the per-job bounds (all cards free) are
+    # far lower.
+    assert cpn["cny_per_a800_card_hour"] <= 1.12 * cpn["hourly_floor_cny_per_a800_card_hour"]
+    assert cpn["hourly_floor_cny_per_a800_card_hour"] <= cpn["accelerator_floor_cny_per_a800_card_hour"]
+    assert cpn["accelerator_floor_cny_per_a800_card_hour"] <= cpn["cny_per_a800_card_hour"] <= \
+        1.07 * cpn["accelerator_floor_cny_per_a800_card_hour"]
     assert b["cny_per_a800_card_hour_windowed"] <= b["cny_per_a800_card_hour_at_once"] < target
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_common_jobs_against_both_bounds(reports: dict[int, Any], seed: int) -> None:
+    pols = reports[seed]["policies"]
+    cpn = pols["cpn"]
+    for name in ("cpn", "nearest-hub", "random"):  # a bound: nobody goes below it
+        p = pols[name]
+        assert p["common_vs_bound"] >= 1.0 and p["common_vs_capacity_bound"] >= 1.0, (name, p)
+        # The capacity-aware bound is the fairer, higher one: the ratio to it is the smaller.
+        assert p["common_vs_capacity_bound"] <= p["common_vs_bound"]
+    # cpn: 1.12-1.33x the capacity-aware bound measured (the issue's 1.15x met on seed 3 only),
+    # below both baselines (1.48-1.86x).
+    assert cpn["common_vs_capacity_bound"] <= 1.35
+    assert cpn["common_vs_capacity_bound"] < min(pols["nearest-hub"]["common_vs_capacity_bound"],
+                                                  pols["random"]["common_vs_capacity_bound"])
 
 
 def test_same_seed_same_training_report() -> None:
@@ -110,3 +136,28 @@ def test_cost_first_jobs_wait_for_tariffs_in_the_sim_and_every_wait_says_why() -
         scenario.training, min_wait_saving_pct=100.0))
     none = runner.simulate(strict, seed=1).report["training"]["policies"]["cpn"]
     assert "tariff" not in none["waits"]["jobs_by_kind"]
+
+
+def test_accelerator_floor_keeps_each_load_on_the_types_its_jobs_accept() -> None:
+    from controlplane.core import placement
+    from controlplane.tools.sim import core_training
+    from controlplane.tools.sim.core_workload import FaultClock, JobDraw
+    from topology import layout
+
+    flat = layout.Tariff(flat_cny_per_kwh=0.5, peak_cny_per_kwh=0.5, valley_cny_per_kwh=0.5, source="test")
+    h800 = placement.Pool(id="h", cards_total={"H800": 2}, kw_per_card={"H800": 0.7}, units={"H800": 3.0},
+                          tariff=flat, pue=1.0)
+    a800 = placement.Pool(id="a", cards_total={"A800": 10, "910B": 10}, kw_per_card={"A800": 0.4, "910B": 0.4},
+                          units={"A800": 1.0, "910B": 1.0}, tariff=flat, pue=1.0)
+
+    def draw(i: int, accs: tuple[str, ...]) -> JobDraw:
+        return JobDraw(f"j{i}", "t", "o", 1, accs, 1.0, 0, None, 0.0, 300.0, FaultClock(i))
+
+    groups = core_training.accelerator_groups([draw(0, ("A800", "910B")), draw(1, ("910B",)), draw(2, ("H800",))])
+    assert groups == {"910B": "910B+A800", "A800": "910B+A800", "H800": "H800"}
+    units = {"A800": 1.0, "910B": 1.0, "H800": 3.0}
+    load = [("j0", "t", 1, "a", "A800", 4, 0.0, 3600.0)]  # 4 A800 cards for one hour
+    # Any type: the 4 A800-equivalents go on the H800 cards (0.35 CNY per card-hour / 3 units).
+    assert core_training.hourly_floor([h800, a800], 0.0, 1, load, units) == pytest.approx(4 * 0.35 / 3)
+    # On the accepted types only: 4 A800 cards at 0.2 CNY per card-hour.
+    assert core_training.hourly_floor([h800, a800], 0.0, 1, load, units, groups) == pytest.approx(4 * 0.2)

@@ -109,7 +109,8 @@ def test_only_long_streamed_prompts_calibrate_the_profile() -> None:
     long = req("x" * 4000)  # 1000 tokens in 100 ms of prefill work (+15 ms base): 10000 tokens/s
     svc._predicted(Served(route.site, route.rtt_ms, route.reason, predicted=pred), long,
                    (pred.rtt_ms + pred.queue_ms + 115.0) / 1000.0, True)
-    assert svc.profiles["A800"].prefill_tokens_per_s == pytest.approx(5000 + 0.1 * (10000 - 5000))
+    assert svc.profiles["m"]["A800"].prefill_tokens_per_s == pytest.approx(5000 + 0.1 * (10000 - 5000))
+    assert set(svc.profiles) == {"m"}  # per model: another model's prefill on the card is its own
     assert sum(n for k, v in metrics.ttft_error.by_route.items() for n in v[:-1]) == 2
 
 
@@ -120,3 +121,43 @@ def test_undrained_demand_counts_stay_bounded() -> None:
     for i in range(inference.DEMAND_KEYS_MAX + 5):
         svc.decide("o", "m", 1.0 + i / 1e6, "strict", tenant="acme")  # budgets varied on purpose
     assert len(svc.demand) == 5 and svc.demand_overflows == 1
+
+
+def test_the_models_own_service_time_from_answers_sizes_the_queue_not_the_sites_mixed_p50() -> None:
+    # Both full, one place behind 4 slots. The heartbeats' p50 over all models says 200 ms a request
+    # (a quarter: 50 ms of queue at either); the near site's answers for this model took 4 s each.
+    svc, _ = service(near={"busy": 4}, far={"busy": 4})
+    route, pred = svc.admit(req(), "o", 10.0, 400.0)
+    assert route.site == "near" and pred.queue_ms == pytest.approx(50.0)
+    for _ in range(3):
+        svc._service_time("near", "m", 4000.0)
+    svc._service_time("near", "other-model", 10.0)  # another model's answers change nothing for m
+    route, pred = svc.admit(req(), "o", 10.0, 400.0)
+    assert route.site == "far" and pred.queue_ms == pytest.approx(50.0)  # near: 1/4 x 4,000 = 1,000 ms
+    svc._service_time("near", "m", float("nan"))  # a lying report changes nothing
+    assert svc.service_ms[("near", "m")] == pytest.approx(4000.0)
+
+
+def test_the_replicas_own_card_picks_the_prefill_profile_and_old_agents_fall_back() -> None:
+    from controlplane.core import ttft
+
+    reg = SiteRegistry(miss_limit=3, heartbeat_s=1.0)
+    reg.register(wire.Register(site="s", city="s", accelerators={"A800": 4, "L20": 4}), 0.0,
+                 local_model_tenants=frozenset({"*"}))
+    # An agent that says its replica runs on the L20 cards: the L20 profile (and calibration) applies.
+    reg.heartbeat(wire.Heartbeat(site="s", seq=1, models=[wire.ReplicaStatus(model="m", slots=4, accelerator="L20")]),
+                  0.0)
+    view = reg.get("s")
+    assert view is not None and ttft.accelerator_of(view, "m") == "L20"
+    cand = ttft.candidate(view, "m", 1.0)
+    assert cand is not None and cand.accelerator == "L20"
+    slow = {"L20": ttft.Profile(accelerator="L20", prefill_tokens_per_s=1000.0)}
+    assert ttft.predict(cand, 1000, slow["L20"]).prefill_ms == pytest.approx(15.0 + 1000.0)
+    # An agent from before the field sends no accelerator: the old heartbeat decodes, the site's first type stands in.
+    old = b'{"type":"hb","site":"s","seq":2,"models":[{"model":"m","slots":4}]}'
+    hb = wire.agent_message_decoder.decode(old)
+    assert isinstance(hb, wire.Heartbeat)
+    reg.heartbeat(hb, 1.0)
+    assert ttft.accelerator_of(reg.get("s"), "m") == "A800"  # type: ignore[arg-type]
+    # ... and a hub from before the field ignores it (ReplicaStatus does not forbid unknown fields).
+    assert wire.ReplicaStatus.__struct_config__.forbid_unknown_fields is False

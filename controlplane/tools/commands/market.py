@@ -23,8 +23,10 @@ one line saying why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -103,7 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     leaf(msub, "reconcile", "check the ledger against billed lines × prices (exit 1 if not equal)", run_reconcile)
 
 
-def _open(path: str) -> Any:
+@contextlib.contextmanager
+def _database(path: str) -> Iterator[Any]:
+    """The hub's database at ``path``, open for the ``with`` block (a missing file is the user's error)."""
     from pathlib import Path
 
     from controlplane.core.errors import RequestError
@@ -111,7 +115,11 @@ def _open(path: str) -> Any:
 
     if not Path(path).is_file():
         raise RequestError(f"no hub database at {path} (give the hub's with --db)")
-    return store_db.open_db(path)
+    db = store_db.open_db(path)
+    try:
+        yield db
+    finally:
+        db.conn.close()
 
 
 def _tenant(db: Any, tenant: str) -> None:
@@ -146,15 +154,12 @@ def run_model_set(args: argparse.Namespace) -> int:
     problem = catalogue.record_problem(model)
     if problem is not None:
         raise RequestError(f"model {args.id}: {problem}")
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         _tenant(db, args.owner)
         try:
             revision = records.put_model(db, model, time.time())
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-    finally:
-        db.conn.close()
     print(f"model {args.id} revision {revision}")
     return 0
 
@@ -167,11 +172,8 @@ def run_model_list(args: argparse.Namespace) -> int:
     from controlplane.market import money
     from controlplane.store.market import records
 
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         models = records.models(db, time.time())
-    finally:
-        db.conn.close()
     if args.json:
         for m in models.values():
             print(msgspec.json.encode(m).decode())
@@ -214,8 +216,7 @@ def run_offer_add(args: argparse.Namespace) -> int:
     if problem is not None:
         raise RequestError(f"offer {args.id}: {problem}")
     lay = loader.load(args.layout) if args.layout else loader.load_default()
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         known = {s.id for s in lay.sites} | {r["id"] for r in sites.list_sites(db)}
         if args.pool not in known:
             raise RequestError(f"--pool {args.pool!r} is not a site of layout {lay.name!r} nor one the hub has seen")
@@ -228,8 +229,6 @@ def run_offer_add(args: argparse.Namespace) -> int:
             new = records.put_offer(db, offer)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
-    finally:
-        db.conn.close()
     print(f"offer {args.id} {'published' if new else 'already published'}")
     return 0
 
@@ -242,11 +241,8 @@ def run_offer_list(args: argparse.Namespace) -> int:
     from controlplane.market import money, offers
     from controlplane.store.market import records
 
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         found = records.list_offers(db)
-    finally:
-        db.conn.close()
     now = time.time()
     if args.json:
         for o in found:
@@ -265,11 +261,8 @@ def run_offer_withdraw(args: argparse.Namespace) -> int:
     from controlplane.core.errors import NotFound
     from controlplane.store.market import records
 
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         ended = records.withdraw_offer(db, args.id, time.time())
-    finally:
-        db.conn.close()
     if ended is None:
         raise NotFound(f"offer {args.id!r} not found")
     print(f"offer {args.id} withdrawn")
@@ -294,12 +287,9 @@ def run_budget_set(args: argparse.Namespace) -> int:
     problem = budgets.budget_problem(budget)
     if problem is not None:
         raise RequestError(f"budget of {args.tenant}: {problem}")
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         _tenant(db, args.tenant)
         records.put_budget(db, budget, time.time())
-    finally:
-        db.conn.close()
     print(f"budget of {args.tenant}: {money.cny_text(limit)} CNY per {args.period}")
     return 0
 
@@ -312,16 +302,13 @@ def run_budget_show(args: argparse.Namespace) -> int:
     from controlplane.store.market import ledger as ledger_store
     from controlplane.store.market import records
 
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         _tenant(db, args.tenant)
         b = records.budget(db, args.tenant)
         if b is None:
             raise NotFound(f"tenant {args.tenant!r} has no budget")
         start, end = budgets.period_bounds(b.period, time.time())
         spent = ledger_store.spent_fen(db, args.tenant, start, end)
-    finally:
-        db.conn.close()
     _print(views.budget_standing_body(budgets.standing(b, spent), b.period))
     return 0
 
@@ -331,13 +318,10 @@ def run_tenant(args: argparse.Namespace) -> int:
 
     from controlplane.store.market import billing
 
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         _tenant(db, args.tenant)
         billing.put_tenant(db, billing.TenantSettings(tenant=args.tenant, public_facing=args.public_facing,
                                                       filing_number=args.filing_number.strip()), time.time())
-    finally:
-        db.conn.close()
     print(f"tenant {args.tenant}: {'public-facing' if args.public_facing else 'internal'}")
     return 0
 
@@ -358,11 +342,8 @@ def run_statement(args: argparse.Namespace) -> int:
     if not ledger.ACCOUNT_RE.match(args.account):
         raise RequestError(f"account {args.account!r} is not tenant:ID, provider:ID or operator:NAME")
     start, end = _bounds(args)
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         st = ledger_store.statement(db, args.account, start, end)
-    finally:
-        db.conn.close()
     if args.csv:
         sys.stdout.write(ledger.statement_csv(st))
     else:
@@ -377,11 +358,8 @@ def run_totals(args: argparse.Namespace) -> int:
     from controlplane.store.market import ledger as ledger_store
 
     start, end = _bounds(args)
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         totals = postings.party_totals(ledger_store.load(db, before=end), start, end)
-    finally:
-        db.conn.close()
     _print({"start": start, "end": end, **msgspec.to_builtins(totals)})
     return 0
 
@@ -393,10 +371,7 @@ def run_reconcile(args: argparse.Namespace) -> int:
     from controlplane.store.market import billing
     from controlplane.store.market import ledger as ledger_store
 
-    db = _open(args.db)
-    try:
+    with _database(args.db) as db:
         result = reconcile.reconcile(ledger_store.load(db), billing.expected(db))
-    finally:
-        db.conn.close()
     _print(msgspec.to_builtins(result))
     return 0 if result.ok else 1

@@ -54,6 +54,8 @@ class Streams(Protocol):
     def fixed(self) -> Rng: ...
     @property
     def ingress(self) -> Rng: ...
+    @property
+    def slo(self) -> Rng: ...
 
 
 class _SimArgs(TypedDict):
@@ -124,7 +126,7 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
 
     dep = core_inference.deploy(lay, rtt, s, start_s) if s.inference.requests > 0 else core_inference.Deployment()
     inf = core_inference.InferenceSim(lay, rtt, s, dep, start_s, n_hours, streams.router, streams.baseline,
-                                      streams.fixed, streams.ingress)
+                                      streams.fixed, streams.ingress, streams.slo)
     draws = core_workload.jobs(s, lay, start_s, end_s, streams.jobs, streams.faults)
 
     tr = s.training
@@ -186,7 +188,20 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
     if lent_ids:
         held_src: Callable[[], Mapping[tuple[str, str], float]] = (
             (lambda: scaler.held) if scaler is not None else (lambda: dep.cards_by_site_acc()))
-        lender = core_lending.Lender(s, [site for site in train_sites if site.id in lent_ids], sims, held_src)
+        origin_region = [o.region for o in lay.origins]
+        seen = [0] * len(lay.origins)
+
+        def region_demand() -> dict[str, float]:
+            """Requests per region since the last call (what the live demand counts give)."""
+            out: dict[str, float] = {}
+            for i, n in enumerate(inf.requests_by_origin):
+                if n != seen[i]:
+                    out[origin_region[i]] = out.get(origin_region[i], 0.0) + n - seen[i]
+                    seen[i] = n
+            return out
+
+        lender = core_lending.Lender(s, [site for site in train_sites if site.id in lent_ids], sims, held_src,
+                                     region_demand)
         t = start_s
         while t <= end_s + 1e-9:
             push(t, "lendtick", True)
@@ -292,7 +307,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
             for at, site, m in scaler.tick(t):
                 push(at, "ready", (site, m))
         elif kind == "ready":
-            inf.replica_ready(*payload)
+            site_i, model_i = payload
+            inf.replica_ready(site_i, model_i, now=t)
 
     # ---------------------------------------------------------------- the loop
     drain, request = inf.drain, inf.request
@@ -341,6 +357,10 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                                      floors=[(sim.name, core_training.hourly_floor(
                                          train_pools, start_s, n_hours, sim.metered,
                                          {a: spec.units for a, spec in lay.accelerators.items()})) for sim in sims],
+                                     type_floor=lambda rows: core_training.hourly_floor(
+                                         train_pools, start_s, n_hours, rows,
+                                         {a: spec.units for a, spec in lay.accelerators.items()},
+                                         core_training.accelerator_groups(draws)),
                                      train_cards={t: int(c) for t, c in train_cards.items() if c}),
         **({"lending": _lending_report(lender, sims, scaler, inf)} if lender is not None else {}),
     }
@@ -407,9 +427,51 @@ def _inference_report(inf: core_inference.InferenceSim, lay: tlayout.Layout, dep
         },
         "replicas": {m: len(v) for m, v in sorted(dep.placements.items())},
         "scaling": scaler.report(replicas_hour) if scaler is not None else {},
+        **({"slo": _slo_report(inf)} if inf.slo is not None else {}),
         "uncovered_origins": dict(sorted(dep.uncovered.items())),
         "per_origin": per_origin,
         "outages": outage_log,
+    }
+
+
+def _slo_report(inf: core_inference.InferenceSim) -> dict[str, Any]:
+    """Policy cpn's requests with a TTFT SLO (docs/sim.md, "Admission by predicted time to first token")."""
+    slo = inf.slo
+    assert slo is not None
+    started = slo.met + slo.missed
+    errs = slo.errors_ms
+    absolute = [abs(x) for x in errs]
+    queued = slo.queued_errors_ms
+    return {
+        "what": "policy cpn: a share of requests carries a TTFT SLO; ttft.admit over the sites within budget "
+                "admits (a free slot or a replica's queue) or refuses (429); actual TTFT = RTT + the queue wait "
+                "it saw + prefill for its prompt on the replica's accelerator",
+        "slo_ttft_ms": r(inf.slo_ms, 1),
+        "share": r(inf.slo_share),
+        "requests": slo.requests,
+        "admitted": slo.admitted,
+        "admitted_to_a_queue": slo.queued,
+        "admitted_to_a_queue_met": slo.queued_met,
+        "first_token": started - slo.lost,
+        "met": slo.met,
+        "missed": slo.missed,
+        "met_share": r(slo.met / started, 6) if started else 0.0,
+        "lost_in_outage": slo.lost,
+        "waiting_at_end": slo.admitted - started,
+        "refused": sum(slo.refused.values()),
+        "refused_by_reason": dict(slo.refused),
+        "refusal_examples": list(slo.examples),
+        "no_replica_within_budget": slo.no_candidate,
+        "predictor_error_ms": {
+            "what": "actual - predicted TTFT of admitted requests that got their first token",
+            "p5": r(pct(errs, 5), 2), "p50": r(pct(errs, 50), 2), "p95": r(pct(errs, 95), 2),
+            "abs_p50": r(pct(absolute, 50), 2), "abs_p95": r(pct(absolute, 95), 2),
+            "queued_p50": r(pct(queued, 50), 2), "queued_p95": r(pct(queued, 95), 2),
+        },
+        "ttft_ms": {"p50": r(pct(slo.ttft_ms, 50), 2), "p95": r(pct(slo.ttft_ms, 95), 2),
+                    "p99": r(pct(slo.ttft_ms, 99), 2)},
+        "profiles_prefill_tokens_per_s": {m: {a: r(p.prefill_tokens_per_s, 1) for a, p in sorted(per.items())}
+                                          for m, per in sorted(inf.profiles.items())},
     }
 
 
@@ -418,6 +480,9 @@ def _lending_report(lender: core_lending.Lender, sims: list[core_training.Traini
     out = lender.report({sim.name: r(sim.lent_card_s / 3600.0, 1) for sim in sims})
     out["cpn_scale_decisions_short_for_lack_of_a_lent_card"] = scaler.blocked_decisions if scaler is not None else 0
     out["inference_failed_for_lack_of_a_reclaimed_card"] = scaler.blocked_failed if scaler is not None else 0
+    days = max(1, math.ceil((len(inf.requests) - 1e-9) / 24))
+    out["inference_failed_for_lack_of_a_reclaimed_card_by_day"] = [
+        scaler.blocked_by_day.get(d, 0) if scaler is not None else 0 for d in range(days)]
     return out
 
 
@@ -451,7 +516,9 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
                      train_util: dict[str, dict[str, list[float]]] | None = None,
                      train_cards: dict[str, int] | None = None,
                      capacity: Callable[[float], float] | None = None,
-                     floors: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
+                     floors: Sequence[tuple[str, float]] = (),
+                     type_floor: Callable[[Sequence[tuple[str, str, int, str, str, int, float, float]]], float] | None = None,
+                     ) -> dict[str, Any]:
     pols: dict[str, Any] = {}
     done_all = None
     for sim in sims:
@@ -515,6 +582,20 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             pols[sim.name]["training_busy_hourly_by_tier"] = train_util[sim.name]
         if priced is not None and market is not None:  # the day priced (docs/market.md)
             pols[sim.name]["market"] = core_market.price_policy(sim.metered, priced, market, sim.lent)
+    if type_floor is not None:
+        common_set = set(common_done)
+        for sim in sims:
+            p = pols[sim.name]
+            work = p["work_a800_card_hours"]
+            # The hourly floor again, each hour's load only on cards of the types its jobs accept
+            # (H800 jobs on H800 cards, A800/910B jobs on A800 and 910B cards; no load on a type no
+            # job accepts): what no placement of this load at these hours can go below.
+            p["accelerator_floor_cny_per_a800_card_hour"] = r(type_floor(sim.metered) / work) if work else 0.0
+            # The capacity-aware bound of the jobs all completed: their own card-hours as this policy
+            # ran them (attempts, failures and all), each hour on the cheapest cards of their types
+            # that hour, at most the cards there are (the issue's bound gives every job all cards free).
+            floor = type_floor([m for m in sim.metered if m[0] in common_set])
+            p["common_vs_capacity_bound"] = r(p["completed_in_common_cny"] / floor) if floor else 0.0
     common_bound = sum(oracle.get(j, 0.0) for j in common_done)
     common_now = sum((oracle_now or {}).get(j, 0.0) for j in common_done)
     for p in pols.values():
@@ -633,6 +714,7 @@ class _Scaler:
         # origins until the next decision (an upper bound on what lending cost inference).
         self.blocked_decisions = 0
         self.blocked_failed = 0
+        self.blocked_by_day: dict[int, int] = {}
         self._blocked: dict[int, tuple[list[int], int]] = {}
         self._origin_idx = {o.id: i for i, o in enumerate(lay.origins)}
 
@@ -672,7 +754,10 @@ class _Scaler:
         for mi in self.models:
             was = self._blocked.pop(mi, None)
             if was is not None:
-                self.blocked_failed += self._not_within(was[0]) - was[1]
+                n = self._not_within(was[0]) - was[1]
+                self.blocked_failed += n
+                day = int((now - inf.start_s) // 86400.0)
+                self.blocked_by_day[day] = self.blocked_by_day.get(day, 0) + n
             counts, svc = inf.take_counts(mi)
             meter = self.meters[mi]
             meter.observe(now, counts, svc)

@@ -19,6 +19,17 @@ What it promises:
   accepted type (load, replicas and training ignored: an upper bound on any policy). The nearest
   *replica* within budget is kept as a second figure (``replica_feasible``) and as the reference of
   chosen ÷ nearest-replica RTT (detours).
+- Admission by predicted time to first token (``Inference.slo_share`` > 0): a share of the
+  requests carries an SLO. Policy ``cpn`` decides them as the live inference service does: the
+  router's sites within budget (``Router.within_budget``), each seen by ``ttft.candidate`` of its
+  ``SiteView`` (busy slots, the site's queue depth, the model's mean service time there learnt from
+  cpn's completions as the hub learns it from answers, else the p50 of the site's last 256 service
+  times refreshed once a simulated second as heartbeats are), and ``ttft.admit``; a refusal is a 429 (counted by
+  ``ttft.refusal_kind``). An admitted request takes a free slot or waits in that replica's queue
+  (FIFO; a finishing request hands its slot to the queue first). Its actual TTFT = RTT + the wait it
+  saw + its prefill (``Model.prompt_tokens_mean``); the prediction and the actual are both kept,
+  and the measured prefill calibrates the accelerator's profile as live (``ttft.calibrate``). The
+  other policies serve SLO requests like any other (they know no SLO).
 - Site loss: the site dies at ``fail`` but the hub only learns it ``detection_s`` later (as live:
   heartbeats stop). Requests in flight there, and requests sent there meanwhile, are re-decided at
   detection by the same policy (counted ``rerouted``), or counted ``failed_outage`` when nothing fits.
@@ -26,13 +37,17 @@ What it promises:
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
+import math
+from collections import deque
 
 import msgspec
 
 from controlplane.core import deployments as decide
 from controlplane.core import replicas as rep_mod
+from controlplane.core import ttft
 from controlplane.core.registry import SiteState, SiteView
 from controlplane.core.router import Route, Router, RouteRequest, RttSource
 from controlplane.tools.sim.core_scenario import Model, Scenario
@@ -46,6 +61,10 @@ ROUTED = 2
 """Policies 0 .. ROUTED-1 are decided by ``Router.route`` over their own ``SiteView``s."""
 RATIO_BINS = 41
 """Histogram of chosen ÷ oracle RTT: bins of 0.1 from 1.0; the last bin holds ≥ 5.0."""
+SERVICE_RING = 256
+"""Service times a simulated site keeps for its heartbeat's p50 (an agent keeps 1,024)."""
+HEARTBEAT_S = 1.0
+"""How often a simulated site's service-time p50 is refreshed (its heartbeat)."""
 
 
 class Deployment:
@@ -132,12 +151,35 @@ class PolicyStats:
         self.failed_outage = 0
 
 
+class SloStats:
+    """Policy ``cpn``'s requests with a TTFT SLO: admitted, refused by kind, met, predictor error."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.admitted = 0
+        self.queued = 0
+        """... of which admitted to a full replica (they waited in its queue)."""
+        self.met = 0
+        self.missed = 0
+        self.lost = 0
+        """Admitted, then the site died before their first token (rerouted or failed, counted missed)."""
+        self.refused = {k: 0 for k in ttft.REFUSAL_KINDS if k != "no_candidate"}
+        self.no_candidate = 0
+        """No site within budget holds the model (live: the router's 503, not a 429)."""
+        self.examples: list[str] = []
+        self.errors_ms: list[float] = []
+        """Actual − predicted TTFT of every admitted request that got its first token."""
+        self.ttft_ms: list[float] = []
+        self.queued_errors_ms: list[float] = []
+        self.queued_met = 0
+
+
 class InferenceSim:
     """Slot state of every policy, the completion heap, and outage handling."""
 
     def __init__(self, lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, dep: Deployment,
                  start_s: float, hours: int, router_rng: Rng, baseline_rng: Rng, fixed_rng: Rng | None = None,
-                 ingress_rng: Rng | None = None) -> None:
+                 ingress_rng: Rng | None = None, slo_rng: Rng | None = None) -> None:
         inf = s.inference
         self.start_s = start_s
         self.models = [m.name for m in inf.models]
@@ -145,7 +187,9 @@ class InferenceSim:
         self.budgets = list(inf.budgets_ms)
         self.policy = inf.policy
         self.autoscaled = [m.max_replicas is not None for m in inf.models]
-        fixed = any(self.autoscaled) and inf.baselines  # cpn-fixed would be cpn, request for request, otherwise
+        # cpn scales whenever a model has max_replicas; cpn-fixed (today's fixed replicas) is a
+        # baseline, run only with the baselines (it would be cpn, request for request, without scaling).
+        fixed = any(self.autoscaled) and inf.baselines
         sources: list[RttSource] = [rtt] * (2 if fixed else 1)
         names = list(POLICIES[:len(sources)])
         if inf.ingress:
@@ -153,8 +197,8 @@ class InferenceSim:
                 names.append(f"cpn@{name}")
                 sources.append(ingress.NearestIngressRtt(lay, rtt, cities))
         self.policies: tuple[str, ...] = tuple(names) + (POLICIES[2:] if inf.baselines else ())
-        self.autoscaling = fixed
-        """Policy 0 scales and policy 1 (cpn-fixed) keeps the day's first replicas."""
+        self.autoscaling = any(self.autoscaled)
+        """Policy 0 scales; policy 1 (cpn-fixed, when the baselines run) keeps the day's first replicas."""
         self.site_ids = [site.id for site in lay.sites]
         self.tiers = [site.tier for site in lay.sites]
         idx = {sid: i for i, sid in enumerate(self.site_ids)}
@@ -191,7 +235,7 @@ class InferenceSim:
                 f = idx[site] * nm + mi
                 for p in range(self.routed):
                     st = wire.ReplicaStatus(model=m.name, deployment=f"sim-{m.name}", state="ready", cards=cards,
-                                            slots=m.slots_per_replica, busy=0)
+                                            slots=m.slots_per_replica, busy=0, accelerator=acc)
                     self.pviews[p][site].replicas[m.name] = st
                     self.preps[p][f] = st
                 self.slots[f] = m.slots_per_replica
@@ -231,6 +275,23 @@ class InferenceSim:
         self.counts: list[int] = []
         self.svc_sum = [0.0] * nm
         self.svc_n = [0] * nm
+        # Admission by predicted TTFT (policy cpn only): per (site, model) queues, per-site service
+        # times for the heartbeat p50, the accelerator profiles the service calibrates.
+        self.slo: SloStats | None = SloStats() if inf.slo_share > 0 and inf.requests > 0 else None
+        self.slo_share = inf.slo_share
+        self.slo_ms = inf.slo_ttft_ms
+        self.slo_rng = slo_rng
+        self.queues: dict[int, deque[tuple[float, int, int, int, float, float, float, float, int, float, str]]] = {}
+        self.ring: list[list[float]] = [[] for _ in range(ns)]
+        self.ring_sorted: list[list[float]] = [[] for _ in range(ns)]
+        self.svc_mean = [0.0] * (ns * nm)
+        self.ring_at = [0] * ns
+        self.hb_at = [-math.inf] * ns
+        self.profiles: dict[str, dict[str, ttft.Profile]] = {m.name: {} for m in inf.models}
+        """Prefill profiles per model and accelerator, calibrated from first tokens (as live)."""
+        self.acc_units = {a: spec.units for a, spec in lay.accelerators.items()}
+        self.prefill_base = [m.ttft_ms / m.prompt_tokens_mean for m in inf.models]
+        self.prompt_mean = [m.prompt_tokens_mean for m in inf.models]
         # Route requests are immutable: build each (origin, model, budget) once.
         nb = len(self.budgets)
         self.nb = nb
@@ -301,13 +362,131 @@ class InferenceSim:
         """Finish every request that ends by ``t``."""
         heap, epoch, preps, busy, routed = self.heap, self.epoch, self.preps, self.busy, self.routed
         pop = heapq.heappop
+        slo = self.slo is not None
         while heap and heap[0][0] <= t:
             e = pop(heap)
             if e[5] == epoch[e[4]]:
                 if e[2] < routed:
-                    preps[e[2]][e[3]].busy -= 1  # type: ignore[union-attr]
+                    if slo and e[2] == 0:
+                        self._finished(e)
+                    else:
+                        preps[e[2]][e[3]].busy -= 1  # type: ignore[union-attr]
                 else:
                     busy[e[2]][e[3]] -= 1
+
+    def _finished(self, e: tuple[float, int, int, int, int, int, int, int, int, float]) -> None:
+        """A cpn request ends (TTFT admission on): its service time joins the site's ring, and its
+        slot goes to the replica's queue first."""
+        s, f = e[4], e[3]
+        ring, ordered, ms = self.ring[s], self.ring_sorted[s], e[9] * 1000.0
+        if len(ring) < SERVICE_RING:
+            ring.append(ms)
+        else:
+            k = self.ring_at[s]
+            del ordered[bisect.bisect_left(ordered, ring[k])]
+            ring[k] = ms
+            self.ring_at[s] = k + 1 if k + 1 < SERVICE_RING else 0
+        bisect.insort(ordered, ms)
+        self.svc_mean[f] = ttft.service_update(self.svc_mean[f], ms)  # what the hub learns from answers
+        q = self.queues.get(f)
+        if q:
+            self._start(q.popleft(), f, s, e[0])
+        else:
+            self.reps[f].busy -= 1  # type: ignore[union-attr]
+
+    def _start(self, w: tuple[float, int, int, int, float, float, float, float, int, float, str], f: int, s: int,
+               t: float) -> None:
+        """A queued SLO request takes the slot just freed at ``t``: its first token is now known."""
+        self.views[self.site_ids[s]].queue_depth -= 1
+        heapq.heappush(self.heap, (t + w[4], next(self.seq), 0, f, s, self.epoch[s], w[1], w[2], w[3], w[4]))
+        self._first_token(w, t, queued=True)
+
+    def _first_token(self, w: tuple[float, int, int, int, float, float, float, float, int, float, str], t: float,
+                     queued: bool) -> None:
+        """Actual TTFT = RTT + the wait it saw + its prefill; kept beside the prediction. The measured
+        prefill (actual less the predicted RTT and queue) calibrates the profile, as the live service
+        does with a stream's first token."""
+        slo = self.slo
+        assert slo is not None
+        actual = w[6] + (t - w[0]) * 1000.0 + w[7]
+        err = actual - w[5]
+        slo.errors_ms.append(err)
+        if queued:
+            slo.queued_errors_ms.append(err)
+        slo.ttft_ms.append(actual)
+        if actual <= self.slo_ms:
+            slo.met += 1
+            slo.queued_met += queued
+        else:
+            slo.missed += 1
+        if w[8] >= ttft.CALIBRATE_MIN_TOKENS:
+            acc = w[10]
+            per = self.profiles[self.models[w[2]]]
+            per[acc] = ttft.calibrate(per.get(acc) or ttft.Profile(accelerator=acc), w[8],
+                                                actual - w[6] - w[9])
+
+    def _heartbeat(self, s: int, t: float) -> None:
+        """Refresh site ``s``'s service-time p50 (nearest rank) at most once a simulated second."""
+        if t - self.hb_at[s] < HEARTBEAT_S:
+            return
+        self.hb_at[s] = t
+        ordered = self.ring_sorted[s]  # the ring, kept sorted as it changes
+        if ordered:
+            self.views[self.site_ids[s]].service_ms_p50 = ordered[max(0, math.ceil(0.5 * len(ordered)) - 1)]
+
+    def _admit(self, t: float, key: int, o: int, m: int, b: int, svc: float) -> tuple[int, float]:
+        """Policy cpn on a request with an SLO: ``ttft.admit`` over the sites within budget. Returns
+        the chosen site index and its RTT (the request holds a slot or waits in its queue), or -1
+        (refused)."""
+        slo = self.slo
+        assert slo is not None and self.slo_rng is not None
+        slo.requests += 1
+        tokens = max(1, int(self.slo_rng.expovariate(1.0 / self.prompt_mean[m])))
+        views, idx = self.views, self.idx
+        model = self.models[m]
+        cands = []
+        for sid, rtt_ms in self.routers[0].within_budget(self.reqs[key], views, self.versions[0]):
+            self._heartbeat(idx[sid], t)
+            c = ttft.candidate(views[sid], model, rtt_ms, self.svc_mean[idx[sid] * self.nm + m])
+            if c is not None:
+                cands.append(c)
+        if not cands:
+            slo.no_candidate += 1
+            return -1, 0.0
+        verdict = ttft.admit(cands, tokens, self.slo_ms, self.profiles[model])
+        if isinstance(verdict, ttft.Refuse):
+            slo.refused[ttft.refusal_kind(verdict, self.slo_ms)] += 1
+            if len(slo.examples) < 4:
+                slo.examples.append(f"{(t - self.start_s) / 3600.0:.2f} h {self.origin_ids[o]}: {verdict.reason}")
+            return -1, 0.0
+        best = verdict.prediction
+        slo.admitted += 1
+        s = idx[best.site]
+        f = s * self.nm + m
+        acc = self.rep_acc[f]
+        prefill = self.prefill_base[m] * tokens / self.acc_units.get(acc, 1.0)
+        pred_acc = ttft.accelerator_of(views[best.site], model)
+        w = (t, o, m, b, svc, best.ttft_ms, best.rtt_ms, prefill, tokens, best.queue_ms, pred_acc)
+        rep = self.reps[f]
+        assert rep is not None
+        if self.dead[s]:  # the hub does not know yet: lost with the site, rerouted at detection
+            rep.busy += 1
+            self.pending.setdefault(s, []).append((0, o, m, b, svc))
+            slo.lost += 1
+            slo.missed += 1
+            return s, best.rtt_ms
+        q = self.queues.get(f)
+        if rep.busy < rep.slots and not q:
+            rep.busy += 1
+            heapq.heappush(self.heap, (t + svc, next(self.seq), 0, f, s, self.epoch[s], o, m, b, svc))
+            self._first_token(w, t, queued=False)
+        else:
+            if q is None:
+                q = self.queues[f] = deque()
+            q.append(w)
+            views[best.site].queue_depth += 1
+            slo.queued += 1
+        return s, best.rtt_ms
 
     def request(self, t: float, o: int, m: int, b: int, svc: float) -> None:
         """Decide one request under every policy and start it where chosen."""
@@ -318,6 +497,7 @@ class InferenceSim:
         budget = self.budgets[b]
         self.requests[hour] += 1
         self.requests_by_origin[o] += 1
+        with_slo = self.slo is not None and self.slo_rng is not None and self.slo_rng.random() < self.slo_share
         self.counts[key] += 1
         self.svc_sum[m] += svc
         self.svc_n[m] += 1
@@ -342,19 +522,25 @@ class InferenceSim:
         routed, preps = self.routed, self.preps
         for p in range(len(self.policies)):
             st = self.stats[p]
-            s, r = self._pick_routed(p, key) if p < routed else self._pick_baseline(p, key, okey)
-            if s < 0:
-                st.failed[hour] += 1
-                continue
-            f = s * nm + m
-            if p < routed:
-                preps[p][f].busy += 1  # type: ignore[union-attr]
+            if with_slo and p == 0:
+                s, r = self._admit(t, key, o, m, b, svc)
+                if s < 0:
+                    st.failed[hour] += 1
+                    continue
             else:
-                self.busy[p][f] += 1
-            if dead[s]:
-                self.pending.setdefault(s, []).append((p, o, m, b, svc))
-            else:
-                push(heap, (end, next(seq), p, f, s, epoch[s], o, m, b, svc))
+                s, r = self._pick_routed(p, key) if p < routed else self._pick_baseline(p, key, okey)
+                if s < 0:
+                    st.failed[hour] += 1
+                    continue
+                f = s * nm + m
+                if p < routed:
+                    preps[p][f].busy += 1  # type: ignore[union-attr]
+                else:
+                    self.busy[p][f] += 1
+                if dead[s]:
+                    self.pending.setdefault(s, []).append((p, o, m, b, svc))
+                else:
+                    push(heap, (end, next(seq), p, f, s, epoch[s], o, m, b, svc))
             if r <= budget:
                 st.within[hour] += 1
                 st.within_by_origin[o] += 1
@@ -381,6 +567,14 @@ class InferenceSim:
         for e in self.heap:
             if e[4] == s and e[5] == old:
                 lost.append((e[2], e[6], e[7], e[8], e[9]))
+        if self.slo is not None:  # cpn's SLO requests waiting there never get their first token
+            nm = self.nm
+            for f in range(s * nm, s * nm + nm):
+                for w in self.queues.pop(f, ()):
+                    lost.append((0, w[1], w[2], w[3], w[4]))
+                    self.slo.lost += 1
+                    self.slo.missed += 1
+            self.views[self.site_ids[s]].queue_depth = 0
 
     def detect(self, s: int, t: float, log: dict[str, object]) -> None:
         """The hub declares ``s`` lost: nothing more goes there; its requests are re-decided."""
@@ -458,7 +652,7 @@ class InferenceSim:
         st = self.reps[f]
         if st is None:
             st = wire.ReplicaStatus(model=spec.name, deployment=f"sim-{spec.name}", state="loading", cards=cards,
-                                    slots=spec.slots_per_replica, busy=0)
+                                    slots=spec.slots_per_replica, busy=0, accelerator=acc)
             self.reps[f] = st
             self.replica_flats.append(f)
             self.slots[f] = spec.slots_per_replica
@@ -473,9 +667,11 @@ class InferenceSim:
             # a new holder needs a new registry version (as a heartbeat listing a new model does).
             self.versions[0] += 1
         self.rep_acc[f] = acc
+        st.accelerator = acc
         self.added_at[f] = now
 
-    def replica_ready(self, s: int, m: int) -> bool:
+    def replica_ready(self, s: int, m: int, now: float | None = None) -> bool:
+        """One more of cpn's replicas at ``s`` serves; requests waiting in its queue take the new slots."""
         f = s * self.nm + m
         st = self.reps[f]
         if st is None or self.ready_units[f] >= self.units[f]:
@@ -483,6 +679,10 @@ class InferenceSim:
         self.ready_units[f] += 1
         st.slots = self.ready_units[f] * self.slots[f]
         st.state = "ready"
+        q = self.queues.get(f)
+        while q and st.busy < st.slots and now is not None and not self.dead[s]:
+            st.busy += 1
+            self._start(q.popleft(), f, s, now)
         return True
 
     def remove_replica(self, s: int, m: int) -> None:

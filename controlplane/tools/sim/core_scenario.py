@@ -62,6 +62,10 @@ class Model(_Cfg, frozen=True):
     """... plus this per generated token."""
     mean_tokens: Pos = 200.0
     """Generated tokens per request: exponential with this mean, at least 1."""
+    prompt_tokens_mean: Pos = 512.0
+    """Requests with a TTFT SLO: prompt tokens, exponential with this mean, at least 1. Their
+    backend prefill (first token after the queue) is ``ttft_ms × prompt ÷ prompt_tokens_mean ÷
+    units`` of the replica's accelerator (``ttft_ms`` for a mean prompt on an A800-equivalent card)."""
 
 
 class Inference(_Cfg, frozen=True):
@@ -83,6 +87,12 @@ class Inference(_Cfg, frozen=True):
     and ``cpn@province`` (the fixed replicas; each origin at its nearest gateway of the set; RTT and
     budget on the full path origin -> gateway -> site). ``cpn`` itself is the direct path: a
     gateway in every city."""
+    slo_share: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    """Share of requests carrying a time-to-first-token SLO (``X-CPN-SLO-TTFT-Ms``): cpn admits them
+    by ``ttft.admit`` (or refuses them, a 429) and they may wait in a site's queue. 0: none (the
+    request stream and every figure are then as without this field)."""
+    slo_ttft_ms: Pos = 1000.0
+    """The SLO those requests carry."""
 
 
 class SizeBin(_Cfg, frozen=True):
@@ -172,6 +182,14 @@ class Lending(_Cfg, frozen=True):
     site's cards, other hours in proportion."""
     headroom: Annotated[float, msgspec.Meta(ge=1)] = 1.5
     """... and never less than what its replicas hold now, grown along the profile, times this."""
+    profile: Profile | None = None
+    """The declared profile the forecast starts from (the hub's ``[lending] profile``); default
+    ``inference.profile``, the demand the run really has. Set it apart to see a wrong declaration
+    corrected by learning over a multi-day run."""
+    forecast: str = "learnt"
+    """``learnt``: each site's forecast profile is its region's requests by local hour as observed
+    so far (``demand_hours``, exponentially weighted over days), ``inference.profile`` the prior for
+    hours not observed yet; ``declared``: ``inference.profile`` alone."""
 
 
 class Market(_Cfg, frozen=True):
@@ -235,6 +253,8 @@ def _check(s: Scenario) -> None:
     for i, p in enumerate(tr.priorities):
         if p[1] <= 0:
             raise ScenarioError(f"training.priorities[{i}]: share must be > 0")
+    if s.lending.forecast not in ("learnt", "declared"):
+        raise ScenarioError(f"lending.forecast: want 'learnt' or 'declared', got {s.lending.forecast!r}")
     for i, o in enumerate(s.faults.outages):
         if not o.sites and not o.city:
             raise ScenarioError(f"faults.outages[{i}]: give sites or city")

@@ -672,31 +672,65 @@ def capacity_bound(pools: Sequence[placement.Pool], start_s: float, hours: int, 
 
 def hourly_floor(pools: Sequence[placement.Pool], start_s: float, hours: int,
                  metered: Sequence[tuple[str, str, int, str, str, int, float, float]],
-                 units: Mapping[str, float]) -> float:
+                 units: Mapping[str, float], groups: Mapping[str, str] | None = None) -> float:
     """The lowest energy cost (CNY) of a policy's own hour-by-hour load: each hour, the
     A800-equivalent cards its attempts held (``metered``) sit on the cheapest card-hours of that
     hour in ``pools`` (any pool, any type, no gangs). A schedule that keeps the same cards busy each
-    hour cannot pay less; only moving work to other hours (waiting) can."""
-    demand = [0.0] * hours
+    hour cannot pay less; only moving work to other hours (waiting) can.
+
+    ``groups`` (accelerator -> group, :func:`accelerator_groups`): the floor that respects the
+    accelerators jobs accept: each hour, each group's load sits on the cheapest cards of that
+    group's types only (cards of a type no job accepts, or of another group, do not count)."""
+    def group_of(acc: str) -> str:
+        return "" if groups is None else groups.get(acc, acc)
+
+    demand: dict[str, list[float]] = {}
     for _, _, _, _, acc, cards, a, b in metered:
         u = units.get(acc, 1.0)
+        row = demand.setdefault(group_of(acc), [0.0] * hours)
         h0 = max(0, int((a - start_s) // 3600.0))
         h1 = min(hours - 1, int((b - start_s) // 3600.0))
         for h in range(h0, h1 + 1):
             lo, hi = max(a, start_s + h * 3600.0), min(b, start_s + (h + 1) * 3600.0)
             if hi > lo:
-                demand[h] += cards * u * (hi - lo) / 3600.0
+                row[h] += cards * u * (hi - lo) / 3600.0
     cost = 0.0
     for h in range(hours):
         t = start_s + h * 3600.0
-        slots = sorted((placement.metered_energy_cny(p, acc, 1, t, t + 3600.0) / p.units.get(acc, 1.0),
-                        n * p.units.get(acc, 1.0))
-                       for p in pools for acc, n in p.cards_total.items() if n > 0 and p.units.get(acc, 1.0) > 0)
-        left = demand[h]
-        for price, cap in slots:
-            take = min(cap, left)
-            cost += take * price
-            left -= take
-            if left <= 0:
-                break
+        for g in sorted(demand):
+            slots = sorted((placement.metered_energy_cny(p, acc, 1, t, t + 3600.0) / p.units.get(acc, 1.0),
+                            n * p.units.get(acc, 1.0))
+                           for p in pools for acc, n in p.cards_total.items()
+                           if n > 0 and p.units.get(acc, 1.0) > 0 and group_of(acc) == g)
+            left = demand[g][h]
+            for price, cap in slots:
+                take = min(cap, left)
+                cost += take * price
+                left -= take
+                if left <= 0:
+                    break
     return cost
+
+
+def accelerator_groups(jobs: Sequence[JobDraw]) -> dict[str, str]:
+    """Accelerator types joined when some job accepts both (union of the jobs' accepted sets):
+    type -> its group's name (its types in name order, ``+``-joined). A type no job accepts has
+    no group, so :func:`hourly_floor` with these groups never counts its cards."""
+    parent: dict[str, str] = {}
+
+    def root(a: str) -> str:
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for d in jobs:
+        for a in d.accelerators:
+            parent.setdefault(a, a)
+        for a in d.accelerators[1:]:
+            ra, rb = root(a), root(d.accelerators[0])
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    members: dict[str, list[str]] = {}
+    for a in parent:
+        members.setdefault(root(a), []).append(a)
+    return {a: "+".join(sorted(members[root(a)])) for a in sorted(parent)}

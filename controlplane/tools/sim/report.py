@@ -61,6 +61,15 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             add(f"  scaling {m}: out " + ", ".join(f"{t} {n}" for t, n in sc["scale_outs_by_tier"].items())
                 + f"; in {sc['scale_ins']}; replicas by hour {min(sc['replicas_hourly_max'], default=0)}-"
                 f"{max(sc['replicas_hourly_max'], default=0)} (max {sc['max_replicas']})")
+        slo = inf.get("slo")
+        if slo:
+            err = slo["predictor_error_ms"]
+            add(f"  TTFT SLO {slo['slo_ttft_ms']:g} ms on {_pct(slo['share'])} of requests (cpn): "
+                f"{slo['admitted']:,} admitted ({slo['admitted_to_a_queue']:,} to a queue), "
+                f"{100.0 * slo['met_share']:.2f}% met; refused {slo['refused']:,} ("
+                + ", ".join(f"{k} {n:,}" for k, n in slo["refused_by_reason"].items())
+                + f"), {slo['no_replica_within_budget']:,} no replica within budget; predictor error "
+                f"p50 {err['p50']:+.1f} ms, p95 {err['p95']:+.1f} ms")
         worst = sorted(((o, v) for o, v in inf["per_origin"].items() if v["requests"]),
                        key=lambda kv: (kv[1].get("cpn_within_share", 0.0), kv[0]))[:5]
         if worst:
@@ -102,7 +111,8 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
                 f"{n} {p['lent_card_hours']:,.0f}/{p['failures']['preempted_or_reclaimed']}" for n, p in tr["policies"].items()))
         ld = report.get("lending")
         if ld:
-            add(f"  tidal lending (rule core/lending.py at {ld['sites']} sites): lent card-hours / attempts reclaimed "
+            add(f"  tidal lending (rule core/lending.py at {ld['sites']} sites, forecast {ld.get('forecast', 'declared')}): "
+                "lent card-hours / attempts reclaimed "
                 "(of which at once) / offers: " + ", ".join(
                     f"{n} {p['lent_card_hours']:,.0f}/{p['attempts_reclaimed']}({p['attempts_reclaimed_at_once']})/"
                     f"{p['offers']:,}" for n, p in ld["policies"].items()))
@@ -130,8 +140,10 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
                     "training cards, cheapest card-hours first")
             add("  " + "; ".join(
                 f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub (floor of its own hourly load "
-                f"{p.get('hourly_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
-                f"{p.get('common_vs_bound', 0.0):.2f}x bound ({p.get('common_vs_bound_at_once', 0.0):.2f}x starting at once)"
+                f"{p.get('hourly_floor_cny_per_a800_card_hour', 0.0):.3f}, on its jobs' accelerators "
+                f"{p.get('accelerator_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
+                f"{p.get('common_vs_bound', 0.0):.2f}x bound ({p.get('common_vs_bound_at_once', 0.0):.2f}x starting at once, "
+                f"{p.get('common_vs_capacity_bound', 0.0):.2f}x capacity-aware)"
                 for n, p in tr["policies"].items()))
         cw = tr["policies"].get("cpn", {}).get("waits")
         if cw:

@@ -70,9 +70,11 @@ class Streams:
     """The ``cpn-fixed`` policy's router (its own stream, so adding it changes no other figure)."""
     ingress: random.Random = field(init=False)
     """The gateway-set policies' routers (``Inference.ingress``), likewise their own."""
+    slo: random.Random = field(init=False)
+    """Which requests carry a TTFT SLO and their prompt lengths (``Inference.slo_share``)."""
 
     def __post_init__(self) -> None:
-        for name in ("workload", "jobs", "faults", "router", "baseline", "fixed", "ingress"):
+        for name in ("workload", "jobs", "faults", "router", "baseline", "fixed", "ingress", "slo"):
             setattr(self, name, random.Random(f"{self.seed}:{name}"))
 
 
