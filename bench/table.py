@@ -114,25 +114,37 @@ def rows() -> list[tuple[str, str, str, str]]:
         out.append((sim.get("what", "cpn sim"), sim.get("summary", ""), "≤ 60 s", f"{sim['machine']}, {sim['date']}"))
     rg = _load("regions")
     if rg and rg.get("rows"):
-        out.append((f"regions, {rg['regions']} regions with the layout's WAN delays (`cpn bench regions`)",
-                    _regions(rg), f"in-region p99 ≤ {rg['budget_ms']:g} ms (client latency − service time)",
+        load = f", load {rg['load_before']}–{rg['load_after']}" if "load_before" in rg else ""
+        out.append((f"regions, {rg['regions']} regions with the layout's WAN delays (`cpn bench regions`{load})",
+                    _regions(rg), f"in-region p99 ≤ {rg['budget_ms']:g} ms (client latency − service time − the proxies' own cost)",
                     f"{rg['machine']}, {rg['date']}"))
     return out
 
 
 def _regions(rg: dict[str, Any]) -> str:
-    """"sh: own gateway p50 2.1 / p99 3.0 ms, central 2.2 / 3.1; ..." per region, errors if any."""
-    by = {(r["region"], r["mode"]): r for r in rg["rows"]}
+    """"sh: own gateway p50 2.1 / p99 3.0 ms, central 2.2 / 3.1; ..." per region over the origins with
+    an in-region site within budget, errors if any; then the origins without one, apart."""
+    rows = [r for r in rg["rows"] if r.get("origins", "in_budget") == "in_budget"]
+    by = {(r["region"], r["mode"]): r for r in rows}
     parts = []
-    for region in dict.fromkeys(r["region"] for r in rg["rows"]):
+    for region in dict.fromkeys(r["region"] for r in rows):
         own, central = by.get((region, "regional")), by.get((region, "central"))
         text = f"{region}: own gateway " + (f"p50 {own['p50_ms']} / p99 {own['p99_ms']} ms" if own else "-")
         text += ", central " + (f"{central['p50_ms']} / {central['p99_ms']}" if central else "-")
         errors = sum(r["errors"] for r in (own, central) if r)
         parts.append(text + (f" ({errors} errors)" if errors else ""))
-    beyond = [r["beyond_promise_p50_ms"] for r in rg["rows"] if "beyond_promise_p50_ms" in r]
-    extra = f"; beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms" if beyond else ""
-    return "; ".join(parts) + extra
+    out = "; ".join(parts)
+    far = [r for r in rg["rows"] if r.get("origins") == "outside" and r["mode"] == "regional"]
+    if far:
+        names = ", ".join(o for os in (rg.get("outside_origins") or {}).values() for o in os)
+        out += (f"; origins with no in-region site within budget ({names}), own gateway p99 "
+                f"{min(r['p99_ms'] for r in far)}–{max(r['p99_ms'] for r in far)} ms")
+    beyond = [r["beyond_promise_p50_ms"] for r in rows if "beyond_promise_p50_ms" in r]
+    out += f"; beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms" if beyond else ""
+    sub = rg.get("subtracted")
+    if sub:
+        out += f"; subtracted: service time and the proxies' own {sub['proxy_ms_per_crossing']} ms per crossing"
+    return out
 
 
 def _by_fault(inf: dict[str, Any]) -> str:
@@ -146,7 +158,9 @@ def _by_fault(inf: dict[str, Any]) -> str:
 
 
 def _kind(label: str) -> str:
-    """What a row measures, without its figures: "heartbeats, 5000 sites at 1 Hz" -> "heartbeats, sites at Hz"."""
+    """What a row measures, without its figures: "heartbeats, 5000 sites at 1 Hz" -> "heartbeats, sites at Hz"
+    (nor the load it was measured under: ", load 1.2–1.7" is a figure of the run, not of the kind)."""
+    label = re.sub(r", load [^)|]*", "", label)
     return " ".join(re.sub(r"[\d][\d,.]*", " ", label).split())
 
 
@@ -192,9 +206,12 @@ def _replace(text: str, marker: str, body: str) -> str:
 
 
 def update_readme(*, peers_only: bool = False) -> None:
-    """Rewrite README's ``bench-peers`` section and, unless ``peers_only``, the ``bench-table``
-    (a row for each bench/results/*.json present; rows not re-measured keep their figures and dates)."""
+    """Rewrite README's ``bench-peers`` section (if its results are present) and, unless
+    ``peers_only``, the ``bench-table`` (a row for each bench/results/*.json present; rows not
+    re-measured keep their figures and dates)."""
     text = README.read_text()
     if not peers_only:
         text = _replace(text, "bench-table", render(_section(text, "bench-table")))
-    README.write_text(_replace(text, "bench-peers", render_peers()))
+    if _load("gateway_peers"):  # else the section keeps what was measured (another bench's --readme)
+        text = _replace(text, "bench-peers", render_peers())
+    README.write_text(text)

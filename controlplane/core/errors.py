@@ -108,6 +108,11 @@ class RecordUnavailable(RequestError):
     code = "record_unavailable"
 
 
+class RecordNoQuorum(RecordUnavailable):
+    """No quorum of the record answers this process: NATS nodes down, or this process cut off from
+    the record's region (a gateway names where it stands in the 503)."""
+
+
 class PeerError(CpnError):
     """A site or the bus failed us."""
 

@@ -26,6 +26,7 @@ from controlplane.core import auth, bodies
 from controlplane.gateway.clientaddr import TrustedProxies
 from controlplane.services.record import Services
 from controlplane.core.errors import NoCapacity, PeerError, RateLimited, Refused, RequestError, Unauthorized, Forbidden
+from controlplane.core.errors import RecordNoQuorum
 
 log = logging.getLogger("cpn.gateway")
 
@@ -177,6 +178,12 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool, p
     max_body_bytes = services.config.max_body_bytes
     release = services.market.release  # a request's budget hold ends with its answer (docs/market.md)
     perf_counter = time.perf_counter  # request latency for metrics only, never a decision
+    config = services.config
+    # Where this process stands, for a write refused without quorum: the tenant learns which side of
+    # a partition it reached (docs/topology.md, "Regions on one machine").
+    stands = f"{config.role} {config.hub_id}" + (f" at {config.gateway_city}" if config.gateway_city else "")
+    no_quorum = (f"; {stands} cannot reach a quorum of the record: it is cut off from the record's region, or "
+                 "NATS nodes are down. Inference goes on here; retry with the same Idempotency-Key")
 
     async def guard(request: web.Request) -> web.StreamResponse:
         rid = ids.next()
@@ -213,7 +220,8 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool, p
             return json_response(exc.body, status=status, headers={"X-Request-Id": echo})
         except RequestError as exc:
             status = exc.status
-            return error_response(status, exc.message, code=exc.code, param=exc.field, request_id=echo)
+            message = exc.message + no_quorum if isinstance(exc, RecordNoQuorum) else exc.message
+            return error_response(status, message, code=exc.code, param=exc.field, request_id=echo)
         except PeerError as exc:
             status = 502
             log.warning("event=peer_error request_id=%s client_request_id=%s path=%s error=%s", rid, echo,

@@ -258,6 +258,13 @@ class HubBus:
         """The region whose event stream holds a site's events (None: ``CPN_EVENTS``)."""
         self._event_streams: list[str] = [wire.EVENTS_STREAM]
         """The event streams this hub made sure of (``CPN_EVENTS`` and the regional ones): one consumer each."""
+        self.events_backlog: dict[str, int] = {}
+        """Per regional event stream: events stored and not yet applied by this hub's consumer, as
+        last seen (each delivery's ``num_pending`` after it is applied; while idle, the consumer's
+        pending and unacknowledged counts). After a cut, a region's backlog drains one event per
+        round trip while its sites' heartbeats arrive at once: :meth:`events_behind` tells the
+        training service to wait for the events before failing an attempt the heartbeats no
+        longer name."""
         self.tasks = tasks if tasks is not None else BackgroundTasks(name).scope("bus")
         """Where the bus runs its background work (the event consumer): the process's tasks, handed in
         by the composition root; a bus used on its own (tests, tools) gets an owner of its own."""
@@ -868,6 +875,7 @@ class HubBus:
 
     async def _consume(self, handler: EventHandler, durable: str, batch: int, stream: str = wire.EVENTS_STREAM) -> None:
         psub = None
+        regional = stream != wire.EVENTS_STREAM
         while not self._closing:
             try:
                 if psub is None:
@@ -882,9 +890,16 @@ class HubBus:
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     # Nothing to fetch. nats-py raises a bare asyncio.TimeoutError when a busy loop
                     # has already used up the deadline: that is no fault of the subscription either.
+                    # On a regional stream "nothing" may be a delivery lost on a cut link, holding
+                    # the backlog behind it for an ack wait: ask the consumer what it holds.
+                    if regional:
+                        await self._note_backlog(durable, stream)
                     continue
                 for msg in msgs:
                     await self._apply_event(handler, msg)
+                    if regional:
+                        with contextlib.suppress(ValueError, AttributeError, TypeError):
+                            self.events_backlog[stream] = int(msg.metadata.num_pending)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -896,6 +911,22 @@ class HubBus:
                 psub = None
                 self._psubs.pop(stream, None)
                 await asyncio.sleep(0.5)
+
+    async def _note_backlog(self, durable: str, stream: str) -> None:
+        """The consumer's pending and unacknowledged events into :attr:`events_backlog` (unchanged if
+        it does not answer within a second: a cut link; its sites' heartbeats do not arrive either)."""
+        try:
+            info = await self._require().jetstream().consumer_info(stream, durable, timeout=1.0)
+        except Exception:  # a cut, a reconnect: the last figure stands
+            return
+        self.events_backlog[stream] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    def events_behind(self, site: str) -> bool:
+        """Events of ``site`` may be stored and not yet applied here: its region's stream had a
+        backlog when last seen. False for a site whose events go to ``CPN_EVENTS`` (they travel with
+        its heartbeats)."""
+        region = self.event_region_of(site)
+        return region is not None and self.events_backlog.get(regional_events_stream(region), 0) > 0
 
     async def _apply_event(self, handler: EventHandler, msg: Msg) -> None:
         try:

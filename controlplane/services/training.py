@@ -23,7 +23,8 @@ It carries out what the pure core decides (CONVENTIONS example 2, "decide, then 
   at that site that is not its job's current attempt there gets a ``StopAttempt`` (a site back from
   a partition, still running an old attempt); an attempt the hub never placed there is ignored and
   counted (``cpn_heartbeat_attempts_ignored_total``). A started attempt that its up site leaves out
-  of ``vanished_heartbeats`` heartbeats in a row fails as ``vanished`` (an infrastructure failure:
+  of ``vanished_heartbeats`` heartbeats in a row, counted while its region's event stream has no
+  backlog here (``HubBus.events_behind``), fails as ``vanished`` (an infrastructure failure:
   restarted from its checkpoint, not counted against the user-error budget).
 - **Workloads**: a job naming an ``image`` runs on the ``container`` executor, one naming a
   ``command`` on ``process`` (or the site's ``slurm``), else on ``sim``; placement considers only
@@ -827,6 +828,12 @@ class TrainingService:
                 # Not yet acknowledged: the site cannot list it. Count from the acknowledgement on (a
                 # start sent slowly was failed as vanished the moment its ack came, and placed again).
                 self._missing.pop(key, None)
+                continue
+            if self.bus.events_behind(r.pool):
+                # Its region's stream holds events not applied yet (a backlog after a cut, drained
+                # one per round trip while the heartbeats arrive at once): its exit may be among
+                # them. Count from when the backlog is gone.
+                self._missing[key] = view.heartbeats
                 continue
             first = self._missing.setdefault(key, view.heartbeats)
             if view.heartbeats - first >= limit:

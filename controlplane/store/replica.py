@@ -53,7 +53,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import sqlite_utils
 
-from controlplane.core.errors import RecordConflict, RecordUnavailable
+from controlplane.core.errors import RecordConflict, RecordNoQuorum, RecordUnavailable
 from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, RecordError
 from controlplane.replicated.kv import MAX_BATCH, Change, Write
 from controlplane.store.db import open_db
@@ -429,7 +429,7 @@ class Replica:
                                   "first); nothing was written, retry")
         if isinstance(exc, NoQuorum):
             self.no_quorum += 1
-            return RecordUnavailable(f"the replicated record has no quorum: {exc}")
+            return RecordNoQuorum(f"the replicated record has no quorum: {exc}")
         return RecordUnavailable(f"the replicated record refused the write: {exc}")
 
     def _published(self, writes: Sequence[Write], started: float) -> None:

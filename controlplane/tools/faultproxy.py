@@ -4,6 +4,9 @@ Listens on 127.0.0.1, port 0, in front of one upstream URL. Modes switch at run 
 
 - ``pass``: forward bytes both ways.
 - ``delay(ms)``: forward each chunk ``ms`` later, per direction, order kept (RTT grows by 2 x ms).
+  How much later than asked each chunk really left is kept (``lateness_ms``): on asyncio's default
+  loop (epoll) a timer fires up to a millisecond late, since epoll waits in whole milliseconds;
+  :mod:`controlplane.tools.proxyhost` runs its proxies on a ``select`` loop (microseconds) for that.
 - ``blackhole``: what a partition looks like: connections stay open, bytes both ways are
   dropped, new connections are accepted and held without reaching the server. When the mode
   leaves ``blackhole`` the held connections are aborted (bytes were lost, their streams are
@@ -17,6 +20,7 @@ unclosed transports (pytest runs with ``filterwarnings = error``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import socket
 import struct
@@ -24,6 +28,9 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 Mode = Literal["pass", "delay", "blackhole", "reset"]
+
+LATENESS_KEPT = 20_000
+"""Delayed chunks whose lateness a proxy keeps (the newest)."""
 
 
 def _abort(writer: asyncio.StreamWriter | None) -> None:
@@ -94,6 +101,8 @@ class _Link:
                     await asyncio.sleep(wait_s)
                 if self.proxy.mode == "blackhole":
                     continue
+                if self.proxy.delay_ms > 0:
+                    self.proxy.lateness_ms.append((loop.time() - due) * 1000.0)
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
@@ -127,6 +136,9 @@ class FaultProxy:
         self.mode: Mode = "pass"
         self.delay_ms = 0.0
         self.accepted = 0
+        self.lateness_ms: collections.deque[float] = collections.deque(maxlen=LATENESS_KEPT)
+        """How late each delayed chunk left (ms past its due time): the proxy's own error, the last
+        :data:`LATENESS_KEPT` chunks."""
         self._server: asyncio.Server | None = None
         self._links: dict[_Link, asyncio.Task[None]] = {}
         self._closing = False

@@ -8,7 +8,16 @@ on the child's stdin and one JSON answer per line on its stdout:
 
 - ``{"op": "add", "upstream": "nats://host:port"}`` -> ``{"id": N, "port": P}``
 - ``{"op": "mode", "ids": [N, ...], "mode": "pass"|"delay"|"blackhole"|"reset", "ms": 0.0}`` -> ``{}``
+- ``{"op": "remove", "ids": [N, ...]}`` -> ``{}`` (those proxies closed, their ids not reused; their
+  lateness still counted in ``stats``)
+- ``{"op": "stats"}`` -> ``{"delayed": N, "late_ms_p50": x, "late_ms_p99": y, "late_ms_max": z}``: how
+  late the delayed chunks of every proxy left, past their due time (the proxies' own error)
 - ``{"op": "close"}`` -> ``{}`` (every proxy closed; the child exits)
+
+The child's event loop waits with ``select``, not asyncio's default epoll: epoll's timeout is whole
+milliseconds (rounded up), so on it a 0.25 ms delay became about a millisecond, on every hop;
+``select`` takes microseconds. ``select`` watches descriptors below 1024 only: a few hundred proxies
+open at once (remove those no longer used).
 
 A bad command is answered ``{"error": "..."}`` and the child goes on.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import selectors
 import sys
 from typing import Any
 
@@ -66,6 +76,14 @@ class ProxyHost:
         """Switch the proxies ``ids`` to ``mode`` (``delay``: ``ms`` each way)."""
         await self._call({"op": "mode", "ids": ids, "mode": mode, "ms": ms})
 
+    async def remove(self, ids: list[int]) -> None:
+        """Close the proxies ``ids`` (a child on ``select`` holds at most ~1000 descriptors)."""
+        await self._call({"op": "remove", "ids": ids})
+
+    async def stats(self) -> dict[str, float]:
+        """How late the proxies' delayed chunks left (``delayed`` chunks, ``late_ms_p50/p99/max``)."""
+        return {k: float(v) for k, v in (await self._call({"op": "stats"})).items()}
+
     async def close(self) -> None:
         """Close every proxy and end the child (killed if it does not exit within 10 s)."""
         proc = self._proc
@@ -83,11 +101,24 @@ class ProxyHost:
             await proc.wait()
 
 
+def _pct(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, round(q / 100 * (len(sorted_values) - 1)))]
+
+
 async def _serve() -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    proxies: list[FaultProxy] = []
+    proxies: list[FaultProxy | None] = []
+    removed_lateness: list[float] = []
+
+    def live(i: Any) -> FaultProxy:
+        p = proxies[int(i)]
+        if p is None:
+            raise ValueError(f"proxy {i} was removed")
+        return p
 
     def answer(obj: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
@@ -105,7 +136,7 @@ async def _serve() -> None:
                     answer({"id": len(proxies) - 1, "port": proxy.port})
                 elif op == "mode":
                     for i in cmd["ids"]:
-                        p = proxies[int(i)]
+                        p = live(i)
                         mode = cmd["mode"]
                         if mode == "pass":
                             p.set_pass()
@@ -118,20 +149,33 @@ async def _serve() -> None:
                         else:
                             raise ValueError(f"mode {mode!r}: want pass, delay, blackhole or reset")
                     answer({})
+                elif op == "remove":
+                    for i in cmd["ids"]:
+                        p = live(i)
+                        removed_lateness.extend(p.lateness_ms)
+                        proxies[int(i)] = None
+                        await p.close()
+                    answer({})
+                elif op == "stats":
+                    late = sorted([x for p in proxies if p is not None for x in p.lateness_ms] + removed_lateness)
+                    answer({"delayed": len(late), "late_ms_p50": _pct(late, 50), "late_ms_p99": _pct(late, 99),
+                            "late_ms_max": late[-1] if late else 0.0})
                 elif op == "close":
                     break
                 else:
-                    raise ValueError(f"op {op!r}: want add, mode or close")
+                    raise ValueError(f"op {op!r}: want add, mode, remove, stats or close")
             except (ValueError, KeyError, IndexError, TypeError) as exc:
                 answer({"error": str(exc)})
     finally:
-        for p in proxies:
-            await p.close()
+        for left in proxies:
+            if left is not None:
+                await left.close()
         answer({})
 
 
 def main() -> None:
-    asyncio.run(_serve())
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selectors.SelectSelector())) as runner:
+        runner.run(_serve())
 
 
 if __name__ == "__main__":

@@ -42,3 +42,15 @@ def test_a_site_of_a_listed_region_goes_to_its_regions_stream() -> None:
     assert bus.event_region_of(site) == "east"
     assert bus.event_region_of(other) is None  # its region has no stream listed: CPN_EVENTS
     assert bus.event_region_of("not-in-the-layout") is None
+
+
+def test_a_site_is_behind_while_its_regions_stream_has_a_backlog() -> None:
+    layout = loader.load_default()
+    site = next(s.id for s in layout.sites if layout.region_of_site(s.id) == "east")
+    other = next(s.id for s in layout.sites if layout.region_of_site(s.id) == "north")
+    bus = _bus(HubConfig(event_regions={"east": 1, "north": 1}), [], BackgroundTasks("t").scope("bus"), layout)
+    assert not bus.events_behind(site)  # nothing seen yet: nothing known to wait for
+    bus.events_backlog["CPN_EVENTS_east"] = 3
+    assert bus.events_behind(site) and not bus.events_behind(other)
+    bus.events_backlog["CPN_EVENTS_east"] = 0
+    assert not bus.events_behind(site)

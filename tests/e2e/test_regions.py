@@ -373,6 +373,9 @@ async def test_a_region_cut_off_keeps_serving_its_own_and_refuses_submissions_un
             if r.plan.id in far_side:
                 assert status == 503, (r.plan.id, body)
                 assert body["error"]["code"] == "record_unavailable" and "quorum" in body["error"]["message"], body
+                # naming the side of the partition it reached: this region's gateway, cut off
+                assert f"at {r.plan.gateway_city} cannot reach a quorum" in body["error"]["message"], body
+                assert "cut off from the record's region" in body["error"]["message"], body
                 continue
             deadline = time.monotonic() + 30
             while status != 201:  # a loaded machine's stalled loop can let one write pass its deadline
@@ -583,3 +586,54 @@ async def test_a_cut_outlasting_loss_detection_restarts_from_the_checkpoint_and_
     for attempt in {a.attempt for a in rows}:  # none lost, none twice
         seqs = [q for a, q, _ in site_events(net, jid, ZJ_SITE) if a == attempt]
         assert seqs == list(range(1, len(seqs) + 1)), (attempt, seqs)
+
+
+BACKLOG_WAN_ONE_WAY_MS = 25.0
+"""Delay each way on region zj's links once healed: an inter-region WAN's, so that its stream's
+backlog drains one event per round trip, for longer than ``vanished_heartbeats`` heartbeats."""
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("regions", [{"miss_limit": 30}], indirect=True)
+async def test_an_attempt_that_ends_during_a_cut_is_not_failed_vanished_while_its_regions_backlog_drains(
+        regions: tuple[RegionalNetwork, Wan]) -> None:
+    """The attempt on the cut-off site runs to its end during the cut: its ~100 events (a checkpoint
+    every simulated minute, then its exit) are stored in its region's stream, and the agent, whose
+    attempt has ended, no longer lists it in its heartbeats. After healing, the heartbeats reach the
+    controller at once, while the region's backlog drains one event per round trip of the WAN: for
+    longer than ``vanished_heartbeats`` (5) heartbeats. The controller must wait for the backlog,
+    not fail the attempt ``vanished`` (and restart a job that succeeded): one attempt, completed,
+    every event applied once."""
+    net, wan = regions
+    assert net.controller is not None
+    service = net.controller.services.training
+    # 2 h at 1,200x: 6 s of wall time, a checkpoint every simulated minute (0.05 s).
+    jid = await submit_on_zj(net, 2.0, regions=["zhejiang"], checkpoint_interval_min=1)
+    agent = zj_agent(net)
+    zj_port = region(net, "zj").monitor_ports[0]
+
+    for proxy in wan.of("zj"):
+        proxy.set_blackhole()
+    await until(lambda: jid not in agent.training.attempts, 60, "the attempt ended at the site during the cut")
+    assert agent.training.finished.get((jid, 1)) == "completed"
+    await until(lambda: len(agent.outbox) == 0, 20, "the agent's outbox drained into region zj's stream")
+    held = stream_messages(zj_port, "CPN_EVENTS_zj")
+    assert held >= 80, held  # enough for the drain to outlast 5 heartbeats at a WAN's round trip
+    assert job_row(net, jid).state.value == "running"
+
+    for proxy in wan.of("zj"):
+        proxy.set_delay(BACKLOG_WAN_ONE_WAY_MS)
+    healed = time.monotonic()
+    await until(lambda: job_row(net, jid).state.value in ("succeeded", "failed", "queued", "placed"), 120,
+                "the job settled after healing")
+    drained_s = time.monotonic() - healed
+    assert service.counters["vanished"] == 0, (drained_s, repr(dict(service.counters)))
+    await until(lambda: job_row(net, jid).state.value == "succeeded", 30, "the job succeeded")
+    await until(lambda: stream_messages(zj_port, "CPN_EVENTS_zj") == 0, 20, "region zj's stream drained")
+    events = site_events(net, jid, ZJ_SITE)
+    assert [seq for _, seq, _ in events] == list(range(1, len(events) + 1))  # none lost, none twice
+    assert {a for a, _, _ in events} == {1} and service.counters["stale_attempt"] == 0
+    (a1,) = attempts(net, jid)
+    assert a1.exit_reason == "completed" and job_row(net, jid).infra_restarts == 0
+    print(f"{held} events held in region zj's stream; the job settled {drained_s:.1f} s after healing, "
+          f"none vanished")

@@ -29,6 +29,7 @@ def test_a_run_replaces_its_own_row_and_keeps_the_others(tmp_path: Path, monkeyp
 
 def test_kind_ignores_figures() -> None:
     assert table._kind("heartbeats, 5000 sites at 1 Hz") == table._kind("heartbeats, 4,000 sites at 2 Hz")
+    assert table._kind("regions (`cpn bench regions`)") == table._kind("regions (`cpn bench regions`, load 1.2–1.7)")
     assert table._kind("gateway path vs its floor (wrk), 1 connection") != table._kind(
         "gateway path vs its floor (wrk), 32 connections")
 
@@ -48,3 +49,30 @@ def test_the_regions_row_puts_each_regions_own_gateway_next_to_the_central_one(
     assert "east: own gateway p50 9.5 / p99 23.5 ms, central 26.5 / 68.6 (2 errors)" in line
     assert "north: own gateway p50 7.0 / p99 9.9 ms, central -" in line
     assert "p50 6.9–8.3 ms" in line and "in-region p99 ≤ 10 ms" in line
+
+
+def test_the_regions_row_keeps_origins_without_an_in_region_site_apart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    row = {"n": 20, "errors": 0, "promised_rtt_p50_ms": 1.0, "beyond_promise_p50_ms": 1.4}
+    (tmp_path / "regions.json").write_text(json.dumps({
+        "regions": 1, "budget_ms": 10.0, "machine": "box", "date": "2026-12-07",
+        "subtracted": {"proxy_ms_per_crossing": 0.31}, "outside_origins": {"central": {"zhengzhou": 31.28}},
+        "rows": [
+            {**row, "origins": "in_budget", "region": "central", "mode": "regional", "p50_ms": 3.1, "p99_ms": 6.5},
+            {**row, "origins": "outside", "region": "central", "mode": "regional", "p50_ms": 34.0, "p99_ms": 42.0},
+        ]}))
+    (line,) = [r for r in table.render("").splitlines() if r.startswith("| regions")]
+    assert "central: own gateway p50 3.1 / p99 6.5 ms, central -" in line  # the far origin is not mixed in
+    assert "no in-region site within budget (zhengzhou), own gateway p99 42.0–42.0 ms" in line
+    assert "the proxies' own 0.31 ms per crossing" in line
+
+
+def test_another_benchs_readme_run_keeps_the_peers_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table, "RESULTS", tmp_path / "results")
+    readme = tmp_path / "README.md"
+    peers = "<!-- bench-peers -->\n| system | c=32 req/s |\n| cpn | 6,929 |\n<!-- /bench-peers -->\n"
+    readme.write_text("<!-- bench-table -->\n" + EXISTING + "<!-- /bench-table -->\n\n" + peers)
+    monkeypatch.setattr(table, "README", readme)
+    table.update_readme()  # e.g. `cpn bench regions --readme` in a tree without the peers' results
+    assert peers in readme.read_text()  # before: "Not measured yet" in its place
