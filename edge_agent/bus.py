@@ -87,6 +87,11 @@ class AgentBus:
     def is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
+    @property
+    def server(self) -> str:
+        """``host:port`` of the NATS server this site is connected to ("" while not connected)."""
+        return self._server_name()
+
     async def wait_connected(self) -> None:
         """Return once connected (at once if connected now)."""
         await self._connected.wait()

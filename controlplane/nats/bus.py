@@ -369,6 +369,12 @@ class HubBus:
         return self.nc is not None and self.nc.is_connected
 
     @property
+    def server(self) -> str:
+        """``host:port`` of the NATS server the hub's requests go through ("" while not connected)."""
+        url = self.nc.connected_url if self.nc is not None else None
+        return str(url.netloc) if url is not None else ""
+
+    @property
     def clustered(self) -> bool:
         """Whether the connected server belongs to a cluster (the ``cluster`` field of its INFO;
         nats-py keeps INFO in a private attribute, read here only)."""

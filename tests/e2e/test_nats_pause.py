@@ -1,0 +1,121 @@
+"""A frozen NATS node (SIGSTOP: its sockets stay open, nothing is answered) costs inference nothing.
+
+Real parts: a 3-node nats-server cluster on loopback, a real hub (its bus connected to node n1 only),
+two real agents serving ``qwen``: hz-edge (the tenant's nearest) on n2, sh-edge on n3. Two tenants'
+clients send chat requests all along, and one node is paused for 4 s:
+
+- ``agent``: n2, under hz-edge. The hub's requests to hz-edge go unacknowledged; each fails over to
+  sh-edge within the acknowledgement timeout; hz-edge's connection is found stale by its pings and
+  moves to another node within 2 s (before: pings every 1 s, 2 outstanding, so 2-3 s, plus a
+  connect timeout whenever the reconnect picked the frozen node again).
+- ``hub``: n1, under the hub's own connections. Before, every request at that gateway waited out
+  the acknowledgement timeout at each site, called both sites silent and failed (502), and the next
+  ones failed at once (503, every site silent) until heartbeats came back. Now a request whose
+  connection does not answer a PING goes again on the next connection, which the hub has within 2 s.
+
+Both: every request is answered 200 (0 errors), none takes longer than 3.5 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from controlplane.hub import Hub
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
+from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.natscluster import NatsCluster
+from tests.support.waiting import until
+
+CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+CARDS = {"hz-edge": {"910B": 4}, "sh-edge": {"H20": 4}}
+CITY = {"hz-edge": "hangzhou", "sh-edge": "shanghai"}
+NODE = {"hub": "n1", "hz-edge": "n2", "sh-edge": "n3"}
+
+
+def agent(site: str, url: str) -> Agent:
+    return Agent(AgentConfig(
+        site=site, nats=url, city=CITY[site], tier="edge", accelerators=CARDS[site], heartbeat_s=0.5,
+        models=[ModelConfig(name="qwen", cards=1.0, slots=8)],
+        backend=BackendConfig(sim=SimBackendConfig(ttft_ms=5, per_token_ms=1, slots=8)),
+    ))
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[NatsCluster, Hub, list[Agent], Client]]:
+    async with NatsCluster(tmp_path / "nats") as cluster:
+        url = {n.name: n.url for n in cluster.nodes}
+        config = hub_config(tmp_path, url[NODE["hub"]], heartbeat_s=1.0, miss_limit=3, site_timeout_s=3.0,
+                            site_ack_timeout_s=1.0)
+        async with running_hub(config) as hub:
+            key = hub.create_tenant("acme", default_origin="hangzhou")
+            agents = [agent(site, url[NODE[site]]) for site in ("hz-edge", "sh-edge")]
+            try:
+                await asyncio.gather(*(a.start() for a in agents))
+                await until(lambda: all((v := hub.registry.get(s)) is not None and v.slots_free("qwen") > 0
+                                        for s in CARDS), 15, "both sites ready")
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                    yield cluster, hub, agents, Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            finally:
+                await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
+
+
+async def _load(tenant: Client, stop: asyncio.Event, answers: list[tuple[int, float, str, Any]]) -> None:
+    while not stop.is_set():
+        began = time.monotonic()
+        try:
+            status, body, headers = await tenant.call("POST", "/v1/chat/completions", CHAT)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status, body, headers = 0, repr(exc), {}
+        answers.append((status, time.monotonic() - began, headers.get("X-CPN-Site", ""), body if status != 200 else ""))
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("frozen", ["agent", "hub"])
+async def test_inference_goes_on_with_no_error_through_a_paused_nats_node(rig, frozen: str) -> None:  # type: ignore[no-untyped-def]
+    cluster, hub, agents, tenant = rig
+    hz = agents[0]
+    node = cluster.node(NODE["hz-edge"] if frozen == "agent" else NODE["hub"])
+    frozen_addr = node.url.split("://", 1)[1]
+    assert (hz.bus.server if frozen == "agent" else hub.bus.server) == frozen_addr
+
+    answers: list[tuple[int, float, str, Any]] = []
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(_load(tenant, stop, answers)) for _ in range(2)]
+    try:
+        await asyncio.sleep(1.0)
+        before = len(answers)
+        await cluster.pause(node.name)
+        paused_at = time.monotonic()
+        moved_s = None
+        while time.monotonic() - paused_at < 4.0:
+            server = hz.bus.server if frozen == "agent" else hub.bus.server
+            if moved_s is None and server and server != frozen_addr:
+                moved_s = time.monotonic() - paused_at
+            await asyncio.sleep(0.05)
+        during = len(answers) - before
+        await cluster.resume(node.name)
+        await asyncio.sleep(2.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        if cluster.node(node.name).paused:
+            await cluster.resume(node.name)
+
+    errors = [a for a in answers if a[0] != 200]
+    assert not errors, errors
+    assert during >= 4, answers  # requests were served while the node was frozen, not only after
+    slowest = max(a[1] for a in answers)
+    assert slowest < 3.5, sorted(answers, key=lambda a: -a[1])[:5]
+    assert moved_s is not None and moved_s < 2.0, moved_s
+    if frozen == "hub":
+        assert hub.bus.stats.resent >= 1, hub.bus.stats
