@@ -320,7 +320,11 @@ async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dic
     bridge = RecordBridge(urls, write_deadline_s=config.record_write_deadline_s,
                           name=f"cpn-record-{config.hub_id}", connect=connect)
     bridges.append(bridge)
-    db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
+    try:
+        db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
+    except BaseException:
+        bridges.remove(bridge)  # closed: the next attempt (Hub.start waits for quorum) makes another
+        raise
     assert db.write_hook is not None
     db.write_hook.listeners.append(on_change)
     db.write_hook.pipelined = config.record_pipelined_writes

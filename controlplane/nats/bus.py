@@ -962,12 +962,17 @@ class HubBus:
         nc = self._require()
         js = nc.jetstream()
         shares = 1 + len(regions or {})
-        await self._ensure_stream(js, self.event_stream_config(replicas, shares=shares), durable)
-        for region, n in sorted((regions or {}).items()):
-            config = self.event_stream_config(n, region, shares)
-            await self._ensure_stream(js, config, durable)
-            if config.name not in self._event_streams:
-                self._event_streams.append(str(config.name))
+        try:
+            await self._ensure_stream(js, self.event_stream_config(replicas, shares=shares), durable)
+            for region, n in sorted((regions or {}).items()):
+                config = self.event_stream_config(n, region, shares)
+                await self._ensure_stream(js, config, durable)
+                if config.name not in self._event_streams:
+                    self._event_streams.append(str(config.name))
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
+                asyncio.TimeoutError) as exc:
+            # JetStream without a meta or stream leader (nodes down, an election under way): not now.
+            raise BusUnavailable(f"JetStream cannot make the event streams now: {exc!r}") from None
         if self._events_in is None:
             self._events_in = await self.sites_nc.subscribe(
                 wire.EVENT_WILDCARD, queue=EVENTS_QUEUE, cb=self._on_site_event,
