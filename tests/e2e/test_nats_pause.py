@@ -1,24 +1,29 @@
 """A frozen NATS node (SIGSTOP: its sockets stay open, nothing is answered) costs inference nothing.
 
-Real parts: a 3-node nats-server cluster on loopback, a real hub (its bus connected to node n1 only),
-two real agents serving ``qwen``: hz-edge (the tenant's nearest) on n2, sh-edge on n3. Two tenants'
+Real parts: a 3-node nats-server cluster on loopback, a real hub (its bus connected to one node
+only), two real agents serving ``qwen``: hz-edge (the tenant's nearest) and sh-edge. Two tenants'
 clients send chat requests all along, and one node is paused for 4 s:
 
-- ``agent``: n2, under hz-edge. The hub's requests to hz-edge go unacknowledged; each fails over to
-  sh-edge within the acknowledgement timeout; hz-edge's connection is found stale by its pings and
-  moves to another node within 2 s (before: pings every 1 s, 2 outstanding, so 2-3 s, plus a
-  connect timeout whenever the reconnect picked the frozen node again).
-- ``hub``: n1, under the hub's own connections. Before, every request at that gateway waited out
-  the acknowledgement timeout at each site, called both sites silent and failed (502), and the next
-  ones failed at once (503, every site silent) until heartbeats came back. Now a request whose
-  connection does not answer a PING goes again on the next connection, which the hub has within 2 s.
+- ``agent``: the node under hz-edge (sh-edge on another). The hub's requests to hz-edge go
+  unacknowledged; each fails over to sh-edge within the acknowledgement timeout; hz-edge's
+  connection is found stale by its pings and moves to another node within 1.9 s (before: pings
+  every 1 s, 2 outstanding, so 2-3 s, plus a connect timeout whenever the reconnect picked the
+  frozen node again: 3.1 s measured).
+- ``both_agents``: the node under both sites. Before, requests failed (502) once both sites had
+  not acknowledged; now a request left with only silent sites waits (within the site timeout) for
+  one to be heard from again on its new node, and goes there.
+- ``hub``: the node under the hub's own connections. Before, every request at that gateway waited
+  out the acknowledgement timeout at each site, called both sites silent and failed (502), and the
+  next ones failed at once (503, every site silent) until heartbeats came back. Now a request whose
+  connection does not answer a PING goes again on the next connection, which the hub has within 1.9 s.
 
-Both: every request is answered 200 (0 errors), none takes longer than 3.5 s.
+Every case: every request is answered 200 (0 errors), none takes longer than 4 s.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,34 +34,42 @@ import pytest
 
 from controlplane.hub import Hub
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, BackendConfig, ModelConfig, SimBackendConfig
+from edge_agent.config import AgentConfig, BackendConfig, BusConfig, ModelConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub
-from tests.support.natscluster import NatsCluster
+from tests.support.natscluster import NatsCluster, Node
 from tests.support.waiting import until
 
 CHAT = {"model": "qwen", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 CARDS = {"hz-edge": {"910B": 4}, "sh-edge": {"H20": 4}}
 CITY = {"hz-edge": "hangzhou", "sh-edge": "shanghai"}
-NODE = {"hub": "n1", "hz-edge": "n2", "sh-edge": "n3"}
 
 
 def agent(site: str, url: str) -> Agent:
     return Agent(AgentConfig(
         site=site, nats=url, city=CITY[site], tier="edge", accelerators=CARDS[site], heartbeat_s=0.5,
+        bus=BusConfig(reconnect_jitter_s=0.0),  # the move's time is the pings' alone (production adds <= 0.5 s)
         models=[ModelConfig(name="qwen", cards=1.0, slots=8)],
         backend=BackendConfig(sim=SimBackendConfig(ttft_ms=5, per_token_ms=1, slots=8)),
     ))
 
 
-@pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[tuple[NatsCluster, Hub, list[Agent], Client]]:
+PLACES = {
+    "agent": ({"hub": "n1", "hz-edge": "n2", "sh-edge": "n3"}, "n2"),
+    "hub": ({"hub": "n1", "hz-edge": "n2", "sh-edge": "n3"}, "n1"),
+    "both_agents": ({"hub": "n1", "hz-edge": "n2", "sh-edge": "n2"}, "n2"),
+}
+"""Case -> (the node each part connects to, the node paused)."""
+
+
+@contextlib.asynccontextmanager
+async def rig(tmp_path: Path, place: dict[str, str]) -> AsyncIterator[tuple[NatsCluster, Hub, list[Agent], Client]]:
     async with NatsCluster(tmp_path / "nats") as cluster:
         url = {n.name: n.url for n in cluster.nodes}
-        config = hub_config(tmp_path, url[NODE["hub"]], heartbeat_s=1.0, miss_limit=3, site_timeout_s=3.0,
+        config = hub_config(tmp_path, url[place["hub"]], heartbeat_s=1.0, miss_limit=3, site_timeout_s=5.0,
                             site_ack_timeout_s=1.0)
         async with running_hub(config) as hub:
             key = hub.create_tenant("acme", default_origin="hangzhou")
-            agents = [agent(site, url[NODE[site]]) for site in ("hz-edge", "sh-edge")]
+            agents = [agent(site, url[place[site]]) for site in ("hz-edge", "sh-edge")]
             try:
                 await asyncio.gather(*(a.start() for a in agents))
                 await until(lambda: all((v := hub.registry.get(s)) is not None and v.slots_free("qwen") > 0
@@ -80,13 +93,18 @@ async def _load(tenant: Client, stop: asyncio.Event, answers: list[tuple[int, fl
 
 @pytest.mark.serial
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("frozen", ["agent", "hub"])
-async def test_inference_goes_on_with_no_error_through_a_paused_nats_node(rig, frozen: str) -> None:  # type: ignore[no-untyped-def]
-    cluster, hub, agents, tenant = rig
+@pytest.mark.parametrize("frozen", sorted(PLACES))
+async def test_inference_goes_on_with_no_error_through_a_paused_nats_node(tmp_path: Path, frozen: str) -> None:
+    place, paused = PLACES[frozen]
+    async with rig(tmp_path, place) as (cluster, hub, agents, tenant):
+        await _through_a_pause(cluster, hub, agents, tenant, cluster.node(paused), frozen)
+
+
+async def _through_a_pause(cluster: NatsCluster, hub: Hub, agents: list[Agent], tenant: Client, node: Node,
+                           frozen: str) -> None:
     hz = agents[0]
-    node = cluster.node(NODE["hz-edge"] if frozen == "agent" else NODE["hub"])
     frozen_addr = node.url.split("://", 1)[1]
-    assert (hz.bus.server if frozen == "agent" else hub.bus.server) == frozen_addr
+    assert (hub.bus.server if frozen == "hub" else hz.bus.server) == frozen_addr
 
     answers: list[tuple[int, float, str, Any]] = []
     stop = asyncio.Event()
@@ -98,7 +116,7 @@ async def test_inference_goes_on_with_no_error_through_a_paused_nats_node(rig, f
         paused_at = time.monotonic()
         moved_s = None
         while time.monotonic() - paused_at < 4.0:
-            server = hz.bus.server if frozen == "agent" else hub.bus.server
+            server = hub.bus.server if frozen == "hub" else hz.bus.server
             if moved_s is None and server and server != frozen_addr:
                 moved_s = time.monotonic() - paused_at
             await asyncio.sleep(0.05)
@@ -115,7 +133,11 @@ async def test_inference_goes_on_with_no_error_through_a_paused_nats_node(rig, f
     assert not errors, errors
     assert during >= 4, answers  # requests were served while the node was frozen, not only after
     slowest = max(a[1] for a in answers)
-    assert slowest < 3.5, sorted(answers, key=lambda a: -a[1])[:5]
-    assert moved_s is not None and moved_s < 2.0, moved_s
+    assert slowest < 4.0, sorted(answers, key=lambda a: -a[1])[:5]  # within the site timeout (5 s)
+    assert moved_s is not None and moved_s < 1.9, moved_s  # 1.5 s at most, and the reconnect
+    print(f"{frozen}: {len(answers)} requests, {during} during the pause, slowest {slowest:.2f} s, "
+          f"moved after {moved_s:.2f} s, resent {hub.bus.stats.resent}, waited {hub.inference.waited_for_silent}")
     if frozen == "hub":
         assert hub.bus.stats.resent >= 1, hub.bus.stats
+    if frozen == "both_agents":
+        assert hub.inference.waited_for_silent >= 1, hub.inference
