@@ -13,7 +13,8 @@ A connection that does not work must not be blamed on the sites: an inference re
 connection reconnecting (it waits up to ``RECONNECT_WAIT_S``, then :class:`BusUnavailable`, which the
 gateway answers 503 ``nats_unavailable`` at once, so a client moves to another gateway), and a site
 that did not acknowledge is only called silent after :meth:`HubBus.responsive` shows that the
-connection itself still answers.
+connection itself still answers (else the request goes once more on the next connection).
+
 Malformed messages from agents are counted (``malformed``) and dropped, or answered with an
 ``ErrorReply`` when they carry a reply subject.
 
@@ -65,7 +66,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from controlplane.core.errors import BusUnavailable, SiteRefused, SiteSilent, SiteUnreachable
+from controlplane.core.errors import BusUnavailable, SiteAbsent, SiteRefused, SiteSilent, SiteUnreachable
 from controlplane.runtime import BackgroundTasks, TaskScope, cancel_and_wait
 from controlplane.core.sitegate import Kind, SiteGate, SiteLimits
 from edge_agent import nats_reconnect, tls, wire
@@ -752,7 +753,7 @@ class HubBus:
             raise SiteUnreachable(f"{who} was declared lost while serving the request")
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             self.stats.no_responders += 1
-            raise SiteUnreachable(f"{who}: no responders")
+            raise SiteAbsent(f"{who}: no responders")
         return msg
 
     async def infer(self, site: str, req: wire.InferRequest, timeout_s: float,
@@ -855,7 +856,7 @@ class HubBus:
                                           else f"{site}: no chunk within {idle_timeout_s * 1000:.0f} ms")
                 if first and msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
                     self.stats.no_responders += 1
-                    raise SiteUnreachable(f"{site}: no responders")
+                    raise SiteAbsent(f"{site}: no responders")
                 awaiting_ack = False
                 heard = True
                 if first and msg.data.startswith(wire.ACCEPTED_PREFIX):

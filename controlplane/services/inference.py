@@ -272,15 +272,16 @@ class InferenceService:
         within the request's time (``site_timeout_s`` from ``started``, less an acknowledgement's
         timeout for the new attempt). False at once when no such site is silent."""
         model = req.model
-        views = self.registry.views
-        if not any(v.silent for v in views.values() if model in v.replicas):
+        silent = [site for site, v in self.registry.views.items() if v.silent and model in v.replicas]
+        if not silent:
             return False
         until = started + self.site_timeout_s - self.site_ack_timeout_s
-        log.info("event=waiting_for_silent_sites request_id=%s model=%s", req.request_id, model)
+        log.info("event=waiting_for_silent_sites request_id=%s model=%s sites=%s", req.request_id, model,
+                 ",".join(silent))
         while self.clock.monotonic() < until:
             await self.clock.sleep(HEARD_POLL_S)
             views = self.registry.views
-            if any(v.routable for v in views.values() if model in v.replicas):
+            if any((v := views.get(site)) is not None and v.routable for site in silent):
                 self.waited_for_silent += 1
                 return True
         return False
