@@ -60,7 +60,7 @@ class HaReport(chaos.Report):
     """Fault kind -> "<status> <error code>" -> count, of the failed requests that overlapped it."""
     infer_failures: list[dict[str, Any]] = field(default_factory=list)
     """Each failed inference request: when (s into the fault phase), the fault window it overlapped
-    ("" outside), and every gateway tried with its status, error code and seconds taken."""
+    ("" outside), and every gateway tried with its status, error code, seconds taken and message."""
 
     def as_dict(self) -> dict[str, Any]:
         out = super().as_dict()
@@ -93,7 +93,7 @@ class Clients:
     async def call(self, method: str, path: str, key: str, body: Any = None, headers: dict[str, str] | None = None,
                    timeout_s: float = 5.0, trail: list[list[Any]] | None = None) -> tuple[int, Any]:
         """One request: at the next gateway in turn; on no answer (or 502/503) at each other gateway once
-        (``trail``: gets [hub id, status, error code, seconds] of each gateway tried)."""
+        (``trail``: gets [hub id, status, error code, seconds, error message] of each gateway tried)."""
         hubs = list(self.net.hubs)
         self._next += 1
         status, answer = 0, None
@@ -101,9 +101,10 @@ class Clients:
             hub = hubs[(self._next + i) % len(hubs)]
             began = time.monotonic()
             status, answer = await self._one(hub, method, path, key, body, headers, timeout_s)
-            code = (answer or {}).get("error", {}).get("code", "") if isinstance(answer, dict) else ""
+            error = (answer or {}).get("error", {}) if isinstance(answer, dict) else {}
             if trail is not None:
-                trail.append([hub.hub_id, status, code, round(time.monotonic() - began, 2)])
+                trail.append([hub.hub_id, status, error.get("code", ""), round(time.monotonic() - began, 2),
+                              str(error.get("message", ""))[:200]])
             if status not in (0, 502, 503):
                 if i:
                     self.report.retried_elsewhere += 1
