@@ -101,10 +101,11 @@ BUS_PROBE_S = 0.5
 answer a PING before the silence is put down to the connection (the request then goes again on the
 next connection) rather than to the site."""
 
-RECONNECT_WAIT_S = 0.5
+RECONNECT_WAIT_S = 2.0
 """Longest an inference request waits for the hub's reconnecting NATS connection before it is
-refused (:class:`BusUnavailable`): reconnecting to another node takes milliseconds; longer means no
-node answers, and the client is better served by another gateway now."""
+refused (:class:`BusUnavailable`, 503): reconnecting to another node of a cluster takes
+milliseconds, so this matters only when no node answers; then it rides out a lone server's restart
+(about a second), and past it the client is better served by another gateway."""
 
 
 def stored_event_subject(site: str, region: str | None = None) -> str:

@@ -153,5 +153,7 @@ async def _through_a_pause(cluster: NatsCluster, hub: Hub, agents: list[Agent], 
           f"moved after {moved_s:.2f} s, resent {hub.bus.stats.resent}, waited {hub.inference.waited_for_silent}")
     if frozen == "hub":
         assert hub.bus.stats.resent >= 1, hub.bus.stats
+        _, metrics, _ = await tenant.call("GET", "/metrics")
+        assert f'cpn_nats_errors_total{{kind="resent"}} {float(hub.bus.stats.resent)}' in metrics
     if frozen == "both_agents":
         assert hub.inference.waited_for_silent >= 1, hub.inference
