@@ -971,8 +971,8 @@ class HubBus:
                 await self._ensure_stream(js, config, durable)
                 if config.name not in self._event_streams:
                     self._event_streams.append(str(config.name))
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
-                asyncio.TimeoutError) as exc:
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError,
+                nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError, asyncio.TimeoutError) as exc:
             # JetStream without a meta or stream leader (nodes down, an election under way): not now.
             raise BusUnavailable(f"JetStream cannot make the event streams now: {exc!r}") from None
         if self._events_in is None:
