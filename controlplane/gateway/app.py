@@ -23,9 +23,10 @@ from aiohttp import web
 
 from controlplane import logs
 from controlplane.core import auth, bodies
+from controlplane.core.errors import BusUnavailable
 from controlplane.gateway.clientaddr import TrustedProxies
 from controlplane.services.record import Services
-from controlplane.core.errors import BusUnavailable, NoCapacity, PeerError, RateLimited, Refused, RequestError, Unauthorized, Forbidden
+from controlplane.core.errors import NoCapacity, PeerError, RateLimited, Refused, RequestError, Unauthorized, Forbidden
 
 log = logging.getLogger("cpn.gateway")
 
@@ -214,15 +215,15 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool, p
         except RequestError as exc:
             status = exc.status
             return error_response(status, exc.message, code=exc.code, param=exc.field, request_id=echo)
-        except BusUnavailable as exc:
-            # This process's own NATS connection is down or stuck: not the upstream's fault, and
-            # another gateway may well serve the request now (the client's documented move).
-            status = 503
-            log.warning("event=bus_unavailable request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
-                        request.path, exc)
-            return error_response(503, f"this gateway cannot reach NATS right now: {exc}", code="nats_unavailable",
-                                  request_id=echo, headers={"Retry-After": "1"})
         except PeerError as exc:
+            if isinstance(exc, BusUnavailable):
+                # This process's own NATS connection is down or stuck: not the upstream's fault, and
+                # another gateway may well serve the request now (the client's documented move).
+                status = 503
+                log.warning("event=bus_unavailable request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
+                            request.path, exc)
+                return error_response(503, f"this gateway cannot reach NATS right now: {exc}",
+                                      code="nats_unavailable", request_id=echo, headers={"Retry-After": "1"})
             status = 502
             log.warning("event=peer_error request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
                         request.path, exc)
