@@ -22,6 +22,9 @@ clients send chat requests all along, and one node is paused for 4 s:
   connection does not answer a PING goes again on the next connection, which the hub has within 1.9 s.
 
 Every case: every request is answered 200 (0 errors), none takes longer than 4 s.
+
+And a gateway whose only NATS server is gone answers 503 ``nats_unavailable`` within about 2 s,
+calling no site silent (before: 502 once every site's acknowledgement had timed out).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import aiohttp
 import pytest
 
 from controlplane.hub import Hub
+from controlplane.nats.natsserver import NatsServer
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, BackendConfig, BusConfig, ModelConfig, SimBackendConfig
 from tests.support.hubrig import Client, hub_config, running_hub
@@ -157,3 +161,34 @@ async def _through_a_pause(cluster: NatsCluster, hub: Hub, agents: list[Agent], 
         assert f'cpn_nats_errors_total{{kind="resent"}} {float(hub.bus.stats.resent)}' in metrics
     if frozen == "both_agents":
         assert hub.inference.waited_for_silent >= 1, hub.inference
+
+
+@pytest.mark.timeout(60)
+async def test_a_gateway_without_nats_answers_503_nats_unavailable_without_blaming_the_sites(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Its only NATS server gone, the gateway refuses at once with 503 ``nats_unavailable`` (a
+    client may try another gateway) once a reconnect has not come within 2 s. Before: the request
+    sat in nats-py's buffer while each site's acknowledgement timed out, every site was called
+    silent, and the answer was 502 after a second per site."""
+    config = hub_config(tmp_path, nats_server.url, site_timeout_s=5.0, site_ack_timeout_s=1.0)
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme", default_origin="hangzhou")
+        sites = [agent(site, nats_server.url, 0.0) for site in ("hz-edge", "sh-edge")]
+        try:
+            await asyncio.gather(*(a.start() for a in sites))
+            await until(lambda: all((v := hub.registry.get(s)) is not None and v.slots_free("qwen") > 0
+                                    for s in CARDS), 15, "both sites ready")
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                tenant = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+                assert (await tenant.call("POST", "/v1/chat/completions", CHAT))[0] == 200
+                await nats_server.kill()
+                await until(lambda: not hub.bus.connected, 5, "the hub notices")
+                began = time.monotonic()
+                status, body, headers = await tenant.call("POST", "/v1/chat/completions", CHAT)
+                took_s = time.monotonic() - began
+                assert status == 503 and body["error"]["code"] == "nats_unavailable", body
+                assert headers.get("Retry-After") == "1"
+                assert 1.5 <= took_s < 3.0, took_s  # the 2 s wait for a reconnect, no more
+                assert not any(v.silent for v in hub.registry.views.values())  # no site was blamed
+        finally:
+            await asyncio.gather(*(a.stop() for a in sites), return_exceptions=True)
