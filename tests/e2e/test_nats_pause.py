@@ -188,7 +188,7 @@ async def test_a_gateway_without_nats_answers_503_nats_unavailable_without_blami
                 took_s = time.monotonic() - began
                 assert status == 503 and body["error"]["code"] == "nats_unavailable", body
                 assert headers.get("Retry-After") == "1"
-                assert 1.5 <= took_s < 3.0, took_s  # the 2 s wait for a reconnect, no more
+                assert 1.5 <= took_s < 4.0, took_s  # the 2 s wait for a reconnect (and a loaded machine)
                 assert not any(v.silent for v in hub.registry.views.values())  # no site was blamed
         finally:
             await asyncio.gather(*(a.stop() for a in sites), return_exceptions=True)
