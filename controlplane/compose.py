@@ -91,6 +91,8 @@ def _bus(config: HubConfig, sites: list[SiteService], tasks: TaskScope,
         on_heartbeat=on_heartbeat,
         on_disconnect=lambda: sites[0].on_bus_down(),
         on_reconnect=lambda: sites[0].on_bus_up(),
+        ping_interval_s=config.nats_ping_interval_s,
+        max_outstanding_pings=config.nats_max_outstanding_pings,
         strict_inboxes=config.strict_inboxes if config.strict_inboxes is not None else bool(config.nats_user),
         site_limits=config.site_limits,
         tls_ca=config.nats_tls_ca,
@@ -327,7 +329,11 @@ async def open_replicated_store(config: HubConfig, on_change: Callable[[str, dic
     bridge = RecordBridge(urls, write_deadline_s=config.record_write_deadline_s,
                           name=f"cpn-record-{config.hub_id}", connect=connect)
     bridges.append(bridge)
-    db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
+    try:
+        db = await replica.open_replicated(config.db_path, bridge, config.hub_id)
+    except BaseException:
+        bridges.remove(bridge)  # closed: the next attempt (Hub.start waits for quorum) makes another
+        raise
     assert db.write_hook is not None
     db.write_hook.listeners.append(on_change)
     db.write_hook.pipelined = config.record_pipelined_writes

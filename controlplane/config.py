@@ -188,6 +188,13 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     docs/training.md, "Waiting for a cheaper window")."""
     lending: LendingConfig = LendingConfig()
     """Tidal lending of idle inference cards to training (``[lending]``)."""
+    nats_ping_interval_s: Annotated[float, msgspec.Meta(gt=0)] = 0.5
+    """How often the hub's NATS connections (its bus: requests to sites, and sites' traffic) PING
+    their server. With ``nats_max_outstanding_pings`` a dead or frozen server (a paused node keeps
+    its sockets open) is left for another node within ``nats_ping_interval_s *
+    (nats_max_outstanding_pings + 1)`` = 1.5 s (docs/operations.md, "NATS client timeouts")."""
+    nats_max_outstanding_pings: Annotated[int, msgspec.Meta(ge=1)] = 2
+    """Unanswered PINGs in a row after which a connection is dropped as stale and another server tried."""
 
     def __post_init__(self) -> None:
         if self.role != "hub" and self.record != "nats":

@@ -21,11 +21,13 @@ from typing import Any, Protocol
 
 from controlplane.config import HubConfig
 from controlplane.core.clock import Clock
+from controlplane.core.errors import BusUnavailable, RecordUnavailable
 from controlplane.core.registry import SiteRegistry
 from controlplane.core.router import Router
 from controlplane.metrics import HubMetrics
 from controlplane.nats.bus import HubBus
 from controlplane.readiness import Readiness
+from controlplane.replicated.errors import NoQuorum
 from controlplane.runtime import BackgroundTasks
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.inference import InferenceService
@@ -37,6 +39,9 @@ from topology import latency
 from topology import layout as topo_layout
 
 log = logging.getLogger("cpn.hub")
+
+START_RETRY_S = 1.0
+"""Wait between two attempts to start a part that lacked the record's quorum or JetStream."""
 
 __all__ = ["Hub", "Service", "ServeHttp", "SiteListener"]
 
@@ -109,15 +114,21 @@ class Hub:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, *, serve_http: bool = True) -> None:
-        """Open the record, load the sites, connect to NATS, start the services and the gateway."""
+        """Open the record, load the sites, connect to NATS, start the services and the gateway.
+
+        A part that cannot start yet for want of the replicated record's quorum or of JetStream (a
+        restart during a NATS fault) is tried again every :data:`START_RETRY_S`, with a warning
+        line each time (``event=hub_waiting``), for as long as it takes: the process neither exits
+        nor listens meanwhile (a load balancer sees it not ready), and starts once quorum returns."""
         await self.status.start()  # started_at: before any service reads it
-        await self.store.start()
+        await self._until_available("record", self.store.start)
         seen_before = self.sites.load()
         await self.bus.connect()
         replicas = self.config.event_stream_replicas or (3 if self.bus.clustered else 1)
-        await self.bus.ensure_event_stream(replicas, regions=self.config.event_regions)
+        await self._until_available("event_stream", lambda: self.bus.ensure_event_stream(
+            replicas, regions=self.config.event_regions))
         for service in self.services:
-            await service.start()
+            await self._until_available(service.name, service.start)
         await self.sites.ask_known_sites_to_register(seen_before)
         if serve_http:
             if self._serve_http is None:
@@ -125,6 +136,23 @@ class Hub:
             self.gateway = await self._serve_http(self.config.listen_host, self.config.listen_port)
         log.info("event=hub_started hub=%s nats=%s db=%s event_replicas=%d strict_inboxes=%s", self.config.hub_id,
                  self.config.nats_url, self.config.db_path, replicas, self.bus.strict_inboxes)
+
+    async def _until_available(self, part: str, start: Callable[[], Awaitable[object]]) -> None:
+        """``start()``, again and again while it fails for want of the record or of NATS."""
+        attempt = 1
+        while True:
+            try:
+                await start()
+            except (RecordUnavailable, NoQuorum, BusUnavailable) as exc:
+                log.warning("event=hub_waiting hub=%s part=%s attempt=%d retry_in_s=%g reason=%r (not serving "
+                            "until it starts: the record's quorum or JetStream is not there yet)",
+                            self.config.hub_id, part, attempt, START_RETRY_S, str(exc))
+                attempt += 1
+                await self.clock.sleep(START_RETRY_S)
+                continue
+            if attempt > 1:
+                log.warning("event=hub_wait_over hub=%s part=%s attempts=%d", self.config.hub_id, part, attempt)
+            return
 
     async def stop(self) -> None:
         """Stop serving HTTP, stop services and every task, close NATS and the record."""

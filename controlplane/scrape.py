@@ -37,7 +37,7 @@ log = logging.getLogger("cpn.metrics")
 
 NATS_ERROR_KINDS = (
     ("connection", "errors"), ("timeout", "timeouts"), ("ack_timeout", "ack_timeouts"),
-    ("no_responders", "no_responders"), ("disconnect", "disconnects"),
+    ("no_responders", "no_responders"), ("disconnect", "disconnects"), ("resent", "resent"),
 )
 """(label, BusStats attribute) pairs exported as ``cpn_nats_errors_total{kind=...}``."""
 

@@ -2,8 +2,9 @@
 
 Promises:
 
-- Connection settings follow DESIGN §3: ping every ``ping_interval_s`` (1 s) with 2 outstanding, so
-  a hung server is noticed within 3 s; reconnect forever with a jittered wait; replies come back
+- Connection settings follow DESIGN §3: ping every ``ping_interval_s`` (0.5 s) with 2 outstanding, so
+  a hung (paused, frozen) server is left within 1.5 s for another server of the cluster (never the
+  one just left: :mod:`edge_agent.nats_reconnect`); reconnect forever with a jittered wait; replies come back
   on the site's own inbox prefix (``wire.inbox_prefix(site)``; a site's permissions allow no other);
   the connection is named ``cpn-agent-<site>``.
 - No ``nats`` type or exception leaves this module: messages arrive as :class:`Incoming`, failures
@@ -28,7 +29,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
-from edge_agent import tls, wire
+from edge_agent import nats_reconnect, tls, wire
 from edge_agent.config import AgentConfig
 from edge_agent.errors import BusError, NoResponders, NotConnected, RequestTimeout
 from edge_agent.logs import log
@@ -86,6 +87,11 @@ class AgentBus:
     def is_connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
+    @property
+    def server(self) -> str:
+        """``host:port`` of the NATS server this site is connected to ("" while not connected)."""
+        return self._server_name()
+
     async def wait_connected(self) -> None:
         """Return once connected (at once if connected now)."""
         await self._connected.wait()
@@ -142,12 +148,13 @@ class AgentBus:
         log(logging.INFO, "nats_connected", site=self.site, server=self._server_name())
 
     def _pick_server(self, servers: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
-        # nats-py has no reconnect jitter of its own: this handler adds it. The first retry of a
+        # nats-py has no reconnect jitter of its own: this handler adds it. Another server than the
+        # one just left (a frozen one would hold us for connect_timeout_s); the first retry of a
         # server after a disconnect goes at once (a blip), later ones wait base + jitter.
-        server = min(servers, key=lambda s: s.reconnects)
         cfg = self._config.bus
-        delay = 0.0 if server.reconnects == 0 else cfg.reconnect_wait_s
-        return server, delay + self._rng.uniform(0.0, cfg.reconnect_jitter_s)
+        left = nats_reconnect.current_netloc(self._nc)
+        return nats_reconnect.next_server(servers, left, wait_s=cfg.reconnect_wait_s,
+                                          jitter=self._rng.uniform(0.0, cfg.reconnect_jitter_s))
 
     def _server_name(self) -> str:
         nc = self._nc

@@ -125,6 +125,11 @@ class SiteSilent(SiteUnreachable):
     """A site that acknowledges requests did not acknowledge one in time: it likely never got it."""
 
 
+class SiteAbsent(SiteSilent):
+    """Nobody listens on the site's subject ("no responders"): its agent is not connected right now
+    (it died, or is moving to another NATS node). Passed over as a silent site is, until heard from."""
+
+
 class SiteRefused(PeerError):
     """The site answered with an ErrorReply."""
 

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from controlplane import logs
 from controlplane.core import auth, bodies
+from controlplane.core.errors import BusUnavailable
 from controlplane.gateway.clientaddr import TrustedProxies
 from controlplane.services.record import Services
 from controlplane.core.errors import NoCapacity, PeerError, RateLimited, Refused, RequestError, Unauthorized, Forbidden
@@ -223,6 +224,14 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool, p
             message = exc.message + no_quorum if isinstance(exc, RecordNoQuorum) else exc.message
             return error_response(status, message, code=exc.code, param=exc.field, request_id=echo)
         except PeerError as exc:
+            if isinstance(exc, BusUnavailable):
+                # This process's own NATS connection is down or stuck: not the upstream's fault, and
+                # another gateway may well serve the request now (the client's documented move).
+                status = 503
+                log.warning("event=bus_unavailable request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
+                            request.path, exc)
+                return error_response(503, f"this gateway cannot reach NATS right now: {exc}",
+                                      code="nats_unavailable", request_id=echo, headers={"Retry-After": "1"})
             status = 502
             log.warning("event=peer_error request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
                         request.path, exc)

@@ -4,8 +4,17 @@ It carries decisions out and brings messages in; it decides nothing. nats-py's e
 translated here (timeouts and no-responders become :class:`SiteUnreachable`, an ``ErrorReply`` becomes
 :class:`SiteRefused`), so nothing above this module sees a nats type.
 
-Connection settings follow architecture §4: ping every second with two outstanding (a dead server is
-noticed in about 3 s, not minutes), reconnect forever, callbacks that log and count.
+Connection settings follow architecture §4: ping every ``ping_interval_s`` (0.5 s) with
+``max_outstanding_pings`` (2) outstanding, so a dead *or frozen* server (paused, hung: its sockets stay
+open) is left within 1.5 s, not minutes; reconnect forever, to another server of the cluster than the
+one just left (:mod:`edge_agent.nats_reconnect`); callbacks that log and count.
+
+A connection that does not work must not be blamed on the sites: an inference request finds the
+connection reconnecting (it waits up to ``RECONNECT_WAIT_S``, then :class:`BusUnavailable`, which the
+gateway answers 503 ``nats_unavailable`` at once, so a client moves to another gateway), and a site
+that did not acknowledge is only called silent after :meth:`HubBus.responsive` shows that the
+connection itself still answers (else the request goes once more on the next connection).
+
 Malformed messages from agents are counted (``malformed``) and dropped, or answered with an
 ``ErrorReply`` when they carry a reply subject.
 
@@ -57,10 +66,10 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from controlplane.core.errors import BusUnavailable, SiteRefused, SiteSilent, SiteUnreachable
+from controlplane.core.errors import BusUnavailable, SiteAbsent, SiteRefused, SiteSilent, SiteUnreachable
 from controlplane.runtime import BackgroundTasks, TaskScope, cancel_and_wait
 from controlplane.core.sitegate import Kind, SiteGate, SiteLimits
-from edge_agent import tls, wire
+from edge_agent import nats_reconnect, tls, wire
 from edge_agent.nats_barrier import barrier
 from edge_agent.nats_fast import publish_soon, subscribe_now
 
@@ -68,6 +77,10 @@ log = logging.getLogger("cpn.bus")
 
 _LOST = object()
 """What a request's future holds when its site was declared lost before it answered."""
+
+_RESEND = object()
+"""What a request's future holds when the connection it went out on was dropped before an answer
+came: it is sent once more on the next connection (:meth:`HubBus._request`)."""
 
 _NO_RESPONDERS = "503"
 """The status header nats-server sets on the reply to a request nobody subscribed to."""
@@ -78,6 +91,21 @@ STORED_EVENTS_WILDCARD = STORED_EVENTS_ROOT + ".*"
 EVENTS_QUEUE = "cpn-hub-events"
 """Queue group of the hubs' event subscriptions: each event is stored by one hub."""
 MSG_ID_HEADER = "Nats-Msg-Id"
+
+PING_ABANDON_S = 30.0
+"""How long a PING of :meth:`HubBus.responsive` may stay unanswered (its answer is no longer awaited
+after the caller's own timeout; a reconnect drops it before this)."""
+
+BUS_PROBE_S = 0.5
+"""When a site does not acknowledge a request in time, how long the hub's own connection has to
+answer a PING before the silence is put down to the connection (the request then goes again on the
+next connection) rather than to the site."""
+
+RECONNECT_WAIT_S = 2.0
+"""Longest an inference request waits for the hub's reconnecting NATS connection before it is
+refused (:class:`BusUnavailable`, 503): reconnecting to another node of a cluster takes
+milliseconds, so this matters only when no node answers; then it rides out a lone server's restart
+(about a second), and past it the client is better served by another gateway."""
 
 
 def stored_event_subject(site: str, region: str | None = None) -> str:
@@ -138,6 +166,14 @@ def _js_error(code: int, description: str) -> bytes:
     return json.dumps({"error": {"code": code, "description": description}}).encode()
 
 
+def _retire_ping(pings: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[None]], None]:
+    def retire(ping: asyncio.Future[None]) -> None:
+        pings.discard(ping)
+        if not ping.cancelled():
+            ping.exception()  # retrieved: a PING nobody waits for any more may fail quietly
+    return retire
+
+
 def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_result(None)  # a request's timeout: no message
@@ -161,11 +197,19 @@ class _Waiter:
 class _Stream:
     """One streaming request's messages, as they come in on the shared reply subscription."""
 
-    __slots__ = ("queue", "wake")
+    __slots__ = ("queue", "wake", "dropped")
 
     def __init__(self) -> None:
         self.queue: deque[Msg] = deque()
         self.wake: asyncio.Future[None] | None = None
+        self.dropped = False
+        """Set when the connection the request went out on was dropped (:meth:`next` returns None)."""
+
+    def drop(self) -> None:
+        self.dropped = True
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def put(self, msg: Msg) -> None:
         self.queue.append(msg)
@@ -178,7 +222,10 @@ class _Stream:
         return any(not m.data.startswith(wire.ACCEPTED_PREFIX) for m in self.queue)
 
     async def next(self, timeout_s: float) -> Msg | None:
-        """The next message, or None when none came within ``timeout_s``."""
+        """The next message, or None when none came within ``timeout_s`` or the connection was
+        dropped (:attr:`dropped`)."""
+        if not self.queue and self.dropped:
+            return None
         if not self.queue:
             loop = asyncio.get_running_loop()
             wake = self.wake = loop.create_future()
@@ -208,6 +255,8 @@ class BusStats:
     timeouts: int = 0
     ack_timeouts: int = 0
     """Requests a site did not acknowledge in time (failed over quickly: a partition or dead link)."""
+    resent: int = 0
+    """Requests sent again on a new connection because theirs was dropped or stuck (a frozen server)."""
     no_responders: int = 0
     events: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
@@ -244,7 +293,8 @@ class HubBus:
         on_heartbeat: HeartbeatHandler,
         on_disconnect: Callable[[], None] = lambda: None,
         on_reconnect: Callable[[], None] = lambda: None,
-        ping_interval_s: float = 1.0,
+        ping_interval_s: float = 0.5,
+        max_outstanding_pings: int = 2,
         strict_inboxes: bool = False,
         site_limits: SiteLimits | None = None,
         tls_ca: str | None = None,
@@ -276,6 +326,9 @@ class HubBus:
         self.on_disconnect = on_disconnect
         self.on_reconnect = on_reconnect
         self.ping_interval_s = ping_interval_s
+        self.max_outstanding_pings = max_outstanding_pings
+        """A connection is dropped as stale (and another server tried) after this many PINGs in a
+        row went unanswered: a frozen server is left within ``ping_interval_s * (this + 1)``."""
         self.strict_inboxes = strict_inboxes
         self.site_limits = site_limits or SiteLimits()
         self.gate = SiteGate(self.site_limits)
@@ -289,6 +342,14 @@ class HubBus:
         """The controller's leader epoch now (``services/leadership.py`` sets it; 0: no election),
         stamped on every command that carries one, so agents refuse a deposed leader's commands."""
         self.nc: Any = None
+        self._pings: set[asyncio.Future[None]] = set()
+        """PINGs of :meth:`responsive` still out (held until they end)."""
+        self._up = asyncio.Event()
+        """Set while :attr:`nc` is connected (cleared on a disconnect, set again on the reconnect)."""
+        self._generation = 0
+        """Disconnects of :attr:`nc` so far: a request sent in an earlier generation was lost with it."""
+        self._changed: asyncio.Future[None] | None = None
+        """Resolved at the next disconnect or reconnect of :attr:`nc` (for :meth:`_next_connection`)."""
         self.sites_nc: Any = None
         """Second connection for what sites send (registrations, heartbeats, events)."""
         self._subs: list[Any] = []
@@ -315,6 +376,12 @@ class HubBus:
     @property
     def connected(self) -> bool:
         return self.nc is not None and self.nc.is_connected
+
+    @property
+    def server(self) -> str:
+        """``host:port`` of the NATS server the hub's requests go through ("" while not connected)."""
+        url = self.nc.connected_url if self.nc is not None else None
+        return str(url.netloc) if url is not None else ""
 
     @property
     def clustered(self) -> bool:
@@ -345,12 +412,23 @@ class HubBus:
         async def disconnected_cb() -> None:
             if self._closing:  # our own close, not an outage
                 return
+            self._up.clear()
+            self._generation += 1
+            self._connection_changed()
+            # What went out on the lost connection will not be answered on it: send again on the next.
+            for waiter in self._waiting.values():
+                if not waiter.future.done():
+                    waiter.future.set_result(_RESEND)  # type: ignore[arg-type]
+            for stream in self._streams.values():
+                stream.drop()
             self.stats.disconnects += 1
-            log.warning("event=nats_disconnected")
+            log.warning("event=nats_disconnected server=%s", nats_reconnect.current_netloc(self.nc))
             self.on_disconnect()
 
         async def reconnected_cb() -> None:
             self.stats.reconnects += 1
+            self._up.set()
+            self._connection_changed()
             log.info("event=nats_reconnected url=%s", self.nc.connected_url.netloc if self.nc else "?")
             self.on_reconnect()
 
@@ -371,16 +449,23 @@ class HubBus:
         deadline = asyncio.get_running_loop().time() + timeout_s
 
         async def open_connection(name: str, **callbacks: Any) -> Any:
+            held: list[Any] = []  # the client, for its reconnect handler (it reconnects only once connected)
+
+            def pick(pool: list[Any], info: dict[str, Any]) -> tuple[Any, float]:
+                left = nats_reconnect.current_netloc(held[0]) if held else ""
+                return nats_reconnect.next_server(pool, left, wait_s=0.5)
+
             while True:
                 try:
                     # nats-py retries a failing first connect forever when reconnects are on (a TLS
                     # verification error, say): bound it by our deadline.
                     remaining = max(deadline - asyncio.get_running_loop().time(), 0.5)
-                    return await asyncio.wait_for(nats.connect(
+                    held[:] = [await asyncio.wait_for(nats.connect(
                         servers=servers,
                         name=name,
                         ping_interval=self.ping_interval_s,
-                        max_outstanding_pings=2,
+                        max_outstanding_pings=self.max_outstanding_pings,
+                        reconnect_to_server_handler=pick,
                         max_reconnect_attempts=-1,
                         reconnect_time_wait=0.5,
                         connect_timeout=2,
@@ -390,7 +475,8 @@ class HubBus:
                         pending_size=8 * 1024 * 1024,
                         **callbacks,
                         **kwargs,
-                    ), remaining)
+                    ), remaining)]
+                    return held[0]
                 except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
                     if asyncio.get_running_loop().time() > deadline:
                         why = exc if str(exc) or not last_error else last_error[0]
@@ -398,6 +484,7 @@ class HubBus:
                     await asyncio.sleep(0.2)
 
         self.nc = await open_connection(self.name, disconnected_cb=disconnected_cb, reconnected_cb=reconnected_cb)
+        self._up.set()
         # Site traffic on a connection of its own: a site's flood fills that socket and that
         # connection's queues, not the one inference replies come back on.
         self.sites_nc = await open_connection(self.name + "-sites")
@@ -437,7 +524,10 @@ class HubBus:
                     await nc.close()
                 except Exception:
                     pass
+        for ping in list(self._pings):
+            ping.cancel()
         self.nc = self.sites_nc = None
+        self._up.clear()
 
     # ------------------------------------------------------------------ inbound
 
@@ -515,6 +605,63 @@ class HubBus:
             raise BusUnavailable("not connected to NATS")
         return self.nc
 
+    async def _connected_nc(self) -> Any:
+        """The connection, once it is connected: while it reconnects, wait up to
+        :data:`RECONNECT_WAIT_S` for it (a request published meanwhile would only sit in nats-py's
+        buffer while its site's acknowledgement timed out, and the site be called silent).
+
+        Raises:
+            BusUnavailable: closed, or still reconnecting after the wait.
+        """
+        nc = self._require()
+        if nc.is_connected:
+            return nc
+        try:
+            await asyncio.wait_for(self._up.wait(), RECONNECT_WAIT_S)
+        except TimeoutError:
+            raise BusUnavailable(f"the NATS connection is down (reconnecting for over {RECONNECT_WAIT_S:g} s)") from None
+        return self._require()
+
+    def _connection_changed(self) -> None:
+        changed, self._changed = self._changed, None
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+    async def _next_connection(self, generation: int) -> Any:
+        """The connection that replaced the one of ``generation``, once connected: waits for the
+        stuck one to be found stale (``ping_interval_s * (max_outstanding_pings + 1)`` at most) and
+        the next one to connect.
+
+        Raises:
+            BusUnavailable: not replaced and connected in that time (no NATS node answers).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ping_interval_s * (self.max_outstanding_pings + 1) + RECONNECT_WAIT_S
+        while not (self._generation > generation and self._require().is_connected):
+            left = deadline - loop.time()
+            if left <= 0:
+                raise BusUnavailable("the hub's NATS connection does not answer and was not replaced in time")
+            if self._changed is None:
+                self._changed = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._changed), left)
+        return self.nc
+
+    async def responsive(self, timeout_s: float) -> bool:
+        """Whether the connection answers a PING within ``timeout_s`` (a frozen server does not,
+        though its socket is open and nats-py still says connected)."""
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            return False
+        # Not ``flush(timeout=timeout_s)``: nats-py (2.16) cancels the PING's future on a timeout, and
+        # a PONG coming later (a slow server, not a dead one) then fails in its reader, which stops
+        # reading. The PING is left to its own longer timeout instead; we only stop waiting.
+        ping = asyncio.ensure_future(nc.flush(timeout=PING_ABANDON_S))
+        self._pings.add(ping)
+        ping.add_done_callback(_retire_ping(self._pings))
+        done, _ = await asyncio.wait({ping}, timeout=timeout_s)
+        return bool(done) and not ping.cancelled() and ping.exception() is None
+
     def _on_reply(self, msg: Msg) -> None:
         token = msg.subject[len(self._reply_prefix):]
         waiter = self._waiting.get(token)
@@ -566,7 +713,9 @@ class HubBus:
                 (:meth:`fail_requests`); ``who`` names the site.
             BusUnavailable: the connection is closed.
         """
-        nc = self._require()
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            nc = await self._connected_nc()
         token = self._token()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg | None] = loop.create_future()
@@ -575,10 +724,28 @@ class HubBus:
         waiter = _Waiter(future, who, loop.call_later(first_wait, _expire, future), loop.time() + timeout_s,
                          not asked_ack)
         self._waiting[token] = waiter
+        resent = False
         try:
-            if not publish_soon(nc, subject, data, self._reply_prefix + token):
-                await nc.publish(subject, data, reply=self._reply_prefix + token)
-            msg = await future
+            while True:
+                generation = self._generation
+                if not publish_soon(nc, subject, data, self._reply_prefix + token):
+                    await nc.publish(subject, data, reply=self._reply_prefix + token)
+                msg = await waiter.future
+                if msg is _RESEND:
+                    if resent:
+                        raise BusUnavailable("the hub's NATS connection dropped twice during one request")
+                elif msg is not None or waiter.acked or resent or await self.responsive(BUS_PROBE_S):
+                    break  # an answer, or a silence that is the site's (our connection answers)
+                # The connection it went out on is gone or stuck (a frozen server): once more on the
+                # next one, the acknowledgement due anew, the answer by the same deadline.
+                nc = await self._next_connection(generation)
+                resent = True
+                self.stats.resent += 1
+                waiter.timer.cancel()
+                waiter.future = loop.create_future()
+                waiter.acked = not asked_ack
+                waiter.timer = loop.call_later(min(first_wait, max(waiter.deadline - loop.time(), 0.001)), _expire,
+                                               waiter.future)
         except nats.errors.ConnectionClosedError as exc:
             raise BusUnavailable(str(exc)) from None
         finally:
@@ -594,7 +761,7 @@ class HubBus:
             raise SiteUnreachable(f"{who} was declared lost while serving the request")
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             self.stats.no_responders += 1
-            raise SiteUnreachable(f"{who}: no responders")
+            raise SiteAbsent(f"{who}: no responders")
         return msg
 
     async def infer(self, site: str, req: wire.InferRequest, timeout_s: float,
@@ -639,7 +806,9 @@ class HubBus:
         later ones within ``idle_timeout_s`` each. With ``ack_timeout_s``, the site must send
         something (its acknowledgement, or the first chunk) within that time.
         """
-        nc = self._require()
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            nc = await self._connected_nc()
         self.stats.requests += 1
         subject = self._infer_subjects.get(site)
         if subject is None:
@@ -648,19 +817,44 @@ class HubBus:
         token = self._token()
         stream = self._streams[token] = self._stream_of[req.request_id] = _Stream()
         try:
-            try:
-                data = wire.encode(req)
-                if not publish_soon(nc, subject, data, self._reply_prefix + token):
-                    await nc.publish(subject, data, reply=self._reply_prefix + token)
-            except nats.errors.ConnectionClosedError as exc:
-                raise BusUnavailable(str(exc)) from None
+            data = wire.encode(req)
+
+            async def send(nc: Any) -> int:
+                generation = self._generation
+                try:
+                    if not publish_soon(nc, subject, data, self._reply_prefix + token):
+                        await nc.publish(subject, data, reply=self._reply_prefix + token)
+                except nats.errors.ConnectionClosedError as exc:
+                    raise BusUnavailable(str(exc)) from None
+                return generation
+
+            generation = await send(nc)
             loop = asyncio.get_running_loop()
             first_due = loop.time() + first_timeout_s
-            awaiting_ack = ack_timeout_s is not None and ack_timeout_s < first_timeout_s
+            asked_ack = ack_timeout_s is not None and ack_timeout_s < first_timeout_s
+            awaiting_ack = asked_ack
             timeout = ack_timeout_s if awaiting_ack and ack_timeout_s is not None else first_timeout_s
             first = True
+            heard = resent = False
             while True:
                 msg = await stream.next(max(timeout, 0.001))
+                if msg is None and not heard:
+                    # Nothing yet: if the connection it went out on was dropped, or is stuck (a
+                    # frozen server: no PONG either), the request goes once more on the next one.
+                    dropped, stream.dropped = stream.dropped, False
+                    if dropped or (awaiting_ack and not resent and not await self.responsive(BUS_PROBE_S)):
+                        if resent:
+                            raise BusUnavailable("the hub's NATS connection dropped twice during one request")
+                        resent = True
+                        self.stats.resent += 1
+                        generation = await send(await self._next_connection(generation))
+                        awaiting_ack = asked_ack
+                        timeout = (ack_timeout_s if awaiting_ack and ack_timeout_s is not None
+                                   else first_due - loop.time())
+                        continue
+                elif msg is None and stream.dropped:
+                    stream.dropped = False
+                    continue  # the site has it: what it sends next comes on the new connection
                 if msg is None:
                     if awaiting_ack:
                         self.stats.ack_timeouts += 1
@@ -670,8 +864,9 @@ class HubBus:
                                           else f"{site}: no chunk within {idle_timeout_s * 1000:.0f} ms")
                 if first and msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
                     self.stats.no_responders += 1
-                    raise SiteUnreachable(f"{site}: no responders")
+                    raise SiteAbsent(f"{site}: no responders")
                 awaiting_ack = False
+                heard = True
                 if first and msg.data.startswith(wire.ACCEPTED_PREFIX):
                     timeout = first_due - loop.time()  # the site has it: the first chunk is due as before
                     continue
@@ -776,12 +971,17 @@ class HubBus:
         nc = self._require()
         js = nc.jetstream()
         shares = 1 + len(regions or {})
-        await self._ensure_stream(js, self.event_stream_config(replicas, shares=shares), durable)
-        for region, n in sorted((regions or {}).items()):
-            config = self.event_stream_config(n, region, shares)
-            await self._ensure_stream(js, config, durable)
-            if config.name not in self._event_streams:
-                self._event_streams.append(str(config.name))
+        try:
+            await self._ensure_stream(js, self.event_stream_config(replicas, shares=shares), durable)
+            for region, n in sorted((regions or {}).items()):
+                config = self.event_stream_config(n, region, shares)
+                await self._ensure_stream(js, config, durable)
+                if config.name not in self._event_streams:
+                    self._event_streams.append(str(config.name))
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, nats.errors.ConnectionReconnectingError,
+                nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError, asyncio.TimeoutError) as exc:
+            # JetStream without a meta or stream leader (nodes down, an election under way): not now.
+            raise BusUnavailable(f"JetStream cannot make the event streams now: {exc!r}") from None
         if self._events_in is None:
             self._events_in = await self.sites_nc.subscribe(
                 wire.EVENT_WILDCARD, queue=EVENTS_QUEUE, cb=self._on_site_event,

@@ -92,6 +92,9 @@ ACK_AFTER_SHARE = 0.25
 answer has not gone out yet: the rest is margin for the network and a busy hub."""
 
 
+HEARD_POLL_S = 0.05
+"""How often a request waiting for a silent site (:meth:`InferenceService._heard_again`) looks again."""
+
 DEMAND_KEYS_MAX = 10_000
 """Distinct (tenant, model, origin, budget) demand counts kept between two drains."""
 
@@ -142,6 +145,8 @@ class InferenceService:
         """(tenant, model, origin, budget_ms) -> requests routed since the last drain."""
         self.demand_overflows = 0
         """Times the demand counts were dropped for holding :data:`DEMAND_KEYS_MAX` keys."""
+        self.waited_for_silent = 0
+        """Requests routed once more after a silent site was heard from again (:meth:`_heard_again`)."""
 
     def _count_new(self, key: tuple[str, str, str, float]) -> None:
         """A first request for ``key`` since the last drain; the counts are bounded (a process
@@ -267,7 +272,41 @@ class InferenceService:
         deployments: frozenset[str] | None = None, slo_ttft_ms: float | None = None,
     ) -> Served:
         """Serve a non-streaming request, failing over as needed (``slo_ttft_ms``: admission by
-        predicted TTFT, :meth:`admit`)."""
+        predicted TTFT, :meth:`admit`); when only silent sites are left, see :meth:`_heard_again`."""
+        started = self.clock.monotonic()
+        while True:
+            try:
+                return await self._complete_once(req, origin=origin, budget_ms=budget_ms, policy=policy,
+                                                 deployments=deployments, slo_ttft_ms=slo_ttft_ms)
+            except (AllSitesFailed, NoCapacity):
+                if not await self._heard_again(req, started):
+                    raise
+
+    async def _heard_again(self, req: wire.InferRequest, started: float) -> bool:
+        """After every candidate failed (or none was left), whether to route the request once more:
+        True once a site holding its model that was silent (it did not acknowledge: its agent's NATS
+        node frozen, say) is heard from again (the agent moved to another node and sent a heartbeat),
+        within the request's time (``site_timeout_s`` from ``started``, less an acknowledgement's
+        timeout for the new attempt). False at once when no such site is silent."""
+        model = req.model
+        silent = [site for site, v in self.registry.views.items() if v.silent and model in v.replicas]
+        if not silent:
+            return False
+        until = started + self.site_timeout_s - self.site_ack_timeout_s
+        log.info("event=waiting_for_silent_sites request_id=%s model=%s sites=%s", req.request_id, model,
+                 ",".join(silent))
+        while self.clock.monotonic() < until:
+            await self.clock.sleep(HEARD_POLL_S)
+            views = self.registry.views
+            if any((v := views.get(site)) is not None and v.routable for site in silent):
+                self.waited_for_silent += 1
+                return True
+        return False
+
+    async def _complete_once(
+        self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
+        deployments: frozenset[str] | None = None, slo_ttft_ms: float | None = None,
+    ) -> Served:
         started = self.clock.monotonic()
         served, decision = self._begin(req, origin, budget_ms, policy, deployments, slo_ttft_ms)
         last = ""
@@ -348,11 +387,25 @@ class InferenceService:
         self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
         deployments: frozenset[str] | None = None, slo_ttft_ms: float | None = None,
     ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
-        """Open a streaming request: fail over until a site sends its first message, then commit.
+        """Open a streaming request: fail over until a site sends its first message, then commit
+        (when only silent sites are left, see :meth:`_heard_again`).
 
         Returns the serving site and an iterator of the remaining messages (first one included).
         After the first chunk there is no failover: the tenant already has part of an answer.
         """
+        started = self.clock.monotonic()
+        while True:
+            try:
+                return await self._stream_once(req, origin=origin, budget_ms=budget_ms, policy=policy,
+                                               deployments=deployments, slo_ttft_ms=slo_ttft_ms)
+            except (AllSitesFailed, NoCapacity):
+                if not await self._heard_again(req, started):
+                    raise
+
+    async def _stream_once(
+        self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
+        deployments: frozenset[str] | None = None, slo_ttft_ms: float | None = None,
+    ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
         started = self.clock.monotonic()
         served, decision = self._begin(req, origin, budget_ms, policy, deployments, slo_ttft_ms)
         last = ""

@@ -153,6 +153,8 @@ class Rig:
             "scheduler_tick_s = 0.25",
             "default_rate_per_s = 100000.0",
             "default_burst = 100000",
+            # the sites serve their own model (no deployment): to the chaos tenant too
+            'local_model_tenants = ["chaos"]',
             "",
         ]))
         self.hub_proc = await asyncio.create_subprocess_exec(

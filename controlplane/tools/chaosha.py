@@ -58,6 +58,9 @@ class HaReport(chaos.Report):
     """Job id -> its state, attempt and pool, of the jobs not finished when the run ended."""
     infer_errors_in_faults: dict[str, dict[str, int]] = field(default_factory=dict)
     """Fault kind -> "<status> <error code>" -> count, of the failed requests that overlapped it."""
+    infer_failures: list[dict[str, Any]] = field(default_factory=list)
+    """Each failed inference request: when (s into the fault phase), the fault window it overlapped
+    ("" outside), and every gateway tried with its status, error code, seconds taken and message."""
 
     def as_dict(self) -> dict[str, Any]:
         out = super().as_dict()
@@ -67,6 +70,7 @@ class HaReport(chaos.Report):
         out["retried_elsewhere"] = self.retried_elsewhere
         out["unfinished_jobs"] = self.unfinished_jobs
         out["inference"]["errors_in_faults"] = self.infer_errors_in_faults
+        out["inference"]["failures"] = self.infer_failures
         takeovers = [f["takeover_s"] for f in self.faults if f.get("takeover_s") is not None]
         out["takeover_s"] = {"n": len(takeovers), "max": round(max(takeovers), 2) if takeovers else None,
                              "each": takeovers}
@@ -87,14 +91,20 @@ class Clients:
         self._next = 0
 
     async def call(self, method: str, path: str, key: str, body: Any = None, headers: dict[str, str] | None = None,
-                   timeout_s: float = 5.0) -> tuple[int, Any]:
-        """One request: at the next gateway in turn; on no answer (or 502/503) at each other gateway once."""
+                   timeout_s: float = 5.0, trail: list[list[Any]] | None = None) -> tuple[int, Any]:
+        """One request: at the next gateway in turn; on no answer (or 502/503) at each other gateway once
+        (``trail``: gets [hub id, status, error code, seconds, error message] of each gateway tried)."""
         hubs = list(self.net.hubs)
         self._next += 1
         status, answer = 0, None
         for i in range(len(hubs)):
             hub = hubs[(self._next + i) % len(hubs)]
+            began = time.monotonic()
             status, answer = await self._one(hub, method, path, key, body, headers, timeout_s)
+            error = (answer or {}).get("error", {}) if isinstance(answer, dict) else {}
+            if trail is not None:
+                trail.append([hub.hub_id, status, error.get("code", ""), round(time.monotonic() - began, 2),
+                              str(error.get("message", ""))[:200]])
             if status not in (0, 502, 503):
                 if i:
                     self.report.retried_elsewhere += 1
@@ -124,6 +134,8 @@ class Window:
     def __init__(self) -> None:
         self.kind = ""
         self.epoch = 0
+        self.began = time.monotonic()
+        """When the fault phase began (failures and faults are timed from it)."""
 
     def set(self, kind: str) -> None:
         self.kind = kind
@@ -136,7 +148,9 @@ async def _inference(api: Clients, report: HaReport, window: Window, stop: async
     body = {"model": DEMO_MODEL, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 4}
     while not stop.is_set():
         kind, epoch = window.kind, window.epoch
-        status, answer = await api.call("POST", "/v1/chat/completions", api.tenant_key, body, timeout_s=3.0)
+        trail: list[list[Any]] = []
+        status, answer = await api.call("POST", "/v1/chat/completions", api.tenant_key, body, timeout_s=3.0,
+                                        trail=trail)
         outside = not kind and not window.kind and window.epoch == epoch
         bucket = report.infer_outside if outside else report.infer_in_fault
         per_kind = report.infer_by_fault.setdefault(kind or window.kind or "overlapped", [0, 0]) if not outside else [0, 0]
@@ -150,6 +164,8 @@ async def _inference(api: Clients, report: HaReport, window: Window, stop: async
             errors = report.infer_outside_errors if outside else \
                 report.infer_errors_in_faults.setdefault(kind or window.kind or "overlapped", {})
             errors[what] = errors.get(what, 0) + 1
+            report.infer_failures.append({"at_s": round(time.monotonic() - window.began, 2), "window": kind or window.kind,
+                                          "gateways": trail})
             await asyncio.sleep(0.05)
         else:
             await asyncio.sleep(0.01)
@@ -244,7 +260,7 @@ async def _fault(net: HaNetwork, kind: str, rng: random.Random, window: Window) 
     after = await net.wait_leader(30)
     if not takeover and after[1] > epoch:
         takeover.append(time.monotonic() - started)
-    return {"kind": kind, "target": target, "leader_before": [leader, epoch], "leader_after": list(after),
+    return {"kind": kind, "target": target, "at_s": round(started - window.began, 2), "leader_before": [leader, epoch], "leader_after": list(after),
             "lasted_s": round(time.monotonic() - started, 2),
             "takeover_s": round(takeover[0], 2) if takeover else None}
 

@@ -121,8 +121,13 @@ class HubChild:
                 while True:
                     line = (await self.proc.stdout.readline()).decode(errors="replace")
                     if not line:
-                        raise RuntimeError(f"hub process {self.hub_id} exited with {await self.proc.wait()} "
-                                           f"(its log: {self.log_path})")
+                        code = await self.proc.wait()
+                        try:  # the log's last lines say why (the data dir may be a temporary one)
+                            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-12:])
+                        except OSError:
+                            tail = ""
+                        raise RuntimeError(f"hub process {self.hub_id} exited with {code} (its log: "
+                                           f"{self.log_path}; last lines:\n{tail})")
                     if line.startswith(_ADMIN):
                         admin = line[len(_ADMIN):].strip()
                     if m := _LISTENING.search(line):
