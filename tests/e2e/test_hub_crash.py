@@ -57,6 +57,7 @@ async def test_sigkill_during_a_submission_burst_loses_and_duplicates_nothing(tm
     await boot()
     accepted: dict[str, str] = {}
     retried: set[str] = set()
+    progress = asyncio.Event()  # set at each accepted submission: the kills follow the burst, not the clock
     rng = random.Random(7)
     body = {"cards": 2, "accelerators": ["A800"], "est_hours": 1.0}
 
@@ -69,6 +70,7 @@ async def test_sigkill_during_a_submission_burst_loses_and_duplicates_nothing(tm
                     if resp.status in (200, 201):
                         job = (await resp.json())["id"]
                         assert accepted.setdefault(idem, job) == job, f"{idem}: two ids for one key"
+                        progress.set()
                         return
                     assert resp.status >= 500 or resp.status == 503, (resp.status, await resp.text())
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -77,8 +79,13 @@ async def test_sigkill_during_a_submission_burst_loses_and_duplicates_nothing(tm
             await asyncio.sleep(0.05)  # the client's retry back-off (part of the burst being tested)
 
     async def killer() -> None:
-        for _ in range(KILLS):
-            await asyncio.sleep(rng.uniform(0.05, 0.3))  # the fault's timing: a kill at a random moment of the burst
+        for k in range(KILLS):
+            # a kill once 1/5, 2/5 and 3/5 of the burst is accepted (a fast hub takes a whole burst within a
+            # fixed delay), then a random moment later: the fault lands inside the burst whatever the hub's speed
+            while len(accepted) < (k + 1) * N_JOBS // (KILLS + 2):
+                progress.clear()
+                await progress.wait()
+            await asyncio.sleep(rng.uniform(0, 0.02))
             assert proc is not None
             proc.kill()
             await proc.wait()
