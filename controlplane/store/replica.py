@@ -841,7 +841,14 @@ class Replica:
                     writes.append(Write(record_key(table, [row[c] for c in pk]), _ENCODE(Value(t=table, row=row)), 0))
         for i in range(0, len(writes), MAX_BATCH - 1):
             batch = writes[i:i + MAX_BATCH - 1]
-            for w, r in zip(batch, self.bridge.commit(batch)):
+            try:
+                revisions = self.bridge.commit(batch)
+            except Conflict as exc:  # each seed write is create-only: the record was not empty after all
+                raise RecordUnavailable(
+                    f"the record was empty when this process read it but holds rows now ({exc}): another "
+                    "process seeded it meanwhile, or the first read came before the record's snapshot; "
+                    "open it again (its rows win over this file)") from None
+            for w, r in zip(batch, revisions):
                 self.revisions[w.key] = r
         if writes:
             _log.info("event=record_seeded rows=%d", len(writes))

@@ -25,13 +25,16 @@ import pytest
 
 from controlplane.compose import build_hub
 from controlplane.core.jobspec import JobSpec
-from controlplane.core.errors import RecordConflict
+from controlplane.core.errors import RecordConflict, RecordUnavailable
 from controlplane.core.usage import UsageRow
 from controlplane.hub import Hub
 from controlplane.replicated import kv
+from controlplane.replicated.bridge import RecordBridge
 from controlplane.store import jobs as store_jobs
+from controlplane.store import replica
+from controlplane.store import tenants as store_tenants
 from controlplane.store import usage as store_usage
-from controlplane.store.db import transaction
+from controlplane.store.db import open_db, transaction
 from tests.support.hubrig import Client, hub_config
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
@@ -396,3 +399,42 @@ async def test_a_deployment_made_at_a_gives_its_tenant_the_model_at_b(two) -> No
     while "qwen" not in await models():
         assert time.monotonic() - started < 1.0, "the deployment made at A is not among B's models after 1 s"
         await asyncio.sleep(0.01)
+
+
+async def test_seeding_a_record_another_process_filled_meanwhile_is_retried_not_fatal(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A process that read the record empty seeds it from its own file with create-only writes. If
+    another process filled it meanwhile (or the first read came before the record's snapshot: seen
+    in ``cpn chaos --ha`` as a restarted hub that exited on a Conflict on ``tenant.demo``), the seed
+    fails with RecordUnavailable, which a hub's start tries again, never with a Conflict that ends
+    the process; opened again, the file takes the record's rows."""
+    for name in ("hub-a", "hub-b"):
+        (tmp_path / name).mkdir()
+        plain = build_hub(hub_config(tmp_path / name, cluster.urls[0], hub_id=name))  # record = "sqlite"
+        await plain.start()
+        try:
+            plain.create_tenant("acme", name=f"acme of {name}")
+        finally:
+            await plain.stop()
+    a = await start(tmp_path, cluster, "hub-a")  # seeds the empty record from hub-a's file
+    try:
+        db = open_db(str(tmp_path / "hub-b" / "hub.db"), factory=replica.ReplicatedDatabase)
+        assert isinstance(db, replica.ReplicatedDatabase)
+        bridge = RecordBridge(cluster.urls, name="hub-b-late")
+        await asyncio.to_thread(bridge.start)
+        try:
+            late = replica.Replica(db, bridge, "hub-b")
+            late.install()
+            # hub-b's first read found the record empty: it seeds, and meets hub-a's rows
+            with pytest.raises(RecordUnavailable, match="another process seeded it"):
+                await asyncio.to_thread(late._seed)
+        finally:
+            db.conn.close()
+            bridge.close()
+        b = await start(tmp_path, cluster, "hub-b")  # opened again: the record's rows win
+        try:
+            assert store_tenants.get_tenant(b.db, "acme")["name"] == "acme of hub-a"
+        finally:
+            await b.stop()
+    finally:
+        await a.stop()
