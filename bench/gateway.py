@@ -153,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench import gate
 
         return gate.main([a for a in argv if a != "--market"])
-    p = argparse.ArgumentParser(prog="cpn bench gateway")
-    p.add_argument("--seconds", type=float, default=3.0)
-    p.add_argument("--rounds", type=int, default=5)
+    p = argparse.ArgumentParser(
+        prog="cpn bench gateway",
+        description="The hub against its floor (a bare aiohttp handler doing one nats-py request), driven by wrk.",
+        epilog="--peers: cpn next to vllm-router and sglang-router (its own options: --peers --help); "
+               "--market: the market gate's cost on the inference path (--market --help).")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each measured cell")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     args = p.parse_args(argv)
     try:
         wrk.binary()
