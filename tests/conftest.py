@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nats-server from the wheel on port 0, stopped after the test."""
+"""Shared fixtures: a real nats-server from the wheel on port 0, and a real 3-node cluster of them,
+stopped after the test."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.nats.natsserver import NatsServer
+from tests.support.natscluster import NatsCluster
 
 
 @pytest.fixture
@@ -18,3 +20,10 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """Three nats-server nodes joined by routes, JetStream with ``sync_interval: always``."""
+    async with NatsCluster(tmp_path / "nats") as c:
+        yield c

@@ -4,7 +4,6 @@ root). Before, a controller's autoscaler saw only the requests it served itself:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,6 @@ from controlplane.services.demand_share import DemandShare
 from tests.adapters.test_leadership import started
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def test_the_gateways_demand_reaches_the_controller(tmp_path: Path, cluster: NatsCluster) -> None:

@@ -8,7 +8,6 @@ process; the record is not, and the new leader rebuilds the commands from it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,6 @@ from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
 
 SPEC = jobspec.JobSpec(name="handover", cards=1, accelerators=("H20",), est_hours=1.0, checkpoint_cost_s=60)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def started(tmp: Path, cluster: NatsCluster, name: str, **kw: Any) -> HubProcess:

@@ -8,7 +8,6 @@ projections and HTTP gateways.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ from controlplane.store.db import transaction
 from tests.support.hubrig import Client, hub_config
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def started(tmp: Path, cluster: NatsCluster, name: str, **kw: Any) -> HubProcess:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +19,6 @@ from controlplane.replicated.errors import Conflict, NoQuorum, NotFound
 from controlplane.replicated.projection import Projection
 from tests.support.fakehub import wait_for
 from tests.support.natscluster import NatsCluster, open_record
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def stream_leader(record: kv.Record) -> str:

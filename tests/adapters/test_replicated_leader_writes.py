@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -41,12 +40,6 @@ from tests.support.waiting import until
 SPEC = jobspec.JobSpec(name="tick", cards=1, accelerators=("H20",), est_hours=1.0, checkpoint_cost_s=60)
 
 pytestmark = pytest.mark.serial  # a fresh 3-node cluster whose stream elects for seconds
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def stream_leader(cluster: NatsCluster) -> str:

@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,6 @@ from tests.support.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = LeaseConfig(lease_duration_s=1.5, renew_deadline_s=1.0, retry_period_s=0.2, holder_silent_s=0)
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 # A clean handover must beat a full lease by a margin that holds on a loaded 2-core machine (three

@@ -37,12 +37,6 @@ MODEL = {"owner": "acme", "input_fen_per_mtok": 1_000_000, "output_fen_per_mtok"
 pytestmark = pytest.mark.serial  # several hubs on a fresh 3-node cluster (as test_replicated_store)
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
-
-
 def config(tmp: Path, cluster: NatsCluster, name: str) -> Any:
     (tmp / name).mkdir(exist_ok=True)
     return hub_config(tmp / name, ",".join(cluster.urls), hub_id=name, record="nats")

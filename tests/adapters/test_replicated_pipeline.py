@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +40,6 @@ JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hour
 
 # A fresh 3-node cluster whose stream elections take seconds: run alone, after the parallel pass.
 pytestmark = pytest.mark.serial
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def start(tmp: Path, url: str, name: str, **kw: Any) -> Hub:

@@ -5,7 +5,6 @@ from in the record's presence keys; before, each enforced all of it, so N gatewa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -18,12 +17,6 @@ from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.serial  # several hubs on a fresh 3-node cluster
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def start(tmp: Path, cluster: NatsCluster, name: str) -> Hub:

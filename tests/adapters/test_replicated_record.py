@@ -26,12 +26,6 @@ class Job(msgspec.Struct, kw_only=True):
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
-
-
-@pytest.fixture
 async def record(cluster: NatsCluster) -> AsyncIterator[kv.Record]:
     r = await open_record(cluster.urls)
     try:

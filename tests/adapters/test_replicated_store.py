@@ -51,12 +51,6 @@ JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hour
 # parallel pass of `make test`, where three other workers do not stretch them past their deadlines.
 pytestmark = pytest.mark.serial
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
-
-
 def config(tmp: Path, cluster: NatsCluster, name: str, **kw: Any) -> Any:
     (tmp / name).mkdir(exist_ok=True)
     return hub_config(tmp / name, ",".join(cluster.urls), hub_id=name, record="nats", **kw)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -46,12 +45,6 @@ async def main():
 
 asyncio.run(main())
 """
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def writable(urls: list[str], timeout_s: float = 60.0) -> None:

@@ -19,7 +19,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,6 @@ from tests.support.waiting import until
 
 JOB = {"name": "burst", "cards": 1, "accelerators": ["H20", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60}
 SITES = {"sh-edge": "H20", "hz-edge": "910B"}
-
-
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    async with NatsCluster(tmp_path / "nats") as c:
-        yield c
 
 
 async def cluster_view(session: aiohttp.ClientSession, port: int, admin: str) -> dict[str, Any] | None:
