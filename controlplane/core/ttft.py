@@ -137,15 +137,18 @@ def candidate(view: SiteView, model: str, rtt_ms: float, service_ms: float = 0.0
         service_ms = view.service_ms_p50
     if service_ms <= 0 and (busy >= rep.slots or view.queue_depth > 0):
         service_ms = math.inf
-    return Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=rep.accelerator or min(view.accelerators, default=""),
+    return Candidate(site=view.id, rtt_ms=rtt_ms, accelerator=accelerator_of(view, model),
                      slots=rep.slots, busy=busy, queue_depth=view.queue_depth, service_ms=service_ms)
 
 
 def accelerator_of(view: SiteView, model: str) -> str:
-    """The card type ``model``'s replica at the site runs on, as its heartbeat says; from agents
-    that do not say (``ReplicaStatus.accelerator`` empty), the site's first type by name."""
+    """The card type ``model``'s replica at the site runs on, as its heartbeat says, believed only
+    among the types the site holds within its declaration (a site claiming a faster card than it
+    has would be predicted faster and drawn traffic); from agents that do not say
+    (``ReplicaStatus.accelerator`` empty) or claim another type, the site's first type by name."""
     rep = view.replicas.get(model)
-    return (rep.accelerator if rep is not None else "") or min(view.accelerators, default="")
+    claimed = rep.accelerator if rep is not None else ""
+    return claimed if claimed in view.accelerators else min(view.accelerators, default="")
 
 
 def service_update(mean_ms: float, sample_ms: float, weight: float = SERVICE_WEIGHT) -> float:

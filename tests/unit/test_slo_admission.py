@@ -159,5 +159,11 @@ def test_the_replicas_own_card_picks_the_prefill_profile_and_old_agents_fall_bac
     assert isinstance(hb, wire.Heartbeat)
     reg.heartbeat(hb, 1.0)
     assert ttft.accelerator_of(reg.get("s"), "m") == "A800"  # type: ignore[arg-type]
+    # A site claiming a card it does not hold (to be predicted faster) is not believed.
+    reg.heartbeat(wire.Heartbeat(site="s", seq=3, models=[wire.ReplicaStatus(model="m", slots=4, accelerator="H800")]),
+                  2.0)
+    lying = reg.get("s")
+    assert lying is not None and ttft.accelerator_of(lying, "m") == "A800"
+    assert (ttft.candidate(lying, "m", 1.0) or pytest.fail("no candidate")).accelerator == "A800"
     # ... and a hub from before the field ignores it (ReplicaStatus does not forbid unknown fields).
     assert wire.ReplicaStatus.__struct_config__.forbid_unknown_fields is False
