@@ -137,7 +137,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
                              rate_limiter=TokenBuckets(config.default_rate_per_s, config.default_burst),
                              clock=clock, metrics=metrics)
     accounting = UsageAccounts(store=store, metrics=metrics, clock=clock, tasks=tasks.scope("accounting"),
-                               flush_s=config.usage_flush_s)
+                               flush_s=config.usage_flush_s, process=config.hub_id)
     inference = InferenceService(registry=registry, router=router, origin_ids=sites.origin_ids,
                                  known_models=sites.known_models, bus=bus, accounting=accounting, metrics=metrics,
                                  clock=clock, rng=random.Random(config.seed), site_timeout_s=config.site_timeout_s,
@@ -200,7 +200,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
     trainer.lending_profiles = learnt.site_profiles
     # The market prices the usage flush and training's metering (in their transactions).
-    seller = market.install(market.MarketService(hub_id=config.hub_id, store=store, tenancy=tenancy, sites=sites,
+    seller = market.install(market.MarketService(store=store, tenancy=tenancy, sites=sites,
                                                  accounting=accounting, clock=clock, training=trainer),
                             accounting, trainer)
     hub.add_service(seller)

@@ -45,6 +45,17 @@ class UsageRow(msgspec.Struct, kw_only=True, frozen=True):
     energy_cny: float = 0.0
 
 
+class UsageFlush(msgspec.Struct, kw_only=True, frozen=True):
+    """One batch of drained rows as written: its ``id`` (unique per process) and time ``at`` are
+    fixed when it is first drained, so a flush whose outcome was not known (the record took it, or
+    did not, before its quorum answered) is written again *as it was*: what it bills is keyed by
+    ``id`` and built from ``at``, and lands once either way."""
+
+    id: str
+    at: float
+    rows: list[UsageRow]
+
+
 _Key = tuple[str, str, str]
 
 

@@ -46,7 +46,7 @@ from controlplane.core import lifecycle, placement
 from controlplane.core.clock import Clock
 from controlplane.core.errors import Conflict, Forbidden, NotFound, Refused, RequestError, Unprocessable
 from controlplane.core.jobspec import JobSpec
-from controlplane.core.usage import UsageRow
+from controlplane.core.usage import UsageFlush
 from controlplane.market import budgets, catalogue, ledger, offers, postings, quotes, reconcile, views
 from controlplane.store.db import transaction
 from controlplane.store.market import billing
@@ -75,10 +75,9 @@ class MarketService:
 
     name = "market"
 
-    def __init__(self, *, hub_id: str, store: Store, tenancy: TenancyService, sites: SiteService,
+    def __init__(self, *, store: Store, tenancy: TenancyService, sites: SiteService,
                  accounting: UsageAccounts, clock: Clock, training: TrainingService,
                  fees: postings.Fees = postings.DEFAULT_FEES, policy: quotes.QuotePolicy = quotes.DEFAULT_POLICY) -> None:
-        self.hub_id = hub_id
         self.store = store
         self.tenancy = tenancy
         self.sites = sites
@@ -103,7 +102,6 @@ class MarketService:
         """Tenant -> what its accepted, unfinished jobs hold (``budgets`` Rule 4), cleared with
         ``_spent`` (every post, every refresh, every submission checked here)."""
         self._loaded_at = -1e18
-        self._flushes = 0
         self.counters = {"refused_filing": 0, "refused_budget": 0, "usage_lines": 0, "attempts_billed": 0,
                          "attempts_unpriced": 0}
 
@@ -346,17 +344,18 @@ class MarketService:
             start, end = budgets.period_bounds(period, now)
             spent = ledger_store.spent_fen(self.db, tenant, start, end)
             self._spent[(tenant, period)] = (start, end, spent)
-        for row in self.accounting.buffer.peek(tenant):
+        for row in self.accounting.pending(tenant):
             model = self._models.get(row.model)
             if model is not None:
                 spent += catalogue.price_usage(model, row.prompt_tokens, row.completion_tokens)
         return spent
 
-    def post_usage(self, rows: list[UsageRow], now: float) -> None:
+    def post_usage(self, usage: UsageFlush) -> None:
         """Keep and price one usage flush; runs inside the hub's flush transaction (raises to roll
-        the whole flush back)."""
-        self._flushes += 1
-        flush = f"{self.hub_id}.{int(now * 1e6)}.{self._flushes}"
+        the whole flush back). Idempotent: a flush written again (its first outcome unknown) keys
+        its lines and transactions by its own id and prices them at its own time, so what already
+        landed is left as it is."""
+        flush, now, rows = usage.id, usage.at, usage.rows
         lines: list[billing.UsageLine] = []
         txns: list[ledger.Transaction] = []
         for r in rows:

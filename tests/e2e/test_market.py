@@ -24,6 +24,7 @@ from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
 from controlplane.services.market import MarketService
 from controlplane.market import offers
+from controlplane.store.db import transaction
 from controlplane.store.market import billing, records
 from controlplane.store.market import ledger as ledger_store
 from edge_agent import wire
@@ -298,7 +299,7 @@ async def test_a_failed_flush_posts_nothing_and_is_retried_whole(market) -> None
     hub, admin, acme, _ = market
     await admin.call("PUT", "/v1/market/models/chat", MODEL)
 
-    def boom(rows: Any, now: float) -> None:
+    def boom(flush: Any) -> None:
         raise RuntimeError("disk full")
 
     hub.accounting.usage_listeners.append(boom)
@@ -309,6 +310,32 @@ async def test_a_failed_flush_posts_nothing_and_is_retried_whole(market) -> None
     hub.accounting.usage_listeners.remove(boom)
     hub.accounting.flush()
     assert ledger_store.balances(hub.db)["tenant:acme"] == -10
+
+
+async def test_a_flush_written_again_after_it_landed_bills_once(market) -> None:  # type: ignore[no-untyped-def]
+    """A flush whose write failed with its outcome unknown (the replicated record may have taken
+    it before its quorum answered) is written again as it was: if it had landed, nothing is billed
+    twice. Here it lands through another transaction, then its own write fails and is retried."""
+    hub, admin, acme, _ = market
+    await admin.call("PUT", "/v1/market/models/chat", MODEL)
+    landed: list[Any] = []
+
+    def lands_then_fails(flush: Any) -> None:
+        landed.append(flush)
+        raise RuntimeError("quorum lost after the record took it")
+
+    hub.accounting.usage_listeners.append(lands_then_fails)
+    hub.accounting.buffer.add("acme", "chat", "hz-edge", 10, 0)
+    hub.accounting.flush()
+    hub.accounting.usage_listeners.remove(lands_then_fails)
+    assert hub.accounting.pending_rows == 1 and [f.id for f in hub.accounting.in_doubt] == [landed[0].id]
+    with transaction(hub.db):  # what the record had taken
+        services_of(hub).market.post_usage(landed[0])
+    hub.accounting.buffer.add("acme", "chat", "hz-edge", 5, 0)  # served meanwhile: a flush of its own
+    hub.accounting.flush()
+    assert hub.accounting.pending_rows == 0
+    assert ledger_store.balances(hub.db)["tenant:acme"] == -15
+    assert len(billing.usage_lines(hub.db)) == 2
 
 
 async def test_a_tenant_at_its_budget_gets_402_with_the_figures(market) -> None:  # type: ignore[no-untyped-def]

@@ -138,11 +138,12 @@ def budgets(db: sqlite_utils.Database) -> dict[str, budget_rules.Budget]:
 
 
 def add_usage_lines(db: sqlite_utils.Database, lines: Iterable[UsageLine]) -> None:
-    """Keep flushed usage lines (inside the caller's transaction, or one of its own)."""
+    """Keep flushed usage lines (inside the caller's transaction, or one of its own). A line its
+    flush already kept is left as it is (a flush written again after an unknown outcome)."""
     with transaction(db):
         db.conn.executemany(
             """INSERT INTO market_usage_lines (flush, tenant, model, site, at, prompt_tokens, completion_tokens, priced)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?)""",
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING""",
             [(x.flush, x.tenant, x.model, x.site, x.at, x.prompt_tokens, x.completion_tokens, int(x.priced))
              for x in lines],
         )
