@@ -6,6 +6,7 @@ every ``flush_s`` (and once more at stop), never per request.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -108,7 +109,7 @@ class UsageAccounts:
         flushes = self._take()
         for i, flush in enumerate(flushes):
             try:
-                await write(self.store.db, lambda db, flush=flush: self._commit(db, flush), fenced=False)
+                await write(self.store.db, functools.partial(self._commit, flush=flush), fenced=False)
             except Exception:
                 self._failed(flushes[i:])
                 return
