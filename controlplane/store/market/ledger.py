@@ -37,15 +37,7 @@ from controlplane.market import ledger, postings
 from controlplane.store.market.db import apply_migration, transaction
 
 MIGRATION_ID = "0040_market_ledger"
-MIGRATION: tuple[str, ...] = (
-    """CREATE TABLE market_transactions (
-        key TEXT PRIMARY KEY,
-        seq INTEGER NOT NULL UNIQUE,
-        at REAL NOT NULL,
-        kind TEXT NOT NULL,
-        ref TEXT NOT NULL,
-        body TEXT NOT NULL
-    )""",
+_ENTRIES = (
     """CREATE TABLE market_entries (
         key TEXT NOT NULL REFERENCES market_transactions (key),
         line INTEGER NOT NULL,
@@ -58,6 +50,19 @@ MIGRATION: tuple[str, ...] = (
     )""",
     "CREATE INDEX market_entries_by_account ON market_entries (account, at)",
     "CREATE INDEX market_transactions_by_at ON market_transactions (at)",
+)
+"""The entries table and the two indexes, as both migrations create them."""
+
+MIGRATION: tuple[str, ...] = (
+    """CREATE TABLE market_transactions (
+        key TEXT PRIMARY KEY,
+        seq INTEGER NOT NULL UNIQUE,
+        at REAL NOT NULL,
+        kind TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        body TEXT NOT NULL
+    )""",
+    *_ENTRIES,
     """CREATE TRIGGER market_transactions_no_update BEFORE UPDATE ON market_transactions
        BEGIN SELECT RAISE(ABORT, 'ledger transactions are immutable'); END""",
     """CREATE TRIGGER market_transactions_no_delete BEFORE DELETE ON market_transactions
@@ -92,18 +97,7 @@ REPLICATED: tuple[str, ...] = (
     "DROP TABLE market_entries",
     "DROP TABLE market_transactions",
     "ALTER TABLE market_transactions_new RENAME TO market_transactions",
-    """CREATE TABLE market_entries (
-        key TEXT NOT NULL REFERENCES market_transactions (key),
-        line INTEGER NOT NULL,
-        at REAL NOT NULL,
-        account TEXT NOT NULL,
-        amount_fen INTEGER NOT NULL CHECK (typeof(amount_fen) = 'integer'),
-        kind TEXT NOT NULL,
-        memo TEXT NOT NULL,
-        PRIMARY KEY (key, line)
-    )""",
-    "CREATE INDEX market_entries_by_account ON market_entries (account, at)",
-    "CREATE INDEX market_transactions_by_at ON market_transactions (at)",
+    *_ENTRIES,
     f"""CREATE TRIGGER market_transactions_entries AFTER INSERT ON market_transactions
        BEGIN {_DERIVE_ENTRIES}; END""",
     f"""CREATE TRIGGER market_transactions_no_update BEFORE UPDATE ON market_transactions {_GUARD}
