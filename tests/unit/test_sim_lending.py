@@ -122,10 +122,11 @@ def test_the_forecast_is_learnt_from_the_demand_seen_on_past_days(forecast: str,
 
 
 def test_a_gang_only_lent_cards_fit_waits_through_the_day_and_runs_at_night() -> None:
-    """Submitted at 20:00, when the edge offers nothing, a 5-card gang (the hub has 4) waits, as it
-    would live (lent pools show no free cards), and runs on lent cards once offered after midnight;
-    it is not found infeasible for good (the simulator used to mark a lent site without an offer
-    draining, a static filter, and dropped every such gang submitted by day)."""
+    """Submitted at 20:00, when the edge offers nothing and a replica holds half its cards, a 5-card
+    gang (the hub has 4) waits, as it would live (lent pools show no free cards), and runs on lent
+    cards once offered after midnight; it is not found infeasible for good (the simulator used to
+    mark a lent site without an offer draining, a static filter, and to shrink its total by the
+    cards replicas held: either dropped such gangs submitted by day)."""
     lay = network()
     s = core_scenario.decode('name = "l"\n[lending]\nenabled = true\nforecast = "declared"\n', "l")
     start = core_scenario.start_epoch_s(s.start)  # 00:00 local
@@ -137,6 +138,10 @@ def test_a_gang_only_lent_cards_fit_waits_through_the_day_and_runs_at_night() ->
     t, at_22 = start, None
     while t <= start + 30 * H:
         sim.advance(t)
+        if t == start + 20 * H:  # a replica holds 4 of the edge's 8 cards for the evening
+            sim.hold("pa-edge", "A800", 4)
+        if t == start + 23 * H:
+            sim.release("pa-edge", "A800", 4)
         lender.tick(t)
         sim.advance(t)
         if t == start + 22 * H:

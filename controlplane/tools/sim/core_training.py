@@ -306,6 +306,9 @@ class TrainingSim:
         if sid in self.lent:  # lent cards: only what is offered now
             cap = self.offered.get(sid, {})
             free = {acc: min(n, cap.get(acc, 0)) for acc, n in free.items()}
+            # All its cards, as live: what replicas hold there now they hold for hours, not for good
+            # (a smaller total would find gangs infeasible for good); the offer already leaves them out.
+            total = dict(site.accelerators)
         key = (tuple(free.values()), tuple(total.values()), self.healthy[sid], self.draining[sid])
         hit = self._pool_cache.get(sid)
         if hit is not None and hit[0] == key:
