@@ -188,6 +188,9 @@ class Lending(_Cfg, frozen=True):
     """The declared profile the forecast starts from (the hub's ``[lending] profile``); default
     ``inference.profile``, the demand the run really has. Set it apart to see a wrong declaration
     corrected by learning over a multi-day run."""
+    inference_first: list[str] = []
+    """Accelerator types inference keeps first (``lending.Rules.inference_first``, Rule 6): a site's
+    forecast is met by its cards of these types before its others, and they are never lent."""
     forecast: str = "learnt"
     """``learnt``: each site's forecast profile is its region's requests by local hour as observed
     so far (``demand_hours``, exponentially weighted over days), ``inference.profile`` the prior for
