@@ -55,6 +55,10 @@ class LendingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Lent cards are back this long before the hour that needs them."""
     min_lend_s: float = 3600.0
     """No offer shorter than this."""
+    inference_first: tuple[str, ...] = ()
+    """Accelerator types inference keeps first (Rule 6 of ``core/lending.py``): a site's forecast is
+    met by its cards of these types before its others, and they are never lent (e.g. ``["H20"]``
+    beside lendable L20)."""
     forecast: str = "learnt"
     """``learnt``: each lending site's forecast shape is its region's requests by local hour as this
     process observed them (the autoscaler's demand counts; ``profile`` the prior for hours not

@@ -14,6 +14,9 @@ so its checkpoint is written and its cards are free before inference needs them;
 where the job should restart (``restart_hint``: the caller's choice, planned in advance).
 Rule 4: a site whose forecast never falls below its held capacity lends nothing, and says why.
 Rule 5: a site (accelerator) whose lent attempts are being stopped offers nothing meanwhile.
+Rule 6: a site's cards of the types inference keeps first (``Rules.inference_first``, e.g. the
+inference-only H20 beside lendable L20) meet its forecast before its other cards do; those are
+never offered, and the others keep only the rest (at night often none but what replicas hold).
 
 Wired: :func:`decide` is the rule the hub's training service runs before each scheduler plan
 (``[lending]`` in the hub config; lent pools show only the offered cards) and ``cpn sim``'s
@@ -223,6 +226,10 @@ class Rules(msgspec.Struct, frozen=True, kw_only=True):
     reclaim_headroom: float = 1.0
     """Hysteresis: cards already lent are reclaimed when the forecast with this headroom (not
     ``headroom``) needs them, so a replica added at the site does not stop a gang at once."""
+    inference_first: Sequence[str] = ()
+    """Accelerator types inference keeps first (Rule 6): a site's forecast need is met with its
+    cards of these types before any other, and they are never offered. Empty: each type of a site
+    keeps the whole forecast in proportion to its cards."""
 
 
 class Holding(msgspec.Struct, frozen=True, kw_only=True):
@@ -256,15 +263,34 @@ class LendPlan(msgspec.Struct, frozen=True, kw_only=True):
 
 def _views(now: float, holdings: Sequence[Holding], lent: Mapping[tuple[str, str], int], rules: Rules,
            headroom: float | None = None) -> list[Site]:
-    """One :class:`Site` per (site, accelerator): replicas are pinned to an accelerator."""
+    """One :class:`Site` per (site, accelerator): replicas are pinned to an accelerator.
+
+    Rule 6: at a site holding types of ``rules.inference_first`` and others, the site's forecast
+    (all its cards, all its replicas) is met first by the cards of those types; the others need only
+    the rest, in proportion to their cards (never less than their replicas hold), and those types
+    need all their cards (never offered)."""
     out = []
+    first = set(rules.inference_first)
     for h in holdings:
+        profile = rules.site_profiles.get(h.site, rules.profile)
+        hr = rules.headroom if headroom is None else headroom
+        room = sum(n for acc, n in h.cards.items() if acc in first)
+        others = sum(n for acc, n in h.cards.items() if acc not in first)
+        rest: list[float] | None = None
+        if room > 0 and others > 0:
+            need = forecast(now, profile, float(room + others), sum(h.held.values()),
+                            peak_share=rules.peak_need_share, headroom=hr)
+            rest = [max(0.0, x - room) for x in need] if need else []
         for acc, n in sorted(h.cards.items()):
             held = h.held.get(acc, 0.0)
+            if acc in first:
+                by_hour = [float(n)] * 24
+            elif rest is None:
+                by_hour = forecast(now, profile, float(n), held, peak_share=rules.peak_need_share, headroom=hr)
+            else:
+                by_hour = [min(float(n), max(held, x * n / others)) for x in rest]
             out.append(Site(id=h.site, cards={acc: n}, held={acc: held}, lent={acc: lent.get((h.site, acc), 0)},
-                            need_by_hour=forecast(now, rules.site_profiles.get(h.site, rules.profile), float(n), held,
-                                                  peak_share=rules.peak_need_share,
-                                                  headroom=rules.headroom if headroom is None else headroom)))
+                            need_by_hour=by_hour))
     return out
 
 

@@ -540,7 +540,7 @@ class TrainingService:
                   if self.lending_profiles is not None and cfg.forecast == "learnt" else {})
         rules = lending.Rules(tiers=tuple(cfg.tiers), profile=tuple(cfg.profile), peak_need_share=cfg.peak_need_share,
                               headroom=cfg.headroom, margin_s=cfg.margin_s, min_lend_s=cfg.min_lend_s,
-                              site_profiles=learnt)
+                              site_profiles=learnt, inference_first=cfg.inference_first)
         plan = lending.decide(now, holdings, running, rules)
         due = [st for st in plan.stops if st.at <= now and st.job_id in live
                and (st.job_id, st.attempt) not in self._preempting]  # each stop is sent once

@@ -163,3 +163,39 @@ def test_a_ramp_an_hour_earlier_than_declared_is_learnt_from_demand_and_reclaims
         assert [(e.site, e.job_id) for e in store_outbox.pending(db) if e.kind == "stop_attempt"] == [("e1", row.id)]
     finally:
         db.conn.close()
+
+
+@pytest.mark.parametrize("first, pool", [((), None), (("H20",), "e1")])
+def test_an_edge_lends_all_its_training_cards_while_the_types_inference_keeps_first_cover_the_night(
+        tmp_path: Path, first: tuple[str, ...], pool: str | None) -> None:
+    """Rule 6 live, as in ``cpn sim``: an edge of 8 A800 and 8 H20, a replica holding 4 H20. Each type
+    alone keeps its share of the night's forecast, so 5 A800 are lent and an 8-card gang waits; with
+    H20 kept for inference first (``[lending] inference_first``) the H20 cover the site's night and
+    all 8 A800 are lent until 05:45 (from 06:00 the replica, grown towards the 07:00 ramp with
+    headroom, needs more than the 8 H20)."""
+    from controlplane.store import deployments as store_deployments
+
+    text = ('name = "lend"\n' + ACCELS + '[accelerators.H20]\nvendor = "nvidia"\nunits = 0.47\nkw_per_card = 0.4\nmemory_gb = 96\n'
+            + site("e1", "pa", 30.0, 110.1, "edge", 8, rate=1e-5).replace("{ A800 = 8 }", "{ A800 = 8, H20 = 8 }")
+            + origin("pa", 30.0, 110.0))
+    lay = loader.loads(text)
+    db = store_db.open_db(tmp_path / "cpn.db")
+    reg = SiteRegistry()
+    cfg = HubConfig(lending=LendingConfig(enabled=True, inference_first=first))
+    svc = training.TrainingService(db=lambda: db, bus=None, registry=reg, layout=lambda: lay,  # type: ignore[arg-type]
+                                   clock=WallClock(), metrics=HubMetrics(), config=cfg, tenant=lambda tid: {"id": tid})
+    svc.outbox = CommandOutbox(db, None, clock=lambda: 0.0)
+    try:
+        reg.register(wire.Register(site="e1", tier="edge", city="pa", accelerators={"A800": 8, "H20": 8},
+                                   executors=["sim"]), MIDNIGHT)
+        reg.heartbeat(wire.Heartbeat(site="e1", seq=1, free_cards={"A800": 8.0, "H20": 4.0}), MIDNIGHT)
+        store_deployments.create(db, deployment_id="dep-1", tenant="acme", model="qwen", spec={}, now=MIDNIGHT)
+        store_deployments.upsert_replicas(db, "dep-1", [("e1", "H20", 4.0)], state="ready", now=MIDNIGHT)
+        row, _ = svc.submit("acme", msgspec.structs.replace(SPEC, cards=8), None, "h", MIDNIGHT + 0.5 * H)
+        plan = svc.tick(MIDNIGHT + 0.5 * H)
+        assert plan is not None and [p.pool for p in plan.start] == ([pool] if pool else [])
+        if pool:
+            lent = [e.body for e in svc.events(row.id) if e.body.get("type") == "lent"]
+            assert lent and lent[0]["until"] == MIDNIGHT + 5.75 * H
+    finally:
+        db.conn.close()

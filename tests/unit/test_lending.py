@@ -107,3 +107,22 @@ def test_lent_pools_show_only_the_offered_cards() -> None:
     assert shown == {"e1": {"H20": 6}, "h1": {"A800": 8}}
     day = lending.decide(MIDNIGHT + 12 * H, [lending.Holding(site="e1", cards={"H20": 8}, held={"H20": 1.0})], [], RULES)
     assert {p.id: p.cards_free for p in lending.lend_pools(pools, day, {"e1"})}["e1"] == {"H20": 0}
+
+
+def test_the_types_inference_keeps_first_meet_the_forecast_and_the_others_are_lent_whole() -> None:
+    """Rule 6: an edge of 16 L20 and 16 H20 (a replica holds 2 H20). Alone, each type keeps a
+    quarter of its cards for the night (the profile's share) and lends 12; with H20 kept for
+    inference first, the H20 cards cover the site's whole night forecast (8 cards, 12 at 06:00 with
+    the replica grown), so all 16 L20 are lent until 06:45, and no H20 is offered."""
+    holding = lending.Holding(site="e1", cards={"L20": 16, "H20": 16}, held={"H20": 2.0})
+    per_type = lending.decide(MIDNIGHT + 1 * H, [holding], [], RULES)
+    assert sorted((o.accelerator, o.cards, o.until) for o in per_type.offers) == [
+        ("H20", 12, MIDNIGHT + 5.75 * H), ("L20", 12, MIDNIGHT + 6.75 * H)]
+    rules = lending.Rules(profile=RULES.profile, margin_s=900.0, min_lend_s=3600.0, inference_first=("H20",))
+    first = lending.decide(MIDNIGHT + 1 * H, [holding], [], rules)
+    assert [(o.accelerator, o.cards, o.until) for o in first.offers] == [("L20", 16, MIDNIGHT + 6.75 * H)]
+    # By day the site needs all 32: 16 H20 and every L20; an L20 gang lent at night is reclaimed
+    # before 07:00 as before.
+    assert not lending.decide(MIDNIGHT + 12 * H, [holding], [], rules).offers
+    gang = lending.Attempt(job_id="j1", attempt=1, site="e1", accelerator="L20", cards=16, checkpoint_s=300.0)
+    assert lending.decide(MIDNIGHT + 1 * H, [holding], [gang], rules).wake == MIDNIGHT + 6.75 * H - 360.0

@@ -119,3 +119,58 @@ def test_the_forecast_is_learnt_from_the_demand_seen_on_past_days(forecast: str,
     assert sim.lent_card_s / 4 == pytest.approx(ramp_h * H - 900.0 - 300.0 - 60.0, abs=61.0)
     assert lender.reclaimed["cpn"] >= 1
     assert lender.report({})["forecast"] == forecast
+
+
+def test_a_gang_only_lent_cards_fit_waits_through_the_day_and_runs_at_night() -> None:
+    """Submitted at 20:00, when the edge offers nothing and a replica holds half its cards, a 5-card
+    gang (the hub has 4) waits, as it would live (lent pools show no free cards), and runs on lent
+    cards once offered after midnight; it is not found infeasible for good (the simulator used to
+    mark a lent site without an offer draining, a static filter, and to shrink its total by the
+    cards replicas held: either dropped such gangs submitted by day)."""
+    lay = network()
+    s = core_scenario.decode('name = "l"\n[lending]\nenabled = true\nforecast = "declared"\n', "l")
+    start = core_scenario.start_epoch_s(s.start)  # 00:00 local
+    gang = core_workload.JobDraw("j1", "t0", "pa", 5, ("A800",), 2.0, 0, None, start + 20 * H, 300.0,
+                                 core_workload.FaultClock(3))
+    sim = core_training.TrainingSim("cpn", core_training.cpn_planner, lay, lay.sites, [gang],
+                                    start_s=start, tick_s=60.0, failure_scale=0.0, reserved_cards={}, lent=["pa-edge"])
+    lender = core_lending.Lender(s, [lay.site("pa-edge")], [sim], lambda: {})
+    t, at_22 = start, None
+    while t <= start + 30 * H:
+        sim.advance(t)
+        if t == start + 20 * H:  # a replica holds 4 of the edge's 8 cards for the evening
+            sim.hold("pa-edge", "A800", 4)
+        if t == start + 23 * H:
+            sim.release("pa-edge", "A800", 4)
+        lender.tick(t)
+        sim.advance(t)
+        if t == start + 22 * H:
+            at_22 = sim.idle_while_waiting()
+        t += s.lending.tick_s
+    job = sim.jobs["j1"]
+    assert not job.infeasible
+    assert job.first_start == pytest.approx(start + 24 * H, abs=120.0)
+    assert job.done_at is not None and sim.lent_card_s > 0
+    # At 22:00 it waits, and no card is idle for it: the edge's free cards are not offered.
+    assert at_22 == (0, 5)
+
+
+def test_the_tidal_scenario_is_national_days_training_plus_small_fine_tuning_jobs_that_fit_an_edge() -> None:
+    """``training.accelerators[].sizes``: the L20 fine-tuning jobs draw their own (small) sizes; every
+    one fits some edge site's L20 cards, and the other jobs keep national-day's sizes and mix."""
+    import random
+
+    from controlplane.tools.sim import runner
+
+    lay = loader.load_default()
+    s, day = runner.load_scenario("tidal-lending"), runner.load_scenario("national-day")
+    start = core_scenario.start_epoch_s(s.start)
+    draws = core_workload.jobs(s, lay, start, start + 24 * H, random.Random("0:jobs"), random.Random("0:faults"))
+    l20 = [d for d in draws if d.accelerators == ("L20",)]
+    edge_l20 = max(site.accelerators.get("L20", 0) for site in lay.sites if site.tier == "edge")
+    assert 0.15 * len(draws) < len(l20) < 0.25 * len(draws)
+    assert all(d.cards <= edge_l20 for d in l20) and max(d.cards for d in l20) > 8
+    others = [d for d in draws if d.accelerators != ("L20",)]
+    assert abs(len(others) - day.training.jobs) < 3 * day.training.jobs ** 0.5  # national-day's 2,200, ± 3 sigma
+    assert max(d.cards for d in others) > 1024  # national-day's largest gangs
+    assert s.training.sizes == day.training.sizes

@@ -96,6 +96,8 @@ def test_national_day_is_the_speed_target_workload() -> None:
     ('name = "x"\n[[inference.models]]\nname = "m"\nshare = -1\n', "inference.models[0].share"),
     ('name = "x"\n[training]\nhours = [5.0, 1.0]\n', "training.hours"),
     ('name = "x"\nstart = "yesterday"\n', "start"),
+    ('name = "x"\n[[training.accelerators]]\naccelerators = ["L20"]\nshare = 1\nsizes = [{cards = [8, 1], share = 1}]\n',
+     "training.accelerators[0].sizes[0].cards"),
     ('name = "x"\n[[faults.outages]]\nat_hour = 1.0\n', "faults.outages[0]"),
 ])
 def test_bad_scenarios_name_the_field(text: str, field: str) -> None:

@@ -52,7 +52,8 @@ class Lender:
         self.held = held
         self.rules = lending.Rules(tiers=tuple(c.tiers), profile=tuple(declared),
                                    peak_need_share=c.peak_need_share, headroom=c.headroom, margin_s=c.margin_s,
-                                   min_lend_s=c.min_lend_s, stop_margin_s=STOP_MARGIN_S)
+                                   min_lend_s=c.min_lend_s, stop_margin_s=STOP_MARGIN_S,
+                                   inference_first=tuple(c.inference_first))
         self.offers = {sim.name: 0 for sim in sims}
         self.wake: dict[str, float | None] = {}
         """Each policy's next reclaim due (its own decisions are taken again then)."""

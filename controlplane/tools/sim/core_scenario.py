@@ -104,6 +104,8 @@ class SizeBin(_Cfg, frozen=True):
 class AccelChoice(_Cfg, frozen=True):
     accelerators: Annotated[list[str], msgspec.Meta(min_length=1)]
     share: Pos
+    sizes: list[SizeBin] | None = None
+    """Sizes of the jobs of this choice instead of ``training.sizes`` (e.g. small fine-tuning jobs)."""
 
 
 class Training(_Cfg, frozen=True):
@@ -186,6 +188,9 @@ class Lending(_Cfg, frozen=True):
     """The declared profile the forecast starts from (the hub's ``[lending] profile``); default
     ``inference.profile``, the demand the run really has. Set it apart to see a wrong declaration
     corrected by learning over a multi-day run."""
+    inference_first: list[str] = []
+    """Accelerator types inference keeps first (``lending.Rules.inference_first``, Rule 6): a site's
+    forecast is met by its cards of these types before its others, and they are never lent."""
     forecast: str = "learnt"
     """``learnt``: each site's forecast profile is its region's requests by local hour as observed
     so far (``demand_hours``, exponentially weighted over days), ``inference.profile`` the prior for
@@ -242,6 +247,12 @@ def _check(s: Scenario) -> None:
     for i, b in enumerate(tr.sizes):
         if not 1 <= b.cards[0] <= b.cards[1]:
             raise ScenarioError(f"training.sizes[{i}].cards: want 1 <= min <= max, got {b.cards}")
+    for i, a in enumerate(tr.accelerators):
+        for k, b in enumerate(a.sizes or ()):
+            if not 1 <= b.cards[0] <= b.cards[1]:
+                raise ScenarioError(f"training.accelerators[{i}].sizes[{k}].cards: want 1 <= min <= max, got {b.cards}")
+        if a.sizes is not None and not a.sizes:
+            raise ScenarioError(f"training.accelerators[{i}].sizes: empty (leave it out to use training.sizes)")
     if tr.hours[0] > tr.hours[1]:
         raise ScenarioError(f"training.hours: want min <= max, got {tr.hours}")
     if tr.deadline_slack[0] > tr.deadline_slack[1] or tr.deadline_slack[0] < 1.0:

@@ -233,7 +233,9 @@ class TrainingSim:
                 self.total[(s.id, acc)] = n - take
                 self.free[(s.id, acc)] = n - take
         self.healthy = {s.id: True for s in sites}
-        self.draining = {s.id: s.id in self.lent for s in sites}
+        self.draining = {s.id: False for s in sites}
+        """A lent site without an offer is not draining (a static filter would find its gangs
+        infeasible for good): it shows no free cards (``_pool``), so they wait, as live."""
         self.offered: dict[str, dict[str, int]] = {}
         """Lent sites: the cards new gangs may take there now (``offer``)."""
         self._pool_cache: dict[str, tuple[tuple[object, ...], placement.Pool]] = {}
@@ -304,6 +306,9 @@ class TrainingSim:
         if sid in self.lent:  # lent cards: only what is offered now
             cap = self.offered.get(sid, {})
             free = {acc: min(n, cap.get(acc, 0)) for acc, n in free.items()}
+            # All its cards, as live: what replicas hold there now they hold for hours, not for good
+            # (a smaller total would find gangs infeasible for good); the offer already leaves them out.
+            total = dict(site.accelerators)
         key = (tuple(free.values()), tuple(total.values()), self.healthy[sid], self.draining[sid])
         hit = self._pool_cache.get(sid)
         if hit is not None and hit[0] == key:
@@ -501,7 +506,6 @@ class TrainingSim:
         if new != self.offered.get(sid, {}):
             grew = any(n > self.offered.get(sid, {}).get(acc, 0) for acc, n in new.items())
             self.offered[sid] = new
-            self.draining[sid] = not new
             if grew:
                 self._want_tick(self.now)
 
@@ -558,6 +562,8 @@ class TrainingSim:
         best: dict[str, int] = {}
         free_by_acc: dict[str, int] = {}
         for (sid, acc), f in self.free.items():
+            if sid in self.lent:  # lent cards: only what is offered now
+                f = min(f, self.offered.get(sid, {}).get(acc, 0))
             if f <= 0 or not self.healthy[sid] or self.draining[sid]:
                 continue
             free_by_acc[acc] = free_by_acc.get(acc, 0) + f

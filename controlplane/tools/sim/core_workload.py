@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 
-from controlplane.tools.sim.core_scenario import Scenario
+from controlplane.tools.sim.core_scenario import Scenario, SizeBin
 from topology import layout as tlayout
 from topology import synth
 
@@ -156,6 +156,15 @@ def _log_uniform(lo: float, hi: float, rng: Rng) -> float:
     return lo if hi <= lo else math.exp(math.log(lo) + rng.random() * (math.log(hi) - math.log(lo)))
 
 
+def _cards(sizes: Sequence[SizeBin], cum: list[float], rng: Rng) -> int:
+    """A gang size: a bin by share, log-uniform within it, rounded to a multiple of 8 above 8."""
+    lo, hi = sizes[_pick(cum, rng)].cards
+    cards = int(round(_log_uniform(lo, hi, rng)))
+    if cards > 8:
+        cards = max(8, min(hi, 8 * round(cards / 8)))
+    return cards
+
+
 def jobs(s: Scenario, lay: tlayout.Layout, start_s: float, end_s: float, rng: Rng, fault_rng: Rng) -> list[JobDraw]:
     """The run's training jobs in submission order."""
     tr = s.training
@@ -168,12 +177,12 @@ def jobs(s: Scenario, lay: tlayout.Layout, start_s: float, end_s: float, rng: Rn
     o_cum = cumulative([o.weight for o in lay.origins])
     out: list[JobDraw] = []
     for t in poisson_times(rates, start_s, end_s, rng):
-        lo, hi = tr.sizes[_pick(size_cum, rng)].cards
-        cards = int(round(_log_uniform(lo, hi, rng)))
-        if cards > 8:
-            cards = max(8, min(hi, 8 * round(cards / 8)))
+        cards = _cards(tr.sizes, size_cum, rng)
         est_hours = round(_log_uniform(tr.hours[0], tr.hours[1], rng), 4)
-        accs = tuple(tr.accelerators[_pick(acc_cum, rng)].accelerators)
+        choice = tr.accelerators[_pick(acc_cum, rng)]
+        accs = tuple(choice.accelerators)
+        if choice.sizes:  # the choice's own sizes: drawn again (only scenarios that give them draw more)
+            cards = _cards(choice.sizes, cumulative([b.share for b in choice.sizes]), rng)
         prio = int(tr.priorities[_pick(prio_cum, rng)][0])
         deadline = None
         if rng.random() < tr.deadline_share:
