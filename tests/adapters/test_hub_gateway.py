@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import nats
+import openai
 import pytest
 
 from controlplane.core.errors import SiteRefused, SiteSilent, SiteUnreachable
@@ -339,6 +340,20 @@ async def test_a_streamed_answer_whose_text_rides_in_the_result_is_relayed_whole
     assert not hub.bus._streams and not hub.bus._stream_of
     status, usage, _ = await tenant.call("GET", "/v1/usage")
     assert status == 200 and usage["totals"]["requests"] == 1
+    # The official client reads such an answer as any stream.
+    client = openai.AsyncOpenAI(base_url=f"{tenant.base}/v1", api_key=tenant.key, max_retries=0)
+    try:
+        stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "y"}],
+                                                      stream=True, stream_options={"include_usage": True})
+        pieces, usage_seen = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            if chunk.usage is not None:
+                usage_seen = chunk.usage
+        assert "".join(pieces) == "hz-edge:" and usage_seen is not None and usage_seen.completion_tokens == 2
+    finally:
+        await client.close()
 
 
 async def test_a_streams_first_chunk_reaches_the_client_before_the_site_sends_its_next(  # type: ignore[no-untyped-def]
