@@ -88,7 +88,7 @@ def verdicts(agg: dict[str, dict[str, Any]], system: str = "cpn", baseline: str 
     """``system`` against ``baseline`` on issue #18's four targets (pure); ``{}`` when either is missing.
 
     With the raw ``cells``, each figure is the median over rounds of that round's own ratio (or
-    difference): within a round the two systems ran the same cell back to back, so a change in the
+    difference): within a round the two systems ran the same cell within a minute, so a change in the
     shared machine's speed between rounds cancels out; each round's value is kept (``rounds``),
     and so is the ratio of the medians (``of_medians``). Without ``cells``: the ratio of the medians."""
     if system not in agg or baseline not in agg:
