@@ -197,7 +197,8 @@ def render_peers() -> str:
     versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
     return (f"{peers.render(r)}\n\n{peers.render_verdicts(r)}\n\n"
             f"{r['machine']}, {r['date']}; {m['rounds']} interleaved round(s) of {m['seconds_per_cell']:g} s per cell, "
-            f"medians; {versions or 'no peers installed'}, policy `{r['router_policy']}`.{skipped}")
+            f"medians (the targets: the median of each round's own ratio, cpn and {r.get('baseline', 'vllm-router')} measured in the same round); "
+            f"{versions or 'no peers installed'}, policy `{r['router_policy']}`.{skipped}")
 
 
 def _replace(text: str, marker: str, body: str) -> str:

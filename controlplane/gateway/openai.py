@@ -64,12 +64,22 @@ async def _serve(
                                                        deployments=scope, slo_ttft_ms=slo)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,
                        include_usage=oa.include_usage(req))
-    response = _SseResponse(headers={
+    headers = {
         **route_headers(served, echo, filing),
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
-    })
+    }
+    whole = served.result
+    if whole is not None:
+        # The site's first message was its result (a short answer, or one the backend gave at
+        # once): every frame is known, so it goes as one plain answer with a length, without a
+        # chunked stream's machinery; a client reads the same events either way.
+        body = sse.start()
+        if whole.tail:
+            body += sse.delta(whole.tail)
+        return web.Response(body=body + sse.finish(whole), headers=headers)
+    response = _SseResponse(headers=headers)
     await response.prepare(request)
     ready = services.inference.stream_ready
     pending = b""

@@ -392,6 +392,11 @@ class InferenceService:
 
         Returns the serving site and an iterator of the remaining messages (first one included).
         After the first chunk there is no failover: the tenant already has part of an answer.
+
+        When the site's first message is already its result (the whole answer came at once, its
+        text in ``InferResult.tail`` if the request was ``tail_ok``), that result is
+        ``served.result`` (accounted, the site's stream closed) and the iterator is empty: the
+        caller can answer in one piece.
         """
         started = self.clock.monotonic()
         while True:
@@ -434,6 +439,12 @@ class InferenceService:
             self.metrics.first_token(req.model, site, elapsed)
             if served.predicted is not None:
                 self._predicted(served, req, elapsed, True)
+            if isinstance(first, wire.InferResult):  # the whole answer at once: no relay loop needed
+                await aclose(it)
+                self.accounting.account(req, first, site)
+                self._service_time(site, req.model, first.service_ms)
+                served.result = first
+                return served, _NOTHING
             return served, self._rest(first, it, req, site)
         raise AllSitesFailed(served.tried, last)
 
@@ -470,6 +481,21 @@ class InferenceService:
             if not finished:
                 # The tenant went away (or the site failed) mid-stream: tell the site to stop.
                 await self.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
+
+
+class _Nothing:
+    """An async iterator with nothing in it (a stream answered whole, see ``InferenceService.stream``)."""
+
+    __slots__ = ()
+
+    def __aiter__(self) -> _Nothing:
+        return self
+
+    async def __anext__(self) -> wire.InferChunk | wire.InferResult:
+        raise StopAsyncIteration
+
+
+_NOTHING = _Nothing()
 
 
 def prompt_tokens(req: wire.InferRequest) -> int:

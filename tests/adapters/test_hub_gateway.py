@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import nats
+import openai
 import pytest
 
 from controlplane.core.errors import SiteRefused, SiteSilent, SiteUnreachable
@@ -317,17 +318,91 @@ async def test_a_stream_says_when_its_next_message_is_already_here(rig) -> None:
 
 async def test_a_streamed_answer_whose_text_rides_in_the_result_is_relayed_whole(rig) -> None:  # type: ignore[no-untyped-def]
     # The gateway asks for tails (InferRequest.tail_ok): a site whose answer came at once sends one
-    # message, the result, with the text as its tail; the client still gets it as a delta.
-    _, tenant, _, _, _ = rig
-    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    # message, the result, with the text as its tail; the client still gets it as a delta. Every
+    # frame is then known, so it goes as one answer with a length (no chunked stream), accounted
+    # once, and nothing of the site's stream is left open at the hub.
+    hub, tenant, _, _, _ = rig
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}],
+            "stream_options": {"include_usage": True}}
     async with tenant.session.post(f"{tenant.base}/v1/chat/completions", json=body, headers=tenant.headers()) as resp:
-        assert resp.status == 200
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+        assert resp.headers["X-CPN-Site"] == "hz-edge" and resp.headers["Cache-Control"] == "no-cache"
+        assert "chunked" not in resp.headers.get("Transfer-Encoding", "")
         raw = (await resp.read()).decode()
+        assert int(resp.headers["Content-Length"]) == len(raw.encode())
     frames = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
     assert frames[-1] == "[DONE]"
     chunks = [msgspec.json.decode(f) for f in frames[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text == "hz-edge:" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert text == "hz-edge:" and chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 2
+    assert not hub.bus._streams and not hub.bus._stream_of
+    status, usage, _ = await tenant.call("GET", "/v1/usage")
+    assert status == 200 and usage["totals"]["requests"] == 1
+    # The official client reads such an answer as any stream.
+    client = openai.AsyncOpenAI(base_url=f"{tenant.base}/v1", api_key=tenant.key, max_retries=0)
+    try:
+        stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "y"}],
+                                                      stream=True, stream_options={"include_usage": True})
+        pieces, usage_seen = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                pieces.append(chunk.choices[0].delta.content or "")
+            if chunk.usage is not None:
+                usage_seen = chunk.usage
+        assert "".join(pieces) == "hz-edge:" and usage_seen is not None and usage_seen.completion_tokens == 2
+    finally:
+        await client.close()
+
+
+async def test_a_streams_first_chunk_reaches_the_client_before_the_site_sends_its_next(  # type: ignore[no-untyped-def]
+        rig, nats_server: NatsServer) -> None:
+    # A site that sends its second chunk only once the client has read the first: a gateway that
+    # held a chunk until the next message (or the end) came would never finish this stream.
+    hub, tenant, _, _, _ = rig
+    seen = asyncio.Event()
+    site = await nats.connect(nats_server.url)
+
+    async def held(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        await site.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="first")))
+        await seen.wait()
+        await site.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=1, text=" second")))
+        await site.publish(msg.reply, wire.encode(wire.InferResult(request_id=req.request_id, site="sh-edge",
+                                                                    model=req.model, output="first second",
+                                                                    completion_tokens=2)))
+
+    try:
+        await site.subscribe(wire.infer_subject("sh-edge"), cb=held)
+        ack = await site.request(wire.register_subject("sh-edge"),
+                                 wire.encode(wire.Register(site="sh-edge", city="shanghai")), timeout=2)
+        assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
+        hb = wire.Heartbeat(site="sh-edge", seq=1, models=[wire.ReplicaStatus(model="held", slots=8)])
+        await site.publish(wire.heartbeat_subject("sh-edge"), wire.encode(hb))
+        await until(lambda: "held" in hub.known_models())
+        body = {"model": "held", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+        texts: list[str] = []
+        async with tenant.session.post(f"{tenant.base}/v1/chat/completions", json=body,
+                                       headers=tenant.headers()) as resp:
+            assert resp.status == 200
+            while True:
+                line = (await asyncio.wait_for(resp.content.readline(), 5)).decode().strip()
+                if not line:
+                    if resp.content.at_eof():
+                        break
+                    continue
+                assert line.startswith("data: ")
+                if line == "data: [DONE]":
+                    continue
+                chunk = msgspec.json.decode(line[6:])
+                content = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+                if content:
+                    texts.append(content)
+                    seen.set()  # the site may go on now
+        assert texts == ["first", " second"]
+    finally:
+        await site.close()
 
 
 async def test_a_hub_that_stood_still_does_not_blame_its_sites(tmp_path: Path, nats_server: NatsServer) -> None:

@@ -114,3 +114,26 @@ def test_peers_verdicts_against_vllm_router() -> None:
     assert v["p50_c1_extra_ms"]["value"] == pytest.approx(0.8) and not v["p50_c1_extra_ms"]["ok"]
     assert v["ttfc_ratio"]["ok"]
     assert peers.verdicts(peers.aggregate(cells[1::2])) == {}  # no baseline, no verdict
+
+
+def test_peers_verdicts_are_medians_of_each_rounds_own_ratio() -> None:
+    # The machine slowed down in round 1 for both systems: each round's own ratio is 0.5, though the
+    # medians over rounds (cpn 5,000 of round 2, vllm-router 12,000 of round 0) would say 0.42.
+    cells = []
+    for rnd, (vllm, cpn_rps) in enumerate([(12_000, 6_000), (6_000, 3_000), (14_000, 7_000)]):
+        cells.append(_cell("vllm-router", "c32", rnd, vllm, 2.0, {"vllm-router": vllm / 1000}))
+        cells.append(_cell("cpn", "c32", rnd, cpn_rps if rnd != 2 else 5_000, 5.0, {"hub": cpn_rps / 100}))
+        cells.append(_cell("vllm-router", "ttfc8", rnd, 2000, 0, {"vllm-router": 1.0}, ttfc_p50_ms=1.0 + rnd, ttfc_p99_ms=5.0))
+        cells.append(_cell("cpn", "ttfc8", rnd, 500, 0, {"hub": 1.0}, ttfc_p50_ms=2.0 * (1.0 + rnd), ttfc_p99_ms=9.0))
+    cells.append(_cell("cpn", "c1", 0, 900, 1.0, {"hub": 1.0}))  # no vllm-router c=1 cell in round 0 ...
+    cells.append(_cell("vllm-router", "c1", 1, 3000, 0.3, {"vllm-router": 1.0}))  # ... nor cpn's in round 1
+    agg = peers.aggregate(cells)
+    v = peers.verdicts(agg, cells=cells)
+    rps = v["rps_c32_ratio"]
+    assert rps["rounds"] == [0.5, 0.5, pytest.approx(0.357, abs=1e-3)] and rps["value"] == 0.5 and rps["ok"]
+    assert rps["of_medians"] == pytest.approx(5_000 / 12_000, abs=1e-3)  # what the old verdict said
+    assert v["ttfc_ratio"]["rounds"] == [2.0, 2.0, 2.0] and v["ttfc_ratio"]["ok"]
+    # no round with both: the difference of the medians, without rounds
+    assert "rounds" not in v["p50_c1_extra_ms"] and v["p50_c1_extra_ms"]["value"] == pytest.approx(0.7)
+    text = peers.render_verdicts({"verdicts": v})
+    assert "median of the rounds' own" in text and "| 0.5, 0.5, 0.357 |" in text
