@@ -42,6 +42,50 @@ NATS_ERROR_KINDS = (
 """(label, BusStats attribute) pairs exported as ``cpn_nats_errors_total{kind=...}``."""
 
 
+class LeadershipState(Collector):
+    """The controller election as seen by this process (``services/leadership.py``, the elector of
+    ``replicated/lease.py``), read at scrape time; nothing on a process that does not campaign
+    (a single hub on SQLite, a gateway). Counters since this process started:
+
+    - ``cpn_leader_early_takeovers_total``: leads taken before the holder's lease ran out, because
+      the holder was silent for ``holder_silent_s`` (died, froze or lost NATS);
+    - ``cpn_leader_rideouts_total``: renewals that landed only after ``holder_silent_s`` (a stream
+      election of the record, a stalled loop): the leader held its commands back, then went on;
+    - ``cpn_leadership_changes_total{change, reason}``: ``acquired`` (``early`` or ``vacant``: no
+      live holder, a released or expired lease) and ``lost`` (``deadline``: no renewal landed by
+      the renew deadline; ``taken``: another process holds it; ``released``/``stopped``: on stop);
+    - ``cpn_leader_renewals_resent_total``: renewals sent again through another NATS server after
+      the first went unanswered and its server did not answer a ping (a paused node).
+    """
+
+    def __init__(self, elector: Callable[[], Any]) -> None:
+        self.elector = elector
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.elector()
+        if e is None:
+            return
+        early = CounterMetricFamily("cpn_leader_early_takeovers",
+                                    "Leads this process took before the holder's lease ran out (the holder was silent)")
+        early.add_metric([], e.early_takeovers)
+        yield early
+        rides = CounterMetricFamily("cpn_leader_rideouts",
+                                    "Renewals that landed only after holder_silent_s: commands held back, then decided again")
+        rides.add_metric([], e.rode_out)
+        yield rides
+        changes = CounterMetricFamily("cpn_leadership_changes", "This process's leadership changes, by change and reason",
+                                      labels=["change", "reason"])
+        changes.add_metric(["acquired", "early"], e.early_takeovers)
+        changes.add_metric(["acquired", "vacant"], e.terms - e.early_takeovers)
+        for reason in ("deadline", "taken", "released", "stopped", "other"):
+            changes.add_metric(["lost", reason], e.losses.get(reason, 0))
+        yield changes
+        resent = CounterMetricFamily("cpn_leader_renewals_resent",
+                                     "Lease renewals sent again through another NATS server (the first one's did not answer)")
+        resent.add_metric([], e.reconnects)
+        yield resent
+
+
 class HubState(Collector):
     """Collects one hub's state at scrape time (see the module docstring), from the parts it is built with.
 
