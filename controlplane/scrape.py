@@ -42,10 +42,18 @@ NATS_ERROR_KINDS = (
 """(label, BusStats attribute) pairs exported as ``cpn_nats_errors_total{kind=...}``."""
 
 
+class _NoElection:
+    early_takeovers = rode_out = terms = reconnects = 0
+    losses: dict[str, int] = {}
+
+
+_NO_ELECTION = _NoElection()
+
+
 class LeadershipState(Collector):
     """The controller election as seen by this process (``services/leadership.py``, the elector of
-    ``replicated/lease.py``), read at scrape time; nothing on a process that does not campaign
-    (a single hub on SQLite, a gateway). Counters since this process started:
+    ``replicated/lease.py``), read at scrape time; on a process that does not campaign
+    (a single hub on SQLite, a gateway) they stay 0. Counters since this process started:
 
     - ``cpn_leader_early_takeovers_total``: leads taken before the holder's lease ran out, because
       the holder was silent for ``holder_silent_s`` (died, froze or lost NATS);
@@ -63,8 +71,8 @@ class LeadershipState(Collector):
 
     def collect(self) -> Iterator[Metric]:
         e = self.elector()
-        if e is None:
-            return
+        if e is None:  # never campaigned (a single hub, a gateway): nothing happened, all 0
+            e = _NO_ELECTION
         early = CounterMetricFamily("cpn_leader_early_takeovers",
                                     "Leads this process took before the holder's lease ran out (the holder was silent)")
         early.add_metric([], e.early_takeovers)
@@ -127,6 +135,10 @@ class HubState(Collector):
                 yield from families
         if self.store.is_open and isinstance(self.store.db, ReplicatedDatabase) and self.store.db.write_hook is not None:
             yield from self._replicated(self.store.db.write_hook)
+        else:  # SQLite alone refuses no write for want of a quorum (the alert's family exists everywhere)
+            quorum = GaugeMetricFamily("cpn_record_quorum", "0 while writes to the replicated record are being refused (no quorum)")
+            quorum.add_metric([], 1)
+            yield quorum
         errors = CounterMetricFamily("cpn_scrape_errors", "Groups of hub-state metrics that could not be read at a scrape")
         errors.add_metric([], self.errors)
         yield errors
