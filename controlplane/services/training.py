@@ -174,6 +174,8 @@ class TrainingService:
         """How long the last tick held the event loop (its reads, plan and bookkeeping; not the
         record's acknowledgements it awaited): it spaces poked ticks."""
         self._poke = asyncio.Event()
+        self.running = False
+        """Started (this process leads, or is a single hub): only then does it decide on site changes."""
         self.tasks = BackgroundTasks("training")
         self._preempting: dict[tuple[str, int], float] = {}
         self._stops_deferred: list[tuple[str, str, int]] | None = None
@@ -215,6 +217,7 @@ class TrainingService:
         """Start the outbox sender (re-sending what a previous run left pending), the tick loop
         and the JetStream event consumer."""
         self.started_at = self.clock.time()
+        self.running = True
         self.outbox = CommandOutbox(
             self.db, self.bus, is_lost=self._site_is_lost, obsolete=self._obsolete,
             on_ack=self._on_ack, on_refused=self._on_refused, clock=self.clock.time,
@@ -227,6 +230,7 @@ class TrainingService:
         self.bus.consume_events(self._on_event)
 
     async def stop(self) -> None:
+        self.running = False
         await self.tasks.close()
         if self.outbox is not None:
             await self.outbox.close()
@@ -1104,10 +1108,13 @@ class TrainingService:
 
     def on_site(self, t: Transition) -> None:
         """Site listener: a lost site's live attempts fail (infrastructure; written awaited, in a
-        task: the loop goes on while the record acknowledges); a site back gets a tick at once
-        (its stale attempts are stopped by the reconciliation)."""
+        task: the loop goes on while the record acknowledges; only while this service runs, i.e.
+        this process decides); a site back gets a tick at once (its stale attempts are stopped by
+        the reconciliation)."""
         try:
-            if t.new == "lost":
+            # Only the deciding process fails a lost site's attempts: a gateway (or a follower) cut
+            # off from a site sees it "lost" too, and its write, unfenced, would fail healthy attempts.
+            if t.new == "lost" and self.running:
                 try:
                     asyncio.get_running_loop()
                 except RuntimeError:  # no loop (a synchronous caller): the blocking way

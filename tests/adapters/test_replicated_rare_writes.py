@@ -25,6 +25,7 @@ import pytest
 
 from controlplane.compose import build
 from controlplane.core import jobspec
+from controlplane.core.registry import Transition
 from controlplane.core.replicas import DeploymentSpec
 from controlplane.replicated import kv
 from controlplane.replicated.lease_rules import LeaseConfig
@@ -227,3 +228,36 @@ async def test_a_refused_start_without_quorum_is_written_awaited_and_the_loop_an
         assert rep.write_fallbacks == fallbacks, rep
     finally:
         await hub.stop()
+
+
+async def test_a_gateway_that_sees_a_site_lost_fails_none_of_its_attempts(tmp_path: Path, cluster: NatsCluster) -> None:
+    """Only the deciding process fails a lost site's attempts. A gateway cut off from a site sees
+    it "lost" too; before, its training service wrote the failure with no fence (a gateway holds
+    none), so a partition between one gateway and a site restarted that site's healthy attempts."""
+    urls = ",".join(cluster.urls)
+    made = []
+    for name, role in (("ctl", "hub"), ("gw", "gateway")):
+        (tmp_path / name).mkdir()
+        made.append(build(hub_config(tmp_path / name, urls, hub_id=name, role=role, record="nats")))
+    ctl, gw = made
+    for p in made:
+        await p.hub.start()
+    try:
+        await until(lambda: ctl.services.leadership.leading, 10, "the hub leads")
+        ctl.hub.create_tenant("acme")
+        job, _ = await ctl.services.training.submit_async("acme", SPEC, None, "h1", time.time())
+        cfg = agent_config(cluster.urls[0], site="sh-edge", data_dir=str(tmp_path / "agent"))
+        async with running(cfg) as agent:
+            await until(lambda: job.id in agent.training.attempts, 20, "the attempt runs at the site")
+            await until(lambda: (store_jobs.get_job(gw.hub.db, job.id) or job).state == "running", 20,
+                        "the gateway's projection has it running")
+            assert not gw.services.leadership.leading and not gw.services.training.running
+            gw.services.training.on_site(Transition(site="sh-edge", old="up", new="lost", at=time.time()))
+            await asyncio.sleep(1.0)  # what a write would take (it is not awaited by on_site)
+            for p in made:
+                row = store_jobs.get_job(p.hub.db, job.id)
+                assert row is not None and row.state == "running" and row.attempt == 1, row
+            assert gw.services.training.counters["site_failures"] == 0
+    finally:
+        for p in made:
+            await p.hub.stop()
