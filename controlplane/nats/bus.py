@@ -849,6 +849,7 @@ class HubBus:
             timeout = ack_timeout_s if awaiting_ack and ack_timeout_s is not None else first_timeout_s
             first = True
             heard = resent = False
+            expected = 0  # the next chunk's index: a site numbers its chunks 0, 1, 2, ...
             while True:
                 msg = await stream.next(max(timeout, 0.001))
                 if msg is None and stream.lost:
@@ -897,6 +898,11 @@ class HubBus:
                     raise SiteRefused(reply.code, reply.message, reply.retryable)
                 if isinstance(reply, wire.InferAccepted):
                     continue  # a repeat: nothing to relay
+                if isinstance(reply, wire.InferChunk):
+                    if reply.index > expected:  # chunks lost on the way (the site's NATS link broke)
+                        raise SiteRefused("stream_broken", f"{site}: chunks {expected}-{reply.index - 1} of the "
+                                          "stream never came (its NATS link broke mid-answer)", False)
+                    expected = max(expected, reply.index + 1)
                 yield reply
                 if isinstance(reply, wire.InferResult):
                     return
