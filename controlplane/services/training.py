@@ -184,6 +184,8 @@ class TrainingService:
         """What the round being committed placed, and whether it has commands to send."""
         self._stop_sent: dict[tuple[str, str, int], float] = {}
         self._cool_until: dict[str, float] = {}
+        self._losing: set[str] = set()
+        """Lost sites whose attempts' failure is being written (:meth:`_site_lost`)."""
         self._missing: dict[tuple[str, int], int] = {}
         """(job, attempt) -> the site's heartbeat count when the hub first saw it missing there"""
         self._ignored: set[tuple[str, str, int]] = set()
@@ -231,6 +233,7 @@ class TrainingService:
 
     async def stop(self) -> None:
         self.running = False
+        self._losing.clear()  # decisions cancelled with the tasks are asked again by the next leader's tick
         await self.tasks.close()
         if self.outbox is not None:
             await self.outbox.close()
@@ -967,7 +970,8 @@ class TrainingService:
                    for e in store_outbox.for_job(self.db, r.id))
 
     def _orphans(self, live: dict[str, store_jobs.JobRow], now: float) -> list[_Decision[list[str]]]:
-        """Live jobs at a site this hub process has never heard from, a grace period after start.
+        """Live jobs at a site this hub process has never heard from, a grace period after start,
+        or at a site it holds lost (a listener's write that failed is decided again).
 
         The registry declares lost only sites it has a view of; a site that died while the hub was
         down never heartbeats again, so without this its jobs would stay ``running`` for ever.
@@ -978,8 +982,12 @@ class TrainingService:
         silent = {r.pool for r in live.values() if r.pool and self.registry.get(r.pool) is None}
         for site in sorted(silent):
             log.warning("event=site_silent_since_start site=%s grace_s=%.1f", site, grace_s)
-        return [self._site_lost(site, now, why=f"site {site} not heard from since the hub started")
-                for site in sorted(silent)]
+        # A lost site whose attempts are still live: its listener's write failed (no quorum until
+        # its deadline) or this process took the lead after the loss. Decided again here.
+        lost = {r.pool for r in live.values() if r.pool and r.pool not in self._losing
+                and (view := self.registry.get(r.pool)) is not None and view.state == "lost"}
+        return ([self._site_lost(site, now, why=f"site {site} not heard from since the hub started")
+                 for site in sorted(silent)] + [self._site_lost(site, now) for site in sorted(lost)])
 
     def _enqueue_stop(self, site: str, job: str, attempt: int, now: float, *, checkpoint: bool, reason: str) -> None:
         """Queue a StopAttempt (inside the caller's transaction): not while one for the same attempt
@@ -1129,6 +1137,7 @@ class TrainingService:
 
     def _site_lost(self, site: str, now: float, why: str = "") -> _Decision[list[str]]:
         why = why or f"site {site} lost"
+        self._losing.add(site)  # its decision is under way: the tick does not ask again meanwhile
 
         def commit(db: Database) -> list[str]:
             failed = []
@@ -1144,6 +1153,7 @@ class TrainingService:
             return failed
 
         def done(failed: list[str]) -> None:
+            self._losing.discard(site)
             self.counters["site_failures"] += len(failed)
             for job in failed:
                 log.warning("event=attempt_lost job=%s site=%s", job, site)
@@ -1151,7 +1161,7 @@ class TrainingService:
                 self._kick()
                 self.poke()
 
-        return _Decision(commit, done)
+        return _Decision(commit, done, lambda: self._losing.discard(site))
 
     def _site_is_lost(self, site: str) -> bool:
         view = self.registry.get(site)

@@ -261,3 +261,4 @@ async def test_a_gateway_that_sees_a_site_lost_fails_none_of_its_attempts(tmp_pa
     finally:
         for p in made:
             await p.hub.stop()
+
