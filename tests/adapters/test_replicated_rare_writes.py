@@ -262,3 +262,53 @@ async def test_a_gateway_that_sees_a_site_lost_fails_none_of_its_attempts(tmp_pa
         for p in made:
             await p.hub.stop()
 
+
+
+async def test_a_vanished_attempt_without_quorum_is_written_awaited_and_the_loop_answers(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A site that leaves a running attempt out of its heartbeats (it restarted without it: here
+    its heartbeats are told to list nothing) while the record has no quorum: the tick's vanished
+    decision waits for the quorum awaited (before: a blocking transaction in the tick, the loop
+    held for as long as the quorum was gone), and lands once it is back."""
+    proc, leader_node, agent_node, _ = await _controller(tmp_path, cluster)
+    hub = proc.hub  # type: ignore[attr-defined]
+    services = proc.services  # type: ignore[attr-defined]
+    await hub.start()
+    try:
+        await until(lambda: services.leadership.leading, 10, "the controller leads")
+        db = hub.db
+        rep = db.write_hook
+        assert isinstance(rep, Replica)
+        hub.create_tenant("acme")
+        job, _ = await services.training.submit_async("acme", SPEC, None, "h1", time.time())
+        ctl_url = next(n.url for n in cluster.nodes if n.name not in (leader_node, agent_node))
+        cfg = agent_config(ctl_url, site="sh-edge", data_dir=str(tmp_path / "agent"))
+        async with running(cfg) as agent:
+            await until(lambda: (store_jobs.get_job(db, job.id) or job).state == "running", 20, "the job running")
+            fallbacks = rep.write_fallbacks
+            await cluster.pause(leader_node)
+            await cluster.pause(agent_node)
+            try:
+                await store_db.barrier(db)
+                with Probes(hub.http_port) as probes:
+                    agent.training.refs = lambda: []  # its heartbeats now leave the attempt out
+                    await until(lambda: rep.in_flight >= 1, 15, "the vanished decision in flight at the record",
+                                last=lambda: (rep, services.training._missing))
+                    since = time.monotonic()
+                    while time.monotonic() - since < 2.0:  # decided, not acknowledged: nothing of it in SQLite
+                        assert rep.in_flight >= 1
+                        assert store_jobs.get_job(db, job.id).state == "running"  # type: ignore[union-attr]
+                        await asyncio.sleep(0.05)
+                    waited = list(probes.times_s)
+                    await cluster.resume(agent_node)
+                    await until(lambda: services.training.counters["vanished"] == 1, 30, "the attempt failed as vanished")
+            finally:
+                for name in (leader_node, agent_node):
+                    if cluster.node(name).paused:
+                        await cluster.resume(name)
+        assert "vanished" in [e.kind for e in store_jobs.events(db, job.id)]
+        assert len(waited) >= 10, waited
+        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the vanished decision waited"
+        assert rep.write_fallbacks == fallbacks, rep
+    finally:
+        await hub.stop()
