@@ -220,8 +220,10 @@ async def test_a_refused_start_without_quorum_is_written_awaited_and_the_loop_an
                 for name in (leader_node, agent_node):
                     if cluster.node(name).paused:
                         await cluster.resume(name)
+        # the refusal landed: its event, and the attempt failed (the job is placed again after it)
+        assert "start_refused" in [e.kind for e in store_jobs.events(db, job.id)]
         row = store_jobs.get_job(db, job.id)
-        assert row is not None and "dispatch to sh-edge failed" in row.reason, row
+        assert row is not None and (row.attempt > placed.attempt or "dispatch to sh-edge failed" in row.reason), row
         assert services.training.counters["dispatch_failures"] == 1
         assert len(waited) >= 10, waited
         assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the refusal's write waited"
