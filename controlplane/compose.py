@@ -161,9 +161,10 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     for part in (tenancy, sites, accounting, history):
         hub.add_service(part)
     # sites, cards, replicas, jobs, deployments, NATS counters: read at scrape time
-    metrics.add_collector(scrape.HubState(config=config, bus=bus, registry=registry, store=store, readiness=readiness,
-                                          inference=inference, clock=clock,
-                                          permission_violations=lambda: hub.permission_violations))
+    hub_state = scrape.HubState(config=config, bus=bus, registry=registry, store=store, readiness=readiness,
+                                inference=inference, clock=clock, permission_violations=lambda: hub.permission_violations,
+                                role=config.role)
+    metrics.add_collector(hub_state)
     # Who decides (services/leadership.py): the deciding services run only while this process leads;
     # the leader's epoch goes on every command the bus sends, its fence on every commit of the record.
     def stamp(epoch: int) -> None:
@@ -186,6 +187,8 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         record_urls=record_connection(config)[0] if config.record == "nats" else (), set_epoch=stamp,
         record_connect=record_connection(config)[1] if config.record == "nats" else None,
         set_fence=fence_commits, listen=listening, on_change=leading_changed)
+    metrics.add_collector(scrape.LeadershipState(lambda: leadership.elector))  # takeovers, ride-outs, changes
+    hub_state.is_leader = lambda: leadership.leading  # cpn_leader: this process, not "always" (a single hub always is)
     tenancy.gateways = lambda: leadership.gateways  # each gateway enforces its share of a tenant's rate
     # Demand counts: a gateway publishes its own, a hub or controller adds what gateways publish.
     share = DemandShare(hub_id=config.hub_id, role=config.role, bus=bus, local=inference.drain_demand, clock=clock,

@@ -42,6 +42,58 @@ NATS_ERROR_KINDS = (
 """(label, BusStats attribute) pairs exported as ``cpn_nats_errors_total{kind=...}``."""
 
 
+class _NoElection:
+    early_takeovers = rode_out = terms = reconnects = 0
+    losses: dict[str, int] = {}
+
+
+_NO_ELECTION = _NoElection()
+
+
+class LeadershipState(Collector):
+    """The controller election as seen by this process (``services/leadership.py``, the elector of
+    ``replicated/lease.py``), read at scrape time; on a process that does not campaign
+    (a single hub on SQLite, a gateway) they stay 0. Counters since this process started:
+
+    - ``cpn_leader_early_takeovers_total``: leads taken before the holder's lease ran out, because
+      the holder was silent for ``holder_silent_s`` (died, froze or lost NATS);
+    - ``cpn_leader_rideouts_total``: renewals that landed only after ``holder_silent_s`` (a stream
+      election of the record, a stalled loop): the leader held its commands back, then went on;
+    - ``cpn_leadership_changes_total{change, reason}``: ``acquired`` (``early`` or ``vacant``: no
+      live holder, a released or expired lease) and ``lost`` (``deadline``: no renewal landed by
+      the renew deadline; ``taken``: another process holds it; ``released``/``stopped``: on stop);
+    - ``cpn_leader_renewals_resent_total``: renewals sent again through another NATS server after
+      the first went unanswered and its server did not answer a ping (a paused node).
+    """
+
+    def __init__(self, elector: Callable[[], Any]) -> None:
+        self.elector = elector
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.elector()
+        if e is None:  # never campaigned (a single hub, a gateway): nothing happened, all 0
+            e = _NO_ELECTION
+        early = CounterMetricFamily("cpn_leader_early_takeovers",
+                                    "Leads this process took before the holder's lease ran out (the holder was silent)")
+        early.add_metric([], e.early_takeovers)
+        yield early
+        rides = CounterMetricFamily("cpn_leader_rideouts",
+                                    "Renewals that landed only after holder_silent_s: commands held back, then decided again")
+        rides.add_metric([], e.rode_out)
+        yield rides
+        changes = CounterMetricFamily("cpn_leadership_changes", "This process's leadership changes, by change and reason",
+                                      labels=["change", "reason"])
+        changes.add_metric(["acquired", "early"], e.early_takeovers)
+        changes.add_metric(["acquired", "vacant"], e.terms - e.early_takeovers)
+        for reason in ("deadline", "taken", "released", "stopped", "other"):
+            changes.add_metric(["lost", reason], e.losses.get(reason, 0))
+        yield changes
+        resent = CounterMetricFamily("cpn_leader_renewals_resent",
+                                     "Lease renewals sent again through another NATS server (the first one's did not answer)")
+        resent.add_metric([], e.reconnects)
+        yield resent
+
+
 class HubState(Collector):
     """Collects one hub's state at scrape time (see the module docstring), from the parts it is built with.
 
@@ -83,6 +135,10 @@ class HubState(Collector):
                 yield from families
         if self.store.is_open and isinstance(self.store.db, ReplicatedDatabase) and self.store.db.write_hook is not None:
             yield from self._replicated(self.store.db.write_hook)
+        else:  # SQLite alone refuses no write for want of a quorum (the alert's family exists everywhere)
+            quorum = GaugeMetricFamily("cpn_record_quorum", "0 while writes to the replicated record are being refused (no quorum)")
+            quorum.add_metric([], 1)
+            yield quorum
         errors = CounterMetricFamily("cpn_scrape_errors", "Groups of hub-state metrics that could not be read at a scrape")
         errors.add_metric([], self.errors)
         yield errors

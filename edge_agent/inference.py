@@ -36,6 +36,9 @@ from edge_agent.logs import log
 
 _Ack = asyncio.TimerHandle
 """A pending acknowledgement (``InferRequest.ack_after_ms``): cancelled when the answer goes first."""
+BROKEN_TELL_S = 10.0
+"""How long a stream cut by the site's NATS link waits for the link to come back to say so to the
+hub (past it the hub has declared the site lost and ended the stream itself)."""
 
 
 class InferenceService:
@@ -177,6 +180,21 @@ class InferenceService:
                 if not tasks:
                     del self._running[request.request_id]
 
+    async def _tell_broken(self, reply: str, request_id: str) -> None:
+        """A stream cut by this site's NATS link (its server died mid-answer; chunks were lost): once
+        connected again, within :data:`BROKEN_TELL_S`, say so to the hub, so the tenant's stream
+        ends now with an error rather than at the hub's idle timeout. The hub relays the error
+        (an older hub too: an error reply mid-stream ends any stream)."""
+        try:
+            async with asyncio.timeout(BROKEN_TELL_S):
+                await self.bus.wait_connected()
+        except TimeoutError:
+            return  # still cut off: the hub declares the site lost and ends the stream itself
+        self.counters["streams_broken_told"] = self.counters.get("streams_broken_told", 0) + 1
+        await self._answer(reply, wire.error_reply(
+            "stream_broken", f"site {self.site} lost its NATS link mid-answer (request {request_id}): "
+            "part of the answer did not arrive", retryable=False))
+
     def _chunk_sender(self, request_id: str, reply: str, ack: _Ack | None) -> Callable[[str], Awaitable[None]]:
         index = 0
 
@@ -250,11 +268,16 @@ class InferenceService:
         except BusError as exc:
             self.counters["reply_failures"] += 1
             log(logging.WARNING, "infer_stream_broken", site=self.site, request_id=request.request_id, error=str(exc))
-            return
+            broken = True
+        else:
+            broken = False
         finally:
             timer.cancel()
             if ack is not None:
                 ack.cancel()
             self._expired.discard(task)  # fired as the answer came: the answer wins
             self.inventory.release_slot(replica)
+        if broken:
+            await self._tell_broken(reply, request.request_id)
+            return
         await self._answer(reply, self._result(request, completion, (self.clock.monotonic() - started) * 1000.0))

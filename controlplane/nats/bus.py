@@ -197,13 +197,22 @@ class _Waiter:
 class _Stream:
     """One streaming request's messages, as they come in on the shared reply subscription."""
 
-    __slots__ = ("queue", "wake", "dropped")
+    __slots__ = ("queue", "wake", "dropped", "site", "lost")
 
-    def __init__(self) -> None:
+    def __init__(self, site: str = "") -> None:
         self.queue: deque[Msg] = deque()
         self.wake: asyncio.Future[None] | None = None
         self.dropped = False
         """Set when the connection the request went out on was dropped (:meth:`next` returns None)."""
+        self.site = site
+        self.lost = False
+        """Set when its site was declared lost (:meth:`HubBus.fail_requests`): it ends now."""
+
+    def lose(self) -> None:
+        self.lost = True
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     def drop(self) -> None:
         self.dropped = True
@@ -224,7 +233,7 @@ class _Stream:
     async def next(self, timeout_s: float) -> Msg | None:
         """The next message, or None when none came within ``timeout_s`` or the connection was
         dropped (:attr:`dropped`)."""
-        if not self.queue and self.dropped:
+        if not self.queue and (self.dropped or self.lost):
             return None
         if not self.queue:
             loop = asyncio.get_running_loop()
@@ -688,6 +697,10 @@ class HubBus:
             if waiter.site == site and not waiter.future.done():
                 waiter.future.set_result(_LOST)  # type: ignore[arg-type]
                 failed += 1
+        for stream in list(self._streams.values()):  # streams too, mid-answer: not at their idle timeout
+            if stream.site == site and not stream.lost:
+                stream.lose()
+                failed += 1
         return failed
 
     def _token(self) -> str:
@@ -815,7 +828,7 @@ class HubBus:
             subject = self._infer_subjects[site] = wire.infer_subject(site)
         # The shared reply subscription, as for answers (no SUB/UNSUB to the server per stream).
         token = self._token()
-        stream = self._streams[token] = self._stream_of[req.request_id] = _Stream()
+        stream = self._streams[token] = self._stream_of[req.request_id] = _Stream(site)
         try:
             data = wire.encode(req)
 
@@ -836,8 +849,12 @@ class HubBus:
             timeout = ack_timeout_s if awaiting_ack and ack_timeout_s is not None else first_timeout_s
             first = True
             heard = resent = False
+            expected = 0  # the next chunk's index: a site numbers its chunks 0, 1, 2, ...
             while True:
                 msg = await stream.next(max(timeout, 0.001))
+                if msg is None and stream.lost:
+                    raise SiteUnreachable(f"{site}: declared lost (silent for the detection period)"
+                                          + ("" if first else " mid-answer"))
                 if msg is None and not heard:
                     # Nothing yet: if the connection it went out on was dropped, or is stuck (a
                     # frozen server: no PONG either), the request goes once more on the next one.
@@ -881,6 +898,11 @@ class HubBus:
                     raise SiteRefused(reply.code, reply.message, reply.retryable)
                 if isinstance(reply, wire.InferAccepted):
                     continue  # a repeat: nothing to relay
+                if isinstance(reply, wire.InferChunk):
+                    if reply.index > expected:  # chunks lost on the way (the site's NATS link broke)
+                        raise SiteRefused("stream_broken", f"{site}: chunks {expected}-{reply.index - 1} of the "
+                                          "stream never came (its NATS link broke mid-answer)", False)
+                    expected = max(expected, reply.index + 1)
                 yield reply
                 if isinstance(reply, wire.InferResult):
                     return

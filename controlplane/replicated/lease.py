@@ -39,6 +39,10 @@ _log = logging.getLogger("cpn.replicated.lease")
 
 LEASE_PREFIX = "sys.lease."
 
+LOSS_REASONS = {"renew deadline passed": "deadline", "lease taken": "taken", "released": "released",
+                "stopping": "stopped"}
+"""Why a term ended, as the bounded label ``LeaderElector.losses`` counts it by."""
+
 Callback = Callable[..., Awaitable[None] | None]
 
 
@@ -81,6 +85,11 @@ class LeaderElector:
         self.probes_unanswered = 0
         self.early_takeovers = 0
         """Acquisitions of a lease whose holder was silent (Rule 5), before a full lease ran out."""
+        self.rode_out = 0
+        """Renewals that landed after ``holder_silent_s`` without one (a stream election, a stall):
+        the leader held its commands back meanwhile, kept its lease and epoch, and went on."""
+        self.losses: dict[str, int] = {}
+        """Terms that ended, by reason (``deadline``, ``taken``, ``released``, ``stopped``)."""
 
     def __repr__(self) -> str:
         state = "candidate"
@@ -278,6 +287,7 @@ class LeaderElector:
                 continue
             acked_at = self.clock()
             if not rules.may_decide(held, acked_at, config):  # a stream election, a stall: ridden out
+                self.rode_out += 1
                 _log.warning("lease_rode_out name=%s epoch=%d without_renewal_s=%.2f (its commands were held back)",
                              self.name, held.epoch, acked_at - held.renewed_at)
             self._held = rules.renewed(held, revision, sent_at)
@@ -321,6 +331,8 @@ class LeaderElector:
         held, self._held = self._held, None
         if held is None:
             return
+        label = LOSS_REASONS.get(reason, "other")
+        self.losses[label] = self.losses.get(label, 0) + 1
         _log.warning("lease_lost name=%s identity=%s epoch=%d reason=%s", self.name, self.identity, held.epoch, reason)
         await self._call(self.on_stopped_leading, reason)
 

@@ -71,7 +71,7 @@ from controlplane.services.outbox import LOAD, MODEL_KINDS, UNLOAD, CommandOutbo
 from controlplane.store import deployments as store
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.store.db import transaction
+from controlplane.store.db import Database, transaction, write
 from controlplane.store.outbox import OutboxRow
 from edge_agent import wire
 
@@ -84,6 +84,12 @@ log = logging.getLogger("cpn.deployments")
 
 _KIND = {LOAD: decide.LOAD, UNLOAD: decide.UNLOAD}
 """Outbox kind (wire tag) -> the core's command kind."""
+
+
+def plan_changes(plan: decide.Plan) -> bool:
+    """Whether a reconcile plan has anything to write (the usual pass has not: the registry's
+    version moves with every heartbeat)."""
+    return bool(plan.replicas or plan.deployments or plan.loads or plan.unloads)
 
 
 def spec_hash(spec: core.DeploymentSpec) -> str:
@@ -215,15 +221,20 @@ class DeploymentService:
         writes it: a gateway cut off from the others sees every site beyond the cut "lost", and its
         write, retried until the link heals, would mark healthy replicas lost."""
         if t.new == "lost" and self.db is not None and self.deciding:
-            affected = store.mark_site_lost(self.db, t.site, now=t.at)
-            if affected:
-                log.warning("event=replicas_lost site=%s deployments=%s", t.site, ",".join(affected))
+            self.tasks.spawn(self._site_lost(t.site, t.at), name=f"site-lost-{t.site}")
+        self.poke()
+
+    async def _site_lost(self, site: str, now: float) -> None:
+        """Its replicas marked lost, written awaited (the loop goes on while the record answers)."""
+        affected = await write(self.db, lambda db: store.mark_site_lost(db, site, now=now))
+        if affected:
+            log.warning("event=replicas_lost site=%s deployments=%s", site, ",".join(affected))
         self.poke()
 
     async def _loop(self) -> None:
         while True:
             try:
-                self.reconcile(self.clock.time())
+                await self.reconcile_async(self.clock.time())
             except Exception:
                 self.counters["errors"] += 1
                 log.exception("event=reconcile_failed")
@@ -430,24 +441,67 @@ class DeploymentService:
     # ------------------------------------------------------------------ decide, then do
 
     def reconcile(self, now: float) -> None:
-        """One decide-then-do pass (the loop calls it; tests may too)."""
+        """One decide-then-do pass, its changes committed the blocking way (tests; the loop
+        awaits :meth:`reconcile_async`)."""
+        if self._due(now):
+            self._decide(now)
+
+    async def reconcile_async(self, now: float) -> None:
+        """One decide-then-do pass whose changes are written awaited (``store.db.write``, fenced):
+        on the replicated record the loop goes on while they wait for a quorum, through a stream
+        election too. The plan is written only if what it was decided from (deployments and
+        replicas, ``store.marks``) is unchanged when the write runs; else nothing is written and
+        the next pass decides again."""
+        if not self._due(now):
+            return
+        plan, seen = self._plan(now, None)
+        if not plan_changes(plan):
+            self._planned(plan, now, None)
+            return
+
+        def commit(db: Database) -> bool:
+            if store.marks(db) != seen:
+                return False
+            self._persist(db, plan, now)
+            return True
+
+        if not await write(self.db, commit):
+            self.counters["plans_outdated"] += 1
+            log.info("event=deployment_plan_outdated (the deployments changed while it waited; decided again)")
+            self.poke()
+            return
+        self._planned(plan, now, None)
+
+    def _due(self, now: float) -> bool:
         sig = (self.registry.version, self._epoch)
         scale_due = self._demand is not None and now >= self._next_scale
         if sig == self._last_sig and not self._active_work and now - self._last_full < self.full_replan_s \
                 and not scale_due:
-            return
+            return False
         self._last_sig = sig
         self._last_full = now
         self.counters["ticks"] += 1
-        self._decide(now)
+        return True
 
     def _decide(self, now: float, only: str | None = None) -> None:
+        plan, _ = self._plan(now, only)
+        if plan_changes(plan):
+            with transaction(self.db):
+                self._persist(self.db, plan, now)
+        self._planned(plan, now, only)
+
+    def _plan(self, now: float, only: str | None) -> tuple[decide.Plan, tuple[tuple[Any, ...], ...]]:
+        """A pass's plan, and the marks of what it read (one synchronous step: no await between)."""
+        seen = store.marks(self.db)
         snap = self._snapshot(now, only)
         if only is None and self._demand is not None and now >= self._next_scale:
             self._next_scale = now + self.autoscale_interval_s
             snap = dataclasses.replace(snap, scaling=self._autoscale(now, snap))
-        plan = decide.reconcile(snap, now)
-        self._carry_out(plan, now)
+        return decide.reconcile(snap, now), seen
+
+    def _planned(self, plan: decide.Plan, now: float, only: str | None) -> None:
+        """After a plan is written (or had nothing to write): its logs and counters, the sender kicked."""
+        self._carried_out(plan)
         self.memory = plan.memory
         if only is None:
             self._active_work = plan.active_work
@@ -546,27 +600,27 @@ class DeploymentService:
                     out.add(dep_id)
         return frozenset(out)
 
-    def _carry_out(self, plan: decide.Plan, now: float) -> None:
-        """Persist the plan's state changes and its commands in one transaction, then kick the sender."""
-        db = self.db
+    def _persist(self, db: Database, plan: decide.Plan, now: float) -> None:
+        """The plan's state changes and its commands, in the caller's transaction (a pass that
+        changes nothing, the usual one, opens none: ``plan_changes``)."""
         assert self.outbox is not None
-        # A pass that changes nothing (the usual one: the registry's version moves with every
-        # heartbeat) opens no transaction: on the record, no read barrier holding the loop.
-        if plan.replicas or plan.deployments or plan.loads or plan.unloads:
-            with transaction(db):
-                for c in plan.replicas:
-                    if c.event is ReplicaEvent.PLACE:
-                        store.upsert_replicas(db, c.deployment, [(c.site, c.accelerator, c.cards)], now=now,
-                                              scaled_at=now if c.reason.startswith("scale out:") else None)
-                    else:
-                        store.set_replica_state(db, c.deployment, c.site, c.new.value, now=now,
-                                                expect=None if c.old is None else c.old.value)
-                for d in plan.deployments:
-                    store.set_state(db, d.deployment, d.new, report=d.report, now=now)
-                for load in plan.loads:
-                    self.outbox.add(load.site, load.command, now)
-                for unload in plan.unloads:
-                    self.outbox.add(unload.site, unload.command, now)
+        for c in plan.replicas:
+            if c.event is ReplicaEvent.PLACE:
+                store.upsert_replicas(db, c.deployment, [(c.site, c.accelerator, c.cards)], now=now,
+                                      scaled_at=now if c.reason.startswith("scale out:") else None)
+            else:
+                store.set_replica_state(db, c.deployment, c.site, c.new.value, now=now,
+                                        expect=None if c.old is None else c.old.value)
+        for d in plan.deployments:
+            store.set_state(db, d.deployment, d.new, report=d.report, now=now)
+        for load in plan.loads:
+            self.outbox.add(load.site, load.command, now)
+        for unload in plan.unloads:
+            self.outbox.add(unload.site, unload.command, now)
+
+    def _carried_out(self, plan: decide.Plan) -> None:
+        """A persisted plan's counters and logs; the sender kicked."""
+        assert self.outbox is not None
         self.counters["plans"] += len(plan.planned)
         self.counters["loads_queued"] += len(plan.loads)
         self.counters["unloads_queued"] += len(plan.unloads)
@@ -627,16 +681,15 @@ class DeploymentService:
             return f"replica at {entry.site} is {rep.state if rep else 'gone'}"
         return None
 
-    def _on_ack(self, entry: OutboxRow, cmd: Any, ack: wire.Ack, now: float) -> None:
+    async def _on_ack(self, entry: OutboxRow, cmd: Any, ack: wire.Ack, now: float) -> None:
         if isinstance(cmd, wire.UnloadModel):
             self.counters["unloads_sent"] += 1
             return
         if not isinstance(cmd, wire.LoadModel):
             return
         self.counters["loads_sent"] += 1
-        with transaction(self.db):
-            new = self._move(cmd.deployment, entry.site, ReplicaEvent.ACCEPTED, now,
-                             only_from=frozenset({ReplicaState.PLACED}))
+        new = await write(self.db, lambda db: self._move(cmd.deployment, entry.site, ReplicaEvent.ACCEPTED, now,
+                                                         only_from=frozenset({ReplicaState.PLACED})))
         view = self.registry.get(entry.site)
         if new is not None and view is not None:
             seen = dict(self.memory.seen_hb)
@@ -644,7 +697,9 @@ class DeploymentService:
             self.memory = msgspec.structs.replace(self.memory, seen_hb=seen)
         self.poke()
 
-    def _on_refused(self, entry: OutboxRow, cmd: Any, why: str, now: float) -> None:
+    async def _on_refused(self, entry: OutboxRow, cmd: Any, why: str, now: float) -> None:
+        """A load or unload refused (or given up); a load's replica moves by the table, written
+        awaited (its sender waits for the quorum, the loop does not)."""
         kind = "load" if isinstance(cmd, wire.LoadModel) else "unload"
         self.counters[f"{kind}s_refused"] += 1
         log.warning("event=%s_refused deployment=%s site=%s error=%s", kind, getattr(cmd, "deployment", ""),
@@ -652,12 +707,15 @@ class DeploymentService:
         if not isinstance(cmd, wire.LoadModel):
             return
         code = why.split(":", 1)[0].strip()
-        with transaction(self.db):
-            rep = next((r for r in store.replicas_of(self.db, cmd.deployment) if r.site == entry.site), None)
+
+        def commit(db: Database) -> ReplicaState | None:
+            rep = next((r for r in store.replicas_of(db, cmd.deployment) if r.site == entry.site), None)
             event = decide.after_refusal(ReplicaState(rep.state), code) if rep is not None else None
-            if event is None or self._move(cmd.deployment, entry.site, event, now) is None:
-                self.poke()
-                return
+            return None if event is None else self._move(cmd.deployment, entry.site, event, now)
+
+        if await write(self.db, commit) is None:
+            self.poke()
+            return
         cooldown = dict(self.memory.cooldown)
         cooldown[(cmd.deployment, entry.site)] = now + self.settings.refused_cooldown_s
         self.memory = msgspec.structs.replace(self.memory, cooldown=cooldown)

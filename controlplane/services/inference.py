@@ -71,7 +71,7 @@ class Served:
 
 PUBLIC_CODES = frozenset({
     "bad_message", "unknown_model", "busy", "backend", "backend_unavailable", "backend_error", "timeout",
-    "cancelled", "shutting_down", "internal", "draining", "no_capacity",
+    "cancelled", "shutting_down", "internal", "draining", "no_capacity", "stream_broken",
 })
 """``ErrorReply`` codes a tenant may see as they are; any other code reads ``error``."""
 

@@ -38,7 +38,7 @@ from typing import Any
 import msgspec
 
 from controlplane.core.errors import BusUnavailable, SiteRefused, SiteUnreachable
-from controlplane.runtime import cancel_and_wait
+from controlplane.runtime import BackgroundTasks, cancel_and_wait
 from controlplane.store import outbox as store_outbox
 from controlplane.store.outbox import OutboxRow
 from edge_agent import wire
@@ -57,7 +57,9 @@ MODEL_KINDS = frozenset({LOAD, UNLOAD})
 Obsolete = Callable[[OutboxRow, Any, float], "str | None"]
 OnAck = Callable[[OutboxRow, Any, wire.Ack, float], object]
 """May return an awaitable: the entry's sender awaits it (Rule 5)."""
-OnRefused = Callable[[OutboxRow, Any, str, float], None]
+OnRefused = Callable[[OutboxRow, Any, str, float], object]
+"""May return an awaitable too: a refusal's sender awaits it; an entry given up in the schedule's
+pass has it awaited in a task of the sender's group."""
 
 
 def kind_of(cmd: Any) -> str:
@@ -113,6 +115,7 @@ class CommandOutbox:
         self._wake = asyncio.Event()
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
+        self._reports = BackgroundTasks("outbox")
 
     def __repr__(self) -> str:
         c = self.counters
@@ -268,7 +271,7 @@ class CommandOutbox:
                 self.counters["refused"] += 1
                 log.warning("event=outbox_refused id=%d site=%s kind=%s job=%s attempt=%d code=%s error=%s",
                             row.id, row.site, row.kind, row.job_id, row.attempt, exc.code, exc.message)
-                self._report(self.on_refused, row, cmd, f"{exc.code}: {exc.message}", now)
+                await self._report_awaited(self.on_refused, row, cmd, f"{exc.code}: {exc.message}", now)
             return True
         except asyncio.CancelledError:
             raise
@@ -307,14 +310,23 @@ class CommandOutbox:
         except Exception:
             log.exception("event=outbox_callback_failed")
 
-    @staticmethod
-    def _report(callback: Callable[..., None], *args: Any) -> None:
+    def _report(self, callback: Callable[..., object], *args: Any) -> None:
+        """Tell the owner without waiting: an awaitable it returns (a write to the replicated
+        record) is awaited in a task of the senders' group (or of the outbox, outside :meth:`run`)."""
         try:
-            callback(*args)
+            result = callback(*args)
         except Exception:
             log.exception("event=outbox_callback_failed")
+            return
+        if inspect.isawaitable(result):
+            awaited = self._report_awaited(lambda: result)
+            if self._group is not None:
+                self._group.create_task(awaited, name="outbox-report")
+            else:
+                self._reports.spawn(awaited, name="report")
 
     async def close(self) -> None:
         """Cancel the per-site senders (their entries stay pending for the next start)."""
         await cancel_and_wait(list(self._workers.values()))
         self._workers.clear()
+        await self._reports.close()

@@ -43,6 +43,7 @@ cancels): those write only what is still as they read it, or run again on what c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 import logging
@@ -50,7 +51,7 @@ import math
 import secrets
 import zlib
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 
@@ -101,8 +102,26 @@ REFUSED_OTHER_COOL_S = 30.0
 ORPHAN_GRACE_S = 5.0
 """After a hub start, a live job's site must be heard from within max(this, 2 × detection)."""
 HUB_SITE = store_jobs.HUB_EVENT_SITE
-_Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]]]
-"""A tick's read and plan: the jobs read, the plan, and the commits that carry it out."""
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decision(Generic[T]):
+    """A decision on a rare path (a refused start, a lost site, vanished attempts, reclaimed lent
+    cards): ``commit`` writes it with the commands it must send (it may run more than once and
+    re-reads what it decides on: on the record it runs after an awaited read barrier, possibly
+    again after a batch it overlapped); ``done`` gets its result once it is on a quorum (logs,
+    counters, kicks); ``failed`` undoes what was marked at decision time if the write failed."""
+
+    commit: Callable[[Database], T]
+    done: Callable[[T], None]
+    failed: Callable[[], None] = lambda: None
+
+
+_Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]],
+               "_Decision[list[str]] | None"]
+"""A tick's read and plan: the jobs read, the plan, the commits that carry it out, and the
+reclaim of lent cards due (tidal lending's stops, written before the plan's commits)."""
 POKE_SPACING = 4.0
 """A poked tick waits at least this many times as long as the last tick held the loop (see
 ``HubConfig.scheduler_poke_gap_s``)."""
@@ -155,6 +174,8 @@ class TrainingService:
         """How long the last tick held the event loop (its reads, plan and bookkeeping; not the
         record's acknowledgements it awaited): it spaces poked ticks."""
         self._poke = asyncio.Event()
+        self.running = False
+        """Started (this process leads, or is a single hub): only then does it decide on site changes."""
         self.tasks = BackgroundTasks("training")
         self._preempting: dict[tuple[str, int], float] = {}
         self._stops_deferred: list[tuple[str, str, int]] | None = None
@@ -163,6 +184,8 @@ class TrainingService:
         """What the round being committed placed, and whether it has commands to send."""
         self._stop_sent: dict[tuple[str, str, int], float] = {}
         self._cool_until: dict[str, float] = {}
+        self._losing: set[str] = set()
+        """Lost sites whose attempts' failure is being written (:meth:`_site_lost`)."""
         self._missing: dict[tuple[str, int], int] = {}
         """(job, attempt) -> the site's heartbeat count when the hub first saw it missing there"""
         self._ignored: set[tuple[str, str, int]] = set()
@@ -196,6 +219,7 @@ class TrainingService:
         """Start the outbox sender (re-sending what a previous run left pending), the tick loop
         and the JetStream event consumer."""
         self.started_at = self.clock.time()
+        self.running = True
         self.outbox = CommandOutbox(
             self.db, self.bus, is_lost=self._site_is_lost, obsolete=self._obsolete,
             on_ack=self._on_ack, on_refused=self._on_refused, clock=self.clock.time,
@@ -208,6 +232,8 @@ class TrainingService:
         self.bus.consume_events(self._on_event)
 
     async def stop(self) -> None:
+        self.running = False
+        self._losing.clear()  # decisions cancelled with the tasks are asked again by the next leader's tick
         await self.tasks.close()
         if self.outbox is not None:
             await self.outbox.close()
@@ -249,6 +275,41 @@ class TrainingService:
     def _kick(self) -> None:
         if self.outbox is not None:
             self.outbox.kick()
+
+    def _decide_now(self, d: _Decision[T]) -> T:
+        """Carry out ``d`` in one blocking transaction (the synchronous :meth:`tick`, tests)."""
+        outer, self._stops_deferred = self._stops_deferred, None  # stops are remembered as written
+        try:
+            with transaction(self.db):
+                result = d.commit(self.db)
+        except BaseException:
+            d.failed()
+            raise
+        finally:
+            self._stops_deferred = outer
+        d.done(result)
+        return result
+
+    async def _decide_awaited(self, d: _Decision[T], now: float) -> T:
+        """Carry out ``d`` as one awaited, fenced write (``store.db.write``): on the replicated
+        record the loop goes on while the batch, with the outbox rows it must send, waits for a
+        quorum (through a stream election too); nothing is sent before it is acknowledged."""
+        def commit(db: Database) -> tuple[T, list[tuple[str, str, int]]]:
+            outer, self._stops_deferred = self._stops_deferred, []
+            try:
+                return d.commit(db), self._stops_deferred
+            finally:
+                self._stops_deferred = outer
+
+        try:
+            result, stops = await write(self.db, commit)
+        except BaseException:
+            d.failed()
+            raise
+        for key in stops:
+            self._stop_sent[key] = now
+        d.done(result)
+        return result
 
     # ------------------------------------------------------------------ API side
 
@@ -393,13 +454,17 @@ class TrainingService:
     def tick(self, now: float) -> scheduler.Plan | None:
         """One scheduling round (synchronous: read, plan, write, in one go). Returns the plan."""
         started = self.clock.monotonic()
-        rows, plan, commits = self._tick_plan(now)
+        rows, plan, commits, reclaim = self._tick_plan(now)
+        if reclaim is not None:
+            self._decide_now(reclaim)
         for commit in commits:
             with transaction(self.db):
                 commit(self.db)
         if commits:
             self._carried_out(plan, rows)
-        self._tick_end(rows, now, started)
+        for d in self._tick_end(rows, now):
+            self._decide_now(d)
+        self._tick_ended(rows, now, started)
         return plan
 
     async def tick_async(self, now: float) -> scheduler.Plan | None:
@@ -422,7 +487,9 @@ class TrainingService:
                 break
             busy_s += self.clock.monotonic() - resumed
             await asyncio.sleep(0)
-        rows, plan, commits = read
+        rows, plan, commits, reclaim = read
+        if reclaim is not None:
+            await self._decide_awaited(reclaim, now)
         for commit in commits:
             await write(self.db, commit)
             self._kick()
@@ -430,7 +497,11 @@ class TrainingService:
         if commits:
             self._carried_out(plan, rows)
             rows = store_jobs.jobs_in_states(self.db, LIVE_STATES)  # what the rest of the round reads
-        self._tick_end(rows, now, started)
+        for d in self._tick_end(rows, now):  # vanished attempts, orphaned sites: awaited too
+            busy_s += self.clock.monotonic() - resumed
+            await self._decide_awaited(d, now)
+            resumed = self.clock.monotonic()
+        self._tick_ended(rows, now, started)
         self.last_tick_busy_s = busy_s + self.clock.monotonic() - resumed
         return plan
 
@@ -458,7 +529,7 @@ class TrainingService:
                             if k[0] in live and live[k[0]].attempt == k[1]}
         plan = None
         commits: list[Callable[[Database], None]] = []
-        lent = self._lend(live, now, bool(len(queue))) if self.config.lending.enabled else None
+        lent, reclaim = self._lend(live, now, bool(len(queue))) if self.config.lending.enabled else (None, None)
         waiting: list[store_jobs.JobRow] = []
         for n, r in enumerate(queue, 1):
             waiting.append(r)
@@ -488,13 +559,18 @@ class TrainingService:
             if lent is not None:
                 lent_plan, ids = lent
                 commits.append(lambda db: self._say_lent(plan, lent_plan, ids, now))
-        return rows, plan, commits
+        return rows, plan, commits, reclaim
 
-    def _tick_end(self, rows: list[store_jobs.JobRow], now: float, started: float) -> None:
+    def _tick_end(self, rows: list[store_jobs.JobRow], now: float) -> list[_Decision[list[str]]]:
+        """The rest of a round: stale attempts stopped (the outbox alone, local), and the decisions
+        to write (vanished attempts, sites silent since the start), for the caller to carry out."""
         live = {r.id: r for r in rows if r.state in LIVE_STATES}
         self._reconcile(live, now)
-        self._vanished(live, now)
-        self._orphans(live, now)
+        vanished = self._vanished(live, now)
+        return ([vanished] if vanished is not None else []) + self._orphans(live, now)
+
+    def _tick_ended(self, rows: list[store_jobs.JobRow], now: float, started: float) -> None:
+        live = {r.id: r for r in rows if r.state in LIVE_STATES}
         for listener in self.tick_listeners:
             try:
                 listener(live, now)
@@ -505,12 +581,13 @@ class TrainingService:
 
     # ------------------------------------------------------------------ tidal lending
 
-    def _lend(self, live: dict[str, store_jobs.JobRow], now: float,
-              waiting: bool) -> tuple[lending.LendPlan, set[str]] | None:
-        """Tidal lending's decision at ``now`` (``lending.decide``, pure): lent attempts due are told to
-        checkpoint and stop (persisted with their StopAttempt in one transaction, fenced by attempt);
-        returns the plan (its offers cap the lent pools) and the lending sites; None when no job
-        waits and none runs on lent cards."""
+    def _lend(self, live: dict[str, store_jobs.JobRow], now: float, waiting: bool
+              ) -> tuple[tuple[lending.LendPlan, set[str]] | None, _Decision[list[str]] | None]:
+        """Tidal lending's decision at ``now`` (``lending.decide``, pure): returns the plan (its
+        offers cap the lent pools) and the lending sites, None when no job waits and none runs on
+        lent cards; and the reclaim of the lent attempts due, if any (each told to checkpoint and
+        stop: its StopAttempt and its event in one write, fenced by attempt; marked stopping at
+        once, so this round's plan counts them so, and unmarked if the write fails)."""
         cfg = self.config.lending
         layout = self.layout
         tiers = set(cfg.tiers)
@@ -522,7 +599,7 @@ class TrainingService:
             except KeyError:
                 continue
         if not waiting and not any(r.pool in lending_sites for r in live.values()):
-            return None  # nothing to offer to, nothing to reclaim
+            return None, None  # nothing to offer to, nothing to reclaim
         holdings = []
         held = store_deployments.allocated_cards_by_site(self.db)
         for view in self.registry:
@@ -544,26 +621,40 @@ class TrainingService:
         plan = lending.decide(now, holdings, running, rules)
         due = [st for st in plan.stops if st.at <= now and st.job_id in live
                and (st.job_id, st.attempt) not in self._preempting]  # each stop is sent once
-        if due:
-            db = self.db
-            assert self.outbox is not None
-            with transaction(db):
-                for st in due:
-                    row = live[st.job_id]
-                    if row.attempt != st.attempt:
-                        continue
-                    why = f"reclaimed for inference: {st.reason}"
-                    for e in lifecycle.preempt(row.record(), why):
-                        if isinstance(e, lifecycle.Stop):
-                            self._enqueue_stop(e.pool, e.job_id, e.attempt, now, checkpoint=True, reason=why)
-                    store_jobs.record_hub_event(db, row.id, row.attempt, "reclaimed",
-                                                {"site": row.pool, "reason": why}, now)
-                    self._preempting[(row.id, row.attempt)] = now
-                    self.counters["reclaimed"] = self.counters.get("reclaimed", 0) + 1
+        if not due:
+            return (plan, ids), None
+        assert self.outbox is not None
+        why_of = {(st.job_id, st.attempt): f"reclaimed for inference: {st.reason}" for st in due}
+        for key in why_of:
+            self._preempting[key] = now
+
+        def commit(db: Database) -> list[str]:
+            reclaimed = []
+            for (job_id, attempt), why in why_of.items():
+                row = store_jobs.get_job(db, job_id)  # as it is now, not as the round read it
+                if row is None or row.attempt != attempt or row.state not in LIVE_STATES:
+                    continue
+                for e in lifecycle.preempt(row.record(), why):
+                    if isinstance(e, lifecycle.Stop):
+                        self._enqueue_stop(e.pool, e.job_id, e.attempt, now, checkpoint=True, reason=why)
+                store_jobs.record_hub_event(db, row.id, row.attempt, "reclaimed", {"site": row.pool, "reason": why}, now)
+                reclaimed.append(job_id)
+            return reclaimed
+
+        def done(reclaimed: list[str]) -> None:
+            self.counters["reclaimed"] = self.counters.get("reclaimed", 0) + len(reclaimed)
             for st in due:
-                log.info("event=lent_attempt_reclaimed job=%s attempt=%d reason=%r", st.job_id, st.attempt, st.reason)
+                if st.job_id in reclaimed:
+                    log.info("event=lent_attempt_reclaimed job=%s attempt=%d reason=%r", st.job_id, st.attempt,
+                             st.reason)
             self._kick()
-        return plan, ids
+
+        def failed() -> None:  # asked again at the next round
+            for key in why_of:
+                if self._preempting.get(key) == now:
+                    del self._preempting[key]
+
+        return (plan, ids), _Decision(commit, done, failed)
 
     def _say_lent(self, plan: scheduler.Plan, lent: lending.LendPlan, ids: set[str], now: float) -> None:
         """A start on lent cards says so in the job's events: where, and until when."""
@@ -806,7 +897,7 @@ class TrainingService:
             log.warning("event=stale_attempt_running site=%s job=%s attempt=%d reason=%s", site, job, attempt, reason)
         self._kick()
 
-    def _vanished(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
+    def _vanished(self, live: dict[str, store_jobs.JobRow], now: float) -> _Decision[list[str]] | None:
         """Fail, as ``vanished``, every started attempt (acknowledged by its site: ``starting``,
         ``running``, or ``placed`` with its start sent) its up site has left out of
         ``vanished_heartbeats`` heartbeats in a row (a site that restarted without it: without this
@@ -840,27 +931,37 @@ class TrainingService:
                 gone.append((r, view.heartbeats - first))
         self._missing = {k: v for k, v in self._missing.items() if k in current}
         if not gone:
-            return
-        db = self.db
-        failed = []
-        with transaction(db):
+            return None
+
+        def commit(db: Database) -> list[str]:
+            failed = []
             for r, beats in gone:
+                row = store_jobs.get_job(db, r.id)  # as it is now: an exit may have come meanwhile
+                if row is None or row.attempt != r.attempt or row.state not in started:
+                    continue
                 why = f"vanished: {r.pool} left attempt {r.attempt} out of its last {beats} heartbeats"
-                out = lifecycle.infra_failure(r.record(), now, why, attempt=r.attempt)
+                out = lifecycle.infra_failure(row.record(), now, why, attempt=r.attempt)
                 if not out.applied:
                     continue
                 store_jobs.save_record(db, out.record)
-                self._effects(r, out.effects, now, exit_reason="vanished", detail=why)
+                self._effects(row, out.effects, now, exit_reason="vanished", detail=why)
                 store_jobs.record_hub_event(db, r.id, r.attempt, "vanished", {"site": r.pool, "reason": why}, now)
-                failed.append(r)
-        for r in failed:
-            self._missing.pop((r.id, r.attempt), None)
-            self.counters["vanished"] += 1
-            self.metrics.attempts_vanished.inc()
-            log.warning("event=attempt_vanished job=%s attempt=%d site=%s", r.id, r.attempt, r.pool)
-        if failed:
-            self._kick()
-            self.poke()
+                failed.append(r.id)
+            return failed
+
+        def done(failed: list[str]) -> None:
+            for r, _ in gone:
+                if r.id not in failed:
+                    continue
+                self._missing.pop((r.id, r.attempt), None)
+                self.counters["vanished"] += 1
+                self.metrics.attempts_vanished.inc()
+                log.warning("event=attempt_vanished job=%s attempt=%d site=%s", r.id, r.attempt, r.pool)
+            if failed:
+                self._kick()
+                self.poke()
+
+        return _Decision(commit, done)
 
     def _start_delivered(self, r: store_jobs.JobRow) -> bool:
         """The attempt's StartAttempt was acknowledged (sent) though the job is still ``placed``: the
@@ -868,19 +969,25 @@ class TrainingService:
         return any(e.kind == START and e.attempt == r.attempt and e.state == "sent"
                    for e in store_outbox.for_job(self.db, r.id))
 
-    def _orphans(self, live: dict[str, store_jobs.JobRow], now: float) -> None:
-        """Live jobs at a site this hub process has never heard from, a grace period after start.
+    def _orphans(self, live: dict[str, store_jobs.JobRow], now: float) -> list[_Decision[list[str]]]:
+        """Live jobs at a site this hub process has never heard from, a grace period after start,
+        or at a site it holds lost (a listener's write that failed is decided again).
 
         The registry declares lost only sites it has a view of; a site that died while the hub was
         down never heartbeats again, so without this its jobs would stay ``running`` for ever.
         """
         grace_s = max(2.0 * self.registry.detection_s, ORPHAN_GRACE_S)
         if now - self.started_at < grace_s:
-            return
+            return []
         silent = {r.pool for r in live.values() if r.pool and self.registry.get(r.pool) is None}
         for site in sorted(silent):
             log.warning("event=site_silent_since_start site=%s grace_s=%.1f", site, grace_s)
-            self._site_lost(site, now, why=f"site {site} not heard from since the hub started")
+        # A lost site whose attempts are still live: its listener's write failed (no quorum until
+        # its deadline) or this process took the lead after the loss. Decided again here.
+        lost = {r.pool for r in live.values() if r.pool and r.pool not in self._losing
+                and (view := self.registry.get(r.pool)) is not None and view.state == "lost"}
+        return ([self._site_lost(site, now, why=f"site {site} not heard from since the hub started")
+                 for site in sorted(silent)] + [self._site_lost(site, now) for site in sorted(lost)])
 
     def _enqueue_stop(self, site: str, job: str, attempt: int, now: float, *, checkpoint: bool, reason: str) -> None:
         """Queue a StopAttempt (inside the caller's transaction): not while one for the same attempt
@@ -1008,21 +1115,32 @@ class TrainingService:
     # ------------------------------------------------------------------ sites
 
     def on_site(self, t: Transition) -> None:
-        """Site listener: a lost site's live attempts fail (infrastructure); a site back gets a
-        tick at once (its stale attempts are stopped by the reconciliation)."""
+        """Site listener: a lost site's live attempts fail (infrastructure; written awaited, in a
+        task: the loop goes on while the record acknowledges; only while this service runs, i.e.
+        this process decides); a site back gets a tick at once (its stale attempts are stopped by
+        the reconciliation)."""
         try:
-            if t.new == "lost":
-                self._site_lost(t.site, t.at)
+            # Only the deciding process fails a lost site's attempts: a gateway (or a follower) cut
+            # off from a site sees it "lost" too, and its write, unfenced, would fail healthy attempts.
+            if t.new == "lost" and self.running:
+                try:
+                    asyncio.get_running_loop()
+                except RuntimeError:  # no loop (a synchronous caller): the blocking way
+                    self._decide_now(self._site_lost(t.site, t.at))
+                else:
+                    self.tasks.spawn(self._decide_awaited(self._site_lost(t.site, t.at), t.at),
+                                     name=f"site-lost-{t.site}")
             self._kick()
             self.poke()
         except Exception:
             log.exception("event=site_listener_failed site=%s", t.site)
 
-    def _site_lost(self, site: str, now: float, why: str = "") -> None:
-        db = self.db
+    def _site_lost(self, site: str, now: float, why: str = "") -> _Decision[list[str]]:
         why = why or f"site {site} lost"
-        failed = []
-        with transaction(db):
+        self._losing.add(site)  # its decision is under way: the tick does not ask again meanwhile
+
+        def commit(db: Database) -> list[str]:
+            failed = []
             for row in store_jobs.jobs_in_states(db, LIVE_STATES):
                 if row.pool != site:
                     continue
@@ -1032,9 +1150,18 @@ class TrainingService:
                 store_jobs.save_record(db, out.record)
                 self._effects(row, out.effects, now, exit_reason="site_lost", detail=why)
                 failed.append(row.id)
-        self.counters["site_failures"] += len(failed)
-        for job in failed:
-            log.warning("event=attempt_lost job=%s site=%s", job, site)
+            return failed
+
+        def done(failed: list[str]) -> None:
+            self._losing.discard(site)
+            self.counters["site_failures"] += len(failed)
+            for job in failed:
+                log.warning("event=attempt_lost job=%s site=%s", job, site)
+            if failed:
+                self._kick()
+                self.poke()
+
+        return _Decision(commit, done, lambda: self._losing.discard(site))
 
     def _site_is_lost(self, site: str) -> bool:
         view = self.registry.get(site)
@@ -1069,26 +1196,35 @@ class TrainingService:
 
         await write(self.db, commit)
 
-    def _on_refused(self, entry: OutboxRow, cmd: Any, why: str, now: float) -> None:
+    async def _on_refused(self, entry: OutboxRow, cmd: Any, why: str, now: float) -> None:
+        """A start refused (or given up): the attempt fails as an infrastructure failure, written
+        awaited (the entry's sender waits for the quorum, the loop does not)."""
         if entry.kind != START or not isinstance(cmd, wire.StartAttempt):
             return
         cool_s = REFUSED_COOL_S if why.startswith(("no_capacity", "draining")) else REFUSED_OTHER_COOL_S
         self._cool_until[entry.site] = now + cool_s
-        db = self.db
-        with transaction(db):
+
+        def commit(db: Database) -> bool:
             row = store_jobs.get_job(db, cmd.job)
             if row is None:
-                return
+                return False
             out = lifecycle.infra_failure(row.record(), now, f"dispatch to {entry.site} failed: {why}",
                                           attempt=cmd.attempt)
             if not out.applied:
-                return
+                return False
             store_jobs.save_record(db, out.record)
             self._effects(row, out.effects, now, exit_reason="dispatch_failed", detail=why, ran=False)
             store_jobs.record_hub_event(db, cmd.job, cmd.attempt, "start_refused", {"site": entry.site, "reason": why}, now)
-        self.counters["dispatch_failures"] += 1
-        log.warning("event=dispatch_failed job=%s attempt=%d site=%s error=%s", cmd.job, cmd.attempt, entry.site, why)
-        self.poke()
+            return True
+
+        def done(failed: bool) -> None:
+            if not failed:
+                return
+            self.counters["dispatch_failures"] += 1
+            log.warning("event=dispatch_failed job=%s attempt=%d site=%s error=%s", cmd.job, cmd.attempt, entry.site, why)
+            self.poke()
+
+        await self._decide_awaited(_Decision(commit, done), now)
 
 
 def _iso(t: float) -> str:

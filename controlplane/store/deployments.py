@@ -330,6 +330,15 @@ def mark_site_lost(db: sqlite_utils.Database, site: str, *, now: float) -> list[
     return affected
 
 
+def marks(db: sqlite_utils.Database) -> tuple[tuple[Any, ...], ...]:
+    """What a reconcile pass decides from, as one comparable value: every active deployment's id,
+    state and ``updated_at``, then every replica's deployment, site, state and ``updated_at``. Equal
+    before and after an await: nothing of it changed meanwhile."""
+    deps = db.execute("SELECT id, state, updated_at FROM deployments WHERE deleted_at IS NULL ORDER BY id").fetchall()
+    reps = db.execute("SELECT deployment, site, state, updated_at FROM replicas ORDER BY deployment, site").fetchall()
+    return tuple(tuple(r) for r in deps) + tuple(tuple(r) for r in reps)
+
+
 def scaled_replicas(db: sqlite_utils.Database) -> dict[tuple[str, str], float]:
     """``(deployment, site) -> scaled_at`` of the card-holding replicas the autoscaler added."""
     marks = ", ".join("?" * len(HOLDING_STATES))

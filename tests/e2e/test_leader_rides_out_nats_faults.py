@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.hubrig import DEMO3, Client
 from tests.support.natscluster import NatsCluster
@@ -142,6 +143,17 @@ async def test_a_fault_of_the_node_leading_the_record_stream_changes_no_controll
             for log in logs.iterdir():
                 text = log.read_text(errors="replace")
                 assert "lease_lost" not in text and "leadership_lost" not in text, (log.name, text[-2000:])
+            # ... and /metrics says so: the leader rode the election out (counted), no process lost a
+            # term or took one over early
+            for name, hub in zip(("p1", "p2", "p3"), hubs):
+                async with session.get(f"http://127.0.0.1:{hub.port}/metrics") as resp:
+                    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+                               for f in text_string_to_metric_families(await resp.text()) for x in f.samples}
+                rideouts = samples[("cpn_leader_rideouts_total", ())]
+                assert rideouts >= 1 if name == leader_id else rideouts == 0, (name, rideouts)
+                assert samples[("cpn_leader_early_takeovers_total", ())] == 0
+                assert not [k for k, v in samples.items() if k[0] == "cpn_leadership_changes_total"
+                            and ("change", "lost") in k[1] and v], (name, samples)
 
             # Nothing acknowledged was lost; a 503 retried with its key makes exactly one job. At
             # another gateway the retry may first meet a 409 "retry" (its projection had not seen the

@@ -1,0 +1,334 @@
+"""The leader's rare decisions without a stall: a controller on a real 3-node nats-server cluster
+(loopback, sync_interval always), ``record = "nats"``, a real agent, real HTTP.
+
+What this proves (each failed before: these paths committed with a blocking ``transaction()``,
+which waits for the record's quorum with the event loop held, so every tenant of the process
+waited for the whole stream election, 4-9 s, or here for as long as the quorum is gone):
+
+- a site lost while the record has no quorum (the stream's leader node and the agent's node
+  paused): the training service fails the site's live attempt and the deployments service marks
+  its replica lost and reconciles, each written awaited; meanwhile the hub's loop keeps answering
+  ``/healthz`` promptly and nothing of those decisions is in SQLite before the record has it
+  (decide, then do); once a quorum is back they land (the attempt restarts, the replica is lost);
+- a start refused by its site while the record has no quorum: the attempt's failure and its
+  event wait for the quorum awaited, the loop goes on, and they land once the quorum is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import nats.js.errors
+import pytest
+
+from controlplane.compose import build
+from controlplane.core import jobspec
+from controlplane.core.registry import Transition
+from controlplane.core.replicas import DeploymentSpec
+from controlplane.replicated import kv
+from controlplane.replicated.lease_rules import LeaseConfig
+from controlplane.store import db as store_db
+from controlplane.store import deployments as store_deployments
+from controlplane.store import jobs as store_jobs
+from controlplane.store import outbox as store_outbox
+from controlplane.store.replica import Replica
+from edge_agent import wire
+from edge_agent.agent import Agent
+from tests.support.fakehub import agent_config, running
+from tests.support.hubrig import hub_config
+from tests.support.natscluster import NatsCluster
+from tests.support.waiting import until
+
+SPEC = jobspec.JobSpec(name="rare", cards=1, accelerators=("H20",), est_hours=1.0, checkpoint_cost_s=60)
+
+pytestmark = pytest.mark.serial  # a fresh 3-node cluster whose quorum is taken away for seconds
+
+
+async def stream_leader(cluster: NatsCluster) -> str:
+    record = await kv.Record.open(cluster.urls)  # makes the bucket if no hub has yet
+    try:
+        leader: list[str] = []
+
+        async def known() -> bool:  # a fresh stream is seen by every node (and has a leader) a moment later
+            try:
+                info = await record._js.stream_info(f"KV_{kv.BUCKET}")
+            except nats.js.errors.APIError:
+                return False
+            if info.cluster is None or not info.cluster.leader:
+                return False
+            leader.append(str(info.cluster.leader))
+            return True
+
+        await until(known, 10, "the record's stream and its leader", interval_s=0.1)
+        return leader[-1]
+    finally:
+        await record.close()
+
+
+class Probes:
+    """``GET /healthz`` every 50 ms through real HTTP, timed: a held event loop answers late."""
+
+    def __init__(self, port: int) -> None:
+        self.url = f"http://127.0.0.1:{port}/healthz"
+        self.times_s: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                started = time.monotonic()
+                async with session.get(self.url) as resp:
+                    assert resp.status == 200
+                    await resp.read()
+                self.times_s.append(time.monotonic() - started)
+                await asyncio.sleep(0.05)
+
+    def __enter__(self) -> Probes:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+    @property
+    def worst_s(self) -> float:
+        return max(self.times_s, default=0.0)
+
+
+async def _controller(tmp_path: Path, cluster: NatsCluster) -> tuple[object, str, str, str]:
+    """A controller on a node that stays up; the stream's leader node; the node left for the agent."""
+    leader_node = await stream_leader(cluster)
+    ctl_node = next(n for n in cluster.nodes if n.name != leader_node)
+    agent_node = next(n for n in cluster.nodes if n.name not in (leader_node, ctl_node.name))
+    (tmp_path / "ctl").mkdir()
+    proc = build(hub_config(tmp_path / "ctl", ctl_node.url, hub_id="ctl", record="nats",
+                            record_nats_urls=[ctl_node.url]))
+    # a renew deadline longer than the quorum's absence: what is tested is the loop, not the lease
+    proc.services.leadership.lease = LeaseConfig(lease_duration_s=40.0, renew_deadline_s=30.0, retry_period_s=0.4)
+    return proc, leader_node, agent_node.name, agent_node.url
+
+
+async def test_a_site_lost_without_quorum_is_written_awaited_and_the_loop_answers(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    proc, leader_node, agent_node, _ = await _controller(tmp_path, cluster)
+    hub = proc.hub  # type: ignore[attr-defined]
+    services = proc.services  # type: ignore[attr-defined]
+    await hub.start()
+    try:
+        await until(lambda: services.leadership.leading, 10, "the controller leads")
+        db = hub.db
+        rep = db.write_hook
+        assert isinstance(rep, Replica)
+        hub.create_tenant("acme", default_origin="shanghai")
+        job, _ = await services.training.submit_async("acme", SPEC, None, "h1", time.time())
+        ctl_url = next(n.url for n in cluster.nodes if n.name not in (leader_node, agent_node))
+        agent = Agent(agent_config(ctl_url, site="sh-edge", data_dir=str(tmp_path / "agent")))
+        await asyncio.wait_for(agent.start(), 10)
+        stopped = False
+        try:
+            await until(lambda: job.id in agent.training.attempts, 20, "the attempt runs at the site")
+            await until(lambda: (store_jobs.get_job(db, job.id) or job).state == "running", 20, "the job running")
+            view, _ = services.deployments.create("acme", DeploymentSpec(
+                model="demo-chat", origins=["shanghai"], cards_per_replica=0.5, min_cities=1, budget_ms=50.0))
+            dep_id = view["id"]
+            await until(lambda: [r.state for r in store_deployments.replicas_of(db, dep_id)] == ["ready"], 20,
+                        "the replica ready", last=lambda: (store_deployments.replicas_of(db, dep_id), store_deployments.get(db, dep_id)))
+            fallbacks = rep.write_fallbacks
+            # No quorum: the stream's leader node and the other follower paused. Then the site
+            # stops: the controller declares it lost after its detection time.
+            await cluster.pause(leader_node)
+            await cluster.pause(agent_node)
+            try:
+                await store_db.barrier(db)  # the first barrier without quorum times out (awaited: no stall)
+                registry = services.training.registry
+                with Probes(hub.http_port) as probes:
+                    await asyncio.wait_for(agent.stop(), 15)
+                    stopped = True
+                    await until(lambda: registry.get("sh-edge").state == "lost", 15,  # type: ignore[union-attr]
+                                "the site declared lost")
+                    await until(lambda: rep.in_flight >= 2, 10, "the lost site's writes in flight at the record",
+                                last=lambda: rep)
+                    since = time.monotonic()
+                    while time.monotonic() - since < 2.0:  # they wait for a quorum that is not there
+                        assert rep.in_flight >= 1
+                        # decided, not acknowledged: nothing of it in SQLite, nothing in the outbox
+                        assert store_jobs.get_job(db, job.id).state == "running"  # type: ignore[union-attr]
+                        assert [r.state for r in store_deployments.replicas_of(db, dep_id)] == ["ready"]
+                        await asyncio.sleep(0.05)
+                    waited = list(probes.times_s)
+                    await cluster.resume(agent_node)  # a quorum again (a stream leader once elected)
+                    await until(lambda: (store_jobs.get_job(db, job.id) or job).attempt >= 2
+                                or (store_jobs.get_job(db, job.id) or job).state in ("queued", "restarting"), 30,
+                                "the lost attempt failed", last=lambda: store_jobs.get_job(db, job.id))
+                    await until(lambda: any(r.state != "ready" for r in
+                                            store_deployments.replicas_of(db, dep_id, include_removed=True)), 30,
+                                "the replica marked lost")
+            finally:
+                for name in (leader_node, agent_node):
+                    if cluster.node(name).paused:
+                        await cluster.resume(name)
+        finally:
+            if not stopped:
+                await asyncio.wait_for(agent.stop(), 15)
+        row = store_jobs.get_job(db, job.id)
+        assert row is not None and "sh-edge" in row.reason, row
+        assert services.training.counters["site_failures"] == 1
+        # /healthz answered through the whole wait; held, each probe took the quorum's absence (2 s and more)
+        print(f"/healthz while the writes waited: {len(waited)} probes, median "
+              f"{sorted(waited)[len(waited) // 2] * 1000:.1f} ms, max {max(waited) * 1000:.1f} ms")
+        assert len(waited) >= 10, waited
+        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the lost site's writes waited"
+        assert sorted(waited)[len(waited) // 2] < 0.1, waited
+        assert rep.write_fallbacks == fallbacks, rep  # every one of them went the awaited way
+    finally:
+        await hub.stop()
+
+
+async def test_a_refused_start_without_quorum_is_written_awaited_and_the_loop_answers(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    proc, leader_node, agent_node, _ = await _controller(tmp_path, cluster)
+    hub = proc.hub  # type: ignore[attr-defined]
+    services = proc.services  # type: ignore[attr-defined]
+    await hub.start()
+    try:
+        await until(lambda: services.leadership.leading, 10, "the controller leads")
+        db = hub.db
+        rep = db.write_hook
+        assert isinstance(rep, Replica)
+        hub.create_tenant("acme")
+        job, _ = await services.training.submit_async("acme", SPEC, None, "h1", time.time())
+        ctl_url = next(n.url for n in cluster.nodes if n.name not in (leader_node, agent_node))
+        cfg = agent_config(ctl_url, site="sh-edge", data_dir=str(tmp_path / "agent"))
+        async with running(cfg):
+            await until(lambda: (store_jobs.get_job(db, job.id) or job).state in ("placed", "starting", "running"),
+                        20, "the job placed")
+            placed = store_jobs.get_job(db, job.id)
+            assert placed is not None
+            [entry] = [e for e in store_outbox.for_job(db, job.id) if e.kind == "start_attempt"]
+            cmd = wire.command_decoder.decode(entry.body)
+            fallbacks = rep.write_fallbacks
+            await cluster.pause(leader_node)
+            await cluster.pause(agent_node)
+            try:
+                await store_db.barrier(db)
+                with Probes(hub.http_port) as probes:
+                    # the outbox's report of a refusal (what its sender calls when a site answers
+                    # a start with an error), without quorum
+                    refused = asyncio.create_task(
+                        services.training._on_refused(entry, cmd, "no_capacity: test", time.time()))
+                    await until(lambda: rep.in_flight >= 1 or refused.done(), 10, "the refusal in flight at the record")
+                    since = time.monotonic()
+                    while time.monotonic() - since < 2.0:  # decided, not acknowledged: nothing of it in SQLite
+                        assert not refused.done()
+                        assert store_jobs.get_job(db, job.id).attempt == placed.attempt  # type: ignore[union-attr]
+                        assert "start_refused" not in [e.kind for e in store_jobs.events(db, job.id)]
+                        await asyncio.sleep(0.05)
+                    waited = list(probes.times_s)
+                    await cluster.resume(agent_node)
+                    await asyncio.wait_for(refused, 30)
+            finally:
+                for name in (leader_node, agent_node):
+                    if cluster.node(name).paused:
+                        await cluster.resume(name)
+        # the refusal landed: its event, and the attempt failed (the job is placed again after it)
+        assert "start_refused" in [e.kind for e in store_jobs.events(db, job.id)]
+        row = store_jobs.get_job(db, job.id)
+        assert row is not None and (row.attempt > placed.attempt or "dispatch to sh-edge failed" in row.reason), row
+        assert services.training.counters["dispatch_failures"] == 1
+        print(f"/healthz while the writes waited: {len(waited)} probes, median "
+              f"{sorted(waited)[len(waited) // 2] * 1000:.1f} ms, max {max(waited) * 1000:.1f} ms")
+        assert len(waited) >= 10, waited
+        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the refusal's write waited"
+        assert rep.write_fallbacks == fallbacks, rep
+    finally:
+        await hub.stop()
+
+
+async def test_a_gateway_that_sees_a_site_lost_fails_none_of_its_attempts(tmp_path: Path, cluster: NatsCluster) -> None:
+    """Only the deciding process fails a lost site's attempts. A gateway cut off from a site sees
+    it "lost" too; before, its training service wrote the failure with no fence (a gateway holds
+    none), so a partition between one gateway and a site restarted that site's healthy attempts."""
+    urls = ",".join(cluster.urls)
+    made = []
+    for name, role in (("ctl", "hub"), ("gw", "gateway")):
+        (tmp_path / name).mkdir()
+        made.append(build(hub_config(tmp_path / name, urls, hub_id=name, role=role, record="nats")))
+    ctl, gw = made
+    for p in made:
+        await p.hub.start()
+    try:
+        await until(lambda: ctl.services.leadership.leading, 10, "the hub leads")
+        ctl.hub.create_tenant("acme")
+        job, _ = await ctl.services.training.submit_async("acme", SPEC, None, "h1", time.time())
+        cfg = agent_config(cluster.urls[0], site="sh-edge", data_dir=str(tmp_path / "agent"))
+        async with running(cfg) as agent:
+            await until(lambda: job.id in agent.training.attempts, 20, "the attempt runs at the site")
+            await until(lambda: (store_jobs.get_job(gw.hub.db, job.id) or job).state == "running", 20,
+                        "the gateway's projection has it running")
+            assert not gw.services.leadership.leading and not gw.services.training.running
+            gw.services.training.on_site(Transition(site="sh-edge", old="up", new="lost", at=time.time()))
+            await asyncio.sleep(1.0)  # what a write would take (it is not awaited by on_site)
+            for p in made:
+                row = store_jobs.get_job(p.hub.db, job.id)
+                assert row is not None and row.state == "running" and row.attempt == 1, row
+            assert gw.services.training.counters["site_failures"] == 0
+    finally:
+        for p in made:
+            await p.hub.stop()
+
+
+
+async def test_a_vanished_attempt_without_quorum_is_written_awaited_and_the_loop_answers(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A site that leaves a running attempt out of its heartbeats (it restarted without it: here
+    its heartbeats are told to list nothing) while the record has no quorum: the tick's vanished
+    decision waits for the quorum awaited (before: a blocking transaction in the tick, the loop
+    held for as long as the quorum was gone), and lands once it is back."""
+    proc, leader_node, agent_node, _ = await _controller(tmp_path, cluster)
+    hub = proc.hub  # type: ignore[attr-defined]
+    services = proc.services  # type: ignore[attr-defined]
+    await hub.start()
+    try:
+        await until(lambda: services.leadership.leading, 10, "the controller leads")
+        db = hub.db
+        rep = db.write_hook
+        assert isinstance(rep, Replica)
+        hub.create_tenant("acme")
+        job, _ = await services.training.submit_async("acme", SPEC, None, "h1", time.time())
+        ctl_url = next(n.url for n in cluster.nodes if n.name not in (leader_node, agent_node))
+        cfg = agent_config(ctl_url, site="sh-edge", data_dir=str(tmp_path / "agent"))
+        async with running(cfg) as agent:
+            await until(lambda: (store_jobs.get_job(db, job.id) or job).state == "running", 20, "the job running")
+            fallbacks = rep.write_fallbacks
+            await cluster.pause(leader_node)
+            await cluster.pause(agent_node)
+            try:
+                await store_db.barrier(db)
+                with Probes(hub.http_port) as probes:
+                    agent.training.refs = lambda: []  # its heartbeats now leave the attempt out
+                    await until(lambda: rep.in_flight >= 1, 15, "the vanished decision in flight at the record",
+                                last=lambda: (rep, services.training._missing))
+                    since = time.monotonic()
+                    while time.monotonic() - since < 2.0:  # decided, not acknowledged: nothing of it in SQLite
+                        assert rep.in_flight >= 1
+                        assert store_jobs.get_job(db, job.id).state == "running"  # type: ignore[union-attr]
+                        await asyncio.sleep(0.05)
+                    waited = list(probes.times_s)
+                    await cluster.resume(agent_node)
+                    await until(lambda: services.training.counters["vanished"] == 1, 30, "the attempt failed as vanished")
+            finally:
+                for name in (leader_node, agent_node):
+                    if cluster.node(name).paused:
+                        await cluster.resume(name)
+        assert "vanished" in [e.kind for e in store_jobs.events(db, job.id)]
+        print(f"/healthz while the writes waited: {len(waited)} probes, median "
+              f"{sorted(waited)[len(waited) // 2] * 1000:.1f} ms, max {max(waited) * 1000:.1f} ms")
+        assert len(waited) >= 10, waited
+        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the vanished decision waited"
+        assert rep.write_fallbacks == fallbacks, rep
+    finally:
+        await hub.stop()
