@@ -46,6 +46,8 @@ class Decisions:
     infeasible: list[str] = field(default_factory=list)
     waits: list[tuple[str, str]] = field(default_factory=list)
     """(job, kind of wait: ``scheduler.wait_kind``) for every job told to wait with a reason."""
+    head: str = ""
+    """The job the plan reserved cards for (the head of the queue), "" for none."""
 
 
 Planner = Callable[[scheduler.Snapshot, float], Decisions]
@@ -60,6 +62,7 @@ def cpn_planner(snap: scheduler.Snapshot, now: float) -> Decisions:
         wake=[w.until for w in plan.wait if w.until is not None],
         infeasible=[i.job_id for i in plan.infeasible],
         waits=[(w.job_id, w.kind) for w in plan.wait],
+        head=plan.reservation.job_id if plan.reservation is not None else "",
     )
 
 
@@ -246,6 +249,8 @@ class TrainingSim:
             self._push(d.submitted_at, "arrive", d.id, 0)
         self.now = start_s
         self.last_tick = -math.inf
+        self.head = ""
+        """The job the last plan reserved cards for (``scheduler.Snapshot.head``)."""
         self.tick_at: float | None = None
         self.ticks = 0
         self.waste = Waste()
@@ -329,8 +334,9 @@ class TrainingSim:
         ]
         snap = scheduler.Snapshot(pools=[self._pool(sid) for sid in self.site_order],
                                   queued=[j.spec for j in self.queue.values() if not j.infeasible],
-                                  running=running, model=self.model)
+                                  running=running, model=self.model, head=self.head)
         dec = self.planner(snap, now)
+        self.head = dec.head
         for j in self.queue.values():
             j.planned = True
         for jid in dec.infeasible:
