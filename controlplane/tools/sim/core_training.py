@@ -677,7 +677,7 @@ def capacity_bound(pools: Sequence[placement.Pool], start_s: float, hours: int, 
 
 
 def hourly_floor(pools: Sequence[placement.Pool], start_s: float, hours: int,
-                 metered: Sequence[tuple[str, str, int, str, str, int, float, float]],
+                 metered: Sequence[tuple[str, str, int, str, str, float, float, float]],
                  units: Mapping[str, float], groups: Mapping[str, str] | None = None) -> float:
     """The lowest energy cost (CNY) of a policy's own hour-by-hour load: each hour, the
     A800-equivalent cards its attempts held (``metered``) sit on the cheapest card-hours of that
@@ -740,3 +740,24 @@ def accelerator_groups(jobs: Sequence[JobDraw]) -> dict[str, str]:
     for a in parent:
         members.setdefault(root(a), []).append(a)
     return {a: "+".join(sorted(members[root(a)])) for a in sorted(parent)}
+
+
+def cost_by_gang_size(sim: TrainingSim, bins: Sequence[tuple[int, int]]) -> list[dict[str, object]]:
+    """Where a policy's money went, by gang size: for each ``(lo, hi)`` cards bin (ascending; a job
+    in the first bin whose ``hi`` it does not exceed, the last takes the rest), its jobs, completed
+    jobs, useful A800-equivalent card-hours, CNY per A800-hour (failures and restarts included, as
+    in the policy's total) and share of the policy's energy cost."""
+    his = [hi for _, hi in bins]
+    rows = [[0, 0, 0.0, 0.0] for _ in bins]  # jobs, completed, work, cost
+    for job in sim.jobs.values():
+        i = min(bisect.bisect_left(his, job.draw.cards), len(bins) - 1)
+        row = rows[i]
+        row[0] += 1
+        row[1] += job.done_at is not None
+        row[2] += job.work_a800_card_h
+        row[3] += job.cost_cny
+    total = sum(row[3] for row in rows)
+    return [{"cards": [lo, hi], "jobs": int(n), "completed": int(done), "work_a800_card_hours": round(work, 1),
+             "cny_per_a800_card_hour": round(cost / work, 4) if work else 0.0,
+             "share_of_cost": round(cost / total, 4) if total else 0.0}
+            for (lo, hi), (n, done, work, cost) in zip(bins, rows)]
