@@ -17,9 +17,7 @@ Policy, in the order applied:
 1. Order: priority (higher first); within a priority, jobs restarting after an infrastructure
    failure first (they lost their pool, not their turn), then fair share — the tenant whose cards in use
    (running + placed in this plan) divided by its share is lowest goes next; within a tenant,
-   submit time, then id. The job the previous plan reserved cards for (``Snapshot.head``) goes
-   first in its level after the restarting jobs: the head keeps its reservation while fair share
-   reorders the rest (else the reservation passes from gang to gang and each is backfilled over).
+   submit time, then id.
 2. Quota: a job that would push its tenant over ``quota_cards`` waits, saying so.
 3. Placement: gang (all cards in one pool, one accelerator type); filters from ``placement``;
    cheapest expected cost wins (deadline-meeting pools first). A job whose cheapest start is a
@@ -123,10 +121,6 @@ class Snapshot(msgspec.Struct, kw_only=True):
     tenants: dict[str, Tenant] = {}
     model: CostModel = DEFAULT_MODEL
     policy: Policy = DEFAULT_POLICY
-    head: str = ""
-    """The job the previous plan reserved cards for (``Plan.reservation``), if it still waits: it
-    stays first in its priority level (after jobs restarting after a failure), so the reservation
-    is not passed from one waiting gang to another as fair share reorders them. "": none."""
 
 
 class Explanation(msgspec.Struct, frozen=True, kw_only=True):
@@ -325,7 +319,6 @@ class _Planner:
                 end = now if r.stopping else (math.inf if r.expected_end_at is None else r.expected_end_at)
                 entry.runs.append(_Run(r.job_id, r.priority, r.cards, end, r.stopping, r.preemptible))
         self.res: _Res | None = None
-        self.head_id = snap.head
         self.tou_cache: dict[tuple[int, float, float], tuple[list[float], list[int]]] = {}
         self.static_cache: dict[tuple[object, ...], tuple[list[_Entry], list[str]]] = {}
         # One pool per distinct key of each keyed filter (placement.keyed_filters()) in this plan.
@@ -369,12 +362,10 @@ class _Planner:
             # (oldest first), before fair share orders the rest of the level.
             back = sorted((j for js in queues.values() for j in js if j.restarting),
                           key=lambda j: (j.submitted_at, j.id))
-            head = [j for js in queues.values() for j in js if j.id == self.head_id and not j.restarting]
-            if back or head:
+            if back:
                 yield from back
-                yield from head
                 for tenant in list(queues):
-                    queues[tenant] = [j for j in queues[tenant] if not j.restarting and j.id != self.head_id]
+                    queues[tenant] = [j for j in queues[tenant] if not j.restarting]
                     if not queues[tenant]:
                         del queues[tenant]
             heap = []

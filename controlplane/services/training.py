@@ -481,7 +481,6 @@ class TrainingService:
             snapshot = scheduler.Snapshot(
                 pools=pools, queued=specs, running=[self._running(r) for r in live.values()],
                 tenants=self._tenants({r.tenant for r in rows}), model=self.cost_model,
-                head=self._head(),
             )
             plan = yield from scheduler.plan_steps(snapshot, now, every=TICK_STEP)
             commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
@@ -490,12 +489,6 @@ class TrainingService:
                 lent_plan, ids = lent
                 commits.append(lambda db: self._say_lent(plan, lent_plan, ids, now))
         return rows, plan, commits
-
-    def _head(self) -> str:
-        """The job the last plan reserved cards for: it stays the head (``scheduler.Snapshot.head``).
-        Kept in memory: a new leader's first plan picks a head afresh."""
-        res = self.last_plan.reservation if self.last_plan is not None else None
-        return res.job_id if res is not None else ""
 
     def _tick_end(self, rows: list[store_jobs.JobRow], now: float, started: float) -> None:
         live = {r.id: r for r in rows if r.state in LIVE_STATES}

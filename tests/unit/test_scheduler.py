@@ -191,34 +191,6 @@ def test_backfill_may_use_cards_the_head_does_not_need() -> None:
     assert starts(p) == {"long": "p1"}  # 16 + 48 free at the reservation, head needs 48
 
 
-def test_the_head_keeps_its_reservation_when_fair_share_reorders_the_queue() -> None:
-    """The gang reserved for last plan stays the head (Snapshot.head): without that, a tenant's
-    fair-share ratio moving between plans hands the reservation to another gang each tick, and the
-    cards freed for one are backfilled before it can start (a big gang then waits for hours)."""
-    pools = [pool("p1", cards=64, free=0)]
-    run = [running("r", cards=64, expected_end_at=NOW + H), running("ra", pool="elsewhere", tenant="a", cards=32)]
-    queued = [job("big-a", cards=64, tenant="a", submitted_at=0), job("big-b", cards=64, tenant="b", submitted_at=1)]
-    # b holds fewer cards than a: fair share puts big-b first, so it gets the reservation ...
-    fresh = plan(pools, queued, running=run)
-    assert fresh.reservation is not None and fresh.reservation.job_id == "big-b"
-    # ... unless big-a was the head last plan: it keeps it, and big-b waits behind it.
-    kept = plan(pools, queued, running=run, head="big-a")
-    assert kept.reservation is not None and kept.reservation.job_id == "big-a"
-    assert "behind big-a" in waits(kept)["big-b"]
-    # A head no longer queued (started, cancelled) changes nothing.
-    assert plan(pools, queued, running=run, head="gone").reservation == fresh.reservation
-
-
-def test_the_kept_head_goes_first_only_within_its_priority_and_after_restarting_jobs() -> None:
-    pools = [pool("p1", cards=64, free=8)]
-    run = [running("r", cards=56, expected_end_at=NOW + H)]
-    queued = [job("head", cards=64, submitted_at=0), job("urgent", cards=8, priority=1, submitted_at=5),
-              job("back", cards=8, restarting=True, submitted_at=9)]
-    p = plan(pools, queued, running=run, head="head")
-    assert starts(p) == {"urgent": "p1"}  # the higher priority goes first; the restarting job then waits
-    assert p.reservation is not None and p.reservation.job_id == "back"  # restarting jobs keep their place
-
-
 def test_backfill_elsewhere_is_free_and_without_backfill_nothing_jumps_the_queue() -> None:
     pools = [pool("p1", cards=64, free=0), pool("p2", cards=8, price=0.9)]
     queued = [job("head", cards=64, submitted_at=0), job("small", cards=8, est_hours=50.0, submitted_at=1)]

@@ -14,7 +14,9 @@ What it promises:
   it), then cycles of ``T`` compute + ``C`` checkpoint writing; no checkpoint after the last
   segment. A failure after ``variate × 3600 / (cards × failure rate)`` seconds (an N-card gang fails
   N times as often) loses the work since the last completed checkpoint. A stop (preemption,
-  lending reclaimed) checkpoints what was computed and requeues the job.
+  lending reclaimed) checkpoints what was computed and requeues the job. The planner is told when
+  an attempt is expected to end (start + the expected run time, failure waste included, as the
+  hub's ``TrainingService`` tells it), never when its drawn failure comes.
 - Ticks: the planner runs at most every ``tick_s``, and only when something changed (arrival,
   end, failure, outage, a larger lending offer) or a job's tariff wait is over.
 """
@@ -46,8 +48,6 @@ class Decisions:
     infeasible: list[str] = field(default_factory=list)
     waits: list[tuple[str, str]] = field(default_factory=list)
     """(job, kind of wait: ``scheduler.wait_kind``) for every job told to wait with a reason."""
-    head: str = ""
-    """The job the plan reserved cards for (the head of the queue), "" for none."""
 
 
 Planner = Callable[[scheduler.Snapshot, float], Decisions]
@@ -62,7 +62,6 @@ def cpn_planner(snap: scheduler.Snapshot, now: float) -> Decisions:
         wake=[w.until for w in plan.wait if w.until is not None],
         infeasible=[i.job_id for i in plan.infeasible],
         waits=[(w.job_id, w.kind) for w in plan.wait],
-        head=plan.reservation.job_id if plan.reservation is not None else "",
     )
 
 
@@ -139,7 +138,7 @@ def random_planner(rng: Rng) -> Planner:
 
 class _Attempt:
     __slots__ = ("number", "pool", "acc", "cards", "start", "setup_s", "move_s", "interval_s", "ckpt_s",
-                 "work_s", "units", "end", "failing", "expected_w", "min_w", "after_failure")
+                 "work_s", "units", "end", "failing", "expected_w", "min_w", "after_failure", "expected_end")
     number: int
     pool: str
     acc: str
@@ -152,6 +151,10 @@ class _Attempt:
     work_s: float
     units: float
     end: float
+    """When the attempt ends: its completion, or its failure (drawn ahead; the planner never sees it)."""
+    expected_end: float
+    """When the hub expects it to end: start + the expected run time (placement's ``run_s``, failure
+    waste included), as ``TrainingService`` tells the scheduler (``Running.expected_end_at``)."""
     failing: bool
     expected_w: float
     min_w: float
@@ -249,8 +252,6 @@ class TrainingSim:
             self._push(d.submitted_at, "arrive", d.id, 0)
         self.now = start_s
         self.last_tick = -math.inf
-        self.head = ""
-        """The job the last plan reserved cards for (``scheduler.Snapshot.head``)."""
         self.tick_at: float | None = None
         self.ticks = 0
         self.waste = Waste()
@@ -328,15 +329,14 @@ class TrainingSim:
             return
         running = [
             scheduler.Running(job_id=j.draw.id, tenant=j.draw.tenant, pool=j.att.pool, accelerator=j.att.acc,
-                              cards=j.draw.cards, priority=j.draw.priority, expected_end_at=j.att.end,
+                              cards=j.draw.cards, priority=j.draw.priority, expected_end_at=j.att.expected_end,
                               preemptible=j.att.pool in self.lent or j.draw.priority == 0)
             for j in self.running.values() if j.att is not None
         ]
         snap = scheduler.Snapshot(pools=[self._pool(sid) for sid in self.site_order],
                                   queued=[j.spec for j in self.queue.values() if not j.infeasible],
-                                  running=running, model=self.model, head=self.head)
+                                  running=running, model=self.model)
         dec = self.planner(snap, now)
-        self.head = dec.head
         for j in self.queue.values():
             j.planned = True
         for jid in dec.infeasible:
@@ -399,6 +399,8 @@ class TrainingSim:
         fail_at = now + d.faults.variate(a.number - 1) / rate if rate > 0 else math.inf
         a.failing = fail_at < done_at
         a.end = fail_at if a.failing else done_at
+        a.expected_end = now + a.work_s * (1.0 + checkpointing.goodput_waste_unchecked(
+            a.interval_s, a.ckpt_s, site.restart_s, mtbf))
         job.att = a
         self._push(a.end, "end", d.id, a.number)
 
