@@ -603,7 +603,7 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             # set-up or gangs. Below the floor above by more than the overhead (the load it drops
             # is the dearest of each hour); approximate (a job's useful share taken as even).
             useful_rows = [(j, t, n, pool, acc, cards * sim.jobs[j].useful_s / sim.jobs[j].card_s, t0, t1)
-                      for j, t, n, pool, acc, cards, t0, t1 in sim.metered if sim.jobs[j].card_s > 0]
+                           for j, t, n, pool, acc, cards, t0, t1 in sim.metered if sim.jobs[j].card_s > 0]
             p["useful_work_floor_cny_per_a800_card_hour"] = r(type_floor(useful_rows) / work) if work else 0.0
             # The capacity-aware bound of the jobs all completed: their own card-hours as this policy
             # ran them (attempts, failures and all), each hour on the cheapest cards of their types
