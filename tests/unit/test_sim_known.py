@@ -205,3 +205,39 @@ def test_oracle_is_the_cheapest_pool_energy() -> None:
     got = core_training.oracle_energy([one_job(start)], pools)
     assert got["j1"] == pytest.approx(8 * 0.4 * 1.2 * 0.30 * 2.0)
     assert math.isfinite(got["j1"])
+
+
+class _EarlyFailure(core_workload.FaultClock):
+    """Every attempt's failure comes after 0.01 of the gang's MTBF (drawn, so known to the sim)."""
+
+    def variate(self, k: int) -> float:
+        return 0.01
+
+
+def test_the_planner_sees_when_the_hub_expects_an_attempt_to_end_never_its_drawn_failure() -> None:
+    # The hub tells the scheduler an attempt's expected end (start + placement's run_s); the
+    # simulator draws each failure ahead of time, and must not hand that time to the planner (it
+    # would reserve cards for the next gang exactly when a failure frees them).
+    lay = loader.loads(lay_text_with_restart(120.0))
+    start = core_scenario.start_epoch_s(core_scenario.DEFAULT_START)
+    first = core_workload.JobDraw("j1", "t0", "pa", 100, ("A800",), 10.0, 0, None, start, 60.0, _EarlyFailure(1))
+    second = core_workload.JobDraw("j2", "t0", "pa", 100, ("A800",), 1.0, 0, None, start + 600.0, 60.0,
+                                   core_workload.FaultClock(2))
+    seen: list[dict[str, float | None]] = []
+
+    def planner(snap, now):  # type: ignore[no-untyped-def]
+        seen.append({r.job_id: r.expected_end_at for r in snap.running})
+        return core_training.cpn_planner(snap, now)
+
+    sim = core_training.TrainingSim("cpn", planner, lay, lay.sites[:1], [first, second],
+                                    start_s=start, tick_s=60.0, failure_scale=1.0, reserved_cards={})
+    sim.advance(start + 900.0)
+    att = sim.jobs["j1"].att
+    assert att is not None and att.failing  # it fails at 0.01 x 50 h = 30 min, after the second tick
+    assert att.end == pytest.approx(start + 0.01 * 50 * 3600.0)
+    (expected,) = [s["j1"] for s in seen if "j1" in s]
+    mtbf_s = 50 * 3600.0
+    work_s = 10.0 * 3600.0
+    waste = checkpointing.goodput_waste(att.interval_s, 60.0, 120.0, mtbf_s)
+    assert expected == pytest.approx(start + work_s * (1.0 + waste))
+    assert expected != pytest.approx(att.end)

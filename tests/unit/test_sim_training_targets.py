@@ -8,19 +8,25 @@ reasons for the ones it does not (docs/sim.md, "Training targets"):
   reason; the same seed gives the same report.
 - met on seeds 1-3, missed by 3 jobs of 1,675 on seed 0: completing at least as many jobs as the
   best baseline (random). The jobs random completes and cpn does not are big gangs whose attempts
-  fail more often where cpn put them (the shared failure draws land differently); the test allows
-  ``SLACK`` (0.25%) so that it pins what is true, and says so.
-- met on seed 3 only: cost per A800-hour ≤ 0.75 × nearest-hub. On the other seeds each policy's own
-  hour-by-hour load, put on the cheapest cards of each hour (any pool, any type, no gangs), already
-  costs more than that target, so no placement of the same work at the same hours reaches it;
-  only moving work to valley hours could, and that is waiting, which the other targets forbid.
+  fail more often where cpn put them (the shared failure draws land differently) or that wait in
+  the saturated evening, and one that finishes in the last minutes of the day for random; the test
+  allows ``SLACK`` (0.2%) so that it pins what is true, and says so.
+- met on seed 3 only: cost per A800-hour <= 0.75 x nearest-hub. On the other seeds each policy's own
+  hour-by-hour load, put on the cheapest cards of each hour of the types its jobs accept (no gangs),
+  already costs 7-12% more than that target, so no placement of the same card-hours at the same
+  hours reaches it; only less overhead (checkpoints, failures, set-up) or moving work to valley
+  hours (waiting, which the other targets forbid) could. The useful work alone on those cards, with
+  no overhead and no gangs, is below the target on seeds 7, 0 and 2 and above it on seed 1; with
+  the overhead checkpointing at the first-order optimum expects, above it on all four.
 - not met: the jobs all policies completed cost 1.3-1.7x the cheapest-feasible bound (the bound
   gives every job its cheapest pool with all cards free; cheap pools are full). Against the
   capacity-aware bound (their own card-hours each hour on the cheapest cards of their types, at
   most the cards there are) cpn is at 1.12-1.33x, below both baselines on every seed.
 - where cpn's cost goes: within 6% of the floor of its own load on its jobs' accelerators
   (``accelerator_floor``: H800 jobs on H800 cards, A800/910B jobs on A800 and 910B cards); the rest
-  of the gap to the plain floor is cards of types its jobs do not accept.
+  of the gap to the plain floor is cards of types its jobs do not accept. By gang size
+  (``by_gang_size``), gangs of 2,048-4,096 cards carry 28-55% of cpn's cost at 0.32-0.38 CNY per
+  A800-hour, where its smaller jobs pay 0.18-0.28: they start only where a whole block is free.
 """
 
 
@@ -34,7 +40,7 @@ import pytest
 from controlplane.tools.sim import report, runner
 
 SEEDS = (0, 1, 2, 3)
-SLACK = 0.0025
+SLACK = 0.002
 """Share of the best baseline's completed jobs cpn may fall short by (seed 0: 3 of 1,675)."""
 
 
@@ -85,19 +91,38 @@ def test_the_cost_target_is_below_the_floor_of_the_load_each_hour(reports: dict[
     b = tr["bound"]
     target = b["target_cny_per_a800_card_hour"]
     cpn = tr["policies"]["cpn"]
-    for name in ("cpn", "random"):  # the two that complete the most jobs: never below their own floor
+    for name in ("cpn", "random"):  # the two that complete the most jobs: never below their own floors
         p = tr["policies"][name]
-        assert p["cny_per_a800_card_hour"] >= p["hourly_floor_cny_per_a800_card_hour"]
-    # Met, or out of reach of any placement of cpn's own load hour by hour.
-    assert cpn["cost_vs_nearest_hub"] <= 0.75 or cpn["hourly_floor_cny_per_a800_card_hour"] > target, cpn
-    # cpn is within 12% of the floor of its own load (1.09x at most measured) and within 7% of that
-    # floor on its jobs' accelerators (1.03-1.06x measured); the per-job bounds (all cards free) are
-    # far lower.
-    assert cpn["cny_per_a800_card_hour"] <= 1.12 * cpn["hourly_floor_cny_per_a800_card_hour"]
-    assert cpn["hourly_floor_cny_per_a800_card_hour"] <= cpn["accelerator_floor_cny_per_a800_card_hour"]
-    assert cpn["accelerator_floor_cny_per_a800_card_hour"] <= cpn["cny_per_a800_card_hour"] <= \
-        1.07 * cpn["accelerator_floor_cny_per_a800_card_hour"]
+        assert p["useful_work_floor_cny_per_a800_card_hour"] < p["accelerator_floor_cny_per_a800_card_hour"]
+        assert p["hourly_floor_cny_per_a800_card_hour"] <= p["accelerator_floor_cny_per_a800_card_hour"] \
+            <= p["cny_per_a800_card_hour"]
+    # Met, or out of reach of any placement of cpn's own card-hours hour by hour on the types its
+    # jobs accept (7-12% above the target measured on seeds 7, 0-2).
+    assert cpn["cost_vs_nearest_hub"] <= 0.75 or cpn["accelerator_floor_cny_per_a800_card_hour"] > 1.05 * target, cpn
+    # cpn is within 11% of the floor of its own load (1.106x at most measured) and within 6% of that
+    # floor on its jobs' accelerators (1.031-1.057x measured); the per-job bounds (all cards free)
+    # are far lower.
+    assert cpn["cny_per_a800_card_hour"] <= 1.11 * cpn["hourly_floor_cny_per_a800_card_hour"]
+    assert cpn["cny_per_a800_card_hour"] <= 1.06 * cpn["accelerator_floor_cny_per_a800_card_hour"]
     assert b["cny_per_a800_card_hour_windowed"] <= b["cny_per_a800_card_hour_at_once"] < target
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_cost_by_gang_size_adds_up_and_shows_where_cpn_pays_more(reports: dict[int, Any], seed: int) -> None:
+    tr = reports[seed]
+    for name, p in tr["policies"].items():
+        rows = p["by_gang_size"]
+        assert [r["cards"] for r in rows] == [[1, 8], [16, 128], [256, 1024], [2048, 4096]]
+        assert sum(r["jobs"] for r in rows) == tr["jobs"] and sum(r["completed"] for r in rows) == p["completed"]
+        assert sum(r["work_a800_card_hours"] for r in rows) == pytest.approx(p["work_a800_card_hours"], abs=1.0)
+        assert sum(r["share_of_cost"] for r in rows) == pytest.approx(1.0, abs=1e-3)
+        cost = sum(r["cny_per_a800_card_hour"] * r["work_a800_card_hours"] for r in rows)
+        assert cost == pytest.approx(p["energy_cny"], rel=2e-3), name
+    # cpn's largest gangs pay the most per A800-hour of its jobs (0.32-0.38 measured, its jobs of
+    # 1-128 cards 0.18-0.20): the cheap hubs keep holes smaller than them (docs/sim.md).
+    cpn = tr["policies"]["cpn"]["by_gang_size"]
+    assert cpn[-1]["cny_per_a800_card_hour"] > max(r["cny_per_a800_card_hour"] for r in cpn[:-1])
+    assert max(r["cny_per_a800_card_hour"] for r in cpn[:2]) < 0.21
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -111,7 +136,7 @@ def test_common_jobs_against_both_bounds(reports: dict[int, Any], seed: int) -> 
         assert p["common_vs_capacity_bound"] <= p["common_vs_bound"]
     # cpn: 1.12-1.33x the capacity-aware bound measured (the issue's 1.15x met on seed 3 only),
     # below both baselines (1.48-1.86x).
-    assert cpn["common_vs_capacity_bound"] <= 1.35
+    assert cpn["common_vs_capacity_bound"] <= 1.34
     assert cpn["common_vs_capacity_bound"] < min(pols["nearest-hub"]["common_vs_capacity_bound"],
                                                   pols["random"]["common_vs_capacity_bound"])
 

@@ -361,7 +361,8 @@ def run(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, streams: Stream
                                          train_pools, start_s, n_hours, rows,
                                          {a: spec.units for a, spec in lay.accelerators.items()},
                                          core_training.accelerator_groups(draws)),
-                                     train_cards={t: int(c) for t, c in train_cards.items() if c}),
+                                     train_cards={t: int(c) for t, c in train_cards.items() if c},
+                                     size_bins=sorted((b.cards[0], b.cards[1]) for b in s.training.sizes)),
         **({"lending": _lending_report(lender, sims, scaler, inf)} if lender is not None else {}),
     }
 
@@ -517,7 +518,8 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
                      train_cards: dict[str, int] | None = None,
                      capacity: Callable[[float], float] | None = None,
                      floors: Sequence[tuple[str, float]] = (),
-                     type_floor: Callable[[Sequence[tuple[str, str, int, str, str, int, float, float]]], float] | None = None,
+                     type_floor: Callable[[Sequence[tuple[str, str, int, str, str, float, float, float]]], float] | None = None,
+                     size_bins: Sequence[tuple[int, int]] = (),
                      ) -> dict[str, Any]:
     pols: dict[str, Any] = {}
     done_all = None
@@ -542,6 +544,9 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             "energy_cny": r(cost, 2),
             "card_hours": r(card_s / 3600.0, 1),
             "work_a800_card_hours": r(work, 1),
+            # A800-equivalent card-hours held (attempts' whole time: work + checkpoints, failures, set-up)
+            "held_a800_card_hours": r(sum(c * sim.accels[a].units * (t1 - t0) for *_, a, c, t0, t1 in sim.metered)
+                                      / 3600.0, 1),
             "cny_per_a800_card_hour": r(cost / work) if work else 0.0,
             "completed_in_common_cny": r(sum(sim.jobs[j].cost_cny for j in common_done), 2),
             "goodput": _share(useful, card_s),
@@ -578,6 +583,8 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             "jobs_by_kind": {k: sum(1 for j in waited if k in j.wait_kinds)
                              for k in sorted({k for j in waited for k in j.wait_kinds})},
         }
+        if size_bins:  # where the money went, by gang size (docs/sim.md, "Training targets")
+            pols[sim.name]["by_gang_size"] = core_training.cost_by_gang_size(sim, size_bins)
         if train_util is not None and sim.name in train_util:
             pols[sim.name]["training_busy_hourly_by_tier"] = train_util[sim.name]
         if priced is not None and market is not None:  # the day priced (docs/market.md)
@@ -591,6 +598,13 @@ def _training_report(sims: list[core_training.TrainingSim], draws: Sequence[core
             # (H800 jobs on H800 cards, A800/910B jobs on A800 and 910B cards; no load on a type no
             # job accepts): what no placement of this load at these hours can go below.
             p["accelerator_floor_cny_per_a800_card_hour"] = r(type_floor(sim.metered) / work) if work else 0.0
+            # The same floor of the useful work alone (each attempt's card time times its job's
+            # useful share): what that work would cost at those hours with no checkpoints, failures,
+            # set-up or gangs. Below the floor above by more than the overhead (the load it drops
+            # is the dearest of each hour); approximate (a job's useful share taken as even).
+            useful_rows = [(j, t, n, pool, acc, cards * sim.jobs[j].useful_s / sim.jobs[j].card_s, t0, t1)
+                           for j, t, n, pool, acc, cards, t0, t1 in sim.metered if sim.jobs[j].card_s > 0]
+            p["useful_work_floor_cny_per_a800_card_hour"] = r(type_floor(useful_rows) / work) if work else 0.0
             # The capacity-aware bound of the jobs all completed: their own card-hours as this policy
             # ran them (attempts, failures and all), each hour on the cheapest cards of their types
             # that hour, at most the cards there are (the issue's bound gives every job all cards free).

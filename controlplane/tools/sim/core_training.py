@@ -14,7 +14,9 @@ What it promises:
   it), then cycles of ``T`` compute + ``C`` checkpoint writing; no checkpoint after the last
   segment. A failure after ``variate × 3600 / (cards × failure rate)`` seconds (an N-card gang fails
   N times as often) loses the work since the last completed checkpoint. A stop (preemption,
-  lending reclaimed) checkpoints what was computed and requeues the job.
+  lending reclaimed) checkpoints what was computed and requeues the job. The planner is told when
+  an attempt is expected to end (start + the expected run time, failure waste included, as the
+  hub's ``TrainingService`` tells it), never when its drawn failure comes.
 - Ticks: the planner runs at most every ``tick_s``, and only when something changed (arrival,
   end, failure, outage, a larger lending offer) or a job's tariff wait is over.
 """
@@ -136,7 +138,7 @@ def random_planner(rng: Rng) -> Planner:
 
 class _Attempt:
     __slots__ = ("number", "pool", "acc", "cards", "start", "setup_s", "move_s", "interval_s", "ckpt_s",
-                 "work_s", "units", "end", "failing", "expected_w", "min_w", "after_failure")
+                 "work_s", "units", "end", "failing", "expected_w", "min_w", "after_failure", "expected_end")
     number: int
     pool: str
     acc: str
@@ -149,6 +151,10 @@ class _Attempt:
     work_s: float
     units: float
     end: float
+    """When the attempt ends: its completion, or its failure (drawn ahead; the planner never sees it)."""
+    expected_end: float
+    """When the hub expects it to end: start + the expected run time (placement's ``run_s``, failure
+    waste included), as ``TrainingService`` tells the scheduler (``Running.expected_end_at``)."""
     failing: bool
     expected_w: float
     min_w: float
@@ -328,7 +334,7 @@ class TrainingSim:
             return
         running = [
             scheduler.Running(job_id=j.draw.id, tenant=j.draw.tenant, pool=j.att.pool, accelerator=j.att.acc,
-                              cards=j.draw.cards, priority=j.draw.priority, expected_end_at=j.att.end,
+                              cards=j.draw.cards, priority=j.draw.priority, expected_end_at=j.att.expected_end,
                               preemptible=j.att.pool in self.lent or j.draw.priority == 0)
             for j in self.running.values() if j.att is not None
         ]
@@ -398,6 +404,8 @@ class TrainingSim:
         fail_at = now + d.faults.variate(a.number - 1) / rate if rate > 0 else math.inf
         a.failing = fail_at < done_at
         a.end = fail_at if a.failing else done_at
+        a.expected_end = now + a.work_s * (1.0 + checkpointing.goodput_waste_unchecked(
+            a.interval_s, a.ckpt_s, site.restart_s, mtbf))
         job.att = a
         self._push(a.end, "end", d.id, a.number)
 
@@ -677,7 +685,7 @@ def capacity_bound(pools: Sequence[placement.Pool], start_s: float, hours: int, 
 
 
 def hourly_floor(pools: Sequence[placement.Pool], start_s: float, hours: int,
-                 metered: Sequence[tuple[str, str, int, str, str, int, float, float]],
+                 metered: Sequence[tuple[str, str, int, str, str, float, float, float]],
                  units: Mapping[str, float], groups: Mapping[str, str] | None = None) -> float:
     """The lowest energy cost (CNY) of a policy's own hour-by-hour load: each hour, the
     A800-equivalent cards its attempts held (``metered``) sit on the cheapest card-hours of that
@@ -740,3 +748,24 @@ def accelerator_groups(jobs: Sequence[JobDraw]) -> dict[str, str]:
     for a in parent:
         members.setdefault(root(a), []).append(a)
     return {a: "+".join(sorted(members[root(a)])) for a in sorted(parent)}
+
+
+def cost_by_gang_size(sim: TrainingSim, bins: Sequence[tuple[int, int]]) -> list[dict[str, object]]:
+    """Where a policy's money went, by gang size: for each ``(lo, hi)`` cards bin (ascending; a job
+    in the first bin whose ``hi`` it does not exceed, the last takes the rest), its jobs, completed
+    jobs, useful A800-equivalent card-hours, CNY per A800-hour (failures and restarts included, as
+    in the policy's total) and share of the policy's energy cost."""
+    his = [hi for _, hi in bins]
+    rows = [[0, 0, 0.0, 0.0] for _ in bins]  # jobs, completed, work, cost
+    for job in sim.jobs.values():
+        i = min(bisect.bisect_left(his, job.draw.cards), len(bins) - 1)
+        row = rows[i]
+        row[0] += 1
+        row[1] += job.done_at is not None
+        row[2] += job.work_a800_card_h
+        row[3] += job.cost_cny
+    total = sum(row[3] for row in rows)
+    return [{"cards": [lo, hi], "jobs": int(n), "completed": int(done), "work_a800_card_hours": round(work, 1),
+             "cny_per_a800_card_hour": round(cost / work, 4) if work else 0.0,
+             "share_of_cost": round(cost / total, 4) if total else 0.0}
+            for (lo, hi), (n, done, work, cost) in zip(bins, rows)]

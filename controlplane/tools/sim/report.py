@@ -141,10 +141,17 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
             add("  " + "; ".join(
                 f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub (floor of its own hourly load "
                 f"{p.get('hourly_floor_cny_per_a800_card_hour', 0.0):.3f}, on its jobs' accelerators "
-                f"{p.get('accelerator_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
+                f"{p.get('accelerator_floor_cny_per_a800_card_hour', 0.0):.3f}, of its useful work alone "
+                f"{p.get('useful_work_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
                 f"{p.get('common_vs_bound', 0.0):.2f}x bound ({p.get('common_vs_bound_at_once', 0.0):.2f}x starting at once, "
                 f"{p.get('common_vs_capacity_bound', 0.0):.2f}x capacity-aware)"
                 for n, p in tr["policies"].items()))
+        if any("by_gang_size" in p for p in tr["policies"].values()):
+            add("  CNY/A800-h by gang size in cards (share of the policy's cost):")
+            for n, p in tr["policies"].items():
+                if "by_gang_size" in p:
+                    add(f"  {n:<12} " + ", ".join(f"{g['cards'][0]}-{g['cards'][1]} {g['cny_per_a800_card_hour']:.3f} "
+                                                  f"({_pct(g['share_of_cost'])})" for g in p["by_gang_size"]))
         cw = tr["policies"].get("cpn", {}).get("waits")
         if cw:
             add(f"  cpn waits: {cw['jobs_waited']:,} jobs waited ({cw['jobs_waited_without_reason']:,} without a reason): "
