@@ -187,6 +187,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
     outside: dict[str, list[Origin]] = {}
     proxy_cost: dict[str, list[float]] = {"delayed": [], "undelayed": []}
     lateness: dict[str, float] = {}
+    not_served: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="cpn-bench-regions-") as tmp:
         net = RegionalNetwork(UpOptions(data_dir=Path(tmp), port=0, regions=n_regions, ready_timeout_s=60.0),
                               wan=None if wan.off else wan, fold_sites=False, max_sites=sites)
@@ -194,6 +195,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             t0 = time.monotonic()
             await net.start()
             started_s = time.monotonic() - t0
+            not_served = net.not_served
             # What `cpn up --regions` does once up: the start-up heap frozen, young collections rarer
             # (without it ~3% of the answers overlapped a collection, 4.5 ms slower on average: the p99).
             gc_tuning.settle_after_startup()
@@ -301,6 +303,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "outside_origins": {rid: {o.id: round(o.path_ms, 2) for o in os} for rid, os in outside.items()},
             "wan_one_way_ms": {f"{a}->{b}": round(v, 2) for (a, b), v in one_way.items()},
             "site_one_way_ms": {k: round(v, 2) for k, v in sorted(site_one_way.items())},
+            "not_served": not_served,
             "started_s": round(started_s, 1), "rows": rows, "origins": origin_rows,
             "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
 
@@ -344,6 +347,8 @@ def main(argv: list[str]) -> int:
           f"through their region's gateway: {result['measured_origins']}")
     print(f"  outside: origins whose full path through their region's gateway exceeds it (ms): "
           f"{result['outside_origins']}")
+    for rid, why in result["not_served"].items():
+        print(f"  region {rid}: {why}: its origins are all in the 'outside' rows")
     print(f"{'origins':<11}{'region':<9}{'mode':<10}{'n':>5}{'err':>5}{'p50':>8}{'p99':>8}{'raw p99':>9}"
           f"{'promised':>10}{'beyond':>8}  p99 in budget")
     for r in result["rows"]:

@@ -139,6 +139,8 @@ def _regions(rg: dict[str, Any]) -> str:
         names = ", ".join(o for os in (rg.get("outside_origins") or {}).values() for o in os)
         out += (f"; origins with no in-region site within budget ({names}), own gateway p99 "
                 f"{min(r['p99_ms'] for r in far)}–{max(r['p99_ms'] for r in far)} ms")
+    if rg.get("not_served"):
+        out += f"; regions with no in-region site within budget: {', '.join(rg['not_served'])} (their origins all outside)"
     beyond = [r["beyond_promise_p50_ms"] for r in rows if "beyond_promise_p50_ms" in r]
     out += f"; beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms" if beyond else ""
     sub = rg.get("subtracted")
