@@ -93,6 +93,7 @@ def route_headers(served: Served, echo_id: str, filing: str | None = None) -> di
     headers = {
         "X-CPN-Site": served.site,
         "X-CPN-RTT-Ms": f"{served.rtt_ms:.3f}",
+        "X-CPN-Overhead-Ms": f"{served.overhead_ms:.3f}",
         "X-CPN-Route": served.route,
         "X-Request-Id": echo_id,
     }
@@ -130,6 +131,7 @@ async def infer(request: web.Request) -> web.Response:
         "output": result.output,
         "site": served.site,
         "rtt_ms": round(served.rtt_ms, 3),
+        "overhead_ms": round(served.overhead_ms, 3),
         "route": served.route,
         "origin": origin,
         "usage": {

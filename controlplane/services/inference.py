@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from controlplane.core import router, ttft
+from controlplane.core.overhead import RelayOverhead
 from controlplane.core.errors import (
     NoCapacity, PeerError, RequestError, SiteRefused, SiteSilent, SiteUnreachable, SloUnmeetable,
 )
@@ -67,6 +68,9 @@ class Served:
     """A gateway city nearer to the request's origin than this one ("" when none is)."""
     predicted: ttft.Prediction | None = None
     """The TTFT prediction the request was admitted on (requests with an SLO only)."""
+    overhead_ms: float = 0.0
+    """cpn's own expected time on the request beyond ``rtt_ms`` and the site's work (the gateway's
+    measured relay overhead to the serving site, before this request: ``X-CPN-Overhead-Ms``)."""
 
 
 PUBLIC_CODES = frozenset({
@@ -123,6 +127,9 @@ class InferenceService:
                  metrics: HubMetrics, clock: Clock, rng: random.Random, site_timeout_s: float,
                  site_ack_timeout_s: float) -> None:
         self.registry = registry
+        self.overhead = RelayOverhead()
+        """cpn's own measured time per relayed answer: stated next to the RTT, not budgeted
+        (docs/topology.md, "The latency a tenant gets")."""
         self.router = router
         self.origin_ids = origin_ids
         self.known_models = known_models
@@ -326,6 +333,10 @@ class InferenceService:
             served.site, served.rtt_ms, served.result = site, rtt_ms, result
             self.served += 1
             elapsed = self.clock.monotonic() - started
+            served.overhead_ms = self.overhead.ms(site)
+            if len(served.tried) == 1:  # a failover's time is not the relay's
+                self.overhead.observe(site, elapsed * 1000.0 - result.service_ms
+                                      - self.router.network_leg_ms(origin, rtt_ms))
             self.metrics.answered(req.model, site, elapsed)
             if served.predicted is not None:
                 self._predicted(served, req, elapsed, False)
@@ -429,6 +440,7 @@ class InferenceService:
             if len(served.tried) > 1:
                 served.route = "failover"
             served.site, served.rtt_ms = site, rtt_ms
+            served.overhead_ms = self.overhead.ms(site)
             self.served += 1
             elapsed = self.clock.monotonic() - started
             self.metrics.first_token(req.model, site, elapsed)
