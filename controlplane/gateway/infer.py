@@ -110,6 +110,7 @@ def route_headers(served: Served, echo_id: str, filing: str | None = None) -> di
 
 async def infer(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    started = services.clock.monotonic()
     body = await read_body(request, InferBody)
     tenant = principal(request).tenant_id or ""
     origin = resolve_origin(request, body.origin)
@@ -141,7 +142,9 @@ async def infer(request: web.Request) -> web.Response:
         },
         "service_ms": result.service_ms,
     }
-    return json_response(out, headers=route_headers(served, request[ECHO_ID], filing))
+    response = json_response(out, headers=route_headers(served, request[ECHO_ID], filing))
+    services.inference.relayed(served, origin, (services.clock.monotonic() - started) * 1000.0)
+    return response
 
 
 OPERATIONS = [

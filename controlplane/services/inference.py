@@ -334,9 +334,6 @@ class InferenceService:
             self.served += 1
             elapsed = self.clock.monotonic() - started
             served.overhead_ms = self.overhead.ms(site)
-            if len(served.tried) == 1:  # a failover's time is not the relay's
-                self.overhead.observe(site, elapsed * 1000.0 - result.service_ms
-                                      - self.router.network_leg_ms(origin, rtt_ms))
             self.metrics.answered(req.model, site, elapsed)
             if served.predicted is not None:
                 self._predicted(served, req, elapsed, False)
@@ -369,6 +366,17 @@ class InferenceService:
         served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
                         nearer_gateway=self.router.nearer_gateway.get(origin, ""), predicted=predicted)
         return served, decision
+
+    def relayed(self, served: Served, origin: str, took_ms: float) -> None:
+        """A whole answer the gateway relayed: ``took_ms`` from reading the request to the answer
+        encoded. Less the site's ``service_ms`` and the network's share of the relay (the layout's
+        leg gateway -> site), it is cpn's own time (:mod:`controlplane.core.overhead`). An answer
+        after a failover is not counted (the failed attempt's time is not the relay's)."""
+        result = served.result
+        if result is None or len(served.tried) != 1:
+            return
+        self.overhead.observe(served.site, took_ms - result.service_ms
+                              - self.router.network_leg_ms(origin, served.rtt_ms))
 
     def _ask_ack(self, req: wire.InferRequest) -> None:
         """Ask sites that acknowledge to do so (a silent one is then left after
