@@ -38,3 +38,17 @@ def test_the_network_share_of_a_route_is_the_leg_gateway_to_site() -> None:
     assert placed.network_leg_ms("beijing", dict(placed.rtt.ranked("beijing"))["bj-edge"]) == pytest.approx(
         index.rtt_ms("beijing", "bj-edge"))
     assert router.for_gateway(layout, index, None).network_leg_ms("guangzhou", 7.5) == 7.5
+
+
+def test_the_service_counts_a_whole_relayed_answer_less_service_time_and_the_network_leg_not_a_failover() -> None:
+    from controlplane.services.inference import Served
+    from edge_agent import wire
+    from tests.unit.test_slo_admission import service
+
+    svc, _ = service(near={}, far={})  # an unplaced gateway over a table: near at 0.5 ms, far at 8 ms
+    answer = wire.InferResult(request_id="r", site="far", model="m", output="x", service_ms=20.0)
+    svc.relayed(Served("far", 8.0, "nearest", tried=["far"], result=answer), "o", 30.0)
+    assert svc.overhead.ms("far") == pytest.approx(2.0)  # 30 - 20 of service - 8 of network
+    svc.relayed(Served("far", 8.0, "failover", tried=["near", "far"], result=answer), "o", 3000.0)
+    svc.relayed(Served("far", 8.0, "nearest", tried=["far"]), "o", 3000.0)  # no answer (a stream)
+    assert svc.overhead.ms("far") == pytest.approx(2.0) and svc.overhead.samples == 1
