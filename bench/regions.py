@@ -13,8 +13,8 @@ Method:
 - Origins, per region: the ``--origins`` heaviest **with an in-region site of the run within the
   budget** on the full path the router counts (origin -> the region's gateway city -> site), and,
   reported apart and never mixed into the in-region figures, the ``--origins`` heaviest without one
-  (in the shipped layout, e.g., Zhengzhou: its leg to Wuhan's gateway alone is ~31 ms, the
-  backbone going through Beijing; its nearest gateway is Beijing's). Each sends ``--warmup``
+  (in the shipped layout, e.g., Nanyang: ~12 ms to Wuhan's gateway's nearest site; and the whole
+  north-west, whose gateway at Xi'an reaches Xi'an's pools through Zhongwei in 16.3 ms). Each sends ``--warmup``
   requests (not counted: a new connection through a new proxy) then ``--requests`` ``POST /v1/infer``
   (``policy: nearest``, so the central gateway serves and the table shows by how much it misses)
   alternately to its own region's gateway and to the home region's ("central") gateway: same run,
