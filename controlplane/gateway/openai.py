@@ -58,10 +58,10 @@ async def _serve(
         assert served.result is not None
         headers = route_headers(served, echo, filing)
         headers["Content-Type"] = "application/json"  # in the prepared dict: no content_type parsing
-        response = web.Response(body=oa.encode(oa.response(kind, served.result, created=created, model=req.model)),
-                                headers=headers)
+        answer = web.Response(body=oa.encode(oa.response(kind, served.result, created=created, model=req.model)),
+                              headers=headers)
         services.inference.relayed(served, origin, (services.clock.monotonic() - started) * 1000.0)
-        return response
+        return answer
 
     infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
