@@ -385,20 +385,24 @@ class RegionalNetwork:
         city, budget = region.plan.gateway_city, float(hub.config.default_budget_ms)
         run_sites = frozenset(s for r in self.regions for s in r.plan.sites)
         nearest = nearest_site(hub.inference.router.rtt, city, frozenset(region.plan.sites))
-        if nearest is None or nearest[1] > budget:
-            region.not_served = (f"no in-region site within {budget:g} ms of its gateway city {city}"
-                                 + (f" (nearest: {nearest[0]} at {nearest[1]:.1f} ms)" if nearest else ""))
+        in_region = "" if nearest is not None and nearest[1] <= budget else (
+            f"no in-region site within {budget:g} ms of its gateway city {city}"
+            + (f" (nearest: {nearest[0]} at {nearest[1]:.1f} ms)" if nearest else ""))
         if unreachable_in_budget(hub.inference.router.rtt, city, run_sites, budget):
+            region.not_served = in_region or f"no site within {budget:g} ms of its gateway city {city}"
             log.warning("event=region_not_served region=%s reason=%r", region.plan.id, region.not_served)
             return
         deadline = time.monotonic() + self.opts.ready_timeout_s
         while True:
             try:
-                hub.inference.decide(city, DEMO_MODEL, budget, "strict")
+                route = hub.inference.decide(city, DEMO_MODEL, budget, "strict")
+                if in_region:  # served within budget all the same, from another region's site
+                    log.info("event=region_served_from_elsewhere region=%s site=%s reason=%r", region.plan.id,
+                             route.site, in_region)
                 return
             except (NoCapacity, RequestError) as exc:
                 if time.monotonic() >= deadline:
-                    region.not_served = region.not_served or (
+                    region.not_served = (in_region + "; " if in_region else "") + (
                         f"the demo model not served within {budget:g} ms of {city} after "
                         f"{self.opts.ready_timeout_s:g} s: {exc}")
                     log.warning("event=region_not_served region=%s reason=%r", region.plan.id, region.not_served)
