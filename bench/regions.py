@@ -8,8 +8,10 @@ Method:
 - WAN made real with fault proxies **in a child process of their own**
   (:mod:`controlplane.tools.proxyhost`), so the delays they add do not wait on this process's event
   loop: every gateway connection between two regional clusters is delayed by half the layout's RTT
-  between their cluster cities each way (floor ``--floor-ms``), and each (origin, gateway) tenant leg
-  by half the layout's RTT origin -> gateway city each way.
+  between their cluster cities each way (floor ``--floor-ms``), every site's access link by half
+  the RTT between its region's cluster city and it, a gateway's link to its cluster by half the RTT
+  between its city and the cluster's (only the north-west's, at Xi'an, is not in its cluster city),
+  and each (origin, gateway) tenant leg by half the layout's RTT origin -> gateway city each way.
 - Origins, per region: the ``--origins`` heaviest **with an in-region site of the run within the
   budget** on the full path the router counts (origin -> the region's gateway city -> site), and,
   reported apart and never mixed into the in-region figures, the ``--origins`` heaviest without one
@@ -70,10 +72,13 @@ class Wan:
     """The links between regional clusters, each through a proxy of the child, delayed by the layout's RTT."""
 
     def __init__(self, host: ProxyHost, one_way_ms: dict[tuple[str, str], float],
-                 site_one_way_ms: dict[str, float], mode: str = "layout") -> None:
+                 site_one_way_ms: dict[str, float], mode: str = "layout",
+                 gateway_one_way_ms: dict[str, float] | None = None) -> None:
         self.host = host
         self.one_way_ms = one_way_ms
         self.site_one_way_ms = site_one_way_ms
+        self.gateway_one_way_ms = gateway_one_way_ms or {}
+        """Region -> half the RTT between its gateway city and its cluster city (0: the same city)."""
         self.proxies: list[tuple[int, float]] = []
         self.refused_address = f"127.0.0.1:{free_port()}"
         self.off = mode == "none"
@@ -81,8 +86,18 @@ class Wan:
         self.scale = 0.0 if mode == "zero" else 1.0
         """What the layout's delays are multiplied by (``--wan zero``: proxies that delay nothing)."""
 
+    async def gateway(self, region: str, url: str) -> str:
+        """The region's gateway's link to its cluster, delayed by half the RTT between the gateway
+        city and the cluster city (none when they are one city)."""
+        ms = self.gateway_one_way_ms.get(region, 0.0)
+        if self.off or ms <= 0:
+            return url
+        pid, port = await self.host.add(url)
+        self.proxies.append((pid, ms))
+        return f"nats://127.0.0.1:{port}"
+
     async def site(self, site: str, region: str, url: str) -> str:
-        """The site's access link, delayed by half the RTT between its region's gateway city and it."""
+        """The site's access link, delayed by half the RTT between its region's cluster city and it."""
         if self.off:
             return url
         pid, port = await self.host.add(url)
@@ -180,14 +195,18 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
     kept = layout.regions[:n_regions]
     one_way = {(a.id, b.id): max(floor_ms, city_rtt_ms(index, a.cluster, b.cluster) / 2)
                for a in kept for b in kept if a is not b}
-    # A site's access link carries what the layout puts between its region's gateway city and it
-    # (no floor: the promise counts the layout's figure, and so does the proxy).
-    site_one_way = {s.id: _site_rtt_ms(index, r.gateways[0] if r.gateways else r.cluster, s.id) / 2
+    # A site's access link carries what the layout puts between its region's cluster city and it,
+    # a gateway's link to its cluster what it puts between the two cities (no floor: the promise
+    # counts the layout's figures, the NATS path gateway city -> cluster city -> site, and so do the
+    # proxies; the two differ only for a gateway away from its cluster, the north-west's at Xi'an).
+    site_one_way = {s.id: _site_rtt_ms(index, r.cluster, s.id) / 2
                     for r in kept for s in layout.sites if layout.region_of_site(s.id) == r.id}
+    gateway_one_way = {r.id: city_rtt_ms(index, r.gateways[0] if r.gateways else r.cluster, r.cluster) / 2
+                       for r in kept}
     load_before = round(os.getloadavg()[0], 2)
     host = ProxyHost()
     await host.start()
-    wan = Wan(host, one_way, site_one_way, wan_mode)
+    wan = Wan(host, one_way, site_one_way, wan_mode, gateway_one_way)
     measured: dict[str, list[Origin]] = {}
     outside: dict[str, list[Origin]] = {}
     proxy_cost: dict[str, list[float]] = {"delayed": [], "undelayed": []}
@@ -253,6 +272,8 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                             # proxies crossed there and back: the tenant's leg, the site's access
                             # link, and a link between two clusters when the site is in another region
                             delays = [] if wan.off else [leg_ms[mode], wan.scale * site_one_way[site]]
+                            if not wan.off and gateway_one_way[gw_region] > 0:
+                                delays.append(wan.scale * gateway_one_way[gw_region])
                             if not wan.off and served_in != gw_region:
                                 delays.append(wan.scale * floor_ms)
                             samples.setdefault(k, []).append(
@@ -318,6 +339,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "outside_origins": {rid: {o.id: round(o.path_ms, 2) for o in os} for rid, os in outside.items()},
             "wan_one_way_ms": {f"{a}->{b}": round(v, 2) for (a, b), v in one_way.items()},
             "site_one_way_ms": {k: round(v, 2) for k, v in sorted(site_one_way.items())},
+            "gateway_one_way_ms": {k: round(v, 2) for k, v in gateway_one_way.items()},
             "not_served": not_served,
             "started_s": round(started_s, 1), "rows": rows, "origins": origin_rows,
             "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}

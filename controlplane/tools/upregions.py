@@ -155,6 +155,10 @@ class WanLinks(Protocol):
         (its access link; return ``url`` to leave it as it is)."""
         ...
 
+    # Optional: ``async def gateway(self, region: str, url: str) -> str``, the URL the region's
+    # gateway dials to reach ``url``, a client port of its region's cluster (the leg gateway city ->
+    # cluster city); without it the gateway dials its cluster directly.
+
 
 @dataclass
 class RegionRun:
@@ -221,13 +225,15 @@ class RegionalNetwork:
         # Each region's sites' events in a stream of its own, placed in the region.
         event_regions = {r.plan.id: min(3, len(r.plan.nodes)) for r in self.regions}
 
-        def config(name: str, region: RegionRun, role: str, port: int, city: str | None) -> HubConfig:
+        def config(name: str, region: RegionRun, role: str, port: int, city: str | None,
+                   urls: list[str] | None = None) -> HubConfig:
             (data / name).mkdir(exist_ok=True)
+            urls = urls or region.urls
             return HubConfig(
                 hub_id=name, role=role, record="nats",  # type: ignore[arg-type]
-                nats_url=",".join(region.urls), nats_user=hub_user, nats_password=hub_password,
+                nats_url=",".join(urls), nats_user=hub_user, nats_password=hub_password,
                 # the record's connection takes its identity from the URLs (the record has no user field)
-                record_nats_urls=[u.replace("nats://", f"nats://{hub_user}:{hub_password}@") for u in region.urls],
+                record_nats_urls=[u.replace("nats://", f"nats://{hub_user}:{hub_password}@") for u in urls],
                 db_path=str(data / name / "hub.db"), listen_host=opts.host, listen_port=port, gateway_city=city,
                 layout=opts.layout, sim_time_scale=opts.sim_time_scale, strict_inboxes=True,
                 tls_cert=opts.tls_cert, tls_key=opts.tls_key, trusted_proxies=opts.trusted_proxies,
@@ -240,7 +246,8 @@ class RegionalNetwork:
         for i, region in enumerate(self.regions):
             port = opts.port + i if opts.port else 0
             region.gateway = build(config(f"gateway-{region.plan.id}", region, "gateway", port,
-                                          region.plan.gateway_city), layout=self.layout)
+                                          region.plan.gateway_city, await self._gateway_urls(region)),
+                                   layout=self.layout)
             await region.gateway.hub.start()
         first = self.regions[0].gateway
         assert first is not None
@@ -311,6 +318,14 @@ class RegionalNetwork:
 
     async def _wait_jetstream(self) -> None:
         await wait_meta_leader([p for r in self.regions for p in r.monitor_ports], 3 * self.opts.ready_timeout_s)
+
+    async def _gateway_urls(self, region: RegionRun) -> list[str]:
+        """The URLs the region's gateway dials to reach its cluster: through the WAN's ``gateway``
+        link when it has one (a gateway city away from the region's cluster city), else direct."""
+        hook = getattr(self.wan, "gateway", None)
+        if hook is None:
+            return region.urls
+        return [await hook(region.plan.id, u) for u in region.urls]
 
     async def _start_agents(self, region: RegionRun, creds: natsconf.CredentialSet) -> None:
         from edge_agent.agent import Agent
