@@ -386,8 +386,9 @@ def main(argv: list[str]) -> int:
           f"{result['outside_origins']}")
     for rid, why in result["not_served"].items():
         print(f"  region {rid}: {why}: its origins are all in the 'outside' rows")
-    print("  promised: X-CPN-RTT-Ms + X-CPN-Overhead-Ms (p50 of each); beyond rtt: p50 of the figure minus the RTT "
-          "alone; beyond promise: p50 / p99 of the client's latency minus service_ms, the tenant leg's proxy and the promise")
+    print("  promised: X-CPN-RTT-Ms + X-CPN-Overhead-Ms (p50 of each); beyond rtt: p50 of the figure minus the "
+          "RTT alone; beyond promise: p50 / p99 of the client's latency minus service_ms, the tenant leg's proxy "
+          "and the promise")
     print(f"{'origins':<11}{'region':<11}{'mode':<10}{'n':>5}{'err':>5}{'p50':>8}{'p99':>8}{'raw p99':>9}"
           f"{'rtt':>8}{'overhead':>9}{'beyond rtt':>11}{'beyond promise':>16}  p99 in budget")
     for r in result["rows"]:

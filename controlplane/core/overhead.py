@@ -4,8 +4,8 @@ The RTT a gateway reports (``X-CPN-RTT-Ms``) is the layout's network figure, ori
 site. A tenant also waits for cpn itself: the gateway's routing and encoding, the NATS servers'
 hops, the agent. A gateway measures that on every whole answer it relays, as the time from its
 handler taking the request to the answer encoded, less the site's own ``service_ms`` and less the
-network's share of the leg gateway -> site (the layout's figure: on a real WAN the wire time is already in the RTT).
-:class:`RelayOverhead` keeps the recent samples per site and answers their median: the figure the
+network's share of the leg gateway -> site (the layout's figure: on a real WAN the wire time is
+already in the RTT). :class:`RelayOverhead` keeps the recent samples per site and answers their median: the figure the
 gateway states next to the RTT (``X-CPN-Overhead-Ms``). The budget is not checked against it (the
 router budgets the network's RTT): it is nearly the same whichever site serves, so no routing choice
 removes it, and a figure that grows with load would turn a busy gateway into one refusing every

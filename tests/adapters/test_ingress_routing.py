@@ -107,7 +107,8 @@ async def test_a_gateway_city_not_in_the_layout_is_refused_at_start(tmp_path: Pa
     assert "atlantis" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-async def test_the_gateway_states_and_budgets_its_own_measured_overhead(tmp_path: Path, nats_server: NatsServer) -> None:
+async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(tmp_path: Path,
+                                                                               nats_server: NatsServer) -> None:
     """The latency cpn reports is the latency a user gets: beyond the network's RTT a gateway states
     what it measured of its own relay (here an agent that holds each answer 15 ms while reporting no
     service time: time the tenant waits that is neither the network nor the site's work)."""

@@ -62,7 +62,11 @@ class _Inference:
         return SimpleNamespace(site="home-site")
 
 
-def _network(tmp_path: Path, regions: dict[str, tuple[list[tuple[str, float]], bool, tuple[str, ...]]]) -> tuple[object, dict[str, _Inference]]:
+Ranked = list[tuple[str, float]]
+
+
+def _network(tmp_path: Path,
+             regions: dict[str, tuple[Ranked, bool, tuple[str, ...]]]) -> tuple[object, dict[str, _Inference]]:
     from types import SimpleNamespace
 
     from controlplane.tools.up import UpOptions
@@ -73,8 +77,8 @@ def _network(tmp_path: Path, regions: dict[str, tuple[list[tuple[str, float]], b
     for rid, (ranked, serves, sites) in regions.items():
         run = RegionRun(RegionPlan(id=rid, gateway_city=f"{rid}-city", sites=sites, nodes=()))
         inference[rid] = _Inference(ranked, serves)
-        run.gateway = SimpleNamespace(hub=SimpleNamespace(config=SimpleNamespace(default_budget_ms=10.0),  # type: ignore[assignment]
-                                                          inference=inference[rid]))
+        hub = SimpleNamespace(config=SimpleNamespace(default_budget_ms=10.0), inference=inference[rid])
+        run.gateway = SimpleNamespace(hub=hub)  # type: ignore[assignment]
         net.regions.append(run)
     return net, inference
 
