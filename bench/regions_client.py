@@ -8,7 +8,7 @@ origin on stdin, one JSON line of samples on stdout; an empty line or EOF ends i
 
 - in: ``{"key": ..., "origin": ..., "legs": {"regional": url, "central": url}, "warmup": n,
   "requests": n, "body": {...}}``
-- out: ``{"samples": [[mode, i, status, took_ms, service_ms, site, rtt_ms], ...]}`` (warm-up
+- out: ``{"samples": [[mode, i, status, took_ms, service_ms, site, rtt_ms, overhead_ms], ...]}`` (warm-up
   requests included, with their index: the parent leaves them out)
 """
 
@@ -34,7 +34,8 @@ async def _origin(session: aiohttp.ClientSession, job: dict[str, Any]) -> list[l
                 took_ms = (time.perf_counter() - started) * 1000
             ok = resp.status == 200
             out.append([mode, i, resp.status, took_ms, float(data["service_ms"]) if ok else 0.0,
-                        data["site"] if ok else "", float(data["rtt_ms"]) if ok else 0.0])
+                        data["site"] if ok else "", float(data["rtt_ms"]) if ok else 0.0,
+                        float(data.get("overhead_ms", 0.0)) if ok else 0.0])
     return out
 
 

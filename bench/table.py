@@ -139,8 +139,15 @@ def _regions(rg: dict[str, Any]) -> str:
         names = ", ".join(o for os in (rg.get("outside_origins") or {}).values() for o in os)
         out += (f"; origins with no in-region site within budget ({names}), own gateway p99 "
                 f"{min(r['p99_ms'] for r in far)}–{max(r['p99_ms'] for r in far)} ms")
+    if rg.get("not_served"):
+        out += f"; regions with no in-region site within budget: {', '.join(rg['not_served'])} (their origins all outside)"
     beyond = [r["beyond_promise_p50_ms"] for r in rows if "beyond_promise_p50_ms" in r]
-    out += f"; beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms" if beyond else ""
+    if beyond and any("stated_overhead_p50_ms" in r for r in rows):
+        was = [r["beyond_rtt_p50_ms"] for r in rows]
+        out += (f"; beyond the promise (`X-CPN-RTT-Ms` + `X-CPN-Overhead-Ms`): p50 {min(beyond)}–{max(beyond)} ms "
+                f"(beyond `X-CPN-RTT-Ms` alone: {min(was)}–{max(was)} ms)")
+    else:
+        out += f"; beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms" if beyond else ""
     sub = rg.get("subtracted")
     if sub:
         out += f"; subtracted: service time and the proxies' own {sub['proxy_ms_per_crossing']} ms per crossing"

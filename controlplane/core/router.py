@@ -102,6 +102,12 @@ class Router:
     def __repr__(self) -> str:
         return f"<Router decisions={self.decisions} cached={len(self._cache)} window={self.window}>"
 
+    def network_leg_ms(self, origin: str, rtt_ms: float) -> float:
+        """The share of ``rtt_ms`` (a route's figure from ``origin``) on the leg gateway -> site: the
+        whole of it when the gateway is not placed (``rtt`` is origin -> site)."""
+        leg = getattr(self.rtt, "leg_ms", None)
+        return rtt_ms - leg(origin) if self.ingress and leg is not None else rtt_ms
+
     def invalidate(self) -> None:
         """Forget cached candidate lists (call when the RTT index is recomputed)."""
         self._cache.clear()

@@ -93,6 +93,7 @@ def route_headers(served: Served, echo_id: str, filing: str | None = None) -> di
     headers = {
         "X-CPN-Site": served.site,
         "X-CPN-RTT-Ms": f"{served.rtt_ms:.3f}",
+        "X-CPN-Overhead-Ms": f"{served.overhead_ms:.3f}",
         "X-CPN-Route": served.route,
         "X-Request-Id": echo_id,
     }
@@ -109,6 +110,7 @@ def route_headers(served: Served, echo_id: str, filing: str | None = None) -> di
 
 async def infer(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
+    started = services.clock.monotonic()
     body = await read_body(request, InferBody)
     tenant = principal(request).tenant_id or ""
     origin = resolve_origin(request, body.origin)
@@ -130,6 +132,7 @@ async def infer(request: web.Request) -> web.Response:
         "output": result.output,
         "site": served.site,
         "rtt_ms": round(served.rtt_ms, 3),
+        "overhead_ms": round(served.overhead_ms, 3),
         "route": served.route,
         "origin": origin,
         "usage": {
@@ -139,7 +142,9 @@ async def infer(request: web.Request) -> web.Response:
         },
         "service_ms": result.service_ms,
     }
-    return json_response(out, headers=route_headers(served, request[ECHO_ID], filing))
+    response = json_response(out, headers=route_headers(served, request[ECHO_ID], filing))
+    services.inference.relayed(served, origin, (services.clock.monotonic() - started) * 1000.0)
+    return response
 
 
 OPERATIONS = [

@@ -26,17 +26,19 @@ log = logging.getLogger("cpn.gateway")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    started = request.app[SERVICES].clock.monotonic()
     req = oa.decode_chat_request(await raw_body(request))
-    return await _serve(request, req, "chat")
+    return await _serve(request, req, "chat", started)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
+    started = request.app[SERVICES].clock.monotonic()
     req = oa.decode_completion_request(await raw_body(request))
-    return await _serve(request, req, "completion")
+    return await _serve(request, req, "completion", started)
 
 
 async def _serve(
-    request: web.Request, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind
+    request: web.Request, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind, started: float,
 ) -> web.StreamResponse:
     services = request.app[SERVICES]
     tenant = principal(request).tenant_id or ""
@@ -56,8 +58,10 @@ async def _serve(
         assert served.result is not None
         headers = route_headers(served, echo, filing)
         headers["Content-Type"] = "application/json"  # in the prepared dict: no content_type parsing
-        return web.Response(body=oa.encode(oa.response(kind, served.result, created=created, model=req.model)),
-                            headers=headers)
+        answer = web.Response(body=oa.encode(oa.response(kind, served.result, created=created, model=req.model)),
+                              headers=headers)
+        services.inference.relayed(served, origin, (services.clock.monotonic() - started) * 1000.0)
+        return answer
 
     infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,

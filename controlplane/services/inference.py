@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from controlplane.core import router, ttft
+from controlplane.core.overhead import RelayOverhead
 from controlplane.core.errors import (
     NoCapacity, PeerError, RequestError, SiteRefused, SiteSilent, SiteUnreachable, SloUnmeetable,
 )
@@ -67,6 +68,9 @@ class Served:
     """A gateway city nearer to the request's origin than this one ("" when none is)."""
     predicted: ttft.Prediction | None = None
     """The TTFT prediction the request was admitted on (requests with an SLO only)."""
+    overhead_ms: float = 0.0
+    """cpn's own expected time on the request beyond ``rtt_ms`` and the site's work (the gateway's
+    measured relay overhead to the serving site, before this request: ``X-CPN-Overhead-Ms``)."""
 
 
 PUBLIC_CODES = frozenset({
@@ -123,6 +127,9 @@ class InferenceService:
                  metrics: HubMetrics, clock: Clock, rng: random.Random, site_timeout_s: float,
                  site_ack_timeout_s: float) -> None:
         self.registry = registry
+        self.overhead = RelayOverhead()
+        """cpn's own measured time per relayed answer: stated next to the RTT, not budgeted
+        (docs/topology.md, "The latency a tenant gets")."""
         self.router = router
         self.origin_ids = origin_ids
         self.known_models = known_models
@@ -326,6 +333,7 @@ class InferenceService:
             served.site, served.rtt_ms, served.result = site, rtt_ms, result
             self.served += 1
             elapsed = self.clock.monotonic() - started
+            served.overhead_ms = self.overhead.ms(site)
             self.metrics.answered(req.model, site, elapsed)
             if served.predicted is not None:
                 self._predicted(served, req, elapsed, False)
@@ -358,6 +366,17 @@ class InferenceService:
         served = Served(decision.site, decision.rtt_ms, decision.reason, ingress=self.router.ingress,
                         nearer_gateway=self.router.nearer_gateway.get(origin, ""), predicted=predicted)
         return served, decision
+
+    def relayed(self, served: Served, origin: str, took_ms: float) -> None:
+        """A whole answer the gateway relayed: ``took_ms`` from reading the request to the answer
+        encoded. Less the site's ``service_ms`` and the network's share of the relay (the layout's
+        leg gateway -> site), it is cpn's own time (:mod:`controlplane.core.overhead`). An answer
+        after a failover is not counted (the failed attempt's time is not the relay's)."""
+        result = served.result
+        if result is None or len(served.tried) != 1:
+            return
+        self.overhead.observe(served.site, took_ms - result.service_ms
+                              - self.router.network_leg_ms(origin, served.rtt_ms))
 
     def _ask_ack(self, req: wire.InferRequest) -> None:
         """Ask sites that acknowledge to do so (a silent one is then left after
@@ -434,6 +453,7 @@ class InferenceService:
             if len(served.tried) > 1:
                 served.route = "failover"
             served.site, served.rtt_ms = site, rtt_ms
+            served.overhead_ms = self.overhead.ms(site)
             self.served += 1
             elapsed = self.clock.monotonic() - started
             self.metrics.first_token(req.model, site, elapsed)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from controlplane.compose import HubProcess, build
 from controlplane.config import HubConfig
 from controlplane.core.errors import NoCapacity, RequestError
+from controlplane.core.router import RttSource
 from controlplane.nats import natsconf, natsregions
 from controlplane.nats.natsserver import NatsServer
 from edge_agent import private_files
@@ -154,6 +155,10 @@ class WanLinks(Protocol):
         (its access link; return ``url`` to leave it as it is)."""
         ...
 
+    # Optional: ``async def gateway(self, region: str, url: str) -> str``, the URL the region's
+    # gateway dials to reach ``url``, a client port of its region's cluster (the leg gateway city ->
+    # cluster city); without it the gateway dials its cluster directly.
+
 
 @dataclass
 class RegionRun:
@@ -165,6 +170,8 @@ class RegionRun:
     agents: list[Any] = field(default_factory=list)
     leaves: dict[str, NatsServer] = field(default_factory=dict)
     """Each site's own nats-server, a leaf node of this region's cluster (``leaf_sites``), by site."""
+    not_served: str = ""
+    """Why the region's gateway does not serve its own city within the strict budget ("" when it does)."""
 
     @property
     def urls(self) -> list[str]:
@@ -218,13 +225,15 @@ class RegionalNetwork:
         # Each region's sites' events in a stream of its own, placed in the region.
         event_regions = {r.plan.id: min(3, len(r.plan.nodes)) for r in self.regions}
 
-        def config(name: str, region: RegionRun, role: str, port: int, city: str | None) -> HubConfig:
+        def config(name: str, region: RegionRun, role: str, port: int, city: str | None,
+                   urls: list[str] | None = None) -> HubConfig:
             (data / name).mkdir(exist_ok=True)
+            urls = urls or region.urls
             return HubConfig(
                 hub_id=name, role=role, record="nats",  # type: ignore[arg-type]
-                nats_url=",".join(region.urls), nats_user=hub_user, nats_password=hub_password,
+                nats_url=",".join(urls), nats_user=hub_user, nats_password=hub_password,
                 # the record's connection takes its identity from the URLs (the record has no user field)
-                record_nats_urls=[u.replace("nats://", f"nats://{hub_user}:{hub_password}@") for u in region.urls],
+                record_nats_urls=[u.replace("nats://", f"nats://{hub_user}:{hub_password}@") for u in urls],
                 db_path=str(data / name / "hub.db"), listen_host=opts.host, listen_port=port, gateway_city=city,
                 layout=opts.layout, sim_time_scale=opts.sim_time_scale, strict_inboxes=True,
                 tls_cert=opts.tls_cert, tls_key=opts.tls_key, trusted_proxies=opts.trusted_proxies,
@@ -237,7 +246,8 @@ class RegionalNetwork:
         for i, region in enumerate(self.regions):
             port = opts.port + i if opts.port else 0
             region.gateway = build(config(f"gateway-{region.plan.id}", region, "gateway", port,
-                                          region.plan.gateway_city), layout=self.layout)
+                                          region.plan.gateway_city, await self._gateway_urls(region)),
+                                   layout=self.layout)
             await region.gateway.hub.start()
         first = self.regions[0].gateway
         assert first is not None
@@ -309,6 +319,14 @@ class RegionalNetwork:
     async def _wait_jetstream(self) -> None:
         await wait_meta_leader([p for r in self.regions for p in r.monitor_ports], 3 * self.opts.ready_timeout_s)
 
+    async def _gateway_urls(self, region: RegionRun) -> list[str]:
+        """The URLs the region's gateway dials to reach its cluster: through the WAN's ``gateway``
+        link when it has one (a gateway city away from the region's cluster city), else direct."""
+        hook = getattr(self.wan, "gateway", None)
+        if hook is None:
+            return region.urls
+        return [await hook(region.plan.id, u) for u in region.urls]
+
     async def _start_agents(self, region: RegionRun, creds: natsconf.CredentialSet) -> None:
         from edge_agent.agent import Agent
         from controlplane.tools.up import agent_config_for
@@ -367,24 +385,50 @@ class RegionalNetwork:
             await asyncio.sleep(0.05)
 
     async def _wait_demo_served(self) -> None:
-        """Until every region's gateway can serve the demo model to its own city (strict budget)."""
+        """Until every region's gateway can serve the demo model to its own city within the strict
+        budget, each region waited for on its own and given up after ``ready_timeout_s`` with a
+        warning (never a hang). A region whose gateway city has no site of the run within the
+        budget at all (the layout's figure, :func:`unreachable_in_budget`) is not waited for. Either
+        way the region is named in :attr:`not_served` and on the banner."""
+        await asyncio.gather(*(self._wait_region_served(r) for r in self.regions))
+
+    async def _wait_region_served(self, region: RegionRun) -> None:
         from controlplane.tools.up import DEMO_MODEL
 
-        started = time.monotonic()
-        next_warning = started + self.opts.ready_timeout_s
-        for region in self.regions:
-            assert region.gateway is not None
-            hub = region.gateway.hub
-            while True:
-                try:
-                    hub.inference.decide(region.plan.gateway_city, DEMO_MODEL, hub.config.default_budget_ms, "strict")
-                    break
-                except (NoCapacity, RequestError) as exc:
-                    if time.monotonic() >= next_warning:
-                        next_warning += self.opts.ready_timeout_s
-                        log.warning("event=demo_not_ready region=%s waited_s=%.0f reason=%s", region.plan.id,
-                                    time.monotonic() - started, exc)
-                    await asyncio.sleep(0.05)
+        assert region.gateway is not None
+        hub = region.gateway.hub
+        city, budget = region.plan.gateway_city, float(hub.config.default_budget_ms)
+        run_sites = frozenset(s for r in self.regions for s in r.plan.sites)
+        nearest = nearest_site(hub.inference.router.rtt, city, frozenset(region.plan.sites))
+        in_region = "" if nearest is not None and nearest[1] <= budget else (
+            f"no in-region site within {budget:g} ms of its gateway city {city}"
+            + (f" (nearest: {nearest[0]} at {nearest[1]:.1f} ms)" if nearest else ""))
+        if unreachable_in_budget(hub.inference.router.rtt, city, run_sites, budget):
+            region.not_served = in_region or f"no site within {budget:g} ms of its gateway city {city}"
+            log.warning("event=region_not_served region=%s reason=%r", region.plan.id, region.not_served)
+            return
+        deadline = time.monotonic() + self.opts.ready_timeout_s
+        while True:
+            try:
+                route = hub.inference.decide(city, DEMO_MODEL, budget, "strict")
+                if in_region:  # served within budget all the same, from another region's site
+                    log.info("event=region_served_from_elsewhere region=%s site=%s reason=%r", region.plan.id,
+                             route.site, in_region)
+                return
+            except (NoCapacity, RequestError) as exc:
+                if time.monotonic() >= deadline:
+                    region.not_served = (in_region + "; " if in_region else "") + (
+                        f"the demo model not served within {budget:g} ms of {city} after "
+                        f"{self.opts.ready_timeout_s:g} s: {exc}")
+                    log.warning("event=region_not_served region=%s reason=%r", region.plan.id, region.not_served)
+                    return
+                await asyncio.sleep(0.05)
+
+    @property
+    def not_served(self) -> dict[str, str]:
+        """Region -> why its gateway does not serve its own city within the strict budget (regions
+        that do are absent)."""
+        return {r.plan.id: r.not_served for r in self.regions if r.not_served}
 
     # ------------------------------------------------------------------ what the user sees
 
@@ -404,6 +448,9 @@ class RegionalNetwork:
             lines.append(f"  region {region.plan.id}: gateway at {self.gateway_url(region)} "
                          f"(city {region.plan.gateway_city}, {len(region.plan.sites)} sites, "
                          f"NATS {', '.join(region.urls)}{'; sites are leaf nodes' if region.leaves else ''})")
+            if region.not_served:
+                lines.append(f"    not served within budget: {region.not_served}; its tenants get the nearest "
+                             f"site beyond it with policy 'nearest', a 503 under 'strict'")
         url = self.gateway_url(self.regions[0])
         lines += [
             f"  admin key:   {self.credentials['admin_key']}",
@@ -419,6 +466,18 @@ class RegionalNetwork:
             "",
         ]
         return "\n".join(lines)
+
+
+def nearest_site(rtt: RttSource, city: str, sites: frozenset[str]) -> tuple[str, float] | None:
+    """The site of ``sites`` nearest ``city`` as ``rtt`` (a gateway's router source) ranks them, or None."""
+    return next(((s, ms) for s, ms in rtt.ranked(city) if s in sites), None)
+
+
+def unreachable_in_budget(rtt: RttSource, city: str, sites: frozenset[str], budget_ms: float) -> bool:
+    """Whether no site of ``sites`` is within ``budget_ms`` of ``city`` as ``rtt`` ranks them: then
+    no replica can ever serve ``city`` under the strict budget, and waiting for one would be a hang."""
+    near = nearest_site(rtt, city, sites)
+    return near is None or near[1] > budget_ms
 
 
 async def wait_meta_leader(monitor_ports: list[int], timeout_s: float) -> None:

@@ -105,3 +105,59 @@ async def test_a_gateway_city_not_in_the_layout_is_refused_at_start(tmp_path: Pa
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done.stderr
     assert "atlantis" in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(tmp_path: Path,
+                                                                               nats_server: NatsServer) -> None:
+    """The latency cpn reports is the latency a user gets: beyond the network's RTT a gateway states
+    what it measured of its own relay (here an agent that holds each answer 15 ms while reporting no
+    service time: time the tenant waits that is neither the network nor the site's work)."""
+    import asyncio
+    import time
+
+    import nats
+
+    from edge_agent import wire
+
+    config = hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="guangzhou")
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme", default_origin="guangzhou")
+        nc = await nats.connect(nats_server.url)
+
+        async def on_infer(msg):  # type: ignore[no-untyped-def]
+            req = wire.infer_request_decoder.decode(msg.data)
+            await asyncio.sleep(0.015)
+            await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site="gz-edge", model=req.model,
+                                                            output="ok", completion_tokens=1, service_ms=0.0)))
+
+        await nc.subscribe(wire.infer_subject("gz-edge"), cb=on_infer)
+        await nc.request(wire.register_subject("gz-edge"), wire.encode(wire.Register(site="gz-edge", city="guangzhou")),
+                         timeout=2)
+        await nc.publish(wire.heartbeat_subject("gz-edge"), wire.encode(
+            wire.Heartbeat(site="gz-edge", seq=1, models=[wire.ReplicaStatus(model="m", slots=8)])))
+        await until(lambda: "m" in hub.known_models())
+        async with aiohttp.ClientSession() as session:
+            tenant = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            # Nothing measured yet: nothing stated, and the 0.5 ms in-city RTT fits 10 ms.
+            status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10)
+            assert status == 200, body
+            rtt = float(headers["X-CPN-RTT-Ms"])
+            assert rtt < 1 and float(headers["X-CPN-Overhead-Ms"]) == 0.0 and body["overhead_ms"] == 0.0
+            # Measured: the next answers state it (the median of the answers before each), near
+            # what the client gets.
+            took, stated = [], []
+            for _ in range(5):
+                started = time.perf_counter()
+                status, body, headers = await _ask(tenant, "guangzhou", policy="nearest")
+                took.append((time.perf_counter() - started) * 1000)
+                assert status == 200, body
+                stated.append(float(headers["X-CPN-Overhead-Ms"]))
+                assert stated[-1] == pytest.approx(body["overhead_ms"], abs=1e-3)
+            assert min(stated) >= 14, stated
+            assert abs(sorted(took)[2] - (rtt + sorted(stated)[2])) < 10, (took, stated)
+            # The strict budget is the network's (the choice, docs/topology.md): a gateway slowed by
+            # load still serves a tenant its in-city site, and says how slow it has been.
+            status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10, policy="strict")
+            assert status == 200 and headers["X-CPN-Route"] == "nearest", body
+            assert float(headers["X-CPN-RTT-Ms"]) + float(headers["X-CPN-Overhead-Ms"]) > 10
+        await nc.close()

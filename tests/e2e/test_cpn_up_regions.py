@@ -193,3 +193,85 @@ def test_cpn_up_regions_leaf_sites_puts_each_site_behind_a_leaf_node_of_its_own_
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+FAR_REGIONS = """
+[[origins]]
+id = "faraway"
+name = "Far-away Zhejiang town (test)"
+region = "zhejiang"
+lat = 30.3
+lon = 111.0
+weight = 1.0
+
+[regions.sh]
+name = "Shanghai and Jiangsu"
+cluster = "shanghai"
+gateways = ["shanghai"]
+provinces = ["shanghai", "jiangsu"]
+
+[regions.zj]
+name = "Zhejiang, entered ~900 km from its pools"
+cluster = "hangzhou"
+gateways = ["faraway"]
+provinces = ["zhejiang"]
+"""
+
+
+def far_gateway_layout(tmp: Path) -> Path:
+    """demo-3 in two regions; Zhejiang's gateway stands in a town ~880 km from every pool (over 10 ms)."""
+    from tests.support.hubrig import DEMO3
+
+    text = Path(DEMO3).read_text()
+    text = text[: text.index("[regions.east]")]
+    text = text.replace("metro_km = 30 ", "max_access_km = 1500\nmetro_km = 30 ", 1)
+    at = text.index('id = "hz-edge"')  # a regional cluster stands at a hub or regional pool
+    tier = text.index('tier = "edge"', at)
+    regional = ('tier = "regional"\nprovider = "cpn-operator"\ntariff = "east"\npue = 1.3\n'
+                'failure_rate_per_card_hour = 2.0e-5\nrestart_s = 300\negress_gbps = 10')
+    text = text[:tier] + regional + text[tier + len('tier = "edge"'):]
+    text = text.replace("[cidrs]", FAR_REGIONS + "\n[cidrs]", 1)
+    path = tmp / "far-gateway.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.timeout(180)
+def test_cpn_up_regions_does_not_hang_on_a_region_with_no_site_within_budget(tmp_path: Path) -> None:
+    """The national layout's north-west enters at Xi'an, whose nearest site is 16.3 ms away through the
+    region's cluster at Zhongwei: `cpn up --regions 6` (and the bench) waited forever for it. Now the
+    region is named on the log and the banner, and the rest comes up."""
+    path = far_gateway_layout(tmp_path)
+    layout = loader.load(path)
+    assert [r.id for r in layout.regions] == ["sh", "zj"]
+    data = tmp_path / "cpn"
+    proc = subprocess.Popen(
+        [*CPN, "up", "--regions", "2", "--layout", str(path), "--data-dir", str(data), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
+    )
+    try:
+        started = time.monotonic()
+        banner: list[str] = []
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:
+            banner.append(line)
+            if "Ctrl-C" in line:
+                break
+        assert banner and "Ctrl-C" in banner[-1], f"no banner: {''.join(banner)}"
+        print(f"cpn up --regions 2 with a far gateway ready in {time.monotonic() - started:.1f} s")
+        text = "".join(banner)
+        assert re.search(r"region zj: gateway at http://127\.0\.0\.1:\d+ \(city faraway,", text), text
+        m = re.search(r"not served within budget: no in-region site within 10 ms of its gateway city faraway "
+                      r"\(nearest: hz-edge at (\d+\.\d) ms\)", text)
+        assert m and float(m.group(1)) > 10, text
+        assert text.count("not served within budget") == 1, text  # the Shanghai region is served
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "event=region_not_served region=zj" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream:
+                stream.close()
