@@ -8,6 +8,8 @@ What these prove:
   after another at a process cost at most a few barriers (the periodic writers'), not 40;
 - the write of ours that the watch brings back opens no local transaction: the process applies
   each of its submissions in SQLite once (counted with SQLite's own statement trace);
+- a snapshot's child before its parent (an attempt before its job) is still applied, both rows,
+  by an apply that then turns the foreign keys off (as every apply did before);
 - a retry of a submission at a process whose watch has not yet brought the first answer (held
   back here) loses the idempotency key's compare-and-set, catches up and replays the first job:
   one job, the same id, ``Idempotent-Replayed``, as it was with a barrier before every submission.
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from controlplane.compose import build_hub
@@ -78,6 +81,9 @@ async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp
         b.db.conn.set_trace_callback(None)
         begins = sum(1 for s in statements if s.startswith("BEGIN"))
         assert begins <= 2 * 40 + 5, f"{begins} local transactions for 40 submissions"  # before: up to 3 each
+        # applies keep the foreign keys on: no flag pragma, which would make SQLite compile every
+        # statement of the connection again (before: two per apply)
+        assert not [s for s in statements if s.startswith("PRAGMA foreign_keys")]
         for hub in (a, b):
             await until(lambda: {j.id for j in store_jobs.list_jobs(hub.db, "acme", limit=100)} == set(ids),
                         5, f"{hub} holds the 40 jobs")
@@ -135,3 +141,29 @@ async def test_a_retry_at_a_process_whose_watch_is_late_replays_the_first_job(tm
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_a_child_before_its_parent_is_applied_with_the_foreign_keys_off(tmp_path: Path,
+                                                                              cluster: NatsCluster) -> None:
+    hub = await start(tmp_path, cluster, "hub-a")
+    try:
+        rep = replica(hub)
+        key = hub.create_tenant("acme")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            status, body, _ = await Client(session, f"http://127.0.0.1:{hub.http_port}", key).call("POST", "/v1/jobs", JOB)
+            assert status == 201, body
+        cols = [r[1] for r in hub.db.conn.execute("PRAGMA table_info(jobs)")]
+        job = dict(zip(cols, hub.db.conn.execute(f"SELECT {', '.join(cols)} FROM jobs").fetchone()))
+        job["id"] = "job-snapshot-order"
+        attempt = {"job_id": job["id"], "attempt": 1, "pool": "p", "accelerator": "A800", "cards": 1, "placed_at": 1.0}
+        top = max(rep.revisions.values()) + 1_000_000  # revisions of a snapshot still to come, far ahead
+        errors, unchecked = rep.apply_errors, rep.unchecked_applies
+        assert rep.apply_changes([  # in a snapshot's order: the attempt's last write came before the job's
+            Change(f"attempt.{job['id']}.1", msgspec.json.encode({"t": "attempts", "row": attempt}), top),
+            Change(f"job.{job['id']}", msgspec.json.encode({"t": "jobs", "row": job}), top + 1)]) == 2
+        assert (rep.apply_errors, rep.unchecked_applies) == (errors, unchecked + 1)
+        assert hub.db.conn.execute("SELECT COUNT(*) FROM attempts WHERE job_id = ?", (job["id"],)).fetchone() == (1,)
+        assert store_jobs.get_job(hub.db, job["id"]) is not None
+        assert hub.db.conn.execute("PRAGMA foreign_keys").fetchone() == (1,)  # on again for the writers
+    finally:
+        await hub.stop()
