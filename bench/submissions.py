@@ -102,8 +102,9 @@ def cpu_s(pids: list[int]) -> float:
 
 
 async def submit(session: aiohttp.ClientSession, ports: list[int], key: str, jobs: int, concurrency: int,
-                 latencies: list[float], errors: list[str]) -> float:
-    """``jobs`` submissions from ``concurrency`` clients; appends their latencies; the seconds taken."""
+                 latencies: list[float], errors: list[str], by_port: dict[int, list[float]] | None = None) -> float:
+    """``jobs`` submissions from ``concurrency`` clients; appends their latencies (also ``by_port``,
+    per hub); the seconds taken."""
     counter = iter(range(jobs))
     headers = {"Authorization": f"Bearer {key}"}
 
@@ -116,6 +117,8 @@ async def submit(session: aiohttp.ClientSession, ports: list[int], key: str, job
                 if resp.status != 201:
                     errors.append(f"{resp.status} {body[:200]!r}")
             latencies.append(time.perf_counter() - t0)
+            if by_port is not None:
+                by_port.setdefault(port, []).append(latencies[-1])
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -130,6 +133,7 @@ class Setup:
         self.hubs = hubs
         self.key = ""
         self.latencies: list[float] = []
+        self.by_port: dict[int, list[float]] = {}
         self.errors: list[str] = []
         self.seconds = 0.0
         self.hub_cpu_s = 0.0
@@ -158,7 +162,7 @@ class Setup:
         each0 = [cpu_s([p]) for p in pids]
         latencies: list[float] = []
         seconds = await submit(session, [h.port for h in self.hubs], self.key, jobs, concurrency, latencies,
-                               self.errors if measured else [])
+                               self.errors if measured else [], self.by_port if measured else None)
         if measured:
             self.latencies += latencies
             self.seconds += seconds
@@ -177,6 +181,8 @@ class Setup:
             "hub_cpu_ms_per_submission": round(self.hub_cpu_s * 1000 / n, 3) if n else None,
             "nats_cpu_ms_per_submission": round(self.nats_cpu_s * 1000 / n, 3) if n else None,
             "each_hub_cpu_ms_per_submission": [round(t * 1000 / n, 3) for t in self.each_cpu_s] if n else None,
+            "each_hub_p99_ms": [round(common.percentile(sorted(self.by_port.get(h.port, [])), 99) * 1000, 2)
+                                for h in self.hubs],
         }
 
 
