@@ -192,6 +192,8 @@ class Replica:
         """(process, tenant, model, site) -> that process's cumulative counters."""
         self._columns: dict[str, list[str]] = {}
         self._local_columns: dict[str, list[str]] = {}
+        self._upserts: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
+        """(table, the row's columns) -> the apply's upsert statement and its columns, made once."""
         self._local: list[tuple[str, dict[str, Any]]] | None = None
         """While :meth:`write` runs its ``fn``: the local-only rows it inserted (Rule 7)."""
         self._pending: dict[str, tuple[str, dict[str, Any], bool]] = {}
@@ -851,12 +853,16 @@ class Replica:
             self.db.conn.execute(f"DELETE FROM {table} WHERE " + " AND ".join(f"{c} = ?" for c in pk),
                                  [row[c] for c in pk])
             return
-        cols = [c for c in self._columns[table] if c in row]
-        updates = [c for c in cols if c not in pk]
-        sql = (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
-               f"ON CONFLICT ({', '.join(pk)}) DO ")
-        sql += ("UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in updates)) if updates else "NOTHING"
-        self.db.conn.execute(sql, [row[c] for c in cols])
+        shape = (table, tuple(row))  # a row's columns as its writer sent them (one shape per table, mostly)
+        upsert = self._upserts.get(shape)
+        if upsert is None:
+            cols = [c for c in self._columns[table] if c in row]
+            updates = [c for c in cols if c not in pk]
+            sql = (f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)}) "
+                   f"ON CONFLICT ({', '.join(pk)}) DO ")
+            sql += ("UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in updates)) if updates else "NOTHING"
+            upsert = self._upserts[shape] = (sql, tuple(cols))
+        self.db.conn.execute(upsert[0], [row[c] for c in upsert[1]])
 
     def _write_usage_sum(self, ident: tuple[str, str, str]) -> None:
         total = [0.0] * len(USAGE_COUNTERS)
