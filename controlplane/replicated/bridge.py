@@ -74,6 +74,8 @@ class RecordBridge:
                  name: str = "cpn-record", connect: Mapping[str, Any] | None = None,
                  switch_interval_s: float = 0.0005) -> None:
         self.servers = list(servers)
+        self.switch_interval_s = switch_interval_s
+        """The process's GIL switch interval at most, once the bridge's thread runs (Rule 8)."""
         self.connect = dict(connect or {})
         """More ``nats.connect`` options (the process's NATS identity and TLS context)."""
         self.bucket = bucket
@@ -101,7 +103,6 @@ class RecordBridge:
         self._barrier_failing = False
         self._probe: concurrent.futures.Future[None] | None = None
         self.catch_ups_skipped = 0
-        self.switch_interval_s = switch_interval_s
         """Blocking read barriers skipped while a failed one's probe waits for an answer (Rule 7)."""
         """Read barriers :meth:`catch_up_async` asked the record for (shared by the callers of one)."""
 
