@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -53,12 +54,17 @@ class HubProc:
         self.admin_key = ""
 
     @classmethod
-    async def start(cls, args: list[str], timeout_s: float = 60.0) -> HubProc:
+    async def start(cls, args: list[str], timeout_s: float = 60.0, source: str | None = None) -> HubProc:
+        """``source``: run the cpn found in that directory rather than this one."""
+        hub_id = args[args.index('--hub-id') + 1]
+        profile = os.environ.get("CPN_BENCH_PROFILE")  # --profile: each hub under bench/sampler.py
+        sampled = [str(Path(__file__).with_name("sampler.py")), f"{profile}/{hub_id}.stacks"] if profile else []
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controlplane.cli", "hub", *args, stdout=asyncio.subprocess.PIPE,
-            stderr=open(os.environ["CPN_BENCH_LOGS"] + f"/{args[args.index('--hub-id') + 1]}.log", "ab")
+            sys.executable, *sampled, "-m", "controlplane.cli", "hub", *args, stdout=asyncio.subprocess.PIPE,
+            stderr=open(os.environ["CPN_BENCH_LOGS"] + f"/{hub_id}.log", "ab")
             if os.environ.get("CPN_BENCH_LOGS") else asyncio.subprocess.DEVNULL,
-            env={**os.environ, "CPN_LOG": "WARNING"})
+            env={**os.environ, "CPN_LOG": "WARNING", **({"PYTHONPATH": source} if source else {})},
+            cwd=source)
         hub = cls(proc)
         assert proc.stdout is not None
         async with asyncio.timeout(timeout_s):
@@ -96,8 +102,9 @@ def cpu_s(pids: list[int]) -> float:
 
 
 async def submit(session: aiohttp.ClientSession, ports: list[int], key: str, jobs: int, concurrency: int,
-                 latencies: list[float], errors: list[str]) -> float:
-    """``jobs`` submissions from ``concurrency`` clients; appends their latencies; the seconds taken."""
+                 latencies: list[float], errors: list[str], by_port: dict[int, list[float]] | None = None) -> float:
+    """``jobs`` submissions from ``concurrency`` clients; appends their latencies (also ``by_port``,
+    per hub); the seconds taken."""
     counter = iter(range(jobs))
     headers = {"Authorization": f"Bearer {key}"}
 
@@ -110,6 +117,8 @@ async def submit(session: aiohttp.ClientSession, ports: list[int], key: str, job
                 if resp.status != 201:
                     errors.append(f"{resp.status} {body[:200]!r}")
             latencies.append(time.perf_counter() - t0)
+            if by_port is not None:
+                by_port.setdefault(port, []).append(latencies[-1])
 
     started = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -124,10 +133,12 @@ class Setup:
         self.hubs = hubs
         self.key = ""
         self.latencies: list[float] = []
+        self.by_port: dict[int, list[float]] = {}
         self.errors: list[str] = []
         self.seconds = 0.0
         self.hub_cpu_s = 0.0
         self.nats_cpu_s = 0.0
+        self.each_cpu_s = [0.0] * len(hubs)
 
     async def prepare(self, session: aiohttp.ClientSession, admin: tuple[int, str]) -> None:
         async with session.post(f"http://127.0.0.1:{admin[0]}/v1/tenants", headers={"Authorization": f"Bearer {admin[1]}"},
@@ -148,14 +159,16 @@ class Setup:
                   measured: bool = True) -> None:
         pids = [h.proc.pid for h in self.hubs]
         hub0, nats0 = cpu_s(pids), cpu_s(nats_pids)
+        each0 = [cpu_s([p]) for p in pids]
         latencies: list[float] = []
         seconds = await submit(session, [h.port for h in self.hubs], self.key, jobs, concurrency, latencies,
-                               self.errors if measured else [])
+                               self.errors if measured else [], self.by_port if measured else None)
         if measured:
             self.latencies += latencies
             self.seconds += seconds
             self.hub_cpu_s += cpu_s(pids) - hub0
             self.nats_cpu_s += cpu_s(nats_pids) - nats0
+            self.each_cpu_s = [t + cpu_s([p]) - t0 for t, p, t0 in zip(self.each_cpu_s, pids, each0)]
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies)
@@ -167,6 +180,9 @@ class Setup:
             "p99_ms": round(common.percentile(lat, 99) * 1000, 2),
             "hub_cpu_ms_per_submission": round(self.hub_cpu_s * 1000 / n, 3) if n else None,
             "nats_cpu_ms_per_submission": round(self.nats_cpu_s * 1000 / n, 3) if n else None,
+            "each_hub_cpu_ms_per_submission": [round(t * 1000 / n, 3) for t in self.each_cpu_s] if n else None,
+            "each_hub_p99_ms": [round(common.percentile(sorted(self.by_port.get(h.port, [])), 99) * 1000, 2)
+                                for h in self.hubs],
         }
 
 
@@ -180,9 +196,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         base = Path(tmp)
         blocking_toml = base / "blocking.toml"
         blocking_toml.write_text("record_pipelined_writes = false\n")
+        replicated = [("nats", [], None), ("nats_blocking", ["--config", str(blocking_toml)], None)]
+        if args.base:  # the same hubs from another checkout of cpn (a same-run before/after)
+            replicated.append(("nats_base", [], str(Path(args.base).resolve())))
+        replicated = [r for r in replicated if r[0] in args.setups]
         # Each replicated setup on a cluster of its own: one record, one leader (its scheduler) each.
-        async with NatsCluster(base / "nats") as cluster, NatsCluster(base / "nats2") as cluster2, \
-                aiohttp.ClientSession() as session:
+        async with contextlib.AsyncExitStack() as stack:
+            clusters = [await stack.enter_async_context(NatsCluster(base / f"nats{i}"))
+                        for i in range(max(1, len(replicated)))]
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            cluster = clusters[0]
             common_args = ["--listen", "127.0.0.1:0"]
             procs: list[HubProc] = []
             try:
@@ -192,14 +215,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 procs.append(single)
                 setups = [Setup("sqlite", [single])]
                 nats_pids: dict[str, list[int]] = {"sqlite": [n.pid for n in cluster.nodes if n.pid is not None]}
-                for name, extra, c in (("nats", [], cluster), ("nats_blocking", ["--config", str(blocking_toml)], cluster2)):
+                for (name, extra, source), c in zip(replicated, clusters):
                     hubs = []
                     for i in range(args.hubs):
                         hub_id = f"bench-{name}-{i}"
                         hubs.append(await HubProc.start([
                             *extra, *common_args, "--record", "nats", "--nats", ",".join(c.urls),
                             "--db", str(base / hub_id / "hub.db"), "--hub-id", hub_id,
-                            *(["--create-admin-key"] if i == 0 else [])]))
+                            *(["--create-admin-key"] if i == 0 else [])], source=source))
                         procs.append(hubs[-1])
                     setups.append(Setup(name, hubs))
                     nats_pids[name] = [n.pid for n in c.nodes if n.pid is not None]
@@ -215,10 +238,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             await m.run(session, max(1, args.jobs // args.rounds), level, nats_pids[m.name])
                     result = {m.name: m.summary() for m in measured}
                     sq = result["sqlite"]["per_s"]
-                    result["ratio_nats_to_sqlite"] = round(result["nats"]["per_s"] / sq, 3) if sq else None
-                    result["ratio_blocking_to_sqlite"] = round(result["nats_blocking"]["per_s"] / sq, 3) if sq else None
-                    result["ratio_pipelined_to_blocking"] = round(
-                        result["nats"]["per_s"] / result["nats_blocking"]["per_s"], 3) if result["nats_blocking"]["per_s"] else None
+                    if "nats" in result:
+                        result["ratio_nats_to_sqlite"] = round(result["nats"]["per_s"] / sq, 3) if sq else None
+                    if "nats_blocking" in result:
+                        result["ratio_blocking_to_sqlite"] = round(result["nats_blocking"]["per_s"] / sq, 3) if sq else None
+                    if "nats" in result and "nats_blocking" in result:
+                        result["ratio_pipelined_to_blocking"] = round(
+                            result["nats"]["per_s"] / result["nats_blocking"]["per_s"], 3) if result["nats_blocking"]["per_s"] else None
+                    if "nats_base" in result and result["nats_base"]["per_s"]:
+                        result["ratio_nats_to_base"] = round(result["nats"]["per_s"] / result["nats_base"]["per_s"], 3)
                     out[f"c{level}"] = result
             finally:
                 for hub in procs:
@@ -234,13 +262,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,16", help="client counts, comma-separated (default 1,16)")
     parser.add_argument("--hubs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the submissions are split into")
+    parser.add_argument("--profile", metavar="DIR", help="run each hub under bench/sampler.py (stack samples of "
+                        "where its CPU goes) and write DIR/<hub id>.stacks and .stacks.top")
+    parser.add_argument("--base", metavar="DIR", help="also run the replicated hubs from the cpn source in DIR "
+                        "(e.g. `git archive main`, unpacked), as setup nats_base: a same-run before/after")
+    parser.add_argument("--setups", default="sqlite,nats,nats_blocking",
+                        help="which setups besides sqlite run (default sqlite,nats,nats_blocking)")
     args = parser.parse_args(argv)
+    args.setups = set(args.setups.split(",")) | {"sqlite"} | ({"nats_base"} if args.base else set())
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        os.environ["CPN_BENCH_PROFILE"] = str(Path(args.profile).resolve())
     result = asyncio.run(run(args))
     for name, value in result.items():
         print(f"{name:24s} {value}")
     print(f"wrote {common.write('submissions', result)}")
     failed = any(r[s]["errors"] for k, r in result.items() if k.startswith("c") and isinstance(r, dict)
-                 for s in ("sqlite", "nats", "nats_blocking"))
+                 for s in ("sqlite", "nats", "nats_blocking", "nats_base") if s in r)
     return 1 if failed else 0
 
 

@@ -63,15 +63,18 @@ def rows() -> list[tuple[str, str, str, str]]:
     elif sub:
         for level in sub["concurrency"]:
             r = sub[f"c{level}"]
-            sq, nr, bl = r["sqlite"], r["nats"], r["nats_blocking"]
+            sq, nr, bl = r["sqlite"], r["nats"], r.get("nats_blocking")  # --setups may leave it out
             out.append((f"durable submissions, {level} client{'s' if level > 1 else ''} (`cpn bench submissions`, "
                         f"interleaved rounds, load {sub['load_before']}–{sub['load_after']})",
                         f"one hub on SQLite {sq['per_s']:,.0f}/s (p50 {sq['p50_ms']} ms, p99 {sq['p99_ms']} ms); "
                         f"{sub['hubs']} hubs on the replicated record {nr['per_s']:,.0f}/s (p50 {nr['p50_ms']} ms, "
-                        f"p99 {nr['p99_ms']} ms) = {r['ratio_nats_to_sqlite']}×; writes one at a time per process "
-                        f"(before) {bl['per_s']:,.0f}/s, p99 {bl['p99_ms']} ms; hub CPU per submission "
-                        f"{sq['hub_cpu_ms_per_submission']} / {nr['hub_cpu_ms_per_submission']} / "
-                        f"{bl['hub_cpu_ms_per_submission']} ms",
+                        f"p99 {nr['p99_ms']} ms) = {r['ratio_nats_to_sqlite']}×; "
+                        + (f"writes one at a time per process (before) {bl['per_s']:,.0f}/s, p99 {bl['p99_ms']} ms; "
+                           if bl else "")
+                        + f"hub CPU per submission {sq['hub_cpu_ms_per_submission']} / {nr['hub_cpu_ms_per_submission']}"
+                        + (f" / {bl['hub_cpu_ms_per_submission']}" if bl else "") + " ms"
+                        + (f" (+ nats-servers {sq['nats_cpu_ms_per_submission']} / {nr['nats_cpu_ms_per_submission']} ms)"
+                           if nr.get("nats_cpu_ms_per_submission") is not None else ""),
                         "≥ 0.25×, p99 ≤ 50 ms", f"{sub['machine']}, {sub['date']}"))
     tk = _load("takeover")
     if tk:

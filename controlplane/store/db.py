@@ -140,16 +140,19 @@ def transaction(db: sqlite_utils.Database, *, local: bool = False) -> Iterator[s
         hook.after_commit()
 
 
-async def write(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database], T], *, fenced: bool = True) -> T:
+async def write(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database], T], *, fenced: bool = True,
+                optimistic: bool = False) -> T:
     """``fn(db)`` as one :func:`transaction`, awaited: on the replicated record the loop goes on
     while the record acknowledges, and several such writes of one process are in flight at once
     (``Replica.write``; ``fenced=False`` for a write made for a tenant rather than a leader's
     decision). ``fn`` may run more than once and must have no effect outside the database.
+    ``optimistic``: ``fn`` reads only rows it also writes, so the record's compare-and-set catches
+    a stale read and the read barrier before it is skipped (``Replica.write``, Rule 8).
     """
     hook = getattr(db, "write_hook", None)
     pipelined = getattr(hook, "write", None)
     if pipelined is not None and getattr(hook, "pipelined", False) and not db.conn.in_transaction:
-        result: T = await pipelined(fn, fenced=fenced)
+        result: T = await pipelined(fn, fenced=fenced, optimistic=optimistic)
         return result
     with transaction(db):
         return fn(db)

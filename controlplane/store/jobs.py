@@ -249,10 +249,14 @@ async def create_job_async(db: sqlite_utils.Database, tenant: str, spec: JobSpec
                            body_hash: str, now: float) -> tuple[JobRow, bool]:
     """:func:`create_job`, awaited (``store.db.write``): on the replicated record the loop goes on
     while the record acknowledges, and concurrent submissions of one process are in flight together.
-    Not fenced: a submission is a tenant's write, which any gateway makes, leading or not."""
+    Not fenced: a submission is a tenant's write, which any gateway makes, leading or not.
+    Optimistic: it reads only the rows it writes (its idempotency key, its new job), so it asks the
+    record for no read barrier; a retry whose first answer the projection does not hold yet loses
+    the idempotency key's compare-and-set, catches up and replays that answer."""
     if spec.cards < 1:
         raise Unprocessable(f"cards must be an integer >= 1, got {spec.cards!r}", field="cards")
-    return await write(db, lambda d: _create_job(d, tenant, spec, idem_key, body_hash, now, None), fenced=False)
+    return await write(db, lambda d: _create_job(d, tenant, spec, idem_key, body_hash, now, None), fenced=False,
+                       optimistic=True)
 
 
 def _create_job(db: sqlite_utils.Database, tenant: str, spec: JobSpec, idem_key: str | None, body_hash: str,

@@ -76,3 +76,16 @@ def test_another_benchs_readme_run_keeps_the_peers_section(tmp_path: Path, monke
     monkeypatch.setattr(table, "README", readme)
     table.update_readme()  # e.g. `cpn bench regions --readme` in a tree without the peers' results
     assert peers in readme.read_text()  # before: "Not measured yet" in its place
+
+
+def test_a_submissions_run_without_the_one_at_a_time_setup_still_makes_its_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    setup = {"per_s": 100.0, "p50_ms": 5.0, "p99_ms": 9.0, "hub_cpu_ms_per_submission": 1.5,
+             "nats_cpu_ms_per_submission": 1.0}
+    (tmp_path / "submissions.json").write_text(json.dumps({  # `cpn bench submissions --setups nats`
+        "concurrency": [1], "hubs": 3, "load_before": 0.5, "load_after": 0.7, "machine": "box", "date": "2026-12-07",
+        "c1": {"sqlite": setup, "nats": {**setup, "hub_cpu_ms_per_submission": 2.5}, "ratio_nats_to_sqlite": 1.0}}))
+    rows = [r for r in table.render(EXISTING).splitlines() if "durable submissions, 1 client" in r]
+    assert len(rows) == 1 and "hub CPU per submission 1.5 / 2.5 ms (+ nats-servers 1.0 / 1.0 ms)" in rows[0]
+    assert "one at a time" not in rows[0]

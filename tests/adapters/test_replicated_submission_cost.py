@@ -1,0 +1,173 @@
+"""What a durable submission costs on the replicated record: hub processes on a real 3-node
+nats-server cluster (loopback, sync_interval always), ``record = "nats"``, submissions over HTTP.
+
+What these prove:
+
+- a submission asks the record for no read barrier (before: one JetStream stream-info request and
+  two thread hops per submission, each one at a time for a single client): 40 submissions one
+  after another at a process cost at most a few barriers (the periodic writers'), not 40;
+- the write of ours that the watch brings back opens no local transaction: the process applies
+  each of its submissions in SQLite once (counted with SQLite's own statement trace);
+- a snapshot's child before its parent (an attempt before its job) is still applied, both rows,
+  by an apply that then turns the foreign keys off (as every apply did before);
+- the process's GIL switch interval is 0.5 ms while the record's thread runs (Rule 8 of the bridge);
+- a retry of a submission at a process whose watch has not yet brought the first answer (held
+  back here) loses the idempotency key's compare-and-set, catches up and replays the first job:
+  one job, the same id, ``Idempotent-Replayed``, as it was with a barrier before every submission.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from controlplane.compose import build_hub
+from controlplane.hub import Hub
+from controlplane.replicated.kv import Change
+from controlplane.store import jobs as store_jobs
+from controlplane.store.replica import Replica
+from tests.support.hubrig import Client, hub_config
+from tests.support.natscluster import NatsCluster
+from tests.support.waiting import until
+
+JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60}
+
+# Hubs on a fresh 3-node cluster whose stream elections take seconds: run alone, after the parallel pass.
+pytestmark = pytest.mark.serial
+
+
+async def start(tmp: Path, cluster: NatsCluster, name: str) -> Hub:
+    (tmp / name).mkdir(exist_ok=True)
+    hub = build_hub(hub_config(tmp / name, ",".join(cluster.urls), hub_id=name, record="nats"))
+    await hub.start()
+    return hub
+
+
+def replica(hub: Hub) -> Replica:
+    hook = hub.db.write_hook
+    assert isinstance(hook, Replica)
+    return hook
+
+
+async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp_path: Path,
+                                                                             cluster: NatsCluster) -> None:
+    a = await start(tmp_path, cluster, "hub-a")
+    b = await start(tmp_path, cluster, "hub-b")
+    try:
+        key = a.create_tenant("acme")
+        await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
+                    5, "the tenant at B")
+        bridge: Any = replica(b).bridge
+        # the bridge's thread hands acknowledgements over to a busy loop within 0.5 ms, not Python's 5 ms
+        assert sys.getswitchinterval() <= 0.0005
+        statements: list[str] = []
+        b.db.conn.set_trace_callback(statements.append)
+        barriers, skipped = bridge.barriers, replica(b).barriers_skipped
+        ids = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            at_b = Client(session, f"http://127.0.0.1:{b.http_port}", key)
+            for _ in range(40):
+                status, body, _ = await at_b.call("POST", "/v1/jobs", JOB)
+                assert status == 201, body
+                ids.append(body["id"])
+        barriers = bridge.barriers - barriers
+        assert replica(b).barriers_skipped - skipped == 40
+        assert barriers <= 5, f"{barriers} read barriers for 40 submissions"  # before: 40
+        # each of them in B's SQLite, once: captured (then rolled back) and applied when acknowledged;
+        # its echo from the watch (a revision B holds already) began no transaction of its own
+        await until(lambda: bridge.revision >= max(replica(b).revisions.values()), 5, "B's watch caught up")
+        b.db.conn.set_trace_callback(None)
+        begins = sum(1 for s in statements if s.startswith("BEGIN"))
+        assert begins <= 2 * 40 + 5, f"{begins} local transactions for 40 submissions"  # before: up to 3 each
+        # applies keep the foreign keys on: no flag pragma, which would make SQLite compile every
+        # statement of the connection again (before: two per apply)
+        assert not [s for s in statements if s.startswith("PRAGMA foreign_keys")]
+        for hub in (a, b):
+            await until(lambda: {j.id for j in store_jobs.list_jobs(hub.db, "acme", limit=100)} == set(ids),
+                        5, f"{hub} holds the 40 jobs")
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_a_retry_at_a_process_whose_watch_is_late_replays_the_first_job(tmp_path: Path,
+                                                                              cluster: NatsCluster) -> None:
+    a = await start(tmp_path, cluster, "hub-a")
+    b = await start(tmp_path, cluster, "hub-b")
+    try:
+        key = a.create_tenant("acme")
+        await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
+                    5, "the tenant at B")
+        # B's watch is late with jobs and idempotency keys: what it delivered is held back until B
+        # asks the record for a read barrier (as a barrier waits for a late delivery)
+        bridge: Any = replica(b).bridge
+        take: Callable[[], list[Change]] = bridge.take_changes
+        catch_up = bridge.catch_up_async
+        held: list[Change] = []
+        holding = [True]
+
+        def late_take() -> list[Change]:
+            changes = take()
+            if not holding[0]:
+                late, held[:] = held[:], []
+                return sorted(late + changes, key=lambda c: c.revision)
+            held.extend(c for c in changes if c.key.startswith(("idem.", "job.")))
+            return [c for c in changes if not c.key.startswith(("idem.", "job."))]
+
+        async def barrier() -> bool:
+            holding[0] = False
+            ok: bool = await catch_up()
+            return ok
+
+        bridge.take_changes = late_take
+        bridge.catch_up_async = barrier
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            at_a = Client(session, f"http://127.0.0.1:{a.http_port}", key)
+            at_b = Client(session, f"http://127.0.0.1:{b.http_port}", key)
+            status, first, _ = await at_a.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "k1"})
+            assert status == 201, first
+            written = max(replica(a).revisions.values())
+            await until(lambda: bridge.revision >= written, 5, "B's watch has the first answer")
+            replica(b).apply_changes()
+            assert held, "nothing held back: the test would prove nothing"
+            assert store_jobs.get_job(b.db, first["id"]) is None  # B's SQLite does not know the job yet
+            status, again, headers = await at_b.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "k1"})
+            assert (status, again["id"], headers.get("Idempotent-Replayed")) == (201, first["id"], "true"), again
+            assert replica(b).optimistic_retries == 1  # it lost the key's compare-and-set, caught up, ran again
+        for hub in (a, b):
+            assert [j.id for j in store_jobs.list_jobs(hub.db, "acme", limit=10)] == [first["id"]]
+    finally:
+        await b.stop()
+        await a.stop()
+
+
+async def test_a_child_before_its_parent_is_applied_with_the_foreign_keys_off(tmp_path: Path,
+                                                                              cluster: NatsCluster) -> None:
+    hub = await start(tmp_path, cluster, "hub-a")
+    try:
+        rep = replica(hub)
+        key = hub.create_tenant("acme")
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            status, body, _ = await Client(session, f"http://127.0.0.1:{hub.http_port}", key).call("POST", "/v1/jobs", JOB)
+            assert status == 201, body
+        cols = [r[1] for r in hub.db.conn.execute("PRAGMA table_info(jobs)")]
+        job = dict(zip(cols, hub.db.conn.execute(f"SELECT {', '.join(cols)} FROM jobs").fetchone()))
+        job["id"] = "job-snapshot-order"
+        attempt = {"job_id": job["id"], "attempt": 1, "pool": "p", "accelerator": "A800", "cards": 1, "placed_at": 1.0}
+        top = max(rep.revisions.values()) + 1_000_000  # revisions of a snapshot still to come, far ahead
+        errors, unchecked = rep.apply_errors, rep.unchecked_applies
+        assert rep.apply_changes([  # in a snapshot's order: the attempt's last write came before the job's
+            Change(f"attempt.{job['id']}.1", msgspec.json.encode({"t": "attempts", "row": attempt}), top),
+            Change(f"job.{job['id']}", msgspec.json.encode({"t": "jobs", "row": job}), top + 1)]) == 2
+        assert (rep.apply_errors, rep.unchecked_applies) == (errors, unchecked + 1)
+        assert hub.db.conn.execute("SELECT COUNT(*) FROM attempts WHERE job_id = ?", (job["id"],)).fetchone() == (1,)
+        assert store_jobs.get_job(hub.db, job["id"]) is not None
+        assert hub.db.conn.execute("PRAGMA foreign_keys").fetchone() == (1,)  # on again for the writers
+    finally:
+        await hub.stop()
