@@ -15,11 +15,16 @@ What it promises:
   session's SQLite projection plugs in here); an exception in it is counted, never stops the watch.
 
 It holds values as bytes; decoding into entity types is the caller's (``msgspec`` decoders).
-- Rule 6: a watch can stop delivering without a word (nats-py's ordered consumer does not always
-  come back when the node holding it dies): while the whole record is projected (``keys=">"``),
-  the projection compares its revision with the record's every ``check_s`` and, if the record
-  stays ahead for ``stall_s``, starts a new watch; its snapshot (every key's last value, deletes
-  as markers) brings the projection up to date.
+- Rule 6: a watch can stop delivering without a word (its consumer lives on one NATS node, held
+  in memory: when that node dies or hangs, nothing comes, and a consumer made again while the
+  cluster has not yet noticed the loss may be placed on the dead node). While the whole record is
+  projected (``keys=">"``), a supervisor compares the projection's revision with the record's every
+  ``check_s``: once the projection misses a write the record held a check ago, it reads what it
+  misses from the record itself (direct gets, which any replica answers: no consumer needed) and,
+  if the watch delivered nothing for ``stall_s`` meanwhile, starts a new watch after its revision
+  (in the background: a new watch that cannot be set up is tried again at the next check). So a
+  projection is current within about ``2 * check_s`` of the record answering again. The supervisor
+  never stops on an error: it logs it, counts it (``supervisor_errors``) and checks again.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ from controlplane.replicated.kv import FENCE_CHECK_PREFIX, Change, Entry, Record
 
 _log = logging.getLogger("cpn.replicated")
 
+CHECK_S = 0.5
+"""How often the supervisor compares the projection's revision with the record's (Rule 6)."""
+STALL_S = 1.0
+"""How long a watch may deliver nothing while the projection misses writes before a new one starts."""
+
 
 class Projection:
     """An in-memory projection of ``record`` (keys under ``keys``, ``>`` for all).
@@ -41,12 +51,13 @@ class Projection:
         record: the record to watch.
         on_change: called with each :class:`Change` once applied.
         keys: a KV key pattern (``job.>``) to project only part of the record.
-        check_s: how often to compare the record's last revision with ours (0: never).
-        stall_s: how long the record may stay ahead of us before the watch is restarted.
+        check_s: how often to compare the record's last revision with ours (0: never); a write
+            the record held a check ago and we miss is read from the record.
+        stall_s: how long the watch may deliver nothing while we miss writes before it is restarted.
     """
 
     def __init__(self, record: Record, *, on_change: Callable[[Change], None] | None = None,
-                 keys: str = ">", check_s: float = 1.0, stall_s: float = 2.0) -> None:
+                 keys: str = ">", check_s: float = CHECK_S, stall_s: float = STALL_S) -> None:
         self._record = record
         self._on_change = on_change
         self._keys = keys
@@ -61,8 +72,15 @@ class Projection:
         self.check_s = check_s
         self.stall_s = stall_s
         self.restarts = 0
-        self._floor = 0
-        self._advanced_at = 0.0
+        """Watches started again after going silent (Rule 6)."""
+        self.fills = 0
+        """Checks that found the projection missing a write the record held a check earlier."""
+        self.filled = 0
+        """Changes read from the record by those checks rather than delivered by the watch."""
+        self.supervisor_errors = 0
+        self._held = 0
+        self._watch_heard_at = 0.0
+        self._restart: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Projection keys={len(self._values)} revision={self.revision} ready={self.ready.is_set()}>"
@@ -81,18 +99,19 @@ class Projection:
         except TimeoutError:
             await self.stop()
             raise NoQuorum(f"projection: initial state not loaded within {timeout_s:g} s") from None
-        self._advanced_at = asyncio.get_running_loop().time()
+        self._watch_heard_at = asyncio.get_running_loop().time()
         if self._keys == ">" and self.check_s > 0:
             self._supervisor = asyncio.create_task(self._supervise(), name="projection-supervisor")
 
     async def stop(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._supervisor = None
+        for task in (self._supervisor, self._restart):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._supervisor = self._restart = None
         await self._stop_watch()
 
     async def _stop_watch(self) -> None:
@@ -108,34 +127,66 @@ class Projection:
         self._task = None
 
     async def _supervise(self) -> None:
-        """Restart a watch that stopped delivering (Rule 6)."""
-        loop = asyncio.get_running_loop()
+        """Fill what a silent watch misses, and start a new watch (Rule 6); never stops on an error."""
         while True:
             await asyncio.sleep(self.check_s)
             try:
-                last = await self._record.last_revision()
-            except NoQuorum:
-                continue  # no stream leader now: nothing new can have been written either
-            if last <= max(self.revision, self._floor) or loop.time() - self._advanced_at < self.stall_s:
-                continue
-            self.restarts += 1
-            _log.warning("projection_watch_restart revision=%d record_revision=%d", self.revision, last)
-            await self._stop_watch()
-            try:
-                self._watch = await self._record.watch(self._keys)
-            except NoQuorum:
-                continue
-            self._floor = last  # the new watch's snapshot covers every write up to here
-            self._advanced_at = loop.time()
-            self._task = asyncio.create_task(self._run(self._watch), name="projection")
+                await self._check()
+            except Exception:
+                self.supervisor_errors += 1
+                _log.exception("projection_supervisor_error revision=%d", self.revision)
+
+    async def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        held, self._held = self._held, 0
+        try:
+            last = await self._record.last_revision()
+        except NoQuorum:
+            return  # no stream leader now: nothing new can have been written either
+        self._held = last
+        behind = self.revision < min(held, last)  # a write the record held a check ago is missing
+        if behind:
+            await self._fill(last)
+        silent = loop.time() - self._watch_heard_at >= self.stall_s
+        if (self._watch is None or (behind and silent)) and (self._restart is None or self._restart.done()):
+            self._restart = asyncio.create_task(self._restart_watch(last), name="projection-restart")
+
+    async def _fill(self, last: int) -> None:
+        """Apply the writes after our revision up to ``last``, read from the record (Rule 6)."""
+        self.fills += 1
+        try:
+            changes = await self._record.changes_after(self.revision, last, self._keys)
+        except NoQuorum:
+            return
+        for change in changes:
+            self.apply(change)
+        if changes:
+            self.filled += len(changes)
+            async with self._advanced:
+                self._advanced.notify_all()
+            _log.info("projection_filled changes=%d revision=%d record_revision=%d", len(changes), self.revision, last)
+
+    async def _restart_watch(self, last: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.restarts += 1
+        _log.warning("projection_watch_restart revision=%d record_revision=%d", self.revision, last)
+        await self._stop_watch()
+        try:
+            watch = await self._record.watch(self._keys, after=self.revision)
+        except NoQuorum as exc:
+            _log.warning("projection_watch_restart_failed revision=%d error=%s", self.revision, exc)
+            return  # the next check fills again and tries again
+        self._watch = watch
+        self._watch_heard_at = loop.time()
+        self._task = asyncio.create_task(self._run(watch), name="projection")
 
     async def _run(self, watch: Watch) -> None:
         async for change in watch:
+            self._watch_heard_at = asyncio.get_running_loop().time()
             if change is None:
                 self.ready.set()
                 continue
             self.apply(change)
-            self._advanced_at = asyncio.get_running_loop().time()
             async with self._advanced:
                 self._advanced.notify_all()
 
