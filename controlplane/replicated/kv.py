@@ -63,9 +63,9 @@ MAX_BATCH = 1000
 WATCH_HEARTBEAT_S = 1.0
 """A watch's idle heartbeat: nats-py's ordered consumer makes its consumer again when it has heard
 nothing for two of these (nats-py's default, 5 s, left a lost consumer unnoticed for 10-20 s)."""
-DIRECT_ASK_S = 0.25
-"""How long one direct get of a projection's catch-up waits before it is asked again (any replica
-answers one in about a millisecond on loopback)."""
+FILL_ASK_S = 0.5
+"""How long one get of :meth:`Record.changes_after` waits before it is asked again (the stream's
+leader answers one in about a millisecond on loopback)."""
 WATCH_INACTIVE_S = 60.0
 """A watch's consumer left without its subscriber (a watch restarted elsewhere) goes after this."""
 _KV_OP = "KV-Operation"
@@ -595,12 +595,12 @@ class Record:
         return watch
 
     async def changes_after(self, revision: int, upto: int, keys: str = ">", *,
-                            ask_s: float = DIRECT_ASK_S) -> list[Change]:
+                            ask_s: float = FILL_ASK_S) -> list[Change]:
         """The writes after ``revision`` up to ``upto`` that the record still holds (one per key:
-        its last write), oldest first, read by direct gets, which any replica answers: no consumer,
-        so no node in particular, is needed. A replica that lags answers fewer (never with a gap:
-        each holds a prefix of the stream). Each get waits ``ask_s`` and is asked again on no
-        answer (another replica takes it: a paused node still draws its share of direct gets),
+        its last write), oldest first, asked of the stream's leader (the server that answers
+        writes) one message at a time: no consumer, so no node in particular, is needed. Not
+        direct gets: every replica takes its share of those, a paused one too, and each of its
+        shares would cost a timeout. Each get waits ``ask_s`` and is asked again on no answer,
         until ``timeout_s`` in all.
 
         Raises:
@@ -613,12 +613,12 @@ class Record:
         seq = revision + 1
         while seq <= upto:
             try:
-                msg = await js.get_msg(self._stream, seq=seq, subject=self._pre + keys, direct=True, next=True)
+                msg = await js.get_msg(self._stream, seq=seq, subject=self._pre + keys, next=True)
             except nats.js.errors.NotFoundError:
-                break  # nothing more after seq (at the replica that answered)
+                break  # nothing more after seq
             except _READ_ERRORS as exc:
                 if loop.time() + ask_s < deadline:
-                    continue  # no answer: ask again (another replica)
+                    continue  # no answer (a stream election?): ask again
                 if out:
                     break  # what came so far is a prefix: keep it
                 raise NoQuorum(f"changes after {revision}: {exc!r}") from None

@@ -20,17 +20,21 @@ It holds values as bytes; decoding into entity types is the caller's (``msgspec`
   cluster has not yet noticed the loss may be placed on the dead node). While the whole record is
   projected (``keys=">"``), a supervisor compares the projection's revision with the record's every
   ``check_s``: once the projection misses a write the record held a check ago, it reads what it
-  misses from the record itself (direct gets, which any replica answers: no consumer needed) and,
+  misses from the record itself (asked of the stream's leader, one message at a time: no consumer) and,
   if the watch delivered nothing for ``stall_s`` meanwhile, starts a new watch after its revision
-  (in the background: a new watch that cannot be set up is tried again at the next check). So a
-  projection is current within about ``2 * check_s`` of the record answering again. The supervisor
-  never stops on an error: it logs it, counts it (``supervisor_errors``) and checks again.
+  (in the background: a new watch that cannot be set up is tried again at the next check). After
+  a check the record did not answer, the first check it answers reads what is missing at once. A
+  check whose question has no answer within ``ASK_S`` pings the connection's server and, if that
+  is silent too (a paused node keeps its sockets open), moves the connection to another server.
+  So a projection is current within about ``2 * check_s`` of the record answering again. The
+  supervisor never stops on an error: it logs it, counts it (``supervisor_errors``), checks again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable, Iterator
 
 from controlplane.replicated.errors import NoQuorum
@@ -42,6 +46,10 @@ CHECK_S = 0.5
 """How often the supervisor compares the projection's revision with the record's (Rule 6)."""
 STALL_S = 1.0
 """How long a watch may deliver nothing while the projection misses writes before a new one starts."""
+ASK_S = 0.5
+"""A check whose question to the record has no answer after this pings the connection's server."""
+PING_S = 0.25
+"""A server that does not answer a ping within this is left for another of the pool."""
 
 
 class Projection:
@@ -78,6 +86,8 @@ class Projection:
         self.filled = 0
         """Changes read from the record by those checks rather than delivered by the watch."""
         self.supervisor_errors = 0
+        self.reconnects = 0
+        """Checks that found the connection's server silent and moved to another."""
         self._held = 0
         self._watch_heard_at = 0.0
         self._restart: asyncio.Task[None] | None = None
@@ -138,12 +148,23 @@ class Projection:
 
     async def _check(self) -> None:
         loop = asyncio.get_running_loop()
-        held, self._held = self._held, 0
+        asked = asyncio.ensure_future(self._record.last_revision())
         try:
-            last = await self._record.last_revision()
+            done, _ = await asyncio.wait({asked}, timeout=ASK_S)
+            if not done and not await self._record.server_answers(PING_S):
+                # our server hangs (a paused node keeps its sockets open; the connection's own pings
+                # notice after seconds): go through another, as the lease does
+                self.reconnects += 1
+                _log.warning("projection_server_silent revision=%d: through another server", self.revision)
+                await self._record.reconnect()
+                raise NoQuorum("our server does not answer")
+            last = await asked
         except NoQuorum:
-            return  # no stream leader now: nothing new can have been written either
-        self._held = last
+            self._held = sys.maxsize  # once the record answers again, fill whatever is missing at once
+            return  # no stream leader now (or no server): nothing new can be read either
+        finally:
+            asked.cancel()
+        held, self._held = self._held, last
         behind = self.revision < min(held, last)  # a write the record held a check ago is missing
         if behind:
             await self._fill(last)
