@@ -311,7 +311,10 @@ class Record:
                 pass  # another process created it first
             except _TRANSIENT as exc:
                 raise NoQuorum(f"cannot create bucket {self.bucket}: {exc!r}") from None
-            info = await self._js.stream_info(self._stream)
+            try:
+                info = await self._js.stream_info(self._stream)
+            except nats.js.errors.NotFoundError:  # created, not yet known to the server asked (seen under load)
+                raise NoQuorum(f"bucket {self.bucket} created but not found yet") from None
         except _TRANSIENT as exc:
             raise NoQuorum(f"cannot read bucket {self.bucket}: {exc!r}") from None
         if not (info.config.allow_atomic and info.config.allow_direct):
