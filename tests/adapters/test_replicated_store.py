@@ -144,6 +144,7 @@ async def test_idempotency_key_at_a_then_b_returns_the_same_job(two) -> None:  #
     async with session.get(f"http://127.0.0.1:{a.http_port}/metrics") as resp:
         metrics = await resp.text()
     assert "cpn_record_quorum 1.0" in metrics and "cpn_record_conflicts_total 0.0" in metrics, metrics
+    assert "cpn_record_projection_fills_total " in metrics and "cpn_record_watch_restarts_total " in metrics
     [published] = [float(line.split()[1]) for line in metrics.splitlines()
                    if line.startswith("cpn_record_rows_published_total ")]
     assert published >= 3  # the tenant, its key, the job and its idempotency key
