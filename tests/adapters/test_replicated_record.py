@@ -179,3 +179,19 @@ async def test_projection_restarts_a_watch_that_went_silent(record: kv.Record) -
         assert projection.filled == filled and projection.get("job.watched") is not None
     finally:
         await projection.stop()
+
+
+async def test_projection_supervisor_outlives_an_error_it_did_not_expect(record: kv.Record,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # the record's bucket deleted under it (an operator's `nats kv del`): asking for its last revision
+    # fails with "stream not found", not NoQuorum. The supervisor says so and goes on checking
+    # (before: its task died at the first such error, silently, and no watch was ever restarted again)
+    projection = Projection(record, check_s=0.1, stall_s=0.2)
+    await projection.start()
+    try:
+        await record._js.delete_stream(f"KV_{kv.BUCKET}")
+        await until(lambda: projection.supervisor_errors >= 3, 5, "three checks that failed")
+        assert projection._supervisor is not None and not projection._supervisor.done()
+        assert "projection_supervisor_error" in caplog.text
+    finally:
+        await projection.stop()
