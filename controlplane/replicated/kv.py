@@ -539,8 +539,8 @@ class Record:
 
     # ------------------------------------------------------------------ watch
 
-    async def watch(self, keys: str = ">", *, after: int | None = None, heartbeat_s: float = WATCH_HEARTBEAT_S,
-                    timeout_s: float | None = None) -> Watch:
+    async def watch(self, keys: str = ">", *, after: int | None = None,
+                    heartbeat_s: float = WATCH_HEARTBEAT_S) -> Watch:
         """Every key's current value (in revision order), then ``None`` once caught up, then each
         later write as it happens. Stop it with :meth:`Watch.stop`.
 
@@ -548,7 +548,7 @@ class Record:
         kept per key, the last write of each key written since, deletes as markers), then ``None``,
         then later writes: how a watch that went silent is started again without a snapshot.
         ``heartbeat_s``: the consumer's idle heartbeat (nats-py's ordered consumer notices a lost
-        consumer, or a gap, after two silent intervals); ``timeout_s``: for setting the watch up.
+        consumer, or a gap, after two silent intervals).
 
         Raises:
             NoQuorum: the watch could not be set up in time.
@@ -579,9 +579,8 @@ class Record:
         else:
             policy = api.DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = after + 1
-        js = self._js if timeout_s is None else self._nc.jetstream(timeout=timeout_s)
         try:
-            sub = await js.subscribe(self._pre + keys, stream=self._stream, cb=delivered, ordered_consumer=True,
+            sub = await self._js.subscribe(self._pre + keys, stream=self._stream, cb=delivered, ordered_consumer=True,
                                      deliver_policy=policy, idle_heartbeat=heartbeat_s, config=config)
         except _TRANSIENT as exc:
             raise NoQuorum(f"watch: {exc!r}") from None
@@ -607,7 +606,7 @@ class Record:
         until ``timeout_s`` in all.
 
         Raises:
-            NoQuorum: no replica answered in time.
+            NoQuorum: the stream's leader did not answer in time (an election under way).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
@@ -704,4 +703,4 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
 )
 _READ_ERRORS: tuple[type[BaseException], ...] = (*_TRANSIENT, nats.js.errors.APIError)
-"""What a watch's setup or a direct get may raise while the stream elects or a node is gone."""
+"""What a watch's setup or a get may raise while the stream elects or a node is gone."""
