@@ -601,9 +601,11 @@ class Record:
         """The writes after ``revision`` up to ``upto`` that the record still holds (one per key:
         its last write), oldest first, asked of the stream's leader (the server that answers
         writes) one message at a time: no consumer, so no node in particular, is needed. Not
-        direct gets: every replica takes its share of those, a paused one too, and each of its
-        shares would cost a timeout. Each get waits ``ask_s`` and is asked again on no answer,
-        until ``timeout_s`` in all.
+        direct gets first: every replica takes its share of those, a paused one too, and each of
+        its shares would cost a timeout. Each get waits ``ask_s``; with no answer (or an error)
+        it is asked again, as a direct get (any replica), then of the leader again, and so on,
+        until ``timeout_s`` in all. (A replica that lags answers fewer, never with a gap: each
+        holds a prefix of the stream.)
 
         Raises:
             NoQuorum: the stream's leader did not answer in time (an election under way).
@@ -613,14 +615,16 @@ class Record:
         js = self._nc.jetstream(timeout=ask_s)
         out: list[Change] = []
         seq = revision + 1
+        direct = False
         while seq <= upto:
             try:
-                msg = await js.get_msg(self._stream, seq=seq, subject=self._pre + keys, next=True)
+                msg = await js.get_msg(self._stream, seq=seq, subject=self._pre + keys, next=True, direct=direct)
             except nats.js.errors.NotFoundError:
                 break  # nothing more after seq
             except _READ_ERRORS as exc:
                 if loop.time() + ask_s < deadline:
-                    continue  # no answer (a stream election?): ask again
+                    direct = not direct  # the leader busy or electing: a replica may answer (and back)
+                    continue
                 if out:
                     break  # what came so far is a prefix: keep it
                 raise NoQuorum(f"changes after {revision}: {exc!r}") from None

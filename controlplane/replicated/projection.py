@@ -177,7 +177,8 @@ class Projection:
         self.fills += 1
         try:
             changes = await self._record.changes_after(self.revision, last, self._keys)
-        except NoQuorum:
+        except NoQuorum as exc:
+            _log.warning("projection_fill_failed revision=%d record_revision=%d error=%s", self.revision, last, exc)
             return
         for change in changes:
             self.apply(change)
