@@ -19,13 +19,15 @@ It holds values as bytes; decoding into entity types is the caller's (``msgspec`
   in memory: when that node dies or hangs, nothing comes, and a consumer made again while the
   cluster has not yet noticed the loss may be placed on the dead node). While the whole record is
   projected (``keys=">"``), a supervisor compares the projection's revision with the record's every
-  ``check_s``: once the projection misses a write the record held a check ago, it reads what it
-  misses from the record itself (asked of the stream's leader, one message at a time: no consumer) and,
-  if the watch delivered nothing for ``stall_s`` meanwhile, starts a new watch after its revision
+  ``check_s``: once the projection misses a write the record held a check ago (or any, while
+  the watch has delivered nothing for ``stall_s``), it reads what it misses from the record
+  itself (asked of the stream's leader, one message at a time: no consumer) and, if the watch
+  delivered nothing for ``stall_s`` meanwhile, starts a new watch after its revision
   (in the background: a new watch that cannot be set up is tried again at the next check). After
   a check the record did not answer, the first check it answers reads what is missing at once. A
   check whose question has no answer within ``ASK_S`` pings the connection's server and, if that
-  is silent too (a paused node keeps its sockets open), moves the connection to another server.
+  is silent too (a paused node keeps its sockets open), moves the connection to another server
+  and asks again at once.
   So a projection is current within about ``2 * check_s`` of the record answering again. The
   supervisor never stops on an error: it logs it, counts it (``supervisor_errors``), checks again.
 """
@@ -46,7 +48,7 @@ CHECK_S = 0.5
 """How often the supervisor compares the projection's revision with the record's (Rule 6)."""
 STALL_S = 1.0
 """How long a watch may deliver nothing while the projection misses writes before a new one starts."""
-ASK_S = 0.5
+ASK_S = 0.25
 """A check whose question to the record has no answer after this pings the connection's server."""
 PING_S = 0.25
 """A server that does not answer a ping within this is left for another of the pool."""
@@ -89,6 +91,7 @@ class Projection:
         self.reconnects = 0
         """Checks that found the connection's server silent and moved to another."""
         self._held = 0
+        self._again = False
         self._watch_heard_at = 0.0
         self._restart: asyncio.Task[None] | None = None
 
@@ -139,7 +142,9 @@ class Projection:
     async def _supervise(self) -> None:
         """Fill what a silent watch misses, and start a new watch (Rule 6); never stops on an error."""
         while True:
-            await asyncio.sleep(self.check_s)
+            if not self._again:
+                await asyncio.sleep(self.check_s)
+            self._again = False
             try:
                 await self._check()
             except Exception:
@@ -157,6 +162,7 @@ class Projection:
                 self.reconnects += 1
                 _log.warning("projection_server_silent revision=%d: through another server", self.revision)
                 await self._record.reconnect()
+                self._again = True  # ask through the new server at once
                 raise NoQuorum("our server does not answer")
             last = await asked
         except NoQuorum:
@@ -165,10 +171,11 @@ class Projection:
         finally:
             asked.cancel()
         held, self._held = self._held, last
-        behind = self.revision < min(held, last)  # a write the record held a check ago is missing
+        silent = loop.time() - self._watch_heard_at >= self.stall_s
+        # missing a write the record held a check ago, or any while the watch says nothing
+        behind = self.revision < min(held, last) or (silent and self.revision < last)
         if behind:
             await self._fill(last)
-        silent = loop.time() - self._watch_heard_at >= self.stall_s
         if (self._watch is None or (behind and silent)) and (self._restart is None or self._restart.done()):
             self._restart = asyncio.create_task(self._restart_watch(last), name="projection-restart")
 
