@@ -140,11 +140,21 @@ async def test_projection_current_soon_after_the_node_of_its_watch_is_lost(clust
     acked: list[tuple[int, float]] = []
     try:
         # the record keeps answering throughout: the stream's leader is not the victim
-        while await stream_leader(writer) == victim:
+        leader: list[str | None] = [None]
+
+        async def led() -> bool:
+            leader[0] = await stream_leader_or_none(writer)
+            return leader[0] is not None
+
+        for _ in range(10):
+            await until(led, 10, "a stream leader")
+            if leader[0] != victim:
+                break
             await writer._nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.KV_{kv.BUCKET}", b"", timeout=2)
-            await until(lambda: stream_leader_or_none(writer), 10, "a stream leader")
+        assert leader[0] != victim
+
         async def write(n: int) -> None:
-            for i in range(n):
+            for _ in range(n):
                 acked.append((await writer.create(kv.key("job", f"{fault}-{len(acked)}"), b"x"), time.monotonic()))
                 await asyncio.sleep(0.02)
 
