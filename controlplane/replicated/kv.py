@@ -90,6 +90,7 @@ ALIVE_PREFIX = "cpn.v1.sys.alive."
 """A lease holder's liveness subject (Rule 6): ``ALIVE_PREFIX`` + :func:`alive_token` of its identity."""
 
 _WRONG_LAST_SEQUENCE = {10071, 10164}
+_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 _UNAVAILABLE = {10008, 10023}  # JetStream temporarily unavailable; JetStream not enabled / not ready
 
 
@@ -307,8 +308,10 @@ class Record:
             try:
                 await self._js.create_key_value(api.KeyValueConfig(
                     bucket=self.bucket, history=1, replicas=replicas, storage=api.StorageType.FILE, direct=True))
-            except nats.js.errors.BadRequestError:
-                pass  # another process created it first
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:  # e.g. no suitable peers yet on a cluster just started
+                    raise NoQuorum(f"cannot create bucket {self.bucket}: {exc}") from None
+                # else another process created it first (and set its options since)
             except _TRANSIENT as exc:
                 raise NoQuorum(f"cannot create bucket {self.bucket}: {exc!r}") from None
             try:
