@@ -245,6 +245,15 @@ class HubState(Collector):
                                     "Pipelined writes that ran again after a batch in flight with one of their keys")
         waits.add_metric([], replica.write_waits)
         yield waits
+        projection = getattr(bridge, "projection", None)
+        for name, text, attr in (
+            ("cpn_record_projection_fills", "Checks that found this process's projection missing writes its watch had "
+             "not delivered, read from the record instead", "fills"),
+            ("cpn_record_watch_restarts", "Watches of the record started again after they went silent", "restarts"),
+        ):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], getattr(projection, attr, 0))
+            yield family
 
     def _record(self) -> Iterator[Metric]:
         snap = store_stats.snapshot(self.store.db, now=self.clock.time())

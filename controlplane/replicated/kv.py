@@ -60,6 +60,17 @@ the node that led it: nats-server's Raft waits 4-9 s (fixed, not configurable) b
 campaigns, so a shorter deadline turns the loss of one node of three into errors."""
 MAX_BATCH = 1000
 """nats-server's default limit of messages in one atomic batch."""
+WATCH_HEARTBEAT_S = 1.0
+"""A watch's idle heartbeat: nats-py's ordered consumer makes its consumer again when it has heard
+nothing for two of these (nats-py's default, 5 s, left a lost consumer unnoticed for 10-20 s)."""
+FILL_ASK_S = 0.5
+"""How long one get of :meth:`Record.changes_after` waits before it is asked again (the stream's
+leader answers one in about a millisecond on loopback)."""
+WATCH_INACTIVE_S = 60.0
+"""A watch's consumer left without its subscriber (a watch restarted elsewhere) goes after this."""
+_KV_OP = "KV-Operation"
+_MARKER_REASON = "Nats-Marker-Reason"  # nats-server 2.11+ places these (TTL, MaxAge, purge, remove)
+_MARKER_DELETES = {"MaxAge", "Purge", "Remove"}
 
 # JetStream headers, as plain strings (nats-py's api.Header is a str Enum).
 _EXPECT_SUBJECT_SEQ = api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value
@@ -79,6 +90,7 @@ ALIVE_PREFIX = "cpn.v1.sys.alive."
 """A lease holder's liveness subject (Rule 6): ``ALIVE_PREFIX`` + :func:`alive_token` of its identity."""
 
 _WRONG_LAST_SEQUENCE = {10071, 10164}
+_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 _UNAVAILABLE = {10008, 10023}  # JetStream temporarily unavailable; JetStream not enabled / not ready
 
 
@@ -296,11 +308,16 @@ class Record:
             try:
                 await self._js.create_key_value(api.KeyValueConfig(
                     bucket=self.bucket, history=1, replicas=replicas, storage=api.StorageType.FILE, direct=True))
-            except nats.js.errors.BadRequestError:
-                pass  # another process created it first
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code != _STREAM_NAME_IN_USE:  # e.g. no suitable peers yet on a cluster just started
+                    raise NoQuorum(f"cannot create bucket {self.bucket}: {exc}") from None
+                # else another process created it first (and set its options since)
             except _TRANSIENT as exc:
                 raise NoQuorum(f"cannot create bucket {self.bucket}: {exc!r}") from None
-            info = await self._js.stream_info(self._stream)
+            try:
+                info = await self._js.stream_info(self._stream)
+            except nats.js.errors.NotFoundError:  # created, not yet known to the server asked (seen under load)
+                raise NoQuorum(f"bucket {self.bucket} created but not found yet") from None
         except _TRANSIENT as exc:
             raise NoQuorum(f"cannot read bucket {self.bucket}: {exc!r}") from None
         if not (info.config.allow_atomic and info.config.allow_direct):
@@ -525,35 +542,154 @@ class Record:
 
     # ------------------------------------------------------------------ watch
 
-    async def watch(self, keys: str = ">") -> Watch:
+    async def watch(self, keys: str = ">", *, after: int | None = None,
+                    heartbeat_s: float = WATCH_HEARTBEAT_S) -> Watch:
         """Every key's current value (in revision order), then ``None`` once caught up, then each
-        later write as it happens. Stop it with :meth:`Watch.stop`."""
+        later write as it happens. Stop it with :meth:`Watch.stop`.
+
+        ``after``: instead of every key's value, every write after that revision (with one value
+        kept per key, the last write of each key written since, deletes as markers), then ``None``,
+        then later writes: how a watch that went silent is started again without a snapshot.
+        ``heartbeat_s``: the consumer's idle heartbeat (nats-py's ordered consumer notices a lost
+        consumer, or a gap, after two silent intervals).
+
+        Raises:
+            NoQuorum: the watch could not be set up in time.
+        """
+        queue: asyncio.Queue[Change | None | _Stop] = asyncio.Queue()
+        watch = Watch(queue)
+
+        async def delivered(msg: Any) -> None:
+            meta = msg.metadata
+            header = msg.headers or {}
+            op = header.get(_KV_OP)
+            reason = header.get(_MARKER_REASON)
+            if op is None and reason is not None and reason not in _MARKER_DELETES:
+                change = None  # a server marker of an unknown kind: not a value
+            else:
+                deleted = op in ("DEL", "PURGE") or reason in _MARKER_DELETES
+                change = Change(key=msg.subject[len(self._pre):], value=None if deleted else bytes(msg.data or b""),
+                                revision=int(meta.sequence.stream))
+            watch.delivered += 1
+            if change is not None:
+                queue.put_nowait(change)
+            if meta.num_pending == 0:
+                watch._caught_up()
+
+        config = api.ConsumerConfig(inactive_threshold=WATCH_INACTIVE_S)
+        if after is None:
+            policy = api.DeliverPolicy.LAST_PER_SUBJECT
+        else:
+            policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = after + 1
         try:
-            watcher = await self._kv.watch(keys)
+            sub = await self._js.subscribe(self._pre + keys, stream=self._stream, cb=delivered, ordered_consumer=True,
+                                     deliver_policy=policy, idle_heartbeat=heartbeat_s, config=config)
         except _TRANSIENT as exc:
             raise NoQuorum(f"watch: {exc!r}") from None
-        return Watch(watcher)
+        except nats.js.errors.APIError as exc:
+            raise NoQuorum(f"watch: {exc}") from None
+        watch._sub = sub
+        try:
+            info = await sub.consumer_info()
+        except _READ_ERRORS as exc:
+            await watch.stop()
+            raise NoQuorum(f"watch: {exc!r}") from None
+        if info.num_pending == 0 and watch.delivered == 0:
+            watch._caught_up()  # nothing to deliver: caught up now
+        return watch
+
+    async def changes_after(self, revision: int, upto: int, keys: str = ">", *,
+                            ask_s: float = FILL_ASK_S) -> list[Change]:
+        """The writes after ``revision`` up to ``upto`` that the record still holds (one per key:
+        its last write), oldest first, asked of the stream's leader (the server that answers
+        writes) one message at a time: no consumer, so no node in particular, is needed. Not
+        direct gets first: every replica takes its share of those, a paused one too, and each of
+        its shares would cost a timeout. Each get waits ``ask_s``; with no answer (or an error)
+        it is asked again, as a direct get (any replica), then of the leader again, and so on,
+        until ``timeout_s`` in all. (A replica that lags answers fewer, never with a gap: each
+        holds a prefix of the stream.)
+
+        Raises:
+            NoQuorum: the stream's leader did not answer in time (an election under way).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        js = self._nc.jetstream(timeout=ask_s)
+        out: list[Change] = []
+        seq = revision + 1
+        direct = False
+        while seq <= upto:
+            try:
+                msg = await js.get_msg(self._stream, seq=seq, subject=self._pre + keys, next=True, direct=direct)
+            except nats.js.errors.NotFoundError:
+                break  # nothing more after seq
+            except _READ_ERRORS as exc:
+                if loop.time() + ask_s < deadline:
+                    direct = not direct  # the leader busy or electing: a replica may answer (and back)
+                    continue
+                if out:
+                    break  # what came so far is a prefix: keep it
+                raise NoQuorum(f"changes after {revision}: {exc!r}") from None
+            if msg.seq is None or msg.seq < seq or msg.seq > upto or msg.subject is None:
+                break
+            header = msg.headers or {}
+            op = header.get(_KV_OP)
+            reason = header.get(_MARKER_REASON)
+            if op is not None or reason is None or reason in _MARKER_DELETES:
+                deleted = op in ("DEL", "PURGE") or reason in _MARKER_DELETES
+                out.append(Change(key=msg.subject[len(self._pre):], value=None if deleted else bytes(msg.data or b""),
+                                  revision=int(msg.seq)))
+            seq = int(msg.seq) + 1
+        return out
+
+
+class _Stop:
+    """The end of a stopped watch's queue."""
+
+
+_STOP = _Stop()
 
 
 class Watch:
     """An async iterator of :class:`Change` (and one ``None`` when the initial state is complete)."""
 
-    def __init__(self, watcher: Any) -> None:
-        self._watcher = watcher
+    def __init__(self, queue: asyncio.Queue[Change | None | _Stop]) -> None:
+        self._queue = queue
+        self._sub: Any = None
+        self._stopped = False
+        self._init_done = False
+        self.delivered = 0
+        """Messages the watch's consumer delivered (values, deletes, markers)."""
+
+    def _caught_up(self) -> None:
+        if not self._init_done:
+            self._init_done = True
+            self._queue.put_nowait(None)
 
     def __aiter__(self) -> Watch:
         return self
 
     async def __anext__(self) -> Change | None:
-        entry = await self._watcher.__anext__()
-        if entry is None:
-            return None
-        deleted = entry.operation in ("DEL", "PURGE")
-        return Change(key=entry.key, value=None if deleted else (entry.value or b""), revision=int(entry.revision))
+        if self._stopped and self._queue.empty():
+            raise StopAsyncIteration
+        change = await self._queue.get()
+        if isinstance(change, _Stop):
+            raise StopAsyncIteration
+        return change
 
     async def stop(self) -> None:
+        """Unsubscribe (the server drops the consumer ``WATCH_INACTIVE_S`` later; one on a dead
+        node goes with it)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._queue.put_nowait(_STOP)
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
         try:
-            await self._watcher.stop()
+            await sub.unsubscribe()
         except (nats.errors.Error, asyncio.TimeoutError):
             pass  # connection gone: nothing left to unsubscribe
 
@@ -573,3 +709,5 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     nats.js.errors.ServiceUnavailableError,
     asyncio.TimeoutError,
 )
+_READ_ERRORS: tuple[type[BaseException], ...] = (*_TRANSIENT, nats.js.errors.APIError)
+"""What a watch's setup or a get may raise while the stream elects or a node is gone."""

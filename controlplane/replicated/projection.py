@@ -15,23 +15,43 @@ What it promises:
   session's SQLite projection plugs in here); an exception in it is counted, never stops the watch.
 
 It holds values as bytes; decoding into entity types is the caller's (``msgspec`` decoders).
-- Rule 6: a watch can stop delivering without a word (nats-py's ordered consumer does not always
-  come back when the node holding it dies): while the whole record is projected (``keys=">"``),
-  the projection compares its revision with the record's every ``check_s`` and, if the record
-  stays ahead for ``stall_s``, starts a new watch; its snapshot (every key's last value, deletes
-  as markers) brings the projection up to date.
+- Rule 6: a watch can stop delivering without a word (its consumer lives on one NATS node, held
+  in memory: when that node dies or hangs, nothing comes, and a consumer made again while the
+  cluster has not yet noticed the loss may be placed on the dead node). While the whole record is
+  projected (``keys=">"``), a supervisor compares the projection's revision with the record's every
+  ``check_s``: once the projection misses a write the record held a check ago (or any, while
+  the watch has delivered nothing for ``stall_s``), it reads what it misses from the record
+  itself (asked of the stream's leader, one message at a time: no consumer) and, if the watch
+  delivered nothing for ``stall_s`` meanwhile, starts a new watch after its revision
+  (in the background: a new watch that cannot be set up is tried again at the next check). After
+  a check the record did not answer, the first check it answers reads what is missing at once. A
+  check whose question has no answer within ``ASK_S`` pings the connection's server and, if that
+  is silent too (a paused node keeps its sockets open), moves the connection to another server
+  and asks again at once.
+  So a projection is current within about ``2 * check_s`` of the record answering again. The
+  supervisor never stops on an error: it logs it, counts it (``supervisor_errors``), checks again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable, Iterator
 
 from controlplane.replicated.errors import NoQuorum
 from controlplane.replicated.kv import FENCE_CHECK_PREFIX, Change, Entry, Record, Watch
 
 _log = logging.getLogger("cpn.replicated")
+
+CHECK_S = 0.5
+"""How often the supervisor compares the projection's revision with the record's (Rule 6)."""
+STALL_S = 1.0
+"""How long a watch may deliver nothing while the projection misses writes before a new one starts."""
+ASK_S = 0.25
+"""A check whose question to the record has no answer after this pings the connection's server."""
+PING_S = 0.25
+"""A server that does not answer a ping within this is left for another of the pool."""
 
 
 class Projection:
@@ -41,12 +61,13 @@ class Projection:
         record: the record to watch.
         on_change: called with each :class:`Change` once applied.
         keys: a KV key pattern (``job.>``) to project only part of the record.
-        check_s: how often to compare the record's last revision with ours (0: never).
-        stall_s: how long the record may stay ahead of us before the watch is restarted.
+        check_s: how often to compare the record's last revision with ours (0: never); a write
+            the record held a check ago and we miss is read from the record.
+        stall_s: how long the watch may deliver nothing while we miss writes before it is restarted.
     """
 
     def __init__(self, record: Record, *, on_change: Callable[[Change], None] | None = None,
-                 keys: str = ">", check_s: float = 1.0, stall_s: float = 2.0) -> None:
+                 keys: str = ">", check_s: float = CHECK_S, stall_s: float = STALL_S) -> None:
         self._record = record
         self._on_change = on_change
         self._keys = keys
@@ -61,8 +82,18 @@ class Projection:
         self.check_s = check_s
         self.stall_s = stall_s
         self.restarts = 0
-        self._floor = 0
-        self._advanced_at = 0.0
+        """Watches started again after going silent (Rule 6)."""
+        self.fills = 0
+        """Checks that found the projection missing a write the record held a check earlier."""
+        self.filled = 0
+        """Changes read from the record by those checks rather than delivered by the watch."""
+        self.supervisor_errors = 0
+        self.reconnects = 0
+        """Checks that found the connection's server silent and moved to another."""
+        self._held = 0
+        self._again = False
+        self._watch_heard_at = 0.0
+        self._restart: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Projection keys={len(self._values)} revision={self.revision} ready={self.ready.is_set()}>"
@@ -81,18 +112,19 @@ class Projection:
         except TimeoutError:
             await self.stop()
             raise NoQuorum(f"projection: initial state not loaded within {timeout_s:g} s") from None
-        self._advanced_at = asyncio.get_running_loop().time()
+        self._watch_heard_at = asyncio.get_running_loop().time()
         if self._keys == ">" and self.check_s > 0:
             self._supervisor = asyncio.create_task(self._supervise(), name="projection-supervisor")
 
     async def stop(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._supervisor = None
+        for task in (self._supervisor, self._restart):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+        self._supervisor = self._restart = None
         await self._stop_watch()
 
     async def _stop_watch(self) -> None:
@@ -108,34 +140,82 @@ class Projection:
         self._task = None
 
     async def _supervise(self) -> None:
-        """Restart a watch that stopped delivering (Rule 6)."""
-        loop = asyncio.get_running_loop()
+        """Fill what a silent watch misses, and start a new watch (Rule 6); never stops on an error."""
         while True:
-            await asyncio.sleep(self.check_s)
+            if not self._again:
+                await asyncio.sleep(self.check_s)
+            self._again = False
             try:
-                last = await self._record.last_revision()
-            except NoQuorum:
-                continue  # no stream leader now: nothing new can have been written either
-            if last <= max(self.revision, self._floor) or loop.time() - self._advanced_at < self.stall_s:
-                continue
-            self.restarts += 1
-            _log.warning("projection_watch_restart revision=%d record_revision=%d", self.revision, last)
-            await self._stop_watch()
-            try:
-                self._watch = await self._record.watch(self._keys)
-            except NoQuorum:
-                continue
-            self._floor = last  # the new watch's snapshot covers every write up to here
-            self._advanced_at = loop.time()
-            self._task = asyncio.create_task(self._run(self._watch), name="projection")
+                await self._check()
+            except Exception:
+                self.supervisor_errors += 1
+                _log.exception("projection_supervisor_error revision=%d", self.revision)
+
+    async def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        asked = asyncio.ensure_future(self._record.last_revision())
+        try:
+            done, _ = await asyncio.wait({asked}, timeout=ASK_S)
+            if not done and not await self._record.server_answers(PING_S):
+                # our server hangs (a paused node keeps its sockets open; the connection's own pings
+                # notice after seconds): go through another, as the lease does
+                self.reconnects += 1
+                _log.warning("projection_server_silent revision=%d: through another server", self.revision)
+                await self._record.reconnect()
+                self._again = True  # ask through the new server at once
+                raise NoQuorum("our server does not answer")
+            last = await asked
+        except NoQuorum:
+            self._held = sys.maxsize  # once the record answers again, fill whatever is missing at once
+            return  # no stream leader now (or no server): nothing new can be read either
+        finally:
+            asked.cancel()
+        held, self._held = self._held, last
+        silent = loop.time() - self._watch_heard_at >= self.stall_s
+        # missing a write the record held a check ago, or any while the watch says nothing
+        behind = self.revision < min(held, last) or (silent and self.revision < last)
+        if behind:
+            await self._fill(last)
+        if (self._watch is None or (behind and silent)) and (self._restart is None or self._restart.done()):
+            self._restart = asyncio.create_task(self._restart_watch(last), name="projection-restart")
+
+    async def _fill(self, last: int) -> None:
+        """Apply the writes after our revision up to ``last``, read from the record (Rule 6)."""
+        self.fills += 1
+        try:
+            changes = await self._record.changes_after(self.revision, last, self._keys)
+        except NoQuorum as exc:
+            _log.warning("projection_fill_failed revision=%d record_revision=%d error=%s", self.revision, last, exc)
+            return
+        for change in changes:
+            self.apply(change)
+        if changes:
+            self.filled += len(changes)
+            async with self._advanced:
+                self._advanced.notify_all()
+            _log.info("projection_filled changes=%d revision=%d record_revision=%d", len(changes), self.revision, last)
+
+    async def _restart_watch(self, last: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.restarts += 1
+        _log.warning("projection_watch_restart revision=%d record_revision=%d", self.revision, last)
+        await self._stop_watch()
+        try:
+            watch = await self._record.watch(self._keys, after=self.revision)
+        except NoQuorum as exc:
+            _log.warning("projection_watch_restart_failed revision=%d error=%s", self.revision, exc)
+            return  # the next check fills again and tries again
+        self._watch = watch
+        self._watch_heard_at = loop.time()
+        self._task = asyncio.create_task(self._run(watch), name="projection")
 
     async def _run(self, watch: Watch) -> None:
         async for change in watch:
+            self._watch_heard_at = asyncio.get_running_loop().time()
             if change is None:
                 self.ready.set()
                 continue
             self.apply(change)
-            self._advanced_at = asyncio.get_running_loop().time()
             async with self._advanced:
                 self._advanced.notify_all()
 

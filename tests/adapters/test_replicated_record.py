@@ -18,6 +18,7 @@ from controlplane.replicated import kv
 from controlplane.replicated.errors import Conflict, Fenced, NotFound
 from controlplane.replicated.projection import Projection
 from tests.support.natscluster import NatsCluster, open_record
+from tests.support.waiting import until
 
 
 class Job(msgspec.Struct, kw_only=True):
@@ -156,7 +157,8 @@ async def test_concurrent_fenced_commits_of_one_leader_all_land(record: kv.Recor
 
 
 async def test_projection_restarts_a_watch_that_went_silent(record: kv.Record) -> None:
-    # what a watch looks like after the node holding its consumer died and nats-py did not recover
+    # what a watch looks like after the node holding its consumer died and nats-py did not recover:
+    # the supervisor reads the missed writes from the record, then starts a watch after its revision
     projection = Projection(record, check_s=0.2, stall_s=0.4)
     await projection.start()
     try:
@@ -166,7 +168,30 @@ async def test_projection_restarts_a_watch_that_went_silent(record: kv.Record) -
         await record.delete("job.after-silence", rev)
         rev = await record.create("job.seen", b"2")
         await projection.wait_for(rev, timeout_s=5)
-        assert projection.restarts >= 1
+        assert projection.fills >= 1 and projection.filled >= 1
         assert projection.get("job.seen") is not None and projection.get("job.after-silence") is None
+        await until(lambda: projection.restarts >= 1 and projection._task is not None, 5, "a new watch")
+        # the new watch delivers: a write is applied without waiting for a check
+        projection.check_s = 3600.0
+        filled = projection.filled
+        rev = await record.create("job.watched", b"3")
+        await projection.wait_for(rev, timeout_s=5)
+        assert projection.filled == filled and projection.get("job.watched") is not None
+    finally:
+        await projection.stop()
+
+
+async def test_projection_supervisor_outlives_an_error_it_did_not_expect(record: kv.Record,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    # the record's bucket deleted under it (an operator's `nats kv del`): asking for its last revision
+    # fails with "stream not found", not NoQuorum. The supervisor says so and goes on checking
+    # (before: its task died at the first such error, silently, and no watch was ever restarted again)
+    projection = Projection(record, check_s=0.1, stall_s=0.2)
+    await projection.start()
+    try:
+        await record._js.delete_stream(f"KV_{kv.BUCKET}")
+        await until(lambda: projection.supervisor_errors >= 3, 5, "three checks that failed")
+        assert projection._supervisor is not None and not projection._supervisor.done()
+        assert "projection_supervisor_error" in caplog.text
     finally:
         await projection.stop()
