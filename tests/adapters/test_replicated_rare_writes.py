@@ -17,8 +17,11 @@ waited for the whole stream election, 4-9 s, or here for as long as the quorum i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import aiohttp
 import nats.js.errors
@@ -34,9 +37,11 @@ from controlplane.store import db as store_db
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
+from controlplane.store.jobs import JobRow
 from controlplane.store.replica import Replica
 from edge_agent import wire
 from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig
 from tests.support.fakehub import agent_config, running
 from tests.support.hubrig import hub_config
 from tests.support.natscluster import NatsCluster
@@ -112,21 +117,42 @@ async def _controller(tmp_path: Path, cluster: NatsCluster) -> tuple[object, str
     return proc, leader_node, agent_node.name, agent_node.url
 
 
-async def test_a_site_lost_without_quorum_is_written_awaited_and_the_loop_answers(
-        tmp_path: Path, cluster: NatsCluster) -> None:
+class Leading(NamedTuple):
+    hub: Any
+    services: Any
+    db: Any
+    rep: Replica
+    job: JobRow
+    leader_node: str
+    agent_node: str
+    cfg: AgentConfig
+
+
+@contextlib.asynccontextmanager
+async def _leading(tmp_path: Path, cluster: NatsCluster) -> AsyncIterator[Leading]:
+    """:func:`_controller` started and leading, tenant ``acme`` (origin Shanghai) with one job
+    submitted, and the config of an agent (``sh-edge``) on the node left for it; stopped after."""
     proc, leader_node, agent_node, _ = await _controller(tmp_path, cluster)
     hub = proc.hub  # type: ignore[attr-defined]
     services = proc.services  # type: ignore[attr-defined]
     await hub.start()
     try:
         await until(lambda: services.leadership.leading, 10, "the controller leads")
-        db = hub.db
-        rep = db.write_hook
+        rep = hub.db.write_hook
         assert isinstance(rep, Replica)
         hub.create_tenant("acme", default_origin="shanghai")
         job, _ = await services.training.submit_async("acme", SPEC, None, "h1", time.time())
         ctl_url = next(n.url for n in cluster.nodes if n.name not in (leader_node, agent_node))
-        agent = Agent(agent_config(ctl_url, site="sh-edge", data_dir=str(tmp_path / "agent")))
+        cfg = agent_config(ctl_url, site="sh-edge", data_dir=str(tmp_path / "agent"))
+        yield Leading(hub, services, hub.db, rep, job, leader_node, agent_node, cfg)
+    finally:
+        await hub.stop()
+
+
+async def test_a_site_lost_without_quorum_is_written_awaited_and_the_loop_answers(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    async with _leading(tmp_path, cluster) as (hub, services, db, rep, job, leader_node, agent_node, cfg):
+        agent = Agent(cfg)
         await asyncio.wait_for(agent.start(), 10)
         stopped = False
         try:
@@ -184,25 +210,11 @@ async def test_a_site_lost_without_quorum_is_written_awaited_and_the_loop_answer
         assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the lost site's writes waited"
         assert sorted(waited)[len(waited) // 2] < 0.1, waited
         assert rep.write_fallbacks == fallbacks, rep  # every one of them went the awaited way
-    finally:
-        await hub.stop()
 
 
 async def test_a_refused_start_without_quorum_is_written_awaited_and_the_loop_answers(
         tmp_path: Path, cluster: NatsCluster) -> None:
-    proc, leader_node, agent_node, _ = await _controller(tmp_path, cluster)
-    hub = proc.hub  # type: ignore[attr-defined]
-    services = proc.services  # type: ignore[attr-defined]
-    await hub.start()
-    try:
-        await until(lambda: services.leadership.leading, 10, "the controller leads")
-        db = hub.db
-        rep = db.write_hook
-        assert isinstance(rep, Replica)
-        hub.create_tenant("acme")
-        job, _ = await services.training.submit_async("acme", SPEC, None, "h1", time.time())
-        ctl_url = next(n.url for n in cluster.nodes if n.name not in (leader_node, agent_node))
-        cfg = agent_config(ctl_url, site="sh-edge", data_dir=str(tmp_path / "agent"))
+    async with _leading(tmp_path, cluster) as (hub, services, db, rep, job, leader_node, agent_node, cfg):
         async with running(cfg):
             await until(lambda: (store_jobs.get_job(db, job.id) or job).state in ("placed", "starting", "running"),
                         20, "the job placed")
@@ -244,8 +256,6 @@ async def test_a_refused_start_without_quorum_is_written_awaited_and_the_loop_an
         assert len(waited) >= 10, waited
         assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the refusal's write waited"
         assert rep.write_fallbacks == fallbacks, rep
-    finally:
-        await hub.stop()
 
 
 async def test_a_gateway_that_sees_a_site_lost_fails_none_of_its_attempts(tmp_path: Path, cluster: NatsCluster) -> None:
@@ -288,19 +298,7 @@ async def test_a_vanished_attempt_without_quorum_is_written_awaited_and_the_loop
     its heartbeats are told to list nothing) while the record has no quorum: the tick's vanished
     decision waits for the quorum awaited (before: a blocking transaction in the tick, the loop
     held for as long as the quorum was gone), and lands once it is back."""
-    proc, leader_node, agent_node, _ = await _controller(tmp_path, cluster)
-    hub = proc.hub  # type: ignore[attr-defined]
-    services = proc.services  # type: ignore[attr-defined]
-    await hub.start()
-    try:
-        await until(lambda: services.leadership.leading, 10, "the controller leads")
-        db = hub.db
-        rep = db.write_hook
-        assert isinstance(rep, Replica)
-        hub.create_tenant("acme")
-        job, _ = await services.training.submit_async("acme", SPEC, None, "h1", time.time())
-        ctl_url = next(n.url for n in cluster.nodes if n.name not in (leader_node, agent_node))
-        cfg = agent_config(ctl_url, site="sh-edge", data_dir=str(tmp_path / "agent"))
+    async with _leading(tmp_path, cluster) as (hub, services, db, rep, job, leader_node, agent_node, cfg):
         async with running(cfg) as agent:
             await until(lambda: (store_jobs.get_job(db, job.id) or job).state == "running", 20, "the job running")
             fallbacks = rep.write_fallbacks
@@ -330,5 +328,3 @@ async def test_a_vanished_attempt_without_quorum_is_written_awaited_and_the_loop
         assert len(waited) >= 10, waited
         assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the vanished decision waited"
         assert rep.write_fallbacks == fallbacks, rep
-    finally:
-        await hub.stop()
