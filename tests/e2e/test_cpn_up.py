@@ -3,41 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from tests.support.cpnup import banner, children_of, cpn_up, stops_cleanly
 from tests.support.waiting import until_blocking
 from topology import loader
-
-CPN = [sys.executable, "-m", "controlplane.cli"]
-
-
-def children_of(pid: int) -> set[int]:
-    out = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                out.add(int(entry.name))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def http(method: str, url: str, key: str | None = None, body: dict | None = None) -> tuple[int, dict, dict]:  # type: ignore[type-arg]
@@ -52,22 +25,11 @@ def http(method: str, url: str, key: str | None = None, body: dict | None = None
 def test_cpn_up_serves_the_printed_curl_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     data = tmp_path / "cpn"
     layout = loader.default_path()
-    proc = subprocess.Popen(
-        [*CPN, "up", "--data-dir", str(data), "--port", "0", "--nats-port", "0", "--layout", str(layout)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
-    )
-    try:
-        started = time.monotonic()
-        url = None
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            m = re.search(r"hub gateway at (http://127\.0\.0\.1:\d+)", line)
-            if m:
-                url = m.group(1)
-            if "Ctrl-C" in line:
-                break
-            assert time.monotonic() - started < 60, "no banner"
-        assert url, f"banner not printed; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+    started = time.monotonic()
+    with cpn_up("--data-dir", str(data), "--port", "0", "--nats-port", "0", "--layout", str(layout)) as proc:
+        m = re.search(r"hub gateway at (http://127\.0\.0\.1:\d+)", "".join(banner(proc, 60)))
+        assert m, "the banner names no gateway"
+        url = m.group(1)
         ready_s = time.monotonic() - started
         creds = json.loads((data / "demo-credentials.json").read_text())
         assert set(creds) == {"admin_key", "tenant_key"}
@@ -94,14 +56,4 @@ def test_cpn_up_serves_the_printed_curl_and_stops_cleanly_on_sigterm(tmp_path: P
 
         kids = children_of(proc.pid)
         assert kids, "the embedded nats-server should be a child"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        for pid in kids:
-            until_blocking(lambda: not alive(pid), 5, f"child {pid} to end", interval_s=0.05)  # noqa: B023
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        stops_cleanly(proc, kids, timeout_s=30)

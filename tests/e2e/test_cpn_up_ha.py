@@ -5,11 +5,9 @@ leader with its epoch and the three NATS nodes, and answers the demo model; SIGI
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,10 +16,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_cpn_up import alive, children_of
+from tests.support.cpnup import CPN, banner, children_of, cpn_up, stops_cleanly
 from tests.support.hubrig import DEMO3
-
-CPN = [sys.executable, "-m", "controlplane.cli"]
 
 
 def call(method: str, url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
@@ -46,26 +42,17 @@ def test_ha_and_regions_together_are_refused_with_exit_2(tmp_path: Path) -> None
 @pytest.mark.timeout(240)
 def test_cpn_up_ha_runs_three_hub_processes_one_leading_and_stops_cleanly_on_sigint(tmp_path: Path) -> None:
     data = tmp_path / "cpn"
-    proc = subprocess.Popen(
-        [*CPN, "up", "--ha", "--data-dir", str(data), "--port", "0", "--layout", str(DEMO3)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
-    )
-    try:
-        started = time.monotonic()
+    started = time.monotonic()
+    with cpn_up("--ha", "--data-dir", str(data), "--port", "0", "--layout", str(DEMO3)) as proc:
         gateways: dict[str, tuple[str, int]] = {}
         leader_line = ""
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in banner(proc, 180):
             if m := re.search(r"hub (hub-\d): gateway at (http://127\.0\.0\.1:\d+) pid (\d+)", line):
                 gateways[m.group(1)] = (m.group(2), int(m.group(3)))
             if m := re.search(r"leader: +(hub-\d) epoch (\d+)", line):
                 leader_line = m.group(0)
                 banner_leader, banner_epoch = m.group(1), int(m.group(2))
-            if "Ctrl-C" in line:
-                break
-            assert time.monotonic() - started < 180, "no banner"
-        assert sorted(gateways) == ["hub-1", "hub-2", "hub-3"] and leader_line, (
-            f"banner: {gateways} {leader_line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}")
+        assert sorted(gateways) == ["hub-1", "hub-2", "hub-3"] and leader_line, (gateways, leader_line)
         print(f"cpn up --ha ready in {time.monotonic() - started:.1f} s; {leader_line}")
         creds = json.loads((data / "demo-credentials.json").read_text())
 
@@ -89,17 +76,4 @@ def test_cpn_up_ha_runs_three_hub_processes_one_leading_and_stops_cleanly_on_sig
             status, answer = call("POST", url + "/v1/chat/completions", creds["tenant_key"], body)
             assert status == 200 and answer["choices"][0]["message"]["content"], (hub_id, status, answer)
 
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=90) == 0
-        for pid in kids:
-            deadline = time.monotonic() + 5
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not alive(pid), f"child {pid} left running"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        stops_cleanly(proc, kids, signal.SIGINT, timeout_s=90)

@@ -4,11 +4,8 @@ per region printed on the banner, each answering from its own city, SIGTERM stop
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,10 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_cpn_up import alive, children_of
+from tests.support.cpnup import CPN, banner, children_of, cpn_up, stops_cleanly
 from topology import loader
-
-CPN = [sys.executable, "-m", "controlplane.cli"]
 
 
 def monitor_ports(data: Path) -> dict[str, int]:
@@ -49,6 +44,19 @@ def chat(url: str, key: str, origin: str) -> tuple[int, dict[str, Any], dict[str
         return resp.status, json.loads(resp.read()), dict(resp.headers)
 
 
+def chat_until_served(url: str, key: str, origin: str, timeout_s: float
+                      ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """The demo model's answer to ``origin`` once a site has loaded it (4xx/5xx until then)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return chat(url, key, origin)
+        except urllib.error.HTTPError as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} {origin}: no answer: {exc.code} {exc.read()!r}") from None
+            time.sleep(0.2)
+
+
 def test_bad_region_count_is_refused_with_exit_2(tmp_path: Path) -> None:
     result = subprocess.run([*CPN, "up", "--data-dir", str(tmp_path), "--regions", "9"], capture_output=True,
                             text=True, timeout=60)
@@ -60,23 +68,13 @@ def test_bad_region_count_is_refused_with_exit_2(tmp_path: Path) -> None:
 def test_cpn_up_regions_runs_a_supercluster_with_a_gateway_per_region(tmp_path: Path) -> None:
     data = tmp_path / "cpn"
     layout = loader.load_default()
-    proc = subprocess.Popen(
-        [*CPN, "up", "--regions", "3", "--data-dir", str(data), "--port", "0", "--nats-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
-    )
-    try:
-        started = time.monotonic()
+    started = time.monotonic()
+    with cpn_up("--regions", "3", "--data-dir", str(data), "--port", "0", "--nats-port", "0") as proc:
         gateways: dict[str, tuple[str, str]] = {}
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            m = re.search(r"region (\w+): gateway at (http://127\.0\.0\.1:\d+) \(city ([\w-]+),", line)
-            if m:
+        for line in banner(proc, 180):
+            if m := re.search(r"region (\w+): gateway at (http://127\.0\.0\.1:\d+) \(city ([\w-]+),", line):
                 gateways[m.group(1)] = (m.group(2), m.group(3))
-            if "Ctrl-C" in line:
-                break
-            assert time.monotonic() - started < 180, "no banner"
-        assert list(gateways) == [r.id for r in layout.regions[:3]], (
-            f"banner: {gateways}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}")
+        assert list(gateways) == [r.id for r in layout.regions[:3]], gateways
         for rid, (_, city) in gateways.items():
             assert city == next(r for r in layout.regions if r.id == rid).gateways[0]
         print(f"cpn up --regions 3 ready in {time.monotonic() - started:.1f} s")
@@ -91,15 +89,7 @@ def test_cpn_up_regions_runs_a_supercluster_with_a_gateway_per_region(tmp_path: 
 
         # Each region's gateway answers its own city from a site of its own region, within budget.
         for rid, (url, city) in gateways.items():
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    status, body, headers = chat(url, creds["tenant_key"], city)
-                    break
-                except urllib.error.HTTPError as exc:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"{rid}: no answer: {exc.code} {exc.read()!r}") from None
-                    time.sleep(0.2)
+            status, body, headers = chat_until_served(url, creds["tenant_key"], city, 30)
             assert status == 200 and body["choices"][0]["message"]["content"]
             assert headers["X-CPN-Ingress"] == city
             assert float(headers["X-CPN-RTT-Ms"]) <= 10, headers
@@ -107,20 +97,7 @@ def test_cpn_up_regions_runs_a_supercluster_with_a_gateway_per_region(tmp_path: 
 
         kids = children_of(proc.pid)
         assert len(kids) >= 5, "the five nats-servers should be children"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        for pid in kids:
-            deadline = time.monotonic() + 5
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not alive(pid), f"child {pid} left running"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        stops_cleanly(proc, kids)
 
 
 def test_leaf_sites_without_regions_is_refused_with_exit_2(tmp_path: Path) -> None:
@@ -137,21 +114,13 @@ def test_cpn_up_regions_leaf_sites_puts_each_site_behind_a_leaf_node_of_its_own_
     data = tmp_path / "cpn"
     path = three_region_layout(tmp_path)
     layout = loader.load(path)
-    proc = subprocess.Popen(
-        [*CPN, "up", "--regions", "3", "--leaf-sites", "--layout", str(path), "--data-dir", str(data), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
-    )
-    try:
-        started = time.monotonic()
+    with cpn_up("--regions", "3", "--leaf-sites", "--layout", str(path), "--data-dir", str(data),
+                "--port", "0") as proc:
         gateways: dict[str, tuple[str, str]] = {}
-        assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in banner(proc, 180):
             m = re.search(r"region (\w+): gateway at (http://127\.0\.0\.1:\d+) \(city ([\w-]+),.*leaf nodes", line)
             if m:
                 gateways[m.group(1)] = (m.group(2), m.group(3))
-            if "Ctrl-C" in line:
-                break
-            assert time.monotonic() - started < 180, "no banner"
         assert sorted(gateways) == ["js", "sh", "zj"], gateways
         creds = json.loads((data / "demo-credentials.json").read_text())
         # Each region's nodes hold one leaf connection per site of that region, and no other.
@@ -167,32 +136,11 @@ def test_cpn_up_regions_leaf_sites_puts_each_site_behind_a_leaf_node_of_its_own_
         # The agents behind them answer: each region's gateway serves its own city (the demo model
         # is deployed for 10 ms in two cities: not necessarily in each region of this small layout).
         for rid, (url, city) in gateways.items():
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    status, _, headers = chat(url, creds["tenant_key"], city)
-                    break
-                except urllib.error.HTTPError as exc:
-                    if time.monotonic() > deadline:
-                        raise AssertionError(f"{rid}: no answer: {exc.code} {exc.read()!r}") from None
-                    time.sleep(0.2)
+            status, _, headers = chat_until_served(url, creds["tenant_key"], city, 60)
             assert status == 200 and headers["X-CPN-Ingress"] == city, (rid, headers)
         kids = children_of(proc.pid)
         assert len(kids) >= 5 + len(layout.sites), "five cluster nodes and a leaf server per site"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        for pid in kids:
-            deadline = time.monotonic() + 5
-            while alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not alive(pid), f"child {pid} left running"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        stops_cleanly(proc, kids)
 
 
 FAR_REGIONS = """
@@ -245,33 +193,15 @@ def test_cpn_up_regions_does_not_hang_on_a_region_with_no_site_within_budget(tmp
     layout = loader.load(path)
     assert [r.id for r in layout.regions] == ["sh", "zj"]
     data = tmp_path / "cpn"
-    proc = subprocess.Popen(
-        [*CPN, "up", "--regions", "2", "--layout", str(path), "--data-dir", str(data), "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "CPN_LOG": "WARNING"},
-    )
-    try:
-        started = time.monotonic()
-        banner: list[str] = []
-        assert proc.stdout is not None and proc.stderr is not None
-        for line in proc.stdout:
-            banner.append(line)
-            if "Ctrl-C" in line:
-                break
-        assert banner and "Ctrl-C" in banner[-1], f"no banner: {''.join(banner)}"
+    started = time.monotonic()
+    with cpn_up("--regions", "2", "--layout", str(path), "--data-dir", str(data), "--port", "0") as proc:
+        lines = banner(proc, 170)
         print(f"cpn up --regions 2 with a far gateway ready in {time.monotonic() - started:.1f} s")
-        text = "".join(banner)
+        text = "".join(lines)
         assert re.search(r"region zj: gateway at http://127\.0\.0\.1:\d+ \(city faraway,", text), text
         m = re.search(r"not served within budget: no in-region site within 10 ms of its gateway city faraway "
                       r"\(nearest: hz-edge at (\d+\.\d) ms\)", text)
         assert m and float(m.group(1)) > 10, text
         assert text.count("not served within budget") == 1, text  # the Shanghai region is served
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        assert "event=region_not_served region=zj" in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdout, proc.stderr):
-            if stream:
-                stream.close()
+        stops_cleanly(proc, children_of(proc.pid))
+        assert proc.stderr is not None and "event=region_not_served region=zj" in proc.stderr.read()
