@@ -394,3 +394,43 @@ async def test_tenant_writes_without_quorum_are_awaited_and_answered_201_or_503_
         assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the tenant writes waited"
         assert sorted(waited)[len(waited) // 2] < 0.1, waited
         assert rep.write_fallbacks == fallbacks, rep  # every one of them went the awaited way
+
+
+async def test_a_refused_start_whose_write_outlives_the_deadline_lands_once_the_quorum_is_back(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A start refused while the record has no quorum for longer than the write deadline: its
+    write fails (503-like ``RecordNoQuorum``, outcome unknown), and the outbox entry is already
+    gone (dropped as refused). Before, that refusal was lost for good: the job stayed at its
+    attempt, ``placed`` in the record with nothing left to send it (until another leader took
+    over). Now the report is written again until it lands, and lands once: one ``start_refused``
+    event, one dispatch failure, the attempt failed once."""
+    async with _leading(tmp_path, cluster) as (hub, services, db, rep, job, leader_node, agent_node, cfg):
+        async with running(cfg):
+            await until(lambda: (store_jobs.get_job(db, job.id) or job).state in ("placed", "starting", "running"),
+                        20, "the job placed")
+            placed = store_jobs.get_job(db, job.id)
+            assert placed is not None
+            [entry] = [e for e in store_outbox.for_job(db, job.id) if e.kind == "start_attempt"]
+            cmd = wire.command_decoder.decode(entry.body)
+            rep.bridge.write_deadline_s = 1.0  # type: ignore[attr-defined]  # outlived within the test's time
+            await cluster.pause(leader_node)
+            await cluster.pause(agent_node)
+            try:
+                await store_db.barrier(db)
+                refused = asyncio.create_task(
+                    services.training._on_refused(entry, cmd, "no_capacity: test", time.time()))
+                await until(lambda: rep.no_quorum >= 1, 15, "the refusal's write out of time", last=lambda: rep)
+                assert store_jobs.get_job(db, job.id).attempt == placed.attempt  # type: ignore[union-attr]
+                await cluster.resume(agent_node)
+                await until(lambda: "start_refused" in [e.kind for e in store_jobs.events(db, job.id)], 20,
+                            "the refusal written once the quorum is back", last=lambda: (rep, refused))
+                await asyncio.wait_for(refused, 10)
+            finally:
+                for name in (leader_node, agent_node):
+                    if cluster.node(name).paused:
+                        await cluster.resume(name)
+            await asyncio.sleep(1.0)  # a second write of it would land within this
+        assert [e.kind for e in store_jobs.events(db, job.id)].count("start_refused") == 1
+        assert services.training.counters["dispatch_failures"] == 1
+        first = store_jobs.attempts(db, job.id)[placed.attempt - 1]
+        assert first.exit_reason == "dispatch_failed", first
