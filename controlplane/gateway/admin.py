@@ -42,7 +42,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     body = await read_body(request, TenantBody)
     if body.default_origin is not None and body.default_origin not in services.sites.origin_ids:
         raise RequestError(f"unknown origin {body.default_origin!r}", field="default_origin")
-    key = services.tenancy.create_tenant(
+    key = await services.tenancy.create_tenant_async(
         body.id, name=body.name, default_origin=body.default_origin, quota_cards=body.quota_cards,
         rate_per_s=body.rate_per_s, burst=body.burst,
     )
@@ -76,7 +76,7 @@ async def create_key(request: web.Request) -> web.Response:
     require_admin(request)
     role, tenant = _key_scope(request)
     body = await read_body(request, KeyBody) if request.can_read_body else KeyBody()
-    view = request.app[SERVICES].tenancy.issue_key(role=role, tenant_id=tenant, label=body.label,
+    view = await request.app[SERVICES].tenancy.issue_key(role=role, tenant_id=tenant, label=body.label,
                                                    expires_at=body.expires_at, ttl_s=body.ttl_s)
     return json_response(view, status=201)
 
@@ -86,7 +86,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     reading the same record. 409 for the last working admin key."""
     require_admin(request)
     role, tenant = _key_scope(request)
-    view = request.app[SERVICES].tenancy.revoke_key(request.match_info["key_id"], role=role, tenant_id=tenant)
+    view = await request.app[SERVICES].tenancy.revoke_key(request.match_info["key_id"], role=role, tenant_id=tenant)
     return json_response(view)
 
 
@@ -94,7 +94,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     require_admin(request)
     role, tenant = _key_scope(request)
     body = await read_body(request, RotateKeyBody) if request.can_read_body else RotateKeyBody()
-    answer = request.app[SERVICES].tenancy.rotate_key(request.match_info["key_id"], role=role, tenant_id=tenant,
+    answer = await request.app[SERVICES].tenancy.rotate_key(request.match_info["key_id"], role=role, tenant_id=tenant,
                                                       grace_s=body.grace_s, label=body.label,
                                                       expires_at=body.expires_at, ttl_s=body.ttl_s)
     return json_response(answer, status=201)

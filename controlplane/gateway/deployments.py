@@ -3,7 +3,9 @@
 Bodies decode with ``replicas.decode_spec`` (the rule of controlplane/core/bodies.py: unknown fields
 are a 422 naming the field, out-of-range values a 400); the service then checks the spec against the
 layout (unknown origin, region or accelerator, more cards than any site has: 400 naming the field). ``POST`` answers 201 only after
-the deployment and its first plan are committed. Another tenant's deployment is a 404, exactly like
+the deployment and its first plan are committed (on the replicated record: on a quorum, awaited, so
+the gateway goes on serving meanwhile; 503 ``record_unavailable`` without one, 409
+``record_conflict`` on a lost compare-and-set). Another tenant's deployment is a 404, exactly like
 a missing one. Admin keys have no tenant and get a 403 here.
 
 ``POST`` honours an optional ``Idempotency-Key`` header exactly as ``POST /v1/jobs`` does: per
@@ -27,7 +29,7 @@ async def create(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
     key = idempotency_key(request)
     spec = replicas.decode_spec(await raw_body(request))
-    view, replayed = request.app[SERVICES].deployments.create(tenant, spec, idempotency_key=key)
+    view, replayed = await request.app[SERVICES].deployments.create_async(tenant, spec, idempotency_key=key)
     headers = {"Location": f"/v1/deployments/{view['id']}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -47,7 +49,7 @@ async def get_one(request: web.Request) -> web.Response:
 async def delete_one(request: web.Request) -> web.Response:
     tenant = require_tenant(request)
     dep_id = request.match_info["id"]
-    request.app[SERVICES].deployments.delete(tenant, dep_id)
+    await request.app[SERVICES].deployments.delete_async(tenant, dep_id)
     return json_response({"id": dep_id, "object": "deployment", "deleted": True})
 
 

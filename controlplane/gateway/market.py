@@ -131,7 +131,7 @@ async def put_model(request: web.Request) -> web.Response:
         id=model_id, owner=body.owner, version=body.version, accelerators=tuple(body.accelerators),
         memory_gb=body.memory_gb, input_fen_per_mtok=body.input_fen_per_mtok,
         output_fen_per_mtok=body.output_fen_per_mtok, filing=filing, owner_share_bp=body.owner_share_bp)
-    return json_response(_market(request).put_model(record))
+    return json_response(await _market(request).put_model(record))
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -159,7 +159,7 @@ async def post_offer(request: web.Request) -> web.Response:
                       for w in body.windows),
         min_lease_s=body.min_lease_s, valid_from=body.valid_from if body.valid_from is not None else _now(request),
         valid_until=body.valid_until)
-    view, new = _market(request).put_offer(offer, by_provider=provider)
+    view, new = await _market(request).put_offer(offer, by_provider=provider)
     return json_response(view, status=201 if new else 200)
 
 
@@ -172,7 +172,7 @@ async def list_offers(request: web.Request) -> web.Response:
 
 async def withdraw_offer(request: web.Request) -> web.Response:
     by = _admin_or_provider(request)
-    return json_response(_market(request).withdraw_offer(request.match_info["offer"], by_provider=by))
+    return json_response(await _market(request).withdraw_offer(request.match_info["offer"], by_provider=by))
 
 
 async def put_budget(request: web.Request) -> web.Response:
@@ -180,7 +180,7 @@ async def put_budget(request: web.Request) -> web.Response:
     body = await read_body(request, BudgetBody)
     budget = budgets.Budget(tenant=request.match_info["tenant"], limit_fen=body.limit_fen, period=body.period,
                             thresholds_pct=tuple(body.thresholds_pct))
-    return json_response(_market(request).put_budget(budget))
+    return json_response(await _market(request).put_budget(budget))
 
 
 async def get_budget(request: web.Request) -> web.Response:
@@ -191,7 +191,7 @@ async def get_budget(request: web.Request) -> web.Response:
 async def put_tenant_market(request: web.Request) -> web.Response:
     require_admin(request)
     body = await read_body(request, TenantMarketBody)
-    return json_response(_market(request).put_tenant(request.match_info["tenant"], public_facing=body.public_facing,
+    return json_response(await _market(request).put_tenant(request.match_info["tenant"], public_facing=body.public_facing,
                                                      filing_number=body.filing_number))
 
 
@@ -211,7 +211,7 @@ async def create_quote(request: web.Request) -> web.Response:
         raise RequestError("a quote is asked for the job body alone", field="quote_id" if body.quote_id else "quote_pool")
     now = _now(request)
     spec = normalise(body, request, now)
-    q = _market(request).quote(tenant, spec, body_hash(spec), now)
+    q = await _market(request).quote(tenant, spec, body_hash(spec), now)
     return json_response(views.quote_body(q), status=201, headers={"Location": f"/v1/quotes/{q.id}"})
 
 

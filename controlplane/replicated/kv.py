@@ -63,6 +63,9 @@ MAX_BATCH = 1000
 WATCH_HEARTBEAT_S = 1.0
 """A watch's idle heartbeat: nats-py's ordered consumer makes its consumer again when it has heard
 nothing for two of these (nats-py's default, 5 s, left a lost consumer unnoticed for 10-20 s)."""
+GET_ASK_S = 0.25
+"""How long one try of :meth:`Record.get` waits before it is asked again (a replica answers in
+about a millisecond on loopback)."""
 FILL_ASK_S = 0.5
 """How long one get of :meth:`Record.changes_after` waits before it is asked again (the stream's
 leader answers one in about a millisecond on loopback)."""
@@ -332,20 +335,53 @@ class Record:
 
     # ------------------------------------------------------------------ reads
 
-    async def get(self, key: str) -> Entry:
-        """The key's current value and revision.
+    async def get(self, key: str, *, ask_s: float = GET_ASK_S) -> Entry:
+        """The key's current value and revision, by direct gets (any replica answers, so reads go
+        on during an election; one that lags a little is caught by the compare-and-set prepared
+        from it). A direct get goes to any replica, a paused one too, and waits for it: asked once
+        with the whole ``timeout_s``, 12 of 40 gets timed out after 2 s with the stream's leader
+        node paused (measured), each of them a lease read that failed (and a candidate's failed
+        read clears a holder's silence). So another get is sent every ``ask_s`` while none has
+        answered (the earlier ones stay in flight: a slow answer still counts), every third of
+        the stream's leader, until ``timeout_s`` in all; the first answer wins.
 
         Raises:
             NotFound: no such key, or it was deleted.
-            NoQuorum: the stream leader did not answer in time.
+            NoQuorum: no replica answered in time.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        tries: set[asyncio.Task[Any]] = set()
+        errors: list[BaseException] = []
         try:
-            entry = await self._kv.get(key)
-        except nats.js.errors.NotFoundError:
-            raise NotFound(key) from None
-        except _TRANSIENT as exc:
-            raise NoQuorum(f"get {key}: {exc!r}") from None
-        return Entry(key=key, value=entry.value or b"", revision=int(entry.revision or 0))
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                js = self._nc.jetstream(timeout=left)
+                tries.add(asyncio.ensure_future(js.get_msg(self._stream, subject=self._pre + key,
+                                                           direct=len(errors) % 3 != 2 or not tries)))
+                done, _ = await asyncio.wait(tries, timeout=min(ask_s, left), return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    tries.discard(task)
+                    exc = task.exception()
+                    if exc is None:
+                        msg = task.result()
+                        if (msg.headers or {}).get(_KV_OP) in ("DEL", "PURGE"):
+                            raise NotFound(key)
+                        return Entry(key=key, value=bytes(msg.data or b""), revision=int(msg.seq or 0))
+                    if isinstance(exc, nats.js.errors.NotFoundError):
+                        raise NotFound(key) from None
+                    if not isinstance(exc, _READ_ERRORS):
+                        raise exc
+                    errors.append(exc)
+                    if loop.time() + 0.01 >= deadline:
+                        break
+        finally:
+            for task in tries:
+                task.cancel()
+        raise NoQuorum(f"get {key}: no replica answered within {self.timeout_s:.1f} s "
+                       f"({errors[-1]!r})" if errors else f"get {key}: no replica answered within {self.timeout_s:.1f} s")
 
     async def keys(self, pattern: str) -> list[str]:
         """The keys matching ``pattern`` (NATS wildcards, e.g. ``sys.process.>``); [] if none.

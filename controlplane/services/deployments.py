@@ -86,6 +86,17 @@ _KIND = {LOAD: decide.LOAD, UNLOAD: decide.UNLOAD}
 """Outbox kind (wire tag) -> the core's command kind."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Made:
+    """What a creation's transaction made (or found): the deployment, its answer, whether that is a
+    replay, and the plan written with it (None: not planned here)."""
+
+    deployment: store.Deployment
+    view: dict[str, Any]
+    replayed: bool
+    plan: decide.Plan | None
+
+
 def plan_changes(plan: decide.Plan) -> bool:
     """Whether a reconcile plan has anything to write (the usual pass has not: the registry's
     version moves with every heartbeat)."""
@@ -251,12 +262,26 @@ class DeploymentService:
 
     def create(self, tenant: str, spec: core.DeploymentSpec, *, deployment_id: str | None = None,
                idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
-        """Record, plan and persist a new deployment (all committed when this returns); loads follow.
+        """:meth:`create_async` committed the blocking way (tests, a SQLite hub's callers that
+        cannot await): on the replicated record the loop waits for the quorum."""
+        now, commit = self._creation(tenant, spec, deployment_id, idempotency_key)
+        with transaction(self.db):
+            made = commit(self.db)
+        return self._created(tenant, spec, made, now)
+
+    async def create_async(self, tenant: str, spec: core.DeploymentSpec, *, deployment_id: str | None = None,
+                           idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Record, plan and persist a new deployment; loads follow. One write (``store.db.write``,
+        awaited: on the replicated record the loop goes on while a quorum acknowledges, through a
+        stream election too): the deployment, its idempotency key *with its answer*, and, in the
+        deciding process, its first plan with the loads it must send (decide, then do). The answer
+        is given only once all of it is on a quorum. A process that does not decide (a gateway, a
+        controller that does not lead) records the deployment alone; the leader's next pass plans it.
 
         With ``idempotency_key``, a second call of ``tenant`` with the same key and an equal spec
         creates nothing and answers what the first call answered (its view, replicas as first
-        planned), like ``POST /v1/jobs``; if that answer was never recorded (the hub stopped between
-        the commit and the answer), the deployment's current view.
+        planned), like ``POST /v1/jobs``; if that answer was never recorded (a deployment stored
+        before answers were written with it), the deployment's current view.
 
         Returns:
             ``(view, replayed)``: ``replayed`` is True when the answer is a replay.
@@ -265,26 +290,53 @@ class DeploymentService:
             RequestError: (400) the spec names an unknown origin, region or accelerator, or more cards
                 than any site has.
             Unprocessable: (422) ``tenant`` used ``idempotency_key`` with another spec.
+            RecordConflict: (409) another process wrote a row of it first; nothing was written.
+            RecordUnavailable: (503) no quorum: the outcome is unknown, retry with the same key.
         """
+        now, commit = self._creation(tenant, spec, deployment_id, idempotency_key)
+        made = await write(self.db, commit, fenced=self.deciding)
+        return self._created(tenant, spec, made, now)
+
+    def _creation(self, tenant: str, spec: core.DeploymentSpec, deployment_id: str | None,
+                  idempotency_key: str | None) -> tuple[float, Callable[[Database], _Made]]:
+        """The time of a creation and its transaction (it may run more than once: ``store.db.write``)."""
         self.validate(spec)
-        db = self.db
         dep_id = deployment_id or f"dep-{secrets.token_hex(6)}"
-        dep, replay = store.create_or_replay(
-            db, deployment_id=dep_id, tenant=tenant, model=spec.model, spec=spec, now=self.clock.time(),
-            idem_key=idempotency_key, body_hash=spec_hash(spec) if idempotency_key is not None else "")
-        if replay is not None:
+        now = self.clock.time()
+        body_hash = spec_hash(spec) if idempotency_key is not None else ""
+
+        def commit(db: Database) -> _Made:
+            dep, replay = store.create_or_replay(
+                db, deployment_id=dep_id, tenant=tenant, model=spec.model, spec=spec, now=now,
+                idem_key=idempotency_key, body_hash=body_hash)
+            if replay is not None:
+                return _Made(dep, (replay.response if replay.response is not None else self._render(dep)), True, None)
+            plan = None
+            if self.deciding and self.outbox is not None:
+                plan, _ = self._plan(now, dep.id)
+                if plan_changes(plan):
+                    self._persist(db, plan, now)
+            view = self.view(tenant, dep.id)  # as this transaction leaves it: the replicas first planned
+            if idempotency_key is not None:
+                store.record_answer(db, tenant=tenant, idem_key=idempotency_key, response=view)
+            return _Made(dep, view, False, plan)
+
+        return now, commit
+
+    def _created(self, tenant: str, spec: core.DeploymentSpec, made: _Made, now: float) -> tuple[dict[str, Any], bool]:
+        """After a creation's commit: the access table, the plan's logs and counters, the loop poked."""
+        dep = made.deployment
+        if made.replayed:
             log.info("event=deployment_replayed deployment=%s tenant=%s", dep.id, tenant)
-            return (replay.response if replay.response is not None else self._render(dep)), True
+            return made.view, True
         self._own(tenant, spec.model, dep.id, True)
-        if self.clock.time() < self._grace_until:
+        if now < self._grace_until:
             self._fresh.add(dep.id)
         log.info("event=deployment_created deployment=%s tenant=%s model=%s", dep.id, tenant, spec.model)
-        self._decide(self.clock.time(), only=dep.id)
+        if made.plan is not None:
+            self._planned(made.plan, now, dep.id)
         self.poke()
-        view = self.view(tenant, dep.id)
-        if idempotency_key is not None:
-            store.record_answer(db, tenant=tenant, idem_key=idempotency_key, response=view)
-        return view, False
+        return made.view, False
 
     def view(self, tenant: str | None, deployment_id: str) -> dict[str, Any]:
         """The deployment as the API shows it; NotFound if missing, deleted or not ``tenant``'s."""
@@ -298,20 +350,48 @@ class DeploymentService:
         return [self._render(d) for d in store.list_for_tenant(self.db, tenant)]
 
     def delete(self, tenant: str | None, deployment_id: str) -> None:
-        """Soft-delete a deployment and unload its replicas (sends follow; retried until gone)."""
-        db = self.db
-        assert self.outbox is not None
+        """:meth:`delete_async` committed the blocking way (tests)."""
         now = self.clock.time()
-        with transaction(db):  # the delete, the replicas' unplace and their unloads: one commit
-            dep = store.get(db, deployment_id, tenant=tenant)
-            if dep is None or not store.delete(db, deployment_id, tenant=tenant, now=now):
-                raise NotFound(f"deployment {deployment_id!r} not found", field="id")
-            for rep in store.replicas_of(db, dep.id):
-                if self._move(dep.id, rep.site, ReplicaEvent.UNPLACE, now) is not None:
-                    self.outbox.add(rep.site, wire.UnloadModel(model=dep.model, deployment=dep.id), now)
-                    self.counters["unloads_queued"] += 1
+        with transaction(self.db):
+            dep, unloads = self._deletion(self.db, tenant, deployment_id, now)
+        self._deleted(dep, unloads)
+
+    async def delete_async(self, tenant: str | None, deployment_id: str) -> None:
+        """Soft-delete a deployment and unplace its replicas, in one write awaited (the loop goes on
+        while a quorum acknowledges); the deciding process queues their unloads in it (decide, then
+        do: sent once it is on a quorum, retried until gone). Elsewhere the leader unloads what sites
+        still report of a deleted deployment (``deployments.orphan_unloads``).
+
+        Raises:
+            NotFound: (404) missing, deleted or not ``tenant``'s.
+            RecordConflict, RecordUnavailable: (409, 503) as :meth:`create_async`; nothing was deleted
+                (or, for 503, the outcome is unknown: the delete may be sent again).
+        """
+        now = self.clock.time()
+        dep, unloads = await write(self.db, lambda db: self._deletion(db, tenant, deployment_id, now),
+                                   fenced=self.deciding)
+        self._deleted(dep, unloads)
+
+    def _deletion(self, db: Database, tenant: str | None, deployment_id: str,
+                  now: float) -> tuple[store.Deployment, int]:
+        """The delete, the replicas' unplace and (deciding) their unloads, in the caller's transaction;
+        the deployment and how many unloads were queued."""
+        dep = store.get(db, deployment_id, tenant=tenant)
+        if dep is None or not store.delete(db, deployment_id, tenant=tenant, now=now):
+            raise NotFound(f"deployment {deployment_id!r} not found", field="id")
+        outbox = self.outbox if self.deciding else None
+        unloads = 0
+        for rep in store.replicas_of(db, dep.id):
+            if self._move(dep.id, rep.site, ReplicaEvent.UNPLACE, now) is not None and outbox is not None:
+                outbox.add(rep.site, wire.UnloadModel(model=dep.model, deployment=dep.id), now)
+                unloads += 1
+        return dep, unloads
+
+    def _deleted(self, dep: store.Deployment, unloads: int) -> None:
         self._own(dep.tenant, dep.model, dep.id, False)
-        self.outbox.kick()
+        self.counters["unloads_queued"] += unloads
+        if unloads and self.outbox is not None:
+            self.outbox.kick()
         log.info("event=deployment_deleted deployment=%s tenant=%s", dep.id, dep.tenant)
         self.poke()
 
@@ -330,7 +410,7 @@ class DeploymentService:
             return ""
         spec = core.DeploymentSpec(model=model, origins=[o.id for o in layout.origins], budget_ms=10.0,
                                    cards_per_replica=0.25, min_cities=2, slots_per_replica=8)
-        view, _ = self.create(tenant, spec)
+        view, _ = await self.create_async(tenant, spec)
         return str(view["id"])
 
     def load_model_access(self) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Union
 
 from controlplane.core import auth
 from controlplane.core.errors import RequestError, Unauthorized
@@ -30,6 +30,31 @@ PROVIDER_ID = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 """A provider's id, as the layout's ``provider`` of a site names it."""
 OPERATOR_PROVIDER = "cpn-operator"
 """The operator's own provider id (``market.postings.Fees.operator_provider``)."""
+
+class RingChanges:
+    """What a key write would do to the hub's :class:`~controlplane.core.auth.KeyRing`, kept until
+    the write is on the record (an awaited write may run more than once, and may fail), then
+    applied: revoked or replaced digests dropped, new principals added."""
+
+    def __init__(self) -> None:
+        self.added: list[auth.Principal] = []
+        self.removed: list[str] = []
+
+    def add(self, principal: auth.Principal) -> None:
+        self.added.append(principal)
+
+    def remove(self, digest: str) -> None:
+        self.removed.append(digest)
+
+    def apply(self, ring: auth.KeyRing) -> None:
+        for digest in self.removed:
+            ring.remove(digest)
+        for principal in self.added:
+            ring.add(principal)
+
+
+Ring = Union[auth.KeyRing, RingChanges, None]
+"""Where a key write puts what it changed: the hub's ring, a :class:`RingChanges`, or nowhere (the CLI)."""
 
 MISS_MEMORY_S = 5.0
 """How long an unknown, revoked or expired key is answered from memory (no store read)."""
@@ -64,7 +89,7 @@ def _new_view(principal: auth.Principal, key: str, *, label: str, now: float) ->
     }
 
 
-def create(db: Any, ring: auth.KeyRing | None, *, role: str, tenant_id: str | None, now: float, label: str = "",
+def create(db: Any, ring: Ring, *, role: str, tenant_id: str | None, now: float, label: str = "",
            expires_at: float | None = None) -> dict[str, Any]:
     """Issue a key; the answer holds the key itself (``api_key``), shown this once."""
     if role == "tenant":
@@ -96,7 +121,7 @@ def listing(db: Any, *, role: str, tenant_id: str | None, now: float) -> list[di
     return store_tenants.list_keys(db, role=role, tenant_id=tenant_id, now=now)
 
 
-def revoke(db: Any, ring: auth.KeyRing | None, key_id: str, *, role: str, tenant_id: str | None, now: float) -> dict[str, Any]:
+def revoke(db: Any, ring: Ring, key_id: str, *, role: str, tenant_id: str | None, now: float) -> dict[str, Any]:
     """Revoke ``key_id`` now (404 outside its scope, 409 for the last working admin key)."""
     digest, view = store_tenants.revoke_key_id(db, key_id, role=role, tenant_id=tenant_id, now=now)
     if ring is not None:
@@ -104,7 +129,7 @@ def revoke(db: Any, ring: auth.KeyRing | None, key_id: str, *, role: str, tenant
     return view
 
 
-def rotate(db: Any, ring: auth.KeyRing | None, key_id: str, *, role: str, tenant_id: str | None, now: float,
+def rotate(db: Any, ring: Ring, key_id: str, *, role: str, tenant_id: str | None, now: float,
            grace_s: float = DEFAULT_GRACE_S, label: str = "", expires_at: float | None = None) -> dict[str, Any]:
     """A new key in place of ``key_id``; the old one works ``grace_s`` longer (0: revoked now).
 

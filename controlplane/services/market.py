@@ -4,7 +4,8 @@ usage flush and training metering (docs/market.md).
 It asks the pure market (``controlplane/market/``) and writes its record (``store/market/``):
 
 - **Admin**: catalogue revisions, offers, budgets and tenants' market settings, each checked by the
-  pure ``*_problem`` functions first (a 400 naming the field) and written in one transaction.
+  pure ``*_problem`` functions first (a 400 naming the field) and written in one transaction,
+  awaited (``store.db.write``: on the replicated record the loop goes on while a quorum answers).
 - **Inference gate** (:meth:`MarketService.admit`, before a request is relayed): a public-facing
   tenant calling a model without a public-service filing in force is refused (403
   ``model_not_filed``, naming the missing filing); a tenant whose budget the request could exceed
@@ -48,7 +49,7 @@ from controlplane.core.errors import Conflict, Forbidden, NotFound, Refused, Req
 from controlplane.core.jobspec import JobSpec
 from controlplane.core.usage import UsageFlush
 from controlplane.market import budgets, catalogue, ledger, offers, postings, quotes, reconcile, views
-from controlplane.store.db import transaction
+from controlplane.store.db import transaction, write
 from controlplane.store.market import billing
 from controlplane.store.market import ledger as ledger_store
 from controlplane.store.market import records
@@ -139,14 +140,15 @@ class MarketService:
         if self.tenancy.tenant(tenant) is None:
             raise NotFound(f"tenant {tenant!r} not found", field="tenant")
 
-    def put_model(self, model: catalogue.ModelRecord) -> dict[str, Any]:
+    async def put_model(self, model: catalogue.ModelRecord) -> dict[str, Any]:
         """Add a catalogue revision in force from now (400 naming the field if invalid)."""
         problem = catalogue.record_problem(model)
         if problem is not None:
             raise RequestError(f"model {model.id}: {problem}", field=_field_of(problem))
         self._known_tenant(model.owner)
         try:
-            revision = records.put_model(self.db, model, self.clock.time())
+            now = self.clock.time()
+            revision = await write(self.db, lambda db: records.put_model(db, model, now), fenced=False)
         except ValueError as exc:
             raise Conflict(str(exc), field="model") from None
         self.refresh()
@@ -171,7 +173,7 @@ class MarketService:
         if provider is not None and (self.pool_provider(pool) or self.fees.operator_provider) != provider:
             raise Forbidden(f"pool {pool} is not provider {provider}'s", field="pool")
 
-    def put_offer(self, offer: offers.Offer, *, by_provider: str | None = None) -> tuple[dict[str, Any], bool]:
+    async def put_offer(self, offer: offers.Offer, *, by_provider: str | None = None) -> tuple[dict[str, Any], bool]:
         """Publish an offer (400 naming the field; 409 if its id is taken by other terms; 422
         ``provider`` if it is not the pool's declared provider; 403 for a provider key on another's
         pool or naming another provider); True if it is new."""
@@ -187,7 +189,7 @@ class MarketService:
         if problem is not None:
             raise Unprocessable(f"offer {offer.id}: {problem}", field="provider", code="offer_provider_mismatch")
         try:
-            new = records.put_offer(self.db, offer)
+            new = await write(self.db, lambda db: records.put_offer(db, offer), fenced=False)
         except ValueError as exc:
             raise Conflict(str(exc), field="id") from None
         return offer_view(offer), new
@@ -203,7 +205,7 @@ class MarketService:
         return [{**offer_view(o), "in_force": offers.valid_at(o, now)}
                 for o in records.list_offers(self.db, pool=pool, provider=provider)]
 
-    def withdraw_offer(self, offer_id: str, *, by_provider: str | None = None) -> dict[str, Any]:
+    async def withdraw_offer(self, offer_id: str, *, by_provider: str | None = None) -> dict[str, Any]:
         """End an offer now (404 unknown; 403 for a provider key on another provider's offer)."""
         if by_provider is not None:
             found = next((o for o in records.list_offers(self.db) if o.id == offer_id), None)
@@ -211,17 +213,19 @@ class MarketService:
                 raise NotFound(f"offer {offer_id!r} not found", field="offer")
             if found.provider != by_provider:
                 raise Forbidden(f"offer {offer_id} is not provider {by_provider}'s", field="offer")
-        ended = records.withdraw_offer(self.db, offer_id, self.clock.time())
+        now = self.clock.time()
+        ended = await write(self.db, lambda db: records.withdraw_offer(db, offer_id, now), fenced=False)
         if ended is None:
             raise NotFound(f"offer {offer_id!r} not found", field="offer")
         return offer_view(ended)
 
-    def put_budget(self, budget: budgets.Budget) -> dict[str, Any]:
+    async def put_budget(self, budget: budgets.Budget) -> dict[str, Any]:
         problem = budgets.budget_problem(budget)
         if problem is not None:
             raise RequestError(f"budget of {budget.tenant}: {problem}", field=_field_of(problem))
         self._known_tenant(budget.tenant)
-        records.put_budget(self.db, budget, self.clock.time())
+        now = self.clock.time()
+        await write(self.db, lambda db: records.put_budget(db, budget, now), fenced=False)
         self.refresh()
         return self.budget(budget.tenant)
 
@@ -245,13 +249,14 @@ class MarketService:
         return {**body, "held_fen": self.held_fen(b.tenant), "jobs_held_fen": self.jobs_held_fen(b.tenant),
                 "period_start": start, "period_end": end}
 
-    def put_tenant(self, tenant: str, *, public_facing: bool, filing_number: str = "") -> dict[str, Any]:
+    async def put_tenant(self, tenant: str, *, public_facing: bool, filing_number: str = "") -> dict[str, Any]:
         """Mark a tenant public-facing or internal; ``filing_number`` is the tenant's own service
         filing, kept and shown (the model's filing is what the gateway checks)."""
         settings = billing.TenantSettings(tenant=tenant, public_facing=public_facing,
                                           filing_number=filing_number.strip())
         self._known_tenant(settings.tenant)
-        billing.put_tenant(self.db, settings, self.clock.time())
+        now = self.clock.time()
+        await write(self.db, lambda db: billing.put_tenant(db, settings, now), fenced=False)
         self.refresh()
         return msgspec.to_builtins(settings)  # type: ignore[no-any-return]
 
@@ -450,12 +455,17 @@ class MarketService:
 
     # ------------------------------------------------------------------ quotes
 
-    def quote(self, tenant: str, spec: JobSpec, spec_hash: str, now: float) -> quotes.Quote:
-        """Price ``spec`` on every pool now (not kept for a budget check, kept for ``POST /v1/quotes``)."""
+    async def quote(self, tenant: str, spec: JobSpec, spec_hash: str, now: float) -> quotes.Quote:
+        """Price ``spec`` on every pool now and keep the quote (``POST /v1/quotes``), written awaited
+        (unfenced: a tenant's write; optimistic: it reads only its own new rows), so the loop goes on
+        while the record's quorum acknowledges it (409/503 as for a submission)."""
         q = self._price(tenant, spec, now, quote_id="q-" + secrets.token_hex(8))
-        with transaction(self.db):
-            records.put_quote(self.db, q)
-            billing.put_quote_spec(self.db, q.id, spec_hash)
+
+        def keep(db: Any) -> None:
+            records.put_quote(db, q)
+            billing.put_quote_spec(db, q.id, spec_hash)
+
+        await write(self.db, keep, fenced=False, optimistic=True)
         return q
 
     def _price(self, tenant: str, spec: JobSpec, now: float, *, quote_id: str) -> quotes.Quote:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from controlplane.core import auth
 from controlplane.core.clock import Clock
@@ -24,9 +24,11 @@ from controlplane.core.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
 from controlplane.services import keys as key_lifecycle
 from controlplane.store import tenants as store_tenants
+from controlplane.store.db import write
 from controlplane.store.handle import Store
 
 log = logging.getLogger("cpn.tenancy")
+T = TypeVar("T")
 
 
 class TenancyService:
@@ -147,6 +149,26 @@ class TenancyService:
         self._tenants[tenant_id] = row
         return key
 
+    async def create_tenant_async(self, tenant_id: str, *, name: str = "", default_origin: str | None = None,
+                                  quota_cards: int | None = None, rate_per_s: float | None = None,
+                                  burst: int | None = None) -> str:
+        """:meth:`create_tenant` as one write (the tenant with its first key: both or neither),
+        awaited (``store.db.write``): on the replicated record the loop goes on while a quorum
+        acknowledges (409 ``record_conflict``, 503 ``record_unavailable`` as for a submission)."""
+        now = self.clock.time()
+        key = auth.new_key(tenant_id[:12])
+
+        def commit(db: Any) -> tuple[dict[str, Any], auth.Principal]:
+            row = store_tenants.create_tenant(
+                db, tenant_id, name=name, now=now, default_origin=default_origin, quota_cards=quota_cards,
+                rate_per_s=rate_per_s, burst=burst)
+            return row, store_tenants.add_key(db, key, role="tenant", tenant_id=tenant_id, now=now, label="first")
+
+        row, principal = await write(self.store.db, commit, fenced=False)
+        self.keys.add(principal)
+        self._tenants[tenant_id] = row
+        return key
+
     def add_tenant_key(self, tenant_id: str, label: str = "") -> str:
         """Issue one more key for an existing tenant."""
         key = auth.new_key(tenant_id[:12])
@@ -161,28 +183,41 @@ class TenancyService:
         return key
 
     # ------------------------------------------------------------------ key lifecycle (admin API)
+    # Each write is awaited (``store.db.write``, unfenced: an operator's write, which any gateway
+    # makes); the key ring learns of it only once it is on the record (``RingChanges``).
+
+    async def _key_write(self, fn: Callable[[Any, key_lifecycle.RingChanges], T]) -> T:
+        def run(db: Any) -> tuple[T, key_lifecycle.RingChanges]:
+            changes = key_lifecycle.RingChanges()
+            return fn(db, changes), changes
+
+        result, changes = await write(self.store.db, run, fenced=False)
+        changes.apply(self.keys)
+        return result
 
     def list_keys(self, *, role: str, tenant_id: str | None) -> list[dict[str, Any]]:
         """A tenant's keys, or the admin keys: ids, shown prefixes, times and state; never a key."""
         return key_lifecycle.listing(self.store.db, role=role, tenant_id=tenant_id, now=self.clock.time())
 
-    def issue_key(self, *, role: str, tenant_id: str | None, label: str = "", expires_at: float | None = None,
-                  ttl_s: float | None = None) -> dict[str, Any]:
+    async def issue_key(self, *, role: str, tenant_id: str | None, label: str = "", expires_at: float | None = None,
+                        ttl_s: float | None = None) -> dict[str, Any]:
         """Issue a key (optional expiry: ``expires_at`` or ``ttl_s``); the answer holds the key, shown once."""
         now = self.clock.time()
         expiry = key_lifecycle.expiry(now, expires_at=expires_at, ttl_s=ttl_s)
-        return key_lifecycle.create(self.store.db, self.keys, role=role, tenant_id=tenant_id, now=now, label=label,
-                                    expires_at=expiry)
+        return await self._key_write(lambda db, ring: key_lifecycle.create(
+            db, ring, role=role, tenant_id=tenant_id, now=now, label=label, expires_at=expiry))
 
-    def revoke_key(self, key_id: str, *, role: str, tenant_id: str | None) -> dict[str, Any]:
+    async def revoke_key(self, key_id: str, *, role: str, tenant_id: str | None) -> dict[str, Any]:
         """Revoke ``key_id`` now (404 outside its scope, 409 for the last working admin key)."""
-        return key_lifecycle.revoke(self.store.db, self.keys, key_id, role=role, tenant_id=tenant_id,
-                                    now=self.clock.time())
+        now = self.clock.time()
+        return await self._key_write(lambda db, ring: key_lifecycle.revoke(
+            db, ring, key_id, role=role, tenant_id=tenant_id, now=now))
 
-    def rotate_key(self, key_id: str, *, role: str, tenant_id: str | None, grace_s: float, label: str = "",
-                   expires_at: float | None = None, ttl_s: float | None = None) -> dict[str, Any]:
+    async def rotate_key(self, key_id: str, *, role: str, tenant_id: str | None, grace_s: float, label: str = "",
+                         expires_at: float | None = None, ttl_s: float | None = None) -> dict[str, Any]:
         """A new key in place of ``key_id``; the old one works ``grace_s`` longer."""
         now = self.clock.time()
         expiry = key_lifecycle.expiry(now, expires_at=expires_at, ttl_s=ttl_s)
-        return key_lifecycle.rotate(self.store.db, self.keys, key_id, role=role, tenant_id=tenant_id, now=now,
-                                    grace_s=grace_s, label=label, expires_at=expiry)
+        return await self._key_write(lambda db, ring: key_lifecycle.rotate(
+            db, ring, key_id, role=role, tenant_id=tenant_id, now=now, grace_s=grace_s, label=label,
+            expires_at=expiry))

@@ -58,7 +58,7 @@ import msgspec
 from controlplane.core import lending, lifecycle, placement, scheduler
 from controlplane.core import quota as tenant_quota
 from controlplane.core.clock import Clock
-from controlplane.core.errors import NotFound
+from controlplane.core.errors import NotFound, RecordNoQuorum
 from controlplane.core.jobspec import JobSpec
 from controlplane.services.outbox import START, CommandOutbox
 from controlplane.core.registry import Transition
@@ -99,6 +99,9 @@ REFUSED_COOL_S = 1.0
 """After a site refuses a start for lack of cards, place nothing there until a newer heartbeat."""
 REFUSED_OTHER_COOL_S = 30.0
 """After any other refusal (executor not enabled, ...), leave the site alone this long."""
+REPORT_RETRY_S = (0.5, 5.0)
+"""A refused start whose report the record did not take (no quorum): written again after these
+seconds, doubling (first, most), until it lands or this process stops deciding."""
 ORPHAN_GRACE_S = 5.0
 """After a hub start, a live job's site must be heard from within max(this, 2 × detection)."""
 HUB_SITE = store_jobs.HUB_EVENT_SITE
@@ -1224,7 +1227,21 @@ class TrainingService:
             log.warning("event=dispatch_failed job=%s attempt=%d site=%s error=%s", cmd.job, cmd.attempt, entry.site, why)
             self.poke()
 
-        await self._decide_awaited(_Decision(commit, done), now)
+        delay_s = REPORT_RETRY_S[0]
+        while True:
+            try:
+                await self._decide_awaited(_Decision(commit, done), now)
+                return
+            except RecordNoQuorum as exc:
+                # The entry is already dropped: this report is the refusal's only trace, so it is
+                # written again until it lands (the outcome of the failed try is unknown; the
+                # commit re-reads the job, so one that landed after all is not applied twice).
+                if not self.running:
+                    raise
+                log.warning("event=refusal_unwritten job=%s attempt=%d retry_in_s=%.1f error=%s", cmd.job,
+                            cmd.attempt, delay_s, exc)
+                await self.clock.sleep(delay_s)
+                delay_s = min(delay_s * 2, REPORT_RETRY_S[1])
 
 
 def _iso(t: float) -> str:

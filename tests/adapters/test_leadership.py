@@ -198,3 +198,38 @@ async def test_a_new_leader_announces_its_epoch_and_sites_refuse_the_old_one_at_
                 await b.hub.stop()
             if a_running:
                 await a.hub.stop()
+
+
+async def test_a_deployment_made_and_deleted_at_a_gateway_is_planned_by_the_leader(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """``POST /v1/deployments`` and ``DELETE`` at a process that does not decide (a gateway): 201
+    and 200 once the write is on the record, the deployment recorded without a plan of the
+    gateway's own, and the leading controller plans it (its report reaches the gateway). Before,
+    the gateway planned it itself and asserted an outbox only a deciding process has: a 500."""
+    ctl = await started(tmp_path, cluster, "ctl-1", role="controller")
+    gw = await started(tmp_path, cluster, "gw-1", role="gateway")
+    try:
+        await until(lambda: ctl.services.leadership.leading, 10, "the controller leads")
+        key = gw.hub.create_tenant("acme", default_origin="shanghai")
+        async with aiohttp.ClientSession() as session:
+            acme = Client(session, f"http://127.0.0.1:{gw.hub.http_port}", key)
+            body = {"model": "m-1", "origins": ["shanghai"], "min_cities": 1}
+            status, made, _ = await acme.call("POST", "/v1/deployments", body, headers={"Idempotency-Key": "d-1"})
+            assert status == 201, made
+            assert made["state"] == "pending" and made["replicas"] == [], made  # the gateway planned nothing
+
+            async def planned() -> bool:
+                _, view, _ = await acme.call("GET", f"/v1/deployments/{made['id']}")
+                return bool(view["state"] != "pending" or view["details"] or view["uncovered"])
+
+            await until(planned, 10, "the leader's plan of it, seen at the gateway")
+            status, again, headers = await acme.call("POST", "/v1/deployments", body, headers={"Idempotency-Key": "d-1"})
+            assert status == 201 and again == made and headers.get("Idempotent-Replayed") == "true"
+            status, gone, _ = await acme.call("DELETE", f"/v1/deployments/{made['id']}")
+            assert status == 200, gone
+            await until(lambda: "m-1" not in ctl.services.deployments.models_for_tenant("acme"), 5,
+                        "the delete at the controller")
+            assert gw.services.deployments.counters["unloads_queued"] == 0  # sends are the leader's
+    finally:
+        await gw.hub.stop()
+        await ctl.hub.stop()

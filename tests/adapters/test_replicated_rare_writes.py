@@ -43,7 +43,7 @@ from edge_agent import wire
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
 from tests.support.fakehub import agent_config, running
-from tests.support.hubrig import hub_config
+from tests.support.hubrig import Client, hub_config
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
 
@@ -328,3 +328,109 @@ async def test_a_vanished_attempt_without_quorum_is_written_awaited_and_the_loop
         assert len(waited) >= 10, waited
         assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the vanished decision waited"
         assert rep.write_fallbacks == fallbacks, rep
+
+
+async def test_tenant_writes_without_quorum_are_awaited_and_answered_201_or_503_never_a_stall(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A tenant's deployment create and delete and a market quote, sent through real HTTP while the
+    record has no quorum (the stream's leader node and another paused): each waits for the quorum
+    awaited, so ``/healthz`` keeps answering at once, nothing of them is in SQLite meanwhile, and
+    each is answered once the quorum is back: 201/200 (or 503 ``record_unavailable``, never a 2xx
+    for a write that is not on a quorum). Before, each committed with a blocking ``transaction()``:
+    every other request of the process waited for the whole absence."""
+    async with _leading(tmp_path, cluster) as (hub, services, db, rep, job, leader_node, agent_node, cfg):
+        key = hub.create_tenant("beta", default_origin="shanghai")
+        async with aiohttp.ClientSession() as session:
+            beta = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
+            body = {"model": "demo-chat", "origins": ["shanghai"], "min_cities": 1, "budget_ms": 50.0}
+            status, first, _ = await beta.call("POST", "/v1/deployments", body)
+            assert status == 201, first
+            fallbacks = rep.write_fallbacks
+            await cluster.pause(leader_node)
+            await cluster.pause(agent_node)
+            try:
+                await store_db.barrier(db)
+                with Probes(hub.http_port) as probes:
+                    calls = [
+                        asyncio.create_task(beta.call("POST", "/v1/deployments", {**body, "model": "demo-2"},
+                                                      headers={"Idempotency-Key": "k-2"})),
+                        asyncio.create_task(beta.call("DELETE", f"/v1/deployments/{first['id']}")),
+                        asyncio.create_task(beta.call("POST", "/v1/quotes", {
+                            "name": "q", "cards": 1, "accelerators": ["H20"], "est_hours": 1.0})),
+                    ]
+                    await until(lambda: rep.in_flight >= 3, 10, "the three writes in flight at the record",
+                                last=lambda: rep)
+                    since = time.monotonic()
+                    while time.monotonic() - since < 2.0:  # decided, not acknowledged: nothing of it in SQLite
+                        assert not any(c.done() for c in calls), [c.result() for c in calls if c.done()]
+                        assert [d.model for d in store_deployments.list_for_tenant(db, "beta")] == ["demo-chat"]
+                        assert store_deployments.get(db, first["id"]) is not None
+                        await asyncio.sleep(0.05)
+                    waited = list(probes.times_s)
+                    await cluster.resume(agent_node)  # a quorum again
+                    answers = await asyncio.wait_for(asyncio.gather(*calls), 30)
+            finally:
+                for name in (leader_node, agent_node):
+                    if cluster.node(name).paused:
+                        await cluster.resume(name)
+            (made, made_body, _), (deleted, _, _), (quoted, quote_body, _) = answers
+            assert made in (201, 503) and deleted in (200, 503) and quoted in (201, 503), answers
+            for status, payload, _ in answers:
+                if status == 503:
+                    assert payload["error"]["code"] == "record_unavailable", payload
+            if made == 201:  # a 2xx only for what the record holds: in this process's projection too
+                assert store_deployments.get(db, made_body["id"]) is not None
+                status, again, headers = await beta.call("POST", "/v1/deployments", {**body, "model": "demo-2"},
+                                                         headers={"Idempotency-Key": "k-2"})
+                assert status == 201 and again["id"] == made_body["id"] and headers.get("Idempotent-Replayed") == "true"
+            if deleted == 200:
+                assert store_deployments.get(db, first["id"]) is None
+            if quoted == 201:
+                assert quote_body["id"].startswith("q-")
+        print(f"answers after the quorum came back: {[a[0] for a in answers]}; /healthz while they waited: "
+              f"{len(waited)} probes, median {sorted(waited)[len(waited) // 2] * 1000:.1f} ms, "
+              f"max {max(waited) * 1000:.1f} ms")
+        assert len(waited) >= 10, waited
+        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the tenant writes waited"
+        assert sorted(waited)[len(waited) // 2] < 0.1, waited
+        assert rep.write_fallbacks == fallbacks, rep  # every one of them went the awaited way
+
+
+async def test_a_refused_start_whose_write_outlives_the_deadline_lands_once_the_quorum_is_back(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A start refused while the record has no quorum for longer than the write deadline: its
+    write fails (503-like ``RecordNoQuorum``, outcome unknown), and the outbox entry is already
+    gone (dropped as refused). Before, that refusal was lost for good: the job stayed at its
+    attempt, ``placed`` in the record with nothing left to send it (until another leader took
+    over). Now the report is written again until it lands, and lands once: one ``start_refused``
+    event, one dispatch failure, the attempt failed once."""
+    async with _leading(tmp_path, cluster) as (hub, services, db, rep, job, leader_node, agent_node, cfg):
+        async with running(cfg):
+            await until(lambda: (store_jobs.get_job(db, job.id) or job).state in ("placed", "starting", "running"),
+                        20, "the job placed")
+            placed = store_jobs.get_job(db, job.id)
+            assert placed is not None
+            [entry] = [e for e in store_outbox.for_job(db, job.id) if e.kind == "start_attempt"]
+            cmd = wire.command_decoder.decode(entry.body)
+            rep.bridge.write_deadline_s = 1.0  # type: ignore[attr-defined]  # outlived within the test's time
+            await cluster.pause(leader_node)
+            await cluster.pause(agent_node)
+            try:
+                await store_db.barrier(db)
+                refused = asyncio.create_task(
+                    services.training._on_refused(entry, cmd, "no_capacity: test", time.time()))
+                await until(lambda: rep.no_quorum >= 1, 15, "the refusal's write out of time", last=lambda: rep)
+                assert store_jobs.get_job(db, job.id).attempt == placed.attempt  # type: ignore[union-attr]
+                await cluster.resume(agent_node)
+                await until(lambda: "start_refused" in [e.kind for e in store_jobs.events(db, job.id)], 20,
+                            "the refusal written once the quorum is back", last=lambda: (rep, refused))
+                await asyncio.wait_for(refused, 10)
+            finally:
+                for name in (leader_node, agent_node):
+                    if cluster.node(name).paused:
+                        await cluster.resume(name)
+            await asyncio.sleep(1.0)  # a second write of it would land within this
+        assert [e.kind for e in store_jobs.events(db, job.id)].count("start_refused") == 1
+        assert services.training.counters["dispatch_failures"] == 1
+        first = store_jobs.attempts(db, job.id)[placed.attempt - 1]
+        assert first.exit_reason == "dispatch_failed", first
