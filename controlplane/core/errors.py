@@ -100,6 +100,11 @@ class RecordConflict(Conflict):
     code = "record_conflict"
 
 
+class RecordFenced(RecordConflict):
+    """A write fenced by this process's leader epoch found a newer one: the process no longer leads
+    (it has not heard yet). Nothing was written; a tenant's write may go again unfenced (409)."""
+
+
 class RecordUnavailable(RequestError):
     """The replicated record has no quorum (too few NATS nodes up): the write was refused and its
     outcome is unknown; retry later with the same idempotency key (503 naming the reason)."""

@@ -61,7 +61,7 @@ from controlplane.core import lifecycle
 from controlplane.core import replicas as core
 from controlplane.core.clock import Clock
 from controlplane.core.declarations import LOCAL_DEPLOYMENTS, may_use_local
-from controlplane.core.errors import NotFound, RequestError
+from controlplane.core.errors import NotFound, RecordFenced, RequestError
 from controlplane.core.registry import SiteRegistry, Transition
 from controlplane.core.replica_lifecycle import (
     HOLDING, IllegalReplicaTransition, ReplicaEvent, ReplicaState, transition,
@@ -264,7 +264,7 @@ class DeploymentService:
                idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
         """:meth:`create_async` committed the blocking way (tests, a SQLite hub's callers that
         cannot await): on the replicated record the loop waits for the quorum."""
-        now, commit = self._creation(tenant, spec, deployment_id, idempotency_key)
+        now, commit = self._creation(tenant, spec, deployment_id, idempotency_key, self.deciding)
         with transaction(self.db):
             made = commit(self.db)
         return self._created(tenant, spec, made, now)
@@ -277,6 +277,8 @@ class DeploymentService:
         deciding process, its first plan with the loads it must send (decide, then do). The answer
         is given only once all of it is on a quorum. A process that does not decide (a gateway, a
         controller that does not lead) records the deployment alone; the leader's next pass plans it.
+        So does a deciding process deposed without knowing it yet: its fenced write is refused
+        (``RecordFenced``, nothing written) and goes again unfenced, without a plan.
 
         With ``idempotency_key``, a second call of ``tenant`` with the same key and an equal spec
         creates nothing and answers what the first call answered (its view, replicas as first
@@ -293,13 +295,18 @@ class DeploymentService:
             RecordConflict: (409) another process wrote a row of it first; nothing was written.
             RecordUnavailable: (503) no quorum: the outcome is unknown, retry with the same key.
         """
-        now, commit = self._creation(tenant, spec, deployment_id, idempotency_key)
-        made = await write(self.db, commit, fenced=self.deciding)
+        now, commit = self._creation(tenant, spec, deployment_id, idempotency_key, self.deciding)
+        try:
+            made = await write(self.db, commit, fenced=self.deciding)
+        except RecordFenced:
+            now, commit = self._creation(tenant, spec, deployment_id, idempotency_key, False)
+            made = await write(self.db, commit, fenced=False)
         return self._created(tenant, spec, made, now)
 
     def _creation(self, tenant: str, spec: core.DeploymentSpec, deployment_id: str | None,
-                  idempotency_key: str | None) -> tuple[float, Callable[[Database], _Made]]:
-        """The time of a creation and its transaction (it may run more than once: ``store.db.write``)."""
+                  idempotency_key: str | None, deciding: bool) -> tuple[float, Callable[[Database], _Made]]:
+        """The time of a creation and its transaction (it may run more than once: ``store.db.write``);
+        ``deciding``: with the deployment's first plan."""
         self.validate(spec)
         dep_id = deployment_id or f"dep-{secrets.token_hex(6)}"
         now = self.clock.time()
@@ -312,7 +319,7 @@ class DeploymentService:
             if replay is not None:
                 return _Made(dep, (replay.response if replay.response is not None else self._render(dep)), True, None)
             plan = None
-            if self.deciding and self.outbox is not None:
+            if deciding and self.outbox is not None:
                 plan, _ = self._plan(now, dep.id)
                 if plan_changes(plan):
                     self._persist(db, plan, now)
@@ -353,7 +360,7 @@ class DeploymentService:
         """:meth:`delete_async` committed the blocking way (tests)."""
         now = self.clock.time()
         with transaction(self.db):
-            dep, unloads = self._deletion(self.db, tenant, deployment_id, now)
+            dep, unloads = self._deletion(self.db, tenant, deployment_id, now, self.deciding)
         self._deleted(dep, unloads)
 
     async def delete_async(self, tenant: str | None, deployment_id: str) -> None:
@@ -368,18 +375,22 @@ class DeploymentService:
                 (or, for 503, the outcome is unknown: the delete may be sent again).
         """
         now = self.clock.time()
-        dep, unloads = await write(self.db, lambda db: self._deletion(db, tenant, deployment_id, now),
-                                   fenced=self.deciding)
+        try:
+            dep, unloads = await write(self.db, lambda db: self._deletion(db, tenant, deployment_id, now, self.deciding),
+                                       fenced=self.deciding)
+        except RecordFenced:  # deposed without knowing it yet: the delete alone; the leader unloads
+            dep, unloads = await write(self.db, lambda db: self._deletion(db, tenant, deployment_id, now, False),
+                                       fenced=False)
         self._deleted(dep, unloads)
 
     def _deletion(self, db: Database, tenant: str | None, deployment_id: str,
-                  now: float) -> tuple[store.Deployment, int]:
+                  now: float, deciding: bool) -> tuple[store.Deployment, int]:
         """The delete, the replicas' unplace and (deciding) their unloads, in the caller's transaction;
         the deployment and how many unloads were queued."""
         dep = store.get(db, deployment_id, tenant=tenant)
         if dep is None or not store.delete(db, deployment_id, tenant=tenant, now=now):
             raise NotFound(f"deployment {deployment_id!r} not found", field="id")
-        outbox = self.outbox if self.deciding else None
+        outbox = self.outbox if deciding else None
         unloads = 0
         for rep in store.replicas_of(db, dep.id):
             if self._move(dep.id, rep.site, ReplicaEvent.UNPLACE, now) is not None and outbox is not None:

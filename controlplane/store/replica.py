@@ -58,7 +58,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 import sqlite_utils
 
-from controlplane.core.errors import RecordConflict, RecordNoQuorum, RecordUnavailable
+from controlplane.core.errors import RecordConflict, RecordFenced, RecordNoQuorum, RecordUnavailable
 from controlplane.replicated.errors import Conflict, Fenced, NoQuorum, RecordError
 from controlplane.replicated.kv import MAX_BATCH, Change, Write
 from controlplane.store.db import open_db
@@ -437,7 +437,7 @@ class Replica:
         if isinstance(exc, Fenced):
             self.conflicts += 1
             _log.warning("event=record_fenced rows=%d", rows)
-            return RecordConflict("this process no longer leads (a newer controller's epoch took over); nothing "
+            return RecordFenced("this process no longer leads (a newer controller's epoch took over); nothing "
                                   "was written")
         if isinstance(exc, Conflict):
             self.conflicts += 1

@@ -233,3 +233,41 @@ async def test_a_deployment_made_and_deleted_at_a_gateway_is_planned_by_the_lead
     finally:
         await gw.hub.stop()
         await ctl.hub.stop()
+
+
+async def test_a_deployment_made_at_a_deposed_leader_that_has_not_heard_is_recorded_not_refused(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A tenant's create and delete at a process that still decides but was deposed (a newer epoch
+    took over; it has not heard yet): its fenced write is refused, nothing is written, and the write
+    goes again unfenced without a plan, as at a gateway: 201 and 200, the new leader plans and
+    unloads. Before, the tenant got a 409 saying the process no longer leads."""
+    a = await started(tmp_path, cluster, "hub-a")
+    try:
+        await until(lambda: a.services.leadership.leading, 10, "a leads")
+        old = a.services.leadership.epoch
+        key = a.hub.create_tenant("acme", default_origin="shanghai")
+        b = await started(tmp_path, cluster, "hub-b")
+        try:
+            await a.services.leadership.stop()
+            await until(lambda: b.services.leadership.leading, 5, "b leads")
+            a.hub.store.db.write_hook.bridge.fence = Fence(LEASE, old)  # frozen: still deciding, old fence
+            a.services.deployments.deciding = True
+            async with aiohttp.ClientSession() as session:
+                acme = Client(session, f"http://127.0.0.1:{a.hub.http_port}", key)
+                body = {"model": "m-1", "origins": ["shanghai"], "min_cities": 1}
+                status, made, _ = await acme.call("POST", "/v1/deployments", body, headers={"Idempotency-Key": "d-1"})
+                assert status == 201, made
+                assert made["state"] == "pending" and made["replicas"] == [], made  # no plan of its own
+                await until(lambda: "m-1" in b.services.deployments.models_for_tenant("acme"), 5, "the create at b")
+                status, gone, _ = await acme.call("DELETE", f"/v1/deployments/{made['id']}")
+                assert status == 200, gone
+                await until(lambda: "m-1" not in b.services.deployments.models_for_tenant("acme"), 5,
+                            "the delete at b")
+            assert a.services.deployments.counters["loads_queued"] == 0
+            assert a.services.deployments.counters["unloads_queued"] == 0
+        finally:
+            a.services.deployments.deciding = False
+            a.hub.store.db.write_hook.bridge.fence = None
+            await b.hub.stop()
+    finally:
+        await a.hub.stop()
