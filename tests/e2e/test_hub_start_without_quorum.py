@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.hubrig import DEMO3
 from tests.support.natscluster import NatsCluster
+from tests.support.waiting import until
 
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
@@ -77,12 +78,16 @@ async def test_a_hub_started_without_quorum_waits_and_is_ready_once_quorum_retur
         proc = await _start(tmp_path, urls, log)
         listening = asyncio.ensure_future(_port(proc, 120))
         try:
-            # Well past the write deadline (2 s), it is still there, waiting, and not listening.
-            await asyncio.sleep(6.0)
+            # Past the write deadline (2 s) it says it waits for the record, and it is still there,
+            # waiting, not listening: through its second try too.
+            def waiting() -> list[str]:
+                return [line for line in log.read_text().splitlines() if "event=hub_waiting" in line]
+
+            await until(lambda: len(waiting()) >= 2, 60, "the hub's second wait for the record",
+                        last=lambda: log.read_text()[-3000:])
+            assert "record" in waiting()[0], waiting()
             assert proc.returncode is None, log.read_text()[-3000:]
             assert not listening.done(), log.read_text()[-3000:]
-            waiting = [line for line in log.read_text().splitlines() if "event=hub_waiting" in line]
-            assert waiting and "record" in waiting[0], log.read_text()[-3000:]
 
             restarted = time.monotonic()
             await cluster.restart("n2")
