@@ -39,29 +39,38 @@ class _Watch:
     asked for and due before the deadline, then its deadline. One loop timer per request instead of
     two (each costs about as much as the rest of the request's bookkeeping together).
 
-    ``ack_wanted`` goes False when the answer or a first chunk goes out first: the timer then only
-    re-arms for the deadline."""
+    ``ack_wanted`` goes False when the answer or a first chunk goes out first: at the
+    acknowledgement's time the timer then only re-arms for the deadline."""
 
-    __slots__ = ("service", "task", "reply", "request_id", "deadline", "ack_wanted", "handle")
+    __slots__ = ("service", "task", "reply", "request_id", "ack_wanted", "rest_s", "handle")
 
     def __init__(self, service: InferenceService, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None],
-                 reply: str, request_id: str, ack_at: float | None, deadline: float) -> None:
+                 reply: str, request_id: str, ack_after_s: float | None, timeout_s: float) -> None:
         self.service = service
         self.task = task
         self.reply = reply
         self.request_id = request_id
-        self.deadline = deadline
-        self.ack_wanted = ack_at is not None and ack_at < deadline
-        self.handle = loop.call_at(ack_at if self.ack_wanted and ack_at is not None else deadline, self._fire, loop)
+        self.ack_wanted = ack_after_s is not None and ack_after_s < timeout_s
+        self.rest_s: float | None = None
+        """Armed for the acknowledgement: the deadline is this much later (None: armed for the deadline)."""
+        if self.ack_wanted and ack_after_s is not None:
+            self.rest_s = timeout_s - ack_after_s
+            self.handle: asyncio.TimerHandle | None = loop.call_later(ack_after_s, self._fire, loop)
+        else:
+            self.handle = loop.call_later(timeout_s, self._fire, loop)
 
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self.ack_wanted:  # the acknowledgement's time came (the deadline is still ahead)
-            self.ack_wanted = False
-            self.service._send_ack(self.reply, self.request_id)
-            self.handle = loop.call_at(self.deadline, self._fire, loop)
+        if self.handle is None:
+            return  # cancelled
+        rest_s = self.rest_s
+        if rest_s is not None:  # the acknowledgement's time (the deadline is still ahead)
+            self.rest_s = None
+            if self.ack_wanted:
+                self.ack_wanted = False
+                self.service._send_ack(self.reply, self.request_id)
+            self.handle = loop.call_later(rest_s, self._fire, loop)
             return
-        if self.handle is not None:  # the deadline (a no-op once cancelled)
-            self.service._expire(self.task)
+        self.service._expire(self.task)  # the deadline
 
     def cancel(self) -> None:
         self.ack_wanted = False
@@ -193,7 +202,7 @@ class InferenceService:
             return
         loop = self._loop
         task = asyncio.current_task(loop) if loop is not None else None
-        if task is None:  # the first request (or the agent runs in another loop now)
+        if loop is None or task is None:  # the first request (or the agent runs in another loop now)
             loop = self._loop = asyncio.get_running_loop()
             task = asyncio.current_task(loop)
             assert task is not None
@@ -277,9 +286,8 @@ class InferenceService:
         # on the hot path. At the deadline the task is cancelled and marked as expired; before it,
         # the same timer sends the acknowledgement if the answer is slow in coming.
         delayed_ack = request.ack and request.ack_after_ms > 0
-        now = loop.time()
         watch = _Watch(self, loop, task, reply, request.request_id,
-                       now + request.ack_after_ms / 1000.0 if delayed_ack else None, now + timeout_s)
+                       request.ack_after_ms / 1000.0 if delayed_ack else None, timeout_s)
         on_text = self._chunk_sender(request.request_id, reply, watch) if request.stream else None
         try:
             try:
