@@ -474,3 +474,32 @@ async def test_a_kept_alive_connection_keeps_one_timer_across_requests_and_a_sta
         await pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_serving_requests_does_not_look_up_the_running_loop_each_time(
+        nats_server: NatsServer, local_llm: LocalServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On Python 3.11 ``asyncio.get_running_loop()`` costs a getpid system call: the agent's
+    # inference path (its task spawner, the service, the HTTP client) keeps the loop instead.
+    import sys
+
+    lookups: list[str] = []
+    real = asyncio.get_running_loop
+
+    def counting() -> asyncio.AbstractEventLoop:
+        module = sys._getframe(1).f_globals.get("__name__", "")
+        if module in ("edge_agent.agent", "edge_agent.inference", "edge_agent.backends.http1"):
+            lookups.append(module)
+        return real()
+
+    cfg = agent_config(nats_server.url, backend={"kind": "openai-http", "openai-http": {"url": local_llm.url}})
+    async with FakeHub(nats_server.url) as hub:
+        async with running(cfg):
+            req = wire.InferRequest(request_id="w0", model="qwen", messages=[wire.ChatMessage(role="user", content="a")])
+            assert isinstance(await hub.infer("edge-a", req), wire.InferResult)  # the first one may look
+            monkeypatch.setattr(asyncio, "get_running_loop", counting)
+            for i in range(5):
+                got = await hub.infer("edge-a", wire.InferRequest(request_id=f"w{i + 1}", model="qwen",
+                                                                  messages=req.messages))
+                assert isinstance(got, wire.InferResult)
+            monkeypatch.setattr(asyncio, "get_running_loop", real)
+    assert lookups == []
