@@ -391,6 +391,9 @@ class HubBus:
         self._up = asyncio.Event()
         """Set while :attr:`nc` is connected (cleared on a disconnect, set again on the reconnect)."""
         self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the requests, kept: ``asyncio.get_running_loop()`` costs a ``getpid`` system
+        call on Python 3.11 (see :meth:`_running_loop`)."""
         """Disconnects of :attr:`nc` so far: a request sent in an earlier generation was lost with it."""
         self._changed: asyncio.Future[None] | None = None
         """Resolved at the next disconnect or reconnect of :attr:`nc` (for :meth:`_next_connection`)."""
@@ -436,6 +439,7 @@ class HubBus:
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect (retrying until ``timeout_s``) and subscribe to registrations and heartbeats."""
+        self._loop = asyncio.get_running_loop()
 
         last_error: list[Exception] = []
 
@@ -738,6 +742,12 @@ class HubBus:
                 failed += 1
         return failed
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _token(self) -> str:
         """A reply token: a keyed hash of a counter (unguessable, cheaper than fresh random bytes)."""
         self._reply_n += 1
@@ -765,7 +775,7 @@ class HubBus:
         if nc is None or not nc.is_connected:
             nc = await self._connected_nc()
         token = self._token()
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         future: asyncio.Future[Msg | None] = loop.create_future()
         asked_ack = ack_timeout_s is not None and ack_timeout_s < timeout_s
         first_wait = ack_timeout_s if ack_timeout_s is not None and asked_ack else timeout_s
@@ -863,7 +873,7 @@ class HubBus:
             subject = self._infer_subjects[site] = wire.infer_subject(site)
         # The shared reply subscription, as for answers (no SUB/UNSUB to the server per stream).
         token = self._token()
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         stream = self._streams[token] = self._stream_of[req.request_id] = _Stream(site, loop)
         try:
             data = wire.encode(req)

@@ -482,3 +482,36 @@ async def test_a_stream_costs_the_hub_one_timer_not_one_per_message_and_still_ti
     finally:
         del loop.call_at
     assert not hub.bus._streams
+
+
+async def test_the_hub_bus_keeps_its_loop_for_requests_and_streams(rig, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # ``asyncio.get_running_loop()`` costs a getpid system call on Python 3.11: the bus keeps its loop.
+    import sys
+
+    hub, _, _, _, nc = rig
+
+    async def answer(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site="quick", model="m", output="x")))
+
+    await nc.subscribe(wire.infer_subject("quick"), cb=answer)  # type: ignore[attr-defined]
+    await barrier(nc)
+    lookups: list[str] = []
+    real = asyncio.get_running_loop
+
+    def counting() -> asyncio.AbstractEventLoop:
+        if sys._getframe(1).f_globals.get("__name__") == "controlplane.nats.bus":
+            lookups.append("bus")
+        return real()
+
+    req = wire.InferRequest(request_id="q0", model="m", prompt="hi")
+    assert (await hub.bus.infer("quick", req, 5.0)).output == "x"
+    monkeypatch.setattr(asyncio, "get_running_loop", counting)
+    for i in range(3):
+        assert (await hub.bus.infer("quick", wire.InferRequest(request_id=f"q{i + 1}", model="m", prompt="hi"),
+                                    5.0)).output == "x"
+        got = [m async for m in hub.bus.infer_stream("quick", wire.InferRequest(
+            request_id=f"s{i}", model="m", prompt="hi", stream=True), 5.0)]
+        assert [type(m).__name__ for m in got] == ["InferResult"]
+    monkeypatch.setattr(asyncio, "get_running_loop", real)
+    assert lookups == []
