@@ -193,11 +193,11 @@ async def router(name: str, m: Mock, tmp: Path, policy: str = "round_robin") -> 
 @asynccontextmanager
 async def cpn(m: Mock, tmp: Path) -> AsyncIterator[System]:
     """nats-server, ``cpn hub`` and one ``cpn agent`` (openai-http -> the mock's shared port)."""
-    from controlplane.nats.natsserver import NatsServer
+    from controlplane.nats.natsserver import NatsServer, default_gomaxprocs
     from topology import loader
 
     env = {"CPN_LOG": "WARNING"}
-    async with NatsServer(tmp / "js") as nats:
+    async with NatsServer(tmp / "js", gomaxprocs=default_gomaxprocs()) as nats:  # as ``cpn up`` starts it
         procs: list[asyncio.subprocess.Process] = []
         try:
             db = tmp / "hub.db"

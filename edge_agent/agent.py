@@ -152,6 +152,8 @@ class Agent:
         self._heartbeat_now = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task_names: dict[str, str] = {}
         self._started = False
         self._stopped = False
         self.bus.on_reconnected(self._on_reconnected)
@@ -165,7 +167,16 @@ class Agent:
     # ------------------------------------------------------------------ life cycle
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=f"{self.site}:{name}")
+        # One task per inference request: the loop and the task's name are kept, not looked up or
+        # built each time (``asyncio.create_task`` asks for the running loop: a ``getpid`` system
+        # call on Python 3.11).
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        full = self._task_names.get(name)
+        if full is None:
+            full = self._task_names[name] = f"{self.site}:{name}"
+        task = loop.create_task(coro, name=full)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -182,6 +193,7 @@ class Agent:
 
         Waits (retrying forever) while no NATS server answers; cancelling it is safe.
         """
+        self._loop = asyncio.get_running_loop()
         if self._started:
             return
         self._started = True

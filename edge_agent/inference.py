@@ -34,8 +34,51 @@ from edge_agent.inventory import Inventory, ServiceTimes
 from edge_agent.logs import log
 
 
-_Ack = asyncio.TimerHandle
-"""A pending acknowledgement (``InferRequest.ack_after_ms``): cancelled when the answer goes first."""
+class _Watch:
+    """A request's one timer: first its acknowledgement's time (``InferRequest.ack_after_ms``), if
+    asked for and due before the deadline, then its deadline. One loop timer per request instead of
+    two (each costs about as much as the rest of the request's bookkeeping together).
+
+    ``ack_wanted`` goes False when the answer or a first chunk goes out first: at the
+    acknowledgement's time the timer then only re-arms for the deadline."""
+
+    __slots__ = ("service", "task", "reply", "request_id", "ack_wanted", "rest_s", "handle")
+
+    def __init__(self, service: InferenceService, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None],
+                 reply: str, request_id: str, ack_after_s: float | None, timeout_s: float) -> None:
+        self.service = service
+        self.task = task
+        self.reply = reply
+        self.request_id = request_id
+        self.ack_wanted = ack_after_s is not None and ack_after_s < timeout_s
+        self.rest_s: float | None = None
+        """Armed for the acknowledgement: the deadline is this much later (None: armed for the deadline)."""
+        if self.ack_wanted and ack_after_s is not None:
+            self.rest_s = timeout_s - ack_after_s
+            self.handle: asyncio.TimerHandle | None = loop.call_later(ack_after_s, self._fire, loop)
+        else:
+            self.handle = loop.call_later(timeout_s, self._fire, loop)
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.handle is None:
+            return  # cancelled
+        rest_s = self.rest_s
+        if rest_s is not None:  # the acknowledgement's time (the deadline is still ahead)
+            self.rest_s = None
+            if self.ack_wanted:
+                self.ack_wanted = False
+                self.service._send_ack(self.reply, self.request_id)
+            self.handle = loop.call_later(rest_s, self._fire, loop)
+            return
+        self.service._expire(self.task)  # the deadline
+
+    def cancel(self) -> None:
+        self.ack_wanted = False
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+
+
 BROKEN_TELL_S = 10.0
 """How long a stream cut by the site's NATS link waits for the link to come back to say so to the
 hub (past it the hub has declared the site lost and ended the stream itself)."""
@@ -63,6 +106,9 @@ class InferenceService:
         self._cancelled: set[asyncio.Task[None]] = set()
         self._expired: set[asyncio.Task[None]] = set()
         self._acks: set[asyncio.Future[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop serving requests, kept from the first: ``asyncio.get_running_loop()`` (and
+        ``current_task()`` without a loop) cost a ``getpid`` system call each on Python 3.11."""
 
     def __repr__(self) -> str:
         return f"<InferenceService site={self.site} running={sum(map(len, self._running.values()))}>"
@@ -154,11 +200,15 @@ class InferenceService:
             log(logging.WARNING, "infer_bad_message", site=self.site, error=str(exc))
             await self._answer(msg.reply, wire.error_reply("bad_message", f"not an InferRequest: {exc}"))
             return
-        task = asyncio.current_task()
-        assert task is not None
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if loop is None or task is None:  # the first request (or the agent runs in another loop now)
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None
         self._running.setdefault(request.request_id, set()).add(task)
         try:
-            await self._serve(request, msg.reply, task)
+            await self._serve(request, msg.reply, task, loop)
         except asyncio.CancelledError:
             if task in self._cancelled:
                 self._cancelled.discard(task)
@@ -195,15 +245,17 @@ class InferenceService:
             "stream_broken", f"site {self.site} lost its NATS link mid-answer (request {request_id}): "
             "part of the answer did not arrive", retryable=False))
 
-    def _chunk_sender(self, request_id: str, reply: str, ack: _Ack | None) -> Callable[[str], Awaitable[None]]:
+    def _chunk_sender(self, request_id: str, reply: str, watch: _Watch) -> Callable[[str], Awaitable[None]]:
         index = 0
+        bus = self.bus
 
         async def on_text(text: str) -> None:
             nonlocal index
-            if ack is not None:
-                ack.cancel()  # the first chunk says it all
-            # Chunks must reach the hub; if the bus is gone the stream is dead anyway.
-            await self.bus.publish(reply, wire.encode(wire.InferChunk(request_id=request_id, index=index, text=text)))
+            watch.ack_wanted = False  # the first chunk says it all
+            body = wire.encode(wire.InferChunk(request_id=request_id, index=index, text=text))
+            if not bus.publish_nowait(reply, body):  # queued at once while connected (no coroutine)
+                # Chunks must reach the hub; if the bus is gone the stream is dead anyway (raises).
+                await bus.publish(reply, body)
             index += 1
 
         return on_text
@@ -218,8 +270,8 @@ class InferenceService:
         self._expired.add(task)
         task.cancel()
 
-    async def _serve(self, request: wire.InferRequest, reply: str, task: asyncio.Task[None]) -> None:
-        loop = asyncio.get_running_loop()
+    async def _serve(self, request: wire.InferRequest, reply: str, task: asyncio.Task[None],
+                     loop: asyncio.AbstractEventLoop) -> None:
         started = self.clock.monotonic()
         replica, reason = self.inventory.acquire_slot(request.model)
         if replica is None:
@@ -229,18 +281,17 @@ class InferenceService:
                            reason, f"no ready replica of {request.model} at {self.site}")
             await self._answer(reply, wire.error_reply(reason, message, retryable=True))
             return
-        ack: _Ack | None = None
-        if request.ack and request.ack_after_ms > 0:  # acknowledged only if the answer is slow in coming
-            ack = loop.call_at(started + request.ack_after_ms / 1000.0, self._send_ack, reply, request.request_id)
-        on_text = self._chunk_sender(request.request_id, reply, ack) if request.stream else None
-
         timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
         # A bare timer rather than ``asyncio.timeout``: the same effect for a fraction of the cost
-        # on the hot path. When it fires, the task is cancelled and marked as expired.
-        timer = loop.call_later(timeout_s, self._expire, task)
+        # on the hot path. At the deadline the task is cancelled and marked as expired; before it,
+        # the same timer sends the acknowledgement if the answer is slow in coming.
+        delayed_ack = request.ack and request.ack_after_ms > 0
+        watch = _Watch(self, loop, task, reply, request.request_id,
+                       request.ack_after_ms / 1000.0 if delayed_ack else None, timeout_s)
+        on_text = self._chunk_sender(request.request_id, reply, watch) if request.stream else None
         try:
             try:
-                if request.ack and ack is None:  # the hub may now wait for the answer, not fail over
+                if request.ack and not delayed_ack:  # the hub may now wait for the answer, not fail over
                     await self._answer(reply, wire.encode(wire.InferAccepted(request_id=request.request_id)))
                 completion = await self.backend.generate(request, on_text)
             except asyncio.CancelledError:
@@ -272,12 +323,12 @@ class InferenceService:
         else:
             broken = False
         finally:
-            timer.cancel()
-            if ack is not None:
-                ack.cancel()
+            watch.cancel()
             self._expired.discard(task)  # fired as the answer came: the answer wins
             self.inventory.release_slot(replica)
         if broken:
             await self._tell_broken(reply, request.request_id)
             return
-        await self._answer(reply, self._result(request, completion, (self.clock.monotonic() - started) * 1000.0))
+        pending = self.reply(reply, self._result(request, completion, (self.clock.monotonic() - started) * 1000.0))
+        if pending is not None:  # not plainly connected: published (or counted as failed) the slow way
+            await pending

@@ -194,12 +194,25 @@ class _Waiter:
         self.acked = acked
         """True once an InferAccepted came (or when none was asked for)."""
 
+_TIMER_SLACK_S = 0.001
+"""Loop timers are kept in whole milliseconds: a wait due within one of now has timed out."""
+
+
 class _Stream:
-    """One streaming request's messages, as they come in on the shared reply subscription."""
+    """One streaming request's messages, as they come in on the shared reply subscription.
 
-    __slots__ = ("queue", "wake", "dropped", "site", "lost")
+    Its waits are bounded by one timer for the whole stream, not one per message: a wait notes when
+    it times out and arms the timer only if none is due by then; when the timer fires it ends the
+    wait under way if that one is due, else re-arms for it. A stream of many chunks costs a timer
+    or two, not one per chunk. :meth:`close` cancels it."""
 
-    def __init__(self, site: str = "") -> None:
+    __slots__ = ("queue", "wake", "dropped", "site", "lost", "loop", "wait_until", "timer", "timer_at")
+
+    def __init__(self, site: str = "", loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.wait_until: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
         self.queue: deque[Msg] = deque()
         self.wake: asyncio.Future[None] | None = None
         self.dropped = False
@@ -236,17 +249,39 @@ class _Stream:
         if not self.queue and (self.dropped or self.lost):
             return None
         if not self.queue:
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             wake = self.wake = loop.create_future()
-            timer = loop.call_later(timeout_s, _expire, wake)
+            until = self.wait_until = loop.time() + timeout_s
+            if self.timer is None or self.timer_at > until:
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer_at = until
+                self.timer = loop.call_at(until, self._on_timer)
             try:
                 await wake
             finally:
-                timer.cancel()
                 self.wake = None
+                self.wait_until = None
             if not self.queue:
                 return None
         return self.queue.popleft()
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        wake, until = self.wake, self.wait_until
+        if wake is None or until is None or wake.done():
+            return  # nothing waits now: the next wait arms the timer again
+        if self.loop.time() + _TIMER_SLACK_S >= until:
+            wake.set_result(None)  # timed out
+        else:
+            self.timer_at = until
+            self.timer = self.loop.call_at(until, self._on_timer)
+
+    def close(self) -> None:
+        """The stream is over: its timer goes."""
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
 
 
 RegisterHandler = Callable[[wire.Register], wire.RegisterAck | wire.ErrorReply]
@@ -356,6 +391,9 @@ class HubBus:
         self._up = asyncio.Event()
         """Set while :attr:`nc` is connected (cleared on a disconnect, set again on the reconnect)."""
         self._generation = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The loop of the requests, kept: ``asyncio.get_running_loop()`` costs a ``getpid`` system
+        call on Python 3.11 (see :meth:`_running_loop`)."""
         """Disconnects of :attr:`nc` so far: a request sent in an earlier generation was lost with it."""
         self._changed: asyncio.Future[None] | None = None
         """Resolved at the next disconnect or reconnect of :attr:`nc` (for :meth:`_next_connection`)."""
@@ -401,6 +439,7 @@ class HubBus:
 
     async def connect(self, timeout_s: float = 10.0) -> None:
         """Connect (retrying until ``timeout_s``) and subscribe to registrations and heartbeats."""
+        self._loop = asyncio.get_running_loop()
 
         last_error: list[Exception] = []
 
@@ -703,6 +742,12 @@ class HubBus:
                 failed += 1
         return failed
 
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
     def _token(self) -> str:
         """A reply token: a keyed hash of a counter (unguessable, cheaper than fresh random bytes)."""
         self._reply_n += 1
@@ -730,7 +775,7 @@ class HubBus:
         if nc is None or not nc.is_connected:
             nc = await self._connected_nc()
         token = self._token()
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         future: asyncio.Future[Msg | None] = loop.create_future()
         asked_ack = ack_timeout_s is not None and ack_timeout_s < timeout_s
         first_wait = ack_timeout_s if ack_timeout_s is not None and asked_ack else timeout_s
@@ -828,7 +873,8 @@ class HubBus:
             subject = self._infer_subjects[site] = wire.infer_subject(site)
         # The shared reply subscription, as for answers (no SUB/UNSUB to the server per stream).
         token = self._token()
-        stream = self._streams[token] = self._stream_of[req.request_id] = _Stream(site)
+        loop = self._running_loop()
+        stream = self._streams[token] = self._stream_of[req.request_id] = _Stream(site, loop)
         try:
             data = wire.encode(req)
 
@@ -842,7 +888,6 @@ class HubBus:
                 return generation
 
             generation = await send(nc)
-            loop = asyncio.get_running_loop()
             first_due = loop.time() + first_timeout_s
             asked_ack = ack_timeout_s is not None and ack_timeout_s < first_timeout_s
             awaiting_ack = asked_ack
@@ -907,6 +952,7 @@ class HubBus:
                 if isinstance(reply, wire.InferResult):
                     return
         finally:
+            stream.close()
             del self._streams[token]
             if self._stream_of.get(req.request_id) is stream:
                 del self._stream_of[req.request_id]

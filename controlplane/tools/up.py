@@ -25,7 +25,7 @@ from controlplane.core.errors import NoCapacity, RequestError
 from controlplane.hub import Hub
 from controlplane.services.deployments import DeploymentService
 from controlplane.services.record import Services
-from controlplane.nats.natsserver import NatsServer, port_free
+from controlplane.nats.natsserver import NatsServer, default_gomaxprocs, port_free
 from controlplane.compose import build
 from edge_agent import gc_tuning, private_files
 from topology import layout as topo_layout
@@ -85,6 +85,7 @@ class Network:
             port=opts.nats_port if opts.nats_port and port_free("127.0.0.1", opts.nats_port) else 0,
             config=auth.config_path,
             on_line=None,
+            gomaxprocs=default_gomaxprocs(),  # 1 on a small host shared with the hub and the agents
         )
         await self.nats.start()
         hub_config = HubConfig(

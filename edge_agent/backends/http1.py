@@ -50,11 +50,12 @@ _HEAD, _BODY, _DONE = range(3)
 class _Connection(asyncio.Protocol):
     """One TCP connection, one exchange at a time; ``httptools`` (llhttp) reads the answers."""
 
-    __slots__ = ("pool", "transport", "parser", "state", "head_bytes", "status", "reason", "keep_alive",
-                 "framed", "pieces", "waiter", "error", "lost", "used", "got_bytes")
+    __slots__ = ("pool", "loop", "transport", "parser", "state", "head_bytes", "status", "reason", "keep_alive",
+                 "framed", "pieces", "waiter", "error", "lost", "used", "got_bytes", "wait_until", "timer", "timer_at")
 
     def __init__(self, pool: Http1Pool) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.state = _DONE
@@ -73,6 +74,12 @@ class _Connection(asyncio.Protocol):
         self.used = False
         """Whether an exchange already ran on this connection (a fresh one is never retried)."""
         self.got_bytes = False
+        self.wait_until: float | None = None
+        """When the wait now under way times out (loop time; None: it does not)."""
+        self.timer: asyncio.TimerHandle | None = None
+        """The connection's one timer, due at ``timer_at``: it is not re-armed for each wait (see
+        :meth:`wait`)."""
+        self.timer_at = 0.0
 
     # -- asyncio callbacks
 
@@ -107,6 +114,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.pool._forget(self)
         if self.state == _BODY and not self.framed:  # a body that ends with the connection
             self.state = _DONE
@@ -178,23 +188,46 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
 
     async def wait(self, timeout_s: float | None) -> None:
-        """Until more of the answer came, it ended, or it failed (raised); ``timeout_s`` bounds it."""
-        loop = asyncio.get_running_loop()
+        """Until more of the answer came, it ended, or it failed (raised); ``timeout_s`` bounds it.
+
+        The bound is kept by one timer per connection, not one per wait: a wait only notes when it
+        times out, and arms the timer if none is due by then. When the timer fires it times out the
+        wait under way if that one is due, else re-arms for it (or, with nothing waiting, lapses).
+        With a constant timeout each wait is due later than the one before, so a request (or a
+        streamed piece) costs no timer of its own: the timer fires about once per timeout."""
+        loop = self.loop
         waiter = self.waiter = loop.create_future()
-        timer = loop.call_later(timeout_s, _expire, waiter) if timeout_s is not None else None
+        if timeout_s is not None:
+            until = self.wait_until = loop.time() + timeout_s
+            if self.timer is None or self.timer_at > until:
+                if self.timer is not None:
+                    self.timer.cancel()
+                self.timer_at = until
+                self.timer = loop.call_at(until, self._on_timer)
+        else:
+            self.wait_until = None
         try:
             timed_out = await waiter
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+            self.wait_until = None
         if timed_out:
             raise TimeoutError
 
+    def _on_timer(self) -> None:
+        self.timer = None
+        waiter, until = self.waiter, self.wait_until
+        if waiter is None or until is None or waiter.done():
+            return  # nothing waits with a bound now: the next such wait arms the timer again
+        if self.loop.time() + _TIMER_SLACK_S >= until:
+            waiter.set_result(True)  # timed out
+        else:
+            self.timer_at = until
+            self.timer = self.loop.call_at(until, self._on_timer)
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(True)  # timed out
+
+_TIMER_SLACK_S = 0.001
+"""Loop timers are kept in whole milliseconds: a wait due within one of now has timed out."""
 
 
 class Response:
@@ -220,7 +253,7 @@ class Response:
     def _wait_s(self) -> float | None:
         if self._deadline is None:
             return self._timeout_s
-        return max(self._deadline - asyncio.get_running_loop().time(), 0.0)
+        return max(self._deadline - self._pool.loop().time(), 0.0)
 
     async def pieces(self) -> AsyncIterator[bytes]:
         """The body as it arrives, each piece all that has come since the last (each wait bounded by
@@ -302,9 +335,18 @@ class Http1Pool:
         self._all: set[_Connection] = set()
         self.opened = 0
         """Connections opened so far (tests: reuse means this stays small)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"<Http1Pool {self.host}:{self.port} idle={len(self._idle)} open={len(self._all)}>"
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this pool's connections live in (kept: ``asyncio.get_running_loop()`` costs a
+        ``getpid`` system call on Python 3.11); another one once every connection is gone."""
+        loop = self._loop
+        if loop is None or (not self._all and loop is not asyncio.get_running_loop()):
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def _forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
@@ -321,7 +363,7 @@ class Http1Pool:
         self._idle.append(conn)
 
     async def _open(self, timeout_s: float | None) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         connect = loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self._ssl)
         _, conn = await (asyncio.wait_for(connect, timeout_s) if timeout_s is not None else connect)
         self.opened += 1
@@ -341,7 +383,7 @@ class Http1Pool:
         ``timeout_s`` bounds connecting, then the whole exchange (``total``) or each wait for more
         of the answer (not ``total``: a long stream whose pieces keep coming).
         """
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         deadline = loop.time() + timeout_s if timeout_s is not None and total else None
         data = self._encode(method, path, body, content_type)
         while True:

@@ -429,3 +429,77 @@ async def test_a_large_answer_that_comes_with_its_head_in_one_read_is_read_whole
         await pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_kept_alive_connection_keeps_one_timer_across_requests_and_a_stall_still_times_out() -> None:
+    # Each wait for the answer is bounded, but by the connection's one timer, not a timer per wait:
+    # five requests on one connection arm it once. A stalled answer still times out on time, both
+    # when its bound is earlier than the timer's (re-armed earlier) and when the timer fires first
+    # for an earlier wait (re-armed for this one, not fired early).
+    from edge_agent.backends.http1 import Http1Pool
+
+    plain = b'{"choices":[{"message":{"content":"hi"}}]}'
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                _, body = await read_request(reader)
+                if b"stall" not in body:  # a stalled request is never answered
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = Http1Pool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    loop = asyncio.get_running_loop()
+    try:
+        timers = []
+        for _ in range(5):
+            response = await pool.request("POST", "/x", b"{}", timeout_s=30.0)
+            assert await response.read() == plain
+            timers.append(pool._idle[-1].timer)
+        assert pool.opened == 1 and timers[0] is not None and all(t is timers[0] for t in timers)
+        started = loop.time()
+        with pytest.raises(TimeoutError):  # due before the armed timer: re-armed earlier
+            await pool.request("POST", "/x", b'"stall"', timeout_s=0.3)
+        assert 0.28 <= loop.time() - started < 5.0
+        response = await pool.request("POST", "/x", b"{}", timeout_s=0.4)  # arms the timer at +0.4
+        assert await response.read() == plain
+        await asyncio.sleep(0.2)
+        started = loop.time()
+        with pytest.raises(TimeoutError):  # the timer fires while this wait has 0.2 s to go: re-armed
+            await pool.request("POST", "/x", b'"stall"', timeout_s=0.4)
+        assert 0.38 <= loop.time() - started < 5.0
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_serving_requests_does_not_look_up_the_running_loop_each_time(
+        nats_server: NatsServer, local_llm: LocalServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On Python 3.11 ``asyncio.get_running_loop()`` costs a getpid system call: the agent's
+    # inference path (its task spawner, the service, the HTTP client) keeps the loop instead.
+    import sys
+
+    lookups: list[str] = []
+    real = asyncio.get_running_loop
+
+    def counting() -> asyncio.AbstractEventLoop:
+        module = sys._getframe(1).f_globals.get("__name__", "")
+        if module in ("edge_agent.agent", "edge_agent.inference", "edge_agent.backends.http1"):
+            lookups.append(module)
+        return real()
+
+    cfg = agent_config(nats_server.url, backend={"kind": "openai-http", "openai-http": {"url": local_llm.url}})
+    async with FakeHub(nats_server.url) as hub:
+        async with running(cfg):
+            req = wire.InferRequest(request_id="w0", model="qwen", messages=[wire.ChatMessage(role="user", content="a")])
+            assert isinstance(await hub.infer("edge-a", req), wire.InferResult)  # the first one may look
+            monkeypatch.setattr(asyncio, "get_running_loop", counting)
+            for i in range(5):
+                got = await hub.infer("edge-a", wire.InferRequest(request_id=f"w{i + 1}", model="qwen",
+                                                                  messages=req.messages))
+                assert isinstance(got, wire.InferResult)
+            monkeypatch.setattr(asyncio, "get_running_loop", real)
+    assert lookups == []

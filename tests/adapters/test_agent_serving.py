@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
@@ -277,3 +278,49 @@ async def test_an_ack_asked_for_after_a_delay_is_sent_only_when_the_answer_is_sl
             streamed = await hub.infer_stream("edge-a", wire.InferRequest(request_id="d3", model="qwen", ack=True,
                                                                           ack_after_ms=2000.0, stream=True, max_tokens=2))
             assert [type(m).__name__ for _, m in streamed] == ["InferChunk", "InferChunk", "InferResult"]
+
+
+async def test_a_request_costs_the_inference_service_one_loop_timer_for_its_ack_and_its_deadline(
+        nats_server: NatsServer) -> None:
+    # The acknowledgement's time and the deadline share one timer: armed for the ack, re-armed for
+    # the deadline. Fast answers: one timer each (not two); a slow one: ack, then the timeout.
+    loop = asyncio.get_running_loop()
+    armed: list[str] = []
+    original = loop.call_at  # asyncio's call_later goes through call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        owner = getattr(callback, "__qualname__", "")
+        if owner.startswith(("_Watch.", "InferenceService.")):
+            armed.append(owner)
+        return original(when, callback, *args, **kwargs)
+
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        async with FakeHub(nats_server.url) as hub:
+            cfg = agent_config(nats_server.url, backend={"sim": {"ttft_ms": 5.0, "slots": 8}})
+            async with running(cfg) as agent:
+                reqs = [wire.InferRequest(request_id=f"w{i}", model="qwen", ack=True, ack_after_ms=2000.0,
+                                          deadline_ms=10000.0) for i in range(6)]
+                got = await asyncio.gather(*(hub.infer("edge-a", r) for r in reqs))
+                assert all(isinstance(g, wire.InferResult) for g in got)
+                assert len(armed) == 6  # one each: the old code armed two (ack, deadline)
+            slow = agent_config(nats_server.url, backend={"sim": {"ttft_ms": 2000.0, "slots": 1}})
+            async with running(slow) as agent:
+                loop_t0 = loop.time()
+                msgs = await hub.infer_stream("edge-a", wire.InferRequest(
+                    request_id="late", model="qwen", ack=True, ack_after_ms=100.0, deadline_ms=400.0))
+                (t_ack, ack), (t_end, end) = msgs
+                assert isinstance(ack, wire.InferAccepted) and isinstance(end, wire.ErrorReply)
+                assert end.code == "timeout" and t_ack - loop_t0 >= 0.09 and t_end - loop_t0 >= 0.38
+                await wait_for(lambda: agent.inventory.inflight() == 0, 2, "the slot back")
+            # A stream whose first chunk beat the ack's time and runs past it: no ack, and the
+            # timer, re-armed at the ack's time, is not taken for the deadline.
+            paced = agent_config(nats_server.url, backend={"sim": {"ttft_ms": 10.0, "per_token_ms": 80.0}})
+            async with running(paced):
+                msgs = await hub.infer_stream("edge-a", wire.InferRequest(
+                    request_id="paced", model="qwen", ack=True, ack_after_ms=100.0, deadline_ms=5000.0,
+                    stream=True, max_tokens=4))
+                assert [type(m).__name__ for _, m in msgs] == ["InferChunk"] * 4 + ["InferResult"]
+                assert msgs[-1][0] - msgs[0][0] >= 0.2  # the stream did run past the ack's time
+    finally:
+        del loop.call_at

@@ -432,3 +432,86 @@ async def test_a_hub_that_stood_still_does_not_blame_its_sites(tmp_path: Path, n
         finally:
             task.cancel()
             await nc.close()  # type: ignore[attr-defined]
+
+
+async def test_a_stream_costs_the_hub_one_timer_not_one_per_message_and_still_times_out(rig) -> None:  # type: ignore[no-untyped-def]
+    # The waits of one stream share one timer (armed once, re-armed only when a wait is due earlier
+    # than it or is still waiting when it fires): six messages, one timer. A stream that goes quiet
+    # still ends at its idle timeout, counted from its last message.
+    hub, _, _, _, nc = rig
+    loop = asyncio.get_running_loop()
+    armed: list[str] = []
+    original = loop.call_at  # asyncio's call_later goes through call_at
+
+    def counting(when, callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(callback, "__module__", "") == "controlplane.nats.bus":
+            armed.append(getattr(callback, "__qualname__", "?"))
+        return original(when, callback, *args, **kwargs)
+
+    async def drip(msg):  # type: ignore[no-untyped-def]  # five chunks 30 ms apart, then the result
+        req = wire.infer_request_decoder.decode(msg.data)
+        for i in range(5):
+            await nc.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=i, text="x")))
+            await nc.flush()
+            await asyncio.sleep(0.03)
+        await nc.publish(msg.reply, wire.encode(wire.InferResult(request_id=req.request_id, site="drip", model="m",
+                                                                  output="xxxxx")))
+
+    async def stall(msg):  # type: ignore[no-untyped-def]  # one chunk, then nothing
+        req = wire.infer_request_decoder.decode(msg.data)
+        await nc.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="x")))
+
+    await nc.subscribe(wire.infer_subject("drip"), cb=drip)  # type: ignore[attr-defined]
+    await nc.subscribe(wire.infer_subject("stall"), cb=stall)  # type: ignore[attr-defined]
+    await barrier(nc)
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        got = [m async for m in hub.bus.infer_stream("drip", wire.InferRequest(
+            request_id="d1", model="m", prompt="hi", stream=True), 5.0)]
+        assert [type(m).__name__ for m in got] == ["InferChunk"] * 5 + ["InferResult"]
+        assert len(armed) == 1, armed  # the old code armed one per message waited for
+        # The first message is due within 0.2 s, the next ones within 0.5 s of the wait's start:
+        # the timer fires at 0.2 s while the second wait has time left, re-arms, then ends it.
+        it = hub.bus.infer_stream("stall", wire.InferRequest(request_id="d2", model="m", prompt="hi", stream=True),
+                                  0.2, idle_timeout_s=0.5).__aiter__()
+        assert isinstance(await it.__anext__(), wire.InferChunk)
+        started = loop.time()
+        with pytest.raises(SiteUnreachable, match="no chunk within 500 ms"):
+            await it.__anext__()
+        assert 0.45 <= loop.time() - started < 3.0
+    finally:
+        del loop.call_at
+    assert not hub.bus._streams
+
+
+async def test_the_hub_bus_keeps_its_loop_for_requests_and_streams(rig, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # ``asyncio.get_running_loop()`` costs a getpid system call on Python 3.11: the bus keeps its loop.
+    import sys
+
+    hub, _, _, _, nc = rig
+
+    async def answer(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site="quick", model="m", output="x")))
+
+    await nc.subscribe(wire.infer_subject("quick"), cb=answer)  # type: ignore[attr-defined]
+    await barrier(nc)
+    lookups: list[str] = []
+    real = asyncio.get_running_loop
+
+    def counting() -> asyncio.AbstractEventLoop:
+        if sys._getframe(1).f_globals.get("__name__") == "controlplane.nats.bus":
+            lookups.append("bus")
+        return real()
+
+    req = wire.InferRequest(request_id="q0", model="m", prompt="hi")
+    assert (await hub.bus.infer("quick", req, 5.0)).output == "x"
+    monkeypatch.setattr(asyncio, "get_running_loop", counting)
+    for i in range(3):
+        assert (await hub.bus.infer("quick", wire.InferRequest(request_id=f"q{i + 1}", model="m", prompt="hi"),
+                                    5.0)).output == "x"
+        got = [m async for m in hub.bus.infer_stream("quick", wire.InferRequest(
+            request_id=f"s{i}", model="m", prompt="hi", stream=True), 5.0)]
+        assert [type(m).__name__ for m in got] == ["InferResult"]
+    monkeypatch.setattr(asyncio, "get_running_loop", real)
+    assert lookups == []
