@@ -195,15 +195,19 @@ class InferenceService:
             "stream_broken", f"site {self.site} lost its NATS link mid-answer (request {request_id}): "
             "part of the answer did not arrive", retryable=False))
 
-    def _chunk_sender(self, request_id: str, reply: str, ack: _Ack | None) -> Callable[[str], Awaitable[None]]:
+    def _chunk_sender(self, request_id: str, reply: str, ack: _Ack | None,
+                      started: float) -> Callable[[str], Awaitable[None]]:
         index = 0
 
         async def on_text(text: str) -> None:
             nonlocal index
             if ack is not None:
                 ack.cancel()  # the first chunk says it all
+            # The first chunk states the site's own time to it (the hub's overhead estimate).
+            site_ms = round((self.clock.monotonic() - started) * 1000.0, 3) if index == 0 else None
             # Chunks must reach the hub; if the bus is gone the stream is dead anyway.
-            await self.bus.publish(reply, wire.encode(wire.InferChunk(request_id=request_id, index=index, text=text)))
+            await self.bus.publish(reply, wire.encode(wire.InferChunk(request_id=request_id, index=index, text=text,
+                                                                      site_ms=site_ms)))
             index += 1
 
         return on_text
@@ -232,7 +236,7 @@ class InferenceService:
         ack: _Ack | None = None
         if request.ack and request.ack_after_ms > 0:  # acknowledged only if the answer is slow in coming
             ack = loop.call_at(started + request.ack_after_ms / 1000.0, self._send_ack, reply, request.request_id)
-        on_text = self._chunk_sender(request.request_id, reply, ack) if request.stream else None
+        on_text = self._chunk_sender(request.request_id, reply, ack, started) if request.stream else None
 
         timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
         # A bare timer rather than ``asyncio.timeout``: the same effect for a fraction of the cost

@@ -185,6 +185,12 @@ class InferenceSim:
         self.models = [m.name for m in inf.models]
         self.model_specs = list(inf.models)
         self.budgets = list(inf.budgets_ms)
+        self.overhead_ms = inf.overhead_ms
+        """cpn's own time charged on every request (a declared constant: the simulator has no model of
+        its gateways' processing): a request is within budget when RTT + this is."""
+        ov = self.overhead_ms
+        self.overhead = (lambda _site: ov) if ov > 0 else None
+        """What the router adds to the RTT for the budget (``Router.route``'s ``overhead``)."""
         self.policy = inf.policy
         self.autoscaled = [m.max_replicas is not None for m in inf.models]
         # cpn scales whenever a model has max_replicas; cpn-fixed (today's fixed replicas) is a
@@ -308,8 +314,8 @@ class InferenceSim:
                 self.holders.append(hold)
                 for b in self.budgets:
                     self.reqs.append(RouteRequest(origin=o.id, model=model, budget_ms=b, policy=self.policy))
-                    self.cands.append([c for c in hold if c[2] <= b])
-                    self.physical.append([idx[sid] for sid, r in ranked if r <= b and able[mi][idx[sid]]])
+                    self.cands.append([c for c in hold if c[2] + ov <= b])
+                    self.physical.append([idx[sid] for sid, r in ranked if r + ov <= b and able[mi][idx[sid]]])
                     self.counts.append(0)
 
     def __repr__(self) -> str:
@@ -318,7 +324,7 @@ class InferenceSim:
     # ------------------------------------------------------------------ picking
 
     def _pick_routed(self, p: int, key: int) -> tuple[int, float]:
-        d = self.routers[p].route(self.reqs[key], self.pviews[p], self.versions[p], self.rngs[p])
+        d = self.routers[p].route(self.reqs[key], self.pviews[p], self.versions[p], self.rngs[p], self.overhead)
         if d.__class__ is Route:
             return self.idx[d.site], d.rtt_ms
         return -1, 0.0
@@ -445,7 +451,8 @@ class InferenceSim:
         views, idx = self.views, self.idx
         model = self.models[m]
         cands = []
-        for sid, rtt_ms in self.routers[0].within_budget(self.reqs[key], views, self.versions[0]):
+        for sid, rtt_ms in self.routers[0].within_budget(self.reqs[key], views, self.versions[0],
+                                                            overhead=self.overhead):
             self._heartbeat(idx[sid], t)
             c = ttft.candidate(views[sid], model, rtt_ms, self.svc_mean[idx[sid] * self.nm + m])
             if c is not None:
@@ -515,7 +522,7 @@ class InferenceSim:
         if orc > 0.0:
             self.oracle_rtt_sum_ms += orc
             self.oracle_n += 1
-            if orc <= budget:
+            if orc + self.overhead_ms <= budget:
                 self.replica_feasible[hour] += 1
         push, seq, heap, epoch = heapq.heappush, self.seq, self.heap, self.epoch
         end = t + svc
@@ -541,7 +548,7 @@ class InferenceSim:
                     self.pending.setdefault(s, []).append((p, o, m, b, svc))
                 else:
                     push(heap, (end, next(seq), p, f, s, epoch[s], o, m, b, svc))
-            if r <= budget:
+            if r + self.overhead_ms <= budget:
                 st.within[hour] += 1
                 st.within_by_origin[o] += 1
             else:
