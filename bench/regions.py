@@ -59,7 +59,7 @@ from bench import common
 from bench import regions_client
 from controlplane.tools.proxyhost import ProxyHost
 from controlplane.tools.up import DEMO_MODEL, UpOptions
-from controlplane.tools.upregions import RegionalNetwork, free_port
+from controlplane.tools.upregions import RefusingPort, RegionalNetwork
 from edge_agent import gc_tuning
 from topology import latency, loader
 from topology import layout as topo_layout
@@ -80,7 +80,8 @@ class Wan:
         self.gateway_one_way_ms = gateway_one_way_ms or {}
         """Region -> half the RTT between its gateway city and its cluster city (0: the same city)."""
         self.proxies: list[tuple[int, float]] = []
-        self.refused_address = f"127.0.0.1:{free_port()}"
+        self._refusing = RefusingPort()  # held for the run: a port merely picked free could be taken
+        self.refused_address = self._refusing.address
         self.off = mode == "none"
         """No proxies at all (``--wan none``): the agents and the tenant dial the servers themselves."""
         self.scale = 0.0 if mode == "zero" else 1.0
@@ -108,6 +109,9 @@ class Wan:
         pid, port = await self.host.add(url)
         self.proxies.append((pid, self.one_way_ms[(dialer, target)]))
         return f"nats://127.0.0.1:{port}"
+
+    def close(self) -> None:
+        self._refusing.close()
 
     async def delay(self) -> None:
         """The WAN delays on (after start-up: what is measured is the requests, not the start)."""
@@ -296,6 +300,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
         finally:
             await net.stop()
             await host.close()
+            wan.close()
     cost = {k: common.percentile(sorted(v), 50) if v else 0.0 for k, v in proxy_cost.items()}
     rows = []
     for (kind, rid, mode), got in sorted(samples.items(), key=lambda kv: (kv[0][0] != "in_budget", kv[0][1:])):

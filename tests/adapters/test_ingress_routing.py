@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from controlplane.core import overhead
 from controlplane.core.errors import RequestError
 from controlplane.nats.natsserver import NatsServer
 from tests.adapters.test_hub_gateway import raw_agent
@@ -138,11 +139,12 @@ async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(
         await until(lambda: "m" in hub.known_models())
         async with aiohttp.ClientSession() as session:
             tenant = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
-            # Nothing measured yet: nothing stated, and the 0.5 ms in-city RTT fits 10 ms.
+            # Nothing measured yet: the declared floor is stated, and 0.5 ms in-city RTT + it fit 10 ms.
             status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10)
             assert status == 200, body
             rtt = float(headers["X-CPN-RTT-Ms"])
-            assert rtt < 1 and float(headers["X-CPN-Overhead-Ms"]) == 0.0 and body["overhead_ms"] == 0.0
+            assert rtt < 1 and float(headers["X-CPN-Overhead-Ms"]) == overhead.FLOOR_MS == body["overhead_ms"]
+            assert float(headers["X-CPN-Promise-Ms"]) == pytest.approx(rtt + overhead.FLOOR_MS, abs=2e-3)
             # Measured: the next answers state it (the median of the answers before each), near
             # what the client gets.
             took, stated = [], []
@@ -155,9 +157,15 @@ async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(
                 assert stated[-1] == pytest.approx(body["overhead_ms"], abs=1e-3)
             assert min(stated) >= 14, stated
             assert abs(sorted(took)[2] - (rtt + sorted(stated)[2])) < 10, (took, stated)
-            # The strict budget is the network's (the choice, docs/topology.md): a gateway slowed by
-            # load still serves a tenant its in-city site, and says how slow it has been.
-            status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10, policy="strict")
-            assert status == 200 and headers["X-CPN-Route"] == "nearest", body
-            assert float(headers["X-CPN-RTT-Ms"]) + float(headers["X-CPN-Overhead-Ms"]) > 10
+            # The budget is on what the tenant gets, RTT + cpn's own time: an in-city site whose
+            # answers take 15 ms of cpn's relay is not within 10 ms, and strict says why (before:
+            # served, the 0.5 ms RTT alone checked, the promise broken).
+            status, body, _ = await _ask(tenant, "guangzhou", budget_ms=10, policy="strict")
+            assert status == 503, body
+            assert "within 10 ms of guangzhou counting cpn's own time" in body["error"]["message"], body
+            status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10, policy="nearest")
+            assert status == 200 and headers["X-CPN-Route"] == "over-budget", body
+            assert float(headers["X-CPN-Promise-Ms"]) == pytest.approx(
+                float(headers["X-CPN-RTT-Ms"]) + float(headers["X-CPN-Overhead-Ms"]), abs=2e-3)
+            assert float(headers["X-CPN-Promise-Ms"]) > 10 and body["promise_ms"] > 10
         await nc.close()

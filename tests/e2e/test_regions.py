@@ -24,7 +24,7 @@ from controlplane.core.replicas import DeploymentSpec
 from controlplane.store import jobs as store_jobs
 from controlplane.tools.faultproxy import FaultProxy
 from controlplane.tools.up import DEMO_TENANT, UpOptions
-from controlplane.tools.upregions import RegionalNetwork, RegionRun, free_port
+from controlplane.tools.upregions import RefusingPort, RegionalNetwork, RegionRun
 from tests.support.hubrig import DEMO3
 from tests.support.waiting import until
 from topology import loader
@@ -80,7 +80,8 @@ class Wan:
 
     def __init__(self) -> None:
         self.links: dict[tuple[str, str], list[FaultProxy]] = {}
-        self.refused_address = f"127.0.0.1:{free_port()}"  # nothing listens there
+        self._refusing = RefusingPort()  # bound for the run, never listening: nothing answers there
+        self.refused_address = self._refusing.address
 
     async def link(self, dialer: str, target: str, url: str) -> str:
         proxy = FaultProxy(url)
@@ -103,6 +104,7 @@ class Wan:
         for ps in self.links.values():
             for p in ps:
                 await p.close()
+        self._refusing.close()
 
 
 SIM_SCALE = 1200.0

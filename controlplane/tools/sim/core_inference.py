@@ -108,7 +108,9 @@ def deploy(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, now: float =
                                free_cards={a: float(n) for a, n in site.accelerators.items()})
              for site in lay.sites}
     specs = {m.name: rep_mod.DeploymentSpec(
-        model=m.name, origins=origins, budget_ms=m.deploy_budget_ms, cards_per_replica=m.cards_per_replica,
+        # Placed for the promise the router checks: the network's share of the budget.
+        model=m.name, origins=origins, budget_ms=max(1e-3, m.deploy_budget_ms - s.inference.overhead_ms),
+        cards_per_replica=m.cards_per_replica,
         min_cities=m.min_cities, replicas=m.replicas, slots_per_replica=m.slots_per_replica,
         accelerators=m.accelerators) for m in s.inference.models}
     deps = [decide.Deployment(id=f"sim-{m.name}", tenant="sim", model=m.name, spec=specs[m.name])
@@ -638,7 +640,8 @@ class InferenceSim:
             for b in range(nb):
                 n = self.counts[base + b]
                 if n:
-                    out[(oid, self.budgets[b])] = n
+                    # The autoscaler places for the network's share of the budget (RTT + overhead fits).
+                    out[(oid, max(1e-3, self.budgets[b] - self.overhead_ms))] = n
                     self.counts[base + b] = 0
         svc = self.svc_sum[m] / self.svc_n[m] if self.svc_n[m] else None
         self.svc_sum[m] = 0.0
