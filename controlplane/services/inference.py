@@ -70,8 +70,8 @@ class Served:
     """The TTFT prediction the request was admitted on (requests with an SLO only)."""
     overhead_ms: float = 0.0
     """cpn's own expected time on the request beyond ``rtt_ms`` and the site's work (the gateway's
-    measured relay overhead to the serving site, before this request, as the router budgeted it:
-    ``X-CPN-Overhead-Ms``)."""
+    measured relay overhead to the serving site, before this request; the figure the router added to
+    the RTT for the budget, unless other answers moved it meanwhile: ``X-CPN-Overhead-Ms``)."""
     first_site_ms: float | None = None
     """A stream's first message: the site's own time to it (its ``site_ms``, or the ``service_ms`` of
     a whole answer); None: not stated."""
@@ -392,8 +392,9 @@ class InferenceService:
         stream whose site did not state its time to the first chunk.
 
         A site is believed only within bounds (else a site claiming a long service time would make
-        cpn's own time look small): a claimed time longer than the whole relay (impossible), or above :data:`SERVICE_CLAIM_SLACK` times the p99 service time the site
-        declares in its heartbeats, is counted (``cpn_overhead_samples_dropped``) and dropped."""
+        cpn's own time look small): a claimed time longer than the whole relay (impossible), or
+        above :data:`SERVICE_CLAIM_SLACK` times the p99 service time the site declares in its
+        heartbeats, is counted (``cpn_overhead_samples_dropped``) and dropped."""
         result = served.result
         site_ms = result.service_ms if result is not None else served.first_site_ms
         if site_ms is None or len(served.tried) != 1:
@@ -410,7 +411,7 @@ class InferenceService:
         if reason:
             self.overhead.drop()
             self.metrics.count(self.metrics.overhead_dropped, reason)
-            log.info("event=overhead_sample_dropped site=%s reason=%s site_ms=%.3f took_ms=%.3f declared_p99_ms=%.3f",
+            log.debug("event=overhead_sample_dropped site=%s reason=%s site_ms=%.3f took_ms=%.3f declared_p99_ms=%.3f",
                      served.site, reason, site_ms, took_ms, declared)
             return
         self.overhead.observe(served.site, took_ms - site_ms - leg_ms, self.clock.monotonic())
