@@ -138,9 +138,11 @@ class InferenceService:
     def __init__(self, *, registry: SiteRegistry, router: Router, origin_ids: frozenset[str],
                  known_models: Callable[[], frozenset[str]], bus: HubBus, accounting: UsageAccounts,
                  metrics: HubMetrics, clock: Clock, rng: random.Random, site_timeout_s: float,
-                 site_ack_timeout_s: float) -> None:
+                 site_ack_timeout_s: float, budget_counts_overhead: bool = True) -> None:
         self.registry = registry
         self.overhead = RelayOverhead()
+        self._budgeted = self.overhead.ms if budget_counts_overhead else None
+        """What the router adds to the RTT for the budget (``HubConfig.budget_counts_overhead``)."""
         """cpn's own measured time per relayed answer: stated next to the RTT and added to it for the
         budget (docs/topology.md, "The latency a tenant gets")."""
         self.router = router
@@ -209,7 +211,7 @@ class InferenceService:
             self.registry.views,
             self.registry.version,
             self.rng,
-            self.overhead.ms,
+            self._budgeted,
         )
         self.metrics.route_decision(decision)
         if isinstance(decision, router.NoRoute):
@@ -240,7 +242,7 @@ class InferenceService:
         self.overhead.expire(self.clock.monotonic())
         near = self.router.within_budget(
             router.RouteRequest(origin=origin, model=req.model, budget_ms=budget_ms, deployments=deployments,
-                                tenant=req.tenant), views, self.registry.version, overhead=self.overhead.ms)
+                                tenant=req.tenant), views, self.registry.version, overhead=self._budgeted)
         service = self.service_ms
         cands = [c for site, rtt_ms in near
                  if (c := ttft_candidate(views[site], req.model, rtt_ms, service.get((site, req.model), 0.0)))

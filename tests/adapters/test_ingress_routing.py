@@ -120,7 +120,8 @@ async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(
 
     from edge_agent import wire
 
-    config = hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="guangzhou")
+    config = hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="guangzhou",
+                        budget_counts_overhead=True)
     async with running_hub(config) as hub:
         key = hub.create_tenant("acme", default_origin="guangzhou")
         nc = await nats.connect(nats_server.url)
@@ -156,7 +157,9 @@ async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(
                 stated.append(float(headers["X-CPN-Overhead-Ms"]))
                 assert stated[-1] == pytest.approx(body["overhead_ms"], abs=1e-3)
             assert min(stated) >= 14, stated
-            assert abs(sorted(took)[2] - (rtt + sorted(stated)[2])) < 10, (took, stated)
+            # The stated figure is a high quantile of the relays before (a promise most requests meet):
+            # the client's median is within it, give or take this loaded machine's noise.
+            assert sorted(took)[2] <= rtt + max(stated) + 10, (took, stated)
             # The budget is on what the tenant gets, RTT + cpn's own time: an in-city site whose
             # answers take 15 ms of cpn's relay is not within 10 ms, and strict says why (before:
             # served, the 0.5 ms RTT alone checked, the promise broken).
