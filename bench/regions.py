@@ -339,6 +339,9 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                      "beyond_rtt_p50_ms": round(common.percentile(beyond_rtt, 50), 2),
                      "beyond_promise_p50_ms": round(common.percentile(beyond, 50), 2),
                      "beyond_promise_p99_ms": round(common.percentile(beyond, 99), 2),
+                     # The stated overhead is the 90th percentile of recent relays: about 10% of the
+                     # answers beyond the promise is the estimate doing its job; many more, it lags.
+                     "share_beyond_promise": round(sum(1 for v in beyond if v > 0) / len(beyond), 3),
                      "within_budget_p99": common.percentile(net_ms, 99) <= BUDGET_MS})
     origin_rows = [{"region": rid, "origin": oid, "mode": mode, "n": len(v),
                     "in_budget": any(o.id == oid for o in measured.get(rid, [])),
@@ -411,14 +414,15 @@ def main(argv: list[str]) -> int:
         print(f"  region {rid}: {why}: its origins are all in the 'outside' rows")
     print("  promised: X-CPN-RTT-Ms + X-CPN-Overhead-Ms (p50 of each); beyond rtt: p50 of the figure minus the "
           "RTT alone; beyond promise: p50 / p99 of the client's latency minus service_ms, the tenant leg's proxy "
-          "and the promise")
+          "and the promise; share: of the answers, how many got more than the promise (the stated overhead is "
+          "a p90: about 10% expected)")
     print(f"{'origins':<11}{'region':<11}{'mode':<10}{'n':>5}{'err':>5}{'p50':>8}{'p99':>8}{'raw p99':>9}"
-          f"{'rtt':>8}{'overhead':>9}{'beyond rtt':>11}{'beyond promise':>16}  p99 in budget")
+          f"{'rtt':>8}{'overhead':>9}{'beyond rtt':>11}{'beyond promise':>16}{'share':>8}  p99 in budget")
     for r in result["rows"]:
         print(f"{r['origins']:<11}{r['region']:<11}{r['mode']:<10}{r['n']:>5}{r['errors']:>5}{r['p50_ms']:>8}"
               f"{r['p99_ms']:>8}{r['raw_p99_ms']:>9}{r['promised_rtt_p50_ms']:>8}{r['stated_overhead_p50_ms']:>9}"
-              f"{r['beyond_rtt_p50_ms']:>11}{r['beyond_promise_p50_ms']:>9} / {r['beyond_promise_p99_ms']:<5}"
-              f"  {'yes' if r['within_budget_p99'] else 'no'}")
+              f"{r['beyond_rtt_p50_ms']:>11}{r['beyond_promise_p50_ms']:>9} / {r['beyond_promise_p99_ms']:<6}"
+              f"{r['share_beyond_promise']:>7.1%}  {'yes' if r['within_budget_p99'] else 'no'}")
     print(f"\nby origin (client latency - service_ms, proxies not subtracted): {'origin':<14}{'mode':<10}"
           f"{'p50':>8}{'p99':>8}{'promised':>10}")
     for o in result["origins"]:
