@@ -57,9 +57,10 @@ from typing import Any
 
 from bench import common
 from bench import regions_client
+from controlplane.core import overhead
 from controlplane.tools.proxyhost import ProxyHost
 from controlplane.tools.up import DEMO_MODEL, UpOptions
-from controlplane.tools.upregions import RegionalNetwork, free_port
+from controlplane.tools.upregions import RefusingPort, RegionalNetwork
 from edge_agent import gc_tuning
 from topology import latency, loader
 from topology import layout as topo_layout
@@ -80,7 +81,8 @@ class Wan:
         self.gateway_one_way_ms = gateway_one_way_ms or {}
         """Region -> half the RTT between its gateway city and its cluster city (0: the same city)."""
         self.proxies: list[tuple[int, float]] = []
-        self.refused_address = f"127.0.0.1:{free_port()}"
+        self._refusing = RefusingPort()  # held for the run: a port merely picked free could be taken
+        self.refused_address = self._refusing.address
         self.off = mode == "none"
         """No proxies at all (``--wan none``): the agents and the tenant dial the servers themselves."""
         self.scale = 0.0 if mode == "zero" else 1.0
@@ -109,6 +111,9 @@ class Wan:
         self.proxies.append((pid, self.one_way_ms[(dialer, target)]))
         return f"nats://127.0.0.1:{port}"
 
+    def close(self) -> None:
+        self._refusing.close()
+
     async def delay(self) -> None:
         """The WAN delays on (after start-up: what is measured is the requests, not the start)."""
         for pid, ms in self.proxies:
@@ -130,7 +135,10 @@ class Origin:
 
     @property
     def in_budget(self) -> bool:
-        return self.path_ms <= BUDGET_MS
+        """Whether the promise the router checks fits the budget: the path + cpn's own time, here the
+        gateway's figure before it has measured any (``overhead.FLOOR_MS``); an origin whose measured
+        promise then exceeds the budget is moved to the "outside" rows (:func:`run`)."""
+        return self.path_ms + overhead.FLOOR_MS <= BUDGET_MS
 
 
 def choose_origins(layout: topo_layout.Layout, index: latency.RttIndex, gateway_city: str, region: str,
@@ -212,6 +220,8 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
     proxy_cost: dict[str, list[float]] = {"delayed": [], "undelayed": []}
     lateness: dict[str, float] = {}
     not_served: dict[str, str] = {}
+    promise_over: dict[str, float] = {}
+    """Origins chosen in budget whose measured promise (RTT + overhead, p50) was not: moved outside."""
     with tempfile.TemporaryDirectory(prefix="cpn-bench-regions-") as tmp:
         net = RegionalNetwork(UpOptions(data_dir=Path(tmp), port=0, regions=n_regions, ready_timeout_s=60.0),
                               wan=None if wan.off else wan, fold_sites=False, max_sites=sites)
@@ -242,8 +252,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                     rid = region.plan.id
                     measured[rid], outside[rid] = choose_origins(layout, index, region.plan.gateway_city, rid,
                                                                  region.plan.sites, n_origins)
-                    for origin in measured[rid] + outside[rid]:
-                        kind = "in_budget" if origin.in_budget else "outside"
+                    for origin in list(measured[rid] + outside[rid]):
                         legs = {}
                         leg_ms = {}
                         leg_ids = []
@@ -260,6 +269,16 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                                 "max_tokens": 1}
                         answers = await client.origin({"key": key, "legs": legs, "warmup": warmup,
                                                    "requests": requests, "body": body})
+                        # In budget is what the gateway promised at its own door: RTT + its measured
+                        # overhead (p50 over the counted answers), as the router now checks it.
+                        promised = sorted(rtt + over for mode, i, status, *_, rtt, over in answers
+                                          if mode == "regional" and i >= warmup and status == 200)
+                        kind = "in_budget" if origin.in_budget else "outside"
+                        if kind == "in_budget" and promised and common.percentile(promised, 50) > BUDGET_MS:
+                            kind = "outside"
+                            measured[rid].remove(origin)
+                            outside[rid].append(Origin(origin.id, rid, common.percentile(promised, 50)))
+                            promise_over[f"{rid}/{origin.id}"] = round(common.percentile(promised, 50), 2)
                         for mode, i, status, took_ms, service_ms, site, rtt_ms, overhead_ms in answers:
                             if i < warmup:
                                 continue
@@ -296,6 +315,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
         finally:
             await net.stop()
             await host.close()
+            wan.close()
     cost = {k: common.percentile(sorted(v), 50) if v else 0.0 for k, v in proxy_cost.items()}
     rows = []
     for (kind, rid, mode), got in sorted(samples.items(), key=lambda kv: (kv[0][0] != "in_budget", kv[0][1:])):
@@ -319,6 +339,9 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                      "beyond_rtt_p50_ms": round(common.percentile(beyond_rtt, 50), 2),
                      "beyond_promise_p50_ms": round(common.percentile(beyond, 50), 2),
                      "beyond_promise_p99_ms": round(common.percentile(beyond, 99), 2),
+                     # The stated overhead is the 90th percentile of recent relays: about 10% of the
+                     # answers beyond the promise is the estimate doing its job; many more, it lags.
+                     "share_beyond_promise": round(sum(1 for v in beyond if v > 0) / len(beyond), 3),
                      "within_budget_p99": common.percentile(net_ms, 99) <= BUDGET_MS})
     origin_rows = [{"region": rid, "origin": oid, "mode": mode, "n": len(v),
                     "in_budget": any(o.id == oid for o in measured.get(rid, [])),
@@ -340,7 +363,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "wan_one_way_ms": {f"{a}->{b}": round(v, 2) for (a, b), v in one_way.items()},
             "site_one_way_ms": {k: round(v, 2) for k, v in sorted(site_one_way.items())},
             "gateway_one_way_ms": {k: round(v, 2) for k, v in gateway_one_way.items()},
-            "not_served": not_served,
+            "not_served": not_served, "promise_over_budget": promise_over,
             "started_s": round(started_s, 1), "rows": rows, "origins": origin_rows,
             "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
 
@@ -380,22 +403,26 @@ def main(argv: list[str]) -> int:
               f"p99 {late['late_ms_p99']} ms over {late['delayed']:.0f} chunks")
     print(f"  the first {result['warmup_per_origin_and_mode']} requests of each origin and gateway are not "
           f"counted (a new connection through a new proxy)")
-    print(f"  in-budget origins: those with an in-region site of the run within {BUDGET_MS:g} ms on the full path "
-          f"through their region's gateway: {result['measured_origins']}")
+    print(f"  in-budget origins: those with an in-region site of the run whose promise (the full path through "
+          f"their region's gateway + cpn's own time) is within {BUDGET_MS:g} ms: {result['measured_origins']}")
     print(f"  outside: origins whose full path through their region's gateway exceeds it (ms): "
           f"{result['outside_origins']}")
+    if result["promise_over_budget"]:
+        print(f"  moved outside: in budget by the path + {overhead.FLOOR_MS:g} ms, but the gateway's promise "
+              f"(RTT + measured overhead, p50) was over it: {result['promise_over_budget']}")
     for rid, why in result["not_served"].items():
         print(f"  region {rid}: {why}: its origins are all in the 'outside' rows")
     print("  promised: X-CPN-RTT-Ms + X-CPN-Overhead-Ms (p50 of each); beyond rtt: p50 of the figure minus the "
           "RTT alone; beyond promise: p50 / p99 of the client's latency minus service_ms, the tenant leg's proxy "
-          "and the promise")
+          "and the promise; share: of the answers, how many got more than the promise (the stated overhead is "
+          "a p90: about 10% expected)")
     print(f"{'origins':<11}{'region':<11}{'mode':<10}{'n':>5}{'err':>5}{'p50':>8}{'p99':>8}{'raw p99':>9}"
-          f"{'rtt':>8}{'overhead':>9}{'beyond rtt':>11}{'beyond promise':>16}  p99 in budget")
+          f"{'rtt':>8}{'overhead':>9}{'beyond rtt':>11}{'beyond promise':>16}{'share':>8}  p99 in budget")
     for r in result["rows"]:
         print(f"{r['origins']:<11}{r['region']:<11}{r['mode']:<10}{r['n']:>5}{r['errors']:>5}{r['p50_ms']:>8}"
               f"{r['p99_ms']:>8}{r['raw_p99_ms']:>9}{r['promised_rtt_p50_ms']:>8}{r['stated_overhead_p50_ms']:>9}"
-              f"{r['beyond_rtt_p50_ms']:>11}{r['beyond_promise_p50_ms']:>9} / {r['beyond_promise_p99_ms']:<5}"
-              f"  {'yes' if r['within_budget_p99'] else 'no'}")
+              f"{r['beyond_rtt_p50_ms']:>11}{r['beyond_promise_p50_ms']:>9} / {r['beyond_promise_p99_ms']:<6}"
+              f"{r['share_beyond_promise']:>7.1%}  {'yes' if r['within_budget_p99'] else 'no'}")
     print(f"\nby origin (client latency - service_ms, proxies not subtracted): {'origin':<14}{'mode':<10}"
           f"{'p50':>8}{'p99':>8}{'promised':>10}")
     for o in result["origins"]:

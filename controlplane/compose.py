@@ -141,7 +141,8 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     inference = InferenceService(registry=registry, router=router, origin_ids=sites.origin_ids,
                                  known_models=sites.known_models, bus=bus, accounting=accounting, metrics=metrics,
                                  clock=clock, rng=random.Random(config.seed), site_timeout_s=config.site_timeout_s,
-                                 site_ack_timeout_s=config.site_ack_timeout_s)
+                                 site_ack_timeout_s=config.site_ack_timeout_s,
+                                 budget_counts_overhead=config.budget_counts_overhead)
     status = ProcessStatus(hub_id=config.hub_id, bus=bus, registry=registry, readiness=readiness, metrics=metrics,
                            refresh_metrics=sites.refresh_metrics, clock=clock)
     history = DashboardHistory(registry=registry, store=store, clock=clock, tasks=tasks.scope("dashboard"))

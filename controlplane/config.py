@@ -97,6 +97,9 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """Heartbeats missed in a row before a site is lost (detection = heartbeat_s x miss_limit)."""
     sweep_s: float = 0.25
     default_budget_ms: float = 10.0
+    budget_counts_overhead: bool = True
+    """The budget is checked on the promise, RTT + cpn's own measured time (``X-CPN-Promise-Ms``,
+    docs/topology.md); false: on the network's RTT alone (the overhead is still stated)."""
     site_timeout_s: float = 5.0
     """Longest the gateway waits for one site's first answer before failing over."""
     site_ack_timeout_s: float = 1.0

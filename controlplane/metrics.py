@@ -198,6 +198,10 @@ class HubMetrics:
                                    "of admitted SLO requests, by model and kind (stream, answer)", _ERROR_BUCKETS,
                                    ("model", "kind"))
         r.register(self.ttft_error)
+        # The overhead estimate (X-CPN-Overhead-Ms, core/overhead.py): samples not believed.
+        self.overhead_dropped = _Counts("cpn_overhead_samples_dropped", "Relay overhead samples dropped because the "
+                                        "site's claimed time was not believable, by reason", ["reason"])
+        r.register(self.overhead_dropped)
         self.ttft_predicted_seconds = _Latency("cpn_ttft_predicted_seconds", "Predicted time to first token of "
                                                "admitted SLO requests, by model", _INFER_BUCKETS, ("model",))
         r.register(self.ttft_predicted_seconds)

@@ -245,14 +245,17 @@ class InferenceService:
             "stream_broken", f"site {self.site} lost its NATS link mid-answer (request {request_id}): "
             "part of the answer did not arrive", retryable=False))
 
-    def _chunk_sender(self, request_id: str, reply: str, watch: _Watch) -> Callable[[str], Awaitable[None]]:
+    def _chunk_sender(self, request_id: str, reply: str, watch: _Watch,
+                      started: float) -> Callable[[str], Awaitable[None]]:
         index = 0
         bus = self.bus
 
         async def on_text(text: str) -> None:
             nonlocal index
             watch.ack_wanted = False  # the first chunk says it all
-            body = wire.encode(wire.InferChunk(request_id=request_id, index=index, text=text))
+            # The first chunk states the site's own time to it (the hub's overhead estimate).
+            site_ms = round((self.clock.monotonic() - started) * 1000.0, 3) if index == 0 else None
+            body = wire.encode(wire.InferChunk(request_id=request_id, index=index, text=text, site_ms=site_ms))
             if not bus.publish_nowait(reply, body):  # queued at once while connected (no coroutine)
                 # Chunks must reach the hub; if the bus is gone the stream is dead anyway (raises).
                 await bus.publish(reply, body)
@@ -288,7 +291,7 @@ class InferenceService:
         delayed_ack = request.ack and request.ack_after_ms > 0
         watch = _Watch(self, loop, task, reply, request.request_id,
                        request.ack_after_ms / 1000.0 if delayed_ack else None, timeout_s)
-        on_text = self._chunk_sender(request.request_id, reply, watch) if request.stream else None
+        on_text = self._chunk_sender(request.request_id, reply, watch, started) if request.stream else None
         try:
             try:
                 if request.ack and not delayed_ack:  # the hub may now wait for the answer, not fail over

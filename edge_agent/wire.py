@@ -285,12 +285,16 @@ class InferRequest(msgspec.Struct, tag="infer", kw_only=True):
     before this field never set it, so they always get that text as chunks."""
 
 
-class InferChunk(msgspec.Struct, tag="chunk", kw_only=True):
+class InferChunk(msgspec.Struct, tag="chunk", kw_only=True, omit_defaults=True):
     """One piece of a streamed answer, published to the request's reply inbox."""
 
     request_id: str
     index: int
     text: str
+    site_ms: float | None = None
+    """The first chunk only: the site's own time from taking the request to this chunk (ms), so the
+    hub can tell its own time to the first chunk from the site's; None: not stated (older agents,
+    later chunks)."""
 
 
 class InferAccepted(msgspec.Struct, tag="accepted", kw_only=True):

@@ -86,6 +86,9 @@ class SiteView:
     sent: int = 0
     """Requests the hub has sent and not yet seen answered (fresher than ``inflight``)."""
     service_ms_p50: float = 0.0
+    service_ms_p99: float = 0.0
+    """The site's declared p99 service time (its heartbeat): bounds the service time it may claim on
+    one answer (``InferenceService.relayed``)."""
     health: str = "ok"
     last_seen: float = 0.0
     registered_at: float = 0.0
@@ -307,6 +310,7 @@ class SiteRegistry:
         view.queue_depth = msg.queue_depth
         view.inflight = msg.inflight
         view.service_ms_p50 = msg.service_ms_p50
+        view.service_ms_p99 = msg.service_ms_p99
         if view.draining != msg.draining or view.health != msg.health:
             changed_models = True
         view.draining = msg.draining

@@ -1,8 +1,10 @@
 """Inference routing: which site serves a request (architecture §6). Pure: no I/O, no clock, no global RNG.
 
-Rule 1: only sites whose RTT from the request's origin fits the budget are candidates (policy
+Rule 1: only sites whose promise to the request's origin fits the budget are candidates (policy
 ``strict``); policy ``nearest`` falls back to the nearest serving site beyond the budget and says so
-(reason ``over-budget``).
+(reason ``over-budget``). The promise is what the user gets: the RTT on the full path plus cpn's own
+time relaying to that site as the caller estimates it (``overhead``: the gateway's recent measured
+overhead, :mod:`controlplane.core.overhead`; none: the RTT alone).
 Rule 2: a candidate is up, not draining, healthy, and has a *ready* replica of the model with a free
 slot as far as the hub can tell.
 Rule 3: among the closest ``window`` candidates the router takes two at random (power of two choices)
@@ -21,7 +23,7 @@ decision does not grow with the number of sites in the network.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -135,7 +137,8 @@ class Router:
         return lst
 
     def route(
-        self, req: RouteRequest, sites: Mapping[str, SiteView], version: int, rng: Rng
+        self, req: RouteRequest, sites: Mapping[str, SiteView], version: int, rng: Rng,
+        overhead: Callable[[str], float] | None = None,
     ) -> Route | NoRoute:
         """Decide where ``req`` goes.
 
@@ -144,6 +147,8 @@ class Router:
             sites: the registry's views by site id.
             version: the registry's version (cache key).
             rng: a seeded random source (``random.Random`` live, a seeded one in the simulator).
+            overhead: site -> cpn's own time (ms) a request relayed there is expected to take, added
+                to the RTT for the budget (Rule 1); None: the RTT alone.
         """
         self.decisions += 1
         holders = self._holders(req.origin, req.model, req.deployments, sites, version, req.tenant)
@@ -154,25 +159,39 @@ class Router:
         want = self.window + self.max_fallbacks
         cands: list[tuple[str, float]] = []
         beyond: tuple[str, float] | None = None
+        beyond_over = 0.0
         skipped = 0
         budget = req.budget_ms
+        nearest_policy = req.policy == "nearest"
         for site, rtt_ms in holders:
-            if rtt_ms > budget and (req.policy != "nearest" or cands):
+            # The overhead is >= 0, so past the budget by RTT alone nothing farther fits.
+            if rtt_ms > budget and (not nearest_policy or cands or beyond is not None):
                 break
             view = sites[site]
             if not view.routable or view.slots_free(req.model) <= 0:
                 skipped += 1
                 continue
-            if rtt_ms > budget:
-                beyond = (site, rtt_ms)
-                break
+            over = overhead(site) if overhead is not None else 0.0
+            if rtt_ms + over > budget:
+                if beyond is None:
+                    beyond, beyond_over = (site, rtt_ms), over
+                if rtt_ms > budget:
+                    break
+                continue  # a farther site with less measured overhead may still fit
             cands.append((site, rtt_ms))
             if len(cands) >= want:
                 break
         if not cands:
-            if beyond is not None:
+            if beyond is not None and nearest_policy:
                 rest = self._more(holders, beyond[0], req, sites)
                 return Route(beyond[0], beyond[1], "over-budget", rest)
+            if beyond is not None and beyond[1] <= budget:
+                return NoRoute(
+                    f"no site serving {req.model!r} within {budget:g} ms of {req.origin} counting cpn's own "
+                    f"time: nearest is {beyond[0]} at {beyond[1]:.1f} ms RTT + {beyond_over:.1f} ms of cpn's own "
+                    f"time",
+                    beyond,
+                )
             nearest = holders[0]
             if nearest[1] > budget:
                 return NoRoute(
@@ -206,14 +225,16 @@ class Router:
         return Route(site, rtt_ms, "nearest" if chosen == 0 else "load", fallbacks)
 
     def within_budget(self, req: RouteRequest, sites: Mapping[str, SiteView], version: int,
-                      limit: int = 8) -> list[tuple[str, float]]:
-        """Routable sites holding ``req.model`` for the caller within ``req.budget_ms``, nearest
-        first, whether or not a slot is free (admission by predicted TTFT weighs their queues);
-        at most ``limit``."""
+                      limit: int = 8, overhead: Callable[[str], float] | None = None) -> list[tuple[str, float]]:
+        """Routable sites holding ``req.model`` for the caller whose promise (RTT + ``overhead``, as
+        :meth:`route`) is within ``req.budget_ms``, nearest first, whether or not a slot is free
+        (admission by predicted TTFT weighs their queues); at most ``limit``."""
         out: list[tuple[str, float]] = []
         for site, rtt_ms in self._holders(req.origin, req.model, req.deployments, sites, version, req.tenant):
             if rtt_ms > req.budget_ms:
                 break
+            if overhead is not None and rtt_ms + overhead(site) > req.budget_ms:
+                continue
             if sites[site].routable:
                 out.append((site, rtt_ms))
                 if len(out) >= limit:

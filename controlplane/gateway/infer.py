@@ -94,6 +94,7 @@ def route_headers(served: Served, echo_id: str, filing: str | None = None) -> di
         "X-CPN-Site": served.site,
         "X-CPN-RTT-Ms": f"{served.rtt_ms:.3f}",
         "X-CPN-Overhead-Ms": f"{served.overhead_ms:.3f}",
+        "X-CPN-Promise-Ms": f"{served.promise_ms:.3f}",
         "X-CPN-Route": served.route,
         "X-Request-Id": echo_id,
     }
@@ -133,6 +134,7 @@ async def infer(request: web.Request) -> web.Response:
         "site": served.site,
         "rtt_ms": round(served.rtt_ms, 3),
         "overhead_ms": round(served.overhead_ms, 3),
+        "promise_ms": round(served.promise_ms, 3),
         "route": served.route,
         "origin": origin,
         "usage": {

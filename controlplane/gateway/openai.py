@@ -66,6 +66,8 @@ async def _serve(
     infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                        deployments=scope, slo_ttft_ms=slo)
+    # cpn's own time to the first message feeds the overhead estimate, as a whole answer's does.
+    services.inference.relayed(served, origin, (services.clock.monotonic() - started) * 1000.0)
     sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,
                        include_usage=oa.include_usage(req))
     headers = {

@@ -70,7 +70,16 @@ class Served:
     """The TTFT prediction the request was admitted on (requests with an SLO only)."""
     overhead_ms: float = 0.0
     """cpn's own expected time on the request beyond ``rtt_ms`` and the site's work (the gateway's
-    measured relay overhead to the serving site, before this request: ``X-CPN-Overhead-Ms``)."""
+    measured relay overhead to the serving site, before this request; the figure the router added to
+    the RTT for the budget, unless other answers moved it meanwhile: ``X-CPN-Overhead-Ms``)."""
+    first_site_ms: float | None = None
+    """A stream's first message: the site's own time to it (its ``site_ms``, or the ``service_ms`` of
+    a whole answer); None: not stated."""
+
+    @property
+    def promise_ms(self) -> float:
+        """What the tenant should get beyond the site's work: ``X-CPN-Promise-Ms``."""
+        return self.rtt_ms + self.overhead_ms
 
 
 PUBLIC_CODES = frozenset({
@@ -102,6 +111,10 @@ HEARD_POLL_S = 0.05
 DEMAND_KEYS_MAX = 10_000
 """Distinct (tenant, model, origin, budget) demand counts kept between two drains."""
 
+SERVICE_CLAIM_SLACK = 4.0
+"""A site's claimed time on one answer is believed up to this many times the p99 service time it
+declares in its heartbeats (:meth:`InferenceService.relayed`)."""
+
 CALIBRATE_MIN_TOKENS = ttft.CALIBRATE_MIN_TOKENS
 """Prompts shorter than this do not calibrate a prefill profile: their first token is mostly fixed
 overhead (the backend's own, the hops), which would be read as a slow prefill rate."""
@@ -125,11 +138,13 @@ class InferenceService:
     def __init__(self, *, registry: SiteRegistry, router: Router, origin_ids: frozenset[str],
                  known_models: Callable[[], frozenset[str]], bus: HubBus, accounting: UsageAccounts,
                  metrics: HubMetrics, clock: Clock, rng: random.Random, site_timeout_s: float,
-                 site_ack_timeout_s: float) -> None:
+                 site_ack_timeout_s: float, budget_counts_overhead: bool = True) -> None:
         self.registry = registry
         self.overhead = RelayOverhead()
-        """cpn's own measured time per relayed answer: stated next to the RTT, not budgeted
-        (docs/topology.md, "The latency a tenant gets")."""
+        self._budgeted = self.overhead.ms if budget_counts_overhead else None
+        """What the router adds to the RTT for the budget (``HubConfig.budget_counts_overhead``)."""
+        """cpn's own measured time per relayed answer: stated next to the RTT and added to it for the
+        budget (docs/topology.md, "The latency a tenant gets")."""
         self.router = router
         self.origin_ids = origin_ids
         self.known_models = known_models
@@ -189,12 +204,14 @@ class InferenceService:
 
     def _route(self, origin: str, model: str, budget_ms: float, policy: str,
                deployments: frozenset[str] | None, tenant: str) -> router.Route:
+        self.overhead.expire(self.clock.monotonic())
         decision = self.router.route(
             router.RouteRequest(origin=origin, model=model, budget_ms=budget_ms, policy=policy, deployments=deployments,
                                 tenant=tenant),
             self.registry.views,
             self.registry.version,
             self.rng,
+            self._budgeted,
         )
         self.metrics.route_decision(decision)
         if isinstance(decision, router.NoRoute):
@@ -222,9 +239,10 @@ class InferenceService:
         else:
             self.demand[key] = n + 1
         views = self.registry.views
+        self.overhead.expire(self.clock.monotonic())
         near = self.router.within_budget(
             router.RouteRequest(origin=origin, model=req.model, budget_ms=budget_ms, deployments=deployments,
-                                tenant=req.tenant), views, self.registry.version)
+                                tenant=req.tenant), views, self.registry.version, overhead=self._budgeted)
         service = self.service_ms
         cands = [c for site, rtt_ms in near
                  if (c := ttft_candidate(views[site], req.model, rtt_ms, service.get((site, req.model), 0.0)))
@@ -368,15 +386,37 @@ class InferenceService:
         return served, decision
 
     def relayed(self, served: Served, origin: str, took_ms: float) -> None:
-        """A whole answer the gateway relayed: ``took_ms`` from reading the request to the answer
-        encoded. Less the site's ``service_ms`` and the network's share of the relay (the layout's
-        leg gateway -> site), it is cpn's own time (:mod:`controlplane.core.overhead`). An answer
-        after a failover is not counted (the failed attempt's time is not the relay's)."""
+        """A whole answer the gateway relayed, or a stream's first message: ``took_ms`` from reading
+        the request to the answer encoded (a stream: to its first message in hand). Less the site's
+        own time (``service_ms``; a stream's ``first_site_ms``) and the network's share of the relay
+        (the layout's leg gateway -> site), it is cpn's own time (:mod:`controlplane.core.overhead`).
+        Not counted: an answer after a failover (the failed attempt's time is not the relay's), a
+        stream whose site did not state its time to the first chunk.
+
+        A site is believed only within bounds (else a site claiming a long service time would make
+        cpn's own time look small): a claimed time longer than the whole relay (impossible), or
+        above :data:`SERVICE_CLAIM_SLACK` times the p99 service time the site declares in its
+        heartbeats, is counted (``cpn_overhead_samples_dropped``) and dropped."""
         result = served.result
-        if result is None or len(served.tried) != 1:
+        site_ms = result.service_ms if result is not None else served.first_site_ms
+        if site_ms is None or len(served.tried) != 1:
             return
-        self.overhead.observe(served.site, took_ms - result.service_ms
-                              - self.router.network_leg_ms(origin, served.rtt_ms))
+        leg_ms = self.router.network_leg_ms(origin, served.rtt_ms)
+        view = self.registry.get(served.site)
+        declared = view.service_ms_p99 if view is not None else 0.0
+        reason = ""
+        # The whole relay, not less the layout's leg: on loopback (``cpn up``) the leg is not spent.
+        if not (0 <= site_ms <= took_ms):
+            reason = "longer_than_relay"
+        elif declared > 0 and site_ms > SERVICE_CLAIM_SLACK * declared:
+            reason = "beyond_declared"
+        if reason:
+            self.overhead.drop()
+            self.metrics.count(self.metrics.overhead_dropped, reason)
+            log.debug("event=overhead_sample_dropped site=%s reason=%s site_ms=%.3f took_ms=%.3f declared_p99_ms=%.3f",
+                     served.site, reason, site_ms, took_ms, declared)
+            return
+        self.overhead.observe(served.site, took_ms - site_ms - leg_ms, self.clock.monotonic())
 
     def _ask_ack(self, req: wire.InferRequest) -> None:
         """Ask sites that acknowledge to do so (a silent one is then left after
@@ -454,6 +494,7 @@ class InferenceService:
                 served.route = "failover"
             served.site, served.rtt_ms = site, rtt_ms
             served.overhead_ms = self.overhead.ms(site)
+            served.first_site_ms = first.service_ms if isinstance(first, wire.InferResult) else first.site_ms
             self.served += 1
             elapsed = self.clock.monotonic() - started
             self.metrics.first_token(req.model, site, elapsed)

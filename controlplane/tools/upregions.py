@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import secrets
+import shutil
 import socket
 import time
 import urllib.request
@@ -56,10 +57,36 @@ HOME_NODES = 3
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now (the cluster and gateway ports must be written in the configs)."""
+    """A port free right now (the cluster and gateway ports must be written in the configs). Another
+    process may take it before a server binds it: callers start again on new ports when a server
+    says so (:func:`port_taken`)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+PORT_ATTEMPTS = 3
+"""Starts of the nats-servers on freshly picked ports before giving up (a port picked free and
+taken by another process before the server bound it)."""
+
+
+def port_taken(servers: list[NatsServer]) -> bool:
+    """Whether one of ``servers`` failed because a port it was to bind was taken meanwhile."""
+    return any("address already in use" in line for server in servers for line in server.tail())
+
+
+class RefusingPort:
+    """A loopback port that refuses connections for as long as this object lives: bound, never
+    listening, so no other process can take it (a port merely picked free could be taken and then
+    answer)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._sock = socket.socket()
+        self._sock.bind((host, 0))
+        self.address = f"{host}:{self._sock.getsockname()[1]}"
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 @dataclass(frozen=True)
@@ -214,12 +241,26 @@ class RegionalNetwork:
         private_files.private_dir(data)
         private_files.tighten_tree(data)
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
-        plans = plan_regions(self.layout, opts.regions, data, opts.host, fold=self.fold_sites,
-                             max_sites=self.max_sites)
-        self.regions = [RegionRun(p) for p in plans]
         creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
-        await self._start_nats(creds)
-        await self._wait_jetstream()
+        for attempt in range(PORT_ATTEMPTS):
+            plans = plan_regions(self.layout, opts.regions, data, opts.host, fold=self.fold_sites,
+                                 max_sites=self.max_sites)
+            self.regions = [RegionRun(p) for p in plans]
+            try:
+                await self._start_nats(creds)
+                await self._wait_jetstream()
+                break
+            except Exception:
+                servers = [s for r in self.regions for s in r.servers]
+                taken = port_taken(servers)
+                for server in servers:
+                    await server.stop()
+                if not taken or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                log.warning("event=port_taken attempt=%d detail=a port picked free was taken before a "
+                            "nats-server bound it: starting again on new ports", attempt + 1)
+                for server in servers:  # a fresh store: nothing of the failed start is carried over
+                    shutil.rmtree(server.store_dir, ignore_errors=True)
         home = self.regions[0]
         hub_user, hub_password = creds.hub.user, creds.hub.password
         # Each region's sites' events in a stream of its own, placed in the region.
@@ -313,8 +354,12 @@ class RegionalNetwork:
                 region.servers.append(NatsServer(data / "nats" / node.name, port=node.client_port,
                                                  host=node.listen_host, config=path))
         # A clustered server is ready only once its routes are up: start them all together.
-        await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s)
-                               for r in self.regions for s in r.servers))
+        # Every start runs to its end (a failed one is not left running beside the retry).
+        results = await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s)
+                                         for r in self.regions for s in r.servers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _wait_jetstream(self) -> None:
         await wait_meta_leader([p for r in self.regions for p in r.monitor_ports], 3 * self.opts.ready_timeout_s)
@@ -352,15 +397,26 @@ class RegionalNetwork:
         writes for the site (``supercluster/leaf/<site>.conf``), plain on loopback."""
         data = self.opts.data_dir
         remotes = natsregions.leaf_urls(region.plan.nodes, tls=False)
-        for site in region.plan.sites:
-            port = free_port(self.opts.host)
-            path = data / "nats" / "leaf" / f"{site}.conf"
-            private_files.private_dir(path.parent)
-            private_files.write_private(path, natsconf.leaf_config(site, remotes, creds.sites[site],
-                                                                   listen=f"{self.opts.host}:{port}"))
-            region.leaves[site] = NatsServer(data / "nats" / f"leaf-{site}", port=port, host=self.opts.host,
-                                             config=path, jetstream=False)
-        await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s) for s in region.leaves.values()))
+        async def start_leaf(site: str) -> None:
+            for attempt in range(PORT_ATTEMPTS):
+                port = free_port(self.opts.host)
+                path = data / "nats" / "leaf" / f"{site}.conf"
+                private_files.private_dir(path.parent)
+                private_files.write_private(path, natsconf.leaf_config(site, remotes, creds.sites[site],
+                                                                       listen=f"{self.opts.host}:{port}"))
+                server = NatsServer(data / "nats" / f"leaf-{site}", port=port, host=self.opts.host,
+                                    config=path, jetstream=False)
+                try:
+                    await server.start(timeout_s=self.opts.ready_timeout_s)
+                except Exception:
+                    if not port_taken([server]) or attempt == PORT_ATTEMPTS - 1:
+                        raise
+                    log.warning("event=port_taken site=%s attempt=%d", site, attempt + 1)
+                    continue
+                region.leaves[site] = server
+                return
+
+        await asyncio.gather(*(start_leaf(site) for site in region.plan.sites))
 
     def _hubs(self) -> list[Any]:
         hubs = [r.gateway.hub for r in self.regions if r.gateway is not None]

@@ -85,6 +85,10 @@ async def test_streaming_chunks_arrive_before_the_result(nats_server: NatsServer
             first_at = got[0][0]
             assert final_at - first_at >= 0.1, (first_at, final_at)
             assert final.service_ms >= 20 + 3 * 40 - 5
+            # The first chunk states the site's own time to it (the hub's overhead estimate tells
+            # its own time to the first chunk from the site's); later chunks do not.
+            assert chunks[0].site_ms is not None and 20 - 5 <= chunks[0].site_ms < final.service_ms
+            assert [c.site_ms for c in chunks[1:]] == [None, None, None]
 
 
 async def test_busy_when_every_slot_is_taken(nats_server: NatsServer) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from controlplane.core import overhead
 from controlplane.core.errors import RequestError
 from controlplane.nats.natsserver import NatsServer
 from tests.adapters.test_hub_gateway import raw_agent
@@ -119,7 +120,8 @@ async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(
 
     from edge_agent import wire
 
-    config = hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="guangzhou")
+    config = hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="guangzhou",
+                        budget_counts_overhead=True)
     async with running_hub(config) as hub:
         key = hub.create_tenant("acme", default_origin="guangzhou")
         nc = await nats.connect(nats_server.url)
@@ -138,11 +140,12 @@ async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(
         await until(lambda: "m" in hub.known_models())
         async with aiohttp.ClientSession() as session:
             tenant = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
-            # Nothing measured yet: nothing stated, and the 0.5 ms in-city RTT fits 10 ms.
+            # Nothing measured yet: the declared floor is stated, and 0.5 ms in-city RTT + it fit 10 ms.
             status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10)
             assert status == 200, body
             rtt = float(headers["X-CPN-RTT-Ms"])
-            assert rtt < 1 and float(headers["X-CPN-Overhead-Ms"]) == 0.0 and body["overhead_ms"] == 0.0
+            assert rtt < 1 and float(headers["X-CPN-Overhead-Ms"]) == overhead.FLOOR_MS == body["overhead_ms"]
+            assert float(headers["X-CPN-Promise-Ms"]) == pytest.approx(rtt + overhead.FLOOR_MS, abs=2e-3)
             # Measured: the next answers state it (the median of the answers before each), near
             # what the client gets.
             took, stated = [], []
@@ -154,10 +157,65 @@ async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network(
                 stated.append(float(headers["X-CPN-Overhead-Ms"]))
                 assert stated[-1] == pytest.approx(body["overhead_ms"], abs=1e-3)
             assert min(stated) >= 14, stated
-            assert abs(sorted(took)[2] - (rtt + sorted(stated)[2])) < 10, (took, stated)
-            # The strict budget is the network's (the choice, docs/topology.md): a gateway slowed by
-            # load still serves a tenant its in-city site, and says how slow it has been.
-            status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10, policy="strict")
-            assert status == 200 and headers["X-CPN-Route"] == "nearest", body
-            assert float(headers["X-CPN-RTT-Ms"]) + float(headers["X-CPN-Overhead-Ms"]) > 10
+            # The stated figure is a high quantile of the relays before (a promise most requests meet):
+            # the client's median is within it, give or take this loaded machine's noise.
+            assert sorted(took)[2] <= rtt + max(stated) + 10, (took, stated)
+            # The budget is on what the tenant gets, RTT + cpn's own time: an in-city site whose
+            # answers take 15 ms of cpn's relay is not within 10 ms, and strict says why (before:
+            # served, the 0.5 ms RTT alone checked, the promise broken).
+            status, body, _ = await _ask(tenant, "guangzhou", budget_ms=10, policy="strict")
+            assert status == 503, body
+            assert "within 10 ms of guangzhou counting cpn's own time" in body["error"]["message"], body
+            status, body, headers = await _ask(tenant, "guangzhou", budget_ms=10, policy="nearest")
+            assert status == 200 and headers["X-CPN-Route"] == "over-budget", body
+            assert float(headers["X-CPN-Promise-Ms"]) == pytest.approx(
+                float(headers["X-CPN-RTT-Ms"]) + float(headers["X-CPN-Overhead-Ms"]), abs=2e-3)
+            assert float(headers["X-CPN-Promise-Ms"]) > 10 and body["promise_ms"] > 10
+        await nc.close()
+
+
+async def test_a_streamed_answer_feeds_the_overhead_estimate_with_cpns_own_time_to_its_first_chunk(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    """Streams feed the estimate too (before: only whole answers did): the gateway's time to the
+    first chunk less the site's stated time to it (``InferChunk.site_ms``) and the network's leg."""
+    import asyncio
+
+    import nats
+
+    from edge_agent import wire
+
+    config = hub_config(tmp_path, nats_server.url, layout=NATIONAL, gateway_city="guangzhou",
+                        budget_counts_overhead=True)
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme", default_origin="guangzhou")
+        nc = await nats.connect(nats_server.url)
+
+        async def on_infer(msg):  # type: ignore[no-untyped-def]
+            # 15 ms before the first chunk that the site does not own up to (cpn's time, as far as the
+            # gateway can tell), then 40 ms it states as its own.
+            req = wire.infer_request_decoder.decode(msg.data)
+            await asyncio.sleep(0.055)
+            await nc.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="o",
+                                                                    site_ms=40.0)))
+            await asyncio.sleep(0.03)
+            await nc.publish(msg.reply, wire.encode(wire.InferResult(
+                request_id=req.request_id, site="gz-edge", model=req.model, output="ok", completion_tokens=2,
+                service_ms=70.0)))
+
+        await nc.subscribe(wire.infer_subject("gz-edge"), cb=on_infer)
+        await nc.request(wire.register_subject("gz-edge"), wire.encode(wire.Register(site="gz-edge", city="guangzhou")),
+                         timeout=2)
+        await nc.publish(wire.heartbeat_subject("gz-edge"), wire.encode(
+            wire.Heartbeat(site="gz-edge", seq=1, models=[wire.ReplicaStatus(model="m", slots=8)])))
+        await until(lambda: "m" in hub.known_models())
+        estimate = hub.inference.overhead
+        async with aiohttp.ClientSession() as session:
+            for n in range(1, 4):
+                async with session.post(f"http://127.0.0.1:{hub.http_port}/v1/chat/completions", json={
+                        "model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+                        headers={"Authorization": f"Bearer {key}", "X-CPN-Budget-Policy": "nearest"}) as resp:
+                    assert resp.status == 200, await resp.text()
+                    assert b"[DONE]" in await resp.read()
+                assert estimate.samples == n
+        assert 14 <= estimate.ms("gz-edge") < 200  # the unstated 15 ms, not the site's stated 40
         await nc.close()

@@ -44,7 +44,8 @@ async def test_live_exposition_passes_promtool_and_counts_what_was_served(tmp_pa
         assert net.hub is not None
         hub = net.hub
         base = f"http://127.0.0.1:{hub.http_port}"
-        tenant = {"Authorization": f"Bearer {net.credentials['tenant_key']}"}
+        # nearest: this test counts what was served; the budget on the promise is tested elsewhere
+        tenant = {"Authorization": f"Bearer {net.credentials['tenant_key']}", "X-CPN-Budget-Policy": "nearest"}
         async with aiohttp.ClientSession() as session:
             for _ in range(3):
                 async with session.post(base + "/v1/chat/completions", json=CHAT, headers=tenant) as resp:

@@ -24,7 +24,7 @@ from controlplane.core.replicas import DeploymentSpec
 from controlplane.store import jobs as store_jobs
 from controlplane.tools.faultproxy import FaultProxy
 from controlplane.tools.up import DEMO_TENANT, UpOptions
-from controlplane.tools.upregions import RegionalNetwork, RegionRun, free_port
+from controlplane.tools.upregions import RefusingPort, RegionalNetwork, RegionRun
 from tests.support.hubrig import DEMO3
 from tests.support.waiting import until
 from topology import loader
@@ -80,7 +80,8 @@ class Wan:
 
     def __init__(self) -> None:
         self.links: dict[tuple[str, str], list[FaultProxy]] = {}
-        self.refused_address = f"127.0.0.1:{free_port()}"  # nothing listens there
+        self._refusing = RefusingPort()  # bound for the run, never listening: nothing answers there
+        self.refused_address = self._refusing.address
 
     async def link(self, dialer: str, target: str, url: str) -> str:
         proxy = FaultProxy(url)
@@ -103,6 +104,7 @@ class Wan:
         for ps in self.links.values():
             for p in ps:
                 await p.close()
+        self._refusing.close()
 
 
 SIM_SCALE = 1200.0
@@ -121,7 +123,12 @@ async def regions(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterat
         # a record write waits (blocking) up to record_write_deadline_s for a quorum, and the hubs cut
         # off from the record write on (7 s stalls measured on a loaded machine).
         heartbeat_s=1.0, miss_limit=3, site_timeout_s=10.0, site_ack_timeout_s=8.0, record_write_deadline_s=3.0,
-        seed=1)
+        # default_budget_ms: the budget counts cpn's own measured time (X-CPN-Promise-Ms), which on
+        # this loaded machine, four hubs and the agents on one loop, can pass 10 ms by itself. These
+        # tests are about regions, paths and cuts (the layout's paths here are 0.5-3 ms, so 60 ms
+        # changes no site's place in or out of budget); the budget on the promise is tested in
+        # tests/adapters/test_ingress_routing.py, and the strict check below sets its own.
+        default_budget_ms=60.0, seed=1)
     settings.update(getattr(request, "param", None) or {})
     net = RegionalNetwork(opts, wan=wan, hub_overrides=settings, leaf_sites=True)
     try:
@@ -285,12 +292,19 @@ async def test_a_request_stays_in_its_region_and_a_far_gateway_tells_the_full_pa
         assert far_rtt > near_rtt + 1.0, (near_rtt, far_rtt)  # Hangzhou -> Shanghai is ~170 km: >1 ms of fibre
         assert headers.get("X-CPN-Nearer-Gateway") == "hangzhou"
 
-        # Under strict, a budget between the two paths: in-region served, the far gateway refuses.
-        budget = {"X-CPN-Budget-Ms": f"{(near_rtt + far_rtt) / 2:.3f}", "X-CPN-Budget-Policy": "strict"}
-        status, _, _, _ = await chat(session, net.gateway_url(home), key, "hangzhou", **budget)
-        assert status == 200
+        # Under strict, a budget just below the far path: the far gateway refuses (the direct path to
+        # Hangzhou's pool, 0.5 ms, would fit it; the budget counts the full path, and cpn's own time
+        # on top). The in-region gateway serves within a budget above its stated promise (RTT + its
+        # measured overhead, which moves a little from one request to the next on a loaded machine).
+        budget = {"X-CPN-Budget-Ms": f"{far_rtt - 0.01:.3f}", "X-CPN-Budget-Policy": "strict"}
         status, body, _, _ = await chat(session, net.gateway_url(far), key, "hangzhou", **budget)
         assert status == 503 and body["error"]["code"] in ("budget_exceeded", "no_capacity"), body
+        status, _, headers, _ = await chat(session, net.gateway_url(home), key, "hangzhou")
+        promise = float(headers["X-CPN-Promise-Ms"])
+        assert promise == pytest.approx(float(headers["X-CPN-RTT-Ms"]) + float(headers["X-CPN-Overhead-Ms"]), abs=2e-3)
+        budget = {"X-CPN-Budget-Ms": f"{promise + 5.0:.3f}", "X-CPN-Budget-Policy": "strict"}
+        status, _, headers, _ = await chat(session, net.gateway_url(home), key, "hangzhou", **budget)
+        assert status == 200 and headers["X-CPN-Site"] == "hz-edge", headers
         print(f"in-region {near_ms:.0f} ms (X-CPN-RTT-Ms {near_rtt}), far gateway {far_ms:.0f} ms "
               f"(X-CPN-RTT-Ms {far_rtt}); WAN {WAN_ONE_WAY_MS} ms each way")
 

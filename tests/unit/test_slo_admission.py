@@ -119,7 +119,7 @@ def test_undrained_demand_counts_stay_bounded() -> None:
 
     svc, _ = service(near={}, far={})
     for i in range(inference.DEMAND_KEYS_MAX + 5):
-        svc.decide("o", "m", 1.0 + i / 1e6, "strict", tenant="acme")  # budgets varied on purpose
+        svc.decide("o", "m", 2.0 + i / 1e6, "strict", tenant="acme")  # budgets varied on purpose
     assert len(svc.demand) == 5 and svc.demand_overflows == 1
 
 

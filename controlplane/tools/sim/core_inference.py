@@ -108,7 +108,9 @@ def deploy(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, now: float =
                                free_cards={a: float(n) for a, n in site.accelerators.items()})
              for site in lay.sites}
     specs = {m.name: rep_mod.DeploymentSpec(
-        model=m.name, origins=origins, budget_ms=m.deploy_budget_ms, cards_per_replica=m.cards_per_replica,
+        # Placed for the promise the router checks: the network's share of the budget.
+        model=m.name, origins=origins, budget_ms=max(1e-3, m.deploy_budget_ms - s.inference.overhead_ms),
+        cards_per_replica=m.cards_per_replica,
         min_cities=m.min_cities, replicas=m.replicas, slots_per_replica=m.slots_per_replica,
         accelerators=m.accelerators) for m in s.inference.models}
     deps = [decide.Deployment(id=f"sim-{m.name}", tenant="sim", model=m.name, spec=specs[m.name])
@@ -185,6 +187,12 @@ class InferenceSim:
         self.models = [m.name for m in inf.models]
         self.model_specs = list(inf.models)
         self.budgets = list(inf.budgets_ms)
+        self.overhead_ms = inf.overhead_ms
+        """cpn's own time charged on every request (a declared constant: the simulator has no model of
+        its gateways' processing): a request is within budget when RTT + this is."""
+        ov = self.overhead_ms
+        self.overhead = (lambda _site: ov) if ov > 0 else None
+        """What the router adds to the RTT for the budget (``Router.route``'s ``overhead``)."""
         self.policy = inf.policy
         self.autoscaled = [m.max_replicas is not None for m in inf.models]
         # cpn scales whenever a model has max_replicas; cpn-fixed (today's fixed replicas) is a
@@ -308,8 +316,8 @@ class InferenceSim:
                 self.holders.append(hold)
                 for b in self.budgets:
                     self.reqs.append(RouteRequest(origin=o.id, model=model, budget_ms=b, policy=self.policy))
-                    self.cands.append([c for c in hold if c[2] <= b])
-                    self.physical.append([idx[sid] for sid, r in ranked if r <= b and able[mi][idx[sid]]])
+                    self.cands.append([c for c in hold if c[2] + ov <= b])
+                    self.physical.append([idx[sid] for sid, r in ranked if r + ov <= b and able[mi][idx[sid]]])
                     self.counts.append(0)
 
     def __repr__(self) -> str:
@@ -318,7 +326,7 @@ class InferenceSim:
     # ------------------------------------------------------------------ picking
 
     def _pick_routed(self, p: int, key: int) -> tuple[int, float]:
-        d = self.routers[p].route(self.reqs[key], self.pviews[p], self.versions[p], self.rngs[p])
+        d = self.routers[p].route(self.reqs[key], self.pviews[p], self.versions[p], self.rngs[p], self.overhead)
         if d.__class__ is Route:
             return self.idx[d.site], d.rtt_ms
         return -1, 0.0
@@ -445,7 +453,8 @@ class InferenceSim:
         views, idx = self.views, self.idx
         model = self.models[m]
         cands = []
-        for sid, rtt_ms in self.routers[0].within_budget(self.reqs[key], views, self.versions[0]):
+        for sid, rtt_ms in self.routers[0].within_budget(self.reqs[key], views, self.versions[0],
+                                                            overhead=self.overhead):
             self._heartbeat(idx[sid], t)
             c = ttft.candidate(views[sid], model, rtt_ms, self.svc_mean[idx[sid] * self.nm + m])
             if c is not None:
@@ -515,7 +524,7 @@ class InferenceSim:
         if orc > 0.0:
             self.oracle_rtt_sum_ms += orc
             self.oracle_n += 1
-            if orc <= budget:
+            if orc + self.overhead_ms <= budget:
                 self.replica_feasible[hour] += 1
         push, seq, heap, epoch = heapq.heappush, self.seq, self.heap, self.epoch
         end = t + svc
@@ -541,7 +550,7 @@ class InferenceSim:
                     self.pending.setdefault(s, []).append((p, o, m, b, svc))
                 else:
                     push(heap, (end, next(seq), p, f, s, epoch[s], o, m, b, svc))
-            if r <= budget:
+            if r + self.overhead_ms <= budget:
                 st.within[hour] += 1
                 st.within_by_origin[o] += 1
             else:
@@ -631,7 +640,8 @@ class InferenceSim:
             for b in range(nb):
                 n = self.counts[base + b]
                 if n:
-                    out[(oid, self.budgets[b])] = n
+                    # The autoscaler places for the network's share of the budget (RTT + overhead fits).
+                    out[(oid, max(1e-3, self.budgets[b] - self.overhead_ms))] = n
                     self.counts[base + b] = 0
         svc = self.svc_sum[m] / self.svc_n[m] if self.svc_n[m] else None
         self.svc_sum[m] = 0.0

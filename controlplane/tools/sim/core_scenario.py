@@ -15,6 +15,8 @@ from typing import Annotated
 
 import msgspec
 
+from controlplane.core.overhead import FLOOR_MS
+
 Pos = Annotated[float, msgspec.Meta(gt=0)]
 NonNeg = Annotated[float, msgspec.Meta(ge=0)]
 Hour = Annotated[float, msgspec.Meta(ge=0, le=24)]
@@ -93,6 +95,10 @@ class Inference(_Cfg, frozen=True):
     request stream and every figure are then as without this field)."""
     slo_ttft_ms: Pos = 1000.0
     """The SLO those requests carry."""
+    overhead_ms: NonNeg = FLOOR_MS
+    """cpn's own time (gateway, NATS, agent) charged on every request, for every policy and the
+    bound: a request is within budget when RTT + this is, as a live gateway budgets RTT + its
+    measured overhead (``core.overhead``; 1.0 is its floor before any measurement). 0: the network alone."""
 
 
 class SizeBin(_Cfg, frozen=True):
