@@ -29,6 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 
 from controlplane.core.errors import RequestError
 from controlplane.gateway import admin, health, hotpath, infer, openai, openapi, usage
@@ -160,6 +161,8 @@ class _Guarded(asyncio.Protocol):
             if guard.hot is not None:
                 self.hot = guard.hot
                 guard.hot_conns.add(self)
+                tcp_nodelay(t, True)  # as aiohttp's protocol does: no small write waits for an ACK
+                tcp_keepalive(t)
             else:
                 self.handler = guard.server()
                 self.handler.connection_made(t)
