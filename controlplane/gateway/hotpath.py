@@ -70,8 +70,8 @@ INCOMPLETE = "incomplete"
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]*"
-_BLOCK = re.compile(rf"(?:{_TOKEN}:{_VALUE}\r\n)*")
-_FIELD = re.compile(rf"({_TOKEN}):[ \t]*({_VALUE}?)[ \t]*\r\n")
+_FIELD = re.compile(rf"^({_TOKEN}):[ \t]*({_VALUE})\r\n", re.MULTILINE)
+"""One well-formed header line (a line that is not matches nothing: the count of matches tells)."""
 _SERVER = "Server: " + SERVER_SOFTWARE
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -148,6 +148,43 @@ class ChunkedSink:
         await self.conn.write(frame)
 
 
+def parse(buf: bytes, lines: dict[bytes, Hot], max_body_bytes: int) -> Head | str | None:
+    """The head at the start of ``buf``: a :class:`Head`, :data:`INCOMPLETE`, or None when the
+    request is not one to serve here (Rule 2); ``lines``: the hot routes by request line."""
+    end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
+    if end < 0:
+        line_end = buf.find(b"\n")
+        if line_end >= 0 and (buf[:line_end].rstrip(b"\r") not in lines or b"\n\n" in buf):
+            return None  # not a hot route, or bare line feeds: aiohttp reads it (and answers it)
+        return INCOMPLETE if len(buf) < MAX_HEAD_BYTES else None
+    line_end = buf.find(b"\r\n")
+    hot = lines.get(buf[:line_end])
+    if hot is None:
+        return None
+    block = buf[line_end + 2:end + 2].decode("utf-8", "surrogateescape")
+    fields = _FIELD.findall(block)
+    if len(fields) != block.count("\n") or " \r" in block or "\t\r" in block:
+        return None  # a malformed line, or a value with trailing blanks (aiohttp strips them)
+    headers = CIMultiDict(fields)
+    if "Transfer-Encoding" in headers or "Expect" in headers or "Upgrade" in headers:
+        return None
+    lengths = headers.getall("Content-Length", ())
+    if len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
+        return None
+    length = int(lengths[0])
+    if length > max_body_bytes:
+        return None
+    close = False
+    connection = headers.get("Connection")
+    if connection is not None:
+        connection = connection.lower()
+        if connection == "close":
+            close = True
+        elif connection != "keep-alive":
+            return None
+    return Head(hot, CIMultiDictProxy(headers), end + 4, length, close)
+
+
 class HotRoutes:
     """The hot routes of one gateway: framing (:meth:`parse`) and serving (:meth:`serve`).
 
@@ -172,36 +209,7 @@ class HotRoutes:
         return f"<HotRoutes served={self.served} handed={self.handed}>"
 
     def parse(self, buf: bytes) -> Head | str | None:
-        """The head at the start of ``buf``: a :class:`Head`, :data:`INCOMPLETE`, or None when the
-        request is not one to serve here (Rule 2)."""
-        end = buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
-        if end < 0:
-            return INCOMPLETE if len(buf) < MAX_HEAD_BYTES else None
-        line_end = buf.find(b"\r\n")
-        hot = self.lines.get(buf[:line_end])
-        if hot is None:
-            return None
-        block = buf[line_end + 2:end + 2].decode("utf-8", "surrogateescape")
-        if _BLOCK.fullmatch(block) is None:
-            return None
-        headers = CIMultiDict(_FIELD.findall(block))
-        if "Transfer-Encoding" in headers or "Expect" in headers or "Upgrade" in headers:
-            return None
-        lengths = headers.getall("Content-Length", ())
-        if len(lengths) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
-            return None
-        length = int(lengths[0])
-        if length > self.max_body_bytes:
-            return None
-        close = False
-        connection = headers.get("Connection")
-        if connection is not None:
-            connection = connection.lower()
-            if connection == "close":
-                close = True
-            elif connection != "keep-alive":
-                return None
-        return Head(hot, CIMultiDictProxy(headers), end + 4, length, close)
+        return parse(buf, self.lines, self.max_body_bytes)
 
     async def serve(self, conn: Connection, head: Head, body: bytes, remote: str | None) -> None:
         """Answer one hot request on ``conn`` (then ``conn.done()``), as aiohttp's handler would."""

@@ -18,11 +18,12 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
 
+from controlplane.gateway import hotpath
 from controlplane.gateway.hotpath import HotRoutes
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
@@ -59,6 +60,52 @@ async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]
         if size == 0:
             return status, headers, body
         body += chunk[:-2]
+
+
+HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+        b"Content-Length: 2\r\n")
+
+
+@pytest.mark.parametrize("extra, served", [
+    (b"", True),
+    (b"Connection: keep-alive\r\n", True),
+    (b"Connection: close\r\n", True),
+    (b"X-Long: " + b"v" * 2000 + b"\r\n", True),
+    (b"no colon\r\n", False),
+    (b"Bad Name: x\r\n", False),
+    (b"Name : x\r\n", False),
+    (b"Trailing: blank \r\n", False),
+    (b"Folded: a\r\n b\r\n", False),
+    (b"Ctl: a\x01b\r\n", False),
+    (b"Content-Length: 2\r\n", False),  # two lengths
+    (b"Transfer-Encoding: chunked\r\n", False),
+    (b"Expect: 100-continue\r\n", False),
+    (b"Upgrade: h2c\r\nConnection: upgrade\r\n", False),
+    (b"Connection: upgrade\r\n", False),
+])
+def test_only_a_plainly_well_formed_head_is_served_here(extra: bytes, served: bool) -> None:
+    lines = {b"POST /v1/chat/completions HTTP/1.1": cast(Any, "chat")}
+    head = hotpath.parse(HEAD + extra + b"\r\n{}", lines, MAX_BODY)
+    assert isinstance(head, hotpath.Head) == served, head
+    if served:
+        assert isinstance(head, hotpath.Head) and head.length == 2 and head.headers["Authorization"] == "Bearer k"
+        assert head.close == (b"close" in extra)
+
+
+@pytest.mark.parametrize("buf, expect", [
+    (HEAD, hotpath.INCOMPLETE),  # the head's end still to come
+    (b"POST /v1/chat/comp", hotpath.INCOMPLETE),
+    (b"GET /v1/jobs HTTP/1.1\r\nHost", None),  # another route: aiohttp's at once
+    (b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n\r\n", None),
+    (b"POST /v1/chat/completions HTTP/1.0\r\nContent-Length: 2\r\n\r\n{}", None),
+    (b"POST /v1/chat/completions HTTP/1.1\nHost: x\n\n", None),  # bare line feeds
+    (HEAD.replace(b"Content-Length: 2", b"Content-Length: 99999") + b"\r\n", None),  # over the limit
+    (HEAD.replace(b"Content-Length: 2", b"Content-Length: -2") + b"\r\n", None),
+    (HEAD + b"X: " + b"v" * hotpath.MAX_HEAD_BYTES, None),  # a head too long
+])
+def test_heads_not_served_here_or_not_complete(buf: bytes, expect: object) -> None:
+    lines = {b"POST /v1/chat/completions HTTP/1.1": cast(Any, "chat")}
+    assert hotpath.parse(buf, lines, MAX_BODY) == expect
 
 
 def hot_of(hub: Hub) -> HotRoutes:
