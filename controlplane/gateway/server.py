@@ -298,6 +298,8 @@ class _Guarded(asyncio.Protocol):
             t.resume_reading()
         if self.buf:
             self._take()
+            if self.hot is None:
+                return  # handed to aiohttp
         if self.busy is None and self.head_since is None:
             self.idle_since = now = self.guard.loop.time()
             if self.timer is None:
