@@ -40,6 +40,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from controlplane.gateway import openai
 from controlplane.gateway import openai_shapes as oa
 from controlplane.gateway.app import SERVICES, Guard
+from controlplane.services.inference import aclose
 
 T = TypeVar("T")
 
@@ -219,23 +220,28 @@ class HotRoutes:
         rid, echo, started, bound = guard.enter(request)
         status = 500
         self.served += 1
+        out: openai.Whole | openai.Streamed | None = None
         try:
             try:
                 guard.check(request)
                 began = self.clock.monotonic()
                 out = await openai.answer(request, hot.decode(body), hot.kind, began)
+                answer = head_bytes(200, out.headers, len(out.body) if isinstance(out, openai.Whole) else None,
+                                    head.close)
             except Exception as exc:
+                if isinstance(out, openai.Streamed):
+                    await aclose(out.messages)  # its head could not be written: the site is told to stop
                 reply = guard.refusal(exc, request, rid, echo)
                 status = reply.status
                 conn.send(head_bytes(status, reply.headers, len(reply.body), head.close) + reply.body)
                 return
             status = 200
             if isinstance(out, openai.Whole):
-                conn.send(head_bytes(200, out.headers, len(out.body), head.close) + out.body)
+                conn.send(answer + out.body)
                 return
             conn.relaying = True
             try:
-                await openai.relay(out, ChunkedSink(conn, head_bytes(200, out.headers, None, head.close)))
+                await openai.relay(out, ChunkedSink(conn, answer))
             except asyncio.CancelledError:
                 pass  # the client went away (Rule 3): the relay told the site to stop
         finally:

@@ -108,6 +108,14 @@ def test_heads_not_served_here_or_not_complete(buf: bytes, expect: object) -> No
     assert hotpath.parse(buf, lines, MAX_BODY) == expect
 
 
+def test_an_answer_head_never_carries_a_line_break_from_a_value() -> None:
+    head = hotpath.head_bytes(200, {"X-CPN-Site": "sh-edge"}, 2, True)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nX-CPN-Site: sh-edge\r\nContent-Length: 2\r\n")
+    assert head.endswith(b"Connection: close\r\n\r\n")
+    with pytest.raises(ValueError):
+        hotpath.head_bytes(200, {"X-CPN-Site": "a\r\nSet-Cookie: x"}, 2, False)
+
+
 def hot_of(hub: Hub) -> HotRoutes:
     hot = hub.gateway.guard.hot  # type: ignore[union-attr]
     assert isinstance(hot, HotRoutes)
