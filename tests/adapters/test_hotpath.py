@@ -299,3 +299,32 @@ async def test_a_stopping_gateway_finishes_the_answer_under_way(tmp_path: Path, 
             idle_w.close()
     finally:
         await hub_cm.__aexit__(None, None, None)
+
+
+async def test_the_keep_alive_timeout_and_header_deadline_hold_on_hot_connections(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    (tmp_path / "hub").mkdir()
+    config = hub_config(tmp_path / "hub", nats_server.url, keepalive_timeout_s=1.0, header_timeout_s=1.0)
+    async with running_hub(config) as hub:
+        key = hub.create_tenant("acme", default_origin="shanghai")
+        cfg = agent_config(nats_server.url, site="sh-edge", data_dir=str(tmp_path / "agent"))
+        async with running(cfg):
+            await until(lambda: (v := hub.registry.get("sh-edge")) is not None and v.routable, 10, "the site routable")
+            idle_r, idle_w = await connect(hub)
+            slow_r, slow_w = await connect(hub)
+            for w in (idle_w, slow_w):
+                w.write(post("/v1/chat/completions", key, CHAT))
+            assert (await read_answer(idle_r))[0] == 200
+            assert (await read_answer(slow_r))[0] == 200
+            slow_w.write(post("/v1/chat/completions", key, CHAT)[:20])  # a next head, never finished
+            started = time.monotonic()
+            assert await asyncio.wait_for(idle_r.read(), 5) == b""  # idle: closed at the keep-alive timeout
+            assert 0.5 < time.monotonic() - started < 3
+            with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+                data = await asyncio.wait_for(slow_r.read(), 5)  # aborted at the header deadline
+                if data == b"":
+                    raise asyncio.IncompleteReadError(b"", None)
+            assert hub.gateway is not None and hub.gateway.guard.slow_aborted == 1  # type: ignore[attr-defined]
+            assert hot_of(hub).handed == 0
+            idle_w.close()
+            slow_w.close()
