@@ -15,6 +15,11 @@ headers, nor how many connections may be open, in all or from one address. The g
 
 (A body sent slowly is bounded by ``body_timeout_s`` where it is read, in app.py.)
 
+With ``[gateway] hot_routes`` (the default) a connection starts in this protocol's own framing:
+the hot inference routes are answered here (``hotpath.py``), and the first request that is not
+one hands the connection to aiohttp's protocol for good, the bytes read so far replayed. The
+header deadline, the keep-alive timeout, the caps and a graceful stop hold for both.
+
 Refusals and cuts are counted in ``cpn_gateway_connections_refused{reason}`` (``max_connections``,
 ``max_connections_per_client``, ``header_timeout``). The guard uses only what asyncio's and uvloop's
 transports have in common (uvloop's are not asyncio classes).
@@ -50,9 +55,9 @@ def _busy(message: str, code: str) -> bytes:
 _BUSY = _busy("too many open connections", "too_many_connections")
 _BUSY_CLIENT = _busy("too many open connections from your address", "too_many_connections_from_client")
 REFUSED_LINGER_S = 1.0
+"""How long a refused connection may stay open after its 503 (so the client reads it, not a reset)."""
 SHUTDOWN_TIMEOUT_S = 5.0
 """How long a stopping gateway lets answers under way finish."""
-"""How long a refused connection may stay open after its 503 (so the client reads it, not a reset)."""
 
 
 class _Guard:
