@@ -191,8 +191,9 @@ async def router(name: str, m: Mock, tmp: Path, policy: str = "round_robin") -> 
 
 
 @asynccontextmanager
-async def cpn(m: Mock, tmp: Path) -> AsyncIterator[System]:
-    """nats-server, ``cpn hub`` and one ``cpn agent`` (openai-http -> the mock's shared port)."""
+async def cpn(m: Mock, tmp: Path, *, name: str = "cpn", hub_extra: str = "") -> AsyncIterator[System]:
+    """nats-server, ``cpn hub`` and one ``cpn agent`` (openai-http -> the mock's shared port);
+    ``hub_extra``: more of the hub's config (a same-run comparison of two settings, ``name`` apart)."""
     from controlplane.nats.natsserver import NatsServer, default_gomaxprocs
     from topology import loader
 
@@ -217,7 +218,7 @@ async def cpn(m: Mock, tmp: Path) -> AsyncIterator[System]:
                                  env=env, log=tmp / "agent.log")
             procs.append(agent)
             hub_toml = tmp / "hub.toml"  # the site's own model ("mock") serves the bench tenant
-            hub_toml.write_text('local_model_tenants = ["bench"]\n')
+            hub_toml.write_text('local_model_tenants = ["bench"]\n' + hub_extra)
             hub = await asyncio.create_subprocess_exec(
                 PY, "-m", "controlplane.cli", "hub", "--config", str(hub_toml), "--nats", nats.url, "--db", str(db),
                 "--listen", "127.0.0.1:0", "--layout", str(layout), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
@@ -228,7 +229,7 @@ async def cpn(m: Mock, tmp: Path) -> AsyncIterator[System]:
             headers = {"Authorization": f"Bearer {key}"}
             await wait_ready(base + CHAT, READY_BODY, headers, hub, 60, "cpn")
             assert nats.proc is not None
-            yield System("cpn", base, pids={"hub": hub.pid, "agent": agent.pid, "nats-server": nats.proc.pid},
+            yield System(name, base, pids={"hub": hub.pid, "agent": agent.pid, "nats-server": nats.proc.pid},
                          headers=headers)
         finally:
             for p in reversed(procs):

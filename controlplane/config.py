@@ -76,6 +76,15 @@ class LendingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                              "its checkpoint time and 60 s before the reclaim)")
 
 
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The HTTP gateway's own switches (``[gateway]``; docs/architecture.md, "The hot path")."""
+
+    hot_routes: bool = True
+    """Answer ``POST /v1/chat/completions`` and ``/v1/completions`` below aiohttp, in the
+    connection's own protocol (the same guard, routing, relay and answers; any other request hands
+    the connection to aiohttp for good). Off: aiohttp serves every request."""
+
+
 class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     hub_id: str = "hub"
     nats_url: str = "nats://127.0.0.1:4222"
@@ -202,6 +211,8 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     (nats_max_outstanding_pings + 1)`` = 1.5 s (docs/operations.md, "NATS client timeouts")."""
     nats_max_outstanding_pings: Annotated[int, msgspec.Meta(ge=1)] = 2
     """Unanswered PINGs in a row after which a connection is dropped as stale and another server tried."""
+    gateway: GatewayConfig = GatewayConfig()
+    """The HTTP gateway's switches (``[gateway]``)."""
 
     def __post_init__(self) -> None:
         if self.role != "hub" and self.record != "nats":

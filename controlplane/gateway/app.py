@@ -16,10 +16,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from contextvars import Token
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import msgspec
 from aiohttp import web
+from multidict import MultiMapping
 
 from controlplane import logs
 from controlplane.core import auth, bodies
@@ -45,9 +47,44 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class RequestView(Protocol):
+    """What the steps a request shares between aiohttp's handlers and the hot path below aiohttp
+    (``hotpath.py``) read of it: aiohttp's ``web.Request`` is one, ``hotpath.HotRequest`` the other."""
 
-def error_response(status: int, message: str, *, code: str, param: str | None = None, request_id: str = "",
-                   headers: dict[str, str] | None = None) -> web.Response:
+    @property
+    def app(self) -> web.Application: ...
+
+    @property
+    def headers(self) -> MultiMapping[str]: ...
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    def get(self, key: Any, /) -> Any: ...
+
+    def __getitem__(self, key: web.RequestKey[T]) -> T: ...
+
+    def __setitem__(self, key: web.RequestKey[T], value: T) -> None: ...
+
+
+class Reply(NamedTuple):
+    """An answer known whole, before any HTTP library holds it: status, body, headers."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+
+def error_reply(status: int, message: str, *, code: str, param: str | None = None, request_id: str = "",
+                headers: dict[str, str] | None = None) -> Reply:
+    """The one error shape (module docstring) as a :class:`Reply`."""
     kind = "invalid_request_error" if status < 500 else ("service_unavailable" if status == 503 else "server_error")
     if status == 401:
         kind = "authentication_error"
@@ -58,10 +95,21 @@ def error_response(status: int, message: str, *, code: str, param: str | None = 
     elif status == 429:
         kind = "rate_limit_error"
     body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
-    hdrs = {"X-Request-Id": request_id} if request_id else {}
+    hdrs = {"Content-Type": "application/json"}
+    if request_id:
+        hdrs["X-Request-Id"] = request_id
     if headers:
         hdrs.update(headers)
-    return web.Response(status=status, body=msgspec.json.encode(body), content_type="application/json", headers=hdrs)
+    return Reply(status, msgspec.json.encode(body), hdrs)
+
+
+def response_of(reply: Reply) -> web.Response:
+    return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+
+
+def error_response(status: int, message: str, *, code: str, param: str | None = None, request_id: str = "",
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return response_of(error_reply(status, message, code=code, param=param, request_id=request_id, headers=headers))
 
 
 def decode_body(data: bytes, type_: type[T]) -> T:
@@ -112,21 +160,21 @@ def idempotency_key(request: web.Request) -> str | None:
     return key
 
 
-def principal(request: web.Request) -> auth.Principal:
+def principal(request: RequestView) -> auth.Principal:
     p = request.get(PRINCIPAL)
     if p is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     return p  # type: ignore[no-any-return]
 
 
-def require_admin(request: web.Request) -> auth.Principal:
+def require_admin(request: RequestView) -> auth.Principal:
     p = principal(request)
     if not p.is_admin:
         raise Forbidden("this endpoint needs an admin key")
     return p
 
 
-def require_tenant(request: web.Request) -> str:
+def require_tenant(request: RequestView) -> str:
     """The calling tenant's id (admins act as no tenant: they must name one where it matters)."""
     p = principal(request)
     if p.tenant_id is None:
@@ -137,7 +185,7 @@ def require_tenant(request: web.Request) -> str:
 CLIENT_REQUEST_ID_MAX = 128
 
 
-def client_request_id(request: web.Request) -> str | None:
+def client_request_id(request: RequestView) -> str | None:
     """The client's ``X-Request-Id`` if it is 1..128 printable ASCII characters (else None): echoed
     in the answer and logged next to the hub's id, never put on the wire."""
     value = request.headers.get("X-Request-Id")
@@ -146,7 +194,7 @@ def client_request_id(request: web.Request) -> str | None:
     return None
 
 
-def client_address(request: web.Request) -> str:
+def client_address(request: RequestView) -> str:
     """The client's address: the peer's, or from ``X-Forwarded-For`` when the peer is one of the
     configured trusted proxies (see clientaddr.py); what origin-by-CIDR reads."""
     peer = request.remote or ""
@@ -163,8 +211,100 @@ def _log_level(status: int) -> int:
     return logging.WARNING if status >= 500 else logging.DEBUG
 
 
+class Guard:
+    """The gateway's request guard, its steps apart so that aiohttp's handlers (:func:`guarded`) and
+    the hot path below aiohttp (``hotpath.py``) take the same ones, in the same order:
+    :meth:`enter` (id, log context), :meth:`check` (API key, rate limit), the handler,
+    :meth:`refusal` (an error in the one shape), :meth:`leave` (budget hold, metrics, log line).
+    Built once per route at start-up."""
+
+    __slots__ = ("route", "public", "providers", "authenticate", "ids", "observe", "limit", "release", "no_quorum",
+                 "max_body_bytes")
+
+    def __init__(self, services: Services, route: str, *, public: bool, providers: bool = False) -> None:
+        self.route = route
+        self.public = public
+        self.providers = providers
+        self.authenticate = services.tenancy.authenticate
+        self.ids = services.request_ids
+        self.observe = services.metrics.observe_http
+        self.limit = services.tenancy.rate_limit
+        self.max_body_bytes = services.config.max_body_bytes
+        self.release = services.market.release  # a request's budget hold ends with its answer (docs/market.md)
+        config = services.config
+        # Where this process stands, for a write refused without quorum: the tenant learns which side of
+        # a partition it reached (docs/topology.md, "Regions on one machine").
+        stands = f"{config.role} {config.hub_id}" + (f" at {config.gateway_city}" if config.gateway_city else "")
+        self.no_quorum = (f"; {stands} cannot reach a quorum of the record: it is cut off from the record's region, "
+                          "or NATS nodes are down. Inference goes on here; retry with the same Idempotency-Key")
+
+    def enter(self, request: RequestView) -> tuple[str, str, float, Token[Any]]:
+        """The request's id and echoed id (both put on the request), its start, its log context."""
+        rid = self.ids.next()
+        request[REQUEST_ID] = rid
+        echo = client_request_id(request) or rid
+        request[ECHO_ID] = echo
+        return rid, echo, time.perf_counter(), logs.bind_request(rid, echo)  # perf_counter: metrics only
+
+    def check(self, request: RequestView) -> None:
+        """The API key (unless the route is public) and the tenant's rate limit; the principal is put
+        on the request.
+
+        Raises:
+            Unauthorized, Forbidden, RateLimited.
+        """
+        if self.public:
+            return
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or len(header) > 512:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        found = self.authenticate(header[7:].strip())
+        if found is None:
+            raise Unauthorized("invalid API key")
+        if found.provider_id is not None and not self.providers:
+            raise Forbidden("a provider key may only manage its own pools' offers and read its statement")
+        request[PRINCIPAL] = found
+        self.limit(found)
+
+    def refusal(self, exc: Exception, request: RequestView, rid: str, echo: str) -> Reply:
+        """The answer to ``exc`` raised while serving ``request`` (called inside the ``except``)."""
+        if isinstance(exc, RateLimited):
+            return error_reply(exc.status, exc.message, code=exc.code, request_id=echo,
+                               headers={"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
+        if isinstance(exc, Refused):
+            return Reply(exc.status, msgspec.json.encode(exc.body),
+                         {"Content-Type": "application/json", "X-Request-Id": echo})
+        if isinstance(exc, RequestError):
+            message = exc.message + self.no_quorum if isinstance(exc, RecordNoQuorum) else exc.message
+            return error_reply(exc.status, message, code=exc.code, param=exc.field, request_id=echo)
+        if isinstance(exc, BusUnavailable):
+            # This process's own NATS connection is down or stuck: not the upstream's fault, and
+            # another gateway may well serve the request now (the client's documented move).
+            log.warning("event=bus_unavailable request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
+                        request.path, exc)
+            return error_reply(503, f"this gateway cannot reach NATS right now: {exc}",
+                               code="nats_unavailable", request_id=echo, headers={"Retry-After": "1"})
+        if isinstance(exc, PeerError):
+            log.warning("event=peer_error request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
+                        request.path, exc)
+            return error_reply(502, str(exc), code="upstream_failed", request_id=echo)
+        log.exception("event=internal_error request_id=%s client_request_id=%s path=%s", rid, echo, request.path)
+        return error_reply(500, f"internal error; quote request id {rid}", code="internal_error", request_id=echo)
+
+    def leave(self, request: RequestView, rid: str, echo: str, status: int, started: float,
+              bound: Token[Any]) -> None:
+        """The request is answered (``status``): its budget hold ends, it is counted and timed."""
+        self.release(rid)
+        elapsed = time.perf_counter() - started
+        self.observe(self.route, status, elapsed)
+        if status >= 500 or log.isEnabledFor(logging.DEBUG):
+            log.log(_log_level(status), "event=http request_id=%s client_request_id=%s method=%s path=%s status=%s "
+                    "ms=%.2f", rid, echo, request.method, request.path, status, elapsed * 1000)
+        logs.unbind(bound)
+
+
 def guarded(services: Services, handler: Handler, route: str, *, public: bool, providers: bool = False) -> Handler:
-    """``handler`` inside the gateway's request guard.
+    """``handler`` inside the gateway's request guard (:class:`Guard`).
 
     The guard gives every request an id, checks the API key and the tenant's rate limit (unless
     ``public``), turns every error into the one error shape, and counts the request and its
@@ -172,88 +312,31 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool, p
     than an aiohttp middleware, which adds two coroutine layers to every call. A provider's key
     is refused (403) everywhere but on routes added with ``providers=True``.
     """
-    authenticate = services.tenancy.authenticate
-    ids = services.request_ids
-    observe = services.metrics.observe_http
-    limit = services.tenancy.rate_limit
-    max_body_bytes = services.config.max_body_bytes
-    release = services.market.release  # a request's budget hold ends with its answer (docs/market.md)
-    perf_counter = time.perf_counter  # request latency for metrics only, never a decision
-    config = services.config
-    # Where this process stands, for a write refused without quorum: the tenant learns which side of
-    # a partition it reached (docs/topology.md, "Regions on one machine").
-    stands = f"{config.role} {config.hub_id}" + (f" at {config.gateway_city}" if config.gateway_city else "")
-    no_quorum = (f"; {stands} cannot reach a quorum of the record: it is cut off from the record's region, or "
-                 "NATS nodes are down. Inference goes on here; retry with the same Idempotency-Key")
+    g = Guard(services, route, public=public, providers=providers)
+    max_body_bytes = g.max_body_bytes
 
     async def guard(request: web.Request) -> web.StreamResponse:
-        rid = ids.next()
-        request[REQUEST_ID] = rid
-        echo = client_request_id(request) or rid
-        request[ECHO_ID] = echo
-        started = perf_counter()
+        rid, echo, started, bound = g.enter(request)
         status = 500
-        bound = logs.bind_request(rid, echo)  # every log line of this request carries its id
         try:
-            if not public:
-                header = request.headers.get("Authorization", "")
-                if not header.startswith("Bearer ") or len(header) > 512:
-                    raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-                key = header[7:].strip()
-                found = authenticate(key)
-                if found is None:
-                    raise Unauthorized("invalid API key")
-                if found.provider_id is not None and not providers:
-                    raise Forbidden("a provider key may only manage its own pools' offers and read its statement")
-                request[PRINCIPAL] = found
-                limit(found)
+            g.check(request)
             response = await handler(request)
             status = response.status
             if not response.prepared and "X-Request-Id" not in response.headers:
                 response.headers["X-Request-Id"] = echo
             return response
-        except RateLimited as exc:
-            status = exc.status
-            return error_response(status, exc.message, code=exc.code, request_id=echo,
-                                  headers={"Retry-After": str(max(1, int(exc.retry_after_s + 0.999)))})
-        except Refused as exc:
-            status = exc.status
-            return json_response(exc.body, status=status, headers={"X-Request-Id": echo})
-        except RequestError as exc:
-            status = exc.status
-            message = exc.message + no_quorum if isinstance(exc, RecordNoQuorum) else exc.message
-            return error_response(status, message, code=exc.code, param=exc.field, request_id=echo)
-        except PeerError as exc:
-            if isinstance(exc, BusUnavailable):
-                # This process's own NATS connection is down or stuck: not the upstream's fault, and
-                # another gateway may well serve the request now (the client's documented move).
-                status = 503
-                log.warning("event=bus_unavailable request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
-                            request.path, exc)
-                return error_response(503, f"this gateway cannot reach NATS right now: {exc}",
-                                      code="nats_unavailable", request_id=echo, headers={"Retry-After": "1"})
-            status = 502
-            log.warning("event=peer_error request_id=%s client_request_id=%s path=%s error=%s", rid, echo,
-                        request.path, exc)
-            return error_response(502, str(exc), code="upstream_failed", request_id=echo)
         except web.HTTPException as exc:
             status = exc.status
             if exc.status == 413:
                 return error_response(413, f"request body larger than {max_body_bytes} bytes",
                                       code="body_too_large", request_id=echo)
             raise
-        except Exception:
-            status = 500
-            log.exception("event=internal_error request_id=%s client_request_id=%s path=%s", rid, echo, request.path)
-            return error_response(500, f"internal error; quote request id {rid}", code="internal_error", request_id=echo)
+        except Exception as exc:
+            reply = g.refusal(exc, request, rid, echo)
+            status = reply.status
+            return response_of(reply)
         finally:
-            release(rid)
-            elapsed = perf_counter() - started
-            observe(route, status, elapsed)
-            if status >= 500 or log.isEnabledFor(logging.DEBUG):
-                log.log(_log_level(status), "event=http request_id=%s client_request_id=%s method=%s path=%s status=%s "
-                        "ms=%.2f", rid, echo, request.method, request.path, status, elapsed * 1000)
-            logs.unbind(bound)
+            g.leave(request, rid, echo, status, started, bound)
 
     return guard
 

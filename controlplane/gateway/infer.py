@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.core.errors import RequestError
-from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, Routes, client_address, json_response, principal, read_body
+from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, RequestView, Routes, client_address, json_response, principal, read_body
 from controlplane.gateway.schemas import InferBody
 from controlplane.services.inference import Served
 from edge_agent import wire
@@ -21,7 +21,7 @@ SLO_ALIAS = "x-slo-ttft-ms"
 """llm-d's name for the same SLO (header names are case-insensitive)."""
 
 
-def resolve_origin(request: web.Request, explicit: str | None) -> str:
+def resolve_origin(request: RequestView, explicit: str | None) -> str:
     """Origin: the body, else X-CPN-Origin, else the tenant's default, else the layout's CIDR map (of
     the client's address: X-Forwarded-For only from a trusted proxy, see clientaddr.py)."""
     services = request.app[SERVICES]
@@ -44,7 +44,7 @@ def resolve_origin(request: web.Request, explicit: str | None) -> str:
     )
 
 
-def resolve_budget(request: web.Request, explicit: float | None) -> float:
+def resolve_budget(request: RequestView, explicit: float | None) -> float:
     if explicit is not None:
         return explicit
     raw = request.headers.get(BUDGET_HEADER)
@@ -59,14 +59,14 @@ def resolve_budget(request: web.Request, explicit: float | None) -> float:
     return value
 
 
-def resolve_policy(request: web.Request, explicit: str | None) -> str:
+def resolve_policy(request: RequestView, explicit: str | None) -> str:
     policy = explicit or request.headers.get(POLICY_HEADER, "strict")
     if policy not in ("strict", "nearest"):
         raise RequestError(f"{POLICY_HEADER} must be 'strict' or 'nearest', got {policy!r}", field=POLICY_HEADER)
     return policy
 
 
-def resolve_slo(request: web.Request) -> float | None:
+def resolve_slo(request: RequestView) -> float | None:
     """The request's time-to-first-token SLO in ms (``X-CPN-SLO-TTFT-Ms``, alias ``x-slo-ttft-ms``),
     or None when it sends none (then the request never pays for the predictor)."""
     headers = request.headers

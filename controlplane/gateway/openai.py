@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple, Protocol
 
 from aiohttp import web
 
 from controlplane.gateway import openai_shapes as oa
-from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, Routes, json_response, principal, raw_body
+from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, RequestView, Routes, json_response, principal, raw_body
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, resolve_slo, route_headers
-from controlplane.services.inference import AllSitesFailed, aclose
+from controlplane.services.inference import AllSitesFailed, Served, aclose
 from edge_agent import wire
 from controlplane.gateway.openapi import Op
 
@@ -28,18 +30,56 @@ log = logging.getLogger("cpn.gateway")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = request.app[SERVICES].clock.monotonic()
     req = oa.decode_chat_request(await raw_body(request))
-    return await _serve(request, req, "chat", started)
+    return await _respond(request, await answer(request, req, "chat", started))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     started = request.app[SERVICES].clock.monotonic()
     req = oa.decode_completion_request(await raw_body(request))
-    return await _serve(request, req, "completion", started)
+    return await _respond(request, await answer(request, req, "completion", started))
 
 
-async def _serve(
-    request: web.Request, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind, started: float,
-) -> web.StreamResponse:
+async def _respond(request: web.Request, out: Whole | Streamed) -> web.StreamResponse:
+    if isinstance(out, Whole):
+        return web.Response(body=out.body, headers=out.headers)
+    response = _SseResponse(headers=out.headers)
+    await response.prepare(request)
+    await relay(out, response)
+    return response
+
+
+class Whole(NamedTuple):
+    """An answer known whole: a 200 with these headers and body (a ``Content-Length``)."""
+
+    headers: dict[str, str]
+    body: bytes
+
+
+class Streamed(NamedTuple):
+    """A stream to relay (:func:`relay`): a 200 with these headers, then the SSE frames as they come."""
+
+    headers: dict[str, str]
+    served: Served
+    messages: AsyncIterator[wire.InferChunk | wire.InferResult]
+    sse: oa.SseStream
+    request_id: str
+    ready: Callable[[str], bool]
+    """Whether the stream's next message is here already (``InferenceService.stream_ready``)."""
+
+
+class Sink(Protocol):
+    """Where :func:`relay` writes a stream's body: aiohttp's ``StreamResponse`` or the hot path's."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self, data: bytes = b"") -> None: ...
+
+
+async def answer(
+    request: RequestView, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind, started: float,
+) -> Whole | Streamed:
+    """Serve ``req`` for the request's tenant: the whole answer, or the stream to relay. Shared by
+    the aiohttp handlers above and the hot path below aiohttp (``hotpath.py``)."""
     services = request.app[SERVICES]
     tenant = principal(request).tenant_id or ""
     origin = resolve_origin(request, None)
@@ -58,10 +98,9 @@ async def _serve(
         assert served.result is not None
         headers = route_headers(served, echo, filing)
         headers["Content-Type"] = "application/json"  # in the prepared dict: no content_type parsing
-        answer = web.Response(body=oa.encode(oa.response(kind, served.result, created=created, model=req.model)),
-                              headers=headers)
+        body = oa.encode(oa.response(kind, served.result, created=created, model=req.model))
         services.inference.relayed(served, origin, (services.clock.monotonic() - started) * 1000.0)
-        return answer
+        return Whole(headers, body)
 
     infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
@@ -84,10 +123,14 @@ async def _serve(
         body = sse.start()
         if whole.tail:
             body += sse.delta(whole.tail)
-        return web.Response(body=body + sse.finish(whole), headers=headers)
-    response = _SseResponse(headers=headers)
-    await response.prepare(request)
-    ready = services.inference.stream_ready
+        return Whole(headers, body + sse.finish(whole))
+    return Streamed(headers, served, messages, sse, request_id, services.inference.stream_ready)
+
+
+async def relay(out: Streamed, sink: Sink) -> None:
+    """Write the stream ``out`` to ``sink`` as its messages come; a client gone away
+    (``ConnectionResetError``) or a cancelled task tells the site to stop."""
+    messages, sse, request_id, served, ready = out.messages, out.sse, out.request_id, out.served, out.ready
     pending = b""
     try:
         # Few writes (each is a system call): the headers and the opening frame go out with the
@@ -99,16 +142,16 @@ async def _serve(
             if isinstance(msg, wire.InferChunk):
                 pending += sse.delta(msg.text)
                 if not ready(request_id):
-                    await response.write(pending)
+                    await sink.write(pending)
                     pending = b""
             else:
                 if msg.tail:
                     pending += sse.delta(msg.tail)
-                await response.write_eof(pending + sse.finish(msg))
+                await sink.write_eof(pending + sse.finish(msg))
                 pending = b""
                 ended = True
         if not ended:
-            await response.write_eof(pending)
+            await sink.write_eof(pending)
     except asyncio.CancelledError:
         await aclose(messages)  # its finally tells the site to stop
         raise
@@ -116,18 +159,16 @@ async def _serve(
         # The client went away: closing the iterator (in its finally) tells the site to stop.
         await aclose(messages)
         log.info("event=stream_abandoned request_id=%s site=%s", request_id, served.site)
-        return response
     except (AllSitesFailed, Exception) as exc:
         await aclose(messages)
         log.warning("event=stream_failed request_id=%s site=%s error=%s", request_id, served.site, exc)
         try:
             if pending:  # what the site sent before it failed
-                await response.write(pending)
-            await response.write(sse.error(f"the serving site failed mid-stream: {exc}", "server_error", "upstream_failed"))
-            await response.write_eof()
+                await sink.write(pending)
+            await sink.write(sse.error(f"the serving site failed mid-stream: {exc}", "server_error", "upstream_failed"))
+            await sink.write_eof()
         except ConnectionResetError:
             pass
-    return response
 
 
 class _SseResponse(web.StreamResponse):

@@ -15,6 +15,11 @@ headers, nor how many connections may be open, in all or from one address. The g
 
 (A body sent slowly is bounded by ``body_timeout_s`` where it is read, in app.py.)
 
+With ``[gateway] hot_routes`` (the default) a connection starts in this protocol's own framing:
+the hot inference routes are answered here (``hotpath.py``), and the first request that is not
+one hands the connection to aiohttp's protocol for good, the bytes read so far replayed. The
+header deadline, the keep-alive timeout, the caps and a graceful stop hold for both.
+
 Refusals and cuts are counted in ``cpn_gateway_connections_refused{reason}`` (``max_connections``,
 ``max_connections_per_client``, ``header_timeout``). The guard uses only what asyncio's and uvloop's
 transports have in common (uvloop's are not asyncio classes).
@@ -29,9 +34,10 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 
 from controlplane.core.errors import RequestError
-from controlplane.gateway import admin, health, infer, openai, openapi, usage
+from controlplane.gateway import admin, health, hotpath, infer, openai, openapi, usage
 from controlplane.gateway.app import SERVICES, TRUSTED, UNMATCHED, Routes, guarded, unmatched
 from controlplane.gateway.clientaddr import TrustedProxies
 
@@ -50,14 +56,22 @@ _BUSY = _busy("too many open connections", "too_many_connections")
 _BUSY_CLIENT = _busy("too many open connections from your address", "too_many_connections_from_client")
 REFUSED_LINGER_S = 1.0
 """How long a refused connection may stay open after its 503 (so the client reads it, not a reset)."""
+SHUTDOWN_TIMEOUT_S = 5.0
+"""How long a stopping gateway lets answers under way finish."""
 
 
 class _Guard:
     """Protocol factory wrapping aiohttp's: the header deadline and the connection caps."""
 
     def __init__(self, server: web.Server, config: HubConfig, trusted: TrustedProxies,
-                 counts: dict[tuple[str, ...], int] | None = None) -> None:
+                 counts: dict[tuple[str, ...], int] | None = None, hot: hotpath.HotRoutes | None = None) -> None:
         self.server = server
+        self.hot = hot
+        """The hot routes answered below aiohttp (``hotpath.py``); None: aiohttp serves all."""
+        self.hot_conns: set[_Guarded] = set()
+        """Connections not handed to aiohttp (yet)."""
+        self.closing = False
+        self.keepalive_timeout_s = config.keepalive_timeout_s
         self.header_timeout_s = config.header_timeout_s
         self.max_connections = config.max_connections
         self.max_per_client = config.max_connections_per_client
@@ -82,6 +96,23 @@ class _Guard:
     def slow_aborted(self) -> int:
         return self.counts.get(("header_timeout",), 0)
 
+    async def close_hot(self, timeout_s: float) -> None:
+        """Graceful shutdown of the connections not handed to aiohttp: idle ones are closed now,
+        busy ones after their answer, those still busy after ``timeout_s`` are aborted."""
+        self.closing = True
+        busy = []
+        for conn in list(self.hot_conns):
+            if conn.busy is None:
+                if conn.transport is not None:
+                    conn.transport.close()
+            else:
+                busy.append(conn.busy)
+        if busy:
+            await asyncio.wait(busy, timeout=timeout_s)
+        for conn in list(self.hot_conns):
+            if conn.transport is not None:
+                conn.transport.abort()
+
 
 class _Guarded(asyncio.Protocol):
     """Delegates to aiohttp's RequestHandler (whose methods cannot be patched: it uses __slots__).
@@ -92,7 +123,8 @@ class _Guarded(asyncio.Protocol):
     request that arrives whole never arms a timer beyond the connection's first.
     """
 
-    __slots__ = ("guard", "handler", "transport", "client", "head_since", "timer")
+    __slots__ = ("guard", "handler", "transport", "client", "head_since", "timer", "hot", "remote", "buf", "busy",
+                 "relaying", "close_after", "idle_since", "drain", "paused", "reading_paused")
 
     def __init__(self, guard: _Guard) -> None:
         self.guard = guard
@@ -101,6 +133,19 @@ class _Guarded(asyncio.Protocol):
         self.client = ""
         self.head_since: float | None = None
         self.timer: asyncio.TimerHandle | None = None
+        # The hot path's (hotpath.py) state, while the connection is not aiohttp's:
+        self.hot: hotpath.HotRoutes | None = None
+        self.remote: str | None = None
+        self.buf = b""
+        """Bytes read and not served yet, from the start of a request."""
+        self.busy: asyncio.Task[None] | None = None
+        """The request being answered (one at a time: pipelined ones wait in ``buf``)."""
+        self.relaying = False
+        self.close_after = False
+        self.idle_since: float | None = None
+        self.drain: asyncio.Future[None] | None = None
+        self.paused = False
+        self.reading_paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self.guard
@@ -108,6 +153,7 @@ class _Guarded(asyncio.Protocol):
         guard.open += 1
         peer = t.get_extra_info("peername")
         host = peer[0] if isinstance(peer, tuple) and peer else ""
+        self.remote = host or None
         from_client = 0
         if host and not guard.trusted.trusts_peer(host):
             self.client = host
@@ -117,8 +163,14 @@ class _Guarded(asyncio.Protocol):
         elif from_client > guard.max_per_client:
             self._refuse(_BUSY_CLIENT, "max_connections_per_client")
         else:
-            self.handler = guard.server()
-            self.handler.connection_made(t)
+            if guard.hot is not None:
+                self.hot = guard.hot
+                guard.hot_conns.add(self)
+                tcp_nodelay(t, True)  # as aiohttp's protocol does: no small write waits for an ACK
+                tcp_keepalive(t)
+            else:
+                self.handler = guard.server()
+                self.handler.connection_made(t)
             self.head_since = now = guard.loop.time()
             self.timer = guard.loop.call_at(now + guard.header_timeout_s, self._expire)
 
@@ -136,6 +188,9 @@ class _Guarded(asyncio.Protocol):
     def _expire(self) -> None:
         self.timer = None
         since, t, handler = self.head_since, self.transport, self.handler
+        if handler is None and self.hot is not None and t is not None and not t.is_closing():
+            self._expire_hot(t)
+            return
         if since is None or t is None or t.is_closing() or handler is None:
             return
         if handler._messages or handler._request_in_progress:
@@ -149,10 +204,123 @@ class _Guarded(asyncio.Protocol):
         guard.count("header_timeout")
         t.abort()
 
+    def _expire_hot(self, t: asyncio.Transport) -> None:
+        """The header deadline and the idle keep-alive timeout of a connection not handed over."""
+        if self.busy is not None:
+            return  # re-armed when the answer is out (done)
+        guard = self.guard
+        now = guard.loop.time()
+        if self.head_since is not None:
+            due = self.head_since + guard.header_timeout_s
+            if now >= due:
+                guard.count("header_timeout")
+                t.abort()
+                return
+        elif self.idle_since is not None:
+            due = self.idle_since + guard.keepalive_timeout_s
+            if now >= due:
+                t.close()
+                return
+        else:
+            return
+        self.timer = guard.loop.call_at(due, self._expire)
+
+    def _arm(self, due: float) -> None:
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= due:
+                return
+            timer.cancel()
+        self.timer = self.guard.loop.call_at(due, self._expire)
+
+    def _take(self) -> None:
+        """Serve the next request in ``buf`` here, or hand the connection over (hotpath.py, Rule 2)."""
+        hot = self.hot
+        assert hot is not None
+        buf = self.buf
+        head = hot.parse(buf)
+        if head is hotpath.INCOMPLETE:
+            if self.head_since is None:
+                self.head_since = now = self.guard.loop.time()
+                self._arm(now + self.guard.header_timeout_s)
+            return
+        if head is None or not isinstance(head, hotpath.Head) or len(buf) < head.body_start + head.length:
+            self._hand_over()  # not ours, or the body is still arriving: aiohttp reads it
+            return
+        end = head.body_start + head.length
+        self.buf = buf[end:]
+        self.head_since = None
+        self.close_after = head.close
+        self.busy = hot.loop.create_task(hot.serve(self, head, buf[head.body_start:end], self.remote))
+
+    def _hand_over(self) -> None:
+        """Give the connection to aiohttp for good: its protocol, the unserved bytes replayed."""
+        guard, t = self.guard, self.transport
+        assert self.hot is not None and t is not None
+        self.hot.handed += 1
+        self.hot = None
+        guard.hot_conns.discard(self)
+        buf, self.buf = self.buf, b""
+        self.head_since = self.idle_since = None
+        self.handler = guard.server()
+        self.handler.connection_made(t)
+        if self.reading_paused:
+            self.reading_paused = False
+            t.resume_reading()
+        if self.paused:
+            self.handler.pause_writing()
+        if buf:
+            self.data_received(buf)
+
+    # The hot path's side of hotpath.Connection:
+
+    def send(self, data: bytes) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    async def write(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            raise ConnectionResetError("the client went away")
+        t.write(data)
+        if self.paused:
+            self.drain = drain = self.guard.loop.create_future()
+            await drain
+
+    def done(self) -> None:
+        """The answer is out: the next pipelined request, or wait for one (or close)."""
+        self.busy = None
+        self.relaying = False
+        t = self.transport
+        if t is None or t.is_closing() or self.hot is None:
+            return
+        if self.close_after or self.guard.closing:
+            t.close()
+            return
+        if self.reading_paused:
+            self.reading_paused = False
+            t.resume_reading()
+        if self.buf:
+            self._take()
+            if self.hot is None:
+                return  # handed to aiohttp
+        if self.busy is None and self.head_since is None:
+            self.idle_since = now = self.guard.loop.time()
+            if self.timer is None:
+                self.timer = self.guard.loop.call_at(now + self.guard.keepalive_timeout_s, self._expire)
+
     def data_received(self, data: bytes) -> None:
         handler = self.handler
         if handler is None:
-            return  # a refused connection: its 503 is on the way
+            if self.hot is not None:  # not handed to aiohttp (yet)
+                self.buf = self.buf + data if self.buf else data
+                if self.busy is None:
+                    self._take()
+                elif len(self.buf) > hotpath.MAX_HEAD_BYTES and self.transport is not None:
+                    self.reading_paused = True  # pipelined requests wait for the one being answered
+                    self.transport.pause_reading()
+            return  # else a refused connection: its 503 is on the way
         handler.data_received(data)
         if handler._messages or handler._request_in_progress:
             self.head_since = None  # a whole request head arrived (or these bytes are a body)
@@ -181,14 +349,27 @@ class _Guarded(asyncio.Protocol):
             self.timer = None
         if self.handler is not None:
             self.handler.connection_lost(exc)
+            return
+        guard.hot_conns.discard(self)
+        drain, self.drain = self.drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ConnectionResetError("the client went away"))
+        if self.busy is not None and self.relaying:
+            self.busy.cancel()  # a stream's client is gone: the relay tells the site to stop
 
     def pause_writing(self) -> None:
+        self.paused = True
         if self.handler is not None:
             self.handler.pause_writing()
 
     def resume_writing(self) -> None:
+        self.paused = False
         if self.handler is not None:
             self.handler.resume_writing()
+            return
+        drain, self.drain = self.drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -222,6 +403,7 @@ class GatewayServer:
 
     async def stop(self) -> None:
         self.server.close()
+        await self.guard.close_hot(SHUTDOWN_TIMEOUT_S)
         await self.runner.cleanup()
 
 
@@ -267,12 +449,13 @@ async def start(services: Services, host: str, port: int, *,
                            field="tls_key" if config.tls_cert else "tls_cert")
     ctx = tls_context(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
     app = make_app(services, extra_routes)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0,
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            keepalive_timeout=config.keepalive_timeout_s)
     await runner.setup()
     assert runner.server is not None
-    guard = _Guard(runner.server, config, app[TRUSTED], services.metrics.gateway_refused.counts)
     loop = asyncio.get_running_loop()
+    hot = hotpath.HotRoutes(app, loop) if config.gateway.hot_routes else None
+    guard = _Guard(runner.server, config, app[TRUSTED], services.metrics.gateway_refused.counts, hot)
     server = await loop.create_server(guard, host, port, backlog=1024, reuse_address=True, ssl=ctx,
                                       ssl_handshake_timeout=config.header_timeout_s if ctx else None)
     return GatewayServer(runner, server, guard, "https" if ctx else "http")
