@@ -77,10 +77,6 @@ def _order(snap: scheduler.Snapshot) -> list[placement.JobSpec]:
     return sorted(snap.queued, key=lambda j: (-j.priority, not j.restarting, j.submitted_at, j.id))
 
 
-def _fits(job: placement.JobSpec, pool: placement.Pool, acc: str, free: Mapping[tuple[str, str], int]) -> bool:
-    return placement.static_reason(job, pool, acc) is None and free[(pool.id, acc)] >= job.cards
-
-
 def nearest_hub_planner(home: Mapping[str, Sequence[str]]) -> Planner:
     """Baseline: each job to the hub nearest its origin that could ever hold it; first fit there.
 
@@ -121,11 +117,18 @@ def random_planner(rng: Rng) -> Planner:
     def plan(snap: scheduler.Snapshot, now: float) -> Decisions:
         free = {(p.id, a): n for p in snap.pools for a, n in p.cards_free.items()}
         out = Decisions()
+        # The (pool, accelerator) pairs passing the static filters, per job shape (the filters read
+        # only ``placement.FILTER_INPUTS`` of a job, and the accelerator): asked once per plan.
+        static: dict[tuple[object, ...], list[tuple[placement.Pool, str]]] = {}
         for job in _order(snap):
-            ok = [(p, a) for p in snap.pools for a in job.accelerators if a in p.cards_total and _fits(job, p, a, free)]
+            key = (placement.filter_inputs(job), job.accelerators)
+            passing = static.get(key)
+            if passing is None:
+                passing = static[key] = [(p, a) for p in snap.pools for a in job.accelerators
+                                         if a in p.cards_total and placement.static_reason(job, p, a) is None]
+            ok = [(p, a) for p, a in passing if free[(p.id, a)] >= job.cards]
             if not ok:
-                if not any(placement.static_reason(job, p, a) is None for p in snap.pools for a in job.accelerators
-                           if a in p.cards_total):
+                if not passing:
                     out.infeasible.append(job.id)
                 continue
             pool, acc = ok[int(rng.random() * len(ok))]
@@ -138,7 +141,8 @@ def random_planner(rng: Rng) -> Planner:
 
 class _Attempt:
     __slots__ = ("number", "pool", "acc", "cards", "start", "setup_s", "move_s", "interval_s", "ckpt_s",
-                 "work_s", "units", "end", "failing", "expected_w", "min_w", "after_failure", "expected_end")
+                 "work_s", "units", "end", "failing", "expected_w", "min_w", "after_failure", "expected_end",
+                 "running")
     number: int
     pool: str
     acc: str
@@ -155,6 +159,8 @@ class _Attempt:
     expected_end: float
     """When the hub expects it to end: start + the expected run time (placement's ``run_s``, failure
     waste included), as ``TrainingService`` tells the scheduler (``Running.expected_end_at``)."""
+    running: scheduler.Running
+    """What the planner is told of it while it runs (made once per attempt: it does not change)."""
     failing: bool
     expected_w: float
     min_w: float
@@ -225,6 +231,8 @@ class TrainingSim:
         self.model = model
         self.lent = set(lent)
         self.free: dict[tuple[str, str], int] = {}
+        self.held: dict[str, int] = {}
+        """Cards held by running attempts, per site (kept as they start and end)."""
         self.total: dict[tuple[str, str], int] = {}
         for s in sites:
             reserved = reserved_cards.get(s.id, 0.0)
@@ -332,12 +340,7 @@ class TrainingSim:
         self.ticks += 1
         if not self.queue:
             return
-        running = [
-            scheduler.Running(job_id=j.draw.id, tenant=j.draw.tenant, pool=j.att.pool, accelerator=j.att.acc,
-                              cards=j.draw.cards, priority=j.draw.priority, expected_end_at=j.att.expected_end,
-                              preemptible=j.att.pool in self.lent or j.draw.priority == 0)
-            for j in self.running.values() if j.att is not None
-        ]
+        running = [j.att.running for j in self.running.values() if j.att is not None]
         snap = scheduler.Snapshot(pools=[self._pool(sid) for sid in self.site_order],
                                   queued=[j.spec for j in self.queue.values() if not j.infeasible],
                                   running=running, model=self.model)
@@ -370,6 +373,7 @@ class TrainingSim:
         after_failure = job.rec.state is lifecycle.JobState.RESTARTING
         job.rec = lifecycle.place(job.rec, pool, acc, now)
         self.free[(pool, acc)] -= d.cards
+        self.held[pool] = self.held.get(pool, 0) + d.cards
         if pool in self.lent:  # a lending offer is used up by the gangs it takes (until offered anew)
             cap = self.offered.get(pool, {})
             cap[acc] = max(0, cap.get(acc, 0) - d.cards)
@@ -406,6 +410,9 @@ class TrainingSim:
         a.end = fail_at if a.failing else done_at
         a.expected_end = now + a.work_s * (1.0 + checkpointing.goodput_waste_unchecked(
             a.interval_s, a.ckpt_s, site.restart_s, mtbf))
+        a.running = scheduler.Running(job_id=d.id, tenant=d.tenant, pool=pool, accelerator=acc, cards=d.cards,
+                                      priority=d.priority, expected_end_at=a.expected_end,
+                                      preemptible=pool in self.lent or d.priority == 0)
         job.att = a
         self._push(a.end, "end", d.id, a.number)
 
@@ -444,6 +451,7 @@ class TrainingSim:
         job.work_a800_card_h += saved_s * a.units * cards / 3600.0
         job.useful_s += saved_s * cards
         self.free[(a.pool, a.acc)] += cards
+        self.held[a.pool] -= cards
         self.running.pop(d.id, None)
         job.att = None
         rec = job.rec
@@ -589,10 +597,9 @@ class TrainingSim:
 
     def held_cards(self, out: dict[str, float]) -> None:
         """Add cards held by attempts, per site, to ``out``."""
-        for job in self.running.values():
-            a = job.att
-            if a is not None:
-                out[a.pool] = out.get(a.pool, 0.0) + a.cards
+        for sid, n in self.held.items():
+            if n:
+                out[sid] = out.get(sid, 0.0) + n
 
     def close(self, now: float) -> None:
         """Bill and account attempts still running at the end of the run (they are not ended)."""
