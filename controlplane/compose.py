@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controlplane.config import AutoscaleConfig, HubConfig
-from controlplane.core import auth
+from controlplane.core import auth, overhead
 from controlplane.core.clock import Clock
 from controlplane.core.errors import RequestError
 from controlplane.core.ratelimit import TokenBuckets
@@ -200,7 +200,8 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     learnt = LearntDemand(region_of_origin=origin_region.get, region_of_site=lambda s: _region_of_site(layout, s),
                           clock=clock)
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
-                                   demand=learnt.tap(share.drain), autoscale=config.autoscale)
+                                   demand=learnt.tap(share.drain), autoscale=config.autoscale,
+                                   plan_overhead_ms=overhead.FLOOR_MS if config.budget_counts_overhead else 0.0)
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
     trainer.lending_profiles = learnt.site_profiles
     # The market prices the usage flush and training's metering (in their transactions).
@@ -258,7 +259,8 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
 def install_deployments(hub: Hub, *, store: Store, layout: topo_layout.Layout, rtt: latency.RttIndex,
                         sites: SiteService, tenancy: TenancyService, clock: Clock,
                         demand: Callable[[], Mapping[tuple[str, str, str, float], int]] | None = None,
-                        autoscale: AutoscaleConfig = AutoscaleConfig()) -> deployments.DeploymentService:
+                        autoscale: AutoscaleConfig = AutoscaleConfig(),
+                        plan_overhead_ms: float = 0.0) -> deployments.DeploymentService:
     """The deployments service, built from exactly what it uses and plugged into ``hub`` (installed
     before training, as ever: start order). Its routes (``gateway/deployments.py``) are added by
     :func:`build`."""
@@ -266,7 +268,8 @@ def install_deployments(hub: Hub, *, store: Store, layout: topo_layout.Layout, r
         db=lambda: store.db, registry=hub.registry, bus=hub.bus, layout=lambda: layout, rtt=lambda: rtt, clock=clock,
         tenant=tenancy.tenant, known_models=sites.known_models, metrics=hub.metrics, demand=demand,
         autoscale_interval_s=autoscale.interval_s, scale_in_after_s=autoscale.scale_in_after_s,
-        demand_fast_s=autoscale.demand_fast_s, demand_slow_s=autoscale.demand_slow_s)
+        demand_fast_s=autoscale.demand_fast_s, demand_slow_s=autoscale.demand_slow_s,
+        plan_overhead_ms=plan_overhead_ms)
     hub.add_service(service)
     sites.listeners.append(service.on_site)
     return service

@@ -133,6 +133,10 @@ class DeploymentService:
             (``InferenceService.drain_demand``); None: no autoscaling.
         autoscale_interval_s, scale_in_after_s, demand_fast_s, demand_slow_s: the autoscaler's
             period, idle time before a scale-in (the cool-down) and the meter's time constants.
+        plan_overhead_ms: cpn's own time the router counts in a budget (``core/overhead.py``):
+            replicas are placed, and demand is met, for the network's share of each budget (the
+            budget less this), as ``cpn sim`` does with its ``inference.overhead_ms``; 0 when the
+            router checks the network RTT alone.
     """
 
     name = "deployments"
@@ -144,8 +148,9 @@ class DeploymentService:
                  cmd_timeout_s: float = 2.0, settings: decide.Settings = decide.Settings(),
                  demand: Callable[[], Mapping[tuple[str, str, str, float], int]] | None = None,
                  autoscale_interval_s: float = 5.0, scale_in_after_s: float = 600.0, demand_fast_s: float = 60.0,
-                 demand_slow_s: float = 900.0) -> None:
+                 demand_slow_s: float = 900.0, plan_overhead_ms: float = 0.0) -> None:
         self._db = db
+        self.plan_overhead_ms = plan_overhead_ms
         self.registry = registry
         self.bus = bus
         self._layout = layout
@@ -599,11 +604,18 @@ class DeploymentService:
             if now >= self._grace_until:
                 self._fresh.clear()
 
+    def _network_share(self, spec: core.DeploymentSpec) -> core.DeploymentSpec:
+        """``spec`` as it is planned: for the budget less cpn's own time (``plan_overhead_ms``)."""
+        if not self.plan_overhead_ms:
+            return spec
+        return msgspec.structs.replace(spec, budget_ms=max(1e-3, spec.budget_ms - self.plan_overhead_ms))
+
     def _snapshot(self, now: float, only: str | None) -> decide.Snapshot:
         db, layout = self.db, self._layout()
         rows = store.list_active(db)
         deps = [decide.Deployment(id=d.id, tenant=d.tenant, model=d.model, state=d.state, report=d.report,
-                                  spec=msgspec.convert(d.spec, core.DeploymentSpec)) for d in rows]
+                                  spec=self._network_share(msgspec.convert(d.spec, core.DeploymentSpec)))
+                for d in rows]
         replicas = {d.id: [decide.Replica(deployment=r.deployment, site=r.site, accelerator=r.accelerator,
                                           cards=r.cards, state=ReplicaState(r.state))
                            for r in store.replicas_of(db, d.id)] for d in rows}
@@ -629,7 +641,8 @@ class DeploymentService:
         counts: dict[tuple[str, str], dict[tuple[str, float], int]] = {}
         for (tenant, model, origin, budget_ms), n in self._demand().items():
             per = counts.setdefault((tenant, model), {})
-            per[(origin, budget_ms)] = per.get((origin, budget_ms), 0) + n
+            share = max(1e-3, budget_ms - self.plan_overhead_ms) if self.plan_overhead_ms else budget_ms
+            per[(origin, share)] = per.get((origin, share), 0) + n
         scaling = [d for d in snap.deployments if d.spec.scales]
         for gone in set(self._meters) - {d.id for d in scaling}:
             self._meters.pop(gone, None)

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from controlplane.core import deployments as core_deployments
+from controlplane.core import replicas as core_replicas
 from controlplane.services import deployments as service_mod
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
@@ -521,3 +522,22 @@ async def test_a_reconcile_pass_that_changes_nothing_opens_no_transaction(rig: R
     assert begins == [] and service.counters["ticks"] == passes
     view = service.view("acme", dep["id"])
     assert view["state"] == "ready"
+
+
+@pytest.mark.parametrize("counts", [True, False])
+async def test_replicas_are_planned_for_the_networks_share_of_the_budget_as_the_sim_does(
+        tmp_path: Path, nats_server: NatsServer, counts: bool) -> None:
+    """When the router counts cpn's own time in a budget (``budget_counts_overhead``), the leader
+    places replicas for the budget less that time, as ``cpn sim`` does with its
+    ``inference.overhead_ms``: otherwise an origin just within budget by RTT would be planned as
+    covered and then refused by the router. Off, the plan sees the tenant's budget as given."""
+    config = hub_config(tmp_path, nats_server.url, budget_counts_overhead=counts)
+    async with running_hub(config) as hub:
+        svc = services_of(hub).deployments
+        hub.create_tenant("acme", default_origin="shanghai")
+        spec = core_replicas.DeploymentSpec(model="m-1", origins=["shanghai"], budget_ms=10.0)
+        view, _ = await svc.create_async("acme", spec)
+        planned = svc._snapshot(hub.clock.time(), None)  # what the core is asked to plan
+        [dep] = [d for d in planned.deployments if d.id == view["id"]]
+        assert dep.spec.budget_ms == (9.0 if counts else 10.0)
+        assert svc.view("acme", view["id"])["spec"]["budget_ms"] == 10.0  # the tenant's own budget, as given
