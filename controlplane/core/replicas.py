@@ -318,7 +318,7 @@ def plan_replicas(
         acc = _pick_accelerator(spec, cand)
         if acc is not None:
             pool[site] = acc
-            typed[site] = _pick_accelerator(spec, cand, prefer) if prefer else acc
+            typed[site] = (_pick_accelerator(spec, cand, prefer) or acc) if prefer else acc
 
     def weight(origin: str) -> float:
         w = weights.get(origin, 1.0)
