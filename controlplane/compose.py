@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from controlplane.config import AutoscaleConfig, HubConfig
 from controlplane.core import auth, overhead
 from controlplane.core.clock import Clock
@@ -202,6 +204,9 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     deployer = install_deployments(hub, store=store, layout=layout, rtt=rtt, sites=sites, tenancy=tenancy, clock=clock,
                                    demand=learnt.tap(share.drain), autoscale=config.autoscale,
                                    plan_overhead_ms=overhead.FLOOR_MS if config.budget_counts_overhead else 0.0)
+    if config.lending.enabled:  # new replicas take the types inference keeps first (lendable cards stay free)
+        deployer.settings = msgspec.structs.replace(deployer.settings,
+                                                    prefer_accelerators=tuple(config.lending.inference_first))
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
     trainer.lending_profiles = learnt.site_profiles
     # The market prices the usage flush and training's metering (in their transactions).

@@ -18,6 +18,10 @@ Rule 3 (scale out): a deficit adds replicas on sites within the demand's budget 
 ``cards_per_replica`` free cards of an accepted type and no replica of the deployment: edge first,
 then regional, then hub (spill), nearer first, then more free cards, then site id. Each add says
 why (origin, budget, slots needed and held) and, for a spill, that the edges within budget are full.
+Within the site, a deployment that accepts any type takes the caller's ``prefer`` types first (tidal
+lending's ``inference_first``, then types no queued training job accepts; the cards training could
+use stay lendable), then the type with the most free cards; one that lists its types takes them in
+its order. The type never changes which site is picked.
 Rule 4 (scale in, with hysteresis and cool-down): a replica that gets no demand even when every
 origin's need is ``1 + scale_in_margin`` times higher is idle; one idle for ``scale_in_after_s``
 without a break, not protected, and older than ``scale_in_after_s`` is removed, hub first, then
@@ -29,7 +33,7 @@ Public API::
 
     meter = DemandMeter()
     meter.observe(now, counts={(origin, budget_ms): requests}, service_s=mean service time)
-    plan = decide(now, spec, meter.demand(), replicas, candidates, rtt, memory)
+    plan = decide(now, spec, meter.demand(), replicas, candidates, rtt, memory, prefer=("H20",))
     plan.add / plan.remove / plan.short / plan.memory (pass it to the next decision)
 """
 
@@ -226,6 +230,17 @@ def _accepted(spec: ScaleSpec, cand: Candidate) -> list[str]:
     return [a for a in spec.accelerators if a in cand.free_cards]
 
 
+def _choose(spec: ScaleSpec, fits: Sequence[str], free: Mapping[str, float], rank_of: Mapping[str, int]) -> str:
+    """The type a new replica takes at a site among ``fits`` (Rule 3): the deployment's order when it
+    lists its types; otherwise the best-ranked of ``prefer`` (types not listed rank last), then the
+    most free cards, then the name."""
+    if spec.accelerators is not None:
+        return fits[0]
+    last = len(rank_of)
+    best = min(rank_of.get(a, last) for a in fits)
+    return max((a for a in fits if rank_of.get(a, last) == best), key=lambda a: (free.get(a, 0.0), a))
+
+
 def _tier_rank(spec: ScaleSpec, tier: str) -> int:
     return spec.tiers.index(tier) if tier in spec.tiers else len(spec.tiers)
 
@@ -257,7 +272,7 @@ def _pour(spec: ScaleSpec, demands: Sequence[Demand], memo: ReachMemo,
 
 def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequence[Replica],
            candidates: Sequence[Candidate], rtt: RttLookup, memory: Memory = Memory(),
-           reach_cache: ReachMemo | None = None) -> ScalePlan:
+           reach_cache: ReachMemo | None = None, prefer: Sequence[str] = ()) -> ScalePlan:
     """One scaling decision for one deployment (module docstring, Rules 1-5).
 
     Args:
@@ -271,6 +286,10 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
         memory: the previous plan's ``memory``.
         reach_cache: optional :class:`ReachMemo` owned by the caller (one per spec); a fresh one
             is used when None.
+        prefer: accelerator types a new replica takes first within a site, best first, when the
+            deployment accepts any type (tidal lending's ``inference_first``, then types no queued
+            training job accepts): the cards training could use stay free for lending. It never
+            changes which sites are picked.
     """
     if spec.fixed:
         return ScalePlan(notes=[f"fixed at {spec.max_replicas} replicas: no scaling"], memory=memory)
@@ -304,6 +323,7 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
     count = {r.site: r.count for r in replicas}
     acc_of = {r.site: r.accelerator for r in replicas}
     free = {c.id: dict(c.free_cards) for c in candidates}
+    rank_of = {a: i for i, a in reversed(list(enumerate(prefer)))}
     fresh: dict[str, float] = {}  # slots of this decision's adds not yet spoken for
     for d in order:
         key = (d.origin, d.budget_ms)
@@ -342,7 +362,7 @@ def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequ
                 if not fits:
                     edge_full = edge_full or cand.tier == spec.tiers[0]
                     continue
-                acc = fits[0] if spec.accelerators is not None else max(fits, key=lambda a: (free[site][a], a))
+                acc = _choose(spec, fits, free[site], rank_of)
                 pick = (site, acc, rtt_ms)
                 break
             if pick is None:

@@ -71,6 +71,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """How long a deployment stays off a site that refused or failed a load (Rules 3, 9)."""
     missing_heartbeats: int = 3
     """Heartbeats without an accepted replica before it is loaded again (Rule 3)."""
+    prefer_accelerators: tuple[str, ...] = ()
+    """Types a new replica takes first at its site when its deployment accepts any type (placement
+    and the autoscaler's adds; the hub's ``[lending] inference_first`` while lending is on), so the
+    cards training could borrow stay free. Never changes which sites are chosen."""
 
 
 class Deployment(msgspec.Struct, frozen=True, kw_only=True):
@@ -527,7 +531,7 @@ def _one(p: _Pass, dep: Deployment, cands: list[core.Candidate], holders: dict[s
     usable = cands if not blocked else [
         msgspec.structs.replace(c, free_cards={a: 0.0 for a in c.free_cards}) if c.id in blocked else c for c in cands]
     rp = core.plan_replicas(spec, usable, snap.rtt, existing, snap.regions, origin_weights=snap.weights,
-                            max_new=max_new, quota_note=quota_note)
+                            max_new=max_new, quota_note=quota_note, prefer=snap.settings.prefer_accelerators)
     plan.planned.append((dep.id, rp))
     held[dep.tenant] = held.get(dep.tenant, 0.0) + len(rp.add) * spec.cards_per_replica
     by_site = {r.site: r for r in snap.replicas.get(dep.id, ())}

@@ -201,14 +201,19 @@ def _accepted(spec: DeploymentSpec, cand: Candidate) -> list[str]:
     return [a for a in spec.accelerators if a in cand.free_cards]
 
 
-def _pick_accelerator(spec: DeploymentSpec, cand: Candidate) -> str | None:
+def _pick_accelerator(spec: DeploymentSpec, cand: Candidate, prefer: Sequence[str] = ()) -> str | None:
     """The accelerator a new replica would use at ``cand``: the first preferred type that fits, or
-    (no preference given) the type with the most free cards."""
+    (no preference given) the best-ranked of ``prefer`` that fits (types not listed last), then the
+    type with the most free cards."""
     fits = [a for a in _accepted(spec, cand) if cand.free_cards[a] + _EPS >= spec.cards_per_replica]
     if not fits:
         return None
     if spec.accelerators is not None:
         return fits[0]
+    if prefer:
+        rank = {a: i for i, a in reversed(list(enumerate(prefer)))}
+        best = min(rank.get(a, len(rank)) for a in fits)
+        fits = [a for a in fits if rank.get(a, len(rank)) == best]
     return max(fits, key=lambda a: (cand.free_cards[a], a))
 
 
@@ -231,6 +236,7 @@ def plan_replicas(
     origin_weights: Mapping[str, float] | None = None,
     max_new: int | None = None,
     quota_note: str = "",
+    prefer: Sequence[str] = (),
 ) -> ReplicaPlan:
     """Decide where the replicas of one deployment go.
 
@@ -245,6 +251,10 @@ def plan_replicas(
         origin_weights: demand weight per origin (default 1); weights scale the set-cover gain.
         max_new: at most this many new replicas (the tenant's card quota); None: no cap. When the
             cap stops the plan, ``quota_note`` (why) goes into ``plan.notes``.
+        prefer: accelerator types a new replica takes first at its site, best first, when the
+            deployment accepts any type (the hub's ``[lending] inference_first``): the lendable
+            cards stay free. Sites are chosen as without it (ties on the free cards of the type
+            the site would give without ``prefer``).
 
     Returns:
         The plan. "Cannot cover" is data in ``plan.uncovered``, never an exception.
@@ -300,6 +310,7 @@ def plan_replicas(
 
     # Pool of sites that could take a new replica.
     pool: dict[str, str] = {}
+    typed: dict[str, str] = {}  # the type a replica there takes (``prefer`` first)
     for site in sites_of:
         cand = cands[site]
         if site in blocked or not cand.healthy or cand.draining:
@@ -307,6 +318,7 @@ def plan_replicas(
         acc = _pick_accelerator(spec, cand)
         if acc is not None:
             pool[site] = acc
+            typed[site] = (_pick_accelerator(spec, cand, prefer) or acc) if prefer else acc
 
     def weight(origin: str) -> float:
         w = weights.get(origin, 1.0)
@@ -339,7 +351,8 @@ def plan_replicas(
         return True
 
     def place(site: str) -> None:
-        add.append(Placement(site, pool.pop(site), spec.cards_per_replica))
+        pool.pop(site)
+        add.append(Placement(site, typed[site], spec.cards_per_replica))
         live.add(site)
         for origin, _ in sites_of[site]:
             have[origin].add(cands[site].city)

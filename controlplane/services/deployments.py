@@ -677,7 +677,8 @@ class DeploymentService:
                 accelerators=spec.accelerators, min_replicas=spec.min_replicas or 0, max_replicas=spec.max_replicas,
                 scale_in_after_s=self.scale_in_after_s)
             plan = autoscale.decide(now, knobs, meter.demand(), reps, cands, snap.rtt,
-                                    self._scale_memory.get(dep.id, autoscale.Memory()))
+                                    self._scale_memory.get(dep.id, autoscale.Memory()),
+                                    prefer=self.settings.prefer_accelerators)
             self._scale_memory[dep.id] = plan.memory
             out[dep.id] = plan
             for a in plan.add:

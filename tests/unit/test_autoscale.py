@@ -169,3 +169,38 @@ def test_one_add_serves_several_short_origins_within_its_reach() -> None:
         assert [a.site for a in plan.add] == ["a1"]
     finally:
         del RTT["b"]
+
+
+def mixed() -> list[Candidate]:
+    """Sites holding lendable L20 beside H20 that inference keeps first (lending's ``inference_first``)."""
+    free = {"a1": {"L20": 16.0, "H20": 8.0}, "a2": {"L20": 8.0, "H20": 0.0}, "reg": {"L20": 64.0, "H20": 64.0},
+            "hub": {"A800": 64.0, "H20": 4.0}, "far": {"H20": 8.0}}
+    return [Candidate(id=s, city=s, tier=TIERS[s], free_cards=free[s]) for s in TIERS]
+
+
+def test_prefer_puts_replicas_on_inference_first_cards_without_changing_the_sites() -> None:
+    # 6 busy slots need 13.3: four replicas of 4 slots, edge first, then spill (as without prefer).
+    plain = autoscale.decide(0.0, spec(), demand(6.0), [], mixed(), Rtt())
+    kept = autoscale.decide(0.0, spec(), demand(6.0), [], mixed(), Rtt(), prefer=("H20",))
+    assert [a.site for a in kept.add] == [a.site for a in plain.add] == ["a1", "a2", "reg", "hub"]
+    # Before: the type with the most free cards (ties to the larger name), so lendable L20 first.
+    assert [a.accelerator for a in plain.add] == ["L20", "L20", "L20", "A800"]
+    # With prefer: H20 wherever it fits; a2 (no H20 free) is still picked, on its L20.
+    assert [a.accelerator for a in kept.add] == ["H20", "L20", "H20", "H20"]
+    # Later types of prefer rank next, unlisted types last (then the most free cards).
+    second = autoscale.decide(0.0, spec(), demand(6.0), [], mixed(), Rtt(), prefer=("4090", "A800", "H20"))
+    assert [a.accelerator for a in second.add] == ["H20", "L20", "H20", "A800"]
+    # A deployment that lists its types keeps its own order.
+    listed = autoscale.decide(0.0, spec(accelerators=["L20", "H20"]), demand(6.0), [], mixed(), Rtt(),
+                              prefer=("H20",))
+    assert [a.accelerator for a in listed.add] == ["L20", "L20", "L20", "H20"]
+
+
+def test_prefer_holds_for_a_second_replica_at_a_site_and_a_larger_gang() -> None:
+    # 4-card replicas, up to 2 a site: a1 has 8 H20 (two replicas), reg has 4 H20 free (one), then L20.
+    free = [Candidate(id="a1", city="a1", tier="edge", free_cards={"L20": 16.0, "H20": 8.0}),
+            Candidate(id="reg", city="reg", tier="regional", free_cards={"L20": 64.0, "H20": 2.0})]
+    plan = autoscale.decide(0.0, spec(cards_per_replica=4.0, max_per_site=2), demand(6.0), [], free, Rtt(),
+                            prefer=("H20",))
+    assert [(a.site, a.accelerator) for a in plan.add] == [("a1", "H20"), ("a1", "H20"), ("reg", "L20"),
+                                                           ("reg", "L20")]

@@ -149,6 +149,24 @@ def test_accelerator_preference_and_filter() -> None:
     assert plan.add == [Placement("both", "910B", 1.0)]
 
 
+def test_prefer_takes_inference_first_cards_and_keeps_the_sites() -> None:
+    # Lending's inference_first (H20) beside lendable L20: the same sites as without it (ties on the
+    # free cards of the type chosen before), each replica on H20 where it fits.
+    rtt = FakeRtt({"o": {"a": 1.0, "b": 1.0, "c": 2.0}})
+    cands = [site("a", "c1", acc="L20", free=8, extra={"H20": 1.0}), site("b", "c2", acc="L20", free=4, extra={"H20": 4.0}),
+             site("c", "c3", acc="L20", free=8, extra={"H20": 0.0})]
+    plain = plan_replicas(spec(origins=["o"], min_cities=3), cands, rtt, {})
+    assert plain.add == [Placement("a", "L20", 1.0), Placement("b", "L20", 1.0), Placement("c", "L20", 1.0)]
+    kept = plan_replicas(spec(origins=["o"], min_cities=3), cands, rtt, {}, prefer=("H20",))
+    assert kept.add == [Placement("a", "H20", 1.0), Placement("b", "H20", 1.0), Placement("c", "L20", 1.0)]
+    one = plan_replicas(spec(origins=["o"], min_cities=1), cands, rtt, {}, prefer=("H20",))
+    assert one.add == [Placement("a", "H20", 1.0)]  # a (8 free L20) before b (4), as without prefer
+    # A deployment that lists its types keeps its own order.
+    listed = plan_replicas(spec(origins=["o"], min_cities=1, accelerators=["L20", "H20"]), cands, rtt, {},
+                           prefer=("H20",))
+    assert listed.add == [Placement("a", "L20", 1.0)]
+
+
 # --------------------------------------------------------------------------- reasons
 
 

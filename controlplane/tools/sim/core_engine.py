@@ -704,6 +704,12 @@ class _Scaler:
             max_per_site=m.max_replicas_per_site)
             for mi, m in enumerate(s.inference.models) if m.max_replicas is not None}
         self.load_s = [m.load_s for m in s.inference.models]
+        # With lending on, a replica takes the types inference keeps first, then those no queued
+        # gang accepts, before lendable ones (autoscale.decide's ``prefer``; live: the hub's
+        # ``[lending] inference_first``).
+        self.lending = s.lending.enabled
+        self.inference_first = tuple(s.lending.inference_first)
+        self.types = sorted({a for site in lay.sites for a in site.accelerators})
         self.deployments = {mi: decide.Deployment(id=f"sim-{m.name}", tenant="sim", model=m.name,
                                                   spec=replicas.DeploymentSpec(
                                                       model=m.name, origins=[o.id for o in lay.origins],
@@ -765,6 +771,7 @@ class _Scaler:
         inf = self.inf
         ready: list[tuple[float, int, int]] = []
         cands = self._candidates()
+        prefer = self._prefer()
         for mi in self.models:
             was = self._blocked.pop(mi, None)
             if was is not None:
@@ -783,9 +790,9 @@ class _Scaler:
                         for si, n in inf.live_replicas(mi) if inf.up[si]]
             demand = meter.demand()
             plan = autoscale.decide(now, self.specs[mi], demand, replicas, cands, self.reach, self.memory[mi],
-                                    self.reach_cache[mi])
+                                    self.reach_cache[mi], prefer=prefer)
             if plan.short and self.train.lent:
-                self._check_lending(now, mi, plan, demand, replicas, cands)
+                self._check_lending(now, mi, plan, demand, replicas, cands, prefer)
             self.decisions += 1
             self.memory[mi] = plan.memory
             self.short[mi] += bool(plan.short)
@@ -811,12 +818,21 @@ class _Scaler:
                 cands = self._candidates()
         return ready
 
+    def _prefer(self) -> tuple[str, ...]:
+        """``autoscale.decide``'s ``prefer``: lending's ``inference_first``, then the types no gang
+        waiting in cpn's training queue accepts (none without lending)."""
+        if not self.lending:
+            return ()
+        wanted = {a for j in self.train.queue.values() if not j.infeasible for a in j.spec.accelerators}
+        return self.inference_first + tuple(a for a in self.types if a not in wanted and a not in self.inference_first)
+
     def _not_within(self, origins: list[int]) -> int:
         st = self.inf.stats[0]
         return sum(self.inf.requests_by_origin[o] - st.within_by_origin[o] for o in origins)
 
     def _check_lending(self, now: float, mi: int, plan: autoscale.ScalePlan, demand: Sequence[autoscale.Demand],
-                       replicas: Sequence[autoscale.Replica], cands: list[Candidate]) -> None:
+                       replicas: Sequence[autoscale.Replica], cands: list[Candidate],
+                       prefer: Sequence[str] = ()) -> None:
         """Was ``plan`` short for lack of cards lent to training? The same decision with the lent
         cards free: an origin short now but not then, with a lent site within its budget, was."""
         busy: dict[tuple[str, str], int] = {}
@@ -841,7 +857,7 @@ class _Scaler:
                                free_cards={a: f + busy.get((c.id, a), 0) for a, f in c.free_cards.items()})
                      if c.id in lent_at else c for c in cands]
         alt = autoscale.decide(now, self.specs[mi], demand, replicas, alt_cands, self.reach, self.memory[mi],
-                               autoscale.ReachMemo())
+                               autoscale.ReachMemo(), prefer=prefer)
         blocked = {o for o, b in near_lent - short(alt.short)}
         if blocked:
             self.blocked_decisions += 1

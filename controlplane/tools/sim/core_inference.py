@@ -115,8 +115,11 @@ def deploy(lay: tlayout.Layout, rtt: latency.RttIndex, s: Scenario, now: float =
         accelerators=m.accelerators) for m in s.inference.models}
     deps = [decide.Deployment(id=f"sim-{m.name}", tenant="sim", model=m.name, spec=specs[m.name])
             for m in s.inference.models]
+    # With lending on, replicas take the types inference keeps first (the hub's Settings, live too).
+    prefer = tuple(s.lending.inference_first) if s.lending.enabled else ()
     plan = decide.reconcile(decide.Snapshot(deployments=deps, replicas={}, sites=lay.sites, views=views, rtt=rtt,
-                                            regions=regions, weights=weights), now)
+                                            regions=regions, weights=weights,
+                                            settings=decide.Settings(prefer_accelerators=prefer)), now)
     planned = dict(plan.planned)
     cands = decide.planning_candidates(lay.sites, views, ())
     for m in s.inference.models:
