@@ -207,6 +207,7 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
     if config.lending.enabled:  # new replicas take the types inference keeps first (lendable cards stay free)
         deployer.settings = msgspec.structs.replace(deployer.settings,
                                                     prefer_accelerators=tuple(config.lending.inference_first))
+        deployer.lending = True
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
     trainer.lending_profiles = learnt.site_profiles
     # The market prices the usage flush and training's metering (in their transactions).

@@ -40,7 +40,7 @@ Public API::
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import NamedTuple, Protocol
 
 import msgspec
@@ -268,6 +268,16 @@ def _pour(spec: ScaleSpec, demands: Sequence[Demand], memo: ReachMemo,
         if need > _EPS:
             deficit[(d.origin, d.budget_ms)] = need
     return deficit, used
+
+
+def lending_preference(inference_first: Sequence[str], types: Iterable[str],
+                       wanted: Collection[str]) -> tuple[str, ...]:
+    """:func:`decide`'s ``prefer`` while idle cards are lent to training: the types inference keeps
+    first (``[lending] inference_first``), then the types no waiting training gang accepts
+    (``wanted``: the types the waiting gangs accept), in name order, so that new replicas leave the
+    cards training could borrow free. The hub and ``cpn sim`` both call it."""
+    first = tuple(inference_first)
+    return first + tuple(a for a in sorted(set(types)) if a not in wanted and a not in first)
 
 
 def decide(now: float, spec: ScaleSpec, demand: Sequence[Demand], replicas: Sequence[Replica],

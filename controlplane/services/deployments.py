@@ -151,6 +151,9 @@ class DeploymentService:
                  demand_slow_s: float = 900.0, plan_overhead_ms: float = 0.0) -> None:
         self._db = db
         self.plan_overhead_ms = plan_overhead_ms
+        self.lending = False
+        """Tidal lending is on: new replicas take ``settings.prefer_accelerators`` (inference's own
+        types), then the types no waiting training gang accepts (``autoscale.lending_preference``)."""
         self.registry = registry
         self.bus = bus
         self._layout = layout
@@ -655,6 +658,11 @@ class DeploymentService:
             snap.sites, snap.views,
             (decide.Holding(r.deployment, models[r.deployment], r.site, r.accelerator, r.cards) for r in holding))
         tier = {c.id: c.tier for c in cands}
+        prefer = self.settings.prefer_accelerators
+        if self.lending:  # then the types no waiting gang accepts: lendable cards stay free
+            prefer = autoscale.lending_preference(
+                prefer, (a for site in snap.sites for a in site.accelerators),
+                store_jobs.accelerators_wanted(self.db, lifecycle.WAITING))
         scaled = store.scaled_replicas(self.db)  # what the autoscaler added, by whichever leader
         out: dict[str, autoscale.ScalePlan] = {}
         for dep in scaling:
@@ -677,8 +685,7 @@ class DeploymentService:
                 accelerators=spec.accelerators, min_replicas=spec.min_replicas or 0, max_replicas=spec.max_replicas,
                 scale_in_after_s=self.scale_in_after_s)
             plan = autoscale.decide(now, knobs, meter.demand(), reps, cands, snap.rtt,
-                                    self._scale_memory.get(dep.id, autoscale.Memory()),
-                                    prefer=self.settings.prefer_accelerators)
+                                    self._scale_memory.get(dep.id, autoscale.Memory()), prefer=prefer)
             self._scale_memory[dep.id] = plan.memory
             out[dep.id] = plan
             for a in plan.add:

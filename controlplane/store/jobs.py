@@ -350,6 +350,15 @@ def read_jobs_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -
     return ReadJobs(db.conn.execute(sql, wanted).fetchall())
 
 
+def accelerators_wanted(db: sqlite_utils.Database, states: Iterable[JobState]) -> frozenset[str]:
+    """Every accelerator type some job in ``states`` accepts (its spec's ``accelerators``)."""
+    wanted = [JobState(s).value for s in states]
+    marks = ", ".join("?" for _ in wanted)
+    sql = (f"SELECT DISTINCT a.value FROM jobs, json_each(jobs.spec, '$.accelerators') AS a "
+           f"WHERE jobs.state IN ({marks})")
+    return frozenset(str(row[0]) for row in db.conn.execute(sql, wanted))
+
+
 def states_of(db: sqlite_utils.Database, ids: Iterable[str]) -> dict[str, tuple[str, int, float]]:
     """``id -> (state, attempt, updated_at)`` of the jobs among ``ids`` that exist (a decision
     made from an older read checks against these before it is written)."""

@@ -339,3 +339,14 @@ def test_a_placement_on_a_pool_that_declares_no_failures_reads_back(db) -> None:
     jobs.record_placements(db, [(rec, placed("p0", breakdown=est))], T0 + 1)
     got = jobs.get_job(db, job.id)
     assert got is not None and got.placement is not None and got.placement.breakdown == est
+
+
+def test_the_accelerators_waiting_jobs_accept(db) -> None:  # type: ignore[no-untyped-def]
+    """What new inference replicas should leave free while cards are lent (autoscale.lending_preference)."""
+    a, _ = jobs.create_job(db, "acme", body(accelerators=["A800", "910B"]), None, "", T0)
+    jobs.create_job(db, "acme", body(accelerators=["L20"]), None, "", T0)
+    c, _ = jobs.create_job(db, "acme", body(accelerators=["H800"]), None, "", T0)
+    jobs.update_job(db, c.id, T0 + 1, state="running", pool="p1")  # running: no longer waiting
+    assert jobs.accelerators_wanted(db, lc.WAITING) == {"A800", "910B", "L20"}
+    jobs.update_job(db, a.id, T0 + 2, state="placed", pool="p1")
+    assert jobs.accelerators_wanted(db, lc.WAITING) == {"L20"}

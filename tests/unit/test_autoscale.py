@@ -204,3 +204,10 @@ def test_prefer_holds_for_a_second_replica_at_a_site_and_a_larger_gang() -> None
                             prefer=("H20",))
     assert [(a.site, a.accelerator) for a in plan.add] == [("a1", "H20"), ("a1", "H20"), ("reg", "L20"),
                                                            ("reg", "L20")]
+
+
+def test_while_lending_replicas_prefer_inference_types_then_types_no_waiting_gang_accepts() -> None:
+    types = ["910B", "L20", "H20", "A800", "RTX4090", "L20"]
+    assert autoscale.lending_preference(("H20",), types, {"L20", "910B"}) == ("H20", "A800", "RTX4090")
+    assert autoscale.lending_preference((), types, set()) == ("910B", "A800", "H20", "L20", "RTX4090")
+    assert autoscale.lending_preference(("H20", "L20"), types, {"L20"}) == ("H20", "L20", "910B", "A800", "RTX4090")

@@ -824,7 +824,7 @@ class _Scaler:
         if not self.lending:
             return ()
         wanted = {a for j in self.train.queue.values() if not j.infeasible for a in j.spec.accelerators}
-        return self.inference_first + tuple(a for a in self.types if a not in wanted and a not in self.inference_first)
+        return autoscale.lending_preference(self.inference_first, self.types, wanted)
 
     def _not_within(self, origins: list[int]) -> int:
         st = self.inf.stats[0]
