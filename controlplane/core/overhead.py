@@ -9,17 +9,17 @@ leg gateway -> site (the layout's figure: on a real WAN the wire time is already
 
 :class:`RelayOverhead` keeps the recent samples per site and answers a high quantile of them
 (:data:`QUANTILE`, the 90th percentile): the figure the gateway states next to the RTT
-(``X-CPN-Overhead-Ms``) and the one the router adds to the RTT when it checks the budget. The
-promise is about what the user gets, so it is a figure most requests meet, not the median half of
+(``X-CPN-Overhead-Ms``; ``X-CPN-Promise-Ms`` is RTT + it). The budget check does not use it: it
+adds the declared :data:`FLOOR_MS` (as ``cpn sim`` and replica placement do), because the measured
+figure grows with the gateway's own queue, and a check on it turned load into refusals in waves
+(docs/topology.md, "The latency a tenant gets"). The promise is about what the user gets, so it is a figure most requests meet, not the median half of
 them exceed; the 90th and not the 99th because over a window of 64 the 99th is the largest sample,
 and one collection pause would set it.
 
 Rule 1 (before any sample): :data:`FLOOR_MS`, a declared figure, not 0: nothing measured is not
 nothing spent.
-Rule 2 (forgetting): samples older than :data:`HORIZON_S` are dropped. The estimate is measured only
-on answered requests; a gateway whose estimate grew under load and now refuses every strict request
-would never learn it could serve again. After ``HORIZON_S`` without an answer from a site its figure
-falls back to the other sites' recent samples, then to the floor, and its answers measure it anew.
+Rule 2 (forgetting): samples older than :data:`HORIZON_S` are dropped: a site not answered lately
+states the other sites' recent figure, then the floor, until its answers measure it anew.
 
 Pure: samples and ``now`` are passed in; no clock, no I/O.
 """

@@ -29,9 +29,6 @@ def hub_config(tmp: Path, nats_url: str, **kw: Any) -> HubConfig:
         # The tests' sites offer their own models to the tests' tenants (what they test is routing,
         # failover, the API); the trust tests pass local_model_tenants=[] to get the default.
         local_model_tenants=["*"],
-        # What they test is not the budget on the promise: on this loaded machine cpn's own measured
-        # time alone can pass the 10 ms default. The tests of the promise pass budget_counts_overhead=True.
-        budget_counts_overhead=False,
     )
     base.update(kw)
     return HubConfig(**base)
