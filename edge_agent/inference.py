@@ -1,7 +1,12 @@
 """Serving ``wire.infer_subject(site)``: one task per request, slots, streaming, cancellation.
 
 A request the backend can answer without waiting (:meth:`InferenceService.answer_now`) is answered
-inline, with no task: there is nothing to time out or cancel.
+inline, with no task: there is nothing to time out or cancel. A plain (not streamed) request to a
+backend that can send it from a callback (``openai-http`` with an idle kept-alive connection:
+:meth:`InferenceService.start_now`) takes no task either: the NATS callback sends it, the
+connection's completion callback answers; its deadline is the connection's timer, a delayed
+acknowledgement one timer shared by all such requests. Anything else (a stream, no idle
+connection, a retry) goes the task's way.
 
 Promises:
 
@@ -102,10 +107,6 @@ class _Exchange:
     def done(self, conn: object) -> None:
         """The backend's answer ended (the connection's callback)."""
         self.service._finish_now(self)
-
-    def cancel(self) -> None:
-        """A deadline or a cancellation: give up the backend exchange."""
-        self.service._abort_now(self)
 
 
 _ACK_SLACK_S = 0.001

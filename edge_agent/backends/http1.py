@@ -17,6 +17,10 @@ this one does only what that call needs, and leaves reading HTTP to a parser mad
   connection closes before any byte of the answer came is sent once more on a new connection
   (the server cannot have started answering it), as browsers do.
 
+A request can also be sent with no coroutine at all (:meth:`Http1Pool.send_now`, on an idle
+connection): the connection calls back when the answer ended, and :meth:`Http1Pool.finish_now`
+reads it (the agent's plain requests, with no task each).
+
 Failures are exceptions the caller maps: :class:`OSError` (refused, reset, closed mid-answer:
 :class:`Disconnected`), :class:`TimeoutError`, :class:`BadResponse` (not HTTP/1.x).
 """
