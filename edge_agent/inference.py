@@ -155,7 +155,7 @@ class InferenceService:
         ``current_task()`` without a loop) cost a ``getpid`` system call each on Python 3.11."""
 
     def __repr__(self) -> str:
-        return f"<InferenceService site={self.site} running={sum(map(len, self._running.values()))}>"
+        return f"<InferenceService site={self.site} running={sum(map(len, self._running.values())) + len(self._now)}>"
 
     @property
     def degraded(self) -> bool:

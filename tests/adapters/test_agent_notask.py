@@ -157,3 +157,53 @@ async def test_a_connection_the_server_dropped_is_retried_once_and_a_broken_answ
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_slow_requests_served_with_no_task_share_one_acknowledgement_timer(
+        nats_server: NatsServer, local_llm: LocalServer) -> None:  # noqa: F811
+    # Each gets its acknowledgement once, at its time, then its answer; the service arms no timer
+    # per request (the old code armed one each: a _Watch), and one shared timer acknowledges them.
+    # A request whose acknowledgement is due before one already queued (a shorter delay) goes the
+    # task's way, so it is not held back to the queued one's time.
+    loop = asyncio.get_running_loop()
+    armed: list[str] = []
+    original = loop.call_at  # asyncio's call_later goes through call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        owner = getattr(callback, "__qualname__", "")
+        if owner.startswith(("_Watch.", "InferenceService.")):
+            armed.append(owner)
+        return original(when, callback, *args, **kwargs)
+
+    async with FakeHub(nats_server.url) as hub, running(_config(nats_server.url, local_llm.url)) as agent:
+        local_llm.delay_s = 0.3  # six at once: six kept-alive connections
+        warm = await asyncio.gather(*(hub.infer("edge-a", _chat(f"w{i}")) for i in range(6)))
+        assert all(isinstance(got, wire.InferResult) for got in warm)
+        assert agent.backend._pool.opened == 6  # type: ignore[attr-defined]
+        loop.call_at = counting  # type: ignore[method-assign]
+        try:
+            with infer_tasks() as tasks:
+                sent = loop.time()
+                got_all = await asyncio.gather(*(hub.infer_stream("edge-a", _chat(f"s{i}", ack=True, ack_after_ms=50.0))
+                                                 for i in range(6)))
+            assert tasks == []
+            for i, got in enumerate(got_all):
+                (acked_at, ack), (_, end) = got
+                assert isinstance(ack, wire.InferAccepted) and ack.request_id == f"s{i}"
+                assert isinstance(end, wire.InferResult) and end.request_id == f"s{i}"
+                assert 0.04 <= acked_at - sent < 0.28
+            assert "_Watch._fire" not in armed and 1 <= len(armed) <= 3, armed
+            # A long delay queued, then a short one: the short one is acknowledged at its own time.
+            with infer_tasks() as tasks:
+                sent = loop.time()
+                late = asyncio.create_task(hub.infer_stream("edge-a", _chat("late", ack=True, ack_after_ms=250.0)))
+                await wait_for(lambda: agent.inventory.inflight() == 1, 3, "the first request to hold its slot")
+                soon = await hub.infer_stream("edge-a", _chat("soon", ack=True, ack_after_ms=30.0))
+                (soon_acked_at, soon_ack), _ = soon
+                assert isinstance(soon_ack, wire.InferAccepted) and soon_acked_at - sent < 0.2
+                (late_acked_at, late_ack), (_, late_end) = await late
+                assert isinstance(late_ack, wire.InferAccepted) and late_acked_at - sent >= 0.24
+                assert isinstance(late_end, wire.InferResult)
+            assert tasks == ["InferenceService.handle"]  # "soon" (only it) went the task's way
+        finally:
+            del loop.call_at
