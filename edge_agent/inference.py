@@ -413,6 +413,10 @@ class InferenceService:
             self.reply_soon(reply, wire.error_reply(exc.code, exc.message, retryable=exc.retryable))
             return
         if completion is None:  # the kept-alive connection was closed by the server: once more, in a task
+            if self._start_now is None:  # unless the agent is stopping (the pool closed it)
+                self.reply_soon(reply, wire.error_reply("shutting_down", f"site {self.site} is stopping",
+                                                        retryable=True))
+                return
             self.spawn(self.handle(exchange.msg))
             return
         self.reply_soon(reply, self._result(request, completion, (self.clock.monotonic() - exchange.started) * 1000.0))
@@ -429,7 +433,9 @@ class InferenceService:
 
     def stop_now(self) -> None:
         """The agent stops: every request served with no task is given up and answered
-        ``shutting_down`` (retryable), as a task's would be."""
+        ``shutting_down`` (retryable), as a task's would be; requests still arriving take the task's way
+        (the agent cancels those)."""
+        self._start_now = None
         for exchange in list(self._now.values()):
             self._abort_now(exchange, "shutting_down")
         self._ack_due.clear()
