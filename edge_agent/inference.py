@@ -349,7 +349,10 @@ class InferenceService:
                 self.inventory.release_slot(replica)
                 return False  # due before one queued already (a shorter delay): the task path keeps it
         exchange = _Exchange(self, msg, request, replica, started, timeout_s)
-        conn = start(request, exchange.done, timeout_s)
+        try:
+            conn = start(request, exchange.done, timeout_s)
+        except Exception:  # a bug: the task's way answers it (and logs it)
+            conn = None
         if conn is None:
             self.inventory.release_slot(replica)
             return False
