@@ -146,10 +146,10 @@ class InferenceService:
         """Runs a request in a task when one served with no task must go the usual way after all
         (the agent sets its own spawner, whose tasks it waits for when stopping)."""
         self._now: dict[str, _Exchange] = {}
+        """Requests served with no task (:meth:`start_now`), by id."""
         self._ack_due: deque[_Exchange] = deque()
         """Requests served with no task whose acknowledgement is due later, in order of its time."""
         self._ack_timer: asyncio.TimerHandle | None = None
-        """Requests served with no task (:meth:`start_now`), by id."""
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop serving requests, kept from the first: ``asyncio.get_running_loop()`` (and
         ``current_task()`` without a loop) cost a ``getpid`` system call each on Python 3.11."""
@@ -403,7 +403,8 @@ class InferenceService:
         except BackendError as exc:
             self._outcomes.append(False)
             self.counters["infer_errors"] += 1
-            if exc.code == "timeout" and exchange.timeout_s <= self.backend.timeout_s:  # type: ignore[attr-defined]  # the request's deadline came first
+            backend_timeout_s: float = self.backend.timeout_s  # type: ignore[attr-defined]
+            if exc.code == "timeout" and exchange.timeout_s <= backend_timeout_s:  # the request's deadline came first
                 log(logging.WARNING, "infer_timeout", site=self.site, request_id=request.request_id,
                     timeout_s=exchange.timeout_s)
                 self.reply_soon(reply, wire.error_reply(
