@@ -133,6 +133,7 @@ class Agent:
                                     float(getattr(self.backend, "probe_s", 0.0)), self.inventory, self._backend_changed,
                                     clock=self.clock)
         self.inference.on_unavailable = self.health.mark_down
+        self.inference.spawn = lambda coro: self._spawn(coro, "infer")
         data = config.data_path
         if data is not None:
             private_files.private_dir(data)  # 0700: its journals and checkpoints are the site's only
@@ -266,6 +267,7 @@ class Agent:
                     await self.events.wait_idle()
             except TimeoutError:
                 log(logging.WARNING, "outbox_not_flushed", site=self.site, pending=len(self.outbox))
+        self.inference.stop_now()  # the requests served with no task: answered shutting_down
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -407,6 +409,8 @@ class Agent:
         answer = self.inference.answer_now(msg)
         if answer is not None:
             return self.inference.reply(msg.reply, answer)
+        if self.inference.start_now(msg):
+            return None
         self._spawn(self.inference.handle(msg), "infer")
         return None
 

@@ -1,7 +1,12 @@
 """Serving ``wire.infer_subject(site)``: one task per request, slots, streaming, cancellation.
 
 A request the backend can answer without waiting (:meth:`InferenceService.answer_now`) is answered
-inline, with no task: there is nothing to time out or cancel.
+inline, with no task: there is nothing to time out or cancel. A plain (not streamed) request to a
+backend that can send it from a callback (``openai-http`` with an idle kept-alive connection:
+:meth:`InferenceService.start_now`) takes no task either: the NATS callback sends it, the
+connection's completion callback answers; its deadline is the connection's timer, a delayed
+acknowledgement one timer shared by all such requests. Anything else (a stream, no idle
+connection, a retry) goes the task's way.
 
 Promises:
 
@@ -21,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import msgspec
 
@@ -30,7 +36,7 @@ from edge_agent.clock import WALL, Clock
 from edge_agent.backends import Backend, Completion
 from edge_agent.bus import AgentBus, Incoming
 from edge_agent.errors import BackendError, BusError
-from edge_agent.inventory import Inventory, ServiceTimes
+from edge_agent.inventory import Inventory, Replica, ServiceTimes
 from edge_agent.logs import log
 
 
@@ -79,6 +85,33 @@ class _Watch:
             handle.cancel()
 
 
+class _Exchange:
+    """A plain request served with no task (:meth:`InferenceService.start_now`): sent on a kept-alive
+    backend connection from the NATS callback, answered from the connection's completion callback."""
+
+    __slots__ = ("service", "msg", "request", "replica", "started", "conn", "timeout_s", "ack_at", "pending")
+
+    def __init__(self, service: InferenceService, msg: Incoming, request: wire.InferRequest, replica: Replica,
+                 started: float, timeout_s: float) -> None:
+        self.service = service
+        self.msg = msg
+        self.request = request
+        self.replica = replica
+        self.started = started
+        self.timeout_s = timeout_s
+        self.conn: object = None
+        self.ack_at = 0.0
+        self.pending = True
+        """Not answered yet."""
+
+    def done(self, conn: object) -> None:
+        """The backend's answer ended (the connection's callback)."""
+        self.service._finish_now(self)
+
+
+_ACK_SLACK_S = 0.001
+"""Loop timers are kept in whole milliseconds: an acknowledgement due within one of now is due."""
+
 BROKEN_TELL_S = 10.0
 """How long a stream cut by the site's NATS link waits for the link to come back to say so to the
 hub (past it the hub has declared the site lost and ended the stream itself)."""
@@ -106,12 +139,23 @@ class InferenceService:
         self._cancelled: set[asyncio.Task[None]] = set()
         self._expired: set[asyncio.Task[None]] = set()
         self._acks: set[asyncio.Future[None]] = set()
+        self._start_now: Callable[[wire.InferRequest, Callable[[object], None], float], object] | None = getattr(
+            backend, "start_now", None)
+        """The backend's way to send a plain request from a callback (None: it has none)."""
+        self.spawn: Callable[[Coroutine[Any, Any, None]], object] = self._spawn_own
+        """Runs a request in a task when one served with no task must go the usual way after all
+        (the agent sets its own spawner, whose tasks it waits for when stopping)."""
+        self._now: dict[str, _Exchange] = {}
+        """Requests served with no task (:meth:`start_now`), by id."""
+        self._ack_due: deque[_Exchange] = deque()
+        """Requests served with no task whose acknowledgement is due later, in order of its time."""
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         """The loop serving requests, kept from the first: ``asyncio.get_running_loop()`` (and
         ``current_task()`` without a loop) cost a ``getpid`` system call each on Python 3.11."""
 
     def __repr__(self) -> str:
-        return f"<InferenceService site={self.site} running={sum(map(len, self._running.values()))}>"
+        return f"<InferenceService site={self.site} running={sum(map(len, self._running.values())) + len(self._now)}>"
 
     @property
     def degraded(self) -> bool:
@@ -125,6 +169,10 @@ class InferenceService:
 
     def cancel(self, request_id: str) -> bool:
         """Stop generating ``request_id`` (its requester gets ``ErrorReply("cancelled")``)."""
+        exchange = self._now.get(request_id)
+        if exchange is not None:
+            self._abort_now(exchange)
+            return True
         tasks = self._running.get(request_id)
         if not tasks:
             return False
@@ -266,6 +314,141 @@ class InferenceService:
     def _send_ack(self, reply: str, request_id: str) -> None:
         """Publish an ``InferAccepted`` from a timer (the answer is slow in coming)."""
         task = asyncio.ensure_future(self._answer(reply, wire.encode(wire.InferAccepted(request_id=request_id))))
+        self._acks.add(task)
+        task.add_done_callback(self._acks.discard)
+
+    def start_now(self, msg: Incoming) -> bool:
+        """Serve a plain request to a backend that can send it from a callback (``start_now``), with
+        no task: True when sent (the answer goes out from the backend's completion callback), False
+        (nothing done) when it needs :meth:`handle` (a stream, a malformed message, no free slot,
+        no idle backend connection, ...)."""
+        start = self._start_now
+        if start is None or not msg.reply:
+            return False
+        try:
+            request = wire.infer_request_decoder.decode(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return False
+        if request.stream:
+            return False
+        loop = self._loop
+        if loop is None:
+            return False  # the first request goes the usual way (it keeps the loop)
+        replica, _ = self.inventory.acquire_slot(request.model)
+        if replica is None:
+            return False
+        timeout_s = request.deadline_ms / 1000.0 if request.deadline_ms > 0 else self.request_timeout_s
+        delayed_ack = request.ack and request.ack_after_ms > 0
+        ack_at = 0.0
+        started = self.clock.monotonic()
+        if delayed_ack:
+            ack_at = started + request.ack_after_ms / 1000.0
+            if request.ack_after_ms / 1000.0 >= timeout_s:
+                ack_at = 0.0  # due after the deadline: never sent (as the task path does)
+            elif self._ack_due and self._ack_due[-1].ack_at > ack_at:
+                self.inventory.release_slot(replica)
+                return False  # due before one queued already (a shorter delay): the task path keeps it
+        exchange = _Exchange(self, msg, request, replica, started, timeout_s)
+        try:
+            conn = start(request, exchange.done, timeout_s)
+        except Exception:  # a bug: the task's way answers it (and logs it)
+            conn = None
+        if conn is None:
+            self.inventory.release_slot(replica)
+            return False
+        exchange.conn = conn
+        if request.ack and not delayed_ack:
+            self.reply_soon(msg.reply, wire.encode(wire.InferAccepted(request_id=request.request_id)))
+        elif ack_at:
+            exchange.ack_at = ack_at
+            self._ack_due.append(exchange)
+            if self._ack_timer is None:
+                self._ack_timer = loop.call_later(ack_at - started, self._on_ack_timer, loop)
+        self._now[request.request_id] = exchange
+        return True
+
+    def _on_ack_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Acknowledge the requests served with no task whose answer is slow in coming: one timer
+        for all of them (the hub's delay is the same for every request, so they fall due in the
+        order they came), re-armed for the next one due."""
+        self._ack_timer = None
+        due = self._ack_due
+        now = self.clock.monotonic()
+        while due and due[0].ack_at <= now + _ACK_SLACK_S:
+            exchange = due.popleft()
+            if exchange.pending:
+                self.reply_soon(exchange.msg.reply, wire.encode(wire.InferAccepted(
+                    request_id=exchange.request.request_id)))
+        if due:
+            self._ack_timer = loop.call_later(due[0].ack_at - now, self._on_ack_timer, loop)
+
+    def reply_soon(self, subject: str, body: bytes) -> None:
+        """Publish from a callback: queued at once when connected, else in a task of its own."""
+        if not self.bus.publish_nowait(subject, body):
+            task = asyncio.ensure_future(self._answer(subject, body))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    def _close_now(self, exchange: _Exchange) -> None:
+        exchange.pending = False
+        self.inventory.release_slot(exchange.replica)
+        if self._now.get(exchange.request.request_id) is exchange:
+            del self._now[exchange.request.request_id]
+
+    def _finish_now(self, exchange: _Exchange) -> None:
+        self._close_now(exchange)
+        request, reply = exchange.request, exchange.msg.reply
+        try:
+            completion = self.backend.finish_now(exchange.conn, request)  # type: ignore[attr-defined]
+        except BackendError as exc:
+            self._outcomes.append(False)
+            self.counters["infer_errors"] += 1
+            backend_timeout_s: float = self.backend.timeout_s  # type: ignore[attr-defined]
+            if exc.code == "timeout" and exchange.timeout_s <= backend_timeout_s:  # the request's deadline came first
+                log(logging.WARNING, "infer_timeout", site=self.site, request_id=request.request_id,
+                    timeout_s=exchange.timeout_s)
+                self.reply_soon(reply, wire.error_reply(
+                    "timeout", f"no answer within {exchange.timeout_s:g} s at {self.site}", retryable=True))
+                return
+            log(logging.WARNING, "infer_backend_error", site=self.site, request_id=request.request_id,
+                code=exc.code, error=exc.message, detail=exc.detail or None)
+            if exc.code == "backend_unavailable" and self.on_unavailable is not None:
+                self.on_unavailable(exc.detail or exc.message)
+            self.reply_soon(reply, wire.error_reply(exc.code, exc.message, retryable=exc.retryable))
+            return
+        if completion is None:  # the kept-alive connection was closed by the server: once more, in a task
+            if self._start_now is None:  # unless the agent is stopping (the pool closed it)
+                self.reply_soon(reply, wire.error_reply("shutting_down", f"site {self.site} is stopping",
+                                                        retryable=True))
+                return
+            self.spawn(self.handle(exchange.msg))
+            return
+        self.reply_soon(reply, self._result(request, completion, (self.clock.monotonic() - exchange.started) * 1000.0))
+
+    def _abort_now(self, exchange: _Exchange, why: str = "cancelled") -> None:
+        self.backend.abort_now(exchange.conn)  # type: ignore[attr-defined]
+        self._close_now(exchange)
+        request, reply = exchange.request, exchange.msg.reply
+        if why == "cancelled":
+            self.counters["infer_cancelled"] += 1
+            self.reply_soon(reply, wire.error_reply("cancelled", f"request {request.request_id} cancelled"))
+        else:
+            self.reply_soon(reply, wire.error_reply("shutting_down", f"site {self.site} is stopping", retryable=True))
+
+    def stop_now(self) -> None:
+        """The agent stops: every request served with no task is given up and answered
+        ``shutting_down`` (retryable), as a task's would be; requests still arriving take the task's way
+        (the agent cancels those)."""
+        self._start_now = None
+        for exchange in list(self._now.values()):
+            self._abort_now(exchange, "shutting_down")
+        self._ack_due.clear()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+
+    def _spawn_own(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._acks.add(task)
         task.add_done_callback(self._acks.discard)
 

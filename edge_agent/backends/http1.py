@@ -17,6 +17,10 @@ this one does only what that call needs, and leaves reading HTTP to a parser mad
   connection closes before any byte of the answer came is sent once more on a new connection
   (the server cannot have started answering it), as browsers do.
 
+A request can also be sent with no coroutine at all (:meth:`Http1Pool.send_now`, on an idle
+connection): the connection calls back when the answer ended, and :meth:`Http1Pool.finish_now`
+reads it (the agent's plain requests, with no task each).
+
 Failures are exceptions the caller maps: :class:`OSError` (refused, reset, closed mid-answer:
 :class:`Disconnected`), :class:`TimeoutError`, :class:`BadResponse` (not HTTP/1.x).
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -51,7 +55,8 @@ class _Connection(asyncio.Protocol):
     """One TCP connection, one exchange at a time; ``httptools`` (llhttp) reads the answers."""
 
     __slots__ = ("pool", "loop", "transport", "parser", "state", "head_bytes", "status", "reason", "keep_alive",
-                 "framed", "pieces", "waiter", "error", "lost", "used", "got_bytes", "wait_until", "timer", "timer_at")
+                 "framed", "pieces", "waiter", "error", "lost", "used", "got_bytes", "wait_until", "timer", "timer_at",
+                 "on_done")
 
     def __init__(self, pool: Http1Pool) -> None:
         self.pool = pool
@@ -80,6 +85,9 @@ class _Connection(asyncio.Protocol):
         """The connection's one timer, due at ``timer_at``: it is not re-armed for each wait (see
         :meth:`wait`)."""
         self.timer_at = 0.0
+        self.on_done: Callable[[_Connection], None] | None = None
+        """Called (once) when an exchange sent with :meth:`Http1Pool.send_now` ended: answered,
+        failed or timed out (no coroutine waits for it)."""
 
     # -- asyncio callbacks
 
@@ -167,6 +175,10 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(False)
+        elif self.state == _DONE and self.on_done is not None:
+            on_done, self.on_done = self.on_done, None
+            self.wait_until = None
+            on_done(self)
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -214,13 +226,26 @@ class _Connection(asyncio.Protocol):
         if timed_out:
             raise TimeoutError
 
+    def arm(self, timeout_s: float) -> None:
+        """Bound the exchange under way (or the wait) by ``timeout_s`` from now (see :meth:`wait`)."""
+        until = self.wait_until = self.loop.time() + timeout_s
+        if self.timer is None or self.timer_at > until:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = until
+            self.timer = self.loop.call_at(until, self._on_timer)
+
     def _on_timer(self) -> None:
         self.timer = None
         waiter, until = self.waiter, self.wait_until
-        if waiter is None or until is None or waiter.done():
+        if until is None or (waiter is None and self.on_done is None) or (waiter is not None and waiter.done()):
             return  # nothing waits with a bound now: the next such wait arms the timer again
         if self.loop.time() + _TIMER_SLACK_S >= until:
-            waiter.set_result(True)  # timed out
+            if waiter is not None:
+                waiter.set_result(True)  # timed out
+            else:  # an exchange with no coroutine: it ends in a timeout
+                self._fail(TimeoutError())
+                self._unusable()
         else:
             self.timer_at = until
             self.timer = self.loop.call_at(until, self._on_timer)
@@ -416,6 +441,51 @@ class Http1Pool:
                     conn.transport.close()
                 raise
             return Response(conn, self, timeout_s, deadline)
+
+    def send_now(self, method: str, path: str, body: bytes, on_done: Callable[[_Connection], None], *,
+                 timeout_s: float, content_type: str = "application/json") -> _Connection | None:
+        """Send one request on an idle kept-alive connection, with no coroutine: ``on_done(conn)`` is
+        called once when the answer ended (whole, failed or after ``timeout_s``); read it with
+        :meth:`finish_now`. None, having sent nothing, when no idle connection is open (the caller
+        takes :meth:`request`, which opens one)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.lost:
+                break
+        else:
+            return None
+        conn.used = True
+        conn.start(self._encode(method, path, body, content_type))
+        conn.on_done = on_done
+        conn.arm(timeout_s)
+        return conn
+
+    def finish_now(self, conn: _Connection) -> tuple[int, bytes]:
+        """The status and whole body of an exchange :meth:`send_now` reported ended, the connection
+        given back (or closed); raises its failure (:class:`Disconnected`: ``conn.got_bytes`` says
+        whether the server had started answering, i.e. whether sending it again is safe)."""
+        error = conn.error
+        if error is not None:
+            if conn.transport is not None:
+                conn.transport.close()
+            raise error
+        pieces = conn.pieces
+        body = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        if conn.keep_alive and not conn.lost:
+            self._release(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+        return conn.status, body
+
+    def abort(self, conn: _Connection) -> None:
+        """Give up an exchange :meth:`send_now` started (its ``on_done`` is not called)."""
+        conn.on_done = None
+        conn.state = _DONE
+        conn.keep_alive = False
+        if conn.transport is not None:
+            conn.transport.close()
 
     async def close(self) -> None:
         """Close every connection (idle or in use)."""

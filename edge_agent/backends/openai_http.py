@@ -17,14 +17,14 @@ calls it every ``probe_s`` (:mod:`edge_agent.backend_health`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
 
 from edge_agent import wire
 from edge_agent.backends import Completion, OnText, prompt_words
-from edge_agent.backends.http1 import BadResponse, Http1Pool, Response
+from edge_agent.backends.http1 import BadResponse, Disconnected, Http1Pool, Response
 from edge_agent.config import OpenAIHttpConfig
 from edge_agent.errors import BackendError
 
@@ -143,6 +143,62 @@ class OpenAIHttpBackend:
 
     def generate_now(self, request: wire.InferRequest) -> Completion | None:
         return None  # every answer is an HTTP round trip
+
+    @property
+    def timeout_s(self) -> float:
+        """How long an answer may take (the server's)."""
+        return self._config.timeout_s
+
+    def start_now(self, request: wire.InferRequest, on_done: Callable[[Any], None], deadline_s: float) -> Any:
+        """Send a plain (not streamed) request on an idle kept-alive connection, with no coroutine;
+        ``on_done(exchange)`` is called when its answer ended: read it with :meth:`finish_now`.
+        None, having sent nothing, when no connection is idle (then :meth:`generate`)."""
+        pool = self._pool
+        if pool is None or request.stream:
+            return None
+        path, body = self._body(request)
+        return pool.send_now("POST", path, _encode(body), on_done, timeout_s=min(self._config.timeout_s, deadline_s))
+
+    def finish_now(self, exchange: Any, request: wire.InferRequest) -> Completion | None:
+        """The completion of an exchange :meth:`start_now` sent (errors as :meth:`generate` raises
+        them); None when it should be sent again the usual way (the kept-alive connection had been
+        closed by the server before it answered anything)."""
+        pool = self._pool
+        assert pool is not None
+        url = self._base
+        timeout_s = self._config.timeout_s
+        try:
+            status, data = pool.finish_now(exchange)
+            if status >= 400:
+                text = data[:300].decode("utf-8", errors="replace").strip()
+                raise BackendError(
+                    "backend_error", f"the model server answered HTTP {status}",
+                    retryable=status >= 500 or status == 429,
+                    detail=f"{url} answered HTTP {status}: {text or exchange.reason}",
+                )
+            return self._completion(_answer.decode(data), request)
+        except BackendError:
+            raise
+        except TimeoutError:
+            raise BackendError("timeout", f"the model server gave no answer within {timeout_s:g} s", retryable=True,
+                               detail=f"{url}: no answer within {timeout_s:g} s") from None
+        except Disconnected as exc:
+            if not exchange.got_bytes:
+                return None
+            raise BackendError("backend_unavailable", "the model server is unavailable", retryable=True,
+                               detail=f"{url}: {exc!r}") from None
+        except OSError as exc:
+            raise BackendError("backend_unavailable", "the model server is unavailable", retryable=True,
+                               detail=f"{url}: {exc!r}") from None
+        except (BadResponse, msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError,
+                IndexError) as exc:
+            raise BackendError("backend_error", "the model server's answer was unreadable",
+                               detail=f"{url}: unreadable answer: {exc!r}") from None
+
+    def abort_now(self, exchange: Any) -> None:
+        """Give up an exchange :meth:`start_now` sent (deadline, cancellation, shutdown)."""
+        if self._pool is not None:
+            self._pool.abort(exchange)
 
     async def generate(self, request: wire.InferRequest, on_text: OnText | None) -> Completion:
         path, body = self._body(request)
