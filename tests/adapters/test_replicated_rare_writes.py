@@ -564,3 +564,59 @@ async def test_a_load_refused_whose_write_outlives_the_deadline_is_sent_again_an
             assert len(loads.received) == sent, loads.received
             assert loads.loaded(dep_id) == [] and "sh-edge" not in _replicas(db, dep_id)
             assert any(d == dep_id and s == "sh-edge" for d, s in services.deployments.memory.cooldown)
+
+
+async def test_a_deployments_plan_outdated_while_it_waited_is_decided_again(tmp_path: Path, cluster: NatsCluster) -> None:
+    """With the record's quorum gone, the site holding a deployment's replica is lost (its replica
+    marked lost: a write that waits), the reconcile that follows decides to replace it at the
+    other site (a plan that waits behind it), and the tenant deletes the deployment (a third write
+    waiting). Once the quorum is back, the plan finds what it was decided from changed (the site's
+    replica marked lost) and is decided again (``plans_outdated``) instead of written as it was:
+    no replica is left for the deleted deployment, none is loaded at the other site (or, if a
+    load went out before the delete, it is unloaded), no site got its load twice."""
+    async with _leading(tmp_path, cluster) as lead:
+        services, db, rep = lead.services, lead.db, lead.rep
+        cfg_b = agent_config(lead.cfg.nats, site="hz-edge", data_dir=str(tmp_path / "agent-b"),
+                             accelerators={"H20": 0, "910B": 4})
+        agents = {"sh-edge": Agent(lead.cfg), "hz-edge": Agent(cfg_b)}
+        loads = {}
+        for site, agent in agents.items():
+            await asyncio.wait_for(agent.start(), 10)
+            loads[site] = Loads(agent)
+        stopped: set[str] = set()
+        try:
+            await until(lambda: all(lead.hub.registry.get(s) is not None for s in agents), 10, "both sites registered")
+            view, _ = await services.deployments.create_async("acme", DEMO_SPEC)
+            dep_id = view["id"]
+            await until(lambda: list(_replicas(db, dep_id).values()) == ["ready"], 20, "one replica ready",
+                        last=lambda: _replicas(db, dep_id))
+            [held] = _replicas(db, dep_id)
+            other = next(s for s in agents if s != held)
+            outdated = services.deployments.counters["plans_outdated"]
+            await _no_quorum(cluster, lead)
+            try:
+                await asyncio.wait_for(agents[held].stop(), 15)
+                stopped.add(held)
+                await until(lambda: lead.hub.registry.get(held).state == "lost", 15, "the site lost")  # type: ignore[union-attr]
+                await until(lambda: rep.in_flight >= 1, 10, "the lost replica's write in flight", last=lambda: rep)
+                deleted = asyncio.create_task(services.deployments.delete_async("acme", dep_id))
+                await asyncio.sleep(1.5)  # the plan to replace it decided meanwhile (it waits too)
+                assert _replicas(db, dep_id) == {held: "ready"}  # nothing of it in SQLite
+                assert loads[other].received == []  # nothing sent from an unacknowledged decision
+                await _quorum_back(cluster, lead)
+                await asyncio.wait_for(deleted, 30)
+            finally:
+                await _quorum_back(cluster, lead)
+            assert store_deployments.get(db, dep_id) is None
+            await until(lambda: _replicas(db, dep_id) == {} and loads[other].loaded(dep_id) == [], 20,
+                        "nothing left of the deleted deployment", last=lambda: (_replicas(db, dep_id), loads[other].loaded(dep_id)))
+            await asyncio.sleep(2.5)  # past retry_s: a load decided from the outdated plan would go out within this
+            assert loads[other].loaded(dep_id) == [] and len(loads[other].received) <= 1, loads[other].received
+            assert len(loads[held].received) == 1, loads[held].received
+            print(f"plans outdated: {services.deployments.counters['plans_outdated'] - outdated}; loads at {other}: "
+                  f"{len(loads[other].received)}")
+            assert services.deployments.counters["plans_outdated"] > outdated, services.deployments.counters
+        finally:
+            for site, agent in agents.items():
+                if site not in stopped:
+                    await asyncio.wait_for(agent.stop(), 15)
