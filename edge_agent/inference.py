@@ -112,6 +112,9 @@ class _Exchange:
 _ACK_SLACK_S = 0.001
 """Loop timers are kept in whole milliseconds: an acknowledgement due within one of now is due."""
 
+BROKEN_RETRY_S = 0.05
+"""How soon a failed telling of a broken stream is tried again (:meth:`InferenceService._tell_broken`)."""
+
 BROKEN_TELL_S = 10.0
 """How long a stream cut by the site's NATS link waits for the link to come back to say so to the
 hub (past it the hub has declared the site lost and ended the stream itself)."""
@@ -283,15 +286,27 @@ class InferenceService:
         connected again, within :data:`BROKEN_TELL_S`, say so to the hub, so the tenant's stream
         ends now with an error rather than at the hub's idle timeout. The hub relays the error
         (an older hub too: an error reply mid-stream ends any stream)."""
+        body = wire.error_reply(
+            "stream_broken", f"site {self.site} lost its NATS link mid-answer (request {request_id}): "
+            "part of the answer did not arrive", retryable=False)
         try:
             async with asyncio.timeout(BROKEN_TELL_S):
-                await self.bus.wait_connected()
+                while True:
+                    await self.bus.wait_connected()
+                    try:
+                        await self.bus.publish(reply, body)
+                        break
+                    except BusError:
+                        # "Connected" can still be the old link: nats-py starts reconnecting before
+                        # the bus hears of the disconnect, and a publish then fails. Told once,
+                        # that was lost, and with the site back within the hub's detection period
+                        # the tenant's stream waited for the hub's idle timeout (30 s; seen under
+                        # load). Try again until it goes out.
+                        self.counters["reply_failures"] += 1
+                        await self.clock.sleep(BROKEN_RETRY_S)
         except TimeoutError:
             return  # still cut off: the hub declares the site lost and ends the stream itself
         self.counters["streams_broken_told"] = self.counters.get("streams_broken_told", 0) + 1
-        await self._answer(reply, wire.error_reply(
-            "stream_broken", f"site {self.site} lost its NATS link mid-answer (request {request_id}): "
-            "part of the answer did not arrive", retryable=False))
 
     def _chunk_sender(self, request_id: str, reply: str, watch: _Watch,
                       started: float) -> Callable[[str], Awaitable[None]]:

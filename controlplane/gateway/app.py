@@ -211,6 +211,11 @@ def _log_level(status: int) -> int:
     return logging.WARNING if status >= 500 else logging.DEBUG
 
 
+class UnknownKey(Unauthorized):
+    """A key this process does not know (yet): :meth:`Guard.check_again` looks once more after
+    catching up with the record before the 401."""
+
+
 class Guard:
     """The gateway's request guard, its steps apart so that aiohttp's handlers (:func:`guarded`) and
     the hot path below aiohttp (``hotpath.py``) take the same ones, in the same order:
@@ -218,7 +223,7 @@ class Guard:
     :meth:`refusal` (an error in the one shape), :meth:`leave` (budget hold, metrics, log line).
     Built once per route at start-up."""
 
-    __slots__ = ("route", "public", "providers", "authenticate", "ids", "observe", "limit", "release", "no_quorum",
+    __slots__ = ("route", "public", "providers", "authenticate", "authenticate_caught_up", "ids", "observe", "limit", "release", "no_quorum",
                  "max_body_bytes")
 
     def __init__(self, services: Services, route: str, *, public: bool, providers: bool = False) -> None:
@@ -226,6 +231,7 @@ class Guard:
         self.public = public
         self.providers = providers
         self.authenticate = services.tenancy.authenticate
+        self.authenticate_caught_up = services.tenancy.authenticate_caught_up
         self.ids = services.request_ids
         self.observe = services.metrics.observe_http
         self.limit = services.tenancy.rate_limit
@@ -260,7 +266,22 @@ class Guard:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
         found = self.authenticate(header[7:].strip())
         if found is None:
+            raise UnknownKey("invalid API key")
+        self._admit(request, found)
+
+    async def check_again(self, request: RequestView) -> None:
+        """After :meth:`check` raised :class:`UnknownKey`: the same, once this process's record has
+        caught up (a key issued at another gateway a moment ago).
+
+        Raises:
+            Unauthorized, Forbidden, RateLimited.
+        """
+        found = await self.authenticate_caught_up(request.headers.get("Authorization", "")[7:].strip())
+        if found is None:
             raise Unauthorized("invalid API key")
+        self._admit(request, found)
+
+    def _admit(self, request: RequestView, found: auth.Principal) -> None:
         if found.provider_id is not None and not self.providers:
             raise Forbidden("a provider key may only manage its own pools' offers and read its statement")
         request[PRINCIPAL] = found
@@ -319,7 +340,10 @@ def guarded(services: Services, handler: Handler, route: str, *, public: bool, p
         rid, echo, started, bound = g.enter(request)
         status = 500
         try:
-            g.check(request)
+            try:
+                g.check(request)
+            except UnknownKey:
+                await g.check_again(request)
             response = await handler(request)
             status = response.status
             if not response.prepared and "X-Request-Id" not in response.headers:

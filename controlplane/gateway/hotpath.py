@@ -39,7 +39,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from controlplane.gateway import openai
 from controlplane.gateway import openai_shapes as oa
-from controlplane.gateway.app import SERVICES, Guard
+from controlplane.gateway.app import SERVICES, Guard, UnknownKey
 from controlplane.services.inference import aclose
 
 T = TypeVar("T")
@@ -223,7 +223,10 @@ class HotRoutes:
         out: openai.Whole | openai.Streamed | None = None
         try:
             try:
-                guard.check(request)
+                try:
+                    guard.check(request)
+                except UnknownKey:
+                    await guard.check_again(request)
                 began = self.clock.monotonic()
                 out = await openai.answer(request, hot.decode(body), hot.kind, began)
                 answer = head_bytes(200, out.headers, len(out.body) if isinstance(out, openai.Whole) else None,

@@ -601,11 +601,20 @@ class DeploymentService:
     def _planned(self, plan: decide.Plan, now: float, only: str | None) -> None:
         """After a plan is written (or had nothing to write): its logs and counters, the sender kicked."""
         self._carried_out(plan)
-        self.memory = plan.memory
+        self.memory = self._with_cooldowns(plan.memory)
         if only is None:
             self._active_work = plan.active_work
             if now >= self._grace_until:
                 self._fresh.clear()
+
+    def _with_cooldowns(self, memory: decide.Memory) -> decide.Memory:
+        """A plan's memory, with the cool-downs a refusal set since the plan read it (``_on_refused``):
+        a pass whose write waited for the record (seconds without a quorum) must not forget them,
+        or the refused site is planned, loaded and refused again at once."""
+        newer = {k: t for k, t in self.memory.cooldown.items() if t > memory.cooldown.get(k, float("-inf"))}
+        if not newer:
+            return memory
+        return msgspec.structs.replace(memory, cooldown={**memory.cooldown, **newer})
 
     def _network_share(self, spec: core.DeploymentSpec) -> core.DeploymentSpec:
         """``spec`` as it is planned: for the budget less cpn's own time (``plan_overhead_ms``)."""
@@ -820,16 +829,24 @@ class DeploymentService:
             return
         code = why.split(":", 1)[0].strip()
 
-        def commit(db: Database) -> ReplicaState | None:
+        def event_of(db: Database) -> ReplicaEvent | None:
             rep = next((r for r in store.replicas_of(db, cmd.deployment) if r.site == entry.site), None)
-            event = decide.after_refusal(ReplicaState(rep.state), code) if rep is not None else None
+            return decide.after_refusal(ReplicaState(rep.state), code) if rep is not None else None
+
+        def commit(db: Database) -> ReplicaState | None:
+            event = event_of(db)
             return None if event is None else self._move(cmd.deployment, entry.site, event, now)
 
-        if await write(self.db, commit) is None:
+        if event_of(self.db) is not None:
+            # The site refused: it cools for the deployment now, before the write, which may fail
+            # with its outcome unknown (no quorum) and land later: a cool-down set only after an
+            # acknowledged write was missed then, and the site planned, loaded and refused again.
+            # A replica still placed there (the write lost) is not blocked by it: it is loaded again.
+            cooldown = dict(self.memory.cooldown)
+            cooldown[(cmd.deployment, entry.site)] = now + self.settings.refused_cooldown_s
+            self.memory = msgspec.structs.replace(self.memory, cooldown=cooldown)
+        try:
+            await write(self.db, commit)
+        finally:
             self.poke()
-            return
-        cooldown = dict(self.memory.cooldown)
-        cooldown[(cmd.deployment, entry.site)] = now + self.settings.refused_cooldown_s
-        self.memory = msgspec.structs.replace(self.memory, cooldown=cooldown)
-        self.poke()
 

@@ -24,7 +24,7 @@ from controlplane.core.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
 from controlplane.services import keys as key_lifecycle
 from controlplane.store import tenants as store_tenants
-from controlplane.store.db import write
+from controlplane.store.db import barrier, write
 from controlplane.store.handle import Store
 
 log = logging.getLogger("cpn.tenancy")
@@ -45,6 +45,8 @@ class TenancyService:
         self.metrics = metrics
         self._tenants: dict[str, dict[str, Any]] = {}
         self._key_misses: dict[str, tuple[float, str]] = {}
+        self._caught_up_for: dict[str, float] = {}
+        """Unknown keys' digests -> until when :meth:`authenticate_caught_up` does not ask again."""
         self.gateways: Callable[[], int] = lambda: 1
         """How many gateways serve tenants now (this one included): each enforces its share of a
         tenant's rate and burst (set by the composition from ``Leadership.gateways``)."""
@@ -72,6 +74,25 @@ class TenancyService:
             Unauthorized: the key exists but was revoked or has expired.
         """
         return self.keys.lookup(key) or self.lookup_key_in_store(key)
+
+    async def authenticate_caught_up(self, key: str) -> auth.Principal | None:
+        """:meth:`authenticate` for a key it did not know, after this process's projection has
+        caught up with the record (``store.db.barrier``; nothing on SQLite alone): a key issued at
+        another gateway a moment ago (its 201 given once a quorum had it) is known here too, not a
+        401 for as long as the projection lags (seen: 2 of 15 keys used at once at another gateway,
+        on a loaded machine). Once per unknown key per :data:`~controlplane.services.keys.MISS_MEMORY_S`,
+        so a flood of bad keys asks the record for little."""
+        if not self.store.is_open:
+            return None
+        digest = auth.hash_key(key)
+        now = self.clock.monotonic()
+        if self._caught_up_for.get(digest, 0.0) > now:
+            return None
+        if len(self._caught_up_for) > 10_000:
+            self._caught_up_for.clear()
+        self._caught_up_for[digest] = now + key_lifecycle.MISS_MEMORY_S
+        await barrier(self.store.db)
+        return self.authenticate(key)
 
     def lookup_key_in_store(self, key: str) -> auth.Principal | None:
         """A key the in-memory ring does not answer for: issued elsewhere (``cpn key create``), not

@@ -42,6 +42,9 @@ With a replica attached to the database, that transaction gains the record's gua
   barrier: any stale read of those rows makes its compare-and-set fail, and then it takes the
   barrier and runs again (once); a retry at a process that has not yet seen the first answer
   therefore still replays it. It saves a JetStream request and two thread hops per submission.
+  Lost again after a barrier that did not answer (no quorum, a projection still behind after a
+  node's loss), it is ``RecordUnavailable`` (503, retry with the same key), not a 409: what holds
+  the key is unknown here, most likely this very submission's first try at another process.
 """
 
 from __future__ import annotations
@@ -236,6 +239,8 @@ class Replica:
         """:meth:`write` runs with ``optimistic`` that asked the record for no read barrier (Rule 8)."""
         self.optimistic_retries = 0
         """Optimistic :meth:`write` runs whose compare-and-set was lost and that ran again after a barrier."""
+        self.unread_conflicts = 0
+        """Optimistic :meth:`write` runs lost again after a read barrier that did not answer: 503, not 409."""
 
     def __repr__(self) -> str:
         return (f"<Replica {self.process} keys={len(self.revisions)} published={self.published} applied={self.applied} "
@@ -483,9 +488,10 @@ class Replica:
         conn = self.db.conn
         loop = asyncio.get_running_loop()
         barrier = not optimistic
+        caught_up = True
         while True:
             if barrier:
-                await self.bridge.catch_up_async()
+                caught_up = await self.bridge.catch_up_async()
             else:
                 self.barriers_skipped += 1
             await self._no_transaction()
@@ -548,6 +554,19 @@ class Replica:
                 try:
                     revisions: list[int] | None = await self.bridge.commit_async(writes, fenced=fenced)
                 except RecordError as exc:
+                    if optimistic and barrier and not caught_up and isinstance(exc, Conflict) \
+                            and not isinstance(exc, Fenced):
+                        # Rule 8: lost again after a barrier that did not answer (no quorum, a
+                        # projection behind after a node's loss): the key's holder is unknown here,
+                        # not a rival's; a 409 would tell the client its retry lost (seen in a
+                        # leader kill). Unknown outcome: 503, retry with the same key.
+                        self.conflicts += 1
+                        self.unread_conflicts += 1
+                        _log.warning("event=record_conflict_unread rows=%d first_key=%s", len(writes), exc.key)
+                        raise RecordUnavailable(
+                            "this process could not read what the record holds for this write's rows (its "
+                            "read barrier did not answer); nothing was written, retry with the same "
+                            "Idempotency-Key") from None
                     if barrier or not isinstance(exc, Conflict) or isinstance(exc, Fenced):
                         raise self._refused(exc, len(writes)) from None
                     # Rule 8: a stale read, or another process's write of a key of ours: read what

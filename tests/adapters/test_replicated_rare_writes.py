@@ -434,3 +434,189 @@ async def test_a_refused_start_whose_write_outlives_the_deadline_lands_once_the_
         assert services.training.counters["dispatch_failures"] == 1
         first = store_jobs.attempts(db, job.id)[placed.attempt - 1]
         assert first.exit_reason == "dispatch_failed", first
+
+
+class Loads:
+    """What a real agent's command handler does with ``LoadModel``, for the tests: each one counted,
+    held until ``release`` is set, and answered ``no_capacity`` while ``refusing`` (a site whose
+    cards went elsewhere meanwhile); every other command goes through as it would."""
+
+    def __init__(self, agent: Agent, *, hold: bool = False) -> None:
+        self.agent = agent
+        self.received: list[wire.LoadModel] = []
+        self.release = asyncio.Event()
+        if not hold:
+            self.release.set()
+        self.refusing = False
+        dispatch = agent._dispatch
+
+        async def gated(cmd: Any) -> Any:
+            if isinstance(cmd, wire.LoadModel):
+                self.received.append(cmd)
+                await self.release.wait()
+                if self.refusing:
+                    return wire.ErrorReply(code="no_capacity", message=f"test: no room at {agent.site}")
+            return await dispatch(cmd)
+
+        agent._dispatch = gated  # type: ignore[method-assign]
+
+    def loaded(self, dep_id: str) -> list[str]:
+        """The states of the agent's replicas of ``dep_id`` (one at most, or it was loaded twice)."""
+        return [str(r.state) for (_, dep), r in self.agent.inventory.replicas.items() if dep == dep_id]
+
+
+DEMO_SPEC = DeploymentSpec(model="demo-chat", origins=["shanghai"], cards_per_replica=0.5, min_cities=1, budget_ms=50.0)
+
+
+def _replicas(db: Any, dep_id: str) -> dict[str, str]:
+    return {r.site: r.state for r in store_deployments.replicas_of(db, dep_id)}
+
+
+async def _no_quorum(cluster: NatsCluster, lead: Leading) -> None:
+    await cluster.pause(lead.leader_node)
+    await cluster.pause(lead.agent_node)
+    await store_db.barrier(lead.db)  # the first barrier without quorum times out (awaited)
+
+
+async def _quorum_back(cluster: NatsCluster, lead: Leading) -> None:
+    for name in (lead.leader_node, lead.agent_node):
+        if cluster.node(name).paused:
+            await cluster.resume(name)
+
+
+async def test_a_load_acknowledged_whose_write_outlives_the_deadline_converges_and_is_sent_once(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A site acknowledges a ``LoadModel`` while the record has no quorum for longer than the write
+    deadline: the acknowledgement's write (placed -> loading) fails, the outbox entry is already
+    marked sent. Once the quorum is back the replica converges from the site's heartbeats (placed
+    -> ready in the record), the load is not sent again (the heartbeat shows it: no second
+    ``LoadModel``, one replica at the site) and the deployment is ready."""
+    async with _leading(tmp_path, cluster) as lead:
+        services, db, rep = lead.services, lead.db, lead.rep
+        async with running(lead.cfg) as agent:
+            loads = Loads(agent, hold=True)
+            await until(lambda: lead.hub.registry.get("sh-edge") is not None, 10, "the site registered")
+            view, _ = await services.deployments.create_async("acme", DEMO_SPEC)
+            dep_id = view["id"]
+            await until(lambda: len(loads.received) == 1, 10, "the load at the site (held)")
+            assert _replicas(db, dep_id) == {"sh-edge": "placed"}
+            rep.bridge.write_deadline_s = 1.0  # type: ignore[attr-defined]  # outlived within the test's time
+            await _no_quorum(cluster, lead)
+            try:
+                before = rep.no_quorum
+                loads.release.set()  # the site loads and acknowledges; its write finds no quorum
+                await until(lambda: services.deployments.counters["loads_sent"] == 1, 10, "the acknowledgement")
+                await until(lambda: rep.no_quorum > before, 15, "the acknowledgement's write out of time",
+                            last=lambda: rep)
+                await asyncio.sleep(1.5)  # passes that would decide a load again (retry_s 2 since the first)
+                assert _replicas(db, dep_id) == {"sh-edge": "placed"}  # nothing of it in SQLite
+                await _quorum_back(cluster, lead)
+                await until(lambda: _replicas(db, dep_id) == {"sh-edge": "ready"}, 30,
+                            "the replica ready from the heartbeats", last=lambda: (_replicas(db, dep_id), rep))
+            finally:
+                await _quorum_back(cluster, lead)
+            await until(lambda: (store_deployments.get(db, dep_id) or view).state == "ready", 20,  # type: ignore[union-attr]
+                        "the deployment ready", last=lambda: store_deployments.get(db, dep_id))
+            await asyncio.sleep(2.5)  # past retry_s: a load decided again would be sent within this
+            assert len(loads.received) == 1, loads.received  # sent once
+            assert loads.loaded(dep_id) == ["ready"]
+            entries = [e for e in store_outbox.for_job(db, dep_id) if e.kind == "load_model"]
+            assert len(entries) == 1, entries  # one entry, decided once (model commands key on the deployment)
+            assert services.deployments.counters["loads_queued"] == 1, services.deployments.counters
+
+
+async def test_a_load_refused_whose_write_outlives_the_deadline_is_sent_again_and_refused_once_more(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    """A site refuses a ``LoadModel`` (``no_capacity``) while the record has no quorum for longer
+    than the write deadline: the refusal's write (placed -> removed) fails and the outbox entry is
+    already dropped. The replica stays ``placed`` with nothing pending, so its load is sent again
+    (after ``retry_s``; a load of a replica the record already holds placed writes only the local
+    outbox, so it may go out before the quorum is back) and refused again; then a refusal lands: the
+    replica removed, the site cooling for the deployment, nothing loaded there, and no load after
+    it. Before, the cool-down set by that refusal was forgotten when a pass decided before it
+    finished its own write (its memory replaced the service's): the site was planned, loaded and
+    refused again at once, over and over (seen here: a third load right after the removal)."""
+    async with _leading(tmp_path, cluster) as lead:
+        services, db, rep = lead.services, lead.db, lead.rep
+        async with running(lead.cfg) as agent:
+            loads = Loads(agent, hold=True)
+            loads.refusing = True
+            await until(lambda: lead.hub.registry.get("sh-edge") is not None, 10, "the site registered")
+            view, _ = await services.deployments.create_async("acme", DEMO_SPEC)
+            dep_id = view["id"]
+            await until(lambda: len(loads.received) == 1, 10, "the load at the site (held)")
+            rep.bridge.write_deadline_s = 1.0  # type: ignore[attr-defined]
+            await _no_quorum(cluster, lead)
+            try:
+                before = rep.no_quorum
+                loads.release.set()  # refused; the refusal's write finds no quorum
+                await until(lambda: services.deployments.counters["loads_refused"] == 1, 10, "the refusal")
+                await until(lambda: rep.no_quorum > before, 15, "the refusal's write out of time", last=lambda: rep)
+                await asyncio.sleep(2.5)  # past retry_s (a load sent again meanwhile is refused again)
+                assert _replicas(db, dep_id) == {"sh-edge": "placed"}  # no refusal of it in SQLite
+                await _quorum_back(cluster, lead)
+                await until(lambda: "sh-edge" not in _replicas(db, dep_id), 30, "the refused replica removed",
+                            last=lambda: (_replicas(db, dep_id), loads.received, rep))
+            finally:
+                await _quorum_back(cluster, lead)
+            sent = len(loads.received)
+            await asyncio.sleep(3.0)  # past retry_s: the site cools for the deployment, no load after the removal
+            assert len(loads.received) == sent, loads.received
+            assert loads.loaded(dep_id) == [] and "sh-edge" not in _replicas(db, dep_id)
+            assert any(d == dep_id and s == "sh-edge" for d, s in services.deployments.memory.cooldown)
+
+
+async def test_a_deployments_plan_outdated_while_it_waited_is_decided_again(tmp_path: Path, cluster: NatsCluster) -> None:
+    """With the record's quorum gone, the site holding a deployment's replica is lost (its replica
+    marked lost: a write that waits), the reconcile that follows decides to replace it at the
+    other site (a plan that waits behind it), and the tenant deletes the deployment (a third write
+    waiting). Once the quorum is back, the plan finds what it was decided from changed (the site's
+    replica marked lost) and is decided again (``plans_outdated``) instead of written as it was:
+    no replica is left for the deleted deployment, none is loaded at the other site (or, if a
+    load went out before the delete, it is unloaded), no site got its load twice."""
+    async with _leading(tmp_path, cluster) as lead:
+        services, db, rep = lead.services, lead.db, lead.rep
+        cfg_b = agent_config(lead.cfg.nats, site="hz-edge", data_dir=str(tmp_path / "agent-b"),
+                             accelerators={"H20": 0, "910B": 4})
+        agents = {"sh-edge": Agent(lead.cfg), "hz-edge": Agent(cfg_b)}
+        loads = {}
+        for site, agent in agents.items():
+            await asyncio.wait_for(agent.start(), 10)
+            loads[site] = Loads(agent)
+        stopped: set[str] = set()
+        try:
+            await until(lambda: all(lead.hub.registry.get(s) is not None for s in agents), 10, "both sites registered")
+            view, _ = await services.deployments.create_async("acme", DEMO_SPEC)
+            dep_id = view["id"]
+            await until(lambda: list(_replicas(db, dep_id).values()) == ["ready"], 20, "one replica ready",
+                        last=lambda: _replicas(db, dep_id))
+            [held] = _replicas(db, dep_id)
+            other = next(s for s in agents if s != held)
+            outdated = services.deployments.counters["plans_outdated"]
+            await _no_quorum(cluster, lead)
+            try:
+                await asyncio.wait_for(agents[held].stop(), 15)
+                stopped.add(held)
+                await until(lambda: lead.hub.registry.get(held).state == "lost", 15, "the site lost")  # type: ignore[union-attr]
+                await until(lambda: rep.in_flight >= 1, 10, "the lost replica's write in flight", last=lambda: rep)
+                deleted = asyncio.create_task(services.deployments.delete_async("acme", dep_id))
+                await asyncio.sleep(1.5)  # the plan to replace it decided meanwhile (it waits too)
+                assert _replicas(db, dep_id) == {held: "ready"}  # nothing of it in SQLite
+                assert loads[other].received == []  # nothing sent from an unacknowledged decision
+                await _quorum_back(cluster, lead)
+                await asyncio.wait_for(deleted, 30)
+            finally:
+                await _quorum_back(cluster, lead)
+            assert store_deployments.get(db, dep_id) is None
+            await until(lambda: _replicas(db, dep_id) == {} and loads[other].loaded(dep_id) == [], 20,
+                        "nothing left of the deleted deployment", last=lambda: (_replicas(db, dep_id), loads[other].loaded(dep_id)))
+            await asyncio.sleep(2.5)  # past retry_s: a load decided from the outdated plan would go out within this
+            assert loads[other].loaded(dep_id) == [] and len(loads[other].received) <= 1, loads[other].received
+            assert len(loads[held].received) == 1, loads[held].received
+            print(f"plans outdated: {services.deployments.counters['plans_outdated'] - outdated}; loads at {other}: "
+                  f"{len(loads[other].received)}")
+            assert services.deployments.counters["plans_outdated"] > outdated, services.deployments.counters
+        finally:
+            for site, agent in agents.items():
+                if site not in stopped:
+                    await asyncio.wait_for(agent.stop(), 15)
