@@ -787,8 +787,8 @@ class HubBus:
 
         The protocol of nats-py's ``request`` (one wildcard inbox, a token per request), built for the
         hot path: the token is a keyed hash of a counter rather than fresh random bytes (a site that
-        sees its own requests' reply subjects still cannot guess another's), and a plain timer
-        replaces ``asyncio.wait_for``.
+        sees its own requests' reply subjects still cannot guess another's), and the bus's one timer
+        for every waiting request (:meth:`_due`) replaces ``asyncio.wait_for``.
 
         With ``ack_timeout_s`` (the request asked for :class:`wire.InferAccepted`), the site must
         answer or acknowledge within that time, then answer within ``timeout_s`` of the start.
