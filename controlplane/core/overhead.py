@@ -27,6 +27,7 @@ Pure: samples and ``now`` are passed in; no clock, no I/O.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections import deque
 
 WINDOW = 64
@@ -60,8 +61,10 @@ class RelayOverhead:
         self.horizon_s = horizon_s
         self._by_site: dict[str, deque[tuple[float, float]]] = {}
         self._all: deque[tuple[float, float]] = deque(maxlen=4 * window)
-        self._cached: dict[str, float] = {}
-        self._all_cached: float | None = None
+        # The same samples kept sorted beside each ring (a sample in, one out, by bisection): the
+        # quantile is then one index per request, not a sort of the window after every answer.
+        self._sorted: dict[str, list[float]] = {}
+        self._all_sorted: list[float] = []
         self._expired_at = -math.inf
         self.samples = 0
         self.dropped = 0
@@ -77,10 +80,17 @@ class RelayOverhead:
         ring = self._by_site.get(site)
         if ring is None:
             ring = self._by_site[site] = deque(maxlen=self.window)
+            self._sorted[site] = []
+        ordered = self._sorted[site]
+        if len(ring) == self.window:
+            _discard(ordered, ring[0][1])
         ring.append((now, ms))
-        self._all.append((now, ms))
-        self._cached.pop(site, None)
-        self._all_cached = None
+        insort(ordered, ms)
+        every = self._all
+        if len(every) == every.maxlen:
+            _discard(self._all_sorted, every[0][1])
+        every.append((now, ms))
+        insort(self._all_sorted, ms)
         self.samples += 1
 
     def drop(self) -> None:
@@ -93,37 +103,41 @@ class RelayOverhead:
             return
         self._expired_at = now
         oldest = now - self.horizon_s
-        if self._all and self._all[0][0] < oldest:
-            while self._all and self._all[0][0] < oldest:
-                self._all.popleft()
-            self._all_cached = None
+        every = self._all
+        while every and every[0][0] < oldest:
+            _discard(self._all_sorted, every.popleft()[1])
         for site, ring in list(self._by_site.items()):
             if ring[0][0] >= oldest:
                 continue
+            ordered = self._sorted[site]
             while ring and ring[0][0] < oldest:
-                ring.popleft()
-            self._cached.pop(site, None)
+                _discard(ordered, ring.popleft()[1])
             if not ring:
-                del self._by_site[site]
+                del self._by_site[site], self._sorted[site]
 
     def ms(self, site: str) -> float:
         """The overhead a request relayed to ``site`` can expect: the :data:`QUANTILE` of its recent
         samples (else of every site's, else :attr:`floor_ms`)."""
-        got = self._cached.get(site)
-        if got is not None:
-            return got
-        ring = self._by_site.get(site)
-        if not ring:
-            if self._all_cached is None:
-                self._all_cached = quantile([ms for _, ms in self._all], QUANTILE) if self._all else self.floor_ms
-            return self._all_cached
-        got = self._cached[site] = quantile([ms for _, ms in ring], QUANTILE)
-        return got
+        ordered = self._sorted.get(site)
+        if not ordered:
+            ordered = self._all_sorted
+            if not ordered:
+                return self.floor_ms
+        return ordered[_rank(len(ordered), QUANTILE)]
+
+
+def _rank(n: int, q: float) -> int:
+    """The index of the ``q`` quantile (nearest rank) among ``n`` sorted values (n >= 1)."""
+    return min(n - 1, max(0, math.ceil(q * n) - 1))
+
+
+def _discard(ordered: list[float], value: float) -> None:
+    """Take one ``value`` out of the sorted list ``ordered`` (it is there)."""
+    del ordered[bisect_left(ordered, value)]
 
 
 def quantile(values: list[float], q: float) -> float:
     """The ``q`` quantile of ``values`` (nearest rank: a figure that was measured); 0 for none."""
     if not values:
         return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+    return sorted(values)[_rank(len(values), q)]

@@ -321,6 +321,9 @@ def to_infer_request(
 
 def sampling_of(req: ChatCompletionRequest | CompletionRequest) -> wire.Sampling | None:
     """The sampling parameters ``req`` sets, for the wire (None when it sets none)."""
+    if (req.temperature is None and req.top_p is None and req.seed is None and req.stop is None
+            and req.presence_penalty is None and req.frequency_penalty is None and not req.logit_bias):
+        return None  # the usual request: nothing built and compared
     stop = [req.stop] if isinstance(req.stop, str) else req.stop
     sampling = wire.Sampling(
         temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=stop or None,

@@ -177,6 +177,46 @@ async def test_site_requests_time_out_name_missing_sites_and_refuse_forged_repli
     assert not hub.bus._waiting  # no request left behind, answered or not
 
 
+async def test_requests_share_one_timer_and_a_silent_site_still_times_out_at_its_own_time(rig) -> None:  # type: ignore[no-untyped-def]
+    # Every waiting request shares the bus's one timer (armed for the earliest due, re-armed when it
+    # fires): twenty answered requests arm it once, where each used to arm and cancel its own. A
+    # request due sooner than the timer re-arms it, and times out at its own time while other
+    # requests come and go.
+    hub, _, _, _, nc = rig
+    loop = asyncio.get_running_loop()
+    armed: list[str] = []
+    original = loop.call_at  # asyncio's call_later goes through call_at
+
+    def counting(when, callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(callback, "__module__", "") == "controlplane.nats.bus":
+            armed.append(getattr(callback, "__qualname__", "?"))
+        return original(when, callback, *args, **kwargs)
+
+    async def silent(msg):  # type: ignore[no-untyped-def]
+        return None
+
+    await nc.subscribe(wire.infer_subject("quiet"), cb=silent)  # type: ignore[attr-defined]
+    await barrier(nc)
+    req = wire.InferRequest(request_id="s1", model="m", prompt="hi")
+    await hub.bus.infer("hz-edge", req, 5.0)  # the bus's timer armed before counting starts
+    loop.call_at = counting  # type: ignore[method-assign]
+    try:
+        for _ in range(20):
+            assert (await hub.bus.infer("hz-edge", req, 5.0)).site == "hz-edge"
+        assert armed == [], armed  # the old code armed one timer per request
+        started = loop.time()
+        quiet = asyncio.create_task(hub.bus.infer("quiet", req, 0.3))
+        while not quiet.done():
+            assert (await hub.bus.infer("hz-edge", req, 5.0)).site == "hz-edge"
+        with pytest.raises(SiteUnreachable, match="quiet: no answer within 300 ms"):
+            await quiet
+        assert 0.29 <= loop.time() - started < 1.5
+        assert 1 <= len(armed) <= 3, armed  # re-armed for the quiet one's due, then for the next
+    finally:
+        del loop.call_at
+    assert not hub.bus._waiting
+
+
 async def test_a_site_that_acknowledges_is_waited_for_and_a_silent_one_is_left_at_the_ack_timeout(rig) -> None:  # type: ignore[no-untyped-def]
     hub, _, _, _, nc = rig
 

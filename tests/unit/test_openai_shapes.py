@@ -88,6 +88,27 @@ def test_sampling_goes_on_the_wire_only_when_set() -> None:
 
 
 @pytest.mark.parametrize(
+    ("extra", "sampling"),
+    [
+        ({}, None),
+        ({"stop": []}, None),
+        ({"logit_bias": {}}, None),
+        ({"stop": ""}, wire.Sampling(stop=[""])),
+        ({"top_p": 1.0}, wire.Sampling(top_p=1.0)),
+        ({"presence_penalty": 0.0}, wire.Sampling(presence_penalty=0.0)),
+        ({"frequency_penalty": -1.0}, wire.Sampling(frequency_penalty=-1.0)),
+        ({"logit_bias": {"5": 2}}, wire.Sampling(logit_bias={"5": 2.0})),
+    ],
+)
+def test_each_sampling_field_alone_goes_on_the_wire_and_empty_ones_do_not(
+    extra: dict[str, object], sampling: wire.Sampling | None,
+) -> None:
+    """The request that sets no sampling field skips building one (the usual case); any one field
+    set, even to a falsy value, still goes on the wire."""
+    assert oa.to_infer_request(oa.decode_chat_request(body(CHAT, **extra)), request_id="r").sampling == sampling
+
+
+@pytest.mark.parametrize(
     ("extra", "field", "status", "code"),
     [
         ({"temprature": 0.2}, "temprature", 422, "unknown_field"),

@@ -146,3 +146,31 @@ def test_a_streams_first_chunk_feeds_the_estimate_when_the_site_states_its_time_
     assert svc.overhead.samples == 1 and svc.overhead.ms("far") == pytest.approx(3.0)  # 41 - 30 - 8
     svc.relayed(Served("far", 8.0, "nearest", tried=["far"]), "o", 400.0)  # an older agent: not stated
     assert svc.overhead.samples == 1
+
+
+def test_the_estimate_kept_sorted_as_samples_come_and_go_equals_the_quantile_of_the_recent_samples() -> None:
+    """The estimator keeps each window sorted as it goes (no sort per request): after any mix of
+    samples, window overflows and expiry its figure is exactly the nearest-rank quantile of the
+    samples a plain list of the recent ones would hold, for every site and for all together."""
+    from controlplane.core.overhead import QUANTILE, quantile
+
+    rng = random.Random(7)
+    est = RelayOverhead(window=5, floor_ms=1.25, horizon_s=3.0)
+    kept: list[tuple[float, str, float]] = []  # the reference: every sample still recent, in order
+    now = 0.0
+    for _ in range(3000):
+        now += rng.choice((0.0, 0.01, 0.3, 1.2))
+        if rng.random() < 0.2:
+            est.expire(now)
+            if est._expired_at == now:  # it did the work (at most once a second)
+                kept = [k for k in kept if k[0] >= now - 3.0]
+        site = rng.choice("abc")
+        ms = rng.choice((0.0, 0.5, 0.5, 1.0, 2.0, rng.uniform(0, 9)))
+        est.observe(site, ms, now)
+        kept.append((now, site, ms))
+        per_site = {s: [m for _, x, m in kept if x == s][-5:] for s in "abcd"}
+        every = [m for _, _, m in kept][-20:]
+        for s in "abcd":
+            want = quantile(per_site[s], QUANTILE) if per_site[s] else (
+                quantile(every, QUANTILE) if every else 1.25)
+            assert est.ms(s) == want, (s, per_site[s], every)
