@@ -85,6 +85,19 @@ class _Watch:
             handle.cancel()
 
 
+def _plain(msg: Incoming) -> wire.InferRequest | None:
+    """The request a message carries if it may be served without a task: a plain (not streamed),
+    well-formed request with a reply subject; None otherwise (:meth:`InferenceService.handle` then
+    serves it, and answers what is malformed)."""
+    if not msg.reply:
+        return None
+    try:
+        request = wire.infer_request_decoder.decode(msg.data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return None if request.stream else request
+
+
 class _Exchange:
     """A plain request served with no task (:meth:`InferenceService.start_now`): sent on a kept-alive
     backend connection from the NATS callback, answered from the connection's completion callback."""
@@ -198,13 +211,8 @@ class InferenceService:
         busy slots and unknown models). A request answered here needs no task, no timer and no
         entry among the requests in flight: there is nothing to wait for, time out or cancel.
         """
-        if not msg.reply or not self._answers_now:
-            return None
-        try:
-            request = wire.infer_request_decoder.decode(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return None
-        if request.stream:
+        request = _plain(msg) if self._answers_now else None
+        if request is None:
             return None
         replica, _ = self.inventory.acquire_slot(request.model)
         if replica is None:
@@ -338,13 +346,10 @@ class InferenceService:
         (nothing done) when it needs :meth:`handle` (a stream, a malformed message, no free slot,
         no idle backend connection, ...)."""
         start = self._start_now
-        if start is None or not msg.reply:
+        if start is None:
             return False
-        try:
-            request = wire.infer_request_decoder.decode(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return False
-        if request.stream:
+        request = _plain(msg)
+        if request is None:
             return False
         loop = self._loop
         if loop is None:
