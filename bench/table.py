@@ -138,10 +138,15 @@ def _regions(rg: dict[str, Any]) -> str:
         parts.append(text + (f" ({errors} errors)" if errors else ""))
     out = "; ".join(parts)
     far = [r for r in rg["rows"] if r.get("origins") == "outside" and r["mode"] == "regional"]
+    over = {k.split("/", 1)[-1]: v for k, v in (rg.get("promise_over_budget") or {}).items()}
     if far:
-        names = ", ".join(o for os in (rg.get("outside_origins") or {}).values() for o in os)
+        names = ", ".join(o for os in (rg.get("outside_origins") or {}).values() for o in os if o not in over)
         out += (f"; origins with no in-region site within budget ({names}), own gateway p99 "
                 f"{min(r['p99_ms'] for r in far)}–{max(r['p99_ms'] for r in far)} ms")
+    if over:
+        out += ("; origins within budget by RTT + the 1 ms allowance whose measured promise (RTT + cpn's own "
+                "time, p50) was over it, counted with those outside: "
+                + ", ".join(f"{o} ({ms} ms)" for o, ms in over.items()))
     if rg.get("not_served"):
         out += f"; regions with no in-region site within budget: {', '.join(rg['not_served'])} (their origins all outside)"
     beyond = [r["beyond_promise_p50_ms"] for r in rows if "beyond_promise_p50_ms" in r]
