@@ -13,6 +13,8 @@ The key lifecycle rules themselves are in :mod:`controlplane.services.keys`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -46,6 +48,10 @@ class TenancyService:
         self._tenants: dict[str, dict[str, Any]] = {}
         self._key_misses: dict[str, tuple[float, str]] = {}
         self._caught_up_for: dict[str, float] = {}
+        self._barrier_now: asyncio.Future[None] | None = None
+        """The catch-up with the record under way (:meth:`_catch_up`)."""
+        self._barrier_next: asyncio.Future[None] | None = None
+        """The one that starts when it ends, shared by every caller that came meanwhile."""
         """Unknown keys' digests -> until when :meth:`authenticate_caught_up` does not ask again."""
         self.gateways: Callable[[], int] = lambda: 1
         """How many gateways serve tenants now (this one included): each enforces its share of a
@@ -81,7 +87,8 @@ class TenancyService:
         another gateway a moment ago (its 201 given once a quorum had it) is known here too, not a
         401 for as long as the projection lags (seen: 2 of 15 keys used at once at another gateway,
         on a loaded machine). Once per unknown key per :data:`~controlplane.services.keys.MISS_MEMORY_S`,
-        so a flood of bad keys asks the record for little."""
+        and one catch-up at a time for every unknown key (:meth:`_catch_up`): a flood of distinct
+        bad keys costs the record one catch-up per catch-up's round trip, not one per request."""
         if not self.store.is_open:
             return None
         digest = auth.hash_key(key)
@@ -91,8 +98,28 @@ class TenancyService:
         if len(self._caught_up_for) > 10_000:
             self._caught_up_for.clear()
         self._caught_up_for[digest] = now + key_lifecycle.MISS_MEMORY_S
-        await barrier(self.store.db)
+        await self._catch_up()
         return self.authenticate(key)
+
+    async def _catch_up(self) -> None:
+        """A catch-up with the record that started after this call (so it sees every write
+        acknowledged before it), shared: while one runs, every caller waits for the next one, which
+        starts when it ends."""
+        if self._barrier_now is None or self._barrier_now.done():
+            self._barrier_now = asyncio.ensure_future(barrier(self.store.db))
+            await asyncio.shield(self._barrier_now)
+            return
+        if self._barrier_next is None or self._barrier_next.done():
+            running = self._barrier_now
+
+            async def after() -> None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(running)
+                self._barrier_now = asyncio.ensure_future(barrier(self.store.db))
+                await self._barrier_now
+
+            self._barrier_next = asyncio.ensure_future(after())
+        await asyncio.shield(self._barrier_next)
 
     def lookup_key_in_store(self, key: str) -> auth.Principal | None:
         """A key the in-memory ring does not answer for: issued elsewhere (``cpn key create``), not

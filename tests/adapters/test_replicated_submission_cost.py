@@ -18,6 +18,7 @@ What these prove:
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -230,9 +231,12 @@ async def test_a_key_issued_at_one_gateway_works_at_once_at_another_whose_watch_
             held.extend(c for c in changes if c.key.startswith(("key.", "tenant.")))
             return [c for c in changes if not c.key.startswith(("key.", "tenant."))]
 
+        slow = [0.0]
+
         async def barrier() -> bool:
             barriers[0] += 1
             holding[0] = False
+            await asyncio.sleep(slow[0])
             ok: bool = await catch_up()
             return ok
 
@@ -252,6 +256,14 @@ async def test_a_key_issued_at_one_gateway_works_at_once_at_another_whose_watch_
                 status, body, _ = await bad.call("GET", "/v1/jobs")
                 assert (status, body["error"]["code"]) == (401, "invalid_api_key"), body
             assert barriers[0] - before <= 1, barriers
+            # A flood of distinct bad keys at once shares catch-ups (one at a time, each caller
+            # waiting for one that started after it came): not one record round trip per request.
+            slow[0] = 0.05
+            before = barriers[0]
+            floods = [Client(session, f"http://127.0.0.1:{b.http_port}", f"cpn-{n:040d}") for n in range(1, 31)]
+            answers = await asyncio.gather(*(c.call("GET", "/v1/jobs") for c in floods))
+            assert {(st, bd["error"]["code"]) for st, bd, _ in answers} == {(401, "invalid_api_key")}
+            assert barriers[0] - before <= 4, f"{barriers[0] - before} catch-ups for 30 bad keys"  # before: 30
     finally:
         await b.stop()
         await a.stop()
