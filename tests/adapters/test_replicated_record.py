@@ -230,7 +230,9 @@ async def test_gets_answer_promptly_with_the_stream_leaders_node_paused(record: 
             started = asyncio.get_running_loop().time()
             assert (await reader.get("k.a")).value == b"x"
             times.append(asyncio.get_running_loop().time() - started)
-        assert max(times) < 1.0, sorted(times)
+        # Each well within the record's 2 s timeout, where a get asked once failed (a loaded
+        # machine took one get to 1.01 s: a bound of 1 s was the machine's, not the rule's).
+        assert max(times) < 1.5, sorted(times)
     finally:
         await cluster.resume(leader[-1])
         await reader.close()
