@@ -350,6 +350,30 @@ def read_jobs_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -
     return ReadJobs(db.conn.execute(sql, wanted).fetchall())
 
 
+def jobs_mark(db: sqlite_utils.Database) -> int:
+    """The newest job row's rowid (0 for none): every job created later has a higher one (rows
+    are never deleted but by a rebuild of the whole table; an upsert keeps its row's rowid)."""
+    return int(db.conn.execute("SELECT coalesce(max(rowid), 0) FROM jobs").fetchone()[0])
+
+
+def jobs_added(db: sqlite_utils.Database, states: Iterable[JobState], after: int, upto: int) -> list[JobRow]:
+    """The jobs in one of ``states`` created after the :func:`jobs_mark` ``after``, up to the
+    mark ``upto``, oldest first (a scheduler tick reads only what was submitted since its last
+    full read)."""
+    wanted = [JobState(s).value for s in states]
+    marks = ", ".join("?" for _ in wanted)
+    sql = (f"SELECT {_JOB_COLS} FROM jobs WHERE rowid > ? AND rowid <= ? AND state IN ({marks}) "
+           "ORDER BY submitted_at, id")
+    return [_job(r) for r in db.conn.execute(sql, [after, upto, *wanted])]
+
+
+def count_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -> int:
+    """How many jobs are in one of ``states`` (from the state index, without reading the rows)."""
+    wanted = [JobState(s).value for s in states]
+    marks = ", ".join("?" for _ in wanted)
+    return int(db.conn.execute(f"SELECT count(*) FROM jobs WHERE state IN ({marks})", wanted).fetchone()[0])
+
+
 def states_of(db: sqlite_utils.Database, ids: Iterable[str]) -> dict[str, tuple[str, int, float]]:
     """``id -> (state, attempt, updated_at)`` of the jobs among ``ids`` that exist (a decision
     made from an older read checks against these before it is written)."""
