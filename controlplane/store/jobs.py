@@ -367,6 +367,15 @@ def jobs_added(db: sqlite_utils.Database, states: Iterable[JobState], after: int
     return [_job(r) for r in db.conn.execute(sql, [after, upto, *wanted])]
 
 
+def jobs_page(db: sqlite_utils.Database, state: JobState, after: int, upto: int, limit: int) -> tuple[list[JobRow], int]:
+    """At most ``limit`` jobs in ``state`` with a rowid in (``after``, ``upto``], by rowid (the
+    state index's order: no sort), and the last rowid read (``after`` if none): a long queue read
+    a page at a time, so a caller on an event loop lets other work run between the pages."""
+    sql = f"SELECT rowid, {_JOB_COLS} FROM jobs WHERE state = ? AND rowid > ? AND rowid <= ? ORDER BY rowid LIMIT ?"
+    raws = db.conn.execute(sql, [JobState(state).value, after, upto, limit]).fetchall()
+    return [_job(r[1:]) for r in raws], (int(raws[-1][0]) if raws else after)
+
+
 def count_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -> int:
     """How many jobs are in one of ``states`` (from the state index, without reading the rows)."""
     wanted = [JobState(s).value for s in states]
