@@ -278,6 +278,7 @@ class TrainingService:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self._basis = None  # what the round decided may not be written: the next plans the queue
                 log.exception("event=tick_failed")
             gap_s = min(period_s, max(self.config.scheduler_poke_gap_s, POKE_SPACING * self.last_tick_busy_s))
             not_before = self.clock.monotonic() + gap_s

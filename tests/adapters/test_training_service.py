@@ -139,8 +139,12 @@ def test_a_tick_after_one_submission_to_a_long_unchanged_queue_plans_that_job_al
         spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
         with store_db.transaction(db):
             ids = [service.submit("acme", spec, None, "h", T0)[0].id for _ in range(1000)]
+        reads: list[str] = []
+        db.conn.set_trace_callback(lambda sql: reads.append(sql) if "FROM jobs WHERE state" in sql else None)
         service.tick(T0 + 1, incremental=True)
+        db.conn.set_trace_callback(None)
         assert (c["jobs_planned"], c["ticks_incremental"]) == (1000, 0)  # the first tick plans the queue
+        assert sum("LIMIT" in sql for sql in reads) >= 1000 // training.TICK_STEP  # read a page at a time
         late, _ = service.submit("acme", spec, None, "h", T0 + 2)
         plan = service.tick(T0 + 2, incremental=True)
         assert (c["jobs_planned"], c["ticks_incremental"]) == (1001, 1)
