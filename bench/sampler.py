@@ -8,12 +8,19 @@ included. At exit (a SIGTERM the process handles, or its normal end) it writes `
 per distinct stack, ``frame;frame;... count`` (the collapsed format flame-graph tools read), and
 ``OUT.top``: the functions with the most samples, self and inclusive.
 
+It also times the event loop (the hub's, made by ``controlplane.runtime.new_event_loop``): a
+probe every ``PROBE_S`` notes how late it runs, and while it is more than ``STALL_S`` overdue
+the loop thread's stack is counted apart. ``OUT.lag`` gets the lateness histogram and the stacks
+that held the loop (what stalled it, for a tail latency).
+
 ``cpn bench submissions --profile DIR`` starts its hub processes this way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import math
 import collections
 import os
 import runpy
@@ -22,7 +29,12 @@ import threading
 import time
 from types import FrameType
 
-IDLE = {("selectors.py", "select"), ("threading.py", "wait"), ("queue.py", "get"), ("threading.py", "_wait_for_tstate_lock")}
+IDLE = {("selectors.py", "select"), ("threading.py", "wait"), ("queue.py", "get"), ("threading.py", "_wait_for_tstate_lock"),
+        ("thread.py", "_worker"),  # an executor's worker blocked in its queue's get (C, no frame of its own)
+        ("runtime.py", "run_until_signalled")}  # uvloop's loop between callbacks (C: polling, or its own work)
+PROBE_S = 0.005
+STALL_S = 0.020
+LAG_EDGES_MS = (5, 10, 20, 50, 100, 200)
 
 
 def _stack(frame: FrameType | None) -> tuple[str, ...]:
@@ -41,6 +53,19 @@ class Sampler:
         self.idle = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+        self.probe_due = math.inf
+        """When the loop probe should run next (monotonic); inf until the loop runs."""
+        self.lags_ms: list[float] = []
+        self.stalls: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.loop_ident = threading.main_thread().ident
+
+    def probe(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Runs on the loop every PROBE_S: how late it is says how long the loop was held."""
+        now = time.monotonic()
+        if self.probe_due != math.inf:
+            self.lags_ms.append(max(0.0, now - self.probe_due) * 1000.0)
+        self.probe_due = now + PROBE_S
+        loop.call_later(PROBE_S, self.probe, loop)
 
     def start(self) -> None:
         self._thread.start()
@@ -48,9 +73,12 @@ class Sampler:
     def _run(self) -> None:
         me = threading.get_ident()
         while not self._stop.wait(self.interval_s):
+            stalled = time.monotonic() - self.probe_due > STALL_S
             for ident, frame in sys._current_frames().items():
                 if ident == me:
                     continue
+                if stalled and ident == self.loop_ident:
+                    self.stalls[_stack(frame)] += 1
                 leaf = frame.f_code
                 if (os.path.basename(leaf.co_filename), leaf.co_name) in IDLE:
                     self.idle += 1
@@ -76,6 +104,16 @@ class Sampler:
             out.write("\n-- inclusive --\n")
             for name, n in inclusive.most_common(150):
                 out.write(f"{100 * n / max(total, 1):6.2f}% {name}\n")
+        lags = sorted(self.lags_ms)
+        with open(path + ".lag", "w") as out:
+            out.write(f"loop probes {len(lags)} (every {PROBE_S * 1000:.0f} ms), max lateness "
+                      f"{lags[-1] if lags else 0.0:.1f} ms\n")
+            for edge in LAG_EDGES_MS:
+                out.write(f"  late > {edge:3d} ms: {sum(1 for x in lags if x > edge)}\n")
+            out.write(f"\n-- stacks of the loop thread while it was > {STALL_S * 1000:.0f} ms overdue "
+                      f"({sum(self.stalls.values())} samples) --\n")
+            for stack, n in self.stalls.most_common(25):
+                out.write(f"{n:6d} {';'.join(stack[-12:])}\n")
 
 
 def main() -> None:
@@ -87,6 +125,20 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]  # run as a script: not bench/ first
     sys.argv = [module, *rest]
+    try:  # time the hub's event loop (see the module's docstring)
+        from controlplane import runtime
+
+        made = runtime.new_event_loop
+
+        def new_event_loop() -> asyncio.AbstractEventLoop:
+            loop = made()
+            sampler.loop_ident = threading.get_ident()
+            loop.call_soon(sampler.probe, loop)
+            return loop
+
+        runtime.new_event_loop = new_event_loop
+    except ImportError:
+        pass
     sampler.start()
     started = time.process_time()
     try:

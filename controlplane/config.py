@@ -127,6 +127,11 @@ class HubConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     after the last tick ended, and at least 4x as long as that tick held the event loop (never
     more than ``scheduler_tick_s``): pokes that come meanwhile share one tick, so a burst of
     submissions over a long queue does not re-plan the whole queue once per submission."""
+    scheduler_full_plan_s: float = 5.0
+    """A tick after which nothing changed but new submissions (the pools, running jobs, tenants
+    and the rest of the queue as the last full plan saw them, and that plan started and stopped
+    nothing) plans only the new jobs, as the full plan would; a full plan of the whole queue runs
+    at least this often, and on any other change. 0: every tick plans the whole queue."""
     event_stream_replicas: int = 0
     """Replicas of the ``CPN_EVENTS`` stream. 0 (default): 3 when the NATS server the hub connects
     to is part of a cluster (its INFO names one), else 1."""

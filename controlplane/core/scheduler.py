@@ -380,6 +380,14 @@ class _Planner:
                 if jobs:
                     heapq.heappush(heap, (self._ratio(tenant), jobs[-1].submitted_at, tenant))
 
+    def order_key(self, job: JobSpec) -> tuple[int, int, float, float, str, str]:
+        """Where :meth:`order` puts ``job`` while usage stays as it is (no job placed): a total
+        order (priority; restarts first, oldest first; then fair share's merge of the tenants'
+        queues by their ratio, submit time, tenant; within a tenant by id)."""
+        if job.restarting:
+            return (-job.priority, 0, job.submitted_at, 0.0, "", job.id)
+        return (-job.priority, 1, self._ratio(job.tenant), job.submitted_at, job.tenant, job.id)
+
     def _ratio(self, tenant: str) -> float:
         t = self.tenants.get(tenant)
         share = t.share if t is not None and t.share > 0 else (1e-9 if t is not None else 1.0)
@@ -691,15 +699,107 @@ def plan(snapshot: Snapshot, now: float) -> Plan:
 
 def plan_steps(snapshot: Snapshot, now: float, *, every: int = 0) -> Generator[None, None, Plan]:
     """:func:`plan` in steps: a generator that pauses (yields None) after every ``every`` decisions
-    (never, for 0) and returns the plan, the same one :func:`plan` makes (it is :func:`plan`'s only
-    loop). A caller on an event loop lets other work run between the steps of a long queue; the
-    snapshot is its own (plain data), so nothing it holds changes meanwhile."""
+    (never, for 0) and returns the plan, the same one :func:`plan` makes. A caller on an event
+    loop lets other work run between the steps of a long queue; the snapshot is its own (plain
+    data), so nothing it holds changes meanwhile."""
+    result, _ = yield from plan_basis_steps(snapshot, now, every=every)
+    return result
+
+
+def plan_basis_steps(snapshot: Snapshot, now: float, *, every: int = 0
+                     ) -> Generator[None, None, tuple[Plan, Basis | None]]:
+    """:func:`plan_steps` (its only loop) that also returns the plan's :class:`Basis` for
+    :func:`plan_more`, or None when the plan started or stopped a job (then the next plan is a
+    full one: what it placed changed what every other job sees)."""
     planner = _Planner(snapshot, now)
     for n, job in enumerate(planner.order(snapshot.queued), 1):
         planner.decide(job)
         if every and n % every == 0:
             yield None
-    return planner.plan
+    result = planner.plan
+    if result.start or result.stop:
+        return result, None
+    return result, Basis(planner, snapshot.queued, now)
+
+
+class Basis:
+    """What a full plan that started and stopped nothing leaves behind, for :func:`plan_more`: the
+    planner as its last decision left it (free cards, usage, the head's reservation; none of them
+    changed during the plan but the reservation, set once by the head), the jobs it decided, and
+    the head's place in the queue's order. Owned by one caller; :func:`plan_more` adds to it.
+
+    Why planning only new jobs against it gives the full plan's decisions: a plan that places and
+    stops nothing leaves free cards and usage as they were, so fair share's order is a fixed sort
+    (:meth:`_Planner.order_key`) and every decision depends on the job, that fixed state and
+    whether the head's reservation stands before it. A new job ordered after the head, whose own
+    decision again places, stops and reserves nothing, sees what it would see in the full plan
+    and changes nothing any other job sees. Anything else makes :func:`plan_more` answer None."""
+
+    __slots__ = ("_planner", "now", "ids", "until", "head_key", "spent")
+
+    def __init__(self, planner: _Planner, queued: list[JobSpec], now: float) -> None:
+        self._planner = planner
+        planner.tenants = dict(planner.tenants)  # plan_more adds the new jobs' tenants
+        self.now = now
+        self.ids = {j.id for j in queued}
+        """Every job decided so far (the full plan's and each plan_more's)."""
+        self.until = min((w.until for w in planner.plan.wait if w.until is not None), default=math.inf)
+        """The earliest tariff window a decided job waits for: from then on, only a full plan."""
+        res = planner.res
+        head = next((j for j in queued if j.id == res.job_id), None) if res is not None else None
+        self.head_key = planner.order_key(head) if head is not None else None
+        self.spent = False
+        """Set when a plan_more found a new job that changes what others see: the basis is no longer the plan's."""
+
+    @property
+    def reservation(self) -> Reservation | None:
+        """The head's reservation, as the full plan made it (it stands for every later job)."""
+        res = self._planner.res
+        return None if res is None else Reservation(job_id=res.job_id, pool=res.entry.pool.id,
+                                                    accelerator=res.entry.acc, cards=res.cards, at=res.at)
+
+    def __repr__(self) -> str:
+        return f"Basis(jobs={len(self.ids)}, head={self.head_key is not None}, spent={self.spent})"
+
+
+def plan_more(basis: Basis, new: list[JobSpec], now: float, *,
+              tenants: dict[str, Tenant] | None = None) -> Plan | None:
+    """The decisions for jobs ``new`` added to the queue ``basis`` was planned with, when nothing
+    else changed (pools, running jobs, tenants: the caller compares), in O(len(new)) rather than
+    O(queue): the plan of only the new jobs (never a start, stop or reservation), or None when
+    only a full plan can decide them (see :class:`Basis`): a new job that orders before the head
+    or whose decision would start, stop or reserve; a tenant that changed; ``now`` at or past a
+    decided job's tariff window (or before the basis). At the basis's ``now`` the decisions are
+    the ones :func:`plan` makes for these jobs with the whole queue. At a later ``now`` the new
+    jobs are decided at ``now`` and the old ones keep their basis decisions: the caller bounds how
+    long it plans so before a full plan again. Jobs ``basis`` already decided are skipped.
+
+    Pure: the same basis, jobs and ``now`` give the same plan; the basis remembers the new jobs."""
+    if basis.spent or now < basis.now or now >= basis.until:
+        return None
+    planner = basis._planner
+    for tid, tenant in (tenants or {}).items():
+        known = planner.tenants.get(tid)
+        if known is None:
+            planner.tenants[tid] = tenant
+        elif known != tenant:
+            return None
+    jobs = [j for j in new if j.id not in basis.ids]
+    if basis.head_key is not None and any(planner.order_key(j) < basis.head_key for j in jobs):
+        return None
+    if now != planner.now:
+        planner.now = now
+        planner.tou_cache = {}
+    res = planner.res
+    planner.plan = out = Plan(start=[], stop=[], wait=[], infeasible=[])
+    for job in jobs:
+        planner.decide(job)
+        if out.start or out.stop or planner.res is not res:
+            basis.spent = True
+            return None
+        basis.ids.add(job.id)
+    basis.until = min([basis.until, *(w.until for w in out.wait if w.until is not None)])
+    return out
 
 
 def _hours(h: float | None) -> str:

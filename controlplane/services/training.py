@@ -166,7 +166,7 @@ class TrainingService:
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
             "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
-            "pokes_coalesced": 0,
+            "pokes_coalesced": 0, "ticks_incremental": 0, "jobs_planned": 0,
         }
         self.cost_model = msgspec.structs.replace(
             placement.DEFAULT_MODEL, min_wait_saving=config.training_min_wait_saving_pct / 100.0)
@@ -177,6 +177,12 @@ class TrainingService:
         """How long the last tick held the event loop (its reads, plan and bookkeeping; not the
         record's acknowledgements it awaited): it spaces poked ticks."""
         self._poke = asyncio.Event()
+        self._full_wanted = True
+        """Something other than a submission asked for a tick since the last full plan (see :meth:`poke`)."""
+        self._basis: scheduler.Basis | None = None
+        """The last full plan's basis while only submissions came since (``scheduler.plan_more``)."""
+        self._basis_seen: tuple[list[placement.Pool], list[scheduler.Running], int, set[str]] = ([], [], 0, set())
+        """What that plan saw besides the queue: pools, running jobs, the jobs' rowid mark, tenants."""
         self.running = False
         """Started (this process leads, or is a single hub): only then does it decide on site changes."""
         self.tasks = BackgroundTasks("training")
@@ -223,6 +229,7 @@ class TrainingService:
         and the JetStream event consumer."""
         self.started_at = self.clock.time()
         self.running = True
+        self._basis, self._full_wanted = None, True
         self.outbox = CommandOutbox(
             self.db, self.bus, is_lost=self._site_is_lost, obsolete=self._obsolete,
             on_ack=self._on_ack, on_refused=self._on_refused, clock=self.clock.time,
@@ -241,8 +248,11 @@ class TrainingService:
         if self.outbox is not None:
             await self.outbox.close()
 
-    def poke(self) -> None:
-        """Run a scheduler tick now rather than at the next period."""
+    def poke(self, *, submitted: bool = False) -> None:
+        """Run a scheduler tick now rather than at the next period. ``submitted``: only new jobs
+        were submitted (the tick may plan only them); any other poke asks for a full plan."""
+        if not submitted:
+            self._full_wanted = True
         self._poke.set()
 
     async def _tick_loop(self) -> None:
@@ -267,10 +277,11 @@ class TrainingService:
             self._poke.clear()
             try:
                 await barrier(self.db)  # the tick's read barrier, awaited: the loop goes on meanwhile
-                await self.tick_async(self.clock.time())
+                await self.tick_async(self.clock.time(), incremental=True)
             except asyncio.CancelledError:
                 raise
             except Exception:
+                self._basis = None  # what the round decided may not be written: the next plans the queue
                 log.exception("event=tick_failed")
             gap_s = min(period_s, max(self.config.scheduler_poke_gap_s, POKE_SPACING * self.last_tick_busy_s))
             not_before = self.clock.monotonic() + gap_s
@@ -342,7 +353,7 @@ class TrainingService:
         row, replayed = store_jobs.create_job(self.db, tenant, spec, idem_key, body_hash, now)
         if not replayed:
             log.info("event=job_submitted job=%s tenant=%s cards=%s", row.id, tenant, row.cards)
-            self.poke()
+            self.poke(submitted=True)
         return row, replayed
 
     async def submit_async(self, tenant: str, spec: JobSpec, idem_key: str | None, body_hash: str,
@@ -356,7 +367,7 @@ class TrainingService:
         row, replayed = await store_jobs.create_job_async(self.db, tenant, spec, idem_key, body_hash, now)
         if not replayed:
             log.info("event=job_submitted job=%s tenant=%s cards=%s", row.id, tenant, row.cards)
-            self.poke()
+            self.poke(submitted=True)
         return row, replayed
 
     def replayed(self, tenant: str, idem_key: str, body_hash: str) -> store_jobs.JobRow | None:
@@ -454,10 +465,11 @@ class TrainingService:
 
     # ------------------------------------------------------------------ the tick
 
-    def tick(self, now: float) -> scheduler.Plan | None:
-        """One scheduling round (synchronous: read, plan, write, in one go). Returns the plan."""
+    def tick(self, now: float, *, incremental: bool = False) -> scheduler.Plan | None:
+        """One scheduling round (synchronous: read, plan, write, in one go). Returns the plan (of
+        the new jobs only, when ``incremental`` and only they changed: see :meth:`_tick_steps`)."""
         started = self.clock.monotonic()
-        rows, plan, commits, reclaim = self._tick_plan(now)
+        rows, plan, commits, reclaim = self._tick_plan(now, incremental)
         if reclaim is not None:
             self._decide_now(reclaim)
         for commit in commits:
@@ -470,7 +482,7 @@ class TrainingService:
         self._tick_ended(rows, now, started)
         return plan
 
-    async def tick_async(self, now: float) -> scheduler.Plan | None:
+    async def tick_async(self, now: float, *, incremental: bool = False) -> scheduler.Plan | None:
         """:meth:`tick` whose decisions are committed awaited (``store.db.write``): on the
         replicated record the loop goes on (heartbeats, the lease's renewals, requests) while each
         chunk of decisions waits for its quorum, through a stream election too. Each chunk's
@@ -479,7 +491,7 @@ class TrainingService:
         cancelled) is checked before each chunk is written, and the rest of the round (stale
         attempts, vanished ones, orphans) reads the jobs again after the writes."""
         started = self.clock.monotonic()
-        steps, busy_s = self._tick_steps(now), 0.0
+        steps, busy_s = self._tick_steps(now, incremental), 0.0
         while True:  # the round's reads and plan, in steps: the loop serves requests between them
             resumed = self.clock.monotonic()
             try:
@@ -508,9 +520,9 @@ class TrainingService:
         self.last_tick_busy_s = busy_s + self.clock.monotonic() - resumed
         return plan
 
-    def _tick_plan(self, now: float) -> _Round:
+    def _tick_plan(self, now: float, incremental: bool = False) -> _Round:
         """Read and plan a round: the jobs read, the plan, and the commits that carry it out."""
-        steps = self._tick_steps(now)
+        steps = self._tick_steps(now, incremental)
         while True:
             try:
                 next(steps)
@@ -518,51 +530,121 @@ class TrainingService:
                 result: _Round = done.value
                 return result
 
-    def _tick_steps(self, now: float) -> Generator[None, None, _Round]:
-        """:meth:`_tick_plan` in steps of ``TICK_STEP`` queued jobs (decoded, then planned), so the
-        tick of a long queue lets the loop serve requests between them. The jobs are read at once
-        (one consistent read) and lending is decided before the first pause; the snapshot the plan
-        works on is its own, and what changes meanwhile (a job cancelled) is checked before each
-        decision is written (``_carry_out``)."""
+    def _tick_steps(self, now: float, incremental: bool = False) -> Generator[None, None, _Round]:
+        """:meth:`_tick_plan` in steps of ``TICK_STEP`` queued jobs (read and decoded a page at a
+        time, then planned), so the tick of a long queue lets the loop serve requests between them
+        (one read of the whole queue held the loop for 10-40 ms with a few thousand jobs queued).
+        The queue is the waiting jobs created up to a mark taken first (rowid); lending is decided
+        before the first pause; the snapshot the plan works on is its own, and what changes
+        meanwhile (a job cancelled between pages, or after its page) is checked before each
+        decision is written (``_carry_out``).
+
+        ``incremental`` (the tick loop's rounds): when the last full plan started and stopped
+        nothing, only submissions poked since, it is younger than ``scheduler_full_plan_s``, the
+        queue is that plan's jobs plus jobs created since (its count says no job left it), and the
+        pools, running jobs and tenants are as that plan saw them, the round reads and plans only
+        the new jobs (``scheduler.plan_more``: the full plan's decisions for them), O(new jobs)
+        rather than O(queue); anything else, a full round."""
         db = self.db
         live_rows = store_jobs.jobs_in_states(db, LIVE_STATES)
-        queue = store_jobs.read_jobs_in_states(db, WAITING_STATES)
         live = {r.id: r for r in live_rows}
         self._preempting = {k: v for k, v in self._preempting.items()
                             if k[0] in live and live[k[0]].attempt == k[1]}
+        full_wanted, self._full_wanted = self._full_wanted, False
+        basis, self._basis = self._basis, None  # kept only by a round that planned against it
+        added = self._added(basis, now) if incremental and not full_wanted and basis is not None else None
+        mark = store_jobs.jobs_mark(db)  # the full read's end: a job created later is the next round's
         plan = None
         commits: list[Callable[[Database], None]] = []
-        lent, reclaim = self._lend(live, now, bool(len(queue))) if self.config.lending.enabled else (None, None)
+        waiting_n = (store_jobs.count_in_states(db, WAITING_STATES) if added is None
+                     else len(added[0]) + len(basis.ids if basis is not None else ()))
+        lent, reclaim = self._lend(live, now, bool(waiting_n)) if self.config.lending.enabled else (None, None)
+        if added is not None and basis is not None:
+            new_rows, new_mark = added
+            pools = self._plan_pools(live, lent, now)
+            plan = self._plan_added(basis, new_rows, pools, live, now)
+            if plan is not None:  # the queue's other jobs keep the decisions the full plan wrote
+                self._basis = basis
+                self._basis_seen = (pools, self._basis_seen[1], new_mark,
+                                    self._basis_seen[3] | {r.tenant for r in new_rows})
+                self.counters["ticks_incremental"] += 1
+                self.counters["jobs_planned"] += plan.decisions
+                rows = live_rows + new_rows
+                commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
+                return rows, plan, commits, reclaim
         waiting: list[store_jobs.JobRow] = []
-        for n, r in enumerate(queue, 1):
-            waiting.append(r)
-            if n % TICK_STEP == 0:
+        for state in sorted(WAITING_STATES):  # read and decoded a page at a time (see the docstring)
+            after = 0
+            while True:
+                page, after = store_jobs.jobs_page(db, state, after, mark, TICK_STEP)
+                waiting.extend(page)
+                if len(page) < TICK_STEP:
+                    break
                 yield None
+        waiting = sorted({r.id: r for r in waiting}.values(), key=lambda r: (r.submitted_at, r.id))
         rows = live_rows + waiting
         if waiting:
-            pools = self._pools(live.values(), now)
-            if lent is not None:
-                pools = lending.lend_pools(pools, lent[0], lent[1])
-            if self.pricing is not None:
-                pools = self.pricing(pools, now)
+            pools = self._plan_pools(live, lent, now)
             specs = []
             for n, r in enumerate(waiting, 1):
-                specs.append(r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority,
-                                            submitted_at=r.submitted_at, progress=r.progress,
-                                            checkpoint_pool=r.checkpoint_pool, restarting=r.state is S.RESTARTING))
+                specs.append(self._spec(r))
                 if n % TICK_STEP == 0:
                     yield None
+            running = [self._running(r) for r in live.values()]
             snapshot = scheduler.Snapshot(
-                pools=pools, queued=specs, running=[self._running(r) for r in live.values()],
+                pools=pools, queued=specs, running=running,
                 tenants=self._tenants({r.tenant for r in rows}), model=self.cost_model,
             )
-            plan = yield from scheduler.plan_steps(snapshot, now, every=TICK_STEP)
+            plan, new_basis = yield from scheduler.plan_basis_steps(snapshot, now, every=TICK_STEP)
+            self.counters["jobs_planned"] += plan.decisions
+            if new_basis is not None and self.config.scheduler_full_plan_s > 0:
+                self._basis, self._basis_seen = new_basis, (pools, running, mark, set(snapshot.tenants))
             commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
             self.last_plan = plan
             if lent is not None:
                 lent_plan, ids = lent
-                commits.append(lambda db: self._say_lent(plan, lent_plan, ids, now))
+                full_plan = plan
+                commits.append(lambda db: self._say_lent(full_plan, lent_plan, ids, now))
         return rows, plan, commits, reclaim
+
+    def _added(self, basis: scheduler.Basis, now: float) -> tuple[list[store_jobs.JobRow], int] | None:
+        """The waiting jobs created since the full plan of ``basis`` (and the new rowid mark), if
+        that plan is still young enough and no job left the queue meanwhile; else None."""
+        if basis.spent or now - basis.now >= self.config.scheduler_full_plan_s:
+            return None
+        db = self.db
+        mark = store_jobs.jobs_mark(db)
+        new_rows = [r for r in store_jobs.jobs_added(db, WAITING_STATES, self._basis_seen[2], mark)
+                    if r.id not in basis.ids]
+        if store_jobs.count_in_states(db, WAITING_STATES) != len(basis.ids) + len(new_rows):
+            return None  # a job left the queue (or came back to it): a full plan
+        return new_rows, mark
+
+    def _plan_added(self, basis: scheduler.Basis, new_rows: list[store_jobs.JobRow], pools: list[placement.Pool],
+                    live: dict[str, store_jobs.JobRow], now: float) -> scheduler.Plan | None:
+        """The decisions for ``new_rows`` against ``basis`` if the pools, the running jobs and the
+        tenants are as its full plan saw them, else None (``scheduler.plan_more``)."""
+        seen_pools, seen_running, _, seen_tenants = self._basis_seen
+        if pools != seen_pools or [self._running(r) for r in live.values()] != seen_running:
+            return None
+        tenants = self._tenants(seen_tenants | {r.tenant for r in new_rows})
+        return scheduler.plan_more(basis, [self._spec(r) for r in new_rows], now, tenants=tenants)
+
+    def _plan_pools(self, live: dict[str, store_jobs.JobRow], lent: tuple[lending.LendPlan, set[str]] | None,
+                    now: float) -> list[placement.Pool]:
+        """The pools a plan sees: free cards less what live jobs hold, lent cards, offers' prices."""
+        pools = self._pools(live.values(), now)
+        if lent is not None:
+            pools = lending.lend_pools(pools, lent[0], lent[1])
+        if self.pricing is not None:
+            pools = self.pricing(pools, now)
+        return pools
+
+    @staticmethod
+    def _spec(r: store_jobs.JobRow) -> placement.JobSpec:
+        return r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority, submitted_at=r.submitted_at,
+                              progress=r.progress, checkpoint_pool=r.checkpoint_pool,
+                              restarting=r.state is S.RESTARTING)
 
     def _tick_end(self, rows: list[store_jobs.JobRow], now: float) -> list[_Decision[list[str]]]:
         """The rest of a round: stale attempts stopped (the outbox alone, local), and the decisions

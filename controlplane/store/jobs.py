@@ -359,6 +359,39 @@ def accelerators_wanted(db: sqlite_utils.Database, states: Iterable[JobState]) -
     return frozenset(str(row[0]) for row in db.conn.execute(sql, wanted))
 
 
+def jobs_mark(db: sqlite_utils.Database) -> int:
+    """The newest job row's rowid (0 for none): every job created later has a higher one (rows
+    are never deleted but by a rebuild of the whole table; an upsert keeps its row's rowid)."""
+    return int(db.conn.execute("SELECT coalesce(max(rowid), 0) FROM jobs").fetchone()[0])
+
+
+def jobs_added(db: sqlite_utils.Database, states: Iterable[JobState], after: int, upto: int) -> list[JobRow]:
+    """The jobs in one of ``states`` created after the :func:`jobs_mark` ``after``, up to the
+    mark ``upto``, oldest first (a scheduler tick reads only what was submitted since its last
+    full read)."""
+    wanted = [JobState(s).value for s in states]
+    marks = ", ".join("?" for _ in wanted)
+    sql = (f"SELECT {_JOB_COLS} FROM jobs WHERE rowid > ? AND rowid <= ? AND state IN ({marks}) "
+           "ORDER BY submitted_at, id")
+    return [_job(r) for r in db.conn.execute(sql, [after, upto, *wanted])]
+
+
+def jobs_page(db: sqlite_utils.Database, state: JobState, after: int, upto: int, limit: int) -> tuple[list[JobRow], int]:
+    """At most ``limit`` jobs in ``state`` with a rowid in (``after``, ``upto``], by rowid (the
+    state index's order: no sort), and the last rowid read (``after`` if none): a long queue read
+    a page at a time, so a caller on an event loop lets other work run between the pages."""
+    sql = f"SELECT rowid, {_JOB_COLS} FROM jobs WHERE state = ? AND rowid > ? AND rowid <= ? ORDER BY rowid LIMIT ?"
+    raws = db.conn.execute(sql, [JobState(state).value, after, upto, limit]).fetchall()
+    return [_job(r[1:]) for r in raws], (int(raws[-1][0]) if raws else after)
+
+
+def count_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -> int:
+    """How many jobs are in one of ``states`` (from the state index, without reading the rows)."""
+    wanted = [JobState(s).value for s in states]
+    marks = ", ".join("?" for _ in wanted)
+    return int(db.conn.execute(f"SELECT count(*) FROM jobs WHERE state IN ({marks})", wanted).fetchone()[0])
+
+
 def states_of(db: sqlite_utils.Database, ids: Iterable[str]) -> dict[str, tuple[str, int, float]]:
     """``id -> (state, attempt, updated_at)`` of the jobs among ``ids`` that exist (a decision
     made from an older read checks against these before it is written)."""

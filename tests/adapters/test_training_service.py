@@ -17,6 +17,7 @@ from controlplane.runtime import WallClock
 from controlplane.services import training
 from controlplane.services.outbox import CommandOutbox
 from controlplane.store import db as store_db
+from controlplane.store import jobs as store_jobs
 from topology import loader
 
 T0 = 1_800_000_000.0
@@ -115,5 +116,60 @@ async def test_a_tick_over_a_long_queue_lets_the_loop_run_between_its_steps(tmp_
         assert stepped is not None and whole is not None
         assert msgspec.json.encode(stepped) == msgspec.json.encode(whole)
         assert 0 < service.last_tick_busy_s
+    finally:
+        db.conn.close()
+
+
+def test_a_tick_after_one_submission_to_a_long_unchanged_queue_plans_that_job_alone(tmp_path: Path) -> None:
+    """1,000 jobs wait (their tenant's quota); after one more submission the tick loop's round
+    decides 1 job, not 1,001 (before: the whole queue, every tick), writes the reason a full plan
+    writes, and finds a job another process created (no poke here). Anything else plans the whole
+    queue again: a cancellation's poke, a job leaving the queue unseen, a tenant's new quota."""
+    db = store_db.open_db(tmp_path / "cpn.db")
+    layout = loader.load_default()
+    clock = WallClock()
+    quota = {"acme": 8}
+    service = training.TrainingService(
+        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
+        clock=clock, metrics=HubMetrics(), config=HubConfig(),
+        tenant=lambda tid: {"id": tid, "quota_cards": quota.get(tid)})
+    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    c = service.counters
+    try:
+        spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
+        with store_db.transaction(db):
+            ids = [service.submit("acme", spec, None, "h", T0)[0].id for _ in range(1000)]
+        reads: list[str] = []
+        db.conn.set_trace_callback(lambda sql: reads.append(sql) if "FROM jobs WHERE state" in sql else None)
+        service.tick(T0 + 1, incremental=True)
+        db.conn.set_trace_callback(None)
+        assert (c["jobs_planned"], c["ticks_incremental"]) == (1000, 0)  # the first tick plans the queue
+        assert sum("LIMIT" in sql for sql in reads) >= 1000 // training.TICK_STEP  # read a page at a time
+        late, _ = service.submit("acme", spec, None, "h", T0 + 2)
+        plan = service.tick(T0 + 2, incremental=True)
+        assert (c["jobs_planned"], c["ticks_incremental"]) == (1001, 1)
+        assert plan is not None and [w.job_id for w in plan.wait] == [late.id]
+        got = service.job(late.id)
+        assert got is not None and got.reason == "quota: tenant acme holds 0 of 8 cards, job needs 16"
+        other, _ = store_jobs.create_job(db, "beta", spec, None, "h", T0 + 3)  # a gateway elsewhere
+        plan = service.tick(T0 + 3, incremental=True)
+        assert (c["jobs_planned"], c["ticks_incremental"]) == (1002, 2)
+        assert plan is not None and [i.job_id for i in plan.infeasible] == [other.id]  # no pools here
+        service.tick(T0 + 3.5, incremental=True)  # nothing new: nothing planned
+        assert (c["jobs_planned"], c["ticks_incremental"]) == (1002, 3)
+        service.cancel(ids[0], "acme", T0 + 4)  # pokes for a full plan
+        service.tick(T0 + 4, incremental=True)
+        assert (c["jobs_planned"], c["ticks_incremental"]) == (1002 + 1001, 3)  # the whole queue: 1,001 jobs
+        store_jobs.update_job(db, ids[1], T0 + 5, state="cancelled")  # unseen: the count tells
+        service.tick(T0 + 5, incremental=True)
+        assert (c["jobs_planned"], c["ticks_incremental"]) == (2003 + 1000, 3)
+        quota["acme"] = 64  # a tenant changed: a full plan
+        service.submit("acme", spec, None, "h", T0 + 6)
+        plan = service.tick(T0 + 6, incremental=True)
+        assert (c["jobs_planned"], c["ticks_incremental"]) == (3003 + 1001, 3)
+        assert plan is not None and {i.job_id for i in plan.infeasible} >= set(ids[2:])  # acme's quota passes now
+        service.submit("acme", spec, None, "h", T0 + 6 + HubConfig().scheduler_full_plan_s)  # too old a plan
+        service.tick(T0 + 6 + HubConfig().scheduler_full_plan_s, incremental=True)
+        assert (c["jobs_planned"], c["ticks_incremental"]) == (4004 + 1002, 3)
     finally:
         db.conn.close()

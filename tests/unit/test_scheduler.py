@@ -412,3 +412,86 @@ def test_a_plan_made_in_steps_is_the_plan_and_pauses_every_k_decisions(scn, ever
             break
     assert msgspec.json.encode(stepped) == msgspec.json.encode(whole)
     assert pauses == len(queued) // every
+
+
+# --------------------------------------------------------------------------- planning only new jobs
+
+
+def decisions(p: sc.Plan) -> dict[str, object]:
+    """Every job's decision, by id (start / wait / infeasible, as plain data)."""
+    out: dict[str, object] = {}
+    for kind, items in (("start", p.start), ("wait", p.wait), ("infeasible", p.infeasible)):
+        for d in items:
+            out[d.job_id] = (kind, msgspec.to_builtins(d))
+    return out
+
+
+@st.composite
+def split_queues(draw: st.DrawFn) -> tuple[list[pl.Pool], list[pl.JobSpec], list[pl.JobSpec], list[sc.Running],
+                                           dict[str, sc.Tenant]]:
+    """A scenario whose pools are often full (so the full plan of the old queue often places
+    nothing), its queue split into the jobs planned first and the jobs added later."""
+    pools, queued, run, tenants = draw(scenarios())
+    if draw(st.booleans()):
+        pools = [msgspec.structs.replace(p, cards_free={a: 0 for a in p.cards_total}) for p in pools]
+    k = draw(st.integers(0, len(queued)))
+    old, new = queued[:k], queued[k:]
+    if draw(st.booleans()):  # the new jobs come later, as submissions do
+        new = [msgspec.structs.replace(j, submitted_at=j.submitted_at + 100.0) for j in new]
+    return pools, old, new, run, tenants
+
+
+@settings(max_examples=400, deadline=None)
+@given(split_queues())
+def test_planning_only_the_new_jobs_decides_as_the_full_plan_does(scn) -> None:  # type: ignore[no-untyped-def]
+    """plan_more(basis of the old queue, new jobs) is either None or exactly the full plan's
+    decisions for the new jobs, the full plan deciding the old jobs as the basis did."""
+    pools, old, new, run, tenants = scn
+    first, basis = _drain(sc.plan_basis_steps(sc.Snapshot(pools=pools, queued=old, running=run, tenants=tenants), NOW))
+    if first.start or first.stop:
+        assert basis is None
+        return
+    assert basis is not None
+    more = sc.plan_more(basis, new, NOW)
+    if more is None:
+        return
+    whole = sc.plan(sc.Snapshot(pools=pools, queued=old + new, running=run, tenants=tenants), NOW)
+    assert not more.start and not more.stop and more.reservation is None
+    assert whole.start == [] and whole.stop == []
+    assert whole.reservation == basis.reservation == first.reservation
+    assert decisions(whole) == {**decisions(first), **decisions(more)}
+    assert sorted(decisions(more)) == sorted(j.id for j in new)
+
+
+def _drain(steps):  # type: ignore[no-untyped-def]
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def test_a_new_job_behind_a_long_unchanged_queue_is_planned_alone() -> None:
+    """1,000 jobs wait for a full pool; one more is decided without deciding the 1,000 again,
+    as the full plan would decide it; a job that would start, or one of higher priority than the
+    head, needs the full plan."""
+    pools = [pool("p1", cards=64, free=0)]
+    run = [running(f"r{i}", cards=8, expected_end_at=NOW + (i + 1) * H, preemptible=False) for i in range(8)]
+    old = [job(f"j{i}", cards=8, submitted_at=float(i)) for i in range(1000)]
+    first, basis = _drain(sc.plan_basis_steps(sc.Snapshot(pools=pools, queued=old, running=run), NOW))
+    assert first.reservation is not None and first.reservation.job_id == "j0"
+    assert basis is not None
+    late = job("late", cards=8, submitted_at=2000.0)
+    more = sc.plan_more(basis, [late], NOW + 1.0)
+    assert more is not None and more.decisions == 1
+    assert waits(more)["late"] == waits(sc.plan(sc.Snapshot(pools=pools, queued=[*old, late], running=run),
+                                                 NOW + 1.0))["late"]
+    assert sc.plan_more(basis, [late], NOW + 2.0) == sc.Plan()  # already decided: nothing to do
+    urgent = job("urgent", cards=8, priority=5, submitted_at=2001.0)
+    assert sc.plan_more(basis, [urgent], NOW + 2.0) is None  # it would be the head: only a full plan
+    elsewhere = [pool("p1", cards=64, free=0), pool("p2", cards=8, free=8)]
+    fits, fits_basis = _drain(sc.plan_basis_steps(sc.Snapshot(pools=elsewhere, queued=[job("big", cards=16)],
+                                                              running=run), NOW))
+    assert fits.start == [] and fits_basis is not None
+    assert sc.plan_more(fits_basis, [job("small", cards=8, submitted_at=5.0)], NOW) is None  # it would start
+    assert fits_basis.spent
