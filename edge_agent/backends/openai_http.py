@@ -29,6 +29,23 @@ from edge_agent.config import OpenAIHttpConfig
 from edge_agent.errors import BackendError
 
 
+_FAILURES = (OSError, BadResponse, msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError,
+             IndexError)
+"""What a call to the model server may fail with besides a :class:`BackendError` (:func:`_failure`)."""
+
+
+def _failure(exc: BaseException, url: str, timeout_s: float) -> BackendError:
+    """The :class:`BackendError` a failed call to the model server at ``url`` answers."""
+    if isinstance(exc, TimeoutError):  # before OSError: it is one
+        return BackendError("timeout", f"the model server gave no answer within {timeout_s:g} s", retryable=True,
+                            detail=f"{url}: no answer within {timeout_s:g} s")
+    if isinstance(exc, OSError):  # refused, reset, closed mid-answer, TLS
+        return BackendError("backend_unavailable", "the model server is unavailable", retryable=True,
+                            detail=f"{url}: {exc!r}")
+    return BackendError("backend_error", "the model server's answer was unreadable",
+                        detail=f"{url}: unreadable answer: {exc!r}")
+
+
 class _Message(msgspec.Struct):
     content: str | None = None
 
@@ -179,21 +196,12 @@ class OpenAIHttpBackend:
             return self._completion(_answer.decode(data), request)
         except BackendError:
             raise
-        except TimeoutError:
-            raise BackendError("timeout", f"the model server gave no answer within {timeout_s:g} s", retryable=True,
-                               detail=f"{url}: no answer within {timeout_s:g} s") from None
         except Disconnected as exc:
             if not exchange.got_bytes:
                 return None
-            raise BackendError("backend_unavailable", "the model server is unavailable", retryable=True,
-                               detail=f"{url}: {exc!r}") from None
-        except OSError as exc:
-            raise BackendError("backend_unavailable", "the model server is unavailable", retryable=True,
-                               detail=f"{url}: {exc!r}") from None
-        except (BadResponse, msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError,
-                IndexError) as exc:
-            raise BackendError("backend_error", "the model server's answer was unreadable",
-                               detail=f"{url}: unreadable answer: {exc!r}") from None
+            raise _failure(exc, url, timeout_s) from None
+        except _FAILURES as exc:
+            raise _failure(exc, url, timeout_s) from None
 
     def abort_now(self, exchange: Any) -> None:
         """Give up an exchange :meth:`start_now` sent (deadline, cancellation, shutdown)."""
@@ -222,16 +230,8 @@ class OpenAIHttpBackend:
             return self._completion(_answer.decode(await response.read()), request)
         except BackendError:
             raise
-        except TimeoutError:  # before OSError: it is one
-            raise BackendError("timeout", f"the model server gave no answer within {timeout_s:g} s", retryable=True,
-                               detail=f"{url}: no answer within {timeout_s:g} s") from None
-        except OSError as exc:  # refused, reset, closed mid-answer, TLS
-            raise BackendError("backend_unavailable", "the model server is unavailable", retryable=True,
-                               detail=f"{url}: {exc!r}") from None
-        except (BadResponse, msgspec.DecodeError, msgspec.ValidationError, ValueError, KeyError, TypeError,
-                IndexError) as exc:
-            raise BackendError("backend_error", "the model server's answer was unreadable",
-                               detail=f"{url}: unreadable answer: {exc!r}") from None
+        except _FAILURES as exc:
+            raise _failure(exc, url, timeout_s) from None
         finally:
             if response is not None:
                 response.close()  # a no-op once read to the end (the connection went back to the pool)
