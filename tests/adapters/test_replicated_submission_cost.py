@@ -56,6 +56,43 @@ def replica(hub: Hub) -> Replica:
     return hook
 
 
+class LateWatch:
+    """A process whose watch is late with the keys under ``prefixes``: what it delivers of them is
+    held back until the process asks the record for a read barrier (as a barrier waits for a late
+    delivery). ``answering`` False: a barrier goes unanswered (as without quorum) and releases
+    nothing; ``barriers`` counts them; ``slow_s`` makes each answer take that long."""
+
+    def __init__(self, hub: Hub, prefixes: tuple[str, ...]) -> None:
+        self.bridge: Any = replica(hub).bridge
+        self.prefixes = prefixes
+        self.held: list[Change] = []
+        self.holding = True
+        self.answering = True
+        self.barriers = 0
+        self.slow_s = 0.0
+        self._take: Callable[[], list[Change]] = self.bridge.take_changes
+        self._catch_up = self.bridge.catch_up_async
+        self.bridge.take_changes = self.take
+        self.bridge.catch_up_async = self.barrier
+
+    def take(self) -> list[Change]:
+        changes = self._take()
+        if not self.holding:
+            late, self.held[:] = self.held[:], []
+            return sorted(late + changes, key=lambda c: c.revision)
+        self.held.extend(c for c in changes if c.key.startswith(self.prefixes))
+        return [c for c in changes if not c.key.startswith(self.prefixes)]
+
+    async def barrier(self) -> bool:
+        self.barriers += 1
+        if not self.answering:
+            return False
+        self.holding = False
+        await asyncio.sleep(self.slow_s)
+        ok: bool = await self._catch_up()
+        return ok
+
+
 async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp_path: Path,
                                                                              cluster: NatsCluster) -> None:
     a = await start(tmp_path, cluster, "hub-a")
@@ -105,29 +142,8 @@ async def test_a_retry_at_a_process_whose_watch_is_late_replays_the_first_job(tm
         key = a.create_tenant("acme")
         await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
                     5, "the tenant at B")
-        # B's watch is late with jobs and idempotency keys: what it delivered is held back until B
-        # asks the record for a read barrier (as a barrier waits for a late delivery)
-        bridge: Any = replica(b).bridge
-        take: Callable[[], list[Change]] = bridge.take_changes
-        catch_up = bridge.catch_up_async
-        held: list[Change] = []
-        holding = [True]
-
-        def late_take() -> list[Change]:
-            changes = take()
-            if not holding[0]:
-                late, held[:] = held[:], []
-                return sorted(late + changes, key=lambda c: c.revision)
-            held.extend(c for c in changes if c.key.startswith(("idem.", "job.")))
-            return [c for c in changes if not c.key.startswith(("idem.", "job."))]
-
-        async def barrier() -> bool:
-            holding[0] = False
-            ok: bool = await catch_up()
-            return ok
-
-        bridge.take_changes = late_take
-        bridge.catch_up_async = barrier
+        late = LateWatch(b, ("idem.", "job."))  # B's watch is late with jobs and idempotency keys
+        bridge = late.bridge
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             at_a = Client(session, f"http://127.0.0.1:{a.http_port}", key)
             at_b = Client(session, f"http://127.0.0.1:{b.http_port}", key)
@@ -136,7 +152,7 @@ async def test_a_retry_at_a_process_whose_watch_is_late_replays_the_first_job(tm
             written = max(replica(a).revisions.values())
             await until(lambda: bridge.revision >= written, 5, "B's watch has the first answer")
             replica(b).apply_changes()
-            assert held, "nothing held back: the test would prove nothing"
+            assert late.held, "nothing held back: the test would prove nothing"
             assert store_jobs.get_job(b.db, first["id"]) is None  # B's SQLite does not know the job yet
             status, again, headers = await at_b.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "k1"})
             assert (status, again["id"], headers.get("Idempotent-Replayed")) == (201, first["id"], "true"), again
@@ -162,28 +178,9 @@ async def test_a_retry_whose_barrier_does_not_answer_is_a_503_not_a_409(tmp_path
         key = a.create_tenant("acme")
         await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
                     5, "the tenant at B")
-        bridge: Any = replica(b).bridge
-        take: Callable[[], list[Change]] = bridge.take_changes
-        catch_up = bridge.catch_up_async
-        held: list[Change] = []
-        answering = [False]
-
-        def late_take() -> list[Change]:
-            changes = take()
-            if answering[0]:
-                late, held[:] = held[:], []
-                return sorted(late + changes, key=lambda c: c.revision)
-            held.extend(c for c in changes if c.key.startswith(("idem.", "job.")))
-            return [c for c in changes if not c.key.startswith(("idem.", "job."))]
-
-        async def barrier() -> bool:  # unanswered, as a barrier without quorum: the callers read what they have
-            if not answering[0]:
-                return False
-            ok: bool = await catch_up()
-            return ok
-
-        bridge.take_changes = late_take
-        bridge.catch_up_async = barrier
+        late = LateWatch(b, ("idem.", "job."))
+        late.answering = False  # unanswered, as a barrier without quorum: the callers read what they have
+        bridge = late.bridge
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             at_a = Client(session, f"http://127.0.0.1:{a.http_port}", key)
             at_b = Client(session, f"http://127.0.0.1:{b.http_port}", key)
@@ -192,11 +189,11 @@ async def test_a_retry_whose_barrier_does_not_answer_is_a_503_not_a_409(tmp_path
             written = max(replica(a).revisions.values())
             await until(lambda: bridge.revision >= written, 5, "B's watch has the first answer")
             replica(b).apply_changes()
-            assert held, "nothing held back: the test would prove nothing"
+            assert late.held, "nothing held back: the test would prove nothing"
             status, body, _ = await at_b.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "k1"})
             assert (status, body["error"]["code"]) == (503, "record_unavailable"), body
             assert replica(b).unread_conflicts == 1 and replica(b).optimistic_retries == 1
-            answering[0] = True  # the record answers B's barrier again: the retry replays the first job
+            late.answering = True  # the record answers B's barrier again: the retry replays the first job
             status, again, headers = await at_b.call("POST", "/v1/jobs", JOB, headers={"Idempotency-Key": "k1"})
             assert (status, again["id"], headers.get("Idempotent-Replayed")) == (201, first["id"], "true"), again
         for hub in (a, b):
@@ -216,54 +213,30 @@ async def test_a_key_issued_at_one_gateway_works_at_once_at_another_whose_watch_
     a = await start(tmp_path, cluster, "hub-a")
     b = await start(tmp_path, cluster, "hub-b")
     try:
-        bridge: Any = replica(b).bridge
-        take: Callable[[], list[Change]] = bridge.take_changes
-        catch_up = bridge.catch_up_async
-        held: list[Change] = []
-        holding = [True]
-        barriers = [0]
-
-        def late_take() -> list[Change]:
-            changes = take()
-            if not holding[0]:
-                late, held[:] = held[:], []
-                return sorted(late + changes, key=lambda c: c.revision)
-            held.extend(c for c in changes if c.key.startswith(("key.", "tenant.")))
-            return [c for c in changes if not c.key.startswith(("key.", "tenant."))]
-
-        slow = [0.0]
-
-        async def barrier() -> bool:
-            barriers[0] += 1
-            holding[0] = False
-            await asyncio.sleep(slow[0])
-            ok: bool = await catch_up()
-            return ok
-
-        bridge.take_changes = late_take
-        bridge.catch_up_async = barrier
+        late = LateWatch(b, ("key.", "tenant."))
+        bridge = late.bridge
         key = a.create_tenant("acme")
         written = max(replica(a).revisions.values())
         await until(lambda: bridge.revision >= written, 5, "B's watch has the key")
         replica(b).apply_changes()
-        assert held, "nothing held back: the test would prove nothing"
+        assert late.held, "nothing held back: the test would prove nothing"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             status, body, _ = await Client(session, f"http://127.0.0.1:{b.http_port}", key).call("GET", "/v1/jobs")
             assert status == 200, body
             bad = Client(session, f"http://127.0.0.1:{b.http_port}", "cpn-" + "0" * 40)
-            before = barriers[0]
+            before = late.barriers
             for _ in range(5):
                 status, body, _ = await bad.call("GET", "/v1/jobs")
                 assert (status, body["error"]["code"]) == (401, "invalid_api_key"), body
-            assert barriers[0] - before <= 1, barriers
+            assert late.barriers - before <= 1, late.barriers
             # A flood of distinct bad keys at once shares catch-ups (one at a time, each caller
             # waiting for one that started after it came): not one record round trip per request.
-            slow[0] = 0.05
-            before = barriers[0]
+            late.slow_s = 0.05
+            before = late.barriers
             floods = [Client(session, f"http://127.0.0.1:{b.http_port}", f"cpn-{n:040d}") for n in range(1, 31)]
             answers = await asyncio.gather(*(c.call("GET", "/v1/jobs") for c in floods))
             assert {(st, bd["error"]["code"]) for st, bd, _ in answers} == {(401, "invalid_api_key")}
-            assert barriers[0] - before <= 4, f"{barriers[0] - before} catch-ups for 30 bad keys"  # before: 30
+            assert late.barriers - before <= 4, f"{late.barriers - before} catch-ups for 30 bad keys"  # before: 30
     finally:
         await b.stop()
         await a.stop()
