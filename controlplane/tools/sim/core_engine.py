@@ -661,8 +661,14 @@ def _bound(draws: Sequence[core_workload.JobDraw], oracle: dict[str, float], ora
         out["capacity_cny_per_a800_card_hour_at_best_baseline_work"] = r(capacity(base_work))
         out["best_baseline_work_a800_card_hours"] = r(base_work, 1)
     best_done = max((p["completed"] for n, p in pols.items() if n != "cpn"), default=0)
+    nh_common = pols.get("nearest-hub", {}).get("completed_in_common_cny", 0.0)
     for name, p in pols.items():
         p["cost_vs_nearest_hub"] = r(p["cny_per_a800_card_hour"] / nh) if nh else 0.0
+        # The same comparison like for like: the jobs every policy completed are the same work for
+        # each (their cards x est_hours), so this is also their CNY per A800-hour ÷ nearest-hub's.
+        # cost_vs_nearest_hub divides by different work: a policy that keeps more cards busy does
+        # more of it, and the more it does in a day, the dearer the cards the rest must take.
+        p["common_vs_nearest_hub"] = r(p["completed_in_common_cny"] / nh_common) if nh_common else 0.0
         p["completed_vs_best_baseline"] = p["completed"] - best_done if name == "cpn" else 0
     return out
 

@@ -139,7 +139,8 @@ def text(report: dict[str, Any], timing: dict[str, Any] | None = None) -> str:
                     f"the best baseline's {b['best_baseline_work_a800_card_hours']:,.0f} A800-card-hours in the day's "
                     "training cards, cheapest card-hours first")
             add("  " + "; ".join(
-                f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub (floor of its own hourly load "
+                f"{n}: cost {p.get('cost_vs_nearest_hub', 0.0):.2f}x nearest-hub ("
+                f"{p.get('common_vs_nearest_hub', 0.0):.2f}x on the jobs all completed; floor of its own hourly load "
                 f"{p.get('hourly_floor_cny_per_a800_card_hour', 0.0):.3f}, on its jobs' accelerators "
                 f"{p.get('accelerator_floor_cny_per_a800_card_hour', 0.0):.3f}, of its useful work alone "
                 f"{p.get('useful_work_floor_cny_per_a800_card_hour', 0.0):.3f}), common jobs "
