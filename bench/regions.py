@@ -389,7 +389,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                             if g is not None and a is not None:
                                 relay = 0.0 if wan.off else wan.scale * (
                                     site_one_way[site] + gateway_one_way[gw_region]
-                                    + (one_way[(gw_region, served_in)] if served_in != gw_region else 0.0))
+                                    + (one_way[(gw_region, served_in)] if served_in and served_in != gw_region else 0.0))
                                 split = parts_of(sent, got, g, a, service_ms, 0.0 if wan.off else leg_ms[mode], relay)
                                 split["total"] = took_ms - service_ms
                                 parts.setdefault((kind, rid, origin.id, mode), []).append(split)
@@ -483,12 +483,12 @@ def parts_rows(parts: dict[tuple[str, str, str, str], list[dict[str, float]]],
     by_region = []
     slowest = []
     for rid, mode in sorted({(rid, mode) for (kind, rid, _, mode) in parts if kind == "in_budget"}):
-        got = [(oid, g) for (kind, r, oid, m), gs in parts.items() if kind == "in_budget" and r == rid and m == mode
-               for g in gs]
-        by_region.append({"region": rid, "mode": mode, "n": len(got),
-                          **{f"{k}_p50": _p([g[k] for _, g in got], 50) for k in (*PARTS, "total")},
-                          **{f"{k}_p99": _p([g[k] for _, g in got], 99) for k in (*PARTS, "total")}})
-        for oid, g in sorted(got, key=lambda og: -og[1]["total"])[:3]:
+        pooled = [(oid, g) for (kind, r, oid, m), gs in parts.items() if kind == "in_budget" and r == rid and m == mode
+                  for g in gs]
+        by_region.append({"region": rid, "mode": mode, "n": len(pooled),
+                          **{f"{k}_p50": _p([g[k] for _, g in pooled], 50) for k in (*PARTS, "total")},
+                          **{f"{k}_p99": _p([g[k] for _, g in pooled], 99) for k in (*PARTS, "total")}})
+        for oid, g in sorted(pooled, key=lambda og: -og[1]["total"])[:3]:
             slowest.append({"region": rid, "mode": mode, "origin": oid, **{k: round(v, 2) for k, v in g.items()}})
     return {"by_origin": by_origin, "by_region": by_region, "slowest": slowest}
 
