@@ -175,6 +175,44 @@ class Probe:
         inference._result = encoded
 
 
+class LoopWatch:
+    """How late this process's event loop (the gateways', the agents' and the controller's) woke a
+    timer, and whether it was busy meanwhile: a wake-up every :attr:`every_s`, its lateness, and the
+    process's CPU time over the same interval. A late wake-up with the CPU time to match is work in
+    this process (the hubs and agents of the run); without it the process waited for a core (the
+    other processes of the machine)."""
+
+    def __init__(self, every_s: float = 0.005) -> None:
+        self.every_s = every_s
+        self.samples: list[tuple[float, float]] = []
+        """(lateness ms, the process's CPU ms over the interval) per wake-up"""
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            t0, c0 = time.monotonic(), time.process_time()
+            await asyncio.sleep(self.every_s)
+            t1, c1 = time.monotonic(), time.process_time()
+            self.samples.append(((t1 - t0 - self.every_s) * 1000, (c1 - c0) * 1000))
+
+    async def stop(self) -> dict[str, float]:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        late = sorted(v for v, _ in self.samples)
+        stalls = [(v, c) for v, c in self.samples if v > 1.0]
+        return {"wakeups": len(late), "late_ms_p50": _p(late, 50), "late_ms_p99": _p(late, 99),
+                "late_ms_max": round(late[-1], 2) if late else 0.0,
+                "stalls_over_1ms": len(stalls),
+                # of the time those stalls lasted (the interval), how much this process was on a core
+                "stall_busy_share": round(sum(c for _, c in stalls)
+                                          / max(1e-9, sum(v + self.every_s * 1000 for v, _ in stalls)), 3)}
+
+
 PARTS = ("tenant_in", "to_agent", "agent", "from_agent", "tenant_out")
 """A request's time beyond what the layout's delays and the site's service time account for, in five
 parts: ``tenant_in`` (client sent -> the gateway's handler took it: the tenant leg's proxy beyond its
@@ -312,6 +350,8 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             gc_tuning.settle_after_startup()
             probe = Probe()
             probe.attach(net)
+            watch = LoopWatch()
+            watch.start()
             await wan.delay()
             key = net.credentials["tenant_key"]
             central = net.regions[0]
@@ -405,6 +445,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                             proxy_cost["undelayed"] += await calibrate(host, 10, 0.0)
             finally:
                 await client.close()
+                loop_lag = await watch.stop()
             if not wan.off:
                 lateness = await host.stats()
         finally:
@@ -462,7 +503,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "gateway_one_way_ms": {k: round(v, 2) for k, v in gateway_one_way.items()},
             "not_served": not_served, "promise_over_budget": promise_over,
             "started_s": round(started_s, 1), "rows": rows, "origins": origin_rows,
-            "parts": parts_rows(parts, tenant_late),
+            "parts": parts_rows(parts, tenant_late), "loop_lag": loop_lag,
             "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
 
 
@@ -585,5 +626,10 @@ def main(argv: list[str]) -> int:
         print(f"  {o['region']:<9}{o['origin']:<14}{o['mode']:<10}{o['p50_ms']:>8}{o['p99_ms']:>8}"
               f"{o['promised_rtt_ms']:>10}{'' if o['in_budget'] else '  (outside)'}")
     print_parts(result["parts"])
+    lag = result["loop_lag"]
+    print(f"  this process's event loop (gateways, agents, controller): a {LoopWatch().every_s * 1000:g} ms timer woke "
+          f"late by p50 {lag['late_ms_p50']} / p99 {lag['late_ms_p99']} / max {lag['late_ms_max']} ms; over the "
+          f"{lag['stalls_over_1ms']} stalls beyond 1 ms the process was on a core {lag['stall_busy_share']:.0%} of the "
+          f"time (the rest: waiting for one)")
     print(f"written to {common.write('regions', result)}")
     return 0
