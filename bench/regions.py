@@ -182,7 +182,7 @@ class LoopWatch:
     this process (the hubs and agents of the run); without it the process waited for a core (the
     other processes of the machine)."""
 
-    def __init__(self, every_s: float = 0.005) -> None:
+    def __init__(self, every_s: float = 0.02) -> None:
         self.every_s = every_s
         self.samples: list[tuple[float, float]] = []
         """(lateness ms, the process's CPU ms over the interval) per wake-up"""
