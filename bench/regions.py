@@ -203,6 +203,8 @@ class LoopWatch:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if not self.samples:  # not started
+            return {"wakeups": 0}
         late = sorted(v for v, _ in self.samples)
         stalls = [(v, c) for v, c in self.samples if v > 1.0]
         return {"wakeups": len(late), "late_ms_p50": _p(late, 50), "late_ms_p99": _p(late, 99),
@@ -312,7 +314,8 @@ async def calibrate(host: ProxyHost, rounds: int, delay_ms: float) -> list[float
 
 
 async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, sites: int,
-              wan_mode: str = "layout", warmup: int = 3, client_mode: str = "process") -> dict[str, Any]:
+              wan_mode: str = "layout", warmup: int = 3, client_mode: str = "process",
+              with_parts: bool = False) -> dict[str, Any]:
     layout = loader.load_default()
     index = latency.RttIndex.build(layout)
     kept = layout.regions[:n_regions]
@@ -349,9 +352,10 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             # (without it ~3% of the answers overlapped a collection, 4.5 ms slower on average: the p99).
             gc_tuning.settle_after_startup()
             probe = Probe()
-            probe.attach(net)
             watch = LoopWatch()
-            watch.start()
+            if with_parts:  # off by default: the figures are then taken exactly as without them
+                probe.attach(net)
+                watch.start()
             await wan.delay()
             key = net.credentials["tenant_key"]
             central = net.regions[0]
@@ -575,6 +579,9 @@ def main(argv: list[str]) -> int:
                    help="layout: the layout's delays; zero: the proxies without delay; none: no proxies "
                         "(where the time goes)")
     p.add_argument("--warmup", type=int, default=3, help="requests per origin and gateway not counted")
+    p.add_argument("--parts", action="store_true",
+                   help="stamp each request in the gateway and the agent: where its time went, per origin, and "
+                        "how late this process's loop woke (docs/benchmarks.md)")
     p.add_argument("--client", choices=("process", "inline"), default="process",
                    help="process: the tenant in a process of its own; inline: in the bench's event loop")
     args = p.parse_args(argv)
@@ -584,7 +591,7 @@ def main(argv: list[str]) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name}: {getattr(args, name)}: at least 1")
     result = asyncio.run(run(args.regions, args.origins, args.requests, args.floor_ms, args.sites, args.wan,
-                             args.warmup, args.client))
+                             args.warmup, args.client, args.parts))
     sub = result["subtracted"]
     late = result["proxy_lateness_ms"]
     print(f"cpn bench regions: client latency minus what the bench adds, ms (budget {BUDGET_MS:g} ms); "
@@ -625,11 +632,12 @@ def main(argv: list[str]) -> int:
     for o in result["origins"]:
         print(f"  {o['region']:<9}{o['origin']:<14}{o['mode']:<10}{o['p50_ms']:>8}{o['p99_ms']:>8}"
               f"{o['promised_rtt_ms']:>10}{'' if o['in_budget'] else '  (outside)'}")
-    print_parts(result["parts"])
     lag = result["loop_lag"]
-    print(f"  this process's event loop (gateways, agents, controller): a {LoopWatch().every_s * 1000:g} ms timer woke "
-          f"late by p50 {lag['late_ms_p50']} / p99 {lag['late_ms_p99']} / max {lag['late_ms_max']} ms; over the "
-          f"{lag['stalls_over_1ms']} stalls beyond 1 ms the process was on a core {lag['stall_busy_share']:.0%} of the "
-          f"time (the rest: waiting for one)")
+    if lag["wakeups"]:
+        print_parts(result["parts"])
+        print(f"  this process's event loop (gateways, agents, controller): a {LoopWatch().every_s * 1000:g} ms timer "
+              f"woke late by p50 {lag['late_ms_p50']} / p99 {lag['late_ms_p99']} / max {lag['late_ms_max']} ms; over "
+              f"the {lag['stalls_over_1ms']} stalls beyond 1 ms the process was on a core "
+              f"{lag['stall_busy_share']:.0%} of the time (the rest: waiting for one)")
     print(f"written to {common.write('regions', result)}")
     return 0
