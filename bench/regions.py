@@ -61,7 +61,7 @@ from controlplane.core import overhead
 from controlplane.tools.proxyhost import ProxyHost
 from controlplane.tools.up import DEMO_MODEL, UpOptions
 from controlplane.tools.upregions import RefusingPort, RegionalNetwork
-from edge_agent import gc_tuning
+from edge_agent import gc_tuning, wire
 from topology import latency, loader
 from topology import layout as topo_layout
 from topology.ingress import ClusterPaths, city_rtt_ms
@@ -118,6 +118,123 @@ class Wan:
         """The WAN delays on (after start-up: what is measured is the requests, not the start)."""
         for pid, ms in self.proxies:
             await self.host.set_mode([pid], "delay", ms * self.scale)
+
+
+class Probe:
+    """Where each request's time went, read inside this process, where the gateways and the agents
+    run: when a gateway's handler took each request and finished its answer (its ``relayed`` call,
+    the overhead measurement's own endpoints), and when an agent started and finished answering it,
+    by request id, on ``time.monotonic()``, the clock the client process stamps too. Bench-only: the
+    methods are wrapped on the instances of this run."""
+
+    def __init__(self) -> None:
+        self.gateway: dict[str, tuple[float, float]] = {}
+        self.agent: dict[str, tuple[float, float]] = {}
+
+    def attach(self, net: RegionalNetwork) -> None:
+        for region in net.regions:
+            assert region.gateway is not None
+            self._wrap_gateway(region.gateway.services.inference)
+            for agent in region.agents:
+                self._wrap_agent(agent.inference)
+
+    def _wrap_gateway(self, inference: Any) -> None:
+        relayed = inference.relayed
+        spans = self.gateway
+
+        def timed(served: Any, origin: str, took_ms: float) -> None:
+            now = time.monotonic()
+            if served.result is not None:
+                spans[served.result.request_id] = (now - took_ms / 1000.0, now)
+            relayed(served, origin, took_ms)
+
+        inference.relayed = timed
+
+    def _wrap_agent(self, inference: Any) -> None:
+        # Every request message reaches ``answer_now`` first (the agent's NATS callback), served at
+        # once or not; every answer is encoded by ``_result``, then published.
+        answer_now, result = inference.answer_now, inference._result
+        started: dict[str, float] = {}
+        spans = self.agent
+
+        def first(msg: Any) -> bytes | None:
+            t0 = time.monotonic()
+            with contextlib.suppress(Exception):
+                started[wire.infer_request_decoder.decode(msg.data).request_id] = t0
+            out: bytes | None = answer_now(msg)
+            return out
+
+        def encoded(request: wire.InferRequest, completion: Any, service_ms: float) -> bytes:
+            out: bytes = result(request, completion, service_ms)
+            t0 = started.pop(request.request_id, None)
+            if t0 is not None:
+                spans[request.request_id] = (t0, time.monotonic())
+            return out
+
+        inference.answer_now = first
+        inference._result = encoded
+
+
+class LoopWatch:
+    """How late this process's event loop (the gateways', the agents' and the controller's) woke a
+    timer, and whether it was busy meanwhile: a wake-up every :attr:`every_s`, its lateness, and the
+    process's CPU time over the same interval. A late wake-up with the CPU time to match is work in
+    this process (the hubs and agents of the run); without it the process waited for a core (the
+    other processes of the machine)."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.every_s = every_s
+        self.samples: list[tuple[float, float]] = []
+        """(lateness ms, the process's CPU ms over the interval) per wake-up"""
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            t0, c0 = time.monotonic(), time.process_time()
+            await asyncio.sleep(self.every_s)
+            t1, c1 = time.monotonic(), time.process_time()
+            self.samples.append(((t1 - t0 - self.every_s) * 1000, (c1 - c0) * 1000))
+
+    async def stop(self) -> dict[str, float]:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if not self.samples:  # not started
+            return {"wakeups": 0}
+        late = sorted(v for v, _ in self.samples)
+        stalls = [(v, c) for v, c in self.samples if v > 1.0]
+        return {"wakeups": len(late), "late_ms_p50": _p(late, 50), "late_ms_p99": _p(late, 99),
+                "late_ms_max": round(late[-1], 2) if late else 0.0,
+                "stalls_over_1ms": len(stalls),
+                # of the time those stalls lasted (the interval), how much this process was on a core
+                "stall_busy_share": round(sum(c for _, c in stalls)
+                                          / max(1e-9, sum(v + self.every_s * 1000 for v, _ in stalls)), 3)}
+
+
+PARTS = ("tenant_in", "to_agent", "agent", "from_agent", "tenant_out")
+"""A request's time beyond what the layout's delays and the site's service time account for, in five
+parts: ``tenant_in`` (client sent -> the gateway's handler took it: the tenant leg's proxy beyond its
+delay, aiohttp reading it, the gateway's loop waking), ``to_agent`` (-> the agent started on it: the
+gateway routing and publishing, the NATS servers, the site link's proxy beyond its delay, the agent's
+loop waking), ``agent`` (its answer, less ``service_ms``), ``from_agent`` (-> the gateway's answer
+encoded: NATS back, the gateway waking and encoding), ``tenant_out`` (-> the client read it:
+aiohttp writing, the proxy back, the client waking)."""
+
+
+def parts_of(sent: float, received: float, gateway: tuple[float, float], agent: tuple[float, float],
+             service_ms: float, tenant_one_way_ms: float, relay_one_way_ms: float) -> dict[str, float]:
+    """The :data:`PARTS` of one request (ms), from the stamps of the client, the gateway and the agent
+    and the layout's one-way delays of the tenant's leg and of the relay (gateway -> site)."""
+    (h0, h1), (a0, a1) = gateway, agent
+    return {"tenant_in": (h0 - sent) * 1000 - tenant_one_way_ms,
+            "to_agent": (a0 - h0) * 1000 - relay_one_way_ms,
+            "agent": (a1 - a0) * 1000 - service_ms,
+            "from_agent": (h1 - a1) * 1000 - relay_one_way_ms,
+            "tenant_out": (received - h1) * 1000 - tenant_one_way_ms}
 
 
 def _site_rtt_ms(index: latency.RttIndex, city: str, site: str) -> float:
@@ -197,7 +314,8 @@ async def calibrate(host: ProxyHost, rounds: int, delay_ms: float) -> list[float
 
 
 async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, sites: int,
-              wan_mode: str = "layout", warmup: int = 3, client_mode: str = "process") -> dict[str, Any]:
+              wan_mode: str = "layout", warmup: int = 3, client_mode: str = "process",
+              with_parts: bool = False) -> dict[str, Any]:
     layout = loader.load_default()
     index = latency.RttIndex.build(layout)
     kept = layout.regions[:n_regions]
@@ -233,6 +351,11 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             # What `cpn up --regions` does once up: the start-up heap frozen, young collections rarer
             # (without it ~3% of the answers overlapped a collection, 4.5 ms slower on average: the p99).
             gc_tuning.settle_after_startup()
+            probe = Probe()
+            watch = LoopWatch()
+            if with_parts:  # off by default: the figures are then taken exactly as without them
+                probe.attach(net)
+                watch.start()
             await wan.delay()
             key = net.credentials["tenant_key"]
             central = net.regions[0]
@@ -241,6 +364,10 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             crossings through one without delay, promised rtt, stated overhead, whether the tenant's
             leg was delayed) per answer"""
             by_origin: dict[tuple[str, str, str], list[float]] = {}
+            parts: dict[tuple[str, str, str, str], list[dict[str, float]]] = {}
+            """(origin kind, region, origin, mode) -> each answer's :data:`PARTS` and its total"""
+            tenant_late: dict[tuple[str, str, str], dict[str, float]] = {}
+            """(region, origin, mode) -> how late the tenant leg's proxy's delayed chunks left"""
             promised_of: dict[tuple[str, str, str], float] = {}
             in_region: dict[tuple[str, str, str], int] = {}
             errors: dict[tuple[str, str, str], int] = {}
@@ -256,12 +383,14 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                         legs = {}
                         leg_ms = {}
                         leg_ids = []
+                        leg_pid: dict[str, int] = {}
                         for mode, gw in (("regional", region), ("central", central)):
                             if wan.off:
                                 legs[mode] = net.gateway_url(gw)
                                 continue
                             pid, port = await host.add(net.gateway_url(gw).replace("http://", "nats://"))
                             leg_ids.append(pid)
+                            leg_pid[mode] = pid
                             leg_ms[mode] = wan.scale * city_rtt_ms(index, origin.id, gw.plan.gateway_city) / 2
                             await host.set_mode([pid], "delay", leg_ms[mode])
                             legs[mode] = f"http://127.0.0.1:{port}"
@@ -271,7 +400,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                                                    "requests": requests, "body": body})
                         # In budget is what the gateway promised at its own door: RTT + its measured
                         # overhead (p50 over the counted answers), as the router now checks it.
-                        promised = sorted(rtt + over for mode, i, status, *_, rtt, over in answers
+                        promised = sorted(rtt + over for mode, i, status, _, _, _, rtt, over, *_ in answers
                                           if mode == "regional" and i >= warmup and status == 200)
                         kind = "in_budget" if origin.in_budget else "outside"
                         if kind == "in_budget" and promised and common.percentile(promised, 50) > BUDGET_MS:
@@ -279,7 +408,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                             measured[rid].remove(origin)
                             outside[rid].append(Origin(origin.id, rid, common.percentile(promised, 50)))
                             promise_over[f"{rid}/{origin.id}"] = round(common.percentile(promised, 50), 2)
-                        for mode, i, status, took_ms, service_ms, site, rtt_ms, overhead_ms in answers:
+                        for mode, i, status, took_ms, service_ms, site, rtt_ms, overhead_ms, rid_, sent, got in answers:
                             if i < warmup:
                                 continue
                             k = (kind, rid, mode)
@@ -300,9 +429,19 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                                  sum(d <= 0 for d in delays), rtt_ms, overhead_ms,
                                  not wan.off and leg_ms[mode] > 0))
                             by_origin.setdefault((rid, origin.id, mode), []).append(took_ms - service_ms)
+                            g, a = probe.gateway.pop(rid_, None), probe.agent.pop(rid_, None)
+                            if g is not None and a is not None:
+                                relay = 0.0 if wan.off else wan.scale * (
+                                    site_one_way[site] + gateway_one_way[gw_region]
+                                    + (one_way[(gw_region, served_in)] if served_in and served_in != gw_region else 0.0))
+                                split = parts_of(sent, got, g, a, service_ms, 0.0 if wan.off else leg_ms[mode], relay)
+                                split["total"] = took_ms - service_ms
+                                parts.setdefault((kind, rid, origin.id, mode), []).append(split)
                             promised_of[(rid, origin.id, mode)] = rtt_ms
                             if served_in == rid:
                                 in_region[k] = in_region.get(k, 0) + 1
+                        for mode, pid in leg_pid.items():
+                            tenant_late[(rid, origin.id, mode)] = await host.stats([pid])
                         if leg_ids:  # done with this origin: its legs' descriptors back
                             await host.remove(leg_ids)
                         if not wan.off:
@@ -310,6 +449,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                             proxy_cost["undelayed"] += await calibrate(host, 10, 0.0)
             finally:
                 await client.close()
+                loop_lag = await watch.stop()
             if not wan.off:
                 lateness = await host.stats()
         finally:
@@ -342,7 +482,9 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                      # The stated overhead is the 90th percentile of recent relays: about 10% of the
                      # answers beyond the promise is the estimate doing its job; many more, it lags.
                      "share_beyond_promise": round(sum(1 for v in beyond if v > 0) / len(beyond), 3),
-                     "within_budget_p99": common.percentile(net_ms, 99) <= BUDGET_MS})
+                     "within_budget_p99": common.percentile(net_ms, 99) <= BUDGET_MS,
+                     # which answer the p99 is: of 80 answers, the 2nd slowest (two hiccups set it)
+                     "p99_nth_slowest": len(net_ms) - _rank(len(net_ms), 99)})
     origin_rows = [{"region": rid, "origin": oid, "mode": mode, "n": len(v),
                     "in_budget": any(o.id == oid for o in measured.get(rid, [])),
                     "p50_ms": round(common.percentile(sorted(v), 50), 2),
@@ -365,7 +507,65 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "gateway_one_way_ms": {k: round(v, 2) for k, v in gateway_one_way.items()},
             "not_served": not_served, "promise_over_budget": promise_over,
             "started_s": round(started_s, 1), "rows": rows, "origins": origin_rows,
+            "parts": parts_rows(parts, tenant_late), "loop_lag": loop_lag,
             "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
+
+
+def _rank(n: int, q: float) -> int:
+    """The index :func:`common.percentile` takes for the ``q`` percentile of ``n`` sorted values."""
+    return min(n - 1, max(0, round(q / 100 * (n - 1))))
+
+
+def _nth(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 < 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def _p(values: list[float], q: float) -> float:
+    return round(common.percentile(sorted(values), q), 2)
+
+
+def parts_rows(parts: dict[tuple[str, str, str, str], list[dict[str, float]]],
+               tenant_late: dict[tuple[str, str, str], dict[str, float]]) -> dict[str, Any]:
+    """Per origin and per region (its in-budget origins together): p50 and p99 of each of
+    :data:`PARTS`, and the slowest answers of each region's in-budget origins with their parts."""
+    by_origin = []
+    for (kind, rid, oid, mode), got in sorted(parts.items()):
+        late = tenant_late.get((rid, oid, mode), {})
+        by_origin.append({"origins": kind, "region": rid, "origin": oid, "mode": mode, "n": len(got),
+                          **{f"{k}_p50": _p([g[k] for g in got], 50) for k in (*PARTS, "total")},
+                          **{f"{k}_p99": _p([g[k] for g in got], 99) for k in (*PARTS, "total")},
+                          "tenant_proxy_late_p50": round(late.get("late_ms_p50", 0.0), 2),
+                          "tenant_proxy_late_p99": round(late.get("late_ms_p99", 0.0), 2)})
+    by_region = []
+    slowest = []
+    for rid, mode in sorted({(rid, mode) for (kind, rid, _, mode) in parts if kind == "in_budget"}):
+        pooled = [(oid, g) for (kind, r, oid, m), gs in parts.items() if kind == "in_budget" and r == rid and m == mode
+                  for g in gs]
+        by_region.append({"region": rid, "mode": mode, "n": len(pooled),
+                          **{f"{k}_p50": _p([g[k] for _, g in pooled], 50) for k in (*PARTS, "total")},
+                          **{f"{k}_p99": _p([g[k] for _, g in pooled], 99) for k in (*PARTS, "total")}})
+        for oid, g in sorted(pooled, key=lambda og: -og[1]["total"])[:3]:
+            slowest.append({"region": rid, "mode": mode, "origin": oid, **{k: round(v, 2) for k, v in g.items()}})
+    return {"by_origin": by_origin, "by_region": by_region, "slowest": slowest}
+
+
+def print_parts(split: dict[str, Any]) -> None:
+    names = ("in", "to agent", "agent", "from agent", "out")
+    print("\nwhere the time went beyond the layout's delays and service_ms, p50 / p99 ms (tenant_in: client -> "
+          "gateway handler; to/from agent: NATS and the site link; tenant_out: handler -> client)")
+    print(f"  {'region':<9}{'origin':<14}{'mode':<10}{'n':>4}" + "".join(f"{n:>14}" for n in (*names, "total"))
+          + f"{'tenant proxy late':>19}")
+    for r in split["by_region"]:
+        print(f"  {r['region']:<9}{'(in budget)':<14}{r['mode']:<10}{r['n']:>4}"
+              + "".join(f"{r[k + '_p50']:>7}/{r[k + '_p99']:<6}" for k in (*PARTS, "total")))
+    for r in split["by_origin"]:
+        print(f"  {r['region']:<9}{r['origin']:<14}{r['mode']:<10}{r['n']:>4}"
+              + "".join(f"{r[k + '_p50']:>7}/{r[k + '_p99']:<6}" for k in (*PARTS, "total"))
+              + f"{r['tenant_proxy_late_p50']:>9}/{r['tenant_proxy_late_p99']:<6}"
+              + ("" if r["origins"] == "in_budget" else " (outside)"))
+    print("  slowest in-budget answers: " + "; ".join(
+        f"{s['region']}/{s['mode']}/{s['origin']} {s['total']} (" + ", ".join(f"{k} {s[k]}" for k in PARTS) + ")"
+        for s in split["slowest"]))
 
 
 def main(argv: list[str]) -> int:
@@ -379,6 +579,9 @@ def main(argv: list[str]) -> int:
                    help="layout: the layout's delays; zero: the proxies without delay; none: no proxies "
                         "(where the time goes)")
     p.add_argument("--warmup", type=int, default=3, help="requests per origin and gateway not counted")
+    p.add_argument("--parts", action="store_true",
+                   help="stamp each request in the gateway and the agent: where its time went, per origin, and "
+                        "how late this process's loop woke (docs/benchmarks.md)")
     p.add_argument("--client", choices=("process", "inline"), default="process",
                    help="process: the tenant in a process of its own; inline: in the bench's event loop")
     args = p.parse_args(argv)
@@ -388,7 +591,7 @@ def main(argv: list[str]) -> int:
         if getattr(args, name) < 1:
             p.error(f"--{name}: {getattr(args, name)}: at least 1")
     result = asyncio.run(run(args.regions, args.origins, args.requests, args.floor_ms, args.sites, args.wan,
-                             args.warmup, args.client))
+                             args.warmup, args.client, args.parts))
     sub = result["subtracted"]
     late = result["proxy_lateness_ms"]
     print(f"cpn bench regions: client latency minus what the bench adds, ms (budget {BUDGET_MS:g} ms); "
@@ -422,11 +625,19 @@ def main(argv: list[str]) -> int:
         print(f"{r['origins']:<11}{r['region']:<11}{r['mode']:<10}{r['n']:>5}{r['errors']:>5}{r['p50_ms']:>8}"
               f"{r['p99_ms']:>8}{r['raw_p99_ms']:>9}{r['promised_rtt_p50_ms']:>8}{r['stated_overhead_p50_ms']:>9}"
               f"{r['beyond_rtt_p50_ms']:>11}{r['beyond_promise_p50_ms']:>9} / {r['beyond_promise_p99_ms']:<6}"
-              f"{r['share_beyond_promise']:>7.1%}  {'yes' if r['within_budget_p99'] else 'no'}")
+              f"{r['share_beyond_promise']:>7.1%}  {'yes' if r['within_budget_p99'] else 'no'}"
+              f" (p99: the {_nth(r['p99_nth_slowest'])} slowest)")
     print(f"\nby origin (client latency - service_ms, proxies not subtracted): {'origin':<14}{'mode':<10}"
           f"{'p50':>8}{'p99':>8}{'promised':>10}")
     for o in result["origins"]:
         print(f"  {o['region']:<9}{o['origin']:<14}{o['mode']:<10}{o['p50_ms']:>8}{o['p99_ms']:>8}"
               f"{o['promised_rtt_ms']:>10}{'' if o['in_budget'] else '  (outside)'}")
+    lag = result["loop_lag"]
+    if lag["wakeups"]:
+        print_parts(result["parts"])
+        print(f"  this process's event loop (gateways, agents, controller): a {LoopWatch().every_s * 1000:g} ms timer "
+              f"woke late by p50 {lag['late_ms_p50']} / p99 {lag['late_ms_p99']} / max {lag['late_ms_max']} ms; over "
+              f"the {lag['stalls_over_1ms']} stalls beyond 1 ms the process was on a core "
+              f"{lag['stall_busy_share']:.0%} of the time (the rest: waiting for one)")
     print(f"written to {common.write('regions', result)}")
     return 0

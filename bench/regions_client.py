@@ -8,8 +8,11 @@ origin on stdin, one JSON line of samples on stdout; an empty line or EOF ends i
 
 - in: ``{"key": ..., "origin": ..., "legs": {"regional": url, "central": url}, "warmup": n,
   "requests": n, "body": {...}}``
-- out: ``{"samples": [[mode, i, status, took_ms, service_ms, site, rtt_ms, overhead_ms], ...]}`` (warm-up
-  requests included, with their index: the parent leaves them out)
+- out: ``{"samples": [[mode, i, status, took_ms, service_ms, site, rtt_ms, overhead_ms, request_id, sent_s,
+  received_s], ...]}`` (warm-up requests included, with their index: the parent leaves them out;
+  ``sent_s``, ``received_s``: ``time.monotonic()`` when the request was sent and its answer read,
+  a clock every process of the machine shares, so the parent can place the gateway's and the agent's
+  own times between them)
 """
 
 from __future__ import annotations
@@ -28,14 +31,16 @@ async def _origin(session: aiohttp.ClientSession, job: dict[str, Any]) -> list[l
     headers = {"Authorization": f"Bearer {job['key']}"}
     for i in range(int(job["warmup"]) + int(job["requests"])):
         for mode in (("regional", "central") if i % 2 == 0 else ("central", "regional")):
-            started = time.perf_counter()
+            started = time.monotonic()
             async with session.post(job["legs"][mode] + "/v1/infer", json=job["body"], headers=headers) as resp:
                 data = await resp.json()
-                took_ms = (time.perf_counter() - started) * 1000
+                received = time.monotonic()
+            took_ms = (received - started) * 1000
             ok = resp.status == 200
             out.append([mode, i, resp.status, took_ms, float(data["service_ms"]) if ok else 0.0,
                         data["site"] if ok else "", float(data["rtt_ms"]) if ok else 0.0,
-                        float(data.get("overhead_ms", 0.0)) if ok else 0.0])
+                        float(data.get("overhead_ms", 0.0)) if ok else 0.0, data.get("id", "") if ok else "",
+                        started, received])
     return out
 
 

@@ -1,7 +1,7 @@
 """``python -m bench.siteflood``: tenants' chat latency while one site floods the hub with heartbeats.
 
 A real ``cpn up`` (demo-3 layout, per-site NATS identities) runs as its own process, from this
-tree or from ``--code DIR`` (another checkout, to compare). The load generator (``bench.loadgen``)
+tree or from ``--code DIR`` (another checkout, to compare). The load generator (``wrk``, :mod:`bench.wrk`)
 sends chat completions with the demo tenant's key for ``--seconds``, first quietly, then while a
 flooding process, holding only one site's own NATS credentials (derived from ``cpn up``'s secret
 as ``cpn up`` derives them), publishes ``--kb`` KB heartbeats on that site's subject as fast as it
@@ -14,22 +14,49 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
+
+from bench import wrk
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYOUT = ROOT / "topology" / "data" / "demo-3.toml"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def read_banner(up: subprocess.Popen[str], deadline: float) -> tuple[str, str]:
+    """The gateway's and the NATS server's URLs from ``cpn up``'s banner (it binds port 0 for both
+    and prints what it got), once it is up; its stdout is then drained for as long as it runs."""
+    found: dict[str, str] = {}
+    done = threading.Event()
+
+    def read() -> None:
+        assert up.stdout is not None
+        with up.stdout:
+            for line in up.stdout:
+                if "hub gateway at " in line:
+                    found["http"] = line.rsplit(" ", 1)[1].strip()
+                elif line.strip().startswith("NATS:"):
+                    found["nats"] = line.split()[-1]
+                if len(found) == 2:
+                    done.set()
+        done.set()  # exited
+
+    threading.Thread(target=read, daemon=True).start()
+    while not done.wait(0.2):
+        if time.time() > deadline:
+            raise SystemExit("cpn up did not start")
+    if len(found) < 2:  # its stdout closed: it is exiting
+        try:
+            code = up.wait(10)
+        except subprocess.TimeoutExpired:
+            code = None
+        raise SystemExit(f"cpn up exited (code {code}) before printing its banner")
+    return found["http"], found["nats"]
 
 
 def heartbeat_body(site: str, seq: int, kb: int, shape: str = "attempts") -> bytes:
@@ -92,20 +119,14 @@ def main() -> None:
         print(asyncio.run(flood(url, site, user, password, float(seconds), a.kb, a.shape)))
         return
     data = Path(tempfile.mkdtemp(prefix="cpn-flood-"))
-    http, nport = free_port(), free_port()
     env = {**os.environ, "PYTHONPATH": a.code}
-    up = subprocess.Popen([sys.executable, "-m", "controlplane.cli", "up", "--data-dir", str(data), "--port", str(http),
-                           "--nats-port", str(nport), "--layout", a.layout], cwd=a.code, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    up = subprocess.Popen([sys.executable, "-m", "controlplane.cli", "up", "--data-dir", str(data), "--port", "0",
+                           "--nats-port", "0", "--layout", a.layout], cwd=a.code, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        creds_path = data / "demo-credentials.json"
         deadline = time.time() + 180
-        while not creds_path.exists():
-            if time.time() > deadline or up.poll() is not None:
-                raise SystemExit("cpn up did not start")
-            time.sleep(0.2)
-        key = json.loads(creds_path.read_text())["tenant_key"]
-        base = f"http://127.0.0.1:{http}"
+        base, nats_url = read_banner(up, deadline)  # printed once up: the credentials are written by then
+        key = json.loads((data / "demo-credentials.json").read_text())["tenant_key"]
         while not (models := get(f"{base}/v1/models", key)["data"]):  # the demo deployment comes up
             if time.time() > deadline + 60:
                 raise SystemExit("no model became ready")
@@ -120,15 +141,16 @@ def main() -> None:
         creds = natsconf.derive_credentials(sites, (data / "nats-secret").read_bytes()).sites[a.site]
         body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
 
+        script = data / "chat.lua"
+        script.write_text(wrk.lua_script(body, {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}))
+
         def chat() -> dict[str, float]:
-            out = subprocess.run([sys.executable, "-m", "bench.loadgen", f"{base}/v1/chat/completions", "--conns",
-                                  str(a.conns), "--seconds", str(a.seconds), "--key", key, "--body", body],
-                                 cwd=ROOT, capture_output=True, text=True, check=True)
-            return json.loads(out.stdout)  # type: ignore[no-any-return]
+            return asyncio.run(wrk.run(f"{base}/v1/chat/completions", conns=a.conns, seconds=a.seconds,
+                                       script_path=str(script)))
 
         quiet = chat()
         flooder = subprocess.Popen([sys.executable, "-m", "bench.siteflood", "--kb", str(a.kb), "--shape", a.shape, "--flood",
-                                    f"nats://127.0.0.1:{nport}", a.site, creds.user, creds.password,
+                                    nats_url, a.site, creds.user, creds.password,
                                     str(a.seconds + 2)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
         time.sleep(1)
         loud = chat()

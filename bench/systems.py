@@ -59,9 +59,16 @@ class Mock:
 
 
 def _free_port() -> int:
+    """A port free right now, for a server that refuses port 0 (vllm-router and sglang-router both
+    answer "Port must be > 0"). Another process may take it before the server binds it: the server
+    then exits with "Address already in use" and is started again on new ports (:func:`router`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+ROUTER_ATTEMPTS = 3
+"""Starts of a router on freshly picked ports before giving up."""
 
 
 async def _spawn(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> asyncio.subprocess.Process:
@@ -172,19 +179,31 @@ def _router_command(name: str) -> list[str]:
 
 @asynccontextmanager
 async def router(name: str, m: Mock, tmp: Path, policy: str = "round_robin") -> AsyncIterator[System]:
-    """``vllm-router`` or ``sglang-router`` in front of the two replicas."""
-    port = _free_port()
-    args = [*_router_command(name), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
-            "--prometheus-port", str(_free_port()), "--worker-urls", *m.replica_urls,
-            "--log-level", "warning" if name == "vllm-router" else "warn"]
+    """``vllm-router`` or ``sglang-router`` in front of the two replicas (started again on new ports
+    when a port picked free was taken before it bound it: it refuses port 0)."""
     log = tmp / f"{name}.log"
-    proc = await _spawn(*args, log=log, env={"RUST_LOG": "warn", "HF_HUB_OFFLINE": "1"})
-    try:
+    for attempt in range(ROUTER_ATTEMPTS):
+        port = _free_port()
+        args = [*_router_command(name), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+                "--prometheus-port", str(_free_port()), "--worker-urls", *m.replica_urls,
+                "--log-level", "warning" if name == "vllm-router" else "warn"]
+        start = log.stat().st_size if log.exists() else 0  # the log is appended to, one start after another
+        proc = await _spawn(*args, log=log, env={"RUST_LOG": "warn", "HF_HUB_OFFLINE": "1"})
         try:
             await wait_ready(f"http://127.0.0.1:{port}{CHAT}", READY_BODY, {}, proc, 60, name)
-        except Unavailable as exc:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            break
+        except BaseException as exc:
+            await _stop(proc)
+            if not isinstance(exc, Unavailable):
+                raise
+            with open(log, "rb") as f:
+                f.seek(start)
+                text = f.read().decode(errors="replace")
+            if "Address already in use" in text and attempt < ROUTER_ATTEMPTS - 1:
+                continue
+            tail = text.strip().splitlines()[-1:]
             raise Unavailable(f"{exc}{': ' + tail[0][:200] if tail else ''}") from None
+    try:
         yield System(name, f"http://127.0.0.1:{port}", pids={name: proc.pid})
     finally:
         await _stop(proc)

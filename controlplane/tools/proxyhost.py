@@ -11,7 +11,8 @@ on the child's stdin and one JSON answer per line on its stdout:
 - ``{"op": "remove", "ids": [N, ...]}`` -> ``{}`` (those proxies closed, their ids not reused; their
   lateness still counted in ``stats``)
 - ``{"op": "stats"}`` -> ``{"delayed": N, "late_ms_p50": x, "late_ms_p99": y, "late_ms_max": z}``: how
-  late the delayed chunks of every proxy left, past their due time (the proxies' own error)
+  late the delayed chunks of every proxy left, past their due time (the proxies' own error);
+  ``{"op": "stats", "ids": [N, ...]}``: of those live proxies only
 - ``{"op": "close"}`` -> ``{}`` (every proxy closed; the child exits)
 
 The child's event loop waits with ``select``, not asyncio's default epoll: epoll's timeout is whole
@@ -80,9 +81,11 @@ class ProxyHost:
         """Close the proxies ``ids`` (a child on ``select`` holds at most ~1000 descriptors)."""
         await self._call({"op": "remove", "ids": ids})
 
-    async def stats(self) -> dict[str, float]:
-        """How late the proxies' delayed chunks left (``delayed`` chunks, ``late_ms_p50/p99/max``)."""
-        return {k: float(v) for k, v in (await self._call({"op": "stats"})).items()}
+    async def stats(self, ids: list[int] | None = None) -> dict[str, float]:
+        """How late the proxies' delayed chunks left (``delayed`` chunks, ``late_ms_p50/p99/max``):
+        of every proxy of the run, or of the live proxies ``ids`` only."""
+        command: dict[str, Any] = {"op": "stats"} if ids is None else {"op": "stats", "ids": ids}
+        return {k: float(v) for k, v in (await self._call(command)).items()}
 
     async def close(self) -> None:
         """Close every proxy and end the child (killed if it does not exit within 10 s)."""
@@ -156,6 +159,10 @@ async def _serve() -> None:
                         proxies[int(i)] = None
                         await p.close()
                     answer({})
+                elif op == "stats" and "ids" in cmd:
+                    late = sorted(x for i in cmd["ids"] for x in live(i).lateness_ms)
+                    answer({"delayed": len(late), "late_ms_p50": _pct(late, 50), "late_ms_p99": _pct(late, 99),
+                            "late_ms_max": late[-1] if late else 0.0})
                 elif op == "stats":
                     late = sorted([x for p in proxies if p is not None for x in p.lateness_ms] + removed_lateness)
                     answer({"delayed": len(late), "late_ms_p50": _pct(late, 50), "late_ms_p99": _pct(late, 99),

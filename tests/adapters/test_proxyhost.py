@@ -108,3 +108,35 @@ async def test_a_sub_millisecond_delay_is_kept_to_a_fraction_of_a_millisecond(ho
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.timeout(60)
+async def test_lateness_is_told_per_proxy_too(host: ProxyHost) -> None:
+    """`cpn bench regions` reads how late each origin's own tenant-leg proxy was, not only the run's."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        upstream = f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        used, port = await host.add(upstream)
+        idle, _ = await host.add(upstream)
+        await host.set_mode([used, idle], "delay", 0.25)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for i in range(10):
+            writer.write(b"%d" % i)
+            assert await reader.read(100) == b"%d" % i
+        writer.close()
+        assert (await host.stats([used]))["delayed"] >= 20
+        assert (await host.stats([idle]))["delayed"] == 0
+        assert (await host.stats([used, idle]))["delayed"] == (await host.stats())["delayed"]
+        await host.remove([idle])
+        with pytest.raises(ProxyHostError, match=f"proxy {idle} was removed"):
+            await host.stats([idle])
+    finally:
+        server.close()
+        await server.wait_closed()
