@@ -11,6 +11,8 @@ What these prove:
 - a snapshot's child before its parent (an attempt before its job) is still applied, both rows,
   by an apply that then turns the foreign keys off (as every apply did before);
 - the process's GIL switch interval is 0.5 ms while the record's thread runs (Rule 8 of the bridge);
+- a submission is published through the connection of the process's own event loop, not handed to
+  the record's thread and back (Rule 9 of the bridge);
 - a retry of a submission at a process whose watch has not yet brought the first answer (held
   back here) loses the idempotency key's compare-and-set, catches up and replays the first job:
   one job, the same id, ``Idempotent-Replayed``, as it was with a barrier before every submission.
@@ -106,7 +108,7 @@ async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp
         assert sys.getswitchinterval() <= 0.0005
         statements: list[str] = []
         b.db.conn.set_trace_callback(statements.append)
-        barriers, skipped = bridge.barriers, replica(b).barriers_skipped
+        barriers, skipped, from_loop = bridge.barriers, replica(b).barriers_skipped, bridge.loop_writes
         ids = []
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             at_b = Client(session, f"http://127.0.0.1:{b.http_port}", key)
@@ -117,6 +119,8 @@ async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp
         barriers = bridge.barriers - barriers
         assert replica(b).barriers_skipped - skipped == 40
         assert barriers <= 5, f"{barriers} read barriers for 40 submissions"  # before: 40
+        # each published from B's own loop (the bridge's Rule 9), not through the record's thread
+        assert bridge.loop_writes - from_loop >= 40
         # each of them in B's SQLite, once: captured (then rolled back) and applied when acknowledged;
         # its echo from the watch (a revision B holds already) began no transaction of its own
         await until(lambda: bridge.revision >= max(replica(b).revisions.values()), 5, "B's watch caught up")
