@@ -121,6 +121,29 @@ class _Decision(Generic[T]):
     failed: Callable[[], None] = lambda: None
 
 
+@dataclasses.dataclass(frozen=True)
+class _OwnRows:
+    """A commit of a tick's plan (``_carry_out``): it reads only the jobs and attempts it writes
+    (each checked as the round read it), so it asks the record for no read barrier of its own
+    (``store.db.write(..., optimistic=True)``): the tick's loop took one before the round's reads,
+    and a stale read of a row it writes loses that row's compare-and-set, catches up and runs again.
+    ``rows``: at most how many jobs it writes."""
+
+    commit: Callable[..., None]
+    i: int
+    rows: int
+
+    def __call__(self, db: Database) -> None:
+        self.commit(db, i=self.i)
+
+
+WAITS_HELD_S = 0.5
+"""How long the waits decided by the tick's rounds that plan only new jobs and start and stop
+nothing are held before they are written (together, one batch per ``TICK_CHUNK``): a submission
+poke's round every ``scheduler_poke_gap_s`` wrote its few reasons as a batch of its own, the
+largest share of the leader's tick and of the record's writes besides the submissions (issue #13)."""
+
+
 _Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]],
                "_Decision[list[str]] | None"]
 """A tick's read and plan: the jobs read, the plan, the commits that carry it out, and the
@@ -166,7 +189,7 @@ class TrainingService:
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
             "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
-            "pokes_coalesced": 0, "ticks_incremental": 0, "jobs_planned": 0,
+            "pokes_coalesced": 0, "ticks_incremental": 0, "jobs_planned": 0, "waits_held": 0,
         }
         self.cost_model = msgspec.structs.replace(
             placement.DEFAULT_MODEL, min_wait_saving=config.training_min_wait_saving_pct / 100.0)
@@ -177,6 +200,12 @@ class TrainingService:
         """How long the last tick held the event loop (its reads, plan and bookkeeping; not the
         record's acknowledgements it awaited): it spaces poked ticks."""
         self._poke = asyncio.Event()
+        self._held: list[_OwnRows] = []
+        """Waits decided by rounds that planned only new jobs, not yet written (:data:`WAITS_HELD_S`)."""
+        self._held_due = math.inf
+        """When the held waits are written at the latest (the event loop's time)."""
+        self._round_incremental = False
+        """The round just read planned only new jobs (``scheduler.plan_more``)."""
         self._full_wanted = True
         """Something other than a submission asked for a tick since the last full plan (see :meth:`poke`)."""
         self._basis: scheduler.Basis | None = None
@@ -263,9 +292,10 @@ class TrainingService:
         long queue take at most ~1/(1 + POKE_SPACING) of the loop, whatever the submission rate."""
         period_s = self.config.scheduler_tick_s
         not_before, gap_s = -math.inf, 0.0
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                async with asyncio.timeout(period_s):
+                async with asyncio.timeout(min(period_s, max(0.0, self._held_due - loop.time()))):
                     await self._poke.wait()
                     if (rest := not_before - self.clock.monotonic()) > 0:
                         self.counters["pokes_coalesced"] += 1
@@ -505,8 +535,9 @@ class TrainingService:
         rows, plan, commits, reclaim = read
         if reclaim is not None:
             await self._decide_awaited(reclaim, now)
+        commits = self._hold_waits(commits, plan, reclaim is not None)
         for commit in commits:
-            await write(self.db, commit)
+            await write(self.db, commit, optimistic=isinstance(commit, _OwnRows))
             self._kick()
         resumed = self.clock.monotonic()
         if commits:
@@ -519,6 +550,35 @@ class TrainingService:
         self._tick_ended(rows, now, started)
         self.last_tick_busy_s = busy_s + self.clock.monotonic() - resumed
         return plan
+
+    def _hold_waits(self, commits: list[Callable[[Database], None]], plan: scheduler.Plan | None,
+                    reclaimed: bool) -> list[Callable[[Database], None]]:
+        """The commits to write now: a round that planned only new jobs and starts and stops nothing
+        holds its waits (:data:`WAITS_HELD_S`); they go, in as few commits as fit, once due or with
+        the next round that writes anything else. A full plan writes every wait that changed
+        itself (the held ones among them: not yet written, their reasons differ), so it drops them."""
+        loop_now = asyncio.get_running_loop().time()
+        if not self._round_incremental:
+            self._held.clear()
+        elif (plan is not None and not plan.start and not plan.stop and not reclaimed
+              and all(isinstance(c, _OwnRows) for c in commits)):
+            if commits and not self._held:
+                self._held_due = loop_now + WAITS_HELD_S
+            self._held.extend(c for c in commits if isinstance(c, _OwnRows))
+            self.counters["waits_held"] += len(commits)
+            commits = []
+        if not self._held or (not commits and loop_now < self._held_due):
+            if not self._held:
+                self._held_due = math.inf
+            return commits
+        held, self._held, self._held_due = self._held, [], math.inf
+        groups: list[list[_OwnRows]] = [[]]
+        for c in held:  # one commit per TICK_CHUNK rows, as a round's own are
+            if groups[-1] and sum(g.rows for g in groups[-1]) + c.rows > TICK_CHUNK:
+                groups.append([])
+            groups[-1].append(c)
+        return [_OwnRows(functools.partial(_commit_all, g), i=0, rows=sum(c.rows for c in g))
+                for g in groups] + commits
 
     def _tick_plan(self, now: float, incremental: bool = False) -> _Round:
         """Read and plan a round: the jobs read, the plan, and the commits that carry it out."""
@@ -571,7 +631,9 @@ class TrainingService:
                 self.counters["jobs_planned"] += plan.decisions
                 rows = live_rows + new_rows
                 commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
+                self._round_incremental = True
                 return rows, plan, commits, reclaim
+        self._round_incremental = False
         waiting: list[store_jobs.JobRow] = []
         for state in sorted(WAITING_STATES):  # read and decoded a page at a time (see the docstring)
             after = 0
@@ -900,7 +962,7 @@ class TrainingService:
         if not (placed or waits or stops or unplaceable or now_waiting):
             return []
         n = max(len(placed), len(waits), 1)
-        return [functools.partial(commit, i=i) for i in range(0, n, TICK_CHUNK)]
+        return [_OwnRows(commit, i=i, rows=min(TICK_CHUNK, n - i)) for i in range(0, n, TICK_CHUNK)]
 
     def _carried_out(self, plan: scheduler.Plan | None, rows: list[store_jobs.JobRow]) -> None:
         placed, send = self._placing
@@ -1324,6 +1386,12 @@ class TrainingService:
                             cmd.attempt, delay_s, exc)
                 await self.clock.sleep(delay_s)
                 delay_s = min(delay_s * 2, REPORT_RETRY_S[1])
+
+
+def _commit_all(commits: list[_OwnRows], db: Database, i: int = 0) -> None:
+    """Held commits of several rounds as one (each checks its jobs as its own round read them)."""
+    for c in commits:
+        c(db)
 
 
 def _iso(t: float) -> str:
