@@ -48,8 +48,9 @@ in their own thread, with their own NATS connection:
   of a submission's median, up to 10 and 20-33 ms at p90, waiting for the other thread's loop and
   the GIL). Same conditions, same deadline, same Rule 5. Fenced commits stay in the bridge's
   thread: one process's fenced commits go one at a time through one connection (kv's fence lock).
-  That connection goes through another server when a write got no answer and its server does not
-  answer a ping (a paused node keeps its sockets open), as the projection's does.
+  A paused server of that connection is left as the bridge's own writes leave theirs: the write
+  is sent again after each unanswered try, and the client's pings move the connection to another
+  server within seconds, well within the write deadline (tested).
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ class RecordBridge:
                 async with asyncio.timeout(WRITER_OPEN_S):
                     writer = await Record.open(
                         self.servers, bucket=self.bucket, write_deadline_s=self.write_deadline_s,
-                        name=f"{self.name}-writes", create=False, connect=self.connect, reconnect_when_silent=True)
+                        name=f"{self.name}-writes", create=False, connect=self.connect)
             except Exception:  # noqa: BLE001 (no server now: the bridge's connection writes meanwhile)
                 writer = None
                 self._writer_loop = None

@@ -69,9 +69,6 @@ about a millisecond on loopback)."""
 FILL_ASK_S = 0.5
 """How long one get of :meth:`Record.changes_after` waits before it is asked again (the stream's
 leader answers one in about a millisecond on loopback)."""
-SILENT_PING_S = 0.25
-"""How long a connection's server may take to answer a ping after a write got no answer
-(``reconnect_when_silent``)."""
 WATCH_INACTIVE_S = 60.0
 """A watch's consumer left without its subscriber (a watch restarted elsewhere) goes after this."""
 _KV_OP = "KV-Operation"
@@ -171,13 +168,8 @@ class NodeState(msgspec.Struct, frozen=True, kw_only=True):
 class Record:
     """A connection to the record bucket. Make one with :meth:`open`; ``close()`` when done."""
 
-    def __init__(self, nc: Client, bucket: str, timeout_s: float, write_deadline_s: float, *,
-                 reconnect_when_silent: bool = False) -> None:
+    def __init__(self, nc: Client, bucket: str, timeout_s: float, write_deadline_s: float) -> None:
         self._nc = nc
-        self.reconnect_when_silent = reconnect_when_silent
-        """A write left unanswered whose server then does not answer a ping goes through another
-        server (a paused node keeps its sockets open); for a connection no projection watches over."""
-        self.reconnects = 0
         self._js = nc.jetstream(timeout=timeout_s)
         self.bucket = bucket
         self.timeout_s = timeout_s
@@ -198,8 +190,7 @@ class Record:
     @classmethod
     async def open(cls, servers: Sequence[str], *, bucket: str = BUCKET, replicas: int = REPLICAS,
                    timeout_s: float = 2.0, write_deadline_s: float = WRITE_DEADLINE_S, name: str = "cpn-record",
-                   create: bool = True, connect: Mapping[str, Any] | None = None,
-                   reconnect_when_silent: bool = False) -> Record:
+                   create: bool = True, connect: Mapping[str, Any] | None = None) -> Record:
         """Connect (to any of ``servers``; reconnecting forever) and make sure the bucket exists.
 
         Args:
@@ -224,7 +215,7 @@ class Record:
             inbox_prefix=HUB_INBOX_PREFIX.encode(),
             error_cb=quiet, disconnected_cb=quiet, reconnected_cb=quiet, closed_cb=quiet, **(connect or {}),
         )
-        record = cls(nc, bucket, timeout_s, write_deadline_s, reconnect_when_silent=reconnect_when_silent)
+        record = cls(nc, bucket, timeout_s, write_deadline_s)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + write_deadline_s
         while create:
@@ -513,9 +504,6 @@ class Record:
             except _TRANSIENT as exc:
                 uncertain = True
                 last_error = type(exc).__name__
-                if self.reconnect_when_silent and not await self.server_answers(SILENT_PING_S):
-                    self.reconnects += 1
-                    await self.reconnect()
             except Conflict as conflict:
                 if not uncertain:
                     raise
