@@ -137,6 +137,8 @@ class _OwnRows:
         self.commit(db, i=self.i)
 
 
+READ_BARRIER = object()
+"""What :meth:`TrainingService._tick_steps` yields before a full round reads anything."""
 WAITS_HELD_S = 0.5
 """How long the waits decided by the tick's rounds that plan only new jobs and start and stop
 nothing are held before they are written (together, one batch per ``TICK_CHUNK``): a submission
@@ -306,8 +308,7 @@ class TrainingService:
                 pass
             self._poke.clear()
             try:
-                await barrier(self.db)  # the tick's read barrier, awaited: the loop goes on meanwhile
-                await self.tick_async(self.clock.time(), incremental=True)
+                await self.tick_async(self.clock.time(), incremental=True, read_barrier=True)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -512,26 +513,32 @@ class TrainingService:
         self._tick_ended(rows, now, started)
         return plan
 
-    async def tick_async(self, now: float, *, incremental: bool = False) -> scheduler.Plan | None:
+    async def tick_async(self, now: float, *, incremental: bool = False,
+                         read_barrier: bool = False) -> scheduler.Plan | None:
         """:meth:`tick` whose decisions are committed awaited (``store.db.write``): on the
         replicated record the loop goes on (heartbeats, the lease's renewals, requests) while each
         chunk of decisions waits for its quorum, through a stream election too. Each chunk's
         outbox entries are written with its acknowledged rows, so nothing is sent before its batch
         is on a quorum; each chunk carries the leader's fence. What changed meanwhile (a job
         cancelled) is checked before each chunk is written, and the rest of the round (stale
-        attempts, vanished ones, orphans) reads the jobs again after the writes."""
+        attempts, vanished ones, orphans) reads the jobs again after the writes. ``read_barrier``:
+        a full round first awaits the record's read barrier (``store.db.barrier``; the tick loop's
+        rounds), a round of new jobs alone takes none (:meth:`_tick_steps`)."""
         started = self.clock.monotonic()
         steps, busy_s = self._tick_steps(now, incremental), 0.0
         while True:  # the round's reads and plan, in steps: the loop serves requests between them
             resumed = self.clock.monotonic()
             try:
-                next(steps)
+                step = next(steps)
             except StopIteration as done:
                 read: _Round = done.value
                 busy_s += self.clock.monotonic() - resumed
                 break
             busy_s += self.clock.monotonic() - resumed
-            await asyncio.sleep(0)
+            if step is READ_BARRIER and read_barrier:
+                await barrier(self.db)  # awaited: the loop goes on meanwhile
+            else:
+                await asyncio.sleep(0)
         rows, plan, commits, reclaim = read
         if reclaim is not None:
             await self._decide_awaited(reclaim, now)
@@ -590,7 +597,7 @@ class TrainingService:
                 result: _Round = done.value
                 return result
 
-    def _tick_steps(self, now: float, incremental: bool = False) -> Generator[None, None, _Round]:
+    def _tick_steps(self, now: float, incremental: bool = False) -> Generator[object, None, _Round]:
         """:meth:`_tick_plan` in steps of ``TICK_STEP`` queued jobs (read and decoded a page at a
         time, then planned), so the tick of a long queue lets the loop serve requests between them
         (one read of the whole queue held the loop for 10-40 ms with a few thousand jobs queued).
@@ -604,15 +611,21 @@ class TrainingService:
         queue is that plan's jobs plus jobs created since (its count says no job left it), and the
         pools, running jobs and tenants are as that plan saw them, the round reads and plans only
         the new jobs (``scheduler.plan_more``: the full plan's decisions for them), O(new jobs)
-        rather than O(queue); anything else, a full round."""
+        rather than O(queue); anything else, a full round, which first yields :data:`READ_BARRIER`
+        (``tick_async`` then awaits the record's read barrier before the round reads anything).
+        A round of new jobs alone takes none: it reads only jobs this process's projection holds,
+        a job submitted elsewhere and not yet here is the next round's, and what it writes is
+        compare-and-set on the jobs it read."""
         db = self.db
+        full_wanted, self._full_wanted = self._full_wanted, False
+        basis, self._basis = self._basis, None  # kept only by a round that planned against it
+        added = self._added(basis, now) if incremental and not full_wanted and basis is not None else None
+        if added is None:
+            yield READ_BARRIER
         live_rows = store_jobs.jobs_in_states(db, LIVE_STATES)
         live = {r.id: r for r in live_rows}
         self._preempting = {k: v for k, v in self._preempting.items()
                             if k[0] in live and live[k[0]].attempt == k[1]}
-        full_wanted, self._full_wanted = self._full_wanted, False
-        basis, self._basis = self._basis, None  # kept only by a round that planned against it
-        added = self._added(basis, now) if incremental and not full_wanted and basis is not None else None
         mark = store_jobs.jobs_mark(db)  # the full read's end: a job created later is the next round's
         plan = None
         commits: list[Callable[[Database], None]] = []

@@ -35,7 +35,7 @@ from controlplane.hub import Hub
 from controlplane.replicated.kv import Change
 from controlplane.store import jobs as store_jobs
 from controlplane.store.replica import Replica
-from tests.support.hubrig import Client, hub_config
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
 
@@ -270,3 +270,35 @@ async def test_a_child_before_its_parent_is_applied_with_the_foreign_keys_off(tm
         assert hub.db.conn.execute("PRAGMA foreign_keys").fetchone() == (1,)  # on again for the writers
     finally:
         await hub.stop()
+
+
+async def test_the_leaders_rounds_of_new_submissions_ask_the_record_for_no_read_barrier(tmp_path: Path,
+                                                                                       cluster: NatsCluster) -> None:
+    """A round of the leader's tick that plans only new submissions reads only jobs its
+    projection holds (one submitted elsewhere and not yet here is the next round's) and writes
+    compare-and-set on them: it takes no read barrier (before: one stream-info request to the
+    stream's leader per round, every scheduler_poke_gap_s while submissions come). A full round
+    still takes one."""
+    (tmp_path / "lead").mkdir()
+    config = hub_config(tmp_path / "lead", ",".join(cluster.urls), hub_id="lead", record="nats",
+                        scheduler_tick_s=30.0, scheduler_poke_gap_s=0.01)
+    async with running_hub(config) as hub, aiohttp.ClientSession() as session:
+        service = services_of(hub).training
+        await until(lambda: service.running, 15, "the single process leads")
+        acme = Client(session, f"http://127.0.0.1:{hub.http_port}", hub.create_tenant("acme"))
+        status, first, _ = await acme.call("POST", "/v1/jobs", JOB)
+        assert status == 201, first
+        await until(lambda: store_jobs.get_job(hub.db, first["id"]).reason != "", 10,  # type: ignore[union-attr]
+                    "a full round planned the first job")
+        bridge: Any = replica(hub).bridge
+        barriers, rounds = bridge.barriers, service.counters["ticks_incremental"]
+        for _ in range(20):
+            before = service.counters["ticks_incremental"]
+            status, job, _ = await acme.call("POST", "/v1/jobs", JOB)
+            assert status == 201, job
+            await until(lambda: service.counters["ticks_incremental"] > before, 10, "a round that plans it")
+        assert service.counters["ticks_incremental"] - rounds >= 20
+        assert bridge.barriers - barriers <= 5, f"{bridge.barriers - barriers} read barriers for 20 rounds"
+        full = bridge.barriers
+        service.poke()  # anything but a submission: a full round, after a barrier
+        await until(lambda: bridge.barriers > full, 10, "the full round's read barrier")
