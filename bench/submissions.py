@@ -248,7 +248,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if "nats" in result and "nats_blocking" in result:
                         result["ratio_pipelined_to_blocking"] = round(
                             result["nats"]["per_s"] / result["nats_blocking"]["per_s"], 3) if result["nats_blocking"]["per_s"] else None
-                    if "nats_base" in result and result["nats_base"]["per_s"]:
+                    if "nats" in result and "nats_base" in result and result["nats_base"]["per_s"]:
                         result["ratio_nats_to_base"] = round(result["nats"]["per_s"] / result["nats_base"]["per_s"], 3)
                     out[f"c{level}"] = result
             finally:
