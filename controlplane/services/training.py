@@ -140,10 +140,14 @@ class _OwnRows:
 READ_BARRIER = object()
 """What :meth:`TrainingService._tick_steps` yields before a full round reads anything."""
 WAITS_HELD_S = 0.5
-"""How long the waits decided by the tick's rounds that plan only new jobs and start and stop
-nothing are held before they are written (together, one batch per ``TICK_CHUNK``): a submission
-poke's round every ``scheduler_poke_gap_s`` wrote its few reasons as a batch of its own, the
-largest share of the leader's tick and of the record's writes besides the submissions (issue #13)."""
+"""The waits decided by the tick's rounds that plan only new jobs and start and stop nothing are
+held, and written (together, one commit per ``TICK_CHUNK`` jobs) by the round that follows this
+long without a poke (a sleep of the loop's, not a clock's), or ..."""
+WAITS_HELD_ROUNDS = 10
+"""... once this many rounds' waits are held (~0.5 s at the default ``scheduler_poke_gap_s``
+while submissions keep coming). Before, each submission poke's round wrote its few reasons as a
+commit of its own: the largest share of the leader's tick, and of the record's writes besides
+the submissions themselves."""
 
 
 _Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]],
@@ -204,8 +208,6 @@ class TrainingService:
         self._poke = asyncio.Event()
         self._held: list[_OwnRows] = []
         """Waits decided by rounds that planned only new jobs, not yet written (:data:`WAITS_HELD_S`)."""
-        self._held_due = math.inf
-        """When the held waits are written at the latest (the event loop's time)."""
         self._round_incremental = False
         """The round just read planned only new jobs (``scheduler.plan_more``)."""
         self._full_wanted = True
@@ -294,10 +296,11 @@ class TrainingService:
         long queue take at most ~1/(1 + POKE_SPACING) of the loop, whatever the submission rate."""
         period_s = self.config.scheduler_tick_s
         not_before, gap_s = -math.inf, 0.0
-        loop = asyncio.get_running_loop()
         while True:
+            waited_out = False
             try:
-                async with asyncio.timeout(min(period_s, max(0.0, self._held_due - loop.time()))):
+                # held waits (:meth:`_hold_waits`) are written once no poke came for WAITS_HELD_S
+                async with asyncio.timeout(min(period_s, WAITS_HELD_S) if self._held else period_s):
                     await self._poke.wait()
                     if (rest := not_before - self.clock.monotonic()) > 0:
                         self.counters["pokes_coalesced"] += 1
@@ -305,10 +308,10 @@ class TrainingService:
                         # simulated clock that stands still must not hold the scheduler)
                         await asyncio.sleep(min(rest, gap_s))
             except TimeoutError:
-                pass
+                waited_out = True
             self._poke.clear()
             try:
-                await self.tick_async(self.clock.time(), incremental=True, read_barrier=True)
+                await self.tick_async(self.clock.time(), incremental=True, read_barrier=True, write_held=waited_out)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -513,8 +516,8 @@ class TrainingService:
         self._tick_ended(rows, now, started)
         return plan
 
-    async def tick_async(self, now: float, *, incremental: bool = False,
-                         read_barrier: bool = False) -> scheduler.Plan | None:
+    async def tick_async(self, now: float, *, incremental: bool = False, read_barrier: bool = False,
+                         write_held: bool = False) -> scheduler.Plan | None:
         """:meth:`tick` whose decisions are committed awaited (``store.db.write``): on the
         replicated record the loop goes on (heartbeats, the lease's renewals, requests) while each
         chunk of decisions waits for its quorum, through a stream election too. Each chunk's
@@ -523,7 +526,8 @@ class TrainingService:
         cancelled) is checked before each chunk is written, and the rest of the round (stale
         attempts, vanished ones, orphans) reads the jobs again after the writes. ``read_barrier``:
         a full round first awaits the record's read barrier (``store.db.barrier``; the tick loop's
-        rounds), a round of new jobs alone takes none (:meth:`_tick_steps`)."""
+        rounds), a round of new jobs alone takes none (:meth:`_tick_steps`). ``write_held``: the
+        waits held by earlier rounds are written now (:meth:`_hold_waits`)."""
         started = self.clock.monotonic()
         steps, busy_s = self._tick_steps(now, incremental), 0.0
         while True:  # the round's reads and plan, in steps: the loop serves requests between them
@@ -542,7 +546,7 @@ class TrainingService:
         rows, plan, commits, reclaim = read
         if reclaim is not None:
             await self._decide_awaited(reclaim, now)
-        commits = self._hold_waits(commits, plan, reclaim is not None)
+        commits = self._hold_waits(commits, plan, reclaim is not None, write_held)
         for commit in commits:
             await write(self.db, commit, optimistic=isinstance(commit, _OwnRows))
             self._kick()
@@ -559,26 +563,23 @@ class TrainingService:
         return plan
 
     def _hold_waits(self, commits: list[Callable[[Database], None]], plan: scheduler.Plan | None,
-                    reclaimed: bool) -> list[Callable[[Database], None]]:
+                    reclaimed: bool, write_held: bool) -> list[Callable[[Database], None]]:
         """The commits to write now: a round that planned only new jobs and starts and stops nothing
-        holds its waits (:data:`WAITS_HELD_S`); they go, in as few commits as fit, once due or with
-        the next round that writes anything else. A full plan writes every wait that changed
-        itself (the held ones among them: not yet written, their reasons differ), so it drops them."""
-        loop_now = asyncio.get_running_loop().time()
+        holds its waits; they go, in as few commits as fit, with the round after
+        :data:`WAITS_HELD_S` without a poke (``write_held``), after :data:`WAITS_HELD_ROUNDS` such
+        rounds, or with the next round that writes anything else. A full plan writes every wait
+        that changed itself (the held ones among them: not yet written, their reasons differ), so
+        it drops them."""
         if not self._round_incremental:
             self._held.clear()
         elif (plan is not None and not plan.start and not plan.stop and not reclaimed
               and all(isinstance(c, _OwnRows) for c in commits)):
-            if commits and not self._held:
-                self._held_due = loop_now + WAITS_HELD_S
             self._held.extend(c for c in commits if isinstance(c, _OwnRows))
             self.counters["waits_held"] += len(commits)
             commits = []
-        if not self._held or (not commits and loop_now < self._held_due):
-            if not self._held:
-                self._held_due = math.inf
+        if not self._held or not (commits or write_held or len(self._held) >= WAITS_HELD_ROUNDS):
             return commits
-        held, self._held, self._held_due = self._held, [], math.inf
+        held, self._held = self._held, []
         groups: list[list[_OwnRows]] = [[]]
         for c in held:  # one commit per TICK_CHUNK rows, as a round's own are
             if groups[-1] and sum(g.rows for g in groups[-1]) + c.rows > TICK_CHUNK:
