@@ -136,6 +136,7 @@ class Setup:
         self.by_port: dict[int, list[float]] = {}
         self.errors: list[str] = []
         self.seconds = 0.0
+        self.rounds: list[float] = []
         self.hub_cpu_s = 0.0
         self.nats_cpu_s = 0.0
         self.each_cpu_s = [0.0] * len(hubs)
@@ -166,6 +167,7 @@ class Setup:
         if measured:
             self.latencies += latencies
             self.seconds += seconds
+            self.rounds.append(round(len(latencies) / seconds, 1) if seconds else 0.0)
             self.hub_cpu_s += cpu_s(pids) - hub0
             self.nats_cpu_s += cpu_s(nats_pids) - nats0
             self.each_cpu_s = [t + cpu_s([p]) - t0 for t, p, t0 in zip(self.each_cpu_s, pids, each0)]
@@ -176,6 +178,7 @@ class Setup:
         return {
             "submissions": n, "errors": len(self.errors), "first_errors": self.errors[:3],
             "per_s": round(n / self.seconds, 1) if self.seconds else 0.0,
+            "per_s_rounds": self.rounds,
             "p50_ms": round(common.percentile(lat, 50) * 1000, 2),
             "p99_ms": round(common.percentile(lat, 99) * 1000, 2),
             "hub_cpu_ms_per_submission": round(self.hub_cpu_s * 1000 / n, 3) if n else None,
@@ -245,7 +248,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     if "nats" in result and "nats_blocking" in result:
                         result["ratio_pipelined_to_blocking"] = round(
                             result["nats"]["per_s"] / result["nats_blocking"]["per_s"], 3) if result["nats_blocking"]["per_s"] else None
-                    if "nats_base" in result and result["nats_base"]["per_s"]:
+                    if "nats" in result and "nats_base" in result and result["nats_base"]["per_s"]:
                         result["ratio_nats_to_base"] = round(result["nats"]["per_s"] / result["nats_base"]["per_s"], 3)
                     out[f"c{level}"] = result
             finally:

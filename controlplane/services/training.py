@@ -121,6 +121,35 @@ class _Decision(Generic[T]):
     failed: Callable[[], None] = lambda: None
 
 
+@dataclasses.dataclass(frozen=True)
+class _OwnRows:
+    """A commit of a tick's plan (``_carry_out``): it reads only the jobs and attempts it writes
+    (each checked as the round read it), so it asks the record for no read barrier of its own
+    (``store.db.write(..., optimistic=True)``): the tick's loop took one before the round's reads,
+    and a stale read of a row it writes loses that row's compare-and-set, catches up and runs again.
+    ``rows``: at most how many jobs it writes."""
+
+    commit: Callable[..., None]
+    i: int
+    rows: int
+
+    def __call__(self, db: Database) -> None:
+        self.commit(db, i=self.i)
+
+
+READ_BARRIER = object()
+"""What :meth:`TrainingService._tick_steps` yields before a full round reads anything."""
+WAITS_HELD_S = 0.5
+"""The waits decided by the tick's rounds that plan only new jobs and start and stop nothing are
+held, and written (together, one commit per ``TICK_CHUNK`` jobs) by the round that follows this
+long without a poke (a sleep of the loop's, not a clock's), or ..."""
+WAITS_HELD_ROUNDS = 10
+"""... once this many rounds' waits are held (~0.5 s at the default ``scheduler_poke_gap_s``
+while submissions keep coming). Before, each submission poke's round wrote its few reasons as a
+commit of its own: the largest share of the leader's tick, and of the record's writes besides
+the submissions themselves."""
+
+
 _Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]],
                "_Decision[list[str]] | None"]
 """A tick's read and plan: the jobs read, the plan, the commits that carry it out, and the
@@ -166,7 +195,7 @@ class TrainingService:
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
             "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
-            "pokes_coalesced": 0, "ticks_incremental": 0, "jobs_planned": 0,
+            "pokes_coalesced": 0, "ticks_incremental": 0, "jobs_planned": 0, "waits_held": 0,
         }
         self.cost_model = msgspec.structs.replace(
             placement.DEFAULT_MODEL, min_wait_saving=config.training_min_wait_saving_pct / 100.0)
@@ -177,6 +206,10 @@ class TrainingService:
         """How long the last tick held the event loop (its reads, plan and bookkeeping; not the
         record's acknowledgements it awaited): it spaces poked ticks."""
         self._poke = asyncio.Event()
+        self._held: list[_OwnRows] = []
+        """Waits decided by rounds that planned only new jobs, not yet written (:data:`WAITS_HELD_S`)."""
+        self._round_incremental = False
+        """The round just read planned only new jobs (``scheduler.plan_more``)."""
         self._full_wanted = True
         """Something other than a submission asked for a tick since the last full plan (see :meth:`poke`)."""
         self._basis: scheduler.Basis | None = None
@@ -264,8 +297,10 @@ class TrainingService:
         period_s = self.config.scheduler_tick_s
         not_before, gap_s = -math.inf, 0.0
         while True:
+            waited_out = False
             try:
-                async with asyncio.timeout(period_s):
+                # held waits (:meth:`_hold_waits`) are written once no poke came for WAITS_HELD_S
+                async with asyncio.timeout(min(period_s, WAITS_HELD_S) if self._held else period_s):
                     await self._poke.wait()
                     if (rest := not_before - self.clock.monotonic()) > 0:
                         self.counters["pokes_coalesced"] += 1
@@ -273,11 +308,10 @@ class TrainingService:
                         # simulated clock that stands still must not hold the scheduler)
                         await asyncio.sleep(min(rest, gap_s))
             except TimeoutError:
-                pass
+                waited_out = True
             self._poke.clear()
             try:
-                await barrier(self.db)  # the tick's read barrier, awaited: the loop goes on meanwhile
-                await self.tick_async(self.clock.time(), incremental=True)
+                await self.tick_async(self.clock.time(), incremental=True, read_barrier=True, write_held=waited_out)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -482,31 +516,39 @@ class TrainingService:
         self._tick_ended(rows, now, started)
         return plan
 
-    async def tick_async(self, now: float, *, incremental: bool = False) -> scheduler.Plan | None:
+    async def tick_async(self, now: float, *, incremental: bool = False, read_barrier: bool = False,
+                         write_held: bool = False) -> scheduler.Plan | None:
         """:meth:`tick` whose decisions are committed awaited (``store.db.write``): on the
         replicated record the loop goes on (heartbeats, the lease's renewals, requests) while each
         chunk of decisions waits for its quorum, through a stream election too. Each chunk's
         outbox entries are written with its acknowledged rows, so nothing is sent before its batch
         is on a quorum; each chunk carries the leader's fence. What changed meanwhile (a job
         cancelled) is checked before each chunk is written, and the rest of the round (stale
-        attempts, vanished ones, orphans) reads the jobs again after the writes."""
+        attempts, vanished ones, orphans) reads the jobs again after the writes. ``read_barrier``:
+        a full round first awaits the record's read barrier (``store.db.barrier``; the tick loop's
+        rounds), a round of new jobs alone takes none (:meth:`_tick_steps`). ``write_held``: the
+        waits held by earlier rounds are written now (:meth:`_hold_waits`)."""
         started = self.clock.monotonic()
         steps, busy_s = self._tick_steps(now, incremental), 0.0
         while True:  # the round's reads and plan, in steps: the loop serves requests between them
             resumed = self.clock.monotonic()
             try:
-                next(steps)
+                step = next(steps)
             except StopIteration as done:
                 read: _Round = done.value
                 busy_s += self.clock.monotonic() - resumed
                 break
             busy_s += self.clock.monotonic() - resumed
-            await asyncio.sleep(0)
+            if step is READ_BARRIER and read_barrier:
+                await barrier(self.db)  # awaited: the loop goes on meanwhile
+            else:
+                await asyncio.sleep(0)
         rows, plan, commits, reclaim = read
         if reclaim is not None:
             await self._decide_awaited(reclaim, now)
+        commits = self._hold_waits(commits, plan, reclaim is not None, write_held)
         for commit in commits:
-            await write(self.db, commit)
+            await write(self.db, commit, optimistic=isinstance(commit, _OwnRows))
             self._kick()
         resumed = self.clock.monotonic()
         if commits:
@@ -520,6 +562,32 @@ class TrainingService:
         self.last_tick_busy_s = busy_s + self.clock.monotonic() - resumed
         return plan
 
+    def _hold_waits(self, commits: list[Callable[[Database], None]], plan: scheduler.Plan | None,
+                    reclaimed: bool, write_held: bool) -> list[Callable[[Database], None]]:
+        """The commits to write now: a round that planned only new jobs and starts and stops nothing
+        holds its waits; they go, in as few commits as fit, with the round after
+        :data:`WAITS_HELD_S` without a poke (``write_held``), after :data:`WAITS_HELD_ROUNDS` such
+        rounds, or with the next round that writes anything else. A full plan writes every wait
+        that changed itself (the held ones among them: not yet written, their reasons differ), so
+        it drops them."""
+        if not self._round_incremental:
+            self._held.clear()
+        elif (plan is not None and not plan.start and not plan.stop and not reclaimed
+              and all(isinstance(c, _OwnRows) for c in commits)):
+            self._held.extend(c for c in commits if isinstance(c, _OwnRows))
+            self.counters["waits_held"] += len(commits)
+            commits = []
+        if not self._held or not (commits or write_held or len(self._held) >= WAITS_HELD_ROUNDS):
+            return commits
+        held, self._held = self._held, []
+        groups: list[list[_OwnRows]] = [[]]
+        for c in held:  # one commit per TICK_CHUNK rows, as a round's own are
+            if groups[-1] and sum(g.rows for g in groups[-1]) + c.rows > TICK_CHUNK:
+                groups.append([])
+            groups[-1].append(c)
+        return [_OwnRows(functools.partial(_commit_all, g), i=0, rows=sum(c.rows for c in g))
+                for g in groups] + commits
+
     def _tick_plan(self, now: float, incremental: bool = False) -> _Round:
         """Read and plan a round: the jobs read, the plan, and the commits that carry it out."""
         steps = self._tick_steps(now, incremental)
@@ -530,7 +598,7 @@ class TrainingService:
                 result: _Round = done.value
                 return result
 
-    def _tick_steps(self, now: float, incremental: bool = False) -> Generator[None, None, _Round]:
+    def _tick_steps(self, now: float, incremental: bool = False) -> Generator[object, None, _Round]:
         """:meth:`_tick_plan` in steps of ``TICK_STEP`` queued jobs (read and decoded a page at a
         time, then planned), so the tick of a long queue lets the loop serve requests between them
         (one read of the whole queue held the loop for 10-40 ms with a few thousand jobs queued).
@@ -544,15 +612,21 @@ class TrainingService:
         queue is that plan's jobs plus jobs created since (its count says no job left it), and the
         pools, running jobs and tenants are as that plan saw them, the round reads and plans only
         the new jobs (``scheduler.plan_more``: the full plan's decisions for them), O(new jobs)
-        rather than O(queue); anything else, a full round."""
+        rather than O(queue); anything else, a full round, which first yields :data:`READ_BARRIER`
+        (``tick_async`` then awaits the record's read barrier before the round reads anything).
+        A round of new jobs alone takes none: it reads only jobs this process's projection holds,
+        a job submitted elsewhere and not yet here is the next round's, and what it writes is
+        compare-and-set on the jobs it read."""
         db = self.db
+        full_wanted, self._full_wanted = self._full_wanted, False
+        basis, self._basis = self._basis, None  # kept only by a round that planned against it
+        added = self._added(basis, now) if incremental and not full_wanted and basis is not None else None
+        if added is None:
+            yield READ_BARRIER
         live_rows = store_jobs.jobs_in_states(db, LIVE_STATES)
         live = {r.id: r for r in live_rows}
         self._preempting = {k: v for k, v in self._preempting.items()
                             if k[0] in live and live[k[0]].attempt == k[1]}
-        full_wanted, self._full_wanted = self._full_wanted, False
-        basis, self._basis = self._basis, None  # kept only by a round that planned against it
-        added = self._added(basis, now) if incremental and not full_wanted and basis is not None else None
         mark = store_jobs.jobs_mark(db)  # the full read's end: a job created later is the next round's
         plan = None
         commits: list[Callable[[Database], None]] = []
@@ -571,7 +645,9 @@ class TrainingService:
                 self.counters["jobs_planned"] += plan.decisions
                 rows = live_rows + new_rows
                 commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
+                self._round_incremental = True
                 return rows, plan, commits, reclaim
+        self._round_incremental = False
         waiting: list[store_jobs.JobRow] = []
         for state in sorted(WAITING_STATES):  # read and decoded a page at a time (see the docstring)
             after = 0
@@ -900,7 +976,7 @@ class TrainingService:
         if not (placed or waits or stops or unplaceable or now_waiting):
             return []
         n = max(len(placed), len(waits), 1)
-        return [functools.partial(commit, i=i) for i in range(0, n, TICK_CHUNK)]
+        return [_OwnRows(commit, i=i, rows=min(TICK_CHUNK, n - i)) for i in range(0, n, TICK_CHUNK)]
 
     def _carried_out(self, plan: scheduler.Plan | None, rows: list[store_jobs.JobRow]) -> None:
         placed, send = self._placing
@@ -1324,6 +1400,12 @@ class TrainingService:
                             cmd.attempt, delay_s, exc)
                 await self.clock.sleep(delay_s)
                 delay_s = min(delay_s * 2, REPORT_RETRY_S[1])
+
+
+def _commit_all(commits: list[_OwnRows], db: Database, i: int = 0) -> None:
+    """Held commits of several rounds as one (each checks its jobs as its own round read them)."""
+    for c in commits:
+        c(db)
 
 
 def _iso(t: float) -> str:

@@ -104,7 +104,7 @@ async def test_writes_wait_out_a_paused_stream_leader_without_stalling_the_loop(
             acme = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
             status, first, _ = await acme.call("POST", "/v1/jobs", JOB)
             assert status == 201
-            writes_before, peak_before = rep.bridge.record.writes, rep.in_flight_peak
+            writes_before, peak_before = rep.bridge.writes, rep.in_flight_peak
             assert peak_before == 1
             await cluster.pause(leader)
             try:
@@ -141,7 +141,7 @@ async def test_writes_wait_out_a_paused_stream_leader_without_stalling_the_loop(
             # one acknowledged write each; the key's second submission ran again after the first.
             assert rep.in_flight_peak >= n + 1, rep
             assert rep.write_waits >= 1, rep
-            assert rep.bridge.record.writes - writes_before == n + 1, rep
+            assert rep.bridge.writes - writes_before == n + 1, rep
             ids = {b["id"] for _, b, _ in answers} | {twins[0][1]["id"], first["id"]}
             assert all(set(seen) <= ids for seen in listings)
             assert {j.id for j in store_jobs.list_jobs(hub.db, "acme", limit=1000)} == ids

@@ -236,3 +236,36 @@ async def test_gets_answer_promptly_with_the_stream_leaders_node_paused(record: 
     finally:
         await cluster.resume(leader[-1])
         await reader.close()
+
+
+async def test_a_write_whose_server_hangs_lands_through_another(record: kv.Record, cluster: NatsCluster) -> None:
+    """A connection no projection watches over (the bridge's Rule 9: a process's loop's own
+    writes) whose server is paused: its write gets no answer, is sent again, and lands through
+    another server once the client's pings have moved the connection, within the write deadline."""
+    await record.create("k.w", b"0")
+    leader: list[str] = []
+
+    async def known() -> bool:
+        info = await record._js.stream_info(f"KV_{kv.BUCKET}")
+        if info.cluster is None or not info.cluster.leader or len(info.cluster.replicas or []) != 2:
+            return False
+        leader.append(str(info.cluster.leader))
+        return True
+
+    await until(known, 10, "the stream's leader and its two replicas", interval_s=0.1)
+    mine = next(n for n in cluster.nodes if n.name != leader[-1])  # a quorum stays without it
+    others = [n.url for n in cluster.nodes if n is not mine]
+    writer = await kv.Record.open([mine.url, *others], timeout_s=0.5, write_deadline_s=10.0,
+                                  connect={"dont_randomize": True})
+    try:
+        await writer.update("k.w", b"1", (await writer.get("k.w")).revision)
+        assert writer._nc.connected_url is not None and writer._nc.connected_url.port == int(mine.url.rsplit(":", 1)[1])
+        await cluster.pause(mine.name)
+        try:
+            revision = await writer.update("k.w", b"2", (await record.get("k.w")).revision)
+            assert writer.retries >= 1  # its server did not answer the first try
+            assert (await record.get("k.w")) == kv.Entry("k.w", b"2", revision)
+        finally:
+            await cluster.resume(mine.name)
+    finally:
+        await writer.close()

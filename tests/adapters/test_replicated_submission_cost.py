@@ -11,6 +11,8 @@ What these prove:
 - a snapshot's child before its parent (an attempt before its job) is still applied, both rows,
   by an apply that then turns the foreign keys off (as every apply did before);
 - the process's GIL switch interval is 0.5 ms while the record's thread runs (Rule 8 of the bridge);
+- a submission is published through the connection of the process's own event loop, not handed to
+  the record's thread and back (Rule 9 of the bridge);
 - a retry of a submission at a process whose watch has not yet brought the first answer (held
   back here) loses the idempotency key's compare-and-set, catches up and replays the first job:
   one job, the same id, ``Idempotent-Replayed``, as it was with a barrier before every submission.
@@ -33,7 +35,7 @@ from controlplane.hub import Hub
 from controlplane.replicated.kv import Change
 from controlplane.store import jobs as store_jobs
 from controlplane.store.replica import Replica
-from tests.support.hubrig import Client, hub_config
+from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
 
@@ -106,7 +108,7 @@ async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp
         assert sys.getswitchinterval() <= 0.0005
         statements: list[str] = []
         b.db.conn.set_trace_callback(statements.append)
-        barriers, skipped = bridge.barriers, replica(b).barriers_skipped
+        barriers, skipped, from_loop = bridge.barriers, replica(b).barriers_skipped, bridge.loop_writes
         ids = []
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             at_b = Client(session, f"http://127.0.0.1:{b.http_port}", key)
@@ -117,6 +119,8 @@ async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp
         barriers = bridge.barriers - barriers
         assert replica(b).barriers_skipped - skipped == 40
         assert barriers <= 5, f"{barriers} read barriers for 40 submissions"  # before: 40
+        # each published from B's own loop (the bridge's Rule 9), not through the record's thread
+        assert bridge.loop_writes - from_loop >= 40
         # each of them in B's SQLite, once: captured (then rolled back) and applied when acknowledged;
         # its echo from the watch (a revision B holds already) began no transaction of its own
         await until(lambda: bridge.revision >= max(replica(b).revisions.values()), 5, "B's watch caught up")
@@ -266,3 +270,35 @@ async def test_a_child_before_its_parent_is_applied_with_the_foreign_keys_off(tm
         assert hub.db.conn.execute("PRAGMA foreign_keys").fetchone() == (1,)  # on again for the writers
     finally:
         await hub.stop()
+
+
+async def test_the_leaders_rounds_of_new_submissions_ask_the_record_for_no_read_barrier(tmp_path: Path,
+                                                                                       cluster: NatsCluster) -> None:
+    """A round of the leader's tick that plans only new submissions reads only jobs its
+    projection holds (one submitted elsewhere and not yet here is the next round's) and writes
+    compare-and-set on them: it takes no read barrier (before: one stream-info request to the
+    stream's leader per round, every scheduler_poke_gap_s while submissions come). A full round
+    still takes one."""
+    (tmp_path / "lead").mkdir()
+    config = hub_config(tmp_path / "lead", ",".join(cluster.urls), hub_id="lead", record="nats",
+                        scheduler_tick_s=30.0, scheduler_poke_gap_s=0.01)
+    async with running_hub(config) as hub, aiohttp.ClientSession() as session:
+        service = services_of(hub).training
+        await until(lambda: service.running, 15, "the single process leads")
+        acme = Client(session, f"http://127.0.0.1:{hub.http_port}", hub.create_tenant("acme"))
+        status, first, _ = await acme.call("POST", "/v1/jobs", JOB)
+        assert status == 201, first
+        await until(lambda: store_jobs.get_job(hub.db, first["id"]).reason != "", 10,  # type: ignore[union-attr]
+                    "a full round planned the first job")
+        bridge: Any = replica(hub).bridge
+        barriers, rounds = bridge.barriers, service.counters["ticks_incremental"]
+        for _ in range(20):
+            before = service.counters["ticks_incremental"]
+            status, job, _ = await acme.call("POST", "/v1/jobs", JOB)
+            assert status == 201, job
+            await until(lambda: service.counters["ticks_incremental"] > before, 10, "a round that plans it")
+        assert service.counters["ticks_incremental"] - rounds >= 20
+        assert bridge.barriers - barriers <= 5, f"{bridge.barriers - barriers} read barriers for 20 rounds"
+        full = bridge.barriers
+        service.poke()  # anything but a submission: a full round, after a barrier
+        await until(lambda: bridge.barriers > full, 10, "the full round's read barrier")
