@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from controlplane.core import auth
 from controlplane.core.clock import Clock
-from controlplane.core.errors import RateLimited, Unauthorized
+from controlplane.core.errors import RateLimited, RecordUnavailable, Unauthorized
 from controlplane.core.ratelimit import TokenBuckets
 from controlplane.metrics import HubMetrics
 from controlplane.services import keys as key_lifecycle
@@ -48,9 +48,9 @@ class TenancyService:
         self._tenants: dict[str, dict[str, Any]] = {}
         self._key_misses: dict[str, tuple[float, str]] = {}
         self._caught_up_for: dict[str, float] = {}
-        self._barrier_now: asyncio.Future[None] | None = None
+        self._barrier_now: asyncio.Future[bool] | None = None
         """The catch-up with the record under way (:meth:`_catch_up`)."""
-        self._barrier_next: asyncio.Future[None] | None = None
+        self._barrier_next: asyncio.Future[bool] | None = None
         """The one that starts when it ends, shared by every caller that came meanwhile."""
         """Unknown keys' digests -> until when :meth:`authenticate_caught_up` does not ask again."""
         self.gateways: Callable[[], int] = lambda: 1
@@ -98,28 +98,35 @@ class TenancyService:
         if len(self._caught_up_for) > 10_000:
             self._caught_up_for.clear()
         self._caught_up_for[digest] = now + key_lifecycle.MISS_MEMORY_S
-        await self._catch_up()
-        return self.authenticate(key)
+        answered = await self._catch_up()
+        found = self.authenticate(key)
+        if found is None and not answered:
+            # Not "no such key": this process could not see the record's latest writes (no quorum,
+            # or no answer in time on a loaded host), and the key may be one issued a moment ago at
+            # another gateway. Say so (503, retry) and ask again on the next try.
+            self._caught_up_for.pop(digest, None)
+            raise RecordUnavailable("this gateway does not know the API key and could not catch up "
+                                    "with the record to check it; retry")
+        return found
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self) -> bool:
         """A catch-up with the record that started after this call (so it sees every write
         acknowledged before it), shared: while one runs, every caller waits for the next one, which
-        starts when it ends."""
+        starts when it ends. False when the record did not answer it."""
         if self._barrier_now is None or self._barrier_now.done():
             self._barrier_now = asyncio.ensure_future(barrier(self.store.db))
-            await asyncio.shield(self._barrier_now)
-            return
+            return await asyncio.shield(self._barrier_now)
         if self._barrier_next is None or self._barrier_next.done():
             running = self._barrier_now
 
-            async def after() -> None:
+            async def after() -> bool:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(running)
                 self._barrier_now = asyncio.ensure_future(barrier(self.store.db))
-                await self._barrier_now
+                return await self._barrier_now
 
             self._barrier_next = asyncio.ensure_future(after())
-        await asyncio.shield(self._barrier_next)
+        return await asyncio.shield(self._barrier_next)
 
     def lookup_key_in_store(self, key: str) -> auth.Principal | None:
         """A key the in-memory ring does not answer for: issued elsewhere (``cpn key create``), not

@@ -158,13 +158,15 @@ async def write(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database],
         return fn(db)
 
 
-async def barrier(db: sqlite_utils.Database) -> None:
+async def barrier(db: sqlite_utils.Database) -> bool:
     """On the replicated record: the read barrier of the synchronous transactions that follow in
-    this turn of the event loop, awaited rather than blocking (``Replica.barrier``). Else nothing."""
+    this turn of the event loop, awaited rather than blocking (``Replica.barrier``). Else nothing.
+    False when the record did not answer it in time (what is read is then what was here)."""
     hook = getattr(db, "write_hook", None)
     awaited = getattr(hook, "barrier", None)
     if awaited is not None and not db.conn.in_transaction:
-        await awaited()
+        return bool(await awaited())
+    return True
 
 
 def close(db: sqlite_utils.Database) -> None:

@@ -333,15 +333,17 @@ class Replica:
             self.bridge.catch_up()
         self.apply_changes()
 
-    async def barrier(self) -> None:
+    async def barrier(self) -> bool:
         """Rule 3, awaited: the read barrier for the synchronous transactions that follow in this
         turn of the loop (a scheduler tick), so they skip their blocking one; the loop goes on while
-        the record answers (or does not, during an election: then they read what is here)."""
-        await self.bridge.catch_up_async()
+        the record answers (or does not, during an election: then they read what is here, and the
+        answer is False)."""
+        ok = await self.bridge.catch_up_async()
         await self._no_transaction()
         self.apply_changes()
         self._fresh = True
         asyncio.get_running_loop().call_soon(self._unfresh)
+        return ok
 
     async def answers(self) -> bool:
         """The read barrier of :meth:`barrier`, and whether the record answered it: False when it did

@@ -284,6 +284,10 @@ async def test_two_nats_nodes_killed_writes_refused_with_503_reads_go_on(tmp_pat
             assert status == 200 and [j["id"] for j in listing["data"]] == [job["id"]], listing
             status, _, _ = await acme.call("GET", f"/v1/jobs/{job['id']}")
             assert status == 200
+            # A key this process does not know cannot be called invalid while it cannot read the
+            # record (it may have been issued a moment ago at another gateway): 503, not 401.
+            status, body, _ = await client(session, a, "sk-not-known-here").call("GET", "/v1/jobs")
+            assert status == 503 and body["error"]["code"] == "record_unavailable", body
             assert len(store_jobs.list_jobs(a.db, "acme")) == 1  # the refused write is not in the projection
             # Quorum back: the retry with the same key is accepted, or finds its own earlier write (a
             # refused write's outcome is unknown: the survivor may have stored it). While the record
