@@ -238,14 +238,24 @@ class HubMetrics:
     def served(self, tenant: str, model: str, site: str, prompt_tokens: int, completion_tokens: int,
                service_ms: float) -> None:
         """One answered inference request: counts by tenant/model and site, tokens, service time."""
-        self.infer_ok(site)
+        # Inlined (no helper call per count): this runs for every answer.
+        counts = self.infer.counts
+        key: tuple[str, ...] = (site, "ok")
+        counts[key] = counts.get(key, 0) + 1
         tenant, model, site = self.tenants(tenant), self.models(model), self.site_labels(site)
-        _add(self.tenant_requests.counts, (tenant, model), 1)
-        tokens = self.tokens.counts
-        _add(tokens, (tenant, model, "prompt"), prompt_tokens)
-        _add(tokens, (tenant, model, "completion"), completion_tokens)
-        _add(self.site_tokens.counts, (site, "prompt"), prompt_tokens)
-        _add(self.site_tokens.counts, (site, "completion"), completion_tokens)
+        counts = self.tenant_requests.counts
+        key = (tenant, model)
+        counts[key] = counts.get(key, 0) + 1
+        counts = self.tokens.counts
+        key = (tenant, model, "prompt")
+        counts[key] = counts.get(key, 0) + prompt_tokens
+        key = (tenant, model, "completion")
+        counts[key] = counts.get(key, 0) + completion_tokens
+        counts = self.site_tokens.counts
+        key = (site, "prompt")
+        counts[key] = counts.get(key, 0) + prompt_tokens
+        key = (site, "completion")
+        counts[key] = counts.get(key, 0) + completion_tokens
         if service_ms > 0:
             self.service_seconds.observe((model, site), service_ms / 1000.0)
 
