@@ -242,7 +242,11 @@ class HubMetrics:
         counts = self.infer.counts
         key: tuple[str, ...] = (site, "ok")
         counts[key] = counts.get(key, 0) + 1
-        tenant, model, site = self.tenants(tenant), self.models(model), self.site_labels(site)
+        # A label value already seen passes as it is (Bounded's first step, without its call).
+        tenants, models, sites = self.tenants, self.models, self.site_labels
+        tenant = tenant if tenant in tenants.seen else tenants(tenant)
+        model = model if model in models.seen else models(model)
+        site = site if site in sites.seen else sites(site)
         counts = self.tenant_requests.counts
         key = (tenant, model)
         counts[key] = counts.get(key, 0) + 1
@@ -261,7 +265,9 @@ class HubMetrics:
 
     def answered(self, model: str, site: str, elapsed_s: float) -> None:
         """A whole non-streamed answer reached the hub ``elapsed_s`` after routing began."""
-        self.infer_seconds.observe((self.models(model), self.site_labels(site)), elapsed_s)
+        models, sites = self.models, self.site_labels
+        self.infer_seconds.observe((model if model in models.seen else models(model),
+                                    site if site in sites.seen else sites(site)), elapsed_s)
 
     def first_token(self, model: str, site: str, elapsed_s: float) -> None:
         """A stream's first message reached the hub ``elapsed_s`` after routing began."""
