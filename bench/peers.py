@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="seconds per cell (wrk takes whole seconds)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--systems", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}")
+    p.add_argument("--cells", default=",".join(CELLS),
+                   help=f"comma-separated subset of {','.join(CELLS)} (e.g. c32 alone, to compare throughput in more rounds)")
     p.add_argument("--router-policy", default="round_robin", help="policy given to both routers")
     p.add_argument("--out", default="gateway_peers", help="results name (bench/results/NAME.json)")
     args = p.parse_args(argv)
@@ -289,13 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"cpn bench gateway --peers: unknown system(s) {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
         return 2
+    cells_run = tuple(c for c in CELLS if c in args.cells.split(","))
+    bad_cells = set(args.cells.split(",")) - set(CELLS)
+    if bad_cells or not cells_run:
+        print(f"cpn bench gateway --peers: unknown cell(s) {', '.join(sorted(bad_cells)) or '(none given)'}; choose from {', '.join(CELLS)}")
+        return 2
     try:
         wrk.binary()
     except wrk.WrkMissing as exc:
         print(f"cpn bench gateway --peers: {exc}")
         return 2
-    print(f"peers: {', '.join(names)}; {args.rounds} round(s) x 3 cells x {args.seconds:g} s")
-    res = asyncio.run(run(seconds=args.seconds, rounds=args.rounds, names=names, policy=args.router_policy))
+    print(f"peers: {', '.join(names)}; {args.rounds} round(s) x {len(cells_run)} cell(s) x {args.seconds:g} s")
+    res = asyncio.run(run(seconds=args.seconds, rounds=args.rounds, names=names, policy=args.router_policy,
+                          cells_run=cells_run))
     print(render(res))
     print(render_verdicts(res))
     print(f"  wrote {common.write(args.out, res)}")

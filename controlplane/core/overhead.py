@@ -82,13 +82,14 @@ class RelayOverhead:
             ring = self._by_site[site] = deque(maxlen=self.window)
             self._sorted[site] = []
         ordered = self._sorted[site]
-        if len(ring) == self.window:
-            _discard(ordered, ring[0][1])
+        if len(ring) == self.window:  # _discard, inlined here (once per relayed answer)
+            del ordered[bisect_left(ordered, ring[0][1])]
         ring.append((now, ms))
         insort(ordered, ms)
         every = self._all
         if len(every) == every.maxlen:
-            _discard(self._all_sorted, every[0][1])
+            every_sorted = self._all_sorted
+            del every_sorted[bisect_left(every_sorted, every[0][1])]
         every.append((now, ms))
         insort(self._all_sorted, ms)
         self.samples += 1
@@ -123,7 +124,9 @@ class RelayOverhead:
             ordered = self._all_sorted
             if not ordered:
                 return self.floor_ms
-        return ordered[_rank(len(ordered), QUANTILE)]
+        n = len(ordered)  # _rank(n, QUANTILE), inlined (once per answer)
+        i = math.ceil(QUANTILE * n) - 1
+        return ordered[i if 0 <= i < n else (0 if i < 0 else n - 1)]
 
 
 def _rank(n: int, q: float) -> int:

@@ -153,7 +153,7 @@ class TenancyService:
         row = self.tenant(tenant) or {}
         rate = row.get("rate_per_s") or self.rate_limiter.rate_per_s
         burst = row.get("burst") or self.rate_limiter.burst
-        share = max(1, self.gateways())
+        share = self.gateways()
         if share > 1:  # N gateways: each 1/N of the plan, so the tenant gets its rate, not N times it
             rate, burst = rate / share, max(1.0, burst / share)
         ok, retry_after_s = self.rate_limiter.take(tenant, self.clock.monotonic(), rate_per_s=rate, burst=burst)

@@ -11,7 +11,7 @@ import pytest
 
 from controlplane.nats.natsserver import NatsServer
 from edge_agent.nats_barrier import barrier
-from edge_agent.nats_fast import Dispatch, publish_soon
+from edge_agent.nats_fast import Dispatch, Plain, publish_soon, subscribe_now
 from tests.support.waiting import until
 
 
@@ -91,3 +91,34 @@ async def test_publish_soon_leaves_a_payload_over_the_server_limit_to_nats_py(na
         assert nc._pending == []
     finally:
         await nc.close()
+
+
+async def test_subscribe_now_hands_plain_messages_over_light_and_leaves_the_rest_to_nats_py(nats_server: NatsServer) -> None:
+    rx = await nats.connect(nats_server.url)
+    tx = await nats.connect(nats_server.url)
+    got: list[object] = []
+    queued: list[bytes] = []
+
+    async def on_other(msg: object) -> None:
+        queued.append(msg.data)  # type: ignore[attr-defined]
+
+    try:
+        await subscribe_now(rx, "fast.plain", got.append)
+        await rx.subscribe("fast.other", cb=on_other)  # a subscription of nats-py's own kind
+        await barrier(rx)
+        before = rx.stats["in_msgs"]
+        await tx.publish("fast.plain", b"one", reply="_INBOX.r1")
+        await tx.publish("fast.plain", b"two", headers={"Status": "503"})
+        await tx.publish("fast.other", b"three")
+        await tx.publish("fast.plain", b"", reply="")
+        await until(lambda: len(got) == 3 and queued == [b"three"], timeout_s=10)
+        plain, with_headers, empty = got
+        assert isinstance(plain, Plain)
+        assert (plain.subject, plain.reply, plain.data, plain.headers) == ("fast.plain", "_INBOX.r1", b"one", None)
+        assert not isinstance(with_headers, Plain)  # nats-py's Msg, headers read by nats-py
+        assert with_headers.data == b"two" and with_headers.headers == {"Status": "503"}  # type: ignore[attr-defined]
+        assert isinstance(empty, Plain) and (empty.data, empty.reply) == (b"", "")
+        assert rx.stats["in_msgs"] - before == 4  # counted as nats-py counts them
+    finally:
+        await rx.close()
+        await tx.close()

@@ -137,3 +137,9 @@ def test_peers_verdicts_are_medians_of_each_rounds_own_ratio() -> None:
     assert "rounds" not in v["p50_c1_extra_ms"] and v["p50_c1_extra_ms"]["value"] == pytest.approx(0.7)
     text = peers.render_verdicts({"verdicts": v})
     assert "median of the rounds' own" in text and "| 0.5, 0.5, 0.357 |" in text
+
+
+def test_peers_refuses_an_unknown_cell_before_starting_anything(capsys: pytest.CaptureFixture[str]) -> None:
+    assert peers.main(["--cells", "c32,c64"]) == 2
+    assert "unknown cell(s) c64" in capsys.readouterr().out
+    assert peers.main(["--cells", ""]) == 2
