@@ -196,7 +196,7 @@ async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "r
     return {
         "systems": agg, "verdicts": verdicts(agg, cells=cells), "skipped": skipped, "cells": cells,
         "targets": TARGETS, "baseline": BASELINE, "router_policy": policy, "versions": versions(),
-        "method": {"seconds_per_cell": seconds, "rounds": rounds, "generator": "wrk (c=32: 2 threads, c=1: 1)",
+        "method": {"seconds_per_cell": seconds, "rounds": rounds, "cells": list(cells_run), "generator": "wrk (c=32: 2 threads, c=1: 1)",
                    "ttfc_generator": "bench/ttfc.py (Python raw-socket client, 8 connections)",
                    "mock": "bench/mockopenai.py, 2 replicas (SO_REUSEPORT shared port for direct and cpn)",
                    "cpn": "nats-server + cpn hub + one cpn agent (openai-http)"},
@@ -282,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--systems", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}")
     p.add_argument("--router-policy", default="round_robin", help="policy given to both routers")
+    p.add_argument("--cells", default=",".join(CELLS),
+                   help=f"comma-separated subset of {','.join(CELLS)} (ttfc8 alone: time to first chunk only)")
     p.add_argument("--out", default="gateway_peers", help="results name (bench/results/NAME.json)")
     args = p.parse_args(argv)
     names = [n for n in args.systems.split(",") if n]
@@ -289,13 +291,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"cpn bench gateway --peers: unknown system(s) {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
         return 2
+    cells_run = tuple(c for c in CELLS if c in args.cells.split(","))
+    unknown = set(args.cells.split(",")) - set(CELLS) - {""}
+    if unknown or not cells_run:
+        print(f"cpn bench gateway --peers: unknown or no cell(s) {', '.join(sorted(unknown))}; choose from {', '.join(CELLS)}")
+        return 2
     try:
         wrk.binary()
     except wrk.WrkMissing as exc:
         print(f"cpn bench gateway --peers: {exc}")
         return 2
-    print(f"peers: {', '.join(names)}; {args.rounds} round(s) x 3 cells x {args.seconds:g} s")
-    res = asyncio.run(run(seconds=args.seconds, rounds=args.rounds, names=names, policy=args.router_policy))
+    print(f"peers: {', '.join(names)}; {args.rounds} round(s) x {len(cells_run)} cell(s) x {args.seconds:g} s")
+    res = asyncio.run(run(seconds=args.seconds, rounds=args.rounds, names=names, policy=args.router_policy,
+                          cells_run=cells_run))
     print(render(res))
     print(render_verdicts(res))
     print(f"  wrote {common.write(args.out, res)}")
