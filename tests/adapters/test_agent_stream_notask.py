@@ -162,15 +162,20 @@ async def test_a_chunk_the_link_cannot_take_ends_the_stream_and_the_hub_is_told(
 
 async def test_a_stream_that_comes_whole_goes_as_its_result(nats_server: NatsServer) -> None:
     # A server that writes the whole stream at once (a short answer): with ``tail_ok`` its text
-    # rides in the result (one message); without, one chunk then the result.
+    # rides in the result (one message); without, one chunk then the result. An unreadable one is
+    # a backend_error naming nothing of the server.
     events = [{"choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in ("a", " b")]
     events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
                    "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
     sse = b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events) + b"data: [DONE]\n\n"
     whole = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s" % (len(sse), sse)
+    garbled = b"data: {not json\n\n"
+    bad = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s" % (len(garbled), garbled)
 
     plain = b'{"choices":[{"message":{"content":"ok"}}]}'
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(plain), plain)
+
+    go = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -181,7 +186,13 @@ async def test_a_stream_that_comes_whole_goes_as_its_result(nats_server: NatsSer
             length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
                           if line.lower().startswith(b"content-length"))
             body = await reader.readexactly(length)
-            writer.write(whole if b'"stream":true' in body else answer)
+            if b"split" in body:  # a good first piece, then (once the hub has it) an unreadable one
+                first = b"data: %s\n\n" % json.dumps(events[0]).encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n" % (len(first), first))
+                await go.wait()
+                writer.write(b"%x\r\n%s\r\n" % (len(garbled), garbled))
+                continue
+            writer.write(answer if b'"stream":true' not in body else bad if b"garble" in body else whole)
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
@@ -201,6 +212,23 @@ async def test_a_stream_that_comes_whole_goes_as_its_result(nats_server: NatsSer
             assert chunk.site_ms is not None
             assert isinstance(end, wire.InferResult) and end.tail == "" and end.output == "a b"
             assert agent.backend._pool.opened == 1  # type: ignore[attr-defined]
+            with infer_tasks() as tasks:
+                (_, unreadable), = await hub.infer_stream("edge-a", _chat("g", "garble", stream=True))
+            assert tasks == []
+            assert isinstance(unreadable, wire.ErrorReply) and unreadable.code == "backend_error"
+            assert "unreadable" in unreadable.message and "127.0.0.1" not in unreadable.message
+            assert agent.inventory.inflight() == 0
+            assert isinstance(await hub.infer("edge-a", _chat("w2")), wire.InferResult)  # a connection again
+            with infer_tasks() as tasks:
+                async with replies(hub, _chat("m", "split", stream=True)) as queue:
+                    first = await asyncio.wait_for(queue.get(), 5)
+                    assert isinstance(first, wire.InferChunk) and first.text == "a"
+                    go.set()
+                    broken = await asyncio.wait_for(queue.get(), 5)
+            assert tasks == []
+            assert isinstance(broken, wire.ErrorReply) and broken.code == "backend_error"
+            assert "unreadable" in broken.message
+            await until(lambda: agent.inventory.inflight() == 0)
     finally:
         server.close()
         await server.wait_closed()
