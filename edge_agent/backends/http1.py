@@ -473,11 +473,15 @@ class Http1Pool:
         conn.arm(timeout_s)
         return conn
 
+    def deadline(self, timeout_s: float) -> float:
+        """The loop time ``timeout_s`` from now (for :meth:`rearm`)."""
+        return self.loop().time() + timeout_s
+
     @staticmethod
-    def rearm(conn: _Connection, timeout_s: float) -> None:
-        """Bound an exchange :meth:`send_now` started by ``timeout_s`` from now (a stream: the wait
-        for its next piece)."""
-        conn.arm(timeout_s)
+    def rearm(conn: _Connection, timeout_s: float, deadline: float) -> None:
+        """Bound an exchange :meth:`send_now` started by ``timeout_s`` from now, and by ``deadline``
+        (:meth:`deadline`), whichever comes first (a stream: the wait for its next piece)."""
+        conn.arm(min(timeout_s, max(deadline - conn.loop.time(), 0.0)))
 
     @staticmethod
     def fail_now(conn: _Connection, exc: BaseException) -> None:

@@ -164,7 +164,7 @@ class StreamCall:
                 self.tail = text
             elif not self.on_text(text):
                 return  # given up
-        Http1Pool.rearm(conn, min(self.backend.timeout_s, max(self.deadline - conn.loop.time(), 0.0)))
+        Http1Pool.rearm(conn, self.backend.timeout_s, self.deadline)
 
     def done(self, conn: Any) -> None:
         self.on_done(self)
@@ -319,7 +319,7 @@ class OpenAIHttpBackend:
         if pool is None or not request.stream:
             return None
         path, body = self._body(request)
-        call = StreamCall(self, request, on_text, on_done, pool.loop().time() + deadline_s)
+        call = StreamCall(self, request, on_text, on_done, pool.deadline(deadline_s))
         conn = pool.send_now("POST", path, _encode(body), call.done, timeout_s=min(self._config.timeout_s, deadline_s),
                              on_piece=call.piece)
         if conn is None:
