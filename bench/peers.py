@@ -196,7 +196,7 @@ async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "r
     return {
         "systems": agg, "verdicts": verdicts(agg, cells=cells), "skipped": skipped, "cells": cells,
         "targets": TARGETS, "baseline": BASELINE, "router_policy": policy, "versions": versions(),
-        "method": {"seconds_per_cell": seconds, "rounds": rounds, "generator": "wrk (c=32: 2 threads, c=1: 1)",
+        "method": {"seconds_per_cell": seconds, "rounds": rounds, "cells": list(cells_run), "generator": "wrk (c=32: 2 threads, c=1: 1)",
                    "ttfc_generator": "bench/ttfc.py (Python raw-socket client, 8 connections)",
                    "mock": "bench/mockopenai.py, 2 replicas (SO_REUSEPORT shared port for direct and cpn)",
                    "cpn": "nats-server + cpn hub + one cpn agent (openai-http)"},
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--systems", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}")
     p.add_argument("--cells", default=",".join(CELLS),
-                   help=f"comma-separated subset of {','.join(CELLS)} (e.g. c32 alone, to compare throughput in more rounds)")
+                   help=f"comma-separated subset of {','.join(CELLS)} (c32 alone: throughput in more rounds; ttfc8 alone: time to first chunk only)")
     p.add_argument("--router-policy", default="round_robin", help="policy given to both routers")
     p.add_argument("--out", default="gateway_peers", help="results name (bench/results/NAME.json)")
     args = p.parse_args(argv)

@@ -1,12 +1,12 @@
 """Serving ``wire.infer_subject(site)``: one task per request, slots, streaming, cancellation.
 
 A request the backend can answer without waiting (:meth:`InferenceService.answer_now`) is answered
-inline, with no task: there is nothing to time out or cancel. A plain (not streamed) request to a
-backend that can send it from a callback (``openai-http`` with an idle kept-alive connection:
+inline, with no task: there is nothing to time out or cancel. A request to a backend that can send
+it from a callback (``openai-http`` with an idle kept-alive connection:
 :meth:`InferenceService.start_now`) takes no task either: the NATS callback sends it, the
-connection's completion callback answers; its deadline is the connection's timer, a delayed
-acknowledgement one timer shared by all such requests. Anything else (a stream, no idle
-connection, a retry) goes the task's way.
+connection's callbacks publish a stream's chunks as they come (:mod:`edge_agent.stream_now`) and
+the answer at its end; its deadline is the connection's timer, a delayed acknowledgement one timer
+shared by all such requests. Anything else (no idle connection, a retry) goes the task's way.
 
 Promises:
 
@@ -38,6 +38,7 @@ from edge_agent.bus import AgentBus, Incoming
 from edge_agent.errors import BackendError, BusError
 from edge_agent.inventory import Inventory, Replica, ServiceTimes
 from edge_agent.logs import log
+from edge_agent.stream_now import StreamExchange
 
 
 class _Watch:
@@ -85,17 +86,22 @@ class _Watch:
             handle.cancel()
 
 
-def _plain(msg: Incoming) -> wire.InferRequest | None:
-    """The request a message carries if it may be served without a task: a plain (not streamed),
-    well-formed request with a reply subject; None otherwise (:meth:`InferenceService.handle` then
-    serves it, and answers what is malformed)."""
+def _wellformed(msg: Incoming) -> wire.InferRequest | None:
+    """The request a message carries if it may be served without a task: a well-formed request
+    with a reply subject; None otherwise (:meth:`InferenceService.handle` then serves it, and
+    answers what is malformed)."""
     if not msg.reply:
         return None
     try:
-        request = wire.infer_request_decoder.decode(msg.data)
+        return wire.infer_request_decoder.decode(msg.data)
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
-    return None if request.stream else request
+
+
+def _plain(msg: Incoming) -> wire.InferRequest | None:
+    """As :func:`_wellformed`, for a plain (not streamed) request only."""
+    request = _wellformed(msg)
+    return None if request is None or request.stream else request
 
 
 class _Exchange:
@@ -158,12 +164,14 @@ class InferenceService:
         self._start_now: Callable[[wire.InferRequest, Callable[[object], None], float], object] | None = getattr(
             backend, "start_now", None)
         """The backend's way to send a plain request from a callback (None: it has none)."""
+        self._stream_now: Callable[..., object] | None = getattr(backend, "stream_now", None)
+        """The backend's way to send a streamed request from a callback (None: it has none)."""
         self.spawn: Callable[[Coroutine[Any, Any, None]], object] = self._spawn_own
         """Runs a request in a task when one served with no task must go the usual way after all
         (the agent sets its own spawner, whose tasks it waits for when stopping)."""
-        self._now: dict[str, _Exchange] = {}
+        self._now: dict[str, _Exchange | StreamExchange] = {}
         """Requests served with no task (:meth:`start_now`), by id."""
-        self._ack_due: deque[_Exchange] = deque()
+        self._ack_due: deque[_Exchange | StreamExchange] = deque()
         """Requests served with no task whose acknowledgement is due later, in order of its time."""
         self._ack_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -341,15 +349,15 @@ class InferenceService:
         task.add_done_callback(self._acks.discard)
 
     def start_now(self, msg: Incoming) -> bool:
-        """Serve a plain request to a backend that can send it from a callback (``start_now``), with
-        no task: True when sent (the answer goes out from the backend's completion callback), False
-        (nothing done) when it needs :meth:`handle` (a stream, a malformed message, no free slot,
-        no idle backend connection, ...)."""
+        """Serve a request to a backend that can send it from a callback (``start_now``, and
+        ``stream_now`` for a stream: :mod:`edge_agent.stream_now`), with no task: True when sent
+        (the answer goes out from the backend's callbacks), False (nothing done) when it needs
+        :meth:`handle` (a malformed message, no free slot, no idle backend connection, ...)."""
         start = self._start_now
         if start is None:
             return False
-        request = _plain(msg)
-        if request is None:
+        request = _wellformed(msg)
+        if request is None or (request.stream and self._stream_now is None):
             return False
         loop = self._loop
         if loop is None:
@@ -368,9 +376,15 @@ class InferenceService:
             elif self._ack_due and self._ack_due[-1].ack_at > ack_at:
                 self.inventory.release_slot(replica)
                 return False  # due before one queued already (a shorter delay): the task path keeps it
-        exchange = _Exchange(self, msg, request, replica, started, timeout_s)
+        exchange: _Exchange | StreamExchange
         try:
-            conn = start(request, exchange.done, timeout_s)
+            if request.stream:
+                exchange = StreamExchange(self, msg, request, replica, started, timeout_s)
+                assert self._stream_now is not None
+                conn = self._stream_now(request, exchange.send, exchange.done, timeout_s)
+            else:
+                exchange = _Exchange(self, msg, request, replica, started, timeout_s)
+                conn = start(request, exchange.done, timeout_s)
         except Exception:  # a bug: the task's way answers it (and logs it)
             conn = None
         if conn is None:
@@ -409,7 +423,7 @@ class InferenceService:
             self._acks.add(task)
             task.add_done_callback(self._acks.discard)
 
-    def _close_now(self, exchange: _Exchange) -> None:
+    def _close_now(self, exchange: _Exchange | StreamExchange) -> None:
         exchange.pending = False
         self.inventory.release_slot(exchange.replica)
         if self._now.get(exchange.request.request_id) is exchange:
@@ -421,31 +435,41 @@ class InferenceService:
         try:
             completion = self.backend.finish_now(exchange.conn, request)  # type: ignore[attr-defined]
         except BackendError as exc:
-            self._outcomes.append(False)
-            self.counters["infer_errors"] += 1
-            backend_timeout_s: float = self.backend.timeout_s  # type: ignore[attr-defined]
-            if exc.code == "timeout" and exchange.timeout_s <= backend_timeout_s:  # the request's deadline came first
-                log(logging.WARNING, "infer_timeout", site=self.site, request_id=request.request_id,
-                    timeout_s=exchange.timeout_s)
-                self.reply_soon(reply, wire.error_reply(
-                    "timeout", f"no answer within {exchange.timeout_s:g} s at {self.site}", retryable=True))
-                return
-            log(logging.WARNING, "infer_backend_error", site=self.site, request_id=request.request_id,
-                code=exc.code, error=exc.message, detail=exc.detail or None)
-            if exc.code == "backend_unavailable" and self.on_unavailable is not None:
-                self.on_unavailable(exc.detail or exc.message)
-            self.reply_soon(reply, wire.error_reply(exc.code, exc.message, retryable=exc.retryable))
+            self._failed_now(exchange, exc)
             return
-        if completion is None:  # the kept-alive connection was closed by the server: once more, in a task
-            if self._start_now is None:  # unless the agent is stopping (the pool closed it)
-                self.reply_soon(reply, wire.error_reply("shutting_down", f"site {self.site} is stopping",
-                                                        retryable=True))
-                return
-            self.spawn(self.handle(exchange.msg))
+        if completion is None:
+            self._again_now(exchange)
             return
         self.reply_soon(reply, self._result(request, completion, (self.clock.monotonic() - exchange.started) * 1000.0))
 
-    def _abort_now(self, exchange: _Exchange, why: str = "cancelled") -> None:
+    def _failed_now(self, exchange: _Exchange | StreamExchange, exc: BackendError) -> None:
+        """Answer a request served with no task whose backend call failed."""
+        request, reply = exchange.request, exchange.msg.reply
+        self._outcomes.append(False)
+        self.counters["infer_errors"] += 1
+        backend_timeout_s: float = self.backend.timeout_s  # type: ignore[attr-defined]
+        if exc.code == "timeout" and exchange.timeout_s <= backend_timeout_s:  # the request's deadline came first
+            log(logging.WARNING, "infer_timeout", site=self.site, request_id=request.request_id,
+                timeout_s=exchange.timeout_s)
+            self.reply_soon(reply, wire.error_reply(
+                "timeout", f"no answer within {exchange.timeout_s:g} s at {self.site}", retryable=True))
+            return
+        log(logging.WARNING, "infer_backend_error", site=self.site, request_id=request.request_id,
+            code=exc.code, error=exc.message, detail=exc.detail or None)
+        if exc.code == "backend_unavailable" and self.on_unavailable is not None:
+            self.on_unavailable(exc.detail or exc.message)
+        self.reply_soon(reply, wire.error_reply(exc.code, exc.message, retryable=exc.retryable))
+
+    def _again_now(self, exchange: _Exchange | StreamExchange) -> None:
+        """The kept-alive connection was closed by the server before answering: once more, in a task
+        (unless the agent is stopping: the pool closed it)."""
+        if self._start_now is None:
+            self.reply_soon(exchange.msg.reply, wire.error_reply("shutting_down", f"site {self.site} is stopping",
+                                                                 retryable=True))
+            return
+        self.spawn(self.handle(exchange.msg))
+
+    def _abort_now(self, exchange: _Exchange | StreamExchange, why: str = "cancelled") -> None:
         self.backend.abort_now(exchange.conn)  # type: ignore[attr-defined]
         self._close_now(exchange)
         request, reply = exchange.request, exchange.msg.reply

@@ -56,7 +56,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = ("pool", "loop", "transport", "parser", "state", "head_bytes", "status", "reason", "keep_alive",
                  "framed", "pieces", "waiter", "error", "lost", "used", "got_bytes", "wait_until", "timer", "timer_at",
-                 "on_done")
+                 "on_done", "on_piece")
 
     def __init__(self, pool: Http1Pool) -> None:
         self.pool = pool
@@ -88,6 +88,9 @@ class _Connection(asyncio.Protocol):
         self.on_done: Callable[[_Connection], None] | None = None
         """Called (once) when an exchange sent with :meth:`Http1Pool.send_now` ended: answered,
         failed or timed out (no coroutine waits for it)."""
+        self.on_piece: Callable[[_Connection], None] | None = None
+        """Called when more of the body of such an exchange came before its end (a stream read as it
+        comes: :meth:`Http1Pool.send_now` with ``on_piece``); the new bytes are in ``pieces``."""
 
     # -- asyncio callbacks
 
@@ -177,8 +180,11 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(False)
         elif self.state == _DONE and self.on_done is not None:
             on_done, self.on_done = self.on_done, None
+            self.on_piece = None
             self.wait_until = None
             on_done(self)
+        elif self.on_piece is not None and self.pieces and self.state == _BODY:
+            self.on_piece(self)
 
     def _fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -443,11 +449,16 @@ class Http1Pool:
             return Response(conn, self, timeout_s, deadline)
 
     def send_now(self, method: str, path: str, body: bytes, on_done: Callable[[_Connection], None], *,
-                 timeout_s: float, content_type: str = "application/json") -> _Connection | None:
+                 timeout_s: float, content_type: str = "application/json",
+                 on_piece: Callable[[_Connection], None] | None = None) -> _Connection | None:
         """Send one request on an idle kept-alive connection, with no coroutine: ``on_done(conn)`` is
         called once when the answer ended (whole, failed or after ``timeout_s``); read it with
         :meth:`finish_now`. None, having sent nothing, when no idle connection is open (the caller
-        takes :meth:`request`, which opens one)."""
+        takes :meth:`request`, which opens one).
+
+        With ``on_piece`` (a stream read as it comes), ``on_piece(conn)`` is called each time more
+        of the body came before its end: it takes what came from ``conn.pieces`` (what is left there
+        at the end is :meth:`finish_now`'s), and may bound the wait for the next with :meth:`rearm`."""
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -458,8 +469,26 @@ class Http1Pool:
         conn.used = True
         conn.start(self._encode(method, path, body, content_type))
         conn.on_done = on_done
+        conn.on_piece = on_piece
         conn.arm(timeout_s)
         return conn
+
+    def deadline(self, timeout_s: float) -> float:
+        """The loop time ``timeout_s`` from now (for :meth:`rearm`)."""
+        return self.loop().time() + timeout_s
+
+    @staticmethod
+    def rearm(conn: _Connection, timeout_s: float, deadline: float) -> None:
+        """Bound an exchange :meth:`send_now` started by ``timeout_s`` from now, and by ``deadline``
+        (:meth:`deadline`), whichever comes first (a stream: the wait for its next piece)."""
+        conn.arm(min(timeout_s, max(deadline - conn.loop.time(), 0.0)))
+
+    @staticmethod
+    def fail_now(conn: _Connection, exc: BaseException) -> None:
+        """End an exchange :meth:`send_now` started with ``exc`` (its ``on_done`` is called, and
+        :meth:`finish_now` raises it)."""
+        conn._fail(exc)
+        conn._unusable()
 
     def finish_now(self, conn: _Connection) -> tuple[int, bytes]:
         """The status and whole body of an exchange :meth:`send_now` reported ended, the connection
@@ -481,7 +510,7 @@ class Http1Pool:
 
     def abort(self, conn: _Connection) -> None:
         """Give up an exchange :meth:`send_now` started (its ``on_done`` is not called)."""
-        conn.on_done = None
+        conn.on_done = conn.on_piece = None
         conn.state = _DONE
         conn.keep_alive = False
         if conn.transport is not None:

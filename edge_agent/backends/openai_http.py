@@ -120,6 +120,110 @@ class _SseReader:
 _encode = msgspec.json.Encoder().encode
 
 
+class StreamCall:
+    """A streamed request sent with no coroutine (:meth:`OpenAIHttpBackend.stream_now`): the
+    connection calls :meth:`piece` as the answer comes (each text handed to ``on_text`` at once,
+    as :meth:`OpenAIHttpBackend.generate` would), then ``on_done(call)`` at its end, which reads
+    the rest with :meth:`finish`.
+
+    ``on_text`` returns False when the text could not be sent on (the stream is broken): the
+    caller has then given the call up (:meth:`abort`)."""
+
+    __slots__ = ("backend", "request", "on_text", "on_done", "sse", "conn", "tail", "rest", "deadline", "ended")
+
+    def __init__(self, backend: OpenAIHttpBackend, request: wire.InferRequest, on_text: Callable[[str], bool],
+                 on_done: Callable[[StreamCall], None], deadline: float) -> None:
+        self.backend = backend
+        self.request = request
+        self.on_text = on_text
+        self.on_done = on_done
+        self.sse = _SseReader(bool(request.messages))
+        self.conn: Any = None
+        self.tail = ""
+        self.rest = ""
+        """Text that came with the end and is not in ``tail`` (the request is not ``tail_ok``): the
+        caller sends it on before the result."""
+        self.deadline = deadline
+        """Loop time the whole answer is due by (each piece is also due within the server's timeout)."""
+        self.ended = False
+
+    def piece(self, conn: Any) -> None:
+        """More of the answer came (the connection's callback)."""
+        if conn.status >= 400:
+            return  # an error's body: read whole at the end
+        pieces = conn.pieces
+        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        try:
+            text = self.sse.feed(data)
+        except _FAILURES as exc:
+            Http1Pool.fail_now(conn, exc)  # on_done: finish() raises it
+            return
+        if text:
+            if self.sse.done and self.request.tail_ok:
+                self.tail = text
+            elif not self.on_text(text):
+                return  # given up
+        Http1Pool.rearm(conn, self.backend.timeout_s, self.deadline)
+
+    def done(self, conn: Any) -> None:
+        self.on_done(self)
+
+    def finish(self) -> Completion | None:
+        """The completion (errors as :meth:`OpenAIHttpBackend.generate` raises them); None when it
+        should be sent again the usual way (the kept-alive connection had been closed by the server
+        before it answered anything)."""
+        backend = self.backend
+        pool = backend._pool
+        assert pool is not None
+        self.ended = True
+        exchange = self.conn
+        url = backend._base
+        try:
+            status, data = pool.finish_now(exchange)
+            if status >= 400:
+                raise _http_error(url, status, data, exchange.reason)
+            text = self.sse.feed(data) if data else ""
+        except BackendError:
+            raise
+        except Disconnected as exc:
+            if not exchange.got_bytes:
+                return None
+            raise _failure(exc, url, backend.timeout_s) from None
+        except _FAILURES as exc:
+            raise _failure(exc, url, backend.timeout_s) from None
+        if text:
+            if self.sse.done and self.request.tail_ok:
+                self.tail = text  # the end came with it: it rides in the result, one message fewer
+            else:
+                self.rest = text
+        return _stream_completion(self.sse, self.request, self.tail)
+
+    def abort(self) -> None:
+        """Give the call up (deadline, cancellation, a broken stream, shutdown)."""
+        if not self.ended and self.backend._pool is not None:
+            self.ended = True
+            self.backend._pool.abort(self.conn)
+
+
+def _http_error(url: str, status: int, data: bytes, reason: str) -> BackendError:
+    text = data[:300].decode("utf-8", errors="replace").strip()
+    return BackendError("backend_error", f"the model server answered HTTP {status}",
+                        retryable=status >= 500 or status == 429,
+                        detail=f"{url} answered HTTP {status}: {text or reason}")
+
+
+def _stream_completion(sse: _SseReader, request: wire.InferRequest, tail: str) -> Completion:
+    usage = sse.usage
+    return Completion(
+        output="".join(sse.texts),
+        prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else prompt_words(request),
+        completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else sse.deltas,
+        finish_reason=sse.finish_reason,
+        tail=tail,
+    )
+
+
 class OpenAIHttpBackend:
     """Kept-alive connections to one local server (:class:`Http1Pool`), opened on first use."""
 
@@ -187,12 +291,7 @@ class OpenAIHttpBackend:
         try:
             status, data = pool.finish_now(exchange)
             if status >= 400:
-                text = data[:300].decode("utf-8", errors="replace").strip()
-                raise BackendError(
-                    "backend_error", f"the model server answered HTTP {status}",
-                    retryable=status >= 500 or status == 429,
-                    detail=f"{url} answered HTTP {status}: {text or exchange.reason}",
-                )
+                raise _http_error(url, status, data, exchange.reason)
             return self._completion(_answer.decode(data), request)
         except BackendError:
             raise
@@ -204,9 +303,29 @@ class OpenAIHttpBackend:
             raise _failure(exc, url, timeout_s) from None
 
     def abort_now(self, exchange: Any) -> None:
-        """Give up an exchange :meth:`start_now` sent (deadline, cancellation, shutdown)."""
-        if self._pool is not None:
+        """Give up an exchange :meth:`start_now` or :meth:`stream_now` sent (deadline, cancellation,
+        shutdown)."""
+        if isinstance(exchange, StreamCall):
+            exchange.abort()
+        elif self._pool is not None:
             self._pool.abort(exchange)
+
+    def stream_now(self, request: wire.InferRequest, on_text: Callable[[str], bool],
+                   on_done: Callable[[StreamCall], None], deadline_s: float) -> StreamCall | None:
+        """Send a streamed request on an idle kept-alive connection, with no coroutine (see
+        :class:`StreamCall`); ``deadline_s`` bounds the whole answer, the server's timeout each wait
+        for more of it. None, having sent nothing, when no connection is idle (then :meth:`generate`)."""
+        pool = self._pool
+        if pool is None or not request.stream:
+            return None
+        path, body = self._body(request)
+        call = StreamCall(self, request, on_text, on_done, pool.deadline(deadline_s))
+        conn = pool.send_now("POST", path, _encode(body), call.done, timeout_s=min(self._config.timeout_s, deadline_s),
+                             on_piece=call.piece)
+        if conn is None:
+            return None
+        call.conn = conn
+        return call
 
     async def generate(self, request: wire.InferRequest, on_text: OnText | None) -> Completion:
         path, body = self._body(request)
@@ -218,13 +337,7 @@ class OpenAIHttpBackend:
             response = await self._client().request("POST", path, _encode(body), timeout_s=timeout_s,
                                                     total=not request.stream)
             if response.status >= 400:
-                text = (await response.read())[:300].decode("utf-8", errors="replace").strip()
-                raise BackendError(
-                    "backend_error",
-                    f"the model server answered HTTP {response.status}",
-                    retryable=response.status >= 500 or response.status == 429,
-                    detail=f"{url} answered HTTP {response.status}: {text or response.reason}",
-                )
+                raise _http_error(url, response.status, await response.read(), response.reason)
             if request.stream:
                 return await self._read_stream(response, request, on_text)
             return self._completion(_answer.decode(await response.read()), request)
@@ -291,14 +404,7 @@ class OpenAIHttpBackend:
                         await on_text(text)
                 if sse.done:
                     break
-        usage = sse.usage
-        return Completion(
-            output="".join(sse.texts),
-            prompt_tokens=usage.prompt_tokens if usage.prompt_tokens is not None else prompt_words(request),
-            completion_tokens=usage.completion_tokens if usage.completion_tokens is not None else sse.deltas,
-            finish_reason=sse.finish_reason,
-            tail=tail,
-        )
+        return _stream_completion(sse, request, tail)
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None

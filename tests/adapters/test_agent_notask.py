@@ -59,10 +59,10 @@ async def test_plain_requests_on_a_kept_alive_connection_are_served_with_no_task
         assert tasks == []
         assert agent.inventory.inflight() == 0 and agent.counters["infer_ok"] == 6
         assert agent.backend._pool.opened == 1  # type: ignore[attr-defined]
-        # A stream still takes a task.
+        # A stream takes none either (tests/adapters/test_agent_stream_notask.py).
         with infer_tasks() as tasks:
             got_stream = await hub.infer_stream("edge-a", _chat("s", stream=True))
-        assert isinstance(got_stream[-1][1], wire.InferResult) and tasks == ["InferenceService.handle"]
+        assert isinstance(got_stream[-1][1], wire.InferResult) and tasks == []
 
 
 async def test_a_slow_answer_is_acknowledged_then_times_out_at_its_deadline_and_frees_its_slot(
