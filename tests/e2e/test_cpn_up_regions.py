@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 
 from controlplane import cli
-from tests.support.cpnup import CPN, banner, children_of, cpn_up, stops_cleanly
+from tests.support.cpnup import banner, children_of, cpn_up, stops_cleanly
 from topology import loader
 
 
@@ -59,7 +58,7 @@ def chat_until_served(url: str, key: str, origin: str, timeout_s: float
 
 
 def test_bad_region_count_is_refused_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # cli.main, what the process runs (tests/e2e/test_cpn_up_ha.py runs a refusal as a process of its own)
+    # cli.main, what the process runs (a refusal as a process of its own: tests/adapters/test_key_lifecycle.py)
     assert cli.main(["up", "--data-dir", str(tmp_path), "--regions", "9"]) == 2
     assert "--regions 9: the layout names 6 region(s)" in capsys.readouterr().err
 
