@@ -20,7 +20,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import nats.js.errors
@@ -110,12 +110,28 @@ async def holds_for(seconds: float, check: Callable[[], object]) -> None:
         await asyncio.sleep(0.05)
 
 
-class LoopWatch:
+class _Watching:
+    """``with`` it: its ``_run`` goes on in a task of this loop for the block."""
+
+    _task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+class LoopWatch(_Watching):
     """The longest gap between two 10 ms ticks of this event loop (a blocked loop shows here)."""
 
     def __init__(self) -> None:
         self.worst_s = 0.0
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         last = time.monotonic()
@@ -125,22 +141,13 @@ class LoopWatch:
             self.worst_s = max(self.worst_s, now - last)
             last = now
 
-    def __enter__(self) -> LoopWatch:
-        self._task = asyncio.create_task(self._run())
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-
-
-class Probes:
+class Probes(_Watching):
     """``GET /healthz`` every 50 ms through real HTTP, timed: a held event loop answers late."""
 
     def __init__(self, port: int) -> None:
         self.url = f"http://127.0.0.1:{port}/healthz"
         self.times_s: list[float] = []
-        self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         async with aiohttp.ClientSession() as session:
@@ -152,13 +159,6 @@ class Probes:
                 self.times_s.append(time.monotonic() - started)
                 await asyncio.sleep(0.05)
 
-    def __enter__(self) -> Probes:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 def assert_answered(waited: list[float], what: str, *, median_s: float | None = 0.1) -> None:
