@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 
 from controlplane.nats.natsserver import NatsServer
 from tests.adapters.test_gateway_hardening import LOOPS, hub_here, run_on
-from tests.adapters.test_hub_gateway import raw_agent
+from tests.support.rawsite import raw_agent
 from tests.support.waiting import until
 from tests.support.hubrig import DEMO3, hub_config, running_hub
 

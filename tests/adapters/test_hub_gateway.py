@@ -22,32 +22,8 @@ from controlplane.services.inference import ACK_AFTER_SHARE
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.support.hubrig import Client, hub_config, running_hub
+from tests.support.rawsite import raw_agent
 from tests.support.waiting import until
-
-
-async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[object, asyncio.Task[None]]:
-    nc = await nats.connect(url)
-
-    async def on_infer(msg):  # type: ignore[no-untyped-def]
-        req = wire.infer_request_decoder.decode(msg.data)
-        output = f"{site}:{req.prompt}"
-        tail = output if req.stream and req.tail_ok else ""  # a stream answered whole: all of it a tail
-        await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site=site, model=req.model,
-                                                        output=output, completion_tokens=2, tail=tail)))
-
-    await nc.subscribe(wire.infer_subject(site), cb=on_infer)
-    ack = await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city=city)), timeout=2)
-    assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
-
-    async def beat() -> None:
-        seq = 0
-        while True:
-            seq += 1
-            hb = wire.Heartbeat(site=site, seq=seq, models=[wire.ReplicaStatus(model=model, slots=8)])
-            await nc.publish(wire.heartbeat_subject(site), wire.encode(hb))
-            await asyncio.sleep(0.2)  # the site's heartbeat period
-
-    return nc, asyncio.create_task(beat())
 
 
 @pytest.fixture

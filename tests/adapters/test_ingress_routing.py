@@ -17,7 +17,7 @@ import pytest
 from controlplane.core import overhead
 from controlplane.core.errors import RequestError
 from controlplane.nats.natsserver import NatsServer
-from tests.adapters.test_hub_gateway import raw_agent
+from tests.support.rawsite import raw_agent
 from tests.support.hubrig import Client, hub_config, running_hub
 from tests.support.waiting import until
 from topology import ingress, latency, loader

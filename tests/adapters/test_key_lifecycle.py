@@ -8,6 +8,8 @@ the code before (no endpoints, no ``cpn key``, revoked keys kept working from th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from controlplane import cli
 from controlplane.core import auth
 from controlplane.nats.natsserver import NatsServer
 from controlplane.store import db as store_db
@@ -63,7 +66,20 @@ async def until_refused(client: Client, *, deadline_s: float) -> tuple[float, An
 
 
 def cpn(*args: str) -> subprocess.CompletedProcess[str]:
+    """``cpn`` as an operator runs it: a process of its own."""
     return subprocess.run([sys.executable, "-m", "controlplane.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+def cpn_here(*args: str) -> subprocess.CompletedProcess[str]:
+    """``cpn`` run in this process (``cli.main``, what the process runs), its exit status and output
+    captured as :func:`cpn` gives them, without a Python start-up for every call."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = int(exc.code or 0)
+    return subprocess.CompletedProcess(["cpn", *args], code, out.getvalue(), err.getvalue())
 
 
 async def key_id_of(admin: Client, path: str, key: str) -> str:
@@ -258,23 +274,23 @@ async def test_openapi_lists_the_key_endpoints(rig) -> None:  # type: ignore[no-
 
 def test_cli_lifecycle_on_a_database_file(tmp_path: Path) -> None:
     db = str(tmp_path / "hub.db")
-    made = cpn("tenant", "create", "acme", "--db", db)
+    made = cpn_here("tenant", "create", "acme", "--db", db)
     assert made.returncode == 0, made.stderr
     first_key = made.stdout.strip()
-    assert cpn("key", "create", "--admin", "--db", db).returncode == 0
-    created = cpn("key", "create", "--tenant", "acme", "--ttl-s", "3600", "--label", "ci", "--db", db)
+    assert cpn_here("key", "create", "--admin", "--db", db).returncode == 0
+    created = cpn_here("key", "create", "--tenant", "acme", "--ttl-s", "3600", "--label", "ci", "--db", db)
     assert created.returncode == 0 and created.stdout.startswith("cpn_acme_"), created.stderr
-    listed = cpn("key", "list", "--tenant", "acme", "--db", db)
+    listed = cpn_here("key", "list", "--tenant", "acme", "--db", db)
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 2
     assert first_key not in listed.stdout and auth.hash_key(first_key) not in listed.stdout
     import json
 
     rows = [json.loads(line) for line in listed.stdout.splitlines()]
     first_id = next(r["id"] for r in rows if first_key.startswith(r["prefix"]) and r["expires_at"] is None)
-    rotated = cpn("key", "rotate", first_id, "--tenant", "acme", "--grace-s", "60", "--db", db)
+    rotated = cpn_here("key", "rotate", first_id, "--tenant", "acme", "--grace-s", "60", "--db", db)
     assert rotated.returncode == 0 and rotated.stdout.startswith("cpn_acme_"), rotated.stderr
     assert "replaces" in rotated.stderr and "works until" in rotated.stderr
-    revoked = cpn("key", "revoke", first_id, "--tenant", "acme", "--db", db)
+    revoked = cpn_here("key", "revoke", first_id, "--tenant", "acme", "--db", db)
     assert revoked.returncode == 0 and json.loads(revoked.stdout)["state"] == "revoked"
     conn = sqlite3.connect(db)
     states = conn.execute("SELECT count(*) FROM api_keys WHERE tenant_id = 'acme' AND revoked_at IS NULL").fetchone()[0]
@@ -284,26 +300,26 @@ def test_cli_lifecycle_on_a_database_file(tmp_path: Path) -> None:
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     missing = tmp_path / "nope" / "hub.db"
-    result = cpn("key", "list", "--admin", "--db", str(missing))
+    result = cpn("key", "list", "--admin", "--db", str(missing))  # the real process: exit 2, one line, no traceback
     assert result.returncode == 2 and "no database at" in result.stderr and len(result.stderr.splitlines()) == 1
     assert not missing.exists() and not missing.parent.exists()
     db = str(tmp_path / "hub.db")
-    assert cpn("tenant", "create", "acme", "--db", db).returncode == 0
+    assert cpn_here("tenant", "create", "acme", "--db", db).returncode == 0
     for args, needle in [
         (("key", "revoke", "key_0000000000000000", "--tenant", "acme"), "not found"),
         (("key", "list", "--tenant", "nobody"), "tenant 'nobody' not found"),
         (("key", "create", "--tenant", "acme", "--ttl-s", "-5"), "ttl_s must be positive"),
     ]:
-        result = cpn(*args, "--db", db)
+        result = cpn_here(*args, "--db", db)
         assert result.returncode == 2 and needle in result.stderr and len(result.stderr.splitlines()) == 1, (args, result.stderr)
-    assert cpn("key", "create", "--admin", "--db", db).returncode == 0
-    [row] = [line for line in cpn("key", "list", "--admin", "--db", db).stdout.splitlines()]
+    assert cpn_here("key", "create", "--admin", "--db", db).returncode == 0
+    [row] = [line for line in cpn_here("key", "list", "--admin", "--db", db).stdout.splitlines()]
     import json
 
     admin_id = json.loads(row)["id"]
-    result = cpn("key", "revoke", admin_id, "--admin", "--db", db)
+    result = cpn_here("key", "revoke", admin_id, "--admin", "--db", db)
     assert result.returncode == 2 and "last working admin key" in result.stderr
-    result = cpn("tenant", "list", "--db", str(missing))
+    result = cpn_here("tenant", "list", "--db", str(missing))
     assert result.returncode == 2 and not missing.exists()
 
 
@@ -344,19 +360,19 @@ def test_provider_keys_from_the_cli_and_the_rebuilt_table_keeps_old_keys(tmp_pat
     conn.close()
 
     db = str(path)
-    made = cpn("key", "create", "--provider", "xirang-7", "--label", "ops", "--db", db)
+    made = cpn_here("key", "create", "--provider", "xirang-7", "--label", "ops", "--db", db)
     assert made.returncode == 0 and made.stdout.startswith("cpn_prov-xirang-7_"), made.stderr
     import json
 
-    [row] = [json.loads(line) for line in cpn("key", "list", "--provider", "xirang-7", "--db", db).stdout.splitlines()]
+    [row] = [json.loads(line) for line in cpn_here("key", "list", "--provider", "xirang-7", "--db", db).stdout.splitlines()]
     assert row["role"] == "provider" and row["state"] == "active"
     assert row["provider_id"] == "xirang-7" and row["tenant_id"] is None
-    assert cpn("key", "list", "--provider", "westgrid", "--db", db).stdout == ""
+    assert cpn_here("key", "list", "--provider", "westgrid", "--db", db).stdout == ""
     from controlplane.store import tenants
 
     found = tenants.find_key(store_db.open_db(path), auth.hash_key(made.stdout.strip()))
     assert found is not None and found[0].provider_id == "xirang-7" and found[0].tenant_id is None
-    bad = cpn("key", "create", "--provider", "cpn-operator", "--db", db)
+    bad = cpn_here("key", "create", "--provider", "cpn-operator", "--db", db)
     assert bad.returncode == 2 and "managed with admin keys" in bad.stderr and len(bad.stderr.splitlines()) == 1
-    revoked = cpn("key", "revoke", row["id"], "--provider", "xirang-7", "--db", db)
+    revoked = cpn_here("key", "revoke", row["id"], "--provider", "xirang-7", "--db", db)
     assert revoked.returncode == 0 and json.loads(revoked.stdout)["state"] == "revoked"

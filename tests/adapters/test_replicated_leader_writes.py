@@ -26,54 +26,19 @@ import pytest
 
 from controlplane.compose import build
 from controlplane.core import jobspec
-from controlplane.replicated import kv
 from controlplane.replicated.lease_rules import LeaseConfig
-from controlplane.store import db as store_db
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
 from controlplane.store.replica import Replica
 from tests.support.fakehub import agent_config, running
 from tests.support.hubrig import hub_config
 from tests.support.natscluster import NatsCluster
+from tests.support.recordrig import LoopWatch, holds_for, pausing, stream_leader
 from tests.support.waiting import until
 
 SPEC = jobspec.JobSpec(name="tick", cards=1, accelerators=("H20",), est_hours=1.0, checkpoint_cost_s=60)
 
 pytestmark = pytest.mark.serial  # a fresh 3-node cluster whose stream elects for seconds
-
-
-async def stream_leader(cluster: NatsCluster) -> str:
-    record = await kv.Record.open(cluster.urls)  # makes the bucket if no hub has yet
-    try:
-        info = await record._js.stream_info(f"KV_{kv.BUCKET}")
-        assert info.cluster is not None and info.cluster.leader
-        return str(info.cluster.leader)
-    finally:
-        await record.close()
-
-
-class LoopWatch:
-    """The longest gap between two 10 ms ticks of this event loop (a blocked loop shows here)."""
-
-    def __init__(self) -> None:
-        self.worst_s = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            self.worst_s = max(self.worst_s, now - last)
-            last = now
-
-    def __enter__(self) -> LoopWatch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
 
 
 async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stalling_its_loop(
@@ -100,10 +65,7 @@ async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stallin
         # The stream's leader node and the other follower paused: no quorum until one comes back,
         # so the tick's batch waits as long as this test says (an election's length varies).
         other = next(n.name for n in cluster.nodes if n.name != leader_node and n.url != url)
-        await cluster.pause(leader_node)
-        await cluster.pause(other)
-        try:
-            await store_db.barrier(db)  # the first barrier without quorum times out (awaited: no stall)
+        async with pausing(cluster, leader_node, other, db=db):  # the first barrier times out (awaited)
             with LoopWatch() as watch:
                 cfg = agent_config(url, site="sh-edge", data_dir=str(tmp_path / "agent"))
                 async with running(cfg) as agent:
@@ -114,13 +76,14 @@ async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stallin
                     await until(lambda: rep.in_flight >= 1, 10, "the tick's decisions in flight at the record")
                     beats = registry.get("sh-edge").heartbeats  # type: ignore[union-attr]
                     renewals = elector._held.renewals if elector._held else -1
-                    since = time.monotonic()
-                    while time.monotonic() - since < 2.0:  # the tick's batch waits for a quorum
+
+                    def unacknowledged() -> None:  # the tick's batch waits for a quorum
                         # decided, not acknowledged: nothing in the outbox, nothing sent
                         assert rep.in_flight >= 1
                         assert not store_outbox.for_job(db, job.id)
                         assert job.id not in agent.training.attempts
-                        await asyncio.sleep(0.05)
+
+                    await holds_for(2.0, unacknowledged)
                     # the loop went on: the site's heartbeats were handled while the tick waited
                     assert registry.get("sh-edge").heartbeats - beats >= 2  # type: ignore[union-attr]
                     await cluster.resume(other)  # a quorum again (a stream leader once elected)
@@ -135,10 +98,6 @@ async def test_the_leaders_tick_waits_out_a_paused_stream_leader_without_stallin
                     await until(lambda: elector._held is not None and elector._held.renewals > renewals, 20,
                                 "a renewal after the election")
                     assert leadership.leading and leadership.epoch == epoch
-        finally:
-            for name in (leader_node, other):
-                if cluster.node(name).paused:
-                    await cluster.resume(name)
         # Held for 2 s and more before (the whole wait); what is left is at most one blocking read
         # barrier's timeout (0.5 s) when the quorum comes back and the projection still lags.
         assert watch.worst_s < 1.0, f"the controller's event loop stood still for {watch.worst_s:.2f} s"
@@ -164,9 +123,7 @@ async def test_the_usage_flush_waits_out_a_paused_stream_leader_without_stalling
         assert isinstance(rep, Replica)
         proc.hub.create_tenant("acme")
         accounts = proc.services.accounting
-        await cluster.pause(leader_node)
-        try:
-            await store_db.barrier(db)  # the election's first barrier times out (awaited: no stall)
+        async with pausing(cluster, leader_node, db=db):  # the election's first barrier times out (awaited)
             with LoopWatch() as watch:
                 accounts.buffer.add("acme", "m", "s1", 10, 5)
                 flush = asyncio.create_task(accounts.flush_async())
@@ -177,8 +134,6 @@ async def test_the_usage_flush_waits_out_a_paused_stream_leader_without_stalling
                     assert db.conn.execute("SELECT COUNT(*) FROM record_usage_own").fetchone()[0] == 0
                     await asyncio.sleep(0.05)
                 await flush
-        finally:
-            await cluster.resume(leader_node)
         assert watch.worst_s < 0.5, f"the gateway's event loop stood still for {watch.worst_s:.2f} s"
         assert db.conn.execute("SELECT requests, prompt_tokens FROM usage").fetchall() == [(1, 10)]
         assert db.conn.execute("SELECT requests FROM record_usage_own").fetchall() == [(1,)]

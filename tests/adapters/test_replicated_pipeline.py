@@ -21,20 +21,17 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
-from controlplane.compose import build, build_hub
+from controlplane.compose import build
 from controlplane.core.jobspec import JobSpec
-from controlplane.hub import Hub
-from controlplane.replicated import kv
 from controlplane.store import jobs as store_jobs
 from controlplane.store.db import transaction
-from controlplane.store.replica import Replica
 from tests.support.hubrig import Client, hub_config
 from tests.support.natscluster import NatsCluster
+from tests.support.recordrig import LoopWatch, record_hub, replica, stream_leader
 from tests.support.waiting import until
 
 JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60}
@@ -43,60 +40,13 @@ JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hour
 pytestmark = pytest.mark.serial
 
 
-async def start(tmp: Path, url: str, name: str, **kw: Any) -> Hub:
-    (tmp / name).mkdir(exist_ok=True)
-    hub = build_hub(hub_config(tmp / name, url, hub_id=name, record="nats", record_nats_urls=[url], **kw))
-    await hub.start()
-    return hub
-
-
-def replica(hub: Hub) -> Replica:
-    hook = hub.db.write_hook
-    assert isinstance(hook, Replica)
-    return hook
-
-
-async def stream_leader(cluster: NatsCluster) -> str:
-    record = await kv.Record.open(cluster.urls)  # makes the bucket if no hub has yet
-    try:
-        info = await record._js.stream_info(f"KV_{kv.BUCKET}")
-        assert info.cluster is not None and info.cluster.leader
-        return str(info.cluster.leader)
-    finally:
-        await record.close()
-
-
-class LoopWatch:
-    """The longest gap between two 10 ms ticks of this event loop (a blocked loop shows here)."""
-
-    def __init__(self) -> None:
-        self.worst_s = 0.0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        last = time.monotonic()
-        while True:
-            await asyncio.sleep(0.01)
-            now = time.monotonic()
-            self.worst_s = max(self.worst_s, now - last)
-            last = now
-
-    def __enter__(self) -> LoopWatch:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-
-
 async def test_writes_wait_out_a_paused_stream_leader_without_stalling_the_loop(tmp_path: Path,
                                                                                  cluster: NatsCluster) -> None:
     leader = await stream_leader(cluster)
     follower = next(n for n in cluster.nodes if n.name != leader)
     # A gateway (it decides nothing: the leader's decisions still commit the blocking way), connected
     # to a node that stays up.
-    hub = await start(tmp_path, follower.url, "gw-a", role="gateway")
+    hub = await record_hub(tmp_path, follower.url, "gw-a", role="gateway", record_nats_urls=[follower.url])
     try:
         key = hub.create_tenant("acme")
         rep = replica(hub)
@@ -155,8 +105,8 @@ async def test_a_lost_compare_and_set_runs_that_submission_again_alone(tmp_path:
     answers the winner's job (or 409 when the winner's batch was still being replicated at its
     second try), never a second job; the writes in flight with it all land, once."""
     url = cluster.urls[0]
-    a = await start(tmp_path, url, "hub-a")
-    b = await start(tmp_path, url, "hub-b")
+    a = await record_hub(tmp_path, url, "hub-a", record_nats_urls=[url])
+    b = await record_hub(tmp_path, url, "hub-b", record_nats_urls=[url])
     try:
         key = a.create_tenant("acme")
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
@@ -234,7 +184,7 @@ async def test_cancels_wait_out_a_paused_stream_leader_without_stalling_the_loop
     flight at the record together while reads answer, and each lands once a new leader is elected."""
     leader = await stream_leader(cluster)
     follower = next(n for n in cluster.nodes if n.name != leader)
-    hub = await start(tmp_path, follower.url, "gw-c", role="gateway")
+    hub = await record_hub(tmp_path, follower.url, "gw-c", role="gateway", record_nats_urls=[follower.url])
     try:
         key = hub.create_tenant("acme")
         rep = replica(hub)

@@ -24,16 +24,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import aiohttp
-import nats.js.errors
 import pytest
 
 from controlplane.compose import build
 from controlplane.core import jobspec
 from controlplane.core.registry import Transition
 from controlplane.core.replicas import DeploymentSpec
-from controlplane.replicated import kv
 from controlplane.replicated.lease_rules import LeaseConfig
-from controlplane.store import db as store_db
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
@@ -45,63 +42,12 @@ from edge_agent.config import AgentConfig
 from tests.support.fakehub import agent_config, running
 from tests.support.hubrig import Client, hub_config
 from tests.support.natscluster import NatsCluster
+from tests.support.recordrig import Probes, assert_answered, holds_for, pausing, stream_leader
 from tests.support.waiting import until
 
 SPEC = jobspec.JobSpec(name="rare", cards=1, accelerators=("H20",), est_hours=1.0, checkpoint_cost_s=60)
 
 pytestmark = pytest.mark.serial  # a fresh 3-node cluster whose quorum is taken away for seconds
-
-
-async def stream_leader(cluster: NatsCluster) -> str:
-    record = await kv.Record.open(cluster.urls)  # makes the bucket if no hub has yet
-    try:
-        leader: list[str] = []
-
-        async def known() -> bool:  # a fresh stream is seen by every node (and has a leader) a moment later
-            try:
-                info = await record._js.stream_info(f"KV_{kv.BUCKET}")
-            except nats.js.errors.APIError:
-                return False
-            if info.cluster is None or not info.cluster.leader:
-                return False
-            leader.append(str(info.cluster.leader))
-            return True
-
-        await until(known, 10, "the record's stream and its leader", interval_s=0.1)
-        return leader[-1]
-    finally:
-        await record.close()
-
-
-class Probes:
-    """``GET /healthz`` every 50 ms through real HTTP, timed: a held event loop answers late."""
-
-    def __init__(self, port: int) -> None:
-        self.url = f"http://127.0.0.1:{port}/healthz"
-        self.times_s: list[float] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        async with aiohttp.ClientSession() as session:
-            while True:
-                started = time.monotonic()
-                async with session.get(self.url) as resp:
-                    assert resp.status == 200
-                    await resp.read()
-                self.times_s.append(time.monotonic() - started)
-                await asyncio.sleep(0.05)
-
-    def __enter__(self) -> Probes:
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-
-    @property
-    def worst_s(self) -> float:
-        return max(self.times_s, default=0.0)
 
 
 async def _controller(tmp_path: Path, cluster: NatsCluster) -> tuple[object, str, str, str]:
@@ -166,11 +112,15 @@ async def test_a_site_lost_without_quorum_is_written_awaited_and_the_loop_answer
             fallbacks = rep.write_fallbacks
             # No quorum: the stream's leader node and the other follower paused. Then the site
             # stops: the controller declares it lost after its detection time.
-            await cluster.pause(leader_node)
-            await cluster.pause(agent_node)
-            try:
-                await store_db.barrier(db)  # the first barrier without quorum times out (awaited: no stall)
-                registry = services.training.registry
+            registry = services.training.registry
+
+            def unacknowledged() -> None:  # they wait for a quorum that is not there
+                assert rep.in_flight >= 1
+                # decided, not acknowledged: nothing of it in SQLite, nothing in the outbox
+                assert store_jobs.get_job(db, job.id).state == "running"  # type: ignore[union-attr]
+                assert [r.state for r in store_deployments.replicas_of(db, dep_id)] == ["ready"]
+
+            async with pausing(cluster, leader_node, agent_node, db=db):
                 with Probes(hub.http_port) as probes:
                     await asyncio.wait_for(agent.stop(), 15)
                     stopped = True
@@ -178,13 +128,7 @@ async def test_a_site_lost_without_quorum_is_written_awaited_and_the_loop_answer
                                 "the site declared lost")
                     await until(lambda: rep.in_flight >= 2, 10, "the lost site's writes in flight at the record",
                                 last=lambda: rep)
-                    since = time.monotonic()
-                    while time.monotonic() - since < 2.0:  # they wait for a quorum that is not there
-                        assert rep.in_flight >= 1
-                        # decided, not acknowledged: nothing of it in SQLite, nothing in the outbox
-                        assert store_jobs.get_job(db, job.id).state == "running"  # type: ignore[union-attr]
-                        assert [r.state for r in store_deployments.replicas_of(db, dep_id)] == ["ready"]
-                        await asyncio.sleep(0.05)
+                    await holds_for(2.0, unacknowledged)
                     waited = list(probes.times_s)
                     await cluster.resume(agent_node)  # a quorum again (a stream leader once elected)
                     await until(lambda: (store_jobs.get_job(db, job.id) or job).attempt >= 2
@@ -193,10 +137,6 @@ async def test_a_site_lost_without_quorum_is_written_awaited_and_the_loop_answer
                     await until(lambda: any(r.state != "ready" for r in
                                             store_deployments.replicas_of(db, dep_id, include_removed=True)), 30,
                                 "the replica marked lost")
-            finally:
-                for name in (leader_node, agent_node):
-                    if cluster.node(name).paused:
-                        await cluster.resume(name)
         finally:
             if not stopped:
                 await asyncio.wait_for(agent.stop(), 15)
@@ -204,11 +144,7 @@ async def test_a_site_lost_without_quorum_is_written_awaited_and_the_loop_answer
         assert first.ended_at is not None and first.exit_reason == "site_lost" and "sh-edge" in first.detail, first
         assert services.training.counters["site_failures"] == 1
         # /healthz answered through the whole wait; held, each probe took the quorum's absence (2 s and more)
-        print(f"/healthz while the writes waited: {len(waited)} probes, median "
-              f"{sorted(waited)[len(waited) // 2] * 1000:.1f} ms, max {max(waited) * 1000:.1f} ms")
-        assert len(waited) >= 10, waited
-        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the lost site's writes waited"
-        assert sorted(waited)[len(waited) // 2] < 0.1, waited
+        assert_answered(waited, "the lost site's writes waited")
         assert rep.write_fallbacks == fallbacks, rep  # every one of them went the awaited way
 
 
@@ -223,38 +159,29 @@ async def test_a_refused_start_without_quorum_is_written_awaited_and_the_loop_an
             [entry] = [e for e in store_outbox.for_job(db, job.id) if e.kind == "start_attempt"]
             cmd = wire.command_decoder.decode(entry.body)
             fallbacks = rep.write_fallbacks
-            await cluster.pause(leader_node)
-            await cluster.pause(agent_node)
-            try:
-                await store_db.barrier(db)
+
+            def unacknowledged() -> None:  # decided, not acknowledged: nothing of it in SQLite
+                assert not refused.done()
+                assert store_jobs.get_job(db, job.id).attempt == placed.attempt  # type: ignore[union-attr]
+                assert "start_refused" not in [e.kind for e in store_jobs.events(db, job.id)]
+
+            async with pausing(cluster, leader_node, agent_node, db=db):
                 with Probes(hub.http_port) as probes:
                     # the outbox's report of a refusal (what its sender calls when a site answers
                     # a start with an error), without quorum
                     refused = asyncio.create_task(
                         services.training._on_refused(entry, cmd, "no_capacity: test", time.time()))
                     await until(lambda: rep.in_flight >= 1 or refused.done(), 10, "the refusal in flight at the record")
-                    since = time.monotonic()
-                    while time.monotonic() - since < 2.0:  # decided, not acknowledged: nothing of it in SQLite
-                        assert not refused.done()
-                        assert store_jobs.get_job(db, job.id).attempt == placed.attempt  # type: ignore[union-attr]
-                        assert "start_refused" not in [e.kind for e in store_jobs.events(db, job.id)]
-                        await asyncio.sleep(0.05)
+                    await holds_for(2.0, unacknowledged)
                     waited = list(probes.times_s)
                     await cluster.resume(agent_node)
                     await asyncio.wait_for(refused, 30)
-            finally:
-                for name in (leader_node, agent_node):
-                    if cluster.node(name).paused:
-                        await cluster.resume(name)
         # the refusal landed: its event, and the attempt failed (the job is placed again after it)
         assert "start_refused" in [e.kind for e in store_jobs.events(db, job.id)]
         row = store_jobs.get_job(db, job.id)
         assert row is not None and (row.attempt > placed.attempt or "dispatch to sh-edge failed" in row.reason), row
         assert services.training.counters["dispatch_failures"] == 1
-        print(f"/healthz while the writes waited: {len(waited)} probes, median "
-              f"{sorted(waited)[len(waited) // 2] * 1000:.1f} ms, max {max(waited) * 1000:.1f} ms")
-        assert len(waited) >= 10, waited
-        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the refusal's write waited"
+        assert_answered(waited, "the refusal's write waited", median_s=None)
         assert rep.write_fallbacks == fallbacks, rep
 
 
@@ -302,31 +229,22 @@ async def test_a_vanished_attempt_without_quorum_is_written_awaited_and_the_loop
         async with running(cfg) as agent:
             await until(lambda: (store_jobs.get_job(db, job.id) or job).state == "running", 20, "the job running")
             fallbacks = rep.write_fallbacks
-            await cluster.pause(leader_node)
-            await cluster.pause(agent_node)
-            try:
-                await store_db.barrier(db)
+
+            def unacknowledged() -> None:  # decided, not acknowledged: nothing of it in SQLite
+                assert rep.in_flight >= 1
+                assert store_jobs.get_job(db, job.id).state == "running"  # type: ignore[union-attr]
+
+            async with pausing(cluster, leader_node, agent_node, db=db):
                 with Probes(hub.http_port) as probes:
                     agent.training.refs = lambda: []  # its heartbeats now leave the attempt out
                     await until(lambda: rep.in_flight >= 1, 15, "the vanished decision in flight at the record",
                                 last=lambda: (rep, services.training._missing))
-                    since = time.monotonic()
-                    while time.monotonic() - since < 2.0:  # decided, not acknowledged: nothing of it in SQLite
-                        assert rep.in_flight >= 1
-                        assert store_jobs.get_job(db, job.id).state == "running"  # type: ignore[union-attr]
-                        await asyncio.sleep(0.05)
+                    await holds_for(2.0, unacknowledged)
                     waited = list(probes.times_s)
                     await cluster.resume(agent_node)
                     await until(lambda: services.training.counters["vanished"] == 1, 30, "the attempt failed as vanished")
-            finally:
-                for name in (leader_node, agent_node):
-                    if cluster.node(name).paused:
-                        await cluster.resume(name)
         assert "vanished" in [e.kind for e in store_jobs.events(db, job.id)]
-        print(f"/healthz while the writes waited: {len(waited)} probes, median "
-              f"{sorted(waited)[len(waited) // 2] * 1000:.1f} ms, max {max(waited) * 1000:.1f} ms")
-        assert len(waited) >= 10, waited
-        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the vanished decision waited"
+        assert_answered(waited, "the vanished decision waited", median_s=None)
         assert rep.write_fallbacks == fallbacks, rep
 
 
@@ -346,10 +264,13 @@ async def test_tenant_writes_without_quorum_are_awaited_and_answered_201_or_503_
             status, first, _ = await beta.call("POST", "/v1/deployments", body)
             assert status == 201, first
             fallbacks = rep.write_fallbacks
-            await cluster.pause(leader_node)
-            await cluster.pause(agent_node)
-            try:
-                await store_db.barrier(db)
+
+            def unacknowledged() -> None:  # decided, not acknowledged: nothing of it in SQLite
+                assert not any(c.done() for c in calls), [c.result() for c in calls if c.done()]
+                assert [d.model for d in store_deployments.list_for_tenant(db, "beta")] == ["demo-chat"]
+                assert store_deployments.get(db, first["id"]) is not None
+
+            async with pausing(cluster, leader_node, agent_node, db=db):
                 with Probes(hub.http_port) as probes:
                     calls = [
                         asyncio.create_task(beta.call("POST", "/v1/deployments", {**body, "model": "demo-2"},
@@ -360,19 +281,10 @@ async def test_tenant_writes_without_quorum_are_awaited_and_answered_201_or_503_
                     ]
                     await until(lambda: rep.in_flight >= 3, 10, "the three writes in flight at the record",
                                 last=lambda: rep)
-                    since = time.monotonic()
-                    while time.monotonic() - since < 2.0:  # decided, not acknowledged: nothing of it in SQLite
-                        assert not any(c.done() for c in calls), [c.result() for c in calls if c.done()]
-                        assert [d.model for d in store_deployments.list_for_tenant(db, "beta")] == ["demo-chat"]
-                        assert store_deployments.get(db, first["id"]) is not None
-                        await asyncio.sleep(0.05)
+                    await holds_for(2.0, unacknowledged)
                     waited = list(probes.times_s)
                     await cluster.resume(agent_node)  # a quorum again
                     answers = await asyncio.wait_for(asyncio.gather(*calls), 30)
-            finally:
-                for name in (leader_node, agent_node):
-                    if cluster.node(name).paused:
-                        await cluster.resume(name)
             (made, made_body, _), (deleted, _, _), (quoted, quote_body, _) = answers
             assert made in (201, 503) and deleted in (200, 503) and quoted in (201, 503), answers
             for status, payload, _ in answers:
@@ -387,12 +299,8 @@ async def test_tenant_writes_without_quorum_are_awaited_and_answered_201_or_503_
                 assert store_deployments.get(db, first["id"]) is None
             if quoted == 201:
                 assert quote_body["id"].startswith("q-")
-        print(f"answers after the quorum came back: {[a[0] for a in answers]}; /healthz while they waited: "
-              f"{len(waited)} probes, median {sorted(waited)[len(waited) // 2] * 1000:.1f} ms, "
-              f"max {max(waited) * 1000:.1f} ms")
-        assert len(waited) >= 10, waited
-        assert max(waited) < 0.5, f"/healthz took {max(waited):.2f} s while the tenant writes waited"
-        assert sorted(waited)[len(waited) // 2] < 0.1, waited
+        print(f"answers after the quorum came back: {[a[0] for a in answers]}")
+        assert_answered(waited, "the tenant writes waited")
         assert rep.write_fallbacks == fallbacks, rep  # every one of them went the awaited way
 
 
@@ -413,10 +321,7 @@ async def test_a_refused_start_whose_write_outlives_the_deadline_lands_once_the_
             [entry] = [e for e in store_outbox.for_job(db, job.id) if e.kind == "start_attempt"]
             cmd = wire.command_decoder.decode(entry.body)
             rep.bridge.write_deadline_s = 1.0  # type: ignore[attr-defined]  # outlived within the test's time
-            await cluster.pause(leader_node)
-            await cluster.pause(agent_node)
-            try:
-                await store_db.barrier(db)
+            async with pausing(cluster, leader_node, agent_node, db=db):
                 refused = asyncio.create_task(
                     services.training._on_refused(entry, cmd, "no_capacity: test", time.time()))
                 await until(lambda: rep.no_quorum >= 1, 15, "the refusal's write out of time", last=lambda: rep)
@@ -425,10 +330,6 @@ async def test_a_refused_start_whose_write_outlives_the_deadline_lands_once_the_
                 await until(lambda: "start_refused" in [e.kind for e in store_jobs.events(db, job.id)], 20,
                             "the refusal written once the quorum is back", last=lambda: (rep, refused))
                 await asyncio.wait_for(refused, 10)
-            finally:
-                for name in (leader_node, agent_node):
-                    if cluster.node(name).paused:
-                        await cluster.resume(name)
             await asyncio.sleep(1.0)  # a second write of it would land within this
         assert [e.kind for e in store_jobs.events(db, job.id)].count("start_refused") == 1
         assert services.training.counters["dispatch_failures"] == 1
@@ -472,18 +373,6 @@ def _replicas(db: Any, dep_id: str) -> dict[str, str]:
     return {r.site: r.state for r in store_deployments.replicas_of(db, dep_id)}
 
 
-async def _no_quorum(cluster: NatsCluster, lead: Leading) -> None:
-    await cluster.pause(lead.leader_node)
-    await cluster.pause(lead.agent_node)
-    await store_db.barrier(lead.db)  # the first barrier without quorum times out (awaited)
-
-
-async def _quorum_back(cluster: NatsCluster, lead: Leading) -> None:
-    for name in (lead.leader_node, lead.agent_node):
-        if cluster.node(name).paused:
-            await cluster.resume(name)
-
-
 async def test_a_load_acknowledged_whose_write_outlives_the_deadline_converges_and_is_sent_once(
         tmp_path: Path, cluster: NatsCluster) -> None:
     """A site acknowledges a ``LoadModel`` while the record has no quorum for longer than the write
@@ -501,8 +390,7 @@ async def test_a_load_acknowledged_whose_write_outlives_the_deadline_converges_a
             await until(lambda: len(loads.received) == 1, 10, "the load at the site (held)")
             assert _replicas(db, dep_id) == {"sh-edge": "placed"}
             rep.bridge.write_deadline_s = 1.0  # type: ignore[attr-defined]  # outlived within the test's time
-            await _no_quorum(cluster, lead)
-            try:
+            async with pausing(cluster, lead.leader_node, lead.agent_node, db=db) as quorum:
                 before = rep.no_quorum
                 loads.release.set()  # the site loads and acknowledges; its write finds no quorum
                 await until(lambda: services.deployments.counters["loads_sent"] == 1, 10, "the acknowledgement")
@@ -510,11 +398,9 @@ async def test_a_load_acknowledged_whose_write_outlives_the_deadline_converges_a
                             last=lambda: rep)
                 await asyncio.sleep(1.5)  # passes that would decide a load again (retry_s 2 since the first)
                 assert _replicas(db, dep_id) == {"sh-edge": "placed"}  # nothing of it in SQLite
-                await _quorum_back(cluster, lead)
+                await quorum.back()
                 await until(lambda: _replicas(db, dep_id) == {"sh-edge": "ready"}, 30,
                             "the replica ready from the heartbeats", last=lambda: (_replicas(db, dep_id), rep))
-            finally:
-                await _quorum_back(cluster, lead)
             await until(lambda: (store_deployments.get(db, dep_id) or view).state == "ready", 20,  # type: ignore[union-attr]
                         "the deployment ready", last=lambda: store_deployments.get(db, dep_id))
             await asyncio.sleep(2.5)  # past retry_s: a load decided again would be sent within this
@@ -546,19 +432,16 @@ async def test_a_load_refused_whose_write_outlives_the_deadline_is_sent_again_an
             dep_id = view["id"]
             await until(lambda: len(loads.received) == 1, 10, "the load at the site (held)")
             rep.bridge.write_deadline_s = 1.0  # type: ignore[attr-defined]
-            await _no_quorum(cluster, lead)
-            try:
+            async with pausing(cluster, lead.leader_node, lead.agent_node, db=db) as quorum:
                 before = rep.no_quorum
                 loads.release.set()  # refused; the refusal's write finds no quorum
                 await until(lambda: services.deployments.counters["loads_refused"] == 1, 10, "the refusal")
                 await until(lambda: rep.no_quorum > before, 15, "the refusal's write out of time", last=lambda: rep)
                 await asyncio.sleep(2.5)  # past retry_s (a load sent again meanwhile is refused again)
                 assert _replicas(db, dep_id) == {"sh-edge": "placed"}  # no refusal of it in SQLite
-                await _quorum_back(cluster, lead)
+                await quorum.back()
                 await until(lambda: "sh-edge" not in _replicas(db, dep_id), 30, "the refused replica removed",
                             last=lambda: (_replicas(db, dep_id), loads.received, rep))
-            finally:
-                await _quorum_back(cluster, lead)
             sent = len(loads.received)
             await asyncio.sleep(3.0)  # past retry_s: the site cools for the deployment, no load after the removal
             assert len(loads.received) == sent, loads.received
@@ -593,8 +476,7 @@ async def test_a_deployments_plan_outdated_while_it_waited_is_decided_again(tmp_
             [held] = _replicas(db, dep_id)
             other = next(s for s in agents if s != held)
             outdated = services.deployments.counters["plans_outdated"]
-            await _no_quorum(cluster, lead)
-            try:
+            async with pausing(cluster, lead.leader_node, lead.agent_node, db=db) as quorum:
                 await asyncio.wait_for(agents[held].stop(), 15)
                 stopped.add(held)
                 await until(lambda: lead.hub.registry.get(held).state == "lost", 15, "the site lost")  # type: ignore[union-attr]
@@ -603,10 +485,8 @@ async def test_a_deployments_plan_outdated_while_it_waited_is_decided_again(tmp_
                 await asyncio.sleep(1.5)  # the plan to replace it decided meanwhile (it waits too)
                 assert _replicas(db, dep_id) == {held: "ready"}  # nothing of it in SQLite
                 assert loads[other].received == []  # nothing sent from an unacknowledged decision
-                await _quorum_back(cluster, lead)
+                await quorum.back()
                 await asyncio.wait_for(deleted, 30)
-            finally:
-                await _quorum_back(cluster, lead)
             assert store_deployments.get(db, dep_id) is None
             await until(lambda: _replicas(db, dep_id) == {} and loads[other].loaded(dep_id) == [], 20,
                         "nothing left of the deleted deployment", last=lambda: (_replicas(db, dep_id), loads[other].loaded(dep_id)))

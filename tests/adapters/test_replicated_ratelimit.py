@@ -10,20 +10,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controlplane.compose import build_hub
-from controlplane.hub import Hub
-from tests.support.hubrig import Client, hub_config
+from tests.support.hubrig import Client
 from tests.support.natscluster import NatsCluster
+from tests.support.recordrig import record_hub
 from tests.support.waiting import until
 
 pytestmark = pytest.mark.serial  # several hubs on a fresh 3-node cluster
-
-
-async def start(tmp: Path, cluster: NatsCluster, name: str) -> Hub:
-    (tmp / name).mkdir()
-    hub = build_hub(hub_config(tmp / name, ",".join(cluster.urls), hub_id=name, record="nats"))
-    await hub.start()
-    return hub
 
 
 async def burst_allowed(c: Client, n: int) -> int:
@@ -33,8 +25,8 @@ async def burst_allowed(c: Client, n: int) -> int:
 
 
 async def test_two_gateways_each_enforce_half_of_a_tenants_burst(tmp_path: Path, cluster: NatsCluster) -> None:
-    a = await start(tmp_path, cluster, "hub-a")
-    b = await start(tmp_path, cluster, "hub-b")
+    a = await record_hub(tmp_path, ",".join(cluster.urls), "hub-a")
+    b = await record_hub(tmp_path, ",".join(cluster.urls), "hub-b")
     try:
         # a burst of 10, refilled so slowly that nothing comes back during the test
         key = a.create_tenant("acme", rate_per_s=0.001, burst=10)

@@ -37,6 +37,7 @@ from controlplane.store import usage as store_usage
 from controlplane.store.db import open_db, transaction
 from tests.support.hubrig import Client, hub_config
 from tests.support.natscluster import NatsCluster
+from tests.support.recordrig import record_hub, stream_leader
 from tests.support.waiting import until
 
 
@@ -51,15 +52,8 @@ JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hour
 # parallel pass of `make test`, where three other workers do not stretch them past their deadlines.
 pytestmark = pytest.mark.serial
 
-def config(tmp: Path, cluster: NatsCluster, name: str, **kw: Any) -> Any:
-    (tmp / name).mkdir(exist_ok=True)
-    return hub_config(tmp / name, ",".join(cluster.urls), hub_id=name, record="nats", **kw)
-
-
 async def start(tmp: Path, cluster: NatsCluster, name: str, **kw: Any) -> Hub:
-    hub = build_hub(config(tmp, cluster, name, **kw))
-    await hub.start()
-    return hub
+    return await record_hub(tmp, ",".join(cluster.urls), name, **kw)
 
 
 @pytest.fixture
@@ -206,16 +200,6 @@ async def test_usage_from_both_hubs_adds_up_and_a_fresh_process_rebuilds_everyth
         await until(lambda: total(a) == 16 and total(b) == 16, 2, "usage 16 at A and B")
     finally:
         await again.stop()
-
-
-async def stream_leader(cluster: NatsCluster) -> str:
-    record = await kv.Record.open(cluster.urls, create=False)
-    try:
-        info = await record._js.stream_info(f"KV_{kv.BUCKET}")
-        assert info.cluster is not None and info.cluster.leader
-        return str(info.cluster.leader)
-    finally:
-        await record.close()
 
 
 async def test_one_nats_node_killed_during_writes_no_error(two, cluster: NatsCluster) -> None:  # type: ignore[no-untyped-def]

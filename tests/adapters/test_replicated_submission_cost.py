@@ -30,32 +30,18 @@ import aiohttp
 import msgspec
 import pytest
 
-from controlplane.compose import build_hub
 from controlplane.hub import Hub
 from controlplane.replicated.kv import Change
 from controlplane.store import jobs as store_jobs
-from controlplane.store.replica import Replica
 from tests.support.hubrig import Client, hub_config, running_hub, services_of
 from tests.support.natscluster import NatsCluster
+from tests.support.recordrig import record_hub, replica
 from tests.support.waiting import until
 
 JOB = {"name": "llm-7b", "cards": 4, "accelerators": ["A800", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60}
 
 # Hubs on a fresh 3-node cluster whose stream elections take seconds: run alone, after the parallel pass.
 pytestmark = pytest.mark.serial
-
-
-async def start(tmp: Path, cluster: NatsCluster, name: str) -> Hub:
-    (tmp / name).mkdir(exist_ok=True)
-    hub = build_hub(hub_config(tmp / name, ",".join(cluster.urls), hub_id=name, record="nats"))
-    await hub.start()
-    return hub
-
-
-def replica(hub: Hub) -> Replica:
-    hook = hub.db.write_hook
-    assert isinstance(hook, Replica)
-    return hook
 
 
 class LateWatch:
@@ -97,8 +83,8 @@ class LateWatch:
 
 async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp_path: Path,
                                                                              cluster: NatsCluster) -> None:
-    a = await start(tmp_path, cluster, "hub-a")
-    b = await start(tmp_path, cluster, "hub-b")
+    a = await record_hub(tmp_path, ",".join(cluster.urls), "hub-a")
+    b = await record_hub(tmp_path, ",".join(cluster.urls), "hub-b")
     try:
         key = a.create_tenant("acme")
         await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
@@ -140,8 +126,8 @@ async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp
 
 async def test_a_retry_at_a_process_whose_watch_is_late_replays_the_first_job(tmp_path: Path,
                                                                               cluster: NatsCluster) -> None:
-    a = await start(tmp_path, cluster, "hub-a")
-    b = await start(tmp_path, cluster, "hub-b")
+    a = await record_hub(tmp_path, ",".join(cluster.urls), "hub-a")
+    b = await record_hub(tmp_path, ",".join(cluster.urls), "hub-b")
     try:
         key = a.create_tenant("acme")
         await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
@@ -176,8 +162,8 @@ async def test_a_retry_whose_barrier_does_not_answer_is_a_503_not_a_409(tmp_path
     ``record_conflict``, which tells a client its own retry lost to a rival; now it is a 503
     ``record_unavailable`` (outcome unknown here: retry with the same key), and the next retry,
     once the barrier answers, replays the first job."""
-    a = await start(tmp_path, cluster, "hub-a")
-    b = await start(tmp_path, cluster, "hub-b")
+    a = await record_hub(tmp_path, ",".join(cluster.urls), "hub-a")
+    b = await record_hub(tmp_path, ",".join(cluster.urls), "hub-b")
     try:
         key = a.create_tenant("acme")
         await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
@@ -214,8 +200,8 @@ async def test_a_key_issued_at_one_gateway_works_at_once_at_another_whose_watch_
     B catches up with the record before it refuses an unknown key, so the request is a 200, not a
     401 (before: 401 ``invalid_api_key``, the status the leader-kill test's first burst could get).
     A key that does not exist is still a 401, and asks the record once, not once per request."""
-    a = await start(tmp_path, cluster, "hub-a")
-    b = await start(tmp_path, cluster, "hub-b")
+    a = await record_hub(tmp_path, ",".join(cluster.urls), "hub-a")
+    b = await record_hub(tmp_path, ",".join(cluster.urls), "hub-b")
     try:
         late = LateWatch(b, ("key.", "tenant."))
         bridge = late.bridge
@@ -248,7 +234,7 @@ async def test_a_key_issued_at_one_gateway_works_at_once_at_another_whose_watch_
 
 async def test_a_child_before_its_parent_is_applied_with_the_foreign_keys_off(tmp_path: Path,
                                                                               cluster: NatsCluster) -> None:
-    hub = await start(tmp_path, cluster, "hub-a")
+    hub = await record_hub(tmp_path, ",".join(cluster.urls), "hub-a")
     try:
         rep = replica(hub)
         key = hub.create_tenant("acme")

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from controlplane import cli
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SCENARIO = """
@@ -61,13 +65,11 @@ def test_short_run_writes_json_and_plots(tmp_path: Path) -> None:
     assert "simulating: 100%" in proc.stderr and "\r" not in proc.stderr
 
 
-def test_bad_scenario_is_exit_2_naming_the_field(tmp_path: Path) -> None:
+def test_bad_scenario_is_exit_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scen = tmp_path / "bad.toml"
     scen.write_text('name = "x"\n[inference]\nrequets = 5\n')
-    proc = cpn("--scenario", str(scen))
+    proc = cpn("--scenario", str(scen))  # the real process once; then cli.main, what it runs, in this one
     assert proc.returncode == 2
     assert "requets" in proc.stderr and "bad.toml" in proc.stderr
-    proc = cpn("--scenario", "nope")
-    assert proc.returncode == 2 and "national-day" in proc.stderr
-    proc = cpn("--hours", "0")
-    assert proc.returncode == 2 and "--hours" in proc.stderr
+    assert cli.main(["sim", "--scenario", "nope"]) == 2 and "national-day" in capsys.readouterr().err
+    assert cli.main(["sim", "--hours", "0"]) == 2 and "--hours" in capsys.readouterr().err

@@ -15,28 +15,18 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from controlplane.config import AutoscaleConfig, LendingConfig
+from controlplane.config import LendingConfig
 from controlplane.hub import Hub
 from controlplane.nats.natsserver import NatsServer
-from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, BackendConfig, SimBackendConfig
 from tests.e2e.test_deployments import until_state
-from tests.support.hubrig import DEMO3, Client, hub_config, running_hub
+from tests.support.capacityrig import autoscaling
+from tests.support.hubrig import DEMO3, Client
 from tests.support.waiting import until
 
 SITES = {"hz-edge": "hangzhou", "nj-edge": "nanjing"}
 CARDS = {"L20": 8, "H20": 4}
-
-
-def agent_config(site: str, url: str, tmp: Path) -> AgentConfig:
-    return AgentConfig(
-        site=site, nats=url, city=SITES[site], tier="edge", accelerators=dict(CARDS), heartbeat_s=0.5,
-        data_dir=str(tmp / site),
-        backend=BackendConfig(sim=SimBackendConfig(ttft_ms=40, per_token_ms=5, slots=8, load_time_s=0.2)),
-    )
 
 
 def layout(tmp: Path) -> Path:
@@ -52,21 +42,10 @@ def layout(tmp: Path) -> Path:
 
 @pytest.fixture
 async def network(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[tuple[Hub, Client]]:
-    config = hub_config(tmp_path, nats_server.url, heartbeat_s=0.5, layout=str(layout(tmp_path)),
-                        autoscale=AutoscaleConfig(interval_s=0.3, scale_in_after_s=2.0, demand_fast_s=1.0,
-                                                  demand_slow_s=3.0),
-                        lending=LendingConfig(enabled=True, inference_first=("H20",)))
-    async with running_hub(config) as hub:
-        key = hub.create_tenant("acme", default_origin="hangzhou", rate_per_s=10_000, burst=10_000)
-        agents = [Agent(agent_config(s, nats_server.url, tmp_path)) for s in SITES]
-        try:
-            await asyncio.gather(*(a.start() for a in agents))
-            await until(lambda: all((v := hub.registry.get(s)) is not None and v.heartbeats > 0 for s in SITES),
-                        timeout_s=10, what="agents heard")
-            async with aiohttp.ClientSession() as session:
-                yield hub, Client(session, f"http://127.0.0.1:{hub.http_port}", key)
-        finally:
-            await asyncio.gather(*(a.stop() for a in agents), return_exceptions=True)
+    sites = {site: (city, CARDS) for site, city in SITES.items()}
+    async with autoscaling(tmp_path, nats_server.url, sites, layout=str(layout(tmp_path)),
+                           lending=LendingConfig(enabled=True, inference_first=("H20",))) as rig:
+        yield rig
 
 
 def on(dep: dict[str, object]) -> dict[str, str]:

@@ -9,21 +9,19 @@ from pathlib import Path
 
 import aiohttp
 
-from controlplane.config import AutoscaleConfig
 from controlplane.nats.natsserver import NatsServer
 from controlplane.store import deployments as store_deployments
 from edge_agent.agent import Agent
-from tests.e2e.test_capacity import INFER, SITES, agent_config, live
+from tests.e2e.test_capacity import INFER, SITES, live
 from tests.e2e.test_deployments import until_state
+from tests.support.capacityrig import FAST, sim_site
 from tests.support.hubrig import Client, hub_config, running_hub
 from tests.support.waiting import until
 
 
 async def test_a_restarted_hub_scales_in_the_replica_the_last_one_added(tmp_path: Path, nats_server: NatsServer) -> None:
-    config = hub_config(tmp_path, nats_server.url, heartbeat_s=0.5,
-                        autoscale=AutoscaleConfig(interval_s=0.3, scale_in_after_s=2.0, demand_fast_s=1.0,
-                                                  demand_slow_s=3.0))
-    agents = [Agent(agent_config(s, nats_server.url, tmp_path)) for s in SITES]
+    config = hub_config(tmp_path, nats_server.url, heartbeat_s=0.5, autoscale=FAST)
+    agents = [Agent(sim_site(s, city, cards, nats_server.url, tmp_path)) for s, (city, cards) in SITES.items()]
     try:
         async with running_hub(config) as hub:
             key = hub.create_tenant("acme", default_origin="hangzhou", rate_per_s=10_000, burst=10_000)

@@ -16,37 +16,17 @@ Before, none of these families existed: a takeover was visible only in the logs
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.hubrig import DEMO3, Client
+from tests.support.hubprocs import HubArgs, cluster_view, scrape
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
-
-
-async def scrape(session: aiohttp.ClientSession, port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a process's /metrics, by (name, sorted labels)."""
-    async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-async def cluster_view(session: aiohttp.ClientSession, port: int, admin: str) -> dict[str, Any] | None:
-    try:
-        status, body, _ = await Client(session, f"http://127.0.0.1:{port}", admin).call("GET", "/v1/cluster")
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return None
-    return body if status == 200 else None
 
 
 @pytest.mark.serial
@@ -56,15 +36,7 @@ async def test_an_early_takeover_and_the_lost_term_are_counted_in_metrics(
         tmp_path: Path, cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     from bench.submissions import HubProc
 
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    monkeypatch.setenv("CPN_BENCH_LOGS", str(logs))
-    urls = ",".join(cluster.urls)
-
-    def args(name: str, *extra: str) -> list[str]:
-        (tmp_path / name).mkdir(exist_ok=True)
-        return ["--listen", "127.0.0.1:0", "--record", "nats", "--nats", urls, "--db", str(tmp_path / name / "hub.db"),
-                "--hub-id", name, "--layout", str(DEMO3), "--log-level", "WARNING", *extra]
+    args = HubArgs(tmp_path, ",".join(cluster.urls), monkeypatch)
 
     hubs = {"p1": await HubProc.start(args("p1", "--create-admin-key"))}
     hubs["p2"] = await HubProc.start(args("p2"))

@@ -26,20 +26,13 @@ import aiohttp
 import pytest
 
 from tests.support.fakehub import agent_config, running
+from tests.support.hubprocs import HubArgs, cluster_view
 from tests.support.hubrig import DEMO3, Client
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
 
 JOB = {"name": "burst", "cards": 1, "accelerators": ["H20", "910B"], "est_hours": 2.0, "checkpoint_cost_s": 60}
 SITES = {"sh-edge": "H20", "hz-edge": "910B"}
-
-
-async def cluster_view(session: aiohttp.ClientSession, port: int, admin: str) -> dict[str, Any] | None:
-    try:
-        status, body, _ = await Client(session, f"http://127.0.0.1:{port}", admin).call("GET", "/v1/cluster")
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return None
-    return body if status == 200 else None
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # HubProc's log file
@@ -51,20 +44,11 @@ async def test_the_leaders_sigkill_or_pause_during_a_burst_loses_and_duplicates_
     again, and nothing it decided while frozen lands."""
     from bench.submissions import HubProc
 
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    monkeypatch.setenv("CPN_BENCH_LOGS", str(logs))
-    urls = ",".join(cluster.urls)
-
-    def args(name: str, *extra: str) -> list[str]:
-        (tmp_path / name).mkdir(exist_ok=True)
-        return ["--listen", "127.0.0.1:0", "--record", "nats", "--nats", urls, "--db", str(tmp_path / name / "hub.db"),
-                "--hub-id", name, "--layout", str(layout), "--log-level", os.environ.get("CPN_TEST_HUB_LOG", "WARNING"), *extra]
-
     # The demo layout with room for the burst: 64 cards at each of the two sites.
     layout = tmp_path / "layout.toml"
     layout.write_text(DEMO3.read_text().replace("accelerators = { H20 = 4 }", "accelerators = { H20 = 64 }")
                       .replace("accelerators = { 910B = 4 }", "accelerators = { 910B = 64 }"))
+    args = HubArgs(tmp_path, ",".join(cluster.urls), monkeypatch, layout=layout)
     cfgs = [agent_config(cluster.urls[i], site=s, data_dir=str(tmp_path / s), accelerators={"H20": 0, acc: 64}, heartbeat_s=0.5)
             for i, (s, acc) in enumerate(SITES.items())]
     hubs = [await HubProc.start(args("p1", "--create-admin-key"))]

@@ -27,22 +27,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.hubrig import DEMO3, Client
+from tests.support.hubprocs import HubArgs, cluster_view, scrape
+from tests.support.hubrig import Client
 from tests.support.natscluster import NatsCluster
 from tests.support.waiting import until
 
 JOB = {"name": "through-a-fault", "cards": 1, "accelerators": ["H20", "910B"], "est_hours": 2.0,
        "checkpoint_cost_s": 60}
-
-
-async def cluster_view(session: aiohttp.ClientSession, port: int, admin: str) -> dict[str, Any] | None:
-    try:
-        status, body, _ = await Client(session, f"http://127.0.0.1:{port}", admin).call("GET", "/v1/cluster")
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return None
-    return body if status == 200 else None
 
 
 @pytest.mark.serial
@@ -53,15 +45,8 @@ async def test_a_fault_of_the_node_leading_the_record_stream_changes_no_controll
         tmp_path: Path, cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
     from bench.submissions import HubProc
 
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    monkeypatch.setenv("CPN_BENCH_LOGS", str(logs))
-    urls = ",".join(cluster.urls)
-
-    def args(name: str, *extra: str) -> list[str]:
-        (tmp_path / name).mkdir(exist_ok=True)
-        return ["--listen", "127.0.0.1:0", "--record", "nats", "--nats", urls, "--db", str(tmp_path / name / "hub.db"),
-                "--hub-id", name, "--layout", str(DEMO3), "--log-level", "WARNING", *extra]
+    args = HubArgs(tmp_path, ",".join(cluster.urls), monkeypatch)
+    logs = args.logs
 
     hubs = [await HubProc.start(args("p1", "--create-admin-key"))]
     hubs += [await HubProc.start(args("p2")), await HubProc.start(args("p3"))]
@@ -146,9 +131,7 @@ async def test_a_fault_of_the_node_leading_the_record_stream_changes_no_controll
             # ... and /metrics says so: the leader rode the election out (counted), no process lost a
             # term or took one over early
             for name, hub in zip(("p1", "p2", "p3"), hubs):
-                async with session.get(f"http://127.0.0.1:{hub.port}/metrics") as resp:
-                    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
-                               for f in text_string_to_metric_families(await resp.text()) for x in f.samples}
+                samples = await scrape(session, hub.port)
                 rideouts = samples[("cpn_leader_rideouts_total", ())]
                 assert rideouts >= 1 if name == leader_id else rideouts == 0, (name, rideouts)
                 assert samples[("cpn_leader_early_takeovers_total", ())] == 0

@@ -2,7 +2,8 @@
 what an agent would say: it registers and heartbeats like one, and answers commands only once told
 to (``serve_commands``), with what ``answer`` returns. The ``site`` fixture gives each test one
 (import it into the test module); ``submit`` sends ``JOB``, a small sim training job, and ``dispatched``
-sends it to the site and waits until the hub did.
+sends it to the site and waits until the hub did. ``raw_agent`` is a simpler one that only serves
+inference.
 """
 
 from __future__ import annotations
@@ -127,3 +128,32 @@ async def dispatched(hub: Any, site: RawSite) -> str:
     jid = await submit(hub, key)
     await until(lambda: store_jobs.get_job(hub.db, jid).state == "starting", 10, "dispatched")  # type: ignore[union-attr]
     return jid
+
+
+async def raw_agent(url: str, site: str, city: str, model: str = "m") -> tuple[object, asyncio.Task[None]]:
+    """A site ``site`` in ``city`` played by a bare NATS client serving ``model``: registered,
+    heartbeating every 0.2 s (8 free slots), each inference answered at once with ``site:prompt``
+    (a stream whole, as its tail). Returns the connection and the heartbeats' task (cancel it, then
+    close the connection)."""
+    nc = await nats.connect(url)
+
+    async def on_infer(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        output = f"{site}:{req.prompt}"
+        tail = output if req.stream and req.tail_ok else ""  # a stream answered whole: all of it a tail
+        await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site=site, model=req.model,
+                                                        output=output, completion_tokens=2, tail=tail)))
+
+    await nc.subscribe(wire.infer_subject(site), cb=on_infer)
+    ack = await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city=city)), timeout=2)
+    assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
+
+    async def beat() -> None:
+        seq = 0
+        while True:
+            seq += 1
+            hb = wire.Heartbeat(site=site, seq=seq, models=[wire.ReplicaStatus(model=model, slots=8)])
+            await nc.publish(wire.heartbeat_subject(site), wire.encode(hb))
+            await asyncio.sleep(0.2)  # the site's heartbeat period
+
+    return nc, asyncio.create_task(beat())
