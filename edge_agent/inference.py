@@ -36,6 +36,7 @@ from edge_agent.clock import WALL, Clock
 from edge_agent.backends import Backend, Completion
 from edge_agent.bus import AgentBus, Incoming
 from edge_agent.errors import BackendError, BusError
+from edge_agent.exchange import Exchange as _Exchange
 from edge_agent.inventory import Inventory, Replica, ServiceTimes
 from edge_agent.logs import log
 from edge_agent.stream_now import StreamExchange
@@ -102,30 +103,6 @@ def _plain(msg: Incoming) -> wire.InferRequest | None:
     """As :func:`_wellformed`, for a plain (not streamed) request only."""
     request = _wellformed(msg)
     return None if request is None or request.stream else request
-
-
-class _Exchange:
-    """A plain request served with no task (:meth:`InferenceService.start_now`): sent on a kept-alive
-    backend connection from the NATS callback, answered from the connection's completion callback."""
-
-    __slots__ = ("service", "msg", "request", "replica", "started", "conn", "timeout_s", "ack_at", "pending")
-
-    def __init__(self, service: InferenceService, msg: Incoming, request: wire.InferRequest, replica: Replica,
-                 started: float, timeout_s: float) -> None:
-        self.service = service
-        self.msg = msg
-        self.request = request
-        self.replica = replica
-        self.started = started
-        self.timeout_s = timeout_s
-        self.conn: object = None
-        self.ack_at = 0.0
-        self.pending = True
-        """Not answered yet."""
-
-    def done(self, conn: object) -> None:
-        """The backend's answer ended (the connection's callback)."""
-        self.service._finish_now(self)
 
 
 _ACK_SLACK_S = 0.001

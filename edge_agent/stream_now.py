@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent import wire
 from edge_agent.errors import BackendError
+from edge_agent.exchange import Exchange
 from edge_agent.logs import log
 
 if TYPE_CHECKING:
@@ -30,24 +31,15 @@ if TYPE_CHECKING:
     from edge_agent.inventory import Replica
 
 
-class StreamExchange:
+class StreamExchange(Exchange):
     """One streamed request served with no task (``conn``: the backend's call)."""
 
-    __slots__ = ("service", "msg", "request", "replica", "started", "timeout_s", "conn", "ack_at", "pending",
-                 "index", "open")
+    __slots__ = ("index", "open")
 
     def __init__(self, service: InferenceService, msg: Incoming, request: wire.InferRequest, replica: Replica,
                  started: float, timeout_s: float) -> None:
-        self.service = service
-        self.msg = msg
-        self.request = request
-        self.replica = replica
-        self.started = started
-        self.timeout_s = timeout_s
+        super().__init__(service, msg, request, replica, started, timeout_s)
         self.conn: Any = None
-        self.ack_at = 0.0
-        self.pending = True
-        """Neither an answer nor a first chunk went out yet (a delayed acknowledgement is still due)."""
         self.index = 0
         self.open = True
         """Its slot is still held (cleared once, by :meth:`_close`)."""
