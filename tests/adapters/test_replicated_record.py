@@ -197,12 +197,8 @@ async def test_projection_supervisor_outlives_an_error_it_did_not_expect(record:
         await projection.stop()
 
 
-async def test_gets_answer_promptly_with_the_stream_leaders_node_paused(record: kv.Record,
-                                                                        cluster: NatsCluster) -> None:
-    """A direct get goes to any replica, a paused one too. Asked once with the whole timeout,
-    about a third of the gets waited 2 s and failed with the stream's leader node paused (a lease
-    read that fails delays a takeover); now another try goes every 0.25 s and the first answer wins."""
-    await record.create("k.a", b"x")
+async def leader_with_replicas(record: kv.Record) -> str:
+    """The record's stream leader node, once the stream has a leader and its two replicas."""
     leader: list[str] = []
 
     async def known() -> bool:
@@ -213,6 +209,16 @@ async def test_gets_answer_promptly_with_the_stream_leaders_node_paused(record: 
         return True
 
     await until(known, 10, "the stream's leader and its two replicas", interval_s=0.1)
+    return leader[-1]
+
+
+async def test_gets_answer_promptly_with_the_stream_leaders_node_paused(record: kv.Record,
+                                                                        cluster: NatsCluster) -> None:
+    """A direct get goes to any replica, a paused one too. Asked once with the whole timeout,
+    about a third of the gets waited 2 s and failed with the stream's leader node paused (a lease
+    read that fails delays a takeover); now another try goes every 0.25 s and the first answer wins."""
+    await record.create("k.a", b"x")
+    leader = [await leader_with_replicas(record)]
     mine = next(n for n in cluster.nodes if n.name != leader[-1])
     reader = await kv.Record.open([mine.url])
     await cluster.pause(leader[-1])
@@ -243,16 +249,7 @@ async def test_a_write_whose_server_hangs_lands_through_another(record: kv.Recor
     writes) whose server is paused: its write gets no answer, is sent again, and lands through
     another server once the client's pings have moved the connection, within the write deadline."""
     await record.create("k.w", b"0")
-    leader: list[str] = []
-
-    async def known() -> bool:
-        info = await record._js.stream_info(f"KV_{kv.BUCKET}")
-        if info.cluster is None or not info.cluster.leader or len(info.cluster.replicas or []) != 2:
-            return False
-        leader.append(str(info.cluster.leader))
-        return True
-
-    await until(known, 10, "the stream's leader and its two replicas", interval_s=0.1)
+    leader = [await leader_with_replicas(record)]
     mine = next(n for n in cluster.nodes if n.name != leader[-1])  # a quorum stays without it
     others = [n.url for n in cluster.nodes if n is not mine]
     writer = await kv.Record.open([mine.url, *others], timeout_s=0.5, write_deadline_s=10.0,
