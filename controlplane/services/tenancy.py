@@ -13,8 +13,6 @@ The key lifecycle rules themselves are in :mod:`controlplane.services.keys`.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -48,10 +46,6 @@ class TenancyService:
         self._tenants: dict[str, dict[str, Any]] = {}
         self._key_misses: dict[str, tuple[float, str]] = {}
         self._caught_up_for: dict[str, float] = {}
-        self._barrier_now: asyncio.Future[bool] | None = None
-        """The catch-up with the record under way (:meth:`_catch_up`)."""
-        self._barrier_next: asyncio.Future[bool] | None = None
-        """The one that starts when it ends, shared by every caller that came meanwhile."""
         """Unknown keys' digests -> until when :meth:`authenticate_caught_up` does not ask again."""
         self.gateways: Callable[[], int] = lambda: 1
         """How many gateways serve tenants now (this one included): each enforces its share of a
@@ -86,47 +80,32 @@ class TenancyService:
         caught up with the record (``store.db.barrier``; nothing on SQLite alone): a key issued at
         another gateway a moment ago (its 201 given once a quorum had it) is known here too, not a
         401 for as long as the projection lags (seen: 2 of 15 keys used at once at another gateway,
-        on a loaded machine). Once per unknown key per :data:`~controlplane.services.keys.MISS_MEMORY_S`,
-        and one catch-up at a time for every unknown key (:meth:`_catch_up`): a flood of distinct
-        bad keys costs the record one catch-up per catch-up's round trip, not one per request."""
+        on a loaded machine). Every caller waits for a catch-up that started after it came (the
+        record's bridge shares one among all who came while the last ran: a flood of distinct bad
+        keys costs the record one catch-up per round trip, not one per request); a key still
+        unknown after a catch-up that answered is remembered as unknown for
+        :data:`~controlplane.services.keys.MISS_MEMORY_S`. Requests with the same new key that
+        arrive together all wait for the catch-up (seen: the second of two was a 401 while the
+        first's catch-up ran, when the miss was remembered before the catch-up)."""
         if not self.store.is_open:
             return None
         digest = auth.hash_key(key)
-        now = self.clock.monotonic()
-        if self._caught_up_for.get(digest, 0.0) > now:
+        if self._caught_up_for.get(digest, 0.0) > self.clock.monotonic():
             return None
-        if len(self._caught_up_for) > 10_000:
-            self._caught_up_for.clear()
-        self._caught_up_for[digest] = now + key_lifecycle.MISS_MEMORY_S
-        answered = await self._catch_up()
+        answered = await barrier(self.store.db)
         found = self.authenticate(key)
-        if found is None and not answered:
+        if found is not None:
+            return found
+        if not answered:
             # Not "no such key": this process could not see the record's latest writes (no quorum,
             # or no answer in time on a loaded host), and the key may be one issued a moment ago at
             # another gateway. Say so (503, retry) and ask again on the next try.
-            self._caught_up_for.pop(digest, None)
             raise RecordUnavailable("this gateway does not know the API key and could not catch up "
                                     "with the record to check it; retry")
-        return found
-
-    async def _catch_up(self) -> bool:
-        """A catch-up with the record that started after this call (so it sees every write
-        acknowledged before it), shared: while one runs, every caller waits for the next one, which
-        starts when it ends. False when the record did not answer it."""
-        if self._barrier_now is None or self._barrier_now.done():
-            self._barrier_now = asyncio.ensure_future(barrier(self.store.db))
-            return await asyncio.shield(self._barrier_now)
-        if self._barrier_next is None or self._barrier_next.done():
-            running = self._barrier_now
-
-            async def after() -> bool:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(running)
-                self._barrier_now = asyncio.ensure_future(barrier(self.store.db))
-                return await self._barrier_now
-
-            self._barrier_next = asyncio.ensure_future(after())
-        return await asyncio.shield(self._barrier_next)
+        if len(self._caught_up_for) > 10_000:
+            self._caught_up_for.clear()
+        self._caught_up_for[digest] = self.clock.monotonic() + key_lifecycle.MISS_MEMORY_S
+        return None
 
     def lookup_key_in_store(self, key: str) -> auth.Principal | None:
         """A key the in-memory ring does not answer for: issued elsewhere (``cpn key create``), not

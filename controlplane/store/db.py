@@ -161,10 +161,11 @@ async def write(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database],
 async def barrier(db: sqlite_utils.Database) -> bool:
     """On the replicated record: the read barrier of the synchronous transactions that follow in
     this turn of the event loop, awaited rather than blocking (``Replica.barrier``). Else nothing.
-    False when the record did not answer it in time (what is read is then what was here)."""
+    False when the record did not answer it in time (what is read is then what was here).
+    A transaction open across an await elsewhere does not skip it: the hook waits for it to end."""
     hook = getattr(db, "write_hook", None)
     awaited = getattr(hook, "barrier", None)
-    if awaited is not None and not db.conn.in_transaction:
+    if awaited is not None:
         return bool(await awaited())
     return True
 
