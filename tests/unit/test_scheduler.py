@@ -441,6 +441,7 @@ def split_queues(draw: st.DrawFn) -> tuple[list[pl.Pool], list[pl.JobSpec], list
     return pools, old, new, run, tenants
 
 
+@pytest.mark.timeout(600)  # 400 examples: CPU-bound, minutes on a loaded machine
 @settings(max_examples=400, deadline=None)
 @given(split_queues())
 def test_planning_only_the_new_jobs_decides_as_the_full_plan_does(scn) -> None:  # type: ignore[no-untyped-def]

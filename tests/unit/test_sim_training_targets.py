@@ -52,7 +52,8 @@ def training_day() -> Any:
     return msgspec.structs.replace(base, inference=msgspec.structs.replace(base.inference, requests=0))
 
 
-pytestmark = pytest.mark.xdist_group("sim-training-targets")  # one worker runs each seed's day once
+pytestmark = [pytest.mark.xdist_group("sim-training-targets"),  # one worker runs each seed's day once
+              pytest.mark.timeout(600)]  # a test that first asks for a seed simulates its day: minutes on a loaded machine
 
 
 class _Days(dict[int, dict[str, Any]]):
