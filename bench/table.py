@@ -136,30 +136,30 @@ def _regions(rg: dict[str, Any]) -> str:
         text += ", central " + (f"{central['p50_ms']} / {central['p99_ms']}" if central else "-")
         errors = sum(r["errors"] for r in (own, central) if r)
         parts.append(text + (f" ({errors} errors)" if errors else ""))
-    out = "; ".join(parts)
     far = [r for r in rg["rows"] if r.get("origins") == "outside" and r["mode"] == "regional"]
     over = {k.split("/", 1)[-1]: v for k, v in (rg.get("promise_over_budget") or {}).items()}
     if far:
         names = ", ".join(o for os in (rg.get("outside_origins") or {}).values() for o in os if o not in over)
-        out += (f"; origins with no in-region site within budget ({names}), own gateway p99 "
-                f"{min(r['p99_ms'] for r in far)}–{max(r['p99_ms'] for r in far)} ms")
+        parts.append(f"origins with no in-region site within budget ({names}), own gateway p99 "
+                     f"{min(r['p99_ms'] for r in far)}–{max(r['p99_ms'] for r in far)} ms")
     if over:
-        out += ("; origins within budget by RTT + the 1 ms allowance whose measured promise (RTT + cpn's own "
-                "time, p50) was over it, counted with those outside: "
-                + ", ".join(f"{o} ({ms} ms)" for o, ms in over.items()))
+        parts.append("origins within budget by RTT + the 1 ms allowance whose measured promise (RTT + cpn's own "
+                     "time, p50) was over it, counted with those outside: "
+                     + ", ".join(f"{o} ({ms} ms)" for o, ms in over.items()))
     if rg.get("not_served"):
-        out += f"; regions with no in-region site within budget: {', '.join(rg['not_served'])} (their origins all outside)"
+        parts.append(f"regions with no in-region site within budget: {', '.join(rg['not_served'])} "
+                     "(their origins all outside)")
     beyond = [r["beyond_promise_p50_ms"] for r in rows if "beyond_promise_p50_ms" in r]
     if beyond and any("stated_overhead_p50_ms" in r for r in rows):
         was = [r["beyond_rtt_p50_ms"] for r in rows]
-        out += (f"; beyond the promise (`X-CPN-RTT-Ms` + `X-CPN-Overhead-Ms`): p50 {min(beyond)}–{max(beyond)} ms "
-                f"(beyond `X-CPN-RTT-Ms` alone: {min(was)}–{max(was)} ms)")
-    else:
-        out += f"; beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms" if beyond else ""
+        parts.append(f"beyond the promise (`X-CPN-RTT-Ms` + `X-CPN-Overhead-Ms`): p50 {min(beyond)}–{max(beyond)} ms "
+                     f"(beyond `X-CPN-RTT-Ms` alone: {min(was)}–{max(was)} ms)")
+    elif beyond:
+        parts.append(f"beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms")
     sub = rg.get("subtracted")
     if sub:
-        out += f"; subtracted: service time and the proxies' own {sub['proxy_ms_per_crossing']} ms per crossing"
-    return out
+        parts.append(f"subtracted: service time and the proxies' own {sub['proxy_ms_per_crossing']} ms per crossing")
+    return "; ".join(parts)
 
 
 def _by_fault(inf: dict[str, Any]) -> str:

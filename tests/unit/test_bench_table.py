@@ -89,3 +89,17 @@ def test_a_submissions_run_without_the_one_at_a_time_setup_still_makes_its_rows(
     rows = [r for r in table.render(EXISTING).splitlines() if "durable submissions, 1 client" in r]
     assert len(rows) == 1 and "hub CPU per submission 1.5 / 2.5 ms (+ nats-servers 1.0 / 1.0 ms)" in rows[0]
     assert "one at a time" not in rows[0]
+
+
+def test_the_regions_row_with_no_origin_in_budget_starts_with_what_it_has(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    (tmp_path / "regions.json").write_text(json.dumps({
+        "regions": 1, "budget_ms": 10.0, "machine": "box", "date": "2026-12-07", "not_served": ["west"],
+        "rows": [{"n": 20, "errors": 0, "region": "west", "mode": "regional", "origins": "outside",
+                  "p50_ms": 30.1, "p99_ms": 33.0}],
+        "outside_origins": {"west": {"kashgar": 29.0}}}))
+    (line,) = [r for r in table.render("").splitlines() if r.startswith("| regions")]
+    cell = line.split(" | ")[1]
+    assert cell.startswith("origins with no in-region site within budget (kashgar), own gateway p99 33.0–33.0 ms; "
+                           "regions with no in-region site within budget: west"), cell
