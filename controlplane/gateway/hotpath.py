@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from contextvars import Token
 from http import HTTPStatus
 from typing import Any, NamedTuple, Protocol, cast
@@ -47,8 +47,7 @@ from controlplane import logs
 from controlplane.gateway import openai
 from controlplane.gateway import openai_shapes as oa
 from controlplane.gateway.app import SERVICES, Guard, UnknownKey
-from controlplane.services.inference import Opening, Served, aclose
-from edge_agent import wire
+from controlplane.services.inference import Served, aclose
 
 
 MAX_HEAD_BYTES = 8190
@@ -104,7 +103,6 @@ class Connection(Protocol):
     """What a hot request needs of its connection (``server._Guarded``)."""
 
     relaying: bool
-    busy: asyncio.Task[None] | object | None
 
     def send(self, data: bytes) -> None: ...
 
@@ -220,11 +218,10 @@ class HotRoutes:
     def take(self, conn: Connection, head: Head, body: bytes, remote: str | None) -> asyncio.Task[None] | None:
         """Answer one hot request on ``conn`` (then ``conn.done()``), as aiohttp's handler would.
 
-        A request without a TTFT SLO takes no task (Rule 4): it is checked, routed and sent here, and
-        answered from the callback that brings the site's answer, or a stream's first message
-        (``InferenceService.complete_soon``, ``stream_soon``); a stream that comes in pieces is
-        relayed by a task from there. A request with an SLO, and one whose API key this process has
-        not applied yet, is served by a task (:meth:`serve`), returned."""
+        A plain (not streamed) request without a TTFT SLO takes no task (Rule 4): it is checked,
+        routed and sent here, and answered from the callback that brings the site's answer
+        (``InferenceService.complete_soon``). Any other request, and one whose API key this process
+        has not applied yet, is served by a task (:meth:`serve`), returned."""
         hot = head.hot
         guard = hot.guard
         request = HotRequest(self.app, head.headers, remote, hot.route)
@@ -240,15 +237,11 @@ class HotRoutes:
             parsed = hot.decode(body)
             call.began = self.clock.monotonic()
             p = call.prepared = openai.prepare(request, parsed, hot.kind)
-            if p.slo is not None:
+            if p.slo is not None or p.infer.stream:
                 logs.unbind(bound)
                 return self._task(self.serve(call, parsed))
-            if p.infer.stream:
-                self.inference.stream_soon(p.infer, origin=p.origin, budget_ms=p.budget_ms, policy=p.policy,
-                                           deployments=p.scope, then=call.opened)
-            else:
-                self.inference.complete_soon(p.infer, origin=p.origin, budget_ms=p.budget_ms, policy=p.policy,
-                                             deployments=p.scope, then=call.answered)
+            self.inference.complete_soon(p.infer, origin=p.origin, budget_ms=p.budget_ms, policy=p.policy,
+                                         deployments=p.scope, then=call.answered)
         except Exception as exc:
             call.finish(None, exc, bound)
             return None
@@ -335,74 +328,16 @@ class _Call:
             return
         self.finish(served, None, bound)
 
-    def opened(self, outcome: Opening) -> None:
-        """``InferenceService.stream_soon``'s outcome: the site's first message is here (the answer
-        written now when it was the whole answer, else relayed by a task), or the rest is awaited."""
-        if isinstance(outcome, tuple):
-            self.stream_out(outcome[0], outcome[1], logs.bind_request(self.rid, self.echo), None)
-        else:
-            self.routes._task(self._rest_of_stream(outcome))
-
-    async def _rest_of_stream(self, outcome: Awaitable[tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]],
-                              ) -> None:
-        bound = logs.bind_request(self.rid, self.echo)
-        try:
-            served, messages = await outcome
-        except Exception as exc:
-            self.finish(None, exc, bound)
-            return
-        relay = self.stream_out(served, messages, bound, asyncio.current_task())
-        if relay is not None:
-            await relay
-
-    def stream_out(self, served: Served, messages: AsyncIterator[wire.InferChunk | wire.InferResult],
-                   bound: Token[Any], task: asyncio.Task[Any] | None) -> Coroutine[Any, Any, None] | None:
-        """Answer a stream whose first message came: at once when it was the whole answer; else its
-        relay runs in ``task`` (returned for the caller to await there) or in a task of its own."""
-        head, request, guard, conn = self.head, self.request, self.head.hot.guard, self.conn
-        assert self.prepared is not None
-        out: openai.Whole | openai.Streamed | None = None
-        try:
-            out = openai.streamed(request, self.prepared, served, messages, self.began)
-            answer = head_bytes(200, out.headers, len(out.body) if isinstance(out, openai.Whole) else None, head.close)
-        except Exception as exc:
-            if isinstance(out, openai.Streamed):
-                self.routes._task(aclose(out.messages))  # its head could not be written: the site is told to stop
-            self.finish(None, exc, bound)
-            return None
-        if isinstance(out, openai.Whole):
-            self.finish(None, None, bound, answer + out.body)
-            return None
-        conn.relaying = True
-        if task is None:
-            logs.unbind(bound)
-            conn.busy = self.routes._task(self._relay(out, answer, None))
-            return None
-        conn.busy = task
-        return self._relay(out, answer, bound)
-
-    async def _relay(self, out: openai.Streamed, answer: bytes, bound: Token[Any] | None) -> None:
-        if bound is None:
-            bound = logs.bind_request(self.rid, self.echo)
-        try:
-            await openai.relay(out, ChunkedSink(self.conn, answer))
-        except asyncio.CancelledError:
-            pass  # the client went away (Rule 3): the relay told the site to stop
-        finally:
-            self.head.hot.guard.leave(self.request, self.rid, self.echo, 200, self.started, bound)
-            self.conn.done()
-
-    def finish(self, served: Served | None, error: Exception | None, bound: Token[Any], data: bytes = b"") -> None:
-        """Write the answer to ``served`` (or ``data``, or the refusal of ``error``), then the request is over."""
+    def finish(self, served: Served | None, error: Exception | None, bound: Token[Any]) -> None:
+        """Write the answer to ``served`` (or the refusal of ``error``), then the request is over."""
         head, request, guard = self.head, self.request, self.head.hot.guard
         status = 200
         try:
             if error is not None:
                 raise error
-            if not data:
-                assert served is not None and self.prepared is not None
-                out = openai.whole(request, self.prepared, served, self.began)
-                data = head_bytes(200, out.headers, len(out.body), head.close) + out.body
+            assert served is not None and self.prepared is not None
+            out = openai.whole(request, self.prepared, served, self.began)
+            data = head_bytes(200, out.headers, len(out.body), head.close) + out.body
         except Exception as exc:
             reply = guard.refusal(exc, request, self.rid, self.echo)
             status = reply.status

@@ -89,7 +89,6 @@ class Prepared(NamedTuple):
     echo: str
     created: float
     filing: str | None
-    include_usage: bool
 
 
 def prepare(request: RequestView, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind) -> Prepared:
@@ -106,10 +105,7 @@ def prepare(request: RequestView, req: oa.ChatCompletionRequest | oa.CompletionR
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
     created = services.clock.time()
     filing = services.market.admit(infer, created)  # 403 unfiled for the public, 402 over budget
-    if infer.stream:
-        infer.tail_ok = True  # the last text may come in the result: relayed whole (streamed)
-    return Prepared(infer, req.model, kind, origin, budget_ms, policy, slo, scope, request[ECHO_ID], created, filing,
-                    oa.include_usage(req))
+    return Prepared(infer, req.model, kind, origin, budget_ms, policy, slo, scope, request[ECHO_ID], created, filing)
 
 
 def whole(request: RequestView, p: Prepared, served: Served, started: float) -> Whole:
@@ -133,27 +129,21 @@ async def answer(
     services = request.app[SERVICES]
     p = prepared or prepare(request, req, kind)
     infer, origin, budget_ms, policy, slo, scope = p.infer, p.origin, p.budget_ms, p.policy, p.slo, p.scope
+    echo, created, filing, request_id = p.echo, p.created, p.filing, infer.request_id
     if not infer.stream:
         served = await services.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                    deployments=scope, slo_ttft_ms=slo)
         return whole(request, p, served, started)
 
+    infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                        deployments=scope, slo_ttft_ms=slo)
-    return streamed(request, p, served, messages, started)
-
-
-def streamed(request: RequestView, p: Prepared, served: Served,
-             messages: AsyncIterator[wire.InferChunk | wire.InferResult], started: float) -> Whole | Streamed:
-    """The answer to a streamed request whose site sent its first message (``InferenceService.stream``)."""
-    services = request.app[SERVICES]
     # cpn's own time to the first message feeds the overhead estimate, as a whole answer's does.
-    services.inference.relayed(served, p.origin, (services.clock.monotonic() - started) * 1000.0)
-    request_id = p.infer.request_id
-    sse = oa.SseStream(p.kind, request_id=request_id, model=p.model, created=p.created,
-                       include_usage=p.include_usage)
+    services.inference.relayed(served, origin, (services.clock.monotonic() - started) * 1000.0)
+    sse = oa.SseStream(kind, request_id=request_id, model=req.model, created=created,
+                       include_usage=oa.include_usage(req))
     headers = {
-        **route_headers(served, p.echo, p.filing),
+        **route_headers(served, echo, filing),
         "Content-Type": "text/event-stream",
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",

@@ -48,7 +48,7 @@ import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeAlias, cast
+from typing import Any, TypeAlias, cast
 
 import msgspec
 import nats
@@ -197,20 +197,8 @@ class _Waiter:
         future = self.future
         return future is None or future.done()
 
-class Opened(NamedTuple):
-    """A stream whose first message is a chunk (:meth:`HubBus.infer_soon`): it, and the rest."""
-
-    first: wire.InferChunk
-    rest: AsyncIterator[wire.InferChunk | wire.InferResult]
-
-
-SoonOutcome: TypeAlias = "wire.InferResult | Opened | Exception | Awaitable[wire.InferResult | Opened]"
-"""What :meth:`HubBus.infer_soon` tells: the answer (a stream's first message, when it is its
-result), an opened stream, the exception :meth:`HubBus.infer` (or :meth:`HubBus.infer_stream`)
-would raise, or the rest to await."""
-
-STREAM_IDLE_S = 30.0
-"""Longest wait for a stream's next chunk once it has begun (:meth:`HubBus.infer_stream`)."""
+SoonOutcome: TypeAlias = "wire.InferResult | Exception | Awaitable[wire.InferResult]"
+"""What :meth:`HubBus.infer_soon` tells: the answer, the exception :meth:`HubBus.infer` would raise, or the rest to await."""
 
 
 class _Sent(_Waiter):
@@ -932,9 +920,6 @@ class HubBus:
         disconnect), with the answer, or the exception :meth:`infer` would raise, or, when the wait
         ended in a way that needs more waiting (no acknowledgement, so the connection is probed; the
         connection dropped, so the request goes again on the next one), an awaitable of the rest.
-        A streamed request (``req.stream``) is told its first message: its result when the whole
-        answer came at once, else :class:`Opened` (that chunk and the rest, as :meth:`infer_stream`
-        yields them).
 
         Returns False, having sent nothing, when the connection is not plainly up: use :meth:`infer`.
         """
@@ -975,8 +960,6 @@ class HubBus:
         elif value.headers and value.headers.get("Status") == _NO_RESPONDERS:
             self.stats.no_responders += 1
             outcome = SiteAbsent(f"{site}: no responders")
-        elif sent.req.stream:
-            outcome = self._first_of_stream(sent, value.data)
         else:
             try:
                 outcome = self._decode_result(site, value.data)
@@ -984,67 +967,7 @@ class HubBus:
                 outcome = exc
         sent.told(outcome)
 
-    def _first_of_stream(self, sent: _Sent, data: bytes) -> wire.InferResult | Opened | Exception:
-        """A stream's first message (not an acknowledgement), read as :meth:`infer_stream` reads it;
-        a chunk opens the stream under the request's reply token, for the rest to come."""
-        site = sent.site
-        try:
-            reply = wire.infer_reply_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.stats.bad("infer_chunk")
-            return SiteRefused("bad_message", f"{site} sent a malformed chunk: {exc}", False)
-        if isinstance(reply, wire.ErrorReply):
-            return SiteRefused(reply.code, reply.message, reply.retryable)
-        if isinstance(reply, wire.InferResult):
-            return reply
-        if isinstance(reply, wire.InferAccepted):  # not in the acknowledgement's own encoding
-            self.stats.bad("infer_chunk")
-            return SiteRefused("bad_message", f"{site} sent an acknowledgement the hub does not read", True)
-        if reply.index > 0:  # chunks lost on the way (the site's NATS link broke)
-            return SiteRefused("stream_broken", f"{site}: chunks 0-{reply.index - 1} of the stream never came "
-                               "(its NATS link broke mid-answer)", False)
-        stream = self._streams[sent.token] = self._stream_of[sent.req.request_id] = _Stream(site, self._running_loop())
-        return Opened(reply, self._stream_rest(sent.token, stream, site, sent.req.request_id, STREAM_IDLE_S, 1))
-
-    async def _stream_rest(self, token: str, stream: _Stream, site: str, request_id: str, idle_timeout_s: float,
-                           expected: int) -> AsyncIterator[wire.InferChunk | wire.InferResult]:
-        """The messages of a stream after its first chunk (``expected``: the next chunk's index),
-        as :meth:`infer_stream` yields them."""
-        try:
-            while True:
-                msg = await stream.next(idle_timeout_s)
-                if msg is None:
-                    if stream.lost:
-                        raise SiteUnreachable(f"{site}: declared lost (silent for the detection period) mid-answer")
-                    if stream.dropped:
-                        stream.dropped = False
-                        continue  # the site has it: what it sends next comes on the new connection
-                    self.stats.timeouts += 1
-                    raise SiteUnreachable(f"{site}: no chunk within {idle_timeout_s * 1000:.0f} ms")
-                try:
-                    reply = wire.infer_reply_decoder.decode(msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self.stats.bad("infer_chunk")
-                    raise SiteRefused("bad_message", f"{site} sent a malformed chunk: {exc}", False) from None
-                if isinstance(reply, wire.ErrorReply):
-                    raise SiteRefused(reply.code, reply.message, reply.retryable)
-                if isinstance(reply, wire.InferAccepted):
-                    continue
-                if isinstance(reply, wire.InferChunk):
-                    if reply.index > expected:
-                        raise SiteRefused("stream_broken", f"{site}: chunks {expected}-{reply.index - 1} of the "
-                                          "stream never came (its NATS link broke mid-answer)", False)
-                    expected = max(expected, reply.index + 1)
-                yield reply
-                if isinstance(reply, wire.InferResult):
-                    return
-        finally:
-            stream.close()
-            self._streams.pop(token, None)
-            if self._stream_of.get(request_id) is stream:
-                del self._stream_of[request_id]
-
-    async def _again(self, sent: _Sent, *, probe: bool) -> wire.InferResult | Opened:
+    async def _again(self, sent: _Sent, *, probe: bool) -> wire.InferResult:
         """The rest of an :meth:`infer_soon` request whose wait ended with no answer: not even an
         acknowledgement (``probe``: the site is silent if the hub's connection answers a PING, else
         the connection is stuck), or its connection dropped; then it goes once more on the next
@@ -1057,16 +980,6 @@ class HubBus:
         self.stats.resent += 1
         left = max(sent.deadline - self._running_loop().time(), 0.001)
         ack = min(ack_timeout_s, left) if ack_timeout_s is not None else None
-        if sent.req.stream:
-            it = self.infer_stream(site, sent.req, left, STREAM_IDLE_S, ack).__aiter__()
-            try:
-                first = await it.__anext__()
-            except StopAsyncIteration:
-                raise SiteRefused("bad_message", f"{site} ended the stream without an answer", True) from None
-            if isinstance(first, wire.InferResult):
-                await it.aclose()  # type: ignore[attr-defined]
-                return first
-            return Opened(first, it)
         subject = self._infer_subjects.get(site) or wire.infer_subject(site)
         msg = await self._request(subject, wire.encode(sent.req), left, site, ack if ack is not None and ack < left else None)
         return self._decode_result(site, msg.data)
@@ -1088,7 +1001,7 @@ class HubBus:
         return reply
 
     async def infer_stream(
-        self, site: str, req: wire.InferRequest, first_timeout_s: float, idle_timeout_s: float = STREAM_IDLE_S,
+        self, site: str, req: wire.InferRequest, first_timeout_s: float, idle_timeout_s: float = 30.0,
         ack_timeout_s: float | None = None,
     ) -> AsyncIterator[wire.InferChunk | wire.InferResult]:
         """Streaming inference: yields chunks, then the final result.

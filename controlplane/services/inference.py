@@ -29,7 +29,7 @@ import random
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING
 
 from controlplane.core import router, ttft
 from controlplane.core.overhead import RelayOverhead
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from controlplane.core.registry import SiteRegistry, SiteView
     from controlplane.core.router import Router
     from controlplane.metrics import HubMetrics
-    from controlplane.nats.bus import HubBus, Opened
+    from controlplane.nats.bus import HubBus
     from controlplane.services.accounting import UsageAccounts
 
 log = logging.getLogger("cpn.inference")
@@ -546,31 +546,13 @@ class InferenceService:
     ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
         started = self.clock.monotonic()
         served, decision = self._begin(req, origin, budget_ms, policy, deployments, slo_ttft_ms)
-        return await self._stream_attempts(req, served, [(decision.site, decision.rtt_ms), *decision.fallbacks],
-                                           started)
-
-    async def _stream_attempts(
-        self, req: wire.InferRequest, served: Served, candidates: list[tuple[str, float]], started: float,
-        first: StreamStart | None = None,
-    ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
-        """Try ``candidates`` in turn until one sends its first message; ``first``: the first one's
-        attempt is under way already (:meth:`stream_soon`)."""
         last = ""
-        for site, rtt_ms in candidates:
-            it: AsyncIterator[wire.InferChunk | wire.InferResult] | None = None
+        for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
+            served.tried.append(site)
+            it = self.bus.infer_stream(site, req, self.site_timeout_s,
+                                       ack_timeout_s=self._ack_timeout(self.registry.get(site))).__aiter__()
             try:
-                if first is None:
-                    served.tried.append(site)
-                    it = self.bus.infer_stream(site, req, self.site_timeout_s,
-                                               ack_timeout_s=self._ack_timeout(self.registry.get(site))).__aiter__()
-                    msg = await it.__anext__()
-                else:
-                    got, first = first, None
-                    if isinstance(got, Exception):
-                        raise got
-                    if not isinstance(got, (wire.InferResult, tuple)):  # (Opened is a NamedTuple)
-                        got = await got
-                    msg, it = (got.first, got.rest) if isinstance(got, tuple) else (got, None)
+                first = await it.__anext__()
             except (SiteUnreachable, SiteRefused) as exc:
                 await aclose(it)
                 if isinstance(exc, SiteRefused) and not exc.retryable:
@@ -582,82 +564,24 @@ class InferenceService:
             except StopAsyncIteration:
                 last = f"{site} ended the stream without an answer"
                 continue
-            if isinstance(msg, wire.InferResult):  # the whole answer at once: no relay loop needed
+            if len(served.tried) > 1:
+                served.route = "failover"
+            served.site, served.rtt_ms = site, rtt_ms
+            served.overhead_ms = self.overhead.ms(site)
+            served.first_site_ms = first.service_ms if isinstance(first, wire.InferResult) else first.site_ms
+            self.served += 1
+            elapsed = self.clock.monotonic() - started
+            self.metrics.first_token(req.model, site, elapsed)
+            if served.predicted is not None:
+                self._predicted(served, req, elapsed, True)
+            if isinstance(first, wire.InferResult):  # the whole answer at once: no relay loop needed
                 await aclose(it)
-                it = None
-            return self._opened(served, req, site, rtt_ms, msg, it, started)
+                self.accounting.account(req, first, site)
+                self._service_time(site, req.model, first.service_ms)
+                served.result = first
+                return served, _NOTHING
+            return served, self._rest(first, it, req, site)
         raise AllSitesFailed(served.tried, last)
-
-    def _opened(self, served: Served, req: wire.InferRequest, site: str, rtt_ms: float,
-                first: wire.InferChunk | wire.InferResult, rest: AsyncIterator[wire.InferChunk | wire.InferResult] | None,
-                started: float) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
-        """``site`` sent a stream's first message: the record, the metrics, and what is left to relay
-        (nothing when that message is the result: accounted, ``served.result``)."""
-        if len(served.tried) > 1:
-            served.route = "failover"
-        served.site, served.rtt_ms = site, rtt_ms
-        served.overhead_ms = self.overhead.ms(site)
-        served.first_site_ms = first.service_ms if isinstance(first, wire.InferResult) else first.site_ms
-        self.served += 1
-        elapsed = self.clock.monotonic() - started
-        self.metrics.first_token(req.model, site, elapsed)
-        if served.predicted is not None:
-            self._predicted(served, req, elapsed, True)
-        if isinstance(first, wire.InferResult):
-            self.accounting.account(req, first, site)
-            self._service_time(site, req.model, first.service_ms)
-            served.result = first
-            return served, _NOTHING
-        assert rest is not None
-        return served, self._rest(first, rest, req, site)
-
-    def stream_soon(self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
-                    deployments: frozenset[str] | None, then: Callable[[Opening], None]) -> None:
-        """:meth:`stream` (without an SLO) as :meth:`complete_soon` serves :meth:`complete`: sent
-        now, and ``then`` gets what :meth:`stream` returns from the callback that brings the site's
-        first message, or an awaitable of it when more is to be awaited (a failover, say).
-
-        Raises:
-            RequestError: what routing raises at once, as :meth:`stream` would.
-        """
-        started = self.clock.monotonic()
-        try:
-            served, decision = self._begin(req, origin, budget_ms, policy, deployments, None)
-        except NoCapacity as exc:
-            then(self._stream_after(exc, req, started, origin, budget_ms, policy, deployments))
-            return
-        site = decision.site
-        served.tried.append(site)
-        view = self.registry.get(site)
-        sending = _Sending(self, req, served, decision, started, view, then, origin, budget_ms, policy, deployments)
-        if not self.bus.infer_soon(site, req, self.site_timeout_s, self._ack_timeout(view), sending.opened):
-            served.tried.clear()
-            then(self._stream_rest_of(sending, None))  # the bus is not plainly up: the awaited way
-
-    async def _stream_after(self, exc: Exception, req: wire.InferRequest, started: float, origin: str,
-                            budget_ms: float, policy: str, deployments: frozenset[str] | None,
-                            ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
-        """:meth:`stream_soon` once every candidate failed, or none was left (``exc``)."""
-        if not await self._heard_again(req, started):
-            raise exc
-        while True:
-            try:
-                return await self._stream_once(req, origin=origin, budget_ms=budget_ms, policy=policy,
-                                               deployments=deployments)
-            except (AllSitesFailed, NoCapacity):
-                if not await self._heard_again(req, started):
-                    raise
-
-    async def _stream_rest_of(self, sending: _Sending, first: StreamStart | None,
-                              ) -> tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]:
-        """:meth:`stream_soon` after its first site's attempt did not open the stream at once."""
-        decision, req = sending.decision, sending.req
-        try:
-            return await self._stream_attempts(req, sending.served, [(decision.site, decision.rtt_ms),
-                                                                     *decision.fallbacks], sending.started, first)
-        except (AllSitesFailed, NoCapacity) as exc:
-            return await self._stream_after(exc, req, sending.started, sending.origin, sending.budget_ms,
-                                            sending.policy, sending.deployments)
 
     def stream_ready(self, request_id: str) -> bool:
         """Whether the stream of ``request_id`` (from :meth:`stream`) has its next message here
@@ -694,14 +618,6 @@ class InferenceService:
                 await self.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
 
 
-StreamStart = Union[wire.InferResult, "Opened", Exception, Awaitable[Union[wire.InferResult, "Opened"]]]
-"""How the first attempt of :meth:`InferenceService.stream_soon` ended (``HubBus.infer_soon``)."""
-
-Opening = Union[tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]],
-                Awaitable[tuple[Served, AsyncIterator[wire.InferChunk | wire.InferResult]]]]
-"""What :meth:`InferenceService.stream_soon` hands on: :meth:`InferenceService.stream`'s answer, or an awaitable of it."""
-
-
 class _Sending:
     """A request of :meth:`InferenceService.complete_soon` out at its first site: what its answer's
     callback (:meth:`told`) needs."""
@@ -710,7 +626,7 @@ class _Sending:
                  "deployments")
 
     def __init__(self, service: InferenceService, req: wire.InferRequest, served: Served, decision: router.Route,
-                 started: float, view: SiteView | None, then: Callable[[Any], None],
+                 started: float, view: SiteView | None, then: Callable[[Served | Awaitable[Served]], None],
                  origin: str, budget_ms: float, policy: str, deployments: frozenset[str] | None) -> None:
         self.service = service
         self.req = req
@@ -724,7 +640,7 @@ class _Sending:
         self.policy = policy
         self.deployments = deployments
 
-    def told(self, outcome: Any) -> None:
+    def told(self, outcome: wire.InferResult | Exception | Awaitable[wire.InferResult]) -> None:
         """The first site's attempt ended (``HubBus.infer_soon``): the answer, or the rest in a task."""
         view = self.view
         if view is not None and view.sent > 0:
@@ -735,21 +651,6 @@ class _Sending:
             self.then(service._answered(self.served, self.req, decision.site, decision.rtt_ms, outcome, self.started))
         else:
             self.then(service._complete_rest(self, outcome))
-
-    def opened(self, outcome: StreamStart) -> None:
-        """A stream's first site sent its first message (``HubBus.infer_soon``), or the attempt
-        ended otherwise: what :meth:`InferenceService.stream` returns, or the rest in a task."""
-        service = self.service
-        if isinstance(outcome, wire.InferResult):
-            decision = self.decision
-            self.then(service._opened(self.served, self.req, decision.site, decision.rtt_ms, outcome, None,
-                                      self.started))
-        elif isinstance(outcome, tuple):  # Opened
-            decision = self.decision
-            self.then(service._opened(self.served, self.req, decision.site, decision.rtt_ms, outcome.first,
-                                      outcome.rest, self.started))
-        else:
-            self.then(service._stream_rest_of(self, outcome))
 
 
 class _Nothing:
