@@ -22,32 +22,25 @@ aiohttp, which answers it as it always did (400, 413, 408, ...).
 
 Rule 3: a client gone while its stream is relayed cancels the relay at once (the site is told to
 stop, its slot freed); a plain answer still completes (and is accounted), as under aiohttp.
-
-Rule 4: a plain request (not streamed, no TTFT SLO) takes no task while all goes well: the
-connection's callback checks, routes and sends it, and the NATS callback that delivers the site's
-answer writes the answer (:meth:`HotRoutes.take`). What needs waiting beyond that one answer (a
-failover, a key not applied yet) goes on in a task, through the same steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Coroutine
-from contextvars import Token
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, NamedTuple, Protocol, cast
+from typing import NamedTuple, Protocol, cast
 
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from controlplane import logs
 from controlplane.gateway import openai
 from controlplane.gateway import openai_shapes as oa
 from controlplane.gateway.app import SERVICES, Guard, UnknownKey
-from controlplane.services.inference import Served, aclose
+from controlplane.services.inference import aclose
 
 
 MAX_HEAD_BYTES = 8190
@@ -187,8 +180,7 @@ def parse(buf: bytes, lines: dict[bytes, Hot], max_body_bytes: int) -> Head | st
 class HotRoutes:
     """The hot routes of one gateway: framing (:meth:`parse`) and serving (:meth:`serve`).
 
-    ``served`` and ``handed`` count requests answered here and connections handed to aiohttp;
-    ``tasked`` the requests (or rests of requests, Rule 4) that took a task.
+    ``served`` and ``handed`` count requests answered here and connections handed to aiohttp.
     """
 
     def __init__(self, app: web.Application, loop: asyncio.AbstractEventLoop) -> None:
@@ -202,81 +194,38 @@ class HotRoutes:
                                     ("/v1/completions", oa.decode_completion_request, "completion")):
             self.lines[f"POST {route} HTTP/1.1".encode()] = Hot(
                 route, decode, cast(oa.Kind, kind), Guard(services, route, public=False))
-        self.inference = services.inference
-        self.tasks: set[asyncio.Task[None]] = set()
-        """The requests served in a task (:meth:`serve`, or the rest of one after a failover)."""
         self.served = 0
-        self.tasked = 0
         self.handed = 0
 
     def __repr__(self) -> str:
-        return f"<HotRoutes served={self.served} tasked={self.tasked} handed={self.handed}>"
+        return f"<HotRoutes served={self.served} handed={self.handed}>"
 
     def parse(self, buf: bytes) -> Head | str | None:
         return parse(buf, self.lines, self.max_body_bytes)
 
-    def take(self, conn: Connection, head: Head, body: bytes, remote: str | None) -> asyncio.Task[None] | None:
-        """Answer one hot request on ``conn`` (then ``conn.done()``), as aiohttp's handler would.
-
-        A plain (not streamed) request without a TTFT SLO takes no task (Rule 4): it is checked,
-        routed and sent here, and answered from the callback that brings the site's answer
-        (``InferenceService.complete_soon``). Any other request, and one whose API key this process
-        has not applied yet, is served by a task (:meth:`serve`), returned."""
+    async def serve(self, conn: Connection, head: Head, body: bytes, remote: str | None) -> None:
+        """Answer one hot request on ``conn`` (then ``conn.done()``), as aiohttp's handler would."""
         hot = head.hot
         guard = hot.guard
         request = HotRequest(self.app, head.headers, remote, hot.route)
         rid, echo, started, bound = guard.enter(request)
-        self.served += 1
-        call = _Call(self, conn, head, request, rid, echo, started)
-        try:
-            try:
-                guard.check(request)
-            except UnknownKey:
-                logs.unbind(bound)
-                return self._task(self.serve(call, body, check_again=True))
-            parsed = hot.decode(body)
-            call.began = self.clock.monotonic()
-            p = call.prepared = openai.prepare(request, parsed, hot.kind)
-            if p.slo is not None or p.infer.stream:
-                logs.unbind(bound)
-                return self._task(self.serve(call, parsed))
-            self.inference.complete_soon(p.infer, origin=p.origin, budget_ms=p.budget_ms, policy=p.policy,
-                                         deployments=p.scope, then=call.answered)
-        except Exception as exc:
-            call.finish(None, exc, bound)
-            return None
-        logs.unbind(bound)
-        return None
-
-    def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        self.tasked += 1
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
-
-    async def serve(self, call: _Call, body: bytes | oa.ChatCompletionRequest | oa.CompletionRequest,
-                    check_again: bool = False) -> None:
-        """:meth:`take`'s request in a task: ``body`` not decoded yet, or decoded (and prepared)."""
-        conn, head, request, guard = call.conn, call.head, call.request, call.head.hot.guard
-        hot = head.hot
-        bound = logs.bind_request(call.rid, call.echo)
         status = 500
+        self.served += 1
         out: openai.Whole | openai.Streamed | None = None
         try:
             try:
-                if check_again:
+                try:
+                    guard.check(request)
+                except UnknownKey:
                     await guard.check_again(request)
-                if isinstance(body, bytes):
-                    body = hot.decode(body)
-                    call.began = self.clock.monotonic()
-                out = await openai.answer(request, body, hot.kind, call.began, call.prepared)
+                began = self.clock.monotonic()
+                out = await openai.answer(request, hot.decode(body), hot.kind, began)
                 answer = head_bytes(200, out.headers, len(out.body) if isinstance(out, openai.Whole) else None,
                                     head.close)
             except Exception as exc:
                 if isinstance(out, openai.Streamed):
                     await aclose(out.messages)  # its head could not be written: the site is told to stop
-                reply = guard.refusal(exc, request, call.rid, call.echo)
+                reply = guard.refusal(exc, request, rid, echo)
                 status = reply.status
                 conn.send(head_bytes(status, reply.headers, len(reply.body), head.close) + reply.body)
                 return
@@ -290,61 +239,5 @@ class HotRoutes:
             except asyncio.CancelledError:
                 pass  # the client went away (Rule 3): the relay told the site to stop
         finally:
-            guard.leave(request, call.rid, call.echo, status, call.started, bound)
-            conn.done()
-
-
-class _Call:
-    """One hot request between the steps of :meth:`HotRoutes.take` and its answer's callback."""
-
-    __slots__ = ("routes", "conn", "head", "request", "rid", "echo", "started", "began", "prepared")
-
-    def __init__(self, routes: HotRoutes, conn: Connection, head: Head, request: HotRequest, rid: str, echo: str,
-                 started: float) -> None:
-        self.routes = routes
-        self.conn = conn
-        self.head = head
-        self.request = request
-        self.rid = rid
-        self.echo = echo
-        self.started = started
-        self.began = 0.0
-        self.prepared: openai.Prepared | None = None
-
-    def answered(self, outcome: Served | Awaitable[Served]) -> None:
-        """``InferenceService.complete_soon``'s outcome: the answer is written now, or the rest of
-        the request (a failover, say) is awaited in a task."""
-        if isinstance(outcome, Served):
-            self.finish(outcome, None, logs.bind_request(self.rid, self.echo))
-        else:
-            self.routes._task(self._rest(outcome))
-
-    async def _rest(self, outcome: Awaitable[Served]) -> None:
-        bound = logs.bind_request(self.rid, self.echo)
-        try:
-            served = await outcome
-        except Exception as exc:
-            self.finish(None, exc, bound)
-            return
-        self.finish(served, None, bound)
-
-    def finish(self, served: Served | None, error: Exception | None, bound: Token[Any]) -> None:
-        """Write the answer to ``served`` (or the refusal of ``error``), then the request is over."""
-        head, request, guard = self.head, self.request, self.head.hot.guard
-        status = 200
-        try:
-            if error is not None:
-                raise error
-            assert served is not None and self.prepared is not None
-            out = openai.whole(request, self.prepared, served, self.began)
-            data = head_bytes(200, out.headers, len(out.body), head.close) + out.body
-        except Exception as exc:
-            reply = guard.refusal(exc, request, self.rid, self.echo)
-            status = reply.status
-            data = head_bytes(status, reply.headers, len(reply.body), head.close) + reply.body
-        conn = self.conn
-        try:
-            conn.send(data)
-        finally:
-            guard.leave(request, self.rid, self.echo, status, self.started, bound)
+            guard.leave(request, rid, echo, status, started, bound)
             conn.done()

@@ -75,25 +75,11 @@ class Sink(Protocol):
     async def write_eof(self, data: bytes = b"") -> None: ...
 
 
-class Prepared(NamedTuple):
-    """A request checked and turned into the wire request, before it is sent (:func:`prepare`)."""
-
-    infer: wire.InferRequest
-    model: str
-    kind: oa.Kind
-    origin: str
-    budget_ms: float
-    policy: str
-    slo: float | None
-    scope: frozenset[str] | None
-    echo: str
-    created: float
-    filing: str | None
-
-
-def prepare(request: RequestView, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind) -> Prepared:
-    """The steps of :func:`answer` before the request goes to a site: origin, budget, policy, SLO,
-    model access, the wire request and the market's gate (each raises its own 4xx)."""
+async def answer(
+    request: RequestView, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind, started: float,
+) -> Whole | Streamed:
+    """Serve ``req`` for the request's tenant: the whole answer, or the stream to relay. Shared by
+    the aiohttp handlers above and the hot path below aiohttp (``hotpath.py``)."""
     services = request.app[SERVICES]
     tenant = principal(request).tenant_id or ""
     origin = resolve_origin(request, None)
@@ -102,38 +88,19 @@ def prepare(request: RequestView, req: oa.ChatCompletionRequest | oa.CompletionR
     slo = resolve_slo(request)
     scope = services.deployments.check_model_access(tenant, req.model)
     request_id = request[REQUEST_ID]  # the hub's, never the client's X-Request-Id: sites cancel by it
+    echo = request[ECHO_ID]
     infer = oa.to_infer_request(req, request_id=request_id, tenant=tenant)
     created = services.clock.time()
     filing = services.market.admit(infer, created)  # 403 unfiled for the public, 402 over budget
-    return Prepared(infer, req.model, kind, origin, budget_ms, policy, slo, scope, request[ECHO_ID], created, filing)
-
-
-def whole(request: RequestView, p: Prepared, served: Served, started: float) -> Whole:
-    """The answer to a non-streamed request ``served`` whole (``started``: when its body was read)."""
-    services = request.app[SERVICES]
-    assert served.result is not None
-    headers = route_headers(served, p.echo, p.filing)
-    headers["Content-Type"] = "application/json"  # in the prepared dict: no content_type parsing
-    body = oa.encode(oa.response(p.kind, served.result, created=p.created, model=p.model))
-    services.inference.relayed(served, p.origin, (services.clock.monotonic() - started) * 1000.0)
-    return Whole(headers, body)
-
-
-async def answer(
-    request: RequestView, req: oa.ChatCompletionRequest | oa.CompletionRequest, kind: oa.Kind, started: float,
-    prepared: Prepared | None = None,
-) -> Whole | Streamed:
-    """Serve ``req`` for the request's tenant: the whole answer, or the stream to relay. Shared by
-    the aiohttp handlers above and the hot path below aiohttp (``hotpath.py``, which may have
-    ``prepared`` it already)."""
-    services = request.app[SERVICES]
-    p = prepared or prepare(request, req, kind)
-    infer, origin, budget_ms, policy, slo, scope = p.infer, p.origin, p.budget_ms, p.policy, p.slo, p.scope
-    echo, created, filing, request_id = p.echo, p.created, p.filing, infer.request_id
     if not infer.stream:
         served = await services.inference.complete(infer, origin=origin, budget_ms=budget_ms, policy=policy,
                                                    deployments=scope, slo_ttft_ms=slo)
-        return whole(request, p, served, started)
+        assert served.result is not None
+        headers = route_headers(served, echo, filing)
+        headers["Content-Type"] = "application/json"  # in the prepared dict: no content_type parsing
+        body = oa.encode(oa.response(kind, served.result, created=created, model=req.model))
+        services.inference.relayed(served, origin, (services.clock.monotonic() - started) * 1000.0)
+        return Whole(headers, body)
 
     infer.tail_ok = True  # the last text may come in the result: relayed below
     served, messages = await services.inference.stream(infer, origin=origin, budget_ms=budget_ms, policy=policy,
@@ -148,15 +115,15 @@ async def answer(
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",
     }
-    at_once = served.result
-    if at_once is not None:
+    whole = served.result
+    if whole is not None:
         # The site's first message was its result (a short answer, or one the backend gave at
         # once): every frame is known, so it goes as one plain answer with a length, without a
         # chunked stream's machinery; a client reads the same events either way.
         body = sse.start()
-        if at_once.tail:
-            body += sse.delta(at_once.tail)
-        return Whole(headers, body + sse.finish(at_once))
+        if whole.tail:
+            body += sse.delta(whole.tail)
+        return Whole(headers, body + sse.finish(whole))
     return Streamed(headers, served, messages, sse, request_id, services.inference.stream_ready)
 
 

@@ -54,8 +54,6 @@ def _busy(message: str, code: str) -> bytes:
 
 _BUSY = _busy("too many open connections", "too_many_connections")
 _BUSY_CLIENT = _busy("too many open connections from your address", "too_many_connections_from_client")
-_ANSWERING = object()
-"""``_Guarded.busy`` while a request is answered with no task of its own (hotpath.py, Rule 4)."""
 REFUSED_LINGER_S = 1.0
 """How long a refused connection may stay open after its 503 (so the client reads it, not a reset)."""
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -102,14 +100,13 @@ class _Guard:
         """Graceful shutdown of the connections not handed to aiohttp: idle ones are closed now,
         busy ones after their answer, those still busy after ``timeout_s`` are aborted."""
         self.closing = True
-        busy: list[asyncio.Future[None]] = []
+        busy = []
         for conn in list(self.hot_conns):
             if conn.busy is None:
                 if conn.transport is not None:
                     conn.transport.close()
             else:
-                conn.finished = self.loop.create_future()
-                busy.append(conn.finished)
+                busy.append(conn.busy)
         if busy:
             await asyncio.wait(busy, timeout=timeout_s)
         for conn in list(self.hot_conns):
@@ -127,7 +124,7 @@ class _Guarded(asyncio.Protocol):
     """
 
     __slots__ = ("guard", "handler", "transport", "client", "head_since", "timer", "hot", "remote", "buf", "busy",
-                 "finished", "relaying", "close_after", "idle_since", "drain", "paused", "reading_paused")
+                 "relaying", "close_after", "idle_since", "drain", "paused", "reading_paused")
 
     def __init__(self, guard: _Guard) -> None:
         self.guard = guard
@@ -141,11 +138,8 @@ class _Guarded(asyncio.Protocol):
         self.remote: str | None = None
         self.buf = b""
         """Bytes read and not served yet, from the start of a request."""
-        self.busy: asyncio.Task[None] | object | None = None
-        """The request being answered (one at a time: pipelined ones wait in ``buf``): its task, or
-        :data:`_ANSWERING` for one answered with no task (hotpath.py, Rule 4)."""
-        self.finished: asyncio.Future[None] | None = None
-        """Resolved when the request being answered is done (made by a graceful stop)."""
+        self.busy: asyncio.Task[None] | None = None
+        """The request being answered (one at a time: pipelined ones wait in ``buf``)."""
         self.relaying = False
         self.close_after = False
         self.idle_since: float | None = None
@@ -257,10 +251,7 @@ class _Guarded(asyncio.Protocol):
         self.buf = buf[end:]
         self.head_since = None
         self.close_after = head.close
-        self.busy = _ANSWERING
-        task = hot.take(self, head, buf[head.body_start:end], self.remote)
-        if task is not None:
-            self.busy = task  # (an answer given at once has called done() already: no task then)
+        self.busy = hot.loop.create_task(hot.serve(self, head, buf[head.body_start:end], self.remote))
 
     def _hand_over(self) -> None:
         """Give the connection to aiohttp for good: its protocol, the unserved bytes replayed."""
@@ -301,11 +292,6 @@ class _Guarded(asyncio.Protocol):
         """The answer is out: the next pipelined request, or wait for one (or close)."""
         self.busy = None
         self.relaying = False
-        finished = self.finished
-        if finished is not None:
-            self.finished = None
-            if not finished.done():
-                finished.set_result(None)
         t = self.transport
         if t is None or t.is_closing() or self.hot is None:
             return
@@ -368,9 +354,8 @@ class _Guarded(asyncio.Protocol):
         drain, self.drain = self.drain, None
         if drain is not None and not drain.done():
             drain.set_exception(ConnectionResetError("the client went away"))
-        busy = self.busy
-        if self.relaying and isinstance(busy, asyncio.Task):
-            busy.cancel()  # a stream's client is gone: the relay tells the site to stop
+        if self.busy is not None and self.relaying:
+            self.busy.cancel()  # a stream's client is gone: the relay tells the site to stop
 
     def pause_writing(self) -> None:
         self.paused = True

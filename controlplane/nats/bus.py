@@ -48,7 +48,7 @@ import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias, cast
+from typing import Any
 
 import msgspec
 import nats
@@ -175,13 +175,12 @@ def _retire_ping(pings: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[N
 
 
 class _Waiter:
-    """One request waiting on the shared reply subscription: a coroutine awaiting ``future``
-    (:meth:`HubBus._request`), or a request sent with no task (:class:`_Sent`)."""
+    """One request waiting on the shared reply subscription."""
 
-    __slots__ = ("future", "site", "due", "deadline", "acked", "token")
+    __slots__ = ("future", "site", "due", "deadline", "acked")
 
-    def __init__(self, future: asyncio.Future[Msg | None] | None, site: str, due: float,
-                 deadline: float, acked: bool, token: str = "") -> None:
+    def __init__(self, future: asyncio.Future[Msg | None], site: str, due: float,
+                 deadline: float, acked: bool) -> None:
         self.future = future
         self.site = site
         self.due = due
@@ -191,36 +190,6 @@ class _Waiter:
         """Loop time the answer is due by, once the site has acknowledged the request."""
         self.acked = acked
         """True once an InferAccepted came (or when none was asked for)."""
-        self.token = token
-
-    def done(self) -> bool:
-        future = self.future
-        return future is None or future.done()
-
-SoonOutcome: TypeAlias = "wire.InferResult | Exception | Awaitable[wire.InferResult]"
-"""What :meth:`HubBus.infer_soon` tells: the answer, the exception :meth:`HubBus.infer` would raise, or the rest to await."""
-
-
-class _Sent(_Waiter):
-    """A request sent with no task (:meth:`HubBus.infer_soon`): its outcome goes to ``told`` from
-    the callback that ends its wait (:meth:`HubBus._end`), once."""
-
-    __slots__ = ("ended", "told", "req", "generation", "timeout_s", "ack_timeout_s")
-
-    def __init__(self, site: str, due: float, deadline: float, acked: bool, token: str,
-                 told: Callable[[Any], None], req: wire.InferRequest, generation: int, timeout_s: float,
-                 ack_timeout_s: float | None) -> None:
-        super().__init__(None, site, due, deadline, acked, token)
-        self.ended = False
-        self.told = told
-        self.req = req
-        self.generation = generation
-        self.timeout_s = timeout_s
-        self.ack_timeout_s = ack_timeout_s
-
-    def done(self) -> bool:
-        return self.ended
-
 
 _TIMER_SLACK_S = 0.001
 """Loop timers are kept in whole milliseconds: a wait due within one of now has timed out."""
@@ -496,9 +465,9 @@ class HubBus:
             self._generation += 1
             self._connection_changed()
             # What went out on the lost connection will not be answered on it: send again on the next.
-            for waiter in list(self._waiting.values()):
-                if not waiter.done():
-                    self._end(waiter, _RESEND)
+            for waiter in self._waiting.values():
+                if not waiter.future.done():
+                    waiter.future.set_result(_RESEND)  # type: ignore[arg-type]
             for stream in self._streams.values():
                 stream.drop()
             self.stats.disconnects += 1
@@ -750,44 +719,28 @@ class HubBus:
             if stream is not None:
                 stream.put(msg)
             return
-        if waiter.done():
+        if waiter.future.done():
             return
         if msg.data.startswith(wire.ACCEPTED_PREFIX):
             if not waiter.acked:  # the site has it: now wait for the answer until the full timeout
                 waiter.acked = True
                 waiter.due = waiter.deadline  # later: the timer armed for the earlier due re-arms
             return
-        self._end(waiter, msg)
+        waiter.future.set_result(msg)
 
     def fail_requests(self, site: str) -> int:
         """Fail at once every request waiting on ``site`` (declared lost: no need to wait out the
         timeout, the caller fails over). Returns how many."""
         failed = 0
         for waiter in list(self._waiting.values()):
-            if waiter.site == site and not waiter.done():
-                self._end(waiter, _LOST)
+            if waiter.site == site and not waiter.future.done():
+                waiter.future.set_result(_LOST)  # type: ignore[arg-type]
                 failed += 1
         for stream in list(self._streams.values()):  # streams too, mid-answer: not at their idle timeout
             if stream.site == site and not stream.lost:
                 stream.lose()
                 failed += 1
         return failed
-
-    def _end(self, waiter: _Waiter, value: Any) -> None:
-        """End ``waiter``'s wait with ``value`` (a message, None for a timeout, :data:`_LOST`,
-        :data:`_RESEND`): a coroutine's future is resolved; a request sent with no task
-        (:meth:`infer_soon`) is told its outcome now."""
-        future = waiter.future
-        if future is not None:
-            if not future.done():
-                future.set_result(value)
-            return
-        sent = cast(_Sent, waiter)
-        if sent.ended:
-            return
-        sent.ended = True
-        self._waiting.pop(sent.token, None)
-        self._settle(sent, value)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -812,11 +765,11 @@ class HubBus:
         self._sweep = None
         now = loop.time() + _TIMER_SLACK_S
         next_due: float | None = None
-        for waiter in list(self._waiting.values()):
-            if waiter.done():
+        for waiter in self._waiting.values():
+            if waiter.future.done():
                 continue
             if waiter.due <= now:
-                self._end(waiter, None)
+                waiter.future.set_result(None)
             elif next_due is None or waiter.due < next_due:
                 next_due = waiter.due
         if next_due is not None:
@@ -864,7 +817,7 @@ class HubBus:
                 generation = self._generation
                 if not publish_soon(nc, subject, data, self._reply_prefix + token):
                     await nc.publish(subject, data, reply=self._reply_prefix + token)
-                msg = await future
+                msg = await waiter.future
                 if msg is _RESEND:
                     if resent:
                         raise BusUnavailable("the hub's NATS connection dropped twice during one request")
@@ -875,7 +828,7 @@ class HubBus:
                 nc = await self._next_connection(generation)
                 resent = True
                 self.stats.resent += 1
-                waiter.future = future = loop.create_future()
+                waiter.future = loop.create_future()
                 waiter.acked = not asked_ack
                 now = loop.time()
                 waiter.due = now + min(first_wait, max(waiter.deadline - now, 0.001))
@@ -911,77 +864,6 @@ class HubBus:
         if subject is None:
             subject = self._infer_subjects[site] = wire.infer_subject(site)
         msg = await self._request(subject, wire.encode(req), timeout_s, site, ack_timeout_s)
-        return self._decode_result(site, msg.data)
-
-    def infer_soon(self, site: str, req: wire.InferRequest, timeout_s: float, ack_timeout_s: float | None,
-                   then: Callable[[SoonOutcome], None]) -> bool:
-        """:meth:`infer` with no task or future: the request is published now and ``then`` is called
-        once, from the callback that ends the wait (the answer's delivery, the one timer, a loss or a
-        disconnect), with the answer, or the exception :meth:`infer` would raise, or, when the wait
-        ended in a way that needs more waiting (no acknowledgement, so the connection is probed; the
-        connection dropped, so the request goes again on the next one), an awaitable of the rest.
-
-        Returns False, having sent nothing, when the connection is not plainly up: use :meth:`infer`.
-        """
-        nc = self.nc
-        if nc is None or not nc.is_connected:
-            return False
-        subject = self._infer_subjects.get(site)
-        if subject is None:
-            subject = self._infer_subjects[site] = wire.infer_subject(site)
-        token = self._token()
-        if not publish_soon(nc, subject, wire.encode(req), self._reply_prefix + token):
-            return False
-        self.stats.requests += 1
-        loop = self._running_loop()
-        asked_ack = ack_timeout_s is not None and ack_timeout_s < timeout_s
-        first_wait = ack_timeout_s if ack_timeout_s is not None and asked_ack else timeout_s
-        now = loop.time()
-        waiter = _Sent(site, now + first_wait, now + timeout_s, not asked_ack, token, then, req, self._generation,
-                       timeout_s, ack_timeout_s if asked_ack else None)
-        self._waiting[token] = waiter
-        self._due(loop, waiter.due)
-        return True
-
-    def _settle(self, sent: _Sent, value: Any) -> None:
-        """The end of an :meth:`infer_soon` wait, as :meth:`_request` and :meth:`infer` read it."""
-        site = sent.site
-        outcome: SoonOutcome
-        if value is None:
-            if sent.acked:
-                self.stats.timeouts += 1
-                outcome = SiteUnreachable(f"{site}: no answer within {sent.timeout_s * 1000:.0f} ms")
-            else:
-                outcome = self._again(sent, probe=True)
-        elif value is _LOST:
-            outcome = SiteUnreachable(f"{site} was declared lost while serving the request")
-        elif value is _RESEND:
-            outcome = self._again(sent, probe=False)
-        elif value.headers and value.headers.get("Status") == _NO_RESPONDERS:
-            self.stats.no_responders += 1
-            outcome = SiteAbsent(f"{site}: no responders")
-        else:
-            try:
-                outcome = self._decode_result(site, value.data)
-            except SiteRefused as exc:
-                outcome = exc
-        sent.told(outcome)
-
-    async def _again(self, sent: _Sent, *, probe: bool) -> wire.InferResult:
-        """The rest of an :meth:`infer_soon` request whose wait ended with no answer: not even an
-        acknowledgement (``probe``: the site is silent if the hub's connection answers a PING, else
-        the connection is stuck), or its connection dropped; then it goes once more on the next
-        connection, the acknowledgement due anew, the answer by the same deadline (:meth:`_request`)."""
-        site, ack_timeout_s = sent.site, sent.ack_timeout_s
-        if probe and await self.responsive(BUS_PROBE_S):
-            self.stats.ack_timeouts += 1
-            raise SiteSilent(f"{site}: no acknowledgement within {(ack_timeout_s or sent.timeout_s) * 1000:.0f} ms")
-        await self._next_connection(sent.generation)
-        self.stats.resent += 1
-        left = max(sent.deadline - self._running_loop().time(), 0.001)
-        ack = min(ack_timeout_s, left) if ack_timeout_s is not None else None
-        subject = self._infer_subjects.get(site) or wire.infer_subject(site)
-        msg = await self._request(subject, wire.encode(sent.req), left, site, ack if ack is not None and ack < left else None)
         return self._decode_result(site, msg.data)
 
     def _decode_result(self, site: str, data: bytes) -> wire.InferResult:

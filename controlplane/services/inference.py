@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -299,13 +299,11 @@ class InferenceService:
 
     async def complete(
         self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
-        deployments: frozenset[str] | None = None, slo_ttft_ms: float | None = None, started: float | None = None,
+        deployments: frozenset[str] | None = None, slo_ttft_ms: float | None = None,
     ) -> Served:
         """Serve a non-streaming request, failing over as needed (``slo_ttft_ms``: admission by
-        predicted TTFT, :meth:`admit`); when only silent sites are left, see :meth:`_heard_again`
-        (``started``: when the request began, if before this call)."""
-        if started is None:
-            started = self.clock.monotonic()
+        predicted TTFT, :meth:`admit`); when only silent sites are left, see :meth:`_heard_again`."""
+        started = self.clock.monotonic()
         while True:
             try:
                 return await self._complete_once(req, origin=origin, budget_ms=budget_ms, policy=policy,
@@ -313,53 +311,6 @@ class InferenceService:
             except (AllSitesFailed, NoCapacity):
                 if not await self._heard_again(req, started):
                     raise
-
-    def complete_soon(self, req: wire.InferRequest, *, origin: str, budget_ms: float, policy: str,
-                      deployments: frozenset[str] | None,
-                      then: Callable[[Served | Awaitable[Served]], None]) -> None:
-        """:meth:`complete` (without an SLO) with no task while all goes well: the request is routed
-        and sent now, and ``then`` gets the ``Served`` answer from the callback that delivers the
-        site's answer. Anything else (the first site failed, so fallbacks are tried; nothing to route
-        to while a silent site may come back; the bus not plainly up) reaches ``then`` as an
-        awaitable of what :meth:`complete` would return or raise, the same steps awaited in a task.
-
-        Raises:
-            RequestError: what routing raises at once (unknown origin, model not served), as
-                :meth:`complete` would.
-        """
-        started = self.clock.monotonic()
-        try:
-            served, decision = self._begin(req, origin, budget_ms, policy, deployments, None)
-        except NoCapacity as exc:
-            then(self._complete_after(exc, req, started, origin, budget_ms, policy, deployments))
-            return
-        site = decision.site
-        served.tried.append(site)
-        view = self.registry.get(site)
-        sent = _Sending(self, req, served, decision, started, view, then, origin, budget_ms, policy, deployments)
-        if view is not None:
-            view.sent += 1
-        if not self.bus.infer_soon(site, req, self.site_timeout_s, self._ack_timeout(view), sent.told):
-            then(self._complete_rest(sent, self._send(site, req, counted=False)))  # the bus is not plainly up
-
-    async def _complete_after(self, exc: Exception, req: wire.InferRequest, started: float, origin: str,
-                              budget_ms: float, policy: str, deployments: frozenset[str] | None) -> Served:
-        """:meth:`complete_soon` once every candidate failed, or none was left (``exc``)."""
-        if not await self._heard_again(req, started):
-            raise exc
-        return await self.complete(req, origin=origin, budget_ms=budget_ms, policy=policy, deployments=deployments,
-                                   started=started)
-
-    async def _complete_rest(self, sending: _Sending, first: Exception | Awaitable[wire.InferResult]) -> Served:
-        """:meth:`complete_soon` after its first site's attempt did not end in an answer: that
-        attempt's rest (``first``), then the fallbacks, as :meth:`complete` tries them."""
-        decision, req = sending.decision, sending.req
-        try:
-            return await self._attempts(req, sending.served, [(decision.site, decision.rtt_ms), *decision.fallbacks],
-                                        sending.started, first)
-        except (AllSitesFailed, NoCapacity) as exc:
-            return await self._complete_after(exc, req, sending.started, sending.origin, sending.budget_ms,
-                                              sending.policy, sending.deployments)
 
     async def _heard_again(self, req: wire.InferRequest, started: float) -> bool:
         """After every candidate failed (or none was left), whether to route the request once more:
@@ -388,48 +339,31 @@ class InferenceService:
     ) -> Served:
         started = self.clock.monotonic()
         served, decision = self._begin(req, origin, budget_ms, policy, deployments, slo_ttft_ms)
-        return await self._attempts(req, served, [(decision.site, decision.rtt_ms), *decision.fallbacks], started)
-
-    async def _attempts(self, req: wire.InferRequest, served: Served, candidates: list[tuple[str, float]],
-                        started: float, first: Exception | Awaitable[wire.InferResult] | None = None) -> Served:
-        """Try ``candidates`` in turn until one answers; ``first``: the first one's attempt is under
-        way already (what it raised, or the rest of it to await)."""
         last = ""
-        for site, rtt_ms in candidates:
+        for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
+            served.tried.append(site)
             try:
-                if first is None:
-                    served.tried.append(site)
-                    result = await self._send(site, req)
-                elif isinstance(first, Exception):
-                    raise first
-                else:
-                    result = await first
+                result = await self._send(site, req)
             except (SiteUnreachable, SiteRefused) as exc:
-                first = None
                 if isinstance(exc, SiteRefused) and not exc.retryable:
                     log.info("event=site_refused request_id=%s site=%s error=%s", req.request_id, site, exc)
                     raise public_refusal(site, exc) from None
                 last = _public(site, exc)
                 await self._failed_over(site, req, exc)
                 continue
-            return self._answered(served, req, site, rtt_ms, result, started)
+            if len(served.tried) > 1:
+                served.route = "failover"
+            served.site, served.rtt_ms, served.result = site, rtt_ms, result
+            self.served += 1
+            elapsed = self.clock.monotonic() - started
+            served.overhead_ms = self.overhead.ms(site)
+            self.metrics.answered(req.model, site, elapsed)
+            if served.predicted is not None:
+                self._predicted(served, req, elapsed, False)
+            self.accounting.account(req, result, site)
+            self._service_time(site, req.model, result.service_ms)
+            return served
         raise AllSitesFailed(served.tried, last)
-
-    def _answered(self, served: Served, req: wire.InferRequest, site: str, rtt_ms: float,
-                  result: wire.InferResult, started: float) -> Served:
-        """``site`` answered ``req``: the record, the metrics, the usage and the service time."""
-        if len(served.tried) > 1:
-            served.route = "failover"
-        served.site, served.rtt_ms, served.result = site, rtt_ms, result
-        self.served += 1
-        elapsed = self.clock.monotonic() - started
-        served.overhead_ms = self.overhead.ms(site)
-        self.metrics.answered(req.model, site, elapsed)
-        if served.predicted is not None:
-            self._predicted(served, req, elapsed, False)
-        self.accounting.account(req, result, site)
-        self._service_time(site, req.model, result.service_ms)
-        return served
 
     async def _failed_over(self, site: str, req: wire.InferRequest, exc: Exception) -> None:
         """Count and log a failover from ``site``; a site that stayed silent is passed over by the
@@ -502,14 +436,11 @@ class InferenceService:
         ack_s = self.site_ack_timeout_s
         return ack_s if ack_s > 0 and view is not None and view.infer_acks else None
 
-    async def _send(self, site: str, req: wire.InferRequest, counted: bool = True) -> wire.InferResult:
-        """``req`` to ``site`` over the bus, counted in the site's ``sent`` while it is out
-        (``counted=False``: the caller counted it already)."""
+    async def _send(self, site: str, req: wire.InferRequest) -> wire.InferResult:
         view = self.registry.get(site)
         if view is None:
             return await self.bus.infer(site, req, self.site_timeout_s)
-        if counted:
-            view.sent += 1
+        view.sent += 1
         try:
             return await self.bus.infer(site, req, self.site_timeout_s, self._ack_timeout(view))
         finally:
@@ -616,41 +547,6 @@ class InferenceService:
             if not finished:
                 # The tenant went away (or the site failed) mid-stream: tell the site to stop.
                 await self.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
-
-
-class _Sending:
-    """A request of :meth:`InferenceService.complete_soon` out at its first site: what its answer's
-    callback (:meth:`told`) needs."""
-
-    __slots__ = ("service", "req", "served", "decision", "started", "view", "then", "origin", "budget_ms", "policy",
-                 "deployments")
-
-    def __init__(self, service: InferenceService, req: wire.InferRequest, served: Served, decision: router.Route,
-                 started: float, view: SiteView | None, then: Callable[[Served | Awaitable[Served]], None],
-                 origin: str, budget_ms: float, policy: str, deployments: frozenset[str] | None) -> None:
-        self.service = service
-        self.req = req
-        self.served = served
-        self.decision = decision
-        self.started = started
-        self.view = view
-        self.then = then
-        self.origin = origin
-        self.budget_ms = budget_ms
-        self.policy = policy
-        self.deployments = deployments
-
-    def told(self, outcome: wire.InferResult | Exception | Awaitable[wire.InferResult]) -> None:
-        """The first site's attempt ended (``HubBus.infer_soon``): the answer, or the rest in a task."""
-        view = self.view
-        if view is not None and view.sent > 0:
-            view.sent -= 1
-        service = self.service
-        if isinstance(outcome, wire.InferResult):
-            decision = self.decision
-            self.then(service._answered(self.served, self.req, decision.site, decision.rtt_ms, outcome, self.started))
-        else:
-            self.then(service._complete_rest(self, outcome))
 
 
 class _Nothing:
