@@ -24,8 +24,9 @@ Policy, in the order applied:
    later tariff window waits for it (``Wait.until``), holding nothing.
 4. Backfill (EASY, Lifka 1995): the first job that cannot start for lack of free cards is the head;
    it gets a reservation (the pool and time where enough cards free up, from running jobs' expected
-   ends). Later jobs may use the reserved pool only if they end before the reservation or leave
-   enough cards for it. One reservation per plan.
+   ends; of the pools freeing them within ``Policy.reserve_within_s`` of the earliest, the one
+   where the wait holds the fewest free cards idle). Later jobs may use the reserved pool only if
+   they end before the reservation or leave enough cards for it. One reservation per plan.
 5. Preemption: if the head would wait longer than ``Policy.preempt_after_s`` and some pool can free
    enough cards by stopping jobs of lower priority, pick the pool that stops the lowest-priority,
    then fewest jobs; emit their stops (the service checkpoints, then stops them) and reserve that
