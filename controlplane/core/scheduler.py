@@ -24,8 +24,9 @@ Policy, in the order applied:
    later tariff window waits for it (``Wait.until``), holding nothing.
 4. Backfill (EASY, Lifka 1995): the first job that cannot start for lack of free cards is the head;
    it gets a reservation (the pool and time where enough cards free up, from running jobs' expected
-   ends). Later jobs may use the reserved pool only if they end before the reservation or leave
-   enough cards for it. One reservation per plan.
+   ends; of the pools freeing them within ``Policy.reserve_within_s`` of the earliest, the one
+   where the wait holds the fewest free cards idle). Later jobs may use the reserved pool only if
+   they end before the reservation or leave enough cards for it. One reservation per plan.
 5. Preemption: if the head would wait longer than ``Policy.preempt_after_s`` and some pool can free
    enough cards by stopping jobs of lower priority, pick the pool that stops the lowest-priority,
    then fewest jobs; emit their stops (the service checkpoints, then stops them) and reserve that
@@ -106,6 +107,10 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     preemption: bool = True
     preempt_after_s: float = 600.0
     """Preempt only if the head would otherwise wait longer than this."""
+    reserve_within_s: float = 1800.0
+    """The head's reservation may go to a pool whose cards free up this much later than the
+    earliest, when waiting there holds fewer free cards idle (docs/training.md, "Backfill");
+    0: always the earliest (EASY's rule)."""
 
 
 DEFAULT_POLICY = Policy()
@@ -616,6 +621,7 @@ class _Planner:
         now = self.now
         cards = job.cards
         best: tuple[float, float, str, int, _Entry] | None = None  # (at, lb, pool id, spare, entry)
+        found: list[tuple[float, float, str, int, _Entry]] = []
         for e in static:
             free = e.free
             at = now
@@ -633,11 +639,14 @@ class _Planner:
             # Spare: cards still free at `at` beyond the head's need (later ends add more).
             spare = free - cards
             cand = (at, e.lb_rate, e.pool.id, spare, e)
+            found.append(cand)
             if best is None or cand[:3] < best[:3]:
                 best = cand
         if self.policy.preemption and (best is None or best[0] - now > self.policy.preempt_after_s):
             if self.preempt(job, static):
                 return
+        if best is not None and best[0] > now and self.policy.reserve_within_s > 0:
+            best = self.least_idle(best, found, cards)
         if best is None:
             self.plan.wait.append(Wait(job_id=job.id, reason=(
                 f"no pool has {cards} free {'/'.join(job.accelerators)} cards and no running job has a known end")))
@@ -647,6 +656,18 @@ class _Planner:
         self.plan.reservation = Reservation(job_id=job.id, pool=pool_id, accelerator=e.acc, cards=cards, at=at)
         self.plan.wait.append(Wait(job_id=job.id, pool=pool_id, reason=(
             f"head of queue: {cards} {e.acc} cards free up at {pool_id} in {(at - now) / 60:.0f} min (reserved)")))
+
+    def least_idle(self, earliest: tuple[float, float, str, int, _Entry],
+                   found: list[tuple[float, float, str, int, _Entry]], cards: int) -> tuple[float, float, str, int, _Entry]:
+        """Of the pools where the head's cards free up within ``reserve_within_s`` of the earliest,
+        the one where waiting holds the fewest card-seconds idle: the cards free there now that the
+        head will take (no other job may use them unless it ends first) times the wait; then the
+        earliest, cheapest. A pool with none free now holds none idle: the cards free at the
+        earliest pool stay open to the jobs behind."""
+        now = self.now
+        limit = earliest[0] + self.policy.reserve_within_s
+        return min((c for c in found if c[0] <= limit),
+                   key=lambda c: (min(c[4].free, cards) * (c[0] - now), c[0], c[1], c[2], c[4].acc))
 
     def preempt(self, job: JobSpec, static: list[_Entry]) -> bool:
         cards = job.cards

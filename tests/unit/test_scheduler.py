@@ -200,6 +200,27 @@ def test_backfill_elsewhere_is_free_and_without_backfill_nothing_jumps_the_queue
     assert starts(off) == {"small": "p2"} and off.reservation is None
 
 
+def test_the_head_reserves_where_its_wait_holds_the_fewest_cards_idle() -> None:
+    """Pool a has 100 of the head's 128 cards free now and the rest in an hour; pool b has none free
+    and all 128 in 75 minutes. Reserving at a (EASY's earliest) would hold a's 100 free cards idle
+    for the hour, since the 100-card job behind would delay the head there; reserving at b holds
+    none, and that job starts at a now."""
+    pools = [pool("a", cards=128, free=100), pool("b", cards=128, free=0)]
+    run = [running("ra", pool="a", cards=28, expected_end_at=NOW + H),
+           running("rb", pool="b", cards=128, expected_end_at=NOW + 1.25 * H)]
+    queued = [job("head", cards=128, submitted_at=0), job("next", cards=100, submitted_at=1)]
+    p = plan(pools, queued, running=run)
+    assert p.reservation == sc.Reservation(job_id="head", pool="b", accelerator="A800", cards=128, at=NOW + 1.25 * H)
+    assert starts(p) == {"next": "a"}
+    easy = plan(pools, queued, running=run, policy=sc.Policy(reserve_within_s=0.0))
+    assert easy.reservation is not None and (easy.reservation.pool, easy.reservation.at) == ("a", NOW + H)
+    assert starts(easy) == {} and "would delay head" in waits(easy)["next"]
+    # Beyond reserve_within_s of the earliest, the earliest it is.
+    later = [run[0], running("rb", pool="b", cards=128, expected_end_at=NOW + 2 * H)]
+    p = plan(pools, queued, running=later)
+    assert p.reservation is not None and (p.reservation.pool, p.reservation.at) == ("a", NOW + H)
+
+
 # --------------------------------------------------------------------------- preemption
 
 
