@@ -37,6 +37,8 @@ IDLE = {("selectors.py", "select"), ("threading.py", "wait"), ("queue.py", "get"
         ("runtime.py", "run_until_signalled")}  # uvloop's loop between callbacks (C: polling, or its own work)
 PROBE_S = 0.005
 STALL_S = 0.020
+HOLD_S = float(os.environ.get("CPN_HOLD_MS", "20")) / 1000
+"""How much of the loop thread's own CPU since the last probe counts as a hold (``CPN_HOLD_MS``)."""
 LAG_EDGES_MS = (5, 10, 20, 50, 100, 200)
 
 
@@ -67,6 +69,15 @@ class Sampler:
         """The loop thread's CPU time when the probe last ran."""
         self.holds_ms: list[float] = []
         self.cpu_stalls: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.gc_ms: dict[int, list[float]] = collections.defaultdict(list)
+        """The garbage collector's pauses, by generation (any thread)."""
+        self._gc_started = 0.0
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_ms[info["generation"]].append((time.perf_counter() - self._gc_started) * 1000.0)
 
     def probe(self, loop: asyncio.AbstractEventLoop) -> None:
         """Runs on the loop every PROBE_S: how late it is says how long the loop was held."""
@@ -84,7 +95,7 @@ class Sampler:
         me = threading.get_ident()
         while not self._stop.wait(self.interval_s):
             stalled = time.monotonic() - self.probe_due > STALL_S
-            held = self.loop_clock is not None and time.clock_gettime(self.loop_clock) - self.probe_cpu > STALL_S
+            held = self.loop_clock is not None and time.clock_gettime(self.loop_clock) - self.probe_cpu > HOLD_S
             for ident, frame in sys._current_frames().items():
                 if ident == me:
                     continue
@@ -132,10 +143,14 @@ class Sampler:
                       f"{holds[-1] if holds else 0.0:.1f} ms --\n")
             for edge in LAG_EDGES_MS:
                 out.write(f"  cpu > {edge:3d} ms: {sum(1 for x in holds if x > edge)}\n")
-            out.write(f"\n-- stacks of the loop thread once it had burned > {STALL_S * 1000:.0f} ms of CPU "
+            out.write(f"\n-- stacks of the loop thread once it had burned > {HOLD_S * 1000:.0f} ms of CPU "
                       f"since the last probe ({sum(self.cpu_stalls.values())} samples) --\n")
             for stack, n in self.cpu_stalls.most_common(25):
                 out.write(f"{n:6d} {';'.join(stack[-12:])}\n")
+            out.write("\n-- garbage collections (wall ms) --\n")
+            for gen, pauses in sorted(self.gc_ms.items()):
+                out.write(f"  generation {gen}: {len(pauses)}, total {sum(pauses):.1f} ms, max {max(pauses):.1f} ms, "
+                          f"over 5 ms: {sum(1 for p in pauses if p > 5)}\n")
 
 
 def main() -> None:
@@ -163,6 +178,9 @@ def main() -> None:
     except ImportError:
         pass
     sampler.start()
+    import gc
+
+    gc.callbacks.append(sampler.on_gc)
     started = time.process_time()
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
