@@ -141,17 +141,13 @@ READ_BARRIER = object()
 """What :meth:`TrainingService._tick_steps` yields before a full round reads anything."""
 WAITS_HELD_S = 0.5
 """The waits decided by the tick's rounds that plan only new jobs and start and stop nothing are
-held, and written (together, one commit per ``WAITS_CHUNK`` jobs) by the round that follows this
+held, and written (together, one commit per ``TICK_CHUNK`` jobs) by the round that follows this
 long without a poke (a sleep of the loop's, not a clock's), or ..."""
 WAITS_HELD_ROUNDS = 10
 """... once this many rounds' waits are held (~0.5 s at the default ``scheduler_poke_gap_s``
 while submissions keep coming). Before, each submission poke's round wrote its few reasons as a
 commit of its own: the largest share of the leader's tick, and of the record's writes besides
 the submissions themselves."""
-WAITS_CHUNK = 50
-"""Held waits are written at most this many jobs a commit (a round's own commit is never split):
-the capture of a commit and its apply once acknowledged each hold the leader's loop ~50-70 µs a
-row, 5-15 ms for a chunk of ``TICK_CHUNK`` (200) every half second while submissions come."""
 
 
 _Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]],
@@ -589,8 +585,8 @@ class TrainingService:
             return commits
         held, self._held = self._held, []
         groups: list[list[_OwnRows]] = [[]]
-        for c in held:  # one commit per WAITS_CHUNK rows (a round's own commit stays whole)
-            if groups[-1] and sum(g.rows for g in groups[-1]) + c.rows > WAITS_CHUNK:
+        for c in held:  # one commit per TICK_CHUNK rows, as a round's own are
+            if groups[-1] and sum(g.rows for g in groups[-1]) + c.rows > TICK_CHUNK:
                 groups.append([])
             groups[-1].append(c)
         return [_OwnRows(functools.partial(_commit_all, g), i=0, rows=sum(c.rows for c in g))

@@ -206,34 +206,3 @@ def test_a_full_tick_decodes_only_the_rows_that_changed_since_the_last(tmp_path:
         assert db.conn.execute("SELECT updated_at FROM jobs WHERE id = ?", (ids[7],)).fetchone()[0] != updated_at
     finally:
         db.conn.close()
-
-
-async def test_held_waits_are_written_a_chunk_of_jobs_at_a_time(tmp_path: Path) -> None:
-    """The waits 8 rounds of 10 new jobs held are written in commits of at most ``WAITS_CHUNK``
-    jobs (before: one commit of ``TICK_CHUNK``, 200: on the record its capture and its apply each
-    held the leader's loop 5-15 ms), every one of them written."""
-    db = store_db.open_db(tmp_path / "cpn.db")
-    layout = loader.load_default()
-    clock = WallClock()
-    service = training.TrainingService(
-        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
-        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
-    service.outbox = CommandOutbox(db, None, clock=clock.time)
-    try:
-        spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
-        service.submit("acme", spec, None, "h", T0)
-        await service.tick_async(T0 + 1, incremental=True)  # the full plan the rounds plan against
-        ids = []
-        for n in range(8):
-            with store_db.transaction(db):
-                ids += [service.submit("acme", spec, None, "h", T0 + 1)[0].id for _ in range(10)]
-            await service.tick_async(T0 + 1 + (n + 1) / 100, incremental=True)
-        assert service.counters["waits_held"] == 8 and {r.reason for r in map(service.job, ids) if r} == {""}
-        begins: list[str] = []
-        db.conn.set_trace_callback(lambda sql: begins.append(sql) if sql.startswith("BEGIN") else None)
-        await service.tick_async(T0 + 1.5, incremental=True, write_held=True)
-        db.conn.set_trace_callback(None)
-        assert len(begins) == -(-80 // training.WAITS_CHUNK) and training.WAITS_CHUNK < 80  # before: 1
-        assert {r.reason for r in map(service.job, ids) if r} == {"quota: tenant acme holds 0 of 8 cards, job needs 16"}
-    finally:
-        db.conn.close()
