@@ -11,7 +11,10 @@ per distinct stack, ``frame;frame;... count`` (the collapsed format flame-graph 
 It also times the event loop (the hub's, made by ``controlplane.runtime.new_event_loop``): a
 probe every ``PROBE_S`` notes how late it runs, and while it is more than ``STALL_S`` overdue
 the loop thread's stack is counted apart. ``OUT.lag`` gets the lateness histogram and the stacks
-that held the loop (what stalled it, for a tail latency).
+that held the loop (what stalled it, for a tail latency). Lateness on a loaded host is mostly the
+host's (the loop thread waits for a core), so the probe also reads the loop thread's own CPU
+clock: the CPU it burned between two probes, and the stacks sampled while it had burned more
+than ``STALL_S`` since the last probe, are the loop's own holds, whatever the host's load.
 
 ``cpn bench submissions --profile DIR`` starts its hub processes this way.
 """
@@ -34,6 +37,8 @@ IDLE = {("selectors.py", "select"), ("threading.py", "wait"), ("queue.py", "get"
         ("runtime.py", "run_until_signalled")}  # uvloop's loop between callbacks (C: polling, or its own work)
 PROBE_S = 0.005
 STALL_S = 0.020
+HOLD_S = float(os.environ.get("CPN_HOLD_MS", "20")) / 1000
+"""How much of the loop thread's own CPU since the last probe counts as a hold (``CPN_HOLD_MS``)."""
 LAG_EDGES_MS = (5, 10, 20, 50, 100, 200)
 
 
@@ -58,13 +63,29 @@ class Sampler:
         self.lags_ms: list[float] = []
         self.stalls: collections.Counter[tuple[str, ...]] = collections.Counter()
         self.loop_ident = threading.main_thread().ident
+        self.loop_clock: int | None = None
+        """The loop thread's CPU clock (``time.pthread_getcpuclockid``), once the loop runs."""
+        self.probe_cpu = math.inf
+        """The loop thread's CPU time when the probe last ran."""
+        self.holds_ms: list[float] = []
+        self.cpu_stalls: collections.Counter[tuple[str, ...]] = collections.Counter()
+        self.gc_ms: dict[int, list[float]] = collections.defaultdict(list)
+        """The garbage collector's pauses, by generation (any thread)."""
+        self._gc_started = 0.0
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_ms[info["generation"]].append((time.perf_counter() - self._gc_started) * 1000.0)
 
     def probe(self, loop: asyncio.AbstractEventLoop) -> None:
         """Runs on the loop every PROBE_S: how late it is says how long the loop was held."""
-        now = time.monotonic()
+        now, cpu = time.monotonic(), time.thread_time()
         if self.probe_due != math.inf:
             self.lags_ms.append(max(0.0, now - self.probe_due) * 1000.0)
-        self.probe_due = now + PROBE_S
+            self.holds_ms.append(max(0.0, cpu - self.probe_cpu) * 1000.0)
+        self.probe_due, self.probe_cpu = now + PROBE_S, cpu
         loop.call_later(PROBE_S, self.probe, loop)
 
     def start(self) -> None:
@@ -74,11 +95,14 @@ class Sampler:
         me = threading.get_ident()
         while not self._stop.wait(self.interval_s):
             stalled = time.monotonic() - self.probe_due > STALL_S
+            held = self.loop_clock is not None and time.clock_gettime(self.loop_clock) - self.probe_cpu > HOLD_S
             for ident, frame in sys._current_frames().items():
                 if ident == me:
                     continue
                 if stalled and ident == self.loop_ident:
                     self.stalls[_stack(frame)] += 1
+                if held and ident == self.loop_ident:
+                    self.cpu_stalls[_stack(frame)] += 1
                 leaf = frame.f_code
                 if (os.path.basename(leaf.co_filename), leaf.co_name) in IDLE:
                     self.idle += 1
@@ -114,6 +138,19 @@ class Sampler:
                       f"({sum(self.stalls.values())} samples) --\n")
             for stack, n in self.stalls.most_common(25):
                 out.write(f"{n:6d} {';'.join(stack[-12:])}\n")
+            holds = sorted(self.holds_ms)
+            out.write(f"\n-- the loop thread's own CPU between two probes (load-independent): max "
+                      f"{holds[-1] if holds else 0.0:.1f} ms --\n")
+            for edge in LAG_EDGES_MS:
+                out.write(f"  cpu > {edge:3d} ms: {sum(1 for x in holds if x > edge)}\n")
+            out.write(f"\n-- stacks of the loop thread once it had burned > {HOLD_S * 1000:.0f} ms of CPU "
+                      f"since the last probe ({sum(self.cpu_stalls.values())} samples) --\n")
+            for stack, n in self.cpu_stalls.most_common(25):
+                out.write(f"{n:6d} {';'.join(stack[-12:])}\n")
+            out.write("\n-- garbage collections (wall ms) --\n")
+            for gen, pauses in sorted(self.gc_ms.items()):
+                out.write(f"  generation {gen}: {len(pauses)}, total {sum(pauses):.1f} ms, max {max(pauses):.1f} ms, "
+                          f"over 5 ms: {sum(1 for p in pauses if p > 5)}\n")
 
 
 def main() -> None:
@@ -133,6 +170,7 @@ def main() -> None:
         def new_event_loop() -> asyncio.AbstractEventLoop:
             loop = made()
             sampler.loop_ident = threading.get_ident()
+            sampler.loop_clock = time.pthread_getcpuclockid(sampler.loop_ident)
             loop.call_soon(sampler.probe, loop)
             return loop
 
@@ -140,6 +178,9 @@ def main() -> None:
     except ImportError:
         pass
     sampler.start()
+    import gc
+
+    gc.callbacks.append(sampler.on_gc)
     started = time.process_time()
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)

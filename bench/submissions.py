@@ -202,11 +202,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         replicated = [("nats", [], None), ("nats_blocking", ["--config", str(blocking_toml)], None)]
         if args.base:  # the same hubs from another checkout of cpn (a same-run before/after)
             replicated.append(("nats_base", [], str(Path(args.base).resolve())))
-        replicated = [r for r in replicated if r[0] in args.setups]
+        for variant in args.variant:  # the same hubs with a setting changed (a same-run A/B of a setting)
+            name, _, toml = variant.partition("=")
+            (base / f"{name}.toml").write_text(toml.replace(";", "\n") + "\n")
+            replicated.append((name, ["--config", str(base / f"{name}.toml")], None))
+        if args.gomaxprocs_variant:  # the same hubs on nats-servers with another GOMAXPROCS
+            replicated.append((f"nats_gomaxprocs{args.gomaxprocs_variant}", [], None))
+        replicated = [r for r in replicated if r[0] in args.setups or r[0] in args.variants]
         # Each replicated setup on a cluster of its own: one record, one leader (its scheduler) each.
         async with contextlib.AsyncExitStack() as stack:
-            clusters = [await stack.enter_async_context(NatsCluster(base / f"nats{i}"))
-                        for i in range(max(1, len(replicated)))]
+            clusters = [await stack.enter_async_context(NatsCluster(
+                base / f"nats{i}", gomaxprocs=args.gomaxprocs_variant if name.startswith("nats_gomaxprocs")
+                else args.gomaxprocs)) for i, (name, _, _) in enumerate(replicated or [("nats", [], None)])]
             session = await stack.enter_async_context(aiohttp.ClientSession())
             cluster = clusters[0]
             common_args = ["--listen", "127.0.0.1:0"]
@@ -250,6 +257,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             result["nats"]["per_s"] / result["nats_blocking"]["per_s"], 3) if result["nats_blocking"]["per_s"] else None
                     if "nats" in result and "nats_base" in result and result["nats_base"]["per_s"]:
                         result["ratio_nats_to_base"] = round(result["nats"]["per_s"] / result["nats_base"]["per_s"], 3)
+                    for name in sorted(args.variants):
+                        if sq and name in result:
+                            result[f"ratio_{name}_to_sqlite"] = round(result[name]["per_s"] / sq, 3)
                     out[f"c{level}"] = result
             finally:
                 for hub in procs:
@@ -269,10 +279,19 @@ def main(argv: list[str] | None = None) -> int:
                         "where its CPU goes) and write DIR/<hub id>.stacks and .stacks.top")
     parser.add_argument("--base", metavar="DIR", help="also run the replicated hubs from the cpn source in DIR "
                         "(e.g. `git archive main`, unpacked), as setup nats_base: a same-run before/after")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=TOML",
+                        help="also run the replicated hubs with these hub settings (TOML, ';' between lines), "
+                        "as setup NAME: a same-run A/B of a setting, e.g. nats_nofull='scheduler_full_plan_s = 3600'")
+    parser.add_argument("--gomaxprocs", type=int, default=None, help="GOMAXPROCS of every nats-server "
+                        "(default: Go's own)")
+    parser.add_argument("--gomaxprocs-variant", type=int, default=None, metavar="N",
+                        help="also run the replicated hubs on nats-servers with GOMAXPROCS=N (setup nats_gomaxprocsN)")
     parser.add_argument("--setups", default="sqlite,nats,nats_blocking",
                         help="which setups besides sqlite run (default sqlite,nats,nats_blocking)")
     args = parser.parse_args(argv)
     args.setups = set(args.setups.split(",")) | {"sqlite"} | ({"nats_base"} if args.base else set())
+    args.variants = {v.partition("=")[0] for v in args.variant} | (
+        {f"nats_gomaxprocs{args.gomaxprocs_variant}"} if args.gomaxprocs_variant else set())
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         os.environ["CPN_BENCH_PROFILE"] = str(Path(args.profile).resolve())
@@ -281,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:24s} {value}")
     print(f"wrote {common.write('submissions', result)}")
     failed = any(r[s]["errors"] for k, r in result.items() if k.startswith("c") and isinstance(r, dict)
-                 for s in ("sqlite", "nats", "nats_blocking", "nats_base") if s in r)
+                 for s in ("sqlite", "nats", "nats_blocking", "nats_base", *args.variants) if s in r)
     return 1 if failed else 0
 
 

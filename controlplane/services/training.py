@@ -216,6 +216,10 @@ class TrainingService:
         """The last full plan's basis while only submissions came since (``scheduler.plan_more``)."""
         self._basis_seen: tuple[list[placement.Pool], list[scheduler.Running], int, set[str]] = ([], [], 0, set())
         """What that plan saw besides the queue: pools, running jobs, the jobs' rowid mark, tenants."""
+        self._decoded = store_jobs.Decoded()
+        """The waiting jobs as a full round last read them: a row unchanged since is not decoded again."""
+        self._specs: dict[str, tuple[store_jobs.JobRow, placement.JobSpec]] = {}
+        """The scheduler's view of each waiting job, made from that very row (see :meth:`_spec`)."""
         self.running = False
         """Started (this process leads, or is a single hub): only then does it decide on site changes."""
         self.tasks = BackgroundTasks("training")
@@ -652,12 +656,15 @@ class TrainingService:
         for state in sorted(WAITING_STATES):  # read and decoded a page at a time (see the docstring)
             after = 0
             while True:
-                page, after = store_jobs.jobs_page(db, state, after, mark, TICK_STEP)
+                page, after = store_jobs.jobs_page(db, state, after, mark, TICK_STEP, self._decoded)
                 waiting.extend(page)
                 if len(page) < TICK_STEP:
                     break
                 yield None
         waiting = sorted({r.id: r for r in waiting}.values(), key=lambda r: (r.submitted_at, r.id))
+        read = {r.id for r in waiting}
+        self._decoded.keep(read)
+        self._specs = {k: v for k, v in self._specs.items() if k in read}
         rows = live_rows + waiting
         if waiting:
             pools = self._plan_pools(live, lent, now)
@@ -716,11 +723,17 @@ class TrainingService:
             pools = self.pricing(pools, now)
         return pools
 
-    @staticmethod
-    def _spec(r: store_jobs.JobRow) -> placement.JobSpec:
-        return r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority, submitted_at=r.submitted_at,
+    def _spec(self, r: store_jobs.JobRow) -> placement.JobSpec:
+        """The scheduler's view of the waiting job ``r``; made once per row object: a row the full
+        read found unchanged is the same object (``store_jobs.Decoded``), so its spec is too."""
+        hit = self._specs.get(r.id)
+        if hit is not None and hit[0] is r:
+            return hit[1]
+        spec = r.spec.waiting(id=r.id, tenant=r.tenant, priority=r.priority, submitted_at=r.submitted_at,
                               progress=r.progress, checkpoint_pool=r.checkpoint_pool,
                               restarting=r.state is S.RESTARTING)
+        self._specs[r.id] = (r, spec)
+        return spec
 
     def _tick_end(self, rows: list[store_jobs.JobRow], now: float) -> list[_Decision[list[str]]]:
         """The rest of a round: stale attempts stopped (the outbox alone, local), and the decisions

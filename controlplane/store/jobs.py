@@ -376,13 +376,47 @@ def jobs_added(db: sqlite_utils.Database, states: Iterable[JobState], after: int
     return [_job(r) for r in db.conn.execute(sql, [after, upto, *wanted])]
 
 
-def jobs_page(db: sqlite_utils.Database, state: JobState, after: int, upto: int, limit: int) -> tuple[list[JobRow], int]:
+class Decoded:
+    """Job rows decoded once: a row read again with every stored value as before is the same
+    :class:`JobRow` object, not decoded again (a scheduler's full read of a long, mostly unchanged
+    queue spent half its time decoding the same specs). Keyed on the whole stored row, so a row
+    changed in any way, at any clock, is decoded afresh. Holds the rows of the last reads only
+    (:meth:`keep`)."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, tuple[tuple[Any, ...], JobRow]] = {}
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __repr__(self) -> str:
+        return f"<Decoded rows={len(self._rows)} hits={self.hits}>"
+
+    def decode(self, raw: tuple[Any, ...]) -> JobRow:
+        hit = self._rows.get(raw[0])  # the id, _JOB_COLS's first column
+        if hit is not None and hit[0] == raw:
+            self.hits += 1
+            return hit[1]
+        row = _job(raw)
+        self._rows[row.id] = (raw, row)
+        return row
+
+    def keep(self, ids: set[str]) -> None:
+        """Forget every row but ``ids``'s (the jobs still read)."""
+        self._rows = {k: v for k, v in self._rows.items() if k in ids}
+
+
+def jobs_page(db: sqlite_utils.Database, state: JobState, after: int, upto: int, limit: int,
+              decoded: Decoded | None = None) -> tuple[list[JobRow], int]:
     """At most ``limit`` jobs in ``state`` with a rowid in (``after``, ``upto``], by rowid (the
     state index's order: no sort), and the last rowid read (``after`` if none): a long queue read
-    a page at a time, so a caller on an event loop lets other work run between the pages."""
+    a page at a time, so a caller on an event loop lets other work run between the pages.
+    ``decoded``: rows read before and unchanged are not decoded again."""
     sql = f"SELECT rowid, {_JOB_COLS} FROM jobs WHERE state = ? AND rowid > ? AND rowid <= ? ORDER BY rowid LIMIT ?"
     raws = db.conn.execute(sql, [JobState(state).value, after, upto, limit]).fetchall()
-    return [_job(r[1:]) for r in raws], (int(raws[-1][0]) if raws else after)
+    decode = decoded.decode if decoded is not None else _job
+    return [decode(r[1:]) for r in raws], (int(raws[-1][0]) if raws else after)
 
 
 def count_in_states(db: sqlite_utils.Database, states: Iterable[JobState]) -> int:

@@ -299,3 +299,46 @@ async def test_the_leaders_rounds_of_new_submissions_ask_the_record_for_no_read_
         full = bridge.barriers
         service.poke()  # anything but a submission: a full round, after a barrier
         await until(lambda: bridge.barriers > full, 10, "the full round's read barrier")
+
+
+async def test_a_large_batch_from_another_process_is_applied_a_slice_at_a_time(tmp_path: Path,
+                                                                              cluster: NatsCluster) -> None:
+    """300 jobs another process wrote in one batch (a leader's batch of waits is up to 200 rows)
+    reach this process's loop together; it applies them ``APPLY_SLICE`` at a time, with the loop's
+    other work between the slices (before: all in one local transaction, 5-15 ms of the loop at
+    every process for a leader's batch of waits), and every one of them lands."""
+    from controlplane.store import db as store_db
+    from controlplane.store import replica as store_replica
+
+    a = await record_hub(tmp_path, ",".join(cluster.urls), "hub-a")
+    b = await record_hub(tmp_path, ",".join(cluster.urls), "hub-b", role="gateway")  # never leads: no writes of its own
+    try:
+        a.create_tenant("acme")
+        await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
+                    5, "the tenant at B")
+        late = LateWatch(b, ("job.",))  # B's watch holds the jobs back until released below
+        spec = store_jobs.jobspec.JobSpec(name="bulk", cards=1, accelerators=("A800",), est_hours=1.0)
+        with store_db.transaction(a.db):  # one batch of 300 rows
+            ids = {store_jobs.create_job(a.db, "acme", spec, None, "h", 1.0)[0].id for _ in range(300)}
+        written = max(replica(a).revisions.values())
+        await until(lambda: len(late.held) >= 300, 10, "B's watch brought the 300 jobs")
+        assert replica(b).bridge.revision >= written
+        statements: list[str] = []
+        b.db.conn.set_trace_callback(statements.append)
+        late.holding = False
+        replica(b).wake()  # as the watch does when it brings changes
+        await until(lambda: b.db.conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 300, 10, "B holds 300 jobs")
+        b.db.conn.set_trace_callback(None)
+        applies, rows = 0, False  # local transactions that applied jobs
+        for s in statements:
+            if s.startswith("BEGIN"):
+                rows = False
+            elif s.startswith("INSERT INTO jobs"):
+                rows = True
+            elif s.startswith("COMMIT") and rows:
+                applies += 1
+        assert store_replica.APPLY_SLICE <= 100 and applies >= 300 // store_replica.APPLY_SLICE, applies  # before: 1
+        assert {j.id for j in store_jobs.list_jobs(b.db, "acme", limit=1000)} == ids
+    finally:
+        await b.stop()
+        await a.stop()

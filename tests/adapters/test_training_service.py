@@ -4,6 +4,7 @@ a typed spec goes in, is stored, read back typed and planned."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import msgspec
@@ -171,5 +172,37 @@ def test_a_tick_after_one_submission_to_a_long_unchanged_queue_plans_that_job_al
         service.submit("acme", spec, None, "h", T0 + 6 + HubConfig().scheduler_full_plan_s)  # too old a plan
         service.tick(T0 + 6 + HubConfig().scheduler_full_plan_s, incremental=True)
         assert (c["jobs_planned"], c["ticks_incremental"]) == (4004 + 1002, 3)
+    finally:
+        db.conn.close()
+
+
+def test_a_full_tick_decodes_only_the_rows_that_changed_since_the_last(tmp_path: Path) -> None:
+    """A full tick over 600 queued jobs after another reads the rows again but decodes only the
+    ones that changed (decoding the specs was half of a long queue's full tick), and a row changed
+    without a new ``updated_at`` (a simulated clock that stands still) is decoded afresh: the
+    reuse is keyed on the whole stored row, never on a timestamp."""
+    db = store_db.open_db(tmp_path / "cpn.db")
+    layout = loader.load_default()
+    clock = WallClock()
+    service = training.TrainingService(
+        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
+        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
+    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    try:
+        spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
+        with store_db.transaction(db):
+            ids = [service.submit("acme", spec, None, "h", T0)[0].id for _ in range(600)]
+        service.tick(T0 + 1)  # writes every job's reason: every row changed
+        service.tick(T0 + 2)  # reads them as changed
+        hits = int(re.search(r"hits=(\d+)", repr(service._decoded)).group(1))  # type: ignore[union-attr]
+        updated_at = db.conn.execute("SELECT updated_at FROM jobs WHERE id = ?", (ids[7],)).fetchone()[0]
+        small = msgspec.json.encode(msgspec.structs.replace(spec, cards=4)).decode()
+        with store_db.transaction(db):  # fits the quota now; the same updated_at
+            db.conn.execute("UPDATE jobs SET spec = ?, cards = 4 WHERE id = ?", (small, ids[7]))
+        plan = service.tick(T0 + 3)
+        assert int(re.search(r"hits=(\d+)", repr(service._decoded)).group(1)) == hits + 599  # type: ignore[union-attr]
+        assert plan is not None and [i.job_id for i in plan.infeasible] == [ids[7]]  # no pools here: infeasible
+        assert {w.job_id for w in plan.wait} == set(ids) - {ids[7]}  # the others wait for the quota as they did
+        assert db.conn.execute("SELECT updated_at FROM jobs WHERE id = ?", (ids[7],)).fetchone()[0] != updated_at
     finally:
         db.conn.close()

@@ -94,10 +94,13 @@ class NatsCluster:
     Use ``async with NatsCluster(tmp_path) as cluster``; ``cluster.urls`` lists the client URLs.
     """
 
-    def __init__(self, base_dir: Path | str, size: int = 3, host: str = "127.0.0.1") -> None:
+    def __init__(self, base_dir: Path | str, size: int = 3, host: str = "127.0.0.1",
+                 gomaxprocs: int | None = None) -> None:
         self.base_dir = Path(base_dir)
         self.host = host
         self.size = size
+        self.gomaxprocs = gomaxprocs
+        """``GOMAXPROCS`` of every node (None: Go's default; see ``natsserver.default_gomaxprocs``)."""
         self.nodes: list[Node] = []
         self._configure()
 
@@ -115,7 +118,7 @@ class NatsCluster:
             store = node_dir / "js"
             conf.write_text(node_config(name, host=host, client_port=client_port, route_port=route_ports[i],
                                         http_port=http_port, route_ports=route_ports))
-            server = NatsServer(store, port=client_port, host=host, config=conf)
+            server = NatsServer(store, port=client_port, host=host, config=conf, gomaxprocs=self.gomaxprocs)
             self.nodes.append(Node(name, server, http_port, route_ports[i]))
 
     def __repr__(self) -> str:
