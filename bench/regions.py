@@ -21,20 +21,24 @@ Method:
   (``policy: nearest``, so the central gateway serves and the table shows by how much it misses)
   alternately to its own region's gateway and to the home region's ("central") gateway: same run,
   interleaved.
-- Figure: client-measured latency minus what the bench itself adds: the site's ``service_ms``, and
+- Figure: client-measured latency minus what the bench itself adds: the site's ``service_ms``, the
+  tenant's floor (:func:`tenant_floor`: the same client through the same kind of proxy to a server
+  answering at once, :mod:`bench.regions_floor`: the client's aiohttp, the proxy and loopback, none
+  of it cpn's, measured end to end in the same run), and on the relay's links
   the proxies' own cost per crossing (their forwarding and timer error: a WAN has no Python proxy),
   calibrated in the same run by round trips to an echo server through a delaying proxy and directly,
   interleaved (a leg without delay, e.g. a tenant in its gateway's city, costs less: no timer, and
-  is calibrated apart); 2 crossings for a site in the gateway's region (tenant leg, site access link), 3 across
+  is calibrated apart); 1 crossing for a site in the gateway's region (its access link), 2 across
   two clusters. The raw p99 (only ``service_ms`` subtracted) is shown next to it. What is left is
   the network's delays and cpn's own processing (hub, NATS, agent: ~1.3 ms at c=1 on a loaded
   2-core machine, measured with ``--wan none``), against the budget (10 ms); next to it the RTT the
   hub promised (``rtt_ms``, the ``X-CPN-RTT-Ms`` figure) and how far beyond it the figure is.
 - The promise: ``X-CPN-RTT-Ms`` + ``X-CPN-Overhead-Ms`` (cpn's own time the gateway measured on its
   recent answers from that site, docs/topology.md "The latency a tenant gets"). "Beyond promise" is
-  the client's latency less ``service_ms``, the tenant leg's proxy cost and the promise. The
+  the client's latency less ``service_ms``, the tenant's floor and the promise. The
   gateway measures its relay with the proxies on it (it cannot tell them from a WAN), so only the
-  tenant leg's proxy is subtracted there; target ~0 at p50.
+  tenant's floor is subtracted there; target ~0 at p50. Beside it, "proxy only": the same with the
+  tenant leg's proxy crossing subtracted instead of the floor (how it was measured before).
 - The client runs in a process of its own (:mod:`bench.regions_client`): in this one it shared
   the event loop with four hubs and the agents, and read each answer only after whatever else that
   loop had queued, a delay no tenant has.
@@ -123,8 +127,8 @@ class Wan:
 
 class Probe:
     """Where each request's time went, read inside this process, where the gateways and the agents
-    run: when a gateway's handler took each request and finished its answer (its ``relayed`` call,
-    the overhead measurement's own endpoints), and when an agent started and finished answering it,
+    run: when a gateway's connection read each request and its handler finished the answer (its
+    ``relayed`` call, the overhead measurement's own endpoints), and when an agent started and finished answering it,
     by request id, on ``time.monotonic()``, the clock the client process stamps too. Bench-only: the
     methods are wrapped on the instances of this run."""
 
@@ -218,10 +222,11 @@ class LoopWatch:
 
 PARTS = ("tenant_in", "to_agent", "agent", "from_agent", "tenant_out")
 """A request's time beyond what the layout's delays and the site's service time account for, in five
-parts: ``tenant_in`` (client sent -> the gateway's handler took it: the tenant leg's proxy beyond its
-delay, aiohttp reading it, the gateway's loop waking), ``to_agent`` (-> the agent started on it: the
-gateway routing and publishing, the NATS servers, the site link's proxy beyond its delay, the agent's
-loop waking), ``agent`` (its answer, less ``service_ms``), ``from_agent`` (-> the gateway's answer
+parts: ``tenant_in`` (client sent -> the gateway's connection read it, where the gateway's measurement
+starts: the client writing it, the tenant leg's proxy beyond its delay, loopback), ``to_agent`` (-> the
+agent started on it: aiohttp parsing it and the gateway's loop getting to its handler, the gateway
+routing and publishing, the NATS servers, the site link's proxy beyond its delay, the agent's loop
+waking), ``agent`` (its answer, less ``service_ms``), ``from_agent`` (-> the gateway's answer
 encoded: NATS back, the gateway waking and encoding), ``tenant_out`` (-> the client read it:
 aiohttp writing, the proxy back, the client waking)."""
 
@@ -603,7 +608,8 @@ def parts_rows(parts: dict[tuple[str, str, str, str], list[dict[str, float]]],
 def print_parts(split: dict[str, Any]) -> None:
     names = ("in", "to agent", "agent", "from agent", "out")
     print("\nwhere the time went beyond the layout's delays and service_ms, p50 / p99 ms (tenant_in: client -> "
-          "gateway handler; to/from agent: NATS and the site link; tenant_out: handler -> client)")
+          "the gateway's connection read it; to/from agent: the gateway, NATS and the site link; tenant_out: "
+          "handler -> client)")
     print(f"  {'region':<9}{'origin':<14}{'mode':<10}{'n':>4}" + "".join(f"{n:>14}" for n in (*names, "total"))
           + f"{'tenant proxy late':>19}")
     for r in split["by_region"]:
@@ -651,7 +657,7 @@ def main(argv: list[str]) -> int:
     print(f"  subtracted from each answer: the site's service_ms, and per proxy crossed there and back "
           f"{sub['proxy_ms_per_crossing']} ms ({sub['proxy_ms_per_crossing_undelayed']} ms for a leg without delay): "
           f"the proxies' own cost, calibrated in this run ({sub['proxy_cost_samples']} interleaved round trips "
-          f"through a proxy vs direct; 2 crossings in-region, 3 across two clusters)")
+          f"through a proxy vs direct; on the relay: 1 crossing in-region, 2 across two clusters)")
     print(f"  the tenant's leg: the bench's floor instead, p50 {sub['tenant_floor_ms']} ms (p99 "
           f"{sub['tenant_floor_p99_ms']}) over {sub['tenant_floor_samples']} round trips: the same client through "
           f"the same kind of proxy to a server that answers at once, less the delay (the client's aiohttp, the "
