@@ -21,20 +21,24 @@ Method:
   (``policy: nearest``, so the central gateway serves and the table shows by how much it misses)
   alternately to its own region's gateway and to the home region's ("central") gateway: same run,
   interleaved.
-- Figure: client-measured latency minus what the bench itself adds: the site's ``service_ms``, and
+- Figure: client-measured latency minus what the bench itself adds: the site's ``service_ms``, the
+  tenant's floor (:func:`tenant_floor`: the same client through the same kind of proxy to a server
+  answering at once, :mod:`bench.regions_floor`: the client's aiohttp, the proxy and loopback, none
+  of it cpn's, measured end to end in the same run), and on the relay's links
   the proxies' own cost per crossing (their forwarding and timer error: a WAN has no Python proxy),
   calibrated in the same run by round trips to an echo server through a delaying proxy and directly,
   interleaved (a leg without delay, e.g. a tenant in its gateway's city, costs less: no timer, and
-  is calibrated apart); 2 crossings for a site in the gateway's region (tenant leg, site access link), 3 across
+  is calibrated apart); 1 crossing for a site in the gateway's region (its access link), 2 across
   two clusters. The raw p99 (only ``service_ms`` subtracted) is shown next to it. What is left is
   the network's delays and cpn's own processing (hub, NATS, agent: ~1.3 ms at c=1 on a loaded
   2-core machine, measured with ``--wan none``), against the budget (10 ms); next to it the RTT the
   hub promised (``rtt_ms``, the ``X-CPN-RTT-Ms`` figure) and how far beyond it the figure is.
 - The promise: ``X-CPN-RTT-Ms`` + ``X-CPN-Overhead-Ms`` (cpn's own time the gateway measured on its
   recent answers from that site, docs/topology.md "The latency a tenant gets"). "Beyond promise" is
-  the client's latency less ``service_ms``, the tenant leg's proxy cost and the promise. The
+  the client's latency less ``service_ms``, the tenant's floor and the promise. The
   gateway measures its relay with the proxies on it (it cannot tell them from a WAN), so only the
-  tenant leg's proxy is subtracted there; target ~0 at p50.
+  tenant's floor is subtracted there; target ~0 at p50. Beside it, "proxy only": the same with the
+  tenant leg's proxy crossing subtracted instead of the floor (how it was measured before).
 - The client runs in a process of its own (:mod:`bench.regions_client`): in this one it shared
   the event loop with four hubs and the agents, and read each answer only after whatever else that
   loop had queued, a delay no tenant has.
@@ -57,6 +61,7 @@ from typing import Any
 
 from bench import common
 from bench import regions_client
+from bench.regions_floor import FloorServer
 from controlplane.core import overhead
 from controlplane.tools.proxyhost import ProxyHost
 from controlplane.tools.up import DEMO_MODEL, UpOptions
@@ -122,8 +127,8 @@ class Wan:
 
 class Probe:
     """Where each request's time went, read inside this process, where the gateways and the agents
-    run: when a gateway's handler took each request and finished its answer (its ``relayed`` call,
-    the overhead measurement's own endpoints), and when an agent started and finished answering it,
+    run: when a gateway's connection read each request and its handler finished the answer (its
+    ``relayed`` call, the overhead measurement's own endpoints), and when an agent started and finished answering it,
     by request id, on ``time.monotonic()``, the clock the client process stamps too. Bench-only: the
     methods are wrapped on the instances of this run."""
 
@@ -217,10 +222,11 @@ class LoopWatch:
 
 PARTS = ("tenant_in", "to_agent", "agent", "from_agent", "tenant_out")
 """A request's time beyond what the layout's delays and the site's service time account for, in five
-parts: ``tenant_in`` (client sent -> the gateway's handler took it: the tenant leg's proxy beyond its
-delay, aiohttp reading it, the gateway's loop waking), ``to_agent`` (-> the agent started on it: the
-gateway routing and publishing, the NATS servers, the site link's proxy beyond its delay, the agent's
-loop waking), ``agent`` (its answer, less ``service_ms``), ``from_agent`` (-> the gateway's answer
+parts: ``tenant_in`` (client sent -> the gateway's connection read it, where the gateway's measurement
+starts: the client writing it, the tenant leg's proxy beyond its delay, loopback), ``to_agent`` (-> the
+agent started on it: aiohttp parsing it and the gateway's loop getting to its handler, the gateway
+routing and publishing, the NATS servers, the site link's proxy beyond its delay, the agent's loop
+waking), ``agent`` (its answer, less ``service_ms``), ``from_agent`` (-> the gateway's answer
 encoded: NATS back, the gateway waking and encoding), ``tenant_out`` (-> the client read it:
 aiohttp writing, the proxy back, the client waking)."""
 
@@ -336,6 +342,8 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
     measured: dict[str, list[Origin]] = {}
     outside: dict[str, list[Origin]] = {}
     proxy_cost: dict[str, list[float]] = {"delayed": [], "undelayed": []}
+    floors: dict[str, list[float]] = {}
+    """The tenant's floor (:func:`tenant_floor`): "delayed", "undelayed" or "direct" -> round trips (ms)"""
     lateness: dict[str, float] = {}
     not_served: dict[str, str] = {}
     promise_over: dict[str, float] = {}
@@ -359,10 +367,10 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             await wan.delay()
             key = net.credentials["tenant_key"]
             central = net.regions[0]
-            samples: dict[tuple[str, str, str], list[tuple[float, int, int, float, float, bool]]] = {}
-            """(origin kind, region, mode) -> (client ms - service ms, crossings through a delaying proxy,
-            crossings through one without delay, promised rtt, stated overhead, whether the tenant's
-            leg was delayed) per answer"""
+            samples: dict[tuple[str, str, str], list[tuple[float, int, int, float, float, str]]] = {}
+            """(origin kind, region, mode) -> (client ms - service ms, crossings beyond the tenant's leg
+            through a delaying proxy, through one without delay, promised rtt, stated overhead, the
+            tenant's leg: "delayed", "undelayed" or "direct" (no proxy)) per answer"""
             by_origin: dict[tuple[str, str, str], list[float]] = {}
             parts: dict[tuple[str, str, str, str], list[dict[str, float]]] = {}
             """(origin kind, region, origin, mode) -> each answer's :data:`PARTS` and its total"""
@@ -374,6 +382,8 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             client: regions_client.Client | regions_client.InlineClient = (
                 regions_client.Client() if client_mode == "process" else regions_client.InlineClient())
             await client.start()
+            floor = FloorServer()
+            await floor.start()
             try:
                 for region in net.regions:
                     rid = region.plan.id
@@ -417,9 +427,10 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                                 continue
                             served_in = layout.region_of_site(site)
                             gw_region = rid if mode == "regional" else central.plan.id
-                            # proxies crossed there and back: the tenant's leg, the site's access
-                            # link, and a link between two clusters when the site is in another region
-                            delays = [] if wan.off else [leg_ms[mode], wan.scale * site_one_way[site]]
+                            # proxies crossed there and back beyond the tenant's leg (the floor's):
+                            # the site's access link, and a link between two clusters when the site
+                            # is in another region
+                            delays = [] if wan.off else [wan.scale * site_one_way[site]]
                             if not wan.off and gateway_one_way[gw_region] > 0:
                                 delays.append(wan.scale * gateway_one_way[gw_region])
                             if not wan.off and served_in != gw_region:
@@ -427,7 +438,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                             samples.setdefault(k, []).append(
                                 (took_ms - service_ms, sum(d > 0 for d in delays),
                                  sum(d <= 0 for d in delays), rtt_ms, overhead_ms,
-                                 not wan.off and leg_ms[mode] > 0))
+                                 "direct" if wan.off else "delayed" if leg_ms[mode] > 0 else "undelayed"))
                             by_origin.setdefault((rid, origin.id, mode), []).append(took_ms - service_ms)
                             g, a = probe.gateway.pop(rid_, None), probe.agent.pop(rid_, None)
                             if g is not None and a is not None:
@@ -447,8 +458,11 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                         if not wan.off:
                             proxy_cost["delayed"] += await calibrate(host, 10, 1.0)
                             proxy_cost["undelayed"] += await calibrate(host, 10, 0.0)
+                        for mode, ms in (await tenant_floor(client, host, floor.port, wan.off, 10)).items():
+                            floors.setdefault(mode, []).extend(ms)
             finally:
                 await client.close()
+                await floor.close()
                 loop_lag = await watch.stop()
             if not wan.off:
                 lateness = await host.stats()
@@ -457,16 +471,23 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             await host.close()
             wan.close()
     cost = {k: common.percentile(sorted(v), 50) if v else 0.0 for k, v in proxy_cost.items()}
+    cost["direct"] = 0.0
+    tenant = {k: common.percentile(sorted(v), 50) for k, v in floors.items() if v}
     rows = []
     for (kind, rid, mode), got in sorted(samples.items(), key=lambda kv: (kv[0][0] != "in_budget", kv[0][1:])):
         raw = sorted(v for v, *_ in got)
-        net_ms = sorted(v - d * cost["delayed"] - u * cost["undelayed"] for v, d, u, *_ in got)
-        beyond_rtt = sorted(v - d * cost["delayed"] - u * cost["undelayed"] - p for v, d, u, p, *_ in got)
+        # What the bench adds: the tenant's floor (its client, the leg's proxy, loopback: measured
+        # end to end against a server that answers at once) and the relay's proxies' own cost.
+        net_ms = sorted(v - tenant.get(leg, cost[leg]) - d * cost["delayed"] - u * cost["undelayed"]
+                        for v, d, u, _, _, leg in got)
+        beyond_rtt = sorted(v - tenant.get(leg, cost[leg]) - d * cost["delayed"] - u * cost["undelayed"] - p
+                            for v, d, u, p, _, leg in got)
         # The promise is X-CPN-RTT-Ms + X-CPN-Overhead-Ms. The overhead is what the gateway measured
         # on its relay, proxies on that relay included (it cannot tell them from a WAN): only the
-        # tenant's leg's proxy is the bench's own cost here.
-        beyond = sorted(v - (cost["delayed"] if leg else cost["undelayed"] if not wan.off else 0.0) - p - o
-                        for v, _, _, p, o, leg in got)
+        # tenant's floor is the bench's own cost here.
+        beyond = sorted(v - tenant.get(leg, cost[leg]) - p - o for v, _, _, p, o, leg in got)
+        # As measured before the floor: only the tenant leg's proxy subtracted (its echo calibration)
+        beyond_proxy = sorted(v - cost[leg] - p - o for v, _, _, p, o, leg in got)
         rows.append({"origins": kind, "region": rid, "mode": mode, "n": len(got),
                      "errors": errors.get((kind, rid, mode), 0),
                      "served_in_region": in_region.get((kind, rid, mode), 0),
@@ -479,6 +500,7 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
                      "beyond_rtt_p50_ms": round(common.percentile(beyond_rtt, 50), 2),
                      "beyond_promise_p50_ms": round(common.percentile(beyond, 50), 2),
                      "beyond_promise_p99_ms": round(common.percentile(beyond, 99), 2),
+                     "beyond_promise_proxy_only_p50_ms": round(common.percentile(beyond_proxy, 50), 2),
                      # The stated overhead is the 90th percentile of recent relays: about 10% of the
                      # answers beyond the promise is the estimate doing its job; many more, it lags.
                      "share_beyond_promise": round(sum(1 for v in beyond if v > 0) / len(beyond), 3),
@@ -498,7 +520,11 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "subtracted": {"service_ms": "the site's own service time (its answer's service_ms)",
                            "proxy_ms_per_crossing": round(cost["delayed"], 3),
                            "proxy_ms_per_crossing_undelayed": round(cost["undelayed"], 3),
-                           "proxy_cost_samples": len(proxy_cost["delayed"]) + len(proxy_cost["undelayed"])},
+                           "proxy_cost_samples": len(proxy_cost["delayed"]) + len(proxy_cost["undelayed"]),
+                           "tenant_floor_ms": {k: round(v, 3) for k, v in tenant.items()},
+                           "tenant_floor_p99_ms": {k: round(common.percentile(sorted(v), 99), 3)
+                                                   for k, v in floors.items() if v},
+                           "tenant_floor_samples": sum(len(v) for v in floors.values())},
             "proxy_lateness_ms": {k: round(v, 3) for k, v in lateness.items()},
             "measured_origins": {rid: [o.id for o in os] for rid, os in measured.items()},
             "outside_origins": {rid: {o.id: round(o.path_ms, 2) for o in os} for rid, os in outside.items()},
@@ -509,6 +535,36 @@ async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, si
             "started_s": round(started_s, 1), "rows": rows, "origins": origin_rows,
             "parts": parts_rows(parts, tenant_late), "loop_lag": loop_lag,
             "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)}
+
+
+async def tenant_floor(client: regions_client.Client | regions_client.InlineClient, host: ProxyHost, port: int,
+                       direct: bool, requests: int) -> dict[str, list[float]]:
+    """What the bench's own tenant costs a request, none of it cpn's: the same client, through a
+    proxy of the same child delaying 1 ms each way and through one without delay (``direct``: no
+    proxy, as ``--wan none``'s tenant), to :mod:`bench.regions_floor`, which answers at once; each
+    round trip less the delay asked for. Interleaved, 3 warm-up round trips each not counted."""
+    legs: dict[str, str] = {}
+    delay = {"delayed": 1.0, "undelayed": 0.0, "direct": 0.0}
+    pids = []
+    if direct:
+        legs["direct"] = f"http://127.0.0.1:{port}"
+    else:
+        for mode in ("delayed", "undelayed"):
+            pid, proxy_port = await host.add(f"nats://127.0.0.1:{port}")
+            pids.append(pid)
+            await host.set_mode([pid], "delay", delay[mode])
+            legs[mode] = f"http://127.0.0.1:{proxy_port}"
+    try:
+        answers = await client.origin({"key": "", "legs": legs, "warmup": 3, "requests": requests,
+                                       "body": {"model": "floor", "input": "hi"}})
+    finally:
+        if pids:
+            await host.remove(pids)
+    out: dict[str, list[float]] = {}
+    for mode, i, status, took_ms, *_ in answers:
+        if i >= 3 and status == 200:
+            out.setdefault(mode, []).append(took_ms - 2 * delay[mode])
+    return out
 
 
 def _rank(n: int, q: float) -> int:
@@ -552,7 +608,8 @@ def parts_rows(parts: dict[tuple[str, str, str, str], list[dict[str, float]]],
 def print_parts(split: dict[str, Any]) -> None:
     names = ("in", "to agent", "agent", "from agent", "out")
     print("\nwhere the time went beyond the layout's delays and service_ms, p50 / p99 ms (tenant_in: client -> "
-          "gateway handler; to/from agent: NATS and the site link; tenant_out: handler -> client)")
+          "the gateway's connection read it; to/from agent: the gateway, NATS and the site link; tenant_out: "
+          "handler -> client)")
     print(f"  {'region':<9}{'origin':<14}{'mode':<10}{'n':>4}" + "".join(f"{n:>14}" for n in (*names, "total"))
           + f"{'tenant proxy late':>19}")
     for r in split["by_region"]:
@@ -600,7 +657,11 @@ def main(argv: list[str]) -> int:
     print(f"  subtracted from each answer: the site's service_ms, and per proxy crossed there and back "
           f"{sub['proxy_ms_per_crossing']} ms ({sub['proxy_ms_per_crossing_undelayed']} ms for a leg without delay): "
           f"the proxies' own cost, calibrated in this run ({sub['proxy_cost_samples']} interleaved round trips "
-          f"through a proxy vs direct; 2 crossings in-region, 3 across two clusters)")
+          f"through a proxy vs direct; on the relay: 1 crossing in-region, 2 across two clusters)")
+    print(f"  the tenant's leg: the bench's floor instead, p50 {sub['tenant_floor_ms']} ms (p99 "
+          f"{sub['tenant_floor_p99_ms']}) over {sub['tenant_floor_samples']} round trips: the same client through "
+          f"the same kind of proxy to a server that answers at once, less the delay (the client's aiohttp, the "
+          f"proxy, loopback: the bench's own, not cpn's; a tenant's own client costs what it costs)")
     if late:
         print(f"  proxies' timer lateness per delayed chunk, whole run: p50 {late['late_ms_p50']} / "
               f"p99 {late['late_ms_p99']} ms over {late['delayed']:.0f} chunks")
@@ -616,15 +677,17 @@ def main(argv: list[str]) -> int:
     for rid, why in result["not_served"].items():
         print(f"  region {rid}: {why}: its origins are all in the 'outside' rows")
     print("  promised: X-CPN-RTT-Ms + X-CPN-Overhead-Ms (p50 of each); beyond rtt: p50 of the figure minus the "
-          "RTT alone; beyond promise: p50 / p99 of the client's latency minus service_ms, the tenant leg's proxy "
-          "and the promise; share: of the answers, how many got more than the promise (the stated overhead is "
-          "a p90: about 10% expected)")
+          "RTT alone; beyond promise: p50 / p99 of the client's latency minus service_ms, the tenant's floor "
+          "and the promise (proxy only: p50 with the tenant leg's proxy subtracted instead of the floor); share: "
+          "of the answers, how many got more than the promise (the stated overhead is a p90: about 10% expected)")
     print(f"{'origins':<11}{'region':<11}{'mode':<10}{'n':>5}{'err':>5}{'p50':>8}{'p99':>8}{'raw p99':>9}"
-          f"{'rtt':>8}{'overhead':>9}{'beyond rtt':>11}{'beyond promise':>16}{'share':>8}  p99 in budget")
+          f"{'rtt':>8}{'overhead':>9}{'beyond rtt':>11}{'beyond promise':>16}{'proxy only':>11}{'share':>8}"
+          f"  p99 in budget")
     for r in result["rows"]:
         print(f"{r['origins']:<11}{r['region']:<11}{r['mode']:<10}{r['n']:>5}{r['errors']:>5}{r['p50_ms']:>8}"
               f"{r['p99_ms']:>8}{r['raw_p99_ms']:>9}{r['promised_rtt_p50_ms']:>8}{r['stated_overhead_p50_ms']:>9}"
               f"{r['beyond_rtt_p50_ms']:>11}{r['beyond_promise_p50_ms']:>9} / {r['beyond_promise_p99_ms']:<6}"
+              f"{r['beyond_promise_proxy_only_p50_ms']:>11}"
               f"{r['share_beyond_promise']:>7.1%}  {'yes' if r['within_budget_p99'] else 'no'}"
               f" (p99: the {_nth(r['p99_nth_slowest'])} slowest)")
     print(f"\nby origin (client latency - service_ms, proxies not subtracted): {'origin':<14}{'mode':<10}"

@@ -4,7 +4,8 @@ In the bench's own process the client shared one event loop with four hubs and t
 answer written by a gateway waited behind whatever else that loop had queued (another hub's
 commit, a heartbeat) before the client read it, a delay no tenant has. Here the client waits on
 nothing but its own requests. Driven like :mod:`controlplane.tools.proxyhost`: one JSON line per
-origin on stdin, one JSON line of samples on stdout; an empty line or EOF ends it.
+origin on stdin, one JSON line of samples on stdout; an empty line or EOF ends it. The same job
+measures the bench's floor (:mod:`bench.regions_floor`), with its own legs.
 
 - in: ``{"key": ..., "origin": ..., "legs": {"regional": url, "central": url}, "warmup": n,
   "requests": n, "body": {...}}``
@@ -29,8 +30,9 @@ import aiohttp
 async def _origin(session: aiohttp.ClientSession, job: dict[str, Any]) -> list[list[Any]]:
     out: list[list[Any]] = []
     headers = {"Authorization": f"Bearer {job['key']}"}
+    modes = list(job["legs"])  # ("regional", "central"), or the floor's ("delayed", "undelayed")
     for i in range(int(job["warmup"]) + int(job["requests"])):
-        for mode in (("regional", "central") if i % 2 == 0 else ("central", "regional")):
+        for mode in (modes if i % 2 == 0 else modes[::-1]):
             started = time.monotonic()
             async with session.post(job["legs"][mode] + "/v1/infer", json=job["body"], headers=headers) as resp:
                 data = await resp.json()

@@ -119,7 +119,7 @@ def rows() -> list[tuple[str, str, str, str]]:
     if rg and rg.get("rows"):
         load = f", load {rg['load_before']}–{rg['load_after']}" if "load_before" in rg else ""
         out.append((f"regions, {rg['regions']} regions with the layout's WAN delays (`cpn bench regions`{load})",
-                    _regions(rg), f"in-region p99 ≤ {rg['budget_ms']:g} ms (client latency − service time − the proxies' own cost)",
+                    _regions(rg), f"in-region p99 ≤ {rg['budget_ms']:g} ms (client latency − service time − the bench's own cost)",
                     f"{rg['machine']}, {rg['date']}"))
     return out
 
@@ -158,7 +158,12 @@ def _regions(rg: dict[str, Any]) -> str:
         parts.append(f"beyond the promised `X-CPN-RTT-Ms`: p50 {min(beyond)}–{max(beyond)} ms")
     sub = rg.get("subtracted")
     if sub:
-        parts.append(f"subtracted: service time and the proxies' own {sub['proxy_ms_per_crossing']} ms per crossing")
+        floor = sub.get("tenant_floor_ms")
+        parts.append(f"subtracted: service time"
+                     + (f", the bench's own tenant (client + proxy + loopback, measured against a server answering at "
+                        f"once) {floor.get('delayed', floor.get('direct'))} ms" if floor else "")
+                     + f", the proxies' own {sub['proxy_ms_per_crossing']} ms per crossing"
+                     + (" on the relay" if floor else ""))
     return "; ".join(parts)
 
 

@@ -42,6 +42,9 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 ECHO_ID: web.RequestKey[str] = web.RequestKey("echo_id", str)
 """What ``X-Request-Id`` answers carry: the client's own ``X-Request-Id`` if it sent a usable one, else
 the hub's id. Never sent to a site."""
+ARRIVED: web.RequestKey[float] = web.RequestKey("arrived", float)
+"""When the request's bytes were read off its connection, on the services' clock: put there by the
+hot path (``hotpath.py``); for aiohttp's requests :func:`arrived` asks the connection."""
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -158,6 +161,19 @@ def idempotency_key(request: web.Request) -> str | None:
         raise RequestError(f"Idempotency-Key must be 1..{IDEMPOTENCY_KEY_MAX} printable ASCII characters",
                            field="Idempotency-Key")
     return key
+
+
+def arrived(request: RequestView, now: float) -> float:
+    """When the gateway's time on ``request`` began: when its connection last read bytes before the
+    handler ran (the gateway's protocol stamps each read, ``server._Guarded``), so that aiohttp's
+    parsing and the event loop's wait before the handler count as the gateway's own time in the
+    overhead it measures (docs/topology.md, "The latency a tenant gets"); ``now`` (the handler's
+    start) when the connection does not say, or says a time after it."""
+    stamp = request.get(ARRIVED)
+    if stamp is None:
+        transport = getattr(request, "transport", None)
+        stamp = getattr(transport.get_protocol(), "arrived", None) if transport is not None else None
+    return now if stamp is None or stamp > now else float(stamp)
 
 
 def principal(request: RequestView) -> auth.Principal:

@@ -39,7 +39,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from controlplane.gateway import openai
 from controlplane.gateway import openai_shapes as oa
-from controlplane.gateway.app import SERVICES, Guard, UnknownKey
+from controlplane.gateway.app import ARRIVED, SERVICES, Guard, UnknownKey, arrived
 from controlplane.services.inference import aclose
 
 
@@ -203,11 +203,15 @@ class HotRoutes:
     def parse(self, buf: bytes) -> Head | str | None:
         return parse(buf, self.lines, self.max_body_bytes)
 
-    async def serve(self, conn: Connection, head: Head, body: bytes, remote: str | None) -> None:
-        """Answer one hot request on ``conn`` (then ``conn.done()``), as aiohttp's handler would."""
+    async def serve(self, conn: Connection, head: Head, body: bytes, remote: str | None,
+                    read_at: float | None = None) -> None:
+        """Answer one hot request on ``conn`` (then ``conn.done()``), as aiohttp's handler would;
+        ``read_at``: when its bytes were read off the connection (``app.ARRIVED``)."""
         hot = head.hot
         guard = hot.guard
         request = HotRequest(self.app, head.headers, remote, hot.route)
+        if read_at is not None:
+            request[ARRIVED] = read_at
         rid, echo, started, bound = guard.enter(request)
         status = 500
         self.served += 1
@@ -218,7 +222,7 @@ class HotRoutes:
                     guard.check(request)
                 except UnknownKey:
                     await guard.check_again(request)
-                began = self.clock.monotonic()
+                began = arrived(request, self.clock.monotonic())
                 out = await openai.answer(request, hot.decode(body), hot.kind, began)
                 answer = head_bytes(200, out.headers, len(out.body) if isinstance(out, openai.Whole) else None,
                                     head.close)

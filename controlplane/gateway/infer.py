@@ -6,7 +6,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from controlplane.core.errors import RequestError
-from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, RequestView, Routes, client_address, json_response, principal, read_body
+from controlplane.gateway.app import (ECHO_ID, REQUEST_ID, SERVICES, RequestView, Routes, arrived, client_address,
+                                      json_response, principal, read_body)
 from controlplane.gateway.schemas import InferBody
 from controlplane.services.inference import Served
 from edge_agent import wire
@@ -111,7 +112,7 @@ def route_headers(served: Served, echo_id: str, filing: str | None = None) -> di
 
 async def infer(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    started = services.clock.monotonic()
+    started = arrived(request, services.clock.monotonic())
     body = await read_body(request, InferBody)
     tenant = principal(request).tenant_id or ""
     origin = resolve_origin(request, body.origin)

@@ -18,7 +18,8 @@ from typing import NamedTuple, Protocol
 from aiohttp import web
 
 from controlplane.gateway import openai_shapes as oa
-from controlplane.gateway.app import ECHO_ID, REQUEST_ID, SERVICES, RequestView, Routes, json_response, principal, raw_body
+from controlplane.gateway.app import (ECHO_ID, REQUEST_ID, SERVICES, RequestView, Routes, arrived, json_response, principal,
+                                      raw_body)
 from controlplane.gateway.infer import resolve_budget, resolve_origin, resolve_policy, resolve_slo, route_headers
 from controlplane.services.inference import AllSitesFailed, Served, aclose
 from edge_agent import wire
@@ -28,13 +29,13 @@ log = logging.getLogger("cpn.gateway")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    started = request.app[SERVICES].clock.monotonic()
+    started = arrived(request, request.app[SERVICES].clock.monotonic())
     req = oa.decode_chat_request(await raw_body(request))
     return await _respond(request, await answer(request, req, "chat", started))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    started = request.app[SERVICES].clock.monotonic()
+    started = arrived(request, request.app[SERVICES].clock.monotonic())
     req = oa.decode_completion_request(await raw_body(request))
     return await _respond(request, await answer(request, req, "completion", started))
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -64,7 +65,8 @@ class _Guard:
     """Protocol factory wrapping aiohttp's: the header deadline and the connection caps."""
 
     def __init__(self, server: web.Server, config: HubConfig, trusted: TrustedProxies,
-                 counts: dict[tuple[str, ...], int] | None = None, hot: hotpath.HotRoutes | None = None) -> None:
+                 counts: dict[tuple[str, ...], int] | None = None, hot: hotpath.HotRoutes | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.server = server
         self.hot = hot
         """The hot routes answered below aiohttp (``hotpath.py``); None: aiohttp serves all."""
@@ -77,6 +79,9 @@ class _Guard:
         self.max_per_client = config.max_connections_per_client
         self.trusted = trusted
         self.counts: dict[tuple[str, ...], int] = counts if counts is not None else {}
+        self.clock = clock or time.monotonic
+        """What a connection stamps its reads with (``_Guarded.arrived``): the services' clock, the
+        one the handlers measure with."""
         self.open = 0
         self.by_client: dict[str, int] = {}
         self.loop = asyncio.get_running_loop()
@@ -124,7 +129,7 @@ class _Guarded(asyncio.Protocol):
     """
 
     __slots__ = ("guard", "handler", "transport", "client", "head_since", "timer", "hot", "remote", "buf", "busy",
-                 "relaying", "close_after", "idle_since", "drain", "paused", "reading_paused")
+                 "relaying", "close_after", "idle_since", "drain", "paused", "reading_paused", "arrived")
 
     def __init__(self, guard: _Guard) -> None:
         self.guard = guard
@@ -146,6 +151,9 @@ class _Guarded(asyncio.Protocol):
         self.drain: asyncio.Future[None] | None = None
         self.paused = False
         self.reading_paused = False
+        self.arrived: float | None = None
+        """When this connection last read bytes (the guard's clock): a request's time in the gateway
+        starts there, before aiohttp parses it (``app.arrived``), not when its handler runs."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         guard = self.guard
@@ -251,7 +259,7 @@ class _Guarded(asyncio.Protocol):
         self.buf = buf[end:]
         self.head_since = None
         self.close_after = head.close
-        self.busy = hot.loop.create_task(hot.serve(self, head, buf[head.body_start:end], self.remote))
+        self.busy = hot.loop.create_task(hot.serve(self, head, buf[head.body_start:end], self.remote, self.arrived))
 
     def _hand_over(self) -> None:
         """Give the connection to aiohttp for good: its protocol, the unserved bytes replayed."""
@@ -311,6 +319,7 @@ class _Guarded(asyncio.Protocol):
                 self.timer = self.guard.loop.call_at(now + self.guard.keepalive_timeout_s, self._expire)
 
     def data_received(self, data: bytes) -> None:
+        self.arrived = self.guard.clock()
         handler = self.handler
         if handler is None:
             if self.hot is not None:  # not handed to aiohttp (yet)
@@ -455,7 +464,8 @@ async def start(services: Services, host: str, port: int, *,
     assert runner.server is not None
     loop = asyncio.get_running_loop()
     hot = hotpath.HotRoutes(app, loop) if config.gateway.hot_routes else None
-    guard = _Guard(runner.server, config, app[TRUSTED], services.metrics.gateway_refused.counts, hot)
+    guard = _Guard(runner.server, config, app[TRUSTED], services.metrics.gateway_refused.counts, hot,
+                   services.clock.monotonic)
     server = await loop.create_server(guard, host, port, backlog=1024, reuse_address=True, ssl=ctx,
                                       ssl_handshake_timeout=config.header_timeout_s if ctx else None)
     return GatewayServer(runner, server, guard, "https" if ctx else "http")

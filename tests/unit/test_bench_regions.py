@@ -32,3 +32,35 @@ def test_a_requests_parts_are_what_its_stamps_leave_beyond_the_layouts_delays_an
     assert {k: round(v, 6) for k, v in parts.items()} == {
         "tenant_in": 1.0, "to_agent": 1.0, "agent": 0.2, "from_agent": 1.0, "tenant_out": 1.0}
     assert round(sum(parts.values()), 6) == round(12.5 - 0.3 - 4 * 2.0, 6)  # the whole, less what is subtracted
+
+
+async def test_the_tenants_floor_is_the_benchs_own_client_through_a_proxy_to_a_server_that_answers_at_once() -> None:
+    """What the bench subtracts for the tenant's leg is measured, not assumed: the same client
+    process, through proxies of the same child (delayed 1 ms each way and not), to a server that
+    answers at once with a gateway-shaped answer (the client parses it as it parses the gateway's),
+    and directly (``--wan none``). Real processes: the client, the proxies' child, the server."""
+    import asyncio
+
+    from bench import regions_client
+    from bench.regions_floor import ANSWER, FloorServer
+    from controlplane.tools.proxyhost import ProxyHost
+
+    floor, host, client = FloorServer(), ProxyHost(), regions_client.Client()
+    await floor.start()
+    await host.start()
+    await client.start()
+    try:
+        # Framing: two requests in one write (one with a body) get two answers, in order.
+        reader, writer = await asyncio.open_connection("127.0.0.1", floor.port)
+        writer.write(b"POST /v1/infer HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}GET / HTTP/1.1\r\n\r\n")
+        assert await reader.readexactly(2 * len(ANSWER)) == ANSWER + ANSWER
+        writer.close()
+        await writer.wait_closed()
+        got = await regions.tenant_floor(client, host, floor.port, direct=False, requests=4)
+        assert sorted(got) == ["delayed", "undelayed"] and all(len(v) == 4 for v in got.values()), got
+        got = await regions.tenant_floor(client, host, floor.port, direct=True, requests=4)
+        assert sorted(got) == ["direct"] and len(got["direct"]) == 4, got
+    finally:
+        await client.close()
+        await host.close()
+        await floor.close()

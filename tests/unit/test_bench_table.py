@@ -103,3 +103,15 @@ def test_the_regions_row_with_no_origin_in_budget_starts_with_what_it_has(
     cell = line.split(" | ")[1]
     assert cell.startswith("origins with no in-region site within budget (kashgar), own gateway p99 33.0–33.0 ms; "
                            "regions with no in-region site within budget: west"), cell
+
+
+def test_the_regions_row_names_the_benchs_own_tenant_it_subtracted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table, "RESULTS", tmp_path)
+    (tmp_path / "regions.json").write_text(json.dumps({
+        "regions": 1, "budget_ms": 10.0, "machine": "box", "date": "2026-12-07",
+        "subtracted": {"proxy_ms_per_crossing": 0.31, "tenant_floor_ms": {"delayed": 1.2, "undelayed": 0.9}},
+        "rows": [{"n": 20, "errors": 0, "promised_rtt_p50_ms": 1.0, "beyond_promise_p50_ms": -0.4,
+                  "origins": "in_budget", "region": "central", "mode": "regional", "p50_ms": 3.1, "p99_ms": 6.5}]}))
+    (line,) = [r for r in table.render("").splitlines() if r.startswith("| regions")]
+    assert "the bench's own tenant (client + proxy + loopback, measured against a server answering at once) 1.2 ms" in line
+    assert "the proxies' own 0.31 ms per crossing on the relay" in line
