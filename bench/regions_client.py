@@ -26,6 +26,8 @@ from typing import Any
 
 import aiohttp
 
+from controlplane.runtime import end_child
+
 
 async def _origin(session: aiohttp.ClientSession, job: dict[str, Any]) -> list[list[Any]]:
     out: list[list[Any]] = []
@@ -85,13 +87,7 @@ class Client:
         if proc is None:
             return
         self._proc = None
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await end_child(proc)
 
 
 class InlineClient:

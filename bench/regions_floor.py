@@ -19,6 +19,8 @@ import asyncio
 import json
 import sys
 
+from controlplane.runtime import end_child
+
 BODY = json.dumps({
     "id": "r" + "0" * 32, "object": "inference", "model": "demo", "output": "ok", "site": "",
     "rtt_ms": 0.0, "overhead_ms": 0.0, "promise_ms": 0.0, "route": "nearest", "origin": "floor",
@@ -92,13 +94,7 @@ class FloorServer:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await end_child(proc)
 
 
 if __name__ == "__main__":

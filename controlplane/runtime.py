@@ -123,6 +123,17 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], *, patience_s: f
                 t.result()
 
 
+async def end_child(proc: asyncio.subprocess.Process, *, patience_s: float = 10.0) -> None:
+    """End a child that stops when its stdin closes: close it, wait ``patience_s``, then kill it."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), patience_s)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop

@@ -32,6 +32,7 @@ import selectors
 import sys
 from typing import Any
 
+from controlplane.runtime import end_child
 from controlplane.tools.faultproxy import FaultProxy
 
 PY = sys.executable
@@ -95,13 +96,7 @@ class ProxyHost:
         with contextlib.suppress(ProxyHostError, OSError, ValueError, asyncio.TimeoutError):
             await asyncio.wait_for(self._call({"op": "close"}), 10)
         self._proc = None
-        if proc.stdin is not None:
-            proc.stdin.close()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
+        await end_child(proc)
 
 
 def _pct(sorted_values: list[float], q: float) -> float:
