@@ -30,6 +30,7 @@ import runpy
 import sys
 import threading
 import time
+from typing import TextIO
 from types import FrameType
 
 IDLE = {("selectors.py", "select"), ("threading.py", "wait"), ("queue.py", "get"), ("threading.py", "_wait_for_tstate_lock"),
@@ -132,21 +133,14 @@ class Sampler:
         with open(path + ".lag", "w") as out:
             out.write(f"loop probes {len(lags)} (every {PROBE_S * 1000:.0f} ms), max lateness "
                       f"{lags[-1] if lags else 0.0:.1f} ms\n")
-            for edge in LAG_EDGES_MS:
-                out.write(f"  late > {edge:3d} ms: {sum(1 for x in lags if x > edge)}\n")
-            out.write(f"\n-- stacks of the loop thread while it was > {STALL_S * 1000:.0f} ms overdue "
-                      f"({sum(self.stalls.values())} samples) --\n")
-            for stack, n in self.stalls.most_common(25):
-                out.write(f"{n:6d} {';'.join(stack[-12:])}\n")
+            _histogram(out, "late", lags)
+            _stacks(out, f"stacks of the loop thread while it was > {STALL_S * 1000:.0f} ms overdue", self.stalls)
             holds = sorted(self.holds_ms)
             out.write(f"\n-- the loop thread's own CPU between two probes (load-independent): max "
                       f"{holds[-1] if holds else 0.0:.1f} ms --\n")
-            for edge in LAG_EDGES_MS:
-                out.write(f"  cpu > {edge:3d} ms: {sum(1 for x in holds if x > edge)}\n")
-            out.write(f"\n-- stacks of the loop thread once it had burned > {HOLD_S * 1000:.0f} ms of CPU "
-                      f"since the last probe ({sum(self.cpu_stalls.values())} samples) --\n")
-            for stack, n in self.cpu_stalls.most_common(25):
-                out.write(f"{n:6d} {';'.join(stack[-12:])}\n")
+            _histogram(out, "cpu", holds)
+            _stacks(out, f"stacks of the loop thread once it had burned > {HOLD_S * 1000:.0f} ms of CPU "
+                    "since the last probe", self.cpu_stalls)
             out.write("\n-- garbage collections (wall ms) --\n")
             for gen, pauses in sorted(self.gc_ms.items()):
                 out.write(f"  generation {gen}: {len(pauses)}, total {sum(pauses):.1f} ms, max {max(pauses):.1f} ms, "
@@ -188,5 +182,17 @@ def main() -> None:
         sys.stderr.write(f"sampler: {time.process_time() - started:.2f} CPU s\n")
 
 
+def _histogram(out: TextIO, what: str, values: list[float]) -> None:
+    for edge in LAG_EDGES_MS:
+        out.write(f"  {what} > {edge:3d} ms: {sum(1 for x in values if x > edge)}\n")
+
+
+def _stacks(out: TextIO, title: str, stacks: collections.Counter[tuple[str, ...]]) -> None:
+    out.write(f"\n-- {title} ({sum(stacks.values())} samples) --\n")
+    for stack, n in stacks.most_common(25):
+        out.write(f"{n:6d} {';'.join(stack[-12:])}\n")
+
+
 if __name__ == "__main__":
     main()
+

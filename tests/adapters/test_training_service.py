@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -24,20 +25,26 @@ from topology import loader
 T0 = 1_800_000_000.0
 
 
-def test_the_service_runs_on_its_typed_parts_and_plans_the_stored_spec(tmp_path: Path) -> None:
-    db = store_db.open_db(tmp_path / "cpn.db")
+def standalone(db: Any, tenant: Any = lambda tid: {"id": tid, "quota_cards": 8}) -> training.TrainingService:
+    """The training service on ``db`` alone, as ``start()`` builds it but with no NATS (no sends)."""
     layout = loader.load_default()
     clock = WallClock()
+    service = training.TrainingService(
+        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
+        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=tenant)
+    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    return service
+
+
+def test_the_service_runs_on_its_typed_parts_and_plans_the_stored_spec(tmp_path: Path) -> None:
+    db = store_db.open_db(tmp_path / "cpn.db")
     asked: list[str] = []
 
     def tenant(tid: str) -> dict[str, object] | None:
         asked.append(tid)
         return {"id": tid, "quota_cards": 8}
 
-    service = training.TrainingService(
-        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
-        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=tenant)
-    service.outbox = CommandOutbox(db, None, clock=clock.time)  # what start() builds (no sends here)
+    service = standalone(db, tenant=tenant)
     try:
         spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0, regions=("north",))
         row, replayed = service.submit("acme", spec, None, "h", T0)
@@ -56,12 +63,7 @@ def test_a_tick_over_an_unchanged_queue_opens_no_write_transaction(tmp_path: Pat
     transaction at all (before, one per 200 waits: on the replicated record each is a read barrier
     and a batch), and the plan is the same."""
     db = store_db.open_db(tmp_path / "cpn.db")
-    layout = loader.load_default()
-    clock = WallClock()
-    service = training.TrainingService(
-        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
-        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
-    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    service = standalone(db)
     begins: list[str] = []
     try:
         spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
@@ -86,12 +88,7 @@ async def test_a_tick_over_a_long_queue_lets_the_loop_run_between_its_steps(tmp_
     the loop (a gateway's requests) runs between them (before, not once until the plan was made),
     and the plan is the one the synchronous tick makes."""
     db = store_db.open_db(tmp_path / "cpn.db")
-    layout = loader.load_default()
-    clock = WallClock()
-    service = training.TrainingService(
-        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
-        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
-    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    service = standalone(db)
     try:
         spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
         with store_db.transaction(db):
@@ -127,14 +124,8 @@ def test_a_tick_after_one_submission_to_a_long_unchanged_queue_plans_that_job_al
     writes, and finds a job another process created (no poke here). Anything else plans the whole
     queue again: a cancellation's poke, a job leaving the queue unseen, a tenant's new quota."""
     db = store_db.open_db(tmp_path / "cpn.db")
-    layout = loader.load_default()
-    clock = WallClock()
     quota = {"acme": 8}
-    service = training.TrainingService(
-        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
-        clock=clock, metrics=HubMetrics(), config=HubConfig(),
-        tenant=lambda tid: {"id": tid, "quota_cards": quota.get(tid)})
-    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    service = standalone(db, tenant=lambda tid: {"id": tid, "quota_cards": quota.get(tid)})
     c = service.counters
     try:
         spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
@@ -182,25 +173,20 @@ def test_a_full_tick_decodes_only_the_rows_that_changed_since_the_last(tmp_path:
     without a new ``updated_at`` (a simulated clock that stands still) is decoded afresh: the
     reuse is keyed on the whole stored row, never on a timestamp."""
     db = store_db.open_db(tmp_path / "cpn.db")
-    layout = loader.load_default()
-    clock = WallClock()
-    service = training.TrainingService(
-        db=lambda: db, bus=None, registry=SiteRegistry(), layout=lambda: layout,  # type: ignore[arg-type]
-        clock=clock, metrics=HubMetrics(), config=HubConfig(), tenant=lambda tid: {"id": tid, "quota_cards": 8})
-    service.outbox = CommandOutbox(db, None, clock=clock.time)
+    service = standalone(db)
     try:
         spec = jobspec.JobSpec(name="ft", cards=16, accelerators=("A800",), est_hours=2.0)
         with store_db.transaction(db):
             ids = [service.submit("acme", spec, None, "h", T0)[0].id for _ in range(600)]
         service.tick(T0 + 1)  # writes every job's reason: every row changed
         service.tick(T0 + 2)  # reads them as changed
-        hits = int(re.search(r"hits=(\d+)", repr(service._decoded)).group(1))  # type: ignore[union-attr]
+        hits = service._decoded.hits
         updated_at = db.conn.execute("SELECT updated_at FROM jobs WHERE id = ?", (ids[7],)).fetchone()[0]
         small = msgspec.json.encode(msgspec.structs.replace(spec, cards=4)).decode()
         with store_db.transaction(db):  # fits the quota now; the same updated_at
             db.conn.execute("UPDATE jobs SET spec = ?, cards = 4 WHERE id = ?", (small, ids[7]))
         plan = service.tick(T0 + 3)
-        assert int(re.search(r"hits=(\d+)", repr(service._decoded)).group(1)) == hits + 599  # type: ignore[union-attr]
+        assert service._decoded.hits == hits + 599
         assert plan is not None and [i.job_id for i in plan.infeasible] == [ids[7]]  # no pools here: infeasible
         assert {w.job_id for w in plan.wait} == set(ids) - {ids[7]}  # the others wait for the quota as they did
         assert db.conn.execute("SELECT updated_at FROM jobs WHERE id = ?", (ids[7],)).fetchone()[0] != updated_at
