@@ -9,15 +9,15 @@ whatever the umask (SQLite gives the -wal and -shm files the database file's mod
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import sqlite_utils
 
 from controlplane.core.errors import StoreError
 from controlplane.store.migrations import MIGRATIONS, Migration
+from controlplane.store.txn import transaction as transaction  # re-exported: the stores' one transaction
 from edge_agent import private_files
 from controlplane.store.market import billing as market_billing
 
@@ -25,19 +25,6 @@ T = TypeVar("T")
 
 Database = sqlite_utils.Database
 """The record's connection, as the layers above name it (only the store imports SQLite)."""
-
-
-class WriteHook(Protocol):
-    """What a database's ``write_hook`` does around each outermost :func:`transaction` (the
-    replicated record's projection, ``store/replica.py``): raising in ``before_commit`` rolls back."""
-
-    def before_begin(self) -> None: ...
-
-    def before_commit(self) -> None: ...
-
-    def after_commit(self) -> None: ...
-
-    def after_rollback(self) -> None: ...
 
 
 def open_db(path: Path | str, *, factory: Any = sqlite_utils.Database) -> sqlite_utils.Database:
@@ -102,42 +89,6 @@ def run_migration(conn: sqlite3.Connection, migration: Migration) -> None:
 def _statements(sql: str) -> list[str]:
     # Our migrations hold no semicolons inside literals or triggers, so a split is exact.
     return [s.strip() for s in sql.split(";") if s.strip()]
-
-
-@contextmanager
-def transaction(db: sqlite_utils.Database, *, local: bool = False) -> Iterator[sqlite_utils.Database]:
-    """One atomic, durable transaction: ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error).
-
-    The connection runs in autocommit mode (``isolation_level=None``), so ``with db.conn:`` alone
-    does *not* group statements; use this for anything that writes more than one row. Nested use
-    joins the outer transaction.
-
-    A database with a ``write_hook`` (the replicated record) runs it around the outermost
-    transaction: its ``before_commit`` publishes the rows to the record and may raise, which rolls
-    the transaction back. ``local``: the transaction reads and writes local-only tables (the
-    outbox, sites): it skips the record's read barrier, which could hold the loop while the record
-    elects a leader.
-    """
-    conn = db.conn
-    if conn.in_transaction:
-        yield db
-        return
-    hook: WriteHook | None = getattr(db, "write_hook", None)
-    if hook is not None and not local:
-        hook.before_begin()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-        if hook is not None:
-            hook.before_commit()
-    except BaseException:
-        conn.execute("ROLLBACK")
-        if hook is not None:
-            hook.after_rollback()
-        raise
-    conn.execute("COMMIT")
-    if hook is not None:
-        hook.after_commit()
 
 
 async def write(db: sqlite_utils.Database, fn: Callable[[sqlite_utils.Database], T], *, fenced: bool = True,

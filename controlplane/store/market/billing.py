@@ -25,7 +25,8 @@ import sqlite_utils
 from controlplane.market import budgets as budget_rules
 from controlplane.market import postings, reconcile
 from controlplane.store.market import records
-from controlplane.store.market.db import apply_migration, transaction
+from controlplane.store.market.db import apply_migration
+from controlplane.store.txn import transaction
 
 MIGRATION_ID = "0042_market_billing"
 MIGRATION: tuple[str, ...] = (

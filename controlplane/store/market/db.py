@@ -1,42 +1,11 @@
-"""Shared by the market's stores: one transaction, and applying a migration once."""
+"""Shared by the market's stores: applying a migration once (their transaction is ``store/txn.py``'s)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import sqlite_utils
-
-
-@contextmanager
-def transaction(db: sqlite_utils.Database) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on error; joins an outer transaction.
-
-    Same contract as ``controlplane.store.db.transaction``, its database's ``write_hook`` included
-    (the replicated record publishes the market's rows before SQLite commits). A copy, not an
-    import: ``store/db.py`` installs the market's tables, so importing it here would be a cycle.
-    """
-    conn = db.conn
-    if conn.in_transaction:
-        yield
-        return
-    hook = getattr(db, "write_hook", None)
-    if hook is not None:
-        hook.before_begin()
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        if hook is not None:
-            hook.before_commit()
-    except BaseException:
-        conn.execute("ROLLBACK")
-        if hook is not None:
-            hook.after_rollback()
-        raise
-    conn.execute("COMMIT")
-    if hook is not None:
-        hook.after_commit()
 
 
 def apply_migration(db: sqlite_utils.Database, migration_id: str, statements: Sequence[str]) -> bool:

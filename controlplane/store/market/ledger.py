@@ -34,7 +34,8 @@ import msgspec
 import sqlite_utils
 
 from controlplane.market import ledger, postings
-from controlplane.store.market.db import apply_migration, transaction
+from controlplane.store.market.db import apply_migration
+from controlplane.store.txn import transaction
 
 MIGRATION_ID = "0040_market_ledger"
 _ENTRIES = (

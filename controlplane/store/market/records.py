@@ -21,7 +21,8 @@ import sqlite_utils
 
 from controlplane.market import budgets, catalogue, offers, quotes
 from controlplane.store.market import ledger as ledger_store
-from controlplane.store.market.db import apply_migration, transaction
+from controlplane.store.market.db import apply_migration
+from controlplane.store.txn import transaction
 
 MIGRATION_ID = "0041_market_records"
 MIGRATION: tuple[str, ...] = (
