@@ -14,6 +14,7 @@ from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from tests.support.fakehub import FakeHub, agent_config, running, wait_for
 from tests.support.localllm import LocalServer, local_llm  # noqa: F401  (fixture)
+from tests.support.timers import timers_armed
 from tests.support.waiting import until
 
 
@@ -166,22 +167,12 @@ async def test_slow_requests_served_with_no_task_share_one_acknowledgement_timer
     # A request whose acknowledgement is due before one already queued (a shorter delay) goes the
     # task's way, so it is not held back to the queued one's time.
     loop = asyncio.get_running_loop()
-    armed: list[str] = []
-    original = loop.call_at  # asyncio's call_later goes through call_at
-
-    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
-        owner = getattr(callback, "__qualname__", "")
-        if owner.startswith(("_Watch.", "InferenceService.")):
-            armed.append(owner)
-        return original(when, callback, *args, **kwargs)
-
     async with FakeHub(nats_server.url) as hub, running(_config(nats_server.url, local_llm.url)) as agent:
         local_llm.delay_s = 0.3  # six at once: six kept-alive connections
         warm = await asyncio.gather(*(hub.infer("edge-a", _chat(f"w{i}")) for i in range(6)))
         assert all(isinstance(got, wire.InferResult) for got in warm)
         assert agent.backend._pool.opened == 6  # type: ignore[attr-defined]
-        loop.call_at = counting  # type: ignore[method-assign]
-        try:
+        with timers_armed(owners=("_Watch.", "InferenceService.")) as armed:
             with infer_tasks() as tasks:
                 sent = loop.time()
                 got_all = await asyncio.gather(*(hub.infer_stream("edge-a", _chat(f"s{i}", ack=True, ack_after_ms=50.0))
@@ -205,5 +196,3 @@ async def test_slow_requests_served_with_no_task_share_one_acknowledgement_timer
                 assert isinstance(late_ack, wire.InferAccepted) and late_acked_at - sent >= 0.24
                 assert isinstance(late_end, wire.InferResult)
             assert tasks == ["InferenceService.handle"]  # "soon" (only it) went the task's way
-        finally:
-            del loop.call_at

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
 from tests.support.fakehub import FakeHub, agent_config, running, wait_for
+from tests.support.timers import timers_armed
 
 
 async def test_registers_and_heartbeats_free_cards_and_replicas(nats_server: NatsServer) -> None:
@@ -289,17 +289,7 @@ async def test_a_request_costs_the_inference_service_one_loop_timer_for_its_ack_
     # The acknowledgement's time and the deadline share one timer: armed for the ack, re-armed for
     # the deadline. Fast answers: one timer each (not two); a slow one: ack, then the timeout.
     loop = asyncio.get_running_loop()
-    armed: list[str] = []
-    original = loop.call_at  # asyncio's call_later goes through call_at
-
-    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
-        owner = getattr(callback, "__qualname__", "")
-        if owner.startswith(("_Watch.", "InferenceService.")):
-            armed.append(owner)
-        return original(when, callback, *args, **kwargs)
-
-    loop.call_at = counting  # type: ignore[method-assign]
-    try:
+    with timers_armed(owners=("_Watch.", "InferenceService.")) as armed:
         async with FakeHub(nats_server.url) as hub:
             cfg = agent_config(nats_server.url, backend={"sim": {"ttft_ms": 5.0, "slots": 8}})
             async with running(cfg) as agent:
@@ -326,5 +316,3 @@ async def test_a_request_costs_the_inference_service_one_loop_timer_for_its_ack_
                     stream=True, max_tokens=4))
                 assert [type(m).__name__ for _, m in msgs] == ["InferChunk"] * 4 + ["InferResult"]
                 assert msgs[-1][0] - msgs[0][0] >= 0.2  # the stream did run past the ack's time
-    finally:
-        del loop.call_at

@@ -23,6 +23,7 @@ from edge_agent import wire
 from edge_agent.nats_barrier import barrier
 from tests.support.hubrig import Client, hub_config, running_hub
 from tests.support.rawsite import raw_agent
+from tests.support.timers import timers_armed
 from tests.support.waiting import until
 
 
@@ -160,13 +161,6 @@ async def test_requests_share_one_timer_and_a_silent_site_still_times_out_at_its
     # requests come and go.
     hub, _, _, _, nc = rig
     loop = asyncio.get_running_loop()
-    armed: list[str] = []
-    original = loop.call_at  # asyncio's call_later goes through call_at
-
-    def counting(when, callback, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if getattr(callback, "__module__", "") == "controlplane.nats.bus":
-            armed.append(getattr(callback, "__qualname__", "?"))
-        return original(when, callback, *args, **kwargs)
 
     async def silent(msg):  # type: ignore[no-untyped-def]
         return None
@@ -175,8 +169,7 @@ async def test_requests_share_one_timer_and_a_silent_site_still_times_out_at_its
     await barrier(nc)
     req = wire.InferRequest(request_id="s1", model="m", prompt="hi")
     await hub.bus.infer("hz-edge", req, 5.0)  # the bus's timer armed before counting starts
-    loop.call_at = counting  # type: ignore[method-assign]
-    try:
+    with timers_armed(module="controlplane.nats.bus") as armed:
         for _ in range(20):
             assert (await hub.bus.infer("hz-edge", req, 5.0)).site == "hz-edge"
         assert armed == [], armed  # the old code armed one timer per request
@@ -188,8 +181,6 @@ async def test_requests_share_one_timer_and_a_silent_site_still_times_out_at_its
             await quiet
         assert 0.29 <= loop.time() - started < 1.5
         assert 1 <= len(armed) <= 3, armed  # re-armed for the quiet one's due, then for the next
-    finally:
-        del loop.call_at
     assert not hub.bus._waiting
 
 
@@ -456,13 +447,6 @@ async def test_a_stream_costs_the_hub_one_timer_not_one_per_message_and_still_ti
     # still ends at its idle timeout, counted from its last message.
     hub, _, _, _, nc = rig
     loop = asyncio.get_running_loop()
-    armed: list[str] = []
-    original = loop.call_at  # asyncio's call_later goes through call_at
-
-    def counting(when, callback, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if getattr(callback, "__module__", "") == "controlplane.nats.bus":
-            armed.append(getattr(callback, "__qualname__", "?"))
-        return original(when, callback, *args, **kwargs)
 
     async def drip(msg):  # type: ignore[no-untyped-def]  # five chunks 30 ms apart, then the result
         req = wire.infer_request_decoder.decode(msg.data)
@@ -480,8 +464,7 @@ async def test_a_stream_costs_the_hub_one_timer_not_one_per_message_and_still_ti
     await nc.subscribe(wire.infer_subject("drip"), cb=drip)  # type: ignore[attr-defined]
     await nc.subscribe(wire.infer_subject("stall"), cb=stall)  # type: ignore[attr-defined]
     await barrier(nc)
-    loop.call_at = counting  # type: ignore[method-assign]
-    try:
+    with timers_armed(module="controlplane.nats.bus") as armed:
         got = [m async for m in hub.bus.infer_stream("drip", wire.InferRequest(
             request_id="d1", model="m", prompt="hi", stream=True), 5.0)]
         assert [type(m).__name__ for m in got] == ["InferChunk"] * 5 + ["InferResult"]
@@ -495,8 +478,6 @@ async def test_a_stream_costs_the_hub_one_timer_not_one_per_message_and_still_ti
         with pytest.raises(SiteUnreachable, match="no chunk within 500 ms"):
             await it.__anext__()
         assert 0.45 <= loop.time() - started < 3.0
-    finally:
-        del loop.call_at
     assert not hub.bus._streams
 
 
