@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench import common, cpu, systems, wrk
-from bench.gateway import _load, _median, _spawn, _stop
+from bench.gateway import _load, _median, _spawn
 from controlplane.nats.natsserver import NatsServer
 from topology import loader
 
@@ -98,7 +98,7 @@ async def run(seconds: float = 3.0, rounds: int = 5, conns: int = 4) -> dict[str
                         runs[side].append(res)
             finally:
                 for p in reversed(procs):
-                    await _stop(p)
+                    await systems.stop(p)
         micro = _in_process(db, layout, rounds)
     diffs = [on["hub_cpu_us_per_request"] - off["hub_cpu_us_per_request"] for off, on in zip(runs["off"], runs["on"])]
     out: dict[str, object] = {}

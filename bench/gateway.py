@@ -46,16 +46,6 @@ async def _spawn(*args: str, ready: str, env: dict[str, str] | None = None) -> t
             return proc, line.strip()
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
-
-
 async def _load(url: str, conns: int, seconds: float, key: str | None, body: str, tmp: Path) -> dict[str, float]:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     script = tmp / f"load-{abs(hash((url, body)))}.lua"
@@ -115,7 +105,7 @@ async def run(seconds: float = 3.0, conns_list: tuple[int, ...] = (1, 32), round
                         runs.setdefault(f"hub_c{c}", []).append(await _load(hub_url, c, seconds, key, body, tmp))
             finally:
                 for p in reversed(procs):
-                    await _stop(p)
+                    await systems.stop(p)
     results: dict[str, object] = {}
     for name, rs in runs.items():
         results[name] = {

@@ -83,7 +83,8 @@ async def _spawn(*args: str, env: dict[str, str] | None = None, log: Path | None
             out.close()
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
     if proc.returncode is None:
         proc.terminate()
         try:
@@ -158,7 +159,7 @@ async def mock(chunks: int = 4) -> AsyncIterator[Mock]:
         yield m
     finally:
         for p in procs:
-            await _stop(p)
+            await stop(p)
 
 
 @asynccontextmanager
@@ -193,7 +194,7 @@ async def router(name: str, m: Mock, tmp: Path, policy: str = "round_robin") -> 
             await wait_ready(f"http://127.0.0.1:{port}{CHAT}", READY_BODY, {}, proc, 60, name)
             break
         except BaseException as exc:
-            await _stop(proc)
+            await stop(proc)
             if not isinstance(exc, Unavailable):
                 raise
             with open(log, "rb") as f:
@@ -206,7 +207,7 @@ async def router(name: str, m: Mock, tmp: Path, policy: str = "round_robin") -> 
     try:
         yield System(name, f"http://127.0.0.1:{port}", pids={name: proc.pid})
     finally:
-        await _stop(proc)
+        await stop(proc)
 
 
 @asynccontextmanager
@@ -252,6 +253,6 @@ async def cpn(m: Mock, tmp: Path, *, name: str = "cpn", hub_extra: str = "") -> 
                          headers=headers)
         finally:
             for p in reversed(procs):
-                await _stop(p)
+                await stop(p)
             if "drain" in locals():
                 await drain
