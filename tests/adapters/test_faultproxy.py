@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import nats
 import pytest
@@ -18,19 +17,9 @@ from tests.support.waiting import until
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    srv = NatsServer(tmp_path / "js", port=-1)
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop()
-
-
-@pytest.fixture
-async def echo(server: NatsServer) -> AsyncIterator[Client]:
+async def echo(nats_server: NatsServer) -> AsyncIterator[Client]:
     """A responder connected straight to the server (not through the proxy)."""
-    nc = await nats.connect(server.url)
+    nc = await nats.connect(nats_server.url)
 
     async def on_echo(msg: Msg) -> None:
         await msg.respond(msg.data)
@@ -68,8 +57,8 @@ async def agent_like_client(url: str, ev: Events) -> Client:
     )
 
 
-async def test_pass_and_delay(server: NatsServer, echo: Client) -> None:
-    async with FaultProxy(server.url) as proxy:
+async def test_pass_and_delay(nats_server: NatsServer, echo: Client) -> None:
+    async with FaultProxy(nats_server.url) as proxy:
         nc = await nats.connect(proxy.url, allow_reconnect=False)
         try:
             loop = asyncio.get_running_loop()
@@ -91,8 +80,8 @@ async def test_pass_and_delay(server: NatsServer, echo: Client) -> None:
             await nc.close()
 
 
-async def test_blackhole_is_noticed_by_pings_and_healed_by_reconnect(server: NatsServer, echo: Client) -> None:
-    async with FaultProxy(server.url) as proxy:
+async def test_blackhole_is_noticed_by_pings_and_healed_by_reconnect(nats_server: NatsServer, echo: Client) -> None:
+    async with FaultProxy(nats_server.url) as proxy:
         ev = Events()
         nc = await agent_like_client(proxy.url, ev)
         try:
@@ -112,8 +101,8 @@ async def test_blackhole_is_noticed_by_pings_and_healed_by_reconnect(server: Nat
             await nc.close()
 
 
-async def test_reset_drops_connections_and_refuses_until_switched_back(server: NatsServer, echo: Client) -> None:
-    async with FaultProxy(server.url) as proxy:
+async def test_reset_drops_connections_and_refuses_until_switched_back(nats_server: NatsServer, echo: Client) -> None:
+    async with FaultProxy(nats_server.url) as proxy:
         ev = Events()
         nc = await agent_like_client(proxy.url, ev)
         try:
@@ -130,8 +119,8 @@ async def test_reset_drops_connections_and_refuses_until_switched_back(server: N
             await nc.close()
 
 
-async def test_close_with_open_links_leaves_nothing_behind(server: NatsServer) -> None:
-    proxy = FaultProxy(server.url)
+async def test_close_with_open_links_leaves_nothing_behind(nats_server: NatsServer) -> None:
+    proxy = FaultProxy(nats_server.url)
     await proxy.start()
     nc = await nats.connect(proxy.url, allow_reconnect=False)
     proxy.set_blackhole()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
+from contextlib import asynccontextmanager
 
 import nats
 import pytest
@@ -15,16 +15,6 @@ from nats.aio.msg import Msg
 from controlplane.nats.natsserver import NatsServer
 from controlplane.tools.proxyhost import ProxyHost, ProxyHostError
 from edge_agent.nats_barrier import barrier
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    srv = NatsServer(tmp_path / "js", port=-1)
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop()
 
 
 @pytest.fixture
@@ -38,15 +28,15 @@ async def host() -> AsyncIterator[ProxyHost]:
 
 
 @pytest.mark.timeout(60)
-async def test_a_child_proxy_forwards_delays_and_blackholes(server: NatsServer, host: ProxyHost) -> None:
-    echo = await nats.connect(server.url)
+async def test_a_child_proxy_forwards_delays_and_blackholes(nats_server: NatsServer, host: ProxyHost) -> None:
+    echo = await nats.connect(nats_server.url)
 
     async def on_echo(msg: Msg) -> None:
         await msg.respond(msg.data)
 
     await echo.subscribe("echo", cb=on_echo)
     await barrier(echo)
-    pid, port = await host.add(server.url)
+    pid, port = await host.add(nats_server.url)
     nc = await nats.connect(f"nats://127.0.0.1:{port}", max_reconnect_attempts=0)
     try:
         assert (await nc.request("echo", b"a", timeout=5)).data == b"a"
@@ -63,29 +53,27 @@ async def test_a_child_proxy_forwards_delays_and_blackholes(server: NatsServer, 
 
 
 @pytest.mark.timeout(30)
-async def test_bad_commands_are_refused_by_name_and_the_host_goes_on(server: NatsServer, host: ProxyHost) -> None:
+async def test_bad_commands_are_refused_by_name_and_the_host_goes_on(nats_server: NatsServer, host: ProxyHost) -> None:
     with pytest.raises(ProxyHostError, match="needs a host and a port"):
         await host.add("nats://nowhere")
     with pytest.raises(ProxyHostError, match="mode 'sideways'"):
-        pid, _ = await host.add(server.url)
+        pid, _ = await host.add(nats_server.url)
         await host.set_mode([pid], "sideways")
     with pytest.raises(ProxyHostError, match="delay ms must be >= 0"):
         await host.set_mode([0], "delay", -1.0)
-    pid, port = await host.add(server.url)
+    pid, port = await host.add(nats_server.url)
     assert port > 0
     await host.remove([pid])  # closed: its port refuses, its id is not reused
     with pytest.raises(ConnectionRefusedError):
         await asyncio.open_connection("127.0.0.1", port)
     with pytest.raises(ProxyHostError, match=f"proxy {pid} was removed"):
         await host.set_mode([pid], "pass")
-    assert (await host.add(server.url))[0] == pid + 1
+    assert (await host.add(nats_server.url))[0] == pid + 1
 
 
-@pytest.mark.timeout(60)
-async def test_a_sub_millisecond_delay_is_kept_to_a_fraction_of_a_millisecond(host: ProxyHost) -> None:
-    """A 0.25 ms delay each way leaves on time, not a millisecond late: on asyncio's default loop the
-    child's timers waited in whole milliseconds (epoll), so every delayed chunk left >= 0.75 ms late
-    and `cpn bench regions` measured ~4 ms per request that was the proxies' own."""
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[str]:
+    """A TCP server on loopback that sends back what it reads; yields it as a proxy's upstream URL."""
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
@@ -95,7 +83,19 @@ async def test_a_sub_millisecond_delay_is_kept_to_a_fraction_of_a_millisecond(ho
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
     try:
-        pid, port = await host.add(f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        yield f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.timeout(60)
+async def test_a_sub_millisecond_delay_is_kept_to_a_fraction_of_a_millisecond(host: ProxyHost) -> None:
+    """A 0.25 ms delay each way leaves on time, not a millisecond late: on asyncio's default loop the
+    child's timers waited in whole milliseconds (epoll), so every delayed chunk left >= 0.75 ms late
+    and `cpn bench regions` measured ~4 ms per request that was the proxies' own."""
+    async with echo_server() as upstream:
+        pid, port = await host.add(upstream)
         await host.set_mode([pid], "delay", 0.25)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for i in range(50):  # one chunk each way at a time: nothing else wakes the child's loop
@@ -105,24 +105,12 @@ async def test_a_sub_millisecond_delay_is_kept_to_a_fraction_of_a_millisecond(ho
         stats = await host.stats()
         assert stats["delayed"] >= 100
         assert stats["late_ms_p50"] < 0.5, stats
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.timeout(60)
 async def test_lateness_is_told_per_proxy_too(host: ProxyHost) -> None:
     """`cpn bench regions` reads how late each origin's own tenant-leg proxy was, not only the run's."""
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    try:
-        upstream = f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with echo_server() as upstream:
         used, port = await host.add(upstream)
         idle, _ = await host.add(upstream)
         await host.set_mode([used, idle], "delay", 0.25)
@@ -137,6 +125,3 @@ async def test_lateness_is_told_per_proxy_too(host: ProxyHost) -> None:
         await host.remove([idle])
         with pytest.raises(ProxyHostError, match=f"proxy {idle} was removed"):
             await host.stats([idle])
-    finally:
-        server.close()
-        await server.wait_closed()
