@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import msgspec
 
 from controlplane.nats import natsconf, natsregions
 from controlplane.nats.natsserver import NatsServer, _in_child
-from controlplane.tools.upregions import _secret, free_port, wait_meta_leader
+from controlplane.tools.upregions import _secret, free_port, plan_nodes, wait_meta_leader
 from edge_agent import private_files
 from topology import layout as topo_layout
 from topology import loader
@@ -51,27 +50,6 @@ REGION = "cpn"
 """The cluster's name (one region of :func:`natsregions.supercluster_configs`: a plain 3-node cluster)."""
 _LISTENING = re.compile(r"listening on (https?)://([^:\s]+):(\d+)")
 _ADMIN = "admin key: "
-
-
-def plan_nodes(host: str, n: int = 3) -> list[natsregions.Node]:
-    """``node-1`` .. ``node-n`` on ``host``, every port picked free now (each held until all are
-    picked, so none is given twice; routes cannot take port 0: each node names the others')."""
-    held: list[socket.socket] = []
-
-    def port() -> int:
-        s = socket.socket()
-        s.bind((host, 0))
-        held.append(s)
-        return int(s.getsockname()[1])
-
-    try:
-        return [natsregions.Node(name=f"node-{k}", host=host, listen_host=host, client_port=port(),
-                                 cluster_port=port(), leafnode_port=port(), gateway_port=port(),
-                                 monitor=f"{host}:{port()}", store_dir="")
-                for k in range(1, n + 1)]
-    finally:
-        for s in held:
-            s.close()
 
 
 @dataclass
@@ -217,7 +195,7 @@ class HaNetwork:
         private_files.private_dir(data)
         private_files.tighten_tree(data)
         self.layout = loader.load(opts.layout) if opts.layout else loader.load_default()
-        self.nodes = plan_nodes(opts.host)
+        self.nodes = plan_nodes(opts.host, ["node-1", "node-2", "node-3"])
         creds = natsconf.derive_credentials([s.id for s in self.layout.sites], _secret(data))
         # With --tls-cert the gateways serve HTTPS, likely with a self-signed certificate: these calls
         # go to our own children on loopback, so their certificate is not checked here.

@@ -133,8 +133,20 @@ def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "12
                 return topo_layout.great_circle_km(at.lat, at.lon, s.lat, s.lon), site_id
 
             by_region[region.id] = sorted(by_region[region.id], key=km)[:max_sites]
+    counts = [HOME_NODES if i == 0 else 1 for i in range(len(kept))]
+    nodes = iter(plan_nodes(host, [f"{r.id}-node-{k}" for r, count in zip(kept, counts) for k in range(1, count + 1)]))
     plans = []
-    held: list[socket.socket] = []  # every port stays bound until all are picked: no port twice
+    for region, count in zip(kept, counts):
+        city = region.gateways[0] if region.gateways else region.cluster
+        plans.append(RegionPlan(id=region.id, gateway_city=city, sites=tuple(by_region[region.id]),
+                                nodes=tuple(next(nodes) for _ in range(count))))
+    return plans
+
+
+def plan_nodes(host: str, names: list[str]) -> list[natsregions.Node]:
+    """A node of each name on ``host``, every port picked free now (each held until all are picked,
+    so none is given twice; routes cannot take port 0: each node names the others')."""
+    held: list[socket.socket] = []
 
     def port() -> int:
         s = socket.socket()
@@ -143,20 +155,12 @@ def plan_regions(layout: topo_layout.Layout, n: int, data: Path, host: str = "12
         return int(s.getsockname()[1])
 
     try:
-        for i, region in enumerate(kept):
-            count = HOME_NODES if i == 0 else 1
-            nodes = tuple(
-                natsregions.Node(
-                    name=f"{region.id}-node-{k}", host=host, listen_host=host, client_port=port(),
-                    cluster_port=port(), leafnode_port=port(), gateway_port=port(),
-                    monitor=f"{host}:{port()}", store_dir="")
-                for k in range(1, count + 1))
-            city = region.gateways[0] if region.gateways else region.cluster
-            plans.append(RegionPlan(id=region.id, gateway_city=city, sites=tuple(by_region[region.id]), nodes=nodes))
+        return [natsregions.Node(name=name, host=host, listen_host=host, client_port=port(), cluster_port=port(),
+                                 leafnode_port=port(), gateway_port=port(), monitor=f"{host}:{port()}", store_dir="")
+                for name in names]
     finally:
         for s in held:
             s.close()
-    return plans
 
 
 def _nearest_region(layout: topo_layout.Layout, kept: list[topo_layout.Region], site: topo_layout.Site) -> str:
