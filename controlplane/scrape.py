@@ -49,6 +49,8 @@ class _NoElection:
 
 _NO_ELECTION = _NoElection()
 
+QUORUM_HELP = "0 while writes to the replicated record are being refused (no quorum)"
+
 
 class LeadershipState(Collector):
     """The controller election as seen by this process (``services/leadership.py``, the elector of
@@ -73,14 +75,10 @@ class LeadershipState(Collector):
         e = self.elector()
         if e is None:  # never campaigned (a single hub, a gateway): nothing happened, all 0
             e = _NO_ELECTION
-        early = CounterMetricFamily("cpn_leader_early_takeovers",
-                                    "Leads this process took before the holder's lease ran out (the holder was silent)")
-        early.add_metric([], e.early_takeovers)
-        yield early
-        rides = CounterMetricFamily("cpn_leader_rideouts",
-                                    "Renewals that landed only after holder_silent_s: commands held back, then decided again")
-        rides.add_metric([], e.rode_out)
-        yield rides
+        yield CounterMetricFamily("cpn_leader_early_takeovers", "Leads this process took before the holder's lease ran "
+                                  "out (the holder was silent)", value=e.early_takeovers)
+        yield CounterMetricFamily("cpn_leader_rideouts", "Renewals that landed only after holder_silent_s: commands held "
+                                  "back, then decided again", value=e.rode_out)
         changes = CounterMetricFamily("cpn_leadership_changes", "This process's leadership changes, by change and reason",
                                       labels=["change", "reason"])
         changes.add_metric(["acquired", "early"], e.early_takeovers)
@@ -88,10 +86,8 @@ class LeadershipState(Collector):
         for reason in ("deadline", "taken", "released", "stopped", "other"):
             changes.add_metric(["lost", reason], e.losses.get(reason, 0))
         yield changes
-        resent = CounterMetricFamily("cpn_leader_renewals_resent",
-                                     "Lease renewals sent again through another NATS server (the first one's did not answer)")
-        resent.add_metric([], e.reconnects)
-        yield resent
+        yield CounterMetricFamily("cpn_leader_renewals_resent", "Lease renewals sent again through another NATS server "
+                                  "(the first one's did not answer)", value=e.reconnects)
 
 
 class HubState(Collector):
@@ -136,24 +132,18 @@ class HubState(Collector):
         if self.store.is_open and isinstance(self.store.db, ReplicatedDatabase) and self.store.db.write_hook is not None:
             yield from self._replicated(self.store.db.write_hook)
         else:  # SQLite alone refuses no write for want of a quorum (the alert's family exists everywhere)
-            quorum = GaugeMetricFamily("cpn_record_quorum", "0 while writes to the replicated record are being refused (no quorum)")
-            quorum.add_metric([], 1)
-            yield quorum
-        errors = CounterMetricFamily("cpn_scrape_errors", "Groups of hub-state metrics that could not be read at a scrape")
-        errors.add_metric([], self.errors)
-        yield errors
+            yield GaugeMetricFamily("cpn_record_quorum", QUORUM_HELP, value=1)
+        yield CounterMetricFamily("cpn_scrape_errors", "Groups of hub-state metrics that could not be read at a scrape",
+                                  value=self.errors)
 
     def _process(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("cpn_hub_info", "This process: hub id and role (hub = gateway and controller)",
                                  labels=["hub", "role"])
         info.add_metric([self.config.hub_id, self.role], 1)
         yield info
-        leader = GaugeMetricFamily("cpn_leader", "1 when this process leads the controllers (a single hub always does)")
-        leader.add_metric([], 1 if self.is_leader() else 0)
-        yield leader
-        ready = GaugeMetricFamily("cpn_ready", "1 when /readyz answers 200")
-        ready.add_metric([], 1 if self.readiness.ready() else 0)
-        yield ready
+        yield GaugeMetricFamily("cpn_leader", "1 when this process leads the controllers (a single hub always does)",
+                                value=1 if self.is_leader() else 0)
+        yield GaugeMetricFamily("cpn_ready", "1 when /readyz answers 200", value=1 if self.readiness.ready() else 0)
 
     def _bus(self) -> Iterator[Metric]:
         s = self.bus.stats
@@ -174,16 +164,12 @@ class HubState(Collector):
         for (kind, reason), n in sorted(getattr(s, "dropped", {}).items()):
             dropped.add_metric([kind, reason], n)
         yield dropped
-        violations = CounterMetricFamily("cpn_nats_permission_violations",
-                                         "Permission violations reported by the NATS server (a site publishing where it may not)")
-        violations.add_metric([], self.permission_violations())
-        yield violations
-        connected = GaugeMetricFamily("cpn_nats_connected", "1 while the hub's NATS connection is up")
-        connected.add_metric([], 1 if self.bus.connected else 0)
-        yield connected
-        failovers = CounterMetricFamily("cpn_inference_failovers", "Inference requests moved to another site after one failed")
-        failovers.add_metric([], self.inference.failovers)
-        yield failovers
+        yield CounterMetricFamily("cpn_nats_permission_violations", "Permission violations reported by the NATS server "
+                                  "(a site publishing where it may not)", value=self.permission_violations())
+        yield GaugeMetricFamily("cpn_nats_connected", "1 while the hub's NATS connection is up",
+                                value=1 if self.bus.connected else 0)
+        yield CounterMetricFamily("cpn_inference_failovers", "Inference requests moved to another site after one failed",
+                                  value=self.inference.failovers)
 
     def _sites(self) -> Iterator[Metric]:
         now = self.clock.time()
@@ -219,41 +205,28 @@ class HubState(Collector):
     def _replicated(self, replica: Replica) -> Iterator[Metric]:
         """The replicated record under the store (``record = "nats"``, controlplane/store/replica.py)."""
         bridge = replica.bridge
-        for name, text, value in (
-            ("cpn_record_rows_published", "Rows this process wrote to the replicated record (acknowledged by a quorum)",
-             replica.published),
-            ("cpn_record_rows_applied", "Rows from the replicated record applied to this process's SQLite projection",
-             replica.applied),
-            ("cpn_record_conflicts", "Write transactions refused because another process wrote their rows first (409)",
-             replica.conflicts),
-            ("cpn_record_no_quorum", "Write transactions refused without a quorum of the record (503)", replica.no_quorum),
-        ):
-            family = CounterMetricFamily(name, text)
-            family.add_metric([], value)
-            yield family
-        quorum = GaugeMetricFamily("cpn_record_quorum", "0 while writes to the replicated record are being refused (no quorum)")
-        quorum.add_metric([], 0 if getattr(bridge, "degraded_since", None) is not None else 1)
-        yield quorum
-        revision = GaugeMetricFamily("cpn_record_revision", "The last revision of the replicated record this process applied")
-        revision.add_metric([], getattr(bridge, "revision", 0))
-        yield revision
-        in_flight = GaugeMetricFamily("cpn_record_writes_in_flight",
-                                      "Pipelined write transactions of this process awaiting the record's quorum")
-        in_flight.add_metric([], replica.in_flight)
-        yield in_flight
-        waits = CounterMetricFamily("cpn_record_write_waits",
-                                    "Pipelined writes that ran again after a batch in flight with one of their keys")
-        waits.add_metric([], replica.write_waits)
-        yield waits
+        yield CounterMetricFamily("cpn_record_rows_published", "Rows this process wrote to the replicated record "
+                                  "(acknowledged by a quorum)", value=replica.published)
+        yield CounterMetricFamily("cpn_record_rows_applied", "Rows from the replicated record applied to this process's "
+                                  "SQLite projection", value=replica.applied)
+        yield CounterMetricFamily("cpn_record_conflicts", "Write transactions refused because another process wrote "
+                                  "their rows first (409)", value=replica.conflicts)
+        yield CounterMetricFamily("cpn_record_no_quorum", "Write transactions refused without a quorum of the record (503)",
+                                  value=replica.no_quorum)
+        yield GaugeMetricFamily("cpn_record_quorum", QUORUM_HELP,
+                                value=0 if getattr(bridge, "degraded_since", None) is not None else 1)
+        yield GaugeMetricFamily("cpn_record_revision", "The last revision of the replicated record this process applied",
+                                value=getattr(bridge, "revision", 0))
+        yield GaugeMetricFamily("cpn_record_writes_in_flight", "Pipelined write transactions of this process awaiting "
+                                "the record's quorum", value=replica.in_flight)
+        yield CounterMetricFamily("cpn_record_write_waits", "Pipelined writes that ran again after a batch in flight "
+                                  "with one of their keys", value=replica.write_waits)
         projection = getattr(bridge, "projection", None)
-        for name, text, attr in (
-            ("cpn_record_projection_fills", "Checks that found this process's projection missing writes its watch had "
-             "not delivered, read from the record instead", "fills"),
-            ("cpn_record_watch_restarts", "Watches of the record started again after they went silent", "restarts"),
-        ):
-            family = CounterMetricFamily(name, text)
-            family.add_metric([], getattr(projection, attr, 0))
-            yield family
+        yield CounterMetricFamily("cpn_record_projection_fills", "Checks that found this process's projection missing "
+                                  "writes its watch had not delivered, read from the record instead",
+                                  value=getattr(projection, "fills", 0))
+        yield CounterMetricFamily("cpn_record_watch_restarts", "Watches of the record started again after they went "
+                                  "silent", value=getattr(projection, "restarts", 0))
 
     def _record(self) -> Iterator[Metric]:
         snap = store_stats.snapshot(self.store.db, now=self.clock.time())
@@ -261,16 +234,12 @@ class HubState(Collector):
         for state in store_stats.JOB_STATES:
             jobs.add_metric([state], snap.jobs.get(state, 0))
         yield jobs
-        wait = GaugeMetricFamily("cpn_job_queue_oldest_seconds", "How long the oldest queued job has waited (0: none queued)")
-        wait.add_metric([], snap.oldest_queued_s)
-        yield wait
-        queued_cards = GaugeMetricFamily("cpn_job_queue_cards", "Cards asked for by queued jobs")
-        queued_cards.add_metric([], snap.queued_cards)
-        yield queued_cards
+        yield GaugeMetricFamily("cpn_job_queue_oldest_seconds", "How long the oldest queued job has waited (0: none queued)",
+                                value=snap.oldest_queued_s)
+        yield GaugeMetricFamily("cpn_job_queue_cards", "Cards asked for by queued jobs", value=snap.queued_cards)
         # Prometheus' base unit is the second: card-seconds (divide by 3600 for card-hours).
-        card_seconds = CounterMetricFamily("cpn_training_card_seconds", "Card-seconds of training recorded on jobs")
-        card_seconds.add_metric([], snap.card_hours * 3600.0)
-        yield card_seconds
+        yield CounterMetricFamily("cpn_training_card_seconds", "Card-seconds of training recorded on jobs",
+                                  value=snap.card_hours * 3600.0)
         deployments = GaugeMetricFamily("cpn_deployments", "Deployments by state", labels=["state"])
         for state in store_stats.DEPLOYMENT_STATES:
             deployments.add_metric([state], snap.deployments.get(state, 0))
