@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.request
 from pathlib import Path
 
-from tests.support.cpnup import banner, children_of, cpn_up, stops_cleanly
+from tests.support.cpnup import banner, call, children_of, cpn_up, stops_cleanly
 from tests.support.waiting import until_blocking
 from topology import loader
-
-
-def http(method: str, url: str, key: str | None = None, body: dict | None = None) -> tuple[int, dict, dict]:  # type: ignore[type-arg]
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return resp.status, json.loads(resp.read()), dict(resp.headers)
 
 
 def test_cpn_up_serves_the_printed_curl_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
@@ -35,18 +25,14 @@ def test_cpn_up_serves_the_printed_curl_and_stops_cleanly_on_sigterm(tmp_path: P
         assert set(creds) == {"admin_key", "tenant_key"}
         assert (data / "demo-credentials.json").stat().st_mode & 0o077 == 0
 
-        status, health, _ = http("GET", url + "/healthz")
+        status, health, _ = call("GET", url + "/healthz")
         assert status == 200 and health["sites"]["up"] >= 40
         answer: list[object] = []
 
         def answered() -> bool:  # the demo model loads on the edge pools (sim load time 1 s)
-            try:
-                answer[:] = http("POST", url + "/v1/chat/completions", creds["tenant_key"],
-                                 {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]})
-                return True
-            except urllib.error.HTTPError as exc:
-                answer[:] = [exc.code, exc.read()]
-                return False
+            answer[:] = call("POST", url + "/v1/chat/completions", creds["tenant_key"],
+                             {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]})
+            return answer[0] == 200
 
         until_blocking(answered, 15, "an answer", interval_s=0.2, last=lambda: answer)
         status, body, headers = answer  # type: ignore[misc]

@@ -8,27 +8,13 @@ import json
 import re
 import signal
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from controlplane import cli
-from tests.support.cpnup import banner, children_of, cpn_up, stops_cleanly
+from tests.support.cpnup import banner, call, children_of, cpn_up, stops_cleanly
 from tests.support.hubrig import DEMO3
-
-
-def call(method: str, url: str, key: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
-    req.add_header("Authorization", f"Bearer {key}")
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def test_ha_and_regions_together_are_refused_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,7 +47,7 @@ def test_cpn_up_ha_runs_three_hub_processes_one_leading_and_stops_cleanly_on_sig
         assert len(kids - hub_pids) >= 3, "and so are the three nats-servers"
 
         for hub_id, (url, pid) in gateways.items():
-            status, view = call("GET", url + "/v1/cluster", creds["admin_key"])
+            status, view, _ = call("GET", url + "/v1/cluster", creds["admin_key"])
             assert status == 200, (hub_id, view)
             assert sorted(p["hub_id"] for p in view["processes"]) == ["hub-1", "hub-2", "hub-3"], view
             assert {p["pid"] for p in view["processes"]} == hub_pids, view
@@ -72,7 +58,7 @@ def test_cpn_up_ha_runs_three_hub_processes_one_leading_and_stops_cleanly_on_sig
             assert len(view["nats_nodes"]) == 3, view
 
             body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
-            status, answer = call("POST", url + "/v1/chat/completions", creds["tenant_key"], body)
+            status, answer, _ = call("POST", url + "/v1/chat/completions", creds["tenant_key"], body)
             assert status == 200 and answer["choices"][0]["message"]["content"], (hub_id, status, answer)
 
         stops_cleanly(proc, kids, signal.SIGINT, timeout_s=90)

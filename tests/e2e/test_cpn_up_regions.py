@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from controlplane import cli
-from tests.support.cpnup import banner, children_of, cpn_up, stops_cleanly
+from tests.support.cpnup import banner, call, children_of, cpn_up, stops_cleanly
 from topology import loader
 
 
@@ -34,27 +33,18 @@ def gatewayz(port: int) -> dict[str, Any]:
         return data
 
 
-def chat(url: str, key: str, origin: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
-    req = urllib.request.Request(url + "/v1/chat/completions", method="POST", data=json.dumps(body).encode())
-    req.add_header("Authorization", f"Bearer {key}")
-    req.add_header("Content-Type", "application/json")
-    req.add_header("X-CPN-Origin", origin)
-    with urllib.request.urlopen(req, timeout=10) as resp:
-        return resp.status, json.loads(resp.read()), dict(resp.headers)
-
-
 def chat_until_served(url: str, key: str, origin: str, timeout_s: float
                       ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """The demo model's answer to ``origin`` once a site has loaded it (4xx/5xx until then)."""
     deadline = time.monotonic() + timeout_s
+    body = {"model": "demo-chat", "messages": [{"role": "user", "content": "hello"}]}
     while True:
-        try:
-            return chat(url, key, origin)
-        except urllib.error.HTTPError as exc:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{url} {origin}: no answer: {exc.code} {exc.read()!r}") from None
-            time.sleep(0.2)
+        status, answer, headers = call("POST", url + "/v1/chat/completions", key, body, {"X-CPN-Origin": origin})
+        if status == 200:
+            return status, answer, headers
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} {origin}: no answer: {status} {answer!r}")
+        time.sleep(0.2)
 
 
 def test_bad_region_count_is_refused_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,10 +13,9 @@ import signal
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from tests.support.cpnup import call
 from tests.support.waiting import until_blocking
 from topology import loader
 
@@ -28,18 +27,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def call(method: str, url: str, key: str | None = None, body: dict | None = None) -> tuple[int, dict]:  # type: ignore[type-arg]
-    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None)
-    if key:
-        req.add_header("Authorization", f"Bearer {key}")
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def start(data: Path, port: int) -> subprocess.Popen[str]:
@@ -58,7 +45,7 @@ def wait_for_credentials(proc: subprocess.Popen[str], creds: Path, url: str) -> 
             return True
         assert proc.poll() is None, f"cpn up exited: {proc.stderr.read() if proc.stderr else ''}"
         try:
-            status, body = call("GET", url + "/readyz")
+            status, body, _ = call("GET", url + "/readyz")
         except OSError:  # gateway not listening yet
             return False
         seen.append(status)
@@ -98,11 +85,11 @@ def test_credentials_appear_only_when_a_chat_request_is_served_also_after_a_rest
                                interval_s=0.01)
             seen = wait_for_credentials(proc, creds_path, url)
             creds = json.loads(creds_path.read_text())
-            status, body = call("POST", url + "/v1/chat/completions", creds["tenant_key"], CHAT)
+            status, body, _ = call("POST", url + "/v1/chat/completions", creds["tenant_key"], CHAT)
             assert status == 200, (round_, status, body)
             assert body["choices"][0]["message"]["content"]
             assert 503 in seen, (round_, seen)  # not ready was visible (and never a 200 without the file, above)
-            status, body = call("GET", url + "/readyz")
+            status, body, _ = call("GET", url + "/readyz")
             assert status == 200 and body == {"ready": True, "checks": {
                 "store": "ok", "nats": "ok", "layout": "ok"}}, body
             assert call("GET", url + "/healthz")[0] == 200

@@ -1,17 +1,21 @@
-"""``cpn up`` run as a user runs it: a real subprocess, its banner read line by line, and a clean stop
-checked (exit 0, no child process left running). Shared by the ``cpn up`` tests (plain, ``--ha``,
-``--regions``)."""
+"""``cpn up`` run as a user runs it: a real subprocess, its banner read line by line, its gateway called
+as a script would, and a clean stop checked (exit 0, no child process left running). Shared by the
+``cpn up`` tests (plain, ``--ha``, ``--regions``, readiness)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 CPN = [sys.executable, "-m", "controlplane.cli"]
 
@@ -78,3 +82,22 @@ def stops_cleanly(proc: subprocess.Popen[str], kids: set[int], sig: int = signal
         while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not alive(pid), f"child {pid} left running"
+
+
+def call(method: str, url: str, key: str | None = None, body: object = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+    """One JSON request to a gateway: (status, body decoded, headers), a 4xx or 5xx answer included
+    (its body decoded when it is JSON, else the bytes). A gateway not listening raises ``OSError``."""
+    req = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw), dict(exc.headers)
+        except ValueError:
+            return exc.code, raw, dict(exc.headers)
