@@ -51,13 +51,7 @@ def resolve_budget(request: RequestView, explicit: float | None) -> float:
     raw = request.headers.get(BUDGET_HEADER)
     if raw is None:
         return float(request.app[SERVICES].config.default_budget_ms)
-    try:
-        value = float(raw)
-    except ValueError:
-        raise RequestError(f"{BUDGET_HEADER} must be a number of milliseconds, got {raw!r}", field=BUDGET_HEADER) from None
-    if not 0 < value <= 10_000:
-        raise RequestError(f"{BUDGET_HEADER} must be > 0 and <= 10000 ms, got {raw!r}", field=BUDGET_HEADER)
-    return value
+    return _header_ms(BUDGET_HEADER, raw, 10_000)
 
 
 def resolve_policy(request: RequestView, explicit: str | None) -> str:
@@ -78,12 +72,16 @@ def resolve_slo(request: RequestView) -> float | None:
         if raw is None:
             return None
         name = SLO_ALIAS
+    return _header_ms(name, raw, 600_000)
+
+
+def _header_ms(name: str, raw: str, most_ms: int) -> float:
     try:
         value = float(raw)
     except ValueError:
         raise RequestError(f"{name} must be a number of milliseconds, got {raw!r}", field=name) from None
-    if not 0 < value <= 600_000:
-        raise RequestError(f"{name} must be > 0 and <= 600000 ms, got {raw!r}", field=name)
+    if not 0 < value <= most_ms:
+        raise RequestError(f"{name} must be > 0 and <= {most_ms} ms, got {raw!r}", field=name)
     return value
 
 
