@@ -39,13 +39,11 @@ KINDS = ["leader_kill", "gateway_kill", "nats_kill", "nats_pause"]
 
 
 @dataclass
-class HaChaosOptions:
-    seconds: float = 60.0
-    """Length of the fault phase (a first round of every kind runs whatever it is)."""
-    seed: int = 1
+class HaChaosOptions(chaos.ChaosOptions):
+    """:class:`chaos.ChaosOptions` with fewer jobs; ``seconds`` is the length of the fault phase (a
+    first round of every kind runs whatever it is)."""
+
     jobs: int = 6
-    time_scale: float = 600.0
-    data_dir: Path | None = None
 
 
 @dataclass
