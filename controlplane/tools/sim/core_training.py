@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -680,15 +680,21 @@ def capacity_bound(pools: Sequence[placement.Pool], start_s: float, hours: int, 
             for h in range(hours):
                 t = start_s + h * 3600.0
                 slots.append((placement.metered_energy_cny(p, acc, 1, t, t + 3600.0) / units, n * units))
-    slots.sort()
-    left, cost = work_a800_h, 0.0
+    cost, left = _cheapest_first(sorted(slots), work_a800_h)
+    return cost / work_a800_h if left <= 0 < work_a800_h else 0.0
+
+
+def _cheapest_first(slots: Iterable[tuple[float, float]], work: float) -> tuple[float, float]:
+    """The cost of ``work`` put on ``slots`` (price, capacity), sorted cheapest first, and the work
+    they could not hold."""
+    left, cost = work, 0.0
     for price, cap in slots:
         take = min(cap, left)
         cost += take * price
         left -= take
         if left <= 0:
             break
-    return cost / work_a800_h if left <= 0 < work_a800_h else 0.0
+    return cost, left
 
 
 def hourly_floor(pools: Sequence[placement.Pool], start_s: float, hours: int,
@@ -723,13 +729,7 @@ def hourly_floor(pools: Sequence[placement.Pool], start_s: float, hours: int,
                             n * p.units.get(acc, 1.0))
                            for p in pools for acc, n in p.cards_total.items()
                            if n > 0 and p.units.get(acc, 1.0) > 0 and group_of(acc) == g)
-            left = demand[g][h]
-            for price, cap in slots:
-                take = min(cap, left)
-                cost += take * price
-                left -= take
-                if left <= 0:
-                    break
+            cost += _cheapest_first(slots, demand[g][h])[0]
     return cost
 
 
