@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controlplane.tools import up
 from tests.e2e.test_foundation import until
 from tests.support.engines import needs
+from tests.support.hubrig import running_network
 from topology import loader
 
 CHROMIUM = shutil.which("chromium") or "chromium"
@@ -42,9 +42,7 @@ def site_states(dom: str) -> dict[str, str]:
 @needs("chromium", package="chromium")
 @pytest.mark.timeout(180)
 async def test_the_dashboard_shows_the_running_network_and_a_killed_site(tmp_path: Path) -> None:
-    net = up.Network(up.UpOptions(data_dir=tmp_path / "cpn", port=0, nats_port=0, layout=str(loader.data_path("demo-3"))))
-    await net.start()
-    try:
+    async with running_network(tmp_path) as net:
         assert net.hub is not None
         hub = net.hub
         base = f"http://127.0.0.1:{hub.http_port}"
@@ -72,5 +70,3 @@ async def test_the_dashboard_shows_the_running_network_and_a_killed_site(tmp_pat
 
         dom = await dump_dom(f"{base}/dashboard", tmp_path / "profile3")  # no key: a form, no data
         assert site_states(dom) == {} and "Admin key" in dom
-    finally:
-        await net.stop()

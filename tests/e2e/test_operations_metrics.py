@@ -15,9 +15,9 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from controlplane.tools import up
 from tests.e2e.test_foundation import until
 from tests.support.engines import needs
+from tests.support.hubrig import running_network
 from topology import loader
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -38,9 +38,7 @@ def total(got: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, 
 
 @needs("promtool", package="prometheus")
 async def test_live_exposition_passes_promtool_and_counts_what_was_served(tmp_path: Path) -> None:
-    net = up.Network(up.UpOptions(data_dir=tmp_path / "cpn", port=0, nats_port=0, layout=str(loader.data_path("demo-3"))))
-    await net.start()
-    try:
+    async with running_network(tmp_path) as net:
         assert net.hub is not None
         hub = net.hub
         base = f"http://127.0.0.1:{hub.http_port}"
@@ -93,5 +91,3 @@ async def test_live_exposition_passes_promtool_and_counts_what_was_served(tmp_pa
         assert total(got, "cpn_site_up", site=victim.config.site) == 0
         assert total(got, "cpn_site_losses_total") == 1 and total(got, "cpn_site_departures_total") == 0
         assert total(got, "cpn_cards", site=victim.config.site) == 0
-    finally:
-        await net.stop()

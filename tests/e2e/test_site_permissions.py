@@ -8,17 +8,14 @@ from pathlib import Path
 import aiohttp
 import nats
 
-from controlplane.tools import up
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
+from tests.support.hubrig import running_network
 from tests.support.waiting import until
-from topology import loader
 
 
 async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_counts_it(tmp_path: Path) -> None:
-    net = up.Network(up.UpOptions(data_dir=tmp_path / "cpn", port=0, nats_port=0, layout=str(loader.data_path("demo-3"))))
-    await net.start()
-    try:
+    async with running_network(tmp_path) as net:
         assert net.hub is not None and net.nats is not None
         hub = net.hub
         user, password = net.site_credentials["hz-edge"]
@@ -60,14 +57,10 @@ async def test_a_site_cannot_publish_as_another_or_listen_to_all_and_the_hub_cou
                 text = await resp.text()
         value = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("cpn_nats_permission_violations_total "))
         assert value >= 2
-    finally:
-        await net.stop()
 
 
 async def test_a_wrong_password_cannot_connect(tmp_path: Path) -> None:
-    net = up.Network(up.UpOptions(data_dir=tmp_path / "cpn", port=0, nats_port=0, layout=str(loader.data_path("demo-3")), agents=False))
-    await net.start()
-    try:
+    async with running_network(tmp_path, agents=False) as net:
         assert net.nats is not None
         # Speak the protocol by hand (nats-py leaks its socket when auth fails).
         reader, writer = await asyncio.open_connection("127.0.0.1", net.nats.port)
@@ -80,5 +73,3 @@ async def test_a_wrong_password_cannot_connect(tmp_path: Path) -> None:
         finally:
             writer.close()
             await writer.wait_closed()
-    finally:
-        await net.stop()

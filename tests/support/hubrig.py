@@ -1,4 +1,5 @@
-"""Starting a real hub (SQLite file, gateway on port 0, real NATS) for adapter and e2e tests."""
+"""Starting a real hub (SQLite file, gateway on port 0, real NATS) for adapter and e2e tests, or the
+whole demo-3 network as ``cpn up`` runs it in process."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from controlplane.core.clock import Clock
 from controlplane.hub import Hub
 from controlplane.compose import build
 from controlplane.services.record import Services
+from controlplane.tools import up
 from topology import loader
 
 DEMO3 = Path(loader.default_path()).parent / "demo-3.toml"
@@ -81,3 +83,15 @@ class Client:
             except msgspec.DecodeError:
                 payload = text.decode(errors="replace")
             return resp.status, payload, dict(resp.headers)
+
+
+@asynccontextmanager
+async def running_network(tmp_path: Path, **kw: Any) -> AsyncIterator[up.Network]:
+    """``cpn up``'s network of the demo-3 layout in this process (ports 0), started, stopped on exit;
+    ``kw``: more :class:`up.UpOptions` (``agents=False``: no agents)."""
+    net = up.Network(up.UpOptions(data_dir=tmp_path / "cpn", port=0, nats_port=0, layout=str(DEMO3), **kw))
+    await net.start()
+    try:
+        yield net
+    finally:
+        await net.stop()
