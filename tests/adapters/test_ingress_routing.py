@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -27,6 +29,17 @@ NATIONAL = str(loader.default_path())
 
 async def _ask(client: Client, origin: str, **extra: object) -> tuple[int, dict, dict[str, str]]:  # type: ignore[type-arg]
     return await client.call("POST", "/v1/infer", {"model": "m", "input": "hi", "origin": origin, **extra})
+
+
+async def _guangzhou_site(nc: Any, site: str, model: str, on_infer: Callable[[Any], Awaitable[None]]) -> None:
+    """``site`` in Guangzhou played by the bare client ``nc``: it answers inference with ``on_infer``,
+    registers and sends one heartbeat offering ``model``."""
+    from edge_agent import wire
+
+    await nc.subscribe(wire.infer_subject(site), cb=on_infer)
+    await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city="guangzhou")), timeout=2)
+    await nc.publish(wire.heartbeat_subject(site), wire.encode(
+        wire.Heartbeat(site=site, seq=1, models=[wire.ReplicaStatus(model=model, slots=8)])))
 
 
 async def test_a_gateway_in_beijing_reports_and_budgets_the_full_path(tmp_path: Path, nats_server: NatsServer) -> None:
@@ -132,11 +145,7 @@ async def test_the_gateway_states_its_measured_overhead_and_budgets_the_network_
             await msg.respond(wire.encode(wire.InferResult(request_id=req.request_id, site="gz-edge", model=req.model,
                                                             output="ok", completion_tokens=1, service_ms=0.0)))
 
-        await nc.subscribe(wire.infer_subject("gz-edge"), cb=on_infer)
-        await nc.request(wire.register_subject("gz-edge"), wire.encode(wire.Register(site="gz-edge", city="guangzhou")),
-                         timeout=2)
-        await nc.publish(wire.heartbeat_subject("gz-edge"), wire.encode(
-            wire.Heartbeat(site="gz-edge", seq=1, models=[wire.ReplicaStatus(model="m", slots=8)])))
+        await _guangzhou_site(nc, "gz-edge", "m", on_infer)
         await until(lambda: "m" in hub.known_models())
         async with aiohttp.ClientSession() as session:
             tenant = Client(session, f"http://127.0.0.1:{hub.http_port}", key)
@@ -203,11 +212,7 @@ async def test_a_streamed_answer_feeds_the_overhead_estimate_with_cpns_own_time_
                 request_id=req.request_id, site="gz-edge", model=req.model, output="ok", completion_tokens=2,
                 service_ms=70.0)))
 
-        await nc.subscribe(wire.infer_subject("gz-edge"), cb=on_infer)
-        await nc.request(wire.register_subject("gz-edge"), wire.encode(wire.Register(site="gz-edge", city="guangzhou")),
-                         timeout=2)
-        await nc.publish(wire.heartbeat_subject("gz-edge"), wire.encode(
-            wire.Heartbeat(site="gz-edge", seq=1, models=[wire.ReplicaStatus(model="m", slots=8)])))
+        await _guangzhou_site(nc, "gz-edge", "m", on_infer)
         await until(lambda: "m" in hub.known_models())
         estimate = hub.inference.overhead
         async with aiohttp.ClientSession() as session:
@@ -252,11 +257,7 @@ async def test_the_gateways_own_time_starts_when_the_request_is_read_not_when_it
             return on_infer
 
         for model, site in (("m-infer", "gz-edge"), ("m-chat", "gz-hub")):
-            await nc.subscribe(wire.infer_subject(site), cb=site_answering(site))
-            await nc.request(wire.register_subject(site), wire.encode(wire.Register(site=site, city="guangzhou")),
-                             timeout=2)
-            await nc.publish(wire.heartbeat_subject(site), wire.encode(
-                wire.Heartbeat(site=site, seq=1, models=[wire.ReplicaStatus(model=model, slots=8)])))
+            await _guangzhou_site(nc, site, model, site_answering(site))
         await until(lambda: {"m-infer", "m-chat"} <= set(hub.known_models()))
         estimate = hub.inference.overhead
         for path, body in (("/v1/infer", {"model": "m-infer", "input": "hi"}),
