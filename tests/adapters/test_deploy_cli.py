@@ -14,8 +14,9 @@ import pytest
 
 from controlplane import cli
 from controlplane.nats import natsconf
-from controlplane.nats.natsserver import NatsServer, binary
+from controlplane.nats.natsserver import binary
 from edge_agent import wire
+from tests.support.confserver import server_from
 from topology import loader
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,11 +133,7 @@ def test_committed_examples_are_current_and_valid(tmp_path: Path) -> None:
 async def test_embedded_config_runs_with_jetstream_for_the_hub(tmp_path: Path) -> None:
     # What `cpn up` does: the config names no store dir; NatsServer's -js/-sd provide it.
     text, hub, sites = natsconf.embedded_config(["a"], secret=b"s" * 32, jetstream_dir=str(tmp_path / "js"))
-    conf = tmp_path / "embedded.conf"
-    conf.write_text(text)
-    server = NatsServer(tmp_path / "js", port=-1, config=conf)
-    await server.start()
-    try:
+    async with server_from(tmp_path, "embedded", text) as server:
         nc = await nats.connect(server.url, user=hub.user, password=hub.password,
                                 inbox_prefix=wire.HUB_INBOX_PREFIX, allow_reconnect=False)
         site = await nats.connect(server.url, user=sites["a"].user, password=sites["a"].password,
@@ -158,8 +155,6 @@ async def test_embedded_config_runs_with_jetstream_for_the_hub(tmp_path: Path) -
         finally:
             writer.close()
             await writer.wait_closed()
-    finally:
-        await server.stop()
 
 
 def test_three_hub_hosts_example_runs_hubs_on_the_durable_cluster(tmp_path: Path) -> None:

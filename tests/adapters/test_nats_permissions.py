@@ -8,9 +8,8 @@ hub counts what it tried from the server's log. The same holds behind a leaf nod
 from __future__ import annotations
 
 import json
-import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,27 +20,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from controlplane.nats import natsconf
-from controlplane.nats.natsserver import NatsServer
 from controlplane.replicated import kv
 from edge_agent import wire
 from edge_agent.nats_barrier import barrier
+from tests.support.confserver import leaf_port, server_from
 from tests.support.waiting import until
 
 SITES = ["a", "b"]
 CHUNKS = 200
-
-
-@asynccontextmanager
-async def server_from(tmp_path: Path, name: str, text: str, on_line: Callable[[str], None] | None = None) -> AsyncIterator[NatsServer]:
-    conf = tmp_path / f"{name}.conf"
-    conf.write_text(text)
-    # port=-1: nats-server's "random port" (-p 0 means its default, 4222).
-    server = NatsServer(tmp_path / f"{name}-js", port=-1, config=conf, on_line=on_line)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @asynccontextmanager
@@ -283,14 +269,6 @@ async def test_plain_allow_responses_would_cut_a_stream_to_one_message(
         async with connected(server.url, **hub_login(creds)) as hub, connected(server.url, **site_login(creds, "a")) as a:
             await serve_streaming(a, "a", chunks=5)
             assert await stream_from(hub, "a", timeout_s=1.0) == (1, False)
-
-
-def leaf_port(server: NatsServer) -> int:
-    for line in server.tail():
-        m = re.search(r"Listening for leafnode connections on [^ ]+:(\d+)", line)
-        if m:
-            return int(m.group(1))
-    raise AssertionError("the hub server logged no leafnode port")
 
 
 async def test_site_behind_a_leaf_node_has_the_same_limits(tmp_path: Path, creds: natsconf.CredentialSet) -> None:

@@ -11,8 +11,6 @@ import asyncio
 import datetime as dt
 import re
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from edge_agent import config as agent_config
 from edge_agent import wire
 from edge_agent.bus import AgentBus
 from edge_agent.nats_barrier import barrier
+from tests.support.confserver import leaf_port, server_from
 from tests.support.waiting import until
 
 
@@ -49,26 +48,6 @@ def for_test(text: str, store: Path) -> str:
     return text.replace('http: "127.0.0.1:8222"\n', "")
 
 
-@asynccontextmanager
-async def server(tmp_path: Path, name: str, text: str) -> AsyncIterator[NatsServer]:
-    conf = tmp_path / f"{name}.conf"
-    conf.write_text(text)
-    srv = NatsServer(tmp_path / f"{name}-js", port=-1, config=conf)
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        await srv.stop()
-
-
-def leaf_port(srv: NatsServer) -> int:
-    for line in srv.tail():
-        m = re.search(r"Listening for leafnode connections on [^ ]+:(\d+)", line)
-        if m:
-            return int(m.group(1))
-    raise AssertionError("no leafnode port logged")
-
-
 def hub_bus(url: str, out: Path, **tls: Any) -> HubBus:
     hub = creds_of(out, "hub")
     options = {"tls_ca": hub.tls_ca} | tls
@@ -85,7 +64,7 @@ def agent_bus(url: str, out: Path, site: str, **extra: Any) -> AgentBus:
 async def test_hub_and_agent_verify_the_server_and_talk_over_tls(tmp_path: Path, out: Path) -> None:
     text = for_test((out / "single" / "nats-server.conf").read_text(), tmp_path)
     assert "tls: {" in text
-    async with server(tmp_path, "single", text) as srv:
+    async with server_from(tmp_path, "single", text) as srv:
         bus = hub_bus(srv.url, out)
         await bus.connect()
         assert not bus.clustered  # a single server: the hub's default is one event replica
@@ -110,7 +89,7 @@ async def test_a_client_that_cannot_verify_the_server_is_refused(tmp_path: Path,
     text = for_test((out / "single" / "nats-server.conf").read_text(), tmp_path)
     other_ca = tmp_path / "other-ca.pem"
     other_ca.write_bytes(natscerts.make_ca(dt.datetime.now(dt.timezone.utc)).cert)
-    async with server(tmp_path, "single", text) as srv:
+    async with server_from(tmp_path, "single", text) as srv:
         hub = creds_of(out, "hub")
         # No CA: nats-py falls back to the system's CAs, which never signed this server.
         with pytest.raises((ssl.SSLError, nats.errors.NoServersError, OSError)):
@@ -134,14 +113,14 @@ async def test_a_client_that_cannot_verify_the_server_is_refused(tmp_path: Path,
 
 async def test_a_leaf_node_dials_the_hub_over_tls_and_traffic_crosses(tmp_path: Path, out: Path) -> None:
     text = for_test((out / "single" / "nats-server.conf").read_text(), tmp_path)
-    async with server(tmp_path, "hub", text) as hub_srv:
+    async with server_from(tmp_path, "hub", text) as hub_srv:
         c = creds_of(out, "a")
         leaf_text = natsconf.leaf_config(
             "a", [f"nats-leaf://127.0.0.1:{leaf_port(hub_srv)}"],
             natsconf.Credentials(user=c.user, password=c.password, site="a"), listen="127.0.0.1:-1",
             tls=natsconf.tls_files(str(out / "tls"), natsconf.leaf_user("a")))
         assert f"tls://leaf-a:{c.password}@127.0.0.1:" in leaf_text
-        async with server(tmp_path, "leaf-a", leaf_text) as leaf_srv:
+        async with server_from(tmp_path, "leaf-a", leaf_text) as leaf_srv:
             await until(lambda: "Leafnode connection created" in "\n".join(hub_srv.tail()), 10, "TLS leaf link")
             seen: list[wire.Heartbeat] = []
             bus = HubBus(hub_srv.url, user=creds_of(out, "hub").user, password=creds_of(out, "hub").password,
@@ -182,7 +161,7 @@ async def test_a_leaf_node_dials_the_hub_over_tls_and_traffic_crosses(tmp_path: 
 
 async def test_a_leaf_without_a_certificate_of_the_ca_is_refused(tmp_path: Path, out: Path) -> None:
     text = for_test((out / "single" / "nats-server.conf").read_text(), tmp_path)
-    async with server(tmp_path, "hub", text) as hub_srv:
+    async with server_from(tmp_path, "hub", text) as hub_srv:
         c = creds_of(out, "a")
         files = natsconf.tls_files(str(out / "tls"), natsconf.leaf_user("a"))
         # The right password and CA, but no client certificate: the hub's leaf port verifies clients.
@@ -190,7 +169,7 @@ async def test_a_leaf_without_a_certificate_of_the_ca_is_refused(tmp_path: Path,
             "a", [f"nats-leaf://127.0.0.1:{leaf_port(hub_srv)}"],
             natsconf.Credentials(user=c.user, password=c.password, site="a"), listen="127.0.0.1:-1", tls=files)
         leaf_text = re.sub(r'\n\s*cert_file: "[^"]*"\n\s*key_file: "[^"]*"', "", leaf_text)
-        async with server(tmp_path, "leaf-a", leaf_text):
+        async with server_from(tmp_path, "leaf-a", leaf_text):
             await until(lambda: "client didn't provide a certificate" in "\n".join(hub_srv.tail()), 10, "refused leaf")
             await until(lambda: "Leafnode connection closed: TLS Handshake Failure" in "\n".join(hub_srv.tail()), 5, "closed")
 
@@ -250,7 +229,7 @@ async def test_a_leaf_reaches_a_tls_cluster_and_crosses_its_routes(tmp_path: Pat
                 "a", [f"nats-leaf://127.0.0.1:{leaf_port(servers[0])}"],
                 natsconf.Credentials(user=c.user, password=c.password, site="a"), listen="127.0.0.1:-1",
                 tls=natsconf.tls_files(str(out / "tls"), natsconf.leaf_user("a")))
-            async with server(tmp_path, "leaf-a", leaf_text) as leaf_srv:
+            async with server_from(tmp_path, "leaf-a", leaf_text) as leaf_srv:
                 agent = AgentBus(agent_config.from_dict({"site": "a", "nats": leaf_srv.url}))
                 await agent.connect()
                 try:
@@ -280,7 +259,7 @@ async def test_the_record_opens_with_the_hubs_nats_identity_and_tls(tmp_path: Pa
 
     text = for_test((out / "single" / "nats-server.conf").read_text(), tmp_path)
     hub = creds_of(out, "hub")
-    async with server(tmp_path, "single", text) as srv:
+    async with server_from(tmp_path, "single", text) as srv:
         config = HubConfig(record="nats", nats_url=f"nats://127.0.0.1:{srv.port}", nats_user=hub.user,
                            nats_password=hub.password, nats_tls_ca=hub.tls_ca)
         urls, connect = record_connection(config)
