@@ -13,6 +13,7 @@ import pytest
 from controlplane.nats import natsconf
 from controlplane.nats.natsserver import NatsServer
 from edge_agent import wire
+from tests.support.confserver import server_from
 from tests.support.fakehub import FakeHub, agent_config, running
 
 SITE = "perm-site"
@@ -21,16 +22,10 @@ SITE = "perm-site"
 @pytest.fixture
 async def secured(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, natsconf.CredentialSet, list[str]]]:
     creds = natsconf.derive_credentials([SITE], b"s" * 32)
-    conf = tmp_path / "nats.conf"
-    conf.write_text(natsconf.single_server_config(creds, host="127.0.0.1", port=0, store_dir=None,
-                                                  leafnode_port=None, monitor=None))
+    text = natsconf.single_server_config(creds, host="127.0.0.1", port=0, store_dir=None, leafnode_port=None, monitor=None)
     lines: list[str] = []
-    server = NatsServer(tmp_path / "js", config=conf, on_line=lines.append)
-    await server.start()
-    try:
+    async with server_from(tmp_path, "nats", text, lines.append) as server:
         yield server, creds, lines
-    finally:
-        await server.stop()
 
 
 async def test_agent_works_within_its_site_permissions(secured: tuple[NatsServer, natsconf.CredentialSet, list[str]],
