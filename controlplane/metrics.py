@@ -28,11 +28,12 @@ from prometheus_client.utils import floatToGoString
 class _Counts(Collector):
     """Counters kept as ``{label values: count}`` and exported at scrape time."""
 
-    def __init__(self, name: str, doc: str, labels: list[str]) -> None:
+    def __init__(self, name: str, doc: str, labels: list[str], *, registry: CollectorRegistry) -> None:
         self.name = name
         self.doc = doc
         self.labels = labels
         self.counts: dict[tuple[str, ...], int] = {}
+        registry.register(self)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self.name, self.doc, labels=self.labels)
@@ -49,13 +50,15 @@ class _Latency(Collector):
     told) is keyed by its value; several by a tuple of values.
     """
 
-    def __init__(self, name: str, doc: str, bounds: tuple[float, ...], labels: tuple[str, ...] = ("route",)) -> None:
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...], labels: tuple[str, ...] = ("route",), *,
+                 registry: CollectorRegistry) -> None:
         self.name = name
         self.doc = doc
         self.bounds = bounds
         self.labels = labels
         self.by_route: dict[Any, list[float]] = {}
         """label value(s) -> [count per bucket..., count of +Inf, sum of values]"""
+        registry.register(self)
 
     def observe(self, route: Any, value: float) -> None:
         slots = self.by_route.get(route)
@@ -128,14 +131,11 @@ class HubMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.http_requests = _Counts("cpn_http_requests", "HTTP requests by route and status", ["route", "status"])
-        r.register(self.http_requests)
-        self.http_latency = _Latency("cpn_http_request_seconds", "HTTP request latency by route", _LATENCY_BUCKETS)
-        r.register(self.http_latency)
-        self.routes = _Counts("cpn_route_decisions", "Routing decisions by reason", ["reason"])
-        r.register(self.routes)
-        self.infer = _Counts("cpn_inference_requests", "Inference requests by serving site and outcome", ["site", "outcome"])
-        r.register(self.infer)
+        self.http_requests = _Counts("cpn_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.http_latency = _Latency("cpn_http_request_seconds", "HTTP request latency by route", _LATENCY_BUCKETS, registry=r)
+        self.routes = _Counts("cpn_route_decisions", "Routing decisions by reason", ["reason"], registry=r)
+        self.infer = _Counts("cpn_inference_requests", "Inference requests by serving site and outcome",
+                             ["site", "outcome"], registry=r)
         self.sites = Gauge("cpn_sites", "Sites by state", ["state"], registry=r)
         self.leading = Gauge("cpn_controller_leading", "1 while this process leads the controllers (it decides: "
                              "scheduler, deployments, commands to sites), else 0; by the process's role", ["role"],
@@ -149,62 +149,53 @@ class HubMetrics:
         self.tenants = Bounded()
         self.models = Bounded()
         self.site_labels = Bounded(1000)
-        self.tenant_requests = _Counts("cpn_tenant_requests", "Inference requests served, by tenant and model", ["tenant", "model"])
-        r.register(self.tenant_requests)
-        self.tokens = _Counts("cpn_tokens", "Tokens served, by tenant, model and kind (prompt, completion)", ["tenant", "model", "kind"])
-        r.register(self.tokens)
-        self.site_tokens = _Counts("cpn_site_tokens", "Tokens served, by serving site and kind", ["site", "kind"])
-        r.register(self.site_tokens)
-        self.infer_seconds = _Latency("cpn_inference_seconds", "Hub-measured time to a whole non-streamed answer, by model and site",
-                                      _INFER_BUCKETS, ("model", "site"))
-        r.register(self.infer_seconds)
-        self.ttft_seconds = _Latency("cpn_inference_ttft_seconds", "Hub-measured time to the first streamed chunk, by model and site",
-                                     _INFER_BUCKETS, ("model", "site"))
-        r.register(self.ttft_seconds)
-        self.service_seconds = _Latency("cpn_inference_service_seconds", "Service time reported by the serving site, by model and site",
-                                        _INFER_BUCKETS, ("model", "site"))
-        r.register(self.service_seconds)
+        self.tenant_requests = _Counts("cpn_tenant_requests", "Inference requests served, by tenant and model",
+                                       ["tenant", "model"], registry=r)
+        self.tokens = _Counts("cpn_tokens", "Tokens served, by tenant, model and kind (prompt, completion)",
+                              ["tenant", "model", "kind"], registry=r)
+        self.site_tokens = _Counts("cpn_site_tokens", "Tokens served, by serving site and kind", ["site", "kind"], registry=r)
+        self.infer_seconds = _Latency("cpn_inference_seconds",
+                                      "Hub-measured time to a whole non-streamed answer, by model and site",
+                                      _INFER_BUCKETS, ("model", "site"), registry=r)
+        self.ttft_seconds = _Latency("cpn_inference_ttft_seconds",
+                                     "Hub-measured time to the first streamed chunk, by model and site",
+                                     _INFER_BUCKETS, ("model", "site"), registry=r)
+        self.service_seconds = _Latency("cpn_inference_service_seconds",
+                                        "Service time reported by the serving site, by model and site",
+                                        _INFER_BUCKETS, ("model", "site"), registry=r)
         self.stale_events = Counter("cpn_stale_events", "Attempt events ignored because their attempt is not current", registry=r)
-        self.refused_keys = _Counts("cpn_refused_api_keys", "Requests refused for a revoked or expired API key, by reason", ["reason"])
-        r.register(self.refused_keys)
+        self.refused_keys = _Counts("cpn_refused_api_keys",
+                                    "Requests refused for a revoked or expired API key, by reason", ["reason"], registry=r)
         # Sites believed only within what the operator declared (docs/security.md, "Sites").
         self.site_claims_refused = _Counts(
-            "cpn_site_claims_refused", "Site registrations refused, or claims replaced by declared values, by reason", ["reason"])
-        r.register(self.site_claims_refused)
+            "cpn_site_claims_refused", "Site registrations refused, or claims replaced by declared values, by reason",
+            ["reason"], registry=r)
         self.site_figures_clamped = _Counts(
-            "cpn_site_figures_clamped", "Heartbeat figures clamped to their physical range, by figure", ["figure"])
-        r.register(self.site_figures_clamped)
+            "cpn_site_figures_clamped", "Heartbeat figures clamped to their physical range, by figure", ["figure"], registry=r)
         self.events_dropped = _Counts(
-            "cpn_events_dropped", "Attempt events dropped before being recorded, by reason", ["reason"])
-        r.register(self.events_dropped)
+            "cpn_events_dropped", "Attempt events dropped before being recorded, by reason", ["reason"], registry=r)
         self.heartbeat_attempts_ignored = _Counts(
-            "cpn_heartbeat_attempts_ignored", "Attempts listed in heartbeats that the hub never placed there", ["site"])
-        r.register(self.heartbeat_attempts_ignored)
+            "cpn_heartbeat_attempts_ignored", "Attempts listed in heartbeats that the hub never placed there", ["site"],
+            registry=r)
         self.attempts_vanished = Counter(
             "cpn_attempts_vanished", "Attempts failed because their up site stopped reporting them", registry=r)
         self.gateway_refused = _Counts("cpn_gateway_connections_refused",
-                                       "Gateway connections refused (503) or cut, by reason", ["reason"])
-        r.register(self.gateway_refused)
+                                       "Gateway connections refused (503) or cut, by reason", ["reason"], registry=r)
         # Lifecycle tables (replica_lifecycle, registry's SiteState): a refused transition is counted, never applied.
         self.illegal_transitions = _Counts(
-            "cpn_illegal_transitions", "State changes a lifecycle table refused, by lifecycle", ["lifecycle"])
-        r.register(self.illegal_transitions)
+            "cpn_illegal_transitions", "State changes a lifecycle table refused, by lifecycle", ["lifecycle"], registry=r)
         # Admission by predicted time to first token (X-CPN-SLO-TTFT-Ms): outcomes, and the
         # predictor's error (actual - predicted; "answer": time to a whole non-streamed answer).
         self.slo_admission = _Counts("cpn_ttft_slo_admission", "Requests with a TTFT SLO, by model and outcome "
-                                     "(admitted, refused)", ["model", "outcome"])
-        r.register(self.slo_admission)
+                                     "(admitted, refused)", ["model", "outcome"], registry=r)
         self.ttft_error = _Latency("cpn_ttft_prediction_error_seconds", "Actual minus predicted time to first token "
                                    "of admitted SLO requests, by model and kind (stream, answer)", _ERROR_BUCKETS,
-                                   ("model", "kind"))
-        r.register(self.ttft_error)
+                                   ("model", "kind"), registry=r)
         # The overhead estimate (X-CPN-Overhead-Ms, core/overhead.py): samples not believed.
         self.overhead_dropped = _Counts("cpn_overhead_samples_dropped", "Relay overhead samples dropped because the "
-                                        "site's claimed time was not believable, by reason", ["reason"])
-        r.register(self.overhead_dropped)
+                                        "site's claimed time was not believable, by reason", ["reason"], registry=r)
         self.ttft_predicted_seconds = _Latency("cpn_ttft_predicted_seconds", "Predicted time to first token of "
-                                               "admitted SLO requests, by model", _INFER_BUCKETS, ("model",))
-        r.register(self.ttft_predicted_seconds)
+                                               "admitted SLO requests, by model", _INFER_BUCKETS, ("model",), registry=r)
 
     def slo_admitted(self, model: str) -> None:
         _add(self.slo_admission.counts, (self.models(model), "admitted"), 1)
