@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench import common, cpu, systems, wrk
-from bench.gateway import _load, _median, _spawn
+from bench.gateway import DEMO3, _load, _median, _site_and_hub
 from controlplane.nats.natsserver import NatsServer
-from topology import loader
 
 PY = sys.executable
 SIDES = ("off", "on")
@@ -64,26 +62,9 @@ async def run(seconds: float = 3.0, rounds: int = 5, conns: int = 4) -> dict[str
         async with NatsServer(tmp / "js") as nats:
             procs: list[asyncio.subprocess.Process] = []
             try:
-                agent_toml = tmp / "agent.toml"
-                agent_toml.write_text(
-                    f'site = "sh-edge"\nnats = "{nats.url}"\ncity = "shanghai"\naccelerators = {{ H20 = 4 }}\n'
-                    + "".join(f'[[models]]\nname = "{m}"\ncards = 1.0\nslots = 1024\n' for m in ("m", "filed"))
-                    + "[backend.sim]\nttft_ms = 0\nper_token_ms = 0\nslots = 1024\n"
-                )
-                agent = await asyncio.create_subprocess_exec(
-                    PY, "-m", "controlplane.cli", "agent", "--config", str(agent_toml),
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                    env={**os.environ, "CPN_LOG": "WARNING"},
-                )
-                procs.append(agent)
-                layout = Path(loader.default_path()).parent / "demo-3.toml"
-                hub_toml = tmp / "hub.toml"  # the site's own models serve both tenants
-                hub_toml.write_text('local_model_tenants = ["plain", "gated"]\n')
-                hub, line = await _spawn("-m", "controlplane.cli", "hub", "--config", str(hub_toml), "--nats", nats.url,
-                                         "--db", db,
-                                         "--listen", "127.0.0.1:0", "--layout", str(layout), ready="listening on")
-                procs.append(hub)
-                url = line.rsplit(" ", 1)[1] + "/v1/infer"
+                # the site's own models serve both tenants
+                hub, base = await _site_and_hub(tmp, nats.url, db, ["m", "filed"], ["plain", "gated"], procs)
+                url = base + "/v1/infer"
                 for side in SIDES:
                     await systems.wait_ready(url, bodies[side].encode(), {"Authorization": f"Bearer {keys[side]}"},
                                              hub, 30, f"cpn hub ({side})")
@@ -99,7 +80,7 @@ async def run(seconds: float = 3.0, rounds: int = 5, conns: int = 4) -> dict[str
             finally:
                 for p in reversed(procs):
                     await systems.stop(p)
-        micro = _in_process(db, layout, rounds)
+        micro = _in_process(db, DEMO3, rounds)
     diffs = [on["hub_cpu_us_per_request"] - off["hub_cpu_us_per_request"] for off, on in zip(runs["off"], runs["on"])]
     out: dict[str, object] = {}
     for side in SIDES:

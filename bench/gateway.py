@@ -30,6 +30,7 @@ from controlplane.nats.natsserver import NatsServer
 from topology import loader
 
 PY = sys.executable
+DEMO3 = Path(loader.default_path()).parent / "demo-3.toml"
 
 
 async def _spawn(*args: str, ready: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, str]:
@@ -44,6 +45,29 @@ async def _spawn(*args: str, ready: str, env: dict[str, str] | None = None) -> t
             raise RuntimeError(f"{args} exited before '{ready}'")
         if ready in line:
             return proc, line.strip()
+
+
+async def _site_and_hub(tmp: Path, nats_url: str, db: str, models: list[str], tenants: list[str],
+                        procs: list[asyncio.subprocess.Process]) -> tuple[asyncio.subprocess.Process, str]:
+    """sh-edge's agent (sim backend, no service time, 1024 slots of each of ``models``) and a hub on the
+    demo-3 layout whose site's own models serve ``tenants``, started as processes (added to
+    ``procs``, to be stopped by the caller). Returns the hub's process and base URL."""
+    agent_toml = tmp / "agent.toml"
+    agent_toml.write_text(
+        f'site = "sh-edge"\nnats = "{nats_url}"\ncity = "shanghai"\naccelerators = {{ H20 = 4 }}\n'
+        + "".join(f'[[models]]\nname = "{m}"\ncards = 1.0\nslots = 1024\n' for m in models)
+        + "[backend.sim]\nttft_ms = 0\nper_token_ms = 0\nslots = 1024\n"
+    )
+    procs.append(await asyncio.create_subprocess_exec(
+        PY, "-m", "controlplane.cli", "agent", "--config", str(agent_toml),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "CPN_LOG": "WARNING"},
+    ))
+    hub_toml = tmp / "hub.toml"
+    hub_toml.write_text(f"local_model_tenants = {json.dumps(tenants)}\n")
+    hub, line = await _spawn("-m", "controlplane.cli", "hub", "--config", str(hub_toml), "--nats", nats_url, "--db", db,
+                             "--listen", "127.0.0.1:0", "--layout", str(DEMO3), ready="listening on")
+    procs.append(hub)
+    return hub, line.rsplit(" ", 1)[1]
 
 
 async def _load(url: str, conns: int, seconds: float, key: str | None, body: str, tmp: Path) -> dict[str, float]:
@@ -70,31 +94,13 @@ async def run(seconds: float = 3.0, conns_list: tuple[int, ...] = (1, 32), round
                 procs.append(floor)
                 floor_url = f"http://127.0.0.1:{line.split('=')[1]}/floor"
                 db = tmp / "hub.db"
-                layout = Path(loader.default_path()).parent / "demo-3.toml"
                 proc = await asyncio.create_subprocess_exec(
                     PY, "-m", "controlplane.cli", "tenant", "create", "bench", "--default-origin", "shanghai",
                     "--rate", "1000000", "--db", str(db), stdout=asyncio.subprocess.PIPE,
                 )
                 key = (await proc.communicate())[0].decode().strip()
-                agent_toml = tmp / "agent.toml"
-                agent_toml.write_text(
-                    f'site = "sh-edge"\nnats = "{nats.url}"\ncity = "shanghai"\naccelerators = {{ H20 = 4 }}\n'
-                    '[[models]]\nname = "m"\ncards = 1.0\nslots = 1024\n'
-                    "[backend.sim]\nttft_ms = 0\nper_token_ms = 0\nslots = 1024\n"
-                )
-                agent = await asyncio.create_subprocess_exec(
-                    PY, "-m", "controlplane.cli", "agent", "--config", str(agent_toml),
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                    env={**os.environ, "CPN_LOG": "WARNING"},
-                )
-                procs.append(agent)
-                hub_toml = tmp / "hub.toml"  # the site's own model ("m") serves the bench tenant
-                hub_toml.write_text('local_model_tenants = ["bench"]\n')
-                hub, line = await _spawn("-m", "controlplane.cli", "hub", "--config", str(hub_toml), "--nats", nats.url,
-                                         "--db", str(db), "--listen", "127.0.0.1:0", "--layout", str(layout),
-                                         ready="listening on")
-                procs.append(hub)
-                hub_url = line.rsplit(" ", 1)[1] + "/v1/infer"
+                hub, base = await _site_and_hub(tmp, nats.url, str(db), ["m"], ["bench"], procs)
+                hub_url = base + "/v1/infer"
                 body = '{"model":"m","input":"hi","max_tokens":1}'
                 # until the agent's replica is ready at the hub
                 await systems.wait_ready(hub_url, body.encode(), {"Authorization": f"Bearer {key}"}, hub, 30, "cpn hub")
