@@ -55,6 +55,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,35 @@ async def calibrate(host: ProxyHost, rounds: int, delay_ms: float) -> list[float
     through a proxy of the child delaying ``delay_ms`` each way, interleaved; each pair's difference
     minus 2 x ``delay_ms``. It is the bench's own cost (a WAN has no Python proxy on it). A proxy
     without delay costs less (no timer): it is calibrated apart, with ``delay_ms`` 0."""
+    async with echo_server() as upstream:
+        pid, proxy_port = await host.add(upstream)
+        await host.set_mode([pid], "delay", delay_ms)
+        port = int(upstream.rsplit(":", 1)[1])
+        conns = [await asyncio.open_connection("127.0.0.1", p) for p in (port, proxy_port)]
+        payload = b"x" * 1024
+        out = []
+        try:
+            for _ in range(rounds):
+                took = []
+                for reader, writer in conns:
+                    t0 = time.perf_counter()
+                    writer.write(payload)
+                    got = 0
+                    while got < len(payload):
+                        got += len(await reader.read(65536))
+                    took.append((time.perf_counter() - t0) * 1000)
+                out.append(took[1] - took[0] - 2 * delay_ms)
+        finally:
+            for _, writer in conns:
+                writer.close()
+            await host.remove([pid])
+    return out
+
+
+@contextlib.asynccontextmanager
+async def echo_server() -> AsyncIterator[str]:
+    """A TCP server on loopback that sends back what it reads, as a proxy's upstream URL
+    (``nats://127.0.0.1:PORT``); closed on exit."""
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
@@ -293,30 +323,11 @@ async def calibrate(host: ProxyHost, rounds: int, delay_ms: float) -> list[float
         writer.close()
 
     server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    pid, proxy_port = await host.add(f"nats://127.0.0.1:{port}")
-    await host.set_mode([pid], "delay", delay_ms)
-    conns = [await asyncio.open_connection("127.0.0.1", p) for p in (port, proxy_port)]
-    payload = b"x" * 1024
-    out = []
     try:
-        for _ in range(rounds):
-            took = []
-            for reader, writer in conns:
-                t0 = time.perf_counter()
-                writer.write(payload)
-                got = 0
-                while got < len(payload):
-                    got += len(await reader.read(65536))
-                took.append((time.perf_counter() - t0) * 1000)
-            out.append(took[1] - took[0] - 2 * delay_ms)
+        yield f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
-        for _, writer in conns:
-            writer.close()
-        await host.remove([pid])
         server.close()
         await server.wait_closed()
-    return out
 
 
 async def run(n_regions: int, n_origins: int, requests: int, floor_ms: float, sites: int,

@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import nats
 import pytest
 from nats.aio.msg import Msg
 
+from bench.regions import echo_server
 from controlplane.nats.natsserver import NatsServer
 from controlplane.tools.proxyhost import ProxyHost, ProxyHostError
 from edge_agent.nats_barrier import barrier
@@ -69,24 +69,6 @@ async def test_bad_commands_are_refused_by_name_and_the_host_goes_on(nats_server
     with pytest.raises(ProxyHostError, match=f"proxy {pid} was removed"):
         await host.set_mode([pid], "pass")
     assert (await host.add(nats_server.url))[0] == pid + 1
-
-
-@asynccontextmanager
-async def echo_server() -> AsyncIterator[str]:
-    """A TCP server on loopback that sends back what it reads; yields it as a proxy's upstream URL."""
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    try:
-        yield f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.timeout(60)
