@@ -19,6 +19,16 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[k]
 
 
+def install_uvloop() -> None:
+    """Have ``asyncio.run`` use uvloop where it is installed (cpn's own processes run on it)."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -13,6 +13,7 @@ import sys
 import nats
 from aiohttp import web
 
+from bench import common
 from edge_agent.nats_barrier import barrier
 
 
@@ -52,12 +53,7 @@ def main() -> None:
     p.add_argument("url")
     p.add_argument("--responder", action="store_true")
     a = p.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    common.install_uvloop()
     try:
         asyncio.run(respond(a.url) if a.responder else serve(a.url))
     except KeyboardInterrupt:

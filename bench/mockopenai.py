@@ -25,6 +25,8 @@ import json
 import socket
 import sys
 
+from bench import common
+
 MODEL = "mock"
 
 
@@ -133,12 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shared-port", type=int, default=None, help="also listen here with SO_REUSEPORT (0: pick one)")
     p.add_argument("--chunks", type=int, default=4, help="content deltas in a streamed answer")
     a = p.parse_args(argv)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    common.install_uvloop()
     try:
         asyncio.run(serve(a.port, a.shared_port, a.chunks))
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
+from bench import common
 from bench.common import percentile
 
 
@@ -204,12 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     _Conn.quickack = not a.no_quickack
     headers = {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in a.header)}
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    common.install_uvloop()
     print(json.dumps(asyncio.run(run(a.url, a.conns, a.seconds, a.body.encode(), headers))))
     sys.stdout.flush()
 
