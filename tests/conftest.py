@@ -14,12 +14,8 @@ from tests.support.natscluster import NatsCluster
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    server = NatsServer(tmp_path / "jetstream")
-    await server.start()
-    try:
+    async with NatsServer(tmp_path / "jetstream") as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture

@@ -18,12 +18,8 @@ async def server_from(tmp_path: Path, name: str, text: str,
     conf = tmp_path / f"{name}.conf"
     conf.write_text(text)
     # port=-1: nats-server's "random port" (-p 0 means its default, 4222).
-    server = NatsServer(tmp_path / f"{name}-js", port=-1, config=conf, on_line=on_line)
-    await server.start()
-    try:
+    async with NatsServer(tmp_path / f"{name}-js", port=-1, config=conf, on_line=on_line) as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def leaf_port(server: NatsServer) -> int:
