@@ -214,6 +214,8 @@ def render_peers(existing: str = "") -> str:
     r = _load("gateway_peers")
     if not r:
         return "Not measured yet: `cpn bench gateway --peers --rounds 3 --seconds 10 --readme`."
+    # A before/after's other checkout (``--base``) is not a system the README compares.
+    r = {**r, "systems": {k: v for k, v in r["systems"].items() if k in peers.ORDER}}
     m = r["method"]
     skipped = "".join(f" {k} skipped: {v}." for k, v in r.get("skipped", {}).items())
     versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())

@@ -108,6 +108,14 @@ def test_marks_carry_over_and_a_full_run_clears_them(readme: Path, tmp_path: Pat
     assert not any(mark in section for mark in "¹²³") and "measured only" not in section
 
 
+def test_a_base_checkout_is_not_written_to_the_readme(readme: Path, tmp_path: Path) -> None:
+    _write_run(tmp_path / "results", "2026-12-07", [_cell("cpn", "c32", 7000, p50_ms=4.5, p99_ms=9.0),
+                                                    _cell("cpn-base", "c32", 6500, p50_ms=4.9, p99_ms=9.5)])
+    table.update_readme(peers_only=True)
+    rows = _rows(table._section(readme.read_text(), "bench-peers"))
+    assert rows["cpn"][1] == "7,000" and "cpn-base" not in rows
+
+
 def test_a_first_run_has_nothing_to_keep(readme: Path, tmp_path: Path) -> None:
     readme.write_text("<!-- bench-peers -->\nNot measured yet: `cpn bench gateway --peers`.\n<!-- /bench-peers -->\n")
     _write_run(tmp_path / "results", "2026-12-07", [_cell("cpn", "c32", 7000, p50_ms=4.5, p99_ms=9.0)])
