@@ -121,8 +121,8 @@ def verdicts(agg: dict[str, dict[str, Any]], system: str = "cpn", baseline: str 
     return out
 
 
-async def _ttfc(url: str, conns: int, seconds: float, headers: dict[str, str]) -> dict[str, float]:
-    args = [sys.executable, "-m", "bench.ttfc", url, "--conns", str(conns), "--seconds", str(seconds), "--body", STREAM_BODY]
+async def _ttfc(url: str, conns: int, seconds: float, headers: dict[str, str], body: str = STREAM_BODY) -> dict[str, float]:
+    args = [sys.executable, "-m", "bench.ttfc", url, "--conns", str(conns), "--seconds", str(seconds), "--body", body]
     for k, v in headers.items():
         args += ["--header", f"{k}: {v}"]
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
@@ -135,10 +135,12 @@ async def _ttfc(url: str, conns: int, seconds: float, headers: dict[str, str]) -
 async def measure(system: systems.System, cell: str, seconds: float, scripts: dict[str, str]) -> dict[str, Any]:
     """One cell against one system: the load, and the CPU its processes used meanwhile."""
     before = cpu.sample(system.pids)
-    if cell == "ttfc8":
+    if cell in ("ttfc8", "c8"):
         # This cell's CPU also covers the client's start-up and 160 warm-up streams (not counted as
         # requests): a few per cent high for every system alike. The headline CPU figure is c=32's.
-        res: dict[str, Any] = dict(await _ttfc(system.url, 8, seconds, system.headers))
+        # c8: plain answers through the same client at the same concurrency, the streams' reference.
+        res: dict[str, Any] = dict(await _ttfc(system.url, 8, seconds, system.headers,
+                                               STREAM_BODY if cell == "ttfc8" else BODY))
     else:
         conns = 32 if cell == "c32" else 1
         res = dict(await wrk.run(system.url, conns=conns, seconds=seconds, script_path=scripts[system.name]))
@@ -148,20 +150,27 @@ async def measure(system: systems.System, cell: str, seconds: float, scripts: di
     return res
 
 
-def _starters(m: systems.Mock, tmp: Path, policy: str) -> dict[str, Callable[[], Any]]:
+def _starters(m: systems.Mock, tmp: Path, policy: str, base: Path | None) -> dict[str, Callable[[], Any]]:
     return {
         "direct": lambda: systems.direct(m),
         "vllm-router": lambda: systems.router("vllm-router", m, tmp, policy),
         "sglang-router": lambda: systems.router("sglang-router", m, tmp, policy),
         "cpn": lambda: systems.cpn(m, tmp / "cpn"),
+        BASE: lambda: systems.cpn(m, tmp / BASE, name=BASE, src=base),
     }
 
 
 CELLS = ("c32", "c1", "ttfc8")
+EXTRA_CELLS = ("c8",)
+"""Run only when named (``--cells``): plain answers at 8 connections through the streaming client,
+next to ``ttfc8``: what a stream costs over a plain request at the same concurrency."""
+BASE = "cpn-base"
+"""``--base DIR``: cpn from the source in DIR, beside this one in the same rounds (a before/after)."""
 
 
 async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "round_robin",
-              cells_run: tuple[str, ...] = CELLS, log: Callable[[str], None] = print) -> dict[str, Any]:
+              cells_run: tuple[str, ...] = CELLS, base: Path | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Start the mock and every system, run the interleaved cells, return the results dict."""
     wrk.binary()  # fail before starting anything
     cells: list[dict[str, Any]] = []
@@ -169,9 +178,10 @@ async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "r
     with tempfile.TemporaryDirectory(prefix="cpn-peers-") as tmp_s:
         tmp = Path(tmp_s)
         (tmp / "cpn").mkdir()
+        (tmp / BASE).mkdir()
         async with AsyncExitStack() as stack:
             m = await stack.enter_async_context(systems.mock())
-            starters = _starters(m, tmp, policy)
+            starters = _starters(m, tmp, policy, base)
             up: list[systems.System] = []
             for name in names:
                 try:
@@ -196,6 +206,7 @@ async def run(*, seconds: float, rounds: int, names: list[str], policy: str = "r
     return {
         "systems": agg, "verdicts": verdicts(agg, cells=cells), "skipped": skipped, "cells": cells,
         "targets": TARGETS, "baseline": BASELINE, "router_policy": policy, "versions": versions(),
+        **({"base_src": str(base)} if base is not None else {}),
         "method": {"seconds_per_cell": seconds, "rounds": rounds, "cells": list(cells_run), "generator": "wrk (c=32: 2 threads, c=1: 1)",
                    "ttfc_generator": "bench/ttfc.py (Python raw-socket client, 8 connections)",
                    "mock": "bench/mockopenai.py, 2 replicas (SO_REUSEPORT shared port for direct and cpn)",
@@ -219,7 +230,7 @@ def render(res: dict[str, Any]) -> str:
     direct_rps = agg.get("direct", {}).get("c32", {}).get("rps")
     lines = ["| system | c=32 req/s | c=32 p50 / p99 ms | CPU-s per 1,000 req (c=32) | c=1 p50 / p99 ms | stream c=8 TTFC p50 / p99 ms |",
              "|---|---|---|---|---|---|"]
-    for name in ORDER:
+    for name in [*ORDER, *(n for n in agg if n not in ORDER)]:
         if name not in agg:
             continue
         a = agg[name]
@@ -282,19 +293,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--systems", default=",".join(ORDER), help=f"comma-separated subset of {','.join(ORDER)}")
     p.add_argument("--cells", default=",".join(CELLS),
-                   help=f"comma-separated subset of {','.join(CELLS)} (c32 alone: throughput in more rounds; ttfc8 alone: time to first chunk only)")
+                   help=f"comma-separated subset of {','.join(CELLS)} (c32 alone: throughput in more rounds; ttfc8 alone: time to "
+                        "first chunk only), and c8: plain answers through the streaming client at 8 connections")
     p.add_argument("--router-policy", default="round_robin", help="policy given to both routers")
     p.add_argument("--out", default="gateway_peers", help="results name (bench/results/NAME.json)")
+    p.add_argument("--base", metavar="DIR", help=f"also run cpn from the source in DIR (e.g. `git archive main`, unpacked) "
+                   f"as system {BASE}, in the same rounds: a same-run before/after")
     args = p.parse_args(argv)
     names = [n for n in args.systems.split(",") if n]
-    unknown = set(names) - set(ORDER)
+    if args.base:
+        names.append(BASE)
+    unknown = set(names) - set(ORDER) - ({BASE} if args.base else set())
     if unknown:
         print(f"cpn bench gateway --peers: unknown system(s) {', '.join(sorted(unknown))}; choose from {', '.join(ORDER)}")
         return 2
-    cells_run = tuple(c for c in CELLS if c in args.cells.split(","))
-    bad_cells = set(args.cells.split(",")) - set(CELLS)
+    cells_run = tuple(c for c in (*CELLS, *EXTRA_CELLS) if c in args.cells.split(","))
+    bad_cells = set(args.cells.split(",")) - set(CELLS) - set(EXTRA_CELLS)
     if bad_cells or not cells_run:
-        print(f"cpn bench gateway --peers: unknown cell(s) {', '.join(sorted(bad_cells)) or '(none given)'}; choose from {', '.join(CELLS)}")
+        print(f"cpn bench gateway --peers: unknown cell(s) {', '.join(sorted(bad_cells)) or '(none given)'}; "
+              f"choose from {', '.join((*CELLS, *EXTRA_CELLS))}")
         return 2
     try:
         wrk.binary()
@@ -303,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"peers: {', '.join(names)}; {args.rounds} round(s) x {len(cells_run)} cell(s) x {args.seconds:g} s")
     res = asyncio.run(run(seconds=args.seconds, rounds=args.rounds, names=names, policy=args.router_policy,
-                          cells_run=cells_run))
+                          cells_run=cells_run, base=Path(args.base).resolve() if args.base else None))
     print(render(res))
     print(render_verdicts(res))
     print(f"  wrote {common.write(args.out, res)}")

@@ -71,12 +71,13 @@ ROUTER_ATTEMPTS = 3
 """Starts of a router on freshly picked ports before giving up."""
 
 
-async def _spawn(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> asyncio.subprocess.Process:
+async def _spawn(*args: str, env: dict[str, str] | None = None, log: Path | None = None,
+                 cwd: Path | None = None) -> asyncio.subprocess.Process:
     out = open(log, "ab") if log else None  # noqa: SIM115 - the child keeps its own copy of the fd
     try:
         return await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=out or asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})},
+            stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
         )
     finally:
         if out is not None:
@@ -211,13 +212,17 @@ async def router(name: str, m: Mock, tmp: Path, policy: str = "round_robin") -> 
 
 
 @asynccontextmanager
-async def cpn(m: Mock, tmp: Path, *, name: str = "cpn", hub_extra: str = "") -> AsyncIterator[System]:
+async def cpn(m: Mock, tmp: Path, *, name: str = "cpn", hub_extra: str = "", src: Path | None = None) -> AsyncIterator[System]:
     """nats-server, ``cpn hub`` and one ``cpn agent`` (openai-http -> the mock's shared port);
-    ``hub_extra``: more of the hub's config (a same-run comparison of two settings, ``name`` apart)."""
+    ``hub_extra``: more of the hub's config (a same-run comparison of two settings, ``name`` apart);
+    ``src``: run the hub and the agent from the cpn source in that directory (another checkout, for
+    a same-run before/after) instead of this one."""
     from controlplane.nats.natsserver import NatsServer, default_gomaxprocs
     from topology import loader
 
     env = {"CPN_LOG": "WARNING"}
+    if src is not None:  # ``python -m`` puts the working directory first on the path: both point at src
+        env["PYTHONPATH"] = str(src)
     async with NatsServer(tmp / "js", gomaxprocs=default_gomaxprocs()) as nats:  # as ``cpn up`` starts it
         procs: list[asyncio.subprocess.Process] = []
         try:
@@ -226,7 +231,7 @@ async def cpn(m: Mock, tmp: Path, *, name: str = "cpn", hub_extra: str = "") -> 
             tenant = await asyncio.create_subprocess_exec(
                 PY, "-m", "controlplane.cli", "tenant", "create", "bench", "--default-origin", "shanghai",
                 "--rate", "100000000", "--db", str(db), stdout=asyncio.subprocess.PIPE,
-                env={**os.environ, **env})
+                env={**os.environ, **env}, cwd=src)
             key = (await tenant.communicate())[0].decode().strip()
             agent_toml = tmp / "agent.toml"
             agent_toml.write_text(
@@ -235,14 +240,14 @@ async def cpn(m: Mock, tmp: Path, *, name: str = "cpn", hub_extra: str = "") -> 
                 f'[backend]\nkind = "openai-http"\n[backend.openai-http]\nurl = "{m.shared_url}"\nslots = 1024\n'
             )
             agent = await _spawn(PY, "-m", "controlplane.cli", "agent", "--config", str(agent_toml),
-                                 env=env, log=tmp / "agent.log")
+                                 env=env, log=tmp / "agent.log", cwd=src)
             procs.append(agent)
             hub_toml = tmp / "hub.toml"  # the site's own model ("mock") serves the bench tenant
             hub_toml.write_text('local_model_tenants = ["bench"]\n' + hub_extra)
             hub = await asyncio.create_subprocess_exec(
                 PY, "-m", "controlplane.cli", "hub", "--config", str(hub_toml), "--nats", nats.url, "--db", str(db),
                 "--listen", "127.0.0.1:0", "--layout", str(layout), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-                stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **env})
+                stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **env}, cwd=src)
             procs.append(hub)
             base = (await _first_line(hub, "listening on", 30)).rsplit(" ", 1)[1]
             drain = asyncio.create_task(_drain(hub))  # a full stdout pipe would stall the hub mid-run

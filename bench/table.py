@@ -205,20 +205,29 @@ def _section(text: str, marker: str) -> str:
     return m.group(1) if m else ""
 
 
-def render_peers() -> str:
-    """The peers section (``cpn bench gateway --peers``): table, verdicts, method line."""
-    from bench import peers
+def render_peers(existing: str = "") -> str:
+    """The peers section (``cpn bench gateway --peers``): table, verdicts, method line. The cells
+    this run did not measure (``--cells``, ``--systems``) keep their values from ``existing`` (the
+    README's current section), each marked with a footnote naming its run (bench/peers_keep.py)."""
+    from bench import peers, peers_keep
 
     r = _load("gateway_peers")
     if not r:
         return "Not measured yet: `cpn bench gateway --peers --rounds 3 --seconds 10 --readme`."
+    # A before/after's other checkout (``--base``) is not a system the README compares.
+    r = {**r, "systems": {k: v for k, v in r["systems"].items() if k in peers.ORDER}}
     m = r["method"]
     skipped = "".join(f" {k} skipped: {v}." for k, v in r.get("skipped", {}).items())
     versions = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
-    return (f"{peers.render(r)}\n\n{peers.render_verdicts(r)}\n\n"
-            f"{r['machine']}, {r['date']}; {m['rounds']} interleaved round(s) of {m['seconds_per_cell']:g} s per cell, "
-            f"medians (the targets: the median of each round's own ratio, cpn and {r.get('baseline', 'vllm-router')} measured in the same round); "
-            f"{versions or 'no peers installed'}, policy `{r['router_policy']}`.{skipped}")
+    cells = m.get("cells", list(peers.CELLS))
+    partial = (f" This run measured only {', '.join(cells)}." if set(cells) != set(peers.CELLS) else "")
+    fresh = (f"{peers.render(r)}\n\n{peers.render_verdicts(r)}\n\n"
+             f"{r['machine']}, {r['date']}; {m['rounds']} interleaved round(s) of {m['seconds_per_cell']:g} s per cell, "
+             f"medians (the targets: the median of each round's own ratio, cpn and "
+             f"{r.get('baseline', 'vllm-router')} measured in the same round); "
+             f"{versions or 'no peers installed'}, policy `{r['router_policy']}`.{skipped}{partial}")
+    measured = {system: set(figures) for system, figures in r["systems"].items()}
+    return peers_keep.merge(existing, fresh, measured)
 
 
 def _replace(text: str, marker: str, body: str) -> str:
@@ -234,5 +243,5 @@ def update_readme(*, peers_only: bool = False) -> None:
     if not peers_only:
         text = _replace(text, "bench-table", render(_section(text, "bench-table")))
     if _load("gateway_peers"):  # else the section keeps what was measured (another bench's --readme)
-        text = _replace(text, "bench-peers", render_peers())
+        text = _replace(text, "bench-peers", render_peers(_section(text, "bench-peers")))
     README.write_text(text)

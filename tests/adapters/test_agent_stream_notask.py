@@ -8,6 +8,7 @@ each test also proves that no task served the stream."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -232,3 +233,35 @@ async def test_a_stream_that_comes_whole_goes_as_its_result(nats_server: NatsSer
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_finished_or_cancelled_stream_leaves_no_cycle_for_the_collector(
+        nats_server: NatsServer, local_llm: LocalServer) -> None:  # noqa: F811
+    # The call holds its exchange's callbacks and the exchange holds the call: once the stream is
+    # over the call lets go, so both go at once by reference counting. Left to the cyclic collector
+    # they were half a dozen objects a stream, and its passes cost CPU and stalled the loop.
+    from edge_agent.backends.openai_http import StreamCall
+    from edge_agent.stream_now import StreamExchange
+
+    def alive() -> int:
+        return sum(isinstance(o, (StreamCall, StreamExchange)) for o in gc.get_objects())
+
+    async with warmed(nats_server.url, local_llm) as (hub, agent):
+        gc.collect()
+        gc.disable()  # what a cycle would keep stays visible
+        try:
+            with infer_tasks() as tasks:
+                for i in range(3):
+                    got = await hub.infer_stream("edge-a", _chat(f"s{i}", "one two", stream=True))
+                    assert isinstance(got[-1][1], wire.InferResult)
+                async with replies(hub, _chat("long", " ".join(f"w{i}" for i in range(60)), stream=True,
+                                              max_tokens=60)) as queue:
+                    assert isinstance(await asyncio.wait_for(queue.get(), 5), wire.InferChunk)
+                    ack = await hub.command("edge-a", wire.CancelInfer(request_id="long"))
+                    assert isinstance(ack, wire.Ack) and ack.detail == "cancelled"
+                    while isinstance(await asyncio.wait_for(queue.get(), 5), wire.InferChunk):
+                        pass
+            assert tasks == [] and agent.inventory.inflight() == 0
+            assert alive() == 0
+        finally:
+            gc.enable()
