@@ -12,7 +12,8 @@ Rule 1 (in step): each news carries its sender, the sender's leader epoch and a 
 A news from a lower epoch than one already seen (a deposed leader) is dropped. Any other news is
 applied; if it is not the next of the sender this process follows (a lost message, a reconnect, a
 new leader, a process just started), the process asks for the full set on :data:`ASK`, and the
-leader publishes every waiting job's reason as one ``full`` news, after which it follows again.
+leader publishes every waiting job's reason as ``full`` news (:data:`CHUNK` reasons a message, each
+part a full set as of the same sequence number), after which it follows again.
 Rule 2 (order): a reason may arrive before its job's row (the record's watch and this subject are
 two paths): a reason that matches no job waiting after that attempt is kept for
 :data:`PENDING_S` and applied when the job's row arrives (:meth:`WaitShare.record_changed`).
@@ -44,6 +45,9 @@ ASK_GAP_S = 1.0
 """A process out of step asks for the full set at most this often."""
 FULL_DELAY_S = 0.1
 """The leader answers the asks of this long with one full set (processes starting together)."""
+CHUNK = 2000
+"""At most this many reasons a message: a tariff wait's reason is ~200 bytes and names its own
+saving, so a long queue's reasons would pass NATS's default 1 MB payload in one."""
 
 _Id = Annotated[str, msgspec.Meta(max_length=200)]
 
@@ -134,8 +138,9 @@ class WaitShare:
 
     def publish(self, waits: list[store_jobs.Wait]) -> None:
         """The reasons a round of this process's scheduler said (``TrainingService.waits_out``)."""
-        self._seq += 1
-        self._send(encode(self.hub_id, self.epoch(), self._seq, waits))
+        for i in range(0, len(waits), CHUNK):
+            self._seq += 1
+            self._send(encode(self.hub_id, self.epoch(), self._seq, waits[i:i + CHUNK]))
 
     def asked(self, data: bytes) -> None:
         """Another process asks for the full set: the leader publishes it (the asks of
@@ -156,7 +161,8 @@ class WaitShare:
         if self.leading():
             waits = store_jobs.waiting_reasons(self._db())
             self.counters["full_sent"] += 1
-            self._send(encode(self.hub_id, self.epoch(), self._seq, waits, full=True))
+            for i in range(0, max(len(waits), 1), CHUNK):  # every part a full set as of this seq
+                self._send(encode(self.hub_id, self.epoch(), self._seq, waits[i:i + CHUNK], full=True))
 
     def _send(self, data: bytes) -> None:
         # in order: each send is a task, and tasks start in the order they were made

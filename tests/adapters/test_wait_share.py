@@ -51,6 +51,7 @@ def reasons(db: store_db.Database) -> dict[str, str]:
 async def test_the_leaders_reasons_reach_another_process_and_gaps_are_repaired(
         tmp_path: Path, buses: tuple[HubBus, HubBus, HubBus], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(waits_mod, "ASK_GAP_S", 0.0)
+    monkeypatch.setattr(waits_mod, "CHUNK", 2)  # the full set and a round's reasons go as several messages
     lead_bus, gw_bus, raw = buses
     lead_db, gw_db = store_db.open_db(tmp_path / "lead.db"), store_db.open_db(tmp_path / "gw.db")
     ids = [f"job-{i}" for i in range(5)]
@@ -84,8 +85,9 @@ async def test_the_leaders_reasons_reach_another_process_and_gaps_are_repaired(
         lead._seq += 1  # (its news never sent)
         with store_db.derived(lead_db):
             store_jobs.apply_waits(lead_db, [("job-2", 0, "quota")])
-        full = lead.counters["full_sent"]
+        full, seq = lead.counters["full_sent"], lead._seq
         lead.publish([("job-2", 0, "quota")])
+        assert lead._seq == seq + 1
         await until(lambda: lead.counters["full_sent"] == full + 1, 5, "the full set on gw's ask")
         await until(lambda: reasons(gw_db) == reasons(lead_db), 5, "gw as the leader")
         assert reasons(gw_db)["job-1"] == "waits for cards"
