@@ -548,12 +548,10 @@ class TrainingService:
         rows, plan, commits, reclaim = read
         if reclaim is not None:
             await self._decide_awaited(reclaim, now)
-        try:
-            for commit in commits:
-                await write(self.db, commit, optimistic=isinstance(commit, _OwnRows))
-                self._kick()
-        finally:  # said even if a commit failed: why the others wait is no less true
-            self._say_waits(now)
+        for commit in commits:  # (a failed one: the next round plans the whole queue and says its waits)
+            await write(self.db, commit, optimistic=isinstance(commit, _OwnRows))
+            self._kick()
+        self._say_waits(now)
         resumed = self.clock.monotonic()
         if commits:
             self._carried_out(plan, rows)
@@ -596,6 +594,7 @@ class TrainingService:
         a job submitted elsewhere and not yet here is the next round's, and what it writes is
         compare-and-set on the jobs it read."""
         db = self.db
+        self._saying = None  # what an earlier round that failed would have said is stale
         full_wanted, self._full_wanted = self._full_wanted, False
         basis, self._basis = self._basis, None  # kept only by a round that planned against it
         added = self._added(basis, now) if incremental and not full_wanted and basis is not None else None
