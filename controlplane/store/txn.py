@@ -1,4 +1,5 @@
-"""One atomic, durable SQLite transaction, shared by every store (the market's included).
+"""One atomic, durable SQLite transaction, shared by every store (the market's included), and
+:func:`derived`, the transaction of derived state that stays out of the replicated record.
 
 Its own module because ``store/db.py`` installs the market's tables: the market's stores import
 this, not ``db``, so there is one transaction and no import cycle.
