@@ -45,6 +45,7 @@ from controlplane.services import deployments, handover, market, training
 from controlplane.services.accounting import UsageAccounts
 from controlplane.services.dashboard_history import DashboardHistory
 from controlplane.services.demand_share import DemandShare, LearntDemand
+from controlplane.services.waits import WaitShare
 from controlplane.services.job_feed import JobFeed
 from controlplane.services.job_views import JobViews
 from controlplane.services.inference import InferenceService, RequestIds
@@ -121,6 +122,8 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         """A row another process wrote reached this one's record: drop cached keys and tenants, and
         a deployment made or deleted elsewhere changes its tenant's model access here too."""
         tenancy.record_changed(table, row)
+        if waits is not None:
+            waits.record_changed(table, row)
         if table == "deployments" and {"tenant", "model", "id", "state"} <= row.keys():
             deployer.model_access_changed(row["tenant"], row["model"], row["id"], row["state"] != "deleted")
 
@@ -210,6 +213,12 @@ def build(config: HubConfig, *, layout: topo_layout.Layout | None = None, clock:
         deployer.lending = True
     trainer = install_training(hub, store=store, layout=layout, sites=sites, tenancy=tenancy, clock=clock)
     trainer.lending_profiles = learnt.site_profiles
+    waits: WaitShare | None = None
+    if config.record == "nats":  # each process its own SQLite: the leader's wait reasons reach the others
+        waits = WaitShare(hub_id=config.hub_id, bus=bus, db=lambda: store.db, epoch=lambda: leadership.epoch,
+                          leading=lambda: leadership.leading, clock=clock)
+        trainer.waits_out = waits.publish
+        hub.add_service(waits)
     # The market prices the usage flush and training's metering (in their transactions).
     seller = market.install(market.MarketService(store=store, tenancy=tenancy, sites=sites,
                                                  accounting=accounting, clock=clock, training=trainer),

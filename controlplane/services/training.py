@@ -7,8 +7,9 @@ It carries out what the pure core decides (CONVENTIONS example 2, "decide, then 
   ``scheduler.Snapshot`` from the store (queued and restarting jobs, live jobs) and the registry
   (pools from ``placement.pool_from_site`` with the heartbeat's free cards),
   ``scheduler.plan(snapshot, now)``, then in one transaction persist the
-  placements (new attempt, explanation), the waits and the ``StartAttempt`` / ``StopAttempt``
-  commands into the outbox; the outbox sends them after the commit.
+  placements (new attempt, explanation) and the ``StartAttempt`` / ``StopAttempt`` commands into
+  the outbox; the outbox sends them after the commit. Why the others wait is derived state, said
+  after it in a local transaction and handed to the other hub processes (``waits_out``).
 - **Events** from JetStream (``bus.consume_events``): fenced by sender first (the bus has checked
   that the event's ``site`` is the subject it came on; an event whose site is not where the hub
   placed that attempt is dropped and counted in ``cpn_events_dropped_total``, never recorded), then
@@ -45,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-import functools
 import logging
 import math
 import secrets
@@ -66,7 +66,7 @@ from controlplane.runtime import BackgroundTasks
 from controlplane.store import deployments as store_deployments
 from controlplane.store import jobs as store_jobs
 from controlplane.store import outbox as store_outbox
-from controlplane.store.db import Database, barrier, transaction, write
+from controlplane.store.db import Database, barrier, derived, transaction, write
 # The rows this service's API answers with (the gateway renders them; it never imports the store).
 from controlplane.store.jobs import AttemptRow as AttemptRow, EventRow as EventRow, JobRow as JobRow
 from controlplane.store.outbox import OutboxRow
@@ -139,15 +139,13 @@ class _OwnRows:
 
 READ_BARRIER = object()
 """What :meth:`TrainingService._tick_steps` yields before a full round reads anything."""
-WAITS_HELD_S = 0.5
-"""The waits decided by the tick's rounds that plan only new jobs and start and stop nothing are
-held, and written (together, one commit per ``TICK_CHUNK`` jobs) by the round that follows this
-long without a poke (a sleep of the loop's, not a clock's), or ..."""
-WAITS_HELD_ROUNDS = 10
-"""... once this many rounds' waits are held (~0.5 s at the default ``scheduler_poke_gap_s``
-while submissions keep coming). Before, each submission poke's round wrote its few reasons as a
-commit of its own: the largest share of the leader's tick, and of the record's writes besides
-the submissions themselves."""
+@dataclasses.dataclass(frozen=True)
+class _Waits:
+    """What a round says of its waiting jobs (:meth:`TrainingService._say_waits`)."""
+
+    waits: list[store_jobs.Wait]
+    events: list[tuple[str, int, str, dict[str, Any]]]
+    """(job, attempt, kind, body): the hub events of new reasons (``unplaceable``) and new kinds of wait."""
 
 
 _Round = tuple[list[store_jobs.JobRow], scheduler.Plan | None, list[Callable[[Database], None]],
@@ -195,7 +193,7 @@ class TrainingService:
             "ticks": 0, "placed": 0, "applied": 0, "duplicate": 0, "stale_attempt": 0, "terminal": 0,
             "illegal": 0, "unknown_job": 0, "site_failures": 0, "dispatch_failures": 0, "stops": 0,
             "cancelled": 0, "not_holder": 0, "unknown_attempt": 0, "never_placed": 0, "vanished": 0,
-            "pokes_coalesced": 0, "ticks_incremental": 0, "jobs_planned": 0, "waits_held": 0,
+            "pokes_coalesced": 0, "ticks_incremental": 0, "jobs_planned": 0, "waits_said": 0,
         }
         self.cost_model = msgspec.structs.replace(
             placement.DEFAULT_MODEL, min_wait_saving=config.training_min_wait_saving_pct / 100.0)
@@ -206,10 +204,11 @@ class TrainingService:
         """How long the last tick held the event loop (its reads, plan and bookkeeping; not the
         record's acknowledgements it awaited): it spaces poked ticks."""
         self._poke = asyncio.Event()
-        self._held: list[_OwnRows] = []
-        """Waits decided by rounds that planned only new jobs, not yet written (:data:`WAITS_HELD_S`)."""
-        self._round_incremental = False
-        """The round just read planned only new jobs (``scheduler.plan_more``)."""
+        self._saying: _Waits | None = None
+        """The waits of the round being carried out, said once its commits are written (:meth:`_say_waits`)."""
+        self.waits_out: Callable[[list[store_jobs.Wait]], None] | None = None
+        """Hands the waits this process said to the other hub processes (``services/waits.py``; set by
+        the composition root on the replicated record)."""
         self._full_wanted = True
         """Something other than a submission asked for a tick since the last full plan (see :meth:`poke`)."""
         self._basis: scheduler.Basis | None = None
@@ -301,10 +300,8 @@ class TrainingService:
         period_s = self.config.scheduler_tick_s
         not_before, gap_s = -math.inf, 0.0
         while True:
-            waited_out = False
             try:
-                # held waits (:meth:`_hold_waits`) are written once no poke came for WAITS_HELD_S
-                async with asyncio.timeout(min(period_s, WAITS_HELD_S) if self._held else period_s):
+                async with asyncio.timeout(period_s):
                     await self._poke.wait()
                     if (rest := not_before - self.clock.monotonic()) > 0:
                         self.counters["pokes_coalesced"] += 1
@@ -312,10 +309,10 @@ class TrainingService:
                         # simulated clock that stands still must not hold the scheduler)
                         await asyncio.sleep(min(rest, gap_s))
             except TimeoutError:
-                waited_out = True
+                pass
             self._poke.clear()
             try:
-                await self.tick_async(self.clock.time(), incremental=True, read_barrier=True, write_held=waited_out)
+                await self.tick_async(self.clock.time(), incremental=True, read_barrier=True)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -513,6 +510,7 @@ class TrainingService:
         for commit in commits:
             with transaction(self.db):
                 commit(self.db)
+        self._say_waits(now)
         if commits:
             self._carried_out(plan, rows)
         for d in self._tick_end(rows, now):
@@ -520,8 +518,8 @@ class TrainingService:
         self._tick_ended(rows, now, started)
         return plan
 
-    async def tick_async(self, now: float, *, incremental: bool = False, read_barrier: bool = False,
-                         write_held: bool = False) -> scheduler.Plan | None:
+    async def tick_async(self, now: float, *, incremental: bool = False,
+                         read_barrier: bool = False) -> scheduler.Plan | None:
         """:meth:`tick` whose decisions are committed awaited (``store.db.write``): on the
         replicated record the loop goes on (heartbeats, the lease's renewals, requests) while each
         chunk of decisions waits for its quorum, through a stream election too. Each chunk's
@@ -530,8 +528,8 @@ class TrainingService:
         cancelled) is checked before each chunk is written, and the rest of the round (stale
         attempts, vanished ones, orphans) reads the jobs again after the writes. ``read_barrier``:
         a full round first awaits the record's read barrier (``store.db.barrier``; the tick loop's
-        rounds), a round of new jobs alone takes none (:meth:`_tick_steps`). ``write_held``: the
-        waits held by earlier rounds are written now (:meth:`_hold_waits`)."""
+        rounds), a round of new jobs alone takes none (:meth:`_tick_steps`). The round's waits are
+        derived state, said locally once its commits are written (:meth:`_say_waits`)."""
         started = self.clock.monotonic()
         steps, busy_s = self._tick_steps(now, incremental), 0.0
         while True:  # the round's reads and plan, in steps: the loop serves requests between them
@@ -550,10 +548,10 @@ class TrainingService:
         rows, plan, commits, reclaim = read
         if reclaim is not None:
             await self._decide_awaited(reclaim, now)
-        commits = self._hold_waits(commits, plan, reclaim is not None, write_held)
-        for commit in commits:
+        for commit in commits:  # (a failed one: the next round plans the whole queue and says its waits)
             await write(self.db, commit, optimistic=isinstance(commit, _OwnRows))
             self._kick()
+        self._say_waits(now)
         resumed = self.clock.monotonic()
         if commits:
             self._carried_out(plan, rows)
@@ -565,32 +563,6 @@ class TrainingService:
         self._tick_ended(rows, now, started)
         self.last_tick_busy_s = busy_s + self.clock.monotonic() - resumed
         return plan
-
-    def _hold_waits(self, commits: list[Callable[[Database], None]], plan: scheduler.Plan | None,
-                    reclaimed: bool, write_held: bool) -> list[Callable[[Database], None]]:
-        """The commits to write now: a round that planned only new jobs and starts and stops nothing
-        holds its waits; they go, in as few commits as fit, with the round after
-        :data:`WAITS_HELD_S` without a poke (``write_held``), after :data:`WAITS_HELD_ROUNDS` such
-        rounds, or with the next round that writes anything else. A full plan writes every wait
-        that changed itself (the held ones among them: not yet written, their reasons differ), so
-        it drops them."""
-        if not self._round_incremental:
-            self._held.clear()
-        elif (plan is not None and not plan.start and not plan.stop and not reclaimed
-              and all(isinstance(c, _OwnRows) for c in commits)):
-            self._held.extend(c for c in commits if isinstance(c, _OwnRows))
-            self.counters["waits_held"] += len(commits)
-            commits = []
-        if not self._held or not (commits or write_held or len(self._held) >= WAITS_HELD_ROUNDS):
-            return commits
-        held, self._held = self._held, []
-        groups: list[list[_OwnRows]] = [[]]
-        for c in held:  # one commit per TICK_CHUNK rows, as a round's own are
-            if groups[-1] and sum(g.rows for g in groups[-1]) + c.rows > TICK_CHUNK:
-                groups.append([])
-            groups[-1].append(c)
-        return [_OwnRows(functools.partial(_commit_all, g), i=0, rows=sum(c.rows for c in g))
-                for g in groups] + commits
 
     def _tick_plan(self, now: float, incremental: bool = False) -> _Round:
         """Read and plan a round: the jobs read, the plan, and the commits that carry it out."""
@@ -622,6 +594,7 @@ class TrainingService:
         a job submitted elsewhere and not yet here is the next round's, and what it writes is
         compare-and-set on the jobs it read."""
         db = self.db
+        self._saying = None  # what an earlier round that failed would have said is stale
         full_wanted, self._full_wanted = self._full_wanted, False
         basis, self._basis = self._basis, None  # kept only by a round that planned against it
         added = self._added(basis, now) if incremental and not full_wanted and basis is not None else None
@@ -649,9 +622,7 @@ class TrainingService:
                 self.counters["jobs_planned"] += plan.decisions
                 rows = live_rows + new_rows
                 commits = self._carry_out(plan, {r.id: r for r in rows}, now, len(pools))
-                self._round_incremental = True
                 return rows, plan, commits, reclaim
-        self._round_incremental = False
         waiting: list[store_jobs.JobRow] = []
         for state in sorted(WAITING_STATES):  # read and decoded a page at a time (see the docstring)
             after = 0
@@ -946,10 +917,10 @@ class TrainingService:
             self._stop_sent[(st.pool, st.job_id, st.attempt)] = now
         self.counters["stops"] += len(stops)
         infeasible = [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
-        # Only the waits whose reason changed are written (and checked against the store): a job
-        # still waiting for the reason it was read with has nothing to record, so a tick over a
-        # long, unchanged queue writes nothing (record_waits would skip those rows anyway).
-        waits = [(job_id, reason) for job_id, reason in [(w.job_id, w.reason) for w in plan.wait] + infeasible
+        # Only the waits whose reason changed are said: a job still waiting for the reason it was
+        # read with has nothing to record, so a tick over a long, unchanged queue says nothing.
+        waits = [(job_id, old.attempt, reason)
+                 for job_id, reason in [(w.job_id, w.reason) for w in plan.wait] + infeasible
                  if (old := rows.get(job_id)) is not None and old.reason != reason]
         unplaceable = [(job_id, reason) for job_id, reason in (infeasible if plan_pools else ())
                        if (old := rows.get(job_id)) is not None and old.reason != reason]
@@ -964,32 +935,46 @@ class TrainingService:
 
         def commit(db: Database, i: int) -> None:
             if i == 0:
-                for job_id, reason in unplaceable:  # a new reason: say it in the job's events
-                    store_jobs.record_hub_event(db, job_id, rows[job_id].attempt, "unplaceable", {"reason": reason}, now)
-                for w in now_waiting:  # a new kind of wait (a tariff window, quota, cards, ...): say why
-                    store_jobs.record_hub_event(db, w.job_id, rows[w.job_id].attempt, "waiting",
-                                                {"kind": w.kind, "reason": w.reason, "until": w.until}, now)
                 for stop in stops:  # (asked for at plan time: _stop_sent; the commit may run twice)
                     outbox.add(stop.pool, wire.StopAttempt(job=stop.job_id, attempt=stop.attempt,
                                                            checkpoint=stop.checkpoint, reason=stop.reason),
                                now, dedupe=True)
             chunk = placed[i:i + TICK_CHUNK]
-            chunk_waits = waits[i:i + TICK_CHUNK]
-            fresh = as_read(db, [rec.id for rec, _ in chunk] + [job_id for job_id, _ in chunk_waits])
+            fresh = as_read(db, [rec.id for rec, _ in chunk])
             store_jobs.record_placements(db, [(rec, pl) for rec, pl in chunk if rec.id in fresh], now)
             for site, cmd in starts[i:i + TICK_CHUNK]:
                 if cmd.job in fresh:
                     outbox.add(site, cmd, now)
-            store_jobs.record_waits(db, [(job_id, why) for job_id, why in chunk_waits if job_id in fresh], now)
 
         # One transaction per TICK_CHUNK decisions (each with what it must send): the replicated
-        # record takes at most 1,000 rows in one atomic batch, and a start writes two. A plan that
-        # changes nothing (every job waits as it did) commits nothing.
+        # record takes at most 1,000 rows in one atomic batch, and a start writes two. The waits
+        # are not among them (:meth:`_say_waits`): a plan that places and stops nothing commits nothing.
         self._placing = (placed, bool(starts or stops))
-        if not (placed or waits or stops or unplaceable or now_waiting):
+        self._saying = _Waits(waits=waits, events=[
+            (job_id, rows[job_id].attempt, "unplaceable", {"reason": reason}) for job_id, reason in unplaceable] + [
+            (w.job_id, rows[w.job_id].attempt, "waiting", {"kind": w.kind, "reason": w.reason, "until": w.until})
+            for w in now_waiting]) if waits or unplaceable or now_waiting else None
+        if not (placed or stops):
             return []
-        n = max(len(placed), len(waits), 1)
+        n = max(len(placed), 1)
         return [_OwnRows(commit, i=i, rows=min(TICK_CHUNK, n - i)) for i in range(0, n, TICK_CHUNK)]
+
+    def _say_waits(self, now: float) -> None:
+        """Say why the round's waiting jobs wait: their reasons and the events of new ones, in one
+        local transaction (``db.derived``: a reason is derived state, worked out again by every
+        tick and by a new leader's first, so it is neither a write of the replicated record nor
+        fsynced), then to the other hub processes (``waits_out``). A job no longer waiting after
+        the attempt it was planned at keeps what it has."""
+        saying, self._saying = self._saying, None
+        if saying is None:
+            return
+        with derived(self.db) as db:
+            store_jobs.apply_waits(db, saying.waits)
+            for job_id, attempt, kind, body in saying.events:  # a new reason, or a new kind of wait
+                store_jobs.record_hub_event(db, job_id, attempt, kind, body, now)
+        self.counters["waits_said"] += len(saying.waits)
+        if self.waits_out is not None and saying.waits:
+            self.waits_out(saying.waits)
 
     def _carried_out(self, plan: scheduler.Plan | None, rows: list[store_jobs.JobRow]) -> None:
         placed, send = self._placing
@@ -1413,12 +1398,6 @@ class TrainingService:
                             cmd.attempt, delay_s, exc)
                 await self.clock.sleep(delay_s)
                 delay_s = min(delay_s * 2, REPORT_RETRY_S[1])
-
-
-def _commit_all(commits: list[_OwnRows], db: Database, i: int = 0) -> None:
-    """Held commits of several rounds as one (each checks its jobs as its own round read them)."""
-    for c in commits:
-        c(db)
 
 
 def _iso(t: float) -> str:

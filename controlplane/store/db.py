@@ -18,6 +18,7 @@ import sqlite_utils
 from controlplane.core.errors import StoreError
 from controlplane.store.migrations import MIGRATIONS, Migration
 from controlplane.store.txn import transaction as transaction  # re-exported: the stores' one transaction
+from controlplane.store.txn import derived as derived  # re-exported: derived state, never the record's
 from edge_agent import private_files
 from controlplane.store.market import billing as market_billing
 

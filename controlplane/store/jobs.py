@@ -37,6 +37,8 @@ Public API::
     events(db, job_id) -> [EventRow]
     record_placements(db, [(JobRecord, Placed)], now) -> int            # one plan tick, one commit
     record_waits(db, [(job_id, reason)], now) -> int
+    apply_waits(db, [(job_id, attempt, reason)]) -> [unmatched]        # derived: inside db.derived(db)
+    waiting_reasons(db) -> [(job_id, attempt, reason)]
     usage_by_tenant(db, tenant) -> {"jobs", "attempts", "card_hours", "energy_cny"}
 """
 
@@ -160,6 +162,7 @@ _PLACED = msgspec.json.Decoder(Placed)
 _BREAKDOWN = msgspec.json.Decoder(CostBreakdown)
 _STATES = {s.value: s for s in JobState}
 _ROW_DECODER = msgspec.json.Decoder(JobRow)
+_WAITING = frozenset(s.value for s in lifecycle.WAITING)
 
 
 def _job(row: tuple[Any, ...]) -> JobRow:
@@ -690,7 +693,8 @@ def record_placements(
 def record_waits(db: sqlite_utils.Database, waits: Iterable[tuple[str, str]], now: float) -> int:
     """Persist why waiting jobs wait (one transaction); rows whose reason is unchanged are not touched.
 
-    Returns the number of rows changed.
+    Returns the number of rows changed. (The hub's tick says its waits with :func:`apply_waits`
+    instead, as derived state: ``db.derived``.)
     """
     with transaction(db):
         cur = db.conn.executemany(
@@ -698,6 +702,42 @@ def record_waits(db: sqlite_utils.Database, waits: Iterable[tuple[str, str]], no
             ((reason, now, job_id, reason) for job_id, reason in waits),
         )
     return cur.rowcount
+
+
+Wait = tuple[str, int, str]
+"""(job id, attempt, why it waits): a job waiting after that attempt (0: never placed yet)."""
+
+
+def apply_waits(db: sqlite_utils.Database, waits: Iterable[Wait]) -> list[Wait]:
+    """Set why each job waits, if it still waits after that attempt, in the caller's transaction
+    (``db.derived``: a reason is derived state, not a change of the job, so ``updated_at`` stays).
+
+    Returns the waits that matched no waiting job here (not yet here, or no longer waiting)."""
+    waits = list(waits)
+    current: dict[str, tuple[int, str, str]] = {}
+    for i in range(0, len(waits), 400):  # SQLite's bound-parameter limit
+        ids = [w[0] for w in waits[i:i + 400]]
+        for job_id, attempt, state, reason in db.conn.execute(
+                f"SELECT id, attempt, state, reason FROM jobs WHERE id IN ({', '.join('?' for _ in ids)})", ids):
+            current[job_id] = (attempt, state, reason)
+    unmatched: list[Wait] = []
+    changed: list[tuple[str, str]] = []
+    for job_id, attempt, reason in waits:
+        here = current.get(job_id)
+        if here is None or here[0] != attempt or here[1] not in _WAITING:
+            unmatched.append((job_id, attempt, reason))
+        elif here[2] != reason:
+            changed.append((reason, job_id))
+    if changed:
+        db.conn.executemany("UPDATE jobs SET reason = ? WHERE id = ?", changed)
+    return unmatched
+
+
+def waiting_reasons(db: sqlite_utils.Database) -> list[Wait]:
+    """Why every waiting job waits, as this process last said or heard it."""
+    marks = ", ".join("?" for _ in _WAITING)
+    return [(r[0], r[1], r[2]) for r in db.conn.execute(
+        f"SELECT id, attempt, reason FROM jobs WHERE state IN ({marks}) AND reason != ''", sorted(_WAITING))]
 
 
 def usage_by_tenant(db: sqlite_utils.Database, tenant: str) -> dict[str, Any]:

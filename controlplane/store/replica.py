@@ -56,7 +56,8 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -291,6 +292,16 @@ class Replica:
             conn.execute(f"DROP TRIGGER IF EXISTS temp.cpn_local_{table}_ins")
             conn.execute(f"CREATE TEMP TRIGGER cpn_local_{table}_ins AFTER INSERT ON main.{table} "
                          f"BEGIN SELECT cpn_local('{table}', {', '.join(f'NEW.{c}' for c in cols)}); END")
+
+    @contextmanager
+    def uncaptured(self) -> Iterator[None]:
+        """``db.derived``: what the body writes stays in this process's SQLite (nothing captured,
+        nothing published): derived state, such as why a job waits."""
+        self._applying = True
+        try:
+            yield
+        finally:
+            self._applying = False
 
     def _captured_derived(self) -> None:
         """Rule 7: a row a trigger derives from a replicated one (inserted again when the batch is applied)."""

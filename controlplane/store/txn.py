@@ -1,4 +1,5 @@
-"""One atomic, durable SQLite transaction, shared by every store (the market's included).
+"""One atomic, durable SQLite transaction, shared by every store (the market's included), and
+:func:`derived`, the transaction of derived state that stays out of the replicated record.
 
 Its own module because ``store/db.py`` installs the market's tables: the market's stores import
 this, not ``db``, so there is one transaction and no import cycle.
@@ -7,7 +8,7 @@ this, not ``db``, so there is one transaction and no import cycle.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Protocol
 
 import sqlite_utils
@@ -60,3 +61,29 @@ def transaction(db: sqlite_utils.Database, *, local: bool = False) -> Iterator[s
     conn.execute("COMMIT")
     if hook is not None:
         hook.after_commit()
+
+
+@contextmanager
+def derived(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+    """A transaction of derived state (why jobs wait: the leader works it out again at every
+    tick): written to this process's SQLite only, never to the replicated record (a
+    ``write_hook``'s ``uncaptured`` lets its replicated tables be written unpublished), and not
+    fsynced (WAL + ``synchronous=NORMAL``: consistent; a crash may lose the last few, which the
+    next tick says again). Not inside another transaction."""
+    conn = db.conn
+    if conn.in_transaction:
+        raise RuntimeError("derived() inside a transaction")
+    uncaptured = getattr(getattr(db, "write_hook", None), "uncaptured", None)
+    (was,) = conn.execute("PRAGMA synchronous").fetchone()
+    with uncaptured() if uncaptured is not None else nullcontext():
+        conn.execute("PRAGMA synchronous = NORMAL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.execute(f"PRAGMA synchronous = {int(was)}")

@@ -219,37 +219,3 @@ async def test_a_burst_of_submissions_shares_ticks_and_each_job_is_still_planned
         ran = service.counters["ticks"] - ticks
         assert 1 <= ran <= 2 + elapsed_s / gap_s, (ran, elapsed_s)
         assert service.counters["pokes_coalesced"] >= 1
-
-
-async def test_the_waits_of_rounds_that_plan_only_new_jobs_are_held_then_written_together(
-        tmp_path: Path, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A round that plans only new submissions and starts and stops nothing holds its waits
-    (training.WAITS_HELD_S, made long here) rather than writing each round's few reasons as a
-    write of its own; the next full plan writes them (they are not in the store yet, so their
-    reasons changed). (The burst test above sees them written once due, with a 30 s tick period.)"""
-    monkeypatch.setattr(training, "WAITS_HELD_S", 600.0)
-    config = hub_config(tmp_path, nats_server.url, scheduler_tick_s=30.0, scheduler_poke_gap_s=0.01)
-    async with running_hub(config) as hub, aiohttp.ClientSession() as session:
-        acme = Client(session, f"http://127.0.0.1:{hub.http_port}", hub.create_tenant("acme"))
-        service = services_of(hub).training
-
-        def reason(job_id: str) -> str:
-            row = store_jobs.get_job(hub.db, job_id)
-            assert row is not None
-            return row.reason
-
-        status, first, _ = await acme.call("POST", "/v1/jobs", JOB)
-        assert status == 201, first
-        await until(lambda: reason(first["id"]) != "", 10, "the first job's wait, by a full plan")
-        ids = []
-        for _ in range(5):
-            rounds = service.counters["ticks_incremental"]
-            status, job, _ = await acme.call("POST", "/v1/jobs", JOB)
-            assert status == 201, job
-            ids.append(job["id"])
-            await until(lambda: service.counters["ticks_incremental"] > rounds, 10, "a round that plans it")
-        assert service.counters["waits_held"] >= 5
-        assert [reason(i) for i in ids] == [""] * 5  # planned, held
-        service.poke()  # anything but a submission: a full plan
-        await until(lambda: all(reason(i) for i in ids), 10, "the held waits written by the full plan")
-        assert {reason(i) for i in ids} == {reason(first["id"])}

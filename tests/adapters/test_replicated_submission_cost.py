@@ -13,6 +13,9 @@ What these prove:
 - the process's GIL switch interval is 0.5 ms while the record's thread runs (Rule 8 of the bridge);
 - a submission is published through the connection of the process's own event loop, not handed to
   the record's thread and back (Rule 9 of the bridge);
+- a submission is one write of its job to the record: why the job waits (the leader's tick says
+  it) is derived state shared over NATS, not a second write of the job's row (before: every job
+  the bench leaves queued was written twice); every process, one started later too, shows it;
 - a retry of a submission at a process whose watch has not yet brought the first answer (held
   back here) loses the idempotency key's compare-and-set, catches up and replays the first job:
   one job, the same id, ``Idempotent-Replayed``, as it was with a barrier before every submission.
@@ -28,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import nats
 import pytest
 
 from controlplane.hub import Hub
@@ -129,6 +133,56 @@ async def test_submissions_ask_the_record_for_no_read_barrier_and_apply_once(tmp
     finally:
         await b.stop()
         await a.stop()
+
+
+async def test_a_submission_is_one_write_of_its_job_and_every_process_says_why_it_waits(
+        tmp_path: Path, cluster: NatsCluster) -> None:
+    urls = ",".join(cluster.urls)
+    a = await record_hub(tmp_path, urls, "hub-a")
+    b = await record_hub(tmp_path, urls, "hub-b")
+    hubs = [a, b]
+    nc = await nats.connect(cluster.urls[0])
+    try:
+        key = a.create_tenant("acme")
+        await until(lambda: b.db.conn.execute("SELECT 1 FROM tenants WHERE id = 'acme'").fetchone() is not None,
+                    5, "the tenant at B")
+        writes: dict[str, int] = {}
+
+        async def written(msg: Any) -> None:
+            writes[msg.subject] = writes.get(msg.subject, 0) + 1
+
+        sub = await nc.subscribe("$KV.CPN_RECORD.job.>", cb=written)
+        await nc.flush()
+        ids = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            for i in range(30):  # no site: every job stays queued, told why
+                status, body, _ = await Client(session, f"http://127.0.0.1:{hubs[i % 2].http_port}", key).call(
+                    "POST", "/v1/jobs", JOB)
+                assert status == 201, body
+                ids.append(body["id"])
+            hubs.append(await record_hub(tmp_path, urls, "hub-c"))  # started later: asks for the full set
+
+            async def reasons(hub: Hub) -> set[str]:
+                out = set()
+                for job_id in ids:
+                    status, body, _ = await Client(session, f"http://127.0.0.1:{hub.http_port}", key).call(
+                        "GET", f"/v1/jobs/{job_id}")
+                    assert status == 200, body
+                    out.add(body["wait_reason"])
+                return out
+
+            for hub in hubs:
+                async with asyncio.timeout(15):
+                    while "" in (said := await reasons(hub)):
+                        await asyncio.sleep(0.2)
+                assert len(said) == 1 and said.pop().startswith("infeasible: "), hub
+        await nc.flush()
+        await sub.unsubscribe()
+        assert writes == {f"$KV.CPN_RECORD.job.{i}": 1 for i in ids}  # before: 2 each (the reason, again)
+    finally:
+        await nc.close()
+        for hub in reversed(hubs):
+            await hub.stop()
 
 
 async def test_a_retry_at_a_process_whose_watch_is_late_replays_the_first_job(tmp_path: Path,

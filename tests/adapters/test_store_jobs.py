@@ -275,6 +275,23 @@ def test_a_plan_tick_is_one_transaction_all_or_nothing(db) -> None:  # type: ign
     assert [j.id for j in jobs.jobs_in_states(db, [lc.JobState.PLACED])] == sorted([a.id, b.id], key=lambda i: (T0, i))
 
 
+def test_waits_are_said_only_to_jobs_still_waiting_after_that_attempt(db) -> None:  # type: ignore[no-untyped-def]
+    """A wait reason is derived state (``db.derived``): set only on a job still waiting after the
+    attempt it was planned at, without touching ``updated_at``; the others come back unmatched."""
+    a, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
+    b, _ = jobs.create_job(db, "acme", body(), None, "x", T0)
+    jobs.record_placements(db, [(lc.place(b.record(), "p1", "A800", T0 + 1), placed("p1"))], T0 + 1)
+    said = [(a.id, 0, "quota"), (a.id, 1, "cards"), (b.id, 0, "quota"), ("job-none", 0, "quota")]
+    with dbmod.derived(db):
+        unmatched = jobs.apply_waits(db, said)
+    assert unmatched == said[1:]  # another attempt; placed, not waiting; not here
+    row = jobs.get_job(db, a.id)
+    assert row is not None and (row.reason, row.updated_at) == ("quota", a.updated_at)
+    assert jobs.waiting_reasons(db) == [(a.id, 0, "quota")]
+    with pytest.raises(RuntimeError), dbmod.transaction(db), dbmod.derived(db):
+        pass  # never inside another transaction (it could not stay out of the record's batch)
+
+
 def test_everything_survives_reopening_the_file(path: Path) -> None:
     first = dbmod.open_db(path)
     try:
