@@ -309,6 +309,10 @@ class InferAccepted(msgspec.Struct, tag="accepted", kw_only=True):
 
 ACCEPTED_PREFIX = b'{"type":"accepted"'
 
+CHUNK_PREFIX = b'{"type":"chunk"'
+"""The first bytes of an encoded :class:`InferChunk` (its tag comes first): the hub tells a stream
+that comes in pieces from one answered whole by them, before decoding anything."""
+
 
 class InferResult(msgspec.Struct, tag="result", kw_only=True):
     """The final answer (after the chunks, when streaming)."""

@@ -177,12 +177,16 @@ def _retire_ping(pings: set[asyncio.Future[None]]) -> Callable[[asyncio.Future[N
 class _Waiter:
     """One request waiting on the shared reply subscription."""
 
-    __slots__ = ("future", "site", "due", "deadline", "acked")
+    __slots__ = ("future", "site", "due", "deadline", "acked", "streamed", "stream")
 
     def __init__(self, future: asyncio.Future[Msg | None], site: str, due: float,
-                 deadline: float, acked: bool) -> None:
+                 deadline: float, acked: bool, streamed: bool = False) -> None:
         self.future = future
         self.site = site
+        self.streamed = streamed
+        """A streamed request: if its first message is a chunk, the rest go to :attr:`stream`."""
+        self.stream: _Stream | None = None
+        """Set when a streamed request's first message was a chunk (:meth:`HubBus._on_reply`)."""
         self.due = due
         """Loop time the current wait ends (the acknowledgement's, then the answer's): the bus's one
         timer for every request (:meth:`HubBus._due`) ends it with no message."""
@@ -203,10 +207,12 @@ class _Stream:
     wait under way if that one is due, else re-arms for it. A stream of many chunks costs a timer
     or two, not one per chunk. :meth:`close` cancels it."""
 
-    __slots__ = ("queue", "wake", "dropped", "site", "lost", "loop", "wait_until", "timer", "timer_at")
+    __slots__ = ("queue", "wake", "dropped", "site", "lost", "loop", "wait_until", "timer", "timer_at", "token")
 
     def __init__(self, site: str = "", loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop or asyncio.get_running_loop()
+        self.token = ""
+        """Its reply token (its key in ``HubBus._streams``)."""
         self.wait_until: float | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
@@ -279,6 +285,80 @@ class _Stream:
         timer, self.timer = self.timer, None
         if timer is not None:
             timer.cancel()
+
+
+class _Rest:
+    """The messages of a stream after its first chunk (:meth:`HubBus.infer_stream`): chunks in
+    order, then the final result. Closing it (:meth:`aclose`, or its end or failure) ends the
+    stream's timer and forgets it."""
+
+    __slots__ = ("bus", "stream", "site", "request_id", "idle_timeout_s", "expected", "ended")
+
+    def __init__(self, bus: HubBus, stream: _Stream, site: str, request_id: str, idle_timeout_s: float) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.site = site
+        self.request_id = request_id
+        self.idle_timeout_s = idle_timeout_s
+        self.expected = 0
+        """The next chunk's index: a site numbers its chunks 0, 1, 2, ..."""
+        self.ended = False
+
+    def __aiter__(self) -> _Rest:
+        return self
+
+    async def __anext__(self) -> wire.InferChunk | wire.InferResult:
+        if self.ended:
+            raise StopAsyncIteration
+        stream, site = self.stream, self.site
+        try:
+            while True:
+                msg = await stream.next(max(self.idle_timeout_s, 0.001))
+                if msg is None:
+                    if stream.lost:
+                        raise SiteUnreachable(f"{site}: declared lost (silent for the detection period) mid-answer")
+                    if stream.dropped:
+                        stream.dropped = False
+                        continue  # the site has it: what it sends next comes on the new connection
+                    self.bus.stats.timeouts += 1
+                    raise SiteUnreachable(f"{site}: no chunk within {self.idle_timeout_s * 1000:.0f} ms")
+                reply = self.read(msg)
+                if reply is None:
+                    continue
+                if isinstance(reply, wire.InferResult):
+                    self.close()
+                return reply
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, msg: Msg) -> wire.InferChunk | wire.InferResult | None:
+        """One message of the stream, decoded (None: a repeated acknowledgement, nothing to relay)."""
+        site = self.site
+        try:
+            reply = wire.infer_reply_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.bus.stats.bad("infer_chunk")
+            raise SiteRefused("bad_message", f"{site} sent a malformed chunk: {exc}", False) from None
+        if isinstance(reply, wire.ErrorReply):
+            raise SiteRefused(reply.code, reply.message, reply.retryable)
+        if isinstance(reply, wire.InferAccepted):
+            return None
+        if isinstance(reply, wire.InferChunk):
+            expected = self.expected
+            if reply.index > expected:  # chunks lost on the way (the site's NATS link broke)
+                raise SiteRefused("stream_broken", f"{site}: chunks {expected}-{reply.index - 1} of the "
+                                  "stream never came (its NATS link broke mid-answer)", False)
+            self.expected = max(expected, reply.index + 1)
+        return reply
+
+    def close(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.bus._end_stream(self.stream, self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 RegisterHandler = Callable[[wire.Register], wire.RegisterAck | wire.ErrorReply]
@@ -726,6 +806,12 @@ class HubBus:
                 waiter.acked = True
                 waiter.due = waiter.deadline  # later: the timer armed for the earlier due re-arms
             return
+        if waiter.streamed and msg.data.startswith(wire.CHUNK_PREFIX):
+            # A stream that comes in pieces: its later messages queue on a stream of their own
+            # from now on (the waiter is done with the first).
+            del self._waiting[token]
+            stream = waiter.stream = self._streams[token] = _Stream(waiter.site, self._loop)
+            stream.token = token
         waiter.future.set_result(msg)
 
     def fail_requests(self, site: str) -> int:
@@ -782,7 +868,7 @@ class HubBus:
         return hashlib.blake2b(self._reply_n.to_bytes(8, "big"), key=self._reply_key, digest_size=12).hexdigest()
 
     async def _request(self, subject: str, data: bytes, timeout_s: float, who: str,
-                       ack_timeout_s: float | None = None) -> Msg:
+                       ack_timeout_s: float | None = None, streamed: bool = False) -> tuple[Msg, _Stream | None]:
         """Request/reply over the hub's one reply subscription.
 
         The protocol of nats-py's ``request`` (one wildcard inbox, a token per request), built for the
@@ -792,6 +878,10 @@ class HubBus:
 
         With ``ack_timeout_s`` (the request asked for :class:`wire.InferAccepted`), the site must
         answer or acknowledge within that time, then answer within ``timeout_s`` of the start.
+
+        Returns the first message, and for a ``streamed`` request whose first message is a chunk,
+        the :class:`_Stream` its later messages come on (else None): a stream answered whole is
+        waited for exactly as a plain request is.
 
         Raises:
             SiteUnreachable: no answer within ``timeout_s`` (or no acknowledgement within
@@ -808,7 +898,7 @@ class HubBus:
         asked_ack = ack_timeout_s is not None and ack_timeout_s < timeout_s
         first_wait = ack_timeout_s if ack_timeout_s is not None and asked_ack else timeout_s
         now = loop.time()
-        waiter = _Waiter(future, who, now + first_wait, now + timeout_s, not asked_ack)
+        waiter = _Waiter(future, who, now + first_wait, now + timeout_s, not asked_ack, streamed)
         self._waiting[token] = waiter
         self._due(loop, waiter.due)
         resent = False
@@ -835,8 +925,12 @@ class HubBus:
                 self._due(loop, waiter.due)
         except nats.errors.ConnectionClosedError as exc:
             raise BusUnavailable(str(exc)) from None
+        except BaseException:
+            if waiter.stream is not None:  # its first chunk came, then the wait was cancelled
+                self._end_stream(waiter.stream, "")
+            raise
         finally:
-            del self._waiting[token]
+            self._waiting.pop(token, None)  # gone already when a chunk came first
         if msg is None:
             if not waiter.acked:
                 self.stats.ack_timeouts += 1
@@ -848,7 +942,7 @@ class HubBus:
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             self.stats.no_responders += 1
             raise SiteAbsent(f"{who}: no responders")
-        return msg
+        return msg, waiter.stream
 
     async def infer(self, site: str, req: wire.InferRequest, timeout_s: float,
                     ack_timeout_s: float | None = None) -> wire.InferResult:
@@ -863,7 +957,7 @@ class HubBus:
         subject = self._infer_subjects.get(site)
         if subject is None:
             subject = self._infer_subjects[site] = wire.infer_subject(site)
-        msg = await self._request(subject, wire.encode(req), timeout_s, site, ack_timeout_s)
+        msg, _ = await self._request(subject, wire.encode(req), timeout_s, site, ack_timeout_s)
         return self._decode_result(site, msg.data)
 
     def _decode_result(self, site: str, data: bytes) -> wire.InferResult:
@@ -885,105 +979,46 @@ class HubBus:
     async def infer_stream(
         self, site: str, req: wire.InferRequest, first_timeout_s: float, idle_timeout_s: float = 30.0,
         ack_timeout_s: float | None = None,
-    ) -> AsyncIterator[wire.InferChunk | wire.InferResult]:
-        """Streaming inference: yields chunks, then the final result.
+    ) -> tuple[wire.InferChunk | wire.InferResult, AsyncIterator[wire.InferChunk | wire.InferResult] | None]:
+        """Streaming inference: the first message, and the iterator of the rest (None when the
+        first is already the final result: the whole answer came at once).
 
-        The first chunk must arrive within ``first_timeout_s`` (so the caller can still fail over);
-        later ones within ``idle_timeout_s`` each. With ``ack_timeout_s``, the site must send
-        something (its acknowledgement, or the first chunk) within that time.
+        The first message is waited for as a plain request's answer (:meth:`_request`: the same
+        waiter, timer, acknowledgement and resending), so a stream answered whole costs what a
+        plain request costs; only one that comes in pieces gets a queue and a timer of its own
+        (:class:`_Stream`, read by :class:`_Rest`), and must then be closed (``aclose``) if not read
+        to its end. The first message must arrive within ``first_timeout_s`` (so the caller can
+        still fail over); later ones within ``idle_timeout_s`` each. With ``ack_timeout_s``, the
+        site must send something (its acknowledgement, or the first chunk) within that time.
+
+        Raises:
+            SiteUnreachable: timeout, no acknowledgement or no responders.
+            SiteRefused: the site answered with an ErrorReply (or something malformed).
         """
-        nc = self.nc
-        if nc is None or not nc.is_connected:
-            nc = await self._connected_nc()
         self.stats.requests += 1
         subject = self._infer_subjects.get(site)
         if subject is None:
             subject = self._infer_subjects[site] = wire.infer_subject(site)
-        # The shared reply subscription, as for answers (no SUB/UNSUB to the server per stream).
-        token = self._token()
-        loop = self._running_loop()
-        stream = self._streams[token] = self._stream_of[req.request_id] = _Stream(site, loop)
+        msg, stream = await self._request(subject, wire.encode(req), first_timeout_s, site, ack_timeout_s, True)
+        if stream is None:
+            return self._decode_result(site, msg.data), None
+        rest = _Rest(self, stream, site, req.request_id, idle_timeout_s)
         try:
-            data = wire.encode(req)
+            first = rest.read(msg)
+        except BaseException:
+            rest.close()
+            raise
+        assert isinstance(first, wire.InferChunk)  # it starts as one (``wire.CHUNK_PREFIX``)
+        self._stream_of[req.request_id] = stream
+        return first, rest
 
-            async def send(nc: Any) -> int:
-                generation = self._generation
-                try:
-                    if not publish_soon(nc, subject, data, self._reply_prefix + token):
-                        await nc.publish(subject, data, reply=self._reply_prefix + token)
-                except nats.errors.ConnectionClosedError as exc:
-                    raise BusUnavailable(str(exc)) from None
-                return generation
-
-            generation = await send(nc)
-            first_due = loop.time() + first_timeout_s
-            asked_ack = ack_timeout_s is not None and ack_timeout_s < first_timeout_s
-            awaiting_ack = asked_ack
-            timeout = ack_timeout_s if awaiting_ack and ack_timeout_s is not None else first_timeout_s
-            first = True
-            heard = resent = False
-            expected = 0  # the next chunk's index: a site numbers its chunks 0, 1, 2, ...
-            while True:
-                msg = await stream.next(max(timeout, 0.001))
-                if msg is None and stream.lost:
-                    raise SiteUnreachable(f"{site}: declared lost (silent for the detection period)"
-                                          + ("" if first else " mid-answer"))
-                if msg is None and not heard:
-                    # Nothing yet: if the connection it went out on was dropped, or is stuck (a
-                    # frozen server: no PONG either), the request goes once more on the next one.
-                    dropped, stream.dropped = stream.dropped, False
-                    if dropped or (awaiting_ack and not resent and not await self.responsive(BUS_PROBE_S)):
-                        if resent:
-                            raise BusUnavailable("the hub's NATS connection dropped twice during one request")
-                        resent = True
-                        self.stats.resent += 1
-                        generation = await send(await self._next_connection(generation))
-                        awaiting_ack = asked_ack
-                        timeout = (ack_timeout_s if awaiting_ack and ack_timeout_s is not None
-                                   else first_due - loop.time())
-                        continue
-                elif msg is None and stream.dropped:
-                    stream.dropped = False
-                    continue  # the site has it: what it sends next comes on the new connection
-                if msg is None:
-                    if awaiting_ack:
-                        self.stats.ack_timeouts += 1
-                        raise SiteSilent(f"{site}: no acknowledgement within {timeout * 1000:.0f} ms")
-                    self.stats.timeouts += 1
-                    raise SiteUnreachable(f"{site}: no answer within {first_timeout_s * 1000:.0f} ms" if first
-                                          else f"{site}: no chunk within {idle_timeout_s * 1000:.0f} ms")
-                if first and msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
-                    self.stats.no_responders += 1
-                    raise SiteAbsent(f"{site}: no responders")
-                awaiting_ack = False
-                heard = True
-                if first and msg.data.startswith(wire.ACCEPTED_PREFIX):
-                    timeout = first_due - loop.time()  # the site has it: the first chunk is due as before
-                    continue
-                first = False
-                timeout = idle_timeout_s
-                try:
-                    reply = wire.infer_reply_decoder.decode(msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self.stats.bad("infer_chunk")
-                    raise SiteRefused("bad_message", f"{site} sent a malformed chunk: {exc}", False) from None
-                if isinstance(reply, wire.ErrorReply):
-                    raise SiteRefused(reply.code, reply.message, reply.retryable)
-                if isinstance(reply, wire.InferAccepted):
-                    continue  # a repeat: nothing to relay
-                if isinstance(reply, wire.InferChunk):
-                    if reply.index > expected:  # chunks lost on the way (the site's NATS link broke)
-                        raise SiteRefused("stream_broken", f"{site}: chunks {expected}-{reply.index - 1} of the "
-                                          "stream never came (its NATS link broke mid-answer)", False)
-                    expected = max(expected, reply.index + 1)
-                yield reply
-                if isinstance(reply, wire.InferResult):
-                    return
-        finally:
-            stream.close()
-            del self._streams[token]
-            if self._stream_of.get(req.request_id) is stream:
-                del self._stream_of[req.request_id]
+    def _end_stream(self, stream: _Stream, request_id: str) -> None:
+        """A stream is over: its timer goes, and it is forgotten."""
+        stream.close()
+        if self._streams.get(stream.token) is stream:
+            del self._streams[stream.token]
+        if self._stream_of.get(request_id) is stream:
+            del self._stream_of[request_id]
 
     def stream_ready(self, request_id: str) -> bool:
         """Whether the stream of ``request_id`` has its next message here already (taking it will

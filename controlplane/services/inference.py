@@ -480,20 +480,15 @@ class InferenceService:
         last = ""
         for site, rtt_ms in [(decision.site, decision.rtt_ms), *decision.fallbacks]:
             served.tried.append(site)
-            it = self.bus.infer_stream(site, req, self.site_timeout_s,
-                                       ack_timeout_s=self._ack_timeout(self.registry.get(site))).__aiter__()
             try:
-                first = await it.__anext__()
+                first, it = await self.bus.infer_stream(site, req, self.site_timeout_s,
+                                                        ack_timeout_s=self._ack_timeout(self.registry.get(site)))
             except (SiteUnreachable, SiteRefused) as exc:
-                await aclose(it)
                 if isinstance(exc, SiteRefused) and not exc.retryable:
                     log.info("event=site_refused request_id=%s site=%s error=%s", req.request_id, site, exc)
                     raise public_refusal(site, exc) from None
                 last = _public(site, exc)
                 await self._failed_over(site, req, exc)
-                continue
-            except StopAsyncIteration:
-                last = f"{site} ended the stream without an answer"
                 continue
             if len(served.tried) > 1:
                 served.route = "failover"
@@ -505,13 +500,14 @@ class InferenceService:
             self.metrics.first_token(req.model, site, elapsed)
             if served.predicted is not None:
                 self._predicted(served, req, elapsed, True)
-            if isinstance(first, wire.InferResult):  # the whole answer at once: no relay loop needed
-                await aclose(it)
+            if it is None:  # the whole answer at once, waited for as a plain one's: no relay loop needed
+                assert isinstance(first, wire.InferResult)
                 self.accounting.account(req, first, site)
                 self._service_time(site, req.model, first.service_ms)
                 served.result = first
                 return served, _NOTHING
-            return served, self._rest(first, it, req, site)
+            assert isinstance(first, wire.InferChunk)
+            return served, _Rest(self, first, it, req, site)
         raise AllSitesFailed(served.tried, last)
 
     def stream_ready(self, request_id: str) -> bool:
@@ -519,34 +515,61 @@ class InferenceService:
         already: the relay can write it together with the one it holds."""
         return self.bus.stream_ready(request_id)
 
-    async def _rest(
-        self,
-        first: wire.InferChunk | wire.InferResult,
-        it: AsyncIterator[wire.InferChunk | wire.InferResult],
-        req: wire.InferRequest,
-        site: str,
-    ) -> AsyncIterator[wire.InferChunk | wire.InferResult]:
-        finished = False
+
+class _Rest:
+    """A stream's messages from its first chunk on (:meth:`InferenceService.stream`): the final
+    result accounted as it passes; closed (:meth:`aclose`, or at its end or failure) before its
+    result, the site is told to stop. An object rather than an async generator, so closing it works
+    even before it is first read (a response head that could not be written)."""
+
+    __slots__ = ("service", "first", "it", "req", "site", "finished", "closed")
+
+    def __init__(self, service: InferenceService, first: wire.InferChunk,
+                 it: AsyncIterator[wire.InferChunk | wire.InferResult], req: wire.InferRequest, site: str) -> None:
+        self.service = service
+        self.first: wire.InferChunk | None = first
+        self.it = it
+        self.req = req
+        self.site = site
+        self.finished = False
+        self.closed = False
+
+    def __aiter__(self) -> _Rest:
+        return self
+
+    async def __anext__(self) -> wire.InferChunk | wire.InferResult:
+        if self.closed:
+            raise StopAsyncIteration
+        first = self.first
+        if first is not None:
+            self.first = None
+            return first
+        req, site = self.req, self.site
         try:
-            msg = first
-            while True:
-                if isinstance(msg, wire.InferResult):
-                    finished = True
-                    self.accounting.account(req, msg, site)
-                    self._service_time(site, req.model, msg.service_ms)
-                    yield msg
-                    return
-                yield msg
-                try:
-                    msg = await it.__anext__()
-                except SiteRefused as exc:
-                    log.info("event=site_refused request_id=%s site=%s error=%s", req.request_id, site, exc)
-                    raise public_refusal(site, exc) from None
-        finally:
-            await aclose(it)
-            if not finished:
-                # The tenant went away (or the site failed) mid-stream: tell the site to stop.
-                await self.bus.publish_command(site, wire.CancelInfer(request_id=req.request_id))
+            msg = await self.it.__anext__()
+        except SiteRefused as exc:
+            await self.aclose()
+            log.info("event=site_refused request_id=%s site=%s error=%s", req.request_id, site, exc)
+            raise public_refusal(site, exc) from None
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(msg, wire.InferResult):
+            self.finished = True
+            service = self.service
+            service.accounting.account(req, msg, site)
+            service._service_time(site, req.model, msg.service_ms)
+            await self.aclose()
+        return msg
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await aclose(self.it)
+        if not self.finished:
+            # The tenant went away (or the site failed) mid-stream: tell the site to stop.
+            await self.service.bus.publish_command(self.site, wire.CancelInfer(request_id=self.req.request_id))
 
 
 class _Nothing:

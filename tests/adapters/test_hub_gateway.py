@@ -27,6 +27,12 @@ from tests.support.timers import timers_armed
 from tests.support.waiting import until
 
 
+async def _streamed(bus, *args, **kwargs) -> list:  # type: ignore[no-untyped-def,type-arg]
+    """Every message of a stream (``HubBus.infer_stream``): the first, then the rest."""
+    first, rest = await bus.infer_stream(*args, **kwargs)
+    return [first] + ([m async for m in rest] if rest is not None else [])
+
+
 @pytest.fixture
 async def rig(tmp_path: Path, nats_server: NatsServer):  # type: ignore[no-untyped-def]
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
@@ -219,11 +225,10 @@ async def test_a_site_that_acknowledges_is_waited_for_and_a_silent_one_is_left_a
 
     stream = wire.InferRequest(request_id="a2", model="m", prompt="hi", ack=True, stream=True)
     subs = len(hub.bus.nc._subs)
-    got = [m async for m in hub.bus.infer_stream("slow", stream, 5.0, ack_timeout_s=0.2)]
+    got = await _streamed(hub.bus, "slow", stream, 5.0, ack_timeout_s=0.2)
     assert [type(m).__name__ for m in got] == ["InferChunk", "InferResult"]  # the acknowledgement is not relayed
     with pytest.raises(SiteSilent, match="mute: no acknowledgement"):
-        async for _ in hub.bus.infer_stream("mute", stream, 5.0, ack_timeout_s=0.3):
-            pass
+        await _streamed(hub.bus, "mute", stream, 5.0, ack_timeout_s=0.3)
     assert hub.bus.stats.ack_timeouts == 2
     # Streams come back on the hub's one reply subscription: none opened per stream, none left behind.
     assert replies[-1].startswith(hub.bus._reply_prefix)
@@ -313,8 +318,8 @@ async def test_a_stream_says_when_its_next_message_is_already_here(rig) -> None:
     await nc.subscribe(wire.infer_subject("paced"), cb=paced)  # type: ignore[attr-defined]
     await barrier(nc)
     req = wire.InferRequest(request_id="s1", model="m", prompt="hi", stream=True)
-    it = hub.bus.infer_stream("paced", req, 5.0).__aiter__()
-    assert isinstance(await it.__anext__(), wire.InferChunk)
+    first, it = await hub.bus.infer_stream("paced", req, 5.0)
+    assert isinstance(first, wire.InferChunk) and it is not None
     assert not hub.bus.stream_ready("s1")  # the result is 0.3 s away: write the chunk now
     await until(lambda: hub.bus.stream_ready("s1"))  # it came: taking it will not wait
     assert isinstance(await it.__anext__(), wire.InferResult)
@@ -465,15 +470,18 @@ async def test_a_stream_costs_the_hub_one_timer_not_one_per_message_and_still_ti
     await nc.subscribe(wire.infer_subject("stall"), cb=stall)  # type: ignore[attr-defined]
     await barrier(nc)
     with timers_armed(module="controlplane.nats.bus") as armed:
-        got = [m async for m in hub.bus.infer_stream("drip", wire.InferRequest(
-            request_id="d1", model="m", prompt="hi", stream=True), 5.0)]
+        got = await _streamed(hub.bus, "drip", wire.InferRequest(
+            request_id="d1", model="m", prompt="hi", stream=True), 5.0)
         assert [type(m).__name__ for m in got] == ["InferChunk"] * 5 + ["InferResult"]
-        assert len(armed) == 1, armed  # the old code armed one per message waited for
+        # The first message is waited for as a plain answer is (the bus's one timer for every
+        # request), the rest on the stream's own: at most two, where the old code armed one per
+        # message waited for.
+        assert 1 <= len(armed) <= 2, armed
         # The first message is due within 0.2 s, the next ones within 0.5 s of the wait's start:
         # the timer fires at 0.2 s while the second wait has time left, re-arms, then ends it.
-        it = hub.bus.infer_stream("stall", wire.InferRequest(request_id="d2", model="m", prompt="hi", stream=True),
-                                  0.2, idle_timeout_s=0.5).__aiter__()
-        assert isinstance(await it.__anext__(), wire.InferChunk)
+        first, it = await hub.bus.infer_stream("stall", wire.InferRequest(
+            request_id="d2", model="m", prompt="hi", stream=True), 0.2, idle_timeout_s=0.5)
+        assert isinstance(first, wire.InferChunk) and it is not None
         started = loop.time()
         with pytest.raises(SiteUnreachable, match="no chunk within 500 ms"):
             await it.__anext__()
@@ -507,8 +515,56 @@ async def test_the_hub_bus_keeps_its_loop_for_requests_and_streams(rig, monkeypa
     for i in range(3):
         assert (await hub.bus.infer("quick", wire.InferRequest(request_id=f"q{i + 1}", model="m", prompt="hi"),
                                     5.0)).output == "x"
-        got = [m async for m in hub.bus.infer_stream("quick", wire.InferRequest(
-            request_id=f"s{i}", model="m", prompt="hi", stream=True), 5.0)]
+        got = await _streamed(hub.bus, "quick", wire.InferRequest(
+            request_id=f"s{i}", model="m", prompt="hi", stream=True), 5.0)
         assert [type(m).__name__ for m in got] == ["InferResult"]
     monkeypatch.setattr(asyncio, "get_running_loop", real)
     assert lookups == []
+
+
+async def test_a_stream_answered_whole_is_waited_for_as_a_plain_answer(rig, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A site whose first message is its result: the hub waits for it exactly as for a plain answer
+    # (the shared waiters), with no stream of its own (no queue, no timer); only a stream whose
+    # first message is a chunk gets one, and it is gone once read to its end or closed unread.
+    from controlplane.nats import bus as bus_mod
+
+    hub, _, _, _, nc = rig
+    made: list[object] = []
+
+    class Counted(bus_mod._Stream):  # type: ignore[name-defined,misc]
+        __slots__ = ()
+
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(bus_mod, "_Stream", Counted)
+
+    async def whole(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        await nc.publish(msg.reply, wire.encode(wire.InferResult(request_id=req.request_id, site="whole", model="m",
+                                                                  output="abc", tail="abc")))
+
+    async def pieces(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        await nc.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="a")))
+        await nc.publish(msg.reply, wire.encode(wire.InferResult(request_id=req.request_id, site="pieces", model="m",
+                                                                  output="ab", tail="b")))
+
+    await nc.subscribe(wire.infer_subject("whole"), cb=whole)  # type: ignore[attr-defined]
+    await nc.subscribe(wire.infer_subject("pieces"), cb=pieces)  # type: ignore[attr-defined]
+    await barrier(nc)
+    first, rest = await hub.bus.infer_stream("whole", wire.InferRequest(request_id="w1", model="m", stream=True), 5.0)
+    assert isinstance(first, wire.InferResult) and first.tail == "abc" and rest is None
+    assert made == [] and not hub.bus._streams and not hub.bus._waiting
+
+    got = await _streamed(hub.bus, "pieces", wire.InferRequest(request_id="p1", model="m", stream=True), 5.0)
+    assert [type(m).__name__ for m in got] == ["InferChunk", "InferResult"] and len(made) == 1
+    assert not hub.bus._streams and not hub.bus._stream_of and not hub.bus._waiting
+
+    first, rest = await hub.bus.infer_stream("pieces", wire.InferRequest(request_id="p2", model="m", stream=True), 5.0)
+    assert isinstance(first, wire.InferChunk) and rest is not None and hub.bus._streams
+    await rest.aclose()  # type: ignore[attr-defined]  # given up before reading on (a client gone)
+    assert not hub.bus._streams and not hub.bus._stream_of
+    with pytest.raises(StopAsyncIteration):
+        await rest.__anext__()
