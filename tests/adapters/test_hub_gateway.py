@@ -568,3 +568,60 @@ async def test_a_stream_answered_whole_is_waited_for_as_a_plain_answer(rig, monk
     assert not hub.bus._streams and not hub.bus._stream_of
     with pytest.raises(StopAsyncIteration):
         await rest.__anext__()
+
+
+async def test_a_stream_answered_whole_gives_the_tenant_the_bytes_of_the_same_answer_in_pieces(  # type: ignore[no-untyped-def]
+        rig, nats_server: NatsServer) -> None:
+    # The same answer, once as the site's result alone (its text as the tail: the plain answer's
+    # way through the hub) and once as a chunk then the result (the relay's way): the tenant reads
+    # the same SSE bytes and the same headers, but for the request's own id and time, and for how
+    # the body is framed (a length, or chunks).
+    import re
+
+    hub, tenant, _, _, _ = rig
+    site = await nats.connect(nats_server.url)
+
+    async def twin(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        whole = "whole" in req.messages[0].content
+        text = "alpha beta"
+        if not whole:
+            await site.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text=text)))
+        await site.publish(msg.reply, wire.encode(wire.InferResult(
+            request_id=req.request_id, site="sh-edge", model=req.model, output=text, prompt_tokens=3,
+            completion_tokens=2, finish_reason="length", tail=text if whole else "")))
+
+    try:
+        await site.subscribe(wire.infer_subject("sh-edge"), cb=twin)
+        ack = await site.request(wire.register_subject("sh-edge"),
+                                 wire.encode(wire.Register(site="sh-edge", city="shanghai")), timeout=2)
+        assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
+        hb = wire.Heartbeat(site="sh-edge", seq=1, models=[wire.ReplicaStatus(model="twin", slots=8)])
+        await site.publish(wire.heartbeat_subject("sh-edge"), wire.encode(hb))
+        await until(lambda: "twin" in hub.known_models())
+
+        async def ask(how: str) -> tuple[dict[str, str], bytes]:
+            body = {"model": "twin", "stream": True, "messages": [{"role": "user", "content": how}],
+                    "stream_options": {"include_usage": True}}
+            async with tenant.session.post(f"{tenant.base}/v1/chat/completions", json=body,
+                                           headers=tenant.headers()) as resp:
+                assert resp.status == 200
+                raw = await resp.read()
+                headers = dict(resp.headers)
+            ids = set(re.findall(rb'"id":"([^"]+)"', raw))
+            created = set(re.findall(rb'"created":(\d+)', raw))
+            assert len(ids) == 1 and len(created) == 1, raw
+            raw = raw.replace(ids.pop(), b"ID").replace(b'"created":' + created.pop(), b'"created":0')
+            for name in ("Date", "X-Request-ID", "Content-Length", "Transfer-Encoding",
+                         "X-CPN-Overhead-Ms", "X-CPN-Promise-Ms"):  # the request's own, or measured
+                assert name in headers or name in ("Content-Length", "Transfer-Encoding"), name
+                headers.pop(name, None)
+            return headers, raw
+
+        whole_headers, whole = await ask("whole")
+        pieces_headers, pieces = await ask("pieces")
+        assert whole == pieces and b"alpha beta" in whole and b'"finish_reason":"length"' in whole
+        assert whole_headers == pieces_headers and whole_headers["Content-Type"].startswith("text/event-stream")
+        assert not hub.bus._streams and not hub.bus._stream_of
+    finally:
+        await site.close()
