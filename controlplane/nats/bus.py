@@ -200,7 +200,8 @@ _TIMER_SLACK_S = 0.001
 
 
 class _Stream:
-    """One streaming request's messages, as they come in on the shared reply subscription.
+    """One streaming request's messages after its first chunk, as they come in on the shared reply
+    subscription (until then it waits as a plain request does: :meth:`HubBus._request`).
 
     Its waits are bounded by one timer for the whole stream, not one per message: a wait notes when
     it times out and arms the timer only if none is due by then; when the timer fires it ends the

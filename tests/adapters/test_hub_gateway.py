@@ -625,3 +625,43 @@ async def test_a_stream_answered_whole_gives_the_tenant_the_bytes_of_the_same_an
         assert not hub.bus._streams and not hub.bus._stream_of
     finally:
         await site.close()
+
+
+async def test_a_stream_given_up_before_its_rest_is_read_tells_the_site_to_stop(  # type: ignore[no-untyped-def]
+        rig, nats_server: NatsServer) -> None:
+    # A stream whose first chunk came but whose rest was never read (the response head could not be
+    # written): closing it frees the hub's queue for it and tells the site to stop, as a stream
+    # given up midway does.
+    from controlplane.services.inference import aclose
+
+    hub, _, _, _, _ = rig
+    site = await nats.connect(nats_server.url)
+    cancelled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def one_chunk(msg):  # type: ignore[no-untyped-def]
+        req = wire.infer_request_decoder.decode(msg.data)
+        await site.publish(msg.reply, wire.encode(wire.InferChunk(request_id=req.request_id, index=0, text="a")))
+
+    async def command(msg):  # type: ignore[no-untyped-def]
+        cmd = msgspec.json.decode(msg.data)
+        if cmd.get("type") == "cancel_infer" and not cancelled.done():
+            cancelled.set_result(cmd["request_id"])
+
+    try:
+        await site.subscribe(wire.infer_subject("sh-edge"), cb=one_chunk)
+        await site.subscribe(wire.cmd_subject("sh-edge"), cb=command)
+        ack = await site.request(wire.register_subject("sh-edge"),
+                                 wire.encode(wire.Register(site="sh-edge", city="shanghai")), timeout=2)
+        assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
+        hb = wire.Heartbeat(site="sh-edge", seq=1, models=[wire.ReplicaStatus(model="once", slots=8)])
+        await site.publish(wire.heartbeat_subject("sh-edge"), wire.encode(hb))
+        await until(lambda: "once" in hub.known_models())
+        served, messages = await hub.inference.stream(
+            wire.InferRequest(request_id="g1", model="once", prompt="x", stream=True),
+            origin="shanghai", budget_ms=1000.0, policy="nearest")
+        assert served.site == "sh-edge" and served.result is None and hub.bus._streams
+        await aclose(messages)
+        assert await asyncio.wait_for(cancelled, 5) == "g1"
+        assert not hub.bus._streams and not hub.bus._stream_of
+    finally:
+        await site.close()
