@@ -38,7 +38,7 @@ import asyncio
 import hashlib
 import json
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -578,12 +578,10 @@ class Record:
 
     # ------------------------------------------------------------------ watch
 
-    async def watch(self, on_change: Callable[[Change | None], None], keys: str = ">", *, after: int | None = None,
+    async def watch(self, keys: str = ">", *, after: int | None = None,
                     heartbeat_s: float = WATCH_HEARTBEAT_S) -> Watch:
-        """Call ``on_change`` with every key's current value (in revision order), then with ``None``
-        once caught up, then with each later write as it happens, on this event loop, from the
-        consumer's own callback (no queue and no task between them: one hop less per change).
-        Stop it with :meth:`Watch.stop`; a stopped watch calls ``on_change`` no more.
+        """Every key's current value (in revision order), then ``None`` once caught up, then each
+        later write as it happens. Stop it with :meth:`Watch.stop`.
 
         ``after``: instead of every key's value, every write after that revision (with one value
         kept per key, the last write of each key written since, deletes as markers), then ``None``,
@@ -594,11 +592,10 @@ class Record:
         Raises:
             NoQuorum: the watch could not be set up in time.
         """
-        watch = Watch(on_change)
+        queue: asyncio.Queue[Change | None | _Stop] = asyncio.Queue()
+        watch = Watch(queue)
 
         async def delivered(msg: Any) -> None:
-            if watch._stopped:
-                return
             meta = msg.metadata
             header = msg.headers or {}
             op = header.get(_KV_OP)
@@ -611,7 +608,7 @@ class Record:
                                 revision=int(meta.sequence.stream))
             watch.delivered += 1
             if change is not None:
-                on_change(change)
+                queue.put_nowait(change)
             if meta.num_pending == 0:
                 watch._caught_up()
 
@@ -683,11 +680,18 @@ class Record:
         return out
 
 
-class Watch:
-    """A running watch (:meth:`Record.watch`): its consumer's subscription, stopped with :meth:`stop`."""
+class _Stop:
+    """The end of a stopped watch's queue."""
 
-    def __init__(self, on_change: Callable[[Change | None], None]) -> None:
-        self._on_change = on_change
+
+_STOP = _Stop()
+
+
+class Watch:
+    """An async iterator of :class:`Change` (and one ``None`` when the initial state is complete)."""
+
+    def __init__(self, queue: asyncio.Queue[Change | None | _Stop]) -> None:
+        self._queue = queue
         self._sub: Any = None
         self._stopped = False
         self._init_done = False
@@ -697,7 +701,18 @@ class Watch:
     def _caught_up(self) -> None:
         if not self._init_done:
             self._init_done = True
-            self._on_change(None)
+            self._queue.put_nowait(None)
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> Change | None:
+        if self._stopped and self._queue.empty():
+            raise StopAsyncIteration
+        change = await self._queue.get()
+        if isinstance(change, _Stop):
+            raise StopAsyncIteration
+        return change
 
     async def stop(self) -> None:
         """Unsubscribe (the server drops the consumer ``WATCH_INACTIVE_S`` later; one on a dead
@@ -705,6 +720,7 @@ class Watch:
         if self._stopped:
             return
         self._stopped = True
+        self._queue.put_nowait(_STOP)
         sub, self._sub = self._sub, None
         if sub is None:
             return

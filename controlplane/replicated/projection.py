@@ -15,8 +15,9 @@ What it promises:
   session's SQLite projection plugs in here); an exception in it is counted, never stops the watch.
 
 It holds values as bytes; decoding into entity types is the caller's (``msgspec`` decoders).
-With ``hold=False`` it holds none (``get`` and ``items`` find nothing): it only follows the
-revision and calls ``on_change``, for a caller that keeps its own copy (``RecordBridge``: SQLite).
+With ``hold=False`` it holds none (``get`` and ``items`` find nothing, ``len`` is 0): it follows
+the revision and calls ``on_change``, for a caller that keeps its own copy (``RecordBridge``,
+whose caller's copy is SQLite).
 - Rule 6: a watch can stop delivering without a word (its consumer lives on one NATS node, held
   in memory: when that node dies or hangs, nothing comes, and a consumer made again while the
   cluster has not yet noticed the loss may be placed on the dead node). While the whole record is
@@ -67,7 +68,7 @@ class Projection:
             the record held a check ago and we miss is read from the record.
         stall_s: how long the watch may deliver nothing while we miss writes before it is restarted.
         hold: keep every key's value in memory for ``get`` and ``items`` (False: the caller keeps
-            its own copy through ``on_change``).
+            its own copy through ``on_change``; about 1.1 KB per key of the record saved).
     """
 
     def __init__(self, record: Record, *, on_change: Callable[[Change], None] | None = None,
@@ -80,9 +81,9 @@ class Projection:
         self.revision = 0
         self.callback_errors = 0
         self.ready = asyncio.Event()
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        """:meth:`wait_for` callers: the revision each waits for, and its future."""
+        self._advanced = asyncio.Condition()
         self._watch: Watch | None = None
+        self._task: asyncio.Task[None] | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self.check_s = check_s
         self.stall_s = stall_s
@@ -109,7 +110,8 @@ class Projection:
         Raises:
             NoQuorum: the watch could not be set up, or the initial state did not arrive in time.
         """
-        self._watch = await self._record.watch(self._delivered, self._keys)
+        self._watch = await self._record.watch(self._keys)
+        self._task = asyncio.create_task(self._run(self._watch), name="projection")
         try:
             async with asyncio.timeout(timeout_s):
                 await self.ready.wait()
@@ -134,7 +136,14 @@ class Projection:
     async def _stop_watch(self) -> None:
         if self._watch is not None:
             await self._watch.stop()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
         self._watch = None
+        self._task = None
 
     async def _supervise(self) -> None:
         """Fill what a silent watch misses, and start a new watch (Rule 6); never stops on an error."""
@@ -188,6 +197,8 @@ class Projection:
             self.apply(change)
         if changes:
             self.filled += len(changes)
+            async with self._advanced:
+                self._advanced.notify_all()
             _log.info("projection_filled changes=%d revision=%d record_revision=%d", len(changes), self.revision, last)
 
     async def _restart_watch(self, last: int) -> None:
@@ -196,20 +207,23 @@ class Projection:
         _log.warning("projection_watch_restart revision=%d record_revision=%d", self.revision, last)
         await self._stop_watch()
         try:
-            watch = await self._record.watch(self._delivered, self._keys, after=self.revision)
+            watch = await self._record.watch(self._keys, after=self.revision)
         except NoQuorum as exc:
             _log.warning("projection_watch_restart_failed revision=%d error=%s", self.revision, exc)
             return  # the next check fills again and tries again
         self._watch = watch
         self._watch_heard_at = loop.time()
+        self._task = asyncio.create_task(self._run(watch), name="projection")
 
-    def _delivered(self, change: Change | None) -> None:
-        """The watch's callback: one change (``None``: the initial state is complete)."""
-        self._watch_heard_at = asyncio.get_running_loop().time()
-        if change is None:
-            self.ready.set()
-        else:
+    async def _run(self, watch: Watch) -> None:
+        async for change in watch:
+            self._watch_heard_at = asyncio.get_running_loop().time()
+            if change is None:
+                self.ready.set()
+                continue
             self.apply(change)
+            async with self._advanced:
+                self._advanced.notify_all()
 
     def apply(self, change: Change) -> None:
         """Apply one change (revision order; an older revision than the last applied is ignored)."""
@@ -217,8 +231,6 @@ class Projection:
             return
         if change.key.startswith(FENCE_CHECK_PREFIX):  # a fenced commit's check: not state
             self.revision = change.revision
-            if self._waiters:
-                self._wake_waiters()
             return
         if self._hold:
             if change.value is None:
@@ -226,8 +238,6 @@ class Projection:
             else:
                 self._values[change.key] = Entry(change.key, change.value, change.revision)
         self.revision = change.revision
-        if self._waiters:
-            self._wake_waiters()
         if self._on_change is not None:
             try:
                 self._on_change(change)
@@ -243,24 +253,9 @@ class Projection:
         """
         if self.revision >= revision:
             return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((revision, waiter))
-        try:
-            async with asyncio.timeout(timeout_s):
-                await waiter
-        finally:
-            if not waiter.done() or waiter.cancelled():  # not answered: timed out, or the caller cancelled
-                waiter.cancel()
-                self._waiters = [w for w in self._waiters if w[1] is not waiter]
-
-    def _wake_waiters(self) -> None:
-        waiting = []
-        for revision, waiter in self._waiters:
-            if revision > self.revision:
-                waiting.append((revision, waiter))
-            elif not waiter.done():
-                waiter.set_result(None)
-        self._waiters = waiting
+        async with asyncio.timeout(timeout_s):
+            async with self._advanced:
+                await self._advanced.wait_for(lambda: self.revision >= revision)
 
     def get(self, key: str) -> Entry | None:
         return self._values.get(key)
