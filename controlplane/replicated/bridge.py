@@ -167,7 +167,7 @@ class RecordBridge:
     async def _open(self, timeout_s: float) -> None:
         self.record = await Record.open(self.servers, bucket=self.bucket, write_deadline_s=self.write_deadline_s,
                                         name=self.name, connect=self.connect)
-        self.projection = Projection(self.record, on_change=self._queue)
+        self.projection = Projection(self.record, on_change=self._queue, hold=False)  # SQLite holds the values
         await self.projection.start(timeout_s=timeout_s)
 
     def close(self) -> None:

@@ -15,6 +15,9 @@ What it promises:
   session's SQLite projection plugs in here); an exception in it is counted, never stops the watch.
 
 It holds values as bytes; decoding into entity types is the caller's (``msgspec`` decoders).
+With ``hold=False`` it holds none (``get`` and ``items`` find nothing, ``len`` is 0): it follows
+the revision and calls ``on_change``, for a caller that keeps its own copy (``RecordBridge``,
+whose caller's copy is SQLite).
 - Rule 6: a watch can stop delivering without a word (its consumer lives on one NATS node, held
   in memory: when that node dies or hangs, nothing comes, and a consumer made again while the
   cluster has not yet noticed the loss may be placed on the dead node). While the whole record is
@@ -64,14 +67,17 @@ class Projection:
         check_s: how often to compare the record's last revision with ours (0: never); a write
             the record held a check ago and we miss is read from the record.
         stall_s: how long the watch may deliver nothing while we miss writes before it is restarted.
+        hold: keep every key's value in memory for ``get`` and ``items`` (False: the caller keeps
+            its own copy through ``on_change``; about 1.1 KB per key of the record saved).
     """
 
     def __init__(self, record: Record, *, on_change: Callable[[Change], None] | None = None,
-                 keys: str = ">", check_s: float = CHECK_S, stall_s: float = STALL_S) -> None:
+                 keys: str = ">", check_s: float = CHECK_S, stall_s: float = STALL_S, hold: bool = True) -> None:
         self._record = record
         self._on_change = on_change
         self._keys = keys
         self._values: dict[str, Entry] = {}
+        self._hold = hold
         self.revision = 0
         self.callback_errors = 0
         self.ready = asyncio.Event()
@@ -226,10 +232,11 @@ class Projection:
         if change.key.startswith(FENCE_CHECK_PREFIX):  # a fenced commit's check: not state
             self.revision = change.revision
             return
-        if change.value is None:
-            self._values.pop(change.key, None)
-        else:
-            self._values[change.key] = Entry(change.key, change.value, change.revision)
+        if self._hold:
+            if change.value is None:
+                self._values.pop(change.key, None)
+            else:
+                self._values[change.key] = Entry(change.key, change.value, change.revision)
         self.revision = change.revision
         if self._on_change is not None:
             try:

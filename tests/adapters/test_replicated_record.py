@@ -147,6 +147,28 @@ async def test_projection_rebuilds_and_reads_its_own_writes(record: kv.Record, c
         await other.close()
 
 
+async def test_a_projection_that_holds_no_values_still_follows_every_write(record: kv.Record,
+                                                                           cluster: NatsCluster) -> None:
+    """``hold=False`` (the bridge's: its caller's SQLite keeps the values): no copy of the record in
+    memory, while every write, the initial state's included, still reaches ``on_change`` once, in
+    revision order, and ``wait_for`` answers as the revision advances."""
+    for i in range(5):
+        await record.create(f"job.h{i}", str(i).encode())
+    seen: list[kv.Change] = []
+    other = await kv.Record.open(cluster.urls)
+    projection = Projection(other, on_change=seen.append, hold=False)
+    try:
+        await projection.start()
+        assert [c.key for c in seen] == [f"job.h{i}" for i in range(5)]
+        assert len(projection) == 0 and projection.get("job.h1") is None and list(projection.items()) == []
+        revisions = [await record.create(f"job.w{i}", b"x") for i in range(3)]
+        await projection.wait_for(revisions[-1], timeout_s=5)
+        assert [c.revision for c in seen[5:]] == revisions and len(projection) == 0
+    finally:
+        await projection.stop()
+        await other.close()
+
+
 async def test_concurrent_fenced_commits_of_one_leader_all_land(record: kv.Record) -> None:
     # nats-server refuses a second check of the same fence subject while one is being replicated;
     # the record serialises one process's fenced commits so a leader never trips over itself
