@@ -116,10 +116,10 @@ async def test_fenced_commit_from_an_old_epoch_never_lands(record: kv.Record) ->
 
 
 async def test_projection_rebuilds_and_reads_its_own_writes(record: kv.Record, cluster: NatsCluster) -> None:
-    for i in range(20):
-        await record.create(kv.key("job", f"p{i}"), str(i).encode())
-    rev = await record.update("job.p3", b"three", (await record.get("job.p3")).revision)
-    await record.delete("job.p4", (await record.get("job.p4")).revision)
+    # each write's own revision, not a direct get's (a replica may not have the create yet: Rule 5)
+    made = [await record.create(kv.key("job", f"p{i}"), str(i).encode()) for i in range(20)]
+    rev = await record.update("job.p3", b"three", made[3])
+    await record.delete("job.p4", made[4])
 
     seen: list[kv.Change] = []
     other = await kv.Record.open(cluster.urls)  # a second process, started after the writes
@@ -135,7 +135,7 @@ async def test_projection_rebuilds_and_reads_its_own_writes(record: kv.Record, c
         await projection.wait_for(new_rev, timeout_s=2)
         assert projection.get("job.late") is not None
         # another process's write reaches it too
-        rev_b = await record.update("job.p5", b"five", (await record.get("job.p5")).revision)
+        rev_b = await record.update("job.p5", b"five", made[5])
         await projection.wait_for(rev_b, timeout_s=2)
         assert projection.get("job.p5").value == b"five"  # type: ignore[union-attr]
         assert sorted(e.key for e in projection.items("job.p1")) == ["job.p1"] + [f"job.p1{i}" for i in range(10)]
