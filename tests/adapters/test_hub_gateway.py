@@ -33,6 +33,17 @@ async def _streamed(bus, *args, **kwargs) -> list:  # type: ignore[no-untyped-de
     return [first] + ([m async for m in rest] if rest is not None else [])
 
 
+async def _sh_edge_serving(site, hub, model: str) -> None:  # type: ignore[no-untyped-def]
+    """The bare site ``sh-edge`` (a plain NATS client) registered with ``model`` loaded, and the hub
+    knowing it."""
+    ack = await site.request(wire.register_subject("sh-edge"),
+                             wire.encode(wire.Register(site="sh-edge", city="shanghai")), timeout=2)
+    assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
+    hb = wire.Heartbeat(site="sh-edge", seq=1, models=[wire.ReplicaStatus(model=model, slots=8)])
+    await site.publish(wire.heartbeat_subject("sh-edge"), wire.encode(hb))
+    await until(lambda: model in hub.known_models())
+
+
 @pytest.fixture
 async def rig(tmp_path: Path, nats_server: NatsServer):  # type: ignore[no-untyped-def]
     async with running_hub(hub_config(tmp_path, nats_server.url)) as hub:
@@ -387,12 +398,7 @@ async def test_a_streams_first_chunk_reaches_the_client_before_the_site_sends_it
 
     try:
         await site.subscribe(wire.infer_subject("sh-edge"), cb=held)
-        ack = await site.request(wire.register_subject("sh-edge"),
-                                 wire.encode(wire.Register(site="sh-edge", city="shanghai")), timeout=2)
-        assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
-        hb = wire.Heartbeat(site="sh-edge", seq=1, models=[wire.ReplicaStatus(model="held", slots=8)])
-        await site.publish(wire.heartbeat_subject("sh-edge"), wire.encode(hb))
-        await until(lambda: "held" in hub.known_models())
+        await _sh_edge_serving(site, hub, "held")
         body = {"model": "held", "stream": True, "messages": [{"role": "user", "content": "x"}]}
         texts: list[str] = []
         async with tenant.session.post(f"{tenant.base}/v1/chat/completions", json=body,
@@ -593,12 +599,7 @@ async def test_a_stream_answered_whole_gives_the_tenant_the_bytes_of_the_same_an
 
     try:
         await site.subscribe(wire.infer_subject("sh-edge"), cb=twin)
-        ack = await site.request(wire.register_subject("sh-edge"),
-                                 wire.encode(wire.Register(site="sh-edge", city="shanghai")), timeout=2)
-        assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
-        hb = wire.Heartbeat(site="sh-edge", seq=1, models=[wire.ReplicaStatus(model="twin", slots=8)])
-        await site.publish(wire.heartbeat_subject("sh-edge"), wire.encode(hb))
-        await until(lambda: "twin" in hub.known_models())
+        await _sh_edge_serving(site, hub, "twin")
 
         async def ask(how: str) -> tuple[dict[str, str], bytes]:
             body = {"model": "twin", "stream": True, "messages": [{"role": "user", "content": how}],
@@ -650,12 +651,7 @@ async def test_a_stream_given_up_before_its_rest_is_read_tells_the_site_to_stop(
     try:
         await site.subscribe(wire.infer_subject("sh-edge"), cb=one_chunk)
         await site.subscribe(wire.cmd_subject("sh-edge"), cb=command)
-        ack = await site.request(wire.register_subject("sh-edge"),
-                                 wire.encode(wire.Register(site="sh-edge", city="shanghai")), timeout=2)
-        assert isinstance(wire.register_reply_decoder.decode(ack.data), wire.RegisterAck)
-        hb = wire.Heartbeat(site="sh-edge", seq=1, models=[wire.ReplicaStatus(model="once", slots=8)])
-        await site.publish(wire.heartbeat_subject("sh-edge"), wire.encode(hb))
-        await until(lambda: "once" in hub.known_models())
+        await _sh_edge_serving(site, hub, "once")
         served, messages = await hub.inference.stream(
             wire.InferRequest(request_id="g1", model="once", prompt="x", stream=True),
             origin="shanghai", budget_ms=1000.0, policy="nearest")
