@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 
 from controlplane.replicated.errors import NoQuorum
 from controlplane.replicated.kv import FENCE_CHECK_PREFIX, Change, Entry, Record, Watch
+from controlplane.runtime import cancel_and_wait
 
 _log = logging.getLogger("cpn.replicated")
 
@@ -100,6 +101,7 @@ class Projection:
         self._again = False
         self._watch_heard_at = 0.0
         self._restart: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def __repr__(self) -> str:
         return f"<Projection keys={len(self._values)} revision={self.revision} ready={self.ready.is_set()}>"
@@ -110,6 +112,7 @@ class Projection:
         Raises:
             NoQuorum: the watch could not be set up, or the initial state did not arrive in time.
         """
+        self._stopping = False
         self._watch = await self._record.watch(self._keys)
         self._task = asyncio.create_task(self._run(self._watch), name="projection")
         try:
@@ -123,13 +126,11 @@ class Projection:
             self._supervisor = asyncio.create_task(self._supervise(), name="projection-supervisor")
 
     async def stop(self) -> None:
-        for task in (self._supervisor, self._restart):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except (asyncio.CancelledError, Exception):
-                    pass
+        """Stop checking and watching. A check whose cancellation a library swallowed (nats-py
+        waits inside ``asyncio.wait_for``, which on Python 3.11 can) still ends: it is cancelled
+        again, and starts no new watch once stopping."""
+        self._stopping = True
+        await cancel_and_wait([t for t in (self._supervisor, self._restart) if t is not None])
         self._supervisor = self._restart = None
         await self._stop_watch()
 
@@ -137,17 +138,14 @@ class Projection:
         if self._watch is not None:
             await self._watch.stop()
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+            # not ``await task`` in a try: that would swallow a cancellation of our own caller too
+            await cancel_and_wait([self._task])
         self._watch = None
         self._task = None
 
     async def _supervise(self) -> None:
         """Fill what a silent watch misses, and start a new watch (Rule 6); never stops on an error."""
-        while True:
+        while not self._stopping:
             if not self._again:
                 await asyncio.sleep(self.check_s)
             self._again = False
@@ -182,6 +180,8 @@ class Projection:
         behind = self.revision < min(held, last) or (silent and self.revision < last)
         if behind:
             await self._fill(last)
+        if self._stopping:
+            return
         if (self._watch is None or (behind and silent)) and (self._restart is None or self._restart.done()):
             self._restart = asyncio.create_task(self._restart_watch(last), name="projection-restart")
 
@@ -211,6 +211,9 @@ class Projection:
         except NoQuorum as exc:
             _log.warning("projection_watch_restart_failed revision=%d error=%s", self.revision, exc)
             return  # the next check fills again and tries again
+        if self._stopping:  # stop() came while the watch was being set up
+            await watch.stop()
+            return
         self._watch = watch
         self._watch_heard_at = loop.time()
         self._task = asyncio.create_task(self._run(watch), name="projection")

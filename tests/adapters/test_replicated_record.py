@@ -219,6 +219,34 @@ async def test_projection_supervisor_outlives_an_error_it_did_not_expect(record:
         await projection.stop()
 
 
+async def test_projection_stops_though_a_check_swallows_its_cancellation(record: kv.Record,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # nats-py waits inside asyncio.wait_for, which on Python 3.11 can swallow a cancellation that lands
+    # as its answer does. A check that swallowed stop()'s went on checking and started a new watch, and
+    # stop() waited for it forever (a CI run hung 120 s in a test's teardown after losing a node).
+    projection = Projection(record, check_s=0.05, stall_s=0.1)
+    await projection.start()
+    filling = asyncio.Event()
+    real = record.changes_after
+
+    async def swallows_one_cancel(*args: object, **kwargs: object) -> list[kv.Change]:
+        filling.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass  # what wait_for does when its future completed at the same moment
+        return await real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(record, "changes_after", swallows_one_cancel)
+    assert projection._watch is not None
+    await projection._watch.stop()  # silent: the next check fills, then would start a new watch
+    await record.create("job.missed", b"1")
+    await asyncio.wait_for(filling.wait(), 10)
+    await asyncio.wait_for(projection.stop(), 10)
+    assert projection._supervisor is None and projection._watch is None and projection._task is None
+    assert projection.restarts == 0
+
+
 async def leader_with_replicas(record: kv.Record) -> str:
     """The record's stream leader node, once the stream has a leader and its two replicas."""
     leader: list[str] = []
