@@ -26,6 +26,35 @@ class Job(msgspec.Struct, kw_only=True):
     state: str = "queued"
 
 
+async def settled(record: kv.Record, key: str, revision: int) -> kv.Entry:
+    """``key``'s entry once a direct get answers at ``revision`` or later: any replica answers a
+    direct get, and the one outside a write's quorum may not hold the write yet."""
+    seen: list[kv.Entry] = []
+
+    async def caught_up() -> bool:
+        try:
+            seen.append(await record.get(key))
+        except NotFound:
+            return False
+        return seen[-1].revision >= revision
+
+    await until(caught_up, 5, f"{key} at revision {revision}", last=lambda: seen[-1:])
+    return seen[-1]
+
+
+async def gone(record: kv.Record, key: str) -> None:
+    """Return once a direct get of ``key`` finds nothing (a lagging replica may still hold it)."""
+
+    async def not_found() -> bool:
+        try:
+            await record.get(key)
+        except NotFound:
+            return True
+        return False
+
+    await until(not_found, 5, f"{key} deleted")
+
+
 @pytest.fixture
 async def record(cluster: NatsCluster) -> AsyncIterator[kv.Record]:
     r = await open_record(cluster.urls)
@@ -51,7 +80,7 @@ async def test_create_get_update_and_conflicts(record: kv.Record) -> None:
     rev1 = await record.create(key, msgspec.json.encode(Job(id="j1")))
     with pytest.raises(Conflict):
         await record.create(key, b"{}")  # exists
-    entry = await record.get(key)
+    entry = await settled(record, key, rev1)
     assert entry.revision == rev1 and msgspec.json.decode(entry.value, type=Job).state == "queued"
 
     rev2 = await record.update(key, msgspec.json.encode(Job(id="j1", state="placed")), rev1)
@@ -59,12 +88,11 @@ async def test_create_get_update_and_conflicts(record: kv.Record) -> None:
     with pytest.raises(Conflict) as lost:
         await record.update(key, msgspec.json.encode(Job(id="j1", state="cancelled")), rev1)  # stale read
     assert lost.value.key == key
-    assert msgspec.json.decode((await record.get(key)).value, type=Job).state == "placed"
+    assert msgspec.json.decode((await settled(record, key, rev2)).value, type=Job).state == "placed"
     assert record.conflicts == 2
 
     await record.delete(key, rev2)
-    with pytest.raises(NotFound):
-        await record.get(key)
+    await gone(record, key)
 
 
 async def test_two_writers_never_both_win(record: kv.Record, cluster: NatsCluster) -> None:
@@ -82,14 +110,14 @@ async def test_commit_is_all_or_nothing(record: kv.Record) -> None:
     a = await record.create("job.a", b"1")
     revs = await record.commit([kv.Write("job.a", b"2", a), kv.Write("attempt.a-1", b"x", 0),
                                 kv.Write("usage.a", b"u", 0)])
-    assert [(await record.get(k)).revision for k in ("job.a", "attempt.a-1", "usage.a")] == revs
+    assert [(await settled(record, k, r)).revision for k, r in zip(("job.a", "attempt.a-1", "usage.a"), revs)] == revs
     assert revs == [revs[0], revs[0] + 1, revs[0] + 2]
 
     # one stale condition: none of the three lands
     with pytest.raises(Conflict):
         await record.commit([kv.Write("job.a", b"3", a), kv.Write("attempt.a-2", b"y", 0),
                              kv.Write("usage.a2", b"u", 0)])
-    assert (await record.get("job.a")).value == b"2"
+    assert (await settled(record, "job.a", revs[0])).value == b"2"
     for missing in ("attempt.a-2", "usage.a2"):
         with pytest.raises(NotFound):
             await record.get(missing)
@@ -107,8 +135,8 @@ async def test_fenced_commit_from_an_old_epoch_never_lands(record: kv.Record) ->
     # an old leader's unconditional write is fenced too; the new leader's goes through
     with pytest.raises(Fenced):
         await record.commit([kv.Write("job.f", b"old-blind", None)], fence=old)
-    await record.commit([kv.Write("job.g", b"by-new", 0)], fence=new)
-    assert (await record.get("job.g")).value == b"by-new"
+    [by_new] = await record.commit([kv.Write("job.g", b"by-new", 0)], fence=new)
+    assert (await settled(record, "job.g", by_new)).value == b"by-new"
     # a plain conflict under a current fence is a Conflict, not Fenced
     with pytest.raises(Conflict) as lost:
         await record.commit([kv.Write("job.g", b"again", 0)], fence=new)
