@@ -7,16 +7,19 @@ region and TEE constraints), deterministic for a seed. Then:
 1. in memory: ``scheduler.plan(snapshot, now)`` over the whole queue, repeated; a *decision* is one
    queued job answered (start, wait or infeasible), so decisions/s = queued jobs / plan time;
 2. with SQLite: the same plan, then every decision persisted through ``store/jobs.py`` to a temp
-   file (WAL + ``synchronous=FULL``): each start as ``lifecycle.place`` + the job row + its
-   placement explanation + its attempt row, each wait/infeasible as the job's reason. The tick is
-   committed as **one transaction** (one fsync per plan tick, as the hub does); figures for one
-   commit per decision are measured on a slice for comparison.
+   file (WAL + ``synchronous=FULL``), as the hub's tick does: each start as ``lifecycle.place`` +
+   the job row + its placement explanation + its attempt row, committed as **one transaction**
+   (one fsync per plan tick); each wait/infeasible as the job's reason, said as derived state in
+   one local transaction that is not fsynced (``store.db.derived``). Figures for one commit per
+   decision are measured on a slice for comparison.
 
 3. with ``--record``: the same plan persisted to a SQLite projection of the replicated record
    (``record = "nats"``, a fresh 3-node loopback nats-server cluster, R3, ``sync_interval:
-   always``), as the leading controller does: in transactions of ``TICK_CHUNK`` decisions (the
-   record takes at most 1,000 rows in one atomic batch), each one fenced atomic batch awaited
-   from a quorum before its local commit.
+   always``), as the leading controller does: the starts in transactions of ``TICK_CHUNK``
+   decisions (the record takes at most 1,000 rows in one atomic batch), each one fenced atomic
+   batch awaited from a quorum before its local commit; the waits said locally as in 2 (never a
+   write of the record; the hub also sends them to the other hub processes in one message per
+   2,000 on core NATS, which this bench leaves out).
 
 Targets (architecture §10): >= 5,000 decisions/s in memory, and >= 0.5x that with SQLite; with
 the record >= 2,500 decisions/s (issue #13).
@@ -104,9 +107,17 @@ def _persist(db: Any, plan: scheduler.Plan, records: dict[str, lifecycle.JobReco
         placed.append((rec, _placed(rec, s, now)))
     waits = [(w.job_id, w.reason) for w in plan.wait]
     waits += [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in plan.infeasible]
-    with dbmod.transaction(db):  # one commit for the whole tick
+    with dbmod.transaction(db):  # one commit for the whole tick's placements
         jobstore.record_placements(db, placed, now)
-        jobstore.record_waits(db, waits, now)
+    _say_waits(db, waits)
+
+
+def _say_waits(db: Any, waits: list[tuple[str, str]]) -> None:
+    """The tick's waits as the hub says them: derived state, in one local transaction that is
+    neither fsynced nor a write of the replicated record (``store.db.derived``); every bench job
+    is queued and was never placed (attempt 0)."""
+    with dbmod.derived(db):
+        jobstore.apply_waits(db, [(job_id, 0, reason) for job_id, reason in waits])
 
 
 def _stored(j: placement.JobSpec) -> jobspec.JobSpec:
@@ -152,6 +163,7 @@ def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_
                 jobstore.record_placements(db, [(rec, _placed(rec, s, NOW))], NOW)
             t4 = time.perf_counter()
             n_rows = db.conn.execute("SELECT COUNT(*) FROM attempts").fetchone()[0]
+            n_reasons = db.conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND reason != ''").fetchone()[0]
         finally:
             db.conn.close()
     return {
@@ -164,6 +176,7 @@ def _sqlite_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec], per_
         "per_decision_commit_per_s": len(sl) / (t4 - t3) if sl else None,
         "create_job_one_commit_each_per_s": n_each / submit_s if n_each else None,
         "attempt_rows": n_rows,
+        "reasons": n_reasons,
     }
 
 
@@ -210,11 +223,11 @@ def record_once(snap: scheduler.Snapshot, queued: list[placement.JobSpec]) -> di
                     waits += [(i.job_id, "infeasible: " + "; ".join(i.reasons)) for i in tick.infeasible]
                     commits = 0
                     c1 = time.process_time()
-                    for i in range(0, max(len(placed), len(waits), 1), TICK_CHUNK):
+                    for i in range(0, max(len(placed), 1), TICK_CHUNK):
                         with dbmod.transaction(db):
                             jobstore.record_placements(db, placed[i:i + TICK_CHUNK], NOW)
-                            jobstore.record_waits(db, waits[i:i + TICK_CHUNK], NOW)
                         commits += 1
+                    _say_waits(db, waits)
                     t2 = time.perf_counter()
                     persist_cpu_s = time.process_time() - c1
                     rows = (db.write_hook.published if db.write_hook else 0) - published0

@@ -36,7 +36,6 @@ Public API::
     attempt_pools(db, [(job_id, attempt)]) -> {(job_id, attempt): pool}  # where each was placed
     events(db, job_id) -> [EventRow]
     record_placements(db, [(JobRecord, Placed)], now) -> int            # one plan tick, one commit
-    record_waits(db, [(job_id, reason)], now) -> int
     apply_waits(db, [(job_id, attempt, reason)]) -> [unmatched]        # derived: inside db.derived(db)
     waiting_reasons(db) -> [(job_id, attempt, reason)]
     usage_by_tenant(db, tenant) -> {"jobs", "attempts", "card_hours", "energy_cny"}
@@ -688,20 +687,6 @@ def record_placements(
         if cur.rowcount != len(attempt_rows):
             raise Conflict(f"{len(attempt_rows) - cur.rowcount} attempt(s) exist already", field="attempt")
     return len(rows)
-
-
-def record_waits(db: sqlite_utils.Database, waits: Iterable[tuple[str, str]], now: float) -> int:
-    """Persist why waiting jobs wait (one transaction); rows whose reason is unchanged are not touched.
-
-    Returns the number of rows changed. (The hub's tick says its waits with :func:`apply_waits`
-    instead, as derived state: ``db.derived``.)
-    """
-    with transaction(db):
-        cur = db.conn.executemany(
-            "UPDATE jobs SET reason = ?, updated_at = ? WHERE id = ? AND reason != ?",
-            ((reason, now, job_id, reason) for job_id, reason in waits),
-        )
-    return cur.rowcount
 
 
 Wait = tuple[str, int, str]
