@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 
 from bench import common
+from controlplane.nats.natsserver import default_gomaxprocs
 
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `cpn bench` runs from the installed script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -206,14 +207,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             name, _, toml = variant.partition("=")
             (base / f"{name}.toml").write_text(toml.replace(";", "\n") + "\n")
             replicated.append((name, ["--config", str(base / f"{name}.toml")], None))
-        if args.gomaxprocs_variant:  # the same hubs on nats-servers with another GOMAXPROCS
+        if args.gomaxprocs_variant is not None:  # the same hubs on nats-servers with another GOMAXPROCS
             replicated.append((f"nats_gomaxprocs{args.gomaxprocs_variant}", [], None))
         replicated = [r for r in replicated if r[0] in args.setups or r[0] in args.variants]
         # Each replicated setup on a cluster of its own: one record, one leader (its scheduler) each.
         async with contextlib.AsyncExitStack() as stack:
             clusters = [await stack.enter_async_context(NatsCluster(
-                base / f"nats{i}", gomaxprocs=args.gomaxprocs_variant if name.startswith("nats_gomaxprocs")
-                else args.gomaxprocs)) for i, (name, _, _) in enumerate(replicated or [("nats", [], None)])]
+                base / f"nats{i}", gomaxprocs=(args.gomaxprocs_variant if name.startswith("nats_gomaxprocs")
+                                               else args.gomaxprocs) or None))  # 0: Go's own
+                for i, (name, _, _) in enumerate(replicated or [("nats", [], None)])]
             session = await stack.enter_async_context(aiohttp.ClientSession())
             cluster = clusters[0]
             common_args = ["--listen", "127.0.0.1:0"]
@@ -283,15 +285,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the replicated hubs with these hub settings (TOML, ';' between lines), "
                         "as setup NAME: a same-run A/B of a setting, e.g. nats_nofull='scheduler_full_plan_s = 3600'")
     parser.add_argument("--gomaxprocs", type=int, default=None, help="GOMAXPROCS of every nats-server "
-                        "(default: Go's own)")
+                        "(default: as `cpn up --ha` starts them, 1 on a host of 2 CPUs or fewer, else Go's own; "
+                        "0: Go's own)")
     parser.add_argument("--gomaxprocs-variant", type=int, default=None, metavar="N",
-                        help="also run the replicated hubs on nats-servers with GOMAXPROCS=N (setup nats_gomaxprocsN)")
+                        help="also run the replicated hubs on nats-servers with GOMAXPROCS=N (0: Go's own; "
+                        "setup nats_gomaxprocsN)")
     parser.add_argument("--setups", default="sqlite,nats,nats_blocking",
                         help="which setups besides sqlite run (default sqlite,nats,nats_blocking)")
     args = parser.parse_args(argv)
+    if args.gomaxprocs is None:
+        args.gomaxprocs = default_gomaxprocs() or 0
     args.setups = set(args.setups.split(",")) | {"sqlite"} | ({"nats_base"} if args.base else set())
     args.variants = {v.partition("=")[0] for v in args.variant} | (
-        {f"nats_gomaxprocs{args.gomaxprocs_variant}"} if args.gomaxprocs_variant else set())
+        {f"nats_gomaxprocs{args.gomaxprocs_variant}"} if args.gomaxprocs_variant is not None else set())
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         os.environ["CPN_BENCH_PROFILE"] = str(Path(args.profile).resolve())

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 
 from controlplane.tools.faultproxy import FaultProxy
-from controlplane.nats.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer, default_gomaxprocs
 from controlplane.tools.up import nats_identities
 from topology import loader
 
@@ -129,7 +129,8 @@ class Rig:
     async def start(self) -> None:
         site_ids = [s.id for s in self.layout.sites]
         self.identities = nats_identities(self.root, site_ids)
-        self.nats = NatsServer(self.root / "jetstream", config=self.identities.config_path)
+        self.nats = NatsServer(self.root / "jetstream", config=self.identities.config_path,
+                               gomaxprocs=default_gomaxprocs())  # as `cpn up` starts it
         await self.nats.start()
         for sid in site_ids:
             self.proxies[sid] = FaultProxy(self.nats.url)

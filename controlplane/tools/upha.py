@@ -34,7 +34,7 @@ import aiohttp
 import msgspec
 
 from controlplane.nats import natsconf, natsregions
-from controlplane.nats.natsserver import NatsServer, _in_child
+from controlplane.nats.natsserver import NatsServer, _in_child, default_gomaxprocs
 from controlplane.tools.upregions import _secret, free_port, plan_nodes, wait_meta_leader
 from edge_agent import private_files
 from topology import layout as topo_layout
@@ -373,7 +373,8 @@ class HaNetwork:
             private_files.private_dir(path.parent)
             private_files.write_private(path, confs[node.name])
             self.servers[node.name] = NatsServer(data / "nats" / node.name, port=node.client_port,
-                                                 host=node.listen_host, config=path)
+                                                 host=node.listen_host, config=path,
+                                                 gomaxprocs=default_gomaxprocs())  # 1 on a small host
         # A clustered server is ready only once its routes are up: start them all together.
         await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s) for s in self.servers.values()))
 

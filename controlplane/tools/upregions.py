@@ -42,7 +42,7 @@ from controlplane.config import HubConfig
 from controlplane.core.errors import NoCapacity, RequestError
 from controlplane.core.router import RttSource
 from controlplane.nats import natsconf, natsregions
-from controlplane.nats.natsserver import NatsServer
+from controlplane.nats.natsserver import NatsServer, default_gomaxprocs
 from edge_agent import private_files
 from topology import layout as topo_layout
 from topology import loader
@@ -356,7 +356,8 @@ class RegionalNetwork:
                 private_files.private_dir(path.parent)
                 private_files.write_private(path, confs[region.plan.id][node.name])
                 region.servers.append(NatsServer(data / "nats" / node.name, port=node.client_port,
-                                                 host=node.listen_host, config=path))
+                                                 host=node.listen_host, config=path,
+                                                 gomaxprocs=default_gomaxprocs()))  # 1 on a small host
         # A clustered server is ready only once its routes are up: start them all together.
         # Every start runs to its end (a failed one is not left running beside the retry).
         results = await asyncio.gather(*(s.start(timeout_s=self.opts.ready_timeout_s)
@@ -409,7 +410,7 @@ class RegionalNetwork:
                 private_files.write_private(path, natsconf.leaf_config(site, remotes, creds.sites[site],
                                                                        listen=f"{self.opts.host}:{port}"))
                 server = NatsServer(data / "nats" / f"leaf-{site}", port=port, host=self.opts.host,
-                                    config=path, jetstream=False)
+                                    config=path, jetstream=False, gomaxprocs=default_gomaxprocs())
                 try:
                     await server.start(timeout_s=self.opts.ready_timeout_s)
                 except Exception:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import nats
 
 from controlplane.nats.natsserver import NatsServer, default_gomaxprocs
+from tests.support.cpnup import environ_of
 
 
 async def test_server_starts_on_port_zero_and_serves_requests(nats_server: NatsServer) -> None:
@@ -25,12 +26,6 @@ async def test_restart_keeps_port(nats_server: NatsServer) -> None:
     assert nats_server.port == port and nats_server.running
 
 
-def _environ(pid: int) -> dict[str, str]:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        pairs = [kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv]
-    return {k.decode(): v.decode() for k, v in pairs}
-
-
 async def test_gomaxprocs_is_given_to_the_server_unless_the_operator_set_it(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # cpn up's server gets GOMAXPROCS=1 on a small host (2 CPUs or fewer), Go's default on a larger
     # one; an operator's own GOMAXPROCS is passed on untouched.
@@ -39,8 +34,8 @@ async def test_gomaxprocs_is_given_to_the_server_unless_the_operator_set_it(tmp_
     monkeypatch.delenv("GOMAXPROCS", raising=False)
     async with NatsServer(tmp_path / "a", gomaxprocs=1) as one, NatsServer(tmp_path / "b") as default:
         assert one.proc is not None and default.proc is not None
-        assert _environ(one.proc.pid).get("GOMAXPROCS") == "1"
-        assert "GOMAXPROCS" not in _environ(default.proc.pid)
+        assert environ_of(one.proc.pid).get("GOMAXPROCS") == "1"
+        assert "GOMAXPROCS" not in environ_of(default.proc.pid)
         nc = await nats.connect(one.url)  # and it serves
         try:
             await nc.flush(timeout=2)
@@ -48,4 +43,4 @@ async def test_gomaxprocs_is_given_to_the_server_unless_the_operator_set_it(tmp_
             await nc.close()
     monkeypatch.setenv("GOMAXPROCS", "3")
     async with NatsServer(tmp_path / "c", gomaxprocs=1) as chosen:
-        assert chosen.proc is not None and _environ(chosen.proc.pid).get("GOMAXPROCS") == "3"
+        assert chosen.proc is not None and environ_of(chosen.proc.pid).get("GOMAXPROCS") == "3"

@@ -5,6 +5,7 @@ leader with its epoch and the three NATS nodes, and answers the demo model; SIGI
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from controlplane import cli
-from tests.support.cpnup import banner, call, children_of, cpn_up, stops_cleanly
+from controlplane.nats.natsserver import default_gomaxprocs
+from tests.support.cpnup import banner, call, children_of, command_of, cpn_up, environ_of, stops_cleanly
 from tests.support.hubrig import DEMO3
 
 
@@ -45,6 +47,11 @@ def test_cpn_up_ha_runs_three_hub_processes_one_leading_and_stops_cleanly_on_sig
         hub_pids = {pid for _, pid in gateways.values()}
         assert hub_pids <= kids, "the hub processes are children of cpn up"
         assert len(kids - hub_pids) >= 3, "and so are the three nats-servers"
+        servers = [pid for pid in kids - hub_pids if command_of(pid) == "nats-server"]
+        assert len(servers) == 3, (kids, hub_pids)
+        # one processor each on a small host, as cpn up's own server (natsserver.default_gomaxprocs)
+        wanted = os.environ.get("GOMAXPROCS") or (str(default_gomaxprocs()) if default_gomaxprocs() else None)
+        assert [environ_of(pid).get("GOMAXPROCS") for pid in servers] == [wanted] * 3
 
         for hub_id, (url, pid) in gateways.items():
             status, view, _ = call("GET", url + "/v1/cluster", creds["admin_key"])
@@ -62,3 +69,4 @@ def test_cpn_up_ha_runs_three_hub_processes_one_leading_and_stops_cleanly_on_sig
             assert status == 200 and answer["choices"][0]["message"]["content"], (hub_id, status, answer)
 
         stops_cleanly(proc, kids, signal.SIGINT, timeout_s=90)
+

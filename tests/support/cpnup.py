@@ -34,6 +34,17 @@ def children_of(pid: int) -> set[int]:
     return out
 
 
+def environ_of(pid: int) -> dict[str, str]:
+    """A running process's environment, as it was started."""
+    pairs = [kv.split(b"=", 1) for kv in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0") if b"=" in kv]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+def command_of(pid: int) -> str:
+    """A running process's command name (``/proc/PID/comm``)."""
+    return (Path("/proc") / str(pid) / "comm").read_text().strip()
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
