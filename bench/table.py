@@ -49,8 +49,9 @@ def rows() -> list[tuple[str, str, str, str]]:
         rec = s.get("record_decisions_per_s")
         out.append(("placement, 10,000 queued jobs / 1,000 pools",
                     (f"{mem:,.0f} decisions/s in memory; {sql:,.0f}/s with SQLite" if mem and sql else json.dumps({k: v for k, v in s.items() if 'per_s' in k}))
-                    + (f"; {rec:,.0f}/s with the replicated record (`--record`: one tick in "
-                       f"{s['record']['commits']} fenced atomic batches)" if rec else ""),
+                    + (f"; {rec:,.0f}/s with the replicated record (`--record`: the starts in "
+                       f"{s['record']['commits']} fenced atomic batches, the waits said locally as the hub "
+                       f"says them)" if rec else ""),
                     "≥ 5,000/s; SQLite ≥ 0.5×" + ("; record ≥ 2,500/s" if rec else ""), f"{s['machine']}, {s['date']}"))
     sub = _load("submissions")
     if sub and "sqlite" in sub:  # a result of the earlier shape: one client count, no blocking baseline
