@@ -41,8 +41,11 @@ def environ_of(pid: int) -> dict[str, str]:
 
 
 def command_of(pid: int) -> str:
-    """A running process's command name (``/proc/PID/comm``)."""
-    return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    """A process's command name (``/proc/PID/comm``); "" once it has gone."""
+    try:
+        return (Path("/proc") / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def alive(pid: int) -> bool:
